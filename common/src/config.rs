@@ -1,0 +1,385 @@
+//! One configuration schema for every flgfn binary.
+//!
+//! A single TOML file is read by the learner, the actors and the local
+//! launcher. Every default lives in this file (in the `Default` impls), so a
+//! file only names what it changes; unknown keys are errors that name the
+//! key, so a typo never silently falls back to a default. Command-line flags
+//! override individual fields after the file is read.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tasks::set_generation::SetGenerationConfig;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A field holds a value the program cannot use.
+    #[error("invalid value for `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the field, e.g. `learner.learning_rate`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is not valid TOML for this schema (unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file read.
+        path: String,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        /// The file read.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    /// Shorthand for [`ConfigError::Invalid`].
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Base seed: actor `i` seeds with `seed + i`, the learner with `seed`.
+    pub seed: u64,
+    /// Which environment to learn.
+    pub task: TaskConfig,
+    /// Shape of the policy network.
+    pub model: ModelConfig,
+    /// Which loss the learner applies.
+    pub objective: ObjectiveConfig,
+    /// Learner process settings.
+    pub learner: LearnerConfig,
+    /// Actor process settings.
+    pub actor: ActorConfig,
+    /// The local launcher (`flgfn-learner --local-actors`).
+    pub launch: LaunchConfig,
+}
+
+/// The task, tagged by its registered name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum TaskConfig {
+    /// The paper's set-generation benchmark.
+    SetGeneration(SetGenerationConfig),
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig::SetGeneration(SetGenerationConfig::default())
+    }
+}
+
+/// Hidden layers of the MLP; the heads' sizes come from the task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Widths of the hidden layers (LeakyReLU between them).
+    pub hidden: Vec<usize>,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        // The paper's reference network.
+        ModelConfig {
+            hidden: vec![256, 256],
+        }
+    }
+}
+
+/// The training objective, tagged by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ObjectiveConfig {
+    /// Forward-looking detailed balance: one residual per transition, so
+    /// truncated trajectories train too.
+    #[default]
+    FlDb,
+}
+
+/// Where a process computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceConfig {
+    /// CUDA when `tch::Cuda::is_available()`, CPU otherwise.
+    #[default]
+    Auto,
+    /// Always the CPU.
+    Cpu,
+    /// CUDA device 0; an error when there is none.
+    Cuda,
+}
+
+/// Learner settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnerConfig {
+    /// Address the gRPC server binds.
+    pub listen: String,
+    /// Adam learning rate.
+    pub learning_rate: f64,
+    /// Transitions per training step: the trainer takes whole trajectories
+    /// from the queue until it has at least this many.
+    pub batch_transitions: usize,
+    /// Publish new weights every this many training steps.
+    pub publish_every: u64,
+    /// Capacity of the ingest queue, in chunks. Small keeps policy lag low
+    /// and makes a slow learner push back on the actors.
+    pub ingest_queue_chunks: usize,
+    /// Data older than this many versions is dropped at ingest (and counted).
+    /// GFlowNet losses are off-policy, so stale data is valid; the bound
+    /// keeps a slow actor from training the model on a long-gone policy.
+    pub max_policy_lag: u64,
+    /// libtorch intra-op threads for the trainer.
+    pub threads: usize,
+    /// Where the trainer computes.
+    pub device: DeviceConfig,
+    /// Stop after this many training steps (0: run until interrupted).
+    pub max_steps: u64,
+    /// Fresh on-policy samples per evaluation.
+    pub eval_samples: usize,
+    /// Seconds of training between two progress reports (each evaluates).
+    pub report_every_s: f64,
+    /// Largest gRPC message accepted, in bytes (both directions).
+    pub max_message_bytes: usize,
+}
+
+impl Default for LearnerConfig {
+    fn default() -> Self {
+        LearnerConfig {
+            listen: "127.0.0.1:50051".to_owned(),
+            learning_rate: 3e-3,
+            batch_transitions: 640,
+            publish_every: 1,
+            ingest_queue_chunks: 2,
+            max_policy_lag: 16,
+            threads: 1,
+            device: DeviceConfig::Auto,
+            max_steps: 1500,
+            eval_samples: 4096,
+            report_every_s: 0.25,
+            max_message_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Actor settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorConfig {
+    /// gRPC endpoint of the learner.
+    pub learner: String,
+    /// Environments rolled out in lockstep; also trajectories per chunk.
+    pub envs: usize,
+    /// Weight of the uniform distribution over valid actions in the
+    /// behaviour policy (1 - eps) P_F + eps U.
+    pub epsilon: f64,
+    /// Fraction of trajectories cut off before their terminal state; only
+    /// the prefix (of uniformly random length 1..n-1) is sent.
+    pub truncate_fraction: f64,
+    /// libtorch intra-op threads per actor.
+    pub threads: usize,
+    /// First reconnect delay after the learner goes away, in seconds.
+    pub reconnect_initial_s: f64,
+    /// Longest reconnect delay (the delay doubles up to this).
+    pub reconnect_max_s: f64,
+    /// Give up after this many failed connection attempts in a row
+    /// (0: never give up).
+    pub reconnect_attempts: u32,
+    /// Chunks buffered between the rollout thread and the gRPC stream.
+    pub send_buffer_chunks: usize,
+}
+
+impl Default for ActorConfig {
+    fn default() -> Self {
+        ActorConfig {
+            learner: "http://127.0.0.1:50051".to_owned(),
+            envs: 16,
+            epsilon: 0.05,
+            truncate_fraction: 0.0,
+            threads: 1,
+            reconnect_initial_s: 0.2,
+            reconnect_max_s: 5.0,
+            reconnect_attempts: 0,
+            send_buffer_chunks: 1,
+        }
+    }
+}
+
+/// The local launcher: a learner plus actors in one command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LaunchConfig {
+    /// Actors started next to the learner.
+    pub actors: usize,
+}
+
+impl Default for LaunchConfig {
+    fn default() -> Self {
+        LaunchConfig { actors: 2 }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The file if given, else the defaults; validated either way.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            Some(path) => Self::from_file(path),
+            None => {
+                let config = Config::default();
+                config.validate()?;
+                Ok(config)
+            }
+        }
+    }
+
+    /// Checks every field that has a restricted range. Call again after
+    /// applying command-line overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // Building the task validates its parameters.
+        crate::tasks::build(&self.task)?;
+        if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
+            return Err(ConfigError::invalid(
+                "model.hidden",
+                "needs at least one layer, each wider than 0",
+            ));
+        }
+        let l = &self.learner;
+        positive_finite("learner.learning_rate", l.learning_rate)?;
+        at_least("learner.batch_transitions", l.batch_transitions, 1)?;
+        at_least("learner.publish_every", l.publish_every as usize, 1)?;
+        at_least("learner.ingest_queue_chunks", l.ingest_queue_chunks, 1)?;
+        at_least("learner.threads", l.threads, 1)?;
+        at_least("learner.eval_samples", l.eval_samples, 1)?;
+        positive_finite("learner.report_every_s", l.report_every_s)?;
+        at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
+        let a = &self.actor;
+        at_least("actor.envs", a.envs, 1)?;
+        at_least("actor.threads", a.threads, 1)?;
+        at_least("actor.send_buffer_chunks", a.send_buffer_chunks, 1)?;
+        unit_interval("actor.epsilon", a.epsilon)?;
+        unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
+        positive_finite("actor.reconnect_initial_s", a.reconnect_initial_s)?;
+        positive_finite("actor.reconnect_max_s", a.reconnect_max_s)?;
+        if a.reconnect_max_s < a.reconnect_initial_s {
+            return Err(ConfigError::invalid(
+                "actor.reconnect_max_s",
+                "must be at least actor.reconnect_initial_s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value} is not a positive number"),
+        ))
+    }
+}
+
+fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value} is not in [0, 1]"),
+        ))
+    }
+}
+
+fn at_least(field: &str, value: usize, min: usize) -> Result<(), ConfigError> {
+    if value >= min {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value} is less than {min}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let config = Config::from_toml("", "test").unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml("[learner]\nlearning_rat = 0.1\n", "test").unwrap_err();
+        assert!(err.to_string().contains("learning_rat"), "{err}");
+        let err = Config::from_toml("[task]\nname = \"set_generation\"\nsizes = \"small\"\n", "t")
+            .unwrap_err();
+        assert!(err.to_string().contains("sizes"), "{err}");
+        let err = Config::from_toml("[task]\nname = \"chess\"\n", "t").unwrap_err();
+        assert!(err.to_string().contains("chess"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let err = Config::from_toml("[actor]\nepsilon = 1.5\n", "t").unwrap_err();
+        assert!(err.to_string().contains("actor.epsilon"), "{err}");
+        let err = Config::from_toml("[learner]\nlearning_rate = -1.0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("learner.learning_rate"), "{err}");
+        let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();
+        assert!(err.to_string().contains("model.hidden"), "{err}");
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_names() {
+        let config = Config::from_toml(
+            "seed = 7\n[task]\nname = \"set_generation\"\nsize = \"medium\"\n[launch]\nactors = 5\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(config.seed, 7);
+        assert_eq!(config.launch.actors, 5);
+        assert_eq!(config.learner, LearnerConfig::default());
+        let TaskConfig::SetGeneration(set) = &config.task;
+        assert_eq!(set.size, crate::tasks::set_generation::SetSize::Medium);
+    }
+}

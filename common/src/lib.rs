@@ -1,0 +1,33 @@
+//! Shared pieces of flgfn, a distributed trainer for forward-looking
+//! GFlowNets: actors sample trajectories and their local energy terms, a
+//! libtorch learner trains on them with the FL-DB loss and sends weights
+//! back.
+//!
+//! # Layout
+//!
+//! - [`env`]: the [`Environment`](env::Environment) trait every task
+//!   implements (encoding, masks, step, local energy, terminal test).
+//! - [`tasks`]: the tasks, one file each, and the registration that maps a
+//!   configuration to an environment.
+//! - [`trajectory`]: trajectories as sent (actions + energy terms) and as
+//!   replayed and validated by the learner.
+//! - [`rollout`]: lockstep sampling of many environments with a policy.
+//! - [`policy`]: the MLP with P_F, P_B and log F~ heads; weights as bytes.
+//! - [`objectives`]: the losses behind the
+//!   [`Objective`](objectives::Objective) trait, and the tensor batch they
+//!   read.
+//! - [`exact`]: exact target and policy distributions of tiny tasks.
+//! - [`config`]: the one TOML schema of every binary, with its defaults.
+//! - [`wire`]: generated gRPC code from `proto/` and its conversions.
+//! - [`telemetry`]: tracing setup.
+
+pub mod config;
+pub mod env;
+pub mod exact;
+pub mod objectives;
+pub mod policy;
+pub mod rollout;
+pub mod tasks;
+pub mod telemetry;
+pub mod trajectory;
+pub mod wire;

@@ -1,0 +1,249 @@
+//! The policy network: an MLP on the state encoding with three heads,
+//! P_F logits, P_B logits and the forward-looking flow log F~(s).
+//!
+//! The same code runs in the actors (CPU, no grad) and in the learner. A
+//! [`Policy`] owns its `VarStore`; tch tensors are `Send` but not `Sync`, so
+//! each policy lives on one thread and weights travel between processes as
+//! bytes ([`Policy::to_bytes`], [`Policy::load_bytes`]).
+
+use std::fmt;
+use std::io::Cursor;
+
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DeviceConfig, ModelConfig};
+use crate::env::Environment;
+
+/// Everything that decides whether weights fit a network. Sent at the
+/// handshake: an actor with another shape could not load the weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    /// Length of the state encoding.
+    pub input_dim: usize,
+    /// Hidden layer widths.
+    pub hidden: Vec<usize>,
+    /// Size of the P_F head.
+    pub forward_actions: usize,
+    /// Size of the P_B head.
+    pub backward_actions: usize,
+}
+
+impl ModelSpec {
+    /// The network for `env` with the configured hidden layers.
+    pub fn new(env: &dyn Environment, config: &ModelConfig) -> Self {
+        ModelSpec {
+            input_dim: env.state_dim(),
+            hidden: config.hidden.clone(),
+            forward_actions: env.forward_actions(),
+            backward_actions: env.backward_actions(),
+        }
+    }
+}
+
+impl fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mlp(input={}, hidden={:?}, pf={}, pb={})",
+            self.input_dim, self.hidden, self.forward_actions, self.backward_actions
+        )
+    }
+}
+
+/// What the network says about a batch of states.
+#[derive(Debug)]
+pub struct PolicyOutput {
+    /// `[N, forward_actions]`, unmasked.
+    pub forward_logits: Tensor,
+    /// `[N, backward_actions]`, unmasked.
+    pub backward_logits: Tensor,
+    /// `[N]`: log F~(s), the flow with the accrued energy taken out.
+    pub log_flow: Tensor,
+}
+
+/// The MLP. All heads share one output layer so a forward pass is a handful
+/// of libtorch calls, which matters for the small batches actors run.
+#[derive(Debug)]
+pub struct PolicyNet {
+    hidden: Vec<nn::Linear>,
+    heads: nn::Linear,
+    spec: ModelSpec,
+}
+
+impl PolicyNet {
+    /// Creates the layers under `path` with libtorch's default init.
+    pub fn new(path: &nn::Path, spec: &ModelSpec) -> Self {
+        let mut hidden = Vec::with_capacity(spec.hidden.len());
+        let mut width = spec.input_dim as i64;
+        for (i, &h) in spec.hidden.iter().enumerate() {
+            hidden.push(nn::linear(
+                path / format!("hidden{i}"),
+                width,
+                h as i64,
+                Default::default(),
+            ));
+            width = h as i64;
+        }
+        let outputs = (spec.forward_actions + spec.backward_actions + 1) as i64;
+        let heads = nn::linear(path / "heads", width, outputs, Default::default());
+        PolicyNet {
+            hidden,
+            heads,
+            spec: spec.clone(),
+        }
+    }
+
+    /// Runs the network on `states` (`[N, input_dim]`, float).
+    pub fn forward(&self, states: &Tensor) -> PolicyOutput {
+        let mut x = states.shallow_clone();
+        for layer in &self.hidden {
+            x = layer.forward(&x).leaky_relu();
+        }
+        let out = self.heads.forward(&x);
+        let a = self.spec.forward_actions as i64;
+        let b = self.spec.backward_actions as i64;
+        let parts = out.split_with_sizes([a, b, 1], -1);
+        let [forward_logits, backward_logits, log_flow] =
+            <[Tensor; 3]>::try_from(parts).unwrap_or_else(|_| unreachable!("split in three"));
+        PolicyOutput {
+            forward_logits,
+            backward_logits,
+            log_flow: log_flow.squeeze_dim(-1),
+        }
+    }
+}
+
+/// A network together with the `VarStore` that owns its weights.
+pub struct Policy {
+    /// Owns the parameters; the optimizer and the byte conversions use it.
+    pub vars: nn::VarStore,
+    /// The layers, referring to `vars`.
+    pub net: PolicyNet,
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("spec", &self.net.spec)
+            .field("device", &self.vars.device())
+            .finish()
+    }
+}
+
+impl Policy {
+    /// Fresh weights on `device`.
+    pub fn new(spec: &ModelSpec, device: Device) -> Self {
+        let vars = nn::VarStore::new(device);
+        let net = PolicyNet::new(&vars.root(), spec);
+        Policy { vars, net }
+    }
+
+    /// The network's shape.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.net.spec
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.vars.device()
+    }
+
+    /// Serialises the weights (libtorch's format), for the wire or a file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, tch::TchError> {
+        let mut bytes = Vec::new();
+        self.vars.save_to_stream(&mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// Replaces the weights with ones produced by [`Policy::to_bytes`] on a
+    /// network of the same shape (on any device).
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<(), tch::TchError> {
+        self.vars.load_from_stream(Cursor::new(bytes))
+    }
+
+    /// Forward pass on host-side encodings without building a graph, for
+    /// sampling. `encoded` holds `rows * input_dim` values.
+    pub fn infer(&self, encoded: &[f32], rows: usize) -> PolicyOutput {
+        let _guard = tch::no_grad_guard();
+        let states = Tensor::from_slice(encoded)
+            .view([rows as i64, self.net.spec.input_dim as i64])
+            .to_device(self.device());
+        self.net.forward(&states)
+    }
+}
+
+/// Picks the device a configuration asks for. `Auto` takes CUDA when libtorch
+/// sees a GPU, so the same binary runs on GPU machines and on CPU.
+pub fn select_device(config: DeviceConfig) -> Result<Device, String> {
+    match config {
+        DeviceConfig::Cpu => Ok(Device::Cpu),
+        DeviceConfig::Auto => Ok(Device::cuda_if_available()),
+        DeviceConfig::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceConfig::Cuda => Err("device = \"cuda\" but libtorch sees no CUDA device".to_owned()),
+    }
+}
+
+/// Sets libtorch's intra-op thread count for this process. Oversubscribed
+/// cores make small-matrix work much slower, hence explicit counts.
+pub fn set_threads(threads: usize) {
+    tch::set_num_threads(threads.max(1) as i32);
+}
+
+/// Copies a float tensor of any shape to a host vector in row-major order.
+pub fn to_host_f32(tensor: &Tensor) -> Vec<f32> {
+    let flat = tensor
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .contiguous()
+        .view(-1);
+    let len = flat.numel();
+    let mut out = vec![0f32; len];
+    flat.copy_data(&mut out, len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ModelSpec {
+        ModelSpec {
+            input_dim: 5,
+            hidden: vec![8, 8],
+            forward_actions: 5,
+            backward_actions: 4,
+        }
+    }
+
+    #[test]
+    fn heads_have_the_declared_sizes() {
+        let policy = Policy::new(&spec(), Device::Cpu);
+        let out = policy.infer(&[0.0; 15], 3);
+        assert_eq!(out.forward_logits.size(), [3, 5]);
+        assert_eq!(out.backward_logits.size(), [3, 4]);
+        assert_eq!(out.log_flow.size(), [3]);
+    }
+
+    #[test]
+    fn weights_round_trip_through_bytes() {
+        let a = Policy::new(&spec(), Device::Cpu);
+        let mut b = Policy::new(&spec(), Device::Cpu);
+        let x = [0.5f32, -1.0, 2.0, 0.0, 1.0];
+        let before = to_host_f32(&b.infer(&x, 1).log_flow);
+        b.load_bytes(&a.to_bytes().unwrap()).unwrap();
+        let expected = to_host_f32(&a.infer(&x, 1).forward_logits);
+        let got = to_host_f32(&b.infer(&x, 1).forward_logits);
+        assert_eq!(expected, got);
+        assert_ne!(before, to_host_f32(&b.infer(&x, 1).log_flow));
+    }
+
+    #[test]
+    fn weights_of_another_shape_are_refused() {
+        let a = Policy::new(&spec(), Device::Cpu);
+        let mut other = spec();
+        other.hidden = vec![8, 9];
+        let mut b = Policy::new(&other, Device::Cpu);
+        assert!(b.load_bytes(&a.to_bytes().unwrap()).is_err());
+    }
+}

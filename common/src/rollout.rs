@@ -1,0 +1,132 @@
+//! Sampling trajectories from a policy, many environments in lockstep.
+//!
+//! Actors use it with exploration and truncation to produce training data;
+//! the learner's evaluator uses it without either to draw fresh on-policy
+//! samples. One network call per step serves every environment still
+//! running; the action draw itself happens on the host with a seeded RNG, so
+//! a run is reproducible from its seed.
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+
+use crate::env::{Environment, State};
+use crate::policy::{Policy, to_host_f32};
+use crate::trajectory::Trajectory;
+
+/// How the behaviour policy departs from the learned one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Behaviour {
+    /// Weight of the uniform distribution over valid actions:
+    /// (1 - epsilon) P_F + epsilon U. Keeps full support, which off-policy
+    /// GFlowNet training needs.
+    pub epsilon: f64,
+    /// Probability that a trajectory is cut off before its terminal state
+    /// (at a uniformly random length 1..max_len-1).
+    pub truncate_fraction: f64,
+}
+
+/// What a rollout produced: one trajectory and its last state per
+/// environment, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Rollout {
+    /// Actions and local energy terms.
+    pub trajectories: Vec<Trajectory>,
+    /// The state each trajectory ended in (terminal unless truncated).
+    pub final_states: Vec<State>,
+}
+
+/// Rolls out `count` trajectories from s0 with `policy` and `behaviour`.
+pub fn rollout(
+    env: &dyn Environment,
+    policy: &Policy,
+    count: usize,
+    behaviour: Behaviour,
+    rng: &mut SmallRng,
+) -> Rollout {
+    let (dim, actions_n, max_len) = (env.state_dim(), env.forward_actions(), env.max_trajectory_len());
+    let mut states = vec![env.initial_state(); count];
+    let mut trajectories = vec![Trajectory::default(); count];
+    let cut_at: Vec<usize> = (0..count)
+        .map(|_| {
+            if max_len >= 2 && rng.random::<f64>() < behaviour.truncate_fraction {
+                rng.random_range(1..max_len)
+            } else {
+                max_len
+            }
+        })
+        .collect();
+    let mut active: Vec<usize> = (0..count).filter(|&i| !env.is_terminal(&states[i])).collect();
+    let mut encoded = Vec::new();
+    let mut mask = vec![false; actions_n];
+    let mut probs = vec![0f64; actions_n];
+
+    while !active.is_empty() {
+        encoded.clear();
+        encoded.resize(active.len() * dim, 0.0);
+        for (row, &i) in active.iter().enumerate() {
+            env.encode(&states[i], &mut encoded[row * dim..(row + 1) * dim]);
+        }
+        let logits = to_host_f32(&policy.infer(&encoded, active.len()).forward_logits);
+
+        let mut still_active = Vec::with_capacity(active.len());
+        for (row, &i) in active.iter().enumerate() {
+            env.forward_mask(&states[i], &mut mask);
+            let row_logits = &logits[row * actions_n..(row + 1) * actions_n];
+            let Some(action) = draw(row_logits, &mask, behaviour.epsilon, &mut probs, rng) else {
+                // A non-terminal state without a valid action is a task bug;
+                // end the trajectory rather than loop forever.
+                continue;
+            };
+            let energy = env.transition_energy(&states[i], action);
+            env.step(&mut states[i], action)
+                .expect("an action drawn from the forward mask is valid");
+            let trajectory = &mut trajectories[i];
+            trajectory.actions.push(action as u32);
+            trajectory.energies.push(energy as f32);
+            if !env.is_terminal(&states[i]) && trajectory.len() < cut_at[i] {
+                still_active.push(i);
+            }
+        }
+        active = still_active;
+    }
+    Rollout {
+        trajectories,
+        final_states: states,
+    }
+}
+
+/// Draws one action from (1 - epsilon) softmax(logits) + epsilon uniform,
+/// both restricted to `mask`. None when no action is valid.
+fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mut SmallRng) -> Option<usize> {
+    let valid = mask.iter().filter(|&&m| m).count();
+    if valid == 0 {
+        return None;
+    }
+    let max = logits
+        .iter()
+        .zip(mask)
+        .filter(|(_, m)| **m)
+        .map(|(&l, _)| l)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for ((p, &l), &m) in probs.iter_mut().zip(logits).zip(mask) {
+        *p = if m { f64::from(l - max).exp() } else { 0.0 };
+        total += *p;
+    }
+    let uniform = epsilon / valid as f64;
+    let mut u = rng.random::<f64>();
+    let mut last_valid = 0;
+    for (a, (&p, &m)) in probs.iter().zip(mask).enumerate() {
+        if !m {
+            continue;
+        }
+        last_valid = a;
+        let q = (1.0 - epsilon) * p / total + uniform;
+        if u < q {
+            return Some(a);
+        }
+        u -= q;
+    }
+    // Rounding left a sliver of mass: it belongs to the last valid action.
+    Some(last_valid)
+}

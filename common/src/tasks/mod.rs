@@ -1,0 +1,18 @@
+//! The tasks, one file each, and the one place that maps a configuration to
+//! an [`Environment`]. Adding a task: write its file, add a variant to
+//! [`TaskConfig`](crate::config::TaskConfig) and a line to [`build`].
+
+pub mod set_generation;
+
+use std::sync::Arc;
+
+use crate::config::{ConfigError, TaskConfig};
+use crate::env::Environment;
+
+/// Builds the environment a configuration describes, validating its
+/// parameters.
+pub fn build(config: &TaskConfig) -> Result<Arc<dyn Environment>, ConfigError> {
+    Ok(match config {
+        TaskConfig::SetGeneration(c) => Arc::new(set_generation::SetGeneration::new(c)?),
+    })
+}

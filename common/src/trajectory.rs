@@ -1,0 +1,194 @@
+//! Trajectories as actors produce them and as the learner replays them.
+//!
+//! On the wire a trajectory is its actions plus one local energy term per
+//! transition ([`Trajectory`]). The learner replays the actions through its
+//! own environment ([`replay`]): that rebuilds every state, checks every
+//! action against the forward mask, and yields the encodings and masks the
+//! loss needs ([`ReplayedTrajectory`]). Replay runs on the ingest path, off
+//! the trainer thread.
+
+use crate::env::{Environment, InvalidAction, State};
+
+/// One trajectory from s0: complete, or a prefix cut before its terminal
+/// state. `actions` and `energies` have one entry per transition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Trajectory {
+    /// Forward action index of each step.
+    pub actions: Vec<u32>,
+    /// Local energy term E(s_t -> s_{t+1}) of each step.
+    pub energies: Vec<f32>,
+}
+
+impl Trajectory {
+    /// Number of transitions.
+    pub fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// True for a trajectory with no transition.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// A batch of trajectories from one actor, all sampled by one policy version.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrajectoryChunk {
+    /// The actor that sampled it (assigned at the handshake).
+    pub actor_id: u64,
+    /// The weight version that sampled it.
+    pub policy_version: u64,
+    /// Position in the actor's output; gaps show lost chunks.
+    pub sequence: u64,
+    /// The trajectories.
+    pub trajectories: Vec<Trajectory>,
+}
+
+impl TrajectoryChunk {
+    /// Transitions in all trajectories.
+    pub fn transitions(&self) -> usize {
+        self.trajectories.iter().map(Trajectory::len).sum()
+    }
+}
+
+/// Why a trajectory cannot be replayed. Field names are relative to the
+/// trajectory (`actions[3]`), so callers can prefix the chunk position.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReplayError {
+    /// No transition at all: nothing to learn from.
+    #[error("`actions` is empty")]
+    Empty,
+    /// More transitions than any trajectory of the task has.
+    #[error("`actions` has {len} entries, more than the task's longest trajectory ({max})")]
+    TooLong {
+        /// Transitions sent.
+        len: usize,
+        /// The task's maximum.
+        max: usize,
+    },
+    /// `actions` and `energies` disagree in length.
+    #[error("`energies` has {energies} entries but `actions` has {actions}")]
+    LengthMismatch {
+        /// Length of `actions`.
+        actions: usize,
+        /// Length of `energies`.
+        energies: usize,
+    },
+    /// An energy term is NaN or infinite.
+    #[error("`energies[{step}]` is {value}, not a finite number")]
+    NonFiniteEnergy {
+        /// Transition index.
+        step: usize,
+        /// The value sent.
+        value: f32,
+    },
+    /// An action the environment does not allow at that point.
+    #[error("`actions[{step}]`: {source}")]
+    InvalidAction {
+        /// Transition index.
+        step: usize,
+        /// What the environment said.
+        source: InvalidAction,
+    },
+}
+
+/// A trajectory rebuilt by the learner, with everything the loss needs as
+/// flat host arrays. With n transitions there are n + 1 states.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplayedTrajectory {
+    /// Encodings of s_0..s_n, `(n + 1) * state_dim` values.
+    pub encoded: Vec<f32>,
+    /// Valid forward actions at s_0..s_{n-1}, `n * forward_actions`.
+    pub forward_masks: Vec<bool>,
+    /// Valid backward actions at s_1..s_n, `n * backward_actions`.
+    pub backward_masks: Vec<bool>,
+    /// Forward action of each transition.
+    pub actions: Vec<i64>,
+    /// The backward action undoing each transition, scored in s_{t+1}.
+    pub backward_actions: Vec<i64>,
+    /// Local energy terms as the actor sent them.
+    pub energies: Vec<f32>,
+    /// Whether s_n is terminal (false for a truncated prefix).
+    pub complete: bool,
+    /// s_n itself.
+    pub final_state: State,
+}
+
+impl ReplayedTrajectory {
+    /// Number of transitions.
+    pub fn len(&self) -> usize {
+        self.actions.len()
+    }
+
+    /// True when there is no transition (never after a successful replay).
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// Sum of the energy terms: E(s_n).
+    pub fn energy(&self) -> f64 {
+        self.energies.iter().map(|&e| f64::from(e)).sum()
+    }
+}
+
+/// Replays `trajectory` from the initial state, validating every field.
+pub fn replay(
+    env: &dyn Environment,
+    trajectory: &Trajectory,
+) -> Result<ReplayedTrajectory, ReplayError> {
+    let n = trajectory.actions.len();
+    if n == 0 {
+        return Err(ReplayError::Empty);
+    }
+    if n > env.max_trajectory_len() {
+        return Err(ReplayError::TooLong {
+            len: n,
+            max: env.max_trajectory_len(),
+        });
+    }
+    if trajectory.energies.len() != n {
+        return Err(ReplayError::LengthMismatch {
+            actions: n,
+            energies: trajectory.energies.len(),
+        });
+    }
+    if let Some((step, &value)) = trajectory
+        .energies
+        .iter()
+        .enumerate()
+        .find(|(_, e)| !e.is_finite())
+    {
+        return Err(ReplayError::NonFiniteEnergy { step, value });
+    }
+
+    let (dim, fwd, bwd) = (
+        env.state_dim(),
+        env.forward_actions(),
+        env.backward_actions(),
+    );
+    let mut encoded = vec![0f32; (n + 1) * dim];
+    let mut forward_masks = vec![false; n * fwd];
+    let mut backward_masks = vec![false; n * bwd];
+    let mut backward_actions = Vec::with_capacity(n);
+    let mut state = env.initial_state();
+    env.encode(&state, &mut encoded[..dim]);
+    for (t, &action) in trajectory.actions.iter().enumerate() {
+        env.forward_mask(&state, &mut forward_masks[t * fwd..(t + 1) * fwd]);
+        let back = env
+            .step(&mut state, action as usize)
+            .map_err(|source| ReplayError::InvalidAction { step: t, source })?;
+        backward_actions.push(back as i64);
+        env.encode(&state, &mut encoded[(t + 1) * dim..(t + 2) * dim]);
+        env.backward_mask(&state, &mut backward_masks[t * bwd..(t + 1) * bwd]);
+    }
+    Ok(ReplayedTrajectory {
+        encoded,
+        forward_masks,
+        backward_masks,
+        actions: trajectory.actions.iter().map(|&a| i64::from(a)).collect(),
+        backward_actions,
+        energies: trajectory.energies.clone(),
+        complete: env.is_terminal(&state),
+        final_state: state,
+    })
+}

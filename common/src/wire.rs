@@ -1,0 +1,170 @@
+//! The generated gRPC code for `proto/flgfn.proto` and its conversions to
+//! domain types. Prost structs stop here: the rest of flgfn sees
+//! [`TaskSpec`], [`ModelSpec`] and [`TrajectoryChunk`].
+//!
+//! Conversions from the wire check structure only (lengths, ranges, finite
+//! numbers) and name the offending field in an `INVALID_ARGUMENT` status;
+//! whether actions are legal is checked when the learner replays them.
+
+use tonic::Status;
+
+use crate::env::TaskSpec;
+use crate::policy::ModelSpec;
+use crate::trajectory::{Trajectory, TrajectoryChunk};
+
+/// Generated types and service stubs (package `flgfn.v1`).
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("flgfn.v1");
+}
+
+/// Version of the wire contract; bumped when a field changes meaning.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+impl From<&TaskSpec> for proto::TaskSpec {
+    fn from(spec: &TaskSpec) -> Self {
+        proto::TaskSpec {
+            name: spec.name.clone(),
+            params: spec.params.clone(),
+        }
+    }
+}
+
+impl From<proto::TaskSpec> for TaskSpec {
+    fn from(spec: proto::TaskSpec) -> Self {
+        TaskSpec {
+            name: spec.name,
+            params: spec.params,
+        }
+    }
+}
+
+impl From<&ModelSpec> for proto::ModelSpec {
+    fn from(spec: &ModelSpec) -> Self {
+        // Shapes are validated on creation and are far below u32::MAX.
+        let narrow = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        proto::ModelSpec {
+            input_dim: narrow(spec.input_dim),
+            hidden: spec.hidden.iter().map(|&h| narrow(h)).collect(),
+            forward_actions: narrow(spec.forward_actions),
+            backward_actions: narrow(spec.backward_actions),
+        }
+    }
+}
+
+impl From<proto::ModelSpec> for ModelSpec {
+    fn from(spec: proto::ModelSpec) -> Self {
+        ModelSpec {
+            input_dim: spec.input_dim as usize,
+            hidden: spec.hidden.iter().map(|&h| h as usize).collect(),
+            forward_actions: spec.forward_actions as usize,
+            backward_actions: spec.backward_actions as usize,
+        }
+    }
+}
+
+impl From<&Trajectory> for proto::Trajectory {
+    fn from(t: &Trajectory) -> Self {
+        proto::Trajectory {
+            actions: t.actions.clone(),
+            energies: t.energies.clone(),
+        }
+    }
+}
+
+impl From<&TrajectoryChunk> for proto::TrajectoryChunk {
+    fn from(chunk: &TrajectoryChunk) -> Self {
+        proto::TrajectoryChunk {
+            actor_id: chunk.actor_id,
+            policy_version: chunk.policy_version,
+            sequence: chunk.sequence,
+            trajectories: chunk.trajectories.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl TryFrom<proto::TrajectoryChunk> for TrajectoryChunk {
+    type Error = Status;
+
+    fn try_from(chunk: proto::TrajectoryChunk) -> Result<Self, Status> {
+        if chunk.trajectories.is_empty() {
+            return Err(Status::invalid_argument(
+                "`trajectories` is empty: a chunk carries at least one trajectory",
+            ));
+        }
+        let trajectories = chunk
+            .trajectories
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.actions.len() != t.energies.len() {
+                    return Err(Status::invalid_argument(format!(
+                        "`trajectories[{i}].energies` has {} entries but `actions` has {}",
+                        t.energies.len(),
+                        t.actions.len()
+                    )));
+                }
+                if let Some(j) = t.energies.iter().position(|e| !e.is_finite()) {
+                    return Err(Status::invalid_argument(format!(
+                        "`trajectories[{i}].energies[{j}]` is {}, not a finite number",
+                        t.energies[j]
+                    )));
+                }
+                Ok(Trajectory {
+                    actions: t.actions,
+                    energies: t.energies,
+                })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(TrajectoryChunk {
+            actor_id: chunk.actor_id,
+            policy_version: chunk.policy_version,
+            sequence: chunk.sequence,
+            trajectories,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk() -> proto::TrajectoryChunk {
+        proto::TrajectoryChunk {
+            actor_id: 3,
+            policy_version: 7,
+            sequence: 11,
+            trajectories: vec![proto::Trajectory {
+                actions: vec![1, 2],
+                energies: vec![0.5, -0.25],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_chunk_round_trips() {
+        let domain = TrajectoryChunk::try_from(chunk()).unwrap();
+        assert_eq!(domain.actor_id, 3);
+        assert_eq!(domain.transitions(), 2);
+        assert_eq!(proto::TrajectoryChunk::from(&domain), chunk());
+    }
+
+    #[test]
+    fn malformed_chunks_name_the_field() {
+        let mut bad = chunk();
+        bad.trajectories[0].energies.pop();
+        let status = TrajectoryChunk::try_from(bad).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("trajectories[0].energies"), "{status:?}");
+
+        let mut bad = chunk();
+        bad.trajectories[0].energies[1] = f32::NAN;
+        let status = TrajectoryChunk::try_from(bad).unwrap_err();
+        assert!(status.message().contains("trajectories[0].energies[1]"), "{status:?}");
+
+        let mut bad = chunk();
+        bad.trajectories.clear();
+        let status = TrajectoryChunk::try_from(bad).unwrap_err();
+        assert!(status.message().contains("trajectories"), "{status:?}");
+    }
+}
