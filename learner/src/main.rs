@@ -1,1 +1,72 @@
-fn main(){}
+//! `flgfn-learner`: the training process. See `--help`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flgfn_common::config::Config;
+use flgfn_learner::RunOptions;
+
+/// Trains a forward-looking GFlowNet on trajectories streamed by
+/// `flgfn-actor` processes and broadcasts the weights back to them.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration shared with the actors (defaults are used for
+    /// every key it does not set; unknown keys are errors).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:50051 (overrides learner.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Write one JSON object per progress report to this file.
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
+    /// Stop after this many training steps, 0 for never (overrides
+    /// learner.max_steps).
+    #[arg(long, value_name = "N")]
+    max_steps: Option<u64>,
+    /// libtorch threads for training (overrides learner.threads).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Base random seed (overrides seed).
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    flgfn_common::telemetry::init();
+    let args = Args::parse();
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.learner.listen = listen;
+    }
+    if let Some(max_steps) = args.max_steps {
+        config.learner.max_steps = max_steps;
+    }
+    if let Some(threads) = args.threads {
+        config.learner.threads = threads;
+    }
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    config.validate()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&config.learner.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.learner.listen))?;
+        let options = RunOptions {
+            metrics_path: args.metrics,
+        };
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        flgfn_learner::serve(config, listener, options, shutdown).await?;
+        Ok(())
+    })
+}

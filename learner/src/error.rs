@@ -1,0 +1,107 @@
+//! The learner's errors, and the one place they become gRPC statuses.
+
+use flgfn_common::config::ConfigError;
+use flgfn_common::env::TaskSpec;
+use flgfn_common::policy::ModelSpec;
+use flgfn_common::trajectory::ReplayError;
+use tonic::Status;
+
+/// Why a request from an actor is refused. Every variant names the field or
+/// the mismatch, so the actor's operator can act on the message alone.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The actor speaks another version of `proto/flgfn.proto`.
+    #[error("protocol_version {actor} is not supported: this learner speaks {learner}")]
+    ProtocolVersion {
+        /// Sent by the actor.
+        actor: u32,
+        /// The learner's.
+        learner: u32,
+    },
+    /// The actor was configured with another task or task parameters.
+    #[error("task mismatch: actor has {actor}, learner trains {learner}")]
+    TaskMismatch {
+        /// The actor's task.
+        actor: TaskSpec,
+        /// The learner's task.
+        learner: TaskSpec,
+    },
+    /// The actor's network could not load the learner's weights.
+    #[error("model mismatch: actor has {actor}, learner trains {learner}")]
+    ModelMismatch {
+        /// The actor's network.
+        actor: ModelSpec,
+        /// The learner's network.
+        learner: ModelSpec,
+    },
+    /// A message is structurally wrong (the text names the field).
+    #[error("{0}")]
+    Malformed(String),
+    /// A required message field was left unset.
+    #[error("`{0}` is missing")]
+    Missing(&'static str),
+    /// `actor_id` was never handed out by this learner process.
+    #[error("`actor_id` {0} was not issued by this learner: call Handshake first")]
+    UnknownActor(u64),
+    /// `policy_version` claims weights the learner has not published.
+    #[error("`policy_version` {claimed} is newer than the learner's latest version {latest}")]
+    FutureVersion {
+        /// Sent by the actor.
+        claimed: u64,
+        /// The learner's latest.
+        latest: u64,
+    },
+    /// A trajectory failed replay through the learner's environment.
+    #[error("`trajectories[{index}]`: {source}")]
+    Trajectory {
+        /// Position of the trajectory in the chunk.
+        index: usize,
+        /// What was wrong with it.
+        source: ReplayError,
+    },
+    /// Training has ended; nothing more is accepted.
+    #[error("the learner is shutting down")]
+    ShuttingDown,
+}
+
+impl From<RequestError> for Status {
+    fn from(error: RequestError) -> Self {
+        let message = error.to_string();
+        match error {
+            RequestError::ProtocolVersion { .. }
+            | RequestError::TaskMismatch { .. }
+            | RequestError::ModelMismatch { .. }
+            | RequestError::UnknownActor(_) => Status::failed_precondition(message),
+            RequestError::Missing(_)
+            | RequestError::Malformed(_)
+            | RequestError::FutureVersion { .. }
+            | RequestError::Trajectory { .. } => Status::invalid_argument(message),
+            RequestError::ShuttingDown => Status::unavailable(message),
+        }
+    }
+}
+
+/// Why the learner cannot start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnerError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// libtorch failed (device, serialisation).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The metrics file could not be written.
+    #[error("metrics file {path}: {source}")]
+    Metrics {
+        /// The file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The trainer thread panicked or could not start.
+    #[error("trainer thread: {0}")]
+    Trainer(String),
+}

@@ -1,0 +1,114 @@
+//! Progress reports: one tracing line and one JSON object per report.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::LearnerError;
+
+/// Everything a report says. Field names are the JSON keys.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    /// Training steps done.
+    pub step: u64,
+    /// Seconds since the first training step, evaluation time left out.
+    pub wall_s: f64,
+    /// Mean loss over the steps since the previous report.
+    pub loss: f64,
+    /// The model's log Z.
+    pub logz_est: f64,
+    /// Exact log Z (null when the task has none).
+    pub logz_exact: Option<f64>,
+    /// Mean marginal total variation against the exact target.
+    pub marginal_tv: Option<f64>,
+    /// Energy 1-Wasserstein distance against the exact target.
+    pub energy_w1: Option<f64>,
+    /// Mean reward of the best 100 distinct objects sampled by evaluations.
+    pub top100_mean_reward: f64,
+    /// Whether the quality thresholds hold (null without a reference).
+    pub at_quality: Option<bool>,
+    /// Transitions trained on so far.
+    pub trained_transitions: u64,
+    /// Transitions accepted from actors so far.
+    pub ingested_transitions: u64,
+    /// Trained transitions per second of `wall_s` since the previous report.
+    pub trained_per_s: f64,
+    /// Ingested transitions per second of `wall_s` since the previous report.
+    pub ingested_per_s: f64,
+    /// Protobuf bytes per accepted transition, over the whole run.
+    pub wire_bytes_per_transition: f64,
+    /// Latest published weight version.
+    pub version: u64,
+    /// Open trajectory streams.
+    pub actors_connected: i64,
+    /// Mean over transitions trained since the previous report of (learner
+    /// version at training time - version that sampled them).
+    pub mean_policy_lag: f64,
+    /// Chunks refused as invalid so far.
+    pub rejected_chunks: u64,
+    /// Transitions dropped as too stale so far.
+    pub stale_transitions: u64,
+    /// Number of evaluation samples behind the distribution metrics.
+    pub eval_samples: usize,
+    /// Seconds the evaluation took (not part of `wall_s`).
+    pub eval_s: f64,
+}
+
+impl Report {
+    /// Logs the report as one line.
+    pub fn log(&self) {
+        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
+        tracing::info!(
+            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} version={}{}",
+            self.step,
+            self.wall_s,
+            self.loss,
+            self.logz_est,
+            opt(self.logz_exact),
+            opt(self.marginal_tv),
+            opt(self.energy_w1),
+            self.top100_mean_reward,
+            self.trained_per_s,
+            self.ingested_per_s,
+            self.actors_connected,
+            self.mean_policy_lag,
+            self.version,
+            if self.at_quality == Some(true) { " AT-QUALITY" } else { "" },
+        );
+    }
+}
+
+/// Appends reports to a JSON-lines file, one flushed line each, so a crash
+/// loses at most the report being written.
+#[derive(Debug)]
+pub struct MetricsFile {
+    path: PathBuf,
+    out: BufWriter<File>,
+}
+
+impl MetricsFile {
+    /// Creates (truncates) the file.
+    pub fn create(path: &Path) -> Result<Self, LearnerError> {
+        let file = File::create(path).map_err(|source| LearnerError::Metrics {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(MetricsFile {
+            path: path.to_owned(),
+            out: BufWriter::new(file),
+        })
+    }
+
+    /// Writes one JSON object and a newline.
+    pub fn write<T: Serialize>(&mut self, record: &T) -> Result<(), LearnerError> {
+        let error = |source| LearnerError::Metrics {
+            path: self.path.display().to_string(),
+            source,
+        };
+        serde_json::to_writer(&mut self.out, record).map_err(|e| error(e.into()))?;
+        self.out.write_all(b"\n").map_err(error)?;
+        self.out.flush().map_err(error)
+    }
+}

@@ -1,0 +1,216 @@
+//! The `flgfn.v1.Learner` gRPC service: handshake, trajectory ingest and
+//! weight subscription.
+//!
+//! Proto types are converted to domain types on arrival; everything refused
+//! goes through [`RequestError`] and its single conversion to `Status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use flgfn_common::env::{Environment, TaskSpec};
+use flgfn_common::policy::ModelSpec;
+use flgfn_common::trajectory::TrajectoryChunk;
+use flgfn_common::wire::PROTOCOL_VERSION;
+use flgfn_common::wire::proto::{self, learner_server::Learner};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::error::RequestError;
+use crate::ingest::{IngestContext, IngestStats, IngestedChunk, ingest_chunk};
+use crate::publisher::WeightsSnapshot;
+
+/// State the service handlers share.
+pub struct LearnerService {
+    /// The learner's own environment: replays and validates trajectories.
+    pub env: Arc<dyn Environment>,
+    /// Compared with the actor's at the handshake.
+    pub task: TaskSpec,
+    /// Compared with the actor's at the handshake.
+    pub model: ModelSpec,
+    /// Whether the objective uses truncated prefixes.
+    pub keep_truncated: bool,
+    /// Chunks older than this many versions are dropped.
+    pub max_policy_lag: u64,
+    /// Advertised at the handshake.
+    pub max_message_bytes: usize,
+    /// Last actor id handed out; ids start at 1.
+    pub last_actor_id: AtomicU64,
+    /// Bounded queue to the trainer: a full queue suspends the reading of
+    /// trajectory streams, which is how backpressure reaches actors.
+    pub queue: mpsc::Sender<IngestedChunk>,
+    /// Latest weights.
+    pub weights: watch::Receiver<Arc<WeightsSnapshot>>,
+    /// Counters for reports.
+    pub stats: Arc<IngestStats>,
+    /// Turns true when the learner stops: open streams end.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Decrements the connected-actor count when a stream ends, however it ends.
+struct ConnectedGuard(Arc<IngestStats>);
+
+impl ConnectedGuard {
+    fn new(stats: Arc<IngestStats>) -> Self {
+        stats.connected_actors.fetch_add(1, Ordering::Relaxed);
+        ConnectedGuard(stats)
+    }
+}
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.connected_actors.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type WeightStream = Pin<Box<dyn Stream<Item = Result<proto::WeightUpdate, Status>> + Send>>;
+
+impl LearnerService {
+    fn context(&self) -> IngestContext {
+        IngestContext {
+            last_actor_id: self.last_actor_id.load(Ordering::Relaxed),
+            latest_version: self.weights.borrow().version,
+            keep_truncated: self.keep_truncated,
+        }
+    }
+
+    /// Validates one chunk and queues it; Ok(None) when it was dropped as
+    /// stale (valid, but too old to train on).
+    async fn accept(&self, message: proto::TrajectoryChunk) -> Result<Option<usize>, RequestError> {
+        let wire_bytes = message.encoded_len() as u64;
+        let chunk = TrajectoryChunk::try_from(message)
+            .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
+        let context = self.context();
+        let ingested = ingest_chunk(self.env.as_ref(), chunk, context)?;
+        let stats = &self.stats;
+        IngestStats::add(&stats.accepted_chunks, 1);
+        IngestStats::add(&stats.wire_bytes, wire_bytes);
+        IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);
+        if context.latest_version - ingested.policy_version > self.max_policy_lag {
+            IngestStats::add(&stats.stale_transitions, ingested.transitions as u64);
+            return Ok(None);
+        }
+        let transitions = ingested.transitions;
+        if transitions == 0 {
+            return Ok(Some(0));
+        }
+        self.queue
+            .send(ingested)
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
+        Ok(Some(transitions))
+    }
+}
+
+#[tonic::async_trait]
+impl Learner for LearnerService {
+    async fn handshake(
+        &self,
+        request: Request<proto::HandshakeRequest>,
+    ) -> Result<Response<proto::HandshakeReply>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(RequestError::ProtocolVersion {
+                actor: request.protocol_version,
+                learner: PROTOCOL_VERSION,
+            }
+            .into());
+        }
+        let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
+        if task != self.task {
+            warn!(?peer, actor = %request.actor_name, %task, "refused actor of another task");
+            return Err(RequestError::TaskMismatch {
+                actor: task,
+                learner: self.task.clone(),
+            }
+            .into());
+        }
+        let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
+        if model != self.model {
+            warn!(?peer, actor = %request.actor_name, %model, "refused actor of another model");
+            return Err(RequestError::ModelMismatch {
+                actor: model,
+                learner: self.model.clone(),
+            }
+            .into());
+        }
+        let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(?peer, actor = %request.actor_name, actor_id, "actor joined");
+        Ok(Response::new(proto::HandshakeReply {
+            actor_id,
+            task: Some((&self.task).into()),
+            model: Some((&self.model).into()),
+            version: self.weights.borrow().version,
+            max_message_bytes: self.max_message_bytes as u64,
+        }))
+    }
+
+    async fn stream_trajectories(
+        &self,
+        request: Request<Streaming<proto::TrajectoryChunk>>,
+    ) -> Result<Response<proto::StreamSummary>, Status> {
+        let _connected = ConnectedGuard::new(self.stats.clone());
+        let mut stream = request.into_inner();
+        let mut stop = self.stop.clone();
+        let mut summary = proto::StreamSummary::default();
+        loop {
+            let message = tokio::select! {
+                message = stream.message() => message?,
+                _ = stop.wait_for(|stopped| *stopped) => None,
+            };
+            let Some(message) = message else {
+                return Ok(Response::new(summary));
+            };
+            let actor_id = message.actor_id;
+            match self.accept(message).await {
+                Ok(transitions) => {
+                    summary.accepted_chunks += 1;
+                    summary.accepted_transitions += transitions.unwrap_or(0) as u64;
+                }
+                Err(error) => {
+                    if !matches!(error, RequestError::ShuttingDown) {
+                        IngestStats::add(&self.stats.rejected_chunks, 1);
+                        warn!(actor_id, %error, "refused a trajectory chunk");
+                    }
+                    return Err(error.into());
+                }
+            }
+        }
+    }
+
+    type SubscribeWeightsStream = WeightStream;
+
+    async fn subscribe_weights(
+        &self,
+        request: Request<proto::WeightsRequest>,
+    ) -> Result<Response<Self::SubscribeWeightsStream>, Status> {
+        let actor_id = request.into_inner().actor_id;
+        let mut weights = self.weights.clone();
+        // One update in flight per subscriber; the watch keeps only the
+        // latest, so a slow actor skips versions.
+        let (sender, receiver) = mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                let snapshot = weights.borrow_and_update().clone();
+                let update = proto::WeightUpdate {
+                    version: snapshot.version,
+                    weights: snapshot.bytes.clone(),
+                    training_done: snapshot.training_done,
+                };
+                if sender.send(Ok(update)).await.is_err() || snapshot.training_done {
+                    break;
+                }
+                if weights.changed().await.is_err() {
+                    break;
+                }
+            }
+            tracing::debug!(actor_id, "weight subscription ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
