@@ -1,1 +1,69 @@
-fn main(){}
+//! `flgfn-actor`: a sampling process. See `--help`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use flgfn_actor::ActorOptions;
+use flgfn_common::config::Config;
+
+/// Rolls out trajectories with the learner's latest policy and streams them,
+/// with their local energy terms, to `flgfn-learner`. Exits 0 when the
+/// learner finishes training; non-zero when the learner refuses it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration; task and model must match the learner's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
+    #[arg(long, value_name = "URL")]
+    learner: Option<String>,
+    /// Name shown in the learner's logs [default: host/pid].
+    #[arg(long)]
+    name: Option<String>,
+    /// Added to the configured seed; give each actor its own.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    seed_offset: u64,
+    /// Environments rolled out together (overrides actor.envs).
+    #[arg(long, value_name = "N")]
+    envs: Option<usize>,
+    /// Fraction of trajectories cut before their end (overrides
+    /// actor.truncate_fraction).
+    #[arg(long, value_name = "F")]
+    truncate_fraction: Option<f64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    flgfn_common::telemetry::init();
+    let args = Args::parse();
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(learner) = args.learner {
+        config.actor.learner = learner;
+    }
+    if let Some(envs) = args.envs {
+        config.actor.envs = envs;
+    }
+    if let Some(fraction) = args.truncate_fraction {
+        config.actor.truncate_fraction = fraction;
+    }
+    config.validate()?;
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned());
+        format!("{host}/{}", std::process::id())
+    });
+    let options = ActorOptions {
+        name,
+        seed_offset: args.seed_offset,
+    };
+    // One runtime thread is plenty: the rollout runs on its own thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        flgfn_actor::run(config, options, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,113 @@
+//! The rollout worker: a plain thread that owns the actor's copy of the
+//! policy (tch tensors are not `Sync`), rolls out batches of environments
+//! and hands finished chunks to the connection task.
+//!
+//! Between two rollouts it looks at the weight slot and loads newer weights
+//! if there are any, so every chunk is sampled by exactly one version and is
+//! tagged with it. A full outgoing channel blocks the worker: that is how the
+//! learner's backpressure reaches the sampling loop.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flgfn_common::env::Environment;
+use flgfn_common::policy::{ModelSpec, Policy};
+use flgfn_common::rollout::{Behaviour, rollout};
+use flgfn_common::trajectory::TrajectoryChunk;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tch::Device;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+
+/// Latest weights received from the learner.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// The learner's version number.
+    pub version: u64,
+    /// `VarStore` bytes.
+    pub bytes: Bytes,
+}
+
+/// The slot the connection task writes and the worker reads: only the
+/// latest weights matter, so older ones are overwritten unread.
+pub type WeightSlot = watch::Receiver<Option<Arc<Weights>>>;
+
+/// What the worker did, for the actor's final report.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerReport {
+    /// Every version loaded, in order.
+    pub versions_applied: Vec<u64>,
+    /// Chunks handed to the connection task.
+    pub chunks: u64,
+}
+
+/// Everything the worker thread owns.
+pub struct Worker {
+    /// The task.
+    pub env: Arc<dyn Environment>,
+    /// Shape of the policy network.
+    pub model: ModelSpec,
+    /// Where new weights appear.
+    pub weights: WeightSlot,
+    /// Finished chunks; `actor_id` is stamped by the connection task.
+    pub out: mpsc::Sender<TrajectoryChunk>,
+    /// Exploration and truncation.
+    pub behaviour: Behaviour,
+    /// Environments per rollout (= trajectories per chunk).
+    pub envs: usize,
+    /// Seed of this worker's action draws.
+    pub seed: u64,
+    /// To wait for the first weights from this plain thread.
+    pub runtime: Handle,
+}
+
+impl Worker {
+    /// Rolls out until the connection task drops its end of the channel.
+    pub fn run(mut self) -> Result<WorkerReport, tch::TchError> {
+        let mut policy = Policy::new(&self.model, Device::Cpu);
+        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let mut report = WorkerReport::default();
+        let mut version = None;
+        loop {
+            let latest = self.weights.borrow_and_update().clone();
+            match latest {
+                Some(weights) if version.is_none_or(|v| weights.version > v) => {
+                    policy.load_bytes(&weights.bytes)?;
+                    version = Some(weights.version);
+                    report.versions_applied.push(weights.version);
+                }
+                Some(_) => {}
+                None => {
+                    // No weights yet: wait for the first ones, or for the
+                    // actor to stop.
+                    let weights = &mut self.weights;
+                    if self.runtime.block_on(weights.changed()).is_err() {
+                        return Ok(report);
+                    }
+                    continue;
+                }
+            }
+            let Some(policy_version) = version else {
+                continue;
+            };
+            let rollout = rollout(
+                self.env.as_ref(),
+                &policy,
+                self.envs,
+                self.behaviour,
+                &mut rng,
+            );
+            let chunk = TrajectoryChunk {
+                actor_id: 0,
+                policy_version,
+                sequence: report.chunks,
+                trajectories: rollout.trajectories,
+            };
+            if self.out.blocking_send(chunk).is_err() {
+                return Ok(report);
+            }
+            report.chunks += 1;
+        }
+    }
+}
