@@ -166,15 +166,23 @@ impl Session<'_> {
         tokio::select! {
             biased;
             end = &mut receive_weights => end,
-            result = &mut upload => match result {
-                // The learner closed the stream cleanly: either training is
-                // over (the final weights are on their way) or it is going
-                // away. The weight stream tells which.
-                Ok(_) => tokio::time::timeout(FINAL_UPDATE_GRACE, &mut receive_weights)
-                    .await
-                    .unwrap_or_else(|_| Err(retry("the learner closed the trajectory stream", true))),
-                Err(status) => Err(classify(status, true)),
-            },
+            result = &mut upload => {
+                // The learner ended the trajectory stream: either training is
+                // over (the final weights are on their way, possibly behind
+                // this status) or it is going away. The weight stream tells
+                // which; a refusal needs no waiting.
+                let ended = match result {
+                    Ok(_) => retry("the learner closed the trajectory stream", true),
+                    Err(status) => classify(status, true),
+                };
+                if matches!(ended, SessionError::Refused(_)) {
+                    return Err(ended);
+                }
+                match tokio::time::timeout(FINAL_UPDATE_GRACE, &mut receive_weights).await {
+                    Ok(Ok(end)) => Ok(end),
+                    Ok(Err(_)) | Err(_) => Err(ended),
+                }
+            }
             () = &mut forward => Ok(SessionEnd::WorkerStopped),
         }
     }

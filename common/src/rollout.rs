@@ -95,12 +95,14 @@ pub fn rollout(
     }
 }
 
-/// Draws one action from (1 - epsilon) softmax(logits) + epsilon uniform,
-/// both restricted to `mask`. None when no action is valid.
-fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mut SmallRng) -> Option<usize> {
+/// Writes the behaviour distribution (1 - epsilon) softmax(logits) +
+/// epsilon uniform, both restricted to `mask`, into `probs`. Returns false
+/// (and leaves `probs` all zero) when no action is valid.
+pub fn behaviour_probabilities(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64]) -> bool {
+    probs.fill(0.0);
     let valid = mask.iter().filter(|&&m| m).count();
     if valid == 0 {
-        return None;
+        return false;
     }
     let max = logits
         .iter()
@@ -110,23 +112,61 @@ fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mu
         .fold(f32::NEG_INFINITY, f32::max);
     let mut total = 0.0;
     for ((p, &l), &m) in probs.iter_mut().zip(logits).zip(mask) {
-        *p = if m { f64::from(l - max).exp() } else { 0.0 };
-        total += *p;
+        if m {
+            *p = f64::from(l - max).exp();
+            total += *p;
+        }
     }
     let uniform = epsilon / valid as f64;
+    for (p, &m) in probs.iter_mut().zip(mask) {
+        if m {
+            *p = (1.0 - epsilon) * *p / total + uniform;
+        }
+    }
+    true
+}
+
+/// Draws one action from the behaviour distribution; None when no action is
+/// valid.
+fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mut SmallRng) -> Option<usize> {
+    if !behaviour_probabilities(logits, mask, epsilon, probs) {
+        return None;
+    }
     let mut u = rng.random::<f64>();
     let mut last_valid = 0;
-    for (a, (&p, &m)) in probs.iter().zip(mask).enumerate() {
-        if !m {
+    for (a, &p) in probs.iter().enumerate() {
+        if p <= 0.0 {
             continue;
         }
         last_valid = a;
-        let q = (1.0 - epsilon) * p / total + uniform;
-        if u < q {
+        if u < p {
             return Some(a);
         }
-        u -= q;
+        u -= p;
     }
     // Rounding left a sliver of mass: it belongs to the last valid action.
     Some(last_valid)
+}
+
+/// The policy's forward distribution P_F(.|s) (no exploration) at each of
+/// `states`, one row of `forward_actions` probabilities per state; for exact
+/// evaluation of tiny tasks ([`crate::exact::policy_terminal_distribution`]).
+pub fn forward_probabilities(env: &dyn Environment, policy: &Policy, states: &[State]) -> Vec<Vec<f64>> {
+    let (dim, actions_n) = (env.state_dim(), env.forward_actions());
+    let mut encoded = vec![0f32; states.len() * dim];
+    for (row, state) in states.iter().enumerate() {
+        env.encode(state, &mut encoded[row * dim..(row + 1) * dim]);
+    }
+    let logits = to_host_f32(&policy.infer(&encoded, states.len()).forward_logits);
+    let mut mask = vec![false; actions_n];
+    states
+        .iter()
+        .enumerate()
+        .map(|(row, state)| {
+            env.forward_mask(state, &mut mask);
+            let mut probs = vec![0f64; actions_n];
+            behaviour_probabilities(&logits[row * actions_n..(row + 1) * actions_n], &mask, 0.0, &mut probs);
+            probs
+        })
+        .collect()
 }

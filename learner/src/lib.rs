@@ -11,6 +11,7 @@
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
 //! - [`report`]: tracing lines and JSON-lines metrics.
 //! - [`error`]: errors, and their one conversion to gRPC statuses.
+//! - [`launcher`]: `--local-actors`, actor processes next to the learner.
 //!
 //! Data path: service -> ingest (validate, replay) -> bounded queue ->
 //! trainer -> publisher -> every subscribed actor. [`serve`] wires it up.
@@ -18,6 +19,7 @@
 pub mod error;
 pub mod evaluator;
 pub mod ingest;
+pub mod launcher;
 pub mod publisher;
 pub mod report;
 pub mod service;

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use flgfn_common::config::Config;
 use flgfn_learner::RunOptions;
+use flgfn_learner::launcher::{LocalActors, actor_executable};
 
 /// Trains a forward-looking GFlowNet on trajectories streamed by
 /// `flgfn-actor` processes and broadcasts the weights back to them.
@@ -32,6 +33,13 @@ struct Args {
     /// Base random seed (overrides seed).
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    /// Also start launch.actors `flgfn-actor` processes on this machine,
+    /// connected to this learner (the local launcher).
+    #[arg(long)]
+    local_actors: bool,
+    /// Number of local actors (overrides launch.actors).
+    #[arg(long, value_name = "N", requires = "local_actors")]
+    actors: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,6 +58,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
+    if let Some(actors) = args.actors {
+        config.launch.actors = actors;
+    }
     config.validate()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -60,13 +71,24 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.learner.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.learner.listen))?;
+        let actors = if args.local_actors {
+            let address = listener.local_addr()?;
+            let executable = actor_executable()?;
+            let config_file = args.config.as_deref();
+            Some(LocalActors::spawn(config.launch.actors, address, config_file, &executable)?)
+        } else {
+            None
+        };
         let options = RunOptions {
             metrics_path: args.metrics,
         };
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };
-        flgfn_learner::serve(config, listener, options, shutdown).await?;
+        let outcome = flgfn_learner::serve(config, listener, options, shutdown).await;
+        let failed_actors = actors.map_or(0, LocalActors::finish);
+        outcome?;
+        anyhow::ensure!(failed_actors == 0, "{failed_actors} local actor(s) failed");
         Ok(())
     })
 }

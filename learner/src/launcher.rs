@@ -1,0 +1,120 @@
+//! The local launcher: `flgfn-learner --local-actors N` starts N
+//! `flgfn-actor` processes on this machine, pointed at this learner.
+//!
+//! Actors are separate processes, exactly as on a cluster; they find the
+//! learner through its bound address (so `--listen 127.0.0.1:0` works) and
+//! exit by themselves when training ends. Any still running when the
+//! learner returns are killed, so none outlive it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+/// How long actors get to exit on their own after training ends.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Running actor processes.
+#[derive(Debug)]
+pub struct LocalActors {
+    children: Vec<Child>,
+}
+
+/// The `flgfn-actor` executable next to the running learner.
+pub fn actor_executable() -> std::io::Result<PathBuf> {
+    let learner = std::env::current_exe()?;
+    let actor = learner.with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX));
+    if actor.exists() {
+        Ok(actor)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{} not found: build both binaries (cargo build --release)", actor.display()),
+        ))
+    }
+}
+
+impl LocalActors {
+    /// Starts `count` actors that connect to `address`, each with its own
+    /// seed offset, sharing the learner's configuration file.
+    pub fn spawn(
+        count: usize,
+        address: SocketAddr,
+        config: Option<&Path>,
+        executable: &Path,
+    ) -> std::io::Result<Self> {
+        let mut actors = LocalActors {
+            children: Vec::with_capacity(count),
+        };
+        // A listener on 0.0.0.0 is reached through loopback locally.
+        let host = if address.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            address.ip().to_string()
+        };
+        let url = match address {
+            SocketAddr::V4(_) => format!("http://{host}:{}", address.port()),
+            SocketAddr::V6(_) => format!("http://[{host}]:{}", address.port()),
+        };
+        for i in 0..count {
+            let mut command = Command::new(executable);
+            command
+                .arg("--learner")
+                .arg(&url)
+                .arg("--seed-offset")
+                .arg(i.to_string())
+                .arg("--name")
+                .arg(format!("local-{i}"));
+            if let Some(config) = config {
+                command.arg("--config").arg(config);
+            }
+            actors.children.push(command.spawn()?);
+        }
+        info!(count, %url, "started local actors");
+        Ok(actors)
+    }
+
+    /// Waits for the actors to exit, killing any left after a grace period.
+    /// Returns how many exited with an error.
+    pub fn finish(mut self) -> usize {
+        let deadline = Instant::now() + EXIT_GRACE;
+        let mut failed = 0;
+        for child in &mut self.children {
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => break None,
+                }
+            };
+            match status {
+                Some(status) if status.success() => {}
+                Some(status) => {
+                    warn!(pid = child.id(), %status, "local actor failed");
+                    failed += 1;
+                }
+                None => {
+                    warn!(pid = child.id(), "local actor still running; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        self.children.clear();
+        failed
+    }
+}
+
+impl Drop for LocalActors {
+    /// On an early return (an error in the learner), leave no orphans.
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! A learner on `127.0.0.1:0` and real actors over gRPC, in one process.
+
+use std::time::Duration;
+
+use flgfn_actor::{ActorError, ActorOptions};
+use flgfn_common::config::{Config, TaskConfig};
+use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
+use flgfn_common::policy::{ModelSpec, Policy};
+use flgfn_common::rollout::forward_probabilities;
+use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
+use flgfn_learner::{RunOptions, TrainingOutcome};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// 70 terminal sets of 4 out of 8 elements, 163 states: small enough to
+/// compute the sampler's exact terminal distribution.
+fn tiny_config() -> Config {
+    let mut config = Config::default();
+    config.task = TaskConfig::SetGeneration(SetGenerationConfig {
+        universe: Some(8),
+        set_size: Some(4),
+        levels: Some(vec![-0.8, -0.1, 0.4, 1.2]),
+        ..SetGenerationConfig::default()
+    });
+    config.model.hidden = vec![64, 64];
+    config.learner.batch_transitions = 64;
+    config.learner.max_steps = 600;
+    config.learner.eval_samples = 256;
+    config.learner.report_every_s = 1.0;
+    config.actor.envs = 8;
+    config.actor.epsilon = 0.1;
+    config
+}
+
+struct Learner {
+    url: String,
+    outcome: tokio::task::JoinHandle<Result<TrainingOutcome, flgfn_learner::LearnerError>>,
+    stop: oneshot::Sender<()>,
+}
+
+async fn start_learner(config: Config) -> Learner {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let outcome = tokio::spawn(flgfn_learner::serve(
+        config,
+        listener,
+        RunOptions::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Learner { url, outcome, stop }
+}
+
+fn actor_options(i: u64) -> ActorOptions {
+    ActorOptions {
+        name: format!("test-actor-{i}"),
+        seed_offset: i,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_actors_train_the_learner_to_the_exact_target() {
+    flgfn_common::telemetry::init();
+    let config = tiny_config();
+    let learner = start_learner(config.clone()).await;
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = learner.url.clone();
+    let actors: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(flgfn_actor::run(
+                actor_config.clone(),
+                actor_options(i),
+                std::future::pending(),
+            ))
+        })
+        .collect();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(300), learner.outcome)
+        .await
+        .expect("training finishes")
+        .unwrap()
+        .unwrap();
+    drop(learner.stop);
+    assert_eq!(outcome.steps, 600);
+    assert_eq!(outcome.version, 600);
+    for actor in actors {
+        let report = tokio::time::timeout(Duration::from_secs(30), actor)
+            .await
+            .expect("actors stop when training ends")
+            .unwrap()
+            .unwrap();
+        assert!(report.training_done);
+        assert!(report.chunks_sent > 0);
+        assert!(
+            report.versions_applied.len() >= 2,
+            "applied {:?}",
+            report.versions_applied
+        );
+        assert!(report.versions_applied.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    // The learned sampler, exactly: no sampling noise in this check.
+    let env = tasks::build(&config.task).unwrap();
+    let mut policy = Policy::new(&ModelSpec::new(env.as_ref(), &config.model), tch::Device::Cpu);
+    policy.load_bytes(&outcome.weights).unwrap();
+    let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
+        forward_probabilities(env.as_ref(), &policy, states)
+    })
+    .unwrap();
+    let target = target_distribution(env.as_ref(), 10_000).unwrap();
+    assert_eq!(target.len(), 70);
+    let tv = total_variation(&learned, &target);
+    eprintln!("exact TV of the learned sampler: {tv:.4}; log Z {:.4} vs {:.4}", outcome.final_report.logz_est, outcome.final_report.logz_exact.unwrap_or(f64::NAN));
+    assert!(tv <= 0.05, "total variation to the target is {tv}");
+
+    // And log Z, which the distribution alone does not pin down.
+    let log_z = outcome.final_report.logz_est;
+    let exact = outcome.final_report.logz_exact.unwrap();
+    assert!((log_z - exact).abs() < 0.1, "log Z {log_z} vs exact {exact}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_of_another_task_or_model_is_refused() {
+    let config = tiny_config();
+    let learner = start_learner(config.clone()).await;
+
+    let mut other_task = config.clone();
+    other_task.actor.learner = learner.url.clone();
+    let TaskConfig::SetGeneration(set) = &mut other_task.task;
+    set.set_size = Some(3);
+    let error = flgfn_actor::run(other_task, actor_options(0), std::future::pending())
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
+    assert!(message.contains("task mismatch"), "{message}");
+    assert!(message.contains("set_size=3") && message.contains("set_size=4"), "{message}");
+
+    let mut other_model = config.clone();
+    other_model.actor.learner = learner.url.clone();
+    other_model.model.hidden = vec![32];
+    let error = flgfn_actor::run(other_model, actor_options(1), std::future::pending())
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("model mismatch"), "{message}");
+    assert!(message.contains("[32]") && message.contains("[64, 64]"), "{message}");
+
+    learner.stop.send(()).unwrap();
+    let outcome = learner.outcome.await.unwrap().unwrap();
+    assert_eq!(outcome.steps, 0, "refused actors sent nothing to train on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_learner_makes_the_actor_give_up_after_its_attempts() {
+    let mut config = tiny_config();
+    // A port nobody listens on: bind, read the port, close.
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    config.actor.learner = format!("http://127.0.0.1:{port}");
+    config.actor.reconnect_attempts = 3;
+    config.actor.reconnect_initial_s = 0.01;
+    config.actor.reconnect_max_s = 0.02;
+    let error = flgfn_actor::run(config, actor_options(0), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ActorError::GaveUp { attempts: 3, .. }), "{error:?}");
+}
+
+#[test]
+fn the_tiny_task_is_what_the_tests_assume() {
+    let env = tasks::build(&tiny_config().task).unwrap();
+    assert_eq!(env.forward_actions(), 8);
+    assert_eq!(env.max_trajectory_len(), 4);
+}
