@@ -83,10 +83,14 @@ fn retry(message: impl Into<String>, handshake_done: bool) -> SessionError {
 /// Refusals are final; anything else (unavailable, reset, ...) is retried.
 fn classify(status: Status, handshake_done: bool) -> SessionError {
     match status.code() {
-        Code::FailedPrecondition | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
-            SessionError::Refused(status)
-        }
-        _ => retry(format!("{}: {}", status.code(), status.message()), handshake_done),
+        Code::FailedPrecondition
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated => SessionError::Refused(status),
+        _ => retry(
+            format!("{}: {}", status.code(), status.message()),
+            handshake_done,
+        ),
     }
 }
 
@@ -94,7 +98,9 @@ impl Session<'_> {
     /// Runs one connection to its end.
     pub async fn run(self) -> Result<SessionEnd, SessionError> {
         let endpoint = Endpoint::from_shared(self.url.to_owned())
-            .map_err(|e| SessionError::Refused(Status::invalid_argument(format!("actor.learner: {e}"))))?
+            .map_err(|e| {
+                SessionError::Refused(Status::invalid_argument(format!("actor.learner: {e}")))
+            })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let channel = endpoint
@@ -117,7 +123,12 @@ impl Session<'_> {
             .into_inner();
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
-        info!(actor_id, version = reply.version, url = self.url, "connected to the learner");
+        info!(
+            actor_id,
+            version = reply.version,
+            url = self.url,
+            "connected to the learner"
+        );
 
         let mut updates = client
             .subscribe_weights(proto::WeightsRequest { actor_id })
@@ -153,7 +164,11 @@ impl Session<'_> {
             while let Some(mut chunk) = chunks.recv().await {
                 chunk.actor_id = actor_id;
                 let transitions = chunk.transitions() as u64;
-                if upload_sender.send(proto::TrajectoryChunk::from(&chunk)).await.is_err() {
+                if upload_sender
+                    .send(proto::TrajectoryChunk::from(&chunk))
+                    .await
+                    .is_err()
+                {
                     // The stream broke; `upload` reports why.
                     std::future::pending::<()>().await;
                 }

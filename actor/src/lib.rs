@@ -138,7 +138,10 @@ pub async fn run(
             }
             Ok(SessionEnd::WorkerStopped) => break Ok(()),
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
-            Err(SessionError::Retry { message, handshake_done }) => {
+            Err(SessionError::Retry {
+                message,
+                handshake_done,
+            }) => {
                 if handshake_done {
                     failures = 0;
                     backoff = Duration::from_secs_f64(actor.reconnect_initial_s);

@@ -157,6 +157,11 @@ pub struct LearnerConfig {
     pub report_every_s: f64,
     /// Largest gRPC message accepted, in bytes (both directions).
     pub max_message_bytes: usize,
+    /// HTTP/2 receive window per trajectory stream and per connection, in
+    /// bytes. Data in flight is data sampled by an old policy: a small
+    /// window keeps policy lag low and makes backpressure reach the actors
+    /// quickly, instead of letting them fill megabytes of buffers.
+    pub receive_window_bytes: u32,
 }
 
 impl Default for LearnerConfig {
@@ -170,10 +175,11 @@ impl Default for LearnerConfig {
             max_policy_lag: 16,
             threads: 1,
             device: DeviceConfig::Auto,
-            max_steps: 1500,
+            max_steps: 600,
             eval_samples: 4096,
             report_every_s: 0.25,
             max_message_bytes: 64 << 20,
+            receive_window_bytes: 4 << 10,
         }
     }
 }
@@ -287,6 +293,13 @@ impl Config {
         at_least("learner.eval_samples", l.eval_samples, 1)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
+        // HTTP/2 allows windows from 65,535 down to 1 byte, but a window far
+        // below one chunk makes every chunk wait for several updates.
+        at_least(
+            "learner.receive_window_bytes",
+            l.receive_window_bytes as usize,
+            1024,
+        )?;
         let a = &self.actor;
         at_least("actor.envs", a.envs, 1)?;
         at_least("actor.threads", a.threads, 1)?;
@@ -352,8 +365,11 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml("[learner]\nlearning_rat = 0.1\n", "test").unwrap_err();
         assert!(err.to_string().contains("learning_rat"), "{err}");
-        let err = Config::from_toml("[task]\nname = \"set_generation\"\nsizes = \"small\"\n", "t")
-            .unwrap_err();
+        let err = Config::from_toml(
+            "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",
+            "t",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("sizes"), "{err}");
         let err = Config::from_toml("[task]\nname = \"chess\"\n", "t").unwrap_err();
         assert!(err.to_string().contains("chess"), "{err}");

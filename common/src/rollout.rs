@@ -43,7 +43,11 @@ pub fn rollout(
     behaviour: Behaviour,
     rng: &mut SmallRng,
 ) -> Rollout {
-    let (dim, actions_n, max_len) = (env.state_dim(), env.forward_actions(), env.max_trajectory_len());
+    let (dim, actions_n, max_len) = (
+        env.state_dim(),
+        env.forward_actions(),
+        env.max_trajectory_len(),
+    );
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
     let cut_at: Vec<usize> = (0..count)
@@ -55,7 +59,9 @@ pub fn rollout(
             }
         })
         .collect();
-    let mut active: Vec<usize> = (0..count).filter(|&i| !env.is_terminal(&states[i])).collect();
+    let mut active: Vec<usize> = (0..count)
+        .filter(|&i| !env.is_terminal(&states[i]))
+        .collect();
     let mut encoded = Vec::new();
     let mut mask = vec![false; actions_n];
     let mut probs = vec![0f64; actions_n];
@@ -98,7 +104,12 @@ pub fn rollout(
 /// Writes the behaviour distribution (1 - epsilon) softmax(logits) +
 /// epsilon uniform, both restricted to `mask`, into `probs`. Returns false
 /// (and leaves `probs` all zero) when no action is valid.
-pub fn behaviour_probabilities(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64]) -> bool {
+pub fn behaviour_probabilities(
+    logits: &[f32],
+    mask: &[bool],
+    epsilon: f64,
+    probs: &mut [f64],
+) -> bool {
     probs.fill(0.0);
     let valid = mask.iter().filter(|&&m| m).count();
     if valid == 0 {
@@ -128,7 +139,13 @@ pub fn behaviour_probabilities(logits: &[f32], mask: &[bool], epsilon: f64, prob
 
 /// Draws one action from the behaviour distribution; None when no action is
 /// valid.
-fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mut SmallRng) -> Option<usize> {
+fn draw(
+    logits: &[f32],
+    mask: &[bool],
+    epsilon: f64,
+    probs: &mut [f64],
+    rng: &mut SmallRng,
+) -> Option<usize> {
     if !behaviour_probabilities(logits, mask, epsilon, probs) {
         return None;
     }
@@ -151,7 +168,11 @@ fn draw(logits: &[f32], mask: &[bool], epsilon: f64, probs: &mut [f64], rng: &mu
 /// The policy's forward distribution P_F(.|s) (no exploration) at each of
 /// `states`, one row of `forward_actions` probabilities per state; for exact
 /// evaluation of tiny tasks ([`crate::exact::policy_terminal_distribution`]).
-pub fn forward_probabilities(env: &dyn Environment, policy: &Policy, states: &[State]) -> Vec<Vec<f64>> {
+pub fn forward_probabilities(
+    env: &dyn Environment,
+    policy: &Policy,
+    states: &[State],
+) -> Vec<Vec<f64>> {
     let (dim, actions_n) = (env.state_dim(), env.forward_actions());
     let mut encoded = vec![0f32; states.len() * dim];
     for (row, state) in states.iter().enumerate() {
@@ -165,7 +186,12 @@ pub fn forward_probabilities(env: &dyn Environment, policy: &Policy, states: &[S
         .map(|(row, state)| {
             env.forward_mask(state, &mut mask);
             let mut probs = vec![0f64; actions_n];
-            behaviour_probabilities(&logits[row * actions_n..(row + 1) * actions_n], &mask, 0.0, &mut probs);
+            behaviour_probabilities(
+                &logits[row * actions_n..(row + 1) * actions_n],
+                &mask,
+                0.0,
+                &mut probs,
+            );
             probs
         })
         .collect()

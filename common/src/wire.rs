@@ -155,12 +155,18 @@ mod tests {
         bad.trajectories[0].energies.pop();
         let status = TrajectoryChunk::try_from(bad).unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains("trajectories[0].energies"), "{status:?}");
+        assert!(
+            status.message().contains("trajectories[0].energies"),
+            "{status:?}"
+        );
 
         let mut bad = chunk();
         bad.trajectories[0].energies[1] = f32::NAN;
         let status = TrajectoryChunk::try_from(bad).unwrap_err();
-        assert!(status.message().contains("trajectories[0].energies[1]"), "{status:?}");
+        assert!(
+            status.message().contains("trajectories[0].energies[1]"),
+            "{status:?}"
+        );
 
         let mut bad = chunk();
         bad.trajectories.clear();

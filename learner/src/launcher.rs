@@ -31,7 +31,10 @@ pub fn actor_executable() -> std::io::Result<PathBuf> {
     } else {
         Err(std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            format!("{} not found: build both binaries (cargo build --release)", actor.display()),
+            format!(
+                "{} not found: build both binaries (cargo build --release)",
+                actor.display()
+            ),
         ))
     }
 }

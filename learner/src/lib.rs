@@ -43,12 +43,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 pub use crate::error::LearnerError;
-pub use crate::trainer::TrainingOutcome;
 use crate::ingest::IngestStats;
 use crate::publisher::Publisher;
 use crate::report::MetricsFile;
 use crate::service::LearnerService;
 use crate::trainer::Trainer;
+pub use crate::trainer::TrainingOutcome;
 
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone, Default)]
@@ -131,9 +131,7 @@ pub async fn serve(
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<LearnerServer<LearnerService>>()
-        .await;
+    health.set_serving::<LearnerServer<LearnerService>>().await;
     let max_bytes = config.learner.max_message_bytes;
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(max_bytes)
@@ -141,6 +139,8 @@ pub async fn serve(
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(config.learner.receive_window_bytes)
+            .initial_connection_window_size(config.learner.receive_window_bytes)
             .add_service(health_service)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
@@ -158,7 +158,8 @@ pub async fn serve(
         }
     };
     stop_sender.send_replace(true);
-    let outcome = outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
+    let outcome =
+        outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => warn!(%join, "gRPC server task failed"),

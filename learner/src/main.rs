@@ -75,7 +75,12 @@ fn main() -> anyhow::Result<()> {
             let address = listener.local_addr()?;
             let executable = actor_executable()?;
             let config_file = args.config.as_deref();
-            Some(LocalActors::spawn(config.launch.actors, address, config_file, &executable)?)
+            Some(LocalActors::spawn(
+                config.launch.actors,
+                address,
+                config_file,
+                &executable,
+            )?)
         } else {
             None
         };

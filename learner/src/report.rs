@@ -75,7 +75,11 @@ impl Report {
             self.actors_connected,
             self.mean_policy_lag,
             self.version,
-            if self.at_quality == Some(true) { " AT-QUALITY" } else { "" },
+            if self.at_quality == Some(true) {
+                " AT-QUALITY"
+            } else {
+                ""
+            },
         );
     }
 }

@@ -80,7 +80,8 @@ impl Trainer {
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let learner = self.config.learner.clone();
         let mut optimizer = nn::Adam::default().build(&self.policy.vars, learner.learning_rate)?;
-        let mut evaluator = Evaluator::new(self.env.clone(), learner.eval_samples, self.config.seed);
+        let mut evaluator =
+            Evaluator::new(self.env.clone(), learner.eval_samples, self.config.seed);
         let dims = (
             self.env.state_dim(),
             self.env.forward_actions(),

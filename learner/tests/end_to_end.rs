@@ -1,4 +1,5 @@
 //! A learner on `127.0.0.1:0` and real actors over gRPC, in one process.
+#![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -15,13 +16,15 @@ use tokio::sync::oneshot;
 /// 70 terminal sets of 4 out of 8 elements, 163 states: small enough to
 /// compute the sampler's exact terminal distribution.
 fn tiny_config() -> Config {
-    let mut config = Config::default();
-    config.task = TaskConfig::SetGeneration(SetGenerationConfig {
-        universe: Some(8),
-        set_size: Some(4),
-        levels: Some(vec![-0.8, -0.1, 0.4, 1.2]),
-        ..SetGenerationConfig::default()
-    });
+    let mut config = Config {
+        task: TaskConfig::SetGeneration(SetGenerationConfig {
+            universe: Some(8),
+            set_size: Some(4),
+            levels: Some(vec![-0.8, -0.1, 0.4, 1.2]),
+            ..SetGenerationConfig::default()
+        }),
+        ..Config::default()
+    };
     config.model.hidden = vec![64, 64];
     config.learner.batch_transitions = 64;
     config.learner.max_steps = 600;
@@ -103,7 +106,10 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
 
     // The learned sampler, exactly: no sampling noise in this check.
     let env = tasks::build(&config.task).unwrap();
-    let mut policy = Policy::new(&ModelSpec::new(env.as_ref(), &config.model), tch::Device::Cpu);
+    let mut policy = Policy::new(
+        &ModelSpec::new(env.as_ref(), &config.model),
+        tch::Device::Cpu,
+    );
     policy.load_bytes(&outcome.weights).unwrap();
     let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
         forward_probabilities(env.as_ref(), &policy, states)
@@ -112,13 +118,20 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
     assert_eq!(target.len(), 70);
     let tv = total_variation(&learned, &target);
-    eprintln!("exact TV of the learned sampler: {tv:.4}; log Z {:.4} vs {:.4}", outcome.final_report.logz_est, outcome.final_report.logz_exact.unwrap_or(f64::NAN));
+    eprintln!(
+        "exact TV of the learned sampler: {tv:.4}; log Z {:.4} vs {:.4}",
+        outcome.final_report.logz_est,
+        outcome.final_report.logz_exact.unwrap_or(f64::NAN)
+    );
     assert!(tv <= 0.05, "total variation to the target is {tv}");
 
     // And log Z, which the distribution alone does not pin down.
     let log_z = outcome.final_report.logz_est;
     let exact = outcome.final_report.logz_exact.unwrap();
-    assert!((log_z - exact).abs() < 0.1, "log Z {log_z} vs exact {exact}");
+    assert!(
+        (log_z - exact).abs() < 0.1,
+        "log Z {log_z} vs exact {exact}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,7 +149,10 @@ async fn an_actor_of_another_task_or_model_is_refused() {
     let message = error.to_string();
     assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
     assert!(message.contains("task mismatch"), "{message}");
-    assert!(message.contains("set_size=3") && message.contains("set_size=4"), "{message}");
+    assert!(
+        message.contains("set_size=3") && message.contains("set_size=4"),
+        "{message}"
+    );
 
     let mut other_model = config.clone();
     other_model.actor.learner = learner.url.clone();
@@ -146,7 +162,10 @@ async fn an_actor_of_another_task_or_model_is_refused() {
         .unwrap_err();
     let message = error.to_string();
     assert!(message.contains("model mismatch"), "{message}");
-    assert!(message.contains("[32]") && message.contains("[64, 64]"), "{message}");
+    assert!(
+        message.contains("[32]") && message.contains("[64, 64]"),
+        "{message}"
+    );
 
     learner.stop.send(()).unwrap();
     let outcome = learner.outcome.await.unwrap().unwrap();
@@ -157,7 +176,12 @@ async fn an_actor_of_another_task_or_model_is_refused() {
 async fn an_unreachable_learner_makes_the_actor_give_up_after_its_attempts() {
     let mut config = tiny_config();
     // A port nobody listens on: bind, read the port, close.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     config.actor.learner = format!("http://127.0.0.1:{port}");
     config.actor.reconnect_attempts = 3;
     config.actor.reconnect_initial_s = 0.01;
@@ -165,7 +189,10 @@ async fn an_unreachable_learner_makes_the_actor_give_up_after_its_attempts() {
     let error = flgfn_actor::run(config, actor_options(0), std::future::pending())
         .await
         .unwrap_err();
-    assert!(matches!(error, ActorError::GaveUp { attempts: 3, .. }), "{error:?}");
+    assert!(
+        matches!(error, ActorError::GaveUp { attempts: 3, .. }),
+        "{error:?}"
+    );
 }
 
 #[test]

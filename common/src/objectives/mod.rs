@@ -142,7 +142,12 @@ impl TransitionBatch {
 /// log P(action) under logits restricted to the valid actions, for the rows
 /// `rows` of `logits`. Invalid entries get a large negative logit rather
 /// than -inf so no NaN can reach the gradient.
-pub fn masked_log_prob(logits: &Tensor, rows: &Tensor, invalid: &Tensor, action: &Tensor) -> Tensor {
+pub fn masked_log_prob(
+    logits: &Tensor,
+    rows: &Tensor,
+    invalid: &Tensor,
+    action: &Tensor,
+) -> Tensor {
     logits
         .index_select(0, rows)
         .masked_fill(invalid, -1e9)
