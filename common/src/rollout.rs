@@ -196,3 +196,93 @@ pub fn forward_probabilities(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use tch::Device;
+
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::policy::ModelSpec;
+    use crate::tasks::set_generation::SetGeneration;
+    use crate::trajectory::replay;
+
+    fn setup() -> (SetGeneration, Policy) {
+        let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
+        let model = ModelConfig { hidden: vec![16] };
+        let policy = Policy::new(&ModelSpec::new(&env, &model), Device::Cpu);
+        (env, policy)
+    }
+
+    #[test]
+    fn samples_are_valid_and_carry_the_local_energies() {
+        let (env, policy) = setup();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let out = rollout(
+            &env,
+            &policy,
+            32,
+            Behaviour {
+                epsilon: 0.3,
+                truncate_fraction: 0.0,
+            },
+            &mut rng,
+        );
+        assert_eq!(out.trajectories.len(), 32);
+        for (t, last) in out.trajectories.iter().zip(&out.final_states) {
+            let replayed = replay(&env, t).unwrap();
+            assert!(replayed.complete);
+            assert_eq!(&replayed.final_state, last);
+            assert!((replayed.energy() - env.energy(last)).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn truncation_cuts_the_configured_fraction_before_the_end() {
+        let (env, policy) = setup();
+        let mut rng = SmallRng::seed_from_u64(2);
+        let behaviour = Behaviour {
+            epsilon: 0.0,
+            truncate_fraction: 0.5,
+        };
+        let out = rollout(&env, &policy, 2000, behaviour, &mut rng);
+        let cut: Vec<usize> = out
+            .trajectories
+            .iter()
+            .filter(|t| t.len() < 5)
+            .map(|t| t.len())
+            .collect();
+        assert!(
+            (900..1100).contains(&cut.len()),
+            "{} of 2000 cut",
+            cut.len()
+        );
+        assert!(cut.iter().all(|&n| (1..5).contains(&n)));
+        for (t, last) in out.trajectories.iter().zip(&out.final_states) {
+            assert_eq!(env.is_terminal(last), t.len() == 5);
+        }
+    }
+
+    #[test]
+    fn behaviour_probabilities_mix_in_the_uniform_share() {
+        let mut probs = [0.0; 4];
+        let mask = [true, false, true, true];
+        let logits = [0.0f32, 100.0, 0.0, 2f32.ln()];
+        assert!(behaviour_probabilities(&logits, &mask, 0.0, &mut probs));
+        assert_eq!(probs[1], 0.0);
+        assert!((probs[3] - 0.5).abs() < 1e-6 && (probs[0] - 0.25).abs() < 1e-6);
+        assert!(behaviour_probabilities(&logits, &mask, 1.0, &mut probs));
+        assert!(probs.iter().zip(mask).all(|(&p, m)| if m {
+            (p - 1.0 / 3.0).abs() < 1e-12
+        } else {
+            p == 0.0
+        }));
+        assert!(!behaviour_probabilities(
+            &logits,
+            &[false; 4],
+            0.1,
+            &mut probs
+        ));
+    }
+}

@@ -192,3 +192,82 @@ pub fn replay(
         final_state: state,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::set_generation::SetGeneration;
+
+    /// Universe of 4, sets of 2, element energies 0.0, 1.0, 0.0, 1.0.
+    fn env() -> SetGeneration {
+        SetGeneration::from_parts(4, 2, vec![0.0, 1.0]).unwrap()
+    }
+
+    fn trajectory(actions: &[u32], energies: &[f32]) -> Trajectory {
+        Trajectory {
+            actions: actions.to_vec(),
+            energies: energies.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_complete_trajectory_replays_into_states_and_masks() {
+        let replayed = replay(&env(), &trajectory(&[1, 2], &[1.0, 0.0])).unwrap();
+        assert!(replayed.complete);
+        assert_eq!(replayed.final_state, vec![0, 1, 1, 0]);
+        assert_eq!(
+            replayed.encoded,
+            [0., 0., 0., 0., 0., 1., 0., 0., 0., 1., 1., 0.]
+        );
+        // At s0 every element may be added; at s1 all but element 1.
+        assert_eq!(
+            replayed.forward_masks,
+            [true, true, true, true, true, false, true, true]
+        );
+        // At s1 only element 1 may be removed; at s2 elements 1 and 2.
+        assert_eq!(
+            replayed.backward_masks,
+            [false, true, false, false, false, true, true, false]
+        );
+        assert_eq!(replayed.backward_actions, [1, 2]);
+        assert_eq!(replayed.energy(), 1.0);
+    }
+
+    #[test]
+    fn a_prefix_replays_as_incomplete() {
+        let replayed = replay(&env(), &trajectory(&[3], &[1.0])).unwrap();
+        assert!(!replayed.complete);
+        assert_eq!(replayed.len(), 1);
+    }
+
+    #[test]
+    fn malformed_trajectories_are_refused_with_the_field() {
+        let env = env();
+        assert_eq!(replay(&env, &trajectory(&[], &[])), Err(ReplayError::Empty));
+        assert!(matches!(
+            replay(&env, &trajectory(&[0, 1, 2], &[0.0; 3])),
+            Err(ReplayError::TooLong { len: 3, max: 2 })
+        ));
+        assert!(matches!(
+            replay(&env, &trajectory(&[0, 1], &[0.0])),
+            Err(ReplayError::LengthMismatch {
+                actions: 2,
+                energies: 1
+            })
+        ));
+        let error = replay(&env, &trajectory(&[0, 1], &[0.0, f32::INFINITY])).unwrap_err();
+        assert!(error.to_string().contains("energies[1]"), "{error}");
+        // Adding the same element twice, and an element outside the universe.
+        let error = replay(&env, &trajectory(&[2, 2], &[0.0, 0.0])).unwrap_err();
+        assert!(
+            matches!(error, ReplayError::InvalidAction { step: 1, .. }),
+            "{error}"
+        );
+        assert!(error.to_string().starts_with("`actions[1]`"), "{error}");
+        let error = replay(&env, &trajectory(&[9], &[0.0])).unwrap_err();
+        assert!(
+            matches!(error, ReplayError::InvalidAction { step: 0, .. }),
+            "{error}"
+        );
+    }
+}

@@ -160,7 +160,14 @@ impl Learner for LearnerService {
         let mut summary = proto::StreamSummary::default();
         loop {
             let message = tokio::select! {
-                message = stream.message() => message?,
+                message = stream.message() => message.inspect_err(|status| {
+                    // Undecodable or oversized: refused by tonic before it
+                    // reaches `accept`, but still a refused chunk.
+                    if status.code() != tonic::Code::Cancelled {
+                        IngestStats::add(&self.stats.rejected_chunks, 1);
+                        warn!(status = %status.message(), "unreadable trajectory chunk");
+                    }
+                })?,
                 _ = stop.wait_for(|stopped| *stopped) => None,
             };
             let Some(message) = message else {
