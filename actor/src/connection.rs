@@ -6,6 +6,7 @@
 //! final, since retrying cannot fix a mismatched task or a malformed chunk.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flgfn_common::env::TaskSpec;
@@ -23,7 +24,13 @@ use crate::worker::Weights;
 
 /// How long to wait for the final weights after the learner closed the
 /// trajectory stream, to tell "training over" from "learner went away".
-const FINAL_UPDATE_GRACE: Duration = Duration::from_secs(2);
+/// Generous: on Ctrl-C the learner finishes its current step, which may
+/// include an evaluation, before it publishes the final weights.
+const FINAL_UPDATE_GRACE: Duration = Duration::from_secs(10);
+
+/// A learner that accepts the connection but never answers is as good as
+/// gone.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a session ended without error.
 #[derive(Debug, PartialEq, Eq)]
@@ -71,6 +78,10 @@ pub struct Session<'a> {
     pub sent: &'a mut (u64, u64),
     /// Actor id of the latest handshake.
     pub actor_id: &'a mut u64,
+    /// Number of this session (1, 2, ...), stamped on received weights.
+    pub session: u32,
+    /// Chunks dropped because an earlier learner run sampled them.
+    pub dropped: &'a mut u64,
 }
 
 fn retry(message: impl Into<String>, handshake_done: bool) -> SessionError {
@@ -102,7 +113,12 @@ impl Session<'_> {
                 SessionError::Refused(Status::invalid_argument(format!("actor.learner: {e}")))
             })?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            // Notice a learner host that vanished without closing the
+            // connection (power loss, partition) and reconnect.
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
         let channel = endpoint
             .connect()
             .await
@@ -110,17 +126,21 @@ impl Session<'_> {
         let mut client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
-
-        let reply = client
-            .handshake(proto::HandshakeRequest {
-                protocol_version: PROTOCOL_VERSION,
-                actor_name: self.actor_name.to_owned(),
-                task: Some(self.task.into()),
-                model: Some(self.model.into()),
-            })
+        let handshake = client.handshake(proto::HandshakeRequest {
+            protocol_version: PROTOCOL_VERSION,
+            actor_name: self.actor_name.to_owned(),
+            task: Some(self.task.into()),
+            model: Some(self.model.into()),
+        });
+        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
+            .map_err(|_| retry("the handshake timed out", false))?
             .map_err(|s| classify(s, false))?
             .into_inner();
+        // Never send more than the learner accepts.
+        let max_bytes = self.max_message_bytes.min(reply.max_message_bytes as usize);
+        client = client.max_encoding_message_size(max_bytes);
+
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
         info!(
@@ -135,12 +155,19 @@ impl Session<'_> {
             .await
             .map_err(|s| classify(s, true))?
             .into_inner();
+        // Highest version this learner run has shown us. Chunks above it
+        // were sampled with a previous run's weights (the learner
+        // restarted): the learner would refuse them as from the future.
+        let newest_version = AtomicU64::new(reply.version);
         let weight_slot = self.weights;
-        let receive_weights = async move {
+        let session = self.session;
+        let receive_weights = async {
             loop {
                 match updates.message().await {
                     Ok(Some(update)) => {
+                        newest_version.fetch_max(update.version, Ordering::Relaxed);
                         weight_slot.send_replace(Some(Arc::new(Weights {
+                            session,
                             version: update.version,
                             bytes: update.weights,
                         })));
@@ -159,9 +186,13 @@ impl Session<'_> {
         let mut upload_client = client.clone();
         let upload = upload_client.stream_trajectories(ReceiverStream::new(upload_receiver));
         tokio::pin!(upload);
-        let (chunks, sent) = (self.chunks, self.sent);
-        let forward = async move {
+        let (chunks, sent, dropped) = (self.chunks, self.sent, self.dropped);
+        let forward = async {
             while let Some(mut chunk) = chunks.recv().await {
+                if chunk.policy_version > newest_version.load(Ordering::Relaxed) {
+                    *dropped += 1;
+                    continue;
+                }
                 chunk.actor_id = actor_id;
                 let transitions = chunk.transitions() as u64;
                 if upload_sender

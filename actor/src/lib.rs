@@ -48,6 +48,9 @@ pub struct ActorReport {
     pub sessions: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
+    /// Chunks not sent because they were sampled with weights of a learner
+    /// run that has since restarted.
+    pub stale_chunks_dropped: u64,
 }
 
 /// Why an actor stopped with an error.
@@ -125,6 +128,8 @@ pub async fn run(
             weights: &weight_sender,
             sent: &mut sent,
             actor_id: &mut actor_id,
+            session: report.sessions,
+            dropped: &mut report.stale_chunks_dropped,
         };
         let outcome = tokio::select! {
             outcome = session.run() => outcome,

@@ -23,6 +23,10 @@ use tokio::sync::{mpsc, watch};
 /// Latest weights received from the learner.
 #[derive(Debug, Clone)]
 pub struct Weights {
+    /// Which session with the learner delivered them. A restarted learner
+    /// counts versions from 0 again, so versions compare only within a
+    /// session; weights of a new session are always loaded.
+    pub session: u32,
     /// The learner's version number.
     pub version: u64,
     /// `VarStore` bytes.
@@ -36,7 +40,8 @@ pub type WeightSlot = watch::Receiver<Option<Arc<Weights>>>;
 /// What the worker did, for the actor's final report.
 #[derive(Debug, Default, Clone)]
 pub struct WorkerReport {
-    /// Every version loaded, in order.
+    /// Every version loaded, in order (restarting from 0 if the learner
+    /// restarted).
     pub versions_applied: Vec<u64>,
     /// Chunks handed to the connection task.
     pub chunks: u64,
@@ -68,13 +73,17 @@ impl Worker {
         let mut policy = Policy::new(&self.model, Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(self.seed);
         let mut report = WorkerReport::default();
-        let mut version = None;
+        let mut loaded: Option<(u32, u64)> = None;
         loop {
             let latest = self.weights.borrow_and_update().clone();
             match latest {
-                Some(weights) if version.is_none_or(|v| weights.version > v) => {
+                Some(weights)
+                    if loaded.is_none_or(|(session, version)| {
+                        weights.session != session || weights.version > version
+                    }) =>
+                {
                     policy.load_bytes(&weights.bytes)?;
-                    version = Some(weights.version);
+                    loaded = Some((weights.session, weights.version));
                     report.versions_applied.push(weights.version);
                 }
                 Some(_) => {}
@@ -88,7 +97,7 @@ impl Worker {
                     continue;
                 }
             }
-            let Some(policy_version) = version else {
+            let Some((_, policy_version)) = loaded else {
                 continue;
             };
             let rollout = rollout(

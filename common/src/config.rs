@@ -55,7 +55,8 @@ impl ConfigError {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Base seed: actor `i` seeds with `seed + i`, the learner with `seed`.
+    /// Base seed. The learner's initial weights and evaluation samples use
+    /// `seed`; an actor's action draws use `seed + 1 + its --seed-offset`.
     pub seed: u64,
     /// Which environment to learn.
     pub task: TaskConfig,
@@ -157,6 +158,10 @@ pub struct LearnerConfig {
     pub report_every_s: f64,
     /// Largest gRPC message accepted, in bytes (both directions).
     pub max_message_bytes: usize,
+    /// Most trajectories one chunk may carry. A replayed transition takes
+    /// ~40x its wire size and a chunk trains whole, so this bounds the
+    /// memory one message can claim.
+    pub max_chunk_trajectories: usize,
     /// HTTP/2 receive window per trajectory stream and per connection, in
     /// bytes. Data in flight is data sampled by an old policy: a small
     /// window keeps policy lag low and makes backpressure reach the actors
@@ -169,7 +174,7 @@ impl Default for LearnerConfig {
         LearnerConfig {
             listen: "127.0.0.1:50051".to_owned(),
             learning_rate: 3e-3,
-            batch_transitions: 640,
+            batch_transitions: 320,
             publish_every: 1,
             ingest_queue_chunks: 2,
             max_policy_lag: 16,
@@ -179,6 +184,7 @@ impl Default for LearnerConfig {
             eval_samples: 4096,
             report_every_s: 0.25,
             max_message_bytes: 64 << 20,
+            max_chunk_trajectories: 1024,
             receive_window_bytes: 4 << 10,
         }
     }
@@ -293,6 +299,11 @@ impl Config {
         at_least("learner.eval_samples", l.eval_samples, 1)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
+        at_least(
+            "learner.max_chunk_trajectories",
+            l.max_chunk_trajectories,
+            1,
+        )?;
         // HTTP/2 allows windows from 65,535 down to 1 byte, but a window far
         // below one chunk makes every chunk wait for several updates.
         at_least(

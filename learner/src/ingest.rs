@@ -25,6 +25,9 @@ pub struct IngestedChunk {
     pub trajectories: Vec<ReplayedTrajectory>,
     /// Transitions in `trajectories`.
     pub transitions: usize,
+    /// Transitions of truncated trajectories dropped because the objective
+    /// cannot learn from them.
+    pub unusable_transitions: usize,
 }
 
 /// Counters shared by the service and the trainer. Relaxed atomics: they
@@ -33,7 +36,8 @@ pub struct IngestedChunk {
 pub struct IngestStats {
     /// Chunks that passed validation.
     pub accepted_chunks: AtomicU64,
-    /// Transitions in accepted chunks (before lag and truncation drops).
+    /// Usable transitions in accepted chunks (counted before stale chunks
+    /// are dropped).
     pub accepted_transitions: AtomicU64,
     /// Encoded protobuf bytes of accepted chunks.
     pub wire_bytes: AtomicU64,
@@ -68,6 +72,8 @@ pub struct IngestContext {
     pub latest_version: u64,
     /// Whether truncated trajectories are kept.
     pub keep_truncated: bool,
+    /// Most trajectories per chunk.
+    pub max_trajectories: usize,
 }
 
 /// Validates and replays a chunk.
@@ -85,12 +91,20 @@ pub fn ingest_chunk(
             latest: context.latest_version,
         });
     }
+    if chunk.trajectories.len() > context.max_trajectories {
+        return Err(RequestError::Malformed(format!(
+            "`trajectories` has {} entries, more than this learner accepts per chunk ({}, learner.max_chunk_trajectories)",
+            chunk.trajectories.len(),
+            context.max_trajectories
+        )));
+    }
     let mut trajectories = Vec::with_capacity(chunk.trajectories.len());
     for (index, trajectory) in chunk.trajectories.iter().enumerate() {
         let replayed =
             replay(env, trajectory).map_err(|source| RequestError::Trajectory { index, source })?;
         trajectories.push(replayed);
     }
+    let sent: usize = trajectories.iter().map(ReplayedTrajectory::len).sum();
     if !context.keep_truncated {
         trajectories.retain(|t| t.complete);
     }
@@ -100,5 +114,6 @@ pub fn ingest_chunk(
         policy_version: chunk.policy_version,
         trajectories,
         transitions,
+        unusable_transitions: sent - transitions,
     })
 }

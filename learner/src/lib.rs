@@ -74,6 +74,8 @@ pub async fn serve(
     let device = select_device(config.learner.device)
         .map_err(|reason| flgfn_common::config::ConfigError::invalid("learner.device", reason))?;
     set_threads(config.learner.threads);
+    // Reproducible initial weights.
+    tch::manual_seed(config.seed as i64);
     let objective = objectives::build(&config.objective);
     let policy = Policy::new(&model, device);
     let (publisher, weights) = Publisher::new(Bytes::from(policy.to_bytes()?));
@@ -93,6 +95,7 @@ pub async fn serve(
         keep_truncated: objective.trains_on_truncated(),
         max_policy_lag: config.learner.max_policy_lag,
         max_message_bytes: config.learner.max_message_bytes,
+        max_chunk_trajectories: config.learner.max_chunk_trajectories,
         last_actor_id: AtomicU64::new(0),
         queue: queue_sender,
         weights,
@@ -141,6 +144,10 @@ pub async fn serve(
         tonic::transport::Server::builder()
             .initial_stream_window_size(config.learner.receive_window_bytes)
             .initial_connection_window_size(config.learner.receive_window_bytes)
+            // Free the handlers of actors whose host vanished silently.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(health_service)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

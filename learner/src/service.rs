@@ -38,6 +38,8 @@ pub struct LearnerService {
     pub max_policy_lag: u64,
     /// Advertised at the handshake.
     pub max_message_bytes: usize,
+    /// Larger chunks are refused.
+    pub max_chunk_trajectories: usize,
     /// Last actor id handed out; ids start at 1.
     pub last_actor_id: AtomicU64,
     /// Bounded queue to the trainer: a full queue suspends the reading of
@@ -75,6 +77,7 @@ impl LearnerService {
             last_actor_id: self.last_actor_id.load(Ordering::Relaxed),
             latest_version: self.weights.borrow().version,
             keep_truncated: self.keep_truncated,
+            max_trajectories: self.max_chunk_trajectories,
         }
     }
 
@@ -90,6 +93,10 @@ impl LearnerService {
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);
         IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);
+        IngestStats::add(
+            &stats.unusable_truncated_transitions,
+            ingested.unusable_transitions as u64,
+        );
         if context.latest_version - ingested.policy_version > self.max_policy_lag {
             IngestStats::add(&stats.stale_transitions, ingested.transitions as u64);
             return Ok(None);
@@ -198,11 +205,22 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::SubscribeWeightsStream>, Status> {
         let actor_id = request.into_inner().actor_id;
         let mut weights = self.weights.clone();
+        // The current version goes out at once, then each newer one.
+        weights.mark_changed();
         // One update in flight per subscriber; the watch keeps only the
         // latest, so a slow actor skips versions.
         let (sender, receiver) = mpsc::channel(1);
         tokio::spawn(async move {
             loop {
+                // No new version may come for a while: notice a departed
+                // subscriber without waiting for one.
+                let changed = tokio::select! {
+                    () = sender.closed() => break,
+                    changed = weights.changed() => changed,
+                };
+                if changed.is_err() {
+                    break;
+                }
                 let snapshot = weights.borrow_and_update().clone();
                 let update = proto::WeightUpdate {
                     version: snapshot.version,
@@ -210,9 +228,6 @@ impl Learner for LearnerService {
                     training_done: snapshot.training_done,
                 };
                 if sender.send(Ok(update)).await.is_err() || snapshot.training_done {
-                    break;
-                }
-                if weights.changed().await.is_err() {
                     break;
                 }
             }

@@ -102,6 +102,7 @@ impl Trainer {
         let mut last_report_wall = 0.0;
         let mut last_report_counts = (0u64, 0u64);
 
+        let mut skipped_batches = 0u64;
         let mut batch: Vec<ReplayedTrajectory> = Vec::new();
         loop {
             if learner.max_steps > 0 && step >= learner.max_steps {
@@ -128,10 +129,18 @@ impl Trainer {
             let tensors = TransitionBatch::new(&batch, dims, device);
             let output = self.policy.net.forward(&tensors.states);
             let loss = self.objective.loss(&output, &tensors);
+            let loss_value = loss.double_value(&[]);
+            if !loss_value.is_finite() {
+                // Extreme energies (finite, but squaring past f32) would
+                // turn every weight into NaN; skip the batch instead.
+                skipped_batches += 1;
+                tracing::warn!(skipped_batches, "non-finite loss: batch skipped");
+                continue;
+            }
             optimizer.backward_step(&loss);
             step += 1;
             trained_transitions += batch_transitions as u64;
-            window.loss_sum += loss.double_value(&[]);
+            window.loss_sum += loss_value;
             window.steps += 1;
             window.lag_weighted += lag_weighted;
             window.transitions += batch_transitions as u64;

@@ -29,6 +29,8 @@ fn config() -> Config {
     config.learner.batch_transitions = 2;
     config.learner.max_steps = 2;
     config.learner.eval_samples = 16;
+    config.learner.max_message_bytes = 1 << 20;
+    config.learner.max_chunk_trajectories = 8;
     config
 }
 
@@ -123,10 +125,27 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert!(status.message().contains("policy_version"), "{status:?}");
 
     // A message over the size limit.
-    let huge = chunk(actor_id, vec![0; 70 << 20]);
+    let huge = proto::TrajectoryChunk {
+        actor_id,
+        trajectories: vec![proto::Trajectory {
+            actions: vec![0; 2 << 20],
+            energies: vec![],
+        }],
+        ..Default::default()
+    };
     let status = send(&mut client, vec![huge]).await.unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("too large"), "{status:?}");
+
+    // More trajectories than learner.max_chunk_trajectories (8).
+    let mut crowded = chunk(actor_id, vec![0, 1]);
+    crowded.trajectories = vec![crowded.trajectories[0].clone(); 9];
+    let status = send(&mut client, vec![crowded]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("`trajectories` has 9 entries"),
+        "{status:?}"
+    );
 
     // Nothing so far trained the model; now one good chunk followed by a bad
     // one: the stream is refused, but the good chunk still trains.
@@ -153,6 +172,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
-    // Unknown actor, illegal action, future version, oversized, bad after good.
-    assert_eq!(outcome.final_report.rejected_chunks, 5);
+    // Unknown actor, illegal action, future version, oversized, crowded,
+    // bad after good.
+    assert_eq!(outcome.final_report.rejected_chunks, 6);
 }
