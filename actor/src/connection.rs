@@ -188,21 +188,24 @@ impl Session<'_> {
         tokio::pin!(upload);
         let (chunks, sent, dropped) = (self.chunks, self.sent, self.dropped);
         let forward = async {
-            while let Some(mut chunk) = chunks.recv().await {
+            loop {
+                // Take a chunk from the worker only when the stream can
+                // take it, so the worker samples the next one as late as
+                // possible.
+                let Ok(permit) = upload_sender.reserve().await else {
+                    // The stream broke; `upload` reports why.
+                    return std::future::pending::<()>().await;
+                };
+                let Some(mut chunk) = chunks.recv().await else {
+                    return;
+                };
                 if chunk.policy_version > newest_version.load(Ordering::Relaxed) {
                     *dropped += 1;
                     continue;
                 }
                 chunk.actor_id = actor_id;
                 let transitions = chunk.transitions() as u64;
-                if upload_sender
-                    .send(proto::TrajectoryChunk::from(&chunk))
-                    .await
-                    .is_err()
-                {
-                    // The stream broke; `upload` reports why.
-                    std::future::pending::<()>().await;
-                }
+                permit.send(proto::TrajectoryChunk::from(&chunk));
                 sent.0 += 1;
                 sent.1 += transitions;
             }

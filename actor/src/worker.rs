@@ -4,8 +4,10 @@
 //!
 //! Between two rollouts it looks at the weight slot and loads newer weights
 //! if there are any, so every chunk is sampled by exactly one version and is
-//! tagged with it. A full outgoing channel blocks the worker: that is how the
-//! learner's backpressure reaches the sampling loop.
+//! tagged with it. The worker reserves room in the outgoing channel before
+//! it samples, so a full channel blocks it before rather than after a
+//! rollout: that is how the learner's backpressure reaches the sampling loop
+//! without leaving freshly sampled chunks to age.
 
 use std::sync::Arc;
 
@@ -75,6 +77,11 @@ impl Worker {
         let mut report = WorkerReport::default();
         let mut loaded: Option<(u32, u64)> = None;
         loop {
+            // Sample only once the chunk has somewhere to go: a chunk that
+            // waits for space is sampled by weights that age meanwhile.
+            let Ok(permit) = self.runtime.block_on(self.out.reserve()) else {
+                return Ok(report);
+            };
             let latest = self.weights.borrow_and_update().clone();
             match latest {
                 Some(weights)
@@ -113,9 +120,7 @@ impl Worker {
                 sequence: report.chunks,
                 trajectories: rollout.trajectories,
             };
-            if self.out.blocking_send(chunk).is_err() {
-                return Ok(report);
-            }
+            permit.send(chunk);
             report.chunks += 1;
         }
     }

@@ -83,7 +83,11 @@ impl LearnerService {
 
     /// Validates one chunk and queues it; Ok(None) when it was dropped as
     /// stale (valid, but too old to train on).
-    async fn accept(&self, message: proto::TrajectoryChunk) -> Result<Option<usize>, RequestError> {
+    fn accept(
+        &self,
+        message: proto::TrajectoryChunk,
+        slot: mpsc::Permit<'_, IngestedChunk>,
+    ) -> Result<Option<usize>, RequestError> {
         let wire_bytes = message.encoded_len() as u64;
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
@@ -105,10 +109,7 @@ impl LearnerService {
         if transitions == 0 {
             return Ok(Some(0));
         }
-        self.queue
-            .send(ingested)
-            .await
-            .map_err(|_| RequestError::ShuttingDown)?;
+        slot.send(ingested);
         Ok(Some(transitions))
     }
 }
@@ -166,6 +167,13 @@ impl Learner for LearnerService {
         let mut stop = self.stop.clone();
         let mut summary = proto::StreamSummary::default();
         loop {
+            // Read the next chunk only once the queue has room for it:
+            // until then HTTP/2 flow control holds the actor back, and the
+            // chunk it sends next is sampled by newer weights.
+            let slot = tokio::select! {
+                slot = self.queue.reserve() => slot.map_err(|_| Status::from(RequestError::ShuttingDown))?,
+                _ = stop.wait_for(|stopped| *stopped) => return Ok(Response::new(summary)),
+            };
             let message = tokio::select! {
                 message = stream.message() => message.inspect_err(|status| {
                     // Undecodable or oversized: refused by tonic before it
@@ -181,7 +189,7 @@ impl Learner for LearnerService {
                 return Ok(Response::new(summary));
             };
             let actor_id = message.actor_id;
-            match self.accept(message).await {
+            match self.accept(message, slot) {
                 Ok(transitions) => {
                     summary.accepted_chunks += 1;
                     summary.accepted_transitions += transitions.unwrap_or(0) as u64;
