@@ -1,0 +1,109 @@
+//! An actor outlives a learner that is killed and restarted from scratch.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flgfn_actor::ActorOptions;
+use flgfn_common::config::Config;
+use flgfn_learner::RunOptions;
+use tokio::net::TcpListener;
+
+/// The tiny task of the other tests, as a file both learners can read.
+const TINY: &str = r#"
+[task]
+name = "set_generation"
+universe = 8
+set_size = 4
+levels = [-0.8, -0.1, 0.4, 1.2]
+
+[model]
+hidden = [64, 64]
+
+[learner]
+batch_transitions = 64
+eval_samples = 64
+report_every_s = 1.0
+
+[actor]
+envs = 8
+reconnect_initial_s = 0.05
+reconnect_max_s = 0.2
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
+    let dir = std::env::temp_dir().join(format!("flgfn-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("tiny.toml");
+    std::fs::write(&config_path, TINY).unwrap();
+    let config = Config::from_file(&config_path).unwrap();
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("127.0.0.1:{port}");
+
+    // First learner: a separate process, trained for a while, then killed
+    // without a chance to say goodbye.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+        .args(["--listen", &address, "--max-steps", "0", "--config"])
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = format!("http://{address}");
+    let actor = tokio::spawn(flgfn_actor::run(
+        actor_config,
+        ActorOptions {
+            name: "survivor".to_owned(),
+            seed_offset: 0,
+        },
+        std::future::pending(),
+    ));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // Second learner: in this process, versions start from 0 again.
+    let mut second_config = config.clone();
+    second_config.learner.max_steps = 200;
+    let listener = TcpListener::bind(&address).await.unwrap();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        flgfn_learner::serve(
+            second_config,
+            listener,
+            RunOptions::default(),
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("the actor feeds the second learner")
+    .unwrap();
+    assert_eq!(outcome.steps, 200);
+
+    let report = tokio::time::timeout(Duration::from_secs(30), actor)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(report.training_done);
+    assert!(report.sessions >= 2, "{report:?}");
+    // Versions went up under the first learner, then restarted lower.
+    let versions = &report.versions_applied;
+    let restart = versions.windows(2).position(|w| w[1] < w[0]);
+    let restart = restart.unwrap_or_else(|| panic!("no restart in {versions:?}"));
+    assert!(versions[restart] > 0, "{versions:?}");
+    assert!(
+        versions[restart + 1..].windows(2).all(|w| w[0] < w[1]),
+        "{versions:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
