@@ -1,6 +1,8 @@
 //! A learner on `127.0.0.1:0` and real actors over gRPC, in one process.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
 use flgfn_actor::{ActorError, ActorOptions};
@@ -8,30 +10,14 @@ use flgfn_common::config::{Config, TaskConfig};
 use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
 use flgfn_common::policy::{ModelSpec, Policy};
 use flgfn_common::rollout::forward_probabilities;
-use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
+use flgfn_common::tasks;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-/// 70 terminal sets of 4 out of 8 elements, 163 states: small enough to
-/// compute the sampler's exact terminal distribution.
 fn tiny_config() -> Config {
-    let mut config = Config {
-        task: TaskConfig::SetGeneration(SetGenerationConfig {
-            universe: Some(8),
-            set_size: Some(4),
-            levels: Some(vec![-0.8, -0.1, 0.4, 1.2]),
-            ..SetGenerationConfig::default()
-        }),
-        ..Config::default()
-    };
-    config.model.hidden = vec![64, 64];
-    config.learner.batch_transitions = 64;
+    let mut config = support::tiny_config();
     config.learner.max_steps = 600;
-    config.learner.eval_samples = 256;
-    config.learner.report_every_s = 1.0;
-    config.actor.envs = 8;
-    config.actor.epsilon = 0.1;
     config
 }
 
@@ -175,13 +161,7 @@ async fn an_actor_of_another_task_or_model_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_learner_makes_the_actor_give_up_after_its_attempts() {
     let mut config = tiny_config();
-    // A port nobody listens on: bind, read the port, close.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port().await;
     config.actor.learner = format!("http://127.0.0.1:{port}");
     config.actor.reconnect_attempts = 3;
     config.actor.reconnect_initial_s = 0.01;

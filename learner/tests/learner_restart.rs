@@ -1,6 +1,8 @@
 //! An actor outlives a learner that is killed and restarted from scratch.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -9,43 +11,20 @@ use flgfn_common::config::Config;
 use flgfn_learner::RunOptions;
 use tokio::net::TcpListener;
 
-/// The tiny task of the other tests, as a file both learners can read.
-const TINY: &str = r#"
-[task]
-name = "set_generation"
-universe = 8
-set_size = 4
-levels = [-0.8, -0.1, 0.4, 1.2]
-
-[model]
-hidden = [64, 64]
-
-[learner]
-batch_transitions = 64
-eval_samples = 64
-report_every_s = 1.0
-
-[actor]
-envs = 8
-reconnect_initial_s = 0.05
-reconnect_max_s = 0.2
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
     let dir = std::env::temp_dir().join(format!("flgfn-restart-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config_path = dir.join("tiny.toml");
-    std::fs::write(&config_path, TINY).unwrap();
+    // Quick reconnects, so the test does not wait on backoff.
+    let toml = support::TINY_TOML.replace(
+        "[actor]",
+        "[actor]\nreconnect_initial_s = 0.05\nreconnect_max_s = 0.2",
+    );
+    std::fs::write(&config_path, toml).unwrap();
     let config = Config::from_file(&config_path).unwrap();
 
-    let port = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", support::free_port().await);
 
     // First learner: a separate process, trained for a while, then killed
     // without a chance to say goodbye.

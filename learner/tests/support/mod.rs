@@ -1,0 +1,39 @@
+//! Pieces shared by the learner's integration tests.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use flgfn_common::config::Config;
+use tokio::net::TcpListener;
+
+/// A set task of 70 terminal sets (4 of 8 elements, 163 states): small
+/// enough to compute the sampler's exact terminal distribution, and quick
+/// to learn. Kept as TOML so a learner process can read it from a file.
+pub const TINY_TOML: &str = r#"
+[task]
+name = "set_generation"
+universe = 8
+set_size = 4
+levels = [-0.8, -0.1, 0.4, 1.2]
+
+[model]
+hidden = [64, 64]
+
+[learner]
+batch_transitions = 64
+eval_samples = 256
+report_every_s = 1.0
+
+[actor]
+envs = 8
+epsilon = 0.1
+"#;
+
+/// [`TINY_TOML`] parsed.
+pub fn tiny_config() -> Config {
+    Config::from_toml(TINY_TOML, "tests/support/mod.rs").unwrap()
+}
+
+/// A loopback port nobody listens on right now (bound, read, released).
+pub async fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
