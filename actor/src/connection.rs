@@ -74,7 +74,10 @@ pub struct Session<'a> {
     pub chunks: &'a mut mpsc::Receiver<TrajectoryChunk>,
     /// Where received weights go.
     pub weights: &'a watch::Sender<Option<Arc<Weights>>>,
-    /// Chunks and transitions sent, across sessions.
+    /// Chunks and transitions handed to gRPC, across sessions. Client
+    /// streaming has no per-message acknowledgement: up to a couple of
+    /// chunks in flight when a connection breaks are lost, and show as gaps
+    /// in `sequence`.
     pub sent: &'a mut (u64, u64),
     /// Actor id of the latest handshake.
     pub actor_id: &'a mut u64,

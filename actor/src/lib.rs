@@ -40,7 +40,8 @@ pub struct ActorOptions {
 pub struct ActorReport {
     /// Weight versions loaded, in order.
     pub versions_applied: Vec<u64>,
-    /// Chunks sent to the learner.
+    /// Chunks handed to the gRPC stream (the learner acknowledges none
+    /// individually; see [`connection::Session::sent`]).
     pub chunks_sent: u64,
     /// Transitions sent to the learner.
     pub transitions_sent: u64,

@@ -33,9 +33,20 @@ struct Args {
     truncate_fraction: Option<f64>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
-    let args = Args::parse();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole chain of causes on one line, without
+            // the backtrace anyhow's Debug form adds.
+            eprintln!("flgfn-actor: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(learner) = args.learner {
         config.actor.learner = learner;

@@ -21,18 +21,18 @@ pub enum RequestError {
     /// The actor was configured with another task or task parameters.
     #[error("task mismatch: actor has {actor}, learner trains {learner}")]
     TaskMismatch {
-        /// The actor's task.
-        actor: TaskSpec,
-        /// The learner's task.
-        learner: TaskSpec,
+        /// The actor's task, described (clipped: the actor chose its size).
+        actor: String,
+        /// The learner's task, described.
+        learner: String,
     },
     /// The actor's network could not load the learner's weights.
     #[error("model mismatch: actor has {actor}, learner trains {learner}")]
     ModelMismatch {
-        /// The actor's network.
-        actor: ModelSpec,
-        /// The learner's network.
-        learner: ModelSpec,
+        /// The actor's network, described (clipped).
+        actor: String,
+        /// The learner's network, described.
+        learner: String,
     },
     /// A message is structurally wrong (the text names the field).
     #[error("{0}")]
@@ -62,6 +62,36 @@ pub enum RequestError {
     /// Training has ended; nothing more is accepted.
     #[error("the learner is shutting down")]
     ShuttingDown,
+}
+
+impl RequestError {
+    /// A task mismatch with both descriptions.
+    pub fn task_mismatch(actor: &TaskSpec, learner: &TaskSpec) -> Self {
+        RequestError::TaskMismatch {
+            actor: clip(actor.to_string()),
+            learner: learner.to_string(),
+        }
+    }
+
+    /// A model mismatch with both descriptions.
+    pub fn model_mismatch(actor: &ModelSpec, learner: &ModelSpec) -> Self {
+        RequestError::ModelMismatch {
+            actor: clip(actor.to_string()),
+            learner: learner.to_string(),
+        }
+    }
+}
+
+/// Longest actor-supplied text echoed into a status (which travels in an
+/// HTTP/2 header) or a log line.
+const MAX_ECHO_CHARS: usize = 1024;
+
+pub(crate) fn clip(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(MAX_ECHO_CHARS) {
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
 }
 
 impl From<RequestError> for Status {
@@ -104,4 +134,34 @@ pub enum LearnerError {
     /// The trainer thread panicked or could not start.
     #[error("trainer thread: {0}")]
     Trainer(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actor_supplied_text_is_clipped_in_statuses() {
+        let huge = TaskSpec {
+            name: "x".repeat(100_000),
+            params: vec![],
+        };
+        let ours = TaskSpec {
+            name: "set_generation".to_owned(),
+            params: vec!["universe=30".to_owned()],
+        };
+        let status = Status::from(RequestError::task_mismatch(&huge, &ours));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status.message().len() < 2 * MAX_ECHO_CHARS,
+            "{}",
+            status.message().len()
+        );
+        assert!(
+            status
+                .message()
+                .ends_with("learner trains set_generation(universe=30)")
+        );
+        assert_eq!(clip("short".to_owned()), "short");
+    }
 }

@@ -42,9 +42,20 @@ struct Args {
     actors: Option<usize>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
-    let args = Args::parse();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the whole chain of causes on one line, without
+            // the backtrace anyhow's Debug form adds.
+            eprintln!("flgfn-learner: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.learner.listen = listen;

@@ -131,24 +131,19 @@ impl Learner for LearnerService {
         }
         let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
         if task != self.task {
-            warn!(?peer, actor = %request.actor_name, %task, "refused actor of another task");
-            return Err(RequestError::TaskMismatch {
-                actor: task,
-                learner: self.task.clone(),
-            }
-            .into());
+            let error = RequestError::task_mismatch(&task, &self.task);
+            warn!(?peer, %error, "refused an actor");
+            return Err(error.into());
         }
         let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
         if model != self.model {
-            warn!(?peer, actor = %request.actor_name, %model, "refused actor of another model");
-            return Err(RequestError::ModelMismatch {
-                actor: model,
-                learner: self.model.clone(),
-            }
-            .into());
+            let error = RequestError::model_mismatch(&model, &self.model);
+            warn!(?peer, %error, "refused an actor");
+            return Err(error.into());
         }
         let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
-        info!(?peer, actor = %request.actor_name, actor_id, "actor joined");
+        let name = crate::error::clip(request.actor_name);
+        info!(?peer, actor = %name, actor_id, "actor joined");
         Ok(Response::new(proto::HandshakeReply {
             actor_id,
             task: Some((&self.task).into()),
