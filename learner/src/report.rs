@@ -46,6 +46,13 @@ pub struct Report {
     /// Mean over transitions trained since the previous report of (learner
     /// version at training time - version that sampled them).
     pub mean_policy_lag: f64,
+    /// Fraction of the trajectories trained since the previous report that
+    /// were truncated prefixes.
+    pub truncated_fraction: f64,
+    /// Fraction of `wall_s` since the previous report the trainer spent
+    /// waiting for data: near 1, more actors would help; near 0, the
+    /// learner is the bottleneck.
+    pub data_wait_fraction: f64,
     /// Chunks refused as invalid so far.
     pub rejected_chunks: u64,
     /// Transitions dropped as too stale so far.
@@ -61,7 +68,7 @@ impl Report {
     pub fn log(&self) {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
         tracing::info!(
-            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} version={}{}",
+            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% version={}{}",
             self.step,
             self.wall_s,
             self.loss,
@@ -74,6 +81,7 @@ impl Report {
             self.ingested_per_s,
             self.actors_connected,
             self.mean_policy_lag,
+            100.0 * self.data_wait_fraction,
             self.version,
             if self.at_quality == Some(true) {
                 " AT-QUALITY"

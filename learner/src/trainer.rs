@@ -72,6 +72,10 @@ struct Window {
     steps: u64,
     lag_weighted: f64,
     transitions: u64,
+    trajectories: u64,
+    truncated: u64,
+    /// Time spent waiting for data after training started.
+    waiting: Duration,
 }
 
 impl Trainer {
@@ -112,6 +116,7 @@ impl Trainer {
             let mut batch_transitions = 0usize;
             let mut lag_weighted = 0.0;
             batch.clear();
+            let wait_started = Instant::now();
             while batch_transitions < learner.batch_transitions {
                 let Some(chunk) = self.next_chunk() else {
                     break;
@@ -123,6 +128,9 @@ impl Trainer {
             }
             if *self.stop.borrow() || batch_transitions == 0 {
                 break;
+            }
+            if clock.is_some() {
+                window.waiting += wait_started.elapsed();
             }
             let started = *clock.get_or_insert_with(Instant::now);
 
@@ -144,6 +152,8 @@ impl Trainer {
             window.steps += 1;
             window.lag_weighted += lag_weighted;
             window.transitions += batch_transitions as u64;
+            window.trajectories += batch.len() as u64;
+            window.truncated += batch.iter().filter(|t| !t.complete).count() as u64;
 
             if step % learner.publish_every == 0 {
                 version = step;
@@ -182,6 +192,8 @@ impl Trainer {
                         .connected_actors
                         .load(std::sync::atomic::Ordering::Relaxed),
                     mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,
+                    truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
+                    data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
                     rejected_chunks: IngestStats::get(&self.stats.rejected_chunks),
                     stale_transitions: IngestStats::get(&self.stats.stale_transitions),
                     eval_samples: learner.eval_samples,

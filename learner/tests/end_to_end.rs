@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use flgfn_actor::{ActorError, ActorOptions};
+use flgfn_actor::{ActorError, ActorOptions, ActorReport};
 use flgfn_common::config::{Config, TaskConfig};
 use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
 use flgfn_common::policy::{ModelSpec, Policy};
@@ -49,14 +49,14 @@ fn actor_options(i: u64) -> ActorOptions {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_actors_train_the_learner_to_the_exact_target() {
-    flgfn_common::telemetry::init();
-    let config = tiny_config();
+/// Trains `config` with `actors` in-process actors until `max_steps`, and
+/// checks what every run must show: the step count, and actors that applied
+/// several versions and stopped when training ended.
+async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorReport>) {
     let learner = start_learner(config.clone()).await;
     let mut actor_config = config.clone();
     actor_config.actor.learner = learner.url.clone();
-    let actors: Vec<_> = (0..2)
+    let actors: Vec<_> = (0..actors)
         .map(|i| {
             tokio::spawn(flgfn_actor::run(
                 actor_config.clone(),
@@ -72,8 +72,9 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
         .unwrap()
         .unwrap();
     drop(learner.stop);
-    assert_eq!(outcome.steps, 600);
-    assert_eq!(outcome.version, 600);
+    assert_eq!(outcome.steps, config.learner.max_steps);
+    assert_eq!(outcome.version, config.learner.max_steps);
+    let mut reports = Vec::new();
     for actor in actors {
         let report = tokio::time::timeout(Duration::from_secs(30), actor)
             .await
@@ -88,36 +89,60 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
             report.versions_applied
         );
         assert!(report.versions_applied.windows(2).all(|w| w[0] < w[1]));
+        reports.push(report);
     }
+    (outcome, reports)
+}
 
-    // The learned sampler, exactly: no sampling noise in this check.
+/// Total variation between the exact terminal distribution of the learned
+/// sampler and the target: no sampling noise in this check.
+fn exact_total_variation(config: &Config, weights: &[u8]) -> f64 {
     let env = tasks::build(&config.task).unwrap();
     let mut policy = Policy::new(
         &ModelSpec::new(env.as_ref(), &config.model),
         tch::Device::Cpu,
     );
-    policy.load_bytes(&outcome.weights).unwrap();
+    policy.load_bytes(weights).unwrap();
     let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
         forward_probabilities(env.as_ref(), &policy, states)
     })
     .unwrap();
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
     assert_eq!(target.len(), 70);
-    let tv = total_variation(&learned, &target);
-    eprintln!(
-        "exact TV of the learned sampler: {tv:.4}; log Z {:.4} vs {:.4}",
-        outcome.final_report.logz_est,
-        outcome.final_report.logz_exact.unwrap_or(f64::NAN)
-    );
-    assert!(tv <= 0.05, "total variation to the target is {tv}");
+    total_variation(&learned, &target)
+}
 
-    // And log Z, which the distribution alone does not pin down.
-    let log_z = outcome.final_report.logz_est;
-    let exact = outcome.final_report.logz_exact.unwrap();
-    assert!(
-        (log_z - exact).abs() < 0.1,
-        "log Z {log_z} vs exact {exact}"
-    );
+fn log_z_error(outcome: &TrainingOutcome) -> f64 {
+    let report = &outcome.final_report;
+    (report.logz_est - report.logz_exact.unwrap()).abs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_actors_train_the_learner_to_the_exact_target() {
+    let config = tiny_config();
+    let (outcome, _) = train(&config, 2).await;
+    assert_eq!(outcome.final_report.truncated_fraction, 0.0);
+    let tv = exact_total_variation(&config, &outcome.weights);
+    let log_z_error = log_z_error(&outcome);
+    eprintln!("complete trajectories: exact TV {tv:.4}, log Z error {log_z_error:.4}");
+    assert!(tv <= 0.05, "total variation to the target is {tv}");
+    // log Z too: the distribution alone does not pin it down.
+    assert!(log_z_error < 0.1, "log Z error {log_z_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mostly_truncated_trajectories_still_train_the_sampler() {
+    let mut config = tiny_config();
+    config.actor.truncate_fraction = 0.9;
+    let (outcome, _) = train(&config, 2).await;
+    let tv = exact_total_variation(&config, &outcome.weights);
+    let log_z_error = log_z_error(&outcome);
+    eprintln!("90% truncated: exact TV {tv:.4}, log Z error {log_z_error:.4}");
+    assert!(tv <= 0.05, "total variation to the target is {tv}");
+    assert!(log_z_error < 0.1, "log Z error {log_z_error}");
+    // Prefixes were trained on, not dropped.
+    let truncated = outcome.final_report.truncated_fraction;
+    assert!((0.8..0.97).contains(&truncated), "{truncated}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
