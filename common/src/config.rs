@@ -134,6 +134,10 @@ pub struct LearnerConfig {
     pub listen: String,
     /// Adam learning rate.
     pub learning_rate: f64,
+    /// With `max_steps` set, the learning rate stays at `learning_rate` for
+    /// the first half of the run, then decays linearly to this fraction of
+    /// it at the last step (1: constant).
+    pub final_learning_rate_fraction: f64,
     /// Transitions per training step: the trainer takes whole trajectories
     /// from the queue until it has at least this many.
     pub batch_transitions: usize,
@@ -174,6 +178,7 @@ impl Default for LearnerConfig {
         LearnerConfig {
             listen: "127.0.0.1:50051".to_owned(),
             learning_rate: 3e-3,
+            final_learning_rate_fraction: 0.1,
             batch_transitions: 320,
             publish_every: 1,
             ingest_queue_chunks: 2,
@@ -292,6 +297,10 @@ impl Config {
         }
         let l = &self.learner;
         positive_finite("learner.learning_rate", l.learning_rate)?;
+        unit_interval(
+            "learner.final_learning_rate_fraction",
+            l.final_learning_rate_fraction,
+        )?;
         at_least("learner.batch_transitions", l.batch_transitions, 1)?;
         at_least("learner.publish_every", l.publish_every as usize, 1)?;
         at_least("learner.ingest_queue_chunks", l.ingest_queue_chunks, 1)?;

@@ -145,6 +145,15 @@ impl Trainer {
                 tracing::warn!(skipped_batches, "non-finite loss: batch skipped");
                 continue;
             }
+            if learner.max_steps > 0 {
+                // Constant for the first half, then linear decay to the final
+                // fraction at max_steps: a large rate finds the target fast,
+                // a small one settles log Z.
+                let progress = step as f64 / learner.max_steps as f64;
+                let decay = (2.0 * progress - 1.0).max(0.0);
+                let fraction = 1.0 - (1.0 - learner.final_learning_rate_fraction) * decay;
+                optimizer.set_lr(learner.learning_rate * fraction);
+            }
             optimizer.backward_step(&loss);
             step += 1;
             trained_transitions += batch_transitions as u64;
