@@ -6,21 +6,20 @@
 //! final, since retrying cannot fix a mismatched task or a malformed chunk.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
-use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::PROTOCOL_VERSION;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::info;
 
-use crate::worker::Weights;
+use crate::worker::{SampledChunk, Weights};
 
 /// How long to wait for the final weights after the learner closed the
 /// trajectory stream, to tell "training over" from "learner went away".
@@ -71,7 +70,7 @@ pub struct Session<'a> {
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
     /// Chunks from the rollout worker.
-    pub chunks: &'a mut mpsc::Receiver<TrajectoryChunk>,
+    pub chunks: &'a mut mpsc::Receiver<SampledChunk>,
     /// Where received weights go.
     pub weights: &'a watch::Sender<Option<Arc<Weights>>>,
     /// Chunks and transitions handed to gRPC, across sessions. Client
@@ -83,7 +82,7 @@ pub struct Session<'a> {
     pub actor_id: &'a mut u64,
     /// Number of this session (1, 2, ...), stamped on received weights.
     pub session: u32,
-    /// Chunks dropped because an earlier learner run sampled them.
+    /// Chunks dropped because weights of an earlier session sampled them.
     pub dropped: &'a mut u64,
 }
 
@@ -153,22 +152,18 @@ impl Session<'_> {
             "connected to the learner"
         );
 
-        let mut updates = client
-            .subscribe_weights(proto::WeightsRequest { actor_id })
+        let subscribe = client.subscribe_weights(proto::WeightsRequest { actor_id });
+        let mut updates = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscribe)
             .await
+            .map_err(|_| retry("the weight subscription timed out", true))?
             .map_err(|s| classify(s, true))?
             .into_inner();
-        // Highest version this learner run has shown us. Chunks above it
-        // were sampled with a previous run's weights (the learner
-        // restarted): the learner would refuse them as from the future.
-        let newest_version = AtomicU64::new(reply.version);
         let weight_slot = self.weights;
         let session = self.session;
         let receive_weights = async {
             loop {
                 match updates.message().await {
                     Ok(Some(update)) => {
-                        newest_version.fetch_max(update.version, Ordering::Relaxed);
                         weight_slot.send_replace(Some(Arc::new(Weights {
                             session,
                             version: update.version,
@@ -197,18 +192,32 @@ impl Session<'_> {
                 // possible.
                 let Ok(permit) = upload_sender.reserve().await else {
                     // The stream broke; `upload` reports why.
-                    return std::future::pending::<()>().await;
+                    return std::future::pending().await;
                 };
-                let Some(mut chunk) = chunks.recv().await else {
-                    return;
+                let Some(SampledChunk {
+                    session: sampled_in,
+                    mut chunk,
+                }) = chunks.recv().await
+                else {
+                    return Ok(SessionEnd::WorkerStopped);
                 };
-                if chunk.policy_version > newest_version.load(Ordering::Relaxed) {
+                if sampled_in != session {
+                    // Sampled with weights of an earlier session, whose
+                    // versions mean nothing to this learner if it restarted.
                     *dropped += 1;
                     continue;
                 }
                 chunk.actor_id = actor_id;
                 let transitions = chunk.transitions() as u64;
-                permit.send(proto::TrajectoryChunk::from(&chunk));
+                let message = proto::TrajectoryChunk::from(&chunk);
+                if message.encoded_len() > max_bytes {
+                    // Every chunk would fail alike: retrying cannot help.
+                    return Err(SessionError::Refused(Status::invalid_argument(format!(
+                        "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",
+                        message.encoded_len()
+                    ))));
+                }
+                permit.send(message);
                 sent.0 += 1;
                 sent.1 += transitions;
             }
@@ -235,7 +244,7 @@ impl Session<'_> {
                     Ok(Err(_)) | Err(_) => Err(ended),
                 }
             }
-            () = &mut forward => Ok(SessionEnd::WorkerStopped),
+            end = &mut forward => end,
         }
     }
 }

@@ -49,8 +49,8 @@ pub struct ActorReport {
     pub sessions: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
-    /// Chunks not sent because they were sampled with weights of a learner
-    /// run that has since restarted.
+    /// Chunks not sent because they were sampled with weights of an earlier
+    /// session (the learner may have restarted since).
     pub stale_chunks_dropped: u64,
 }
 

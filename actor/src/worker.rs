@@ -39,6 +39,17 @@ pub struct Weights {
 /// latest weights matter, so older ones are overwritten unread.
 pub type WeightSlot = watch::Receiver<Option<Arc<Weights>>>;
 
+/// A chunk and the session whose weights sampled it. A restarted learner
+/// counts versions from 0 again, so a chunk is only sent in the session
+/// that gave it its version.
+#[derive(Debug)]
+pub struct SampledChunk {
+    /// Session of the weights that sampled the chunk.
+    pub session: u32,
+    /// The chunk; `actor_id` is stamped when it is sent.
+    pub chunk: TrajectoryChunk,
+}
+
 /// What the worker did, for the actor's final report.
 #[derive(Debug, Default, Clone)]
 pub struct WorkerReport {
@@ -57,8 +68,8 @@ pub struct Worker {
     pub model: ModelSpec,
     /// Where new weights appear.
     pub weights: WeightSlot,
-    /// Finished chunks; `actor_id` is stamped by the connection task.
-    pub out: mpsc::Sender<TrajectoryChunk>,
+    /// Finished chunks.
+    pub out: mpsc::Sender<SampledChunk>,
     /// Exploration and truncation.
     pub behaviour: Behaviour,
     /// Environments per rollout (= trajectories per chunk).
@@ -104,7 +115,7 @@ impl Worker {
                     continue;
                 }
             }
-            let Some((_, policy_version)) = loaded else {
+            let Some((session, policy_version)) = loaded else {
                 continue;
             };
             let rollout = rollout(
@@ -120,7 +131,7 @@ impl Worker {
                 sequence: report.chunks,
                 trajectories: rollout.trajectories,
             };
-            permit.send(chunk);
+            permit.send(SampledChunk { session, chunk });
             report.chunks += 1;
         }
     }

@@ -9,6 +9,11 @@
 
 use crate::env::{Environment, InvalidAction, State};
 
+/// Largest |E(s -> s')| accepted for one transition. Far above any task's
+/// local terms, and low enough that squared residuals summed over a batch
+/// stay finite in f32: one hostile value cannot turn the model into NaN.
+pub const MAX_ABS_ENERGY: f32 = 1e6;
+
 /// One trajectory from s0: complete, or a prefix cut before its terminal
 /// state. `actions` and `energies` have one entry per transition.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -74,9 +79,9 @@ pub enum ReplayError {
         /// Length of `energies`.
         energies: usize,
     },
-    /// An energy term is NaN or infinite.
-    #[error("`energies[{step}]` is {value}, not a finite number")]
-    NonFiniteEnergy {
+    /// An energy term is NaN, infinite or beyond [`MAX_ABS_ENERGY`].
+    #[error("`energies[{step}]` is {value}, outside the accepted range [-1e6, 1e6]")]
+    EnergyOutOfRange {
         /// Transition index.
         step: usize,
         /// The value sent.
@@ -156,9 +161,9 @@ pub fn replay(
         .energies
         .iter()
         .enumerate()
-        .find(|(_, e)| !e.is_finite())
+        .find(|(_, e)| e.is_nan() || e.abs() > MAX_ABS_ENERGY)
     {
-        return Err(ReplayError::NonFiniteEnergy { step, value });
+        return Err(ReplayError::EnergyOutOfRange { step, value });
     }
 
     let (dim, fwd, bwd) = (
@@ -255,8 +260,11 @@ mod tests {
                 energies: 1
             })
         ));
-        let error = replay(&env, &trajectory(&[0, 1], &[0.0, f32::INFINITY])).unwrap_err();
-        assert!(error.to_string().contains("energies[1]"), "{error}");
+        for bad in [f32::INFINITY, f32::NAN, 2e6, -1e30] {
+            let error = replay(&env, &trajectory(&[0, 1], &[0.0, bad])).unwrap_err();
+            assert!(error.to_string().contains("energies[1]"), "{error}");
+        }
+        assert!(replay(&env, &trajectory(&[0, 1], &[-1e6, 1e6])).is_ok());
         // Adding the same element twice, and an element outside the universe.
         let error = replay(&env, &trajectory(&[2, 2], &[0.0, 0.0])).unwrap_err();
         assert!(

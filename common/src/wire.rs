@@ -2,9 +2,10 @@
 //! domain types. Prost structs stop here: the rest of flgfn sees
 //! [`TaskSpec`], [`ModelSpec`] and [`TrajectoryChunk`].
 //!
-//! Conversions from the wire check structure only (lengths, ranges, finite
-//! numbers) and name the offending field in an `INVALID_ARGUMENT` status;
-//! whether actions are legal is checked when the learner replays them.
+//! Conversions from the wire check only what replay cannot (a chunk with no
+//! trajectory); every per-trajectory field (lengths, energy range, legal
+//! actions) is checked once, when the learner replays it
+//! ([`crate::trajectory::replay`]).
 
 use tonic::Status;
 
@@ -95,27 +96,11 @@ impl TryFrom<proto::TrajectoryChunk> for TrajectoryChunk {
         let trajectories = chunk
             .trajectories
             .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                if t.actions.len() != t.energies.len() {
-                    return Err(Status::invalid_argument(format!(
-                        "`trajectories[{i}].energies` has {} entries but `actions` has {}",
-                        t.energies.len(),
-                        t.actions.len()
-                    )));
-                }
-                if let Some(j) = t.energies.iter().position(|e| !e.is_finite()) {
-                    return Err(Status::invalid_argument(format!(
-                        "`trajectories[{i}].energies[{j}]` is {}, not a finite number",
-                        t.energies[j]
-                    )));
-                }
-                Ok(Trajectory {
-                    actions: t.actions,
-                    energies: t.energies,
-                })
+            .map(|t| Trajectory {
+                actions: t.actions,
+                energies: t.energies,
             })
-            .collect::<Result<Vec<_>, Status>>()?;
+            .collect();
         Ok(TrajectoryChunk {
             actor_id: chunk.actor_id,
             policy_version: chunk.policy_version,
@@ -150,27 +135,14 @@ mod tests {
     }
 
     #[test]
-    fn malformed_chunks_name_the_field() {
-        let mut bad = chunk();
-        bad.trajectories[0].energies.pop();
-        let status = TrajectoryChunk::try_from(bad).unwrap_err();
-        assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(
-            status.message().contains("trajectories[0].energies"),
-            "{status:?}"
-        );
-
-        let mut bad = chunk();
-        bad.trajectories[0].energies[1] = f32::NAN;
-        let status = TrajectoryChunk::try_from(bad).unwrap_err();
-        assert!(
-            status.message().contains("trajectories[0].energies[1]"),
-            "{status:?}"
-        );
-
+    fn an_empty_chunk_is_refused() {
         let mut bad = chunk();
         bad.trajectories.clear();
         let status = TrajectoryChunk::try_from(bad).unwrap_err();
-        assert!(status.message().contains("trajectories"), "{status:?}");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(
+            status.message().contains("`trajectories` is empty"),
+            "{status:?}"
+        );
     }
 }

@@ -57,6 +57,8 @@ pub struct Report {
     pub rejected_chunks: u64,
     /// Transitions dropped as too stale so far.
     pub stale_transitions: u64,
+    /// Batches skipped so far because their loss was not finite.
+    pub skipped_batches: u64,
     /// Number of evaluation samples behind the distribution metrics.
     pub eval_samples: usize,
     /// Seconds the evaluation took (not part of `wall_s`).

@@ -17,7 +17,7 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::error::RequestError;
@@ -81,13 +81,13 @@ impl LearnerService {
         }
     }
 
-    /// Validates one chunk and queues it; Ok(None) when it was dropped as
-    /// stale (valid, but too old to train on).
-    fn accept(
+    /// Validates one chunk and counts it. `Ok(None)` when there is
+    /// nothing to train on: dropped as stale (valid, but sampled by a policy
+    /// too old), or emptied because its truncated prefixes are unusable.
+    fn validate(
         &self,
         message: proto::TrajectoryChunk,
-        slot: mpsc::Permit<'_, IngestedChunk>,
-    ) -> Result<Option<usize>, RequestError> {
+    ) -> Result<Option<IngestedChunk>, RequestError> {
         let wire_bytes = message.encoded_len() as u64;
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
@@ -105,12 +105,7 @@ impl LearnerService {
             IngestStats::add(&stats.stale_transitions, ingested.transitions as u64);
             return Ok(None);
         }
-        let transitions = ingested.transitions;
-        if transitions == 0 {
-            return Ok(Some(0));
-        }
-        slot.send(ingested);
-        Ok(Some(transitions))
+        Ok((ingested.transitions > 0).then_some(ingested))
     }
 }
 
@@ -162,18 +157,12 @@ impl Learner for LearnerService {
         let mut stop = self.stop.clone();
         let mut summary = proto::StreamSummary::default();
         loop {
-            // Read the next chunk only once the queue has room for it:
-            // until then HTTP/2 flow control holds the actor back, and the
-            // chunk it sends next is sampled by newer weights.
-            let slot = tokio::select! {
-                slot = self.queue.reserve() => slot.map_err(|_| Status::from(RequestError::ShuttingDown))?,
-                _ = stop.wait_for(|stopped| *stopped) => return Ok(Response::new(summary)),
-            };
             let message = tokio::select! {
                 message = stream.message() => message.inspect_err(|status| {
-                    // Undecodable or oversized: refused by tonic before it
-                    // reaches `accept`, but still a refused chunk.
-                    if status.code() != tonic::Code::Cancelled {
+                    // Undecodable or oversized: refused by tonic before
+                    // validation, but still a refused chunk. A vanished
+                    // actor is not.
+                    if matches!(status.code(), Code::OutOfRange | Code::Internal | Code::InvalidArgument | Code::ResourceExhausted) {
                         IngestStats::add(&self.stats.rejected_chunks, 1);
                         warn!(status = %status.message(), "unreadable trajectory chunk");
                     }
@@ -184,18 +173,20 @@ impl Learner for LearnerService {
                 return Ok(Response::new(summary));
             };
             let actor_id = message.actor_id;
-            match self.accept(message, slot) {
-                Ok(transitions) => {
-                    summary.accepted_chunks += 1;
-                    summary.accepted_transitions += transitions.unwrap_or(0) as u64;
-                }
-                Err(error) => {
-                    if !matches!(error, RequestError::ShuttingDown) {
-                        IngestStats::add(&self.stats.rejected_chunks, 1);
-                        warn!(actor_id, %error, "refused a trajectory chunk");
-                    }
-                    return Err(error.into());
-                }
+            let ingested = self.validate(message).inspect_err(|error| {
+                IngestStats::add(&self.stats.rejected_chunks, 1);
+                warn!(actor_id, %error, "refused a trajectory chunk");
+            })?;
+            summary.accepted_chunks += 1;
+            let Some(ingested) = ingested else {
+                continue;
+            };
+            summary.accepted_transitions += ingested.transitions as u64;
+            // Waiting here for room in the queue stops this stream from
+            // being read; HTTP/2 flow control then holds the actor back.
+            tokio::select! {
+                sent = self.queue.send(ingested) => sent.map_err(|_| RequestError::ShuttingDown)?,
+                _ = stop.wait_for(|stopped| *stopped) => return Ok(Response::new(summary)),
             }
         }
     }

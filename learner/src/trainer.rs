@@ -26,6 +26,9 @@ use crate::ingest::{IngestStats, IngestedChunk};
 use crate::publisher::{Publisher, WeightsSnapshot};
 use crate::report::{MetricsFile, Report};
 
+/// Batches in a row with a non-finite loss before training stops.
+const MAX_CONSECUTIVE_SKIPS: u32 = 100;
+
 /// What a finished run hands back.
 #[derive(Debug, Clone)]
 pub struct TrainingOutcome {
@@ -107,6 +110,7 @@ impl Trainer {
         let mut last_report_counts = (0u64, 0u64);
 
         let mut skipped_batches = 0u64;
+        let mut consecutive_skips = 0u32;
         let mut batch: Vec<ReplayedTrajectory> = Vec::new();
         loop {
             if learner.max_steps > 0 && step >= learner.max_steps {
@@ -139,12 +143,20 @@ impl Trainer {
             let loss = self.objective.loss(&output, &tensors);
             let loss_value = loss.double_value(&[]);
             if !loss_value.is_finite() {
-                // Extreme energies (finite, but squaring past f32) would
-                // turn every weight into NaN; skip the batch instead.
+                // Ingest bounds the energies, so this means the model itself
+                // diverged. Stepping would make every weight NaN: skip the
+                // batch, and give up if it keeps happening.
                 skipped_batches += 1;
+                consecutive_skips += 1;
                 tracing::warn!(skipped_batches, "non-finite loss: batch skipped");
+                if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+                    return Err(LearnerError::Trainer(format!(
+                        "the loss was not finite for {consecutive_skips} batches in a row: the model diverged (lower learner.learning_rate?)"
+                    )));
+                }
                 continue;
             }
+            consecutive_skips = 0;
             if learner.max_steps > 0 {
                 // Constant for the first half, then linear decay to the final
                 // fraction at max_steps: a large rate finds the target fast,
@@ -205,6 +217,7 @@ impl Trainer {
                     data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
                     rejected_chunks: IngestStats::get(&self.stats.rejected_chunks),
                     stale_transitions: IngestStats::get(&self.stats.stale_transitions),
+                    skipped_batches,
                     eval_samples: learner.eval_samples,
                     eval_s,
                 };

@@ -137,6 +137,14 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("too large"), "{status:?}");
 
+    // A finite energy far beyond any task's: its square would overflow f32.
+    let mut extreme = chunk(actor_id, vec![0, 1]);
+    extreme.trajectories[0].energies[1] = 1e30;
+    let status = send(&mut client, vec![extreme]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("trajectories[0]"), "{status:?}");
+    assert!(status.message().contains("energies[1]"), "{status:?}");
+
     // More trajectories than learner.max_chunk_trajectories (8).
     let mut crowded = chunk(actor_id, vec![0, 1]);
     crowded.trajectories = vec![crowded.trajectories[0].clone(); 9];
@@ -172,7 +180,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
-    // Unknown actor, illegal action, future version, oversized, crowded,
-    // bad after good.
-    assert_eq!(outcome.final_report.rejected_chunks, 6);
+    // Unknown actor, illegal action, future version, oversized, extreme
+    // energy, crowded, bad after good.
+    assert_eq!(outcome.final_report.rejected_chunks, 7);
 }

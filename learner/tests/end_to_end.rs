@@ -121,7 +121,6 @@ fn log_z_error(outcome: &TrainingOutcome) -> f64 {
 async fn two_actors_train_the_learner_to_the_exact_target() {
     let config = tiny_config();
     let (outcome, _) = train(&config, 2).await;
-    assert_eq!(outcome.final_report.truncated_fraction, 0.0);
     let tv = exact_total_variation(&config, &outcome.weights);
     let log_z_error = log_z_error(&outcome);
     eprintln!("complete trajectories: exact TV {tv:.4}, log Z error {log_z_error:.4}");
@@ -134,6 +133,9 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
 async fn mostly_truncated_trajectories_still_train_the_sampler() {
     let mut config = tiny_config();
     config.actor.truncate_fraction = 0.9;
+    // One report at the end, so its truncated fraction covers the whole run
+    // (~19,000 trajectories) rather than the last few steps.
+    config.learner.report_every_s = 1e6;
     let (outcome, _) = train(&config, 2).await;
     let tv = exact_total_variation(&config, &outcome.weights);
     let log_z_error = log_z_error(&outcome);

@@ -28,9 +28,12 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
 
     // First learner: a separate process, trained for a while, then killed
     // without a chance to say goodbye.
+    let metrics = dir.join("first.jsonl");
     let mut first = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
         .args(["--listen", &address, "--max-steps", "0", "--config"])
         .arg(&config_path)
+        .arg("--metrics")
+        .arg(&metrics)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -46,7 +49,16 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
         },
         std::future::pending(),
     ));
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A report means a second of training on the actor's data, hundreds of
+    // published versions: the actor has loaded some above 0 by then.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(true, |text| text.is_empty()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first learner never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     first.kill().unwrap();
     first.wait().unwrap();
 
@@ -79,7 +91,10 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
     let versions = &report.versions_applied;
     let restart = versions.windows(2).position(|w| w[1] < w[0]);
     let restart = restart.unwrap_or_else(|| panic!("no restart in {versions:?}"));
-    assert!(versions[restart] > 0, "{versions:?}");
+    // The second learner's initial weights (version 0) came next, then
+    // newer ones.
+    assert_eq!(versions[restart + 1], 0, "{versions:?}");
+    assert!(versions.len() > restart + 2, "{versions:?}");
     assert!(
         versions[restart + 1..].windows(2).all(|w| w[0] < w[1]),
         "{versions:?}"
