@@ -32,7 +32,7 @@ pub enum ConfigError {
         message: String,
     },
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Io {
         /// The file read.
         path: String,

@@ -13,3 +13,19 @@ pub fn init() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+/// The process exit status for a binary's result, printing an error as
+/// `program: error: cause: cause...` (`{:#}` gives anyhow's one-line chain,
+/// without the backtrace its Debug form adds).
+pub fn exit_status<E: std::fmt::Display>(
+    program: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{program}: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -121,7 +121,7 @@ pub enum LearnerError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// The metrics file could not be written.
-    #[error("metrics file {path}: {source}")]
+    #[error("cannot write metrics file {path}")]
     Metrics {
         /// The file.
         path: String,

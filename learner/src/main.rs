@@ -44,15 +44,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            // `{:#}` prints the whole chain of causes on one line, without
-            // the backtrace anyhow's Debug form adds.
-            eprintln!("flgfn-learner: error: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    flgfn_common::telemetry::exit_status("flgfn-learner", run(Args::parse()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
