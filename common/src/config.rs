@@ -158,7 +158,13 @@ pub struct LearnerConfig {
     pub max_steps: u64,
     /// Fresh on-policy samples per evaluation.
     pub eval_samples: usize,
-    /// Seconds of training between two progress reports (each evaluates).
+    /// Seconds of training before the first progress report (each report
+    /// evaluates the policy). Each later gap is a quarter of the training
+    /// time so far, kept between this and `report_every_s`: fine-grained
+    /// early, when things change fast (and time to quality is measured),
+    /// every few seconds in a long run.
+    pub first_report_s: f64,
+    /// Longest gap between two progress reports, in seconds of training.
     pub report_every_s: f64,
     /// Largest gRPC message accepted, in bytes (both directions).
     pub max_message_bytes: usize,
@@ -187,7 +193,8 @@ impl Default for LearnerConfig {
             device: DeviceConfig::Auto,
             max_steps: 600,
             eval_samples: 4096,
-            report_every_s: 0.25,
+            first_report_s: 0.25,
+            report_every_s: 5.0,
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
             receive_window_bytes: 4 << 10,
@@ -306,7 +313,14 @@ impl Config {
         at_least("learner.ingest_queue_chunks", l.ingest_queue_chunks, 1)?;
         at_least("learner.threads", l.threads, 1)?;
         at_least("learner.eval_samples", l.eval_samples, 1)?;
+        positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
+        if l.first_report_s > l.report_every_s {
+            return Err(ConfigError::invalid(
+                "learner.first_report_s",
+                "must be at most learner.report_every_s",
+            ));
+        }
         at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
         at_least(
             "learner.max_chunk_trajectories",
@@ -401,6 +415,8 @@ mod tests {
         assert!(err.to_string().contains("actor.epsilon"), "{err}");
         let err = Config::from_toml("[learner]\nlearning_rate = -1.0\n", "t").unwrap_err();
         assert!(err.to_string().contains("learner.learning_rate"), "{err}");
+        let err = Config::from_toml("[learner]\nfirst_report_s = 9.0\n", "t").unwrap_err();
+        assert!(err.to_string().contains("learner.first_report_s"), "{err}");
         let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();
         assert!(err.to_string().contains("model.hidden"), "{err}");
     }

@@ -4,8 +4,8 @@
 //! tensor stay on this thread. It takes validated chunks from the bounded
 //! ingest queue until a batch holds `batch_transitions`, applies the
 //! objective, publishes weights every `publish_every` steps (serialised once
-//! per version), and evaluates and reports every `report_every_s` seconds of
-//! training time.
+//! per version), and evaluates and reports at growing intervals of training
+//! time (`first_report_s` up to `report_every_s`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,6 +104,8 @@ struct Progress {
     /// Evaluation time, left out of `wall_s`.
     eval_time: Duration,
     last_report_wall: f64,
+    /// When the next report is due, in `wall_s`.
+    next_report_wall: f64,
     last_report_counts: (u64, u64),
     report: Report,
     time_to_quality: Option<f64>,
@@ -126,7 +128,10 @@ impl Trainer {
         let mut optimizer = nn::Adam::default().build(&self.policy.vars, learner.learning_rate)?;
         let mut evaluator =
             Evaluator::new(self.env.clone(), learner.eval_samples, self.config.seed);
-        let mut progress = Progress::default();
+        let mut progress = Progress {
+            next_report_wall: learner.first_report_s,
+            ..Progress::default()
+        };
         let mut batch = Batch::default();
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         while !finished(&progress) {
@@ -146,7 +151,7 @@ impl Trainer {
                 progress.version = progress.step;
                 self.publish(progress.version, false)?;
             }
-            let due = progress.wall() - progress.last_report_wall >= learner.report_every_s;
+            let due = progress.wall() >= progress.next_report_wall;
             if due || finished(&progress) {
                 self.report(&mut evaluator, &mut progress)?;
             }
@@ -293,6 +298,11 @@ impl Trainer {
             progress.time_to_quality = Some(wall);
         }
         progress.last_report_wall = wall;
+        // Geometric spacing: each gap a quarter of the training time so far,
+        // between first_report_s and report_every_s.
+        let learner = &self.config.learner;
+        let gap = (0.25 * wall).clamp(learner.first_report_s, learner.report_every_s);
+        progress.next_report_wall = wall + gap;
         progress.last_report_counts = (progress.trained_transitions, ingested);
         progress.window = Window::default();
         progress.report = report;

@@ -135,6 +135,7 @@ async fn mostly_truncated_trajectories_still_train_the_sampler() {
     config.actor.truncate_fraction = 0.9;
     // One report at the end, so its truncated fraction covers the whole run
     // (~19,000 trajectories) rather than the last few steps.
+    config.learner.first_report_s = 1e6;
     config.learner.report_every_s = 1e6;
     let (outcome, _) = train(&config, 2).await;
     let tv = exact_total_variation(&config, &outcome.weights);

@@ -20,6 +20,7 @@ hidden = [64, 64]
 [learner]
 batch_transitions = 64
 eval_samples = 256
+first_report_s = 1.0
 report_every_s = 1.0
 
 [actor]
