@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
+# Build the binaries first: the launcher test starts the flgfn-actor
+# executable, which `cargo test` alone would not rebuild.
+cargo build --release --workspace --bins
 cargo test --release --workspace "$@"

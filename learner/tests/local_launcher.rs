@@ -1,0 +1,101 @@
+//! The binaries as a user runs them: `flgfn-learner --local-actors` with a
+//! config file, a metrics file and a step budget.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn learner() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flgfn-learner"))
+}
+
+/// The launcher starts the actor binary found next to the learner's; cargo
+/// builds it only when asked (`cargo build --bins`, as deploy/test.sh does).
+fn actor() -> PathBuf {
+    learner().with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The keys every metrics line must carry (the contract).
+const REQUIRED_KEYS: [&str; 13] = [
+    "step",
+    "wall_s",
+    "loss",
+    "logz_est",
+    "logz_exact",
+    "marginal_tv",
+    "energy_w1",
+    "top100_mean_reward",
+    "trained_transitions",
+    "ingested_transitions",
+    "version",
+    "actors_connected",
+    "mean_policy_lag",
+];
+
+#[test]
+fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
+    let dir = std::env::temp_dir().join(format!("flgfn-launcher-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let metrics = dir.join("metrics.jsonl");
+
+    assert!(actor().exists(), "deploy/test.sh builds flgfn-actor first");
+    let output = Command::new(learner())
+        .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
+        .args(["--max-steps", "200", "--config"])
+        .arg(&config)
+        .arg("--metrics")
+        .arg(&metrics)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "learner failed:\n{log}");
+    assert!(log.contains("started local actors"), "{log}");
+    assert!(log.contains("training finished"), "{log}");
+    // Three actor processes joined and each saw the end of training.
+    assert_eq!(log.matches("actor joined").count(), 3, "{log}");
+    assert_eq!(
+        log.matches("the learner finished training").count(),
+        3,
+        "{log}"
+    );
+
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let reports: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(!reports.is_empty());
+    for report in &reports {
+        for key in REQUIRED_KEYS {
+            assert!(report.get(key).is_some(), "missing {key} in {report}");
+        }
+    }
+    let last = reports.last().unwrap();
+    assert_eq!(last["step"], 200);
+    assert_eq!(last["version"], 200);
+    assert!(last["trained_transitions"].as_u64().unwrap() >= 200 * 64);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_config_file_fails_with_the_key_named() {
+    let dir = std::env::temp_dir().join(format!("flgfn-badconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bad.toml");
+    std::fs::write(&config, "[learner]\nlerning_rate = 0.1\n").unwrap();
+    for binary in [learner(), actor()] {
+        let output = Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(log.contains("unknown field `lerning_rate`"), "{log}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
