@@ -31,6 +31,10 @@ struct Args {
     /// actor.truncate_fraction).
     #[arg(long, value_name = "F")]
     truncate_fraction: Option<f64>,
+    /// Print the effective configuration (file, defaults and flags) as
+    /// TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.actor.truncate_fraction = fraction;
     }
     config.validate()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
     let name = args.name.unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned());
         format!("{host}/{}", std::process::id())

@@ -291,6 +291,12 @@ impl Config {
         }
     }
 
+    /// The configuration as TOML, every key included (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        // Serialising plain data with string keys cannot fail.
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
     /// Checks every field that has a restricted range. Call again after
     /// applying command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -388,6 +394,50 @@ fn at_least(field: &str, value: usize, min: usize) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The README's configuration block, which claims to list every key
+    /// with its default.
+    fn readme_block() -> &'static str {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml block") + 8;
+        let len = readme[start..].find("```").expect("the block ends");
+        &readme[start..start + len]
+    }
+
+    #[test]
+    fn the_readme_lists_every_key_with_its_default() {
+        let documented = Config::from_toml(readme_block(), "README.md").unwrap();
+        assert_eq!(
+            documented,
+            Config::default(),
+            "a README value differs from the code"
+        );
+        let documented: toml::Table = toml::from_str(readme_block()).unwrap();
+        let actual: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap();
+        for (section, value) in &actual {
+            let Some(table) = value.as_table() else {
+                assert!(documented.contains_key(section), "README lacks `{section}`");
+                continue;
+            };
+            for key in table.keys() {
+                assert!(
+                    documented[section].as_table().unwrap().contains_key(key),
+                    "README lacks `{section}.{key}`"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn printed_configuration_reads_back_the_same() {
+        let mut config = Config::default();
+        config.actor.envs = 3;
+        config.learner.device = DeviceConfig::Cpu;
+        assert_eq!(
+            Config::from_toml(&config.to_toml(), "printed").unwrap(),
+            config
+        );
+    }
 
     #[test]
     fn empty_file_gives_the_defaults() {

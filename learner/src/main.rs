@@ -40,6 +40,10 @@ struct Args {
     /// Number of local actors (overrides launch.actors).
     #[arg(long, value_name = "N", requires = "local_actors")]
     actors: Option<usize>,
+    /// Print the effective configuration (file, defaults and flags) as
+    /// TOML and exit.
+    #[arg(long)]
+    print_config: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +69,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.launch.actors = actors;
     }
     config.validate()?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
