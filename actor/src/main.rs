@@ -71,9 +71,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = flgfn_common::signals::shutdown_requested();
         flgfn_actor::run(config, options, shutdown).await?;
         Ok(())
     })

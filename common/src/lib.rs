@@ -19,7 +19,8 @@
 //! - [`exact`]: exact target and policy distributions of tiny tasks.
 //! - [`config`]: the one TOML schema of every binary, with its defaults.
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
-//! - [`telemetry`]: tracing setup.
+//! - [`telemetry`]: tracing setup and the binaries' exit status.
+//! - [`signals`]: SIGINT / SIGTERM as a graceful-stop future.
 
 pub mod config;
 pub mod env;
@@ -27,6 +28,7 @@ pub mod exact;
 pub mod objectives;
 pub mod policy;
 pub mod rollout;
+pub mod signals;
 pub mod tasks;
 pub mod telemetry;
 pub mod trajectory;

@@ -98,9 +98,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let options = RunOptions {
             metrics_path: args.metrics,
         };
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        let shutdown = flgfn_common::signals::shutdown_requested();
         let outcome = flgfn_learner::serve(config, listener, options, shutdown).await;
         let failed_actors = actors.map_or(0, LocalActors::finish);
         outcome?;
