@@ -50,3 +50,25 @@ impl Publisher {
         self.sender.borrow().clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subscriber_shares_the_bytes_serialised_once() {
+        let (publisher, first) = Publisher::new(Bytes::from_static(b"v0"));
+        let second = first.clone();
+        publisher.publish(WeightsSnapshot {
+            version: 7,
+            bytes: Bytes::from(vec![1u8; 1024]),
+            training_done: false,
+        });
+        let (a, b) = (first.borrow().clone(), second.borrow().clone());
+        assert_eq!(a.version, 7);
+        // Not equal copies: the very same buffer.
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.bytes.as_ptr(), b.bytes.as_ptr());
+        assert_eq!(publisher.latest().bytes.as_ptr(), a.bytes.as_ptr());
+    }
+}
