@@ -7,7 +7,7 @@
 //!
 //! - [`env`]: the [`Environment`](env::Environment) trait every task
 //!   implements (encoding, masks, step, local energy, terminal test).
-//! - [`tasks`]: the tasks, one file each, and the registration that maps a
+//! - [`tasks`]: the tasks, one module each, and the registration that maps a
 //!   configuration to an environment.
 //! - [`trajectory`]: trajectories as sent (actions + energy terms) and as
 //!   replayed and validated by the learner.
