@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs libtorch once (cached) and runs every test
 # of the workspace in release mode (the same build as the default job, so
-# libtorch's C++ glue is compiled once).
+# libtorch's C++ glue is compiled once). Ends with one summary line,
+# "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
@@ -9,4 +10,12 @@ source deploy/env.sh
 # Build the binaries first: the launcher test starts the flgfn-actor
 # executable, which `cargo test` alone would not rebuild.
 cargo build --release --workspace --bins
-cargo test --release --workspace "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release --workspace "$@" 2>&1 | tee "$log" || status=$?
+# cargo prints one "test result:" line per test binary (the last is often a
+# doc-test run with 0 tests): add them up so the total is what closes.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
