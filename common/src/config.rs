@@ -315,6 +315,13 @@ impl Config {
             l.final_learning_rate_fraction,
         )?;
         at_least("learner.batch_transitions", l.batch_transitions, 1)?;
+        // The trainer holds a whole batch, replayed (~200 bytes per
+        // transition on the small task), before it steps.
+        at_most(
+            "learner.batch_transitions",
+            l.batch_transitions,
+            MAX_BATCH_TRANSITIONS,
+        )?;
         at_least("learner.publish_every", l.publish_every as usize, 1)?;
         at_least("learner.ingest_queue_chunks", l.ingest_queue_chunks, 1)?;
         at_least("learner.threads", l.threads, 1)?;
@@ -376,6 +383,20 @@ fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
         Err(ConfigError::invalid(
             field,
             format!("{value} is not in [0, 1]"),
+        ))
+    }
+}
+
+/// Upper bound of `learner.batch_transitions`.
+pub const MAX_BATCH_TRANSITIONS: usize = 1 << 20;
+
+fn at_most(field: &str, value: usize, max: usize) -> Result<(), ConfigError> {
+    if value <= max {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("{value} is more than {max}"),
         ))
     }
 }
@@ -465,6 +486,12 @@ mod tests {
         assert!(err.to_string().contains("actor.epsilon"), "{err}");
         let err = Config::from_toml("[learner]\nlearning_rate = -1.0\n", "t").unwrap_err();
         assert!(err.to_string().contains("learner.learning_rate"), "{err}");
+        let err =
+            Config::from_toml("[learner]\nbatch_transitions = 1099511627776\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("learner.batch_transitions"),
+            "{err}"
+        );
         let err = Config::from_toml("[learner]\nfirst_report_s = 9.0\n", "t").unwrap_err();
         assert!(err.to_string().contains("learner.first_report_s"), "{err}");
         let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();
