@@ -45,7 +45,7 @@ pub struct ActorReport {
     pub chunks_sent: u64,
     /// Transitions sent to the learner.
     pub transitions_sent: u64,
-    /// Sessions opened (1 + reconnections).
+    /// Connection attempts made, successful or not.
     pub sessions: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
@@ -149,10 +149,12 @@ pub async fn run(
                 handshake_done,
             }) => {
                 if handshake_done {
+                    // The connection worked: this is a new outage.
                     failures = 0;
                     backoff = Duration::from_secs_f64(actor.reconnect_initial_s);
+                } else {
+                    failures += 1;
                 }
-                failures += 1;
                 if actor.reconnect_attempts > 0 && failures >= actor.reconnect_attempts {
                     break Err(ActorError::GaveUp {
                         attempts: failures,

@@ -81,7 +81,8 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Rolls out until the connection task drops its end of the channel.
+    /// Rolls out until the actor drops the chunk receiver, or the weight
+    /// slot closes before the first weights arrive.
     pub fn run(mut self) -> Result<WorkerReport, tch::TchError> {
         let mut policy = Policy::new(&self.model, Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(self.seed);

@@ -135,18 +135,19 @@ pub struct LearnerConfig {
     /// Adam learning rate.
     pub learning_rate: f64,
     /// With `max_steps` set, the learning rate stays at `learning_rate` for
-    /// the first half of the run, then decays linearly to this fraction of
-    /// it at the last step (1: constant).
+    /// the first half of the run, then decays linearly, reaching this
+    /// fraction of it at `max_steps` (1: constant).
     pub final_learning_rate_fraction: f64,
-    /// Transitions per training step: the trainer takes whole trajectories
-    /// from the queue until it has at least this many.
+    /// Transitions per training step: the trainer takes whole chunks from
+    /// the queue until it has at least this many (at most 2^20).
     pub batch_transitions: usize,
     /// Publish new weights every this many training steps.
     pub publish_every: u64,
     /// Capacity of the ingest queue, in chunks. Small keeps policy lag low
     /// and makes a slow learner push back on the actors.
     pub ingest_queue_chunks: usize,
-    /// Data older than this many versions is dropped at ingest (and counted).
+    /// Data sampled more than this many training steps before the latest
+    /// version (versions are step numbers) is dropped at ingest, and counted.
     /// GFlowNet losses are off-policy, so stale data is valid; the bound
     /// keeps a slow actor from training the model on a long-gone policy.
     pub max_policy_lag: u64,
@@ -222,8 +223,9 @@ pub struct ActorConfig {
     pub reconnect_initial_s: f64,
     /// Longest reconnect delay (the delay doubles up to this).
     pub reconnect_max_s: f64,
-    /// Give up after this many failed connection attempts in a row
-    /// (0: never give up).
+    /// Give up after this many failed connection attempts in a row; a
+    /// connection that worked and then broke starts a new count (0: never
+    /// give up).
     pub reconnect_attempts: u32,
     /// Chunks buffered between the rollout thread and the gRPC stream.
     pub send_buffer_chunks: usize,
@@ -291,7 +293,8 @@ impl Config {
         }
     }
 
-    /// The configuration as TOML, every key included (for `--print-config`).
+    /// The configuration as TOML, every key that has a value (unset task
+    /// overrides are left out), for `--print-config`.
     pub fn to_toml(&self) -> String {
         // Serialising plain data with string keys cannot fail.
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
@@ -340,8 +343,9 @@ impl Config {
             l.max_chunk_trajectories,
             1,
         )?;
-        // HTTP/2 allows windows from 65,535 down to 1 byte, but a window far
-        // below one chunk makes every chunk wait for several updates.
+        // HTTP/2 allows windows down to 1 byte (65,535 is its default), but
+        // a window far below one chunk makes every chunk wait for several
+        // updates.
         at_least(
             "learner.receive_window_bytes",
             l.receive_window_bytes as usize,

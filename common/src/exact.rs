@@ -1,7 +1,7 @@
 //! Exact distributions for tiny environments, by enumerating every state
 //! reachable from s0.
 //!
-//! Used by tests and evaluation to compare a learned sampler with its target
+//! Used by tests to compare a learned sampler with its target
 //! without sampling noise: [`target_distribution`] gives R(x)/Z,
 //! [`policy_terminal_distribution`] the terminal distribution P_T that a
 //! forward policy induces, and [`total_variation`] compares the two. Every

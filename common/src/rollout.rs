@@ -167,7 +167,7 @@ fn draw(
 
 /// The policy's forward distribution P_F(.|s) (no exploration) at each of
 /// `states`, one row of `forward_actions` probabilities per state; for exact
-/// evaluation of tiny tasks ([`crate::exact::policy_terminal_distribution`]).
+/// checks of tiny tasks ([`crate::exact::policy_terminal_distribution`]).
 pub fn forward_probabilities(
     env: &dyn Environment,
     policy: &Policy,

@@ -1,5 +1,6 @@
-//! The local launcher: `flgfn-learner --local-actors N` starts N
-//! `flgfn-actor` processes on this machine, pointed at this learner.
+//! The local launcher: `flgfn-learner --local-actors [--actors N]` starts
+//! `launch.actors` (or N) `flgfn-actor` processes on this machine, pointed
+//! at this learner.
 //!
 //! Actors are separate processes, exactly as on a cluster; they find the
 //! learner through its bound address (so `--listen 127.0.0.1:0` works) and

@@ -57,6 +57,9 @@ pub struct Report {
     pub rejected_chunks: u64,
     /// Transitions dropped as too stale so far.
     pub stale_transitions: u64,
+    /// Transitions of truncated trajectories dropped so far because the
+    /// objective cannot learn from them (always 0 for FL-DB).
+    pub unusable_truncated_transitions: u64,
     /// Batches skipped so far because their loss was not finite.
     pub skipped_batches: u64,
     /// Number of evaluation samples behind the distribution metrics.

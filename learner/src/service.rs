@@ -34,7 +34,8 @@ pub struct LearnerService {
     pub model: ModelSpec,
     /// Whether the objective uses truncated prefixes.
     pub keep_truncated: bool,
-    /// Chunks older than this many versions are dropped.
+    /// Chunks sampled more than this many steps before the latest version
+    /// are dropped.
     pub max_policy_lag: u64,
     /// Advertised at the handshake.
     pub max_message_bytes: usize,

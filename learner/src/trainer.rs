@@ -286,6 +286,7 @@ impl Trainer {
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
             rejected_chunks: IngestStats::get(&stats.rejected_chunks),
             stale_transitions: IngestStats::get(&stats.stale_transitions),
+            unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),
             skipped_batches: progress.skipped_batches,
             eval_samples: self.config.learner.eval_samples,
             eval_s: eval_s.as_secs_f64(),

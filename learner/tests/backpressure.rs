@@ -84,9 +84,10 @@ async fn a_stalled_trainer_stops_the_actor_within_a_few_chunks() {
     let accepted = IngestStats::get(&stats.accepted_chunks);
     eprintln!("chunks: {} sent, {accepted} accepted", report.chunks_sent);
     // The queue holds 2; one more waits in the handler; the rest sit in the
-    // 4 KiB HTTP/2 window (a tiny-task chunk encodes to ~250 bytes) and the
+    // 4 KiB HTTP/2 window (a tiny-task chunk encodes to ~215 bytes) and the
     // actor's one-chunk buffers.
     assert!(accepted >= 2, "{accepted}");
+    // 21 measured; the bound leaves room for timing, not for a leak.
     assert!(
         report.chunks_sent < 64,
         "{} chunks sent",

@@ -22,7 +22,8 @@ pub trait Objective: Send {
 
     /// Whether a trajectory cut before its terminal state carries signal.
     /// Objectives that need the terminal reward (TB, DB, SubTB) say false,
-    /// and the learner then drops truncated prefixes (and counts them).
+    /// and the learner then drops truncated prefixes (reported as
+    /// `unusable_truncated_transitions`).
     fn trains_on_truncated(&self) -> bool;
 
     /// The scalar loss of `output`, the network evaluated on
