@@ -32,7 +32,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flgfn_common::config::Config;
+use flgfn_common::config::{Config, LearnerConfig};
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
 use flgfn_common::tasks;
@@ -55,6 +55,20 @@ pub use crate::trainer::TrainingOutcome;
 pub struct RunOptions {
     /// JSON-lines metrics file, one object per report.
     pub metrics_path: Option<PathBuf>,
+}
+
+/// The gRPC transport with the learner's flow-control and keepalive
+/// settings; `serve` and tests that assemble a service by hand share it.
+pub fn transport(learner: &LearnerConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        // Small windows: data in flight was sampled by aging weights, and
+        // a full ingest queue must reach the actors quickly.
+        .initial_stream_window_size(learner.receive_window_bytes)
+        .initial_connection_window_size(learner.receive_window_bytes)
+        // Free the handlers of actors whose host vanished silently.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
 }
 
 /// How long open connections get to finish once training is over.
@@ -141,13 +155,7 @@ pub async fn serve(
         .max_encoding_message_size(max_bytes);
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(config.learner.receive_window_bytes)
-            .initial_connection_window_size(config.learner.receive_window_bytes)
-            // Free the handlers of actors whose host vanished silently.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .tcp_keepalive(Some(Duration::from_secs(30)))
+        transport(&config.learner)
             .add_service(health_service)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

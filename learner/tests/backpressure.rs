@@ -48,12 +48,9 @@ async fn a_stalled_trainer_stops_the_actor_within_a_few_chunks() {
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let window = config.learner.receive_window_bytes;
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(window)
-            .initial_connection_window_size(window)
+        flgfn_learner::transport(&config.learner)
             .add_service(LearnerServer::new(service))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 let _ = server_stop.wait_for(|stopped| *stopped).await;
