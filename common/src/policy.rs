@@ -13,7 +13,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DeviceConfig, ModelConfig};
-use crate::env::Environment;
+use crate::env::{Environment, State};
 
 /// Everything that decides whether weights fit a network. Sent at the
 /// handshake: an actor with another shape could not load the weights.
@@ -162,8 +162,23 @@ impl Policy {
         self.vars.load_from_stream(Cursor::new(bytes))
     }
 
-    /// Forward pass on host-side encodings without building a graph, for
-    /// sampling. `encoded` holds `rows * input_dim` values.
+    /// Encodes `states` with `env` and runs the network on them without
+    /// building a graph: the one way sampling and evaluation call the net.
+    pub fn infer_states<'a>(
+        &self,
+        env: &dyn Environment,
+        states: impl ExactSizeIterator<Item = &'a State>,
+    ) -> PolicyOutput {
+        let (rows, dim) = (states.len(), env.state_dim());
+        let mut encoded = vec![0f32; rows * dim];
+        for (row, state) in encoded.chunks_exact_mut(dim).zip(states) {
+            env.encode(state, row);
+        }
+        self.infer(&encoded, rows)
+    }
+
+    /// Forward pass on host-side encodings without building a graph.
+    /// `encoded` holds `rows * input_dim` values.
     pub fn infer(&self, encoded: &[f32], rows: usize) -> PolicyOutput {
         let _guard = tch::no_grad_guard();
         let states = Tensor::from_slice(encoded)

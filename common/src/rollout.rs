@@ -43,11 +43,7 @@ pub fn rollout(
     behaviour: Behaviour,
     rng: &mut SmallRng,
 ) -> Rollout {
-    let (dim, actions_n, max_len) = (
-        env.state_dim(),
-        env.forward_actions(),
-        env.max_trajectory_len(),
-    );
+    let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
     let cut_at: Vec<usize> = (0..count)
@@ -62,17 +58,12 @@ pub fn rollout(
     let mut active: Vec<usize> = (0..count)
         .filter(|&i| !env.is_terminal(&states[i]))
         .collect();
-    let mut encoded = Vec::new();
     let mut mask = vec![false; actions_n];
     let mut probs = vec![0f64; actions_n];
 
     while !active.is_empty() {
-        encoded.clear();
-        encoded.resize(active.len() * dim, 0.0);
-        for (row, &i) in active.iter().enumerate() {
-            env.encode(&states[i], &mut encoded[row * dim..(row + 1) * dim]);
-        }
-        let logits = to_host_f32(&policy.infer(&encoded, active.len()).forward_logits);
+        let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
+        let logits = to_host_f32(&output.forward_logits);
 
         let mut still_active = Vec::with_capacity(active.len());
         for (row, &i) in active.iter().enumerate() {
@@ -173,12 +164,8 @@ pub fn forward_probabilities(
     policy: &Policy,
     states: &[State],
 ) -> Vec<Vec<f64>> {
-    let (dim, actions_n) = (env.state_dim(), env.forward_actions());
-    let mut encoded = vec![0f32; states.len() * dim];
-    for (row, state) in states.iter().enumerate() {
-        env.encode(state, &mut encoded[row * dim..(row + 1) * dim]);
-    }
-    let logits = to_host_f32(&policy.infer(&encoded, states.len()).forward_logits);
+    let actions_n = env.forward_actions();
+    let logits = to_host_f32(&policy.infer_states(env, states.iter()).forward_logits);
     let mut mask = vec![false; actions_n];
     states
         .iter()

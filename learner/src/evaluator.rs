@@ -103,9 +103,8 @@ impl Evaluator {
     /// The model's log Z: log F(s0) = log F~(s0) - E(s0).
     pub fn log_z_estimate(&self, policy: &Policy) -> f64 {
         let s0 = self.env.initial_state();
-        let mut encoded = vec![0f32; self.env.state_dim()];
-        self.env.encode(&s0, &mut encoded);
-        let log_flow = to_host_f32(&policy.infer(&encoded, 1).log_flow);
+        let output = policy.infer_states(self.env.as_ref(), std::iter::once(&s0));
+        let log_flow = to_host_f32(&output.log_flow);
         f64::from(log_flow[0]) - self.env.energy(&s0)
     }
 
