@@ -19,8 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     tonic_prost_build::configure()
-        // Weight bytes are shared between subscribers without copying.
-        .bytes(".flgfn.v1.WeightUpdate.weights")
+        // Weight bytes are shared between sessions without copying.
+        .bytes(".flgfn.v1.Weights.safetensors")
         .compile_protos(&protos, &["../proto"])?;
     Ok(())
 }

@@ -1,31 +1,34 @@
-//! One connection to the learner: handshake, weight subscription and the
-//! trajectory stream, until training ends or the connection breaks.
+//! One connection to the learner: the handshake, then the Session stream,
+//! until training ends or the connection breaks.
 //!
-//! The caller ([`crate::run`]) reconnects with backoff when a session ends
-//! with [`SessionError::Retry`]; a refusal ([`SessionError::Refused`]) is
-//! final, since retrying cannot fix a mismatched task or a malformed chunk.
+//! Grants come in on the Session stream: each credit becomes an
+//! [`Order`] for the rollout worker, with the weights that came with that
+//! grant (or the newest before it). Chunks from the worker go out on the
+//! same stream. The caller ([`crate::run`]) reconnects with backoff when a
+//! session ends with [`SessionError::Retry`]; a refusal
+//! ([`SessionError::Refused`]) is final, since retrying cannot fix a
+//! mismatched task or a malformed chunk.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
-use flgfn_common::wire::PROTOCOL_VERSION;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
+use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use tracing::info;
 
-use crate::worker::{SampledChunk, Weights};
+use crate::worker::{Order, SampledChunk, Weights};
 
-/// How long to wait for the final weights after the learner closed the
-/// trajectory stream, to tell "training over" from "learner went away".
-/// Generous: on Ctrl-C the learner finishes its current step, which may
-/// include an evaluation, before it publishes the final weights.
-const FINAL_UPDATE_GRACE: Duration = Duration::from_secs(10);
+/// Chunks queued towards the learner; credits bound them, this only keeps
+/// the worker from waiting on the network.
+const UPLOAD_BUFFER: usize = 16;
 
 /// A learner that accepts the connection but never answers is as good as
 /// gone.
@@ -67,23 +70,39 @@ pub struct Session<'a> {
     pub task: &'a TaskSpec,
     /// Sent at the handshake.
     pub model: &'a ModelSpec,
+    /// Trajectories per chunk, declared at the handshake.
+    pub envs: usize,
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
     /// Chunks from the rollout worker.
     pub chunks: &'a mut mpsc::Receiver<SampledChunk>,
-    /// Where received weights go.
-    pub weights: &'a watch::Sender<Option<Arc<Weights>>>,
-    /// Chunks and transitions handed to gRPC, across sessions. Client
-    /// streaming has no per-message acknowledgement: up to a couple of
-    /// chunks in flight when a connection breaks are lost, and show as gaps
-    /// in `sequence`.
-    pub sent: &'a mut (u64, u64),
+    /// Orders to the rollout worker, one per credit.
+    pub orders: &'a mpsc::Sender<Order>,
+    /// The session the worker serves; set here once the handshake is done.
+    pub current_session: &'a AtomicU32,
+    /// Counters across sessions.
+    pub counts: &'a mut Counts,
     /// Actor id of the latest handshake.
     pub actor_id: &'a mut u64,
     /// Number of this session (1, 2, ...), stamped on received weights.
     pub session: u32,
-    /// Chunks dropped because weights of an earlier session sampled them.
-    pub dropped: &'a mut u64,
+}
+
+/// What the connection counted, across sessions.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Chunks handed to gRPC. Streams have no per-message acknowledgement:
+    /// chunks in flight when a connection breaks are lost, and show as
+    /// gaps in `sequence`.
+    pub chunks_sent: u64,
+    /// Transitions in them.
+    pub transitions_sent: u64,
+    /// Credits received.
+    pub credits: u64,
+    /// Weight versions received.
+    pub versions_received: u64,
+    /// Chunks not sent because their credit belonged to an earlier session.
+    pub stale_chunks_dropped: u64,
 }
 
 fn retry(message: impl Into<String>, handshake_done: bool) -> SessionError {
@@ -116,6 +135,9 @@ impl Session<'_> {
             })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
+            // Credits bound what is in flight; the windows only need to
+            // cover the bandwidth-delay product, which hyper measures.
+            .http2_adaptive_window(true)
             // Notice a learner host that vanished without closing the
             // connection (power loss, partition) and reconnect.
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -133,6 +155,7 @@ impl Session<'_> {
             actor_name: self.actor_name.to_owned(),
             task: Some(self.task.into()),
             model: Some(self.model.into()),
+            trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
         });
         let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
@@ -145,6 +168,9 @@ impl Session<'_> {
 
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
+        let session = self.session;
+        // From now on only this session's orders are rolled out.
+        self.current_session.store(session, Ordering::Release);
         info!(
             actor_id,
             version = reply.version,
@@ -152,99 +178,78 @@ impl Session<'_> {
             "connected to the learner"
         );
 
-        let subscribe = client.subscribe_weights(proto::WeightsRequest { actor_id });
-        let mut updates = tokio::time::timeout(HANDSHAKE_TIMEOUT, subscribe)
+        let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
+        let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
+        let metadata = request.metadata_mut();
+        metadata.insert(ACTOR_ID_HEADER, actor_id.into());
+        metadata.insert(TRAJECTORIES_PER_CHUNK_HEADER, (self.envs as u64).into());
+        let mut grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
-            .map_err(|_| retry("the weight subscription timed out", true))?
+            .map_err(|_| retry("opening the session timed out", true))?
             .map_err(|s| classify(s, true))?
             .into_inner();
-        let weight_slot = self.weights;
-        let session = self.session;
-        let receive_weights = async {
-            loop {
-                match updates.message().await {
-                    Ok(Some(update)) => {
-                        weight_slot.send_replace(Some(Arc::new(Weights {
+
+        let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
+        let mut weights: Option<Arc<Weights>> = None;
+        loop {
+            tokio::select! {
+                grant = grants.message() => {
+                    let grant = match grant {
+                        Ok(Some(grant)) => grant,
+                        Ok(None) => return Err(retry("the learner ended the session", true)),
+                        Err(status) => return Err(classify(status, true)),
+                    };
+                    if grant.training_done {
+                        return Ok(SessionEnd::TrainingDone);
+                    }
+                    if let Some(new) = grant.weights {
+                        counts.versions_received += 1;
+                        weights = Some(Arc::new(Weights {
                             session,
-                            version: update.version,
-                            bytes: update.weights,
-                        })));
-                        if update.training_done {
-                            return Ok(SessionEnd::TrainingDone);
+                            version: new.version,
+                            bytes: new.safetensors,
+                        }));
+                    }
+                    let Some(weights) = &weights else {
+                        return Err(SessionError::Refused(Status::failed_precondition(
+                            "the learner granted a credit before sending any weights",
+                        )));
+                    };
+                    for _ in 0..grant.credits {
+                        counts.credits += 1;
+                        let order = Order { session, actor_id, weights: weights.clone() };
+                        if orders.send(order).await.is_err() {
+                            return Ok(SessionEnd::WorkerStopped);
                         }
                     }
-                    Ok(None) => return Err(retry("the learner ended the weight stream", true)),
-                    Err(status) => return Err(classify(status, true)),
+                }
+                sampled = chunks.recv() => {
+                    let Some(SampledChunk { session: sampled_in, mut chunk }) = sampled else {
+                        return Ok(SessionEnd::WorkerStopped);
+                    };
+                    if sampled_in != session {
+                        // Its credit died with an earlier session.
+                        counts.stale_chunks_dropped += 1;
+                        continue;
+                    }
+                    chunk.actor_id = actor_id;
+                    let transitions = chunk.transitions() as u64;
+                    let message = proto::TrajectoryChunk::from(&chunk);
+                    if message.encoded_len() > max_bytes {
+                        // Every chunk would fail alike: retrying cannot help.
+                        return Err(SessionError::Refused(Status::invalid_argument(format!(
+                            "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",
+                            message.encoded_len()
+                        ))));
+                    }
+                    if upload.send(message).await.is_err() {
+                        // The stream broke; the grant side reports why.
+                        continue;
+                    }
+                    counts.chunks_sent += 1;
+                    counts.transitions_sent += transitions;
                 }
             }
-        };
-        tokio::pin!(receive_weights);
-
-        let (upload_sender, upload_receiver) = mpsc::channel(1);
-        let mut upload_client = client.clone();
-        let upload = upload_client.stream_trajectories(ReceiverStream::new(upload_receiver));
-        tokio::pin!(upload);
-        let (chunks, sent, dropped) = (self.chunks, self.sent, self.dropped);
-        let forward = async {
-            loop {
-                // Take a chunk from the worker only when the stream can
-                // take it, so the worker samples the next one as late as
-                // possible.
-                let Ok(permit) = upload_sender.reserve().await else {
-                    // The stream broke; `upload` reports why.
-                    return std::future::pending().await;
-                };
-                let Some(SampledChunk {
-                    session: sampled_in,
-                    mut chunk,
-                }) = chunks.recv().await
-                else {
-                    return Ok(SessionEnd::WorkerStopped);
-                };
-                if sampled_in != session {
-                    // Sampled with weights of an earlier session, whose
-                    // versions mean nothing to this learner if it restarted.
-                    *dropped += 1;
-                    continue;
-                }
-                chunk.actor_id = actor_id;
-                let transitions = chunk.transitions() as u64;
-                let message = proto::TrajectoryChunk::from(&chunk);
-                if message.encoded_len() > max_bytes {
-                    // Every chunk would fail alike: retrying cannot help.
-                    return Err(SessionError::Refused(Status::invalid_argument(format!(
-                        "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",
-                        message.encoded_len()
-                    ))));
-                }
-                permit.send(message);
-                sent.0 += 1;
-                sent.1 += transitions;
-            }
-        };
-        tokio::pin!(forward);
-
-        tokio::select! {
-            biased;
-            end = &mut receive_weights => end,
-            result = &mut upload => {
-                // The learner ended the trajectory stream: either training is
-                // over (the final weights are on their way, possibly behind
-                // this status) or it is going away. The weight stream tells
-                // which; a refusal needs no waiting.
-                let ended = match result {
-                    Ok(_) => retry("the learner closed the trajectory stream", true),
-                    Err(status) => classify(status, true),
-                };
-                if matches!(ended, SessionError::Refused(_)) {
-                    return Err(ended);
-                }
-                match tokio::time::timeout(FINAL_UPDATE_GRACE, &mut receive_weights).await {
-                    Ok(Ok(end)) => Ok(end),
-                    Ok(Err(_)) | Err(_) => Err(ended),
-                }
-            }
-            end = &mut forward => end,
         }
     }
 }

@@ -3,36 +3,43 @@
 //!
 //! # Layout
 //!
-//! - [`worker`]: the rollout thread that owns the policy and produces
-//!   chunks, loading new weights between rollouts.
-//! - [`connection`]: one session with the learner (handshake, weight
-//!   subscription, trajectory stream).
+//! - [`worker`]: the rollout thread that owns the policy and rolls out one
+//!   chunk per credit, with the weights that came with the credit.
+//! - [`connection`]: one session with the learner (handshake, then grants
+//!   in and chunks out on one stream).
+//! - [`loadgen`]: many synthetic actors in one process, for load tests.
 //! - [`run`] (this file): starts the worker and keeps a session open,
 //!   reconnecting with exponential backoff when the learner goes away.
 
 pub mod connection;
+pub mod loadgen;
 pub mod worker;
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use flgfn_common::config::Config;
 use flgfn_common::policy::{ModelSpec, set_threads};
 use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::connection::{Session, SessionEnd, SessionError};
-use crate::worker::{Worker, WorkerReport};
+use crate::connection::{Counts, Session, SessionEnd, SessionError};
+use crate::worker::{Seeding, Worker, WorkerReport};
 
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone)]
 pub struct ActorOptions {
     /// Shown in the learner's logs.
     pub name: String,
-    /// Added to `config.seed` so local actors draw different trajectories.
-    pub seed_offset: u64,
+    /// `Some(n)`: draw actions from seed `config.seed + 1 + n`, to
+    /// reproduce a run. `None` (the default): a stream of its own, mixed
+    /// from the seed, the learner-assigned actor id and OS entropy, so
+    /// actors of one configuration never draw the same trajectories.
+    pub seed_offset: Option<u64>,
 }
 
 /// What an actor did, returned when it stops.
@@ -40,17 +47,27 @@ pub struct ActorOptions {
 pub struct ActorReport {
     /// Weight versions loaded, in order.
     pub versions_applied: Vec<u64>,
+    /// Weight versions received (each came with a credit).
+    pub versions_received: u64,
+    /// Credits received: rollouts the learner asked for.
+    pub credits: u64,
+    /// Rollouts done.
+    pub rollouts: u64,
     /// Chunks handed to the gRPC stream (the learner acknowledges none
-    /// individually; see [`connection::Session::sent`]).
+    /// individually; see [`connection::Counts`]).
     pub chunks_sent: u64,
     /// Transitions sent to the learner.
     pub transitions_sent: u64,
+    /// The seed of the action draws.
+    pub seed: Option<u64>,
+    /// A hash of the first chunk's actions (see [`WorkerReport`]).
+    pub first_chunk_digest: Option<u64>,
     /// Connection attempts made, successful or not.
     pub sessions: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
-    /// Chunks not sent because they were sampled with weights of an earlier
-    /// session (the learner may have restarted since).
+    /// Chunks not sent because their credit belonged to an earlier session
+    /// (the learner may have restarted since).
     pub stale_chunks_dropped: u64,
 }
 
@@ -76,6 +93,9 @@ pub enum ActorError {
     Worker(String),
 }
 
+/// Most orders (and chunks) queued inside an actor.
+const MAX_QUEUED_ORDERS: usize = 4096;
+
 /// Runs an actor until the learner finishes training, `shutdown` resolves,
 /// or the learner refuses it.
 pub async fn run(
@@ -86,24 +106,30 @@ pub async fn run(
     config.validate()?;
     let env = tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
-    let task = env.spec();
     set_threads(config.actor.threads);
     let actor = &config.actor;
 
-    let (weight_sender, weight_slot) = watch::channel(None);
-    let (chunk_sender, mut chunks) = mpsc::channel(actor.send_buffer_chunks);
+    // Orders are bounded by the learner's credits; this only caps what a
+    // misbehaving learner could make us queue.
+    let (order_sender, orders) = mpsc::channel(MAX_QUEUED_ORDERS);
+    let (chunk_sender, mut chunks) = mpsc::channel(MAX_QUEUED_ORDERS);
+    let current_session = Arc::new(AtomicU32::new(0));
+    let seeding = match options.seed_offset {
+        Some(offset) => Seeding::Fixed(config.seed.wrapping_add(1).wrapping_add(offset)),
+        None => Seeding::Distinct(config.seed),
+    };
     let worker = Worker {
         env,
         model: model.clone(),
-        weights: weight_slot,
+        orders,
         out: chunk_sender,
+        current_session: current_session.clone(),
         behaviour: Behaviour {
             epsilon: actor.epsilon,
             truncate_fraction: actor.truncate_fraction,
         },
         envs: actor.envs,
-        seed: config.seed.wrapping_add(1 + options.seed_offset),
-        runtime: tokio::runtime::Handle::current(),
+        seeding,
     };
     let worker = std::thread::Builder::new()
         .name("flgfn-rollout".to_owned())
@@ -111,7 +137,74 @@ pub async fn run(
         .map_err(|e| ActorError::Worker(e.to_string()))?;
 
     let mut report = ActorReport::default();
-    let mut sent = (0u64, 0u64);
+    let (result, counts) = stay_connected(
+        &config,
+        &options.name,
+        Plumbing {
+            chunks: &mut chunks,
+            orders: &order_sender,
+            current_session: &current_session,
+        },
+        &mut report,
+        shutdown,
+    )
+    .await;
+
+    // Closing both channels stops the worker at its next rollout.
+    drop(chunks);
+    drop(order_sender);
+    let worker_report: WorkerReport = tokio::task::spawn_blocking(move || worker.join())
+        .await
+        .map_err(|e| ActorError::Worker(e.to_string()))?
+        .map_err(|_| ActorError::Worker("the rollout thread panicked".to_owned()))?
+        .map_err(|e| ActorError::Worker(e.to_string()))?;
+    report.versions_applied = worker_report.versions_applied;
+    report.rollouts = worker_report.rollouts;
+    report.seed = worker_report.seed;
+    report.first_chunk_digest = worker_report.first_chunk_digest;
+    report.add_counts(counts);
+    info!(
+        chunks = report.chunks_sent,
+        transitions = report.transitions_sent,
+        versions = report.versions_applied.len(),
+        sessions = report.sessions,
+        "actor stopped"
+    );
+    result.map(|()| report)
+}
+
+/// The channels between a connection and whatever rolls out its orders.
+pub struct Plumbing<'a> {
+    /// Chunks rolled out.
+    pub chunks: &'a mut mpsc::Receiver<worker::SampledChunk>,
+    /// One order per credit.
+    pub orders: &'a mpsc::Sender<worker::Order>,
+    /// The session now open.
+    pub current_session: &'a AtomicU32,
+}
+
+/// Keeps a session with the learner open, reconnecting with exponential
+/// backoff, until training ends, `shutdown` resolves, the learner refuses
+/// us, or the rollout side stops. Counts sessions and training's end in
+/// `report`.
+pub async fn stay_connected(
+    config: &Config,
+    name: &str,
+    plumbing: Plumbing<'_>,
+    report: &mut ActorReport,
+    shutdown: impl Future<Output = ()>,
+) -> (Result<(), ActorError>, Counts) {
+    let actor = &config.actor;
+    let (task, model) = match tasks::build(&config.task) {
+        Ok(env) => (env.spec(), ModelSpec::new(env.as_ref(), &config.model)),
+        Err(error) => return (Err(error.into()), Counts::default()),
+    };
+    let Plumbing {
+        chunks,
+        orders,
+        current_session,
+    } = plumbing;
+    let mut counts = Counts::default();
     let mut actor_id = 0u64;
     let mut failures = 0u32;
     let mut backoff = Duration::from_secs_f64(actor.reconnect_initial_s);
@@ -121,16 +214,17 @@ pub async fn run(
         report.sessions += 1;
         let session = Session {
             url: &actor.learner,
-            actor_name: &options.name,
+            actor_name: name,
             task: &task,
             model: &model,
+            envs: actor.envs,
             max_message_bytes: config.learner.max_message_bytes,
-            chunks: &mut chunks,
-            weights: &weight_sender,
-            sent: &mut sent,
+            chunks: &mut *chunks,
+            orders,
+            current_session,
+            counts: &mut counts,
             actor_id: &mut actor_id,
             session: report.sessions,
-            dropped: &mut report.stale_chunks_dropped,
         };
         let outcome = tokio::select! {
             outcome = session.run() => outcome,
@@ -170,24 +264,16 @@ pub async fn run(
             }
         }
     };
+    (result, counts)
+}
 
-    // Closing both channels stops the worker at its next rollout.
-    drop(chunks);
-    drop(weight_sender);
-    let worker_report: WorkerReport = tokio::task::spawn_blocking(move || worker.join())
-        .await
-        .map_err(|e| ActorError::Worker(e.to_string()))?
-        .map_err(|_| ActorError::Worker("the rollout thread panicked".to_owned()))?
-        .map_err(|e| ActorError::Worker(e.to_string()))?;
-    report.versions_applied = worker_report.versions_applied;
-    report.chunks_sent = sent.0;
-    report.transitions_sent = sent.1;
-    info!(
-        chunks = report.chunks_sent,
-        transitions = report.transitions_sent,
-        versions = report.versions_applied.len(),
-        sessions = report.sessions,
-        "actor stopped"
-    );
-    result.map(|()| report)
+impl ActorReport {
+    /// Copies the connection's counters into the report.
+    pub fn add_counts(&mut self, counts: Counts) {
+        self.chunks_sent = counts.chunks_sent;
+        self.transitions_sent = counts.transitions_sent;
+        self.credits = counts.credits;
+        self.versions_received = counts.versions_received;
+        self.stale_chunks_dropped = counts.stale_chunks_dropped;
+    }
 }

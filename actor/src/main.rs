@@ -21,9 +21,11 @@ struct Args {
     /// Name shown in the learner's logs [default: host/pid].
     #[arg(long)]
     name: Option<String>,
-    /// Added to the configured seed; give each actor its own.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    seed_offset: u64,
+    /// Draw actions from seed `seed + 1 + N`, to reproduce a run. Without
+    /// it every actor draws a stream of its own (seed, learner-assigned
+    /// actor id and OS entropy mixed).
+    #[arg(long, value_name = "N")]
+    seed_offset: Option<u64>,
     /// Environments rolled out together (overrides actor.envs).
     #[arg(long, value_name = "N")]
     envs: Option<usize>,

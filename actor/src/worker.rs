@@ -1,53 +1,71 @@
 //! The rollout worker: a plain thread that owns the actor's copy of the
-//! policy (tch tensors are not `Sync`), rolls out batches of environments
-//! and hands finished chunks to the connection task.
+//! policy (tch tensors are not `Sync`) and rolls out one chunk per order.
 //!
-//! Between two rollouts it looks at the weight slot and loads newer weights
-//! if there are any, so every chunk is sampled by exactly one version and is
-//! tagged with it. The worker reserves room in the outgoing channel before
-//! it samples, so a full channel blocks it before rather than after a
-//! rollout: that is how the learner's backpressure reaches the sampling loop
-//! without leaving freshly sampled chunks to age.
+//! The connection turns every credit the learner grants into an [`Order`]
+//! carrying the weights that go with it, so each chunk is sampled by
+//! exactly one version and tagged with it, and every version received is
+//! used: weights are loaded only when an order brings a newer one. Orders
+//! of an earlier session (the learner went away since) are skipped, since
+//! their credits died with the session.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use flgfn_common::env::Environment;
 use flgfn_common::policy::{ModelSpec, Policy};
 use flgfn_common::rollout::{Behaviour, rollout};
 use flgfn_common::trajectory::TrajectoryChunk;
-use rand::SeedableRng;
+use flgfn_common::weights::WeightsError;
 use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
 use tch::Device;
-use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-/// Latest weights received from the learner.
+/// Weights received from the learner.
 #[derive(Debug, Clone)]
 pub struct Weights {
     /// Which session with the learner delivered them. A restarted learner
     /// counts versions from 0 again, so versions compare only within a
-    /// session; weights of a new session are always loaded.
+    /// session.
     pub session: u32,
     /// The learner's version number.
     pub version: u64,
-    /// `VarStore` bytes.
+    /// safetensors bytes.
     pub bytes: Bytes,
 }
 
-/// The slot the connection task writes and the worker reads: only the
-/// latest weights matter, so older ones are overwritten unread.
-pub type WeightSlot = watch::Receiver<Option<Arc<Weights>>>;
+/// One credit: roll out one chunk with `weights`.
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// The session whose credit this is.
+    pub session: u32,
+    /// The actor id of that session (seeds the default random stream).
+    pub actor_id: u64,
+    /// The weights of the grant that gave the credit (or the newest
+    /// before it).
+    pub weights: Arc<Weights>,
+}
 
-/// A chunk and the session whose weights sampled it. A restarted learner
-/// counts versions from 0 again, so a chunk is only sent in the session
-/// that gave it its version.
+/// A chunk and the session whose credit it uses. A chunk is only sent in
+/// that session.
 #[derive(Debug)]
 pub struct SampledChunk {
-    /// Session of the weights that sampled the chunk.
+    /// Session of the credit.
     pub session: u32,
     /// The chunk; `actor_id` is stamped when it is sent.
     pub chunk: TrajectoryChunk,
+}
+
+/// How the worker seeds its action draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeding {
+    /// Exactly this seed: reproducible (`--seed-offset`).
+    Fixed(u64),
+    /// Mixed from this base, the learner-assigned actor id and fresh OS
+    /// entropy at the first order: actors of one configuration never
+    /// share a random stream.
+    Distinct(u64),
 }
 
 /// What the worker did, for the actor's final report.
@@ -56,8 +74,15 @@ pub struct WorkerReport {
     /// Every version loaded, in order (restarting from 0 if the learner
     /// restarted).
     pub versions_applied: Vec<u64>,
-    /// Chunks handed to the connection task.
-    pub chunks: u64,
+    /// Rollouts done (one chunk each).
+    pub rollouts: u64,
+    /// Orders skipped because their session had ended.
+    pub orders_skipped: u64,
+    /// The seed of the action draws.
+    pub seed: Option<u64>,
+    /// A hash of the first chunk's actions: two actors drawing the same
+    /// random stream from the same weights produce the same value.
+    pub first_chunk_digest: Option<u64>,
 }
 
 /// Everything the worker thread owns.
@@ -66,74 +91,125 @@ pub struct Worker {
     pub env: Arc<dyn Environment>,
     /// Shape of the policy network.
     pub model: ModelSpec,
-    /// Where new weights appear.
-    pub weights: WeightSlot,
+    /// One per credit.
+    pub orders: mpsc::Receiver<Order>,
     /// Finished chunks.
     pub out: mpsc::Sender<SampledChunk>,
+    /// The session now open; orders of others are skipped.
+    pub current_session: Arc<AtomicU32>,
     /// Exploration and truncation.
     pub behaviour: Behaviour,
     /// Environments per rollout (= trajectories per chunk).
     pub envs: usize,
-    /// Seed of this worker's action draws.
-    pub seed: u64,
-    /// To wait for the first weights from this plain thread.
-    pub runtime: Handle,
+    /// How to seed the action draws.
+    pub seeding: Seeding,
+}
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The learner's weights do not load into this network.
+    #[error("weights of version {version}: {source}")]
+    Weights {
+        /// The version that failed.
+        version: u64,
+        /// Why.
+        source: WeightsError,
+    },
 }
 
 impl Worker {
-    /// Rolls out until the actor drops the chunk receiver, or the weight
-    /// slot closes before the first weights arrive.
-    pub fn run(mut self) -> Result<WorkerReport, tch::TchError> {
+    /// Rolls out until the orders channel closes or the chunk receiver is
+    /// dropped.
+    pub fn run(mut self) -> Result<WorkerReport, WorkerError> {
         let mut policy = Policy::new(&self.model, Device::Cpu);
-        let mut rng = SmallRng::seed_from_u64(self.seed);
+        let mut rng: Option<SmallRng> = None;
         let mut report = WorkerReport::default();
         let mut loaded: Option<(u32, u64)> = None;
-        loop {
-            // Sample only once the chunk has somewhere to go: a chunk that
-            // waits for space is sampled by weights that age meanwhile.
-            let Ok(permit) = self.runtime.block_on(self.out.reserve()) else {
-                return Ok(report);
-            };
-            let latest = self.weights.borrow_and_update().clone();
-            match latest {
-                Some(weights)
-                    if loaded.is_none_or(|(session, version)| {
-                        weights.session != session || weights.version > version
-                    }) =>
-                {
-                    policy.load_bytes(&weights.bytes)?;
-                    loaded = Some((weights.session, weights.version));
-                    report.versions_applied.push(weights.version);
-                }
-                Some(_) => {}
-                None => {
-                    // No weights yet: wait for the first ones, or for the
-                    // actor to stop.
-                    let weights = &mut self.weights;
-                    if self.runtime.block_on(weights.changed()).is_err() {
-                        return Ok(report);
-                    }
-                    continue;
-                }
-            }
-            let Some((session, policy_version)) = loaded else {
+        while let Some(order) = self.orders.blocking_recv() {
+            if order.session != self.current_session.load(Ordering::Acquire) {
+                report.orders_skipped += 1;
                 continue;
-            };
-            let rollout = rollout(
-                self.env.as_ref(),
-                &policy,
-                self.envs,
-                self.behaviour,
-                &mut rng,
-            );
+            }
+            let weights = &order.weights;
+            if loaded != Some((weights.session, weights.version)) {
+                policy
+                    .load_bytes(&weights.bytes)
+                    .map_err(|source| WorkerError::Weights {
+                        version: weights.version,
+                        source,
+                    })?;
+                loaded = Some((weights.session, weights.version));
+                report.versions_applied.push(weights.version);
+            }
+            let rng = rng.get_or_insert_with(|| {
+                let seed = seed_for(self.seeding, order.actor_id);
+                report.seed = Some(seed);
+                tracing::info!(seed, "action draws seeded");
+                SmallRng::seed_from_u64(seed)
+            });
+            let rollout = rollout(self.env.as_ref(), &policy, self.envs, self.behaviour, rng);
             let chunk = TrajectoryChunk {
                 actor_id: 0,
-                policy_version,
-                sequence: report.chunks,
+                policy_version: weights.version,
+                sequence: report.rollouts,
                 trajectories: rollout.trajectories,
             };
-            permit.send(SampledChunk { session, chunk });
-            report.chunks += 1;
+            report.first_chunk_digest.get_or_insert_with(|| digest(&chunk));
+            report.rollouts += 1;
+            let sampled = SampledChunk {
+                session: order.session,
+                chunk,
+            };
+            if self.out.blocking_send(sampled).is_err() {
+                break;
+            }
         }
+        Ok(report)
+    }
+}
+
+/// The seed of the action draws.
+pub fn seed_for(seeding: Seeding, actor_id: u64) -> u64 {
+    match seeding {
+        Seeding::Fixed(seed) => seed,
+        Seeding::Distinct(base) => {
+            let entropy = rand::rng().next_u64();
+            splitmix(splitmix(base ^ splitmix(actor_id)) ^ entropy)
+        }
+    }
+}
+
+/// SplitMix64's finaliser: spreads nearby inputs far apart.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// FNV-1a over a chunk's actions, trajectory by trajectory.
+fn digest(chunk: &TrajectoryChunk) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for trajectory in &chunk.trajectories {
+        for &action in trajectory.actions.iter().chain(&[u32::MAX]) {
+            for byte in action.to_le_bytes() {
+                hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_seeding_differs_even_for_one_actor_id() {
+        let a = seed_for(Seeding::Distinct(0), 1);
+        let b = seed_for(Seeding::Distinct(0), 1);
+        assert_ne!(a, b);
+        assert_eq!(seed_for(Seeding::Fixed(7), 1), 7);
     }
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::tasks::set_generation::SetGenerationConfig;
+pub use crate::weights::WeightEncoding;
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -138,21 +139,44 @@ pub struct LearnerConfig {
     /// the first half of the run, then decays linearly, reaching this
     /// fraction of it at `max_steps` (1: constant).
     pub final_learning_rate_fraction: f64,
-    /// Transitions per training step: the trainer takes whole chunks from
-    /// the queue until it has at least this many (at most 2^20).
+    /// Smallest batch: the trainer takes whole chunks until it holds at
+    /// least this many transitions before it steps.
     pub batch_transitions: usize,
+    /// Largest batch (at most 2^20): when more fresh data than
+    /// `batch_transitions` is waiting, the trainer takes it too, up to this
+    /// many transitions, so that more actors mean bigger steps rather than
+    /// older data.
+    pub max_batch_transitions: usize,
     /// Publish new weights every this many training steps.
     pub publish_every: u64,
-    /// Capacity of the ingest queue, in chunks. Small keeps policy lag low
-    /// and makes a slow learner push back on the actors.
-    pub ingest_queue_chunks: usize,
-    /// Data sampled more than this many training steps before the latest
-    /// version (versions are step numbers) is dropped at ingest, and counted.
-    /// GFlowNet losses are off-policy, so stale data is valid; the bound
-    /// keeps a slow actor from training the model on a long-gone policy.
+    /// Data sampled more than this many training steps before the step
+    /// that would train it (versions are step numbers) is never trained on:
+    /// it is dropped where the batch is built, and counted. GFlowNet losses
+    /// are off-policy, so stale data is valid; the bound keeps a slow actor
+    /// from training the model on a long-gone policy. Credits keep lag well
+    /// below it (see `max_in_flight_batches`).
     pub max_policy_lag: u64,
+    /// Most data granted to actors and not yet trained on, in batches of
+    /// `batch_transitions` (at most `max_policy_lag`). The learner grants
+    /// credits, each for one chunk, only while this room is free; within it
+    /// the room adapts, growing while the trainer waits for data and
+    /// shrinking while data waits for the trainer. This is what bounds
+    /// policy lag, at any network latency.
+    pub max_in_flight_batches: u64,
+    /// An actor gets new weights with a credit only when its own are at
+    /// least this many versions old (1: always the newest). Raising it
+    /// trades a little policy lag for fewer weight bytes.
+    pub weights_refresh_steps: u64,
+    /// How weights travel: "f32" (exact) or "bf16" (half the bytes).
+    pub weight_encoding: WeightEncoding,
     /// libtorch intra-op threads for the trainer.
     pub threads: usize,
+    /// Tokio worker threads serving gRPC (handshakes, grants, weights,
+    /// health).
+    pub async_threads: usize,
+    /// Threads that validate and replay incoming chunks, off the async
+    /// workers, so a flood of data never starves weights or health checks.
+    pub ingest_threads: usize,
     /// Where the trainer computes.
     pub device: DeviceConfig,
     /// Stop after this many training steps (0: run until interrupted).
@@ -173,11 +197,6 @@ pub struct LearnerConfig {
     /// ~40x its wire size and a chunk trains whole, so this bounds the
     /// memory one message can claim.
     pub max_chunk_trajectories: usize,
-    /// HTTP/2 receive window per trajectory stream and per connection, in
-    /// bytes. Data in flight is data sampled by an old policy: a small
-    /// window keeps policy lag low and makes backpressure reach the actors
-    /// quickly, instead of letting them fill megabytes of buffers.
-    pub receive_window_bytes: u32,
 }
 
 impl Default for LearnerConfig {
@@ -187,10 +206,15 @@ impl Default for LearnerConfig {
             learning_rate: 3e-3,
             final_learning_rate_fraction: 0.1,
             batch_transitions: 320,
+            max_batch_transitions: 1280,
             publish_every: 1,
-            ingest_queue_chunks: 2,
             max_policy_lag: 16,
+            max_in_flight_batches: 8,
+            weights_refresh_steps: 1,
+            weight_encoding: WeightEncoding::F32,
             threads: 1,
+            async_threads: 2,
+            ingest_threads: 2,
             device: DeviceConfig::Auto,
             max_steps: 600,
             eval_samples: 4096,
@@ -198,7 +222,6 @@ impl Default for LearnerConfig {
             report_every_s: 5.0,
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
-            receive_window_bytes: 4 << 10,
         }
     }
 }
@@ -227,8 +250,6 @@ pub struct ActorConfig {
     /// connection that worked and then broke starts a new count (0: never
     /// give up).
     pub reconnect_attempts: u32,
-    /// Chunks buffered between the rollout thread and the gRPC stream.
-    pub send_buffer_chunks: usize,
 }
 
 impl Default for ActorConfig {
@@ -242,7 +263,6 @@ impl Default for ActorConfig {
             reconnect_initial_s: 0.2,
             reconnect_max_s: 5.0,
             reconnect_attempts: 0,
-            send_buffer_chunks: 1,
         }
     }
 }
@@ -325,9 +345,32 @@ impl Config {
             l.batch_transitions,
             MAX_BATCH_TRANSITIONS,
         )?;
+        at_least(
+            "learner.max_batch_transitions",
+            l.max_batch_transitions,
+            l.batch_transitions,
+        )?;
+        at_most(
+            "learner.max_batch_transitions",
+            l.max_batch_transitions,
+            MAX_BATCH_TRANSITIONS,
+        )?;
         at_least("learner.publish_every", l.publish_every as usize, 1)?;
-        at_least("learner.ingest_queue_chunks", l.ingest_queue_chunks, 1)?;
+        at_least("learner.max_policy_lag", l.max_policy_lag as usize, 1)?;
+        at_least("learner.max_in_flight_batches", l.max_in_flight_batches as usize, 1)?;
+        if l.max_in_flight_batches > l.max_policy_lag {
+            return Err(ConfigError::invalid(
+                "learner.max_in_flight_batches",
+                format!(
+                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained",
+                    l.max_in_flight_batches, l.max_policy_lag
+                ),
+            ));
+        }
+        at_least("learner.weights_refresh_steps", l.weights_refresh_steps as usize, 1)?;
         at_least("learner.threads", l.threads, 1)?;
+        at_least("learner.async_threads", l.async_threads, 1)?;
+        at_least("learner.ingest_threads", l.ingest_threads, 1)?;
         at_least("learner.eval_samples", l.eval_samples, 1)?;
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
@@ -343,18 +386,9 @@ impl Config {
             l.max_chunk_trajectories,
             1,
         )?;
-        // HTTP/2 allows windows down to 1 byte (65,535 is its default), but
-        // a window far below one chunk makes every chunk wait for several
-        // updates.
-        at_least(
-            "learner.receive_window_bytes",
-            l.receive_window_bytes as usize,
-            1024,
-        )?;
         let a = &self.actor;
         at_least("actor.envs", a.envs, 1)?;
         at_least("actor.threads", a.threads, 1)?;
-        at_least("actor.send_buffer_chunks", a.send_buffer_chunks, 1)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
         positive_finite("actor.reconnect_initial_s", a.reconnect_initial_s)?;

@@ -18,6 +18,7 @@
 //!   read.
 //! - [`exact`]: exact target and policy distributions of tiny tasks.
 //! - [`config`]: the one TOML schema of every binary, with its defaults.
+//! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
 //! - [`telemetry`]: tracing setup and the binaries' exit status.
 //! - [`signals`]: SIGINT / SIGTERM as a graceful-stop future.
@@ -32,4 +33,5 @@ pub mod signals;
 pub mod tasks;
 pub mod telemetry;
 pub mod trajectory;
+pub mod weights;
 pub mod wire;

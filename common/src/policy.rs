@@ -4,16 +4,17 @@
 //! The same code runs in the actors (CPU, no grad) and in the learner. A
 //! [`Policy`] owns its `VarStore`; tch tensors are `Send` but not `Sync`, so
 //! each policy lives on one thread and weights travel between processes as
-//! bytes ([`Policy::to_bytes`], [`Policy::load_bytes`]).
+//! safetensors bytes ([`Policy::to_bytes`], [`Policy::load_bytes`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Cursor;
 
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DeviceConfig, ModelConfig};
 use crate::env::{Environment, State};
+use crate::weights::{self, NamedArray, WeightEncoding, WeightsError};
 
 /// Everything that decides whether weights fit a network. Sent at the
 /// handshake: an actor with another shape could not load the weights.
@@ -149,17 +150,71 @@ impl Policy {
         self.vars.device()
     }
 
-    /// Serialises the weights (libtorch's format), for the wire or a file.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, tch::TchError> {
-        let mut bytes = Vec::new();
-        self.vars.save_to_stream(&mut bytes)?;
-        Ok(bytes)
+    /// The weights as host arrays, sorted by name.
+    pub fn weights(&self) -> Vec<NamedArray> {
+        self.snapshot().to_host()
     }
 
-    /// Replaces the weights with ones produced by [`Policy::to_bytes`] on a
-    /// network of the same shape (on any device).
-    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<(), tch::TchError> {
-        self.vars.load_from_stream(Cursor::new(bytes))
+    /// A copy of every parameter on the policy's own device: cheap (no
+    /// transfer to the host), and unaffected by later optimizer steps. The
+    /// learner takes one per published version and leaves serialisation to
+    /// whoever needs the bytes.
+    pub fn snapshot(&self) -> DeviceSnapshot {
+        let _guard = tch::no_grad_guard();
+        let mut tensors: Vec<(String, Tensor)> = self
+            .vars
+            .variables()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.detach().copy()))
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        DeviceSnapshot { tensors }
+    }
+
+    /// Serialises the weights as safetensors.
+    pub fn to_bytes(&self, encoding: WeightEncoding) -> Result<Vec<u8>, WeightsError> {
+        weights::encode(&self.weights(), encoding, &BTreeMap::new())
+    }
+
+    /// Replaces the weights with a safetensors buffer holding exactly this
+    /// network's parameters (f32 or bf16, from any device).
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<(), WeightsError> {
+        self.load_weights(&weights::decode(bytes)?.arrays)
+    }
+
+    /// Replaces the weights with `arrays`, which must name every parameter
+    /// once with its exact shape.
+    pub fn load_weights(&mut self, arrays: &[NamedArray]) -> Result<(), WeightsError> {
+        let mut variables = self.vars.variables();
+        if arrays.len() != variables.len() {
+            return Err(WeightsError::Mismatch(format!(
+                "{} tensors, the network has {}",
+                arrays.len(),
+                variables.len()
+            )));
+        }
+        let _guard = tch::no_grad_guard();
+        for array in arrays {
+            let Some(mut variable) = variables.remove(&array.name) else {
+                return Err(WeightsError::Mismatch(format!(
+                    "no parameter named `{}`",
+                    array.name
+                )));
+            };
+            let shape: Vec<usize> = variable.size().iter().map(|&d| d as usize).collect();
+            if shape != array.shape || array.values.len() != shape.iter().product::<usize>() {
+                return Err(WeightsError::Mismatch(format!(
+                    "`{}` has shape {:?}, the network's is {shape:?}",
+                    array.name, array.shape
+                )));
+            }
+            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            let values = Tensor::from_slice(&array.values)
+                .view(dims.as_slice())
+                .to_device(variable.device());
+            variable.copy_(&values);
+        }
+        Ok(())
     }
 
     /// Encodes `states` with `env` and runs the network on them without
@@ -185,6 +240,50 @@ impl Policy {
             .view([rows as i64, self.net.spec.input_dim as i64])
             .to_device(self.device());
         self.net.forward(&states)
+    }
+}
+
+/// A copy of a policy's parameters on its device, taken between two
+/// optimizer steps ([`Policy::snapshot`]). `Send`, so another thread can
+/// bring it to the host.
+#[derive(Debug)]
+pub struct DeviceSnapshot {
+    tensors: Vec<(String, Tensor)>,
+}
+
+impl DeviceSnapshot {
+    /// Another handle to the same device tensors (no copy). The trainer
+    /// never writes a snapshot after taking it, so handles may be read on
+    /// any thread.
+    pub fn shallow_clone(&self) -> Self {
+        DeviceSnapshot {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.clone(), tensor.shallow_clone()))
+                .collect(),
+        }
+    }
+
+    /// Copies the parameters to the host as f32 arrays, sorted by name.
+    pub fn to_host(&self) -> Vec<NamedArray> {
+        self.tensors
+            .iter()
+            .map(|(name, tensor)| NamedArray {
+                name: name.clone(),
+                shape: tensor.size().iter().map(|&d| d as usize).collect(),
+                values: to_host_f32(tensor),
+            })
+            .collect()
+    }
+
+    /// Encodes the parameters as safetensors.
+    pub fn encode(
+        &self,
+        encoding: WeightEncoding,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>, WeightsError> {
+        weights::encode(&self.to_host(), encoding, metadata)
     }
 }
 
@@ -246,11 +345,35 @@ mod tests {
         let mut b = Policy::new(&spec(), Device::Cpu);
         let x = [0.5f32, -1.0, 2.0, 0.0, 1.0];
         let before = to_host_f32(&b.infer(&x, 1).log_flow);
-        b.load_bytes(&a.to_bytes().unwrap()).unwrap();
+        b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap()).unwrap();
         let expected = to_host_f32(&a.infer(&x, 1).forward_logits);
         let got = to_host_f32(&b.infer(&x, 1).forward_logits);
         assert_eq!(expected, got);
         assert_ne!(before, to_host_f32(&b.infer(&x, 1).log_flow));
+    }
+
+    #[test]
+    fn bf16_weights_load_within_bf16_precision() {
+        let a = Policy::new(&spec(), Device::Cpu);
+        let mut b = Policy::new(&spec(), Device::Cpu);
+        b.load_bytes(&a.to_bytes(WeightEncoding::Bf16).unwrap()).unwrap();
+        for (x, y) in a.weights().iter().zip(b.weights()) {
+            assert_eq!(x.name, y.name);
+            for (u, v) in x.values.iter().zip(&y.values) {
+                assert!((u - v).abs() <= u.abs() / 256.0, "{u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_snapshot_does_not_follow_later_changes() {
+        let mut policy = Policy::new(&spec(), Device::Cpu);
+        let snapshot = policy.snapshot();
+        let before = policy.weights();
+        let other = Policy::new(&spec(), Device::Cpu);
+        policy.load_weights(&other.weights()).unwrap();
+        assert_eq!(snapshot.to_host(), before);
+        assert_ne!(policy.weights(), before);
     }
 
     #[test]
@@ -259,6 +382,7 @@ mod tests {
         let mut other = spec();
         other.hidden = vec![8, 9];
         let mut b = Policy::new(&other, Device::Cpu);
-        assert!(b.load_bytes(&a.to_bytes().unwrap()).is_err());
+        let error = b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap()).unwrap_err();
+        assert!(error.to_string().contains("has shape"), "{error}");
     }
 }

@@ -20,7 +20,14 @@ pub mod proto {
 }
 
 /// Version of the wire contract; bumped when a field changes meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// gRPC metadata key of the Session call: the actor id from the handshake.
+pub const ACTOR_ID_HEADER: &str = "flgfn-actor-id";
+
+/// gRPC metadata key of the Session call: most trajectories per chunk (as
+/// declared at the handshake).
+pub const TRAJECTORIES_PER_CHUNK_HEADER: &str = "flgfn-trajectories-per-chunk";
 
 impl From<&TaskSpec> for proto::TaskSpec {
     fn from(spec: &TaskSpec) -> Self {

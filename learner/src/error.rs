@@ -59,6 +59,9 @@ pub enum RequestError {
         /// What was wrong with it.
         source: ReplayError,
     },
+    /// A chunk arrived with no unused credit.
+    #[error("a chunk arrived without a credit: send one chunk per credit granted")]
+    NoCredit,
     /// Training has ended; nothing more is accepted.
     #[error("the learner is shutting down")]
     ShuttingDown,
@@ -101,7 +104,8 @@ impl From<RequestError> for Status {
             RequestError::ProtocolVersion { .. }
             | RequestError::TaskMismatch { .. }
             | RequestError::ModelMismatch { .. }
-            | RequestError::UnknownActor(_) => Status::failed_precondition(message),
+            | RequestError::UnknownActor(_)
+            | RequestError::NoCredit => Status::failed_precondition(message),
             RequestError::Missing(_)
             | RequestError::Malformed(_)
             | RequestError::FutureVersion { .. }
@@ -120,6 +124,9 @@ pub enum LearnerError {
     /// libtorch failed (device, serialisation).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Weights could not be encoded.
+    #[error("weights: {0}")]
+    Weights(#[from] flgfn_common::weights::WeightsError),
     /// The metrics file could not be written.
     #[error("cannot write metrics file {path}")]
     Metrics {

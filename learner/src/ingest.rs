@@ -6,11 +6,13 @@
 //! be legal in the learner's own environment. A chunk is accepted or refused
 //! whole, so a refused chunk never leaves half its trajectories behind.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use flgfn_common::env::Environment;
 use flgfn_common::trajectory::{ReplayedTrajectory, TrajectoryChunk, replay};
 
+use crate::credits::CreditToken;
 use crate::error::RequestError;
 
 /// A validated chunk, ready for the trainer.
@@ -30,6 +32,36 @@ pub struct IngestedChunk {
     pub unusable_transitions: usize,
 }
 
+/// A validated chunk waiting for the trainer, with the credit it was sent
+/// for: dropping the credit (once the chunk is in a batch, or dropped as
+/// stale) returns its room to the pool.
+#[derive(Debug)]
+pub struct QueuedChunk {
+    /// The data.
+    pub chunk: IngestedChunk,
+    /// Room reserved for it.
+    pub credit: CreditToken,
+}
+
+/// What the learner counted for one actor session, recorded when it ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SessionRecord {
+    /// From the handshake.
+    pub actor_id: u64,
+    /// Credits granted: rollouts the actor was allowed to start.
+    pub credits_granted: u64,
+    /// Chunks received and accepted.
+    pub chunks_received: u64,
+    /// Weight versions sent.
+    pub versions_sent: u64,
+    /// Bytes of those weights.
+    pub weight_bytes: u64,
+}
+
+/// Session records kept for the final outcome; beyond this many only the
+/// totals in [`IngestStats`] grow.
+pub const MAX_SESSION_RECORDS: usize = 4096;
+
 /// Counters shared by the service and the trainer. Relaxed atomics: they
 /// feed reports, not control flow.
 #[derive(Debug, Default)]
@@ -39,16 +71,28 @@ pub struct IngestStats {
     /// Usable transitions in accepted chunks (counted before stale chunks
     /// are dropped).
     pub accepted_transitions: AtomicU64,
+    /// Credits granted to actors.
+    pub credits_granted: AtomicU64,
+    /// Weight versions sent to actors (one per grant that carried weights).
+    pub weight_versions_sent: AtomicU64,
+    /// Bytes of those weights.
+    pub weight_bytes: AtomicU64,
+    /// Sum over weights sent of the microseconds from their publication to
+    /// their sending.
+    pub publish_to_send_us: AtomicU64,
     /// Encoded protobuf bytes of accepted chunks.
     pub wire_bytes: AtomicU64,
     /// Chunks refused as invalid.
     pub rejected_chunks: AtomicU64,
-    /// Transitions dropped because their policy was too old.
+    /// Transitions dropped where the batch is built because the policy
+    /// that sampled them was more than `max_policy_lag` steps old.
     pub stale_transitions: AtomicU64,
     /// Transitions of truncated trajectories the objective cannot use.
     pub unusable_truncated_transitions: AtomicU64,
-    /// Open trajectory streams.
+    /// Open sessions.
     pub connected_actors: AtomicI64,
+    /// Ended sessions, up to [`MAX_SESSION_RECORDS`].
+    pub sessions: Mutex<Vec<SessionRecord>>,
 }
 
 impl IngestStats {
@@ -61,18 +105,26 @@ impl IngestStats {
     pub fn add(counter: &AtomicU64, amount: u64) {
         counter.fetch_add(amount, Ordering::Relaxed);
     }
+
+    /// Keeps the record of an ended session (up to a bound).
+    pub fn record_session(&self, record: SessionRecord) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sessions.len() < MAX_SESSION_RECORDS {
+            sessions.push(record);
+        }
+    }
 }
 
 /// What ingest needs to know about the learner's state.
 #[derive(Debug, Clone, Copy)]
 pub struct IngestContext {
-    /// Highest actor id handed out so far (ids start at 1).
-    pub last_actor_id: u64,
-    /// The learner's latest published version.
+    /// The actor this session belongs to.
+    pub actor_id: u64,
+    /// Newest version sent to this actor: no chunk can have a newer one.
     pub latest_version: u64,
     /// Whether truncated trajectories are kept.
     pub keep_truncated: bool,
-    /// Most trajectories per chunk.
+    /// Most trajectories per chunk (declared by the actor).
     pub max_trajectories: usize,
 }
 
@@ -82,8 +134,11 @@ pub fn ingest_chunk(
     chunk: TrajectoryChunk,
     context: IngestContext,
 ) -> Result<IngestedChunk, RequestError> {
-    if chunk.actor_id == 0 || chunk.actor_id > context.last_actor_id {
-        return Err(RequestError::UnknownActor(chunk.actor_id));
+    if chunk.actor_id != context.actor_id {
+        return Err(RequestError::Malformed(format!(
+            "`actor_id` {} is not this session's actor ({})",
+            chunk.actor_id, context.actor_id
+        )));
     }
     if chunk.policy_version > context.latest_version {
         return Err(RequestError::FutureVersion {
@@ -93,7 +148,7 @@ pub fn ingest_chunk(
     }
     if chunk.trajectories.len() > context.max_trajectories {
         return Err(RequestError::Malformed(format!(
-            "`trajectories` has {} entries, more than this learner accepts per chunk ({}, learner.max_chunk_trajectories)",
+            "`trajectories` has {} entries, more than this actor declared per chunk at the handshake ({})",
             chunk.trajectories.len(),
             context.max_trajectories
         )));

@@ -1,21 +1,34 @@
-//! The flgfn learner: receives trajectories from actors over gRPC, trains
-//! the policy with a forward-looking objective, and broadcasts new weights.
+//! The flgfn learner: grants credits to actors, receives their
+//! trajectories over gRPC, trains the policy with a forward-looking
+//! objective, and sends weights to actors about to use them.
 //!
 //! # Layout
 //!
-//! - [`service`]: the `flgfn.v1.Learner` gRPC service (handshake,
-//!   trajectory stream, weight subscription).
+//! - [`service`]: the `flgfn.v1.Learner` gRPC service (handshake, and a
+//!   session per actor).
+//! - [`session`]: one actor's session: credits and weights out, chunks in.
+//! - [`credits`]: the credit pool and the task that grants from it: how
+//!   production follows consumption and lag stays bounded.
 //! - [`ingest`]: validation and replay of incoming chunks, and the counters.
+//! - [`batcher`]: the thread that builds the next batch (stale data is
+//!   dropped here) while the trainer runs the current step.
 //! - [`trainer`]: the thread that owns the model and optimizer.
-//! - [`publisher`]: weights serialised once per version, shared by all.
+//! - [`publisher`]: weight versions as device-side copies, serialised once,
+//!   lazily, when an actor needs them.
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
 //! - [`report`]: tracing lines and JSON-lines metrics.
 //! - [`error`]: errors, and their one conversion to gRPC statuses.
 //! - [`launcher`]: `--local-actors`, actor processes next to the learner.
+//! - [`delay_proxy`]: a TCP proxy that delays each direction, for tests and
+//!   benchmarks of the learner behind a slow network.
 //!
-//! Data path: service -> ingest (validate, replay) -> bounded queue ->
-//! trainer -> publisher -> every subscribed actor. [`serve`] wires it up.
+//! Data path: credits -> session (grant, weights) -> actor -> session
+//! (validate, replay) -> queue -> batcher -> trainer -> publisher.
+//! [`serve`] wires it up.
 
+pub mod batcher;
+pub mod credits;
+pub mod delay_proxy;
 pub mod error;
 pub mod evaluator;
 pub mod ingest;
@@ -23,15 +36,16 @@ pub mod launcher;
 pub mod publisher;
 pub mod report;
 pub mod service;
+pub mod session;
 pub mod trainer;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use bytes::Bytes;
 use flgfn_common::config::{Config, LearnerConfig};
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
@@ -42,11 +56,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+use crate::batcher::Batcher;
+use crate::credits::{Controller, CreditPool};
 pub use crate::error::LearnerError;
 use crate::ingest::IngestStats;
 use crate::publisher::Publisher;
 use crate::report::MetricsFile;
-use crate::service::LearnerService;
+use crate::service::{LearnerService, LearnerState};
+use crate::session::IngestPool;
 use crate::trainer::Trainer;
 pub use crate::trainer::TrainingOutcome;
 
@@ -58,14 +75,13 @@ pub struct RunOptions {
 }
 
 /// The gRPC transport with the learner's flow-control and keepalive
-/// settings; `serve` and tests that assemble a service by hand share it.
-pub fn transport(learner: &LearnerConfig) -> tonic::transport::Server {
+/// settings. Credits bound what is in flight, so the HTTP/2 windows only
+/// need to cover the bandwidth-delay product: hyper sizes them adaptively.
+pub fn transport(_learner: &LearnerConfig) -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        // Small windows: data in flight was sampled by aging weights, and
-        // a full ingest queue must reach the actors quickly.
-        .initial_stream_window_size(learner.receive_window_bytes)
-        .initial_connection_window_size(learner.receive_window_bytes)
-        // Free the handlers of actors whose host vanished silently.
+        .http2_adaptive_window(Some(true))
+        .tcp_nodelay(true)
+        // Free the sessions of actors whose host vanished silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
@@ -92,30 +108,41 @@ pub async fn serve(
     tch::manual_seed(config.seed as i64);
     let objective = objectives::build(&config.objective);
     let policy = Policy::new(&model, device);
-    let (publisher, weights) = Publisher::new(Bytes::from(policy.to_bytes()?));
+    let learner = &config.learner;
+    let metadata = BTreeMap::from([
+        ("task".to_owned(), env.spec().to_string()),
+        ("model".to_owned(), model.to_string()),
+    ]);
+    let publisher = Publisher::new(policy.snapshot(), learner.weight_encoding, metadata);
     let metrics = options
         .metrics_path
         .as_deref()
         .map(MetricsFile::create)
         .transpose()?;
 
-    let (queue_sender, queue) = mpsc::channel(config.learner.ingest_queue_chunks);
     let (stop_sender, stop) = watch::channel(false);
     let stats = Arc::new(IngestStats::default());
-    let service = LearnerService {
+    let batch = learner.batch_transitions as u64;
+    let pool = CreditPool::new(batch, batch * learner.max_in_flight_batches);
+    // Every queued chunk holds a credit of at least one transition.
+    let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
+    let state = Arc::new(LearnerState {
         env: env.clone(),
         task: env.spec(),
         model: model.clone(),
         keep_truncated: objective.trains_on_truncated(),
-        max_policy_lag: config.learner.max_policy_lag,
-        max_message_bytes: config.learner.max_message_bytes,
-        max_chunk_trajectories: config.learner.max_chunk_trajectories,
+        max_message_bytes: learner.max_message_bytes,
+        max_chunk_trajectories: learner.max_chunk_trajectories,
+        weights_refresh_steps: learner.weights_refresh_steps,
         last_actor_id: AtomicU64::new(0),
+        credits: Controller::spawn(pool.clone(), stop.clone()),
         queue: queue_sender,
-        weights,
+        publisher: publisher.clone(),
         stats: stats.clone(),
+        ingest_pool: IngestPool::new(learner.ingest_threads),
         stop: stop.clone(),
-    };
+    });
+    let service = LearnerService { state };
     let address = listener.local_addr().ok();
     info!(
         ?address,
@@ -123,21 +150,43 @@ pub async fn serve(
         %model,
         objective = objective.name(),
         ?device,
-        threads = config.learner.threads,
+        threads = learner.threads,
         "learner listening"
     );
 
+    let steps_done = Arc::new(AtomicU64::new(0));
+    // A rendezvous: the batcher builds the next batch while the trainer
+    // runs the current one, and no further.
+    let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
+    let batcher = Batcher {
+        queue,
+        out: batch_sender,
+        steps_done: steps_done.clone(),
+        pool: pool.clone(),
+        stats: stats.clone(),
+        min_transitions: learner.batch_transitions,
+        max_transitions: learner.max_batch_transitions,
+        max_policy_lag: learner.max_policy_lag,
+        dims: (env.state_dim(), env.forward_actions(), env.backward_actions()),
+        pinned: device.is_cuda(),
+        stop: stop.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
+    std::thread::Builder::new()
+        .name("flgfn-batcher".to_owned())
+        .spawn(move || batcher.run())
+        .map_err(|e| LearnerError::Trainer(e.to_string()))?;
     let trainer = Trainer {
         policy,
         objective,
         env,
         config: config.clone(),
-        queue,
+        batches,
+        steps_done,
         publisher,
         stats,
+        pool,
         metrics,
-        stop: stop.clone(),
-        runtime: tokio::runtime::Handle::current(),
     };
     let (done_sender, done) = oneshot::channel();
     std::thread::Builder::new()
@@ -193,6 +242,8 @@ pub async fn serve(
         trained_transitions = r.trained_transitions,
         ingested_transitions = r.ingested_transitions,
         wire_bytes_per_transition = r.wire_bytes_per_transition,
+        weight_bytes_per_trained_transition = r.weight_bytes_per_trained_transition,
+        stale_fraction = r.stale_fraction,
         "training finished"
     );
     Ok(outcome)

@@ -1,74 +1,220 @@
-//! Weight broadcast: the trainer serialises each version once; every
-//! subscriber shares the same bytes.
+//! Weight versions: published by the trainer as a device-side copy,
+//! serialised lazily, once, and only when an actor is about to use them.
 //!
-//! A `watch` channel holds only the latest snapshot, so a slow subscriber
-//! skips versions instead of queueing them, and memory does not grow with
-//! the number of actors.
+//! The trainer's part is cheap: [`Publisher::publish`] stores a
+//! [`DeviceSnapshot`] (a copy of the parameters on the training device) and
+//! bumps the version number. Nothing is brought to the host or encoded on
+//! the trainer thread. When a session grants a credit to an actor whose
+//! weights are old, it asks [`Publisher::latest`]: the newest snapshot is
+//! encoded as safetensors on the blocking pool, cached, and the same
+//! `Bytes` go to every actor that needs that version. Versions nobody asks
+//! for are never serialised.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use bytes::Bytes;
+use flgfn_common::policy::DeviceSnapshot;
+use flgfn_common::weights::{WeightEncoding, WeightsError};
 use tokio::sync::watch;
 
-/// One published version of the weights.
+/// One version of the weights, encoded.
 #[derive(Debug, Clone, Default)]
-pub struct WeightsSnapshot {
+pub struct EncodedWeights {
     /// Training step at which these weights were published (0: initial).
     /// Lag is measured in these units.
     pub version: u64,
-    /// `VarStore` bytes, shared by every subscriber without copying.
+    /// safetensors bytes, shared by every session without copying.
     pub bytes: Bytes,
-    /// True for the last snapshot of the run.
-    pub training_done: bool,
+    /// When the trainer published it.
+    pub published_at: Option<Instant>,
 }
 
-/// The trainer's end of the broadcast.
-#[derive(Debug)]
+/// The newest version as the trainer left it.
+struct Pending {
+    version: u64,
+    snapshot: DeviceSnapshot,
+    published_at: Instant,
+}
+
+/// Shared by the trainer (which publishes) and the sessions (which read).
 pub struct Publisher {
-    sender: watch::Sender<Arc<WeightsSnapshot>>,
+    encoding: WeightEncoding,
+    /// Written into every buffer's metadata (model shape, task).
+    metadata: BTreeMap<String, String>,
+    /// The newest version, on the training device.
+    pending: Mutex<Pending>,
+    /// Its number, readable without the lock.
+    latest_version: AtomicU64,
+    /// The newest encoded version; also serialises encoders, so a version
+    /// is encoded at most once.
+    encoded: Mutex<Arc<EncodedWeights>>,
+    /// Versions encoded so far, for reports.
+    encodings: AtomicU64,
+    /// Turns true with the final version: sessions tell their actors.
+    done: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("encoding", &self.encoding)
+            .field("latest_version", &self.latest_version())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Publisher {
-    /// Starts a broadcast with the initial weights as version 0.
-    pub fn new(initial: Bytes) -> (Self, watch::Receiver<Arc<WeightsSnapshot>>) {
-        let (sender, receiver) = watch::channel(Arc::new(WeightsSnapshot {
-            version: 0,
-            bytes: initial,
-            training_done: false,
-        }));
-        (Publisher { sender }, receiver)
+    /// Starts with `initial` as version 0.
+    pub fn new(
+        initial: DeviceSnapshot,
+        encoding: WeightEncoding,
+        metadata: BTreeMap<String, String>,
+    ) -> Arc<Self> {
+        Arc::new(Publisher {
+            encoding,
+            metadata,
+            pending: Mutex::new(Pending {
+                version: 0,
+                snapshot: initial,
+                published_at: Instant::now(),
+            }),
+            latest_version: AtomicU64::new(0),
+            encoded: Mutex::new(Arc::new(EncodedWeights {
+                version: u64::MAX,
+                bytes: Bytes::new(),
+                published_at: None,
+            })),
+            encodings: AtomicU64::new(0),
+            done: watch::channel(false).0,
+        })
     }
 
-    /// Makes `snapshot` the latest version.
-    pub fn publish(&self, snapshot: WeightsSnapshot) {
-        // send_replace never fails, even with no subscriber connected.
-        self.sender.send_replace(Arc::new(snapshot));
+    /// Makes `snapshot` the newest version. Cheap: no host copy, no
+    /// encoding; the previous snapshot is freed.
+    pub fn publish(&self, version: u64, snapshot: DeviceSnapshot) {
+        let previous = {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.version = version;
+            pending.published_at = Instant::now();
+            std::mem::replace(&mut pending.snapshot, snapshot)
+        };
+        self.latest_version.store(version, Ordering::Release);
+        drop(previous);
     }
 
-    /// The latest published version.
-    pub fn latest(&self) -> Arc<WeightsSnapshot> {
-        self.sender.borrow().clone()
+    /// Publishes the final version and tells every session that training
+    /// is over.
+    pub fn finish(&self, version: u64, snapshot: DeviceSnapshot) {
+        self.publish(version, snapshot);
+        self.done.send_replace(true);
+    }
+
+    /// The newest version number.
+    pub fn latest_version(&self) -> u64 {
+        self.latest_version.load(Ordering::Acquire)
+    }
+
+    /// Resolves once training is over.
+    pub fn done(&self) -> watch::Receiver<bool> {
+        self.done.subscribe()
+    }
+
+    /// Versions encoded so far.
+    pub fn encodings(&self) -> u64 {
+        self.encodings.load(Ordering::Relaxed)
+    }
+
+    /// The newest version, encoded (on the blocking pool if it is not yet).
+    pub async fn latest(self: &Arc<Self>) -> Result<Arc<EncodedWeights>, WeightsError> {
+        // Never wait for the lock here, on an async worker: an encoder
+        // holds it while it works.
+        if let Ok(encoded) = self.encoded.try_lock() {
+            if encoded.version == self.latest_version() {
+                return Ok(encoded.clone());
+            }
+        }
+        let publisher = self.clone();
+        tokio::task::spawn_blocking(move || publisher.encode_latest())
+            .await
+            .unwrap_or_else(|join| Err(WeightsError::Format(format!("encoder task: {join}"))))
+    }
+
+    /// Encodes the newest version unless it already is; blocking.
+    pub fn encode_latest(&self) -> Result<Arc<EncodedWeights>, WeightsError> {
+        let mut encoded = self.encoded.lock().unwrap_or_else(PoisonError::into_inner);
+        let (version, snapshot, published_at) = {
+            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            (pending.version, pending.snapshot.shallow_clone(), pending.published_at)
+        };
+        if encoded.version == version {
+            return Ok(encoded.clone());
+        }
+        let mut metadata = self.metadata.clone();
+        metadata.insert("version".to_owned(), version.to_string());
+        let bytes = snapshot.encode(self.encoding, &metadata)?;
+        *encoded = Arc::new(EncodedWeights {
+            version,
+            bytes: Bytes::from(bytes),
+            published_at: Some(published_at),
+        });
+        self.encodings.fetch_add(1, Ordering::Relaxed);
+        Ok(encoded.clone())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use flgfn_common::policy::{ModelSpec, Policy};
+    use tch::Device;
+
     use super::*;
 
-    #[test]
-    fn every_subscriber_shares_the_bytes_serialised_once() {
-        let (publisher, first) = Publisher::new(Bytes::from_static(b"v0"));
-        let second = first.clone();
-        publisher.publish(WeightsSnapshot {
-            version: 7,
-            bytes: Bytes::from(vec![1u8; 1024]),
-            training_done: false,
-        });
-        let (a, b) = (first.borrow().clone(), second.borrow().clone());
-        assert_eq!(a.version, 7);
+    fn policy() -> Policy {
+        let spec = ModelSpec {
+            input_dim: 3,
+            hidden: vec![4],
+            forward_actions: 2,
+            backward_actions: 2,
+        };
+        Policy::new(&spec, Device::Cpu)
+    }
+
+    #[tokio::test]
+    async fn versions_are_encoded_lazily_once_and_shared() {
+        let policy = policy();
+        let publisher = Publisher::new(policy.snapshot(), WeightEncoding::F32, BTreeMap::new());
+        // Published but never asked for: never encoded.
+        for version in 1..=5 {
+            publisher.publish(version, policy.snapshot());
+        }
+        assert_eq!(publisher.encodings(), 0);
+        let (a, b) = (publisher.latest().await.unwrap(), publisher.latest().await.unwrap());
+        assert_eq!(a.version, 5);
+        assert_eq!(publisher.encodings(), 1);
         // Not equal copies: the very same buffer.
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.bytes.as_ptr(), b.bytes.as_ptr());
-        assert_eq!(publisher.latest().bytes.as_ptr(), a.bytes.as_ptr());
+        let decoded = flgfn_common::weights::decode(&a.bytes).unwrap();
+        assert_eq!(decoded.metadata["version"], "5");
+        assert_eq!(decoded.arrays, policy.weights());
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_the_weights_at_publish_time() {
+        let mut policy = policy();
+        let publisher = Publisher::new(policy.snapshot(), WeightEncoding::F32, BTreeMap::new());
+        let at_publish = policy.weights();
+        publisher.publish(1, policy.snapshot());
+        // The trainer goes on changing its weights after publishing.
+        policy.load_weights(&self::policy().weights()).unwrap();
+        let encoded = publisher.latest().await.unwrap();
+        let decoded = flgfn_common::weights::decode(&encoded.bytes).unwrap();
+        assert_eq!(decoded.arrays, at_publish);
+        let mut done = publisher.done();
+        publisher.finish(2, policy.snapshot());
+        assert!(*done.borrow_and_update());
     }
 }

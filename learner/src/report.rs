@@ -46,6 +46,38 @@ pub struct Report {
     /// Mean over transitions trained since the previous report of (learner
     /// version at training time - version that sampled them).
     pub mean_policy_lag: f64,
+    /// Largest lag of a chunk trained since the previous report (never
+    /// above `learner.max_policy_lag`).
+    pub max_policy_lag: u64,
+    /// Mean transitions per step since the previous report: above
+    /// `batch_transitions` when fresh supply exceeds the minimum.
+    pub mean_batch_transitions: f64,
+    /// Milliseconds per step since the previous report, waiting for data
+    /// left out: the step's compute plus the trainer's fixed cost.
+    pub busy_ms_per_step: f64,
+    /// Protobuf bytes of accepted chunks per trained transition, whole run.
+    pub trajectory_bytes_per_trained_transition: f64,
+    /// Weight bytes sent to actors per trained transition, whole run.
+    pub weight_bytes_per_trained_transition: f64,
+    /// Weight versions sent to actors so far (one per grant carrying
+    /// weights).
+    pub weight_versions_sent: u64,
+    /// Versions serialised so far (at most one per version, and only those
+    /// an actor needed).
+    pub weight_versions_encoded: u64,
+    /// Mean milliseconds from a version's publication to its sending with a
+    /// credit, whole run.
+    pub publish_to_send_ms: f64,
+    /// Credits granted so far (one per chunk an actor was allowed to roll
+    /// out).
+    pub credits_granted: u64,
+    /// Current credit room, in transitions (adapts between one batch and
+    /// `max_in_flight_batches` batches).
+    pub credit_room_transitions: u64,
+    /// Transitions granted and not yet in a batch.
+    pub in_flight_transitions: u64,
+    /// The learner's resident memory, in MB.
+    pub resident_mb: f64,
     /// Fraction of the trajectories trained since the previous report that
     /// were truncated prefixes.
     pub truncated_fraction: f64,
@@ -57,6 +89,8 @@ pub struct Report {
     pub rejected_chunks: u64,
     /// Transitions dropped as too stale so far.
     pub stale_transitions: u64,
+    /// `stale_transitions` over `ingested_transitions`.
+    pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the
     /// objective cannot learn from them (always 0 for FL-DB).
     pub unusable_truncated_transitions: u64,
@@ -73,7 +107,7 @@ impl Report {
     pub fn log(&self) {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
         tracing::info!(
-            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% version={}{}",
+            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}",
             self.step,
             self.wall_s,
             self.loss,
@@ -87,6 +121,7 @@ impl Report {
             self.actors_connected,
             self.mean_policy_lag,
             100.0 * self.data_wait_fraction,
+            self.mean_batch_transitions,
             self.version,
             if self.at_quality == Some(true) {
                 " AT-QUALITY"
@@ -95,6 +130,15 @@ impl Report {
             },
         );
     }
+}
+
+/// This process's resident memory in MB (Linux; 0 elsewhere).
+pub fn resident_mb() -> f64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<f64>().ok());
+    // Every Linux flgfn targets uses 4 KiB pages.
+    pages.map_or(0.0, |pages| pages * 4096.0 / 1e6)
 }
 
 /// Appends reports to a JSON-lines file, one flushed line each, so a crash

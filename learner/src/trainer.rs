@@ -1,33 +1,38 @@
 //! The trainer: one OS thread that owns the model and the optimizer.
 //!
 //! tch tensors are `Send` but not `Sync`, so the `VarStore`, Adam and every
-//! tensor stay on this thread. It takes validated chunks from the bounded
-//! ingest queue until a batch holds `batch_transitions`, applies the
-//! objective, publishes weights every `publish_every` steps (serialised once
-//! per version), and evaluates and reports at growing intervals of training
-//! time (`first_report_s` up to `report_every_s`).
-
+//! tensor stay on this thread. A step costs its compute and little else:
+//! the next batch is assembled meanwhile by the [`batcher`](crate::batcher)
+//! thread; the batch is copied to the device without waiting; the loss is
+//! summed on the device and read only when a report needs it; and a
+//! published version is a device-side copy handed to the
+//! [`Publisher`], which serialises it later, off this thread, and only if
+//! an actor asks. Reports (with an evaluation) come at growing intervals
+//! of training time (`first_report_s` up to `report_every_s`).
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
-use flgfn_common::objectives::{Objective, TransitionBatch};
+use flgfn_common::objectives::Objective;
 use flgfn_common::policy::Policy;
-use flgfn_common::trajectory::ReplayedTrajectory;
 use tch::nn::{self, OptimizerConfig};
-use tokio::runtime::Handle;
-use tokio::sync::{mpsc, watch};
+use tch::{Kind, Tensor};
 
+use crate::batcher::PreparedBatch;
+use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
-use crate::ingest::{IngestStats, IngestedChunk};
-use crate::publisher::{Publisher, WeightsSnapshot};
+use crate::ingest::IngestStats;
+use crate::publisher::Publisher;
 use crate::report::{MetricsFile, Report};
 
-/// Batches in a row with a non-finite loss before training stops.
-const MAX_CONSECUTIVE_SKIPS: u32 = 100;
+/// Reports in a row whose every step had a non-finite loss before training
+/// stops.
+const MAX_DIVERGED_REPORTS: u32 = 3;
 
 /// What a finished run hands back.
 #[derive(Debug, Clone)]
@@ -36,7 +41,7 @@ pub struct TrainingOutcome {
     pub steps: u64,
     /// Last published version.
     pub version: u64,
-    /// The final weights (also the last published snapshot).
+    /// The final weights as safetensors (in the configured encoding).
     pub weights: Bytes,
     /// The last report.
     pub final_report: Report,
@@ -50,44 +55,40 @@ pub struct Trainer {
     pub policy: Policy,
     /// The configured loss.
     pub objective: Box<dyn Objective>,
-    /// The task, for batch shapes and evaluation.
+    /// The task, for evaluation.
     pub env: Arc<dyn Environment>,
     /// All settings (the learner section drives the loop).
     pub config: Config,
-    /// Validated chunks from the service.
-    pub queue: mpsc::Receiver<IngestedChunk>,
-    /// Weight broadcast.
-    pub publisher: Publisher,
+    /// Batches from the batch builder; closed when the learner stops.
+    pub batches: Receiver<PreparedBatch>,
+    /// Steps done, read by the batch builder to bound lag.
+    pub steps_done: Arc<AtomicU64>,
+    /// Weight versions.
+    pub publisher: Arc<Publisher>,
     /// Counters shared with the service.
     pub stats: Arc<IngestStats>,
+    /// The credit room, for reports.
+    pub pool: Arc<CreditPool>,
     /// Where JSON reports go, if anywhere.
     pub metrics: Option<MetricsFile>,
-    /// Turns true when the process is asked to stop.
-    pub stop: watch::Receiver<bool>,
-    /// Runtime used to wait on async channels from this plain thread.
-    pub runtime: Handle,
 }
 
 /// Running sums between two reports.
 #[derive(Debug, Default)]
 struct Window {
-    loss_sum: f64,
+    /// Sum of the finite losses, on the device: read only at reports.
+    loss_sum: Option<Tensor>,
+    /// Steps whose loss was not finite (they stepped with a zero
+    /// gradient), on the device.
+    nonfinite: Option<Tensor>,
     steps: u64,
+    max_lag: u64,
     lag_weighted: f64,
     transitions: u64,
     trajectories: u64,
     truncated: u64,
     /// Time spent waiting for data after training started.
     waiting: Duration,
-}
-
-/// A batch being gathered from the queue.
-#[derive(Debug, Default)]
-struct Batch {
-    trajectories: Vec<ReplayedTrajectory>,
-    transitions: usize,
-    /// Sum over chunks of lag x transitions.
-    lag_weighted: f64,
 }
 
 /// Where training stands; everything a report is made from.
@@ -97,7 +98,7 @@ struct Progress {
     version: u64,
     trained_transitions: u64,
     skipped_batches: u64,
-    consecutive_skips: u32,
+    diverged_reports: u32,
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
     started: Option<Instant>,
@@ -121,8 +122,8 @@ impl Progress {
 }
 
 impl Trainer {
-    /// Trains until `max_steps`, or until `stop` turns true; then publishes
-    /// the final weights marked `training_done`.
+    /// Trains until `max_steps`, or until the batch builder stops (the
+    /// learner was asked to stop); then publishes the final weights.
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let learner = self.config.learner.clone();
         let mut optimizer = nn::Adam::default().build(&self.policy.vars, learner.learning_rate)?;
@@ -132,24 +133,22 @@ impl Trainer {
             next_report_wall: learner.first_report_s,
             ..Progress::default()
         };
-        let mut batch = Batch::default();
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         while !finished(&progress) {
             let wait_started = Instant::now();
-            if !self.gather(&mut batch, progress.version) {
+            let Ok(batch) = self.batches.recv() else {
                 break;
-            }
+            };
             if progress.started.is_some() {
                 progress.window.waiting += wait_started.elapsed();
             }
             progress.started.get_or_insert_with(Instant::now);
 
-            if !self.train_step(&mut optimizer, &batch, &mut progress)? {
-                continue;
-            }
+            self.train_step(&mut optimizer, batch, &mut progress);
+            self.steps_done.store(progress.step, Ordering::Release);
             if progress.step % learner.publish_every == 0 {
                 progress.version = progress.step;
-                self.publish(progress.version, false)?;
+                self.publisher.publish(progress.version, self.policy.snapshot());
             }
             let due = progress.wall() >= progress.next_report_wall;
             if due || finished(&progress) {
@@ -158,69 +157,31 @@ impl Trainer {
         }
 
         progress.version = progress.step;
-        let weights = self.publish(progress.version, true)?;
+        let weights = self
+            .policy
+            .snapshot()
+            .encode(learner.weight_encoding, &Default::default())?;
+        self.publisher.finish(progress.version, self.policy.snapshot());
         Ok(TrainingOutcome {
             steps: progress.step,
             version: progress.version,
-            weights,
+            weights: Bytes::from(weights),
             final_report: progress.report,
             time_to_quality_s: progress.time_to_quality,
         })
     }
 
-    /// Fills `batch` with whole chunks until it holds `batch_transitions`.
-    /// False when the learner stops first.
-    fn gather(&mut self, batch: &mut Batch, version: u64) -> bool {
-        // Reuse the trajectory vector's allocation across steps.
-        batch.trajectories.clear();
-        batch.transitions = 0;
-        batch.lag_weighted = 0.0;
-        while batch.transitions < self.config.learner.batch_transitions {
-            let Some(chunk) = self.next_chunk() else {
-                return false;
-            };
-            let lag = version.saturating_sub(chunk.policy_version);
-            batch.lag_weighted += lag as f64 * chunk.transitions as f64;
-            batch.transitions += chunk.transitions;
-            batch.trajectories.extend(chunk.trajectories);
-        }
-        true
-    }
-
-    /// One optimizer step on `batch`. False (and no step) when the loss is
-    /// not finite; an error when that keeps happening.
-    fn train_step(
-        &self,
-        optimizer: &mut nn::Optimizer,
-        batch: &Batch,
-        progress: &mut Progress,
-    ) -> Result<bool, LearnerError> {
+    /// One optimizer step on `batch`, without waiting on the device. A
+    /// batch whose loss is not finite (the model diverged: ingest bounds
+    /// the energies) steps with a zero gradient instead of turning every
+    /// weight into NaN; reports count such steps.
+    fn train_step(&self, optimizer: &mut nn::Optimizer, batch: PreparedBatch, progress: &mut Progress) {
         let learner = &self.config.learner;
-        let dims = (
-            self.env.state_dim(),
-            self.env.forward_actions(),
-            self.env.backward_actions(),
-        );
-        let tensors = TransitionBatch::new(&batch.trajectories, dims, self.policy.device());
+        let tensors = batch.tensors.to_device(self.policy.device());
         let output = self.policy.net.forward(&tensors.states);
         let loss = self.objective.loss(&output, &tensors);
-        let loss_value = loss.double_value(&[]);
-        if !loss_value.is_finite() {
-            // Ingest bounds the energies, so this means the model itself
-            // diverged. Stepping would make every weight NaN: skip the
-            // batch, and give up if it keeps happening.
-            progress.skipped_batches += 1;
-            progress.consecutive_skips += 1;
-            tracing::warn!(progress.skipped_batches, "non-finite loss: batch skipped");
-            if progress.consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
-                return Err(LearnerError::Trainer(format!(
-                    "the loss was not finite for {} batches in a row: the model diverged (lower learner.learning_rate?)",
-                    progress.consecutive_skips
-                )));
-            }
-            return Ok(false);
-        }
-        progress.consecutive_skips = 0;
+        let finite = loss.isfinite();
+        let guarded = loss.where_self(&finite, &loss.zeros_like());
         if learner.max_steps > 0 {
             // Constant for the first half, then linear decay to the final
             // fraction at max_steps: a large rate finds the target fast, a
@@ -230,18 +191,28 @@ impl Trainer {
             let fraction = 1.0 - (1.0 - learner.final_learning_rate_fraction) * decay;
             optimizer.set_lr(learner.learning_rate * fraction);
         }
-        optimizer.backward_step(&loss);
+        optimizer.backward_step(&guarded);
 
         progress.step += 1;
         progress.trained_transitions += batch.transitions as u64;
         let window = &mut progress.window;
-        window.loss_sum += loss_value;
+        let _no_grad = tch::no_grad_guard();
+        let loss = guarded.detach();
+        let nonfinite = finite.logical_not().to_kind(Kind::Int64);
+        window.loss_sum = Some(match window.loss_sum.take() {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
+        window.nonfinite = Some(match window.nonfinite.take() {
+            Some(sum) => sum + nonfinite,
+            None => nonfinite,
+        });
         window.steps += 1;
         window.lag_weighted += batch.lag_weighted;
+        window.max_lag = window.max_lag.max(batch.max_lag);
         window.transitions += batch.transitions as u64;
-        window.trajectories += batch.trajectories.len() as u64;
-        window.truncated += batch.trajectories.iter().filter(|t| !t.complete).count() as u64;
-        Ok(true)
+        window.trajectories += batch.trajectories as u64;
+        window.truncated += batch.truncated as u64;
     }
 
     /// Evaluates the current policy, then logs and writes one report.
@@ -262,10 +233,28 @@ impl Trainer {
         let span = (wall - progress.last_report_wall).max(1e-9);
         let (last_trained, last_ingested) = progress.last_report_counts;
         let window = &progress.window;
+        let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
+        let nonfinite = read(&window.nonfinite) as u64;
+        let finite_steps = window.steps - nonfinite.min(window.steps);
+        progress.skipped_batches += nonfinite;
+        if window.steps > 0 && finite_steps == 0 {
+            progress.diverged_reports += 1;
+            if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
+                return Err(LearnerError::Trainer(format!(
+                    "the loss was not finite in any of the last {} steps: the model diverged (lower learner.learning_rate?)",
+                    window.steps
+                )));
+            }
+        } else {
+            progress.diverged_reports = 0;
+        }
+        let trained = progress.trained_transitions.max(1) as f64;
+        let busy = (span - window.waiting.as_secs_f64()).max(0.0);
+        let weight_versions_sent = IngestStats::get(&stats.weight_versions_sent);
         let report = Report {
             step: progress.step,
             wall_s: wall,
-            loss: window.loss_sum / window.steps.max(1) as f64,
+            loss: read(&window.loss_sum) / finite_steps.max(1) as f64,
             logz_est: evaluation.log_z_estimate,
             logz_exact: evaluation.log_z_exact,
             marginal_tv: evaluation.marginal_tv,
@@ -282,10 +271,27 @@ impl Trainer {
                 .connected_actors
                 .load(std::sync::atomic::Ordering::Relaxed),
             mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,
+            max_policy_lag: window.max_lag,
+            mean_batch_transitions: window.transitions as f64 / window.steps.max(1) as f64,
+            busy_ms_per_step: 1e3 * busy / window.steps.max(1) as f64,
+            trajectory_bytes_per_trained_transition: wire as f64 / trained,
+            weight_bytes_per_trained_transition: IngestStats::get(&stats.weight_bytes) as f64
+                / trained,
+            weight_versions_sent,
+            weight_versions_encoded: self.publisher.encodings(),
+            publish_to_send_ms: IngestStats::get(&stats.publish_to_send_us) as f64
+                / 1e3
+                / weight_versions_sent.max(1) as f64,
+            credits_granted: IngestStats::get(&stats.credits_granted),
+            credit_room_transitions: self.pool.capacity(),
+            in_flight_transitions: self.pool.in_use(),
+            resident_mb: crate::report::resident_mb(),
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
             rejected_chunks: IngestStats::get(&stats.rejected_chunks),
             stale_transitions: IngestStats::get(&stats.stale_transitions),
+            stale_fraction: IngestStats::get(&stats.stale_transitions) as f64
+                / ingested.max(1) as f64,
             unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),
             skipped_batches: progress.skipped_batches,
             eval_samples: self.config.learner.eval_samples,
@@ -308,31 +314,5 @@ impl Trainer {
         progress.window = Window::default();
         progress.report = report;
         Ok(())
-    }
-
-    /// Serialises the weights once and makes them the latest version.
-    fn publish(&self, version: u64, training_done: bool) -> Result<Bytes, LearnerError> {
-        let bytes = Bytes::from(self.policy.to_bytes()?);
-        self.publisher.publish(WeightsSnapshot {
-            version,
-            bytes: bytes.clone(),
-            training_done,
-        });
-        Ok(bytes)
-    }
-
-    /// The next validated chunk; blocks until one arrives or the learner
-    /// stops.
-    fn next_chunk(&mut self) -> Option<IngestedChunk> {
-        if *self.stop.borrow() {
-            return None;
-        }
-        let (queue, stop) = (&mut self.queue, &mut self.stop);
-        self.runtime.block_on(async {
-            tokio::select! {
-                chunk = queue.recv() => chunk,
-                _ = stop.wait_for(|stopped| *stopped) => None,
-            }
-        })
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 use flgfn_common::config::{Config, TaskConfig};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
-use flgfn_common::wire::PROTOCOL_VERSION;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
+use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::net::TcpListener;
-use tonic::Code;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
 
 fn config() -> Config {
     let mut config = Config {
@@ -25,8 +27,11 @@ fn config() -> Config {
     };
     config.model.hidden = vec![8];
     // One complete trajectory (2 transitions) makes a batch; two steps end
-    // the run, so the test sees exactly what was trained.
+    // the run, so the test sees exactly what was trained. The credit room
+    // is one batch: one credit at a time, learner-wide.
     config.learner.batch_transitions = 2;
+    config.learner.max_batch_transitions = 2;
+    config.learner.max_in_flight_batches = 1;
     config.learner.max_steps = 2;
     config.learner.eval_samples = 16;
     config.learner.max_message_bytes = 1 << 20;
@@ -41,6 +46,7 @@ fn handshake_request(config: &Config) -> proto::HandshakeRequest {
         actor_name: "raw-client".to_owned(),
         task: Some((&env.spec()).into()),
         model: Some((&ModelSpec::new(env.as_ref(), &config.model)).into()),
+        trajectories_per_chunk: 1,
     }
 }
 
@@ -54,14 +60,52 @@ fn chunk(actor_id: u64, actions: Vec<u32>) -> proto::TrajectoryChunk {
     }
 }
 
-async fn send(
+/// One Session call driven by hand.
+struct RawSession {
+    upload: mpsc::Sender<proto::TrajectoryChunk>,
+    grants: Streaming<proto::Grant>,
+}
+
+async fn open(
     client: &mut LearnerClient<Channel>,
-    chunks: Vec<proto::TrajectoryChunk>,
-) -> Result<proto::StreamSummary, tonic::Status> {
-    client
-        .stream_trajectories(tokio_stream::iter(chunks))
-        .await
-        .map(tonic::Response::into_inner)
+    actor_id: Option<u64>,
+) -> Result<RawSession, Status> {
+    let (upload, chunks) = mpsc::channel(8);
+    let mut request = tonic::Request::new(ReceiverStream::new(chunks));
+    if let Some(actor_id) = actor_id {
+        request.metadata_mut().insert(ACTOR_ID_HEADER, actor_id.into());
+    }
+    request
+        .metadata_mut()
+        .insert(TRAJECTORIES_PER_CHUNK_HEADER, 1u64.into());
+    let grants = client.session(request).await?.into_inner();
+    Ok(RawSession { upload, grants })
+}
+
+impl RawSession {
+    /// The next grant (a credit, or the end of training).
+    async fn grant(&mut self) -> proto::Grant {
+        tokio::time::timeout(Duration::from_secs(30), self.grants.message())
+            .await
+            .expect("a grant comes")
+            .unwrap()
+            .expect("the session is open")
+    }
+
+    /// Sends `chunk` and returns the status that ends the session.
+    async fn refused(mut self, chunk: proto::TrajectoryChunk) -> Status {
+        self.upload.send(chunk).await.unwrap();
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), self.grants.message())
+                .await
+                .expect("the learner answers");
+            match message {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the session ended without a refusal"),
+                Err(status) => return status,
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,10 +139,17 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("`task` is missing"), "{status:?}");
 
-    // Data from an actor id the learner never issued.
-    let status = send(&mut client, vec![chunk(42, vec![0, 1])])
-        .await
-        .unwrap_err();
+    let mut zero = handshake_request(&config);
+    zero.trajectories_per_chunk = 0;
+    let status = client.handshake(zero).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("trajectories_per_chunk"), "{status:?}");
+
+    // A session without its headers, or for an actor id never issued.
+    let status = open(&mut client, None).await.err().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains(ACTOR_ID_HEADER), "{status:?}");
+    let status = open(&mut client, Some(42)).await.err().unwrap();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("actor_id"), "{status:?}");
 
@@ -109,22 +160,33 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         .into_inner()
         .actor_id;
 
-    // An illegal action (element 1 twice), after nothing else: refused whole.
-    let status = send(&mut client, vec![chunk(actor_id, vec![1, 1])])
-        .await
-        .unwrap_err();
+    // The first grant of a session carries the weights, as safetensors.
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let first = session.grant().await;
+    assert_eq!(first.credits, 1);
+    let weights = first.weights.expect("the first grant carries weights");
+    assert_eq!(weights.version, 0);
+    let decoded = flgfn_common::weights::decode(&weights.safetensors).unwrap();
+    assert!(decoded.arrays.iter().any(|a| a.name == "heads.weight"));
+
+    // An illegal action (element 1 twice): refused whole.
+    let status = session.refused(chunk(actor_id, vec![1, 1])).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("trajectories[0]"), "{status:?}");
     assert!(status.message().contains("actions[1]"), "{status:?}");
 
-    // A policy version the learner never published.
+    // Each refusal ends its session; the next one gets the credit back.
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    session.grant().await;
     let mut future = chunk(actor_id, vec![0, 1]);
     future.policy_version = 7;
-    let status = send(&mut client, vec![future]).await.unwrap_err();
+    let status = session.refused(future).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("policy_version"), "{status:?}");
 
     // A message over the size limit.
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    session.grant().await;
     let huge = proto::TrajectoryChunk {
         actor_id,
         trajectories: vec![proto::Trajectory {
@@ -133,44 +195,58 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         }],
         ..Default::default()
     };
-    let status = send(&mut client, vec![huge]).await.unwrap_err();
+    let status = session.refused(huge).await;
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
     assert!(status.message().contains("too large"), "{status:?}");
 
     // A finite energy far beyond any task's: its square would overflow f32.
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    session.grant().await;
     let mut extreme = chunk(actor_id, vec![0, 1]);
     extreme.trajectories[0].energies[1] = 1e30;
-    let status = send(&mut client, vec![extreme]).await.unwrap_err();
+    let status = session.refused(extreme).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("trajectories[0]"), "{status:?}");
     assert!(status.message().contains("energies[1]"), "{status:?}");
 
-    // More trajectories than learner.max_chunk_trajectories (8).
+    // More trajectories than the one per chunk this session declared.
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    session.grant().await;
     let mut crowded = chunk(actor_id, vec![0, 1]);
-    crowded.trajectories = vec![crowded.trajectories[0].clone(); 9];
-    let status = send(&mut client, vec![crowded]).await.unwrap_err();
+    crowded.trajectories = vec![crowded.trajectories[0].clone(); 2];
+    let status = session.refused(crowded).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
-        status.message().contains("`trajectories` has 9 entries"),
+        status.message().contains("`trajectories` has 2 entries"),
         "{status:?}"
     );
 
-    // Nothing so far trained the model; now one good chunk followed by a bad
-    // one: the stream is refused, but the good chunk still trains.
-    let bad = chunk(actor_id, vec![3, 9]);
-    let status = send(&mut client, vec![chunk(actor_id, vec![0, 3]), bad])
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("actions[1]"), "{status:?}");
+    // The one credit of the learner is held by `holder`: a chunk on
+    // another session has no credit.
+    let mut holder = open(&mut client, Some(actor_id)).await.unwrap();
+    holder.grant().await;
+    let without = open(&mut client, Some(actor_id)).await.unwrap();
+    let status = without.refused(chunk(actor_id, vec![0, 1])).await;
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("without a credit"), "{status:?}");
 
-    // The refusal above was counted before its status reached us, so the
-    // final report (after this second good chunk) sees every refusal.
-    let summary = send(&mut client, vec![chunk(actor_id, vec![2, 1])]).await;
-    // Training may end, and the stream with it, as soon as this chunk is in.
-    if let Err(status) = &summary {
-        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    }
+    // Nothing so far trained the model; now one good chunk followed by a bad
+    // one: the session is refused, but the good chunk still trains.
+    holder.upload.send(chunk(actor_id, vec![0, 3])).await.unwrap();
+    let status = holder.refused(chunk(actor_id, vec![3, 9])).await;
+    // Refused for its action, or for having no credit if it overtook the
+    // next grant: refused either way.
+    assert!(
+        matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
+        "{status:?}"
+    );
+
+    // The second good chunk completes the run; the learner says so.
+    let mut last = open(&mut client, Some(actor_id)).await.unwrap();
+    last.grant().await;
+    last.upload.send(chunk(actor_id, vec![2, 1])).await.unwrap();
+    // A credit freed by that chunk may come first.
+    while !last.grant().await.training_done {}
 
     let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
         .await
@@ -180,7 +256,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
-    // Unknown actor, illegal action, future version, oversized, extreme
-    // energy, crowded, bad after good.
+    // Illegal action, future version, oversized, extreme energy, crowded,
+    // no credit, bad after good.
     assert_eq!(outcome.final_report.rejected_chunks, 7);
 }

@@ -45,7 +45,7 @@ async fn start_learner(config: Config) -> Learner {
 fn actor_options(i: u64) -> ActorOptions {
     ActorOptions {
         name: format!("test-actor-{i}"),
-        seed_offset: i,
+        seed_offset: Some(i),
     }
 }
 

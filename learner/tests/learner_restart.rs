@@ -45,7 +45,7 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
         actor_config,
         ActorOptions {
             name: "survivor".to_owned(),
-            seed_offset: 0,
+            seed_offset: None,
         },
         std::future::pending(),
     ));

@@ -88,6 +88,18 @@ impl TransitionBatch {
         dims: (usize, usize, usize),
         device: Device,
     ) -> Self {
+        Self::collate(trajectories, dims, false).to_device(device)
+    }
+
+    /// Stacks replayed trajectories into host tensors, in page-locked
+    /// memory when `pinned` (so a later copy to a GPU can be asynchronous).
+    /// The learner does this on its batch-builder thread, while the trainer
+    /// runs the previous step.
+    pub fn collate<'a>(
+        trajectories: impl IntoIterator<Item = &'a ReplayedTrajectory> + Clone,
+        dims: (usize, usize, usize),
+        pinned: bool,
+    ) -> Self {
         let (dim, fwd, bwd) = dims;
         let (mut states_n, mut trans_n) = (0usize, 0usize);
         for t in trajectories.clone() {
@@ -123,7 +135,13 @@ impl TransitionBatch {
         }
         let target: Vec<i64> = source.iter().map(|&s| s + 1).collect();
         let (s, t) = (states_n as i64, trans_n as i64);
-        let put = |x: Tensor| x.to_device(device);
+        let put = |x: Tensor| {
+            if pinned {
+                x.pin_memory(Device::Cuda(0))
+            } else {
+                x
+            }
+        };
         TransitionBatch {
             states: put(Tensor::from_slice(&encoded).view([s, dim as i64])),
             source: put(Tensor::from_slice(&source)),
@@ -136,6 +154,30 @@ impl TransitionBatch {
             target_terminal: put(Tensor::from_slice(&target_terminal)),
             spans,
             transitions: trans_n,
+        }
+    }
+}
+
+impl TransitionBatch {
+    /// The same batch on `device`. From pinned host memory to a GPU the
+    /// copies are queued without waiting; on the CPU nothing is copied.
+    pub fn to_device(self, device: Device) -> Self {
+        if device == Device::Cpu {
+            return self;
+        }
+        let put = |x: &Tensor| x.to_device_(device, x.kind(), true, false);
+        TransitionBatch {
+            states: put(&self.states),
+            source: put(&self.source),
+            target: put(&self.target),
+            actions: put(&self.actions),
+            backward_actions: put(&self.backward_actions),
+            forward_invalid: put(&self.forward_invalid),
+            backward_invalid: put(&self.backward_invalid),
+            energies: put(&self.energies),
+            target_terminal: put(&self.target_terminal),
+            spans: self.spans,
+            transitions: self.transitions,
         }
     }
 }

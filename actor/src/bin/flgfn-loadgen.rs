@@ -1,0 +1,68 @@
+//! `flgfn-loadgen`: many synthetic actors in one process. See `--help`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use flgfn_common::config::Config;
+
+/// Opens K actor sessions to a learner (handshake, credits and weights,
+/// trajectory stream) and answers every credit with valid trajectories of
+/// the configured task, drawn uniformly without a network. For load tests
+/// and scale figures: 64-256 actors on one small machine.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration; task and model must match the learner's.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Learner endpoint (overrides actor.learner).
+    #[arg(long, value_name = "URL")]
+    learner: Option<String>,
+    /// Generated actors.
+    #[arg(long, default_value_t = 64, value_name = "K")]
+    actors: usize,
+    /// Trajectories per chunk (overrides actor.envs).
+    #[arg(long, value_name = "N")]
+    envs: Option<usize>,
+}
+
+fn main() -> std::process::ExitCode {
+    flgfn_common::telemetry::init();
+    flgfn_common::telemetry::exit_status("flgfn-loadgen", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(learner) = args.learner {
+        config.actor.learner = learner;
+    }
+    if let Some(envs) = args.envs {
+        config.actor.envs = envs;
+    }
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.actor.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = flgfn_common::signals::shutdown_requested();
+        let reports = flgfn_actor::loadgen::run(config, args.actors, shutdown).await;
+        let (mut chunks, mut transitions, mut versions, mut failed) = (0, 0, 0, 0);
+        for report in &reports {
+            match report {
+                Ok(r) => {
+                    chunks += r.chunks_sent;
+                    transitions += r.transitions_sent;
+                    versions += r.versions_received;
+                }
+                Err(error) => {
+                    failed += 1;
+                    tracing::error!(%error, "a generated actor failed");
+                }
+            }
+        }
+        tracing::info!(actors = reports.len(), chunks, transitions, versions, failed, "load generator stopped");
+        anyhow::ensure!(failed == 0, "{failed} generated actor(s) failed");
+        Ok(())
+    })
+}

@@ -1,0 +1,190 @@
+//! The load generator: many synthetic actors in one process.
+//!
+//! Each generated actor speaks the real protocol through the same
+//! connection code as `flgfn-actor` (handshake, credits and weights in,
+//! chunks out, reconnects), but rolls out without a network: every action
+//! is drawn uniformly among the valid ones and every energy term comes from
+//! the task itself, so the chunks are valid and cost microseconds. Weights
+//! are received and counted, not loaded. That is how one small machine
+//! puts 64 to 256 actors' worth of connections on a learner.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use flgfn_common::config::Config;
+use flgfn_common::env::Environment;
+use flgfn_common::tasks;
+use flgfn_common::trajectory::{Trajectory, TrajectoryChunk};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+
+use crate::worker::{Order, SampledChunk};
+use crate::{ActorError, ActorReport, Plumbing, stay_connected};
+
+/// Draws one chunk of `count` trajectories with uniformly random valid
+/// actions, cutting `truncate_fraction` of them at a random length.
+pub fn uniform_chunk(
+    env: &dyn Environment,
+    count: usize,
+    truncate_fraction: f64,
+    rng: &mut SmallRng,
+) -> Vec<Trajectory> {
+    let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
+    let mut mask = vec![false; actions_n];
+    let mut valid = Vec::with_capacity(actions_n);
+    (0..count)
+        .map(|_| {
+            let cut = if max_len >= 2 && rng.random::<f64>() < truncate_fraction {
+                rng.random_range(1..max_len)
+            } else {
+                max_len
+            };
+            let mut state = env.initial_state();
+            let mut trajectory = Trajectory::default();
+            while !env.is_terminal(&state) && trajectory.len() < cut {
+                env.forward_mask(&state, &mut mask);
+                valid.clear();
+                valid.extend((0..actions_n).filter(|&a| mask[a]));
+                if valid.is_empty() {
+                    break;
+                }
+                let action = valid[rng.random_range(0..valid.len())];
+                trajectory.energies.push(env.transition_energy(&state, action) as f32);
+                if env.step(&mut state, action).is_err() {
+                    break;
+                }
+                trajectory.actions.push(action as u32);
+            }
+            trajectory
+        })
+        .collect()
+}
+
+/// Runs `actors` generated actors against `config.actor.learner` until
+/// training ends or `shutdown` resolves; one report per actor, in order.
+pub async fn run(
+    config: Config,
+    actors: usize,
+    shutdown: impl Future<Output = ()>,
+) -> Vec<Result<ActorReport, ActorError>> {
+    let (stop_sender, stop) = watch::channel(false);
+    let handles: Vec<_> = (0..actors)
+        .map(|i| {
+            let config = config.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let stopped = async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                };
+                generated_actor(config, i as u64, stopped).await
+            })
+        })
+        .collect();
+    let all = futures_join(handles);
+    tokio::pin!(all);
+    tokio::select! {
+        reports = &mut all => return reports,
+        () = shutdown => {}
+    }
+    stop_sender.send_replace(true);
+    all.await
+}
+
+async fn futures_join(
+    handles: Vec<tokio::task::JoinHandle<Result<ActorReport, ActorError>>>,
+) -> Vec<Result<ActorReport, ActorError>> {
+    let mut reports = Vec::with_capacity(handles.len());
+    for handle in handles {
+        reports.push(
+            handle
+                .await
+                .unwrap_or_else(|join| Err(ActorError::Worker(join.to_string()))),
+        );
+    }
+    reports
+}
+
+/// One generated actor: the real connection loop, and a task that answers
+/// each order with a uniform chunk.
+async fn generated_actor(
+    config: Config,
+    index: u64,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ActorReport, ActorError> {
+    config.validate()?;
+    let env: Arc<dyn Environment> = tasks::build(&config.task)?;
+    let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
+    let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);
+    let current_session = Arc::new(AtomicU32::new(0));
+    let (envs, truncate_fraction) = (config.actor.envs, config.actor.truncate_fraction);
+    let session_seen = current_session.clone();
+    let generator = tokio::spawn(async move {
+        let mut rng = SmallRng::seed_from_u64(config_seed(index));
+        let mut rollouts = 0u64;
+        while let Some(order) = orders.recv().await {
+            if order.session != session_seen.load(Ordering::Acquire) {
+                continue;
+            }
+            let chunk = TrajectoryChunk {
+                actor_id: 0,
+                policy_version: order.weights.version,
+                sequence: rollouts,
+                trajectories: uniform_chunk(env.as_ref(), envs, truncate_fraction, &mut rng),
+            };
+            rollouts += 1;
+            let sampled = SampledChunk {
+                session: order.session,
+                chunk,
+            };
+            if chunk_sender.send(sampled).await.is_err() {
+                break;
+            }
+        }
+        rollouts
+    });
+    let mut report = ActorReport::default();
+    let name = format!("loadgen-{index}");
+    let plumbing = Plumbing {
+        chunks: &mut chunks,
+        orders: &order_sender,
+        current_session: &current_session,
+    };
+    let (result, counts) = stay_connected(&config, &name, plumbing, &mut report, shutdown).await;
+    drop(order_sender);
+    drop(chunks);
+    report.rollouts = generator.await.unwrap_or(0);
+    report.add_counts(counts);
+    result.map(|()| report)
+}
+
+/// Each generated actor draws its own stream.
+fn config_seed(index: u64) -> u64 {
+    crate::worker::seed_for(crate::worker::Seeding::Distinct(index), index)
+}
+
+#[cfg(test)]
+mod tests {
+    use flgfn_common::tasks::set_generation::SetGeneration;
+    use flgfn_common::trajectory::replay;
+
+    use super::*;
+
+    #[test]
+    fn uniform_chunks_replay_cleanly_and_carry_the_task_energies() {
+        let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let chunk = uniform_chunk(&env, 200, 0.5, &mut rng);
+        let mut cut = 0;
+        for trajectory in &chunk {
+            let replayed = replay(&env, trajectory).unwrap();
+            if replayed.complete {
+                assert!((replayed.energy() - env.energy(&replayed.final_state)).abs() < 1e-5);
+            } else {
+                cut += 1;
+            }
+        }
+        assert!((60..140).contains(&cut), "{cut} of 200 cut");
+    }
+}

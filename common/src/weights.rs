@@ -1,0 +1,252 @@
+//! Policy weights as bytes: the safetensors format, on the wire and on disk.
+//!
+//! safetensors is an 8-byte header length, a JSON header (name -> dtype,
+//! shape, byte range, plus a free `__metadata__` string map) and the raw
+//! little-endian tensor data. PyTorch, NumPy and JAX read it without
+//! libtorch or this crate, so an actor in another language only needs this
+//! format and `proto/`.
+//!
+//! Weights are encoded as f32, or as bf16 ([`WeightEncoding::Bf16`]: half
+//! the bytes, 8 mantissa bits, rounded to nearest even). Decoding accepts
+//! either and always yields f32 values, since actors sample in f32.
+
+use std::collections::{BTreeMap, HashMap};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
+use serde::{Deserialize, Serialize};
+
+/// How weight values are stored in the safetensors buffer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightEncoding {
+    /// Exact: 4 bytes per value.
+    #[default]
+    F32,
+    /// bfloat16: 2 bytes per value, relative error below 2^-8.
+    Bf16,
+}
+
+impl WeightEncoding {
+    /// The name written into the buffer's metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightEncoding::F32 => "f32",
+            WeightEncoding::Bf16 => "bf16",
+        }
+    }
+}
+
+/// One named tensor as host f32 values in row-major order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedArray {
+    /// The parameter's name in the network (e.g. `hidden0.weight`).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `shape.iter().product()` values.
+    pub values: Vec<f32>,
+}
+
+/// Why a weight buffer cannot be produced or used.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// Not a valid safetensors buffer.
+    #[error("not a safetensors buffer: {0}")]
+    Format(String),
+    /// A tensor has a dtype this crate does not read.
+    #[error("tensor `{name}` has dtype {dtype}; only F32 and BF16 are read")]
+    Dtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype as safetensors names it.
+        dtype: String,
+    },
+    /// The buffer does not hold exactly the network's parameters.
+    #[error("weights do not fit the network: {0}")]
+    Mismatch(String),
+}
+
+/// Encodes `arrays` (sorted by name in the buffer) with `metadata` in the
+/// header's `__metadata__` map.
+pub fn encode(
+    arrays: &[NamedArray],
+    encoding: WeightEncoding,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, WeightsError> {
+    let (dtype, data): (Dtype, Vec<Vec<u8>>) = match encoding {
+        WeightEncoding::F32 => (
+            Dtype::F32,
+            arrays
+                .iter()
+                .map(|a| a.values.iter().flat_map(|v| v.to_le_bytes()).collect())
+                .collect(),
+        ),
+        WeightEncoding::Bf16 => (
+            Dtype::BF16,
+            arrays
+                .iter()
+                .map(|a| {
+                    a.values
+                        .iter()
+                        .flat_map(|&v| f32_to_bf16(v).to_le_bytes())
+                        .collect()
+                })
+                .collect(),
+        ),
+    };
+    let mut views = Vec::with_capacity(arrays.len());
+    for (array, bytes) in arrays.iter().zip(&data) {
+        let view = TensorView::new(dtype, array.shape.clone(), bytes)
+            .map_err(|e| WeightsError::Format(format!("tensor `{}`: {e:?}", array.name)))?;
+        views.push((array.name.as_str(), view));
+    }
+    let mut info: HashMap<String, String> = metadata.clone().into_iter().collect();
+    info.insert("encoding".to_owned(), encoding.name().to_owned());
+    safetensors::tensor::serialize(views, &Some(info)).map_err(|e| WeightsError::Format(format!("{e:?}")))
+}
+
+/// A decoded buffer: every tensor as f32, and the metadata map.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DecodedWeights {
+    /// The tensors, sorted by name.
+    pub arrays: Vec<NamedArray>,
+    /// The header's `__metadata__` map.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Decodes a buffer written by [`encode`] (or by any safetensors writer,
+/// with F32 or BF16 tensors).
+pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| WeightsError::Format(format!("{e:?}")))?;
+    let metadata = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let tensors =
+        SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format(format!("{e:?}")))?;
+    let mut arrays: Vec<NamedArray> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values = match view.dtype() {
+                Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                    .collect(),
+                other => {
+                    return Err(WeightsError::Dtype {
+                        name,
+                        dtype: format!("{other:?}"),
+                    });
+                }
+            };
+            Ok(NamedArray {
+                name,
+                shape: View::shape(&view).to_vec(),
+                values,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    arrays.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(DecodedWeights { arrays, metadata })
+}
+
+/// Rounds to the nearest bfloat16 (ties to even), as PyTorch does.
+pub fn f32_to_bf16(value: f32) -> u16 {
+    let bits = value.to_bits();
+    if value.is_nan() {
+        // Keep it a NaN whatever the low bits were.
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    (bits.wrapping_add(round) >> 16) as u16
+}
+
+/// Widens a bfloat16 exactly.
+pub fn bf16_to_f32(value: u16) -> f32 {
+    f32::from_bits(u32::from(value) << 16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrays() -> Vec<NamedArray> {
+        vec![
+            NamedArray {
+                name: "heads.weight".to_owned(),
+                shape: vec![2, 3],
+                values: vec![0.1, -2.5, 3.0e-3, 7.0, -0.0, 1.0 / 3.0],
+            },
+            NamedArray {
+                name: "heads.bias".to_owned(),
+                shape: vec![2],
+                values: vec![1.0, -1.0],
+            },
+        ]
+    }
+
+    #[test]
+    fn f32_round_trips_exactly_with_metadata() {
+        let metadata = BTreeMap::from([("version".to_owned(), "12".to_owned())]);
+        let bytes = encode(&arrays(), WeightEncoding::F32, &metadata).unwrap();
+        let decoded = decode(&bytes).unwrap();
+        let mut expected = arrays();
+        expected.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(decoded.arrays, expected);
+        assert_eq!(decoded.metadata["version"], "12");
+        assert_eq!(decoded.metadata["encoding"], "f32");
+    }
+
+    #[test]
+    fn the_buffer_is_plain_safetensors() {
+        let bytes = encode(&arrays(), WeightEncoding::F32, &BTreeMap::new()).unwrap();
+        // 8-byte little-endian header length, then a JSON header naming
+        // dtype, shape and byte range of each tensor.
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        assert_eq!(header["heads.weight"]["dtype"], "F32");
+        assert_eq!(header["heads.weight"]["shape"], serde_json::json!([2, 3]));
+        assert_eq!(bytes.len(), 8 + header_len + 4 * 8);
+    }
+
+    #[test]
+    fn bf16_halves_the_data_and_keeps_three_significant_digits() {
+        let f32_bytes = encode(&arrays(), WeightEncoding::F32, &BTreeMap::new()).unwrap();
+        let bf16_bytes = encode(&arrays(), WeightEncoding::Bf16, &BTreeMap::new()).unwrap();
+        assert!(bf16_bytes.len() < f32_bytes.len());
+        let decoded = decode(&bf16_bytes).unwrap();
+        assert_eq!(decoded.metadata["encoding"], "bf16");
+        let weight = &decoded.arrays[1];
+        assert_eq!(weight.name, "heads.weight");
+        for (got, want) in weight.values.iter().zip(&arrays()[0].values) {
+            assert!((got - want).abs() <= want.abs() / 256.0, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between two bf16 values: ties go to even (1).
+        assert_eq!(bf16_to_f32(f32_to_bf16(1.0 + 1.0 / 256.0)), 1.0);
+        // Just above halfway rounds up.
+        let above = 1.0 + 1.0 / 256.0 + 1.0 / 65536.0;
+        assert_eq!(bf16_to_f32(f32_to_bf16(above)), 1.0 + 1.0 / 128.0);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(-3.0)), -3.0);
+    }
+
+    #[test]
+    fn garbage_is_refused_not_panicked_on() {
+        for bytes in [&b""[..], b"12345678", &[255; 64][..]] {
+            assert!(matches!(decode(bytes), Err(WeightsError::Format(_))));
+        }
+    }
+}

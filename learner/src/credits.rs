@@ -1,0 +1,328 @@
+//! Credits: production follows consumption.
+//!
+//! An actor may send a chunk only for a credit the learner granted. Each
+//! credit reserves room for a full chunk (the actor's declared trajectories
+//! per chunk x the task's longest trajectory) in one learner-wide
+//! [`CreditPool`]; the room comes back when the trainer takes the chunk into
+//! a batch (the [`CreditToken`] travels with the chunk and is dropped
+//! there). So everything granted and not yet trained fits in the pool's
+//! capacity, and policy lag is bounded by it, whatever the network's
+//! latency and however many actors connect: more actors share the same
+//! room instead of piling up stale data.
+//!
+//! The capacity adapts between a floor (one batch) and a ceiling
+//! (`learner.max_in_flight_batches` batches): the batch builder grows it
+//! while the trainer finds less than a batch waiting, and shrinks it while
+//! more than two batches wait. On loopback that keeps lag at a step or
+//! two; behind a slow link it opens up to the bandwidth-delay product.
+//!
+//! One task, the [`Controller`], owns the list of sessions and hands out
+//! credits round-robin, each session holding at most one credit more than
+//! its fair share, so a stalled actor cannot sit on the whole pool once
+//! others are connected.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use tokio::sync::{Notify, mpsc, watch};
+
+/// The learner-wide room for data granted and not yet trained on, in
+/// transitions.
+#[derive(Debug)]
+pub struct CreditPool {
+    /// Reserved by granted credits whose chunks the trainer has not taken.
+    in_use: AtomicU64,
+    /// Of `in_use`, transitions that arrived and wait for the trainer.
+    queued: AtomicU64,
+    /// Current room; adapted between `floor` and `ceiling`.
+    capacity: AtomicU64,
+    floor: u64,
+    ceiling: u64,
+    /// Wakes the controller: room freed, capacity changed, a credit used.
+    wake: Notify,
+}
+
+impl CreditPool {
+    /// A pool that starts at `floor` and may grow to `ceiling`.
+    pub fn new(floor: u64, ceiling: u64) -> Arc<Self> {
+        let ceiling = ceiling.max(floor);
+        Arc::new(CreditPool {
+            in_use: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            capacity: AtomicU64::new(floor),
+            floor,
+            ceiling,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Transitions granted and not yet taken by the trainer.
+    pub fn in_use(&self) -> u64 {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    /// Transitions that arrived and wait for the trainer.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The current room.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// The largest room the pool may grow to.
+    pub fn ceiling(&self) -> u64 {
+        self.ceiling
+    }
+
+    /// Called by the batch builder each time it starts a batch: with less
+    /// than one batch (`batch`) waiting the trainer is about to starve, so
+    /// the room grows by a quarter; with more than two batches waiting,
+    /// data ages in the queue, so it shrinks by a sixteenth.
+    pub fn adapt(&self, batch: u64) {
+        let queued = self.queued();
+        let capacity = self.capacity();
+        let next = if queued < batch {
+            capacity.saturating_add((capacity / 4).max(batch))
+        } else if queued > 2 * batch {
+            capacity - capacity / 16
+        } else {
+            capacity
+        };
+        let next = next.clamp(self.floor, self.ceiling);
+        if next != capacity {
+            self.capacity.store(next, Ordering::Relaxed);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Reserves `amount` if it fits, or if nothing is reserved at all (so
+    /// a chunk larger than the current room still gets through, alone).
+    fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
+        let capacity = self.capacity();
+        let reserved = self
+            .in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used == 0 || used + amount <= capacity).then_some(used + amount)
+            });
+        reserved.ok().map(|_| CreditToken {
+            pool: self.clone(),
+            reserved: amount,
+            queued: 0,
+        })
+    }
+}
+
+/// Room reserved for one chunk. Dropping it gives the room back (and wakes
+/// the controller); the trainer's batch builder drops it once the chunk is
+/// in a batch.
+#[derive(Debug)]
+pub struct CreditToken {
+    pool: Arc<CreditPool>,
+    reserved: u64,
+    /// Transitions counted as waiting for the trainer.
+    queued: u64,
+}
+
+impl CreditToken {
+    /// The chunk arrived with `transitions`: keep only that much room (a
+    /// chunk of truncated trajectories needs less than was reserved) and
+    /// count it as waiting for the trainer.
+    pub fn arrived(&mut self, transitions: u64) {
+        let keep = transitions.min(self.reserved);
+        let freed = self.reserved - keep;
+        self.reserved = keep;
+        self.queued = keep;
+        self.pool.queued.fetch_add(keep, Ordering::Relaxed);
+        if freed > 0 {
+            self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
+            self.pool.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for CreditToken {
+    fn drop(&mut self) {
+        self.pool.queued.fetch_sub(self.queued, Ordering::Relaxed);
+        self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
+        self.pool.wake.notify_one();
+    }
+}
+
+/// A session's end of the controller: credits arrive on `tokens`.
+#[derive(Debug)]
+pub struct SessionCredits {
+    /// One token per credit, in grant order.
+    pub tokens: mpsc::UnboundedReceiver<CreditToken>,
+    /// Credits granted whose chunk has not arrived; the session lowers it
+    /// with [`SessionCredits::used`].
+    outstanding: Arc<AtomicU32>,
+    pool: Arc<CreditPool>,
+}
+
+impl SessionCredits {
+    /// One credit was used (its chunk arrived).
+    pub fn used(&self) {
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.pool.wake.notify_one();
+    }
+}
+
+struct Member {
+    reserve: u64,
+    outstanding: Arc<AtomicU32>,
+    tokens: mpsc::UnboundedSender<CreditToken>,
+}
+
+/// A request to join the rotation.
+struct Join {
+    reserve: u64,
+    reply: tokio::sync::oneshot::Sender<SessionCredits>,
+}
+
+/// Handle to the controller task.
+#[derive(Clone, Debug)]
+pub struct Controller {
+    joins: mpsc::Sender<Join>,
+    pool: Arc<CreditPool>,
+}
+
+impl Controller {
+    /// Starts the controller task; it ends when `stop` turns true.
+    pub fn spawn(pool: Arc<CreditPool>, stop: watch::Receiver<bool>) -> Self {
+        let (joins, receiver) = mpsc::channel(64);
+        tokio::spawn(control(pool.clone(), receiver, stop));
+        Controller { joins, pool }
+    }
+
+    /// The pool this controller grants from.
+    pub fn pool(&self) -> &Arc<CreditPool> {
+        &self.pool
+    }
+
+    /// Adds a session whose chunks need `reserve` transitions of room each.
+    /// None when the learner is stopping.
+    pub async fn join(&self, reserve: u64) -> Option<SessionCredits> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.joins.send(Join { reserve, reply }).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// The controller loop: admit sessions, grant while there is room, sleep
+/// until something changes.
+async fn control(
+    pool: Arc<CreditPool>,
+    mut joins: mpsc::Receiver<Join>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut members: VecDeque<Member> = VecDeque::new();
+    loop {
+        members.retain(|m| !m.tokens.is_closed());
+        grant_round_robin(&pool, &mut members);
+        tokio::select! {
+            join = joins.recv() => {
+                let Some(Join { reserve, reply }) = join else { return };
+                let (sender, tokens) = mpsc::unbounded_channel();
+                let outstanding = Arc::new(AtomicU32::new(0));
+                let credits = SessionCredits { tokens, outstanding: outstanding.clone(), pool: pool.clone() };
+                if reply.send(credits).is_ok() {
+                    members.push_back(Member { reserve, outstanding, tokens: sender });
+                }
+            }
+            () = pool.wake.notified() => {}
+            _ = stop.wait_for(|stopped| *stopped) => return,
+        }
+    }
+}
+
+/// Grants one credit at a time to the session at the front, moving it to
+/// the back, until no session can take one.
+fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
+    let mut idle_in_a_row = 0;
+    while idle_in_a_row < members.len() {
+        let Some(member) = members.pop_front() else {
+            return;
+        };
+        // One more than the fair share of the current room, at least 2
+        // (one chunk rolling out, one on the way).
+        let sessions = members.len() as u64 + 1;
+        let fair = pool.capacity() / (member.reserve.max(1) * sessions);
+        let cap = u32::try_from(fair + 1).unwrap_or(u32::MAX).max(2);
+        let granted = member.outstanding.load(Ordering::Acquire) < cap
+            && match pool.try_reserve(member.reserve) {
+                Some(token) => {
+                    member.outstanding.fetch_add(1, Ordering::AcqRel);
+                    member.tokens.send(token).is_ok()
+                }
+                None => false,
+            };
+        idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
+        members.push_back(member);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_reserved_shrunk_on_arrival_and_returned_on_drop() {
+        let pool = CreditPool::new(100, 400);
+        let mut a = pool.try_reserve(60).unwrap();
+        assert!(pool.try_reserve(60).is_none(), "60 + 60 > 100");
+        a.arrived(20);
+        assert_eq!((pool.in_use(), pool.queued()), (20, 20));
+        let b = pool.try_reserve(60).unwrap();
+        assert_eq!(pool.in_use(), 80);
+        drop(a);
+        drop(b);
+        assert_eq!((pool.in_use(), pool.queued()), (0, 0));
+    }
+
+    #[test]
+    fn capacity_grows_when_starved_and_shrinks_when_data_waits() {
+        let pool = CreditPool::new(100, 400);
+        pool.adapt(100);
+        assert_eq!(pool.capacity(), 200, "nothing queued: grow by a batch");
+        for _ in 0..10 {
+            pool.adapt(100);
+        }
+        assert_eq!(pool.capacity(), 400, "clamped at the ceiling");
+        let mut held = pool.try_reserve(300).unwrap();
+        held.arrived(300);
+        pool.adapt(100);
+        assert_eq!(pool.capacity(), 375, "3 batches waiting: shrink");
+        for _ in 0..100 {
+            pool.adapt(100);
+        }
+        assert_eq!(pool.capacity(), 100, "clamped at the floor");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_session_holds_at_most_its_share_and_the_busy_one_goes_on() {
+        // Room for 8 chunks of 5 transitions.
+        let pool = CreditPool::new(40, 40);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut busy = controller.join(5).await.unwrap();
+        let mut stalled = controller.join(5).await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let token = tokio::time::timeout(std::time::Duration::from_secs(5), busy.tokens.recv())
+                .await
+                .expect("the busy session keeps getting credits")
+                .unwrap();
+            busy.used();
+            drop(token);
+            while let Ok(token) = stalled.tokens.try_recv() {
+                held.push(token);
+            }
+            assert!(pool.in_use() <= 40);
+        }
+        // Fair share of 8 credits between 2 sessions is 4; the cap is 5.
+        assert!((2..=5).contains(&held.len()), "the stalled session holds {}", held.len());
+    }
+}

@@ -1,0 +1,269 @@
+//! One actor's session: credits and weights out, chunks in.
+//!
+//! A session task owns everything about one connected actor: the credits
+//! granted to it and not yet used (in grant order), the newest weight
+//! version it was sent, and its counters. It turns each credit from the
+//! [`Controller`](crate::credits::Controller) into a `Grant`, attaching the
+//! newest weights when the actor's are at least `weights_refresh_steps`
+//! versions old, so weights only ever go to an actor about to roll out. A
+//! chunk that arrives uses the oldest credit; it is validated and replayed
+//! on the ingest pool and queued for the trainer with that credit.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use flgfn_common::trajectory::TrajectoryChunk;
+use flgfn_common::wire::proto;
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::{Code, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::credits::{CreditToken, SessionCredits};
+use crate::error::RequestError;
+use crate::ingest::{IngestContext, IngestStats, IngestedChunk, QueuedChunk, SessionRecord, ingest_chunk};
+use crate::publisher::EncodedWeights;
+use crate::service::LearnerState;
+
+/// Runs replay and validation on tokio's blocking pool, at most
+/// `learner.ingest_threads` at a time, so a flood of chunks never occupies
+/// the async workers that serve grants, weights and health checks.
+#[derive(Debug, Clone)]
+pub struct IngestPool {
+    slots: Arc<Semaphore>,
+}
+
+impl IngestPool {
+    /// A pool of `threads` concurrent validations.
+    pub fn new(threads: usize) -> Self {
+        IngestPool {
+            slots: Arc::new(Semaphore::new(threads.max(1))),
+        }
+    }
+
+    /// Runs `work` on the blocking pool when a slot is free.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, RequestError> {
+        let _slot = self.slots.acquire().await.map_err(|_| RequestError::ShuttingDown)?;
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| RequestError::ShuttingDown)
+    }
+}
+
+/// Decrements the connected-actor count when a session ends, however it
+/// ends.
+struct ConnectedGuard(Arc<IngestStats>);
+
+impl ConnectedGuard {
+    fn new(stats: Arc<IngestStats>) -> Self {
+        stats.connected_actors.fetch_add(1, Ordering::Relaxed);
+        ConnectedGuard(stats)
+    }
+}
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        self.0.connected_actors.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One actor's session.
+pub struct Session {
+    /// Shared learner state.
+    pub state: Arc<LearnerState>,
+    /// From the session's `flgfn-actor-id` header.
+    pub actor_id: u64,
+    /// Declared by the actor; every credit reserves room for this many
+    /// full-length trajectories, and larger chunks are refused.
+    pub trajectories_per_chunk: usize,
+    /// Chunks from the actor.
+    pub inbound: Streaming<proto::TrajectoryChunk>,
+    /// Grants to the actor (the response stream).
+    pub grants: mpsc::Sender<Result<proto::Grant, Status>>,
+}
+
+/// What a session tracks while it runs.
+#[derive(Debug, Default)]
+struct Progress {
+    record: SessionRecord,
+    /// Credits granted whose chunk has not arrived, oldest first.
+    unused: VecDeque<CreditToken>,
+    /// Newest version sent to this actor.
+    sent_version: Option<u64>,
+}
+
+impl Session {
+    /// Serves the session until the actor leaves, training ends, or the
+    /// actor sends something refused (then the refusal ends the stream).
+    pub async fn run(mut self) {
+        let stats = self.state.stats.clone();
+        let _connected = ConnectedGuard::new(stats.clone());
+        let mut progress = Progress {
+            record: SessionRecord {
+                actor_id: self.actor_id,
+                ..SessionRecord::default()
+            },
+            ..Progress::default()
+        };
+        if let Err(status) = self.serve(&mut progress).await {
+            let _ = self.grants.send(Err(status)).await;
+        }
+        debug!(actor_id = self.actor_id, ?progress.record, "session ended");
+        stats.record_session(progress.record);
+    }
+
+    async fn serve(&mut self, progress: &mut Progress) -> Result<(), Status> {
+        let reserve = (self.trajectories_per_chunk * self.state.env.max_trajectory_len()) as u64;
+        let mut credits = self
+            .state
+            .credits
+            .join(reserve)
+            .await
+            .ok_or(RequestError::ShuttingDown)?;
+        let mut done = self.state.publisher.done();
+        loop {
+            tokio::select! {
+                biased;
+                () = async { let _ = done.wait_for(|done| *done).await; } => {
+                    let last = proto::Grant { training_done: true, ..proto::Grant::default() };
+                    let _ = self.grants.send(Ok(last)).await;
+                    return Ok(());
+                }
+                token = credits.tokens.recv() => {
+                    let token = token.ok_or(RequestError::ShuttingDown)?;
+                    if !self.grant(token, progress).await? {
+                        // The actor is gone.
+                        return Ok(());
+                    }
+                }
+                message = self.inbound.message() => {
+                    let message = message.inspect_err(|status| self.count_unreadable(status))?;
+                    let Some(message) = message else {
+                        // The actor closed its side: it is leaving.
+                        return Ok(());
+                    };
+                    self.receive(message, &credits, progress).await.map_err(|error| {
+                        IngestStats::add(&self.state.stats.rejected_chunks, 1);
+                        warn!(actor_id = self.actor_id, %error, "refused a trajectory chunk");
+                        Status::from(error)
+                    })?;
+                }
+            }
+        }
+    }
+
+    /// Sends one credit, with the newest weights if the actor's are old
+    /// enough. False when the actor no longer listens.
+    async fn grant(&self, token: CreditToken, progress: &mut Progress) -> Result<bool, Status> {
+        let weights = self.weights_to_send(progress.sent_version).await?;
+        let stats = &self.state.stats;
+        let record = &mut progress.record;
+        if let Some(weights) = &weights {
+            progress.sent_version = Some(weights.version);
+            record.versions_sent += 1;
+            record.weight_bytes += weights.bytes.len() as u64;
+            IngestStats::add(&stats.weight_versions_sent, 1);
+            IngestStats::add(&stats.weight_bytes, weights.bytes.len() as u64);
+            if let Some(published_at) = weights.published_at {
+                IngestStats::add(
+                    &stats.publish_to_send_us,
+                    published_at.elapsed().as_micros() as u64,
+                );
+            }
+        }
+        record.credits_granted += 1;
+        IngestStats::add(&stats.credits_granted, 1);
+        progress.unused.push_back(token);
+        let grant = proto::Grant {
+            credits: 1,
+            weights: weights.map(|w| proto::Weights {
+                version: w.version,
+                safetensors: w.bytes.clone(),
+            }),
+            training_done: false,
+        };
+        Ok(self.grants.send(Ok(grant)).await.is_ok())
+    }
+
+    /// The newest weights if this actor's are `weights_refresh_steps` or
+    /// more versions old (or it has none yet).
+    async fn weights_to_send(
+        &self,
+        sent: Option<u64>,
+    ) -> Result<Option<Arc<EncodedWeights>>, Status> {
+        let publisher = &self.state.publisher;
+        let refresh = self.state.weights_refresh_steps;
+        if sent.is_some_and(|sent| publisher.latest_version() < sent + refresh) {
+            return Ok(None);
+        }
+        let encoded = publisher
+            .latest()
+            .await
+            .map_err(|e| Status::internal(format!("cannot encode weights: {e}")))?;
+        Ok((Some(encoded.version) != sent).then_some(encoded))
+    }
+
+    /// Validates a chunk against the credit it uses and queues it for the
+    /// trainer.
+    async fn receive(
+        &self,
+        message: proto::TrajectoryChunk,
+        credits: &SessionCredits,
+        progress: &mut Progress,
+    ) -> Result<(), RequestError> {
+        let wire_bytes = message.encoded_len() as u64;
+        let mut credit = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        credits.used();
+        let chunk = TrajectoryChunk::try_from(message)
+            .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
+        let context = IngestContext {
+            actor_id: self.actor_id,
+            latest_version: progress.sent_version.unwrap_or(0),
+            keep_truncated: self.state.keep_truncated,
+            max_trajectories: self.trajectories_per_chunk,
+        };
+        let env = self.state.env.clone();
+        let ingested: IngestedChunk = self
+            .state
+            .ingest_pool
+            .run(move || ingest_chunk(env.as_ref(), chunk, context))
+            .await??;
+        let stats = &self.state.stats;
+        IngestStats::add(&stats.accepted_chunks, 1);
+        IngestStats::add(&stats.wire_bytes, wire_bytes);
+        IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);
+        IngestStats::add(
+            &stats.unusable_truncated_transitions,
+            ingested.unusable_transitions as u64,
+        );
+        progress.record.chunks_received += 1;
+        if ingested.transitions == 0 {
+            // Nothing to train on; the credit's room goes back.
+            return Ok(());
+        }
+        credit.arrived(ingested.transitions as u64);
+        self.state
+            .queue
+            .try_send(QueuedChunk {
+                chunk: ingested,
+                credit,
+            })
+            .map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Undecodable or oversized: refused by tonic before validation, but
+    /// still a refused chunk. A vanished actor is not.
+    fn count_unreadable(&self, status: &Status) {
+        if matches!(
+            status.code(),
+            Code::OutOfRange | Code::Internal | Code::InvalidArgument | Code::ResourceExhausted
+        ) {
+            IngestStats::add(&self.state.stats.rejected_chunks, 1);
+            warn!(actor_id = self.actor_id, status = %status.message(), "unreadable trajectory chunk");
+        }
+    }
+}
