@@ -26,9 +26,11 @@ use tracing::info;
 
 use crate::worker::{Order, SampledChunk, Weights};
 
-/// Chunks queued towards the learner; credits bound them, this only keeps
-/// the worker from waiting on the network.
-const UPLOAD_BUFFER: usize = 16;
+/// Chunks queued towards the learner. Credits bound them; the session
+/// never waits to queue one, so it always keeps reading grants (a session
+/// blocked on its upload while the learner waits for it to read a grant
+/// would deadlock once both HTTP/2 windows fill).
+const UPLOAD_BUFFER: usize = 4096;
 
 /// A learner that accepts the connection but never answers is as good as
 /// gone.
@@ -242,9 +244,16 @@ impl Session<'_> {
                             message.encoded_len()
                         ))));
                     }
-                    if upload.send(message).await.is_err() {
+                    match upload.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            return Err(retry(
+                                format!("more than {UPLOAD_BUFFER} chunks wait for the network"),
+                                true,
+                            ));
+                        }
                         // The stream broke; the grant side reports why.
-                        continue;
+                        Err(mpsc::error::TrySendError::Closed(_)) => continue,
                     }
                     counts.chunks_sent += 1;
                     counts.transitions_sent += transitions;

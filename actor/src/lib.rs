@@ -62,6 +62,8 @@ pub struct ActorReport {
     pub seed: Option<u64>,
     /// A hash of the first chunk's actions (see [`WorkerReport`]).
     pub first_chunk_digest: Option<u64>,
+    /// The actor id of the latest handshake.
+    pub actor_id: u64,
     /// Connection attempts made, successful or not.
     pub sessions: u32,
     /// Whether the learner said training was over.
@@ -264,6 +266,7 @@ pub async fn stay_connected(
             }
         }
     };
+    report.actor_id = actor_id;
     (result, counts)
 }
 

@@ -156,12 +156,15 @@ pub struct LearnerConfig {
     /// from training the model on a long-gone policy. Credits keep lag well
     /// below it (see `max_in_flight_batches`).
     pub max_policy_lag: u64,
-    /// Most data granted to actors and not yet trained on, in batches of
-    /// `batch_transitions` (at most `max_policy_lag`). The learner grants
-    /// credits, each for one chunk, only while this room is free; within it
-    /// the room adapts, growing while the trainer waits for data and
-    /// shrinking while data waits for the trainer. This is what bounds
-    /// policy lag, at any network latency.
+    /// Most data granted to actors and not yet trained on, in batches (at
+    /// most `max_policy_lag`). The learner grants credits, each for one
+    /// chunk, only while there is room. The room adapts between one
+    /// `batch_transitions` and this many `max_batch_transitions`, growing
+    /// while the trainer would wait for data and shrinking while data waits
+    /// for the trainer; the batch grows with the room (room / this, within
+    /// the batch bounds). So what is granted is trained within about this
+    /// many steps at any network latency: behind a slow link the batches
+    /// grow, not the lag.
     pub max_in_flight_batches: u64,
     /// An actor gets new weights with a credit only when its own are at
     /// least this many versions old (1: always the newest). Raising it
@@ -206,7 +209,7 @@ impl Default for LearnerConfig {
             learning_rate: 3e-3,
             final_learning_rate_fraction: 0.1,
             batch_transitions: 320,
-            max_batch_transitions: 1280,
+            max_batch_transitions: 640,
             publish_every: 1,
             max_policy_lag: 16,
             max_in_flight_batches: 8,

@@ -1,9 +1,11 @@
 //! The batch builder: a thread that assembles the next batch while the
 //! trainer runs the current step.
 //!
-//! It takes validated chunks from the queue until it holds
-//! `batch_transitions`, then any more that are already waiting, up to
-//! `max_batch_transitions`: more actors mean bigger steps, not older data.
+//! It takes validated chunks from the queue until it holds the batch the
+//! credit room calls for ([`CreditPool::adapt`]: `batch_transitions`, more
+//! when the room has grown behind a slow network), then any more that are
+//! already waiting, up to `max_batch_transitions`: more supply means bigger
+//! steps, not older data.
 //! Here, where the batch is built, chunks whose policy would be more than
 //! `max_policy_lag` steps old when trained are dropped and counted; credits
 //! keep that rare. Each chunk's credit is released once the chunk is in a
@@ -53,8 +55,6 @@ pub struct Batcher {
     pub pool: Arc<CreditPool>,
     /// Stale drops are counted here.
     pub stats: Arc<IngestStats>,
-    /// Smallest batch, in transitions.
-    pub min_transitions: usize,
     /// Largest batch, in transitions.
     pub max_transitions: usize,
     /// Older data is never trained on.
@@ -74,8 +74,8 @@ impl Batcher {
     pub fn run(mut self) {
         let mut carried: Option<QueuedChunk> = None;
         loop {
-            self.pool.adapt(self.min_transitions as u64);
-            let Some(chunks) = self.gather(&mut carried) else {
+            let target = self.pool.adapt() as usize;
+            let Some(chunks) = self.gather(target, &mut carried) else {
                 return;
             };
             let batch = self.collate(chunks);
@@ -99,13 +99,17 @@ impl Batcher {
         IngestStats::add(&self.stats.stale_transitions, chunk.chunk.transitions as u64);
     }
 
-    /// At least `min_transitions` of fresh data, then whatever else is
+    /// At least `target` transitions of fresh data, then whatever else is
     /// waiting up to `max_transitions`. None when the learner stops.
-    fn gather(&mut self, carried: &mut Option<QueuedChunk>) -> Option<Vec<QueuedChunk>> {
+    fn gather(
+        &mut self,
+        target: usize,
+        carried: &mut Option<QueuedChunk>,
+    ) -> Option<Vec<QueuedChunk>> {
         let mut chunks: Vec<QueuedChunk> = Vec::new();
         let mut transitions = 0;
         loop {
-            while transitions < self.min_transitions {
+            while transitions < target {
                 let chunk = match carried.take() {
                     Some(chunk) => chunk,
                     None => self.next_chunk()?,
@@ -124,7 +128,7 @@ impl Batcher {
             stale.into_iter().for_each(|c| self.drop_stale(c));
             chunks = fresh;
             transitions = chunks.iter().map(|c| c.chunk.transitions).sum();
-            if transitions >= self.min_transitions {
+            if transitions >= target {
                 break;
             }
         }

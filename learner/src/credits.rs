@@ -10,11 +10,17 @@
 //! latency and however many actors connect: more actors share the same
 //! room instead of piling up stale data.
 //!
-//! The capacity adapts between a floor (one batch) and a ceiling
-//! (`learner.max_in_flight_batches` batches): the batch builder grows it
-//! while the trainer finds less than a batch waiting, and shrinks it while
-//! more than two batches wait. On loopback that keeps lag at a step or
-//! two; behind a slow link it opens up to the bandwidth-delay product.
+//! The capacity adapts between a floor (one smallest batch) and a ceiling
+//! (`learner.max_in_flight_batches` largest batches): the batch builder
+//! grows it while less than a batch is waiting when a batch starts, and
+//! shrinks it while more than two batches wait. The batch itself grows with
+//! the data in flight ([`CreditPool::batch_target`]: granted-not-trained /
+//! max_in_flight_batches, between the smallest and largest batch), so data
+//! granted is trained within about `max_in_flight_batches` steps whatever
+//! the room. On
+//! loopback the room stays near the floor and lag at a few steps; behind a
+//! slow link it opens up to the bandwidth-delay product and the batches
+//! grow instead of the lag.
 //!
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
@@ -39,22 +45,38 @@ pub struct CreditPool {
     capacity: AtomicU64,
     floor: u64,
     ceiling: u64,
+    /// Smallest and largest batch, and how many batches the room holds at
+    /// most.
+    batch: (u64, u64),
+    batches: u64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
 
 impl CreditPool {
-    /// A pool that starts at `floor` and may grow to `ceiling`.
-    pub fn new(floor: u64, ceiling: u64) -> Arc<Self> {
-        let ceiling = ceiling.max(floor);
+    /// A pool for batches of `min_batch` to `max_batch` transitions whose
+    /// room grows from one smallest batch to `batches` largest ones.
+    pub fn new(min_batch: u64, max_batch: u64, batches: u64) -> Arc<Self> {
+        let (floor, max_batch) = (min_batch.max(1), max_batch.max(min_batch));
         Arc::new(CreditPool {
             in_use: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             capacity: AtomicU64::new(floor),
             floor,
-            ceiling,
+            ceiling: max_batch * batches.max(1),
+            batch: (floor, max_batch),
+            batches: batches.max(1),
             wake: Notify::new(),
         })
+    }
+
+    /// The batch the trainer should take now: what is granted and not yet
+    /// trained over `max_in_flight_batches`, between the smallest and
+    /// largest batch, so that what is granted now is trained within about
+    /// that many steps. (Not the room: after the room shrinks, the data
+    /// granted under the larger room is still on its way.)
+    pub fn batch_target(&self) -> u64 {
+        (self.in_use() / self.batches).clamp(self.batch.0, self.batch.1)
     }
 
     /// Transitions granted and not yet taken by the trainer.
@@ -78,13 +100,19 @@ impl CreditPool {
     }
 
     /// Called by the batch builder each time it starts a batch: with less
-    /// than one batch (`batch`) waiting the trainer is about to starve, so
-    /// the room grows by a quarter; with more than two batches waiting,
-    /// data ages in the queue, so it shrinks by a sixteenth.
-    pub fn adapt(&self, batch: u64) {
+    /// than one batch waiting the trainer is about to starve, so the room
+    /// grows by a quarter (at least a batch; it doubles when nothing at all
+    /// is waiting); with more than two batches
+    /// waiting, data ages in the queue, so it shrinks by a sixteenth.
+    /// Returns the batch to build ([`CreditPool::batch_target`]).
+    pub fn adapt(&self) -> u64 {
+        let batch = self.batch_target();
         let queued = self.queued();
         let capacity = self.capacity();
-        let next = if queued < batch {
+        let next = if queued == 0 {
+            // Nothing at all waiting: double, as TCP's slow start does.
+            capacity.saturating_mul(2)
+        } else if queued < batch {
             capacity.saturating_add((capacity / 4).max(batch))
         } else if queued > 2 * batch {
             capacity - capacity / 16
@@ -96,6 +124,7 @@ impl CreditPool {
             self.capacity.store(next, Ordering::Relaxed);
             self.wake.notify_one();
         }
+        self.batch_target()
     }
 
     /// Reserves `amount` if it fits, or if nothing is reserved at all (so
@@ -270,7 +299,7 @@ mod tests {
 
     #[test]
     fn room_is_reserved_shrunk_on_arrival_and_returned_on_drop() {
-        let pool = CreditPool::new(100, 400);
+        let pool = CreditPool::new(100, 100, 4);
         let mut a = pool.try_reserve(60).unwrap();
         assert!(pool.try_reserve(60).is_none(), "60 + 60 > 100");
         a.arrived(20);
@@ -283,28 +312,40 @@ mod tests {
     }
 
     #[test]
-    fn capacity_grows_when_starved_and_shrinks_when_data_waits() {
-        let pool = CreditPool::new(100, 400);
-        pool.adapt(100);
-        assert_eq!(pool.capacity(), 200, "nothing queued: grow by a batch");
-        for _ in 0..10 {
-            pool.adapt(100);
+    fn room_grows_when_starved_shrinks_when_data_waits_and_the_batch_follows() {
+        // Batches of 100 to 200, room for up to 4 of the largest.
+        let pool = CreditPool::new(100, 200, 4);
+        assert_eq!((pool.capacity(), pool.batch_target()), (100, 100));
+        assert_eq!(pool.adapt(), 100);
+        assert_eq!(pool.capacity(), 200, "nothing queued: double");
+        let mut some = pool.try_reserve(50).unwrap();
+        some.arrived(50);
+        pool.adapt();
+        assert_eq!(pool.capacity(), 300, "less than a batch queued: grow by a batch");
+        drop(some);
+        for _ in 0..20 {
+            pool.adapt();
         }
-        assert_eq!(pool.capacity(), 400, "clamped at the ceiling");
-        let mut held = pool.try_reserve(300).unwrap();
-        held.arrived(300);
-        pool.adapt(100);
-        assert_eq!(pool.capacity(), 375, "3 batches waiting: shrink");
+        assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
+        assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
+        let mut held = pool.try_reserve(500).unwrap();
+        held.arrived(500);
+        assert_eq!(pool.batch_target(), 125, "the batch grows with the data in flight");
+        pool.adapt();
+        assert_eq!(pool.capacity(), 750, "4 batches of 125 waiting: shrink");
         for _ in 0..100 {
-            pool.adapt(100);
+            pool.adapt();
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
+        assert_eq!(pool.batch_target(), 125, "until the data in flight is trained");
+        drop(held);
+        assert_eq!(pool.batch_target(), 100);
     }
 
     #[tokio::test]
     async fn a_stalled_session_holds_at_most_its_share_and_the_busy_one_goes_on() {
         // Room for 8 chunks of 5 transitions.
-        let pool = CreditPool::new(40, 40);
+        let pool = CreditPool::new(40, 40, 1);
         let (_stop, stop) = watch::channel(false);
         let controller = Controller::spawn(pool.clone(), stop);
         let mut busy = controller.join(5).await.unwrap();

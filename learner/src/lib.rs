@@ -65,7 +65,7 @@ use crate::report::MetricsFile;
 use crate::service::{LearnerService, LearnerState};
 use crate::session::IngestPool;
 use crate::trainer::Trainer;
-pub use crate::trainer::TrainingOutcome;
+pub use crate::trainer::{RunTotals, TrainingOutcome};
 
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone, Default)]
@@ -122,8 +122,11 @@ pub async fn serve(
 
     let (stop_sender, stop) = watch::channel(false);
     let stats = Arc::new(IngestStats::default());
-    let batch = learner.batch_transitions as u64;
-    let pool = CreditPool::new(batch, batch * learner.max_in_flight_batches);
+    let pool = CreditPool::new(
+        learner.batch_transitions as u64,
+        learner.max_batch_transitions as u64,
+        learner.max_in_flight_batches,
+    );
     // Every queued chunk holds a credit of at least one transition.
     let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
     let state = Arc::new(LearnerState {
@@ -164,7 +167,6 @@ pub async fn serve(
         steps_done: steps_done.clone(),
         pool: pool.clone(),
         stats: stats.clone(),
-        min_transitions: learner.batch_transitions,
         max_transitions: learner.max_batch_transitions,
         max_policy_lag: learner.max_policy_lag,
         dims: (env.state_dim(), env.forward_actions(), env.backward_actions()),
@@ -176,6 +178,7 @@ pub async fn serve(
         .name("flgfn-batcher".to_owned())
         .spawn(move || batcher.run())
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
+    let session_stats = stats.clone();
     let trainer = Trainer {
         policy,
         objective,
@@ -222,13 +225,18 @@ pub async fn serve(
         }
     };
     stop_sender.send_replace(true);
-    let outcome =
+    let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => warn!(%join, "gRPC server task failed"),
         Err(_) => warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway"),
     }
+    outcome.sessions = session_stats
+        .sessions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let r = &outcome.final_report;
     info!(
         steps = outcome.steps,

@@ -162,7 +162,7 @@ impl LearnerState {
         let ceiling = self.credits.pool().ceiling();
         if reserve > ceiling {
             return Err(RequestError::Malformed(format!(
-                "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's credit room of {ceiling} (learner.batch_transitions x learner.max_in_flight_batches); lower actor.envs"
+                "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's largest credit room of {ceiling} transitions (learner.max_batch_transitions x learner.max_in_flight_batches); lower actor.envs"
             )));
         }
         Ok(())

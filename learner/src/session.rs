@@ -110,7 +110,18 @@ impl Session {
             ..Progress::default()
         };
         if let Err(status) = self.serve(&mut progress).await {
-            let _ = self.grants.send(Err(status)).await;
+            // Training may have ended while this session was busy (a chunk
+            // finds the trainer gone): then that, not the error, is the
+            // news for the actor.
+            let message = if *self.state.publisher.done().borrow() {
+                Ok(proto::Grant {
+                    training_done: true,
+                    ..proto::Grant::default()
+                })
+            } else {
+                Err(status)
+            };
+            let _ = self.grants.send(message).await;
         }
         debug!(actor_id = self.actor_id, ?progress.record, "session ended");
         stats.record_session(progress.record);
@@ -160,6 +171,20 @@ impl Session {
     /// enough. False when the actor no longer listens.
     async fn grant(&self, token: CreditToken, progress: &mut Progress) -> Result<bool, Status> {
         let weights = self.weights_to_send(progress.sent_version).await?;
+        let grant = proto::Grant {
+            credits: 1,
+            weights: weights.as_ref().map(|w| proto::Weights {
+                version: w.version,
+                safetensors: w.bytes.clone(),
+            }),
+            training_done: false,
+        };
+        progress.unused.push_back(token);
+        if self.grants.send(Ok(grant)).await.is_err() {
+            return Ok(false);
+        }
+        // Counted once on its way: a grant the actor can no longer take is
+        // not counted.
         let stats = &self.state.stats;
         let record = &mut progress.record;
         if let Some(weights) = &weights {
@@ -177,16 +202,7 @@ impl Session {
         }
         record.credits_granted += 1;
         IngestStats::add(&stats.credits_granted, 1);
-        progress.unused.push_back(token);
-        let grant = proto::Grant {
-            credits: 1,
-            weights: weights.map(|w| proto::Weights {
-                version: w.version,
-                safetensors: w.bytes.clone(),
-            }),
-            training_done: false,
-        };
-        Ok(self.grants.send(Ok(grant)).await.is_ok())
+        Ok(true)
     }
 
     /// The newest weights if this actor's are `weights_refresh_steps` or

@@ -47,6 +47,31 @@ pub struct TrainingOutcome {
     pub final_report: Report,
     /// `wall_s` of the first report at quality, if any.
     pub time_to_quality_s: Option<f64>,
+    /// Figures over the whole run.
+    pub totals: RunTotals,
+    /// What was counted for each actor session, filled in by
+    /// [`serve`](crate::serve) once the sessions have ended.
+    pub sessions: Vec<crate::ingest::SessionRecord>,
+}
+
+/// Figures over the whole run (reports cover the time since the previous
+/// one).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RunTotals {
+    /// Seconds from the first step to the last, evaluations left out.
+    pub wall_s: f64,
+    /// Transitions trained on.
+    pub trained_transitions: u64,
+    /// Mean over trained transitions of the policy lag.
+    pub mean_policy_lag: f64,
+    /// Largest lag of any chunk trained.
+    pub max_policy_lag: u64,
+    /// Fraction of `wall_s` the trainer waited for a batch.
+    pub data_wait_fraction: f64,
+    /// Milliseconds per step, waiting left out: compute plus fixed cost.
+    pub busy_ms_per_step: f64,
+    /// Mean transitions per step.
+    pub mean_batch_transitions: f64,
 }
 
 /// Everything the trainer thread owns.
@@ -110,6 +135,10 @@ struct Progress {
     last_report_counts: (u64, u64),
     report: Report,
     time_to_quality: Option<f64>,
+    /// Whole-run sums: lag x transitions, largest lag, time waiting.
+    lag_weighted_total: f64,
+    max_lag_total: u64,
+    waiting_total: Duration,
 }
 
 impl Progress {
@@ -141,6 +170,7 @@ impl Trainer {
             };
             if progress.started.is_some() {
                 progress.window.waiting += wait_started.elapsed();
+                progress.waiting_total += wait_started.elapsed();
             }
             progress.started.get_or_insert_with(Instant::now);
 
@@ -162,7 +192,22 @@ impl Trainer {
             .snapshot()
             .encode(learner.weight_encoding, &Default::default())?;
         self.publisher.finish(progress.version, self.policy.snapshot());
+        let wall_s = progress.wall();
+        let trained = progress.trained_transitions;
+        let steps = progress.step.max(1) as f64;
+        let waiting = progress.waiting_total.as_secs_f64();
+        let totals = RunTotals {
+            wall_s,
+            trained_transitions: trained,
+            mean_policy_lag: progress.lag_weighted_total / trained.max(1) as f64,
+            max_policy_lag: progress.max_lag_total,
+            data_wait_fraction: (waiting / wall_s.max(1e-9)).min(1.0),
+            busy_ms_per_step: 1e3 * (wall_s - waiting).max(0.0) / steps,
+            mean_batch_transitions: trained as f64 / steps,
+        };
         Ok(TrainingOutcome {
+            totals,
+            sessions: Vec::new(),
             steps: progress.step,
             version: progress.version,
             weights: Bytes::from(weights),
@@ -210,6 +255,8 @@ impl Trainer {
         window.steps += 1;
         window.lag_weighted += batch.lag_weighted;
         window.max_lag = window.max_lag.max(batch.max_lag);
+        progress.lag_weighted_total += batch.lag_weighted;
+        progress.max_lag_total = progress.max_lag_total.max(batch.max_lag);
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;

@@ -130,6 +130,21 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_weights_train_the_sampler_as_well_as_f32() {
+    let mut config = tiny_config();
+    config.learner.weight_encoding = flgfn_common::config::WeightEncoding::Bf16;
+    let (outcome, _) = train(&config, 2).await;
+    // The final weights are bf16 too: the check reads what actors read.
+    let decoded = flgfn_common::weights::decode(&outcome.weights).unwrap();
+    assert_eq!(decoded.metadata["encoding"], "bf16");
+    let tv = exact_total_variation(&config, &outcome.weights);
+    let log_z_error = log_z_error(&outcome);
+    eprintln!("bf16 weights: exact TV {tv:.4}, log Z error {log_z_error:.4}");
+    assert!(tv <= 0.05, "total variation to the target is {tv}");
+    assert!(log_z_error < 0.1, "log Z error {log_z_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mostly_truncated_trajectories_still_train_the_sampler() {
     let mut config = tiny_config();
     config.actor.truncate_fraction = 0.9;

@@ -1,0 +1,246 @@
+//! Scale figures: a learner against 1 to 64 generated actors, against real
+//! actor processes, with and without added network delay, and with a tiny
+//! network to expose the trainer's fixed cost per step. Figures, never
+//! pass/fail: every scenario prints one row of one table.
+//!
+//! ```text
+//! deploy/bench.sh                               # everything, default sizes
+//! deploy/bench.sh --generated 1,16 --real 2 --delay-ms 25 --steps 300
+//! ```
+//!
+//! Columns: trained and ingested transitions per second of training time;
+//! trajectory and weight bytes per trained transition (counted by the
+//! learner per session); the fraction of ingested data dropped as stale;
+//! mean and max policy lag (steps); mean batch; the trainer's data-wait
+//! fraction; busy milliseconds per step (waiting left out); resident memory
+//! of the benchmark process (the learner plus any generated actors, which
+//! hold no libtorch); mean milliseconds from a version's publication to its
+//! sending; and time to quality.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use flgfn_common::config::{Config, DeviceConfig, WeightEncoding};
+use flgfn_learner::delay_proxy::DelayProxy;
+use flgfn_learner::launcher::LocalActors;
+use flgfn_learner::{RunOptions, TrainingOutcome};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Generated-actor counts to run (loopback).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    generated: Vec<usize>,
+    /// Real actor process counts to run (loopback).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    real: Vec<usize>,
+    /// One-way delay added by a proxy for the delayed scenarios (ms).
+    #[arg(long, default_value_t = 25)]
+    delay_ms: u64,
+    /// Training steps per scenario.
+    #[arg(long, default_value_t = 600)]
+    steps: u64,
+    /// Weight encoding for every scenario.
+    #[arg(long, default_value = "f32")]
+    encoding: String,
+    /// Learner device: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Trajectories per chunk of generated actors (defaults to actor.envs).
+    #[arg(long)]
+    generated_envs: Option<usize>,
+    /// Only these scenario groups: fixed, generated, real, delay.
+    #[arg(long, value_delimiter = ',', default_value = "fixed,generated,real,delay")]
+    only: Vec<String>,
+    /// cargo bench passes this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+struct Scenario {
+    name: String,
+    config: Config,
+    generated: usize,
+    real: usize,
+    delay: Duration,
+}
+
+fn actor_executable() -> PathBuf {
+    if let Ok(path) = std::env::var("FLGFN_ACTOR_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/release/deps/scale-* -> target/release/flgfn-actor
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("flgfn-actor")
+}
+
+async fn run(scenario: &Scenario, actor_exe: &Path, scratch: &Path) -> TrainingOutcome {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let proxy = if scenario.delay.is_zero() {
+        None
+    } else {
+        Some(DelayProxy::start(address, scenario.delay).await.unwrap())
+    };
+    let target = proxy.as_ref().map_or(address, |p| p.address);
+    let mut actor_config = scenario.config.clone();
+    actor_config.actor.learner = format!("http://{target}");
+    let learner = tokio::spawn(flgfn_learner::serve(
+        scenario.config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    ));
+    let generated = (scenario.generated > 0).then(|| {
+        tokio::spawn(flgfn_actor::loadgen::run(
+            actor_config.clone(),
+            scenario.generated,
+            std::future::pending(),
+        ))
+    });
+    let real = (scenario.real > 0).then(|| {
+        let path = scratch.join(format!("{}.toml", scenario.name.replace(' ', "-")));
+        std::fs::write(&path, actor_config.to_toml()).unwrap();
+        LocalActors::spawn(scenario.real, target, Some(&path), actor_exe).unwrap()
+    });
+    let outcome = learner.await.unwrap().unwrap();
+    if let Some(generated) = generated {
+        let _ = tokio::time::timeout(Duration::from_secs(30), generated).await;
+    }
+    if let Some(real) = real {
+        real.finish();
+    }
+    outcome
+}
+
+fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
+    let t = &outcome.totals;
+    let r = &outcome.final_report;
+    let trained = t.trained_transitions.max(1) as f64;
+    let ttq = outcome
+        .time_to_quality_s
+        .map_or("-".to_owned(), |s| format!("{s:.2}"));
+    let delay = if scenario.delay.is_zero() {
+        "0".to_owned()
+    } else {
+        format!("{}", scenario.delay.as_millis())
+    };
+    format!(
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {} |",
+        scenario.name,
+        scenario.generated + scenario.real,
+        delay,
+        trained / t.wall_s.max(1e-9),
+        r.ingested_transitions as f64 / t.wall_s.max(1e-9),
+        r.trajectory_bytes_per_trained_transition,
+        r.weight_bytes_per_trained_transition,
+        100.0 * r.stale_transitions as f64 / r.ingested_transitions.max(1) as f64,
+        t.mean_policy_lag,
+        t.max_policy_lag,
+        t.mean_batch_transitions,
+        100.0 * t.data_wait_fraction,
+        t.busy_ms_per_step,
+        r.resident_mb,
+        r.publish_to_send_ms,
+        ttq,
+    )
+}
+
+fn main() {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(Config::default().learner.async_threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut base = Config::default();
+    base.learner.max_steps = args.steps;
+    base.learner.device = match args.device.as_str() {
+        "cpu" => DeviceConfig::Cpu,
+        "cuda" => DeviceConfig::Cuda,
+        _ => DeviceConfig::Auto,
+    };
+    base.learner.weight_encoding = match args.encoding.as_str() {
+        "bf16" => WeightEncoding::Bf16,
+        _ => WeightEncoding::F32,
+    };
+    let mut generated_config = base.clone();
+    if let Some(envs) = args.generated_envs {
+        generated_config.actor.envs = envs;
+    }
+    let delay = Duration::from_millis(args.delay_ms);
+    let wants = |group: &str| args.only.iter().any(|g| g == group);
+
+    let mut scenarios = Vec::new();
+    if wants("fixed") {
+        // Compute ~0: what is left per step is the trainer's fixed cost.
+        let mut tiny = generated_config.clone();
+        tiny.model.hidden = vec![8];
+        tiny.learner.device = DeviceConfig::Cpu;
+        tiny.learner.max_steps = args.steps.max(2000);
+        scenarios.push(Scenario {
+            name: "fixed cost: 8-wide net, cpu".to_owned(),
+            config: tiny,
+            generated: 8,
+            real: 0,
+            delay: Duration::ZERO,
+        });
+    }
+    if wants("generated") {
+        for &k in &args.generated {
+            scenarios.push(Scenario {
+                name: format!("generated x{k}"),
+                config: generated_config.clone(),
+                generated: k,
+                real: 0,
+                delay: Duration::ZERO,
+            });
+        }
+    }
+    if wants("real") {
+        for &k in &args.real {
+            scenarios.push(Scenario {
+                name: format!("real x{k}"),
+                config: base.clone(),
+                generated: 0,
+                real: k,
+                delay: Duration::ZERO,
+            });
+        }
+    }
+    if wants("delay") && !delay.is_zero() {
+        scenarios.push(Scenario {
+            name: "real x2, delayed".to_owned(),
+            config: base.clone(),
+            generated: 0,
+            real: 2,
+            delay,
+        });
+        let k = args.generated.iter().copied().max().unwrap_or(16).min(16);
+        scenarios.push(Scenario {
+            name: format!("generated x{k}, delayed"),
+            config: generated_config.clone(),
+            generated: k,
+            real: 0,
+            delay,
+        });
+    }
+
+    let actor_exe = actor_executable();
+    let scratch = std::env::temp_dir().join(format!("flgfn-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    println!(
+        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for scenario in &scenarios {
+        let outcome = runtime.block_on(run(scenario, &actor_exe, &scratch));
+        println!("{}", row(scenario, &outcome));
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+}

@@ -1,0 +1,248 @@
+//! Credits at work: production follows consumption, lag stays bounded,
+//! weights go only to actors about to use them, and the fleet keeps the
+//! learner fed behind a slow network.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use flgfn_actor::{ActorOptions, ActorReport};
+use flgfn_common::config::Config;
+use flgfn_learner::delay_proxy::DelayProxy;
+use flgfn_learner::report::Report;
+use flgfn_learner::{RunOptions, TrainingOutcome};
+use tokio::net::TcpListener;
+
+/// Runs a learner on `config` with `real` in-process actors (all of one
+/// configuration, seeded the default way) and `generated` synthetic ones,
+/// optionally behind a proxy adding `delay` each way.
+async fn train(
+    config: &Config,
+    real: usize,
+    generated: usize,
+    delay: Duration,
+    metrics: Option<std::path::PathBuf>,
+) -> (TrainingOutcome, Vec<ActorReport>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let proxy = if delay.is_zero() {
+        None
+    } else {
+        Some(DelayProxy::start(address, delay).await.unwrap())
+    };
+    let target = proxy.as_ref().map_or(address, |p| p.address);
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions {
+            metrics_path: metrics,
+        },
+        std::future::pending(),
+    ));
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = format!("http://{target}");
+    let actors: Vec<_> = (0..real)
+        .map(|i| {
+            let options = ActorOptions {
+                name: format!("actor-{i}"),
+                seed_offset: None,
+            };
+            tokio::spawn(flgfn_actor::run(
+                actor_config.clone(),
+                options,
+                std::future::pending(),
+            ))
+        })
+        .collect();
+    let load = tokio::spawn(flgfn_actor::loadgen::run(
+        actor_config,
+        generated,
+        std::future::pending(),
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(300), learner)
+        .await
+        .expect("training finishes")
+        .unwrap()
+        .unwrap();
+    let mut reports = Vec::new();
+    for actor in actors {
+        let report = tokio::time::timeout(Duration::from_secs(30), actor)
+            .await
+            .expect("actors stop when training ends")
+            .unwrap()
+            .unwrap();
+        assert!(report.training_done);
+        reports.push(report);
+    }
+    for report in tokio::time::timeout(Duration::from_secs(30), load)
+        .await
+        .expect("generated actors stop when training ends")
+        .unwrap()
+    {
+        let report = report.unwrap();
+        assert!(report.training_done);
+        reports.push(report);
+    }
+    (outcome, reports)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actors_of_one_configuration_draw_different_trajectories() {
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 50;
+    let (_, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
+    // Both first chunks were sampled by version 0, the same weights.
+    let digests: Vec<_> = reports.iter().map(|r| r.first_chunk_digest.unwrap()).collect();
+    assert_ne!(digests[0], digests[1], "seeds {:?}", reports.iter().map(|r| r.seed).collect::<Vec<_>>());
+
+    // The check can fail: two actors given the same --seed-offset draw the
+    // same first chunk.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    ));
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = url;
+    let same = |i: u64| {
+        tokio::spawn(flgfn_actor::run(
+            actor_config.clone(),
+            ActorOptions {
+                name: format!("twin-{i}"),
+                seed_offset: Some(5),
+            },
+            std::future::pending(),
+        ))
+    };
+    let (a, b) = (same(0), same(1));
+    learner.await.unwrap().unwrap();
+    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+    assert_eq!(a.first_chunk_digest, b.first_chunk_digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() {
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 300;
+    let (outcome, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
+    for report in &reports {
+        // Counted by the learner, for this actor's session.
+        let sessions: Vec<_> = outcome
+            .sessions
+            .iter()
+            .filter(|s| s.actor_id == report.actor_id)
+            .collect();
+        assert_eq!(sessions.len(), 1, "{:?}", outcome.sessions);
+        let sent = sessions[0].versions_sent;
+        eprintln!(
+            "actor {}: {} versions sent, {} received, {} rollouts, {} credits granted, {} received, last applied {:?}",
+            report.actor_id, sent, report.versions_received, report.rollouts, sessions[0].credits_granted, report.credits, report.versions_applied.last()
+        );
+        assert!(sent >= 2, "weights did flow: {sent}");
+        assert!(sent <= report.rollouts + 1, "{sent} versions for {} rollouts", report.rollouts);
+        // Every version received was loaded for a rollout, except those
+        // that came with credits still queued when training ended.
+        assert_eq!(report.versions_received, sent);
+        let applied = report.versions_applied.len() as u64;
+        let unused_credits = report.credits - report.rollouts;
+        assert!(sent - applied <= unused_credits, "{applied} of {sent} applied, {unused_credits} credits unused");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
+    let mut config = support::tiny_config();
+    // A network far too big for the task: each step takes milliseconds on
+    // one thread, while 32 generated actors could produce a chunk each in
+    // microseconds.
+    config.model.hidden = vec![512, 512, 512];
+    config.learner.max_steps = 120;
+    config.learner.first_report_s = 0.25;
+    config.learner.report_every_s = 0.25;
+    config.learner.eval_samples = 64;
+    let dir = std::env::temp_dir().join(format!("flgfn-credits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("metrics.jsonl");
+    let rss_before = flgfn_learner::report::resident_mb();
+    let (outcome, reports) = train(&config, 0, 32, Duration::ZERO, Some(metrics.clone())).await;
+    let rss_after = flgfn_learner::report::resident_mb();
+
+    let report = &outcome.final_report;
+    let room =
+        (config.learner.max_batch_transitions as u64) * config.learner.max_in_flight_batches;
+    let produced: u64 = reports.iter().map(|r| r.transitions_sent).sum();
+    let trained = outcome.totals.trained_transitions;
+    eprintln!(
+        "produced {produced}, ingested {}, trained {trained}, stale {}, lag {:.2} mean / {} max, RSS {rss_before:.0} -> {rss_after:.0} MB",
+        report.ingested_transitions,
+        report.stale_transitions,
+        outcome.totals.mean_policy_lag,
+        outcome.totals.max_policy_lag,
+    );
+    assert!(outcome.totals.max_policy_lag <= config.learner.max_policy_lag);
+    assert!(
+        (report.stale_transitions as f64) < 0.01 * produced as f64,
+        "{} of {produced} stale",
+        report.stale_transitions
+    );
+    // Production followed consumption: what was produced and not trained
+    // is at most what the credit room holds, plus the one batch built while
+    // the last step trained (its credits were already returned).
+    assert!(produced >= trained);
+    let bound = room + config.learner.max_batch_transitions as u64;
+    assert!(produced - trained <= bound, "{produced} produced, {trained} trained, bound {bound}");
+    // Memory stayed bounded: the data granted and not trained never
+    // exceeded the room, at any report.
+    let reports: Vec<Report> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(reports.len() >= 3, "{} reports", reports.len());
+    for r in &reports {
+        assert!(r.in_flight_transitions <= room, "{} > {room}", r.in_flight_transitions);
+        assert!(r.credit_room_transitions <= room);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 400;
+    // The paper's network: the trainer, not the loopback data path, sets
+    // the pace, as in the default job.
+    config.model.hidden = vec![256, 256];
+    // Batches of 64 to 1,024 transitions, up to 8 of them in flight: room
+    // for 8,192 transitions, over 100,000 a second at a 75 ms credit cycle.
+    // On loopback the room stays small and the batches at 64.
+    config.learner.max_batch_transitions = 1024;
+    // Generated actors produce in microseconds: the learner, not the
+    // actors' CPU, sets the pace on loopback, which is what flow control
+    // must keep up behind the delay.
+    let (direct, _) = train(&config, 0, 4, Duration::ZERO, None).await;
+    let (delayed, _) = train(&config, 0, 4, Duration::from_millis(25), None).await;
+    let (d, l) = (&direct.totals, &delayed.totals);
+    eprintln!(
+        "loopback: wait {:.3}, {:.0} trained/s, lag {:.2}; 25 ms: wait {:.3}, {:.0} trained/s, lag {:.2}",
+        d.data_wait_fraction,
+        d.trained_transitions as f64 / d.wall_s,
+        d.mean_policy_lag,
+        l.data_wait_fraction,
+        l.trained_transitions as f64 / l.wall_s,
+        l.mean_policy_lag,
+    );
+    // The credit room opened up to the bandwidth-delay product: the
+    // trainer waits about as little as on loopback.
+    assert!(
+        l.data_wait_fraction <= d.data_wait_fraction + 0.15,
+        "waiting {:.3} behind the delay vs {:.3} on loopback",
+        l.data_wait_fraction,
+        d.data_wait_fraction
+    );
+    assert!(l.max_policy_lag <= config.learner.max_policy_lag);
+}
