@@ -127,6 +127,19 @@ pub enum DeviceConfig {
     Cuda,
 }
 
+/// When the learner's batches grow; see [`LearnerConfig::batch_growth`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchGrowth {
+    /// Supply on CUDA, lag on the CPU.
+    #[default]
+    Auto,
+    /// Only as much as bounds the lag of the data in flight.
+    Lag,
+    /// Also with fresh data already waiting, up to the largest batch.
+    Supply,
+}
+
 /// Learner settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,11 +155,17 @@ pub struct LearnerConfig {
     /// Smallest batch: the trainer takes whole chunks until it holds at
     /// least this many transitions before it steps.
     pub batch_transitions: usize,
-    /// Largest batch (at most 2^20): when more fresh data than
-    /// `batch_transitions` is waiting, the trainer takes it too, up to this
-    /// many transitions, so that more actors mean bigger steps rather than
-    /// older data.
+    /// Largest batch (at most 2^20). Batches grow past `batch_transitions`
+    /// as `batch_growth` says.
     pub max_batch_transitions: usize,
+    /// When a batch grows past `batch_transitions`: "lag" (only as much as
+    /// keeps the data in flight within `max_in_flight_batches` steps, i.e.
+    /// behind a slow network), "supply" (also takes every fresh chunk
+    /// already waiting: more actors mean bigger steps; best where a step
+    /// costs about the same whatever its size, as on a GPU), or "auto"
+    /// (supply on CUDA, lag on the CPU, where a step's time grows with its
+    /// size and smaller steps learn more per second).
+    pub batch_growth: BatchGrowth,
     /// Publish new weights every this many training steps.
     pub publish_every: u64,
     /// Data sampled more than this many training steps before the step
@@ -209,7 +228,8 @@ impl Default for LearnerConfig {
             learning_rate: 3e-3,
             final_learning_rate_fraction: 0.1,
             batch_transitions: 320,
-            max_batch_transitions: 640,
+            max_batch_transitions: 2560,
+            batch_growth: BatchGrowth::Auto,
             publish_every: 1,
             max_policy_lag: 16,
             max_in_flight_batches: 8,

@@ -3,9 +3,9 @@
 //!
 //! It takes validated chunks from the queue until it holds the batch the
 //! credit room calls for ([`CreditPool::adapt`]: `batch_transitions`, more
-//! when the room has grown behind a slow network), then any more that are
-//! already waiting, up to `max_batch_transitions`: more supply means bigger
-//! steps, not older data.
+//! when much is in flight behind a slow network), and with
+//! `batch_growth = "supply"` any more that are already waiting, up to
+//! `max_batch_transitions`: more supply means bigger steps, not older data.
 //! Here, where the batch is built, chunks whose policy would be more than
 //! `max_policy_lag` steps old when trained are dropped and counted; credits
 //! keep that rare. Each chunk's credit is released once the chunk is in a
@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
 
 use flgfn_common::objectives::TransitionBatch;
 use tokio::runtime::Handle;
@@ -23,6 +24,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::credits::CreditPool;
 use crate::ingest::{IngestStats, QueuedChunk};
+
+/// A hand-over quicker than this means the trainer was already waiting.
+const TRAINER_WAITING: Duration = Duration::from_micros(50);
 
 /// A batch ready for the trainer.
 #[derive(Debug)]
@@ -57,6 +61,9 @@ pub struct Batcher {
     pub stats: Arc<IngestStats>,
     /// Largest batch, in transitions.
     pub max_transitions: usize,
+    /// Take fresh chunks already waiting beyond the target
+    /// (`batch_growth = "supply"`).
+    pub take_waiting: bool,
     /// Older data is never trained on.
     pub max_policy_lag: u64,
     /// State dimension, forward and backward action counts.
@@ -67,21 +74,33 @@ pub struct Batcher {
     pub stop: watch::Receiver<bool>,
     /// To wait on the async queue from this plain thread.
     pub runtime: Handle,
+    /// Whether building the current batch found the queue empty.
+    pub waited_for_data: bool,
 }
 
 impl Batcher {
     /// Builds batches until the learner stops or the trainer is gone.
     pub fn run(mut self) {
         let mut carried: Option<QueuedChunk> = None;
+        // Whether the last batch had to wait for data and the trainer for
+        // it: the credit room's signal to grow. (A trainer kept waiting by
+        // a busy CPU rather than by missing data is no reason to let more
+        // data age in flight.)
+        let mut starved = true;
         loop {
-            let target = self.pool.adapt() as usize;
+            let target = self.pool.adapt(starved) as usize;
+            self.waited_for_data = false;
             let Some(chunks) = self.gather(target, &mut carried) else {
                 return;
             };
             let batch = self.collate(chunks);
+            // A rendezvous: the send returns at once if the trainer waits
+            // in recv, and only after it finishes its step otherwise.
+            let handed = Instant::now();
             if self.out.send(batch).is_err() {
                 return;
             }
+            starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
     }
 
@@ -132,8 +151,11 @@ impl Batcher {
                 break;
             }
         }
-        // Fresh supply beyond the minimum joins this batch rather than age.
-        while let Ok(chunk) = self.queue.try_recv() {
+        // Fresh supply beyond the target joins this batch rather than age.
+        while self.take_waiting && transitions < self.max_transitions {
+            let Ok(chunk) = self.queue.try_recv() else {
+                break;
+            };
             if self.is_stale(&chunk, self.step_to_train()) {
                 self.drop_stale(chunk);
                 continue;
@@ -181,6 +203,10 @@ impl Batcher {
         if *self.stop.borrow() {
             return None;
         }
+        if let Ok(chunk) = self.queue.try_recv() {
+            return Some(chunk);
+        }
+        self.waited_for_data = true;
         let (queue, stop) = (&mut self.queue, &mut self.stop);
         self.runtime.block_on(async {
             tokio::select! {

@@ -12,8 +12,8 @@
 //!
 //! The capacity adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
-//! grows it while less than a batch is waiting when a batch starts, and
-//! shrinks it while more than two batches wait. The batch itself grows with
+//! grows it while the trainer waits for batches, and shrinks it while the
+//! trainer is busy and more than two batches wait. The batch itself grows with
 //! the data in flight ([`CreditPool::batch_target`]: granted-not-trained /
 //! max_in_flight_batches, between the smallest and largest batch), so data
 //! granted is trained within about `max_in_flight_batches` steps whatever
@@ -99,20 +99,20 @@ impl CreditPool {
         self.ceiling
     }
 
-    /// Called by the batch builder each time it starts a batch: with less
-    /// than one batch waiting the trainer is about to starve, so the room
-    /// grows by a quarter (at least a batch; it doubles when nothing at all
-    /// is waiting); with more than two batches
-    /// waiting, data ages in the queue, so it shrinks by a sixteenth.
-    /// Returns the batch to build ([`CreditPool::batch_target`]).
-    pub fn adapt(&self) -> u64 {
+    /// Called by the batch builder each time it starts a batch, saying
+    /// whether the previous one was starved (it waited for data, and the
+    /// trainer waited for it). Starving means too little is in flight: the room doubles when nothing
+    /// is queued at all and grows by a quarter (at least a batch)
+    /// otherwise. A busy trainer with more than two batches queued means
+    /// data ages in the queue: the room shrinks by a sixteenth. Returns the
+    /// batch to build ([`CreditPool::batch_target`]).
+    pub fn adapt(&self, starved: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
         let capacity = self.capacity();
-        let next = if queued == 0 {
-            // Nothing at all waiting: double, as TCP's slow start does.
+        let next = if starved && queued == 0 {
             capacity.saturating_mul(2)
-        } else if queued < batch {
+        } else if starved {
             capacity.saturating_add((capacity / 4).max(batch))
         } else if queued > 2 * batch {
             capacity - capacity / 16
@@ -316,25 +316,27 @@ mod tests {
         // Batches of 100 to 200, room for up to 4 of the largest.
         let pool = CreditPool::new(100, 200, 4);
         assert_eq!((pool.capacity(), pool.batch_target()), (100, 100));
-        assert_eq!(pool.adapt(), 100);
-        assert_eq!(pool.capacity(), 200, "nothing queued: double");
+        assert_eq!(pool.adapt(false), 100);
+        assert_eq!(pool.capacity(), 100, "a busy trainer with nothing queued: hold");
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 200, "a waiting trainer, nothing queued: double");
         let mut some = pool.try_reserve(50).unwrap();
         some.arrived(50);
-        pool.adapt();
-        assert_eq!(pool.capacity(), 300, "less than a batch queued: grow by a batch");
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 300, "a waiting trainer, little queued: grow by a batch");
         drop(some);
         for _ in 0..20 {
-            pool.adapt();
+            pool.adapt(true);
         }
         assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
         assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
         let mut held = pool.try_reserve(500).unwrap();
         held.arrived(500);
         assert_eq!(pool.batch_target(), 125, "the batch grows with the data in flight");
-        pool.adapt();
+        pool.adapt(false);
         assert_eq!(pool.capacity(), 750, "4 batches of 125 waiting: shrink");
         for _ in 0..100 {
-            pool.adapt();
+            pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
         assert_eq!(pool.batch_target(), 125, "until the data in flight is trained");

@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use flgfn_common::config::{Config, LearnerConfig};
+use flgfn_common::config::{BatchGrowth, Config, LearnerConfig};
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
 use flgfn_common::tasks;
@@ -168,11 +168,17 @@ pub async fn serve(
         pool: pool.clone(),
         stats: stats.clone(),
         max_transitions: learner.max_batch_transitions,
+        take_waiting: match learner.batch_growth {
+            BatchGrowth::Supply => true,
+            BatchGrowth::Lag => false,
+            BatchGrowth::Auto => device.is_cuda(),
+        },
         max_policy_lag: learner.max_policy_lag,
         dims: (env.state_dim(), env.forward_actions(), env.backward_actions()),
         pinned: device.is_cuda(),
         stop: stop.clone(),
         runtime: tokio::runtime::Handle::current(),
+        waited_for_data: false,
     };
     std::thread::Builder::new()
         .name("flgfn-batcher".to_owned())
