@@ -30,6 +30,9 @@ use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
 struct Args {
+    /// Base configuration (TOML) for every scenario; defaults otherwise.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Generated-actor counts to run (loopback).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     generated: Vec<usize>,
@@ -158,7 +161,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut base = Config::default();
+    let mut base = Config::load(args.config.as_deref()).unwrap();
     base.learner.max_steps = args.steps;
     base.learner.device = match args.device.as_str() {
         "cpu" => DeviceConfig::Cpu,

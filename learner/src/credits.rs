@@ -49,6 +49,11 @@ pub struct CreditPool {
     /// most.
     batch: (u64, u64),
     batches: u64,
+    /// Times an actor used its last credit (its chunk arrived and it had
+    /// none left): it sits idle until the next grant. Without such events
+    /// the actors, not the room, limit supply, and more room would only
+    /// queue credits whose weights age.
+    idle_actors: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -66,6 +71,7 @@ impl CreditPool {
             ceiling: max_batch * batches.max(1),
             batch: (floor, max_batch),
             batches: batches.max(1),
+            idle_actors: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -101,12 +107,14 @@ impl CreditPool {
 
     /// Called by the batch builder each time it starts a batch, saying
     /// whether the previous one was starved (it waited for data, and the
-    /// trainer waited for it). Starving means too little is in flight: the room doubles when nothing
+    /// trainer waited for it). Starving while some actor ran out of credits
+    /// since the last call means too little is in flight: the room doubles when nothing
     /// is queued at all and grows by a quarter (at least a batch)
     /// otherwise. A busy trainer with more than two batches queued means
     /// data ages in the queue: the room shrinks by a sixteenth. Returns the
     /// batch to build ([`CreditPool::batch_target`]).
     pub fn adapt(&self, starved: bool) -> u64 {
+        let starved = starved && self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let batch = self.batch_target();
         let queued = self.queued();
         let capacity = self.capacity();
@@ -194,7 +202,9 @@ pub struct SessionCredits {
 impl SessionCredits {
     /// One credit was used (its chunk arrived).
     pub fn used(&self) {
-        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
+        }
         self.pool.wake.notify_one();
     }
 }
@@ -319,13 +329,19 @@ mod tests {
         assert_eq!(pool.adapt(false), 100);
         assert_eq!(pool.capacity(), 100, "a busy trainer with nothing queued: hold");
         pool.adapt(true);
-        assert_eq!(pool.capacity(), 200, "a waiting trainer, nothing queued: double");
+        assert_eq!(pool.capacity(), 100, "a waiting trainer but no idle actor: hold");
+        let idle = || pool.idle_actors.fetch_add(1, Ordering::Relaxed);
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 200, "a waiting trainer, an idle actor, nothing queued: double");
         let mut some = pool.try_reserve(50).unwrap();
         some.arrived(50);
+        idle();
         pool.adapt(true);
         assert_eq!(pool.capacity(), 300, "a waiting trainer, little queued: grow by a batch");
         drop(some);
         for _ in 0..20 {
+            idle();
             pool.adapt(true);
         }
         assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
