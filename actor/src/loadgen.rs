@@ -132,6 +132,7 @@ async fn generated_actor(
                 policy_version: order.weights.version,
                 sequence: rollouts,
                 trajectories: uniform_chunk(env.as_ref(), envs, truncate_fraction, &mut rng),
+                credits_left: u32::try_from(orders.len()).unwrap_or(u32::MAX),
             };
             rollouts += 1;
             let sampled = SampledChunk {

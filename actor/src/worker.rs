@@ -154,6 +154,7 @@ impl Worker {
                 policy_version: weights.version,
                 sequence: report.rollouts,
                 trajectories: rollout.trajectories,
+                credits_left: u32::try_from(self.orders.len()).unwrap_or(u32::MAX),
             };
             report.first_chunk_digest.get_or_insert_with(|| digest(&chunk));
             report.rollouts += 1;

@@ -47,6 +47,8 @@ pub struct TrajectoryChunk {
     pub sequence: u64,
     /// The trajectories.
     pub trajectories: Vec<Trajectory>,
+    /// Credits the actor still held, unstarted, when it finished the chunk.
+    pub credits_left: u32,
 }
 
 impl TrajectoryChunk {

@@ -87,6 +87,7 @@ impl From<&TrajectoryChunk> for proto::TrajectoryChunk {
             policy_version: chunk.policy_version,
             sequence: chunk.sequence,
             trajectories: chunk.trajectories.iter().map(Into::into).collect(),
+            credits_left: chunk.credits_left,
         }
     }
 }
@@ -113,6 +114,7 @@ impl TryFrom<proto::TrajectoryChunk> for TrajectoryChunk {
             policy_version: chunk.policy_version,
             sequence: chunk.sequence,
             trajectories,
+            credits_left: chunk.credits_left,
         })
     }
 }
@@ -130,6 +132,7 @@ mod tests {
                 actions: vec![1, 2],
                 energies: vec![0.5, -0.25],
             }],
+            credits_left: 2,
         }
     }
 

@@ -49,8 +49,10 @@ pub struct CreditPool {
     /// most.
     batch: (u64, u64),
     batches: u64,
-    /// Times an actor used its last credit (its chunk arrived and it had
-    /// none left): it sits idle until the next grant. Without such events
+    /// The batch being built, from the last [`CreditPool::adapt`].
+    building: AtomicU64,
+    /// Chunks whose actor had no credit left when it finished them: it sat
+    /// idle until the next grant reached it. Without such events
     /// the actors, not the room, limit supply, and more room would only
     /// queue credits whose weights age.
     idle_actors: AtomicU64,
@@ -71,6 +73,7 @@ impl CreditPool {
             ceiling: max_batch * batches.max(1),
             batch: (floor, max_batch),
             batches: batches.max(1),
+            building: AtomicU64::new(floor),
             idle_actors: AtomicU64::new(0),
             wake: Notify::new(),
         })
@@ -130,19 +133,25 @@ impl CreditPool {
         let next = next.clamp(self.floor, self.ceiling);
         if next != capacity {
             self.capacity.store(next, Ordering::Relaxed);
-            self.wake.notify_one();
         }
-        self.batch_target()
+        let target = self.batch_target();
+        self.building.store(target, Ordering::Relaxed);
+        self.wake.notify_one();
+        target
     }
 
-    /// Reserves `amount` if it fits, or if nothing is reserved at all (so
-    /// a chunk larger than the current room still gets through, alone).
+    /// Reserves `amount` if it fits the room. Also when it does not, while
+    /// less than the batch being built is reserved in all: that batch must
+    /// always be able to fill, even when chunks came in smaller than their
+    /// reservations (truncated trajectories) or a chunk is larger than the
+    /// room.
     fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
         let capacity = self.capacity();
+        let building = self.building.load(Ordering::Relaxed);
         let reserved = self
             .in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used == 0 || used + amount <= capacity).then_some(used + amount)
+                (used + amount <= capacity || used < building).then_some(used + amount)
             });
         reserved.ok().map(|_| CreditToken {
             pool: self.clone(),
@@ -173,10 +182,9 @@ impl CreditToken {
         self.reserved = keep;
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
-        if freed > 0 {
-            self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
-            self.pool.wake.notify_one();
-        }
+        self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
+        // Less on the way now: the controller may grant again.
+        self.pool.wake.notify_one();
     }
 }
 
@@ -200,9 +208,11 @@ pub struct SessionCredits {
 }
 
 impl SessionCredits {
-    /// One credit was used (its chunk arrived).
-    pub fn used(&self) {
-        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+    /// One credit was used (its chunk arrived); `idle`: the actor had no
+    /// other credit left to start.
+    pub fn used(&self, idle: bool) {
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        if idle {
             self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.wake.notify_one();
@@ -311,13 +321,15 @@ mod tests {
     fn room_is_reserved_shrunk_on_arrival_and_returned_on_drop() {
         let pool = CreditPool::new(100, 100, 4);
         let mut a = pool.try_reserve(60).unwrap();
-        assert!(pool.try_reserve(60).is_none(), "60 + 60 > 100");
+        let mut b = pool.try_reserve(60).unwrap();
+        assert_eq!(pool.in_use(), 120, "over the room, but 60 is less than the batch of 100");
+        assert!(pool.try_reserve(60).is_none(), "a batch is reserved and the room is full");
         a.arrived(20);
-        assert_eq!((pool.in_use(), pool.queued()), (20, 20));
-        let b = pool.try_reserve(60).unwrap();
-        assert_eq!(pool.in_use(), 80);
-        drop(a);
-        drop(b);
+        b.arrived(60);
+        assert_eq!((pool.in_use(), pool.queued()), (80, 80));
+        let c = pool.try_reserve(20).unwrap();
+        assert_eq!(pool.in_use(), 100);
+        drop((a, b, c));
         assert_eq!((pool.in_use(), pool.queued()), (0, 0));
     }
 
@@ -374,7 +386,7 @@ mod tests {
                 .await
                 .expect("the busy session keeps getting credits")
                 .unwrap();
-            busy.used();
+            busy.used(false);
             drop(token);
             while let Ok(token) = stalled.tokens.try_recv() {
                 held.push(token);

@@ -233,7 +233,7 @@ impl Session {
     ) -> Result<(), RequestError> {
         let wire_bytes = message.encoded_len() as u64;
         let mut credit = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
-        credits.used();
+        credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
         let context = IngestContext {

@@ -57,6 +57,7 @@ fn chunk(actor_id: u64, actions: Vec<u32>) -> proto::TrajectoryChunk {
         policy_version: 0,
         sequence: 0,
         trajectories: vec![proto::Trajectory { actions, energies }],
+        credits_left: 0,
     }
 }
 
