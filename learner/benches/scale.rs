@@ -184,10 +184,9 @@ fn main() {
         // Compute ~0: what is left per step is the trainer's fixed cost.
         let mut tiny = generated_config.clone();
         tiny.model.hidden = vec![8];
-        tiny.learner.device = DeviceConfig::Cpu;
         tiny.learner.max_steps = args.steps.max(2000);
         scenarios.push(Scenario {
-            name: "fixed cost: 8-wide net, cpu".to_owned(),
+            name: format!("fixed cost: 8-wide net, {}", args.device),
             config: tiny,
             generated: 8,
             real: 0,

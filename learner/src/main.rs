@@ -9,7 +9,7 @@ use flgfn_learner::RunOptions;
 use flgfn_learner::launcher::{LocalActors, actor_executable};
 
 /// Trains a forward-looking GFlowNet on trajectories streamed by
-/// `flgfn-actor` processes and broadcasts the weights back to them.
+/// `flgfn-actor` processes, granting them credits and sending them weights.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
