@@ -51,7 +51,9 @@ pub fn uniform_chunk(
                     break;
                 }
                 let action = valid[rng.random_range(0..valid.len())];
-                trajectory.energies.push(env.transition_energy(&state, action) as f32);
+                trajectory
+                    .energies
+                    .push(env.transition_energy(&state, action) as f32);
                 if env.step(&mut state, action).is_err() {
                     break;
                 }

@@ -156,7 +156,9 @@ impl Worker {
                 trajectories: rollout.trajectories,
                 credits_left: u32::try_from(self.orders.len()).unwrap_or(u32::MAX),
             };
-            report.first_chunk_digest.get_or_insert_with(|| digest(&chunk));
+            report
+                .first_chunk_digest
+                .get_or_insert_with(|| digest(&chunk));
             report.rollouts += 1;
             let sampled = SampledChunk {
                 session: order.session,

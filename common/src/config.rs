@@ -380,7 +380,11 @@ impl Config {
         )?;
         at_least("learner.publish_every", l.publish_every as usize, 1)?;
         at_least("learner.max_policy_lag", l.max_policy_lag as usize, 1)?;
-        at_least("learner.max_in_flight_batches", l.max_in_flight_batches as usize, 1)?;
+        at_least(
+            "learner.max_in_flight_batches",
+            l.max_in_flight_batches as usize,
+            1,
+        )?;
         if l.max_in_flight_batches > l.max_policy_lag {
             return Err(ConfigError::invalid(
                 "learner.max_in_flight_batches",
@@ -390,7 +394,11 @@ impl Config {
                 ),
             ));
         }
-        at_least("learner.weights_refresh_steps", l.weights_refresh_steps as usize, 1)?;
+        at_least(
+            "learner.weights_refresh_steps",
+            l.weights_refresh_steps as usize,
+            1,
+        )?;
         at_least("learner.threads", l.threads, 1)?;
         at_least("learner.async_threads", l.async_threads, 1)?;
         at_least("learner.ingest_threads", l.ingest_threads, 1)?;

@@ -345,7 +345,8 @@ mod tests {
         let mut b = Policy::new(&spec(), Device::Cpu);
         let x = [0.5f32, -1.0, 2.0, 0.0, 1.0];
         let before = to_host_f32(&b.infer(&x, 1).log_flow);
-        b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap()).unwrap();
+        b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap())
+            .unwrap();
         let expected = to_host_f32(&a.infer(&x, 1).forward_logits);
         let got = to_host_f32(&b.infer(&x, 1).forward_logits);
         assert_eq!(expected, got);
@@ -356,7 +357,8 @@ mod tests {
     fn bf16_weights_load_within_bf16_precision() {
         let a = Policy::new(&spec(), Device::Cpu);
         let mut b = Policy::new(&spec(), Device::Cpu);
-        b.load_bytes(&a.to_bytes(WeightEncoding::Bf16).unwrap()).unwrap();
+        b.load_bytes(&a.to_bytes(WeightEncoding::Bf16).unwrap())
+            .unwrap();
         for (x, y) in a.weights().iter().zip(b.weights()) {
             assert_eq!(x.name, y.name);
             for (u, v) in x.values.iter().zip(&y.values) {
@@ -382,7 +384,9 @@ mod tests {
         let mut other = spec();
         other.hidden = vec![8, 9];
         let mut b = Policy::new(&other, Device::Cpu);
-        let error = b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap()).unwrap_err();
+        let error = b
+            .load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap())
+            .unwrap_err();
         assert!(error.to_string().contains("has shape"), "{error}");
     }
 }

@@ -102,7 +102,8 @@ pub fn encode(
     }
     let mut info: HashMap<String, String> = metadata.clone().into_iter().collect();
     info.insert("encoding".to_owned(), encoding.name().to_owned());
-    safetensors::tensor::serialize(views, &Some(info)).map_err(|e| WeightsError::Format(format!("{e:?}")))
+    safetensors::tensor::serialize(views, &Some(info))
+        .map_err(|e| WeightsError::Format(format!("{e:?}")))
 }
 
 /// A decoded buffer: every tensor as f32, and the metadata map.
@@ -117,8 +118,8 @@ pub struct DecodedWeights {
 /// Decodes a buffer written by [`encode`] (or by any safetensors writer,
 /// with F32 or BF16 tensors).
 pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| WeightsError::Format(format!("{e:?}")))?;
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| WeightsError::Format(format!("{e:?}")))?;
     let metadata = header
         .metadata()
         .clone()

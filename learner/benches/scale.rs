@@ -55,7 +55,11 @@ struct Args {
     #[arg(long)]
     generated_envs: Option<usize>,
     /// Only these scenario groups: fixed, generated, real, delay.
-    #[arg(long, value_delimiter = ',', default_value = "fixed,generated,real,delay")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fixed,generated,real,delay"
+    )]
     only: Vec<String>,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]

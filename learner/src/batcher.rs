@@ -115,7 +115,10 @@ impl Batcher {
     }
 
     fn drop_stale(&self, chunk: QueuedChunk) {
-        IngestStats::add(&self.stats.stale_transitions, chunk.chunk.transitions as u64);
+        IngestStats::add(
+            &self.stats.stale_transitions,
+            chunk.chunk.transitions as u64,
+        );
     }
 
     /// At least `target` transitions of fresh data, then whatever else is

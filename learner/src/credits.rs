@@ -322,8 +322,15 @@ mod tests {
         let pool = CreditPool::new(100, 100, 4);
         let mut a = pool.try_reserve(60).unwrap();
         let mut b = pool.try_reserve(60).unwrap();
-        assert_eq!(pool.in_use(), 120, "over the room, but 60 is less than the batch of 100");
-        assert!(pool.try_reserve(60).is_none(), "a batch is reserved and the room is full");
+        assert_eq!(
+            pool.in_use(),
+            120,
+            "over the room, but 60 is less than the batch of 100"
+        );
+        assert!(
+            pool.try_reserve(60).is_none(),
+            "a batch is reserved and the room is full"
+        );
         a.arrived(20);
         b.arrived(60);
         assert_eq!((pool.in_use(), pool.queued()), (80, 80));
@@ -339,18 +346,34 @@ mod tests {
         let pool = CreditPool::new(100, 200, 4);
         assert_eq!((pool.capacity(), pool.batch_target()), (100, 100));
         assert_eq!(pool.adapt(false), 100);
-        assert_eq!(pool.capacity(), 100, "a busy trainer with nothing queued: hold");
+        assert_eq!(
+            pool.capacity(),
+            100,
+            "a busy trainer with nothing queued: hold"
+        );
         pool.adapt(true);
-        assert_eq!(pool.capacity(), 100, "a waiting trainer but no idle actor: hold");
+        assert_eq!(
+            pool.capacity(),
+            100,
+            "a waiting trainer but no idle actor: hold"
+        );
         let idle = || pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         idle();
         pool.adapt(true);
-        assert_eq!(pool.capacity(), 200, "a waiting trainer, an idle actor, nothing queued: double");
+        assert_eq!(
+            pool.capacity(),
+            200,
+            "a waiting trainer, an idle actor, nothing queued: double"
+        );
         let mut some = pool.try_reserve(50).unwrap();
         some.arrived(50);
         idle();
         pool.adapt(true);
-        assert_eq!(pool.capacity(), 300, "a waiting trainer, little queued: grow by a batch");
+        assert_eq!(
+            pool.capacity(),
+            300,
+            "a waiting trainer, little queued: grow by a batch"
+        );
         drop(some);
         for _ in 0..20 {
             idle();
@@ -360,14 +383,22 @@ mod tests {
         assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
         let mut held = pool.try_reserve(500).unwrap();
         held.arrived(500);
-        assert_eq!(pool.batch_target(), 125, "the batch grows with the data in flight");
+        assert_eq!(
+            pool.batch_target(),
+            125,
+            "the batch grows with the data in flight"
+        );
         pool.adapt(false);
         assert_eq!(pool.capacity(), 750, "4 batches of 125 waiting: shrink");
         for _ in 0..100 {
             pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
-        assert_eq!(pool.batch_target(), 125, "until the data in flight is trained");
+        assert_eq!(
+            pool.batch_target(),
+            125,
+            "until the data in flight is trained"
+        );
         drop(held);
         assert_eq!(pool.batch_target(), 100);
     }
@@ -394,6 +425,10 @@ mod tests {
             assert!(pool.in_use() <= 40);
         }
         // Fair share of 8 credits between 2 sessions is 4; the cap is 5.
-        assert!((2..=5).contains(&held.len()), "the stalled session holds {}", held.len());
+        assert!(
+            (2..=5).contains(&held.len()),
+            "the stalled session holds {}",
+            held.len()
+        );
     }
 }

@@ -114,7 +114,9 @@ mod tests {
             socket.read_exact(&mut buffer).await.unwrap();
             socket.write_all(&buffer).await.unwrap();
         });
-        let proxy = DelayProxy::start(target, Duration::from_millis(50)).await.unwrap();
+        let proxy = DelayProxy::start(target, Duration::from_millis(50))
+            .await
+            .unwrap();
         let mut socket = TcpStream::connect(proxy.address).await.unwrap();
         let started = std::time::Instant::now();
         socket.write_all(b"hello").await.unwrap();

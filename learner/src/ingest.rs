@@ -108,7 +108,10 @@ impl IngestStats {
 
     /// Keeps the record of an ended session (up to a bound).
     pub fn record_session(&self, record: SessionRecord) {
-        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sessions = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if sessions.len() < MAX_SESSION_RECORDS {
             sessions.push(record);
         }

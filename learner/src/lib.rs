@@ -143,7 +143,6 @@ pub async fn serve(
         publisher: publisher.clone(),
         stats: stats.clone(),
         ingest_pool: IngestPool::new(learner.ingest_threads),
-        stop: stop.clone(),
     });
     let service = LearnerService { state };
     let address = listener.local_addr().ok();
@@ -174,7 +173,11 @@ pub async fn serve(
             BatchGrowth::Auto => device.is_cuda(),
         },
         max_policy_lag: learner.max_policy_lag,
-        dims: (env.state_dim(), env.forward_actions(), env.backward_actions()),
+        dims: (
+            env.state_dim(),
+            env.forward_actions(),
+            env.backward_actions(),
+        ),
         pinned: device.is_cuda(),
         stop: stop.clone(),
         runtime: tokio::runtime::Handle::current(),

@@ -147,7 +147,11 @@ impl Publisher {
         let mut encoded = self.encoded.lock().unwrap_or_else(PoisonError::into_inner);
         let (version, snapshot, published_at) = {
             let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            (pending.version, pending.snapshot.shallow_clone(), pending.published_at)
+            (
+                pending.version,
+                pending.snapshot.shallow_clone(),
+                pending.published_at,
+            )
         };
         if encoded.version == version {
             return Ok(encoded.clone());
@@ -191,7 +195,10 @@ mod tests {
             publisher.publish(version, policy.snapshot());
         }
         assert_eq!(publisher.encodings(), 0);
-        let (a, b) = (publisher.latest().await.unwrap(), publisher.latest().await.unwrap());
+        let (a, b) = (
+            publisher.latest().await.unwrap(),
+            publisher.latest().await.unwrap(),
+        );
         assert_eq!(a.version, 5);
         assert_eq!(publisher.encodings(), 1);
         // Not equal copies: the very same buffer.

@@ -12,7 +12,7 @@ use flgfn_common::env::{Environment, TaskSpec};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
@@ -54,8 +54,6 @@ pub struct LearnerState {
     pub stats: Arc<IngestStats>,
     /// Runs replay and validation off the async workers.
     pub ingest_pool: crate::session::IngestPool,
-    /// Turns true when the learner stops: open sessions end.
-    pub stop: watch::Receiver<bool>,
 }
 
 /// The gRPC service: a thin shell over [`LearnerState`].
@@ -109,7 +107,10 @@ impl Learner for LearnerService {
             warn!(?peer, %error, "refused an actor");
             return Err(error.into());
         }
-        state.check_chunk_size(u64::from(request.trajectories_per_chunk), "trajectories_per_chunk")?;
+        state.check_chunk_size(
+            u64::from(request.trajectories_per_chunk),
+            "trajectories_per_chunk",
+        )?;
         let actor_id = state.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = crate::error::clip(request.actor_name);
         info!(?peer, actor = %name, actor_id, "actor joined");

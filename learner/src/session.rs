@@ -22,7 +22,9 @@ use tracing::{debug, warn};
 
 use crate::credits::{CreditToken, SessionCredits};
 use crate::error::RequestError;
-use crate::ingest::{IngestContext, IngestStats, IngestedChunk, QueuedChunk, SessionRecord, ingest_chunk};
+use crate::ingest::{
+    IngestContext, IngestStats, IngestedChunk, QueuedChunk, SessionRecord, ingest_chunk,
+};
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
 
@@ -47,7 +49,11 @@ impl IngestPool {
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, RequestError> {
-        let _slot = self.slots.acquire().await.map_err(|_| RequestError::ShuttingDown)?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| RequestError::ShuttingDown)?;
         tokio::task::spawn_blocking(work)
             .await
             .map_err(|_| RequestError::ShuttingDown)

@@ -178,7 +178,8 @@ impl Trainer {
             self.steps_done.store(progress.step, Ordering::Release);
             if progress.step % learner.publish_every == 0 {
                 progress.version = progress.step;
-                self.publisher.publish(progress.version, self.policy.snapshot());
+                self.publisher
+                    .publish(progress.version, self.policy.snapshot());
             }
             let due = progress.wall() >= progress.next_report_wall;
             if due || finished(&progress) {
@@ -191,7 +192,8 @@ impl Trainer {
             .policy
             .snapshot()
             .encode(learner.weight_encoding, &Default::default())?;
-        self.publisher.finish(progress.version, self.policy.snapshot());
+        self.publisher
+            .finish(progress.version, self.policy.snapshot());
         let wall_s = progress.wall();
         let trained = progress.trained_transitions;
         let steps = progress.step.max(1) as f64;
@@ -220,7 +222,12 @@ impl Trainer {
     /// batch whose loss is not finite (the model diverged: ingest bounds
     /// the energies) steps with a zero gradient instead of turning every
     /// weight into NaN; reports count such steps.
-    fn train_step(&self, optimizer: &mut nn::Optimizer, batch: PreparedBatch, progress: &mut Progress) {
+    fn train_step(
+        &self,
+        optimizer: &mut nn::Optimizer,
+        batch: PreparedBatch,
+        progress: &mut Progress,
+    ) {
         let learner = &self.config.learner;
         let tensors = batch.tensors.to_device(self.policy.device());
         let output = self.policy.net.forward(&tensors.states);

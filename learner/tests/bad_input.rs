@@ -74,7 +74,9 @@ async fn open(
     let (upload, chunks) = mpsc::channel(8);
     let mut request = tonic::Request::new(ReceiverStream::new(chunks));
     if let Some(actor_id) = actor_id {
-        request.metadata_mut().insert(ACTOR_ID_HEADER, actor_id.into());
+        request
+            .metadata_mut()
+            .insert(ACTOR_ID_HEADER, actor_id.into());
     }
     request
         .metadata_mut()
@@ -144,7 +146,10 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     zero.trajectories_per_chunk = 0;
     let status = client.handshake(zero).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("trajectories_per_chunk"), "{status:?}");
+    assert!(
+        status.message().contains("trajectories_per_chunk"),
+        "{status:?}"
+    );
 
     // A session without its headers, or for an actor id never issued.
     let status = open(&mut client, None).await.err().unwrap();
@@ -233,12 +238,19 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
 
     // Nothing so far trained the model; now one good chunk followed by a bad
     // one: the session is refused, but the good chunk still trains.
-    holder.upload.send(chunk(actor_id, vec![0, 3])).await.unwrap();
+    holder
+        .upload
+        .send(chunk(actor_id, vec![0, 3]))
+        .await
+        .unwrap();
     let status = holder.refused(chunk(actor_id, vec![3, 9])).await;
     // Refused for its action, or for having no credit if it overtook the
     // next grant: refused either way.
     assert!(
-        matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition),
+        matches!(
+            status.code(),
+            Code::InvalidArgument | Code::FailedPrecondition
+        ),
         "{status:?}"
     );
 

@@ -93,8 +93,16 @@ async fn actors_of_one_configuration_draw_different_trajectories() {
     config.learner.max_steps = 50;
     let (_, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
     // Both first chunks were sampled by version 0, the same weights.
-    let digests: Vec<_> = reports.iter().map(|r| r.first_chunk_digest.unwrap()).collect();
-    assert_ne!(digests[0], digests[1], "seeds {:?}", reports.iter().map(|r| r.seed).collect::<Vec<_>>());
+    let digests: Vec<_> = reports
+        .iter()
+        .map(|r| r.first_chunk_digest.unwrap())
+        .collect();
+    assert_ne!(
+        digests[0],
+        digests[1],
+        "seeds {:?}",
+        reports.iter().map(|r| r.seed).collect::<Vec<_>>()
+    );
 
     // The check can fail: two actors given the same --seed-offset draw the
     // same first chunk.
@@ -140,16 +148,29 @@ async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() 
         let sent = sessions[0].versions_sent;
         eprintln!(
             "actor {}: {} versions sent, {} received, {} rollouts, {} credits granted, {} received, last applied {:?}",
-            report.actor_id, sent, report.versions_received, report.rollouts, sessions[0].credits_granted, report.credits, report.versions_applied.last()
+            report.actor_id,
+            sent,
+            report.versions_received,
+            report.rollouts,
+            sessions[0].credits_granted,
+            report.credits,
+            report.versions_applied.last()
         );
         assert!(sent >= 2, "weights did flow: {sent}");
-        assert!(sent <= report.rollouts + 1, "{sent} versions for {} rollouts", report.rollouts);
+        assert!(
+            sent <= report.rollouts + 1,
+            "{sent} versions for {} rollouts",
+            report.rollouts
+        );
         // Every version received was loaded for a rollout, except those
         // that came with credits still queued when training ended.
         assert_eq!(report.versions_received, sent);
         let applied = report.versions_applied.len() as u64;
         let unused_credits = report.credits - report.rollouts;
-        assert!(sent - applied <= unused_credits, "{applied} of {sent} applied, {unused_credits} credits unused");
+        assert!(
+            sent - applied <= unused_credits,
+            "{applied} of {sent} applied, {unused_credits} credits unused"
+        );
     }
 }
 
@@ -172,8 +193,7 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
     let rss_after = flgfn_learner::report::resident_mb();
 
     let report = &outcome.final_report;
-    let room =
-        (config.learner.max_batch_transitions as u64) * config.learner.max_in_flight_batches;
+    let room = (config.learner.max_batch_transitions as u64) * config.learner.max_in_flight_batches;
     let produced: u64 = reports.iter().map(|r| r.transitions_sent).sum();
     let trained = outcome.totals.trained_transitions;
     eprintln!(
@@ -194,7 +214,10 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
     // the last step trained (its credits were already returned).
     assert!(produced >= trained);
     let bound = room + config.learner.max_batch_transitions as u64;
-    assert!(produced - trained <= bound, "{produced} produced, {trained} trained, bound {bound}");
+    assert!(
+        produced - trained <= bound,
+        "{produced} produced, {trained} trained, bound {bound}"
+    );
     // Memory stayed bounded: the data granted and not trained never
     // exceeded the room, at any report.
     let reports: Vec<Report> = std::fs::read_to_string(&metrics)
@@ -204,7 +227,11 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
         .collect();
     assert!(reports.len() >= 3, "{} reports", reports.len());
     for r in &reports {
-        assert!(r.in_flight_transitions <= room, "{} > {room}", r.in_flight_transitions);
+        assert!(
+            r.in_flight_transitions <= room,
+            "{} > {room}",
+            r.in_flight_transitions
+        );
         assert!(r.credit_room_transitions <= room);
     }
     std::fs::remove_dir_all(&dir).unwrap();

@@ -61,7 +61,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        tracing::info!(actors = reports.len(), chunks, transitions, versions, failed, "load generator stopped");
+        tracing::info!(
+            actors = reports.len(),
+            chunks,
+            transitions,
+            versions,
+            failed,
+            "load generator stopped"
+        );
         anyhow::ensure!(failed == 0, "{failed} generated actor(s) failed");
         Ok(())
     })
