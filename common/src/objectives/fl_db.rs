@@ -38,20 +38,17 @@ impl Objective for ForwardLookingDb {
 /// One FL-DB residual per transition, `[T]`.
 pub fn residuals(output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
     let flow_source = output.log_flow.index_select(0, &batch.source);
-    let flow_target = output
-        .log_flow
-        .index_select(0, &batch.target)
-        .masked_fill(&batch.target_terminal, 0.0);
+    let flow_target = output.log_flow.index_select(0, &batch.target) * &batch.target_not_terminal;
     let log_pf = masked_log_prob(
         &output.forward_logits,
         &batch.source,
-        &batch.forward_invalid,
+        &batch.forward_bias,
         &batch.actions,
     );
     let log_pb = masked_log_prob(
         &output.backward_logits,
         &batch.target,
-        &batch.backward_invalid,
+        &batch.backward_bias,
         &batch.backward_actions,
     );
     flow_source + log_pf - flow_target - log_pb + &batch.energies

@@ -1,0 +1,150 @@
+//! What a training step costs on the trainer thread, with no actors, no
+//! network and no evaluation: the fixed cost per step, taken apart, and
+//! the previous design's per-step work measured side by side.
+//!
+//! ```text
+//! cargo bench -p flgfn-learner --bench step [-- --hidden 8 --device cpu]
+//! ```
+//!
+//! Rows (milliseconds per step, median of several rounds):
+//! - `step`: batch to the device, forward, loss, backward, Adam: the
+//!   computation itself.
+//! - `step + guard + loss sum + snapshot`: what the trainer thread does per
+//!   step now (non-finite guard, loss summed on the device, a device-side
+//!   copy of the weights for the publisher).
+//! - `... + collate`: also stacking the batch on this thread, which the
+//!   batcher thread now does while the previous step runs.
+//! - `previous design`: collate here, read the loss back every step, and
+//!   serialise the weights every step.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Instant;
+
+use clap::Parser;
+use flgfn_common::config::Config;
+use flgfn_common::objectives::{self, TransitionBatch};
+use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
+use flgfn_common::tasks;
+use flgfn_common::trajectory::replay;
+use flgfn_common::weights::WeightEncoding;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use tch::nn::{self, OptimizerConfig};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Hidden layer widths (8: compute ~0, what is left is fixed cost).
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    hidden: Vec<usize>,
+    /// auto, cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Steps per round.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// cargo bench passes this; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut config = Config::default();
+    config.model.hidden = args.hidden.clone();
+    config.learner.device = match args.device.as_str() {
+        "cuda" => flgfn_common::config::DeviceConfig::Cuda,
+        "auto" => flgfn_common::config::DeviceConfig::Auto,
+        _ => flgfn_common::config::DeviceConfig::Cpu,
+    };
+    set_threads(config.learner.threads);
+    let device = select_device(config.learner.device).unwrap();
+    let env = tasks::build(&config.task).unwrap();
+    let model = ModelSpec::new(env.as_ref(), &config.model);
+    let policy = Policy::new(&model, device);
+    let objective = objectives::build(&config.objective);
+    let mut optimizer = nn::Adam::default().build(&policy.vars, 1e-4).unwrap();
+    // One default batch (16 trajectories, 320 transitions) of valid data.
+    let mut rng = SmallRng::seed_from_u64(1);
+    let trajectories: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), 16, 0.0, &mut rng)
+        .iter()
+        .map(|t| replay(env.as_ref(), t).unwrap())
+        .collect();
+    let dims = (
+        env.state_dim(),
+        env.forward_actions(),
+        env.backward_actions(),
+    );
+    let pinned = device.is_cuda();
+
+    let mut step =
+        |collate_here: bool, extras: bool, previous: bool, prepared: &TransitionBatch| {
+            let owned;
+            let batch = if collate_here {
+                owned = TransitionBatch::collate(&trajectories, dims, pinned).to_device(device);
+                &owned
+            } else {
+                prepared
+            };
+            let output = policy.net.forward(&batch.states);
+            let loss = objective.loss(&output, batch);
+            if previous {
+                // Read back every step, then serialise the weights every step.
+                optimizer.backward_step(&loss);
+                std::hint::black_box(loss.double_value(&[]));
+                let mut bytes = Vec::new();
+                policy.vars.save_to_stream(&mut bytes).unwrap();
+                std::hint::black_box(bytes);
+            } else if extras {
+                let finite = loss.isfinite();
+                let guarded = loss.where_self(&finite, &loss.zeros_like());
+                optimizer.backward_step(&guarded);
+                let _no_grad = tch::no_grad_guard();
+                let _ = std::hint::black_box(guarded.detach() + 0.0);
+                let _ = std::hint::black_box(finite.logical_not());
+                std::hint::black_box(policy.snapshot());
+            } else {
+                optimizer.backward_step(&loss);
+            }
+        };
+    let prepared = TransitionBatch::collate(&trajectories, dims, pinned).to_device(device);
+    let variants: [(&str, bool, bool, bool); 4] = [
+        ("step", false, false, false),
+        (
+            "step + guard + loss sum + snapshot (now)",
+            false,
+            true,
+            false,
+        ),
+        ("... + collate on the trainer thread", true, true, false),
+        (
+            "previous design: collate, read loss, serialise weights",
+            true,
+            false,
+            true,
+        ),
+    ];
+    println!(
+        "network {:?} on {device:?}, batch of 320 transitions, ms per step (median of 5 rounds of {} steps)",
+        args.hidden, args.steps
+    );
+    println!("| per step | ms |");
+    println!("|---|---|");
+    for (name, collate_here, extras, previous) in variants {
+        let mut rounds: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                for _ in 0..args.steps {
+                    step(collate_here, extras, previous, &prepared);
+                }
+                if device.is_cuda() {
+                    tch::Cuda::synchronize(0);
+                }
+                1e3 * started.elapsed().as_secs_f64() / args.steps as f64
+            })
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        println!("| {name} | {:.3} |", rounds[2]);
+    }
+    let bytes = policy.to_bytes(WeightEncoding::F32).unwrap().len();
+    println!("\nweights: {bytes} bytes as f32 safetensors");
+}
