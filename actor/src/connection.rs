@@ -220,8 +220,16 @@ impl Session<'_> {
                     for _ in 0..grant.credits {
                         counts.credits += 1;
                         let order = Order { session, actor_id, weights: weights.clone() };
-                        if orders.send(order).await.is_err() {
-                            return Ok(SessionEnd::WorkerStopped);
+                        // Never wait here: this loop must keep reading
+                        // grants and forwarding chunks.
+                        match orders.try_send(order) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                return Err(retry("the learner granted more credits than this actor can queue", true));
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                return Ok(SessionEnd::WorkerStopped);
+                            }
                         }
                     }
                 }

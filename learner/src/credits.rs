@@ -24,8 +24,9 @@
 //!
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
-//! its fair share, so a stalled actor cannot sit on the whole pool once
-//! others are connected.
+//! its fair share; a session whose actor sits on a credit for
+//! [`STALLED_AFTER`](crate::session::STALLED_AFTER) is ended, which returns
+//! its credits.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

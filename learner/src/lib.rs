@@ -236,10 +236,14 @@ pub async fn serve(
     stop_sender.send_replace(true);
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
+    let abort = server.abort_handle();
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => warn!(%join, "gRPC server task failed"),
-        Err(_) => warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway"),
+        Err(_) => {
+            warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway");
+            abort.abort();
+        }
     }
     outcome.sessions = session_stats
         .sessions

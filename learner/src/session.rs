@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::proto;
@@ -27,6 +28,15 @@ use crate::ingest::{
 };
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
+
+/// An actor that holds a credit this long without sending its chunk, or
+/// does not take a grant for this long, is stalled: its session ends, and
+/// its credits go back to the room, so it cannot hold up training.
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+
+/// How long a session whose credits stopped coming waits to learn that
+/// training is over (a requested stop finishes the current step first).
+const DONE_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs replay and validation on tokio's blocking pool, at most
 /// `learner.ingest_threads` at a time, so a flood of chunks never occupies
@@ -96,8 +106,9 @@ pub struct Session {
 #[derive(Debug, Default)]
 struct Progress {
     record: SessionRecord,
-    /// Credits granted whose chunk has not arrived, oldest first.
-    unused: VecDeque<CreditToken>,
+    /// Credits granted whose chunk has not arrived, oldest first, with
+    /// when they were granted.
+    unused: VecDeque<(CreditToken, Instant)>,
     /// Newest version sent to this actor.
     sent_version: Option<u64>,
 }
@@ -116,10 +127,14 @@ impl Session {
             ..Progress::default()
         };
         if let Err(status) = self.serve(&mut progress).await {
-            // Training may have ended while this session was busy (a chunk
-            // finds the trainer gone): then that, not the error, is the
-            // news for the actor.
-            let message = if *self.state.publisher.done().borrow() {
+            // Training may be ending while this session was busy (a chunk
+            // finds the trainer gone, the credits stop on a requested
+            // stop): then that, not the error, is the news for the actor.
+            let mut done = self.state.publisher.done();
+            if status.code() == Code::Unavailable {
+                let _ = tokio::time::timeout(DONE_GRACE, done.wait_for(|done| *done)).await;
+            }
+            let message = if *done.borrow() {
                 Ok(proto::Grant {
                     training_done: true,
                     ..proto::Grant::default()
@@ -143,6 +158,15 @@ impl Session {
             .ok_or(RequestError::ShuttingDown)?;
         let mut done = self.state.publisher.done();
         loop {
+            let oldest = progress.unused.front().map(|(_, granted)| *granted);
+            let stalled = async {
+                match oldest {
+                    Some(granted) => {
+                        tokio::time::sleep_until((granted + STALLED_AFTER).into()).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
@@ -156,6 +180,11 @@ impl Session {
                         // The actor is gone.
                         return Ok(());
                     }
+                }
+                () = stalled => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "held a credit for {STALLED_AFTER:?} without sending its chunk"
+                    )));
                 }
                 message = self.inbound.message() => {
                     let message = message.inspect_err(|status| self.count_unreadable(status))?;
@@ -185,9 +214,15 @@ impl Session {
             }),
             training_done: false,
         };
-        progress.unused.push_back(token);
-        if self.grants.send(Ok(grant)).await.is_err() {
-            return Ok(false);
+        progress.unused.push_back((token, Instant::now()));
+        match tokio::time::timeout(STALLED_AFTER, self.grants.send(Ok(grant))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ok(false),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "took no grant for {STALLED_AFTER:?}"
+                )));
+            }
         }
         // Counted once on its way: a grant the actor can no longer take is
         // not counted.
@@ -238,7 +273,7 @@ impl Session {
         progress: &mut Progress,
     ) -> Result<(), RequestError> {
         let wire_bytes = message.encoded_len() as u64;
-        let mut credit = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        let (mut credit, _) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
         credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
