@@ -67,13 +67,7 @@ async fn train(
         .unwrap();
     let mut reports = Vec::new();
     for actor in actors {
-        let report = tokio::time::timeout(Duration::from_secs(30), actor)
-            .await
-            .expect("actors stop when training ends")
-            .unwrap()
-            .unwrap();
-        assert!(report.training_done);
-        reports.push(report);
+        reports.push(support::finished_actor(actor).await);
     }
     for report in tokio::time::timeout(Duration::from_secs(30), load)
         .await

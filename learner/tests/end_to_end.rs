@@ -76,12 +76,7 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
     assert_eq!(outcome.version, config.learner.max_steps);
     let mut reports = Vec::new();
     for actor in actors {
-        let report = tokio::time::timeout(Duration::from_secs(30), actor)
-            .await
-            .expect("actors stop when training ends")
-            .unwrap()
-            .unwrap();
-        assert!(report.training_done);
+        let report = support::finished_actor(actor).await;
         assert!(report.chunks_sent > 0);
         assert!(
             report.versions_applied.len() >= 2,

@@ -1,8 +1,12 @@
 //! Pieces shared by the learner's integration tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::time::Duration;
+
+use flgfn_actor::{ActorError, ActorReport};
 use flgfn_common::config::Config;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 /// A set task of 70 terminal sets (4 of 8 elements, 163 states): small
 /// enough to compute the sampler's exact terminal distribution, and quick
@@ -37,4 +41,16 @@ pub fn tiny_config() -> Config {
 pub async fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// The report of an actor task, which must end by itself, told that
+/// training is over, once the learner has finished.
+pub async fn finished_actor(actor: JoinHandle<Result<ActorReport, ActorError>>) -> ActorReport {
+    let report = tokio::time::timeout(Duration::from_secs(30), actor)
+        .await
+        .expect("actors stop when training ends")
+        .unwrap()
+        .unwrap();
+    assert!(report.training_done);
+    report
 }
