@@ -5,12 +5,14 @@
 //!
 //! - [`worker`]: the rollout thread that owns the policy and rolls out one
 //!   chunk per credit, with the weights that came with the credit.
+//! - [`cli`]: flags shared by the actor and load-generator binaries.
 //! - [`connection`]: one session with the learner (handshake, then grants
 //!   in and chunks out on one stream).
 //! - [`loadgen`]: many synthetic actors in one process, for load tests.
 //! - [`run`] (this file): starts the worker and keeps a session open,
 //!   reconnecting with exponential backoff when the learner goes away.
 
+pub mod cli;
 pub mod connection;
 pub mod loadgen;
 pub mod worker;

@@ -1,10 +1,8 @@
 //! `flgfn-actor`: a sampling process. See `--help`.
 
-use std::path::PathBuf;
-
 use clap::Parser;
 use flgfn_actor::ActorOptions;
-use flgfn_common::config::Config;
+use flgfn_actor::cli::ConfigFlags;
 
 /// Rolls out trajectories with the learner's latest policy and streams them,
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
@@ -12,12 +10,8 @@ use flgfn_common::config::Config;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// TOML configuration; task and model must match the learner's.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
-    #[arg(long, value_name = "URL")]
-    learner: Option<String>,
+    #[command(flatten)]
+    config: ConfigFlags,
     /// Name shown in the learner's logs [default: host/pid].
     #[arg(long)]
     name: Option<String>,
@@ -26,9 +20,6 @@ struct Args {
     /// actor id and OS entropy mixed).
     #[arg(long, value_name = "N")]
     seed_offset: Option<u64>,
-    /// Environments rolled out together (overrides actor.envs).
-    #[arg(long, value_name = "N")]
-    envs: Option<usize>,
     /// Fraction of trajectories cut before their end (overrides
     /// actor.truncate_fraction).
     #[arg(long, value_name = "F")]
@@ -45,13 +36,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(learner) = args.learner {
-        config.actor.learner = learner;
-    }
-    if let Some(envs) = args.envs {
-        config.actor.envs = envs;
-    }
+    let mut config = args.config.load()?;
     if let Some(fraction) = args.truncate_fraction {
         config.actor.truncate_fraction = fraction;
     }

@@ -70,6 +70,14 @@ impl IngestPool {
     }
 }
 
+/// The last grant of a session: no credit, training is over.
+fn training_done() -> proto::Grant {
+    proto::Grant {
+        training_done: true,
+        ..proto::Grant::default()
+    }
+}
+
 /// Decrements the connected-actor count when a session ends, however it
 /// ends.
 struct ConnectedGuard(Arc<IngestStats>);
@@ -135,10 +143,7 @@ impl Session {
                 let _ = tokio::time::timeout(DONE_GRACE, done.wait_for(|done| *done)).await;
             }
             let message = if *done.borrow() {
-                Ok(proto::Grant {
-                    training_done: true,
-                    ..proto::Grant::default()
-                })
+                Ok(training_done())
             } else {
                 Err(status)
             };
@@ -170,8 +175,7 @@ impl Session {
             tokio::select! {
                 biased;
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
-                    let last = proto::Grant { training_done: true, ..proto::Grant::default() };
-                    let _ = self.grants.send(Ok(last)).await;
+                    let _ = self.grants.send(Ok(training_done())).await;
                     return Ok(());
                 }
                 token = credits.tokens.recv() => {

@@ -41,7 +41,8 @@ pub struct TrainingOutcome {
     pub steps: u64,
     /// Last published version.
     pub version: u64,
-    /// The final weights as safetensors (in the configured encoding).
+    /// The final weights as safetensors (in the configured encoding, with
+    /// the publisher's metadata: task, model, version).
     pub weights: Bytes,
     /// The last report.
     pub final_report: Report,
@@ -188,12 +189,11 @@ impl Trainer {
         }
 
         progress.version = progress.step;
-        let weights = self
-            .policy
-            .snapshot()
-            .encode(learner.weight_encoding, &Default::default())?;
         self.publisher
             .finish(progress.version, self.policy.snapshot());
+        // Encoded once, through the publisher: the same bytes and metadata
+        // an actor would receive for this version.
+        let weights = self.publisher.encode_latest()?.bytes.clone();
         let wall_s = progress.wall();
         let trained = progress.trained_transitions;
         let steps = progress.step.max(1) as f64;
@@ -212,7 +212,7 @@ impl Trainer {
             sessions: Vec::new(),
             steps: progress.step,
             version: progress.version,
-            weights: Bytes::from(weights),
+            weights,
             final_report: progress.report,
             time_to_quality_s: progress.time_to_quality,
         })

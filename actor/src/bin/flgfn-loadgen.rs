@@ -1,9 +1,7 @@
 //! `flgfn-loadgen`: many synthetic actors in one process. See `--help`.
 
-use std::path::PathBuf;
-
 use clap::Parser;
-use flgfn_common::config::Config;
+use flgfn_actor::cli::ConfigFlags;
 
 /// Opens K actor sessions to a learner (handshake, credits and weights,
 /// trajectory stream) and answers every credit with valid trajectories of
@@ -12,18 +10,11 @@ use flgfn_common::config::Config;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// TOML configuration; task and model must match the learner's.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Learner endpoint (overrides actor.learner).
-    #[arg(long, value_name = "URL")]
-    learner: Option<String>,
+    #[command(flatten)]
+    config: ConfigFlags,
     /// Generated actors.
     #[arg(long, default_value_t = 64, value_name = "K")]
     actors: usize,
-    /// Trajectories per chunk (overrides actor.envs).
-    #[arg(long, value_name = "N")]
-    envs: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,13 +23,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let mut config = Config::load(args.config.as_deref())?;
-    if let Some(learner) = args.learner {
-        config.actor.learner = learner;
-    }
-    if let Some(envs) = args.envs {
-        config.actor.envs = envs;
-    }
+    let config = args.config.load()?;
     config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.actor.threads.max(1))

@@ -1,0 +1,36 @@
+//! Command-line flags shared by `flgfn-actor` and `flgfn-loadgen`: where
+//! the configuration comes from, and the two keys both override.
+
+use std::path::PathBuf;
+
+use flgfn_common::config::{Config, ConfigError};
+
+/// The configuration file and the flags that override it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConfigFlags {
+    /// TOML configuration; task and model must match the learner's.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
+    #[arg(long, value_name = "URL")]
+    pub learner: Option<String>,
+    /// Environments rolled out together, i.e. trajectories per chunk
+    /// (overrides actor.envs).
+    #[arg(long, value_name = "N")]
+    pub envs: Option<usize>,
+}
+
+impl ConfigFlags {
+    /// The file (or the defaults) with the flags applied, not yet
+    /// validated: callers may override more before validating.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(learner) = &self.learner {
+            config.actor.learner.clone_from(learner);
+        }
+        if let Some(envs) = self.envs {
+            config.actor.envs = envs;
+        }
+        Ok(config)
+    }
+}
