@@ -14,6 +14,10 @@ use flgfn_learner::report::Report;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use tokio::net::TcpListener;
 
+/// Held by every test here: they measure waiting and throughput, so they
+/// run one at a time rather than share the cores with each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs a learner on `config` with `real` in-process actors (all of one
 /// configuration, seeded the default way) and `generated` synthetic ones,
 /// optionally behind a proxy adding `delay` each way.
@@ -91,6 +95,7 @@ fn same_first_chunk(a: &ActorReport, b: &ActorReport) -> Option<bool> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_of_one_configuration_draw_different_trajectories() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
     config.learner.max_steps = 50;
     let (_, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
@@ -135,6 +140,7 @@ async fn actors_of_one_configuration_draw_different_trajectories() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
     config.learner.max_steps = 300;
     let (outcome, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
@@ -177,6 +183,7 @@ async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
     // A network far too big for the task: each step takes milliseconds on
     // one thread, while 32 generated actors could produce a chunk each in
@@ -240,8 +247,9 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
-    config.learner.max_steps = 400;
+    config.learner.max_steps = 1200;
     // The paper's network: the trainer, not the loopback data path, sets
     // the pace, as in the default job.
     config.model.hidden = vec![256, 256];
