@@ -9,6 +9,7 @@
 //! [`Environment::transition_energy`] is the local term E(s -> s') =
 //! E(s') - E(s), with E(s0) = 0.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// A state as the environment sees it: one small integer per site (a set's
@@ -106,6 +107,31 @@ pub trait TaskReference: Send {
 
     /// Distribution metrics of terminal samples against the exact target.
     fn score(&self, terminal_states: &[State], energies: &[f64]) -> DistributionScores;
+
+    /// When a sampler of this task counts as "at quality" (the thresholds
+    /// are the task's: they depend on its scale).
+    fn quality(&self) -> Quality;
+
+    /// R(x)/Z for every terminal state, where the task is small enough to
+    /// enumerate: the evaluation then computes the sampler's exact terminal
+    /// distribution and its TV and KL to this.
+    fn exact_target(&self) -> Option<&HashMap<State, f64>> {
+        None
+    }
+}
+
+/// Thresholds a sampler must meet, all of them, to be "at quality". A
+/// threshold on a metric the evaluation could not compute is not met.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Quality {
+    /// Largest mean marginal TV.
+    pub marginal_tv: Option<f64>,
+    /// Largest energy W1.
+    pub energy_w1: Option<f64>,
+    /// Largest exact TV of the sampler's terminal distribution.
+    pub exact_tv: Option<f64>,
+    /// Largest |log Z estimate - exact log Z|.
+    pub log_z_error: f64,
 }
 
 /// How far a set of samples is from the exact target. `None` where a task

@@ -192,6 +192,60 @@ pub fn policy_terminal_distribution(
     Ok(result)
 }
 
+/// The exact flows of a perfect sampler whose P_B is uniform over each
+/// state's valid backward actions: log F(s) for every reachable state, with
+/// F(x) = R(x) at terminal states and F(s) = sum over children s' of
+/// F(s') P_B(s|s'). Then P_F(s'|s) = F(s') P_B(s|s') / F(s) samples
+/// exactly R(x)/Z, and log F(s0) = log Z. Tests use these as the zero of
+/// every objective. Errors if more than `limit` states are reachable.
+///
+/// # Panics
+/// If the environment refuses an action its own forward mask allowed.
+pub fn uniform_backward_log_flows(
+    env: &dyn Environment,
+    limit: usize,
+) -> Result<HashMap<State, f64>, TooManyStates> {
+    let dag = enumerate(env, limit)?;
+    let n = dag.states.len();
+    let mut mask = vec![false; env.backward_actions()];
+    let parents: Vec<f64> = dag
+        .states
+        .iter()
+        .map(|s| {
+            env.backward_mask(s, &mut mask);
+            mask.iter().filter(|&&m| m).count() as f64
+        })
+        .collect();
+    // Children before parents: repeat until every state is done (the DAG
+    // is shallow, so a few passes over the states suffice).
+    let mut log_flow: Vec<Option<f64>> = vec![None; n];
+    while log_flow.iter().any(Option::is_none) {
+        for i in (0..n).rev() {
+            if log_flow[i].is_some() {
+                continue;
+            }
+            if dag.terminal[i] {
+                log_flow[i] = Some(-env.energy(&dag.states[i]));
+                continue;
+            }
+            let children: Option<Vec<f64>> = dag.children[i]
+                .iter()
+                .map(|&(_, j)| log_flow[j].map(|f| f - parents[j].ln()))
+                .collect();
+            if let Some(terms) = children {
+                let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = terms.iter().map(|t| (t - max).exp()).sum();
+                log_flow[i] = Some(max + sum.ln());
+            }
+        }
+    }
+    Ok(dag
+        .states
+        .into_iter()
+        .zip(log_flow.into_iter().map(|f| f.unwrap_or(f64::NAN)))
+        .collect())
+}
+
 /// Total variation 0.5 * sum |p - q| over the union of keys (a missing key
 /// counts as probability 0).
 pub fn total_variation(p: &HashMap<State, f64>, q: &HashMap<State, f64>) -> f64 {
@@ -205,6 +259,36 @@ pub fn total_variation(p: &HashMap<State, f64>, q: &HashMap<State, f64>) -> f64 
         .map(|(_, &qv)| qv.abs())
         .sum();
     0.5 * (from_p + only_q)
+}
+
+/// Integral of |F_sample - F_target| over the line, for a sorted sample and
+/// sorted target points `(value, probability)`, by one merge over both sets of breakpoints.
+pub fn wasserstein1(sample: &[f64], target: &[(f64, f64)]) -> f64 {
+    let n = sample.len() as f64;
+    let (mut i, mut j) = (0usize, 0usize);
+    let mut f_target = 0.0;
+    let mut previous: Option<f64> = None;
+    let mut distance = 0.0;
+    while i < sample.len() || j < target.len() {
+        let x = match (sample.get(i), target.get(j)) {
+            (Some(&s), Some(&(t, _))) => s.min(t),
+            (Some(&s), None) => s,
+            (None, Some(&(t, _))) => t,
+            (None, None) => break,
+        };
+        if let Some(p) = previous {
+            distance += (i as f64 / n - f_target).abs() * (x - p);
+        }
+        while i < sample.len() && sample[i] == x {
+            i += 1;
+        }
+        while j < target.len() && target[j].0 == x {
+            f_target += target[j].1;
+            j += 1;
+        }
+        previous = Some(x);
+    }
+    distance
 }
 
 #[cfg(test)]

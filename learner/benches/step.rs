@@ -61,7 +61,7 @@ fn main() {
     let env = tasks::build(&config.task).unwrap();
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let policy = Policy::new(&model, device);
-    let objective = objectives::build(&config.objective);
+    let objective = objectives::build(&config.objective, device);
     let mut optimizer = nn::Adam::default().build(&policy.vars, 1e-4).unwrap();
     // One default batch (16 trajectories, 320 transitions) of valid data.
     let mut rng = SmallRng::seed_from_u64(1);

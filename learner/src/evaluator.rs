@@ -7,37 +7,59 @@
 
 use std::sync::Arc;
 
+use flgfn_common::config::BackwardPolicy;
 use flgfn_common::env::{Environment, State, TaskReference};
+use flgfn_common::exact::{policy_terminal_distribution, total_variation};
+use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
 use flgfn_common::policy::{Policy, to_host_f32};
-use flgfn_common::rollout::{Behaviour, rollout};
+use flgfn_common::rollout::{Behaviour, forward_probabilities, rollout};
+use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 /// How many of the best distinct objects the top-k reward averages.
 pub const TOP_K: usize = 100;
 
-/// "At quality" (paper-notes): on the evaluation samples, marginal TV and
-/// energy W1 at most these, and |log Z estimate - exact| at most
-/// [`QUALITY_LOG_Z_ERROR`].
-pub const QUALITY_MARGINAL_TV: f64 = 0.03;
-/// See [`QUALITY_MARGINAL_TV`].
-pub const QUALITY_ENERGY_W1: f64 = 0.1;
-/// See [`QUALITY_MARGINAL_TV`].
-pub const QUALITY_LOG_Z_ERROR: f64 = 0.3;
+/// Largest number of states the evaluation enumerates to compute a
+/// sampler's exact terminal distribution (a 4 x 4 fixed-order lattice has
+/// 2^17 - 1).
+pub const EXACT_STATE_LIMIT: usize = 200_000;
 
 /// The figures of one evaluation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Evaluation {
-    /// log F~(s0) - E(s0): the model's log Z.
+    /// The model's log Z: the objective's own (TB), or else the flow at
+    /// s0, log F~(s0) - E(s0) (for plain flows E(s0) = 0 is all that
+    /// differs).
     pub log_z_estimate: f64,
+    /// log Z by importance sampling over the evaluation samples,
+    /// log mean_i exp(log R(x_i) + log P_B(tau_i|x_i) - log P_F(tau_i)): a
+    /// lower bound in expectation, tight once P_F is close.
+    pub log_z_sampled: f64,
+    /// Effective sample size of those importance weights, out of the
+    /// evaluation's samples (tiny early in training: trust the estimate
+    /// only when this is a sizeable fraction).
+    pub log_z_sampled_ess: f64,
     /// Exact log Z, when the task knows it.
     pub log_z_exact: Option<f64>,
     /// Mean marginal total variation against the exact target.
     pub marginal_tv: Option<f64>,
     /// Energy 1-Wasserstein distance against the exact target.
     pub energy_w1: Option<f64>,
-    /// Mean reward of the best [`TOP_K`] distinct objects sampled so far.
+    /// Exact total variation between the sampler's terminal distribution
+    /// and the target (tasks small enough to enumerate).
+    pub exact_tv: Option<f64>,
+    /// Exact KL(target || sampler), in nats (same tasks).
+    pub exact_kl: Option<f64>,
+    /// Mean reward of the best [`TOP_K`] distinct objects sampled by every
+    /// evaluation so far.
     pub top_k_mean_reward: f64,
+    /// Evaluation samples the cumulative top-k rests on.
+    pub top_k_samples: u64,
+    /// Mean reward of the best [`TOP_K`] distinct objects of this
+    /// evaluation's samples alone: comparable between runs that report at
+    /// different moments.
+    pub top_k_mean_reward_this_evaluation: f64,
     /// Whether all quality thresholds hold (None without a reference).
     pub at_quality: Option<bool>,
 }
@@ -76,13 +98,21 @@ pub struct Evaluator {
     reference: Option<Box<dyn TaskReference>>,
     log_z_exact: Option<f64>,
     samples: usize,
+    /// How P_B is chosen, for the importance-sampled log Z.
+    backward: BackwardPolicy,
     best: BestObjects,
+    samples_so_far: u64,
     rng: SmallRng,
 }
 
 impl Evaluator {
     /// An evaluator drawing `samples` trajectories per evaluation.
-    pub fn new(env: Arc<dyn Environment>, samples: usize, seed: u64) -> Self {
+    pub fn new(
+        env: Arc<dyn Environment>,
+        samples: usize,
+        backward: BackwardPolicy,
+        seed: u64,
+    ) -> Self {
         let reference = env.reference();
         let log_z_exact = reference.as_ref().map(|r| r.log_z());
         Evaluator {
@@ -90,7 +120,9 @@ impl Evaluator {
             reference,
             log_z_exact,
             samples,
+            backward,
             best: BestObjects::default(),
+            samples_so_far: 0,
             rng: SmallRng::seed_from_u64(seed),
         }
     }
@@ -108,8 +140,72 @@ impl Evaluator {
         f64::from(log_flow[0]) - self.env.energy(&s0)
     }
 
-    /// Samples the current policy and computes every figure.
-    pub fn evaluate(&mut self, policy: &Policy) -> Evaluation {
+    /// Importance-sampled log Z over complete `trajectories` and its
+    /// effective sample size.
+    fn sampled_log_z(
+        &self,
+        policy: &Policy,
+        trajectories: &[Trajectory],
+        energies: &[f64],
+    ) -> (f64, f64) {
+        let env = self.env.as_ref();
+        let replayed: Vec<ReplayedTrajectory> = trajectories
+            .iter()
+            .filter_map(|t| replay(env, t).ok())
+            .collect();
+        if replayed.len() != trajectories.len() || replayed.is_empty() {
+            return (f64::NAN, 0.0);
+        }
+        let dims = (
+            env.state_dim(),
+            env.forward_actions(),
+            env.backward_actions(),
+        );
+        let batch = TransitionBatch::new(&replayed, dims, policy.device());
+        let _guard = tch::no_grad_guard();
+        let output = policy.net.forward(&batch.states);
+        let ratios = to_host_f32(&trajectory_log_ratios(&output, &batch, self.backward));
+        let log_weights: Vec<f64> = ratios
+            .iter()
+            .zip(energies)
+            .map(|(&ratio, &energy)| -energy - f64::from(ratio))
+            .collect();
+        let max = log_weights
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = log_weights.iter().map(|w| (w - max).exp()).sum();
+        let sum_sq: f64 = log_weights.iter().map(|w| (2.0 * (w - max)).exp()).sum();
+        let count = log_weights.len() as f64;
+        (max + sum.ln() - count.ln(), sum * sum / sum_sq)
+    }
+
+    /// Exact TV and KL(target || sampler) of the policy's terminal
+    /// distribution, where the task enumerates its target.
+    fn exact_scores(&self, policy: &Policy) -> (Option<f64>, Option<f64>) {
+        let Some(target) = self.reference.as_ref().and_then(|r| r.exact_target()) else {
+            return (None, None);
+        };
+        let env = self.env.as_ref();
+        let Ok(learned) = policy_terminal_distribution(env, EXACT_STATE_LIMIT, &mut |states| {
+            forward_probabilities(env, policy, states)
+        }) else {
+            return (None, None);
+        };
+        let kl = target
+            .iter()
+            .filter(|&(_, &p)| p > 0.0)
+            .map(|(state, &p)| {
+                let q = learned.get(state).copied().unwrap_or(0.0);
+                p * (p.ln() - q.max(f64::MIN_POSITIVE).ln())
+            })
+            .sum();
+        (Some(total_variation(&learned, target)), Some(kl))
+    }
+
+    /// Samples the current policy and computes every figure. `learned_log_z`
+    /// is the objective's own log Z where it has one.
+    pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
         let samples = rollout(
             self.env.as_ref(),
             policy,
@@ -122,29 +218,49 @@ impl Evaluator {
             .iter()
             .map(|s| self.env.energy(s))
             .collect();
+        let mut this_evaluation = BestObjects::default();
         for (state, &energy) in samples.final_states.iter().zip(&energies) {
             self.best.offer(energy, state);
+            this_evaluation.offer(energy, state);
         }
+        self.samples_so_far += samples.final_states.len() as u64;
         let scores = self
             .reference
             .as_ref()
             .map(|r| r.score(&samples.final_states, &energies))
             .unwrap_or_default();
-        let log_z_estimate = self.log_z_estimate(policy);
-        let at_quality = match (self.log_z_exact, scores.marginal_tv, scores.energy_w1) {
-            (Some(exact), Some(tv), Some(w1)) => Some(
-                tv <= QUALITY_MARGINAL_TV
-                    && w1 <= QUALITY_ENERGY_W1
-                    && (log_z_estimate - exact).abs() <= QUALITY_LOG_Z_ERROR,
-            ),
+        let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
+        let (log_z_sampled, log_z_sampled_ess) =
+            self.sampled_log_z(policy, &samples.trajectories, &energies);
+        let (exact_tv, exact_kl) = self.exact_scores(policy);
+        let at_quality = match (&self.reference, self.log_z_exact) {
+            (Some(reference), Some(exact)) => {
+                let quality = reference.quality();
+                let within = |value: Option<f64>, limit: Option<f64>| match limit {
+                    None => true,
+                    Some(limit) => value.is_some_and(|v| v <= limit),
+                };
+                Some(
+                    within(scores.marginal_tv, quality.marginal_tv)
+                        && within(scores.energy_w1, quality.energy_w1)
+                        && within(exact_tv, quality.exact_tv)
+                        && (log_z_estimate - exact).abs() <= quality.log_z_error,
+                )
+            }
             _ => None,
         };
         Evaluation {
             log_z_estimate,
+            log_z_sampled,
+            log_z_sampled_ess,
             log_z_exact: self.log_z_exact,
             marginal_tv: scores.marginal_tv,
             energy_w1: scores.energy_w1,
+            exact_tv,
+            exact_kl,
             top_k_mean_reward: self.best.mean_reward(),
+            top_k_samples: self.samples_so_far,
+            top_k_mean_reward_this_evaluation: this_evaluation.mean_reward(),
             at_quality,
         }
     }

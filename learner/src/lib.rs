@@ -106,7 +106,7 @@ pub async fn serve(
     set_threads(config.learner.threads);
     // Reproducible initial weights.
     tch::manual_seed(config.seed as i64);
-    let objective = objectives::build(&config.objective);
+    let objective = objectives::build(&config.objective, device);
     let policy = Policy::new(&model, device);
     let learner = &config.learner;
     let metadata = BTreeMap::from([

@@ -17,16 +17,30 @@ pub struct Report {
     pub wall_s: f64,
     /// Mean loss over the steps since the previous report.
     pub loss: f64,
-    /// The model's log Z.
+    /// The model's log Z: the flow head at s0, or TB's learned log Z.
     pub logz_est: f64,
+    /// log Z by importance sampling with P_B over the evaluation samples.
+    pub logz_sampled: f64,
+    /// Effective sample size of that estimate's weights.
+    pub logz_sampled_ess: f64,
     /// Exact log Z (null when the task has none).
     pub logz_exact: Option<f64>,
     /// Mean marginal total variation against the exact target.
     pub marginal_tv: Option<f64>,
     /// Energy 1-Wasserstein distance against the exact target.
     pub energy_w1: Option<f64>,
-    /// Mean reward of the best 100 distinct objects sampled by evaluations.
+    /// Exact TV of the sampler's terminal distribution (enumerable tasks).
+    pub exact_tv: Option<f64>,
+    /// Exact KL(target || sampler) in nats (enumerable tasks).
+    pub exact_kl: Option<f64>,
+    /// Mean reward of the best 100 distinct objects sampled by evaluations
+    /// so far (depends on how many there were: see `top100_samples`).
     pub top100_mean_reward: f64,
+    /// Evaluation samples `top100_mean_reward` rests on.
+    pub top100_samples: u64,
+    /// Mean reward of the best 100 distinct objects among this
+    /// evaluation's `eval_samples` alone.
+    pub top100_mean_reward_eval: f64,
     /// Whether the quality thresholds hold (null without a reference).
     pub at_quality: Option<bool>,
     /// Transitions trained on so far.
@@ -107,7 +121,7 @@ impl Report {
     pub fn log(&self) {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
         tracing::info!(
-            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}",
+            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} exact_tv={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}",
             self.step,
             self.wall_s,
             self.loss,
@@ -115,6 +129,7 @@ impl Report {
             opt(self.logz_exact),
             opt(self.marginal_tv),
             opt(self.energy_w1),
+            opt(self.exact_tv),
             self.top100_mean_reward,
             self.trained_per_s,
             self.ingested_per_s,

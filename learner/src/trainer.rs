@@ -157,8 +157,18 @@ impl Trainer {
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let learner = self.config.learner.clone();
         let mut optimizer = nn::Adam::default().build(&self.policy.vars, learner.learning_rate)?;
-        let mut evaluator =
-            Evaluator::new(self.env.clone(), learner.eval_samples, self.config.seed);
+        // The objective's own parameters (TB's log Z) step with their own
+        // rate; they are not the policy's and never reach the actors.
+        let mut own_optimizer = match self.objective.own_parameters() {
+            Some((vars, rate)) => Some((nn::Adam::default().build(vars, rate)?, rate)),
+            None => None,
+        };
+        let mut evaluator = Evaluator::new(
+            self.env.clone(),
+            learner.eval_samples,
+            self.config.objective.backward_policy,
+            self.config.seed,
+        );
         let mut progress = Progress {
             next_report_wall: learner.first_report_s,
             ..Progress::default()
@@ -175,14 +185,18 @@ impl Trainer {
             }
             progress.started.get_or_insert_with(Instant::now);
 
-            self.train_step(&mut optimizer, batch, &mut progress);
+            self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress);
             self.steps_done.store(progress.step, Ordering::Release);
             if progress.step % learner.publish_every == 0 {
                 progress.version = progress.step;
                 self.publisher
                     .publish(progress.version, self.policy.snapshot());
             }
-            let due = progress.wall() >= progress.next_report_wall;
+            let due = if learner.eval_every_steps > 0 {
+                progress.step % learner.eval_every_steps == 0
+            } else {
+                progress.wall() >= progress.next_report_wall
+            };
             if due || finished(&progress) {
                 self.report(&mut evaluator, &mut progress)?;
             }
@@ -225,6 +239,7 @@ impl Trainer {
     fn train_step(
         &self,
         optimizer: &mut nn::Optimizer,
+        mut own_optimizer: Option<&mut (nn::Optimizer, f64)>,
         batch: PreparedBatch,
         progress: &mut Progress,
     ) {
@@ -242,8 +257,19 @@ impl Trainer {
             let decay = (2.0 * done - 1.0).max(0.0);
             let fraction = 1.0 - (1.0 - learner.final_learning_rate_fraction) * decay;
             optimizer.set_lr(learner.learning_rate * fraction);
+            if let Some((own, rate)) = own_optimizer.as_mut() {
+                own.set_lr(*rate * fraction);
+            }
         }
-        optimizer.backward_step(&guarded);
+        optimizer.zero_grad();
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            own.zero_grad();
+        }
+        guarded.backward();
+        optimizer.step();
+        if let Some((own, _)) = own_optimizer {
+            own.step();
+        }
 
         progress.step += 1;
         progress.trained_transitions += batch.transitions as u64;
@@ -277,7 +303,7 @@ impl Trainer {
     ) -> Result<(), LearnerError> {
         let wall = progress.wall();
         let eval_started = Instant::now();
-        let evaluation = evaluator.evaluate(&self.policy);
+        let evaluation = evaluator.evaluate(&self.policy, self.objective.learned_log_z());
         let eval_s = eval_started.elapsed();
         progress.eval_time += eval_s;
 
@@ -310,10 +336,16 @@ impl Trainer {
             wall_s: wall,
             loss: read(&window.loss_sum) / finite_steps.max(1) as f64,
             logz_est: evaluation.log_z_estimate,
+            logz_sampled: evaluation.log_z_sampled,
+            logz_sampled_ess: evaluation.log_z_sampled_ess,
             logz_exact: evaluation.log_z_exact,
             marginal_tv: evaluation.marginal_tv,
             energy_w1: evaluation.energy_w1,
+            exact_tv: evaluation.exact_tv,
+            exact_kl: evaluation.exact_kl,
             top100_mean_reward: evaluation.top_k_mean_reward,
+            top100_samples: evaluation.top_k_samples,
+            top100_mean_reward_eval: evaluation.top_k_mean_reward_this_evaluation,
             at_quality: evaluation.at_quality,
             trained_transitions: progress.trained_transitions,
             ingested_transitions: ingested,

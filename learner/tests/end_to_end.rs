@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use flgfn_actor::{ActorError, ActorOptions, ActorReport};
-use flgfn_common::config::{Config, TaskConfig};
+use flgfn_common::config::{BackwardPolicy, Config, ObjectiveName, TaskConfig};
 use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
 use flgfn_common::policy::{ModelSpec, Policy};
 use flgfn_common::rollout::forward_probabilities;
@@ -158,6 +158,64 @@ async fn mostly_truncated_trajectories_still_train_the_sampler() {
     assert!((0.8..0.97).contains(&truncated), "{truncated}");
 }
 
+/// Trains the tiny task with `name` on complete trajectories and checks
+/// the exact terminal distribution of the result.
+async fn objective_trains_the_sampler(name: ObjectiveName, backward: BackwardPolicy) {
+    let mut config = tiny_config();
+    config.objective.name = name;
+    config.objective.backward_policy = backward;
+    let (outcome, _) = train(&config, 2).await;
+    let tv = exact_total_variation(&config, &outcome.weights);
+    let log_z_error = log_z_error(&outcome);
+    eprintln!("{name:?}, {backward:?} P_B: exact TV {tv:.4}, log Z error {log_z_error:.4}");
+    assert!(
+        tv <= 0.05,
+        "{name:?}: total variation to the target is {tv}"
+    );
+    assert!(log_z_error < 0.3, "{name:?}: log Z error {log_z_error}");
+    assert_eq!(outcome.final_report.unusable_truncated_transitions, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fl_sub_tb_trains_the_sampler() {
+    objective_trains_the_sampler(ObjectiveName::FlSubTb, BackwardPolicy::Learned).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_trains_the_sampler() {
+    objective_trains_the_sampler(ObjectiveName::Db, BackwardPolicy::Learned).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_tb_trains_the_sampler() {
+    objective_trains_the_sampler(ObjectiveName::SubTb, BackwardPolicy::Learned).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tb_trains_the_sampler_and_its_own_log_z() {
+    objective_trains_the_sampler(ObjectiveName::Tb, BackwardPolicy::Learned).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fl_db_with_a_uniform_backward_policy_trains_the_sampler() {
+    objective_trains_the_sampler(ObjectiveName::FlDb, BackwardPolicy::Uniform).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tb_drops_and_counts_truncated_prefixes() {
+    let mut config = tiny_config();
+    config.objective.name = ObjectiveName::Tb;
+    config.actor.truncate_fraction = 0.5;
+    config.learner.max_steps = 100;
+    let (outcome, _) = train(&config, 1).await;
+    let report = &outcome.final_report;
+    assert!(report.unusable_truncated_transitions > 0);
+    assert_eq!(
+        report.truncated_fraction, 0.0,
+        "a prefix reached a TB batch"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_of_another_task_or_model_is_refused() {
     let config = tiny_config();
@@ -165,7 +223,9 @@ async fn an_actor_of_another_task_or_model_is_refused() {
 
     let mut other_task = config.clone();
     other_task.actor.learner = learner.url.clone();
-    let TaskConfig::SetGeneration(set) = &mut other_task.task;
+    let TaskConfig::SetGeneration(set) = &mut other_task.task else {
+        panic!("the tiny task is a set task")
+    };
     set.set_size = Some(3);
     let error = flgfn_actor::run(other_task, actor_options(0), std::future::pending())
         .await

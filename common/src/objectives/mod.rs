@@ -1,54 +1,117 @@
-//! Training objectives, one file each, behind the [`Objective`] trait.
+//! Training objectives behind the [`Objective`] trait, one file per
+//! family.
 //!
-//! The learner turns replayed trajectories into one [`TransitionBatch`] of
-//! tensors and asks the configured objective for a scalar loss. Adding an
-//! objective: write its file, add a variant to
-//! [`ObjectiveConfig`](crate::config::ObjectiveConfig) and a line to
-//! [`build`]. Trajectory-level objectives (SubTB, TB) find each trajectory's
-//! rows in [`TransitionBatch::spans`].
+//! - [`detailed_balance`]: DB and FL-DB, one residual per transition;
+//! - [`sub_trajectory`]: SubTB(lambda) and FL-SubTB(lambda), one residual
+//!   per pair of states of a trajectory;
+//! - [`trajectory_balance`]: TB with its own learned log Z.
+//!
+//! The forward-looking (FL) variants are the same balance conditions with
+//! the flow reparameterised as log F(s) = log F~(s) - E(s): the network's
+//! flow head is log F~, the local energy terms enter every residual, and
+//! the terminal boundary is log F~(x) = 0. The others take the reward only
+//! at terminal states, log F(x) = log R(x) = -E(x). This file holds what they
+//! share: the tensor batch ([`TransitionBatch`]), the per-state flows
+//! ([`state_log_flows`]) and the per-transition log-probability terms
+//! ([`transition_terms`]).
+//!
+//! Adding an objective: write its file, add an
+//! [`ObjectiveName`](crate::config::ObjectiveName) and a line to [`build`].
 
-pub mod fl_db;
+pub mod detailed_balance;
+pub mod sub_trajectory;
+pub mod trajectory_balance;
 
-use tch::{Device, Kind, Tensor};
+#[cfg(test)]
+mod tests;
 
-use crate::config::ObjectiveConfig;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::config::{BackwardPolicy, ObjectiveConfig, ObjectiveName};
 use crate::policy::PolicyOutput;
 use crate::trajectory::ReplayedTrajectory;
 
 /// A loss over a batch of transitions.
 pub trait Objective: Send {
-    /// Short name for logs.
+    /// Short name for logs (the configuration's spelling).
     fn name(&self) -> &'static str;
 
-    /// Whether a trajectory cut before its terminal state carries signal.
-    /// Objectives that need the terminal reward (TB, DB, SubTB) say false,
-    /// and the learner then drops truncated prefixes (reported as
-    /// `unusable_truncated_transitions`).
+    /// Whether a trajectory cut before its terminal state carries any
+    /// constraint. TB says false (it needs the terminal reward), and the
+    /// learner then drops truncated prefixes, counted as
+    /// `unusable_truncated_transitions`. DB and SubTB use a prefix's flow
+    /// consistency but, unlike the FL variants, learn nothing of the reward
+    /// from it.
     fn trains_on_truncated(&self) -> bool;
 
     /// The scalar loss of `output`, the network evaluated on
     /// `batch.states`.
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor;
-}
 
-/// Builds the configured objective.
-pub fn build(config: &ObjectiveConfig) -> Box<dyn Objective> {
-    match config {
-        ObjectiveConfig::FlDb => Box::new(fl_db::ForwardLookingDb),
+    /// Parameters the objective learns besides the network (TB's log Z),
+    /// with their Adam learning rate. They never reach the actors.
+    fn own_parameters(&self) -> Option<(&nn::VarStore, f64)> {
+        None
+    }
+
+    /// log Z from the objective's own parameters, where it has one (TB);
+    /// the others read it off the flow head at s0.
+    fn learned_log_z(&self) -> Option<f64> {
+        None
     }
 }
 
-/// Where one trajectory sits in a [`TransitionBatch`].
+/// Builds the configured objective; its own parameters, if any, live on
+/// `device`.
+pub fn build(config: &ObjectiveConfig, device: Device) -> Box<dyn Objective> {
+    use detailed_balance::DetailedBalance;
+    use sub_trajectory::SubTrajectoryBalance;
+    let backward = config.backward_policy;
+    match config.name {
+        ObjectiveName::FlDb => Box::new(DetailedBalance::new(Flow::ForwardLooking, backward)),
+        ObjectiveName::Db => Box::new(DetailedBalance::new(Flow::Plain, backward)),
+        ObjectiveName::FlSubTb => Box::new(SubTrajectoryBalance::new(
+            Flow::ForwardLooking,
+            config.lambda,
+            backward,
+        )),
+        ObjectiveName::SubTb => Box::new(SubTrajectoryBalance::new(
+            Flow::Plain,
+            config.lambda,
+            backward,
+        )),
+        ObjectiveName::Tb => Box::new(trajectory_balance::TrajectoryBalance::new(
+            backward,
+            config.log_z_learning_rate,
+            device,
+        )),
+    }
+}
+
+/// What the network's flow head means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TrajectorySpan {
-    /// Row of s_0 in `states`.
-    pub first_state: usize,
-    /// Index of its first transition.
-    pub first_transition: usize,
-    /// Number of transitions (states are one more).
-    pub transitions: usize,
-    /// Whether the last state is terminal.
-    pub complete: bool,
+pub enum Flow {
+    /// log F~(s) = log F(s) + E(s); pinned to 0 at terminal states, and the
+    /// local energy terms enter every residual.
+    ForwardLooking,
+    /// log F(s) itself; log R(x) = -E(x) at terminal states.
+    Plain,
+}
+
+/// Where trajectory `b`'s states and transitions sit, in a
+/// `[trajectories, longest + 1]` grid: row `b` lists its state rows, then
+/// repeats its last one. Sub-trajectory objectives work on this grid.
+#[derive(Debug)]
+pub struct PaddedLayout {
+    /// `[B, L + 1]` int64 rows of `states`; past a trajectory's end, its
+    /// last state again.
+    pub states: Tensor,
+    /// `[B, L]` int64 transition indices; past the end, its last one again.
+    pub transitions: Tensor,
+    /// `[B]` int64 transitions of each trajectory.
+    pub lengths: Tensor,
+    /// L, the longest trajectory in the batch.
+    pub longest: usize,
 }
 
 /// Trajectories as tensors on the training device. Every state of every
@@ -76,13 +139,17 @@ pub struct TransitionBatch {
     pub backward_bias: Tensor,
     /// `[T]` float local energy term.
     pub energies: Tensor,
-    /// `[T]` float, 0 where s_{t+1} is terminal (log F~(s_{t+1}) is pinned
-    /// to 0 there) and 1 elsewhere: multiplies the target flows.
-    pub target_not_terminal: Tensor,
-    /// Per-trajectory layout, for trajectory-level objectives.
-    pub spans: Vec<TrajectorySpan>,
+    /// `[S]` float E(s) of each state, the energy terms summed from s0.
+    pub state_energies: Tensor,
+    /// `[S]` float, 1 at terminal states (where the flow is the reward's,
+    /// not the network's) and 0 elsewhere.
+    pub state_terminal: Tensor,
+    /// The trajectories as a grid, for sub-trajectory objectives.
+    pub padded: PaddedLayout,
     /// Number of transitions T.
     pub transitions: usize,
+    /// Number of trajectories B.
+    pub trajectories: usize,
 }
 
 impl TransitionBatch {
@@ -105,42 +172,53 @@ impl TransitionBatch {
         pinned: bool,
     ) -> Self {
         let (dim, fwd, bwd) = dims;
-        let (mut states_n, mut trans_n) = (0usize, 0usize);
+        let (mut states_n, mut trans_n, mut count, mut longest) = (0usize, 0usize, 0usize, 0);
         for t in trajectories.clone() {
             states_n += t.len() + 1;
             trans_n += t.len();
+            count += 1;
+            longest = longest.max(t.len());
         }
         let mut encoded = Vec::with_capacity(states_n * dim);
         let mut source = Vec::with_capacity(trans_n);
-        let mut target_not_terminal = Vec::with_capacity(trans_n);
         let mut actions = Vec::with_capacity(trans_n);
         let mut backward_actions = Vec::with_capacity(trans_n);
         let mut energies = Vec::with_capacity(trans_n);
+        let mut state_energies = Vec::with_capacity(states_n);
+        let mut state_terminal = Vec::with_capacity(states_n);
         let mut forward_bias = Vec::with_capacity(trans_n * fwd);
         let mut backward_bias = Vec::with_capacity(trans_n * bwd);
-        let mut spans = Vec::new();
+        let mut padded_states = Vec::with_capacity(count * (longest + 1));
+        let mut padded_transitions = Vec::with_capacity(count * longest);
+        let mut lengths = Vec::with_capacity(count);
         for t in trajectories {
             let first_state = encoded.len() / dim;
-            spans.push(TrajectorySpan {
-                first_state,
-                first_transition: source.len(),
-                transitions: t.len(),
-                complete: t.complete,
-            });
-            encoded.extend_from_slice(&t.encoded);
+            let first_transition = source.len();
             let n = t.len();
+            encoded.extend_from_slice(&t.encoded);
             source.extend((0..n).map(|i| (first_state + i) as i64));
-            target_not_terminal
-                .extend((0..n).map(|i| if t.complete && i + 1 == n { 0f32 } else { 1f32 }));
             actions.extend_from_slice(&t.actions);
             backward_actions.extend_from_slice(&t.backward_actions);
             energies.extend_from_slice(&t.energies);
+            // Summed in f64: a long trajectory's E(s) stays exact to f32.
+            let mut energy = 0f64;
+            state_energies.push(0f32);
+            for &e in &t.energies {
+                energy += f64::from(e);
+                state_energies.push(energy as f32);
+            }
+            state_terminal.extend((0..=n).map(|i| if t.complete && i == n { 1f32 } else { 0f32 }));
             let bias = |&allowed: &bool| if allowed { 0f32 } else { INVALID_LOGIT };
             forward_bias.extend(t.forward_masks.iter().map(bias));
             backward_bias.extend(t.backward_masks.iter().map(bias));
+            padded_states.extend((0..=longest).map(|k| (first_state + k.min(n)) as i64));
+            padded_transitions.extend(
+                (0..longest).map(|k| (first_transition + k.min(n.saturating_sub(1))) as i64),
+            );
+            lengths.push(n as i64);
         }
         let target: Vec<i64> = source.iter().map(|&s| s + 1).collect();
-        let (s, t) = (states_n as i64, trans_n as i64);
+        let (s, t, b) = (states_n as i64, trans_n as i64, count as i64);
         let put = |x: Tensor| {
             if pinned {
                 x.pin_memory(Device::Cuda(0))
@@ -157,9 +235,16 @@ impl TransitionBatch {
             forward_bias: put(Tensor::from_slice(&forward_bias).view([t, fwd as i64])),
             backward_bias: put(Tensor::from_slice(&backward_bias).view([t, bwd as i64])),
             energies: put(Tensor::from_slice(&energies).to_kind(Kind::Float)),
-            target_not_terminal: put(Tensor::from_slice(&target_not_terminal)),
-            spans,
+            state_energies: put(Tensor::from_slice(&state_energies)),
+            state_terminal: put(Tensor::from_slice(&state_terminal)),
+            padded: PaddedLayout {
+                states: put(Tensor::from_slice(&padded_states).view([b, longest as i64 + 1])),
+                transitions: put(Tensor::from_slice(&padded_transitions).view([b, longest as i64])),
+                lengths: put(Tensor::from_slice(&lengths)),
+                longest,
+            },
             transitions: trans_n,
+            trajectories: count,
         }
     }
 }
@@ -181,9 +266,16 @@ impl TransitionBatch {
             forward_bias: put(&self.forward_bias),
             backward_bias: put(&self.backward_bias),
             energies: put(&self.energies),
-            target_not_terminal: put(&self.target_not_terminal),
-            spans: self.spans,
+            state_energies: put(&self.state_energies),
+            state_terminal: put(&self.state_terminal),
+            padded: PaddedLayout {
+                states: put(&self.padded.states),
+                transitions: put(&self.padded.transitions),
+                lengths: put(&self.padded.lengths),
+                longest: self.padded.longest,
+            },
             transitions: self.transitions,
+            trajectories: self.trajectories,
         }
     }
 }
@@ -200,4 +292,73 @@ pub fn masked_log_prob(logits: &Tensor, rows: &Tensor, bias: &Tensor, action: &T
         .log_softmax(-1, Kind::Float)
         .gather(1, &action.unsqueeze(1), false)
         .squeeze_dim(1)
+}
+
+/// log F(s) of every state row, `[S]`, as the balance conditions use it:
+/// the network's flow head except at terminal states, where the reward
+/// fixes it (log F~(x) = 0, or log F(x) = -E(x)).
+pub fn state_log_flows(output: &PolicyOutput, batch: &TransitionBatch, flow: Flow) -> Tensor {
+    let learned = &output.log_flow * (1.0 - &batch.state_terminal);
+    match flow {
+        Flow::ForwardLooking => learned,
+        Flow::Plain => learned - &batch.state_energies * &batch.state_terminal,
+    }
+}
+
+/// Per transition, `[T]`: log P_F(s'|s) - log P_B(s|s'), plus the local
+/// energy term E(s -> s') for forward-looking flows. A balance residual
+/// is log F(s_i) + (the sum of these from i to j) - log F(s_j).
+pub fn transition_terms(
+    output: &PolicyOutput,
+    batch: &TransitionBatch,
+    flow: Flow,
+    backward: BackwardPolicy,
+) -> Tensor {
+    let log_pf = masked_log_prob(
+        &output.forward_logits,
+        &batch.source,
+        &batch.forward_bias,
+        &batch.actions,
+    );
+    let log_pb = match backward {
+        BackwardPolicy::Learned => masked_log_prob(
+            &output.backward_logits,
+            &batch.target,
+            &batch.backward_bias,
+            &batch.backward_actions,
+        ),
+        // Uniform over the valid actions: the bias alone as logits.
+        BackwardPolicy::Uniform => batch
+            .backward_bias
+            .log_softmax(-1, Kind::Float)
+            .gather(1, &batch.backward_actions.unsqueeze(1), false)
+            .squeeze_dim(1),
+    };
+    let terms = log_pf - log_pb;
+    match flow {
+        Flow::ForwardLooking => terms + &batch.energies,
+        Flow::Plain => terms,
+    }
+}
+
+/// Per trajectory, `[B]`: sum over its transitions of
+/// log P_F(s_{t+1}|s_t) - log P_B(s_t|s_{t+1}), i.e. log P_F(tau) -
+/// log P_B(tau | s_n). TB's residual and the importance-sampling estimate
+/// of log Z are built from it.
+pub fn trajectory_log_ratios(
+    output: &PolicyOutput,
+    batch: &TransitionBatch,
+    backward: BackwardPolicy,
+) -> Tensor {
+    let grid = &batch.padded;
+    let (b, l) = (batch.trajectories as i64, grid.longest as i64);
+    let steps = Tensor::arange(l, (Kind::Int64, batch.states.device()));
+    let live_steps = steps
+        .unsqueeze(0)
+        .lt_tensor(&grid.lengths.unsqueeze(1))
+        .to_kind(Kind::Float);
+    let terms = transition_terms(output, batch, Flow::Plain, backward)
+        .index_select(0, &grid.transitions.view(-1))
+        .view([b, l]);
+    (terms * live_steps).sum_dim_intlist(1, false, Kind::Float)
 }

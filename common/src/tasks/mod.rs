@@ -3,6 +3,7 @@
 //! [`Environment`]. Adding a task: write its module, add a variant to
 //! [`TaskConfig`](crate::config::TaskConfig) and a line to [`build`].
 
+pub mod lattice;
 pub mod set_generation;
 
 use std::sync::Arc;
@@ -15,5 +16,6 @@ use crate::env::Environment;
 pub fn build(config: &TaskConfig) -> Result<Arc<dyn Environment>, ConfigError> {
     Ok(match config {
         TaskConfig::SetGeneration(c) => Arc::new(set_generation::SetGeneration::new(c)?),
+        TaskConfig::Lattice(c) => Arc::new(lattice::Lattice::new(c)?),
     })
 }

@@ -1,4 +1,4 @@
-//! Forward-looking detailed balance (FL-DB).
+//! Detailed balance, plain (DB) and forward-looking (FL-DB).
 //!
 //! With the flow reparameterised as log F(s) = log F~(s) - E(s), detailed
 //! balance on one transition s -> s' becomes
@@ -11,19 +11,46 @@
 //! example, including those of truncated trajectories. At a terminal state
 //! F(x) = R(x) = exp(-E(x)), i.e. log F~(x) = 0: the boundary is pinned, not
 //! learned (a free terminal flow lets the loss decouple from the reward).
+//!
+//! Plain DB is the same residual without the energy term and with
+//! log F(x) = -E(x) at terminal states: only transitions into a terminal
+//! state see the reward, so its signal travels back one step per update.
+//! With every intermediate energy 0 the two coincide.
 
 use tch::{Kind, Tensor};
 
-use super::{Objective, TransitionBatch, masked_log_prob};
+use super::{Flow, Objective, TransitionBatch, state_log_flows, transition_terms};
+use crate::config::BackwardPolicy;
 use crate::policy::PolicyOutput;
 
-/// The FL-DB loss: mean squared residual over all transitions.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ForwardLookingDb;
+/// The (FL-)DB loss: mean squared residual over all transitions.
+#[derive(Clone, Copy, Debug)]
+pub struct DetailedBalance {
+    flow: Flow,
+    backward: BackwardPolicy,
+}
 
-impl Objective for ForwardLookingDb {
+impl DetailedBalance {
+    /// DB with `Flow::Plain`, FL-DB with `Flow::ForwardLooking`.
+    pub fn new(flow: Flow, backward: BackwardPolicy) -> Self {
+        DetailedBalance { flow, backward }
+    }
+
+    /// One residual per transition, `[T]`.
+    pub fn residuals(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
+        let flows = state_log_flows(output, batch, self.flow);
+        flows.index_select(0, &batch.source)
+            + transition_terms(output, batch, self.flow, self.backward)
+            - flows.index_select(0, &batch.target)
+    }
+}
+
+impl Objective for DetailedBalance {
     fn name(&self) -> &'static str {
-        "fl_db"
+        match self.flow {
+            Flow::ForwardLooking => "fl_db",
+            Flow::Plain => "db",
+        }
     }
 
     fn trains_on_truncated(&self) -> bool {
@@ -31,27 +58,8 @@ impl Objective for ForwardLookingDb {
     }
 
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
-        residuals(output, batch).square().mean(Kind::Float)
+        self.residuals(output, batch).square().mean(Kind::Float)
     }
-}
-
-/// One FL-DB residual per transition, `[T]`.
-pub fn residuals(output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
-    let flow_source = output.log_flow.index_select(0, &batch.source);
-    let flow_target = output.log_flow.index_select(0, &batch.target) * &batch.target_not_terminal;
-    let log_pf = masked_log_prob(
-        &output.forward_logits,
-        &batch.source,
-        &batch.forward_bias,
-        &batch.actions,
-    );
-    let log_pb = masked_log_prob(
-        &output.backward_logits,
-        &batch.target,
-        &batch.backward_bias,
-        &batch.backward_actions,
-    );
-    flow_source + log_pf - flow_target - log_pb + &batch.energies
 }
 
 #[cfg(test)]
@@ -59,6 +67,11 @@ mod tests {
     use tch::Device;
 
     use super::*;
+
+    const FL_DB: DetailedBalance = DetailedBalance {
+        flow: Flow::ForwardLooking,
+        backward: BackwardPolicy::Learned,
+    };
     use crate::trajectory::ReplayedTrajectory;
 
     /// s0 --a=0--> s1 --a=1--> s2 with two forward and two backward actions.
@@ -96,7 +109,7 @@ mod tests {
     fn matches_a_hand_computed_two_step_example() {
         let (f0, f1, f2) = (0.3f32, -0.2f32, 9.0f32);
         let trajectory = two_step(true);
-        let loss = ForwardLookingDb.loss(&output([f0, f1, f2]), &batch(&trajectory));
+        let loss = FL_DB.loss(&output([f0, f1, f2]), &batch(&trajectory));
         // log P_F(a=0 | s0) = 1 - ln(e + 1); P_F at s1 and P_B at s1 are
         // certain (one valid action); log P_B(b=1 | s2) = ln 3 - ln 4.
         let log_pf0 = 1.0 - (1f64.exp() + 1.0).ln();
@@ -111,8 +124,8 @@ mod tests {
     #[test]
     fn terminal_flow_output_is_ignored() {
         let trajectory = two_step(true);
-        let a = ForwardLookingDb.loss(&output([0.3, -0.2, 9.0]), &batch(&trajectory));
-        let b = ForwardLookingDb.loss(&output([0.3, -0.2, -4.0]), &batch(&trajectory));
+        let a = FL_DB.loss(&output([0.3, -0.2, 9.0]), &batch(&trajectory));
+        let b = FL_DB.loss(&output([0.3, -0.2, -4.0]), &batch(&trajectory));
         assert_eq!(a.double_value(&[]), b.double_value(&[]));
     }
 
@@ -133,7 +146,7 @@ mod tests {
             log_flow: out.log_flow.narrow(0, 0, 2),
         };
         let b = batch(&prefix);
-        let r = residuals(&out, &b);
+        let r = FL_DB.residuals(&out, &b);
         assert_eq!(r.size(), [1]);
         // Not terminal: log F~(s1) is the network's, not 0.
         let log_pf0 = 1.0 - (1f64.exp() + 1.0).ln();

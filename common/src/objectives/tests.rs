@@ -1,0 +1,359 @@
+//! Every objective against the exact optimum of a tiny set task (computed
+//! by dynamic programming over its whole state DAG): zero there, clearly
+//! positive once perturbed, gradients in every head it uses, and the
+//! identities that tie the objectives together.
+
+use std::collections::HashMap;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use super::detailed_balance::DetailedBalance;
+use super::sub_trajectory::SubTrajectoryBalance;
+use super::trajectory_balance::TrajectoryBalance;
+use super::{Flow, Objective, TransitionBatch, build};
+use crate::config::{BackwardPolicy, ObjectiveConfig, ObjectiveName};
+use crate::env::{Environment, State};
+use crate::exact::uniform_backward_log_flows;
+use crate::policy::{ModelSpec, Policy, PolicyOutput};
+use crate::tasks::set_generation::SetGeneration;
+use crate::trajectory::{ReplayedTrajectory, Trajectory, replay};
+
+const ALL: [ObjectiveName; 5] = [
+    ObjectiveName::FlDb,
+    ObjectiveName::FlSubTb,
+    ObjectiveName::Db,
+    ObjectiveName::SubTb,
+    ObjectiveName::Tb,
+];
+
+fn tiny() -> SetGeneration {
+    SetGeneration::from_parts(8, 4, vec![-0.8, -0.1, 0.4, 1.2]).unwrap()
+}
+
+fn config(name: ObjectiveName, backward: BackwardPolicy) -> ObjectiveConfig {
+    ObjectiveConfig {
+        name,
+        backward_policy: backward,
+        ..ObjectiveConfig::default()
+    }
+}
+
+/// Random trajectories, a quarter of them cut short, with the states each
+/// one visits (the batch's rows, in order).
+fn sample(
+    env: &dyn Environment,
+    count: usize,
+    rng: &mut SmallRng,
+) -> (Vec<ReplayedTrajectory>, Vec<State>) {
+    let mut replayed = Vec::new();
+    let mut rows = Vec::new();
+    let mut mask = vec![false; env.forward_actions()];
+    for _ in 0..count {
+        let cut = if rng.random::<f64>() < 0.25 {
+            rng.random_range(1..env.max_trajectory_len())
+        } else {
+            usize::MAX
+        };
+        let mut state = env.initial_state();
+        let mut trajectory = Trajectory::default();
+        rows.push(state.clone());
+        while !env.is_terminal(&state) && trajectory.len() < cut {
+            env.forward_mask(&state, &mut mask);
+            let valid: Vec<usize> = (0..mask.len()).filter(|&a| mask[a]).collect();
+            let action = valid[rng.random_range(0..valid.len())];
+            trajectory.actions.push(action as u32);
+            trajectory
+                .energies
+                .push(env.transition_energy(&state, action) as f32);
+            env.step(&mut state, action).unwrap();
+            rows.push(state.clone());
+        }
+        replayed.push(replay(env, &trajectory).unwrap());
+    }
+    (replayed, rows)
+}
+
+fn batch(env: &dyn Environment, trajectories: &[ReplayedTrajectory]) -> TransitionBatch {
+    let dims = (
+        env.state_dim(),
+        env.forward_actions(),
+        env.backward_actions(),
+    );
+    TransitionBatch::new(trajectories, dims, Device::Cpu)
+}
+
+/// What a perfect network outputs on `rows`: log P_F of the optimal
+/// sampler as logits, equal backward logits (uniform P_B), and the exact
+/// flow in the parameterisation `flow` asks for. Terminal rows get a
+/// nonsense flow, which every objective must ignore.
+fn optimal_output(
+    env: &dyn Environment,
+    flows: &HashMap<State, f64>,
+    rows: &[State],
+    flow: Flow,
+) -> PolicyOutput {
+    let (fwd, bwd) = (env.forward_actions(), env.backward_actions());
+    let mut forward = vec![0f32; rows.len() * fwd];
+    let mut log_flow = vec![0f32; rows.len()];
+    let mut mask = vec![false; fwd];
+    let mut back = vec![false; bwd];
+    for (r, state) in rows.iter().enumerate() {
+        if env.is_terminal(state) {
+            log_flow[r] = 7.5;
+            continue;
+        }
+        let f = flows[state];
+        log_flow[r] = match flow {
+            Flow::ForwardLooking => f + env.energy(state),
+            Flow::Plain => f,
+        } as f32;
+        env.forward_mask(state, &mut mask);
+        for a in (0..fwd).filter(|&a| mask[a]) {
+            let mut child = state.clone();
+            env.step(&mut child, a).unwrap();
+            env.backward_mask(&child, &mut back);
+            let parents = back.iter().filter(|&&m| m).count() as f64;
+            forward[r * fwd + a] = (flows[&child] - parents.ln() - f) as f32;
+        }
+    }
+    let n = rows.len() as i64;
+    PolicyOutput {
+        forward_logits: Tensor::from_slice(&forward).view([n, fwd as i64]),
+        backward_logits: Tensor::zeros([n, bwd as i64], (Kind::Float, Device::Cpu)),
+        log_flow: Tensor::from_slice(&log_flow),
+    }
+}
+
+fn flow_of(name: ObjectiveName) -> Flow {
+    match name {
+        ObjectiveName::FlDb | ObjectiveName::FlSubTb => Flow::ForwardLooking,
+        _ => Flow::Plain,
+    }
+}
+
+fn loss(objective: &dyn Objective, output: &PolicyOutput, batch: &TransitionBatch) -> f64 {
+    objective.loss(output, batch).double_value(&[])
+}
+
+/// The objective with TB's log Z at its exact value.
+fn at_optimum(name: ObjectiveName, backward: BackwardPolicy, log_z: f64) -> Box<dyn Objective> {
+    if name == ObjectiveName::Tb {
+        let mut tb = TrajectoryBalance::new(backward, 0.1, Device::Cpu);
+        tb.set_log_z(log_z);
+        return Box::new(tb);
+    }
+    build(&config(name, backward), Device::Cpu)
+}
+
+#[test]
+fn every_objective_is_zero_at_the_exact_optimum_and_positive_off_it() {
+    let env = tiny();
+    let flows = uniform_backward_log_flows(&env, 10_000).unwrap();
+    let log_z = flows[&env.initial_state()];
+    let (trajectories, rows) = sample(&env, 40, &mut SmallRng::seed_from_u64(1));
+    assert!(trajectories.iter().any(|t| !t.complete));
+    let batch = batch(&env, &trajectories);
+    for backward in [BackwardPolicy::Learned, BackwardPolicy::Uniform] {
+        for name in ALL {
+            let objective = at_optimum(name, backward, log_z);
+            let output = optimal_output(&env, &flows, &rows, flow_of(name));
+            let at = loss(objective.as_ref(), &output, &batch);
+            assert!(at < 1e-9, "{name:?}/{backward:?}: {at} at the optimum");
+
+            // Action 1 made unlikely wherever it is allowed: every
+            // objective sees it.
+            let logits = output.forward_logits.copy();
+            let _ = logits.narrow(1, 1, 1).fill_(-3.0);
+            let nudged = PolicyOutput {
+                forward_logits: logits,
+                backward_logits: output.backward_logits.copy(),
+                log_flow: output.log_flow.copy(),
+            };
+            let off = loss(objective.as_ref(), &nudged, &batch);
+            assert!(off > 1e-3, "{name:?}/{backward:?}: {off} with a wrong P_F");
+        }
+    }
+    // A wrong log Z moves TB; a wrong flow at s0 moves the flow objectives.
+    let tb = at_optimum(ObjectiveName::Tb, BackwardPolicy::Uniform, log_z + 0.2);
+    let output = optimal_output(&env, &flows, &rows, Flow::Plain);
+    assert!(loss(tb.as_ref(), &output, &batch) > 0.03);
+    for name in [
+        ObjectiveName::FlDb,
+        ObjectiveName::FlSubTb,
+        ObjectiveName::Db,
+        ObjectiveName::SubTb,
+    ] {
+        let objective = build(&config(name, BackwardPolicy::Uniform), Device::Cpu);
+        let output = optimal_output(&env, &flows, &rows, flow_of(name));
+        let _ = output.log_flow.get(0).fill_(log_z + 0.2);
+        let off = loss(objective.as_ref(), &output, &batch);
+        assert!(off > 1e-4, "{name:?}: {off} with a wrong flow at s0");
+    }
+}
+
+/// Gradient rows of the shared output layer: P_F logits, P_B logits, flow.
+fn head_gradients(policy: &Policy, forward: usize, backward: usize) -> [f64; 3] {
+    let grad = policy.vars.variables()["heads.weight"].grad();
+    let norm = |from: usize, len: usize| {
+        grad.narrow(0, from as i64, len as i64)
+            .abs()
+            .sum(Kind::Float)
+            .double_value(&[])
+    };
+    [
+        norm(0, forward),
+        norm(forward, backward),
+        norm(forward + backward, 1),
+    ]
+}
+
+#[test]
+fn gradients_reach_every_head_the_objective_uses() {
+    let env = tiny();
+    let (trajectories, _) = sample(&env, 16, &mut SmallRng::seed_from_u64(2));
+    let batch = batch(&env, &trajectories);
+    let spec = ModelSpec {
+        input_dim: env.state_dim(),
+        hidden: vec![16],
+        forward_actions: env.forward_actions(),
+        backward_actions: env.backward_actions(),
+    };
+    for backward in [BackwardPolicy::Learned, BackwardPolicy::Uniform] {
+        for name in ALL {
+            tch::manual_seed(3);
+            let policy = Policy::new(&spec, Device::Cpu);
+            let objective = build(&config(name, backward), Device::Cpu);
+            let output = policy.net.forward(&batch.states);
+            objective.loss(&output, &batch).backward();
+            let [pf, pb, flow] =
+                head_gradients(&policy, spec.forward_actions, spec.backward_actions);
+            let label = format!("{name:?}/{backward:?}");
+            assert!(pf > 0.0, "{label}: no gradient in P_F");
+            assert_eq!(
+                pb > 0.0,
+                backward == BackwardPolicy::Learned,
+                "{label}: P_B {pb}"
+            );
+            assert_eq!(
+                flow > 0.0,
+                name != ObjectiveName::Tb,
+                "{label}: flow {flow}"
+            );
+            if let Some((vars, _)) = objective.own_parameters() {
+                let log_z = vars.variables()["log_z"].grad().abs().double_value(&[]);
+                assert!(log_z > 0.0, "{label}: no gradient in log Z");
+            }
+        }
+    }
+}
+
+#[test]
+fn forward_looking_and_plain_coincide_when_intermediate_energies_are_zero() {
+    // Every element has energy 0: E(s) = 0 everywhere, R(x) = 1.
+    let env = SetGeneration::from_parts(8, 4, vec![0.0]).unwrap();
+    let (trajectories, _) = sample(&env, 24, &mut SmallRng::seed_from_u64(4));
+    let batch = batch(&env, &trajectories);
+    tch::manual_seed(5);
+    let policy = Policy::new(
+        &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![16] }),
+        Device::Cpu,
+    );
+    let output = policy.net.forward(&batch.states);
+    for (fl, plain) in [
+        (ObjectiveName::FlDb, ObjectiveName::Db),
+        (ObjectiveName::FlSubTb, ObjectiveName::SubTb),
+    ] {
+        let backward = BackwardPolicy::Learned;
+        let a = loss(
+            build(&config(fl, backward), Device::Cpu).as_ref(),
+            &output,
+            &batch,
+        );
+        let b = loss(
+            build(&config(plain, backward), Device::Cpu).as_ref(),
+            &output,
+            &batch,
+        );
+        assert!(a > 1e-3, "a random network is not at the optimum");
+        assert!((a - b).abs() <= 1e-6 * a, "{fl:?} {a} vs {plain:?} {b}");
+    }
+}
+
+#[test]
+fn a_sub_trajectory_residual_is_the_sum_of_its_detailed_balance_residuals() {
+    // Telescoping: log F(s_i) - log F(s_j) + sum of terms = sum of the DB
+    // residuals from i to j - 1. Checked pair by pair, on trajectories of
+    // different lengths, against the grid computation.
+    let env = tiny();
+    let (trajectories, _) = sample(&env, 12, &mut SmallRng::seed_from_u64(6));
+    let batch = batch(&env, &trajectories);
+    tch::manual_seed(7);
+    let policy = Policy::new(
+        &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![16] }),
+        Device::Cpu,
+    );
+    let output = policy.net.forward(&batch.states);
+    for flow in [Flow::ForwardLooking, Flow::Plain] {
+        let lambda = 0.7;
+        let db = DetailedBalance::new(flow, BackwardPolicy::Learned).residuals(&output, &batch);
+        let db: Vec<f64> = Vec::try_from(db.to_kind(Kind::Double)).unwrap();
+        let sub = SubTrajectoryBalance::new(flow, lambda, BackwardPolicy::Learned);
+        let (residuals, weights) = sub.pair_residuals(&output, &batch);
+        let mut first = 0;
+        let mut expected_loss = 0.0;
+        for (b, t) in trajectories.iter().enumerate() {
+            let n = t.len();
+            let total: f64 = (0..n)
+                .flat_map(|i| (i + 1..=n).map(move |j| lambda.powi((j - i) as i32)))
+                .sum();
+            let mut per_trajectory = 0.0;
+            for i in 0..n {
+                for j in i + 1..=n {
+                    let expected: f64 = db[first + i..first + j].iter().sum();
+                    let got = residuals.double_value(&[b as i64, i as i64, j as i64]);
+                    assert!((got - expected).abs() < 1e-4, "{flow:?} [{b},{i},{j}]");
+                    let w = weights.double_value(&[b as i64, i as i64, j as i64]);
+                    let want = lambda.powi((j - i) as i32) / total;
+                    assert!(
+                        (w - want).abs() < 1e-6,
+                        "weight [{b},{i},{j}] {w} vs {want}"
+                    );
+                    per_trajectory += want * expected * expected;
+                }
+            }
+            expected_loss += per_trajectory;
+            first += n;
+        }
+        expected_loss /= trajectories.len() as f64;
+        // Pairs outside a trajectory weigh nothing.
+        let weight_total = weights.sum(Kind::Double).double_value(&[]);
+        assert!((weight_total - trajectories.len() as f64).abs() < 1e-4);
+        let got = sub.loss(&output, &batch).double_value(&[]);
+        assert!((got - expected_loss).abs() < 1e-4 * expected_loss.max(1.0));
+    }
+}
+
+#[test]
+fn lambda_above_one_favours_long_pairs_without_overflow() {
+    let env = tiny();
+    let (trajectories, _) = sample(&env, 8, &mut SmallRng::seed_from_u64(8));
+    let batch = batch(&env, &trajectories);
+    let policy = Policy::new(
+        &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![8] }),
+        Device::Cpu,
+    );
+    let output = policy.net.forward(&batch.states);
+    let sub = SubTrajectoryBalance::new(Flow::Plain, 1e6, BackwardPolicy::Learned);
+    let (_, weights) = sub.pair_residuals(&output, &batch);
+    assert!(bool::try_from(weights.isfinite().all()).unwrap());
+    // Nearly all of a complete trajectory's weight is on the whole of it.
+    let (b, t) = trajectories
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.complete)
+        .unwrap();
+    let whole = weights.double_value(&[b as i64, 0, t.len() as i64]);
+    assert!(whole > 0.99, "{whole}");
+}
