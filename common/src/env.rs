@@ -112,6 +112,12 @@ pub trait TaskReference: Send {
     /// are the task's: they depend on its scale).
     fn quality(&self) -> Quality;
 
+    /// Mean reward of the `k` best distinct objects: the ceiling of the
+    /// top-k metric (None where it is not known).
+    fn best_mean_reward(&self, _k: usize) -> Option<f64> {
+        None
+    }
+
     /// R(x)/Z for every terminal state, where the task is small enough to
     /// enumerate: the evaluation then computes the sampler's exact terminal
     /// distribution and its TV and KL to this.

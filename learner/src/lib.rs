@@ -31,6 +31,7 @@ pub mod credits;
 pub mod delay_proxy;
 pub mod error;
 pub mod evaluator;
+pub mod experiment;
 pub mod ingest;
 pub mod launcher;
 pub mod publisher;

@@ -451,6 +451,13 @@ impl TaskReference for LatticeReference {
     fn exact_target(&self) -> Option<&HashMap<State, f64>> {
         Some(&self.target)
     }
+
+    fn best_mean_reward(&self, k: usize) -> Option<f64> {
+        // energy_points is sorted by energy: the best objects come first.
+        let best = &self.energy_points[..k.min(self.energy_points.len())];
+        (!best.is_empty())
+            .then(|| best.iter().map(|&(e, _)| (-e).exp()).sum::<f64>() / best.len() as f64)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,88 @@
+//! `flgfn-experiment`: runs a named suite of training runs and writes
+//! their metrics, tables and plots to one folder. See `--help` and
+//! `learner/src/experiment/mod.rs` for the folder layout.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flgfn_learner::experiment::{self, SUITES};
+
+/// Runs a suite (every objective, task and seed it names) with real learner
+/// and actor processes, then writes reports.csv, summary.csv, summary.md
+/// and PNG/SVG plots.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The suite to run (see --list).
+    #[arg(long, default_value = "paper-sets")]
+    suite: String,
+    /// Seeds per configuration (0, 1, ...).
+    #[arg(long, default_value_t = 3)]
+    seeds: u64,
+    /// Training steps per run (default: the suite's).
+    #[arg(long, value_name = "N")]
+    steps: Option<u64>,
+    /// Output folder (default: experiments/<suite>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Only redraw tables and plots from the runs already in the folder.
+    #[arg(long)]
+    plot_only: bool,
+    /// List the suites and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    flgfn_common::telemetry::init();
+    flgfn_common::telemetry::exit_status("flgfn-experiment", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.list {
+        for suite in SUITES {
+            println!(
+                "{:<12} {} ({} steps per run by default)",
+                suite.name, suite.description, suite.default_steps
+            );
+        }
+        return Ok(());
+    }
+    let suite = experiment::suite(&args.suite).with_context(|| {
+        let names: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
+        format!("no suite `{}`; there are: {}", args.suite, names.join(", "))
+    })?;
+    anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("experiments").join(suite.name));
+    let specs = suite.runs(args.seeds, args.steps);
+    let results = if args.plot_only {
+        experiment::load_results(&specs, &out)?
+    } else {
+        let learner = std::env::current_exe()?
+            .with_file_name(format!("flgfn-learner{}", std::env::consts::EXE_SUFFIX));
+        anyhow::ensure!(
+            learner.exists(),
+            "{} not found: build every binary (cargo build --release)",
+            learner.display()
+        );
+        println!(
+            "suite {}: {} runs into {}",
+            suite.name,
+            specs.len(),
+            out.display()
+        );
+        experiment::run_all(&specs, &learner, &out)?
+    };
+    let plots = experiment::write_outputs(&results, &out)?;
+    println!(
+        "wrote {}/reports.csv, summary.csv, summary.md and {} plot files under {}/plots",
+        out.display(),
+        plots.len(),
+        out.display()
+    );
+    print!("{}", experiment::summary_markdown(&results));
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The experiment runner behind `flgfn-experiment`: named suites of runs
+//! (task x objective x truncation x seed), each a real `flgfn-learner
+//! --local-actors` process with its actor processes, then tables and plots.
+//!
+//! Layout of an output folder:
+//!
+//! ```text
+//! OUT/runs/<run>/config.toml    the exact configuration of the run
+//! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
+//! OUT/runs/<run>/learner.log    its learner's and actors' logs
+//! OUT/reports.csv               every report of every run, one row each
+//! OUT/summary.csv               per run: steps and seconds to quality and
+//!                               to the top-100 ceiling, final figures
+//! OUT/summary.md                the same, mean and range over seeds
+//! OUT/plots/<group>-{steps,seconds}.{png,svg}
+//! ```
+//!
+//! Every run reports at a fixed step interval (`learner.eval_every_steps`),
+//! so steps to a threshold are resolved to that grain and runs of different
+//! seeds line up report by report.
+
+pub mod plots;
+mod suites;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use flgfn_common::config::Config;
+use flgfn_common::tasks;
+
+use crate::report::Report;
+pub use suites::{SUITES, Suite, suite};
+
+/// Fraction of the exact top-100 ceiling a run must reach to count as
+/// having found the best objects.
+pub const TOP_K_FRACTION: f64 = 0.99;
+
+/// One run of a suite.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Plots and tables group runs by this (e.g. the task size).
+    pub group: String,
+    /// One curve per distinct label within a group (e.g. the objective).
+    pub curve: String,
+    /// Seed (the configuration's `seed`).
+    pub seed: u64,
+    /// Local actor processes.
+    pub actors: usize,
+    /// Everything the learner and actors read.
+    pub config: Config,
+}
+
+impl RunSpec {
+    /// Folder name: group, curve and seed.
+    pub fn name(&self) -> String {
+        let clean = |s: &str| {
+            s.chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect::<String>()
+        };
+        format!(
+            "{}_{}_seed{}",
+            clean(&self.group),
+            clean(&self.curve),
+            self.seed
+        )
+    }
+}
+
+/// What one run reached.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// The run.
+    pub spec: RunSpec,
+    /// Its reports, in order.
+    pub reports: Vec<Report>,
+    /// (step, seconds) of the first report at quality.
+    pub to_quality: Option<(u64, f64)>,
+    /// (step, seconds) of the first report whose current evaluation's
+    /// top-100 reached [`TOP_K_FRACTION`] of the exact ceiling.
+    pub to_top_k: Option<(u64, f64)>,
+    /// The exact top-100 ceiling, where known.
+    pub top_k_ceiling: Option<f64>,
+}
+
+/// Runs `specs` one after another with the `flgfn-learner` binary at
+/// `learner`, writing everything under `out`. A run whose folder already
+/// holds a complete metrics file is not run again (a suite interrupted
+/// midway resumes where it stopped).
+pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<Vec<RunResult>> {
+    let started = Instant::now();
+    let mut results = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let dir = out.join("runs").join(spec.name());
+        let metrics = dir.join("metrics.jsonl");
+        let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
+        let reports = match read_reports(&metrics) {
+            Ok(reports) if finished(spec, &reports) => {
+                println!("{label}: already done, kept");
+                reports
+            }
+            _ => {
+                run_one(spec, learner, &dir, &label)?;
+                read_reports(&metrics)?
+            }
+        };
+        let result = summarise(spec.clone(), reports)?;
+        println!(
+            "{label}: {} reports, quality at {}, top-100 at {} ({:.0} s elapsed)",
+            result.reports.len(),
+            describe(result.to_quality),
+            describe(result.to_top_k),
+            started.elapsed().as_secs_f64()
+        );
+        results.push(result);
+    }
+    Ok(results)
+}
+
+fn describe(point: Option<(u64, f64)>) -> String {
+    point.map_or("never".to_owned(), |(step, s)| {
+        format!("step {step} / {s:.2} s")
+    })
+}
+
+fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
+    reports
+        .last()
+        .is_some_and(|r| r.step >= spec.config.learner.max_steps)
+}
+
+/// Starts one learner with its local actors and waits for it, printing
+/// its progress (the latest report) every few seconds.
+fn run_one(spec: &RunSpec, learner: &Path, dir: &Path, label: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, spec.config.to_toml())?;
+    let metrics = dir.join("metrics.jsonl");
+    let log = std::fs::File::create(dir.join("learner.log"))?;
+    let mut child = Command::new(learner)
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--metrics")
+        .arg(&metrics)
+        .arg("--local-actors")
+        .arg("--actors")
+        .arg(spec.actors.to_string())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", learner.display()))?;
+    let started = Instant::now();
+    let mut last_print = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        if last_print.elapsed() >= Duration::from_secs(5) {
+            last_print = Instant::now();
+            if let Some(report) = read_reports(&metrics).ok().and_then(|r| r.last().cloned()) {
+                println!(
+                    "{label}: step {}/{} wall {:.1} s loss {:.4} ({:.0} s)",
+                    report.step,
+                    spec.config.learner.max_steps,
+                    report.wall_s,
+                    report.loss,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    };
+    if !status.success() {
+        bail!(
+            "{label} failed ({status}); see {}",
+            dir.join("learner.log").display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads a metrics file (JSON lines of [`Report`]).
+pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut reports = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        reports.push(
+            serde_json::from_str(&line)
+                .with_context(|| format!("{}:{}: not a report", path.display(), i + 1))?,
+        );
+    }
+    Ok(reports)
+}
+
+/// First report at quality and first at the top-100 ceiling.
+pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResult> {
+    let env = tasks::build(&spec.config.task)?;
+    let top_k_ceiling = env
+        .reference()
+        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K));
+    let to_quality = reports
+        .iter()
+        .find(|r| r.at_quality == Some(true))
+        .map(|r| (r.step, r.wall_s));
+    let to_top_k = top_k_ceiling.and_then(|ceiling| {
+        reports
+            .iter()
+            .find(|r| r.top100_mean_reward_eval >= TOP_K_FRACTION * ceiling)
+            .map(|r| (r.step, r.wall_s))
+    });
+    Ok(RunResult {
+        spec,
+        reports,
+        to_quality,
+        to_top_k,
+        top_k_ceiling,
+    })
+}
+
+fn opt(value: Option<f64>) -> String {
+    value.map_or(String::new(), |v| format!("{v}"))
+}
+
+/// `reports.csv`: every report of every run.
+pub fn reports_csv(results: &[RunResult]) -> String {
+    let mut out = String::from(
+        "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction\n",
+    );
+    for result in results {
+        let s = &result.spec;
+        for r in &result.reports {
+            let _ = writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                s.name(),
+                s.group,
+                s.curve,
+                s.seed,
+                r.step,
+                r.wall_s,
+                r.loss,
+                r.logz_est,
+                r.logz_sampled,
+                r.logz_sampled_ess,
+                opt(r.logz_exact),
+                opt(r.marginal_tv),
+                opt(r.energy_w1),
+                opt(r.exact_tv),
+                opt(r.exact_kl),
+                r.top100_mean_reward_eval,
+                r.top100_mean_reward,
+                r.at_quality.map_or(String::new(), |q| q.to_string()),
+                r.trained_transitions,
+                r.trained_per_s,
+                r.mean_policy_lag,
+                r.truncated_fraction,
+            );
+        }
+    }
+    out
+}
+
+/// `summary.csv`: one row per run.
+pub fn summary_csv(results: &[RunResult]) -> String {
+    let mut out = String::from(
+        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv\n",
+    );
+    for result in results {
+        let s = &result.spec;
+        let last = result.reports.last().cloned().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            s.name(),
+            s.group,
+            s.curve,
+            s.seed,
+            last.step,
+            last.wall_s,
+            opt(result.to_quality.map(|q| q.0 as f64)),
+            opt(result.to_quality.map(|q| q.1)),
+            opt(result.to_top_k.map(|q| q.0 as f64)),
+            opt(result.to_top_k.map(|q| q.1)),
+            opt(result.top_k_ceiling),
+            opt(last.logz_exact.map(|e| (last.logz_est - e).abs())),
+            opt(last.marginal_tv),
+            opt(last.energy_w1),
+            opt(last.exact_tv),
+        );
+    }
+    out
+}
+
+/// `summary.md`: per group and curve, over seeds: how many reached quality
+/// and the top-100 ceiling, and the mean (range) of steps and seconds to
+/// each among those that did.
+pub fn summary_markdown(results: &[RunResult]) -> String {
+    let mut groups: BTreeMap<(&str, &str), Vec<&RunResult>> = BTreeMap::new();
+    let mut order: Vec<(&str, &str)> = Vec::new();
+    for r in results {
+        let key = (r.spec.group.as_str(), r.spec.curve.as_str());
+        if !groups.contains_key(&key) {
+            order.push(key);
+        }
+        groups.entry(key).or_default().push(r);
+    }
+    let mut out = String::from(
+        "| group | curve | seeds at quality | steps to quality | seconds to quality | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final exact TV |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for key in order {
+        let runs = &groups[&key];
+        let n = runs.len();
+        let cell = |values: Vec<f64>, digits: usize| -> String {
+            if values.is_empty() {
+                return "-".to_owned();
+            }
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            if values.len() == 1 {
+                format!("{mean:.digits$}")
+            } else {
+                format!("{mean:.digits$} ({lo:.digits$}-{hi:.digits$})")
+            }
+        };
+        let reached = |values: Vec<f64>, digits: usize| -> String {
+            if values.is_empty() {
+                "never".to_owned()
+            } else {
+                cell(values, digits)
+            }
+        };
+        let quality: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_quality).collect();
+        let top: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_top_k).collect();
+        let last = |f: &dyn Fn(&Report) -> Option<f64>| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.reports.last().and_then(f))
+                .collect()
+        };
+        let has_ceiling = runs.iter().any(|r| r.top_k_ceiling.is_some());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            key.0,
+            key.1,
+            quality.len(),
+            reached(quality.iter().map(|q| q.0 as f64).collect(), 0),
+            reached(quality.iter().map(|q| q.1).collect(), 2),
+            if has_ceiling {
+                format!("{}/{n}", top.len())
+            } else {
+                "-".to_owned()
+            },
+            reached(top.iter().map(|q| q.0 as f64).collect(), 0),
+            reached(top.iter().map(|q| q.1).collect(), 2),
+            cell(last(&|r| r.logz_exact.map(|e| (r.logz_est - e).abs())), 3),
+            cell(last(&|r| r.marginal_tv), 4),
+            cell(last(&|r| r.exact_tv), 4),
+        );
+    }
+    out
+}
+
+/// Writes the tables and plots of `results` under `out`; returns the plot
+/// files written.
+pub fn write_outputs(results: &[RunResult], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("reports.csv"), reports_csv(results))?;
+    std::fs::write(out.join("summary.csv"), summary_csv(results))?;
+    std::fs::write(out.join("summary.md"), summary_markdown(results))?;
+    plots::render_groups(results, &out.join("plots"))
+}
+
+/// Reads back every run of `specs` already present under `out` (for
+/// re-rendering plots without running anything).
+pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResult>> {
+    let mut results = Vec::new();
+    for spec in specs {
+        let metrics = out.join("runs").join(spec.name()).join("metrics.jsonl");
+        if let Ok(reports) = read_reports(&metrics) {
+            results.push(summarise(spec.clone(), reports)?);
+        }
+    }
+    if results.is_empty() {
+        bail!("no run of this suite under {}", out.display());
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(step: u64, at_quality: bool, top: f64) -> Report {
+        Report {
+            step,
+            wall_s: step as f64 / 100.0,
+            at_quality: Some(at_quality),
+            top100_mean_reward_eval: top,
+            logz_exact: Some(1.0),
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn thresholds_are_the_first_report_that_meets_them() {
+        let spec = suite("paper-sets").unwrap().runs(1, Some(300))[0].clone();
+        let ceiling = 0.263281;
+        let reports = vec![
+            report(100, false, 0.2),
+            report(200, true, 0.99 * ceiling - 1e-4),
+            report(300, false, ceiling),
+        ];
+        let result = summarise(spec, reports).unwrap();
+        assert_eq!(result.to_quality, Some((200, 2.0)));
+        assert_eq!(result.to_top_k, Some((300, 3.0)));
+        assert!((result.top_k_ceiling.unwrap() - ceiling).abs() < 1e-5);
+        let table = summary_markdown(&[result]);
+        assert!(table.contains("| 1/1 | 200 | 2.00 |"), "{table}");
+        let csv = reports_csv(std::slice::from_ref(
+            &summarise(
+                suite("paper-sets").unwrap().runs(1, Some(300))[0].clone(),
+                vec![report(100, false, 0.2)],
+            )
+            .unwrap(),
+        ));
+        assert_eq!(csv.lines().count(), 2);
+        let header = csv.lines().next().unwrap().split(',').count();
+        assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), header);
+    }
+}

@@ -1,0 +1,289 @@
+//! Plots of runs as PNG and SVG (plotters, with the DejaVu font bundled so
+//! that nothing depends on the machine's fonts).
+//!
+//! One figure per group and x axis (training steps, seconds of training):
+//! a panel per metric, one curve per label (the objective), the mean over
+//! seeds with the range between the lowest and highest seed shaded.
+//! Seeds are aligned report by report (suites report at fixed step
+//! intervals).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{Context, anyhow};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use super::RunResult;
+use crate::report::Report;
+
+/// A metric drawn in one panel.
+struct Metric {
+    title: &'static str,
+    value: fn(&Report) -> Option<f64>,
+    log_scale: bool,
+}
+
+const METRICS: [Metric; 6] = [
+    Metric {
+        title: "loss",
+        value: |r| Some(r.loss),
+        log_scale: true,
+    },
+    Metric {
+        title: "|log Z error| (flow head or TB)",
+        value: |r| r.logz_exact.map(|e| (r.logz_est - e).abs()),
+        log_scale: true,
+    },
+    Metric {
+        title: "marginal TV",
+        value: |r| r.marginal_tv,
+        log_scale: true,
+    },
+    Metric {
+        title: "energy W1",
+        value: |r| r.energy_w1,
+        log_scale: true,
+    },
+    Metric {
+        title: "exact TV of the sampler",
+        value: |r| r.exact_tv,
+        log_scale: true,
+    },
+    Metric {
+        title: "top-100 mean reward (this evaluation)",
+        value: |r| Some(r.top100_mean_reward_eval),
+        log_scale: false,
+    },
+];
+
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// Registers the bundled font once per process.
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Only fails on a malformed font, and the bytes are fixed.
+        let _ = plotters::style::register_font(
+            "sans-serif",
+            FontStyle::Normal,
+            dejavu::sans::regular(),
+        );
+    });
+}
+
+/// (x, mean, low, high) per report index, over the runs of one curve.
+type Band = Vec<(f64, f64, f64, f64)>;
+
+/// Mean and range over seeds of `metric` against `x`, aligned by report
+/// index; points where any seed lacks the metric are left out.
+fn band(runs: &[&RunResult], x: fn(&Report) -> f64, metric: fn(&Report) -> Option<f64>) -> Band {
+    let len = runs.iter().map(|r| r.reports.len()).min().unwrap_or(0);
+    (0..len)
+        .filter_map(|i| {
+            let values: Option<Vec<f64>> = runs
+                .iter()
+                .map(|r| metric(&r.reports[i]).filter(|v| v.is_finite()))
+                .collect();
+            let values = values?;
+            let xs: f64 = runs.iter().map(|r| x(&r.reports[i])).sum::<f64>() / runs.len() as f64;
+            let mean = values.iter().sum::<f64>() / values.len() as f64;
+            let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            Some((xs, mean, low, high))
+        })
+        .collect()
+}
+
+/// Draws every panel of one figure on `root`.
+fn draw_figure<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    x_label: &str,
+    curves: &[(String, Vec<&RunResult>)],
+    x: fn(&Report) -> f64,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let error = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
+    root.fill(&WHITE).map_err(error)?;
+    let metrics: Vec<&Metric> = METRICS
+        .iter()
+        .filter(|m| {
+            curves
+                .iter()
+                .any(|(_, runs)| !band(runs, x, m.value).is_empty())
+        })
+        .collect();
+    let root = root.titled(title, ("sans-serif", 22)).map_err(error)?;
+    let columns = 3usize;
+    let rows = metrics.len().div_ceil(columns).max(1);
+    let panels = root.split_evenly((rows, columns));
+    for (panel, metric) in panels.iter().zip(&metrics) {
+        let bands: Vec<(usize, &String, Band)> = curves
+            .iter()
+            .enumerate()
+            .map(|(i, (label, runs))| (i, label, band(runs, x, metric.value)))
+            .collect();
+        let all = bands.iter().flat_map(|(_, _, b)| b.iter());
+        let (mut x_max, mut y_min, mut y_max) = (0f64, f64::INFINITY, f64::NEG_INFINITY);
+        for &(px, _, lo, hi) in all {
+            x_max = x_max.max(px);
+            y_min = y_min.min(lo);
+            y_max = y_max.max(hi);
+        }
+        if !y_min.is_finite() {
+            continue;
+        }
+        let x_range = 0f64..x_max.max(1e-9) * 1.02;
+        let mut builder = ChartBuilder::on(panel);
+        builder
+            .caption(metric.title, ("sans-serif", 16))
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(56);
+        if metric.log_scale {
+            let floor = (y_max * 1e-6).max(1e-9);
+            let lo = y_min.max(floor) * 0.8;
+            let hi = (y_max * 1.25).max(lo * 2.0);
+            let mut chart = builder
+                .build_cartesian_2d(x_range, (lo..hi).log_scale())
+                .map_err(error)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(error)?;
+            for (i, label, points) in &bands {
+                draw_curve(&mut chart, *i, label, points, lo).map_err(error)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(error)?;
+        } else {
+            let pad = ((y_max - y_min) * 0.05).max(1e-9);
+            let mut chart = builder
+                .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
+                .map_err(error)?;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .light_line_style(WHITE)
+                .draw()
+                .map_err(error)?;
+            for (i, label, points) in &bands {
+                draw_curve(&mut chart, *i, label, points, f64::NEG_INFINITY).map_err(error)?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(error)?;
+        }
+    }
+    root.present().map_err(error)?;
+    Ok(())
+}
+
+/// The seed range as a shaded polygon, then the mean as a labelled line.
+fn draw_curve<DB: DrawingBackend, X, Y>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+    index: usize,
+    label: &str,
+    points: &Band,
+    floor: f64,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let color = PALETTE[index % PALETTE.len()];
+    let clamp = |v: f64| v.max(floor);
+    if points.len() > 1 {
+        let mut outline: Vec<(f64, f64)> =
+            points.iter().map(|&(x, _, lo, _)| (x, clamp(lo))).collect();
+        outline.extend(points.iter().rev().map(|&(x, _, _, hi)| (x, clamp(hi))));
+        chart.draw_series(std::iter::once(Polygon::new(
+            outline,
+            color.mix(0.18).filled(),
+        )))?;
+    }
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().map(|&(x, mean, _, _)| (x, clamp(mean))),
+            color.stroke_width(2),
+        ))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    Ok(())
+}
+
+/// Renders, for every group of `results`, a figure against training steps
+/// and one against seconds, each as PNG and SVG, into `dir`. Returns the
+/// files written.
+pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    register_font();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut groups: BTreeMap<&str, Vec<(String, Vec<&RunResult>)>> = BTreeMap::new();
+    for result in results {
+        let curves = groups.entry(result.spec.group.as_str()).or_default();
+        match curves
+            .iter_mut()
+            .find(|(label, _)| *label == result.spec.curve)
+        {
+            Some((_, runs)) => runs.push(result),
+            None => curves.push((result.spec.curve.clone(), vec![result])),
+        }
+    }
+    let mut written = Vec::new();
+    for (group, curves) in &groups {
+        let stem: String = group
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let axes: [(&str, &str, fn(&Report) -> f64); 2] = [
+            ("steps", "training steps", |r| r.step as f64),
+            ("seconds", "seconds of training", |r| r.wall_s),
+        ];
+        for (suffix, x_label, x) in axes {
+            let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+            let title = format!("{group}: mean and range over {seeds} seed(s)");
+            let size = (1500, 900);
+            let png = dir.join(format!("{stem}-{suffix}.png"));
+            draw_figure(
+                &BitMapBackend::new(&png, size).into_drawing_area(),
+                &title,
+                x_label,
+                curves,
+                x,
+            )?;
+            let svg = dir.join(format!("{stem}-{suffix}.svg"));
+            draw_figure(
+                &SVGBackend::new(&svg, size).into_drawing_area(),
+                &title,
+                x_label,
+                curves,
+                x,
+            )?;
+            written.push(png);
+            written.push(svg);
+        }
+    }
+    Ok(written)
+}

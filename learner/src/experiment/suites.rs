@@ -1,0 +1,234 @@
+//! The named suites. Every run of a suite uses the same hyperparameters
+//! (the defaults of `common/src/config.rs` unless said here) so that the
+//! objectives, not their tuning, are compared.
+
+use flgfn_common::config::{Config, ObjectiveName, TaskConfig};
+use flgfn_common::tasks::lattice::{LatticeConfig, SiteOrder};
+use flgfn_common::tasks::set_generation::{SetGenerationConfig, SetSize};
+
+use super::RunSpec;
+
+/// A named family of runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Suite {
+    /// What `--suite` takes.
+    pub name: &'static str,
+    /// One line for `--list`.
+    pub description: &'static str,
+    /// Training steps per run unless `--steps` says otherwise.
+    pub default_steps: u64,
+    build: fn(steps: u64) -> Vec<(String, String, Config)>,
+}
+
+impl Suite {
+    /// Every run: each (group, curve, configuration) with `seeds` seeds,
+    /// `steps` steps each (the suite's default when `None`).
+    pub fn runs(&self, seeds: u64, steps: Option<u64>) -> Vec<RunSpec> {
+        let steps = steps.unwrap_or(self.default_steps);
+        let mut runs = Vec::new();
+        for (group, curve, config) in (self.build)(steps) {
+            for seed in 0..seeds {
+                let mut config = config.clone();
+                config.seed = seed;
+                runs.push(RunSpec {
+                    group: group.clone(),
+                    curve: curve.clone(),
+                    seed,
+                    actors: config.launch.actors,
+                    config,
+                });
+            }
+        }
+        runs
+    }
+}
+
+/// Every suite, in `--list` order.
+pub const SUITES: [Suite; 4] = [
+    Suite {
+        name: "paper-sets",
+        description: "FL-DB, FL-SubTB, DB, SubTB, TB on small, medium and large set generation",
+        default_steps: 2000,
+        build: paper_sets,
+    },
+    Suite {
+        name: "incomplete",
+        description: "FL-DB vs DB on small sets with 0%, 50% and 90% of trajectories truncated",
+        default_steps: 1000,
+        build: incomplete,
+    },
+    Suite {
+        name: "lattice",
+        description: "every objective on a 4x4 fixed-order and a 3x3 any-order spin glass (exact TV)",
+        default_steps: 2000,
+        build: lattice,
+    },
+    Suite {
+        name: "smoke",
+        description: "a few steps of FL-DB and TB on small sets: checks the runner end to end",
+        default_steps: 40,
+        build: smoke,
+    },
+];
+
+/// The suite called `name`.
+pub fn suite(name: &str) -> Option<Suite> {
+    SUITES.iter().copied().find(|s| s.name == name)
+}
+
+const OBJECTIVES: [ObjectiveName; 5] = [
+    ObjectiveName::FlDb,
+    ObjectiveName::FlSubTb,
+    ObjectiveName::Db,
+    ObjectiveName::SubTb,
+    ObjectiveName::Tb,
+];
+
+/// The configuration's spelling of an objective.
+pub fn objective_label(name: ObjectiveName) -> &'static str {
+    match name {
+        ObjectiveName::FlDb => "fl_db",
+        ObjectiveName::FlSubTb => "fl_sub_tb",
+        ObjectiveName::Db => "db",
+        ObjectiveName::SubTb => "sub_tb",
+        ObjectiveName::Tb => "tb",
+    }
+}
+
+/// What every run shares: `steps` steps, 16 trajectories per step (the
+/// paper's batch) at a fixed size, a report every `eval_every` steps, two
+/// local actors, an ephemeral port.
+fn base(task: TaskConfig, trajectory_len: usize, steps: u64, eval_every: u64) -> Config {
+    let mut config = Config {
+        task,
+        ..Config::default()
+    };
+    let batch = 16 * trajectory_len;
+    config.learner.batch_transitions = batch;
+    config.learner.max_batch_transitions = batch;
+    config.learner.max_steps = steps;
+    config.learner.eval_every_steps = eval_every;
+    config.learner.listen = "127.0.0.1:0".to_owned();
+    config.launch.actors = 2;
+    config
+}
+
+fn with_objective(mut config: Config, objective: ObjectiveName) -> Config {
+    config.objective.name = objective;
+    config
+}
+
+fn set_task(size: SetSize) -> (TaskConfig, usize) {
+    let (_, set_size, _) = size.preset();
+    (
+        TaskConfig::SetGeneration(SetGenerationConfig {
+            size,
+            ..SetGenerationConfig::default()
+        }),
+        set_size,
+    )
+}
+
+fn paper_sets(steps: u64) -> Vec<(String, String, Config)> {
+    let mut runs = Vec::new();
+    for (size, label) in [
+        (SetSize::Small, "small"),
+        (SetSize::Medium, "medium"),
+        (SetSize::Large, "large"),
+    ] {
+        let (task, len) = set_task(size);
+        let config = base(task, len, steps, (steps / 20).max(1));
+        for objective in OBJECTIVES {
+            runs.push((
+                label.to_owned(),
+                objective_label(objective).to_owned(),
+                with_objective(config.clone(), objective),
+            ));
+        }
+    }
+    runs
+}
+
+fn incomplete(steps: u64) -> Vec<(String, String, Config)> {
+    let mut runs = Vec::new();
+    let (task, len) = set_task(SetSize::Small);
+    for fraction in [0.0, 0.5, 0.9] {
+        let mut config = base(task.clone(), len, steps, (steps / 20).max(1));
+        config.actor.truncate_fraction = fraction;
+        for objective in [ObjectiveName::FlDb, ObjectiveName::Db] {
+            runs.push((
+                format!("small, {:.0}% truncated", 100.0 * fraction),
+                objective_label(objective).to_owned(),
+                with_objective(config.clone(), objective),
+            ));
+        }
+    }
+    runs
+}
+
+fn lattice(steps: u64) -> Vec<(String, String, Config)> {
+    let mut runs = Vec::new();
+    for (side, order, label) in [
+        (4, SiteOrder::Fixed, "lattice 4x4 fixed order"),
+        (3, SiteOrder::Any, "lattice 3x3 any order"),
+    ] {
+        let task = TaskConfig::Lattice(LatticeConfig {
+            side,
+            order,
+            ..LatticeConfig::default()
+        });
+        let mut config = base(task, side * side, steps, (steps / 20).max(1));
+        // Exact TV decides quality here; the samples only feed the
+        // marginal and energy figures.
+        config.learner.eval_samples = 1024;
+        for objective in OBJECTIVES {
+            runs.push((
+                label.to_owned(),
+                objective_label(objective).to_owned(),
+                with_objective(config.clone(), objective),
+            ));
+        }
+    }
+    runs
+}
+
+fn smoke(steps: u64) -> Vec<(String, String, Config)> {
+    let (task, len) = set_task(SetSize::Small);
+    let mut config = base(task, len, steps, (steps / 2).max(1));
+    config.learner.eval_samples = 256;
+    config.launch.actors = 1;
+    [ObjectiveName::FlDb, ObjectiveName::Tb]
+        .into_iter()
+        .map(|o| {
+            (
+                "small".to_owned(),
+                objective_label(o).to_owned(),
+                with_objective(config.clone(), o),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_suite_builds_valid_configurations() {
+        for suite in SUITES {
+            let runs = suite.runs(2, None);
+            assert!(!runs.is_empty(), "{}", suite.name);
+            for run in &runs {
+                run.config
+                    .validate()
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", suite.name, run.name()));
+                assert_eq!(run.config.learner.max_steps, suite.default_steps);
+            }
+            let mut names: Vec<String> = runs.iter().map(RunSpec::name).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), runs.len(), "{}: run names collide", suite.name);
+        }
+        assert_eq!(suite("paper-sets").unwrap().runs(3, None).len(), 45);
+    }
+}

@@ -1,0 +1,61 @@
+//! The experiment runner end to end: a tiny suite with real learner and
+//! actor processes produces its data files and non-empty plots.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+#[test]
+fn a_short_suite_writes_its_data_and_plots() {
+    let out = std::env::temp_dir().join(format!("flgfn-experiment-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let status = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--seeds", "2", "--steps", "20", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Two objectives x two seeds, each with its reports.
+    let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().collect();
+    assert_eq!(runs.len(), 4);
+    let reports = std::fs::read_to_string(out.join("reports.csv")).unwrap();
+    let rows: Vec<&str> = reports.lines().collect();
+    let columns = rows[0].split(',').count();
+    assert!(rows.len() >= 1 + 4 * 2, "{} rows", rows.len());
+    assert!(rows.iter().all(|r| r.split(',').count() == columns));
+    assert!(reports.contains(",tb,") && reports.contains(",fl_db,"));
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| small | fl_db | ") && summary.contains("| small | tb | "));
+
+    for stem in ["small-steps", "small-seconds"] {
+        let png = std::fs::read(out.join("plots").join(format!("{stem}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{stem}.png"
+        );
+        let svg = std::fs::read_to_string(out.join("plots").join(format!("{stem}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("fl_db") && svg.contains("<polyline"));
+    }
+
+    // Re-rendering from the folder alone gives the same tables.
+    let status = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args([
+            "--suite",
+            "smoke",
+            "--seeds",
+            "2",
+            "--steps",
+            "20",
+            "--plot-only",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(out.join("reports.csv")).unwrap(),
+        reports
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
