@@ -82,6 +82,9 @@ fn register_font() {
     });
 }
 
+/// A figure's x axis: file suffix, axis label, value of a report.
+type Axis = (&'static str, &'static str, fn(&Report) -> f64);
+
 /// (x, mean, low, high) per report index, over the runs of one curve.
 type Band = Vec<(f64, f64, f64, f64)>;
 
@@ -257,7 +260,7 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let axes: [(&str, &str, fn(&Report) -> f64); 2] = [
+        let axes: [Axis; 2] = [
             ("steps", "training steps", |r| r.step as f64),
             ("seconds", "seconds of training", |r| r.wall_s),
         ];
