@@ -47,7 +47,7 @@ fn main() {
     );
     let behaviour = Behaviour {
         epsilon: config.actor.epsilon,
-        truncate_fraction: 0.0,
+        ..Behaviour::default()
     };
     let mut rng = SmallRng::seed_from_u64(1);
     println!("| envs in lockstep | transitions/s (1 thread) | ms per chunk | chunk transitions |");

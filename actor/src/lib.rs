@@ -131,6 +131,8 @@ pub async fn run(
         behaviour: Behaviour {
             epsilon: actor.epsilon,
             truncate_fraction: actor.truncate_fraction,
+            truncate_at: actor.truncate_at,
+            truncate_cap: actor.truncate_cap,
         },
         envs: actor.envs,
         seeding,

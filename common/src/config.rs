@@ -307,6 +307,18 @@ impl Default for LearnerConfig {
     }
 }
 
+/// How the length of a truncated prefix is drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TruncateAt {
+    /// Uniformly among 1..n-1 transitions.
+    #[default]
+    Uniform,
+    /// Exactly `actor.truncate_cap` transitions (at most n - 1): a cap on
+    /// the unroll length.
+    Cap,
+}
+
 /// Actor settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -319,8 +331,13 @@ pub struct ActorConfig {
     /// behaviour policy (1 - eps) P_F + eps U.
     pub epsilon: f64,
     /// Fraction of trajectories cut off before their terminal state; only
-    /// the prefix (of uniformly random length 1..n-1) is sent.
+    /// the prefix is sent (its length is drawn as `truncate_at` says).
     pub truncate_fraction: f64,
+    /// Length of a truncated prefix: "uniform" (1..n-1, uniformly) or
+    /// "cap" (`truncate_cap` transitions: an unroll limit).
+    pub truncate_at: TruncateAt,
+    /// Transitions kept by `truncate_at = "cap"` (at most n - 1).
+    pub truncate_cap: usize,
     /// libtorch intra-op threads per actor.
     pub threads: usize,
     /// First reconnect delay after the learner goes away, in seconds.
@@ -340,6 +357,8 @@ impl Default for ActorConfig {
             envs: 16,
             epsilon: 0.05,
             truncate_fraction: 0.0,
+            truncate_at: TruncateAt::Uniform,
+            truncate_cap: 5,
             threads: 1,
             reconnect_initial_s: 0.2,
             reconnect_max_s: 5.0,
@@ -485,6 +504,7 @@ impl Config {
         at_least("actor.threads", a.threads, 1)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
+        at_least("actor.truncate_cap", a.truncate_cap, 1)?;
         positive_finite("actor.reconnect_initial_s", a.reconnect_initial_s)?;
         positive_finite("actor.reconnect_max_s", a.reconnect_max_s)?;
         if a.reconnect_max_s < a.reconnect_initial_s {

@@ -9,6 +9,7 @@
 use rand::Rng;
 use rand::rngs::SmallRng;
 
+use crate::config::TruncateAt;
 use crate::env::{Environment, State};
 use crate::policy::{Policy, to_host_f32};
 use crate::trajectory::Trajectory;
@@ -20,9 +21,26 @@ pub struct Behaviour {
     /// (1 - epsilon) P_F + epsilon U. Keeps full support, which off-policy
     /// GFlowNet training needs.
     pub epsilon: f64,
-    /// Probability that a trajectory is cut off before its terminal state
-    /// (at a uniformly random length 1..max_len-1).
+    /// Probability that a trajectory is cut off before its terminal state.
     pub truncate_fraction: f64,
+    /// Where a cut trajectory ends.
+    pub truncate_at: TruncateAt,
+    /// Transitions kept with [`TruncateAt::Cap`].
+    pub truncate_cap: usize,
+}
+
+impl Behaviour {
+    /// How many transitions the next trajectory may take: `max_len`, or
+    /// for the `truncate_fraction` that are cut, a prefix length below it.
+    pub fn draw_length(&self, max_len: usize, rng: &mut SmallRng) -> usize {
+        if max_len < 2 || rng.random::<f64>() >= self.truncate_fraction {
+            return max_len;
+        }
+        match self.truncate_at {
+            TruncateAt::Uniform => rng.random_range(1..max_len),
+            TruncateAt::Cap => self.truncate_cap.clamp(1, max_len - 1),
+        }
+    }
 }
 
 /// What a rollout produced: one trajectory and its last state per
@@ -47,13 +65,7 @@ pub fn rollout(
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
     let cut_at: Vec<usize> = (0..count)
-        .map(|_| {
-            if max_len >= 2 && rng.random::<f64>() < behaviour.truncate_fraction {
-                rng.random_range(1..max_len)
-            } else {
-                max_len
-            }
-        })
+        .map(|_| behaviour.draw_length(max_len, rng))
         .collect();
     let mut active: Vec<usize> = (0..count)
         .filter(|&i| !env.is_terminal(&states[i]))
@@ -212,7 +224,7 @@ mod tests {
             32,
             Behaviour {
                 epsilon: 0.3,
-                truncate_fraction: 0.0,
+                ..Behaviour::default()
             },
             &mut rng,
         );
@@ -230,8 +242,8 @@ mod tests {
         let (env, policy) = setup();
         let mut rng = SmallRng::seed_from_u64(2);
         let behaviour = Behaviour {
-            epsilon: 0.0,
             truncate_fraction: 0.5,
+            ..Behaviour::default()
         };
         let out = rollout(&env, &policy, 2000, behaviour, &mut rng);
         let cut: Vec<usize> = out
@@ -249,6 +261,34 @@ mod tests {
         for (t, last) in out.trajectories.iter().zip(&out.final_states) {
             assert_eq!(env.is_terminal(last), t.len() == 5);
         }
+    }
+
+    #[test]
+    fn a_cap_cuts_every_truncated_trajectory_at_the_same_length() {
+        let (env, policy) = setup();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let behaviour = Behaviour {
+            truncate_fraction: 0.9,
+            truncate_at: TruncateAt::Cap,
+            truncate_cap: 2,
+            ..Behaviour::default()
+        };
+        let out = rollout(&env, &policy, 1000, behaviour, &mut rng);
+        let lengths: Vec<usize> = out.trajectories.iter().map(Trajectory::len).collect();
+        assert!(lengths.iter().all(|&n| n == 2 || n == 5), "{lengths:?}");
+        let cut = lengths.iter().filter(|&&n| n == 2).count();
+        assert!((850..950).contains(&cut), "{cut} of 1000 cut");
+        // A cap at or beyond the end still cuts before the terminal state.
+        let long_cap = Behaviour {
+            truncate_cap: 99,
+            ..behaviour
+        };
+        let out = rollout(&env, &policy, 200, long_cap, &mut rng);
+        assert!(
+            out.trajectories
+                .iter()
+                .all(|t| t.len() == 4 || t.len() == 5)
+        );
     }
 
     #[test]

@@ -81,8 +81,13 @@ pub struct RunResult {
     pub reports: Vec<Report>,
     /// (step, seconds) of the first report at quality.
     pub to_quality: Option<(u64, f64)>,
-    /// (step, seconds) of the first report whose current evaluation's
-    /// top-100 reached [`TOP_K_FRACTION`] of the exact ceiling.
+    /// (step, seconds) of the first report whose top-100 over every
+    /// evaluation so far reached [`TOP_K_FRACTION`] of the exact ceiling
+    /// (the paper's cumulative metric: one evaluation's 4,096 samples of
+    /// an exact sampler hold few of the 100 best of 30 million sets, so
+    /// the per-evaluation figure cannot reach it; within a suite every run
+    /// evaluates the same number of samples at the same steps, so the
+    /// cumulative figure compares runs fairly).
     pub to_top_k: Option<(u64, f64)>,
     /// The exact top-100 ceiling, where known.
     pub top_k_ceiling: Option<f64>,
@@ -217,7 +222,7 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
     let to_top_k = top_k_ceiling.and_then(|ceiling| {
         reports
             .iter()
-            .find(|r| r.top100_mean_reward_eval >= TOP_K_FRACTION * ceiling)
+            .find(|r| r.top100_mean_reward >= TOP_K_FRACTION * ceiling)
             .map(|r| (r.step, r.wall_s))
     });
     Ok(RunResult {
@@ -408,7 +413,7 @@ mod tests {
             step,
             wall_s: step as f64 / 100.0,
             at_quality: Some(at_quality),
-            top100_mean_reward_eval: top,
+            top100_mean_reward: top,
             logz_exact: Some(1.0),
             ..Report::default()
         }
