@@ -11,6 +11,7 @@ use flgfn_common::exact::{policy_terminal_distribution, target_distribution, tot
 use flgfn_common::policy::{ModelSpec, Policy};
 use flgfn_common::rollout::forward_probabilities;
 use flgfn_common::tasks;
+use flgfn_common::tasks::lattice::LatticeConfig;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -92,6 +93,13 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
 /// Total variation between the exact terminal distribution of the learned
 /// sampler and the target: no sampling noise in this check.
 fn exact_total_variation(config: &Config, weights: &[u8]) -> f64 {
+    let (tv, terminal_states) = exact_total_variation_of(config, weights);
+    assert_eq!(terminal_states, 70);
+    tv
+}
+
+/// The exact TV of any enumerable task, and its number of terminal states.
+fn exact_total_variation_of(config: &Config, weights: &[u8]) -> (f64, usize) {
     let env = tasks::build(&config.task).unwrap();
     let mut policy = Policy::new(
         &ModelSpec::new(env.as_ref(), &config.model),
@@ -103,8 +111,7 @@ fn exact_total_variation(config: &Config, weights: &[u8]) -> f64 {
     })
     .unwrap();
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
-    assert_eq!(target.len(), 70);
-    total_variation(&learned, &target)
+    (total_variation(&learned, &target), target.len())
 }
 
 fn log_z_error(outcome: &TrainingOutcome) -> f64 {
@@ -199,6 +206,37 @@ async fn tb_trains_the_sampler_and_its_own_log_z() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fl_db_with_a_uniform_backward_policy_trains_the_sampler() {
     objective_trains_the_sampler(ObjectiveName::FlDb, BackwardPolicy::Uniform).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fl_db_trains_a_lattice_and_the_learner_reports_its_exact_tv() {
+    let mut config = tiny_config();
+    config.task = TaskConfig::Lattice(LatticeConfig {
+        side: 3,
+        ..LatticeConfig::default()
+    });
+    config.learner.batch_transitions = 144;
+    config.learner.max_steps = 800;
+    let (outcome, _) = train(&config, 2).await;
+    let (tv, objects) = exact_total_variation_of(&config, &outcome.weights);
+    assert_eq!(objects, 512);
+    let report = &outcome.final_report;
+    let reported = report.exact_tv.unwrap();
+    eprintln!(
+        "3x3 lattice: exact TV {tv:.4} (reported {reported:.4}), log Z error {:.4}",
+        log_z_error(&outcome)
+    );
+    // The learner's own figure is the same computation on the same weights.
+    assert!(
+        (reported - tv).abs() < 1e-6,
+        "reported {reported}, recomputed {tv}"
+    );
+    assert!(tv <= 0.1, "exact TV {tv}");
+    assert!(log_z_error(&outcome) < 0.3);
+    assert!(report.exact_kl.unwrap() >= 0.0);
+    // Importance-sampled log Z is close once the sampler is.
+    let sampled = (report.logz_sampled - report.logz_exact.unwrap()).abs();
+    assert!(sampled < 0.3, "sampled log Z off by {sampled}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
