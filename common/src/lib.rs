@@ -1,7 +1,7 @@
 //! Shared pieces of flgfn, a distributed trainer for forward-looking
 //! GFlowNets: actors sample trajectories and their local energy terms, a
-//! libtorch learner trains on them with the FL-DB loss and sends weights
-//! back.
+//! libtorch learner trains on them (FL-DB by default; FL-SubTB, DB, SubTB
+//! and TB too) and sends weights back.
 //!
 //! # Layout
 //!
@@ -16,7 +16,8 @@
 //! - [`objectives`]: the losses behind the
 //!   [`Objective`](objectives::Objective) trait, and the tensor batch they
 //!   read.
-//! - [`exact`]: exact target and policy distributions of tiny tasks.
+//! - [`exact`]: exact target distributions, optimal flows and policy
+//!   distributions of tasks small enough to enumerate.
 //! - [`config`]: the one TOML schema of every binary, with its defaults.
 //! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.

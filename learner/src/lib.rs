@@ -1,5 +1,5 @@
 //! The flgfn learner: grants credits to actors, receives their
-//! trajectories over gRPC, trains the policy with a forward-looking
+//! trajectories over gRPC, trains the policy with the configured
 //! objective, and sends weights to actors about to use them.
 //!
 //! # Layout
@@ -21,6 +21,8 @@
 //! - [`launcher`]: `--local-actors`, actor processes next to the learner.
 //! - [`delay_proxy`]: a TCP proxy that delays each direction, for tests and
 //!   benchmarks of the learner behind a slow network.
+//! - [`experiment`]: `flgfn-experiment`'s suites of runs, their tables and
+//!   plots.
 //!
 //! Data path: credits -> session (grant, weights) -> actor -> session
 //! (validate, replay) -> queue -> batcher -> trainer -> publisher.

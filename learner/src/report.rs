@@ -106,7 +106,7 @@ pub struct Report {
     /// `stale_transitions` over `ingested_transitions`.
     pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the
-    /// objective cannot learn from them (always 0 for FL-DB).
+    /// objective cannot learn from them (TB only; 0 for the others).
     pub unusable_truncated_transitions: u64,
     /// Batches skipped so far because their loss was not finite.
     pub skipped_batches: u64,
