@@ -240,6 +240,32 @@ async fn fl_db_trains_a_lattice_and_the_learner_reports_its_exact_tv() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn medium_and_large_sets_train_end_to_end_with_their_own_thresholds() {
+    use flgfn_common::tasks::set_generation::{SetGenerationConfig, SetSize};
+    for (size, log_z) in [(SetSize::Medium, 45.379), (SetSize::Large, 48.392)] {
+        let mut config = tiny_config();
+        config.task = TaskConfig::SetGeneration(SetGenerationConfig {
+            size,
+            ..SetGenerationConfig::default()
+        });
+        config.learner.batch_transitions = 16 * 80;
+        config.learner.max_steps = 30;
+        let (outcome, _) = train(&config, 1).await;
+        let report = &outcome.final_report;
+        assert!((report.logz_exact.unwrap() - log_z).abs() < 1e-3);
+        assert!(report.marginal_tv.unwrap().is_finite() && report.energy_w1.unwrap().is_finite());
+        assert!(report.logz_sampled.is_finite() && report.logz_sampled_ess >= 1.0);
+        // 30 steps are far from quality, and the report says so.
+        assert_eq!(report.at_quality, Some(false));
+        assert!(report.top100_mean_reward >= report.top100_mean_reward_eval);
+        assert_eq!(
+            report.top100_samples % config.learner.eval_samples as u64,
+            0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tb_drops_and_counts_truncated_prefixes() {
     let mut config = tiny_config();
     config.objective.name = ObjectiveName::Tb;
