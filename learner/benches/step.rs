@@ -63,6 +63,8 @@ fn main() {
     let policy = Policy::new(&model, device);
     let objective = objectives::build(&config.objective, device);
     let mut optimizer = nn::Adam::default().build(&policy.vars, 1e-4).unwrap();
+    // The trainer's own Adam (its state goes into checkpoints).
+    let mut own_adam = flgfn_learner::adam::Adam::new(&policy.vars, 1e-4);
     // One default batch (16 trajectories, 320 transitions) of valid data.
     let mut rng = SmallRng::seed_from_u64(1);
     let trajectories: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), 16, 0.0, &mut rng)
@@ -76,51 +78,73 @@ fn main() {
     );
     let pinned = device.is_cuda();
 
-    let mut step =
-        |collate_here: bool, extras: bool, previous: bool, prepared: &TransitionBatch| {
-            let owned;
-            let batch = if collate_here {
-                owned = TransitionBatch::collate(&trajectories, dims, pinned).to_device(device);
-                &owned
-            } else {
-                prepared
-            };
-            let output = policy.net.forward(&batch.states);
-            let loss = objective.loss(&output, batch);
-            if previous {
-                // Read back every step, then serialise the weights every step.
-                optimizer.backward_step(&loss);
-                std::hint::black_box(loss.double_value(&[]));
-                let mut bytes = Vec::new();
-                policy.vars.save_to_stream(&mut bytes).unwrap();
-                std::hint::black_box(bytes);
-            } else if extras {
-                let finite = loss.isfinite();
-                let guarded = loss.where_self(&finite, &loss.zeros_like());
-                optimizer.backward_step(&guarded);
-                let _no_grad = tch::no_grad_guard();
-                let _ = std::hint::black_box(guarded.detach() + 0.0);
-                let _ = std::hint::black_box(finite.logical_not());
-                std::hint::black_box(policy.snapshot());
-            } else {
-                optimizer.backward_step(&loss);
-            }
+    let mut step = |collate_here: bool,
+                    extras: bool,
+                    previous: bool,
+                    ours: bool,
+                    prepared: &TransitionBatch| {
+        let owned;
+        let batch = if collate_here {
+            owned = TransitionBatch::collate(&trajectories, dims, pinned).to_device(device);
+            &owned
+        } else {
+            prepared
         };
+        let output = policy.net.forward(&batch.states);
+        let loss = objective.loss(&output, batch);
+        if ours {
+            own_adam.zero_grad();
+            loss.backward();
+            own_adam.step();
+        } else if previous {
+            // Read back every step, then serialise the weights every step.
+            optimizer.backward_step(&loss);
+            std::hint::black_box(loss.double_value(&[]));
+            let mut bytes = Vec::new();
+            policy.vars.save_to_stream(&mut bytes).unwrap();
+            std::hint::black_box(bytes);
+        } else if extras {
+            let finite = loss.isfinite();
+            let guarded = loss.where_self(&finite, &loss.zeros_like());
+            optimizer.backward_step(&guarded);
+            let _no_grad = tch::no_grad_guard();
+            let _ = std::hint::black_box(guarded.detach() + 0.0);
+            let _ = std::hint::black_box(finite.logical_not());
+            std::hint::black_box(policy.snapshot());
+        } else {
+            optimizer.backward_step(&loss);
+        }
+    };
     let prepared = TransitionBatch::collate(&trajectories, dims, pinned).to_device(device);
-    let variants: [(&str, bool, bool, bool); 4] = [
-        ("step", false, false, false),
+    let variants: [(&str, bool, bool, bool, bool); 5] = [
+        ("step (libtorch's Adam)", false, false, false, false),
         (
-            "step + guard + loss sum + snapshot (now)",
+            "step (flgfn's Adam, checkpointable)",
+            false,
+            false,
+            false,
+            true,
+        ),
+        (
+            "step + guard + loss sum + snapshot",
             false,
             true,
             false,
+            false,
         ),
-        ("... + collate on the trainer thread", true, true, false),
+        (
+            "... + collate on the trainer thread",
+            true,
+            true,
+            false,
+            false,
+        ),
         (
             "previous design: collate, read loss, serialise weights",
             true,
             false,
             true,
+            false,
         ),
     ];
     println!(
@@ -129,12 +153,12 @@ fn main() {
     );
     println!("| per step | ms |");
     println!("|---|---|");
-    for (name, collate_here, extras, previous) in variants {
+    for (name, collate_here, extras, previous, ours) in variants {
         let mut rounds: Vec<f64> = (0..5)
             .map(|_| {
                 let started = Instant::now();
                 for _ in 0..args.steps {
-                    step(collate_here, extras, previous, &prepared);
+                    step(collate_here, extras, previous, ours, &prepared);
                 }
                 if device.is_cuda() {
                     tch::Cuda::synchronize(0);

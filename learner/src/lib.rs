@@ -13,6 +13,7 @@
 //! - [`batcher`]: the thread that builds the next batch (stale data is
 //!   dropped here) while the trainer runs the current step.
 //! - [`trainer`]: the thread that owns the model and optimizer.
+//! - [`adam`]: Adam with its state in our hands (checkpoints save it).
 //! - [`publisher`]: weight versions as device-side copies, serialised once,
 //!   lazily, when an actor needs them.
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
@@ -28,6 +29,7 @@
 //! (validate, replay) -> queue -> batcher -> trainer -> publisher.
 //! [`serve`] wires it up.
 
+pub mod adam;
 pub mod batcher;
 pub mod credits;
 pub mod delay_proxy;

@@ -19,9 +19,9 @@ use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
 use flgfn_common::policy::Policy;
-use tch::nn::{self, OptimizerConfig};
 use tch::{Kind, Tensor};
 
+use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
 use crate::credits::CreditPool;
 use crate::error::LearnerError;
@@ -156,13 +156,13 @@ impl Trainer {
     /// learner was asked to stop); then publishes the final weights.
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let learner = self.config.learner.clone();
-        let mut optimizer = nn::Adam::default().build(&self.policy.vars, learner.learning_rate)?;
+        let mut optimizer = Adam::new(&self.policy.vars, learner.learning_rate);
         // The objective's own parameters (TB's log Z) step with their own
         // rate; they are not the policy's and never reach the actors.
-        let mut own_optimizer = match self.objective.own_parameters() {
-            Some((vars, rate)) => Some((nn::Adam::default().build(vars, rate)?, rate)),
-            None => None,
-        };
+        let mut own_optimizer = self
+            .objective
+            .own_parameters()
+            .map(|(vars, rate)| (Adam::new(vars, rate), rate));
         let mut evaluator = Evaluator::new(
             self.env.clone(),
             learner.eval_samples,
@@ -238,8 +238,8 @@ impl Trainer {
     /// weight into NaN; reports count such steps.
     fn train_step(
         &self,
-        optimizer: &mut nn::Optimizer,
-        mut own_optimizer: Option<&mut (nn::Optimizer, f64)>,
+        optimizer: &mut Adam,
+        mut own_optimizer: Option<&mut (Adam, f64)>,
         batch: PreparedBatch,
         progress: &mut Progress,
     ) {
