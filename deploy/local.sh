@@ -8,15 +8,22 @@
 #   deploy/local.sh --config my.toml --metrics run.jsonl --max-steps 5000
 #
 # Every argument goes to flgfn-learner (see `--help`); --local-actors is
-# added when not given.
+# added when not given, and --fresh unless --resume is given: the default
+# job starts over each time (its checkpoints and final weights land in
+# ./checkpoints), while `deploy/local.sh --resume` continues the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 cargo build --release --bins --quiet
-args=("$@")
+args=()
+fresh=1
+for arg in "$@"; do
+    if [ "$arg" = "--resume" ]; then fresh=0; else args+=("$arg"); fi
+done
 case " $* " in
     *" --local-actors"*) ;;
     *) args+=(--local-actors) ;;
 esac
+if [ "$fresh" = 1 ]; then args+=(--fresh); fi
 exec "$CARGO_TARGET_DIR/release/flgfn-learner" "${args[@]}"

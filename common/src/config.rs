@@ -266,6 +266,16 @@ pub struct LearnerConfig {
     pub first_report_s: f64,
     /// Longest gap between two progress reports, in seconds of training.
     pub report_every_s: f64,
+    /// Where checkpoints and the final weights (`final.safetensors`) go;
+    /// on start the learner resumes from the newest intact checkpoint here
+    /// (`--fresh` starts over). Empty: no checkpoints.
+    pub checkpoint_dir: String,
+    /// Checkpoint every this many seconds of training (0: never by time).
+    pub checkpoint_every_s: f64,
+    /// Checkpoint every this many steps (0: never by steps).
+    pub checkpoint_every_steps: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
     /// When above 0, report (and evaluate) every this many steps instead,
     /// ignoring the two settings above: experiments resolve steps and
     /// seconds to a threshold at a fixed grain, and runs stay comparable.
@@ -301,6 +311,10 @@ impl Default for LearnerConfig {
             first_report_s: 0.25,
             report_every_s: 5.0,
             eval_every_steps: 0,
+            checkpoint_dir: "checkpoints".to_owned(),
+            checkpoint_every_s: 60.0,
+            checkpoint_every_steps: 0,
+            keep_checkpoints: 3,
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
         }
@@ -485,6 +499,16 @@ impl Config {
         at_least("learner.async_threads", l.async_threads, 1)?;
         at_least("learner.ingest_threads", l.ingest_threads, 1)?;
         at_least("learner.eval_samples", l.eval_samples, 1)?;
+        at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
+        if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
+            return Err(ConfigError::invalid(
+                "learner.checkpoint_every_s",
+                format!(
+                    "must be 0 (off) or a positive number of seconds, got {}",
+                    l.checkpoint_every_s
+                ),
+            ));
+        }
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {

@@ -166,6 +166,8 @@ fn main() {
         .build()
         .unwrap();
     let mut base = Config::load(args.config.as_deref()).unwrap();
+    // Benchmarks measure; they keep nothing.
+    base.learner.checkpoint_dir = String::new();
     base.learner.max_steps = args.steps;
     base.learner.device = match args.device.as_str() {
         "cpu" => DeviceConfig::Cpu,

@@ -141,6 +141,9 @@ pub enum LearnerError {
     /// The trainer thread panicked or could not start.
     #[error("trainer thread: {0}")]
     Trainer(String),
+    /// A checkpoint could not be written, or none could be read back.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
+use crate::checkpoint::EvaluatorState;
+
 /// How many of the best distinct objects the top-k reward averages.
 pub const TOP_K: usize = 100;
 
@@ -125,6 +127,26 @@ impl Evaluator {
             samples_so_far: 0,
             rng: SmallRng::seed_from_u64(seed),
         }
+    }
+
+    /// What a checkpoint keeps: the best objects and the sample count.
+    pub fn state(&self) -> EvaluatorState {
+        EvaluatorState {
+            samples_so_far: self.samples_so_far,
+            best: self.best.best.clone(),
+        }
+    }
+
+    /// Continues from a checkpoint's state; the sampling stream is reseeded
+    /// from `seed` (the run's seed and step), so a resumed run is
+    /// reproducible too.
+    pub fn restore(&mut self, state: &EvaluatorState, seed: u64) {
+        self.samples_so_far = state.samples_so_far;
+        self.best = BestObjects::default();
+        for (energy, object) in &state.best {
+            self.best.offer(*energy, object);
+        }
+        self.rng = SmallRng::seed_from_u64(seed);
     }
 
     /// Exact log Z, when known.

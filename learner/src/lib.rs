@@ -14,6 +14,8 @@
 //!   dropped here) while the trainer runs the current step.
 //! - [`trainer`]: the thread that owns the model and optimizer.
 //! - [`adam`]: Adam with its state in our hands (checkpoints save it).
+//! - [`checkpoint`]: atomic, checksummed checkpoints; resume picks the
+//!   newest intact one.
 //! - [`publisher`]: weight versions as device-side copies, serialised once,
 //!   lazily, when an actor needs them.
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
@@ -31,6 +33,7 @@
 
 pub mod adam;
 pub mod batcher;
+pub mod checkpoint;
 pub mod credits;
 pub mod delay_proxy;
 pub mod error;
@@ -75,8 +78,12 @@ pub use crate::trainer::{RunTotals, TrainingOutcome};
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// JSON-lines metrics file, one object per report.
+    /// JSON-lines metrics file, one object per report (appended to when
+    /// the run resumes from a checkpoint).
     pub metrics_path: Option<PathBuf>,
+    /// Delete the checkpoints in `learner.checkpoint_dir` and start over
+    /// instead of resuming.
+    pub fresh: bool,
 }
 
 /// The gRPC transport with the learner's flow-control and keepalive
@@ -112,17 +119,63 @@ pub async fn serve(
     // Reproducible initial weights.
     tch::manual_seed(config.seed as i64);
     let objective = objectives::build(&config.objective, device);
-    let policy = Policy::new(&model, device);
+    let mut policy = Policy::new(&model, device);
     let learner = &config.learner;
+    let checkpoint_dir =
+        (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
+    let resume = match &checkpoint_dir {
+        Some(dir) if options.fresh => {
+            checkpoint::clear(dir)?;
+            None
+        }
+        Some(dir) => checkpoint::load_latest(dir)?,
+        None => None,
+    };
+    if let Some(checkpoint) = &resume {
+        let state = &checkpoint.state;
+        let (task, model_name) = (env.spec().to_string(), model.to_string());
+        if state.task != task || state.model != model_name {
+            return Err(LearnerError::Checkpoint(format!(
+                "{} is of task {} and model {}, this configuration's are {task} and {model_name} (another run's directory? --fresh starts over)",
+                checkpoint.path.display(),
+                state.task,
+                state.model
+            )));
+        }
+        policy
+            .load_weights(&checkpoint.group("policy"))
+            .map_err(|e| LearnerError::Checkpoint(format!("{}: {e}", checkpoint.path.display())))?;
+        info!(
+            path = %checkpoint.path.display(),
+            step = state.step,
+            version = state.version,
+            "resuming from a checkpoint"
+        );
+    }
     let metadata = BTreeMap::from([
         ("task".to_owned(), env.spec().to_string()),
         ("model".to_owned(), model.to_string()),
     ]);
-    let publisher = Publisher::new(policy.snapshot(), learner.weight_encoding, metadata);
+    // Versions continue above any published before, even by a learner
+    // killed after its last checkpoint (the floor is recorded ahead).
+    let version_floor = match &checkpoint_dir {
+        Some(dir) => checkpoint::read_version_floor(dir)?,
+        None => 0,
+    };
+    let start_version = resume
+        .as_ref()
+        .map_or(0, |c| c.state.version)
+        .max(version_floor);
+    let publisher = Publisher::starting_at(
+        start_version,
+        policy.snapshot(),
+        learner.weight_encoding,
+        metadata,
+    );
     let metrics = options
         .metrics_path
         .as_deref()
-        .map(MetricsFile::create)
+        .map(|path| MetricsFile::open(path, resume.is_some() || version_floor > 0))
         .transpose()?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -161,7 +214,7 @@ pub async fn serve(
         "learner listening"
     );
 
-    let steps_done = Arc::new(AtomicU64::new(0));
+    let steps_done = Arc::new(AtomicU64::new(start_version));
     // A rendezvous: the batcher builds the next batch while the trainer
     // runs the current one, and no further.
     let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
@@ -204,6 +257,10 @@ pub async fn serve(
         stats,
         pool,
         metrics,
+        checkpoint_dir,
+        resume,
+        start_version,
+        version_floor,
     };
     let (done_sender, done) = oneshot::channel();
     std::thread::Builder::new()

@@ -40,6 +40,15 @@ struct Args {
     /// Number of local actors (overrides launch.actors).
     #[arg(long, value_name = "N", requires = "local_actors")]
     actors: Option<usize>,
+    /// Where checkpoints and the final weights go (overrides
+    /// learner.checkpoint_dir; "" turns checkpoints off). The learner
+    /// resumes from the newest intact checkpoint there.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<String>,
+    /// Delete the checkpoints in the checkpoint directory and start over
+    /// instead of resuming.
+    #[arg(long)]
+    fresh: bool,
     /// Print the effective configuration (file, defaults and flags) as
     /// TOML and exit.
     #[arg(long)]
@@ -64,6 +73,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(seed) = args.seed {
         config.seed = seed;
+    }
+    if let Some(dir) = args.checkpoint_dir {
+        config.learner.checkpoint_dir = dir;
     }
     if let Some(actors) = args.actors {
         config.launch.actors = actors;
@@ -100,6 +112,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let options = RunOptions {
             metrics_path: args.metrics,
+            fresh: args.fresh,
         };
         let shutdown = flgfn_common::signals::shutdown_requested();
         let outcome = flgfn_learner::serve(config, listener, options, shutdown).await;

@@ -73,15 +73,26 @@ impl Publisher {
         encoding: WeightEncoding,
         metadata: BTreeMap<String, String>,
     ) -> Arc<Self> {
+        Self::starting_at(0, initial, encoding, metadata)
+    }
+
+    /// Starts with `initial` as `version` (a resumed run continues its
+    /// versions: they never go backwards).
+    pub fn starting_at(
+        version: u64,
+        initial: DeviceSnapshot,
+        encoding: WeightEncoding,
+        metadata: BTreeMap<String, String>,
+    ) -> Arc<Self> {
         Arc::new(Publisher {
             encoding,
             metadata,
             pending: Mutex::new(Pending {
-                version: 0,
+                version,
                 snapshot: initial,
                 published_at: Instant::now(),
             }),
-            latest_version: AtomicU64::new(0),
+            latest_version: AtomicU64::new(version),
             encoded: Mutex::new(Arc::new(EncodedWeights {
                 version: u64::MAX,
                 bytes: Bytes::new(),

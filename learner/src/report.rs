@@ -167,10 +167,38 @@ pub struct MetricsFile {
 impl MetricsFile {
     /// Creates (truncates) the file.
     pub fn create(path: &Path) -> Result<Self, LearnerError> {
-        let file = File::create(path).map_err(|source| LearnerError::Metrics {
+        Self::open(path, false)
+    }
+
+    /// Opens the file, appending to what is there when `append` (a resumed
+    /// run continues its metrics) and truncating it otherwise. A last line
+    /// torn by a crash is cut off first, so every line stays one JSON
+    /// object.
+    pub fn open(path: &Path, append: bool) -> Result<Self, LearnerError> {
+        let error = |source| LearnerError::Metrics {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        if append && let Ok(contents) = std::fs::read(path) {
+            let whole = contents
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            if whole < contents.len() {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(error)?;
+                file.set_len(whole as u64).map_err(error)?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(path)
+            .map_err(error)?;
         Ok(MetricsFile {
             path: path.to_owned(),
             out: BufWriter::new(file),

@@ -9,6 +9,7 @@
 //! [`Publisher`], which serialises it later, off this thread, and only if
 //! an actor asks. Reports (with an evaluation) come at growing intervals
 //! of training time (`first_report_s` up to `report_every_s`).
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
@@ -19,10 +20,13 @@ use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
 use flgfn_common::policy::Policy;
+use flgfn_common::weights::NamedArray;
 use tch::{Kind, Tensor};
+use tracing::info;
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
+use crate::checkpoint::{self, Checkpoint, CheckpointState, prefixed};
 use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
@@ -97,6 +101,16 @@ pub struct Trainer {
     pub pool: Arc<CreditPool>,
     /// Where JSON reports go, if anywhere.
     pub metrics: Option<MetricsFile>,
+    /// Where checkpoints and the final weights go, if anywhere.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The checkpoint this run continues (its weights are already in
+    /// `policy`; the rest is restored when the loop starts).
+    pub resume: Option<Checkpoint>,
+    /// The first version this process publishes (the resumed one, or the
+    /// recorded floor if higher).
+    pub start_version: u64,
+    /// The version floor found in the checkpoint directory.
+    pub version_floor: u64,
 }
 
 /// Running sums between two reports.
@@ -130,6 +144,16 @@ struct Progress {
     started: Option<Instant>,
     /// Evaluation time, left out of `wall_s`.
     eval_time: Duration,
+    /// Training seconds of the run before this process (resumed runs).
+    wall_before: f64,
+    /// Versions are `step + version_offset`: 0 in a fresh run; after a
+    /// restart, whatever keeps versions above every one published before.
+    version_offset: u64,
+    /// No version at or above this has been published (recorded in the
+    /// checkpoint directory before any is).
+    version_floor: u64,
+    /// `wall()` at the last checkpoint.
+    last_checkpoint_wall: f64,
     last_report_wall: f64,
     /// When the next report is due, in `wall_s`.
     next_report_wall: f64,
@@ -145,9 +169,13 @@ struct Progress {
 impl Progress {
     /// Seconds of training so far, evaluations left out.
     fn wall(&self) -> f64 {
-        self.started.map_or(0.0, |started| {
-            (started.elapsed() - self.eval_time).as_secs_f64()
-        })
+        self.wall_before
+            + self.started.map_or(0.0, |started| {
+                started
+                    .elapsed()
+                    .saturating_sub(self.eval_time)
+                    .as_secs_f64()
+            })
     }
 }
 
@@ -173,6 +201,20 @@ impl Trainer {
             next_report_wall: learner.first_report_s,
             ..Progress::default()
         };
+        progress.version_floor = self.version_floor;
+        if let Some(checkpoint) = self.resume.take() {
+            self.restore(
+                &checkpoint,
+                &mut optimizer,
+                own_optimizer.as_mut(),
+                &mut evaluator,
+                &mut progress,
+            )?;
+        }
+        // Start above every version a previous process may have published
+        // (it may have been killed after its last checkpoint).
+        progress.version_offset = self.start_version - progress.step;
+        progress.version = self.start_version;
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         while !finished(&progress) {
             let wait_started = Instant::now();
@@ -186,11 +228,21 @@ impl Trainer {
             progress.started.get_or_insert_with(Instant::now);
 
             self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress);
-            self.steps_done.store(progress.step, Ordering::Release);
+            self.steps_done
+                .store(progress.step + progress.version_offset, Ordering::Release);
             if progress.step % learner.publish_every == 0 {
-                progress.version = progress.step;
+                progress.version = progress.step + progress.version_offset;
+                self.raise_version_floor(&mut progress)?;
                 self.publisher
                     .publish(progress.version, self.policy.snapshot());
+            }
+            if self.checkpoint_due(&progress) {
+                self.save_checkpoint(
+                    &optimizer,
+                    own_optimizer.as_ref(),
+                    &evaluator,
+                    &mut progress,
+                )?;
             }
             let due = if learner.eval_every_steps > 0 {
                 progress.step % learner.eval_every_steps == 0
@@ -202,12 +254,29 @@ impl Trainer {
             }
         }
 
-        progress.version = progress.step;
+        progress.version = progress.step + progress.version_offset;
+        self.raise_version_floor(&mut progress)?;
         self.publisher
             .finish(progress.version, self.policy.snapshot());
         // Encoded once, through the publisher: the same bytes and metadata
         // an actor would receive for this version.
         let weights = self.publisher.encode_latest()?.bytes.clone();
+        if let Some(dir) = &self.checkpoint_dir {
+            // On every way out of the loop (max_steps, a signal, actors
+            // gone): the state to resume from and the weights to use.
+            self.save_checkpoint(
+                &optimizer,
+                own_optimizer.as_ref(),
+                &evaluator,
+                &mut progress,
+            )?;
+            // Nothing above the final version was published, and the
+            // checkpoint just written holds its weights: a restart may
+            // reissue exactly it, so versions continue without a jump.
+            checkpoint::write_version_floor(dir, progress.version)?;
+            let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, &weights)?;
+            info!(path = %path.display(), version = progress.version, "final weights saved");
+        }
         let wall_s = progress.wall();
         let trained = progress.trained_transitions;
         let steps = progress.step.max(1) as f64;
@@ -230,6 +299,120 @@ impl Trainer {
             final_report: progress.report,
             time_to_quality_s: progress.time_to_quality,
         })
+    }
+
+    /// Moves the recorded version floor ahead before `progress.version`
+    /// is published, so that a learner killed at any moment restarts above
+    /// every version an actor may hold.
+    fn raise_version_floor(&self, progress: &mut Progress) -> Result<(), LearnerError> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        if progress.version >= progress.version_floor {
+            let floor = progress.version + checkpoint::VERSION_FLOOR_STRIDE;
+            checkpoint::write_version_floor(dir, floor)?;
+            progress.version_floor = floor;
+        }
+        Ok(())
+    }
+
+    /// Whether a periodic checkpoint is due after this step.
+    fn checkpoint_due(&self, progress: &Progress) -> bool {
+        let learner = &self.config.learner;
+        if self.checkpoint_dir.is_none() {
+            return false;
+        }
+        let by_steps = learner.checkpoint_every_steps > 0
+            && progress.step % learner.checkpoint_every_steps == 0;
+        let by_time = learner.checkpoint_every_s > 0.0
+            && progress.wall() - progress.last_checkpoint_wall >= learner.checkpoint_every_s;
+        by_steps || by_time
+    }
+
+    /// Writes a checkpoint of everything the run needs to continue.
+    fn save_checkpoint(
+        &self,
+        optimizer: &Adam,
+        own_optimizer: Option<&(Adam, f64)>,
+        evaluator: &Evaluator,
+        progress: &mut Progress,
+    ) -> Result<(), LearnerError> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut arrays: Vec<NamedArray> = prefixed("policy", self.policy.weights()).collect();
+        arrays.extend(prefixed("adam", optimizer.state()));
+        if let Some((vars, _)) = self.objective.own_parameters() {
+            arrays.extend(prefixed("objective", host_arrays(vars)));
+        }
+        if let Some((own, _)) = own_optimizer {
+            arrays.extend(prefixed("objective_adam", own.state()));
+        }
+        let wall_s = progress.wall();
+        let state = CheckpointState {
+            format: checkpoint::FORMAT,
+            step: progress.step,
+            version: progress.version,
+            wall_s,
+            trained_transitions: progress.trained_transitions,
+            time_to_quality_s: progress.time_to_quality,
+            adam_steps: optimizer.steps(),
+            objective_adam_steps: own_optimizer.map_or(0, |(own, _)| own.steps()),
+            evaluator: evaluator.state(),
+            config: self.config.to_toml(),
+            task: self.env.spec().to_string(),
+            model: self.policy.spec().to_string(),
+        };
+        let path = checkpoint::save(dir, &state, &arrays, self.config.learner.keep_checkpoints)?;
+        progress.last_checkpoint_wall = wall_s;
+        // Writing is not training: keep it out of `wall_s` like evaluation.
+        progress.eval_time += started.elapsed();
+        info!(path = %path.display(), step = progress.step, ms = started.elapsed().as_millis() as u64, "checkpoint saved");
+        Ok(())
+    }
+
+    /// Puts the optimizers, the objective's parameters, the evaluator and
+    /// the counters back as `checkpoint` left them.
+    fn restore(
+        &self,
+        checkpoint: &Checkpoint,
+        optimizer: &mut Adam,
+        own_optimizer: Option<&mut (Adam, f64)>,
+        evaluator: &mut Evaluator,
+        progress: &mut Progress,
+    ) -> Result<(), LearnerError> {
+        let state = &checkpoint.state;
+        let fail =
+            |e: String| LearnerError::Checkpoint(format!("{}: {e}", checkpoint.path.display()));
+        optimizer
+            .restore(&checkpoint.group("adam"), state.adam_steps)
+            .map_err(fail)?;
+        if let Some((vars, _)) = self.objective.own_parameters() {
+            copy_into(vars, &checkpoint.group("objective")).map_err(fail)?;
+        }
+        if let Some((own, _)) = own_optimizer {
+            own.restore(
+                &checkpoint.group("objective_adam"),
+                state.objective_adam_steps,
+            )
+            .map_err(fail)?;
+        }
+        evaluator.restore(
+            &state.evaluator,
+            self.config.seed ^ state.step.rotate_left(32),
+        );
+        progress.step = state.step;
+        progress.version = state.version;
+        progress.version_offset = state.version - state.step;
+        progress.trained_transitions = state.trained_transitions;
+        progress.time_to_quality = state.time_to_quality_s;
+        progress.wall_before = state.wall_s;
+        progress.last_checkpoint_wall = state.wall_s;
+        progress.last_report_wall = state.wall_s;
+        progress.next_report_wall = state.wall_s + self.config.learner.first_report_s;
+        progress.last_report_counts = (state.trained_transitions, 0);
+        Ok(())
     }
 
     /// One optimizer step on `batch`, without waiting on the device. A
@@ -401,4 +584,39 @@ impl Trainer {
         progress.report = report;
         Ok(())
     }
+}
+
+/// Every variable of `vars` as a host array, sorted by name.
+fn host_arrays(vars: &tch::nn::VarStore) -> Vec<NamedArray> {
+    let mut arrays: Vec<NamedArray> = vars
+        .variables()
+        .into_iter()
+        .map(|(name, tensor)| NamedArray {
+            name,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+            values: flgfn_common::policy::to_host_f32(&tensor),
+        })
+        .collect();
+    arrays.sort_by(|a, b| a.name.cmp(&b.name));
+    arrays
+}
+
+/// Copies `arrays` into the variables of `vars` with the same names.
+fn copy_into(vars: &tch::nn::VarStore, arrays: &[NamedArray]) -> Result<(), String> {
+    let _guard = tch::no_grad_guard();
+    for (name, mut variable) in vars.variables() {
+        let array = arrays
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format!("no saved value for the objective's `{name}`"))?;
+        let shape = variable.size();
+        if array.values.len() != shape.iter().product::<i64>() as usize {
+            return Err(format!("the objective's `{name}` has the wrong size"));
+        }
+        let values = Tensor::from_slice(&array.values)
+            .view(shape.as_slice())
+            .to_device(variable.device());
+        variable.copy_(&values);
+    }
+    Ok(())
 }

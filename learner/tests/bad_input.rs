@@ -26,6 +26,7 @@ fn config() -> Config {
         ..Config::default()
     };
     config.model.hidden = vec![8];
+    config.learner.checkpoint_dir = String::new();
     // One complete trajectory (2 transitions) makes a batch; two steps end
     // the run, so the test sees exactly what was trained. The credit room
     // is one batch: one credit at a time, learner-wide.

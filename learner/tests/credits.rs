@@ -41,6 +41,7 @@ async fn train(
         listener,
         RunOptions {
             metrics_path: metrics,
+            ..RunOptions::default()
         },
         std::future::pending(),
     ));

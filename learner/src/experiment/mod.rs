@@ -8,6 +8,7 @@
 //! OUT/runs/<run>/config.toml    the exact configuration of the run
 //! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
 //! OUT/runs/<run>/learner.log    its learner's and actors' logs
+//! OUT/runs/<run>/checkpoints/   its checkpoints and final.safetensors
 //! OUT/reports.csv               every report of every run, one row each
 //! OUT/summary.csv               per run: steps and seconds to quality and
 //!                               to the top-100 ceiling, final figures
@@ -144,7 +145,11 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 fn run_one(spec: &RunSpec, learner: &Path, dir: &Path, label: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = dir.join("config.toml");
-    std::fs::write(&config_path, spec.config.to_toml())?;
+    // Each run keeps its checkpoints in its own folder: a run cut short
+    // resumes from them when the suite is started again.
+    let mut config = spec.config.clone();
+    config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
+    std::fs::write(&config_path, config.to_toml())?;
     let metrics = dir.join("metrics.jsonl");
     let log = std::fs::File::create(dir.join("learner.log"))?;
     let mut child = Command::new(learner)

@@ -22,6 +22,7 @@ levels = [-0.8, -0.1, 0.4, 1.2]
 hidden = [64, 64]
 
 [learner]
+checkpoint_dir = ""
 batch_transitions = 64
 eval_samples = 256
 first_report_s = 1.0

@@ -1,0 +1,419 @@
+//! Checkpoints: everything a learner needs to continue a run after a crash,
+//! a preemption or a stop, in one safetensors file per checkpoint.
+//!
+//! A checkpoint holds the policy weights (`policy/<name>`), the Adam
+//! moments (`adam/m/<name>`, `adam/v/<name>`), the objective's own
+//! parameters and their Adam (`objective/...`, `objective_adam/...`), and
+//! in the header's metadata a JSON [`CheckpointState`] (step, weight
+//! version, learning-rate position, the evaluator's running state, the
+//! whole configuration) plus a CRC-32 over that JSON and every tensor
+//! value. Any torn write or flipped byte fails either the safetensors
+//! parse or the checksum; loading then reports it and falls back to the
+//! previous checkpoint.
+//!
+//! Files are written atomically: a temporary file in the same directory,
+//! fsync, rename over the final name, fsync of the directory. The last
+//! `learner.keep_checkpoints` are kept. Names carry the step
+//! (`ckpt-000000001200.safetensors`), so the newest sorts last. The final
+//! weights of a run also go to `final.safetensors` (the exact bytes actors
+//! receive, loadable with `Policy::load_bytes`, PyTorch, NumPy or JAX).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flgfn_common::config::WeightEncoding;
+use flgfn_common::weights::{self, NamedArray};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::error::LearnerError;
+
+/// Version of the checkpoint layout; a different one is refused.
+pub const FORMAT: u32 = 1;
+/// Metadata key of the JSON state.
+const STATE_KEY: &str = "flgfn_checkpoint";
+/// Metadata key of the checksum.
+const CHECKSUM_KEY: &str = "crc32";
+/// Name of a run's final weights in the checkpoint directory.
+pub const FINAL_WEIGHTS: &str = "final.safetensors";
+/// Name of the file holding the version floor: no version above it has
+/// been published (and if it was, with the newest checkpoint's weights:
+/// after a clean stop the floor is the final version), so a restarted
+/// learner starts there, whatever checkpoint it resumes from. While
+/// training, the floor runs ahead of the published versions.
+pub const VERSION_FLOOR: &str = "version-floor";
+/// How far ahead of the newest version the floor is moved (one small
+/// synchronous write per this many versions).
+pub const VERSION_FLOOR_STRIDE: u64 = 1000;
+
+/// The best objects an evaluator has seen and how many samples it drew.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvaluatorState {
+    /// Evaluation samples drawn so far.
+    pub samples_so_far: u64,
+    /// (energy, state) of the best distinct objects.
+    pub best: Vec<(f64, Vec<i8>)>,
+}
+
+/// Everything but tensors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// Training steps done.
+    pub step: u64,
+    /// Last published weight version (versions continue from it).
+    pub version: u64,
+    /// Seconds of training so far (reports continue from it).
+    pub wall_s: f64,
+    /// Transitions trained so far.
+    pub trained_transitions: u64,
+    /// When the run first reached quality, in `wall_s`.
+    pub time_to_quality_s: Option<f64>,
+    /// Adam steps of the policy optimizer.
+    pub adam_steps: u64,
+    /// Adam steps of the objective's own optimizer.
+    pub objective_adam_steps: u64,
+    /// The evaluator's running state.
+    pub evaluator: EvaluatorState,
+    /// The configuration the run was started with, as TOML.
+    pub config: String,
+    /// Task and model, as the handshake names them: a checkpoint of another
+    /// task or network is refused.
+    pub task: String,
+    /// See `task`.
+    pub model: String,
+}
+
+/// A checkpoint read back and verified.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Its state.
+    pub state: CheckpointState,
+    /// Its tensors, by name.
+    pub arrays: Vec<NamedArray>,
+}
+
+impl Checkpoint {
+    /// The tensors whose names start with `prefix/`, with the prefix
+    /// removed.
+    pub fn group(&self, prefix: &str) -> Vec<NamedArray> {
+        let start = format!("{prefix}/");
+        self.arrays
+            .iter()
+            .filter_map(|a| {
+                a.name.strip_prefix(&start).map(|name| NamedArray {
+                    name: name.to_owned(),
+                    shape: a.shape.clone(),
+                    values: a.values.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// `arrays` under `prefix/`.
+pub fn prefixed(prefix: &str, arrays: Vec<NamedArray>) -> impl Iterator<Item = NamedArray> {
+    arrays.into_iter().map(move |mut a| {
+        a.name = format!("{prefix}/{}", a.name);
+        a
+    })
+}
+
+/// CRC-32 over the state and every tensor, taken in name order (the order
+/// of the file, whatever order they were given in).
+fn checksum(state_json: &str, arrays: &[NamedArray]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(state_json.as_bytes());
+    let mut sorted: Vec<&NamedArray> = arrays.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for array in sorted {
+        hasher.update(array.name.as_bytes());
+        for value in &array.values {
+            hasher.update(&value.to_le_bytes());
+        }
+    }
+    hasher.finalize()
+}
+
+fn file_name(step: u64) -> String {
+    format!("ckpt-{step:012}.safetensors")
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
+    LearnerError::Checkpoint(format!("{}: {source}", path.display()))
+}
+
+/// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
+/// fsync of the directory.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let path = dir.join(name);
+    let temporary = dir.join(format!(".{name}.tmp"));
+    let mut file = File::create(&temporary).map_err(|e| io_error(&temporary, e))?;
+    file.write_all(bytes).map_err(|e| io_error(&temporary, e))?;
+    file.sync_all().map_err(|e| io_error(&temporary, e))?;
+    drop(file);
+    fs::rename(&temporary, &path).map_err(|e| io_error(&path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, e))?;
+    Ok(path)
+}
+
+/// Saves one checkpoint and deletes all but the newest `keep`.
+pub fn save(
+    dir: &Path,
+    state: &CheckpointState,
+    arrays: &[NamedArray],
+    keep: usize,
+) -> Result<PathBuf, LearnerError> {
+    let json = serde_json::to_string(state)
+        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the state: {e}")))?;
+    let metadata = BTreeMap::from([
+        (CHECKSUM_KEY.to_owned(), checksum(&json, arrays).to_string()),
+        (STATE_KEY.to_owned(), json),
+    ]);
+    let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata)
+        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the tensors: {e}")))?;
+    let path = write_atomically(dir, &file_name(state.step), &bytes)?;
+    let mut all = list(dir)?;
+    while all.len() > keep.max(1) {
+        let (_, old) = all.remove(0);
+        if let Err(e) = fs::remove_file(&old) {
+            warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
+        }
+    }
+    Ok(path)
+}
+
+/// Checkpoint files in `dir`, oldest first, with their steps.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let step = name
+            .strip_prefix("ckpt-")
+            .and_then(|rest| rest.strip_suffix(".safetensors"))
+            .and_then(|digits| digits.parse::<u64>().ok());
+        if let Some(step) = step {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads and verifies one checkpoint file.
+pub fn read(path: &Path) -> Result<Checkpoint, String> {
+    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    let decoded =
+        weights::decode(&bytes).map_err(|e| format!("not a readable safetensors file: {e}"))?;
+    let json = decoded
+        .metadata
+        .get(STATE_KEY)
+        .ok_or("no checkpoint state in its metadata")?;
+    let stored: u32 = decoded
+        .metadata
+        .get(CHECKSUM_KEY)
+        .and_then(|c| c.parse().ok())
+        .ok_or("no checksum in its metadata")?;
+    let actual = checksum(json, &decoded.arrays);
+    if stored != actual {
+        return Err(format!(
+            "checksum mismatch (stored {stored:08x}, contents {actual:08x}): torn or corrupt"
+        ));
+    }
+    let state: CheckpointState =
+        serde_json::from_str(json).map_err(|e| format!("unreadable state: {e}"))?;
+    if state.format != FORMAT {
+        return Err(format!(
+            "checkpoint format {} (this learner reads {FORMAT})",
+            state.format
+        ));
+    }
+    Ok(Checkpoint {
+        path: path.to_owned(),
+        state,
+        arrays: decoded.arrays,
+    })
+}
+
+/// The newest checkpoint in `dir` that reads back intact, skipping (and
+/// reporting) any torn or corrupt one. `Ok(None)` when there is none at
+/// all; an error when every one is damaged (starting over would silently
+/// lose the run: the user decides, with `--fresh`).
+pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
+    let all = list(dir)?;
+    let mut damaged = 0;
+    for (_, path) in all.iter().rev() {
+        match read(path) {
+            Ok(checkpoint) => {
+                if damaged > 0 {
+                    warn!(path = %path.display(), damaged, "using an older checkpoint");
+                }
+                return Ok(Some(checkpoint));
+            }
+            Err(reason) => {
+                damaged += 1;
+                warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
+            }
+        }
+    }
+    if damaged > 0 {
+        return Err(LearnerError::Checkpoint(format!(
+            "every checkpoint in {} is damaged ({damaged}); start over with --fresh",
+            dir.display()
+        )));
+    }
+    Ok(None)
+}
+
+/// The version floor recorded in `dir` (0 when there is none). A file
+/// that cannot be read is an error: guessing could reissue versions.
+pub fn read_version_floor(dir: &Path) -> Result<u64, LearnerError> {
+    let path = dir.join(VERSION_FLOOR);
+    match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map_err(|_| {
+            LearnerError::Checkpoint(format!(
+                "{}: not a version number ({:?}); --fresh starts over",
+                path.display(),
+                text.trim()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_error(&path, e)),
+    }
+}
+
+/// Records that versions below `floor` may have been published.
+pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
+    write_atomically(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
+}
+
+/// Deletes the checkpoints and final weights in `dir` (`--fresh`).
+pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
+    let mut removed = 0;
+    for (_, path) in list(dir)? {
+        fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+        removed += 1;
+    }
+    for name in [FINAL_WEIGHTS, VERSION_FLOOR] {
+        let path = dir.join(name);
+        if path.exists() {
+            fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        info!(dir = %dir.display(), removed, "started fresh: removed earlier checkpoints");
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrays(scale: f32) -> Vec<NamedArray> {
+        vec![
+            NamedArray {
+                name: "policy/w".to_owned(),
+                shape: vec![2, 3],
+                values: (0..6).map(|i| i as f32 * scale).collect(),
+            },
+            NamedArray {
+                name: "adam/m/w".to_owned(),
+                shape: vec![2, 3],
+                values: vec![0.5; 6],
+            },
+        ]
+    }
+
+    fn state(step: u64) -> CheckpointState {
+        CheckpointState {
+            format: FORMAT,
+            step,
+            version: step,
+            config: "seed = 3\n".to_owned(),
+            evaluator: EvaluatorState {
+                samples_so_far: 4096,
+                best: vec![(-1.5, vec![1, 0, 1])],
+            },
+            ..CheckpointState::default()
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flgfn-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_exactly_and_only_the_last_k_stay() {
+        let dir = scratch("round-trip");
+        for step in [100, 200, 300, 400] {
+            save(&dir, &state(step), &arrays(step as f32), 2).unwrap();
+        }
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [300, 400]);
+        let latest = load_latest(&dir).unwrap().unwrap();
+        assert_eq!(latest.state, state(400));
+        assert_eq!(latest.group("policy")[0].values, arrays(400.0)[0].values);
+        assert_eq!(latest.group("adam/m")[0].name, "w");
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_truncated_or_flipped_checkpoint_is_refused_and_the_previous_one_used() {
+        let dir = scratch("damaged");
+        save(&dir, &state(100), &arrays(1.0), 5).unwrap();
+        let newest = save(&dir, &state(200), &arrays(2.0), 5).unwrap();
+        let good = fs::read(&newest).unwrap();
+
+        // Torn: the last bytes never reached the disk.
+        fs::write(&newest, &good[..good.len() - 7]).unwrap();
+        assert!(read(&newest).is_err());
+        assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
+
+        // One flipped byte anywhere: in the tensor data, or in the JSON.
+        for at in [good.len() - 3, good.len() / 2, 40] {
+            let mut flipped = good.clone();
+            flipped[at] ^= 0x10;
+            fs::write(&newest, &flipped).unwrap();
+            let error = read(&newest).unwrap_err();
+            assert!(!error.is_empty());
+            assert_eq!(
+                load_latest(&dir).unwrap().unwrap().state.step,
+                100,
+                "byte {at}"
+            );
+        }
+
+        // Every checkpoint damaged: an error, not a silent fresh start.
+        let oldest = dir.join(file_name(100));
+        fs::write(&oldest, b"garbage").unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(error.contains("--fresh"), "{error}");
+        write_version_floor(&dir, 1200).unwrap();
+        assert_eq!(read_version_floor(&dir).unwrap(), 1200);
+        assert_eq!(clear(&dir).unwrap(), 3);
+        assert_eq!(read_version_floor(&dir).unwrap(), 0);
+        assert!(load_latest(&dir).unwrap().is_none());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,261 @@
+//! Checkpoints and resume: a stopped run continues where it stopped, and a
+//! learner killed with SIGKILL at random moments, again and again, resumes
+//! each time with versions that never go backwards while its actors
+//! reconnect by themselves.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flgfn_actor::{ActorOptions, ActorReport};
+use flgfn_common::config::Config;
+use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
+use flgfn_common::policy::{ModelSpec, Policy};
+use flgfn_common::rollout::forward_probabilities;
+use flgfn_common::tasks;
+use flgfn_learner::checkpoint;
+use flgfn_learner::report::Report;
+use flgfn_learner::{RunOptions, TrainingOutcome};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::TcpListener;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flgfn-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn exact_tv(config: &Config, weights: &[u8]) -> f64 {
+    let env = tasks::build(&config.task).unwrap();
+    let mut policy = Policy::new(
+        &ModelSpec::new(env.as_ref(), &config.model),
+        tch::Device::Cpu,
+    );
+    policy.load_bytes(weights).unwrap();
+    let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
+        forward_probabilities(env.as_ref(), &policy, states)
+    })
+    .unwrap();
+    total_variation(
+        &learned,
+        &target_distribution(env.as_ref(), 10_000).unwrap(),
+    )
+}
+
+fn reports(path: &Path) -> Vec<Report> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        // The last line may be mid-write while the learner runs.
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
+fn actor(
+    config: &Config,
+    url: &str,
+    i: u64,
+) -> tokio::task::JoinHandle<Result<ActorReport, flgfn_actor::ActorError>> {
+    let mut config = config.clone();
+    config.actor.learner = url.to_owned();
+    tokio::spawn(flgfn_actor::run(
+        config,
+        ActorOptions {
+            name: format!("survivor-{i}"),
+            seed_offset: Some(i),
+        },
+        std::future::pending(),
+    ))
+}
+
+/// Trains in this process until `max_steps` with two in-process actors.
+async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions {
+            metrics_path: Some(metrics.to_owned()),
+            fresh: false,
+        },
+        std::future::pending(),
+    ));
+    let actors = [actor(config, &url, 0), actor(config, &url, 1)];
+    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    for a in actors {
+        support::finished_actor(a).await;
+    }
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_resumes_where_it_stopped() {
+    let dir = scratch("resume");
+    let mut config = support::tiny_config();
+    config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
+    config.learner.checkpoint_every_steps = 100;
+    config.learner.checkpoint_every_s = 0.0;
+    config.learner.max_steps = 300;
+    let metrics = dir.join("metrics.jsonl");
+
+    let first = train(&config, &metrics).await;
+    assert_eq!((first.steps, first.version), (300, 300));
+    let checkpoints = dir.join("checkpoints");
+    let steps: Vec<u64> = checkpoint::list(&checkpoints)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, [100, 200, 300]);
+    // The final weights on disk are the ones the run handed back.
+    let saved = std::fs::read(checkpoints.join(checkpoint::FINAL_WEIGHTS)).unwrap();
+    assert_eq!(saved, first.weights.to_vec());
+    let first_reports = reports(&metrics).len();
+
+    // The same configuration with a larger budget continues the run.
+    config.learner.max_steps = 600;
+    let second = train(&config, &metrics).await;
+    assert_eq!(second.steps, 600);
+    assert_eq!(
+        second.version, 600,
+        "versions continue from 300 without a jump"
+    );
+    let all = reports(&metrics);
+    assert!(
+        all.len() > first_reports,
+        "the metrics file was appended to"
+    );
+    assert!(
+        all.windows(2)
+            .all(|w| w[0].version <= w[1].version && w[0].step < w[1].step)
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].wall_s <= w[1].wall_s),
+        "wall_s continues"
+    );
+    assert!(all[first_reports].step > 300);
+    assert!(all.last().unwrap().trained_transitions > all[first_reports - 1].trained_transitions);
+    let tv = exact_tv(&config, &second.weights);
+    assert!(tv <= 0.05, "exact TV {tv} after resuming");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
+    let dir = scratch("kill");
+    let config_path = dir.join("run.toml");
+    let checkpoints = dir.join("checkpoints");
+    let toml = support::TINY_TOML
+        .replace(
+            "checkpoint_dir = \"\"",
+            &format!(
+                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 100\ncheckpoint_every_s = 0.0\nmax_steps = 2000",
+                checkpoints.display()
+            ),
+        )
+        .replace(
+            "[actor]",
+            "[actor]\nreconnect_initial_s = 0.05\nreconnect_max_s = 0.2",
+        );
+    std::fs::write(&config_path, &toml).unwrap();
+    let config = Config::from_file(&config_path).unwrap();
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let metrics = dir.join("metrics.jsonl");
+    let learner = || {
+        Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+            .args(["--listen", &address, "--config"])
+            .arg(&config_path)
+            .arg("--metrics")
+            .arg(&metrics)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+
+    let url = format!("http://{address}");
+    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut last_version = 0;
+    let mut restarts = Vec::new();
+    for cycle in 0..5 {
+        let started = Instant::now();
+        let seen = reports(&metrics).len();
+        let mut process = learner();
+        // Wait for this process's first report (it resumed and trained),
+        // then kill it at a random moment within the next half second.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while reports(&metrics).len() <= seen {
+            assert!(Instant::now() < deadline, "cycle {cycle}: no report");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first_report = reports(&metrics)[seen].clone();
+        let to_first_report = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
+        process.kill().unwrap();
+        process.wait().unwrap();
+        let resumed_from = checkpoint::load_latest(&checkpoints)
+            .unwrap()
+            .map(|c| c.state);
+        eprintln!(
+            "cycle {cycle}: first report at step {} version {} after {:.2} s; killed; newest checkpoint step {:?} version {:?}",
+            first_report.step,
+            first_report.version,
+            to_first_report.as_secs_f64(),
+            resumed_from.as_ref().map(|s| s.step),
+            resumed_from.as_ref().map(|s| s.version),
+        );
+        assert!(
+            first_report.version >= last_version,
+            "cycle {cycle}: version {} after {last_version}",
+            first_report.version
+        );
+        last_version = reports(&metrics).last().unwrap().version;
+        restarts.push(to_first_report);
+    }
+    // The last learner runs to the end; the actors finish with it.
+    let mut process = learner();
+    let status = tokio::task::spawn_blocking(move || process.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let mut sessions = Vec::new();
+    for a in actors {
+        let report = support::finished_actor(a).await;
+        // Never a version lower than one already applied.
+        let versions = &report.versions_applied;
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        sessions.push(report.sessions);
+    }
+    // Each actor reconnected to (nearly) every learner; one may miss a
+    // short-lived one, but not several.
+    assert!(sessions.iter().all(|&s| s >= 4), "sessions {sessions:?}");
+    let all = reports(&metrics);
+    assert!(
+        all.windows(2).all(|w| w[0].version <= w[1].version),
+        "versions went backwards"
+    );
+    let last = all.last().unwrap();
+    assert_eq!(last.step, 2000);
+    let weights = std::fs::read(checkpoints.join(checkpoint::FINAL_WEIGHTS)).unwrap();
+    let tv = exact_tv(&config, &weights);
+    let log_z_error = (last.logz_est - last.logz_exact.unwrap()).abs();
+    eprintln!(
+        "after 5 kills: exact TV {tv:.4}, log Z error {log_z_error:.4}, final version {}, restart to first report {:?}",
+        last.version, restarts
+    );
+    // The tolerance of an uninterrupted run of the tiny task.
+    assert!(tv <= 0.05, "exact TV {tv}");
+    assert!(log_z_error < 0.1, "log Z error {log_z_error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
