@@ -69,6 +69,25 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
+/// A short axis label: at most 3 significant digits, scientific notation
+/// for very large or small magnitudes.
+fn compact(value: f64) -> String {
+    let magnitude = value.abs();
+    if value == 0.0 {
+        "0".to_owned()
+    } else if !(1e-3..1e5).contains(&magnitude) {
+        format!("{value:.1e}")
+    } else {
+        let decimals = (2 - magnitude.log10().floor() as i32).max(0) as usize;
+        let text = format!("{value:.decimals$}");
+        if text.contains('.') {
+            text.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            text
+        }
+    }
+}
+
 /// Registers the bundled font once per process.
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -166,6 +185,8 @@ where
             chart
                 .configure_mesh()
                 .x_desc(x_label)
+                .x_label_formatter(&|v| compact(*v))
+                .y_label_formatter(&|v| compact(*v))
                 .light_line_style(WHITE)
                 .draw()
                 .map_err(error)?;
@@ -186,6 +207,8 @@ where
             chart
                 .configure_mesh()
                 .x_desc(x_label)
+                .x_label_formatter(&|v| compact(*v))
+                .y_label_formatter(&|v| compact(*v))
                 .light_line_style(WHITE)
                 .draw()
                 .map_err(error)?;
@@ -289,4 +312,19 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compact;
+
+    #[test]
+    fn axis_labels_are_short() {
+        assert_eq!(compact(0.7000000000000001), "0.7");
+        assert_eq!(compact(200.0), "200");
+        assert_eq!(compact(0.0125), "0.0125");
+        assert_eq!(compact(1.5), "1.5");
+        assert_eq!(compact(18_000_000.0), "1.8e7");
+        assert_eq!(compact(0.0001), "1.0e-4");
+    }
 }
