@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Weight bytes are shared between sessions without copying.
         .bytes(".flgfn.v1.Weights.safetensors")
+        // Undecodable bytes are the client's error, not INTERNAL.
+        .codec_path("crate::wire::codec::StrictCodec")
         .compile_protos(&protos, &["../proto"])?;
     Ok(())
 }

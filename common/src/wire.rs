@@ -19,6 +19,72 @@ pub mod proto {
     tonic::include_proto!("flgfn.v1");
 }
 
+/// The protobuf codec of every flgfn RPC: prost's, except that bytes that do
+/// not decode as the expected message are the sender's fault and are
+/// answered `INVALID_ARGUMENT` with prost's reason (tonic's prost codec
+/// answers `INTERNAL`, which tells a client the server broke).
+pub mod codec {
+    use prost::Message;
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+    use tonic::{Code, Status};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// See the module documentation.
+    #[derive(Debug, Clone)]
+    pub struct StrictCodec<T, U>(ProstCodec<T, U>);
+
+    impl<T, U> Default for StrictCodec<T, U> {
+        fn default() -> Self {
+            StrictCodec(ProstCodec::default())
+        }
+    }
+
+    impl<T, U> Codec for StrictCodec<T, U>
+    where
+        T: Message + Send + 'static,
+        U: Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = StrictDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            self.0.encoder()
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            StrictDecoder(self.0.decoder())
+        }
+    }
+
+    /// prost's decoder with decode failures as `INVALID_ARGUMENT`.
+    #[derive(Debug, Clone, Default)]
+    pub struct StrictDecoder<U>(ProstDecoder<U>);
+
+    impl<U: Message + Default> Decoder for StrictDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(buf).map_err(|status| {
+                if status.code() == Code::Internal {
+                    Status::invalid_argument(format!(
+                        "the message does not decode as protobuf: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                }
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}
+
 /// Version of the wire contract; bumped when a field changes meaning.
 pub const PROTOCOL_VERSION: u32 = 2;
 

@@ -274,3 +274,103 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     // no credit, bad after good.
     assert_eq!(outcome.final_report.rejected_chunks, 7);
 }
+
+/// Sends raw bytes as the request message of a unary RPC.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use bytes::Buf;
+        let mut out = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_bytes_are_a_client_error_never_internal() {
+    use rand::{Rng, SeedableRng};
+
+    let config = config();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        Default::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Handshake");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let mut undecodable = 0;
+    for i in 0..300 {
+        let len = rng.random_range(1..200);
+        let mut garbage: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if i % 3 == 0 {
+            // A field tag announcing more bytes than follow.
+            garbage.splice(0..0, [0x0a, 0xff, 0x01]);
+        }
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(tonic::Request::new(garbage), path.clone(), RawBytes)
+            .await
+            .unwrap_err();
+        // Bytes that happen to decode fail validation (protocol version,
+        // task); none is the server's fault.
+        assert!(
+            matches!(
+                status.code(),
+                Code::InvalidArgument | Code::FailedPrecondition
+            ),
+            "try {i}: {status:?}"
+        );
+        if status.message().contains("does not decode") {
+            undecodable += 1;
+        }
+    }
+    assert!(undecodable >= 100, "{undecodable} of 300 failed to decode");
+    eprintln!(
+        "300 garbage handshakes: {undecodable} undecodable (INVALID_ARGUMENT), the rest refused by validation"
+    );
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
+}
