@@ -68,6 +68,28 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// A short name for the rejection counters in reports.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RequestError::ProtocolVersion { .. } => "protocol_version",
+            RequestError::TaskMismatch { .. } => "task_mismatch",
+            RequestError::ModelMismatch { .. } => "model_mismatch",
+            RequestError::Malformed(_) => "malformed",
+            RequestError::Missing(_) => "missing_field",
+            RequestError::UnknownActor(_) => "unknown_actor",
+            RequestError::FutureVersion { .. } => "future_version",
+            RequestError::Trajectory { source, .. } => match source {
+                ReplayError::Empty => "empty_trajectory",
+                ReplayError::TooLong { .. } => "trajectory_too_long",
+                ReplayError::LengthMismatch { .. } => "length_mismatch",
+                ReplayError::EnergyOutOfRange { .. } => "energy_out_of_range",
+                ReplayError::InvalidAction { .. } => "invalid_action",
+            },
+            RequestError::NoCredit => "no_credit",
+            RequestError::ShuttingDown => "shutting_down",
+        }
+    }
+
     /// A task mismatch with both descriptions.
     pub fn task_mismatch(actor: &TaskSpec, learner: &TaskSpec) -> Self {
         RequestError::TaskMismatch {

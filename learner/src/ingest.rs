@@ -84,6 +84,9 @@ pub struct IngestStats {
     pub wire_bytes: AtomicU64,
     /// Chunks refused as invalid.
     pub rejected_chunks: AtomicU64,
+    /// Refused chunks by reason ([`RequestError::reason`](crate::error::RequestError::reason),
+    /// `undecodable`, `too_large`).
+    pub rejections: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     /// Transitions dropped where the batch is built because the policy
     /// that sampled them was more than `max_policy_lag` steps old.
     pub stale_transitions: AtomicU64,
@@ -104,6 +107,27 @@ impl IngestStats {
     /// Adds to a counter.
     pub fn add(counter: &AtomicU64, amount: u64) {
         counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    /// Counts one refused chunk under `reason`.
+    pub fn reject(&self, reason: &'static str) {
+        Self::add(&self.rejected_chunks, 1);
+        *self
+            .rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// The per-reason counts so far.
+    pub fn rejections(&self) -> std::collections::BTreeMap<String, u64> {
+        self.rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(&reason, &count)| (reason.to_owned(), count))
+            .collect()
     }
 
     /// Keeps the record of an ended session (up to a bound).

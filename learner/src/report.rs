@@ -101,6 +101,9 @@ pub struct Report {
     pub data_wait_fraction: f64,
     /// Chunks refused as invalid so far.
     pub rejected_chunks: u64,
+    /// Refused chunks by reason (e.g. `invalid_action`, `undecodable`).
+    #[serde(default)]
+    pub rejections: std::collections::BTreeMap<String, u64>,
     /// Transitions dropped as too stale so far.
     pub stale_transitions: u64,
     /// `stale_transitions` over `ingested_transitions`.

@@ -197,7 +197,7 @@ impl Session {
                         return Ok(());
                     };
                     self.receive(message, &credits, progress).await.map_err(|error| {
-                        IngestStats::add(&self.state.stats.rejected_chunks, 1);
+                        self.state.stats.reject(error.reason());
                         warn!(actor_id = self.actor_id, %error, "refused a trajectory chunk");
                         Status::from(error)
                     })?;
@@ -319,11 +319,13 @@ impl Session {
     /// Undecodable or oversized: refused by tonic before validation, but
     /// still a refused chunk. A vanished actor is not.
     fn count_unreadable(&self, status: &Status) {
-        if matches!(
-            status.code(),
-            Code::OutOfRange | Code::Internal | Code::InvalidArgument | Code::ResourceExhausted
-        ) {
-            IngestStats::add(&self.state.stats.rejected_chunks, 1);
+        let reason = match status.code() {
+            Code::InvalidArgument | Code::Internal => Some("undecodable"),
+            Code::OutOfRange | Code::ResourceExhausted => Some("too_large"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            self.state.stats.reject(reason);
             warn!(actor_id = self.actor_id, status = %status.message(), "unreadable trajectory chunk");
         }
     }

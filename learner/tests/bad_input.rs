@@ -273,6 +273,21 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     // Illegal action, future version, oversized, extreme energy, crowded,
     // no credit, bad after good.
     assert_eq!(outcome.final_report.rejected_chunks, 7);
+    // Each refusal is counted under its reason, and they add up.
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(rejections.values().sum::<u64>(), 7, "{rejections:?}");
+    for reason in [
+        "invalid_action",
+        "future_version",
+        "too_large",
+        "energy_out_of_range",
+        "no_credit",
+    ] {
+        assert!(
+            rejections.contains_key(reason),
+            "{reason} missing from {rejections:?}"
+        );
+    }
 }
 
 /// Sends raw bytes as the request message of a unary RPC.
