@@ -96,10 +96,14 @@ impl Adam {
             }
             let _ = slot.m.lerp_(&grad, 1.0 - BETA1);
             let _ = slot.v.lerp_(&grad.square(), 1.0 - BETA2);
+            // p += m / (-(sqrt(v) / c2 + eps) / step): the step size folded
+            // into the denominator, two temporaries per parameter in all.
             let mut denom = slot.v.sqrt();
-            let _ = denom.g_div_scalar_(root_correction).g_add_scalar_(EPS);
-            let update = (&slot.m / denom) * step_size;
-            let _ = slot.param.g_sub_(&update);
+            let _ = denom
+                .g_div_scalar_(root_correction)
+                .g_add_scalar_(EPS)
+                .g_div_scalar_(-step_size);
+            let _ = slot.param.addcdiv_(&slot.m, &denom);
         }
     }
 
