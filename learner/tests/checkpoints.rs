@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use flgfn_actor::{ActorOptions, ActorReport};
 use flgfn_common::config::Config;
-use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
-use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::forward_probabilities;
-use flgfn_common::tasks;
 use flgfn_learner::checkpoint;
 use flgfn_learner::report::Report;
 use flgfn_learner::{RunOptions, TrainingOutcome};
@@ -31,20 +27,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn exact_tv(config: &Config, weights: &[u8]) -> f64 {
-    let env = tasks::build(&config.task).unwrap();
-    let mut policy = Policy::new(
-        &ModelSpec::new(env.as_ref(), &config.model),
-        tch::Device::Cpu,
-    );
-    policy.load_bytes(weights).unwrap();
-    let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
-        forward_probabilities(env.as_ref(), &policy, states)
-    })
-    .unwrap();
-    total_variation(
-        &learned,
-        &target_distribution(env.as_ref(), 10_000).unwrap(),
-    )
+    support::exact_total_variation(config, weights).0
 }
 
 fn reports(path: &Path) -> Vec<Report> {

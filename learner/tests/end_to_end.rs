@@ -7,9 +7,6 @@ use std::time::Duration;
 
 use flgfn_actor::{ActorError, ActorOptions, ActorReport};
 use flgfn_common::config::{BackwardPolicy, Config, ObjectiveName, TaskConfig};
-use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
-use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::forward_probabilities;
 use flgfn_common::tasks;
 use flgfn_common::tasks::lattice::LatticeConfig;
 use flgfn_learner::{RunOptions, TrainingOutcome};
@@ -93,25 +90,9 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
 /// Total variation between the exact terminal distribution of the learned
 /// sampler and the target: no sampling noise in this check.
 fn exact_total_variation(config: &Config, weights: &[u8]) -> f64 {
-    let (tv, terminal_states) = exact_total_variation_of(config, weights);
+    let (tv, terminal_states) = support::exact_total_variation(config, weights);
     assert_eq!(terminal_states, 70);
     tv
-}
-
-/// The exact TV of any enumerable task, and its number of terminal states.
-fn exact_total_variation_of(config: &Config, weights: &[u8]) -> (f64, usize) {
-    let env = tasks::build(&config.task).unwrap();
-    let mut policy = Policy::new(
-        &ModelSpec::new(env.as_ref(), &config.model),
-        tch::Device::Cpu,
-    );
-    policy.load_bytes(weights).unwrap();
-    let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
-        forward_probabilities(env.as_ref(), &policy, states)
-    })
-    .unwrap();
-    let target = target_distribution(env.as_ref(), 10_000).unwrap();
-    (total_variation(&learned, &target), target.len())
 }
 
 fn log_z_error(outcome: &TrainingOutcome) -> f64 {
@@ -218,7 +199,7 @@ async fn fl_db_trains_a_lattice_and_the_learner_reports_its_exact_tv() {
     config.learner.batch_transitions = 144;
     config.learner.max_steps = 800;
     let (outcome, _) = train(&config, 2).await;
-    let (tv, objects) = exact_total_variation_of(&config, &outcome.weights);
+    let (tv, objects) = support::exact_total_variation(&config, &outcome.weights);
     assert_eq!(objects, 512);
     let report = &outcome.final_report;
     let reported = report.exact_tv.unwrap();

@@ -13,6 +13,8 @@ use std::sync::Once;
 
 use anyhow::{Context, anyhow};
 use plotters::coord::Shift;
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::RunResult;
@@ -179,52 +181,48 @@ where
             let floor = (y_max * 1e-6).max(1e-9);
             let lo = y_min.max(floor) * 0.8;
             let hi = (y_max * 1.25).max(lo * 2.0);
-            let mut chart = builder
+            let chart = builder
                 .build_cartesian_2d(x_range, (lo..hi).log_scale())
                 .map_err(error)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_label)
-                .x_label_formatter(&|v| compact(*v))
-                .y_label_formatter(&|v| compact(*v))
-                .light_line_style(WHITE)
-                .draw()
-                .map_err(error)?;
-            for (i, label, points) in &bands {
-                draw_curve(&mut chart, *i, label, points, lo).map_err(error)?;
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(error)?;
+            draw_panel(chart, x_label, &bands, lo).map_err(error)?;
         } else {
             let pad = ((y_max - y_min) * 0.05).max(1e-9);
-            let mut chart = builder
+            let chart = builder
                 .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
                 .map_err(error)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_label)
-                .x_label_formatter(&|v| compact(*v))
-                .y_label_formatter(&|v| compact(*v))
-                .light_line_style(WHITE)
-                .draw()
-                .map_err(error)?;
-            for (i, label, points) in &bands {
-                draw_curve(&mut chart, *i, label, points, f64::NEG_INFINITY).map_err(error)?;
-            }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(error)?;
+            draw_panel(chart, x_label, &bands, f64::NEG_INFINITY).map_err(error)?;
         }
     }
     root.present().map_err(error)?;
     Ok(())
+}
+
+/// Axes, every curve (values clamped at `floor`, for log axes) and the
+/// legend of one panel.
+fn draw_panel<'a, DB: DrawingBackend + 'a, Y>(
+    mut chart: ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+    x_label: &str,
+    bands: &[(usize, &String, Band)],
+    floor: f64,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .x_label_formatter(&|v| compact(*v))
+        .y_label_formatter(&|v| compact(*v))
+        .light_line_style(WHITE)
+        .draw()?;
+    for (i, label, points) in bands {
+        draw_curve(&mut chart, *i, label, points, floor)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
 }
 
 /// The seed range as a shaded polygon, then the mean as a labelled line.

@@ -55,3 +55,26 @@ pub async fn finished_actor(actor: JoinHandle<Result<ActorReport, ActorError>>) 
     assert!(report.training_done);
     report
 }
+
+/// Total variation between the exact terminal distribution of the sampler
+/// whose weights are `weights` and the target of `config`'s task (which must
+/// enumerate in 10,000 states), and the number of terminal states: no
+/// sampling noise in this check.
+pub fn exact_total_variation(config: &Config, weights: &[u8]) -> (f64, usize) {
+    use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
+    use flgfn_common::policy::{ModelSpec, Policy};
+    use flgfn_common::rollout::forward_probabilities;
+
+    let env = flgfn_common::tasks::build(&config.task).unwrap();
+    let mut policy = Policy::new(
+        &ModelSpec::new(env.as_ref(), &config.model),
+        tch::Device::Cpu,
+    );
+    policy.load_bytes(weights).unwrap();
+    let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
+        forward_probabilities(env.as_ref(), &policy, states)
+    })
+    .unwrap();
+    let target = target_distribution(env.as_ref(), 10_000).unwrap();
+    (total_variation(&learned, &target), target.len())
+}
