@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use flgfn_common::auth::{AUTHORIZATION_HEADER, Token};
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
@@ -88,6 +89,8 @@ pub struct Session<'a> {
     pub actor_id: &'a mut u64,
     /// Number of this session (1, 2, ...), stamped on received weights.
     pub session: u32,
+    /// The bearer token shown on every call, if the learner wants one.
+    pub token: Option<&'a Token>,
 }
 
 /// What the connection counted, across sessions.
@@ -129,6 +132,19 @@ fn classify(status: Status, handshake_done: bool) -> SessionError {
 }
 
 impl Session<'_> {
+    /// Adds the bearer token, if any, to a call's metadata.
+    fn authorize(&self, metadata: &mut tonic::metadata::MetadataMap) -> Result<(), SessionError> {
+        if let Some(token) = self.token {
+            let value = token.header_value().parse().map_err(|_| {
+                SessionError::Refused(Status::invalid_argument(
+                    "the token cannot travel in a header",
+                ))
+            })?;
+            metadata.insert(AUTHORIZATION_HEADER, value);
+        }
+        Ok(())
+    }
+
     /// Runs one connection to its end.
     pub async fn run(self) -> Result<SessionEnd, SessionError> {
         let endpoint = Endpoint::from_shared(self.url.to_owned())
@@ -152,13 +168,15 @@ impl Session<'_> {
         let mut client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
-        let handshake = client.handshake(proto::HandshakeRequest {
+        let mut request = tonic::Request::new(proto::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             actor_name: self.actor_name.to_owned(),
             task: Some(self.task.into()),
             model: Some(self.model.into()),
             trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
         });
+        self.authorize(request.metadata_mut())?;
+        let handshake = client.handshake(request);
         let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| retry("the handshake timed out", false))?
@@ -185,6 +203,7 @@ impl Session<'_> {
         let metadata = request.metadata_mut();
         metadata.insert(ACTOR_ID_HEADER, actor_id.into());
         metadata.insert(TRAJECTORIES_PER_CHUNK_HEADER, (self.envs as u64).into());
+        self.authorize(metadata)?;
         let mut grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
             .map_err(|_| retry("opening the session timed out", true))?

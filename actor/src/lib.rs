@@ -205,6 +205,10 @@ pub async fn stay_connected(
         Ok(env) => (env.spec(), ModelSpec::new(env.as_ref(), &config.model)),
         Err(error) => return (Err(error.into()), Counts::default()),
     };
+    let token = match flgfn_common::auth::load_token(&config.auth) {
+        Ok(token) => token,
+        Err(error) => return (Err(error.into()), Counts::default()),
+    };
     let Plumbing {
         chunks,
         orders,
@@ -231,6 +235,7 @@ pub async fn stay_connected(
             counts: &mut counts,
             actor_id: &mut actor_id,
             session: report.sessions,
+            token: token.as_ref(),
         };
         let outcome = tokio::select! {
             outcome = session.run() => outcome,

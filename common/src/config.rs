@@ -72,6 +72,8 @@ pub struct Config {
     pub actor: ActorConfig,
     /// The local launcher (`flgfn-learner --local-actors`).
     pub launch: LaunchConfig,
+    /// The shared bearer token.
+    pub auth: crate::auth::AuthConfig,
 }
 
 /// The task, tagged by its registered name.

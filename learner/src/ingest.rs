@@ -112,6 +112,12 @@ impl IngestStats {
     /// Counts one refused chunk under `reason`.
     pub fn reject(&self, reason: &'static str) {
         Self::add(&self.rejected_chunks, 1);
+        self.refuse(reason);
+    }
+
+    /// Counts one refused request under `reason` (a chunk, or a call
+    /// refused before any chunk, such as `unauthenticated`).
+    pub fn refuse(&self, reason: &'static str) {
         *self
             .rejections
             .lock()

@@ -54,7 +54,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use flgfn_common::config::{BatchGrowth, Config, LearnerConfig};
+use flgfn_common::auth;
+use flgfn_common::config::{BatchGrowth, Config, ConfigError, LearnerConfig};
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
 use flgfn_common::tasks;
@@ -62,6 +63,7 @@ use flgfn_common::wire::proto::learner_server::LearnerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::Status;
 use tracing::{info, warn};
 
 use crate::batcher::Batcher;
@@ -111,6 +113,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
+    let token = auth::load_token(&config.auth)?;
+    if token.is_none()
+        && !config.auth.allow_unauthenticated
+        && let Ok(address) = listener.local_addr()
+        && !address.ip().is_loopback()
+    {
+        return Err(ConfigError::invalid(
+            "auth.token_file",
+            format!(
+                "the learner listens on {address}, beyond loopback, with no token: anyone who reaches the port could train the model. Set auth.token_file or {}, or auth.allow_unauthenticated = true",
+                auth::TOKEN_ENV
+            ),
+        )
+        .into());
+    }
     let env = tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let device = select_device(config.learner.device)
@@ -276,6 +293,26 @@ pub async fn serve(
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(max_bytes)
         .max_encoding_message_size(max_bytes);
+    // Every Learner RPC shows the token, when there is one (the health
+    // service stays open to probes).
+    let rejections = session_stats.clone();
+    let grpc = tonic::service::interceptor::InterceptedService::new(
+        grpc,
+        move |request: tonic::Request<()>| match &token {
+            None => Ok(request),
+            Some(token) => {
+                let shown = request.metadata().get(auth::AUTHORIZATION_HEADER);
+                if shown.is_some_and(|value| token.matches(value.as_bytes())) {
+                    Ok(request)
+                } else {
+                    rejections.refuse("unauthenticated");
+                    Err(Status::unauthenticated(
+                        "missing or wrong bearer token (send `authorization: Bearer <token>`)",
+                    ))
+                }
+            }
+        },
+    );
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
         transport(&config.learner)

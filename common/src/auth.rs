@@ -1,0 +1,147 @@
+//! The shared bearer token: where it comes from, how it travels, how it is
+//! compared.
+//!
+//! Learner and actors read the same secret, from the `FLGFN_TOKEN`
+//! environment variable if set, else from the file `auth.token_file`
+//! (surrounding whitespace trimmed). Actors send it on every RPC as
+//! `authorization: Bearer <token>`; the learner checks it in an
+//! interceptor, comparing in constant time. The token never appears in
+//! logs, errors or `--print-config` (only the file's path does).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// Environment variable that holds the token (takes precedence over
+/// `auth.token_file`).
+pub const TOKEN_ENV: &str = "FLGFN_TOKEN";
+
+/// gRPC metadata key of the token.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// `[auth]`: shared by the learner and the actors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A file holding the bearer token (empty: none, unless `FLGFN_TOKEN`
+    /// is set).
+    pub token_file: String,
+    /// Learner: listen on a non-loopback address without a token anyway
+    /// (anyone who reaches the port can then train the model).
+    pub allow_unauthenticated: bool,
+}
+
+/// A bearer token. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// A token from its text: printable ASCII without spaces (it travels in
+    /// an HTTP/2 header), at least 16 characters.
+    pub fn new(text: &str, source: &str) -> Result<Self, ConfigError> {
+        if text.len() < 16 {
+            return Err(ConfigError::invalid(
+                source,
+                format!("the token has {} characters; use at least 16", text.len()),
+            ));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                source,
+                "the token must be printable ASCII without spaces",
+            ));
+        }
+        Ok(Token(text.to_owned()))
+    }
+
+    /// The `authorization` header value.
+    pub fn header_value(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
+    /// Whether `header` (an `authorization` value) carries this token, in
+    /// time that does not depend on where they differ.
+    pub fn matches(&self, header: &[u8]) -> bool {
+        let expected = self.header_value();
+        let expected = expected.as_bytes();
+        if header.len() != expected.len() {
+            return false;
+        }
+        header
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
+    }
+}
+
+/// The configured token: `FLGFN_TOKEN` if set and not empty, else the
+/// contents of `auth.token_file` if set, else none.
+pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {
+    if let Ok(text) = std::env::var(TOKEN_ENV)
+        && !text.trim().is_empty()
+    {
+        return Token::new(text.trim(), TOKEN_ENV).map(Some);
+    }
+    if config.token_file.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&config.token_file).map_err(|e| {
+        ConfigError::invalid(
+            "auth.token_file",
+            format!("cannot read {}: {e}", config.token_file),
+        )
+    })?;
+    Token::new(text.trim(), "auth.token_file").map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole_and_never_print() {
+        let token = Token::new("0123456789abcdef-secret", "t").unwrap();
+        assert!(token.matches(b"Bearer 0123456789abcdef-secret"));
+        assert!(!token.matches(b"Bearer 0123456789abcdef-secreT"));
+        assert!(!token.matches(b"Bearer 0123456789abcdef"));
+        assert!(!token.matches(b"0123456789abcdef-secret"));
+        assert!(!format!("{token:?}").contains("secret"));
+        assert!(
+            Token::new("short", "t")
+                .unwrap_err()
+                .to_string()
+                .contains("16")
+        );
+        assert!(Token::new("has a space in it ok", "t").is_err());
+    }
+
+    #[test]
+    fn a_token_file_is_read_and_trimmed() {
+        let path = std::env::temp_dir().join(format!("flgfn-token-{}", std::process::id()));
+        std::fs::write(&path, "  abcdefghijklmnopqrstuvwxyz\n").unwrap();
+        let config = AuthConfig {
+            token_file: path.display().to_string(),
+            ..AuthConfig::default()
+        };
+        // (FLGFN_TOKEN is not set in the test environment.)
+        if std::env::var(TOKEN_ENV).is_err() {
+            let token = load_token(&config).unwrap().unwrap();
+            assert!(token.matches(b"Bearer abcdefghijklmnopqrstuvwxyz"));
+        }
+        std::fs::remove_file(&path).unwrap();
+        let error = load_token(&config).unwrap_err().to_string();
+        assert!(error.contains("auth.token_file"), "{error}");
+        if std::env::var(TOKEN_ENV).is_err() {
+            assert!(load_token(&AuthConfig::default()).unwrap().is_none());
+        }
+    }
+}

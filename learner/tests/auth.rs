@@ -1,0 +1,174 @@
+//! The bearer token: missing and wrong tokens are refused, the right one
+//! trains, the secret never reaches a log, and a learner will not listen
+//! beyond loopback without one unless told to.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use flgfn_actor::{ActorError, ActorOptions};
+use flgfn_common::config::Config;
+use flgfn_common::wire::PROTOCOL_VERSION;
+use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
+use flgfn_learner::RunOptions;
+use tokio::net::TcpListener;
+use tonic::Code;
+
+const SECRET: &str = "correct-horse-battery-staple-42";
+
+fn config_with_token(dir: &std::path::Path, token: &str) -> Config {
+    let path = dir.join(format!("token-{}", token.len()));
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    let mut config = support::tiny_config();
+    config.auth.token_file = path.display().to_string();
+    config
+}
+
+fn options(name: &str) -> ActorOptions {
+    ActorOptions {
+        name: name.to_owned(),
+        seed_offset: None,
+    }
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("flgfn-auth-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_right_token_gets_in() {
+    let dir = scratch("tokens");
+    let mut config = config_with_token(&dir, SECRET);
+    config.learner.max_steps = 30;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    ));
+
+    // A raw client: no token, then a wrong one.
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let handshake = || proto::HandshakeRequest {
+        protocol_version: PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let status = client.handshake(handshake()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let mut wrong = tonic::Request::new(handshake());
+    wrong.metadata_mut().insert(
+        "authorization",
+        "Bearer not-the-secret-at-all".parse().unwrap(),
+    );
+    let status = client.handshake(wrong).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(!status.message().contains(SECRET));
+
+    // An actor with a wrong token is refused for good, not retried.
+    let mut impostor = config_with_token(&dir, "0123456789-wrong-token");
+    impostor.actor.learner = url.clone();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(impostor, options("impostor"), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
+    assert!(error.to_string().contains("token"), "{error}");
+
+    // The right token trains.
+    let mut actor = config.clone();
+    actor.actor.learner = url;
+    let actor = tokio::spawn(flgfn_actor::run(
+        actor,
+        options("member"),
+        std::future::pending(),
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 30);
+    support::finished_actor(actor).await;
+    let refused = outcome
+        .final_report
+        .rejections
+        .get("unauthenticated")
+        .copied();
+    assert!(
+        refused.unwrap_or(0) >= 3,
+        "{:?}",
+        outcome.final_report.rejections
+    );
+    assert_eq!(
+        outcome.final_report.rejected_chunks, 0,
+        "no chunk was refused"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_beyond_loopback_unless_allowed() {
+    let mut config = support::tiny_config();
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let error = flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("auth.token_file") && error.contains("beyond loopback"),
+        "{error}"
+    );
+
+    config.auth.allow_unauthenticated = true;
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let outcome = flgfn_learner::serve(config, listener, RunOptions::default(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome.steps, 0);
+}
+
+#[test]
+fn the_secret_never_reaches_a_log() {
+    // Processes, with the token in the environment as a container would
+    // pass it: a learner and its local actors train, and neither log
+    // shows the token.
+    let dir = scratch("logs");
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+        .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "1"])
+        .args(["--max-steps", "20", "--config"])
+        .arg(&config)
+        .env("FLGFN_TOKEN", SECRET)
+        .env("RUST_LOG", "debug")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    assert!(log.contains("training finished"), "{log}");
+    assert!(!log.contains(SECRET), "the token appears in the logs");
+    let printed = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+        .args(["--print-config", "--config"])
+        .arg(&config)
+        .env("FLGFN_TOKEN", SECRET)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&printed.stdout).contains(SECRET));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
