@@ -389,3 +389,302 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
     stop.send(()).unwrap();
     learner.await.unwrap().unwrap();
 }
+
+/// A structurally valid chunk made wrong in one of several ways, and the
+/// name of the way.
+fn corrupted(
+    actor_id: u64,
+    rng: &mut rand::rngs::SmallRng,
+) -> (&'static str, proto::TrajectoryChunk) {
+    use rand::Rng;
+    let mut bad = chunk(actor_id, vec![0, 1]);
+    let kind = rng.random_range(0..9);
+    let trajectory = &mut bad.trajectories[0];
+    let name = match kind {
+        0 => {
+            trajectory.actions[rng.random_range(0..2)] = rng.random_range(4..u32::MAX);
+            "action out of range"
+        }
+        1 => {
+            trajectory.actions = vec![3, 3];
+            "element taken twice"
+        }
+        2 => {
+            trajectory.energies[rng.random_range(0..2)] =
+                [f32::NAN, f32::INFINITY, -f32::INFINITY, 2e6, -1e30][rng.random_range(0..5)];
+            "energy out of range"
+        }
+        3 => {
+            trajectory.energies.truncate(rng.random_range(0..2));
+            "energies shorter than actions"
+        }
+        4 => {
+            trajectory.actions = vec![0, 1, 2];
+            trajectory.energies = vec![0.0; 3];
+            "longer than the task allows"
+        }
+        5 => {
+            trajectory.actions.clear();
+            trajectory.energies.clear();
+            "empty trajectory"
+        }
+        6 => {
+            bad.trajectories.clear();
+            "no trajectory"
+        }
+        7 => {
+            bad.trajectories.push(bad.trajectories[0].clone());
+            "more trajectories than declared"
+        }
+        _ => {
+            bad.policy_version = rng.random_range(1_000_000..u64::MAX);
+            "version from the future"
+        }
+    };
+    (name, bad)
+}
+
+/// What one fuzzing worker sent and saw refused.
+#[derive(Debug, Default)]
+struct Tally {
+    refused_handshakes: u64,
+    refused_chunks: u64,
+    sent_valid: u64,
+    kinds: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.refused_handshakes += other.refused_handshakes;
+        self.refused_chunks += other.refused_chunks;
+        self.sent_valid += other.sent_valid;
+        for (kind, n) in other.kinds {
+            *self.kinds.entry(kind).or_default() += n;
+        }
+    }
+}
+
+fn client_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+    )
+}
+
+/// Plays `cases` (true: a valid chunk; false: a corrupted message of a
+/// random kind) against the learner at `url`, as one actor id, one case at
+/// a time, checking each answer.
+async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -> Tally {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    let handshake_path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Handshake");
+    let session_path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Session");
+    let actor_id = client
+        .handshake(handshake_request(&config))
+        .await
+        .unwrap()
+        .into_inner()
+        .actor_id;
+    let mut tally = Tally::default();
+    for (i, is_valid) in cases.into_iter().enumerate() {
+        if is_valid {
+            // A session of its own: a credit, the chunk, and goodbye.
+            let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+            let grant = session.grant().await;
+            let version = grant.weights.map_or(0, |w| w.version);
+            let mut good = chunk(
+                actor_id,
+                vec![rng.random_range(0..2), rng.random_range(2..4)],
+            );
+            good.policy_version = version;
+            session.upload.send(good).await.unwrap();
+            let RawSession { upload, mut grants } = session;
+            drop(upload);
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(30), grants.message())
+                .await
+                .expect("the session ends")
+            {}
+            tally.sent_valid += 1;
+            continue;
+        }
+        let kind = match rng.random_range(0..10) {
+            // Raw bytes as a handshake.
+            0 => {
+                let garbage: Vec<u8> = (0..rng.random_range(1..300))
+                    .map(|_| rng.random())
+                    .collect();
+                raw.ready().await.unwrap();
+                let status = raw
+                    .unary(
+                        tonic::Request::new(garbage),
+                        handshake_path.clone(),
+                        RawBytes,
+                    )
+                    .await
+                    .unwrap_err();
+                assert!(client_error(status.code()), "case {i}: {status:?}");
+                tally.refused_handshakes += 1;
+                "raw handshake"
+            }
+            // Raw bytes as a session's chunk.
+            1 | 2 => {
+                let garbage: Vec<u8> = (0..rng.random_range(1..300))
+                    .map(|_| rng.random())
+                    .collect();
+                let mut request = tonic::Request::new(tokio_stream::StreamExt::chain(
+                    tokio_stream::iter([garbage]),
+                    tokio_stream::pending(),
+                ));
+                request
+                    .metadata_mut()
+                    .insert(ACTOR_ID_HEADER, actor_id.into());
+                request
+                    .metadata_mut()
+                    .insert(TRAJECTORIES_PER_CHUNK_HEADER, 1u64.into());
+                raw.ready().await.unwrap();
+                let status = match raw.streaming(request, session_path.clone(), RawBytes).await {
+                    Err(status) => status,
+                    Ok(response) => {
+                        let mut grants = response.into_inner();
+                        loop {
+                            match tokio::time::timeout(Duration::from_secs(30), grants.message())
+                                .await
+                                .expect("the learner answers")
+                            {
+                                Ok(Some(_)) => continue,
+                                Ok(None) => panic!("case {i}: the session ended without a refusal"),
+                                Err(status) => break status,
+                            }
+                        }
+                    }
+                };
+                assert!(client_error(status.code()), "case {i}: {status:?}");
+                tally.refused_chunks += 1;
+                "raw chunk"
+            }
+            // A well-formed chunk that is wrong.
+            _ => {
+                let (kind, bad) = corrupted(actor_id, &mut rng);
+                let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+                // With its credit, so that the chunk itself is judged.
+                assert!(session.grant().await.credits > 0);
+                let status = session.refused(bad).await;
+                assert!(client_error(status.code()), "case {i} ({kind}): {status:?}");
+                tally.refused_chunks += 1;
+                kind
+            }
+        };
+        *tally.kinds.entry(kind).or_default() += 1;
+    }
+    tally
+}
+
+/// Corrupted messages by the thousand, mixed with valid chunks, from 16
+/// concurrent clients: every corrupted one is refused with a client error,
+/// every valid one trains, and the counters add up. `FLGFN_FUZZ_CASES`
+/// sets how many corrupted messages (10,000 by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
+    use rand::{Rng, SeedableRng};
+
+    const WORKERS: usize = 16;
+    let corrupted_total: usize = std::env::var("FLGFN_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let valid_total = (corrupted_total / 10).max(1);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    // Valid chunks spread among the corrupted ones; one more valid chunk
+    // comes last, after every refusal, and its step ends the run.
+    let mut cases: Vec<bool> = (0..corrupted_total + valid_total - 1)
+        .map(|i| i < valid_total - 1)
+        .collect();
+    for i in (1..cases.len()).rev() {
+        cases.swap(i, rng.random_range(0..=i));
+    }
+
+    let mut config = config();
+    config.learner.max_steps = valid_total as u64;
+    config.learner.max_in_flight_batches = 16;
+    config.learner.first_report_s = 1e6;
+    config.learner.report_every_s = 1e6;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        Default::default(),
+        std::future::pending(),
+    ));
+    let started = std::time::Instant::now();
+    let share = cases.len().div_ceil(WORKERS);
+    let workers: Vec<_> = cases
+        .chunks(share)
+        .enumerate()
+        .map(|(w, slice)| {
+            tokio::spawn(fuzz_worker(
+                url.clone(),
+                config.clone(),
+                slice.to_vec(),
+                100 + w as u64,
+            ))
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for worker in workers {
+        tally.merge(worker.await.unwrap());
+    }
+    tally.merge(fuzz_worker(url, config.clone(), vec![true], 99).await);
+    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let report = &outcome.final_report;
+    let Tally {
+        refused_handshakes,
+        refused_chunks,
+        sent_valid,
+        kinds,
+    } = tally;
+    eprintln!(
+        "{} corrupted ({refused_handshakes} raw handshakes, {refused_chunks} chunks) and {sent_valid} valid in {:.1} s: {kinds:?}; the learner counted {:?}",
+        refused_handshakes + refused_chunks,
+        started.elapsed().as_secs_f64(),
+        report.rejections
+    );
+    assert_eq!(refused_handshakes + refused_chunks, corrupted_total as u64);
+    assert_eq!(sent_valid, valid_total as u64);
+    // Every valid chunk trained (2 transitions each), nothing else did.
+    assert_eq!(outcome.steps, sent_valid);
+    assert_eq!(report.trained_transitions, 2 * sent_valid);
+    assert_eq!(report.ingested_transitions, 2 * sent_valid);
+    // Every refused chunk was counted, once, under the reason it was sent
+    // with.
+    assert_eq!(report.rejected_chunks, refused_chunks);
+    assert_eq!(report.rejections.values().sum::<u64>(), refused_chunks);
+    let count = |reason: &str| report.rejections.get(reason).copied().unwrap_or(0);
+    let sent = |kind: &str| kinds.get(kind).copied().unwrap_or(0);
+    // Raw bytes either fail to decode or (rarely) decode into a chunk that
+    // arrived before its credit.
+    assert_eq!(count("undecodable") + count("no_credit"), sent("raw chunk"));
+    assert!(count("undecodable") > count("no_credit"));
+    assert_eq!(
+        count("invalid_action"),
+        sent("action out of range") + sent("element taken twice")
+    );
+    assert_eq!(count("energy_out_of_range"), sent("energy out of range"));
+    assert_eq!(count("future_version"), sent("version from the future"));
+    assert_eq!(
+        count("malformed"),
+        sent("no trajectory") + sent("more trajectories than declared")
+    );
+}
