@@ -320,7 +320,9 @@ impl Session {
     /// still a refused chunk. A vanished actor is not.
     fn count_unreadable(&self, status: &Status) {
         let reason = match status.code() {
-            Code::InvalidArgument | Code::Internal => Some("undecodable"),
+            // (The codec reports undecodable bytes as INVALID_ARGUMENT; an
+            // INTERNAL here is a broken connection, not the actor's data.)
+            Code::InvalidArgument => Some("undecodable"),
             Code::OutOfRange | Code::ResourceExhausted => Some("too_large"),
             _ => None,
         };

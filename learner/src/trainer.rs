@@ -253,6 +253,11 @@ impl Trainer {
                 self.report(&mut evaluator, &mut progress)?;
             }
         }
+        // A stop between two reports still ends with one, so the last report
+        // (and the metrics file) covers everything counted.
+        if progress.window.steps > 0 {
+            self.report(&mut evaluator, &mut progress)?;
+        }
 
         progress.version = progress.step + progress.version_offset;
         self.raise_version_floor(&mut progress)?;

@@ -1,0 +1,153 @@
+//! A soak: a learner process fed by 64 concurrent actor streams from the
+//! load generator for a bounded time. Its resident memory stays flat after
+//! warm-up, no stream is starved, and what the actors sent adds up with
+//! what the learner accepted, refused and could not have received.
+//!
+//! `FLGFN_SOAK_S` sets the duration (20 s by default; `deploy/test.sh
+//! --long` runs 600 s).
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flgfn_common::config::Config;
+use flgfn_learner::report::Report;
+
+const STREAMS: usize = 64;
+
+fn resident_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_streams_for_a_while() {
+    let seconds: f64 = std::env::var("FLGFN_SOAK_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20.0);
+    let dir = std::env::temp_dir().join(format!("flgfn-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("soak.toml");
+    // Until stopped.
+    let toml = support::TINY_TOML.replace("[learner]\n", "[learner]\nmax_steps = 0\n");
+    std::fs::write(&config_path, &toml).unwrap();
+    let mut config = Config::from_file(&config_path).unwrap();
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let metrics = dir.join("metrics.jsonl");
+    let mut learner = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+        .args(["--listen", &address, "--config"])
+        .arg(&config_path)
+        .arg("--metrics")
+        .arg(&metrics)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = learner.id();
+
+    config.actor.learner = format!("http://{address}");
+    config.actor.reconnect_initial_s = 0.05;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let generators = tokio::spawn(flgfn_actor::loadgen::run(
+        config.clone(),
+        STREAMS,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    // Warm-up: a quarter of the time (at least 3 s); then sample memory.
+    let started = Instant::now();
+    let warm_up = Duration::from_secs_f64((seconds / 4.0).max(3.0));
+    tokio::time::sleep(warm_up).await;
+    let after_warm_up = resident_mb(pid);
+    let mut peak = after_warm_up;
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(resident_mb(pid));
+    }
+    let at_end = resident_mb(pid);
+
+    // Stop the streams first, then the learner (SIGTERM: a clean stop with
+    // a last report).
+    stop.send(()).unwrap();
+    let reports = tokio::time::timeout(Duration::from_secs(60), generators)
+        .await
+        .unwrap()
+        .unwrap();
+    // Let the learner take what is already on the wire.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || learner.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "the learner exited with {exit}");
+
+    let reports: Vec<_> = reports.into_iter().map(Result::unwrap).collect();
+    let chunks: Vec<u64> = reports.iter().map(|r| r.chunks_sent).collect();
+    let sent: u64 = reports.iter().map(|r| r.transitions_sent).sum();
+    let mean = chunks.iter().sum::<u64>() as f64 / STREAMS as f64;
+    let fewest = *chunks.iter().min().unwrap();
+    let last: Report = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .last()
+        .unwrap();
+    // What was sent but not accepted was in flight when the streams
+    // stopped (or reached a learner already stopping): never more than
+    // the credit room, the most the learner ever grants at once.
+    let room = config.learner.max_in_flight_batches * config.learner.max_batch_transitions as u64;
+    let lost = sent - last.ingested_transitions;
+    eprintln!(
+        "soak {seconds:.0} s, {STREAMS} streams: learner {after_warm_up:.0} MB after {:.0} s of warm-up, peak {peak:.0} MB, {at_end:.0} MB at the end; chunks per stream {fewest}..{} (mean {mean:.0}); {sent} transitions sent, {} accepted, {} refused, {lost} in flight at the stop; {} trained in {} steps",
+        warm_up.as_secs_f64(),
+        chunks.iter().max().unwrap(),
+        last.ingested_transitions,
+        last.rejected_chunks,
+        last.trained_transitions,
+        last.step,
+    );
+    assert!(after_warm_up > 0.0, "could not read the learner's memory");
+    assert!(
+        peak <= 1.10 * after_warm_up,
+        "resident memory grew from {after_warm_up:.0} MB to {peak:.0} MB"
+    );
+    assert!(
+        fewest as f64 >= 0.25 * mean && fewest > 0,
+        "a starved stream: {chunks:?}"
+    );
+    // Nothing was refused as invalid; a chunk that found the learner
+    // stopping is refused as such, and part of what was in flight.
+    assert!(
+        last.rejections
+            .keys()
+            .all(|reason| reason == "shutting_down"),
+        "{:?}",
+        last.rejections
+    );
+    assert!(last.ingested_transitions <= sent);
+    assert!(
+        lost <= room,
+        "{lost} transitions unaccounted for (room {room})"
+    );
+    assert!(last.trained_transitions > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
