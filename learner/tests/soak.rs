@@ -109,7 +109,7 @@ async fn sixty_four_streams_for_a_while() {
         .unwrap()
         .lines()
         .filter_map(|line| serde_json::from_str(line).ok())
-        .last()
+        .next_back()
         .unwrap();
     // What was sent but not accepted was in flight when the streams
     // stopped (or reached a learner already stopping): never more than
