@@ -163,6 +163,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(support::KillOnDrop)
             .unwrap()
     };
 
@@ -185,8 +186,8 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
         let first_report = reports(&metrics)[seen].clone();
         let to_first_report = started.elapsed();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
-        process.kill().unwrap();
-        process.wait().unwrap();
+        process.0.kill().unwrap();
+        process.0.wait().unwrap();
         let resumed_from = checkpoint::load_latest(&checkpoints)
             .unwrap()
             .map(|c| c.state);
@@ -208,7 +209,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     }
     // The last learner runs to the end; the actors finish with it.
     let mut process = learner();
-    let status = tokio::task::spawn_blocking(move || process.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
         .await
         .unwrap();
     assert!(status.success());

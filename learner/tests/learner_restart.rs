@@ -37,6 +37,7 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(support::KillOnDrop)
         .unwrap();
 
     let mut actor_config = config.clone();
@@ -59,8 +60,8 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
 
     // Second learner: in this process, versions start from 0 again.
     let mut second_config = config.clone();

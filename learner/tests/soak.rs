@@ -47,7 +47,7 @@ async fn sixty_four_streams_for_a_while() {
     let mut config = Config::from_file(&config_path).unwrap();
     let address = format!("127.0.0.1:{}", support::free_port().await);
     let metrics = dir.join("metrics.jsonl");
-    let mut learner = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+    let learner = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
         .args(["--listen", &address, "--config"])
         .arg(&config_path)
         .arg("--metrics")
@@ -56,6 +56,7 @@ async fn sixty_four_streams_for_a_while() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut learner = support::KillOnDrop(learner);
     let pid = learner.id();
 
     config.actor.learner = format!("http://{address}");
@@ -95,7 +96,7 @@ async fn sixty_four_streams_for_a_while() {
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || learner.wait().unwrap())
+    let exit = tokio::task::spawn_blocking(move || learner.0.wait().unwrap())
         .await
         .unwrap();
     assert!(exit.success(), "the learner exited with {exit}");

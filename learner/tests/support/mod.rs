@@ -78,3 +78,21 @@ pub fn exact_total_variation(config: &Config, weights: &[u8]) -> (f64, usize) {
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
     (total_variation(&learned, &target), target.len())
 }
+
+/// A child process that is killed when this guard is dropped, so a test
+/// that fails midway leaves no learner running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
