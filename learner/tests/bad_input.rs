@@ -40,6 +40,29 @@ fn config() -> Config {
     config
 }
 
+/// A learner on `127.0.0.1:0` in this process: its URL, its outcome, and
+/// the sender that stops it.
+async fn start_learner(
+    config: &Config,
+) -> (
+    String,
+    tokio::task::JoinHandle<Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        Default::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (url, learner, stop)
+}
+
 fn handshake_request(config: &Config) -> proto::HandshakeRequest {
     let env = tasks::build(&config.task).unwrap();
     proto::HandshakeRequest {
@@ -115,17 +138,7 @@ impl RawSession {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     let config = config();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        Default::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (url, learner, stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url).await.unwrap();
 
     // Handshake problems are refused before anything is sent.
@@ -341,17 +354,7 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
     use rand::{Rng, SeedableRng};
 
     let config = config();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        Default::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (url, learner, stop) = start_learner(&config).await;
     let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     let path = tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Handshake");
@@ -616,14 +619,8 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     config.learner.max_in_flight_batches = 16;
     config.learner.first_report_s = 1e6;
     config.learner.report_every_s = 1e6;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        Default::default(),
-        std::future::pending(),
-    ));
+    // Runs until its last step (the stop sender is kept unused).
+    let (url, learner, _stop) = start_learner(&config).await;
     let started = std::time::Instant::now();
     let share = cases.len().div_ceil(WORKERS);
     let workers: Vec<_> = cases

@@ -7,7 +7,6 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flgfn_actor::{ActorOptions, ActorReport};
@@ -154,18 +153,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     let config = Config::from_file(&config_path).unwrap();
     let address = format!("127.0.0.1:{}", support::free_port().await);
     let metrics = dir.join("metrics.jsonl");
-    let learner = || {
-        Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
-            .args(["--listen", &address, "--config"])
-            .arg(&config_path)
-            .arg("--metrics")
-            .arg(&metrics)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map(support::KillOnDrop)
-            .unwrap()
-    };
+    let learner = || support::learner_process(&address, &config_path, &metrics, &[]);
 
     let url = format!("http://{address}");
     let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];

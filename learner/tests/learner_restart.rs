@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use flgfn_actor::ActorOptions;
@@ -29,16 +28,8 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
     // First learner: a separate process, trained for a while, then killed
     // without a chance to say goodbye.
     let metrics = dir.join("first.jsonl");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
-        .args(["--listen", &address, "--max-steps", "0", "--config"])
-        .arg(&config_path)
-        .arg("--metrics")
-        .arg(&metrics)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map(support::KillOnDrop)
-        .unwrap();
+    let mut first =
+        support::learner_process(&address, &config_path, &metrics, &["--max-steps", "0"]);
 
     let mut actor_config = config.clone();
     actor_config.actor.learner = format!("http://{address}");

@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flgfn_common::config::Config;
@@ -47,16 +47,7 @@ async fn sixty_four_streams_for_a_while() {
     let mut config = Config::from_file(&config_path).unwrap();
     let address = format!("127.0.0.1:{}", support::free_port().await);
     let metrics = dir.join("metrics.jsonl");
-    let learner = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
-        .args(["--listen", &address, "--config"])
-        .arg(&config_path)
-        .arg("--metrics")
-        .arg(&metrics)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut learner = support::KillOnDrop(learner);
+    let mut learner = support::learner_process(&address, &config_path, &metrics, &[]);
     let pid = learner.id();
 
     config.actor.learner = format!("http://{address}");

@@ -96,3 +96,25 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A `flgfn-learner` process listening on `address` with the configuration
+/// file `config` and the metrics file `metrics`, plus `extra` flags; its
+/// output discarded, killed when dropped.
+pub fn learner_process(
+    address: &str,
+    config: &std::path::Path,
+    metrics: &std::path::Path,
+    extra: &[&str],
+) -> KillOnDrop {
+    std::process::Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+        .args(["--listen", address, "--config"])
+        .arg(config)
+        .arg("--metrics")
+        .arg(metrics)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap()
+}
