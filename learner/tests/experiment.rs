@@ -57,5 +57,23 @@ fn a_short_suite_writes_its_data_and_plots() {
         std::fs::read_to_string(out.join("reports.csv")).unwrap(),
         reports
     );
+
+    // One run's metrics file on its own, as a user would plot it.
+    let metrics = out.join("runs/small_fl-db_seed0/metrics.jsonl");
+    let plots = out.join("single");
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .arg("--plot-metrics")
+        .arg(&metrics)
+        .arg("--out")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    for name in ["metrics-steps.png", "metrics-seconds.png"] {
+        let png = std::fs::read(plots.join(name)).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{name}");
+    }
+    let svg = std::fs::read_to_string(plots.join("metrics-steps.svg")).unwrap();
+    assert!(svg.contains("trained transitions per second") && svg.contains("mean policy lag"));
     std::fs::remove_dir_all(&out).unwrap();
 }

@@ -32,6 +32,10 @@ struct Args {
     /// List the suites and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of a suite: plot this metrics file (from `flgfn-learner
+    /// --metrics FILE`) into --out (default: plots/).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["suite", "plot_only", "list"])]
+    plot_metrics: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +44,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(metrics) = &args.plot_metrics {
+        let out = args.out.unwrap_or_else(|| PathBuf::from("plots"));
+        let files = experiment::plot_metrics_file(metrics, &out)?;
+        for file in files {
+            println!("{}", file.display());
+        }
+        return Ok(());
+    }
     if args.list {
         for suite in SUITES {
             println!(

@@ -393,6 +393,32 @@ pub fn write_outputs(results: &[RunResult], out: &Path) -> anyhow::Result<Vec<Pa
     plots::render_groups(results, &out.join("plots"))
 }
 
+/// Plots one metrics file (a run of `flgfn-learner --metrics FILE`) into
+/// `dir`, as `<stem>-steps` and `<stem>-seconds`, PNG and SVG.
+pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let reports = read_reports(path)?;
+    if reports.is_empty() {
+        bail!("{} holds no report", path.display());
+    }
+    let stem = path
+        .file_stem()
+        .map_or("run".to_owned(), |s| s.to_string_lossy().into_owned());
+    let result = RunResult {
+        spec: RunSpec {
+            group: stem,
+            curve: "run".to_owned(),
+            seed: 0,
+            actors: 0,
+            config: Config::default(),
+        },
+        reports,
+        to_quality: None,
+        to_top_k: None,
+        top_k_ceiling: None,
+    };
+    plots::render_groups(std::slice::from_ref(&result), dir)
+}
+
 /// Reads back every run of `specs` already present under `out` (for
 /// re-rendering plots without running anything).
 pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResult>> {

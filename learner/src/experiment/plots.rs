@@ -27,7 +27,7 @@ struct Metric {
     log_scale: bool,
 }
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 8] = [
     Metric {
         title: "loss",
         value: |r| Some(r.loss),
@@ -56,6 +56,16 @@ const METRICS: [Metric; 6] = [
     Metric {
         title: "top-100 mean reward (this evaluation)",
         value: |r| Some(r.top100_mean_reward_eval),
+        log_scale: false,
+    },
+    Metric {
+        title: "trained transitions per second",
+        value: |r| Some(r.trained_per_s),
+        log_scale: false,
+    },
+    Metric {
+        title: "mean policy lag (steps)",
+        value: |r| Some(r.mean_policy_lag),
         log_scale: false,
     },
 ];
