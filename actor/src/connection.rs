@@ -91,6 +91,8 @@ pub struct Session<'a> {
     pub session: u32,
     /// The bearer token shown on every call, if the learner wants one.
     pub token: Option<&'a Token>,
+    /// TLS settings for an `https://` learner.
+    pub tls: Option<&'a tonic::transport::ClientTlsConfig>,
 }
 
 /// What the connection counted, across sessions.
@@ -161,6 +163,12 @@ impl Session<'_> {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true);
+        let endpoint = match self.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| {
+                SessionError::Refused(Status::invalid_argument(format!("tls: {e}")))
+            })?,
+            None => endpoint,
+        };
         let channel = endpoint
             .connect()
             .await

@@ -179,6 +179,33 @@ pub async fn run(
     result.map(|()| report)
 }
 
+/// TLS for an `https://` learner URL: the CA of `tls.ca_file`, the name of
+/// `tls.domain` (default: the URL's host), and a client certificate when
+/// `tls.cert_file` is set (mutual TLS). None for `http://`.
+fn client_tls(
+    config: &Config,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if !config.actor.learner.starts_with("https://") {
+        return Ok(None);
+    }
+    let files = flgfn_common::auth::read_tls(&config.tls)?;
+    let Some(ca) = files.ca else {
+        return Err(flgfn_common::config::ConfigError::invalid(
+            "tls.ca_file",
+            "an https:// learner needs the CA that signed its certificate",
+        ));
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if !config.tls.domain.is_empty() {
+        tls = tls.domain_name(config.tls.domain.clone());
+    }
+    if let Some((cert, key)) = files.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Ok(Some(tls))
+}
+
 /// The channels between a connection and whatever rolls out its orders.
 pub struct Plumbing<'a> {
     /// Chunks rolled out.
@@ -209,6 +236,10 @@ pub async fn stay_connected(
         Ok(token) => token,
         Err(error) => return (Err(error.into()), Counts::default()),
     };
+    let tls = match client_tls(config) {
+        Ok(tls) => tls,
+        Err(error) => return (Err(error.into()), Counts::default()),
+    };
     let Plumbing {
         chunks,
         orders,
@@ -236,6 +267,7 @@ pub async fn stay_connected(
             actor_id: &mut actor_id,
             session: report.sessions,
             token: token.as_ref(),
+            tls: tls.as_ref(),
         };
         let outcome = tokio::select! {
             outcome = session.run() => outcome,

@@ -33,6 +33,79 @@ pub struct AuthConfig {
     pub allow_unauthenticated: bool,
 }
 
+/// `[tls]`: transport security between actors and learner. The learner
+/// serves TLS when `cert_file` is set; an actor uses TLS for an `https://`
+/// learner URL.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate: the learner's own, or an actor's client
+    /// certificate for mutual TLS.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+    /// PEM CA certificate. Actor: the CA that signed the learner's
+    /// certificate (else the system's roots are not consulted: set it).
+    /// Learner: when set, every client must present a certificate signed
+    /// by it (mutual TLS).
+    pub ca_file: String,
+    /// Actor: the name the learner's certificate must carry (default: the
+    /// URL's host).
+    pub domain: String,
+}
+
+/// PEM files of a [`TlsConfig`], read.
+#[derive(Clone)]
+pub struct TlsFiles {
+    /// `cert_file` and `key_file`, if set.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// `ca_file`, if set.
+    pub ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("identity", &self.identity.is_some())
+            .field("ca", &self.ca.is_some())
+            .finish()
+    }
+}
+
+/// Reads the files `config` names; an error names the key.
+pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
+    let read = |field: &str, path: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        std::fs::read(path)
+            .map(Some)
+            .map_err(|e| ConfigError::invalid(field, format!("cannot read {path}: {e}")))
+    };
+    let cert = read("tls.cert_file", &config.cert_file)?;
+    let key = read("tls.key_file", &config.key_file)?;
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "tls.key_file",
+                "tls.cert_file is set without its key",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "tls.cert_file",
+                "tls.key_file is set without its certificate",
+            ));
+        }
+    };
+    Ok(TlsFiles {
+        identity,
+        ca: read("tls.ca_file", &config.ca_file)?,
+    })
+}
+
 /// A bearer token. Its `Debug` does not show it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token(String);

@@ -74,6 +74,8 @@ pub struct Config {
     pub launch: LaunchConfig,
     /// The shared bearer token.
     pub auth: crate::auth::AuthConfig,
+    /// TLS and mutual TLS.
+    pub tls: crate::auth::TlsConfig,
 }
 
 /// The task, tagged by its registered name.

@@ -55,7 +55,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use flgfn_common::auth;
-use flgfn_common::config::{BatchGrowth, Config, ConfigError, LearnerConfig};
+use flgfn_common::config::{BatchGrowth, Config, ConfigError};
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
 use flgfn_common::tasks;
@@ -88,10 +88,34 @@ pub struct RunOptions {
     pub fresh: bool,
 }
 
-/// The gRPC transport with the learner's flow-control and keepalive
-/// settings. Credits bound what is in flight, so the HTTP/2 windows only
-/// need to cover the bandwidth-delay product: hyper sizes them adaptively.
-pub fn transport(_learner: &LearnerConfig) -> tonic::transport::Server {
+/// The gRPC transport, serving TLS (and requiring client certificates for
+/// mutual TLS) when `[tls]` says so.
+pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, LearnerError> {
+    let files = auth::read_tls(&config.tls)?;
+    let Some((cert, key)) = files.identity else {
+        if files.ca.is_some() {
+            return Err(ConfigError::invalid(
+                "tls.ca_file",
+                "client certificates need the learner to serve TLS: set tls.cert_file and tls.key_file",
+            )
+            .into());
+        }
+        return Ok(server_builder());
+    };
+    let mut tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    if let Some(ca) = files.ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+    }
+    server_builder()
+        .tls_config(tls)
+        .map_err(|e| ConfigError::invalid("tls.cert_file", e.to_string()).into())
+}
+
+/// The learner's flow-control and keepalive settings. Credits bound what is
+/// in flight, so the HTTP/2 windows only need to cover the
+/// bandwidth-delay product: hyper sizes them adaptively.
+fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
         .tcp_nodelay(true)
@@ -114,6 +138,8 @@ pub async fn serve(
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
     let token = auth::load_token(&config.auth)?;
+    // Read before anything starts: a bad file is a configuration error.
+    let mut secured = secured_transport(&config)?;
     if token.is_none()
         && !config.auth.allow_unauthenticated
         && let Ok(address) = listener.local_addr()
@@ -315,7 +341,7 @@ pub async fn serve(
     );
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
-        transport(&config.learner)
+        secured
             .add_service(health_service)
             .add_service(grpc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

@@ -1,0 +1,192 @@
+//! TLS and mutual TLS with certificates made in the test: an `https://`
+//! actor trains a TLS learner; plain text to it fails cleanly; with client
+//! certificates required, an actor without one is turned away and one with
+//! a certificate from the CA trains.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use flgfn_actor::{ActorError, ActorOptions};
+use flgfn_common::config::Config;
+use flgfn_learner::RunOptions;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use tokio::net::TcpListener;
+
+/// PEM files in `dir`: a CA, a learner certificate for `localhost` and a
+/// client certificate, each signed by the CA.
+struct Pki {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let mut leaf = |name: &str, host: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![host.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (
+            write(&format!("{name}.pem"), cert.pem()),
+            write(&format!("{name}.key"), key.serialize_pem()),
+        )
+    };
+    let server = leaf("learner", "localhost");
+    let client = leaf("actor", "actor-1");
+    Pki {
+        ca: write("ca.pem", ca.pem()),
+        server,
+        client,
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+async fn start(
+    config: &Config,
+) -> (
+    u16,
+    tokio::task::JoinHandle<Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    ));
+    (port, learner)
+}
+
+fn actor_config(base: &Config, url: String, pki: &Pki, client_certificate: bool) -> Config {
+    let mut config = base.clone();
+    config.actor.learner = url;
+    config.actor.reconnect_attempts = 2;
+    config.actor.reconnect_initial_s = 0.05;
+    config.tls = Default::default();
+    config.tls.ca_file = path(&pki.ca);
+    config.tls.domain = "localhost".to_owned();
+    if client_certificate {
+        config.tls.cert_file = path(&pki.client.0);
+        config.tls.key_file = path(&pki.client.1);
+    }
+    config
+}
+
+fn options(name: &str) -> ActorOptions {
+    ActorOptions {
+        name: name.to_owned(),
+        seed_offset: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
+    let dir = std::env::temp_dir().join(format!("flgfn-tls-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 20;
+    config.tls.cert_file = path(&pki.server.0);
+    config.tls.key_file = path(&pki.server.1);
+    let (port, learner) = start(&config).await;
+
+    // Plain text to a TLS port: the actor gives up after its attempts,
+    // with an error, and the learner carries on.
+    let plain = actor_config(&config, format!("http://127.0.0.1:{port}"), &pki, false);
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(plain, options("plain"), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
+
+    let secure = actor_config(&config, format!("https://127.0.0.1:{port}"), &pki, false);
+    let actor = tokio::spawn(flgfn_actor::run(
+        secure,
+        options("secure"),
+        std::future::pending(),
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 20);
+    let report = support::finished_actor(actor).await;
+    assert!(report.chunks_sent > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
+    let dir = std::env::temp_dir().join(format!("flgfn-mtls-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 20;
+    config.tls.cert_file = path(&pki.server.0);
+    config.tls.key_file = path(&pki.server.1);
+    config.tls.ca_file = path(&pki.ca);
+    let (port, learner) = start(&config).await;
+    let url = format!("https://127.0.0.1:{port}");
+
+    let anonymous = actor_config(&config, url.clone(), &pki, false);
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(anonymous, options("anonymous"), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
+
+    let member = actor_config(&config, url, &pki, true);
+    let actor = tokio::spawn(flgfn_actor::run(
+        member,
+        options("member"),
+        std::future::pending(),
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 20);
+    support::finished_actor(actor).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn half_configured_tls_is_refused_with_the_field_named() {
+    let mut config = support::tiny_config();
+    config.tls.cert_file = "learner.pem".to_owned();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = flgfn_learner::serve(
+        config,
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("tls.cert_file"), "{error}");
+}
