@@ -34,7 +34,7 @@ fn make_pki(dir: &Path) -> Pki {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let mut leaf = |name: &str, host: &str| {
+    let leaf = |name: &str, host: &str| {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec![host.to_owned()])
             .unwrap()
