@@ -286,6 +286,10 @@ pub struct LearnerConfig {
     pub eval_every_steps: u64,
     /// Largest gRPC message accepted, in bytes (both directions).
     pub max_message_bytes: usize,
+    /// Most actor sessions open at once; more are refused with
+    /// RESOURCE_EXHAUSTED (each session holds its buffers, at most
+    /// `max_message_bytes` per message, and credits from the shared room).
+    pub max_sessions: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
     /// memory one message can claim.
@@ -321,6 +325,7 @@ impl Default for LearnerConfig {
             keep_checkpoints: 3,
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
+            max_sessions: 1024,
         }
     }
 }
@@ -504,6 +509,7 @@ impl Config {
         at_least("learner.ingest_threads", l.ingest_threads, 1)?;
         at_least("learner.eval_samples", l.eval_samples, 1)?;
         at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
+        at_least("learner.max_sessions", l.max_sessions, 1)?;
         if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
             return Err(ConfigError::invalid(
                 "learner.checkpoint_every_s",

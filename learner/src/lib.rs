@@ -244,6 +244,8 @@ pub async fn serve(
         publisher: publisher.clone(),
         stats: stats.clone(),
         ingest_pool: IngestPool::new(learner.ingest_threads),
+        max_sessions: learner.max_sessions,
+        open_sessions: std::sync::atomic::AtomicUsize::new(0),
     });
     let service = LearnerService { state };
     let address = listener.local_addr().ok();

@@ -54,6 +54,11 @@ pub struct LearnerState {
     pub stats: Arc<IngestStats>,
     /// Runs replay and validation off the async workers.
     pub ingest_pool: crate::session::IngestPool,
+    /// Most sessions open at once (`learner.max_sessions`); each holds
+    /// buffers and a place in the credit rotation.
+    pub max_sessions: usize,
+    /// Sessions open now.
+    pub open_sessions: std::sync::atomic::AtomicUsize,
 }
 
 /// The gRPC service: a thin shell over [`LearnerState`].
@@ -136,8 +141,16 @@ impl Learner for LearnerService {
         }
         let per_chunk = header(request.metadata(), TRAJECTORIES_PER_CHUNK_HEADER)?;
         state.check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)?;
+        let Some(slot) = crate::session::SessionSlot::claim(&state) else {
+            state.stats.refuse("too_many_sessions");
+            return Err(Status::resource_exhausted(format!(
+                "the learner already serves {} sessions (learner.max_sessions)",
+                state.max_sessions
+            )));
+        };
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
         let session = crate::session::Session {
+            slot,
             state,
             actor_id,
             trajectories_per_chunk: per_chunk as usize,

@@ -108,6 +108,37 @@ pub struct Session {
     pub inbound: Streaming<proto::TrajectoryChunk>,
     /// Grants to the actor (the response stream).
     pub grants: mpsc::Sender<Result<proto::Grant, Status>>,
+    /// This session's place under `learner.max_sessions`, given back when
+    /// the session ends.
+    pub slot: SessionSlot,
+}
+
+/// One of the learner's `learner.max_sessions` places; freed on drop.
+pub struct SessionSlot(Arc<LearnerState>);
+
+impl std::fmt::Debug for SessionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSlot")
+    }
+}
+
+impl SessionSlot {
+    /// A place for one more session, if the learner has one left.
+    pub fn claim(state: &Arc<LearnerState>) -> Option<Self> {
+        state
+            .open_sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < state.max_sessions).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| SessionSlot(state.clone()))
+    }
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What a session tracks while it runs.

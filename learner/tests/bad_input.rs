@@ -685,3 +685,48 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
         sent("no trajectory") + sent("more trajectories than declared")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
+    let mut config = config();
+    config.learner.max_sessions = 2;
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let actor_id = client
+        .handshake(handshake_request(&config))
+        .await
+        .unwrap()
+        .into_inner()
+        .actor_id;
+    let mut first = open(&mut client, Some(actor_id)).await.unwrap();
+    let _second = open(&mut client, Some(actor_id)).await.unwrap();
+    first.grant().await;
+    let status = open(&mut client, Some(actor_id)).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("learner.max_sessions"),
+        "{status:?}"
+    );
+
+    // A session that ends frees its place.
+    let RawSession { upload, mut grants } = first;
+    drop(upload);
+    while let Ok(Some(_)) = grants.message().await {}
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let third = loop {
+        match open(&mut client, Some(actor_id)).await {
+            Ok(session) => break session,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place was never freed"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    drop(third);
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
+}
