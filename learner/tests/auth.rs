@@ -91,11 +91,7 @@ async fn only_the_right_token_gets_in() {
         options("member"),
         std::future::pending(),
     ));
-    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = support::finished_learner(learner).await;
     assert_eq!(outcome.steps, 30);
     support::finished_actor(actor).await;
     let refused = outcome

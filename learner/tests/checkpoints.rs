@@ -69,11 +69,7 @@ async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
         std::future::pending(),
     ));
     let actors = [actor(config, &url, 0), actor(config, &url, 1)];
-    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = support::finished_learner(learner).await;
     for a in actors {
         support::finished_actor(a).await;
     }

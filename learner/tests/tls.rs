@@ -125,11 +125,7 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         options("secure"),
         std::future::pending(),
     ));
-    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = support::finished_learner(learner).await;
     assert_eq!(outcome.steps, 20);
     let report = support::finished_actor(actor).await;
     assert!(report.chunks_sent > 0);
@@ -164,11 +160,7 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
         options("member"),
         std::future::pending(),
     ));
-    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = support::finished_learner(learner).await;
     assert_eq!(outcome.steps, 20);
     support::finished_actor(actor).await;
     std::fs::remove_dir_all(&dir).unwrap();

@@ -118,3 +118,15 @@ pub fn learner_process(
         .map(KillOnDrop)
         .unwrap()
 }
+
+/// The outcome of an in-process learner that must finish training by
+/// itself within two minutes.
+pub async fn finished_learner(
+    learner: JoinHandle<Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>>,
+) -> flgfn_learner::TrainingOutcome {
+    tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .expect("training finishes")
+        .unwrap()
+        .unwrap()
+}
