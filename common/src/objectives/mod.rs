@@ -341,6 +341,23 @@ pub fn transition_terms(
     }
 }
 
+impl PaddedLayout {
+    /// Per-transition values `[T]` laid out on the grid, `[B, L]`, with 0
+    /// past each trajectory's end.
+    pub fn by_trajectory(&self, per_transition: &Tensor) -> Tensor {
+        let (b, l) = (self.lengths.size()[0], self.longest as i64);
+        let steps = Tensor::arange(l, (Kind::Int64, per_transition.device()));
+        let live = steps
+            .unsqueeze(0)
+            .lt_tensor(&self.lengths.unsqueeze(1))
+            .to_kind(Kind::Float);
+        per_transition
+            .index_select(0, &self.transitions.view(-1))
+            .view([b, l])
+            * live
+    }
+}
+
 /// Per trajectory, `[B]`: sum over its transitions of
 /// log P_F(s_{t+1}|s_t) - log P_B(s_t|s_{t+1}), i.e. log P_F(tau) -
 /// log P_B(tau | s_n). TB's residual and the importance-sampling estimate
@@ -350,15 +367,8 @@ pub fn trajectory_log_ratios(
     batch: &TransitionBatch,
     backward: BackwardPolicy,
 ) -> Tensor {
-    let grid = &batch.padded;
-    let (b, l) = (batch.trajectories as i64, grid.longest as i64);
-    let steps = Tensor::arange(l, (Kind::Int64, batch.states.device()));
-    let live_steps = steps
-        .unsqueeze(0)
-        .lt_tensor(&grid.lengths.unsqueeze(1))
-        .to_kind(Kind::Float);
-    let terms = transition_terms(output, batch, Flow::Plain, backward)
-        .index_select(0, &grid.transitions.view(-1))
-        .view([b, l]);
-    (terms * live_steps).sum_dim_intlist(1, false, Kind::Float)
+    batch
+        .padded
+        .by_trajectory(&transition_terms(output, batch, Flow::Plain, backward))
+        .sum_dim_intlist(1, false, Kind::Float)
 }

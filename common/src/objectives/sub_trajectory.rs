@@ -60,13 +60,8 @@ impl SubTrajectoryBalance {
         let flows = state_log_flows(output, batch, self.flow)
             .index_select(0, &grid.states.view(-1))
             .view([b, l + 1]);
-        let steps = Tensor::arange(l, (Kind::Int64, device));
         let lengths = grid.lengths.unsqueeze(1);
-        let live_steps = steps.unsqueeze(0).lt_tensor(&lengths).to_kind(Kind::Float);
-        let terms = transition_terms(output, batch, self.flow, self.backward)
-            .index_select(0, &grid.transitions.view(-1))
-            .view([b, l])
-            * live_steps;
+        let terms = grid.by_trajectory(&transition_terms(output, batch, self.flow, self.backward));
         // Sums of the terms from s_0 to each state: a sub-trajectory's sum
         // is a difference of two.
         let to_state = Tensor::cat(
