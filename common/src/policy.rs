@@ -152,7 +152,7 @@ impl Policy {
 
     /// The weights as host arrays, sorted by name.
     pub fn weights(&self) -> Vec<NamedArray> {
-        self.snapshot().to_host()
+        vars_to_host(&self.vars)
     }
 
     /// A copy of every parameter on the policy's own device: cheap (no
@@ -185,36 +185,7 @@ impl Policy {
     /// Replaces the weights with `arrays`, which must name every parameter
     /// once with its exact shape.
     pub fn load_weights(&mut self, arrays: &[NamedArray]) -> Result<(), WeightsError> {
-        let mut variables = self.vars.variables();
-        if arrays.len() != variables.len() {
-            return Err(WeightsError::Mismatch(format!(
-                "{} tensors, the network has {}",
-                arrays.len(),
-                variables.len()
-            )));
-        }
-        let _guard = tch::no_grad_guard();
-        for array in arrays {
-            let Some(mut variable) = variables.remove(&array.name) else {
-                return Err(WeightsError::Mismatch(format!(
-                    "no parameter named `{}`",
-                    array.name
-                )));
-            };
-            let shape: Vec<usize> = variable.size().iter().map(|&d| d as usize).collect();
-            if shape != array.shape || array.values.len() != shape.iter().product::<usize>() {
-                return Err(WeightsError::Mismatch(format!(
-                    "`{}` has shape {:?}, the network's is {shape:?}",
-                    array.name, array.shape
-                )));
-            }
-            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-            let values = Tensor::from_slice(&array.values)
-                .view(dims.as_slice())
-                .to_device(variable.device());
-            variable.copy_(&values);
-        }
-        Ok(())
+        load_vars(&self.vars, arrays)
     }
 
     /// Encodes `states` with `env` and runs the network on them without
@@ -285,6 +256,57 @@ impl DeviceSnapshot {
     ) -> Result<Vec<u8>, WeightsError> {
         weights::encode(&self.to_host(), encoding, metadata)
     }
+}
+
+/// Replaces the variables of `vars` with `arrays`, which must name every
+/// variable once with its exact shape (a policy's weights, or an
+/// objective's own parameters from a checkpoint).
+pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), WeightsError> {
+    let mut variables = vars.variables();
+    if arrays.len() != variables.len() {
+        return Err(WeightsError::Mismatch(format!(
+            "{} tensors, the network has {}",
+            arrays.len(),
+            variables.len()
+        )));
+    }
+    let _guard = tch::no_grad_guard();
+    for array in arrays {
+        let Some(mut variable) = variables.remove(&array.name) else {
+            return Err(WeightsError::Mismatch(format!(
+                "no parameter named `{}`",
+                array.name
+            )));
+        };
+        let shape: Vec<usize> = variable.size().iter().map(|&d| d as usize).collect();
+        if shape != array.shape || array.values.len() != shape.iter().product::<usize>() {
+            return Err(WeightsError::Mismatch(format!(
+                "`{}` has shape {:?}, the network's is {shape:?}",
+                array.name, array.shape
+            )));
+        }
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let values = Tensor::from_slice(&array.values)
+            .view(dims.as_slice())
+            .to_device(variable.device());
+        variable.copy_(&values);
+    }
+    Ok(())
+}
+
+/// Every variable of `vars` as a host f32 array, sorted by name.
+pub fn vars_to_host(vars: &nn::VarStore) -> Vec<NamedArray> {
+    let mut arrays: Vec<NamedArray> = vars
+        .variables()
+        .into_iter()
+        .map(|(name, tensor)| NamedArray {
+            name,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+            values: to_host_f32(&tensor),
+        })
+        .collect();
+    arrays.sort_by(|a, b| a.name.cmp(&b.name));
+    arrays
 }
 
 /// Picks the device a configuration asks for. `Auto` takes CUDA when libtorch

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
-use flgfn_common::policy::Policy;
+use flgfn_common::policy::{Policy, load_vars, vars_to_host};
 use flgfn_common::weights::NamedArray;
 use tch::{Kind, Tensor};
 use tracing::info;
@@ -349,7 +349,7 @@ impl Trainer {
         let mut arrays: Vec<NamedArray> = prefixed("policy", self.policy.weights()).collect();
         arrays.extend(prefixed("adam", optimizer.state()));
         if let Some((vars, _)) = self.objective.own_parameters() {
-            arrays.extend(prefixed("objective", host_arrays(vars)));
+            arrays.extend(prefixed("objective", vars_to_host(vars)));
         }
         if let Some((own, _)) = own_optimizer {
             arrays.extend(prefixed("objective_adam", own.state()));
@@ -394,7 +394,7 @@ impl Trainer {
             .restore(&checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
         if let Some((vars, _)) = self.objective.own_parameters() {
-            copy_into(vars, &checkpoint.group("objective")).map_err(fail)?;
+            load_vars(vars, &checkpoint.group("objective")).map_err(|e| fail(e.to_string()))?;
         }
         if let Some((own, _)) = own_optimizer {
             own.restore(
@@ -590,39 +590,4 @@ impl Trainer {
         progress.report = report;
         Ok(())
     }
-}
-
-/// Every variable of `vars` as a host array, sorted by name.
-fn host_arrays(vars: &tch::nn::VarStore) -> Vec<NamedArray> {
-    let mut arrays: Vec<NamedArray> = vars
-        .variables()
-        .into_iter()
-        .map(|(name, tensor)| NamedArray {
-            name,
-            shape: tensor.size().iter().map(|&d| d as usize).collect(),
-            values: flgfn_common::policy::to_host_f32(&tensor),
-        })
-        .collect();
-    arrays.sort_by(|a, b| a.name.cmp(&b.name));
-    arrays
-}
-
-/// Copies `arrays` into the variables of `vars` with the same names.
-fn copy_into(vars: &tch::nn::VarStore, arrays: &[NamedArray]) -> Result<(), String> {
-    let _guard = tch::no_grad_guard();
-    for (name, mut variable) in vars.variables() {
-        let array = arrays
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| format!("no saved value for the objective's `{name}`"))?;
-        let shape = variable.size();
-        if array.values.len() != shape.iter().product::<i64>() as usize {
-            return Err(format!("the objective's `{name}` has the wrong size"));
-        }
-        let values = Tensor::from_slice(&array.values)
-            .view(shape.as_slice())
-            .to_device(variable.device());
-        variable.copy_(&values);
-    }
-    Ok(())
 }
