@@ -113,9 +113,22 @@ fn base(task: TaskConfig, trajectory_len: usize, steps: u64, eval_every: u64) ->
     config
 }
 
-fn with_objective(mut config: Config, objective: ObjectiveName) -> Config {
-    config.objective.name = objective;
-    config
+/// One run per objective of `config`, grouped under `group`.
+fn per_objective(
+    runs: &mut Vec<(String, String, Config)>,
+    group: &str,
+    config: &Config,
+    objectives: &[ObjectiveName],
+) {
+    for &objective in objectives {
+        let mut config = config.clone();
+        config.objective.name = objective;
+        runs.push((
+            group.to_owned(),
+            objective_label(objective).to_owned(),
+            config,
+        ));
+    }
 }
 
 fn set_task(size: SetSize) -> (TaskConfig, usize) {
@@ -138,13 +151,7 @@ fn paper_sets(steps: u64) -> Vec<(String, String, Config)> {
     ] {
         let (task, len) = set_task(size);
         let config = base(task, len, steps, (steps / 20).max(1));
-        for objective in OBJECTIVES {
-            runs.push((
-                label.to_owned(),
-                objective_label(objective).to_owned(),
-                with_objective(config.clone(), objective),
-            ));
-        }
+        per_objective(&mut runs, label, &config, &OBJECTIVES);
     }
     runs
 }
@@ -155,13 +162,13 @@ fn incomplete(steps: u64) -> Vec<(String, String, Config)> {
     for fraction in [0.0, 0.5, 0.9] {
         let mut config = base(task.clone(), len, steps, (steps / 20).max(1));
         config.actor.truncate_fraction = fraction;
-        for objective in [ObjectiveName::FlDb, ObjectiveName::Db] {
-            runs.push((
-                format!("small, {:.0}% truncated", 100.0 * fraction),
-                objective_label(objective).to_owned(),
-                with_objective(config.clone(), objective),
-            ));
-        }
+        let group = format!("small, {:.0}% truncated", 100.0 * fraction);
+        per_objective(
+            &mut runs,
+            &group,
+            &config,
+            &[ObjectiveName::FlDb, ObjectiveName::Db],
+        );
     }
     runs
 }
@@ -181,13 +188,7 @@ fn lattice(steps: u64) -> Vec<(String, String, Config)> {
         // Exact TV decides quality here; the samples only feed the
         // marginal and energy figures.
         config.learner.eval_samples = 1024;
-        for objective in OBJECTIVES {
-            runs.push((
-                label.to_owned(),
-                objective_label(objective).to_owned(),
-                with_objective(config.clone(), objective),
-            ));
-        }
+        per_objective(&mut runs, label, &config, &OBJECTIVES);
     }
     runs
 }
@@ -197,16 +198,14 @@ fn smoke(steps: u64) -> Vec<(String, String, Config)> {
     let mut config = base(task, len, steps, (steps / 2).max(1));
     config.learner.eval_samples = 256;
     config.launch.actors = 1;
-    [ObjectiveName::FlDb, ObjectiveName::Tb]
-        .into_iter()
-        .map(|o| {
-            (
-                "small".to_owned(),
-                objective_label(o).to_owned(),
-                with_objective(config.clone(), o),
-            )
-        })
-        .collect()
+    let mut runs = Vec::new();
+    per_objective(
+        &mut runs,
+        "small",
+        &config,
+        &[ObjectiveName::FlDb, ObjectiveName::Tb],
+    );
+    runs
 }
 
 #[cfg(test)]
