@@ -6,13 +6,16 @@
 //! when much is in flight behind a slow network), and with
 //! `batch_growth = "supply"` any more that are already waiting, up to
 //! `max_batch_transitions`: more supply means bigger steps, not older data.
-//! Here, where the batch is built, chunks whose policy would be more than
-//! `max_policy_lag` steps old when trained are dropped and counted; credits
-//! keep that rare. Each chunk's credit is released once the chunk is in a
+//! Chunks are batched oldest policy first, and one that could not wait
+//! another step joins the current batch beyond its target. Here, where the
+//! batch is built, chunks whose policy would be more than `max_policy_lag`
+//! steps old when trained are dropped and counted; credits and that order
+//! keep it rare. Each chunk's credit is released once the chunk is in a
 //! batch, so actors start the next rollouts while this batch trains. The
 //! host tensors are collated here (into pinned memory when the trainer
 //! runs on a GPU), so the trainer only copies them to the device and steps.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
@@ -76,12 +79,14 @@ pub struct Batcher {
     pub runtime: Handle,
     /// Whether building the current batch found the queue empty.
     pub waited_for_data: bool,
+    /// Chunks taken off the queue and not yet batched, oldest policy
+    /// first.
+    pub waiting: VecDeque<QueuedChunk>,
 }
 
 impl Batcher {
     /// Builds batches until the learner stops or the trainer is gone.
     pub fn run(mut self) {
-        let mut carried: Option<QueuedChunk> = None;
         // Whether the last batch had to wait for data and the trainer for
         // it: the credit room's signal to grow. (A trainer kept waiting by
         // a busy CPU rather than by missing data is no reason to let more
@@ -90,7 +95,7 @@ impl Batcher {
         loop {
             let target = self.pool.adapt(starved) as usize;
             self.waited_for_data = false;
-            let Some(chunks) = self.gather(target, &mut carried) else {
+            let Some(chunks) = self.gather(target) else {
                 return;
             };
             let batch = self.collate(chunks);
@@ -121,20 +126,29 @@ impl Batcher {
         );
     }
 
-    /// At least `target` transitions of fresh data, then whatever else is
-    /// waiting up to `max_transitions`. None when the learner stops.
-    fn gather(
-        &mut self,
-        target: usize,
-        carried: &mut Option<QueuedChunk>,
-    ) -> Option<Vec<QueuedChunk>> {
+    /// At least `target` transitions of fresh data, oldest policy first;
+    /// then, with `take_waiting`, whatever else is waiting up to
+    /// `max_transitions`, and otherwise whatever would be stale by the next
+    /// step. None when the learner stops.
+    ///
+    /// Oldest first is earliest deadline first (a chunk's deadline is its
+    /// policy version + `max_policy_lag`): a chunk that arrived late, or
+    /// behind a batch target that shrank, is trained before fresher data
+    /// rather than dropped.
+    fn gather(&mut self, target: usize) -> Option<Vec<QueuedChunk>> {
         let mut chunks: Vec<QueuedChunk> = Vec::new();
         let mut transitions = 0;
         loop {
+            self.absorb_arrived();
             while transitions < target {
-                let chunk = match carried.take() {
+                let chunk = match self.waiting.pop_front() {
                     Some(chunk) => chunk,
-                    None => self.next_chunk()?,
+                    None => {
+                        let chunk = self.next_chunk()?;
+                        self.waiting.push_back(chunk);
+                        self.absorb_arrived();
+                        continue;
+                    }
                 };
                 if self.is_stale(&chunk, self.step_to_train()) {
                     self.drop_stale(chunk);
@@ -154,23 +168,43 @@ impl Batcher {
                 break;
             }
         }
-        // Fresh supply beyond the target joins this batch rather than age.
-        while self.take_waiting && transitions < self.max_transitions {
-            let Ok(chunk) = self.queue.try_recv() else {
-                break;
-            };
-            if self.is_stale(&chunk, self.step_to_train()) {
+        // Beyond the target: fresh supply joins this batch rather than age
+        // (`take_waiting`), and in any case what could not wait one more
+        // step.
+        self.absorb_arrived();
+        let step = self.step_to_train();
+        while let Some(chunk) = self.waiting.front() {
+            if self.is_stale(chunk, step) {
+                let chunk = self.waiting.pop_front().expect("front exists");
                 self.drop_stale(chunk);
                 continue;
             }
-            if transitions + chunk.chunk.transitions > self.max_transitions {
-                *carried = Some(chunk);
+            let due = step.saturating_sub(chunk.chunk.policy_version) >= self.max_policy_lag;
+            if !(self.take_waiting || due)
+                || transitions + chunk.chunk.transitions > self.max_transitions
+            {
                 break;
             }
+            let chunk = self.waiting.pop_front().expect("front exists");
             transitions += chunk.chunk.transitions;
             chunks.push(chunk);
         }
         Some(chunks)
+    }
+
+    /// Moves every chunk that has arrived into `waiting`, oldest policy
+    /// first (stable: arrival order within a version). Credits bound how
+    /// many there are.
+    fn absorb_arrived(&mut self) {
+        let before = self.waiting.len();
+        while let Ok(chunk) = self.queue.try_recv() {
+            self.waiting.push_back(chunk);
+        }
+        if self.waiting.len() > before {
+            self.waiting
+                .make_contiguous()
+                .sort_by_key(|c| c.chunk.policy_version);
+        }
     }
 
     fn collate(&self, chunks: Vec<QueuedChunk>) -> PreparedBatch {
@@ -217,5 +251,80 @@ impl Batcher {
                 _ = stop.wait_for(|stopped| *stopped) => None,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::IngestedChunk;
+
+    /// A batcher at step 17 (16 done) with `max_policy_lag` 16, fed chunks
+    /// of 10 transitions sampled by `versions`, in that arrival order.
+    fn batcher_with(
+        runtime: &tokio::runtime::Runtime,
+        versions: &[u64],
+    ) -> (Batcher, std::sync::mpsc::Receiver<PreparedBatch>) {
+        let pool = CreditPool::new(100, 1000, 4);
+        let (sender, queue) = mpsc::channel(16);
+        for &policy_version in versions {
+            let mut credit = pool.try_reserve(10).expect("room for the test chunks");
+            credit.arrived(10);
+            let chunk = IngestedChunk {
+                actor_id: 1,
+                policy_version,
+                trajectories: Vec::new(),
+                transitions: 10,
+                unusable_transitions: 0,
+            };
+            sender.try_send(QueuedChunk { chunk, credit }).unwrap();
+        }
+        let (out, batches) = std::sync::mpsc::sync_channel(0);
+        let batcher = Batcher {
+            queue,
+            out,
+            steps_done: Arc::new(AtomicU64::new(16)),
+            pool,
+            stats: Default::default(),
+            max_transitions: 1000,
+            take_waiting: false,
+            max_policy_lag: 16,
+            dims: (1, 1, 1),
+            pinned: false,
+            stop: watch::channel(false).1,
+            runtime: runtime.handle().clone(),
+            waited_for_data: false,
+            waiting: VecDeque::new(),
+        };
+        (batcher, batches)
+    }
+
+    fn versions(chunks: &[QueuedChunk]) -> Vec<u64> {
+        chunks.iter().map(|c| c.chunk.policy_version).collect()
+    }
+
+    #[test]
+    fn oldest_policy_is_batched_first_and_what_cannot_wait_joins_the_batch() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // At step 17: version 0 is stale (lag 17), version 1 is due (lag
+        // 16: stale next step), version 2 arrived late behind fresher data.
+        let (mut batcher, _batches) = batcher_with(&runtime, &[8, 9, 2, 0, 1, 1, 10]);
+        let first = batcher.gather(10).unwrap();
+        assert_eq!(
+            versions(&first),
+            [1, 1],
+            "the stale chunk is dropped, both due ones are taken beyond the target"
+        );
+        assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 10);
+        let second = batcher.gather(10).unwrap();
+        assert_eq!(
+            versions(&second),
+            [2],
+            "then the late arrival, oldest first"
+        );
+        let rest = batcher.gather(30).unwrap();
+        assert_eq!(versions(&rest), [8, 9, 10]);
     }
 }

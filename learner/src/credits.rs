@@ -146,7 +146,7 @@ impl CreditPool {
     /// always be able to fill, even when chunks came in smaller than their
     /// reservations (truncated trajectories) or a chunk is larger than the
     /// room.
-    fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
         let capacity = self.capacity();
         let building = self.building.load(Ordering::Relaxed);
         let reserved = self

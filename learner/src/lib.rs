@@ -285,6 +285,7 @@ pub async fn serve(
         stop: stop.clone(),
         runtime: tokio::runtime::Handle::current(),
         waited_for_data: false,
+        waiting: Default::default(),
     };
     std::thread::Builder::new()
         .name("flgfn-batcher".to_owned())
