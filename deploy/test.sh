@@ -2,7 +2,7 @@
 # The whole test suite: installs libtorch once (cached) and runs every test
 # of the workspace in release mode (the same build as the default job, so
 # libtorch's C++ glue is compiled once). Ends with one summary line,
-# "tests: N passed, N failed".
+# "tests: N passed, N failed" (every test binary runs, even after a failure).
 #
 #   deploy/test.sh          # the suite (CI runs this)
 #   deploy/test.sh --long   # also a 10-minute soak and 100,000 fuzz cases
@@ -25,7 +25,7 @@ cargo build --release --workspace --bins
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace "${args[@]}" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast "${args[@]}" 2>&1 | tee "$log" || status=$?
 # cargo prints one "test result:" line per test binary (the last is often a
 # doc-test run with 0 tests): add them up so the total is what closes.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
