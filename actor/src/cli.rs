@@ -3,13 +3,14 @@
 
 use std::path::PathBuf;
 
-use flgfn_common::config::{Config, ConfigError};
+use flgfn_common::config::{Config, ConfigError, describe_layers, env_overrides};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigFlags {
     /// TOML configuration; task and model must match the learner's.
-    #[arg(long, value_name = "FILE")]
+    /// `FLGFN_<SECTION>__<KEY>` variables override it, flags override both.
+    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
     pub config: Option<PathBuf>,
     /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
     #[arg(long, value_name = "URL")]
@@ -32,5 +33,29 @@ impl ConfigFlags {
             config.actor.envs = envs;
         }
         Ok(config)
+    }
+
+    /// The configuration flags given, for `--print-config`.
+    pub fn overriding_flags(&self) -> Vec<&'static str> {
+        [
+            ("--learner", self.learner.is_some()),
+            ("--envs", self.envs.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
+
+    /// `--print-config`'s output: where the configuration came from, then
+    /// the configuration.
+    pub fn print(&self, config: &Config, more_flags: &[&'static str]) {
+        let mut flags = self.overriding_flags();
+        flags.extend_from_slice(more_flags);
+        let overrides = env_overrides(std::env::vars());
+        print!(
+            "{}",
+            describe_layers(self.config.as_deref(), &overrides, &flags)
+        );
+        print!("{}", config.to_toml());
     }
 }

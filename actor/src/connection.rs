@@ -196,6 +196,7 @@ impl Session<'_> {
 
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
+        tracing::Span::current().record("actor_id", actor_id);
         let session = self.session;
         // From now on only this session's orders are rolled out.
         self.current_session.store(session, Ordering::Release);
@@ -233,6 +234,7 @@ impl Session<'_> {
                     }
                     if let Some(new) = grant.weights {
                         counts.versions_received += 1;
+                        tracing::Span::current().record("policy_version", new.version);
                         weights = Some(Arc::new(Weights {
                             session,
                             version: new.version,

@@ -26,8 +26,9 @@ use flgfn_common::config::Config;
 use flgfn_common::policy::{ModelSpec, set_threads};
 use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
+use rand::Rng;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::connection::{Counts, Session, SessionEnd, SessionError};
 use crate::worker::{Seeding, Worker, WorkerReport};
@@ -103,6 +104,23 @@ const MAX_QUEUED_ORDERS: usize = 4096;
 /// Runs an actor until the learner finishes training, `shutdown` resolves,
 /// or the learner refuses it.
 pub async fn run(
+    config: Config,
+    options: ActorOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ActorReport, ActorError> {
+    // Every event of this actor carries who it is and which policy it
+    // samples with (JSON logs); the connection records the last two.
+    let span = info_span!(
+        "actor",
+        actor_name = %options.name,
+        learner = %config.actor.learner,
+        actor_id = tracing::field::Empty,
+        policy_version = tracing::field::Empty,
+    );
+    run_actor(config, options, shutdown).instrument(span).await
+}
+
+async fn run_actor(
     config: Config,
     options: ActorOptions,
     shutdown: impl Future<Output = ()>,
@@ -298,9 +316,13 @@ pub async fn stay_connected(
                         last: message,
                     });
                 }
-                warn!(%message, retry_in = ?backoff, "learner unavailable; reconnecting");
+                // Jitter: a fleet that lost its learner at one moment does
+                // not come back in lockstep (half the backoff, plus up to
+                // as much again at random).
+                let pause = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                warn!(%message, retry_in = ?pause, "learner unavailable; reconnecting");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = &mut shutdown => break Ok(()),
                 }
                 backoff = (backoff * 2).min(max_backoff);

@@ -3,6 +3,7 @@
 use clap::Parser;
 use flgfn_actor::ActorOptions;
 use flgfn_actor::cli::ConfigFlags;
+use flgfn_common::telemetry::{self, LogFlags};
 
 /// Rolls out trajectories with the learner's latest policy and streams them,
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
@@ -24,15 +25,18 @@ struct Args {
     /// actor.truncate_fraction).
     #[arg(long, value_name = "F")]
     truncate_fraction: Option<f64>,
-    /// Print the effective configuration (file, defaults and flags) as
-    /// TOML and exit.
+    /// Print the effective configuration (defaults, file, environment and
+    /// flags) as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(flatten)]
+    log: LogFlags,
 }
 
 fn main() -> std::process::ExitCode {
-    flgfn_common::telemetry::init();
-    flgfn_common::telemetry::exit_status("flgfn-actor", run(Args::parse()))
+    let args = Args::parse();
+    telemetry::init_with(args.log.log_format);
+    telemetry::exit_status("flgfn-actor", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -42,7 +46,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     config.validate()?;
     if args.print_config {
-        print!("{}", config.to_toml());
+        let flag = args.truncate_fraction.map(|_| "--truncate-fraction");
+        args.config.print(&config, flag.as_slice());
         return Ok(());
     }
     let name = args.name.unwrap_or_else(|| {

@@ -3,8 +3,14 @@
 //! A single TOML file is read by the learner, the actors and the local
 //! launcher. Every default lives in this file (in the `Default` impls), so a
 //! file only names what it changes; unknown keys are errors that name the
-//! key, so a typo never silently falls back to a default. Command-line flags
-//! override individual fields after the file is read.
+//! key, so a typo never silently falls back to a default.
+//!
+//! Layers, each overriding the one before: the defaults, the file
+//! (`--config FILE` or `FLGFN_CONFIG`), environment variables named
+//! `FLGFN_<SECTION>__<KEY>` (`FLGFN_LEARNER__LISTEN=0.0.0.0:50051`,
+//! `FLGFN_ACTOR__ENVS=32`; `FLGFN_SEED` for the one top-level key; see
+//! [`env_overrides`]), then command-line flags. `--print-config` prints
+//! the result and the layers it came from.
 
 use std::path::Path;
 
@@ -365,7 +371,9 @@ pub struct ActorConfig {
     pub threads: usize,
     /// First reconnect delay after the learner goes away, in seconds.
     pub reconnect_initial_s: f64,
-    /// Longest reconnect delay (the delay doubles up to this).
+    /// Longest reconnect delay (the delay doubles up to this; each wait is
+    /// drawn between half of it and all of it, so a fleet does not return
+    /// in lockstep).
     pub reconnect_max_s: f64,
     /// Give up after this many failed connection attempts in a row; a
     /// connection that worked and then broke starts a new count (0: never
@@ -404,6 +412,101 @@ impl Default for LaunchConfig {
     }
 }
 
+/// Prefix of the environment variables that set configuration keys.
+pub const ENV_PREFIX: &str = "FLGFN_";
+/// Between the section and the key in such a variable's name.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// One configuration key set by an environment variable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvOverride {
+    /// The variable, e.g. `FLGFN_LEARNER__LISTEN`.
+    pub variable: String,
+    /// The key it sets, e.g. `["learner", "listen"]`.
+    pub key: Vec<String>,
+    /// Its value: a TOML value when it reads as one (`64`, `true`,
+    /// `[256, 256]`, `"text"`), else the text itself as a string
+    /// (`0.0.0.0:50051`, `http://learner:50051`).
+    pub value: toml::Value,
+}
+
+impl EnvOverride {
+    fn apply(&self, table: &mut toml::Table) -> Result<(), ConfigError> {
+        let (last, sections) = self.key.split_last().expect("keys are never empty");
+        let mut current = table;
+        for section in sections {
+            let entry = current
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            current = entry.as_table_mut().ok_or_else(|| {
+                ConfigError::invalid(
+                    &self.key.join("."),
+                    format!("set by {}, but `{section}` is not a section", self.variable),
+                )
+            })?;
+        }
+        current.insert(last.clone(), self.value.clone());
+        Ok(())
+    }
+}
+
+/// The configuration keys set by `variables` (pass `std::env::vars()`):
+/// every `FLGFN_<SECTION>__<KEY>` (upper case, `__` between the parts,
+/// e.g. `FLGFN_TASK__SET_SIZE`) and `FLGFN_SEED`, in name order. Other
+/// `FLGFN_` variables (`FLGFN_TOKEN`, `FLGFN_CONFIG`, `FLGFN_LOG_FORMAT`)
+/// are not configuration keys and are left alone.
+pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> Vec<EnvOverride> {
+    let mut overrides: Vec<EnvOverride> = variables
+        .into_iter()
+        .filter_map(|(variable, text)| {
+            let name = variable.strip_prefix(ENV_PREFIX)?;
+            let key: Vec<String> = if name == "SEED" {
+                vec!["seed".to_owned()]
+            } else if name.contains(ENV_SEPARATOR) {
+                name.split(ENV_SEPARATOR).map(str::to_lowercase).collect()
+            } else {
+                return None;
+            };
+            let value = format!("v = {text}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(text));
+            Some(EnvOverride {
+                variable,
+                key,
+                value,
+            })
+        })
+        .collect();
+    overrides.sort_by(|a, b| a.variable.cmp(&b.variable));
+    overrides
+}
+
+/// Where an effective configuration came from, as TOML comment lines
+/// for `--print-config`: the layers in order of precedence.
+pub fn describe_layers(path: Option<&Path>, overrides: &[EnvOverride], flags: &[&str]) -> String {
+    let file = path.map_or("no file".to_owned(), |p| p.display().to_string());
+    let env = if overrides.is_empty() {
+        "no FLGFN_ variables".to_owned()
+    } else {
+        overrides
+            .iter()
+            .map(|o| o.variable.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let flags = if flags.is_empty() {
+        "no flags".to_owned()
+    } else {
+        flags.join(", ")
+    };
+    format!(
+        "# Effective configuration. Layers, later ones win:\n\
+         #   defaults < {file} < environment ({env}) < command line ({flags})\n"
+    )
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -424,16 +527,49 @@ impl Config {
         Ok(config)
     }
 
-    /// The file if given, else the defaults; validated either way.
+    /// The file if given, else the defaults, with the `FLGFN_` variables
+    /// of this process's environment applied; validated.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        match path {
-            Some(path) => Self::from_file(path),
-            None => {
-                let config = Config::default();
-                config.validate()?;
-                Ok(config)
-            }
+        Self::load_layered(path, &env_overrides(std::env::vars()))
+    }
+
+    /// The file if given, else the defaults, with `overrides` applied;
+    /// validated. An override of a key the schema lacks, or of the wrong
+    /// type, is an error naming its variable.
+    pub fn load_layered(
+        path: Option<&Path>,
+        overrides: &[EnvOverride],
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "the defaults".to_owned()),
+        };
+        if overrides.is_empty() {
+            return Self::from_toml(&text, &origin);
         }
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: origin.clone(),
+            message: e.to_string(),
+        })?;
+        for layer in overrides {
+            layer.apply(&mut table)?;
+        }
+        let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
+        let origin = format!("{origin} with {}", variables.join(", "));
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: origin,
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// The configuration as TOML, every key that has a value (unset task
@@ -609,6 +745,85 @@ mod tests {
         let start = readme.find("```toml\n").expect("README has a toml block") + 8;
         let len = readme[start..].find("```").expect("the block ends");
         &readme[start..start + len]
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_variables_set_keys_over_the_file_and_name_themselves_in_errors() {
+        let dir = std::env::temp_dir().join(format!("flgfn-env-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.toml");
+        std::fs::write(
+            &file,
+            "seed = 3\n[learner]\nlisten = \"127.0.0.1:1\"\nmax_steps = 10\n",
+        )
+        .unwrap();
+        let overrides = env_overrides(vars(&[
+            ("FLGFN_LEARNER__LISTEN", "0.0.0.0:50051"),
+            ("FLGFN_MODEL__HIDDEN", "[32, 16]"),
+            ("FLGFN_ACTOR__LEARNER", "http://learner:50051"),
+            ("FLGFN_SEED", "9"),
+            ("FLGFN_TOKEN", "not a key"),
+            ("FLGFN_LOG_FORMAT", "json"),
+            ("HOME", "/root"),
+        ]));
+        let names: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "FLGFN_ACTOR__LEARNER",
+                "FLGFN_LEARNER__LISTEN",
+                "FLGFN_MODEL__HIDDEN",
+                "FLGFN_SEED"
+            ]
+        );
+        let config = Config::load_layered(Some(&file), &overrides).unwrap();
+        assert_eq!(
+            config.learner.listen, "0.0.0.0:50051",
+            "environment over file"
+        );
+        assert_eq!(config.learner.max_steps, 10, "the file's other keys stay");
+        assert_eq!(config.model.hidden, [32, 16]);
+        assert_eq!(config.actor.learner, "http://learner:50051");
+        assert_eq!(config.seed, 9);
+        // No file: over the defaults.
+        let config = Config::load_layered(None, &overrides[..1]).unwrap();
+        assert_eq!(config.actor.learner, "http://learner:50051");
+        assert_eq!(config.learner, Config::default().learner);
+
+        let typo = env_overrides(vars(&[("FLGFN_LEARNER__LISTN", "x")]));
+        let error = Config::load_layered(Some(&file), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("FLGFN_LEARNER__LISTN") && error.contains("listn"),
+            "{error}"
+        );
+        let wrong_type = env_overrides(vars(&[("FLGFN_LEARNER__MAX_STEPS", "many")]));
+        let error = Config::load_layered(None, &wrong_type)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("FLGFN_LEARNER__MAX_STEPS") && error.contains("max_steps"),
+            "{error}"
+        );
+        let out_of_range = env_overrides(vars(&[("FLGFN_LEARNER__LEARNING_RATE", "-1")]));
+        let error = Config::load_layered(None, &out_of_range)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("learner.learning_rate"), "{error}");
+        let not_a_section = env_overrides(vars(&[("FLGFN_SEED__X", "1")]));
+        let error = Config::load_layered(None, &not_a_section)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FLGFN_SEED__X"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,17 +1,62 @@
 //! Tracing setup shared by the binaries.
+//!
+//! Two formats: human text (colours only when stderr is a terminal and
+//! `NO_COLOR` is unset, so a log written to a file has no escape codes) and
+//! JSON lines (`--log-format json` or `FLGFN_LOG_FORMAT=json`), one object
+//! per event carrying the fields of its spans: `actor_id` and `peer` on the
+//! learner's session events, `actor_id`, `learner` and `policy_version` on
+//! an actor's. Levels come from `RUST_LOG`.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, with span fields, for log collectors.
+    Json,
+}
+
+/// The logging flag every binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogFlags {
+    /// Log line format.
+    #[arg(long, value_enum, env = "FLGFN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
 /// Logs to stderr at `info` for flgfn crates and `warn` for dependencies,
-/// unless `RUST_LOG` says otherwise. Safe to call more than once (tests).
+/// unless `RUST_LOG` says otherwise, in text. Safe to call more than once
+/// (tests).
 pub fn init() {
+    init_with(LogFormat::Text);
+}
+
+/// [`init`] in the given format.
+pub fn init_with(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info")
     });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
+    };
+}
+
+/// Colour codes only for a person at a terminal.
+fn colour_allowed() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
 }
 
 /// The process exit status for a binary's result, printing an error as

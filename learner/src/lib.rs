@@ -248,9 +248,11 @@ pub async fn serve(
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
     });
     let service = LearnerService { state };
-    let address = listener.local_addr().ok();
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     info!(
-        ?address,
+        %address,
         task = %env.spec(),
         %model,
         objective = objective.name(),
@@ -358,10 +360,14 @@ pub async fn serve(
         () = shutdown => {
             info!("shutdown requested: finishing the current step");
             stop_sender.send_replace(true);
+            not_serving(&health).await;
             (&mut done).await
         }
     };
     stop_sender.send_replace(true);
+    // Probes see the learner going away while it writes its final
+    // checkpoint and drains its connections.
+    not_serving(&health).await;
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
     let abort = server.abort_handle();
@@ -396,4 +402,16 @@ pub async fn serve(
         "training finished"
     );
     Ok(outcome)
+}
+
+/// Health checks answer NOT_SERVING from now on, for the learner service
+/// and for the server as a whole (the empty service name that Docker and
+/// Kubernetes probes ask about).
+async fn not_serving(health: &tonic_health::server::HealthReporter) {
+    health
+        .set_not_serving::<LearnerServer<LearnerService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 }

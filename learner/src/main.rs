@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use flgfn_common::config::Config;
+use flgfn_common::config::{Config, describe_layers, env_overrides};
+use flgfn_common::telemetry::{self, LogFlags};
 use flgfn_learner::RunOptions;
 use flgfn_learner::launcher::{LocalActors, actor_executable};
 
@@ -15,7 +16,8 @@ use flgfn_learner::launcher::{LocalActors, actor_executable};
 struct Args {
     /// TOML configuration shared with the actors (defaults are used for
     /// every key it does not set; unknown keys are errors).
-    #[arg(long, value_name = "FILE")]
+    /// `FLGFN_<SECTION>__<KEY>` variables override it, flags override both.
+    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:50051 (overrides learner.listen).
     #[arg(long, value_name = "ADDR")]
@@ -49,18 +51,39 @@ struct Args {
     /// instead of resuming.
     #[arg(long)]
     fresh: bool,
-    /// Print the effective configuration (file, defaults and flags) as
-    /// TOML and exit.
+    /// Print the effective configuration (defaults, file, environment and
+    /// flags) as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(flatten)]
+    log: LogFlags,
+}
+
+impl Args {
+    /// The configuration flags given, for `--print-config`.
+    fn overriding_flags(&self) -> Vec<&'static str> {
+        [
+            ("--listen", self.listen.is_some()),
+            ("--max-steps", self.max_steps.is_some()),
+            ("--threads", self.threads.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--checkpoint-dir", self.checkpoint_dir.is_some()),
+            ("--actors", self.actors.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect()
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    flgfn_common::telemetry::init();
-    flgfn_common::telemetry::exit_status("flgfn-learner", run(Args::parse()))
+    let args = Args::parse();
+    telemetry::init_with(args.log.log_format);
+    telemetry::exit_status("flgfn-learner", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let flags = args.overriding_flags();
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.learner.listen = listen;
@@ -82,6 +105,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     config.validate()?;
     if args.print_config {
+        let overrides = env_overrides(std::env::vars());
+        print!(
+            "{}",
+            describe_layers(args.config.as_deref(), &overrides, &flags)
+        );
         print!("{}", config.to_toml());
         return Ok(());
     }

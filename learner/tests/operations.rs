@@ -1,0 +1,268 @@
+//! What an operator sees: configuration from the environment and its
+//! precedence, JSON and plain-text logs, the health probe. Real processes.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn learner_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flgfn-learner"))
+}
+
+/// A binary of the actor crate, built next to the learner (deploy/test.sh
+/// builds every binary first).
+fn sibling(name: &str) -> PathBuf {
+    learner_binary().with_file_name(name)
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flgfn-ops-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The tiny task, `max_steps` steps, no checkpoints.
+fn tiny_config_file(dir: &Path, max_steps: u64) -> PathBuf {
+    let path = dir.join("config.toml");
+    let text = support::TINY_TOML.replace(
+        "[learner]\n",
+        &format!("[learner]\nmax_steps = {max_steps}\n"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A clean environment for a child: no FLGFN_ or RUST_LOG variables of
+/// the test's own.
+fn command(binary: &Path) -> Command {
+    let mut command = Command::new(binary);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("FLGFN_") || name == "RUST_LOG" || name == "NO_COLOR" {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+fn print_config(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, toml::Table) {
+    let output = command(binary)
+        .args(args)
+        .arg("--print-config")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let table = toml::from_str(&text).unwrap();
+    (text, table)
+}
+
+fn key<'a>(table: &'a toml::Table, section: &str, name: &str) -> &'a toml::Value {
+    &table[section].as_table().unwrap()[name]
+}
+
+#[test]
+fn the_environment_overrides_the_file_and_flags_override_both() {
+    let dir = scratch("precedence");
+    let config = tiny_config_file(&dir, 40);
+    let config_arg = config.to_str().unwrap();
+    let env = [
+        ("FLGFN_LEARNER__MAX_STEPS", "50"),
+        ("FLGFN_LEARNER__LISTEN", "127.0.0.1:6123"),
+        ("FLGFN_MODEL__HIDDEN", "[16, 8]"),
+        ("FLGFN_ACTOR__LEARNER", "http://learner.internal:6123"),
+    ];
+    let (text, table) = print_config(
+        &learner_binary(),
+        &["--config", config_arg, "--max-steps", "60"],
+        &env,
+    );
+    assert_eq!(
+        key(&table, "learner", "max_steps").as_integer(),
+        Some(60),
+        "flag over environment"
+    );
+    assert_eq!(
+        key(&table, "learner", "listen").as_str(),
+        Some("127.0.0.1:6123")
+    );
+    assert_eq!(
+        key(&table, "model", "hidden").as_array().unwrap().len(),
+        2,
+        "environment over file"
+    );
+    assert_eq!(
+        key(&table, "actor", "envs").as_integer(),
+        Some(8),
+        "the file's keys stay"
+    );
+    for named in [
+        config_arg,
+        "FLGFN_LEARNER__MAX_STEPS",
+        "FLGFN_MODEL__HIDDEN",
+        "--max-steps",
+    ] {
+        assert!(
+            text.contains(named),
+            "the layers are printed: {named} missing from\n{text}"
+        );
+    }
+
+    // The actor reads the same variables, and FLGFN_CONFIG names the file.
+    let mut actor_env = env.to_vec();
+    actor_env.push(("FLGFN_CONFIG", config_arg));
+    let (_, table) = print_config(&sibling("flgfn-actor"), &["--envs", "4"], &actor_env);
+    assert_eq!(
+        key(&table, "actor", "learner").as_str(),
+        Some("http://learner.internal:6123")
+    );
+    assert_eq!(key(&table, "actor", "envs").as_integer(), Some(4));
+    assert_eq!(key(&table, "learner", "max_steps").as_integer(), Some(50));
+
+    // A misspelt variable is an error that names it.
+    let output = command(&learner_binary())
+        .args(["--config", config_arg, "--print-config"])
+        .env("FLGFN_LEARNER__MAX_STEP", "5")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("FLGFN_LEARNER__MAX_STEP"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs a short training job (learner and one local actor) with `env`,
+/// its stderr written to a file, and returns that file's bytes.
+fn training_log(dir: &Path, env: &[(&str, &str)]) -> Vec<u8> {
+    let config = tiny_config_file(dir, 40);
+    let log = dir.join("stderr.log");
+    let status = command(&learner_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--local-actors",
+            "--actors",
+            "1",
+            "--config",
+        ])
+        .arg(&config)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(&log).unwrap()
+}
+
+#[test]
+fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
+    let dir = scratch("logs");
+    let text = training_log(&dir, &[]);
+    assert!(text.len() > 200, "the job logged");
+    assert!(!text.contains(&0x1b), "no escape codes in a file");
+
+    let json = training_log(
+        &dir,
+        &[
+            ("FLGFN_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,flgfn_learner::session=debug"),
+        ],
+    );
+    let text = String::from_utf8(json).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    // The span fields as the events carry them: the innermost span in
+    // "span", all of them in "spans".
+    let spans_of = |event: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        event["spans"]
+            .as_array()?
+            .iter()
+            .find(|span| span["name"] == name)
+            .cloned()
+    };
+    let actor_events: Vec<_> = lines.iter().filter_map(|e| spans_of(e, "actor")).collect();
+    assert!(
+        actor_events
+            .iter()
+            .any(|span| span["actor_id"].is_u64() && span["policy_version"].is_u64()),
+        "an actor event with its actor id and policy version: {actor_events:?}"
+    );
+    let session_events: Vec<_> = lines
+        .iter()
+        .filter_map(|e| spans_of(e, "session"))
+        .collect();
+    assert!(
+        session_events
+            .iter()
+            .any(|span| span["actor_id"].is_u64() && span["peer"].is_string()),
+        "a learner session event with actor id and peer: {session_events:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Whether the probe said healthy, and what it printed. It exits 0 or 1,
+/// never anything else (a crash is not an answer).
+fn probe(address: &str) -> (bool, String) {
+    let output = command(&sibling("flgfn-health"))
+        .args(["--address", address, "--timeout-s", "5"])
+        .output()
+        .unwrap();
+    let code = output.status.code();
+    assert!(
+        matches!(code, Some(0 | 1)),
+        "{code:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        code == Some(0),
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+    )
+}
+
+#[test]
+fn the_health_probe_says_serving_only_while_a_learner_serves() {
+    let dir = scratch("health");
+    let config = tiny_config_file(&dir, 0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{port}");
+    let (up, _) = probe(&address);
+    assert!(!up, "nothing listens yet");
+    let learner = support::learner_process(
+        &format!("127.0.0.1:{port}"),
+        &config,
+        &dir.join("metrics.jsonl"),
+        &[],
+    );
+    let started = Instant::now();
+    loop {
+        let (up, said) = probe(&address);
+        if up {
+            assert_eq!(said, "SERVING");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the learner came up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(learner);
+    let (up, _) = probe(&address);
+    assert!(!up, "a killed learner is not healthy");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
