@@ -34,6 +34,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::{Notify, mpsc, watch};
 
+/// Most credits one session holds at a time. Each is one chunk on its way,
+/// often one small HTTP/2 DATA frame, and h2 (>= 0.4.20) closes a
+/// connection on which frames below 256 bytes wait unread for more than
+/// about 25,600 bytes of framing overhead (about 100 of them): 64 stays
+/// clear of that even when every chunk is tiny, and is far more than one
+/// actor rolling out one chunk at a time needs in flight.
+pub const MAX_CREDITS_PER_SESSION: u32 = 64;
+
 /// The learner-wide room for data granted and not yet trained on, in
 /// transitions.
 #[derive(Debug)]
@@ -297,10 +305,13 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
             return;
         };
         // One more than the fair share of the current room, at least 2
-        // (one chunk rolling out, one on the way).
+        // (one chunk rolling out, one on the way), at most
+        // MAX_CREDITS_PER_SESSION.
         let sessions = members.len() as u64 + 1;
         let fair = pool.capacity() / (member.reserve.max(1) * sessions);
-        let cap = u32::try_from(fair + 1).unwrap_or(u32::MAX).max(2);
+        let cap = u32::try_from(fair + 1)
+            .unwrap_or(u32::MAX)
+            .clamp(2, MAX_CREDITS_PER_SESSION);
         let granted = member.outstanding.load(Ordering::Acquire) < cap
             && match pool.try_reserve(member.reserve) {
                 Some(token) => {
@@ -431,5 +442,21 @@ mod tests {
             "the stalled session holds {}",
             held.len()
         );
+    }
+
+    #[tokio::test]
+    async fn one_session_holds_at_most_max_credits_however_large_the_room() {
+        // Room for 1,000 chunks of one transition, one session.
+        let pool = CreditPool::new(1000, 1000, 1);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut session = controller.join(1).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let mut held = Vec::new();
+        while let Ok(token) = session.tokens.try_recv() {
+            held.push(token);
+        }
+        assert_eq!(held.len(), MAX_CREDITS_PER_SESSION as usize);
+        assert_eq!(pool.in_use(), u64::from(MAX_CREDITS_PER_SESSION));
     }
 }

@@ -210,8 +210,19 @@ impl Session {
                     return Ok(());
                 }
                 token = credits.tokens.recv() => {
-                    let token = token.ok_or(RequestError::ShuttingDown)?;
-                    if !self.grant(token, progress).await? {
+                    let first = token.ok_or(RequestError::ShuttingDown)?;
+                    // Every credit already granted goes in one message: the
+                    // controller grants in bursts (a batch taken frees room
+                    // for many chunks), and h2 >= 0.4.20 closes a
+                    // connection on which more than about a hundred small
+                    // DATA frames wait unread (ENHANCE_YOUR_CALM,
+                    // "too_many_data_frames"), which one grant per credit
+                    // reached under load.
+                    let mut tokens = vec![first];
+                    while let Ok(token) = credits.tokens.try_recv() {
+                        tokens.push(token);
+                    }
+                    if !self.grant(tokens, progress).await? {
                         // The actor is gone.
                         return Ok(());
                     }
@@ -237,19 +248,27 @@ impl Session {
         }
     }
 
-    /// Sends one credit, with the newest weights if the actor's are old
-    /// enough. False when the actor no longer listens.
-    async fn grant(&self, token: CreditToken, progress: &mut Progress) -> Result<bool, Status> {
+    /// Sends these credits in one grant, with the newest weights if the
+    /// actor's are old enough. False when the actor no longer listens.
+    async fn grant(
+        &self,
+        tokens: Vec<CreditToken>,
+        progress: &mut Progress,
+    ) -> Result<bool, Status> {
         let weights = self.weights_to_send(progress.sent_version).await?;
+        let count = tokens.len() as u64;
         let grant = proto::Grant {
-            credits: 1,
+            credits: u32::try_from(count).unwrap_or(u32::MAX),
             weights: weights.as_ref().map(|w| proto::Weights {
                 version: w.version,
                 safetensors: w.bytes.clone(),
             }),
             training_done: false,
         };
-        progress.unused.push_back((token, Instant::now()));
+        let now = Instant::now();
+        progress
+            .unused
+            .extend(tokens.into_iter().map(|token| (token, now)));
         match tokio::time::timeout(STALLED_AFTER, self.grants.send(Ok(grant))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(false),
@@ -276,8 +295,8 @@ impl Session {
                 );
             }
         }
-        record.credits_granted += 1;
-        IngestStats::add(&stats.credits_granted, 1);
+        record.credits_granted += count;
+        IngestStats::add(&stats.credits_granted, count);
         Ok(true)
     }
 

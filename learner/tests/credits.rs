@@ -274,10 +274,22 @@ async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
         l.mean_policy_lag,
     );
     // The credit room opened up to the bandwidth-delay product: the
-    // trainer waits about as little as on loopback.
+    // learner trains about as fast as on loopback (bigger batches make up
+    // for some waiting) and waits for data well under half the time. A
+    // window-bound flow trained 0.38x as fast and waited 61 % here
+    // (issue 5); with credits, 2.2-2.7x as fast, waiting 14-30 % (here
+    // and on CI; loopback waits 8-21 %).
+    let (direct_rate, delayed_rate) = (
+        d.trained_transitions as f64 / d.wall_s,
+        l.trained_transitions as f64 / l.wall_s,
+    );
     assert!(
-        l.data_wait_fraction <= d.data_wait_fraction + 0.15,
-        "waiting {:.3} behind the delay vs {:.3} on loopback",
+        delayed_rate >= 0.7 * direct_rate,
+        "{delayed_rate:.0} trained/s behind the delay vs {direct_rate:.0} on loopback"
+    );
+    assert!(
+        l.data_wait_fraction <= 0.45,
+        "waiting {:.3} behind the delay ({:.3} on loopback)",
         l.data_wait_fraction,
         d.data_wait_fraction
     );

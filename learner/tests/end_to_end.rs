@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use flgfn_actor::{ActorError, ActorOptions, ActorReport};
 use flgfn_common::config::{BackwardPolicy, Config, ObjectiveName, TaskConfig};
 use flgfn_common::tasks;
@@ -54,7 +52,7 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
     let learner = start_learner(config.clone()).await;
     let mut actor_config = config.clone();
     actor_config.actor.learner = learner.url.clone();
-    let actors: Vec<_> = (0..actors)
+    let mut actors: Vec<_> = (0..actors)
         .map(|i| {
             tokio::spawn(flgfn_actor::run(
                 actor_config.clone(),
@@ -64,11 +62,7 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
         })
         .collect();
 
-    let outcome = tokio::time::timeout(Duration::from_secs(300), learner.outcome)
-        .await
-        .expect("training finishes")
-        .unwrap()
-        .unwrap();
+    let outcome = support::training_outcome(learner.outcome, &mut actors).await;
     drop(learner.stop);
     assert_eq!(outcome.steps, config.learner.max_steps);
     assert_eq!(outcome.version, config.learner.max_steps);

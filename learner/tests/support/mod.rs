@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use flgfn_actor::{ActorError, ActorReport};
 use flgfn_common::config::Config;
+use flgfn_learner::{LearnerError, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -36,6 +37,45 @@ epsilon = 0.1
 /// [`TINY_TOML`] parsed.
 pub fn tiny_config() -> Config {
     Config::from_toml(TINY_TOML, "tests/support/mod.rs").unwrap()
+}
+
+/// The learner's outcome once training ends. Fails at once, with the
+/// actor's own error, if an actor stops first: a learner left without
+/// actors would only wait. Warnings (or what `RUST_LOG` asks for) logged
+/// meanwhile go to the test's captured output, shown when it fails.
+pub async fn training_outcome(
+    mut learner: JoinHandle<Result<TrainingOutcome, LearnerError>>,
+    actors: &mut Vec<JoinHandle<Result<ActorReport, ActorError>>>,
+) -> TrainingOutcome {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        tokio::select! {
+            outcome = &mut learner => return outcome.unwrap().unwrap(),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        // (An actor told that training is over ends a moment before the
+        // learner's outcome resolves, which drains its connections.)
+        if let Some(i) = actors.iter().position(JoinHandle::is_finished) {
+            let grace = tokio::time::timeout(Duration::from_secs(30), &mut learner).await;
+            if let Ok(outcome) = grace {
+                return outcome.unwrap().unwrap();
+            }
+            let result = actors.remove(i).await;
+            panic!("actor {i} ended while training went on: {result:?}");
+        }
+        // (No actor stopped: the learner and its actors are stuck.)
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "training did not finish in 300 s"
+        );
+    }
 }
 
 /// A loopback port nobody listens on right now (bound, read, released).
