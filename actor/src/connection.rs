@@ -67,6 +67,8 @@ pub enum SessionError {
 pub struct Session<'a> {
     /// Learner URL.
     pub url: &'a str,
+    /// HTTP/2 ping interval (`actor.keepalive_s`).
+    pub keepalive: Duration,
     /// Shown in the learner's logs.
     pub actor_name: &'a str,
     /// Sent at the handshake.
@@ -160,8 +162,8 @@ impl Session<'_> {
             .http2_adaptive_window(true)
             // Notice a learner host that vanished without closing the
             // connection (power loss, partition) and reconnect.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(self.keepalive)
+            .keep_alive_timeout(self.keepalive * 2)
             .keep_alive_while_idle(true);
         let endpoint = match self.tls {
             Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| {
@@ -196,7 +198,7 @@ impl Session<'_> {
 
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
-        tracing::Span::current().record("actor_id", actor_id);
+        flgfn_common::telemetry::record_latest(&tracing::Span::current(), "actor_id", actor_id);
         let session = self.session;
         // From now on only this session's orders are rolled out.
         self.current_session.store(session, Ordering::Release);
@@ -234,7 +236,11 @@ impl Session<'_> {
                     }
                     if let Some(new) = grant.weights {
                         counts.versions_received += 1;
-                        tracing::Span::current().record("policy_version", new.version);
+                        flgfn_common::telemetry::record_latest(
+                            &tracing::Span::current(),
+                            "policy_version",
+                            new.version,
+                        );
                         weights = Some(Arc::new(Weights {
                             session,
                             version: new.version,

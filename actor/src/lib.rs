@@ -109,7 +109,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ActorReport, ActorError> {
     // Every event of this actor carries who it is and which policy it
-    // samples with (JSON logs); the connection records the last two.
+    // samples with; the connection records the last two (in JSON logs
+    // only: see `telemetry::record_latest`).
     let span = info_span!(
         "actor",
         actor_name = %options.name,
@@ -273,6 +274,7 @@ pub async fn stay_connected(
         report.sessions += 1;
         let session = Session {
             url: &actor.learner,
+            keepalive: Duration::from_secs_f64(actor.keepalive_s),
             actor_name: name,
             task: &task,
             model: &model,

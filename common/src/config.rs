@@ -379,6 +379,11 @@ pub struct ActorConfig {
     /// connection that worked and then broke starts a new count (0: never
     /// give up).
     pub reconnect_attempts: u32,
+    /// Seconds between HTTP/2 pings to the learner; a connection whose ping
+    /// goes unanswered for twice this is dropped and reconnected. Without
+    /// it a connection cut silently (a partition, a vanished host) would
+    /// hang until TCP gives up, minutes later.
+    pub keepalive_s: f64,
 }
 
 impl Default for ActorConfig {
@@ -394,6 +399,7 @@ impl Default for ActorConfig {
             reconnect_initial_s: 0.2,
             reconnect_max_s: 5.0,
             reconnect_attempts: 0,
+            keepalive_s: 10.0,
         }
     }
 }
@@ -677,6 +683,7 @@ impl Config {
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
         positive_finite("actor.reconnect_initial_s", a.reconnect_initial_s)?;
         positive_finite("actor.reconnect_max_s", a.reconnect_max_s)?;
+        positive_finite("actor.keepalive_s", a.keepalive_s)?;
         if a.reconnect_max_s < a.reconnect_initial_s {
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",

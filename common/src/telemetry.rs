@@ -8,6 +8,7 @@
 //! an actor's. Levels come from `RUST_LOG`.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
 
@@ -29,6 +30,19 @@ pub struct LogFlags {
     pub log_format: LogFormat,
 }
 
+/// Whether a span field recorded again replaces its value. The JSON
+/// formatter replaces it; the text formatter appends it, so a field that
+/// changes all the time (the policy version) would grow every line.
+static SPAN_FIELDS_REPLACE: AtomicBool = AtomicBool::new(false);
+
+/// Records the latest `value` of a span field that changes often (the
+/// policy version), where the log format shows only the latest.
+pub fn record_latest(span: &tracing::Span, field: &str, value: u64) {
+    if SPAN_FIELDS_REPLACE.load(Ordering::Relaxed) {
+        span.record(field, value);
+    }
+}
+
 /// Logs to stderr at `info` for flgfn crates and `warn` for dependencies,
 /// unless `RUST_LOG` says otherwise, in text. Safe to call more than once
 /// (tests).
@@ -44,6 +58,7 @@ pub fn init_with(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
+    SPAN_FIELDS_REPLACE.store(format == LogFormat::Json, Ordering::Relaxed);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
         LogFormat::Json => builder

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Makes the base image the Dockerfile starts FROM (debian:bookworm-slim)
+# where no registry can be pulled from: a minimal Debian 12 root built by
+# debootstrap from Debian's package mirror and loaded with `docker import`.
+# Does nothing when the image exists (pulled or made before).
+#
+#   deploy/docker/base.sh [IMAGE]      # default debian:bookworm-slim
+set -euo pipefail
+image="${1:-debian:bookworm-slim}"
+mirror="${FLGFN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+if docker image inspect "$image" >/dev/null 2>&1; then
+    exit 0
+fi
+if ! command -v debootstrap >/dev/null; then
+    echo "base.sh: installing debootstrap (Debian package)" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+fi
+root="$(mktemp -d)"
+trap 'rm -rf "$root"' EXIT
+echo "base.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2
+debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+# What a slim image leaves out: package lists and caches.
+rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
+tar -C "$root" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["bash"]' \
+    - "$image" >/dev/null
+echo "base.sh: $image made ($(docker image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.0f MB", $1 / 1e6 }'))" >&2

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the learner and actor images from a CPU bundle (deploy/bundle.sh)
+# on a debian:bookworm-slim base (made by base.sh where none can be pulled).
+#
+#   deploy/docker/build.sh [TAG]     # flgfn-learner:TAG, flgfn-actor:TAG (default latest)
+#
+# FLGFN_BUNDLE=cuda builds from the CUDA bundle instead (GPU learners, ~2.8 GB).
+set -euo pipefail
+tag="${1:-latest}"
+flavour="${FLGFN_BUNDLE:-cpu}"
+cd "$(dirname "$0")/../.."
+deploy/docker/base.sh
+context="$(mktemp -d)"
+trap 'rm -rf "$context"' EXIT
+deploy/bundle.sh "--$flavour" "$context/flgfn" >&2
+for target in learner actor; do
+    docker build --quiet --file deploy/docker/Dockerfile --target "$target" \
+        --tag "flgfn-$target:$tag" "$context" >/dev/null
+    echo "build.sh: flgfn-$target:$tag ($flavour bundle)" >&2
+done

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The compose deployment, tested for real: builds the images, starts the
+# learner and 3 actors on a private network, then
+#   1. kills the learner container (SIGKILL) mid-training and starts it
+#      again: it resumes from its volume, versions never go back, and the
+#      actors, never restarted, carry on by themselves;
+#   2. cuts one actor off the network and reconnects it: it rejoins, and
+#      training goes on meanwhile;
+#   3. trains the small task to quality and stops the learner (SIGTERM):
+#      every actor exits 0.
+# Removes every container, network, volume and image it made. Skipped
+# (exit 0, reason printed) where no Docker daemon is reachable.
+#
+#   deploy/docker/compose-test.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
+    echo "compose-test: skipped: no Docker daemon reachable"
+    exit 0
+fi
+if ! command -v docker-compose >/dev/null; then
+    echo "compose-test: skipped: docker-compose not installed"
+    exit 0
+fi
+
+project="flgfntest$$"
+tag="test$$"
+export FLGFN_TAG="$tag"
+FLGFN_TOKEN="compose-test-token-$$-$RANDOM$RANDOM"
+export FLGFN_TOKEN
+compose=(docker-compose --project-name "$project" --file deploy/docker/compose.yaml)
+network="${project}_flgfn"
+work="$(mktemp -d)"
+
+cleanup() {
+    "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
+    docker image rm "flgfn-learner:$tag" "flgfn-actor:$tag" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+fail() {
+    echo "compose-test: FAILED: $*" >&2
+    echo "--- learner log (tail)" >&2
+    "${compose[@]}" logs --no-color --tail 40 learner >&2 || true
+    echo "--- actor logs (tail)" >&2
+    "${compose[@]}" logs --no-color --tail 10 actor >&2 || true
+    exit 1
+}
+
+step() { echo "compose-test: $*"; }
+
+# The learner's metrics file, from its volume (readable whether the
+# container runs or not).
+metrics() {
+    docker cp "$("${compose[@]}" ps -q learner):/var/lib/flgfn/metrics.jsonl" "$work/metrics.jsonl" 2>/dev/null &&
+        cat "$work/metrics.jsonl"
+}
+
+# One field of the last metrics line ("" before the first report).
+last_metric() {
+    metrics | python3 -c '
+import json, sys
+lines = [l for l in sys.stdin if l.strip()]
+print(json.loads(lines[-1])[sys.argv[1]] if lines else "")' "$1"
+}
+
+# Waits up to $1 seconds for the command that follows to succeed.
+wait_for() {
+    local seconds="$1"
+    shift
+    local deadline=$((SECONDS + seconds))
+    until "$@"; do
+        [ "$SECONDS" -lt "$deadline" ] || return 1
+        sleep 1
+    done
+}
+
+version_at_least() { local v; v="$(last_metric version)"; [ -n "$v" ] && [ "$v" -ge "$1" ]; }
+learner_healthy() { [ "$(docker inspect --format '{{.State.Health.Status}}' "$("${compose[@]}" ps -q learner)")" = healthy ]; }
+actor_containers() { "${compose[@]}" ps -q actor; }
+connections_of() { docker logs "$1" 2>&1 | grep -c "connected to the learner" || true; }
+
+step "building images (tag $tag)"
+deploy/docker/build.sh "$tag"
+
+step "starting the learner and 3 actors"
+"${compose[@]}" up -d --scale actor=3 >/dev/null
+wait_for 120 learner_healthy || fail "the learner never became healthy"
+wait_for 120 version_at_least 200 || fail "no training progress (version $(last_metric version))"
+mapfile -t actors < <(actor_containers)
+[ "${#actors[@]}" -eq 3 ] || fail "expected 3 actor containers, got ${#actors[@]}"
+
+step "1. killing the learner (SIGKILL) at version $(last_metric version)"
+learner="$("${compose[@]}" ps -q learner)"
+wait_for 30 sh -c "docker exec $learner sh -c 'ls /var/lib/flgfn/checkpoints/ckpt-*' >/dev/null 2>&1" ||
+    fail "no checkpoint written"
+"${compose[@]}" kill -s SIGKILL learner >/dev/null
+before_kill="$(metrics | python3 -c 'import json, sys; print(max(json.loads(l)["version"] for l in sys.stdin if l.strip()))')"
+sleep 2
+"${compose[@]}" start learner >/dev/null
+wait_for 120 learner_healthy || fail "the restarted learner never became healthy"
+# (grep -q on a pipe would stop reading early: with pipefail, a failure)
+grep -q "resuming from a checkpoint" <<<"$(docker logs "$learner" 2>&1)" || fail "the learner did not resume"
+wait_for 120 version_at_least $((before_kill + 100)) ||
+    fail "no progress after the restart (version $(last_metric version), $before_kill before)"
+# Versions in the metrics file never go back (it is appended, not rewritten).
+metrics | python3 -c '
+import json, sys
+versions = [json.loads(l)["version"] for l in sys.stdin if l.strip()]
+back = [(a, b) for a, b in zip(versions, versions[1:]) if b < a]
+sys.exit(f"versions went back: {back}" if back else 0)' || fail "versions went backwards"
+for actor in "${actors[@]}"; do
+    [ "$(docker inspect --format '{{.State.Running}} {{.RestartCount}}' "$actor")" = "true 0" ] ||
+        fail "actor $actor was not running through the restart"
+    [ "$(connections_of "$actor")" -ge 2 ] || fail "actor $actor did not reconnect"
+done
+step "   resumed: versions $before_kill -> $(last_metric version), every actor reconnected by itself"
+
+cut="${actors[0]}"
+joins_before="$(connections_of "$cut")"
+trained_before="$(last_metric trained_transitions)"
+step "2. disconnecting actor ${cut:0:12} from the network"
+docker network disconnect "$network" "$cut"
+# Long enough for its pings (actor.keepalive_s = 2 in config.toml) to go
+# unanswered: it drops the dead connection and keeps trying to reconnect.
+sleep 12
+grep -q "learner unavailable" <<<"$(docker logs --since 12s "$cut" 2>&1)" ||
+    fail "the cut actor did not notice the cut"
+trained_during="$(last_metric trained_transitions)"
+[ "$trained_during" -gt "$trained_before" ] || fail "training stopped while one actor was cut off"
+docker network connect --alias actor "$network" "$cut"
+wait_for 60 sh -c "[ \$(docker logs $cut 2>&1 | grep -c 'connected to the learner') -gt $joins_before ]" ||
+    fail "the cut actor did not rejoin"
+step "   rejoined; trained transitions $trained_before -> $trained_during while it was away"
+
+step "3. training to quality"
+wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||
+    fail "the small task did not reach quality"
+"${compose[@]}" stop --timeout 30 learner >/dev/null
+for actor in "${actors[@]}"; do
+    wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.State.Running}}' $actor)\" = false ]" ||
+        fail "actor $actor did not stop after training"
+    code="$(docker inspect --format '{{.State.ExitCode}}' "$actor")"
+    [ "$code" = 0 ] || fail "actor $actor exited $code"
+done
+grep -q "final weights saved" <<<"$(docker logs "$learner" 2>&1)" || fail "no final weights"
+step "ok: quality at version $(last_metric version); the learner saved its final weights; 3 actors exited 0"
