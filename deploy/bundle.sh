@@ -86,6 +86,7 @@ if [ "$flavour" = cpu ] && grep -q -e libtorch_cuda -e cublas "$out/MANIFEST"; t
     exit 1
 fi
 for name in "${binaries[@]}"; do
+    # shellcheck disable=SC2016 # $ORIGIN is the loader's, not the shell's
     patchelf --set-rpath '$ORIGIN/../lib/torch/lib' "$out/bin/$name"
 done
 # Check from the bundle itself: every library resolves with no environment.

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the other deploy scripts: makes libtorch available to cargo.
 #
 # libtorch comes from the torch==2.13.0 wheel (the version tch 0.26 expects),

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: installs libtorch once (cached) and runs every test
 # of the workspace in release mode (the same build as the default job, so
-# libtorch's C++ glue is compiled once). Ends with one summary line,
-# "tests: N passed, N failed" (every test binary runs, even after a failure).
+# libtorch's C++ glue is compiled once), then the deployment checks
+# (deploy/checks/*.sh: the moved bundle, the compose test with real
+# containers, manifests and linters). Ends with two summary lines,
+# "tests: N passed, N failed" (every test binary runs, even after a
+# failure) and "checks: N passed, N failed, N skipped" (a check exits 77
+# to skip, printing why).
 #
 #   deploy/test.sh          # the suite (CI runs this)
 #   deploy/test.sh --long   # also a 10-minute soak and 100,000 fuzz cases
@@ -28,6 +32,22 @@ status=0
 cargo test --release --workspace --no-fail-fast "${args[@]}" 2>&1 | tee "$log" || status=$?
 # cargo prints one "test result:" line per test binary (the last is often a
 # doc-test run with 0 tests): add them up so the total is what closes.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+summary="$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log")"
+# A filtered run (arguments for cargo test) runs no deployment checks.
+passed=0 failed=0 skipped=0
+if [ "${#args[@]}" -eq 0 ]; then
+    for check in deploy/checks/*.sh; do
+        echo "== $check"
+        check_status=0
+        "$check" || check_status=$?
+        case "$check_status" in
+            0) passed=$((passed + 1)) ;;
+            77) skipped=$((skipped + 1)) ;;
+            *) failed=$((failed + 1)); status=1; echo "$check: FAILED (exit $check_status)" ;;
+        esac
+    done
+fi
+echo "$summary"
+echo "checks: $passed passed, $failed failed, $skipped skipped"
 exit "$status"

