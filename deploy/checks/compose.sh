@@ -32,9 +32,20 @@ compose=(docker-compose --project-name "$project" --file deploy/docker/compose.y
 network="${project}_flgfn"
 work="$(mktemp -d)"
 
+# The base image stays if it was here before (a cache); made by this run,
+# it goes with the rest.
+base_existed=false
+if docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+    base_existed=true
+fi
+
 cleanup() {
     "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
     docker image rm "flgfn-learner:$tag" "flgfn-actor:$tag" >/dev/null 2>&1 || true
+    docker image prune --force --filter label=flgfn.stage=bundle >/dev/null 2>&1 || true
+    if [ "$base_existed" = false ]; then
+        docker image rm debian:bookworm-slim >/dev/null 2>&1 || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT

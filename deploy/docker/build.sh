@@ -18,3 +18,6 @@ for target in learner actor; do
         --tag "flgfn-$target:$tag" "$context" >/dev/null
     echo "build.sh: flgfn-$target:$tag ($flavour bundle)" >&2
 done
+# The checking stage leaves an untagged image behind (the classic builder
+# keeps it); nothing needs it.
+docker image prune --force --filter label=flgfn.stage=bundle >/dev/null

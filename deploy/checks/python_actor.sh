@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Check: the Python actor (examples/python_actor) trains a real learner:
+# the learner accepts its handshake and chunks (no rejection), counts its
+# transitions, and reaches the end of a 150-step run; the actor exits 0
+# when told training is over. Its requirements go into a venv in the cache.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=deploy/env.sh
+source deploy/env.sh >/dev/null
+requirements=examples/python_actor/requirements.txt
+venv="$FLGFN_CACHE_DIR/venv-python-actor-$(sha256sum "$requirements" | cut -c1-12)"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "flgfn: installing the Python actor's requirements into $venv (one time)" >&2
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2
+fi
+cargo build --release --quiet --bin flgfn-learner
+work="$(mktemp -d)"
+learner_pid=""
+cleanup() {
+    if [ -n "$learner_pid" ]; then kill "$learner_pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
+    --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
+learner_pid=$!
+if ! "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --truncate-fraction 0.3 --seed 1 >"$work/actor.log" 2>&1; then
+    echo "python_actor: FAILED: the actor exited non-zero" >&2
+    tail -n 20 "$work/actor.log" "$work/learner.log" >&2
+    exit 1
+fi
+wait "$learner_pid"
+learner_pid=""
+sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
+read -r ingested rejected < <(python3 -c '
+import json, sys
+last = [json.loads(line) for line in open(sys.argv[1])][-1]
+print(last["ingested_transitions"], sum(last["rejections"].values()))' "$work/metrics.jsonl")
+if grep -q "training finished" "$work/learner.log" && [ -n "$sent" ] &&
+    [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ]; then
+    echo "python_actor: ok: the Python actor sent $sent transitions, the learner ingested $ingested by its last report, refused none, and finished 150 steps"
+else
+    echo "python_actor: FAILED: sent '$sent', ingested '$ingested', rejected '$rejected'" >&2
+    tail -n 20 "$work/actor.log" "$work/learner.log" >&2
+    exit 1
+fi

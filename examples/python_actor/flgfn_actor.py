@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""A flgfn actor in Python: same protocol as `flgfn-actor`, energies in Python.
+
+It speaks the learner's gRPC protocol (proto/flgfn.proto, compiled at start
+with grpcio-tools), loads the safetensors weights the learner sends, samples
+trajectories with them in NumPy, scores each step with a Python energy
+function, and streams the chunks back for the credits it was granted. The
+learner cannot tell it from a Rust actor.
+
+    pip install -r requirements.txt
+    python flgfn_actor.py --learner 127.0.0.1:50051      # FLGFN_TOKEN if set
+
+Your own task: write a class like `SetGeneration` below (encode, forward
+mask, step, energy of a step, and the task spec the learner's task reports)
+and pass it to `run`. The learner must run the same task: it replays every
+action through its own copy of the environment.
+"""
+
+import argparse
+import json
+import os
+import queue
+import struct
+import sys
+import tempfile
+import threading
+
+import grpc
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTO_DIR = os.path.join(HERE, "..", "..", "proto")
+PROTOCOL_VERSION = 2
+
+
+def load_protocol(proto_dir=PROTO_DIR):
+    """Compiles flgfn.proto into a temporary folder and imports it."""
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="flgfn-proto-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    status = protoc.main([
+        "protoc", f"-I{proto_dir}", f"-I{include}",
+        f"--python_out={out}", f"--grpc_python_out={out}",
+        os.path.join(proto_dir, "flgfn.proto"),
+    ])
+    if status != 0:
+        raise RuntimeError(f"protoc failed on {proto_dir}/flgfn.proto")
+    sys.path.insert(0, out)
+    import flgfn_pb2
+    import flgfn_pb2_grpc
+
+    return flgfn_pb2, flgfn_pb2_grpc
+
+
+# The small preset of the paper's set task: |U| = 30, |S| = 20, ten levels.
+SMALL_LEVELS = [
+    -0.4381397850674522, -0.40046449111789073, -0.2745059751263419,
+    0.013149744911117978, 0.4110535720923896, 0.6261749162235306,
+    0.6961474461702144, 0.7442282139370466, 0.8206350287761408,
+    0.883494921538938,
+]
+
+
+class SetGeneration:
+    """Set generation: add one unused element per step until |S| are in.
+
+    The energy of a set is the sum of its elements' energies, so the local
+    term of a step is the energy of the element added: computed here, in
+    Python, the way a scientist's scoring code would be.
+    """
+
+    name = "set_generation"
+
+    def __init__(self, universe=30, set_size=20, levels=SMALL_LEVELS):
+        self.universe, self.set_size, self.levels = universe, set_size, list(levels)
+        self.state_dim = self.forward_actions = self.backward_actions = universe
+        self.max_len = set_size
+
+    def params(self):
+        # Exactly the learner's description (Rust's shortest round-trip
+        # float form equals Python's repr for these values).
+        return [
+            f"universe={self.universe}",
+            f"set_size={self.set_size}",
+            "levels=" + ",".join(repr(float(l)) for l in self.levels),
+        ]
+
+    def initial(self, n):
+        return np.zeros((n, self.universe), dtype=np.float32)
+
+    def forward_mask(self, states):
+        open_ = states.sum(axis=1, keepdims=True) < self.set_size
+        return (states == 0) & open_
+
+    def is_terminal(self, states):
+        return states.sum(axis=1) >= self.set_size
+
+    def step_energy(self, states, actions):
+        """E(s -> s') of adding element `actions[i]` to `states[i]`."""
+        return np.array([self.levels[a % len(self.levels)] for a in actions], dtype=np.float32)
+
+    def step(self, states, rows, actions):
+        """Adds element `actions[i]` to the set in row `rows[i]`, in place."""
+        states[rows, actions] = 1.0
+
+
+def read_safetensors(buffer):
+    """safetensors bytes -> {name: float32 array}; F32 and BF16 tensors."""
+    (header_len,) = struct.unpack("<Q", buffer[:8])
+    header = json.loads(buffer[8:8 + header_len])
+    data = memoryview(buffer)[8 + header_len:]
+    arrays = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        raw = data[start:end]
+        if info["dtype"] == "F32":
+            array = np.frombuffer(raw, dtype="<f4")
+        elif info["dtype"] == "BF16":
+            array = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise ValueError(f"tensor {name}: dtype {info['dtype']} is not F32 or BF16")
+        arrays[name] = array.reshape(info["shape"]).astype(np.float32)
+    return arrays
+
+
+class Policy:
+    """The learner's network: Linear + leaky ReLU per hidden layer, then one
+    output layer holding the forward logits, backward logits and log-flow."""
+
+    def __init__(self, arrays, hidden):
+        self.layers = [(arrays[f"hidden{i}.weight"], arrays[f"hidden{i}.bias"]) for i in range(len(hidden))]
+        self.heads = (arrays["heads.weight"], arrays["heads.bias"])
+
+    def forward_logits(self, x, forward_actions):
+        for w, b in self.layers:
+            x = x @ w.T + b
+            x = np.where(x > 0, x, 0.01 * x)
+        w, b = self.heads
+        return (x @ w.T + b)[:, :forward_actions]
+
+
+def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
+    """One chunk: `envs` trajectories; a `truncate_fraction` of them cut at a
+    uniform prefix length of 1 to |S| - 1 steps (incomplete trajectories
+    train FL objectives)."""
+    states = task.initial(envs)
+    actions = [[] for _ in range(envs)]
+    energies = [[] for _ in range(envs)]
+    cut = np.where(rng.random(envs) < truncate_fraction,
+                   rng.integers(1, task.max_len, envs), task.max_len + 1)
+    for t in range(task.max_len):
+        live = np.flatnonzero(~task.is_terminal(states) & (cut > t))
+        if live.size == 0:
+            break
+        mask = task.forward_mask(states[live])
+        logits = policy.forward_logits(states[live], task.forward_actions).astype(np.float64)
+        logits = np.where(mask, logits, -np.inf)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        uniform = mask / mask.sum(axis=1, keepdims=True)
+        probs = (1 - epsilon) * probs + epsilon * uniform
+        # Inverse CDF with u in (0, 1]: an action of probability 0 (masked)
+        # is never the first whose cumulative sum reaches u.
+        cdf = np.cumsum(probs, axis=1)
+        u = (1.0 - rng.random(live.size))[:, None] * cdf[:, -1:]
+        chosen = np.minimum((cdf < u).sum(axis=1), task.forward_actions - 1)
+        step_energies = task.step_energy(states[live], chosen)
+        task.step(states, live, chosen)
+        for i, a, e in zip(live, chosen, step_energies):
+            actions[i].append(int(a))
+            energies[i].append(float(e))
+    return actions, energies
+
+
+def run(task, learner, hidden=(256, 256), envs=16, epsilon=0.05,
+        truncate_fraction=0.0, name="python-actor", token=None, seed=None,
+        connect_timeout_s=60.0):
+    """Trains the learner until it says training is over; returns counts."""
+    pb, pb_grpc = load_protocol()
+    rng = np.random.default_rng(seed)
+    options = [("grpc.max_receive_message_length", 256 << 20),
+               ("grpc.max_send_message_length", 64 << 20)]
+    channel = grpc.insecure_channel(learner, options=options)
+    stub = pb_grpc.LearnerStub(channel)
+    auth = [("authorization", f"Bearer {token}")] if token else []
+    task_spec = pb.TaskSpec(name=task.name, params=task.params())
+    model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(hidden),
+                         forward_actions=task.forward_actions,
+                         backward_actions=task.backward_actions)
+    reply = stub.Handshake(pb.HandshakeRequest(
+        protocol_version=PROTOCOL_VERSION, actor_name=name, task=task_spec,
+        model=model, trajectories_per_chunk=envs), metadata=auth,
+        # (A learner still starting, or loading a checkpoint: wait for it.)
+        wait_for_ready=True, timeout=connect_timeout_s)
+    actor_id = reply.actor_id
+    print(f"{name}: actor {actor_id} at learner version {reply.version}", flush=True)
+
+    outbox = queue.Queue()
+
+    def chunks():
+        while (chunk := outbox.get()) is not None:
+            yield chunk
+
+    grants = stub.Session(chunks(), metadata=auth + [
+        ("flgfn-actor-id", str(actor_id)),
+        ("flgfn-trajectories-per-chunk", str(envs))])
+    counts = {"chunks": 0, "transitions": 0, "versions": 0}
+    policy, version = None, None
+    try:
+        for grant in grants:
+            if grant.training_done:
+                break
+            if grant.HasField("weights"):
+                policy = Policy(read_safetensors(grant.weights.safetensors), hidden)
+                version = grant.weights.version
+                counts["versions"] += 1
+            if policy is None:
+                raise RuntimeError("the learner granted a credit before sending weights")
+            for left in reversed(range(grant.credits)):
+                actions, energies = rollout(task, policy, envs, epsilon, truncate_fraction, rng)
+                outbox.put(pb.TrajectoryChunk(
+                    actor_id=actor_id, policy_version=version, sequence=counts["chunks"],
+                    trajectories=[pb.Trajectory(actions=a, energies=e) for a, e in zip(actions, energies)],
+                    credits_left=left))
+                counts["chunks"] += 1
+                counts["transitions"] += sum(len(a) for a in actions)
+    finally:
+        outbox.put(None)
+        channel.close()
+    print(f"{name}: training done: sent {counts['chunks']} chunks, "
+          f"{counts['transitions']} transitions, {counts['versions']} weight versions", flush=True)
+    return counts
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--learner", default="127.0.0.1:50051", help="host:port of the learner")
+    parser.add_argument("--hidden", default="256,256", help="hidden layer widths, as the learner's model.hidden")
+    parser.add_argument("--envs", type=int, default=16, help="trajectories per chunk")
+    parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
+    parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
+    parser.add_argument("--name", default=f"python-actor-{os.getpid()}")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    hidden = tuple(int(h) for h in args.hidden.split(",") if h)
+    run(SetGeneration(), args.learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
+        truncate_fraction=args.truncate_fraction, name=args.name,
+        token=os.environ.get("FLGFN_TOKEN"), seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
