@@ -11,7 +11,7 @@
 # --cpu drops libtorch_cuda from the binaries' needed libraries (~0.45 GB):
 #   for actors, which never use a GPU, and CPU learners.
 #
-# Layout: OUT/bin/flgfn-{learner,actor,loadgen,experiment,health},
+# Layout: OUT/bin/flgfn-{learner,actor,loadgen,experiment,health,sample},
 # OUT/lib/torch/lib/*.so and OUT/lib/nvidia/... as they sit in the wheel (so
 # libtorch's own $ORIGIN run paths to the CUDA libraries still hold), and
 # OUT/MANIFEST listing every library copied.
@@ -44,7 +44,7 @@ cargo build --release --workspace --bins
 site_packages="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
-binaries=(flgfn-learner flgfn-actor flgfn-loadgen flgfn-experiment flgfn-health)
+binaries=(flgfn-learner flgfn-actor flgfn-loadgen flgfn-experiment flgfn-health flgfn-sample)
 for name in "${binaries[@]}"; do
     cp "$CARGO_TARGET_DIR/release/$name" "$out/bin/$name"
     chmod u+w "$out/bin/$name"

@@ -266,3 +266,103 @@ fn the_health_probe_says_serving_only_while_a_learner_serves() {
     assert!(!up, "a killed learner is not healthy");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `flgfn-sample` with `args`; its output and status.
+fn sample(args: &[&str]) -> std::process::Output {
+    command(&PathBuf::from(env!("CARGO_BIN_EXE_flgfn-sample")))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
+    let dir = scratch("samples");
+    let config = tiny_config_file(&dir, 40);
+    let checkpoints = dir.join("checkpoints");
+    let status = command(&learner_binary())
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--local-actors", "--actors", "1"])
+        .args(["--checkpoint-dir", checkpoints.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = config.to_str().unwrap();
+
+    // From the final weights, as JSON lines.
+    let final_weights = checkpoints.join("final.safetensors");
+    let output = sample(&[
+        "--config",
+        config,
+        "--weights",
+        final_weights.to_str().unwrap(),
+        "-n",
+        "300",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 300);
+    // The tiny task: 4 of 8 elements, element u at level u % 4. Energies
+    // recomputed here, from the actions.
+    let levels = [-0.8, -0.1, 0.4, 1.2];
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["index"], i);
+        let actions: Vec<usize> = serde_json::from_value(line["actions"].clone()).unwrap();
+        let state: Vec<i8> = serde_json::from_value(line["state"].clone()).unwrap();
+        assert_eq!(actions.len(), 4, "a finished set has 4 elements");
+        for (u, &member) in state.iter().enumerate() {
+            assert_eq!(member != 0, actions.contains(&u), "{line}");
+        }
+        let energy: f64 = actions.iter().map(|&u| levels[u % 4]).sum();
+        let written = line["energy"].as_f64().unwrap();
+        assert!((written - energy).abs() < 1e-9, "{written} vs {energy}");
+        assert_eq!(line["log_reward"].as_f64().unwrap(), -written);
+    }
+
+    // From the checkpoint directory, as CSV (by the file's extension).
+    let csv = dir.join("samples.csv");
+    let output = sample(&[
+        "--config",
+        config,
+        "--checkpoint",
+        checkpoints.to_str().unwrap(),
+        "-n",
+        "50",
+        "--out",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows[0], "index,energy,log_reward,state,actions");
+    assert_eq!(rows.len(), 51);
+    assert_eq!(rows[1].split(',').count(), 5);
+
+    // Weights of another model: refused, naming both.
+    let other = dir.join("other.toml");
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(&other, text.replace("hidden = [64, 64]", "hidden = [32]")).unwrap();
+    let output = sample(&[
+        "--config",
+        other.to_str().unwrap(),
+        "--weights",
+        final_weights.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        message.contains("hidden=[64, 64]") && message.contains("hidden=[32]"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,174 @@
+//! `flgfn-sample`: draws objects from trained weights and writes them with
+//! their energies, one per line (JSON lines) or row (CSV).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use flgfn_common::config::Config;
+use flgfn_common::policy::{ModelSpec, Policy};
+use flgfn_common::rollout::{Behaviour, rollout};
+use flgfn_learner::checkpoint;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+/// Samples N finished objects with the policy of saved weights (a run's
+/// `final.safetensors`, weights sent to actors, or the latest good
+/// checkpoint in a directory) and writes each with its energy E(x), log
+/// reward -E(x), its state and the actions that built it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The job file the weights were trained with (task and model);
+    /// default: the default job.
+    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
+    config: Option<PathBuf>,
+    /// A safetensors weights file (e.g. CHECKPOINT_DIR/final.safetensors).
+    #[arg(long, value_name = "FILE", conflicts_with = "checkpoint")]
+    weights: Option<PathBuf>,
+    /// A checkpoint directory: its latest good checkpoint's policy.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// How many objects.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    samples: usize,
+    /// jsonl or csv (default: from --out's extension, else jsonl).
+    #[arg(long)]
+    format: Option<Format>,
+    /// Output file (default: standard output).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Uniform exploration mixed into the policy (0: the learned sampler).
+    #[arg(long, default_value_t = 0.0)]
+    epsilon: f64,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// One JSON object per line.
+    Jsonl,
+    /// A header, then one row per object.
+    Csv,
+}
+
+fn main() -> std::process::ExitCode {
+    flgfn_common::telemetry::init();
+    flgfn_common::telemetry::exit_status("flgfn-sample", run(Args::parse()))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&args.epsilon) {
+        bail!("--epsilon must be in [0, 1], got {}", args.epsilon);
+    }
+    let config = Config::load(args.config.as_deref())?;
+    let env = flgfn_common::tasks::build(&config.task)?;
+    let model = ModelSpec::new(env.as_ref(), &config.model);
+    let (task, model_name) = (env.spec().to_string(), model.to_string());
+    let mut policy = Policy::new(&model, tch::Device::Cpu);
+    match (&args.weights, &args.checkpoint) {
+        (Some(path), _) => load_weights_file(&mut policy, path, &task, &model_name)?,
+        (None, Some(dir)) => {
+            let found = checkpoint::load_latest(dir)?
+                .with_context(|| format!("no checkpoint in {}", dir.display()))?;
+            let state = &found.state;
+            if state.task != task || state.model != model_name {
+                bail!(
+                    "{} is of task {} and model {}; the configuration's are {task} and {model_name} (pass the job file it was trained with as --config)",
+                    found.path.display(),
+                    state.task,
+                    state.model
+                );
+            }
+            policy
+                .load_weights(&found.group("policy"))
+                .with_context(|| found.path.display().to_string())?;
+        }
+        (None, None) => bail!("give --weights FILE or --checkpoint DIR"),
+    }
+
+    let format = args.format.unwrap_or(match &args.out {
+        Some(path) if path.extension().is_some_and(|e| e == "csv") => Format::Csv,
+        _ => Format::Jsonl,
+    });
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| path.display().to_string())?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    if format == Format::Csv {
+        writeln!(out, "index,energy,log_reward,state,actions")?;
+    }
+    // Finished objects only: nothing is cut short.
+    let behaviour = Behaviour {
+        epsilon: args.epsilon,
+        truncate_fraction: 0.0,
+        truncate_at: config.actor.truncate_at,
+        truncate_cap: config.actor.truncate_cap,
+    };
+    let mut rng = SmallRng::seed_from_u64(args.seed);
+    let mut index = 0;
+    // In batches: one network call per step for the whole batch.
+    while index < args.samples {
+        let count = (args.samples - index).min(1024);
+        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
+        for (state, trajectory) in drawn.final_states.iter().zip(&drawn.trajectories) {
+            let energy = env.energy(state);
+            let join = |values: Vec<String>| values.join(" ");
+            match format {
+                Format::Jsonl => writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "index": index,
+                        "energy": energy,
+                        "log_reward": -energy,
+                        "state": state,
+                        "actions": trajectory.actions,
+                    })
+                )?,
+                Format::Csv => writeln!(
+                    out,
+                    "{index},{energy},{},{},{}",
+                    -energy,
+                    join(state.iter().map(ToString::to_string).collect()),
+                    join(trajectory.actions.iter().map(ToString::to_string).collect()),
+                )?,
+            }
+            index += 1;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Loads a safetensors weights file after checking the task and model in
+/// its metadata (when it has them) against the configuration's.
+fn load_weights_file(
+    policy: &mut Policy,
+    path: &Path,
+    task: &str,
+    model: &str,
+) -> anyhow::Result<()> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let decoded = flgfn_common::weights::decode(&bytes)
+        .with_context(|| format!("{} is not safetensors weights", path.display()))?;
+    for (key, ours) in [("task", task), ("model", model)] {
+        if let Some(theirs) = decoded.metadata.get(key) {
+            if theirs != ours {
+                bail!(
+                    "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
+                    path.display()
+                );
+            }
+        }
+    }
+    policy
+        .load_bytes(&bytes)
+        .with_context(|| path.display().to_string())?;
+    Ok(())
+}
