@@ -39,6 +39,18 @@ pub fn tiny_config() -> Config {
     Config::from_toml(TINY_TOML, "tests/support/mod.rs").unwrap()
 }
 
+/// Warnings (or what `RUST_LOG` asks for) go to the test's captured
+/// output, shown when it fails.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// The learner's outcome once training ends. Fails at once, with the
 /// actor's own error, if an actor stops first: a learner left without
 /// actors would only wait. Warnings (or what `RUST_LOG` asks for) logged
@@ -47,13 +59,7 @@ pub async fn training_outcome(
     mut learner: JoinHandle<Result<TrainingOutcome, LearnerError>>,
     actors: &mut Vec<JoinHandle<Result<ActorReport, ActorError>>>,
 ) -> TrainingOutcome {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
+    init_logs();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         tokio::select! {
@@ -164,6 +170,7 @@ pub fn learner_process(
 pub async fn finished_learner(
     learner: JoinHandle<Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>>,
 ) -> flgfn_learner::TrainingOutcome {
+    init_logs();
     tokio::time::timeout(Duration::from_secs(120), learner)
         .await
         .expect("training finishes")
