@@ -6,9 +6,16 @@
 //! per event carrying the fields of its spans: `actor_id` and `peer` on the
 //! learner's session events, `actor_id`, `learner` and `policy_version` on
 //! an actor's. Levels come from `RUST_LOG`.
+//!
+//! A binary that calls [`init_with_live_line`] (the learner) also keeps a
+//! live progress line at the bottom of a terminal ([`live_status`]): log
+//! lines print above it. Off a terminal, or with JSON logs, there is no
+//! such line, only the periodic log lines.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
@@ -52,12 +59,75 @@ pub fn init() {
 
 /// [`init`] in the given format.
 pub fn init_with(format: LogFormat) {
+    install(format, false);
+}
+
+/// As [`init_with`], plus a live progress line when stderr is a terminal
+/// and the format is text. Returns whether there is one.
+pub fn init_with_live_line(format: LogFormat) -> bool {
+    install(format, true)
+}
+
+/// The live line, once made.
+static LIVE_LINE: OnceLock<indicatif::ProgressBar> = OnceLock::new();
+
+/// Whether this process draws a live line.
+pub fn has_live_line() -> bool {
+    LIVE_LINE.get().is_some()
+}
+
+/// Shows `message` on the live line, if there is one.
+pub fn live_status(message: String) {
+    if let Some(line) = LIVE_LINE.get() {
+        line.set_message(message);
+    }
+}
+
+/// Removes the live line for good (the run's summary follows as log lines).
+pub fn live_finish() {
+    if let Some(line) = LIVE_LINE.get() {
+        line.finish_and_clear();
+    }
+}
+
+/// Writes log lines to stderr, above the live line when there is one.
+struct AboveLiveLine;
+
+impl Write for AboveLiveLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // (The formatter hands over a whole line per call.)
+        match LIVE_LINE.get() {
+            Some(line) if !line.is_finished() => {
+                line.suspend(|| std::io::stderr().write_all(buf))?;
+            }
+            _ => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+fn install(format: LogFormat, live_line: bool) -> bool {
+    let live = live_line && format == LogFormat::Text && std::io::stderr().is_terminal();
+    if live {
+        let line = indicatif::ProgressBar::new_spinner();
+        line.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+        line.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        line.enable_steady_tick(Duration::from_millis(250));
+        let _ = LIVE_LINE.set(line);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info")
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| AboveLiveLine);
     SPAN_FIELDS_REPLACE.store(format == LogFormat::Json, Ordering::Relaxed);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
@@ -67,6 +137,7 @@ pub fn init_with(format: LogFormat) {
             .with_span_list(true)
             .try_init(),
     };
+    live
 }
 
 /// Colour codes only for a person at a terminal.

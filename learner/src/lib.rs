@@ -262,6 +262,16 @@ pub async fn serve(
     );
 
     let steps_done = Arc::new(AtomicU64::new(start_version));
+    if flgfn_common::telemetry::has_live_line() {
+        tokio::spawn(live_progress(LiveProgress {
+            steps_done: steps_done.clone(),
+            start_version,
+            first_step: resume.as_ref().map_or(0, |c| c.state.step),
+            max_steps: learner.max_steps,
+            stats: stats.clone(),
+            stop: stop.clone(),
+        }));
+    }
     // A rendezvous: the batcher builds the next batch while the trainer
     // runs the current one, and no further.
     let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
@@ -402,6 +412,52 @@ pub async fn serve(
         "training finished"
     );
     Ok(outcome)
+}
+
+/// What the live progress line reads.
+struct LiveProgress {
+    steps_done: Arc<AtomicU64>,
+    start_version: u64,
+    /// The step this run resumed at.
+    first_step: u64,
+    max_steps: u64,
+    stats: Arc<IngestStats>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Redraws the terminal's live line four times a second until the learner
+/// stops: step, connected actors, transitions arriving per second.
+async fn live_progress(mut live: LiveProgress) {
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let (mut last_in, mut rate) = (IngestStats::get(&live.stats.accepted_transitions), 0.0);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = live.stop.wait_for(|stopped| *stopped) => break,
+        }
+        let step = live.first_step
+            + live
+                .steps_done
+                .load(Ordering::Acquire)
+                .saturating_sub(live.start_version);
+        let arrived = IngestStats::get(&live.stats.accepted_transitions);
+        // Per second, smoothed over about a second.
+        rate = 0.75 * rate + 0.25 * (arrived - last_in) as f64 * 4.0;
+        last_in = arrived;
+        let target = if live.max_steps == 0 {
+            String::new()
+        } else {
+            format!("/{}", live.max_steps)
+        };
+        let actors = live.stats.connected_actors.load(Ordering::Relaxed);
+        let plural = if actors == 1 { "" } else { "s" };
+        flgfn_common::telemetry::live_status(format!(
+            "step {step}{target} · {actors} actor{plural} · {:.0}k transitions/s in",
+            rate / 1e3
+        ));
+    }
+    flgfn_common::telemetry::live_finish();
 }
 
 /// Health checks answer NOT_SERVING from now on, for the learner service

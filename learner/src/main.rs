@@ -78,7 +78,7 @@ impl Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    telemetry::init_with(args.log.log_format);
+    telemetry::init_with_live_line(args.log.log_format);
     telemetry::exit_status("flgfn-learner", run(args))
 }
 

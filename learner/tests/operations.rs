@@ -169,6 +169,15 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
     let text = training_log(&dir, &[]);
     assert!(text.len() > 200, "the job logged");
     assert!(!text.contains(&0x1b), "no escape codes in a file");
+    let plain = String::from_utf8_lossy(&text);
+    assert!(
+        !plain.contains("transitions/s in"),
+        "no live progress line in a file"
+    );
+    assert!(
+        plain.contains("step="),
+        "the periodic report lines are there"
+    );
 
     let json = training_log(
         &dir,
@@ -363,6 +372,38 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     assert!(
         message.contains("hidden=[64, 64]") && message.contains("hidden=[32]"),
         "{message}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_terminal_gets_a_live_progress_line_above_which_logs_print() {
+    let dir = scratch("live");
+    let config = tiny_config_file(&dir, 300);
+    // `script` (util-linux, in every Debian) runs the learner on a
+    // pseudo-terminal and copies what it drew to stdout.
+    let line = format!(
+        "{} --listen 127.0.0.1:0 --local-actors --actors 1 --config {}",
+        learner_binary().display(),
+        config.display()
+    );
+    let output = command(Path::new("script"))
+        .args(["-qec", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("util-linux `script`");
+    assert!(output.status.success(), "{output:?}");
+    let drawn = String::from_utf8_lossy(&output.stdout);
+    assert!(drawn.contains("/300 · 1 actor · "), "{drawn}");
+    assert!(drawn.contains("k transitions/s in"), "{drawn}");
+    // Redrawn in place (carriage return, erase line), and the log lines
+    // still there, the summary last.
+    assert!(drawn.contains("\r\u{1b}[2K"), "{drawn}");
+    assert!(drawn.contains("step="));
+    let summary = drawn.rfind("training finished").expect("the summary");
+    assert!(
+        drawn[summary..].find("transitions/s in").is_none(),
+        "the live line is gone before the summary"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
