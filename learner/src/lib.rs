@@ -154,6 +154,56 @@ pub async fn serve(
         )
         .into());
     }
+    // The server answers from the start, so that probes see the learner
+    // loading: health NOT_SERVING, and the Learner service UNAVAILABLE
+    // ("retry") until the checkpoint, if any, is loaded and the trainer
+    // takes data. (Returning early with an error drops `stop_sender`,
+    // which shuts the server down.)
+    let (stop_sender, stop) = watch::channel(false);
+    let stats = Arc::new(IngestStats::default());
+    let ready = Arc::new(std::sync::OnceLock::new());
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    not_serving(&health).await;
+    let service = LearnerService {
+        ready: ready.clone(),
+    };
+    let max_bytes = config.learner.max_message_bytes;
+    let grpc = LearnerServer::new(service)
+        .max_decoding_message_size(max_bytes)
+        .max_encoding_message_size(max_bytes);
+    // Every Learner RPC shows the token, when there is one (the health
+    // service stays open to probes).
+    let rejections = stats.clone();
+    let grpc = tonic::service::interceptor::InterceptedService::new(
+        grpc,
+        move |request: tonic::Request<()>| match &token {
+            None => Ok(request),
+            Some(token) => {
+                let shown = request.metadata().get(auth::AUTHORIZATION_HEADER);
+                if shown.is_some_and(|value| token.matches(value.as_bytes())) {
+                    Ok(request)
+                } else {
+                    rejections.refuse("unauthenticated");
+                    Err(Status::unauthenticated(
+                        "missing or wrong bearer token (send `authorization: Bearer <token>`)",
+                    ))
+                }
+            }
+        },
+    );
+    let mut server_stop = stop.clone();
+    let server = tokio::spawn(
+        secured
+            .add_service(health_service)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = server_stop.wait_for(|stopped| *stopped).await;
+            }),
+    );
+
     let env = tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let device = select_device(config.learner.device)
@@ -171,7 +221,13 @@ pub async fn serve(
             checkpoint::clear(dir)?;
             None
         }
-        Some(dir) => checkpoint::load_latest(dir)?,
+        // Off the async workers: the server answers probes meanwhile.
+        Some(dir) => {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || checkpoint::load_latest(&dir))
+                .await
+                .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
+        }
         None => None,
     };
     if let Some(checkpoint) = &resume {
@@ -221,8 +277,6 @@ pub async fn serve(
         .map(|path| MetricsFile::open(path, resume.is_some() || version_floor > 0))
         .transpose()?;
 
-    let (stop_sender, stop) = watch::channel(false);
-    let stats = Arc::new(IngestStats::default());
     let pool = CreditPool::new(
         learner.batch_transitions as u64,
         learner.max_batch_transitions as u64,
@@ -247,10 +301,7 @@ pub async fn serve(
         max_sessions: learner.max_sessions,
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
     });
-    let service = LearnerService { state };
-    let address = listener
-        .local_addr()
-        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let _ = ready.set(state);
     info!(
         %address,
         task = %env.spec(),
@@ -328,41 +379,11 @@ pub async fn serve(
         })
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    // The checkpoint is loaded and the trainer runs: actors are welcome.
     health.set_serving::<LearnerServer<LearnerService>>().await;
-    let max_bytes = config.learner.max_message_bytes;
-    let grpc = LearnerServer::new(service)
-        .max_decoding_message_size(max_bytes)
-        .max_encoding_message_size(max_bytes);
-    // Every Learner RPC shows the token, when there is one (the health
-    // service stays open to probes).
-    let rejections = session_stats.clone();
-    let grpc = tonic::service::interceptor::InterceptedService::new(
-        grpc,
-        move |request: tonic::Request<()>| match &token {
-            None => Ok(request),
-            Some(token) => {
-                let shown = request.metadata().get(auth::AUTHORIZATION_HEADER);
-                if shown.is_some_and(|value| token.matches(value.as_bytes())) {
-                    Ok(request)
-                } else {
-                    rejections.refuse("unauthenticated");
-                    Err(Status::unauthenticated(
-                        "missing or wrong bearer token (send `authorization: Bearer <token>`)",
-                    ))
-                }
-            }
-        },
-    );
-    let mut server_stop = stop.clone();
-    let server = tokio::spawn(
-        secured
-            .add_service(health_service)
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = server_stop.wait_for(|stopped| *stopped).await;
-            }),
-    );
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     tokio::pin!(done);
     let outcome = tokio::select! {

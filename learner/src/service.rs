@@ -64,8 +64,18 @@ pub struct LearnerState {
 /// The gRPC service: a thin shell over [`LearnerState`].
 #[derive(Clone)]
 pub struct LearnerService {
-    /// Shared with every session task.
-    pub state: Arc<LearnerState>,
+    /// Shared with every session task; set once the learner is ready
+    /// (a checkpoint loaded, the trainer running).
+    pub ready: Arc<std::sync::OnceLock<Arc<LearnerState>>>,
+}
+
+impl LearnerService {
+    /// The learner's state, or UNAVAILABLE while it is still starting.
+    fn state(&self) -> Result<Arc<LearnerState>, Status> {
+        self.ready.get().cloned().ok_or_else(|| {
+            Status::unavailable("the learner is starting (loading its checkpoint); retry")
+        })
+    }
 }
 
 type GrantStream = Pin<Box<dyn Stream<Item = Result<proto::Grant, Status>> + Send>>;
@@ -90,7 +100,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
-        let state = &self.state;
+        let state = &self.state()?;
         let peer = peer_name(request.remote_addr());
         let request = request.into_inner();
         if request.protocol_version != PROTOCOL_VERSION {
@@ -134,7 +144,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let state = self.state.clone();
+        let state = self.state()?;
         let peer = peer_name(request.remote_addr());
         let actor_id = header(request.metadata(), ACTOR_ID_HEADER)?;
         if actor_id == 0 || actor_id > state.last_actor_id.load(Ordering::Relaxed) {

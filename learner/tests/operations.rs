@@ -407,3 +407,60 @@ fn a_terminal_gets_a_live_progress_line_above_which_logs_print() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
+    let dir = scratch("loading");
+    let config = tiny_config_file(&dir, 0);
+    // A checkpoint that takes as long to read as the test likes: a named
+    // pipe, read until the test writes to it.
+    let checkpoints = dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    let pipe = checkpoints.join("ckpt-000000000100.safetensors");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let address = format!("http://127.0.0.1:{port}");
+    let learner = command(&learner_binary())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(&config)
+        .arg("--checkpoint-dir")
+        .arg(&checkpoints)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let (up, said) = probe(&address);
+        assert!(!up, "SERVING before its checkpoint was read");
+        if said == "NOT_SERVING" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the learner answered probes while loading: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Still loading a second later: still NOT_SERVING.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(probe(&address), (false, "NOT_SERVING".to_owned()));
+    // The "checkpoint" turns out to be garbage: the only one, so the learner
+    // refuses to start rather than silently start over.
+    std::fs::write(&pipe, b"not a checkpoint").unwrap();
+    let output = learner.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ckpt-000000000100"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
