@@ -143,7 +143,7 @@ trained_during="$(last_metric trained_transitions)"
 docker network connect --alias actor "$network" "$cut"
 wait_for 60 sh -c "[ \$(docker logs $cut 2>&1 | grep -c 'connected to the learner') -gt $joins_before ]" ||
     fail "the cut actor did not rejoin"
-step "   rejoined; trained transitions $trained_before -> $trained_during while it was away"
+step "   rejoined; trained transitions $trained_before -> $trained_during while it was away; chunks lost so far: $(last_metric lost_chunks)"
 
 step "3. training to quality"
 wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||

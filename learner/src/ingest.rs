@@ -6,8 +6,8 @@
 //! be legal in the learner's own environment. A chunk is accepted or refused
 //! whole, so a refused chunk never leaves half its trajectories behind.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use flgfn_common::env::Environment;
 use flgfn_common::trajectory::{ReplayedTrajectory, TrajectoryChunk, replay};
@@ -84,6 +84,11 @@ pub struct IngestStats {
     pub wire_bytes: AtomicU64,
     /// Chunks refused as invalid.
     pub rejected_chunks: AtomicU64,
+    /// Chunks an actor numbered but the learner never received: gaps in
+    /// its sequence numbers, within a session and across its reconnects
+    /// (chunks sent into a broken connection, or rolled out for credits
+    /// that died with it).
+    pub lost_chunks: AtomicU64,
     /// Refused chunks by reason ([`RequestError::reason`](crate::error::RequestError::reason),
     /// `undecodable`, `too_large`).
     pub rejections: Mutex<std::collections::BTreeMap<&'static str, u64>>,
@@ -204,4 +209,91 @@ pub fn ingest_chunk(
         transitions,
         unusable_transitions: sent - transitions,
     })
+}
+
+/// The last chunk sequence number seen from each actor name, so that gaps
+/// are counted across an actor's reconnects (each reconnect is a new
+/// actor id; the name, e.g. host and pid, stays). Bounded: beyond
+/// [`SequenceBook::MAX_NAMES`] names, new ones are not tracked.
+#[derive(Debug, Default)]
+pub struct SequenceBook {
+    inner: Mutex<SequenceEntries>,
+}
+
+#[derive(Debug, Default)]
+struct SequenceEntries {
+    /// Handshaken actor ids whose session has not opened yet.
+    name_of_id: std::collections::HashMap<u64, String>,
+    /// The last sequence number received per actor name.
+    last_of_name: std::collections::HashMap<String, u64>,
+}
+
+impl SequenceBook {
+    /// Most names (and pending handshakes) tracked.
+    pub const MAX_NAMES: usize = 65_536;
+
+    /// An actor shook hands as `actor_id` under `name`.
+    pub fn joined(&self, actor_id: u64, name: &str) {
+        let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.name_of_id.len() >= Self::MAX_NAMES {
+            // Handshakes that never opened a session: forget them.
+            entries.name_of_id.clear();
+        }
+        entries.name_of_id.insert(actor_id, name.to_owned());
+    }
+
+    /// The name `actor_id` shook hands with (once: its session opens).
+    pub fn take_name(&self, actor_id: u64) -> Option<String> {
+        let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.name_of_id.remove(&actor_id)
+    }
+
+    /// Records chunk `sequence` from `name`, whose session expects `next`
+    /// (None before its first chunk: then the name's last chunk in an
+    /// earlier session says). Returns the chunks missing before it. A
+    /// number that goes back (a restarted actor process) starts over.
+    pub fn received(&self, name: &str, next: &mut Option<u64>, sequence: u64) -> u64 {
+        let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let expected = next.or_else(|| {
+            entries
+                .last_of_name
+                .get(name)
+                .map(|last| last.saturating_add(1))
+        });
+        *next = Some(sequence.saturating_add(1));
+        if entries.last_of_name.len() < Self::MAX_NAMES || entries.last_of_name.contains_key(name) {
+            entries.last_of_name.insert(name.to_owned(), sequence);
+        }
+        match expected {
+            Some(expected) if sequence > expected => sequence - expected,
+            _ => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::SequenceBook;
+
+    #[test]
+    fn gaps_are_counted_within_and_across_sessions_and_a_restart_starts_over() {
+        let book = SequenceBook::default();
+        book.joined(1, "host/1");
+        let name = book.take_name(1).unwrap();
+        assert_eq!(book.take_name(1), None);
+        let mut next = None;
+        assert_eq!(book.received(&name, &mut next, 0), 0);
+        assert_eq!(book.received(&name, &mut next, 1), 0);
+        assert_eq!(book.received(&name, &mut next, 4), 2, "2 and 3 missing");
+        // A reconnect: a new session of the same name resumes at 7.
+        let mut next = None;
+        assert_eq!(book.received(&name, &mut next, 7), 2, "5 and 6 missing");
+        // The actor process restarted: numbering starts over.
+        let mut next = None;
+        assert_eq!(book.received(&name, &mut next, 0), 0);
+        assert_eq!(book.received(&name, &mut next, 1), 0);
+        // Another actor's numbers are its own.
+        let mut other = None;
+        assert_eq!(book.received("host/2", &mut other, 3), 0);
+    }
 }

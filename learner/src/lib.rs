@@ -300,6 +300,7 @@ pub async fn serve(
         ingest_pool: IngestPool::new(learner.ingest_threads),
         max_sessions: learner.max_sessions,
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
+        sequences: Default::default(),
     });
     let _ = ready.set(state);
     info!(

@@ -101,6 +101,10 @@ pub struct Report {
     pub data_wait_fraction: f64,
     /// Chunks refused as invalid so far.
     pub rejected_chunks: u64,
+    /// Chunks actors numbered but never delivered (gaps in their sequence
+    /// numbers, across reconnects too) so far.
+    #[serde(default)]
+    pub lost_chunks: u64,
     /// Refused chunks by reason (e.g. `invalid_action`, `undecodable`).
     #[serde(default)]
     pub rejections: std::collections::BTreeMap<String, u64>,

@@ -59,6 +59,8 @@ pub struct LearnerState {
     pub max_sessions: usize,
     /// Sessions open now.
     pub open_sessions: std::sync::atomic::AtomicUsize,
+    /// Each actor name's last chunk number, for counting lost chunks.
+    pub sequences: crate::ingest::SequenceBook,
 }
 
 /// The gRPC service: a thin shell over [`LearnerState`].
@@ -128,6 +130,7 @@ impl Learner for LearnerService {
         )?;
         let actor_id = state.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = crate::error::clip(request.actor_name);
+        state.sequences.joined(actor_id, &name);
         info!(%peer, actor = %name, actor_id, "actor joined");
         Ok(Response::new(proto::HandshakeReply {
             actor_id,
@@ -160,6 +163,7 @@ impl Learner for LearnerService {
             )));
         };
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
+        let actor_name = state.sequences.take_name(actor_id);
         let session = crate::session::Session {
             slot,
             state,
@@ -167,6 +171,7 @@ impl Learner for LearnerService {
             trajectories_per_chunk: per_chunk as usize,
             inbound: request.into_inner(),
             grants,
+            actor_name,
         };
         // Every event of the session carries who it is (JSON logs).
         let span = info_span!("session", actor_id, %peer);

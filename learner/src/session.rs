@@ -111,6 +111,9 @@ pub struct Session {
     /// This session's place under `learner.max_sessions`, given back when
     /// the session ends.
     pub slot: SessionSlot,
+    /// The name the actor shook hands with: its chunk numbers continue
+    /// across reconnects under it (None: not tracked).
+    pub actor_name: Option<String>,
 }
 
 /// One of the learner's `learner.max_sessions` places; freed on drop.
@@ -150,6 +153,8 @@ struct Progress {
     unused: VecDeque<(CreditToken, Instant)>,
     /// Newest version sent to this actor.
     sent_version: Option<u64>,
+    /// The sequence number the next chunk should carry.
+    next_sequence: Option<u64>,
 }
 
 impl Session {
@@ -331,6 +336,7 @@ impl Session {
         credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
+        let sequence = chunk.sequence;
         let context = IngestContext {
             actor_id: self.actor_id,
             latest_version: progress.sent_version.unwrap_or(0),
@@ -344,6 +350,13 @@ impl Session {
             .run(move || ingest_chunk(env.as_ref(), chunk, context))
             .await??;
         let stats = &self.state.stats;
+        if let Some(name) = &self.actor_name {
+            let lost = self
+                .state
+                .sequences
+                .received(name, &mut progress.next_sequence, sequence);
+            IngestStats::add(&stats.lost_chunks, lost);
+        }
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);
         IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);

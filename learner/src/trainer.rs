@@ -563,6 +563,7 @@ impl Trainer {
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
             rejected_chunks: IngestStats::get(&stats.rejected_chunks),
+            lost_chunks: IngestStats::get(&stats.lost_chunks),
             rejections: stats.rejections(),
             stale_transitions: IngestStats::get(&stats.stale_transitions),
             stale_fraction: IngestStats::get(&stats.stale_transitions) as f64

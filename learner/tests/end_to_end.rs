@@ -66,6 +66,10 @@ async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorRepor
     drop(learner.stop);
     assert_eq!(outcome.steps, config.learner.max_steps);
     assert_eq!(outcome.version, config.learner.max_steps);
+    assert_eq!(
+        outcome.final_report.lost_chunks, 0,
+        "actors that never lost their connection lost no chunk"
+    );
     let mut reports = Vec::new();
     for actor in actors {
         let report = support::finished_actor(actor).await;
