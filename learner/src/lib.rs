@@ -155,21 +155,19 @@ pub async fn serve(
         .into());
     }
     // The server answers from the start, so that probes see the learner
-    // loading: health NOT_SERVING, and the Learner service UNAVAILABLE
-    // ("retry") until the checkpoint, if any, is loaded and the trainer
-    // takes data. (Returning early with an error drops `stop_sender`,
-    // which shuts the server down.)
+    // loading: health NOT_SERVING until the checkpoint, if any, is loaded
+    // and the trainer takes data; Learner calls meanwhile wait. (Returning
+    // early with an error drops `stop_sender`, which shuts the server
+    // down, and `ready_sender`, which answers waiting calls UNAVAILABLE.)
     let (stop_sender, stop) = watch::channel(false);
     let stats = Arc::new(IngestStats::default());
-    let ready = Arc::new(std::sync::OnceLock::new());
+    let (ready_sender, ready) = watch::channel(None);
     let address = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
-    let service = LearnerService {
-        ready: ready.clone(),
-    };
+    let service = LearnerService { ready };
     let max_bytes = config.learner.max_message_bytes;
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(max_bytes)
@@ -302,7 +300,7 @@ pub async fn serve(
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
         sequences: Default::default(),
     });
-    let _ = ready.set(state);
+    ready_sender.send_replace(Some(state));
     info!(
         %address,
         task = %env.spec(),

@@ -68,15 +68,22 @@ pub struct LearnerState {
 pub struct LearnerService {
     /// Shared with every session task; set once the learner is ready
     /// (a checkpoint loaded, the trainer running).
-    pub ready: Arc<std::sync::OnceLock<Arc<LearnerState>>>,
+    pub ready: tokio::sync::watch::Receiver<Option<Arc<LearnerState>>>,
 }
 
 impl LearnerService {
-    /// The learner's state, or UNAVAILABLE while it is still starting.
-    fn state(&self) -> Result<Arc<LearnerState>, Status> {
-        self.ready.get().cloned().ok_or_else(|| {
-            Status::unavailable("the learner is starting (loading its checkpoint); retry")
-        })
+    /// The learner's state, once it is ready: a call that comes while it
+    /// loads its checkpoint waits (the caller's deadline permitting).
+    async fn state(&self) -> Result<Arc<LearnerState>, Status> {
+        let mut ready = self.ready.clone();
+        let state = ready
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Status::unavailable("the learner stopped before it was ready"))?;
+        state
+            .as_ref()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the learner is not ready"))
     }
 }
 
@@ -102,7 +109,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
-        let state = &self.state()?;
+        let state = &self.state().await?;
         let peer = peer_name(request.remote_addr());
         let request = request.into_inner();
         if request.protocol_version != PROTOCOL_VERSION {
@@ -147,7 +154,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let state = self.state()?;
+        let state = self.state().await?;
         let peer = peer_name(request.remote_addr());
         let actor_id = header(request.metadata(), ACTOR_ID_HEADER)?;
         if actor_id == 0 || actor_id > state.last_actor_id.load(Ordering::Relaxed) {
