@@ -220,6 +220,15 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A loopback port nobody listens on right now (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Whether the probe said healthy, and what it printed. It exits 0 or 1,
 /// never anything else (a crash is not an answer).
 fn probe(address: &str) -> (bool, String) {
@@ -243,11 +252,7 @@ fn probe(address: &str) -> (bool, String) {
 fn the_health_probe_says_serving_only_while_a_learner_serves() {
     let dir = scratch("health");
     let config = tiny_config_file(&dir, 0);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let address = format!("http://127.0.0.1:{port}");
     let (up, _) = probe(&address);
     assert!(!up, "nothing listens yet");
@@ -424,21 +429,20 @@ fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
             .unwrap()
             .success()
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let address = format!("http://127.0.0.1:{port}");
-    let learner = command(&learner_binary())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(&config)
-        .arg("--checkpoint-dir")
-        .arg(&checkpoints)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Killed if the test fails before the learner exits by itself.
+    let mut learner = support::KillOnDrop(
+        command(&learner_binary())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .arg("--checkpoint-dir")
+            .arg(&checkpoints)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let started = Instant::now();
     loop {
         let (up, said) = probe(&address);
@@ -458,9 +462,10 @@ fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
     // The "checkpoint" turns out to be garbage: the only one, so the learner
     // refuses to start rather than silently start over.
     std::fs::write(&pipe, b"not a checkpoint").unwrap();
-    let output = learner.wait_with_output().unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    // (Read to the end first: the pipe closes when the learner exits.)
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(learner.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!learner.0.wait().unwrap().success());
     assert!(stderr.contains("ckpt-000000000100"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
