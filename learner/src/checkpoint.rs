@@ -24,6 +24,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use flgfn_common::config::WeightEncoding;
+use flgfn_common::policy::Policy;
 use flgfn_common::weights::{self, NamedArray};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -113,6 +114,24 @@ impl Checkpoint {
                 })
             })
             .collect()
+    }
+
+    /// Loads this checkpoint's policy into `policy` after checking that it
+    /// was trained on `task` with `model` (their descriptions). The error
+    /// names the file and both descriptions.
+    pub fn load_policy(&self, policy: &mut Policy, task: &str, model: &str) -> Result<(), String> {
+        let state = &self.state;
+        if state.task != task || state.model != model {
+            return Err(format!(
+                "{} is of task {} and model {}, this configuration's are {task} and {model}",
+                self.path.display(),
+                state.task,
+                state.model
+            ));
+        }
+        policy
+            .load_weights(&self.group("policy"))
+            .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }
 

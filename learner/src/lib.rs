@@ -230,18 +230,13 @@ pub async fn serve(
     };
     if let Some(checkpoint) = &resume {
         let state = &checkpoint.state;
-        let (task, model_name) = (env.spec().to_string(), model.to_string());
-        if state.task != task || state.model != model_name {
-            return Err(LearnerError::Checkpoint(format!(
-                "{} is of task {} and model {}, this configuration's are {task} and {model_name} (another run's directory? --fresh starts over)",
-                checkpoint.path.display(),
-                state.task,
-                state.model
-            )));
-        }
-        policy
-            .load_weights(&checkpoint.group("policy"))
-            .map_err(|e| LearnerError::Checkpoint(format!("{}: {e}", checkpoint.path.display())))?;
+        checkpoint
+            .load_policy(&mut policy, &env.spec().to_string(), &model.to_string())
+            .map_err(|e| {
+                LearnerError::Checkpoint(format!(
+                    "{e} (another run's directory? --fresh starts over)"
+                ))
+            })?;
         info!(
             path = %checkpoint.path.display(),
             step = state.step,

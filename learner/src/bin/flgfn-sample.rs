@@ -74,18 +74,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(dir)) => {
             let found = checkpoint::load_latest(dir)?
                 .with_context(|| format!("no checkpoint in {}", dir.display()))?;
-            let state = &found.state;
-            if state.task != task || state.model != model_name {
-                bail!(
-                    "{} is of task {} and model {}; the configuration's are {task} and {model_name} (pass the job file it was trained with as --config)",
-                    found.path.display(),
-                    state.task,
-                    state.model
-                );
-            }
-            policy
-                .load_weights(&found.group("policy"))
-                .with_context(|| found.path.display().to_string())?;
+            found
+                .load_policy(&mut policy, &task, &model_name)
+                .map_err(|e| {
+                    anyhow::anyhow!("{e} (pass the job file it was trained with as --config)")
+                })?;
         }
         (None, None) => bail!("give --weights FILE or --checkpoint DIR"),
     }
