@@ -242,58 +242,74 @@ impl SequenceBook {
         entries.name_of_id.insert(actor_id, name.to_owned());
     }
 
-    /// The name `actor_id` shook hands with (once: its session opens).
-    pub fn take_name(&self, actor_id: u64) -> Option<String> {
+    /// A session of `actor_id` opens: the name it shook hands with (once),
+    /// and the sequence number its first chunk should carry if its name
+    /// was seen in an earlier session.
+    pub fn opened(&self, actor_id: u64) -> Option<(String, Option<u64>)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.name_of_id.remove(&actor_id)
+        let name = entries.name_of_id.remove(&actor_id)?;
+        let next = entries
+            .last_of_name
+            .get(&name)
+            .map(|last| last.saturating_add(1));
+        Some((name, next))
     }
 
-    /// Records chunk `sequence` from `name`, whose session expects `next`
-    /// (None before its first chunk: then the name's last chunk in an
-    /// earlier session says). Returns the chunks missing before it. A
-    /// number that goes back (a restarted actor process) starts over.
-    pub fn received(&self, name: &str, next: &mut Option<u64>, sequence: u64) -> u64 {
+    /// A session of `name` closed, its next chunk expected at `next`
+    /// (None: it sent none).
+    pub fn closed(&self, name: String, next: Option<u64>) {
+        let Some(last) = next.map(|next| next.saturating_sub(1)) else {
+            return;
+        };
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let expected = next.or_else(|| {
-            entries
-                .last_of_name
-                .get(name)
-                .map(|last| last.saturating_add(1))
-        });
-        *next = Some(sequence.saturating_add(1));
-        if entries.last_of_name.len() < Self::MAX_NAMES || entries.last_of_name.contains_key(name) {
-            entries.last_of_name.insert(name.to_owned(), sequence);
+        if entries.last_of_name.len() < Self::MAX_NAMES || entries.last_of_name.contains_key(&name)
+        {
+            entries.last_of_name.insert(name, last);
         }
-        match expected {
-            Some(expected) if sequence > expected => sequence - expected,
-            _ => 0,
-        }
+    }
+}
+
+/// Records chunk `sequence` of a session that expects `next` (None: no
+/// expectation yet) and returns the chunks missing before it. A number
+/// that goes back (a restarted actor process) starts over. Per session,
+/// without locks: the [`SequenceBook`] is consulted only when sessions
+/// open and close.
+pub fn missing_before(next: &mut Option<u64>, sequence: u64) -> u64 {
+    let expected = next.replace(sequence.saturating_add(1));
+    match expected {
+        Some(expected) if sequence > expected => sequence - expected,
+        _ => 0,
     }
 }
 
 #[cfg(test)]
 mod sequence_tests {
-    use super::SequenceBook;
+    use super::{SequenceBook, missing_before};
 
     #[test]
     fn gaps_are_counted_within_and_across_sessions_and_a_restart_starts_over() {
         let book = SequenceBook::default();
         book.joined(1, "host/1");
-        let name = book.take_name(1).unwrap();
-        assert_eq!(book.take_name(1), None);
-        let mut next = None;
-        assert_eq!(book.received(&name, &mut next, 0), 0);
-        assert_eq!(book.received(&name, &mut next, 1), 0);
-        assert_eq!(book.received(&name, &mut next, 4), 2, "2 and 3 missing");
+        let (name, mut next) = book.opened(1).unwrap();
+        assert_eq!(book.opened(1), None, "a handshake opens one session");
+        assert_eq!(next, None, "a name never seen before");
+        assert_eq!(missing_before(&mut next, 0), 0);
+        assert_eq!(missing_before(&mut next, 1), 0);
+        assert_eq!(missing_before(&mut next, 4), 2, "2 and 3 missing");
+        book.closed(name, next);
         // A reconnect: a new session of the same name resumes at 7.
-        let mut next = None;
-        assert_eq!(book.received(&name, &mut next, 7), 2, "5 and 6 missing");
+        book.joined(2, "host/1");
+        let (name, mut next) = book.opened(2).unwrap();
+        assert_eq!(missing_before(&mut next, 7), 2, "5 and 6 missing");
+        book.closed(name, next);
         // The actor process restarted: numbering starts over.
-        let mut next = None;
-        assert_eq!(book.received(&name, &mut next, 0), 0);
-        assert_eq!(book.received(&name, &mut next, 1), 0);
+        book.joined(3, "host/1");
+        let (_, mut next) = book.opened(3).unwrap();
+        assert_eq!(missing_before(&mut next, 0), 0);
+        assert_eq!(missing_before(&mut next, 1), 0);
         // Another actor's numbers are its own.
-        let mut other = None;
-        assert_eq!(book.received("host/2", &mut other, 3), 0);
+        book.joined(4, "host/2");
+        let (_, mut other) = book.opened(4).unwrap();
+        assert_eq!(missing_before(&mut other, 3), 0);
     }
 }

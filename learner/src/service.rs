@@ -170,7 +170,7 @@ impl Learner for LearnerService {
             )));
         };
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
-        let actor_name = state.sequences.take_name(actor_id);
+        let actor_name = state.sequences.opened(actor_id);
         let session = crate::session::Session {
             slot,
             state,

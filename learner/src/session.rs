@@ -111,9 +111,10 @@ pub struct Session {
     /// This session's place under `learner.max_sessions`, given back when
     /// the session ends.
     pub slot: SessionSlot,
-    /// The name the actor shook hands with: its chunk numbers continue
-    /// across reconnects under it (None: not tracked).
-    pub actor_name: Option<String>,
+    /// The name the actor shook hands with, under which its chunk numbers
+    /// continue across reconnects, and the number its first chunk should
+    /// carry (None: not tracked).
+    pub actor_name: Option<(String, Option<u64>)>,
 }
 
 /// One of the learner's `learner.max_sessions` places; freed on drop.
@@ -163,11 +164,13 @@ impl Session {
     pub async fn run(mut self) {
         let stats = self.state.stats.clone();
         let _connected = ConnectedGuard::new(stats.clone());
+        let (name, next_sequence) = self.actor_name.take().unzip();
         let mut progress = Progress {
             record: SessionRecord {
                 actor_id: self.actor_id,
                 ..SessionRecord::default()
             },
+            next_sequence: next_sequence.flatten(),
             ..Progress::default()
         };
         if let Err(status) = self.serve(&mut progress).await {
@@ -184,6 +187,9 @@ impl Session {
                 Err(status)
             };
             let _ = self.grants.send(message).await;
+        }
+        if let Some(name) = name {
+            self.state.sequences.closed(name, progress.next_sequence);
         }
         debug!(actor_id = self.actor_id, ?progress.record, "session ended");
         stats.record_session(progress.record);
@@ -350,13 +356,10 @@ impl Session {
             .run(move || ingest_chunk(env.as_ref(), chunk, context))
             .await??;
         let stats = &self.state.stats;
-        if let Some(name) = &self.actor_name {
-            let lost = self
-                .state
-                .sequences
-                .received(name, &mut progress.next_sequence, sequence);
-            IngestStats::add(&stats.lost_chunks, lost);
-        }
+        IngestStats::add(
+            &stats.lost_chunks,
+            crate::ingest::missing_before(&mut progress.next_sequence, sequence),
+        );
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);
         IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);
