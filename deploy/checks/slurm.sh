@@ -6,6 +6,8 @@
 # the address the script passed them and exited 0.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
 root="$PWD"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -50,7 +52,7 @@ size = "small"
 max_steps = 150
 JOB
 
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 cd "$work"
 if env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" \
     SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID=4242 \
