@@ -300,6 +300,14 @@ pub struct LearnerConfig {
     /// ~40x its wire size and a chunk trains whole, so this bounds the
     /// memory one message can claim.
     pub max_chunk_trajectories: usize,
+    /// Most memory one actor session may hold in chunks, replayed: those
+    /// its credits allow and those waiting for the trainer. Credits stop
+    /// at it, so an actor that follows the protocol never meets it; an
+    /// actor whose single chunk (its declared trajectories per chunk at
+    /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
+    /// this, a session holds the message being received (at most
+    /// `max_message_bytes`) and its HTTP/2 buffers.
+    pub max_session_bytes: u64,
 }
 
 impl Default for LearnerConfig {
@@ -332,6 +340,7 @@ impl Default for LearnerConfig {
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
             max_sessions: 1024,
+            max_session_bytes: 64 << 20,
         }
     }
 }

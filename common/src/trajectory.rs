@@ -127,6 +127,33 @@ impl ReplayedTrajectory {
         self.actions.len()
     }
 
+    /// Bytes this trajectory holds: the struct and its buffers. What a
+    /// chunk waiting for the trainer costs the learner.
+    pub fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.encoded.capacity() * std::mem::size_of::<f32>()
+            + self.forward_masks.capacity()
+            + self.backward_masks.capacity()
+            + self.actions.capacity() * std::mem::size_of::<i64>()
+            + self.backward_actions.capacity() * std::mem::size_of::<i64>()
+            + self.energies.capacity() * std::mem::size_of::<f32>()
+            + self.final_state.capacity()
+    }
+
+    /// The most [`held_bytes`](Self::held_bytes) of a trajectory of up to
+    /// `transitions` transitions replayed in `env`: what the learner sets
+    /// aside for each trajectory a credit allows, before it arrives.
+    pub fn max_held_bytes(env: &dyn Environment, transitions: usize) -> usize {
+        let per_transition = env.forward_actions()
+            + env.backward_actions()
+            + 2 * std::mem::size_of::<i64>()
+            + std::mem::size_of::<f32>();
+        std::mem::size_of::<Self>()
+            + (transitions + 1) * env.state_dim() * std::mem::size_of::<f32>()
+            + transitions * per_transition
+            + env.initial_state().len()
+    }
+
     /// True when there is no transition (never after a successful replay).
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
@@ -214,6 +241,39 @@ mod tests {
         Trajectory {
             actions: actions.to_vec(),
             energies: energies.to_vec(),
+        }
+    }
+
+    #[test]
+    fn held_bytes_stay_within_the_bound_set_aside_for_them() {
+        use crate::tasks::lattice::{Lattice, LatticeConfig, SiteOrder};
+        let lattice = Lattice::new(&LatticeConfig {
+            side: 3,
+            order: SiteOrder::Any,
+            ..LatticeConfig::default()
+        })
+        .unwrap();
+        let envs: [&dyn Environment; 2] = [&env(), &lattice];
+        for env in envs {
+            let mut state = env.initial_state();
+            let mut actions = Vec::new();
+            let mut mask = vec![false; env.forward_actions()];
+            while !env.is_terminal(&state) {
+                env.forward_mask(&state, &mut mask);
+                let action = mask.iter().position(|&valid| valid).unwrap();
+                env.step(&mut state, action).unwrap();
+                actions.push(action as u32);
+            }
+            let n = actions.len();
+            assert_eq!(n, env.max_trajectory_len());
+            let replayed = replay(env, &trajectory(&actions, &vec![0.0; n])).unwrap();
+            let bound = ReplayedTrajectory::max_held_bytes(env, n);
+            // A bound, and a tight one: it sizes credits, so slack would
+            // turn away chunks that fit.
+            assert!(replayed.held_bytes() <= bound, "{} > {bound}", replayed.held_bytes());
+            assert_eq!(replayed.held_bytes(), bound, "{env:?}");
+            let prefix = replay(env, &trajectory(&actions[..1], &[0.0])).unwrap();
+            assert!(prefix.held_bytes() <= ReplayedTrajectory::max_held_bytes(env, 1));
         }
     }
 

@@ -166,6 +166,7 @@ impl CreditPool {
             pool: self.clone(),
             reserved: amount,
             queued: 0,
+            held: None,
         })
     }
 }
@@ -179,6 +180,9 @@ pub struct CreditToken {
     reserved: u64,
     /// Transitions counted as waiting for the trainer.
     queued: u64,
+    /// The granting session's count of credits alive (granted, and their
+    /// chunk not yet taken by the trainer), lowered on drop.
+    held: Option<Arc<AtomicU64>>,
 }
 
 impl CreditToken {
@@ -201,6 +205,9 @@ impl Drop for CreditToken {
     fn drop(&mut self) {
         self.pool.queued.fetch_sub(self.queued, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
+        if let Some(held) = &self.held {
+            held.fetch_sub(1, Ordering::AcqRel);
+        }
         self.pool.wake.notify_one();
     }
 }
@@ -231,12 +238,19 @@ impl SessionCredits {
 struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
+    /// Credits alive: granted, and their chunk not yet in a batch. Each
+    /// stands for at most one chunk held in memory for this session.
+    held: Arc<AtomicU64>,
+    /// Most credits alive at once (`learner.max_session_bytes` over the
+    /// bytes of one chunk).
+    max_held: u64,
     tokens: mpsc::UnboundedSender<CreditToken>,
 }
 
 /// A request to join the rotation.
 struct Join {
     reserve: u64,
+    max_held: u64,
     reply: tokio::sync::oneshot::Sender<SessionCredits>,
 }
 
@@ -260,11 +274,21 @@ impl Controller {
         &self.pool
     }
 
-    /// Adds a session whose chunks need `reserve` transitions of room each.
-    /// None when the learner is stopping.
-    pub async fn join(&self, reserve: u64) -> Option<SessionCredits> {
+    /// Adds a session whose chunks need `reserve` transitions of room each
+    /// and which may hold at most `max_held` chunks at once (granted, on
+    /// their way or waiting for the trainer; at least 1). None when the
+    /// learner is stopping.
+    pub async fn join(&self, reserve: u64, max_held: u64) -> Option<SessionCredits> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.joins.send(Join { reserve, reply }).await.ok()?;
+        let max_held = max_held.max(1);
+        self.joins
+            .send(Join {
+                reserve,
+                max_held,
+                reply,
+            })
+            .await
+            .ok()?;
         answer.await.ok()
     }
 }
@@ -282,12 +306,18 @@ async fn control(
         grant_round_robin(&pool, &mut members);
         tokio::select! {
             join = joins.recv() => {
-                let Some(Join { reserve, reply }) = join else { return };
+                let Some(Join { reserve, max_held, reply }) = join else { return };
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
                 let credits = SessionCredits { tokens, outstanding: outstanding.clone(), pool: pool.clone() };
                 if reply.send(credits).is_ok() {
-                    members.push_back(Member { reserve, outstanding, tokens: sender });
+                    members.push_back(Member {
+                        reserve,
+                        outstanding,
+                        held: Arc::new(AtomicU64::new(0)),
+                        max_held,
+                        tokens: sender,
+                    });
                 }
             }
             () = pool.wake.notified() => {}
@@ -313,9 +343,12 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
             .unwrap_or(u32::MAX)
             .clamp(2, MAX_CREDITS_PER_SESSION);
         let granted = member.outstanding.load(Ordering::Acquire) < cap
+            && member.held.load(Ordering::Acquire) < member.max_held
             && match pool.try_reserve(member.reserve) {
-                Some(token) => {
+                Some(mut token) => {
                     member.outstanding.fetch_add(1, Ordering::AcqRel);
+                    member.held.fetch_add(1, Ordering::AcqRel);
+                    token.held = Some(member.held.clone());
                     member.tokens.send(token).is_ok()
                 }
                 None => false,
@@ -421,8 +454,8 @@ mod tests {
         let pool = CreditPool::new(40, 40, 1);
         let (_stop, stop) = watch::channel(false);
         let controller = Controller::spawn(pool.clone(), stop);
-        let mut busy = controller.join(5).await.unwrap();
-        let mut stalled = controller.join(5).await.unwrap();
+        let mut busy = controller.join(5, u64::MAX).await.unwrap();
+        let mut stalled = controller.join(5, u64::MAX).await.unwrap();
         let mut held = Vec::new();
         for _ in 0..200 {
             let token = tokio::time::timeout(std::time::Duration::from_secs(5), busy.tokens.recv())
@@ -450,7 +483,7 @@ mod tests {
         let pool = CreditPool::new(1000, 1000, 1);
         let (_stop, stop) = watch::channel(false);
         let controller = Controller::spawn(pool.clone(), stop);
-        let mut session = controller.join(1).await.unwrap();
+        let mut session = controller.join(1, u64::MAX).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let mut held = Vec::new();
         while let Ok(token) = session.tokens.try_recv() {
@@ -458,5 +491,35 @@ mod tests {
         }
         assert_eq!(held.len(), MAX_CREDITS_PER_SESSION as usize);
         assert_eq!(pool.in_use(), u64::from(MAX_CREDITS_PER_SESSION));
+    }
+
+    #[tokio::test]
+    async fn a_session_holds_no_more_chunks_than_its_memory_allows() {
+        // Plenty of room, but the session may hold 3 chunks at once.
+        let pool = CreditPool::new(1000, 1000, 1);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut session = controller.join(1, 3).await.unwrap();
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+        settle().await;
+        let mut waiting = Vec::new();
+        while let Ok(mut token) = session.tokens.try_recv() {
+            // The chunk arrives and waits for the trainer: the credit is
+            // used, but its chunk is still held.
+            session.used(true);
+            token.arrived(1);
+            waiting.push(token);
+        }
+        settle().await;
+        assert!(session.tokens.try_recv().is_err(), "no credit beyond 3 held chunks");
+        assert_eq!(waiting.len(), 3);
+        // The trainer takes one chunk: one more credit.
+        waiting.pop();
+        settle().await;
+        let mut more = Vec::new();
+        while let Ok(token) = session.tokens.try_recv() {
+            more.push(token);
+        }
+        assert_eq!(more.len(), 1);
     }
 }

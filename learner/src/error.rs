@@ -59,6 +59,21 @@ pub enum RequestError {
         /// What was wrong with it.
         source: ReplayError,
     },
+    /// One chunk of the declared size would take more memory, replayed,
+    /// than one session may hold.
+    #[error(
+        "`{field}` is {per_chunk}: a chunk of that many full-length trajectories takes up to {chunk_bytes} bytes replayed, more than one session may hold (learner.max_session_bytes = {limit}); send fewer trajectories per chunk (actor.envs)"
+    )]
+    SessionMemory {
+        /// The header or message field that declared the chunk size.
+        field: String,
+        /// Declared trajectories per chunk.
+        per_chunk: u64,
+        /// What one such chunk holds, replayed.
+        chunk_bytes: u64,
+        /// `learner.max_session_bytes`.
+        limit: u64,
+    },
     /// A chunk arrived with no unused credit.
     #[error("a chunk arrived without a credit: send one chunk per credit granted")]
     NoCredit,
@@ -85,6 +100,7 @@ impl RequestError {
                 ReplayError::EnergyOutOfRange { .. } => "energy_out_of_range",
                 ReplayError::InvalidAction { .. } => "invalid_action",
             },
+            RequestError::SessionMemory { .. } => "session_memory",
             RequestError::NoCredit => "no_credit",
             RequestError::ShuttingDown => "shutting_down",
         }
@@ -132,6 +148,7 @@ impl From<RequestError> for Status {
             | RequestError::Malformed(_)
             | RequestError::FutureVersion { .. }
             | RequestError::Trajectory { .. } => Status::invalid_argument(message),
+            RequestError::SessionMemory { .. } => Status::resource_exhausted(message),
             RequestError::ShuttingDown => Status::unavailable(message),
         }
     }

@@ -204,6 +204,20 @@ pub async fn serve(
 
     let env = tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
+    let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
+        env.as_ref(),
+        env.max_trajectory_len(),
+    ) as u64;
+    if trajectory_bytes > config.learner.max_session_bytes {
+        return Err(flgfn_common::config::ConfigError::invalid(
+            "learner.max_session_bytes",
+            format!(
+                "{} bytes cannot hold even one trajectory of this task ({trajectory_bytes} bytes replayed)",
+                config.learner.max_session_bytes
+            ),
+        )
+        .into());
+    }
     let device = select_device(config.learner.device)
         .map_err(|reason| flgfn_common::config::ConfigError::invalid("learner.device", reason))?;
     set_threads(config.learner.threads);
@@ -284,6 +298,7 @@ pub async fn serve(
         keep_truncated: objective.trains_on_truncated(),
         max_message_bytes: learner.max_message_bytes,
         max_chunk_trajectories: learner.max_chunk_trajectories,
+        max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,
         last_actor_id: AtomicU64::new(0),
         credits: Controller::spawn(pool.clone(), stop.clone()),

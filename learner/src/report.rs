@@ -99,6 +99,9 @@ pub struct Report {
     /// waiting for data: near 1, more actors would help; near 0, the
     /// learner is the bottleneck.
     pub data_wait_fraction: f64,
+    /// Chunks accepted so far (valid, each for a credit).
+    #[serde(default)]
+    pub accepted_chunks: u64,
     /// Chunks refused as invalid so far.
     pub rejected_chunks: u64,
     /// Chunks actors numbered but never delivered (gaps in their sequence

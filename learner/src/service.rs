@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flgfn_common::env::{Environment, TaskSpec};
 use flgfn_common::policy::ModelSpec;
+use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::sync::mpsc;
@@ -38,6 +39,9 @@ pub struct LearnerState {
     pub max_message_bytes: usize,
     /// Most trajectories an actor may declare per chunk.
     pub max_chunk_trajectories: usize,
+    /// Most bytes of replayed chunks one session may hold
+    /// (`learner.max_session_bytes`); its credits stop there.
+    pub max_session_bytes: u64,
     /// An actor gets new weights only when its own are this many versions
     /// old.
     pub weights_refresh_steps: u64,
@@ -111,41 +115,11 @@ impl Learner for LearnerService {
     ) -> Result<Response<proto::HandshakeReply>, Status> {
         let state = &self.state().await?;
         let peer = peer_name(request.remote_addr());
-        let request = request.into_inner();
-        if request.protocol_version != PROTOCOL_VERSION {
-            return Err(RequestError::ProtocolVersion {
-                actor: request.protocol_version,
-                learner: PROTOCOL_VERSION,
-            }
-            .into());
-        }
-        let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
-        if task != state.task {
-            let error = RequestError::task_mismatch(&task, &state.task);
+        let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
             warn!(%peer, %error, "refused an actor");
-            return Err(error.into());
-        }
-        let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
-        if model != state.model {
-            let error = RequestError::model_mismatch(&model, &state.model);
-            warn!(%peer, %error, "refused an actor");
-            return Err(error.into());
-        }
-        state.check_chunk_size(
-            u64::from(request.trajectories_per_chunk),
-            "trajectories_per_chunk",
-        )?;
-        let actor_id = state.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = crate::error::clip(request.actor_name);
-        state.sequences.joined(actor_id, &name);
-        info!(%peer, actor = %name, actor_id, "actor joined");
-        Ok(Response::new(proto::HandshakeReply {
-            actor_id,
-            task: Some((&state.task).into()),
-            model: Some((&state.model).into()),
-            version: state.publisher.latest_version(),
-            max_message_bytes: state.max_message_bytes as u64,
-        }))
+            Status::from(error)
+        })?;
+        Ok(Response::new(reply))
     }
 
     type SessionStream = GrantStream;
@@ -161,7 +135,9 @@ impl Learner for LearnerService {
             return Err(RequestError::UnknownActor(actor_id).into());
         }
         let per_chunk = header(request.metadata(), TRAJECTORIES_PER_CHUNK_HEADER)?;
-        state.check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)?;
+        let chunk_bytes = state
+            .check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)
+            .inspect_err(|error| warn!(%peer, %error, "refused a session"))?;
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
             state.stats.refuse("too_many_sessions");
             return Err(Status::resource_exhausted(format!(
@@ -176,6 +152,7 @@ impl Learner for LearnerService {
             state,
             actor_id,
             trajectories_per_chunk: per_chunk as usize,
+            chunk_bytes,
             inbound: request.into_inner(),
             grants,
             actor_name,
@@ -188,9 +165,48 @@ impl Learner for LearnerService {
 }
 
 impl LearnerState {
+    /// Checks a handshake and hands out an actor id.
+    fn admit(
+        &self,
+        request: proto::HandshakeRequest,
+        peer: &str,
+    ) -> Result<proto::HandshakeReply, RequestError> {
+        if request.protocol_version != PROTOCOL_VERSION {
+            return Err(RequestError::ProtocolVersion {
+                actor: request.protocol_version,
+                learner: PROTOCOL_VERSION,
+            });
+        }
+        let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
+        if task != self.task {
+            return Err(RequestError::task_mismatch(&task, &self.task));
+        }
+        let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
+        if model != self.model {
+            return Err(RequestError::model_mismatch(&model, &self.model));
+        }
+        self.check_chunk_size(
+            u64::from(request.trajectories_per_chunk),
+            "trajectories_per_chunk",
+        )?;
+        let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let name = crate::error::clip(request.actor_name);
+        self.sequences.joined(actor_id, &name);
+        info!(%peer, actor = %name, actor_id, "actor joined");
+        Ok(proto::HandshakeReply {
+            actor_id,
+            task: Some((&self.task).into()),
+            model: Some((&self.model).into()),
+            version: self.publisher.latest_version(),
+            max_message_bytes: self.max_message_bytes as u64,
+        })
+    }
+
     /// An actor's declared trajectories per chunk must be at least 1, at
-    /// most `learner.max_chunk_trajectories`, and fit the credit pool.
-    fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<(), RequestError> {
+    /// most `learner.max_chunk_trajectories`, and fit the credit pool and
+    /// `learner.max_session_bytes`. Returns what one such chunk holds,
+    /// replayed, at most.
+    fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<u64, RequestError> {
         let max = self.max_chunk_trajectories as u64;
         if per_chunk == 0 || per_chunk > max {
             return Err(RequestError::Malformed(format!(
@@ -204,7 +220,18 @@ impl LearnerState {
                 "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's largest credit room of {ceiling} transitions (learner.max_batch_transitions x learner.max_in_flight_batches); lower actor.envs"
             )));
         }
-        Ok(())
+        let max_len = self.env.max_trajectory_len();
+        let chunk_bytes = per_chunk
+            * ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64;
+        if chunk_bytes > self.max_session_bytes {
+            return Err(RequestError::SessionMemory {
+                field: field.to_owned(),
+                per_chunk,
+                chunk_bytes,
+                limit: self.max_session_bytes,
+            });
+        }
+        Ok(chunk_bytes)
     }
 }
 

@@ -104,6 +104,10 @@ pub struct Session {
     /// Declared by the actor; every credit reserves room for this many
     /// full-length trajectories, and larger chunks are refused.
     pub trajectories_per_chunk: usize,
+    /// What one chunk of that size holds once replayed, at most: the
+    /// session's credits stop where its chunks, arriving and waiting for
+    /// the trainer, could exceed `learner.max_session_bytes`.
+    pub chunk_bytes: u64,
     /// Chunks from the actor.
     pub inbound: Streaming<proto::TrajectoryChunk>,
     /// Grants to the actor (the response stream).
@@ -197,10 +201,11 @@ impl Session {
 
     async fn serve(&mut self, progress: &mut Progress) -> Result<(), Status> {
         let reserve = (self.trajectories_per_chunk * self.state.env.max_trajectory_len()) as u64;
+        let max_held = self.state.max_session_bytes / self.chunk_bytes.max(1);
         let mut credits = self
             .state
             .credits
-            .join(reserve)
+            .join(reserve, max_held)
             .await
             .ok_or(RequestError::ShuttingDown)?;
         let mut done = self.state.publisher.done();

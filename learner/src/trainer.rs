@@ -562,6 +562,7 @@ impl Trainer {
             resident_mb: crate::report::resident_mb(),
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
+            accepted_chunks: IngestStats::get(&stats.accepted_chunks),
             rejected_chunks: IngestStats::get(&stats.rejected_chunks),
             lost_chunks: IngestStats::get(&stats.lost_chunks),
             rejections: stats.rejections(),

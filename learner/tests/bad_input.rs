@@ -12,6 +12,7 @@ use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHU
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use flgfn_common::trajectory::ReplayedTrajectory;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
@@ -95,6 +96,15 @@ async fn open(
     client: &mut LearnerClient<Channel>,
     actor_id: Option<u64>,
 ) -> Result<RawSession, Status> {
+    open_declaring(client, actor_id, 1).await
+}
+
+/// A Session call declaring `per_chunk` trajectories per chunk.
+async fn open_declaring(
+    client: &mut LearnerClient<Channel>,
+    actor_id: Option<u64>,
+    per_chunk: u64,
+) -> Result<RawSession, Status> {
     let (upload, chunks) = mpsc::channel(8);
     let mut request = tonic::Request::new(ReceiverStream::new(chunks));
     if let Some(actor_id) = actor_id {
@@ -104,7 +114,7 @@ async fn open(
     }
     request
         .metadata_mut()
-        .insert(TRAJECTORIES_PER_CHUNK_HEADER, 1u64.into());
+        .insert(TRAJECTORIES_PER_CHUNK_HEADER, per_chunk.into());
     let grants = client.session(request).await?.into_inner();
     Ok(RawSession { upload, grants })
 }
@@ -729,4 +739,56 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     drop(third);
     stop.send(()).unwrap();
     learner.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted() {
+    let mut config = config();
+    let env = tasks::build(&config.task).unwrap();
+    let one = ReplayedTrajectory::max_held_bytes(env.as_ref(), env.max_trajectory_len()) as u64;
+
+    // A limit below one trajectory is a configuration error, named.
+    config.learner.max_session_bytes = one - 1;
+    let (_url, learner, _stop) = start_learner(&config).await;
+    let error = learner.await.unwrap().err().unwrap().to_string();
+    assert!(error.contains("learner.max_session_bytes"), "{error}");
+
+    // Room for three trajectories per session (and for 8 chunks of 2
+    // transitions learner-wide, so that the credit room is not what
+    // refuses them).
+    config.learner.max_session_bytes = 3 * one;
+    config.learner.max_in_flight_batches = 8;
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let mut four = handshake_request(&config);
+    four.trajectories_per_chunk = 4;
+    let status = client.handshake(four).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("learner.max_session_bytes")
+            && status.message().contains("trajectories_per_chunk"),
+        "{status:?}"
+    );
+    let mut three = handshake_request(&config);
+    three.trajectories_per_chunk = 3;
+    let actor_id = client.handshake(three).await.unwrap().into_inner().actor_id;
+    let status = open_declaring(&mut client, Some(actor_id), 4)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("learner.max_session_bytes")
+            && status.message().contains(TRAJECTORIES_PER_CHUNK_HEADER),
+        "{status:?}"
+    );
+    // A chunk that fits is granted credits and trained on.
+    let mut session = open_declaring(&mut client, Some(actor_id), 3)
+        .await
+        .unwrap();
+    assert!(session.grant().await.credits >= 1);
+    drop(session);
+    stop.send(()).unwrap();
+    let outcome = learner.await.unwrap().unwrap();
+    assert_eq!(outcome.final_report.rejected_chunks, 0);
 }

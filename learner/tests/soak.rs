@@ -94,6 +94,7 @@ async fn sixty_four_streams_for_a_while() {
 
     let reports: Vec<_> = reports.into_iter().map(Result::unwrap).collect();
     let chunks: Vec<u64> = reports.iter().map(|r| r.chunks_sent).collect();
+    let sent_chunks: u64 = chunks.iter().sum();
     let sent: u64 = reports.iter().map(|r| r.transitions_sent).sum();
     let mean = chunks.iter().sum::<u64>() as f64 / STREAMS as f64;
     let fewest = *chunks.iter().min().unwrap();
@@ -108,12 +109,20 @@ async fn sixty_four_streams_for_a_while() {
     // the credit room, the most the learner ever grants at once.
     let room = config.learner.max_in_flight_batches * config.learner.max_batch_transitions as u64;
     let lost = sent - last.ingested_transitions;
+    // In chunks: sent = accepted + refused + lost (gaps the learner saw in
+    // the streams' numbers) + the tail in flight at the stop.
+    let received = last.accepted_chunks + last.rejected_chunks + last.lost_chunks;
+    let tail_chunks = sent_chunks.checked_sub(received).unwrap_or_else(|| {
+        panic!("the learner counted {received} chunks (accepted, refused, lost), more than the {sent_chunks} sent")
+    });
     eprintln!(
-        "soak {seconds:.0} s, {STREAMS} streams: learner {after_warm_up:.0} MB after {:.0} s of warm-up, peak {peak:.0} MB, {at_end:.0} MB at the end; chunks per stream {fewest}..{} (mean {mean:.0}); {sent} transitions sent, {} accepted, {} refused, {lost} in flight at the stop; {} trained in {} steps",
+        "soak {seconds:.0} s, {STREAMS} streams: learner {after_warm_up:.0} MB after {:.0} s of warm-up, peak {peak:.0} MB, {at_end:.0} MB at the end; chunks per stream {fewest}..{} (mean {mean:.0}); {sent_chunks} chunks sent: {} accepted, {} refused, {} lost, {tail_chunks} in flight at the stop; {sent} transitions sent, {} accepted, {lost} in flight at the stop; {} trained in {} steps",
         warm_up.as_secs_f64(),
         chunks.iter().max().unwrap(),
-        last.ingested_transitions,
+        last.accepted_chunks,
         last.rejected_chunks,
+        last.lost_chunks,
+        last.ingested_transitions,
         last.trained_transitions,
         last.step,
     );
@@ -136,6 +145,8 @@ async fn sixty_four_streams_for_a_while() {
         last.rejections
     );
     assert!(last.ingested_transitions <= sent);
+    // Loopback, no connection broke: no stream skipped a number.
+    assert_eq!(last.lost_chunks, 0);
     assert!(
         lost <= room,
         "{lost} transitions unaccounted for (room {room})"
