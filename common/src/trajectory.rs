@@ -270,7 +270,11 @@ mod tests {
             let bound = ReplayedTrajectory::max_held_bytes(env, n);
             // A bound, and a tight one: it sizes credits, so slack would
             // turn away chunks that fit.
-            assert!(replayed.held_bytes() <= bound, "{} > {bound}", replayed.held_bytes());
+            assert!(
+                replayed.held_bytes() <= bound,
+                "{} > {bound}",
+                replayed.held_bytes()
+            );
             assert_eq!(replayed.held_bytes(), bound, "{env:?}");
             let prefix = replay(env, &trajectory(&actions[..1], &[0.0])).unwrap();
             assert!(prefix.held_bytes() <= ReplayedTrajectory::max_held_bytes(env, 1));

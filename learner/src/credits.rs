@@ -511,7 +511,10 @@ mod tests {
             waiting.push(token);
         }
         settle().await;
-        assert!(session.tokens.try_recv().is_err(), "no credit beyond 3 held chunks");
+        assert!(
+            session.tokens.try_recv().is_err(),
+            "no credit beyond 3 held chunks"
+        );
         assert_eq!(waiting.len(), 3);
         // The trainer takes one chunk: one more credit.
         waiting.pop();

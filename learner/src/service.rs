@@ -221,8 +221,8 @@ impl LearnerState {
             )));
         }
         let max_len = self.env.max_trajectory_len();
-        let chunk_bytes = per_chunk
-            * ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64;
+        let chunk_bytes =
+            per_chunk * ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64;
         if chunk_bytes > self.max_session_bytes {
             return Err(RequestError::SessionMemory {
                 field: field.to_owned(),

@@ -7,12 +7,12 @@ use std::time::Duration;
 use flgfn_common::config::{Config, TaskConfig};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
+use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use flgfn_common::trajectory::ReplayedTrajectory;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
