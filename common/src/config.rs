@@ -296,6 +296,9 @@ pub struct LearnerConfig {
     /// RESOURCE_EXHAUSTED (each session holds its buffers, at most
     /// `max_message_bytes` per message, and credits from the shared room).
     pub max_sessions: usize,
+    /// Most TCP connections open at once (actors, probes, anything that
+    /// connects); one beyond is closed at once, before it is read.
+    pub max_connections: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
     /// memory one message can claim.
@@ -340,6 +343,7 @@ impl Default for LearnerConfig {
             max_message_bytes: 64 << 20,
             max_chunk_trajectories: 1024,
             max_sessions: 1024,
+            max_connections: 4096,
             max_session_bytes: 64 << 20,
         }
     }
@@ -661,6 +665,7 @@ impl Config {
         at_least("learner.eval_samples", l.eval_samples, 1)?;
         at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
         at_least("learner.max_sessions", l.max_sessions, 1)?;
+        at_least("learner.max_connections", l.max_connections, 1)?;
         if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
             return Err(ConfigError::invalid(
                 "learner.checkpoint_every_s",

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //!
+//! - [`connections`]: the listener's cap on open TCP connections.
 //! - [`service`]: the `flgfn.v1.Learner` gRPC service (handshake, and a
 //!   session per actor).
 //! - [`session`]: one actor's session: credits and weights out, chunks in.
@@ -34,6 +35,7 @@
 pub mod adam;
 pub mod batcher;
 pub mod checkpoint;
+pub mod connections;
 pub mod credits;
 pub mod delay_proxy;
 pub mod error;
@@ -62,7 +64,6 @@ use flgfn_common::tasks;
 use flgfn_common::wire::proto::learner_server::LearnerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -197,9 +198,12 @@ pub async fn serve(
         secured
             .add_service(health_service)
             .add_service(grpc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                let _ = server_stop.wait_for(|stopped| *stopped).await;
-            }),
+            .serve_with_incoming_shutdown(
+                connections::incoming(listener, config.learner.max_connections, stats.clone()),
+                async move {
+                    let _ = server_stop.wait_for(|stopped| *stopped).await;
+                },
+            ),
     );
 
     let env = tasks::build(&config.task)?;

@@ -789,6 +789,68 @@ async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted
     assert!(session.grant().await.credits >= 1);
     drop(session);
     stop.send(()).unwrap();
-    let outcome = learner.await.unwrap().unwrap();
+    learner.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_and_counted() {
+    let mut config = config();
+    config.learner.max_connections = 2;
+    let (url, learner, stop) = start_learner(&config).await;
+    let address = url.trim_start_matches("http://").to_owned();
+    // Two connections that never send a byte hold both places.
+    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let try_handshake = || async {
+        let mut client = LearnerClient::connect(url.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client
+            .handshake(handshake_request(&config))
+            .await
+            .map_err(|status| format!("{status:?}"))?;
+        Ok::<_, String>((client, reply.into_inner().actor_id))
+    };
+    let refused = try_handshake().await;
+    assert!(
+        refused.is_err(),
+        "a third connection was served: {refused:?}"
+    );
+    // One closes: its place is free again, and an actor trains through it.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut client, actor_id) = loop {
+        match try_handshake().await {
+            Ok(found) => break found,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place was never freed: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    for sequence in 0..2 {
+        session.grant().await;
+        let mut good = chunk(actor_id, vec![0, 1]);
+        good.sequence = sequence;
+        session.upload.send(good).await.unwrap();
+    }
+    // Two steps of one chunk each end the run.
+    let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(stop);
+    assert_eq!(outcome.steps, 2);
+    let closed = outcome.final_report.rejections.get("too_many_connections");
+    assert!(
+        closed.is_some_and(|&n| n >= 1),
+        "{:?}",
+        outcome.final_report.rejections
+    );
     assert_eq!(outcome.final_report.rejected_chunks, 0);
 }
