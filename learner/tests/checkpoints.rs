@@ -148,6 +148,10 @@ async fn a_stopped_run_resumes_where_it_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
+    // Far more than five short-lived learners train (each up to ~1,000
+    // steps here): one that resumed at the last step would have nothing
+    // left to train, and never report.
+    const MAX_STEPS: u64 = 8000;
     let dir = scratch("kill");
     let config_path = dir.join("run.toml");
     let checkpoints = dir.join("checkpoints");
@@ -155,7 +159,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
         .replace(
             "checkpoint_dir = \"\"",
             &format!(
-                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 100\ncheckpoint_every_s = 0.0\nmax_steps = 2000",
+                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 100\ncheckpoint_every_s = 0.0\nmax_steps = {MAX_STEPS}",
                 checkpoints.display()
             ),
         )
@@ -232,7 +236,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
         "versions went backwards"
     );
     let last = all.last().unwrap();
-    assert_eq!(last.step, 2000);
+    assert_eq!(last.step, MAX_STEPS);
     let weights = std::fs::read(checkpoints.join(checkpoint::FINAL_WEIGHTS)).unwrap();
     let tv = exact_tv(&config, &weights);
     let log_z_error = (last.logz_est - last.logz_exact.unwrap()).abs();
