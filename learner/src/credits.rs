@@ -27,12 +27,20 @@
 //! its fair share; a session whose actor sits on a credit for
 //! [`STALLED_AFTER`](crate::session::STALLED_AFTER) is ended, which returns
 //! its credits.
+//!
+//! A session whose chunks arrive already older than `max_policy_lag` (an
+//! actor far behind a slow link while near ones set the pace) would only
+//! roll out for the stale counter: the session [`pauses`](SessionCredits::pause)
+//! its credits, then probes with one credit at a time until a chunk arrives
+//! fresh again.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 
 /// Most credits one session holds at a time. Each is one chunk on its way,
 /// often one small HTTP/2 DATA frame, and h2 (>= 0.4.20) closes a
@@ -212,6 +220,31 @@ impl Drop for CreditToken {
     }
 }
 
+/// Whether the controller may grant to a session now.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// No credit before this.
+    paused_until: Mutex<Option<Instant>>,
+    /// After a pause: one credit at a time until a chunk arrives fresh.
+    probing: AtomicBool,
+}
+
+impl Throttle {
+    /// The most credits the session may hold now (None: no limit here), and
+    /// when a pause ends, if one is on.
+    fn cap(&self, now: Instant) -> (Option<u32>, Option<Instant>) {
+        let until = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match until {
+            Some(until) if until > now => (Some(0), Some(until)),
+            _ if self.probing.load(Ordering::Acquire) => (Some(1), None),
+            _ => (None, None),
+        }
+    }
+}
+
 /// A session's end of the controller: credits arrive on `tokens`.
 #[derive(Debug)]
 pub struct SessionCredits {
@@ -220,10 +253,36 @@ pub struct SessionCredits {
     /// Credits granted whose chunk has not arrived; the session lowers it
     /// with [`SessionCredits::used`].
     outstanding: Arc<AtomicU32>,
+    throttle: Arc<Throttle>,
     pool: Arc<CreditPool>,
 }
 
 impl SessionCredits {
+    /// No credit for `duration`; then one at a time until
+    /// [`fresh`](Self::fresh): this actor's chunks arrive too old to train.
+    pub fn pause(&self, duration: Duration) {
+        let until = Instant::now() + duration;
+        let mut paused = self
+            .throttle
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *paused = Some(paused.map_or(until, |current| current.max(until)));
+        self.throttle.probing.store(true, Ordering::Release);
+        drop(paused);
+        self.pool.wake.notify_one();
+    }
+
+    /// A chunk arrived fresh: whatever pause came before, credits flow as
+    /// usual again. True when the session was probing.
+    pub fn fresh(&self) -> bool {
+        let was_probing = self.throttle.probing.swap(false, Ordering::AcqRel);
+        if was_probing {
+            self.pool.wake.notify_one();
+        }
+        was_probing
+    }
+
     /// One credit was used (its chunk arrived); `idle`: the actor had no
     /// other credit left to start.
     pub fn used(&self, idle: bool) {
@@ -244,6 +303,7 @@ struct Member {
     /// Most credits alive at once (`learner.max_session_bytes` over the
     /// bytes of one chunk).
     max_held: u64,
+    throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
 }
 
@@ -303,37 +363,58 @@ async fn control(
     let mut members: VecDeque<Member> = VecDeque::new();
     loop {
         members.retain(|m| !m.tokens.is_closed());
-        grant_round_robin(&pool, &mut members);
+        let next_resume = grant_round_robin(&pool, &mut members);
+        let resume = async {
+            match next_resume {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             join = joins.recv() => {
                 let Some(Join { reserve, max_held, reply }) = join else { return };
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
-                let credits = SessionCredits { tokens, outstanding: outstanding.clone(), pool: pool.clone() };
+                let throttle = Arc::new(Throttle::default());
+                let credits = SessionCredits {
+                    tokens,
+                    outstanding: outstanding.clone(),
+                    throttle: throttle.clone(),
+                    pool: pool.clone(),
+                };
                 if reply.send(credits).is_ok() {
                     members.push_back(Member {
                         reserve,
                         outstanding,
                         held: Arc::new(AtomicU64::new(0)),
                         max_held,
+                        throttle,
                         tokens: sender,
                     });
                 }
             }
             () = pool.wake.notified() => {}
+            () = resume => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
     }
 }
 
 /// Grants one credit at a time to the session at the front, moving it to
-/// the back, until no session can take one.
-fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
+/// the back, until no session can take one. Returns when the first pause
+/// ends, if a session is paused.
+fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> Option<Instant> {
+    let now = Instant::now();
+    let mut next_resume: Option<Instant> = None;
     let mut idle_in_a_row = 0;
     while idle_in_a_row < members.len() {
         let Some(member) = members.pop_front() else {
-            return;
+            break;
         };
+        let (throttled, resume) = member.throttle.cap(now);
+        if let Some(resume) = resume {
+            next_resume = Some(next_resume.map_or(resume, |next| next.min(resume)));
+        }
         // One more than the fair share of the current room, at least 2
         // (one chunk rolling out, one on the way), at most
         // MAX_CREDITS_PER_SESSION.
@@ -341,7 +422,8 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
         let fair = pool.capacity() / (member.reserve.max(1) * sessions);
         let cap = u32::try_from(fair + 1)
             .unwrap_or(u32::MAX)
-            .clamp(2, MAX_CREDITS_PER_SESSION);
+            .clamp(2, MAX_CREDITS_PER_SESSION)
+            .min(throttled.unwrap_or(u32::MAX));
         let granted = member.outstanding.load(Ordering::Acquire) < cap
             && member.held.load(Ordering::Acquire) < member.max_held
             && match pool.try_reserve(member.reserve) {
@@ -356,6 +438,7 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) {
         idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
         members.push_back(member);
     }
+    next_resume
 }
 
 #[cfg(test)]
@@ -491,6 +574,47 @@ mod tests {
         }
         assert_eq!(held.len(), MAX_CREDITS_PER_SESSION as usize);
         assert_eq!(pool.in_use(), u64::from(MAX_CREDITS_PER_SESSION));
+    }
+
+    #[tokio::test]
+    async fn a_paused_session_gets_nothing_then_probes_one_credit_at_a_time() {
+        let pool = CreditPool::new(1000, 1000, 1);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut session = controller.join(1, u64::MAX).await.unwrap();
+        let settle = || tokio::time::sleep(Duration::from_millis(100));
+        let take = |session: &mut SessionCredits| {
+            let mut tokens = Vec::new();
+            while let Ok(token) = session.tokens.try_recv() {
+                tokens.push(token);
+            }
+            tokens
+        };
+        settle().await;
+        let before = take(&mut session);
+        assert!(before.len() >= 2, "{}", before.len());
+        session.pause(Duration::from_millis(400));
+        // Its chunks arrive and are trained: room and credits come back.
+        for token in before {
+            session.used(false);
+            drop(token);
+        }
+        settle().await;
+        assert!(take(&mut session).is_empty(), "paused");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let probe = take(&mut session);
+        assert_eq!(probe.len(), 1, "one probe after the pause");
+        settle().await;
+        assert!(take(&mut session).is_empty(), "one credit at a time");
+        session.used(false);
+        drop(probe);
+        settle().await;
+        let next = take(&mut session);
+        assert_eq!(next.len(), 1, "still probing");
+        assert!(session.fresh());
+        settle().await;
+        assert!(take(&mut session).len() >= 2, "fresh again: credits flow");
+        drop(next);
     }
 
     #[tokio::test]

@@ -92,6 +92,9 @@ pub struct IngestStats {
     /// Refused chunks by reason ([`RequestError::reason`](crate::error::RequestError::reason),
     /// `undecodable`, `too_large`).
     pub rejections: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Times a session's credits were paused because its chunks arrived
+    /// already older than `max_policy_lag`.
+    pub session_pauses: AtomicU64,
     /// Transitions dropped where the batch is built because the policy
     /// that sampled them was more than `max_policy_lag` steps old.
     pub stale_transitions: AtomicU64,

@@ -113,6 +113,10 @@ pub struct Report {
     pub rejections: std::collections::BTreeMap<String, u64>,
     /// Transitions dropped as too stale so far.
     pub stale_transitions: u64,
+    /// Times an actor's credits were paused because its chunks arrived
+    /// already older than `max_policy_lag` (an actor far behind the others).
+    #[serde(default)]
+    pub session_pauses: u64,
     /// `stale_transitions` over `ingested_transitions`.
     pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the

@@ -45,6 +45,9 @@ pub struct LearnerState {
     /// An actor gets new weights only when its own are this many versions
     /// old.
     pub weights_refresh_steps: u64,
+    /// `learner.max_policy_lag`: a session whose chunks arrive older than
+    /// this pauses its credits.
+    pub max_policy_lag: u64,
     /// Last actor id handed out; ids start at 1.
     pub last_actor_id: AtomicU64,
     /// Hands out credits.

@@ -19,7 +19,7 @@ use flgfn_common::wire::proto;
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status, Streaming};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::credits::{CreditToken, SessionCredits};
 use crate::error::RequestError;
@@ -37,6 +37,18 @@ pub const STALLED_AFTER: Duration = Duration::from_secs(30);
 /// How long a session whose credits stopped coming waits to learn that
 /// training is over (a requested stop finishes the current step first).
 const DONE_GRACE: Duration = Duration::from_secs(10);
+
+/// Chunks in a row that must arrive already stale before a session's
+/// credits pause: one can be a hiccup (a slow rollout, a burst of steps).
+const STALE_ARRIVALS_TO_PAUSE: u32 = 2;
+
+/// The first pause of a session whose chunks arrive stale; each probe that
+/// arrives stale again doubles it, up to [`LONGEST_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+
+/// The longest pause: how long a far actor may wait to find out that the
+/// learner slowed down enough for its chunks to be fresh again.
+const LONGEST_PAUSE: Duration = Duration::from_secs(16);
 
 /// Runs replay and validation on tokio's blocking pool, at most
 /// `learner.ingest_threads` at a time, so a flood of chunks never occupies
@@ -160,6 +172,13 @@ struct Progress {
     sent_version: Option<u64>,
     /// The sequence number the next chunk should carry.
     next_sequence: Option<u64>,
+    /// Chunks in a row that arrived already older than `max_policy_lag`.
+    stale_arrivals: u32,
+    /// How long the next pause lasts (zero: the first pause comes next).
+    next_pause: Duration,
+    /// When the current pause ends: chunks granted before it that arrive
+    /// meanwhile say nothing new.
+    paused_until: Option<Instant>,
 }
 
 impl Session {
@@ -373,6 +392,7 @@ impl Session {
             ingested.unusable_transitions as u64,
         );
         progress.record.chunks_received += 1;
+        self.throttle(ingested.policy_version, credits, progress);
         if ingested.transitions == 0 {
             // Nothing to train on; the credit's room goes back.
             return Ok(());
@@ -385,6 +405,55 @@ impl Session {
                 credit,
             })
             .map_err(|_| RequestError::ShuttingDown)
+    }
+
+    /// Pauses this session's credits when its chunks keep arriving at
+    /// `max_policy_lag` or older: they would only be dropped as stale, and the
+    /// actor's time is better spent idle. After the pause, one credit at a
+    /// time probes whether its chunks are fresh again (the learner may have
+    /// slowed, or the near actors left); each stale probe doubles the pause.
+    fn throttle(&self, policy_version: u64, credits: &SessionCredits, progress: &mut Progress) {
+        let lag = self
+            .state
+            .publisher
+            .latest_version()
+            .saturating_sub(policy_version);
+        // The chunk goes into a batch a step or two later: at the bound now,
+        // it will be past it then.
+        if lag < self.state.max_policy_lag {
+            progress.stale_arrivals = 0;
+            progress.next_pause = Duration::ZERO;
+            if credits.fresh() {
+                info!(
+                    actor_id = self.actor_id,
+                    lag, "chunks arrive fresh again: credits resume"
+                );
+            }
+            return;
+        }
+        if progress
+            .paused_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return;
+        }
+        progress.stale_arrivals += 1;
+        if progress.stale_arrivals < STALE_ARRIVALS_TO_PAUSE {
+            return;
+        }
+        progress.stale_arrivals = 0;
+        let pause = progress.next_pause.max(FIRST_PAUSE);
+        progress.next_pause = (pause * 2).min(LONGEST_PAUSE);
+        progress.paused_until = Some(Instant::now() + pause);
+        credits.pause(pause);
+        IngestStats::add(&self.state.stats.session_pauses, 1);
+        info!(
+            actor_id = self.actor_id,
+            lag,
+            max_policy_lag = self.state.max_policy_lag,
+            pause_s = pause.as_secs_f64(),
+            "this actor's chunks arrive older than max_policy_lag (far behind the actors that set the pace): pausing its credits"
+        );
     }
 
     /// Undecodable or oversized: refused by tonic before validation, but

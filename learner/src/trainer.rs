@@ -567,6 +567,7 @@ impl Trainer {
             lost_chunks: IngestStats::get(&stats.lost_chunks),
             rejections: stats.rejections(),
             stale_transitions: IngestStats::get(&stats.stale_transitions),
+            session_pauses: IngestStats::get(&stats.session_pauses),
             stale_fraction: IngestStats::get(&stats.stale_transitions) as f64
                 / ingested.max(1) as f64,
             unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),
