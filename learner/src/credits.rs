@@ -445,6 +445,39 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
 mod tests {
     use super::*;
 
+    /// A running controller over a room for 1,000 one-transition chunks,
+    /// and one session of one-transition chunks holding at most `max_held`.
+    struct OneSession {
+        pool: Arc<CreditPool>,
+        session: SessionCredits,
+        /// Kept: the controller stops when its handle and stop signal go.
+        _controller: Controller,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn one_session(max_held: u64) -> OneSession {
+        let pool = CreditPool::new(1000, 1000, 1);
+        let (stop_sender, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let session = controller.join(1, max_held).await.unwrap();
+        OneSession {
+            pool,
+            session,
+            _controller: controller,
+            _stop: stop_sender,
+        }
+    }
+
+    /// Long enough for the controller to grant whatever it will.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// The credits granted so far.
+    fn take(session: &mut SessionCredits) -> Vec<CreditToken> {
+        std::iter::from_fn(|| session.tokens.try_recv().ok()).collect()
+    }
+
     #[test]
     fn room_is_reserved_shrunk_on_arrival_and_returned_on_drop() {
         let pool = CreditPool::new(100, 100, 4);
@@ -562,36 +595,20 @@ mod tests {
 
     #[tokio::test]
     async fn one_session_holds_at_most_max_credits_however_large_the_room() {
-        // Room for 1,000 chunks of one transition, one session.
-        let pool = CreditPool::new(1000, 1000, 1);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut session = controller.join(1, u64::MAX).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let mut held = Vec::new();
-        while let Ok(token) = session.tokens.try_recv() {
-            held.push(token);
-        }
+        let mut fixture = one_session(u64::MAX).await;
+        let pool = fixture.pool.clone();
+        settle().await;
+        let held = take(&mut fixture.session);
         assert_eq!(held.len(), MAX_CREDITS_PER_SESSION as usize);
         assert_eq!(pool.in_use(), u64::from(MAX_CREDITS_PER_SESSION));
     }
 
     #[tokio::test]
     async fn a_paused_session_gets_nothing_then_probes_one_credit_at_a_time() {
-        let pool = CreditPool::new(1000, 1000, 1);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut session = controller.join(1, u64::MAX).await.unwrap();
-        let settle = || tokio::time::sleep(Duration::from_millis(100));
-        let take = |session: &mut SessionCredits| {
-            let mut tokens = Vec::new();
-            while let Ok(token) = session.tokens.try_recv() {
-                tokens.push(token);
-            }
-            tokens
-        };
+        let mut fixture = one_session(u64::MAX).await;
+        let session = &mut fixture.session;
         settle().await;
-        let before = take(&mut session);
+        let before = take(session);
         assert!(before.len() >= 2, "{}", before.len());
         session.pause(Duration::from_millis(400));
         // Its chunks arrive and are trained: room and credits come back.
@@ -600,53 +617,42 @@ mod tests {
             drop(token);
         }
         settle().await;
-        assert!(take(&mut session).is_empty(), "paused");
+        assert!(take(session).is_empty(), "paused");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        let probe = take(&mut session);
+        let probe = take(session);
         assert_eq!(probe.len(), 1, "one probe after the pause");
         settle().await;
-        assert!(take(&mut session).is_empty(), "one credit at a time");
+        assert!(take(session).is_empty(), "one credit at a time");
         session.used(false);
         drop(probe);
         settle().await;
-        let next = take(&mut session);
+        let next = take(session);
         assert_eq!(next.len(), 1, "still probing");
         assert!(session.fresh());
         settle().await;
-        assert!(take(&mut session).len() >= 2, "fresh again: credits flow");
+        assert!(take(session).len() >= 2, "fresh again: credits flow");
         drop(next);
     }
 
     #[tokio::test]
     async fn a_session_holds_no_more_chunks_than_its_memory_allows() {
         // Plenty of room, but the session may hold 3 chunks at once.
-        let pool = CreditPool::new(1000, 1000, 1);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut session = controller.join(1, 3).await.unwrap();
-        let settle = || tokio::time::sleep(std::time::Duration::from_millis(100));
+        let mut fixture = one_session(3).await;
+        let session = &mut fixture.session;
         settle().await;
-        let mut waiting = Vec::new();
-        while let Ok(mut token) = session.tokens.try_recv() {
+        let mut waiting = take(session);
+        for token in &mut waiting {
             // The chunk arrives and waits for the trainer: the credit is
             // used, but its chunk is still held.
             session.used(true);
             token.arrived(1);
-            waiting.push(token);
         }
         settle().await;
-        assert!(
-            session.tokens.try_recv().is_err(),
-            "no credit beyond 3 held chunks"
-        );
+        assert!(take(session).is_empty(), "no credit beyond 3 held chunks");
         assert_eq!(waiting.len(), 3);
         // The trainer takes one chunk: one more credit.
         waiting.pop();
         settle().await;
-        let mut more = Vec::new();
-        while let Ok(token) = session.tokens.try_recv() {
-            more.push(token);
-        }
-        assert_eq!(more.len(), 1);
+        assert_eq!(take(session).len(), 1);
     }
 }
