@@ -138,7 +138,7 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
         format!("{}", scenario.delay.as_millis())
     };
     format!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {} |",
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {} |",
         scenario.name,
         scenario.generated + scenario.real,
         delay,
@@ -147,6 +147,7 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
         r.trajectory_bytes_per_trained_transition,
         r.weight_bytes_per_trained_transition,
         100.0 * r.stale_transitions as f64 / r.ingested_transitions.max(1) as f64,
+        r.session_pauses,
         t.mean_policy_lag,
         t.max_policy_lag,
         t.mean_batch_transitions,
@@ -243,9 +244,9 @@ fn main() {
     let scratch = std::env::temp_dir().join(format!("flgfn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     println!(
-        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
+        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for scenario in &scenarios {
         let outcome = runtime.block_on(run(scenario, &actor_exe, &scratch));
         println!("{}", row(scenario, &outcome));
