@@ -273,10 +273,17 @@ impl SessionCredits {
         self.pool.wake.notify_one();
     }
 
-    /// A chunk arrived fresh: whatever pause came before, credits flow as
-    /// usual again. True when the session was probing.
+    /// A chunk arrived fresh: any pause ends, and credits flow as usual
+    /// again. True when the session was paused or probing.
     pub fn fresh(&self) -> bool {
-        let was_probing = self.throttle.probing.swap(false, Ordering::AcqRel);
+        let was_paused = self
+            .throttle
+            .paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .is_some();
+        let was_probing = self.throttle.probing.swap(false, Ordering::AcqRel) || was_paused;
         if was_probing {
             self.pool.wake.notify_one();
         }
@@ -301,7 +308,8 @@ struct Member {
     /// stands for at most one chunk held in memory for this session.
     held: Arc<AtomicU64>,
     /// Most credits alive at once (`learner.max_session_bytes` over the
-    /// bytes of one chunk).
+    /// bytes of one chunk), exceeded only while the batch being built
+    /// could not fill otherwise (so by at most one batch, learner-wide).
     max_held: u64,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
@@ -424,8 +432,13 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
             .unwrap_or(u32::MAX)
             .clamp(2, MAX_CREDITS_PER_SESSION)
             .min(throttled.unwrap_or(u32::MAX));
+        // Within its memory, or beyond it while the batch being built
+        // could not fill otherwise (as the room itself allows): held
+        // chunks wait for that batch, which waits for more data.
+        let within_memory = member.held.load(Ordering::Acquire) < member.max_held
+            || pool.in_use() < pool.building.load(Ordering::Relaxed);
         let granted = member.outstanding.load(Ordering::Acquire) < cap
-            && member.held.load(Ordering::Acquire) < member.max_held
+            && within_memory
             && match pool.try_reserve(member.reserve) {
                 Some(mut token) => {
                     member.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -445,24 +458,26 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
 mod tests {
     use super::*;
 
-    /// A running controller over a room for 1,000 one-transition chunks,
-    /// and one session of one-transition chunks holding at most `max_held`.
+    /// A running controller over a room for 1,000 one-transition chunks
+    /// whose batches start at `min_batch`, and one session of
+    /// one-transition chunks holding at most `max_held`.
     struct OneSession {
-        pool: Arc<CreditPool>,
         session: SessionCredits,
+        pool: Arc<CreditPool>,
         /// Kept: the controller stops when its handle and stop signal go.
         _controller: Controller,
         _stop: watch::Sender<bool>,
     }
 
-    async fn one_session(max_held: u64) -> OneSession {
-        let pool = CreditPool::new(1000, 1000, 1);
+    async fn one_session(min_batch: u64, max_held: u64) -> OneSession {
+        let pool = CreditPool::new(min_batch, 1000, 1);
+        pool.capacity.store(1000, Ordering::Relaxed);
         let (stop_sender, stop) = watch::channel(false);
         let controller = Controller::spawn(pool.clone(), stop);
         let session = controller.join(1, max_held).await.unwrap();
         OneSession {
-            pool,
             session,
+            pool,
             _controller: controller,
             _stop: stop_sender,
         }
@@ -595,7 +610,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_session_holds_at_most_max_credits_however_large_the_room() {
-        let mut fixture = one_session(u64::MAX).await;
+        let mut fixture = one_session(1000, u64::MAX).await;
         let pool = fixture.pool.clone();
         settle().await;
         let held = take(&mut fixture.session);
@@ -603,9 +618,9 @@ mod tests {
         assert_eq!(pool.in_use(), u64::from(MAX_CREDITS_PER_SESSION));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_paused_session_gets_nothing_then_probes_one_credit_at_a_time() {
-        let mut fixture = one_session(u64::MAX).await;
+        let mut fixture = one_session(1000, u64::MAX).await;
         let session = &mut fixture.session;
         settle().await;
         let before = take(session);
@@ -634,10 +649,12 @@ mod tests {
         drop(next);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_session_holds_no_more_chunks_than_its_memory_allows() {
-        // Plenty of room, but the session may hold 3 chunks at once.
-        let mut fixture = one_session(3).await;
+        // Plenty of room, batches of one transition, and the session may
+        // hold 3 chunks at once.
+        let mut fixture = one_session(1, 3).await;
+        fixture.pool.adapt(false);
         let session = &mut fixture.session;
         settle().await;
         let mut waiting = take(session);
@@ -654,5 +671,23 @@ mod tests {
         waiting.pop();
         settle().await;
         assert_eq!(take(session).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_larger_than_what_one_session_may_hold_still_fills() {
+        // The batch being built needs 10 transitions; the one session may
+        // hold 3 one-transition chunks. Holding to 3 would leave the
+        // batch, and training, waiting for ever.
+        let mut fixture = one_session(10, 3).await;
+        let session = &mut fixture.session;
+        settle().await;
+        let mut waiting = take(session);
+        for token in &mut waiting {
+            session.used(false);
+            token.arrived(1);
+        }
+        settle().await;
+        waiting.extend(take(session));
+        assert!(waiting.len() >= 10, "{} chunks held", waiting.len());
     }
 }

@@ -176,9 +176,9 @@ struct Progress {
     stale_arrivals: u32,
     /// How long the next pause lasts (zero: the first pause comes next).
     next_pause: Duration,
-    /// When the current pause ends: chunks granted before it that arrive
-    /// meanwhile say nothing new.
-    paused_until: Option<Instant>,
+    /// When the last pause began: chunks for credits granted before it
+    /// say nothing new when they arrive.
+    paused_at: Option<Instant>,
 }
 
 impl Session {
@@ -362,7 +362,12 @@ impl Session {
         progress: &mut Progress,
     ) -> Result<(), RequestError> {
         let wire_bytes = message.encoded_len() as u64;
-        let (mut credit, _) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        let (mut credit, granted_at) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        // Before validation, so that the next credit can be granted while
+        // this chunk is replayed (a chunk refused below ends the session
+        // anyway); the throttle first, so that the controller, woken by
+        // `used`, sees a pause decided on this chunk before it grants.
+        self.throttle(message.policy_version, granted_at, credits, progress);
         credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
@@ -392,7 +397,6 @@ impl Session {
             ingested.unusable_transitions as u64,
         );
         progress.record.chunks_received += 1;
-        self.throttle(ingested.policy_version, credits, progress);
         if ingested.transitions == 0 {
             // Nothing to train on; the credit's room goes back.
             return Ok(());
@@ -408,11 +412,18 @@ impl Session {
     }
 
     /// Pauses this session's credits when its chunks keep arriving at
-    /// `max_policy_lag` or older: they would only be dropped as stale, and the
-    /// actor's time is better spent idle. After the pause, one credit at a
-    /// time probes whether its chunks are fresh again (the learner may have
-    /// slowed, or the near actors left); each stale probe doubles the pause.
-    fn throttle(&self, policy_version: u64, credits: &SessionCredits, progress: &mut Progress) {
+    /// `max_policy_lag` or older (two in a row): they would only be dropped
+    /// as stale, and the actor's time is better spent idle. After the
+    /// pause, one credit at a time probes whether its chunks are fresh again
+    /// (the learner may have slowed, or the near actors left); two stale
+    /// probes pause it again, twice as long. A fresh chunk ends any pause.
+    fn throttle(
+        &self,
+        policy_version: u64,
+        granted_at: Instant,
+        credits: &SessionCredits,
+        progress: &mut Progress,
+    ) {
         let lag = self
             .state
             .publisher
@@ -431,10 +442,9 @@ impl Session {
             }
             return;
         }
-        if progress
-            .paused_until
-            .is_some_and(|until| Instant::now() < until)
-        {
+        if progress.paused_at.is_some_and(|paused| granted_at < paused) {
+            // Rolled out for a credit granted before the last pause: it
+            // says nothing about the probes since.
             return;
         }
         progress.stale_arrivals += 1;
@@ -444,7 +454,7 @@ impl Session {
         progress.stale_arrivals = 0;
         let pause = progress.next_pause.max(FIRST_PAUSE);
         progress.next_pause = (pause * 2).min(LONGEST_PAUSE);
-        progress.paused_until = Some(Instant::now() + pause);
+        progress.paused_at = Some(Instant::now());
         credits.pause(pause);
         IngestStats::add(&self.state.stats.session_pauses, 1);
         info!(
