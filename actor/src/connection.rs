@@ -17,7 +17,9 @@ use flgfn_common::auth::{AUTHORIZATION_HEADER, Token};
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
-use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
+use flgfn_common::wire::{
+    ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -121,8 +123,12 @@ fn retry(message: impl Into<String>, handshake_done: bool) -> SessionError {
     }
 }
 
-/// Refusals are final; anything else (unavailable, reset, ...) is retried.
+/// Refusals are final; anything else (unavailable, reset, a full learner,
+/// ...) is retried, unless the learner marked it final.
 fn classify(status: Status, handshake_done: bool) -> SessionError {
+    if status.metadata().contains_key(FINAL_REFUSAL_HEADER) {
+        return SessionError::Refused(status);
+    }
     match status.code() {
         Code::FailedPrecondition
         | Code::InvalidArgument

@@ -95,6 +95,11 @@ pub const ACTOR_ID_HEADER: &str = "flgfn-actor-id";
 /// declared at the handshake).
 pub const TRAJECTORIES_PER_CHUNK_HEADER: &str = "flgfn-trajectories-per-chunk";
 
+/// gRPC metadata key on a refusal whose code usually means "try again
+/// later" (RESOURCE_EXHAUSTED) but which no retry can change: the actor's
+/// own configuration does not fit the learner's limits, so it stops.
+pub const FINAL_REFUSAL_HEADER: &str = "flgfn-final";
+
 impl From<&TaskSpec> for proto::TaskSpec {
     fn from(spec: &TaskSpec) -> Self {
         proto::TaskSpec {

@@ -4,6 +4,7 @@ use flgfn_common::config::ConfigError;
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::trajectory::ReplayError;
+use flgfn_common::wire::FINAL_REFUSAL_HEADER;
 use tonic::Status;
 
 /// Why a request from an actor is refused. Every variant names the field or
@@ -148,7 +149,16 @@ impl From<RequestError> for Status {
             | RequestError::Malformed(_)
             | RequestError::FutureVersion { .. }
             | RequestError::Trajectory { .. } => Status::invalid_argument(message),
-            RequestError::SessionMemory { .. } => Status::resource_exhausted(message),
+            // A limit, hence RESOURCE_EXHAUSTED, but a fixed one: the actor
+            // must not wait for it to free up.
+            RequestError::SessionMemory { .. } => {
+                let mut status = Status::resource_exhausted(message);
+                status.metadata_mut().insert(
+                    FINAL_REFUSAL_HEADER,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                status
+            }
             RequestError::ShuttingDown => Status::unavailable(message),
         }
     }
