@@ -7,31 +7,49 @@
 //! each accepted connection holds one of `learner.max_connections` permits
 //! until it closes; one accepted beyond that is closed at once, before any
 //! byte is read (its client sees UNAVAILABLE, and actors retry with
-//! backoff), and counted under `too_many_connections`.
+//! backoff), and counted under `too_many_connections`. A connection whose
+//! client sends nothing within [`FIRST_BYTES_WITHIN`] is closed (HTTP/2
+//! keepalive only starts after the client's preface), so silent sockets
+//! cannot keep the places for ever.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio::time::Sleep;
+use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
 use tracing::warn;
 
 use crate::ingest::IngestStats;
+
+/// A client must send its first bytes (the HTTP/2 preface, or a TLS hello)
+/// this soon after connecting.
+pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
+
+/// Idle TCP connections are probed this often by the kernel (a peer that
+/// vanished is noticed even before HTTP/2 keepalive would).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// An accepted connection and its place under the cap, given back when
 /// tonic drops the connection.
 #[derive(Debug)]
 pub struct CountedConnection {
     stream: TcpStream,
+    /// Until the client's first bytes arrive.
+    first_bytes_deadline: Option<Pin<Box<Sleep>>>,
     _permit: OwnedSemaphorePermit,
 }
 
-/// The connections `listener` accepts, at most `max` open at once; those
+/// The connections `listener` accepts (with TCP_NODELAY and keepalive, as
+/// tonic's own listener would set them), at most `max` open at once; those
 /// beyond are closed and counted in `stats`.
 pub fn incoming(
     listener: TcpListener,
@@ -39,24 +57,35 @@ pub fn incoming(
     stats: Arc<IngestStats>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
-    TcpListenerStream::new(listener).filter_map(move |accepted| match accepted {
-        // tonic logs and skips accept errors.
-        Err(error) => Some(Err(error)),
-        Ok(stream) => match permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(Ok(CountedConnection {
-                stream,
-                _permit: permit,
-            })),
-            Err(_) => {
-                stats.refuse("too_many_connections");
-                warn!(
-                    peer = ?stream.peer_addr().ok(),
-                    max, "closed a connection beyond learner.max_connections"
-                );
-                None
-            }
-        },
-    })
+    let closed = AtomicU64::new(0);
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
+        .filter_map(move |accepted| match accepted {
+            // tonic logs and skips accept errors.
+            Err(error) => Some(Err(error)),
+            Ok(stream) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(Ok(CountedConnection {
+                    stream,
+                    first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
+                    _permit: permit,
+                })),
+                Err(_) => {
+                    stats.refuse("too_many_connections");
+                    // A flood logs a line at 1, 2, 4, 8, ... connections.
+                    let count = closed.fetch_add(1, Ordering::Relaxed) + 1;
+                    if count.is_power_of_two() {
+                        warn!(
+                            peer = ?stream.peer_addr().ok(),
+                            max,
+                            closed_so_far = count,
+                            "closed a connection beyond learner.max_connections"
+                        );
+                    }
+                    None
+                }
+            },
+        })
 }
 
 impl Connected for CountedConnection {
@@ -73,7 +102,26 @@ impl AsyncRead for CountedConnection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(deadline) = this.first_bytes_deadline.as_mut() else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                this.first_bytes_deadline = None;
+            }
+            // Polled while the read waits: it wakes this task when due.
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client sent nothing within {FIRST_BYTES_WITHIN:?}"),
+                )));
+            }
+            _ => {}
+        }
+        read
     }
 }
 

@@ -116,14 +116,15 @@ pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, Le
 /// The learner's flow-control and keepalive settings. Credits bound what is
 /// in flight, so the HTTP/2 windows only need to cover the
 /// bandwidth-delay product: hyper sizes them adaptively.
+/// (TCP_NODELAY and TCP keepalive are set where connections are accepted,
+/// in [`connections`]: tonic applies its own settings only to the listener
+/// it binds itself.)
 fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
-        .tcp_nodelay(true)
         // Free the sessions of actors whose host vanished silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(30)))
 }
 
 /// How long open connections get to finish once training is over.
