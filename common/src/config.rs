@@ -297,7 +297,8 @@ pub struct LearnerConfig {
     /// `max_message_bytes` per message, and credits from the shared room).
     pub max_sessions: usize,
     /// Most TCP connections open at once (actors, probes, anything that
-    /// connects); one beyond is closed at once, before it is read.
+    /// connects); one beyond is closed at once, before it is read, and one
+    /// that sends nothing for 10 s is closed too.
     pub max_connections: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
@@ -305,7 +306,9 @@ pub struct LearnerConfig {
     pub max_chunk_trajectories: usize,
     /// Most memory one actor session may hold in chunks, replayed: those
     /// its credits allow and those waiting for the trainer. Credits stop
-    /// at it, so an actor that follows the protocol never meets it; an
+    /// at it (except while the batch being built could not fill without
+    /// one more: then by at most one batch learner-wide), so an actor that
+    /// follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
     /// this, a session holds the message being received (at most
