@@ -262,6 +262,13 @@ pub async fn serve(
             version = state.version,
             "resuming from a checkpoint"
         );
+        if learner.max_steps > 0 && state.step >= learner.max_steps {
+            warn!(
+                step = state.step,
+                max_steps = learner.max_steps,
+                "this run already finished: nothing left to train (raise learner.max_steps to go on, or --fresh to start over)"
+            );
+        }
     }
     let metadata = BTreeMap::from([
         ("task".to_owned(), env.spec().to_string()),
