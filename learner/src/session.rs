@@ -42,8 +42,9 @@ const DONE_GRACE: Duration = Duration::from_secs(10);
 /// credits pause: one can be a hiccup (a slow rollout, a burst of steps).
 const STALE_ARRIVALS_TO_PAUSE: u32 = 2;
 
-/// The first pause of a session whose chunks arrive stale; each probe that
-/// arrives stale again doubles it, up to [`LONGEST_PAUSE`].
+/// The first pause of a session whose chunks arrive stale; each later one
+/// (two stale probes in a row) is twice the one before, up to
+/// [`LONGEST_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 
 /// The longest pause: how long a far actor may wait to find out that the

@@ -108,7 +108,7 @@ async fn sixty_four_streams_for_a_while() {
     // stopped (or reached a learner already stopping): never more than
     // the credit room, the most the learner ever grants at once.
     let room = config.learner.max_in_flight_batches * config.learner.max_batch_transitions as u64;
-    let lost = sent - last.ingested_transitions;
+    let tail_transitions = sent - last.ingested_transitions;
     // In chunks: sent = accepted + refused + lost (gaps the learner saw in
     // the streams' numbers) + the tail in flight at the stop.
     let received = last.accepted_chunks + last.rejected_chunks + last.lost_chunks;
@@ -116,7 +116,7 @@ async fn sixty_four_streams_for_a_while() {
         panic!("the learner counted {received} chunks (accepted, refused, lost), more than the {sent_chunks} sent")
     });
     eprintln!(
-        "soak {seconds:.0} s, {STREAMS} streams: learner {after_warm_up:.0} MB after {:.0} s of warm-up, peak {peak:.0} MB, {at_end:.0} MB at the end; chunks per stream {fewest}..{} (mean {mean:.0}); {sent_chunks} chunks sent: {} accepted, {} refused, {} lost, {tail_chunks} in flight at the stop; {sent} transitions sent, {} accepted, {lost} in flight at the stop; {} trained in {} steps",
+        "soak {seconds:.0} s, {STREAMS} streams: learner {after_warm_up:.0} MB after {:.0} s of warm-up, peak {peak:.0} MB, {at_end:.0} MB at the end; chunks per stream {fewest}..{} (mean {mean:.0}); {sent_chunks} chunks sent: {} accepted, {} refused, {} lost, {tail_chunks} in flight at the stop; {sent} transitions sent, {} accepted, {tail_transitions} in flight at the stop; {} trained in {} steps",
         warm_up.as_secs_f64(),
         chunks.iter().max().unwrap(),
         last.accepted_chunks,
@@ -148,8 +148,8 @@ async fn sixty_four_streams_for_a_while() {
     // Loopback, no connection broke: no stream skipped a number.
     assert_eq!(last.lost_chunks, 0);
     assert!(
-        lost <= room,
-        "{lost} transitions unaccounted for (room {room})"
+        tail_transitions <= room,
+        "{tail_transitions} transitions unaccounted for (room {room})"
     );
     assert!(last.trained_transitions > 0);
     std::fs::remove_dir_all(&dir).unwrap();
