@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
@@ -161,14 +162,23 @@ impl Policy {
     /// whoever needs the bytes.
     pub fn snapshot(&self) -> DeviceSnapshot {
         let _guard = tch::no_grad_guard();
-        let mut tensors: Vec<(String, Tensor)> = self
-            .vars
-            .variables()
-            .into_iter()
-            .map(|(name, tensor)| (name, tensor.detach().copy()))
+        let mut variables: Vec<(String, Tensor)> = self.vars.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut slots = Vec::with_capacity(variables.len());
+        let mut offset = 0;
+        for (name, tensor) in &variables {
+            slots.push(ParameterSlot {
+                name: name.clone(),
+                offset,
+                shape: tensor.size(),
+            });
+            offset += tensor.numel() as i64;
+        }
+        let flat: Vec<Tensor> = variables
+            .iter()
+            .map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([-1]))
             .collect();
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        DeviceSnapshot { tensors }
+        DeviceSnapshot::new(Tensor::cat(&flat, 0), slots.into())
     }
 
     /// Serialises the weights as safetensors.
@@ -214,36 +224,67 @@ impl Policy {
     }
 }
 
+/// Where one parameter sits in a flat buffer of all of a network's
+/// parameters: elements `offset..offset + numel(shape)`, row-major.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParameterSlot {
+    /// The `VarStore` name (`hidden0.weight`, ...), as in safetensors.
+    pub name: String,
+    /// First element in the flat buffer.
+    pub offset: i64,
+    /// The parameter's shape.
+    pub shape: Vec<i64>,
+}
+
+impl ParameterSlot {
+    /// Number of elements.
+    pub fn numel(&self) -> i64 {
+        self.shape.iter().product()
+    }
+}
+
 /// A copy of a policy's parameters on its device, taken between two
-/// optimizer steps ([`Policy::snapshot`]). `Send`, so another thread can
-/// bring it to the host.
+/// optimizer steps ([`Policy::snapshot`]): one flat f32 buffer and where
+/// each parameter sits in it, so taking one is a single device copy and
+/// bringing it to the host a single transfer. `Send`, so another thread
+/// can bring it to the host.
 #[derive(Debug)]
 pub struct DeviceSnapshot {
-    tensors: Vec<(String, Tensor)>,
+    /// `[N]` f32, every parameter one after another.
+    values: Tensor,
+    /// Sorted by name; shared by every snapshot of one network.
+    slots: Arc<[ParameterSlot]>,
 }
 
 impl DeviceSnapshot {
-    /// Another handle to the same device tensors (no copy). The trainer
+    /// A snapshot of `values`, a flat `[N]` f32 tensor that nothing writes
+    /// to any more, laid out as `slots` say.
+    pub fn new(values: Tensor, slots: Arc<[ParameterSlot]>) -> Self {
+        DeviceSnapshot { values, slots }
+    }
+
+    /// Another handle to the same device tensor (no copy). The trainer
     /// never writes a snapshot after taking it, so handles may be read on
     /// any thread.
     pub fn shallow_clone(&self) -> Self {
         DeviceSnapshot {
-            tensors: self
-                .tensors
-                .iter()
-                .map(|(name, tensor)| (name.clone(), tensor.shallow_clone()))
-                .collect(),
+            values: self.values.shallow_clone(),
+            slots: Arc::clone(&self.slots),
         }
     }
 
     /// Copies the parameters to the host as f32 arrays, sorted by name.
     pub fn to_host(&self) -> Vec<NamedArray> {
-        self.tensors
+        let values = to_host_f32(&self.values);
+        self.slots
             .iter()
-            .map(|(name, tensor)| NamedArray {
-                name: name.clone(),
-                shape: tensor.size().iter().map(|&d| d as usize).collect(),
-                values: to_host_f32(tensor),
+            .map(|slot| {
+                let start = slot.offset as usize;
+                NamedArray {
+                    name: slot.name.clone(),
+                    shape: slot.shape.iter().map(|&d| d as usize).collect(),
+                    values: values[start..start + slot.numel() as usize].to_vec(),
+                }
             })
             .collect()
     }
@@ -260,7 +301,8 @@ impl DeviceSnapshot {
 
 /// Replaces the variables of `vars` with `arrays`, which must name every
 /// variable once with its exact shape (a policy's weights, or an
-/// objective's own parameters from a checkpoint).
+/// objective's own parameters from a checkpoint). The copies are in place:
+/// a variable laid out in a flat buffer by the learner stays there.
 pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), WeightsError> {
     let mut variables = vars.variables();
     if arrays.len() != variables.len() {

@@ -30,6 +30,7 @@ use flgfn_common::weights::WeightEncoding;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use tch::nn::{self, OptimizerConfig};
+use tch::{Kind, Tensor};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -64,7 +65,10 @@ fn main() {
     let objective = objectives::build(&config.objective, device);
     let mut optimizer = nn::Adam::default().build(&policy.vars, 1e-4).unwrap();
     // The trainer's own Adam (its state goes into checkpoints).
-    let mut own_adam = flgfn_learner::adam::Adam::new(&policy.vars, 1e-4);
+    let mut own_adam = flgfn_learner::adam::Adam::new(
+        flgfn_learner::parameters::FlatParameters::new(&policy.vars).unwrap(),
+        1e-4,
+    );
     // One default batch (16 trajectories, 320 transitions) of valid data.
     let mut rng = SmallRng::seed_from_u64(1);
     let trajectories: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), 16, 0.0, &mut rng)
@@ -77,6 +81,9 @@ fn main() {
         env.backward_actions(),
     );
     let pinned = device.is_cuda();
+    // The trainer's running sums between reports.
+    let mut loss_sum = Tensor::zeros([], (Kind::Float, device));
+    let mut finite_steps = Tensor::zeros([], (Kind::Int64, device));
 
     let mut step = |collate_here: bool,
                     extras: bool,
@@ -106,11 +113,13 @@ fn main() {
         } else if extras {
             let finite = loss.isfinite();
             let guarded = loss.where_self(&finite, &loss.zeros_like());
-            optimizer.backward_step(&guarded);
+            own_adam.zero_grad();
+            guarded.backward();
+            own_adam.step();
             let _no_grad = tch::no_grad_guard();
-            let _ = std::hint::black_box(guarded.detach() + 0.0);
-            let _ = std::hint::black_box(finite.logical_not());
-            std::hint::black_box(policy.snapshot());
+            let _ = loss_sum.g_add_(&guarded);
+            let _ = finite_steps.g_add_(&finite);
+            std::hint::black_box(own_adam.parameters().snapshot());
         } else {
             optimizer.backward_step(&loss);
         }
@@ -159,6 +168,98 @@ fn main() {
                 let started = Instant::now();
                 for _ in 0..args.steps {
                     step(collate_here, extras, previous, ours, &prepared);
+                }
+                if device.is_cuda() {
+                    tch::Cuda::synchronize(0);
+                }
+                1e3 * started.elapsed().as_secs_f64() / args.steps as f64
+            })
+            .collect();
+        rounds.sort_by(f64::total_cmp);
+        println!("| {name} | {:.3} |", rounds[2]);
+    }
+    // The fixed cost proper: the step on batches of 1 to 64 trajectories.
+    // The straight line through the three smallest (where the compute still
+    // grows linearly; caches and the allocator bend it beyond) has as
+    // intercept what a step costs whatever its size, and as slope the
+    // compute.
+    println!(
+        "\nby batch size (flgfn's Adam):\n| trajectories | transitions | step ms | trainer thread ms |\n|---|---|---|---|"
+    );
+    let mut points = Vec::new();
+    for count in [1usize, 2, 4, 16, 64] {
+        let chunk: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), count, 0.0, &mut rng)
+            .iter()
+            .map(|t| replay(env.as_ref(), t).unwrap())
+            .collect();
+        let batch = TransitionBatch::collate(&chunk, dims, pinned).to_device(device);
+        let mut median = |extras: bool| {
+            let mut rounds: Vec<f64> = (0..5)
+                .map(|_| {
+                    let started = Instant::now();
+                    for _ in 0..args.steps {
+                        step(false, extras, false, !extras, &batch);
+                    }
+                    if device.is_cuda() {
+                        tch::Cuda::synchronize(0);
+                    }
+                    1e3 * started.elapsed().as_secs_f64() / args.steps as f64
+                })
+                .collect();
+            rounds.sort_by(f64::total_cmp);
+            rounds[2]
+        };
+        let (bare, full) = (median(false), median(true));
+        println!(
+            "| {count} | {} | {bare:.3} | {full:.3} |",
+            batch.transitions
+        );
+        points.push((batch.transitions as f64, bare, full));
+    }
+    let line = |y: fn(&(f64, f64, f64)) -> f64| {
+        let smallest = &points[..3];
+        let n = smallest.len() as f64;
+        let mean_x = smallest.iter().map(|p| p.0).sum::<f64>() / n;
+        let mean_y = smallest.iter().map(y).sum::<f64>() / n;
+        let slope = smallest
+            .iter()
+            .map(|p| (p.0 - mean_x) * (y(p) - mean_y))
+            .sum::<f64>()
+            / smallest.iter().map(|p| (p.0 - mean_x).powi(2)).sum::<f64>();
+        (mean_y - slope * mean_x, slope)
+    };
+    for (name, (intercept, slope)) in [("step", line(|p| p.1)), ("trainer thread", line(|p| p.2))] {
+        println!(
+            "{name}: fixed cost {intercept:.3} ms per step (intercept, 1-4 trajectories), compute {:.1} us per 100 transitions",
+            1e5 * slope
+        );
+    }
+
+    // The computation taken apart: each row adds one stage to the one
+    // above, so the differences are what each stage costs.
+    println!("\ntaken apart (flgfn's Adam):\n| stages | ms |\n|---|---|");
+    let stages = [
+        "forward",
+        "forward + loss",
+        "forward + loss + backward",
+        "forward + loss + backward + Adam",
+    ];
+    for (depth, name) in stages.iter().enumerate() {
+        let mut rounds: Vec<f64> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                for _ in 0..args.steps {
+                    let output = policy.net.forward(&prepared.states);
+                    if depth >= 1 {
+                        let loss = objective.loss(&output, &prepared);
+                        if depth >= 2 {
+                            own_adam.zero_grad();
+                            loss.backward();
+                        }
+                        if depth >= 3 {
+                            own_adam.step();
+                        }
+                    }
                 }
                 if device.is_cuda() {
                     tch::Cuda::synchronize(0);

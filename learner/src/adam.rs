@@ -10,56 +10,52 @@
 //! p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //! ```
 //!
-//! A parameter with no gradient this step (e.g. the P_B head under a
-//! uniform backward policy is used but gets zeros; a variable never
-//! touched gets none) is left alone.
+//! It runs on [`FlatParameters`]: the whole update is eight libtorch calls
+//! however many parameters the network has. A parameter that received no
+//! gradient in a step counts as a zero gradient (its moments decay); every
+//! parameter of flgfn's networks and objectives gets one every step.
 
-use tch::{Kind, Tensor, nn};
+use tch::{Kind, Tensor};
 
 use flgfn_common::weights::NamedArray;
+
+use crate::parameters::FlatParameters;
 
 /// PyTorch's defaults.
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
 
-/// One parameter and its moments.
-#[derive(Debug)]
-struct Slot {
-    name: String,
-    param: Tensor,
-    m: Tensor,
-    v: Tensor,
-}
-
-/// Adam over every trainable variable of a `VarStore`.
+/// Adam over every variable of a `VarStore`, laid out flat.
 #[derive(Debug)]
 pub struct Adam {
-    slots: Vec<Slot>,
+    parameters: FlatParameters,
+    /// First moments, laid out as the parameters.
+    m: Tensor,
+    /// Second moments, laid out as the parameters.
+    v: Tensor,
     learning_rate: f64,
     /// Steps taken (t in the bias corrections).
     steps: u64,
 }
 
 impl Adam {
-    /// Adam over `vars` (sorted by name, so state files are stable).
-    pub fn new(vars: &nn::VarStore, learning_rate: f64) -> Self {
-        let mut variables: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        let slots = variables
-            .into_iter()
-            .map(|(name, param)| Slot {
-                m: param.zeros_like().detach(),
-                v: param.zeros_like().detach(),
-                name,
-                param,
-            })
-            .collect();
+    /// Adam over `parameters`.
+    pub fn new(parameters: FlatParameters, learning_rate: f64) -> Self {
+        let m = parameters.values().zeros_like();
+        let v = parameters.values().zeros_like();
         Adam {
-            slots,
+            parameters,
+            m,
+            v,
             learning_rate,
             steps: 0,
         }
+    }
+
+    /// The parameters it updates (for snapshots).
+    pub fn parameters(&self) -> &FlatParameters {
+        &self.parameters
     }
 
     /// Sets the learning rate of the next steps.
@@ -74,12 +70,7 @@ impl Adam {
 
     /// Clears the gradients of every parameter.
     pub fn zero_grad(&mut self) {
-        for slot in &mut self.slots {
-            let mut grad = slot.param.grad();
-            if grad.defined() {
-                let _ = grad.detach_().zero_();
-            }
-        }
+        self.parameters.zero_grad();
     }
 
     /// One update from the gradients in place.
@@ -89,34 +80,38 @@ impl Adam {
         let t = self.steps as i32;
         let step_size = self.learning_rate / (1.0 - BETA1.powi(t));
         let root_correction = (1.0 - BETA2.powi(t)).sqrt();
-        for slot in &mut self.slots {
-            let grad = slot.param.grad();
-            if !grad.defined() {
-                continue;
-            }
-            let _ = slot.m.lerp_(&grad, 1.0 - BETA1);
-            let _ = slot.v.lerp_(&grad.square(), 1.0 - BETA2);
-            // p += m / (-(sqrt(v) / c2 + eps) / step): the step size folded
-            // into the denominator, two temporaries per parameter in all.
-            let mut denom = slot.v.sqrt();
-            let _ = denom
-                .g_div_scalar_(root_correction)
-                .g_add_scalar_(EPS)
-                .g_div_scalar_(-step_size);
-            let _ = slot.param.addcdiv_(&slot.m, &denom);
-        }
+        let grad = self.parameters.gradients().shallow_clone();
+        let _ = self.m.lerp_(&grad, 1.0 - BETA1);
+        let _ = self.v.lerp_(&grad.square(), 1.0 - BETA2);
+        // p += m / (-(sqrt(v) / c2 + eps) / step): the step size folded
+        // into the denominator, two temporaries in all.
+        let mut denom = self.v.sqrt();
+        let _ = denom
+            .g_div_scalar_(root_correction)
+            .g_add_scalar_(EPS)
+            .g_div_scalar_(-step_size);
+        let _ = self
+            .parameters
+            .values()
+            .shallow_clone()
+            .addcdiv_(&self.m, &denom);
     }
 
     /// The moments as named host arrays (`m/<param>`, `v/<param>`), for a
     /// checkpoint.
     pub fn state(&self) -> Vec<NamedArray> {
-        let mut out = Vec::with_capacity(2 * self.slots.len());
-        for slot in &self.slots {
-            for (prefix, tensor) in [("m", &slot.m), ("v", &slot.v)] {
+        let mut out = Vec::with_capacity(2 * self.parameters.slots().len());
+        let (m, v) = (
+            flgfn_common::policy::to_host_f32(&self.m),
+            flgfn_common::policy::to_host_f32(&self.v),
+        );
+        for slot in self.parameters.slots() {
+            let range = slot.offset as usize..(slot.offset + slot.numel()) as usize;
+            for (prefix, values) in [("m", &m), ("v", &v)] {
                 out.push(NamedArray {
                     name: format!("{prefix}/{}", slot.name),
-                    shape: tensor.size().iter().map(|&d| d as usize).collect(),
-                    values: flgfn_common::policy::to_host_f32(tensor),
+                    shape: slot.shape.iter().map(|&d| d as usize).collect(),
+                    values: values[range.clone()].to_vec(),
                 });
             }
         }
@@ -126,25 +121,24 @@ impl Adam {
     /// Restores moments saved by [`Adam::state`] and the step count.
     pub fn restore(&mut self, arrays: &[NamedArray], steps: u64) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
-        for slot in &mut self.slots {
-            for (prefix, target) in [("m", &mut slot.m), ("v", &mut slot.v)] {
+        for slot in self.parameters.slots() {
+            for (prefix, moment) in [("m", &self.m), ("v", &self.v)] {
                 let name = format!("{prefix}/{}", slot.name);
                 let array = arrays
                     .iter()
                     .find(|a| a.name == name)
                     .ok_or_else(|| format!("optimizer state lacks `{name}`"))?;
-                let shape: Vec<i64> = target.size();
-                if array.shape.iter().map(|&d| d as i64).collect::<Vec<_>>() != shape {
+                if array.shape.iter().map(|&d| d as i64).collect::<Vec<_>>() != slot.shape {
                     return Err(format!(
-                        "optimizer state `{name}` has shape {:?}, the parameter's is {shape:?}",
-                        array.shape
+                        "optimizer state `{name}` has shape {:?}, the parameter's is {:?}",
+                        array.shape, slot.shape
                     ));
                 }
                 let values = Tensor::from_slice(&array.values)
-                    .view(shape.as_slice())
+                    .view(slot.shape.as_slice())
                     .to_kind(Kind::Float)
-                    .to_device(target.device());
-                target.copy_(&values);
+                    .to_device(moment.device());
+                self.parameters.view(moment, slot).copy_(&values);
             }
         }
         self.steps = steps;
@@ -154,8 +148,8 @@ impl Adam {
 
 #[cfg(test)]
 mod tests {
-    use tch::nn::OptimizerConfig;
-    use tch::{Device, nn::Module};
+    use tch::Device;
+    use tch::nn::{self, Module, OptimizerConfig};
 
     use super::*;
 
@@ -179,7 +173,7 @@ mod tests {
         let mut theirs = nn::VarStore::new(Device::Cpu);
         let model_theirs = net(&theirs);
         theirs.copy(&ours).unwrap();
-        let mut adam = Adam::new(&ours, 0.01);
+        let mut adam = Adam::new(FlatParameters::new(&ours).unwrap(), 0.01);
         let mut reference = nn::Adam::default().build(&theirs, 0.01).unwrap();
         for step in 0..50 {
             if step == 25 {
@@ -203,7 +197,7 @@ mod tests {
         tch::manual_seed(2);
         let a = nn::VarStore::new(Device::Cpu);
         let model_a = net(&a);
-        let mut adam_a = Adam::new(&a, 0.02);
+        let mut adam_a = Adam::new(FlatParameters::new(&a).unwrap(), 0.02);
         for step in 0..10 {
             adam_a.zero_grad();
             loss(&model_a, step).backward();
@@ -213,7 +207,7 @@ mod tests {
         let mut b = nn::VarStore::new(Device::Cpu);
         let model_b = net(&b);
         b.copy(&a).unwrap();
-        let mut adam_b = Adam::new(&b, 0.02);
+        let mut adam_b = Adam::new(FlatParameters::new(&b).unwrap(), 0.02);
         adam_b.restore(&adam_a.state(), adam_a.steps()).unwrap();
         for step in 10..20 {
             for (adam, model) in [(&mut adam_a, &model_a), (&mut adam_b, &model_b)] {

@@ -14,6 +14,8 @@
 //! - [`batcher`]: the thread that builds the next batch (stale data is
 //!   dropped here) while the trainer runs the current step.
 //! - [`trainer`]: the thread that owns the model and optimizer.
+//! - [`parameters`]: the trainer's parameters and gradients in one flat
+//!   buffer each, so per-parameter work is one libtorch call per step.
 //! - [`adam`]: Adam with its state in our hands (checkpoints save it).
 //! - [`checkpoint`]: atomic, checksummed checkpoints; resume picks the
 //!   newest intact one.
@@ -43,6 +45,7 @@ pub mod evaluator;
 pub mod experiment;
 pub mod ingest;
 pub mod launcher;
+pub mod parameters;
 pub mod publisher;
 pub mod report;
 pub mod service;

@@ -31,6 +31,7 @@ use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
 use crate::ingest::IngestStats;
+use crate::parameters::FlatParameters;
 use crate::publisher::Publisher;
 use crate::report::{MetricsFile, Report};
 
@@ -118,9 +119,9 @@ pub struct Trainer {
 struct Window {
     /// Sum of the finite losses, on the device: read only at reports.
     loss_sum: Option<Tensor>,
-    /// Steps whose loss was not finite (they stepped with a zero
-    /// gradient), on the device.
-    nonfinite: Option<Tensor>,
+    /// Steps whose loss was finite, on the device; the others stepped with
+    /// a zero gradient.
+    finite_steps: Option<Tensor>,
     steps: u64,
     max_lag: u64,
     lag_weighted: f64,
@@ -184,13 +185,15 @@ impl Trainer {
     /// learner was asked to stop); then publishes the final weights.
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let learner = self.config.learner.clone();
-        let mut optimizer = Adam::new(&self.policy.vars, learner.learning_rate);
+        let flat =
+            |vars: &tch::nn::VarStore| FlatParameters::new(vars).map_err(LearnerError::Trainer);
+        let mut optimizer = Adam::new(flat(&self.policy.vars)?, learner.learning_rate);
         // The objective's own parameters (TB's log Z) step with their own
         // rate; they are not the policy's and never reach the actors.
-        let mut own_optimizer = self
-            .objective
-            .own_parameters()
-            .map(|(vars, rate)| (Adam::new(vars, rate), rate));
+        let mut own_optimizer = match self.objective.own_parameters() {
+            Some((vars, rate)) => Some((Adam::new(flat(vars)?, rate), rate)),
+            None => None,
+        };
         let mut evaluator = Evaluator::new(
             self.env.clone(),
             learner.eval_samples,
@@ -234,7 +237,7 @@ impl Trainer {
                 progress.version = progress.step + progress.version_offset;
                 self.raise_version_floor(&mut progress)?;
                 self.publisher
-                    .publish(progress.version, self.policy.snapshot());
+                    .publish(progress.version, optimizer.parameters().snapshot());
             }
             if self.checkpoint_due(&progress) {
                 self.save_checkpoint(
@@ -262,7 +265,7 @@ impl Trainer {
         progress.version = progress.step + progress.version_offset;
         self.raise_version_floor(&mut progress)?;
         self.publisher
-            .finish(progress.version, self.policy.snapshot());
+            .finish(progress.version, optimizer.parameters().snapshot());
         // Encoded once, through the publisher: the same bytes and metadata
         // an actor would receive for this version.
         let weights = self.publisher.encode_latest()?.bytes.clone();
@@ -463,16 +466,19 @@ impl Trainer {
         progress.trained_transitions += batch.transitions as u64;
         let window = &mut progress.window;
         let _no_grad = tch::no_grad_guard();
-        let loss = guarded.detach();
-        let nonfinite = finite.logical_not().to_kind(Kind::Int64);
-        window.loss_sum = Some(match window.loss_sum.take() {
-            Some(sum) => sum + loss,
-            None => loss,
-        });
-        window.nonfinite = Some(match window.nonfinite.take() {
-            Some(sum) => sum + nonfinite,
-            None => nonfinite,
-        });
+        // Accumulated in place: one call each per step.
+        match &mut window.loss_sum {
+            Some(sum) => {
+                let _ = sum.g_add_(&guarded);
+            }
+            None => window.loss_sum = Some(guarded.detach().copy()),
+        }
+        match &mut window.finite_steps {
+            Some(count) => {
+                let _ = count.g_add_(&finite);
+            }
+            None => window.finite_steps = Some(finite.to_kind(Kind::Int64)),
+        }
         window.steps += 1;
         window.lag_weighted += batch.lag_weighted;
         window.max_lag = window.max_lag.max(batch.max_lag);
@@ -502,8 +508,8 @@ impl Trainer {
         let (last_trained, last_ingested) = progress.last_report_counts;
         let window = &progress.window;
         let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
-        let nonfinite = read(&window.nonfinite) as u64;
-        let finite_steps = window.steps - nonfinite.min(window.steps);
+        let finite_steps = (read(&window.finite_steps) as u64).min(window.steps);
+        let nonfinite = window.steps - finite_steps;
         progress.skipped_batches += nonfinite;
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
