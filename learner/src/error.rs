@@ -193,6 +193,9 @@ pub enum LearnerError {
     /// A checkpoint could not be written, or none could be read back.
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    /// The local actor processes could not be started.
+    #[error("cannot start local actors: {0}")]
+    LocalActors(std::io::Error),
 }
 
 #[cfg(test)]

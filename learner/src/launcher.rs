@@ -5,7 +5,8 @@
 //! Actors are separate processes, exactly as on a cluster; they find the
 //! learner through its bound address (so `--listen 127.0.0.1:0` works) and
 //! exit by themselves when training ends. Any still running when the
-//! learner returns are killed, so none outlive it.
+//! learner returns are killed, so none outlive it. A learner resumed from
+//! a run that already finished starts none.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,19 @@ use tracing::{info, warn};
 
 /// How long actors get to exit on their own after training ends.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// Which actors to start next to the learner ([`crate::RunOptions`]):
+/// [`serve`](crate::serve) starts them once the learner listens and knows
+/// there is something to train (not for a run resumed already finished).
+#[derive(Debug, Clone)]
+pub struct LocalActorsPlan {
+    /// How many actor processes.
+    pub count: usize,
+    /// The configuration file they share with the learner, if any.
+    pub config_file: Option<PathBuf>,
+    /// The `flgfn-actor` executable ([`actor_executable`]).
+    pub executable: PathBuf,
+}
 
 /// Running actor processes.
 #[derive(Debug)]

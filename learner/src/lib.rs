@@ -74,6 +74,7 @@ use crate::batcher::Batcher;
 use crate::credits::{Controller, CreditPool};
 pub use crate::error::LearnerError;
 use crate::ingest::IngestStats;
+use crate::launcher::LocalActors;
 use crate::publisher::Publisher;
 use crate::report::MetricsFile;
 use crate::service::{LearnerService, LearnerState};
@@ -90,6 +91,10 @@ pub struct RunOptions {
     /// Delete the checkpoints in `learner.checkpoint_dir` and start over
     /// instead of resuming.
     pub fresh: bool,
+    /// Actor processes to start on this machine (`--local-actors`), once
+    /// the learner listens and has something to train; waited for (or
+    /// killed after a grace period) before [`serve`] returns.
+    pub local_actors: Option<launcher::LocalActorsPlan>,
 }
 
 /// The gRPC transport, serving TLS (and requiring client certificates for
@@ -167,9 +172,8 @@ pub async fn serve(
     let (stop_sender, stop) = watch::channel(false);
     let stats = Arc::new(IngestStats::default());
     let (ready_sender, ready) = watch::channel(None);
-    let address = listener
-        .local_addr()
-        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let local_address = listener.local_addr().ok();
+    let address = local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
@@ -250,6 +254,9 @@ pub async fn serve(
         }
         None => None,
     };
+    let finished_already = resume
+        .as_ref()
+        .is_some_and(|c| learner.max_steps > 0 && c.state.step >= learner.max_steps);
     if let Some(checkpoint) = &resume {
         let state = &checkpoint.state;
         checkpoint
@@ -265,7 +272,7 @@ pub async fn serve(
             version = state.version,
             "resuming from a checkpoint"
         );
-        if learner.max_steps > 0 && state.step >= learner.max_steps {
+        if finished_already {
             warn!(
                 step = state.step,
                 max_steps = learner.max_steps,
@@ -410,6 +417,28 @@ pub async fn serve(
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
 
+    // Local actors, if asked for, now that there is a server to reach and
+    // something to train (a finished run would leave them retrying a
+    // closed port until killed).
+    let local_actors = match &options.local_actors {
+        Some(plan) if !finished_already => Some(
+            LocalActors::spawn(
+                plan.count,
+                local_address.ok_or_else(|| {
+                    LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
+                })?,
+                plan.config_file.as_deref(),
+                &plan.executable,
+            )
+            .map_err(LearnerError::LocalActors)?,
+        ),
+        Some(_) => {
+            info!("no local actors started: nothing left to train");
+            None
+        }
+        None => None,
+    };
+
     tokio::pin!(done);
     let outcome = tokio::select! {
         outcome = &mut done => outcome,
@@ -434,6 +463,11 @@ pub async fn serve(
             warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway");
             abort.abort();
         }
+    }
+    if let Some(actors) = local_actors {
+        outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
+            .await
+            .unwrap_or(0);
     }
     outcome.sessions = session_stats
         .sessions

@@ -7,7 +7,7 @@ use clap::Parser;
 use flgfn_common::config::{Config, describe_layers, env_overrides};
 use flgfn_common::telemetry::{self, LogFlags};
 use flgfn_learner::RunOptions;
-use flgfn_learner::launcher::{LocalActors, actor_executable};
+use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
 
 /// Trains a forward-looking GFlowNet on trajectories streamed by
 /// `flgfn-actor` processes, granting them credits and sending them weights.
@@ -125,28 +125,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&config.learner.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.learner.listen))?;
-        let actors = if args.local_actors {
-            let address = listener.local_addr()?;
-            let executable = actor_executable()?;
-            let config_file = args.config.as_deref();
-            Some(LocalActors::spawn(
-                config.launch.actors,
-                address,
-                config_file,
-                &executable,
-            )?)
+        let local_actors = if args.local_actors {
+            Some(LocalActorsPlan {
+                count: config.launch.actors,
+                config_file: args.config.clone(),
+                executable: actor_executable()?,
+            })
         } else {
             None
         };
         let options = RunOptions {
             metrics_path: args.metrics,
             fresh: args.fresh,
+            local_actors,
         };
         let shutdown = flgfn_common::signals::shutdown_requested();
-        let outcome = flgfn_learner::serve(config, listener, options, shutdown).await;
-        let failed_actors = actors.map_or(0, LocalActors::finish);
-        outcome?;
-        anyhow::ensure!(failed_actors == 0, "{failed_actors} local actor(s) failed");
+        let outcome = flgfn_learner::serve(config, listener, options, shutdown).await?;
+        let failed = outcome.failed_local_actors;
+        anyhow::ensure!(failed == 0, "{failed} local actor(s) failed");
         Ok(())
     })
 }

@@ -58,6 +58,9 @@ pub struct TrainingOutcome {
     /// What was counted for each actor session, filled in by
     /// [`serve`](crate::serve) once the sessions have ended.
     pub sessions: Vec<crate::ingest::SessionRecord>,
+    /// Local actor processes ([`crate::RunOptions::local_actors`]) that
+    /// exited with an error, filled in by [`serve`](crate::serve).
+    pub failed_local_actors: usize,
 }
 
 /// Figures over the whole run (reports cover the time since the previous
@@ -301,6 +304,7 @@ impl Trainer {
         Ok(TrainingOutcome {
             totals,
             sessions: Vec::new(),
+            failed_local_actors: 0,
             steps: progress.step,
             version: progress.version,
             weights,

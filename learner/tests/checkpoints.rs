@@ -64,7 +64,7 @@ async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
         listener,
         RunOptions {
             metrics_path: Some(metrics.to_owned()),
-            fresh: false,
+            ..RunOptions::default()
         },
         std::future::pending(),
     ));

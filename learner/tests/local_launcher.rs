@@ -82,6 +82,36 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
 }
 
 #[test]
+fn a_run_resumed_already_finished_starts_no_actors() {
+    let dir = std::env::temp_dir().join(format!("flgfn-finished-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let run = || {
+        let output = Command::new(learner())
+            .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
+            .args(["--max-steps", "30", "--config"])
+            .arg(&config)
+            .arg("--checkpoint-dir")
+            .arg(dir.join("checkpoints"))
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(output.status.success(), "learner failed:\n{log}");
+        log
+    };
+    let first = run();
+    assert!(first.contains("started local actors"), "{first}");
+    // The same command again: the checkpoint says step 30 of 30.
+    let second = run();
+    assert!(second.contains("this run already finished"), "{second}");
+    assert!(second.contains("no local actors started"), "{second}");
+    assert!(!second.contains("started local actors"), "{second}");
+    assert!(!second.contains("killing it"), "{second}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_bad_config_file_fails_with_the_key_named() {
     let dir = std::env::temp_dir().join(format!("flgfn-badconfig-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
