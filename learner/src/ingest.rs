@@ -89,9 +89,12 @@ pub struct IngestStats {
     /// (chunks sent into a broken connection, or rolled out for credits
     /// that died with it).
     pub lost_chunks: AtomicU64,
-    /// Refused chunks by reason ([`RequestError::reason`](crate::error::RequestError::reason),
-    /// `undecodable`, `too_large`).
-    pub rejections: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Refusals by reason: chunks ([`RequestError::reason`](crate::error::RequestError::reason),
+    /// `undecodable`, `too_large`), handshakes and session openings (the
+    /// same reasons prefixed `handshake_` and `session_`), and calls or
+    /// connections turned away (`unauthenticated`, `too_many_sessions`,
+    /// `too_many_connections`).
+    pub rejections: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Times a session's credits were paused because its chunks arrived
     /// already older than `max_policy_lag`.
     pub session_pauses: AtomicU64,
@@ -125,13 +128,17 @@ impl IngestStats {
 
     /// Counts one refused request under `reason` (a chunk, or a call
     /// refused before any chunk, such as `unauthenticated`).
-    pub fn refuse(&self, reason: &'static str) {
-        *self
+    pub fn refuse(&self, reason: &str) {
+        let mut rejections = self
             .rejections
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry(reason)
-            .or_default() += 1;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match rejections.get_mut(reason) {
+            Some(count) => *count += 1,
+            None => {
+                rejections.insert(reason.to_owned(), 1);
+            }
+        }
     }
 
     /// The per-reason counts so far.
@@ -139,9 +146,7 @@ impl IngestStats {
         self.rejections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(&reason, &count)| (reason.to_owned(), count))
-            .collect()
+            .clone()
     }
 
     /// Keeps the record of an ended session (up to a bound).

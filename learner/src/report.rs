@@ -108,7 +108,10 @@ pub struct Report {
     /// numbers, across reconnects too) so far.
     #[serde(default)]
     pub lost_chunks: u64,
-    /// Refused chunks by reason (e.g. `invalid_action`, `undecodable`).
+    /// Refusals by reason: chunks (e.g. `invalid_action`, `undecodable`),
+    /// handshakes and session openings (`handshake_task_mismatch`,
+    /// `session_unknown_actor`, ...), calls and connections turned away
+    /// (`unauthenticated`, `too_many_sessions`, `too_many_connections`).
     #[serde(default)]
     pub rejections: std::collections::BTreeMap<String, u64>,
     /// Transitions dropped as too stale so far.

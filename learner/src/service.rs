@@ -120,6 +120,7 @@ impl Learner for LearnerService {
         let peer = peer_name(request.remote_addr());
         let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
             warn!(%peer, %error, "refused an actor");
+            state.stats.refuse(&format!("handshake_{}", error.reason()));
             Status::from(error)
         })?;
         Ok(Response::new(reply))
@@ -133,14 +134,12 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let state = self.state().await?;
         let peer = peer_name(request.remote_addr());
-        let actor_id = header(request.metadata(), ACTOR_ID_HEADER)?;
-        if actor_id == 0 || actor_id > state.last_actor_id.load(Ordering::Relaxed) {
-            return Err(RequestError::UnknownActor(actor_id).into());
-        }
-        let per_chunk = header(request.metadata(), TRAJECTORIES_PER_CHUNK_HEADER)?;
-        let chunk_bytes = state
-            .check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)
-            .inspect_err(|error| warn!(%peer, %error, "refused a session"))?;
+        let (actor_id, per_chunk, chunk_bytes) =
+            state.check_session(request.metadata()).map_err(|error| {
+                warn!(%peer, %error, "refused a session");
+                state.stats.refuse(&format!("session_{}", error.reason()));
+                Status::from(error)
+            })?;
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
             state.stats.refuse("too_many_sessions");
             return Err(Status::resource_exhausted(format!(
@@ -209,6 +208,19 @@ impl LearnerState {
     /// most `learner.max_chunk_trajectories`, and fit the credit pool and
     /// `learner.max_session_bytes`. Returns what one such chunk holds,
     /// replayed, at most.
+    /// Checks the headers that open a session: the actor id its handshake
+    /// issued, and its trajectories per chunk. Returns them and the bytes
+    /// one chunk may hold replayed.
+    fn check_session(&self, metadata: &MetadataMap) -> Result<(u64, u64, u64), RequestError> {
+        let actor_id = header(metadata, ACTOR_ID_HEADER)?;
+        if actor_id == 0 || actor_id > self.last_actor_id.load(Ordering::Relaxed) {
+            return Err(RequestError::UnknownActor(actor_id));
+        }
+        let per_chunk = header(metadata, TRAJECTORIES_PER_CHUNK_HEADER)?;
+        let chunk_bytes = self.check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)?;
+        Ok((actor_id, per_chunk, chunk_bytes))
+    }
+
     fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<u64, RequestError> {
         let max = self.max_chunk_trajectories as u64;
         if per_chunk == 0 || per_chunk > max {
