@@ -33,6 +33,9 @@ pub struct FlatParameters {
     slots: Arc<[ParameterSlot]>,
     /// The variables, in the order of `slots`.
     variables: Vec<Tensor>,
+    /// Each variable's part of `grads`, made once (a view costs a
+    /// dispatch; these are checked every step).
+    grad_views: Vec<Tensor>,
 }
 
 impl FlatParameters {
@@ -70,11 +73,13 @@ impl FlatParameters {
             variable.set_data(&view);
             handles.push(variable);
         }
+        let grad_views = slots.iter().map(|slot| slice(&grads, slot)).collect();
         Ok(FlatParameters {
             values,
             grads,
             slots: slots.into(),
             variables: handles,
+            grad_views,
         })
     }
 
@@ -93,15 +98,14 @@ impl FlatParameters {
     /// accumulate here directly). A cheap check once all are bound.
     pub fn gradients(&mut self) -> &Tensor {
         let _guard = tch::no_grad_guard();
-        for (slot, variable) in self.slots.iter().zip(&self.variables) {
+        for (variable, view) in self.variables.iter().zip(&mut self.grad_views) {
             let mut grad = variable.grad();
-            let mut view = slice(&self.grads, slot);
             if !grad.defined() {
                 // None this pass: zero, the same as an untouched parameter's.
                 let _ = view.zero_();
             } else if grad.data_ptr() != view.data_ptr() {
                 view.copy_(&grad);
-                grad.set_data(&view);
+                grad.set_data(view);
             }
         }
         &self.grads
@@ -110,9 +114,9 @@ impl FlatParameters {
     /// Zeroes every gradient: one call once they are bound.
     pub fn zero_grad(&mut self) {
         let _ = self.grads.zero_();
-        for (slot, variable) in self.slots.iter().zip(&self.variables) {
+        for (variable, view) in self.variables.iter().zip(&self.grad_views) {
             let mut grad = variable.grad();
-            if grad.defined() && grad.data_ptr() != slice(&self.grads, slot).data_ptr() {
+            if grad.defined() && grad.data_ptr() != view.data_ptr() {
                 let _ = grad.detach_().zero_();
             }
         }
