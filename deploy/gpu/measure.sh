@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU figures, step 2 of 2, on the GPU machine (PyTorch 2.11 installed, no
+# Rust): runs the binaries that deploy/gpu/prepare.sh put in .gpu-bundle/
+# and writes what they print under $OUT (or the first argument):
+#
+#   step-*.md    the per-step cost on the trainer thread: fixed cost
+#                (intercept against batch size) and its parts, CUDA and CPU
+#   job-*.log    the default job with K local actors on a CUDA learner:
+#                time to quality, trained transitions/s, stale fraction
+#   scale.md     the scale benchmark on CUDA: generated and real actors,
+#                with and without 25 ms added each way
+#
+# About 6 minutes; every part is bounded by `timeout`, so one that hangs
+# costs its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
+# script without a GPU (to try it anywhere the bundle's libtorch loads).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+bundle="${FLGFN_GPU_BUNDLE:-$PWD/.gpu-bundle}"
+out="${1:-${OUT:-/tmp/flgfn-gpu}}"
+device="${FLGFN_GPU_DEVICE:-cuda}"
+mkdir -p "$out"
+[ -x "$bundle/flgfn-learner" ] || {
+    echo "no $bundle/flgfn-learner: run deploy/gpu/prepare.sh first and carry .gpu-bundle" >&2
+    exit 1
+}
+
+# The binaries were linked against the wheel on the build machine; here
+# libtorch comes from the installed PyTorch.
+if torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null); then
+    export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export FLGFN_ACTOR_BIN="$bundle/flgfn-actor"
+export RUST_LOG="${RUST_LOG:-info}"
+export NO_COLOR=1
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+    nproc
+    echo "device=$device LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+} | tee "$out/machine.txt"
+
+# 1. What a step costs on the trainer thread (no actors, no network).
+for hidden in 8 256,256; do
+    timeout 120 "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
+        2>&1 | tee "$out/step-$device-${hidden/,/x}.md"
+done
+timeout 60 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
+
+# 2. The default job, as a user runs it, with K local actors.
+for k in 2 4 8 14; do
+    FLGFN_LEARNER__DEVICE="$device" timeout 90 "$bundle/flgfn-learner" \
+        --local-actors --actors "$k" --listen 127.0.0.1:0 --checkpoint-dir "" \
+        >"$out/job-$k.log" 2>&1
+    echo "actors=$k rc=$? $(grep -o 'training finished.*' "$out/job-$k.log" | cut -c1-600)"
+done | tee "$out/jobs.txt"
+
+# 3. Scale figures: generated actors, real actors, and 25 ms each way.
+timeout 300 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
+    --delay-ms 25 --steps 600 2>/dev/null | grep '^|' | tee "$out/scale.md"
+echo "done: $out"
