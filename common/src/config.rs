@@ -252,7 +252,10 @@ pub struct LearnerConfig {
     /// least this many versions old (1: always the newest). Raising it
     /// trades a little policy lag for fewer weight bytes.
     pub weights_refresh_steps: u64,
-    /// How weights travel: "f32" (exact) or "bf16" (half the bytes).
+    /// How weights travel to actors: "bf16" (half the bytes; rounding
+    /// moves the sampler's exact distribution far less than training noise
+    /// does) or "f32" (exact). Checkpoints and the final weights are f32
+    /// either way.
     pub weight_encoding: WeightEncoding,
     /// libtorch intra-op threads for the trainer.
     pub threads: usize,
@@ -329,7 +332,7 @@ impl Default for LearnerConfig {
             max_policy_lag: 16,
             max_in_flight_batches: 8,
             weights_refresh_steps: 1,
-            weight_encoding: WeightEncoding::F32,
+            weight_encoding: WeightEncoding::Bf16,
             threads: 1,
             async_threads: 2,
             ingest_threads: 2,

@@ -167,9 +167,7 @@ impl Publisher {
         if encoded.version == version {
             return Ok(encoded.clone());
         }
-        let mut metadata = self.metadata.clone();
-        metadata.insert("version".to_owned(), version.to_string());
-        let bytes = snapshot.encode(self.encoding, &metadata)?;
+        let bytes = snapshot.encode(self.encoding, &self.metadata_of(version))?;
         *encoded = Arc::new(EncodedWeights {
             version,
             bytes: Bytes::from(bytes),
@@ -177,6 +175,26 @@ impl Publisher {
         });
         self.encodings.fetch_add(1, Ordering::Relaxed);
         Ok(encoded.clone())
+    }
+}
+
+impl Publisher {
+    /// The newest version in `encoding` (the run's final weights are kept
+    /// in f32 whatever actors receive), with the same metadata; blocking,
+    /// and not kept.
+    pub fn encode_newest_as(&self, encoding: WeightEncoding) -> Result<Vec<u8>, WeightsError> {
+        let (version, snapshot) = {
+            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            (pending.version, pending.snapshot.shallow_clone())
+        };
+        snapshot.encode(encoding, &self.metadata_of(version))
+    }
+
+    /// What every encoded version carries: task, model and its number.
+    fn metadata_of(&self, version: u64) -> BTreeMap<String, String> {
+        let mut metadata = self.metadata.clone();
+        metadata.insert("version".to_owned(), version.to_string());
+        metadata
     }
 }
 

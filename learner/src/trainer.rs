@@ -20,7 +20,7 @@ use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
 use flgfn_common::policy::{Policy, load_vars, vars_to_host};
-use flgfn_common::weights::NamedArray;
+use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
 use tracing::info;
 
@@ -46,8 +46,9 @@ pub struct TrainingOutcome {
     pub steps: u64,
     /// Last published version.
     pub version: u64,
-    /// The final weights as safetensors (in the configured encoding, with
-    /// the publisher's metadata: task, model, version).
+    /// The final weights as f32 safetensors, whatever the wire encoding
+    /// (with the publisher's metadata: task, model, version); also
+    /// `final.safetensors` in the checkpoint directory.
     pub weights: Bytes,
     /// The last report.
     pub final_report: Report,
@@ -269,9 +270,9 @@ impl Trainer {
         self.raise_version_floor(&mut progress)?;
         self.publisher
             .finish(progress.version, optimizer.parameters().snapshot());
-        // Encoded once, through the publisher: the same bytes and metadata
-        // an actor would receive for this version.
-        let weights = self.publisher.encode_latest()?.bytes.clone();
+        // The run's model, exact: f32 whatever actors receive, with the
+        // metadata an actor's copy of this version carries.
+        let weights = Bytes::from(self.publisher.encode_newest_as(WeightEncoding::F32)?);
         if let Some(dir) = &self.checkpoint_dir {
             // On every way out of the loop (max_steps, a signal, actors
             // gone): the state to resume from and the weights to use.
