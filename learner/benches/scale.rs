@@ -45,9 +45,10 @@ struct Args {
     /// Training steps per scenario.
     #[arg(long, default_value_t = 600)]
     steps: u64,
-    /// Weight encoding for every scenario.
-    #[arg(long, default_value = "f32")]
-    encoding: String,
+    /// Weight encoding for every scenario: bf16 or f32 (default: the
+    /// configuration's).
+    #[arg(long)]
+    encoding: Option<String>,
     /// Learner device: auto, cpu or cuda.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -175,10 +176,12 @@ fn main() {
         "cuda" => DeviceConfig::Cuda,
         _ => DeviceConfig::Auto,
     };
-    base.learner.weight_encoding = match args.encoding.as_str() {
-        "bf16" => WeightEncoding::Bf16,
-        _ => WeightEncoding::F32,
-    };
+    match args.encoding.as_deref() {
+        Some("bf16") => base.learner.weight_encoding = WeightEncoding::Bf16,
+        Some("f32") => base.learner.weight_encoding = WeightEncoding::F32,
+        Some(other) => panic!("--encoding {other}: bf16 or f32"),
+        None => {}
+    }
     let mut generated_config = base.clone();
     if let Some(envs) = args.generated_envs {
         generated_config.actor.envs = envs;
