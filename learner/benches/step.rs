@@ -270,6 +270,15 @@ fn main() {
         rounds.sort_by(f64::total_cmp);
         println!("| {name} | {:.3} |", rounds[2]);
     }
+    // The batch builder's own work per batch (off the trainer thread).
+    let started = Instant::now();
+    for _ in 0..1000 {
+        std::hint::black_box(TransitionBatch::collate(&trajectories, dims, pinned));
+    }
+    println!(
+        "\ncollating a batch of 320 transitions (batch builder thread): {:.3} ms",
+        started.elapsed().as_secs_f64()
+    );
     let bytes = policy.to_bytes(WeightEncoding::F32).unwrap().len();
     println!("\nweights: {bytes} bytes as f32 safetensors");
 }

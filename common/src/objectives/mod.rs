@@ -150,6 +150,8 @@ pub struct TransitionBatch {
     pub transitions: usize,
     /// Number of trajectories B.
     pub trajectories: usize,
+    /// The buffer every tensor above is a view into.
+    packed: Packed,
 }
 
 impl TransitionBatch {
@@ -219,6 +221,20 @@ impl TransitionBatch {
         }
         let target: Vec<i64> = source.iter().map(|&s| s + 1).collect();
         let (s, t, b) = (states_n as i64, trans_n as i64, count as i64);
+        let mut packer = Packer::default();
+        packer.f32(&encoded, &[s, dim as i64]);
+        packer.i64(&source, &[t]);
+        packer.i64(&target, &[t]);
+        packer.i64(&actions, &[t]);
+        packer.i64(&backward_actions, &[t]);
+        packer.f32(&forward_bias, &[t, fwd as i64]);
+        packer.f32(&backward_bias, &[t, bwd as i64]);
+        packer.f32(&energies, &[t]);
+        packer.f32(&state_energies, &[s]);
+        packer.f32(&state_terminal, &[s]);
+        packer.i64(&padded_states, &[b, longest as i64 + 1]);
+        packer.i64(&padded_transitions, &[b, longest as i64]);
+        packer.i64(&lengths, &[b]);
         let put = |x: Tensor| {
             if pinned {
                 x.pin_memory(Device::Cuda(0))
@@ -226,57 +242,130 @@ impl TransitionBatch {
                 x
             }
         };
+        let packed = Packed {
+            floats: put(Tensor::from_slice(&packer.floats)),
+            ints: put(Tensor::from_slice(&packer.ints)),
+            parts: packer.parts.into(),
+        };
+        Self::unpack(packed, longest, trans_n, count)
+    }
+
+    /// The batch's tensors as views into `packed`, in the order `collate`
+    /// packs them.
+    fn unpack(packed: Packed, longest: usize, transitions: usize, trajectories: usize) -> Self {
+        let mut views = packed.parts.iter().map(|part| packed.view(part));
+        let mut next = || {
+            views
+                .next()
+                .unwrap_or_else(|| unreachable!("13 parts packed"))
+        };
         TransitionBatch {
-            states: put(Tensor::from_slice(&encoded).view([s, dim as i64])),
-            source: put(Tensor::from_slice(&source)),
-            target: put(Tensor::from_slice(&target)),
-            actions: put(Tensor::from_slice(&actions)),
-            backward_actions: put(Tensor::from_slice(&backward_actions)),
-            forward_bias: put(Tensor::from_slice(&forward_bias).view([t, fwd as i64])),
-            backward_bias: put(Tensor::from_slice(&backward_bias).view([t, bwd as i64])),
-            energies: put(Tensor::from_slice(&energies).to_kind(Kind::Float)),
-            state_energies: put(Tensor::from_slice(&state_energies)),
-            state_terminal: put(Tensor::from_slice(&state_terminal)),
+            states: next(),
+            source: next(),
+            target: next(),
+            actions: next(),
+            backward_actions: next(),
+            forward_bias: next(),
+            backward_bias: next(),
+            energies: next(),
+            state_energies: next(),
+            state_terminal: next(),
             padded: PaddedLayout {
-                states: put(Tensor::from_slice(&padded_states).view([b, longest as i64 + 1])),
-                transitions: put(Tensor::from_slice(&padded_transitions).view([b, longest as i64])),
-                lengths: put(Tensor::from_slice(&lengths)),
+                states: next(),
+                transitions: next(),
+                lengths: next(),
                 longest,
             },
-            transitions: trans_n,
-            trajectories: count,
+            transitions,
+            trajectories,
+            packed,
         }
     }
 }
 
 impl TransitionBatch {
-    /// The same batch on `device`. From pinned host memory to a GPU the
-    /// copies are queued without waiting; on the CPU nothing is copied.
+    /// The same batch on `device`. From pinned host memory to a GPU it is
+    /// two copies (floats, integers), queued without waiting; on the CPU
+    /// nothing is copied.
     pub fn to_device(self, device: Device) -> Self {
         if device == Device::Cpu {
             return self;
         }
         let put = |x: &Tensor| x.to_device_(device, x.kind(), true, false);
-        TransitionBatch {
-            states: put(&self.states),
-            source: put(&self.source),
-            target: put(&self.target),
-            actions: put(&self.actions),
-            backward_actions: put(&self.backward_actions),
-            forward_bias: put(&self.forward_bias),
-            backward_bias: put(&self.backward_bias),
-            energies: put(&self.energies),
-            state_energies: put(&self.state_energies),
-            state_terminal: put(&self.state_terminal),
-            padded: PaddedLayout {
-                states: put(&self.padded.states),
-                transitions: put(&self.padded.transitions),
-                lengths: put(&self.padded.lengths),
-                longest: self.padded.longest,
-            },
-            transitions: self.transitions,
-            trajectories: self.trajectories,
+        let packed = Packed {
+            floats: put(&self.packed.floats),
+            ints: put(&self.packed.ints),
+            parts: self.packed.parts,
+        };
+        Self::unpack(
+            packed,
+            self.padded.longest,
+            self.transitions,
+            self.trajectories,
+        )
+    }
+}
+
+/// A batch's tensors in two flat buffers, one per element type: one
+/// (pinned) allocation each when collated, one copy each to a GPU, instead
+/// of one of each per tensor.
+#[derive(Debug)]
+struct Packed {
+    /// `[N]` f32: the float tensors, one after another.
+    floats: Tensor,
+    /// `[M]` int64: the index tensors, one after another.
+    ints: Tensor,
+    /// Where each tensor sits, in packing order.
+    parts: std::sync::Arc<[Part]>,
+}
+
+/// One tensor of a [`Packed`] batch.
+#[derive(Debug)]
+struct Part {
+    /// In `ints` rather than `floats`.
+    int: bool,
+    /// First element.
+    offset: i64,
+    shape: Vec<i64>,
+}
+
+impl Packed {
+    /// `part` as a contiguous view of its buffer: one call, no copy.
+    fn view(&self, part: &Part) -> Tensor {
+        let buffer = if part.int { &self.ints } else { &self.floats };
+        let mut strides = vec![1i64; part.shape.len()];
+        for i in (0..part.shape.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * part.shape[i + 1];
         }
+        buffer.as_strided(part.shape.as_slice(), strides.as_slice(), part.offset)
+    }
+}
+
+/// Builds a [`Packed`] batch.
+#[derive(Default)]
+struct Packer {
+    floats: Vec<f32>,
+    ints: Vec<i64>,
+    parts: Vec<Part>,
+}
+
+impl Packer {
+    fn f32(&mut self, values: &[f32], shape: &[i64]) {
+        self.parts.push(Part {
+            int: false,
+            offset: self.floats.len() as i64,
+            shape: shape.to_vec(),
+        });
+        self.floats.extend_from_slice(values);
+    }
+
+    fn i64(&mut self, values: &[i64], shape: &[i64]) {
+        self.parts.push(Part {
+            int: true,
+            offset: self.ints.len() as i64,
+            shape: shape.to_vec(),
+        });
+        self.ints.extend_from_slice(values);
     }
 }
 
