@@ -48,6 +48,25 @@ struct Args {
     bench: bool,
 }
 
+/// Milliseconds per call of `step`: the median of 5 rounds of `steps`
+/// calls, the device synchronised at the end of each round.
+fn median_ms(steps: usize, device: tch::Device, mut step: impl FnMut()) -> f64 {
+    let mut rounds: Vec<f64> = (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..steps {
+                step();
+            }
+            if device.is_cuda() {
+                tch::Cuda::synchronize(0);
+            }
+            1e3 * started.elapsed().as_secs_f64() / steps as f64
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[2]
+}
+
 fn main() {
     let args = Args::parse();
     let mut config = Config::default();
@@ -163,20 +182,10 @@ fn main() {
     println!("| per step | ms |");
     println!("|---|---|");
     for (name, collate_here, extras, previous, ours) in variants {
-        let mut rounds: Vec<f64> = (0..5)
-            .map(|_| {
-                let started = Instant::now();
-                for _ in 0..args.steps {
-                    step(collate_here, extras, previous, ours, &prepared);
-                }
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
-                }
-                1e3 * started.elapsed().as_secs_f64() / args.steps as f64
-            })
-            .collect();
-        rounds.sort_by(f64::total_cmp);
-        println!("| {name} | {:.3} |", rounds[2]);
+        let ms = median_ms(args.steps, device, || {
+            step(collate_here, extras, previous, ours, &prepared);
+        });
+        println!("| {name} | {ms:.3} |");
     }
     // The fixed cost proper: the step on batches of 1 to 64 trajectories.
     // The straight line through the three smallest (where the compute still
@@ -194,20 +203,9 @@ fn main() {
             .collect();
         let batch = TransitionBatch::collate(&chunk, dims, pinned).to_device(device);
         let mut median = |extras: bool| {
-            let mut rounds: Vec<f64> = (0..5)
-                .map(|_| {
-                    let started = Instant::now();
-                    for _ in 0..args.steps {
-                        step(false, extras, false, !extras, &batch);
-                    }
-                    if device.is_cuda() {
-                        tch::Cuda::synchronize(0);
-                    }
-                    1e3 * started.elapsed().as_secs_f64() / args.steps as f64
-                })
-                .collect();
-            rounds.sort_by(f64::total_cmp);
-            rounds[2]
+            median_ms(args.steps, device, || {
+                step(false, extras, false, !extras, &batch)
+            })
         };
         let (bare, full) = (median(false), median(true));
         println!(
@@ -245,30 +243,20 @@ fn main() {
         "forward + loss + backward + Adam",
     ];
     for (depth, name) in stages.iter().enumerate() {
-        let mut rounds: Vec<f64> = (0..5)
-            .map(|_| {
-                let started = Instant::now();
-                for _ in 0..args.steps {
-                    let output = policy.net.forward(&prepared.states);
-                    if depth >= 1 {
-                        let loss = objective.loss(&output, &prepared);
-                        if depth >= 2 {
-                            own_adam.zero_grad();
-                            loss.backward();
-                        }
-                        if depth >= 3 {
-                            own_adam.step();
-                        }
-                    }
+        let ms = median_ms(args.steps, device, || {
+            let output = policy.net.forward(&prepared.states);
+            if depth >= 1 {
+                let loss = objective.loss(&output, &prepared);
+                if depth >= 2 {
+                    own_adam.zero_grad();
+                    loss.backward();
                 }
-                if device.is_cuda() {
-                    tch::Cuda::synchronize(0);
+                if depth >= 3 {
+                    own_adam.step();
                 }
-                1e3 * started.elapsed().as_secs_f64() / args.steps as f64
-            })
-            .collect();
-        rounds.sort_by(f64::total_cmp);
-        println!("| {name} | {:.3} |", rounds[2]);
+            }
+        });
+        println!("| {name} | {ms:.3} |");
     }
     // The batch builder's own work per batch (off the trainer thread).
     let started = Instant::now();
