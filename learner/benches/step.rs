@@ -130,13 +130,14 @@ fn main() {
             policy.vars.save_to_stream(&mut bytes).unwrap();
             std::hint::black_box(bytes);
         } else if extras {
+            // As the trainer: a non-finite loss steps with zero gradients.
             let finite = loss.isfinite();
-            let guarded = loss.where_self(&finite, &loss.zeros_like());
             own_adam.zero_grad();
-            guarded.backward();
+            loss.backward();
+            own_adam.discard_gradients_if(&finite.logical_not());
             own_adam.step();
             let _no_grad = tch::no_grad_guard();
-            let _ = loss_sum.g_add_(&guarded);
+            let _ = loss_sum.g_add_(&loss.detach().nan_to_num(0.0, 0.0, 0.0));
             let _ = finite_steps.g_add_(&finite);
             std::hint::black_box(own_adam.parameters().snapshot());
         } else {

@@ -73,6 +73,20 @@ impl Adam {
         self.parameters.zero_grad();
     }
 
+    /// Zeroes every gradient if `skip` (a bool scalar on the parameters'
+    /// device) is true, without reading it back: a step whose loss was not
+    /// finite then moves nothing by its gradient. (Backward through a NaN or
+    /// infinite loss gives NaN gradients, not zeros, whatever the loss is
+    /// multiplied by.) One call.
+    pub fn discard_gradients_if(&mut self, skip: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        let _ = self
+            .parameters
+            .gradients()
+            .shallow_clone()
+            .masked_fill_(skip, 0.0);
+    }
+
     /// One update from the gradients in place.
     pub fn step(&mut self) {
         let _guard = tch::no_grad_guard();
@@ -190,6 +204,39 @@ mod tests {
             let diff = (&a - b).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{name}: {diff}");
         }
+    }
+
+    #[test]
+    fn a_non_finite_loss_leaves_the_weights_alone_when_discarded() {
+        tch::manual_seed(5);
+        let vars = nn::VarStore::new(Device::Cpu);
+        let model = net(&vars);
+        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 0.01);
+        let before = adam.parameters().values().copy();
+        let loss = loss(&model, 0) * f64::NAN;
+        adam.zero_grad();
+        loss.backward();
+        let skip = loss.isfinite().logical_not();
+        adam.discard_gradients_if(&skip);
+        adam.step();
+        let after = adam.parameters().values();
+        assert_eq!(
+            Vec::<f32>::try_from(&before).unwrap(),
+            Vec::<f32>::try_from(after).unwrap()
+        );
+        // A finite loss keeps its gradients.
+        let loss = super::tests::loss(&model, 1);
+        adam.zero_grad();
+        loss.backward();
+        adam.discard_gradients_if(&loss.isfinite().logical_not());
+        adam.step();
+        assert!(
+            (adam.parameters().values() - &before)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
     }
 
     #[test]

@@ -355,6 +355,29 @@ pub async fn serve(
             stop: stop.clone(),
         }));
     }
+    // Local actors, if asked for, now that there is a server to reach and
+    // something to train (a finished run would leave them retrying a
+    // closed port until killed); before the trainer starts, so that a
+    // failure to start them leaves nothing running.
+    let local_actors = match &options.local_actors {
+        Some(plan) if !finished_already => Some(
+            LocalActors::spawn(
+                plan.count,
+                local_address.ok_or_else(|| {
+                    LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
+                })?,
+                plan.config_file.as_deref(),
+                &plan.executable,
+            )
+            .map_err(LearnerError::LocalActors)?,
+        ),
+        Some(_) => {
+            info!("no local actors started: nothing left to train");
+            None
+        }
+        None => None,
+    };
+
     // A rendezvous: the batcher builds the next batch while the trainer
     // runs the current one, and no further.
     let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
@@ -416,28 +439,6 @@ pub async fn serve(
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-
-    // Local actors, if asked for, now that there is a server to reach and
-    // something to train (a finished run would leave them retrying a
-    // closed port until killed).
-    let local_actors = match &options.local_actors {
-        Some(plan) if !finished_already => Some(
-            LocalActors::spawn(
-                plan.count,
-                local_address.ok_or_else(|| {
-                    LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
-                })?,
-                plan.config_file.as_deref(),
-                &plan.executable,
-            )
-            .map_err(LearnerError::LocalActors)?,
-        ),
-        Some(_) => {
-            info!("no local actors started: nothing left to train");
-            None
-        }
-        None => None,
-    };
 
     tokio::pin!(done);
     let outcome = tokio::select! {

@@ -204,10 +204,6 @@ impl LearnerState {
         })
     }
 
-    /// An actor's declared trajectories per chunk must be at least 1, at
-    /// most `learner.max_chunk_trajectories`, and fit the credit pool and
-    /// `learner.max_session_bytes`. Returns what one such chunk holds,
-    /// replayed, at most.
     /// Checks the headers that open a session: the actor id its handshake
     /// issued, and its trajectories per chunk. Returns them and the bytes
     /// one chunk may hold replayed.
@@ -221,6 +217,10 @@ impl LearnerState {
         Ok((actor_id, per_chunk, chunk_bytes))
     }
 
+    /// An actor's declared trajectories per chunk must be at least 1, at
+    /// most `learner.max_chunk_trajectories`, and fit the credit pool and
+    /// `learner.max_session_bytes`. Returns what one such chunk holds,
+    /// replayed, at most.
     fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<u64, RequestError> {
         let max = self.max_chunk_trajectories as u64;
         if per_chunk == 0 || per_chunk > max {

@@ -444,7 +444,6 @@ impl Trainer {
         let output = self.policy.net.forward(&tensors.states);
         let loss = self.objective.loss(&output, &tensors);
         let finite = loss.isfinite();
-        let guarded = loss.where_self(&finite, &loss.zeros_like());
         if learner.max_steps > 0 {
             // Constant for the first half, then linear decay to the final
             // fraction at max_steps: a large rate finds the target fast, a
@@ -461,9 +460,14 @@ impl Trainer {
         if let Some((own, _)) = own_optimizer.as_mut() {
             own.zero_grad();
         }
-        guarded.backward();
+        loss.backward();
+        // A non-finite loss steps with zero gradients; decided on the
+        // device, without waiting for it.
+        let nonfinite = finite.logical_not();
+        optimizer.discard_gradients_if(&nonfinite);
         optimizer.step();
         if let Some((own, _)) = own_optimizer {
+            own.discard_gradients_if(&nonfinite);
             own.step();
         }
 
@@ -472,11 +476,13 @@ impl Trainer {
         let window = &mut progress.window;
         let _no_grad = tch::no_grad_guard();
         // Accumulated in place: one call each per step.
+        // Non-finite losses count as 0 (and as skipped, below).
+        let guarded = loss.detach().nan_to_num(0.0, 0.0, 0.0);
         match &mut window.loss_sum {
             Some(sum) => {
                 let _ = sum.g_add_(&guarded);
             }
-            None => window.loss_sum = Some(guarded.detach().copy()),
+            None => window.loss_sum = Some(guarded),
         }
         match &mut window.finite_steps {
             Some(count) => {

@@ -333,6 +333,8 @@ impl Packed {
     /// `part` as a contiguous view of its buffer: one call, no copy.
     fn view(&self, part: &Part) -> Tensor {
         let buffer = if part.int { &self.ints } else { &self.floats };
+        // as_strided counts from the start of the storage.
+        debug_assert_eq!(buffer.storage_offset(), 0);
         let mut strides = vec![1i64; part.shape.len()];
         for i in (0..part.shape.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1] * part.shape[i + 1];
@@ -351,6 +353,7 @@ struct Packer {
 
 impl Packer {
     fn f32(&mut self, values: &[f32], shape: &[i64]) {
+        debug_assert_eq!(values.len() as i64, shape.iter().product::<i64>());
         self.parts.push(Part {
             int: false,
             offset: self.floats.len() as i64,
@@ -360,6 +363,7 @@ impl Packer {
     }
 
     fn i64(&mut self, values: &[i64], shape: &[i64]) {
+        debug_assert_eq!(values.len() as i64, shape.iter().product::<i64>());
         self.parts.push(Part {
             int: true,
             offset: self.ints.len() as i64,
