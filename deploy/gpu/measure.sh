@@ -31,6 +31,10 @@ if torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(
 fi
 export FLGFN_ACTOR_BIN="$bundle/flgfn-actor"
 export RUST_LOG="${RUST_LOG:-info}"
+# Reports (each an evaluation, left out of the training time) every 0.05 s
+# early on, so that a time to quality near the 0.3 s target is resolved
+# (the default first report is at 0.25 s).
+export FLGFN_LEARNER__FIRST_REPORT_S="${FLGFN_LEARNER__FIRST_REPORT_S:-0.05}"
 export NO_COLOR=1
 
 {
