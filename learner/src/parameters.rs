@@ -36,6 +36,10 @@ pub struct FlatParameters {
     /// Each variable's part of `grads`, made once (a view costs a
     /// dispatch; these are checked every step).
     grad_views: Vec<Tensor>,
+    /// Where each variable's values start in `values`: a variable moved
+    /// out (another `set_data`, a `VarStore::set_kind`) would no longer be
+    /// trained, so debug builds check it every step.
+    value_addresses: Vec<usize>,
 }
 
 impl FlatParameters {
@@ -74,12 +78,14 @@ impl FlatParameters {
             handles.push(variable);
         }
         let grad_views = slots.iter().map(|slot| slice(&grads, slot)).collect();
+        let value_addresses = handles.iter().map(|v| v.data_ptr() as usize).collect();
         Ok(FlatParameters {
             values,
             grads,
             slots: slots.into(),
             variables: handles,
             grad_views,
+            value_addresses,
         })
     }
 
@@ -98,6 +104,13 @@ impl FlatParameters {
     /// accumulate here directly). A cheap check once all are bound.
     pub fn gradients(&mut self) -> &Tensor {
         let _guard = tch::no_grad_guard();
+        debug_assert!(
+            self.variables
+                .iter()
+                .zip(&self.value_addresses)
+                .all(|(variable, &address)| variable.data_ptr() as usize == address),
+            "a parameter was moved out of the flat buffer"
+        );
         for (variable, view) in self.variables.iter().zip(&mut self.grad_views) {
             let mut grad = variable.grad();
             if !grad.defined() {
