@@ -162,21 +162,10 @@ impl Policy {
     /// whoever needs the bytes.
     pub fn snapshot(&self) -> DeviceSnapshot {
         let _guard = tch::no_grad_guard();
-        let mut variables: Vec<(String, Tensor)> = self.vars.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut slots = Vec::with_capacity(variables.len());
-        let mut offset = 0;
-        for (name, tensor) in &variables {
-            slots.push(ParameterSlot {
-                name: name.clone(),
-                offset,
-                shape: tensor.size(),
-            });
-            offset += tensor.numel() as i64;
-        }
+        let (variables, slots) = parameter_layout(&self.vars);
         let flat: Vec<Tensor> = variables
             .iter()
-            .map(|(_, t)| t.detach().to_kind(Kind::Float).reshape([-1]))
+            .map(|t| t.detach().to_kind(Kind::Float).reshape([-1]))
             .collect();
         DeviceSnapshot::new(Tensor::cat(&flat, 0), slots.into())
     }
@@ -241,6 +230,37 @@ impl ParameterSlot {
     pub fn numel(&self) -> i64 {
         self.shape.iter().product()
     }
+
+    /// This parameter's elements of `flat` (a host copy of a buffer laid
+    /// out like the parameters), as an array named `name`.
+    pub fn array(&self, name: String, flat: &[f32]) -> NamedArray {
+        let start = self.offset as usize;
+        NamedArray {
+            name,
+            shape: self.shape.iter().map(|&d| d as usize).collect(),
+            values: flat[start..start + self.numel() as usize].to_vec(),
+        }
+    }
+}
+
+/// The variables of `vars` sorted by name (so state files are stable), and
+/// where each sits when they are laid out one after another.
+pub fn parameter_layout(vars: &nn::VarStore) -> (Vec<Tensor>, Vec<ParameterSlot>) {
+    let mut variables: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut offset = 0;
+    variables
+        .into_iter()
+        .map(|(name, tensor)| {
+            let slot = ParameterSlot {
+                name,
+                offset,
+                shape: tensor.size(),
+            };
+            offset += tensor.numel() as i64;
+            (tensor, slot)
+        })
+        .unzip()
 }
 
 /// A copy of a policy's parameters on its device, taken between two
@@ -278,14 +298,7 @@ impl DeviceSnapshot {
         let values = to_host_f32(&self.values);
         self.slots
             .iter()
-            .map(|slot| {
-                let start = slot.offset as usize;
-                NamedArray {
-                    name: slot.name.clone(),
-                    shape: slot.shape.iter().map(|&d| d as usize).collect(),
-                    values: values[start..start + slot.numel() as usize].to_vec(),
-                }
-            })
+            .map(|slot| slot.array(slot.name.clone(), &values))
             .collect()
     }
 

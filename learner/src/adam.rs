@@ -120,13 +120,8 @@ impl Adam {
             flgfn_common::policy::to_host_f32(&self.v),
         );
         for slot in self.parameters.slots() {
-            let range = slot.offset as usize..(slot.offset + slot.numel()) as usize;
             for (prefix, values) in [("m", &m), ("v", &v)] {
-                out.push(NamedArray {
-                    name: format!("{prefix}/{}", slot.name),
-                    shape: slot.shape.iter().map(|&d| d as usize).collect(),
-                    values: values[range.clone()].to_vec(),
-                });
+                out.push(slot.array(format!("{prefix}/{}", slot.name), values));
             }
         }
         out

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tch::{Kind, Tensor, nn};
 
-use flgfn_common::policy::{DeviceSnapshot, ParameterSlot};
+use flgfn_common::policy::{DeviceSnapshot, ParameterSlot, parameter_layout};
 
 /// Every variable of a `VarStore`, laid out flat.
 #[derive(Debug)]
@@ -48,30 +48,23 @@ impl FlatParameters {
     /// objectives of flgfn are.
     pub fn new(vars: &nn::VarStore) -> Result<Self, String> {
         let _guard = tch::no_grad_guard();
-        let mut variables: Vec<(String, Tensor)> = vars.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let (variables, slots) = parameter_layout(vars);
         let device = vars.device();
-        let mut slots = Vec::with_capacity(variables.len());
-        let mut offset = 0i64;
-        for (name, tensor) in &variables {
+        for (tensor, slot) in variables.iter().zip(&slots) {
             if tensor.kind() != Kind::Float || tensor.device() != device {
                 return Err(format!(
-                    "parameter `{name}` is {:?} on {:?}; flat parameters need f32 on {device:?}",
+                    "parameter `{}` is {:?} on {:?}; flat parameters need f32 on {device:?}",
+                    slot.name,
                     tensor.kind(),
                     tensor.device()
                 ));
             }
-            slots.push(ParameterSlot {
-                name: name.clone(),
-                offset,
-                shape: tensor.size(),
-            });
-            offset += tensor.numel() as i64;
         }
-        let values = Tensor::zeros([offset], (Kind::Float, device));
-        let grads = Tensor::zeros([offset], (Kind::Float, device));
+        let total = slots.last().map_or(0, |slot| slot.offset + slot.numel());
+        let values = Tensor::zeros([total], (Kind::Float, device));
+        let grads = Tensor::zeros([total], (Kind::Float, device));
         let mut handles = Vec::with_capacity(variables.len());
-        for (slot, (_, mut variable)) in slots.iter().zip(variables) {
+        for (slot, mut variable) in slots.iter().zip(variables) {
             let mut view = slice(&values, slot);
             view.copy_(&variable.detach());
             variable.set_data(&view);

@@ -176,9 +176,7 @@ impl Publisher {
         self.encodings.fetch_add(1, Ordering::Relaxed);
         Ok(encoded.clone())
     }
-}
 
-impl Publisher {
     /// The newest version in `encoding` (the run's final weights are kept
     /// in f32 whatever actors receive), with the same metadata; blocking,
     /// and not kept.
