@@ -90,9 +90,19 @@ impl SubTrajectoryBalance {
         } else {
             grid.lengths.zeros_like().to_kind(Kind::Float)
         };
-        let log_weights = (span * self.log_lambda).unsqueeze(0) - shift.view([b, 1, 1]);
-        let weights = log_weights.exp() * pair.to_kind(Kind::Float);
-        let totals = weights.sum_dim_intlist(&[1i64, 2][..], true, Kind::Float);
+        // Cells that are not pairs (i >= j, or past the trajectory's end)
+        // are set to -inf before exp, not multiplied by zero after it:
+        // their exponents reach L |ln lambda| and overflow f32 (then inf x 0
+        // = NaN) for a small lambda on long trajectories, or a large one
+        // on short prefixes padded to a long batch.
+        let log_weights = ((span * self.log_lambda).unsqueeze(0) - shift.view([b, 1, 1]))
+            .masked_fill(&pair.logical_not(), f64::NEG_INFINITY);
+        let weights = log_weights.exp();
+        // A trajectory always has a pair (replay refuses empty ones); the
+        // floor only keeps a weightless row from dividing 0 by 0.
+        let totals = weights
+            .sum_dim_intlist(&[1i64, 2][..], true, Kind::Float)
+            .clamp_min(f64::from(f32::MIN_POSITIVE));
         (residuals, weights / totals)
     }
 }

@@ -357,3 +357,54 @@ fn lambda_above_one_favours_long_pairs_without_overflow() {
     let whole = weights.double_value(&[b as i64, 0, t.len() as i64]);
     assert!(whole > 0.99, "{whole}");
 }
+
+/// Extreme lambdas on a batch mixing complete trajectories and prefixes cut
+/// short: a tiny lambda puts exponents of L |ln lambda| in the cells below
+/// the diagonal, a huge one in the cells past a short prefix's end. Both
+/// overflow f32 unless those cells are masked before the exponential.
+#[test]
+fn extreme_lambdas_keep_every_weight_and_the_loss_finite() {
+    let env = tiny();
+    let (trajectories, _) = sample(&env, 32, &mut SmallRng::seed_from_u64(9));
+    let lengths: Vec<usize> = trajectories.iter().map(|t| t.len()).collect();
+    assert!(
+        lengths.iter().min() < lengths.iter().max(),
+        "the batch needs prefixes of different lengths: {lengths:?}"
+    );
+    let batch = batch(&env, &trajectories);
+    let policy = Policy::new(
+        &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![8] }),
+        Device::Cpu,
+    );
+    let output = policy.net.forward(&batch.states);
+    for lambda in [1e-30, 1e30] {
+        for flow in [Flow::Plain, Flow::ForwardLooking] {
+            let sub = SubTrajectoryBalance::new(flow, lambda, BackwardPolicy::Learned);
+            let (_, weights) = sub.pair_residuals(&output, &batch);
+            assert!(
+                bool::try_from(weights.isfinite().all()).unwrap(),
+                "lambda {lambda}"
+            );
+            let per_trajectory = weights.sum_dim_intlist(&[1i64, 2][..], false, Kind::Double);
+            for (b, &length) in lengths.iter().enumerate() {
+                let total = per_trajectory.double_value(&[b as i64]);
+                assert!((total - 1.0).abs() < 1e-4, "lambda {lambda}: {total}");
+                // All the weight on single steps (tiny lambda) or on the
+                // whole trajectory (huge lambda).
+                let expected_pair = if lambda < 1.0 { (0, 1) } else { (0, length) };
+                let share =
+                    weights.double_value(&[b as i64, expected_pair.0, expected_pair.1 as i64]);
+                let expected_share = if lambda < 1.0 {
+                    1.0 / length as f64
+                } else {
+                    1.0
+                };
+                assert!(
+                    (share - expected_share).abs() < 1e-4,
+                    "lambda {lambda}, b {b}: {share}"
+                );
+            }
+            assert!(sub.loss(&output, &batch).double_value(&[]).is_finite());
+        }
+    }
+}
