@@ -130,14 +130,16 @@ fn main() {
             policy.vars.save_to_stream(&mut bytes).unwrap();
             std::hint::black_box(bytes);
         } else if extras {
-            // As the trainer: a non-finite loss steps with zero gradients.
+            // As the trainer: a step whose loss or gradients are not
+            // finite is skipped, decided on the device.
             let finite = loss.isfinite();
             own_adam.zero_grad();
             loss.backward();
-            own_adam.discard_gradients_if(&finite.logical_not());
-            own_adam.step();
+            let finite = finite.logical_and(&own_adam.gradients_finite());
+            let skip = finite.logical_not();
+            own_adam.step_unless(&skip);
             let _no_grad = tch::no_grad_guard();
-            let _ = loss_sum.g_add_(&loss.detach().nan_to_num(0.0, 0.0, 0.0));
+            let _ = loss_sum.g_add_(&loss.detach().masked_fill(&skip, 0.0));
             let _ = finite_steps.g_add_(&finite);
             std::hint::black_box(own_adam.parameters().snapshot());
         } else {

@@ -73,42 +73,60 @@ impl Adam {
         self.parameters.zero_grad();
     }
 
-    /// Zeroes every gradient if `skip` (a bool scalar on the parameters'
-    /// device) is true, without reading it back: a step whose loss was not
-    /// finite then moves nothing by its gradient. (Backward through a NaN or
-    /// infinite loss gives NaN gradients, not zeros, whatever the loss is
-    /// multiplied by.) One call.
-    pub fn discard_gradients_if(&mut self, skip: &Tensor) {
+    /// Whether every gradient is finite, as a bool scalar on the device,
+    /// without reading it back: a finite loss can still give infinite or
+    /// NaN gradients (f32 overflow in backward). One reduction: the sum of
+    /// the flat gradient buffer is finite exactly when every element is,
+    /// unless finite gradients near f32's limit overflow it, which is also
+    /// a step to skip.
+    pub fn gradients_finite(&mut self) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let _ = self
-            .parameters
-            .gradients()
-            .shallow_clone()
-            .masked_fill_(skip, 0.0);
+        self.parameters.gradients().sum(Kind::Float).isfinite()
     }
 
     /// One update from the gradients in place.
     pub fn step(&mut self) {
+        let skip = Tensor::from(false).to_device(self.m.device());
+        self.step_unless(&skip);
+    }
+
+    /// One update from the gradients in place, unless `skip` (a bool scalar
+    /// on the parameters' device) is true: then the parameters and both
+    /// moments keep their exact values, as if the step had not been taken
+    /// (a NaN or infinite loss gives NaN gradients, and Adam would carry
+    /// them, or momentum alone, into the weights). Decided on the device,
+    /// without waiting for it. The step count (t of the bias corrections)
+    /// advances either way, so checkpoints stay in step with the trainer;
+    /// unlike PyTorch's GradScaler, which leaves t as well. One skipped step
+    /// changes the corrections by a fraction of a percent, and only early on.
+    pub fn step_unless(&mut self, skip: &Tensor) {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
         let t = self.steps as i32;
         let step_size = self.learning_rate / (1.0 - BETA1.powi(t));
         let root_correction = (1.0 - BETA2.powi(t)).sqrt();
         let grad = self.parameters.gradients().shallow_clone();
-        let _ = self.m.lerp_(&grad, 1.0 - BETA1);
-        let _ = self.v.lerp_(&grad.square(), 1.0 - BETA2);
-        // p += m / (-(sqrt(v) / c2 + eps) / step): the step size folded
-        // into the denominator, two temporaries in all.
-        let mut denom = self.v.sqrt();
-        let _ = denom
+        // Zeroed first: the weights below multiply the gradient by 0 on a
+        // skipped step, and 0 x NaN is NaN.
+        let _ = grad.shallow_clone().masked_fill_(skip, 0.0);
+        let keep = skip.logical_not().to_kind(Kind::Float);
+        let _ = self.m.lerp_tensor_(&grad, &(&keep * (1.0 - BETA1)));
+        let _ = self
+            .v
+            .lerp_tensor_(&grad.square(), &(&keep * (1.0 - BETA2)));
+        // p += m * keep * -step / (sqrt(v) / c2 + eps): one temporary of
+        // the parameters' size.
+        let mut scale = self.v.sqrt();
+        let _ = scale
             .g_div_scalar_(root_correction)
             .g_add_scalar_(EPS)
-            .g_div_scalar_(-step_size);
+            .reciprocal_()
+            .g_mul_(&(keep * -step_size));
         let _ = self
             .parameters
             .values()
             .shallow_clone()
-            .addcdiv_(&self.m, &denom);
+            .addcmul_(&self.m, &scale);
     }
 
     /// The moments as named host arrays (`m/<param>`, `v/<param>`), for a
@@ -201,37 +219,58 @@ mod tests {
         }
     }
 
+    /// Parameters and both moments, flat, on the host.
+    fn snapshot(adam: &Adam) -> [Vec<f32>; 3] {
+        [adam.parameters().values(), &adam.m, &adam.v].map(|t| Vec::<f32>::try_from(t).unwrap())
+    }
+
     #[test]
-    fn a_non_finite_loss_leaves_the_weights_alone_when_discarded() {
+    fn a_skipped_step_leaves_parameters_and_moments_exactly_alone() {
         tch::manual_seed(5);
         let vars = nn::VarStore::new(Device::Cpu);
         let model = net(&vars);
         let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 0.01);
-        let before = adam.parameters().values().copy();
-        let loss = loss(&model, 0) * f64::NAN;
+        // Some real steps first, so that the moments are not zero and
+        // momentum alone would move the weights.
+        for step in 0..5 {
+            adam.zero_grad();
+            loss(&model, step).backward();
+            adam.step();
+        }
+        let before = snapshot(&adam);
+
+        // A NaN loss: NaN gradients.
+        let nan = loss(&model, 5) * f64::NAN;
         adam.zero_grad();
-        loss.backward();
-        let skip = loss.isfinite().logical_not();
-        adam.discard_gradients_if(&skip);
-        adam.step();
-        let after = adam.parameters().values();
-        assert_eq!(
-            Vec::<f32>::try_from(&before).unwrap(),
-            Vec::<f32>::try_from(after).unwrap()
-        );
-        // A finite loss keeps its gradients.
-        let loss = super::tests::loss(&model, 1);
+        nan.backward();
+        let skip = nan.isfinite().logical_not();
+        adam.step_unless(&skip);
+        assert_eq!(snapshot(&adam), before);
+
+        // A finite loss whose gradients are not: found by the gradient check.
+        let finite = loss(&model, 6);
         adam.zero_grad();
-        loss.backward();
-        adam.discard_gradients_if(&loss.isfinite().logical_not());
-        adam.step();
-        assert!(
-            (adam.parameters().values() - &before)
-                .abs()
-                .sum(Kind::Float)
-                .double_value(&[])
-                > 0.0
-        );
+        finite.backward();
+        // The gradients live in the flat buffer by now: set one element there.
+        let _ = vars.trainable_variables()[0]
+            .grad()
+            .view(-1)
+            .narrow(0, 3, 1)
+            .fill_(f64::INFINITY);
+        assert!(bool::try_from(finite.isfinite()).unwrap());
+        assert!(!bool::try_from(adam.gradients_finite()).unwrap());
+        let skip = adam.gradients_finite().logical_not();
+        adam.step_unless(&skip);
+        assert_eq!(snapshot(&adam), before);
+
+        // A finite step moves the weights.
+        let finite = loss(&model, 7);
+        adam.zero_grad();
+        finite.backward();
+        assert!(bool::try_from(adam.gradients_finite()).unwrap());
+        let skip = adam.gradients_finite().logical_not();
+        adam.step_unless(&skip);
+        assert_ne!(snapshot(&adam)[0], before[0]);
     }
 
     #[test]

@@ -125,7 +125,8 @@ pub struct Report {
     /// Transitions of truncated trajectories dropped so far because the
     /// objective cannot learn from them (TB only; 0 for the others).
     pub unusable_truncated_transitions: u64,
-    /// Batches skipped so far because their loss was not finite.
+    /// Batches skipped so far because their loss or gradients were not
+    /// finite (the weights and Adam's moments stay as they were).
     pub skipped_batches: u64,
     /// Number of evaluation samples behind the distribution metrics.
     pub eval_samples: usize,

@@ -429,9 +429,10 @@ impl Trainer {
     }
 
     /// One optimizer step on `batch`, without waiting on the device. A
-    /// batch whose loss is not finite (the model diverged: ingest bounds
-    /// the energies) steps with a zero gradient instead of turning every
-    /// weight into NaN; reports count such steps.
+    /// batch whose loss or gradients are not finite (the model diverged:
+    /// ingest bounds the energies) is skipped, leaving the weights and
+    /// Adam's moments as they were, instead of turning every weight into
+    /// NaN; reports count such steps as `skipped_batches`.
     fn train_step(
         &self,
         optimizer: &mut Adam,
@@ -461,14 +462,16 @@ impl Trainer {
             own.zero_grad();
         }
         loss.backward();
-        // A non-finite loss steps with zero gradients; decided on the
-        // device, without waiting for it.
-        let nonfinite = finite.logical_not();
-        optimizer.discard_gradients_if(&nonfinite);
-        optimizer.step();
+        // A step whose loss or gradients are not finite is skipped: nothing
+        // moves. Decided on the device, without waiting for it.
+        let mut finite = finite.logical_and(&optimizer.gradients_finite());
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            finite = finite.logical_and(&own.gradients_finite());
+        }
+        let skip = finite.logical_not();
+        optimizer.step_unless(&skip);
         if let Some((own, _)) = own_optimizer {
-            own.discard_gradients_if(&nonfinite);
-            own.step();
+            own.step_unless(&skip);
         }
 
         progress.step += 1;
@@ -476,8 +479,8 @@ impl Trainer {
         let window = &mut progress.window;
         let _no_grad = tch::no_grad_guard();
         // Accumulated in place: one call each per step.
-        // Non-finite losses count as 0 (and as skipped, below).
-        let guarded = loss.detach().nan_to_num(0.0, 0.0, 0.0);
+        // Skipped steps count as 0 (and as skipped, below).
+        let guarded = loss.detach().masked_fill(&skip, 0.0);
         match &mut window.loss_sum {
             Some(sum) => {
                 let _ = sum.g_add_(&guarded);
