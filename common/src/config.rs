@@ -293,11 +293,15 @@ pub struct LearnerConfig {
     /// ignoring the two settings above: experiments resolve steps and
     /// seconds to a threshold at a fixed grain, and runs stay comparable.
     pub eval_every_steps: u64,
-    /// Largest gRPC message accepted, in bytes (both directions).
+    /// Largest gRPC message, in bytes: weights the learner sends and an
+    /// actor takes. The learner decodes less where less will do: the
+    /// largest valid chunk of its task (`max_chunk_trajectories`
+    /// trajectories at full length), at least 64 KiB for handshakes,
+    /// since a message is decoded whole before any field is checked.
     pub max_message_bytes: usize,
     /// Most actor sessions open at once; more are refused with
-    /// RESOURCE_EXHAUSTED (each session holds its buffers, at most
-    /// `max_message_bytes` per message, and credits from the shared room).
+    /// RESOURCE_EXHAUSTED (each session holds its buffers, the message
+    /// being received, and credits from the shared room).
     pub max_sessions: usize,
     /// Most TCP connections open at once (actors, probes, anything that
     /// connects); one beyond is closed at once, before it is read, and one
@@ -314,8 +318,8 @@ pub struct LearnerConfig {
     /// follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
-    /// this, a session holds the message being received (at most
-    /// `max_message_bytes`) and its HTTP/2 buffers.
+    /// this, a session holds the message being received (at most the
+    /// largest valid chunk) and its HTTP/2 buffers.
     pub max_session_bytes: u64,
 }
 

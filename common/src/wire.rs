@@ -100,6 +100,31 @@ pub const TRAJECTORIES_PER_CHUNK_HEADER: &str = "flgfn-trajectories-per-chunk";
 /// own configuration does not fit the learner's limits, so it stops.
 pub const FINAL_REFUSAL_HEADER: &str = "flgfn-final";
 
+/// Most bytes a handshake needs (names, task parameters, layer sizes): the
+/// floor of the learner's message limit.
+pub const HANDSHAKE_BYTES: usize = 64 << 10;
+
+/// Most bytes a valid chunk of `trajectories` trajectories of at most
+/// `max_len` transitions can take on the wire: every action as a 5-byte
+/// varint, every energy 4 bytes, every length and header field at its
+/// widest. The learner decodes no larger message, because a message is
+/// decoded whole before any field is checked and decoding can multiply
+/// its size (an empty `Trajectory` is 2 bytes on the wire and 48 in
+/// memory, a 1-byte action 4 bytes).
+pub fn largest_chunk_bytes(trajectories: usize, max_len: usize) -> usize {
+    // actor_id, policy_version, sequence: tag + 10-byte varint each;
+    // credits_left: tag + 5.
+    const CHUNK_FIELDS: usize = 3 * 11 + 6;
+    // The trajectory's own tag and length, and the tag and length of its
+    // two packed lists.
+    const PER_TRAJECTORY: usize = 3 * 6;
+    const PER_TRANSITION: usize = 5 + 4;
+    CHUNK_FIELDS.saturating_add(
+        trajectories
+            .saturating_mul(PER_TRAJECTORY.saturating_add(max_len.saturating_mul(PER_TRANSITION))),
+    )
+}
+
 impl From<&TaskSpec> for proto::TaskSpec {
     fn from(spec: &TaskSpec) -> Self {
         proto::TaskSpec {
@@ -213,6 +238,31 @@ mod tests {
         assert_eq!(domain.actor_id, 3);
         assert_eq!(domain.transitions(), 2);
         assert_eq!(proto::TrajectoryChunk::from(&domain), chunk());
+    }
+
+    #[test]
+    fn the_largest_valid_chunk_fits_its_bound_exactly_enough() {
+        use prost::Message;
+        for (trajectories, max_len) in [(1, 1), (16, 20), (1024, 80)] {
+            let widest = proto::TrajectoryChunk {
+                actor_id: u64::MAX,
+                policy_version: u64::MAX,
+                sequence: u64::MAX,
+                trajectories: vec![
+                    proto::Trajectory {
+                        actions: vec![u32::MAX; max_len],
+                        energies: vec![f32::MAX; max_len],
+                    };
+                    trajectories
+                ],
+                credits_left: u32::MAX,
+            };
+            let bound = largest_chunk_bytes(trajectories, max_len);
+            let size = widest.encoded_len();
+            assert!(size <= bound, "{size} > {bound}");
+            // Not loose either: length varints are counted at their widest.
+            assert!(bound - size <= 16 + 12 * trajectories, "{size} vs {bound}");
+        }
     }
 
     #[test]

@@ -279,13 +279,15 @@ impl SequenceBook {
 
 /// Records chunk `sequence` of a session that expects `next` (None: no
 /// expectation yet) and returns the chunks missing before it. A number
-/// that goes back (a restarted actor process) starts over. Per session,
-/// without locks: the [`SequenceBook`] is consulted only when sessions
-/// open and close.
-pub fn missing_before(next: &mut Option<u64>, sequence: u64) -> u64 {
+/// that goes back (a restarted actor process), or jumps further than the
+/// actor could have had credits for (`most`: an actor that numbers its
+/// chunks wrongly), starts over and counts nothing. Per session, without
+/// locks: the [`SequenceBook`] is consulted only when sessions open and
+/// close.
+pub fn missing_before(next: &mut Option<u64>, sequence: u64, most: u64) -> u64 {
     let expected = next.replace(sequence.saturating_add(1));
     match expected {
-        Some(expected) if sequence > expected => sequence - expected,
+        Some(expected) if sequence > expected && sequence - expected <= most => sequence - expected,
         _ => 0,
     }
 }
@@ -294,6 +296,9 @@ pub fn missing_before(next: &mut Option<u64>, sequence: u64) -> u64 {
 mod sequence_tests {
     use super::{SequenceBook, missing_before};
 
+    /// More missing chunks than any test here has.
+    const MOST: u64 = 100;
+
     #[test]
     fn gaps_are_counted_within_and_across_sessions_and_a_restart_starts_over() {
         let book = SequenceBook::default();
@@ -301,23 +306,29 @@ mod sequence_tests {
         let (name, mut next) = book.opened(1).unwrap();
         assert_eq!(book.opened(1), None, "a handshake opens one session");
         assert_eq!(next, None, "a name never seen before");
-        assert_eq!(missing_before(&mut next, 0), 0);
-        assert_eq!(missing_before(&mut next, 1), 0);
-        assert_eq!(missing_before(&mut next, 4), 2, "2 and 3 missing");
+        assert_eq!(missing_before(&mut next, 0, MOST), 0);
+        assert_eq!(missing_before(&mut next, 1, MOST), 0);
+        assert_eq!(missing_before(&mut next, 4, MOST), 2, "2 and 3 missing");
         book.closed(name, next);
         // A reconnect: a new session of the same name resumes at 7.
         book.joined(2, "host/1");
         let (name, mut next) = book.opened(2).unwrap();
-        assert_eq!(missing_before(&mut next, 7), 2, "5 and 6 missing");
+        assert_eq!(missing_before(&mut next, 7, MOST), 2, "5 and 6 missing");
         book.closed(name, next);
         // The actor process restarted: numbering starts over.
         book.joined(3, "host/1");
         let (_, mut next) = book.opened(3).unwrap();
-        assert_eq!(missing_before(&mut next, 0), 0);
-        assert_eq!(missing_before(&mut next, 1), 0);
+        assert_eq!(missing_before(&mut next, 0, MOST), 0);
+        assert_eq!(missing_before(&mut next, 1, MOST), 0);
         // Another actor's numbers are its own.
         book.joined(4, "host/2");
         let (_, mut other) = book.opened(4).unwrap();
-        assert_eq!(missing_before(&mut other, 3), 0);
+        assert_eq!(missing_before(&mut other, 3, MOST), 0);
+        // A jump no credits could explain counts nothing, and numbering
+        // goes on from there.
+        assert_eq!(missing_before(&mut other, u64::MAX - 1, MOST), 0);
+        assert_eq!(missing_before(&mut other, u64::MAX, MOST), 0);
+        assert_eq!(missing_before(&mut other, 3 + MOST + 2, MOST), 0);
+        assert_eq!(missing_before(&mut other, 3 + MOST + 3 + MOST, MOST), MOST);
     }
 }

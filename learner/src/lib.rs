@@ -60,10 +60,12 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use flgfn_common::auth;
-use flgfn_common::config::{BatchGrowth, Config, ConfigError};
+use flgfn_common::config::{BatchGrowth, Config, ConfigError, LearnerConfig};
+use flgfn_common::env::Environment;
 use flgfn_common::objectives;
 use flgfn_common::policy::{ModelSpec, Policy, select_device, set_threads};
 use flgfn_common::tasks;
+use flgfn_common::wire;
 use flgfn_common::wire::proto::learner_server::LearnerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -147,6 +149,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
+    let env = tasks::build(&config.task)?;
     let token = auth::load_token(&config.auth)?;
     // Read before anything starts: a bad file is a configuration error.
     let mut secured = secured_transport(&config)?;
@@ -177,10 +180,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
-    let max_bytes = config.learner.max_message_bytes;
     let grpc = LearnerServer::new(service)
-        .max_decoding_message_size(max_bytes)
-        .max_encoding_message_size(max_bytes);
+        .max_decoding_message_size(accepted_message_bytes(&config.learner, env.as_ref()))
+        .max_encoding_message_size(config.learner.max_message_bytes);
     // Every Learner RPC shows the token, when there is one (the health
     // service stays open to probes).
     let rejections = stats.clone();
@@ -214,7 +216,6 @@ pub async fn serve(
             ),
     );
 
-    let env = tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
         env.as_ref(),
@@ -318,7 +319,7 @@ pub async fn serve(
         task: env.spec(),
         model: model.clone(),
         keep_truncated: objective.trains_on_truncated(),
-        max_message_bytes: learner.max_message_bytes,
+        max_message_bytes: accepted_message_bytes(learner, env.as_ref()),
         max_chunk_trajectories: learner.max_chunk_trajectories,
         max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,
@@ -544,6 +545,18 @@ async fn live_progress(mut live: LiveProgress) {
 /// Health checks answer NOT_SERVING from now on, for the learner service
 /// and for the server as a whole (the empty service name that Docker and
 /// Kubernetes probes ask about).
+/// The largest message the learner decodes: `max_message_bytes`, or less
+/// when the largest valid chunk (`max_chunk_trajectories` trajectories of
+/// the task's longest) or a handshake needs less, since a message is
+/// decoded whole before its fields are checked. Weights go the other way
+/// and keep the configured limit.
+fn accepted_message_bytes(learner: &LearnerConfig, env: &dyn Environment) -> usize {
+    let chunk = wire::largest_chunk_bytes(learner.max_chunk_trajectories, env.max_trajectory_len());
+    learner
+        .max_message_bytes
+        .min(chunk.max(wire::HANDSHAKE_BYTES))
+}
+
 async fn not_serving(health: &tonic_health::server::HealthReporter) {
     health
         .set_not_serving::<LearnerServer<LearnerService>>()

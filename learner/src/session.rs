@@ -38,6 +38,11 @@ pub const STALLED_AFTER: Duration = Duration::from_secs(30);
 /// training is over (a requested stop finishes the current step first).
 const DONE_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a session that is ending waits to hand the actor its last
+/// message (training done, or why the session ends): an actor that stopped
+/// reading grants must not keep the session, its place and its buffers.
+const LAST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Chunks in a row that must arrive already stale before a session's
 /// credits pause: one can be a hiccup (a slow rollout, a burst of steps).
 const STALE_ARRIVALS_TO_PAUSE: u32 = 2;
@@ -197,7 +202,11 @@ impl Session {
             next_sequence: next_sequence.flatten(),
             ..Progress::default()
         };
-        if let Err(status) = self.serve(&mut progress).await {
+        let served = self.serve(&mut progress).await;
+        // The credits this actor holds go back to the room now: the last
+        // message below may wait on an actor that no longer reads.
+        progress.unused.clear();
+        if let Err(status) = served {
             // Training may be ending while this session was busy (a chunk
             // finds the trainer gone, the credits stop on a requested
             // stop): then that, not the error, is the news for the actor.
@@ -210,7 +219,7 @@ impl Session {
             } else {
                 Err(status)
             };
-            let _ = self.grants.send(message).await;
+            self.send_last(message).await;
         }
         if let Some(name) = name {
             self.state.sequences.closed(name, progress.next_sequence);
@@ -242,7 +251,8 @@ impl Session {
             tokio::select! {
                 biased;
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
-                    let _ = self.grants.send(Ok(training_done())).await;
+                    progress.unused.clear();
+                    self.send_last(Ok(training_done())).await;
                     return Ok(());
                 }
                 token = credits.tokens.recv() => {
@@ -263,11 +273,6 @@ impl Session {
                         return Ok(());
                     }
                 }
-                () = stalled => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "held a credit for {STALLED_AFTER:?} without sending its chunk"
-                    )));
-                }
                 message = self.inbound.message() => {
                     let message = message.inspect_err(|status| self.count_unreadable(status))?;
                     let Some(message) = message else {
@@ -280,8 +285,22 @@ impl Session {
                         Status::from(error)
                     })?;
                 }
+                // After the inbound stream: a chunk that arrived while the
+                // session was busy (sending a grant, waiting for an ingest
+                // slot) answers its credit even if the timer ran out since.
+                () = stalled => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "held a credit for {STALLED_AFTER:?} without sending its chunk"
+                    )));
+                }
             }
         }
+    }
+
+    /// Hands the actor its last message, unless it has not taken one for
+    /// [`LAST_MESSAGE_TIMEOUT`].
+    async fn send_last(&self, message: Result<proto::Grant, Status>) {
+        let _ = tokio::time::timeout(LAST_MESSAGE_TIMEOUT, self.grants.send(message)).await;
     }
 
     /// Sends these credits in one grant, with the newest weights if the
@@ -301,10 +320,6 @@ impl Session {
             }),
             training_done: false,
         };
-        let now = Instant::now();
-        progress
-            .unused
-            .extend(tokens.into_iter().map(|token| (token, now)));
         match tokio::time::timeout(STALLED_AFTER, self.grants.send(Ok(grant))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(false),
@@ -314,6 +329,12 @@ impl Session {
                 )));
             }
         }
+        // Timed from when the grant is on its way, not from before a send
+        // that may have waited on a slow reader.
+        let now = Instant::now();
+        progress
+            .unused
+            .extend(tokens.into_iter().map(|token| (token, now)));
         // Counted once on its way: a grant the actor can no longer take is
         // not counted.
         let stats = &self.state.stats;
@@ -388,7 +409,14 @@ impl Session {
         let stats = &self.state.stats;
         IngestStats::add(
             &stats.lost_chunks,
-            crate::ingest::missing_before(&mut progress.next_sequence, sequence),
+            crate::ingest::missing_before(
+                &mut progress.next_sequence,
+                sequence,
+                // This session's credits, and at most as many as a
+                // session can hold for one before it.
+                progress.record.credits_granted
+                    + self.state.max_session_bytes / self.chunk_bytes.max(1),
+            ),
         );
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);

@@ -185,12 +185,24 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("actor_id"), "{status:?}");
 
-    let actor_id = client
+    // A handshake of a megabyte of layer sizes is not decoded: the learner
+    // decodes no more than a handshake or its largest valid chunk needs
+    // (decoding multiplies a message's size), well under the configured
+    // max_message_bytes, and says so to every actor.
+    let mut bloated = handshake_request(&config);
+    bloated.model.as_mut().unwrap().hidden = vec![1; 1 << 20];
+    let status = client.handshake(bloated).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let reply = client
         .handshake(handshake_request(&config))
         .await
         .unwrap()
-        .into_inner()
-        .actor_id;
+        .into_inner();
+    assert_eq!(
+        reply.max_message_bytes,
+        flgfn_common::wire::HANDSHAKE_BYTES as u64
+    );
+    let actor_id = reply.actor_id;
 
     // The first grant of a session carries the weights, as safetensors.
     let mut session = open(&mut client, Some(actor_id)).await.unwrap();
@@ -216,13 +228,14 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("policy_version"), "{status:?}");
 
-    // A message over the size limit.
+    // A message over the size limit: here a quarter of the configured
+    // max_message_bytes, far more than any valid chunk of this task.
     let mut session = open(&mut client, Some(actor_id)).await.unwrap();
     session.grant().await;
     let huge = proto::TrajectoryChunk {
         actor_id,
         trajectories: vec![proto::Trajectory {
-            actions: vec![0; 2 << 20],
+            actions: vec![0; 256 << 10],
             energies: vec![],
         }],
         ..Default::default()
