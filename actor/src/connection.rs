@@ -54,14 +54,18 @@ pub enum SessionError {
     /// The learner refused this actor or its data; retrying cannot help.
     #[error("the learner refused this actor: {}", .0.message())]
     Refused(Status),
-    /// The connection failed or broke; worth another try. `handshake_done`
-    /// says whether the learner accepted us first (which resets backoff).
+    /// The connection failed or broke; worth another try. `served` says
+    /// whether the learner served this session first (which resets
+    /// backoff).
     #[error("{message}")]
     Retry {
         /// What happened.
         message: String,
-        /// Whether the handshake had succeeded in this session.
-        handshake_done: bool,
+        /// Whether a grant arrived in this session: a handshake alone is
+        /// not enough, or a learner that accepts handshakes but refuses
+        /// sessions (all its places taken) would be retried at the
+        /// shortest backoff forever.
+        served: bool,
     },
 }
 
@@ -116,16 +120,16 @@ pub struct Counts {
     pub stale_chunks_dropped: u64,
 }
 
-fn retry(message: impl Into<String>, handshake_done: bool) -> SessionError {
+fn retry(message: impl Into<String>, served: bool) -> SessionError {
     SessionError::Retry {
         message: message.into(),
-        handshake_done,
+        served,
     }
 }
 
 /// Refusals are final; anything else (unavailable, reset, a full learner,
 /// ...) is retried, unless the learner marked it final.
-fn classify(status: Status, handshake_done: bool) -> SessionError {
+fn classify(status: Status, served: bool) -> SessionError {
     if status.metadata().contains_key(FINAL_REFUSAL_HEADER) {
         return SessionError::Refused(status);
     }
@@ -134,10 +138,14 @@ fn classify(status: Status, handshake_done: bool) -> SessionError {
         | Code::InvalidArgument
         | Code::PermissionDenied
         | Code::Unauthenticated => SessionError::Refused(status),
-        _ => retry(
-            format!("{}: {}", status.code(), status.message()),
-            handshake_done,
-        ),
+        // A message over a size limit (weights larger than this actor
+        // takes, or a chunk larger than the learner takes) would be over
+        // it again on every retry.
+        Code::OutOfRange => SessionError::Refused(Status::out_of_range(format!(
+            "{} (learner.max_message_bytes of the side that refused it)",
+            status.message()
+        ))),
+        _ => retry(format!("{}: {}", status.code(), status.message()), served),
     }
 }
 
@@ -223,9 +231,12 @@ impl Session<'_> {
         self.authorize(metadata)?;
         let mut grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
-            .map_err(|_| retry("opening the session timed out", true))?
-            .map_err(|s| classify(s, true))?
+            .map_err(|_| retry("opening the session timed out", false))?
+            .map_err(|s| classify(s, false))?
             .into_inner();
+        // Set once a grant arrives: only a session that served resets the
+        // reconnect backoff.
+        let mut served = false;
 
         let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
         let mut weights: Option<Arc<Weights>> = None;
@@ -234,9 +245,10 @@ impl Session<'_> {
                 grant = grants.message() => {
                     let grant = match grant {
                         Ok(Some(grant)) => grant,
-                        Ok(None) => return Err(retry("the learner ended the session", true)),
-                        Err(status) => return Err(classify(status, true)),
+                        Ok(None) => return Err(retry("the learner ended the session", served)),
+                        Err(status) => return Err(classify(status, served)),
                     };
+                    served = true;
                     if grant.training_done {
                         return Ok(SessionEnd::TrainingDone);
                     }
@@ -266,7 +278,7 @@ impl Session<'_> {
                         match orders.try_send(order) {
                             Ok(()) => {}
                             Err(mpsc::error::TrySendError::Full(_)) => {
-                                return Err(retry("the learner granted more credits than this actor can queue", true));
+                                return Err(retry("the learner granted more credits than this actor can queue", served));
                             }
                             Err(mpsc::error::TrySendError::Closed(_)) => {
                                 return Ok(SessionEnd::WorkerStopped);
@@ -298,7 +310,7 @@ impl Session<'_> {
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             return Err(retry(
                                 format!("more than {UPLOAD_BUFFER} chunks wait for the network"),
-                                true,
+                                served,
                             ));
                         }
                         // The stream broke; the grant side reports why.

@@ -19,7 +19,7 @@ pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use flgfn_common::config::Config;
@@ -235,6 +235,19 @@ pub struct Plumbing<'a> {
     pub current_session: &'a AtomicU32,
 }
 
+/// This machine's name, for actor names in the learner's logs and its
+/// lost-chunk counts: `HOSTNAME` where the shell exports it (containers,
+/// most login shells), else the kernel's (systemd units and Slurm steps
+/// often lack the variable), else "localhost".
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// Keeps a session with the learner open, reconnecting with exponential
 /// backoff, until training ends, `shutdown` resolves, the learner refuses
 /// us, or the rollout side stops. Counts sessions and training's end in
@@ -293,6 +306,10 @@ pub async fn stay_connected(
             outcome = session.run() => outcome,
             () = &mut shutdown => break Ok(()),
         };
+        // Orders of the session that ended are not rolled out while the
+        // next one connects: their chunks could not be sent (sessions are
+        // numbered from 1).
+        current_session.store(0, Ordering::Release);
         match outcome {
             Ok(SessionEnd::TrainingDone) => {
                 report.training_done = true;
@@ -301,11 +318,8 @@ pub async fn stay_connected(
             }
             Ok(SessionEnd::WorkerStopped) => break Ok(()),
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
-            Err(SessionError::Retry {
-                message,
-                handshake_done,
-            }) => {
-                if handshake_done {
+            Err(SessionError::Retry { message, served }) => {
+                if served {
                     // The connection worked: this is a new outage.
                     failures = 0;
                     backoff = Duration::from_secs_f64(actor.reconnect_initial_s);

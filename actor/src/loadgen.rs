@@ -51,12 +51,13 @@ pub fn uniform_chunk(
                     break;
                 }
                 let action = valid[rng.random_range(0..valid.len())];
-                trajectory
-                    .energies
-                    .push(env.transition_energy(&state, action) as f32);
+                // Of the state before the step; recorded with the action
+                // only once the step succeeded, so both lists stay equal.
+                let energy = env.transition_energy(&state, action) as f32;
                 if env.step(&mut state, action).is_err() {
                     break;
                 }
+                trajectory.energies.push(energy);
                 trajectory.actions.push(action as u32);
             }
             trajectory
@@ -148,7 +149,13 @@ async fn generated_actor(
         rollouts
     });
     let mut report = ActorReport::default();
-    let name = format!("loadgen-{index}");
+    // Distinct across load generators too: the learner counts lost chunks
+    // by name.
+    let name = format!(
+        "{}/{}/loadgen-{index}",
+        crate::host_name(),
+        std::process::id()
+    );
     let plumbing = Plumbing {
         chunks: &mut chunks,
         orders: &order_sender,

@@ -50,10 +50,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.config.print(&config, flag.as_slice());
         return Ok(());
     }
-    let name = args.name.unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".to_owned());
-        format!("{host}/{}", std::process::id())
-    });
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("{}/{}", flgfn_actor::host_name(), std::process::id()));
     let options = ActorOptions {
         name,
         seed_offset: args.seed_offset,

@@ -736,7 +736,7 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     let mut config = config();
     config.learner.max_sessions = 2;
     let (url, learner, stop) = start_learner(&config).await;
-    let mut client = LearnerClient::connect(url).await.unwrap();
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
     let actor_id = client
         .handshake(handshake_request(&config))
         .await
@@ -751,6 +751,36 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     assert!(
         status.message().contains("learner.max_sessions"),
         "{status:?}"
+    );
+
+    // A real actor that gets handshakes but no session counts each refusal
+    // as a failed attempt (backing off, and giving up where configured):
+    // a handshake alone does not reset its backoff.
+    let mut surplus = config.clone();
+    surplus.actor.learner = url.clone();
+    surplus.actor.envs = 1;
+    surplus.actor.reconnect_attempts = 3;
+    surplus.actor.reconnect_initial_s = 0.01;
+    surplus.actor.reconnect_max_s = 0.02;
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(
+            surplus,
+            flgfn_actor::ActorOptions {
+                name: "surplus".to_owned(),
+                seed_offset: None,
+            },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("the actor gives up by itself")
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        error.contains("3") && error.contains("learner.max_sessions"),
+        "{error}"
     );
 
     // A session that ends frees its place.
