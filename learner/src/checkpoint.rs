@@ -65,7 +65,12 @@ pub struct CheckpointState {
     pub format: u32,
     /// Training steps done.
     pub step: u64,
-    /// Last published weight version (versions continue from it).
+    /// Version of these weights: the number they were published under, or
+    /// would have been (a checkpoint between two publications with
+    /// `publish_every` > 1). Versions continue from it; never below
+    /// `step`. (Checkpoints before this field's meaning was fixed may hold
+    /// the last published version, lower: resume takes the larger of it
+    /// and `step`.)
     pub version: u64,
     /// Seconds of training so far (reports continue from it).
     pub wall_s: f64,

@@ -293,7 +293,7 @@ pub async fn serve(
     };
     let start_version = resume
         .as_ref()
-        .map_or(0, |c| c.state.version)
+        .map_or(0, |c| c.state.version.max(c.state.step))
         .max(version_floor);
     let publisher = Publisher::starting_at(
         start_version,

@@ -220,7 +220,15 @@ impl Trainer {
         }
         // Start above every version a previous process may have published
         // (it may have been killed after its last checkpoint).
-        progress.version_offset = self.start_version - progress.step;
+        progress.version_offset =
+            self.start_version
+                .checked_sub(progress.step)
+                .ok_or_else(|| {
+                    LearnerError::Checkpoint(format!(
+                        "start version {} is below the checkpoint's step {}",
+                        self.start_version, progress.step
+                    ))
+                })?;
         progress.version = self.start_version;
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         while !finished(&progress) {
@@ -243,14 +251,6 @@ impl Trainer {
                 self.publisher
                     .publish(progress.version, optimizer.parameters().snapshot());
             }
-            if self.checkpoint_due(&progress) {
-                self.save_checkpoint(
-                    &optimizer,
-                    own_optimizer.as_ref(),
-                    &evaluator,
-                    &mut progress,
-                )?;
-            }
             let due = if learner.eval_every_steps > 0 {
                 progress.step % learner.eval_every_steps == 0
             } else {
@@ -258,6 +258,16 @@ impl Trainer {
             };
             if due || finished(&progress) {
                 self.report(&mut evaluator, &mut progress)?;
+            }
+            // After the report of the same step, so that the checkpoint
+            // holds what it found (best objects, time to quality).
+            if self.checkpoint_due(&progress) {
+                self.save_checkpoint(
+                    &optimizer,
+                    own_optimizer.as_ref(),
+                    &evaluator,
+                    &mut progress,
+                )?;
             }
         }
         // A stop between two reports still ends with one, so the last report
@@ -366,7 +376,9 @@ impl Trainer {
         let state = CheckpointState {
             format: checkpoint::FORMAT,
             step: progress.step,
-            version: progress.version,
+            // These weights' version, not the last published one (lower
+            // between two publications): a resumed run counts from here.
+            version: progress.step + progress.version_offset,
             wall_s,
             trained_transitions: progress.trained_transitions,
             time_to_quality_s: progress.time_to_quality,
@@ -416,8 +428,6 @@ impl Trainer {
             self.config.seed ^ state.step.rotate_left(32),
         );
         progress.step = state.step;
-        progress.version = state.version;
-        progress.version_offset = state.version - state.step;
         progress.trained_transitions = state.trained_transitions;
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;

@@ -249,3 +249,41 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     assert!(log_z_error < 0.1, "log Z error {log_z_error}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint taken between two publications (`publish_every` > 1) is
+/// resumed from at its own weights' version, not at the last published
+/// one below its step (which made the version offset negative: wrapped in
+/// release builds, a panic in debug ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_between_publications_resumes_at_its_own_version() {
+    let dir = scratch("between-publications");
+    let checkpoints = dir.join("checkpoints");
+    let mut config = support::tiny_config();
+    config.learner.checkpoint_dir = checkpoints.display().to_string();
+    config.learner.publish_every = 7;
+    config.learner.checkpoint_every_steps = 10;
+    config.learner.checkpoint_every_s = 0.0;
+    config.learner.max_steps = 15;
+    let metrics = dir.join("metrics.jsonl");
+    let first = train(&config, &metrics).await;
+    assert_eq!((first.steps, first.version), (15, 15));
+
+    // As if the learner had been killed after step 10's checkpoint, and the
+    // checkpoint directory copied without its version floor.
+    for (step, path) in checkpoint::list(&checkpoints).unwrap() {
+        if step > 10 {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    std::fs::remove_file(checkpoints.join(checkpoint::VERSION_FLOOR)).unwrap();
+    std::fs::remove_file(checkpoints.join(checkpoint::FINAL_WEIGHTS)).unwrap();
+
+    config.learner.max_steps = 20;
+    let second = train(&config, &metrics).await;
+    assert_eq!(
+        (second.steps, second.version),
+        (20, 20),
+        "resumed at step 10 with version 10, the version of its weights"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
