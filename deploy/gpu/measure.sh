@@ -10,8 +10,9 @@
 #   scale.md     the scale benchmark on CUDA: generated and real actors,
 #                with and without 25 ms added each way
 #
-# About 6 minutes; every part is bounded by `timeout`, so one that hangs
-# costs its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
+# 3 minutes in a dry run on the 2-core machine; every part is bounded by
+# `timeout` (about 6 minutes in all), so one that hangs costs its own
+# share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
 # script without a GPU (to try it anywhere the bundle's libtorch loads).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1

@@ -15,8 +15,9 @@
 //! fsync, rename over the final name, fsync of the directory. The last
 //! `learner.keep_checkpoints` are kept. Names carry the step
 //! (`ckpt-000000001200.safetensors`), so the newest sorts last. The final
-//! weights of a run also go to `final.safetensors` (the exact bytes actors
-//! receive, loadable with `Policy::load_bytes`, PyTorch, NumPy or JAX).
+//! weights of a run also go to `final.safetensors` (f32 whatever the wire
+//! encoding, in the format actors receive, loadable with
+//! `Policy::load_bytes`, PyTorch, NumPy or JAX).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
