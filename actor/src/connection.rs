@@ -8,7 +8,13 @@
 //! session ends with [`SessionError::Retry`]; a refusal
 //! ([`SessionError::Refused`]) is final, since retrying cannot fix a
 //! mismatched task or a malformed chunk.
+//!
+//! Asked to stop, a session drains: no new rollout starts, the one in
+//! progress finishes, every chunk rolled out is sent, and the upload is
+//! closed; the learner takes them all before it ends the session.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -25,9 +31,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::worker::{Order, SampledChunk, Weights};
+use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
 
 /// Chunks queued towards the learner. Credits bound them; the session
 /// never waits to queue one, so it always keeps reading grants (a session
@@ -39,6 +45,10 @@ const UPLOAD_BUFFER: usize = 4096;
 /// gone.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping actor waits for its rollout in progress, and then
+/// for the learner to take the last chunks, before it leaves anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How a session ended without error.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -46,6 +56,8 @@ pub enum SessionEnd {
     TrainingDone,
     /// The rollout worker stopped (the actor is shutting down).
     WorkerStopped,
+    /// The actor was asked to stop; the chunks it had rolled out were sent.
+    Stopped,
 }
 
 /// How a session failed.
@@ -163,8 +175,23 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Runs one connection to its end.
-    pub async fn run(self) -> Result<SessionEnd, SessionError> {
+    /// Runs one connection to its end, or until `shutdown` resolves (then
+    /// drains, and ends with [`SessionEnd::Stopped`]; once `shutdown` has
+    /// resolved, every way out is that one, so the caller never polls it
+    /// again).
+    pub async fn run<S: Future<Output = ()>>(
+        mut self,
+        mut shutdown: Pin<&mut S>,
+    ) -> Result<SessionEnd, SessionError> {
+        let opened = tokio::select! {
+            opened = self.open() => opened?,
+            () = shutdown.as_mut() => return Ok(SessionEnd::Stopped),
+        };
+        self.serve(opened, shutdown).await
+    }
+
+    /// Connects, shakes hands and opens the Session stream.
+    async fn open(&mut self) -> Result<Opened, SessionError> {
         let endpoint = Endpoint::from_shared(self.url.to_owned())
             .map_err(|e| {
                 SessionError::Refused(Status::invalid_argument(format!("actor.learner: {e}")))
@@ -229,28 +256,83 @@ impl Session<'_> {
         metadata.insert(ACTOR_ID_HEADER, actor_id.into());
         metadata.insert(TRAJECTORIES_PER_CHUNK_HEADER, (self.envs as u64).into());
         self.authorize(metadata)?;
-        let mut grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
+        let grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
             .map_err(|_| retry("opening the session timed out", false))?
             .map_err(|s| classify(s, false))?
             .into_inner();
+        Ok(Opened {
+            grants,
+            upload,
+            actor_id,
+            max_bytes,
+        })
+    }
+
+    /// Turns grants into orders and forwards chunks until the session ends.
+    async fn serve<S: Future<Output = ()>>(
+        self,
+        opened: Opened,
+        mut shutdown: Pin<&mut S>,
+    ) -> Result<SessionEnd, SessionError> {
+        let Opened {
+            mut grants,
+            upload,
+            actor_id,
+            max_bytes,
+        } = opened;
+        let session = self.session;
         // Set once a grant arrives: only a session that served resets the
         // reconnect backoff.
         let mut served = false;
+        // Set once asked to stop: no more rollouts, the last chunks go out.
+        let mut stopping = false;
+        let drain = tokio::time::sleep(DRAIN_TIMEOUT);
+        tokio::pin!(drain);
 
         let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
         let mut weights: Option<Arc<Weights>> = None;
         loop {
             tokio::select! {
+                () = shutdown.as_mut(), if !stopping => {
+                    stopping = true;
+                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                    // Orders still queued are skipped (the learner takes
+                    // their credits back when the session ends); the
+                    // worker answers the flush once the rollout in
+                    // progress is out, so every chunk is then in `chunks`.
+                    self.current_session.store(0, Ordering::Release);
+                    let flush = weights.as_ref().map(|weights| Order {
+                        session: FLUSH_SESSION,
+                        actor_id,
+                        weights: weights.clone(),
+                    });
+                    // No grant yet: nothing was rolled out.
+                    let Some(flush) = flush else {
+                        return Ok(finish(upload, &mut grants).await);
+                    };
+                    if orders.try_send(flush).is_err() {
+                        return Ok(finish(upload, &mut grants).await);
+                    }
+                }
+                () = &mut drain, if stopping => {
+                    warn!(after = ?DRAIN_TIMEOUT, "the rollout in progress did not finish; leaving without it");
+                    return Ok(finish(upload, &mut grants).await);
+                }
                 grant = grants.message() => {
                     let grant = match grant {
                         Ok(Some(grant)) => grant,
+                        _ if stopping => return Ok(SessionEnd::Stopped),
                         Ok(None) => return Err(retry("the learner ended the session", served)),
                         Err(status) => return Err(classify(status, served)),
                     };
                     served = true;
                     if grant.training_done {
                         return Ok(SessionEnd::TrainingDone);
+                    }
+                    if stopping {
+                        // No new rollouts.
+                        continue;
                     }
                     if let Some(new) = grant.weights {
                         counts.versions_received += 1;
@@ -290,6 +372,10 @@ impl Session<'_> {
                     let Some(SampledChunk { session: sampled_in, mut chunk }) = sampled else {
                         return Ok(SessionEnd::WorkerStopped);
                     };
+                    if sampled_in == FLUSH_SESSION {
+                        // Every chunk rolled out is sent.
+                        return Ok(finish(upload, &mut grants).await);
+                    }
                     if sampled_in != session {
                         // Its credit died with an earlier session.
                         counts.stale_chunks_dropped += 1;
@@ -322,4 +408,27 @@ impl Session<'_> {
             }
         }
     }
+}
+
+/// A session opened: its streams and what the handshake settled.
+struct Opened {
+    grants: tonic::Streaming<proto::Grant>,
+    upload: mpsc::Sender<proto::TrajectoryChunk>,
+    actor_id: u64,
+    /// Largest message to send (the smaller of both sides' limits).
+    max_bytes: usize,
+}
+
+/// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner
+/// to end the session: it reads every chunk sent before the close first.
+async fn finish(
+    upload: mpsc::Sender<proto::TrajectoryChunk>,
+    grants: &mut tonic::Streaming<proto::Grant>,
+) -> SessionEnd {
+    drop(upload);
+    let ended = async { while let Ok(Some(_)) = grants.message().await {} };
+    if tokio::time::timeout(DRAIN_TIMEOUT, ended).await.is_err() {
+        warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
+    }
+    SessionEnd::Stopped
 }

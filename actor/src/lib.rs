@@ -302,10 +302,8 @@ pub async fn stay_connected(
             token: token.as_ref(),
             tls: tls.as_ref(),
         };
-        let outcome = tokio::select! {
-            outcome = session.run() => outcome,
-            () = &mut shutdown => break Ok(()),
-        };
+        // Stopping is the session's to handle: it drains first.
+        let outcome = session.run(shutdown.as_mut()).await;
         // Orders of the session that ended are not rolled out while the
         // next one connects: their chunks could not be sent (sessions are
         // numbered from 1).
@@ -316,7 +314,7 @@ pub async fn stay_connected(
                 info!(actor_id, "the learner finished training");
                 break Ok(());
             }
-            Ok(SessionEnd::WorkerStopped) => break Ok(()),
+            Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
             Err(SessionError::Retry { message, served }) => {
                 if served {

@@ -127,6 +127,12 @@ async fn generated_actor(
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
         let mut rollouts = 0u64;
         while let Some(order) = orders.recv().await {
+            if order.session == crate::worker::FLUSH_SESSION {
+                if chunk_sender.send(SampledChunk::flushed()).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             if order.session != session_seen.load(Ordering::Acquire) {
                 continue;
             }

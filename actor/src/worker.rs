@@ -35,7 +35,14 @@ pub struct Weights {
     pub bytes: Bytes,
 }
 
-/// One credit: roll out one chunk with `weights`.
+/// Session number of a flush order: no rollout, but an empty
+/// [`SampledChunk`] of this session back, once every order before it is
+/// done (both channels keep their order). A stopping actor then knows that
+/// every chunk it rolled out waits in the chunk channel.
+pub const FLUSH_SESSION: u32 = u32::MAX;
+
+/// One credit: roll out one chunk with `weights` (or a flush: see
+/// [`FLUSH_SESSION`]).
 #[derive(Debug, Clone)]
 pub struct Order {
     /// The session whose credit this is.
@@ -55,6 +62,16 @@ pub struct SampledChunk {
     pub session: u32,
     /// The chunk; `actor_id` is stamped when it is sent.
     pub chunk: TrajectoryChunk,
+}
+
+impl SampledChunk {
+    /// The answer to a flush order.
+    pub fn flushed() -> Self {
+        SampledChunk {
+            session: FLUSH_SESSION,
+            chunk: TrajectoryChunk::default(),
+        }
+    }
 }
 
 /// How the worker seeds its action draws.
@@ -127,6 +144,12 @@ impl Worker {
         let mut report = WorkerReport::default();
         let mut loaded: Option<(u32, u64)> = None;
         while let Some(order) = self.orders.blocking_recv() {
+            if order.session == FLUSH_SESSION {
+                if self.out.blocking_send(SampledChunk::flushed()).is_err() {
+                    break;
+                }
+                continue;
+            }
             if order.session != self.current_session.load(Ordering::Acquire) {
                 report.orders_skipped += 1;
                 continue;

@@ -338,3 +338,52 @@ fn the_tiny_task_is_what_the_tests_assume() {
     assert_eq!(env.forward_actions(), 8);
     assert_eq!(env.max_trajectory_len(), 4);
 }
+
+/// An actor asked to stop sends every chunk it rolled out, the one in
+/// progress included, before it leaves: it sent all it rolled out, and the
+/// learner received all it sent. Three actors in turn, each stopped while
+/// it rolls out flat out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
+    let mut config = tiny_config();
+    config.learner.max_steps = 0;
+    let learner = start_learner(config.clone()).await;
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = learner.url.clone();
+    let mut reports = Vec::new();
+    for i in 0..3 {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let actor = tokio::spawn(flgfn_actor::run(
+            actor_config.clone(),
+            actor_options(i),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        stop.send(()).unwrap();
+        let report = tokio::time::timeout(std::time::Duration::from_secs(30), actor)
+            .await
+            .expect("a stopped actor leaves")
+            .unwrap()
+            .unwrap();
+        assert!(report.chunks_sent > 0, "{report:?}");
+        assert_eq!(
+            report.rollouts,
+            report.chunks_sent + report.stale_chunks_dropped,
+            "every chunk rolled out was sent: {report:?}"
+        );
+        reports.push(report);
+    }
+    learner.stop.send(()).unwrap();
+    let outcome = learner.outcome.await.unwrap().unwrap();
+    for report in &reports {
+        let received: u64 = outcome
+            .sessions
+            .iter()
+            .filter(|s| s.actor_id == report.actor_id)
+            .map(|s| s.chunks_received)
+            .sum();
+        assert_eq!(received, report.chunks_sent, "{report:?}");
+    }
+}
