@@ -187,7 +187,13 @@ impl Session<'_> {
             opened = self.open() => opened?,
             () = shutdown.as_mut() => return Ok(SessionEnd::Stopped),
         };
-        self.serve(opened, shutdown).await
+        let mut stopping = false;
+        match self.serve(opened, shutdown, &mut stopping).await {
+            // Once stopping, the caller must not wait on `shutdown` again
+            // (it resolved), which it would before a reconnect.
+            Err(SessionError::Retry { .. }) if stopping => Ok(SessionEnd::Stopped),
+            other => other,
+        }
     }
 
     /// Connects, shakes hands and opens the Session stream.
@@ -274,6 +280,7 @@ impl Session<'_> {
         self,
         opened: Opened,
         mut shutdown: Pin<&mut S>,
+        stopping: &mut bool,
     ) -> Result<SessionEnd, SessionError> {
         let Opened {
             mut grants,
@@ -285,8 +292,6 @@ impl Session<'_> {
         // Set once a grant arrives: only a session that served resets the
         // reconnect backoff.
         let mut served = false;
-        // Set once asked to stop: no more rollouts, the last chunks go out.
-        let mut stopping = false;
         let drain = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(drain);
 
@@ -294,8 +299,8 @@ impl Session<'_> {
         let mut weights: Option<Arc<Weights>> = None;
         loop {
             tokio::select! {
-                () = shutdown.as_mut(), if !stopping => {
-                    stopping = true;
+                () = shutdown.as_mut(), if !*stopping => {
+                    *stopping = true;
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     // Orders still queued are skipped (the learner takes
                     // their credits back when the session ends); the
@@ -311,18 +316,27 @@ impl Session<'_> {
                     let Some(flush) = flush else {
                         return Ok(finish(upload, &mut grants).await);
                     };
-                    if orders.try_send(flush).is_err() {
+                    // Behind at most a queue of orders the worker now skips.
+                    let queued = tokio::time::timeout(DRAIN_TIMEOUT, orders.send(flush)).await;
+                    if !matches!(queued, Ok(Ok(()))) {
                         return Ok(finish(upload, &mut grants).await);
                     }
                 }
-                () = &mut drain, if stopping => {
+                () = &mut drain, if *stopping => {
                     warn!(after = ?DRAIN_TIMEOUT, "the rollout in progress did not finish; leaving without it");
                     return Ok(finish(upload, &mut grants).await);
                 }
                 grant = grants.message() => {
                     let grant = match grant {
                         Ok(Some(grant)) => grant,
-                        _ if stopping => return Ok(SessionEnd::Stopped),
+                        // A refusal stays one; anything else ends the drain.
+                        Err(status) if *stopping => {
+                            return match classify(status, served) {
+                                refused @ SessionError::Refused(_) => Err(refused),
+                                SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                            };
+                        }
+                        Ok(None) if *stopping => return Ok(SessionEnd::Stopped),
                         Ok(None) => return Err(retry("the learner ended the session", served)),
                         Err(status) => return Err(classify(status, served)),
                     };
@@ -330,7 +344,7 @@ impl Session<'_> {
                     if grant.training_done {
                         return Ok(SessionEnd::TrainingDone);
                     }
-                    if stopping {
+                    if *stopping {
                         // No new rollouts.
                         continue;
                     }

@@ -242,6 +242,7 @@ pub struct Plumbing<'a> {
 pub fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
+        .filter(|name| !name.trim().is_empty())
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
         .map(|name| name.trim().to_owned())
         .filter(|name| !name.is_empty())

@@ -31,6 +31,15 @@ use crate::ingest::{IngestStats, QueuedChunk};
 /// A hand-over quicker than this means the trainer was already waiting.
 const TRAINER_WAITING: Duration = Duration::from_micros(50);
 
+/// Waiting this long for the next chunk (many steps' worth), the batch
+/// builder adapts the credit room again instead of only at the next batch.
+/// Credits held by an actor that stopped answering (a cut link, a frozen
+/// process: the learner notices only after `STALLED_AFTER`) can fill a
+/// room sized for a few chunks; nothing would then be granted, no batch
+/// completed and the room never grown
+/// ([`CreditPool::adapt_while_waiting`]).
+const STARVED_AFTER: Duration = Duration::from_millis(100);
+
 /// A batch ready for the trainer.
 #[derive(Debug)]
 pub struct PreparedBatch {
@@ -244,11 +253,14 @@ impl Batcher {
             return Some(chunk);
         }
         self.waited_for_data = true;
-        let (queue, stop) = (&mut self.queue, &mut self.stop);
+        let (queue, stop, pool) = (&mut self.queue, &mut self.stop, &self.pool);
         self.runtime.block_on(async {
-            tokio::select! {
-                chunk = queue.recv() => chunk,
-                _ = stop.wait_for(|stopped| *stopped) => None,
+            loop {
+                tokio::select! {
+                    chunk = queue.recv() => return chunk,
+                    _ = stop.wait_for(|stopped| *stopped) => return None,
+                    () = tokio::time::sleep(STARVED_AFTER) => pool.adapt_while_waiting(),
+                }
             }
         })
     }

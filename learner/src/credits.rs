@@ -73,6 +73,12 @@ pub struct CreditPool {
     /// the actors, not the room, limit supply, and more room would only
     /// queue credits whose weights age.
     idle_actors: AtomicU64,
+    /// Grant rounds since the last batch in which a session holding no
+    /// credit could not be given one for want of room: read only when the
+    /// batch builder has waited long for data
+    /// ([`CreditPool::adapt_while_waiting`]), so the room's usual dynamics
+    /// do not depend on it.
+    unserved: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -92,6 +98,7 @@ impl CreditPool {
             batches: batches.max(1),
             building: AtomicU64::new(floor),
             idle_actors: AtomicU64::new(0),
+            unserved: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -134,7 +141,27 @@ impl CreditPool {
     /// data ages in the queue: the room shrinks by a sixteenth. Returns the
     /// batch to build ([`CreditPool::batch_target`]).
     pub fn adapt(&self, starved: bool) -> u64 {
+        self.unserved.store(0, Ordering::Relaxed);
         let starved = starved && self.idle_actors.swap(0, Ordering::Relaxed) > 0;
+        self.resize(starved)
+    }
+
+    /// Called by the batch builder when it has waited many steps' worth of
+    /// time for the next chunk: grows the room as [`CreditPool::adapt`]
+    /// does for a starved batch if some actor sat idle since, including
+    /// one that holds no credit because the room had none to give. That is
+    /// what happens when an actor that stopped answering holds the room's
+    /// credits (the learner ends it only after `STALLED_AFTER`): no chunk
+    /// comes, no batch completes, and without this the room would not
+    /// grow for the others.
+    pub fn adapt_while_waiting(&self) {
+        let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
+        let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
+        self.resize(idle || unserved);
+    }
+
+    /// Grows, shrinks or keeps the room; returns the batch to build.
+    fn resize(&self, starved: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
         let capacity = self.capacity();
@@ -448,6 +475,15 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
                 }
                 None => false,
             };
+        // A session with no credit at all that the room cannot serve sits
+        // idle for want of room (see `CreditPool::unserved`).
+        if !granted
+            && throttled.is_none()
+            && member.outstanding.load(Ordering::Acquire) == 0
+            && within_memory
+        {
+            pool.unserved.fetch_add(1, Ordering::Relaxed);
+        }
         idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
         members.push_back(member);
     }

@@ -542,9 +542,6 @@ async fn live_progress(mut live: LiveProgress) {
     flgfn_common::telemetry::live_finish();
 }
 
-/// Health checks answer NOT_SERVING from now on, for the learner service
-/// and for the server as a whole (the empty service name that Docker and
-/// Kubernetes probes ask about).
 /// The largest message the learner decodes: `max_message_bytes`, or less
 /// when the largest valid chunk (`max_chunk_trajectories` trajectories of
 /// the task's longest) or a handshake needs less, since a message is
@@ -557,6 +554,9 @@ fn accepted_message_bytes(learner: &LearnerConfig, env: &dyn Environment) -> usi
         .min(chunk.max(wire::HANDSHAKE_BYTES))
 }
 
+/// Health checks answer NOT_SERVING from now on, for the learner service
+/// and for the server as a whole (the empty service name that Docker and
+/// Kubernetes probes ask about).
 async fn not_serving(health: &tonic_health::server::HealthReporter) {
     health
         .set_not_serving::<LearnerServer<LearnerService>>()

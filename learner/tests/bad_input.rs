@@ -961,3 +961,54 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
     );
     assert_eq!(outcome.final_report.rejected_chunks, 0);
 }
+
+/// A session that takes credits and never answers (a frozen actor, a cut
+/// link: the learner ends it only after 30 s) does not starve the other
+/// actors meanwhile, even when it took the whole initial room: the room
+/// grows for the actors it leaves without a credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_session_holding_the_room_does_not_stop_training() {
+    let mut config = config();
+    // The room starts at one batch (one one-trajectory chunk) and may grow
+    // to eight.
+    config.learner.max_in_flight_batches = 8;
+    config.learner.max_steps = 20;
+    let (url, learner, _stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let actor_id = client
+        .handshake(handshake_request(&config))
+        .await
+        .unwrap()
+        .into_inner()
+        .actor_id;
+    let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
+    assert!(silent.grant().await.credits >= 1, "it holds the room");
+
+    let mut real = config.clone();
+    real.actor.learner = url;
+    real.actor.envs = 1;
+    let actor = tokio::spawn(flgfn_actor::run(
+        real,
+        flgfn_actor::ActorOptions {
+            name: "live".to_owned(),
+            seed_offset: None,
+        },
+        std::future::pending(),
+    ));
+    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
+        .await
+        .expect("training goes on long before the silent session is ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 20);
+    let report = tokio::time::timeout(Duration::from_secs(30), actor)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        report.training_done && report.chunks_sent >= 20,
+        "{report:?}"
+    );
+    drop(silent);
+}

@@ -83,12 +83,13 @@ impl SubTrajectoryBalance {
             .unsqueeze(0)
             .logical_and(&index.view([1, 1, l + 1]).le_tensor(&lengths.unsqueeze(2)));
         // lambda^(j - i), shifted per trajectory by its largest exponent
-        // when lambda > 1 so nothing overflows (the normalisation removes
-        // the shift).
+        // so that nothing overflows, nor underflows for a tiny lambda
+        // (the normalisation removes the shift): the whole trajectory's
+        // when lambda > 1, a single step's when lambda < 1.
         let shift = if self.log_lambda > 0.0 {
             grid.lengths.to_kind(Kind::Float) * self.log_lambda
         } else {
-            grid.lengths.zeros_like().to_kind(Kind::Float)
+            grid.lengths.ones_like().to_kind(Kind::Float) * self.log_lambda
         };
         // Cells that are not pairs (i >= j, or past the trajectory's end)
         // are set to -inf before exp, not multiplied by zero after it:
