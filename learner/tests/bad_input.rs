@@ -88,6 +88,25 @@ fn chunk(actor_id: u64, actions: Vec<u32>) -> proto::TrajectoryChunk {
     }
 }
 
+/// Runs a real actor on `config` until it stops by itself (within 30 s)
+/// with an error, and returns that error's text.
+async fn actor_error(config: Config, name: &str) -> String {
+    let run = flgfn_actor::run(
+        config,
+        flgfn_actor::ActorOptions {
+            name: name.to_owned(),
+            seed_offset: None,
+        },
+        std::future::pending(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the actor stops by itself")
+        .err()
+        .expect("with an error")
+        .to_string()
+}
+
 /// One Session call driven by hand.
 struct RawSession {
     upload: mpsc::Sender<proto::TrajectoryChunk>,
@@ -762,22 +781,7 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     surplus.actor.reconnect_attempts = 3;
     surplus.actor.reconnect_initial_s = 0.01;
     surplus.actor.reconnect_max_s = 0.02;
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(
-            surplus,
-            flgfn_actor::ActorOptions {
-                name: "surplus".to_owned(),
-                seed_offset: None,
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the actor gives up by itself")
-    .err()
-    .unwrap()
-    .to_string();
+    let error = actor_error(surplus, "surplus").await;
     assert!(
         error.contains("3") && error.contains("learner.max_sessions"),
         "{error}"
@@ -860,22 +864,7 @@ async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted
     let mut too_wide = config.clone();
     too_wide.actor.learner = url.clone();
     too_wide.actor.envs = 4;
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(
-            too_wide,
-            flgfn_actor::ActorOptions {
-                name: "too-wide".to_owned(),
-                seed_offset: None,
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("the actor stops by itself")
-    .err()
-    .unwrap()
-    .to_string();
+    let error = actor_error(too_wide, "too-wide").await;
     assert!(error.contains("learner.max_session_bytes"), "{error}");
     stop.send(()).unwrap();
     learner.await.unwrap().unwrap();
