@@ -161,6 +161,11 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         uniform = mask / mask.sum(axis=1, keepdims=True)
+        # Weights that give NaN or infinite logits (a diverged model) would
+        # make every cumulative sum NaN and pick action 0, legal or not:
+        # such rows are sampled uniformly over the legal actions instead.
+        broken = ~np.isfinite(probs).all(axis=1)
+        probs[broken] = uniform[broken]
         probs = (1 - epsilon) * probs + epsilon * uniform
         # Inverse CDF with u in (0, 1]: an action of probability 0 (masked)
         # is never the first whose cumulative sum reaches u.
