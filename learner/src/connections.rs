@@ -8,8 +8,10 @@
 //! until it closes; one accepted beyond that is closed at once, before any
 //! byte is read (its client sees UNAVAILABLE, and actors retry with
 //! backoff), and counted under `too_many_connections`. A connection whose
-//! client sends nothing within [`FIRST_BYTES_WITHIN`] is closed (HTTP/2
-//! keepalive only starts after the client's preface), so silent sockets
+//! client has not sent its first [`FIRST_BYTES`] bytes within
+//! [`FIRST_BYTES_WITHIN`] is closed (HTTP/2 keepalive only starts after the
+//! client's preface, and a server waits for the rest of a partial preface
+//! without a timeout), so silent sockets, or sockets that send one byte,
 //! cannot keep the places for ever.
 
 use std::future::Future;
@@ -34,6 +36,10 @@ use crate::ingest::IngestStats;
 /// this soon after connecting.
 pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
 
+/// How many: the length of the HTTP/2 client preface (a TLS hello is
+/// longer).
+pub const FIRST_BYTES: usize = 24;
+
 /// Idle TCP connections are probed this often by the kernel (a peer that
 /// vanished is noticed even before HTTP/2 keepalive would).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -45,6 +51,8 @@ pub struct CountedConnection {
     stream: TcpStream,
     /// Until the client's first bytes arrive.
     first_bytes_deadline: Option<Pin<Box<Sleep>>>,
+    /// Of those, the ones not yet received.
+    first_bytes_missing: usize,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -68,6 +76,7 @@ pub fn incoming(
                 Ok(permit) => Some(Ok(CountedConnection {
                     stream,
                     first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
+                    first_bytes_missing: FIRST_BYTES,
                     _permit: permit,
                 })),
                 Err(_) => {
@@ -110,13 +119,20 @@ impl AsyncRead for CountedConnection {
         };
         match read {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.first_bytes_deadline = None;
+                this.first_bytes_missing = this
+                    .first_bytes_missing
+                    .saturating_sub(buf.filled().len() - before);
+                if this.first_bytes_missing == 0 {
+                    this.first_bytes_deadline = None;
+                }
             }
             // Polled while the read waits: it wakes this task when due.
             Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("the client sent nothing within {FIRST_BYTES_WITHIN:?}"),
+                    format!(
+                        "the client sent fewer than {FIRST_BYTES} bytes within {FIRST_BYTES_WITHIN:?}"
+                    ),
                 )));
             }
             _ => {}

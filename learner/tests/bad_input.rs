@@ -102,8 +102,7 @@ async fn actor_error(config: Config, name: &str) -> String {
     tokio::time::timeout(Duration::from_secs(30), run)
         .await
         .expect("the actor stops by itself")
-        .err()
-        .expect("with an error")
+        .expect_err("with an error")
         .to_string()
 }
 
@@ -876,9 +875,13 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
     config.learner.max_connections = 2;
     let (url, learner, stop) = start_learner(&config).await;
     let address = url.trim_start_matches("http://").to_owned();
-    // Two connections that never send a byte hold both places.
+    // Two connections that never send a whole preface hold both places:
+    // one sends nothing, the other a single byte.
     let first = tokio::net::TcpStream::connect(&address).await.unwrap();
     let mut second = tokio::net::TcpStream::connect(&address).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut second, b"P")
+        .await
+        .unwrap();
     let connected = tokio::time::Instant::now();
     let try_handshake = || async {
         let mut client = LearnerClient::connect(url.clone())
@@ -925,9 +928,10 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
         .unwrap();
     drop(stop);
     assert_eq!(outcome.steps, 2);
-    // The silent connection did not keep its place for ever: the learner
-    // closed it once it had sent nothing for FIRST_BYTES_WITHIN (having
-    // sent its own HTTP/2 settings, which are read and ignored here).
+    // The one-byte connection did not keep its place for ever: the learner
+    // closed it once it had not sent a preface for FIRST_BYTES_WITHIN
+    // (having sent its own HTTP/2 settings, which are read and ignored
+    // here).
     let mut sink = Vec::new();
     // (Closed as EOF or as a reset: either way the read ends.)
     let _ = tokio::time::timeout(
