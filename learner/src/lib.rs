@@ -180,8 +180,9 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
+    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref());
     let grpc = LearnerServer::new(service)
-        .max_decoding_message_size(accepted_message_bytes(&config.learner, env.as_ref()))
+        .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
     // Every Learner RPC shows the token, when there is one (the health
     // service stays open to probes).
@@ -319,7 +320,7 @@ pub async fn serve(
         task: env.spec(),
         model: model.clone(),
         keep_truncated: objective.trains_on_truncated(),
-        max_message_bytes: accepted_message_bytes(learner, env.as_ref()),
+        max_message_bytes: accepted_bytes,
         max_chunk_trajectories: learner.max_chunk_trajectories,
         max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,

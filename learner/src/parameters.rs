@@ -40,6 +40,10 @@ pub struct FlatParameters {
     /// out (another `set_data`, a `VarStore::set_kind`) would no longer be
     /// trained, so debug builds check it every step.
     value_addresses: Vec<usize>,
+    /// Whether this pass's gradients were bound already: a step asks for
+    /// them twice (the finiteness check, then the update), and binding
+    /// walks every variable. Cleared by `zero_grad`, which starts a pass.
+    bound_this_pass: bool,
 }
 
 impl FlatParameters {
@@ -79,6 +83,7 @@ impl FlatParameters {
             variables: handles,
             grad_views,
             value_addresses,
+            bound_this_pass: false,
         })
     }
 
@@ -92,10 +97,16 @@ impl FlatParameters {
         &self.values
     }
 
-    /// `[N]`: the gradients of the last backward pass(es), binding any new
-    /// ones first (copied in, then re-pointed so that the next passes
-    /// accumulate here directly). A cheap check once all are bound.
+    /// `[N]`: the gradients of the backward pass since `zero_grad`,
+    /// binding any new ones first (copied in, then re-pointed so that the
+    /// next passes accumulate here directly). The first call of a pass
+    /// binds; later ones in the same pass return the buffer as it is, so a
+    /// second backward pass needs a `zero_grad` before it (the trainer
+    /// runs one per step).
     pub fn gradients(&mut self) -> &Tensor {
+        if self.bound_this_pass {
+            return &self.grads;
+        }
         let _guard = tch::no_grad_guard();
         debug_assert!(
             self.variables
@@ -114,11 +125,14 @@ impl FlatParameters {
                 grad.set_data(view);
             }
         }
+        self.bound_this_pass = true;
         &self.grads
     }
 
-    /// Zeroes every gradient: one call once they are bound.
+    /// Zeroes every gradient, starting a pass: one call once they are
+    /// bound.
     pub fn zero_grad(&mut self) {
+        self.bound_this_pass = false;
         let _ = self.grads.zero_();
         for (variable, view) in self.variables.iter().zip(&self.grad_views) {
             let mut grad = variable.grad();

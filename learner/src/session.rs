@@ -230,7 +230,7 @@ impl Session {
 
     async fn serve(&mut self, progress: &mut Progress) -> Result<(), Status> {
         let reserve = (self.trajectories_per_chunk * self.state.env.max_trajectory_len()) as u64;
-        let max_held = self.state.max_session_bytes / self.chunk_bytes.max(1);
+        let max_held = self.max_held_chunks();
         let mut credits = self
             .state
             .credits
@@ -295,6 +295,12 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Most chunks this session may hold at once (its memory limit over
+    /// its largest chunk).
+    fn max_held_chunks(&self) -> u64 {
+        self.state.max_session_bytes / self.chunk_bytes.max(1)
     }
 
     /// Hands the actor its last message, unless it has not taken one for
@@ -414,8 +420,7 @@ impl Session {
                 sequence,
                 // This session's credits, and at most as many as a
                 // session can hold for one before it.
-                progress.record.credits_granted
-                    + self.state.max_session_bytes / self.chunk_bytes.max(1),
+                progress.record.credits_granted + self.max_held_chunks(),
             ),
         );
         IngestStats::add(&stats.accepted_chunks, 1);

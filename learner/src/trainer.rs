@@ -123,8 +123,8 @@ pub struct Trainer {
 struct Window {
     /// Sum of the finite losses, on the device: read only at reports.
     loss_sum: Option<Tensor>,
-    /// Steps whose loss was finite, on the device; the others stepped with
-    /// a zero gradient.
+    /// Steps whose loss and gradients were finite, on the device; the
+    /// others were skipped.
     finite_steps: Option<Tensor>,
     steps: u64,
     max_lag: u64,

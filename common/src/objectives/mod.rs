@@ -353,24 +353,30 @@ struct Packer {
 
 impl Packer {
     fn f32(&mut self, values: &[f32], shape: &[i64]) {
-        debug_assert_eq!(values.len() as i64, shape.iter().product::<i64>());
-        self.parts.push(Part {
-            int: false,
-            offset: self.floats.len() as i64,
-            shape: shape.to_vec(),
-        });
-        self.floats.extend_from_slice(values);
+        push(&mut self.floats, &mut self.parts, false, values, shape);
     }
 
     fn i64(&mut self, values: &[i64], shape: &[i64]) {
-        debug_assert_eq!(values.len() as i64, shape.iter().product::<i64>());
-        self.parts.push(Part {
-            int: true,
-            offset: self.ints.len() as i64,
-            shape: shape.to_vec(),
-        });
-        self.ints.extend_from_slice(values);
+        push(&mut self.ints, &mut self.parts, true, values, shape);
     }
+}
+
+/// Appends `values` to `buffer` (the float or the integer one) as a part
+/// of `shape`.
+fn push<T: Copy>(
+    buffer: &mut Vec<T>,
+    parts: &mut Vec<Part>,
+    int: bool,
+    values: &[T],
+    shape: &[i64],
+) {
+    debug_assert_eq!(values.len() as i64, shape.iter().product::<i64>());
+    parts.push(Part {
+        int,
+        offset: buffer.len() as i64,
+        shape: shape.to_vec(),
+    });
+    buffer.extend_from_slice(values);
 }
 
 /// Added to the logit of an action that is not allowed: far below any

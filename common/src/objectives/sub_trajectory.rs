@@ -82,22 +82,23 @@ impl SubTrajectoryBalance {
             .gt_tensor(&index.unsqueeze(1))
             .unsqueeze(0)
             .logical_and(&index.view([1, 1, l + 1]).le_tensor(&lengths.unsqueeze(2)));
-        // lambda^(j - i), shifted per trajectory by its largest exponent
-        // so that nothing overflows, nor underflows for a tiny lambda
-        // (the normalisation removes the shift): the whole trajectory's
-        // when lambda > 1, a single step's when lambda < 1.
-        let shift = if self.log_lambda > 0.0 {
-            grid.lengths.to_kind(Kind::Float) * self.log_lambda
+        // lambda^(j - i), shifted by the largest exponent of a pair so that
+        // nothing overflows, nor underflows for a tiny lambda (the
+        // normalisation removes the shift): the whole trajectory's when
+        // lambda > 1 (per trajectory), a single step's when lambda <= 1
+        // (the same for all).
+        let log_weights = if self.log_lambda > 0.0 {
+            let whole = grid.lengths.to_kind(Kind::Float) * self.log_lambda;
+            (span * self.log_lambda).unsqueeze(0) - whole.view([b, 1, 1])
         } else {
-            grid.lengths.ones_like().to_kind(Kind::Float) * self.log_lambda
+            ((span - 1.0) * self.log_lambda).unsqueeze(0)
         };
         // Cells that are not pairs (i >= j, or past the trajectory's end)
         // are set to -inf before exp, not multiplied by zero after it:
         // their exponents reach L |ln lambda| and overflow f32 (then inf x 0
         // = NaN) for a small lambda on long trajectories, or a large one
         // on short prefixes padded to a long batch.
-        let log_weights = ((span * self.log_lambda).unsqueeze(0) - shift.view([b, 1, 1]))
-            .masked_fill(&pair.logical_not(), f64::NEG_INFINITY);
+        let log_weights = log_weights.masked_fill(&pair.logical_not(), f64::NEG_INFINITY);
         let weights = log_weights.exp();
         // A trajectory always has a pair (replay refuses empty ones); the
         // floor only keeps a weightless row from dividing 0 by 0.
