@@ -243,10 +243,13 @@ pub struct LearnerConfig {
     /// chunk, only while there is room. The room adapts between one
     /// `batch_transitions` and this many `max_batch_transitions`, growing
     /// while the trainer would wait for data and shrinking while data waits
-    /// for the trainer; the batch grows with the room (room / this, within
-    /// the batch bounds). So what is granted is trained within about this
-    /// many steps at any network latency: behind a slow link the batches
-    /// grow, not the lag.
+    /// for the trainer; the batch grows with the data in flight (in flight /
+    /// this, within the batch bounds). So what is granted is trained within
+    /// about this many steps at any network latency: behind a slow link the
+    /// lag grows up to about this many steps, then the batches grow. (On the
+    /// CPU, where a step's time grows with its size, a small batch with some
+    /// lag learns faster per second than a big one: 25 ms from the learner,
+    /// 24 reached quality in 1.6-2.1 s where 8 took 2.6-3.6 s.)
     pub max_in_flight_batches: u64,
     /// An actor gets new weights with a credit only when its own are at
     /// least this many versions old (1: always the newest). Raising it
@@ -333,8 +336,8 @@ impl Default for LearnerConfig {
             max_batch_transitions: 2560,
             batch_growth: BatchGrowth::Auto,
             publish_every: 1,
-            max_policy_lag: 16,
-            max_in_flight_batches: 8,
+            max_policy_lag: 32,
+            max_in_flight_batches: 24,
             weights_refresh_steps: 1,
             weight_encoding: WeightEncoding::Bf16,
             threads: 1,

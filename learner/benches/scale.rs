@@ -62,6 +62,10 @@ struct Args {
         default_value = "fixed,generated,real,delay"
     )]
     only: Vec<String>,
+    /// Log the learner's reports (and everything else at RUST_LOG's
+    /// level) to stderr, to see how a scenario evolves.
+    #[arg(long)]
+    log: bool,
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -162,6 +166,9 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
 
 fn main() {
     let args = Args::parse();
+    if args.log {
+        flgfn_common::telemetry::init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(Config::default().learner.async_threads)
         .enable_all()

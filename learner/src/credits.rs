@@ -13,14 +13,17 @@
 //! The capacity adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
 //! grows it while the trainer waits for batches, and shrinks it while the
-//! trainer is busy and more than two batches wait. The batch itself grows with
-//! the data in flight ([`CreditPool::batch_target`]: granted-not-trained /
+//! trainer is busy and more than two batches wait; after each change it
+//! waits until what was in flight then has been trained (one turn of the
+//! credits, however long the link) before it reads those signals again.
+//! The batch itself grows with the data in flight
+//! ([`CreditPool::batch_target`]: granted-not-trained /
 //! max_in_flight_batches, between the smallest and largest batch), so data
 //! granted is trained within about `max_in_flight_batches` steps whatever
-//! the room. On
-//! loopback the room stays near the floor and lag at a few steps; behind a
-//! slow link it opens up to the bandwidth-delay product and the batches
-//! grow instead of the lag.
+//! the room. On loopback the room stays near the floor and lag at a few
+//! steps; behind a slow link it opens up to the bandwidth-delay product:
+//! the lag grows first, up to about `max_in_flight_batches`, and then the
+//! batches.
 //!
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
@@ -79,6 +82,16 @@ pub struct CreditPool {
     /// ([`CreditPool::adapt_while_waiting`]), so the room's usual dynamics
     /// do not depend on it.
     unserved: AtomicU64,
+    /// Transitions whose room came back (taken into a batch, or the
+    /// credit returned), ever.
+    released: AtomicU64,
+    /// The room changes again only once `released` reaches this: after a
+    /// change, what was already in flight must be trained before the
+    /// signals (starving, a long queue) say anything about the new room.
+    /// Reacting sooner, at every batch, overshoots behind a slow link:
+    /// the room swung between a quarter and all of its ceiling every
+    /// tenth of a second, and the actors idled at each low.
+    settled_at: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -99,6 +112,8 @@ impl CreditPool {
             building: AtomicU64::new(floor),
             idle_actors: AtomicU64::new(0),
             unserved: AtomicU64::new(0),
+            released: AtomicU64::new(0),
+            settled_at: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -138,12 +153,14 @@ impl CreditPool {
     /// since the last call means too little is in flight: the room doubles when nothing
     /// is queued at all and grows by a quarter (at least a batch)
     /// otherwise. A busy trainer with more than two batches queued means
-    /// data ages in the queue: the room shrinks by a sixteenth. Returns the
-    /// batch to build ([`CreditPool::batch_target`]).
+    /// data ages in the queue: the room shrinks by a sixteenth. After a
+    /// change the room holds until what was in flight at the change has
+    /// been trained. Returns the batch to build
+    /// ([`CreditPool::batch_target`]).
     pub fn adapt(&self, starved: bool) -> u64 {
         self.unserved.store(0, Ordering::Relaxed);
         let starved = starved && self.idle_actors.swap(0, Ordering::Relaxed) > 0;
-        self.resize(starved)
+        self.resize(starved, false)
     }
 
     /// Called by the batch builder when it has waited many steps' worth of
@@ -157,15 +174,22 @@ impl CreditPool {
     pub fn adapt_while_waiting(&self) {
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
-        self.resize(idle || unserved);
+        // Not held back by the last change: nothing is being trained, so
+        // the room would never settle.
+        self.resize(idle || unserved, true);
     }
 
-    /// Grows, shrinks or keeps the room; returns the batch to build.
-    fn resize(&self, starved: bool) -> u64 {
+    /// Grows, shrinks or keeps the room (not before the last change has
+    /// settled, unless `now`); returns the batch to build.
+    fn resize(&self, starved: bool, now: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
         let capacity = self.capacity();
-        let next = if starved && queued == 0 {
+        let settled =
+            now || self.released.load(Ordering::Relaxed) >= self.settled_at.load(Ordering::Relaxed);
+        let next = if !settled {
+            capacity
+        } else if starved && queued == 0 {
             capacity.saturating_mul(2)
         } else if starved {
             capacity.saturating_add((capacity / 4).max(batch))
@@ -177,6 +201,10 @@ impl CreditPool {
         let next = next.clamp(self.floor, self.ceiling);
         if next != capacity {
             self.capacity.store(next, Ordering::Relaxed);
+            self.settled_at.store(
+                self.released.load(Ordering::Relaxed) + self.in_use(),
+                Ordering::Relaxed,
+            );
         }
         let target = self.batch_target();
         self.building.store(target, Ordering::Relaxed);
@@ -231,6 +259,7 @@ impl CreditToken {
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
+        self.pool.released.fetch_add(freed, Ordering::Relaxed);
         // Less on the way now: the controller may grant again.
         self.pool.wake.notify_one();
     }
@@ -240,6 +269,9 @@ impl Drop for CreditToken {
     fn drop(&mut self) {
         self.pool.queued.fetch_sub(self.queued, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
+        self.pool
+            .released
+            .fetch_add(self.reserved, Ordering::Relaxed);
         if let Some(held) = &self.held {
             held.fetch_sub(1, Ordering::AcqRel);
         }
@@ -586,6 +618,13 @@ mod tests {
             300,
             "a waiting trainer, little queued: grow by a batch"
         );
+        idle();
+        pool.adapt(true);
+        assert_eq!(
+            pool.capacity(),
+            300,
+            "held until what was in flight at the change is trained"
+        );
         drop(some);
         for _ in 0..20 {
             idle();
@@ -602,7 +641,17 @@ mod tests {
         );
         pool.adapt(false);
         assert_eq!(pool.capacity(), 750, "4 batches of 125 waiting: shrink");
+        pool.adapt(false);
+        assert_eq!(
+            pool.capacity(),
+            750,
+            "held until the 500 queued are trained"
+        );
         for _ in 0..100 {
+            // Trained, and as much again waiting: each change settles.
+            drop(held);
+            held = pool.try_reserve(500).unwrap();
+            held.arrived(500);
             pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
