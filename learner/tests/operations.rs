@@ -469,3 +469,91 @@ fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
     assert!(stderr.contains("ckpt-000000000100"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Sends `signal` (a `kill` name: INT, STOP, CONT) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Waits up to `within` for `child` to exit; its status if it did.
+fn exited_within(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
+    let dir = scratch("second-signal");
+    let config = tiny_config_file(&dir, 0);
+    let port = free_port();
+    let learner = support::learner_process(
+        &format!("127.0.0.1:{port}"),
+        &config,
+        &dir.join("metrics.jsonl"),
+        &[],
+    );
+    let log = dir.join("actor.log");
+    let mut actor = support::KillOnDrop(
+        command(&sibling("flgfn-actor"))
+            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("connected to the learner")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the actor connected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Rolling out and sending; then the learner freezes (a hung host).
+    std::thread::sleep(Duration::from_millis(500));
+    signal(learner.id(), "STOP");
+
+    // The first signal starts the drain, which waits for the learner to
+    // take what was sent: here, up to its own timeout of several seconds.
+    signal(actor.id(), "INT");
+    assert!(
+        exited_within(&mut actor.0, Duration::from_secs(1)).is_none(),
+        "draining towards a frozen learner takes longer than a second"
+    );
+    // The second one ends it now.
+    signal(actor.id(), "INT");
+    let status = exited_within(&mut actor.0, Duration::from_secs(2))
+        .expect("a second Ctrl-C ends the actor at once");
+    assert_eq!(
+        status.code(),
+        Some(flgfn_common::signals::FORCED_EXIT_STATUS),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("a second stop signal")
+    );
+    signal(learner.id(), "CONT");
+    drop(learner);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
