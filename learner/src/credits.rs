@@ -10,7 +10,8 @@
 //! latency and however many actors connect: more actors share the same
 //! room instead of piling up stale data.
 //!
-//! The capacity adapts between a floor (one smallest batch) and a ceiling
+//! The capacity starts at [`INITIAL_ROOM_BATCHES`] smallest batches and
+//! adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
 //! grows it while the trainer waits for batches, and shrinks it while the
 //! trainer is busy and more than two batches wait; after each change it
@@ -52,6 +53,13 @@ use tokio::time::Instant;
 /// clear of that even when every chunk is tiny, and is far more than one
 /// actor rolling out one chunk at a time needs in flight.
 pub const MAX_CREDITS_PER_SESSION: u32 = 64;
+
+/// The room starts at this many smallest batches (within the ceiling):
+/// the room opens by at most a doubling per turn of the credits, and
+/// behind 25 ms each way, starting at one batch left the learner ~40 steps
+/// behind loopback after half a second (~10 with four). What is granted
+/// before the first steps costs a few steps of lag, once.
+pub const INITIAL_ROOM_BATCHES: u64 = 4;
 
 /// The learner-wide room for data granted and not yet trained on, in
 /// transitions.
@@ -104,7 +112,9 @@ impl CreditPool {
         Arc::new(CreditPool {
             in_use: AtomicU64::new(0),
             queued: AtomicU64::new(0),
-            capacity: AtomicU64::new(floor),
+            capacity: AtomicU64::new(
+                (INITIAL_ROOM_BATCHES * floor).min(max_batch * batches.max(1)),
+            ),
             floor,
             ceiling: max_batch * batches.max(1),
             batch: (floor, max_batch),
@@ -563,7 +573,8 @@ mod tests {
 
     #[test]
     fn room_is_reserved_shrunk_on_arrival_and_returned_on_drop() {
-        let pool = CreditPool::new(100, 100, 4);
+        // A room of one batch of 100 that cannot grow.
+        let pool = CreditPool::new(100, 100, 1);
         let mut a = pool.try_reserve(60).unwrap();
         let mut b = pool.try_reserve(60).unwrap();
         assert_eq!(
@@ -588,7 +599,18 @@ mod tests {
     fn room_grows_when_starved_shrinks_when_data_waits_and_the_batch_follows() {
         // Batches of 100 to 200, room for up to 4 of the largest.
         let pool = CreditPool::new(100, 200, 4);
-        assert_eq!((pool.capacity(), pool.batch_target()), (100, 100));
+        assert_eq!((pool.capacity(), pool.batch_target()), (400, 100));
+        // Down to one batch, for the rules below.
+        let mut queue = pool.try_reserve(400).unwrap();
+        queue.arrived(400);
+        for _ in 0..100 {
+            drop(queue);
+            queue = pool.try_reserve(400).unwrap();
+            queue.arrived(400);
+            pool.adapt(false);
+        }
+        drop(queue);
+        assert_eq!(pool.capacity(), 100, "clamped at the floor");
         assert_eq!(pool.adapt(false), 100);
         assert_eq!(
             pool.capacity(),
