@@ -57,7 +57,7 @@ pub const MAX_CREDITS_PER_SESSION: u32 = 64;
 /// The room starts at this many smallest batches (within the ceiling):
 /// the room opens by at most a doubling per turn of the credits, and
 /// behind 25 ms each way, starting at one batch left the learner ~40 steps
-/// behind loopback after half a second (~10 with four). What is granted
+/// behind loopback after half a second (14-21 with four). What is granted
 /// before the first steps costs a few steps of lag, once.
 pub const INITIAL_ROOM_BATCHES: u64 = 4;
 
@@ -100,13 +100,16 @@ pub struct CreditPool {
     /// the room swung between a quarter and all of its ceiling every
     /// tenth of a second, and the actors idled at each low.
     settled_at: AtomicU64,
+    /// `released` at the last [`CreditPool::adapt_while_waiting`].
+    released_at_wait: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
 
 impl CreditPool {
     /// A pool for batches of `min_batch` to `max_batch` transitions whose
-    /// room grows from one smallest batch to `batches` largest ones.
+    /// room starts at [`INITIAL_ROOM_BATCHES`] smallest batches and adapts
+    /// between one smallest batch and `batches` largest ones.
     pub fn new(min_batch: u64, max_batch: u64, batches: u64) -> Arc<Self> {
         let (floor, max_batch) = (min_batch.max(1), max_batch.max(min_batch));
         Arc::new(CreditPool {
@@ -124,6 +127,7 @@ impl CreditPool {
             unserved: AtomicU64::new(0),
             released: AtomicU64::new(0),
             settled_at: AtomicU64::new(0),
+            released_at_wait: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -176,7 +180,9 @@ impl CreditPool {
     /// Called by the batch builder when it has waited many steps' worth of
     /// time for the next chunk: grows the room as [`CreditPool::adapt`]
     /// does for a starved batch if some actor sat idle since, including
-    /// one that holds no credit because the room had none to give. That is
+    /// one that holds no credit because the room had none to give, and
+    /// without waiting for the last change to settle if nothing was trained
+    /// since the last call. That is
     /// what happens when an actor that stopped answering holds the room's
     /// credits (the learner ends it only after `STALLED_AFTER`): no chunk
     /// comes, no batch completes, and without this the room would not
@@ -184,9 +190,13 @@ impl CreditPool {
     pub fn adapt_while_waiting(&self) {
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
-        // Not held back by the last change: nothing is being trained, so
-        // the room would never settle.
-        self.resize(idle || unserved, true);
+        // Held back by the last change only while something is trained:
+        // if nothing was since the last call, the room would never settle.
+        // (Behind a slow link, data from the last change is still on its
+        // way, and the hold applies.)
+        let released = self.released.load(Ordering::Relaxed);
+        let stuck = self.released_at_wait.swap(released, Ordering::Relaxed) == released;
+        self.resize(idle || unserved, stuck);
     }
 
     /// Grows, shrinks or keeps the room (not before the last change has
@@ -684,6 +694,35 @@ mod tests {
         );
         drop(held);
         assert_eq!(pool.batch_target(), 100);
+    }
+
+    #[test]
+    fn waiting_for_data_grows_the_room_past_the_hold_only_when_nothing_is_trained() {
+        let pool = CreditPool::new(100, 100, 32);
+        // A silent session holds the whole initial room.
+        let silent = pool.try_reserve(400).unwrap();
+        let unserved = || pool.unserved.fetch_add(1, Ordering::Relaxed);
+        unserved();
+        pool.adapt_while_waiting();
+        assert_eq!(pool.capacity(), 800, "an actor without a credit: grow");
+        unserved();
+        pool.adapt_while_waiting();
+        assert_eq!(
+            pool.capacity(),
+            1600,
+            "nothing trained since: the last change cannot settle, no hold"
+        );
+        // Another actor's chunk is trained: the last change is settling.
+        let mut chunk = pool.try_reserve(100).unwrap();
+        chunk.arrived(100);
+        drop(chunk);
+        unserved();
+        pool.adapt_while_waiting();
+        assert_eq!(pool.capacity(), 1600, "trained since: held");
+        unserved();
+        pool.adapt_while_waiting();
+        assert_eq!(pool.capacity(), 3200, "nothing trained since: grow");
+        drop(silent);
     }
 
     #[tokio::test]

@@ -975,7 +975,8 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
         .into_inner()
         .actor_id;
     let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
-    // Alone, it is granted the whole initial room.
+    // Alone, it is granted the whole initial room (`grant` fails the test
+    // if none comes within its timeout).
     let mut held = 0;
     while held < flgfn_learner::credits::INITIAL_ROOM_BATCHES {
         held += u64::from(silent.grant().await.credits);

@@ -254,8 +254,9 @@ async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
     // The paper's network: the trainer, not the loopback data path, sets
     // the pace, as in the default job.
     config.model.hidden = vec![256, 256];
-    // Batches of 64 to 1,024 transitions, up to 8 of them in flight: room
-    // for 8,192 transitions, over 100,000 a second at a 75 ms credit cycle.
+    // Batches of 64 to 1,024 transitions, up to 24 of them in flight (the
+    // default): room for 24,576 transitions, over 300,000 a second at a
+    // 75 ms credit cycle.
     // On loopback the room stays small and the batches at 64.
     config.learner.max_batch_transitions = 1024;
     // Generated actors produce in microseconds: the learner, not the
@@ -305,6 +306,10 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
     let mut config = support::tiny_config();
     config.learner.max_steps = 4000;
     config.model.hidden = vec![256, 256];
+    // A tight lag bound, so that the far chunks are well past it on any
+    // machine (with 32, they could arrive half fresh on a slow one).
+    config.learner.max_policy_lag = 16;
+    config.learner.max_in_flight_batches = 8;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     // 100 ms each way: a chunk granted now arrives some 200 ms later, while
