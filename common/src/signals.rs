@@ -1,47 +1,128 @@
-//! Process signals that ask for a graceful stop.
+//! Process signals that ask for a graceful stop, and a second one that
+//! ends the process at once.
+
+use std::sync::{Mutex, PoisonError};
 
 /// Exit status after a second stop signal: 128 + SIGINT, what a shell
 /// reports for a process that Ctrl-C ended.
 pub const FORCED_EXIT_STATUS: i32 = 130;
+
+/// What must happen even on a forced exit (child processes to kill), by
+/// registration number.
+type Cleanups = Vec<(u64, Box<dyn Fn() + Send>)>;
+
+static BEFORE_FORCED_EXIT: Mutex<(u64, Cleanups)> = Mutex::new((0, Vec::new()));
+
+/// Keeps a cleanup registered with [`before_forced_exit`]; dropping it
+/// unregisters the cleanup.
+#[derive(Debug)]
+#[must_use = "the cleanup is unregistered when this is dropped"]
+pub struct ForcedExitCleanup(u64);
+
+impl Drop for ForcedExitCleanup {
+    fn drop(&mut self) {
+        let mut registry = BEFORE_FORCED_EXIT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        registry.1.retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// Runs `cleanup` before a forced exit (a second stop signal), for as long
+/// as the returned guard lives: the graceful path's own cleanups (drops,
+/// waits) do not run then.
+pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitCleanup {
+    let mut registry = BEFORE_FORCED_EXIT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    registry.0 += 1;
+    let id = registry.0;
+    registry.1.push((id, Box::new(cleanup)));
+    ForcedExitCleanup(id)
+}
 
 /// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM, which is what
 /// Kubernetes, Slurm and systemd send before they kill a process.
 ///
 /// Once it has resolved, a second signal ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
-/// actor's drain, a learner's final checkpoint): listening for the first
-/// signal replaced the default action, so without this a second Ctrl-C
-/// would do nothing while the process waits on a frozen peer. Must be
-/// awaited inside a tokio runtime.
+/// actor's drain, a learner's final checkpoint), after the cleanups
+/// registered with [`before_forced_exit`]: listening for the first signal
+/// replaced the default action, so without this a second Ctrl-C would do
+/// nothing while the process waits on a frozen peer. Must be awaited
+/// inside a tokio runtime.
 pub async fn shutdown_requested() {
-    stop_signal().await;
-    tokio::spawn(async {
-        stop_signal().await;
+    let mut signals = StopSignals::new();
+    signals.next().await;
+    // The same listeners: a second signal that comes before this task
+    // first runs is not lost.
+    tokio::spawn(async move {
+        signals.next().await;
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
-        std::process::exit(FORCED_EXIT_STATUS);
+        let registry = BEFORE_FORCED_EXIT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (_, cleanup) in &registry.1 {
+            cleanup();
+        }
+        exit_now(FORCED_EXIT_STATUS);
     });
 }
 
-/// The next Ctrl-C or SIGTERM.
-async fn stop_signal() {
+/// Ends the process without running exit handlers: `std::process::exit`
+/// would run libtorch's static destructors while the trainer or rollout
+/// thread may still be inside libtorch.
+#[allow(unsafe_code)]
+fn exit_now(status: i32) -> ! {
+    // SAFETY: `_exit` takes no pointers and has no preconditions; it is
+    // unsafe only as a foreign function.
+    unsafe { libc::_exit(status) }
+}
+
+/// Ctrl-C and SIGTERM, listened to for the life of the process.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            // Without a SIGTERM handler, Ctrl-C still works.
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            StopSignals {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            StopSignals {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// The next Ctrl-C or SIGTERM (never, if neither could be listened to).
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.interrupt) => {}
+                () = recv(&mut self.terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

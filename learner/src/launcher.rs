@@ -11,7 +11,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+use flgfn_common::signals::{ForcedExitCleanup, before_forced_exit};
 
 use tracing::{info, warn};
 
@@ -34,7 +37,24 @@ pub struct LocalActorsPlan {
 /// Running actor processes.
 #[derive(Debug)]
 pub struct LocalActors {
-    children: Vec<Child>,
+    /// Shared with the forced-exit cleanup.
+    children: Arc<Mutex<Vec<Child>>>,
+    /// Kills the actors if a second stop signal ends the learner at once
+    /// (sent to the learner alone, not to its process group, they would
+    /// outlive it).
+    _on_forced_exit: ForcedExitCleanup,
+}
+
+/// Kills and reaps every child still running.
+fn kill_all(children: &Mutex<Vec<Child>>) {
+    for child in children
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter_mut()
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// The `flgfn-actor` executable next to the running learner.
@@ -63,8 +83,14 @@ impl LocalActors {
         config: Option<&Path>,
         executable: &Path,
     ) -> std::io::Result<Self> {
-        let mut actors = LocalActors {
-            children: Vec::with_capacity(count),
+        let children = Arc::new(Mutex::new(Vec::with_capacity(count)));
+        let on_forced_exit = before_forced_exit({
+            let children = children.clone();
+            move || kill_all(&children)
+        });
+        let actors = LocalActors {
+            children,
+            _on_forced_exit: on_forced_exit,
         };
         // A listener on 0.0.0.0 is reached through loopback locally.
         let host = if address.ip().is_unspecified() {
@@ -88,7 +114,12 @@ impl LocalActors {
             if let Some(config) = config {
                 command.arg("--config").arg(config);
             }
-            actors.children.push(command.spawn()?);
+            let child = command.spawn()?;
+            actors
+                .children
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(child);
         }
         info!(count, %url, "started local actors");
         Ok(actors)
@@ -96,12 +127,16 @@ impl LocalActors {
 
     /// Waits for the actors to exit, killing any left after a grace period.
     /// Returns how many exited with an error.
-    pub fn finish(mut self) -> usize {
+    pub fn finish(self) -> usize {
         let deadline = Instant::now() + EXIT_GRACE;
         let mut failed = 0;
-        for child in &mut self.children {
+        // Locked for a moment at a time: a forced exit must not wait out
+        // the grace period to kill them.
+        let children = || self.children.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = children().len();
+        for i in 0..count {
             let status = loop {
-                match child.try_wait() {
+                match children()[i].try_wait() {
                     Ok(Some(status)) => break Some(status),
                     Ok(None) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(20));
@@ -109,6 +144,8 @@ impl LocalActors {
                     _ => break None,
                 }
             };
+            let mut children = children();
+            let child = &mut children[i];
             match status {
                 Some(status) if status.success() => {}
                 Some(status) => {
@@ -122,7 +159,7 @@ impl LocalActors {
                 }
             }
         }
-        self.children.clear();
+        children().clear();
         failed
     }
 }
@@ -130,9 +167,6 @@ impl LocalActors {
 impl Drop for LocalActors {
     /// On an early return (an error in the learner), leave no orphans.
     fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_all(&self.children);
     }
 }

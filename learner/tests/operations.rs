@@ -557,3 +557,72 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
     drop(learner);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Processes whose parent is `pid` (any of its threads).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let list =
+            std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default();
+        children.extend(list.split_whitespace().map(|p| p.parse::<u32>().unwrap()));
+    }
+    children
+}
+
+#[test]
+fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
+    let dir = scratch("second-signal-learner");
+    let config = tiny_config_file(&dir, 0);
+    let log = dir.join("learner.log");
+    let mut learner = support::KillOnDrop(
+        command(&learner_binary())
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--local-actors",
+                "--actors",
+                "1",
+                "--config",
+            ])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let started = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("step=") {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let actors = children_of(learner.id());
+    assert_eq!(actors.len(), 1, "one local actor: {actors:?}");
+    let actor = actors[0];
+    // A frozen actor: the learner's graceful stop waits for its connection
+    // and then for it to exit, several seconds each.
+    signal(actor, "STOP");
+    signal(learner.id(), "TERM");
+    assert!(
+        exited_within(&mut learner.0, Duration::from_secs(1)).is_none(),
+        "the graceful stop waits on the frozen actor"
+    );
+    signal(learner.id(), "TERM");
+    let status = exited_within(&mut learner.0, Duration::from_secs(2));
+    let actor_alive = Path::new(&format!("/proc/{actor}")).exists();
+    if actor_alive {
+        signal(actor, "KILL");
+    }
+    let status = status.expect("a second signal ends the learner at once");
+    assert_eq!(
+        status.code(),
+        Some(flgfn_common::signals::FORCED_EXIT_STATUS),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(!actor_alive, "the local actor did not outlive the learner");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
