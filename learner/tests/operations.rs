@@ -139,24 +139,44 @@ fn the_environment_overrides_the_file_and_flags_override_both() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner with one local actor on `config`, its stderr written to
+/// `log`.
+fn one_actor_job(config: &Path, log: &Path) -> Command {
+    let mut job = command(&learner_binary());
+    job.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--local-actors",
+        "--actors",
+        "1",
+        "--config",
+    ])
+    .arg(config)
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(log).unwrap());
+    job
+}
+
+/// Waits up to a minute for `text` to appear in the file `log`.
+fn wait_for_log(log: &Path, text: &str) {
+    let started = Instant::now();
+    while !std::fs::read_to_string(log).unwrap().contains(text) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "`{text}` in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs a short training job (learner and one local actor) with `env`,
 /// its stderr written to a file, and returns that file's bytes.
 fn training_log(dir: &Path, env: &[(&str, &str)]) -> Vec<u8> {
     let config = tiny_config_file(dir, 40);
     let log = dir.join("stderr.log");
-    let status = command(&learner_binary())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--local-actors",
-            "--actors",
-            "1",
-            "--config",
-        ])
-        .arg(&config)
+    let status = one_actor_job(&config, &log)
         .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
         .status()
         .unwrap();
     assert!(status.success());
@@ -516,17 +536,7 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
             .spawn()
             .unwrap(),
     );
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("connected to the learner")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the actor connected"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_log(&log, "connected to the learner");
     // Rolling out and sending; then the learner freezes (a hung host).
     std::thread::sleep(Duration::from_millis(500));
     signal(learner.id(), "STOP");
@@ -575,30 +585,12 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     let config = tiny_config_file(&dir, 0);
     let log = dir.join("learner.log");
     let mut learner = support::KillOnDrop(
-        command(&learner_binary())
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--local-actors",
-                "--actors",
-                "1",
-                "--config",
-            ])
-            .arg(&config)
+        one_actor_job(&config, &log)
             .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );
-    let started = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap().contains("step=") {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "training started"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_log(&log, "step=");
     let actors = children_of(learner.id());
     assert_eq!(actors.len(), 1, "one local actor: {actors:?}");
     let actor = actors[0];
