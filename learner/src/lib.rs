@@ -443,9 +443,12 @@ pub async fn serve(
         .await;
 
     tokio::pin!(done);
+    tokio::pin!(shutdown);
+    let mut stop_requested = false;
     let outcome = tokio::select! {
         outcome = &mut done => outcome,
-        () = shutdown => {
+        () = &mut shutdown => {
+            stop_requested = true;
             info!("shutdown requested: finishing the current step");
             stop_sender.send_replace(true);
             not_serving(&health).await;
@@ -459,11 +462,23 @@ pub async fn serve(
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
     let abort = server.abort_handle();
-    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(join)) => warn!(%join, "gRPC server task failed"),
-        Err(_) => {
+    let drain = tokio::time::timeout(DRAIN_TIMEOUT, server);
+    tokio::pin!(drain);
+    // Training ended by itself: a stop asked for now cuts the drain short
+    // rather than go unheard.
+    let drained = tokio::select! {
+        drained = &mut drain => Some(drained),
+        () = &mut shutdown, if !stop_requested => None,
+    };
+    match drained {
+        Some(Ok(Ok(result))) => result?,
+        Some(Ok(Err(join))) => warn!(%join, "gRPC server task failed"),
+        Some(Err(_)) => {
             warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway");
+            abort.abort();
+        }
+        None => {
+            info!("shutdown requested: closing the open connections now");
             abort.abort();
         }
     }

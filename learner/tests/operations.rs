@@ -618,3 +618,51 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     assert!(!actor_alive, "the local actor did not outlive the learner");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
+    let dir = scratch("stop-while-draining");
+    let config = tiny_config_file(&dir, 400);
+    let port = free_port();
+    let learner_log = dir.join("learner.log");
+    let mut learner = support::KillOnDrop(
+        command(&learner_binary())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&learner_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let actor = |name: &str| {
+        let log = dir.join(format!("{name}.log"));
+        let child = support::KillOnDrop(
+            command(&sibling("flgfn-actor"))
+                .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
+                .arg(&config)
+                .env("NO_COLOR", "1")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_log(&log, "connected to the learner");
+        child
+    };
+    // A frozen actor keeps its connection open once training is over: the
+    // learner would wait its whole drain timeout (5 s) for it.
+    let frozen = actor("frozen");
+    signal(frozen.id(), "STOP");
+    let _live = actor("live");
+    wait_for_log(&learner_log, "step=400 ");
+    signal(learner.id(), "INT");
+    let asked = Instant::now();
+    let status = exited_within(&mut learner.0, Duration::from_secs(3))
+        .expect("a stop during the drain closes the connections at once");
+    assert!(status.success(), "{status}");
+    assert!(asked.elapsed() < Duration::from_secs(3));
+    signal(frozen.id(), "CONT");
+    drop(frozen);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
