@@ -157,6 +157,23 @@ fn one_actor_job(config: &Path, log: &Path) -> Command {
     job
 }
 
+/// An actor process on `config` for the learner on `port`, its stderr
+/// written to `log`, once it has connected.
+fn connected_actor(port: u16, config: &Path, log: &Path) -> support::KillOnDrop {
+    let actor = support::KillOnDrop(
+        command(&sibling("flgfn-actor"))
+            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_log(log, "connected to the learner");
+    actor
+}
+
 /// Waits up to a minute for `text` to appear in the file `log`.
 fn wait_for_log(log: &Path, text: &str) {
     let started = Instant::now();
@@ -526,17 +543,7 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
         &[],
     );
     let log = dir.join("actor.log");
-    let mut actor = support::KillOnDrop(
-        command(&sibling("flgfn-actor"))
-            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_log(&log, "connected to the learner");
+    let mut actor = connected_actor(port, &config, &log);
     // Rolling out and sending; then the learner freezes (a hung host).
     std::thread::sleep(Duration::from_millis(500));
     signal(learner.id(), "STOP");
@@ -635,21 +642,7 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
             .spawn()
             .unwrap(),
     );
-    let actor = |name: &str| {
-        let log = dir.join(format!("{name}.log"));
-        let child = support::KillOnDrop(
-            command(&sibling("flgfn-actor"))
-                .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
-                .arg(&config)
-                .env("NO_COLOR", "1")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        wait_for_log(&log, "connected to the learner");
-        child
-    };
+    let actor = |name: &str| connected_actor(port, &config, &dir.join(format!("{name}.log")));
     // A frozen actor keeps its connection open once training is over: the
     // learner would wait its whole drain timeout (5 s) for it.
     let frozen = actor("frozen");
