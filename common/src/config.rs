@@ -660,14 +660,12 @@ impl Config {
             1,
         )?;
         if l.max_in_flight_batches > l.max_policy_lag {
+            let default = LearnerConfig::default().max_in_flight_batches;
             return Err(ConfigError::invalid(
                 "learner.max_in_flight_batches",
                 format!(
-                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {}, needs max_policy_lag >= {})",
-                    l.max_in_flight_batches,
-                    l.max_policy_lag,
-                    LearnerConfig::default().max_in_flight_batches,
-                    LearnerConfig::default().max_in_flight_batches,
+                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {default}, needs max_policy_lag >= {default})",
+                    l.max_in_flight_batches, l.max_policy_lag,
                 ),
             ));
         }

@@ -112,14 +112,13 @@ impl CreditPool {
     /// between one smallest batch and `batches` largest ones.
     pub fn new(min_batch: u64, max_batch: u64, batches: u64) -> Arc<Self> {
         let (floor, max_batch) = (min_batch.max(1), max_batch.max(min_batch));
+        let ceiling = max_batch * batches.max(1);
         Arc::new(CreditPool {
             in_use: AtomicU64::new(0),
             queued: AtomicU64::new(0),
-            capacity: AtomicU64::new(
-                (INITIAL_ROOM_BATCHES * floor).min(max_batch * batches.max(1)),
-            ),
+            capacity: AtomicU64::new((INITIAL_ROOM_BATCHES * floor).min(ceiling)),
             floor,
-            ceiling: max_batch * batches.max(1),
+            ceiling,
             batch: (floor, max_batch),
             batches: batches.max(1),
             building: AtomicU64::new(floor),

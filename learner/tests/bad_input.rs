@@ -88,18 +88,35 @@ fn chunk(actor_id: u64, actions: Vec<u32>) -> proto::TrajectoryChunk {
     }
 }
 
-/// Runs a real actor on `config` until it stops by itself (within 30 s)
-/// with an error, and returns that error's text.
-async fn actor_error(config: Config, name: &str) -> String {
-    let run = flgfn_actor::run(
+/// Shakes hands as an actor of `config`; the actor id the learner gave.
+async fn shake_hands(client: &mut LearnerClient<Channel>, config: &Config) -> u64 {
+    client
+        .handshake(handshake_request(config))
+        .await
+        .unwrap()
+        .into_inner()
+        .actor_id
+}
+
+/// A real actor named `name` on `config`, never told to stop.
+fn real_actor(
+    config: Config,
+    name: &str,
+) -> impl std::future::Future<Output = Result<flgfn_actor::ActorReport, flgfn_actor::ActorError>> {
+    flgfn_actor::run(
         config,
         flgfn_actor::ActorOptions {
             name: name.to_owned(),
             seed_offset: None,
         },
         std::future::pending(),
-    );
-    tokio::time::timeout(Duration::from_secs(30), run)
+    )
+}
+
+/// Runs a real actor on `config` until it stops by itself (within 30 s)
+/// with an error, and returns that error's text.
+async fn actor_error(config: Config, name: &str) -> String {
+    tokio::time::timeout(Duration::from_secs(30), real_actor(config, name))
         .await
         .expect("the actor stops by itself")
         .expect_err("with an error")
@@ -543,12 +560,7 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
         tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Handshake");
     let session_path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Session");
-    let actor_id = client
-        .handshake(handshake_request(&config))
-        .await
-        .unwrap()
-        .into_inner()
-        .actor_id;
+    let actor_id = shake_hands(&mut client, &config).await;
     let mut tally = Tally::default();
     for (i, is_valid) in cases.into_iter().enumerate() {
         if is_valid {
@@ -755,12 +767,7 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     config.learner.max_sessions = 2;
     let (url, learner, stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = client
-        .handshake(handshake_request(&config))
-        .await
-        .unwrap()
-        .into_inner()
-        .actor_id;
+    let actor_id = shake_hands(&mut client, &config).await;
     let mut first = open(&mut client, Some(actor_id)).await.unwrap();
     let _second = open(&mut client, Some(actor_id)).await.unwrap();
     first.grant().await;
@@ -968,12 +975,7 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     config.learner.max_steps = 20;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = client
-        .handshake(handshake_request(&config))
-        .await
-        .unwrap()
-        .into_inner()
-        .actor_id;
+    let actor_id = shake_hands(&mut client, &config).await;
     let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
     // Alone, it is granted the whole initial room (`grant` fails the test
     // if none comes within its timeout).
@@ -985,14 +987,7 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     let mut real = config.clone();
     real.actor.learner = url;
     real.actor.envs = 1;
-    let actor = tokio::spawn(flgfn_actor::run(
-        real,
-        flgfn_actor::ActorOptions {
-            name: "live".to_owned(),
-            seed_offset: None,
-        },
-        std::future::pending(),
-    ));
+    let actor = tokio::spawn(real_actor(real, "live"));
     let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
         .await
         .expect("training goes on long before the silent session is ended")
