@@ -575,6 +575,22 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Kills process `pid` when dropped, if it still runs: for a process the
+/// test did not start itself (a learner's local actor), so that a failing
+/// test leaves none behind.
+struct KillPidOnDrop(u32);
+
+impl Drop for KillPidOnDrop {
+    fn drop(&mut self) {
+        if Path::new(&format!("/proc/{}", self.0)).exists() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Processes whose parent is `pid` (any of its threads).
 fn children_of(pid: u32) -> Vec<u32> {
     let mut children = Vec::new();
@@ -601,6 +617,7 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     let actors = children_of(learner.id());
     assert_eq!(actors.len(), 1, "one local actor: {actors:?}");
     let actor = actors[0];
+    let _actor_guard = KillPidOnDrop(actor);
     // A frozen actor: the learner's graceful stop waits for its connection
     // and then for it to exit, several seconds each.
     signal(actor, "STOP");
@@ -612,9 +629,6 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     signal(learner.id(), "TERM");
     let status = exited_within(&mut learner.0, Duration::from_secs(2));
     let actor_alive = Path::new(&format!("/proc/{actor}")).exists();
-    if actor_alive {
-        signal(actor, "KILL");
-    }
     let status = status.expect("a second signal ends the learner at once");
     assert_eq!(
         status.code(),
