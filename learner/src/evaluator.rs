@@ -8,11 +8,11 @@
 use std::sync::Arc;
 
 use flgfn_common::config::BackwardPolicy;
-use flgfn_common::env::{Environment, State, TaskReference};
+use flgfn_common::env::{DistributionScores, Environment, State, TaskReference};
 use flgfn_common::exact::{policy_terminal_distribution, total_variation};
 use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
 use flgfn_common::policy::{Policy, to_host_f32};
-use flgfn_common::rollout::{Behaviour, forward_probabilities, rollout};
+use flgfn_common::rollout::{Behaviour, Rollout, forward_probabilities, rollout};
 use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -149,6 +149,12 @@ impl Evaluator {
         self.rng = SmallRng::seed_from_u64(seed);
     }
 
+    /// Whether evaluations can say if a policy is at quality: the task has
+    /// a reference with an exact log Z.
+    pub fn judges_quality(&self) -> bool {
+        self.reference.is_some() && self.log_z_exact.is_some()
+    }
+
     /// Exact log Z, when known.
     pub fn log_z_exact(&self) -> Option<f64> {
         self.log_z_exact
@@ -225,52 +231,93 @@ impl Evaluator {
         (Some(total_variation(&learned, target)), Some(kl))
     }
 
-    /// Samples the current policy and computes every figure. `learned_log_z`
-    /// is the objective's own log Z where it has one.
-    pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
+    /// Whether `policy` meets every quality threshold, judged on samples of
+    /// its own drawn from `seed` (None without a reference). Unlike
+    /// [`Evaluator::evaluate`] it leaves the running figures (best objects,
+    /// sample count, sampling stream) alone: it judges weights from the
+    /// past ([`crate::quality_probes`]).
+    pub fn reaches_quality(
+        &self,
+        policy: &Policy,
+        learned_log_z: Option<f64>,
+        seed: u64,
+    ) -> Option<bool> {
+        self.reference.as_ref()?;
+        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
+        let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
+        let (exact_tv, _) = self.exact_scores(policy);
+        self.at_quality(&scores, exact_tv, log_z_estimate)
+    }
+
+    /// Draws the evaluation's samples from `policy`; their energies, and
+    /// their distribution metrics against the reference, if any.
+    fn sample_and_score(
+        &self,
+        policy: &Policy,
+        rng: &mut SmallRng,
+    ) -> (Rollout, Vec<f64>, DistributionScores) {
         let samples = rollout(
             self.env.as_ref(),
             policy,
             self.samples,
             Behaviour::default(),
-            &mut self.rng,
+            rng,
         );
         let energies: Vec<f64> = samples
             .final_states
             .iter()
             .map(|s| self.env.energy(s))
             .collect();
+        let scores = self
+            .reference
+            .as_ref()
+            .map(|r| r.score(&samples.final_states, &energies))
+            .unwrap_or_default();
+        (samples, energies, scores)
+    }
+
+    /// Whether these figures meet every threshold of the task's reference
+    /// (None without one).
+    fn at_quality(
+        &self,
+        scores: &DistributionScores,
+        exact_tv: Option<f64>,
+        log_z_estimate: f64,
+    ) -> Option<bool> {
+        let (Some(reference), Some(exact)) = (&self.reference, self.log_z_exact) else {
+            return None;
+        };
+        let quality = reference.quality();
+        let within = |value: Option<f64>, limit: Option<f64>| match limit {
+            None => true,
+            Some(limit) => value.is_some_and(|v| v <= limit),
+        };
+        Some(
+            within(scores.marginal_tv, quality.marginal_tv)
+                && within(scores.energy_w1, quality.energy_w1)
+                && within(exact_tv, quality.exact_tv)
+                && (log_z_estimate - exact).abs() <= quality.log_z_error,
+        )
+    }
+
+    /// Samples the current policy and computes every figure. `learned_log_z`
+    /// is the objective's own log Z where it has one.
+    pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
+        // The stream is the evaluator's own; taken out while `self` samples.
+        let mut rng = self.rng.clone();
+        let (samples, energies, scores) = self.sample_and_score(policy, &mut rng);
+        self.rng = rng;
         let mut this_evaluation = BestObjects::default();
         for (state, &energy) in samples.final_states.iter().zip(&energies) {
             self.best.offer(energy, state);
             this_evaluation.offer(energy, state);
         }
         self.samples_so_far += samples.final_states.len() as u64;
-        let scores = self
-            .reference
-            .as_ref()
-            .map(|r| r.score(&samples.final_states, &energies))
-            .unwrap_or_default();
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (log_z_sampled, log_z_sampled_ess) =
             self.sampled_log_z(policy, &samples.trajectories, &energies);
         let (exact_tv, exact_kl) = self.exact_scores(policy);
-        let at_quality = match (&self.reference, self.log_z_exact) {
-            (Some(reference), Some(exact)) => {
-                let quality = reference.quality();
-                let within = |value: Option<f64>, limit: Option<f64>| match limit {
-                    None => true,
-                    Some(limit) => value.is_some_and(|v| v <= limit),
-                };
-                Some(
-                    within(scores.marginal_tv, quality.marginal_tv)
-                        && within(scores.energy_w1, quality.energy_w1)
-                        && within(exact_tv, quality.exact_tv)
-                        && (log_z_estimate - exact).abs() <= quality.log_z_error,
-                )
-            }
-            _ => None,
-        };
+        let at_quality = self.at_quality(&scores, exact_tv, log_z_estimate);
         Evaluation {
             log_z_estimate,
             log_z_sampled,

@@ -22,6 +22,8 @@
 //! - [`publisher`]: weight versions as device-side copies, serialised once,
 //!   lazily, when an actor needs them.
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
+//! - [`quality_probes`]: weights kept between two reports, so that time to
+//!   quality is found at a finer grain than the reports.
 //! - [`report`]: tracing lines and JSON-lines metrics.
 //! - [`error`]: errors, and their one conversion to gRPC statuses.
 //! - [`launcher`]: `--local-actors`, actor processes next to the learner.
@@ -47,6 +49,7 @@ pub mod ingest;
 pub mod launcher;
 pub mod parameters;
 pub mod publisher;
+pub mod quality_probes;
 pub mod report;
 pub mod service;
 pub mod session;

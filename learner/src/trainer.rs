@@ -22,7 +22,7 @@ use flgfn_common::objectives::Objective;
 use flgfn_common::policy::{Policy, load_vars, vars_to_host};
 use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
@@ -33,6 +33,7 @@ use crate::evaluator::Evaluator;
 use crate::ingest::IngestStats;
 use crate::parameters::FlatParameters;
 use crate::publisher::Publisher;
+use crate::quality_probes::{Probe, QualityProbes};
 use crate::report::{MetricsFile, Report};
 
 /// Reports in a row whose every step had a non-finite loss before training
@@ -52,7 +53,9 @@ pub struct TrainingOutcome {
     pub weights: Bytes,
     /// The last report.
     pub final_report: Report,
-    /// `wall_s` of the first report at quality, if any.
+    /// `wall_s` when quality was first reached, if it was: of the first
+    /// report at quality, or of the earliest weights kept before it that
+    /// are at quality ([`crate::quality_probes`]).
     pub time_to_quality_s: Option<f64>,
     /// Figures over the whole run.
     pub totals: RunTotals,
@@ -165,6 +168,9 @@ struct Progress {
     last_report_counts: (u64, u64),
     report: Report,
     time_to_quality: Option<f64>,
+    /// Weights kept since the last report while quality is not reached
+    /// yet (None: not looked for, or found).
+    probes: Option<QualityProbes>,
     /// Whole-run sums: lag x transitions, largest lag, time waiting.
     lag_weighted_total: f64,
     max_lag_total: u64,
@@ -230,6 +236,16 @@ impl Trainer {
                     ))
                 })?;
         progress.version = self.start_version;
+        // Time to quality is refined between reports spaced in time; with
+        // reports every so many steps (experiments), the steps are the grain.
+        if progress.time_to_quality.is_none()
+            && learner.eval_every_steps == 0
+            && evaluator.judges_quality()
+        {
+            let mut probes = QualityProbes::default();
+            probes.plan(progress.last_report_wall, progress.next_report_wall);
+            progress.probes = Some(probes);
+        }
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         while !finished(&progress) {
             let wait_started = Instant::now();
@@ -250,6 +266,18 @@ impl Trainer {
                 self.raise_version_floor(&mut progress)?;
                 self.publisher
                     .publish(progress.version, optimizer.parameters().snapshot());
+            }
+            let wall = progress.wall();
+            if let Some(probes) = progress.probes.as_mut()
+                && probes.due(wall)
+            {
+                probes.keep(Probe {
+                    wall_s: wall,
+                    step: progress.step,
+                    weights: optimizer.parameters().snapshot(),
+                    // A device read, for TB alone, a few times per report.
+                    learned_log_z: self.objective.learned_log_z(),
+                });
             }
             let due = if learner.eval_every_steps > 0 {
                 progress.step % learner.eval_every_steps == 0
@@ -513,6 +541,43 @@ impl Trainer {
         window.truncated += batch.truncated as u64;
     }
 
+    /// When quality was first reached, found by the report at `report_wall`:
+    /// the earliest of the weights kept since the report before that is at
+    /// quality, or else that report.
+    fn first_at_quality(
+        &self,
+        evaluator: &Evaluator,
+        probes: Option<QualityProbes>,
+        report_wall: f64,
+    ) -> f64 {
+        let Some(probes) = probes else {
+            return report_wall;
+        };
+        let mut scratch: Option<Policy> = None;
+        let earliest = probes.earliest_at_quality(|probe| {
+            let policy = scratch
+                .get_or_insert_with(|| Policy::new(self.policy.spec(), self.policy.device()));
+            if let Err(error) = policy.load_weights(&probe.weights.to_host()) {
+                warn!(%error, "cannot load weights kept to refine time to quality");
+                return false;
+            }
+            let seed = self.config.seed ^ probe.step;
+            evaluator.reaches_quality(policy, probe.learned_log_z, seed) == Some(true)
+        });
+        match earliest {
+            Some((wall_s, step)) => {
+                info!(
+                    wall_s,
+                    step,
+                    report_wall_s = report_wall,
+                    "quality first reached between two reports"
+                );
+                wall_s
+            }
+            None => report_wall,
+        }
+    }
+
     /// Evaluates the current policy, then logs and writes one report.
     fn report(
         &mut self,
@@ -610,7 +675,10 @@ impl Trainer {
             metrics.write(&report)?;
         }
         if progress.time_to_quality.is_none() && evaluation.at_quality == Some(true) {
-            progress.time_to_quality = Some(wall);
+            let refining = Instant::now();
+            let first = self.first_at_quality(evaluator, progress.probes.take(), wall);
+            progress.eval_time += refining.elapsed();
+            progress.time_to_quality = Some(first);
         }
         progress.last_report_wall = wall;
         // Geometric spacing: each gap a quarter of the training time so far,
@@ -618,6 +686,9 @@ impl Trainer {
         let learner = &self.config.learner;
         let gap = (0.25 * wall).clamp(learner.first_report_s, learner.report_every_s);
         progress.next_report_wall = wall + gap;
+        if let Some(probes) = progress.probes.as_mut() {
+            probes.plan(wall, progress.next_report_wall);
+        }
         progress.last_report_counts = (progress.trained_transitions, ingested);
         progress.window = Window::default();
         progress.report = report;

@@ -7,6 +7,7 @@ use flgfn_actor::{ActorError, ActorOptions, ActorReport};
 use flgfn_common::config::{BackwardPolicy, Config, ObjectiveName, TaskConfig, WeightEncoding};
 use flgfn_common::tasks;
 use flgfn_common::tasks::lattice::LatticeConfig;
+use flgfn_learner::report::Report;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -24,13 +25,17 @@ struct Learner {
 }
 
 async fn start_learner(config: Config) -> Learner {
+    start_learner_with(config, RunOptions::default()).await
+}
+
+async fn start_learner_with(config: Config, options: RunOptions) -> Learner {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
     let outcome = tokio::spawn(flgfn_learner::serve(
         config,
         listener,
-        RunOptions::default(),
+        options,
         async move {
             let _ = stopped.await;
         },
@@ -49,7 +54,16 @@ fn actor_options(i: u64) -> ActorOptions {
 /// checks what every run must show: the step count, and actors that applied
 /// several versions and stopped when training ended.
 async fn train(config: &Config, actors: u64) -> (TrainingOutcome, Vec<ActorReport>) {
-    let learner = start_learner(config.clone()).await;
+    train_with(config, actors, RunOptions::default()).await
+}
+
+/// [`train`] with these run options.
+async fn train_with(
+    config: &Config,
+    actors: u64,
+    options: RunOptions,
+) -> (TrainingOutcome, Vec<ActorReport>) {
+    let learner = start_learner_with(config.clone(), options).await;
     let mut actor_config = config.clone();
     actor_config.actor.learner = learner.url.clone();
     let mut actors: Vec<_> = (0..actors)
@@ -127,6 +141,46 @@ async fn two_actors_train_the_learner_to_the_exact_target() {
     );
     // log Z too: the distribution alone does not pin it down.
     assert!(log_z_error < 0.1, "log Z error {log_z_error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_to_quality_is_found_between_reports_on_the_weights_kept_meanwhile() {
+    let metrics = std::env::temp_dir().join(format!("flgfn-quality-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let mut config = tiny_config();
+    // One report after 2 s, with enough samples that sampling noise rarely
+    // hides quality: the tiny task reaches it well before (by the first
+    // copy, at 0.4 s, here), and only the weights kept meanwhile can tell
+    // when.
+    config.learner.first_report_s = 2.0;
+    config.learner.report_every_s = 2.0;
+    config.learner.eval_samples = 2048;
+    config.learner.max_steps = 3000;
+    let options = RunOptions {
+        metrics_path: Some(metrics.clone()),
+        ..RunOptions::default()
+    };
+    let (outcome, _) = train_with(&config, 2, options).await;
+    let reports: Vec<Report> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let _ = std::fs::remove_file(&metrics);
+    let first = reports
+        .iter()
+        .position(|r| r.at_quality == Some(true))
+        .expect("the tiny task reaches quality");
+    let found_by = reports[first].wall_s;
+    let below = first.checked_sub(1).map_or(0.0, |i| reports[i].wall_s);
+    let time_to_quality = outcome.time_to_quality_s.unwrap();
+    eprintln!(
+        "reports: last below quality at {below:.2} s, first at quality at {found_by:.2} s; time to quality {time_to_quality:.2} s"
+    );
+    assert!(
+        below < time_to_quality && time_to_quality < found_by,
+        "time to quality {time_to_quality} is not between {below} and {found_by}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,149 @@
+//! Time to quality at a finer grain than the reports.
+//!
+//! A report evaluates the policy (thousands of samples, and the exact
+//! distribution on small tasks), so reports come at most every
+//! `learner.first_report_s` of training (0.25 s by default), and a time to
+//! quality read off them alone is rounded up to that grain: a run reaching
+//! quality after about a second reads 0.75 s or 1.0 s, nothing between.
+//! Reporting more often would pause training more often and change what
+//! is measured (actors roll out meanwhile, and their data ages).
+//!
+//! So, until quality is first reached, the trainer keeps a copy of the
+//! weights (on the device, no transfer) at evenly spaced moments between
+//! two reports: [`PROBES_PER_GAP`] - 1 copies, the next report being the
+//! last point. A report below quality forgets them. The first report at
+//! quality evaluates them, oldest first, and time to quality is the moment
+//! of the first copy at quality (or of that report, if none is). They are
+//! evaluated once, off the clock, after the moment they measure, so they
+//! change nothing they could measure.
+
+use flgfn_common::policy::DeviceSnapshot;
+
+/// Points per gap between two reports, the later report included: the
+/// grain of time to quality is the gap over this (50 ms after the first
+/// report by default). Each costs one device copy of the weights while
+/// kept, and at most this many evaluations once, when quality is reached.
+pub const PROBES_PER_GAP: u32 = 5;
+
+/// The weights at one moment of training.
+#[derive(Debug)]
+pub struct Probe {
+    /// `wall_s` when the copy was taken.
+    pub wall_s: f64,
+    /// Training steps done then.
+    pub step: u64,
+    /// The policy's weights then.
+    pub weights: DeviceSnapshot,
+    /// The objective's own log Z then, where it has one (TB).
+    pub learned_log_z: Option<f64>,
+}
+
+/// The copies kept since the last report, and when the next ones are due.
+#[derive(Debug, Default)]
+pub struct QualityProbes {
+    /// `wall_s` of the copies still to take before the next report,
+    /// latest first.
+    due: Vec<f64>,
+    /// Copies taken since the last report, oldest first.
+    taken: Vec<Probe>,
+}
+
+impl QualityProbes {
+    /// Forgets the copies taken so far and plans the next ones between a
+    /// report at `from` and the next one, due at `to` (in `wall_s`).
+    pub fn plan(&mut self, from: f64, to: f64) {
+        self.taken.clear();
+        let step = (to - from) / f64::from(PROBES_PER_GAP);
+        self.due = (1..PROBES_PER_GAP)
+            .rev()
+            .map(|k| from + step * f64::from(k))
+            .collect();
+    }
+
+    /// Whether a copy is due at `wall`. One copy serves every moment
+    /// passed since the last (a step longer than the spacing).
+    pub fn due(&mut self, wall: f64) -> bool {
+        let passed = self.due.iter().rev().take_while(|&&at| at <= wall).count();
+        self.due.truncate(self.due.len() - passed);
+        passed > 0
+    }
+
+    /// Keeps a copy taken because [`QualityProbes::due`] said so.
+    pub fn keep(&mut self, probe: Probe) {
+        self.taken.push(probe);
+    }
+
+    /// The first copy, oldest first, that `at_quality` finds at quality
+    /// (its `wall_s` and step); stops asking at the first.
+    pub fn earliest_at_quality(
+        self,
+        mut at_quality: impl FnMut(&Probe) -> bool,
+    ) -> Option<(f64, u64)> {
+        self.taken
+            .into_iter()
+            .find(|probe| at_quality(probe))
+            .map(|probe| (probe.wall_s, probe.step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tch::Tensor;
+
+    use super::*;
+
+    fn probe(wall_s: f64, step: u64) -> Probe {
+        Probe {
+            wall_s,
+            step,
+            weights: DeviceSnapshot::new(Tensor::zeros([1], tch::kind::FLOAT_CPU), Arc::new([])),
+            learned_log_z: None,
+        }
+    }
+
+    #[test]
+    fn copies_are_due_evenly_between_two_reports_and_late_steps_take_one() {
+        let mut probes = QualityProbes::default();
+        probes.plan(1.0, 1.5);
+        // Due at 1.1, 1.2, 1.3 and 1.4; the report itself is at 1.5.
+        assert!(!probes.due(1.05));
+        assert!(probes.due(1.1));
+        assert!(!probes.due(1.15), "1.1 was taken");
+        assert!(probes.due(1.35), "1.2 and 1.3 passed: one copy for both");
+        assert!(!probes.due(1.38));
+        assert!(probes.due(1.45));
+        assert!(!probes.due(1.6), "nothing after the last one before 1.5");
+        probes.plan(1.5, 2.0);
+        assert!(probes.due(1.61), "planned again after the report");
+    }
+
+    #[test]
+    fn the_earliest_copy_at_quality_is_found_and_the_rest_not_evaluated() {
+        let mut probes = QualityProbes::default();
+        probes.plan(0.0, 0.5);
+        // Each just after the moment it was due (0.1, 0.2, 0.3, 0.4).
+        for (wall, step) in [(0.15, 10), (0.25, 20), (0.35, 30), (0.45, 40)] {
+            assert!(probes.due(wall));
+            probes.keep(probe(wall, step));
+        }
+        let mut asked = Vec::new();
+        let earliest = probes.earliest_at_quality(|p| {
+            asked.push(p.step);
+            p.step >= 20
+        });
+        assert_eq!(earliest, Some((0.25, 20)));
+        assert_eq!(asked, [10, 20], "oldest first, and none after the first");
+    }
+
+    #[test]
+    fn a_report_below_quality_forgets_the_copies_before_it() {
+        let mut probes = QualityProbes::default();
+        probes.plan(0.0, 0.5);
+        assert!(probes.due(0.1));
+        probes.keep(probe(0.1, 10));
+        probes.plan(0.5, 1.0);
+        assert_eq!(probes.earliest_at_quality(|_| true), None);
+    }
+}
