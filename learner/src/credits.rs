@@ -90,8 +90,11 @@ pub struct CreditPool {
     /// ([`CreditPool::adapt_while_waiting`]), so the room's usual dynamics
     /// do not depend on it.
     unserved: AtomicU64,
-    /// Transitions whose room came back (taken into a batch, or the
-    /// credit returned), ever.
+    /// Room of the credits whose chunk was taken into a batch (or that
+    /// were returned), ever, counted whole when that happens: the part a
+    /// short chunk freed on arrival too, so that the newest chunks of
+    /// truncated trajectories, arriving, do not end a hold on what was in
+    /// flight before them.
     released: AtomicU64,
     /// The room changes again only once `released` reaches this: after a
     /// change, what was already in flight must be trained before the
@@ -248,6 +251,7 @@ impl CreditPool {
             pool: self.clone(),
             reserved: amount,
             queued: 0,
+            freed_on_arrival: 0,
             held: None,
         })
     }
@@ -262,6 +266,9 @@ pub struct CreditToken {
     reserved: u64,
     /// Transitions counted as waiting for the trainer.
     queued: u64,
+    /// Room given back when the chunk arrived smaller than reserved;
+    /// counted as released when the chunk is trained.
+    freed_on_arrival: u64,
     /// The granting session's count of credits alive (granted, and their
     /// chunk not yet taken by the trainer), lowered on drop.
     held: Option<Arc<AtomicU64>>,
@@ -277,8 +284,8 @@ impl CreditToken {
         self.reserved = keep;
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
+        self.freed_on_arrival += freed;
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
-        self.pool.released.fetch_add(freed, Ordering::Relaxed);
         // Less on the way now: the controller may grant again.
         self.pool.wake.notify_one();
     }
@@ -290,7 +297,7 @@ impl Drop for CreditToken {
         self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
         self.pool
             .released
-            .fetch_add(self.reserved, Ordering::Relaxed);
+            .fetch_add(self.reserved + self.freed_on_arrival, Ordering::Relaxed);
         if let Some(held) = &self.held {
             held.fetch_sub(1, Ordering::AcqRel);
         }
@@ -602,6 +609,35 @@ mod tests {
         assert_eq!(pool.in_use(), 100);
         drop((a, b, c));
         assert_eq!((pool.in_use(), pool.queued()), (0, 0));
+    }
+
+    #[test]
+    fn a_hold_lasts_until_what_was_in_flight_is_trained_however_short_the_newer_chunks() {
+        let pool = CreditPool::new(100, 100, 8);
+        let mut in_flight = pool.try_reserve(400).unwrap();
+        in_flight.arrived(400);
+        let idle = || pool.idle_actors.fetch_add(1, Ordering::Relaxed);
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 500, "starved with data queued: grow");
+        // Newer chunks of truncated trajectories arrive far smaller than
+        // reserved: together they give back more room than was in flight
+        // at the change, before any of that is trained.
+        let newer: Vec<_> = (0..5)
+            .map(|_| {
+                let mut chunk = pool.try_reserve(90).unwrap();
+                chunk.arrived(1);
+                chunk
+            })
+            .collect();
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 500, "held: nothing in flight was trained");
+        drop(in_flight);
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 625, "trained: the room grows again");
+        drop(newer);
     }
 
     #[test]
