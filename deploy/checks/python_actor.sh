@@ -2,7 +2,10 @@
 # Check: the Python actor (examples/python_actor) trains a real learner:
 # the learner accepts its handshake and chunks (no rejection), counts its
 # transitions, and reaches the end of a 150-step run; the actor exits 0
-# when told training is over. Its requirements go into a venv in the cache.
+# when told training is over. Then a learner is killed (SIGKILL) under a
+# running actor and started again on the same port: the actor reconnects
+# by itself and trains it to the end. Its requirements go into a venv in
+# the cache.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
@@ -19,8 +22,10 @@ fi
 cargo build --release --quiet --bin flgfn-learner
 work="$(mktemp -d)"
 learner_pid=""
+actor_pid=""
 cleanup() {
     if [ -n "$learner_pid" ]; then kill "$learner_pid" 2>/dev/null || true; fi
+    if [ -n "$actor_pid" ]; then kill "$actor_pid" 2>/dev/null || true; fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,7 +34,7 @@ port="$(free_port)"
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
 learner_pid=$!
 if ! "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
-    --envs 16 --truncate-fraction 0.3 --seed 1 >"$work/actor.log" 2>&1; then
+    --envs 16 --truncate-fraction 0.3 --seed 1 --reconnect-attempts 5 >"$work/actor.log" 2>&1; then
     echo "python_actor: FAILED: the actor exited non-zero" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
@@ -47,5 +52,55 @@ if grep -q "training finished" "$work/learner.log" && [ -n "$sent" ] &&
 else
     echo "python_actor: FAILED: sent '$sent', ingested '$ingested', rejected '$rejected'" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
+    exit 1
+fi
+
+# Reconnect: the learner dies under a running actor and comes back on the
+# same port.
+port="$(free_port)"
+start_learner() { # $1: a name for its log and metrics
+    "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 300 \
+        --checkpoint-dir "$work/checkpoints" --metrics "$work/$1.jsonl" >"$work/$1.log" 2>&1 &
+    learner_pid=$!
+}
+start_learner learner-1
+# Bounded, so that a learner that never comes back fails the check.
+"$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --seed 2 --reconnect-attempts 20 >"$work/actor-2.log" 2>&1 &
+actor_pid=$!
+# Killed once it has trained on the actor's chunks (its first report).
+for _ in $(seq 1 600); do
+    if [ -s "$work/learner-1.jsonl" ]; then break; fi
+    sleep 0.1
+done
+if [ ! -s "$work/learner-1.jsonl" ]; then
+    echo "python_actor: FAILED: the first learner reported nothing within 60 s" >&2
+    tail -n 20 "$work/actor-2.log" "$work/learner-1.log" >&2
+    exit 1
+fi
+kill -KILL "$learner_pid"
+wait "$learner_pid" 2>/dev/null || true
+sleep 1
+start_learner learner-2
+if ! wait "$actor_pid"; then
+    actor_pid=""
+    echo "python_actor: FAILED: the actor did not survive the learner's restart" >&2
+    tail -n 20 "$work/actor-2.log" "$work/learner-2.log" >&2
+    exit 1
+fi
+actor_pid=""
+wait "$learner_pid"
+learner_pid=""
+sessions="$(sed -n 's/.*weight versions, \([0-9]*\) sessions.*/\1/p' "$work/actor-2.log")"
+read -r ingested rejected < <(python3 -c '
+import json, sys
+last = [json.loads(line) for line in open(sys.argv[1])][-1]
+print(last["ingested_transitions"], sum(last["rejections"].values()))' "$work/learner-2.jsonl")
+if grep -q "reconnecting" "$work/actor-2.log" && grep -q "training finished" "$work/learner-2.log" &&
+    [ -n "$sessions" ] && [ "$sessions" -ge 2 ] && [ "$ingested" -gt 0 ] && [ "$rejected" -eq 0 ]; then
+    echo "python_actor: ok: after the learner was killed and restarted, the actor reconnected ($sessions sessions) and the new learner ingested $ingested transitions, refused none, and finished 300 steps"
+else
+    echo "python_actor: FAILED: sessions '$sessions', ingested '$ingested', rejected '$rejected'" >&2
+    tail -n 20 "$work/actor-2.log" "$work/learner-2.log" >&2
     exit 1
 fi

@@ -20,10 +20,11 @@ import argparse
 import json
 import os
 import queue
+import random
 import struct
 import sys
 import tempfile
-import threading
+import time
 
 import grpc
 import numpy as np
@@ -180,63 +181,154 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
     return actions, energies
 
 
+# Refusals that no retry can change (as the Rust actor decides); anything
+# else (the learner restarting, a broken connection, all places taken) is
+# retried with backoff. The learner marks other final refusals with a
+# trailer.
+FINAL_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+FINAL_REFUSAL_HEADER = "flgfn-final"
+
+
+class Refused(RuntimeError):
+    """The learner refused this actor for good (wrong task, bad token, ...)."""
+
+
+def is_final(error):
+    trailers = error.trailing_metadata() or ()
+    return error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers)
+
+
+class Actor:
+    """What lives across sessions: the connection, the task, the counts.
+
+    Chunks are numbered across reconnects (`sequence`), so the learner can
+    count chunks lost when a connection broke.
+    """
+
+    def __init__(self, task, learner, hidden, envs, epsilon, truncate_fraction, name,
+                 token, seed, connect_timeout_s, keepalive_s):
+        self.pb, pb_grpc = load_protocol()
+        self.task, self.hidden, self.envs, self.name = task, hidden, envs, name
+        self.epsilon, self.truncate_fraction = epsilon, truncate_fraction
+        self.connect_timeout_s = connect_timeout_s
+        self.rng = np.random.default_rng(seed)
+        options = [("grpc.max_receive_message_length", 256 << 20),
+                   ("grpc.max_send_message_length", 64 << 20),
+                   # Pings find a learner that vanished without closing the
+                   # connection (a dead host, a cut network).
+                   ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+                   ("grpc.keepalive_timeout_ms", int(2 * keepalive_s * 1000)),
+                   ("grpc.keepalive_permit_without_calls", 1)]
+        self.channel = grpc.insecure_channel(learner, options=options)
+        self.stub = pb_grpc.LearnerStub(self.channel)
+        self.auth = [("authorization", f"Bearer {token}")] if token else []
+        self.counts = {"chunks": 0, "transitions": 0, "versions": 0, "sessions": 0}
+
+    def session(self):
+        """One session: handshake, then grants in and chunks out. Returns
+        True when the learner says training is over, False when it closed
+        the stream without saying so; a broken connection raises
+        grpc.RpcError. Sets `self.served` once a grant arrives."""
+        pb, task = self.pb, self.task
+        self.served = False
+        self.counts["sessions"] += 1
+        model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
+                             forward_actions=task.forward_actions,
+                             backward_actions=task.backward_actions)
+        reply = self.stub.Handshake(pb.HandshakeRequest(
+            protocol_version=PROTOCOL_VERSION, actor_name=self.name,
+            task=pb.TaskSpec(name=task.name, params=task.params()), model=model,
+            trajectories_per_chunk=self.envs), metadata=self.auth,
+            # (A learner still starting, or loading a checkpoint: wait for it.)
+            wait_for_ready=True, timeout=self.connect_timeout_s)
+        actor_id = reply.actor_id
+        print(f"{self.name}: actor {actor_id} at learner version {reply.version}", flush=True)
+        outbox = queue.Queue()
+
+        def chunks():
+            while (chunk := outbox.get()) is not None:
+                yield chunk
+
+        grants = self.stub.Session(chunks(), metadata=self.auth + [
+            ("flgfn-actor-id", str(actor_id)),
+            ("flgfn-trajectories-per-chunk", str(self.envs))])
+        # Weights come with this session's first grant.
+        policy, version = None, None
+        try:
+            for grant in grants:
+                self.served = True
+                if grant.training_done:
+                    return True
+                if grant.HasField("weights"):
+                    policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
+                    version = grant.weights.version
+                    self.counts["versions"] += 1
+                if policy is None:
+                    raise Refused("the learner granted a credit before sending weights")
+                for left in reversed(range(grant.credits)):
+                    actions, energies = rollout(task, policy, self.envs, self.epsilon,
+                                                self.truncate_fraction, self.rng)
+                    outbox.put(pb.TrajectoryChunk(
+                        actor_id=actor_id, policy_version=version, sequence=self.counts["chunks"],
+                        trajectories=[pb.Trajectory(actions=a, energies=e)
+                                      for a, e in zip(actions, energies)],
+                        credits_left=left))
+                    self.counts["chunks"] += 1
+                    self.counts["transitions"] += sum(len(a) for a in actions)
+            return False
+        finally:
+            outbox.put(None)
+            grants.cancel()
+
+
 def run(task, learner, hidden=(256, 256), envs=16, epsilon=0.05,
         truncate_fraction=0.0, name="python-actor", token=None, seed=None,
-        connect_timeout_s=60.0):
-    """Trains the learner until it says training is over; returns counts."""
-    pb, pb_grpc = load_protocol()
-    rng = np.random.default_rng(seed)
-    options = [("grpc.max_receive_message_length", 256 << 20),
-               ("grpc.max_send_message_length", 64 << 20)]
-    channel = grpc.insecure_channel(learner, options=options)
-    stub = pb_grpc.LearnerStub(channel)
-    auth = [("authorization", f"Bearer {token}")] if token else []
-    task_spec = pb.TaskSpec(name=task.name, params=task.params())
-    model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(hidden),
-                         forward_actions=task.forward_actions,
-                         backward_actions=task.backward_actions)
-    reply = stub.Handshake(pb.HandshakeRequest(
-        protocol_version=PROTOCOL_VERSION, actor_name=name, task=task_spec,
-        model=model, trajectories_per_chunk=envs), metadata=auth,
-        # (A learner still starting, or loading a checkpoint: wait for it.)
-        wait_for_ready=True, timeout=connect_timeout_s)
-    actor_id = reply.actor_id
-    print(f"{name}: actor {actor_id} at learner version {reply.version}", flush=True)
+        connect_timeout_s=60.0, keepalive_s=10.0, reconnect_initial_s=0.2,
+        reconnect_max_s=5.0, reconnect_attempts=0):
+    """Trains the learner until it says training is over; returns counts.
 
-    outbox = queue.Queue()
-
-    def chunks():
-        while (chunk := outbox.get()) is not None:
-            yield chunk
-
-    grants = stub.Session(chunks(), metadata=auth + [
-        ("flgfn-actor-id", str(actor_id)),
-        ("flgfn-trajectories-per-chunk", str(envs))])
-    counts = {"chunks": 0, "transitions": 0, "versions": 0}
-    policy, version = None, None
+    Reconnects with exponential backoff (with jitter, so a fleet that lost
+    its learner at once does not come back in lockstep) when the learner
+    goes away; gives up after `reconnect_attempts` failures in a row
+    (0: never). A final refusal raises `Refused`.
+    """
+    actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
+                  connect_timeout_s, keepalive_s)
+    jitter = random.Random()
+    backoff, failures = reconnect_initial_s, 0
     try:
-        for grant in grants:
-            if grant.training_done:
-                break
-            if grant.HasField("weights"):
-                policy = Policy(read_safetensors(grant.weights.safetensors), hidden)
-                version = grant.weights.version
-                counts["versions"] += 1
-            if policy is None:
-                raise RuntimeError("the learner granted a credit before sending weights")
-            for left in reversed(range(grant.credits)):
-                actions, energies = rollout(task, policy, envs, epsilon, truncate_fraction, rng)
-                outbox.put(pb.TrajectoryChunk(
-                    actor_id=actor_id, policy_version=version, sequence=counts["chunks"],
-                    trajectories=[pb.Trajectory(actions=a, energies=e) for a, e in zip(actions, energies)],
-                    credits_left=left))
-                counts["chunks"] += 1
-                counts["transitions"] += sum(len(a) for a in actions)
+        while True:
+            try:
+                if actor.session():
+                    break
+                message = "the learner closed the session"
+            except grpc.RpcError as error:
+                if is_final(error):
+                    raise Refused(f"the learner refused this actor: "
+                                  f"{error.code().name}: {error.details()}") from error
+                message = f"{error.code().name}: {error.details()}"
+            if actor.served:
+                # The connection worked: this is a new outage.
+                backoff, failures = reconnect_initial_s, 0
+            else:
+                failures += 1
+            if reconnect_attempts and failures >= reconnect_attempts:
+                raise RuntimeError(f"gave up after {failures} attempts: {message}")
+            pause = backoff * jitter.uniform(0.5, 1.0)
+            print(f"{name}: learner unavailable ({message}); reconnecting in {pause:.2f} s",
+                  flush=True)
+            time.sleep(pause)
+            backoff = min(2 * backoff, reconnect_max_s)
     finally:
-        outbox.put(None)
-        channel.close()
+        actor.channel.close()
+    counts = actor.counts
     print(f"{name}: training done: sent {counts['chunks']} chunks, "
-          f"{counts['transitions']} transitions, {counts['versions']} weight versions", flush=True)
+          f"{counts['transitions']} transitions, {counts['versions']} weight versions, "
+          f"{counts['sessions']} sessions", flush=True)
     return counts
 
 
@@ -249,11 +341,14 @@ def main():
     parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
     parser.add_argument("--name", default=f"python-actor-{os.getpid()}")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--reconnect-attempts", type=int, default=0,
+                        help="failed connections in a row before giving up (0: never)")
     args = parser.parse_args()
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
     run(SetGeneration(), args.learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
         truncate_fraction=args.truncate_fraction, name=args.name,
-        token=os.environ.get("FLGFN_TOKEN"), seed=args.seed)
+        token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
+        reconnect_attempts=args.reconnect_attempts)
 
 
 if __name__ == "__main__":
