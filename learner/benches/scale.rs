@@ -34,10 +34,10 @@ struct Args {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Generated-actor counts to run (loopback).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64", value_parser = actor_count)]
     generated: Vec<usize>,
     /// Real actor process counts to run (loopback).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4", value_parser = actor_count)]
     real: Vec<usize>,
     /// One-way delay added by a proxy for the delayed scenarios (ms).
     #[arg(long, default_value_t = 25)]
@@ -59,7 +59,8 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fixed,generated,real,delay"
+        default_value = "fixed,generated,real,delay",
+        value_parser = ["fixed", "generated", "real", "delay"]
     )]
     only: Vec<String>,
     /// Log the learner's reports (and everything else at RUST_LOG's
@@ -69,6 +70,16 @@ struct Args {
     /// cargo bench passes this; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+/// An actor count of at least 1: a learner without actors would wait for
+/// ever (leave a group out with `--only`).
+fn actor_count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("at least 1 (leave a group out with --only)".to_owned()),
+        Ok(count) => Ok(count),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 struct Scenario {
