@@ -13,8 +13,8 @@
 //! The capacity starts at [`INITIAL_ROOM_BATCHES`] smallest batches and
 //! adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
-//! grows it while the trainer waits for batches, and shrinks it while the
-//! trainer is busy and more than two batches wait; after each change it
+//! grows it while the trainer waits for batches, and shrinks it by what
+//! waits beyond two batches while the trainer is busy; after each change it
 //! waits until what was in flight then has been trained (one turn of the
 //! credits, however long the link) before it reads those signals again.
 //! The batch itself grows with the data in flight
@@ -96,6 +96,10 @@ pub struct CreditPool {
     /// truncated trajectories, arriving, do not end a hold on what was in
     /// flight before them.
     released: AtomicU64,
+    /// Room freed on arrival by chunks not yet trained: counted in
+    /// `released` only when they are, so part of what a change must wait
+    /// for.
+    freed_pending: AtomicU64,
     /// The room changes again only once `released` reaches this: after a
     /// change, what was already in flight must be trained before the
     /// signals (starving, a long queue) say anything about the new room.
@@ -128,6 +132,7 @@ impl CreditPool {
             idle_actors: AtomicU64::new(0),
             unserved: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            freed_pending: AtomicU64::new(0),
             settled_at: AtomicU64::new(0),
             released_at_wait: AtomicU64::new(0),
             wake: Notify::new(),
@@ -169,7 +174,8 @@ impl CreditPool {
     /// since the last call means too little is in flight: the room doubles when nothing
     /// is queued at all and grows by a quarter (at least a batch)
     /// otherwise. A busy trainer with more than two batches queued means
-    /// data ages in the queue: the room shrinks by a sixteenth. After a
+    /// data ages in the queue: the room shrinks by what is queued beyond
+    /// two batches (at least a sixteenth, at most a quarter). After a
     /// change the room holds until what was in flight at the change has
     /// been trained. Returns the batch to build
     /// ([`CreditPool::batch_target`]).
@@ -216,15 +222,23 @@ impl CreditPool {
         } else if starved {
             capacity.saturating_add((capacity / 4).max(batch))
         } else if queued > 2 * batch {
-            capacity - capacity / 16
+            // What waits beyond two batches is room the trainer does not
+            // need: give most of it back in one turn. A sixteenth per turn
+            // took a second to undo a doubling behind 25 ms, a second of
+            // large batches and slow steps.
+            capacity - (queued - 2 * batch).clamp(capacity / 16, capacity / 4)
         } else {
             capacity
         };
         let next = next.clamp(self.floor, self.ceiling);
         if next != capacity {
             self.capacity.store(next, Ordering::Relaxed);
+            // Everything in flight now, counted as it will be released:
+            // whole, short chunks' freed room included.
             self.settled_at.store(
-                self.released.load(Ordering::Relaxed) + self.in_use(),
+                self.released.load(Ordering::Relaxed)
+                    + self.in_use()
+                    + self.freed_pending.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
         }
@@ -285,6 +299,7 @@ impl CreditToken {
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
         self.freed_on_arrival += freed;
+        self.pool.freed_pending.fetch_add(freed, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
         // Less on the way now: the controller may grant again.
         self.pool.wake.notify_one();
@@ -295,6 +310,9 @@ impl Drop for CreditToken {
     fn drop(&mut self) {
         self.pool.queued.fetch_sub(self.queued, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
+        self.pool
+            .freed_pending
+            .fetch_sub(self.freed_on_arrival, Ordering::Relaxed);
         self.pool
             .released
             .fetch_add(self.reserved + self.freed_on_arrival, Ordering::Relaxed);
@@ -641,6 +659,36 @@ mod tests {
     }
 
     #[test]
+    fn a_short_chunk_queued_at_a_change_counts_whole_in_the_hold() {
+        let pool = CreditPool::new(100, 100, 8);
+        // At the change: one short chunk queued (90 reserved, 1 arrived)
+        // and 400 on the way.
+        let mut short = pool.try_reserve(90).unwrap();
+        short.arrived(1);
+        let on_the_way = pool.try_reserve(400).unwrap();
+        let idle = || pool.idle_actors.fetch_add(1, Ordering::Relaxed);
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 500, "starved with data queued: grow");
+        // The short chunk and newer short ones are trained; together they
+        // release more than the 401 in use at the change, but not the 400
+        // still on the way.
+        drop(short);
+        for _ in 0..4 {
+            let mut newer = pool.try_reserve(90).unwrap();
+            newer.arrived(1);
+            drop(newer);
+        }
+        idle();
+        pool.adapt(true);
+        assert_eq!(pool.capacity(), 500, "held: the 400 are not trained yet");
+        drop(on_the_way);
+        idle();
+        pool.adapt(true);
+        assert!(pool.capacity() > 500, "all trained: the room grows again");
+    }
+
+    #[test]
     fn room_grows_when_starved_shrinks_when_data_waits_and_the_batch_follows() {
         // Batches of 100 to 200, room for up to 4 of the largest.
         let pool = CreditPool::new(100, 200, 4);
@@ -707,12 +755,35 @@ mod tests {
             "the batch grows with the data in flight"
         );
         pool.adapt(false);
-        assert_eq!(pool.capacity(), 750, "4 batches of 125 waiting: shrink");
+        assert_eq!(
+            pool.capacity(),
+            600,
+            "4 batches of 125 waiting: shrink by what waits beyond two, a quarter at most"
+        );
         pool.adapt(false);
         assert_eq!(
             pool.capacity(),
-            750,
+            600,
             "held until the 500 queued are trained"
+        );
+        drop(held);
+        let queue = |transitions| {
+            let mut waiting = pool.try_reserve(transitions).unwrap();
+            waiting.arrived(transitions);
+            pool.adapt(false);
+            waiting
+        };
+        drop(queue(300));
+        assert_eq!(
+            pool.capacity(),
+            500,
+            "3 batches of 100 waiting: shrink by one"
+        );
+        let mut held = queue(210);
+        assert_eq!(
+            pool.capacity(),
+            469,
+            "10 beyond two batches: shrink by a sixteenth at least"
         );
         for _ in 0..100 {
             // Trained, and as much again waiting: each change settles.
