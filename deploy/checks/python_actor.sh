@@ -39,7 +39,12 @@ if ! "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
 fi
-wait "$learner_pid"
+if ! wait "$learner_pid" || [ ! -s "$work/metrics.jsonl" ]; then
+    learner_pid=""
+    echo "python_actor: FAILED: the learner failed or reported nothing" >&2
+    tail -n 20 "$work/learner.log" >&2
+    exit 1
+fi
 learner_pid=""
 sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
 read -r ingested rejected < <(python3 -c '
@@ -64,8 +69,9 @@ start_learner() { # $1: a name for its log and metrics
     learner_pid=$!
 }
 start_learner learner-1
-# Bounded, so that a learner that never comes back fails the check.
-"$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+# Bounded (20 failed attempts of at most 10 s each, and a timeout), so
+# that a learner that never comes back fails the check.
+timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
     --envs 16 --seed 2 --reconnect-attempts 20 >"$work/actor-2.log" 2>&1 &
 actor_pid=$!
 # Killed once it has trained on the actor's chunks (its first report).
@@ -78,7 +84,11 @@ if [ ! -s "$work/learner-1.jsonl" ]; then
     tail -n 20 "$work/actor-2.log" "$work/learner-1.log" >&2
     exit 1
 fi
-kill -KILL "$learner_pid"
+if ! kill -KILL "$learner_pid" 2>/dev/null; then
+    echo "python_actor: FAILED: the first learner exited before it could be killed" >&2
+    tail -n 20 "$work/actor-2.log" "$work/learner-1.log" >&2
+    exit 1
+fi
 wait "$learner_pid" 2>/dev/null || true
 sleep 1
 start_learner learner-2
@@ -89,7 +99,12 @@ if ! wait "$actor_pid"; then
     exit 1
 fi
 actor_pid=""
-wait "$learner_pid"
+if ! wait "$learner_pid" || [ ! -s "$work/learner-2.jsonl" ]; then
+    learner_pid=""
+    echo "python_actor: FAILED: the restarted learner failed or reported nothing" >&2
+    tail -n 20 "$work/learner-2.log" >&2
+    exit 1
+fi
 learner_pid=""
 sessions="$(sed -n 's/.*weight versions, \([0-9]*\) sessions.*/\1/p' "$work/actor-2.log")"
 read -r ingested rejected < <(python3 -c '

@@ -199,7 +199,12 @@ class Refused(RuntimeError):
 
 def is_final(error):
     trailers = error.trailing_metadata() or ()
-    return error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers)
+    if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
+        return True
+    # A message over this side's size limit: gRPC says RESOURCE_EXHAUSTED,
+    # as the learner does for "all places taken", but no retry shrinks it.
+    return (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "larger than max" in (error.details() or ""))
 
 
 class Actor:
@@ -210,7 +215,8 @@ class Actor:
     """
 
     def __init__(self, task, learner, hidden, envs, epsilon, truncate_fraction, name,
-                 token, seed, connect_timeout_s, keepalive_s):
+                 token, seed, connect_timeout_s, keepalive_s, reconnect_initial_s,
+                 reconnect_max_s):
         self.pb, pb_grpc = load_protocol()
         self.task, self.hidden, self.envs, self.name = task, hidden, envs, name
         self.epsilon, self.truncate_fraction = epsilon, truncate_fraction
@@ -219,10 +225,19 @@ class Actor:
         options = [("grpc.max_receive_message_length", 256 << 20),
                    ("grpc.max_send_message_length", 64 << 20),
                    # Pings find a learner that vanished without closing the
-                   # connection (a dead host, a cut network).
+                   # connection (a dead host, a cut network), also while
+                   # no data moves (gRPC stops after 2 such pings unless
+                   # told otherwise).
                    ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
                    ("grpc.keepalive_timeout_ms", int(2 * keepalive_s * 1000)),
-                   ("grpc.keepalive_permit_without_calls", 1)]
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.max_pings_without_data", 0),
+                   # The channel reconnects by itself; at our pace, not
+                   # gRPC's (1 s growing to 120 s), so that a learner back
+                   # after an outage is found within reconnect_max_s.
+                   ("grpc.initial_reconnect_backoff_ms", int(reconnect_initial_s * 1000)),
+                   ("grpc.min_reconnect_backoff_ms", int(reconnect_initial_s * 1000)),
+                   ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000))]
         self.channel = grpc.insecure_channel(learner, options=options)
         self.stub = pb_grpc.LearnerStub(self.channel)
         self.auth = [("authorization", f"Bearer {token}")] if token else []
@@ -235,7 +250,6 @@ class Actor:
         grpc.RpcError. Sets `self.served` once a grant arrives."""
         pb, task = self.pb, self.task
         self.served = False
-        self.counts["sessions"] += 1
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
@@ -243,9 +257,11 @@ class Actor:
             protocol_version=PROTOCOL_VERSION, actor_name=self.name,
             task=pb.TaskSpec(name=task.name, params=task.params()), model=model,
             trajectories_per_chunk=self.envs), metadata=self.auth,
-            # (A learner still starting, or loading a checkpoint: wait for it.)
+            # (A learner still starting, or loading a checkpoint: wait for
+            # it, a while; then this attempt counts as failed.)
             wait_for_ready=True, timeout=self.connect_timeout_s)
         actor_id = reply.actor_id
+        self.counts["sessions"] += 1
         print(f"{self.name}: actor {actor_id} at learner version {reply.version}", flush=True)
         outbox = queue.Queue()
 
@@ -287,17 +303,20 @@ class Actor:
 
 def run(task, learner, hidden=(256, 256), envs=16, epsilon=0.05,
         truncate_fraction=0.0, name="python-actor", token=None, seed=None,
-        connect_timeout_s=60.0, keepalive_s=10.0, reconnect_initial_s=0.2,
+        connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
         reconnect_max_s=5.0, reconnect_attempts=0):
     """Trains the learner until it says training is over; returns counts.
 
     Reconnects with exponential backoff (with jitter, so a fleet that lost
     its learner at once does not come back in lockstep) when the learner
     goes away; gives up after `reconnect_attempts` failures in a row
-    (0: never). A final refusal raises `Refused`.
+    (0: never), each attempt waiting at most `connect_timeout_s` for the
+    learner. A final refusal raises `Refused`.
     """
+    if reconnect_attempts < 0:
+        raise ValueError(f"reconnect_attempts is {reconnect_attempts}: 0 (never give up) or more")
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
-                  connect_timeout_s, keepalive_s)
+                  connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s)
     jitter = random.Random()
     backoff, failures = reconnect_initial_s, 0
     try:
@@ -344,6 +363,8 @@ def main():
     parser.add_argument("--reconnect-attempts", type=int, default=0,
                         help="failed connections in a row before giving up (0: never)")
     args = parser.parse_args()
+    if args.reconnect_attempts < 0:
+        parser.error("--reconnect-attempts: 0 (never give up) or more")
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
     run(SetGeneration(), args.learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
         truncate_fraction=args.truncate_fraction, name=args.name,
