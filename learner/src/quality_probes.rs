@@ -20,8 +20,8 @@
 use flgfn_common::policy::DeviceSnapshot;
 
 /// Points per gap between two reports, the later report included: the
-/// grain of time to quality is the gap over this (50 ms after the first
-/// report by default). Each costs one device copy of the weights while
+/// grain of time to quality is the gap over this (50 ms in the first
+/// second of training by default; the gaps grow after). Each costs one device copy of the weights while
 /// kept, and at most this many evaluations once, when quality is reached.
 pub const PROBES_PER_GAP: u32 = 5;
 
@@ -61,7 +61,8 @@ impl QualityProbes {
     }
 
     /// Whether a copy is due at `wall`. One copy serves every moment
-    /// passed since the last (a step longer than the spacing).
+    /// passed since the last (a step longer than the spacing). Not asked
+    /// at a step that reports: the report judges those weights itself.
     pub fn due(&mut self, wall: f64) -> bool {
         let passed = self.due.iter().rev().take_while(|&&at| at <= wall).count();
         self.due.truncate(self.due.len() - passed);

@@ -268,9 +268,17 @@ impl Trainer {
                     .publish(progress.version, optimizer.parameters().snapshot());
             }
             let wall = progress.wall();
-            if let Some(probes) = progress.probes.as_mut()
+            let due = if learner.eval_every_steps > 0 {
+                progress.step % learner.eval_every_steps == 0
+            } else {
+                wall >= progress.next_report_wall
+            };
+            if due || finished(&progress) {
+                self.report(&mut evaluator, &mut progress)?;
+            } else if let Some(probes) = progress.probes.as_mut()
                 && probes.due(wall)
             {
+                // Between reports: the weights, for time to quality.
                 probes.keep(Probe {
                     wall_s: wall,
                     step: progress.step,
@@ -279,14 +287,7 @@ impl Trainer {
                     learned_log_z: self.objective.learned_log_z(),
                 });
             }
-            let due = if learner.eval_every_steps > 0 {
-                progress.step % learner.eval_every_steps == 0
-            } else {
-                progress.wall() >= progress.next_report_wall
-            };
-            if due || finished(&progress) {
-                self.report(&mut evaluator, &mut progress)?;
-            }
+
             // After the report of the same step, so that the checkpoint
             // holds what it found (best objects, time to quality).
             if self.checkpoint_due(&progress) {
