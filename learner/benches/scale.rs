@@ -42,18 +42,18 @@ struct Args {
     /// One-way delay added by a proxy for the delayed scenarios (ms).
     #[arg(long, default_value_t = 25)]
     delay_ms: u64,
-    /// Training steps per scenario.
-    #[arg(long, default_value_t = 600)]
+    /// Training steps per scenario (0 would train until interrupted).
+    #[arg(long, default_value_t = 600, value_parser = positive::<u64>)]
     steps: u64,
     /// Weight encoding for every scenario: bf16 or f32 (default: the
     /// configuration's).
-    #[arg(long)]
+    #[arg(long, value_parser = ["bf16", "f32"])]
     encoding: Option<String>,
     /// Learner device: auto, cpu or cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     device: String,
     /// Trajectories per chunk of generated actors (defaults to actor.envs).
-    #[arg(long)]
+    #[arg(long, value_parser = positive::<usize>)]
     generated_envs: Option<usize>,
     /// Only these scenario groups: fixed, generated, real, delay.
     #[arg(
@@ -72,14 +72,23 @@ struct Args {
     bench: bool,
 }
 
-/// An actor count of at least 1: a learner without actors would wait for
-/// ever (leave a group out with `--only`).
-fn actor_count(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("at least 1 (leave a group out with --only)".to_owned()),
+/// A count of at least 1.
+fn positive<T>(text: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + Default + PartialEq,
+    T::Err: std::fmt::Display,
+{
+    match text.parse::<T>() {
+        Ok(count) if count == T::default() => Err("at least 1".to_owned()),
         Ok(count) => Ok(count),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// An actor count of at least 1: a learner without actors would wait for
+/// ever (leave a group out with `--only`).
+fn actor_count(text: &str) -> Result<usize, String> {
+    positive::<usize>(text).map_err(|error| format!("{error} (leave a group out with --only)"))
 }
 
 struct Scenario {
@@ -197,8 +206,7 @@ fn main() {
     match args.encoding.as_deref() {
         Some("bf16") => base.learner.weight_encoding = WeightEncoding::Bf16,
         Some("f32") => base.learner.weight_encoding = WeightEncoding::F32,
-        Some(other) => panic!("--encoding {other}: bf16 or f32"),
-        None => {}
+        _ => {}
     }
     let mut generated_config = base.clone();
     if let Some(envs) = args.generated_envs {
