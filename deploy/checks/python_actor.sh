@@ -29,6 +29,21 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+# Waits for the learner to end, then sets `ingested` and `rejected` from
+# its last report ($1: its metrics file, $2: its log), or fails the check.
+learner_totals() {
+    if ! wait "$learner_pid" || [ ! -s "$1" ]; then
+        learner_pid=""
+        echo "python_actor: FAILED: the learner failed or reported nothing" >&2
+        tail -n 20 "$2" >&2
+        exit 1
+    fi
+    learner_pid=""
+    read -r ingested rejected < <(python3 -c '
+import json, sys
+last = [json.loads(line) for line in open(sys.argv[1])][-1]
+print(last["ingested_transitions"], sum(last["rejections"].values()))' "$1")
+}
 port="$(free_port)"
 "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
@@ -39,18 +54,8 @@ if ! "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
 fi
-if ! wait "$learner_pid" || [ ! -s "$work/metrics.jsonl" ]; then
-    learner_pid=""
-    echo "python_actor: FAILED: the learner failed or reported nothing" >&2
-    tail -n 20 "$work/learner.log" >&2
-    exit 1
-fi
-learner_pid=""
+learner_totals "$work/metrics.jsonl" "$work/learner.log"
 sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
-read -r ingested rejected < <(python3 -c '
-import json, sys
-last = [json.loads(line) for line in open(sys.argv[1])][-1]
-print(last["ingested_transitions"], sum(last["rejections"].values()))' "$work/metrics.jsonl")
 if grep -q "training finished" "$work/learner.log" && [ -n "$sent" ] &&
     [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ]; then
     echo "python_actor: ok: the Python actor sent $sent transitions, the learner ingested $ingested by its last report, refused none, and finished 150 steps"
@@ -99,18 +104,8 @@ if ! wait "$actor_pid"; then
     exit 1
 fi
 actor_pid=""
-if ! wait "$learner_pid" || [ ! -s "$work/learner-2.jsonl" ]; then
-    learner_pid=""
-    echo "python_actor: FAILED: the restarted learner failed or reported nothing" >&2
-    tail -n 20 "$work/learner-2.log" >&2
-    exit 1
-fi
-learner_pid=""
+learner_totals "$work/learner-2.jsonl" "$work/learner-2.log"
 sessions="$(sed -n 's/.*weight versions, \([0-9]*\) sessions.*/\1/p' "$work/actor-2.log")"
-read -r ingested rejected < <(python3 -c '
-import json, sys
-last = [json.loads(line) for line in open(sys.argv[1])][-1]
-print(last["ingested_transitions"], sum(last["rejections"].values()))' "$work/learner-2.jsonl")
 if grep -q "reconnecting" "$work/actor-2.log" && grep -q "training finished" "$work/learner-2.log" &&
     [ -n "$sessions" ] && [ "$sessions" -ge 2 ] && [ "$ingested" -gt 0 ] && [ "$rejected" -eq 0 ]; then
     echo "python_actor: ok: after the learner was killed and restarted, the actor reconnected ($sessions sessions) and the new learner ingested $ingested transitions, refused none, and finished 300 steps"
