@@ -18,6 +18,7 @@
 //! change nothing they could measure.
 
 use flgfn_common::policy::DeviceSnapshot;
+use tch::Tensor;
 
 /// Points per gap between two reports, the later report included: the
 /// grain of time to quality is the gap over this (50 ms in the first
@@ -34,8 +35,9 @@ pub struct Probe {
     pub step: u64,
     /// The policy's weights then.
     pub weights: DeviceSnapshot,
-    /// The objective's own log Z then, where it has one (TB).
-    pub learned_log_z: Option<f64>,
+    /// The objective's own log Z then, where it has one (TB), on the
+    /// device: read only if the copy is evaluated.
+    pub learned_log_z: Option<Tensor>,
 }
 
 /// The copies kept since the last report, and when the next ones are due.
@@ -90,8 +92,6 @@ impl QualityProbes {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-
-    use tch::Tensor;
 
     use super::*;
 

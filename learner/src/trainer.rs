@@ -283,7 +283,6 @@ impl Trainer {
                     wall_s: wall,
                     step: progress.step,
                     weights: optimizer.parameters().snapshot(),
-                    // A device read, for TB alone, a few times per report.
                     learned_log_z: self.objective.learned_log_z(),
                 });
             }
@@ -563,7 +562,8 @@ impl Trainer {
                 return false;
             }
             let seed = self.config.seed ^ probe.step;
-            evaluator.reaches_quality(policy, probe.learned_log_z, seed) == Some(true)
+            let learned_log_z = probe.learned_log_z.as_ref().map(|z| z.double_value(&[]));
+            evaluator.reaches_quality(policy, learned_log_z, seed) == Some(true)
         });
         match earliest {
             Some((wall_s, step)) => {
@@ -587,7 +587,8 @@ impl Trainer {
     ) -> Result<(), LearnerError> {
         let wall = progress.wall();
         let eval_started = Instant::now();
-        let evaluation = evaluator.evaluate(&self.policy, self.objective.learned_log_z());
+        let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
+        let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
         let eval_s = eval_started.elapsed();
         progress.eval_time += eval_s;
 

@@ -55,8 +55,10 @@ pub trait Objective: Send {
     }
 
     /// log Z from the objective's own parameters, where it has one (TB);
-    /// the others read it off the flow head at s0.
-    fn learned_log_z(&self) -> Option<f64> {
+    /// the others read it off the flow head at s0. A scalar copy on the
+    /// parameters' device: taking it does not wait for the device, reading
+    /// it (`double_value`) does.
+    fn learned_log_z(&self) -> Option<Tensor> {
         None
     }
 }

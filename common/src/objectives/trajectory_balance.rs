@@ -83,7 +83,8 @@ impl Objective for TrajectoryBalance {
         Some((&self.vars, self.learning_rate))
     }
 
-    fn learned_log_z(&self) -> Option<f64> {
-        Some(self.log_z.double_value(&[]))
+    fn learned_log_z(&self) -> Option<Tensor> {
+        let _guard = tch::no_grad_guard();
+        Some(self.log_z.detach().copy())
     }
 }
