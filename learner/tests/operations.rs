@@ -174,10 +174,14 @@ fn connected_actor(port: u16, config: &Path, log: &Path) -> support::KillOnDrop 
     actor
 }
 
-/// Waits up to a minute for `text` to appear in the file `log`.
+/// Waits up to a minute for `text` to appear in the file `log` (which
+/// may not exist yet).
 fn wait_for_log(log: &Path, text: &str) {
     let started = Instant::now();
-    while !std::fs::read_to_string(log).unwrap().contains(text) {
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(text)
+    {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "`{text}` in {}",
@@ -544,8 +548,11 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
     );
     let log = dir.join("actor.log");
     let mut actor = connected_actor(port, &config, &log);
-    // Rolling out and sending; then the learner freezes (a hung host).
-    std::thread::sleep(Duration::from_millis(500));
+    // Rolling out and sending (the learner has trained on its chunks: its
+    // first report); then the learner freezes (a hung host). A fixed wait
+    // here once froze it before the session opened, on a loaded machine:
+    // the actor, with nothing to drain, rightly left at once.
+    wait_for_log(&dir.join("metrics.jsonl"), "accepted_chunks");
     signal(learner.id(), "STOP");
 
     // The first signal starts the drain, which waits for the learner to
