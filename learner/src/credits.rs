@@ -96,10 +96,10 @@ pub struct CreditPool {
     /// truncated trajectories, arriving, do not end a hold on what was in
     /// flight before them.
     released: AtomicU64,
-    /// Room freed on arrival by chunks not yet trained: counted in
-    /// `released` only when they are, so part of what a change must wait
-    /// for.
-    freed_pending: AtomicU64,
+    /// Room reserved by every credit granted, ever: what was in flight at
+    /// a change, counted as it will be released, is this then, less
+    /// `released`.
+    reserved_ever: AtomicU64,
     /// The room changes again only once `released` reaches this: after a
     /// change, what was already in flight must be trained before the
     /// signals (starving, a long queue) say anything about the new room.
@@ -132,7 +132,7 @@ impl CreditPool {
             idle_actors: AtomicU64::new(0),
             unserved: AtomicU64::new(0),
             released: AtomicU64::new(0),
-            freed_pending: AtomicU64::new(0),
+            reserved_ever: AtomicU64::new(0),
             settled_at: AtomicU64::new(0),
             released_at_wait: AtomicU64::new(0),
             wake: Notify::new(),
@@ -233,12 +233,10 @@ impl CreditPool {
         let next = next.clamp(self.floor, self.ceiling);
         if next != capacity {
             self.capacity.store(next, Ordering::Relaxed);
-            // Everything in flight now, counted as it will be released:
-            // whole, short chunks' freed room included.
+            // Settled once everything reserved so far is released: short
+            // chunks' room freed on arrival included.
             self.settled_at.store(
-                self.released.load(Ordering::Relaxed)
-                    + self.in_use()
-                    + self.freed_pending.load(Ordering::Relaxed),
+                self.reserved_ever.load(Ordering::Relaxed),
                 Ordering::Relaxed,
             );
         }
@@ -261,7 +259,9 @@ impl CreditPool {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 (used + amount <= capacity || used < building).then_some(used + amount)
             });
-        reserved.ok().map(|_| CreditToken {
+        reserved.ok()?;
+        self.reserved_ever.fetch_add(amount, Ordering::Relaxed);
+        Some(CreditToken {
             pool: self.clone(),
             reserved: amount,
             queued: 0,
@@ -299,7 +299,6 @@ impl CreditToken {
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
         self.freed_on_arrival += freed;
-        self.pool.freed_pending.fetch_add(freed, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
         // Less on the way now: the controller may grant again.
         self.pool.wake.notify_one();
@@ -310,9 +309,6 @@ impl Drop for CreditToken {
     fn drop(&mut self) {
         self.pool.queued.fetch_sub(self.queued, Ordering::Relaxed);
         self.pool.in_use.fetch_sub(self.reserved, Ordering::AcqRel);
-        self.pool
-            .freed_pending
-            .fetch_sub(self.freed_on_arrival, Ordering::Relaxed);
         self.pool
             .released
             .fetch_add(self.reserved + self.freed_on_arrival, Ordering::Relaxed);
