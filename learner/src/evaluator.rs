@@ -242,7 +242,9 @@ impl Evaluator {
         learned_log_z: Option<f64>,
         seed: u64,
     ) -> Option<bool> {
-        self.reference.as_ref()?;
+        if !self.judges_quality() {
+            return None;
+        }
         let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (exact_tv, _) = self.exact_scores(policy);

@@ -22,8 +22,9 @@ use tch::Tensor;
 
 /// Points per gap between two reports, the later report included: the
 /// grain of time to quality is the gap over this (50 ms in the first
-/// second of training by default; the gaps grow after). Each costs one device copy of the weights while
-/// kept, and at most this many evaluations once, when quality is reached.
+/// second of training by default; the gaps grow after). Each costs one
+/// device copy of the weights while kept, and at most one evaluation,
+/// once, when quality is reached.
 pub const PROBES_PER_GAP: u32 = 5;
 
 /// The weights at one moment of training.

@@ -286,7 +286,6 @@ impl Trainer {
                     learned_log_z: self.objective.learned_log_z(),
                 });
             }
-
             // After the report of the same step, so that the checkpoint
             // holds what it found (best objects, time to quality).
             if self.checkpoint_due(&progress) {
