@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use flgfn_actor::{ActorOptions, ActorReport};
 use flgfn_common::config::Config;
 use flgfn_learner::checkpoint;
-use flgfn_learner::report::Report;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -27,15 +26,6 @@ fn scratch(name: &str) -> PathBuf {
 
 fn exact_tv(config: &Config, weights: &[u8]) -> f64 {
     support::exact_total_variation(config, weights).0
-}
-
-fn reports(path: &Path) -> Vec<Report> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        // The last line may be mid-write while the learner runs.
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .collect()
 }
 
 fn actor(
@@ -116,7 +106,7 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     // The final weights on disk are the ones the run handed back.
     let saved = std::fs::read(checkpoints.join(checkpoint::FINAL_WEIGHTS)).unwrap();
     assert_eq!(saved, first.weights.to_vec());
-    let first_reports = reports(&metrics).len();
+    let first_reports = support::reports(&metrics).len();
 
     // The same configuration with a larger budget continues the run.
     config.learner.max_steps = 600;
@@ -126,7 +116,7 @@ async fn a_stopped_run_resumes_where_it_stopped() {
         second.version, 600,
         "versions continue from 300 without a jump"
     );
-    let all = reports(&metrics);
+    let all = support::reports(&metrics);
     assert!(
         all.len() > first_reports,
         "the metrics file was appended to"
@@ -180,16 +170,16 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     let mut restarts = Vec::new();
     for cycle in 0..5 {
         let started = Instant::now();
-        let seen = reports(&metrics).len();
+        let seen = support::reports(&metrics).len();
         let mut process = learner();
         // Wait for this process's first report (it resumed and trained),
         // then kill it at a random moment within the next half second.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while reports(&metrics).len() <= seen {
+        while support::reports(&metrics).len() <= seen {
             assert!(Instant::now() < deadline, "cycle {cycle}: no report");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let first_report = reports(&metrics)[seen].clone();
+        let first_report = support::reports(&metrics)[seen].clone();
         let to_first_report = started.elapsed();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
         process.0.kill().unwrap();
@@ -210,7 +200,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
             "cycle {cycle}: version {} after {last_version}",
             first_report.version
         );
-        last_version = reports(&metrics).last().unwrap().version;
+        last_version = support::reports(&metrics).last().unwrap().version;
         restarts.push(to_first_report);
     }
     // The last learner runs to the end; the actors finish with it.
@@ -230,7 +220,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     // Each actor reconnected to (nearly) every learner; one may miss a
     // short-lived one, but not several.
     assert!(sessions.iter().all(|&s| s >= 4), "sessions {sessions:?}");
-    let all = reports(&metrics);
+    let all = support::reports(&metrics);
     assert!(
         all.windows(2).all(|w| w[0].version <= w[1].version),
         "versions went backwards"

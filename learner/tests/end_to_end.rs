@@ -7,7 +7,6 @@ use flgfn_actor::{ActorError, ActorOptions, ActorReport};
 use flgfn_common::config::{BackwardPolicy, Config, ObjectiveName, TaskConfig, WeightEncoding};
 use flgfn_common::tasks;
 use flgfn_common::tasks::lattice::LatticeConfig;
-use flgfn_learner::report::Report;
 use flgfn_learner::{RunOptions, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -162,11 +161,7 @@ async fn time_to_quality_is_found_between_reports_on_the_weights_kept_meanwhile(
         ..RunOptions::default()
     };
     let (outcome, _) = train_with(&config, 2, options).await;
-    let reports: Vec<Report> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect();
+    let reports = support::reports(&metrics);
     let _ = std::fs::remove_file(&metrics);
     let first = reports
         .iter()

@@ -34,6 +34,16 @@ envs = 8
 epsilon = 0.1
 "#;
 
+/// The reports in a metrics file so far (none if it does not exist yet).
+pub fn reports(path: &std::path::Path) -> Vec<flgfn_learner::report::Report> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        // The last line may be mid-write while the learner runs.
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect()
+}
+
 /// [`TINY_TOML`] parsed.
 pub fn tiny_config() -> Config {
     Config::from_toml(TINY_TOML, "tests/support/mod.rs").unwrap()
