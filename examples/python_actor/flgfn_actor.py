@@ -242,6 +242,8 @@ class Actor:
         self.stub = pb_grpc.LearnerStub(self.channel)
         self.auth = [("authorization", f"Bearer {token}")] if token else []
         self.counts = {"chunks": 0, "transitions": 0, "versions": 0, "sessions": 0}
+        # Whether the current session got a grant (a new outage, then).
+        self.served = False
 
     def session(self):
         """One session: handshake, then grants in and chunks out. Returns
