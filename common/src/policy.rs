@@ -416,10 +416,24 @@ mod tests {
         assert_eq!(out.log_flow.size(), [3]);
     }
 
+    /// `weights` with 1 added to every value: different weights by
+    /// construction (two random policies can come out identical while
+    /// another test reseeds torch's generator).
+    fn shifted(weights: &[NamedArray]) -> Vec<NamedArray> {
+        let mut changed = weights.to_vec();
+        for array in &mut changed {
+            for value in &mut array.values {
+                *value += 1.0;
+            }
+        }
+        changed
+    }
+
     #[test]
     fn weights_round_trip_through_bytes() {
-        let a = Policy::new(&spec(), Device::Cpu);
         let mut b = Policy::new(&spec(), Device::Cpu);
+        let mut a = Policy::new(&spec(), Device::Cpu);
+        a.load_weights(&shifted(&b.weights())).unwrap();
         let x = [0.5f32, -1.0, 2.0, 0.0, 1.0];
         let before = to_host_f32(&b.infer(&x, 1).log_flow);
         b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap())
@@ -449,8 +463,7 @@ mod tests {
         let mut policy = Policy::new(&spec(), Device::Cpu);
         let snapshot = policy.snapshot();
         let before = policy.weights();
-        let other = Policy::new(&spec(), Device::Cpu);
-        policy.load_weights(&other.weights()).unwrap();
+        policy.load_weights(&shifted(&before)).unwrap();
         assert_eq!(snapshot.to_host(), before);
         assert_ne!(policy.weights(), before);
     }
