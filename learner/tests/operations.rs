@@ -540,28 +540,40 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
     let dir = scratch("second-signal");
     let config = tiny_config_file(&dir, 0);
     let port = free_port();
-    let learner = support::learner_process(
-        &format!("127.0.0.1:{port}"),
-        &config,
-        &dir.join("metrics.jsonl"),
-        &[],
-    );
+    let metrics = dir.join("metrics.jsonl");
+    let mut learner =
+        support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
     let log = dir.join("actor.log");
     let mut actor = connected_actor(port, &config, &log);
     // Rolling out and sending (the learner has trained on its chunks: its
     // first report); then the learner freezes (a hung host). A fixed wait
     // here once froze it before the session opened, on a loaded machine:
     // the actor, with nothing to drain, rightly left at once.
-    wait_for_log(&dir.join("metrics.jsonl"), "accepted_chunks");
+    wait_for_log(&metrics, "accepted_chunks");
+    let logs = || {
+        format!(
+            "actor:\n{}\nlearner:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(support::learner_log(&metrics)).unwrap_or_default()
+        )
+    };
+    if let Some(status) = learner.0.try_wait().unwrap() {
+        panic!(
+            "the learner ended ({status}) before the test froze it:\n{}",
+            logs()
+        );
+    }
     signal(learner.id(), "STOP");
 
     // The first signal starts the drain, which waits for the learner to
     // take what was sent: here, up to its own timeout of several seconds.
     signal(actor.id(), "INT");
-    assert!(
-        exited_within(&mut actor.0, Duration::from_secs(1)).is_none(),
-        "draining towards a frozen learner takes longer than a second"
-    );
+    if let Some(status) = exited_within(&mut actor.0, Duration::from_secs(1)) {
+        panic!(
+            "draining towards a frozen learner takes longer than a second, but the actor left ({status}):\n{}",
+            logs()
+        );
+    }
     // The second one ends it now.
     signal(actor.id(), "INT");
     let status = exited_within(&mut actor.0, Duration::from_secs(2))

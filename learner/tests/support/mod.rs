@@ -169,10 +169,22 @@ pub fn learner_process(
         .arg(metrics)
         .args(extra)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(learner_log(metrics))
+                .unwrap(),
+        )
         .spawn()
         .map(KillOnDrop)
         .unwrap()
+}
+
+/// Where [`learner_process`] logs, beside its metrics file (appended to by
+/// every learner started with that file), for a failing test to show.
+pub fn learner_log(metrics: &std::path::Path) -> std::path::PathBuf {
+    metrics.with_extension("log")
 }
 
 /// The outcome of an in-process learner that must finish training by
