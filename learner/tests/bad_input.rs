@@ -969,9 +969,9 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_session_holding_the_room_does_not_stop_training() {
     let mut config = config();
-    // The room starts at a few batches (one-trajectory chunks) and may
-    // grow to eight.
-    config.learner.max_in_flight_batches = 8;
+    // The room starts at INITIAL_ROOM_BATCHES batches (one-trajectory
+    // chunks) and may grow to twice that.
+    config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
     config.learner.max_steps = 20;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
