@@ -254,11 +254,16 @@ async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
     // The paper's network: the trainer, not the loopback data path, sets
     // the pace, as in the default job.
     config.model.hidden = vec![256, 256];
-    // Batches of 64 to 1,024 transitions, up to 24 of them in flight (the
-    // default): room for 24,576 transitions, over 300,000 a second at a
-    // 75 ms credit cycle.
+    // Batches of 64 to 1,024 transitions, up to 24 of them in flight: room
+    // for 24,576 transitions, over 300,000 a second at a 75 ms credit
+    // cycle. (The default, 48, keeps the batches behind the delay smaller,
+    // which reaches quality sooner but, at batches of 64 where a step's
+    // fixed cost dominates, trains fewer transitions per second: a loaded
+    // suite run once saw 0.66x loopback. Flow control is what this checks.)
     // On loopback the room stays small and the batches at 64.
     config.learner.max_batch_transitions = 1024;
+    config.learner.max_in_flight_batches = 24;
+    config.learner.max_policy_lag = 32;
     // Generated actors produce in microseconds: the learner, not the
     // actors' CPU, sets the pace on loopback, which is what flow control
     // must keep up behind the delay.
