@@ -520,6 +520,34 @@ fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
+/// Stops process `pid` (SIGSTOP) and waits until every one of its threads
+/// has stopped. `kill` returns before they all have: on a loaded machine a
+/// learner "frozen" this way still answered its actor's end of stream
+/// several milliseconds later (seen in 6 of 40 tries here), which is how
+/// the second-Ctrl-C test failed in CI.
+fn freeze(pid: u32) {
+    signal(pid, "STOP");
+    let started = Instant::now();
+    let all_stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                // "tid (name) S ...": the state follows the name's last ')'.
+                let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+                state.is_none_or(|rest| rest.starts_with('T'))
+            })
+    };
+    while !all_stopped() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits up to `within` for `child` to exit; its status if it did.
 fn exited_within(
     child: &mut std::process::Child,
@@ -546,9 +574,8 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
     let log = dir.join("actor.log");
     let mut actor = connected_actor(port, &config, &log);
     // Rolling out and sending (the learner has trained on its chunks: its
-    // first report); then the learner freezes (a hung host). A fixed wait
-    // here once froze it before the session opened, on a loaded machine:
-    // the actor, with nothing to drain, rightly left at once.
+    // first report); then the learner freezes (a hung host), every thread
+    // of it before the actor is signalled (see `freeze`).
     wait_for_log(&metrics, "accepted_chunks");
     let logs = || {
         format!(
@@ -563,7 +590,7 @@ fn a_second_ctrl_c_ends_an_actor_that_waits_on_a_frozen_learner() {
             logs()
         );
     }
-    signal(learner.id(), "STOP");
+    freeze(learner.id());
 
     // The first signal starts the drain, which waits for the learner to
     // take what was sent: here, up to its own timeout of several seconds.
@@ -639,7 +666,7 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     let _actor_guard = KillPidOnDrop(actor);
     // A frozen actor: the learner's graceful stop waits for its connection
     // and then for it to exit, several seconds each.
-    signal(actor, "STOP");
+    freeze(actor);
     signal(learner.id(), "TERM");
     assert!(
         exited_within(&mut learner.0, Duration::from_secs(1)).is_none(),
@@ -679,7 +706,7 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     // A frozen actor keeps its connection open once training is over: the
     // learner would wait its whole drain timeout (5 s) for it.
     let frozen = actor("frozen");
-    signal(frozen.id(), "STOP");
+    freeze(frozen.id());
     let _live = actor("live");
     wait_for_log(&learner_log, "step=400 ");
     signal(learner.id(), "INT");
