@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flgfn_common::config::Config;
-use flgfn_learner::report::Report;
 
 const STREAMS: usize = 64;
 
@@ -98,12 +97,7 @@ async fn sixty_four_streams_for_a_while() {
     let sent: u64 = reports.iter().map(|r| r.transitions_sent).sum();
     let mean = chunks.iter().sum::<u64>() as f64 / STREAMS as f64;
     let fewest = *chunks.iter().min().unwrap();
-    let last: Report = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .filter_map(|line| serde_json::from_str(line).ok())
-        .next_back()
-        .unwrap();
+    let last = support::reports(&metrics).pop().unwrap();
     // What was sent but not accepted was in flight when the streams
     // stopped (or reached a learner already stopping): never more than
     // the credit room, the most the learner ever grants at once.
