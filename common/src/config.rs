@@ -328,6 +328,12 @@ pub struct LearnerConfig {
     /// this, a session holds the message being received (at most the
     /// largest valid chunk) and its HTTP/2 buffers.
     pub max_session_bytes: u64,
+    /// Seconds an actor may hold a credit without sending its chunk, or
+    /// leave a grant untaken, before its session is ended (DEADLINE_EXCEEDED)
+    /// and its credits go back to the room: a frozen actor or a cut link
+    /// must not hold up training for longer. Raise it for rollouts that
+    /// take longer than this (a huge chunk on a slow machine).
+    pub stall_timeout_s: f64,
 }
 
 impl Default for LearnerConfig {
@@ -362,6 +368,7 @@ impl Default for LearnerConfig {
             max_sessions: 1024,
             max_connections: 4096,
             max_session_bytes: 64 << 20,
+            stall_timeout_s: 30.0,
         }
     }
 }
@@ -693,6 +700,16 @@ impl Config {
                 ),
             ));
         }
+        // Bounded, so that the timer's deadline can always be computed.
+        if !(l.stall_timeout_s > 0.0 && l.stall_timeout_s <= MAX_STALL_TIMEOUT_S) {
+            return Err(ConfigError::invalid(
+                "learner.stall_timeout_s",
+                format!(
+                    "must be a number of seconds above 0 and at most {MAX_STALL_TIMEOUT_S} (a day), got {}",
+                    l.stall_timeout_s
+                ),
+            ));
+        }
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
@@ -725,6 +742,9 @@ impl Config {
         Ok(())
     }
 }
+
+/// Longest `learner.stall_timeout_s`: a day.
+pub const MAX_STALL_TIMEOUT_S: f64 = 86_400.0;
 
 fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > 0.0 {
@@ -934,6 +954,14 @@ mod tests {
         );
         let err = Config::from_toml("[learner]\nfirst_report_s = 9.0\n", "t").unwrap_err();
         assert!(err.to_string().contains("learner.first_report_s"), "{err}");
+        for stall in ["0.0", "-1.0", "1e30", "nan"] {
+            let toml = format!("[learner]\nstall_timeout_s = {stall}\n");
+            let err = Config::from_toml(&toml, "t").unwrap_err();
+            assert!(
+                err.to_string().contains("learner.stall_timeout_s"),
+                "{stall}: {err}"
+            );
+        }
         let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();
         assert!(err.to_string().contains("model.hidden"), "{err}");
         // A lag bound below the default room: the error says which default.

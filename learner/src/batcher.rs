@@ -34,7 +34,7 @@ const TRAINER_WAITING: Duration = Duration::from_micros(50);
 /// Waiting this long for the next chunk (many steps' worth), the batch
 /// builder adapts the credit room again instead of only at the next batch.
 /// Credits held by an actor that stopped answering (a cut link, a frozen
-/// process: the learner notices only after `STALLED_AFTER`) can fill a
+/// process: the learner notices only after `learner.stall_timeout_s`) can fill a
 /// room sized for a few chunks; nothing would then be granted, no batch
 /// completed and the room never grown
 /// ([`CreditPool::adapt_while_waiting`]).

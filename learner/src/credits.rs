@@ -29,7 +29,7 @@
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
 //! its fair share; a session whose actor sits on a credit for
-//! [`STALLED_AFTER`](crate::session::STALLED_AFTER) is ended, which returns
+//! `learner.stall_timeout_s` is ended, which returns
 //! its credits.
 //!
 //! A session whose chunks arrive already older than `max_policy_lag` (an
@@ -199,7 +199,7 @@ impl CreditPool {
     /// without waiting for the last change to settle if nothing was trained
     /// since the last call. That is
     /// what happens when an actor that stopped answering holds the room's
-    /// credits (the learner ends it only after `STALLED_AFTER`): no chunk
+    /// credits (the learner ends it only after `learner.stall_timeout_s`): no chunk
     /// comes, no batch completes, and without this the room would not
     /// grow for the others.
     pub fn adapt_while_waiting(&self) {

@@ -328,6 +328,7 @@ pub async fn serve(
         max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,
         max_policy_lag: learner.max_policy_lag,
+        stalled_after: Duration::from_secs_f64(learner.stall_timeout_s),
         last_actor_id: AtomicU64::new(0),
         credits: Controller::spawn(pool.clone(), stop.clone()),
         queue: queue_sender,

@@ -48,6 +48,10 @@ pub struct LearnerState {
     /// `learner.max_policy_lag`: a session whose chunks arrive older than
     /// this pauses its credits.
     pub max_policy_lag: u64,
+    /// `learner.stall_timeout_s`: a session whose actor holds a credit
+    /// this long without sending its chunk, or takes no grant for this
+    /// long, is ended and its credits go back to the room.
+    pub stalled_after: std::time::Duration,
     /// Last actor id handed out; ids start at 1.
     pub last_actor_id: AtomicU64,
     /// Hands out credits.

@@ -29,11 +29,6 @@ use crate::ingest::{
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
 
-/// An actor that holds a credit this long without sending its chunk, or
-/// does not take a grant for this long, is stalled: its session ends, and
-/// its credits go back to the room, so it cannot hold up training.
-pub const STALLED_AFTER: Duration = Duration::from_secs(30);
-
 /// How long a session whose credits stopped coming waits to learn that
 /// training is over (a requested stop finishes the current step first).
 const DONE_GRACE: Duration = Duration::from_secs(10);
@@ -238,12 +233,16 @@ impl Session {
             .await
             .ok_or(RequestError::ShuttingDown)?;
         let mut done = self.state.publisher.done();
+        // An actor that holds a credit this long without sending its
+        // chunk is stalled: its session ends and its credits go back to
+        // the room, so it cannot hold up training.
+        let stalled_after = self.state.stalled_after;
         loop {
             let oldest = progress.unused.front().map(|(_, granted)| *granted);
             let stalled = async {
                 match oldest {
                     Some(granted) => {
-                        tokio::time::sleep_until((granted + STALLED_AFTER).into()).await
+                        tokio::time::sleep_until((granted + stalled_after).into()).await
                     }
                     None => std::future::pending().await,
                 }
@@ -290,7 +289,7 @@ impl Session {
                 // slot) answers its credit even if the timer ran out since.
                 () = stalled => {
                     return Err(Status::deadline_exceeded(format!(
-                        "held a credit for {STALLED_AFTER:?} without sending its chunk"
+                        "held a credit for {stalled_after:?} without sending its chunk (learner.stall_timeout_s)"
                     )));
                 }
             }
@@ -326,12 +325,13 @@ impl Session {
             }),
             training_done: false,
         };
-        match tokio::time::timeout(STALLED_AFTER, self.grants.send(Ok(grant))).await {
+        match tokio::time::timeout(self.state.stalled_after, self.grants.send(Ok(grant))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(false),
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
-                    "took no grant for {STALLED_AFTER:?}"
+                    "took no grant for {:?} (learner.stall_timeout_s)",
+                    self.state.stalled_after
                 )));
             }
         }

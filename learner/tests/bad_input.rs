@@ -1005,3 +1005,55 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     );
     drop(silent);
 }
+
+/// A session that holds a credit past `learner.stall_timeout_s` is ended
+/// with DEADLINE_EXCEEDED naming the setting, and the credit it held goes
+/// back to the room: an actor that comes afterwards trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_credit_returns() {
+    let mut config = config();
+    // The room is one credit learner-wide (see `config`): while the silent
+    // session holds it, nothing else can be trained.
+    config.learner.stall_timeout_s = 1.0;
+    let (url, learner, _stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let actor_id = shake_hands(&mut client, &config).await;
+    let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
+    assert_eq!(silent.grant().await.credits, 1);
+    let granted = std::time::Instant::now();
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(15), silent.grants.message())
+            .await
+            .expect("the learner ends the stalled session")
+        {
+            Ok(Some(grant)) => assert_eq!(grant.credits, 0, "{grant:?}"),
+            Ok(None) => panic!("the session ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    let held = granted.elapsed();
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(
+        ended.message().contains("learner.stall_timeout_s"),
+        "{ended:?}"
+    );
+    assert!(
+        held >= Duration::from_millis(900) && held < Duration::from_secs(10),
+        "ended after {held:?}"
+    );
+
+    let mut real = config.clone();
+    real.actor.learner = url;
+    real.actor.envs = 1;
+    let report = tokio::time::timeout(Duration::from_secs(30), real_actor(real, "after"))
+        .await
+        .expect("the returned credit lets a new actor train")
+        .unwrap();
+    assert!(report.training_done, "{report:?}");
+    let outcome = tokio::time::timeout(Duration::from_secs(10), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 2);
+}
