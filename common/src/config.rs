@@ -297,7 +297,7 @@ pub struct LearnerConfig {
     /// Checkpoints kept (older ones are deleted).
     pub keep_checkpoints: usize,
     /// When above 0, report (and evaluate) every this many steps instead,
-    /// ignoring the two settings above: experiments resolve steps and
+    /// ignoring `first_report_s` and `report_every_s`: experiments resolve steps and
     /// seconds to a threshold at a fixed grain, and runs stay comparable.
     pub eval_every_steps: u64,
     /// Largest gRPC message, in bytes: weights the learner sends and an
@@ -312,7 +312,8 @@ pub struct LearnerConfig {
     pub max_sessions: usize,
     /// Most TCP connections open at once (actors, probes, anything that
     /// connects); one beyond is closed at once, before it is read, and one
-    /// that sends nothing for 10 s is closed too.
+    /// that has not sent its HTTP/2 preface (or TLS hello) within 10 s is
+    /// closed too.
     pub max_connections: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
@@ -457,6 +458,28 @@ impl Default for LaunchConfig {
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "FLGFN_";
+/// Names the default task in a `[task]` section that names none, so that
+/// a file or a variable (`FLGFN_TASK__SET_SIZE=3`) may change one of its
+/// keys alone, like any other section's. True if it did.
+fn name_default_task(table: &mut toml::Table) -> bool {
+    let Some(toml::Value::Table(task)) = table.get_mut("task") else {
+        return false;
+    };
+    if task.contains_key("name") {
+        return false;
+    }
+    let name = toml::Value::try_from(TaskConfig::default())
+        .ok()
+        .and_then(|task| task.get("name").cloned());
+    match name {
+        Some(name) => {
+            task.insert("name".to_owned(), name);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Between the section and the key in such a variable's name.
 pub const ENV_SEPARATOR: &str = "__";
 
@@ -562,10 +585,18 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
-        })?;
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
+        // Parsed from the text where it can be, so that errors point at
+        // their line; a `[task]` without a name needs the table edited.
+        let config: Config = if name_default_task(&mut table) {
+            table.try_into().map_err(parse_error)?
+        } else {
+            toml::from_str(text).map_err(parse_error)?
+        };
         config.validate()?;
         Ok(config)
     }
@@ -603,6 +634,7 @@ impl Config {
         for layer in overrides {
             layer.apply(&mut table)?;
         }
+        name_default_task(&mut table);
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         let origin = format!("{origin} with {}", variables.join(", "));
         let config: Config = table
@@ -971,6 +1003,27 @@ mod tests {
                 && err.to_string().contains("its default, 48"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_task_section_without_a_name_changes_the_default_task() {
+        let set_size = |config: &Config| match &config.task {
+            TaskConfig::SetGeneration(set) => set.set_size,
+            other => panic!("the default task, got {other:?}"),
+        };
+        let config = Config::from_toml("[task]\nset_size = 3\n", "t").unwrap();
+        assert_eq!(set_size(&config), Some(3));
+        let overrides = env_overrides(vars(&[("FLGFN_TASK__SET_SIZE", "3")]));
+        let config = Config::load_layered(None, &overrides).unwrap();
+        assert_eq!(set_size(&config), Some(3));
+        // Another task's key on the default task is an error naming it.
+        let error = Config::from_toml("[task]\nside = 4\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("side"), "{error}");
+        // A named task is left as it is.
+        let config = Config::from_toml("[task]\nname = \"lattice\"\n", "t").unwrap();
+        assert!(matches!(config.task, TaskConfig::Lattice(_)), "{config:?}");
     }
 
     #[test]

@@ -11,8 +11,9 @@
 #                with and without 25 ms added each way
 #
 # 3 minutes in a dry run on the 2-core machine; every part is bounded by
-# `timeout` (about 6 minutes in all), so one that hangs costs its own
-# share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
+# `timeout`, 8 minutes in all (45 + 60 + 30 + 4 x 40 + 180 s), under the
+# 10 minutes one command may take on the device, so one that hangs costs
+# its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
 # script without a GPU (to try it anywhere the bundle's libtorch loads).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -47,20 +48,22 @@ export NO_COLOR=1
 
 # 1. What a step costs on the trainer thread (no actors, no network).
 for hidden in 8 256,256; do
-    timeout 120 "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
+    limit=$([ "$hidden" = 8 ] && echo 45 || echo 60)
+    timeout "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
         2>&1 | tee "$out/step-$device-${hidden/,/x}.md"
 done
-timeout 60 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
+timeout 30 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
 
 # 2. The default job, as a user runs it, with K local actors.
 for k in 2 4 8 14; do
-    FLGFN_LEARNER__DEVICE="$device" timeout 90 "$bundle/flgfn-learner" \
+    FLGFN_LEARNER__DEVICE="$device" timeout 40 "$bundle/flgfn-learner" \
         --local-actors --actors "$k" --listen 127.0.0.1:0 --checkpoint-dir "" \
         >"$out/job-$k.log" 2>&1
     echo "actors=$k rc=$? $(grep -o 'training finished.*' "$out/job-$k.log" | cut -c1-600)"
 done | tee "$out/jobs.txt"
 
 # 3. Scale figures: generated actors, real actors, and 25 ms each way.
-timeout 300 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
-    --delay-ms 25 --steps 600 2>/dev/null | grep '^|' | tee "$out/scale.md"
+# Rows print as each scenario ends, so a timeout keeps those done.
+timeout 180 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
+    --delay-ms 25 --steps 600 2>/dev/null | grep --line-buffered '^|' | tee "$out/scale.md"
 echo "done: $out"
