@@ -138,7 +138,14 @@ async fn run(scenario: &Scenario, actor_exe: &Path, scratch: &Path) -> TrainingO
     let real = (scenario.real > 0).then(|| {
         let path = scratch.join(format!("{}.toml", scenario.name.replace(' ', "-")));
         std::fs::write(&path, actor_config.to_toml()).unwrap();
-        LocalActors::spawn(scenario.real, target, Some(&path), actor_exe).unwrap()
+        LocalActors::spawn(
+            scenario.real,
+            target,
+            Some(&path),
+            actor_config.seed,
+            actor_exe,
+        )
+        .unwrap()
     });
     let outcome = learner.await.unwrap().unwrap();
     if let Some(generated) = generated {

@@ -76,11 +76,14 @@ pub fn actor_executable() -> std::io::Result<PathBuf> {
 
 impl LocalActors {
     /// Starts `count` actors that connect to `address`, each with its own
-    /// seed offset, sharing the learner's configuration file.
+    /// seed offset, sharing the learner's configuration file and its
+    /// `seed` (which a flag may have set: the actors get it as
+    /// `FLGFN_SEED`, over the file).
     pub fn spawn(
         count: usize,
         address: SocketAddr,
         config: Option<&Path>,
+        seed: u64,
         executable: &Path,
     ) -> std::io::Result<Self> {
         let children = Arc::new(Mutex::new(Vec::with_capacity(count)));
@@ -110,7 +113,8 @@ impl LocalActors {
                 .arg("--seed-offset")
                 .arg(i.to_string())
                 .arg("--name")
-                .arg(format!("local-{i}"));
+                .arg(format!("local-{i}"))
+                .env("FLGFN_SEED", seed.to_string());
             if let Some(config) = config {
                 command.arg("--config").arg(config);
             }

@@ -373,6 +373,7 @@ pub async fn serve(
                     LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
                 })?,
                 plan.config_file.as_deref(),
+                config.seed,
                 &plan.executable,
             )
             .map_err(LearnerError::LocalActors)?,

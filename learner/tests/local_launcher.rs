@@ -45,7 +45,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     assert!(actor().exists(), "deploy/test.sh builds flgfn-actor first");
     let output = Command::new(learner())
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
-        .args(["--max-steps", "200", "--config"])
+        .args(["--max-steps", "200", "--seed", "40", "--config"])
         .arg(&config)
         .arg("--metrics")
         .arg(&metrics)
@@ -62,6 +62,14 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         3,
         "{log}"
     );
+    // The learner's --seed reaches its actors: actor i draws from seed
+    // 40 + 1 + i.
+    for seed in 41..=43 {
+        assert!(
+            log.contains(&format!("action draws seeded seed={seed}")),
+            "no actor drew from seed {seed}:\n{log}"
+        );
+    }
 
     let text = std::fs::read_to_string(&metrics).unwrap();
     let reports: Vec<serde_json::Value> = text
