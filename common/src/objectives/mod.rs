@@ -114,6 +114,58 @@ pub struct PaddedLayout {
     pub lengths: Tensor,
     /// L, the longest trajectory in the batch.
     pub longest: usize,
+    /// `[B]` int64 trajectory indices grouped by [`LengthBucket`], the
+    /// buckets in order.
+    pub order: Tensor,
+    /// Trajectories grouped by length (1, 2, 3-4, 5-8, ... transitions):
+    /// a sub-trajectory objective builds a `[count, longest + 1, longest +
+    /// 1]` grid per bucket, so its memory stays within a few times
+    /// transitions x L however the lengths mix (one `[B, L + 1, L + 1]`
+    /// grid would be L times that for many short prefixes beside one long
+    /// trajectory).
+    pub buckets: std::sync::Arc<[LengthBucket]>,
+}
+
+/// Trajectories of similar length: `order[first..first + count]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LengthBucket {
+    /// Its first place in [`PaddedLayout::order`].
+    pub first: usize,
+    /// How many trajectories it holds.
+    pub count: usize,
+    /// Its longest trajectory, in transitions.
+    pub longest: usize,
+}
+
+impl LengthBucket {
+    /// The bucket of a trajectory of `n` transitions: ceil(log2 n), so
+    /// lengths within one differ by at most a factor of 2.
+    fn of(n: usize) -> u32 {
+        usize::BITS - n.saturating_sub(1).leading_zeros()
+    }
+
+    /// Groups trajectories of these lengths: the order and the buckets.
+    fn group(lengths: &[i64]) -> (Vec<i64>, Vec<LengthBucket>) {
+        let key = |b: usize| Self::of(lengths[b] as usize);
+        let mut order: Vec<usize> = (0..lengths.len()).collect();
+        order.sort_by_key(|&b| key(b));
+        let mut buckets: Vec<LengthBucket> = Vec::new();
+        for (place, &b) in order.iter().enumerate() {
+            let n = lengths[b] as usize;
+            match buckets.last_mut() {
+                Some(last) if key(order[last.first]) == key(b) => {
+                    last.count += 1;
+                    last.longest = last.longest.max(n);
+                }
+                _ => buckets.push(LengthBucket {
+                    first: place,
+                    count: 1,
+                    longest: n,
+                }),
+            }
+        }
+        (order.into_iter().map(|b| b as i64).collect(), buckets)
+    }
 }
 
 /// Trajectories as tensors on the training device. Every state of every
@@ -222,6 +274,7 @@ impl TransitionBatch {
             lengths.push(n as i64);
         }
         let target: Vec<i64> = source.iter().map(|&s| s + 1).collect();
+        let (order, buckets) = LengthBucket::group(&lengths);
         let (s, t, b) = (states_n as i64, trans_n as i64, count as i64);
         let mut packer = Packer::default();
         packer.f32(&encoded, &[s, dim as i64]);
@@ -237,6 +290,7 @@ impl TransitionBatch {
         packer.i64(&padded_states, &[b, longest as i64 + 1]);
         packer.i64(&padded_transitions, &[b, longest as i64]);
         packer.i64(&lengths, &[b]);
+        packer.i64(&order, &[b]);
         let put = |x: Tensor| {
             if pinned {
                 x.pin_memory(Device::Cuda(0))
@@ -249,17 +303,23 @@ impl TransitionBatch {
             ints: put(Tensor::from_slice(&packer.ints)),
             parts: packer.parts.into(),
         };
-        Self::unpack(packed, longest, trans_n, count)
+        Self::unpack(packed, longest, buckets.into(), trans_n, count)
     }
 
     /// The batch's tensors as views into `packed`, in the order `collate`
     /// packs them.
-    fn unpack(packed: Packed, longest: usize, transitions: usize, trajectories: usize) -> Self {
+    fn unpack(
+        packed: Packed,
+        longest: usize,
+        buckets: std::sync::Arc<[LengthBucket]>,
+        transitions: usize,
+        trajectories: usize,
+    ) -> Self {
         let mut views = packed.parts.iter().map(|part| packed.view(part));
         let mut next = || {
             views
                 .next()
-                .unwrap_or_else(|| unreachable!("13 parts packed"))
+                .unwrap_or_else(|| unreachable!("14 parts packed"))
         };
         TransitionBatch {
             states: next(),
@@ -276,7 +336,9 @@ impl TransitionBatch {
                 states: next(),
                 transitions: next(),
                 lengths: next(),
+                order: next(),
                 longest,
+                buckets,
             },
             transitions,
             trajectories,
@@ -302,6 +364,7 @@ impl TransitionBatch {
         Self::unpack(
             packed,
             self.padded.longest,
+            self.padded.buckets,
             self.transitions,
             self.trajectories,
         )

@@ -16,9 +16,10 @@
 //! Each pair's squared residual weighs lambda^(j - i); a trajectory's
 //! weights are normalised to sum to one and the loss is the mean over
 //! trajectories. The batch's [`PaddedLayout`](super::PaddedLayout) puts the
-//! trajectories in a grid, so every pair of every trajectory is one
-//! element of a `[B, L + 1, L + 1]` tensor: a handful of kernels per step
-//! whatever the batch holds.
+//! trajectories in a grid, so every pair of every trajectory of one length
+//! class is one element of a `[B, L + 1, L + 1]` tensor: a handful of
+//! kernels per step and length class, in memory a few times transitions x
+//! L, however long and short trajectories mix.
 
 use tch::{Kind, Tensor};
 
@@ -48,22 +49,30 @@ impl SubTrajectoryBalance {
 
     /// Residuals of every pair, `[B, L + 1, L + 1]` (entry `[b, i, j]` for
     /// the pair s_i, s_j of trajectory b; meaningful where i < j <= its
-    /// length), and the normalised weight of each, zero elsewhere.
+    /// length), and the normalised weight of each, zero elsewhere: the
+    /// whole batch in one grid (the loss works bucket by bucket).
     pub fn pair_residuals(
         &self,
         output: &PolicyOutput,
         batch: &TransitionBatch,
     ) -> (Tensor, Tensor) {
+        let potentials = self.potentials(output, batch);
+        self.pairs(
+            &potentials,
+            &batch.padded.lengths,
+            batch.padded.longest as i64,
+        )
+    }
+
+    /// `[B, L + 1]`: log F(s_k) minus the terms summed from s_0 to s_k, so
+    /// that a pair's residual is the difference of two entries.
+    fn potentials(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
         let grid = &batch.padded;
         let (b, l) = (batch.trajectories as i64, grid.longest as i64);
-        let device = batch.states.device();
         let flows = state_log_flows(output, batch, self.flow)
             .index_select(0, &grid.states.view(-1))
             .view([b, l + 1]);
-        let lengths = grid.lengths.unsqueeze(1);
         let terms = grid.by_trajectory(&transition_terms(output, batch, self.flow, self.backward));
-        // Sums of the terms from s_0 to each state: a sub-trajectory's sum
-        // is a difference of two.
         let to_state = Tensor::cat(
             &[
                 terms.zeros_like().narrow(1, 0, 1),
@@ -71,9 +80,17 @@ impl SubTrajectoryBalance {
             ],
             1,
         );
-        let g = flows - to_state;
+        flows - to_state
+    }
+
+    /// The pairs of trajectories whose potentials are `potentials`
+    /// (`[B', l + 1]`, none longer than `l`) and lengths `lengths`
+    /// (`[B']`): residuals and normalised weights, `[B', l + 1, l + 1]`.
+    fn pairs(&self, potentials: &Tensor, lengths: &Tensor, l: i64) -> (Tensor, Tensor) {
+        let b = potentials.size()[0];
+        let device = potentials.device();
         // residual[b, i, j] = log F(s_i) - log F(s_j) + (to_state[j] - to_state[i])
-        let residuals = g.unsqueeze(2) - g.unsqueeze(1);
+        let residuals = potentials.unsqueeze(2) - potentials.unsqueeze(1);
 
         let index = Tensor::arange(l + 1, (Kind::Int64, device));
         let span = (index.unsqueeze(0) - index.unsqueeze(1)).to_kind(Kind::Float);
@@ -81,14 +98,18 @@ impl SubTrajectoryBalance {
             .unsqueeze(0)
             .gt_tensor(&index.unsqueeze(1))
             .unsqueeze(0)
-            .logical_and(&index.view([1, 1, l + 1]).le_tensor(&lengths.unsqueeze(2)));
+            .logical_and(
+                &index
+                    .view([1, 1, l + 1])
+                    .le_tensor(&lengths.view([b, 1, 1])),
+            );
         // lambda^(j - i), shifted by the largest exponent of a pair so that
         // nothing overflows, nor underflows for a tiny lambda (the
         // normalisation removes the shift): the whole trajectory's when
         // lambda > 1 (per trajectory), a single step's when lambda <= 1
         // (the same for all).
         let log_weights = if self.log_lambda > 0.0 {
-            let whole = grid.lengths.to_kind(Kind::Float) * self.log_lambda;
+            let whole = lengths.to_kind(Kind::Float) * self.log_lambda;
             (span * self.log_lambda).unsqueeze(0) - whole.view([b, 1, 1])
         } else {
             ((span - 1.0) * self.log_lambda).unsqueeze(0)
@@ -109,6 +130,23 @@ impl SubTrajectoryBalance {
     }
 }
 
+/// Whether one grid per length class (`buckets`) holds at most a quarter
+/// of the cells of one grid for the whole batch (`trajectories` x
+/// (`longest` + 1)^2): then their extra kernels pay for themselves, and
+/// the whole batch's grid is never more than four times the classes'.
+pub(super) fn worth_splitting(
+    buckets: &[super::LengthBucket],
+    trajectories: usize,
+    longest: usize,
+) -> bool {
+    let square = |l: usize| ((l + 1) * (l + 1)) as f64;
+    let split: f64 = buckets
+        .iter()
+        .map(|b| b.count as f64 * square(b.longest))
+        .sum();
+    buckets.len() > 1 && 4.0 * split <= trajectories as f64 * square(longest)
+}
+
 impl Objective for SubTrajectoryBalance {
     fn name(&self) -> &'static str {
         match self.flow {
@@ -122,7 +160,36 @@ impl Objective for SubTrajectoryBalance {
     }
 
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
-        let (residuals, weights) = self.pair_residuals(output, batch);
-        (residuals.square() * weights).sum(Kind::Float) / batch.trajectories.max(1) as f64
+        let grid = &batch.padded;
+        let potentials = self.potentials(output, batch);
+        let weighted = |(residuals, weights): (Tensor, Tensor)| {
+            (residuals.square() * weights).sum(Kind::Float)
+        };
+        let total = match &grid.buckets[..] {
+            // One grid for the batch where length classes would save
+            // little (complete trajectories, evenly cut prefixes): fewer
+            // kernels. Many short prefixes beside a long trajectory take
+            // one grid per class instead, so their memory stays near
+            // transitions x L.
+            buckets if !worth_splitting(buckets, batch.trajectories, grid.longest) => {
+                weighted(self.pairs(&potentials, &grid.lengths, grid.longest as i64))
+            }
+            buckets => buckets
+                .iter()
+                .map(|bucket| {
+                    let rows = grid
+                        .order
+                        .narrow(0, bucket.first as i64, bucket.count as i64);
+                    let l = bucket.longest as i64;
+                    weighted(self.pairs(
+                        &potentials.index_select(0, &rows).narrow(1, 0, l + 1),
+                        &grid.lengths.index_select(0, &rows),
+                        l,
+                    ))
+                })
+                .reduce(|sum, part| sum + part)
+                .unwrap_or_else(|| unreachable!("two buckets or more")),
+        };
+        total / batch.trajectories.max(1) as f64
     }
 }

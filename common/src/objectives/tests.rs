@@ -287,16 +287,53 @@ fn a_sub_trajectory_residual_is_the_sum_of_its_detailed_balance_residuals() {
     // residuals from i to j - 1. Checked pair by pair, on trajectories of
     // different lengths, against the grid computation.
     let env = tiny();
-    let (trajectories, _) = sample(&env, 12, &mut SmallRng::seed_from_u64(6));
-    let batch = batch(&env, &trajectories);
+    let mut rng = SmallRng::seed_from_u64(6);
+    let (mixed, _) = sample(&env, 12, &mut rng);
+    // Many one-step prefixes beside complete trajectories: the loss then
+    // works length class by length class.
+    let mut skewed = sample(&env, 3, &mut rng).0;
+    for k in 0..40 {
+        let action = k % env.forward_actions();
+        let one_step = Trajectory {
+            actions: vec![action as u32],
+            energies: vec![env.transition_energy(&env.initial_state(), action) as f32],
+        };
+        skewed.push(replay(&env, &one_step).unwrap());
+    }
     tch::manual_seed(7);
     let policy = Policy::new(
         &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![16] }),
         Device::Cpu,
     );
+    for trajectories in [mixed, skewed] {
+        check_sub_trajectory_pairs(&env, &policy, &trajectories);
+    }
+}
+
+/// The telescoping identity, each pair's weight and the loss, on
+/// `trajectories`.
+fn check_sub_trajectory_pairs(
+    env: &SetGeneration,
+    policy: &Policy,
+    trajectories: &[ReplayedTrajectory],
+) {
+    let batch = batch(env, trajectories);
     let output = policy.net.forward(&batch.states);
-    for flow in [Flow::ForwardLooking, Flow::Plain] {
-        let lambda = 0.7;
+    let grid = &batch.padded;
+    let split =
+        super::sub_trajectory::worth_splitting(&grid.buckets, batch.trajectories, grid.longest);
+    let one_steps = trajectories.iter().filter(|t| t.len() == 1).count();
+    assert_eq!(
+        split,
+        one_steps > trajectories.len() / 2,
+        "{:?}",
+        grid.buckets
+    );
+    for (flow, lambda) in [
+        (Flow::ForwardLooking, 0.7),
+        (Flow::Plain, 0.7),
+        (Flow::ForwardLooking, 1.5),
+    ] {
         let db = DetailedBalance::new(flow, BackwardPolicy::Learned).residuals(&output, &batch);
         let db: Vec<f64> = Vec::try_from(db.to_kind(Kind::Double)).unwrap();
         let sub = SubTrajectoryBalance::new(flow, lambda, BackwardPolicy::Learned);
@@ -333,6 +370,45 @@ fn a_sub_trajectory_residual_is_the_sum_of_its_detailed_balance_residuals() {
         let got = sub.loss(&output, &batch).double_value(&[]);
         assert!((got - expected_loss).abs() < 1e-4 * expected_loss.max(1.0));
     }
+}
+
+#[test]
+fn length_buckets_keep_short_prefixes_beside_a_long_trajectory_cheap() {
+    // One trajectory of 256 transitions beside 2,000 one-step prefixes: one
+    // grid for all would hold 2,001 x 257 x 257 cells; by length class the
+    // prefixes take 2 x 2 each.
+    let mut lengths = vec![1i64; 2000];
+    lengths.insert(700, 256);
+    lengths.extend([3, 4, 5, 2]);
+    let (order, buckets) = super::LengthBucket::group(&lengths);
+    let mut seen = order.clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..lengths.len() as i64).collect::<Vec<_>>());
+    let cells: usize = buckets
+        .iter()
+        .map(|b| b.count * (b.longest + 1) * (b.longest + 1))
+        .sum();
+    let transitions: usize = lengths.iter().map(|&n| n as usize).sum();
+    assert!(
+        cells <= 4 * (transitions + lengths.len()) * 257,
+        "{cells} cells for {transitions} transitions"
+    );
+    assert!(cells < 2001 * 257 * 257 / 100, "{cells}");
+    // Every trajectory sits in the bucket that covers it, within a factor
+    // of two of its longest.
+    for bucket in buckets.iter() {
+        for &b in &order[bucket.first..bucket.first + bucket.count] {
+            let n = lengths[b as usize] as usize;
+            assert!(
+                n <= bucket.longest && 2 * n >= bucket.longest,
+                "{n} in {bucket:?}"
+            );
+        }
+    }
+    assert_eq!(
+        buckets.iter().map(|b| b.longest).collect::<Vec<_>>(),
+        [1, 2, 4, 5, 256]
+    );
 }
 
 #[test]
