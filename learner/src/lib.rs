@@ -412,7 +412,7 @@ pub async fn serve(
         waited_for_data: false,
         waiting: Default::default(),
     };
-    std::thread::Builder::new()
+    let batcher = std::thread::Builder::new()
         .name("flgfn-batcher".to_owned())
         .spawn(move || batcher.run())
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
@@ -466,6 +466,19 @@ pub async fn serve(
     not_serving(&health).await;
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
+    // The batch builder ends once the trainer is gone (its next batch has
+    // no taker) or told to stop. One that panicked instead ended training
+    // early, as a stop would have: a failure, not a finished run.
+    let batcher = tokio::task::spawn_blocking(move || batcher.join());
+    match tokio::time::timeout(DRAIN_TIMEOUT, batcher).await {
+        Ok(Ok(Err(_))) => {
+            return Err(LearnerError::Trainer(
+                "the batch builder thread panicked".to_owned(),
+            ));
+        }
+        Ok(_) => {}
+        Err(_) => warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}"),
+    }
     let abort = server.abort_handle();
     let drain = tokio::time::timeout(DRAIN_TIMEOUT, server);
     tokio::pin!(drain);
