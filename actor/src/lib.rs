@@ -9,11 +9,13 @@
 //! - [`connection`]: one session with the learner (handshake, then grants
 //!   in and chunks out on one stream).
 //! - [`loadgen`]: many synthetic actors in one process, for load tests.
+//! - [`health`]: the learner's health check, as `flgfn-health` asks it.
 //! - [`run`] (this file): starts the worker and keeps a session open,
 //!   reconnecting with exponential backoff when the learner goes away.
 
 pub mod cli;
 pub mod connection;
+pub mod health;
 pub mod loadgen;
 pub mod worker;
 
@@ -204,11 +206,21 @@ async fn run_actor(
 fn client_tls(
     config: &Config,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
+    client_tls_for(&config.actor.learner, &config.tls)
+}
+
+/// TLS for `url` with the files and name of `tls` (see [`client_tls`]);
+/// None unless `url` is `https://`.
+pub fn client_tls_for(
+    url: &str,
+    tls: &flgfn_common::auth::TlsConfig,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    if !config.actor.learner.starts_with("https://") {
+    if !url.starts_with("https://") {
         return Ok(None);
     }
-    let files = flgfn_common::auth::read_tls(&config.tls)?;
+    let config_tls = tls;
+    let files = flgfn_common::auth::read_tls(config_tls)?;
     let Some(ca) = files.ca else {
         return Err(flgfn_common::config::ConfigError::invalid(
             "tls.ca_file",
@@ -216,8 +228,8 @@ fn client_tls(
         ));
     };
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if !config.tls.domain.is_empty() {
-        tls = tls.domain_name(config.tls.domain.clone());
+    if !config_tls.domain.is_empty() {
+        tls = tls.domain_name(config_tls.domain.clone());
     }
     if let Some((cert, key)) = files.identity {
         tls = tls.identity(Identity::from_pem(cert, key));

@@ -184,11 +184,17 @@ def dockerfile():
     listen = re.search(r"FLGFN_LEARNER__LISTEN=(\S+)", text).group(1)
     port = port_of(listen)
     expose = [int(p) for p in re.findall(r"^EXPOSE (\d+)", text, re.M)]
-    health = re.search(r'"--address", "([^"]+)"', text).group(1)
+    health = re.search(r"^\s+FLGFN_HEALTH_ADDRESS=(\S+)", text, re.M).group(1)
     if expose != [port] or url_port(health) != port:
         fail("deploy/docker/Dockerfile", f"listens on {port}, EXPOSE {expose}, HEALTHCHECK asks {health}")
     env = {k: v for k, v in re.findall(r"(FLGFN_[A-Z_]+)=(\S+)", text)}
-    check_container("deploy/docker/Dockerfile learner", "learner", env, [], None)
+    # The health probe's own variables are read by flgfn-health, not the learner.
+    probe = {k for k in env if k.startswith("FLGFN_HEALTH_")}
+    learner = {k: v for k, v in env.items() if k not in probe}
+    check_container("deploy/docker/Dockerfile learner", "learner", learner, [], None)
+    for key in sorted(probe):
+        if key.encode() not in strings_of("health"):
+            fail("deploy/docker/Dockerfile", f"flgfn-health never reads {key}")
     for flag in re.findall(r'"(--[a-z-]+)"', text.split("HEALTHCHECK", 1)[1].split("\n\n")[0]):
         if flag not in help_of("health"):
             fail("deploy/docker/Dockerfile", f"flgfn-health has no {flag}")

@@ -14,6 +14,7 @@ use flgfn_common::config::Config;
 use flgfn_learner::RunOptions;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::net::TcpListener;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// PEM files in `dir`: a CA, a learner certificate for `localhost` and a
 /// client certificate, each signed by the CA.
@@ -90,6 +91,22 @@ fn actor_config(base: &Config, url: String, pki: &Pki, client_certificate: bool)
     config
 }
 
+/// The learner's health over `url`, asked until it says SERVING (it
+/// starts serving once ready) or 10 s pass; the last answer.
+async fn health(
+    url: &str,
+    tls: &flgfn_common::auth::TlsConfig,
+) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = flgfn_actor::health::check(url, "", tls).await;
+        if matches!(answer, Ok(ServingStatus::Serving)) || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn options(name: &str) -> ActorOptions {
     ActorOptions {
         name: name.to_owned(),
@@ -106,6 +123,26 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     config.tls.cert_file = path(&pki.server.0);
     config.tls.key_file = path(&pki.server.1);
     let (port, learner) = start(&config).await;
+
+    // The health probe speaks TLS to an https:// address with the CA; in
+    // plain text, or without the CA, it gets no answer.
+    let https = format!("https://127.0.0.1:{port}");
+    let probe = actor_config(&config, https.clone(), &pki, false).tls;
+    assert_eq!(
+        health(&https, &probe).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let plain_url = format!("http://127.0.0.1:{port}");
+    assert!(
+        flgfn_actor::health::check(&plain_url, "", &probe)
+            .await
+            .is_err()
+    );
+    let error = flgfn_actor::health::check(&https, "", &Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("tls.ca_file"), "{error}");
 
     // Plain text to a TLS port: the actor gives up after its attempts,
     // with an error, and the learner carries on.
@@ -143,6 +180,19 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     config.tls.ca_file = path(&pki.ca);
     let (port, learner) = start(&config).await;
     let url = format!("https://127.0.0.1:{port}");
+
+    // The health probe needs a client certificate too.
+    let member_tls = actor_config(&config, url.clone(), &pki, true).tls;
+    assert_eq!(
+        health(&url, &member_tls).await.unwrap(),
+        ServingStatus::Serving
+    );
+    let anonymous_tls = actor_config(&config, url.clone(), &pki, false).tls;
+    assert!(
+        flgfn_actor::health::check(&url, "", &anonymous_tls)
+            .await
+            .is_err()
+    );
 
     let anonymous = actor_config(&config, url.clone(), &pki, false);
     let error = tokio::time::timeout(

@@ -3,15 +3,15 @@
 use std::time::Duration;
 
 use clap::Parser;
-use tonic_health::pb::HealthCheckRequest;
+use flgfn_common::auth::TlsConfig;
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
 
 /// Asks a learner's gRPC health service whether it serves, for container
 /// health checks (Docker's HEALTHCHECK) and scripts: exits 0 when it
 /// answers SERVING, 1 otherwise (NOT_SERVING while it shuts down,
-/// unreachable, or too slow). Plain text only: behind TLS, probe with the
-/// orchestrator's own gRPC check.
+/// unreachable, or too slow). An `https://` address is probed over TLS,
+/// trusting `--ca-file` (and presenting `--cert-file` where the learner
+/// requires client certificates).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -28,6 +28,35 @@ struct Args {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3.0, value_name = "S")]
     timeout_s: f64,
+    /// https://: the PEM CA that signed the learner's certificate.
+    #[arg(
+        long,
+        env = "FLGFN_HEALTH_CA_FILE",
+        value_name = "PEM",
+        default_value = ""
+    )]
+    ca_file: String,
+    /// https://: the name the learner's certificate carries (default: the
+    /// address's host).
+    #[arg(long, env = "FLGFN_HEALTH_DOMAIN", default_value = "")]
+    domain: String,
+    /// https:// with mutual TLS: a client certificate signed by the
+    /// learner's `tls.ca_file`, and its key.
+    #[arg(
+        long,
+        env = "FLGFN_HEALTH_CERT_FILE",
+        value_name = "PEM",
+        default_value = ""
+    )]
+    cert_file: String,
+    /// The key of `--cert-file`.
+    #[arg(
+        long,
+        env = "FLGFN_HEALTH_KEY_FILE",
+        value_name = "PEM",
+        default_value = ""
+    )]
+    key_file: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,7 +82,11 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
         Ok(Err(error)) => {
-            eprintln!("flgfn-health: {}: {error:#}", args.address);
+            eprintln!(
+                "flgfn-health: {}: {:#}",
+                args.address,
+                anyhow::Error::from(error)
+            );
             std::process::ExitCode::FAILURE
         }
         Err(_) => {
@@ -63,16 +96,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn check(args: &Args) -> anyhow::Result<ServingStatus> {
-    let channel = tonic::transport::Endpoint::from_shared(args.address.clone())?
-        .connect()
-        .await?;
-    let mut client = HealthClient::new(channel);
-    let reply = client
-        .check(HealthCheckRequest {
-            service: args.service.clone(),
-        })
-        .await?
-        .into_inner();
-    Ok(reply.status())
+async fn check(args: &Args) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
+    let tls = TlsConfig {
+        cert_file: args.cert_file.clone(),
+        key_file: args.key_file.clone(),
+        ca_file: args.ca_file.clone(),
+        domain: args.domain.clone(),
+    };
+    flgfn_actor::health::check(&args.address, &args.service, &tls).await
 }

@@ -1,0 +1,46 @@
+//! The learner's gRPC health check, as `flgfn-health` asks it: over plain
+//! HTTP/2, or over TLS (and mutual TLS) for an `https://` address.
+
+use flgfn_common::auth::TlsConfig;
+use flgfn_common::config::ConfigError;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Why no status came back.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    /// The TLS files (`ca_file` is needed for `https://`).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Not a URL, or no connection (refused, TLS handshake failed).
+    #[error("cannot connect")]
+    Connect(#[from] tonic::transport::Error),
+    /// The learner answered with an error (unknown service...).
+    #[error("{}: {}", .0.code(), .0.message())]
+    Refused(tonic::Status),
+}
+
+/// Asks the health service at `address` about `service` ("" is the server
+/// as a whole). For an `https://` address, `tls` names the CA that signed
+/// the learner's certificate, the name it carries (default: the address's
+/// host) and, for mutual TLS, a client certificate and key.
+pub async fn check(
+    address: &str,
+    service: &str,
+    tls: &TlsConfig,
+) -> Result<ServingStatus, HealthError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())?;
+    if let Some(tls) = crate::client_tls_for(address, tls)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let mut client = HealthClient::new(endpoint.connect().await?);
+    let reply = client
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(HealthError::Refused)?
+        .into_inner();
+    Ok(reply.status())
+}
