@@ -219,22 +219,21 @@ pub fn client_tls_for(
     if !url.starts_with("https://") {
         return Ok(None);
     }
-    let config_tls = tls;
-    let files = flgfn_common::auth::read_tls(config_tls)?;
+    let files = flgfn_common::auth::read_tls(tls)?;
     let Some(ca) = files.ca else {
         return Err(flgfn_common::config::ConfigError::invalid(
             "tls.ca_file",
             "an https:// learner needs the CA that signed its certificate",
         ));
     };
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if !config_tls.domain.is_empty() {
-        tls = tls.domain_name(config_tls.domain.clone());
+    let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if !tls.domain.is_empty() {
+        client = client.domain_name(tls.domain.clone());
     }
     if let Some((cert, key)) = files.identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
+        client = client.identity(Identity::from_pem(cert, key));
     }
-    Ok(Some(tls))
+    Ok(Some(client))
 }
 
 /// The channels between a connection and whatever rolls out its orders.
