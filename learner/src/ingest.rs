@@ -237,8 +237,10 @@ struct SequenceEntries {
 }
 
 impl SequenceBook {
-    /// Most names (and pending handshakes) tracked.
-    pub const MAX_NAMES: usize = 65_536;
+    /// Most names (and pending handshakes) tracked: 16 times the default
+    /// `max_sessions`, and at most ~128 MB for the two maps even with
+    /// names at their clipped length (1,024 characters, up to 4 KB each).
+    pub const MAX_NAMES: usize = 16_384;
 
     /// An actor shook hands as `actor_id` under `name`.
     pub fn joined(&self, actor_id: u64, name: &str) {
