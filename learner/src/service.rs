@@ -232,7 +232,9 @@ impl LearnerState {
                 "`{field}` is {per_chunk}; this learner accepts 1 to {max} (learner.max_chunk_trajectories)"
             )));
         }
-        let reserve = per_chunk * self.env.max_trajectory_len() as u64;
+        // Saturating: a learner configured with an absurd
+        // max_chunk_trajectories must refuse such a chunk, not wrap.
+        let reserve = per_chunk.saturating_mul(self.env.max_trajectory_len() as u64);
         let ceiling = self.credits.pool().ceiling();
         if reserve > ceiling {
             return Err(RequestError::Malformed(format!(
@@ -240,8 +242,8 @@ impl LearnerState {
             )));
         }
         let max_len = self.env.max_trajectory_len();
-        let chunk_bytes =
-            per_chunk * ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64;
+        let chunk_bytes = per_chunk
+            .saturating_mul(ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64);
         if chunk_bytes > self.max_session_bytes {
             return Err(RequestError::SessionMemory {
                 field: field.to_owned(),
