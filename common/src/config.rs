@@ -659,6 +659,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Building the task validates its parameters.
         crate::tasks::build(&self.task)?;
+        // TOML integers are signed: a larger seed could be given by a flag
+        // but not written to a file or an FLGFN_SEED for the actors.
+        if self.seed > i64::MAX as u64 {
+            return Err(ConfigError::invalid(
+                "seed",
+                format!(
+                    "{} is above {} (TOML integers are 64-bit signed)",
+                    self.seed,
+                    i64::MAX
+                ),
+            ));
+        }
         if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
             return Err(ConfigError::invalid(
                 "model.hidden",
@@ -733,11 +745,11 @@ impl Config {
             ));
         }
         // Bounded, so that the timer's deadline can always be computed.
-        if !(l.stall_timeout_s > 0.0 && l.stall_timeout_s <= MAX_STALL_TIMEOUT_S) {
+        if !(MIN_STALL_TIMEOUT_S..=MAX_STALL_TIMEOUT_S).contains(&l.stall_timeout_s) {
             return Err(ConfigError::invalid(
                 "learner.stall_timeout_s",
                 format!(
-                    "must be a number of seconds above 0 and at most {MAX_STALL_TIMEOUT_S} (a day), got {}",
+                    "must be between {MIN_STALL_TIMEOUT_S} and {MAX_STALL_TIMEOUT_S} seconds (a day), got {}",
                     l.stall_timeout_s
                 ),
             ));
@@ -777,6 +789,10 @@ impl Config {
 
 /// Longest `learner.stall_timeout_s`: a day.
 pub const MAX_STALL_TIMEOUT_S: f64 = 86_400.0;
+
+/// Shortest `learner.stall_timeout_s`: below it, every actor would be
+/// ended before its first chunk could arrive.
+pub const MIN_STALL_TIMEOUT_S: f64 = 0.1;
 
 fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > 0.0 {
@@ -986,7 +1002,14 @@ mod tests {
         );
         let err = Config::from_toml("[learner]\nfirst_report_s = 9.0\n", "t").unwrap_err();
         assert!(err.to_string().contains("learner.first_report_s"), "{err}");
-        for stall in ["0.0", "-1.0", "1e30", "nan"] {
+        // A seed a flag can give but TOML (a file, FLGFN_SEED) cannot hold.
+        let huge_seed = Config {
+            seed: u64::MAX,
+            ..Config::default()
+        };
+        let err = huge_seed.validate().unwrap_err();
+        assert!(err.to_string().contains("`seed`"), "{err}");
+        for stall in ["0.0", "-1.0", "1e-9", "1e30", "nan"] {
             let toml = format!("[learner]\nstall_timeout_s = {stall}\n");
             let err = Config::from_toml(&toml, "t").unwrap_err();
             assert!(

@@ -468,16 +468,19 @@ pub async fn serve(
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
     // The batch builder ends once the trainer is gone (its next batch has
     // no taker) or told to stop. One that panicked instead ended training
-    // early, as a stop would have: a failure, not a finished run.
-    let batcher = tokio::task::spawn_blocking(move || batcher.join());
-    match tokio::time::timeout(DRAIN_TIMEOUT, batcher).await {
-        Ok(Ok(Err(_))) => {
-            return Err(LearnerError::Trainer(
-                "the batch builder thread panicked".to_owned(),
-            ));
-        }
-        Ok(_) => {}
-        Err(_) => warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}"),
+    // early, as a stop would have: a failure, not a finished run. Polled,
+    // not joined on a blocking task, which would hold up the process's
+    // exit if the builder never ended.
+    let waited = std::time::Instant::now();
+    while !batcher.is_finished() && waited.elapsed() < DRAIN_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if !batcher.is_finished() {
+        warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}");
+    } else if batcher.join().is_err() {
+        return Err(LearnerError::Trainer(
+            "the batch builder thread panicked".to_owned(),
+        ));
     }
     let abort = server.abort_handle();
     let drain = tokio::time::timeout(DRAIN_TIMEOUT, server);

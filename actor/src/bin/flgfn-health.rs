@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use clap::Parser;
+use flgfn_actor::health::HealthError;
 use flgfn_common::auth::TlsConfig;
+use flgfn_common::config::ConfigError;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Asks a learner's gRPC health service whether it serves, for container
@@ -71,7 +73,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let timeout = Duration::from_secs_f64(args.timeout_s.max(0.001));
+    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout_s.max(0.001)) else {
+        eprintln!(
+            "flgfn-health: --timeout-s {} is not a usable number of seconds",
+            args.timeout_s
+        );
+        return std::process::ExitCode::FAILURE;
+    };
     match runtime.block_on(async { tokio::time::timeout(timeout, check(&args)).await }) {
         Ok(Ok(ServingStatus::Serving)) => {
             println!("SERVING");
@@ -79,6 +87,21 @@ fn main() -> std::process::ExitCode {
         }
         Ok(Ok(status)) => {
             println!("{}", status.as_str_name());
+            std::process::ExitCode::FAILURE
+        }
+        Ok(Err(HealthError::Config(ConfigError::Invalid { field, reason }))) => {
+            // The TLS settings came from this program's flags, not from a
+            // configuration file's [tls]: name the flag.
+            let flag = match field.as_str() {
+                "tls.ca_file" => "--ca-file (FLGFN_HEALTH_CA_FILE)",
+                "tls.cert_file" => "--cert-file (FLGFN_HEALTH_CERT_FILE)",
+                "tls.key_file" => "--key-file (FLGFN_HEALTH_KEY_FILE)",
+                other => other,
+            };
+            let reason = reason
+                .replace("tls.cert_file", "--cert-file")
+                .replace("tls.key_file", "--key-file");
+            eprintln!("flgfn-health: {}: {flag}: {reason}", args.address);
             std::process::ExitCode::FAILURE
         }
         Ok(Err(error)) => {
@@ -96,7 +119,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn check(args: &Args) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
+async fn check(args: &Args) -> Result<ServingStatus, HealthError> {
     let tls = TlsConfig {
         cert_file: args.cert_file.clone(),
         key_file: args.key_file.clone(),

@@ -16,10 +16,11 @@
 //! Each pair's squared residual weighs lambda^(j - i); a trajectory's
 //! weights are normalised to sum to one and the loss is the mean over
 //! trajectories. The batch's [`PaddedLayout`](super::PaddedLayout) puts the
-//! trajectories in a grid, so every pair of every trajectory of one length
-//! class is one element of a `[B, L + 1, L + 1]` tensor: a handful of
-//! kernels per step and length class, in memory a few times transitions x
-//! L, however long and short trajectories mix.
+//! trajectories in a grid, so every pair of every trajectory is one element
+//! of a `[B, L + 1, L + 1]` tensor: a handful of kernels per step. Where
+//! many short prefixes sit beside long trajectories, that grid would be
+//! mostly padding, and the loss takes one grid per length class instead,
+//! so its memory stays a few times transitions x L however lengths mix.
 
 use tch::{Kind, Tensor};
 
