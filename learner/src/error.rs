@@ -81,6 +81,11 @@ pub enum RequestError {
     /// Training has ended; nothing more is accepted.
     #[error("the learner is shutting down")]
     ShuttingDown,
+    /// A bug in the learner met while handling this request (a panic in
+    /// validation): the request is refused, what was accepted before is
+    /// kept, and the learner goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl RequestError {
@@ -104,6 +109,7 @@ impl RequestError {
             RequestError::SessionMemory { .. } => "session_memory",
             RequestError::NoCredit => "no_credit",
             RequestError::ShuttingDown => "shutting_down",
+            RequestError::Internal(_) => "internal",
         }
     }
 
@@ -160,6 +166,7 @@ impl From<RequestError> for Status {
                 status
             }
             RequestError::ShuttingDown => Status::unavailable(message),
+            RequestError::Internal(_) => Status::internal(message),
         }
     }
 }

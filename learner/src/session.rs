@@ -77,9 +77,18 @@ impl IngestPool {
             .acquire()
             .await
             .map_err(|_| RequestError::ShuttingDown)?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|_| RequestError::ShuttingDown)
+        tokio::task::spawn_blocking(work).await.map_err(|error| {
+            if error.is_panic() {
+                // A bug, not the end of training: say so, rather than send
+                // the actor to wait for a stop that is not coming.
+                RequestError::Internal(
+                    "validating this chunk panicked; it is refused, and what was accepted before is kept"
+                        .to_owned(),
+                )
+            } else {
+                RequestError::ShuttingDown
+            }
+        })
     }
 }
 
@@ -514,5 +523,24 @@ impl Session {
             self.state.stats.reject(reason);
             warn!(actor_id = self.actor_id, status = %status.message(), "unreadable trajectory chunk");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_in_validation_is_an_internal_error_and_the_pool_goes_on() {
+        let pool = IngestPool::new(1);
+        let error = pool
+            .run(|| -> u32 { panic!("a bug met while validating") })
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RequestError::Internal(_)), "{error:?}");
+        assert_eq!(error.reason(), "internal");
+        assert_eq!(Status::from(error).code(), Code::Internal);
+        // The slot was given back: the next chunk is validated.
+        assert_eq!(pool.run(|| 7).await.unwrap(), 7);
     }
 }
