@@ -458,28 +458,6 @@ impl Default for LaunchConfig {
 
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "FLGFN_";
-/// Names the default task in a `[task]` section that names none, so that
-/// a file or a variable (`FLGFN_TASK__SET_SIZE=3`) may change one of its
-/// keys alone, like any other section's. True if it did.
-fn name_default_task(table: &mut toml::Table) -> bool {
-    let Some(toml::Value::Table(task)) = table.get_mut("task") else {
-        return false;
-    };
-    if task.contains_key("name") {
-        return false;
-    }
-    let name = toml::Value::try_from(TaskConfig::default())
-        .ok()
-        .and_then(|task| task.get("name").cloned());
-    match name {
-        Some(name) => {
-            task.insert("name".to_owned(), name);
-            true
-        }
-        None => false,
-    }
-}
-
 /// Between the section and the key in such a variable's name.
 pub const ENV_SEPARATOR: &str = "__";
 
@@ -784,6 +762,28 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+/// Names the default task in a `[task]` section that names none, so that
+/// a file or a variable (`FLGFN_TASK__SET_SIZE=3`) may change one of its
+/// keys alone, like any other section's. True if it did.
+fn name_default_task(table: &mut toml::Table) -> bool {
+    let Some(toml::Value::Table(task)) = table.get_mut("task") else {
+        return false;
+    };
+    if task.contains_key("name") {
+        return false;
+    }
+    let name = toml::Value::try_from(TaskConfig::default())
+        .ok()
+        .and_then(|task| task.get("name").cloned());
+    match name {
+        Some(name) => {
+            task.insert("name".to_owned(), name);
+            true
+        }
+        None => false,
     }
 }
 

@@ -232,16 +232,16 @@ impl LearnerState {
                 "`{field}` is {per_chunk}; this learner accepts 1 to {max} (learner.max_chunk_trajectories)"
             )));
         }
+        let max_len = self.env.max_trajectory_len();
         // Saturating: a learner configured with an absurd
         // max_chunk_trajectories must refuse such a chunk, not wrap.
-        let reserve = per_chunk.saturating_mul(self.env.max_trajectory_len() as u64);
+        let reserve = per_chunk.saturating_mul(max_len as u64);
         let ceiling = self.credits.pool().ceiling();
         if reserve > ceiling {
             return Err(RequestError::Malformed(format!(
                 "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's largest credit room of {ceiling} transitions (learner.max_batch_transitions x learner.max_in_flight_batches); lower actor.envs"
             )));
         }
-        let max_len = self.env.max_trajectory_len();
         let chunk_bytes = per_chunk
             .saturating_mul(ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64);
         if chunk_bytes > self.max_session_bytes {

@@ -169,14 +169,21 @@ impl RawSession {
     /// Sends `chunk` and returns the status that ends the session.
     async fn refused(mut self, chunk: proto::TrajectoryChunk) -> Status {
         self.upload.send(chunk).await.unwrap();
+        self.ended().await.1
+    }
+
+    /// Reads grants until the learner ends the session with an error: the
+    /// grants read on the way, and that error.
+    async fn ended(&mut self) -> (Vec<proto::Grant>, Status) {
+        let mut grants = Vec::new();
         loop {
             let message = tokio::time::timeout(Duration::from_secs(30), self.grants.message())
                 .await
                 .expect("the learner answers");
             match message {
-                Ok(Some(_)) => continue,
+                Ok(Some(grant)) => grants.push(grant),
                 Ok(None) => panic!("the session ended without a refusal"),
-                Err(status) => return status,
+                Err(status) => return (grants, status),
             }
         }
     }
@@ -1021,17 +1028,9 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
     let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
     assert_eq!(silent.grant().await.credits, 1);
     let granted = std::time::Instant::now();
-    let ended = loop {
-        match tokio::time::timeout(Duration::from_secs(15), silent.grants.message())
-            .await
-            .expect("the learner ends the stalled session")
-        {
-            Ok(Some(grant)) => assert_eq!(grant.credits, 0, "{grant:?}"),
-            Ok(None) => panic!("the session ended without saying why"),
-            Err(status) => break status,
-        }
-    };
+    let (grants, ended) = silent.ended().await;
     let held = granted.elapsed();
+    assert!(grants.iter().all(|grant| grant.credits == 0), "{grants:?}");
     assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
     assert!(
         ended.message().contains("learner.stall_timeout_s"),
