@@ -7,7 +7,9 @@
 //! same stream. The caller ([`crate::run`]) reconnects with backoff when a
 //! session ends with [`SessionError::Retry`]; a refusal
 //! ([`SessionError::Refused`]) is final, since retrying cannot fix a
-//! mismatched task or a malformed chunk.
+//! mismatched task or a malformed chunk, and so is a fault found on this
+//! side ([`SessionError::Fatal`]: a learner URL that cannot be used, a
+//! chunk larger than the learner takes).
 //!
 //! Asked to stop, a session drains: no new rollout starts, the one in
 //! progress finishes, every chunk rolled out is sent, and the upload is
@@ -22,6 +24,7 @@ use std::time::Duration;
 use flgfn_common::auth::{AUTHORIZATION_HEADER, Token};
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
+use flgfn_common::telemetry::with_causes;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
     ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER,
@@ -66,6 +69,11 @@ pub enum SessionError {
     /// The learner refused this actor or its data; retrying cannot help.
     #[error("the learner refused this actor: {}", .0.message())]
     Refused(Status),
+    /// Something on this side, or in what the learner sent, that no
+    /// retry can fix (a URL that cannot be used, a chunk too large to
+    /// send, a learner breaking the protocol).
+    #[error("{0}")]
+    Fatal(String),
     /// The connection failed or broke; worth another try. `served` says
     /// whether the learner served this session first (which resets
     /// backoff).
@@ -166,9 +174,7 @@ impl Session<'_> {
     fn authorize(&self, metadata: &mut tonic::metadata::MetadataMap) -> Result<(), SessionError> {
         if let Some(token) = self.token {
             let value = token.header_value().parse().map_err(|_| {
-                SessionError::Refused(Status::invalid_argument(
-                    "the token cannot travel in a header",
-                ))
+                SessionError::Fatal("auth: the token cannot travel in a header".to_owned())
             })?;
             metadata.insert(AUTHORIZATION_HEADER, value);
         }
@@ -199,9 +205,7 @@ impl Session<'_> {
     /// Connects, shakes hands and opens the Session stream.
     async fn open(&mut self) -> Result<Opened, SessionError> {
         let endpoint = Endpoint::from_shared(self.url.to_owned())
-            .map_err(|e| {
-                SessionError::Refused(Status::invalid_argument(format!("actor.learner: {e}")))
-            })?
+            .map_err(|e| SessionError::Fatal(format!("actor.learner ({}): {e}", self.url)))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             // Credits bound what is in flight; the windows only need to
@@ -213,15 +217,31 @@ impl Session<'_> {
             .keep_alive_timeout(self.keepalive * 2)
             .keep_alive_while_idle(true);
         let endpoint = match self.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| {
-                SessionError::Refused(Status::invalid_argument(format!("tls: {e}")))
-            })?,
+            Some(tls) => endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| SessionError::Fatal(format!("tls: {}", with_causes(&e))))?,
             None => endpoint,
         };
-        let channel = endpoint
-            .connect()
+        // `connect_timeout` bounds the TCP connect only: a learner whose
+        // kernel accepts but whose process is frozen would hold the TLS
+        // handshake forever.
+        let channel = tokio::time::timeout(HANDSHAKE_TIMEOUT, endpoint.connect())
             .await
-            .map_err(|e| retry(format!("cannot connect to {}: {e}", self.url), false))?;
+            .map_err(|_| {
+                retry(
+                    format!(
+                        "cannot connect to {}: no answer in {HANDSHAKE_TIMEOUT:?}",
+                        self.url
+                    ),
+                    false,
+                )
+            })?
+            .map_err(|e| {
+                retry(
+                    format!("cannot connect to {}: {}", self.url, with_causes(&e)),
+                    false,
+                )
+            })?;
         let mut client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
@@ -332,8 +352,8 @@ impl Session<'_> {
                         // A refusal stays one; anything else ends the drain.
                         Err(status) if *stopping => {
                             return match classify(status, served) {
-                                refused @ SessionError::Refused(_) => Err(refused),
                                 SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                                refused => Err(refused),
                             };
                         }
                         Ok(None) if *stopping => return Ok(SessionEnd::Stopped),
@@ -362,9 +382,9 @@ impl Session<'_> {
                         }));
                     }
                     let Some(weights) = &weights else {
-                        return Err(SessionError::Refused(Status::failed_precondition(
-                            "the learner granted a credit before sending any weights",
-                        )));
+                        return Err(SessionError::Fatal(
+                            "protocol error: the learner granted a credit before sending any weights".to_owned(),
+                        ));
                     };
                     for _ in 0..grant.credits {
                         counts.credits += 1;
@@ -400,10 +420,10 @@ impl Session<'_> {
                     let message = proto::TrajectoryChunk::from(&chunk);
                     if message.encoded_len() > max_bytes {
                         // Every chunk would fail alike: retrying cannot help.
-                        return Err(SessionError::Refused(Status::invalid_argument(format!(
+                        return Err(SessionError::Fatal(format!(
                             "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",
                             message.encoded_len()
-                        ))));
+                        )));
                     }
                     match upload.try_send(message) {
                         Ok(()) => {}

@@ -87,6 +87,11 @@ pub enum ActorError {
     /// The learner refused this actor (task or model mismatch, bad data).
     #[error(transparent)]
     Refused(SessionError),
+    /// A fault no retry can fix, found on this side (a learner URL or TLS
+    /// setting that cannot be used, chunks too large for the learner) or
+    /// in what the learner sent.
+    #[error("{0}")]
+    Fatal(String),
     /// The learner stayed unreachable for `actor.reconnect_attempts` tries.
     #[error("gave up after {attempts} failed connection attempts; last error: {last}")]
     GaveUp {
@@ -328,6 +333,7 @@ pub async fn stay_connected(
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
+            Err(SessionError::Fatal(message)) => break Err(ActorError::Fatal(message)),
             Err(SessionError::Retry { message, served }) => {
                 if served {
                     // The connection worked: this is a new outage.

@@ -752,9 +752,10 @@ impl Config {
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
-        positive_finite("actor.reconnect_initial_s", a.reconnect_initial_s)?;
-        positive_finite("actor.reconnect_max_s", a.reconnect_max_s)?;
-        positive_finite("actor.keepalive_s", a.keepalive_s)?;
+        learner_url(&a.learner)?;
+        seconds_up_to_a_day("actor.reconnect_initial_s", a.reconnect_initial_s)?;
+        seconds_up_to_a_day("actor.reconnect_max_s", a.reconnect_max_s)?;
+        seconds_up_to_a_day("actor.keepalive_s", a.keepalive_s)?;
         if a.reconnect_max_s < a.reconnect_initial_s {
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",
@@ -802,6 +803,43 @@ fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
             field,
             format!("{value} is not a positive number"),
         ))
+    }
+}
+
+/// Longest actor wait (`reconnect_*_s`, `keepalive_s`): a day. A larger
+/// "forever" would overflow the timers built from it.
+pub const MAX_ACTOR_WAIT_S: f64 = 86_400.0;
+
+fn seconds_up_to_a_day(field: &str, value: f64) -> Result<(), ConfigError> {
+    positive_finite(field, value)?;
+    if value > MAX_ACTOR_WAIT_S {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{value} s is more than a day ({MAX_ACTOR_WAIT_S} s)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `actor.learner` must be an `http://` or `https://` URL with a host: an
+/// address without a scheme would fail every connection attempt, and with
+/// the default unlimited `reconnect_attempts` the actor would retry
+/// forever.
+fn learner_url(url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    let host = rest.map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+    match host {
+        Some(host) if !host.is_empty() && !host.starts_with(':') => Ok(()),
+        Some(_) => Err(ConfigError::invalid(
+            "actor.learner",
+            format!("{url:?} names no host"),
+        )),
+        None => Err(ConfigError::invalid(
+            "actor.learner",
+            format!("{url:?} is not an http:// or https:// URL (e.g. http://learner:50051)"),
+        )),
     }
 }
 
@@ -1047,6 +1085,51 @@ mod tests {
         // A named task is left as it is.
         let config = Config::from_toml("[task]\nname = \"lattice\"\n", "t").unwrap();
         assert!(matches!(config.task, TaskConfig::Lattice(_)), "{config:?}");
+    }
+
+    #[test]
+    fn an_unusable_learner_url_or_an_endless_wait_is_refused_by_name() {
+        for (toml, field, says) in [
+            (
+                "[actor]\nlearner = \"10.0.0.5:50051\"\n",
+                "actor.learner",
+                "http://",
+            ),
+            (
+                "[actor]\nlearner = \"http://\"\n",
+                "actor.learner",
+                "no host",
+            ),
+            (
+                "[actor]\nlearner = \"https://:50051\"\n",
+                "actor.learner",
+                "no host",
+            ),
+            (
+                "[actor]\nkeepalive_s = 1e20\n",
+                "actor.keepalive_s",
+                "a day",
+            ),
+            (
+                "[actor]\nreconnect_max_s = 1e19\n",
+                "actor.reconnect_max_s",
+                "a day",
+            ),
+        ] {
+            let error = Config::from_toml(toml, "t").unwrap_err().to_string();
+            assert!(
+                error.contains(field) && error.contains(says),
+                "{toml}: {error}"
+            );
+        }
+        for url in [
+            "http://learner:50051",
+            "https://10.0.0.5:443/",
+            "http://[::1]:50051",
+        ] {
+            let toml = format!("[actor]\nlearner = \"{url}\"\n");
+            assert!(Config::from_toml(&toml, "t").is_ok(), "{url}");
+        }
     }
 
     #[test]

@@ -160,3 +160,41 @@ pub fn exit_status<E: std::fmt::Display>(
         }
     }
 }
+
+/// An error and its causes on one line, `error: cause: cause...`: tonic's
+/// transport errors say only "transport error" and keep why (refused,
+/// no such host, a certificate) in their sources.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source's text in their own.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_causes;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("transport error")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_is_shown_with_its_causes() {
+        let error = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        ));
+        assert_eq!(with_causes(&error), "transport error: connection refused");
+        let plain = std::io::Error::other("alone");
+        assert_eq!(with_causes(&plain), "alone");
+    }
+}

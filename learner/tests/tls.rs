@@ -232,3 +232,59 @@ async fn half_configured_tls_is_refused_with_the_field_named() {
     .to_string();
     assert!(error.contains("tls.cert_file"), "{error}");
 }
+
+/// A learner whose host accepts connections but never answers (a frozen
+/// process; the kernel still completes TCP) holds neither the TLS
+/// handshake nor the actor forever: each attempt ends after the handshake
+/// timeout, and the actor gives up after its attempts. A closed port says
+/// why it failed, not only "transport error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_does_not_hang_on_a_learner_that_accepts_and_never_answers() {
+    let dir = std::env::temp_dir().join(format!("flgfn-frozen-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let frozen = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = frozen.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = frozen.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let mut config = actor_config(
+        &support::tiny_config(),
+        format!("https://127.0.0.1:{port}"),
+        &pki,
+        false,
+    );
+    config.actor.reconnect_attempts = 1;
+    let started = std::time::Instant::now();
+    let error = tokio::time::timeout(
+        Duration::from_secs(40),
+        flgfn_actor::run(config.clone(), options("frozen"), std::future::pending()),
+    )
+    .await
+    .expect("the actor gives up by itself")
+    .unwrap_err();
+    let ActorError::GaveUp { last, .. } = &error else {
+        panic!("{error:?}")
+    };
+    assert!(last.contains("no answer"), "{last}");
+    assert!(started.elapsed() >= Duration::from_secs(5), "{error:?}");
+    held.abort();
+
+    // Nothing listens: the reason is in the message.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    config.actor.learner = format!("http://127.0.0.1:{port}");
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(config, options("closed"), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(error.to_lowercase().contains("refused"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
