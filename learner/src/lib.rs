@@ -135,10 +135,18 @@ pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, Le
 fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
+        // An actor uses two streams at a time (its session, a handshake):
+        // without a limit (tonic sets none), one connection could open
+        // thousands, each holding a message of up to the decode limit.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Free the sessions of actors whose host vanished silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
 }
+
+/// Most concurrent HTTP/2 streams (calls) on one connection: further calls
+/// wait for one to end.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
 /// How long open connections get to finish once training is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);

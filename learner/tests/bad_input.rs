@@ -1056,3 +1056,36 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
         .unwrap();
     assert_eq!(outcome.steps, 2);
 }
+
+/// One connection holds at most `MAX_STREAMS_PER_CONNECTION` calls at a
+/// time (each may hold a message of up to the decode limit): one more
+/// waits until one of them ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_holds_a_bounded_number_of_calls() {
+    let mut config = config();
+    config.learner.max_steps = 1000;
+    let (url, _learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let actor_id = shake_hands(&mut client, &config).await;
+    let limit = flgfn_learner::MAX_STREAMS_PER_CONNECTION as usize;
+    let mut open_sessions = Vec::new();
+    for _ in 0..limit {
+        // Clones share the connection.
+        let mut same_connection = client.clone();
+        open_sessions.push(open(&mut same_connection, Some(actor_id)).await.unwrap());
+    }
+    let mut same_connection = client.clone();
+    let waiting = tokio::spawn(async move { open(&mut same_connection, Some(actor_id)).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a call beyond the limit was answered"
+    );
+    drop(open_sessions.pop());
+    let answered = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting call is answered once another ends")
+        .unwrap();
+    assert!(answered.is_ok());
+    let _ = stop.send(());
+}
