@@ -219,7 +219,9 @@ pub struct LearnerConfig {
     /// least this many transitions before it steps.
     pub batch_transitions: usize,
     /// Largest batch (at most 2^20). Batches grow past `batch_transitions`
-    /// as `batch_growth` says.
+    /// as `batch_growth` says. A batch holds whole chunks: it stops short of
+    /// its target rather than pass this, unless one chunk alone is larger
+    /// (then that chunk is a batch of its own).
     pub max_batch_transitions: usize,
     /// When a batch grows past `batch_transitions`: "lag" (only as much as
     /// keeps the data in flight within `max_in_flight_batches` steps, i.e.

@@ -7,7 +7,10 @@
 //! `batch_growth = "supply"` any more that are already waiting, up to
 //! `max_batch_transitions`: more supply means bigger steps, not older data.
 //! Chunks are batched oldest policy first, and one that could not wait
-//! another step joins the current batch beyond its target. Here, where the
+//! another step joins the current batch beyond its target (within
+//! `max_batch_transitions`). A batch holds whole chunks: it stops short of
+//! its target rather than pass `max_batch_transitions`, unless a single
+//! chunk is larger (then that chunk is a batch of its own). Here, where the
 //! batch is built, chunks whose policy would be more than `max_policy_lag`
 //! steps old when trained are dropped and counted; credits and that order
 //! keep it rare. Each chunk's credit is released once the chunk is in a
@@ -135,10 +138,11 @@ impl Batcher {
         );
     }
 
-    /// At least `target` transitions of fresh data, oldest policy first;
-    /// then, with `take_waiting`, whatever else is waiting up to
-    /// `max_transitions`, and otherwise whatever would be stale by the next
-    /// step. None when the learner stops.
+    /// At least `target` transitions of fresh data (or as many whole
+    /// chunks as fit `max_transitions`), oldest policy first; then, with
+    /// `take_waiting`, whatever else is waiting up to `max_transitions`, and
+    /// otherwise whatever would be stale by the next step and still fits.
+    /// None when the learner stops.
     ///
     /// Oldest first is earliest deadline first (a chunk's deadline is its
     /// policy version + `max_policy_lag`): a chunk that arrived late, or
@@ -147,9 +151,11 @@ impl Batcher {
     fn gather(&mut self, target: usize) -> Option<Vec<QueuedChunk>> {
         let mut chunks: Vec<QueuedChunk> = Vec::new();
         let mut transitions = 0;
+        // Whether the next chunk would take the batch past the largest.
+        let mut full = false;
         loop {
             self.absorb_arrived();
-            while transitions < target {
+            while transitions < target && !full {
                 let chunk = match self.waiting.pop_front() {
                     Some(chunk) => chunk,
                     None => {
@@ -163,6 +169,12 @@ impl Batcher {
                     self.drop_stale(chunk);
                     continue;
                 }
+                if transitions > 0 && transitions + chunk.chunk.transitions > self.max_transitions {
+                    // It starts the next batch.
+                    self.waiting.push_front(chunk);
+                    full = true;
+                    break;
+                }
                 transitions += chunk.chunk.transitions;
                 chunks.push(chunk);
             }
@@ -170,34 +182,43 @@ impl Batcher {
             let step = self.step_to_train();
             let (fresh, stale): (Vec<_>, Vec<_>) =
                 chunks.into_iter().partition(|c| !self.is_stale(c, step));
+            if !stale.is_empty() {
+                full = false;
+            }
             stale.into_iter().for_each(|c| self.drop_stale(c));
             chunks = fresh;
             transitions = chunks.iter().map(|c| c.chunk.transitions).sum();
-            if transitions >= target {
+            if transitions >= target || full {
                 break;
             }
         }
         // Beyond the target: fresh supply joins this batch rather than age
         // (`take_waiting`), and in any case what could not wait one more
-        // step.
+        // step; a chunk that does not fit waits for the next batch, and
+        // smaller ones behind it may still fit.
         self.absorb_arrived();
         let step = self.step_to_train();
-        while let Some(chunk) = self.waiting.front() {
-            if self.is_stale(chunk, step) {
-                let chunk = self.waiting.pop_front().expect("front exists");
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(chunk) = self.waiting.pop_front() {
+            if self.is_stale(&chunk, step) {
                 self.drop_stale(chunk);
                 continue;
             }
             let due = step.saturating_sub(chunk.chunk.policy_version) >= self.max_policy_lag;
-            if !(self.take_waiting || due)
-                || transitions + chunk.chunk.transitions > self.max_transitions
-            {
+            if !(self.take_waiting || due) {
+                // Oldest first: nothing behind it is due either.
+                kept.push_back(chunk);
+                kept.extend(self.waiting.drain(..));
                 break;
             }
-            let chunk = self.waiting.pop_front().expect("front exists");
+            if transitions + chunk.chunk.transitions > self.max_transitions {
+                kept.push_back(chunk);
+                continue;
+            }
             transitions += chunk.chunk.transitions;
             chunks.push(chunk);
         }
+        self.waiting = kept;
         Some(chunks)
     }
 
@@ -277,16 +298,29 @@ mod tests {
         runtime: &tokio::runtime::Runtime,
         versions: &[u64],
     ) -> (Batcher, std::sync::mpsc::Receiver<PreparedBatch>) {
+        let chunks: Vec<_> = versions.iter().map(|&version| (version, 10)).collect();
+        batcher_with_sizes(runtime, &chunks, 1000)
+    }
+
+    /// The same, fed chunks of (policy version, transitions), making
+    /// batches of at most `max_transitions`.
+    fn batcher_with_sizes(
+        runtime: &tokio::runtime::Runtime,
+        chunks: &[(u64, usize)],
+        max_transitions: usize,
+    ) -> (Batcher, std::sync::mpsc::Receiver<PreparedBatch>) {
         let pool = CreditPool::new(100, 1000, 4);
         let (sender, queue) = mpsc::channel(16);
-        for &policy_version in versions {
-            let mut credit = pool.try_reserve(10).expect("room for the test chunks");
-            credit.arrived(10);
+        for &(policy_version, transitions) in chunks {
+            let mut credit = pool
+                .try_reserve(transitions as u64)
+                .expect("room for the test chunks");
+            credit.arrived(transitions as u64);
             let chunk = IngestedChunk {
                 actor_id: 1,
                 policy_version,
                 trajectories: Vec::new(),
-                transitions: 10,
+                transitions,
                 unusable_transitions: 0,
             };
             sender.try_send(QueuedChunk { chunk, credit }).unwrap();
@@ -298,7 +332,7 @@ mod tests {
             steps_done: Arc::new(AtomicU64::new(16)),
             pool,
             stats: Default::default(),
-            max_transitions: 1000,
+            max_transitions,
             take_waiting: false,
             max_policy_lag: 16,
             dims: (1, 1, 1),
@@ -338,5 +372,42 @@ mod tests {
         );
         let rest = batcher.gather(30).unwrap();
         assert_eq!(versions(&rest), [8, 9, 10]);
+    }
+
+    fn sizes(chunks: &[QueuedChunk]) -> Vec<usize> {
+        chunks.iter().map(|c| c.chunk.transitions).collect()
+    }
+
+    #[test]
+    fn a_batch_stops_short_of_its_target_rather_than_pass_the_largest() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Nothing is due at step 17 (lag 16) for versions 10 to 12.
+        let (mut batcher, _batches) = batcher_with_sizes(
+            &runtime,
+            &[(10, 10), (10, 10), (10, 10), (11, 30), (12, 5)],
+            25,
+        );
+        assert_eq!(sizes(&batcher.gather(25).unwrap()), [10, 10]);
+        assert_eq!(sizes(&batcher.gather(25).unwrap()), [10]);
+        assert_eq!(
+            sizes(&batcher.gather(25).unwrap()),
+            [30],
+            "a chunk larger than the largest batch is a batch of its own"
+        );
+        assert_eq!(sizes(&batcher.gather(5).unwrap()), [5]);
+    }
+
+    #[test]
+    fn a_due_chunk_that_does_not_fit_waits_and_smaller_due_ones_behind_it_join() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Version 1 is due at step 17 (lag 16: stale after this step).
+        let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
+        assert_eq!(sizes(&batcher.gather(10).unwrap()), [10, 5]);
+        assert_eq!(sizes(&batcher.gather(10).unwrap()), [30]);
+        assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 0);
     }
 }

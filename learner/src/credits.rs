@@ -6,7 +6,9 @@
 //! [`CreditPool`]; the room comes back when the trainer takes the chunk into
 //! a batch (the [`CreditToken`] travels with the chunk and is dropped
 //! there). So everything granted and not yet trained fits in the pool's
-//! capacity, and policy lag is bounded by it, whatever the network's
+//! capacity (or passes it by at most the batch being built, which may
+//! need more than the room holds, and what was in use when the room
+//! shrank), and policy lag is bounded by it, whatever the network's
 //! latency and however many actors connect: more actors share the same
 //! room instead of piling up stale data.
 //!
@@ -28,7 +30,8 @@
 //!
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
-//! its fair share; a session whose actor sits on a credit for
+//! its fair share, and at least two (one chunk rolling out, one on the
+//! way) however many share the room; a session whose actor sits on a credit for
 //! `learner.stall_timeout_s` is ended, which returns
 //! its credits.
 //!

@@ -44,12 +44,14 @@ pub enum RequestError {
     /// `actor_id` was never handed out by this learner process.
     #[error("`actor_id` {0} was not issued by this learner: call Handshake first")]
     UnknownActor(u64),
-    /// `policy_version` claims weights the learner has not published.
-    #[error("`policy_version` {claimed} is newer than the learner's latest version {latest}")]
+    /// `policy_version` claims weights this session was never sent.
+    #[error(
+        "`policy_version` {claimed} is newer than the newest weights sent to this actor ({latest})"
+    )]
     FutureVersion {
         /// Sent by the actor.
         claimed: u64,
-        /// The learner's latest.
+        /// The newest version sent to this actor's session.
         latest: u64,
     },
     /// A trajectory failed replay through the learner's environment.

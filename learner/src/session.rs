@@ -421,6 +421,20 @@ impl Session {
             .ingest_pool
             .run(move || ingest_chunk(env.as_ref(), chunk, context))
             .await??;
+        let (transitions, unusable) = (ingested.transitions, ingested.unusable_transitions);
+        if transitions > 0 {
+            credit.arrived(transitions as u64);
+            // Queued before it is counted: a chunk that finds the trainer
+            // gone is refused (shutting down), not also counted accepted.
+            self.state
+                .queue
+                .try_send(QueuedChunk {
+                    chunk: ingested,
+                    credit,
+                })
+                .map_err(|_| RequestError::ShuttingDown)?;
+        }
+        // (With nothing to train on, the credit's room goes back here.)
         let stats = &self.state.stats;
         IngestStats::add(
             &stats.lost_chunks,
@@ -434,24 +448,10 @@ impl Session {
         );
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);
-        IngestStats::add(&stats.accepted_transitions, ingested.transitions as u64);
-        IngestStats::add(
-            &stats.unusable_truncated_transitions,
-            ingested.unusable_transitions as u64,
-        );
+        IngestStats::add(&stats.accepted_transitions, transitions as u64);
+        IngestStats::add(&stats.unusable_truncated_transitions, unusable as u64);
         progress.record.chunks_received += 1;
-        if ingested.transitions == 0 {
-            // Nothing to train on; the credit's room goes back.
-            return Ok(());
-        }
-        credit.arrived(ingested.transitions as u64);
-        self.state
-            .queue
-            .try_send(QueuedChunk {
-                chunk: ingested,
-                credit,
-            })
-            .map_err(|_| RequestError::ShuttingDown)
+        Ok(())
     }
 
     /// Pauses this session's credits when its chunks keep arriving at
