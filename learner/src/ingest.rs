@@ -98,6 +98,9 @@ pub struct IngestStats {
     /// Times a session's credits were paused because its chunks arrived
     /// already older than `max_policy_lag`.
     pub session_pauses: AtomicU64,
+    /// Sessions ended because their actor held a credit, or took no grant,
+    /// for `learner.stall_timeout_s`.
+    pub stalled_sessions: AtomicU64,
     /// Transitions dropped where the batch is built because the policy
     /// that sampled them was more than `max_policy_lag` steps old.
     pub stale_transitions: AtomicU64,

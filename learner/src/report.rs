@@ -120,6 +120,11 @@ pub struct Report {
     /// already older than `max_policy_lag` (an actor far behind the others).
     #[serde(default)]
     pub session_pauses: u64,
+    /// Sessions ended because their actor held a credit without sending
+    /// its chunk, or took no grant, for `learner.stall_timeout_s` (a frozen
+    /// actor, a cut link); their credits went back to the room.
+    #[serde(default)]
+    pub stalled_sessions: u64,
     /// `stale_transitions` over `ingested_transitions`.
     pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the

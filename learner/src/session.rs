@@ -297,12 +297,23 @@ impl Session {
                 // session was busy (sending a grant, waiting for an ingest
                 // slot) answers its credit even if the timer ran out since.
                 () = stalled => {
-                    return Err(Status::deadline_exceeded(format!(
+                    return Err(self.stalled(format!(
                         "held a credit for {stalled_after:?} without sending its chunk (learner.stall_timeout_s)"
                     )));
                 }
             }
         }
+    }
+
+    /// Ends a stalled session: counted, logged, and the status the actor
+    /// is sent (if it still reads).
+    fn stalled(&self, why: String) -> Status {
+        IngestStats::add(&self.state.stats.stalled_sessions, 1);
+        warn!(
+            actor_id = self.actor_id,
+            "ending the session of an actor that stalled: it {why}; its credits go back to the room"
+        );
+        Status::deadline_exceeded(why)
     }
 
     /// Most chunks this session may hold at once (its memory limit over
@@ -338,7 +349,7 @@ impl Session {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Ok(false),
             Err(_) => {
-                return Err(Status::deadline_exceeded(format!(
+                return Err(self.stalled(format!(
                     "took no grant for {:?} (learner.stall_timeout_s)",
                     self.state.stalled_after
                 )));

@@ -664,6 +664,7 @@ impl Trainer {
             rejections: stats.rejections(),
             stale_transitions: IngestStats::get(&stats.stale_transitions),
             session_pauses: IngestStats::get(&stats.session_pauses),
+            stalled_sessions: IngestStats::get(&stats.stalled_sessions),
             stale_fraction: IngestStats::get(&stats.stale_transitions) as f64
                 / ingested.max(1) as f64,
             unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),

@@ -1055,7 +1055,73 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
         .unwrap()
         .unwrap();
     assert_eq!(outcome.steps, 2);
+    assert_eq!(outcome.final_report.stalled_sessions, 1);
 }
+
+/// A session whose actor sends chunks but stops reading grants (its HTTP/2
+/// window here is zero, so no grant gets through) is ended once a grant
+/// has waited `learner.stall_timeout_s`, and counted; the credits it held
+/// go back to the room, so an actor that comes afterwards trains to the
+/// end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
+    let mut config = config();
+    config.learner.stall_timeout_s = 1.0;
+    config.learner.max_steps = 12;
+    let (url, learner, _stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let actor_id = shake_hands(&mut client, &config).await;
+    // Grants ride a connection that never opens its receive window.
+    let closed_window = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut deaf = LearnerClient::new(closed_window);
+    let session = open(&mut deaf, Some(actor_id)).await.unwrap();
+    // The room is one credit learner-wide (see `config`): a chunk uses it,
+    // is trained, and the next credit is granted into a full buffer. The
+    // actor cannot know its credits; paced, each chunk finds one.
+    for _ in 0..(GRANT_BUFFER_AND_SLACK) {
+        if session
+            .upload
+            .send(chunk(actor_id, vec![0, 1]))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+
+    let mut real = config.clone();
+    real.actor.learner = url;
+    real.actor.envs = 1;
+    let report = tokio::time::timeout(Duration::from_secs(30), real_actor(real, "after"))
+        .await
+        .expect("the returned credits let a new actor train")
+        .unwrap();
+    assert!(report.training_done, "{report:?}");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.steps, 12);
+    let final_report = &outcome.final_report;
+    assert_eq!(final_report.stalled_sessions, 1, "{final_report:?}");
+    assert_eq!(final_report.rejected_chunks, 0, "{final_report:?}");
+    assert!(
+        final_report.accepted_chunks >= 5 && report.chunks_sent >= 1,
+        "the deaf session's chunks were trained until its grants backed up: {final_report:?}"
+    );
+    drop(session);
+}
+
+/// Chunks the deaf session sends: more than the grants that fit its
+/// buffers (4 queued, one in hyper's hands) before one must wait.
+const GRANT_BUFFER_AND_SLACK: usize = 8;
 
 /// One connection holds at most `MAX_STREAMS_PER_CONNECTION` calls at a
 /// time (each may hold a message of up to the decode limit): one more
