@@ -106,6 +106,39 @@ pub fn encode(
         .map_err(|e| WeightsError::Format(format!("{e:?}")))
 }
 
+/// Refuses a header whose tensors claim bytes past the buffer's end before
+/// the safetensors crate reads it: its size check adds the claimed end to
+/// the header's length unchecked, which a crafted header overflows (a
+/// panic where overflow checks are on).
+fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
+    let malformed = |what: &str| WeightsError::Format(format!("safetensors header: {what}"));
+    let Some((length, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(malformed("shorter than its 8-byte length"));
+    };
+    let header_len = usize::try_from(u64::from_le_bytes(*length))
+        .ok()
+        .filter(|&n| n <= rest.len())
+        .ok_or_else(|| malformed("longer than the buffer"))?;
+    let data_len = (rest.len() - header_len) as u64;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&rest[..header_len]).map_err(|e| malformed(&e.to_string()))?;
+    for (name, entry) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let end = entry
+            .get("data_offsets")
+            .and_then(|offsets| offsets.get(1))
+            .and_then(serde_json::Value::as_u64);
+        if end.is_some_and(|end| end > data_len) {
+            return Err(malformed(&format!(
+                "tensor `{name}` ends past the buffer ({data_len} data bytes)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A decoded buffer: every tensor as f32, and the metadata map.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DecodedWeights {
@@ -118,6 +151,7 @@ pub struct DecodedWeights {
 /// Decodes a buffer written by [`encode`] (or by any safetensors writer,
 /// with F32 or BF16 tensors).
 pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
+    check_offsets(bytes)?;
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| WeightsError::Format(format!("{e:?}")))?;
     let metadata = header
@@ -248,6 +282,22 @@ mod tests {
     fn garbage_is_refused_not_panicked_on() {
         for bytes in [&b""[..], b"12345678", &[255; 64][..]] {
             assert!(matches!(decode(bytes), Err(WeightsError::Format(_))));
+        }
+    }
+
+    #[test]
+    fn a_header_claiming_bytes_past_the_buffer_is_refused_without_overflow() {
+        let header = format!(
+            r#"{{"huge":{{"dtype":"U8","shape":[{max}],"data_offsets":[0,{max}]}}}}"#,
+            max = u64::MAX
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        let error = decode(&bytes).unwrap_err().to_string();
+        assert!(error.contains("`huge` ends past the buffer"), "{error}");
+        for truncated in [&bytes[..5], &bytes[..12]] {
+            assert!(decode(truncated).is_err());
         }
     }
 }
