@@ -275,34 +275,58 @@ pub fn read(path: &Path) -> Result<Checkpoint, String> {
     })
 }
 
+/// Suffix of a damaged checkpoint set aside.
+const DAMAGED_SUFFIX: &str = ".damaged";
+
 /// The newest checkpoint in `dir` that reads back intact, skipping (and
 /// reporting) any torn or corrupt one. `Ok(None)` when there is none at
 /// all; an error when every one is damaged (starting over would silently
 /// lose the run: the user decides, with `--fresh`).
+///
+/// When an older one is used, the damaged newer ones are renamed aside
+/// (`*.safetensors.damaged`, kept for a post-mortem): left in place, they
+/// would sort after every checkpoint the resumed run writes, and pruning
+/// to `keep_checkpoints` would delete the good new ones first.
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let all = list(dir)?;
-    let mut damaged = 0;
+    let mut damaged = Vec::new();
     for (_, path) in all.iter().rev() {
         match read(path) {
             Ok(checkpoint) => {
-                if damaged > 0 {
-                    warn!(path = %path.display(), damaged, "using an older checkpoint");
+                if !damaged.is_empty() {
+                    warn!(path = %path.display(), damaged = damaged.len(), "using an older checkpoint");
+                }
+                for bad in damaged {
+                    set_aside(bad);
                 }
                 return Ok(Some(checkpoint));
             }
             Err(reason) => {
-                damaged += 1;
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
+                damaged.push(path);
             }
         }
     }
-    if damaged > 0 {
+    if !damaged.is_empty() {
         return Err(LearnerError::Checkpoint(format!(
-            "every checkpoint in {} is damaged ({damaged}); start over with --fresh",
-            dir.display()
+            "every checkpoint in {} is damaged ({}); start over with --fresh",
+            dir.display(),
+            damaged.len()
         )));
     }
     Ok(None)
+}
+
+/// Renames a damaged checkpoint out of [`list`]'s sight.
+fn set_aside(path: &Path) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(DAMAGED_SUFFIX);
+    match fs::rename(path, &aside) {
+        Ok(()) => warn!(path = %Path::new(&aside).display(), "set a damaged checkpoint aside"),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot set a damaged checkpoint aside")
+        }
+    }
 }
 
 /// The version floor recorded in `dir` (0 when there is none). A file
@@ -330,7 +354,23 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
 pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     let mut removed = 0;
-    for (_, path) in list(dir)? {
+    let set_aside = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|name| name.to_str())
+                    .is_some_and(|name| name.starts_with("ckpt-") && name.ends_with(DAMAGED_SUFFIX))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for path in list(dir)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .chain(set_aside)
+    {
         fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
         removed += 1;
     }
@@ -414,6 +454,14 @@ mod tests {
         fs::write(&newest, &good[..good.len() - 7]).unwrap();
         assert!(read(&newest).is_err());
         assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
+        // Set aside: the resumed run's next checkpoint is the newest, and
+        // pruning keeps it.
+        let aside = dir.join(format!("{}{DAMAGED_SUFFIX}", file_name(200)));
+        assert!(aside.exists() && !newest.exists());
+        let resumed = save(&dir, &state(150), &arrays(1.5), 2).unwrap();
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [100, 150]);
+        fs::remove_file(&resumed).unwrap();
 
         // One flipped byte anywhere: in the tensor data, or in the JSON.
         for at in [good.len() - 3, good.len() / 2, 40] {
@@ -436,7 +484,9 @@ mod tests {
         assert!(error.contains("--fresh"), "{error}");
         write_version_floor(&dir, 1200).unwrap();
         assert_eq!(read_version_floor(&dir).unwrap(), 1200);
+        // The oldest, the one set aside, and the floor.
         assert_eq!(clear(&dir).unwrap(), 3);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
         assert_eq!(read_version_floor(&dir).unwrap(), 0);
         assert!(load_latest(&dir).unwrap().is_none());
         fs::remove_dir_all(&dir).unwrap();

@@ -303,10 +303,23 @@ pub async fn serve(
         Some(dir) => checkpoint::read_version_floor(dir)?,
         None => 0,
     };
-    let start_version = resume
-        .as_ref()
-        .map_or(0, |c| c.state.version.max(c.state.step))
-        .max(version_floor);
+    let resumed_version = resume.as_ref().map(|c| c.state.version.max(c.state.step));
+    let start_version = match resumed_version {
+        // A clean stop records its final version as the floor, with these
+        // very weights: they may be issued under it again.
+        Some(version) if version >= version_floor => version,
+        // The floor's version may have gone out with other weights (the
+        // final checkpoint is damaged, or none was written): one above.
+        _ if version_floor > 0 => version_floor.saturating_add(1),
+        _ => 0,
+    };
+    // Versions are step + an offset: a number from a file must leave room.
+    if start_version > u64::MAX / 4 {
+        return Err(LearnerError::Checkpoint(format!(
+            "version {start_version} (from the checkpoint or the version floor in {}) leaves no room for more; --fresh starts over",
+            learner.checkpoint_dir
+        )));
+    }
     let publisher = Publisher::starting_at(
         start_version,
         policy.snapshot(),
@@ -316,7 +329,16 @@ pub async fn serve(
     let metrics = options
         .metrics_path
         .as_deref()
-        .map(|path| MetricsFile::open(path, resume.is_some() || version_floor > 0))
+        // A run that resumes keeps its reports up to the step it resumes
+        // at; one whose predecessor stopped before any checkpoint (a
+        // version floor, no checkpoint) starts again at step 0.
+        .map(|path| {
+            let resumed_at = match &resume {
+                Some(checkpoint) => Some(checkpoint.state.step),
+                None => (version_floor > 0).then_some(0),
+            };
+            MetricsFile::open(path, resumed_at)
+        })
         .transpose()?;
 
     let pool = CreditPool::new(

@@ -187,32 +187,58 @@ pub struct MetricsFile {
     out: BufWriter<File>,
 }
 
+/// The leading whole lines of a metrics file whose reports are at or
+/// before `step` (a line that is not a report is kept).
+fn reports_up_to(contents: &[u8], step: u64) -> &[u8] {
+    let mut end = 0;
+    for line in contents.split_inclusive(|&b| b == b'\n') {
+        if !line.ends_with(b"\n") {
+            break;
+        }
+        let past = serde_json::from_slice::<serde_json::Value>(line)
+            .ok()
+            .and_then(|report| report.get("step").and_then(serde_json::Value::as_u64))
+            .is_some_and(|at| at > step);
+        if past {
+            break;
+        }
+        end += line.len();
+    }
+    &contents[..end]
+}
+
 impl MetricsFile {
     /// Creates (truncates) the file.
     pub fn create(path: &Path) -> Result<Self, LearnerError> {
-        Self::open(path, false)
+        Self::open(path, None)
     }
 
-    /// Opens the file, appending to what is there when `append` (a resumed
-    /// run continues its metrics) and truncating it otherwise. A last line
-    /// torn by a crash is cut off first, so every line stays one JSON
-    /// object.
-    pub fn open(path: &Path, append: bool) -> Result<Self, LearnerError> {
+    /// Opens the file: with `resumed_at` (a run resuming at that step), it
+    /// keeps the reports up to that step and appends; otherwise it
+    /// truncates it. Reports past the step a run resumes at describe
+    /// training that is done again (the learner stopped after its last
+    /// checkpoint): they go, so steps only ever increase. A last line torn
+    /// by a crash goes too, so every line stays one JSON object.
+    pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, LearnerError> {
         let error = |source| LearnerError::Metrics {
             path: path.display().to_string(),
             source,
         };
-        if append && let Ok(contents) = std::fs::read(path) {
-            let whole = contents
-                .iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(0, |i| i + 1);
-            if whole < contents.len() {
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(error)?;
-                file.set_len(whole as u64).map_err(error)?;
+        let append = resumed_at.is_some();
+        if let Some(step) = resumed_at
+            && let Ok(contents) = std::fs::read(path)
+        {
+            let kept = reports_up_to(&contents, step);
+            if kept.len() < contents.len() {
+                let dir = match path.parent() {
+                    Some(dir) if !dir.as_os_str().is_empty() => dir,
+                    _ => Path::new("."),
+                };
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("metrics.jsonl");
+                crate::checkpoint::write_atomically(dir, name, kept)?;
             }
         }
         let file = std::fs::OpenOptions::new()
@@ -237,5 +263,43 @@ impl MetricsFile {
         serde_json::to_writer(&mut self.out, record).map_err(|e| error(e.into()))?;
         self.out.write_all(b"\n").map_err(error)?;
         self.out.flush().map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_run_keeps_the_reports_up_to_its_step_and_appends() {
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let line = |step: u64| format!("{{\"step\":{step},\"loss\":1.0}}\n");
+        // Reports to step 300, then a line torn by a crash; the run resumes
+        // from its checkpoint at step 200.
+        let before = format!("{}{}{}{{\"step\":4", line(100), line(200), line(300));
+        std::fs::write(&path, before).unwrap();
+        let mut metrics = MetricsFile::open(&path, Some(200)).unwrap();
+        metrics
+            .write(&Report {
+                step: 250,
+                ..Report::default()
+            })
+            .unwrap();
+        let steps: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, [100, 200, 250]);
+        // Without a step to resume at, the file starts over.
+        drop(MetricsFile::open(&path, None).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

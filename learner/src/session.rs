@@ -391,7 +391,7 @@ impl Session {
     ) -> Result<Option<Arc<EncodedWeights>>, Status> {
         let publisher = &self.state.publisher;
         let refresh = self.state.weights_refresh_steps;
-        if sent.is_some_and(|sent| publisher.latest_version() < sent + refresh) {
+        if sent.is_some_and(|sent| publisher.latest_version() < sent.saturating_add(refresh)) {
             return Ok(None);
         }
         let encoded = publisher

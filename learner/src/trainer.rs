@@ -359,7 +359,15 @@ impl Trainer {
             return Ok(());
         };
         if progress.version >= progress.version_floor {
-            let floor = progress.version + checkpoint::VERSION_FLOOR_STRIDE;
+            let floor = progress
+                .version
+                .checked_add(checkpoint::VERSION_FLOOR_STRIDE)
+                .ok_or_else(|| {
+                    LearnerError::Checkpoint(format!(
+                        "version {} leaves no room for a version floor; --fresh starts over",
+                        progress.version
+                    ))
+                })?;
             checkpoint::write_version_floor(dir, floor)?;
             progress.version_floor = floor;
         }
@@ -486,7 +494,9 @@ impl Trainer {
             // Constant for the first half, then linear decay to the final
             // fraction at max_steps: a large rate finds the target fast, a
             // small one settles log Z.
-            let done = progress.step as f64 / learner.max_steps as f64;
+            // This step's position: the last one (max_steps) runs at the
+            // final fraction.
+            let done = (progress.step + 1) as f64 / learner.max_steps as f64;
             let decay = (2.0 * done - 1.0).max(0.0);
             let fraction = 1.0 - (1.0 - learner.final_learning_rate_fraction) * decay;
             optimizer.set_lr(learner.learning_rate * fraction);

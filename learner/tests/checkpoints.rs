@@ -136,6 +136,52 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run whose final checkpoint is damaged resumes from the one before:
+/// the damaged file is set aside, versions continue above every one
+/// published (the final version is not issued again with older weights),
+/// and the metrics keep only the reports up to the step it resumed at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_final_checkpoint_resumes_from_the_one_before_above_every_version() {
+    let dir = scratch("damaged-final");
+    let checkpoints = dir.join("checkpoints");
+    let mut config = support::tiny_config();
+    config.learner.checkpoint_dir = checkpoints.display().to_string();
+    config.learner.checkpoint_every_steps = 100;
+    config.learner.checkpoint_every_s = 0.0;
+    config.learner.max_steps = 300;
+    let metrics = dir.join("metrics.jsonl");
+    let first = train(&config, &metrics).await;
+    assert_eq!((first.steps, first.version), (300, 300));
+    let (step, newest) = checkpoint::list(&checkpoints).unwrap().pop().unwrap();
+    assert_eq!(step, 300);
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+
+    let first_steps: Vec<u64> = support::reports(&metrics).iter().map(|r| r.step).collect();
+    assert_eq!(first_steps.last(), Some(&300));
+
+    config.learner.max_steps = 400;
+    let second = train(&config, &metrics).await;
+    assert_eq!(second.steps, 400);
+    assert_eq!(
+        second.version,
+        400 + 101,
+        "resumed at step 200 as version 301, one above the last published"
+    );
+    let mut aside = newest.clone().into_os_string();
+    aside.push(".damaged");
+    assert!(std::path::Path::new(&aside).exists());
+    let steps: Vec<u64> = support::reports(&metrics).iter().map(|r| r.step).collect();
+    // The first run's reports past step 200 (its last, at 300) went: that
+    // training was done again.
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    let kept: Vec<u64> = first_steps.into_iter().filter(|&s| s <= 200).collect();
+    assert_eq!(steps[..kept.len()], kept[..], "{steps:?}");
+    assert!(steps[kept.len()..].iter().all(|&s| s > 200), "{steps:?}");
+    assert_eq!(steps.last(), Some(&400));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     // Far more than five short-lived learners train (each up to ~1,000
@@ -170,16 +216,27 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     let mut restarts = Vec::new();
     for cycle in 0..5 {
         let started = Instant::now();
-        let seen = support::reports(&metrics).len();
+        // The new process keeps the reports up to the step it resumes at
+        // and drops the later ones (that training is done again): its first
+        // report is the line after those it keeps.
+        let old = support::reports(&metrics);
+        let resumes_at = checkpoint::load_latest(&checkpoints)
+            .unwrap()
+            .map_or(0, |c| c.state.step);
+        let kept = old.iter().take_while(|r| r.step <= resumes_at).count();
         let mut process = learner();
         // Wait for this process's first report (it resumed and trained),
         // then kill it at a random moment within the next half second.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while support::reports(&metrics).len() <= seen {
+        let first_report = loop {
+            let now = support::reports(&metrics);
+            if now.len() > kept && old.get(kept) != Some(&now[kept]) {
+                break now[kept].clone();
+            }
             assert!(Instant::now() < deadline, "cycle {cycle}: no report");
             tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let first_report = support::reports(&metrics)[seen].clone();
+        };
+        assert!(first_report.step > resumes_at, "cycle {cycle}");
         let to_first_report = started.elapsed();
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
         process.0.kill().unwrap();
@@ -224,6 +281,12 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     assert!(
         all.windows(2).all(|w| w[0].version <= w[1].version),
         "versions went backwards"
+    );
+    // Reports of training done again after a kill were dropped.
+    assert!(
+        all.windows(2).all(|w| w[0].step < w[1].step),
+        "steps went backwards: {:?}",
+        all.iter().map(|r| r.step).collect::<Vec<_>>()
     );
     let last = all.last().unwrap();
     assert_eq!(last.step, MAX_STEPS);
