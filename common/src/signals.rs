@@ -49,10 +49,19 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// actor's drain, a learner's final checkpoint), after the cleanups
 /// registered with [`before_forced_exit`]: listening for the first signal
 /// replaced the default action, so without this a second Ctrl-C would do
-/// nothing while the process waits on a frozen peer. Must be awaited
+/// nothing while the process waits on a frozen peer. Must be called
 /// inside a tokio runtime.
-pub async fn shutdown_requested() {
-    let mut signals = StopSignals::new();
+///
+/// Listening starts at the call, not when the future is first polled: a
+/// learner polls it only once it trains, and a SIGTERM before that (while
+/// it loads a checkpoint, say) would otherwise kill it at once, leaving
+/// the local actors it started behind.
+pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
+    let signals = StopSignals::new();
+    stop_on(signals)
+}
+
+async fn stop_on(mut signals: StopSignals) {
     signals.next().await;
     // The same listeners: a second signal that comes before this task
     // first runs is not lost.
@@ -125,4 +134,36 @@ impl StopSignals {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Makes a child process started by `command` receive SIGTERM when its
+/// parent dies, however it dies (SIGKILL, the OOM killer): local actors
+/// then drain and exit instead of retrying a learner that is gone, for
+/// ever. Linux only (elsewhere a no-op). The signal follows the thread
+/// that spawns the child: spawn from a thread that lives as long as the
+/// process (a runtime worker, not a blocking-pool thread).
+pub fn end_with_parent(command: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: runs in the child between fork and exec, and calls only
+        // async-signal-safe functions (prctl, getppid) on no shared
+        // memory.
+        #[allow(unsafe_code)]
+        unsafe {
+            let parent = libc::getpid();
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the call: nothing will signal.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
 }

@@ -5,8 +5,12 @@
 //! Actors are separate processes, exactly as on a cluster; they find the
 //! learner through its bound address (so `--listen 127.0.0.1:0` works) and
 //! exit by themselves when training ends. Any still running when the
-//! learner returns are killed, so none outlive it. A learner resumed from
-//! a run that already finished starts none.
+//! learner returns are killed, and on Linux they get SIGTERM if the
+//! learner dies without returning (SIGKILL, out of memory), so none
+//! outlive it. If every one exits while training goes on, the learner
+//! stops (saving its checkpoint) with an error instead of waiting for data
+//! that will not come. A learner resumed from a run that already finished
+//! starts none.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +43,8 @@ pub struct LocalActorsPlan {
 pub struct LocalActors {
     /// Shared with the forced-exit cleanup.
     children: Arc<Mutex<Vec<Child>>>,
+    /// Which children's exit was already logged by [`Self::all_exited`].
+    logged_exits: Mutex<Vec<bool>>,
     /// Kills the actors if a second stop signal ends the learner at once
     /// (sent to the learner alone, not to its process group, they would
     /// outlive it).
@@ -93,6 +99,7 @@ impl LocalActors {
         });
         let actors = LocalActors {
             children,
+            logged_exits: Mutex::new(vec![false; count]),
             _on_forced_exit: on_forced_exit,
         };
         // A listener on 0.0.0.0 is reached through loopback locally.
@@ -118,6 +125,9 @@ impl LocalActors {
             if let Some(config) = config {
                 command.arg("--config").arg(config);
             }
+            // A learner killed outright (SIGKILL, out of memory) takes them
+            // along: no Drop runs then.
+            flgfn_common::signals::end_with_parent(&mut command);
             let child = command.spawn()?;
             actors
                 .children
@@ -127,6 +137,36 @@ impl LocalActors {
         }
         info!(count, %url, "started local actors");
         Ok(actors)
+    }
+
+    /// Logs each actor that exited since the last call, as it happens
+    /// (an actor that exits while training goes on has failed: a bad
+    /// configuration, a crash, a signal). When every one has exited, says
+    /// so: nothing will feed the learner.
+    pub fn all_exited(&self) -> Option<String> {
+        let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut logged = self
+            .logged_exits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut exited = 0;
+        let mut failed = 0;
+        for (i, child) in children.iter_mut().enumerate() {
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            exited += 1;
+            failed += usize::from(!status.success());
+            if !logged.get(i).copied().unwrap_or(true) {
+                warn!(pid = child.id(), %status, "a local actor exited while training goes on");
+                logged[i] = true;
+            }
+        }
+        (exited > 0 && exited == children.len()).then(|| {
+            format!(
+                "every local actor exited before training finished ({failed} of {exited} with an error; their logs are above)"
+            )
+        })
     }
 
     /// Waits for the actors to exit, killing any left after a grace period.

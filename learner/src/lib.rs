@@ -148,6 +148,30 @@ fn server_builder() -> tonic::transport::Server {
 /// wait for one to end.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
+/// Resolves, with why, when every local actor has exited before training
+/// finished (checked twice a second); never without local actors.
+async fn every_local_actor_exited(
+    actors: Option<&LocalActors>,
+    training_done: watch::Receiver<bool>,
+) -> String {
+    let Some(actors) = actors else {
+        return std::future::pending().await;
+    };
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        ticks.tick().await;
+        let exited = actors.all_exited();
+        // Actors leave by themselves once told training is done (read
+        // after their exits: they exit only after it turned true).
+        if *training_done.borrow() {
+            return std::future::pending().await;
+        }
+        if let Some(message) = exited {
+            return message;
+        }
+    }
+}
+
 /// How long open connections get to finish once training is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -447,6 +471,7 @@ pub async fn serve(
         .spawn(move || batcher.run())
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
     let session_stats = stats.clone();
+    let training_done = publisher.done();
     let trainer = Trainer {
         policy,
         objective,
@@ -480,6 +505,11 @@ pub async fn serve(
     tokio::pin!(done);
     tokio::pin!(shutdown);
     let mut stop_requested = false;
+    let mut actors_gone = Box::pin(every_local_actor_exited(
+        local_actors.as_ref(),
+        training_done,
+    ));
+    let mut actors_failure = None;
     let outcome = tokio::select! {
         outcome = &mut done => outcome,
         () = &mut shutdown => {
@@ -489,7 +519,15 @@ pub async fn serve(
             not_serving(&health).await;
             (&mut done).await
         }
+        message = &mut actors_gone => {
+            warn!("{message}: stopping (the final checkpoint is written)");
+            actors_failure = Some(message);
+            stop_sender.send_replace(true);
+            not_serving(&health).await;
+            (&mut done).await
+        }
     };
+    drop(actors_gone);
     stop_sender.send_replace(true);
     // Probes see the learner going away while it writes its final
     // checkpoint and drains its connections.
@@ -537,6 +575,9 @@ pub async fn serve(
         outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
             .await
             .unwrap_or(0);
+    }
+    if let Some(message) = actors_failure {
+        return Err(LearnerError::LocalActors(std::io::Error::other(message)));
     }
     outcome.sessions = session_stats
         .sessions

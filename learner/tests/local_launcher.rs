@@ -137,3 +137,123 @@ fn a_bad_config_file_fails_with_the_key_named() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Processes whose parent is `pid` (Linux: read from /proc).
+#[cfg(target_os = "linux")]
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| proc_stat(child).is_some_and(|(_, parent)| parent == pid))
+        .collect()
+}
+
+/// A process's state letter and parent, from /proc/PID/stat.
+#[cfg(target_os = "linux")]
+fn proc_stat(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+#[cfg(target_os = "linux")]
+fn running(pid: u32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
+}
+
+/// A learner with two local actors, training far longer than the test,
+/// and its actors' process ids once both run.
+#[cfg(target_os = "linux")]
+fn learner_with_two_actors(dir: &std::path::Path) -> (support::KillOnDrop, Vec<u32>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let learner = Command::new(learner())
+        .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
+        .args(["--max-steps", "100000000", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("learner.log")).unwrap())
+        .spawn()
+        .map(support::KillOnDrop)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let actors = children_of(learner.id());
+        if actors.len() == 2 {
+            return (learner, actors);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no actors: {actors:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn kill_hard(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Every local actor gone while training goes on: the learner stops with
+/// an error saying so, instead of waiting for data for ever.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
+    let dir = std::env::temp_dir().join(format!("flgfn-actors-died-{}", std::process::id()));
+    let (mut learner, actors) = learner_with_two_actors(&dir);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for pid in actors {
+        kill_hard(pid);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = learner.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the learner went on without actors"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("every local actor exited before training finished (2 of 2 with an error"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("a local actor exited while training goes on")
+            .count(),
+        2,
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A learner killed outright (no Drop, no signal handler runs) takes its
+/// local actors along: they get SIGTERM from the kernel and exit.
+#[cfg(target_os = "linux")]
+#[test]
+fn local_actors_exit_when_their_learner_is_killed() {
+    let dir = std::env::temp_dir().join(format!("flgfn-learner-killed-{}", std::process::id()));
+    let (mut learner, actors) = learner_with_two_actors(&dir);
+    kill_hard(learner.id());
+    learner.0.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while actors.iter().any(|&pid| running(pid)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "actors outlived their learner: {actors:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
