@@ -79,6 +79,10 @@ pub struct CheckpointState {
     pub trained_transitions: u64,
     /// When the run first reached quality, in `wall_s`.
     pub time_to_quality_s: Option<f64>,
+    /// Whole-run figures that continue across a resume (absent from
+    /// checkpoints written before they were kept: zero).
+    #[serde(default)]
+    pub totals: ResumedTotals,
     /// Adam steps of the policy optimizer.
     pub adam_steps: u64,
     /// Adam steps of the objective's own optimizer.
@@ -92,6 +96,20 @@ pub struct CheckpointState {
     pub task: String,
     /// See `task`.
     pub model: String,
+}
+
+/// Sums over the whole run that a resumed run goes on adding to, so that
+/// its final figures cover every step, not only its own.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResumedTotals {
+    /// Sum over trained transitions of their policy lag.
+    pub lag_weighted: f64,
+    /// Largest lag trained.
+    pub max_lag: u64,
+    /// Seconds the trainer waited for data.
+    pub waiting_s: f64,
+    /// Steps skipped for a non-finite loss or gradient.
+    pub skipped_batches: u64,
 }
 
 /// A checkpoint read back and verified.

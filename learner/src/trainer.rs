@@ -417,6 +417,12 @@ impl Trainer {
             wall_s,
             trained_transitions: progress.trained_transitions,
             time_to_quality_s: progress.time_to_quality,
+            totals: checkpoint::ResumedTotals {
+                lag_weighted: progress.lag_weighted_total,
+                max_lag: progress.max_lag_total,
+                waiting_s: progress.waiting_total.as_secs_f64(),
+                skipped_batches: progress.skipped_batches,
+            },
             adam_steps: optimizer.steps(),
             objective_adam_steps: own_optimizer.map_or(0, |(own, _)| own.steps()),
             evaluator: evaluator.state(),
@@ -464,6 +470,11 @@ impl Trainer {
         );
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
+        progress.lag_weighted_total = state.totals.lag_weighted;
+        progress.max_lag_total = state.totals.max_lag;
+        progress.waiting_total =
+            Duration::try_from_secs_f64(state.totals.waiting_s).unwrap_or_default();
+        progress.skipped_batches = state.totals.skipped_batches;
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;
         progress.last_checkpoint_wall = state.wall_s;

@@ -108,10 +108,26 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     assert_eq!(saved, first.weights.to_vec());
     let first_reports = support::reports(&metrics).len();
 
+    // Whole-run figures are saved for the resumed run to add to.
+    let saved = checkpoint::load_latest(&checkpoints)
+        .unwrap()
+        .unwrap()
+        .state;
+    let first_lag_sum = first.totals.mean_policy_lag * first.totals.trained_transitions as f64;
+    assert!(
+        (saved.totals.lag_weighted - first_lag_sum).abs() <= 1e-6 * first_lag_sum.max(1.0),
+        "{:?} vs {:?}",
+        saved.totals,
+        first.totals
+    );
+    assert_eq!(saved.totals.max_lag, first.totals.max_policy_lag);
+    assert!(saved.totals.waiting_s > 0.0, "{:?}", saved.totals);
+
     // The same configuration with a larger budget continues the run.
     config.learner.max_steps = 600;
     let second = train(&config, &metrics).await;
     assert_eq!(second.steps, 600);
+    assert!(second.totals.max_policy_lag >= first.totals.max_policy_lag);
     assert_eq!(
         second.version, 600,
         "versions continue from 300 without a jump"
