@@ -148,6 +148,56 @@ fn server_builder() -> tonic::transport::Server {
 /// wait for one to end.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
+/// Refuses to resume a checkpoint trained with another objective: its
+/// parameters (TB's log Z) would be dropped or missing, and the policy's
+/// heads mean something else. Other objective settings may change; a
+/// warning says which.
+fn check_resumed_objective(
+    saved_config: &str,
+    objective: &flgfn_common::config::ObjectiveConfig,
+    path: &std::path::Path,
+) -> Result<(), LearnerError> {
+    let Ok(saved) = Config::from_toml(saved_config, "the checkpoint's configuration") else {
+        warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
+        return Ok(());
+    };
+    let saved = saved.objective;
+    // As written in a configuration file ("fl_db", "uniform").
+    let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    for (key, then, now) in [
+        (
+            "objective.name",
+            serde_json::json!(saved.name),
+            serde_json::json!(objective.name),
+        ),
+        (
+            "objective.backward_policy",
+            serde_json::json!(saved.backward_policy),
+            serde_json::json!(objective.backward_policy),
+        ),
+    ] {
+        let (then, now) = (named(then), named(now));
+        if then != now {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{now}, but {} was trained with {then}: keep {then} to resume it, or --fresh to start over",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+    }
+    if saved != *objective {
+        warn!(
+            was = ?saved,
+            now = ?objective,
+            "resuming with other objective settings than the checkpoint's"
+        );
+    }
+    Ok(())
+}
+
 /// Resolves, with why, when every local actor has exited before training
 /// finished (checked twice a second); never without local actors.
 async fn every_local_actor_exited(
@@ -303,6 +353,7 @@ pub async fn serve(
                     "{e} (another run's directory? --fresh starts over)"
                 ))
             })?;
+        check_resumed_objective(&state.config, &config.objective, &checkpoint.path)?;
         info!(
             path = %checkpoint.path.display(),
             step = state.step,

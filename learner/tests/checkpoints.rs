@@ -149,6 +149,25 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     assert!(all.last().unwrap().trained_transitions > all[first_reports - 1].trained_transitions);
     let tv = exact_tv(&config, &second.weights);
     assert!(tv <= 0.05, "exact TV {tv} after resuming");
+
+    // Another objective cannot take the run over: the error names the key
+    // and both objectives.
+    config.learner.max_steps = 700;
+    config.objective.name = flgfn_common::config::ObjectiveName::Tb;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = flgfn_learner::serve(
+        config,
+        listener,
+        RunOptions::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("objective.name") && error.contains("fl_db") && error.contains("tb,"),
+        "{error}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
