@@ -117,7 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.learner.async_threads)
         // Validation takes learner.ingest_threads of these; weight encoding
-        // takes one at a time.
+        // one at a time (sessions waiting for it wait on the async side).
         .max_blocking_threads(config.learner.ingest_threads + 2)
         .enable_all()
         .build()?;

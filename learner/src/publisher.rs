@@ -51,6 +51,11 @@ pub struct Publisher {
     /// The newest encoded version; also serialises encoders, so a version
     /// is encoded at most once.
     encoded: Mutex<Arc<EncodedWeights>>,
+    /// Taken before an encoder is sent to the blocking pool: sessions
+    /// that want the version being encoded wait here, on the async side,
+    /// instead of each holding a blocking thread (the pool is sized for
+    /// validation plus one encoder).
+    encoder_turn: tokio::sync::Mutex<()>,
     /// Versions encoded so far, for reports.
     encodings: AtomicU64,
     /// Turns true with the final version: sessions tell their actors.
@@ -93,6 +98,7 @@ impl Publisher {
                 published_at: Instant::now(),
             }),
             latest_version: AtomicU64::new(version),
+            encoder_turn: tokio::sync::Mutex::new(()),
             encoded: Mutex::new(Arc::new(EncodedWeights {
                 version: u64::MAX,
                 bytes: Bytes::new(),
@@ -140,17 +146,25 @@ impl Publisher {
 
     /// The newest version, encoded (on the blocking pool if it is not yet).
     pub async fn latest(self: &Arc<Self>) -> Result<Arc<EncodedWeights>, WeightsError> {
-        // Never wait for the lock here, on an async worker: an encoder
-        // holds it while it works.
-        if let Ok(encoded) = self.encoded.try_lock() {
-            if encoded.version == self.latest_version() {
-                return Ok(encoded.clone());
-            }
+        if let Some(encoded) = self.encoded_latest() {
+            return Ok(encoded);
+        }
+        let _turn = self.encoder_turn.lock().await;
+        // Encoded while this session waited its turn?
+        if let Some(encoded) = self.encoded_latest() {
+            return Ok(encoded);
         }
         let publisher = self.clone();
         tokio::task::spawn_blocking(move || publisher.encode_latest())
             .await
             .unwrap_or_else(|join| Err(WeightsError::Format(format!("encoder task: {join}"))))
+    }
+
+    /// The newest version if it is encoded. Never waits for the lock (this
+    /// runs on an async worker, and an encoder holds it while it works).
+    fn encoded_latest(&self) -> Option<Arc<EncodedWeights>> {
+        let encoded = self.encoded.try_lock().ok()?;
+        (encoded.version == self.latest_version()).then(|| encoded.clone())
     }
 
     /// Encodes the newest version unless it already is; blocking.
