@@ -4,9 +4,9 @@
 //! A checkpoint holds the policy weights (`policy/<name>`), the Adam
 //! moments (`adam/m/<name>`, `adam/v/<name>`), the objective's own
 //! parameters and their Adam (`objective/...`, `objective_adam/...`), and
-//! in the header's metadata a JSON [`CheckpointState`] (step, weight
-//! version, learning-rate position, the evaluator's running state, the
-//! whole configuration) plus a CRC-32 over that JSON and every tensor
+//! in the header's metadata a JSON [`CheckpointState`] (step, from which
+//! the learning-rate schedule continues, weight version, whole-run totals,
+//! the evaluator's running state, the whole configuration) plus a CRC-32 over that JSON and every tensor
 //! value. Any torn write or flipped byte fails either the safetensors
 //! parse or the checksum; loading then reports it and falls back to the
 //! previous checkpoint.

@@ -23,8 +23,9 @@ use tokio::sync::watch;
 /// One version of the weights, encoded.
 #[derive(Debug, Clone, Default)]
 pub struct EncodedWeights {
-    /// Training step at which these weights were published (0: initial).
-    /// Lag is measured in these units.
+    /// The number these weights were published under: the training step,
+    /// plus an offset after a resume (versions continue above every one
+    /// published before). Lag is measured in these units.
     pub version: u64,
     /// safetensors bytes, shared by every session without copying.
     pub bytes: Bytes,

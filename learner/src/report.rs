@@ -15,7 +15,8 @@ pub struct Report {
     pub step: u64,
     /// Seconds since the first training step, evaluation time left out.
     pub wall_s: f64,
-    /// Mean loss over the steps since the previous report.
+    /// Mean loss over the steps since the previous report that were not
+    /// skipped (0 when every one was: see `skipped_batches`).
     pub loss: f64,
     /// The model's log Z: the flow head at s0, or TB's learned log Z.
     pub logz_est: f64,

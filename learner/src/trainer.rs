@@ -311,8 +311,9 @@ impl Trainer {
         // metadata an actor's copy of this version carries.
         let weights = Bytes::from(self.publisher.encode_newest_as(WeightEncoding::F32)?);
         if let Some(dir) = &self.checkpoint_dir {
-            // On every way out of the loop (max_steps, a signal, actors
-            // gone): the state to resume from and the weights to use.
+            // On every way out of the loop (max_steps, a stop: a signal,
+            // or every local actor gone): the state to resume from and the
+            // weights to use.
             self.save_checkpoint(
                 &optimizer,
                 own_optimizer.as_ref(),
