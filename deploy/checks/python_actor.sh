@@ -14,25 +14,42 @@ source deploy/env.sh >/dev/null
 source deploy/tools.sh
 requirements=examples/python_actor/requirements.txt
 venv="$FLGFN_CACHE_DIR/venv-python-actor-$(sha256sum "$requirements" | cut -c1-12)"
-if [ ! -x "$venv/bin/python" ]; then
+# The marker is written last: an install that failed halfway is redone.
+if [ ! -e "$venv/.installed" ]; then
     echo "flgfn: installing the Python actor's requirements into $venv (one time)" >&2
     python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" >&2
+    touch "$venv/.installed"
 fi
 cargo build --release --quiet --bin flgfn-learner
 work="$(mktemp -d)"
 learner_pid=""
 actor_pid=""
 cleanup() {
-    if [ -n "$learner_pid" ]; then kill "$learner_pid" 2>/dev/null || true; fi
-    if [ -n "$actor_pid" ]; then kill "$actor_pid" 2>/dev/null || true; fi
+    # Waited for: a learner stopped by SIGTERM writes its final checkpoint
+    # into $work, which would outlive the rm otherwise.
+    for pid in $learner_pid $actor_pid; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     rm -rf "$work"
 }
 trap cleanup EXIT
-# Waits for the learner to end, then sets `ingested` and `rejected` from
-# its last report ($1: its metrics file, $2: its log), or fails the check.
+# Waits for process $1 for at most $2 seconds (then kills it); its status.
+wait_at_most() {
+    local waited=0
+    while kill -0 "$1" 2>/dev/null && [ "$waited" -lt "$(($2 * 10))" ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -KILL "$1" 2>/dev/null || true
+    wait "$1"
+}
+# Waits (at most 60 s) for the learner to end, then sets `ingested` and
+# `rejected` from its last report ($1: its metrics file, $2: its log), or
+# fails the check.
 learner_totals() {
-    if ! wait "$learner_pid" || [ ! -s "$1" ]; then
+    if ! wait_at_most "$learner_pid" 60 || [ ! -s "$1" ]; then
         learner_pid=""
         echo "python_actor: FAILED: the learner failed or reported nothing" >&2
         tail -n 20 "$2" >&2
@@ -48,7 +65,7 @@ port="$(free_port)"
 "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
 learner_pid=$!
-if ! "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+if ! timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "http://127.0.0.1:$port" \
     --envs 16 --truncate-fraction 0.3 --seed 1 --reconnect-attempts 5 >"$work/actor.log" 2>&1; then
     echo "python_actor: FAILED: the actor exited non-zero" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2

@@ -60,7 +60,7 @@ if env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" \
     SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
     SLURM_CPUS_PER_TASK_HET_GROUP_0=1 \
     FLGFN_JOB="$work/job.toml" FLGFN_PORT="$port" \
-    bash "$root/deploy/slurm/flgfn.sbatch" >"$work/job.log" 2>&1 &&
+    timeout 600 bash "$root/deploy/slurm/flgfn.sbatch" >"$work/job.log" 2>&1 &&
     grep -q "training finished" "$work/job.log" &&
     [ "$(grep -c "the learner finished training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&

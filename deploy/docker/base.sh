@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes the base image the Dockerfile starts FROM (debian:bookworm-slim)
-# where no registry can be pulled from: a minimal Debian 12 root built by
-# debootstrap from Debian's package mirror and loaded with `docker import`.
-# Does nothing when the image exists (pulled or made before).
+# Makes sure the base image the Dockerfile starts FROM (debian:bookworm-slim)
+# exists: nothing to do when Docker has it; else it is pulled where a
+# registry answers; else, where none does, built: a minimal Debian 12 root
+# made by debootstrap from Debian's package mirror (root needed) and loaded
+# with `docker import`.
 #
 #   deploy/docker/base.sh [IMAGE]      # default debian:bookworm-slim
 set -euo pipefail
@@ -10,6 +11,14 @@ image="${1:-debian:bookworm-slim}"
 mirror="${FLGFN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 if docker image inspect "$image" >/dev/null 2>&1; then
     exit 0
+fi
+if timeout 300 docker pull --quiet "$image" >/dev/null 2>&1; then
+    echo "base.sh: $image pulled" >&2
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "base.sh: $image cannot be pulled, and building it (debootstrap) needs root: run this script as root once, or docker pull $image where a registry is reachable" >&2
+    exit 1
 fi
 if ! command -v debootstrap >/dev/null; then
     echo "base.sh: installing debootstrap (Debian package)" >&2

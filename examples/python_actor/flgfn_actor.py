@@ -17,10 +17,12 @@ action through its own copy of the environment.
 """
 
 import argparse
+import atexit
 import json
 import os
 import queue
 import random
+import shutil
 import struct
 import sys
 import tempfile
@@ -39,6 +41,8 @@ def load_protocol(proto_dir=PROTO_DIR):
     from grpc_tools import protoc
 
     out = tempfile.mkdtemp(prefix="flgfn-proto-")
+    # Imported modules stay loaded: the folder is not needed past exit.
+    atexit.register(shutil.rmtree, out, True)
     include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     status = protoc.main([
         "protoc", f"-I{proto_dir}", f"-I{include}",
@@ -355,7 +359,8 @@ def run(task, learner, hidden=(256, 256), envs=16, epsilon=0.05,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--learner", default="127.0.0.1:50051", help="host:port of the learner")
+    parser.add_argument("--learner", default="127.0.0.1:50051",
+                        help="host:port of the learner, or http://host:port as the Rust actor takes it")
     parser.add_argument("--hidden", default="256,256", help="hidden layer widths, as the learner's model.hidden")
     parser.add_argument("--envs", type=int, default=16, help="trajectories per chunk")
     parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
@@ -367,8 +372,12 @@ def main():
     args = parser.parse_args()
     if args.reconnect_attempts < 0:
         parser.error("--reconnect-attempts: 0 (never give up) or more")
+    learner = args.learner
+    if learner.startswith("https://"):
+        parser.error("--learner: this example speaks plain text only (no TLS)")
+    learner = learner.removeprefix("http://").rstrip("/")
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-    run(SetGeneration(), args.learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
+    run(SetGeneration(), learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
         truncate_fraction=args.truncate_fraction, name=args.name,
         token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
         reconnect_attempts=args.reconnect_attempts)
