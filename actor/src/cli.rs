@@ -25,7 +25,7 @@ impl ConfigFlags {
     /// The file (or the defaults) with the flags applied, not yet
     /// validated: callers may override more before validating.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let mut config = Config::load(self.config.as_deref())?;
+        let mut config = Config::load_unvalidated(self.config.as_deref())?;
         if let Some(learner) = &self.learner {
             config.actor.learner.clone_from(learner);
         }

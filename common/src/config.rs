@@ -231,7 +231,9 @@ pub struct LearnerConfig {
     /// (supply on CUDA, lag on the CPU, where a step's time grows with its
     /// size and smaller steps learn more per second).
     pub batch_growth: BatchGrowth,
-    /// Publish new weights every this many training steps.
+    /// Publish new weights every this many training steps. With
+    /// `weights_refresh_steps`, at most `max_policy_lag` (older data is
+    /// dropped, and training would stall).
     pub publish_every: u64,
     /// Data sampled more than this many training steps before the step
     /// that would train it (versions are step numbers) is never trained on:
@@ -474,6 +476,9 @@ pub struct EnvOverride {
     /// `[256, 256]`, `"text"`), else the text itself as a string
     /// (`0.0.0.0:50051`, `http://learner:50051`).
     pub value: toml::Value,
+    /// The variable's text, as given: the value if a string key needs it
+    /// (`123456` for a path).
+    pub text: String,
 }
 
 impl EnvOverride {
@@ -517,16 +522,47 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
-                .unwrap_or(toml::Value::String(text));
+                .unwrap_or_else(|| toml::Value::String(text.clone()));
             Some(EnvOverride {
                 variable,
                 key,
                 value,
+                text,
             })
         })
         .collect();
     overrides.sort_by(|a, b| a.variable.cmp(&b.variable));
     overrides
+}
+
+/// Variables that look meant for a configuration key but are not read:
+/// `FLGFN_<SECTION>_<KEY>` with one underscore after a section's name
+/// (`FLGFN_LEARNER_THREADS`).
+pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    const SECTIONS: [&str; 8] = [
+        "TASK",
+        "MODEL",
+        "OBJECTIVE",
+        "LEARNER",
+        "ACTOR",
+        "LAUNCH",
+        "AUTH",
+        "TLS",
+    ];
+    let mut misspelt: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+                !rest.contains(ENV_SEPARATOR)
+                    && SECTIONS.iter().any(|section| {
+                        rest.strip_prefix(section)
+                            .is_some_and(|key| key.len() > 1 && key.starts_with('_'))
+                    })
+            })
+        })
+        .collect();
+    misspelt.sort();
+    misspelt
 }
 
 /// Where an effective configuration came from, as TOML comment lines
@@ -565,6 +601,13 @@ impl Config {
 
     /// Parses and validates TOML text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse_toml(text, origin)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text, unvalidated.
+    fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
@@ -572,19 +615,32 @@ impl Config {
         let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
-        let config: Config = if name_default_task(&mut table) {
-            table.try_into().map_err(parse_error)?
+        if name_default_task(&mut table) {
+            table.try_into().map_err(parse_error)
         } else {
-            toml::from_str(text).map_err(parse_error)?
-        };
-        config.validate()?;
-        Ok(config)
+            toml::from_str(text).map_err(parse_error)
+        }
     }
 
     /// The file if given, else the defaults, with the `FLGFN_` variables
     /// of this process's environment applied; validated.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_layered(path, &env_overrides(std::env::vars()))
+        let config = Self::load_unvalidated(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// [`Config::load`] without the validation: for a binary that applies
+    /// its flags first, so that a flag can correct a value the file or a
+    /// variable got wrong. Call [`Config::validate`] afterwards.
+    pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
+        for variable in misspelt_variables(std::env::vars().map(|(name, _)| name)) {
+            tracing::warn!(
+                variable,
+                "not read: a configuration variable separates section and key with two underscores (FLGFN_LEARNER__THREADS)"
+            );
+        }
+        Self::layered(path, &env_overrides(std::env::vars()))
     }
 
     /// The file if given, else the defaults, with `overrides` applied;
@@ -594,6 +650,12 @@ impl Config {
         path: Option<&Path>,
         overrides: &[EnvOverride],
     ) -> Result<Self, ConfigError> {
+        let config = Self::layered(path, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn layered(path: Option<&Path>, overrides: &[EnvOverride]) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(path) => (
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -605,7 +667,7 @@ impl Config {
             None => (String::new(), "the defaults".to_owned()),
         };
         if overrides.is_empty() {
-            return Self::from_toml(&text, &origin);
+            return Self::parse_toml(&text, &origin);
         }
         let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: origin.clone(),
@@ -617,14 +679,29 @@ impl Config {
         name_default_task(&mut table);
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         let origin = format!("{origin} with {}", variables.join(", "));
-        let config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: origin,
-                message: e.to_string(),
-            })?;
-        config.validate()?;
-        Ok(config)
+        let first_error = match table.clone().try_into::<Config>() {
+            Ok(config) => return Ok(config),
+            Err(error) => error,
+        };
+        // A value read as a number, a date or a boolean may be meant as
+        // text (FLGFN_LEARNER__CHECKPOINT_DIR=123456): one at a time, such
+        // values are tried as strings.
+        for layer in overrides.iter().filter(|o| !o.value.is_str()) {
+            let mut as_text = table.clone();
+            let text = EnvOverride {
+                value: toml::Value::String(layer.text.clone()),
+                ..layer.clone()
+            };
+            if text.apply(&mut as_text).is_ok()
+                && let Ok(config) = as_text.try_into::<Config>()
+            {
+                return Ok(config);
+            }
+        }
+        Err(ConfigError::Parse {
+            path: origin,
+            message: first_error.to_string(),
+        })
     }
 
     /// The configuration as TOML, every key that has a value (unset task
@@ -708,6 +785,24 @@ impl Config {
             l.weights_refresh_steps as usize,
             1,
         )?;
+        // Data is sampled with weights up to publish_every steps older than
+        // the trainer, and an actor's up to weights_refresh_steps versions
+        // older than that: past max_policy_lag every chunk would be dropped
+        // before new weights could reach an actor, and training would stall.
+        if l.publish_every.saturating_add(l.weights_refresh_steps) > l.max_policy_lag {
+            let field = if l.publish_every > l.weights_refresh_steps {
+                "learner.publish_every"
+            } else {
+                "learner.weights_refresh_steps"
+            };
+            return Err(ConfigError::invalid(
+                field,
+                format!(
+                    "learner.publish_every ({}) + learner.weights_refresh_steps ({}) is more than learner.max_policy_lag ({}): every chunk would be too old to train on before new weights reached the actors",
+                    l.publish_every, l.weights_refresh_steps, l.max_policy_lag
+                ),
+            ));
+        }
         at_least("learner.threads", l.threads, 1)?;
         at_least("learner.async_threads", l.async_threads, 1)?;
         at_least("learner.ingest_threads", l.ingest_threads, 1)?;
@@ -748,6 +843,8 @@ impl Config {
             l.max_chunk_trajectories,
             1,
         )?;
+        // None would train nothing and wait for ever.
+        at_least("launch.actors", self.launch.actors, 1)?;
         let a = &self.actor;
         at_least("actor.envs", a.envs, 1)?;
         at_least("actor.threads", a.threads, 1)?;
@@ -1132,6 +1229,74 @@ mod tests {
             let toml = format!("[actor]\nlearner = \"{url}\"\n");
             assert!(Config::from_toml(&toml, "t").is_ok(), "{url}");
         }
+    }
+
+    #[test]
+    fn settings_that_would_stall_training_are_refused_by_name() {
+        let error = Config::from_toml("[learner]\npublish_every = 100\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("learner.publish_every") && error.contains("max_policy_lag (64)"),
+            "{error}"
+        );
+        let error = Config::from_toml(
+            "[learner]\nweights_refresh_steps = 40\npublish_every = 30\n",
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("learner.weights_refresh_steps"), "{error}");
+        let error = Config::from_toml("[launch]\nactors = 0\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("launch.actors"), "{error}");
+    }
+
+    #[test]
+    fn a_variable_that_reads_as_a_number_may_set_a_text_key() {
+        let overrides = env_overrides(vars(&[
+            ("FLGFN_LEARNER__CHECKPOINT_DIR", "123456"),
+            ("FLGFN_LEARNER__MAX_STEPS", "77"),
+        ]));
+        let config = Config::load_layered(None, &overrides).unwrap();
+        assert_eq!(config.learner.checkpoint_dir, "123456");
+        assert_eq!(config.learner.max_steps, 77);
+        // A number for a number key is still refused when it is text.
+        let overrides = env_overrides(vars(&[("FLGFN_LEARNER__MAX_STEPS", "many")]));
+        let error = Config::load_layered(None, &overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FLGFN_LEARNER__MAX_STEPS"), "{error}");
+    }
+
+    #[test]
+    fn single_underscore_section_variables_are_named_as_misspelt() {
+        let names = [
+            "FLGFN_LEARNER_THREADS",
+            "FLGFN_ACTOR_ENVS",
+            "FLGFN_LEARNER__THREADS",
+            "FLGFN_TOKEN",
+            "FLGFN_HEALTH_ADDRESS",
+            "FLGFN_TASKS",
+            "PATH",
+        ]
+        .map(str::to_owned);
+        assert_eq!(
+            misspelt_variables(names),
+            ["FLGFN_ACTOR_ENVS", "FLGFN_LEARNER_THREADS"]
+        );
+    }
+
+    #[test]
+    fn a_flag_can_correct_what_the_file_got_wrong() {
+        let path = std::env::temp_dir().join(format!("flgfn-flag-fix-{}.toml", std::process::id()));
+        std::fs::write(&path, "[actor]\nlearner = \"learner:50051\"\n").unwrap();
+        assert!(Config::load(Some(&path)).is_err());
+        let mut config = Config::load_unvalidated(Some(&path)).unwrap();
+        config.actor.learner = "http://learner:50051".to_owned();
+        config.validate().unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

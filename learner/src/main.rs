@@ -84,7 +84,8 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let flags = args.overriding_flags();
-    let mut config = Config::load(args.config.as_deref())?;
+    // Validated once the flags are applied: a flag may correct the file.
+    let mut config = Config::load_unvalidated(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.learner.listen = listen;
     }
@@ -126,6 +127,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.learner.listen))?;
         let local_actors = if args.local_actors {
+            // Local actors reach the learner over loopback in plain text;
+            // against TLS every connection would fail, and be retried for
+            // ever.
+            anyhow::ensure!(
+                config.tls.cert_file.is_empty(),
+                "--local-actors does not work with TLS (tls.cert_file is set): local actors connect over loopback in plain text; start the learner without [tls] for a local run, or start actors with the CA (flgfn-actor --learner https://...)"
+            );
             Some(LocalActorsPlan {
                 count: config.launch.actors,
                 config_file: args.config.clone(),

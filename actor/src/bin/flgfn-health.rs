@@ -73,7 +73,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let Ok(timeout) = Duration::try_from_secs_f64(args.timeout_s.max(0.001)) else {
+    let usable = args.timeout_s.is_finite() && args.timeout_s > 0.0;
+    let Some(timeout) = usable
+        .then(|| Duration::try_from_secs_f64(args.timeout_s).ok())
+        .flatten()
+    else {
         eprintln!(
             "flgfn-health: --timeout-s {} is not a usable number of seconds",
             args.timeout_s
