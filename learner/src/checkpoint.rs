@@ -35,7 +35,7 @@ use crate::error::LearnerError;
 /// Version of the checkpoint layout; a different one is refused.
 pub const FORMAT: u32 = 1;
 /// Metadata key of the JSON state.
-const STATE_KEY: &str = "flgfn_checkpoint";
+pub const STATE_KEY: &str = "flgfn_checkpoint";
 /// Metadata key of the checksum.
 const CHECKSUM_KEY: &str = "crc32";
 /// Name of a run's final weights in the checkpoint directory.

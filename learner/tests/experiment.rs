@@ -58,6 +58,48 @@ fn a_short_suite_writes_its_data_and_plots() {
         reports
     );
 
+    // The same suite again: every run is kept. With another step budget:
+    // every run starts over (none resumes from the other budget's
+    // checkpoints, none is kept as done).
+    let again = |steps: &str| {
+        Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+            .args([
+                "--suite", "smoke", "--seeds", "2", "--steps", steps, "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let kept = again("20");
+    assert!(kept.status.success());
+    let printed = String::from_utf8_lossy(&kept.stdout);
+    assert_eq!(
+        printed.matches("already done, kept").count(),
+        4,
+        "{printed}"
+    );
+    let longer = again("30");
+    assert!(longer.status.success());
+    let printed = String::from_utf8_lossy(&longer.stdout);
+    assert_eq!(
+        printed
+            .matches("made with another configuration; starting over")
+            .count(),
+        4,
+        "{printed}"
+    );
+    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    assert!(
+        summary
+            .lines()
+            .skip(1)
+            .all(|row| row.split(',').nth(4) == Some("30")),
+        "{summary}"
+    );
+    let refused = again("0");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));
+
     // One run's metrics file on its own, as a user would plot it.
     let metrics = out.join("runs/small_fl-db_seed0/metrics.jsonl");
     let plots = out.join("single");

@@ -419,6 +419,21 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         message.contains("hidden=[64, 64]") && message.contains("hidden=[32]"),
         "{message}"
     );
+
+    // A checkpoint file given as weights: the error says what to pass.
+    let (_, checkpoint) = flgfn_learner::checkpoint::list(&checkpoints)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let output = sample(&[
+        "--config",
+        config,
+        "--weights",
+        checkpoint.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(message.contains("--checkpoint DIR"), "{message}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

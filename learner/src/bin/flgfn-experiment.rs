@@ -66,12 +66,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         format!("no suite `{}`; there are: {}", args.suite, names.join(", "))
     })?;
     anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
+    // (0 would be a learner that never stops.)
+    anyhow::ensure!(args.steps != Some(0), "--steps must be at least 1");
     let out = args
         .out
         .unwrap_or_else(|| PathBuf::from("experiments").join(suite.name));
     let specs = suite.runs(args.seeds, args.steps);
-    let results = if args.plot_only {
-        experiment::load_results(&specs, &out)?
+    let (results, failed) = if args.plot_only {
+        (experiment::load_results(&specs, &out)?, Vec::new())
     } else {
         let learner = std::env::current_exe()?
             .with_file_name(format!("flgfn-learner{}", std::env::consts::EXE_SUFFIX));
@@ -86,7 +88,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             specs.len(),
             out.display()
         );
-        experiment::run_all(&specs, &learner, &out)?
+        let outcome = experiment::run_all(&specs, &learner, &out)?;
+        (outcome.results, outcome.failed)
     };
     let plots = experiment::write_outputs(&results, &out)?;
     println!(
@@ -96,5 +99,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         out.display()
     );
     print!("{}", experiment::summary_markdown(&results));
+    // The tables hold the runs that finished; the failed ones are named
+    // here, and the exit status says the suite is incomplete.
+    if !failed.is_empty() {
+        for (run, why) in &failed {
+            eprintln!("failed: {run}: {why}");
+        }
+        anyhow::bail!(
+            "{} of {} runs failed (left out of the tables; run the suite again to retry them)",
+            failed.len(),
+            specs.len()
+        );
+    }
     Ok(())
 }

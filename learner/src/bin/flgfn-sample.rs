@@ -150,6 +150,15 @@ fn load_weights_file(
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
     let decoded = flgfn_common::weights::decode(&bytes)
         .with_context(|| format!("{} is not safetensors weights", path.display()))?;
+    if decoded
+        .metadata
+        .contains_key(flgfn_learner::checkpoint::STATE_KEY)
+    {
+        bail!(
+            "{} is a checkpoint, not a weights file: pass its folder as --checkpoint DIR",
+            path.display()
+        );
+    }
     for (key, ours) in [("task", task), ("model", model)] {
         if let Some(theirs) = decoded.metadata.get(key) {
             if theirs != ours {

@@ -94,28 +94,61 @@ pub struct RunResult {
     pub top_k_ceiling: Option<f64>,
 }
 
+/// What a suite did: the runs that finished, and those that failed (each
+/// with why), which the suite went on past.
+#[derive(Debug, Default)]
+pub struct SuiteOutcome {
+    /// Finished runs, in suite order.
+    pub results: Vec<RunResult>,
+    /// Runs that failed or stopped before their last step: name and why.
+    pub failed: Vec<(String, String)>,
+}
+
 /// Runs `specs` one after another with the `flgfn-learner` binary at
 /// `learner`, writing everything under `out`. A run whose folder already
-/// holds a complete metrics file is not run again (a suite interrupted
-/// midway resumes where it stopped).
-pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<Vec<RunResult>> {
+/// holds a complete metrics file, made with the same configuration, is not
+/// run again (a suite interrupted midway resumes where it stopped); one
+/// made with another configuration (other steps, another suite sharing the
+/// folder) starts over. A run that fails is recorded and the suite goes on.
+pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<SuiteOutcome> {
     let started = Instant::now();
-    let mut results = Vec::with_capacity(specs.len());
+    let mut outcome = SuiteOutcome::default();
     for (i, spec) in specs.iter().enumerate() {
         let dir = out.join("runs").join(spec.name());
         let metrics = dir.join("metrics.jsonl");
         let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
-        let reports = match read_reports(&metrics) {
-            Ok(reports) if finished(spec, &reports) => {
+        let config = run_config(spec, &dir);
+        let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
+        let same_config = written.as_deref() == Some(config.to_toml().as_str());
+        if written.is_some() && !same_config {
+            println!("{label}: made with another configuration; starting over");
+        }
+        let done = match read_reports(&metrics) {
+            Ok(reports) if same_config && finished(spec, &reports) => {
                 println!("{label}: already done, kept");
-                reports
+                Ok(reports)
             }
-            _ => {
-                run_one(spec, learner, &dir, &label)?;
-                read_reports(&metrics)?
+            _ => run_one(spec, &config, learner, &dir, &label, !same_config)
+                .and_then(|()| read_reports(&metrics))
+                .and_then(|reports| {
+                    anyhow::ensure!(
+                        finished(spec, &reports),
+                        "{label} stopped at step {} of {}",
+                        reports.last().map_or(0, |r| r.step),
+                        spec.config.learner.max_steps
+                    );
+                    Ok(reports)
+                }),
+        };
+        let reports = match done {
+            Ok(reports) => reports,
+            Err(error) => {
+                println!("{label}: FAILED: {error:#}");
+                outcome.failed.push((spec.name(), format!("{error:#}")));
+                continue;
             }
         };
-        let result = summarise(spec.clone(), reports)?;
+        let result = summarise(spec.clone(), on_grid(spec, reports))?;
         println!(
             "{label}: {} reports, quality at {}, top-100 at {} ({:.0} s elapsed)",
             result.reports.len(),
@@ -123,9 +156,32 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
             describe(result.to_top_k),
             started.elapsed().as_secs_f64()
         );
-        results.push(result);
+        outcome.results.push(result);
     }
-    Ok(results)
+    Ok(outcome)
+}
+
+/// A run's configuration file, in its folder.
+const CONFIG_FILE: &str = "config.toml";
+
+/// What a run's learner and actors read: the spec's configuration with the
+/// checkpoints in the run's own folder.
+fn run_config(spec: &RunSpec, dir: &Path) -> Config {
+    let mut config = spec.config.clone();
+    config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
+    config
+}
+
+/// The reports on the suite's evaluation grid (every `eval_every_steps`,
+/// and the last): a run stopped and resumed also reported where it
+/// stopped, and plots line seeds up report by report.
+fn on_grid(spec: &RunSpec, mut reports: Vec<Report>) -> Vec<Report> {
+    let learner = &spec.config.learner;
+    let every = learner.eval_every_steps;
+    if every > 0 {
+        reports.retain(|r| r.step % every == 0 || r.step == learner.max_steps);
+    }
+    reports
 }
 
 fn describe(point: Option<(u64, f64)>) -> String {
@@ -141,18 +197,29 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 }
 
 /// Starts one learner with its local actors and waits for it, printing
-/// its progress (the latest report) every few seconds.
-fn run_one(spec: &RunSpec, learner: &Path, dir: &Path, label: &str) -> anyhow::Result<()> {
+/// its progress (the latest report) every few seconds. `fresh`: what the
+/// folder holds was made with another configuration; start over.
+fn run_one(
+    spec: &RunSpec,
+    config: &Config,
+    learner: &Path,
+    dir: &Path,
+    label: &str,
+    fresh: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let config_path = dir.join("config.toml");
+    let config_path = dir.join(CONFIG_FILE);
     // Each run keeps its checkpoints in its own folder: a run cut short
     // resumes from them when the suite is started again.
-    let mut config = spec.config.clone();
-    config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
     std::fs::write(&config_path, config.to_toml())?;
     let metrics = dir.join("metrics.jsonl");
-    let log = std::fs::File::create(dir.join("learner.log"))?;
-    let mut child = Command::new(learner)
+    // Appended to: the log of an earlier try stays for its post-mortem.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("learner.log"))?;
+    let mut command = Command::new(learner);
+    command
         .arg("--config")
         .arg(&config_path)
         .arg("--metrics")
@@ -163,7 +230,21 @@ fn run_one(spec: &RunSpec, learner: &Path, dir: &Path, label: &str) -> anyhow::R
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
-        .stderr(log)
+        .stderr(log);
+    if fresh {
+        command.arg("--fresh");
+    }
+    // The run's configuration is its file, exactly: no FLGFN_ variable of
+    // this shell changes it behind the file's back.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("FLGFN_") {
+            command.env_remove(name);
+        }
+    }
+    // A runner killed outright takes its learner (and the learner its
+    // actors) along.
+    flgfn_common::signals::end_with_parent(&mut command);
+    let mut child = command
         .spawn()
         .with_context(|| format!("cannot start {}", learner.display()))?;
     let started = Instant::now();
@@ -239,6 +320,16 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
     })
 }
 
+/// A CSV field, quoted where it must be (group names hold commas:
+/// "small, 0% truncated").
+fn field(text: &str) -> String {
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_owned()
+    }
+}
+
 fn opt(value: Option<f64>) -> String {
     value.map_or(String::new(), |v| format!("{v}"))
 }
@@ -254,9 +345,9 @@ pub fn reports_csv(results: &[RunResult]) -> String {
             let _ = writeln!(
                 out,
                 "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                s.name(),
-                s.group,
-                s.curve,
+                field(&s.name()),
+                field(&s.group),
+                field(&s.curve),
                 s.seed,
                 r.step,
                 r.wall_s,
@@ -293,9 +384,9 @@ pub fn summary_csv(results: &[RunResult]) -> String {
         let _ = writeln!(
             out,
             "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-            s.name(),
-            s.group,
-            s.curve,
+            field(&s.name()),
+            field(&s.group),
+            field(&s.curve),
             s.seed,
             last.step,
             last.wall_s,
@@ -424,9 +515,17 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
 pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResult>> {
     let mut results = Vec::new();
     for spec in specs {
-        let metrics = out.join("runs").join(spec.name()).join("metrics.jsonl");
-        if let Ok(reports) = read_reports(&metrics) {
-            results.push(summarise(spec.clone(), reports)?);
+        let dir = out.join("runs").join(spec.name());
+        let Ok(reports) = read_reports(&dir.join("metrics.jsonl")) else {
+            continue;
+        };
+        let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
+        if written.as_deref() != Some(run_config(spec, &dir).to_toml().as_str()) {
+            println!("{}: made with another configuration; left out", spec.name());
+        } else if !finished(spec, &reports) {
+            println!("{}: not finished; left out", spec.name());
+        } else {
+            results.push(summarise(spec.clone(), on_grid(spec, reports))?);
         }
     }
     if results.is_empty() {
@@ -475,5 +574,36 @@ mod tests {
         assert_eq!(csv.lines().count(), 2);
         let header = csv.lines().next().unwrap().split(',').count();
         assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), header);
+    }
+
+    #[test]
+    fn csv_fields_with_commas_or_quotes_are_quoted() {
+        assert_eq!(field("small"), "small");
+        assert_eq!(field("small, 0% truncated"), "\"small, 0% truncated\"");
+        assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        let spec = suite("incomplete").unwrap().runs(1, Some(100))[0].clone();
+        assert!(spec.group.contains(','), "{}", spec.group);
+        let csv = summary_csv(&[summarise(spec, vec![report(100, false, 0.2)]).unwrap()]);
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .contains(",\"small, 0% truncated\","),
+            "{csv}"
+        );
+    }
+
+    #[test]
+    fn reports_off_the_evaluation_grid_are_left_out() {
+        let mut spec = suite("paper-sets").unwrap().runs(1, Some(300))[0].clone();
+        spec.config.learner.eval_every_steps = 100;
+        let steps: Vec<u64> = on_grid(
+            &spec,
+            [100, 150, 200, 300].map(|s| report(s, false, 0.0)).to_vec(),
+        )
+        .iter()
+        .map(|r| r.step)
+        .collect();
+        assert_eq!(steps, [100, 200, 300]);
     }
 }
