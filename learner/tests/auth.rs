@@ -114,16 +114,7 @@ async fn only_the_right_token_gets_in() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_beyond_loopback_unless_allowed() {
     let mut config = support::tiny_config();
-    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
-    let error = flgfn_learner::serve(
-        config.clone(),
-        listener,
-        RunOptions::default(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let error = support::learner_refusal(config.clone(), "0.0.0.0:0").await;
     assert!(
         error.contains("auth.token_file") && error.contains("beyond loopback"),
         "{error}"

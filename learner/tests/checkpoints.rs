@@ -45,6 +45,18 @@ fn actor(
     ))
 }
 
+/// The tiny task, checkpointed into `dir/checkpoints` every `every`
+/// steps (not by time), for `max_steps`; and that folder.
+fn checkpointed(dir: &Path, every: u64, max_steps: u64) -> (Config, PathBuf) {
+    let checkpoints = dir.join("checkpoints");
+    let mut config = support::tiny_config();
+    config.learner.checkpoint_dir = checkpoints.display().to_string();
+    config.learner.checkpoint_every_steps = every;
+    config.learner.checkpoint_every_s = 0.0;
+    config.learner.max_steps = max_steps;
+    (config, checkpoints)
+}
+
 /// Trains in this process until `max_steps` with two in-process actors.
 async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,16 +99,11 @@ async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_run_resumes_where_it_stopped() {
     let dir = scratch("resume");
-    let mut config = support::tiny_config();
-    config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
-    config.learner.checkpoint_every_steps = 100;
-    config.learner.checkpoint_every_s = 0.0;
-    config.learner.max_steps = 300;
+    let (mut config, checkpoints) = checkpointed(&dir, 100, 300);
     let metrics = dir.join("metrics.jsonl");
 
     let first = train(&config, &metrics).await;
     assert_eq!((first.steps, first.version), (300, 300));
-    let checkpoints = dir.join("checkpoints");
     let steps: Vec<u64> = checkpoint::list(&checkpoints)
         .unwrap()
         .into_iter()
@@ -154,16 +161,7 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     // and both objectives.
     config.learner.max_steps = 700;
     config.objective.name = flgfn_common::config::ObjectiveName::Tb;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = flgfn_learner::serve(
-        config,
-        listener,
-        RunOptions::default(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(
         error.contains("objective.name") && error.contains("fl_db") && error.contains("tb,"),
         "{error}"
@@ -178,12 +176,7 @@ async fn a_stopped_run_resumes_where_it_stopped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_final_checkpoint_resumes_from_the_one_before_above_every_version() {
     let dir = scratch("damaged-final");
-    let checkpoints = dir.join("checkpoints");
-    let mut config = support::tiny_config();
-    config.learner.checkpoint_dir = checkpoints.display().to_string();
-    config.learner.checkpoint_every_steps = 100;
-    config.learner.checkpoint_every_s = 0.0;
-    config.learner.max_steps = 300;
+    let (mut config, checkpoints) = checkpointed(&dir, 100, 300);
     let metrics = dir.join("metrics.jsonl");
     let first = train(&config, &metrics).await;
     assert_eq!((first.steps, first.version), (300, 300));
@@ -345,13 +338,8 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_between_publications_resumes_at_its_own_version() {
     let dir = scratch("between-publications");
-    let checkpoints = dir.join("checkpoints");
-    let mut config = support::tiny_config();
-    config.learner.checkpoint_dir = checkpoints.display().to_string();
+    let (mut config, checkpoints) = checkpointed(&dir, 10, 15);
     config.learner.publish_every = 7;
-    config.learner.checkpoint_every_steps = 10;
-    config.learner.checkpoint_every_s = 0.0;
-    config.learner.max_steps = 15;
     let metrics = dir.join("metrics.jsonl");
     let first = train(&config, &metrics).await;
     assert_eq!((first.steps, first.version), (15, 15));

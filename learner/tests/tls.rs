@@ -220,16 +220,7 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
 async fn half_configured_tls_is_refused_with_the_field_named() {
     let mut config = support::tiny_config();
     config.tls.cert_file = "learner.pem".to_owned();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = flgfn_learner::serve(
-        config,
-        listener,
-        RunOptions::default(),
-        std::future::pending(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(error.contains("tls.cert_file"), "{error}");
 }
 

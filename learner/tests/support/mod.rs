@@ -95,6 +95,21 @@ pub async fn training_outcome(
 }
 
 /// A loopback port nobody listens on right now (bound, read, released).
+/// The error of a learner on `config` that must refuse to start, bound to
+/// `address` (a loopback port, or "0.0.0.0:0" for beyond loopback).
+pub async fn learner_refusal(config: Config, address: &str) -> String {
+    let listener = TcpListener::bind(address).await.unwrap();
+    flgfn_learner::serve(
+        config,
+        listener,
+        flgfn_learner::RunOptions::default(),
+        std::future::pending(),
+    )
+    .await
+    .expect_err("the learner refuses to start")
+    .to_string()
+}
+
 pub async fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
