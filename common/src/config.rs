@@ -803,10 +803,16 @@ impl Config {
                 ),
             ));
         }
-        at_least("learner.threads", l.threads, 1)?;
-        at_least("learner.async_threads", l.async_threads, 1)?;
-        at_least("learner.ingest_threads", l.ingest_threads, 1)?;
+        for (field, threads) in [
+            ("learner.threads", l.threads),
+            ("learner.async_threads", l.async_threads),
+            ("learner.ingest_threads", l.ingest_threads),
+        ] {
+            at_least(field, threads, 1)?;
+            at_most(field, threads, MAX_THREADS)?;
+        }
         at_least("learner.eval_samples", l.eval_samples, 1)?;
+        at_most("learner.eval_samples", l.eval_samples, MAX_EVAL_SAMPLES)?;
         at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
         at_least("learner.max_sessions", l.max_sessions, 1)?;
         at_least("learner.max_connections", l.max_connections, 1)?;
@@ -848,6 +854,7 @@ impl Config {
         let a = &self.actor;
         at_least("actor.envs", a.envs, 1)?;
         at_least("actor.threads", a.threads, 1)?;
+        at_most("actor.threads", a.threads, MAX_THREADS)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
@@ -952,6 +959,13 @@ fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
         ))
     }
 }
+
+/// Most threads of any kind: more is a typo, and would fail later, far
+/// from the setting (a thread that cannot be spawned).
+pub const MAX_THREADS: usize = 4096;
+
+/// Most evaluation samples (each evaluation holds them all in memory).
+pub const MAX_EVAL_SAMPLES: usize = 1 << 24;
 
 /// Upper bound of `learner.batch_transitions`.
 pub const MAX_BATCH_TRANSITIONS: usize = 1 << 20;
@@ -1251,6 +1265,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("launch.actors"), "{error}");
+        for (toml, field) in [
+            ("[learner]\nthreads = 1000000\n", "learner.threads"),
+            (
+                "[learner]\neval_samples = 1000000000\n",
+                "learner.eval_samples",
+            ),
+            ("[actor]\nthreads = 100000\n", "actor.threads"),
+        ] {
+            let error = Config::from_toml(toml, "t").unwrap_err().to_string();
+            assert!(
+                error.contains(field) && error.contains("more than"),
+                "{error}"
+            );
+        }
     }
 
     #[test]
