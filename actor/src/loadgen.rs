@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
+use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
 use flgfn_common::trajectory::{Trajectory, TrajectoryChunk};
 use rand::rngs::SmallRng;
@@ -24,11 +25,12 @@ use crate::worker::{Order, SampledChunk};
 use crate::{ActorError, ActorReport, Plumbing, stay_connected};
 
 /// Draws one chunk of `count` trajectories with uniformly random valid
-/// actions, cutting `truncate_fraction` of them at a random length.
+/// actions, cut as a real actor's `behaviour` cuts them
+/// (`truncate_fraction`, `truncate_at`, `truncate_cap`).
 pub fn uniform_chunk(
     env: &dyn Environment,
     count: usize,
-    truncate_fraction: f64,
+    behaviour: &Behaviour,
     rng: &mut SmallRng,
 ) -> Vec<Trajectory> {
     let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
@@ -36,11 +38,7 @@ pub fn uniform_chunk(
     let mut valid = Vec::with_capacity(actions_n);
     (0..count)
         .map(|_| {
-            let cut = if max_len >= 2 && rng.random::<f64>() < truncate_fraction {
-                rng.random_range(1..max_len)
-            } else {
-                max_len
-            };
+            let cut = behaviour.draw_length(max_len, rng);
             let mut state = env.initial_state();
             let mut trajectory = Trajectory::default();
             while !env.is_terminal(&state) && trajectory.len() < cut {
@@ -121,7 +119,14 @@ async fn generated_actor(
     let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);
     let current_session = Arc::new(AtomicU32::new(0));
-    let (envs, truncate_fraction) = (config.actor.envs, config.actor.truncate_fraction);
+    let actor = &config.actor;
+    let envs = actor.envs;
+    let behaviour = Behaviour {
+        epsilon: 1.0,
+        truncate_fraction: actor.truncate_fraction,
+        truncate_at: actor.truncate_at,
+        truncate_cap: actor.truncate_cap,
+    };
     let session_seen = current_session.clone();
     let generator = tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
@@ -140,7 +145,7 @@ async fn generated_actor(
                 actor_id: 0,
                 policy_version: order.weights.version,
                 sequence: rollouts,
-                trajectories: uniform_chunk(env.as_ref(), envs, truncate_fraction, &mut rng),
+                trajectories: uniform_chunk(env.as_ref(), envs, &behaviour, &mut rng),
                 credits_left: u32::try_from(orders.len()).unwrap_or(u32::MAX),
             };
             rollouts += 1;
@@ -191,7 +196,13 @@ mod tests {
     fn uniform_chunks_replay_cleanly_and_carry_the_task_energies() {
         let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
         let mut rng = SmallRng::seed_from_u64(3);
-        let chunk = uniform_chunk(&env, 200, 0.5, &mut rng);
+        let behaviour = Behaviour {
+            epsilon: 1.0,
+            truncate_fraction: 0.5,
+            truncate_at: flgfn_common::config::TruncateAt::Uniform,
+            truncate_cap: 1,
+        };
+        let chunk = uniform_chunk(&env, 200, &behaviour, &mut rng);
         let mut cut = 0;
         for trajectory in &chunk {
             let replayed = replay(&env, trajectory).unwrap();
@@ -202,5 +213,14 @@ mod tests {
             }
         }
         assert!((60..140).contains(&cut), "{cut} of 200 cut");
+        // Cut as a real actor's behaviour says: here, all at 2 steps.
+        let capped = Behaviour {
+            truncate_fraction: 1.0,
+            truncate_at: flgfn_common::config::TruncateAt::Cap,
+            truncate_cap: 2,
+            ..behaviour
+        };
+        let chunk = uniform_chunk(&env, 50, &capped, &mut rng);
+        assert!(chunk.iter().all(|t| t.len() == 2));
     }
 }

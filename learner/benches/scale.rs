@@ -91,6 +91,7 @@ fn actor_count(text: &str) -> Result<usize, String> {
     positive::<usize>(text).map_err(|error| format!("{error} (leave a group out with --only)"))
 }
 
+#[derive(Clone)]
 struct Scenario {
     name: String,
     config: Config,
@@ -148,8 +149,14 @@ async fn run(scenario: &Scenario, actor_exe: &Path, scratch: &Path) -> TrainingO
         .unwrap()
     });
     let outcome = learner.await.unwrap().unwrap();
-    if let Some(generated) = generated {
-        let _ = tokio::time::timeout(Duration::from_secs(30), generated).await;
+    if let Some(mut generated) = generated {
+        // Its connections must not linger into the next scenario.
+        if tokio::time::timeout(Duration::from_secs(30), &mut generated)
+            .await
+            .is_err()
+        {
+            generated.abort();
+        }
     }
     if let Some(real) = real {
         real.finish();
@@ -196,12 +203,15 @@ fn main() {
     if args.log {
         flgfn_common::telemetry::init();
     }
+    let mut base = Config::load(args.config.as_deref()).unwrap();
+    // Sized as the learner binary sizes its own (the load generator and
+    // the delay proxy share it here).
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(Config::default().learner.async_threads)
+        .worker_threads(base.learner.async_threads)
+        .max_blocking_threads(base.learner.ingest_threads + 2)
         .enable_all()
         .build()
         .unwrap();
-    let mut base = Config::load(args.config.as_deref()).unwrap();
     // Benchmarks measure; they keep nothing.
     base.learner.checkpoint_dir = String::new();
     base.learner.max_steps = args.steps;
@@ -283,6 +293,15 @@ fn main() {
         "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // One-time start-up costs (thread pools, allocator growth, page
+    // faults, a device's context) go to a short untimed run, not to the
+    // first row.
+    if let Some(first) = scenarios.first() {
+        let mut warm_up = first.clone();
+        warm_up.config.learner.max_steps = 100;
+        warm_up.delay = Duration::ZERO;
+        runtime.block_on(run(&warm_up, &actor_exe, &scratch));
+    }
     for scenario in &scenarios {
         let outcome = runtime.block_on(run(scenario, &actor_exe, &scratch));
         println!("{}", row(scenario, &outcome));

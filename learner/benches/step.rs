@@ -48,6 +48,14 @@ struct Args {
     bench: bool,
 }
 
+/// Uniform actions, every trajectory complete.
+const COMPLETE: flgfn_common::rollout::Behaviour = flgfn_common::rollout::Behaviour {
+    epsilon: 1.0,
+    truncate_fraction: 0.0,
+    truncate_at: flgfn_common::config::TruncateAt::Uniform,
+    truncate_cap: 1,
+};
+
 /// Milliseconds per call of `step`: the median of 5 rounds of `steps`
 /// calls, the device synchronised at the end of each round.
 fn median_ms(steps: usize, device: tch::Device, mut step: impl FnMut()) -> f64 {
@@ -90,10 +98,11 @@ fn main() {
     );
     // One default batch (16 trajectories, 320 transitions) of valid data.
     let mut rng = SmallRng::seed_from_u64(1);
-    let trajectories: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), 16, 0.0, &mut rng)
-        .iter()
-        .map(|t| replay(env.as_ref(), t).unwrap())
-        .collect();
+    let trajectories: Vec<_> =
+        flgfn_actor::loadgen::uniform_chunk(env.as_ref(), 16, &COMPLETE, &mut rng)
+            .iter()
+            .map(|t| replay(env.as_ref(), t).unwrap())
+            .collect();
     let dims = (
         env.state_dim(),
         env.forward_actions(),
@@ -200,10 +209,11 @@ fn main() {
     );
     let mut points = Vec::new();
     for count in [1usize, 2, 4, 16, 64] {
-        let chunk: Vec<_> = flgfn_actor::loadgen::uniform_chunk(env.as_ref(), count, 0.0, &mut rng)
-            .iter()
-            .map(|t| replay(env.as_ref(), t).unwrap())
-            .collect();
+        let chunk: Vec<_> =
+            flgfn_actor::loadgen::uniform_chunk(env.as_ref(), count, &COMPLETE, &mut rng)
+                .iter()
+                .map(|t| replay(env.as_ref(), t).unwrap())
+                .collect();
         let batch = TransitionBatch::collate(&chunk, dims, pinned).to_device(device);
         let mut median = |extras: bool| {
             median_ms(args.steps, device, || {

@@ -80,8 +80,9 @@ pub struct Report {
     /// Versions serialised so far (at most one per version, and only those
     /// an actor needed).
     pub weight_versions_encoded: u64,
-    /// Mean milliseconds from a version's publication to its sending with a
-    /// credit, whole run.
+    /// Mean milliseconds from a version's publication (or, for a version
+    /// older than the session, the session's opening) to its sending with
+    /// a credit, into the session's grant queue, whole run.
     pub publish_to_send_ms: f64,
     /// Credits granted so far (one per chunk an actor was allowed to roll
     /// out).
@@ -91,7 +92,9 @@ pub struct Report {
     pub credit_room_transitions: u64,
     /// Transitions granted and not yet in a batch.
     pub in_flight_transitions: u64,
-    /// The learner's resident memory, in MB.
+    /// Resident memory of the process the learner runs in, in MB (in the
+    /// scale benchmark that process also hosts the load generator and the
+    /// delay proxy, and keeps what earlier scenarios grew to).
     pub resident_mb: f64,
     /// Fraction of the trajectories trained since the previous report that
     /// were truncated prefixes.

@@ -172,8 +172,10 @@ impl Drop for SessionSlot {
 }
 
 /// What a session tracks while it runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Progress {
+    /// When the session opened.
+    opened_at: Instant,
     record: SessionRecord,
     /// Credits granted whose chunk has not arrived, oldest first, with
     /// when they were granted.
@@ -204,7 +206,12 @@ impl Session {
                 ..SessionRecord::default()
             },
             next_sequence: next_sequence.flatten(),
-            ..Progress::default()
+            opened_at: Instant::now(),
+            unused: VecDeque::new(),
+            sent_version: None,
+            stale_arrivals: 0,
+            next_pause: Duration::ZERO,
+            paused_at: None,
         };
         let served = self.serve(&mut progress).await;
         // The credits this actor holds go back to the room now: the last
@@ -372,9 +379,12 @@ impl Session {
             IngestStats::add(&stats.weight_versions_sent, 1);
             IngestStats::add(&stats.weight_bytes, weights.bytes.len() as u64);
             if let Some(published_at) = weights.published_at {
+                // From when this actor could have had it: a version older
+                // than the session waited for the actor, not the learner.
+                let since = published_at.max(progress.opened_at);
                 IngestStats::add(
                     &stats.publish_to_send_us,
-                    published_at.elapsed().as_micros() as u64,
+                    since.elapsed().as_micros() as u64,
                 );
             }
         }
