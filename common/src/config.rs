@@ -218,10 +218,11 @@ pub struct LearnerConfig {
     /// Smallest batch: the trainer takes whole chunks until it holds at
     /// least this many transitions before it steps.
     pub batch_transitions: usize,
-    /// Largest batch (at most 2^20). Batches grow past `batch_transitions`
-    /// as `batch_growth` says. A batch holds whole chunks: it stops short of
-    /// its target rather than pass this, unless one chunk alone is larger
-    /// (then that chunk is a batch of its own).
+    /// Largest batch (at most 2^20) that growth past `batch_transitions`
+    /// reaches, as `batch_growth` says. A batch holds whole chunks, so
+    /// reaching the smallest batch may pass this by less than a chunk, and
+    /// data that would be too old to train by the next step joins even
+    /// beyond it (it would be dropped otherwise).
     pub max_batch_transitions: usize,
     /// When a batch grows past `batch_transitions`: "lag" (only as much as
     /// keeps the data in flight within `max_in_flight_batches` steps, i.e.

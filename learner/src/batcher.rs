@@ -7,10 +7,12 @@
 //! `batch_growth = "supply"` any more that are already waiting, up to
 //! `max_batch_transitions`: more supply means bigger steps, not older data.
 //! Chunks are batched oldest policy first, and one that could not wait
-//! another step joins the current batch beyond its target (within
-//! `max_batch_transitions`). A batch holds whole chunks: it stops short of
-//! its target rather than pass `max_batch_transitions`, unless a single
-//! chunk is larger (then that chunk is a batch of its own). Here, where the
+//! another step joins the current batch beyond its target (even beyond
+//! `max_batch_transitions`: it would be dropped otherwise). A batch holds
+//! whole chunks: it reaches its target with the last one (passing it by
+//! less than a chunk); growth beyond the target with fresh supply stops at
+//! `max_batch_transitions`, taking smaller chunks where a larger one does
+//! not fit. Here, where the
 //! batch is built, chunks whose policy would be more than `max_policy_lag`
 //! steps old when trained are dropped and counted; credits and that order
 //! keep it rare. Each chunk's credit is released once the chunk is in a
@@ -138,10 +140,9 @@ impl Batcher {
         );
     }
 
-    /// At least `target` transitions of fresh data (or as many whole
-    /// chunks as fit `max_transitions`), oldest policy first; then, with
-    /// `take_waiting`, whatever else is waiting up to `max_transitions`, and
-    /// otherwise whatever would be stale by the next step and still fits.
+    /// At least `target` transitions of fresh data, oldest policy first;
+    /// then whatever would be stale by the next step, and with
+    /// `take_waiting` whatever else is waiting, up to `max_transitions`.
     /// None when the learner stops.
     ///
     /// Oldest first is earliest deadline first (a chunk's deadline is its
@@ -151,11 +152,9 @@ impl Batcher {
     fn gather(&mut self, target: usize) -> Option<Vec<QueuedChunk>> {
         let mut chunks: Vec<QueuedChunk> = Vec::new();
         let mut transitions = 0;
-        // Whether the next chunk would take the batch past the largest.
-        let mut full = false;
         loop {
             self.absorb_arrived();
-            while transitions < target && !full {
+            while transitions < target {
                 let chunk = match self.waiting.pop_front() {
                     Some(chunk) => chunk,
                     None => {
@@ -169,12 +168,6 @@ impl Batcher {
                     self.drop_stale(chunk);
                     continue;
                 }
-                if transitions > 0 && transitions + chunk.chunk.transitions > self.max_transitions {
-                    // It starts the next batch.
-                    self.waiting.push_front(chunk);
-                    full = true;
-                    break;
-                }
                 transitions += chunk.chunk.transitions;
                 chunks.push(chunk);
             }
@@ -182,20 +175,17 @@ impl Batcher {
             let step = self.step_to_train();
             let (fresh, stale): (Vec<_>, Vec<_>) =
                 chunks.into_iter().partition(|c| !self.is_stale(c, step));
-            if !stale.is_empty() {
-                full = false;
-            }
             stale.into_iter().for_each(|c| self.drop_stale(c));
             chunks = fresh;
             transitions = chunks.iter().map(|c| c.chunk.transitions).sum();
-            if transitions >= target || full {
+            if transitions >= target {
                 break;
             }
         }
-        // Beyond the target: fresh supply joins this batch rather than age
-        // (`take_waiting`), and in any case what could not wait one more
-        // step; a chunk that does not fit waits for the next batch, and
-        // smaller ones behind it may still fit.
+        // Beyond the target: what could not wait one more step (it would be
+        // dropped), and fresh supply rather than let it age (`take_waiting`)
+        // up to the largest batch: a chunk that does not fit waits for the
+        // next batch, and smaller ones behind it may still fit.
         self.absorb_arrived();
         let step = self.step_to_train();
         let mut kept = VecDeque::with_capacity(self.waiting.len());
@@ -211,7 +201,7 @@ impl Batcher {
                 kept.extend(self.waiting.drain(..));
                 break;
             }
-            if transitions + chunk.chunk.transitions > self.max_transitions {
+            if !due && transitions + chunk.chunk.transitions > self.max_transitions {
                 kept.push_back(chunk);
                 continue;
             }
@@ -379,7 +369,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_stops_short_of_its_target_rather_than_pass_the_largest() {
+    fn growth_with_fresh_supply_stops_at_the_largest_batch_taking_what_fits() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -389,25 +379,25 @@ mod tests {
             &[(10, 10), (10, 10), (10, 10), (11, 30), (12, 5)],
             25,
         );
-        assert_eq!(sizes(&batcher.gather(25).unwrap()), [10, 10]);
-        assert_eq!(sizes(&batcher.gather(25).unwrap()), [10]);
-        assert_eq!(
-            sizes(&batcher.gather(25).unwrap()),
-            [30],
-            "a chunk larger than the largest batch is a batch of its own"
-        );
-        assert_eq!(sizes(&batcher.gather(5).unwrap()), [5]);
+        batcher.take_waiting = true;
+        // The target takes whole chunks (10 + 10 >= 15); growth then skips
+        // what does not fit (10 more would be 30, 30 more 50) and takes
+        // the 5.
+        assert_eq!(sizes(&batcher.gather(15).unwrap()), [10, 10, 5]);
+        // The smallest batch is reached with whole chunks, even past the
+        // largest.
+        assert_eq!(sizes(&batcher.gather(25).unwrap()), [10, 30]);
     }
 
     #[test]
-    fn a_due_chunk_that_does_not_fit_waits_and_smaller_due_ones_behind_it_join() {
+    fn due_chunks_join_even_past_the_largest_batch() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         // Version 1 is due at step 17 (lag 16: stale after this step).
-        let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
-        assert_eq!(sizes(&batcher.gather(10).unwrap()), [10, 5]);
-        assert_eq!(sizes(&batcher.gather(10).unwrap()), [30]);
+        let (mut batcher, _batches) =
+            batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
+        assert_eq!(sizes(&batcher.gather(10).unwrap()), [10, 30, 5]);
         assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 0);
     }
 }
