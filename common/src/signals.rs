@@ -52,20 +52,18 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// nothing while the process waits on a frozen peer. Must be called
 /// inside a tokio runtime.
 ///
-/// Listening starts at the call, not when the future is first polled: a
-/// learner polls it only once it trains, and a SIGTERM before that (while
-/// it loads a checkpoint, say) would otherwise kill it at once, leaving
-/// the local actors it started behind.
+/// Listening starts at the call, in a task of its own, not when the
+/// future is first polled: a learner polls it only once it trains. A first
+/// signal before that (while it loads a checkpoint, say) is kept, and the
+/// learner stops as soon as it can; a second one ends the process at
+/// once, start-up or not. (Left to the default action, a SIGTERM then
+/// would kill the learner and leave the local actors it started behind.)
 pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
-    let signals = StopSignals::new();
-    stop_on(signals)
-}
-
-async fn stop_on(mut signals: StopSignals) {
-    signals.next().await;
-    // The same listeners: a second signal that comes before this task
-    // first runs is not lost.
+    let mut signals = StopSignals::new();
+    let (requested, mut heard) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
+        signals.next().await;
+        requested.send_replace(true);
         signals.next().await;
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
         let registry = BEFORE_FORCED_EXIT
@@ -76,6 +74,13 @@ async fn stop_on(mut signals: StopSignals) {
         }
         exit_now(FORCED_EXIT_STATUS);
     });
+    async move {
+        if heard.wait_for(|stop| *stop).await.is_err() {
+            // The listener is gone (the runtime is shutting down): no stop
+            // will be heard.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Ends the process without running exit handlers: `std::process::exit`

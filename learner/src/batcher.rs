@@ -395,8 +395,7 @@ mod tests {
             .build()
             .unwrap();
         // Version 1 is due at step 17 (lag 16: stale after this step).
-        let (mut batcher, _batches) =
-            batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
+        let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
         assert_eq!(sizes(&batcher.gather(10).unwrap()), [10, 30, 5]);
         assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 0);
     }

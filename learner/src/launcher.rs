@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,7 @@ pub struct LocalActorsPlan {
 pub struct LocalActors {
     /// Shared with the forced-exit cleanup.
     children: Arc<Mutex<Vec<Child>>>,
-    /// Which children's exit was already logged by [`Self::all_exited`].
+    /// Which children's exit [`Self::exits`] already reported.
     logged_exits: Mutex<Vec<bool>>,
     /// Kills the actors if a second stop signal ends the learner at once
     /// (sent to the learner alone, not to its process group, they would
@@ -139,34 +139,27 @@ impl LocalActors {
         Ok(actors)
     }
 
-    /// Logs each actor that exited since the last call, as it happens
-    /// (an actor that exits while training goes on has failed: a bad
-    /// configuration, a crash, a signal). When every one has exited, says
-    /// so: nothing will feed the learner.
-    pub fn all_exited(&self) -> Option<String> {
+    /// The actors that exited since the last call (process id and status),
+    /// and whether every one has exited now.
+    pub fn exits(&self) -> (Vec<(u32, ExitStatus)>, bool) {
         let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut logged = self
+        let mut seen = self
             .logged_exits
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut newly = Vec::new();
         let mut exited = 0;
-        let mut failed = 0;
         for (i, child) in children.iter_mut().enumerate() {
             let Ok(Some(status)) = child.try_wait() else {
                 continue;
             };
             exited += 1;
-            failed += usize::from(!status.success());
-            if !logged.get(i).copied().unwrap_or(true) {
-                warn!(pid = child.id(), %status, "a local actor exited while training goes on");
-                logged[i] = true;
+            if let Some(seen) = seen.get_mut(i).filter(|seen| !**seen) {
+                *seen = true;
+                newly.push((child.id(), status));
             }
         }
-        (exited > 0 && exited == children.len()).then(|| {
-            format!(
-                "every local actor exited before training finished ({failed} of {exited} with an error; their logs are above)"
-            )
-        })
+        (newly, exited > 0 && exited == children.len())
     }
 
     /// Waits for the actors to exit, killing any left after a grace period.

@@ -208,16 +208,24 @@ async fn every_local_actor_exited(
         return std::future::pending().await;
     };
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    let mut failed = 0;
     loop {
         ticks.tick().await;
-        let exited = actors.all_exited();
+        let (newly, all) = actors.exits();
         // Actors leave by themselves once told training is done (read
-        // after their exits: they exit only after it turned true).
+        // after their exits: they exit only after it turned true), and
+        // that is no news.
         if *training_done.borrow() {
             return std::future::pending().await;
         }
-        if let Some(message) = exited {
-            return message;
+        for (pid, status) in newly {
+            warn!(pid, %status, "a local actor exited while training goes on");
+            failed += usize::from(!status.success());
+        }
+        if all {
+            return format!(
+                "every local actor exited before training finished ({failed} with an error; their logs are above)"
+            );
         }
     }
 }
