@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 cargo build --release --bins --quiet
+learner="$(realpath "$CARGO_TARGET_DIR")/release/flgfn-learner"
 cd "$caller"
 args=()
 fresh=1
@@ -30,4 +31,4 @@ case " $* " in
     *) args+=(--local-actors) ;;
 esac
 if [ "$fresh" = 1 ]; then args+=(--fresh); fi
-exec "$CARGO_TARGET_DIR/release/flgfn-learner" "${args[@]}"
+exec "$learner" "${args[@]}"

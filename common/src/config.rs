@@ -537,29 +537,29 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
 }
 
 /// Variables that look meant for a configuration key but are not read:
-/// `FLGFN_<SECTION>_<KEY>` with one underscore after a section's name
-/// (`FLGFN_LEARNER_THREADS`).
+/// `FLGFN_<SECTION>_<KEY>`, a real section and key with one underscore
+/// between them (`FLGFN_LEARNER_THREADS`; not `FLGFN_ACTOR_BIN`, which
+/// names no key).
 pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
-    const SECTIONS: [&str; 8] = [
-        "TASK",
-        "MODEL",
-        "OBJECTIVE",
-        "LEARNER",
-        "ACTOR",
-        "LAUNCH",
-        "AUTH",
-        "TLS",
-    ];
+    // Every section and key there is (the task's of the default task).
+    let schema: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap_or_default();
+    let is_key = |section: &str, key: &str| {
+        schema
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|keys| keys.contains_key(key))
+    };
     let mut misspelt: Vec<String> = names
         .into_iter()
         .filter(|name| {
-            name.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
-                !rest.contains(ENV_SEPARATOR)
-                    && SECTIONS.iter().any(|section| {
-                        rest.strip_prefix(section)
-                            .is_some_and(|key| key.len() > 1 && key.starts_with('_'))
-                    })
-            })
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                return false;
+            };
+            let rest = rest.to_lowercase();
+            !rest.contains(ENV_SEPARATOR)
+                && rest
+                    .match_indices('_')
+                    .any(|(at, _)| is_key(&rest[..at], &rest[at + 1..]))
         })
         .collect();
     misspelt.sort();
@@ -607,8 +607,10 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text, unvalidated.
-    fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+    /// Parses TOML text, unvalidated: for reading a configuration written
+    /// by another version (a checkpoint's), whose rules may have been
+    /// looser.
+    pub fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
@@ -1307,6 +1309,7 @@ mod tests {
             "FLGFN_LEARNER__THREADS",
             "FLGFN_TOKEN",
             "FLGFN_HEALTH_ADDRESS",
+            "FLGFN_ACTOR_BIN",
             "FLGFN_TASKS",
             "PATH",
         ]

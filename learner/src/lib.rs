@@ -157,7 +157,8 @@ fn check_resumed_objective(
     objective: &flgfn_common::config::ObjectiveConfig,
     path: &std::path::Path,
 ) -> Result<(), LearnerError> {
-    let Ok(saved) = Config::from_toml(saved_config, "the checkpoint's configuration") else {
+    // Unvalidated: it was valid for the version that wrote it.
+    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
         warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
         return Ok(());
     };

@@ -78,6 +78,19 @@ fn a_short_suite_writes_its_data_and_plots() {
         4,
         "{printed}"
     );
+    // The same folder spelt another way is the same runs.
+    let respelt = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--seeds", "2", "--steps", "20", "--out"])
+        .arg(out.join("."))
+        .output()
+        .unwrap();
+    assert!(respelt.status.success());
+    let printed = String::from_utf8_lossy(&respelt.stdout);
+    assert_eq!(
+        printed.matches("already done, kept").count(),
+        4,
+        "{printed}"
+    );
     let longer = again("30");
     assert!(longer.status.success());
     let printed = String::from_utf8_lossy(&longer.stdout);

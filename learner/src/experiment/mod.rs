@@ -119,7 +119,7 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
         let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
         let config = run_config(spec, &dir);
         let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
-        let same_config = written.as_deref() == Some(config.to_toml().as_str());
+        let same_config = written.as_deref().is_some_and(|w| same_run(w, spec));
         if written.is_some() && !same_config {
             println!("{label}: made with another configuration; starting over");
         }
@@ -170,6 +170,19 @@ fn run_config(spec: &RunSpec, dir: &Path) -> Config {
     let mut config = spec.config.clone();
     config.learner.checkpoint_dir = dir.join("checkpoints").display().to_string();
     config
+}
+
+/// Whether a run folder's `config.toml` is `spec`'s configuration, where
+/// its checkpoints are aside (the same folder spelt another way, with
+/// `--out` relative or absolute, is the same run).
+fn same_run(written: &str, spec: &RunSpec) -> bool {
+    let Ok(mut written) = Config::parse_toml(written, CONFIG_FILE) else {
+        return false;
+    };
+    let mut wanted = spec.config.clone();
+    written.learner.checkpoint_dir.clear();
+    wanted.learner.checkpoint_dir.clear();
+    written.to_toml() == wanted.to_toml()
 }
 
 /// The reports on the suite's evaluation grid (every `eval_every_steps`,
@@ -520,7 +533,7 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResu
             continue;
         };
         let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
-        if written.as_deref() != Some(run_config(spec, &dir).to_toml().as_str()) {
+        if !written.as_deref().is_some_and(|w| same_run(w, spec)) {
             println!("{}: made with another configuration; left out", spec.name());
         } else if !finished(spec, &reports) {
             println!("{}: not finished; left out", spec.name());
