@@ -121,6 +121,10 @@ pub struct Checkpoint {
     pub state: CheckpointState,
     /// Its tensors, by name.
     pub arrays: Vec<NamedArray>,
+    /// Newer checkpoints that read back damaged (torn, corrupt), skipped
+    /// for this one: a learner resuming from it sets them aside
+    /// ([`set_aside`]); a reader leaves them.
+    pub damaged_newer: Vec<PathBuf>,
 }
 
 impl Checkpoint {
@@ -290,6 +294,7 @@ pub fn read(path: &Path) -> Result<Checkpoint, String> {
         path: path.to_owned(),
         state,
         arrays: decoded.arrays,
+        damaged_newer: Vec::new(),
     })
 }
 
@@ -301,26 +306,27 @@ const DAMAGED_SUFFIX: &str = ".damaged";
 /// all; an error when every one is damaged (starting over would silently
 /// lose the run: the user decides, with `--fresh`).
 ///
-/// When an older one is used, the damaged newer ones are renamed aside
-/// (`*.safetensors.damaged`, kept for a post-mortem): left in place, they
-/// would sort after every checkpoint the resumed run writes, and pruning
-/// to `keep_checkpoints` would delete the good new ones first.
+/// It does not change the folder: the damaged newer ones it skipped are
+/// in [`Checkpoint::damaged_newer`] (those that could be read but not
+/// trusted, not those an I/O error kept from being read).
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let all = list(dir)?;
     let mut damaged = Vec::new();
+    let mut damaged_content = Vec::new();
     for (_, path) in all.iter().rev() {
         match read(path) {
-            Ok(checkpoint) => {
+            Ok(mut checkpoint) => {
                 if !damaged.is_empty() {
                     warn!(path = %path.display(), damaged = damaged.len(), "using an older checkpoint");
                 }
-                for bad in damaged {
-                    set_aside(bad);
-                }
+                checkpoint.damaged_newer = damaged_content;
                 return Ok(Some(checkpoint));
             }
             Err(reason) => {
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
+                if fs::File::open(path).is_ok() {
+                    damaged_content.push(path.clone());
+                }
                 damaged.push(path);
             }
         }
@@ -335,8 +341,18 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     Ok(None)
 }
 
-/// Renames a damaged checkpoint out of [`list`]'s sight.
-fn set_aside(path: &Path) {
+/// Renames damaged checkpoints out of [`list`]'s sight
+/// (`*.safetensors.damaged`, kept for a post-mortem). A learner resuming
+/// from an older checkpoint must: left in place, they would sort after
+/// every checkpoint the resumed run writes, and pruning to
+/// `keep_checkpoints` would delete the good new ones first.
+pub fn set_aside(paths: &[PathBuf]) {
+    for path in paths {
+        set_aside_one(path);
+    }
+}
+
+fn set_aside_one(path: &Path) {
     let mut aside = path.as_os_str().to_owned();
     aside.push(DAMAGED_SUFFIX);
     match fs::rename(path, &aside) {
@@ -471,7 +487,11 @@ mod tests {
         // Torn: the last bytes never reached the disk.
         fs::write(&newest, &good[..good.len() - 7]).unwrap();
         assert!(read(&newest).is_err());
-        assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
+        let resumed = load_latest(&dir).unwrap().unwrap();
+        assert_eq!(resumed.state.step, 100);
+        assert_eq!(resumed.damaged_newer, std::slice::from_ref(&newest));
+        assert!(newest.exists(), "reading changes nothing");
+        set_aside(&resumed.damaged_newer);
         // Set aside: the resumed run's next checkpoint is the newest, and
         // pruning keeps it.
         let aside = dir.join(format!("{}{DAMAGED_SUFFIX}", file_name(200)));
@@ -502,8 +522,9 @@ mod tests {
         assert!(error.contains("--fresh"), "{error}");
         write_version_floor(&dir, 1200).unwrap();
         assert_eq!(read_version_floor(&dir).unwrap(), 1200);
-        // The oldest, the one set aside, and the floor.
-        assert_eq!(clear(&dir).unwrap(), 3);
+        // The oldest, the newest (flipped, not set aside: only reading),
+        // the one set aside, and the floor.
+        assert_eq!(clear(&dir).unwrap(), 4);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
         assert_eq!(read_version_floor(&dir).unwrap(), 0);
         assert!(load_latest(&dir).unwrap().is_none());

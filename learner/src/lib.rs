@@ -363,6 +363,9 @@ pub async fn serve(
                 ))
             })?;
         check_resumed_objective(&state.config, &config.objective, &checkpoint.path)?;
+        // This run continues from here: newer damaged ones must not outrank
+        // what it writes.
+        checkpoint::set_aside(&checkpoint.damaged_newer);
         info!(
             path = %checkpoint.path.display(),
             step = state.step,
