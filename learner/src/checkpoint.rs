@@ -265,8 +265,13 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
 /// Reads and verifies one checkpoint file.
 pub fn read(path: &Path) -> Result<Checkpoint, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    parse(path, &bytes)
+}
+
+/// Verifies the bytes of checkpoint file `path`.
+fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, String> {
     let decoded =
-        weights::decode(&bytes).map_err(|e| format!("not a readable safetensors file: {e}"))?;
+        weights::decode(bytes).map_err(|e| format!("not a readable safetensors file: {e}"))?;
     let json = decoded
         .metadata
         .get(STATE_KEY)
@@ -314,7 +319,15 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let mut damaged = Vec::new();
     let mut damaged_content = Vec::new();
     for (_, path) in all.iter().rev() {
-        match read(path) {
+        let bytes = match fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read a checkpoint");
+                damaged.push(path);
+                continue;
+            }
+        };
+        match parse(path, &bytes) {
             Ok(mut checkpoint) => {
                 if !damaged.is_empty() {
                     warn!(path = %path.display(), damaged = damaged.len(), "using an older checkpoint");
@@ -324,9 +337,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
             }
             Err(reason) => {
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
-                if fs::File::open(path).is_ok() {
-                    damaged_content.push(path.clone());
-                }
+                damaged_content.push(path.clone());
                 damaged.push(path);
             }
         }
