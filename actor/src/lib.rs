@@ -154,12 +154,7 @@ async fn run_actor(
         orders,
         out: chunk_sender,
         current_session: current_session.clone(),
-        behaviour: Behaviour {
-            epsilon: actor.epsilon,
-            truncate_fraction: actor.truncate_fraction,
-            truncate_at: actor.truncate_at,
-            truncate_cap: actor.truncate_cap,
-        },
+        behaviour: Behaviour::from(actor),
         envs: actor.envs,
         seeding,
     };

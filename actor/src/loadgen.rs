@@ -119,13 +119,11 @@ async fn generated_actor(
     let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);
     let current_session = Arc::new(AtomicU32::new(0));
-    let actor = &config.actor;
-    let envs = actor.envs;
+    let envs = config.actor.envs;
+    // Uniform actions, cut as a real actor's are.
     let behaviour = Behaviour {
         epsilon: 1.0,
-        truncate_fraction: actor.truncate_fraction,
-        truncate_at: actor.truncate_at,
-        truncate_cap: actor.truncate_cap,
+        ..Behaviour::from(&config.actor)
     };
     let session_seen = current_session.clone();
     let generator = tokio::spawn(async move {

@@ -637,13 +637,14 @@ impl Config {
     /// its flags first, so that a flag can correct a value the file or a
     /// variable got wrong. Call [`Config::validate`] afterwards.
     pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
-        for variable in misspelt_variables(std::env::vars().map(|(name, _)| name)) {
+        let variables: Vec<(String, String)> = std::env::vars().collect();
+        for variable in misspelt_variables(variables.iter().map(|(name, _)| name.clone())) {
             tracing::warn!(
                 variable,
                 "not read: a configuration variable separates section and key with two underscores (FLGFN_LEARNER__THREADS)"
             );
         }
-        Self::layered(path, &env_overrides(std::env::vars()))
+        Self::layered(path, &env_overrides(variables))
     }
 
     /// The file if given, else the defaults, with `overrides` applied;
@@ -897,8 +898,12 @@ fn name_default_task(table: &mut toml::Table) -> bool {
     }
 }
 
-/// Longest `learner.stall_timeout_s`: a day.
-pub const MAX_STALL_TIMEOUT_S: f64 = 86_400.0;
+/// Longest wait any setting may ask for: a day. A larger "forever" would
+/// overflow the timers built from it.
+pub const MAX_WAIT_S: f64 = 86_400.0;
+
+/// Longest `learner.stall_timeout_s`.
+pub const MAX_STALL_TIMEOUT_S: f64 = MAX_WAIT_S;
 
 /// Shortest `learner.stall_timeout_s`: below it, every actor would be
 /// ended before its first chunk could arrive.
@@ -915,16 +920,14 @@ fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
     }
 }
 
-/// Longest actor wait (`reconnect_*_s`, `keepalive_s`): a day. A larger
-/// "forever" would overflow the timers built from it.
-pub const MAX_ACTOR_WAIT_S: f64 = 86_400.0;
-
+/// An actor wait (`reconnect_*_s`, `keepalive_s`): positive, at most
+/// [`MAX_WAIT_S`].
 fn seconds_up_to_a_day(field: &str, value: f64) -> Result<(), ConfigError> {
     positive_finite(field, value)?;
-    if value > MAX_ACTOR_WAIT_S {
+    if value > MAX_WAIT_S {
         return Err(ConfigError::invalid(
             field,
-            format!("{value} s is more than a day ({MAX_ACTOR_WAIT_S} s)"),
+            format!("{value} s is more than a day ({MAX_WAIT_S} s)"),
         ));
     }
     Ok(())

@@ -9,7 +9,7 @@
 use rand::Rng;
 use rand::rngs::SmallRng;
 
-use crate::config::TruncateAt;
+use crate::config::{ActorConfig, TruncateAt};
 use crate::env::{Environment, State};
 use crate::policy::{Policy, to_host_f32};
 use crate::trajectory::Trajectory;
@@ -27,6 +27,18 @@ pub struct Behaviour {
     pub truncate_at: TruncateAt,
     /// Transitions kept with [`TruncateAt::Cap`].
     pub truncate_cap: usize,
+}
+
+impl From<&ActorConfig> for Behaviour {
+    /// An actor's exploration and truncation, as configured.
+    fn from(actor: &ActorConfig) -> Self {
+        Behaviour {
+            epsilon: actor.epsilon,
+            truncate_fraction: actor.truncate_fraction,
+            truncate_at: actor.truncate_at,
+            truncate_cap: actor.truncate_cap,
+        }
+    }
 }
 
 impl Behaviour {

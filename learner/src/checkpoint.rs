@@ -316,21 +316,22 @@ const DAMAGED_SUFFIX: &str = ".damaged";
 /// trusted, not those an I/O error kept from being read).
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let all = list(dir)?;
-    let mut damaged = Vec::new();
+    // Skipped so far, and of those the ones that read back damaged.
+    let mut damaged = 0;
     let mut damaged_content = Vec::new();
     for (_, path) in all.iter().rev() {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "cannot read a checkpoint");
-                damaged.push(path);
+                damaged += 1;
                 continue;
             }
         };
         match parse(path, &bytes) {
             Ok(mut checkpoint) => {
-                if !damaged.is_empty() {
-                    warn!(path = %path.display(), damaged = damaged.len(), "using an older checkpoint");
+                if damaged > 0 {
+                    warn!(path = %path.display(), damaged, "using an older checkpoint");
                 }
                 checkpoint.damaged_newer = damaged_content;
                 return Ok(Some(checkpoint));
@@ -338,15 +339,14 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
             Err(reason) => {
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
                 damaged_content.push(path.clone());
-                damaged.push(path);
+                damaged += 1;
             }
         }
     }
-    if !damaged.is_empty() {
+    if damaged > 0 {
         return Err(LearnerError::Checkpoint(format!(
-            "every checkpoint in {} is damaged ({}); start over with --fresh",
-            dir.display(),
-            damaged.len()
+            "every checkpoint in {} is damaged ({damaged}); start over with --fresh",
+            dir.display()
         )));
     }
     Ok(None)

@@ -43,8 +43,6 @@ pub struct LocalActorsPlan {
 pub struct LocalActors {
     /// Shared with the forced-exit cleanup.
     children: Arc<Mutex<Vec<Child>>>,
-    /// Which children's exit [`Self::exits`] already reported.
-    logged_exits: Mutex<Vec<bool>>,
     /// Kills the actors if a second stop signal ends the learner at once
     /// (sent to the learner alone, not to its process group, they would
     /// outlive it).
@@ -99,7 +97,6 @@ impl LocalActors {
         });
         let actors = LocalActors {
             children,
-            logged_exits: Mutex::new(vec![false; count]),
             _on_forced_exit: on_forced_exit,
         };
         // A listener on 0.0.0.0 is reached through loopback locally.
@@ -139,27 +136,16 @@ impl LocalActors {
         Ok(actors)
     }
 
-    /// The actors that exited since the last call (process id and status),
-    /// and whether every one has exited now.
+    /// The actors that have exited (process id and status), and whether
+    /// that is every one.
     pub fn exits(&self) -> (Vec<(u32, ExitStatus)>, bool) {
         let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut seen = self
-            .logged_exits
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut newly = Vec::new();
-        let mut exited = 0;
-        for (i, child) in children.iter_mut().enumerate() {
-            let Ok(Some(status)) = child.try_wait() else {
-                continue;
-            };
-            exited += 1;
-            if let Some(seen) = seen.get_mut(i).filter(|seen| !**seen) {
-                *seen = true;
-                newly.push((child.id(), status));
-            }
-        }
-        (newly, exited > 0 && exited == children.len())
+        let exited: Vec<_> = children
+            .iter_mut()
+            .filter_map(|child| Some((child.id(), child.try_wait().ok()??)))
+            .collect();
+        let all = !exited.is_empty() && exited.len() == children.len();
+        (exited, all)
     }
 
     /// Waits for the actors to exit, killing any left after a grace period.

@@ -209,21 +209,27 @@ async fn every_local_actor_exited(
         return std::future::pending().await;
     };
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
-    let mut failed = 0;
+    // Exits already logged.
+    let mut logged = std::collections::HashSet::new();
     loop {
         ticks.tick().await;
-        let (newly, all) = actors.exits();
+        let (exited, all) = actors.exits();
         // Actors leave by themselves once told training is done (read
         // after their exits: they exit only after it turned true), and
         // that is no news.
         if *training_done.borrow() {
             return std::future::pending().await;
         }
-        for (pid, status) in newly {
-            warn!(pid, %status, "a local actor exited while training goes on");
-            failed += usize::from(!status.success());
+        for (pid, status) in &exited {
+            if logged.insert(*pid) {
+                warn!(pid, %status, "a local actor exited while training goes on");
+            }
         }
         if all {
+            let failed = exited
+                .iter()
+                .filter(|(_, status)| !status.success())
+                .count();
             return format!(
                 "every local actor exited before training finished ({failed} with an error; their logs are above)"
             );

@@ -161,6 +161,7 @@ impl Learner for LearnerService {
             chunk_bytes,
             inbound: request.into_inner(),
             grants,
+            opened_at: std::time::Instant::now(),
             actor_name,
         };
         // Every event of the session carries who it is (JSON logs).

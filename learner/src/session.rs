@@ -137,6 +137,8 @@ pub struct Session {
     /// This session's place under `learner.max_sessions`, given back when
     /// the session ends.
     pub slot: SessionSlot,
+    /// When the session opened.
+    pub opened_at: Instant,
     /// The name the actor shook hands with, under which its chunk numbers
     /// continue across reconnects, and the number its first chunk should
     /// carry (None: not tracked).
@@ -172,10 +174,8 @@ impl Drop for SessionSlot {
 }
 
 /// What a session tracks while it runs.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Progress {
-    /// When the session opened.
-    opened_at: Instant,
     record: SessionRecord,
     /// Credits granted whose chunk has not arrived, oldest first, with
     /// when they were granted.
@@ -206,12 +206,7 @@ impl Session {
                 ..SessionRecord::default()
             },
             next_sequence: next_sequence.flatten(),
-            opened_at: Instant::now(),
-            unused: VecDeque::new(),
-            sent_version: None,
-            stale_arrivals: 0,
-            next_pause: Duration::ZERO,
-            paused_at: None,
+            ..Progress::default()
         };
         let served = self.serve(&mut progress).await;
         // The credits this actor holds go back to the room now: the last
@@ -381,7 +376,7 @@ impl Session {
             if let Some(published_at) = weights.published_at {
                 // From when this actor could have had it: a version older
                 // than the session waited for the actor, not the learner.
-                let since = published_at.max(progress.opened_at);
+                let since = published_at.max(self.opened_at);
                 IngestStats::add(
                     &stats.publish_to_send_us,
                     since.elapsed().as_micros() as u64,

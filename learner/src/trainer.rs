@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
-use crate::checkpoint::{self, Checkpoint, CheckpointState, prefixed};
+use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, prefixed};
 use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
@@ -145,7 +145,6 @@ struct Progress {
     step: u64,
     version: u64,
     trained_transitions: u64,
-    skipped_batches: u64,
     diverged_reports: u32,
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
@@ -171,10 +170,9 @@ struct Progress {
     /// Weights kept since the last report while quality is not reached
     /// yet (None: not looked for, or found).
     probes: Option<QualityProbes>,
-    /// Whole-run sums: lag x transitions, largest lag, time waiting.
-    lag_weighted_total: f64,
-    max_lag_total: u64,
-    waiting_total: Duration,
+    /// Whole-run sums (lag x transitions, largest lag, time waiting,
+    /// skipped batches), kept in checkpoints as they are.
+    totals: ResumedTotals,
 }
 
 impl Progress {
@@ -254,7 +252,7 @@ impl Trainer {
             };
             if progress.started.is_some() {
                 progress.window.waiting += wait_started.elapsed();
-                progress.waiting_total += wait_started.elapsed();
+                progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
             }
             progress.started.get_or_insert_with(Instant::now);
 
@@ -330,12 +328,12 @@ impl Trainer {
         let wall_s = progress.wall();
         let trained = progress.trained_transitions;
         let steps = progress.step.max(1) as f64;
-        let waiting = progress.waiting_total.as_secs_f64();
+        let waiting = progress.totals.waiting_s;
         let totals = RunTotals {
             wall_s,
             trained_transitions: trained,
-            mean_policy_lag: progress.lag_weighted_total / trained.max(1) as f64,
-            max_policy_lag: progress.max_lag_total,
+            mean_policy_lag: progress.totals.lag_weighted / trained.max(1) as f64,
+            max_policy_lag: progress.totals.max_lag,
             data_wait_fraction: (waiting / wall_s.max(1e-9)).min(1.0),
             busy_ms_per_step: 1e3 * (wall_s - waiting).max(0.0) / steps,
             mean_batch_transitions: trained as f64 / steps,
@@ -418,12 +416,7 @@ impl Trainer {
             wall_s,
             trained_transitions: progress.trained_transitions,
             time_to_quality_s: progress.time_to_quality,
-            totals: checkpoint::ResumedTotals {
-                lag_weighted: progress.lag_weighted_total,
-                max_lag: progress.max_lag_total,
-                waiting_s: progress.waiting_total.as_secs_f64(),
-                skipped_batches: progress.skipped_batches,
-            },
+            totals: progress.totals.clone(),
             adam_steps: optimizer.steps(),
             objective_adam_steps: own_optimizer.map_or(0, |(own, _)| own.steps()),
             evaluator: evaluator.state(),
@@ -471,11 +464,7 @@ impl Trainer {
         );
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
-        progress.lag_weighted_total = state.totals.lag_weighted;
-        progress.max_lag_total = state.totals.max_lag;
-        progress.waiting_total =
-            Duration::try_from_secs_f64(state.totals.waiting_s).unwrap_or_default();
-        progress.skipped_batches = state.totals.skipped_batches;
+        progress.totals = state.totals.clone();
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;
         progress.last_checkpoint_wall = state.wall_s;
@@ -555,8 +544,8 @@ impl Trainer {
         window.steps += 1;
         window.lag_weighted += batch.lag_weighted;
         window.max_lag = window.max_lag.max(batch.max_lag);
-        progress.lag_weighted_total += batch.lag_weighted;
-        progress.max_lag_total = progress.max_lag_total.max(batch.max_lag);
+        progress.totals.lag_weighted += batch.lag_weighted;
+        progress.totals.max_lag = progress.totals.max_lag.max(batch.max_lag);
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
@@ -622,7 +611,7 @@ impl Trainer {
         let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
         let finite_steps = (read(&window.finite_steps) as u64).min(window.steps);
         let nonfinite = window.steps - finite_steps;
-        progress.skipped_batches += nonfinite;
+        progress.totals.skipped_batches += nonfinite;
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
@@ -690,7 +679,7 @@ impl Trainer {
             stale_fraction: IngestStats::get(&stats.stale_transitions) as f64
                 / ingested.max(1) as f64,
             unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),
-            skipped_batches: progress.skipped_batches,
+            skipped_batches: progress.totals.skipped_batches,
             eval_samples: self.config.learner.eval_samples,
             eval_s: eval_s.as_secs_f64(),
         };

@@ -118,9 +118,9 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
         let metrics = dir.join("metrics.jsonl");
         let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
         let config = run_config(spec, &dir);
-        let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
-        let same_config = written.as_deref().is_some_and(|w| same_run(w, spec));
-        if written.is_some() && !same_config {
+        let written = written_config_matches(spec, &dir);
+        let same_config = written == Some(true);
+        if written == Some(false) {
             println!("{label}: made with another configuration; starting over");
         }
         let done = match read_reports(&metrics) {
@@ -172,17 +172,19 @@ fn run_config(spec: &RunSpec, dir: &Path) -> Config {
     config
 }
 
-/// Whether a run folder's `config.toml` is `spec`'s configuration, where
-/// its checkpoints are aside (the same folder spelt another way, with
-/// `--out` relative or absolute, is the same run).
-fn same_run(written: &str, spec: &RunSpec) -> bool {
-    let Ok(mut written) = Config::parse_toml(written, CONFIG_FILE) else {
-        return false;
+/// Whether the `config.toml` in run folder `dir` is `spec`'s
+/// configuration, where its checkpoints are aside (the same folder spelt
+/// another way, with `--out` relative or absolute, is the same run); None
+/// where no configuration was written.
+fn written_config_matches(spec: &RunSpec, dir: &Path) -> Option<bool> {
+    let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok()?;
+    let Ok(mut written) = Config::parse_toml(&written, CONFIG_FILE) else {
+        return Some(false);
     };
     let mut wanted = spec.config.clone();
     written.learner.checkpoint_dir.clear();
     wanted.learner.checkpoint_dir.clear();
-    written.to_toml() == wanted.to_toml()
+    Some(written.to_toml() == wanted.to_toml())
 }
 
 /// The reports on the suite's evaluation grid (every `eval_every_steps`,
@@ -250,7 +252,7 @@ fn run_one(
     // The run's configuration is its file, exactly: no FLGFN_ variable of
     // this shell changes it behind the file's back.
     for (name, _) in std::env::vars() {
-        if name.starts_with("FLGFN_") {
+        if name.starts_with(flgfn_common::config::ENV_PREFIX) {
             command.env_remove(name);
         }
     }
@@ -532,8 +534,7 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResu
         let Ok(reports) = read_reports(&dir.join("metrics.jsonl")) else {
             continue;
         };
-        let written = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok();
-        if !written.as_deref().is_some_and(|w| same_run(w, spec)) {
+        if written_config_matches(spec, &dir) != Some(true) {
             println!("{}: made with another configuration; left out", spec.name());
         } else if !finished(spec, &reports) {
             println!("{}: not finished; left out", spec.name());
