@@ -194,6 +194,21 @@ fn learner_with_two_actors(dir: &std::path::Path) -> (support::KillOnDrop, Vec<u
     }
 }
 
+/// Kills, when dropped, those of these processes still running.
+#[cfg(target_os = "linux")]
+struct KillRemaining(Vec<u32>);
+
+#[cfg(target_os = "linux")]
+impl Drop for KillRemaining {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().filter(|&&pid| running(pid)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn kill_hard(pid: u32) {
     let status = Command::new("kill")
@@ -247,6 +262,8 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
 fn local_actors_exit_when_their_learner_is_killed() {
     let dir = std::env::temp_dir().join(format!("flgfn-learner-killed-{}", std::process::id()));
     let (mut learner, actors) = learner_with_two_actors(&dir);
+    // Should the test fail, the actors it left must not run on.
+    let _cleanup = KillRemaining(actors.clone());
     kill_hard(learner.id());
     learner.0.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
