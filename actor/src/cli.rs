@@ -3,14 +3,15 @@
 
 use std::path::PathBuf;
 
-use flgfn_common::config::{Config, ConfigError, describe_layers, env_overrides};
+use flgfn_common::config::{CONFIG_VARIABLE, Config, ConfigError, describe_layers, env_overrides};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigFlags {
     /// TOML configuration; task and model must match the learner's.
-    /// `FLGFN_<SECTION>__<KEY>` variables override it, flags override both.
-    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
+    /// `-` reads it from standard input. `FLGFN_<SECTION>__<KEY>` variables
+    /// override it, flags override both.
+    #[arg(long, value_name = "FILE", env = CONFIG_VARIABLE)]
     pub config: Option<PathBuf>,
     /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
     #[arg(long, value_name = "URL")]

@@ -461,6 +461,15 @@ impl Default for LaunchConfig {
     }
 }
 
+/// The configuration path that means standard input (`--config -`): how
+/// the local launcher hands its actors the learner's effective
+/// configuration, flags included, without a file.
+pub const STDIN_PATH: &str = "-";
+
+/// The environment variable that names the configuration file (the
+/// binaries' `--config`).
+pub const CONFIG_VARIABLE: &str = "FLGFN_CONFIG";
+
 /// Prefix of the environment variables that set configuration keys.
 pub const ENV_PREFIX: &str = "FLGFN_";
 /// Between the section and the key in such a variable's name.
@@ -569,7 +578,11 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String
 /// Where an effective configuration came from, as TOML comment lines
 /// for `--print-config`: the layers in order of precedence.
 pub fn describe_layers(path: Option<&Path>, overrides: &[EnvOverride], flags: &[&str]) -> String {
-    let file = path.map_or("no file".to_owned(), |p| p.display().to_string());
+    let file = match path {
+        None => "no file".to_owned(),
+        Some(path) if path == Path::new(STDIN_PATH) => "standard input".to_owned(),
+        Some(path) => path.display().to_string(),
+    };
     let env = if overrides.is_empty() {
         "no FLGFN_ variables".to_owned()
     } else {
@@ -625,8 +638,9 @@ impl Config {
         }
     }
 
-    /// The file if given, else the defaults, with the `FLGFN_` variables
-    /// of this process's environment applied; validated.
+    /// The file if given (`-`: standard input, read to its end), else the
+    /// defaults, with the `FLGFN_` variables of this process's environment
+    /// applied; validated.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let config = Self::load_unvalidated(path)?;
         config.validate()?;
@@ -661,6 +675,13 @@ impl Config {
 
     fn layered(path: Option<&Path>, overrides: &[EnvOverride]) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
+            Some(path) if path == Path::new(STDIN_PATH) => (
+                std::io::read_to_string(std::io::stdin()).map_err(|source| ConfigError::Io {
+                    path: "standard input".to_owned(),
+                    source,
+                })?,
+                "standard input".to_owned(),
+            ),
             Some(path) => (
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
                     path: path.display().to_string(),

@@ -12,12 +12,14 @@
 //! that will not come. A learner resumed from a run that already finished
 //! starts none.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use flgfn_common::config::{CONFIG_VARIABLE, Config, STDIN_PATH, env_overrides};
 use flgfn_common::signals::{ForcedExitCleanup, before_forced_exit};
 
 use tracing::{info, warn};
@@ -32,8 +34,6 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 pub struct LocalActorsPlan {
     /// How many actor processes.
     pub count: usize,
-    /// The configuration file they share with the learner, if any.
-    pub config_file: Option<PathBuf>,
     /// The `flgfn-actor` executable ([`actor_executable`]).
     pub executable: PathBuf,
 }
@@ -80,16 +80,28 @@ pub fn actor_executable() -> std::io::Result<PathBuf> {
 
 impl LocalActors {
     /// Starts `count` actors that connect to `address`, each with its own
-    /// seed offset, sharing the learner's configuration file and its
-    /// `seed` (which a flag may have set: the actors get it as
-    /// `FLGFN_SEED`, over the file).
+    /// seed offset, sharing the learner's effective configuration.
+    ///
+    /// They read it, as TOML, from their standard input (`--config -`)
+    /// rather than from the learner's file: the learner's flags and
+    /// variables are in it (its `--seed`; its `--actors` over a file's
+    /// `launch.actors = 0`, which an actor would refuse), and no copy of
+    /// it is left on disk. The variables that set configuration keys are
+    /// taken out of their environment, or they would apply again over the
+    /// learner's flags; the others (`FLGFN_TOKEN`, `FLGFN_LOG_FORMAT`)
+    /// stay.
     pub fn spawn(
         count: usize,
         address: SocketAddr,
-        config: Option<&Path>,
-        seed: u64,
+        config: &Config,
         executable: &Path,
     ) -> std::io::Result<Self> {
+        let config_text = config.to_toml();
+        let config_variables: Vec<String> = env_overrides(std::env::vars())
+            .into_iter()
+            .map(|o| o.variable)
+            .chain([CONFIG_VARIABLE.to_owned()])
+            .collect();
         let children = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let on_forced_exit = before_forced_exit({
             let children = children.clone();
@@ -118,19 +130,32 @@ impl LocalActors {
                 .arg(i.to_string())
                 .arg("--name")
                 .arg(format!("local-{i}"))
-                .env("FLGFN_SEED", seed.to_string());
-            if let Some(config) = config {
-                command.arg("--config").arg(config);
+                .args(["--config", STDIN_PATH])
+                .stdin(Stdio::piped());
+            for variable in &config_variables {
+                command.env_remove(variable);
             }
             // A learner killed outright (SIGKILL, out of memory) takes them
             // along: no Drop runs then.
             flgfn_common::signals::end_with_parent(&mut command);
-            let child = command.spawn()?;
+            let mut child = command.spawn()?;
+            // A few kilobytes: the pipe takes them without the actor
+            // reading, and closing it ends the actor's input.
+            let written = child
+                .stdin
+                .take()
+                .map_or(Ok(()), |mut stdin| stdin.write_all(config_text.as_bytes()));
             actors
                 .children
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(child);
+            written.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot hand local actor {i} its configuration: {e}"),
+                )
+            })?;
         }
         info!(count, %url, "started local actors");
         Ok(actors)

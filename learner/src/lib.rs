@@ -495,8 +495,7 @@ pub async fn serve(
                 local_address.ok_or_else(|| {
                     LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
                 })?,
-                plan.config_file.as_deref(),
-                config.seed,
+                &config,
                 &plan.executable,
             )
             .map_err(LearnerError::LocalActors)?,

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use flgfn_common::config::{Config, describe_layers, env_overrides};
+use flgfn_common::config::{CONFIG_VARIABLE, Config, describe_layers, env_overrides};
 use flgfn_common::telemetry::{self, LogFlags};
 use flgfn_learner::RunOptions;
 use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
@@ -16,8 +16,9 @@ use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
 struct Args {
     /// TOML configuration shared with the actors (defaults are used for
     /// every key it does not set; unknown keys are errors).
-    /// `FLGFN_<SECTION>__<KEY>` variables override it, flags override both.
-    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
+    /// `-` reads it from standard input. `FLGFN_<SECTION>__<KEY>` variables
+    /// override it, flags override both.
+    #[arg(long, value_name = "FILE", env = CONFIG_VARIABLE)]
     config: Option<PathBuf>,
     /// Address to listen on, e.g. 0.0.0.0:50051 (overrides learner.listen).
     #[arg(long, value_name = "ADDR")]
@@ -136,7 +137,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
             Some(LocalActorsPlan {
                 count: config.launch.actors,
-                config_file: args.config.clone(),
                 executable: actor_executable()?,
             })
         } else {

@@ -39,11 +39,16 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     let dir = std::env::temp_dir().join(format!("flgfn-launcher-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("tiny.toml");
-    std::fs::write(&config, support::TINY_TOML).unwrap();
+    // The actors get the learner's configuration with its flags applied:
+    // `--actors 3` corrects this file, which they would refuse on its own.
+    let toml = format!("{}\n[launch]\nactors = 0\n", support::TINY_TOML);
+    std::fs::write(&config, toml).unwrap();
     let metrics = dir.join("metrics.jsonl");
 
     assert!(actor().exists(), "deploy/test.sh builds flgfn-actor first");
     let output = Command::new(learner())
+        // The --seed flag wins over this, for the learner and its actors.
+        .env("FLGFN_SEED", "999")
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
         .args(["--max-steps", "200", "--seed", "40", "--config"])
         .arg(&config)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
-use flgfn_common::config::Config;
+use flgfn_common::config::{CONFIG_VARIABLE, Config};
 use flgfn_common::policy::{ModelSpec, Policy};
 use flgfn_common::rollout::{Behaviour, rollout};
 use flgfn_learner::checkpoint;
@@ -22,7 +22,7 @@ use rand::rngs::SmallRng;
 struct Args {
     /// The job file the weights were trained with (task and model);
     /// default: the default job.
-    #[arg(long, value_name = "FILE", env = "FLGFN_CONFIG")]
+    #[arg(long, value_name = "FILE", env = CONFIG_VARIABLE)]
     config: Option<PathBuf>,
     /// A safetensors weights file (e.g. CHECKPOINT_DIR/final.safetensors).
     #[arg(long, value_name = "FILE", conflicts_with = "checkpoint")]
