@@ -8,7 +8,8 @@
 #      training goes on meanwhile;
 #   3. trains the small task to quality and stops the learner (SIGTERM):
 #      every actor exits 0.
-# Removes every container, network, volume and image it made. Skipped
+# Removes every container, network, volume and image it made, and the
+# build cache where there was none before. Skipped
 # (exit 77, reason printed) where no Docker daemon is reachable.
 #
 #   deploy/checks/compose.sh
@@ -44,12 +45,23 @@ if docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
     base_existed=true
 fi
 
+# BuildKit (the default builder from Docker 23) keeps a build cache that
+# image removal leaves behind. Its entries cannot be told apart by who made
+# them: emptied after the test only if it was empty before.
+build_cache_count() { docker system df --format '{{.Type}}={{.TotalCount}}' 2>/dev/null | sed -n 's/^Build Cache=//p'; }
+build_cache_before="$(build_cache_count)"
+
 cleanup() {
     "${compose[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
     docker image rm "flgfn-learner:$tag" "flgfn-actor:$tag" >/dev/null 2>&1 || true
     docker image prune --force --filter label=flgfn.stage=bundle >/dev/null 2>&1 || true
     if [ "$base_existed" = false ]; then
         docker image rm debian:bookworm-slim >/dev/null 2>&1 || true
+    fi
+    if [ "$build_cache_before" = 0 ]; then
+        docker builder prune --all --force >/dev/null 2>&1 || true
+    elif [ "$(build_cache_count)" != "$build_cache_before" ]; then
+        echo "compose: the build cache held $build_cache_before entries before this test and was left as it is (docker builder prune empties it)"
     fi
     rm -rf "$work"
 }
