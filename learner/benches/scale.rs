@@ -112,7 +112,7 @@ fn actor_executable() -> PathBuf {
         .join("flgfn-actor")
 }
 
-async fn run(scenario: &Scenario, actor_exe: &Path, scratch: &Path) -> TrainingOutcome {
+async fn run(scenario: &Scenario, actor_exe: &Path) -> TrainingOutcome {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() {
@@ -136,18 +136,8 @@ async fn run(scenario: &Scenario, actor_exe: &Path, scratch: &Path) -> TrainingO
             std::future::pending(),
         ))
     });
-    let real = (scenario.real > 0).then(|| {
-        let path = scratch.join(format!("{}.toml", scenario.name.replace(' ', "-")));
-        std::fs::write(&path, actor_config.to_toml()).unwrap();
-        LocalActors::spawn(
-            scenario.real,
-            target,
-            Some(&path),
-            actor_config.seed,
-            actor_exe,
-        )
-        .unwrap()
-    });
+    let real = (scenario.real > 0)
+        .then(|| LocalActors::spawn(scenario.real, target, &actor_config, actor_exe).unwrap());
     let outcome = learner.await.unwrap().unwrap();
     if let Some(mut generated) = generated {
         // Its connections must not linger into the next scenario.
@@ -287,8 +277,6 @@ fn main() {
     }
 
     let actor_exe = actor_executable();
-    let scratch = std::env::temp_dir().join(format!("flgfn-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
     println!(
         "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
     );
@@ -300,11 +288,10 @@ fn main() {
         let mut warm_up = first.clone();
         warm_up.config.learner.max_steps = 100;
         warm_up.delay = Duration::ZERO;
-        runtime.block_on(run(&warm_up, &actor_exe, &scratch));
+        runtime.block_on(run(&warm_up, &actor_exe));
     }
     for scenario in &scenarios {
-        let outcome = runtime.block_on(run(scenario, &actor_exe, &scratch));
+        let outcome = runtime.block_on(run(scenario, &actor_exe));
         println!("{}", row(scenario, &outcome));
     }
-    let _ = std::fs::remove_dir_all(&scratch);
 }
