@@ -73,15 +73,18 @@ impl Adam {
         self.parameters.zero_grad();
     }
 
-    /// Whether every gradient is finite, as a bool scalar on the device,
-    /// without reading it back: a finite loss can still give infinite or
-    /// NaN gradients (f32 overflow in backward). One reduction: the sum of
-    /// the flat gradient buffer is finite exactly when every element is,
-    /// unless finite gradients near f32's limit overflow it, which is also
-    /// a step to skip.
+    /// Whether the gradients are safe to step with, as a bool scalar on
+    /// the device, without reading it back: a finite loss can still give
+    /// infinite or NaN gradients (f32 overflow in backward). One
+    /// reduction, the squared norm of the flat gradient buffer: it is
+    /// finite only when every element is and every square is (a gradient
+    /// of 1e20 is finite, but its square would make the second moment
+    /// infinite, and the next step, even a skipped one, inf - inf = NaN),
+    /// and a norm beyond 1.8e19 overflowing it is a step to skip too.
     pub fn gradients_finite(&mut self) -> Tensor {
         let _guard = tch::no_grad_guard();
-        self.parameters.gradients().sum(Kind::Float).isfinite()
+        let gradients = self.parameters.gradients();
+        gradients.dot(gradients).isfinite()
     }
 
     /// One update from the gradients in place.
@@ -258,6 +261,21 @@ mod tests {
             .narrow(0, 3, 1)
             .fill_(f64::INFINITY);
         assert!(bool::try_from(finite.isfinite()).unwrap());
+        assert!(!bool::try_from(adam.gradients_finite()).unwrap());
+        let skip = adam.gradients_finite().logical_not();
+        adam.step_unless(&skip);
+        assert_eq!(snapshot(&adam), before);
+
+        // A finite gradient whose square is not: skipped, or the second
+        // moment turns infinite and the next step NaN.
+        let finite = loss(&model, 6);
+        adam.zero_grad();
+        finite.backward();
+        let _ = vars.trainable_variables()[0]
+            .grad()
+            .view(-1)
+            .narrow(0, 3, 1)
+            .fill_(1e20);
         assert!(!bool::try_from(adam.gradients_finite()).unwrap());
         let skip = adam.gradients_finite().logical_not();
         adam.step_unless(&skip);
