@@ -145,15 +145,32 @@ impl Publisher {
         self.encodings.load(Ordering::Relaxed)
     }
 
-    /// The newest version, encoded (on the blocking pool if it is not yet).
-    pub async fn latest(self: &Arc<Self>) -> Result<Arc<EncodedWeights>, WeightsError> {
-        if let Some(encoded) = self.encoded_latest() {
-            return Ok(encoded);
+    /// The newest version, encoded (on the blocking pool if it is not
+    /// yet); or, if another session encoded one while this one waited its
+    /// turn, that one when it is at least version `least`. Otherwise, once
+    /// the trainer publishes faster than a version encodes, every waiting
+    /// session would encode again in turn (the one before it finished an
+    /// already outdated version), one after another.
+    pub async fn latest(self: &Arc<Self>, least: u64) -> Result<Arc<EncodedWeights>, WeightsError> {
+        // Never waits for the `encoded` lock (this runs on an async
+        // worker, and an encoder holds it while it works): None while one
+        // does.
+        let encoded_now = || self.encoded.try_lock().ok().map(|e| e.clone());
+        let before = encoded_now();
+        if let Some(encoded) = &before
+            && encoded.version == self.latest_version()
+        {
+            return Ok(encoded.clone());
         }
         let _turn = self.encoder_turn.lock().await;
-        // Encoded while this session waited its turn?
-        if let Some(encoded) = self.encoded_latest() {
-            return Ok(encoded);
+        if let Some(encoded) = encoded_now() {
+            let fresh = before.is_none_or(|before| before.version != encoded.version);
+            // u64::MAX marks "none yet".
+            if encoded.version != u64::MAX
+                && (encoded.version == self.latest_version() || fresh && encoded.version >= least)
+            {
+                return Ok(encoded);
+            }
         }
         let publisher = self.clone();
         tokio::task::spawn_blocking(move || publisher.encode_latest())
@@ -161,15 +178,8 @@ impl Publisher {
             .unwrap_or_else(|join| Err(WeightsError::Format(format!("encoder task: {join}"))))
     }
 
-    /// The newest version if it is encoded. Never waits for the lock (this
-    /// runs on an async worker, and an encoder holds it while it works).
-    fn encoded_latest(&self) -> Option<Arc<EncodedWeights>> {
-        let encoded = self.encoded.try_lock().ok()?;
-        (encoded.version == self.latest_version()).then(|| encoded.clone())
-    }
-
     /// Encodes the newest version unless it already is; blocking.
-    pub fn encode_latest(&self) -> Result<Arc<EncodedWeights>, WeightsError> {
+    fn encode_latest(&self) -> Result<Arc<EncodedWeights>, WeightsError> {
         let mut encoded = self.encoded.lock().unwrap_or_else(PoisonError::into_inner);
         let (version, snapshot, published_at) = {
             let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
@@ -238,8 +248,8 @@ mod tests {
         }
         assert_eq!(publisher.encodings(), 0);
         let (a, b) = (
-            publisher.latest().await.unwrap(),
-            publisher.latest().await.unwrap(),
+            publisher.latest(0).await.unwrap(),
+            publisher.latest(0).await.unwrap(),
         );
         assert_eq!(a.version, 5);
         assert_eq!(publisher.encodings(), 1);
@@ -252,6 +262,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_that_waited_for_an_encoding_takes_it_if_new_enough() {
+        let policy = policy();
+        let publisher = Publisher::new(policy.snapshot(), WeightEncoding::F32, BTreeMap::new());
+        publisher.publish(1, policy.snapshot());
+        assert_eq!(publisher.latest(0).await.unwrap().version, 1);
+        // Nobody encoding: a newer version is encoded, not the cached one
+        // handed out.
+        publisher.publish(2, policy.snapshot());
+        assert_eq!(publisher.latest(1).await.unwrap().version, 2);
+        assert_eq!(publisher.encodings(), 2);
+
+        // A session waits while another encodes version 3; the trainer
+        // publishes 4 meanwhile.
+        publisher.publish(3, policy.snapshot());
+        let turn = publisher.encoder_turn.lock().await;
+        let waiting = tokio::spawn({
+            let publisher = publisher.clone();
+            async move { publisher.latest(3).await.unwrap().version }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(publisher.encode_latest().unwrap().version, 3);
+        publisher.publish(4, policy.snapshot());
+        drop(turn);
+        // Version 3 is what it needs: no second encoding.
+        assert_eq!(waiting.await.unwrap(), 3);
+        assert_eq!(publisher.encodings(), 3);
+
+        // One that needs more than was encoded while it waited encodes.
+        let turn = publisher.encoder_turn.lock().await;
+        let waiting = tokio::spawn({
+            let publisher = publisher.clone();
+            async move { publisher.latest(6).await.unwrap().version }
+        });
+        tokio::task::yield_now().await;
+        publisher.publish(5, policy.snapshot());
+        assert_eq!(publisher.encode_latest().unwrap().version, 5);
+        publisher.publish(6, policy.snapshot());
+        drop(turn);
+        assert_eq!(waiting.await.unwrap(), 6);
+        assert_eq!(publisher.encodings(), 5);
+    }
+
+    #[tokio::test]
     async fn a_snapshot_is_the_weights_at_publish_time() {
         let mut policy = policy();
         let publisher = Publisher::new(policy.snapshot(), WeightEncoding::F32, BTreeMap::new());
@@ -259,7 +312,7 @@ mod tests {
         publisher.publish(1, policy.snapshot());
         // The trainer goes on changing its weights after publishing.
         policy.load_weights(&self::policy().weights()).unwrap();
-        let encoded = publisher.latest().await.unwrap();
+        let encoded = publisher.latest(0).await.unwrap();
         let decoded = flgfn_common::weights::decode(&encoded.bytes).unwrap();
         assert_eq!(decoded.arrays, at_publish);
         let mut done = publisher.done();

@@ -180,6 +180,9 @@ struct Progress {
     /// Credits granted whose chunk has not arrived, oldest first, with
     /// when they were granted.
     unused: VecDeque<(CreditToken, Instant)>,
+    /// When the last chunk arrived: the stall clock runs from it or from
+    /// the oldest unused credit's grant, whichever is later.
+    last_chunk_at: Option<Instant>,
     /// Newest version sent to this actor.
     sent_version: Option<u64>,
     /// The sequence number the next chunk should carry.
@@ -244,17 +247,22 @@ impl Session {
             .await
             .ok_or(RequestError::ShuttingDown)?;
         let mut done = self.state.publisher.done();
-        // An actor that holds a credit this long without sending its
-        // chunk is stalled: its session ends and its credits go back to
-        // the room, so it cannot hold up training.
+        // An actor that holds a credit this long without sending a chunk
+        // is stalled: its session ends and its credits go back to the
+        // room, so it cannot hold up training. Counted from its last
+        // chunk, not from the oldest credit's grant: a slow actor holding
+        // many credits fills them one at a time, and its oldest credit
+        // waits behind all the others.
         let stalled_after = self.state.stalled_after;
         loop {
-            let oldest = progress.unused.front().map(|(_, granted)| *granted);
+            let since = progress.unused.front().map(|(_, granted)| {
+                progress
+                    .last_chunk_at
+                    .map_or(*granted, |at| at.max(*granted))
+            });
             let stalled = async {
-                match oldest {
-                    Some(granted) => {
-                        tokio::time::sleep_until((granted + stalled_after).into()).await
-                    }
+                match since {
+                    Some(since) => tokio::time::sleep_until((since + stalled_after).into()).await,
                     None => std::future::pending().await,
                 }
             };
@@ -399,8 +407,9 @@ impl Session {
         if sent.is_some_and(|sent| publisher.latest_version() < sent.saturating_add(refresh)) {
             return Ok(None);
         }
+        let least = sent.map_or(0, |sent| sent.saturating_add(refresh));
         let encoded = publisher
-            .latest()
+            .latest(least)
             .await
             .map_err(|e| Status::internal(format!("cannot encode weights: {e}")))?;
         Ok((Some(encoded.version) != sent).then_some(encoded))
@@ -416,6 +425,7 @@ impl Session {
     ) -> Result<(), RequestError> {
         let wire_bytes = message.encoded_len() as u64;
         let (mut credit, granted_at) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        progress.last_chunk_at = Some(Instant::now());
         // Before validation, so that the next credit can be granted while
         // this chunk is replayed (a chunk refused below ends the session
         // anyway); the throttle first, so that the controller, woken by

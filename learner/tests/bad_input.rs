@@ -1058,6 +1058,50 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
     assert_eq!(outcome.final_report.stalled_sessions, 1);
 }
 
+/// A slow actor holding several credits fills them one at a time: its
+/// oldest credit waits longer than `learner.stall_timeout_s`, but it is
+/// not stalled while its chunks keep coming. Once they stop, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
+    let mut config = config();
+    config.learner.stall_timeout_s = 1.0;
+    config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
+    config.learner.max_steps = 0;
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let actor_id = shake_hands(&mut client, &config).await;
+    let mut slow = open(&mut client, Some(actor_id)).await.unwrap();
+    let mut held = 0;
+    while held < 3 {
+        held += u64::from(slow.grant().await.credits);
+    }
+    // 6 chunks, 0.5 s apart: the first credit's successors wait up to 3 s.
+    let mut last_sent = std::time::Instant::now();
+    for sequence in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut next = chunk(actor_id, vec![0, 1]);
+        next.sequence = sequence;
+        slow.upload.send(next).await.unwrap();
+        last_sent = std::time::Instant::now();
+    }
+    let (_, ended) = slow.ended().await;
+    let silent_for = last_sent.elapsed();
+    assert_eq!(ended.code(), Code::DeadlineExceeded, "{ended:?}");
+    assert!(
+        silent_for >= Duration::from_millis(900),
+        "ended {silent_for:?} after its last chunk, while its chunks kept coming"
+    );
+    stop.send(()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let report = &outcome.final_report;
+    assert_eq!(report.stalled_sessions, 1, "{report:?}");
+    assert_eq!(report.accepted_chunks, 6, "{report:?}");
+}
+
 /// A session whose actor sends chunks but stops reading grants (its HTTP/2
 /// window here is zero, so no grant gets through) is ended once a grant
 /// has waited `learner.stall_timeout_s`, and counted; the credits it held
