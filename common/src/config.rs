@@ -318,7 +318,9 @@ pub struct LearnerConfig {
     /// Most TCP connections open at once (actors, probes, anything that
     /// connects); one beyond is closed at once, before it is read, and one
     /// that has not sent its HTTP/2 preface (or TLS hello) within 10 s is
-    /// closed too.
+    /// closed too. Fewer where the process's open-file limit would run out
+    /// first (the learner raises its soft limit to the hard one, keeps 256
+    /// files for itself and says so in a warning).
     pub max_connections: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
@@ -334,7 +336,7 @@ pub struct LearnerConfig {
     /// this, a session holds the message being received (at most the
     /// largest valid chunk) and its HTTP/2 buffers.
     pub max_session_bytes: u64,
-    /// Seconds an actor may hold a credit without sending its chunk, or
+    /// Seconds an actor may hold credits without sending a chunk, or
     /// leave a grant untaken, before its session is ended (DEADLINE_EXCEEDED)
     /// and its credits go back to the room: a frozen actor or a cut link
     /// must not hold up training for longer. Raise it for rollouts that
@@ -841,6 +843,11 @@ impl Config {
         at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
         at_least("learner.max_sessions", l.max_sessions, 1)?;
         at_least("learner.max_connections", l.max_connections, 1)?;
+        at_most(
+            "learner.max_connections",
+            l.max_connections,
+            MAX_CONNECTIONS,
+        )?;
         if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
             return Err(ConfigError::invalid(
                 "learner.checkpoint_every_s",
@@ -990,6 +997,10 @@ fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
 /// Most threads of any kind: more is a typo, and would fail later, far
 /// from the setting (a thread that cannot be spawned).
 pub const MAX_THREADS: usize = 4096;
+
+/// Most connections a learner may be configured to hold: Linux's default
+/// ceiling on a process's open files (`fs.nr_open`).
+const MAX_CONNECTIONS: usize = 1 << 20;
 
 /// Most evaluation samples (each evaluation holds them all in memory).
 pub const MAX_EVAL_SAMPLES: usize = 1 << 24;

@@ -72,6 +72,8 @@ pub struct Batcher {
     pub out: SyncSender<PreparedBatch>,
     /// Training steps done, written by the trainer.
     pub steps_done: Arc<AtomicU64>,
+    /// The step the last batch handed over trains at (0: none yet).
+    pub last_handed_step: u64,
     /// The credit room, adapted at each batch.
     pub pool: Arc<CreditPool>,
     /// Stale drops are counted here.
@@ -112,21 +114,26 @@ impl Batcher {
             let Some(chunks) = self.gather(target) else {
                 return;
             };
-            let batch = self.collate(chunks);
+            let step = self.step_to_train();
+            let batch = self.collate(chunks, step);
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
             let handed = Instant::now();
             if self.out.send(batch).is_err() {
                 return;
             }
+            self.last_handed_step = step;
             starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
     }
 
-    /// The step the batch being built will train at, at the latest: the
-    /// trainer is at most one step ahead of what it has reported.
+    /// The step (as a version number) the batch being built will train
+    /// at: the one after the last step done, and after the batch the
+    /// trainer holds, which it has not counted while it trains it (every
+    /// batch handed over is one step).
     fn step_to_train(&self) -> u64 {
-        self.steps_done.load(Ordering::Acquire) + 1
+        let after_done = self.steps_done.load(Ordering::Acquire) + 1;
+        after_done.max(self.last_handed_step + 1)
     }
 
     fn is_stale(&self, chunk: &QueuedChunk, step: u64) -> bool {
@@ -227,8 +234,7 @@ impl Batcher {
         }
     }
 
-    fn collate(&self, chunks: Vec<QueuedChunk>) -> PreparedBatch {
-        let step = self.step_to_train();
+    fn collate(&self, chunks: Vec<QueuedChunk>, step: u64) -> PreparedBatch {
         let mut lag_weighted = 0.0;
         let mut max_lag = 0;
         let mut transitions = 0;
@@ -320,6 +326,7 @@ mod tests {
             queue,
             out,
             steps_done: Arc::new(AtomicU64::new(16)),
+            last_handed_step: 0,
             pool,
             stats: Default::default(),
             max_transitions,
@@ -387,6 +394,23 @@ mod tests {
         // The smallest batch is reached with whole chunks, even past the
         // largest.
         assert_eq!(sizes(&batcher.gather(25).unwrap()), [10, 30]);
+    }
+
+    #[test]
+    fn a_batch_built_while_the_trainer_steps_trains_one_step_later() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // 16 steps done and the trainer holds the batch of step 17: this
+        // one trains at step 18, where version 1 is stale (lag 17) and
+        // version 2 due.
+        let (mut batcher, _batches) = batcher_with(&runtime, &[1, 2, 5]);
+        batcher.last_handed_step = 17;
+        assert_eq!(versions(&batcher.gather(1).unwrap()), [2]);
+        assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 10);
+        // Once the trainer has counted it, the same holds.
+        batcher.steps_done.store(17, Ordering::Release);
+        assert_eq!(batcher.step_to_train(), 18);
     }
 
     #[test]

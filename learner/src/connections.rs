@@ -44,6 +44,75 @@ pub const FIRST_BYTES: usize = 24;
 /// vanished is noticed even before HTTP/2 keepalive would).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
+/// Open files kept for everything but connections (checkpoints, the
+/// metrics file, libtorch, the runtime) when the open-file limit caps the
+/// connections.
+const FILES_KEPT: u64 = 256;
+
+/// After an error accepting a connection (out of file descriptors, most
+/// likely), the listener waits this long before accepting again: tonic
+/// retries at once, and would spin a worker until a descriptor frees.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How many connections the learner can hold: `configured`, or fewer
+/// where the open-file limit would run out first. The soft limit is
+/// raised to the hard one first (as Go's runtime does at start): the
+/// usual soft default of 1,024 would otherwise stop accepts, and every
+/// file the learner opens (a checkpoint), long before 4,096 connections.
+pub fn connection_cap(configured: usize) -> usize {
+    let Some(limit) = raise_open_file_limit() else {
+        return configured;
+    };
+    let room = usize::try_from(limit.saturating_sub(FILES_KEPT).max(1)).unwrap_or(usize::MAX);
+    if configured > room {
+        warn!(
+            configured,
+            open_file_limit = limit,
+            using = room,
+            "learner.max_connections is more than the open-file limit leaves ({FILES_KEPT} kept for files): raise the limit (ulimit -n, LimitNOFILE, docker --ulimit nofile) or lower the setting"
+        );
+        room
+    } else {
+        configured
+    }
+}
+
+/// Raises this process's soft open-file limit to its hard limit; returns
+/// the soft limit now (None where it cannot be read).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct
+    // passed by pointer, which lives for the call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            // Refused on some systems (macOS caps it below an unlimited
+            // hard limit): the soft limit stays.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    Some(u64::try_from(limit.rlim_cur).unwrap_or(u64::MAX))
+}
+
+#[cfg(not(unix))]
+fn raise_open_file_limit() -> Option<u64> {
+    None
+}
+
 /// An accepted connection and its place under the cap, given back when
 /// tonic drops the connection.
 #[derive(Debug)]
@@ -66,11 +135,26 @@ pub fn incoming(
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
     let closed = AtomicU64::new(0);
+    let failed_accepts = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE))
+        .then(move |accepted| {
+            let failed_accepts = failed_accepts.clone();
+            async move {
+                if let Err(error) = &accepted {
+                    // Many in a row log a line at 1, 2, 4, 8, ...
+                    let count = failed_accepts.fetch_add(1, Ordering::Relaxed) + 1;
+                    if count.is_power_of_two() {
+                        warn!(%error, failed_so_far = count, "cannot accept a connection");
+                    }
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+                accepted
+            }
+        })
         .filter_map(move |accepted| match accepted {
-            // tonic logs and skips accept errors.
+            // tonic skips accept errors (logged above).
             Err(error) => Some(Err(error)),
             Ok(stream) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(Ok(CountedConnection {
@@ -168,5 +252,31 @@ impl AsyncWrite for CountedConnection {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_open_file_limit_caps_the_connections() {
+        let cap = connection_cap(usize::MAX);
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as in raise_open_file_limit.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        // Raised as far as it goes, and the connections leave room for
+        // the learner's own files.
+        assert_eq!(limit.rlim_cur, limit.rlim_max);
+        assert_eq!(cap as u64, limit.rlim_cur.saturating_sub(FILES_KEPT).max(1));
+        // A setting within the limit is kept.
+        assert_eq!(connection_cap(8), 8);
     }
 }

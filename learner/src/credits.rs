@@ -191,7 +191,10 @@ impl CreditPool {
     /// ([`CreditPool::batch_target`]).
     pub fn adapt(&self, starved: bool) -> u64 {
         self.unserved.store(0, Ordering::Relaxed);
-        let starved = starved && self.idle_actors.swap(0, Ordering::Relaxed) > 0;
+        // Cleared at every call: idleness while the trainer was busy is no
+        // reason to grow at a later starved batch.
+        let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
+        let starved = starved && idle;
         self.resize(starved, false)
     }
 

@@ -310,7 +310,11 @@ pub async fn serve(
             .add_service(health_service)
             .add_service(grpc)
             .serve_with_incoming_shutdown(
-                connections::incoming(listener, config.learner.max_connections, stats.clone()),
+                connections::incoming(
+                    listener,
+                    connections::connection_cap(config.learner.max_connections),
+                    stats.clone(),
+                ),
                 async move {
                     let _ = server_stop.wait_for(|stopped| *stopped).await;
                 },
@@ -514,6 +518,7 @@ pub async fn serve(
         queue,
         out: batch_sender,
         steps_done: steps_done.clone(),
+        last_handed_step: 0,
         pool: pool.clone(),
         stats: stats.clone(),
         max_transitions: learner.max_batch_transitions,
