@@ -50,8 +50,11 @@ pub struct ActorOptions {
 /// What an actor did, returned when it stops.
 #[derive(Debug, Clone, Default)]
 pub struct ActorReport {
-    /// Weight versions loaded, in order.
+    /// Weight versions loaded, in order: the first
+    /// [`worker::VERSIONS_KEPT`].
     pub versions_applied: Vec<u64>,
+    /// Weight versions loaded, all of them.
+    pub versions_loaded: u64,
     /// Weight versions received (each came with a credit).
     pub versions_received: u64,
     /// Credits received: rollouts the learner asked for.
@@ -186,6 +189,7 @@ async fn run_actor(
         .map_err(|_| ActorError::Worker("the rollout thread panicked".to_owned()))?
         .map_err(|e| ActorError::Worker(e.to_string()))?;
     report.versions_applied = worker_report.versions_applied;
+    report.versions_loaded = worker_report.versions_loaded;
     report.rollouts = worker_report.rollouts;
     report.seed = worker_report.seed;
     report.first_chunk_digest = worker_report.first_chunk_digest;
@@ -193,7 +197,7 @@ async fn run_actor(
     info!(
         chunks = report.chunks_sent,
         transitions = report.transitions_sent,
-        versions = report.versions_applied.len(),
+        versions = report.versions_loaded,
         sessions = report.sessions,
         "actor stopped"
     );
@@ -330,6 +334,11 @@ pub async fn stay_connected(
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
             Err(SessionError::Fatal(message)) => break Err(ActorError::Fatal(message)),
             Err(SessionError::Retry { message, served }) => {
+                // The rollout side stopped (its error is the actor's, and
+                // the caller reports it): no point in reconnecting.
+                if orders.is_closed() {
+                    break Ok(());
+                }
                 if served {
                     // The connection worked: this is a new outage.
                     failures = 0;
@@ -351,6 +360,7 @@ pub async fn stay_connected(
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = &mut shutdown => break Ok(()),
+                    () = orders.closed() => break Ok(()),
                 }
                 backoff = (backoff * 2).min(max_backoff);
             }
@@ -368,5 +378,49 @@ impl ActorReport {
         self.credits = counts.credits;
         self.versions_received = counts.versions_received;
         self.stale_chunks_dropped = counts.stale_chunks_dropped;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollout side that stopped (its receiver of orders dropped) ends
+    /// the reconnect loop, even while the learner cannot be reached:
+    /// otherwise the actor would retry for ever with nothing to roll out.
+    #[tokio::test]
+    async fn a_stopped_rollout_side_ends_the_reconnect_loop() {
+        // A port that was just free: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut config = Config::default();
+        config.actor.learner = format!("http://127.0.0.1:{port}");
+        config.actor.reconnect_initial_s = 0.05;
+        let (_chunk_sender, mut chunks) = mpsc::channel(1);
+        let (orders, order_receiver) = mpsc::channel(1);
+        drop(order_receiver);
+        let current_session = AtomicU32::new(0);
+        let mut report = ActorReport::default();
+        let (result, _) = tokio::time::timeout(
+            Duration::from_secs(20),
+            stay_connected(
+                &config,
+                "test",
+                Plumbing {
+                    chunks: &mut chunks,
+                    orders: &orders,
+                    current_session: &current_session,
+                },
+                &mut report,
+                std::future::pending(),
+            ),
+        )
+        .await
+        .expect("the loop ends by itself");
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(report.sessions, 1);
     }
 }

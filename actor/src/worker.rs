@@ -85,12 +85,18 @@ pub enum Seeding {
     Distinct(u64),
 }
 
+/// How many of the versions loaded the report lists (8 bytes each).
+pub const VERSIONS_KEPT: usize = 1 << 16;
+
 /// What the worker did, for the actor's final report.
 #[derive(Debug, Default, Clone)]
 pub struct WorkerReport {
-    /// Every version loaded, in order (restarting from 0 if the learner
-    /// restarted).
+    /// The versions loaded, in order (restarting from 0 if the learner
+    /// restarted from scratch): the first [`VERSIONS_KEPT`], so that a
+    /// long run does not grow this for ever.
     pub versions_applied: Vec<u64>,
+    /// Versions loaded, all of them.
+    pub versions_loaded: u64,
     /// Rollouts done (one chunk each).
     pub rollouts: u64,
     /// Orders skipped because their session had ended.
@@ -163,7 +169,10 @@ impl Worker {
                         source,
                     })?;
                 loaded = Some((weights.session, weights.version));
-                report.versions_applied.push(weights.version);
+                report.versions_loaded += 1;
+                if report.versions_applied.len() < VERSIONS_KEPT {
+                    report.versions_applied.push(weights.version);
+                }
             }
             let rng = rng.get_or_insert_with(|| {
                 let seed = seed_for(self.seeding, order.actor_id);

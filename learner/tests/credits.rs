@@ -173,7 +173,7 @@ async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() 
         // Every version received was loaded for a rollout, except those
         // that came with credits still queued when training ended.
         assert_eq!(report.versions_received, sent);
-        let applied = report.versions_applied.len() as u64;
+        let applied = report.versions_loaded;
         let unused_credits = report.credits - report.rollouts;
         assert!(
             sent - applied <= unused_credits,
