@@ -54,7 +54,7 @@ pub struct Evaluation {
     /// Exact KL(target || sampler), in nats (same tasks).
     pub exact_kl: Option<f64>,
     /// Mean reward of the best [`TOP_K`] distinct objects sampled by every
-    /// evaluation so far.
+    /// evaluation so far (a missing one counts 0 while fewer were seen).
     pub top_k_mean_reward: f64,
     /// Evaluation samples the cumulative top-k rests on.
     pub top_k_samples: u64,
@@ -86,11 +86,12 @@ impl BestObjects {
         self.best.truncate(TOP_K);
     }
 
+    /// The mean reward of the best [`TOP_K`], a missing object counting
+    /// 0: over fewer than `TOP_K` seen, the mean of those alone would
+    /// overstate it (on a small task, where an evaluation draws fewer
+    /// distinct objects, up to the ceiling at once).
     fn mean_reward(&self) -> f64 {
-        if self.best.is_empty() {
-            return 0.0;
-        }
-        self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>() / self.best.len() as f64
+        self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>() / TOP_K as f64
     }
 }
 
@@ -352,5 +353,18 @@ mod tests {
         assert!(best.best.windows(2).all(|w| w[0].0 < w[1].0));
         let expected = (0..100).map(|e| (-f64::from(e)).exp()).sum::<f64>() / 100.0;
         assert!((best.mean_reward() - expected).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fewer_than_the_top_k_count_the_missing_as_zero() {
+        let mut best = BestObjects::default();
+        // Ten distinct objects of reward 1, each drawn many times.
+        for _ in 0..50 {
+            for i in 0..10 {
+                best.offer(0.0, &vec![i]);
+            }
+        }
+        assert_eq!(best.best.len(), 10);
+        assert!((best.mean_reward() - 10.0 / TOP_K as f64).abs() < 1e-12);
     }
 }

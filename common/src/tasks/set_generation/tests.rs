@@ -508,3 +508,18 @@ fn noise_floor_of_exact_and_uniform_samples() {
     assert!((0.12..0.19).contains(&uniform.marginal_tv.unwrap()));
     assert!((1.3..1.9).contains(&uniform.energy_w1.unwrap()));
 }
+
+/// A custom task too large for its energy distribution has no energy W1,
+/// and its quality is judged without one instead of never met.
+#[test]
+fn a_task_without_an_energy_distribution_is_judged_without_energy_w1() {
+    let levels: Vec<f64> = (0..40).map(|j| f64::from(j) * 0.05).collect();
+    let env = SetGeneration::from_parts(400, 200, levels).unwrap();
+    let reference = SetReference::new(&env);
+    assert!(reference.energy_distribution().is_none());
+    let quality = env.reference().unwrap().quality();
+    assert_eq!(quality.energy_w1, None);
+    assert_eq!(quality.marginal_tv, Some(0.03));
+    // The presets keep the threshold.
+    assert!(small().reference().unwrap().quality().energy_w1.is_some());
+}
