@@ -314,8 +314,10 @@ impl DeviceSnapshot {
 
 /// Replaces the variables of `vars` with `arrays`, which must name every
 /// variable once with its exact shape (a policy's weights, or an
-/// objective's own parameters from a checkpoint). The copies are in place:
-/// a variable laid out in a flat buffer by the learner stays there.
+/// objective's own parameters from a checkpoint). Every name and shape is
+/// checked before the first copy, so a mismatch leaves the variables as
+/// they were. The copies are in place: a variable laid out in a flat
+/// buffer by the learner stays there.
 pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), WeightsError> {
     let mut variables = vars.variables();
     if arrays.len() != variables.len() {
@@ -325,11 +327,11 @@ pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), Weigh
             variables.len()
         )));
     }
-    let _guard = tch::no_grad_guard();
+    let mut targets = Vec::with_capacity(arrays.len());
     for array in arrays {
-        let Some(mut variable) = variables.remove(&array.name) else {
+        let Some(variable) = variables.remove(&array.name) else {
             return Err(WeightsError::Mismatch(format!(
-                "no parameter named `{}`",
+                "no parameter named `{}` (or named twice)",
                 array.name
             )));
         };
@@ -340,6 +342,10 @@ pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), Weigh
                 array.name, array.shape
             )));
         }
+        targets.push((variable, shape));
+    }
+    let _guard = tch::no_grad_guard();
+    for (array, (mut variable, shape)) in arrays.iter().zip(targets) {
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let values = Tensor::from_slice(&array.values)
             .view(dims.as_slice())
@@ -478,5 +484,18 @@ mod tests {
             .load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap())
             .unwrap_err();
         assert!(error.to_string().contains("has shape"), "{error}");
+    }
+
+    #[test]
+    fn a_refused_load_leaves_every_weight_as_it_was() {
+        let mut policy = Policy::new(&spec(), Device::Cpu);
+        let before = policy.weights();
+        // Every tensor changed, the last one (by name) to a wrong shape.
+        let mut wrong = shifted(&before);
+        let last = wrong.last_mut().unwrap();
+        last.values.push(0.0);
+        last.shape = vec![last.values.len()];
+        assert!(policy.load_weights(&wrong).is_err());
+        assert_eq!(policy.weights(), before);
     }
 }
