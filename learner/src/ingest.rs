@@ -235,8 +235,9 @@ pub struct SequenceBook {
 struct SequenceEntries {
     /// Handshaken actor ids whose session has not opened yet.
     name_of_id: std::collections::HashMap<u64, String>,
-    /// The last sequence number received per actor name.
-    last_of_name: std::collections::HashMap<String, u64>,
+    /// The last sequence number received per actor name, with the actor
+    /// id of the session that received it.
+    last_of_name: std::collections::HashMap<String, (u64, u64)>,
 }
 
 impl SequenceBook {
@@ -264,20 +265,28 @@ impl SequenceBook {
         let next = entries
             .last_of_name
             .get(&name)
-            .map(|last| last.saturating_add(1));
+            .map(|&(_, last)| last.saturating_add(1));
         Some((name, next))
     }
 
-    /// A session of `name` closed, its next chunk expected at `next`
-    /// (None: it sent none).
-    pub fn closed(&self, name: String, next: Option<u64>) {
+    /// The session `actor_id` of `name` closed, its next chunk expected
+    /// at `next` (None: it sent none). A session that closes after a newer
+    /// one of the same name (ids only grow: the older one lingered until
+    /// its stall timeout while the actor reconnected) leaves the newer
+    /// one's number.
+    pub fn closed(&self, actor_id: u64, name: String, next: Option<u64>) {
         let Some(last) = next.map(|next| next.saturating_sub(1)) else {
             return;
         };
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        if entries.last_of_name.len() < Self::MAX_NAMES || entries.last_of_name.contains_key(&name)
-        {
-            entries.last_of_name.insert(name, last);
+        let room = entries.last_of_name.len() < Self::MAX_NAMES;
+        match entries.last_of_name.get_mut(&name) {
+            Some(entry) if entry.0 > actor_id => {}
+            Some(entry) => *entry = (actor_id, last),
+            None if room => {
+                entries.last_of_name.insert(name, (actor_id, last));
+            }
+            None => {}
         }
     }
 }
@@ -314,12 +323,12 @@ mod sequence_tests {
         assert_eq!(missing_before(&mut next, 0, MOST), 0);
         assert_eq!(missing_before(&mut next, 1, MOST), 0);
         assert_eq!(missing_before(&mut next, 4, MOST), 2, "2 and 3 missing");
-        book.closed(name, next);
+        book.closed(1, name, next);
         // A reconnect: a new session of the same name resumes at 7.
         book.joined(2, "host/1");
         let (name, mut next) = book.opened(2).unwrap();
         assert_eq!(missing_before(&mut next, 7, MOST), 2, "5 and 6 missing");
-        book.closed(name, next);
+        book.closed(2, name, next);
         // The actor process restarted: numbering starts over.
         book.joined(3, "host/1");
         let (_, mut next) = book.opened(3).unwrap();
@@ -335,5 +344,23 @@ mod sequence_tests {
         assert_eq!(missing_before(&mut other, u64::MAX, MOST), 0);
         assert_eq!(missing_before(&mut other, 3 + MOST + 2, MOST), 0);
         assert_eq!(missing_before(&mut other, 3 + MOST + 3 + MOST, MOST), MOST);
+    }
+
+    #[test]
+    fn an_older_session_closing_last_leaves_the_newer_ones_number() {
+        let book = SequenceBook::default();
+        book.joined(1, "host/1");
+        let (old_name, mut old) = book.opened(1).unwrap();
+        assert_eq!(missing_before(&mut old, 99, MOST), 0);
+        // The actor reconnects while its old session lingers.
+        book.joined(2, "host/1");
+        let (new_name, mut new) = book.opened(2).unwrap();
+        assert_eq!(missing_before(&mut new, 500, MOST), 0);
+        book.closed(2, new_name, new);
+        book.closed(1, old_name, old);
+        book.joined(3, "host/1");
+        let (_, mut next) = book.opened(3).unwrap();
+        assert_eq!(next, Some(501));
+        assert_eq!(missing_before(&mut next, 501, MOST), 0);
     }
 }

@@ -231,7 +231,9 @@ impl Session {
             self.send_last(message).await;
         }
         if let Some(name) = name {
-            self.state.sequences.closed(name, progress.next_sequence);
+            self.state
+                .sequences
+                .closed(self.actor_id, name, progress.next_sequence);
         }
         debug!(actor_id = self.actor_id, ?progress.record, "session ended");
         stats.record_session(progress.record);
