@@ -89,9 +89,12 @@ impl BestObjects {
     /// The mean reward of the best [`TOP_K`], a missing object counting
     /// 0: over fewer than `TOP_K` seen, the mean of those alone would
     /// overstate it (on a small task, where an evaluation draws fewer
-    /// distinct objects, up to the ceiling at once).
+    /// distinct objects, up to the ceiling at once). Saturates at f64's
+    /// largest value (a custom task's rewards beyond e^709): JSON has no
+    /// infinity, and the metrics file must stay readable.
     fn mean_reward(&self) -> f64 {
-        self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>() / TOP_K as f64
+        let sum = self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>();
+        (sum / TOP_K as f64).min(f64::MAX)
     }
 }
 
