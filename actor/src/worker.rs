@@ -4,7 +4,8 @@
 //! The connection turns every credit the learner grants into an [`Order`]
 //! carrying the weights that go with it, so each chunk is sampled by
 //! exactly one version and tagged with it, and every version received is
-//! used: weights are loaded only when an order brings a newer one. Orders
+//! used: weights are loaded only when an order brings other weights than
+//! the last loaded (another version, or another session's). Orders
 //! of an earlier session (the learner went away since) are skipped, since
 //! their credits died with the session.
 
@@ -25,9 +26,9 @@ use tokio::sync::mpsc;
 /// Weights received from the learner.
 #[derive(Debug, Clone)]
 pub struct Weights {
-    /// Which session with the learner delivered them. A restarted learner
-    /// counts versions from 0 again, so versions compare only within a
-    /// session.
+    /// Which session with the learner delivered them. Versions compare
+    /// only within a session: a learner restarted without its checkpoints
+    /// (none kept, or `--fresh`) counts from 0 again.
     pub session: u32,
     /// The learner's version number.
     pub version: u64,

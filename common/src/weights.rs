@@ -7,7 +7,8 @@
 //! format and `proto/`.
 //!
 //! Weights are encoded as f32, or as bf16 ([`WeightEncoding::Bf16`]: half
-//! the bytes, 8 mantissa bits, rounded to nearest even). Decoding accepts
+//! the bytes, 8 significant bits of which 7 stored, rounded to nearest
+//! even). Decoding accepts
 //! either and always yields f32 values, since actors sample in f32.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +23,8 @@ pub enum WeightEncoding {
     /// Exact: 4 bytes per value.
     #[default]
     F32,
-    /// bfloat16: 2 bytes per value, relative error below 2^-8.
+    /// bfloat16: 2 bytes per value, relative error at most 2^-8 (normal
+    /// values; subnormals keep fewer bits).
     Bf16,
 }
 
