@@ -152,25 +152,29 @@ impl Publisher {
     /// session would encode again in turn (the one before it finished an
     /// already outdated version), one after another.
     pub async fn latest(self: &Arc<Self>, least: u64) -> Result<Arc<EncodedWeights>, WeightsError> {
-        // Never waits for the `encoded` lock (this runs on an async
-        // worker, and an encoder holds it while it works): None while one
-        // does.
-        let encoded_now = || self.encoded.try_lock().ok().map(|e| e.clone());
-        let before = encoded_now();
-        if let Some(encoded) = &before
+        let encodings_before = self.encodings();
+        // Never waits for the `encoded` lock here (this runs on an async
+        // worker, and an encoder holds it while it works).
+        if let Some(encoded) = self.encoded.try_lock().ok().map(|e| e.clone())
             && encoded.version == self.latest_version()
         {
-            return Ok(encoded.clone());
+            return Ok(encoded);
         }
         let _turn = self.encoder_turn.lock().await;
-        if let Some(encoded) = encoded_now() {
-            let fresh = before.is_none_or(|before| before.version != encoded.version);
-            // u64::MAX marks "none yet".
-            if encoded.version != u64::MAX
-                && (encoded.version == self.latest_version() || fresh && encoded.version >= least)
-            {
-                return Ok(encoded);
-            }
+        // Encoders hold the turn: with it, the lock is only ever held for
+        // a moment.
+        let encoded = self
+            .encoded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let encoded_meanwhile = self.encodings() != encodings_before;
+        // u64::MAX marks "none yet".
+        if encoded.version != u64::MAX
+            && (encoded.version == self.latest_version()
+                || encoded_meanwhile && encoded.version >= least)
+        {
+            return Ok(encoded);
         }
         let publisher = self.clone();
         tokio::task::spawn_blocking(move || publisher.encode_latest())
