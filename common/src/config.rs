@@ -320,7 +320,8 @@ pub struct LearnerConfig {
     /// that has not sent its HTTP/2 preface (or TLS hello) within 10 s is
     /// closed too. Fewer where the process's open-file limit would run out
     /// first (the learner raises its soft limit to the hard one, keeps 256
-    /// files for itself and says so in a warning).
+    /// files, or a quarter of a smaller limit, for itself and says so in a
+    /// warning).
     pub max_connections: usize,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
@@ -743,17 +744,22 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Building the task validates its parameters.
         crate::tasks::build(&self.task)?;
-        // TOML integers are signed: a larger seed could be given by a flag
-        // but not written to a file or an FLGFN_SEED for the actors.
-        if self.seed > i64::MAX as u64 {
-            return Err(ConfigError::invalid(
-                "seed",
-                format!(
-                    "{} is above {} (TOML integers are 64-bit signed)",
-                    self.seed,
-                    i64::MAX
-                ),
-            ));
+        // TOML integers are signed: a larger value could be given by a
+        // flag (--seed, --max-steps) but not written to a file, a
+        // checkpoint's configuration, or the local actors' configuration.
+        for (field, value) in [
+            ("seed", self.seed),
+            ("learner.max_steps", self.learner.max_steps),
+        ] {
+            if value > i64::MAX as u64 {
+                return Err(ConfigError::invalid(
+                    field,
+                    format!(
+                        "{value} is above {} (TOML integers are 64-bit signed)",
+                        i64::MAX
+                    ),
+                ));
+            }
         }
         if self.model.hidden.is_empty() || self.model.hidden.contains(&0) {
             return Err(ConfigError::invalid(
@@ -1048,6 +1054,20 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn values_toml_cannot_hold_are_refused_by_name() {
+        // A flag can set them (--seed, --max-steps); a file or the local
+        // actors' configuration could not carry them.
+        let mut config = Config::default();
+        config.learner.max_steps = u64::MAX;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("learner.max_steps"), "{error}");
+        config.learner.max_steps = i64::MAX as u64;
+        config.validate().unwrap();
+        let text = config.to_toml();
+        assert_eq!(Config::from_toml(&text, "test").unwrap(), config);
     }
 
     #[test]

@@ -46,8 +46,15 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Open files kept for everything but connections (checkpoints, the
 /// metrics file, libtorch, the runtime) when the open-file limit caps the
-/// connections.
-const FILES_KEPT: u64 = 256;
+/// connections: 256, or a quarter of a smaller limit (macOS starts shells
+/// at 256).
+fn files_kept(limit: u64) -> u64 {
+    (limit / 4).min(256)
+}
+
+/// macOS refuses a soft open-file limit above this (its OPEN_MAX), even
+/// when the hard limit is unlimited.
+const OPEN_MAX_MACOS: u64 = 10_240;
 
 /// After an error accepting a connection (out of file descriptors, most
 /// likely), the listener waits this long before accepting again: tonic
@@ -63,13 +70,14 @@ pub fn connection_cap(configured: usize) -> usize {
     let Some(limit) = raise_open_file_limit() else {
         return configured;
     };
-    let room = usize::try_from(limit.saturating_sub(FILES_KEPT).max(1)).unwrap_or(usize::MAX);
+    let kept = files_kept(limit);
+    let room = usize::try_from(limit - kept).unwrap_or(usize::MAX);
     if configured > room {
         warn!(
             configured,
             open_file_limit = limit,
             using = room,
-            "learner.max_connections is more than the open-file limit leaves ({FILES_KEPT} kept for files): raise the limit (ulimit -n, LimitNOFILE, docker --ulimit nofile) or lower the setting"
+            "learner.max_connections is more than the open-file limit leaves ({kept} kept for files): raise the limit (ulimit -n, LimitNOFILE, docker --ulimit nofile) or lower the setting"
         );
         room
     } else {
@@ -92,15 +100,21 @@ fn raise_open_file_limit() -> Option<u64> {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return None;
         }
-        if limit.rlim_cur < limit.rlim_max {
+        // The hard limit, or where that is refused (macOS, with an
+        // unlimited hard limit), its OPEN_MAX; else the soft limit stays.
+        #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+        let open_max = libc::rlim_t::try_from(OPEN_MAX_MACOS).unwrap_or(limit.rlim_max);
+        for target in [limit.rlim_max, limit.rlim_max.min(open_max)] {
+            if limit.rlim_cur >= target {
+                break;
+            }
             let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
+                rlim_cur: target,
                 rlim_max: limit.rlim_max,
             };
-            // Refused on some systems (macOS caps it below an unlimited
-            // hard limit): the soft limit stays.
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = limit.rlim_max;
+                limit.rlim_cur = target;
+                break;
             }
         }
     }
@@ -142,13 +156,16 @@ pub fn incoming(
         .then(move |accepted| {
             let failed_accepts = failed_accepts.clone();
             async move {
-                if let Err(error) = &accepted {
-                    // Many in a row log a line at 1, 2, 4, 8, ...
-                    let count = failed_accepts.fetch_add(1, Ordering::Relaxed) + 1;
-                    if count.is_power_of_two() {
-                        warn!(%error, failed_so_far = count, "cannot accept a connection");
+                match &accepted {
+                    Ok(_) => failed_accepts.store(0, Ordering::Relaxed),
+                    Err(error) => {
+                        // Failures in a row log a line at 1, 2, 4, 8, ...
+                        let count = failed_accepts.fetch_add(1, Ordering::Relaxed) + 1;
+                        if count.is_power_of_two() {
+                            warn!(%error, failed_in_a_row = count, "cannot accept a connection");
+                        }
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     }
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
                 accepted
             }
@@ -275,7 +292,10 @@ mod tests {
         // Raised as far as it goes, and the connections leave room for
         // the learner's own files.
         assert_eq!(limit.rlim_cur, limit.rlim_max);
-        assert_eq!(cap as u64, limit.rlim_cur.saturating_sub(FILES_KEPT).max(1));
+        assert_eq!(cap as u64, limit.rlim_cur - files_kept(limit.rlim_cur));
+        // A small limit keeps a quarter for files, never all of it.
+        assert_eq!(256 - files_kept(256), 192);
+        assert_eq!(8 - files_kept(8), 6);
         // A setting within the limit is kept.
         assert_eq!(connection_cap(8), 8);
     }

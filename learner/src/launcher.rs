@@ -97,6 +97,21 @@ impl LocalActors {
         executable: &Path,
     ) -> std::io::Result<Self> {
         let config_text = config.to_toml();
+        // What they will read must parse back to this configuration (a
+        // value TOML cannot hold would leave every actor failing).
+        match Config::from_toml(&config_text, "the local actors' configuration") {
+            Ok(read) if read == *config => {}
+            Ok(_) => {
+                return Err(std::io::Error::other(
+                    "the learner's configuration reads back from TOML changed; start the actors by hand with --config FILE",
+                ));
+            }
+            Err(error) => {
+                return Err(std::io::Error::other(format!(
+                    "the learner's configuration does not read back from TOML ({error}); start the actors by hand with --config FILE"
+                )));
+            }
+        }
         let config_variables: Vec<String> = env_overrides(std::env::vars())
             .into_iter()
             .map(|o| o.variable)
