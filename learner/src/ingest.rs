@@ -238,6 +238,9 @@ struct SequenceEntries {
     /// The last sequence number received per actor name, with the actor
     /// id of the session that received it.
     last_of_name: std::collections::HashMap<String, (u64, u64)>,
+    /// Sessions open per actor name (names with none are removed): at most
+    /// one per open session.
+    open_of_name: std::collections::HashMap<String, u32>,
 }
 
 impl SequenceBook {
@@ -258,13 +261,21 @@ impl SequenceBook {
 
     /// A session of `actor_id` opens: the name it shook hands with (once),
     /// and the sequence number its first chunk should carry if its name
-    /// was seen in an earlier session.
+    /// was seen in an earlier session. None while another session of the
+    /// name is still open (the actor reconnected while the learner had not
+    /// yet noticed its old session gone): the last number recorded is then
+    /// older than what that session received, and the gap would be counted
+    /// lost.
     pub fn opened(&self, actor_id: u64) -> Option<(String, Option<u64>)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let name = entries.name_of_id.remove(&actor_id)?;
+        let open = entries.open_of_name.entry(name.clone()).or_insert(0);
+        *open += 1;
+        let alone = *open == 1;
         let next = entries
             .last_of_name
             .get(&name)
+            .filter(|_| alone)
             .map(|&(_, last)| last.saturating_add(1));
         Some((name, next))
     }
@@ -275,10 +286,16 @@ impl SequenceBook {
     /// its stall timeout while the actor reconnected) leaves the newer
     /// one's number.
     pub fn closed(&self, actor_id: u64, name: String, next: Option<u64>) {
+        let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = entries.open_of_name.get_mut(&name) {
+            *open -= 1;
+            if *open == 0 {
+                entries.open_of_name.remove(&name);
+            }
+        }
         let Some(last) = next.map(|next| next.saturating_sub(1)) else {
             return;
         };
-        let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let room = entries.last_of_name.len() < Self::MAX_NAMES;
         match entries.last_of_name.get_mut(&name) {
             Some(entry) if entry.0 > actor_id => {}
@@ -359,8 +376,21 @@ mod sequence_tests {
         book.closed(2, new_name, new);
         book.closed(1, old_name, old);
         book.joined(3, "host/1");
-        let (_, mut next) = book.opened(3).unwrap();
+        let (name, mut next) = book.opened(3).unwrap();
         assert_eq!(next, Some(501));
         assert_eq!(missing_before(&mut next, 501, MOST), 0);
+
+        // Session 3 lingers while the actor reconnects as 4: the number
+        // recorded (500) is older than what 3 received, so 4 expects
+        // nothing rather than counting the gap lost.
+        assert_eq!(missing_before(&mut next, 900, MOST), 0);
+        book.joined(4, "host/1");
+        let (newer_name, mut newer) = book.opened(4).unwrap();
+        assert_eq!(newer, None);
+        assert_eq!(missing_before(&mut newer, 905, MOST), 0);
+        book.closed(4, newer_name, newer);
+        book.closed(3, name, next);
+        book.joined(5, "host/1");
+        assert_eq!(book.opened(5).unwrap().1, Some(906));
     }
 }
