@@ -112,8 +112,9 @@ pub trait TaskReference: Send {
     /// are the task's: they depend on its scale).
     fn quality(&self) -> Quality;
 
-    /// Mean reward of the `k` best distinct objects: the ceiling of the
-    /// top-k metric (None where it is not known).
+    /// Mean reward of the `k` best distinct objects, a missing one counting
+    /// 0 where there are fewer than `k`: the ceiling of the top-k metric
+    /// (None where it is not known).
     fn best_mean_reward(&self, _k: usize) -> Option<f64> {
         None
     }

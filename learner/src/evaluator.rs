@@ -93,8 +93,12 @@ impl BestObjects {
     /// largest value (a custom task's rewards beyond e^709): JSON has no
     /// infinity, and the metrics file must stay readable.
     fn mean_reward(&self) -> f64 {
-        let sum = self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>();
-        (sum / TOP_K as f64).min(f64::MAX)
+        let mean = self.best.iter().map(|(e, _)| (-e).exp()).sum::<f64>() / TOP_K as f64;
+        if mean == f64::INFINITY {
+            f64::MAX
+        } else {
+            mean
+        }
     }
 }
 

@@ -454,9 +454,10 @@ impl TaskReference for LatticeReference {
 
     fn best_mean_reward(&self, k: usize) -> Option<f64> {
         // energy_points is sorted by energy: the best objects come first.
+        // A missing object counts 0 where there are fewer than k, as in
+        // the sampled top-k metric.
         let best = &self.energy_points[..k.min(self.energy_points.len())];
-        (!best.is_empty())
-            .then(|| best.iter().map(|&(e, _)| (-e).exp()).sum::<f64>() / best.len() as f64)
+        (!best.is_empty()).then(|| best.iter().map(|&(e, _)| (-e).exp()).sum::<f64>() / k as f64)
     }
 }
 

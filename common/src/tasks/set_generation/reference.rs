@@ -554,8 +554,9 @@ impl SetReference {
         (-extreme_energy(&self.levels, self.copies, self.set_size, true)).exp()
     }
 
-    /// Mean reward of the `k` best distinct sets (all sets if there are fewer
-    /// than `k`); NaN for `k == 0`. Exact, by branch and bound over
+    /// Mean reward of the `k` best distinct sets, a missing one counting 0
+    /// where there are fewer than `k` (as the sampled top-k metric counts
+    /// them); NaN for `k == 0`. Exact, by branch and bound over
     /// compositions with their multiplicities prod_j C(m, c_j).
     pub fn top_k_mean_reward(&self, k: usize) -> f64 {
         if k == 0 {
@@ -575,14 +576,13 @@ impl SetReference {
         search.visit(0, self.set_size, 0.0, 0.0);
         // Ascending energy: the best sets are taken first.
         let kept = search.kept.into_sorted_vec();
-        let (mut left, mut taken, mut total) = (k as f64, 0.0, 0.0);
+        let (mut left, mut total) = (k as f64, 0.0);
         for candidate in kept {
             let take = candidate.multiplicity.min(left);
             total += take * (-candidate.energy).exp();
-            taken += take;
             left -= take;
         }
-        total / taken
+        total / k as f64
     }
 
     /// Mean over levels of the total variation between the sampled and
