@@ -47,7 +47,8 @@ fi
 
 # BuildKit (the default builder from Docker 23) keeps a build cache that
 # image removal leaves behind. Its entries cannot be told apart by who made
-# them: emptied after the test only if it was empty before.
+# them: emptied after the test only if it was empty before (a build run on
+# the same daemon during the test loses its cache too).
 build_cache_count() { docker system df --format '{{.Type}}={{.TotalCount}}' 2>/dev/null | sed -n 's/^Build Cache=//p'; }
 build_cache_before="$(build_cache_count)"
 
