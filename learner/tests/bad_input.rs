@@ -1066,8 +1066,10 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
     let mut config = config();
     config.learner.stall_timeout_s = 1.0;
     config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
-    config.learner.max_steps = 0;
-    let (url, learner, stop) = start_learner(&config).await;
+    // Its 6 chunks are 6 steps; a 7th, from another session once it is
+    // ended, ends the run with a report that counts the stall.
+    config.learner.max_steps = 7;
+    let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url).await.unwrap();
     let actor_id = shake_hands(&mut client, &config).await;
     let mut slow = open(&mut client, Some(actor_id)).await.unwrap();
@@ -1091,7 +1093,10 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
         silent_for >= Duration::from_millis(900),
         "ended {silent_for:?} after its last chunk, while its chunks kept coming"
     );
-    stop.send(()).unwrap();
+    let actor_id = shake_hands(&mut client, &config).await;
+    let mut last = open(&mut client, Some(actor_id)).await.unwrap();
+    assert!(last.grant().await.credits >= 1);
+    last.upload.send(chunk(actor_id, vec![0, 1])).await.unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
         .await
         .unwrap()
@@ -1099,7 +1104,7 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
         .unwrap();
     let report = &outcome.final_report;
     assert_eq!(report.stalled_sessions, 1, "{report:?}");
-    assert_eq!(report.accepted_chunks, 6, "{report:?}");
+    assert_eq!(report.accepted_chunks, 7, "{report:?}");
 }
 
 /// A session whose actor sends chunks but stops reading grants (its HTTP/2
