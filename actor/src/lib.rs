@@ -206,11 +206,25 @@ async fn run_actor(
 
 /// TLS for an `https://` learner URL: the CA of `tls.ca_file`, the name of
 /// `tls.domain` (default: the URL's host), and a client certificate when
-/// `tls.cert_file` is set (mutual TLS). None for `http://`.
+/// `tls.cert_file` is set (mutual TLS). None for `http://`, which is
+/// refused when `[tls]` names files: the learner then serves TLS, and the
+/// plain-text attempts would carry the token in clear, again at every
+/// retry.
 fn client_tls(
     config: &Config,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
-    client_tls_for(&config.actor.learner, &config.tls)
+    let tls = &config.tls;
+    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
+    if config.actor.learner.starts_with("http://") && tls_files.iter().any(|f| !f.is_empty()) {
+        return Err(flgfn_common::config::ConfigError::invalid(
+            "actor.learner",
+            format!(
+                "{} is plain text, but [tls] names certificate files: use https:// (in plain text the token would travel in clear)",
+                config.actor.learner
+            ),
+        ));
+    }
+    client_tls_for(&config.actor.learner, tls)
 }
 
 /// TLS for `url` with the files and name of `tls` (see [`client_tls`]);
@@ -384,6 +398,19 @@ impl ActorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_text_url_with_tls_files_is_refused() {
+        let mut config = Config::default();
+        config.actor.learner = "http://learner:50051".to_owned();
+        assert!(client_tls(&config).unwrap().is_none());
+        config.tls.ca_file = "ca.pem".to_owned();
+        let error = client_tls(&config).unwrap_err().to_string();
+        assert!(
+            error.contains("actor.learner") && error.contains("https://"),
+            "{error}"
+        );
+    }
 
     /// A rollout side that stopped (its receiver of orders dropped) ends
     /// the reconnect loop, even while the learner cannot be reached:

@@ -74,16 +74,26 @@ impl fmt::Debug for TlsFiles {
 
 /// Reads the files `config` names; an error names the key.
 pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
-    let read = |field: &str, path: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+    // Each must hold a PEM block of its kind: rustls takes a file without
+    // one (DER, the wrong file) as an empty set of roots or no identity,
+    // and the handshakes then fail later with an error naming no file.
+    let read = |field: &str, path: &str, kind: &str| -> Result<Option<Vec<u8>>, ConfigError> {
         if path.is_empty() {
             return Ok(None);
         }
-        std::fs::read(path)
-            .map(Some)
-            .map_err(|e| ConfigError::invalid(field, format!("cannot read {path}: {e}")))
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::invalid(field, format!("cannot read {path}: {e}")))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if !text.contains("-----BEGIN ") || !text.contains(kind) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("{path} holds no PEM {kind} block (-----BEGIN ...{kind}-----)"),
+            ));
+        }
+        Ok(Some(bytes))
     };
-    let cert = read("tls.cert_file", &config.cert_file)?;
-    let key = read("tls.key_file", &config.key_file)?;
+    let cert = read("tls.cert_file", &config.cert_file, "CERTIFICATE")?;
+    let key = read("tls.key_file", &config.key_file, "PRIVATE KEY")?;
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => Some((cert, key)),
         (None, None) => None,
@@ -102,7 +112,7 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
     };
     Ok(TlsFiles {
         identity,
-        ca: read("tls.ca_file", &config.ca_file)?,
+        ca: read("tls.ca_file", &config.ca_file, "CERTIFICATE")?,
     })
 }
 
@@ -179,6 +189,35 @@ pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tls_file_without_its_pem_block_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("flgfn-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let der = dir.join("ca.der");
+        std::fs::write(&der, [0x30, 0x82, 0x01, 0x0a]).unwrap();
+        let config = TlsConfig {
+            ca_file: der.display().to_string(),
+            ..TlsConfig::default()
+        };
+        let error = read_tls(&config).err().unwrap().to_string();
+        assert!(
+            error.contains("tls.ca_file") && error.contains("no PEM CERTIFICATE"),
+            "{error}"
+        );
+        let pem = dir.join("ca.pem");
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let config = TlsConfig {
+            ca_file: pem.display().to_string(),
+            ..TlsConfig::default()
+        };
+        assert!(read_tls(&config).unwrap().ca.is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn tokens_compare_whole_and_never_print() {
