@@ -151,8 +151,12 @@ impl From<RequestError> for Status {
             RequestError::ProtocolVersion { .. }
             | RequestError::TaskMismatch { .. }
             | RequestError::ModelMismatch { .. }
-            | RequestError::UnknownActor(_)
             | RequestError::NoCredit => Status::failed_precondition(message),
+            // A learner restarted between an actor's handshake and its
+            // session does not know the id it issued: the actor shakes
+            // hands again on its next attempt (ABORTED: retry the
+            // sequence), instead of stopping for good.
+            RequestError::UnknownActor(_) => Status::aborted(message),
             RequestError::Missing(_)
             | RequestError::Malformed(_)
             | RequestError::FutureVersion { .. }

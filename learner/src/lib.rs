@@ -121,9 +121,12 @@ pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, Le
     if let Some(ca) = files.ca {
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
     }
-    server_builder()
-        .tls_config(tls)
-        .map_err(|e| ConfigError::invalid("tls.cert_file", e.to_string()).into())
+    server_builder().tls_config(tls).map_err(|e| {
+        // tonic's own text is only "transport error": the cause says
+        // which file is wrong.
+        let why = flgfn_common::telemetry::with_causes(&e);
+        ConfigError::invalid("tls.cert_file, tls.key_file or tls.ca_file", why).into()
+    })
 }
 
 /// The learner's flow-control and keepalive settings. Credits bound what is
@@ -280,7 +283,11 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
-    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref());
+    let accepted_bytes = accepted_message_bytes(
+        &config.learner,
+        env.as_ref(),
+        &ModelSpec::new(env.as_ref(), &config.model),
+    );
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
@@ -726,13 +733,28 @@ async fn live_progress(mut live: LiveProgress) {
 /// The largest message the learner decodes: `max_message_bytes`, or less
 /// when the largest valid chunk (`max_chunk_trajectories` trajectories of
 /// the task's longest) or a handshake needs less, since a message is
-/// decoded whole before its fields are checked. Weights go the other way
-/// and keep the configured limit.
-fn accepted_message_bytes(learner: &LearnerConfig, env: &dyn Environment) -> usize {
+/// decoded whole before its fields are checked. A handshake carries the
+/// task's parameters, which can exceed the usual 64 KiB (thousands of set
+/// levels): the learner's own task and model, plus those 64 KiB for names,
+/// always fit. Weights go the other way and keep the configured limit.
+fn accepted_message_bytes(
+    learner: &LearnerConfig,
+    env: &dyn Environment,
+    model: &ModelSpec,
+) -> usize {
+    use prost::Message;
     let chunk = wire::largest_chunk_bytes(learner.max_chunk_trajectories, env.max_trajectory_len());
+    let own_handshake = wire::proto::HandshakeRequest {
+        protocol_version: wire::PROTOCOL_VERSION,
+        actor_name: String::new(),
+        task: Some((&env.spec()).into()),
+        model: Some(model.into()),
+        trajectories_per_chunk: u32::MAX,
+    }
+    .encoded_len();
     learner
         .max_message_bytes
-        .min(chunk.max(wire::HANDSHAKE_BYTES))
+        .min(chunk.max(wire::HANDSHAKE_BYTES + own_handshake))
 }
 
 /// Health checks answer NOT_SERVING from now on, for the learner service
@@ -745,4 +767,42 @@ async fn not_serving(health: &tonic_health::server::HealthReporter) {
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flgfn_common::config::TaskConfig;
+    use flgfn_common::tasks::set_generation::SetGenerationConfig;
+    use prost::Message;
+
+    /// Thousands of set levels make a handshake larger than the usual
+    /// 64 KiB floor, while the task's chunks stay small: the learner still
+    /// decodes the handshake its own configuration implies.
+    #[test]
+    fn a_handshake_of_the_learners_own_task_always_fits() {
+        let mut config = Config::default();
+        let levels: Vec<f64> = (0..4096).map(|j| f64::from(j).sin() / 3.0).collect();
+        config.task = TaskConfig::SetGeneration(SetGenerationConfig {
+            universe: Some(4096),
+            set_size: Some(2),
+            levels: Some(levels),
+            ..SetGenerationConfig::default()
+        });
+        config.learner.max_chunk_trajectories = 4;
+        let env = tasks::build(&config.task).unwrap();
+        let model = ModelSpec::new(env.as_ref(), &config.model);
+        let handshake = wire::proto::HandshakeRequest {
+            protocol_version: wire::PROTOCOL_VERSION,
+            actor_name: "host/12345".to_owned(),
+            task: Some((&env.spec()).into()),
+            model: Some((&model).into()),
+            trajectories_per_chunk: 4,
+        };
+        assert!(handshake.encoded_len() > wire::HANDSHAKE_BYTES);
+        assert!(
+            handshake.encoded_len()
+                <= accepted_message_bytes(&config.learner, env.as_ref(), &model)
+        );
+    }
 }

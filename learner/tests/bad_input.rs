@@ -224,7 +224,9 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains(ACTOR_ID_HEADER), "{status:?}");
     let status = open(&mut client, Some(42)).await.err().unwrap();
-    assert_eq!(status.code(), Code::FailedPrecondition);
+    // ABORTED: an actor retries, shaking hands again (this learner may
+    // have restarted since its handshake).
+    assert_eq!(status.code(), Code::Aborted);
     assert!(status.message().contains("actor_id"), "{status:?}");
 
     // A handshake of a megabyte of layer sizes is not decoded: the learner
@@ -240,9 +242,12 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        reply.max_message_bytes,
-        flgfn_common::wire::HANDSHAKE_BYTES as u64
+    // 64 KiB plus this small task's own handshake.
+    let floor = flgfn_common::wire::HANDSHAKE_BYTES as u64;
+    assert!(
+        (floor..floor + 1024).contains(&reply.max_message_bytes),
+        "{}",
+        reply.max_message_bytes
     );
     let actor_id = reply.actor_id;
 
