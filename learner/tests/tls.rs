@@ -144,9 +144,21 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         .to_string();
     assert!(error.contains("tls.ca_file"), "{error}");
 
-    // Plain text to a TLS port: the actor gives up after its attempts,
-    // with an error, and the learner carries on.
+    // An http:// URL with [tls] files is refused before anything is sent
+    // (the token would travel in clear).
     let plain = actor_config(&config, format!("http://127.0.0.1:{port}"), &pki, false);
+    let error = flgfn_actor::run(plain.clone(), options("plain"), std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("actor.learner") && error.contains("https://"),
+        "{error}"
+    );
+    // Plain text to a TLS port, without TLS files: the actor gives up
+    // after its attempts, with an error, and the learner carries on.
+    let mut plain = plain;
+    plain.tls = Default::default();
     let error = tokio::time::timeout(
         Duration::from_secs(30),
         flgfn_actor::run(plain, options("plain"), std::future::pending()),
@@ -268,6 +280,7 @@ async fn an_actor_does_not_hang_on_a_learner_that_accepts_and_never_answers() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     config.actor.learner = format!("http://127.0.0.1:{port}");
+    config.tls = Default::default();
     let error = tokio::time::timeout(
         Duration::from_secs(30),
         flgfn_actor::run(config, options("closed"), std::future::pending()),
