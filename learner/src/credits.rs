@@ -639,6 +639,25 @@ mod tests {
     }
 
     #[test]
+    fn idleness_while_the_trainer_was_busy_does_not_grow_the_room_later() {
+        let pool = CreditPool::new(100, 100, 8);
+        pool.capacity.store(400, Ordering::Relaxed);
+        let idle = || pool.idle_actors.fetch_add(1, Ordering::Relaxed);
+        idle();
+        pool.adapt(false);
+        assert_eq!(pool.capacity(), 400, "the trainer was busy: no growth");
+        pool.adapt(true);
+        assert_eq!(
+            pool.capacity(),
+            400,
+            "starved, but no actor idle since the last batch"
+        );
+        idle();
+        pool.adapt(true);
+        assert!(pool.capacity() > 400, "starved with an idle actor: grow");
+    }
+
+    #[test]
     fn a_hold_lasts_until_what_was_in_flight_is_trained_however_short_the_newer_chunks() {
         let pool = CreditPool::new(100, 100, 8);
         pool.capacity.store(400, Ordering::Relaxed);

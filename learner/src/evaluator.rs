@@ -363,6 +363,15 @@ mod tests {
     }
 
     #[test]
+    fn a_top_k_beyond_f64_saturates_instead_of_turning_infinite() {
+        let mut best = BestObjects::default();
+        best.offer(-800.0, &vec![1]);
+        assert_eq!(best.mean_reward(), f64::MAX);
+        // JSON keeps it (infinity would be written as null).
+        assert_ne!(serde_json::to_string(&best.mean_reward()).unwrap(), "null");
+    }
+
+    #[test]
     fn fewer_than_the_top_k_count_the_missing_as_zero() {
         let mut best = BestObjects::default();
         // Ten distinct objects of reward 1, each drawn many times.

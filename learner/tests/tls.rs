@@ -234,6 +234,24 @@ async fn half_configured_tls_is_refused_with_the_field_named() {
     config.tls.cert_file = "learner.pem".to_owned();
     let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(error.contains("tls.cert_file"), "{error}");
+
+    // A key that is PEM but not a key: the error says more than tonic's
+    // own "transport error".
+    let dir = std::env::temp_dir().join(format!("flgfn-badkey-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let bad_key = dir.join("bad.key");
+    std::fs::write(
+        &bad_key,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let mut config = support::tiny_config();
+    config.tls.cert_file = path(&pki.server.0);
+    config.tls.key_file = path(&bad_key);
+    let error = support::learner_refusal(config, "127.0.0.1:0").await;
+    assert!(error.contains("tls.key_file"), "{error}");
+    assert!(error.contains("private key"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A learner whose host accepts connections but never answers (a frozen
