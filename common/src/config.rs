@@ -578,14 +578,19 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String
     misspelt
 }
 
+/// How a configuration path is named in messages: `-` is standard input.
+fn path_name(path: &Path) -> String {
+    if path == Path::new(STDIN_PATH) {
+        "standard input".to_owned()
+    } else {
+        path.display().to_string()
+    }
+}
+
 /// Where an effective configuration came from, as TOML comment lines
 /// for `--print-config`: the layers in order of precedence.
 pub fn describe_layers(path: Option<&Path>, overrides: &[EnvOverride], flags: &[&str]) -> String {
-    let file = match path {
-        None => "no file".to_owned(),
-        Some(path) if path == Path::new(STDIN_PATH) => "standard input".to_owned(),
-        Some(path) => path.display().to_string(),
-    };
+    let file = path.map_or("no file".to_owned(), path_name);
     let env = if overrides.is_empty() {
         "no FLGFN_ variables".to_owned()
     } else {
@@ -678,20 +683,19 @@ impl Config {
 
     fn layered(path: Option<&Path>, overrides: &[EnvOverride]) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
-            Some(path) if path == Path::new(STDIN_PATH) => (
-                std::io::read_to_string(std::io::stdin()).map_err(|source| ConfigError::Io {
-                    path: "standard input".to_owned(),
+            Some(path) => {
+                let origin = path_name(path);
+                let text = if path == Path::new(STDIN_PATH) {
+                    std::io::read_to_string(std::io::stdin())
+                } else {
+                    std::fs::read_to_string(path)
+                };
+                let text = text.map_err(|source| ConfigError::Io {
+                    path: origin.clone(),
                     source,
-                })?,
-                "standard input".to_owned(),
-            ),
-            Some(path) => (
-                std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-                    path: path.display().to_string(),
-                    source,
-                })?,
-                path.display().to_string(),
-            ),
+                })?;
+                (text, origin)
+            }
             None => (String::new(), "the defaults".to_owned()),
         };
         if overrides.is_empty() {

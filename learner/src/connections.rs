@@ -85,37 +85,42 @@ pub fn connection_cap(configured: usize) -> usize {
     }
 }
 
+/// This process's open-file limits (None where they cannot be read).
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn open_file_limit() -> Option<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed by pointer, which
+    // lives for the call.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
 /// Raises this process's soft open-file limit to its hard limit; returns
 /// the soft limit now (None where it cannot be read).
 #[cfg(unix)]
 #[allow(unsafe_code)]
 fn raise_open_file_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct
-    // passed by pointer, which lives for the call.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
+    let mut limit = open_file_limit()?;
+    // The hard limit, or where that is refused (macOS, with an unlimited
+    // hard limit), its OPEN_MAX; else the soft limit stays.
+    #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+    let open_max = libc::rlim_t::try_from(OPEN_MAX_MACOS).unwrap_or(limit.rlim_max);
+    for target in [limit.rlim_max, limit.rlim_max.min(open_max)] {
+        if limit.rlim_cur >= target {
+            break;
         }
-        // The hard limit, or where that is refused (macOS, with an
-        // unlimited hard limit), its OPEN_MAX; else the soft limit stays.
-        #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
-        let open_max = libc::rlim_t::try_from(OPEN_MAX_MACOS).unwrap_or(limit.rlim_max);
-        for target in [limit.rlim_max, limit.rlim_max.min(open_max)] {
-            if limit.rlim_cur >= target {
-                break;
-            }
-            let raised = libc::rlimit {
-                rlim_cur: target,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = target;
-                break;
-            }
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct passed by pointer, which
+        // lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = target;
+            break;
         }
     }
     #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
@@ -277,18 +282,9 @@ mod tests {
     use super::*;
 
     #[test]
-    #[allow(unsafe_code)]
     fn the_open_file_limit_caps_the_connections() {
         let cap = connection_cap(usize::MAX);
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as in raise_open_file_limit.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
-            0
-        );
+        let limit = open_file_limit().unwrap();
         // Raised as far as it goes, and the connections leave room for
         // the learner's own files.
         assert_eq!(limit.rlim_cur, limit.rlim_max);

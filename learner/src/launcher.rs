@@ -99,18 +99,15 @@ impl LocalActors {
         let config_text = config.to_toml();
         // What they will read must parse back to this configuration (a
         // value TOML cannot hold would leave every actor failing).
-        match Config::from_toml(&config_text, "the local actors' configuration") {
-            Ok(read) if read == *config => {}
-            Ok(_) => {
-                return Err(std::io::Error::other(
-                    "the learner's configuration reads back from TOML changed; start the actors by hand with --config FILE",
-                ));
-            }
-            Err(error) => {
-                return Err(std::io::Error::other(format!(
-                    "the learner's configuration does not read back from TOML ({error}); start the actors by hand with --config FILE"
-                )));
-            }
+        let differs = match Config::from_toml(&config_text, "the local actors' configuration") {
+            Ok(read) if read == *config => None,
+            Ok(_) => Some("it reads back changed".to_owned()),
+            Err(error) => Some(error.to_string()),
+        };
+        if let Some(why) = differs {
+            return Err(std::io::Error::other(format!(
+                "the learner's configuration does not read back from TOML ({why}); start the actors by hand with --config FILE"
+            )));
         }
         let config_variables: Vec<String> = env_overrides(std::env::vars())
             .into_iter()

@@ -283,11 +283,8 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
-    let accepted_bytes = accepted_message_bytes(
-        &config.learner,
-        env.as_ref(),
-        &ModelSpec::new(env.as_ref(), &config.model),
-    );
+    let model = ModelSpec::new(env.as_ref(), &config.model);
+    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), &model);
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
@@ -328,7 +325,6 @@ pub async fn serve(
             ),
     );
 
-    let model = ModelSpec::new(env.as_ref(), &config.model);
     let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
         env.as_ref(),
         env.max_trajectory_len(),

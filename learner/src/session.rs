@@ -406,10 +406,11 @@ impl Session {
     ) -> Result<Option<Arc<EncodedWeights>>, Status> {
         let publisher = &self.state.publisher;
         let refresh = self.state.weights_refresh_steps;
-        if sent.is_some_and(|sent| publisher.latest_version() < sent.saturating_add(refresh)) {
+        // The oldest version worth sending.
+        let least = sent.map_or(0, |sent| sent.saturating_add(refresh));
+        if sent.is_some() && publisher.latest_version() < least {
             return Ok(None);
         }
-        let least = sent.map_or(0, |sent| sent.saturating_add(refresh));
         let encoded = publisher
             .latest(least)
             .await

@@ -66,6 +66,22 @@ async fn start_learner(
     (url, learner, stop)
 }
 
+/// The outcome of the learner started by [`start_learner`], which must
+/// finish within `seconds` (`why` says what should have ended it).
+async fn finished_within(
+    learner: tokio::task::JoinHandle<
+        Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>,
+    >,
+    seconds: u64,
+    why: &str,
+) -> flgfn_learner::TrainingOutcome {
+    tokio::time::timeout(Duration::from_secs(seconds), learner)
+        .await
+        .expect(why)
+        .unwrap()
+        .unwrap()
+}
+
 fn handshake_request(config: &Config) -> proto::HandshakeRequest {
     let env = tasks::build(&config.task).unwrap();
     proto::HandshakeRequest {
@@ -347,11 +363,12 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     // A credit freed by that chunk may come first.
     while !last.grant().await.training_done {}
 
-    let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
-        .await
-        .expect("two good chunks complete the two training steps")
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(
+        learner,
+        60,
+        "two good chunks complete the two training steps",
+    )
+    .await;
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
@@ -717,11 +734,7 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
         tally.merge(worker.await.unwrap());
     }
     tally.merge(fuzz_worker(url, config.clone(), vec![true], 99).await);
-    let outcome = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(learner, 120, "the learner finishes").await;
     let report = &outcome.final_report;
     let Tally {
         refused_handshakes,
@@ -940,11 +953,7 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
         session.upload.send(good).await.unwrap();
     }
     // Two steps of one chunk each end the run.
-    let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
     assert_eq!(outcome.steps, 2);
     // The one-byte connection did not keep its place for ever: the learner
@@ -1000,11 +1009,12 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     real.actor.learner = url;
     real.actor.envs = 1;
     let actor = tokio::spawn(real_actor(real, "live"));
-    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
-        .await
-        .expect("training goes on long before the silent session is ended")
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(
+        learner,
+        20,
+        "training goes on long before the silent session is ended",
+    )
+    .await;
     assert_eq!(outcome.steps, 20);
     let report = tokio::time::timeout(Duration::from_secs(30), actor)
         .await
@@ -1054,11 +1064,7 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
         .expect("the returned credit lets a new actor train")
         .unwrap();
     assert!(report.training_done, "{report:?}");
-    let outcome = tokio::time::timeout(Duration::from_secs(10), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(learner, 10, "the learner finishes").await;
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.stalled_sessions, 1);
 }
@@ -1102,11 +1108,7 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
     let mut last = open(&mut client, Some(actor_id)).await.unwrap();
     assert!(last.grant().await.credits >= 1);
     last.upload.send(chunk(actor_id, vec![0, 1])).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(learner, 20, "the learner finishes").await;
     let report = &outcome.final_report;
     assert_eq!(report.stalled_sessions, 1, "{report:?}");
     assert_eq!(report.accepted_chunks, 7, "{report:?}");
@@ -1157,11 +1159,7 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
         .expect("the returned credits let a new actor train")
         .unwrap();
     assert!(report.training_done, "{report:?}");
-    let outcome = tokio::time::timeout(Duration::from_secs(20), learner)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let outcome = finished_within(learner, 20, "the learner finishes").await;
     assert_eq!(outcome.steps, 12);
     let final_report = &outcome.final_report;
     assert_eq!(final_report.stalled_sessions, 1, "{final_report:?}");
