@@ -112,19 +112,40 @@ impl Batcher {
             let target = self.pool.adapt(starved) as usize;
             self.waited_for_data = false;
             let Some(chunks) = self.gather(target) else {
-                return;
+                break;
             };
             let step = self.step_to_train();
             let batch = self.collate(chunks, step);
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
             let handed = Instant::now();
-            if self.out.send(batch).is_err() {
-                return;
+            if let Err(std::sync::mpsc::SendError(batch)) = self.out.send(batch) {
+                self.count_untrained(batch.transitions);
+                break;
             }
             self.last_handed_step = step;
             starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
+        self.close_queue();
+    }
+
+    /// Refuses further chunks (a session then answers its actor that the
+    /// learner is shutting down) and counts what was accepted and will not
+    /// be trained, so the run's accounts close.
+    fn close_queue(&mut self) {
+        self.queue.close();
+        while let Ok(chunk) = self.queue.try_recv() {
+            self.waiting.push_back(chunk);
+        }
+        let held = self.waiting.drain(..).map(|c| c.chunk.transitions).sum();
+        self.count_untrained(held);
+    }
+
+    fn count_untrained(&self, transitions: usize) {
+        IngestStats::add(
+            &self.stats.untrained_at_stop_transitions,
+            transitions as u64,
+        );
     }
 
     /// The step (as a version number) the batch being built will train
@@ -165,7 +186,12 @@ impl Batcher {
                 let chunk = match self.waiting.pop_front() {
                     Some(chunk) => chunk,
                     None => {
-                        let chunk = self.next_chunk()?;
+                        let Some(chunk) = self.next_chunk() else {
+                            // Stopping: what this batch gathered stays
+                            // with the rest, to be counted.
+                            self.waiting.extend(chunks);
+                            return None;
+                        };
                         self.waiting.push_back(chunk);
                         self.absorb_arrived();
                         continue;
@@ -411,6 +437,38 @@ mod tests {
         // Once the trainer has counted it, the same holds.
         batcher.steps_done.store(17, Ordering::Release);
         assert_eq!(batcher.step_to_train(), 18);
+    }
+
+    #[test]
+    fn what_a_stopping_batcher_holds_is_counted_untrained() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Stopped (its stop sender is gone) while gathering a batch of 100
+        // from 30 transitions: the chunks it took are not lost from the
+        // accounts.
+        let (batcher, _batches) =
+            batcher_with_sizes(&runtime, &[(10, 10), (11, 10), (12, 10)], 1000);
+        let stats = batcher.stats.clone();
+        batcher.run();
+        assert_eq!(
+            stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
+            30
+        );
+        assert_eq!(stats.stale_transitions.load(Ordering::Relaxed), 0);
+
+        // The trainer gone: the batch it would have taken (two chunks reach
+        // 100) and the chunk left waiting.
+        let (batcher, batches) =
+            batcher_with_sizes(&runtime, &[(10, 60), (11, 60), (12, 60)], 1000);
+        drop(batches);
+        let stats = batcher.stats.clone();
+        batcher.run();
+        assert_eq!(
+            stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
+            180
+        );
     }
 
     #[test]

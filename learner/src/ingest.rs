@@ -106,6 +106,10 @@ pub struct IngestStats {
     pub stale_transitions: AtomicU64,
     /// Transitions of truncated trajectories the objective cannot use.
     pub unusable_truncated_transitions: AtomicU64,
+    /// Accepted transitions the run ended before training: in the batch
+    /// builder's hands or still queued when it stopped. Once every session
+    /// has ended, accepted = trained + stale + these.
+    pub untrained_at_stop_transitions: AtomicU64,
     /// Open sessions.
     pub connected_actors: AtomicI64,
     /// Ended sessions, up to [`MAX_SESSION_RECORDS`].

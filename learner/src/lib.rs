@@ -660,6 +660,12 @@ pub async fn serve(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
+    // Sessions go on counting after the last step (chunks in flight,
+    // refusals, lost chunks, what was never trained): the last report takes
+    // their final values, so that the run's accounts close.
+    outcome.final_report.count_from(&session_stats);
+    outcome.untrained_at_stop_transitions =
+        IngestStats::get(&session_stats.untrained_at_stop_transitions);
     let r = &outcome.final_report;
     info!(
         steps = outcome.steps,
@@ -675,6 +681,7 @@ pub async fn serve(
         wire_bytes_per_transition = r.wire_bytes_per_transition,
         weight_bytes_per_trained_transition = r.weight_bytes_per_trained_transition,
         stale_fraction = r.stale_fraction,
+        untrained_at_stop_transitions = outcome.untrained_at_stop_transitions,
         "training finished"
     );
     Ok(outcome)

@@ -3,10 +3,12 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::LearnerError;
+use crate::ingest::IngestStats;
 
 /// Everything a report says. Field names are the JSON keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -144,6 +146,34 @@ pub struct Report {
 }
 
 impl Report {
+    /// Sets the run-long counters kept by ingest (and the ratios made from
+    /// them with `trained_transitions`) to their values now.
+    pub fn count_from(&mut self, stats: &IngestStats) {
+        let get = IngestStats::get;
+        let ingested = get(&stats.accepted_transitions);
+        let wire = get(&stats.wire_bytes) as f64;
+        let trained = self.trained_transitions.max(1) as f64;
+        let weight_versions_sent = get(&stats.weight_versions_sent);
+        self.ingested_transitions = ingested;
+        self.wire_bytes_per_transition = wire / ingested.max(1) as f64;
+        self.actors_connected = stats.connected_actors.load(Ordering::Relaxed);
+        self.trajectory_bytes_per_trained_transition = wire / trained;
+        self.weight_bytes_per_trained_transition = get(&stats.weight_bytes) as f64 / trained;
+        self.weight_versions_sent = weight_versions_sent;
+        self.publish_to_send_ms =
+            get(&stats.publish_to_send_us) as f64 / 1e3 / weight_versions_sent.max(1) as f64;
+        self.credits_granted = get(&stats.credits_granted);
+        self.accepted_chunks = get(&stats.accepted_chunks);
+        self.rejected_chunks = get(&stats.rejected_chunks);
+        self.lost_chunks = get(&stats.lost_chunks);
+        self.rejections = stats.rejections();
+        self.stale_transitions = get(&stats.stale_transitions);
+        self.session_pauses = get(&stats.session_pauses);
+        self.stalled_sessions = get(&stats.stalled_sessions);
+        self.stale_fraction = self.stale_transitions as f64 / ingested.max(1) as f64;
+        self.unusable_truncated_transitions = get(&stats.unusable_truncated_transitions);
+    }
+
     /// Logs the report as one line.
     pub fn log(&self) {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));

@@ -51,8 +51,14 @@ pub struct TrainingOutcome {
     /// (with the publisher's metadata: task, model, version); also
     /// `final.safetensors` in the checkpoint directory.
     pub weights: Bytes,
-    /// The last report.
+    /// The last report; [`serve`](crate::serve) brings its run-long
+    /// counters (ingested, refused, stale, weights sent...) up to date once
+    /// every session has ended.
     pub final_report: Report,
+    /// Accepted transitions the run ended before training (in the batch
+    /// builder or queued when it stopped), filled in by
+    /// [`serve`](crate::serve): ingested = trained + stale + these.
+    pub untrained_at_stop_transitions: u64,
     /// `wall_s` when quality was first reached, if it was: of the first
     /// report at quality, or of the earliest weights kept before it that
     /// are at quality ([`crate::quality_probes`]).
@@ -346,6 +352,7 @@ impl Trainer {
             version: progress.version,
             weights,
             final_report: progress.report,
+            untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
         })
     }
@@ -602,9 +609,6 @@ impl Trainer {
         let eval_s = eval_started.elapsed();
         progress.eval_time += eval_s;
 
-        let stats = &self.stats;
-        let ingested = IngestStats::get(&stats.accepted_transitions);
-        let wire = IngestStats::get(&stats.wire_bytes);
         let span = (wall - progress.last_report_wall).max(1e-9);
         let (last_trained, last_ingested) = progress.last_report_counts;
         let window = &progress.window;
@@ -623,10 +627,8 @@ impl Trainer {
         } else {
             progress.diverged_reports = 0;
         }
-        let trained = progress.trained_transitions.max(1) as f64;
         let busy = (span - window.waiting.as_secs_f64()).max(0.0);
-        let weight_versions_sent = IngestStats::get(&stats.weight_versions_sent);
-        let report = Report {
+        let mut report = Report {
             step: progress.step,
             wall_s: wall,
             loss: read(&window.loss_sum) / finite_steps.max(1) as f64,
@@ -643,46 +645,26 @@ impl Trainer {
             top100_mean_reward_eval: evaluation.top_k_mean_reward_this_evaluation,
             at_quality: evaluation.at_quality,
             trained_transitions: progress.trained_transitions,
-            ingested_transitions: ingested,
             trained_per_s: (progress.trained_transitions - last_trained) as f64 / span,
-            ingested_per_s: (ingested - last_ingested) as f64 / span,
-            wire_bytes_per_transition: wire as f64 / ingested.max(1) as f64,
             version: progress.version,
-            actors_connected: stats
-                .connected_actors
-                .load(std::sync::atomic::Ordering::Relaxed),
             mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,
             max_policy_lag: window.max_lag,
             mean_batch_transitions: window.transitions as f64 / window.steps.max(1) as f64,
             busy_ms_per_step: 1e3 * busy / window.steps.max(1) as f64,
-            trajectory_bytes_per_trained_transition: wire as f64 / trained,
-            weight_bytes_per_trained_transition: IngestStats::get(&stats.weight_bytes) as f64
-                / trained,
-            weight_versions_sent,
             weight_versions_encoded: self.publisher.encodings(),
-            publish_to_send_ms: IngestStats::get(&stats.publish_to_send_us) as f64
-                / 1e3
-                / weight_versions_sent.max(1) as f64,
-            credits_granted: IngestStats::get(&stats.credits_granted),
             credit_room_transitions: self.pool.capacity(),
             in_flight_transitions: self.pool.in_use(),
             resident_mb: crate::report::resident_mb(),
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
-            accepted_chunks: IngestStats::get(&stats.accepted_chunks),
-            rejected_chunks: IngestStats::get(&stats.rejected_chunks),
-            lost_chunks: IngestStats::get(&stats.lost_chunks),
-            rejections: stats.rejections(),
-            stale_transitions: IngestStats::get(&stats.stale_transitions),
-            session_pauses: IngestStats::get(&stats.session_pauses),
-            stalled_sessions: IngestStats::get(&stats.stalled_sessions),
-            stale_fraction: IngestStats::get(&stats.stale_transitions) as f64
-                / ingested.max(1) as f64,
-            unusable_truncated_transitions: IngestStats::get(&stats.unusable_truncated_transitions),
             skipped_batches: progress.totals.skipped_batches,
             eval_samples: self.config.learner.eval_samples,
             eval_s: eval_s.as_secs_f64(),
+            ..Report::default()
         };
+        report.count_from(&self.stats);
+        let ingested = report.ingested_transitions;
+        report.ingested_per_s = (ingested - last_ingested) as f64 / span;
         report.log();
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.write(&report)?;

@@ -83,6 +83,15 @@ async fn train_with(
         outcome.final_report.lost_chunks, 0,
         "actors that never lost their connection lost no chunk"
     );
+    let report = &outcome.final_report;
+    assert_eq!(
+        report.ingested_transitions,
+        report.trained_transitions
+            + report.stale_transitions
+            + outcome.untrained_at_stop_transitions,
+        "every accepted transition was trained, dropped as stale, or left when training ended: {report:?}, {} untrained",
+        outcome.untrained_at_stop_transitions
+    );
     let mut reports = Vec::new();
     for actor in actors {
         let report = support::finished_actor(actor).await;
