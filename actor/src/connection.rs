@@ -147,11 +147,77 @@ fn retry(message: impl Into<String>, served: bool) -> SessionError {
     }
 }
 
-/// Refusals are final; anything else (unavailable, reset, a full learner,
-/// ...) is retried, unless the learner marked it final.
+/// Alerts by which a TLS server refuses its client's certificate.
+const CERTIFICATE_REFUSED: [rustls::AlertDescription; 7] = {
+    use rustls::AlertDescription as Alert;
+    [
+        Alert::CertificateRequired,
+        Alert::BadCertificate,
+        Alert::UnknownCA,
+        Alert::CertificateUnknown,
+        Alert::CertificateExpired,
+        Alert::CertificateRevoked,
+        Alert::UnsupportedCertificate,
+    ]
+};
+
+/// A TLS failure that no retry can fix, among `error`'s causes: the
+/// learner's certificate failed this actor's checks, or the learner
+/// refused this actor's certificate (mutual TLS). Says what to fix.
+fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::{CertificateError, Error as TlsError};
+    const NOT_FOR_THIS_NAME: &str =
+        "the learner's certificate is not for this name: set tls.domain to a name it carries";
+    const NOT_ACCEPTED: &str = "the learner's certificate was not accepted: tls.ca_file must hold the CA that signed it, and the certificate must be in date";
+    const REFUSED: &str = "the learner refused this actor's certificate (mutual TLS): tls.cert_file and tls.key_file must hold one signed by the CA of the learner's tls.ca_file";
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        // An io::Error leaves the error it wraps out of the sources; and
+        // an alert that arrives after the handshake (TLS 1.3 checks the
+        // client's certificate then) reaches here through HTTP/2 as the
+        // alert's text only.
+        let wrapped = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        let tls = current
+            .downcast_ref::<TlsError>()
+            .or_else(|| wrapped?.downcast_ref::<TlsError>());
+        match tls {
+            Some(TlsError::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => return Some(NOT_FOR_THIS_NAME),
+            Some(TlsError::InvalidCertificate(_)) => return Some(NOT_ACCEPTED),
+            Some(TlsError::AlertReceived(alert)) if CERTIFICATE_REFUSED.contains(alert) => {
+                return Some(REFUSED);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(text) = wrapped.map(ToString::to_string)
+                    && CERTIFICATE_REFUSED
+                        .iter()
+                        .any(|&alert| TlsError::AlertReceived(alert).to_string() == text)
+                {
+                    return Some(REFUSED);
+                }
+            }
+        }
+        cause = current.source();
+    }
+    None
+}
+
+/// Refusals are final, and so are certificates refused either way;
+/// anything else (unavailable, reset, a full learner, ...) is retried,
+/// unless the learner marked it final.
 fn classify(status: Status, served: bool) -> SessionError {
     if status.metadata().contains_key(FINAL_REFUSAL_HEADER) {
         return SessionError::Refused(status);
+    }
+    if let Some(problem) = certificate_problem(&status) {
+        // (A Status prints its source's Debug form: the causes read better.)
+        let causes = std::error::Error::source(&status)
+            .map_or_else(|| status.message().to_owned(), with_causes);
+        return SessionError::Fatal(format!("tls: {problem} ({causes})"));
     }
     match status.code() {
         Code::FailedPrecondition
@@ -236,11 +302,16 @@ impl Session<'_> {
                     false,
                 )
             })?
-            .map_err(|e| {
-                retry(
+            .map_err(|e| match certificate_problem(&e) {
+                Some(problem) => SessionError::Fatal(format!(
+                    "tls: {problem} (connecting to {}: {})",
+                    self.url,
+                    with_causes(&e)
+                )),
+                None => retry(
                     format!("cannot connect to {}: {}", self.url, with_causes(&e)),
                     false,
-                )
+                ),
             })?;
         let mut client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)

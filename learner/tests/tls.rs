@@ -107,6 +107,20 @@ async fn health(
     }
 }
 
+/// The error of an actor with `config` whose certificate check fails: it
+/// must end at once, as fatal.
+async fn refused_certificate(config: Config) -> String {
+    let error = tokio::time::timeout(
+        Duration::from_secs(20),
+        flgfn_actor::run(config, options("refused"), std::future::pending()),
+    )
+    .await
+    .expect("a refused certificate ends the actor, with no retry")
+    .unwrap_err();
+    assert!(matches!(error, ActorError::Fatal(_)), "{error:?}");
+    error.to_string()
+}
+
 fn options(name: &str) -> ActorOptions {
     ActorOptions {
         name: name.to_owned(),
@@ -168,6 +182,20 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     .unwrap_err();
     assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
 
+    // A certificate the actor does not accept is final, not retried for
+    // ever (0 attempts: no limit), and names what to fix: the CA...
+    let other_pki = make_pki(&dir.join("other"));
+    let mut strange_ca = actor_config(&config, https.clone(), &other_pki, false);
+    strange_ca.actor.reconnect_attempts = 0;
+    let error = refused_certificate(strange_ca).await;
+    assert!(error.contains("tls.ca_file"), "{error}");
+    // ...or the name.
+    let mut wrong_name = actor_config(&config, https.clone(), &pki, false);
+    wrong_name.actor.reconnect_attempts = 0;
+    wrong_name.tls.domain = "elsewhere".to_owned();
+    let error = refused_certificate(wrong_name).await;
+    assert!(error.contains("tls.domain"), "{error}");
+
     let secure = actor_config(&config, format!("https://127.0.0.1:{port}"), &pki, false);
     let actor = tokio::spawn(flgfn_actor::run(
         secure,
@@ -206,15 +234,11 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
             .is_err()
     );
 
-    let anonymous = actor_config(&config, url.clone(), &pki, false);
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(anonymous, options("anonymous"), std::future::pending()),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
-    assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
+    // Turned away for good, with what to fix (0 attempts: no limit).
+    let mut anonymous = actor_config(&config, url.clone(), &pki, false);
+    anonymous.actor.reconnect_attempts = 0;
+    let error = refused_certificate(anonymous).await;
+    assert!(error.contains("tls.cert_file"), "{error}");
 
     let member = actor_config(&config, url, &pki, true);
     let actor = tokio::spawn(flgfn_actor::run(
