@@ -323,6 +323,13 @@ pub struct LearnerConfig {
     /// files, or a quarter of a smaller limit, for itself and says so in a
     /// warning).
     pub max_connections: usize,
+    /// Seconds a connection may stay open with no call in progress (an
+    /// actor's session is one call, open while it trains) before the
+    /// learner closes it: an idle client, authenticated or not, must not
+    /// keep a place among `max_connections` for ever. A client that closes
+    /// early reconnects when it next calls (gRPC channels do so by
+    /// themselves).
+    pub idle_connection_s: f64,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the
     /// memory one message can claim.
@@ -376,6 +383,7 @@ impl Default for LearnerConfig {
             max_chunk_trajectories: 1024,
             max_sessions: 1024,
             max_connections: 4096,
+            idle_connection_s: 300.0,
             max_session_bytes: 64 << 20,
             stall_timeout_s: 30.0,
         }
@@ -858,6 +866,16 @@ impl Config {
             l.max_connections,
             MAX_CONNECTIONS,
         )?;
+        // Bounded, so that the timer's deadline can always be computed.
+        if !(MIN_IDLE_CONNECTION_S..=MAX_WAIT_S).contains(&l.idle_connection_s) {
+            return Err(ConfigError::invalid(
+                "learner.idle_connection_s",
+                format!(
+                    "must be between {MIN_IDLE_CONNECTION_S} and {MAX_WAIT_S} seconds (a day), got {}",
+                    l.idle_connection_s
+                ),
+            ));
+        }
         if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
             return Err(ConfigError::invalid(
                 "learner.checkpoint_every_s",
@@ -939,6 +957,10 @@ fn name_default_task(table: &mut toml::Table) -> bool {
 /// Longest wait any setting may ask for: a day. A larger "forever" would
 /// overflow the timers built from it.
 pub const MAX_WAIT_S: f64 = 86_400.0;
+
+/// Shortest `learner.idle_connection_s`: an actor's connection is idle
+/// between its handshake and its session, for a round trip.
+pub const MIN_IDLE_CONNECTION_S: f64 = 1.0;
 
 /// Longest `learner.stall_timeout_s`.
 pub const MAX_STALL_TIMEOUT_S: f64 = MAX_WAIT_S;
@@ -1228,6 +1250,14 @@ mod tests {
             assert!(
                 err.to_string().contains("learner.stall_timeout_s"),
                 "{stall}: {err}"
+            );
+        }
+        for idle in ["0.5", "1e30", "nan"] {
+            let toml = format!("[learner]\nidle_connection_s = {idle}\n");
+            let err = Config::from_toml(&toml, "t").unwrap_err();
+            assert!(
+                err.to_string().contains("learner.idle_connection_s"),
+                "{idle}: {err}"
             );
         }
         let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();

@@ -12,22 +12,28 @@
 //! [`FIRST_BYTES_WITHIN`] is closed (HTTP/2 keepalive only starts after the
 //! client's preface, and a server waits for the rest of a partial preface
 //! without a timeout), so silent sockets, or sockets that send one byte,
-//! cannot keep the places for ever.
+//! cannot keep the places for ever. Nor can a client that sent its preface
+//! and then calls nothing: a connection with no call in progress for
+//! `learner.idle_connection_s` is closed. Each call learns of its
+//! connection through [`ConnectionInfo`] (tonic puts it in the request's
+//! extensions) and holds a [`CallInProgress`] while it runs; an actor's
+//! session is one call, open while it trains.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
-use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming};
+use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 use tracing::warn;
 
 use crate::ingest::IngestStats;
@@ -132,6 +138,74 @@ fn raise_open_file_limit() -> Option<u64> {
     None
 }
 
+/// What a call knows of its connection (tonic puts it in the request's
+/// extensions, inside a [`TlsConnectInfo`] with TLS).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    tcp: TcpConnectInfo,
+    calls: Arc<Calls>,
+}
+
+impl ConnectionInfo {
+    /// The connection of `request`, if it came through [`incoming`].
+    pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
+        let extensions = request.extensions();
+        extensions.get::<ConnectionInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<ConnectionInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> Option<SocketAddr> {
+        self.tcp.remote_addr()
+    }
+
+    /// Marks a call in progress on this connection, until dropped: the
+    /// connection is not idle meanwhile.
+    pub fn call(&self) -> CallInProgress {
+        // In progress first: a reader that sees the new start also sees
+        // the call running (or already ended).
+        self.calls.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.calls.started.fetch_add(1, Ordering::AcqRel);
+        CallInProgress(self.calls.clone())
+    }
+}
+
+/// A connection's calls, counted by its calls and read by its reads.
+#[derive(Debug, Default)]
+struct Calls {
+    /// Calls running now.
+    in_progress: AtomicUsize,
+    /// Calls ever started: a call that began and ended between two reads
+    /// still restarts the idle clock.
+    started: AtomicU64,
+    /// The connection's reader, woken when its last call ends so that the
+    /// idle clock starts then, not at the next bytes from the client.
+    reader: Mutex<Option<Waker>>,
+}
+
+/// A call in progress on a connection (see [`ConnectionInfo::call`]).
+#[derive(Debug)]
+pub struct CallInProgress(Arc<Calls>);
+
+impl Drop for CallInProgress {
+    fn drop(&mut self) {
+        if self.0.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let reader = self
+                .0
+                .reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(reader) = reader {
+                reader.wake();
+            }
+        }
+    }
+}
+
 /// An accepted connection and its place under the cap, given back when
 /// tonic drops the connection.
 #[derive(Debug)]
@@ -141,15 +215,64 @@ pub struct CountedConnection {
     first_bytes_deadline: Option<Pin<Box<Sleep>>>,
     /// Of those, the ones not yet received.
     first_bytes_missing: usize,
+    /// Its calls (shared with them through [`ConnectionInfo`]).
+    calls: Arc<Calls>,
+    /// `learner.idle_connection_s`.
+    idle_after: Duration,
+    /// When the connection will have been idle that long (armed while no
+    /// call is in progress).
+    idle_deadline: Option<Pin<Box<Sleep>>>,
+    /// `Calls::started` when the deadline was last set.
+    calls_seen: u64,
     _permit: OwnedSemaphorePermit,
+}
+
+impl CountedConnection {
+    /// Whether the connection has had no call in progress for
+    /// `idle_after`. Arms the clock when it finds no call running, and
+    /// restarts it when a call has started since it last looked.
+    fn idle_for_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        {
+            let mut reader = self
+                .calls
+                .reader
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !reader.as_ref().is_some_and(|r| r.will_wake(cx.waker())) {
+                *reader = Some(cx.waker().clone());
+            }
+        }
+        let started = self.calls.started.load(Ordering::Acquire);
+        if self.calls.in_progress.load(Ordering::Acquire) > 0 {
+            self.idle_deadline = None;
+            self.calls_seen = started;
+            return false;
+        }
+        let restart = started != self.calls_seen;
+        self.calls_seen = started;
+        let deadline = match self.idle_deadline.as_mut() {
+            Some(deadline) => {
+                if restart {
+                    deadline.as_mut().reset(Instant::now() + self.idle_after);
+                }
+                deadline
+            }
+            None => self
+                .idle_deadline
+                .insert(Box::pin(tokio::time::sleep(self.idle_after))),
+        };
+        deadline.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// The connections `listener` accepts (with TCP_NODELAY and keepalive, as
 /// tonic's own listener would set them), at most `max` open at once; those
-/// beyond are closed and counted in `stats`.
+/// beyond are closed and counted in `stats`. Each is closed once it has had
+/// no call in progress for `idle_after`.
 pub fn incoming(
     listener: TcpListener,
     max: usize,
+    idle_after: Duration,
     stats: Arc<IngestStats>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
@@ -183,6 +306,10 @@ pub fn incoming(
                     stream,
                     first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
                     first_bytes_missing: FIRST_BYTES,
+                    calls: Arc::default(),
+                    idle_after,
+                    idle_deadline: None,
+                    calls_seen: 0,
                     _permit: permit,
                 })),
                 Err(_) => {
@@ -204,10 +331,13 @@ pub fn incoming(
 }
 
 impl Connected for CountedConnection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        ConnectionInfo {
+            tcp: self.stream.connect_info(),
+            calls: self.calls.clone(),
+        }
     }
 }
 
@@ -221,6 +351,17 @@ impl AsyncRead for CountedConnection {
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         let Some(deadline) = this.first_bytes_deadline.as_mut() else {
+            // Checked only while nothing arrives: bytes being read may be
+            // a call starting.
+            if read.is_pending() && this.idle_for_too_long(cx) {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no call in progress for {:?} (learner.idle_connection_s)",
+                        this.idle_after
+                    ),
+                )));
+            }
             return read;
         };
         match read {

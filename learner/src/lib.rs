@@ -317,6 +317,7 @@ pub async fn serve(
                 connections::incoming(
                     listener,
                     connections::connection_cap(config.learner.max_connections),
+                    Duration::from_secs_f64(config.learner.idle_connection_s),
                     stats.clone(),
                 ),
                 async move {

@@ -14,12 +14,13 @@ use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::connections::ConnectionInfo;
 use crate::credits::Controller;
 use crate::error::RequestError;
 use crate::ingest::{IngestStats, QueuedChunk};
@@ -120,8 +121,11 @@ impl Learner for LearnerService {
         &self,
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
+        let connection = ConnectionInfo::of(&request);
+        // Not idle while it waits (for a checkpoint to load) and answers.
+        let _call = connection.map(ConnectionInfo::call);
+        let peer = peer_name(connection);
         let state = &self.state().await?;
-        let peer = peer_name(request.remote_addr());
         let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
             warn!(%peer, %error, "refused an actor");
             state.stats.refuse(&format!("handshake_{}", error.reason()));
@@ -136,8 +140,10 @@ impl Learner for LearnerService {
         &self,
         request: Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let connection = ConnectionInfo::of(&request);
+        let call = connection.map(ConnectionInfo::call);
+        let peer = peer_name(connection);
         let state = self.state().await?;
-        let peer = peer_name(request.remote_addr());
         let (actor_id, per_chunk, chunk_bytes) =
             state.check_session(request.metadata()).map_err(|error| {
                 warn!(%peer, %error, "refused a session");
@@ -167,7 +173,13 @@ impl Learner for LearnerService {
         // Every event of the session carries who it is (JSON logs).
         let span = info_span!("session", actor_id, %peer);
         tokio::spawn(session.run().instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+        // The call is in progress, for the connection's idle clock, as
+        // long as its grant stream is open.
+        let grants = ReceiverStream::new(outbound).map(move |grant| {
+            let _in_progress = &call;
+            grant
+        });
+        Ok(Response::new(Box::pin(grants)))
     }
 }
 
@@ -258,6 +270,8 @@ impl LearnerState {
 }
 
 /// The peer's address for logs ("unknown" where the transport has none).
-fn peer_name(address: Option<std::net::SocketAddr>) -> String {
-    address.map_or_else(|| "unknown".to_owned(), |a| a.to_string())
+fn peer_name(connection: Option<&ConnectionInfo>) -> String {
+    connection
+        .and_then(ConnectionInfo::remote_addr)
+        .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
 }

@@ -983,6 +983,67 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
     assert_eq!(outcome.final_report.rejected_chunks, 0);
 }
 
+/// A connection that calls nothing for `learner.idle_connection_s` is
+/// closed, freeing its place; one whose session is open stays, however long
+/// it sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_open_sessions_are_not() {
+    let mut config = config();
+    config.learner.max_connections = 2;
+    config.learner.idle_connection_s = 1.0;
+    config.learner.max_steps = 2;
+    let (url, learner, stop) = start_learner(&config).await;
+    let try_handshake = || async {
+        let mut client = LearnerClient::connect(url.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client
+            .handshake(handshake_request(&config))
+            .await
+            .map_err(|status| format!("{status:?}"))?;
+        Ok::<_, String>((client, reply.into_inner().actor_id))
+    };
+    // One connection with a session, one idle after its handshake: both
+    // places taken.
+    let (mut working, actor_id) = try_handshake().await.unwrap();
+    let mut session = open(&mut working, Some(actor_id)).await.unwrap();
+    let (_idle, _) = try_handshake().await.unwrap();
+    let idle_since = tokio::time::Instant::now();
+    let refused = try_handshake().await;
+    assert!(
+        refused.is_err(),
+        "a third connection was served: {refused:?}"
+    );
+    // The idle one is closed after a second: a third connection is served.
+    let deadline = idle_since + Duration::from_secs(15);
+    let _third = loop {
+        match try_handshake().await {
+            Ok(found) => break found,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the idle connection kept its place: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(idle_since.elapsed() >= Duration::from_secs(1));
+    // The session's connection, quiet for twice as long, is still open:
+    // its chunks train the run to its end.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for sequence in 0..2 {
+        session.grant().await;
+        let mut good = chunk(actor_id, vec![0, 1]);
+        good.sequence = sequence;
+        session.upload.send(good).await.unwrap();
+    }
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 2);
+    assert_eq!(outcome.final_report.lost_chunks, 0);
+}
+
 /// A session that takes credits and never answers (a frozen actor, a cut
 /// link: the learner ends it only after 30 s) does not starve the other
 /// actors meanwhile, even when it took the whole initial room: the room
