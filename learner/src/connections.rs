@@ -16,7 +16,8 @@
 //! and then calls nothing: a connection with no call in progress for
 //! `learner.idle_connection_s` is closed. Each call learns of its
 //! connection through [`ConnectionInfo`] (tonic puts it in the request's
-//! extensions) and holds a [`CallInProgress`] while it runs; an actor's
+//! extensions), and every service is wrapped in [`CountsCalls`], which
+//! holds the call as in progress until its response ends; an actor's
 //! session is one call, open while it trains.
 
 use std::future::Future;
@@ -33,6 +34,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
+use tonic::body::Body;
+use tonic::codegen::{Service, http};
+use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 use tracing::warn;
 
@@ -157,6 +161,16 @@ impl ConnectionInfo {
         })
     }
 
+    /// The same, from an HTTP request (below the gRPC layer).
+    fn of_http<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
+        let extensions = request.extensions();
+        extensions.get::<ConnectionInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<ConnectionInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+    }
+
     /// The peer's address.
     pub fn remote_addr(&self) -> Option<SocketAddr> {
         self.tcp.remote_addr()
@@ -164,7 +178,7 @@ impl ConnectionInfo {
 
     /// Marks a call in progress on this connection, until dropped: the
     /// connection is not idle meanwhile.
-    pub fn call(&self) -> CallInProgress {
+    fn call(&self) -> CallInProgress {
         // In progress first: a reader that sees the new start also sees
         // the call running (or already ended).
         self.calls.in_progress.fetch_add(1, Ordering::AcqRel);
@@ -188,7 +202,7 @@ struct Calls {
 
 /// A call in progress on a connection (see [`ConnectionInfo::call`]).
 #[derive(Debug)]
-pub struct CallInProgress(Arc<Calls>);
+struct CallInProgress(Arc<Calls>);
 
 impl Drop for CallInProgress {
     fn drop(&mut self) {
@@ -203,6 +217,72 @@ impl Drop for CallInProgress {
                 reader.wake();
             }
         }
+    }
+}
+
+/// A gRPC service whose calls count as in progress on their connection
+/// ([`ConnectionInfo::call`]) from the request until the response's body
+/// ends: a unary call until it answers, a stream until its last message.
+#[derive(Debug, Clone)]
+pub struct CountsCalls<S>(pub S);
+
+impl<S: NamedService> NamedService for CountsCalls<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<Body>> for CountsCalls<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let call = ConnectionInfo::of_http(&request).map(ConnectionInfo::call);
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                Body::new(BodyOfCall {
+                    body: Body::new(body),
+                    _call: call,
+                })
+            }))
+        })
+    }
+}
+
+/// A response body holding its call in progress until it is dropped.
+struct BodyOfCall {
+    body: Body,
+    _call: Option<CallInProgress>,
+}
+
+impl http_body::Body for BodyOfCall {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

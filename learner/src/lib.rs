@@ -311,8 +311,8 @@ pub async fn serve(
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
         secured
-            .add_service(health_service)
-            .add_service(grpc)
+            .add_service(connections::CountsCalls(health_service))
+            .add_service(connections::CountsCalls(grpc))
             .serve_with_incoming_shutdown(
                 connections::incoming(
                     listener,

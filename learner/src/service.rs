@@ -14,8 +14,8 @@ use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
@@ -121,10 +121,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
-        let connection = ConnectionInfo::of(&request);
-        // Not idle while it waits (for a checkpoint to load) and answers.
-        let _call = connection.map(ConnectionInfo::call);
-        let peer = peer_name(connection);
+        let peer = peer_name(ConnectionInfo::of(&request));
         let state = &self.state().await?;
         let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
             warn!(%peer, %error, "refused an actor");
@@ -140,9 +137,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let connection = ConnectionInfo::of(&request);
-        let call = connection.map(ConnectionInfo::call);
-        let peer = peer_name(connection);
+        let peer = peer_name(ConnectionInfo::of(&request));
         let state = self.state().await?;
         let (actor_id, per_chunk, chunk_bytes) =
             state.check_session(request.metadata()).map_err(|error| {
@@ -173,13 +168,7 @@ impl Learner for LearnerService {
         // Every event of the session carries who it is (JSON logs).
         let span = info_span!("session", actor_id, %peer);
         tokio::spawn(session.run().instrument(span));
-        // The call is in progress, for the connection's idle clock, as
-        // long as its grant stream is open.
-        let grants = ReceiverStream::new(outbound).map(move |grant| {
-            let _in_progress = &call;
-            grant
-        });
-        Ok(Response::new(Box::pin(grants)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
 }
 
