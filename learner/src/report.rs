@@ -108,7 +108,8 @@ pub struct Report {
     /// Chunks accepted so far (valid, each for a credit).
     #[serde(default)]
     pub accepted_chunks: u64,
-    /// Chunks refused as invalid so far.
+    /// Chunks refused as invalid so far (not those that arrived after
+    /// training ended: `rejections.shutting_down`).
     pub rejected_chunks: u64,
     /// Chunks actors numbered but never delivered (gaps in their sequence
     /// numbers, across reconnects too) so far.

@@ -300,8 +300,16 @@ impl Session {
                         return Ok(());
                     };
                     self.receive(message, &credits, progress).await.map_err(|error| {
-                        self.state.stats.reject(error.reason());
-                        warn!(actor_id = self.actor_id, %error, "refused a trajectory chunk");
+                        if matches!(error, RequestError::ShuttingDown) {
+                            // Training ended while the chunk was on its way:
+                            // nothing wrong with it, so not a refused chunk
+                            // (counted under its reason only).
+                            self.state.stats.refuse(error.reason());
+                            debug!(actor_id = self.actor_id, "a chunk arrived after training ended");
+                        } else {
+                            self.state.stats.reject(error.reason());
+                            warn!(actor_id = self.actor_id, %error, "refused a trajectory chunk");
+                        }
                         Status::from(error)
                     })?;
                 }

@@ -139,6 +139,41 @@ async fn actor_error(config: Config, name: &str) -> String {
         .to_string()
 }
 
+/// A new connection's handshake: the client and the actor id, or why not.
+async fn try_handshake(
+    url: &str,
+    config: &Config,
+) -> Result<(LearnerClient<Channel>, u64), String> {
+    let mut client = LearnerClient::connect(url.to_owned())
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = client
+        .handshake(handshake_request(config))
+        .await
+        .map_err(|status| format!("{status:?}"))?;
+    Ok((client, reply.into_inner().actor_id))
+}
+
+/// [`try_handshake`] until it succeeds, within `limit` (else fails with
+/// `failure` and the last error).
+async fn served_within(
+    url: &str,
+    config: &Config,
+    limit: Duration,
+    failure: &str,
+) -> (LearnerClient<Channel>, u64) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match try_handshake(url, config).await {
+            Ok(found) => return found,
+            Err(error) => {
+                assert!(tokio::time::Instant::now() < deadline, "{failure}: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// One Session call driven by hand.
 struct RawSession {
     upload: mpsc::Sender<proto::TrajectoryChunk>,
@@ -173,6 +208,16 @@ async fn open_declaring(
 }
 
 impl RawSession {
+    /// Sends `count` valid one-trajectory chunks, each for a credit.
+    async fn send_good_chunks(&mut self, actor_id: u64, count: u64) {
+        for sequence in 0..count {
+            self.grant().await;
+            let mut good = chunk(actor_id, vec![0, 1]);
+            good.sequence = sequence;
+            self.upload.send(good).await.unwrap();
+        }
+    }
+
     /// The next grant (a credit, or the end of training).
     async fn grant(&mut self) -> proto::Grant {
         tokio::time::timeout(Duration::from_secs(30), self.grants.message())
@@ -915,43 +960,22 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
         .await
         .unwrap();
     let connected = tokio::time::Instant::now();
-    let try_handshake = || async {
-        let mut client = LearnerClient::connect(url.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = client
-            .handshake(handshake_request(&config))
-            .await
-            .map_err(|status| format!("{status:?}"))?;
-        Ok::<_, String>((client, reply.into_inner().actor_id))
-    };
-    let refused = try_handshake().await;
+    let refused = try_handshake(&url, &config).await;
     assert!(
         refused.is_err(),
         "a third connection was served: {refused:?}"
     );
     // One closes: its place is free again, and an actor trains through it.
     drop(first);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let (mut client, actor_id) = loop {
-        match try_handshake().await {
-            Ok(found) => break found,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the place was never freed: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let (mut client, actor_id) = served_within(
+        &url,
+        &config,
+        Duration::from_secs(10),
+        "the place was never freed",
+    )
+    .await;
     let mut session = open(&mut client, Some(actor_id)).await.unwrap();
-    for sequence in 0..2 {
-        session.grant().await;
-        let mut good = chunk(actor_id, vec![0, 1]);
-        good.sequence = sequence;
-        session.upload.send(good).await.unwrap();
-    }
+    session.send_good_chunks(actor_id, 2).await;
     // Two steps of one chunk each end the run.
     let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
@@ -993,51 +1017,30 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
     config.learner.idle_connection_s = 1.0;
     config.learner.max_steps = 2;
     let (url, learner, stop) = start_learner(&config).await;
-    let try_handshake = || async {
-        let mut client = LearnerClient::connect(url.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        let reply = client
-            .handshake(handshake_request(&config))
-            .await
-            .map_err(|status| format!("{status:?}"))?;
-        Ok::<_, String>((client, reply.into_inner().actor_id))
-    };
     // One connection with a session, one idle after its handshake: both
     // places taken.
-    let (mut working, actor_id) = try_handshake().await.unwrap();
+    let (mut working, actor_id) = try_handshake(&url, &config).await.unwrap();
     let mut session = open(&mut working, Some(actor_id)).await.unwrap();
-    let (_idle, _) = try_handshake().await.unwrap();
+    let (_idle, _) = try_handshake(&url, &config).await.unwrap();
     let idle_since = tokio::time::Instant::now();
-    let refused = try_handshake().await;
+    let refused = try_handshake(&url, &config).await;
     assert!(
         refused.is_err(),
         "a third connection was served: {refused:?}"
     );
     // The idle one is closed after a second: a third connection is served.
-    let deadline = idle_since + Duration::from_secs(15);
-    let _third = loop {
-        match try_handshake().await {
-            Ok(found) => break found,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the idle connection kept its place: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let _third = served_within(
+        &url,
+        &config,
+        Duration::from_secs(15),
+        "the idle connection kept its place",
+    )
+    .await;
     assert!(idle_since.elapsed() >= Duration::from_secs(1));
     // The session's connection, quiet for twice as long, is still open:
     // its chunks train the run to its end.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for sequence in 0..2 {
-        session.grant().await;
-        let mut good = chunk(actor_id, vec![0, 1]);
-        good.sequence = sequence;
-        session.upload.send(good).await.unwrap();
-    }
+    session.send_good_chunks(actor_id, 2).await;
     let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
     assert_eq!(outcome.steps, 2);
