@@ -323,12 +323,13 @@ pub struct LearnerConfig {
     /// files, or a quarter of a smaller limit, for itself and says so in a
     /// warning).
     pub max_connections: usize,
-    /// Seconds a connection may stay open with no call in progress (an
-    /// actor's session is one call, open while it trains) before the
+    /// Seconds a connection may stay open with no Learner call in progress
+    /// (an actor's session is one call, open while it trains; health
+    /// checks and calls refused for their token do not count) before the
     /// learner closes it: an idle client, authenticated or not, must not
-    /// keep a place among `max_connections` for ever. A client that closes
-    /// early reconnects when it next calls (gRPC channels do so by
-    /// themselves).
+    /// keep a place among `max_connections` for ever. A client whose
+    /// connection was closed reconnects when it next calls (gRPC channels
+    /// do so by themselves).
     pub idle_connection_s: f64,
     /// Most trajectories one chunk may carry. A replayed transition takes
     /// ~40x its wire size and a chunk trains whole, so this bounds the

@@ -16,9 +16,11 @@
 //! and then calls nothing: a connection with no call in progress for
 //! `learner.idle_connection_s` is closed. Each call learns of its
 //! connection through [`ConnectionInfo`] (tonic puts it in the request's
-//! extensions), and every service is wrapped in [`CountsCalls`], which
-//! holds the call as in progress until its response ends; an actor's
-//! session is one call, open while it trains.
+//! extensions), and the Learner service, behind its token check, is wrapped
+//! in [`CountsCalls`], which holds the call as in progress until its
+//! response ends; an actor's session is one call, open while it trains.
+//! Health checks (open to anyone; a Watch never ends) and calls refused for
+//! their token do not count.
 
 use std::future::Future;
 use std::io;
@@ -49,6 +51,10 @@ pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
 /// How many: the length of the HTTP/2 client preface (a TLS hello is
 /// longer).
 pub const FIRST_BYTES: usize = 24;
+
+/// A connection found idle just as bytes arrived waits this much longer
+/// (once), for a call those bytes may start.
+const CALL_START_GRACE: Duration = Duration::from_millis(500);
 
 /// Idle TCP connections are probed this often by the kernel (a peer that
 /// vanished is noticed even before HTTP/2 keepalive would).
@@ -302,6 +308,13 @@ pub struct CountedConnection {
     /// When the connection will have been idle that long (armed while no
     /// call is in progress).
     idle_deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes arrived since the idle clock was last checked: perhaps a call
+    /// whose service has not started yet (hyper starts it in a task of its
+    /// own).
+    read_since_check: bool,
+    /// The grace for such a call was given in this idle period (once, so
+    /// that bytes alone, pings say, never keep a connection open).
+    graced: bool,
     /// `Calls::started` when the deadline was last set.
     calls_seen: u64,
     _permit: OwnedSemaphorePermit,
@@ -322,14 +335,19 @@ impl CountedConnection {
                 *reader = Some(cx.waker().clone());
             }
         }
+        let read = std::mem::take(&mut self.read_since_check);
         let started = self.calls.started.load(Ordering::Acquire);
         if self.calls.in_progress.load(Ordering::Acquire) > 0 {
             self.idle_deadline = None;
             self.calls_seen = started;
+            self.graced = false;
             return false;
         }
         let restart = started != self.calls_seen;
         self.calls_seen = started;
+        if restart {
+            self.graced = false;
+        }
         let deadline = match self.idle_deadline.as_mut() {
             Some(deadline) => {
                 if restart {
@@ -341,7 +359,17 @@ impl CountedConnection {
                 .idle_deadline
                 .insert(Box::pin(tokio::time::sleep(self.idle_after))),
         };
-        deadline.as_mut().poll(cx).is_ready()
+        if deadline.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if read && !self.graced {
+            // Due, but bytes just came: a call they start gets the moment
+            // it needs to be counted.
+            self.graced = true;
+            deadline.as_mut().reset(Instant::now() + CALL_START_GRACE);
+            return deadline.as_mut().poll(cx).is_ready();
+        }
+        true
     }
 }
 
@@ -389,6 +417,8 @@ pub fn incoming(
                     calls: Arc::default(),
                     idle_after,
                     idle_deadline: None,
+                    read_since_check: false,
+                    graced: false,
                     calls_seen: 0,
                     _permit: permit,
                 })),
@@ -433,7 +463,9 @@ impl AsyncRead for CountedConnection {
         let Some(deadline) = this.first_bytes_deadline.as_mut() else {
             // Checked only while nothing arrives: bytes being read may be
             // a call starting.
-            if read.is_pending() && this.idle_for_too_long(cx) {
+            if !read.is_pending() {
+                this.read_since_check = true;
+            } else if this.idle_for_too_long(cx) {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(

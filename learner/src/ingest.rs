@@ -108,7 +108,7 @@ pub struct IngestStats {
     pub unusable_truncated_transitions: AtomicU64,
     /// Accepted transitions the run ended before training: in the batch
     /// builder's hands or still queued when it stopped. Once every session
-    /// has ended, accepted = trained + stale + these.
+    /// has ended, accepted = trained (by this process) + stale + these.
     pub untrained_at_stop_transitions: AtomicU64,
     /// Open sessions.
     pub connected_actors: AtomicI64,

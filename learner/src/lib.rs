@@ -291,8 +291,10 @@ pub async fn serve(
     // Every Learner RPC shows the token, when there is one (the health
     // service stays open to probes).
     let rejections = stats.clone();
+    // Only calls past the token check keep a connection from being idle
+    // (health checks are open to anyone, and a Watch never ends).
     let grpc = tonic::service::interceptor::InterceptedService::new(
-        grpc,
+        connections::CountsCalls(grpc),
         move |request: tonic::Request<()>| match &token {
             None => Ok(request),
             Some(token) => {
@@ -311,8 +313,8 @@ pub async fn serve(
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
         secured
-            .add_service(connections::CountsCalls(health_service))
-            .add_service(connections::CountsCalls(grpc))
+            .add_service(health_service)
+            .add_service(grpc)
             .serve_with_incoming_shutdown(
                 connections::incoming(
                     listener,

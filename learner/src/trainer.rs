@@ -57,7 +57,9 @@ pub struct TrainingOutcome {
     pub final_report: Report,
     /// Accepted transitions the run ended before training (in the batch
     /// builder or queued when it stopped), filled in by
-    /// [`serve`](crate::serve): ingested = trained + stale + these.
+    /// [`serve`](crate::serve): ingested = trained + stale + these (in a
+    /// run that did not resume: a resumed run's trained count includes
+    /// the checkpoint's, its ingested count this process's only).
     pub untrained_at_stop_transitions: u64,
     /// `wall_s` when quality was first reached, if it was: of the first
     /// report at quality, or of the earliest weights kept before it that
@@ -302,7 +304,9 @@ impl Trainer {
             }
         }
         // A stop between two reports still ends with one, so the last report
-        // (and the metrics file) covers everything counted.
+        // (and the metrics file) covers every step. (Counters that move
+        // after it, while sessions end, reach the final summary only:
+        // `serve` refreshes it.)
         if progress.window.steps > 0 {
             self.report(&mut evaluator, &mut progress)?;
         }
