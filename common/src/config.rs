@@ -867,16 +867,11 @@ impl Config {
             l.max_connections,
             MAX_CONNECTIONS,
         )?;
-        // Bounded, so that the timer's deadline can always be computed.
-        if !(MIN_IDLE_CONNECTION_S..=MAX_WAIT_S).contains(&l.idle_connection_s) {
-            return Err(ConfigError::invalid(
-                "learner.idle_connection_s",
-                format!(
-                    "must be between {MIN_IDLE_CONNECTION_S} and {MAX_WAIT_S} seconds (a day), got {}",
-                    l.idle_connection_s
-                ),
-            ));
-        }
+        timer_seconds(
+            "learner.idle_connection_s",
+            l.idle_connection_s,
+            MIN_IDLE_CONNECTION_S,
+        )?;
         if !l.checkpoint_every_s.is_finite() || l.checkpoint_every_s < 0.0 {
             return Err(ConfigError::invalid(
                 "learner.checkpoint_every_s",
@@ -886,16 +881,11 @@ impl Config {
                 ),
             ));
         }
-        // Bounded, so that the timer's deadline can always be computed.
-        if !(MIN_STALL_TIMEOUT_S..=MAX_STALL_TIMEOUT_S).contains(&l.stall_timeout_s) {
-            return Err(ConfigError::invalid(
-                "learner.stall_timeout_s",
-                format!(
-                    "must be between {MIN_STALL_TIMEOUT_S} and {MAX_STALL_TIMEOUT_S} seconds (a day), got {}",
-                    l.stall_timeout_s
-                ),
-            ));
-        }
+        timer_seconds(
+            "learner.stall_timeout_s",
+            l.stall_timeout_s,
+            MIN_STALL_TIMEOUT_S,
+        )?;
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
@@ -963,12 +953,22 @@ pub const MAX_WAIT_S: f64 = 86_400.0;
 /// between its handshake and its session, for a round trip.
 pub const MIN_IDLE_CONNECTION_S: f64 = 1.0;
 
-/// Longest `learner.stall_timeout_s`.
-pub const MAX_STALL_TIMEOUT_S: f64 = MAX_WAIT_S;
-
 /// Shortest `learner.stall_timeout_s`: below it, every actor would be
 /// ended before its first chunk could arrive.
 pub const MIN_STALL_TIMEOUT_S: f64 = 0.1;
+
+/// A timer's seconds: at least `min`, at most [`MAX_WAIT_S`] (a day), so
+/// that its deadline can always be computed.
+fn timer_seconds(field: &str, value: f64, min: f64) -> Result<(), ConfigError> {
+    if (min..=MAX_WAIT_S).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("must be between {min} and {MAX_WAIT_S} seconds (a day), got {value}"),
+        ))
+    }
+}
 
 fn positive_finite(field: &str, value: f64) -> Result<(), ConfigError> {
     if value.is_finite() && value > 0.0 {
