@@ -95,7 +95,10 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
     let cert = read("tls.cert_file", &config.cert_file, "CERTIFICATE")?;
     let key = read("tls.key_file", &config.key_file, "PRIVATE KEY")?;
     let identity = match (cert, key) {
-        (Some(cert), Some(key)) => Some((cert, key)),
+        (Some(cert), Some(key)) => {
+            check_key_pair(config, &cert, &key)?;
+            Some((cert, key))
+        }
         (None, None) => None,
         (Some(_), None) => {
             return Err(ConfigError::invalid(
@@ -114,6 +117,44 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
         identity,
         ca: read("tls.ca_file", &config.ca_file, "CERTIFICATE")?,
     })
+}
+
+/// Refuses certificates that do not parse, a key rustls cannot use, and a
+/// key that is not the one of the certificate's public key. tonic finds
+/// these only when it builds its TLS setup, the learner at startup and an
+/// actor at its first connection, with errors that name no file; a key
+/// from another pair is a common slip when certificates are renewed.
+fn check_key_pair(config: &TlsConfig, cert: &[u8], key: &[u8]) -> Result<(), ConfigError> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            let why = format!("{}: cannot parse its certificates: {e}", config.cert_file);
+            ConfigError::invalid("tls.cert_file", why)
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| {
+        let why = format!("{}: cannot parse its private key: {e}", config.key_file);
+        ConfigError::invalid("tls.key_file", why)
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    match rustls::sign::CertifiedKey::from_der(chain, key, &provider) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(ConfigError::invalid(
+            "tls.key_file",
+            format!(
+                "{} does not match the certificate of tls.cert_file ({}): set both from one key pair",
+                config.key_file, config.cert_file
+            ),
+        )),
+        Err(e @ rustls::Error::InvalidCertificate(_)) => Err(ConfigError::invalid(
+            "tls.cert_file",
+            format!("{}: {e}", config.cert_file),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            "tls.key_file",
+            format!("{}: the private key cannot be used: {e}", config.key_file),
+        )),
+    }
 }
 
 /// A bearer token. Its `Debug` does not show it.

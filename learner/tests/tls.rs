@@ -240,6 +240,24 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     let error = refused_certificate(anonymous).await;
     assert!(error.contains("tls.cert_file"), "{error}");
 
+    // A client key that is not its certificate's: refused before any
+    // connection, with both files named (retrying cannot mend a file).
+    let mut mismatched = actor_config(&config, url.clone(), &pki, true);
+    mismatched.tls.key_file = path(&pki.server.1);
+    mismatched.actor.reconnect_attempts = 0;
+    let error = tokio::time::timeout(
+        Duration::from_secs(20),
+        flgfn_actor::run(mismatched, options("mismatched"), std::future::pending()),
+    )
+    .await
+    .expect("a key of another pair ends the actor at once")
+    .unwrap_err();
+    assert!(matches!(error, ActorError::Config(_)), "{error:?}");
+    let error = error.to_string();
+    assert!(error.contains("tls.key_file"), "{error}");
+    assert!(error.contains(&path(&pki.client.0)), "{error}");
+    assert!(error.contains(&path(&pki.server.1)), "{error}");
+
     let member = actor_config(&config, url, &pki, true);
     let actor = tokio::spawn(flgfn_actor::run(
         member,
@@ -275,6 +293,14 @@ async fn half_configured_tls_is_refused_with_the_field_named() {
     let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(error.contains("tls.key_file"), "{error}");
     assert!(error.contains("private key"), "{error}");
+
+    // A key that is not the certificate's.
+    let mut config = support::tiny_config();
+    config.tls.cert_file = path(&pki.server.0);
+    config.tls.key_file = path(&pki.client.1);
+    let error = support::learner_refusal(config, "127.0.0.1:0").await;
+    assert!(error.contains("tls.key_file"), "{error}");
+    assert!(error.contains("does not match"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
