@@ -253,62 +253,104 @@ impl Trainer {
             progress.probes = Some(probes);
         }
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
-        while !finished(&progress) {
-            let wait_started = Instant::now();
-            let Ok(batch) = self.batches.recv() else {
-                break;
-            };
-            if progress.started.is_some() {
-                progress.window.waiting += wait_started.elapsed();
-                progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
-            }
-            progress.started.get_or_insert_with(Instant::now);
+        // Every error below ends the loop here, not at once: see after it.
+        let trained: Result<(), LearnerError> = 'training: {
+            while !finished(&progress) {
+                let wait_started = Instant::now();
+                let Ok(batch) = self.batches.recv() else {
+                    break;
+                };
+                if progress.started.is_some() {
+                    progress.window.waiting += wait_started.elapsed();
+                    progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
+                }
+                progress.started.get_or_insert_with(Instant::now);
 
-            self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress);
-            self.steps_done
-                .store(progress.step + progress.version_offset, Ordering::Release);
-            if progress.step % learner.publish_every == 0 {
-                progress.version = progress.step + progress.version_offset;
-                self.raise_version_floor(&mut progress)?;
-                self.publisher
-                    .publish(progress.version, optimizer.parameters().snapshot());
+                self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress);
+                self.steps_done
+                    .store(progress.step + progress.version_offset, Ordering::Release);
+                if progress.step % learner.publish_every == 0 {
+                    progress.version = progress.step + progress.version_offset;
+                    if let Err(error) = self.raise_version_floor(&mut progress) {
+                        break 'training Err(error);
+                    }
+                    self.publisher
+                        .publish(progress.version, optimizer.parameters().snapshot());
+                }
+                let wall = progress.wall();
+                let due = if learner.eval_every_steps > 0 {
+                    progress.step % learner.eval_every_steps == 0
+                } else {
+                    wall >= progress.next_report_wall
+                };
+                if due || finished(&progress) {
+                    if let Err(error) = self.report(&mut evaluator, &mut progress) {
+                        break 'training Err(error);
+                    }
+                } else if let Some(probes) = progress.probes.as_mut()
+                    && probes.due(wall)
+                {
+                    // Between reports: the weights, for time to quality.
+                    probes.keep(Probe {
+                        wall_s: wall,
+                        step: progress.step,
+                        weights: optimizer.parameters().snapshot(),
+                        learned_log_z: self.objective.learned_log_z(),
+                    });
+                }
+                // After the report of the same step, so that the checkpoint
+                // holds what it found (best objects, time to quality).
+                if self.checkpoint_due(&progress)
+                    && let Err(error) = self.save_checkpoint(
+                        &optimizer,
+                        own_optimizer.as_ref(),
+                        &evaluator,
+                        &mut progress,
+                    )
+                {
+                    break 'training Err(error);
+                }
             }
-            let wall = progress.wall();
-            let due = if learner.eval_every_steps > 0 {
-                progress.step % learner.eval_every_steps == 0
+            // A stop between two reports still ends with one, so the last report
+            // (and the metrics file) covers every step. (Counters that move
+            // after it, while sessions end, reach the final summary only:
+            // `serve` refreshes it.)
+            if progress.window.steps > 0 {
+                self.report(&mut evaluator, &mut progress)
             } else {
-                wall >= progress.next_report_wall
-            };
-            if due || finished(&progress) {
-                self.report(&mut evaluator, &mut progress)?;
-            } else if let Some(probes) = progress.probes.as_mut()
-                && probes.due(wall)
-            {
-                // Between reports: the weights, for time to quality.
-                probes.keep(Probe {
-                    wall_s: wall,
-                    step: progress.step,
-                    weights: optimizer.parameters().snapshot(),
-                    learned_log_z: self.objective.learned_log_z(),
-                });
+                Ok(())
             }
-            // After the report of the same step, so that the checkpoint
-            // holds what it found (best objects, time to quality).
-            if self.checkpoint_due(&progress) {
-                self.save_checkpoint(
-                    &optimizer,
-                    own_optimizer.as_ref(),
-                    &evaluator,
-                    &mut progress,
-                )?;
+        };
+        if let Err(error) = trained {
+            // A failed write (metrics, a checkpoint, the version floor) or
+            // a diverged model still leaves the state to resume from: the
+            // weights are the last finite ones (a non-finite step moves
+            // nothing), and whatever was trained since the last checkpoint
+            // would otherwise be lost. Best effort: the disk that failed
+            // may fail again.
+            if let Some(dir) = &self.checkpoint_dir {
+                // Nothing above the checkpoint's version was published, so
+                // a restart continues from it without a jump (as after a
+                // clean stop).
+                let version = progress.step + progress.version_offset;
+                let saved = self
+                    .save_checkpoint(
+                        &optimizer,
+                        own_optimizer.as_ref(),
+                        &evaluator,
+                        &mut progress,
+                    )
+                    .and_then(|()| checkpoint::write_version_floor(dir, version));
+                match saved {
+                    Ok(()) => {
+                        info!(step = progress.step, %error, "checkpoint saved after an error")
+                    }
+                    Err(again) => {
+                        tracing::error!(%error, %again, "no checkpoint could be saved after an error");
+                    }
+                }
             }
-        }
-        // A stop between two reports still ends with one, so the last report
-        // (and the metrics file) covers every step. (Counters that move
-        // after it, while sessions end, reach the final summary only:
-        // `serve` refreshes it.)
-        if progress.window.steps > 0 {
-            self.report(&mut evaluator, &mut progress)?;
+            return Err(error);
         }
 
         progress.version = progress.step + progress.version_offset;

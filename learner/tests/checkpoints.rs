@@ -169,6 +169,51 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run that fails (here its metrics file cannot be written: /dev/full
+/// refuses every write) still saves what it trained: the error ends it
+/// with a checkpoint of its last step, and a restart resumes from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
+    let dir = scratch("failed-write");
+    let (mut config, checkpoints) = checkpointed(&dir, 1000, 300);
+    config.learner.eval_every_steps = 40;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions {
+            metrics_path: Some(PathBuf::from("/dev/full")),
+            ..RunOptions::default()
+        },
+        std::future::pending(),
+    ));
+    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    let error = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .expect("the failed write ends the run")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    for a in actors {
+        a.abort();
+    }
+    assert!(error.contains("/dev/full"), "{error}");
+    let steps: Vec<u64> = checkpoint::list(&checkpoints)
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    assert_eq!(steps, [40], "the step of the failed report is saved");
+
+    config.learner.max_steps = 100;
+    let resumed = train(&config, &dir.join("metrics.jsonl")).await;
+    assert_eq!((resumed.steps, resumed.version), (100, 100));
+    let reports = support::reports(&dir.join("metrics.jsonl"));
+    assert!(reports.first().unwrap().step > 40, "{:?}", reports.first());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A run whose final checkpoint is damaged resumes from the one before:
 /// the damaged file is set aside, versions continue above every one
 /// published (the final version is not issued again with older weights),
