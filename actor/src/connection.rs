@@ -49,7 +49,9 @@ const UPLOAD_BUFFER: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a stopping actor waits for its rollout in progress, and then
-/// for the learner to take the last chunks, before it leaves anyway.
+/// for the learner to take the last chunks, before it leaves without them
+/// (the rollout thread is still joined: a rollout in progress is not
+/// interrupted, and its chunk is counted as dropped).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a session ended without error.
@@ -136,7 +138,8 @@ pub struct Counts {
     pub credits: u64,
     /// Weight versions received.
     pub versions_received: u64,
-    /// Chunks not sent because their credit belonged to an earlier session.
+    /// Chunks rolled out but not sent: their credit belonged to an earlier
+    /// session, or their session broke before they could be sent.
     pub stale_chunks_dropped: u64,
 }
 
@@ -464,8 +467,15 @@ impl Session<'_> {
                         // grants and forwarding chunks.
                         match orders.try_send(order) {
                             Ok(()) => {}
+                            // The learner holds back credits it would not
+                            // train on soon (flgfn's: 64 a session at most);
+                            // one that floods them breaks the protocol, and
+                            // would again after a reconnect.
                             Err(mpsc::error::TrySendError::Full(_)) => {
-                                return Err(retry("the learner granted more credits than this actor can queue", served));
+                                return Err(SessionError::Fatal(format!(
+                                    "protocol error: the learner granted more than {} credits not yet used",
+                                    crate::MAX_QUEUED_ORDERS
+                                )));
                             }
                             Err(mpsc::error::TrySendError::Closed(_)) => {
                                 return Ok(SessionEnd::WorkerStopped);
@@ -499,13 +509,17 @@ impl Session<'_> {
                     match upload.try_send(message) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
+                            counts.stale_chunks_dropped += 1;
                             return Err(retry(
                                 format!("more than {UPLOAD_BUFFER} chunks wait for the network"),
                                 served,
                             ));
                         }
                         // The stream broke; the grant side reports why.
-                        Err(mpsc::error::TrySendError::Closed(_)) => continue,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            counts.stale_chunks_dropped += 1;
+                            continue;
+                        }
                     }
                     counts.chunks_sent += 1;
                     counts.transitions_sent += transitions;

@@ -76,8 +76,9 @@ pub struct ActorReport {
     pub sessions: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
-    /// Chunks not sent because their credit belonged to an earlier session
-    /// (the learner may have restarted since).
+    /// Chunks rolled out but not sent: their credit belonged to an earlier
+    /// session (the learner may have restarted since), or their session
+    /// broke before they could be sent.
     pub stale_chunks_dropped: u64,
 }
 
@@ -194,6 +195,7 @@ async fn run_actor(
     report.seed = worker_report.seed;
     report.first_chunk_digest = worker_report.first_chunk_digest;
     report.add_counts(counts);
+    report.stale_chunks_dropped += worker_report.undelivered;
     info!(
         chunks = report.chunks_sent,
         transitions = report.transitions_sent,

@@ -102,6 +102,9 @@ pub struct WorkerReport {
     pub rollouts: u64,
     /// Orders skipped because their session had ended.
     pub orders_skipped: u64,
+    /// Chunks rolled out after the connection stopped taking them (an
+    /// actor that left without its rollout in progress).
+    pub undelivered: u64,
     /// The seed of the action draws.
     pub seed: Option<u64>,
     /// A hash of the first chunk's actions: two actors drawing the same
@@ -198,6 +201,7 @@ impl Worker {
                 chunk,
             };
             if self.out.blocking_send(sampled).is_err() {
+                report.undelivered += 1;
                 break;
             }
         }
