@@ -680,6 +680,7 @@ pub async fn serve(
         energy_w1 = ?r.energy_w1,
         top100_mean_reward = r.top100_mean_reward,
         trained_transitions = r.trained_transitions,
+        resumed_trained_transitions = r.resumed_trained_transitions,
         ingested_transitions = r.ingested_transitions,
         wire_bytes_per_transition = r.wire_bytes_per_transition,
         weight_bytes_per_trained_transition = r.weight_bytes_per_trained_transition,

@@ -46,9 +46,16 @@ pub struct Report {
     pub top100_mean_reward_eval: f64,
     /// Whether the quality thresholds hold (null without a reference).
     pub at_quality: Option<bool>,
-    /// Transitions trained on so far.
+    /// Transitions trained on so far, whole run (a resumed run's include
+    /// its checkpoint's).
     pub trained_transitions: u64,
-    /// Transitions accepted from actors so far.
+    /// Of `trained_transitions`, those of the checkpoint this process
+    /// resumed from (0 in a run that did not resume). Counters kept by
+    /// ingest (ingested, stale, bytes, chunks) start at 0 in each process.
+    /// (Absent from metrics files written before it: read as 0.)
+    #[serde(default)]
+    pub resumed_trained_transitions: u64,
+    /// Transitions accepted from actors so far, by this process.
     pub ingested_transitions: u64,
     /// Trained transitions per second of `wall_s` since the previous report.
     pub trained_per_s: f64,
@@ -72,9 +79,10 @@ pub struct Report {
     /// Milliseconds per step since the previous report, waiting for data
     /// left out: the step's compute plus the trainer's fixed cost.
     pub busy_ms_per_step: f64,
-    /// Protobuf bytes of accepted chunks per trained transition, whole run.
+    /// Protobuf bytes of accepted chunks per transition trained by this
+    /// process.
     pub trajectory_bytes_per_trained_transition: f64,
-    /// Weight bytes sent to actors per trained transition, whole run.
+    /// Weight bytes sent to actors per transition trained by this process.
     pub weight_bytes_per_trained_transition: f64,
     /// Weight versions sent to actors so far (one per grant carrying
     /// weights).
@@ -153,7 +161,10 @@ impl Report {
         let get = IngestStats::get;
         let ingested = get(&stats.accepted_transitions);
         let wire = get(&stats.wire_bytes) as f64;
-        let trained = self.trained_transitions.max(1) as f64;
+        // Ingest counts from this process's start: so must the divisor.
+        let trained = (self.trained_transitions)
+            .saturating_sub(self.resumed_trained_transitions)
+            .max(1) as f64;
         let weight_versions_sent = get(&stats.weight_versions_sent);
         self.ingested_transitions = ingested;
         self.wire_bytes_per_transition = wire / ingested.max(1) as f64;
@@ -304,6 +315,22 @@ impl MetricsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_per_trained_transition_count_what_this_process_trained() {
+        let stats = IngestStats::default();
+        stats.wire_bytes.store(6_000, Ordering::Relaxed);
+        stats.weight_bytes.store(30_000, Ordering::Relaxed);
+        // 1,000 trained before the resume, 3,000 by this process.
+        let mut report = Report {
+            trained_transitions: 4_000,
+            resumed_trained_transitions: 1_000,
+            ..Report::default()
+        };
+        report.count_from(&stats);
+        assert_eq!(report.trajectory_bytes_per_trained_transition, 2.0);
+        assert_eq!(report.weight_bytes_per_trained_transition, 10.0);
+    }
 
     #[test]
     fn a_resumed_run_keeps_the_reports_up_to_its_step_and_appends() {

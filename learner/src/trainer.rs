@@ -147,12 +147,25 @@ struct Window {
     waiting: Duration,
 }
 
+impl Window {
+    /// Steps skipped as not finite (reads the device counter).
+    fn skipped_steps(&self) -> u64 {
+        let finite = self
+            .finite_steps
+            .as_ref()
+            .map_or(0.0, |t| t.double_value(&[]));
+        self.steps - (finite as u64).min(self.steps)
+    }
+}
+
 /// Where training stands; everything a report is made from.
 #[derive(Debug, Default)]
 struct Progress {
     step: u64,
     version: u64,
     trained_transitions: u64,
+    /// Of them, the checkpoint's this run resumed from.
+    resumed_trained_transitions: u64,
     diverged_reports: u32,
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
@@ -378,6 +391,18 @@ impl Trainer {
             info!(path = %path.display(), version = progress.version, "final weights saved");
         }
         let wall_s = progress.wall();
+        if progress.report.step != progress.step {
+            // No report of this process covers the last step (a resumed
+            // run stopped before its first step): its counts, at least.
+            progress.report = Report {
+                step: progress.step,
+                wall_s,
+                version: progress.version,
+                trained_transitions: progress.trained_transitions,
+                resumed_trained_transitions: progress.resumed_trained_transitions,
+                ..Report::default()
+            };
+        }
         let trained = progress.trained_transitions;
         let steps = progress.step.max(1) as f64;
         let waiting = progress.totals.waiting_s;
@@ -469,7 +494,12 @@ impl Trainer {
             wall_s,
             trained_transitions: progress.trained_transitions,
             time_to_quality_s: progress.time_to_quality,
-            totals: progress.totals.clone(),
+            totals: ResumedTotals {
+                // Skipped steps reach `totals` at reports: a checkpoint
+                // between two reports adds those of the window so far.
+                skipped_batches: progress.totals.skipped_batches + progress.window.skipped_steps(),
+                ..progress.totals.clone()
+            },
             adam_steps: optimizer.steps(),
             objective_adam_steps: own_optimizer.map_or(0, |(own, _)| own.steps()),
             evaluator: evaluator.state(),
@@ -517,6 +547,7 @@ impl Trainer {
         );
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
+        progress.resumed_trained_transitions = state.trained_transitions;
         progress.totals = state.totals.clone();
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;
@@ -659,15 +690,18 @@ impl Trainer {
         let (last_trained, last_ingested) = progress.last_report_counts;
         let window = &progress.window;
         let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
-        let finite_steps = (read(&window.finite_steps) as u64).min(window.steps);
-        let nonfinite = window.steps - finite_steps;
+        let nonfinite = window.skipped_steps();
+        let finite_steps = window.steps - nonfinite;
         progress.totals.skipped_batches += nonfinite;
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
+                let steps = window.steps;
+                // Counted in `totals` now: the checkpoint saved after
+                // this error must not count the window again.
+                progress.window = Window::default();
                 return Err(LearnerError::Trainer(format!(
-                    "the loss was not finite in any of the last {} steps: the model diverged (lower learner.learning_rate?)",
-                    window.steps
+                    "the loss was not finite in any of the last {steps} steps: the model diverged (lower learner.learning_rate?)"
                 )));
             }
         } else {
@@ -691,6 +725,7 @@ impl Trainer {
             top100_mean_reward_eval: evaluation.top_k_mean_reward_this_evaluation,
             at_quality: evaluation.at_quality,
             trained_transitions: progress.trained_transitions,
+            resumed_trained_transitions: progress.resumed_trained_transitions,
             trained_per_s: (progress.trained_transitions - last_trained) as f64 / span,
             version: progress.version,
             mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,

@@ -130,10 +130,34 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     assert_eq!(saved.totals.max_lag, first.totals.max_policy_lag);
     assert!(saved.totals.waiting_s > 0.0, "{:?}", saved.totals);
 
+    // Started again with no step left to train, it says where the run
+    // stands (no report of its own covers it).
+    let again = train(&config, &metrics).await;
+    assert_eq!((again.steps, again.version), (300, 300));
+    let stands = &again.final_report;
+    assert_eq!(stands.step, 300);
+    assert_eq!(stands.trained_transitions, first.totals.trained_transitions);
+    assert_eq!(
+        stands.resumed_trained_transitions,
+        stands.trained_transitions
+    );
+
     // The same configuration with a larger budget continues the run.
     config.learner.max_steps = 600;
     let second = train(&config, &metrics).await;
     assert_eq!(second.steps, 600);
+    // The resumed process's accounts close over what it trained itself.
+    let last = &second.final_report;
+    assert_eq!(
+        last.resumed_trained_transitions,
+        first.totals.trained_transitions
+    );
+    assert_eq!(
+        last.ingested_transitions + last.resumed_trained_transitions,
+        last.trained_transitions + last.stale_transitions + second.untrained_at_stop_transitions,
+        "{last:?}"
+    );
+
     assert!(second.totals.max_policy_lag >= first.totals.max_policy_lag);
     assert_eq!(
         second.version, 600,
@@ -172,45 +196,88 @@ async fn a_stopped_run_resumes_where_it_stopped() {
 /// A run that fails (here its metrics file cannot be written: /dev/full
 /// refuses every write) still saves what it trained: the error ends it
 /// with a checkpoint of its last step, and a restart resumes from there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
-    let dir = scratch("failed-write");
-    let (mut config, checkpoints) = checkpointed(&dir, 1000, 300);
-    config.learner.eval_every_steps = 40;
+/// Trains with two in-process actors until the learner fails; its error.
+async fn failed_run(config: &Config, metrics: &Path) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let learner = tokio::spawn(flgfn_learner::serve(
         config.clone(),
         listener,
         RunOptions {
-            metrics_path: Some(PathBuf::from("/dev/full")),
+            metrics_path: Some(metrics.to_owned()),
             ..RunOptions::default()
         },
         std::future::pending(),
     ));
-    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    let actors = [actor(config, &url, 0), actor(config, &url, 1)];
     let error = tokio::time::timeout(Duration::from_secs(120), learner)
         .await
-        .expect("the failed write ends the run")
+        .expect("the learner fails")
         .unwrap()
         .unwrap_err()
         .to_string();
     for a in actors {
         a.abort();
     }
+    error
+}
+
+/// The steps of the checkpoints in `dir`.
+fn checkpoint_steps(dir: &Path) -> Vec<u64> {
+    let listed = checkpoint::list(dir).unwrap();
+    listed.into_iter().map(|(step, _)| step).collect()
+}
+
+/// A run that fails (here its metrics file cannot be written: /dev/full
+/// refuses every write) still saves what it trained: the error ends it
+/// with a checkpoint of its last step, and a restart resumes from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
+    let dir = scratch("failed-write");
+    let (mut config, checkpoints) = checkpointed(&dir, 1000, 300);
+    config.learner.eval_every_steps = 40;
+    let error = failed_run(&config, Path::new("/dev/full")).await;
     assert!(error.contains("/dev/full"), "{error}");
-    let steps: Vec<u64> = checkpoint::list(&checkpoints)
-        .unwrap()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
-    assert_eq!(steps, [40], "the step of the failed report is saved");
+    assert_eq!(
+        checkpoint_steps(&checkpoints),
+        [40],
+        "the step of the failed report is saved"
+    );
 
     config.learner.max_steps = 100;
     let resumed = train(&config, &dir.join("metrics.jsonl")).await;
     assert_eq!((resumed.steps, resumed.version), (100, 100));
     let reports = support::reports(&dir.join("metrics.jsonl"));
     assert!(reports.first().unwrap().step > 40, "{:?}", reports.first());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A model that diverges (a learning rate of 1e30: after the first step
+/// every loss is infinite, and each such step is skipped) stops after
+/// three reports without a finite step, with a checkpoint; every
+/// checkpoint counts each skipped step once, those between two reports
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
+    let dir = scratch("diverged");
+    let (mut config, checkpoints) = checkpointed(&dir, 15, 300);
+    config.learner.eval_every_steps = 10;
+    config.learner.learning_rate = 1e30;
+    let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
+    assert!(error.contains("diverged"), "{error}");
+    assert_eq!(checkpoint_steps(&checkpoints), [15, 30, 40]);
+    let finite_steps: Vec<u64> = checkpoint::list(&checkpoints)
+        .unwrap()
+        .iter()
+        .map(|(step, path)| {
+            let state = checkpoint::read(path).unwrap().state;
+            step - state.totals.skipped_batches
+        })
+        .collect();
+    assert!(
+        finite_steps.iter().all(|&n| n == finite_steps[0]) && (1..10).contains(&finite_steps[0]),
+        "finite steps by checkpoint (15, 30, 40): {finite_steps:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
