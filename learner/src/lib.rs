@@ -160,30 +160,38 @@ fn check_resumed_objective(
     objective: &flgfn_common::config::ObjectiveConfig,
     path: &std::path::Path,
 ) -> Result<(), LearnerError> {
-    // Unvalidated: it was valid for the version that wrote it.
-    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
+    // As written in a configuration file ("fl_db", "uniform").
+    let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    // The two keys that must match are read on their own, so that a key
+    // renamed or removed elsewhere since that checkpoint was written (a
+    // full parse refuses unknown keys) cannot skip this check.
+    let Ok(table) = saved_config.parse::<toml::Table>() else {
         warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
         return Ok(());
     };
-    let saved = saved.objective;
-    // As written in a configuration file ("fl_db", "uniform").
-    let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
-    for (key, then, now) in [
+    let saved_key = |key: &str| -> Option<String> {
+        let value = table.get("objective")?.get(key)?;
+        value.as_str().map(str::to_owned)
+    };
+    let defaults = flgfn_common::config::ObjectiveConfig::default();
+    for (key, default, now) in [
         (
-            "objective.name",
-            serde_json::json!(saved.name),
+            "name",
+            serde_json::json!(defaults.name),
             serde_json::json!(objective.name),
         ),
         (
-            "objective.backward_policy",
-            serde_json::json!(saved.backward_policy),
+            "backward_policy",
+            serde_json::json!(defaults.backward_policy),
             serde_json::json!(objective.backward_policy),
         ),
     ] {
-        let (then, now) = (named(then), named(now));
+        // Absent: that version's default (these have not changed).
+        let then = saved_key(key).unwrap_or_else(|| named(default));
+        let now = named(now);
         if then != now {
             return Err(ConfigError::invalid(
-                key,
+                &format!("objective.{key}"),
                 format!(
                     "{now}, but {} was trained with {then}: keep {then} to resume it, or --fresh to start over",
                     path.display()
@@ -192,6 +200,12 @@ fn check_resumed_objective(
             .into());
         }
     }
+    // Unvalidated: it was valid for the version that wrote it.
+    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
+        warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
+        return Ok(());
+    };
+    let saved = saved.objective;
     if saved != *objective {
         warn!(
             was = ?saved,
@@ -779,9 +793,31 @@ async fn not_serving(health: &tonic_health::server::HealthReporter) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flgfn_common::config::TaskConfig;
+    use flgfn_common::config::{ObjectiveName, TaskConfig};
     use flgfn_common::tasks::set_generation::SetGenerationConfig;
     use prost::Message;
+
+    /// A checkpoint's configuration from another version (a key since
+    /// renamed: the full parse fails) still has its objective checked.
+    #[test]
+    fn another_objective_is_refused_even_in_an_older_configuration() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        let mut trained = Config::default();
+        trained.objective.name = ObjectiveName::Tb;
+        let saved = format!("{}\n[renamed_since]\nkey = 1\n", trained.to_toml());
+        assert!(Config::parse_toml(&saved, "saved").is_err());
+        let now = Config::default().objective;
+        let error = check_resumed_objective(&saved, &now, path)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("objective.name"), "{error}");
+        assert!(error.contains("trained with tb"), "{error}");
+        check_resumed_objective(&saved, &trained.objective, path).unwrap();
+        // Without an [objective] section: that version's defaults.
+        let silent = "seed = 1\n[renamed_since]\nkey = 1\n";
+        check_resumed_objective(silent, &now, path).unwrap();
+        assert!(check_resumed_objective(silent, &trained.objective, path).is_err());
+    }
 
     /// Thousands of set levels make a handshake larger than the usual
     /// 64 KiB floor, while the task's chunks stay small: the learner still
