@@ -117,24 +117,51 @@ impl RequestError {
 
     /// A task mismatch with both descriptions.
     pub fn task_mismatch(actor: &TaskSpec, learner: &TaskSpec) -> Self {
-        RequestError::TaskMismatch {
-            actor: clip(actor.to_string()),
-            learner: learner.to_string(),
-        }
+        let (actor, learner) = both_described(actor.to_string(), learner.to_string());
+        RequestError::TaskMismatch { actor, learner }
     }
 
     /// A model mismatch with both descriptions.
     pub fn model_mismatch(actor: &ModelSpec, learner: &ModelSpec) -> Self {
-        RequestError::ModelMismatch {
-            actor: clip(actor.to_string()),
-            learner: learner.to_string(),
-        }
+        let (actor, learner) = both_described(actor.to_string(), learner.to_string());
+        RequestError::ModelMismatch { actor, learner }
     }
 }
 
 /// Longest actor-supplied text echoed into a status (which travels in an
 /// HTTP/2 header) or a log line.
 const MAX_ECHO_CHARS: usize = 1024;
+
+/// Characters shown before the first difference of two long descriptions.
+const CONTEXT_CHARS: usize = 64;
+
+/// Two descriptions that differ, each short enough for a status: it
+/// travels in an HTTP/2 trailer, and clients take 8 to 16 KiB of headers
+/// (a longer one reaches the actor as a transport error, which it retries,
+/// instead of the refusal). The learner's own can be that long too (a
+/// task with thousands of levels), so where either is long both are shown
+/// from a little before the first character where they differ.
+fn both_described(actor: String, learner: String) -> (String, String) {
+    let short = |text: &str| text.chars().nth(MAX_ECHO_CHARS).is_none();
+    if short(&actor) && short(&learner) {
+        return (actor, learner);
+    }
+    let same = actor
+        .chars()
+        .zip(learner.chars())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let from = same.saturating_sub(CONTEXT_CHARS);
+    let shown = |text: String| {
+        let rest = clip(text.chars().skip(from).collect());
+        if from == 0 {
+            rest
+        } else {
+            format!("(from character {from}) ...{rest}")
+        }
+    };
+    (shown(actor), shown(learner))
+}
 
 pub(crate) fn clip(mut text: String) -> String {
     if let Some((cut, _)) = text.char_indices().nth(MAX_ECHO_CHARS) {
@@ -238,5 +265,26 @@ mod tests {
                 .ends_with("learner trains set_generation(universe=30)")
         );
         assert_eq!(clip("short".to_owned()), "short");
+    }
+
+    /// Two long tasks (thousands of levels) that differ far in: the
+    /// refusal stays small and shows where they differ, on both sides.
+    #[test]
+    fn long_descriptions_are_shown_where_they_differ() {
+        let levels = |last: &str| TaskSpec {
+            name: "set_generation".to_owned(),
+            params: vec![format!("levels={}{last}", "0.125,".repeat(4000))],
+        };
+        let status = Status::from(RequestError::task_mismatch(&levels("0.5"), &levels("0.25")));
+        let message = status.message();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(message.len() < 4 * MAX_ECHO_CHARS, "{}", message.len());
+        assert!(message.contains("0.125,0.5)"), "{message}");
+        assert!(message.contains("0.125,0.25)"), "{message}");
+        assert_eq!(
+            message.matches("(from character ").count(),
+            2,
+            "{message}"
+        );
     }
 }
