@@ -312,8 +312,8 @@ const DAMAGED_SUFFIX: &str = ".damaged";
 /// lose the run: the user decides, with `--fresh`).
 ///
 /// It does not change the folder: the damaged newer ones it skipped are
-/// in [`Checkpoint::damaged_newer`] (those that could be read but not
-/// trusted, not those an I/O error kept from being read).
+/// in [`Checkpoint::damaged_newer`]. A checkpoint that cannot be read at
+/// all (an I/O error, not damage) is an error that names it.
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let all = list(dir)?;
     // Skipped so far, and of those the ones that read back damaged.
@@ -322,10 +322,18 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     for (_, path) in all.iter().rev() {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
+            // Pruned since it was listed (a run writing meanwhile).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Not damage, which could be set aside: a file this process
+            // cannot read (permissions, a failing disk). Resuming from an
+            // older one would leave it the newest, and pruning would
+            // delete every checkpoint the resumed run writes before it.
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read a checkpoint");
-                damaged += 1;
-                continue;
+                return Err(LearnerError::Checkpoint(format!(
+                    "cannot read {}: {e}; make it readable, or move it out of {} to resume from an older checkpoint",
+                    path.display(),
+                    dir.display()
+                )));
             }
         };
         match parse(path, &bytes) {
@@ -533,6 +541,14 @@ mod tests {
         assert!(error.contains("--fresh"), "{error}");
         write_version_floor(&dir, 1200).unwrap();
         assert_eq!(read_version_floor(&dir).unwrap(), 1200);
+
+        // A newest one that cannot be read at all (here a folder by its
+        // name: EISDIR, as EIO or EACCES would be) is named, not skipped.
+        let unreadable = dir.join(file_name(300));
+        fs::create_dir(&unreadable).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(error.contains(&file_name(300)), "{error}");
+        fs::remove_dir(&unreadable).unwrap();
         // The oldest, the newest (flipped, not set aside: only reading),
         // the one set aside, and the floor.
         assert_eq!(clear(&dir).unwrap(), 4);

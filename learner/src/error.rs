@@ -281,10 +281,6 @@ mod tests {
         assert!(message.len() < 4 * MAX_ECHO_CHARS, "{}", message.len());
         assert!(message.contains("0.125,0.5)"), "{message}");
         assert!(message.contains("0.125,0.25)"), "{message}");
-        assert_eq!(
-            message.matches("(from character ").count(),
-            2,
-            "{message}"
-        );
+        assert_eq!(message.matches("(from character ").count(), 2, "{message}");
     }
 }
