@@ -41,8 +41,12 @@ pub enum RequestError {
     /// A required message field was left unset.
     #[error("`{0}` is missing")]
     Missing(&'static str),
-    /// `actor_id` was never handed out by this learner process.
-    #[error("`actor_id` {0} was not issued by this learner: call Handshake first")]
+    /// `actor_id` is not a handshake of this learner process still waiting
+    /// for its session (never issued, issued before a restart, or its one
+    /// session already opened).
+    #[error(
+        "`actor_id` {0} is not a handshake of this learner awaiting its session (one session per handshake; the learner may have restarted): call Handshake first"
+    )]
     UnknownActor(u64),
     /// `policy_version` claims weights this session was never sent.
     #[error(

@@ -263,6 +263,13 @@ impl SequenceBook {
         entries.name_of_id.insert(actor_id, name.to_owned());
     }
 
+    /// Whether `actor_id` was issued by a handshake of this process whose
+    /// session has not opened yet: one session per handshake.
+    pub fn pending(&self, actor_id: u64) -> bool {
+        let entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.name_of_id.contains_key(&actor_id)
+    }
+
     /// A session of `actor_id` opens: the name it shook hands with (once),
     /// and the sequence number its first chunk should carry if its name
     /// was seen in an earlier session. None while another session of the

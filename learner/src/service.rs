@@ -152,8 +152,16 @@ impl Learner for LearnerService {
                 state.max_sessions
             )));
         };
+        // The handshake's id is used up here (not by a refusal above: an
+        // actor may retry a full learner with it).
+        let Some(actor_name) = state.sequences.opened(actor_id) else {
+            // A concurrent session took it first.
+            let error = RequestError::UnknownActor(actor_id);
+            warn!(%peer, %error, "refused a session");
+            state.stats.refuse(&format!("session_{}", error.reason()));
+            return Err(Status::from(error));
+        };
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
-        let actor_name = state.sequences.opened(actor_id);
         let session = crate::session::Session {
             slot,
             state,
@@ -163,7 +171,7 @@ impl Learner for LearnerService {
             inbound: request.into_inner(),
             grants,
             opened_at: std::time::Instant::now(),
-            actor_name,
+            actor_name: Some(actor_name),
         };
         // Every event of the session carries who it is (JSON logs).
         let span = info_span!("session", actor_id, %peer);
@@ -215,7 +223,10 @@ impl LearnerState {
     /// one chunk may hold replayed.
     fn check_session(&self, metadata: &MetadataMap) -> Result<(u64, u64, u64), RequestError> {
         let actor_id = header(metadata, ACTOR_ID_HEADER)?;
-        if actor_id == 0 || actor_id > self.last_actor_id.load(Ordering::Relaxed) {
+        // Only through a handshake of this process, which checked the
+        // actor's task and model: not an id from before a restart, nor
+        // one whose session already opened.
+        if !self.sequences.pending(actor_id) {
             return Err(RequestError::UnknownActor(actor_id));
         }
         let per_chunk = header(metadata, TRAJECTORIES_PER_CHUNK_HEADER)?;

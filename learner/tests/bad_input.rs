@@ -114,6 +114,12 @@ async fn shake_hands(client: &mut LearnerClient<Channel>, config: &Config) -> u6
         .actor_id
 }
 
+/// A handshake and its one session: the session and its actor id.
+async fn joined(client: &mut LearnerClient<Channel>, config: &Config) -> (RawSession, u64) {
+    let actor_id = shake_hands(client, config).await;
+    (open(client, Some(actor_id)).await.unwrap(), actor_id)
+}
+
 /// A real actor named `name` on `config`, never told to stop.
 fn real_actor(
     config: Config,
@@ -321,6 +327,13 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     let decoded = flgfn_common::weights::decode(&weights.safetensors).unwrap();
     assert!(decoded.arrays.iter().any(|a| a.name == "heads.weight"));
 
+    // One session per handshake: its id opens no second one, alongside
+    // or later (a client with the token cannot skip the handshake's task
+    // and model checks by borrowing an id).
+    let status = open(&mut client, Some(actor_id)).await.err().unwrap();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    assert!(status.message().contains("Handshake"), "{status:?}");
+
     // An illegal action (element 1 twice): refused whole.
     let status = session.refused(chunk(actor_id, vec![1, 1])).await;
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -328,7 +341,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert!(status.message().contains("actions[1]"), "{status:?}");
 
     // Each refusal ends its session; the next one gets the credit back.
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut session, actor_id) = joined(&mut client, &config).await;
     session.grant().await;
     let mut future = chunk(actor_id, vec![0, 1]);
     future.policy_version = 7;
@@ -338,7 +351,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
 
     // A message over the size limit: here a quarter of the configured
     // max_message_bytes, far more than any valid chunk of this task.
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut session, actor_id) = joined(&mut client, &config).await;
     session.grant().await;
     let huge = proto::TrajectoryChunk {
         actor_id,
@@ -353,7 +366,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert!(status.message().contains("too large"), "{status:?}");
 
     // A finite energy far beyond any task's: its square would overflow f32.
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut session, actor_id) = joined(&mut client, &config).await;
     session.grant().await;
     let mut extreme = chunk(actor_id, vec![0, 1]);
     extreme.trajectories[0].energies[1] = 1e30;
@@ -363,7 +376,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert!(status.message().contains("energies[1]"), "{status:?}");
 
     // More trajectories than the one per chunk this session declared.
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut session, actor_id) = joined(&mut client, &config).await;
     session.grant().await;
     let mut crowded = chunk(actor_id, vec![0, 1]);
     crowded.trajectories = vec![crowded.trajectories[0].clone(); 2];
@@ -376,10 +389,10 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
 
     // The one credit of the learner is held by `holder`: a chunk on
     // another session has no credit.
-    let mut holder = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut holder, actor_id) = joined(&mut client, &config).await;
     holder.grant().await;
-    let without = open(&mut client, Some(actor_id)).await.unwrap();
-    let status = without.refused(chunk(actor_id, vec![0, 1])).await;
+    let (without, without_id) = joined(&mut client, &config).await;
+    let status = without.refused(chunk(without_id, vec![0, 1])).await;
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("without a credit"), "{status:?}");
 
@@ -402,7 +415,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     );
 
     // The second good chunk completes the run; the learner says so.
-    let mut last = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut last, actor_id) = joined(&mut client, &config).await;
     last.grant().await;
     last.upload.send(chunk(actor_id, vec![2, 1])).await.unwrap();
     // A credit freed by that chunk may come first.
@@ -428,11 +441,16 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         "handshake_missing_field",
         "handshake_malformed",
         "session_missing_field",
-        "session_unknown_actor",
     ] {
         assert_eq!(rejections.get(reason), Some(&1), "{reason}: {rejections:?}");
     }
-    assert_eq!(rejections.values().sum::<u64>(), 5 + 7, "{rejections:?}");
+    // An id never issued, and one whose session had opened.
+    assert_eq!(
+        rejections.get("session_unknown_actor"),
+        Some(&2),
+        "{rejections:?}"
+    );
+    assert_eq!(rejections.values().sum::<u64>(), 6 + 7, "{rejections:?}");
     for reason in [
         "invalid_action",
         "future_version",
@@ -634,12 +652,11 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
         tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Handshake");
     let session_path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/flgfn.v1.Learner/Session");
-    let actor_id = shake_hands(&mut client, &config).await;
     let mut tally = Tally::default();
     for (i, is_valid) in cases.into_iter().enumerate() {
         if is_valid {
             // A session of its own: a credit, the chunk, and goodbye.
-            let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+            let (mut session, actor_id) = joined(&mut client, &config).await;
             let grant = session.grant().await;
             let version = grant.weights.map_or(0, |w| w.version);
             let mut good = chunk(
@@ -681,6 +698,7 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
                 let garbage: Vec<u8> = (0..rng.random_range(1..300))
                     .map(|_| rng.random())
                     .collect();
+                let actor_id = shake_hands(&mut client, &config).await;
                 let mut request = tonic::Request::new(tokio_stream::StreamExt::chain(
                     tokio_stream::iter([garbage]),
                     tokio_stream::pending(),
@@ -714,6 +732,7 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
             }
             // A well-formed chunk that is wrong.
             _ => {
+                let actor_id = shake_hands(&mut client, &config).await;
                 let (kind, bad) = corrupted(actor_id, &mut rng);
                 let mut session = open(&mut client, Some(actor_id)).await.unwrap();
                 // With its credit, so that the chunk itself is judged.
@@ -837,10 +856,11 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     config.learner.max_sessions = 2;
     let (url, learner, stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
-    let mut first = open(&mut client, Some(actor_id)).await.unwrap();
-    let _second = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut first, _) = joined(&mut client, &config).await;
+    let (_second, _) = joined(&mut client, &config).await;
     first.grant().await;
+    // Refused for its place, not its id: the id stays good for a retry.
+    let actor_id = shake_hands(&mut client, &config).await;
     let status = open(&mut client, Some(actor_id)).await.err().unwrap();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
@@ -1248,13 +1268,14 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
     config.learner.max_steps = 1000;
     let (url, _learner, stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
     let limit = flgfn_learner::MAX_STREAMS_PER_CONNECTION as usize;
+    // The last session's handshake, a call too, while there is room.
+    let actor_id = shake_hands(&mut client, &config).await;
     let mut open_sessions = Vec::new();
     for _ in 0..limit {
         // Clones share the connection.
         let mut same_connection = client.clone();
-        open_sessions.push(open(&mut same_connection, Some(actor_id)).await.unwrap());
+        open_sessions.push(joined(&mut same_connection, &config).await.0);
     }
     let mut same_connection = client.clone();
     let waiting = tokio::spawn(async move { open(&mut same_connection, Some(actor_id)).await });
