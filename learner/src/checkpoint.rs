@@ -191,6 +191,44 @@ fn file_name(step: u64) -> String {
     format!("ckpt-{step:012}.safetensors")
 }
 
+/// The file `name` is written as before its rename.
+fn temporary_name(name: &str) -> String {
+    format!(".{name}.tmp")
+}
+
+/// Deletes the temporary files of writes that never finished (a crash,
+/// a full disk) in a checkpoint folder: checkpoint-sized, and nothing else
+/// would ever delete the ones of checkpoint names not written again.
+/// Returns how many.
+pub fn remove_unfinished_writes(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let ours = |name: &str| {
+        name.starts_with(".ckpt-")
+            || name == temporary_name(FINAL_WEIGHTS)
+            || name == temporary_name(VERSION_FLOOR)
+    };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !(ours(name) && name.ends_with(".tmp")) {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => {
+                warn!(path = %entry.path().display(), "removed the temporary file of an unfinished write");
+                removed += 1;
+            }
+            Err(e) => {
+                warn!(path = %entry.path().display(), error = %e, "cannot remove the temporary file of an unfinished write")
+            }
+        }
+    }
+    removed
+}
+
 fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
     LearnerError::Checkpoint(format!("{}: {source}", path.display()))
 }
@@ -198,9 +236,18 @@ fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
 /// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
 /// fsync of the directory.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
-    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+        // A new folder's own entry must reach the disk too, or a crash
+        // could lose the folder with the file renamed into it.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(parent, e))?;
+        }
+    }
     let path = dir.join(name);
-    let temporary = dir.join(format!(".{name}.tmp"));
+    let temporary = dir.join(temporary_name(name));
     let mut file = File::create(&temporary).map_err(|e| io_error(&temporary, e))?;
     file.write_all(bytes).map_err(|e| io_error(&temporary, e))?;
     file.sync_all().map_err(|e| io_error(&temporary, e))?;
@@ -406,7 +453,7 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
 
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
 pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
-    let mut removed = 0;
+    let mut removed = remove_unfinished_writes(dir);
     let set_aside = match fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(Result::ok)
@@ -493,6 +540,28 @@ mod tests {
         assert_eq!(latest.group("adam/m")[0].name, "w");
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unfinished_writes_are_removed_and_nothing_else() {
+        let dir = scratch("unfinished");
+        save(&dir, &state(100), &arrays(1.0), 5).unwrap();
+        for leftover in [
+            ".ckpt-000000000200.safetensors.tmp",
+            ".final.safetensors.tmp",
+        ] {
+            fs::write(dir.join(leftover), b"half").unwrap();
+        }
+        fs::write(dir.join(".notes.tmp"), b"not ours").unwrap();
+        assert_eq!(remove_unfinished_writes(&dir), 2);
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".notes.tmp", &file_name(100)]);
+        assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
         fs::remove_dir_all(&dir).unwrap();
     }
 

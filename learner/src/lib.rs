@@ -374,9 +374,12 @@ pub async fn serve(
         // Off the async workers: the server answers probes meanwhile.
         Some(dir) => {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || checkpoint::load_latest(&dir))
-                .await
-                .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                checkpoint::remove_unfinished_writes(&dir);
+                checkpoint::load_latest(&dir)
+            })
+            .await
+            .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
         }
         None => None,
     };
