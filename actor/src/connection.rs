@@ -50,8 +50,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a stopping actor waits for its rollout in progress, and then
 /// for the learner to take the last chunks, before it leaves without them
-/// (the rollout thread is still joined: a rollout in progress is not
-/// interrupted, and its chunk is counted as dropped).
+/// (a rollout still running is then abandoned at its next lockstep step).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a session ended without error.

@@ -21,7 +21,7 @@ pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use flgfn_common::config::Config;
@@ -148,6 +148,7 @@ async fn run_actor(
     let (order_sender, orders) = mpsc::channel(MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(MAX_QUEUED_ORDERS);
     let current_session = Arc::new(AtomicU32::new(0));
+    let abandon = Arc::new(AtomicBool::new(false));
     let seeding = match options.seed_offset {
         Some(offset) => Seeding::Fixed(config.seed.wrapping_add(1).wrapping_add(offset)),
         None => Seeding::Distinct(config.seed),
@@ -161,6 +162,7 @@ async fn run_actor(
         behaviour: Behaviour::from(actor),
         envs: actor.envs,
         seeding,
+        abandon: abandon.clone(),
     };
     let worker = std::thread::Builder::new()
         .name("flgfn-rollout".to_owned())
@@ -181,9 +183,12 @@ async fn run_actor(
     )
     .await;
 
-    // Closing both channels stops the worker at its next rollout.
+    // Closing both channels stops the worker at its next rollout, and the
+    // one in progress (if the drain gave up on it) at its next step: its
+    // chunk could not be sent any more.
     drop(chunks);
     drop(order_sender);
+    abandon.store(true, Ordering::Relaxed);
     let worker_report: WorkerReport = tokio::task::spawn_blocking(move || worker.join())
         .await
         .map_err(|e| ActorError::Worker(e.to_string()))?
@@ -196,6 +201,9 @@ async fn run_actor(
     report.first_chunk_digest = worker_report.first_chunk_digest;
     report.add_counts(counts);
     report.stale_chunks_dropped += worker_report.undelivered;
+    if worker_report.abandoned > 0 {
+        warn!("left without the rollout in progress (abandoned half-way)");
+    }
     info!(
         chunks = report.chunks_sent,
         transitions = report.transitions_sent,

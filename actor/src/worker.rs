@@ -10,12 +10,12 @@
 //! their credits died with the session.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use flgfn_common::env::Environment;
 use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::{Behaviour, rollout};
+use flgfn_common::rollout::{Behaviour, rollout_unless};
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::weights::WeightsError;
 use rand::rngs::SmallRng;
@@ -105,6 +105,9 @@ pub struct WorkerReport {
     /// Chunks rolled out after the connection stopped taking them (an
     /// actor that left without its rollout in progress).
     pub undelivered: u64,
+    /// Rollouts abandoned half-way for the same reason (not counted in
+    /// `rollouts`).
+    pub abandoned: u64,
     /// The seed of the action draws.
     pub seed: Option<u64>,
     /// A hash of the first chunk's actions: two actors drawing the same
@@ -130,6 +133,9 @@ pub struct Worker {
     pub envs: usize,
     /// How to seed the action draws.
     pub seeding: Seeding,
+    /// Set when the connection has stopped taking chunks: the rollout in
+    /// progress is abandoned at its next step instead of finished.
+    pub abandon: Arc<AtomicBool>,
 }
 
 /// Why the worker stopped with an error.
@@ -184,7 +190,19 @@ impl Worker {
                 tracing::info!(seed, "action draws seeded");
                 SmallRng::seed_from_u64(seed)
             });
-            let rollout = rollout(self.env.as_ref(), &policy, self.envs, self.behaviour, rng);
+            let abandon = &self.abandon;
+            let rolled = rollout_unless(
+                self.env.as_ref(),
+                &policy,
+                self.envs,
+                self.behaviour,
+                rng,
+                abandon,
+            );
+            let Some(rollout) = rolled else {
+                report.abandoned += 1;
+                break;
+            };
             let chunk = TrajectoryChunk {
                 actor_id: 0,
                 policy_version: weights.version,

@@ -6,6 +6,8 @@
 //! running; the action draw itself happens on the host with a seeded RNG, so
 //! a run is reproducible from its seed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use rand::Rng;
 use rand::rngs::SmallRng;
 
@@ -73,6 +75,22 @@ pub fn rollout(
     behaviour: Behaviour,
     rng: &mut SmallRng,
 ) -> Rollout {
+    let never = AtomicBool::new(false);
+    rollout_unless(env, policy, count, behaviour, rng, &never)
+        .unwrap_or_else(|| unreachable!("nothing sets `never`"))
+}
+
+/// [`rollout`], abandoned (None) at its next lockstep step once `abandon`
+/// is set: a stopping actor need not wait for a long rollout whose chunk
+/// could no longer be sent.
+pub fn rollout_unless(
+    env: &dyn Environment,
+    policy: &Policy,
+    count: usize,
+    behaviour: Behaviour,
+    rng: &mut SmallRng,
+    abandon: &AtomicBool,
+) -> Option<Rollout> {
     let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
@@ -86,6 +104,9 @@ pub fn rollout(
     let mut probs = vec![0f64; actions_n];
 
     while !active.is_empty() {
+        if abandon.load(Ordering::Relaxed) {
+            return None;
+        }
         let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
         let logits = to_host_f32(&output.forward_logits);
 
@@ -110,10 +131,10 @@ pub fn rollout(
         }
         active = still_active;
     }
-    Rollout {
+    Some(Rollout {
         trajectories,
         final_states: states,
-    }
+    })
 }
 
 /// Writes the behaviour distribution (1 - epsilon) softmax(logits) +
@@ -224,6 +245,18 @@ mod tests {
         let model = ModelConfig { hidden: vec![16] };
         let policy = Policy::new(&ModelSpec::new(&env, &model), Device::Cpu);
         (env, policy)
+    }
+
+    #[test]
+    fn an_abandoned_rollout_stops_at_its_next_step() {
+        let (env, policy) = setup();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let abandon = AtomicBool::new(true);
+        let behaviour = Behaviour::default();
+        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &abandon).is_none());
+        abandon.store(false, Ordering::Relaxed);
+        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &abandon).unwrap();
+        assert_eq!(out.trajectories.len(), 8);
     }
 
     #[test]
