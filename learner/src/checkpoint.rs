@@ -240,11 +240,14 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
         fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         // A new folder's own entry must reach the disk too, or a crash
         // could lose the folder with the file renamed into it.
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error(parent, e))?;
-        }
+        // ("checkpoints" has the working directory as its parent, "".)
+        let parent = match dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(parent, e))?;
     }
     let path = dir.join(name);
     let temporary = dir.join(temporary_name(name));

@@ -237,8 +237,9 @@ pub struct SequenceBook {
 
 #[derive(Debug, Default)]
 struct SequenceEntries {
-    /// Handshaken actor ids whose session has not opened yet.
-    name_of_id: std::collections::HashMap<u64, String>,
+    /// Handshaken actor ids whose session has not opened yet, oldest
+    /// (lowest: ids only grow) first.
+    name_of_id: std::collections::BTreeMap<u64, String>,
     /// The last sequence number received per actor name, with the actor
     /// id of the session that received it.
     last_of_name: std::collections::HashMap<String, (u64, u64)>,
@@ -257,8 +258,11 @@ impl SequenceBook {
     pub fn joined(&self, actor_id: u64, name: &str) {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.name_of_id.len() >= Self::MAX_NAMES {
-            // Handshakes that never opened a session: forget them.
-            entries.name_of_id.clear();
+            // The oldest handshake that never opened a session (refused,
+            // or its actor shook hands again): forgotten, so that a flood
+            // of handshakes cannot push out those opening their session
+            // right now.
+            entries.name_of_id.pop_first();
         }
         entries.name_of_id.insert(actor_id, name.to_owned());
     }
@@ -340,6 +344,20 @@ mod sequence_tests {
 
     /// More missing chunks than any test here has.
     const MOST: u64 = 100;
+
+    #[test]
+    fn a_handshake_opens_one_session_and_a_flood_forgets_the_oldest() {
+        let book = SequenceBook::default();
+        let last = SequenceBook::MAX_NAMES as u64 + 1;
+        for id in 1..=last {
+            book.joined(id, "flood");
+        }
+        assert!(!book.pending(1), "the oldest is forgotten");
+        assert!(book.pending(2) && book.pending(last));
+        assert!(book.opened(last).is_some());
+        assert!(!book.pending(last), "one session per handshake");
+        assert!(book.opened(last).is_none());
+    }
 
     #[test]
     fn gaps_are_counted_within_and_across_sessions_and_a_restart_starts_over() {

@@ -161,16 +161,18 @@ impl Report {
         let get = IngestStats::get;
         let ingested = get(&stats.accepted_transitions);
         let wire = get(&stats.wire_bytes) as f64;
-        // Ingest counts from this process's start: so must the divisor.
-        let trained = (self.trained_transitions)
-            .saturating_sub(self.resumed_trained_transitions)
-            .max(1) as f64;
+        // Ingest counts from this process's start: so must the divisor
+        // (none trained yet: 0, not the bytes themselves).
+        let trained = self
+            .trained_transitions
+            .saturating_sub(self.resumed_trained_transitions) as f64;
+        let per_trained = |bytes: f64| if trained > 0.0 { bytes / trained } else { 0.0 };
         let weight_versions_sent = get(&stats.weight_versions_sent);
         self.ingested_transitions = ingested;
         self.wire_bytes_per_transition = wire / ingested.max(1) as f64;
         self.actors_connected = stats.connected_actors.load(Ordering::Relaxed);
-        self.trajectory_bytes_per_trained_transition = wire / trained;
-        self.weight_bytes_per_trained_transition = get(&stats.weight_bytes) as f64 / trained;
+        self.trajectory_bytes_per_trained_transition = per_trained(wire);
+        self.weight_bytes_per_trained_transition = per_trained(get(&stats.weight_bytes) as f64);
         self.weight_versions_sent = weight_versions_sent;
         self.publish_to_send_ms =
             get(&stats.publish_to_send_us) as f64 / 1e3 / weight_versions_sent.max(1) as f64;

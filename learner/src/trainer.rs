@@ -266,8 +266,9 @@ impl Trainer {
             progress.probes = Some(probes);
         }
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
-        // Every error below ends the loop here, not at once: see after it.
-        let trained: Result<(), LearnerError> = 'training: {
+        // Every error from here to the final weights ends this block, not
+        // the run at once: see after it.
+        let trained: Result<Bytes, LearnerError> = 'training: {
             while !finished(&progress) {
                 let wait_started = Instant::now();
                 let Ok(batch) = self.batches.recv() else {
@@ -328,51 +329,58 @@ impl Trainer {
             // (and the metrics file) covers every step. (Counters that move
             // after it, while sessions end, reach the final summary only:
             // `serve` refreshes it.)
-            if progress.window.steps > 0 {
-                self.report(&mut evaluator, &mut progress)
-            } else {
-                Ok(())
+            if progress.window.steps > 0
+                && let Err(error) = self.report(&mut evaluator, &mut progress)
+            {
+                break 'training Err(error);
             }
+            progress.version = progress.step + progress.version_offset;
+            if let Err(error) = self.raise_version_floor(&mut progress) {
+                break 'training Err(error);
+            }
+            self.publisher
+                .finish(progress.version, optimizer.parameters().snapshot());
+            // The run's model, exact: f32 whatever actors receive, with the
+            // metadata an actor's copy of this version carries.
+            self.publisher
+                .encode_newest_as(WeightEncoding::F32)
+                .map(Bytes::from)
+                .map_err(LearnerError::from)
         };
-        if let Err(error) = trained {
-            // A failed write (metrics, a checkpoint, the version floor) or
-            // a diverged model still leaves the state to resume from: the
-            // weights are the last finite ones (a non-finite step moves
-            // nothing), and whatever was trained since the last checkpoint
-            // would otherwise be lost. Best effort: the disk that failed
-            // may fail again.
-            if let Some(dir) = &self.checkpoint_dir {
-                // Nothing above the checkpoint's version was published, so
-                // a restart continues from it without a jump (as after a
-                // clean stop).
-                let version = progress.step + progress.version_offset;
-                let saved = self
-                    .save_checkpoint(
-                        &optimizer,
-                        own_optimizer.as_ref(),
-                        &evaluator,
-                        &mut progress,
-                    )
-                    .and_then(|()| checkpoint::write_version_floor(dir, version));
-                match saved {
-                    Ok(()) => {
-                        info!(step = progress.step, %error, "checkpoint saved after an error")
-                    }
-                    Err(again) => {
-                        tracing::error!(%error, %again, "no checkpoint could be saved after an error");
+        let weights = match trained {
+            Ok(weights) => weights,
+            Err(error) => {
+                // A failed write (metrics, a checkpoint, the version floor) or
+                // a diverged model still leaves the state to resume from: the
+                // weights are the last finite ones (a non-finite step moves
+                // nothing), and whatever was trained since the last checkpoint
+                // would otherwise be lost. Best effort: the disk that failed
+                // may fail again.
+                if let Some(dir) = &self.checkpoint_dir {
+                    // Nothing above the checkpoint's version was published, so
+                    // a restart continues from it without a jump (as after a
+                    // clean stop).
+                    let version = progress.step + progress.version_offset;
+                    let saved = self
+                        .save_checkpoint(
+                            &optimizer,
+                            own_optimizer.as_ref(),
+                            &evaluator,
+                            &mut progress,
+                        )
+                        .and_then(|()| checkpoint::write_version_floor(dir, version));
+                    match saved {
+                        Ok(()) => {
+                            info!(step = progress.step, %error, "checkpoint saved after an error")
+                        }
+                        Err(again) => {
+                            tracing::error!(%error, %again, "no checkpoint could be saved after an error");
+                        }
                     }
                 }
+                return Err(error);
             }
-            return Err(error);
-        }
-
-        progress.version = progress.step + progress.version_offset;
-        self.raise_version_floor(&mut progress)?;
-        self.publisher
-            .finish(progress.version, optimizer.parameters().snapshot());
-        // The run's model, exact: f32 whatever actors receive, with the
-        // metadata an actor's copy of this version carries.
-        let weights = Bytes::from(self.publisher.encode_newest_as(WeightEncoding::F32)?);
+        };
         if let Some(dir) = &self.checkpoint_dir {
             // On every way out of the loop (max_steps, a stop: a signal,
             // or every local actor gone): the state to resume from and the
@@ -688,7 +696,10 @@ impl Trainer {
 
         let span = (wall - progress.last_report_wall).max(1e-9);
         let (last_trained, last_ingested) = progress.last_report_counts;
-        let window = &progress.window;
+        // Taken whole: its skipped steps now count in `totals`, and a
+        // checkpoint saved after an error below (divergence, a failed
+        // metrics write) must not count them again.
+        let window = std::mem::take(&mut progress.window);
         let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
         let nonfinite = window.skipped_steps();
         let finite_steps = window.steps - nonfinite;
@@ -696,12 +707,9 @@ impl Trainer {
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
-                let steps = window.steps;
-                // Counted in `totals` now: the checkpoint saved after
-                // this error must not count the window again.
-                progress.window = Window::default();
                 return Err(LearnerError::Trainer(format!(
-                    "the loss was not finite in any of the last {steps} steps: the model diverged (lower learner.learning_rate?)"
+                    "the loss was not finite in any of the last {} steps: the model diverged (lower learner.learning_rate?)",
+                    window.steps
                 )));
             }
         } else {
@@ -766,7 +774,6 @@ impl Trainer {
             probes.plan(wall, progress.next_report_wall);
         }
         progress.last_report_counts = (progress.trained_transitions, ingested);
-        progress.window = Window::default();
         progress.report = report;
         Ok(())
     }

@@ -252,6 +252,26 @@ async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A report whose metrics write fails counts the skipped steps of its
+/// window once in the checkpoint saved after it (a learning rate of 1e30:
+/// every step after the first is skipped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_report_counts_its_skipped_steps_once() {
+    let dir = scratch("failed-skipping");
+    let (mut config, checkpoints) = checkpointed(&dir, 1000, 300);
+    config.learner.eval_every_steps = 10;
+    config.learner.learning_rate = 1e30;
+    let error = failed_run(&config, Path::new("/dev/full")).await;
+    assert!(error.contains("/dev/full"), "{error}");
+    let listed = checkpoint::list(&checkpoints).unwrap();
+    let [(10, path)] = listed.as_slice() else {
+        panic!("one checkpoint, at the failed report's step: {listed:?}");
+    };
+    let skipped = checkpoint::read(path).unwrap().state.totals.skipped_batches;
+    assert!((1..10).contains(&skipped), "{skipped} of 10 steps skipped");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A model that diverges (a learning rate of 1e30: after the first step
 /// every loss is infinite, and each such step is skipped) stops after
 /// three reports without a finite step, with a checkpoint; every
