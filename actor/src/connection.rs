@@ -499,6 +499,7 @@ impl Session<'_> {
                     let transitions = chunk.transitions() as u64;
                     let message = proto::TrajectoryChunk::from(&chunk);
                     if message.encoded_len() > max_bytes {
+                        counts.stale_chunks_dropped += 1;
                         // Every chunk would fail alike: retrying cannot help.
                         return Err(SessionError::Fatal(format!(
                             "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",

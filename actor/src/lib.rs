@@ -186,6 +186,7 @@ async fn run_actor(
     // Closing both channels stops the worker at its next rollout, and the
     // one in progress (if the drain gave up on it) at its next step: its
     // chunk could not be sent any more.
+    let unsent = close_and_count(&mut chunks);
     drop(chunks);
     drop(order_sender);
     abandon.store(true, Ordering::Relaxed);
@@ -200,7 +201,7 @@ async fn run_actor(
     report.seed = worker_report.seed;
     report.first_chunk_digest = worker_report.first_chunk_digest;
     report.add_counts(counts);
-    report.stale_chunks_dropped += worker_report.undelivered;
+    report.stale_chunks_dropped += worker_report.undelivered + unsent;
     if worker_report.abandoned > 0 {
         warn!("left without the rollout in progress (abandoned half-way)");
     }
@@ -212,6 +213,21 @@ async fn run_actor(
         "actor stopped"
     );
     result.map(|()| report)
+}
+
+/// Closes the channel of rolled-out chunks and counts those still in it:
+/// chunks the connection never took (training ended, or the session
+/// failed, with them queued). A rollout that finishes after the close
+/// finds the channel closed and counts itself.
+fn close_and_count(chunks: &mut mpsc::Receiver<worker::SampledChunk>) -> u64 {
+    chunks.close();
+    let mut left = 0;
+    while let Ok(sampled) = chunks.try_recv() {
+        if sampled.session != worker::FLUSH_SESSION {
+            left += 1;
+        }
+    }
+    left
 }
 
 /// TLS for an `https://` learner URL: the CA of `tls.ca_file`, the name of

@@ -128,7 +128,7 @@ async fn generated_actor(
     let session_seen = current_session.clone();
     let generator = tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
-        let mut rollouts = 0u64;
+        let (mut rollouts, mut undelivered) = (0u64, 0u64);
         while let Some(order) = orders.recv().await {
             if order.session == crate::worker::FLUSH_SESSION {
                 if chunk_sender.send(SampledChunk::flushed()).await.is_err() {
@@ -152,10 +152,11 @@ async fn generated_actor(
                 chunk,
             };
             if chunk_sender.send(sampled).await.is_err() {
+                undelivered += 1;
                 break;
             }
         }
-        rollouts
+        (rollouts, undelivered)
     });
     let mut report = ActorReport::default();
     // Distinct across load generators too: the learner counts lost chunks
@@ -172,9 +173,12 @@ async fn generated_actor(
     };
     let (result, counts) = stay_connected(&config, &name, plumbing, &mut report, shutdown).await;
     drop(order_sender);
+    let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
-    report.rollouts = generator.await.unwrap_or(0);
+    let (rollouts, undelivered) = generator.await.unwrap_or((0, 0));
+    report.rollouts = rollouts;
     report.add_counts(counts);
+    report.stale_chunks_dropped += unsent + undelivered;
     result.map(|()| report)
 }
 

@@ -96,6 +96,12 @@ async fn train_with(
     for actor in actors {
         let report = support::finished_actor(actor).await;
         assert!(report.chunks_sent > 0);
+        // Also when training ends with chunks still queued.
+        assert_eq!(
+            report.rollouts,
+            report.chunks_sent + report.stale_chunks_dropped,
+            "every chunk rolled out is sent or counted as dropped: {report:?}"
+        );
         assert!(
             report.versions_applied.len() >= 2,
             "applied {:?}",
