@@ -28,11 +28,7 @@ fn exact_tv(config: &Config, weights: &[u8]) -> f64 {
     support::exact_total_variation(config, weights).0
 }
 
-fn actor(
-    config: &Config,
-    url: &str,
-    i: u64,
-) -> tokio::task::JoinHandle<Result<ActorReport, flgfn_actor::ActorError>> {
+fn actor(config: &Config, url: &str, i: u64) -> Actor {
     let mut config = config.clone();
     config.actor.learner = url.to_owned();
     tokio::spawn(flgfn_actor::run(
@@ -57,8 +53,11 @@ fn checkpointed(dir: &Path, every: u64, max_steps: u64) -> (Config, PathBuf) {
     (config, checkpoints)
 }
 
-/// Trains in this process until `max_steps` with two in-process actors.
-async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
+type Learner = tokio::task::JoinHandle<Result<TrainingOutcome, flgfn_learner::LearnerError>>;
+type Actor = tokio::task::JoinHandle<Result<ActorReport, flgfn_actor::ActorError>>;
+
+/// A learner in this process writing `metrics`, and two in-process actors.
+async fn start_run(config: &Config, metrics: &Path) -> (Learner, [Actor; 2]) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let learner = tokio::spawn(flgfn_learner::serve(
@@ -70,7 +69,12 @@ async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
         },
         std::future::pending(),
     ));
-    let actors = [actor(config, &url, 0), actor(config, &url, 1)];
+    (learner, [actor(config, &url, 0), actor(config, &url, 1)])
+}
+
+/// Trains in this process until `max_steps` with two in-process actors.
+async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
+    let (learner, actors) = start_run(config, metrics).await;
     let outcome = support::finished_learner(learner).await;
     // Every actor that took part learns that training ended and stops. One
     // whose first connection came only after the end (on a loaded machine
@@ -193,23 +197,9 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A run that fails (here its metrics file cannot be written: /dev/full
-/// refuses every write) still saves what it trained: the error ends it
-/// with a checkpoint of its last step, and a restart resumes from there.
 /// Trains with two in-process actors until the learner fails; its error.
 async fn failed_run(config: &Config, metrics: &Path) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        RunOptions {
-            metrics_path: Some(metrics.to_owned()),
-            ..RunOptions::default()
-        },
-        std::future::pending(),
-    ));
-    let actors = [actor(config, &url, 0), actor(config, &url, 1)];
+    let (learner, actors) = start_run(config, metrics).await;
     let error = tokio::time::timeout(Duration::from_secs(120), learner)
         .await
         .expect("the learner fails")
