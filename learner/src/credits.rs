@@ -59,17 +59,21 @@ pub const MAX_CREDITS_PER_SESSION: u32 = 64;
 
 /// The room starts at this many smallest batches (within the ceiling):
 /// the room opens by at most a doubling per turn of the credits, and each
-/// turn behind a slow link is a round trip. Sixteen default batches (5,120
-/// transitions) are about what keeps the trainer fed 25 ms each way (it
-/// trains ~100k transitions/s here and a credit's round trip, rollout
-/// included, takes ~55 ms), so such a link needs no doublings first.
-/// Alternating runs, 2 actors, 25 ms each way (24 batches in flight, the
-/// default then): time to quality median
-/// 0.89 s (0.79-1.03) against 1.03 s (0.88-1.18) starting at four; on
-/// loopback 0.56 s (0.45-0.81) against 0.63 s (0.45-0.96). (One batch left
-/// the learner ~40 steps behind loopback after half a second.) What is
-/// granted before the first steps costs up to this many steps of lag, once.
-pub const INITIAL_ROOM_BATCHES: u64 = 16;
+/// turn behind a slow link is a round trip. What keeps the trainer fed
+/// 25 ms each way is its rate times a credit's round trip (~55-65 ms,
+/// rollout included): 5,500 transitions at 100k/s, 8,000 at 130k/s, so a
+/// start below that spends the first turns of such a link starving.
+/// Sixteen default batches (5,120 transitions) were enough at 100k/s
+/// (against four: time to quality median 0.89 s against 1.03 s behind
+/// 25 ms, 0.56 s against 0.63 s on loopback). At 125k/s, 2 real actors,
+/// 5 alternating runs each (scale bench), 32 against 16: behind 25 ms
+/// 112k against 100k trained/s (0.90 against 0.80 of loopback), data wait
+/// 10-13 % against 15-20 %, time to quality median 0.73 s against 0.79 s;
+/// on loopback the same rate and time to quality 0.45 s (0.45-0.60)
+/// against 0.55 s (0.45-0.81), with mean lag 7.5 against 4.7 (largest 34
+/// against 18, once: what is granted before the first steps costs up to
+/// this many steps of lag).
+pub const INITIAL_ROOM_BATCHES: u64 = 32;
 
 /// The learner-wide room for data granted and not yet trained on, in
 /// transitions.
