@@ -24,7 +24,12 @@ cd "$caller"
 args=()
 fresh=1
 for arg in "$@"; do
-    if [ "$arg" = "--resume" ]; then fresh=0; else args+=("$arg"); fi
+    case "$arg" in
+        --resume) fresh=0 ;;
+        # Added below once (the learner refuses a repeated flag).
+        --fresh) ;;
+        *) args+=("$arg") ;;
+    esac
 done
 case " $* " in
     *" --local-actors"*) ;;

@@ -18,14 +18,17 @@ action through its own copy of the environment.
 
 import argparse
 import atexit
+import collections
 import json
 import os
 import queue
 import random
 import shutil
+import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -278,30 +281,63 @@ class Actor:
         grants = self.stub.Session(chunks(), metadata=self.auth + [
             ("flgfn-actor-id", str(actor_id)),
             ("flgfn-trajectories-per-chunk", str(self.envs))])
-        # Weights come with this session's first grant.
+        # Grants are read on a thread of their own while rollouts run: a
+        # grant left unread holds up the learner's next ones, and it ends a
+        # session whose grants wait unread for learner.stall_timeout_s
+        # (slow rollouts times a grant of many credits).
+        received = queue.Queue()
+
+        def read_grants():
+            try:
+                for grant in grants:
+                    received.put(grant)
+                received.put(None)
+            except Exception as error:  # grpc.RpcError, or a cancel
+                received.put(error)
+
+        threading.Thread(target=read_grants, daemon=True).start()
+        # Credits not yet rolled out, oldest grant first: [credits, policy,
+        # version] (each credit is sampled with its grant's weights, or the
+        # latest before them).
+        work = collections.deque()
         policy, version = None, None
         try:
-            for grant in grants:
-                self.served = True
-                if grant.training_done:
-                    return True
-                if grant.HasField("weights"):
-                    policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
-                    version = grant.weights.version
-                    self.counts["versions"] += 1
-                if policy is None:
-                    raise Refused("the learner granted a credit before sending weights")
-                for left in reversed(range(grant.credits)):
-                    actions, energies = rollout(task, policy, self.envs, self.epsilon,
-                                                self.truncate_fraction, self.rng)
-                    outbox.put(pb.TrajectoryChunk(
-                        actor_id=actor_id, policy_version=version, sequence=self.counts["chunks"],
-                        trajectories=[pb.Trajectory(actions=a, energies=e)
-                                      for a, e in zip(actions, energies)],
-                        credits_left=left))
-                    self.counts["chunks"] += 1
-                    self.counts["transitions"] += sum(len(a) for a in actions)
-            return False
+            while True:
+                # What arrived so far; wait for more only with nothing to do.
+                while True:
+                    try:
+                        grant = received.get(block=not work)
+                    except queue.Empty:
+                        break
+                    if grant is None:
+                        return False
+                    if isinstance(grant, Exception):
+                        raise grant
+                    self.served = True
+                    if grant.training_done:
+                        return True
+                    if grant.HasField("weights"):
+                        policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
+                        version = grant.weights.version
+                        self.counts["versions"] += 1
+                    if grant.credits:
+                        if policy is None:
+                            raise Refused("the learner granted a credit before sending weights")
+                        work.append([grant.credits, policy, version])
+                oldest = work[0]
+                oldest[0] -= 1
+                _, sampler, sampled_by = oldest
+                if oldest[0] == 0:
+                    work.popleft()
+                actions, energies = rollout(task, sampler, self.envs, self.epsilon,
+                                            self.truncate_fraction, self.rng)
+                outbox.put(pb.TrajectoryChunk(
+                    actor_id=actor_id, policy_version=sampled_by, sequence=self.counts["chunks"],
+                    trajectories=[pb.Trajectory(actions=a, energies=e)
+                                  for a, e in zip(actions, energies)],
+                    credits_left=sum(credits for credits, _, _ in work)))
+                self.counts["chunks"] += 1
+                self.counts["transitions"] += sum(len(a) for a in actions)
         finally:
             outbox.put(None)
             grants.cancel()
@@ -365,7 +401,8 @@ def main():
     parser.add_argument("--envs", type=int, default=16, help="trajectories per chunk")
     parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
     parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
-    parser.add_argument("--name", default=f"python-actor-{os.getpid()}")
+    # Host and process: the learner counts lost chunks per name.
+    parser.add_argument("--name", default=f"{socket.gethostname()}/python-actor-{os.getpid()}")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--reconnect-attempts", type=int, default=0,
                         help="failed connections in a row before giving up (0: never)")
