@@ -101,9 +101,11 @@ pub fn objective_label(name: ObjectiveName) -> &'static str {
     }
 }
 
-/// What every run shares: `steps` steps, 16 trajectories per step (the
-/// paper's batch) at a fixed size, a report every `eval_every` steps, two
-/// local actors, an ephemeral port.
+/// What every run shares: `steps` steps of a fixed size, the transitions
+/// of 16 full-length trajectories (the paper's batch; where trajectories
+/// are truncated, a step holds more, shorter ones: the same transitions
+/// per step), a report every `eval_every` steps, two local actors, an
+/// ephemeral port.
 fn base(task: TaskConfig, trajectory_len: usize, steps: u64, eval_every: u64) -> Config {
     let mut config = Config {
         task,
