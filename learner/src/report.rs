@@ -16,15 +16,20 @@ pub struct Report {
     /// Training steps done.
     pub step: u64,
     /// Seconds since the first training step, evaluation time left out.
+    #[serde(deserialize_with = "number_or_null")]
     pub wall_s: f64,
     /// Mean loss over the steps since the previous report that were not
     /// skipped (0 when every one was: see `skipped_batches`).
+    #[serde(deserialize_with = "number_or_null")]
     pub loss: f64,
     /// The model's log Z: the flow head at s0, or TB's learned log Z.
+    #[serde(deserialize_with = "number_or_null")]
     pub logz_est: f64,
     /// log Z by importance sampling with P_B over the evaluation samples.
+    #[serde(deserialize_with = "number_or_null")]
     pub logz_sampled: f64,
     /// Effective sample size of that estimate's weights.
+    #[serde(deserialize_with = "number_or_null")]
     pub logz_sampled_ess: f64,
     /// Exact log Z (null when the task has none).
     pub logz_exact: Option<f64>,
@@ -38,11 +43,13 @@ pub struct Report {
     pub exact_kl: Option<f64>,
     /// Mean reward of the best 100 distinct objects sampled by evaluations
     /// so far (depends on how many there were: see `top100_samples`).
+    #[serde(deserialize_with = "number_or_null")]
     pub top100_mean_reward: f64,
     /// Evaluation samples `top100_mean_reward` rests on.
     pub top100_samples: u64,
     /// Mean reward of the best 100 distinct objects among this
     /// evaluation's `eval_samples` alone.
+    #[serde(deserialize_with = "number_or_null")]
     pub top100_mean_reward_eval: f64,
     /// Whether the quality thresholds hold (null without a reference).
     pub at_quality: Option<bool>,
@@ -58,10 +65,13 @@ pub struct Report {
     /// Transitions accepted from actors so far, by this process.
     pub ingested_transitions: u64,
     /// Trained transitions per second of `wall_s` since the previous report.
+    #[serde(deserialize_with = "number_or_null")]
     pub trained_per_s: f64,
     /// Ingested transitions per second of `wall_s` since the previous report.
+    #[serde(deserialize_with = "number_or_null")]
     pub ingested_per_s: f64,
     /// Protobuf bytes per accepted transition, over the whole run.
+    #[serde(deserialize_with = "number_or_null")]
     pub wire_bytes_per_transition: f64,
     /// Latest published weight version.
     pub version: u64,
@@ -69,20 +79,25 @@ pub struct Report {
     pub actors_connected: i64,
     /// Mean over transitions trained since the previous report of (learner
     /// version at training time - version that sampled them).
+    #[serde(deserialize_with = "number_or_null")]
     pub mean_policy_lag: f64,
     /// Largest lag of a chunk trained since the previous report (never
     /// above `learner.max_policy_lag`).
     pub max_policy_lag: u64,
     /// Mean transitions per step since the previous report: above
     /// `batch_transitions` when fresh supply exceeds the minimum.
+    #[serde(deserialize_with = "number_or_null")]
     pub mean_batch_transitions: f64,
     /// Milliseconds per step since the previous report, waiting for data
     /// left out: the step's compute plus the trainer's fixed cost.
+    #[serde(deserialize_with = "number_or_null")]
     pub busy_ms_per_step: f64,
     /// Protobuf bytes of accepted chunks per transition trained by this
     /// process.
+    #[serde(deserialize_with = "number_or_null")]
     pub trajectory_bytes_per_trained_transition: f64,
     /// Weight bytes sent to actors per transition trained by this process.
+    #[serde(deserialize_with = "number_or_null")]
     pub weight_bytes_per_trained_transition: f64,
     /// Weight versions sent to actors so far (one per grant carrying
     /// weights).
@@ -93,6 +108,7 @@ pub struct Report {
     /// Mean milliseconds from a version's publication (or, for a version
     /// older than the session, the session's opening) to its sending with
     /// a credit, into the session's grant queue, whole run.
+    #[serde(deserialize_with = "number_or_null")]
     pub publish_to_send_ms: f64,
     /// Credits granted so far (one per chunk an actor was allowed to roll
     /// out).
@@ -105,13 +121,16 @@ pub struct Report {
     /// Resident memory of the process the learner runs in, in MB (in the
     /// scale benchmark that process also hosts the load generator and the
     /// delay proxy, and keeps what earlier scenarios grew to).
+    #[serde(deserialize_with = "number_or_null")]
     pub resident_mb: f64,
     /// Fraction of the trajectories trained since the previous report that
     /// were truncated prefixes.
+    #[serde(deserialize_with = "number_or_null")]
     pub truncated_fraction: f64,
     /// Fraction of `wall_s` since the previous report the trainer spent
     /// waiting for data: near 1, more actors would help; near 0, the
     /// learner is the bottleneck.
+    #[serde(deserialize_with = "number_or_null")]
     pub data_wait_fraction: f64,
     /// Chunks accepted so far (valid, each for a credit).
     #[serde(default)]
@@ -141,6 +160,7 @@ pub struct Report {
     #[serde(default)]
     pub stalled_sessions: u64,
     /// `stale_transitions` over `ingested_transitions`.
+    #[serde(deserialize_with = "number_or_null")]
     pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the
     /// objective cannot learn from them (TB only; 0 for the others).
@@ -151,7 +171,15 @@ pub struct Report {
     /// Number of evaluation samples behind the distribution metrics.
     pub eval_samples: usize,
     /// Seconds the evaluation took (not part of `wall_s`).
+    #[serde(deserialize_with = "number_or_null")]
     pub eval_s: f64,
+}
+
+/// A number a report wrote: serde_json writes a non-finite one (a log Z
+/// estimate from a failed evaluation, say) as `null`, which reads back as
+/// NaN instead of making the whole metrics file unreadable.
+fn number_or_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 impl Report {
@@ -317,6 +345,21 @@ impl MetricsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_finite_number_reads_back_as_nan() {
+        let report = Report {
+            loss: 0.5,
+            logz_est: f64::NAN,
+            busy_ms_per_step: f64::INFINITY,
+            ..Report::default()
+        };
+        let line = serde_json::to_string(&report).unwrap();
+        assert!(line.contains("\"logz_est\":null"), "{line}");
+        let back: Report = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.loss, 0.5);
+        assert!(back.logz_est.is_nan() && back.busy_ms_per_step.is_nan());
+    }
 
     #[test]
     fn bytes_per_trained_transition_count_what_this_process_trained() {
