@@ -329,10 +329,18 @@ impl Trainer {
             // (and the metrics file) covers every step. (Counters that move
             // after it, while sessions end, reach the final summary only:
             // `serve` refreshes it.)
+            // With reports every so many steps (experiments), that last one
+            // is off their grid: its samples must not join the best objects
+            // the checkpoint carries, or a run stopped and resumed would
+            // rest on one more evaluation than one that was not.
+            let grid_state = (learner.eval_every_steps > 0).then(|| evaluator.state());
             if progress.window.steps > 0
                 && let Err(error) = self.report(&mut evaluator, &mut progress)
             {
                 break 'training Err(error);
+            }
+            if let Some(state) = grid_state {
+                evaluator.restore(&state, self.config.seed ^ progress.step.rotate_left(32));
             }
             progress.version = progress.step + progress.version_offset;
             if let Err(error) = self.raise_version_floor(&mut progress) {

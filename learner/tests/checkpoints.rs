@@ -262,6 +262,57 @@ async fn a_failed_report_counts_its_skipped_steps_once() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run with reports every so many steps (an experiment's) that is
+/// stopped between two of them reports where it stopped, but the
+/// checkpoint it resumes from holds the grid's evaluations only: a run
+/// stopped and resumed rests on as many samples as one that was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
+    let dir = scratch("off-grid");
+    let (mut config, checkpoints) = checkpointed(&dir, 0, 0);
+    config.learner.eval_every_steps = 10;
+    let metrics = dir.join("metrics.jsonl");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions {
+            metrics_path: Some(metrics.clone()),
+            ..RunOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    // Until some reports are in, then at whatever step it is.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while support::reports(&metrics).len() < 3 {
+        assert!(Instant::now() < deadline, "no reports");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(()).unwrap();
+    let outcome = support::finished_learner(learner).await;
+    for a in actors {
+        a.abort();
+    }
+    let saved = checkpoint::load_latest(&checkpoints)
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(saved.step, outcome.steps);
+    let grid_reports = outcome.steps / 10;
+    assert_eq!(
+        saved.evaluator.samples_so_far,
+        grid_reports * config.learner.eval_samples as u64,
+        "stopped at step {}",
+        outcome.steps
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A model that diverges (a learning rate of 1e30: after the first step
 /// every loss is infinite, and each such step is skipped) stops after
 /// three reports without a finite step, with a checkpoint; every
