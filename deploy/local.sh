@@ -35,5 +35,9 @@ case " $* " in
     *" --local-actors"*) ;;
     *) args+=(--local-actors) ;;
 esac
+if [ "$fresh" = 0 ] && [[ " $* " == *" --fresh "* ]]; then
+    echo "local.sh: --fresh and --resume contradict each other: give one" >&2
+    exit 2
+fi
 if [ "$fresh" = 1 ]; then args+=(--fresh); fi
 exec "$learner" "${args[@]}"

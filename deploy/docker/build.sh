@@ -5,16 +5,24 @@
 #   deploy/docker/build.sh [TAG]     # flgfn-learner:TAG, flgfn-actor:TAG (default latest)
 #
 # FLGFN_BUNDLE=cuda builds from the CUDA bundle instead (GPU learners, ~2.8 GB).
+# FLGFN_DOCKER_BASE names another base image (default debian:bookworm-slim):
+# the bundle needs the glibc of this machine or newer.
 set -euo pipefail
 tag="${1:-latest}"
 flavour="${FLGFN_BUNDLE:-cpu}"
+base="${FLGFN_DOCKER_BASE:-debian:bookworm-slim}"
 cd "$(dirname "$0")/../.."
-deploy/docker/base.sh
+# base.sh makes the default one where none can be pulled; another one
+# comes from a registry when docker build needs it.
+if [ -z "${FLGFN_DOCKER_BASE:-}" ]; then
+    deploy/docker/base.sh "$base"
+fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 deploy/bundle.sh "--$flavour" "$context/flgfn" >&2
 for target in learner actor; do
     docker build --quiet --file deploy/docker/Dockerfile --target "$target" \
+        --build-arg BASE="$base" \
         --tag "flgfn-$target:$tag" "$context" >/dev/null
     echo "build.sh: flgfn-$target:$tag ($flavour bundle)" >&2
 done

@@ -301,29 +301,41 @@ class Actor:
         # latest before them).
         work = collections.deque()
         policy, version = None, None
+
+        def take_grants(wait):
+            """Takes in the grants that arrived (waiting for one if `wait`).
+            True or False when the session is over (see above), else None."""
+            nonlocal policy, version
+            while True:
+                try:
+                    grant = received.get(block=wait)
+                except queue.Empty:
+                    return None
+                wait = False
+                if grant is None:
+                    return False
+                if isinstance(grant, Exception):
+                    raise grant
+                self.served = True
+                if grant.training_done:
+                    return True
+                if grant.HasField("weights"):
+                    policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
+                    version = grant.weights.version
+                    self.counts["versions"] += 1
+                if grant.credits:
+                    if policy is None:
+                        raise Refused("the learner granted a credit before sending weights")
+                    work.append([grant.credits, policy, version])
+
         try:
             while True:
-                # What arrived so far; wait for more only with nothing to do.
-                while True:
-                    try:
-                        grant = received.get(block=not work)
-                    except queue.Empty:
-                        break
-                    if grant is None:
-                        return False
-                    if isinstance(grant, Exception):
-                        raise grant
-                    self.served = True
-                    if grant.training_done:
-                        return True
-                    if grant.HasField("weights"):
-                        policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
-                        version = grant.weights.version
-                        self.counts["versions"] += 1
-                    if grant.credits:
-                        if policy is None:
-                            raise Refused("the learner granted a credit before sending weights")
-                        work.append([grant.credits, policy, version])
+                # Wait for a grant only with nothing to do.
+                ended = take_grants(wait=not work)
+                if ended is not None:
+                    return ended
+                if not work:
+                    continue
                 oldest = work[0]
                 oldest[0] -= 1
                 _, sampler, sampled_by = oldest
@@ -331,6 +343,11 @@ class Actor:
                     work.popleft()
                 actions, energies = rollout(task, sampler, self.envs, self.epsilon,
                                             self.truncate_fraction, self.rng)
+                # Credits that came during the rollout count as held: 0
+                # tells the learner this actor has nothing to do.
+                ended = take_grants(wait=False)
+                if ended is not None:
+                    return ended
                 outbox.put(pb.TrajectoryChunk(
                     actor_id=actor_id, policy_version=sampled_by, sequence=self.counts["chunks"],
                     trajectories=[pb.Trajectory(actions=a, energies=e)

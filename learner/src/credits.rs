@@ -729,7 +729,7 @@ mod tests {
         assert_eq!(
             (pool.capacity(), pool.batch_target()),
             (800, 100),
-            "starts at 16 smallest batches, within the ceiling"
+            "starts at INITIAL_ROOM_BATCHES smallest batches, within the ceiling"
         );
         // Down to one batch, for the rules below.
         let mut queue = pool.try_reserve(400).unwrap();

@@ -333,14 +333,21 @@ impl Trainer {
             // is off their grid: its samples must not join the best objects
             // the checkpoint carries, or a run stopped and resumed would
             // rest on one more evaluation than one that was not.
-            let grid_state = (learner.eval_every_steps > 0).then(|| evaluator.state());
-            if progress.window.steps > 0
-                && let Err(error) = self.report(&mut evaluator, &mut progress)
-            {
-                break 'training Err(error);
-            }
-            if let Some(state) = grid_state {
+            // (Nor may a time to quality only it found.) Put back whether
+            // the report succeeds or not: a failure saves a checkpoint too.
+            let grid_state = (learner.eval_every_steps > 0)
+                .then(|| (evaluator.state(), progress.time_to_quality));
+            let reported = if progress.window.steps > 0 {
+                self.report(&mut evaluator, &mut progress)
+            } else {
+                Ok(())
+            };
+            if let Some((state, time_to_quality)) = grid_state {
                 evaluator.restore(&state, self.config.seed ^ progress.step.rotate_left(32));
+                progress.time_to_quality = time_to_quality;
+            }
+            if let Err(error) = reported {
+                break 'training Err(error);
             }
             progress.version = progress.step + progress.version_offset;
             if let Err(error) = self.raise_version_floor(&mut progress) {
