@@ -58,6 +58,15 @@ type Actor = tokio::task::JoinHandle<Result<ActorReport, flgfn_actor::ActorError
 
 /// A learner in this process writing `metrics`, and two in-process actors.
 async fn start_run(config: &Config, metrics: &Path) -> (Learner, [Actor; 2]) {
+    start_run_until(config, metrics, std::future::pending()).await
+}
+
+/// [`start_run`], with a learner told to stop when `stop` resolves.
+async fn start_run_until(
+    config: &Config,
+    metrics: &Path,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Learner, [Actor; 2]) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let learner = tokio::spawn(flgfn_learner::serve(
@@ -67,7 +76,7 @@ async fn start_run(config: &Config, metrics: &Path) -> (Learner, [Actor; 2]) {
             metrics_path: Some(metrics.to_owned()),
             ..RunOptions::default()
         },
-        std::future::pending(),
+        stop,
     ));
     (learner, [actor(config, &url, 0), actor(config, &url, 1)])
 }
@@ -272,21 +281,11 @@ async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
     let (mut config, checkpoints) = checkpointed(&dir, 0, 0);
     config.learner.eval_every_steps = 10;
     let metrics = dir.join("metrics.jsonl");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        RunOptions {
-            metrics_path: Some(metrics.clone()),
-            ..RunOptions::default()
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    let (learner, actors) = start_run_until(&config, &metrics, async move {
+        let _ = stopped.await;
+    })
+    .await;
     // Until some reports are in, then at whatever step it is.
     let deadline = Instant::now() + Duration::from_secs(60);
     while support::reports(&metrics).len() < 3 {
