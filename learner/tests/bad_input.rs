@@ -1,5 +1,7 @@
 //! A raw gRPC client that misbehaves: the learner refuses with a status that
-//! names the field, keeps what it had accepted, and does not panic.
+//! names the field, keeps what it had accepted, and does not panic. And
+//! the other way round, a learner that floods an actor with credits: the
+//! actor stops, saying so.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -1291,4 +1293,84 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
         .unwrap();
     assert!(answered.is_ok());
     let _ = stop.send(());
+}
+
+/// A learner that answers every handshake as the actor's own and grants
+/// `credits` at once, with valid weights, on every session.
+struct FloodingLearner {
+    reply: proto::HandshakeReply,
+    weights: Vec<u8>,
+    credits: u32,
+}
+
+#[tonic::async_trait]
+impl proto::learner_server::Learner for FloodingLearner {
+    async fn handshake(
+        &self,
+        _request: tonic::Request<proto::HandshakeRequest>,
+    ) -> Result<tonic::Response<proto::HandshakeReply>, Status> {
+        Ok(tonic::Response::new(self.reply.clone()))
+    }
+
+    type SessionStream = ReceiverStream<Result<proto::Grant, Status>>;
+
+    async fn session(
+        &self,
+        _request: tonic::Request<Streaming<proto::TrajectoryChunk>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        let (grants, stream) = mpsc::channel(1);
+        grants
+            .send(Ok(proto::Grant {
+                credits: self.credits,
+                weights: Some(proto::Weights {
+                    version: 1,
+                    safetensors: self.weights.clone().into(),
+                }),
+                training_done: false,
+            }))
+            .await
+            .unwrap();
+        // Kept open: the actor, not the stream's end, must stop it.
+        std::mem::forget(grants);
+        Ok(tonic::Response::new(ReceiverStream::new(stream)))
+    }
+}
+
+/// A learner that grants far more credits than any actor could queue
+/// breaks the protocol: the actor stops at once with an error saying so,
+/// instead of reconnecting for ever (reconnect_attempts = 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
+    let mut config = config();
+    let env = tasks::build(&config.task).unwrap();
+    let model = ModelSpec::new(env.as_ref(), &config.model);
+    let policy = flgfn_common::policy::Policy::new(&model, tch::Device::Cpu);
+    let weights = flgfn_common::weights::encode(
+        &policy.weights(),
+        flgfn_common::weights::WeightEncoding::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    let learner = FloodingLearner {
+        reply: proto::HandshakeReply {
+            actor_id: 1,
+            task: Some((&env.spec()).into()),
+            model: Some((&model).into()),
+            version: 0,
+            max_message_bytes: 1 << 20,
+        },
+        weights,
+        credits: 1_000_000,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
+    config.actor.reconnect_attempts = 0;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::learner_server::LearnerServer::new(learner))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let error = actor_error(config, "flooded").await;
+    assert!(error.contains("protocol error"), "{error}");
+    assert!(error.contains("credits"), "{error}");
 }
