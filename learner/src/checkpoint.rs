@@ -366,9 +366,8 @@ const DAMAGED_SUFFIX: &str = ".damaged";
 /// all (an I/O error, not damage) is an error that names it.
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
     let all = list(dir)?;
-    // Skipped so far, and of those the ones that read back damaged.
-    let mut damaged = 0;
-    let mut damaged_content = Vec::new();
+    // Newer ones that read back damaged, skipped so far.
+    let mut damaged = Vec::new();
     for (_, path) in all.iter().rev() {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
@@ -388,23 +387,24 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
         };
         match parse(path, &bytes) {
             Ok(mut checkpoint) => {
-                if damaged > 0 {
+                if !damaged.is_empty() {
+                    let damaged = damaged.len();
                     warn!(path = %path.display(), damaged, "using an older checkpoint");
                 }
-                checkpoint.damaged_newer = damaged_content;
+                checkpoint.damaged_newer = damaged;
                 return Ok(Some(checkpoint));
             }
             Err(reason) => {
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
-                damaged_content.push(path.clone());
-                damaged += 1;
+                damaged.push(path.clone());
             }
         }
     }
-    if damaged > 0 {
+    if !damaged.is_empty() {
         return Err(LearnerError::Checkpoint(format!(
-            "every checkpoint in {} is damaged ({damaged}); start over with --fresh",
-            dir.display()
+            "every checkpoint in {} is damaged ({}); start over with --fresh",
+            dir.display(),
+            damaged.len()
         )));
     }
     Ok(None)

@@ -139,12 +139,13 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = self.state().await?;
+        let refused = |error: RequestError| {
+            warn!(%peer, %error, "refused a session");
+            state.stats.refuse(&format!("session_{}", error.reason()));
+            Status::from(error)
+        };
         let (actor_id, per_chunk, chunk_bytes) =
-            state.check_session(request.metadata()).map_err(|error| {
-                warn!(%peer, %error, "refused a session");
-                state.stats.refuse(&format!("session_{}", error.reason()));
-                Status::from(error)
-            })?;
+            state.check_session(request.metadata()).map_err(refused)?;
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
             state.stats.refuse("too_many_sessions");
             return Err(Status::resource_exhausted(format!(
@@ -156,10 +157,7 @@ impl Learner for LearnerService {
         // actor may retry a full learner with it).
         let Some(actor_name) = state.sequences.opened(actor_id) else {
             // A concurrent session took it first.
-            let error = RequestError::UnknownActor(actor_id);
-            warn!(%peer, %error, "refused a session");
-            state.stats.refuse(&format!("session_{}", error.reason()));
-            return Err(Status::from(error));
+            return Err(refused(RequestError::UnknownActor(actor_id)));
         };
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
         let session = crate::session::Session {
@@ -171,7 +169,7 @@ impl Learner for LearnerService {
             inbound: request.into_inner(),
             grants,
             opened_at: std::time::Instant::now(),
-            actor_name: Some(actor_name),
+            actor_name,
         };
         // Every event of the session carries who it is (JSON logs).
         let span = info_span!("session", actor_id, %peer);

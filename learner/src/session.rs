@@ -142,7 +142,7 @@ pub struct Session {
     /// The name the actor shook hands with, under which its chunk numbers
     /// continue across reconnects, and the number its first chunk should
     /// carry (None: not tracked).
-    pub actor_name: Option<(String, Option<u64>)>,
+    pub actor_name: (String, Option<u64>),
 }
 
 /// One of the learner's `learner.max_sessions` places; freed on drop.
@@ -202,13 +202,13 @@ impl Session {
     pub async fn run(mut self) {
         let stats = self.state.stats.clone();
         let _connected = ConnectedGuard::new(stats.clone());
-        let (name, next_sequence) = self.actor_name.take().unzip();
+        let (name, next_sequence) = std::mem::take(&mut self.actor_name);
         let mut progress = Progress {
             record: SessionRecord {
                 actor_id: self.actor_id,
                 ..SessionRecord::default()
             },
-            next_sequence: next_sequence.flatten(),
+            next_sequence,
             ..Progress::default()
         };
         let served = self.serve(&mut progress).await;
@@ -230,11 +230,9 @@ impl Session {
             };
             self.send_last(message).await;
         }
-        if let Some(name) = name {
-            self.state
-                .sequences
-                .closed(self.actor_id, name, progress.next_sequence);
-        }
+        self.state
+            .sequences
+            .closed(self.actor_id, name, progress.next_sequence);
         debug!(actor_id = self.actor_id, ?progress.record, "session ended");
         stats.record_session(progress.record);
     }

@@ -343,7 +343,7 @@ impl Trainer {
                 Ok(())
             };
             if let Some((state, time_to_quality)) = grid_state {
-                evaluator.restore(&state, self.config.seed ^ progress.step.rotate_left(32));
+                evaluator.restore(&state, self.evaluator_seed(progress.step));
                 progress.time_to_quality = time_to_quality;
             }
             if let Err(error) = reported {
@@ -372,18 +372,13 @@ impl Trainer {
                 // would otherwise be lost. Best effort: the disk that failed
                 // may fail again.
                 if let Some(dir) = &self.checkpoint_dir {
-                    // Nothing above the checkpoint's version was published, so
-                    // a restart continues from it without a jump (as after a
-                    // clean stop).
-                    let version = progress.step + progress.version_offset;
-                    let saved = self
-                        .save_checkpoint(
-                            &optimizer,
-                            own_optimizer.as_ref(),
-                            &evaluator,
-                            &mut progress,
-                        )
-                        .and_then(|()| checkpoint::write_version_floor(dir, version));
+                    let saved = self.save_last_checkpoint(
+                        dir,
+                        &optimizer,
+                        own_optimizer.as_ref(),
+                        &evaluator,
+                        &mut progress,
+                    );
                     match saved {
                         Ok(()) => {
                             info!(step = progress.step, %error, "checkpoint saved after an error")
@@ -400,16 +395,13 @@ impl Trainer {
             // On every way out of the loop (max_steps, a stop: a signal,
             // or every local actor gone): the state to resume from and the
             // weights to use.
-            self.save_checkpoint(
+            self.save_last_checkpoint(
+                dir,
                 &optimizer,
                 own_optimizer.as_ref(),
                 &evaluator,
                 &mut progress,
             )?;
-            // Nothing above the final version was published, and the
-            // checkpoint just written holds its weights: a restart may
-            // reissue exactly it, so versions continue without a jump.
-            checkpoint::write_version_floor(dir, progress.version)?;
             let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, &weights)?;
             info!(path = %path.display(), version = progress.version, "final weights saved");
         }
@@ -449,6 +441,29 @@ impl Trainer {
             untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
         })
+    }
+
+    /// The checkpoint a run ends with (its end, or an error), and the
+    /// version floor brought down to it: nothing above its version was
+    /// published, and it holds those weights, so a restart continues from
+    /// it without a jump.
+    fn save_last_checkpoint(
+        &self,
+        dir: &std::path::Path,
+        optimizer: &Adam,
+        own_optimizer: Option<&(Adam, f64)>,
+        evaluator: &Evaluator,
+        progress: &mut Progress,
+    ) -> Result<(), LearnerError> {
+        self.save_checkpoint(optimizer, own_optimizer, evaluator, progress)?;
+        checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
+    }
+
+    /// The evaluator's sampling seed when it continues at `step` (from a
+    /// checkpoint, or from the state before an off-grid report): resumed
+    /// runs are reproducible too.
+    fn evaluator_seed(&self, step: u64) -> u64 {
+        self.config.seed ^ step.rotate_left(32)
     }
 
     /// Moves the recorded version floor ahead before `progress.version`
@@ -564,10 +579,7 @@ impl Trainer {
             )
             .map_err(fail)?;
         }
-        evaluator.restore(
-            &state.evaluator,
-            self.config.seed ^ state.step.rotate_left(32),
-        );
+        evaluator.restore(&state.evaluator, self.evaluator_seed(state.step));
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
         progress.resumed_trained_transitions = state.trained_transitions;
