@@ -12,7 +12,7 @@ use flgfn_common::env::{Environment, TaskSpec};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
-use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
+use flgfn_common::wire::{self, ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -233,8 +233,8 @@ impl LearnerState {
     }
 
     /// An actor's declared trajectories per chunk must be at least 1, at
-    /// most `learner.max_chunk_trajectories`, and fit the credit pool and
-    /// `learner.max_session_bytes`. Returns what one such chunk holds,
+    /// most `learner.max_chunk_trajectories`, and fit the credit pool,
+    /// the decode limit and `learner.max_session_bytes`. Returns what one such chunk holds,
     /// replayed, at most.
     fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<u64, RequestError> {
         let max = self.max_chunk_trajectories as u64;
@@ -251,6 +251,15 @@ impl LearnerState {
         if reserve > ceiling {
             return Err(RequestError::Malformed(format!(
                 "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's largest credit room of {ceiling} transitions (learner.max_batch_transitions x learner.max_in_flight_batches); lower actor.envs"
+            )));
+        }
+        // A chunk is decoded whole: one that may not fit the decode limit
+        // would be refused as too large mid-run, after its rollout.
+        let message = wire::largest_chunk_bytes(per_chunk as usize, max_len);
+        if message > self.max_message_bytes {
+            return Err(RequestError::Malformed(format!(
+                "`{field}` is {per_chunk}: a chunk of up to {message} bytes does not fit the {} bytes this learner decodes (learner.max_message_bytes); lower actor.envs or raise learner.max_message_bytes",
+                self.max_message_bytes
             )));
         }
         let chunk_bytes = per_chunk

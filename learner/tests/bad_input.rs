@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use flgfn_common::config::{Config, TaskConfig};
 use flgfn_common::policy::ModelSpec;
+use flgfn_common::tasks::lattice::LatticeConfig;
 use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
 use flgfn_common::trajectory::ReplayedTrajectory;
-use flgfn_common::wire::FINAL_REFUSAL_HEADER;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
+use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
 use flgfn_learner::connections::FIRST_BYTES_WITHIN;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -964,6 +965,54 @@ async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted
     too_wide.actor.envs = 4;
     let error = actor_error(too_wide, "too-wide").await;
     assert!(error.contains("learner.max_session_bytes"), "{error}");
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
+}
+
+/// A chunk is decoded whole, so one that might exceed the decode limit is
+/// refused at the handshake, naming the limit, not after its rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_that_may_exceed_the_decode_limit_are_refused_at_the_handshake() {
+    let mut config = config();
+    // 256 sites: a trajectory of up to 256 transitions, so that a chunk
+    // of 512 of them may exceed the smallest limit, 1 MiB; the credit
+    // room and the session's memory have room for it.
+    config.task = TaskConfig::Lattice(LatticeConfig {
+        side: 16,
+        ..LatticeConfig::default()
+    });
+    config.learner.max_chunk_trajectories = 1024;
+    config.learner.batch_transitions = 1024;
+    config.learner.max_batch_transitions = 1 << 14;
+    config.learner.max_in_flight_batches = 16;
+    config.learner.max_session_bytes = 1 << 40;
+    let env = tasks::build(&config.task).unwrap();
+    let fits = config.learner.max_message_bytes / largest_chunk_bytes(1, env.max_trajectory_len());
+    assert!((256..512).contains(&fits), "{fits}");
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let mut too_many = handshake_request(&config);
+    too_many.trajectories_per_chunk = 512;
+    let status = client.handshake(too_many).await.err().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("learner.max_message_bytes")
+            && status.message().contains("trajectories_per_chunk"),
+        "{status:?}"
+    );
+    let mut most = handshake_request(&config);
+    most.trajectories_per_chunk = fits as u32;
+    let actor_id = client.handshake(most).await.unwrap().into_inner().actor_id;
+    // The session's header is checked the same way.
+    let status = open_declaring(&mut client, Some(actor_id), 512)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("learner.max_message_bytes"),
+        "{status:?}"
+    );
     stop.send(()).unwrap();
     learner.await.unwrap().unwrap();
 }
