@@ -159,17 +159,16 @@ pub struct ConnectionInfo {
 impl ConnectionInfo {
     /// The connection of `request`, if it came through [`incoming`].
     pub fn of<T>(request: &tonic::Request<T>) -> Option<&ConnectionInfo> {
-        let extensions = request.extensions();
-        extensions.get::<ConnectionInfo>().or_else(|| {
-            extensions
-                .get::<TlsConnectInfo<ConnectionInfo>>()
-                .map(TlsConnectInfo::get_ref)
-        })
+        Self::in_extensions(request.extensions())
     }
 
     /// The same, from an HTTP request (below the gRPC layer).
     fn of_http<B>(request: &http::Request<B>) -> Option<&ConnectionInfo> {
-        let extensions = request.extensions();
+        Self::in_extensions(request.extensions())
+    }
+
+    /// Plain or under TLS, which wraps it.
+    fn in_extensions(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
         extensions.get::<ConnectionInfo>().or_else(|| {
             extensions
                 .get::<TlsConnectInfo<ConnectionInfo>>()
