@@ -226,10 +226,43 @@ pub fn ingest_chunk(
     })
 }
 
-/// The last chunk sequence number seen from each actor name, so that gaps
-/// are counted across an actor's reconnects (each reconnect is a new
-/// actor id; the name, e.g. host and pid, stays). Bounded: beyond
-/// [`SequenceBook::MAX_NAMES`] names, new ones are not tracked.
+/// Where an actor's chunk numbering stands, across its reconnects (each
+/// reconnect is a new actor id; the name, e.g. host and pid, stays).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SequenceState {
+    /// The number the next chunk should carry (None: no expectation yet).
+    pub next: Option<u64>,
+    /// How many numbers may be missing before the next chunk: credits of
+    /// earlier sessions whose chunk never arrived (lost with their
+    /// connection, or rolled out and dropped by the actor once that
+    /// session had ended). Within a session chunks arrive in order over
+    /// one stream, so nothing goes missing there, and an actor cannot
+    /// inflate the lost count by skipping numbers.
+    pub may_skip: u64,
+}
+
+impl SequenceState {
+    /// Records chunk `sequence` and returns the chunks missing before it.
+    /// A number that goes back (a restarted actor process), or skips more
+    /// than [`may_skip`](Self::may_skip) (an actor that numbers its chunks
+    /// otherwise), starts over and counts nothing.
+    pub fn arrived(&mut self, sequence: u64) -> u64 {
+        let may_skip = std::mem::take(&mut self.may_skip);
+        let expected = self.next.replace(sequence.saturating_add(1));
+        match expected {
+            Some(expected) if sequence > expected && sequence - expected <= may_skip => {
+                sequence - expected
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// Each actor name's [`SequenceState`] when its last session closed, so
+/// that gaps are counted across an actor's reconnects. Bounded: beyond
+/// [`SequenceBook::MAX_NAMES`] names, new ones are not tracked. Consulted
+/// only when sessions open and close; a session counts its own chunks
+/// without locks.
 #[derive(Debug, Default)]
 pub struct SequenceBook {
     inner: Mutex<SequenceEntries>,
@@ -240,9 +273,9 @@ struct SequenceEntries {
     /// Handshaken actor ids whose session has not opened yet, oldest
     /// (lowest: ids only grow) first.
     name_of_id: std::collections::BTreeMap<u64, String>,
-    /// The last sequence number received per actor name, with the actor
-    /// id of the session that received it.
-    last_of_name: std::collections::HashMap<String, (u64, u64)>,
+    /// Per actor name, where its numbering stood when its last session
+    /// closed, with that session's actor id.
+    last_of_name: std::collections::HashMap<String, (u64, SequenceState)>,
     /// Sessions open per actor name (names with none are removed): at most
     /// one per open session.
     open_of_name: std::collections::HashMap<String, u32>,
@@ -275,32 +308,32 @@ impl SequenceBook {
     }
 
     /// A session of `actor_id` opens: the name it shook hands with (once),
-    /// and the sequence number its first chunk should carry if its name
-    /// was seen in an earlier session. None while another session of the
-    /// name is still open (the actor reconnected while the learner had not
-    /// yet noticed its old session gone): the last number recorded is then
-    /// older than what that session received, and the gap would be counted
-    /// lost.
-    pub fn opened(&self, actor_id: u64) -> Option<(String, Option<u64>)> {
+    /// and where its name's numbering stood when its last session closed.
+    /// Nothing expected while another session of the name is still open
+    /// (the actor reconnected while the learner had not yet noticed its
+    /// old session gone): the number recorded is then older than what that
+    /// session received, and the gap would be counted lost.
+    pub fn opened(&self, actor_id: u64) -> Option<(String, SequenceState)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let name = entries.name_of_id.remove(&actor_id)?;
         let open = entries.open_of_name.entry(name.clone()).or_insert(0);
         *open += 1;
         let alone = *open == 1;
-        let next = entries
+        let state = entries
             .last_of_name
             .get(&name)
             .filter(|_| alone)
-            .map(|&(_, last)| last.saturating_add(1));
-        Some((name, next))
+            .map(|&(_, state)| state)
+            .unwrap_or_default();
+        Some((name, state))
     }
 
-    /// The session `actor_id` of `name` closed, its next chunk expected
-    /// at `next` (None: it sent none). A session that closes after a newer
-    /// one of the same name (ids only grow: the older one lingered until
-    /// its stall timeout while the actor reconnected) leaves the newer
-    /// one's number.
-    pub fn closed(&self, actor_id: u64, name: String, next: Option<u64>) {
+    /// The session `actor_id` of `name` closed with its numbering at
+    /// `state` (`may_skip` including its own credits whose chunk never
+    /// came). A session that closes after a newer one of the same name
+    /// (ids only grow: the older one lingered until its stall timeout
+    /// while the actor reconnected) leaves the newer one's state.
+    pub fn closed(&self, actor_id: u64, name: String, state: SequenceState) {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(open) = entries.open_of_name.get_mut(&name) {
             *open -= 1;
@@ -308,42 +341,31 @@ impl SequenceBook {
                 entries.open_of_name.remove(&name);
             }
         }
-        let Some(last) = next.map(|next| next.saturating_sub(1)) else {
+        if state.next.is_none() {
             return;
-        };
+        }
         let room = entries.last_of_name.len() < Self::MAX_NAMES;
         match entries.last_of_name.get_mut(&name) {
             Some(entry) if entry.0 > actor_id => {}
-            Some(entry) => *entry = (actor_id, last),
+            Some(entry) => *entry = (actor_id, state),
             None if room => {
-                entries.last_of_name.insert(name, (actor_id, last));
+                entries.last_of_name.insert(name, (actor_id, state));
             }
             None => {}
         }
     }
 }
 
-/// Records chunk `sequence` of a session that expects `next` (None: no
-/// expectation yet) and returns the chunks missing before it. A number
-/// that goes back (a restarted actor process), or jumps further than the
-/// actor could have had credits for (`most`: an actor that numbers its
-/// chunks wrongly), starts over and counts nothing. Per session, without
-/// locks: the [`SequenceBook`] is consulted only when sessions open and
-/// close.
-pub fn missing_before(next: &mut Option<u64>, sequence: u64, most: u64) -> u64 {
-    let expected = next.replace(sequence.saturating_add(1));
-    match expected {
-        Some(expected) if sequence > expected && sequence - expected <= most => sequence - expected,
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 mod sequence_tests {
-    use super::{SequenceBook, missing_before};
+    use super::{SequenceBook, SequenceState};
 
-    /// More missing chunks than any test here has.
-    const MOST: u64 = 100;
+    /// A session's close: its numbering, with `unanswered` credits whose
+    /// chunk never came.
+    fn close(book: &SequenceBook, id: u64, name: String, state: SequenceState, unanswered: u64) {
+        let may_skip = state.may_skip + unanswered;
+        book.closed(id, name, SequenceState { may_skip, ..state });
+    }
 
     #[test]
     fn a_handshake_opens_one_session_and_a_flood_forgets_the_oldest() {
@@ -360,36 +382,76 @@ mod sequence_tests {
     }
 
     #[test]
-    fn gaps_are_counted_within_and_across_sessions_and_a_restart_starts_over() {
+    fn gaps_are_counted_across_sessions_up_to_the_credits_never_answered() {
         let book = SequenceBook::default();
         book.joined(1, "host/1");
-        let (name, mut next) = book.opened(1).unwrap();
+        let (name, mut state) = book.opened(1).unwrap();
         assert_eq!(book.opened(1), None, "a handshake opens one session");
-        assert_eq!(next, None, "a name never seen before");
-        assert_eq!(missing_before(&mut next, 0, MOST), 0);
-        assert_eq!(missing_before(&mut next, 1, MOST), 0);
-        assert_eq!(missing_before(&mut next, 4, MOST), 2, "2 and 3 missing");
-        book.closed(1, name, next);
-        // A reconnect: a new session of the same name resumes at 7.
+        assert_eq!(state, SequenceState::default(), "a name never seen before");
+        assert_eq!(state.arrived(0), 0);
+        assert_eq!(state.arrived(1), 0);
+        // Within a session nothing is lost: a jump is numbering, not loss.
+        assert_eq!(state.arrived(4), 0);
+        // Closed holding 3 credits whose chunks never came.
+        close(&book, 1, name, state, 3);
+        // A reconnect: up to 3 numbers may be missing before its first
+        // chunk (here 2: 5 and 6), none after it.
         book.joined(2, "host/1");
-        let (name, mut next) = book.opened(2).unwrap();
-        assert_eq!(missing_before(&mut next, 7, MOST), 2, "5 and 6 missing");
-        book.closed(2, name, next);
-        // The actor process restarted: numbering starts over.
+        let (name, mut state) = book.opened(2).unwrap();
+        assert_eq!(state.next, Some(5));
+        assert_eq!(state.arrived(7), 2, "5 and 6 missing");
+        assert_eq!(state.arrived(9), 0);
+        close(&book, 2, name, state, 1);
+        // A session that received nothing passes its credits on.
         book.joined(3, "host/1");
-        let (_, mut next) = book.opened(3).unwrap();
-        assert_eq!(missing_before(&mut next, 0, MOST), 0);
-        assert_eq!(missing_before(&mut next, 1, MOST), 0);
+        let (name, state) = book.opened(3).unwrap();
+        close(&book, 3, name, state, 2);
+        book.joined(4, "host/1");
+        let (name, mut state) = book.opened(4).unwrap();
+        assert_eq!(
+            state,
+            SequenceState {
+                next: Some(10),
+                may_skip: 3
+            }
+        );
+        assert_eq!(state.arrived(13), 3);
+        close(&book, 4, name, state, 0);
+        // More than the credits could explain: counted nothing.
+        book.joined(5, "host/1");
+        let (name, mut state) = book.opened(5).unwrap();
+        assert_eq!(state.arrived(15), 0);
+        close(&book, 5, name, state, 0);
+        // The actor process restarted: numbering starts over.
+        book.joined(6, "host/1");
+        let (_, mut state) = book.opened(6).unwrap();
+        assert_eq!(state.arrived(0), 0);
+        assert_eq!(state.arrived(1), 0);
         // Another actor's numbers are its own.
-        book.joined(4, "host/2");
-        let (_, mut other) = book.opened(4).unwrap();
-        assert_eq!(missing_before(&mut other, 3, MOST), 0);
-        // A jump no credits could explain counts nothing, and numbering
-        // goes on from there.
-        assert_eq!(missing_before(&mut other, u64::MAX - 1, MOST), 0);
-        assert_eq!(missing_before(&mut other, u64::MAX, MOST), 0);
-        assert_eq!(missing_before(&mut other, 3 + MOST + 2, MOST), 0);
-        assert_eq!(missing_before(&mut other, 3 + MOST + 3 + MOST, MOST), MOST);
+        book.joined(7, "host/2");
+        let (_, mut other) = book.opened(7).unwrap();
+        assert_eq!(other.arrived(3), 0);
+        assert_eq!(other.arrived(u64::MAX), 0);
+        assert_eq!(other.arrived(5), 0);
+    }
+
+    /// An actor that skips numbers on every chunk, reconnecting each time,
+    /// counts as lost no more than the credits its sessions never answered.
+    #[test]
+    fn skipping_numbers_cannot_inflate_the_lost_count() {
+        let book = SequenceBook::default();
+        let mut lost = 0;
+        let mut sequence = 0;
+        for id in 1..=100 {
+            book.joined(id, "liar");
+            let (name, mut state) = book.opened(id).unwrap();
+            for _ in 0..10 {
+                sequence += 1_000;
+                lost += state.arrived(sequence);
+            }
+            close(&book, id, name, state, 1);
+        }
+        assert!(lost <= 99, "{lost} counted lost");
     }
 
     #[test]
@@ -397,29 +459,35 @@ mod sequence_tests {
         let book = SequenceBook::default();
         book.joined(1, "host/1");
         let (old_name, mut old) = book.opened(1).unwrap();
-        assert_eq!(missing_before(&mut old, 99, MOST), 0);
+        assert_eq!(old.arrived(99), 0);
         // The actor reconnects while its old session lingers.
         book.joined(2, "host/1");
         let (new_name, mut new) = book.opened(2).unwrap();
-        assert_eq!(missing_before(&mut new, 500, MOST), 0);
-        book.closed(2, new_name, new);
-        book.closed(1, old_name, old);
+        assert_eq!(new.arrived(500), 0);
+        close(&book, 2, new_name, new, 0);
+        close(&book, 1, old_name, old, 4);
         book.joined(3, "host/1");
         let (name, mut next) = book.opened(3).unwrap();
-        assert_eq!(next, Some(501));
-        assert_eq!(missing_before(&mut next, 501, MOST), 0);
+        assert_eq!(
+            next,
+            SequenceState {
+                next: Some(501),
+                may_skip: 0
+            }
+        );
+        assert_eq!(next.arrived(501), 0);
 
         // Session 3 lingers while the actor reconnects as 4: the number
         // recorded (500) is older than what 3 received, so 4 expects
         // nothing rather than counting the gap lost.
-        assert_eq!(missing_before(&mut next, 900, MOST), 0);
+        assert_eq!(next.arrived(900), 0);
         book.joined(4, "host/1");
         let (newer_name, mut newer) = book.opened(4).unwrap();
-        assert_eq!(newer, None);
-        assert_eq!(missing_before(&mut newer, 905, MOST), 0);
-        book.closed(4, newer_name, newer);
-        book.closed(3, name, next);
+        assert_eq!(newer, SequenceState::default());
+        assert_eq!(newer.arrived(905), 0);
+        close(&book, 4, newer_name, newer, 0);
+        close(&book, 3, name, next, 0);
         book.joined(5, "host/1");
-        assert_eq!(book.opened(5).unwrap().1, Some(906));
+        assert_eq!(book.opened(5).unwrap().1.next, Some(906));
     }
 }

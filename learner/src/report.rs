@@ -138,8 +138,8 @@ pub struct Report {
     /// Chunks refused as invalid so far (not those that arrived after
     /// training ended: `rejections.shutting_down`).
     pub rejected_chunks: u64,
-    /// Chunks actors numbered but never delivered (gaps in their sequence
-    /// numbers, across reconnects too) so far.
+    /// Chunks actors numbered but never delivered (the gap in their
+    /// sequence numbers where they reconnect) so far.
     #[serde(default)]
     pub lost_chunks: u64,
     /// Refusals by reason: chunks (e.g. `invalid_action`, `undecodable`),

@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 use crate::credits::{CreditToken, SessionCredits};
 use crate::error::RequestError;
 use crate::ingest::{
-    IngestContext, IngestStats, IngestedChunk, QueuedChunk, SessionRecord, ingest_chunk,
+    IngestContext, IngestStats, IngestedChunk, QueuedChunk, SequenceState, SessionRecord,
+    ingest_chunk,
 };
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
@@ -140,9 +141,8 @@ pub struct Session {
     /// When the session opened.
     pub opened_at: Instant,
     /// The name the actor shook hands with, under which its chunk numbers
-    /// continue across reconnects, and the number its first chunk should
-    /// carry (None: not tracked).
-    pub actor_name: (String, Option<u64>),
+    /// continue across reconnects, and where that numbering stood.
+    pub actor_name: (String, SequenceState),
 }
 
 /// One of the learner's `learner.max_sessions` places; freed on drop.
@@ -185,8 +185,9 @@ struct Progress {
     last_chunk_at: Option<Instant>,
     /// Newest version sent to this actor.
     sent_version: Option<u64>,
-    /// The sequence number the next chunk should carry.
-    next_sequence: Option<u64>,
+    /// This actor's chunk numbering: the next number, and how many may be
+    /// missing before it.
+    sequence: SequenceState,
     /// Chunks in a row that arrived already older than `max_policy_lag`.
     stale_arrivals: u32,
     /// How long the next pause lasts (zero: the first pause comes next).
@@ -202,19 +203,26 @@ impl Session {
     pub async fn run(mut self) {
         let stats = self.state.stats.clone();
         let _connected = ConnectedGuard::new(stats.clone());
-        let (name, next_sequence) = std::mem::take(&mut self.actor_name);
+        let (name, sequence) = std::mem::take(&mut self.actor_name);
         let mut progress = Progress {
             record: SessionRecord {
                 actor_id: self.actor_id,
                 ..SessionRecord::default()
             },
-            next_sequence,
+            sequence,
             ..Progress::default()
         };
         let served = self.serve(&mut progress).await;
         // The credits this actor holds go back to the room now: the last
-        // message below may wait on an actor that no longer reads.
+        // message below may wait on an actor that no longer reads. Their
+        // chunks may have been sent, and lost with the connection.
+        progress.sequence.may_skip += progress.unused.len() as u64;
         progress.unused.clear();
+        // Recorded before the last message: an actor that reconnects on
+        // reading it finds its numbering where this session left it.
+        self.state
+            .sequences
+            .closed(self.actor_id, name, progress.sequence);
         if let Err(status) = served {
             // Training may be ending while this session was busy (a chunk
             // finds the trainer gone, the credits stop on a requested
@@ -230,9 +238,6 @@ impl Session {
             };
             self.send_last(message).await;
         }
-        self.state
-            .sequences
-            .closed(self.actor_id, name, progress.next_sequence);
         debug!(actor_id = self.actor_id, ?progress.record, "session ended");
         stats.record_session(progress.record);
     }
@@ -435,6 +440,13 @@ impl Session {
         let wire_bytes = message.encoded_len() as u64;
         let (mut credit, granted_at) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
         progress.last_chunk_at = Some(Instant::now());
+        // Whether or not the chunk is valid, its number arrived: a refused
+        // chunk is not also counted lost by the next session.
+        let stats = &self.state.stats;
+        IngestStats::add(
+            &stats.lost_chunks,
+            progress.sequence.arrived(message.sequence),
+        );
         // Before validation, so that the next credit can be granted while
         // this chunk is replayed (a chunk refused below ends the session
         // anyway); the throttle first, so that the controller, woken by
@@ -443,7 +455,6 @@ impl Session {
         credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
-        let sequence = chunk.sequence;
         let context = IngestContext {
             actor_id: self.actor_id,
             latest_version: progress.sent_version.unwrap_or(0),
@@ -470,17 +481,6 @@ impl Session {
                 .map_err(|_| RequestError::ShuttingDown)?;
         }
         // (With nothing to train on, the credit's room goes back here.)
-        let stats = &self.state.stats;
-        IngestStats::add(
-            &stats.lost_chunks,
-            crate::ingest::missing_before(
-                &mut progress.next_sequence,
-                sequence,
-                // This session's credits, and at most as many as a
-                // session can hold for one before it.
-                progress.record.credits_granted + self.max_held_chunks(),
-            ),
-        );
         IngestStats::add(&stats.accepted_chunks, 1);
         IngestStats::add(&stats.wire_bytes, wire_bytes);
         IngestStats::add(&stats.accepted_transitions, transitions as u64);

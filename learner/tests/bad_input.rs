@@ -1118,6 +1118,51 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
     assert_eq!(outcome.final_report.lost_chunks, 0);
 }
 
+/// Chunks lost with a connection show as a gap in the actor's numbering at
+/// its next session, counted up to the credits the old session never got
+/// answered; a refused chunk is not also counted lost, and numbers
+/// skipped within a session are not loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
+    let mut config = config();
+    // Room for 4 one-trajectory credits at once; each chunk is a step.
+    config.learner.max_in_flight_batches = 4;
+    config.learner.max_steps = 3;
+    let (url, learner, stop) = start_learner(&config).await;
+    let (mut client, actor_id) = try_handshake(&url, &config).await.unwrap();
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let mut credits = 0;
+    while credits < 3 {
+        credits += session.grant().await.credits;
+    }
+    // Chunk 0 is trained, chunk 1 refused; the third credit (at least)
+    // goes unanswered, as if its chunk was lost with the connection.
+    session
+        .upload
+        .send(chunk(actor_id, vec![0, 1]))
+        .await
+        .unwrap();
+    let mut bad = chunk(actor_id, vec![1, 1]);
+    bad.sequence = 1;
+    let status = session.refused(bad).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // The same actor (same name) again: chunk 2 never came.
+    let (mut client, actor_id) = try_handshake(&url, &config).await.unwrap();
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    for sequence in [3, 1_003] {
+        session.grant().await;
+        let mut good = chunk(actor_id, vec![0, 1]);
+        good.sequence = sequence;
+        session.upload.send(good).await.unwrap();
+    }
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 3);
+    assert_eq!(outcome.final_report.accepted_chunks, 3);
+    assert_eq!(outcome.final_report.lost_chunks, 1);
+}
+
 /// A session that takes credits and never answers (a frozen actor, a cut
 /// link: the learner ends it only after 30 s) does not starve the other
 /// actors meanwhile, even when it took the whole initial room: the room
