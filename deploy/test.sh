@@ -29,7 +29,7 @@ cargo build --release --workspace --bins
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace --no-fail-fast "${args[@]}" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast ${args[@]+"${args[@]}"} 2>&1 | tee "$log" || status=$?
 # cargo prints one "test result:" line per test binary (the last is often a
 # doc-test run with 0 tests): add them up so the total is what closes.
 summary="$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

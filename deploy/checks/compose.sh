@@ -80,9 +80,9 @@ fail() {
 step() { echo "compose: $*"; }
 
 # The learner's metrics file, from its volume (readable whether the
-# container runs or not).
+# container runs or not: Compose v2's ps lists stopped ones only with -a).
 metrics() {
-    docker cp "$("${compose[@]}" ps -q learner):/var/lib/flgfn/metrics.jsonl" "$work/metrics.jsonl" 2>/dev/null &&
+    docker cp "$("${compose[@]}" ps -a -q learner):/var/lib/flgfn/metrics.jsonl" "$work/metrics.jsonl" 2>/dev/null &&
         cat "$work/metrics.jsonl"
 }
 
@@ -164,7 +164,7 @@ wait_for 60 sh -c "[ \$(docker logs $cut 2>&1 | grep -c 'connected to the learne
 step "   rejoined; trained transitions $trained_before -> $trained_during while it was away; chunks lost so far: $(last_metric lost_chunks)"
 
 step "3. training to quality"
-wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||
+wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -a -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||
     fail "the small task did not reach quality"
 "${compose[@]}" stop --timeout 30 learner >/dev/null
 for actor in "${actors[@]}"; do

@@ -111,6 +111,9 @@ def kubernetes():
             documents += [d for d in yaml.safe_load_all(open(path)) if d]
     services = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Service"}
     listen_port = None
+    # (None when the learner was refused above or has no Service: each
+    # actor then fails naming that, after the reasons already found.)
+    learner_service = None
     actor_urls = []
     for d in documents:
         if d["kind"] not in ("StatefulSet", "Deployment"):

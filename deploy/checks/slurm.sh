@@ -10,7 +10,17 @@ cd "$(dirname "$0")/../.."
 source deploy/tools.sh
 root="$PWD"
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# Whatever still runs from this bundle (the tasks of a job that timed out
+# outlive its shell, and would write into $work) stops before it goes.
+cleanup() {
+    pkill -f "$work/flgfn-bundle/bin/" || true
+    for _ in $(seq 50); do
+        pgrep -f "$work/flgfn-bundle/bin/" >/dev/null || break
+        sleep 0.2
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
 deploy/bundle.sh --cpu "$work/flgfn-bundle" >/dev/null
 
 mkdir "$work/bin"
@@ -54,19 +64,41 @@ JOB
 
 port="$(free_port)"
 cd "$work"
-if env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" \
-    SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID=4242 \
-    SLURM_JOB_NODELIST_HET_GROUP_0=gpu-node-1 \
-    SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
-    SLURM_CPUS_PER_TASK_HET_GROUP_0=1 \
-    FLGFN_JOB="$work/job.toml" FLGFN_PORT="$port" \
-    timeout 600 bash "$root/deploy/slurm/flgfn.sbatch" >"$work/job.log" 2>&1 &&
+# The job's environment as Slurm sets it, plus this check's settings.
+sbatch_here() {
+    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" \
+        SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID="$1" \
+        SLURM_JOB_NODELIST_HET_GROUP_0=gpu-node-1 \
+        SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
+        SLURM_CPUS_PER_TASK_HET_GROUP_0=1 \
+        FLGFN_JOB="$work/job.toml" FLGFN_PORT="$port" \
+        timeout 600 bash "$root/deploy/slurm/flgfn.sbatch"
+}
+
+# Another job's learner on the port: this job stops, saying so, rather
+# than start its actors against it.
+"$work/flgfn-bundle/bin/flgfn-learner" --config "$work/job.toml" --listen "127.0.0.1:$port" \
+    --checkpoint-dir "" >"$work/other.log" 2>&1 &
+other=$!
+until "$work/flgfn-bundle/bin/flgfn-health" --address "http://127.0.0.1:$port" >/dev/null 2>&1; do
+    kill -0 "$other" 2>/dev/null || { echo "slurm: FAILED: the other learner did not start" >&2; cat "$work/other.log" >&2; exit 1; }
+    sleep 0.2
+done
+if sbatch_here 4241 >"$work/taken.log" 2>&1 || ! grep -q "already serves" "$work/taken.log"; then
+    echo "slurm: FAILED: a job started on a port another learner serves" >&2
+    cat "$work/taken.log" >&2
+    exit 1
+fi
+kill "$other"
+wait "$other" || true
+
+if sbatch_here 4242 >"$work/job.log" 2>&1 &&
     grep -q "training finished" "$work/job.log" &&
     [ "$(grep -c "the learner finished training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for)"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), and refused a port another learner served"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2

@@ -43,7 +43,7 @@ export NO_COLOR=1
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     nproc
-    echo "device=$device LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+    echo "device=$device LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
 } | tee "$out/machine.txt"
 
 # 1. What a step costs on the trainer thread (no actors, no network).

@@ -29,7 +29,9 @@ fi
 # The working tree as it is, without build outputs.
 rm -rf "$scratch"
 mkdir -p "$scratch"
+# (Tracked files deleted here are left out: tar would stop at them.)
 git ls-files -z --cached --others --exclude-standard |
+    python3 -c 'import os, sys; sys.stdout.buffer.write(b"".join(p + b"\0" for p in sys.stdin.buffer.read().split(b"\0") if p and os.path.lexists(p)))' |
     tar --null -T - -cf - | tar -xf - -C "$scratch"
 sed -i -e 's/^tch = "0\.26"/tch = "0.24"/' -e 's/^torch-sys = "0\.26"/torch-sys = "0.24"/' \
     "$scratch/Cargo.toml"
@@ -44,11 +46,13 @@ cd "$scratch"
 cargo build --release --bins --quiet
 # The benchmarks' executables, as cargo names them.
 benches=$(cargo bench --no-run -p flgfn-learner --bench step --bench scale \
-    --message-format=json 2>/dev/null |
+    --message-format=json |
     python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
+    if m.get("reason") == "compiler-message" and m["message"]["level"] == "error":
+        sys.stderr.write(m["message"]["rendered"])
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
         print(m["target"]["name"], m["executable"])
 ')
