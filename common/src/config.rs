@@ -342,8 +342,12 @@ pub struct LearnerConfig {
     /// follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
-    /// this, a session holds the message being received (at most the
-    /// largest valid chunk) and its HTTP/2 buffers.
+    /// this, a session holds the message being received and its HTTP/2
+    /// buffers: a message is decoded whole before its fields are checked,
+    /// so one of at most the largest valid chunk's size on the wire may
+    /// briefly take up to ~50x that in memory when crafted (empty
+    /// trajectories: 2 bytes on the wire, 48 decoded, in a vector that
+    /// doubles as it grows) before it is refused.
     pub max_session_bytes: u64,
     /// Seconds an actor may hold credits without sending a chunk, or
     /// leave a grant untaken, before its session is ended (DEADLINE_EXCEEDED)
