@@ -15,7 +15,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 /// trusting `--ca-file` (and presenting `--cert-file` where the learner
 /// requires client certificates).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The learner, e.g. http://127.0.0.1:50051.
     #[arg(

@@ -12,7 +12,7 @@ use flgfn_learner::experiment::{self, SUITES};
 /// and actor processes, then writes reports.csv, summary.csv, summary.md
 /// and PNG/SVG plots.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The suite to run (see --list).
     #[arg(long, default_value = "paper-sets")]
