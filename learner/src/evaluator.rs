@@ -27,6 +27,33 @@ pub const TOP_K: usize = 100;
 /// 2^17 - 1).
 pub const EXACT_STATE_LIMIT: usize = 200_000;
 
+/// Trajectories whose log-ratios one forward pass computes in an
+/// evaluation (a few MB of activations with the default network; see
+/// [`log_ratios`]).
+const RATIO_GROUP_TRAJECTORIES: usize = 256;
+
+/// Each trajectory's log P_F(tau) - log P_B(tau | x), `group` trajectories
+/// per forward pass: the default evaluation's 4,096 trajectories of 20
+/// transitions in one pass held ~250 MB of activations, a spike in the
+/// learner's memory at every report.
+fn log_ratios(
+    policy: &Policy,
+    trajectories: &[ReplayedTrajectory],
+    dims: (usize, usize, usize),
+    backward: BackwardPolicy,
+    group: usize,
+) -> Vec<f32> {
+    let _guard = tch::no_grad_guard();
+    trajectories
+        .chunks(group.max(1))
+        .flat_map(|group| {
+            let batch = TransitionBatch::new(group, dims, policy.device());
+            let output = policy.net.forward(&batch.states);
+            to_host_f32(&trajectory_log_ratios(&output, &batch, backward))
+        })
+        .collect()
+}
+
 /// The figures of one evaluation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Evaluation {
@@ -197,10 +224,13 @@ impl Evaluator {
             env.forward_actions(),
             env.backward_actions(),
         );
-        let batch = TransitionBatch::new(&replayed, dims, policy.device());
-        let _guard = tch::no_grad_guard();
-        let output = policy.net.forward(&batch.states);
-        let ratios = to_host_f32(&trajectory_log_ratios(&output, &batch, self.backward));
+        let ratios = log_ratios(
+            policy,
+            &replayed,
+            dims,
+            self.backward,
+            RATIO_GROUP_TRAJECTORIES,
+        );
         let log_weights: Vec<f64> = ratios
             .iter()
             .zip(energies)
@@ -223,8 +253,13 @@ impl Evaluator {
             return (None, None);
         };
         let env = self.env.as_ref();
+        // A layer of the DAG (32,768 states deep in a 4 x 4 lattice) a
+        // group at a time, like the log-ratios above.
         let Ok(learned) = policy_terminal_distribution(env, EXACT_STATE_LIMIT, &mut |states| {
-            forward_probabilities(env, policy, states)
+            states
+                .chunks(16 * RATIO_GROUP_TRAJECTORIES)
+                .flat_map(|group| forward_probabilities(env, policy, group))
+                .collect()
         }) else {
             return (None, None);
         };
@@ -348,6 +383,42 @@ impl Evaluator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Grouped or in one pass, the same log-ratios (to float rounding).
+    #[test]
+    fn log_ratios_in_groups_match_one_pass() {
+        use flgfn_common::config::ModelConfig;
+        use flgfn_common::policy::ModelSpec;
+        use flgfn_common::tasks::set_generation::SetGeneration;
+        let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
+        let model = ModelConfig { hidden: vec![16] };
+        let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
+        let mut rng = SmallRng::seed_from_u64(7);
+        let sampled = rollout(&env, &policy, 300, Behaviour::default(), &mut rng);
+        let replayed: Vec<ReplayedTrajectory> = sampled
+            .trajectories
+            .iter()
+            .map(|t| replay(&env, t).unwrap())
+            .collect();
+        let dims = (
+            env.state_dim(),
+            env.forward_actions(),
+            env.backward_actions(),
+        );
+        let whole = log_ratios(
+            &policy,
+            &replayed,
+            dims,
+            BackwardPolicy::Learned,
+            usize::MAX,
+        );
+        let grouped = log_ratios(&policy, &replayed, dims, BackwardPolicy::Learned, 64);
+        assert_eq!(whole.len(), 300);
+        assert_eq!(grouped.len(), 300);
+        for (a, b) in whole.iter().zip(&grouped) {
+            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} against {b}");
+        }
+    }
 
     #[test]
     fn best_objects_are_distinct_and_sorted() {
