@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Memory figures: the learner's resident memory, alone in its process,
+# against K generated actors (flgfn-loadgen, another process) for each K
+# given, e.g.
+#
+#   deploy/bench_memory.sh 1 16 64 256      # the default
+#
+# Each row trains the default job for 20 s (or FLGFN_BENCH_SECONDS) and
+# prints the learner's RSS before any actor, its peak (sampled every
+# 0.2 s), and its mean over the second half. Asserts nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=deploy/env.sh
+source deploy/env.sh
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
+cargo build --release --bins --quiet
+bin="$CARGO_TARGET_DIR/release"
+seconds="${FLGFN_BENCH_SECONDS:-20}"
+samples=$((seconds * 5))
+counts=("$@")
+[ "${#counts[@]}" -gt 0 ] || counts=(1 16 64 256)
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+echo "| generated actors | sessions | learner RSS before actors MB | peak MB | mean of 2nd half MB |"
+echo "|---|---|---|---|---|"
+for k in "${counts[@]}"; do
+    port="$(free_port)"
+    log="$(mktemp)"
+    "$bin/flgfn-learner" --listen "127.0.0.1:$port" --checkpoint-dir "" --max-steps 100000000 \
+        >"$log" 2>&1 &
+    learner=$!
+    pids=("$learner")
+    until "$bin/flgfn-health" --address "http://127.0.0.1:$port" >/dev/null 2>&1; do
+        kill -0 "$learner" 2>/dev/null || { cat "$log" >&2; exit 1; }
+        sleep 0.2
+    done
+    before="$(rss_kb "$learner")"
+    "$bin/flgfn-loadgen" --learner "http://127.0.0.1:$port" --actors "$k" >/dev/null 2>&1 &
+    pids+=("$!")
+    peak=0 sum=0 n=0
+    for ((i = 1; i <= samples; i++)); do
+        sleep 0.2
+        rss="$(rss_kb "$learner")"
+        ((rss > peak)) && peak=$rss
+        if ((i > samples / 2)); then
+            sum=$((sum + rss)) n=$((n + 1))
+        fi
+    done
+    sessions="$(grep -c "actor joined" "$log" || true)"
+    kill "${pids[@]}"
+    wait "${pids[@]}" 2>/dev/null || true
+    pids=()
+    rm -f "$log"
+    echo "| $k | $sessions | $((before / 1024)) | $((peak / 1024)) | $((sum / n / 1024)) |"
+done
