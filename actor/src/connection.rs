@@ -164,13 +164,15 @@ const CERTIFICATE_REFUSED: [rustls::AlertDescription; 7] = {
 };
 
 /// A TLS failure that no retry can fix, among `error`'s causes: the
-/// learner's certificate failed this actor's checks, or the learner
-/// refused this actor's certificate (mutual TLS). Says what to fix.
+/// learner's certificate failed this actor's checks (but for its dates),
+/// or the learner refused this actor's certificate (mutual TLS). Says
+/// what to fix.
 fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use rustls::{CertificateError, Error as TlsError};
     const NOT_FOR_THIS_NAME: &str =
         "the learner's certificate is not for this name: set tls.domain to a name it carries";
-    const NOT_ACCEPTED: &str = "the learner's certificate was not accepted: tls.ca_file must hold the CA that signed it, and the certificate must be in date";
+    const NOT_ACCEPTED: &str =
+        "the learner's certificate was not accepted: tls.ca_file must hold the CA that signed it";
     const REFUSED: &str = "the learner refused this actor's certificate (mutual TLS): tls.cert_file and tls.key_file must hold one signed by the CA of the learner's tls.ca_file";
     let mut cause = Some(error);
     while let Some(current) = cause {
@@ -188,6 +190,14 @@ fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'st
             Some(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => return Some(NOT_FOR_THIS_NAME),
+            // Out of date: the learner may be given a new certificate, or
+            // this clock set (at boot, before time sync): retried.
+            Some(TlsError::InvalidCertificate(
+                CertificateError::Expired
+                | CertificateError::ExpiredContext { .. }
+                | CertificateError::NotValidYet
+                | CertificateError::NotValidYetContext { .. },
+            )) => return None,
             Some(TlsError::InvalidCertificate(_)) => return Some(NOT_ACCEPTED),
             Some(TlsError::AlertReceived(alert)) if CERTIFICATE_REFUSED.contains(alert) => {
                 return Some(REFUSED);
@@ -206,6 +216,31 @@ fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'st
         cause = current.source();
     }
     None
+}
+
+/// What a retried connection error says first when the learner's
+/// certificate is out of date, among `error`'s causes ("" otherwise).
+fn out_of_date(error: &(dyn std::error::Error + 'static)) -> &'static str {
+    use rustls::{CertificateError, Error as TlsError};
+    let mut cause = Some(error);
+    while let Some(current) = cause {
+        let wrapped = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+        if let Some(TlsError::InvalidCertificate(
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. },
+        )) = current
+            .downcast_ref::<TlsError>()
+            .or_else(|| wrapped?.downcast_ref::<TlsError>())
+        {
+            return "tls: the learner's certificate is out of date (expired, or not yet valid by this machine's clock); retrying: ";
+        }
+        cause = current.source();
+    }
+    ""
 }
 
 /// Refusals are final, and so are certificates refused either way;
@@ -233,7 +268,15 @@ fn classify(status: Status, served: bool) -> SessionError {
             "{} (learner.max_message_bytes of the side that refused it)",
             status.message()
         ))),
-        _ => retry(format!("{}: {}", status.code(), status.message()), served),
+        _ => retry(
+            format!(
+                "{}{}: {}",
+                out_of_date(&status),
+                status.code(),
+                status.message()
+            ),
+            served,
+        ),
     }
 }
 
@@ -311,7 +354,12 @@ impl Session<'_> {
                     with_causes(&e)
                 )),
                 None => retry(
-                    format!("cannot connect to {}: {}", self.url, with_causes(&e)),
+                    format!(
+                        "{}cannot connect to {}: {}",
+                        out_of_date(&e),
+                        self.url,
+                        with_causes(&e)
+                    ),
                     false,
                 ),
             })?;

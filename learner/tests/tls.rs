@@ -22,6 +22,8 @@ struct Pki {
     ca: PathBuf,
     server: (PathBuf, PathBuf),
     client: (PathBuf, PathBuf),
+    /// The learner's, out of date since 2001.
+    expired_server: (PathBuf, PathBuf),
 }
 
 fn make_pki(dir: &Path) -> Pki {
@@ -35,23 +37,27 @@ fn make_pki(dir: &Path) -> Pki {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let leaf = |name: &str, host: &str| {
+    let leaf = |name: &str, host: &str, expired: bool| {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![host.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
+        let mut params = CertificateParams::new(vec![host.to_owned()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         (
             write(&format!("{name}.pem"), cert.pem()),
             write(&format!("{name}.key"), key.serialize_pem()),
         )
     };
-    let server = leaf("learner", "localhost");
-    let client = leaf("actor", "actor-1");
+    let server = leaf("learner", "localhost", false);
+    let client = leaf("actor", "actor-1", false);
+    let expired_server = leaf("learner-expired", "localhost", true);
     Pki {
         ca: write("ca.pem", ca.pem()),
         server,
         client,
+        expired_server,
     }
 }
 
@@ -126,6 +132,32 @@ fn options(name: &str) -> ActorOptions {
         name: name.to_owned(),
         seed_offset: None,
     }
+}
+
+/// A learner whose certificate is out of date (expired, or this clock is
+/// off, as at boot before time sync) may be given a new one, or the clock
+/// set: the actor retries, saying why, instead of stopping for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_learner_certificate_is_retried_naming_it() {
+    let dir = std::env::temp_dir().join(format!("flgfn-tls-expired-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let mut config = support::tiny_config();
+    config.tls.cert_file = path(&pki.expired_server.0);
+    config.tls.key_file = path(&pki.expired_server.1);
+    let (port, learner) = start(&config).await;
+    let actor = actor_config(&config, format!("https://127.0.0.1:{port}"), &pki, false);
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(actor, options("patient"), std::future::pending()),
+    )
+    .await
+    .expect("the actor gives up after its attempts")
+    .unwrap_err();
+    assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
+    let error = error.to_string();
+    assert!(error.contains("out of date"), "{error}");
+    learner.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
