@@ -375,6 +375,12 @@ mod tests {
         report.count_from(&stats);
         assert_eq!(report.trajectory_bytes_per_trained_transition, 2.0);
         assert_eq!(report.weight_bytes_per_trained_transition, 10.0);
+        // Resumed, and nothing trained since: 0, not infinite (nor the
+        // bytes over what an earlier process trained).
+        report.trained_transitions = 1_000;
+        report.count_from(&stats);
+        assert_eq!(report.trajectory_bytes_per_trained_transition, 0.0);
+        assert_eq!(report.weight_bytes_per_trained_transition, 0.0);
     }
 
     #[test]
