@@ -8,7 +8,7 @@
 #
 # --cuda (default) keeps libtorch_cuda and the CUDA libraries it needs
 #   (~2.8 GB): for the learner on GPU nodes; it also runs on CPU.
-# --cpu drops libtorch_cuda from the binaries' needed libraries (~0.45 GB):
+# --cpu drops libtorch_cuda from the binaries' needed libraries (~470 MB):
 #   for actors, which never use a GPU, and CPU learners.
 #
 # Layout: OUT/bin/flgfn-{learner,actor,loadgen,experiment,health,sample},
