@@ -23,12 +23,12 @@ counts=("$@")
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+log="$(mktemp)"
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -f "$log"' EXIT
 echo "| generated actors | sessions | learner RSS before actors MB | peak MB | mean of 2nd half MB |"
 echo "|---|---|---|---|---|"
 for k in "${counts[@]}"; do
     port="$(free_port)"
-    log="$(mktemp)"
     "$bin/flgfn-learner" --listen "127.0.0.1:$port" --checkpoint-dir "" --max-steps 100000000 \
         >"$log" 2>&1 &
     learner=$!
@@ -53,6 +53,5 @@ for k in "${counts[@]}"; do
     kill "${pids[@]}"
     wait "${pids[@]}" 2>/dev/null || true
     pids=()
-    rm -f "$log"
     echo "| $k | $sessions | $((before / 1024)) | $((peak / 1024)) | $((sum / n / 1024)) |"
 done

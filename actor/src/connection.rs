@@ -163,11 +163,34 @@ const CERTIFICATE_REFUSED: [rustls::AlertDescription; 7] = {
     ]
 };
 
-/// A TLS failure that no retry can fix, among `error`'s causes: the
-/// learner's certificate failed this actor's checks (but for its dates),
-/// or the learner refused this actor's certificate (mutual TLS). Says
-/// what to fix.
-fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+/// What is wrong with a TLS certificate, among an error's causes.
+#[derive(Debug, Clone, Copy)]
+enum CertificateTrouble {
+    /// No retry can fix it: the learner's certificate failed this actor's
+    /// checks (but for its dates), or the learner refused this actor's
+    /// certificate (mutual TLS). Says what to fix.
+    Final(&'static str),
+    /// The learner's certificate is out of date: it may be given a new
+    /// one, or this clock set (at boot, before time sync). Retried.
+    OutOfDate,
+}
+
+impl CertificateTrouble {
+    /// What a retried connection error says first ("" when the trouble,
+    /// if any, is not the certificate).
+    fn retry_prefix(trouble: Option<Self>) -> &'static str {
+        match trouble {
+            Some(CertificateTrouble::OutOfDate) => {
+                "tls: the learner's certificate is out of date (expired, or not yet valid by this machine's clock); retrying: "
+            }
+            _ => "",
+        }
+    }
+}
+
+/// The certificate trouble among `error`'s causes, if any.
+fn certificate_trouble(error: &(dyn std::error::Error + 'static)) -> Option<CertificateTrouble> {
+    use CertificateTrouble::{Final, OutOfDate};
     use rustls::{CertificateError, Error as TlsError};
     const NOT_FOR_THIS_NAME: &str =
         "the learner's certificate is not for this name: set tls.domain to a name it carries";
@@ -189,18 +212,16 @@ fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'st
         match tls {
             Some(TlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => return Some(NOT_FOR_THIS_NAME),
-            // Out of date: the learner may be given a new certificate, or
-            // this clock set (at boot, before time sync): retried.
+            )) => return Some(Final(NOT_FOR_THIS_NAME)),
             Some(TlsError::InvalidCertificate(
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
                 | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. },
-            )) => return None,
-            Some(TlsError::InvalidCertificate(_)) => return Some(NOT_ACCEPTED),
+            )) => return Some(OutOfDate),
+            Some(TlsError::InvalidCertificate(_)) => return Some(Final(NOT_ACCEPTED)),
             Some(TlsError::AlertReceived(alert)) if CERTIFICATE_REFUSED.contains(alert) => {
-                return Some(REFUSED);
+                return Some(Final(REFUSED));
             }
             Some(_) => {}
             None => {
@@ -209,38 +230,13 @@ fn certificate_problem(error: &(dyn std::error::Error + 'static)) -> Option<&'st
                         .iter()
                         .any(|&alert| TlsError::AlertReceived(alert).to_string() == text)
                 {
-                    return Some(REFUSED);
+                    return Some(Final(REFUSED));
                 }
             }
         }
         cause = current.source();
     }
     None
-}
-
-/// What a retried connection error says first when the learner's
-/// certificate is out of date, among `error`'s causes ("" otherwise).
-fn out_of_date(error: &(dyn std::error::Error + 'static)) -> &'static str {
-    use rustls::{CertificateError, Error as TlsError};
-    let mut cause = Some(error);
-    while let Some(current) = cause {
-        let wrapped = current
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref);
-        if let Some(TlsError::InvalidCertificate(
-            CertificateError::Expired
-            | CertificateError::ExpiredContext { .. }
-            | CertificateError::NotValidYet
-            | CertificateError::NotValidYetContext { .. },
-        )) = current
-            .downcast_ref::<TlsError>()
-            .or_else(|| wrapped?.downcast_ref::<TlsError>())
-        {
-            return "tls: the learner's certificate is out of date (expired, or not yet valid by this machine's clock); retrying: ";
-        }
-        cause = current.source();
-    }
-    ""
 }
 
 /// Refusals are final, and so are certificates refused either way;
@@ -250,7 +246,8 @@ fn classify(status: Status, served: bool) -> SessionError {
     if status.metadata().contains_key(FINAL_REFUSAL_HEADER) {
         return SessionError::Refused(status);
     }
-    if let Some(problem) = certificate_problem(&status) {
+    let trouble = certificate_trouble(&status);
+    if let Some(CertificateTrouble::Final(problem)) = trouble {
         // (A Status prints its source's Debug form: the causes read better.)
         let causes = std::error::Error::source(&status)
             .map_or_else(|| status.message().to_owned(), with_causes);
@@ -271,7 +268,7 @@ fn classify(status: Status, served: bool) -> SessionError {
         _ => retry(
             format!(
                 "{}{}: {}",
-                out_of_date(&status),
+                CertificateTrouble::retry_prefix(trouble),
                 status.code(),
                 status.message()
             ),
@@ -347,16 +344,16 @@ impl Session<'_> {
                     false,
                 )
             })?
-            .map_err(|e| match certificate_problem(&e) {
-                Some(problem) => SessionError::Fatal(format!(
+            .map_err(|e| match certificate_trouble(&e) {
+                Some(CertificateTrouble::Final(problem)) => SessionError::Fatal(format!(
                     "tls: {problem} (connecting to {}: {})",
                     self.url,
                     with_causes(&e)
                 )),
-                None => retry(
+                trouble => retry(
                     format!(
                         "{}cannot connect to {}: {}",
-                        out_of_date(&e),
+                        CertificateTrouble::retry_prefix(trouble),
                         self.url,
                         with_causes(&e)
                     ),

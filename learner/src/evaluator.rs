@@ -32,6 +32,10 @@ pub const EXACT_STATE_LIMIT: usize = 200_000;
 /// [`log_ratios`]).
 const RATIO_GROUP_TRAJECTORIES: usize = 256;
 
+/// States of a DAG layer whose forward probabilities one pass computes for
+/// the exact distribution (a few MB of activations too).
+const EXACT_GROUP_STATES: usize = 4096;
+
 /// Each trajectory's log P_F(tau) - log P_B(tau | x), `group` trajectories
 /// per forward pass: the default evaluation's 4,096 trajectories of 20
 /// transitions in one pass held ~250 MB of activations, a spike in the
@@ -254,10 +258,10 @@ impl Evaluator {
         };
         let env = self.env.as_ref();
         // A layer of the DAG (32,768 states deep in a 4 x 4 lattice) a
-        // group at a time, like the log-ratios above.
+        // group at a time, like the log-ratios.
         let Ok(learned) = policy_terminal_distribution(env, EXACT_STATE_LIMIT, &mut |states| {
             states
-                .chunks(16 * RATIO_GROUP_TRAJECTORIES)
+                .chunks(EXACT_GROUP_STATES)
                 .flat_map(|group| forward_probabilities(env, policy, group))
                 .collect()
         }) else {

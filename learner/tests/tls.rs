@@ -113,16 +113,28 @@ async fn health(
     }
 }
 
+/// The error an actor with `config` stops with, by itself within
+/// `seconds` (else fails, saying `why` it should have).
+async fn actor_error(config: Config, name: &str, seconds: u64, why: &str) -> ActorError {
+    tokio::time::timeout(
+        Duration::from_secs(seconds),
+        flgfn_actor::run(config, options(name), std::future::pending()),
+    )
+    .await
+    .expect(why)
+    .unwrap_err()
+}
+
 /// The error of an actor with `config` whose certificate check fails: it
 /// must end at once, as fatal.
 async fn refused_certificate(config: Config) -> String {
-    let error = tokio::time::timeout(
-        Duration::from_secs(20),
-        flgfn_actor::run(config, options("refused"), std::future::pending()),
+    let error = actor_error(
+        config,
+        "refused",
+        20,
+        "a refused certificate ends the actor, with no retry",
     )
-    .await
-    .expect("a refused certificate ends the actor, with no retry")
-    .unwrap_err();
+    .await;
     assert!(matches!(error, ActorError::Fatal(_)), "{error:?}");
     error.to_string()
 }
@@ -146,13 +158,13 @@ async fn an_expired_learner_certificate_is_retried_naming_it() {
     config.tls.key_file = path(&pki.expired_server.1);
     let (port, learner) = start(&config).await;
     let actor = actor_config(&config, format!("https://127.0.0.1:{port}"), &pki, false);
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(actor, options("patient"), std::future::pending()),
+    let error = actor_error(
+        actor,
+        "patient",
+        30,
+        "the actor gives up after its attempts",
     )
-    .await
-    .expect("the actor gives up after its attempts")
-    .unwrap_err();
+    .await;
     assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
     let error = error.to_string();
     assert!(error.contains("out of date"), "{error}");
@@ -205,13 +217,7 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     // after its attempts, with an error, and the learner carries on.
     let mut plain = plain;
     plain.tls = Default::default();
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(plain, options("plain"), std::future::pending()),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
+    let error = actor_error(plain, "plain", 30, "the actor gives up after its attempts").await;
     assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
 
     // A certificate the actor does not accept is final, not retried for
@@ -277,13 +283,13 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     let mut mismatched = actor_config(&config, url.clone(), &pki, true);
     mismatched.tls.key_file = path(&pki.server.1);
     mismatched.actor.reconnect_attempts = 0;
-    let error = tokio::time::timeout(
-        Duration::from_secs(20),
-        flgfn_actor::run(mismatched, options("mismatched"), std::future::pending()),
+    let error = actor_error(
+        mismatched,
+        "mismatched",
+        20,
+        "a key of another pair ends the actor at once",
     )
-    .await
-    .expect("a key of another pair ends the actor at once")
-    .unwrap_err();
+    .await;
     assert!(matches!(error, ActorError::Config(_)), "{error:?}");
     let error = error.to_string();
     assert!(error.contains("tls.key_file"), "{error}");
@@ -361,13 +367,7 @@ async fn an_actor_does_not_hang_on_a_learner_that_accepts_and_never_answers() {
     );
     config.actor.reconnect_attempts = 1;
     let started = std::time::Instant::now();
-    let error = tokio::time::timeout(
-        Duration::from_secs(40),
-        flgfn_actor::run(config.clone(), options("frozen"), std::future::pending()),
-    )
-    .await
-    .expect("the actor gives up by itself")
-    .unwrap_err();
+    let error = actor_error(config.clone(), "frozen", 40, "the actor gives up by itself").await;
     let ActorError::GaveUp { last, .. } = &error else {
         panic!("{error:?}")
     };
