@@ -215,12 +215,13 @@ pub struct LearnerConfig {
     /// the first half of the run, then decays linearly, reaching this
     /// fraction of it at `max_steps` (1: constant).
     pub final_learning_rate_fraction: f64,
-    /// Smallest batch: the trainer takes whole chunks until it holds at
-    /// least this many transitions before it steps.
+    /// Smallest batch: the trainer takes chunks until it holds at least
+    /// this many transitions before it steps, and of a larger chunk only
+    /// the trajectories that reach it (the rest trains at the next steps).
     pub batch_transitions: usize,
     /// Largest batch (at most 2^20) that growth past `batch_transitions`
-    /// reaches, as `batch_growth` says. A batch holds whole chunks, so
-    /// reaching the smallest batch may pass this by less than a chunk, and
+    /// reaches, as `batch_growth` says. A batch holds whole trajectories,
+    /// so reaching the smallest batch may pass this by less than one, and
     /// data that would be too old to train by the next step joins even
     /// beyond it (it would be dropped otherwise).
     pub max_batch_transitions: usize,

@@ -8,11 +8,15 @@
 //! `max_batch_transitions`: more supply means bigger steps, not older data.
 //! Chunks are batched oldest policy first, and one that could not wait
 //! another step joins the current batch beyond its target (even beyond
-//! `max_batch_transitions`: it would be dropped otherwise). A batch holds
-//! whole chunks: it reaches its target with the last one (passing it by
-//! less than a chunk); growth beyond the target with fresh supply stops at
-//! `max_batch_transitions`, taking smaller chunks where a larger one does
-//! not fit. Here, where the
+//! `max_batch_transitions`: it would be dropped otherwise). A chunk larger
+//! than what the batch still needs is split: the batch takes its first
+//! trajectories, enough to reach the target (passing it by less than a
+//! trajectory), and the rest waits first in line for the next batch, so
+//! an actor's chunk size (`actor.envs`) does not set the smallest batch.
+//! Growth beyond the target with fresh supply stops at
+//! `max_batch_transitions`, taking the part of a chunk that fits. The
+//! credit's room comes back part by part; the actor's credit, with the
+//! last part. Here, where the
 //! batch is built, chunks whose policy would be more than `max_policy_lag`
 //! steps old when trained are dropped and counted; credits and that order
 //! keep it rare. Each chunk's credit is released once the chunk is in a
@@ -31,7 +35,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 
 use crate::credits::CreditPool;
-use crate::ingest::{IngestStats, QueuedChunk};
+use crate::ingest::{IngestStats, IngestedChunk, QueuedChunk};
 
 /// A hand-over quicker than this means the trainer was already waiting.
 const TRAINER_WAITING: Duration = Duration::from_micros(50);
@@ -201,6 +205,15 @@ impl Batcher {
                     self.drop_stale(chunk);
                     continue;
                 }
+                let chunk = match trajectories_reaching(&chunk.chunk, target - transitions) {
+                    Some(needed) => {
+                        let mut rest = chunk;
+                        let front = rest.split_front(needed);
+                        self.waiting.push_front(rest);
+                        front
+                    }
+                    None => chunk,
+                };
                 transitions += chunk.chunk.transitions;
                 chunks.push(chunk);
             }
@@ -235,7 +248,14 @@ impl Batcher {
                 break;
             }
             if !due && transitions + chunk.chunk.transitions > self.max_transitions {
-                kept.push_back(chunk);
+                let mut rest = chunk;
+                let room = self.max_transitions.saturating_sub(transitions);
+                if let Some(fitting) = trajectories_fitting(&rest.chunk, room) {
+                    let front = rest.split_front(fitting);
+                    transitions += front.chunk.transitions;
+                    chunks.push(front);
+                }
+                kept.push_back(rest);
                 continue;
             }
             transitions += chunk.chunk.transitions;
@@ -309,10 +329,36 @@ impl Batcher {
     }
 }
 
+/// How many of `chunk`'s first trajectories reach `needed` transitions
+/// (passing it by less than one trajectory); None when it takes them all.
+fn trajectories_reaching(chunk: &IngestedChunk, needed: usize) -> Option<usize> {
+    let mut transitions = 0;
+    let count = chunk.trajectories.iter().position(|trajectory| {
+        transitions += trajectory.len();
+        transitions >= needed
+    })? + 1;
+    (count < chunk.trajectories.len()).then_some(count)
+}
+
+/// How many of `chunk`'s first trajectories fit in `room` transitions;
+/// None when none do or all do.
+fn trajectories_fitting(chunk: &IngestedChunk, room: usize) -> Option<usize> {
+    let mut transitions = 0;
+    let count = chunk
+        .trajectories
+        .iter()
+        .take_while(|trajectory| {
+            transitions += trajectory.len();
+            transitions <= room
+        })
+        .count();
+    (0 < count && count < chunk.trajectories.len()).then_some(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::IngestedChunk;
+    use flgfn_common::trajectory::ReplayedTrajectory;
 
     /// A batcher at step 17 (16 done) with `max_policy_lag` 16, fed chunks
     /// of 10 transitions sampled by `versions`, in that arrival order.
@@ -413,12 +459,12 @@ mod tests {
             25,
         );
         batcher.take_waiting = true;
-        // The target takes whole chunks (10 + 10 >= 15); growth then skips
-        // what does not fit (10 more would be 30, 30 more 50) and takes
-        // the 5.
+        // These chunks carry no trajectories to split at, so they go whole:
+        // the target takes two (10 + 10 >= 15); growth then skips what
+        // does not fit (10 more would be 30, 30 more 50) and takes the 5.
         assert_eq!(sizes(&batcher.gather(15).unwrap()), [10, 10, 5]);
-        // The smallest batch is reached with whole chunks, even past the
-        // largest.
+        // The smallest batch is reached with a whole (unsplittable) chunk,
+        // even past the largest.
         assert_eq!(sizes(&batcher.gather(25).unwrap()), [10, 30]);
     }
 
@@ -479,6 +525,91 @@ mod tests {
         // Version 1 is due at step 17 (lag 16: stale after this step).
         let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[(1, 10), (1, 30), (1, 5)], 25);
         assert_eq!(sizes(&batcher.gather(10).unwrap()), [10, 30, 5]);
+        assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 0);
+    }
+
+    /// A batcher as [`batcher_with_sizes`] fed chunks of (policy version,
+    /// trajectories of 4 transitions each), their credits reserved as
+    /// arrived, and the pool they share.
+    fn batcher_with_trajectories(
+        runtime: &tokio::runtime::Runtime,
+        chunks: &[(u64, usize)],
+        max_transitions: usize,
+    ) -> (Batcher, Arc<CreditPool>) {
+        let (mut batcher, _) = batcher_with_sizes(runtime, &[], max_transitions);
+        let (sender, queue) = mpsc::channel(16);
+        for &(policy_version, count) in chunks {
+            let trajectory = ReplayedTrajectory {
+                encoded: Vec::new(),
+                forward_masks: Vec::new(),
+                backward_masks: Vec::new(),
+                actions: vec![0; 4],
+                backward_actions: vec![0; 4],
+                energies: vec![0.0; 4],
+                complete: true,
+                final_state: Vec::new(),
+            };
+            let transitions = 4 * count;
+            let mut credit = batcher.pool.try_reserve(transitions as u64).unwrap();
+            credit.arrived(transitions as u64);
+            let chunk = IngestedChunk {
+                actor_id: 1,
+                policy_version,
+                trajectories: vec![trajectory; count],
+                transitions,
+                unusable_transitions: 0,
+            };
+            sender.try_send(QueuedChunk { chunk, credit }).unwrap();
+        }
+        batcher.queue = queue;
+        let pool = batcher.pool.clone();
+        (batcher, pool)
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_batch_trains_over_several_batches() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // 40 transitions sampled by version 10, then 8 by version 11.
+        let (mut batcher, pool) = batcher_with_trajectories(&runtime, &[(10, 10), (11, 2)], 1000);
+        assert_eq!(pool.in_use(), 48);
+        // Three trajectories reach 10; the other seven wait first in line.
+        let first = batcher.gather(10).unwrap();
+        assert_eq!((sizes(&first), versions(&first)), (vec![12], vec![10]));
+        drop(first);
+        assert_eq!(pool.in_use(), 36, "the batched part's room comes back");
+        // The rest of version 10, then one trajectory of version 11.
+        let second = batcher.gather(30).unwrap();
+        assert_eq!(
+            (sizes(&second), versions(&second)),
+            (vec![28, 4], vec![10, 11])
+        );
+        drop(second);
+        assert_eq!(pool.in_use(), 4);
+        let last = batcher.gather(1).unwrap();
+        assert_eq!(sizes(&last), [4], "a trajectory is never split");
+        drop(last);
+        assert_eq!(pool.in_use(), 0, "every part's room came back");
+        assert_eq!(pool.queued(), 0);
+    }
+
+    #[test]
+    fn growth_takes_the_part_of_a_chunk_that_fits_and_a_due_chunk_whole() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut batcher, _pool) = batcher_with_trajectories(&runtime, &[(10, 5), (11, 5)], 30);
+        batcher.take_waiting = true;
+        // 12 reach the target; growth takes the other 8 of version 10 and
+        // two trajectories (8) of version 11, up to 30.
+        assert_eq!(sizes(&batcher.gather(10).unwrap()), [12, 8, 8]);
+        assert_eq!(sizes(&batcher.gather(1).unwrap()), [4, 8]);
+
+        // Version 1 is due at step 17: what the target leaves of it joins
+        // this batch too, as it would be stale at the next.
+        let (mut batcher, _pool) = batcher_with_trajectories(&runtime, &[(1, 10)], 30);
+        assert_eq!(sizes(&batcher.gather(10).unwrap()), [12, 28]);
         assert_eq!(batcher.stats.stale_transitions.load(Ordering::Relaxed), 0);
     }
 }

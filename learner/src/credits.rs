@@ -5,7 +5,8 @@
 //! per chunk x the task's longest trajectory) in one learner-wide
 //! [`CreditPool`]; the room comes back when the trainer takes the chunk into
 //! a batch (the [`CreditToken`] travels with the chunk and is dropped
-//! there). So everything granted and not yet trained fits in the pool's
+//! there; a chunk larger than a batch trains over several steps and gives
+//! its room back part by part, [`CreditToken::split_off`]). So everything granted and not yet trained fits in the pool's
 //! capacity (or passes it by at most the batch being built, which may
 //! need more than the room holds, and what was in use when the room
 //! shrank), and policy lag is bounded by it, whatever the network's
@@ -319,6 +320,26 @@ impl CreditToken {
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
         // Less on the way now: the controller may grant again.
         self.pool.wake.notify_one();
+    }
+
+    /// Room for `transitions` of the arrived chunk, as a token of its own:
+    /// part of the chunk goes into a batch ahead of the rest, and its
+    /// room comes back when that part is trained, not when the whole chunk
+    /// is. This token keeps the rest, and the session's count of credits
+    /// alive drops only with it: the actor's credit was for the whole
+    /// chunk.
+    pub fn split_off(&mut self, transitions: u64) -> CreditToken {
+        let reserved = transitions.min(self.reserved);
+        let queued = transitions.min(self.queued);
+        self.reserved -= reserved;
+        self.queued -= queued;
+        CreditToken {
+            pool: self.pool.clone(),
+            reserved,
+            queued,
+            freed_on_arrival: 0,
+            held: None,
+        }
     }
 }
 

@@ -43,6 +43,31 @@ pub struct QueuedChunk {
     pub credit: CreditToken,
 }
 
+impl QueuedChunk {
+    /// Its first `trajectories` trajectories as a chunk of their own (same
+    /// actor and policy version) with their share of the credit's room;
+    /// this one keeps the rest and the credit. So a chunk larger than a
+    /// batch trains over several steps instead of making the batch that
+    /// large. `trajectories` must leave at least one behind.
+    pub fn split_front(&mut self, trajectories: usize) -> QueuedChunk {
+        debug_assert!(0 < trajectories && trajectories < self.chunk.trajectories.len());
+        let front: Vec<ReplayedTrajectory> =
+            self.chunk.trajectories.drain(..trajectories).collect();
+        let transitions: usize = front.iter().map(ReplayedTrajectory::len).sum();
+        self.chunk.transitions -= transitions;
+        QueuedChunk {
+            chunk: IngestedChunk {
+                actor_id: self.chunk.actor_id,
+                policy_version: self.chunk.policy_version,
+                trajectories: front,
+                transitions,
+                unusable_transitions: 0,
+            },
+            credit: self.credit.split_off(transitions as u64),
+        }
+    }
+}
+
 /// What the learner counted for one actor session, recorded when it ends.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SessionRecord {
