@@ -17,7 +17,8 @@
 //! adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
 //! grows it while the trainer waits for batches, and shrinks it by what
-//! waits beyond two batches while the trainer is busy; after each change it
+//! waits beyond two batches (a batch and a chunk, where chunks are larger)
+//! while the trainer is busy; after each change it
 //! waits until what was in flight then has been trained (one turn of the
 //! credits, however long the link) before it reads those signals again.
 //! The batch itself grows with the data in flight
@@ -124,6 +125,8 @@ pub struct CreditPool {
     settled_at: AtomicU64,
     /// `released` at the last [`CreditPool::adapt_while_waiting`].
     released_at_wait: AtomicU64,
+    /// Largest room one credit reserved (a full chunk), ever.
+    largest_chunk: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -150,6 +153,7 @@ impl CreditPool {
             reserved_ever: AtomicU64::new(0),
             settled_at: AtomicU64::new(0),
             released_at_wait: AtomicU64::new(0),
+            largest_chunk: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -188,9 +192,10 @@ impl CreditPool {
     /// trainer waited for it). Starving while some actor ran out of credits
     /// since the last call means too little is in flight: the room doubles when nothing
     /// is queued at all and grows by a quarter (at least a batch)
-    /// otherwise. A busy trainer with more than two batches queued means
-    /// data ages in the queue: the room shrinks by what is queued beyond
-    /// two batches (at least a sixteenth, at most a quarter). After a
+    /// otherwise. A busy trainer with more than two batches queued (a
+    /// batch and the largest chunk, where chunks are larger) means data
+    /// ages in the queue: the room shrinks by what is queued beyond that
+    /// (at least a sixteenth, at most a quarter). After a
     /// change the room holds until what was in flight at the change has
     /// been trained. Returns the batch to build
     /// ([`CreditPool::batch_target`]).
@@ -239,12 +244,13 @@ impl CreditPool {
             capacity.saturating_mul(2)
         } else if starved {
             capacity.saturating_add((capacity / 4).max(batch))
-        } else if queued > 2 * batch {
-            // What waits beyond two batches is room the trainer does not
-            // need: give most of it back in one turn. A sixteenth per turn
-            // took a second to undo a doubling behind 25 ms, a second of
-            // large batches and slow steps.
-            capacity - (queued - 2 * batch).clamp(capacity / 16, capacity / 4)
+        } else if queued > self.enough_queued(batch) {
+            // What waits beyond that is room the trainer does not need:
+            // give most of it back in one turn. A sixteenth per turn took a
+            // second to undo a doubling behind 25 ms, a second of large
+            // batches and slow steps.
+            let excess = queued - self.enough_queued(batch);
+            capacity - excess.clamp(capacity / 16, capacity / 4)
         } else {
             capacity
         };
@@ -264,6 +270,17 @@ impl CreditPool {
         target
     }
 
+    /// What may wait for a busy trainer without the room shrinking: two
+    /// batches, or a batch and the largest chunk granted where chunks are
+    /// larger than batches. Such a chunk arrives whole and trains over
+    /// several steps; counting it as excess shrank the room below two
+    /// chunks per actor, and the actors, holding one credit each, idled
+    /// while their last chunk trained (2 actors of 256 environments: the
+    /// trainer waited for data 11 % of its time).
+    fn enough_queued(&self, batch: u64) -> u64 {
+        (2 * batch).max(batch + self.largest_chunk.load(Ordering::Relaxed))
+    }
+
     /// Reserves `amount` if it fits the room. Also when it does not, while
     /// less than the batch being built is reserved in all: that batch must
     /// always be able to fill, even when chunks came in smaller than their
@@ -279,6 +296,7 @@ impl CreditPool {
             });
         reserved.ok()?;
         self.reserved_ever.fetch_add(amount, Ordering::Relaxed);
+        self.largest_chunk.fetch_max(amount, Ordering::Relaxed);
         Some(CreditToken {
             pool: self.clone(),
             reserved: amount,
@@ -743,6 +761,38 @@ mod tests {
         assert!(pool.capacity() > 500, "all trained: the room grows again");
     }
 
+    /// `transitions` reserved and arrived, standing for as many queued in
+    /// chunks of at most a smallest batch (100) each: the largest chunk
+    /// granted stays at 100.
+    fn queued(pool: &Arc<CreditPool>, transitions: u64) -> CreditToken {
+        let mut token = pool.try_reserve(transitions).unwrap();
+        token.arrived(transitions);
+        pool.largest_chunk.store(100, Ordering::Relaxed);
+        token
+    }
+
+    #[test]
+    fn a_chunk_larger_than_two_batches_waiting_is_not_room_to_give_back() {
+        // Batches of 100 to 1,000; the room starts at 3,200.
+        let pool = CreditPool::new(100, 1000, 8);
+        let mut first = pool.try_reserve(1600).unwrap();
+        first.arrived(1600);
+        pool.adapt(false);
+        assert_eq!(
+            pool.capacity(),
+            3200,
+            "one chunk of 1,600 waiting (a batch of 200 and the chunk): hold"
+        );
+        let mut second = pool.try_reserve(1600).unwrap();
+        second.arrived(1600);
+        pool.adapt(false);
+        assert_eq!(
+            pool.capacity(),
+            2400,
+            "3,200 waiting, 1,200 beyond a batch of 400 and a chunk: shrink by a quarter at most"
+        );
+    }
+
     #[test]
     fn room_grows_when_starved_shrinks_when_data_waits_and_the_batch_follows() {
         // Batches of 100 to 200, room for up to 4 of the largest.
@@ -753,12 +803,10 @@ mod tests {
             "starts at INITIAL_ROOM_BATCHES smallest batches, within the ceiling"
         );
         // Down to one batch, for the rules below.
-        let mut queue = pool.try_reserve(400).unwrap();
-        queue.arrived(400);
+        let mut queue = queued(&pool, 400);
         for _ in 0..100 {
             drop(queue);
-            queue = pool.try_reserve(400).unwrap();
-            queue.arrived(400);
+            queue = queued(&pool, 400);
             pool.adapt(false);
         }
         drop(queue);
@@ -806,8 +854,7 @@ mod tests {
         }
         assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
         assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
-        let mut held = pool.try_reserve(500).unwrap();
-        held.arrived(500);
+        let held = queued(&pool, 500);
         assert_eq!(
             pool.batch_target(),
             125,
@@ -827,8 +874,7 @@ mod tests {
         );
         drop(held);
         let queue = |transitions| {
-            let mut waiting = pool.try_reserve(transitions).unwrap();
-            waiting.arrived(transitions);
+            let waiting = queued(&pool, transitions);
             pool.adapt(false);
             waiting
         };
@@ -847,8 +893,7 @@ mod tests {
         for _ in 0..100 {
             // Trained, and as much again waiting: each change settles.
             drop(held);
-            held = pool.try_reserve(500).unwrap();
-            held.arrived(500);
+            held = queued(&pool, 500);
             pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
