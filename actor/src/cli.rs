@@ -17,7 +17,8 @@ pub struct ConfigFlags {
     #[arg(long, value_name = "URL")]
     pub learner: Option<String>,
     /// Environments rolled out together, i.e. trajectories per chunk
-    /// (overrides actor.envs).
+    /// (overrides actor.envs; 0: as many as make 5,120 transitions, 16 to
+    /// 256).
     #[arg(long, value_name = "N")]
     pub envs: Option<usize>,
 }

@@ -142,6 +142,7 @@ async fn run_actor(
     let model = ModelSpec::new(env.as_ref(), &config.model);
     set_threads(config.actor.threads);
     let actor = &config.actor;
+    let envs = actor.envs_for(env.max_trajectory_len());
 
     // Orders are bounded by the learner's credits; this only caps what a
     // misbehaving learner could make us queue.
@@ -160,7 +161,7 @@ async fn run_actor(
         out: chunk_sender,
         current_session: current_session.clone(),
         behaviour: Behaviour::from(actor),
-        envs: actor.envs,
+        envs,
         seeding,
         abandon: abandon.clone(),
     };
@@ -316,8 +317,12 @@ pub async fn stay_connected(
     shutdown: impl Future<Output = ()>,
 ) -> (Result<(), ActorError>, Counts) {
     let actor = &config.actor;
-    let (task, model) = match tasks::build(&config.task) {
-        Ok(env) => (env.spec(), ModelSpec::new(env.as_ref(), &config.model)),
+    let (task, model, envs) = match tasks::build(&config.task) {
+        Ok(env) => (
+            env.spec(),
+            ModelSpec::new(env.as_ref(), &config.model),
+            actor.envs_for(env.max_trajectory_len()),
+        ),
         Err(error) => return (Err(error.into()), Counts::default()),
     };
     let token = match flgfn_common::auth::load_token(&config.auth) {
@@ -347,7 +352,7 @@ pub async fn stay_connected(
             actor_name: name,
             task: &task,
             model: &model,
-            envs: actor.envs,
+            envs,
             max_message_bytes: config.learner.max_message_bytes,
             chunks: &mut *chunks,
             orders,

@@ -187,7 +187,7 @@ impl Worker {
             let rng = rng.get_or_insert_with(|| {
                 let seed = seed_for(self.seeding, order.actor_id);
                 report.seed = Some(seed);
-                tracing::info!(seed, "action draws seeded");
+                tracing::info!(seed, envs = self.envs, "action draws seeded");
                 SmallRng::seed_from_u64(seed)
             });
             let abandon = &self.abandon;

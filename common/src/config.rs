@@ -415,6 +415,17 @@ pub struct ActorConfig {
     /// gRPC endpoint of the learner.
     pub learner: String,
     /// Environments rolled out in lockstep; also trajectories per chunk.
+    /// 0 (the default): enough for [`AUTO_CHUNK_TRANSITIONS`] transitions
+    /// at full length, between 16 and 256 ([`ActorConfig::envs_for`]):
+    /// 256 for the default task, where one thread's rollout throughput
+    /// peaks (`cargo bench -p flgfn-actor --bench rollout`: 305k
+    /// transitions/s at 16, 423k at 256, ~395k at 512 and 1,024) and each
+    /// weight version an actor takes serves 5,120 transitions (~35 bytes
+    /// of weights per trained transition in bf16, ~530 at 16 environments).
+    /// Fewer for long trajectories, whose chunks would not fit the
+    /// learner's per-session memory (a 16x16 lattice: 20). A chunk larger
+    /// than a batch trains over several steps, so this does not set the
+    /// batch.
     pub envs: usize,
     /// Weight of the uniform distribution over valid actions in the
     /// behaviour policy (1 - eps) P_F + eps U.
@@ -446,11 +457,30 @@ pub struct ActorConfig {
     pub keepalive_s: f64,
 }
 
+/// Transitions per chunk, at full length, that `actor.envs = 0` aims for:
+/// enough that a weight version serves thousands of transitions, few
+/// enough that a chunk of the default task's trajectories replayed
+/// (~3.5 KB each) holds about a megabyte.
+pub const AUTO_CHUNK_TRANSITIONS: usize = 5120;
+
+impl ActorConfig {
+    /// Environments in lockstep (trajectories per chunk) for a task whose
+    /// trajectories have at most `max_trajectory_len` transitions:
+    /// `envs`, or with 0 [`AUTO_CHUNK_TRANSITIONS`] over that length,
+    /// between 16 and 256.
+    pub fn envs_for(&self, max_trajectory_len: usize) -> usize {
+        match self.envs {
+            0 => (AUTO_CHUNK_TRANSITIONS / max_trajectory_len.max(1)).clamp(16, 256),
+            envs => envs,
+        }
+    }
+}
+
 impl Default for ActorConfig {
     fn default() -> Self {
         ActorConfig {
             learner: "http://127.0.0.1:50051".to_owned(),
-            envs: 16,
+            envs: 0,
             epsilon: 0.05,
             truncate_fraction: 0.0,
             truncate_at: TruncateAt::Uniform,
@@ -908,7 +938,6 @@ impl Config {
         // None would train nothing and wait for ever.
         at_least("launch.actors", self.launch.actors, 1)?;
         let a = &self.actor;
-        at_least("actor.envs", a.envs, 1)?;
         at_least("actor.threads", a.threads, 1)?;
         at_most("actor.threads", a.threads, MAX_THREADS)?;
         unit_interval("actor.epsilon", a.epsilon)?;
@@ -1196,6 +1225,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn environments_per_actor_default_to_a_fixed_number_of_transitions() {
+        let mut actor = ActorConfig::default();
+        // The default task: 20 transitions per trajectory.
+        assert_eq!(actor.envs_for(20), 256);
+        assert_eq!(actor.envs_for(80), 64);
+        // A 16x16 lattice: 256 would not fit one session's memory.
+        assert_eq!(actor.envs_for(256), 20);
+        assert_eq!(actor.envs_for(4096), 16, "never fewer than 16");
+        assert_eq!(actor.envs_for(1), 256, "never more than 256");
+        actor.envs = 7;
+        assert_eq!(actor.envs_for(20), 7, "a number given is kept");
     }
 
     #[test]

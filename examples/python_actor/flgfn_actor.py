@@ -360,7 +360,7 @@ class Actor:
             grants.cancel()
 
 
-def run(task, learner, hidden=(256, 256), envs=16, epsilon=0.05,
+def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
         truncate_fraction=0.0, name="python-actor", token=None, seed=None,
         connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
         reconnect_max_s=5.0, reconnect_attempts=0):
@@ -415,7 +415,7 @@ def main():
     parser.add_argument("--learner", default="127.0.0.1:50051",
                         help="host:port of the learner, or http://host:port as the Rust actor takes it")
     parser.add_argument("--hidden", default="256,256", help="hidden layer widths, as the learner's model.hidden")
-    parser.add_argument("--envs", type=int, default=16, help="trajectories per chunk")
+    parser.add_argument("--envs", type=int, default=256, help="trajectories per chunk")
     parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
     parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
     # Host and process: the learner counts lost chunks per name.

@@ -104,8 +104,10 @@ pub fn objective_label(name: ObjectiveName) -> &'static str {
 /// What every run shares: `steps` steps of a fixed size, the transitions
 /// of 16 full-length trajectories (the paper's batch; where trajectories
 /// are truncated, a step holds more, shorter ones: the same transitions
-/// per step), a report every `eval_every` steps, two local actors, an
-/// ephemeral port.
+/// per step), two local actors rolling out 16 trajectories per chunk (so
+/// that a step trains on one policy version, as the paper's on-policy
+/// runs do, rather than on parts of the larger default chunks), a report
+/// every `eval_every` steps, an ephemeral port.
 fn base(task: TaskConfig, trajectory_len: usize, steps: u64, eval_every: u64) -> Config {
     let mut config = Config {
         task,
@@ -118,6 +120,7 @@ fn base(task: TaskConfig, trajectory_len: usize, steps: u64, eval_every: u64) ->
     config.learner.eval_every_steps = eval_every;
     config.learner.listen = "127.0.0.1:0".to_owned();
     config.launch.actors = 2;
+    config.actor.envs = 16;
     config
 }
 
