@@ -142,7 +142,7 @@ async fn run_actor(
     let model = ModelSpec::new(env.as_ref(), &config.model);
     set_threads(config.actor.threads);
     let actor = &config.actor;
-    let envs = actor.envs_for(env.max_trajectory_len());
+    let envs = actor.envs_for(env.as_ref());
 
     // Orders are bounded by the learner's credits; this only caps what a
     // misbehaving learner could make us queue.
@@ -321,7 +321,7 @@ pub async fn stay_connected(
         Ok(env) => (
             env.spec(),
             ModelSpec::new(env.as_ref(), &config.model),
-            actor.envs_for(env.max_trajectory_len()),
+            actor.envs_for(env.as_ref()),
         ),
         Err(error) => return (Err(error.into()), Counts::default()),
     };

@@ -119,7 +119,7 @@ async fn generated_actor(
     let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);
     let current_session = Arc::new(AtomicU32::new(0));
-    let envs = config.actor.envs_for(env.max_trajectory_len());
+    let envs = config.actor.envs_for(env.as_ref());
     // Uniform actions, cut as a real actor's are.
     let behaviour = Behaviour {
         epsilon: 1.0,

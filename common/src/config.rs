@@ -16,8 +16,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::env::Environment;
 use crate::tasks::lattice::LatticeConfig;
 use crate::tasks::set_generation::SetGenerationConfig;
+use crate::trajectory::ReplayedTrajectory;
 pub use crate::weights::WeightEncoding;
 
 /// Why a configuration cannot be used.
@@ -228,7 +230,7 @@ pub struct LearnerConfig {
     /// When a batch grows past `batch_transitions`: "lag" (only as much as
     /// keeps the data in flight within `max_in_flight_batches` steps, i.e.
     /// behind a slow network), "supply" (also takes every fresh chunk
-    /// already waiting: more actors mean bigger steps; best where a step
+    /// already waiting, or the part that fits: more actors mean bigger steps; best where a step
     /// costs about the same whatever its size, as on a GPU), or "auto"
     /// (supply on CUDA, lag on the CPU, where a step's time grows with its
     /// size and smaller steps learn more per second).
@@ -333,8 +335,9 @@ pub struct LearnerConfig {
     /// do so by themselves).
     pub idle_connection_s: f64,
     /// Most trajectories one chunk may carry. A replayed transition takes
-    /// ~40x its wire size and a chunk trains whole, so this bounds the
-    /// memory one message can claim.
+    /// ~40x its wire size and a chunk is held until its last trajectory
+    /// trains, so this bounds the memory one message can claim; a message
+    /// with more is refused before it is decoded.
     pub max_chunk_trajectories: usize,
     /// Most memory one actor session may hold in chunks, replayed: those
     /// its credits allow and those waiting for the trainer. Credits stop
@@ -346,9 +349,11 @@ pub struct LearnerConfig {
     /// this, a session holds the message being received and its HTTP/2
     /// buffers: a message is decoded whole before its fields are checked,
     /// so one of at most the largest valid chunk's size on the wire may
-    /// briefly take up to ~50x that in memory when crafted (empty
-    /// trajectories: 2 bytes on the wire, 48 decoded, in a vector that
-    /// doubles as it grows) before it is refused.
+    /// briefly take up to ~4x that in memory when crafted (1-byte actions
+    /// decode to 4 bytes; a chunk of more than `max_chunk_trajectories`
+    /// entries, such as one of thousands of empty trajectories, 2 bytes on
+    /// the wire and ~100 decoded each, is refused from its tags before it
+    /// is decoded).
     pub max_session_bytes: u64,
     /// Seconds an actor may hold credits without sending a chunk, or
     /// leave a grant untaken, before its session is ended (DEADLINE_EXCEEDED)
@@ -416,13 +421,14 @@ pub struct ActorConfig {
     pub learner: String,
     /// Environments rolled out in lockstep; also trajectories per chunk.
     /// 0 (the default): enough for [`AUTO_CHUNK_TRANSITIONS`] transitions
-    /// at full length, between 16 and 256 ([`ActorConfig::envs_for`]):
+    /// at full length and at most [`AUTO_CHUNK_BYTES`] replayed, between
+    /// 16 and 256 ([`ActorConfig::envs_for`]):
     /// 256 for the default task, where one thread's rollout throughput
     /// peaks (`cargo bench -p flgfn-actor --bench rollout`: 305k
     /// transitions/s at 16, 423k at 256, ~395k at 512 and 1,024) and each
     /// weight version an actor takes serves 5,120 transitions (~35 bytes
     /// of weights per trained transition in bf16, ~530 at 16 environments).
-    /// Fewer for long trajectories, whose chunks would not fit the
+    /// Fewer for long or wide trajectories, whose chunks would not fit the
     /// learner's per-session memory (a 16x16 lattice: 20). A chunk larger
     /// than a batch trains over several steps, so this does not set the
     /// batch.
@@ -463,17 +469,31 @@ pub struct ActorConfig {
 /// (~3.5 KB each) holds about a megabyte.
 pub const AUTO_CHUNK_TRANSITIONS: usize = 5120;
 
+/// Most bytes a chunk replayed at the learner may take with
+/// `actor.envs = 0`: a quarter of the default `learner.max_session_bytes`,
+/// so that a session holds a few chunks (wide states, such as a set task
+/// of thousands of elements, make each trajectory large).
+pub const AUTO_CHUNK_BYTES: usize = 16 << 20;
+
 impl ActorConfig {
-    /// Environments in lockstep (trajectories per chunk) for a task whose
-    /// trajectories have at most `max_trajectory_len` transitions:
-    /// `envs`, or with 0 [`AUTO_CHUNK_TRANSITIONS`] over that length,
-    /// between 16 and 256.
-    pub fn envs_for(&self, max_trajectory_len: usize) -> usize {
+    /// Environments in lockstep (trajectories per chunk) for `env`:
+    /// `envs`, or with 0 enough for [`AUTO_CHUNK_TRANSITIONS`] at full
+    /// length within [`AUTO_CHUNK_BYTES`] replayed, between 16 and 256.
+    pub fn envs_for(&self, env: &dyn Environment) -> usize {
+        let max_len = env.max_trajectory_len();
         match self.envs {
-            0 => (AUTO_CHUNK_TRANSITIONS / max_trajectory_len.max(1)).clamp(16, 256),
+            0 => auto_envs(max_len, ReplayedTrajectory::max_held_bytes(env, max_len)),
             envs => envs,
         }
     }
+}
+
+/// `actor.envs = 0` for trajectories of at most `max_len` transitions
+/// taking at most `trajectory_bytes` each, replayed.
+fn auto_envs(max_len: usize, trajectory_bytes: usize) -> usize {
+    let by_transitions = AUTO_CHUNK_TRANSITIONS / max_len.max(1);
+    let by_bytes = AUTO_CHUNK_BYTES / trajectory_bytes.max(1);
+    by_transitions.min(by_bytes).clamp(16, 256)
 }
 
 impl Default for ActorConfig {
@@ -1229,16 +1249,24 @@ mod tests {
 
     #[test]
     fn environments_per_actor_default_to_a_fixed_number_of_transitions() {
+        // The default task: 20 transitions, ~3.5 KB per trajectory.
+        assert_eq!(auto_envs(20, 3_500), 256);
+        assert_eq!(auto_envs(80, 14_000), 64);
+        // A 16x16 lattice: 20 by transitions (186 MB for 256).
+        assert_eq!(auto_envs(256, 728_000), 20);
+        // A set task of 4,096 elements: ~520 KB per trajectory of 20.
+        assert_eq!(auto_envs(20, 520_000), 32, "held within 16 MB");
+        assert_eq!(auto_envs(4096, 1_000), 16, "never fewer than 16");
+        assert_eq!(auto_envs(1, 100), 256, "never more than 256");
+        let default_task = crate::tasks::build(&TaskConfig::default()).unwrap();
         let mut actor = ActorConfig::default();
-        // The default task: 20 transitions per trajectory.
-        assert_eq!(actor.envs_for(20), 256);
-        assert_eq!(actor.envs_for(80), 64);
-        // A 16x16 lattice: 256 would not fit one session's memory.
-        assert_eq!(actor.envs_for(256), 20);
-        assert_eq!(actor.envs_for(4096), 16, "never fewer than 16");
-        assert_eq!(actor.envs_for(1), 256, "never more than 256");
+        assert_eq!(actor.envs_for(default_task.as_ref()), 256);
         actor.envs = 7;
-        assert_eq!(actor.envs_for(20), 7, "a number given is kept");
+        assert_eq!(
+            actor.envs_for(default_task.as_ref()),
+            7,
+            "a number given is kept"
+        );
     }
 
     #[test]

@@ -22,12 +22,90 @@ pub mod proto {
 /// The protobuf codec of every flgfn RPC: prost's, except that bytes that do
 /// not decode as the expected message are the sender's fault and are
 /// answered `INVALID_ARGUMENT` with prost's reason (tonic's prost codec
-/// answers `INTERNAL`, which tells a client the server broke).
+/// answers `INTERNAL`, which tells a client the server broke), and that a
+/// chunk with more trajectories than the learner takes is refused before
+/// it is decoded ([`refuse_chunks_beyond`]).
 pub mod codec {
+    use std::any::TypeId;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Buf;
     use prost::Message;
     use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
     use tonic::{Code, Status};
     use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    use super::proto;
+
+    /// Field number of `TrajectoryChunk.trajectories` in the proto.
+    const TRAJECTORIES_FIELD: u64 = 4;
+
+    /// Most `trajectories` entries a chunk may carry to be decoded at all
+    /// (0: no limit). Process-wide, because tonic makes a codec per call
+    /// with `Default` and hands it nothing: each learner raises it to its
+    /// `learner.max_chunk_trajectories` (the largest, where tests run
+    /// several learners in one process), and the learner checks each
+    /// session's own declared count after decoding.
+    static MAX_CHUNK_TRAJECTORIES: AtomicUsize = AtomicUsize::new(0);
+
+    /// Refuse, before decoding, chunks of more than `trajectories`
+    /// trajectories (or of more than the largest value any learner in
+    /// this process gave). A message is decoded whole, and a crafted one
+    /// of empty trajectories (2 bytes each on the wire, 48 decoded, in a
+    /// vector that doubles as it grows) would otherwise take ~50 times its
+    /// size in memory before any field is checked.
+    pub fn refuse_chunks_beyond(trajectories: usize) {
+        MAX_CHUNK_TRAJECTORIES.fetch_max(trajectories.max(1), Ordering::Relaxed);
+    }
+
+    /// The number of entries of field `field` in the protobuf message
+    /// `bytes`, reading only tags and lengths; None where the bytes are
+    /// not a well-formed message (prost's decoder then says why).
+    pub fn count_entries(mut bytes: &[u8], field: u64) -> Option<usize> {
+        let mut count = 0;
+        while bytes.has_remaining() {
+            let key = prost::encoding::decode_varint(&mut bytes).ok()?;
+            let skip = match key & 7 {
+                0 => {
+                    prost::encoding::decode_varint(&mut bytes).ok()?;
+                    0
+                }
+                1 => 8,
+                2 => {
+                    if key >> 3 == field {
+                        count += 1;
+                    }
+                    usize::try_from(prost::encoding::decode_varint(&mut bytes).ok()?).ok()?
+                }
+                5 => 4,
+                _ => return None,
+            };
+            if skip > bytes.len() {
+                return None;
+            }
+            bytes.advance(skip);
+        }
+        Some(count)
+    }
+
+    /// Refuses a chunk with more trajectories than any learner here takes.
+    fn check_chunk_size(buf: &DecodeBuf<'_>) -> Result<(), Status> {
+        let limit = MAX_CHUNK_TRAJECTORIES.load(Ordering::Relaxed);
+        let bytes = buf.chunk();
+        // The message arrives whole in one buffer; anything else is left
+        // to the decoder and the checks after it.
+        if limit == 0 || bytes.len() != buf.remaining() {
+            return Ok(());
+        }
+        match count_entries(bytes, TRAJECTORIES_FIELD) {
+            // OUT_OF_RANGE, as for a message over the size limit: the
+            // learner counts both as too large.
+            Some(count) if count > limit => Err(Status::out_of_range(format!(
+                "`trajectories` has {count} entries, more than this learner takes in one chunk (learner.max_chunk_trajectories = {limit})"
+            ))),
+            _ => Ok(()),
+        }
+    }
 
     /// See the module documentation.
     #[derive(Debug, Clone)]
@@ -62,11 +140,14 @@ pub mod codec {
     #[derive(Debug, Clone, Default)]
     pub struct StrictDecoder<U>(ProstDecoder<U>);
 
-    impl<U: Message + Default> Decoder for StrictDecoder<U> {
+    impl<U: Message + Default + 'static> Decoder for StrictDecoder<U> {
         type Item = U;
         type Error = Status;
 
         fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            if TypeId::of::<U>() == TypeId::of::<proto::TrajectoryChunk>() {
+                check_chunk_size(buf)?;
+            }
             self.0.decode(buf).map_err(|status| {
                 if status.code() == Code::Internal {
                     Status::invalid_argument(format!(
@@ -263,6 +344,21 @@ mod tests {
             // Not loose either: length varints are counted at their widest.
             assert!(bound - size <= 16 + 12 * trajectories, "{size} vs {bound}");
         }
+    }
+
+    #[test]
+    fn trajectories_are_counted_from_tags_and_lengths_alone() {
+        use prost::Message;
+        let mut many = chunk();
+        many.trajectories = vec![proto::Trajectory::default(); 1000];
+        many.trajectories[7].actions = vec![u32::MAX; 300];
+        let bytes = many.encode_to_vec();
+        assert_eq!(codec::count_entries(&bytes, 4), Some(1000));
+        assert_eq!(codec::count_entries(&bytes, 1), Some(0), "a varint field");
+        // Cut short inside a length: not a message.
+        assert_eq!(codec::count_entries(&bytes[..bytes.len() - 1], 4), None);
+        assert_eq!(codec::count_entries(&[0x0b], 4), None, "a group tag");
+        assert_eq!(codec::count_entries(&[], 4), Some(0));
     }
 
     #[test]

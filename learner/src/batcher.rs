@@ -19,7 +19,7 @@
 //! last part. Here, where the
 //! batch is built, chunks whose policy would be more than `max_policy_lag`
 //! steps old when trained are dropped and counted; credits and that order
-//! keep it rare. Each chunk's credit is released once the chunk is in a
+//! keep it rare. A chunk's room is released once it (or a part) is in a
 //! batch, so actors start the next rollouts while this batch trains. The
 //! host tensors are collated here (into pinned memory when the trainer
 //! runs on a GPU), so the trainer only copies them to the device and steps.
@@ -230,8 +230,9 @@ impl Batcher {
         }
         // Beyond the target: what could not wait one more step (it would be
         // dropped), and fresh supply rather than let it age (`take_waiting`)
-        // up to the largest batch: a chunk that does not fit waits for the
-        // next batch, and smaller ones behind it may still fit.
+        // up to the largest batch: of a chunk that does not fit, the
+        // trajectories that do join and the rest waits for the next batch,
+        // and smaller chunks behind it may still fit.
         self.absorb_arrived();
         let step = self.step_to_train();
         let mut kept = VecDeque::with_capacity(self.waiting.len());

@@ -107,10 +107,10 @@ pub struct CreditPool {
     /// do not depend on it.
     unserved: AtomicU64,
     /// Room of the credits whose chunk was taken into a batch (or that
-    /// were returned), ever, counted whole when that happens: the part a
-    /// short chunk freed on arrival too, so that the newest chunks of
+    /// were returned), ever, counted as each part of the chunk is taken
+    /// (the last part also counts what a short chunk freed on arrival, so that the newest chunks of
     /// truncated trajectories, arriving, do not end a hold on what was in
-    /// flight before them.
+    /// flight before them).
     released: AtomicU64,
     /// Room reserved by every credit granted, ever: what was in flight at
     /// a change, counted as it will be released, is this then, less
@@ -125,7 +125,10 @@ pub struct CreditPool {
     settled_at: AtomicU64,
     /// `released` at the last [`CreditPool::adapt_while_waiting`].
     released_at_wait: AtomicU64,
-    /// Largest room one credit reserved (a full chunk), ever.
+    /// Largest room one credit reserves (a full chunk) among the sessions
+    /// in the rotation: set by the controller as sessions come and go (a
+    /// session of huge chunks that left no longer counts), raised by any
+    /// reservation.
     largest_chunk: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
@@ -309,7 +312,7 @@ impl CreditPool {
 
 /// Room reserved for one chunk. Dropping it gives the room back (and wakes
 /// the controller); the trainer's batch builder drops it once the chunk is
-/// in a batch.
+/// in a batch, or once its last part is ([`CreditToken::split_off`]).
 #[derive(Debug)]
 pub struct CreditToken {
     pool: Arc<CreditPool>,
@@ -459,7 +462,8 @@ impl SessionCredits {
 struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
-    /// Credits alive: granted, and their chunk not yet in a batch. Each
+    /// Credits alive: granted, and their chunk (its last part) not yet in
+    /// a batch. Each
     /// stands for at most one chunk held in memory for this session.
     held: Arc<AtomicU64>,
     /// Most credits alive at once (`learner.max_session_bytes` over the
@@ -526,6 +530,8 @@ async fn control(
     let mut members: VecDeque<Member> = VecDeque::new();
     loop {
         members.retain(|m| !m.tokens.is_closed());
+        let largest_chunk = members.iter().map(|m| m.reserve).max().unwrap_or(0);
+        pool.largest_chunk.store(largest_chunk, Ordering::Relaxed);
         let next_resume = grant_round_robin(&pool, &mut members);
         let resume = async {
             match next_resume {

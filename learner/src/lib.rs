@@ -299,6 +299,7 @@ pub async fn serve(
     let service = LearnerService { ready };
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), &model);
+    wire::codec::refuse_chunks_beyond(config.learner.max_chunk_trajectories);
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);

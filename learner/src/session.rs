@@ -508,7 +508,8 @@ impl Session {
             .latest_version()
             .saturating_sub(policy_version);
         // The chunk goes into a batch a step or two later: at the bound now,
-        // it will be past it then.
+        // it will be past it then. (Of a chunk larger than a batch, the part
+        // that would go stale joins the batch it is due in.)
         if lag < self.state.max_policy_lag {
             progress.stale_arrivals = 0;
             progress.next_pause = Duration::ZERO;

@@ -390,6 +390,24 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         "{status:?}"
     );
 
+    // 20,000 empty trajectories: 40 KB, within the decode limit, but
+    // ~2 MB once decoded. Refused from their tags before decoding, naming
+    // the learner's limit (here 8; the largest of the learners that this
+    // test binary runs at once, 1,024 at most).
+    let (mut session, actor_id) = joined(&mut client, &config).await;
+    session.grant().await;
+    let mut hollow = chunk(actor_id, vec![0, 1]);
+    hollow.trajectories = vec![proto::Trajectory::default(); 20_000];
+    let status = session.refused(hollow).await;
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(
+        status
+            .message()
+            .contains("`trajectories` has 20000 entries")
+            && status.message().contains("learner.max_chunk_trajectories"),
+        "{status:?}"
+    );
+
     // The one credit of the learner is held by `holder`: a chunk on
     // another session has no credit.
     let (mut holder, actor_id) = joined(&mut client, &config).await;
@@ -434,10 +452,10 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
     // Illegal action, future version, oversized, extreme energy, crowded,
-    // no credit, bad after good.
-    assert_eq!(outcome.final_report.rejected_chunks, 7);
+    // hollow, no credit, bad after good.
+    assert_eq!(outcome.final_report.rejected_chunks, 8);
     // Each refusal is counted under its reason, and they add up: the
-    // handshakes and session openings refused at the start, then the 7.
+    // handshakes and session openings refused at the start, then the 8.
     let rejections = &outcome.final_report.rejections;
     for reason in [
         "handshake_protocol_version",
@@ -453,7 +471,12 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         Some(&2),
         "{rejections:?}"
     );
-    assert_eq!(rejections.values().sum::<u64>(), 6 + 7, "{rejections:?}");
+    assert_eq!(rejections.values().sum::<u64>(), 6 + 8, "{rejections:?}");
+    assert_eq!(
+        rejections.get("too_large"),
+        Some(&2),
+        "oversized and hollow: {rejections:?}"
+    );
     for reason in [
         "invalid_action",
         "future_version",
