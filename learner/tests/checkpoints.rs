@@ -312,6 +312,68 @@ async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The same stop between grid reports, with that last report's metrics
+/// write failing (the metrics file is a pipe whose reader goes away after
+/// the first report): the error path saves a checkpoint too, and it holds
+/// the grid's evaluations only, as after a stop whose report succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
+    use std::io::BufRead;
+    let dir = scratch("off-grid-failed");
+    let (mut config, checkpoints) = checkpointed(&dir, 0, 0);
+    // Far apart: the stop lands well before the next grid report.
+    config.learner.eval_every_steps = 200;
+    let metrics = dir.join("metrics.pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&metrics)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Reads the first report (step 200), closes the pipe, then lets the
+    // stop through: the next report, the stop's, at a step between 200
+    // and 400, fails to write.
+    let (closed, reader_gone) = tokio::sync::oneshot::channel::<()>();
+    let pipe = metrics.clone();
+    let reader = std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(std::fs::File::open(pipe).unwrap()).lines();
+        lines.next().unwrap().unwrap();
+        drop(lines);
+        closed.send(()).unwrap();
+    });
+    let (learner, actors) = start_run_until(&config, &metrics, async move {
+        let _ = reader_gone.await;
+    })
+    .await;
+    let error = tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .expect("the learner fails")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    for a in actors {
+        a.abort();
+    }
+    reader.join().unwrap();
+    assert!(error.contains("metrics.pipe"), "{error}");
+    let saved = checkpoint::load_latest(&checkpoints)
+        .unwrap()
+        .unwrap()
+        .state;
+    assert!(
+        (201..400).contains(&saved.step),
+        "the stop's report, off the grid, failed: saved at step {}",
+        saved.step
+    );
+    assert_eq!(
+        saved.evaluator.samples_so_far,
+        config.learner.eval_samples as u64,
+        "the evaluation of step 200 only; failed at step {}",
+        saved.step
+    );
+    eprintln!("the stop's report failed at step {}", saved.step);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A model that diverges (a learning rate of 1e30: after the first step
 /// every loss is infinite, and each such step is skipped) stops after
 /// three reports without a finite step, with a checkpoint; every
