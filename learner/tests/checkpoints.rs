@@ -365,8 +365,7 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
         saved.step
     );
     assert_eq!(
-        saved.evaluator.samples_so_far,
-        config.learner.eval_samples as u64,
+        saved.evaluator.samples_so_far, config.learner.eval_samples as u64,
         "the evaluation of step 200 only; failed at step {}",
         saved.step
     );
