@@ -230,8 +230,9 @@ pub struct LearnerConfig {
     /// When a batch grows past `batch_transitions`: "lag" (only as much as
     /// keeps the data in flight within `max_in_flight_batches` steps, i.e.
     /// behind a slow network), "supply" (also takes every fresh chunk
-    /// already waiting, or the part that fits: more actors mean bigger steps; best where a step
-    /// costs about the same whatever its size, as on a GPU), or "auto"
+    /// already waiting, or the part that fits: more actors mean bigger
+    /// steps; best where a step costs about the same whatever its size, as
+    /// on a GPU), or "auto"
     /// (supply on CUDA, lag on the CPU, where a step's time grows with its
     /// size and smaller steps learn more per second).
     pub batch_growth: BatchGrowth,

@@ -6,21 +6,22 @@
 //! [`CreditPool`]; the room comes back when the trainer takes the chunk into
 //! a batch (the [`CreditToken`] travels with the chunk and is dropped
 //! there; a chunk larger than a batch trains over several steps and gives
-//! its room back part by part, [`CreditToken::split_off`]). So everything granted and not yet trained fits in the pool's
-//! capacity (or passes it by at most the batch being built, which may
-//! need more than the room holds, and what was in use when the room
-//! shrank), and policy lag is bounded by it, whatever the network's
-//! latency and however many actors connect: more actors share the same
-//! room instead of piling up stale data.
+//! its room back part by part, [`CreditToken::split_off`]). So everything
+//! granted and not yet trained fits in the pool's capacity (or passes it
+//! by at most the batch being built, which may need more than the room
+//! holds, and what was in use when the room shrank), and policy lag is
+//! bounded by it, whatever the network's latency and however many actors
+//! connect: more actors share the same room instead of piling up stale
+//! data.
 //!
 //! The capacity starts at [`INITIAL_ROOM_BATCHES`] smallest batches and
 //! adapts between a floor (one smallest batch) and a ceiling
 //! (`learner.max_in_flight_batches` largest batches): the batch builder
 //! grows it while the trainer waits for batches, and shrinks it by what
 //! waits beyond two batches (a batch and a chunk, where chunks are larger)
-//! while the trainer is busy; after each change it
-//! waits until what was in flight then has been trained (one turn of the
-//! credits, however long the link) before it reads those signals again.
+//! while the trainer is busy; after each change it waits until what was in
+//! flight then has been trained (one turn of the credits, however long the
+//! link) before it reads those signals again.
 //! The batch itself grows with the data in flight
 //! ([`CreditPool::batch_target`]: granted-not-trained /
 //! max_in_flight_batches, between the smallest and largest batch), so data
@@ -108,9 +109,9 @@ pub struct CreditPool {
     unserved: AtomicU64,
     /// Room of the credits whose chunk was taken into a batch (or that
     /// were returned), ever, counted as each part of the chunk is taken
-    /// (the last part also counts what a short chunk freed on arrival, so that the newest chunks of
-    /// truncated trajectories, arriving, do not end a hold on what was in
-    /// flight before them).
+    /// (the last part also counts what a short chunk freed on arrival, so
+    /// that the newest chunks of truncated trajectories, arriving, do not
+    /// end a hold on what was in flight before them).
     released: AtomicU64,
     /// Room reserved by every credit granted, ever: what was in flight at
     /// a change, counted as it will be released, is this then, less
@@ -126,9 +127,9 @@ pub struct CreditPool {
     /// `released` at the last [`CreditPool::adapt_while_waiting`].
     released_at_wait: AtomicU64,
     /// Largest room one credit reserves (a full chunk) among the sessions
-    /// in the rotation: set by the controller as sessions come and go (a
-    /// session of huge chunks that left no longer counts), raised by any
-    /// reservation.
+    /// in the rotation: set by the controller, which owns that list, as
+    /// sessions come and go (a session of huge chunks that left no longer
+    /// counts).
     largest_chunk: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
@@ -238,6 +239,7 @@ impl CreditPool {
     fn resize(&self, starved: bool, now: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
+        let enough_queued = self.enough_queued(batch);
         let capacity = self.capacity();
         let settled =
             now || self.released.load(Ordering::Relaxed) >= self.settled_at.load(Ordering::Relaxed);
@@ -247,13 +249,12 @@ impl CreditPool {
             capacity.saturating_mul(2)
         } else if starved {
             capacity.saturating_add((capacity / 4).max(batch))
-        } else if queued > self.enough_queued(batch) {
+        } else if queued > enough_queued {
             // What waits beyond that is room the trainer does not need:
             // give most of it back in one turn. A sixteenth per turn took a
             // second to undo a doubling behind 25 ms, a second of large
             // batches and slow steps.
-            let excess = queued - self.enough_queued(batch);
-            capacity - excess.clamp(capacity / 16, capacity / 4)
+            capacity - (queued - enough_queued).clamp(capacity / 16, capacity / 4)
         } else {
             capacity
         };
@@ -299,7 +300,6 @@ impl CreditPool {
             });
         reserved.ok()?;
         self.reserved_ever.fetch_add(amount, Ordering::Relaxed);
-        self.largest_chunk.fetch_max(amount, Ordering::Relaxed);
         Some(CreditToken {
             pool: self.clone(),
             reserved: amount,
@@ -463,8 +463,8 @@ struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
     /// Credits alive: granted, and their chunk (its last part) not yet in
-    /// a batch. Each
-    /// stands for at most one chunk held in memory for this session.
+    /// a batch. Each stands for at most one chunk held in memory for this
+    /// session.
     held: Arc<AtomicU64>,
     /// Most credits alive at once (`learner.max_session_bytes` over the
     /// bytes of one chunk), exceeded only while the batch being built
@@ -767,20 +767,12 @@ mod tests {
         assert!(pool.capacity() > 500, "all trained: the room grows again");
     }
 
-    /// `transitions` reserved and arrived, standing for as many queued in
-    /// chunks of at most a smallest batch (100) each: the largest chunk
-    /// granted stays at 100.
-    fn queued(pool: &Arc<CreditPool>, transitions: u64) -> CreditToken {
-        let mut token = pool.try_reserve(transitions).unwrap();
-        token.arrived(transitions);
-        pool.largest_chunk.store(100, Ordering::Relaxed);
-        token
-    }
-
     #[test]
     fn a_chunk_larger_than_two_batches_waiting_is_not_room_to_give_back() {
         // Batches of 100 to 1,000; the room starts at 3,200.
         let pool = CreditPool::new(100, 1000, 8);
+        // As the controller sets it for sessions of chunks of 1,600.
+        pool.largest_chunk.store(1600, Ordering::Relaxed);
         let mut first = pool.try_reserve(1600).unwrap();
         first.arrived(1600);
         pool.adapt(false);
@@ -809,10 +801,12 @@ mod tests {
             "starts at INITIAL_ROOM_BATCHES smallest batches, within the ceiling"
         );
         // Down to one batch, for the rules below.
-        let mut queue = queued(&pool, 400);
+        let mut queue = pool.try_reserve(400).unwrap();
+        queue.arrived(400);
         for _ in 0..100 {
             drop(queue);
-            queue = queued(&pool, 400);
+            queue = pool.try_reserve(400).unwrap();
+            queue.arrived(400);
             pool.adapt(false);
         }
         drop(queue);
@@ -860,7 +854,8 @@ mod tests {
         }
         assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
         assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
-        let held = queued(&pool, 500);
+        let mut held = pool.try_reserve(500).unwrap();
+        held.arrived(500);
         assert_eq!(
             pool.batch_target(),
             125,
@@ -880,7 +875,8 @@ mod tests {
         );
         drop(held);
         let queue = |transitions| {
-            let waiting = queued(&pool, transitions);
+            let mut waiting = pool.try_reserve(transitions).unwrap();
+            waiting.arrived(transitions);
             pool.adapt(false);
             waiting
         };
@@ -899,7 +895,8 @@ mod tests {
         for _ in 0..100 {
             // Trained, and as much again waiting: each change settles.
             drop(held);
-            held = queued(&pool, 500);
+            held = pool.try_reserve(500).unwrap();
+            held.arrived(500);
             pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");

@@ -208,7 +208,16 @@ async fn a_stopped_run_resumes_where_it_stopped() {
 
 /// Trains with two in-process actors until the learner fails; its error.
 async fn failed_run(config: &Config, metrics: &Path) -> String {
-    let (learner, actors) = start_run(config, metrics).await;
+    failed_run_until(config, metrics, std::future::pending()).await
+}
+
+/// [`failed_run`], with a learner told to stop when `stop` resolves.
+async fn failed_run_until(
+    config: &Config,
+    metrics: &Path,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
+    let (learner, actors) = start_run_until(config, metrics, stop).await;
     let error = tokio::time::timeout(Duration::from_secs(120), learner)
         .await
         .expect("the learner fails")
@@ -340,19 +349,10 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
         drop(lines);
         closed.send(()).unwrap();
     });
-    let (learner, actors) = start_run_until(&config, &metrics, async move {
+    let error = failed_run_until(&config, &metrics, async move {
         let _ = reader_gone.await;
     })
     .await;
-    let error = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .expect("the learner fails")
-        .unwrap()
-        .unwrap_err()
-        .to_string();
-    for a in actors {
-        a.abort();
-    }
     reader.join().unwrap();
     assert!(error.contains("metrics.pipe"), "{error}");
     let saved = checkpoint::load_latest(&checkpoints)
