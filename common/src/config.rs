@@ -66,7 +66,9 @@ impl ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Base seed. The learner's initial weights and evaluation samples use
-    /// `seed`; an actor's action draws use `seed + 1 + its --seed-offset`.
+    /// `seed`. An actor's action draws mix `seed` with its learner-assigned
+    /// id and fresh OS entropy, so actors differ by default; with
+    /// `--seed-offset` they use `seed + 1 + offset` alone (reproduction).
     pub seed: u64,
     /// Which environment to learn.
     pub task: TaskConfig,
@@ -343,7 +345,7 @@ pub struct LearnerConfig {
     /// Most memory one actor session may hold in chunks, replayed: those
     /// its credits allow and those waiting for the trainer. Credits stop
     /// at it (except while the batch being built could not fill without
-    /// one more: then by at most one batch learner-wide), so an actor that
+    /// one more: then by at most one chunk learner-wide), so an actor that
     /// follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
@@ -422,8 +424,9 @@ pub struct ActorConfig {
     pub learner: String,
     /// Environments rolled out in lockstep; also trajectories per chunk.
     /// 0 (the default): enough for [`AUTO_CHUNK_TRANSITIONS`] transitions
-    /// at full length and at most [`AUTO_CHUNK_BYTES`] replayed, between
-    /// 16 and 256 ([`ActorConfig::envs_for`]):
+    /// at full length, between 16 and 256, and at most [`AUTO_CHUNK_BYTES`]
+    /// replayed (fewer than 16 where trajectories are that large)
+    /// ([`ActorConfig::envs_for`]):
     /// 256 for the default task, where one thread's rollout throughput
     /// peaks (`cargo bench -p flgfn-actor --bench rollout`: 305k
     /// transitions/s at 16, 423k at 256, ~395k at 512 and 1,024) and each
@@ -479,7 +482,7 @@ pub const AUTO_CHUNK_BYTES: usize = 16 << 20;
 impl ActorConfig {
     /// Environments in lockstep (trajectories per chunk) for `env`:
     /// `envs`, or with 0 enough for [`AUTO_CHUNK_TRANSITIONS`] at full
-    /// length within [`AUTO_CHUNK_BYTES`] replayed, between 16 and 256.
+    /// length, between 16 and 256, within [`AUTO_CHUNK_BYTES`] replayed.
     pub fn envs_for(&self, env: &dyn Environment) -> usize {
         let max_len = env.max_trajectory_len();
         match self.envs {
@@ -494,7 +497,9 @@ impl ActorConfig {
 fn auto_envs(max_len: usize, trajectory_bytes: usize) -> usize {
     let by_transitions = AUTO_CHUNK_TRANSITIONS / max_len.max(1);
     let by_bytes = AUTO_CHUNK_BYTES / trajectory_bytes.max(1);
-    by_transitions.min(by_bytes).clamp(16, 256)
+    // The byte cap wins over the floor of 16: a chunk that does not fit
+    // the learner's per-session memory is refused at the handshake.
+    by_transitions.clamp(16, 256).min(by_bytes.max(1))
 }
 
 impl Default for ActorConfig {
@@ -872,6 +877,13 @@ impl Config {
             l.max_in_flight_batches as usize,
             1,
         )?;
+        // The room's ceiling is max_batch_transitions times this: kept far
+        // from overflow and from what a channel can be sized to.
+        at_most(
+            "learner.max_in_flight_batches",
+            usize::try_from(l.max_in_flight_batches).unwrap_or(usize::MAX),
+            MAX_IN_FLIGHT_BATCHES,
+        )?;
         if l.max_in_flight_batches > l.max_policy_lag {
             let default = LearnerConfig::default().max_in_flight_batches;
             return Err(ConfigError::invalid(
@@ -1096,6 +1108,9 @@ pub const MAX_EVAL_SAMPLES: usize = 1 << 24;
 /// Upper bound of `learner.batch_transitions`.
 pub const MAX_BATCH_TRANSITIONS: usize = 1 << 20;
 
+/// Upper bound of `learner.max_in_flight_batches`.
+pub const MAX_IN_FLIGHT_BATCHES: usize = 1 << 16;
+
 fn at_most(field: &str, value: usize, max: usize) -> Result<(), ConfigError> {
     if value <= max {
         Ok(())
@@ -1259,6 +1274,10 @@ mod tests {
         assert_eq!(auto_envs(20, 520_000), 32, "held within 16 MB");
         assert_eq!(auto_envs(4096, 1_000), 16, "never fewer than 16");
         assert_eq!(auto_envs(1, 100), 256, "never more than 256");
+        // ~4.9 MB per trajectory (4,096 elements, sets of 200): 16 would
+        // be a 79 MB chunk, above the default 64 MiB per session.
+        assert_eq!(auto_envs(200, 4_940_000), 3, "the byte cap wins over 16");
+        assert_eq!(auto_envs(20, 1 << 30), 1, "at least one");
         let default_task = crate::tasks::build(&TaskConfig::default()).unwrap();
         let mut actor = ActorConfig::default();
         assert_eq!(actor.envs_for(default_task.as_ref()), 256);
@@ -1340,6 +1359,13 @@ mod tests {
         }
         let err = Config::from_toml("[model]\nhidden = []\n", "t").unwrap_err();
         assert!(err.to_string().contains("model.hidden"), "{err}");
+        // Both huge: the room's ceiling would overflow.
+        let huge = "[learner]\nmax_policy_lag = 4611686018427387904\nmax_in_flight_batches = 4611686018427387904\n";
+        let err = Config::from_toml(huge, "t").unwrap_err();
+        assert!(
+            err.to_string().contains("learner.max_in_flight_batches"),
+            "{err}"
+        );
         // A lag bound below the default room: the error says which default.
         let err = Config::from_toml("[learner]\nmax_policy_lag = 16\n", "t").unwrap_err();
         assert!(
