@@ -182,6 +182,12 @@ impl Batcher {
     /// behind a batch target that shrank, is trained before fresher data
     /// rather than dropped.
     fn gather(&mut self, target: usize) -> Option<Vec<QueuedChunk>> {
+        // Told to stop: no new batch, even from data already waiting (a
+        // batch and a large chunk may be, ~17 steps with 256-trajectory
+        // chunks); it is counted as untrained at stop.
+        if *self.stop.borrow() {
+            return None;
+        }
         let mut chunks: Vec<QueuedChunk> = Vec::new();
         let mut transitions = 0;
         loop {
@@ -515,6 +521,26 @@ mod tests {
         assert_eq!(
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
             180
+        );
+    }
+
+    #[test]
+    fn a_stop_builds_no_batch_from_data_already_waiting() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Enough waiting for several batches, and told to stop: none is
+        // built, and everything counts as untrained at stop.
+        let (mut batcher, batches) =
+            batcher_with_sizes(&runtime, &[(10, 100), (11, 100), (12, 100)], 1000);
+        batcher.stop = watch::channel(true).1;
+        let stats = batcher.stats.clone();
+        batcher.run();
+        assert!(batches.try_recv().is_err(), "no batch after the stop");
+        assert_eq!(
+            stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
+            300
         );
     }
 
