@@ -468,7 +468,7 @@ struct Member {
     held: Arc<AtomicU64>,
     /// Most credits alive at once (`learner.max_session_bytes` over the
     /// bytes of one chunk), exceeded only while the batch being built
-    /// could not fill otherwise (so by at most one batch, learner-wide).
+    /// could not fill otherwise (so by at most one chunk, learner-wide).
     max_held: u64,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,

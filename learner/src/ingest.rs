@@ -110,9 +110,10 @@ pub struct IngestStats {
     /// Chunks refused as invalid.
     pub rejected_chunks: AtomicU64,
     /// Chunks an actor numbered but the learner never received: gaps in
-    /// its sequence numbers, within a session and across its reconnects
-    /// (chunks sent into a broken connection, or rolled out for credits
-    /// that died with it).
+    /// its sequence numbers across its reconnects, where a new session
+    /// starts above the last one's last chunk (chunks sent into a broken
+    /// connection, or rolled out for credits that died with it). Within a
+    /// session nothing is counted.
     pub lost_chunks: AtomicU64,
     /// Refusals by reason: chunks ([`RequestError::reason`](crate::error::RequestError::reason),
     /// `undecodable`, `too_large`), handshakes and session openings (the

@@ -702,6 +702,7 @@ pub async fn serve(
         ingested_transitions = r.ingested_transitions,
         wire_bytes_per_transition = r.wire_bytes_per_transition,
         weight_bytes_per_trained_transition = r.weight_bytes_per_trained_transition,
+        stale_transitions = r.stale_transitions,
         stale_fraction = r.stale_fraction,
         untrained_at_stop_transitions = outcome.untrained_at_stop_transitions,
         "training finished"

@@ -46,8 +46,8 @@ pub struct LearnerState {
     /// An actor gets new weights only when its own are this many versions
     /// old.
     pub weights_refresh_steps: u64,
-    /// `learner.max_policy_lag`: a session whose chunks arrive older than
-    /// this pauses its credits.
+    /// `learner.max_policy_lag`: a session whose chunks arrive this old
+    /// or older, two in a row, pauses its credits.
     pub max_policy_lag: u64,
     /// `learner.stall_timeout_s`: a session whose actor holds a credit
     /// this long without sending its chunk, or takes no grant for this
