@@ -536,8 +536,10 @@ mod tests {
             batcher_with_sizes(&runtime, &[(10, 100), (11, 100), (12, 100)], 1000);
         batcher.stop = watch::channel(true).1;
         let stats = batcher.stats.clone();
-        batcher.run();
-        assert!(batches.try_recv().is_err(), "no batch after the stop");
+        let running = std::thread::spawn(move || batcher.run());
+        let handed = batches.iter().count();
+        running.join().unwrap();
+        assert_eq!(handed, 0, "no batch after the stop");
         assert_eq!(
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
             300
