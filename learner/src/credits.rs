@@ -767,22 +767,27 @@ mod tests {
         assert!(pool.capacity() > 500, "all trained: the room grows again");
     }
 
+    /// `transitions` reserved and arrived: a chunk waiting for the trainer.
+    fn queued(pool: &Arc<CreditPool>, transitions: u64) -> CreditToken {
+        let mut token = pool.try_reserve(transitions).unwrap();
+        token.arrived(transitions);
+        token
+    }
+
     #[test]
     fn a_chunk_larger_than_two_batches_waiting_is_not_room_to_give_back() {
         // Batches of 100 to 1,000; the room starts at 3,200.
         let pool = CreditPool::new(100, 1000, 8);
         // As the controller sets it for sessions of chunks of 1,600.
         pool.largest_chunk.store(1600, Ordering::Relaxed);
-        let mut first = pool.try_reserve(1600).unwrap();
-        first.arrived(1600);
+        let _first = queued(&pool, 1600);
         pool.adapt(false);
         assert_eq!(
             pool.capacity(),
             3200,
             "one chunk of 1,600 waiting (a batch of 200 and the chunk): hold"
         );
-        let mut second = pool.try_reserve(1600).unwrap();
-        second.arrived(1600);
+        let _second = queued(&pool, 1600);
         pool.adapt(false);
         assert_eq!(
             pool.capacity(),
@@ -801,12 +806,10 @@ mod tests {
             "starts at INITIAL_ROOM_BATCHES smallest batches, within the ceiling"
         );
         // Down to one batch, for the rules below.
-        let mut queue = pool.try_reserve(400).unwrap();
-        queue.arrived(400);
+        let mut queue = queued(&pool, 400);
         for _ in 0..100 {
             drop(queue);
-            queue = pool.try_reserve(400).unwrap();
-            queue.arrived(400);
+            queue = queued(&pool, 400);
             pool.adapt(false);
         }
         drop(queue);
@@ -854,8 +857,7 @@ mod tests {
         }
         assert_eq!(pool.capacity(), 800, "clamped at the ceiling");
         assert_eq!(pool.batch_target(), 100, "nothing in flight yet");
-        let mut held = pool.try_reserve(500).unwrap();
-        held.arrived(500);
+        let held = queued(&pool, 500);
         assert_eq!(
             pool.batch_target(),
             125,
@@ -875,8 +877,7 @@ mod tests {
         );
         drop(held);
         let queue = |transitions| {
-            let mut waiting = pool.try_reserve(transitions).unwrap();
-            waiting.arrived(transitions);
+            let waiting = queued(&pool, transitions);
             pool.adapt(false);
             waiting
         };
@@ -895,8 +896,7 @@ mod tests {
         for _ in 0..100 {
             // Trained, and as much again waiting: each change settles.
             drop(held);
-            held = pool.try_reserve(500).unwrap();
-            held.arrived(500);
+            held = queued(&pool, 500);
             pool.adapt(false);
         }
         assert_eq!(pool.capacity(), 100, "clamped at the floor");
