@@ -53,15 +53,64 @@ impl fmt::Display for ModelSpec {
     }
 }
 
-/// What the network says about a batch of states.
+/// What the network says about a batch of states: its output layer as it
+/// comes, `[N, forward_actions + backward_actions + 1]`, P_F logits, then
+/// P_B logits, then log F~(s). Kept whole, with the parts as views, so that
+/// a loss can take both policies and both flows of a transition with one
+/// selection and one softmax: on a small network every autograd node is a
+/// sizeable part of the step.
 #[derive(Debug)]
 pub struct PolicyOutput {
-    /// `[N, forward_actions]`, unmasked.
-    pub forward_logits: Tensor,
-    /// `[N, backward_actions]`, unmasked.
-    pub backward_logits: Tensor,
-    /// `[N]`: log F~(s), the flow with the accrued energy taken out.
-    pub log_flow: Tensor,
+    /// `[N, forward_actions + backward_actions + 1]`, unmasked.
+    pub heads: Tensor,
+    /// Columns of P_F logits; P_B's follow, then the flow.
+    forward_actions: i64,
+    /// Columns of P_B logits.
+    backward_actions: i64,
+}
+
+impl PolicyOutput {
+    /// The output layer `heads` of a network with these action counts.
+    pub fn new(heads: Tensor, forward_actions: usize, backward_actions: usize) -> Self {
+        PolicyOutput {
+            heads,
+            forward_actions: forward_actions as i64,
+            backward_actions: backward_actions as i64,
+        }
+    }
+
+    /// The heads laid side by side, `[N, A]`, `[N, B]` and `[N]` (for tests
+    /// and hand-made outputs).
+    pub fn from_parts(
+        forward_logits: &Tensor,
+        backward_logits: &Tensor,
+        log_flow: &Tensor,
+    ) -> Self {
+        let heads = Tensor::cat(
+            &[forward_logits, backward_logits, &log_flow.unsqueeze(-1)],
+            -1,
+        );
+        let (a, b) = (forward_logits.size()[1], backward_logits.size()[1]);
+        PolicyOutput::new(heads, a as usize, b as usize)
+    }
+
+    /// `[N, forward_actions]` P_F logits, unmasked (a view).
+    pub fn forward_logits(&self) -> Tensor {
+        self.heads.narrow(-1, 0, self.forward_actions)
+    }
+
+    /// `[N, backward_actions]` P_B logits, unmasked (a view).
+    pub fn backward_logits(&self) -> Tensor {
+        self.heads
+            .narrow(-1, self.forward_actions, self.backward_actions)
+    }
+
+    /// `[N]`: log F~(s), the flow with the accrued energy taken out (a
+    /// view of the last column).
+    pub fn log_flow(&self) -> Tensor {
+        self.heads
+            .select(-1, self.forward_actions + self.backward_actions)
+    }
 }
 
 /// The MLP. All heads share one output layer so a forward pass is a handful
@@ -102,17 +151,11 @@ impl PolicyNet {
         for layer in &self.hidden {
             x = layer.forward(&x).leaky_relu();
         }
-        let out = self.heads.forward(&x);
-        let a = self.spec.forward_actions as i64;
-        let b = self.spec.backward_actions as i64;
-        let parts = out.split_with_sizes([a, b, 1], -1);
-        let [forward_logits, backward_logits, log_flow] =
-            <[Tensor; 3]>::try_from(parts).unwrap_or_else(|_| unreachable!("split in three"));
-        PolicyOutput {
-            forward_logits,
-            backward_logits,
-            log_flow: log_flow.squeeze_dim(-1),
-        }
+        PolicyOutput::new(
+            self.heads.forward(&x),
+            self.spec.forward_actions,
+            self.spec.backward_actions,
+        )
     }
 }
 
@@ -417,9 +460,9 @@ mod tests {
     fn heads_have_the_declared_sizes() {
         let policy = Policy::new(&spec(), Device::Cpu);
         let out = policy.infer(&[0.0; 15], 3);
-        assert_eq!(out.forward_logits.size(), [3, 5]);
-        assert_eq!(out.backward_logits.size(), [3, 4]);
-        assert_eq!(out.log_flow.size(), [3]);
+        assert_eq!(out.forward_logits().size(), [3, 5]);
+        assert_eq!(out.backward_logits().size(), [3, 4]);
+        assert_eq!(out.log_flow().size(), [3]);
     }
 
     /// `weights` with 1 added to every value: different weights by
@@ -441,13 +484,13 @@ mod tests {
         let mut a = Policy::new(&spec(), Device::Cpu);
         a.load_weights(&shifted(&b.weights())).unwrap();
         let x = [0.5f32, -1.0, 2.0, 0.0, 1.0];
-        let before = to_host_f32(&b.infer(&x, 1).log_flow);
+        let before = to_host_f32(&b.infer(&x, 1).log_flow());
         b.load_bytes(&a.to_bytes(WeightEncoding::F32).unwrap())
             .unwrap();
-        let expected = to_host_f32(&a.infer(&x, 1).forward_logits);
-        let got = to_host_f32(&b.infer(&x, 1).forward_logits);
+        let expected = to_host_f32(&a.infer(&x, 1).forward_logits());
+        let got = to_host_f32(&b.infer(&x, 1).forward_logits());
         assert_eq!(expected, got);
-        assert_ne!(before, to_host_f32(&b.infer(&x, 1).log_flow));
+        assert_ne!(before, to_host_f32(&b.infer(&x, 1).log_flow()));
     }
 
     #[test]

@@ -108,7 +108,7 @@ pub fn rollout_unless(
             return None;
         }
         let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
-        let logits = to_host_f32(&output.forward_logits);
+        let logits = to_host_f32(&output.forward_logits());
 
         let mut still_active = Vec::with_capacity(active.len());
         for (row, &i) in active.iter().enumerate() {
@@ -210,7 +210,7 @@ pub fn forward_probabilities(
     states: &[State],
 ) -> Vec<Vec<f64>> {
     let actions_n = env.forward_actions();
-    let logits = to_host_f32(&policy.infer_states(env, states.iter()).forward_logits);
+    let logits = to_host_f32(&policy.infer_states(env, states.iter()).forward_logits());
     let mut mask = vec![false; actions_n];
     states
         .iter()

@@ -203,7 +203,7 @@ impl Evaluator {
     pub fn log_z_estimate(&self, policy: &Policy) -> f64 {
         let s0 = self.env.initial_state();
         let output = policy.infer_states(self.env.as_ref(), std::iter::once(&s0));
-        let log_flow = to_host_f32(&output.log_flow);
+        let log_flow = to_host_f32(&output.log_flow());
         f64::from(log_flow[0]) - self.env.energy(&s0)
     }
 

@@ -19,7 +19,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{Flow, Objective, TransitionBatch, state_log_flows, transition_terms};
+use super::{Flow, Objective, TransitionBatch, scored_log_probs};
 use crate::config::BackwardPolicy;
 use crate::policy::PolicyOutput;
 
@@ -36,12 +36,25 @@ impl DetailedBalance {
         DetailedBalance { flow, backward }
     }
 
-    /// One residual per transition, `[T]`.
+    /// One residual per transition, `[T]`. Both sides of each transition
+    /// come from one selection of the network's output (see
+    /// [`scored_log_probs`]): log F(s) + log P_F(s'|s) on the rows of the
+    /// sources, log F(s') + log P_B(s|s') on those of the targets.
     pub fn residuals(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
-        let flows = state_log_flows(output, batch, self.flow);
-        flows.index_select(0, &batch.source)
-            + transition_terms(output, batch, self.flow, self.backward)
-            - flows.index_select(0, &batch.target)
+        let (rows, log_probs) = scored_log_probs(output, batch, self.backward);
+        let window = batch.scored_window as i64;
+        let flows = rows.narrow(1, window, 1) * &batch.scored_flow_weight;
+        let sides = (log_probs + flows).view([2, batch.transitions as i64]);
+        let balance = sides.get(0) - sides.get(1);
+        match self.flow {
+            Flow::ForwardLooking => balance + &batch.energies,
+            // log F(x) = -E(x) at a terminal target, outside the network.
+            Flow::Plain => {
+                balance
+                    + batch.state_energies.index_select(0, &batch.target)
+                        * batch.state_terminal.index_select(0, &batch.target)
+            }
+        }
     }
 }
 
@@ -90,15 +103,14 @@ mod tests {
     }
 
     fn output(log_flow: [f32; 3]) -> PolicyOutput {
-        PolicyOutput {
+        PolicyOutput::from_parts(
             // Row s0: logits (1, 0); row s1: anything (one valid action);
             // row s2: no forward use.
-            forward_logits: Tensor::from_slice(&[1.0f32, 0.0, 5.0, -2.0, 0.0, 0.0]).view([3, 2]),
+            &Tensor::from_slice(&[1.0f32, 0.0, 5.0, -2.0, 0.0, 0.0]).view([3, 2]),
             // Row s1: one valid backward action; row s2: logits (0, ln 3).
-            backward_logits: Tensor::from_slice(&[0.0f32, 0.0, 7.0, 1.0, 0.0, 3f32.ln()])
-                .view([3, 2]),
-            log_flow: Tensor::from_slice(&log_flow),
-        }
+            &Tensor::from_slice(&[0.0f32, 0.0, 7.0, 1.0, 0.0, 3f32.ln()]).view([3, 2]),
+            &Tensor::from_slice(&log_flow),
+        )
     }
 
     fn batch(trajectory: &ReplayedTrajectory) -> TransitionBatch {
@@ -140,11 +152,7 @@ mod tests {
         prefix.energies.truncate(1);
         let (f0, f1) = (0.3f32, -0.2f32);
         let out = output([f0, f1, 0.0]);
-        let out = PolicyOutput {
-            forward_logits: out.forward_logits.narrow(0, 0, 2),
-            backward_logits: out.backward_logits.narrow(0, 0, 2),
-            log_flow: out.log_flow.narrow(0, 0, 2),
-        };
+        let out = PolicyOutput::new(out.heads.narrow(0, 0, 2), 2, 2);
         let b = batch(&prefix);
         let r = FL_DB.residuals(&out, &b);
         assert_eq!(r.size(), [1]);

@@ -119,11 +119,11 @@ fn optimal_output(
         }
     }
     let n = rows.len() as i64;
-    PolicyOutput {
-        forward_logits: Tensor::from_slice(&forward).view([n, fwd as i64]),
-        backward_logits: Tensor::zeros([n, bwd as i64], (Kind::Float, Device::Cpu)),
-        log_flow: Tensor::from_slice(&log_flow),
-    }
+    PolicyOutput::from_parts(
+        &Tensor::from_slice(&forward).view([n, fwd as i64]),
+        &Tensor::zeros([n, bwd as i64], (Kind::Float, Device::Cpu)),
+        &Tensor::from_slice(&log_flow),
+    )
 }
 
 fn flow_of(name: ObjectiveName) -> Flow {
@@ -164,13 +164,10 @@ fn every_objective_is_zero_at_the_exact_optimum_and_positive_off_it() {
 
             // Action 1 made unlikely wherever it is allowed: every
             // objective sees it.
-            let logits = output.forward_logits.copy();
+            let logits = output.forward_logits().copy();
             let _ = logits.narrow(1, 1, 1).fill_(-3.0);
-            let nudged = PolicyOutput {
-                forward_logits: logits,
-                backward_logits: output.backward_logits.copy(),
-                log_flow: output.log_flow.copy(),
-            };
+            let nudged =
+                PolicyOutput::from_parts(&logits, &output.backward_logits(), &output.log_flow());
             let off = loss(objective.as_ref(), &nudged, &batch);
             assert!(off > 1e-3, "{name:?}/{backward:?}: {off} with a wrong P_F");
         }
@@ -187,7 +184,7 @@ fn every_objective_is_zero_at_the_exact_optimum_and_positive_off_it() {
     ] {
         let objective = build(&config(name, BackwardPolicy::Uniform), Device::Cpu);
         let output = optimal_output(&env, &flows, &rows, flow_of(name));
-        let _ = output.log_flow.get(0).fill_(log_z + 0.2);
+        let _ = output.log_flow().get(0).fill_(log_z + 0.2);
         let off = loss(objective.as_ref(), &output, &batch);
         assert!(off > 1e-4, "{name:?}: {off} with a wrong flow at s0");
     }
@@ -484,5 +481,101 @@ fn extreme_lambdas_keep_every_weight_and_the_loss_finite() {
             }
             assert!(sub.loss(&output, &batch).double_value(&[]).is_finite());
         }
+    }
+}
+
+/// log P(action) under `logits` restricted to `mask`, in f64 on the host.
+fn masked_log_softmax(logits: &[f32], mask: &[bool], action: usize) -> f64 {
+    let valid: Vec<f64> = (0..logits.len())
+        .filter(|&a| mask[a])
+        .map(|a| f64::from(logits[a]))
+        .collect();
+    let top = valid.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_sum = top + valid.iter().map(|l| (l - top).exp()).sum::<f64>().ln();
+    f64::from(logits[action]) - log_sum
+}
+
+/// A 3 x 3 lattice: twice as many forward actions as backward ones, so
+/// the scored rows of P_B are padded.
+fn small_lattice() -> crate::tasks::lattice::Lattice {
+    crate::tasks::lattice::Lattice::new(&crate::tasks::lattice::LatticeConfig {
+        side: 3,
+        order: crate::tasks::lattice::SiteOrder::Any,
+        coupling: 0.3,
+        disorder: 0.8,
+        couplings_seed: 11,
+        field: 0.2,
+    })
+    .unwrap()
+}
+
+#[test]
+fn scored_log_probs_are_each_policys_masked_softmax_state_by_state() {
+    let lattice = small_lattice();
+    assert_ne!(lattice.forward_actions(), lattice.backward_actions());
+    let set = tiny();
+    for env in [&set as &dyn Environment, &lattice] {
+        check_scored_log_probs(env);
+    }
+}
+
+fn check_scored_log_probs(env: &dyn Environment) {
+    let (fwd, bwd) = (env.forward_actions(), env.backward_actions());
+    let (trajectories, _) = sample(env, 12, &mut SmallRng::seed_from_u64(6));
+    let batch = batch(env, &trajectories);
+    tch::manual_seed(7);
+    let policy = Policy::new(
+        &ModelSpec::new(env, &crate::config::ModelConfig { hidden: vec![16] }),
+        Device::Cpu,
+    );
+    let output = policy.net.forward(&batch.states);
+    let forward_logits = crate::policy::to_host_f32(&output.forward_logits());
+    let backward_logits = crate::policy::to_host_f32(&output.backward_logits());
+    let log_flow = crate::policy::to_host_f32(&output.log_flow());
+    for backward in [BackwardPolicy::Learned, BackwardPolicy::Uniform] {
+        let (rows, scored) = super::scored_log_probs(&output, &batch, backward);
+        let scored = crate::policy::to_host_f32(&scored);
+        let flows = crate::policy::to_host_f32(&rows.select(1, batch.scored_window as i64));
+        let transitions = batch.transitions;
+        assert_eq!(scored.len(), 2 * transitions);
+        let (mut row, mut t) = (0usize, 0usize);
+        for trajectory in &trajectories {
+            for i in 0..trajectory.len() {
+                let forward_mask = &trajectory.forward_masks[i * fwd..(i + 1) * fwd];
+                let backward_mask = &trajectory.backward_masks[i * bwd..(i + 1) * bwd];
+                let (source, target) = (row + i, row + i + 1);
+                let log_pf = masked_log_softmax(
+                    &forward_logits[source * fwd..(source + 1) * fwd],
+                    forward_mask,
+                    trajectory.actions[i] as usize,
+                );
+                let log_pb = match backward {
+                    BackwardPolicy::Learned => masked_log_softmax(
+                        &backward_logits[target * bwd..(target + 1) * bwd],
+                        backward_mask,
+                        trajectory.backward_actions[i] as usize,
+                    ),
+                    BackwardPolicy::Uniform => {
+                        -(backward_mask.iter().filter(|&&m| m).count() as f64).ln()
+                    }
+                };
+                let label = format!("{backward:?}, transition {t}");
+                assert!((f64::from(scored[t]) - log_pf).abs() < 1e-5, "{label}: P_F");
+                let got = f64::from(scored[transitions + t]);
+                assert!(
+                    (got - log_pb).abs() < 1e-5,
+                    "{label}: P_B {got} vs {log_pb}"
+                );
+                assert_eq!(flows[t], log_flow[source], "{label}: flow at s_t");
+                assert_eq!(
+                    flows[transitions + t],
+                    log_flow[target],
+                    "{label}: flow at s_t+1"
+                );
+                t += 1;
+            }
+            row += trajectory.len() + 1;
+        }
+        assert_eq!(t, transitions);
     }
 }
