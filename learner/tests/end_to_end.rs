@@ -310,6 +310,11 @@ async fn medium_and_large_sets_train_end_to_end_with_their_own_thresholds() {
         });
         config.learner.batch_transitions = 16 * 80;
         config.learner.max_steps = 30;
+        // Credits for two batches at a time: with the default 48, the
+        // actor could roll out all 30 steps' data before the first step
+        // ends (it did, once, with 15 other tests sharing 2 cores), and
+        // `train` asserts that it applied a newer version.
+        config.learner.max_in_flight_batches = 2;
         let (outcome, _) = train(&config, 1).await;
         let report = &outcome.final_report;
         assert!((report.logz_exact.unwrap() - log_z).abs() < 1e-3);
