@@ -17,9 +17,10 @@
 //! one selection of the network's output rows ([`scored_log_probs`]): on a
 //! small network a step costs its number of autograd nodes more than its
 //! arithmetic. One selection, softmax and gather for P_F, P_B and both
-//! flows together took 20 % off forward, loss and backward of an 8-wide
-//! network on 20 transitions on a CPU (12 % on 80, 1-4 % on 320 and more),
-//! against one of each per policy and a split of the output.
+//! flows together took 14-20 % off forward, loss and backward of an 8-wide
+//! network on 20 transitions on a CPU (12 % on 80, about nothing on 320,
+//! and it cost ~5 % more on 1,280), against one of each per policy and a
+//! split of the output.
 //!
 //! Adding an objective: write its file, add an
 //! [`ObjectiveName`](crate::config::ObjectiveName) and a line to [`build`].
@@ -192,6 +193,11 @@ pub struct TransitionBatch {
     /// logits at s_{t+1}, padded, then the flow at s_{t+1}. One selection
     /// of these gives both policies and both flows of every transition
     /// (the padding repeats the flow's position; the bias shuts it).
+    /// Carried rather than built per step from the rows: built, a CPU step
+    /// of 1,280 transitions took ~25 % longer than with the loss's earlier
+    /// form, carried ~5 %. They cost
+    /// 16 bytes per transition and window column, twice the bias: with a
+    /// large action space, the largest part of a batch.
     pub scored_entries: Tensor,
     /// The scoring window: the larger action count, so a scored row holds
     /// either policy's logits and the flow.
