@@ -17,7 +17,7 @@
 //! one selection of the network's output rows ([`scored_log_probs`]): on a
 //! small network a step costs its number of autograd nodes more than its
 //! arithmetic. One selection, softmax and gather for P_F, P_B and both
-//! flows together took 14-20 % off forward, loss and backward of an 8-wide
+//! flows together took 18-20 % off forward, loss and backward of an 8-wide
 //! network on 20 transitions on a CPU (12 % on 80, about nothing on 320,
 //! and it cost ~5 % more on 1,280), against one of each per policy and a
 //! split of the output.
