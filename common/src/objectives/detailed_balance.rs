@@ -51,8 +51,7 @@ impl DetailedBalance {
             // log F(x) = -E(x) at a terminal target, outside the network.
             Flow::Plain => {
                 balance
-                    + batch.state_energies.index_select(0, &batch.target)
-                        * batch.state_terminal.index_select(0, &batch.target)
+                    + (&batch.state_energies * &batch.state_terminal).index_select(0, &batch.target)
             }
         }
     }

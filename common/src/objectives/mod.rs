@@ -195,9 +195,9 @@ pub struct TransitionBatch {
     /// (the padding repeats the flow's position; the bias shuts it).
     /// Carried rather than built per step from the rows: built, a CPU step
     /// of 1,280 transitions took ~25 % longer than with the loss's earlier
-    /// form, carried ~5 %. They cost
-    /// 16 bytes per transition and window column, twice the bias: with a
-    /// large action space, the largest part of a batch.
+    /// form, carried ~5 %. They cost 16 bytes per transition and window
+    /// column, twice the bias: with a large action space, the largest part
+    /// of a batch.
     pub scored_entries: Tensor,
     /// The scoring window: the larger action count, so a scored row holds
     /// either policy's logits and the flow.
@@ -278,7 +278,6 @@ impl TransitionBatch {
         let mut state_terminal = Vec::with_capacity(states_n);
         let mut scored_bias = Vec::with_capacity(2 * trans_n * (window + 1));
         let mut backward_rows_bias = Vec::with_capacity(trans_n * (window + 1));
-        let mut target_flow_weight = Vec::with_capacity(trans_n);
         let mut padded_states = Vec::with_capacity(count * (longest + 1));
         let mut padded_transitions = Vec::with_capacity(count * longest);
         let mut lengths = Vec::with_capacity(count);
@@ -300,8 +299,6 @@ impl TransitionBatch {
                 state_energies.push(energy as f32);
             }
             state_terminal.extend((0..=n).map(|i| if t.complete && i == n { 1f32 } else { 0f32 }));
-            target_flow_weight
-                .extend((1..=n).map(|i| if t.complete && i == n { 0f32 } else { 1f32 }));
             // A scored row: the policy's mask, padding and the flow shut.
             for i in 0..n {
                 for (bias_row, mask) in [
@@ -342,8 +339,9 @@ impl TransitionBatch {
         let scores_forward: Vec<f32> = (0..2 * trans_n)
             .map(|i| if i < trans_n { 1f32 } else { 0f32 })
             .collect();
+        // Sources are never terminal; a target's flow counts unless it is.
         let flow_weight: Vec<f32> = std::iter::repeat_n(1f32, trans_n)
-            .chain(target_flow_weight)
+            .chain(target.iter().map(|&row| 1.0 - state_terminal[row as usize]))
             .collect();
         let (order, buckets) = LengthBucket::group(&lengths);
         let (s, t, b) = (states_n as i64, trans_n as i64, count as i64);
