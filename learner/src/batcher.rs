@@ -138,7 +138,13 @@ impl Batcher {
     /// be trained, so the run's accounts close.
     fn close_queue(&mut self) {
         self.queue.close();
-        while let Ok(chunk) = self.queue.try_recv() {
+        // Received until the channel says it is done, not until it looks
+        // empty: a session whose `try_send` took its slot just before the
+        // close writes the chunk a moment later, and `blocking_recv` waits
+        // for it (tokio returns None only once no sender holds a slot).
+        // `try_recv` would see an empty queue and leave that chunk, counted
+        // accepted, in a queue nobody reads.
+        while let Some(chunk) = self.queue.blocking_recv() {
             self.waiting.push_back(chunk);
         }
         let held = self.waiting.drain(..).map(|c| c.chunk.transitions).sum();
@@ -544,6 +550,51 @@ mod tests {
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
             300
         );
+    }
+
+    #[test]
+    fn a_chunk_written_as_the_queue_closes_is_counted_untrained() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[], 1000);
+        let (sender, queue) = mpsc::channel(16);
+        batcher.queue = queue;
+        let _ = sender.try_send(chunk_of(&batcher.pool, 10, 100));
+        // A session that took its slot before the close and writes its
+        // chunk after the batcher started draining.
+        let slot = sender.clone().try_reserve_owned().unwrap();
+        let late = chunk_of(&batcher.pool, 11, 7);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            slot.send(late);
+        });
+        batcher.close_queue();
+        writer.join().unwrap();
+        assert_eq!(
+            batcher
+                .stats
+                .untrained_at_stop_transitions
+                .load(Ordering::Relaxed),
+            107,
+            "both the queued chunk and the one written during the close"
+        );
+        assert_eq!(batcher.pool.in_use(), 0, "and both credits' room is back");
+    }
+
+    /// A chunk of `transitions` sampled by `policy_version`, its credit
+    /// taken from `pool` and arrived.
+    fn chunk_of(pool: &Arc<CreditPool>, policy_version: u64, transitions: usize) -> QueuedChunk {
+        let mut credit = pool.try_reserve(transitions as u64).unwrap();
+        credit.arrived(transitions as u64);
+        let chunk = IngestedChunk {
+            actor_id: 1,
+            policy_version,
+            trajectories: Vec::new(),
+            transitions,
+            unusable_transitions: 0,
+        };
+        QueuedChunk { chunk, credit }
     }
 
     #[test]
