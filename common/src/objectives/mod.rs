@@ -23,7 +23,10 @@
 //! split of the output.
 //!
 //! Adding an objective: write its file, add an
-//! [`ObjectiveName`](crate::config::ObjectiveName) and a line to [`build`].
+//! [`ObjectiveName`](crate::config::ObjectiveName) and a line to [`build`],
+//! and give it a label in the learner's experiment suites
+//! (`learner/src/experiment/suites.rs`, a `match` that will not compile
+//! without it).
 
 pub mod detailed_balance;
 pub mod sub_trajectory;
@@ -472,8 +475,10 @@ impl Packed {
     /// `part` as a contiguous view of its buffer: one call, no copy.
     fn view(&self, part: &Part) -> Tensor {
         let buffer = if part.int { &self.ints } else { &self.floats };
-        // as_strided counts from the start of the storage.
-        debug_assert_eq!(buffer.storage_offset(), 0);
+        // as_strided counts from the start of the storage: both buffers
+        // are whole tensors (made from a Vec, or copied to a device), never
+        // views, so that is their first element. (No assertion:
+        // `storage_offset` is not in tch 0.24, which the GPU build uses.)
         let mut strides = vec![1i64; part.shape.len()];
         for i in (0..part.shape.len().saturating_sub(1)).rev() {
             strides[i] = strides[i + 1] * part.shape[i + 1];
