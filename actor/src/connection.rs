@@ -499,6 +499,11 @@ impl Session<'_> {
                             bytes: new.safetensors,
                         }));
                     }
+                    // A grant of no credits needs no weights (a later
+                    // learner may send one carrying only fields added since).
+                    if grant.credits == 0 {
+                        continue;
+                    }
                     let Some(weights) = &weights else {
                         return Err(SessionError::Fatal(
                             "protocol error: the learner granted a credit before sending any weights".to_owned(),

@@ -385,6 +385,13 @@ pub fn load_vars(vars: &nn::VarStore, arrays: &[NamedArray]) -> Result<(), Weigh
                 array.name, array.shape
             )));
         }
+        if let Some(index) = array.values.iter().position(|v| !v.is_finite()) {
+            return Err(WeightsError::NonFinite {
+                name: array.name.clone(),
+                index,
+                value: array.values[index],
+            });
+        }
         targets.push((variable, shape));
     }
     let _guard = tch::no_grad_guard();
@@ -540,5 +547,26 @@ mod tests {
         last.shape = vec![last.values.len()];
         assert!(policy.load_weights(&wrong).is_err());
         assert_eq!(policy.weights(), before);
+    }
+
+    #[test]
+    fn weights_with_a_nan_or_an_infinity_are_refused_naming_the_tensor() {
+        let mut policy = Policy::new(&spec(), Device::Cpu);
+        let before = policy.weights();
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // Every tensor changed, one element of the last one non-finite:
+            // the refusal comes before anything is written.
+            let mut wrong = shifted(&before);
+            let last = wrong.last_mut().unwrap();
+            last.values[3] = bad;
+            let name = last.name.clone();
+            let bytes = weights::encode(&wrong, WeightEncoding::F32, &BTreeMap::new()).unwrap();
+            let error = policy.load_bytes(&bytes).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("`{name}`")) && error.contains("element 3"),
+                "{error}"
+            );
+            assert_eq!(policy.weights(), before);
+        }
     }
 }

@@ -66,6 +66,20 @@ pub enum WeightsError {
     /// The buffer does not hold exactly the network's parameters.
     #[error("weights do not fit the network: {0}")]
     Mismatch(String),
+    /// A value is NaN or infinite. flgfn's learner never publishes or
+    /// saves such weights (it skips non-finite steps), and a policy with
+    /// one would sample silently degenerate trajectories: a NaN logit
+    /// makes every probability NaN, and the draw then always picks the
+    /// last valid action.
+    #[error("tensor `{name}` holds a non-finite value ({value}) at element {index}")]
+    NonFinite {
+        /// The tensor.
+        name: String,
+        /// The first such element, in row-major order.
+        index: usize,
+        /// Its value.
+        value: f32,
+    },
 }
 
 /// Encodes `arrays` (sorted by name in the buffer) with `metadata` in the

@@ -1412,16 +1412,15 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
     let _ = stop.send(());
 }
 
-/// A learner that answers every handshake as the actor's own and grants
-/// `credits` at once, with valid weights, on every session.
-struct FloodingLearner {
+/// A learner that answers every handshake as the actor's own and sends
+/// `grants`, in order, on every session (reading and ignoring the chunks).
+struct ScriptedLearner {
     reply: proto::HandshakeReply,
-    weights: Vec<u8>,
-    credits: u32,
+    grants: Vec<proto::Grant>,
 }
 
 #[tonic::async_trait]
-impl proto::learner_server::Learner for FloodingLearner {
+impl proto::learner_server::Learner for ScriptedLearner {
     async fn handshake(
         &self,
         _request: tonic::Request<proto::HandshakeRequest>,
@@ -1433,42 +1432,27 @@ impl proto::learner_server::Learner for FloodingLearner {
 
     async fn session(
         &self,
-        _request: tonic::Request<Streaming<proto::TrajectoryChunk>>,
+        request: tonic::Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<tonic::Response<Self::SessionStream>, Status> {
-        let (grants, stream) = mpsc::channel(1);
-        grants
-            .send(Ok(proto::Grant {
-                credits: self.credits,
-                weights: Some(proto::Weights {
-                    version: 1,
-                    safetensors: self.weights.clone().into(),
-                }),
-                training_done: false,
-            }))
-            .await
-            .unwrap();
+        let mut chunks = request.into_inner();
+        tokio::spawn(async move { while let Ok(Some(_)) = chunks.message().await {} });
+        let (grants, stream) = mpsc::channel(self.grants.len().max(1));
+        for grant in &self.grants {
+            grants.send(Ok(grant.clone())).await.unwrap();
+        }
         // Kept open: the actor, not the stream's end, must stop it.
         std::mem::forget(grants);
         Ok(tonic::Response::new(ReceiverStream::new(stream)))
     }
 }
 
-/// A learner that grants far more credits than any actor could queue
-/// breaks the protocol: the actor stops at once with an error saying so,
-/// instead of reconnecting for ever (reconnect_attempts = 0).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
-    let mut config = config();
+/// Serves a [`ScriptedLearner`] sending `grants` (see
+/// [`grant_of`]) to an actor of `config`'s task, and points `config` at
+/// it, with no reconnects.
+async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
     let env = tasks::build(&config.task).unwrap();
     let model = ModelSpec::new(env.as_ref(), &config.model);
-    let policy = flgfn_common::policy::Policy::new(&model, tch::Device::Cpu);
-    let weights = flgfn_common::weights::encode(
-        &policy.weights(),
-        flgfn_common::weights::WeightEncoding::F32,
-        &Default::default(),
-    )
-    .unwrap();
-    let learner = FloodingLearner {
+    let learner = ScriptedLearner {
         reply: proto::HandshakeReply {
             actor_id: 1,
             task: Some((&env.spec()).into()),
@@ -1476,8 +1460,7 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
             version: 0,
             max_message_bytes: 1 << 20,
         },
-        weights,
-        credits: 1_000_000,
+        grants,
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
@@ -1487,7 +1470,89 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
             .add_service(proto::learner_server::LearnerServer::new(learner))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+}
+
+/// A grant of `credits` with version 1 of a fresh network for `config`,
+/// its tensors passed through `edit` first.
+fn grant_of(
+    config: &Config,
+    credits: u32,
+    edit: impl FnOnce(&mut [flgfn_common::weights::NamedArray]),
+) -> proto::Grant {
+    let env = tasks::build(&config.task).unwrap();
+    let model = ModelSpec::new(env.as_ref(), &config.model);
+    let policy = flgfn_common::policy::Policy::new(&model, tch::Device::Cpu);
+    let mut arrays = policy.weights();
+    edit(&mut arrays);
+    let weights = flgfn_common::weights::encode(
+        &arrays,
+        flgfn_common::weights::WeightEncoding::F32,
+        &Default::default(),
+    )
+    .unwrap();
+    proto::Grant {
+        credits,
+        weights: Some(proto::Weights {
+            version: 1,
+            safetensors: weights.into(),
+        }),
+        training_done: false,
+    }
+}
+
+/// A learner that grants far more credits than any actor could queue
+/// breaks the protocol: the actor stops at once with an error saying so,
+/// instead of reconnecting for ever (reconnect_attempts = 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
+    let mut config = config();
+    let flood = grant_of(&config, 1_000_000, |_| {});
+    serve_scripted(&mut config, vec![flood]).await;
     let error = actor_error(config, "flooded").await;
     assert!(error.contains("protocol error"), "{error}");
     assert!(error.contains("credits"), "{error}");
+}
+
+/// A grant with no credits needs no weights: one that comes before the
+/// first weights (all a newer learner's grant may carry is a field added
+/// since) is passed over, and the actor goes on to roll out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
+    let mut config = config();
+    let grants = vec![
+        proto::Grant::default(),
+        grant_of(&config, 1, |_| {}),
+        proto::Grant {
+            training_done: true,
+            ..Default::default()
+        },
+    ];
+    serve_scripted(&mut config, grants).await;
+    let report = tokio::time::timeout(Duration::from_secs(30), real_actor(config, "empty grant"))
+        .await
+        .expect("the actor stops by itself")
+        .expect("without an error");
+    assert!(report.training_done);
+    assert_eq!((report.versions_received, report.credits), (1, 1));
+}
+
+/// Weights holding a NaN (a corrupted or foreign learner: flgfn's skips
+/// non-finite steps) would make every sampled probability NaN and the
+/// trajectories silently degenerate: the actor refuses them, naming the
+/// tensor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_refuses_weights_holding_a_nan() {
+    let mut config = config();
+    let mut poisoned = String::new();
+    let grant = grant_of(&config, 1, |arrays| {
+        let last = arrays.last_mut().unwrap();
+        last.values[0] = f32::NAN;
+        poisoned = last.name.clone();
+    });
+    serve_scripted(&mut config, vec![grant]).await;
+    let error = actor_error(config, "nan weights").await;
+    assert!(
+        error.contains("non-finite") && error.contains(&format!("`{poisoned}`")),
+        "{error}"
+    );
 }
