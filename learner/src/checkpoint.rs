@@ -547,6 +547,27 @@ mod tests {
     }
 
     #[test]
+    fn every_float_of_the_state_reads_back_bit_for_bit() {
+        // Decimal text parsed back must give the same f64, not one a last
+        // bit away: a resumed run continues exactly.
+        let mut bits = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..2000 {
+            bits = bits
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let x = ((bits >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 100.0;
+            let mut state = state(1);
+            state.wall_s = x;
+            state.time_to_quality_s = Some(x / 3.0);
+            state.totals.lag_weighted = x * 1e7;
+            let json = serde_json::to_string(&state).unwrap();
+            let back: CheckpointState = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.wall_s.to_bits(), x.to_bits(), "{x:e} as {json}");
+            assert_eq!(back, state);
+        }
+    }
+
+    #[test]
     fn unfinished_writes_are_removed_and_nothing_else() {
         let dir = scratch("unfinished");
         save(&dir, &state(100), &arrays(1.0), 5).unwrap();
