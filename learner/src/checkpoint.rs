@@ -315,36 +315,61 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
 /// Reads and verifies one checkpoint file.
 pub fn read(path: &Path) -> Result<Checkpoint, String> {
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    parse(path, &bytes)
+    parse(path, &bytes).map_err(|unusable| match unusable {
+        Unusable::Damaged(reason) | Unusable::OtherVersion(reason) => reason,
+    })
+}
+
+/// Why a checkpoint file cannot be resumed from.
+enum Unusable {
+    /// Torn or corrupt: an older checkpoint can stand in for it.
+    Damaged(String),
+    /// Intact (its checksum holds) but not in the form this learner
+    /// reads: another version of flgfn wrote it. Not damage: resuming from
+    /// an older checkpoint instead would quietly lose its progress, and
+    /// setting it aside would hide it.
+    OtherVersion(String),
+}
+
+/// Only the format number of a checkpoint's state, read before the rest
+/// (whose fields another format may change).
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
 }
 
 /// Verifies the bytes of checkpoint file `path`.
-fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, String> {
-    let decoded =
-        weights::decode(bytes).map_err(|e| format!("not a readable safetensors file: {e}"))?;
+fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
+    let damaged = Unusable::Damaged;
+    let decoded = weights::decode(bytes)
+        .map_err(|e| damaged(format!("not a readable safetensors file: {e}")))?;
     let json = decoded
         .metadata
         .get(STATE_KEY)
-        .ok_or("no checkpoint state in its metadata")?;
+        .ok_or_else(|| damaged("no checkpoint state in its metadata".to_owned()))?;
     let stored: u32 = decoded
         .metadata
         .get(CHECKSUM_KEY)
         .and_then(|c| c.parse().ok())
-        .ok_or("no checksum in its metadata")?;
+        .ok_or_else(|| damaged("no checksum in its metadata".to_owned()))?;
     let actual = checksum(json, &decoded.arrays);
     if stored != actual {
-        return Err(format!(
+        return Err(damaged(format!(
             "checksum mismatch (stored {stored:08x}, contents {actual:08x}): torn or corrupt"
-        ));
+        )));
     }
-    let state: CheckpointState =
-        serde_json::from_str(json).map_err(|e| format!("unreadable state: {e}"))?;
-    if state.format != FORMAT {
-        return Err(format!(
-            "checkpoint format {} (this learner reads {FORMAT})",
-            state.format
-        ));
+    // Past the checksum, the state is as it was written.
+    let other = Unusable::OtherVersion;
+    let format = serde_json::from_str::<FormatOnly>(json)
+        .map_err(|e| other(format!("state without a format number: {e}")))?
+        .format;
+    if format != FORMAT {
+        return Err(other(format!(
+            "checkpoint format {format} (this learner reads {FORMAT})"
+        )));
     }
+    let state: CheckpointState = serde_json::from_str(json)
+        .map_err(|e| other(format!("state this learner cannot read: {e}")))?;
     Ok(Checkpoint {
         path: path.to_owned(),
         state,
@@ -394,9 +419,16 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
                 checkpoint.damaged_newer = damaged;
                 return Ok(Some(checkpoint));
             }
-            Err(reason) => {
+            Err(Unusable::Damaged(reason)) => {
                 warn!(path = %path.display(), %reason, "refusing a damaged checkpoint");
                 damaged.push(path.clone());
+            }
+            Err(Unusable::OtherVersion(reason)) => {
+                return Err(LearnerError::Checkpoint(format!(
+                    "{}: {reason}, written by another version of flgfn; resume with that version, or move it out of {} to resume from an older checkpoint",
+                    path.display(),
+                    dir.display()
+                )));
             }
         }
     }
@@ -626,6 +658,19 @@ mod tests {
                 "byte {at}"
             );
         }
+
+        // An intact checkpoint of another format is not damage, for which
+        // an older one would stand in (losing its progress): it stops the
+        // resume, named.
+        let mut future = state(200);
+        future.format = FORMAT + 1;
+        save(&dir, &future, &arrays(2.0), 5).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&file_name(200)) && error.contains("format 2"),
+            "{error}"
+        );
+        fs::write(&newest, &good[..good.len() - 7]).unwrap();
 
         // Every checkpoint damaged: an error, not a silent fresh start.
         let oldest = dir.join(file_name(100));
