@@ -143,7 +143,10 @@ pub struct Evaluator {
     backward: BackwardPolicy,
     best: BestObjects,
     samples_so_far: u64,
-    rng: SmallRng,
+    /// Each evaluation draws from a stream seeded with this and
+    /// `samples_so_far`, both of which a checkpoint keeps: a resumed run
+    /// draws what an uninterrupted one would have.
+    seed: u64,
 }
 
 impl Evaluator {
@@ -164,7 +167,7 @@ impl Evaluator {
             backward,
             best: BestObjects::default(),
             samples_so_far: 0,
-            rng: SmallRng::seed_from_u64(seed),
+            seed,
         }
     }
 
@@ -176,16 +179,14 @@ impl Evaluator {
         }
     }
 
-    /// Continues from a checkpoint's state; the sampling stream is reseeded
-    /// from `seed` (the run's seed and step), so a resumed run is
-    /// reproducible too.
-    pub fn restore(&mut self, state: &EvaluatorState, seed: u64) {
+    /// Continues from a checkpoint's state, drawing from there on what the
+    /// run would have drawn without the checkpoint.
+    pub fn restore(&mut self, state: &EvaluatorState) {
         self.samples_so_far = state.samples_so_far;
         self.best = BestObjects::default();
         for (energy, object) in &state.best {
             self.best.offer(*energy, object);
         }
-        self.rng = SmallRng::seed_from_u64(seed);
     }
 
     /// Whether evaluations can say if a policy is at quality: the task has
@@ -352,10 +353,9 @@ impl Evaluator {
     /// Samples the current policy and computes every figure. `learned_log_z`
     /// is the objective's own log Z where it has one.
     pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
-        // The stream is the evaluator's own; taken out while `self` samples.
-        let mut rng = self.rng.clone();
-        let (samples, energies, scores) = self.sample_and_score(policy, &mut rng);
-        self.rng = rng;
+        let stream = self.seed ^ self.samples_so_far.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let (samples, energies, scores) =
+            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream));
         let mut this_evaluation = BestObjects::default();
         for (state, &energy) in samples.final_states.iter().zip(&energies) {
             self.best.offer(energy, state);
@@ -422,6 +422,33 @@ mod tests {
         for (a, b) in whole.iter().zip(&grouped) {
             assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} against {b}");
         }
+    }
+
+    #[test]
+    fn an_evaluator_restored_from_its_state_draws_what_it_would_have() {
+        use flgfn_common::config::ModelConfig;
+        use flgfn_common::policy::ModelSpec;
+        use flgfn_common::tasks::set_generation::SetGeneration;
+        let env: Arc<dyn Environment> =
+            Arc::new(SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap());
+        let model = ModelConfig { hidden: vec![16] };
+        let policy = Policy::new(&ModelSpec::new(env.as_ref(), &model), tch::Device::Cpu);
+        let evaluator = || Evaluator::new(env.clone(), 64, BackwardPolicy::Learned, 11);
+        let mut uninterrupted = evaluator();
+        let _ = uninterrupted.evaluate(&policy, None);
+        let saved = uninterrupted.state();
+        let continued = uninterrupted.evaluate(&policy, None);
+        let mut resumed = evaluator();
+        resumed.restore(&saved);
+        let after_resume = resumed.evaluate(&policy, None);
+        assert_eq!(
+            format!("{after_resume:?}"),
+            format!("{continued:?}"),
+            "the same draws, so the same figures"
+        );
+        // And they are new draws, not the first evaluation's again.
+        let first = evaluator().evaluate(&policy, None);
+        assert_ne!(first.log_z_sampled, continued.log_z_sampled);
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl Trainer {
                 Ok(())
             };
             if let Some((state, time_to_quality)) = grid_state {
-                evaluator.restore(&state, self.evaluator_seed(progress.step));
+                evaluator.restore(&state);
                 progress.time_to_quality = time_to_quality;
             }
             if let Err(error) = reported {
@@ -459,13 +459,6 @@ impl Trainer {
         checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
     }
 
-    /// The evaluator's sampling seed when it continues at `step` (from a
-    /// checkpoint, or from the state before an off-grid report): resumed
-    /// runs are reproducible too.
-    fn evaluator_seed(&self, step: u64) -> u64 {
-        self.config.seed ^ step.rotate_left(32)
-    }
-
     /// Moves the recorded version floor ahead before `progress.version`
     /// is published, so that a learner killed at any moment restarts above
     /// every version an actor may hold.
@@ -579,7 +572,7 @@ impl Trainer {
             )
             .map_err(fail)?;
         }
-        evaluator.restore(&state.evaluator, self.evaluator_seed(state.step));
+        evaluator.restore(&state.evaluator);
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
         progress.resumed_trained_transitions = state.trained_transitions;
