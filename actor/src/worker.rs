@@ -100,7 +100,8 @@ pub struct WorkerReport {
     pub versions_loaded: u64,
     /// Rollouts done (one chunk each).
     pub rollouts: u64,
-    /// Orders skipped because their session had ended.
+    /// Orders skipped because their session had ended, before their
+    /// rollout or half-way through it.
     pub orders_skipped: u64,
     /// Chunks rolled out after the connection stopped taking them (an
     /// actor that left without its rollout in progress).
@@ -190,18 +191,30 @@ impl Worker {
                 tracing::info!(seed, envs = self.envs, "action draws seeded");
                 SmallRng::seed_from_u64(seed)
             });
-            let abandon = &self.abandon;
+            // Abandoned half-way when the actor stops, or when the
+            // order's session ends (a learner restart): its chunk could
+            // only be dropped, and the next session's first credit would
+            // wait behind it.
+            let (abandon, current_session) = (&self.abandon, &self.current_session);
+            let session_over = || {
+                abandon.load(Ordering::Relaxed)
+                    || current_session.load(Ordering::Acquire) != order.session
+            };
             let rolled = rollout_unless(
                 self.env.as_ref(),
                 &policy,
                 self.envs,
                 self.behaviour,
                 rng,
-                abandon,
+                &session_over,
             );
             let Some(rollout) = rolled else {
-                report.abandoned += 1;
-                break;
+                if self.abandon.load(Ordering::Relaxed) {
+                    report.abandoned += 1;
+                    break;
+                }
+                report.orders_skipped += 1;
+                continue;
             };
             let chunk = TrajectoryChunk {
                 actor_id: 0,
@@ -262,6 +275,106 @@ fn digest(chunk: &TrajectoryChunk) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flgfn_common::config::ModelConfig;
+    use flgfn_common::env::{InvalidAction, State, TaskSpec};
+    use flgfn_common::tasks::set_generation::SetGeneration;
+    use flgfn_common::weights::WeightEncoding;
+
+    /// The set task, but its first step also ends session 1 (as a
+    /// learner restart would, half-way through a rollout).
+    #[derive(Debug)]
+    struct EndsSessionAtFirstStep {
+        inner: SetGeneration,
+        current_session: Arc<AtomicU32>,
+    }
+
+    impl Environment for EndsSessionAtFirstStep {
+        fn spec(&self) -> TaskSpec {
+            self.inner.spec()
+        }
+        fn state_dim(&self) -> usize {
+            self.inner.state_dim()
+        }
+        fn forward_actions(&self) -> usize {
+            self.inner.forward_actions()
+        }
+        fn backward_actions(&self) -> usize {
+            self.inner.backward_actions()
+        }
+        fn max_trajectory_len(&self) -> usize {
+            self.inner.max_trajectory_len()
+        }
+        fn initial_state(&self) -> State {
+            self.inner.initial_state()
+        }
+        fn encode(&self, state: &State, out: &mut [f32]) {
+            self.inner.encode(state, out);
+        }
+        fn forward_mask(&self, state: &State, out: &mut [bool]) {
+            self.inner.forward_mask(state, out);
+        }
+        fn backward_mask(&self, state: &State, out: &mut [bool]) {
+            self.inner.backward_mask(state, out);
+        }
+        fn is_terminal(&self, state: &State) -> bool {
+            self.inner.is_terminal(state)
+        }
+        fn step(&self, state: &mut State, action: usize) -> Result<usize, InvalidAction> {
+            self.current_session.store(2, Ordering::Release);
+            self.inner.step(state, action)
+        }
+        fn transition_energy(&self, state: &State, action: usize) -> f64 {
+            self.inner.transition_energy(state, action)
+        }
+        fn energy(&self, state: &State) -> f64 {
+            self.inner.energy(state)
+        }
+    }
+
+    #[test]
+    fn a_rollout_whose_session_ends_half_way_is_abandoned_not_sent() {
+        let current_session = Arc::new(AtomicU32::new(1));
+        let env = EndsSessionAtFirstStep {
+            inner: SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap(),
+            current_session: current_session.clone(),
+        };
+        let model = ModelSpec::new(&env, &ModelConfig { hidden: vec![8] });
+        let bytes = Policy::new(&model, Device::Cpu)
+            .to_bytes(WeightEncoding::F32)
+            .unwrap();
+        let (orders_in, orders) = mpsc::channel(4);
+        let (out, mut chunks) = mpsc::channel(4);
+        let weights = Arc::new(Weights {
+            session: 1,
+            version: 3,
+            bytes: bytes.into(),
+        });
+        orders_in
+            .try_send(Order {
+                session: 1,
+                actor_id: 1,
+                weights,
+            })
+            .unwrap();
+        drop(orders_in);
+        let worker = Worker {
+            env: Arc::new(env),
+            model,
+            orders,
+            out,
+            current_session,
+            behaviour: Behaviour::default(),
+            envs: 16,
+            seeding: Seeding::Fixed(1),
+            abandon: Arc::new(AtomicBool::new(false)),
+        };
+        let report = worker.run().unwrap();
+        assert_eq!(
+            (report.rollouts, report.orders_skipped, report.abandoned),
+            (0, 1, 0)
+        );
+        assert!(chunks.try_recv().is_err(), "no chunk for the ended session");
+    }
 
     #[test]
     fn distinct_seeding_differs_even_for_one_actor_id() {

@@ -6,8 +6,6 @@
 //! running; the action draw itself happens on the host with a seeded RNG, so
 //! a run is reproducible from its seed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use rand::Rng;
 use rand::rngs::SmallRng;
 
@@ -75,21 +73,21 @@ pub fn rollout(
     behaviour: Behaviour,
     rng: &mut SmallRng,
 ) -> Rollout {
-    let never = AtomicBool::new(false);
-    rollout_unless(env, policy, count, behaviour, rng, &never)
-        .unwrap_or_else(|| unreachable!("nothing sets `never`"))
+    rollout_unless(env, policy, count, behaviour, rng, &|| false)
+        .unwrap_or_else(|| unreachable!("never abandoned"))
 }
 
 /// [`rollout`], abandoned (None) at its next lockstep step once `abandon`
-/// is set: a stopping actor need not wait for a long rollout whose chunk
-/// could no longer be sent.
+/// returns true: an actor need not finish a long rollout whose chunk
+/// could no longer be sent (it is stopping, or the session it was for has
+/// ended).
 pub fn rollout_unless(
     env: &dyn Environment,
     policy: &Policy,
     count: usize,
     behaviour: Behaviour,
     rng: &mut SmallRng,
-    abandon: &AtomicBool,
+    abandon: &dyn Fn() -> bool,
 ) -> Option<Rollout> {
     let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
     let mut states = vec![env.initial_state(); count];
@@ -104,7 +102,7 @@ pub fn rollout_unless(
     let mut probs = vec![0f64; actions_n];
 
     while !active.is_empty() {
-        if abandon.load(Ordering::Relaxed) {
+        if abandon() {
             return None;
         }
         let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
@@ -251,11 +249,17 @@ mod tests {
     fn an_abandoned_rollout_stops_at_its_next_step() {
         let (env, policy) = setup();
         let mut rng = SmallRng::seed_from_u64(1);
-        let abandon = AtomicBool::new(true);
         let behaviour = Behaviour::default();
-        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &abandon).is_none());
-        abandon.store(false, Ordering::Relaxed);
-        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &abandon).unwrap();
+        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| true).is_none());
+        // Set half-way: asked once per lockstep step, it stops there.
+        let asked = std::cell::Cell::new(0);
+        let half_way = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &half_way).is_none());
+        assert_eq!(asked.get(), 3);
+        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| false).unwrap();
         assert_eq!(out.trajectories.len(), 8);
     }
 
