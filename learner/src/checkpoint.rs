@@ -233,21 +233,40 @@ fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
     LearnerError::Checkpoint(format!("{}: {source}", path.display()))
 }
 
+/// The folder holding `path`: `.` for a bare name ("checkpoints" has
+/// the working directory as its parent, ""), None for a root.
+fn parent_of(path: &Path) -> Option<&Path> {
+    path.parent().map(|parent| {
+        if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        }
+    })
+}
+
 /// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
 /// fsync of the directory.
 pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
     if !dir.is_dir() {
+        // The folders about to be made, up to the first that exists.
+        let mut missing = vec![dir];
+        while let Some(parent) = parent_of(missing[missing.len() - 1])
+            && !parent.is_dir()
+            && parent != Path::new(".")
+        {
+            missing.push(parent);
+        }
         fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-        // A new folder's own entry must reach the disk too, or a crash
-        // could lose the folder with the file renamed into it.
-        // ("checkpoints" has the working directory as its parent, "".)
-        let parent = match dir.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent,
-            _ => Path::new("."),
-        };
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(parent, e))?;
+        // Each new folder's own entry, in its parent, must reach the disk
+        // too, or a crash could lose the folders with the file renamed
+        // into the innermost.
+        for folder in missing.iter().rev() {
+            let parent = parent_of(folder).unwrap_or(Path::new("."));
+            File::open(parent)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_error(parent, e))?;
+        }
     }
     let path = dir.join(name);
     let temporary = dir.join(temporary_name(name));
@@ -597,6 +616,17 @@ mod tests {
             assert_eq!(back.wall_s.to_bits(), x.to_bits(), "{x:e} as {json}");
             assert_eq!(back, state);
         }
+    }
+
+    #[test]
+    fn a_checkpoint_goes_into_folders_made_for_it_several_levels_deep() {
+        let dir = scratch("nested");
+        let deep = dir.join("a").join("b").join("c");
+        save(&deep, &state(100), &arrays(1.0), 2).unwrap();
+        assert_eq!(load_latest(&deep).unwrap().unwrap().state.step, 100);
+        assert_eq!(parent_of(Path::new("checkpoints")), Some(Path::new(".")));
+        assert_eq!(parent_of(Path::new("/")), None);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
