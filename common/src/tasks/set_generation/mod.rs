@@ -163,6 +163,17 @@ impl SetGeneration {
                 format!("every level must be finite, got {bad}"),
             ));
         }
+        // A level is the energy term of adding an element of it: the
+        // learner refuses terms beyond this, so nothing would ever train.
+        let limit = f64::from(crate::trajectory::MAX_ABS_ENERGY);
+        if let Some(bad) = levels.iter().find(|l| l.abs() > limit) {
+            return Err(invalid(
+                "task.levels",
+                format!(
+                    "every level must be within [-{limit}, {limit}] (the energy terms the learner accepts), got {bad}"
+                ),
+            ));
+        }
         if universe == 0 {
             return Err(invalid("task.universe", "must be positive".into()));
         }

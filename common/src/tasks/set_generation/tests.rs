@@ -196,6 +196,13 @@ fn config_overrides_and_validation() {
         field_of(SetGeneration::from_parts(6, 3, vec![f64::INFINITY])),
         "task.levels"
     );
+    // Beyond the energy terms the learner accepts: no trajectory adding
+    // such an element would ever train.
+    assert_eq!(
+        field_of(SetGeneration::from_parts(6, 3, vec![0.0, -2e6])),
+        "task.levels"
+    );
+    assert!(SetGeneration::from_parts(6, 3, vec![0.0, -1e6]).is_ok());
     assert_eq!(
         field_of(SetGeneration::from_parts(0, 0, vec![1.0])),
         "task.universe"
