@@ -41,6 +41,34 @@ impl ModelSpec {
             backward_actions: env.backward_actions(),
         }
     }
+
+    /// Weights and biases of every layer, counted without building the
+    /// network (a width too large to allocate is an error to report, not
+    /// a libtorch abort).
+    pub fn parameter_count(&self) -> u128 {
+        let outputs = self.forward_actions + self.backward_actions + 1;
+        let mut inputs = self.input_dim as u128;
+        let mut count = 0u128;
+        for &width in self.hidden.iter().chain(std::iter::once(&outputs)) {
+            count = count.saturating_add((inputs + 1).saturating_mul(width as u128));
+            inputs = width as u128;
+        }
+        count
+    }
+
+    /// At least the size of the network's weights as one safetensors
+    /// buffer in `encoding`: the values, plus a generous allowance for the
+    /// header (names, shapes and offsets of its few tensors, metadata).
+    pub fn weight_bytes(&self, encoding: WeightEncoding) -> u128 {
+        let per_value = match encoding {
+            WeightEncoding::F32 => 4,
+            WeightEncoding::Bf16 => 2,
+        };
+        let tensors = 2 * (self.hidden.len() as u128 + 1);
+        self.parameter_count()
+            .saturating_mul(per_value)
+            .saturating_add(4096 + 256 * tensors)
+    }
 }
 
 impl fmt::Display for ModelSpec {
@@ -522,6 +550,25 @@ mod tests {
         policy.load_weights(&shifted(&before)).unwrap();
         assert_eq!(snapshot.to_host(), before);
         assert_ne!(policy.weights(), before);
+    }
+
+    #[test]
+    fn the_counted_size_is_what_the_network_holds_and_encodes() {
+        for hidden in [vec![8], vec![16, 4], vec![3, 5, 7]] {
+            let mut model = spec();
+            model.hidden = hidden;
+            let policy = Policy::new(&model, Device::Cpu);
+            let held: usize = policy.weights().iter().map(|a| a.values.len()).sum();
+            assert_eq!(model.parameter_count(), held as u128);
+            for encoding in [WeightEncoding::F32, WeightEncoding::Bf16] {
+                let encoded = policy.to_bytes(encoding).unwrap().len() as u128;
+                let bound = model.weight_bytes(encoding);
+                assert!(
+                    encoded <= bound && bound <= encoded + 8192,
+                    "{encoded} vs {bound}"
+                );
+            }
+        }
     }
 
     #[test]

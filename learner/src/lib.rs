@@ -343,6 +343,22 @@ pub async fn serve(
             ),
     );
 
+    // Weights travel in one message: a network larger than that would
+    // start, then fail at every actor's first grant (and one too large to
+    // allocate would abort below).
+    let weight_bytes = model.weight_bytes(config.learner.weight_encoding);
+    if weight_bytes > config.learner.max_message_bytes as u128 {
+        return Err(flgfn_common::config::ConfigError::invalid(
+            "model.hidden",
+            format!(
+                "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry (learner.max_message_bytes = {}); narrow model.hidden, or raise learner.max_message_bytes",
+                model.parameter_count(),
+                config.learner.weight_encoding.name(),
+                config.learner.max_message_bytes
+            ),
+        )
+        .into());
+    }
     let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
         env.as_ref(),
         env.max_trajectory_len(),

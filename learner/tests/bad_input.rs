@@ -932,6 +932,27 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     learner.await.unwrap().unwrap();
 }
 
+/// A network whose weights no message could carry is a configuration
+/// error naming the field, at start (not a failure at every actor's first
+/// grant, nor an allocation abort).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_too_large_for_a_message_is_refused_at_start() {
+    let mut config = config();
+    config.learner.max_message_bytes = 1 << 20;
+    config.model.hidden = vec![1024, 1024];
+    let (_url, learner, _stop) = start_learner(&config).await;
+    let error = learner.await.unwrap().err().unwrap().to_string();
+    assert!(
+        error.contains("model.hidden") && error.contains("learner.max_message_bytes"),
+        "{error}"
+    );
+    // Far too large to allocate: the same error, not an abort.
+    config.model.hidden = vec![1 << 40];
+    let (_url, learner, _stop) = start_learner(&config).await;
+    let error = learner.await.unwrap().err().unwrap().to_string();
+    assert!(error.contains("model.hidden"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted() {
     let mut config = config();
