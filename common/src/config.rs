@@ -287,7 +287,8 @@ pub struct LearnerConfig {
     pub device: DeviceConfig,
     /// Stop after this many training steps (0: run until interrupted).
     pub max_steps: u64,
-    /// Fresh on-policy samples per evaluation.
+    /// Fresh on-policy samples per evaluation (held until scored: the
+    /// learner refuses at start more than 4 GiB of them for its task).
     pub eval_samples: usize,
     /// Seconds of training before the first progress report (each report
     /// evaluates the policy). Each later gap is a quarter of the training

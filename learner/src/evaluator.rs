@@ -11,7 +11,7 @@ use flgfn_common::config::BackwardPolicy;
 use flgfn_common::env::{DistributionScores, Environment, State, TaskReference};
 use flgfn_common::exact::{policy_terminal_distribution, total_variation};
 use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
-use flgfn_common::policy::{Policy, to_host_f32};
+use flgfn_common::policy::{ModelSpec, Policy, to_host_f32};
 use flgfn_common::rollout::{Behaviour, Rollout, forward_probabilities, rollout};
 use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
@@ -31,6 +31,18 @@ pub const EXACT_STATE_LIMIT: usize = 200_000;
 /// evaluation (a few MB of activations with the default network; see
 /// [`log_ratios`]).
 const RATIO_GROUP_TRAJECTORIES: usize = 256;
+
+/// Replayed trajectories held at once to compute their log-ratios: fewer
+/// than [`RATIO_GROUP_TRAJECTORIES`] where each holds more than this
+/// divided by 256 (a set task of 4,096 elements holds ~34 MB per replayed
+/// trajectory of 2,048 transitions; the default task ~4 KB).
+const RATIO_GROUP_BYTES: usize = 64 << 20;
+
+/// Network input and activations of the environments an evaluation rolls
+/// out in lockstep at once: it rolls out fewer at a time than it samples
+/// where its samples' would take more (the default evaluation, 4,096
+/// samples of the default task and network, takes ~6 MB: one pass).
+const ROLLOUT_BYTES: usize = 256 << 20;
 
 /// States of a DAG layer whose forward probabilities one pass computes for
 /// the exact distribution (a few MB of activations too).
@@ -56,6 +68,71 @@ fn log_ratios(
             to_host_f32(&trajectory_log_ratios(&output, &batch, backward))
         })
         .collect()
+}
+
+/// Most bytes an evaluation's samples may hold (each sample's trajectory
+/// and final state, kept until it is scored): a larger
+/// `learner.eval_samples` is refused at start rather than found out of
+/// memory at the first report.
+pub const EVAL_HELD_BYTES: u128 = 4 << 30;
+
+/// Bytes `samples` evaluation samples of `env` hold at most: every
+/// trajectory at full length, and its final state.
+pub fn held_bytes(env: &dyn Environment, samples: usize) -> u128 {
+    let per_sample = std::mem::size_of::<Trajectory>()
+        + std::mem::size_of::<State>()
+        + env.initial_state().len()
+        + env.max_trajectory_len() * (std::mem::size_of::<u32>() + std::mem::size_of::<f32>());
+    samples as u128 * per_sample as u128
+}
+
+/// Trajectories of `env` replayed and scored at once by an evaluation
+/// (replays hold every state's encoding).
+fn ratio_group(env: &dyn Environment) -> usize {
+    let held = ReplayedTrajectory::max_held_bytes(env, env.max_trajectory_len());
+    (RATIO_GROUP_BYTES / held.max(1)).clamp(1, RATIO_GROUP_TRAJECTORIES)
+}
+
+/// [`log_ratios`] of `trajectories`, replayed `group` at a time; None if
+/// one does not replay.
+fn replayed_log_ratios(
+    env: &dyn Environment,
+    policy: &Policy,
+    trajectories: &[Trajectory],
+    backward: BackwardPolicy,
+    group: usize,
+) -> Option<Vec<f32>> {
+    let dims = (
+        env.state_dim(),
+        env.forward_actions(),
+        env.backward_actions(),
+    );
+    let mut ratios = Vec::with_capacity(trajectories.len());
+    for part in trajectories.chunks(group.max(1)) {
+        let replayed: Vec<ReplayedTrajectory> =
+            part.iter().filter_map(|t| replay(env, t).ok()).collect();
+        if replayed.len() != part.len() {
+            return None;
+        }
+        ratios.extend(log_ratios(policy, &replayed, dims, backward, group));
+    }
+    Some(ratios)
+}
+
+/// Environments an evaluation rolls out in lockstep at once with a
+/// network of `spec`: as many as [`ROLLOUT_BYTES`] holds of their input
+/// and widest activation.
+fn rollout_envs(spec: &ModelSpec) -> usize {
+    let outputs = spec.forward_actions + spec.backward_actions + 1;
+    let widest = spec
+        .hidden
+        .iter()
+        .copied()
+        .chain([outputs])
+        .max()
+        .unwrap_or(outputs);
+    let per_env = (spec.input_dim + widest) * std::mem::size_of::<f32>();
+    (ROLLOUT_BYTES / per_env.max(1)).max(1)
 }
 
 /// The figures of one evaluation.
@@ -217,25 +294,14 @@ impl Evaluator {
         energies: &[f64],
     ) -> (f64, f64) {
         let env = self.env.as_ref();
-        let replayed: Vec<ReplayedTrajectory> = trajectories
-            .iter()
-            .filter_map(|t| replay(env, t).ok())
-            .collect();
-        if replayed.len() != trajectories.len() || replayed.is_empty() {
+        if trajectories.is_empty() {
             return (f64::NAN, 0.0);
         }
-        let dims = (
-            env.state_dim(),
-            env.forward_actions(),
-            env.backward_actions(),
-        );
-        let ratios = log_ratios(
-            policy,
-            &replayed,
-            dims,
-            self.backward,
-            RATIO_GROUP_TRAJECTORIES,
-        );
+        let Some(ratios) =
+            replayed_log_ratios(env, policy, trajectories, self.backward, ratio_group(env))
+        else {
+            return (f64::NAN, 0.0);
+        };
         let log_weights: Vec<f64> = ratios
             .iter()
             .zip(energies)
@@ -306,13 +372,16 @@ impl Evaluator {
         policy: &Policy,
         rng: &mut SmallRng,
     ) -> (Rollout, Vec<f64>, DistributionScores) {
-        let samples = rollout(
-            self.env.as_ref(),
-            policy,
-            self.samples,
-            Behaviour::default(),
-            rng,
-        );
+        let mut samples = Rollout::default();
+        let lockstep = rollout_envs(policy.spec());
+        let mut left = self.samples;
+        while left > 0 {
+            let envs = left.min(lockstep);
+            let part = rollout(self.env.as_ref(), policy, envs, Behaviour::default(), rng);
+            samples.trajectories.extend(part.trajectories);
+            samples.final_states.extend(part.final_states);
+            left -= envs;
+        }
         let energies: Vec<f64> = samples
             .final_states
             .iter()
@@ -449,6 +518,65 @@ mod tests {
         // And they are new draws, not the first evaluation's again.
         let first = evaluator().evaluate(&policy, None);
         assert_ne!(first.log_z_sampled, continued.log_z_sampled);
+    }
+
+    #[test]
+    fn large_tasks_and_networks_are_evaluated_a_part_at_a_time() {
+        use flgfn_common::config::ModelConfig;
+        use flgfn_common::tasks::set_generation::SetGeneration;
+        // The default task: 256 trajectories a group, and the default
+        // evaluation's 4,096 samples rolled out in one pass.
+        let small = SetGeneration::from_parts(30, 20, vec![-0.5, 0.5]).unwrap();
+        assert_eq!(ratio_group(&small), RATIO_GROUP_TRAJECTORIES);
+        let default_net = ModelSpec::new(
+            &small,
+            &ModelConfig {
+                hidden: vec![256, 256],
+            },
+        );
+        assert!(rollout_envs(&default_net) >= 4096);
+        // 4,096 elements, sets of 2,048: one replayed trajectory holds
+        // ~34 MB, so one at a time; a very wide network, fewer in lockstep.
+        let large = SetGeneration::from_parts(4096, 2048, vec![-0.5, 0.5]).unwrap();
+        assert_eq!(ratio_group(&large), 1);
+        let wide = ModelSpec::new(
+            &large,
+            &ModelConfig {
+                hidden: vec![1 << 20],
+            },
+        );
+        assert_eq!(rollout_envs(&wide), 63);
+    }
+
+    #[test]
+    fn log_ratios_replayed_a_few_at_a_time_match_all_at_once() {
+        use flgfn_common::config::ModelConfig;
+        use flgfn_common::tasks::set_generation::SetGeneration;
+        let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
+        let model = ModelConfig { hidden: vec![16] };
+        let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
+        let mut rng = SmallRng::seed_from_u64(3);
+        let sampled = rollout(&env, &policy, 50, Behaviour::default(), &mut rng);
+        let all = replayed_log_ratios(
+            &env,
+            &policy,
+            &sampled.trajectories,
+            BackwardPolicy::Learned,
+            50,
+        )
+        .unwrap();
+        let few = replayed_log_ratios(
+            &env,
+            &policy,
+            &sampled.trajectories,
+            BackwardPolicy::Learned,
+            3,
+        )
+        .unwrap();
+        assert_eq!(all.len(), 50);
+        for (a, b) in all.iter().zip(&few) {
+            assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} against {b}");
+        }
     }
 
     #[test]

@@ -359,6 +359,18 @@ pub async fn serve(
         )
         .into());
     }
+    let eval_bytes = evaluator::held_bytes(env.as_ref(), config.learner.eval_samples);
+    if eval_bytes > evaluator::EVAL_HELD_BYTES {
+        return Err(flgfn_common::config::ConfigError::invalid(
+            "learner.eval_samples",
+            format!(
+                "{} samples of this task hold up to {eval_bytes} bytes while an evaluation scores them, more than the {} it may take; lower learner.eval_samples",
+                config.learner.eval_samples,
+                evaluator::EVAL_HELD_BYTES
+            ),
+        )
+        .into());
+    }
     let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
         env.as_ref(),
         env.max_trajectory_len(),

@@ -953,6 +953,28 @@ async fn a_network_too_large_for_a_message_is_refused_at_start() {
     assert!(error.contains("model.hidden"), "{error}");
 }
 
+/// An evaluation whose samples would not fit in memory is refused at
+/// start, naming the field, not found out of memory at the first report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluations_too_large_to_hold_are_refused_at_start() {
+    use flgfn_learner::evaluator::{EVAL_HELD_BYTES, held_bytes};
+    let mut config = config();
+    // Sets of 2,048 of 4,096 elements: ~20 KB a sample.
+    config.task = TaskConfig::SetGeneration(SetGenerationConfig {
+        universe: Some(4096),
+        set_size: Some(2048),
+        levels: Some(vec![0.0, 1.0]),
+        ..SetGenerationConfig::default()
+    });
+    let env = tasks::build(&config.task).unwrap();
+    let fitting = usize::try_from(EVAL_HELD_BYTES / held_bytes(env.as_ref(), 1)).unwrap();
+    assert!(held_bytes(env.as_ref(), fitting) <= EVAL_HELD_BYTES);
+    config.learner.eval_samples = fitting + 1;
+    let (_url, learner, _stop) = start_learner(&config).await;
+    let error = learner.await.unwrap().err().unwrap().to_string();
+    assert!(error.contains("learner.eval_samples"), "{error}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted() {
     let mut config = config();
