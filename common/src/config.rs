@@ -978,9 +978,13 @@ impl Config {
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
         learner_url(&a.learner)?;
-        seconds_up_to_a_day("actor.reconnect_initial_s", a.reconnect_initial_s)?;
+        timer_seconds(
+            "actor.reconnect_initial_s",
+            a.reconnect_initial_s,
+            MIN_RECONNECT_S,
+        )?;
         seconds_up_to_a_day("actor.reconnect_max_s", a.reconnect_max_s)?;
-        seconds_up_to_a_day("actor.keepalive_s", a.keepalive_s)?;
+        timer_seconds("actor.keepalive_s", a.keepalive_s, MIN_KEEPALIVE_S)?;
         if a.reconnect_max_s < a.reconnect_initial_s {
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",
@@ -1024,6 +1028,15 @@ pub const MIN_IDLE_CONNECTION_S: f64 = 1.0;
 /// Shortest `learner.stall_timeout_s`: below it, every actor would be
 /// ended before its first chunk could arrive.
 pub const MIN_STALL_TIMEOUT_S: f64 = 0.1;
+
+/// Shortest `actor.reconnect_initial_s`: a shorter first wait retries in
+/// a tight loop (the jittered wait rounds to nothing).
+pub const MIN_RECONNECT_S: f64 = 0.01;
+
+/// Shortest `actor.keepalive_s`: an actor drops a connection whose ping
+/// goes unanswered for twice this, so shorter would drop every connection
+/// over a link with a longer round trip.
+pub const MIN_KEEPALIVE_S: f64 = 1.0;
 
 /// A timer's seconds: at least `min`, at most [`MAX_WAIT_S`] (a day), so
 /// that its deadline can always be computed.
@@ -1419,6 +1432,12 @@ mod tests {
                 "[actor]\nkeepalive_s = 1e20\n",
                 "actor.keepalive_s",
                 "a day",
+            ),
+            ("[actor]\nkeepalive_s = 0.001\n", "actor.keepalive_s", "1"),
+            (
+                "[actor]\nreconnect_initial_s = 1e-12\n",
+                "actor.reconnect_initial_s",
+                "0.01",
             ),
             (
                 "[actor]\nreconnect_max_s = 1e19\n",
