@@ -10,10 +10,13 @@ learner cannot tell it from a Rust actor.
     pip install -r requirements.txt
     python flgfn_actor.py --learner 127.0.0.1:50051      # FLGFN_TOKEN if set
 
-Your own task: write a class like `SetGeneration` below (encode, forward
-mask, step, energy of a step, and the task spec the learner's task reports)
-and pass it to `run`. The learner must run the same task: it replays every
-action through its own copy of the environment.
+Your own task: write a class like `SetGeneration` below (its `name` and
+`params()`, the task spec the learner's task reports; `state_dim`,
+`forward_actions`, `backward_actions` and `max_len`; `initial(n)`, which
+returns n initial states as the network's input rows, `forward_mask`,
+`is_terminal`, `step_energy` and `step`, all on those rows) and pass it
+to `run`. The learner must run the same task: it replays every action
+through its own copy of the environment.
 """
 
 import argparse
@@ -157,8 +160,10 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
     states = task.initial(envs)
     actions = [[] for _ in range(envs)]
     energies = [[] for _ in range(envs)]
-    cut = np.where(rng.random(envs) < truncate_fraction,
-                   rng.integers(1, task.max_len, envs), task.max_len + 1)
+    cut = np.full(envs, task.max_len + 1)
+    if truncate_fraction > 0 and task.max_len >= 2:  # (nothing to cut from one step)
+        cut = np.where(rng.random(envs) < truncate_fraction,
+                       rng.integers(1, task.max_len, envs), cut)
     for t in range(task.max_len):
         live = np.flatnonzero(~task.is_terminal(states) & (cut > t))
         if live.size == 0:
@@ -361,7 +366,7 @@ class Actor:
 
 
 def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
-        truncate_fraction=0.0, name="python-actor", token=None, seed=None,
+        truncate_fraction=0.0, name=None, token=None, seed=None,
         connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
         reconnect_max_s=5.0, reconnect_attempts=0):
     """Trains the learner until it says training is over; returns counts.
@@ -374,6 +379,9 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
     """
     if reconnect_attempts < 0:
         raise ValueError(f"reconnect_attempts is {reconnect_attempts}: 0 (never give up) or more")
+    # Distinct per process: the learner counts lost chunks per name.
+    name = name or f"{socket.gethostname()}/python-actor-{os.getpid()}"
+    token = (token or "").strip() or None  # as the Rust actor reads it
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
                   connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s)
     jitter = random.Random()
