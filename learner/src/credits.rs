@@ -34,7 +34,11 @@
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
 //! its fair share, and at least two (one chunk rolling out, one on the
-//! way) however many share the room; a session whose actor sits on a credit for
+//! way) however many share the room; the first session left with no
+//! credit because its chunk does not fit what is free is kept room for
+//! until it is served (sessions of small chunks would otherwise take the
+//! room as it comes back and starve one of large chunks); a session whose
+//! actor sits on a credit for
 //! `learner.stall_timeout_s` is ended, which returns
 //! its credits.
 //!
@@ -290,13 +294,29 @@ impl CreditPool {
     /// always be able to fill, even when chunks came in smaller than their
     /// reservations (truncated trajectories) or a chunk is larger than the
     /// room.
+    #[cfg(test)]
     pub(crate) fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
+        self.try_reserve_leaving(amount, None)
+    }
+
+    /// [`try_reserve`](Self::try_reserve), leaving `kept` free for a
+    /// session waiting for room for a larger chunk: then only within the
+    /// room, never past it for the batch (that session's chunk fills it).
+    fn try_reserve_leaving(
+        self: &Arc<Self>,
+        amount: u64,
+        kept: Option<u64>,
+    ) -> Option<CreditToken> {
         let capacity = self.capacity();
         let building = self.building.load(Ordering::Relaxed);
         let reserved = self
             .in_use
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + amount <= capacity || used < building).then_some(used + amount)
+                let fits = match kept {
+                    None => used + amount <= capacity || used < building,
+                    Some(kept) => used.saturating_add(amount).saturating_add(kept) <= capacity,
+                };
+                fits.then_some(used + amount)
             });
         reserved.ok()?;
         self.reserved_ever.fetch_add(amount, Ordering::Relaxed);
@@ -468,7 +488,8 @@ struct Member {
     held: Arc<AtomicU64>,
     /// Most credits alive at once (`learner.max_session_bytes` over the
     /// bytes of one chunk), exceeded only while the batch being built
-    /// could not fill otherwise (so by at most one chunk, learner-wide).
+    /// could not fill otherwise (so by at most that batch and one chunk,
+    /// learner-wide).
     max_held: u64,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
@@ -520,6 +541,18 @@ impl Controller {
     }
 }
 
+/// A session with no credit left that the room could not serve: until
+/// it is served, the room it needs is kept from the others. Without
+/// this, a session of large chunks could wait for ever behind sessions of
+/// small ones, which take every bit of room as it comes back (the
+/// trainer frees a batch at a time, less than one large chunk).
+struct Starved {
+    /// The session (its credit count identifies it).
+    outstanding: Arc<AtomicU32>,
+    /// The room it waits for.
+    reserve: u64,
+}
+
 /// The controller loop: admit sessions, grant while there is room, sleep
 /// until something changes.
 async fn control(
@@ -528,11 +561,20 @@ async fn control(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut members: VecDeque<Member> = VecDeque::new();
+    let mut starved: Option<Starved> = None;
     loop {
         members.retain(|m| !m.tokens.is_closed());
+        // A starved session that left waits for nothing.
+        if let Some(waiting) = &starved
+            && !members
+                .iter()
+                .any(|m| Arc::ptr_eq(&m.outstanding, &waiting.outstanding))
+        {
+            starved = None;
+        }
         let largest_chunk = members.iter().map(|m| m.reserve).max().unwrap_or(0);
         pool.largest_chunk.store(largest_chunk, Ordering::Relaxed);
-        let next_resume = grant_round_robin(&pool, &mut members);
+        let next_resume = grant_round_robin(&pool, &mut members, &mut starved);
         let resume = async {
             match next_resume {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -572,7 +614,11 @@ async fn control(
 /// Grants one credit at a time to the session at the front, moving it to
 /// the back, until no session can take one. Returns when the first pause
 /// ends, if a session is paused.
-fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> Option<Instant> {
+fn grant_round_robin(
+    pool: &Arc<CreditPool>,
+    members: &mut VecDeque<Member>,
+    starved: &mut Option<Starved>,
+) -> Option<Instant> {
     let now = Instant::now();
     let mut next_resume: Option<Instant> = None;
     let mut idle_in_a_row = 0;
@@ -598,9 +644,13 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
         // chunks wait for that batch, which waits for more data.
         let within_memory = member.held.load(Ordering::Acquire) < member.max_held
             || pool.in_use() < pool.building.load(Ordering::Relaxed);
+        let is_starved = starved
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(&s.outstanding, &member.outstanding));
+        let kept = starved.as_ref().filter(|_| !is_starved).map(|s| s.reserve);
         let granted = member.outstanding.load(Ordering::Acquire) < cap
             && within_memory
-            && match pool.try_reserve(member.reserve) {
+            && match pool.try_reserve_leaving(member.reserve, kept) {
                 Some(mut token) => {
                     member.outstanding.fetch_add(1, Ordering::AcqRel);
                     member.held.fetch_add(1, Ordering::AcqRel);
@@ -609,14 +659,24 @@ fn grant_round_robin(pool: &Arc<CreditPool>, members: &mut VecDeque<Member>) -> 
                 }
                 None => false,
             };
+        if granted && is_starved {
+            *starved = None;
+        }
         // A session with no credit at all that the room cannot serve sits
-        // idle for want of room (see `CreditPool::unserved`).
+        // idle for want of room (see `CreditPool::unserved`), and the
+        // first such is kept room for.
         if !granted
             && throttled.is_none()
             && member.outstanding.load(Ordering::Acquire) == 0
             && within_memory
         {
             pool.unserved.fetch_add(1, Ordering::Relaxed);
+            if starved.is_none() {
+                *starved = Some(Starved {
+                    outstanding: member.outstanding.clone(),
+                    reserve: member.reserve,
+                });
+            }
         }
         idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
         members.push_back(member);
@@ -966,6 +1026,44 @@ mod tests {
             "the stalled session holds {}",
             held.len()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_of_large_chunks_is_not_starved_by_one_of_small_chunks() {
+        // The default room (10,240 transitions, batches of 320): an actor
+        // of 16 environments (320 a chunk) fills it first, then one of 256
+        // (5,120) joins. The trainer takes one small chunk at a time, and
+        // the small actor sends a chunk for every credit at once.
+        let pool = CreditPool::new(320, 320, 32);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut small = controller.join(320, u64::MAX).await.unwrap();
+        // Each credit's chunk arrives at once and waits for the trainer.
+        let arrived = |small: &mut SessionCredits| {
+            let chunks = take(small);
+            for _ in &chunks {
+                small.used(false);
+            }
+            chunks
+        };
+        settle().await;
+        let mut waiting: VecDeque<CreditToken> = arrived(&mut small).into();
+        let mut large = controller.join(5120, u64::MAX).await.unwrap();
+        for trained in 0..200 {
+            settle().await;
+            if let Ok(token) = large.tokens.try_recv() {
+                assert!(trained <= 32, "served only after {trained} small chunks");
+                drop(token);
+                return;
+            }
+            waiting.extend(arrived(&mut small));
+            drop(
+                waiting
+                    .pop_front()
+                    .expect("small chunks wait for the trainer"),
+            );
+        }
+        panic!("the session of large chunks never got a credit");
     }
 
     #[tokio::test]
