@@ -146,7 +146,7 @@ fn main() {
             loss.backward();
             let finite = finite.logical_and(&own_adam.gradients_finite());
             let skip = finite.logical_not();
-            own_adam.step_unless(&skip);
+            let _ = own_adam.step_unless(&skip);
             let _no_grad = tch::no_grad_guard();
             let _ = loss_sum.g_add_(&loss.detach().masked_fill(&skip, 0.0));
             let _ = finite_steps.g_add_(&finite);

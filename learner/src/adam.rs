@@ -90,19 +90,24 @@ impl Adam {
     /// One update from the gradients in place.
     pub fn step(&mut self) {
         let skip = Tensor::from(false).to_device(self.m.device());
-        self.step_unless(&skip);
+        let _ = self.step_unless(&skip);
     }
 
     /// One update from the gradients in place, unless `skip` (a bool scalar
-    /// on the parameters' device) is true: then the parameters and both
-    /// moments keep their exact values, as if the step had not been taken
-    /// (a NaN or infinite loss gives NaN gradients, and Adam would carry
-    /// them, or momentum alone, into the weights). Decided on the device,
-    /// without waiting for it. The step count (t of the bias corrections)
+    /// on the parameters' device) is true, or the update would leave a
+    /// parameter or a moment non-finite (with a huge learning rate, a
+    /// finite gradient can still step past f32's range): then the
+    /// parameters and both moments keep their exact values, as if the step
+    /// had not been taken (a NaN or infinite loss gives NaN gradients, and
+    /// Adam would carry them, or momentum alone, into the weights; weights
+    /// that overflowed would reach actors and checkpoints). Decided on the
+    /// device, without waiting for it; returns false, a bool scalar there,
+    /// when the update was undone for that (true on a step `skip` asked
+    /// to skip: nothing overflowed). The step count (t of the bias corrections)
     /// advances either way, so checkpoints stay in step with the trainer;
     /// unlike PyTorch's GradScaler, which leaves t as well. One skipped step
     /// changes the corrections by a fraction of a percent, and only early on.
-    pub fn step_unless(&mut self, skip: &Tensor) {
+    pub fn step_unless(&mut self, skip: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
         let t = self.steps as i32;
@@ -113,23 +118,30 @@ impl Adam {
         // skipped step, and 0 x NaN is NaN.
         let _ = grad.shallow_clone().masked_fill_(skip, 0.0);
         let keep = skip.logical_not().to_kind(Kind::Float);
-        let _ = self.m.lerp_tensor_(&grad, &(&keep * (1.0 - BETA1)));
-        let _ = self
-            .v
-            .lerp_tensor_(&grad.square(), &(&keep * (1.0 - BETA2)));
-        // p += m * keep * -step / (sqrt(v) / c2 + eps): one temporary of
-        // the parameters' size.
-        let mut scale = self.v.sqrt();
+        // The new moments and parameters out of place, kept only if the
+        // parameters are finite: three passes over the parameters more than
+        // an update in place, and five calls.
+        let m = self.m.lerp_tensor(&grad, &(&keep * (1.0 - BETA1)));
+        let v = self.v.lerp_tensor(&grad.square(), &(&keep * (1.0 - BETA2)));
+        // p + m * keep * -step / (sqrt(v) / c2 + eps).
+        let mut scale = v.sqrt();
         let _ = scale
             .g_div_scalar_(root_correction)
             .g_add_scalar_(EPS)
             .reciprocal_()
             .g_mul_(&(keep * -step_size));
-        let _ = self
-            .parameters
+        let values = self.parameters.values().addcmul(&m, &scale);
+        // (The moments are finite: they mix finite moments with finite
+        // gradients and squares, a skipped step's zeroed; the trainer's
+        // gradient check bounds the squares.)
+        let finite = values.isfinite().all();
+        self.m = m.where_self(&finite, &self.m);
+        self.v = v.where_self(&finite, &self.v);
+        self.parameters
             .values()
             .shallow_clone()
-            .addcmul_(&self.m, &scale);
+            .copy_(&values.where_self(&finite, self.parameters.values()));
+        finite
     }
 
     /// The moments as named host arrays (`m/<param>`, `v/<param>`), for a
@@ -247,7 +259,7 @@ mod tests {
         adam.zero_grad();
         nan.backward();
         let skip = nan.isfinite().logical_not();
-        adam.step_unless(&skip);
+        let _ = adam.step_unless(&skip);
         assert_eq!(snapshot(&adam), before);
 
         // A finite loss whose gradients are not (found by the gradient
@@ -270,7 +282,7 @@ mod tests {
                 "{element}"
             );
             let skip = adam.gradients_finite().logical_not();
-            adam.step_unless(&skip);
+            let _ = adam.step_unless(&skip);
             assert_eq!(snapshot(&adam), before, "{element}");
         }
 
@@ -280,8 +292,30 @@ mod tests {
         finite.backward();
         assert!(bool::try_from(adam.gradients_finite()).unwrap());
         let skip = adam.gradients_finite().logical_not();
-        adam.step_unless(&skip);
+        let _ = adam.step_unless(&skip);
         assert_ne!(snapshot(&adam)[0], before[0]);
+    }
+
+    #[test]
+    fn a_step_that_would_overflow_the_weights_is_skipped() {
+        tch::manual_seed(3);
+        let vars = nn::VarStore::new(Device::Cpu);
+        let model = net(&vars);
+        // Finite loss and gradients, but steps of ~1e40: past f32's range.
+        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 1e39);
+        adam.zero_grad();
+        loss(&model, 0).backward();
+        assert!(bool::try_from(adam.gradients_finite()).unwrap());
+        let before = snapshot(&adam);
+        let finite = adam.step_unless(&Tensor::from(false));
+        assert!(!bool::try_from(&finite).unwrap(), "undone");
+        assert_eq!(snapshot(&adam), before, "weights and moments untouched");
+        // The same gradients at a sane rate: taken.
+        adam.set_lr(0.01);
+        let finite = adam.step_unless(&Tensor::from(false));
+        assert!(bool::try_from(&finite).unwrap());
+        assert_ne!(snapshot(&adam)[0], before[0]);
+        assert!(snapshot(&adam).iter().flatten().all(|x| x.is_finite()));
     }
 
     #[test]

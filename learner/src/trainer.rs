@@ -622,16 +622,19 @@ impl Trainer {
             own.zero_grad();
         }
         loss.backward();
-        // A step whose loss or gradients are not finite is skipped: nothing
-        // moves. Decided on the device, without waiting for it.
+        // A step whose loss or gradients are not finite, or whose update
+        // would leave a weight that is not, is skipped: nothing moves.
+        // Decided on the device, without waiting for it.
         let mut finite = finite.logical_and(&optimizer.gradients_finite());
         if let Some((own, _)) = own_optimizer.as_mut() {
             finite = finite.logical_and(&own.gradients_finite());
         }
-        let skip = finite.logical_not();
-        optimizer.step_unless(&skip);
+        let mut skip = finite.logical_not();
+        let finite = finite.logical_and(&optimizer.step_unless(&skip));
+        skip = finite.logical_not();
         if let Some((own, _)) = own_optimizer {
-            own.step_unless(&skip);
+            // (Its own parameters move only with the policy's.)
+            let _ = own.step_unless(&skip);
         }
 
         progress.step += 1;
