@@ -393,18 +393,9 @@ mod tests {
         let pool = CreditPool::new(100, 1000, 4);
         let (sender, queue) = mpsc::channel(16);
         for &(policy_version, transitions) in chunks {
-            let mut credit = pool
-                .try_reserve(transitions as u64)
-                .expect("room for the test chunks");
-            credit.arrived(transitions as u64);
-            let chunk = IngestedChunk {
-                actor_id: 1,
-                policy_version,
-                trajectories: Vec::new(),
-                transitions,
-                unusable_transitions: 0,
-            };
-            sender.try_send(QueuedChunk { chunk, credit }).unwrap();
+            sender
+                .try_send(chunk_of(&pool, policy_version, transitions))
+                .unwrap();
         }
         let (out, batches) = std::sync::mpsc::sync_channel(0);
         let batcher = Batcher {
