@@ -644,9 +644,15 @@ fn grant_round_robin(
         // chunks wait for that batch, which waits for more data.
         let within_memory = member.held.load(Ordering::Acquire) < member.max_held
             || pool.in_use() < pool.building.load(Ordering::Relaxed);
-        let is_starved = starved
+        let mut is_starved = starved
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(&s.outstanding, &member.outstanding));
+        // A paused session takes no credit: room kept for it would only
+        // idle the others until the pause ends.
+        if is_starved && throttled == Some(0) {
+            *starved = None;
+            is_starved = false;
+        }
         let kept = starved.as_ref().filter(|_| !is_starved).map(|s| s.reserve);
         let granted = member.outstanding.load(Ordering::Acquire) < cap
             && within_memory
@@ -1064,6 +1070,47 @@ mod tests {
             );
         }
         panic!("the session of large chunks never got a credit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_room_is_kept_for_a_paused_session() {
+        // As above, but the session of large chunks is paused (its chunks
+        // came too old) while it waits: the small one may use the whole
+        // room meanwhile.
+        let pool = CreditPool::new(320, 320, 32);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut small = controller.join(320, u64::MAX).await.unwrap();
+        let mut waiting = VecDeque::new();
+        let arrive = |small: &mut SessionCredits, waiting: &mut VecDeque<CreditToken>| {
+            for token in take(small) {
+                small.used(false);
+                waiting.push_back(token);
+            }
+        };
+        settle().await;
+        arrive(&mut small, &mut waiting);
+        let large = controller.join(5120, u64::MAX).await.unwrap();
+        // Room is kept for it: the small one is no longer served, and
+        // what it holds drains. Then the large one is paused.
+        for _ in 0..8 {
+            drop(waiting.pop_front());
+            settle().await;
+            arrive(&mut small, &mut waiting);
+        }
+        assert!(pool.in_use() <= 8000, "held back: {}", pool.in_use());
+        large.pause(Duration::from_secs(60));
+        for _ in 0..40 {
+            drop(waiting.pop_front());
+            settle().await;
+            arrive(&mut small, &mut waiting);
+        }
+        assert!(
+            pool.in_use() > pool.capacity() - 5120,
+            "{} of {} in use",
+            pool.in_use(),
+            pool.capacity()
+        );
     }
 
     #[tokio::test]
