@@ -444,7 +444,8 @@ impl Session<'_> {
                     // their credits back when the session ends); the
                     // worker answers the flush once the rollout in
                     // progress is out, so every chunk is then in `chunks`.
-                    self.current_session.store(0, Ordering::Release);
+                    self.current_session
+                        .store(session | crate::worker::DRAINING, Ordering::Release);
                     let flush = weights.as_ref().map(|weights| Order {
                         session: FLUSH_SESSION,
                         actor_id,

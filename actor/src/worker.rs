@@ -36,6 +36,12 @@ pub struct Weights {
     pub bytes: Bytes,
 }
 
+/// Set on the current session's number while it drains (the actor is
+/// stopping): orders still queued are skipped, but the rollout in
+/// progress finishes and is sent. (Sessions are numbered from 1, far
+/// below this bit.)
+pub const DRAINING: u32 = 1 << 31;
+
 /// Session number of a flush order: no rollout, but an empty
 /// [`SampledChunk`] of this session back, once every order before it is
 /// done (both channels keep their order). A stopping actor then knows that
@@ -191,14 +197,16 @@ impl Worker {
                 tracing::info!(seed, envs = self.envs, "action draws seeded");
                 SmallRng::seed_from_u64(seed)
             });
-            // Abandoned half-way when the actor stops, or when the
-            // order's session ends (a learner restart): its chunk could
-            // only be dropped, and the next session's first credit would
-            // wait behind it.
+            // Abandoned half-way when the actor leaves without it, or
+            // when the order's session ends (a learner restart): its chunk
+            // could only be dropped, and the next session's first credit
+            // would wait behind it. A session draining (the actor
+            // stopping) still takes it.
             let (abandon, current_session) = (&self.abandon, &self.current_session);
             let session_over = || {
+                let current = current_session.load(Ordering::Acquire);
                 abandon.load(Ordering::Relaxed)
-                    || current_session.load(Ordering::Acquire) != order.session
+                    || (current != order.session && current != order.session | DRAINING)
             };
             let rolled = rollout_unless(
                 self.env.as_ref(),
@@ -280,12 +288,14 @@ mod tests {
     use flgfn_common::tasks::set_generation::SetGeneration;
     use flgfn_common::weights::WeightEncoding;
 
-    /// The set task, but its first step also ends session 1 (as a
-    /// learner restart would, half-way through a rollout).
+    /// The set task, but its steps also set the current session to
+    /// `becomes` (as a learner restart, or a stop, would half-way through
+    /// a rollout of session 1).
     #[derive(Debug)]
     struct EndsSessionAtFirstStep {
         inner: SetGeneration,
         current_session: Arc<AtomicU32>,
+        becomes: u32,
     }
 
     impl Environment for EndsSessionAtFirstStep {
@@ -320,7 +330,7 @@ mod tests {
             self.inner.is_terminal(state)
         }
         fn step(&self, state: &mut State, action: usize) -> Result<usize, InvalidAction> {
-            self.current_session.store(2, Ordering::Release);
+            self.current_session.store(self.becomes, Ordering::Release);
             self.inner.step(state, action)
         }
         fn transition_energy(&self, state: &State, action: usize) -> f64 {
@@ -331,12 +341,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_rollout_whose_session_ends_half_way_is_abandoned_not_sent() {
+    /// Runs a worker on one order of session 1 whose rollout's first step
+    /// sets the current session to `becomes`: its report, and the chunks
+    /// it sent.
+    fn one_rollout_while_the_session_becomes(becomes: u32) -> (WorkerReport, usize) {
         let current_session = Arc::new(AtomicU32::new(1));
         let env = EndsSessionAtFirstStep {
             inner: SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap(),
             current_session: current_session.clone(),
+            becomes,
         };
         let model = ModelSpec::new(&env, &ModelConfig { hidden: vec![8] });
         let bytes = Policy::new(&model, Device::Cpu)
@@ -369,11 +382,25 @@ mod tests {
             abandon: Arc::new(AtomicBool::new(false)),
         };
         let report = worker.run().unwrap();
+        let sent = std::iter::from_fn(|| chunks.try_recv().ok()).count();
+        (report, sent)
+    }
+
+    #[test]
+    fn a_rollout_whose_session_ends_half_way_is_abandoned_not_sent() {
+        let (report, sent) = one_rollout_while_the_session_becomes(2);
         assert_eq!(
             (report.rollouts, report.orders_skipped, report.abandoned),
             (0, 1, 0)
         );
-        assert!(chunks.try_recv().is_err(), "no chunk for the ended session");
+        assert_eq!(sent, 0, "no chunk for the ended session");
+    }
+
+    #[test]
+    fn a_rollout_in_progress_when_its_session_drains_is_finished_and_sent() {
+        let (report, sent) = one_rollout_while_the_session_becomes(1 | DRAINING);
+        assert_eq!((report.rollouts, report.orders_skipped), (1, 0));
+        assert_eq!(sent, 1);
     }
 
     #[test]
