@@ -210,7 +210,11 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
     Ok(DecodedWeights { arrays, metadata })
 }
 
-/// Rounds to the nearest bfloat16 (ties to even), as PyTorch does.
+/// Rounds to the nearest bfloat16 (ties to even), as PyTorch does, except
+/// that a finite value stays finite: one beyond bfloat16's largest (f32
+/// values within 2^-8 of f32::MAX, which PyTorch rounds to infinity) gives
+/// that largest, with its sign. Weights the learner publishes are finite,
+/// and an actor refuses any that are not.
 pub fn f32_to_bf16(value: f32) -> u16 {
     let bits = value.to_bits();
     if value.is_nan() {
@@ -218,7 +222,11 @@ pub fn f32_to_bf16(value: f32) -> u16 {
         return ((bits >> 16) | 0x40) as u16;
     }
     let round = 0x7FFF + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
+    let rounded = (bits.wrapping_add(round) >> 16) as u16;
+    if value.is_finite() && rounded & 0x7FFF == 0x7F80 {
+        return rounded - 1;
+    }
+    rounded
 }
 
 /// Widens a bfloat16 exactly.
@@ -291,6 +299,15 @@ mod tests {
         let above = 1.0 + 1.0 / 256.0 + 1.0 / 65536.0;
         assert_eq!(bf16_to_f32(f32_to_bf16(above)), 1.0 + 1.0 / 128.0);
         assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        // Finite stays finite, infinite stays infinite.
+        let largest = f32::from_bits(0x7F7F_0000);
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::MAX)), largest);
+        assert_eq!(bf16_to_f32(f32_to_bf16(-f32::MAX)), -largest);
+        assert_eq!(bf16_to_f32(f32_to_bf16(f32::INFINITY)), f32::INFINITY);
+        assert_eq!(
+            bf16_to_f32(f32_to_bf16(f32::NEG_INFINITY)),
+            f32::NEG_INFINITY
+        );
         assert_eq!(bf16_to_f32(f32_to_bf16(-3.0)), -3.0);
     }
 
