@@ -671,18 +671,17 @@ fn grant_round_robin(
         // A session with no credit at all that the room cannot serve sits
         // idle for want of room (see `CreditPool::unserved`), and the
         // first such is kept room for.
-        if !granted
-            && throttled.is_none()
-            && member.outstanding.load(Ordering::Acquire) == 0
-            && within_memory
-        {
+        let wants_one = member.outstanding.load(Ordering::Acquire) == 0 && within_memory;
+        if !granted && wants_one && throttled.is_none() {
             pool.unserved.fetch_add(1, Ordering::Relaxed);
-            if starved.is_none() {
-                *starved = Some(Starved {
-                    outstanding: member.outstanding.clone(),
-                    reserve: member.reserve,
-                });
-            }
+        }
+        // Probing after a pause counts too: a probe needs a credit, and
+        // only a fresh chunk ends the probing.
+        if !granted && wants_one && throttled != Some(0) && starved.is_none() {
+            *starved = Some(Starved {
+                outstanding: member.outstanding.clone(),
+                reserve: member.reserve,
+            });
         }
         idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
         members.push_back(member);
@@ -1070,6 +1069,38 @@ mod tests {
             );
         }
         panic!("the session of large chunks never got a credit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_of_large_chunks_probing_after_a_pause_is_served() {
+        // As above, but the large session's first credit comes while it
+        // probes (one credit at a time) after a pause.
+        let pool = CreditPool::new(320, 320, 32);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut small = controller.join(320, u64::MAX).await.unwrap();
+        let mut waiting = VecDeque::new();
+        let arrive = |small: &mut SessionCredits, waiting: &mut VecDeque<CreditToken>| {
+            for token in take(small) {
+                small.used(false);
+                waiting.push_back(token);
+            }
+        };
+        settle().await;
+        arrive(&mut small, &mut waiting);
+        let mut large = controller.join(5120, u64::MAX).await.unwrap();
+        large.pause(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for trained in 0..200 {
+            drop(waiting.pop_front());
+            settle().await;
+            arrive(&mut small, &mut waiting);
+            if large.tokens.try_recv().is_ok() {
+                assert!(trained <= 32, "served only after {trained} small chunks");
+                return;
+            }
+        }
+        panic!("the probing session of large chunks never got a credit");
     }
 
     #[tokio::test(start_paused = true)]
