@@ -10,8 +10,9 @@
 //! p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 //! ```
 //!
-//! It runs on [`FlatParameters`]: the whole update is eight libtorch calls
-//! however many parameters the network has. A parameter that received no
+//! It runs on [`FlatParameters`]: the whole update is about fifteen
+//! libtorch calls however many parameters the network has (an update that
+//! would overflow a weight is undone, see [`Adam::step_unless`]). A parameter that received no
 //! gradient in a step counts as a zero gradient (its moments decay); every
 //! parameter of flgfn's networks and objectives gets one every step.
 
@@ -102,8 +103,8 @@ impl Adam {
     /// Adam would carry them, or momentum alone, into the weights; weights
     /// that overflowed would reach actors and checkpoints). Decided on the
     /// device, without waiting for it; returns false, a bool scalar there,
-    /// when the update was undone for that (true on a step `skip` asked
-    /// to skip: nothing overflowed). The step count (t of the bias corrections)
+    /// when the update was undone for that (on a step `skip` asked to
+    /// skip, true unless the learning rate itself is beyond f32's range). The step count (t of the bias corrections)
     /// advances either way, so checkpoints stay in step with the trainer;
     /// unlike PyTorch's GradScaler, which leaves t as well. One skipped step
     /// changes the corrections by a fraction of a percent, and only early on.
@@ -301,20 +302,24 @@ mod tests {
         tch::manual_seed(3);
         let vars = nn::VarStore::new(Device::Cpu);
         let model = net(&vars);
-        // Finite loss and gradients, but steps of ~1e40: past f32's range.
-        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 1e39);
+        // A finite step (1e38 at most, times 0.1 on the first) onto weights
+        // near f32::MAX, gradients -1: 3.35e38 + 1e37 is past f32's range.
+        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 1e37);
         adam.zero_grad();
         loss(&model, 0).backward();
+        let _ = adam.parameters.values().shallow_clone().fill_(3.35e38);
+        let _ = adam.parameters.gradients().shallow_clone().fill_(-1.0);
         assert!(bool::try_from(adam.gradients_finite()).unwrap());
         let before = snapshot(&adam);
         let finite = adam.step_unless(&Tensor::from(false));
         assert!(!bool::try_from(&finite).unwrap(), "undone");
         assert_eq!(snapshot(&adam), before, "weights and moments untouched");
-        // The same gradients at a sane rate: taken.
+        // The same gradients at a sane rate: taken (the moments move; a
+        // step of 0.01 is below the weights' precision there).
         adam.set_lr(0.01);
         let finite = adam.step_unless(&Tensor::from(false));
         assert!(bool::try_from(&finite).unwrap());
-        assert_ne!(snapshot(&adam)[0], before[0]);
+        assert_ne!(snapshot(&adam)[1], before[1]);
         assert!(snapshot(&adam).iter().flatten().all(|x| x.is_finite()));
     }
 
