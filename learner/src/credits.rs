@@ -1033,108 +1033,102 @@ mod tests {
         );
     }
 
+    /// The default room (10,240 transitions, batches of 320) filled by a
+    /// session of an actor of 16 environments (320 transitions a chunk)
+    /// whose chunks arrive as soon as it has the credit and wait for the
+    /// trainer.
+    struct SmallChunksFillTheRoom {
+        pool: Arc<CreditPool>,
+        controller: Controller,
+        _stop: watch::Sender<bool>,
+        small: SessionCredits,
+        waiting: VecDeque<CreditToken>,
+    }
+
+    impl SmallChunksFillTheRoom {
+        async fn new() -> Self {
+            let pool = CreditPool::new(320, 320, 32);
+            let (stop_sender, stop) = watch::channel(false);
+            let controller = Controller::spawn(pool.clone(), stop);
+            let small = controller.join(320, u64::MAX).await.unwrap();
+            let mut fixture = SmallChunksFillTheRoom {
+                pool,
+                controller,
+                _stop: stop_sender,
+                small,
+                waiting: VecDeque::new(),
+            };
+            settle().await;
+            fixture.arrive();
+            fixture
+        }
+
+        /// The chunks of the small session's new credits arrive.
+        fn arrive(&mut self) {
+            for token in take(&mut self.small) {
+                self.small.used(false);
+                self.waiting.push_back(token);
+            }
+        }
+
+        /// The trainer takes the oldest chunk waiting; then the small
+        /// session's next chunks arrive.
+        async fn train_one(&mut self) {
+            drop(self.waiting.pop_front());
+            settle().await;
+            self.arrive();
+        }
+
+        /// Trains small chunks until `large` gets a credit: how many.
+        async fn trained_until_served(&mut self, large: &mut SessionCredits) -> Option<usize> {
+            for trained in 0..200 {
+                if large.tokens.try_recv().is_ok() {
+                    return Some(trained);
+                }
+                self.train_one().await;
+            }
+            None
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_session_of_large_chunks_is_not_starved_by_one_of_small_chunks() {
-        // The default room (10,240 transitions, batches of 320): an actor
-        // of 16 environments (320 a chunk) fills it first, then one of 256
-        // (5,120) joins. The trainer takes one small chunk at a time, and
-        // the small actor sends a chunk for every credit at once.
-        let pool = CreditPool::new(320, 320, 32);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut small = controller.join(320, u64::MAX).await.unwrap();
-        // Each credit's chunk arrives at once and waits for the trainer.
-        let arrived = |small: &mut SessionCredits| {
-            let chunks = take(small);
-            for _ in &chunks {
-                small.used(false);
-            }
-            chunks
-        };
+        // An actor of 256 environments (5,120 a chunk) joins the full room.
+        let mut room = SmallChunksFillTheRoom::new().await;
+        let mut large = room.controller.join(5120, u64::MAX).await.unwrap();
         settle().await;
-        let mut waiting: VecDeque<CreditToken> = arrived(&mut small).into();
-        let mut large = controller.join(5120, u64::MAX).await.unwrap();
-        for trained in 0..200 {
-            settle().await;
-            if let Ok(token) = large.tokens.try_recv() {
-                assert!(trained <= 32, "served only after {trained} small chunks");
-                drop(token);
-                return;
-            }
-            waiting.extend(arrived(&mut small));
-            drop(
-                waiting
-                    .pop_front()
-                    .expect("small chunks wait for the trainer"),
-            );
-        }
-        panic!("the session of large chunks never got a credit");
+        let trained = room.trained_until_served(&mut large).await;
+        assert!(trained.is_some_and(|n| n <= 32), "served after {trained:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_session_of_large_chunks_probing_after_a_pause_is_served() {
-        // As above, but the large session's first credit comes while it
-        // probes (one credit at a time) after a pause.
-        let pool = CreditPool::new(320, 320, 32);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut small = controller.join(320, u64::MAX).await.unwrap();
-        let mut waiting = VecDeque::new();
-        let arrive = |small: &mut SessionCredits, waiting: &mut VecDeque<CreditToken>| {
-            for token in take(small) {
-                small.used(false);
-                waiting.push_back(token);
-            }
-        };
-        settle().await;
-        arrive(&mut small, &mut waiting);
-        let mut large = controller.join(5120, u64::MAX).await.unwrap();
+        // The same, its first credit coming while it probes (one credit
+        // at a time) after a pause.
+        let mut room = SmallChunksFillTheRoom::new().await;
+        let mut large = room.controller.join(5120, u64::MAX).await.unwrap();
         large.pause(Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        for trained in 0..200 {
-            drop(waiting.pop_front());
-            settle().await;
-            arrive(&mut small, &mut waiting);
-            if large.tokens.try_recv().is_ok() {
-                assert!(trained <= 32, "served only after {trained} small chunks");
-                return;
-            }
-        }
-        panic!("the probing session of large chunks never got a credit");
+        let trained = room.trained_until_served(&mut large).await;
+        assert!(trained.is_some_and(|n| n <= 32), "served after {trained:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_room_is_kept_for_a_paused_session() {
-        // As above, but the session of large chunks is paused (its chunks
-        // came too old) while it waits: the small one may use the whole
-        // room meanwhile.
-        let pool = CreditPool::new(320, 320, 32);
-        let (_stop, stop) = watch::channel(false);
-        let controller = Controller::spawn(pool.clone(), stop);
-        let mut small = controller.join(320, u64::MAX).await.unwrap();
-        let mut waiting = VecDeque::new();
-        let arrive = |small: &mut SessionCredits, waiting: &mut VecDeque<CreditToken>| {
-            for token in take(small) {
-                small.used(false);
-                waiting.push_back(token);
-            }
-        };
-        settle().await;
-        arrive(&mut small, &mut waiting);
-        let large = controller.join(5120, u64::MAX).await.unwrap();
+        // The large session is paused (its chunks came too old) while it
+        // waits: the small one may use the whole room meanwhile.
+        let mut room = SmallChunksFillTheRoom::new().await;
+        let large = room.controller.join(5120, u64::MAX).await.unwrap();
         // Room is kept for it: the small one is no longer served, and
         // what it holds drains. Then the large one is paused.
         for _ in 0..8 {
-            drop(waiting.pop_front());
-            settle().await;
-            arrive(&mut small, &mut waiting);
+            room.train_one().await;
         }
+        let pool = room.pool.clone();
         assert!(pool.in_use() <= 8000, "held back: {}", pool.in_use());
         large.pause(Duration::from_secs(60));
         for _ in 0..40 {
-            drop(waiting.pop_front());
-            settle().await;
-            arrive(&mut small, &mut waiting);
+            room.train_one().await;
         }
         assert!(
             pool.in_use() > pool.capacity() - 5120,
