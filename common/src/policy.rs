@@ -42,11 +42,17 @@ impl ModelSpec {
         }
     }
 
+    /// Width of the output layer: the P_F logits, the P_B logits and the
+    /// log-flow.
+    pub fn outputs(&self) -> usize {
+        self.forward_actions + self.backward_actions + 1
+    }
+
     /// Weights and biases of every layer, counted without building the
     /// network (a width too large to allocate is an error to report, not
     /// a libtorch abort).
     pub fn parameter_count(&self) -> u128 {
-        let outputs = self.forward_actions + self.backward_actions + 1;
+        let outputs = self.outputs();
         let mut inputs = self.input_dim as u128;
         let mut count = 0u128;
         for &width in self.hidden.iter().chain(std::iter::once(&outputs)) {
@@ -164,7 +170,7 @@ impl PolicyNet {
             ));
             width = h as i64;
         }
-        let outputs = (spec.forward_actions + spec.backward_actions + 1) as i64;
+        let outputs = spec.outputs() as i64;
         let heads = nn::linear(path / "heads", width, outputs, Default::default());
         PolicyNet {
             hidden,

@@ -67,7 +67,8 @@ pub enum WeightsError {
     #[error("weights do not fit the network: {0}")]
     Mismatch(String),
     /// A value is NaN or infinite. flgfn's learner never publishes or
-    /// saves such weights (it skips non-finite steps), and a policy with
+    /// saves such weights (it skips non-finite steps and undoes updates
+    /// that would overflow), and a policy with
     /// one would sample silently degenerate trajectories: a NaN logit
     /// makes every probability NaN, and the draw then always picks the
     /// last valid action.

@@ -12,9 +12,10 @@
 //!
 //! It runs on [`FlatParameters`]: the whole update is about fifteen
 //! libtorch calls however many parameters the network has (an update that
-//! would overflow a weight is undone, see [`Adam::step_unless`]). A parameter that received no
-//! gradient in a step counts as a zero gradient (its moments decay); every
-//! parameter of flgfn's networks and objectives gets one every step.
+//! would overflow a weight is undone, see [`Adam::step_unless`]). A
+//! parameter that received no gradient in a step counts as a zero
+//! gradient (its moments decay); every parameter of flgfn's networks and
+//! objectives gets one every step.
 
 use tch::{Kind, Tensor};
 
@@ -96,18 +97,19 @@ impl Adam {
 
     /// One update from the gradients in place, unless `skip` (a bool scalar
     /// on the parameters' device) is true, or the update would leave a
-    /// parameter or a moment non-finite (with a huge learning rate, a
-    /// finite gradient can still step past f32's range): then the
-    /// parameters and both moments keep their exact values, as if the step
-    /// had not been taken (a NaN or infinite loss gives NaN gradients, and
-    /// Adam would carry them, or momentum alone, into the weights; weights
-    /// that overflowed would reach actors and checkpoints). Decided on the
-    /// device, without waiting for it; returns false, a bool scalar there,
-    /// when the update was undone for that (on a step `skip` asked to
-    /// skip, true unless the learning rate itself is beyond f32's range). The step count (t of the bias corrections)
-    /// advances either way, so checkpoints stay in step with the trainer;
-    /// unlike PyTorch's GradScaler, which leaves t as well. One skipped step
-    /// changes the corrections by a fraction of a percent, and only early on.
+    /// parameter non-finite (with a huge learning rate, a finite gradient
+    /// can still step past f32's range): then the parameters and both
+    /// moments keep their exact values, as if the step had not been taken
+    /// (a NaN or infinite loss gives NaN gradients, and Adam would carry
+    /// them, or momentum alone, into the weights; weights that overflowed
+    /// would reach actors and checkpoints). Decided on the device, without
+    /// waiting for it; returns false, a bool scalar there, when the update
+    /// was undone for that (on a step `skip` asked to skip, true unless the
+    /// learning rate itself is beyond f32's range). The step count (t of
+    /// the bias corrections) advances either way, so checkpoints stay in
+    /// step with the trainer; unlike PyTorch's GradScaler, which leaves t as
+    /// well. One skipped step changes the corrections by a fraction of a
+    /// percent, and only early on.
     pub fn step_unless(&mut self, skip: &Tensor) -> Tensor {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
@@ -121,7 +123,8 @@ impl Adam {
         let keep = skip.logical_not().to_kind(Kind::Float);
         // The new moments and parameters out of place, kept only if the
         // parameters are finite: three passes over the parameters more than
-        // an update in place, and five calls.
+        // an update in place, and six calls (the check, three selections
+        // and the copy back).
         let m = self.m.lerp_tensor(&grad, &(&keep * (1.0 - BETA1)));
         let v = self.v.lerp_tensor(&grad.square(), &(&keep * (1.0 - BETA2)));
         // p + m * keep * -step / (sqrt(v) / c2 + eps).

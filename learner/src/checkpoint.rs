@@ -251,7 +251,7 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
     if !dir.is_dir() {
         // The folders about to be made, up to the first that exists.
         let mut missing = vec![dir];
-        while let Some(parent) = parent_of(missing[missing.len() - 1])
+        while let Some(parent) = missing.last().and_then(|folder| parent_of(folder))
             && !parent.is_dir()
             && parent != Path::new(".")
         {

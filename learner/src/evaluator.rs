@@ -123,7 +123,7 @@ fn replayed_log_ratios(
 /// network of `spec`: as many as [`ROLLOUT_BYTES`] holds of their input
 /// and widest activation.
 fn rollout_envs(spec: &ModelSpec) -> usize {
-    let outputs = spec.forward_actions + spec.backward_actions + 1;
+    let outputs = spec.outputs();
     let widest = spec
         .hidden
         .iter()
