@@ -12,7 +12,7 @@
 //!
 //! It runs on [`FlatParameters`]: the whole update is about fifteen
 //! libtorch calls however many parameters the network has (an update that
-//! would overflow a weight is undone, see [`Adam::step_unless`]). A
+//! would overflow a weight is undone, see [`Adam::propose`]). A
 //! parameter that received no gradient in a step counts as a zero
 //! gradient (its moments decay); every parameter of flgfn's networks and
 //! objectives gets one every step.
@@ -27,6 +27,27 @@ use crate::parameters::FlatParameters;
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
+
+/// One step's new moments and parameters, from [`Adam::propose`], until
+/// [`Adam::apply`] takes or drops them.
+#[derive(Debug)]
+#[must_use = "a proposed step moves nothing until Adam::apply takes it"]
+pub struct ProposedStep {
+    m: Tensor,
+    v: Tensor,
+    values: Tensor,
+    /// Whether every proposed parameter is finite: a bool scalar on the
+    /// device.
+    finite: Tensor,
+}
+
+impl ProposedStep {
+    /// Whether every proposed parameter is finite (a bool scalar on the
+    /// device, not read back).
+    pub fn finite(&self) -> &Tensor {
+        &self.finite
+    }
+}
 
 /// Adam over every variable of a `VarStore`, laid out flat.
 #[derive(Debug)]
@@ -97,20 +118,33 @@ impl Adam {
 
     /// One update from the gradients in place, unless `skip` (a bool scalar
     /// on the parameters' device) is true, or the update would leave a
-    /// parameter non-finite (with a huge learning rate, a finite gradient
-    /// can still step past f32's range): then the parameters and both
-    /// moments keep their exact values, as if the step had not been taken
-    /// (a NaN or infinite loss gives NaN gradients, and Adam would carry
-    /// them, or momentum alone, into the weights; weights that overflowed
-    /// would reach actors and checkpoints). Decided on the device, without
-    /// waiting for it; returns false, a bool scalar there, when the update
-    /// was undone for that (on a step `skip` asked to skip, true unless the
-    /// learning rate itself is beyond f32's range). The step count (t of
-    /// the bias corrections) advances either way, so checkpoints stay in
-    /// step with the trainer; unlike PyTorch's GradScaler, which leaves t as
-    /// well. One skipped step changes the corrections by a fraction of a
-    /// percent, and only early on.
+    /// parameter non-finite: [`Adam::propose`] then [`Adam::apply`] with
+    /// the proposal's own verdict. Returns that verdict (see `propose`).
     pub fn step_unless(&mut self, skip: &Tensor) -> Tensor {
+        let proposed = self.propose(skip);
+        let finite = proposed.finite.shallow_clone();
+        self.apply(proposed, &finite);
+        finite
+    }
+
+    /// The update of one step, computed out of place and not applied yet,
+    /// so that two optimizers that must move together (the policy's and
+    /// an objective's own) apply theirs only if both are sound. On a step
+    /// `skip` asks to skip (a bool scalar on the parameters' device) the
+    /// proposal leaves the parameters and both moments at their exact
+    /// values (a NaN or infinite loss gives NaN gradients, and Adam would
+    /// carry them, or momentum alone, into the weights). Its
+    /// [`ProposedStep::finite`] is false, on the device and without waiting
+    /// for it, when the proposed parameters are not all finite (with a huge
+    /// learning rate, a finite gradient can still step past f32's range;
+    /// weights that overflowed would reach actors and checkpoints); on a
+    /// skipped step it is true unless the learning rate itself is beyond
+    /// f32's range. The step count (t of the bias corrections) advances
+    /// either way, so checkpoints stay in step with the trainer; unlike
+    /// PyTorch's GradScaler, which leaves t as well. One skipped step
+    /// changes the corrections by a fraction of a percent, and only early
+    /// on.
+    pub fn propose(&mut self, skip: &Tensor) -> ProposedStep {
         let _guard = tch::no_grad_guard();
         self.steps += 1;
         let t = self.steps as i32;
@@ -121,10 +155,9 @@ impl Adam {
         // skipped step, and 0 x NaN is NaN.
         let _ = grad.shallow_clone().masked_fill_(skip, 0.0);
         let keep = skip.logical_not().to_kind(Kind::Float);
-        // The new moments and parameters out of place, kept only if the
-        // parameters are finite: three passes over the parameters more than
-        // an update in place, and six calls (the check, three selections
-        // and the copy back).
+        // Out of place: three passes over the parameters more than an
+        // update in place, and, with `apply`, six calls (the check, three
+        // selections and the copy back).
         let m = self.m.lerp_tensor(&grad, &(&keep * (1.0 - BETA1)));
         let v = self.v.lerp_tensor(&grad.square(), &(&keep * (1.0 - BETA2)));
         // p + m * keep * -step / (sqrt(v) / c2 + eps).
@@ -139,13 +172,26 @@ impl Adam {
         // gradients and squares, a skipped step's zeroed; the trainer's
         // gradient check bounds the squares.)
         let finite = values.isfinite().all();
-        self.m = m.where_self(&finite, &self.m);
-        self.v = v.where_self(&finite, &self.v);
+        ProposedStep {
+            m,
+            v,
+            values,
+            finite,
+        }
+    }
+
+    /// Takes `proposed` (from this optimizer's last [`Adam::propose`]) if
+    /// `take`, a bool scalar on the device, is true; otherwise the
+    /// parameters and moments keep their exact values. Decided on the
+    /// device, without waiting for it.
+    pub fn apply(&mut self, proposed: ProposedStep, take: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        self.m = proposed.m.where_self(take, &self.m);
+        self.v = proposed.v.where_self(take, &self.v);
         self.parameters
             .values()
             .shallow_clone()
-            .copy_(&values.where_self(&finite, self.parameters.values()));
-        finite
+            .copy_(&proposed.values.where_self(take, self.parameters.values()));
     }
 
     /// The moments as named host arrays (`m/<param>`, `v/<param>`), for a

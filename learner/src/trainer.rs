@@ -629,13 +629,20 @@ impl Trainer {
         if let Some((own, _)) = own_optimizer.as_mut() {
             finite = finite.logical_and(&own.gradients_finite());
         }
-        let mut skip = finite.logical_not();
-        let finite = finite.logical_and(&optimizer.step_unless(&skip));
-        skip = finite.logical_not();
-        if let Some((own, _)) = own_optimizer {
-            // (Its own parameters move only with the policy's.)
-            let _ = own.step_unless(&skip);
+        // The objective's own parameters (TB's log Z) and the policy move
+        // together or not at all.
+        let skip = finite.logical_not();
+        let policy_step = optimizer.propose(&skip);
+        let own_step = own_optimizer.as_mut().map(|(own, _)| own.propose(&skip));
+        let mut finite = finite.logical_and(policy_step.finite());
+        if let Some(own_step) = &own_step {
+            finite = finite.logical_and(own_step.finite());
         }
+        optimizer.apply(policy_step, &finite);
+        if let (Some((own, _)), Some(own_step)) = (own_optimizer, own_step) {
+            own.apply(own_step, &finite);
+        }
+        let skip = finite.logical_not();
 
         progress.step += 1;
         progress.trained_transitions += batch.transitions as u64;
@@ -731,7 +738,7 @@ impl Trainer {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
                 return Err(LearnerError::Trainer(format!(
-                    "the loss was not finite in any of the last {} steps: the model diverged (lower learner.learning_rate?)",
+                    "no step of the last {} was finite (its loss, gradients or update): the model diverged (lower learner.learning_rate, or TB's objective.log_z_learning_rate?)",
                     window.steps
                 )));
             }

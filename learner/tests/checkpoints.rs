@@ -406,6 +406,32 @@ async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// TB's log Z and the policy step together: when only log Z's update
+/// overflows (a log Z learning rate beyond f32's range), the policy's step
+/// is undone too, every step, and the run stops as diverged with nothing
+/// moved; it does not train on with log Z frozen at its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_z_update_that_overflows_undoes_the_policy_step_too() {
+    let dir = scratch("log-z-overflow");
+    let (mut config, checkpoints) = checkpointed(&dir, 15, 300);
+    config.learner.eval_every_steps = 10;
+    config.objective.name = flgfn_common::config::ObjectiveName::Tb;
+    config.objective.log_z_learning_rate = 1e39;
+    let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
+    assert!(error.contains("diverged"), "{error}");
+    let saved = checkpoint::list(&checkpoints).unwrap();
+    assert!(!saved.is_empty());
+    for (step, path) in saved {
+        let skipped = checkpoint::read(&path)
+            .unwrap()
+            .state
+            .totals
+            .skipped_batches;
+        assert_eq!(skipped, step, "every step was undone");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A run whose final checkpoint is damaged resumes from the one before:
 /// the damaged file is set aside, versions continue above every one
 /// published (the final version is not issued again with older weights),
