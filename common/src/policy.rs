@@ -63,17 +63,24 @@ impl ModelSpec {
     }
 
     /// At least the size of the network's weights as one safetensors
-    /// buffer in `encoding`: the values, plus a generous allowance for the
-    /// header (names, shapes and offsets of its few tensors, metadata).
-    pub fn weight_bytes(&self, encoding: WeightEncoding) -> u128 {
+    /// buffer in `encoding` with `metadata` in its header: the values, the
+    /// metadata (twice its length: JSON may escape it), plus a generous
+    /// allowance for the rest of the header (names, shapes and offsets of
+    /// its few tensors, the encoding and version entries).
+    pub fn weight_bytes(
+        &self,
+        encoding: WeightEncoding,
+        metadata: &BTreeMap<String, String>,
+    ) -> u128 {
         let per_value = match encoding {
             WeightEncoding::F32 => 4,
             WeightEncoding::Bf16 => 2,
         };
         let tensors = 2 * (self.hidden.len() as u128 + 1);
+        let metadata: usize = metadata.iter().map(|(k, v)| 2 * (k.len() + v.len())).sum();
         self.parameter_count()
             .saturating_mul(per_value)
-            .saturating_add(4096 + 256 * tensors)
+            .saturating_add(4096 + 256 * tensors + metadata as u128)
     }
 }
 
@@ -567,12 +574,26 @@ mod tests {
             let held: usize = policy.weights().iter().map(|a| a.values.len()).sum();
             assert_eq!(model.parameter_count(), held as u128);
             for encoding in [WeightEncoding::F32, WeightEncoding::Bf16] {
-                let encoded = policy.to_bytes(encoding).unwrap().len() as u128;
-                let bound = model.weight_bytes(encoding);
-                assert!(
-                    encoded <= bound && bound <= encoded + 8192,
-                    "{encoded} vs {bound}"
-                );
+                // No metadata, and a task description far beyond the
+                // header allowance (a custom set task's levels).
+                let long = (0..5000).map(|i| format!("{i}.25,")).collect::<String>();
+                for metadata in [
+                    BTreeMap::new(),
+                    BTreeMap::from([
+                        ("task".to_owned(), long),
+                        ("version".to_owned(), "7".into()),
+                    ]),
+                ] {
+                    let encoded = weights::encode(&policy.weights(), encoding, &metadata)
+                        .unwrap()
+                        .len() as u128;
+                    let bound = model.weight_bytes(encoding, &metadata);
+                    let text: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    assert!(
+                        encoded <= bound && bound <= encoded + 8192 + text as u128,
+                        "{encoded} vs {bound}"
+                    );
+                }
             }
         }
     }

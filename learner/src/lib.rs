@@ -346,7 +346,11 @@ pub async fn serve(
     // Weights travel in one message: a network larger than that would
     // start, then fail at every actor's first grant (and one too large to
     // allocate would abort below).
-    let weight_bytes = model.weight_bytes(config.learner.weight_encoding);
+    let metadata = BTreeMap::from([
+        ("task".to_owned(), env.spec().to_string()),
+        ("model".to_owned(), model.to_string()),
+    ]);
+    let weight_bytes = model.weight_bytes(config.learner.weight_encoding, &metadata);
     if weight_bytes > config.learner.max_message_bytes as u128 {
         return Err(flgfn_common::config::ConfigError::invalid(
             "model.hidden",
@@ -442,10 +446,6 @@ pub async fn serve(
             );
         }
     }
-    let metadata = BTreeMap::from([
-        ("task".to_owned(), env.spec().to_string()),
-        ("model".to_owned(), model.to_string()),
-    ]);
     // Versions continue above any published before, even by a learner
     // killed after its last checkpoint (the floor is recorded ahead).
     let version_floor = match &checkpoint_dir {
