@@ -543,10 +543,13 @@ mod tests {
 
     #[test]
     fn bf16_weights_load_within_bf16_precision() {
-        let a = Policy::new(&spec(), Device::Cpu);
         let mut b = Policy::new(&spec(), Device::Cpu);
+        let mut a = Policy::new(&spec(), Device::Cpu);
+        a.load_weights(&shifted(&b.weights())).unwrap();
+        let before = b.weights();
         b.load_bytes(&a.to_bytes(WeightEncoding::Bf16).unwrap())
             .unwrap();
+        assert_ne!(b.weights(), before, "loaded");
         for (x, y) in a.weights().iter().zip(b.weights()) {
             assert_eq!(x.name, y.name);
             for (u, v) in x.values.iter().zip(&y.values) {

@@ -315,7 +315,16 @@ mod tests {
         let at_publish = policy.weights();
         publisher.publish(1, policy.snapshot());
         // The trainer goes on changing its weights after publishing.
-        policy.load_weights(&self::policy().weights()).unwrap();
+        let changed: Vec<_> = at_publish
+            .iter()
+            .cloned()
+            .map(|mut array| {
+                array.values.iter_mut().for_each(|x| *x += 1.0);
+                array
+            })
+            .collect();
+        policy.load_weights(&changed).unwrap();
+        assert_eq!(policy.weights(), changed);
         let encoded = publisher.latest(0).await.unwrap();
         let decoded = flgfn_common::weights::decode(&encoded.bytes).unwrap();
         assert_eq!(decoded.arrays, at_publish);

@@ -94,49 +94,74 @@ fn same_first_chunk(a: &ActorReport, b: &ActorReport) -> Option<bool> {
         .then(|| a.first_chunk_digest.unwrap() == b.first_chunk_digest.unwrap())
 }
 
+/// Runs `pair` (two actors trained together) until their first chunks
+/// came from the same weights, so that comparing them says something
+/// (they usually do: version 0, before the learner's first step; a late
+/// second actor starts from a later version), and returns whether the
+/// chunks were the same.
+async fn first_chunks_match<F, Fut>(mut pair: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (ActorReport, ActorReport)>,
+{
+    for _ in 0..5 {
+        let (a, b) = pair().await;
+        if let Some(same) = same_first_chunk(&a, &b) {
+            return same;
+        }
+    }
+    panic!("in 5 runs the two actors never started from the same weights");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_of_one_configuration_draw_different_trajectories() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
     config.learner.max_steps = 50;
-    let (_, reports) = train(&config, 2, 0, Duration::ZERO, None).await;
-    let (a, b) = (&reports[0], &reports[1]);
-    assert_ne!(a.seed.unwrap(), b.seed.unwrap());
-    assert_ne!(
-        same_first_chunk(a, b),
-        Some(true),
-        "seeds {:?} {:?}",
-        a.seed,
-        b.seed
+    let same = first_chunks_match(|| async {
+        let (_, mut reports) = train(&config, 2, 0, Duration::ZERO, None).await;
+        let (b, a) = (reports.pop().unwrap(), reports.pop().unwrap());
+        assert_ne!(a.seed.unwrap(), b.seed.unwrap());
+        (a, b)
+    })
+    .await;
+    assert!(
+        !same,
+        "two actors of one configuration drew the same first chunk"
     );
 
     // The check can fail: two actors given the same --seed-offset draw from
     // the same seed, and the same first chunk from the same weights.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        RunOptions::default(),
-        std::future::pending(),
-    ));
-    let mut actor_config = config.clone();
-    actor_config.actor.learner = url;
-    let same = |i: u64| {
-        tokio::spawn(flgfn_actor::run(
-            actor_config.clone(),
-            ActorOptions {
-                name: format!("twin-{i}"),
-                seed_offset: Some(5),
-            },
+    let twins = || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut actor_config = config.clone();
+        actor_config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
+        let learner = tokio::spawn(flgfn_learner::serve(
+            config.clone(),
+            listener,
+            RunOptions::default(),
             std::future::pending(),
-        ))
+        ));
+        let twin = |i: u64| {
+            tokio::spawn(flgfn_actor::run(
+                actor_config.clone(),
+                ActorOptions {
+                    name: format!("twin-{i}"),
+                    seed_offset: Some(5),
+                },
+                std::future::pending(),
+            ))
+        };
+        let (a, b) = (twin(0), twin(1));
+        learner.await.unwrap().unwrap();
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!(a.seed, b.seed);
+        (a, b)
     };
-    let (a, b) = (same(0), same(1));
-    learner.await.unwrap().unwrap();
-    let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
-    assert_eq!(a.seed, b.seed);
-    assert_ne!(same_first_chunk(&a, &b), Some(false));
+    assert!(
+        first_chunks_match(twins).await,
+        "twins drew different first chunks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,8 +95,8 @@ fn the_environment_overrides_the_file_and_flags_override_both() {
         Some("127.0.0.1:6123")
     );
     assert_eq!(
-        key(&table, "model", "hidden").as_array().unwrap().len(),
-        2,
+        key(&table, "model", "hidden").as_array().unwrap(),
+        &vec![toml::Value::Integer(16), toml::Value::Integer(8)],
         "environment over file"
     );
     assert_eq!(
