@@ -23,8 +23,9 @@ pub mod proto {
 /// not decode as the expected message are the sender's fault and are
 /// answered `INVALID_ARGUMENT` with prost's reason (tonic's prost codec
 /// answers `INTERNAL`, which tells a client the server broke), and that a
-/// chunk with more trajectories than the learner takes is refused before
-/// it is decoded ([`refuse_chunks_beyond`]).
+/// chunk with more trajectories than the learner takes, or a handshake
+/// larger than it takes, is refused before it is decoded
+/// ([`refuse_chunks_beyond`], [`refuse_handshakes_beyond`]).
 pub mod codec {
     use std::any::TypeId;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +48,31 @@ pub mod codec {
     /// several learners in one process), and the learner checks each
     /// session's own declared count after decoding.
     static MAX_CHUNK_TRAJECTORIES: AtomicUsize = AtomicUsize::new(0);
+
+    /// Most bytes a handshake may take to be decoded at all (0: no limit
+    /// but the call's); process-wide for the same reason.
+    static MAX_HANDSHAKE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+    /// Refuse, before decoding, handshakes of more than `bytes` (or of
+    /// more than the largest value any learner in this process gave). A
+    /// handshake may otherwise be as large as the largest chunk, and one
+    /// of empty task parameters (2 bytes each on the wire, ~24 decoded)
+    /// takes many times its size in memory.
+    pub fn refuse_handshakes_beyond(bytes: usize) {
+        MAX_HANDSHAKE_BYTES.fetch_max(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Refuses a handshake larger than any learner here takes.
+    pub(crate) fn check_handshake_size(bytes: usize) -> Result<(), Status> {
+        let limit = MAX_HANDSHAKE_BYTES.load(Ordering::Relaxed);
+        if limit > 0 && bytes > limit {
+            // OUT_OF_RANGE, as for any message over a size limit.
+            return Err(Status::out_of_range(format!(
+                "the handshake takes {bytes} bytes, more than this learner takes ({limit}: its own task and model descriptions, plus 64 KiB for names)"
+            )));
+        }
+        Ok(())
+    }
 
     /// Refuse, before decoding, chunks of more than `trajectories`
     /// trajectories (or of more than the largest value any learner in
@@ -97,13 +123,24 @@ pub mod codec {
         if limit == 0 || bytes.len() != buf.remaining() {
             return Ok(());
         }
+        check_chunk_bytes(bytes, limit)
+    }
+
+    /// [`check_chunk_size`] on the message's bytes.
+    pub(crate) fn check_chunk_bytes(bytes: &[u8], limit: usize) -> Result<(), Status> {
         match count_entries(bytes, TRAJECTORIES_FIELD) {
             // OUT_OF_RANGE, as for a message over the size limit: the
             // learner counts both as too large.
             Some(count) if count > limit => Err(Status::out_of_range(format!(
                 "`trajectories` has {count} entries, more than this learner takes in one chunk (learner.max_chunk_trajectories = {limit})"
             ))),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            // Refused rather than left to prost: it skips groups (which
+            // proto3 never writes), so entries after or around one would
+            // be decoded uncounted.
+            None => Err(Status::invalid_argument(
+                "the message is not a well-formed flgfn.v1 TrajectoryChunk (a field cut short, or a protobuf group)",
+            )),
         }
     }
 
@@ -147,6 +184,9 @@ pub mod codec {
         fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
             if TypeId::of::<U>() == TypeId::of::<proto::TrajectoryChunk>() {
                 check_chunk_size(buf)?;
+            }
+            if TypeId::of::<U>() == TypeId::of::<proto::HandshakeRequest>() {
+                check_handshake_size(buf.remaining())?;
             }
             self.0.decode(buf).map_err(|status| {
                 if status.code() == Code::Internal {
@@ -359,6 +399,24 @@ mod tests {
         assert_eq!(codec::count_entries(&bytes[..bytes.len() - 1], 4), None);
         assert_eq!(codec::count_entries(&[0x0b], 4), None, "a group tag");
         assert_eq!(codec::count_entries(&[], 4), Some(0));
+    }
+
+    #[test]
+    fn a_chunk_that_hides_entries_behind_a_group_is_refused_before_decoding() {
+        use prost::Message;
+        // 2,000 empty trajectories, then an empty group of unknown field
+        // 15: prost skips the group and decodes every trajectory.
+        let mut bytes = [0x22, 0x00].repeat(2000);
+        bytes.extend([0x7b, 0x7c]);
+        let decoded = proto::TrajectoryChunk::decode(&bytes[..]).unwrap();
+        assert_eq!(decoded.trajectories.len(), 2000);
+        let status = codec::check_chunk_bytes(&bytes, 8).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("group"), "{status:?}");
+        // Without the group: counted, and refused for the count.
+        let status = codec::check_chunk_bytes(&bytes[..4000], 8).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert!(codec::check_chunk_bytes(&bytes[..16], 8).is_ok());
     }
 
     #[test]

@@ -300,6 +300,7 @@ pub async fn serve(
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), &model);
     wire::codec::refuse_chunks_beyond(config.learner.max_chunk_trajectories);
+    wire::codec::refuse_handshakes_beyond(accepted_handshake_bytes(env.as_ref(), &model));
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
@@ -796,8 +797,17 @@ fn accepted_message_bytes(
     env: &dyn Environment,
     model: &ModelSpec,
 ) -> usize {
-    use prost::Message;
     let chunk = wire::largest_chunk_bytes(learner.max_chunk_trajectories, env.max_trajectory_len());
+    learner
+        .max_message_bytes
+        .min(chunk.max(accepted_handshake_bytes(env, model)))
+}
+
+/// The largest handshake the learner decodes: its own task and model, plus
+/// 64 KiB for names. (A handshake of thousands of empty task parameters
+/// takes ~15 times its size once decoded; it is refused before.)
+fn accepted_handshake_bytes(env: &dyn Environment, model: &ModelSpec) -> usize {
+    use prost::Message;
     let own_handshake = wire::proto::HandshakeRequest {
         protocol_version: wire::PROTOCOL_VERSION,
         actor_name: String::new(),
@@ -806,9 +816,7 @@ fn accepted_message_bytes(
         trajectories_per_chunk: u32::MAX,
     }
     .encoded_len();
-    learner
-        .max_message_bytes
-        .min(chunk.max(wire::HANDSHAKE_BYTES + own_handshake))
+    wire::HANDSHAKE_BYTES + own_handshake
 }
 
 /// Health checks answer NOT_SERVING from now on, for the learner service

@@ -932,6 +932,33 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     learner.await.unwrap().unwrap();
 }
 
+/// A handshake larger than the learner's own task and model descriptions
+/// plus 64 KiB is refused before it is decoded, even where the call's
+/// decode limit (set by the largest chunk) would take it: 50,000 empty
+/// task parameters are 100 KB on the wire and ~1.5 MB decoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() {
+    // The default task and limits: the largest chunk (~200 KB) sets the
+    // call's limit.
+    let mut config = Config::default();
+    config.model.hidden = vec![8];
+    config.learner.checkpoint_dir = String::new();
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let mut padded = handshake_request(&config);
+    padded.task.as_mut().unwrap().params = vec![String::new(); 50_000];
+    let status = client.handshake(padded).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("the handshake takes 1"),
+        "{status:?}"
+    );
+    // The connection still serves a handshake of the right size.
+    client.handshake(handshake_request(&config)).await.unwrap();
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
+}
+
 /// A network whose weights no message could carry is a configuration
 /// error naming the field, at start (not a failure at every actor's first
 /// grant, nor an allocation abort).
