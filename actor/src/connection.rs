@@ -265,6 +265,12 @@ fn classify(status: Status, served: bool) -> SessionError {
             "{} (learner.max_message_bytes of the side that refused it)",
             status.message()
         ))),
+        // A gRPC server without flgfn's Learner service (another program
+        // on that port): retrying, by default for ever, would hide it.
+        Code::Unimplemented => SessionError::Refused(Status::unimplemented(format!(
+            "{} (is actor.learner the address of a flgfn learner?)",
+            status.message()
+        ))),
         _ => retry(
             format!(
                 "{}{}: {}",

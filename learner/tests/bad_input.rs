@@ -959,6 +959,30 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
     learner.await.unwrap().unwrap();
 }
 
+/// An actor pointed at a gRPC server that is not a flgfn learner (here one
+/// serving only the health service) stops with an error saying so, instead
+/// of retrying for ever (the default `reconnect_attempts` is 0: no limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_pointed_at_another_grpc_server_stops_saying_so() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (_health, health_service) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut config = config();
+    config.actor.learner = url;
+    assert_eq!(config.actor.reconnect_attempts, 0);
+    let error = actor_error(config, "misdirected").await;
+    assert!(
+        error.contains("is actor.learner the address of a flgfn learner"),
+        "{error}"
+    );
+    server.abort();
+}
+
 /// A network whose weights no message could carry is a configuration
 /// error naming the field, at start (not a failure at every actor's first
 /// grant, nor an allocation abort).
