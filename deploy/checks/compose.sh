@@ -29,6 +29,9 @@ else
     exit 77
 fi
 
+# The job is the check's own, whatever the caller exported for theirs.
+unset FLGFN_CONFIG_FILE FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT
+
 project="flgfntest$$"
 tag="test$$"
 export FLGFN_TAG="$tag"

@@ -3,7 +3,8 @@
 # replaced by stand-ins that run each task here (no Slurm on this machine):
 # a moved CPU bundle, the learner (component 0) and 2 actor tasks
 # (component 1) trained 150 steps, the actors found the learner through
-# the address the script passed them and exited 0.
+# the address the script passed them and exited 0; a job whose actor step
+# fails at once stops its learner and fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/tools.sh
@@ -41,6 +42,12 @@ while [[ "${1:-}" == --* ]]; do
     esac
     shift
 done
+# FLGFN_CHECK_FAILING_GROUP=G: that group's step fails at once, as one
+# whose bundle the nodes cannot see.
+if [ "${FLGFN_CHECK_FAILING_GROUP:-}" = "$group" ]; then
+    echo "srun: error: the step cannot start (check stand-in)" >&2
+    exit 2
+fi
 var="SLURM_NTASKS_HET_GROUP_$group"
 tasks="${!var}"
 pids=()
@@ -48,8 +55,19 @@ for ((rank = 0; rank < tasks; rank++)); do
     SLURM_PROCID="$rank" "$@" &
     pids+=($!)
 done
+# As srun does, a signal to the step goes to its tasks, and the step ends
+# when they have.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in "${pids[@]}"; do
+    until wait "$pid"; do
+        code=$?
+        # Interrupted by the signal while the task still runs: wait on.
+        kill -0 "$pid" 2>/dev/null && continue
+        status=$code
+        break
+    done
+done
 exit "$status"
 SHIM
 chmod +x "$work/bin/scontrol" "$work/bin/srun"
@@ -64,9 +82,10 @@ JOB
 
 port="$(free_port)"
 cd "$work"
-# The job's environment as Slurm sets it, plus this check's settings.
+# The job's environment as Slurm sets it, plus this check's settings:
+# sbatch_here JOB_ID [NAME=VALUE...].
 sbatch_here() {
-    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" \
+    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" "${@:2}" \
         SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID="$1" \
         SLURM_JOB_NODELIST_HET_GROUP_0=gpu-node-1 \
         SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
@@ -92,13 +111,22 @@ fi
 kill "$other"
 wait "$other" || true
 
+# The actor step fails at once: the job stops its learner and fails,
+# instead of holding the allocation until its time limit.
+if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 >"$work/failed.log" 2>&1 ||
+    ! grep -q "the actor step failed (status 2)" "$work/failed.log"; then
+    echo "slurm: FAILED: a job whose actor step failed did not stop its learner and fail" >&2
+    cat "$work/failed.log" >&2
+    exit 1
+fi
+
 if sbatch_here 4242 >"$work/job.log" 2>&1 &&
     grep -q "training finished" "$work/job.log" &&
     [ "$(grep -c "the learner finished training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), and refused a port another learner served"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, and stopped its learner when the actor step failed"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2
