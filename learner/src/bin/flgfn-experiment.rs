@@ -73,7 +73,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("experiments").join(suite.name));
     let specs = suite.runs(args.seeds, args.steps);
     let (results, failed) = if args.plot_only {
-        (experiment::load_results(&specs, &out)?, Vec::new())
+        let (results, unfinished) = experiment::load_results(&specs, &out)?;
+        let why = "not finished".to_owned();
+        (
+            results,
+            unfinished.into_iter().map(|s| (s, why.clone())).collect(),
+        )
     } else {
         let learner = std::env::current_exe()?
             .with_file_name(format!("flgfn-learner{}", std::env::consts::EXE_SUFFIX));
@@ -91,22 +96,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         let outcome = experiment::run_all(&specs, &learner, &out)?;
         (outcome.results, outcome.failed)
     };
-    let plots = experiment::write_outputs(&results, &out)?;
+    let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
+    let plots = experiment::write_outputs(&results, &failed_specs, &out)?;
     println!(
         "wrote {}/reports.csv, summary.csv, summary.md and {} plot files under {}/plots",
         out.display(),
         plots.len(),
         out.display()
     );
-    print!("{}", experiment::summary_markdown(&results));
-    // The tables hold the runs that finished; the failed ones are named
-    // here, and the exit status says the suite is incomplete.
+    print!("{}", experiment::summary_markdown(&results, &failed_specs));
+    // The tables count the failed runs (as not reaching quality) and plot
+    // the finished ones; the failed ones are named here, and the exit
+    // status says the suite is incomplete.
     if !failed.is_empty() {
         for (run, why) in &failed {
-            eprintln!("failed: {run}: {why}");
+            eprintln!("failed: {}: {why}", run.name());
         }
         anyhow::bail!(
-            "{} of {} runs failed (left out of the tables; run the suite again to retry them)",
+            "{} of {} runs failed (counted in summary.md, not plotted; run the suite again to retry them)",
             failed.len(),
             specs.len()
         );

@@ -48,7 +48,8 @@ pub struct RunSpec {
     pub group: String,
     /// One curve per distinct label within a group (e.g. the objective).
     pub curve: String,
-    /// Seed (the configuration's `seed`).
+    /// Repeat number, 0, 1, ... (the configuration's `seed` is this times
+    /// [`suites::SEED_STRIDE`]).
     pub seed: u64,
     /// Local actor processes.
     pub actors: usize,
@@ -100,8 +101,9 @@ pub struct RunResult {
 pub struct SuiteOutcome {
     /// Finished runs, in suite order.
     pub results: Vec<RunResult>,
-    /// Runs that failed or stopped before their last step: name and why.
-    pub failed: Vec<(String, String)>,
+    /// Runs that failed or stopped before their last step, and why (a
+    /// diverged learner is a result: the tables count these runs).
+    pub failed: Vec<(RunSpec, String)>,
 }
 
 /// Runs `specs` one after another with the `flgfn-learner` binary at
@@ -144,7 +146,7 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
             Ok(reports) => reports,
             Err(error) => {
                 println!("{label}: FAILED: {error:#}");
-                outcome.failed.push((spec.name(), format!("{error:#}")));
+                outcome.failed.push((spec.clone(), format!("{error:#}")));
                 continue;
             }
         };
@@ -421,23 +423,37 @@ pub fn summary_csv(results: &[RunResult]) -> String {
 
 /// `summary.md`: per group and curve, over seeds: how many reached quality
 /// and the top-100 ceiling, and the mean (range) of steps and seconds to
-/// each among those that did.
-pub fn summary_markdown(results: &[RunResult]) -> String {
+/// each among those that did. Runs in `failed` (a learner that diverged,
+/// a run cut short) count among the seeds, as not reaching either, and in
+/// a column of their own; the final values are the finished runs'.
+pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut groups: BTreeMap<(&str, &str), Vec<&RunResult>> = BTreeMap::new();
+    let mut failures: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     let mut order: Vec<(&str, &str)> = Vec::new();
-    for r in results {
-        let key = (r.spec.group.as_str(), r.spec.curve.as_str());
-        if !groups.contains_key(&key) {
+    for spec in results.iter().map(|r| &r.spec).chain(failed) {
+        let key = (spec.group.as_str(), spec.curve.as_str());
+        if !order.contains(&key) {
             order.push(key);
         }
-        groups.entry(key).or_default().push(r);
+    }
+    for r in results {
+        groups
+            .entry((r.spec.group.as_str(), r.spec.curve.as_str()))
+            .or_default()
+            .push(r);
+    }
+    for spec in failed {
+        *failures
+            .entry((spec.group.as_str(), spec.curve.as_str()))
+            .or_default() += 1;
     }
     let mut out = String::from(
-        "| group | curve | seeds at quality | steps to quality | seconds to quality | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final exact TV |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| group | curve | seeds at quality | steps to quality | seconds to quality | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for key in order {
-        let runs = &groups[&key];
-        let n = runs.len();
+        let runs = groups.get(&key).map_or(&[][..], Vec::as_slice);
+        let failed_here = failures.get(&key).copied().unwrap_or(0);
+        let n = runs.len() + failed_here;
         let cell = |values: Vec<f64>, digits: usize| -> String {
             if values.is_empty() {
                 return "-".to_owned();
@@ -460,15 +476,17 @@ pub fn summary_markdown(results: &[RunResult]) -> String {
         };
         let quality: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_quality).collect();
         let top: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_top_k).collect();
+        // (A value a report wrote as null reads back as NaN: not a value.)
         let last = |f: &dyn Fn(&Report) -> Option<f64>| -> Vec<f64> {
             runs.iter()
                 .filter_map(|r| r.reports.last().and_then(f))
+                .filter(|x| x.is_finite())
                 .collect()
         };
         let has_ceiling = runs.iter().any(|r| r.top_k_ceiling.is_some());
         let _ = writeln!(
             out,
-            "| {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
             key.0,
             key.1,
             quality.len(),
@@ -483,19 +501,24 @@ pub fn summary_markdown(results: &[RunResult]) -> String {
             reached(top.iter().map(|q| q.1).collect(), 2),
             cell(last(&|r| r.logz_exact.map(|e| (r.logz_est - e).abs())), 3),
             cell(last(&|r| r.marginal_tv), 4),
+            cell(last(&|r| r.energy_w1), 4),
             cell(last(&|r| r.exact_tv), 4),
         );
     }
     out
 }
 
-/// Writes the tables and plots of `results` under `out`; returns the plot
-/// files written.
-pub fn write_outputs(results: &[RunResult], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// Writes the tables and plots of `results` (and the count of `failed`
+/// runs) under `out`; returns the plot files written.
+pub fn write_outputs(
+    results: &[RunResult],
+    failed: &[RunSpec],
+    out: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("reports.csv"), reports_csv(results))?;
     std::fs::write(out.join("summary.csv"), summary_csv(results))?;
-    std::fs::write(out.join("summary.md"), summary_markdown(results))?;
+    std::fs::write(out.join("summary.md"), summary_markdown(results, failed))?;
     plots::render_groups(results, &out.join("plots"))
 }
 
@@ -526,9 +549,15 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
 }
 
 /// Reads back every run of `specs` already present under `out` (for
-/// re-rendering plots without running anything).
-pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResult>> {
+/// re-rendering plots without running anything), and the runs of this
+/// configuration that stopped before their last step (failed, or
+/// interrupted: the summary counts them).
+pub fn load_results(
+    specs: &[RunSpec],
+    out: &Path,
+) -> anyhow::Result<(Vec<RunResult>, Vec<RunSpec>)> {
     let mut results = Vec::new();
+    let mut unfinished = Vec::new();
     for spec in specs {
         let dir = out.join("runs").join(spec.name());
         let Ok(reports) = read_reports(&dir.join("metrics.jsonl")) else {
@@ -537,7 +566,8 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResu
         if written_config_matches(spec, &dir) != Some(true) {
             println!("{}: made with another configuration; left out", spec.name());
         } else if !finished(spec, &reports) {
-            println!("{}: not finished; left out", spec.name());
+            println!("{}: not finished; counted as failed", spec.name());
+            unfinished.push(spec.clone());
         } else {
             results.push(summarise(spec.clone(), on_grid(spec, reports))?);
         }
@@ -545,7 +575,7 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<Vec<RunResu
     if results.is_empty() {
         bail!("no run of this suite under {}", out.display());
     }
-    Ok(results)
+    Ok((results, unfinished))
 }
 
 #[cfg(test)]
@@ -576,8 +606,25 @@ mod tests {
         assert_eq!(result.to_quality, Some((200, 2.0)));
         assert_eq!(result.to_top_k, Some((300, 3.0)));
         assert!((result.top_k_ceiling.unwrap() - ceiling).abs() < 1e-5);
-        let table = summary_markdown(&[result]);
+        let table = summary_markdown(std::slice::from_ref(&result), &[]);
         assert!(table.contains("| 1/1 | 200 | 2.00 |"), "{table}");
+        // A failed run of the same curve counts among its seeds, and a
+        // value written as null (NaN here) is left out of the finals.
+        let mut result = result;
+        result.reports.last_mut().unwrap().marginal_tv = Some(0.05);
+        let mut nan = result.clone();
+        nan.spec.seed = 1;
+        nan.reports.last_mut().unwrap().marginal_tv = Some(f64::NAN);
+        let mut failed = result.spec.clone();
+        failed.seed = 2;
+        let table = summary_markdown(&[result, nan], &[failed]);
+        assert!(
+            table.contains("| 2/3 | 200 (200-200) | 2.00 (2.00-2.00) |"),
+            "{table}"
+        );
+        assert!(table.contains("| 0.0500 |"), "{table}");
+        assert!(!table.contains("NaN"), "{table}");
+        assert!(table.trim_end().ends_with("| 1 |"), "{table}");
         let csv = reports_csv(std::slice::from_ref(
             &summarise(
                 suite("paper-sets").unwrap().runs(1, Some(300))[0].clone(),

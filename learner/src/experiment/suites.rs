@@ -8,6 +8,12 @@ use flgfn_common::tasks::set_generation::{SetGenerationConfig, SetSize};
 
 use super::RunSpec;
 
+/// Configuration seeds of a suite's repeats are this far apart: a run
+/// with seed s draws its weights and evaluations from s and its local
+/// actor i from s + 1 + i (`--seed-offset i`), so seeds 0, 1, 2 would
+/// share streams between repeats (seed 0's actor 1 is seed 1's actor 0).
+pub const SEED_STRIDE: u64 = 1 << 20;
+
 /// A named family of runs.
 #[derive(Debug, Clone, Copy)]
 pub struct Suite {
@@ -29,7 +35,7 @@ impl Suite {
         for (group, curve, config) in (self.build)(steps) {
             for seed in 0..seeds {
                 let mut config = config.clone();
-                config.seed = seed;
+                config.seed = seed * SEED_STRIDE;
                 runs.push(RunSpec {
                     group: group.clone(),
                     curve: curve.clone(),
@@ -256,5 +262,28 @@ mod tests {
             assert_eq!(names.len(), runs.len(), "{}: run names collide", suite.name);
         }
         assert_eq!(suite("paper-sets").unwrap().runs(3, None).len(), 45);
+    }
+
+    #[test]
+    fn repeats_share_no_random_stream() {
+        for suite in SUITES {
+            let runs = suite.runs(3, None);
+            for (group, curve) in runs.iter().map(|r| (&r.group, &r.curve)) {
+                // The streams of one curve's repeats: the learner's, and
+                // each local actor's.
+                let mut streams = Vec::new();
+                for run in runs
+                    .iter()
+                    .filter(|r| (&r.group, &r.curve) == (group, curve))
+                {
+                    streams.push(run.config.seed);
+                    streams.extend((0..run.actors as u64).map(|i| run.config.seed + 1 + i));
+                }
+                let count = streams.len();
+                streams.sort_unstable();
+                streams.dedup();
+                assert_eq!(streams.len(), count, "{} {group} {curve}", suite.name);
+            }
+        }
     }
 }
