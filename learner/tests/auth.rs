@@ -1,5 +1,6 @@
 //! The bearer token: missing and wrong tokens are refused, the right one
-//! trains, the secret never reaches a log, and a learner will not listen
+//! trains, the secret never reaches a log, health probes need none, and a
+//! learner stopped mid-training ends its actors; a learner will not listen
 //! beyond loopback without one unless told to.
 #![allow(clippy::unwrap_used)]
 
@@ -108,6 +109,90 @@ async fn only_the_right_token_gets_in() {
         outcome.final_report.rejected_chunks, 0,
         "no chunk was refused"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A learner with a token, stopped in the middle of training while its
+/// actors are connected: health probes are answered without the token
+/// (as Docker's and Kubernetes' are sent), the final weights are the last
+/// version, and every actor ends by itself, told that training is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_without_a_token() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = scratch("stopped");
+    let mut config = config_with_token(&dir, SECRET);
+    // No step limit: only the stop ends this run.
+    config.learner.max_steps = 0;
+    let metrics = dir.join("metrics.jsonl");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions {
+            metrics_path: Some(metrics.clone()),
+            ..RunOptions::default()
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let probe = |url: String| async move {
+        // The probe has no token: it is not an actor.
+        flgfn_actor::health::check(&url, "", &Default::default()).await
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !matches!(probe(url.clone()).await, Ok(ServingStatus::Serving)) {
+        assert!(tokio::time::Instant::now() < deadline, "the learner serves");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut actor = config.clone();
+    actor.actor.learner = url.clone();
+    let actors: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(flgfn_actor::run(
+                actor.clone(),
+                options(&format!("stopped-{i}")),
+                std::future::pending(),
+            ))
+        })
+        .collect();
+    // Training is under way once a report with steps in it is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !support::reports(&metrics).iter().any(|r| r.step > 0) {
+        assert!(tokio::time::Instant::now() < deadline, "training starts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(matches!(
+        probe(url.clone()).await,
+        Ok(ServingStatus::Serving)
+    ));
+    stop.send(()).unwrap();
+    let outcome = support::finished_learner(learner).await;
+    assert!(outcome.steps > 0);
+    // The final weights are the last version, published (to any later
+    // reader of the publisher; actors get weights only with credits, and
+    // no credit follows the end).
+    assert_eq!(outcome.version, outcome.steps);
+    let final_weights = flgfn_common::weights::decode(&outcome.weights).unwrap();
+    assert_eq!(
+        final_weights.metadata["version"],
+        outcome.version.to_string()
+    );
+    for actor in actors {
+        // Told that training is done (checked there), with no version
+        // after the final one.
+        let report = support::finished_actor(actor).await;
+        assert!(report.versions_applied.last() <= Some(&outcome.version));
+        assert!(
+            report.chunks_sent > 0,
+            "actor {} took part",
+            report.actor_id
+        );
+    }
+    // Gone: the port no longer answers.
+    assert!(probe(url).await.is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
