@@ -80,6 +80,9 @@ pub struct ActorReport {
     /// session (the learner may have restarted since), or their session
     /// broke before they could be sent.
     pub stale_chunks_dropped: u64,
+    /// Rollouts still running when the actor left, dropped half-way (not
+    /// in `rollouts`): a stop's drain gave up waiting for them.
+    pub abandoned_rollouts: u64,
 }
 
 /// Why an actor stopped with an error.
@@ -203,6 +206,7 @@ async fn run_actor(
     report.first_chunk_digest = worker_report.first_chunk_digest;
     report.add_counts(counts);
     report.stale_chunks_dropped += worker_report.undelivered + unsent;
+    report.abandoned_rollouts = worker_report.abandoned;
     if worker_report.abandoned > 0 {
         warn!("left without the rollout in progress (abandoned half-way)");
     }

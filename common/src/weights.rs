@@ -282,7 +282,12 @@ mod tests {
     fn bf16_halves_the_data_and_keeps_three_significant_digits() {
         let f32_bytes = encode(&arrays(), WeightEncoding::F32, &BTreeMap::new()).unwrap();
         let bf16_bytes = encode(&arrays(), WeightEncoding::Bf16, &BTreeMap::new()).unwrap();
-        assert!(bf16_bytes.len() < f32_bytes.len());
+        // The data after each header: 8 values x 4 bytes, and x 2.
+        let data = |bytes: &[u8]| {
+            let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            bytes.len() - 8 - header
+        };
+        assert_eq!((data(&f32_bytes), data(&bf16_bytes)), (32, 16));
         let decoded = decode(&bf16_bytes).unwrap();
         assert_eq!(decoded.metadata["encoding"], "bf16");
         let weight = &decoded.arrays[1];

@@ -681,7 +681,12 @@ mod tests {
             flipped[at] ^= 0x10;
             fs::write(&newest, &flipped).unwrap();
             let error = read(&newest).unwrap_err();
-            assert!(!error.is_empty());
+            // Damaged (set aside, the previous one used), not another
+            // format (which would stop the resume).
+            assert!(
+                matches!(parse(&newest, &flipped), Err(Unusable::Damaged(_))),
+                "byte {at}: {error}"
+            );
             assert_eq!(
                 load_latest(&dir).unwrap().unwrap().state.step,
                 100,
