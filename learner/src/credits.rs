@@ -1138,7 +1138,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn one_session_holds_at_most_max_credits_however_large_the_room() {
         let mut fixture = one_session(1000, u64::MAX).await;
         let pool = fixture.pool.clone();

@@ -40,6 +40,17 @@ use crate::report::{MetricsFile, Report};
 /// stops.
 const MAX_DIVERGED_REPORTS: u32 = 3;
 
+/// The fraction of the learning rate at step `step` (1-based) of
+/// `max_steps`: 1 for the first half, then a linear decay to `last` at
+/// `max_steps` (a large rate finds the target fast, a small one settles
+/// log Z); `last` beyond `max_steps` (a resumed run given more steps
+/// recomputes from its new `max_steps`).
+fn learning_rate_fraction(step: u64, max_steps: u64, last: f64) -> f64 {
+    let done = step as f64 / max_steps as f64;
+    let decay = (2.0 * done - 1.0).clamp(0.0, 1.0);
+    1.0 - (1.0 - last) * decay
+}
+
 /// What a finished run hands back.
 #[derive(Debug, Clone)]
 pub struct TrainingOutcome {
@@ -604,14 +615,11 @@ impl Trainer {
         let loss = self.objective.loss(&output, &tensors);
         let finite = loss.isfinite();
         if learner.max_steps > 0 {
-            // Constant for the first half, then linear decay to the final
-            // fraction at max_steps: a large rate finds the target fast, a
-            // small one settles log Z.
-            // This step's position: the last one (max_steps) runs at the
-            // final fraction.
-            let done = (progress.step + 1) as f64 / learner.max_steps as f64;
-            let decay = (2.0 * done - 1.0).max(0.0);
-            let fraction = 1.0 - (1.0 - learner.final_learning_rate_fraction) * decay;
+            let fraction = learning_rate_fraction(
+                progress.step + 1,
+                learner.max_steps,
+                learner.final_learning_rate_fraction,
+            );
             optimizer.set_lr(learner.learning_rate * fraction);
             if let Some((own, rate)) = own_optimizer.as_mut() {
                 own.set_lr(*rate * fraction);
@@ -806,5 +814,30 @@ impl Trainer {
         progress.last_report_counts = (progress.trained_transitions, ingested);
         progress.report = report;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::learning_rate_fraction;
+
+    #[test]
+    fn the_learning_rate_holds_for_half_the_run_then_decays_to_its_final_fraction() {
+        let at = |step| learning_rate_fraction(step, 1000, 0.1);
+        assert_eq!(at(1), 1.0);
+        assert_eq!(at(500), 1.0);
+        assert!((at(750) - 0.55).abs() < 1e-12, "{}", at(750));
+        assert!((at(1000) - 0.1).abs() < 1e-12, "{}", at(1000));
+        assert!((at(2000) - 0.1).abs() < 1e-12, "{}", at(2000));
+        // Never rising along the way.
+        assert!(
+            (1..=1000)
+                .map(at)
+                .collect::<Vec<_>>()
+                .windows(2)
+                .all(|w| w[1] <= w[0])
+        );
+        // A final fraction of 1: constant.
+        assert_eq!(learning_rate_fraction(900, 1000, 1.0), 1.0);
     }
 }

@@ -725,11 +725,9 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let _live = actor("live");
     wait_for_log(&learner_log, "step=400 ");
     signal(learner.id(), "INT");
-    let asked = Instant::now();
     let status = exited_within(&mut learner.0, Duration::from_secs(3))
         .expect("a stop during the drain closes the connections at once");
     assert!(status.success(), "{status}");
-    assert!(asked.elapsed() < Duration::from_secs(3));
     signal(frozen.id(), "CONT");
     drop(frozen);
     std::fs::remove_dir_all(&dir).unwrap();
