@@ -235,6 +235,19 @@ fn close_and_count(chunks: &mut mpsc::Receiver<worker::SampledChunk>) -> u64 {
     left
 }
 
+/// Whether `url` is plain text (`http://`) to a host other than this one.
+fn plain_text_beyond_loopback(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    uri.scheme_str() == Some("http")
+        && host != "localhost"
+        && !host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// TLS for an `https://` learner URL: the CA of `tls.ca_file`, the name of
 /// `tls.domain` (default: the URL's host), and a client certificate when
 /// `tls.cert_file` is set (mutual TLS). None for `http://`, which is
@@ -337,6 +350,12 @@ pub async fn stay_connected(
         Ok(tls) => tls,
         Err(error) => return (Err(error.into()), Counts::default()),
     };
+    if token.is_some() && plain_text_beyond_loopback(&config.actor.learner) {
+        warn!(
+            learner = %config.actor.learner,
+            "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
+        );
+    }
     let Plumbing {
         chunks,
         orders,
@@ -433,6 +452,20 @@ impl ActorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_text_is_told_apart_from_loopback_and_tls() {
+        for (url, beyond) in [
+            ("http://learner:50051", true),
+            ("http://10.0.0.7:50051", true),
+            ("http://127.0.0.1:50051", false),
+            ("http://[::1]:50051", false),
+            ("http://localhost:50051", false),
+            ("https://learner:50051", false),
+        ] {
+            assert_eq!(plain_text_beyond_loopback(url), beyond, "{url}");
+        }
+    }
 
     #[test]
     fn a_plain_text_url_with_tls_files_is_refused() {

@@ -284,6 +284,16 @@ pub async fn serve(
         )
         .into());
     }
+    if token.is_some()
+        && config.tls.cert_file.is_empty()
+        && let Ok(address) = listener.local_addr()
+        && !address.ip().is_loopback()
+    {
+        warn!(
+            %address,
+            "plain text beyond loopback: actors' token and the weights travel in clear; fine on a private network, elsewhere set tls.cert_file and tls.key_file"
+        );
+    }
     // The server answers from the start, so that probes see the learner
     // loading: health NOT_SERVING until the checkpoint, if any, is loaded
     // and the trainer takes data; Learner calls meanwhile wait. (Returning
