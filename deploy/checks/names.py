@@ -214,6 +214,9 @@ def sbatch():
     for line in text.splitlines():
         for name in re.findall(r"bin/flgfn-(learner|actor|health)\"", line):
             tail = line.split(f"bin/flgfn-{name}", 1)[1]
+            # A `bash -c '... "$@" --flag'` wrapper adds its flags to the
+            # binary's too.
+            tail += " " + " ".join(re.findall(r"bash -c\s+'([^']*)'", line))
             for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", tail):
                 if not re.search(rf"^\s+(-\w, )?{flag}\b", help_of(name), re.M):
                     fail(path, f"flgfn-{name} has no {flag}")
