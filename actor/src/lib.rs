@@ -241,11 +241,12 @@ fn plain_text_beyond_loopback(url: &str) -> bool {
         return false;
     };
     let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let host = host.strip_suffix('.').unwrap_or(host);
     uri.scheme_str() == Some("http")
-        && host != "localhost"
+        && !host.eq_ignore_ascii_case("localhost")
         && !host
             .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// TLS for an `https://` learner URL: the CA of `tls.ca_file`, the name of
@@ -350,11 +351,13 @@ pub async fn stay_connected(
         Ok(tls) => tls,
         Err(error) => return (Err(error.into()), Counts::default()),
     };
+    // (Once per process: a load generator runs many connections.)
+    static PLAIN_TEXT_WARNED: std::sync::Once = std::sync::Once::new();
     if token.is_some() && plain_text_beyond_loopback(&config.actor.learner) {
-        warn!(
+        PLAIN_TEXT_WARNED.call_once(|| warn!(
             learner = %config.actor.learner,
             "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
-        );
+        ));
     }
     let Plumbing {
         chunks,
@@ -461,6 +464,8 @@ mod tests {
             ("http://127.0.0.1:50051", false),
             ("http://[::1]:50051", false),
             ("http://localhost:50051", false),
+            ("http://LOCALHOST.:50051", false),
+            ("http://[::ffff:127.0.0.1]:50051", false),
             ("https://learner:50051", false),
         ] {
             assert_eq!(plain_text_beyond_loopback(url), beyond, "{url}");

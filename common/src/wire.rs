@@ -66,9 +66,11 @@ pub mod codec {
     pub(crate) fn check_handshake_size(bytes: usize) -> Result<(), Status> {
         let limit = MAX_HANDSHAKE_BYTES.load(Ordering::Relaxed);
         if limit > 0 && bytes > limit {
-            // OUT_OF_RANGE, as for any message over a size limit.
-            return Err(Status::out_of_range(format!(
-                "the handshake takes {bytes} bytes, more than this learner takes ({limit}: its own task and model descriptions, plus 64 KiB for names)"
+            // FAILED_PRECONDITION, as for a task mismatch, which this is
+            // (no larger setting would help, unlike a message over
+            // max_message_bytes).
+            return Err(Status::failed_precondition(format!(
+                "the handshake takes {bytes} bytes, more than this learner takes ({limit}: its own task and model descriptions, plus 64 KiB for names): the actor's task or model is not the learner's"
             )));
         }
         Ok(())
@@ -86,7 +88,8 @@ pub mod codec {
 
     /// The number of entries of field `field` in the protobuf message
     /// `bytes`, reading only tags and lengths; None where the bytes are
-    /// not a well-formed message (prost's decoder then says why).
+    /// not a well-formed message, or hold a group (which proto3 never
+    /// writes).
     pub fn count_entries(mut bytes: &[u8], field: u64) -> Option<usize> {
         let mut count = 0;
         while bytes.has_remaining() {

@@ -60,13 +60,19 @@ done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
 status=0
 for pid in "${pids[@]}"; do
-    until wait "$pid"; do
-        code=$?
-        # Interrupted by the signal while the task still runs: wait on.
-        kill -0 "$pid" 2>/dev/null && continue
-        status=$code
-        break
+    code=0
+    wait "$pid" || code=$?
+    # Interrupted by the signal while the task still runs: wait on.
+    while kill -0 "$pid" 2>/dev/null; do
+        code=0
+        wait "$pid" || code=$?
     done
+    if [ "$code" -gt 128 ]; then
+        # (Interrupted as the task ended: bash kept its status.)
+        code=0
+        wait "$pid" 2>/dev/null || code=$?
+    fi
+    if [ "$code" -ne 0 ]; then status=$code; fi
 done
 exit "$status"
 SHIM
@@ -113,8 +119,9 @@ wait "$other" || true
 
 # The actor step fails at once: the job stops its learner and fails,
 # instead of holding the allocation until its time limit.
-if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 >"$work/failed.log" 2>&1 ||
-    ! grep -q "the actor step failed (status 2)" "$work/failed.log"; then
+if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 >"$work/failed.log" 2>&1 ||
+    ! grep -q "the actor step failed (status 2)" "$work/failed.log" ||
+    pgrep -f "$work/flgfn-bundle/bin/flgfn-learner" >/dev/null; then
     echo "slurm: FAILED: a job whose actor step failed did not stop its learner and fail" >&2
     cat "$work/failed.log" >&2
     exit 1

@@ -933,7 +933,8 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
 }
 
 /// A handshake larger than the learner's own task and model descriptions
-/// plus 64 KiB is refused before it is decoded, even where the call's
+/// plus 64 KiB (a task other than the learner's) is refused before it is
+/// decoded, as the mismatch it is, even where the call's
 /// decode limit (set by the largest chunk) would take it: 50,000 empty
 /// task parameters are 100 KB on the wire and ~1.5 MB decoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,9 +949,10 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
     let mut padded = handshake_request(&config);
     padded.task.as_mut().unwrap().params = vec![String::new(); 50_000];
     let status = client.handshake(padded).await.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert!(
-        status.message().contains("the handshake takes 1"),
+        status.message().contains("the handshake takes 1")
+            && status.message().contains("not the learner's"),
         "{status:?}"
     );
     // The connection still serves a handshake of the right size.

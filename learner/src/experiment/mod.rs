@@ -561,6 +561,13 @@ pub fn load_results(
     for spec in specs {
         let dir = out.join("runs").join(spec.name());
         let Ok(reports) = read_reports(&dir.join("metrics.jsonl")) else {
+            // Started (its configuration is written) but no report: it
+            // failed at once, as the runner counted it. Never started:
+            // not counted.
+            if written_config_matches(spec, &dir) == Some(true) {
+                println!("{}: no report; counted as failed", spec.name());
+                unfinished.push(spec.clone());
+            }
             continue;
         };
         if written_config_matches(spec, &dir) != Some(true) {
@@ -572,7 +579,7 @@ pub fn load_results(
             results.push(summarise(spec.clone(), on_grid(spec, reports))?);
         }
     }
-    if results.is_empty() {
+    if results.is_empty() && unfinished.is_empty() {
         bail!("no run of this suite under {}", out.display());
     }
     Ok((results, unfinished))
@@ -635,6 +642,22 @@ mod tests {
         assert_eq!(csv.lines().count(), 2);
         let header = csv.lines().next().unwrap().split(',').count();
         assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), header);
+    }
+
+    #[test]
+    fn plot_only_counts_a_run_that_started_without_a_report_as_failed() {
+        let out = std::env::temp_dir().join(format!("flgfn-plot-only-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let specs = suite("paper-sets").unwrap().runs(2, Some(300));
+        let (started, never) = (&specs[0], &specs[1]);
+        let dir = out.join("runs").join(started.name());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), run_config(started, &dir).to_toml()).unwrap();
+        let (results, failed) = load_results(&specs[..2], &out).unwrap();
+        assert!(results.is_empty());
+        let failed: Vec<String> = failed.iter().map(RunSpec::name).collect();
+        assert_eq!(failed, [started.name()], "{} never started", never.name());
+        std::fs::remove_dir_all(&out).unwrap();
     }
 
     #[test]
