@@ -124,20 +124,11 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
     // No step limit: only the stop ends this run.
     config.learner.max_steps = 0;
     let metrics = dir.join("metrics.jsonl");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        RunOptions {
-            metrics_path: Some(metrics.clone()),
-            ..RunOptions::default()
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let run = RunOptions {
+        metrics_path: Some(metrics.clone()),
+        ..RunOptions::default()
+    };
+    let (url, learner, stop) = support::stoppable_learner(&config, run).await;
     let probe = |url: String| async move {
         // The probe has no token: it is not an actor.
         flgfn_actor::health::check(&url, "", &Default::default()).await

@@ -4,6 +4,8 @@
 //! actor stops, saying so.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::time::Duration;
 
 use flgfn_common::config::{Config, TaskConfig};
@@ -55,18 +57,7 @@ async fn start_learner(
     tokio::task::JoinHandle<Result<flgfn_learner::TrainingOutcome, flgfn_learner::LearnerError>>,
     tokio::sync::oneshot::Sender<()>,
 ) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        Default::default(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    (url, learner, stop)
+    support::stoppable_learner(config, Default::default()).await
 }
 
 /// The outcome of the learner started by [`start_learner`], which must

@@ -94,7 +94,30 @@ pub async fn training_outcome(
     }
 }
 
-/// A loopback port nobody listens on right now (bound, read, released).
+/// A learner on `127.0.0.1:0` in this process: its URL, its outcome, and
+/// the sender that stops it.
+pub async fn stoppable_learner(
+    config: &Config,
+    options: flgfn_learner::RunOptions,
+) -> (
+    String,
+    JoinHandle<Result<TrainingOutcome, LearnerError>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        options,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (url, learner, stop)
+}
+
 /// The error of a learner on `config` that must refuse to start, bound to
 /// `address` (a loopback port, or "0.0.0.0:0" for beyond loopback).
 pub async fn learner_refusal(config: Config, address: &str) -> String {
@@ -110,6 +133,7 @@ pub async fn learner_refusal(config: Config, address: &str) -> String {
     .to_string()
 }
 
+/// A loopback port nobody listens on right now (bound, read, released).
 pub async fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     listener.local_addr().unwrap().port()
