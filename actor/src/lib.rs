@@ -235,6 +235,38 @@ fn close_and_count(chunks: &mut mpsc::Receiver<worker::SampledChunk>) -> u64 {
     left
 }
 
+/// Reconnection delays: doubling from `initial` up to `max`, each drawn
+/// between half and all of the current delay, so that a fleet that lost
+/// its learner at one moment does not come back in lockstep.
+#[derive(Debug, Clone)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            current: initial.min(max),
+        }
+    }
+
+    /// Back to `initial`: a connection worked, the next outage is new.
+    fn reset(&mut self) {
+        self.current = self.initial.min(self.max);
+    }
+
+    /// The pause before the next attempt; the delay after it doubles.
+    fn next_pause(&mut self, rng: &mut impl Rng) -> Duration {
+        let pause = self.current.mul_f64(rng.random_range(0.5..=1.0));
+        self.current = (self.current * 2).min(self.max);
+        pause
+    }
+}
+
 /// Whether `url` is plain text (`http://`) to a host other than this one.
 fn plain_text_beyond_loopback(url: &str) -> bool {
     let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
@@ -367,8 +399,10 @@ pub async fn stay_connected(
     let mut counts = Counts::default();
     let mut actor_id = 0u64;
     let mut failures = 0u32;
-    let mut backoff = Duration::from_secs_f64(actor.reconnect_initial_s);
-    let max_backoff = Duration::from_secs_f64(actor.reconnect_max_s);
+    let mut backoff = Backoff::new(
+        Duration::from_secs_f64(actor.reconnect_initial_s),
+        Duration::from_secs_f64(actor.reconnect_max_s),
+    );
     tokio::pin!(shutdown);
     let result = loop {
         report.sessions += 1;
@@ -413,7 +447,7 @@ pub async fn stay_connected(
                 if served {
                     // The connection worked: this is a new outage.
                     failures = 0;
-                    backoff = Duration::from_secs_f64(actor.reconnect_initial_s);
+                    backoff.reset();
                 } else {
                     failures += 1;
                 }
@@ -423,17 +457,13 @@ pub async fn stay_connected(
                         last: message,
                     });
                 }
-                // Jitter: a fleet that lost its learner at one moment does
-                // not come back in lockstep (half the backoff, plus up to
-                // as much again at random).
-                let pause = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                let pause = backoff.next_pause(&mut rand::rng());
                 warn!(%message, retry_in = ?pause, "learner unavailable; reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = &mut shutdown => break Ok(()),
                     () = orders.closed() => break Ok(()),
                 }
-                backoff = (backoff * 2).min(max_backoff);
             }
         }
     };
@@ -455,6 +485,27 @@ impl ActorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconnection_delays_double_up_to_the_cap_with_jitter_and_reset() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let ms = Duration::from_millis;
+        let mut backoff = Backoff::new(ms(100), ms(1000));
+        let mut pauses = Vec::new();
+        for delay in [100, 200, 400, 800, 1000, 1000] {
+            let pause = backoff.next_pause(&mut rng);
+            assert!(
+                pause >= ms(delay) / 2 && pause <= ms(delay),
+                "{pause:?} for a delay of {delay} ms"
+            );
+            pauses.push(pause);
+        }
+        // Jittered: not the same fraction of the delay every time.
+        assert!(pauses[4] != pauses[5], "{pauses:?}");
+        backoff.reset();
+        assert!(backoff.next_pause(&mut rng) <= ms(100));
+    }
 
     #[test]
     fn plain_text_is_told_apart_from_loopback_and_tls() {
