@@ -236,6 +236,32 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
     listed.into_iter().map(|(step, _)| step).collect()
 }
 
+/// With `checkpoint_every_s` alone (no step cadence), checkpoints come
+/// by training time: a run of several tenths of a second at 0.05 s keeps
+/// earlier ones beside the final one (the last `keep_checkpoints`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_come_by_training_time_alone() {
+    let dir = scratch("by-time");
+    let (mut config, checkpoints) = checkpointed(&dir, 0, 600);
+    config.learner.checkpoint_every_s = 0.05;
+    let outcome = train(&config, &dir.join("metrics.jsonl")).await;
+    assert_eq!(outcome.steps, 600);
+    let steps = checkpoint_steps(&checkpoints);
+    eprintln!(
+        "checkpoints kept at steps {steps:?} of a {:.2} s run",
+        outcome.totals.wall_s
+    );
+    assert!(
+        outcome.totals.wall_s > 0.15,
+        "too short a run to say: {}",
+        outcome.totals.wall_s
+    );
+    assert_eq!(steps.len(), config.learner.keep_checkpoints, "{steps:?}");
+    assert_eq!(steps.last(), Some(&600));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A run that fails (here its metrics file cannot be written: /dev/full
 /// refuses every write) still saves what it trained: the error ends it
 /// with a checkpoint of its last step, and a restart resumes from there.
