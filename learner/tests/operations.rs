@@ -701,6 +701,74 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner that stops answering (frozen: its kernel still holds the
+/// connection open, so nothing fails on the actor's side) is noticed by
+/// the actor's HTTP/2 keepalive (no answer to a ping within twice
+/// `actor.keepalive_s`): it reconnects, and once the learner answers again
+/// it is served again.
+#[test]
+fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
+    let dir = scratch("keepalive");
+    let config = tiny_config_file(&dir, 0);
+    let port = free_port();
+    let learner_log = dir.join("learner.log");
+    let learner = support::KillOnDrop(
+        command(&learner_binary())
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&learner_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let actor_log = dir.join("actor.log");
+    let _actor = support::KillOnDrop(
+        command(&sibling("flgfn-actor"))
+            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
+            .arg(&config)
+            .env("FLGFN_ACTOR__KEEPALIVE_S", "1")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&actor_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Waits until `text` has appeared more than `seen` times in the
+    // actor's log; returns how many times it has.
+    let wait_for_more = |text: &str, seen: usize| {
+        let started = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&actor_log).unwrap_or_default();
+            let count = log.matches(text).count();
+            if count > seen {
+                return count;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "`{text}`: {log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    const CONNECTED: &str = "connected to the learner";
+    const RECONNECTING: &str = "learner unavailable; reconnecting";
+    let connected = wait_for_more(CONNECTED, 0);
+    // (The actor may have started before the learner listened.)
+    let reconnecting = std::fs::read_to_string(&actor_log)
+        .unwrap()
+        .matches(RECONNECTING)
+        .count();
+    freeze(learner.id());
+    let frozen = Instant::now();
+    wait_for_more(RECONNECTING, reconnecting);
+    eprintln!("noticed {:?} after the learner froze", frozen.elapsed());
+    signal(learner.id(), "CONT");
+    wait_for_more(CONNECTED, connected);
+    drop(learner);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let dir = scratch("stop-while-draining");
