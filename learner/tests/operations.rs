@@ -160,18 +160,40 @@ fn one_actor_job(config: &Path, log: &Path) -> Command {
 /// An actor process on `config` for the learner on `port`, its stderr
 /// written to `log`, once it has connected.
 fn connected_actor(port: u16, config: &Path, log: &Path) -> support::KillOnDrop {
-    let actor = support::KillOnDrop(
-        command(&sibling("flgfn-actor"))
-            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
+    let url = format!("http://127.0.0.1:{port}");
+    let actor = spawn_logging(
+        &sibling("flgfn-actor"),
+        &["--learner", &url],
+        config,
+        &[],
+        log,
+    );
+    wait_for_log(log, "connected to the learner");
+    actor
+}
+
+/// `binary` with `args`, `--config config` and `env` in a clean
+/// environment ([`command`]), its log (stderr) in `log`; killed when
+/// dropped.
+fn spawn_logging(
+    binary: &Path,
+    args: &[&str],
+    config: &Path,
+    env: &[(&str, &str)],
+    log: &Path,
+) -> support::KillOnDrop {
+    support::KillOnDrop(
+        command(binary)
+            .args(args)
+            .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap(),
-    );
-    wait_for_log(log, "connected to the learner");
-    actor
+    )
 }
 
 /// Waits up to a minute for `text` to appear in the file `log` (which
@@ -712,27 +734,22 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     let config = tiny_config_file(&dir, 0);
     let port = free_port();
     let learner_log = dir.join("learner.log");
-    let learner = support::KillOnDrop(
-        command(&learner_binary())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&learner_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let listen = format!("127.0.0.1:{port}");
+    let learner = spawn_logging(
+        &learner_binary(),
+        &["--listen", &listen],
+        &config,
+        &[],
+        &learner_log,
     );
     let actor_log = dir.join("actor.log");
-    let _actor = support::KillOnDrop(
-        command(&sibling("flgfn-actor"))
-            .args(["--learner", &format!("http://127.0.0.1:{port}"), "--config"])
-            .arg(&config)
-            .env("FLGFN_ACTOR__KEEPALIVE_S", "1")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&actor_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let url = format!("http://127.0.0.1:{port}");
+    let _actor = spawn_logging(
+        &sibling("flgfn-actor"),
+        &["--learner", &url],
+        &config,
+        &[("FLGFN_ACTOR__KEEPALIVE_S", "1")],
+        &actor_log,
     );
     // Waits until `text` has appeared more than `seen` times in the
     // actor's log; returns how many times it has.
@@ -775,15 +792,13 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let config = tiny_config_file(&dir, 400);
     let port = free_port();
     let learner_log = dir.join("learner.log");
-    let mut learner = support::KillOnDrop(
-        command(&learner_binary())
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--config"])
-            .arg(&config)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&learner_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let listen = format!("127.0.0.1:{port}");
+    let mut learner = spawn_logging(
+        &learner_binary(),
+        &["--listen", &listen],
+        &config,
+        &[],
+        &learner_log,
     );
     let actor = |name: &str| connected_actor(port, &config, &dir.join(format!("{name}.log")));
     // A frozen actor keeps its connection open once training is over: the
