@@ -270,29 +270,24 @@ pub async fn serve(
     let token = auth::load_token(&config.auth)?;
     // Read before anything starts: a bad file is a configuration error.
     let mut secured = secured_transport(&config)?;
-    if token.is_none()
-        && !config.auth.allow_unauthenticated
-        && let Ok(address) = listener.local_addr()
-        && !address.ip().is_loopback()
-    {
-        return Err(ConfigError::invalid(
-            "auth.token_file",
-            format!(
-                "the learner listens on {address}, beyond loopback, with no token: anyone who reaches the port could train the model. Set auth.token_file or {}, or auth.allow_unauthenticated = true",
-                auth::TOKEN_ENV
-            ),
-        )
-        .into());
-    }
-    if token.is_some()
-        && config.tls.cert_file.is_empty()
-        && let Ok(address) = listener.local_addr()
-        && !address.ip().is_loopback()
-    {
-        warn!(
-            %address,
-            "plain text beyond loopback: actors' token and the weights travel in clear; fine on a private network, elsewhere set tls.cert_file and tls.key_file"
-        );
+    let local_address = listener.local_addr().ok();
+    if let Some(address) = local_address.filter(|a| !a.ip().is_loopback()) {
+        if token.is_none() && !config.auth.allow_unauthenticated {
+            return Err(ConfigError::invalid(
+                "auth.token_file",
+                format!(
+                    "the learner listens on {address}, beyond loopback, with no token: anyone who reaches the port could train the model. Set auth.token_file or {}, or auth.allow_unauthenticated = true",
+                    auth::TOKEN_ENV
+                ),
+            )
+            .into());
+        }
+        if token.is_some() && config.tls.cert_file.is_empty() {
+            warn!(
+                %address,
+                "plain text beyond loopback: actors' token and the weights travel in clear; fine on a private network, elsewhere set tls.cert_file and tls.key_file"
+            );
+        }
     }
     // The server answers from the start, so that probes see the learner
     // loading: health NOT_SERVING until the checkpoint, if any, is loaded
@@ -302,15 +297,15 @@ pub async fn serve(
     let (stop_sender, stop) = watch::channel(false);
     let stats = Arc::new(IngestStats::default());
     let (ready_sender, ready) = watch::channel(None);
-    let local_address = listener.local_addr().ok();
     let address = local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     let (health, health_service) = tonic_health::server::health_reporter();
     not_serving(&health).await;
     let service = LearnerService { ready };
     let model = ModelSpec::new(env.as_ref(), &config.model);
-    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), &model);
+    let handshake_bytes = accepted_handshake_bytes(env.as_ref(), &model);
+    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), handshake_bytes);
     wire::codec::refuse_chunks_beyond(config.learner.max_chunk_trajectories);
-    wire::codec::refuse_handshakes_beyond(accepted_handshake_bytes(env.as_ref(), &model));
+    wire::codec::refuse_handshakes_beyond(handshake_bytes);
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
@@ -798,19 +793,18 @@ async fn live_progress(mut live: LiveProgress) {
 /// The largest message the learner decodes: `max_message_bytes`, or less
 /// when the largest valid chunk (`max_chunk_trajectories` trajectories of
 /// the task's longest) or a handshake needs less, since a message is
-/// decoded whole before its fields are checked. A handshake carries the
-/// task's parameters, which can exceed the usual 64 KiB (thousands of set
+/// decoded whole before its fields are checked. A handshake
+/// (`handshake_bytes`, [`accepted_handshake_bytes`]) carries the task's
+/// parameters, which can exceed the usual 64 KiB (thousands of set
 /// levels): the learner's own task and model, plus those 64 KiB for names,
 /// always fit. Weights go the other way and keep the configured limit.
 fn accepted_message_bytes(
     learner: &LearnerConfig,
     env: &dyn Environment,
-    model: &ModelSpec,
+    handshake_bytes: usize,
 ) -> usize {
     let chunk = wire::largest_chunk_bytes(learner.max_chunk_trajectories, env.max_trajectory_len());
-    learner
-        .max_message_bytes
-        .min(chunk.max(accepted_handshake_bytes(env, model)))
+    learner.max_message_bytes.min(chunk.max(handshake_bytes))
 }
 
 /// The largest handshake the learner decodes: its own task and model, plus
@@ -896,7 +890,11 @@ mod tests {
         assert!(handshake.encoded_len() > wire::HANDSHAKE_BYTES);
         assert!(
             handshake.encoded_len()
-                <= accepted_message_bytes(&config.learner, env.as_ref(), &model)
+                <= accepted_message_bytes(
+                    &config.learner,
+                    env.as_ref(),
+                    accepted_handshake_bytes(env.as_ref(), &model)
+                )
         );
     }
 }
