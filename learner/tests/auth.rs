@@ -129,15 +129,12 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
         ..RunOptions::default()
     };
     let (url, learner, stop) = support::stoppable_learner(&config, run).await;
-    let probe = |url: String| async move {
-        // The probe has no token: it is not an actor.
-        flgfn_actor::health::check(&url, "", &Default::default()).await
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !matches!(probe(url.clone()).await, Ok(ServingStatus::Serving)) {
-        assert!(tokio::time::Instant::now() < deadline, "the learner serves");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The probe has no token: it is not an actor.
+    let plain = Default::default();
+    assert!(matches!(
+        support::health(&url, &plain).await,
+        Ok(ServingStatus::Serving)
+    ));
     let mut actor = config.clone();
     actor.actor.learner = url.clone();
     let actors: Vec<_> = (0..2)
@@ -156,7 +153,7 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(matches!(
-        probe(url.clone()).await,
+        flgfn_actor::health::check(&url, "", &plain).await,
         Ok(ServingStatus::Serving)
     ));
     stop.send(()).unwrap();
@@ -183,7 +180,7 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
         );
     }
     // Gone: the port no longer answers.
-    assert!(probe(url).await.is_err());
+    assert!(flgfn_actor::health::check(&url, "", &plain).await.is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

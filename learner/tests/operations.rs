@@ -199,11 +199,21 @@ fn spawn_logging(
 /// Waits up to a minute for `text` to appear in the file `log` (which
 /// may not exist yet).
 fn wait_for_log(log: &Path, text: &str) {
+    wait_for_more_in_log(log, text, 0);
+}
+
+/// Waits (at most a minute) until `text` appears in `log` more than `seen`
+/// times; returns how many times it does.
+fn wait_for_more_in_log(log: &Path, text: &str, seen: usize) -> usize {
     let started = Instant::now();
-    while !std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .contains(text)
-    {
+    loop {
+        let count = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(text)
+            .count();
+        if count > seen {
+            return count;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "`{text}` in {}",
@@ -751,23 +761,7 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
         &[("FLGFN_ACTOR__KEEPALIVE_S", "1")],
         &actor_log,
     );
-    // Waits until `text` has appeared more than `seen` times in the
-    // actor's log; returns how many times it has.
-    let wait_for_more = |text: &str, seen: usize| {
-        let started = Instant::now();
-        loop {
-            let log = std::fs::read_to_string(&actor_log).unwrap_or_default();
-            let count = log.matches(text).count();
-            if count > seen {
-                return count;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "`{text}`: {log}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for_more = |text: &str, seen: usize| wait_for_more_in_log(&actor_log, text, seen);
     const CONNECTED: &str = "connected to the learner";
     const RECONNECTING: &str = "learner unavailable; reconnecting";
     let connected = wait_for_more(CONNECTED, 0);

@@ -97,22 +97,6 @@ fn actor_config(base: &Config, url: String, pki: &Pki, client_certificate: bool)
     config
 }
 
-/// The learner's health over `url`, asked until it says SERVING (it
-/// starts serving once ready) or 10 s pass; the last answer.
-async fn health(
-    url: &str,
-    tls: &flgfn_common::auth::TlsConfig,
-) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = flgfn_actor::health::check(url, "", tls).await;
-        if matches!(answer, Ok(ServingStatus::Serving)) || tokio::time::Instant::now() > deadline {
-            return answer;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The error an actor with `config` stops with, by itself within
 /// `seconds` (else fails, saying `why` it should have).
 async fn actor_error(config: Config, name: &str, seconds: u64, why: &str) -> ActorError {
@@ -187,7 +171,7 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     let https = format!("https://127.0.0.1:{port}");
     let probe = actor_config(&config, https.clone(), &pki, false).tls;
     assert_eq!(
-        health(&https, &probe).await.unwrap(),
+        support::health(&https, &probe).await.unwrap(),
         ServingStatus::Serving
     );
     let plain_url = format!("http://127.0.0.1:{port}");
@@ -262,7 +246,7 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     // The health probe needs a client certificate too.
     let member_tls = actor_config(&config, url.clone(), &pki, true).tls;
     assert_eq!(
-        health(&url, &member_tls).await.unwrap(),
+        support::health(&url, &member_tls).await.unwrap(),
         ServingStatus::Serving
     );
     let anonymous_tls = actor_config(&config, url.clone(), &pki, false).tls;

@@ -8,6 +8,7 @@ use flgfn_common::config::Config;
 use flgfn_learner::{LearnerError, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A set task of 70 terminal sets (4 of 8 elements, 163 states): small
 /// enough to compute the sampler's exact terminal distribution, and quick
@@ -116,6 +117,23 @@ pub async fn stoppable_learner(
         },
     ));
     (url, learner, stop)
+}
+
+/// The learner's health over `url` (the probe shows no token), asked
+/// until it says SERVING (it starts serving once ready) or 10 s pass; the
+/// last answer.
+pub async fn health(
+    url: &str,
+    tls: &flgfn_common::auth::TlsConfig,
+) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = flgfn_actor::health::check(url, "", tls).await;
+        if matches!(answer, Ok(ServingStatus::Serving)) || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The error of a learner on `config` that must refuse to start, bound to
