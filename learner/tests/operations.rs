@@ -743,15 +743,8 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     let dir = scratch("keepalive");
     let config = tiny_config_file(&dir, 0);
     let port = free_port();
-    let learner_log = dir.join("learner.log");
-    let listen = format!("127.0.0.1:{port}");
-    let learner = spawn_logging(
-        &learner_binary(),
-        &["--listen", &listen],
-        &config,
-        &[],
-        &learner_log,
-    );
+    let metrics = dir.join("metrics.jsonl");
+    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
     let actor_log = dir.join("actor.log");
     let url = format!("http://127.0.0.1:{port}");
     let _actor = spawn_logging(
@@ -785,15 +778,10 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let dir = scratch("stop-while-draining");
     let config = tiny_config_file(&dir, 400);
     let port = free_port();
-    let learner_log = dir.join("learner.log");
-    let listen = format!("127.0.0.1:{port}");
-    let mut learner = spawn_logging(
-        &learner_binary(),
-        &["--listen", &listen],
-        &config,
-        &[],
-        &learner_log,
-    );
+    let metrics = dir.join("metrics.jsonl");
+    let mut learner =
+        support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
+    let learner_log = support::learner_log(&metrics);
     let actor = |name: &str| connected_actor(port, &config, &dir.join(format!("{name}.log")));
     // A frozen actor keeps its connection open once training is over: the
     // learner would wait its whole drain timeout (5 s) for it.
