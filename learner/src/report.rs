@@ -77,8 +77,10 @@ pub struct Report {
     pub version: u64,
     /// Open trajectory streams.
     pub actors_connected: i64,
-    /// Mean over transitions trained since the previous report of (learner
-    /// version at training time - version that sampled them).
+    /// Mean over transitions trained since the previous report of (the
+    /// step that trains them, which is the version it produces, - the
+    /// version that sampled them): data sampled with the very weights a
+    /// step starts from has lag 1, as `learner.max_policy_lag` counts it.
     #[serde(deserialize_with = "number_or_null")]
     pub mean_policy_lag: f64,
     /// Largest lag of a chunk trained since the previous report (never

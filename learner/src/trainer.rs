@@ -118,7 +118,9 @@ pub struct Trainer {
     pub config: Config,
     /// Batches from the batch builder; closed when the learner stops.
     pub batches: Receiver<PreparedBatch>,
-    /// Steps done, read by the batch builder to bound lag.
+    /// The version of the weights the next step starts from (steps done,
+    /// plus the offset a resume from the version floor adds), read by the
+    /// batch builder to bound lag.
     pub steps_done: Arc<AtomicU64>,
     /// Weight versions.
     pub publisher: Arc<Publisher>,
@@ -308,7 +310,10 @@ impl Trainer {
                 } else {
                     wall >= progress.next_report_wall
                 };
-                if due || finished(&progress) {
+                // The last step's report, when not due, comes after the
+                // loop: off an experiment's grid, it must stay out of the
+                // checkpoint (see there).
+                if due {
                     if let Err(error) = self.report(&mut evaluator, &mut progress) {
                         break 'training Err(error);
                     }
@@ -336,7 +341,8 @@ impl Trainer {
                     break 'training Err(error);
                 }
             }
-            // A stop between two reports still ends with one, so the last report
+            // A run that ends between two reports (a stop, or `max_steps`
+            // off the report grid) still ends with one, so the last report
             // (and the metrics file) covers every step. (Counters that move
             // after it, while sessions end, reach the final summary only:
             // `serve` refreshes it.)

@@ -347,6 +347,33 @@ async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run whose `max_steps` is off its report grid ends with a report at
+/// its last step, and that report stays out of its final checkpoint, as a
+/// stop's does: a finished run resumed with more steps rests on the
+/// grid's evaluations only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_step_off_the_report_grid_adds_no_evaluation_to_the_checkpoint() {
+    let dir = scratch("off-grid-end");
+    let (mut config, checkpoints) = checkpointed(&dir, 0, 25);
+    config.learner.eval_every_steps = 10;
+    let metrics = dir.join("metrics.jsonl");
+    let outcome = train(&config, &metrics).await;
+    assert_eq!(outcome.steps, 25);
+    let steps: Vec<u64> = support::reports(&metrics).iter().map(|r| r.step).collect();
+    assert_eq!(steps, [10, 20, 25]);
+    let saved = checkpoint::load_latest(&checkpoints)
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(saved.step, 25);
+    assert_eq!(
+        saved.evaluator.samples_so_far,
+        2 * config.learner.eval_samples as u64,
+        "the evaluations of steps 10 and 20 only"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The same stop between grid reports, with that last report's metrics
 /// write failing (the metrics file is a pipe whose reader goes away after
 /// the first report): the error path saves a checkpoint too, and it holds
