@@ -214,10 +214,18 @@ fn main() {
                 .iter()
                 .map(|t| replay(env.as_ref(), t).unwrap())
                 .collect();
-        let batch = TransitionBatch::collate(&chunk, dims, pinned).to_device(device);
+        let host = TransitionBatch::collate(&chunk, dims, pinned);
+        let batch = host.copied_to(device);
         let mut median = |extras: bool| {
             median_ms(args.steps, device, || {
-                step(false, extras, false, !extras, &batch)
+                if extras && device.is_cuda() {
+                    // As the trainer thread: the collated batch arrives in
+                    // pinned host memory, and each step queues its copy.
+                    let moved = host.copied_to(device);
+                    step(false, true, false, false, &moved)
+                } else {
+                    step(false, extras, false, !extras, &batch)
+                }
             })
         };
         let (bare, full) = (median(false), median(true));

@@ -112,7 +112,9 @@ impl Adam {
 
     /// One update from the gradients in place.
     pub fn step(&mut self) {
-        let skip = Tensor::from(false).to_device(self.m.device());
+        // Filled on the device: a host scalar copied to a GPU would wait
+        // for the work queued before it.
+        let skip = Tensor::zeros([], (Kind::Bool, self.m.device()));
         let _ = self.step_unless(&skip);
     }
 
