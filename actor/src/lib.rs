@@ -30,7 +30,7 @@ use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error_span, info, warn};
 
 use crate::connection::{Counts, Session, SessionEnd, SessionError};
 use crate::worker::{Seeding, Worker, WorkerReport};
@@ -125,7 +125,9 @@ pub async fn run(
     // Every event of this actor carries who it is and which policy it
     // samples with; the connection records the last two (in JSON logs
     // only: see `telemetry::record_latest`).
-    let span = info_span!(
+    // At the error level, so that a log filtered to warnings keeps these
+    // fields on the warnings it shows.
+    let span = error_span!(
         "actor",
         actor_name = %options.name,
         learner = %config.actor.learner,
@@ -168,9 +170,11 @@ async fn run_actor(
         seeding,
         abandon: abandon.clone(),
     };
+    // The rollout thread's events (its seed) say which actor they are.
+    let span = tracing::Span::current();
     let worker = std::thread::Builder::new()
         .name("flgfn-rollout".to_owned())
-        .spawn(move || worker.run())
+        .spawn(move || span.in_scope(|| worker.run()))
         .map_err(|e| ActorError::Worker(e.to_string()))?;
 
     let mut report = ActorReport::default();
@@ -215,6 +219,8 @@ async fn run_actor(
         transitions = report.transitions_sent,
         versions = report.versions_loaded,
         sessions = report.sessions,
+        // Rolled out but never sent (an earlier session's, or a broken one's).
+        unsent_chunks = report.stale_chunks_dropped,
         "actor stopped"
     );
     result.map(|()| report)
@@ -458,7 +464,12 @@ pub async fn stay_connected(
                     });
                 }
                 let pause = backoff.next_pause(&mut rand::rng());
-                warn!(%message, retry_in = ?pause, "learner unavailable; reconnecting");
+                warn!(
+                    %message,
+                    retry_in = ?pause,
+                    failures,
+                    "learner unavailable; reconnecting"
+                );
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = &mut shutdown => break Ok(()),

@@ -3,8 +3,8 @@
 //! Two formats: human text (colours only when stderr is a terminal and
 //! `NO_COLOR` is unset, so a log written to a file has no escape codes) and
 //! JSON lines (`--log-format json` or `FLGFN_LOG_FORMAT=json`), one object
-//! per event carrying the fields of its spans: `actor_id` and `peer` on the
-//! learner's session events, `actor_id`, `actor_name`, `learner` and
+//! per event carrying the fields of its spans: `actor_id`, `actor` and
+//! `peer` on the learner's session events, `actor_id`, `actor_name`, `learner` and
 //! `policy_version` on an actor's. Levels come from `RUST_LOG`.
 //!
 //! A binary that calls [`init_with_live_line`] (the learner) also keeps a
@@ -37,15 +37,16 @@ pub struct LogFlags {
     pub log_format: LogFormat,
 }
 
-/// Whether a span field recorded again replaces its value. The JSON
-/// formatter replaces it; the text formatter appends it, so a field that
-/// changes all the time (the policy version) would grow every line.
-static SPAN_FIELDS_REPLACE: AtomicBool = AtomicBool::new(false);
+/// Whether logs are JSON lines. Then a span field recorded again replaces
+/// its value (the text formatter appends it, so a field that changes all
+/// the time, the policy version, would grow every line), and the error a
+/// binary exits with is a JSON line too.
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
 
 /// Records the latest `value` of a span field that changes often (the
 /// policy version), where the log format shows only the latest.
 pub fn record_latest(span: &tracing::Span, field: &str, value: u64) {
-    if SPAN_FIELDS_REPLACE.load(Ordering::Relaxed) {
+    if JSON_LOGS.load(Ordering::Relaxed) {
         span.record(field, value);
     }
 }
@@ -122,13 +123,21 @@ fn install(format: LogFormat, live_line: bool) -> bool {
         line.enable_steady_tick(Duration::from_millis(250));
         let _ = LIVE_LINE.set(line);
     }
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info")
-    });
+    let default_filter =
+        || EnvFilter::new("warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info");
+    // A RUST_LOG that does not parse is said once logging is up, not
+    // silently replaced by the defaults.
+    let (filter, unreadable) = match std::env::var("RUST_LOG") {
+        Ok(levels) => match EnvFilter::try_new(&levels) {
+            Ok(filter) => (filter, None),
+            Err(error) => (default_filter(), Some((levels, error))),
+        },
+        Err(_) => (default_filter(), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| AboveLiveLine);
-    SPAN_FIELDS_REPLACE.store(format == LogFormat::Json, Ordering::Relaxed);
+    JSON_LOGS.store(format == LogFormat::Json, Ordering::Relaxed);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
         LogFormat::Json => builder
@@ -137,6 +146,9 @@ fn install(format: LogFormat, live_line: bool) -> bool {
             .with_span_list(true)
             .try_init(),
     };
+    if let Some((levels, error)) = unreadable {
+        tracing::warn!(%levels, %error, "RUST_LOG is not a valid filter: using the default levels");
+    }
     live
 }
 
@@ -155,7 +167,13 @@ pub fn exit_status<E: std::fmt::Display>(
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{program}: error: {error:#}");
+            if JSON_LOGS.load(Ordering::Relaxed) {
+                // JSON logs: the line that matters most is one a log
+                // collector can read too.
+                tracing::error!(program, error = %format!("{error:#}"), "exiting with an error");
+            } else {
+                eprintln!("{program}: error: {error:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -156,20 +156,25 @@ impl IngestStats {
     /// Counts one refused chunk under `reason`.
     pub fn reject(&self, reason: &'static str) {
         Self::add(&self.rejected_chunks, 1);
-        self.refuse(reason);
+        let _ = self.refuse(reason);
     }
 
     /// Counts one refused request under `reason` (a chunk, or a call
-    /// refused before any chunk, such as `unauthenticated`).
-    pub fn refuse(&self, reason: &str) {
+    /// refused before any chunk, such as `unauthenticated`), returning how
+    /// many so far: a flood logs only at some of them.
+    pub fn refuse(&self, reason: &str) -> u64 {
         let mut rejections = self
             .rejections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match rejections.get_mut(reason) {
-            Some(count) => *count += 1,
+            Some(count) => {
+                *count += 1;
+                *count
+            }
             None => {
                 rejections.insert(reason.to_owned(), 1);
+                1
             }
         }
     }

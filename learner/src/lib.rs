@@ -323,7 +323,18 @@ pub async fn serve(
                 if shown.is_some_and(|value| token.matches(value.as_bytes())) {
                     Ok(request)
                 } else {
-                    rejections.refuse("unauthenticated");
+                    // Never the token shown; a flood logs a line at 1, 2,
+                    // 4, 8, ... refusals.
+                    let refused_so_far = rejections.refuse("unauthenticated");
+                    if refused_so_far.is_power_of_two() {
+                        let peer = service::peer_name(connections::ConnectionInfo::of(&request));
+                        warn!(
+                            %peer,
+                            refused_so_far,
+                            token_shown = shown.is_some(),
+                            "refused a call with a missing or wrong token (auth.token_file)"
+                        );
+                    }
                     Err(Status::unauthenticated(
                         "missing or wrong bearer token (send `authorization: Bearer <token>`)",
                     ))
@@ -726,10 +737,11 @@ pub async fn serve(
         steps = outcome.steps,
         version = outcome.version,
         wall_s = r.wall_s,
-        time_to_quality_s = ?outcome.time_to_quality_s,
-        logz_error = ?r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
-        marginal_tv = ?r.marginal_tv,
-        energy_w1 = ?r.energy_w1,
+        // Numbers when known, left out when not (JSON logs too).
+        time_to_quality_s = outcome.time_to_quality_s,
+        logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
+        marginal_tv = r.marginal_tv,
+        energy_w1 = r.energy_w1,
         top100_mean_reward = r.top100_mean_reward,
         trained_transitions = r.trained_transitions,
         resumed_trained_transitions = r.resumed_trained_transitions,
@@ -739,6 +751,10 @@ pub async fn serve(
         stale_transitions = r.stale_transitions,
         stale_fraction = r.stale_fraction,
         untrained_at_stop_transitions = outcome.untrained_at_stop_transitions,
+        skipped_batches = r.skipped_batches,
+        rejected_chunks = r.rejected_chunks,
+        lost_chunks = r.lost_chunks,
+        stalled_sessions = r.stalled_sessions,
         "training finished"
     );
     Ok(outcome)

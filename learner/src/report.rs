@@ -218,11 +218,27 @@ impl Report {
         self.unusable_truncated_transitions = get(&stats.unusable_truncated_transitions);
     }
 
+    /// What the run lost or refused so far, for the report line: empty
+    /// while nothing was.
+    fn losses(&self) -> String {
+        [
+            ("skipped", self.skipped_batches),
+            ("stale_dropped", self.stale_transitions),
+            ("rejected_chunks", self.rejected_chunks),
+            ("lost_chunks", self.lost_chunks),
+            ("stalled_sessions", self.stalled_sessions),
+        ]
+        .iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(name, count)| format!(" {name}={count}"))
+        .collect()
+    }
+
     /// Logs the report as one line.
     pub fn log(&self) {
         let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
         tracing::info!(
-            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} exact_tv={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}",
+            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} exact_tv={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}{}",
             self.step,
             self.wall_s,
             self.loss,
@@ -239,6 +255,7 @@ impl Report {
             100.0 * self.data_wait_fraction,
             self.mean_batch_transitions,
             self.version,
+            self.losses(),
             if self.at_quality == Some(true) {
                 " AT-QUALITY"
             } else {

@@ -18,7 +18,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error_span, info, warn};
 
 use crate::connections::ConnectionInfo;
 use crate::credits::Controller;
@@ -147,7 +147,16 @@ impl Learner for LearnerService {
         let (actor_id, per_chunk, chunk_bytes) =
             state.check_session(request.metadata()).map_err(refused)?;
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
-            state.stats.refuse("too_many_sessions");
+            // A flood logs a line at 1, 2, 4, 8, ... refusals.
+            let refused_so_far = state.stats.refuse("too_many_sessions");
+            if refused_so_far.is_power_of_two() {
+                warn!(
+                    %peer,
+                    max_sessions = state.max_sessions,
+                    refused_so_far,
+                    "refused a session beyond learner.max_sessions"
+                );
+            }
             return Err(Status::resource_exhausted(format!(
                 "the learner already serves {} sessions (learner.max_sessions)",
                 state.max_sessions
@@ -159,6 +168,10 @@ impl Learner for LearnerService {
             // A concurrent session took it first.
             return Err(refused(RequestError::UnknownActor(actor_id)));
         };
+        // Every event of the session carries who it is (JSON logs). At the
+        // error level, so that a log filtered to warnings keeps these
+        // fields on the warnings it shows.
+        let span = error_span!("session", actor_id, actor = %actor_name.0, %peer);
         let (grants, outbound) = mpsc::channel(GRANT_BUFFER);
         let session = crate::session::Session {
             slot,
@@ -171,8 +184,6 @@ impl Learner for LearnerService {
             opened_at: std::time::Instant::now(),
             actor_name,
         };
-        // Every event of the session carries who it is (JSON logs).
-        let span = info_span!("session", actor_id, %peer);
         tokio::spawn(session.run().instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
     }
@@ -277,7 +288,7 @@ impl LearnerState {
 }
 
 /// The peer's address for logs ("unknown" where the transport has none).
-fn peer_name(connection: Option<&ConnectionInfo>) -> String {
+pub(crate) fn peer_name(connection: Option<&ConnectionInfo>) -> String {
     connection
         .and_then(ConnectionInfo::remote_addr)
         .map_or_else(|| "unknown".to_owned(), |a| a.to_string())

@@ -195,6 +195,10 @@ struct Progress {
     /// When the last pause began: chunks for credits granted before it
     /// say nothing new when they arrive.
     paused_at: Option<Instant>,
+    /// This session's pauses so far: an actor hovering at the bound for
+    /// hours pauses again and again, and only the 1st, 2nd, 4th, ... are
+    /// logged at info.
+    pauses: u64,
 }
 
 impl Session {
@@ -213,6 +217,14 @@ impl Session {
             ..Progress::default()
         };
         let served = self.serve(&mut progress).await;
+        // Why, for the operator's log line below: the end of training, the
+        // actor's leaving, or the status that ended the session (a
+        // refusal, a stall, a broken connection).
+        let ended_by = match &served {
+            Ok(()) if *self.state.publisher.done().borrow() => "training done".to_owned(),
+            Ok(()) => "the actor left".to_owned(),
+            Err(status) => format!("{:?}: {}", status.code(), status.message()),
+        };
         // The credits this actor holds go back to the room now: the last
         // message below may wait on an actor that no longer reads. Their
         // chunks may have been sent, and lost with the connection.
@@ -238,7 +250,15 @@ impl Session {
             };
             self.send_last(message).await;
         }
-        debug!(actor_id = self.actor_id, ?progress.record, "session ended");
+        let record = &progress.record;
+        info!(
+            ended_by,
+            duration_s = self.opened_at.elapsed().as_secs_f64(),
+            chunks = record.chunks_received,
+            credits = record.credits_granted,
+            versions_sent = record.versions_sent,
+            "session ended"
+        );
         stats.record_session(progress.record);
     }
 
@@ -514,10 +534,14 @@ impl Session {
             progress.stale_arrivals = 0;
             progress.next_pause = Duration::ZERO;
             if credits.fresh() {
-                info!(
-                    actor_id = self.actor_id,
-                    lag, "chunks arrive fresh again: credits resume"
-                );
+                if progress.pauses.is_power_of_two() {
+                    info!(
+                        actor_id = self.actor_id,
+                        lag, "chunks arrive fresh again: credits resume"
+                    );
+                } else {
+                    debug!(actor_id = self.actor_id, lag, "credits resume");
+                }
             }
             return;
         }
@@ -536,13 +560,24 @@ impl Session {
         progress.paused_at = Some(Instant::now());
         credits.pause(pause);
         IngestStats::add(&self.state.stats.session_pauses, 1);
-        info!(
-            actor_id = self.actor_id,
-            lag,
-            max_policy_lag = self.state.max_policy_lag,
-            pause_s = pause.as_secs_f64(),
-            "this actor's chunks arrive older than max_policy_lag (far behind the actors that set the pace): pausing its credits"
-        );
+        progress.pauses += 1;
+        if progress.pauses.is_power_of_two() {
+            info!(
+                actor_id = self.actor_id,
+                lag,
+                max_policy_lag = self.state.max_policy_lag,
+                pause_s = pause.as_secs_f64(),
+                pauses_so_far = progress.pauses,
+                "this actor's chunks arrive older than max_policy_lag (far behind the actors that set the pace): pausing its credits"
+            );
+        } else {
+            debug!(
+                actor_id = self.actor_id,
+                lag,
+                pause_s = pause.as_secs_f64(),
+                "pausing credits again"
+            );
+        }
     }
 
     /// Undecodable or oversized: refused by tonic before validation, but

@@ -36,6 +36,12 @@ use crate::publisher::Publisher;
 use crate::quality_probes::{Probe, QualityProbes};
 use crate::report::{MetricsFile, Report};
 
+/// How long the trainer waits for data before it says so; each later
+/// warning comes after twice the wait so far, at most [`DATA_WARNING_GAP`]
+/// after the last.
+const FIRST_DATA_WARNING: Duration = Duration::from_secs(10);
+const DATA_WARNING_GAP: Duration = Duration::from_secs(300);
+
 /// Reports in a row whose every step had a non-finite loss before training
 /// stops.
 const MAX_DIVERGED_REPORTS: u32 = 3;
@@ -284,7 +290,7 @@ impl Trainer {
         let trained: Result<Bytes, LearnerError> = 'training: {
             while !finished(&progress) {
                 let wait_started = Instant::now();
-                let Ok(batch) = self.batches.recv() else {
+                let Some(batch) = self.next_batch() else {
                     break;
                 };
                 if progress.started.is_some() {
@@ -398,7 +404,7 @@ impl Trainer {
                     );
                     match saved {
                         Ok(()) => {
-                            info!(step = progress.step, %error, "checkpoint saved after an error")
+                            warn!(step = progress.step, %error, "checkpoint saved after an error")
                         }
                         Err(again) => {
                             tracing::error!(%error, %again, "no checkpoint could be saved after an error");
@@ -603,6 +609,34 @@ impl Trainer {
         Ok(())
     }
 
+    /// The next batch, however long it takes (`None` once the learner
+    /// stops). A learner nobody feeds (no actor started, every one refused
+    /// for its token or task) would otherwise say nothing at all: a wait
+    /// of [`FIRST_DATA_WARNING`] is logged, and then less and less often.
+    fn next_batch(&self) -> Option<PreparedBatch> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let started = Instant::now();
+        let mut warn_at = FIRST_DATA_WARNING;
+        loop {
+            match self
+                .batches
+                .recv_timeout(warn_at.saturating_sub(started.elapsed()))
+            {
+                Ok(batch) => return Some(batch),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    warn!(
+                        waited_s = started.elapsed().as_secs(),
+                        actors_connected = self.stats.connected_actors.load(Ordering::Relaxed),
+                        rejections = ?self.stats.rejections(),
+                        "waiting for training data: are actors running, with this learner's address, token and task? (refusals are counted in rejections)"
+                    );
+                    warn_at = (warn_at * 2).min(warn_at + DATA_WARNING_GAP);
+                }
+            }
+        }
+    }
+
     /// One optimizer step on `batch`, without waiting on the device. A
     /// batch whose loss or gradients are not finite (the model diverged:
     /// ingest bounds the energies) is skipped, leaving the weights and
@@ -748,6 +782,14 @@ impl Trainer {
         let nonfinite = window.skipped_steps();
         let finite_steps = window.steps - nonfinite;
         progress.totals.skipped_batches += nonfinite;
+        if nonfinite > 0 {
+            warn!(
+                step = progress.step,
+                skipped = nonfinite,
+                of_steps = window.steps,
+                "steps skipped since the last report: their loss, gradients or update were not finite (a diverging model? lower learner.learning_rate); {MAX_DIVERGED_REPORTS} reports in a row with no finite step stop the run"
+            );
+        }
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {

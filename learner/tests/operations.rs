@@ -239,8 +239,14 @@ fn training_log(dir: &Path, env: &[(&str, &str)]) -> Vec<u8> {
 #[test]
 fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
     let dir = scratch("logs");
-    let text = training_log(&dir, &[]);
+    // A filter that does not parse: the defaults, and a warning saying so.
+    let text = training_log(&dir, &[("RUST_LOG", "flgfn_learner=loud")]);
     assert!(text.len() > 200, "the job logged");
+    assert!(
+        String::from_utf8_lossy(&text).contains("RUST_LOG is not a valid filter"),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
     assert!(!text.contains(&0x1b), "no escape codes in a file");
     let plain = String::from_utf8_lossy(&text);
     assert!(
@@ -285,10 +291,96 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         .filter_map(|e| spans_of(e, "session"))
         .collect();
     assert!(
-        session_events
-            .iter()
-            .any(|span| span["actor_id"].is_u64() && span["peer"].is_string()),
-        "a learner session event with actor id and peer: {session_events:?}"
+        session_events.iter().any(|span| span["actor_id"].is_u64()
+            && span["peer"].is_string()
+            && span["actor"] == "local-0"),
+        "a learner session event with actor id, name and peer: {session_events:?}"
+    );
+    let message_is =
+        |event: &&serde_json::Value, message: &str| event["fields"]["message"] == message;
+    let ended = lines
+        .iter()
+        .find(|e| message_is(e, "session ended"))
+        .unwrap_or_else(|| panic!("a `session ended` line: {text}"));
+    assert!(ended["fields"]["ended_by"].is_string(), "{ended}");
+    assert!(ended["fields"]["chunks"].as_u64() > Some(0), "{ended}");
+    // The summary's values known or not: numbers, or left out.
+    let finished = lines
+        .iter()
+        .find(|e| message_is(e, "training finished"))
+        .unwrap_or_else(|| panic!("a `training finished` line: {text}"));
+    let fields = &finished["fields"];
+    assert!(fields["logz_error"].is_f64(), "{finished}");
+    for optional in ["time_to_quality_s", "marginal_tv", "energy_w1"] {
+        assert!(
+            fields[optional].is_null() || fields[optional].is_f64(),
+            "{optional}: {finished}"
+        );
+    }
+    assert!(fields["skipped_batches"].is_u64(), "{finished}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With JSON logs, the error a binary exits with is a JSON line too.
+#[test]
+fn json_logs_end_with_the_error_as_json() {
+    let output = command(&learner_binary())
+        .args(["--config", "/nonexistent/flgfn.toml"])
+        .env("FLGFN_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(last["level"], "ERROR", "{last}");
+    let error = last["fields"]["error"].as_str().unwrap();
+    assert!(error.contains("/nonexistent/flgfn.toml"), "{error}");
+}
+
+/// A learner nobody feeds says so, and names what it refused: an actor
+/// with a wrong token is refused (logged, without either token), and after
+/// 10 s without a batch the learner warns, with the refusals by reason.
+#[test]
+fn a_learner_nobody_feeds_says_so_and_names_its_refusals() {
+    const LEARNER_SECRET: &str = "the-learner-secret-0123456789";
+    const ACTOR_SECRET: &str = "an-actor-with-another-secret";
+    let dir = scratch("unfed");
+    let config = tiny_config_file(&dir, 0);
+    let port = free_port();
+    let learner_log = dir.join("learner.log");
+    let _learner = spawn_logging(
+        &learner_binary(),
+        &["--listen", &format!("127.0.0.1:{port}")],
+        &config,
+        &[("FLGFN_TOKEN", LEARNER_SECRET)],
+        &learner_log,
+    );
+    wait_for_log(&learner_log, "learner listening");
+    let refused = command(&sibling("flgfn-actor"))
+        .args(["--learner", &format!("http://127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&config)
+        .env("FLGFN_TOKEN", ACTOR_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!refused.success(), "a wrong token is refused for good");
+    wait_for_log(&learner_log, "refused a call with a missing or wrong token");
+    wait_for_log(&learner_log, "waiting for training data");
+    let log = std::fs::read_to_string(&learner_log).unwrap();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("waiting for training data"))
+        .unwrap();
+    assert!(
+        warning.contains("actors_connected=0") && warning.contains("\"unauthenticated\""),
+        "{warning}"
+    );
+    assert!(
+        !log.contains(LEARNER_SECRET) && !log.contains(ACTOR_SECRET),
+        "{log}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
