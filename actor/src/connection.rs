@@ -504,6 +504,7 @@ impl Session<'_> {
                             session,
                             version: new.version,
                             bytes: new.safetensors,
+                            received_at: std::time::Instant::now(),
                         }));
                     }
                     // A grant of no credits needs no weights (a later

@@ -55,6 +55,9 @@ pub struct ActorReport {
     pub versions_applied: Vec<u64>,
     /// Weight versions loaded, all of them.
     pub versions_loaded: u64,
+    /// Sum over the versions loaded of the microseconds from their arrival
+    /// to the rollout that loaded them (see [`ActorReport::received_to_use_ms`]).
+    pub received_to_use_us: u64,
     /// Weight versions received (each came with a credit).
     pub versions_received: u64,
     /// Credits received: rollouts the learner asked for.
@@ -205,6 +208,7 @@ async fn run_actor(
         .map_err(|e| ActorError::Worker(e.to_string()))?;
     report.versions_applied = worker_report.versions_applied;
     report.versions_loaded = worker_report.versions_loaded;
+    report.received_to_use_us = worker_report.received_to_use_us;
     report.rollouts = worker_report.rollouts;
     report.seed = worker_report.seed;
     report.first_chunk_digest = worker_report.first_chunk_digest;
@@ -218,6 +222,7 @@ async fn run_actor(
         chunks = report.chunks_sent,
         transitions = report.transitions_sent,
         versions = report.versions_loaded,
+        received_to_use_ms = report.received_to_use_ms(),
         sessions = report.sessions,
         // Rolled out but never sent (an earlier session's, or a broken one's).
         unsent_chunks = report.stale_chunks_dropped,
@@ -483,6 +488,13 @@ pub async fn stay_connected(
 }
 
 impl ActorReport {
+    /// Mean milliseconds from a version's arrival to the rollout that
+    /// loaded it: the actor's share of publish-to-use latency (the
+    /// learner's is its `publish_to_send_ms`, and the link's in between).
+    pub fn received_to_use_ms(&self) -> f64 {
+        self.received_to_use_us as f64 / 1e3 / self.versions_loaded.max(1) as f64
+    }
+
     /// Copies the connection's counters into the report.
     pub fn add_counts(&mut self, counts: Counts) {
         self.chunks_sent = counts.chunks_sent;

@@ -129,6 +129,9 @@ async fn generated_actor(
     let generator = tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
         let (mut rollouts, mut undelivered) = (0u64, 0u64);
+        // Versions "loaded" as a real actor's worker counts them: when an
+        // order brings other weights than the last.
+        let (mut loaded, mut versions_loaded, mut received_to_use_us) = (None, 0u64, 0u64);
         while let Some(order) = orders.recv().await {
             if order.session == crate::worker::FLUSH_SESSION {
                 if chunk_sender.send(SampledChunk::flushed()).await.is_err() {
@@ -138,6 +141,12 @@ async fn generated_actor(
             }
             if order.session != session_seen.load(Ordering::Acquire) {
                 continue;
+            }
+            let weights = &order.weights;
+            if loaded != Some((weights.session, weights.version)) {
+                loaded = Some((weights.session, weights.version));
+                versions_loaded += 1;
+                received_to_use_us += weights.received_at.elapsed().as_micros() as u64;
             }
             let chunk = TrajectoryChunk {
                 actor_id: 0,
@@ -156,7 +165,7 @@ async fn generated_actor(
                 break;
             }
         }
-        (rollouts, undelivered)
+        (rollouts, undelivered, versions_loaded, received_to_use_us)
     });
     let mut report = ActorReport::default();
     // Distinct across load generators too: the learner counts lost chunks
@@ -175,8 +184,11 @@ async fn generated_actor(
     drop(order_sender);
     let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
-    let (rollouts, undelivered) = generator.await.unwrap_or((0, 0));
+    let (rollouts, undelivered, versions_loaded, received_to_use_us) =
+        generator.await.unwrap_or_default();
     report.rollouts = rollouts;
+    report.versions_loaded = versions_loaded;
+    report.received_to_use_us = received_to_use_us;
     report.add_counts(counts);
     report.stale_chunks_dropped += unsent + undelivered;
     result.map(|()| report)

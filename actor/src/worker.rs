@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use flgfn_common::env::Environment;
@@ -34,6 +35,10 @@ pub struct Weights {
     pub version: u64,
     /// safetensors bytes.
     pub bytes: Bytes,
+    /// When the connection received them: from here to the rollout that
+    /// loads them is the actor's share of their publish-to-use latency
+    /// (orders queued ahead of theirs, then the load).
+    pub received_at: Instant,
 }
 
 /// Set on the current session's number while it drains (the actor is
@@ -104,6 +109,9 @@ pub struct WorkerReport {
     pub versions_applied: Vec<u64>,
     /// Versions loaded, all of them.
     pub versions_loaded: u64,
+    /// Sum over the versions loaded of the microseconds from their
+    /// arrival to the rollout that loaded them.
+    pub received_to_use_us: u64,
     /// Rollouts done (one chunk each).
     pub rollouts: u64,
     /// Orders skipped because their session had ended, before their
@@ -187,6 +195,7 @@ impl Worker {
                     })?;
                 loaded = Some((weights.session, weights.version));
                 report.versions_loaded += 1;
+                report.received_to_use_us += weights.received_at.elapsed().as_micros() as u64;
                 if report.versions_applied.len() < VERSIONS_KEPT {
                     report.versions_applied.push(weights.version);
                 }
@@ -361,6 +370,8 @@ mod tests {
             session: 1,
             version: 3,
             bytes: bytes.into(),
+            // Arrived a while before the worker takes the order.
+            received_at: Instant::now() - std::time::Duration::from_millis(40),
         });
         orders_in
             .try_send(Order {
@@ -401,6 +412,13 @@ mod tests {
         let (report, sent) = one_rollout_while_the_session_becomes(1 | DRAINING);
         assert_eq!((report.rollouts, report.orders_skipped), (1, 0));
         assert_eq!(sent, 1);
+        // Its weights waited from their arrival to this rollout.
+        assert_eq!(report.versions_loaded, 1);
+        assert!(
+            (40_000..10_000_000).contains(&report.received_to_use_us),
+            "{} us",
+            report.received_to_use_us
+        );
     }
 
     #[test]

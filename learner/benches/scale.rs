@@ -10,12 +10,18 @@
 //!
 //! Columns: trained and ingested transitions per second of training time;
 //! trajectory and weight bytes per trained transition (counted by the
-//! learner per session); the fraction of ingested data dropped as stale;
+//! learner per session); the fraction of ingested data dropped as stale by
+//! the learner, and of chunks generated actors rolled out but never sent;
 //! mean and max policy lag (steps); mean batch; the trainer's data-wait
-//! fraction; busy milliseconds per step (waiting left out); resident memory
-//! of the benchmark process (the learner plus any generated actors, which
-//! hold no libtorch); mean milliseconds from a version's publication to its
-//! sending; and time to quality.
+//! fraction; busy milliseconds per step (waiting left out; with the tiny
+//! network, close to the fixed cost, which the `step` bench gives proper,
+//! as an intercept); resident memory of the benchmark process (the learner
+//! plus any generated actors, which hold no libtorch); publish-to-use
+//! latency, the mean milliseconds from a version's publication to its
+//! sending (learner), plus the added one-way delay, plus from its arrival to
+//! the rollout that loads it (generated actors' mean; real actor processes
+//! log theirs as `received_to_use_ms`, so their rows show the first two
+//! parts, as a lower bound); and time to quality.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -112,7 +118,16 @@ fn actor_executable() -> PathBuf {
         .join("flgfn-actor")
 }
 
-async fn run(scenario: &Scenario, actor_exe: &Path) -> TrainingOutcome {
+/// What the generated actors of a scenario did, summed.
+#[derive(Default)]
+struct GeneratedTotals {
+    chunks_sent: u64,
+    unsent_chunks: u64,
+    versions_loaded: u64,
+    received_to_use_us: u64,
+}
+
+async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<GeneratedTotals>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() {
@@ -139,24 +154,52 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> TrainingOutcome {
     let real = (scenario.real > 0)
         .then(|| LocalActors::spawn(scenario.real, target, &actor_config, actor_exe).unwrap());
     let outcome = learner.await.unwrap().unwrap();
+    let mut totals = None;
     if let Some(mut generated) = generated {
         // Its connections must not linger into the next scenario.
-        if tokio::time::timeout(Duration::from_secs(30), &mut generated)
-            .await
-            .is_err()
-        {
-            generated.abort();
+        match tokio::time::timeout(Duration::from_secs(30), &mut generated).await {
+            Ok(Ok(reports)) => {
+                let mut sum = GeneratedTotals::default();
+                for report in reports.iter().flatten() {
+                    sum.chunks_sent += report.chunks_sent;
+                    sum.unsent_chunks += report.stale_chunks_dropped;
+                    sum.versions_loaded += report.versions_loaded;
+                    sum.received_to_use_us += report.received_to_use_us;
+                }
+                totals = Some(sum);
+            }
+            // A generator task that panicked: no figures of its own.
+            Ok(Err(_)) => {}
+            Err(_) => generated.abort(),
         }
     }
     if let Some(real) = real {
         real.finish();
     }
-    outcome
+    (outcome, totals)
 }
 
-fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
+fn row(
+    scenario: &Scenario,
+    outcome: &TrainingOutcome,
+    generated: Option<&GeneratedTotals>,
+) -> String {
     let t = &outcome.totals;
     let r = &outcome.final_report;
+    let delay_ms = scenario.delay.as_secs_f64() * 1e3;
+    let unsent = generated.map_or("-".to_owned(), |g| {
+        let produced = (g.chunks_sent + g.unsent_chunks).max(1) as f64;
+        format!("{:.2}", 100.0 * g.unsent_chunks as f64 / produced)
+    });
+    let publish_to_use = match generated {
+        Some(g) => format!(
+            "{:.1}",
+            r.publish_to_send_ms
+                + delay_ms
+                + g.received_to_use_us as f64 / 1e3 / g.versions_loaded.max(1) as f64
+        ),
+        None => format!(">= {:.1}", r.publish_to_send_ms + delay_ms),
+    };
     let trained = t.trained_transitions.max(1) as f64;
     let ttq = outcome
         .time_to_quality_s
@@ -167,7 +210,7 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
         format!("{}", scenario.delay.as_millis())
     };
     format!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {:.2} | {} |",
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {} | {} |",
         scenario.name,
         scenario.generated + scenario.real,
         delay,
@@ -176,6 +219,7 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
         r.trajectory_bytes_per_trained_transition,
         r.weight_bytes_per_trained_transition,
         100.0 * r.stale_transitions as f64 / r.ingested_transitions.max(1) as f64,
+        unsent,
         r.session_pauses,
         t.mean_policy_lag,
         t.max_policy_lag,
@@ -183,7 +227,7 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome) -> String {
         100.0 * t.data_wait_fraction,
         t.busy_ms_per_step,
         r.resident_mb,
-        r.publish_to_send_ms,
+        publish_to_use,
         ttq,
     )
 }
@@ -229,7 +273,7 @@ fn main() {
         tiny.model.hidden = vec![8];
         tiny.learner.max_steps = args.steps.max(2000);
         scenarios.push(Scenario {
-            name: format!("fixed cost: 8-wide net, {}", args.device),
+            name: format!("8-wide net (busy ~ fixed cost), {}", args.device),
             config: tiny,
             generated: 8,
             real: 0,
@@ -278,9 +322,9 @@ fn main() {
 
     let actor_exe = actor_executable();
     println!(
-        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->send ms | time to quality s |"
+        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->use ms | time to quality s |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // One-time start-up costs (thread pools, allocator growth, page
     // faults, a device's context) go to a short untimed run, not to the
     // first row.
@@ -291,7 +335,7 @@ fn main() {
         runtime.block_on(run(&warm_up, &actor_exe));
     }
     for scenario in &scenarios {
-        let outcome = runtime.block_on(run(scenario, &actor_exe));
-        println!("{}", row(scenario, &outcome));
+        let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe));
+        println!("{}", row(scenario, &outcome, generated.as_ref()));
     }
 }
