@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
-use flgfn_common::objectives::Objective;
+use flgfn_common::objectives::{Objective, TransitionBatch};
 use flgfn_common::policy::{Policy, load_vars, vars_to_host};
 use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
 use tracing::{info, warn};
 
-use crate::adam::Adam;
+use crate::adam::{Adam, ProposedStep};
 use crate::batcher::PreparedBatch;
 use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, prefixed};
 use crate::credits::CreditPool;
@@ -35,6 +35,20 @@ use crate::parameters::FlatParameters;
 use crate::publisher::Publisher;
 use crate::quality_probes::{Probe, QualityProbes};
 use crate::report::{MetricsFile, Report};
+
+/// Runs `compute` (step `step`'s libtorch calls), turning a panic (tch
+/// panics where libtorch fails: out of GPU memory, say) into an error that
+/// names the step and libtorch's message.
+fn unless_libtorch_fails<T>(step: u64, compute: impl FnOnce() -> T) -> Result<T, LearnerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(compute)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        LearnerError::Trainer(format!("libtorch failed in step {step}: {message}"))
+    })
+}
 
 /// How long the trainer waits for data before it says so; each later
 /// warning comes after twice the wait so far, at most [`DATA_WARNING_GAP`]
@@ -299,7 +313,11 @@ impl Trainer {
                 }
                 progress.started.get_or_insert_with(Instant::now);
 
-                self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress);
+                if let Err(error) =
+                    self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress)
+                {
+                    break 'training Err(error);
+                }
                 self.steps_done
                     .store(progress.step + progress.version_offset, Ordering::Release);
                 if progress.step % learner.publish_every == 0 {
@@ -642,50 +660,22 @@ impl Trainer {
     /// ingest bounds the energies) is skipped, leaving the weights and
     /// Adam's moments as they were, instead of turning every weight into
     /// NaN; reports count such steps as `skipped_batches`.
+    ///
+    /// libtorch failing while the step is computed (out of GPU memory, say:
+    /// tch panics) is an error that ends training, with the checkpoint
+    /// every such error gets: nothing has moved yet, the weights and
+    /// moments are the last step's.
     fn train_step(
         &self,
         optimizer: &mut Adam,
         mut own_optimizer: Option<&mut (Adam, f64)>,
         batch: PreparedBatch,
         progress: &mut Progress,
-    ) {
-        let learner = &self.config.learner;
-        let tensors = batch.tensors.to_device(self.policy.device());
-        let output = self.policy.net.forward(&tensors.states);
-        let loss = self.objective.loss(&output, &tensors);
-        let finite = loss.isfinite();
-        if learner.max_steps > 0 {
-            let fraction = learning_rate_fraction(
-                progress.step + 1,
-                learner.max_steps,
-                learner.final_learning_rate_fraction,
-            );
-            optimizer.set_lr(learner.learning_rate * fraction);
-            if let Some((own, rate)) = own_optimizer.as_mut() {
-                own.set_lr(*rate * fraction);
-            }
-        }
-        optimizer.zero_grad();
-        if let Some((own, _)) = own_optimizer.as_mut() {
-            own.zero_grad();
-        }
-        loss.backward();
-        // A step whose loss or gradients are not finite, or whose update
-        // would leave a weight that is not, is skipped: nothing moves.
-        // Decided on the device, without waiting for it.
-        let mut finite = finite.logical_and(&optimizer.gradients_finite());
-        if let Some((own, _)) = own_optimizer.as_mut() {
-            finite = finite.logical_and(&own.gradients_finite());
-        }
-        // The objective's own parameters (TB's log Z) and the policy move
-        // together or not at all.
-        let skip = finite.logical_not();
-        let policy_step = optimizer.propose(&skip);
-        let own_step = own_optimizer.as_mut().map(|(own, _)| own.propose(&skip));
-        let mut finite = finite.logical_and(policy_step.finite());
-        if let Some(own_step) = &own_step {
-            finite = finite.logical_and(own_step.finite());
-        }
+    ) -> Result<(), LearnerError> {
+        let step = progress.step + 1;
+        let (loss, finite, policy_step, own_step) = unless_libtorch_fails(step, || {
+            self.compute_step(optimizer, own_optimizer.as_deref_mut(), batch.tensors, step)
+        })?;
         optimizer.apply(policy_step, &finite);
         if let (Some((own, _)), Some(own_step)) = (own_optimizer, own_step) {
             own.apply(own_step, &finite);
@@ -719,6 +709,57 @@ impl Trainer {
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
+        Ok(())
+    }
+
+    /// Step `step`'s loss, gradients and proposed updates, moving nothing:
+    /// the loss, whether the step is sound (a bool scalar on the device),
+    /// and the policy's and the objective's own proposals.
+    fn compute_step(
+        &self,
+        optimizer: &mut Adam,
+        mut own_optimizer: Option<&mut (Adam, f64)>,
+        tensors: TransitionBatch,
+        step: u64,
+    ) -> (Tensor, Tensor, ProposedStep, Option<ProposedStep>) {
+        let learner = &self.config.learner;
+        let tensors = tensors.to_device(self.policy.device());
+        let output = self.policy.net.forward(&tensors.states);
+        let loss = self.objective.loss(&output, &tensors);
+        let finite = loss.isfinite();
+        if learner.max_steps > 0 {
+            let fraction = learning_rate_fraction(
+                step,
+                learner.max_steps,
+                learner.final_learning_rate_fraction,
+            );
+            optimizer.set_lr(learner.learning_rate * fraction);
+            if let Some((own, rate)) = own_optimizer.as_mut() {
+                own.set_lr(*rate * fraction);
+            }
+        }
+        optimizer.zero_grad();
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            own.zero_grad();
+        }
+        loss.backward();
+        // A step whose loss or gradients are not finite, or whose update
+        // would leave a weight that is not, is skipped: nothing moves.
+        // Decided on the device, without waiting for it.
+        let mut finite = finite.logical_and(&optimizer.gradients_finite());
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            finite = finite.logical_and(&own.gradients_finite());
+        }
+        // The objective's own parameters (TB's log Z) and the policy move
+        // together or not at all.
+        let skip = finite.logical_not();
+        let policy_step = optimizer.propose(&skip);
+        let own_step = own_optimizer.as_mut().map(|(own, _)| own.propose(&skip));
+        let mut finite = finite.logical_and(policy_step.finite());
+        if let Some(own_step) = &own_step {
+            finite = finite.logical_and(own_step.finite());
+        }
+        (loss, finite, policy_step, own_step)
     }
 
     /// When quality was first reached, found by the report at `report_wall`:
@@ -867,7 +908,20 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
-    use super::learning_rate_fraction;
+    use super::{learning_rate_fraction, unless_libtorch_fails};
+
+    #[test]
+    fn libtorch_failing_in_a_step_is_an_error_naming_the_step_and_why() {
+        use tch::{Device, Kind, Tensor};
+        // tch panics where libtorch refuses: here a shape that cannot be.
+        let error = unless_libtorch_fails(7, || {
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)).view([3])
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("step 7") && error.contains("[3]"), "{error}");
+        assert_eq!(unless_libtorch_fails(8, || 42).unwrap(), 42);
+    }
 
     #[test]
     fn the_learning_rate_holds_for_half_the_run_then_decays_to_its_final_fraction() {
