@@ -39,6 +39,8 @@ pub struct ProposedStep {
     /// Whether every proposed parameter is finite: a bool scalar on the
     /// device.
     finite: Tensor,
+    /// The optimizer's step count once applied.
+    step: u64,
 }
 
 impl ProposedStep {
@@ -142,14 +144,16 @@ impl Adam {
     /// weights that overflowed would reach actors and checkpoints); on a
     /// skipped step it is true unless the learning rate itself is beyond
     /// f32's range. The step count (t of the bias corrections) advances
-    /// either way, so checkpoints stay in step with the trainer; unlike
+    /// either way once the proposal is applied, taken or not, so checkpoints stay in step with the trainer; unlike
     /// PyTorch's GradScaler, which leaves t as well. One skipped step
     /// changes the corrections by a fraction of a percent, and only early
     /// on.
     pub fn propose(&mut self, skip: &Tensor) -> ProposedStep {
         let _guard = tch::no_grad_guard();
-        self.steps += 1;
-        let t = self.steps as i32;
+        // Counted when applied: a proposal that fails half-way (out of
+        // memory) leaves the count as it was.
+        let step = self.steps + 1;
+        let t = step as i32;
         let step_size = self.learning_rate / (1.0 - BETA1.powi(t));
         let root_correction = (1.0 - BETA2.powi(t)).sqrt();
         let grad = self.parameters.gradients().shallow_clone();
@@ -179,6 +183,7 @@ impl Adam {
             v,
             values,
             finite,
+            step,
         }
     }
 
@@ -188,12 +193,15 @@ impl Adam {
     /// device, without waiting for it.
     pub fn apply(&mut self, proposed: ProposedStep, take: &Tensor) {
         let _guard = tch::no_grad_guard();
-        self.m = proposed.m.where_self(take, &self.m);
-        self.v = proposed.v.where_self(take, &self.v);
-        self.parameters
-            .values()
-            .shallow_clone()
-            .copy_(&proposed.values.where_self(take, self.parameters.values()));
+        // Everything allocated before anything changes: running out of
+        // memory here leaves the optimizer as it was.
+        let m = proposed.m.where_self(take, &self.m);
+        let v = proposed.v.where_self(take, &self.v);
+        let values = proposed.values.where_self(take, self.parameters.values());
+        self.m = m;
+        self.v = v;
+        self.parameters.values().shallow_clone().copy_(&values);
+        self.steps = proposed.step;
     }
 
     /// The moments as named host arrays (`m/<param>`, `v/<param>`), for a
@@ -289,6 +297,29 @@ mod tests {
     /// Parameters and both moments, flat, on the host.
     fn snapshot(adam: &Adam) -> [Vec<f32>; 3] {
         [adam.parameters().values(), &adam.m, &adam.v].map(|t| Vec::<f32>::try_from(t).unwrap())
+    }
+
+    /// A proposal never applied (the step failed after it) moves nothing,
+    /// its step count included; applied, taken or not, it counts.
+    #[test]
+    fn a_proposal_counts_as_a_step_only_once_applied() {
+        tch::manual_seed(6);
+        let vars = nn::VarStore::new(Device::Cpu);
+        let model = net(&vars);
+        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 0.01);
+        adam.zero_grad();
+        loss(&model, 0).backward();
+        let before = snapshot(&adam);
+        let skip_none = Tensor::from(false);
+        drop(adam.propose(&skip_none));
+        assert_eq!((adam.steps(), snapshot(&adam)), (0, before.clone()));
+        let proposed = adam.propose(&skip_none);
+        adam.apply(proposed, &Tensor::from(false));
+        assert_eq!((adam.steps(), snapshot(&adam)), (1, before.clone()));
+        let proposed = adam.propose(&skip_none);
+        adam.apply(proposed, &Tensor::from(true));
+        assert_eq!(adam.steps(), 2);
+        assert_ne!(snapshot(&adam), before);
     }
 
     #[test]

@@ -50,11 +50,13 @@ fn unless_libtorch_fails<T>(step: u64, compute: impl FnOnce() -> T) -> Result<T,
     })
 }
 
-/// How long the trainer waits for data before it says so; each later
-/// warning comes after twice the wait so far, at most [`DATA_WARNING_GAP`]
-/// after the last.
+/// How long the trainer first waits for data before it says so. Each time
+/// it does, the wait that is worth a line doubles, up to
+/// [`LONGEST_DATA_WARNING`], for the rest of the run (a run whose every
+/// batch takes longer, slow rollouts say, is told once, not every step);
+/// one long wait is told at doubling intervals, at most that far apart.
 const FIRST_DATA_WARNING: Duration = Duration::from_secs(10);
-const DATA_WARNING_GAP: Duration = Duration::from_secs(300);
+const LONGEST_DATA_WARNING: Duration = Duration::from_secs(300);
 
 /// Reports in a row whose every step had a non-finite loss before training
 /// stops.
@@ -301,10 +303,11 @@ impl Trainer {
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
         // Every error from here to the final weights ends this block, not
         // the run at once: see after it.
+        let mut data_warning_after = FIRST_DATA_WARNING;
         let trained: Result<Bytes, LearnerError> = 'training: {
             while !finished(&progress) {
                 let wait_started = Instant::now();
-                let Some(batch) = self.next_batch() else {
+                let Some(batch) = self.next_batch(&mut data_warning_after) else {
                     break;
                 };
                 if progress.started.is_some() {
@@ -630,26 +633,39 @@ impl Trainer {
     /// The next batch, however long it takes (`None` once the learner
     /// stops). A learner nobody feeds (no actor started, every one refused
     /// for its token or task) would otherwise say nothing at all: a wait
-    /// of [`FIRST_DATA_WARNING`] is logged, and then less and less often.
-    fn next_batch(&self) -> Option<PreparedBatch> {
+    /// longer than `worth_a_line` is logged (a warning with no actor
+    /// connected, else at info), and makes the next one worth a line only
+    /// when twice as long (see [`FIRST_DATA_WARNING`]).
+    fn next_batch(&self, worth_a_line: &mut Duration) -> Option<PreparedBatch> {
         use std::sync::mpsc::RecvTimeoutError;
         let started = Instant::now();
-        let mut warn_at = FIRST_DATA_WARNING;
+        let mut line_at = *worth_a_line;
         loop {
             match self
                 .batches
-                .recv_timeout(warn_at.saturating_sub(started.elapsed()))
+                .recv_timeout(line_at.saturating_sub(started.elapsed()))
             {
                 Ok(batch) => return Some(batch),
                 Err(RecvTimeoutError::Disconnected) => return None,
                 Err(RecvTimeoutError::Timeout) => {
-                    warn!(
-                        waited_s = started.elapsed().as_secs(),
-                        actors_connected = self.stats.connected_actors.load(Ordering::Relaxed),
-                        rejections = ?self.stats.rejections(),
-                        "waiting for training data: are actors running, with this learner's address, token and task? (refusals are counted in rejections)"
-                    );
-                    warn_at = (warn_at * 2).min(warn_at + DATA_WARNING_GAP);
+                    let waited_s = started.elapsed().as_secs();
+                    let rejections = self.stats.rejections();
+                    match self.stats.connected_actors.load(Ordering::Relaxed) {
+                        0 => warn!(
+                            waited_s,
+                            actors_connected = 0,
+                            ?rejections,
+                            "waiting for training data: no actor is connected. Are actors running, with this learner's address, token and task? (refusals are counted in rejections)"
+                        ),
+                        actors_connected => info!(
+                            waited_s,
+                            actors_connected,
+                            ?rejections,
+                            "waiting for training data from the connected actors (slow rollouts? an actor holding credits without sending is cut off after learner.stall_timeout_s)"
+                        ),
+                    }
+                    *worth_a_line = (*worth_a_line * 2).min(LONGEST_DATA_WARNING);
+                    line_at = (line_at * 2).min(line_at + LONGEST_DATA_WARNING);
                 }
             }
         }
@@ -661,21 +677,37 @@ impl Trainer {
     /// Adam's moments as they were, instead of turning every weight into
     /// NaN; reports count such steps as `skipped_batches`.
     ///
-    /// libtorch failing while the step is computed (out of GPU memory, say:
-    /// tch panics) is an error that ends training, with the checkpoint
-    /// every such error gets: nothing has moved yet, the weights and
-    /// moments are the last step's.
+    /// libtorch failing inside the step (out of GPU memory, say: tch
+    /// panics) is an error that ends training, with the checkpoint every
+    /// such error gets. Almost always nothing has moved then: the step
+    /// allocates everything it needs (the proposals, then each optimizer's
+    /// selection) before it changes a weight or moment; only a failure
+    /// between the policy's update and TB's log Z's leaves the policy one
+    /// step ahead.
     fn train_step(
+        &self,
+        optimizer: &mut Adam,
+        own_optimizer: Option<&mut (Adam, f64)>,
+        batch: PreparedBatch,
+        progress: &mut Progress,
+    ) -> Result<(), LearnerError> {
+        let step = progress.step + 1;
+        unless_libtorch_fails(step, || {
+            self.step_unguarded(optimizer, own_optimizer, batch, progress);
+        })
+    }
+
+    /// [`Trainer::train_step`], where libtorch failing panics.
+    fn step_unguarded(
         &self,
         optimizer: &mut Adam,
         mut own_optimizer: Option<&mut (Adam, f64)>,
         batch: PreparedBatch,
         progress: &mut Progress,
-    ) -> Result<(), LearnerError> {
+    ) {
         let step = progress.step + 1;
-        let (loss, finite, policy_step, own_step) = unless_libtorch_fails(step, || {
-            self.compute_step(optimizer, own_optimizer.as_deref_mut(), batch.tensors, step)
-        })?;
+        let (loss, finite, policy_step, own_step) =
+            self.compute_step(optimizer, own_optimizer.as_deref_mut(), batch.tensors, step);
         optimizer.apply(policy_step, &finite);
         if let (Some((own, _)), Some(own_step)) = (own_optimizer, own_step) {
             own.apply(own_step, &finite);
@@ -709,7 +741,6 @@ impl Trainer {
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
-        Ok(())
     }
 
     /// Step `step`'s loss, gradients and proposed updates, moving nothing:
