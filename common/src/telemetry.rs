@@ -167,7 +167,8 @@ pub fn exit_status<E: std::fmt::Display>(
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            if JSON_LOGS.load(Ordering::Relaxed) {
+            // (Unless RUST_LOG filters errors out here: then as text.)
+            if JSON_LOGS.load(Ordering::Relaxed) && tracing::enabled!(tracing::Level::ERROR) {
                 // JSON logs: the line that matters most is one a log
                 // collector can read too.
                 tracing::error!(program, error = %format!("{error:#}"), "exiting with an error");

@@ -217,14 +217,6 @@ impl Session {
             ..Progress::default()
         };
         let served = self.serve(&mut progress).await;
-        // Why, for the operator's log line below: the end of training, the
-        // actor's leaving, or the status that ended the session (a
-        // refusal, a stall, a broken connection).
-        let ended_by = match &served {
-            Ok(()) if *self.state.publisher.done().borrow() => "training done".to_owned(),
-            Ok(()) => "the actor left".to_owned(),
-            Err(status) => format!("{:?}: {}", status.code(), status.message()),
-        };
         // The credits this actor holds go back to the room now: the last
         // message below may wait on an actor that no longer reads. Their
         // chunks may have been sent, and lost with the connection.
@@ -235,21 +227,36 @@ impl Session {
         self.state
             .sequences
             .closed(self.actor_id, name, progress.sequence);
-        if let Err(status) = served {
-            // Training may be ending while this session was busy (a chunk
-            // finds the trainer gone, the credits stop on a requested
-            // stop): then that, not the error, is the news for the actor.
-            let mut done = self.state.publisher.done();
-            if status.code() == Code::Unavailable {
-                let _ = tokio::time::timeout(DONE_GRACE, done.wait_for(|done| *done)).await;
+        // Why, for the operator's log line below: the end of training, the
+        // actor's leaving, or the status that ended the session (a
+        // refusal, a stall, a broken connection).
+        let ended_by = match served {
+            Ok(()) if *self.state.publisher.done().borrow() => "training done".to_owned(),
+            Ok(()) => "the actor left".to_owned(),
+            Err(status) => {
+                // Training may be ending while this session was busy (a
+                // chunk finds the trainer gone, the credits stop on a
+                // requested stop): then that, not the error, is the news
+                // for the actor.
+                let mut done = self.state.publisher.done();
+                if status.code() == Code::Unavailable {
+                    let _ = tokio::time::timeout(DONE_GRACE, done.wait_for(|done| *done)).await;
+                }
+                let done = *done.borrow();
+                let ended_by = if done {
+                    "training done".to_owned()
+                } else {
+                    format!("{:?}: {}", status.code(), status.message())
+                };
+                self.send_last(if done {
+                    Ok(training_done())
+                } else {
+                    Err(status)
+                })
+                .await;
+                ended_by
             }
-            let message = if *done.borrow() {
-                Ok(training_done())
-            } else {
-                Err(status)
-            };
-            self.send_last(message).await;
-        }
+        };
         let record = &progress.record;
         info!(
             ended_by,
