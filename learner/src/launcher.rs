@@ -169,7 +169,15 @@ impl LocalActors {
                 )
             })?;
         }
-        info!(count, %url, "started local actors");
+        // Later lines name an actor by process id: local-i is pids[i].
+        let pids: Vec<u32> = actors
+            .children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(Child::id)
+            .collect();
+        info!(count, %url, ?pids, "started local actors (local-0, local-1, ...)");
         Ok(actors)
     }
 

@@ -58,7 +58,23 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         .unwrap();
     let log = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "learner failed:\n{log}");
-    assert!(log.contains("started local actors"), "{log}");
+    let started = log
+        .lines()
+        .find(|line| line.contains("started local actors"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // Each actor's process id, in name order, for the lines naming pids.
+    let pids = started
+        .split("pids=[")
+        .nth(1)
+        .and_then(|s| s.split(']').next());
+    assert_eq!(
+        pids.map(|list| list
+            .split(", ")
+            .filter(|pid| pid.parse::<u32>().is_ok())
+            .count()),
+        Some(3),
+        "{started}"
+    );
     assert!(log.contains("training finished"), "{log}");
     // Actors that leave once training is done are no news.
     assert!(!log.contains("exited while training goes on"), "{log}");
