@@ -262,6 +262,16 @@ mod tests {
             .add(nn::linear(vars.root() / "b", 8, 2, Default::default()))
     }
 
+    /// A seeded network and the optimizer of its parameters at `rate`
+    /// (the store is returned too: the parameters live in it).
+    fn seeded(seed: i64, rate: f64) -> (nn::VarStore, nn::Sequential, Adam) {
+        tch::manual_seed(seed);
+        let vars = nn::VarStore::new(Device::Cpu);
+        let model = net(&vars);
+        let adam = Adam::new(FlatParameters::new(&vars).unwrap(), rate);
+        (vars, model, adam)
+    }
+
     fn loss(model: &nn::Sequential, step: i64) -> Tensor {
         let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([4, 3]) / (step + 3) as f64;
         model.forward(&x).square().sum(Kind::Float)
@@ -303,10 +313,7 @@ mod tests {
     /// its step count included; applied, taken or not, it counts.
     #[test]
     fn a_proposal_counts_as_a_step_only_once_applied() {
-        tch::manual_seed(6);
-        let vars = nn::VarStore::new(Device::Cpu);
-        let model = net(&vars);
-        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 0.01);
+        let (_vars, model, mut adam) = seeded(6, 0.01);
         adam.zero_grad();
         loss(&model, 0).backward();
         let before = snapshot(&adam);
@@ -324,10 +331,7 @@ mod tests {
 
     #[test]
     fn a_skipped_step_leaves_parameters_and_moments_exactly_alone() {
-        tch::manual_seed(5);
-        let vars = nn::VarStore::new(Device::Cpu);
-        let model = net(&vars);
-        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 0.01);
+        let (vars, model, mut adam) = seeded(5, 0.01);
         // Some real steps first, so that the moments are not zero and
         // momentum alone would move the weights.
         for step in 0..5 {
@@ -381,12 +385,9 @@ mod tests {
 
     #[test]
     fn a_step_that_would_overflow_the_weights_is_skipped() {
-        tch::manual_seed(3);
-        let vars = nn::VarStore::new(Device::Cpu);
-        let model = net(&vars);
         // A finite step (1e38 at most, times 0.1 on the first) onto weights
         // near f32::MAX, gradients -1: 3.35e38 + 1e37 is past f32's range.
-        let mut adam = Adam::new(FlatParameters::new(&vars).unwrap(), 1e37);
+        let (_vars, model, mut adam) = seeded(3, 1e37);
         adam.zero_grad();
         loss(&model, 0).backward();
         let _ = adam.parameters.values().shallow_clone().fill_(3.35e38);
