@@ -346,7 +346,8 @@ pub struct LearnerConfig {
     /// Most memory one actor session may hold in chunks, replayed: those
     /// its credits allow and those waiting for the trainer. Credits stop
     /// at it (except while the batch being built could not fill without
-    /// one more: then by at most one chunk learner-wide), so an actor that
+    /// one more: then by at most that batch and one chunk, learner-wide),
+    /// so an actor that
     /// follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides

@@ -19,7 +19,8 @@
 //! - [`exact`]: exact target distributions, optimal flows and policy
 //!   distributions of tasks small enough to enumerate.
 //! - [`config`]: the one TOML schema of every binary, with its defaults.
-//! - [`auth`]: the shared bearer token (file or `FLGFN_TOKEN`).
+//! - [`auth`]: the shared bearer token (file or `FLGFN_TOKEN`) and the
+//!   TLS / mutual-TLS files.
 //! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
 //! - [`telemetry`]: tracing setup and the binaries' exit status.
