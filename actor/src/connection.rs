@@ -96,6 +96,8 @@ pub struct Session<'a> {
     pub url: &'a str,
     /// HTTP/2 ping interval (`actor.keepalive_s`).
     pub keepalive: Duration,
+    /// Interval of the `rolling out` log line (`actor.progress_log_s`).
+    pub progress_log: Option<Duration>,
     /// Shown in the learner's logs.
     pub actor_name: &'a str,
     /// Sent at the handshake.
@@ -441,8 +443,30 @@ impl Session<'_> {
 
         let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
         let mut weights: Option<Arc<Weights>> = None;
+        // The first line one interval into the session.
+        let mut progress_log = self
+            .progress_log
+            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
+        let mut chunks_at_last_line = counts.chunks_sent;
         loop {
             tokio::select! {
+                () = async {
+                    match progress_log.as_mut() {
+                        Some(interval) => {
+                            interval.tick().await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    info!(
+                        chunks_sent = counts.chunks_sent,
+                        chunks_since_last_line = counts.chunks_sent - chunks_at_last_line,
+                        versions_received = counts.versions_received,
+                        policy_version = weights.as_ref().map(|w| w.version),
+                        "rolling out"
+                    );
+                    chunks_at_last_line = counts.chunks_sent;
+                }
                 () = shutdown.as_mut(), if !*stopping => {
                     *stopping = true;
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);

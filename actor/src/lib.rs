@@ -420,6 +420,8 @@ pub async fn stay_connected(
         let session = Session {
             url: &actor.learner,
             keepalive: Duration::from_secs_f64(actor.keepalive_s),
+            progress_log: (actor.progress_log_s > 0.0)
+                .then(|| Duration::from_secs_f64(actor.progress_log_s)),
             actor_name: name,
             task: &task,
             model: &model,

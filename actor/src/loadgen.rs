@@ -110,11 +110,14 @@ async fn futures_join(
 /// One generated actor: the real connection loop, and a task that answers
 /// each order with a uniform chunk.
 async fn generated_actor(
-    config: Config,
+    mut config: Config,
     index: u64,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ActorReport, ActorError> {
     config.validate()?;
+    // Dozens of generated actors in one process: their progress lines
+    // would be most of its log.
+    config.actor.progress_log_s = 0.0;
     let env: Arc<dyn Environment> = tasks::build(&config.task)?;
     let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);

@@ -467,6 +467,11 @@ pub struct ActorConfig {
     /// it a connection cut silently (a partition, a vanished host) would
     /// hang until TCP gives up, minutes later.
     pub keepalive_s: f64,
+    /// Seconds between the actor's `rolling out` log lines (chunks sent in
+    /// all and since the last line, the policy version), so that its log
+    /// shows it working, or stuck, between connecting and stopping
+    /// (0: none).
+    pub progress_log_s: f64,
 }
 
 /// Transitions per chunk, at full length, that `actor.envs = 0` aims for:
@@ -518,6 +523,7 @@ impl Default for ActorConfig {
             reconnect_max_s: 5.0,
             reconnect_attempts: 0,
             keepalive_s: 10.0,
+            progress_log_s: 60.0,
         }
     }
 }
@@ -986,6 +992,9 @@ impl Config {
         )?;
         seconds_up_to_a_day("actor.reconnect_max_s", a.reconnect_max_s)?;
         timer_seconds("actor.keepalive_s", a.keepalive_s, MIN_KEEPALIVE_S)?;
+        if a.progress_log_s != 0.0 {
+            timer_seconds("actor.progress_log_s", a.progress_log_s, 1.0)?;
+        }
         if a.reconnect_max_s < a.reconnect_initial_s {
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",
@@ -1435,6 +1444,11 @@ mod tests {
                 "a day",
             ),
             ("[actor]\nkeepalive_s = 0.001\n", "actor.keepalive_s", "1"),
+            (
+                "[actor]\nprogress_log_s = 0.5\n",
+                "actor.progress_log_s",
+                "1",
+            ),
             (
                 "[actor]\nreconnect_initial_s = 1e-12\n",
                 "actor.reconnect_initial_s",

@@ -407,6 +407,45 @@ fn a_learner_nobody_feeds_says_so_and_names_its_refusals() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An actor logs every `actor.progress_log_s` that it is rolling out, its
+/// chunks sent growing while it trains.
+#[test]
+fn an_actor_logs_its_progress_while_it_rolls_out() {
+    let dir = scratch("progress");
+    let config = tiny_config_file(&dir, 0);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[actor]\n", "[actor]\nprogress_log_s = 1\n");
+    std::fs::write(&config, text).unwrap();
+    let port = free_port();
+    let metrics = dir.join("metrics.jsonl");
+    let _learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
+    let log = dir.join("actor.log");
+    let _actor = connected_actor(port, &config, &log);
+    let mut seen = 0;
+    while seen < 2 {
+        seen = wait_for_more_in_log(&log, "rolling out", seen);
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let chunks_sent: Vec<u64> = text
+        .lines()
+        .filter(|line| line.contains("rolling out"))
+        .map(|line| {
+            let value = line
+                .split("chunks_sent=")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{line}"));
+            value.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        chunks_sent[0] > 0 && chunks_sent[1] > chunks_sent[0],
+        "{chunks_sent:?}: {text}"
+    );
+    assert!(text.contains("policy_version="), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A loopback port nobody listens on right now (bound, read, released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
