@@ -132,9 +132,8 @@ async fn generated_actor(
     let generator = tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
         let (mut rollouts, mut undelivered) = (0u64, 0u64);
-        // Versions "loaded" as a real actor's worker counts them: when an
-        // order brings other weights than the last.
-        let (mut loaded, mut versions_loaded, mut received_to_use_us) = (None, 0u64, 0u64);
+        // Versions "loaded" as a real actor's worker counts them.
+        let mut loaded = crate::worker::LoadedWeights::default();
         while let Some(order) = orders.recv().await {
             if order.session == crate::worker::FLUSH_SESSION {
                 if chunk_sender.send(SampledChunk::flushed()).await.is_err() {
@@ -145,12 +144,7 @@ async fn generated_actor(
             if order.session != session_seen.load(Ordering::Acquire) {
                 continue;
             }
-            let weights = &order.weights;
-            if loaded != Some((weights.session, weights.version)) {
-                loaded = Some((weights.session, weights.version));
-                versions_loaded += 1;
-                received_to_use_us += weights.received_at.elapsed().as_micros() as u64;
-            }
+            let _ = loaded.load_if_new(&order.weights);
             let chunk = TrajectoryChunk {
                 actor_id: 0,
                 policy_version: order.weights.version,
@@ -168,7 +162,7 @@ async fn generated_actor(
                 break;
             }
         }
-        (rollouts, undelivered, versions_loaded, received_to_use_us)
+        (rollouts, undelivered, loaded)
     });
     let mut report = ActorReport::default();
     // Distinct across load generators too: the learner counts lost chunks
@@ -187,11 +181,10 @@ async fn generated_actor(
     drop(order_sender);
     let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
-    let (rollouts, undelivered, versions_loaded, received_to_use_us) =
-        generator.await.unwrap_or_default();
+    let (rollouts, undelivered, loaded) = generator.await.unwrap_or_default();
     report.rollouts = rollouts;
-    report.versions_loaded = versions_loaded;
-    report.received_to_use_us = received_to_use_us;
+    report.versions_loaded = loaded.count;
+    report.received_to_use_us = loaded.received_to_use_us;
     report.add_counts(counts);
     report.stale_chunks_dropped += unsent + undelivered;
     result.map(|()| report)

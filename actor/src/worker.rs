@@ -41,6 +41,33 @@ pub struct Weights {
     pub received_at: Instant,
 }
 
+/// Which weights were loaded last, and what loading new ones waited: the
+/// worker and the load generator count versions alike.
+#[derive(Debug, Default)]
+pub struct LoadedWeights {
+    /// Session and version of the last loaded.
+    last: Option<(u32, u64)>,
+    /// Versions loaded.
+    pub count: u64,
+    /// Sum over them of the microseconds from their arrival to their load.
+    pub received_to_use_us: u64,
+}
+
+impl LoadedWeights {
+    /// Whether `weights` are other than the last loaded (another version,
+    /// or another session's): then they count as loaded now.
+    pub fn load_if_new(&mut self, weights: &Weights) -> bool {
+        let key = Some((weights.session, weights.version));
+        if self.last == key {
+            return false;
+        }
+        self.last = key;
+        self.count += 1;
+        self.received_to_use_us += weights.received_at.elapsed().as_micros() as u64;
+        true
+    }
+}
+
 /// Set on the current session's number while it drains (the actor is
 /// stopping): orders still queued are skipped, but the rollout in
 /// progress finishes and is sent. (Sessions are numbered from 1, far
@@ -173,7 +200,7 @@ impl Worker {
         let mut policy = Policy::new(&self.model, Device::Cpu);
         let mut rng: Option<SmallRng> = None;
         let mut report = WorkerReport::default();
-        let mut loaded: Option<(u32, u64)> = None;
+        let mut loaded = LoadedWeights::default();
         while let Some(order) = self.orders.blocking_recv() {
             if order.session == FLUSH_SESSION {
                 if self.out.blocking_send(SampledChunk::flushed()).is_err() {
@@ -186,16 +213,13 @@ impl Worker {
                 continue;
             }
             let weights = &order.weights;
-            if loaded != Some((weights.session, weights.version)) {
+            if loaded.load_if_new(weights) {
                 policy
                     .load_bytes(&weights.bytes)
                     .map_err(|source| WorkerError::Weights {
                         version: weights.version,
                         source,
                     })?;
-                loaded = Some((weights.session, weights.version));
-                report.versions_loaded += 1;
-                report.received_to_use_us += weights.received_at.elapsed().as_micros() as u64;
                 if report.versions_applied.len() < VERSIONS_KEPT {
                     report.versions_applied.push(weights.version);
                 }
@@ -253,6 +277,8 @@ impl Worker {
                 break;
             }
         }
+        report.versions_loaded = loaded.count;
+        report.received_to_use_us = loaded.received_to_use_us;
         Ok(report)
     }
 }

@@ -347,8 +347,7 @@ pub struct LearnerConfig {
     /// its credits allow and those waiting for the trainer. Credits stop
     /// at it (except while the batch being built could not fill without
     /// one more: then by at most that batch and one chunk, learner-wide),
-    /// so an actor that
-    /// follows the protocol never meets it; an
+    /// so an actor that follows the protocol never meets it; an
     /// actor whose single chunk (its declared trajectories per chunk at
     /// full length) would not fit is refused with RESOURCE_EXHAUSTED. Besides
     /// this, a session holds the message being received and its HTTP/2

@@ -4,8 +4,9 @@
 //! `NO_COLOR` is unset, so a log written to a file has no escape codes) and
 //! JSON lines (`--log-format json` or `FLGFN_LOG_FORMAT=json`), one object
 //! per event carrying the fields of its spans: `actor_id`, `actor` and
-//! `peer` on the learner's session events, `actor_id`, `actor_name`, `learner` and
-//! `policy_version` on an actor's. Levels come from `RUST_LOG`.
+//! `peer` on the learner's session events, `actor_id`, `actor_name`,
+//! `learner` and `policy_version` on an actor's. Levels come from
+//! `RUST_LOG`.
 //!
 //! A binary that calls [`init_with_live_line`] (the learner) also keeps a
 //! live progress line at the bottom of a terminal ([`live_status`]): log

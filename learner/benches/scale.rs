@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use flgfn_actor::ActorReport;
 use flgfn_common::config::{Config, DeviceConfig, WeightEncoding};
 use flgfn_learner::delay_proxy::DelayProxy;
 use flgfn_learner::launcher::LocalActors;
@@ -118,16 +119,9 @@ fn actor_executable() -> PathBuf {
         .join("flgfn-actor")
 }
 
-/// What the generated actors of a scenario did, summed.
-#[derive(Default)]
-struct GeneratedTotals {
-    chunks_sent: u64,
-    unsent_chunks: u64,
-    versions_loaded: u64,
-    received_to_use_us: u64,
-}
-
-async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<GeneratedTotals>) {
+/// A scenario's outcome, and what its generated actors did, summed (the
+/// counts the bench reads) into one report.
+async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<ActorReport>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() {
@@ -159,10 +153,10 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
         // Its connections must not linger into the next scenario.
         match tokio::time::timeout(Duration::from_secs(30), &mut generated).await {
             Ok(Ok(reports)) => {
-                let mut sum = GeneratedTotals::default();
+                let mut sum = ActorReport::default();
                 for report in reports.iter().flatten() {
                     sum.chunks_sent += report.chunks_sent;
-                    sum.unsent_chunks += report.stale_chunks_dropped;
+                    sum.stale_chunks_dropped += report.stale_chunks_dropped;
                     sum.versions_loaded += report.versions_loaded;
                     sum.received_to_use_us += report.received_to_use_us;
                 }
@@ -179,24 +173,18 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
     (outcome, totals)
 }
 
-fn row(
-    scenario: &Scenario,
-    outcome: &TrainingOutcome,
-    generated: Option<&GeneratedTotals>,
-) -> String {
+fn row(scenario: &Scenario, outcome: &TrainingOutcome, generated: Option<&ActorReport>) -> String {
     let t = &outcome.totals;
     let r = &outcome.final_report;
     let delay_ms = scenario.delay.as_secs_f64() * 1e3;
     let unsent = generated.map_or("-".to_owned(), |g| {
-        let produced = (g.chunks_sent + g.unsent_chunks).max(1) as f64;
-        format!("{:.2}", 100.0 * g.unsent_chunks as f64 / produced)
+        let produced = (g.chunks_sent + g.stale_chunks_dropped).max(1) as f64;
+        format!("{:.2}", 100.0 * g.stale_chunks_dropped as f64 / produced)
     });
     let publish_to_use = match generated {
         Some(g) => format!(
             "{:.1}",
-            r.publish_to_send_ms
-                + delay_ms
-                + g.received_to_use_us as f64 / 1e3 / g.versions_loaded.max(1) as f64
+            r.publish_to_send_ms + delay_ms + g.received_to_use_ms()
         ),
         None => format!(">= {:.1}", r.publish_to_send_ms + delay_ms),
     };

@@ -215,13 +215,13 @@ fn main() {
                 .map(|t| replay(env.as_ref(), t).unwrap())
                 .collect();
         let host = TransitionBatch::collate(&chunk, dims, pinned);
-        let batch = host.copied_to(device);
+        let batch = host.shallow_clone().to_device(device);
         let mut median = |extras: bool| {
             median_ms(args.steps, device, || {
                 if extras && device.is_cuda() {
                     // As the trainer thread: the collated batch arrives in
                     // pinned host memory, and each step queues its copy.
-                    let moved = host.copied_to(device);
+                    let moved = host.shallow_clone().to_device(device);
                     step(false, true, false, false, &moved)
                 } else {
                     step(false, extras, false, !extras, &batch)

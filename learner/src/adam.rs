@@ -144,8 +144,9 @@ impl Adam {
     /// weights that overflowed would reach actors and checkpoints); on a
     /// skipped step it is true unless the learning rate itself is beyond
     /// f32's range. The step count (t of the bias corrections) advances
-    /// either way once the proposal is applied, taken or not, so checkpoints stay in step with the trainer; unlike
-    /// PyTorch's GradScaler, which leaves t as well. One skipped step
+    /// either way once the proposal is applied, taken or not, so
+    /// checkpoints stay in step with the trainer; unlike PyTorch's
+    /// GradScaler, which leaves t as well. One skipped step
     /// changes the corrections by a fraction of a percent, and only early
     /// on.
     pub fn propose(&mut self, skip: &Tensor) -> ProposedStep {

@@ -383,7 +383,6 @@ pub fn incoming(
     stats: Arc<IngestStats>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
-    let closed = AtomicU64::new(0);
     let failed_accepts = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -422,9 +421,8 @@ pub fn incoming(
                     _permit: permit,
                 })),
                 Err(_) => {
-                    stats.refuse("too_many_connections");
                     // A flood logs a line at 1, 2, 4, 8, ... connections.
-                    let count = closed.fetch_add(1, Ordering::Relaxed) + 1;
+                    let count = stats.refuse("too_many_connections");
                     if count.is_power_of_two() {
                         warn!(
                             peer = ?stream.peer_addr().ok(),

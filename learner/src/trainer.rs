@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
-use flgfn_common::objectives::{Objective, TransitionBatch};
+use flgfn_common::objectives::Objective;
 use flgfn_common::policy::{Policy, load_vars, vars_to_host};
 use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
 use tracing::{info, warn};
 
-use crate::adam::{Adam, ProposedStep};
+use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
 use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, prefixed};
 use crate::credits::CreditPool;
@@ -705,9 +705,43 @@ impl Trainer {
         batch: PreparedBatch,
         progress: &mut Progress,
     ) {
-        let step = progress.step + 1;
-        let (loss, finite, policy_step, own_step) =
-            self.compute_step(optimizer, own_optimizer.as_deref_mut(), batch.tensors, step);
+        let learner = &self.config.learner;
+        let tensors = batch.tensors.to_device(self.policy.device());
+        let output = self.policy.net.forward(&tensors.states);
+        let loss = self.objective.loss(&output, &tensors);
+        let finite = loss.isfinite();
+        if learner.max_steps > 0 {
+            let fraction = learning_rate_fraction(
+                progress.step + 1,
+                learner.max_steps,
+                learner.final_learning_rate_fraction,
+            );
+            optimizer.set_lr(learner.learning_rate * fraction);
+            if let Some((own, rate)) = own_optimizer.as_mut() {
+                own.set_lr(*rate * fraction);
+            }
+        }
+        optimizer.zero_grad();
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            own.zero_grad();
+        }
+        loss.backward();
+        // A step whose loss or gradients are not finite, or whose update
+        // would leave a weight that is not, is skipped: nothing moves.
+        // Decided on the device, without waiting for it.
+        let mut finite = finite.logical_and(&optimizer.gradients_finite());
+        if let Some((own, _)) = own_optimizer.as_mut() {
+            finite = finite.logical_and(&own.gradients_finite());
+        }
+        // The objective's own parameters (TB's log Z) and the policy move
+        // together or not at all.
+        let skip = finite.logical_not();
+        let policy_step = optimizer.propose(&skip);
+        let own_step = own_optimizer.as_mut().map(|(own, _)| own.propose(&skip));
+        let mut finite = finite.logical_and(policy_step.finite());
+        if let Some(own_step) = &own_step {
+            finite = finite.logical_and(own_step.finite());
+        }
         optimizer.apply(policy_step, &finite);
         if let (Some((own, _)), Some(own_step)) = (own_optimizer, own_step) {
             own.apply(own_step, &finite);
@@ -741,56 +775,6 @@ impl Trainer {
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
-    }
-
-    /// Step `step`'s loss, gradients and proposed updates, moving nothing:
-    /// the loss, whether the step is sound (a bool scalar on the device),
-    /// and the policy's and the objective's own proposals.
-    fn compute_step(
-        &self,
-        optimizer: &mut Adam,
-        mut own_optimizer: Option<&mut (Adam, f64)>,
-        tensors: TransitionBatch,
-        step: u64,
-    ) -> (Tensor, Tensor, ProposedStep, Option<ProposedStep>) {
-        let learner = &self.config.learner;
-        let tensors = tensors.to_device(self.policy.device());
-        let output = self.policy.net.forward(&tensors.states);
-        let loss = self.objective.loss(&output, &tensors);
-        let finite = loss.isfinite();
-        if learner.max_steps > 0 {
-            let fraction = learning_rate_fraction(
-                step,
-                learner.max_steps,
-                learner.final_learning_rate_fraction,
-            );
-            optimizer.set_lr(learner.learning_rate * fraction);
-            if let Some((own, rate)) = own_optimizer.as_mut() {
-                own.set_lr(*rate * fraction);
-            }
-        }
-        optimizer.zero_grad();
-        if let Some((own, _)) = own_optimizer.as_mut() {
-            own.zero_grad();
-        }
-        loss.backward();
-        // A step whose loss or gradients are not finite, or whose update
-        // would leave a weight that is not, is skipped: nothing moves.
-        // Decided on the device, without waiting for it.
-        let mut finite = finite.logical_and(&optimizer.gradients_finite());
-        if let Some((own, _)) = own_optimizer.as_mut() {
-            finite = finite.logical_and(&own.gradients_finite());
-        }
-        // The objective's own parameters (TB's log Z) and the policy move
-        // together or not at all.
-        let skip = finite.logical_not();
-        let policy_step = optimizer.propose(&skip);
-        let own_step = own_optimizer.as_mut().map(|(own, _)| own.propose(&skip));
-        let mut finite = finite.logical_and(policy_step.finite());
-        if let Some(own_step) = &own_step {
-            finite = finite.logical_and(own_step.finite());
-        }
-        (loss, finite, policy_step, own_step)
     }
 
     /// When quality was first reached, found by the report at `report_wall`:

@@ -424,10 +424,11 @@ impl TransitionBatch {
 }
 
 impl TransitionBatch {
-    /// A copy of the batch on `device` (see [`TransitionBatch::to_device`]),
-    /// leaving this one where it is: benchmarks time the trainer's copy to
-    /// the GPU step after step from one collated batch.
-    pub fn copied_to(&self, device: Device) -> Self {
+    /// The same batch, sharing this one's memory (as tch's
+    /// `shallow_clone`): benchmarks time the trainer's copy to the GPU
+    /// ([`TransitionBatch::to_device`]) step after step from one collated
+    /// batch.
+    pub fn shallow_clone(&self) -> Self {
         let packed = Packed {
             floats: self.packed.floats.shallow_clone(),
             ints: self.packed.ints.shallow_clone(),
@@ -441,7 +442,6 @@ impl TransitionBatch {
             self.trajectories,
             self.scored_window,
         )
-        .to_device(device)
     }
 
     /// The same batch on `device`. From pinned host memory to a GPU it is
