@@ -129,10 +129,7 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     let first_reports = support::reports(&metrics).len();
 
     // Whole-run figures are saved for the resumed run to add to.
-    let saved = checkpoint::load_latest(&checkpoints)
-        .unwrap()
-        .unwrap()
-        .state;
+    let saved = latest_state(&checkpoints);
     let first_lag_sum = first.totals.mean_policy_lag * first.totals.trained_transitions as f64;
     assert!(
         (saved.totals.lag_weighted - first_lag_sum).abs() <= 1e-6 * first_lag_sum.max(1.0),
@@ -236,6 +233,11 @@ fn checkpoint_steps(dir: &Path) -> Vec<u64> {
     listed.into_iter().map(|(step, _)| step).collect()
 }
 
+/// The state of the latest checkpoint in `dir`, which must have one.
+fn latest_state(dir: &Path) -> checkpoint::CheckpointState {
+    checkpoint::load_latest(dir).unwrap().unwrap().state
+}
+
 /// With `checkpoint_every_s` alone (no step cadence), checkpoints come
 /// by training time: a run of several tenths of a second at 0.05 s keeps
 /// earlier ones beside the final one (the last `keep_checkpoints`).
@@ -332,10 +334,7 @@ async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
     for a in actors {
         a.abort();
     }
-    let saved = checkpoint::load_latest(&checkpoints)
-        .unwrap()
-        .unwrap()
-        .state;
+    let saved = latest_state(&checkpoints);
     assert_eq!(saved.step, outcome.steps);
     let grid_reports = outcome.steps / 10;
     assert_eq!(
@@ -361,10 +360,7 @@ async fn a_last_step_off_the_report_grid_adds_no_evaluation_to_the_checkpoint() 
     assert_eq!(outcome.steps, 25);
     let steps: Vec<u64> = support::reports(&metrics).iter().map(|r| r.step).collect();
     assert_eq!(steps, [10, 20, 25]);
-    let saved = checkpoint::load_latest(&checkpoints)
-        .unwrap()
-        .unwrap()
-        .state;
+    let saved = latest_state(&checkpoints);
     assert_eq!(saved.step, 25);
     assert_eq!(
         saved.evaluator.samples_so_far,
@@ -412,10 +408,7 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
     .await;
     reader.join().unwrap();
     assert!(error.contains("metrics.pipe"), "{error}");
-    let saved = checkpoint::load_latest(&checkpoints)
-        .unwrap()
-        .unwrap()
-        .state;
+    let saved = latest_state(&checkpoints);
     assert!(
         (201..400).contains(&saved.step),
         "the stop's report, off the grid, failed: saved at step {}",

@@ -196,10 +196,40 @@ fn spawn_logging(
     )
 }
 
+/// In `dir`: a learner process on a free port training the tiny task until
+/// stopped, and an actor process for it with `actor_env`, logging to the
+/// returned path; both killed when dropped.
+fn learner_and_actor(
+    dir: &Path,
+    actor_env: &[(&str, &str)],
+) -> (support::KillOnDrop, support::KillOnDrop, PathBuf) {
+    let config = tiny_config_file(dir, 0);
+    let port = free_port();
+    let metrics = dir.join("metrics.jsonl");
+    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
+    let actor_log = dir.join("actor.log");
+    let actor = spawn_logging(
+        &sibling("flgfn-actor"),
+        &["--learner", &format!("http://127.0.0.1:{port}")],
+        &config,
+        actor_env,
+        &actor_log,
+    );
+    (learner, actor, actor_log)
+}
+
 /// Waits up to a minute for `text` to appear in the file `log` (which
 /// may not exist yet).
 fn wait_for_log(log: &Path, text: &str) {
     wait_for_more_in_log(log, text, 0);
+}
+
+/// How many times `text` appears in `log` now (0 while it does not exist).
+fn count_in_log(log: &Path, text: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(text)
+        .count()
 }
 
 /// Waits (at most a minute) until `text` appears in `log` more than `seen`
@@ -207,10 +237,7 @@ fn wait_for_log(log: &Path, text: &str) {
 fn wait_for_more_in_log(log: &Path, text: &str, seen: usize) -> usize {
     let started = Instant::now();
     loop {
-        let count = std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .matches(text)
-            .count();
+        let count = count_in_log(log, text);
         if count > seen {
             return count;
         }
@@ -324,26 +351,25 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
 /// With JSON logs, the error a binary exits with is a JSON line too.
 #[test]
 fn json_logs_end_with_the_error_as_json() {
-    let output = command(&learner_binary())
-        .args(["--config", "/nonexistent/flgfn.toml"])
-        .env("FLGFN_LOG_FORMAT", "json")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    // A learner that fails at once (no such configuration file): stderr.
+    let failing = |env: &[(&str, &str)]| {
+        let output = command(&learner_binary())
+            .args(["--config", "/nonexistent/flgfn.toml"])
+            .env("FLGFN_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8(output.stderr).unwrap()
+    };
+    let stderr = failing(&[]);
     let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap())
         .unwrap_or_else(|e| panic!("{e}: {stderr}"));
     assert_eq!(last["level"], "ERROR", "{last}");
     let error = last["fields"]["error"].as_str().unwrap();
     assert!(error.contains("/nonexistent/flgfn.toml"), "{error}");
     // Logs filtered to nothing still show why the binary failed.
-    let output = command(&learner_binary())
-        .args(["--config", "/nonexistent/flgfn.toml"])
-        .env("FLGFN_LOG_FORMAT", "json")
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stderr = failing(&[("RUST_LOG", "off")]);
     assert!(
         stderr.contains("flgfn-learner: error:") && stderr.contains("/nonexistent/flgfn.toml"),
         "{stderr}"
@@ -412,16 +438,7 @@ fn a_learner_nobody_feeds_says_so_and_names_its_refusals() {
 #[test]
 fn an_actor_logs_its_progress_while_it_rolls_out() {
     let dir = scratch("progress");
-    let config = tiny_config_file(&dir, 0);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("[actor]\n", "[actor]\nprogress_log_s = 1\n");
-    std::fs::write(&config, text).unwrap();
-    let port = free_port();
-    let metrics = dir.join("metrics.jsonl");
-    let _learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
-    let log = dir.join("actor.log");
-    let _actor = connected_actor(port, &config, &log);
+    let (_learner, _actor, log) = learner_and_actor(&dir, &[("FLGFN_ACTOR__PROGRESS_LOG_S", "1")]);
     let mut seen = 0;
     while seen < 2 {
         seen = wait_for_more_in_log(&log, "rolling out", seen);
@@ -894,28 +911,14 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
 #[test]
 fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     let dir = scratch("keepalive");
-    let config = tiny_config_file(&dir, 0);
-    let port = free_port();
-    let metrics = dir.join("metrics.jsonl");
-    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
-    let actor_log = dir.join("actor.log");
-    let url = format!("http://127.0.0.1:{port}");
-    let _actor = spawn_logging(
-        &sibling("flgfn-actor"),
-        &["--learner", &url],
-        &config,
-        &[("FLGFN_ACTOR__KEEPALIVE_S", "1")],
-        &actor_log,
-    );
+    let (learner, _actor, actor_log) =
+        learner_and_actor(&dir, &[("FLGFN_ACTOR__KEEPALIVE_S", "1")]);
     let wait_for_more = |text: &str, seen: usize| wait_for_more_in_log(&actor_log, text, seen);
     const CONNECTED: &str = "connected to the learner";
     const RECONNECTING: &str = "learner unavailable; reconnecting";
     let connected = wait_for_more(CONNECTED, 0);
     // (The actor may have started before the learner listened.)
-    let reconnecting = std::fs::read_to_string(&actor_log)
-        .unwrap()
-        .matches(RECONNECTING)
-        .count();
+    let reconnecting = count_in_log(&actor_log, RECONNECTING);
     freeze(learner.id());
     let frozen = Instant::now();
     wait_for_more(RECONNECTING, reconnecting);
