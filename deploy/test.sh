@@ -10,12 +10,16 @@
 #
 #   deploy/test.sh          # the suite (CI runs this)
 #   deploy/test.sh --long   # also a 10-minute soak and 100,000 fuzz cases
+#                           # from a new seed (printed; FLGFN_FUZZ_SEED=N
+#                           # replays one)
 set -euo pipefail
 args=()
 for arg in "$@"; do
     if [ "$arg" = "--long" ]; then
         export FLGFN_SOAK_S="${FLGFN_SOAK_S:-600}"
         export FLGFN_FUZZ_CASES="${FLGFN_FUZZ_CASES:-100000}"
+        export FLGFN_FUZZ_SEED="${FLGFN_FUZZ_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}"
+        echo "long run: FLGFN_SOAK_S=$FLGFN_SOAK_S FLGFN_FUZZ_CASES=$FLGFN_FUZZ_CASES FLGFN_FUZZ_SEED=$FLGFN_FUZZ_SEED"
     else
         args+=("$arg")
     fi

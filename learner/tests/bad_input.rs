@@ -768,18 +768,27 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
 /// Corrupted messages by the thousand, mixed with valid chunks, from 16
 /// concurrent clients: every corrupted one is refused with a client error,
 /// every valid one trains, and the counters add up. `FLGFN_FUZZ_CASES`
-/// sets how many corrupted messages (10,000 by default).
+/// sets how many corrupted messages (10,000 by default), `FLGFN_FUZZ_SEED`
+/// which ones (11 by default, so that CI runs the same cases each time;
+/// `deploy/test.sh --long` draws a new seed per run and prints it, so a
+/// failure can be replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     use rand::{Rng, SeedableRng};
 
     const WORKERS: usize = 16;
-    let corrupted_total: usize = std::env::var("FLGFN_FUZZ_CASES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000);
+    let from_env = |name: &str, default: u64| -> u64 {
+        std::env::var(name).map_or(default, |value| {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}={value:?} is not a whole number"))
+        })
+    };
+    let corrupted_total = from_env("FLGFN_FUZZ_CASES", 10_000) as usize;
+    let seed = from_env("FLGFN_FUZZ_SEED", 11);
+    eprintln!("fuzzing with FLGFN_FUZZ_SEED={seed} FLGFN_FUZZ_CASES={corrupted_total}");
     let valid_total = (corrupted_total / 10).max(1);
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(11);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     // Valid chunks spread among the corrupted ones; one more valid chunk
     // comes last, after every refusal, and its step ends the run.
     let mut cases: Vec<bool> = (0..corrupted_total + valid_total - 1)
@@ -806,7 +815,7 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
                 url.clone(),
                 config.clone(),
                 slice.to_vec(),
-                100 + w as u64,
+                seed.wrapping_mul(1_000).wrapping_add(100 + w as u64),
             ))
         })
         .collect();
@@ -814,7 +823,15 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     for worker in workers {
         tally.merge(worker.await.unwrap());
     }
-    tally.merge(fuzz_worker(url, config.clone(), vec![true], 99).await);
+    tally.merge(
+        fuzz_worker(
+            url,
+            config.clone(),
+            vec![true],
+            seed.wrapping_mul(1_000).wrapping_add(99),
+        )
+        .await,
+    );
     let outcome = finished_within(learner, 120, "the learner finishes").await;
     let report = &outcome.final_report;
     let Tally {
