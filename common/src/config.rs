@@ -104,6 +104,58 @@ impl Default for TaskConfig {
     }
 }
 
+impl TaskConfig {
+    /// Every task, with its defaults.
+    pub fn every_task() -> Vec<TaskConfig> {
+        let every = vec![
+            TaskConfig::SetGeneration(SetGenerationConfig::default()),
+            TaskConfig::Lattice(LatticeConfig::default()),
+        ];
+        // A new task must be listed above: this match stops compiling
+        // until it is handled, as a reminder.
+        for task in &every {
+            match task {
+                TaskConfig::SetGeneration(_) | TaskConfig::Lattice(_) => {}
+            }
+        }
+        every
+    }
+
+    /// The name that selects this task in `[task]`.
+    pub fn name(&self) -> String {
+        toml::Value::try_from(self)
+            .ok()
+            .and_then(|task| task.get("name")?.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+/// Why a `[task]` table that its own task refuses would be read by
+/// another task (its keys are that task's, its `name` missing or other):
+/// a hint to add to the parse error, if so.
+fn another_tasks_keys(table: &toml::Table) -> Option<String> {
+    let task = table.get("task")?.as_table()?;
+    let named = task.get("name").and_then(toml::Value::as_str);
+    let current = named.map_or_else(|| TaskConfig::default().name(), str::to_owned);
+    let parses_as = |name: &str| {
+        let mut renamed = task.clone();
+        renamed.insert("name".to_owned(), toml::Value::String(name.to_owned()));
+        toml::Value::Table(renamed).try_into::<TaskConfig>().is_ok()
+    };
+    if parses_as(&current) {
+        return None;
+    }
+    let chosen = if named.is_some() { "" } else { ", the default" };
+    TaskConfig::every_task().into_iter().find_map(|candidate| {
+        let name = candidate.name();
+        (name != current && parses_as(&name)).then(|| {
+            format!(
+                "(these are keys of the {name} task, which `name = \"{name}\"` in [task] selects; this [task] is {current}{chosen})"
+            )
+        })
+    })
+}
+
 /// Hidden layers of the MLP; the heads' sizes come from the task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -709,11 +761,18 @@ impl Config {
     /// by another version (a checkpoint's), whose rules may have been
     /// looser.
     pub fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let parse_error = |e: toml::de::Error| ConfigError::Parse {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_owned(),
             message: e.to_string(),
+        })?;
+        let hint = another_tasks_keys(&table);
+        let parse_error = |e: toml::de::Error| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: match &hint {
+                Some(hint) => format!("{}\n{hint}", e.to_string().trim_end()),
+                None => e.to_string(),
+            },
         };
-        let mut table: toml::Table = toml::from_str(text).map_err(parse_error)?;
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
         if name_default_task(&mut table) {
@@ -1174,6 +1233,36 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn another_tasks_keys_get_a_hint_naming_that_task() {
+        let error = |text: &str| Config::from_toml(text, "job.toml").unwrap_err().to_string();
+        // The default task given a lattice key.
+        let message = error("[task]\nside = 3\n");
+        assert!(message.contains("unknown field `side`"), "{message}");
+        assert!(
+            message.contains("keys of the lattice task, which `name = \"lattice\"` in [task] selects; this [task] is set_generation, the default"),
+            "{message}"
+        );
+        // A named task given the other's keys.
+        let message = error("[task]\nname = \"lattice\"\nuniverse = 30\n");
+        assert!(
+            message.contains("keys of the set_generation task")
+                && message.contains("this [task] is lattice)"),
+            "{message}"
+        );
+        // A key no task has, or an error outside [task]: no hint.
+        for text in [
+            "[task]\nsidee = 3\n",
+            "[task]\nside = 3\nname = \"lattice\"\n[learner]\nthreds = 1\n",
+        ] {
+            let message = error(text);
+            assert!(
+                message.contains("unknown field") && !message.contains("keys of the"),
+                "{message}"
+            );
+        }
     }
 
     #[test]
