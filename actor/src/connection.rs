@@ -273,12 +273,35 @@ fn classify(status: Status, served: bool) -> SessionError {
             "{} (is actor.learner the address of a flgfn learner?)",
             status.message()
         ))),
+        // HTTP/2 found the peer breaking the protocol at once: what answers
+        // is not an HTTP/2 server (a web server on that port, whose HTTP/1
+        // reply reads as a frame too large). Maybe passing, so retried,
+        // but saying what to check. (A learner going away is an I/O error,
+        // not this.)
+        Code::Unknown
+            if !served
+                && std::error::Error::source(&status)
+                    .map(with_causes)
+                    .is_some_and(|causes| causes.contains("connection error detected")) =>
+        {
+            retry(
+                format!(
+                    "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
+                    status.code(),
+                    std::error::Error::source(&status).map_or_else(String::new, with_causes)
+                ),
+                served,
+            )
+        }
+        // (A transport failure's status says "transport error": its
+        // causes say which.)
         _ => retry(
             format!(
                 "{}{}: {}",
                 CertificateTrouble::retry_prefix(trouble),
                 status.code(),
-                status.message()
+                std::error::Error::source(&status)
+                    .map_or_else(|| status.message().to_owned(), with_causes)
             ),
             served,
         ),

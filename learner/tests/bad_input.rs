@@ -993,6 +993,50 @@ async fn an_actor_pointed_at_another_grpc_server_stops_saying_so() {
     server.abort();
 }
 
+/// An actor pointed at a server that does not speak HTTP/2 (a web server
+/// answering in HTTP/1) retries, as the trouble may pass, but says what
+/// to check; with `reconnect_attempts` it gives up with that message.
+/// (Which failure the client reports first is a race: the connection's
+/// protocol error, or the request cancelled by the connection closing.
+/// The hint comes with the first; tries are repeated until one has it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_pointed_at_a_web_server_says_what_to_check() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HINT: &str = "(is actor.learner the address of a flgfn learner, with http:// or https://";
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.0 400 Bad request version\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                // Open until the client leaves, so that it reads the reply
+                // rather than a closed socket.
+                while socket.read(&mut request).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    let mut config = config();
+    config.actor.learner = url;
+    config.actor.reconnect_attempts = 1;
+    let mut errors = Vec::new();
+    while errors.len() < 20 {
+        let error = actor_error(config.clone(), "misdirected").await;
+        assert!(error.contains("gave up after 1"), "{error}");
+        let hinted = error.contains(HINT);
+        errors.push(error);
+        if hinted {
+            break;
+        }
+    }
+    assert!(errors.last().unwrap().contains(HINT), "{errors:#?}");
+    server.abort();
+}
+
 /// A network whose weights no message could carry is a configuration
 /// error naming the field, at start (not a failure at every actor's first
 /// grant, nor an allocation abort).
