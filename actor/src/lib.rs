@@ -223,7 +223,8 @@ async fn run_actor(
         transitions = report.transitions_sent,
         versions = report.versions_loaded,
         received_to_use_ms = report.received_to_use_ms(),
-        sessions = report.sessions,
+        // Every try counts, refused or unreachable included.
+        connection_attempts = report.sessions,
         // Rolled out but never sent (an earlier session's, or a broken one's).
         unsent_chunks = report.stale_chunks_dropped,
         "actor stopped"
@@ -449,6 +450,16 @@ pub async fn stay_connected(
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
+            Err(SessionError::Refused(status))
+                if status.code() == tonic::Code::Unauthenticated && token.is_none() =>
+            {
+                break Err(ActorError::Refused(SessionError::Refused(
+                    tonic::Status::unauthenticated(format!(
+                        "{} (this actor has no token)",
+                        status.message()
+                    )),
+                )));
+            }
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
             Err(SessionError::Fatal(message)) => break Err(ActorError::Fatal(message)),
             Err(SessionError::Retry { message, served }) => {

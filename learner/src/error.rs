@@ -240,6 +240,11 @@ pub enum LearnerError {
     /// The local actor processes could not be started.
     #[error("cannot start local actors: {0}")]
     LocalActors(std::io::Error),
+    /// The local actors started, then every one of them exited while
+    /// training went on (a start-up error would send users looking in
+    /// the wrong place).
+    #[error("training stopped: {0}")]
+    LocalActorsExited(String),
 }
 
 #[cfg(test)]

@@ -256,6 +256,12 @@ impl Evaluator {
         }
     }
 
+    /// The mean reward of the best distinct objects so far, and the samples
+    /// it rests on (kept across a resume, unlike an evaluation's figures).
+    pub fn top_k_so_far(&self) -> (f64, u64) {
+        (self.best.mean_reward(), self.samples_so_far)
+    }
+
     /// Continues from a checkpoint's state, drawing from there on what the
     /// run would have drawn without the checkpoint.
     pub fn restore(&mut self, state: &EvaluatorState) {

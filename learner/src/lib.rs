@@ -328,15 +328,15 @@ pub async fn serve(
                     let refused_so_far = rejections.refuse("unauthenticated");
                     if refused_so_far.is_power_of_two() {
                         let peer = service::peer_name(connections::ConnectionInfo::of(&request));
-                        warn!(
-                            %peer,
-                            refused_so_far,
-                            token_shown = shown.is_some(),
-                            "refused a call with a missing or wrong token (auth.token_file)"
-                        );
+                        let what = if shown.is_some() {
+                            "refused a call with a wrong token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
+                        } else {
+                            "refused a call with no token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
+                        };
+                        warn!(%peer, refused_so_far, "{what}");
                     }
                     Err(Status::unauthenticated(
-                        "missing or wrong bearer token (send `authorization: Bearer <token>`)",
+                        "missing or wrong token: this learner needs its own token from every actor (FLGFN_TOKEN or auth.token_file; on the wire `authorization: Bearer <token>`)",
                     ))
                 }
             }
@@ -719,7 +719,7 @@ pub async fn serve(
             .unwrap_or(0);
     }
     if let Some(message) = actors_failure {
-        return Err(LearnerError::LocalActors(std::io::Error::other(message)));
+        return Err(LearnerError::LocalActorsExited(message));
     }
     outcome.sessions = session_stats
         .sessions
@@ -742,7 +742,7 @@ pub async fn serve(
         logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
         marginal_tv = r.marginal_tv,
         energy_w1 = r.energy_w1,
-        top100_mean_reward = r.top100_mean_reward,
+        top100_mean_reward = (r.top100_samples > 0).then_some(r.top100_mean_reward),
         trained_transitions = r.trained_transitions,
         resumed_trained_transitions = r.resumed_trained_transitions,
         ingested_transitions = r.ingested_transitions,

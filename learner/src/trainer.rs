@@ -356,8 +356,10 @@ impl Trainer {
                     });
                 }
                 // After the report of the same step, so that the checkpoint
-                // holds what it found (best objects, time to quality).
-                if self.checkpoint_due(&progress)
+                // holds what it found (best objects, time to quality). The
+                // last step's is the one every way out of the loop saves.
+                if !finished(&progress)
+                    && self.checkpoint_due(&progress)
                     && let Err(error) = self.save_checkpoint(
                         &optimizer,
                         own_optimizer.as_ref(),
@@ -452,13 +454,18 @@ impl Trainer {
         let wall_s = progress.wall();
         if progress.report.step != progress.step {
             // No report of this process covers the last step (a resumed
-            // run stopped before its first step): its counts, at least.
+            // run stopped before its first step): its counts, at least,
+            // and the best objects the checkpoint kept (not an evaluation's
+            // zeros).
+            let (top100_mean_reward, top100_samples) = evaluator.top_k_so_far();
             progress.report = Report {
                 step: progress.step,
                 wall_s,
                 version: progress.version,
                 trained_transitions: progress.trained_transitions,
                 resumed_trained_transitions: progress.resumed_trained_transitions,
+                top100_mean_reward,
+                top100_samples,
                 ..Report::default()
             };
         }

@@ -82,7 +82,28 @@ async fn only_the_right_token_gets_in() {
     .unwrap()
     .unwrap_err();
     assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
-    assert!(error.to_string().contains("token"), "{error}");
+    let error = error.to_string();
+    assert!(
+        error.contains("FLGFN_TOKEN or auth.token_file")
+            && !error.contains("(this actor has no token)"),
+        "{error}"
+    );
+
+    // An actor with no token at all is told so.
+    let mut tokenless = support::tiny_config();
+    tokenless.actor.learner = url.clone();
+    let error = tokio::time::timeout(
+        Duration::from_secs(30),
+        flgfn_actor::run(tokenless, options("tokenless"), std::future::pending()),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
+    assert!(
+        error.to_string().ends_with("(this actor has no token)"),
+        "{error}"
+    );
 
     // The right token trains.
     let mut actor = config.clone();
@@ -101,7 +122,7 @@ async fn only_the_right_token_gets_in() {
         .get("unauthenticated")
         .copied();
     assert!(
-        refused.unwrap_or(0) >= 3,
+        refused.unwrap_or(0) >= 4,
         "{:?}",
         outcome.final_report.rejections
     );

@@ -125,6 +125,7 @@ fn a_run_resumed_already_finished_starts_no_actors() {
             .arg(&config)
             .arg("--checkpoint-dir")
             .arg(dir.join("checkpoints"))
+            .env("FLGFN_LEARNER__CHECKPOINT_EVERY_STEPS", "10")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -133,12 +134,36 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     };
     let first = run();
     assert!(first.contains("started local actors"), "{first}");
+    // Steps 10, 20 and 30, the last once: the periodic checkpoint due at
+    // the last step is the final one.
+    let saved: Vec<&str> = first
+        .lines()
+        .filter(|l| l.contains("checkpoint saved"))
+        .collect();
+    assert_eq!(saved.len(), 3, "{first}");
+    assert_eq!(
+        saved.iter().filter(|l| l.contains("step=30 ")).count(),
+        1,
+        "{first}"
+    );
     // The same command again: the checkpoint says step 30 of 30.
     let second = run();
     assert!(second.contains("this run already finished"), "{second}");
     assert!(second.contains("no local actors started"), "{second}");
     assert!(!second.contains("started local actors"), "{second}");
     assert!(!second.contains("killing it"), "{second}");
+    // Its closing line has no evaluation of its own, but the checkpoint's
+    // best objects: not a top-100 reward of 0.
+    let top100 = |log: &str| -> f64 {
+        let finished = log.lines().find(|line| line.contains("training finished"));
+        let field = finished.and_then(|line| line.split("top100_mean_reward=").nth(1));
+        let value = field.and_then(|rest| rest.split_whitespace().next());
+        value
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{log}"))
+    };
+    assert!(top100(&first) > 0.0, "{first}");
+    assert!(top100(&second) > 0.0, "{second}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -264,7 +289,9 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
     assert!(!status.success(), "{log}");
     assert!(
-        log.contains("every local actor exited before training finished (2 with an error"),
+        log.contains(
+            "error: training stopped: every local actor exited before training finished (2 with an error"
+        ),
         "{log}"
     );
     assert_eq!(

@@ -400,12 +400,22 @@ fn a_learner_nobody_feeds_says_so_and_names_its_refusals() {
         .arg("--config")
         .arg(&config)
         .env("FLGFN_TOKEN", ACTOR_SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .stdin(Stdio::null())
+        .output()
         .unwrap();
-    assert!(!refused.success(), "a wrong token is refused for good");
-    wait_for_log(&learner_log, "refused a call with a missing or wrong token");
+    assert!(
+        !refused.status.success(),
+        "a wrong token is refused for good"
+    );
+    // The actor is told where the token comes from, not only the wire form.
+    let actor_error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        actor_error.contains("missing or wrong token")
+            && actor_error.contains("FLGFN_TOKEN or auth.token_file")
+            && !actor_error.contains(ACTOR_SECRET),
+        "{actor_error}"
+    );
+    wait_for_log(&learner_log, "refused a call with a wrong token");
     // The first warning comes 10 s after the start, the next 20 s after
     // it: on a loaded machine the refusal may come after the first.
     const WAITING: &str = "waiting for training data";
