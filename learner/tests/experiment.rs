@@ -37,18 +37,10 @@ fn a_short_suite_writes_its_data_and_plots() {
         assert!(svg.contains("<svg") && svg.contains("fl_db") && svg.contains("<polyline"));
     }
 
-    // Re-rendering from the folder alone gives the same tables.
+    // Re-rendering from the folder alone (the suite, seeds and steps it
+    // was run with are recorded there) gives the same tables.
     let status = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args([
-            "--suite",
-            "smoke",
-            "--seeds",
-            "2",
-            "--steps",
-            "20",
-            "--plot-only",
-            "--out",
-        ])
+        .args(["--plot-only", "--out"])
         .arg(&out)
         .status()
         .unwrap();
@@ -108,6 +100,26 @@ fn a_short_suite_writes_its_data_and_plots() {
             .skip(1)
             .all(|row| row.split(',').nth(4) == Some("30")),
         "{summary}"
+    );
+    // Redrawn with more seeds than were run: the missing runs count as
+    // failed, by name, and the exit status says the tables are short.
+    let more_seeds = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--plot-only", "--seeds", "3", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!more_seeds.status.success());
+    let printed = String::from_utf8_lossy(&more_seeds.stdout);
+    assert!(
+        printed.contains("redrawing suite smoke (3 seeds, 30 steps per run)"),
+        "{printed}"
+    );
+    assert_eq!(
+        printed
+            .matches("_seed2: never started; counted as failed")
+            .count(),
+        2,
+        "{printed}"
     );
     let refused = again("0");
     assert!(!refused.status.success());

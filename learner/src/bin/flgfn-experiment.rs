@@ -14,19 +14,24 @@ use flgfn_learner::experiment::{self, SUITES};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The suite to run (see --list).
-    #[arg(long, default_value = "paper-sets")]
-    suite: String,
-    /// Seeds per configuration (0, 1, ...).
-    #[arg(long, default_value_t = 3)]
-    seeds: u64,
-    /// Training steps per run (default: the suite's).
+    /// The suite to run (see --list) [default: paper-sets; with
+    /// --plot-only, the folder's].
+    #[arg(long)]
+    suite: Option<String>,
+    /// Seeds per configuration (0, 1, ...) [default: 3; with --plot-only,
+    /// the folder's].
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// Training steps per run (default: the suite's; with --plot-only,
+    /// the folder's).
     #[arg(long, value_name = "N")]
     steps: Option<u64>,
     /// Output folder (default: experiments/<suite>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Only redraw tables and plots from the runs already in the folder.
+    /// Only redraw tables and plots from the runs already in the folder,
+    /// the suite, seeds and steps it was last run with unless given
+    /// (every run of those that did not finish counts as failed).
     #[arg(long)]
     plot_only: bool,
     /// List the suites and exit.
@@ -61,24 +66,53 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let suite = experiment::suite(&args.suite).with_context(|| {
+    const DEFAULT_SUITE: &str = "paper-sets";
+    const DEFAULT_SEEDS: u64 = 3;
+    let out = args.out.clone().unwrap_or_else(|| {
+        let name = args.suite.as_deref().unwrap_or(DEFAULT_SUITE);
+        PathBuf::from("experiments").join(name)
+    });
+    // Redrawing: what the folder was run with, where not given.
+    let recorded = if args.plot_only {
+        experiment::SuiteRecord::load(&out)?
+    } else {
+        None
+    };
+    let asked = experiment::SuiteRecord {
+        suite: args
+            .suite
+            .clone()
+            .or_else(|| recorded.as_ref().map(|r| r.suite.clone()))
+            .unwrap_or_else(|| DEFAULT_SUITE.to_owned()),
+        seeds: args
+            .seeds
+            .or_else(|| recorded.as_ref().map(|r| r.seeds))
+            .unwrap_or(DEFAULT_SEEDS),
+        steps: args
+            .steps
+            .or_else(|| recorded.as_ref().and_then(|r| r.steps)),
+    };
+    let suite = experiment::suite(&asked.suite).with_context(|| {
         let names: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
-        format!("no suite `{}`; there are: {}", args.suite, names.join(", "))
-    })?;
-    anyhow::ensure!(args.seeds >= 1, "--seeds must be at least 1");
-    // (0 would be a learner that never stops.)
-    anyhow::ensure!(args.steps != Some(0), "--steps must be at least 1");
-    let out = args
-        .out
-        .unwrap_or_else(|| PathBuf::from("experiments").join(suite.name));
-    let specs = suite.runs(args.seeds, args.steps);
-    let (results, failed) = if args.plot_only {
-        let (results, unfinished) = experiment::load_results(&specs, &out)?;
-        let why = "not finished".to_owned();
-        (
-            results,
-            unfinished.into_iter().map(|s| (s, why.clone())).collect(),
+        format!(
+            "no suite `{}`; there are: {}",
+            asked.suite,
+            names.join(", ")
         )
+    })?;
+    anyhow::ensure!(asked.seeds >= 1, "--seeds must be at least 1");
+    // (0 would be a learner that never stops.)
+    anyhow::ensure!(asked.steps != Some(0), "--steps must be at least 1");
+    let specs = suite.runs(asked.seeds, asked.steps);
+    let experiment::SuiteOutcome { results, failed } = if args.plot_only {
+        println!(
+            "redrawing suite {} ({} seeds, {} steps per run) from {}",
+            suite.name,
+            asked.seeds,
+            asked.steps.unwrap_or(suite.default_steps),
+            out.display()
+        );
+        experiment::load_results(&specs, &out)?
     } else {
         let learner = std::env::current_exe()?
             .with_file_name(format!("flgfn-learner{}", std::env::consts::EXE_SUFFIX));
@@ -93,8 +127,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             specs.len(),
             out.display()
         );
-        let outcome = experiment::run_all(&specs, &learner, &out)?;
-        (outcome.results, outcome.failed)
+        asked.save(&out)?;
+        experiment::run_all(&specs, &learner, &out)?
     };
     let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
     let plots = experiment::write_outputs(&results, &failed_specs, &out)?;

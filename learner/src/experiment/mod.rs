@@ -5,6 +5,8 @@
 //! Layout of an output folder:
 //!
 //! ```text
+//! OUT/suite.json                the suite, seeds and steps last asked for
+//!                               (what `--plot-only` redraws by default)
 //! OUT/runs/<run>/config.toml    the exact configuration of the run
 //! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
 //! OUT/runs/<run>/learner.log    its learner's and actors' logs
@@ -125,9 +127,10 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
         if written == Some(false) {
             println!("{label}: made with another configuration; starting over");
         }
+        let mut kept = "";
         let done = match read_reports(&metrics) {
             Ok(reports) if same_config && finished(spec, &reports) => {
-                println!("{label}: already done, kept");
+                kept = "already done, kept: ";
                 Ok(reports)
             }
             _ => run_one(spec, &config, learner, &dir, &label, !same_config)
@@ -152,7 +155,7 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
         };
         let result = summarise(spec.clone(), on_grid(spec, reports))?;
         println!(
-            "{label}: {} reports, quality at {}, top-100 at {} ({:.0} s elapsed)",
+            "{label}: {kept}{} reports, quality at {}, top-100 at {} ({:.0} s elapsed)",
             result.reports.len(),
             describe(result.to_quality),
             describe(result.to_top_k),
@@ -548,41 +551,85 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
     plots::render_groups(std::slice::from_ref(&result), dir)
 }
 
+/// What a suite's folder was last run with (`OUT/suite.json`), so that
+/// `--plot-only` redraws the same runs without the arguments repeated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SuiteRecord {
+    /// The suite's name.
+    pub suite: String,
+    /// Seeds per configuration.
+    pub seeds: u64,
+    /// `--steps`, when given (else the suite's default).
+    pub steps: Option<u64>,
+}
+
+/// Where the record of a suite's folder is kept.
+const SUITE_RECORD: &str = "suite.json";
+
+impl SuiteRecord {
+    /// Writes the record into `out`.
+    pub fn save(&self, out: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(out)?;
+        let path = out.join(SUITE_RECORD);
+        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// The record in `out`, if the runner wrote one there (folders made
+    /// before it did have none).
+    pub fn load(out: &Path) -> anyhow::Result<Option<Self>> {
+        let path = out.join(SUITE_RECORD);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .with_context(|| format!("cannot read {}", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+}
+
 /// Reads back every run of `specs` already present under `out` (for
-/// re-rendering plots without running anything), and the runs of this
-/// configuration that stopped before their last step (failed, or
-/// interrupted: the summary counts them).
-pub fn load_results(
-    specs: &[RunSpec],
-    out: &Path,
-) -> anyhow::Result<(Vec<RunResult>, Vec<RunSpec>)> {
+/// re-rendering plots without running anything), and the runs of `specs`
+/// that did not finish, with why: failed or interrupted, never started,
+/// or made with another configuration. The summary counts them among
+/// their curve's seeds, so that a table never silently rests on fewer
+/// seeds than were asked for.
+pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcome> {
     let mut results = Vec::new();
     let mut unfinished = Vec::new();
     for spec in specs {
         let dir = out.join("runs").join(spec.name());
-        let Ok(reports) = read_reports(&dir.join("metrics.jsonl")) else {
+        let why = match (
+            written_config_matches(spec, &dir),
+            read_reports(&dir.join("metrics.jsonl")),
+        ) {
+            (None, _) => "never started",
+            (Some(false), _) => "made with another configuration (other --steps?)",
             // Started (its configuration is written) but no report: it
-            // failed at once, as the runner counted it. Never started:
-            // not counted.
-            if written_config_matches(spec, &dir) == Some(true) {
-                println!("{}: no report; counted as failed", spec.name());
-                unfinished.push(spec.clone());
+            // failed at once, as the runner counted it.
+            (Some(true), Err(_)) => "no report",
+            (Some(true), Ok(reports)) if !finished(spec, &reports) => "not finished",
+            (Some(true), Ok(reports)) => {
+                results.push(summarise(spec.clone(), on_grid(spec, reports))?);
+                continue;
             }
-            continue;
         };
-        if written_config_matches(spec, &dir) != Some(true) {
-            println!("{}: made with another configuration; left out", spec.name());
-        } else if !finished(spec, &reports) {
-            println!("{}: not finished; counted as failed", spec.name());
-            unfinished.push(spec.clone());
-        } else {
-            results.push(summarise(spec.clone(), on_grid(spec, reports))?);
-        }
+        println!("{}: {why}; counted as failed", spec.name());
+        unfinished.push((spec.clone(), why.to_owned()));
     }
-    if results.is_empty() && unfinished.is_empty() {
-        bail!("no run of this suite under {}", out.display());
+    // Nothing of these runs here at all: most likely other arguments.
+    let started_here = |why: &str| why == "no report" || why == "not finished";
+    if results.is_empty() && !unfinished.iter().any(|(_, why)| started_here(why)) {
+        bail!(
+            "no run of these under {} (give the --suite, --seeds and --steps it was run with)",
+            out.display()
+        );
     }
-    Ok((results, unfinished))
+    Ok(SuiteOutcome {
+        results,
+        failed: unfinished,
+    })
 }
 
 #[cfg(test)]
@@ -645,7 +692,7 @@ mod tests {
     }
 
     #[test]
-    fn plot_only_counts_a_run_that_started_without_a_report_as_failed() {
+    fn plot_only_counts_every_run_asked_for_that_did_not_finish() {
         let out = std::env::temp_dir().join(format!("flgfn-plot-only-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         let specs = suite("paper-sets").unwrap().runs(2, Some(300));
@@ -653,10 +700,30 @@ mod tests {
         let dir = out.join("runs").join(started.name());
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(CONFIG_FILE), run_config(started, &dir).to_toml()).unwrap();
-        let (results, failed) = load_results(&specs[..2], &out).unwrap();
+        let SuiteOutcome { results, failed } = load_results(&specs[..2], &out).unwrap();
         assert!(results.is_empty());
-        let failed: Vec<String> = failed.iter().map(RunSpec::name).collect();
-        assert_eq!(failed, [started.name()], "{} never started", never.name());
+        let failed: Vec<(String, &str)> = failed
+            .iter()
+            .map(|(spec, why)| (spec.name(), why.as_str()))
+            .collect();
+        // The run never started is counted too: the table must not rest
+        // on fewer seeds than asked for without saying so.
+        assert_eq!(
+            failed,
+            [
+                (started.name(), "no report"),
+                (never.name(), "never started")
+            ]
+        );
+        // Nothing of these runs at all: an error, saying what to give.
+        let error = load_results(&specs[1..2], &out).unwrap_err().to_string();
+        assert!(error.contains("--suite, --seeds and --steps"), "{error}");
+        // Another --steps: the run's folder holds another configuration,
+        // and with nothing else of these runs, that is an error too.
+        let other = suite("paper-sets").unwrap().runs(2, Some(400));
+        assert_eq!(other[0].name(), started.name());
+        let error = load_results(&other[..1], &out).unwrap_err().to_string();
+        assert!(error.contains("--suite, --seeds and --steps"), "{error}");
         std::fs::remove_dir_all(&out).unwrap();
     }
 
