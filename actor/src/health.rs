@@ -16,8 +16,10 @@ pub enum HealthError {
     /// Not a URL, or no connection (refused, TLS handshake failed).
     #[error("cannot connect")]
     Connect(#[from] tonic::transport::Error),
-    /// The learner answered with an error (unknown service...).
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The learner answered with an error (unknown service...), or the
+    /// call failed on the way (a connection closed: the status's source
+    /// says why, its message only "transport error").
+    #[error("{}: {}", .0.code(), std::error::Error::source(.0).map_or_else(|| .0.message().to_owned(), flgfn_common::telemetry::with_causes))]
     Refused(tonic::Status),
 }
 
@@ -30,6 +32,13 @@ pub async fn check(
     service: &str,
     tls: &TlsConfig,
 ) -> Result<ServingStatus, HealthError> {
+    // A bare HOST:PORT is plain HTTP/2, as TLS needs https:// spelt out.
+    let address = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let address = address.as_str();
     let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())?;
     if let Some(tls) = crate::client_tls_for(address, tls)? {
         endpoint = endpoint.tls_config(tls)?;

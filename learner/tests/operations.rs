@@ -482,8 +482,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether the probe said healthy, and what it printed. It exits 0 or 1,
-/// never anything else (a crash is not an answer).
+/// Whether the probe said healthy, and what it printed (stdout, or
+/// stderr when it failed). It exits 0 or 1, never anything else (a crash
+/// is not an answer).
 fn probe(address: &str) -> (bool, String) {
     let output = command(&sibling("flgfn-health"))
         .args(["--address", address, "--timeout-s", "5"])
@@ -495,9 +496,14 @@ fn probe(address: &str) -> (bool, String) {
         "{code:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    let said = if code == Some(0) || !output.stdout.is_empty() {
+        &output.stdout
+    } else {
+        &output.stderr
+    };
     (
         code == Some(0),
-        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        String::from_utf8_lossy(said).trim().to_owned(),
     )
 }
 
@@ -507,8 +513,11 @@ fn the_health_probe_says_serving_only_while_a_learner_serves() {
     let config = tiny_config_file(&dir, 0);
     let port = free_port();
     let address = format!("http://127.0.0.1:{port}");
-    let (up, _) = probe(&address);
+    let (up, said) = probe(&address);
     assert!(!up, "nothing listens yet");
+    // Why, once: transport errors repeat their cause's text.
+    assert!(said.contains("Connection refused"), "{said}");
+    assert_eq!(said.matches("tcp connect error").count(), 1, "{said}");
     let learner = support::learner_process(
         &format!("127.0.0.1:{port}"),
         &config,
@@ -520,6 +529,11 @@ fn the_health_probe_says_serving_only_while_a_learner_serves() {
         let (up, said) = probe(&address);
         if up {
             assert_eq!(said, "SERVING");
+            // A bare HOST:PORT is http://.
+            assert_eq!(
+                probe(&format!("127.0.0.1:{port}")),
+                (true, "SERVING".to_owned())
+            );
             break;
         }
         assert!(

@@ -10,14 +10,16 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Asks a learner's gRPC health service whether it serves, for container
 /// health checks (Docker's HEALTHCHECK) and scripts: exits 0 when it
-/// answers SERVING, 1 otherwise (NOT_SERVING while it shuts down,
-/// unreachable, or too slow). An `https://` address is probed over TLS,
+/// answers SERVING, 1 otherwise (NOT_SERVING while it loads its
+/// checkpoint, unreachable, as from the moment it is told to stop, or too
+/// slow). An `https://` address is probed over TLS,
 /// trusting `--ca-file` (and presenting `--cert-file` where the learner
 /// requires client certificates).
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// The learner, e.g. http://127.0.0.1:50051.
+    /// The learner, e.g. http://127.0.0.1:50051 (a bare HOST:PORT is
+    /// http://; TLS needs https://).
     #[arg(
         long,
         env = "FLGFN_HEALTH_ADDRESS",
@@ -109,10 +111,12 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
         Ok(Err(error)) => {
+            // (Transport errors repeat their cause's text in their own:
+            // with_causes says each once.)
             eprintln!(
-                "flgfn-health: {}: {:#}",
+                "flgfn-health: {}: {}",
                 args.address,
-                anyhow::Error::from(error)
+                flgfn_common::telemetry::with_causes(&error)
             );
             std::process::ExitCode::FAILURE
         }
