@@ -4,8 +4,9 @@
 # transitions, and reaches the end of a 150-step run; the actor exits 0
 # when told training is over. Then a learner is killed (SIGKILL) under a
 # running actor and started again on the same port: the actor reconnects
-# by itself and trains it to the end. Its requirements go into a venv in
-# the cache.
+# by itself and trains it to the end. Last, an actor refused for good (no
+# token) exits 1 with the refusal in one line. Its requirements go into a
+# venv in the cache.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
@@ -129,5 +130,23 @@ if grep -q "reconnecting" "$work/actor-2.log" && grep -q "training finished" "$w
 else
     echo "python_actor: FAILED: sessions '$sessions', ingested '$ingested', rejected '$rejected'" >&2
     tail -n 20 "$work/actor-2.log" "$work/learner-2.log" >&2
+    exit 1
+fi
+
+# Refused for good (a learner with a token, an actor with none): the actor
+# exits 1 with the refusal on one line, not buried under a traceback.
+port="$(free_port)"
+FLGFN_TOKEN=python-actor-check-token-0123456789 "$CARGO_TARGET_DIR/release/flgfn-learner" \
+    --listen "127.0.0.1:$port" --max-steps 0 --checkpoint-dir "" >"$work/learner-3.log" 2>&1 &
+learner_pid=$!
+status=0
+env -u FLGFN_TOKEN timeout 120 "$venv/bin/python" examples/python_actor/flgfn_actor.py \
+    --learner "127.0.0.1:$port" --envs 4 --reconnect-attempts 60 >"$work/actor-3.log" 2>&1 || status=$?
+if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor: UNAUTHENTICATED" "$work/actor-3.log" &&
+    ! grep -q "Traceback" "$work/actor-3.log"; then
+    echo "python_actor: ok: refused for its missing token, the actor exited 1 saying so in one line"
+else
+    echo "python_actor: FAILED: a refused actor exited $status" >&2
+    tail -n 20 "$work/actor-3.log" >&2
     exit 1
 fi

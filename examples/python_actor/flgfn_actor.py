@@ -209,6 +209,10 @@ class Refused(RuntimeError):
     """The learner refused this actor for good (wrong task, bad token, ...)."""
 
 
+class GaveUp(RuntimeError):
+    """--reconnect-attempts failed connections in a row."""
+
+
 def is_final(error):
     trailers = error.trailing_metadata() or ()
     if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
@@ -403,7 +407,7 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             else:
                 failures += 1
             if reconnect_attempts and failures >= reconnect_attempts:
-                raise RuntimeError(f"gave up after {failures} attempts: {message}")
+                raise GaveUp(f"gave up after {failures} attempts: {message}")
             pause = backoff * jitter.uniform(0.5, 1.0)
             print(f"{name}: learner unavailable ({message}); reconnecting in {pause:.2f} s",
                   flush=True)
@@ -439,10 +443,14 @@ def main():
         parser.error("--learner: this example speaks plain text only (no TLS)")
     learner = learner.removeprefix("http://").rstrip("/")
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
-    run(SetGeneration(), learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
-        truncate_fraction=args.truncate_fraction, name=args.name,
-        token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
-        reconnect_attempts=args.reconnect_attempts)
+    try:
+        run(SetGeneration(), learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
+            truncate_fraction=args.truncate_fraction, name=args.name,
+            token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
+            reconnect_attempts=args.reconnect_attempts)
+    except (Refused, GaveUp) as error:
+        # Said in full: a traceback would only bury it.
+        sys.exit(f"flgfn_actor: {error}")
 
 
 if __name__ == "__main__":
