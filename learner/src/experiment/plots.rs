@@ -187,10 +187,12 @@ where
             .margin(8)
             .x_label_area_size(32)
             .y_label_area_size(56);
-        if metric.log_scale {
-            let floor = (y_max * 1e-6).max(1e-9);
-            let lo = y_min.max(floor) * 0.8;
-            let hi = (y_max * 1.25).max(lo * 2.0);
+        let floor = (y_max * 1e-6).max(1e-9);
+        let lo = y_min.max(floor) * 0.8;
+        let hi = (y_max * 1.25).max(lo * 2.0);
+        // A log axis is labelled at powers of ten only: within less than a
+        // decade it would carry no label at all, so such a panel is linear.
+        if metric.log_scale && hi / lo >= 10.0 {
             let chart = builder
                 .build_cartesian_2d(x_range, (lo..hi).log_scale())
                 .map_err(error)?;
@@ -297,7 +299,11 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
         ];
         for (suffix, x_label, x) in axes {
             let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-            let title = format!("{group}: mean and range over {seeds} seed(s)");
+            let title = if seeds == 1 {
+                format!("{group}: one run")
+            } else {
+                format!("{group}: mean and range over {seeds} seeds")
+            };
             let size = (1500, 900);
             let png = dir.join(format!("{stem}-{suffix}.png"));
             draw_figure(
