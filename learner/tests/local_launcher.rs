@@ -46,18 +46,41 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     let metrics = dir.join("metrics.jsonl");
 
     assert!(actor().exists(), "deploy/test.sh builds flgfn-actor first");
-    let output = Command::new(learner())
+    // Trains until stopped (Ctrl-C) once every actor has joined: a step
+    // budget could run out before an actor slow to start (libtorch loading
+    // on a loaded machine) has joined.
+    let log_path = dir.join("learner.log");
+    let mut learner = Command::new(learner())
         // The --seed flag wins over this, for the learner and its actors.
         .env("FLGFN_SEED", "999")
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
-        .args(["--max-steps", "200", "--seed", "40", "--config"])
+        .args(["--max-steps", "1000000", "--seed", "40", "--config"])
         .arg(&config)
         .arg("--metrics")
         .arg(&metrics)
-        .output()
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
         .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "learner failed:\n{log}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    while read_log().matches("actor joined").count() < 3
+        || std::fs::metadata(&metrics).map_or(0, |m| m.len()) == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "three actors and a report within a minute:\n{}",
+            read_log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let interrupted = Command::new("kill")
+        .args(["-INT", &learner.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let status = learner.wait().unwrap();
+    let log = read_log();
+    assert!(status.success(), "learner failed:\n{log}");
     let started = log
         .lines()
         .find(|line| line.contains("started local actors"))
@@ -105,10 +128,16 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
             assert!(report.get(key).is_some(), "missing {key} in {report}");
         }
     }
+    // The last report is the stop's, at its last step, published.
     let last = reports.last().unwrap();
-    assert_eq!(last["step"], 200);
-    assert_eq!(last["version"], 200);
-    assert!(last["trained_transitions"].as_u64().unwrap() >= 200 * 64);
+    let steps = last["step"].as_u64().unwrap();
+    assert!(steps > 0, "{last}");
+    assert_eq!(last["version"], steps);
+    assert!(last["trained_transitions"].as_u64().unwrap() >= steps * 64);
+    assert!(
+        log.contains(&format!("training finished steps={steps} ")),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
