@@ -121,6 +121,23 @@ fn a_short_suite_writes_its_data_and_plots() {
         2,
         "{printed}"
     );
+    // Another suite named: the folder's record (smoke's) is not applied to
+    // it, and none of its runs are here.
+    let other_suite = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--plot-only", "--suite", "paper-sets", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!other_suite.status.success());
+    let printed = String::from_utf8_lossy(&other_suite.stdout);
+    assert!(
+        printed.contains("redrawing suite paper-sets (3 seeds, 2000 steps per run)"),
+        "{printed}"
+    );
+    assert!(
+        String::from_utf8_lossy(&other_suite.stderr).contains("no run of these under"),
+        "{other_suite:?}"
+    );
     let refused = again("0");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));

@@ -73,8 +73,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         PathBuf::from("experiments").join(name)
     });
     // Redrawing: what the folder was run with, where not given.
+    // (Not another suite's: several may share one folder, and the record
+    // is the last one's.)
     let recorded = if args.plot_only {
-        experiment::SuiteRecord::load(&out)?
+        experiment::SuiteRecord::load(&out)?.filter(|record| {
+            args.suite
+                .as_ref()
+                .is_none_or(|suite| *suite == record.suite)
+        })
     } else {
         None
     };

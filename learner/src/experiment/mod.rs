@@ -598,29 +598,27 @@ impl SuiteRecord {
 pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcome> {
     let mut results = Vec::new();
     let mut unfinished = Vec::new();
+    let mut any_started = false;
     for spec in specs {
         let dir = out.join("runs").join(spec.name());
         let why = match (
             written_config_matches(spec, &dir),
             read_reports(&dir.join("metrics.jsonl")),
         ) {
-            (None, _) => "never started",
-            (Some(false), _) => "made with another configuration (other --steps?)",
-            // Started (its configuration is written) but no report: it
-            // failed at once, as the runner counted it.
-            (Some(true), Err(_)) => "no report",
-            (Some(true), Ok(reports)) if !finished(spec, &reports) => "not finished",
+            (None, _) => Unfinished::NeverStarted,
+            (Some(false), _) => Unfinished::OtherConfiguration,
+            (Some(true), Err(_)) => Unfinished::NoReport,
+            (Some(true), Ok(reports)) if !finished(spec, &reports) => Unfinished::NotFinished,
             (Some(true), Ok(reports)) => {
                 results.push(summarise(spec.clone(), on_grid(spec, reports))?);
                 continue;
             }
         };
+        any_started |= why.started();
         println!("{}: {why}; counted as failed", spec.name());
-        unfinished.push((spec.clone(), why.to_owned()));
+        unfinished.push((spec.clone(), why.to_string()));
     }
-    // Nothing of these runs here at all: most likely other arguments.
-    let started_here = |why: &str| why == "no report" || why == "not finished";
-    if results.is_empty() && !unfinished.iter().any(|(_, why)| started_here(why)) {
+    if results.is_empty() && !any_started {
         bail!(
             "no run of these under {} (give the --suite, --seeds and --steps it was run with)",
             out.display()
@@ -630,6 +628,39 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
         results,
         failed: unfinished,
     })
+}
+
+/// Why a run asked for has no result in the folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unfinished {
+    /// No folder, or no configuration in it.
+    NeverStarted,
+    /// Its folder holds another configuration (another `--steps`, or
+    /// another suite sharing the folder).
+    OtherConfiguration,
+    /// Started, but no report: it failed at once, as the runner counted it.
+    NoReport,
+    /// Failed or interrupted before its last step.
+    NotFinished,
+}
+
+impl Unfinished {
+    /// Whether the run was started with this configuration: with none
+    /// such and nothing finished, the folder holds other runs altogether.
+    fn started(self) -> bool {
+        matches!(self, Unfinished::NoReport | Unfinished::NotFinished)
+    }
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unfinished::NeverStarted => "never started",
+            Unfinished::OtherConfiguration => "made with another configuration (other --steps?)",
+            Unfinished::NoReport => "no report",
+            Unfinished::NotFinished => "not finished",
+        })
+    }
 }
 
 #[cfg(test)]

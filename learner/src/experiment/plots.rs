@@ -300,7 +300,7 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
         for (suffix, x_label, x) in axes {
             let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
             let title = if seeds == 1 {
-                format!("{group}: one run")
+                format!("{group}: one run per curve")
             } else {
                 format!("{group}: mean and range over {seeds} seeds")
             };
