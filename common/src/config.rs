@@ -142,7 +142,12 @@ fn another_tasks_keys(table: &toml::Table) -> Option<String> {
         renamed.insert("name".to_owned(), toml::Value::String(name.to_owned()));
         toml::Value::Table(renamed).try_into::<TaskConfig>().is_ok()
     };
-    if parses_as(&current) {
+    // A name no task has (a typo) is serde's to report: the keys may be
+    // right for the task meant.
+    let known = TaskConfig::every_task()
+        .iter()
+        .any(|task| task.name() == current);
+    if !known || parses_as(&current) {
         return None;
     }
     let chosen = if named.is_some() { "" } else { ", the default" };
@@ -1073,16 +1078,12 @@ fn name_default_task(table: &mut toml::Table) -> bool {
     if task.contains_key("name") {
         return false;
     }
-    let name = toml::Value::try_from(TaskConfig::default())
-        .ok()
-        .and_then(|task| task.get("name").cloned());
-    match name {
-        Some(name) => {
-            task.insert("name".to_owned(), name);
-            true
-        }
-        None => false,
+    let name = TaskConfig::default().name();
+    if name.is_empty() {
+        return false;
     }
+    task.insert("name".to_owned(), toml::Value::String(name));
+    true
 }
 
 /// Longest wait any setting may ask for: a day. A larger "forever" would
@@ -1243,6 +1244,12 @@ mod tests {
         assert!(message.contains("unknown field `side`"), "{message}");
         assert!(
             message.contains("keys of the lattice task, which `name = \"lattice\"` in [task] selects; this [task] is set_generation, the default"),
+            "{message}"
+        );
+        // A misspelt name: serde names it, no hint about keys.
+        let message = error("[task]\nname = \"latice\"\n");
+        assert!(
+            message.contains("latice") && !message.contains("keys of the"),
             "{message}"
         );
         // A named task given the other's keys.
