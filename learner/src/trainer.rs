@@ -356,9 +356,14 @@ impl Trainer {
                     });
                 }
                 // After the report of the same step, so that the checkpoint
-                // holds what it found (best objects, time to quality). The
-                // last step's is the one every way out of the loop saves.
-                if !finished(&progress)
+                // holds what it found (best objects, time to quality). At
+                // the last step, when that report has run, the checkpoint
+                // every way out of the loop saves is this one: not written
+                // twice. (When it has not, the report after the loop
+                // evaluates, which may take long: the periodic one is
+                // written first, in case the process is killed meanwhile.)
+                let final_one_is_this = finished(&progress) && progress.window.steps == 0;
+                if !final_one_is_this
                     && self.checkpoint_due(&progress)
                     && let Err(error) = self.save_checkpoint(
                         &optimizer,

@@ -154,7 +154,11 @@ fn a_run_resumed_already_finished_starts_no_actors() {
             .arg(&config)
             .arg("--checkpoint-dir")
             .arg(dir.join("checkpoints"))
+            // A checkpoint every 10 steps, and a report too, so that the
+            // last step's report comes in the loop (see below).
             .env("FLGFN_LEARNER__CHECKPOINT_EVERY_STEPS", "10")
+            .env("FLGFN_LEARNER__CHECKPOINT_EVERY_S", "0")
+            .env("FLGFN_LEARNER__EVAL_EVERY_STEPS", "10")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -164,7 +168,7 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     let first = run();
     assert!(first.contains("started local actors"), "{first}");
     // Steps 10, 20 and 30, the last once: the periodic checkpoint due at
-    // the last step is the final one.
+    // the last step, whose report has run, is the final one.
     let saved: Vec<&str> = first
         .lines()
         .filter(|l| l.contains("checkpoint saved"))
