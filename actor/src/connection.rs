@@ -251,8 +251,7 @@ fn classify(status: Status, served: bool) -> SessionError {
     let trouble = certificate_trouble(&status);
     if let Some(CertificateTrouble::Final(problem)) = trouble {
         // (A Status prints its source's Debug form: the causes read better.)
-        let causes = std::error::Error::source(&status)
-            .map_or_else(|| status.message().to_owned(), with_causes);
+        let causes = status_causes(&status);
         return SessionError::Fatal(format!("tls: {problem} ({causes})"));
     }
     match status.code() {
@@ -273,39 +272,47 @@ fn classify(status: Status, served: bool) -> SessionError {
             "{} (is actor.learner the address of a flgfn learner?)",
             status.message()
         ))),
-        // HTTP/2 found the peer breaking the protocol at once: what answers
-        // is not an HTTP/2 server (a web server on that port, whose HTTP/1
-        // reply reads as a frame too large). Maybe passing, so retried,
-        // but saying what to check. (A learner going away is an I/O error,
-        // not this.)
-        Code::Unknown
-            if !served
-                && std::error::Error::source(&status)
-                    .map(with_causes)
-                    .is_some_and(|causes| causes.contains("connection error detected")) =>
-        {
-            retry(
-                format!(
-                    "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
-                    status.code(),
-                    std::error::Error::source(&status).map_or_else(String::new, with_causes)
-                ),
-                served,
-            )
-        }
-        // (A transport failure's status says "transport error": its
-        // causes say which.)
+        // What answers before any session is not an HTTP/2 server (a web
+        // server on that port, whose HTTP/1 reply reads as a frame too
+        // large). Maybe passing, so retried, but saying what to check.
+        _ if !served && not_http2(&status) => retry(
+            format!(
+                "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
+                status.code(),
+                status_causes(&status)
+            ),
+            served,
+        ),
         _ => retry(
             format!(
                 "{}{}: {}",
                 CertificateTrouble::retry_prefix(trouble),
                 status.code(),
-                std::error::Error::source(&status)
-                    .map_or_else(|| status.message().to_owned(), with_causes)
+                status_causes(&status)
             ),
             served,
         ),
     }
+}
+
+/// Why a call failed: a status the transport made says only "transport
+/// error", and keeps why in its source.
+pub(crate) fn status_causes(status: &Status) -> String {
+    std::error::Error::source(status).map_or_else(|| status.message().to_owned(), with_causes)
+}
+
+/// Whether HTTP/2 itself found the peer breaking the protocol (it closed
+/// the connection over an error it detected), rather than the peer going
+/// away (an I/O error) or refusing something.
+fn not_http2(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(current) = cause {
+        if let Some(http2) = current.downcast_ref::<h2::Error>() {
+            return http2.is_go_away() && http2.is_library();
+        }
+        cause = current.source();
+    }
+    false
 }
 
 impl Session<'_> {

@@ -19,7 +19,7 @@ pub enum HealthError {
     /// The learner answered with an error (unknown service...), or the
     /// call failed on the way (a connection closed: the status's source
     /// says why, its message only "transport error").
-    #[error("{}: {}", .0.code(), std::error::Error::source(.0).map_or_else(|| .0.message().to_owned(), flgfn_common::telemetry::with_causes))]
+    #[error("{}: {}", .0.code(), crate::connection::status_causes(.0))]
     Refused(tonic::Status),
 }
 
@@ -32,9 +32,16 @@ pub async fn check(
     service: &str,
     tls: &TlsConfig,
 ) -> Result<ServingStatus, HealthError> {
-    // A bare HOST:PORT is plain HTTP/2, as TLS needs https:// spelt out.
+    // A bare HOST:PORT is plain HTTP/2: TLS needs https:// spelt out, and
+    // TLS files without it would be silently unused.
     let address = if address.contains("://") {
         address.to_owned()
+    } else if !tls.ca_file.is_empty() || !tls.cert_file.is_empty() {
+        return Err(ConfigError::invalid(
+            "--address",
+            format!("{address} has no scheme while TLS files are given: use https://{address}"),
+        )
+        .into());
     } else {
         format!("http://{address}")
     };

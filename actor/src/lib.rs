@@ -75,8 +75,9 @@ pub struct ActorReport {
     pub first_chunk_digest: Option<u64>,
     /// The actor id of the latest handshake.
     pub actor_id: u64,
-    /// Connection attempts made, successful or not.
-    pub sessions: u32,
+    /// Connection attempts made, successful or not (each a session, by
+    /// number, once it connects).
+    pub connection_attempts: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
     /// Chunks rolled out but not sent: their credit belonged to an earlier
@@ -223,8 +224,7 @@ async fn run_actor(
         transitions = report.transitions_sent,
         versions = report.versions_loaded,
         received_to_use_ms = report.received_to_use_ms(),
-        // Every try counts, refused or unreachable included.
-        connection_attempts = report.sessions,
+        connection_attempts = report.connection_attempts,
         // Rolled out but never sent (an earlier session's, or a broken one's).
         unsent_chunks = report.stale_chunks_dropped,
         "actor stopped"
@@ -417,7 +417,7 @@ pub async fn stay_connected(
     );
     tokio::pin!(shutdown);
     let result = loop {
-        report.sessions += 1;
+        report.connection_attempts += 1;
         let session = Session {
             url: &actor.learner,
             keepalive: Duration::from_secs_f64(actor.keepalive_s),
@@ -433,7 +433,7 @@ pub async fn stay_connected(
             current_session,
             counts: &mut counts,
             actor_id: &mut actor_id,
-            session: report.sessions,
+            session: report.connection_attempts,
             token: token.as_ref(),
             tls: tls.as_ref(),
         };
@@ -608,6 +608,6 @@ mod tests {
         .await
         .expect("the loop ends by itself");
         assert!(result.is_ok(), "{result:?}");
-        assert_eq!(report.sessions, 1);
+        assert_eq!(report.connection_attempts, 1);
     }
 }

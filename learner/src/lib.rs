@@ -328,12 +328,14 @@ pub async fn serve(
                     let refused_so_far = rejections.refuse("unauthenticated");
                     if refused_so_far.is_power_of_two() {
                         let peer = service::peer_name(connections::ConnectionInfo::of(&request));
-                        let what = if shown.is_some() {
-                            "refused a call with a wrong token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
-                        } else {
-                            "refused a call with no token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
-                        };
-                        warn!(%peer, refused_so_far, "{what}");
+                        // (Wrong or none: this call's, which may not be
+                        // every refused caller's.)
+                        let what = if shown.is_some() { "a wrong" } else { "no" };
+                        warn!(
+                            %peer,
+                            refused_so_far,
+                            "refused a call with {what} token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
+                        );
                     }
                     Err(Status::unauthenticated(
                         "missing or wrong token: this learner needs its own token from every actor (FLGFN_TOKEN or auth.token_file; on the wire `authorization: Bearer <token>`)",
@@ -671,8 +673,9 @@ pub async fn serve(
     };
     drop(actors_gone);
     stop_sender.send_replace(true);
-    // Probes see the learner going away while it writes its final
-    // checkpoint and drains its connections.
+    // A Watch already open sees the learner going away while it writes
+    // its final checkpoint and drains its connections (new connections,
+    // probes' included, are no longer taken since the stop).
     not_serving(&health).await;
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;

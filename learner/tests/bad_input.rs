@@ -789,6 +789,8 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     eprintln!("fuzzing with FLGFN_FUZZ_SEED={seed} FLGFN_FUZZ_CASES={corrupted_total}");
     let valid_total = (corrupted_total / 10).max(1);
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    // Each client draws its own cases from the run's seed.
+    let client_seed = |client: u64| seed.wrapping_mul(1_000).wrapping_add(client);
     // Valid chunks spread among the corrupted ones; one more valid chunk
     // comes last, after every refusal, and its step ends the run.
     let mut cases: Vec<bool> = (0..corrupted_total + valid_total - 1)
@@ -815,7 +817,7 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
                 url.clone(),
                 config.clone(),
                 slice.to_vec(),
-                seed.wrapping_mul(1_000).wrapping_add(100 + w as u64),
+                client_seed(100 + w as u64),
             ))
         })
         .collect();
@@ -823,15 +825,7 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     for worker in workers {
         tally.merge(worker.await.unwrap());
     }
-    tally.merge(
-        fuzz_worker(
-            url,
-            config.clone(),
-            vec![true],
-            seed.wrapping_mul(1_000).wrapping_add(99),
-        )
-        .await,
-    );
+    tally.merge(fuzz_worker(url, config.clone(), vec![true], client_seed(99)).await);
     let outcome = finished_within(learner, 120, "the learner finishes").await;
     let report = &outcome.final_report;
     let Tally {

@@ -621,7 +621,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
         // Never a version lower than one already applied.
         let versions = &report.versions_applied;
         assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
-        sessions.push(report.sessions);
+        sessions.push(report.connection_attempts);
     }
     // Each actor reconnected to (nearly) every learner; one may miss a
     // short-lived one, but not several.

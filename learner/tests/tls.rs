@@ -185,6 +185,15 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("tls.ca_file"), "{error}");
+    // A bare HOST:PORT with the CA is refused, not probed in plain text.
+    let error = flgfn_actor::health::check(&format!("127.0.0.1:{port}"), "", &probe)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains(&format!("use https://127.0.0.1:{port}")),
+        "{error}"
+    );
 
     // An http:// URL with [tls] files is refused before anything is sent
     // (the token would travel in clear).
