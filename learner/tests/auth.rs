@@ -71,39 +71,35 @@ async fn only_the_right_token_gets_in() {
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(!status.message().contains(SECRET));
 
-    // An actor with a wrong token is refused for good, not retried.
-    let mut impostor = config_with_token(&dir, "0123456789-wrong-token");
-    impostor.actor.learner = url.clone();
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(impostor, options("impostor"), std::future::pending()),
+    // An actor refused for its token is refused for good, not retried:
+    // its error, as the actor's binary prints it.
+    let refusal = |mut actor: Config, name: &'static str| {
+        actor.actor.learner = url.clone();
+        async move {
+            let error = tokio::time::timeout(
+                Duration::from_secs(30),
+                flgfn_actor::run(actor, options(name), std::future::pending()),
+            )
+            .await
+            .unwrap()
+            .unwrap_err();
+            assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
+            error.to_string()
+        }
+    };
+    let error = refusal(
+        config_with_token(&dir, "0123456789-wrong-token"),
+        "impostor",
     )
-    .await
-    .unwrap()
-    .unwrap_err();
-    assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
-    let error = error.to_string();
+    .await;
     assert!(
         error.contains("FLGFN_TOKEN or auth.token_file")
             && !error.contains("(this actor has no token)"),
         "{error}"
     );
-
     // An actor with no token at all is told so.
-    let mut tokenless = support::tiny_config();
-    tokenless.actor.learner = url.clone();
-    let error = tokio::time::timeout(
-        Duration::from_secs(30),
-        flgfn_actor::run(tokenless, options("tokenless"), std::future::pending()),
-    )
-    .await
-    .unwrap()
-    .unwrap_err();
-    assert!(matches!(error, ActorError::Refused(_)), "{error:?}");
-    assert!(
-        error.to_string().ends_with("(this actor has no token)"),
-        "{error}"
-    );
+    let error = refusal(support::tiny_config(), "tokenless").await;
+    assert!(error.ends_with("(this actor has no token)"), "{error}");
 
     // The right token trains.
     let mut actor = config.clone();

@@ -101,19 +101,28 @@ fn a_short_suite_writes_its_data_and_plots() {
             .all(|row| row.split(',').nth(4) == Some("30")),
         "{summary}"
     );
+    // A redraw that must fail (runs missing), and what it printed: its
+    // heading names what it redraws.
+    let failed_redraw = |args: &[&str], heading: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+            .arg("--plot-only")
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+        let errors = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{printed}{errors}");
+        assert!(
+            printed.contains(&format!("redrawing suite {heading}")),
+            "{printed}"
+        );
+        (printed, errors)
+    };
     // Redrawn with more seeds than were run: the missing runs count as
     // failed, by name, and the exit status says the tables are short.
-    let more_seeds = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--plot-only", "--seeds", "3", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!more_seeds.status.success());
-    let printed = String::from_utf8_lossy(&more_seeds.stdout);
-    assert!(
-        printed.contains("redrawing suite smoke (3 seeds, 30 steps per run)"),
-        "{printed}"
-    );
+    let (printed, _) = failed_redraw(&["--seeds", "3"], "smoke (3 seeds, 30 steps per run)");
     assert_eq!(
         printed
             .matches("_seed2: never started; counted as failed")
@@ -123,21 +132,11 @@ fn a_short_suite_writes_its_data_and_plots() {
     );
     // Another suite named: the folder's record (smoke's) is not applied to
     // it, and none of its runs are here.
-    let other_suite = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--plot-only", "--suite", "paper-sets", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!other_suite.status.success());
-    let printed = String::from_utf8_lossy(&other_suite.stdout);
-    assert!(
-        printed.contains("redrawing suite paper-sets (3 seeds, 2000 steps per run)"),
-        "{printed}"
+    let (_, errors) = failed_redraw(
+        &["--suite", "paper-sets"],
+        "paper-sets (3 seeds, 2000 steps per run)",
     );
-    assert!(
-        String::from_utf8_lossy(&other_suite.stderr).contains("no run of these under"),
-        "{other_suite:?}"
-    );
+    assert!(errors.contains("no run of these under"), "{errors}");
     let refused = again("0");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));
