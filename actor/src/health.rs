@@ -45,9 +45,8 @@ pub async fn check(
     } else {
         format!("http://{address}")
     };
-    let address = address.as_str();
-    let mut endpoint = tonic::transport::Endpoint::from_shared(address.to_owned())?;
-    if let Some(tls) = crate::client_tls_for(address, tls)? {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone())?;
+    if let Some(tls) = crate::client_tls_for(&address, tls)? {
         endpoint = endpoint.tls_config(tls)?;
     }
     let mut client = HealthClient::new(endpoint.connect().await?);

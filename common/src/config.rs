@@ -144,15 +144,15 @@ fn another_tasks_keys(table: &toml::Table) -> Option<String> {
     };
     // A name no task has (a typo) is serde's to report: the keys may be
     // right for the task meant.
-    let known = TaskConfig::every_task()
+    let names: Vec<String> = TaskConfig::every_task()
         .iter()
-        .any(|task| task.name() == current);
-    if !known || parses_as(&current) {
+        .map(TaskConfig::name)
+        .collect();
+    if !names.contains(&current) || parses_as(&current) {
         return None;
     }
     let chosen = if named.is_some() { "" } else { ", the default" };
-    TaskConfig::every_task().into_iter().find_map(|candidate| {
-        let name = candidate.name();
+    names.into_iter().find_map(|name| {
         (name != current && parses_as(&name)).then(|| {
             format!(
                 "(these are keys of the {name} task, which `name = \"{name}\"` in [task] selects; this [task] is {current}{chosen})"
@@ -770,10 +770,15 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
-        let hint = another_tasks_keys(&table);
+        // The hint is looked for only once the text is refused (the table
+        // is edited and consumed below: the text is read again).
         let parse_error = |e: toml::de::Error| ConfigError::Parse {
             path: origin.to_owned(),
-            message: match &hint {
+            message: match toml::from_str(text)
+                .ok()
+                .as_ref()
+                .and_then(another_tasks_keys)
+            {
                 Some(hint) => format!("{}\n{hint}", e.to_string().trim_end()),
                 None => e.to_string(),
             },
