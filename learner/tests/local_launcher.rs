@@ -50,17 +50,20 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     // budget could run out before an actor slow to start (libtorch loading
     // on a loaded machine) has joined.
     let log_path = dir.join("learner.log");
-    let mut learner = Command::new(learner())
-        // The --seed flag wins over this, for the learner and its actors.
-        .env("FLGFN_SEED", "999")
-        .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
-        .args(["--max-steps", "1000000", "--seed", "40", "--config"])
-        .arg(&config)
-        .arg("--metrics")
-        .arg(&metrics)
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed (its actors with it) if the test fails before it ends.
+    let mut learner = support::KillOnDrop(
+        Command::new(learner())
+            // The --seed flag wins over this, for the learner and its actors.
+            .env("FLGFN_SEED", "999")
+            .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "3"])
+            .args(["--max-steps", "1000000", "--seed", "40", "--config"])
+            .arg(&config)
+            .arg("--metrics")
+            .arg(&metrics)
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     while read_log().matches("actor joined").count() < 3
@@ -78,7 +81,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         .status()
         .unwrap();
     assert!(interrupted.success());
-    let status = learner.wait().unwrap();
+    let status = learner.0.wait().unwrap();
     let log = read_log();
     assert!(status.success(), "learner failed:\n{log}");
     let started = log
