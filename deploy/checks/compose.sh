@@ -29,8 +29,10 @@ else
     exit 77
 fi
 
-# The job is the check's own, whatever the caller exported for theirs.
-unset FLGFN_CONFIG_FILE FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT
+# The job is the check's own (compose-job.toml, relative to the compose
+# file), whatever the caller exported for theirs.
+unset FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT
+export FLGFN_CONFIG_FILE=../checks/compose-job.toml
 
 project="flgfntest$$"
 tag="test$$"
@@ -154,7 +156,7 @@ joins_before="$(connections_of "$cut")"
 trained_before="$(last_metric trained_transitions)"
 step "2. disconnecting actor ${cut:0:12} from the network"
 docker network disconnect "$network" "$cut"
-# Long enough for its pings (actor.keepalive_s = 2 in config.toml) to go
+# Long enough for its pings (actor.keepalive_s = 2 in compose-job.toml) to go
 # unanswered: it drops the dead connection and keeps trying to reconnect.
 sleep 12
 grep -q "learner unavailable" <<<"$(docker logs --since 12s "$cut" 2>&1)" ||

@@ -163,16 +163,18 @@ def kubernetes():
                 check_container(os.path.relpath(path, ROOT), name, env, [], job)
 
 
-def compose():
+def compose(job_file):
+    """The compose file with `job_file` mounted (its own, or the check's)."""
     path = os.path.join(ROOT, "deploy/docker/compose.yaml")
-    job = os.path.join(ROOT, "deploy/docker/config.toml")
+    job = os.path.join(ROOT, job_file)
     spec = yaml.safe_load(open(path))
     configs = {}
     for service, s in spec["services"].items():
         env = {k: compose_value(v) for k, v in (s.get("environment") or {}).items()}
         args = [compose_value(a) for a in s.get("command", [])]
         name = binary_for(compose_value(s["image"]))
-        configs[service] = (name, check_container(f"compose service {service}", name, env, args, job))
+        where = f"compose service {service} ({job_file})"
+        configs[service] = (name, check_container(where, name, env, args, job))
     learner = [(svc, c) for svc, (n, c) in configs.items() if n == "learner" and c]
     for service, (name, config) in configs.items():
         if name == "actor" and config and learner:
@@ -190,7 +192,9 @@ def dockerfile():
     health = re.search(r"^\s+FLGFN_HEALTH_ADDRESS=(\S+)", text, re.M).group(1)
     if expose != [port] or url_port(health) != port:
         fail("deploy/docker/Dockerfile", f"listens on {port}, EXPOSE {expose}, HEALTHCHECK asks {health}")
-    env = {k: v for k, v in re.findall(r"(FLGFN_[A-Z_]+)=(\S+)", text)}
+    # (Comments may show commands with variables of the scripts.)
+    instructions = "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#"))
+    env = {k: v for k, v in re.findall(r"(FLGFN_[A-Z_]+)=(\S+)", instructions)}
     # The health probe's own variables are read by flgfn-health, not the learner.
     probe = {k for k in env if k.startswith("FLGFN_HEALTH_")}
     learner = {k: v for k, v in env.items() if k not in probe}
@@ -227,7 +231,8 @@ def sbatch():
 
 
 kubernetes()
-compose()
+compose("deploy/docker/config.toml")
+compose("deploy/checks/compose-job.toml")
 dockerfile()
 sbatch()
 if failures:

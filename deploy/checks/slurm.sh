@@ -89,9 +89,10 @@ JOB
 port="$(free_port)"
 cd "$work"
 # The job's environment as Slurm sets it, plus this check's settings:
-# sbatch_here JOB_ID [NAME=VALUE...].
+# sbatch_here JOB_ID [NAME=VALUE...]. The learner trains on the CPU here
+# (the script asks for CUDA unless told otherwise).
 sbatch_here() {
-    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" "${@:2}" \
+    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" FLGFN_LEARNER__DEVICE=cpu "${@:2}" \
         SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID="$1" \
         SLURM_JOB_NODELIST_HET_GROUP_0=gpu-node-1 \
         SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
@@ -117,6 +118,16 @@ fi
 kill "$other"
 wait "$other" || true
 
+# A learner node without a GPU fails the job, by default, rather than
+# train on its CPU (an empty value is the script's default, cuda).
+if sbatch_here 4239 FLGFN_LEARNER__DEVICE= >"$work/no-gpu.log" 2>&1 ||
+    ! grep -q "sees no CUDA device" "$work/no-gpu.log" ||
+    ! grep -q "the learner exited before serving" "$work/no-gpu.log"; then
+    echo "slurm: FAILED: a job whose learner node has no GPU did not fail saying so" >&2
+    cat "$work/no-gpu.log" >&2
+    exit 1
+fi
+
 # The actor step fails at once: the job stops its learner and fails,
 # instead of holding the allocation until its time limit.
 if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 >"$work/failed.log" 2>&1 ||
@@ -133,7 +144,7 @@ if sbatch_here 4242 >"$work/job.log" 2>&1 &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, and stopped its learner when the actor step failed"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, failed on a learner node without a GPU, and stopped its learner when the actor step failed"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2

@@ -3,13 +3,23 @@
 # on a debian:bookworm-slim base (made by base.sh where none can be pulled).
 #
 #   deploy/docker/build.sh [TAG]     # flgfn-learner:TAG, flgfn-actor:TAG (default latest)
+#   FLGFN_BUNDLE=cuda deploy/docker/build.sh [TAG]   # flgfn-learner:TAG (default cuda)
 #
-# FLGFN_BUNDLE=cuda builds from the CUDA bundle instead (GPU learners, ~2.8 GB).
+# FLGFN_BUNDLE=cuda builds the GPU learner's image from the CUDA bundle
+# (~2.8 GB) and no actor image: actors run on CPU, from the CPU image, and
+# a CUDA build under the CPU images' tag would replace them.
 # FLGFN_DOCKER_BASE names another base image (default debian:bookworm-slim):
 # the bundle needs the glibc of this machine or newer.
 set -euo pipefail
-tag="${1:-latest}"
 flavour="${FLGFN_BUNDLE:-cpu}"
+case "$flavour" in
+    cpu) tag="${1:-latest}" targets=(learner actor) ;;
+    cuda) tag="${1:-cuda}" targets=(learner) ;;
+    *)
+        echo "build.sh: FLGFN_BUNDLE is cpu or cuda, not '$flavour'" >&2
+        exit 2
+        ;;
+esac
 base="${FLGFN_DOCKER_BASE:-debian:bookworm-slim}"
 cd "$(dirname "$0")/../.."
 # base.sh makes the default one where none can be pulled; another one
@@ -20,7 +30,7 @@ fi
 context="$(mktemp -d)"
 trap 'rm -rf "$context"' EXIT
 deploy/bundle.sh "--$flavour" "$context/flgfn" >&2
-for target in learner actor; do
+for target in "${targets[@]}"; do
     docker build --quiet --file deploy/docker/Dockerfile --target "$target" \
         --build-arg BASE="$base" \
         --tag "flgfn-$target:$tag" "$context" >/dev/null

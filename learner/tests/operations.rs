@@ -65,6 +65,34 @@ fn print_config(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, 
     (text, table)
 }
 
+#[test]
+fn every_binary_names_itself_in_its_version_and_usage() {
+    for name in [
+        "flgfn-learner",
+        "flgfn-actor",
+        "flgfn-loadgen",
+        "flgfn-health",
+        "flgfn-sample",
+        "flgfn-experiment",
+    ] {
+        let binary = sibling(name);
+        let version = command(&binary).arg("--version").output().unwrap();
+        assert!(version.status.success(), "{name} --version");
+        let version = String::from_utf8(version.stdout).unwrap();
+        assert_eq!(
+            version.trim(),
+            format!("{name} {}", env!("CARGO_PKG_VERSION")),
+            "{name} --version"
+        );
+        let help = command(&binary).arg("--help").output().unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        assert!(
+            help.contains(&format!("Usage: {name} ")),
+            "{name} --help: {help}"
+        );
+    }
+}
+
 fn key<'a>(table: &'a toml::Table, section: &str, name: &str) -> &'a toml::Value {
     &table[section].as_table().unwrap()[name]
 }

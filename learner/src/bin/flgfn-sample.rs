@@ -18,7 +18,7 @@ use rand::rngs::SmallRng;
 /// checkpoint in a directory) and writes each with its energy E(x), log
 /// reward -E(x), its state and the actions that built it.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(name = "flgfn-sample", version)]
 struct Args {
     /// The job file the weights were trained with (task and model);
     /// default: the default job.
