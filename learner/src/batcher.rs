@@ -78,6 +78,9 @@ pub struct Batcher {
     pub steps_done: Arc<AtomicU64>,
     /// The step the last batch handed over trains at (0: none yet).
     pub last_handed_step: u64,
+    /// The step the next batch will train at, for the sessions (which
+    /// pause actors whose chunks would arrive stale).
+    pub next_training_step: Arc<AtomicU64>,
     /// The credit room, adapted at each batch.
     pub pool: Arc<CreditPool>,
     /// Stale drops are counted here.
@@ -128,6 +131,8 @@ impl Batcher {
                 break;
             }
             self.last_handed_step = step;
+            self.next_training_step
+                .store(self.step_to_train(), Ordering::Release);
             starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
         self.close_queue();
@@ -403,6 +408,7 @@ mod tests {
             out,
             steps_done: Arc::new(AtomicU64::new(16)),
             last_handed_step: 0,
+            next_training_step: Arc::new(AtomicU64::new(17)),
             pool,
             stats: Default::default(),
             max_transitions,
@@ -487,6 +493,26 @@ mod tests {
         // Once the trainer has counted it, the same holds.
         batcher.steps_done.store(17, Ordering::Release);
         assert_eq!(batcher.step_to_train(), 18);
+    }
+
+    #[test]
+    fn the_sessions_see_the_step_the_next_batch_trains_at() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // 16 steps done: the first batch (two chunks reach 100) trains at
+        // step 17, the one built next at 18 (the third chunk alone is
+        // short of a batch, and the stopped batcher ends there).
+        let (batcher, batches) =
+            batcher_with_sizes(&runtime, &[(10, 60), (11, 60), (12, 60)], 1000);
+        let next = batcher.next_training_step.clone();
+        assert_eq!(next.load(Ordering::Acquire), 17);
+        let builder = std::thread::spawn(move || batcher.run());
+        let batch = batches.recv().unwrap();
+        assert_eq!(batch.transitions, 120);
+        builder.join().unwrap();
+        assert_eq!(next.load(Ordering::Acquire), 18);
     }
 
     #[test]

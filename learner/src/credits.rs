@@ -432,6 +432,11 @@ pub struct SessionCredits {
     /// with [`SessionCredits::used`].
     outstanding: Arc<AtomicU32>,
     throttle: Arc<Throttle>,
+    /// The session's chunks in memory and their bound (as the
+    /// controller's [`Member`] sees them): an actor idle because its
+    /// session holds all it may is no sign that the room is short.
+    held: Arc<AtomicU64>,
+    max_held: u64,
     pool: Arc<CreditPool>,
 }
 
@@ -469,10 +474,15 @@ impl SessionCredits {
     }
 
     /// One credit was used (its chunk arrived); `idle`: the actor had no
-    /// other credit left to start.
+    /// other credit left to start. Only an actor idle for want of room
+    /// counts: one paused or probing (its chunks arrive too old), or held
+    /// back by its memory bound, would stay idle however large the room,
+    /// and growing it would only age the others' credits.
     pub fn used(&self, idle: bool) {
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
-        if idle {
+        let throttled = self.throttle.cap(Instant::now()).0.is_some();
+        let at_memory_bound = self.held.load(Ordering::Acquire) >= self.max_held;
+        if idle && !throttled && !at_memory_bound {
             self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.wake.notify_one();
@@ -587,17 +597,20 @@ async fn control(
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
                 let throttle = Arc::new(Throttle::default());
+                let held = Arc::new(AtomicU64::new(0));
                 let credits = SessionCredits {
                     tokens,
                     outstanding: outstanding.clone(),
                     throttle: throttle.clone(),
+                    held: held.clone(),
+                    max_held,
                     pool: pool.clone(),
                 };
                 if reply.send(credits).is_ok() {
                     members.push_back(Member {
                         reserve,
                         outstanding,
-                        held: Arc::new(AtomicU64::new(0)),
+                        held,
                         max_held,
                         throttle,
                         tokens: sender,
@@ -1177,6 +1190,48 @@ mod tests {
         settle().await;
         assert!(take(session).len() >= 2, "fresh again: credits flow");
         drop(next);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_an_actor_idle_for_want_of_room_counts_as_idle() {
+        let idle_actors = |pool: &CreditPool| pool.idle_actors.swap(0, Ordering::Relaxed);
+        // Free to take credits: its idleness is the room's.
+        let mut fixture = one_session(1000, u64::MAX).await;
+        settle().await;
+        let mut tokens = take(&mut fixture.session);
+        assert!(tokens.len() >= 3, "{}", tokens.len());
+        fixture.session.used(true);
+        drop(tokens.pop());
+        assert_eq!(idle_actors(&fixture.pool), 1);
+        // Paused, then probing: idle because its chunks are too old.
+        fixture.session.pause(Duration::from_millis(400));
+        fixture.session.used(true);
+        drop(tokens.pop());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fixture.session.used(true);
+        drop(tokens.pop());
+        assert_eq!(idle_actors(&fixture.pool), 0, "paused or probing");
+        // Fresh again: idle counts again.
+        assert!(fixture.session.fresh());
+        fixture.session.used(true);
+        assert_eq!(idle_actors(&fixture.pool), 1);
+        drop(tokens);
+        drop(take(&mut fixture.session));
+
+        // At its memory bound (2 chunks held): idle because of it.
+        let mut fixture = one_session(1, 2).await;
+        fixture.pool.adapt(false);
+        settle().await;
+        let mut waiting = take(&mut fixture.session);
+        assert_eq!(waiting.len(), 2);
+        for token in &mut waiting {
+            token.arrived(1);
+        }
+        fixture.session.used(true);
+        assert_eq!(idle_actors(&fixture.pool), 0, "at its memory bound");
+        waiting.pop();
+        fixture.session.used(true);
+        assert_eq!(idle_actors(&fixture.pool), 1, "below it");
     }
 
     #[tokio::test(start_paused = true)]

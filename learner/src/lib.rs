@@ -516,6 +516,7 @@ pub async fn serve(
     );
     // Every queued chunk holds a credit of at least one transition.
     let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
+    let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
     let state = Arc::new(LearnerState {
         env: env.clone(),
         task: env.spec(),
@@ -526,6 +527,7 @@ pub async fn serve(
         max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,
         max_policy_lag: learner.max_policy_lag,
+        next_training_step: next_training_step.clone(),
         stalled_after: Duration::from_secs_f64(learner.stall_timeout_s),
         last_actor_id: AtomicU64::new(0),
         credits: Controller::spawn(pool.clone(), stop.clone()),
@@ -590,6 +592,7 @@ pub async fn serve(
         out: batch_sender,
         steps_done: steps_done.clone(),
         last_handed_step: 0,
+        next_training_step,
         pool: pool.clone(),
         stats: stats.clone(),
         max_transitions: learner.max_batch_transitions,

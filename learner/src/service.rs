@@ -49,6 +49,11 @@ pub struct LearnerState {
     /// `learner.max_policy_lag`: a session whose chunks arrive this old
     /// or older, two in a row, pauses its credits.
     pub max_policy_lag: u64,
+    /// The step the batch being built will train at, written by the batch
+    /// builder: a chunk's lag is measured against it, as the batch builder
+    /// measures it (the latest published version is a step or two behind,
+    /// more with `publish_every` > 1).
+    pub next_training_step: Arc<AtomicU64>,
     /// `learner.stall_timeout_s`: a session whose actor holds a credit
     /// this long without sending its chunk, or takes no grant for this
     /// long, is ended and its credits go back to the room.

@@ -529,14 +529,15 @@ impl Session {
         credits: &SessionCredits,
         progress: &mut Progress,
     ) {
+        // Its lag in the batch being built, as the batch builder counts it.
         let lag = self
             .state
-            .publisher
-            .latest_version()
+            .next_training_step
+            .load(Ordering::Acquire)
             .saturating_sub(policy_version);
-        // The chunk goes into a batch a step or two later: at the bound now,
-        // it will be past it then. (Of a chunk larger than a batch, the part
-        // that would go stale joins the batch it is due in.)
+        // The chunk may miss that batch and go into the next: at the bound
+        // now, it would be past it then. (Of a chunk larger than a batch,
+        // the part that would go stale joins the batch it is due in.)
         if lag < self.state.max_policy_lag {
             progress.stale_arrivals = 0;
             progress.next_pause = Duration::ZERO;
