@@ -82,10 +82,12 @@ pub enum SessionError {
     Retry {
         /// What happened.
         message: String,
-        /// Whether a grant arrived in this session: a handshake alone is
-        /// not enough, or a learner that accepts handshakes but refuses
+        /// Whether this session sent a chunk: a handshake alone is not
+        /// enough, or a learner that accepts handshakes but refuses
         /// sessions (all its places taken) would be retried at the
-        /// shortest backoff forever.
+        /// shortest backoff forever; nor is a grant, or an actor whose
+        /// rollouts outlast `learner.stall_timeout_s` (cut before its
+        /// first chunk, every session) would be.
         served: bool,
     },
 }
@@ -275,6 +277,15 @@ fn classify(status: Status, served: bool) -> SessionError {
         // What answers before any session is not an HTTP/2 server (a web
         // server on that port, whose HTTP/1 reply reads as a frame too
         // large). Maybe passing, so retried, but saying what to check.
+        // The learner cut a session that sent nothing for its stall
+        // timeout: rollouts slower than that would be cut every time.
+        Code::DeadlineExceeded if !served => retry(
+            format!(
+                "{} (no chunk of this actor reached the learner in time: if one rollout of actor.envs environments takes longer than learner.stall_timeout_s, lower actor.envs)",
+                status.message()
+            ),
+            served,
+        ),
         _ if !served && not_http2(&status) => retry(
             format!(
                 "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
@@ -465,7 +476,7 @@ impl Session<'_> {
             max_bytes,
         } = opened;
         let session = self.session;
-        // Set once a grant arrives: only a session that served resets the
+        // Set once a chunk is sent: only a session that served resets the
         // reconnect backoff.
         let mut served = false;
         let drain = tokio::time::sleep(DRAIN_TIMEOUT);
@@ -513,17 +524,17 @@ impl Session<'_> {
                     });
                     // No grant yet: nothing was rolled out.
                     let Some(flush) = flush else {
-                        return Ok(finish(upload, &mut grants).await);
+                        return finish(upload, &mut grants).await;
                     };
                     // Behind at most a queue of orders the worker now skips.
                     let queued = tokio::time::timeout(DRAIN_TIMEOUT, orders.send(flush)).await;
                     if !matches!(queued, Ok(Ok(()))) {
-                        return Ok(finish(upload, &mut grants).await);
+                        return finish(upload, &mut grants).await;
                     }
                 }
                 () = &mut drain, if *stopping => {
                     warn!(after = ?DRAIN_TIMEOUT, "the rollout in progress did not finish; leaving without it");
-                    return Ok(finish(upload, &mut grants).await);
+                    return finish(upload, &mut grants).await;
                 }
                 grant = grants.message() => {
                     let grant = match grant {
@@ -539,7 +550,6 @@ impl Session<'_> {
                         Ok(None) => return Err(retry("the learner ended the session", served)),
                         Err(status) => return Err(classify(status, served)),
                     };
-                    served = true;
                     if grant.training_done {
                         return Ok(SessionEnd::TrainingDone);
                     }
@@ -600,7 +610,7 @@ impl Session<'_> {
                     };
                     if sampled_in == FLUSH_SESSION {
                         // Every chunk rolled out is sent.
-                        return Ok(finish(upload, &mut grants).await);
+                        return finish(upload, &mut grants).await;
                     }
                     if sampled_in != session {
                         // Its credit died with an earlier session.
@@ -635,6 +645,7 @@ impl Session<'_> {
                     }
                     counts.chunks_sent += 1;
                     counts.transitions_sent += transitions;
+                    served = true;
                 }
             }
         }
@@ -652,14 +663,73 @@ struct Opened {
 
 /// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner
 /// to end the session: it reads every chunk sent before the close first.
+/// A refusal of those chunks is one still (as outside a stop), and a
+/// learner that finished training meanwhile says so.
 async fn finish(
     upload: mpsc::Sender<proto::TrajectoryChunk>,
     grants: &mut tonic::Streaming<proto::Grant>,
-) -> SessionEnd {
+) -> Result<SessionEnd, SessionError> {
     drop(upload);
-    let ended = async { while let Ok(Some(_)) = grants.message().await {} };
-    if tokio::time::timeout(DRAIN_TIMEOUT, ended).await.is_err() {
-        warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
+    let ended = async {
+        loop {
+            match grants.message().await {
+                Ok(Some(grant)) if grant.training_done => return Ok(SessionEnd::TrainingDone),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(SessionEnd::Stopped),
+                Err(status) => {
+                    return match classify(status, true) {
+                        SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                        refused => Err(refused),
+                    };
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, ended)
+        .await
+        .unwrap_or_else(|_| {
+            warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
+            Ok(SessionEnd::Stopped)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retried(error: SessionError) -> (String, bool) {
+        match error {
+            SessionError::Retry { message, served } => (message, served),
+            other => panic!("not retried: {other}"),
+        }
     }
-    SessionEnd::Stopped
+
+    #[test]
+    fn a_session_cut_for_stalling_before_its_first_chunk_says_what_to_lower() {
+        let stalled =
+            || Status::deadline_exceeded("held a credit for 30s without sending its chunk");
+        let (message, served) = retried(classify(stalled(), false));
+        assert!(!served);
+        assert!(
+            message.contains("held a credit") && message.contains("lower actor.envs"),
+            "{message}"
+        );
+        // Once a chunk went through, rollouts are fast enough: no hint.
+        let (message, served) = retried(classify(stalled(), true));
+        assert!(served);
+        assert!(!message.contains("actor.envs"), "{message}");
+    }
+
+    #[test]
+    fn refusals_are_final_and_outages_retried() {
+        for status in [
+            Status::invalid_argument("bad chunk"),
+            Status::failed_precondition("another task"),
+            Status::unauthenticated("wrong token"),
+        ] {
+            assert!(matches!(classify(status, true), SessionError::Refused(_)));
+        }
+        let (_, served) = retried(classify(Status::unavailable("restarting"), false));
+        assert!(!served);
+    }
 }

@@ -87,6 +87,10 @@ pub struct ActorReport {
     /// Rollouts still running when the actor left, dropped half-way (not
     /// in `rollouts`): a stop's drain gave up waiting for them.
     pub abandoned_rollouts: u64,
+    /// Credits not rolled out, or rollouts dropped half-way, because their
+    /// session ended first (the learner restarted, the connection broke,
+    /// or the learner cut a session whose rollouts were too slow).
+    pub orders_skipped: u64,
 }
 
 /// Why an actor stopped with an error.
@@ -216,6 +220,7 @@ async fn run_actor(
     report.add_counts(counts);
     report.stale_chunks_dropped += worker_report.undelivered + unsent;
     report.abandoned_rollouts = worker_report.abandoned;
+    report.orders_skipped = worker_report.orders_skipped;
     if worker_report.abandoned > 0 {
         warn!("left without the rollout in progress (abandoned half-way)");
     }
@@ -227,6 +232,8 @@ async fn run_actor(
         connection_attempts = report.connection_attempts,
         // Rolled out but never sent (an earlier session's, or a broken one's).
         unsent_chunks = report.stale_chunks_dropped,
+        // Credits whose session ended before or during their rollout.
+        skipped_orders = report.orders_skipped,
         "actor stopped"
     );
     result.map(|()| report)

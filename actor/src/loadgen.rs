@@ -181,7 +181,16 @@ async fn generated_actor(
     drop(order_sender);
     let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
-    let (rollouts, undelivered, loaded) = generator.await.unwrap_or_default();
+    // A generator that panicked ended the session as if the actor had
+    // stopped: it is a failure, not a quiet success with no rollouts.
+    let (rollouts, undelivered, loaded) = match generator.await {
+        Ok(generated) => generated,
+        Err(error) => {
+            return Err(ActorError::Worker(format!(
+                "the trajectory generator failed: {error}"
+            )));
+        }
+    };
     report.rollouts = rollouts;
     report.versions_loaded = loaded.count;
     report.received_to_use_us = loaded.received_to_use_us;

@@ -515,8 +515,8 @@ pub struct ActorConfig {
     /// in lockstep).
     pub reconnect_max_s: f64,
     /// Give up after this many failed connection attempts in a row; a
-    /// connection that worked and then broke starts a new count (0: never
-    /// give up).
+    /// session that sent a chunk and then broke starts a new count (0:
+    /// never give up).
     pub reconnect_attempts: u32,
     /// Seconds between HTTP/2 pings to the learner; a connection whose ping
     /// goes unanswered for twice this is dropped and reconnected. Without
