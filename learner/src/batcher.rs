@@ -495,12 +495,17 @@ mod tests {
         assert_eq!(batcher.step_to_train(), 18);
     }
 
-    #[test]
-    fn the_sessions_see_the_step_the_next_batch_trains_at() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+    /// A runtime for a batcher that waits (its gather times out).
+    fn runtime_with_time() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn the_sessions_see_the_step_the_next_batch_trains_at() {
+        let runtime = runtime_with_time();
         // 16 steps done: the first batch (two chunks reach 100) trains at
         // step 17, the one built next at 18 (the third chunk alone is
         // short of a batch, and the stopped batcher ends there).
@@ -517,10 +522,7 @@ mod tests {
 
     #[test]
     fn what_a_stopping_batcher_holds_is_counted_untrained() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let runtime = runtime_with_time();
         // Stopped (its stop sender is gone) while gathering a batch of 100
         // from 30 transitions: the chunks it took are not lost from the
         // accounts.
@@ -549,10 +551,7 @@ mod tests {
 
     #[test]
     fn a_stop_builds_no_batch_from_data_already_waiting() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let runtime = runtime_with_time();
         // Enough waiting for several batches, and told to stop: none is
         // built, and everything counts as untrained at stop.
         let (mut batcher, batches) =
