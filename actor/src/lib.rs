@@ -448,8 +448,12 @@ pub async fn stay_connected(
         let outcome = session.run(shutdown.as_mut()).await;
         // Orders of the session that ended are not rolled out while the
         // next one connects: their chunks could not be sent (sessions are
-        // numbered from 1).
-        current_session.store(0, Ordering::Release);
+        // numbered from 1). A stopped session keeps its number: no other
+        // follows, and a rollout its drain gave up on is then counted as
+        // abandoned when the actor leaves, not as skipped.
+        if !matches!(outcome, Ok(SessionEnd::Stopped)) {
+            current_session.store(0, Ordering::Release);
+        }
         match outcome {
             Ok(SessionEnd::TrainingDone) => {
                 report.training_done = true;
