@@ -274,9 +274,6 @@ fn classify(status: Status, served: bool) -> SessionError {
             "{} (is actor.learner the address of a flgfn learner?)",
             status.message()
         ))),
-        // What answers before any session is not an HTTP/2 server (a web
-        // server on that port, whose HTTP/1 reply reads as a frame too
-        // large). Maybe passing, so retried, but saying what to check.
         // The learner cut a session that sent nothing for its stall
         // timeout: rollouts slower than that would be cut every time.
         Code::DeadlineExceeded if !served => retry(
@@ -286,6 +283,9 @@ fn classify(status: Status, served: bool) -> SessionError {
             ),
             served,
         ),
+        // What answers before any session is not an HTTP/2 server (a web
+        // server on that port, whose HTTP/1 reply reads as a frame too
+        // large). Maybe passing, so retried, but saying what to check.
         _ if !served && not_http2(&status) => retry(
             format!(
                 "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",

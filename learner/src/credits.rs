@@ -432,12 +432,37 @@ pub struct SessionCredits {
     /// with [`SessionCredits::used`].
     outstanding: Arc<AtomicU32>,
     throttle: Arc<Throttle>,
-    /// The session's chunks in memory and their bound (as the
-    /// controller's [`Member`] sees them): an actor idle because its
-    /// session holds all it may is no sign that the room is short.
-    held: Arc<AtomicU64>,
-    max_held: u64,
+    /// The session's chunks in memory, as the controller counts them: an
+    /// actor idle because its session holds all it may is no sign that
+    /// the room is short.
+    memory: SessionMemory,
     pool: Arc<CreditPool>,
+}
+
+/// A session's chunks in memory and their bound, shared by the controller
+/// (which grants within it) and the session.
+#[derive(Clone, Debug)]
+struct SessionMemory {
+    /// Credits alive: granted, and their chunk (its last part) not yet in
+    /// a batch. Each stands for at most one chunk held in memory for this
+    /// session.
+    held: Arc<AtomicU64>,
+    /// Most credits alive at once (`learner.max_session_bytes` over the
+    /// bytes of one chunk), exceeded only while the batch being built
+    /// could not fill otherwise (so by at most that batch and one chunk,
+    /// learner-wide).
+    max_held: u64,
+}
+
+impl SessionMemory {
+    /// Whether the session may take another credit: within its memory, or
+    /// beyond it while the batch being built could not fill otherwise (as
+    /// the room itself allows): held chunks wait for that batch, which
+    /// waits for more data.
+    fn allows_another(&self, pool: &CreditPool) -> bool {
+        self.held.load(Ordering::Acquire) < self.max_held
+            || pool.in_use() < pool.building.load(Ordering::Relaxed)
+    }
 }
 
 impl SessionCredits {
@@ -481,8 +506,7 @@ impl SessionCredits {
     pub fn used(&self, idle: bool) {
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         let throttled = self.throttle.cap(Instant::now()).0.is_some();
-        let at_memory_bound = self.held.load(Ordering::Acquire) >= self.max_held;
-        if idle && !throttled && !at_memory_bound {
+        if idle && !throttled && self.memory.allows_another(&self.pool) {
             self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.wake.notify_one();
@@ -492,15 +516,7 @@ impl SessionCredits {
 struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
-    /// Credits alive: granted, and their chunk (its last part) not yet in
-    /// a batch. Each stands for at most one chunk held in memory for this
-    /// session.
-    held: Arc<AtomicU64>,
-    /// Most credits alive at once (`learner.max_session_bytes` over the
-    /// bytes of one chunk), exceeded only while the batch being built
-    /// could not fill otherwise (so by at most that batch and one chunk,
-    /// learner-wide).
-    max_held: u64,
+    memory: SessionMemory,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
 }
@@ -597,21 +613,22 @@ async fn control(
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
                 let throttle = Arc::new(Throttle::default());
-                let held = Arc::new(AtomicU64::new(0));
+                let memory = SessionMemory {
+                    held: Arc::new(AtomicU64::new(0)),
+                    max_held,
+                };
                 let credits = SessionCredits {
                     tokens,
                     outstanding: outstanding.clone(),
                     throttle: throttle.clone(),
-                    held: held.clone(),
-                    max_held,
+                    memory: memory.clone(),
                     pool: pool.clone(),
                 };
                 if reply.send(credits).is_ok() {
                     members.push_back(Member {
                         reserve,
                         outstanding,
-                        held,
-                        max_held,
+                        memory,
                         throttle,
                         tokens: sender,
                     });
@@ -652,11 +669,7 @@ fn grant_round_robin(
             .unwrap_or(u32::MAX)
             .clamp(2, MAX_CREDITS_PER_SESSION)
             .min(throttled.unwrap_or(u32::MAX));
-        // Within its memory, or beyond it while the batch being built
-        // could not fill otherwise (as the room itself allows): held
-        // chunks wait for that batch, which waits for more data.
-        let within_memory = member.held.load(Ordering::Acquire) < member.max_held
-            || pool.in_use() < pool.building.load(Ordering::Relaxed);
+        let within_memory = member.memory.allows_another(pool);
         let mut is_starved = starved
             .as_ref()
             .is_some_and(|s| Arc::ptr_eq(&s.outstanding, &member.outstanding));
@@ -672,8 +685,8 @@ fn grant_round_robin(
             && match pool.try_reserve_leaving(member.reserve, kept) {
                 Some(mut token) => {
                     member.outstanding.fetch_add(1, Ordering::AcqRel);
-                    member.held.fetch_add(1, Ordering::AcqRel);
-                    token.held = Some(member.held.clone());
+                    member.memory.held.fetch_add(1, Ordering::AcqRel);
+                    token.held = Some(member.memory.held.clone());
                     member.tokens.send(token).is_ok()
                 }
                 None => false,
