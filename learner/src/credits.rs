@@ -33,14 +33,15 @@
 //!
 //! One task, the [`Controller`], owns the list of sessions and hands out
 //! credits round-robin, each session holding at most one credit more than
-//! its fair share, and at least two (one chunk rolling out, one on the
-//! way) however many share the room; the first session left with no
-//! credit because its chunk does not fit what is free is kept room for
-//! until it is served (sessions of small chunks would otherwise take the
-//! room as it comes back and starve one of large chunks); a session whose
-//! actor sits on a credit for
-//! `learner.stall_timeout_s` is ended, which returns
-//! its credits.
+//! its fair share (among the sessions not paused), and at least two (one
+//! chunk rolling out, one on the way) however many share the room; the
+//! first session left with no credit because its chunk does not fit what
+//! is free is kept room for until it is served (sessions of small chunks
+//! would otherwise take the room as it comes back and starve one of large
+//! chunks); a session whose actor sits on a credit for
+//! `learner.stall_timeout_s` is ended, which returns its credits. Once the
+//! trainer holds its last batch (`learner.max_steps`), nothing more is
+//! granted ([`CreditPool::close`]).
 //!
 //! A session whose chunks arrive already older than `max_policy_lag` (an
 //! actor far behind a slow link while near ones set the pace) would only
@@ -135,6 +136,11 @@ pub struct CreditPool {
     /// sessions come and go (a session of huge chunks that left no longer
     /// counts).
     largest_chunk: AtomicU64,
+    /// Batches the trainer has still to take (`learner.max_steps` less the
+    /// steps taken; u64::MAX without a limit): nothing is granted beyond
+    /// what they need, since a chunk granted then would only be rolled
+    /// out, sent and counted untrained at the end.
+    batches_left: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -162,6 +168,7 @@ impl CreditPool {
             settled_at: AtomicU64::new(0),
             released_at_wait: AtomicU64::new(0),
             largest_chunk: AtomicU64::new(0),
+            batches_left: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
         })
     }
@@ -193,6 +200,28 @@ impl CreditPool {
     /// The largest room the pool may grow to.
     pub fn ceiling(&self) -> u64 {
         self.ceiling
+    }
+
+    /// The trainer will take `batches` more (it took one, and
+    /// `learner.max_steps` is that far). Credits are granted only while
+    /// what is in use falls short of those batches at the current target,
+    /// so the last steps' supply does not outlast them; none at all once
+    /// the trainer holds its last batch. Credits already granted stay
+    /// valid; sessions learn that training is done when the final weights
+    /// are published.
+    pub fn batches_left(&self, batches: u64) {
+        self.batches_left.store(batches, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether what is in use covers every batch the trainer will still
+    /// take: a further credit would only be counted untrained at the end.
+    fn covers_what_is_left(&self) -> bool {
+        let needed = self
+            .batches_left
+            .load(Ordering::Acquire)
+            .saturating_mul(self.building.load(Ordering::Relaxed));
+        self.in_use() >= needed
     }
 
     /// Called by the batch builder each time it starts a batch, saying
@@ -651,8 +680,21 @@ fn grant_round_robin(
 ) -> Option<Instant> {
     let now = Instant::now();
     let mut next_resume: Option<Instant> = None;
+    // The fair share divides the room among the sessions that may take
+    // credits: a paused one takes none (and its chunks arrive too old
+    // to train), so counting it would only shrink the others' shares.
+    let sessions = members
+        .iter()
+        .filter(|m| m.throttle.cap(now).0 != Some(0))
+        .count()
+        .max(1) as u64;
     let mut idle_in_a_row = 0;
     while idle_in_a_row < members.len() {
+        // Near the end of training: enough is granted for every batch
+        // left, so nobody is short of room.
+        if pool.covers_what_is_left() {
+            break;
+        }
         let Some(member) = members.pop_front() else {
             break;
         };
@@ -663,7 +705,6 @@ fn grant_round_robin(
         // One more than the fair share of the current room, at least 2
         // (one chunk rolling out, one on the way), at most
         // MAX_CREDITS_PER_SESSION.
-        let sessions = members.len() as u64 + 1;
         let fair = pool.capacity() / (member.reserve.max(1) * sessions);
         let cap = u32::try_from(fair + 1)
             .unwrap_or(u32::MAX)
@@ -1162,6 +1203,73 @@ mod tests {
             pool.in_use(),
             pool.capacity()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_session_does_not_shrink_the_share_of_the_others() {
+        // Room for 8 chunks of 5 transitions and two sessions: a fair
+        // share of 4 each, 5 at most.
+        let pool = CreditPool::new(40, 40, 1);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut active = controller.join(5, u64::MAX).await.unwrap();
+        let mut paused = controller.join(5, u64::MAX).await.unwrap();
+        settle().await;
+        // The first to join took the whole room before the other came;
+        // its chunks are trained, and the room is shared.
+        for token in take(&mut active) {
+            active.used(false);
+            drop(token);
+        }
+        settle().await;
+        let mut held = take(&mut active);
+        assert!(held.len() <= 5, "{}", held.len());
+        // The other is paused; its chunks arrive and are trained.
+        paused.pause(Duration::from_secs(60));
+        for token in take(&mut paused) {
+            paused.used(false);
+            drop(token);
+        }
+        settle().await;
+        held.extend(take(&mut active));
+        assert_eq!(held.len(), 8, "the whole room is the active one's share");
+        assert!(take(&mut paused).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn credits_stop_at_what_the_batches_left_need() {
+        // Batches of 10 one-transition chunks; 3 batches left.
+        let mut fixture = one_session(10, u64::MAX).await;
+        let session = &mut fixture.session;
+        // What was granted before the limit was set is trained.
+        settle().await;
+        fixture.pool.batches_left(3);
+        for token in take(session) {
+            session.used(false);
+            drop(token);
+        }
+        settle().await;
+        let mut held = take(session);
+        assert_eq!(held.len(), 30, "3 batches of 10");
+        // One batch is taken: 2 left, and what is in use covers them.
+        for _ in 0..10 {
+            session.used(false);
+            held.pop();
+        }
+        fixture.pool.batches_left(2);
+        settle().await;
+        assert!(take(&mut fixture.session).is_empty());
+        // The last batch is taken: nothing more, whatever comes back.
+        fixture.pool.batches_left(0);
+        // Its chunks arrive and are trained: room and credits come back,
+        // and are not granted again.
+        for token in held {
+            fixture.session.used(true);
+            drop(token);
+        }
+        settle().await;
+        assert!(take(&mut fixture.session).is_empty());
+        assert_eq!(fixture.pool.in_use(), 0);
     }
 
     #[tokio::test(start_paused = true)]

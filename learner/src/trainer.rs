@@ -315,6 +315,12 @@ impl Trainer {
                     progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
                 }
                 progress.started.get_or_insert_with(Instant::now);
+                // Supply tapers off before the last step: what actors
+                // would roll out beyond it could only be counted untrained.
+                if learner.max_steps > 0 {
+                    self.pool
+                        .batches_left(learner.max_steps.saturating_sub(progress.step + 1));
+                }
 
                 if let Err(error) =
                     self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress)
