@@ -424,11 +424,30 @@ impl Session<'_> {
         let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| retry("the handshake timed out", false))?
-            .map_err(|s| classify(s, false))?
+            .map_err(|s| match s.code() {
+                // Larger than the learner decodes at all: a handshake is
+                // small unless its task has many more parameters than the
+                // learner's own.
+                Code::OutOfRange => SessionError::Refused(Status::failed_precondition(format!(
+                    "{} (the handshake is larger than this learner takes: this actor's task or model differs from the learner's)",
+                    s.message()
+                ))),
+                _ => classify(s, false),
+            })?
             .into_inner();
-        // Never send more than the learner accepts.
-        let max_bytes = self.max_message_bytes.min(reply.max_message_bytes as usize);
-        client = client.max_encoding_message_size(max_bytes);
+        let as_size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
+        // Never send more than the learner accepts; take whatever weights
+        // it sends (it refuses to start with weights over its own limit),
+        // even if this actor's learner.max_message_bytes, from another
+        // file, is lower. gRPC frames a message in at most 4 GiB.
+        let max_bytes = self.max_message_bytes.min(as_size(reply.max_message_bytes));
+        let weights_limit = self
+            .max_message_bytes
+            .max(as_size(reply.max_grant_bytes))
+            .min(u32::MAX as usize);
+        client = client
+            .max_encoding_message_size(max_bytes)
+            .max_decoding_message_size(weights_limit);
 
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;

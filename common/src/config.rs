@@ -1039,6 +1039,12 @@ impl Config {
             ));
         }
         at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
+        // gRPC frames a message's length in 32 bits.
+        at_most(
+            "learner.max_message_bytes",
+            l.max_message_bytes,
+            u32::MAX as usize,
+        )?;
         at_least(
             "learner.max_chunk_trajectories",
             l.max_chunk_trajectories,
@@ -1051,6 +1057,14 @@ impl Config {
         at_most("actor.threads", a.threads, MAX_THREADS)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
+        // Every trajectory cut short: TB, which trains on complete ones
+        // only, would wait for data for ever.
+        if self.objective.name == ObjectiveName::Tb && a.truncate_fraction >= 1.0 {
+            return Err(ConfigError::invalid(
+                "actor.truncate_fraction",
+                "1 cuts every trajectory short, and objective.name = \"tb\" trains on complete trajectories only: lower it, or use fl_db or fl_sub_tb, which train on truncated ones",
+            ));
+        }
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
         learner_url(&a.learner)?;
         timer_seconds(
@@ -1289,6 +1303,28 @@ mod tests {
         config.validate().unwrap();
         let text = config.to_toml();
         assert_eq!(Config::from_toml(&text, "test").unwrap(), config);
+    }
+
+    #[test]
+    fn combinations_that_could_never_train_are_refused_by_name() {
+        // TB with every trajectory cut short would wait for data for ever.
+        let mut config = Config::default();
+        config.objective.name = ObjectiveName::Tb;
+        config.actor.truncate_fraction = 1.0;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("actor.truncate_fraction") && error.contains("tb"),
+            "{error}"
+        );
+        config.actor.truncate_fraction = 0.5;
+        config.validate().unwrap();
+        config.objective.name = ObjectiveName::FlDb;
+        config.actor.truncate_fraction = 1.0;
+        config.validate().unwrap();
+        // gRPC cannot frame a message over 4 GiB.
+        config.learner.max_message_bytes = u32::MAX as usize + 1;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("learner.max_message_bytes"), "{error}");
     }
 
     #[test]

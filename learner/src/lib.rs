@@ -151,6 +151,10 @@ fn server_builder() -> tonic::transport::Server {
 /// wait for one to end.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
+/// Largest health request the learner decodes: a service name (ours,
+/// `flgfn.Learner`, is 13 bytes).
+pub const HEALTH_REQUEST_BYTES: usize = 1024;
+
 /// Refuses to resume a checkpoint trained with another objective: its
 /// parameters (TB's log Z) would be dropped or missing, and the policy's
 /// heads mean something else. Other objective settings may change; a
@@ -299,6 +303,10 @@ pub async fn serve(
     let (ready_sender, ready) = watch::channel(None);
     let address = local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
     let (health, health_service) = tonic_health::server::health_reporter();
+    // Open to anyone, token or not: tonic reserves a message's declared
+    // length as it starts reading it, and a health request is a service
+    // name, not the 4 MiB a stranger could otherwise make each stream hold.
+    let health_service = health_service.max_decoding_message_size(HEALTH_REQUEST_BYTES);
     not_serving(&health).await;
     let service = LearnerService { ready };
     let model = ModelSpec::new(env.as_ref(), &config.model);
@@ -523,6 +531,7 @@ pub async fn serve(
         model: model.clone(),
         keep_truncated: objective.trains_on_truncated(),
         max_message_bytes: accepted_bytes,
+        max_grant_bytes: config.learner.max_message_bytes,
         max_chunk_trajectories: learner.max_chunk_trajectories,
         max_session_bytes: learner.max_session_bytes,
         weights_refresh_steps: learner.weights_refresh_steps,

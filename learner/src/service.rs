@@ -36,8 +36,12 @@ pub struct LearnerState {
     pub model: ModelSpec,
     /// Whether the objective uses truncated prefixes.
     pub keep_truncated: bool,
-    /// Advertised at the handshake.
+    /// Advertised at the handshake: the largest message decoded.
     pub max_message_bytes: usize,
+    /// Advertised at the handshake: the largest message sent (weights;
+    /// `learner.max_message_bytes`), so that an actor whose own setting
+    /// is lower still takes them.
+    pub max_grant_bytes: usize,
     /// Most trajectories an actor may declare per chunk.
     pub max_chunk_trajectories: usize,
     /// Most bytes of replayed chunks one session may hold
@@ -229,6 +233,7 @@ impl LearnerState {
             model: Some((&self.model).into()),
             version: self.publisher.latest_version(),
             max_message_bytes: self.max_message_bytes as u64,
+            max_grant_bytes: self.max_grant_bytes as u64,
         })
     }
 
@@ -256,7 +261,7 @@ impl LearnerState {
         let max = self.max_chunk_trajectories as u64;
         if per_chunk == 0 || per_chunk > max {
             return Err(RequestError::Malformed(format!(
-                "`{field}` is {per_chunk}; this learner accepts 1 to {max} (learner.max_chunk_trajectories)"
+                "`{field}` is {per_chunk}; this learner accepts 1 to {max} (learner.max_chunk_trajectories): lower actor.envs, or raise that"
             )));
         }
         let max_len = self.env.max_trajectory_len();

@@ -675,12 +675,28 @@ impl Trainer {
                             ?rejections,
                             "waiting for training data: no actor is connected. Are actors running, with this learner's address, token and task? (refusals are counted in rejections)"
                         ),
-                        actors_connected => info!(
-                            waited_s,
-                            actors_connected,
-                            ?rejections,
-                            "waiting for training data from the connected actors (slow rollouts? an actor holding credits without sending is cut off after learner.stall_timeout_s)"
-                        ),
+                        actors_connected => {
+                            // TB drops truncated trajectories: actors that
+                            // cut every one short feed it nothing.
+                            let unusable_truncated_transitions =
+                                IngestStats::get(&self.stats.unusable_truncated_transitions);
+                            if unusable_truncated_transitions > 0 {
+                                warn!(
+                                    waited_s,
+                                    actors_connected,
+                                    unusable_truncated_transitions,
+                                    ?rejections,
+                                    "waiting for training data: the actors' trajectories are cut short (actor.truncate_fraction), and this objective trains on complete ones only"
+                                );
+                            } else {
+                                info!(
+                                    waited_s,
+                                    actors_connected,
+                                    ?rejections,
+                                    "waiting for training data from the connected actors (slow rollouts? an actor holding credits without sending is cut off after learner.stall_timeout_s)"
+                                );
+                            }
+                        }
                     }
                     *worth_a_line = (*worth_a_line * 2).min(LONGEST_DATA_WARNING);
                     line_at = (line_at * 2).min(line_at + LONGEST_DATA_WARNING);

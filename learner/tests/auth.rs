@@ -62,14 +62,16 @@ async fn only_the_right_token_gets_in() {
     };
     let status = client.handshake(handshake()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Wrong, though it holds the secret: a refusal that echoed the token
+    // shown would give the secret away.
     let mut wrong = tonic::Request::new(handshake());
     wrong.metadata_mut().insert(
         "authorization",
-        "Bearer not-the-secret-at-all".parse().unwrap(),
+        format!("Bearer {SECRET}-and-more").parse().unwrap(),
     );
     let status = client.handshake(wrong).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    assert!(!status.message().contains(SECRET));
+    assert!(!status.message().contains(SECRET), "{status:?}");
 
     // An actor refused for its token is refused for good, not retried:
     // its error, as the actor's binary prints it.
@@ -152,6 +154,15 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
         support::health(&url, &plain).await,
         Ok(ServingStatus::Serving)
     ));
+    // Open to anyone, it decodes no more than a service name: a stranger
+    // cannot make it hold megabytes per stream.
+    let long_name = "x".repeat(flgfn_learner::HEALTH_REQUEST_BYTES * 2);
+    match flgfn_actor::health::check(&url, &long_name, &plain).await {
+        Err(flgfn_actor::health::HealthError::Refused(status)) => {
+            assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+        }
+        other => panic!("a long health request: {other:?}"),
+    }
     let mut actor = config.clone();
     actor.actor.learner = url.clone();
     let actors: Vec<_> = (0..2)

@@ -1604,6 +1604,7 @@ async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
             model: Some((&model).into()),
             version: 0,
             max_message_bytes: 1 << 20,
+            max_grant_bytes: 1 << 20,
         },
         grants,
     };

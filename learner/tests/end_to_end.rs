@@ -388,6 +388,34 @@ async fn an_actor_of_another_task_or_model_is_refused() {
     assert_eq!(outcome.steps, 0, "refused actors sent nothing to train on");
 }
 
+/// Weights over the actor's own `learner.max_message_bytes` (its file may
+/// be another than the learner's) but within the learner's, which it is
+/// told at the handshake, are taken: refusing them would stop the actor
+/// for good at its first grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_takes_weights_up_to_the_learners_limit_whatever_its_own() {
+    let mut config = tiny_config();
+    config.learner.max_steps = 5;
+    // About 4.3 MB of f32 weights.
+    config.model.hidden = vec![1024, 1024];
+    config.learner.weight_encoding = WeightEncoding::F32;
+    config.learner.max_message_bytes = 8 << 20;
+    let learner = start_learner(config.clone()).await;
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = learner.url.clone();
+    actor_config.learner.max_message_bytes = 1 << 20;
+    let mut actors = vec![tokio::spawn(flgfn_actor::run(
+        actor_config,
+        actor_options(0),
+        std::future::pending(),
+    ))];
+    let outcome = support::training_outcome(learner.outcome, &mut actors).await;
+    drop(learner.stop);
+    assert_eq!(outcome.steps, 5);
+    let report = support::finished_actor(actors.remove(0)).await;
+    assert!(!report.versions_applied.is_empty(), "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_learner_makes_the_actor_give_up_after_its_attempts() {
     let mut config = tiny_config();
