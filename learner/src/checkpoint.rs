@@ -89,7 +89,9 @@ pub struct CheckpointState {
     pub objective_adam_steps: u64,
     /// The evaluator's running state.
     pub evaluator: EvaluatorState,
-    /// The configuration the run was started with, as TOML.
+    /// The configuration of the process that wrote this checkpoint, as
+    /// TOML: the run's, but for keys a resume may change (the budget, the
+    /// cadence, addresses; the rest only with `--resume-changed`).
     pub config: String,
     /// Task and model, as the handshake names them: a checkpoint of another
     /// task or network is refused.
@@ -196,6 +198,36 @@ fn temporary_name(name: &str) -> String {
     format!(".{name}.tmp")
 }
 
+/// Name of the file a learner locks while it uses a checkpoint folder.
+pub const LOCK: &str = "lock";
+
+/// Locks `dir` (made if missing) for this learner until the returned file
+/// is dropped (or the process ends, however it ends): two learners on one
+/// folder would prune each other's checkpoints and lower each other's
+/// version floor. A file system without locks gets a warning, not a
+/// refusal.
+pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let path = dir.join(LOCK);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_error(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Err(LearnerError::Checkpoint(format!(
+            "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder",
+            dir.display()
+        ))),
+        Err(fs::TryLockError::Error(error)) => {
+            warn!(path = %path.display(), %error, "cannot lock the checkpoint folder; make sure no other learner uses it");
+            Ok(None)
+        }
+    }
+}
+
 /// Deletes the temporary files of writes that never finished (a crash,
 /// a full disk) in a checkpoint folder: checkpoint-sized, and nothing else
 /// would ever delete the ones of checkpoint names not written again.
@@ -270,10 +302,16 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
     }
     let path = dir.join(name);
     let temporary = dir.join(temporary_name(name));
-    let mut file = File::create(&temporary).map_err(|e| io_error(&temporary, e))?;
-    file.write_all(bytes).map_err(|e| io_error(&temporary, e))?;
-    file.sync_all().map_err(|e| io_error(&temporary, e))?;
-    drop(file);
+    let written = File::create(&temporary).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(error) = written {
+        // A full disk stays full of a checkpoint-sized part file
+        // otherwise, until the next start.
+        let _ = fs::remove_file(&temporary);
+        return Err(io_error(&temporary, error));
+    }
     fs::rename(&temporary, &path).map_err(|e| io_error(&path, e))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -595,6 +633,20 @@ mod tests {
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn one_learner_at_a_time_uses_a_checkpoint_folder() {
+        let dir = scratch("lock").join("made");
+        let held = lock(&dir).unwrap().expect("this file system locks");
+        let error = lock(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains("in use by another learner") && error.contains("learner.checkpoint_dir"),
+            "{error}"
+        );
+        drop(held);
+        assert!(lock(&dir).unwrap().is_some(), "free again once released");
+        fs::remove_dir_all(dir.parent().unwrap()).unwrap();
     }
 
     #[test]

@@ -96,6 +96,10 @@ pub struct RunOptions {
     /// Delete the checkpoints in `learner.checkpoint_dir` and start over
     /// instead of resuming.
     pub fresh: bool,
+    /// Resume even where the checkpoint was trained with another seed,
+    /// objective settings, learning rate or batch size (refused otherwise:
+    /// most likely another run's folder).
+    pub resume_changed: bool,
     /// Actor processes to start on this machine (`--local-actors`), once
     /// the learner listens and has something to train; waited for (or
     /// killed after a grace period) before [`serve`] returns.
@@ -157,13 +161,17 @@ pub const HEALTH_REQUEST_BYTES: usize = 1024;
 
 /// Refuses to resume a checkpoint trained with another objective: its
 /// parameters (TB's log Z) would be dropped or missing, and the policy's
-/// heads mean something else. Other objective settings may change; a
-/// warning says which.
-fn check_resumed_objective(
+/// heads mean something else. Other keys that define the run (the seed,
+/// the objective's settings, the learning rate, the batch) are refused
+/// too unless `resume_changed`; any other change gets a warning naming
+/// it.
+fn check_resumed_config(
     saved_config: &str,
-    objective: &flgfn_common::config::ObjectiveConfig,
+    config: &Config,
+    resume_changed: bool,
     path: &std::path::Path,
 ) -> Result<(), LearnerError> {
+    let objective = &config.objective;
     // As written in a configuration file ("fl_db", "uniform").
     let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
     // The two keys that must match are read on their own, so that a key
@@ -197,7 +205,7 @@ fn check_resumed_objective(
             return Err(ConfigError::invalid(
                 &format!("objective.{key}"),
                 format!(
-                    "{now}, but {} was trained with {then}: keep {then} to resume it, or --fresh to start over",
+                    "{now}, but {} was trained with {then}: keep {then} to resume it, give this run its own learner.checkpoint_dir (--checkpoint-dir), or --fresh to delete its checkpoints and start over",
                     path.display()
                 ),
             )
@@ -209,15 +217,104 @@ fn check_resumed_objective(
         warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
         return Ok(());
     };
-    let saved = saved.objective;
-    if saved != *objective {
-        warn!(
-            was = ?saved,
-            now = ?objective,
-            "resuming with other objective settings than the checkpoint's"
-        );
+    let changed = changed_keys(&saved, config);
+    if changed.is_empty() {
+        return Ok(());
     }
+    let listed: Vec<String> = changed
+        .iter()
+        .map(|(key, then, now)| format!("{key} {then} -> {now}"))
+        .collect();
+    let schedule_moves = changed.iter().any(|(key, ..)| key == "learner.max_steps")
+        && config.learner.final_learning_rate_fraction != 1.0;
+    let defining: Vec<&(String, String, String)> = changed
+        .iter()
+        .filter(|(key, ..)| defines_the_run(key))
+        .collect();
+    if let Some((key, then, now)) = defining.first()
+        && !resume_changed
+    {
+        let others = match defining.len() {
+            1 => String::new(),
+            n => format!(" (and {} more: {})", n - 1, listed.join(", ")),
+        };
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{now}, but {} was trained with {then}{others}: another run's checkpoint? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --resume-changed continues it with the new settings; --fresh deletes its checkpoints and starts over",
+                path.display()
+            ),
+        )
+        .into());
+    }
+    warn!(
+        changed = %listed.join(", "),
+        learning_rate_schedule = if schedule_moves {
+            "recomputed from the new learner.max_steps: the rate may jump"
+        } else {
+            "unchanged"
+        },
+        "resuming with settings other than the checkpoint's"
+    );
     Ok(())
+}
+
+/// Keys whose change makes the resumed run another optimisation than the
+/// one its checkpoint holds (the task and model are checked with the
+/// weights): refused unless asked for (`--resume-changed`).
+const RUN_DEFINING_KEYS: &[&str] = &[
+    "seed",
+    "objective.",
+    "learner.learning_rate",
+    "learner.final_learning_rate_fraction",
+    "learner.batch_transitions",
+    "learner.max_batch_transitions",
+];
+
+fn defines_the_run(key: &str) -> bool {
+    RUN_DEFINING_KEYS
+        .iter()
+        .any(|defining| key == *defining || (defining.ends_with('.') && key.starts_with(defining)))
+}
+
+/// Every key (`section.key`) whose value differs between two
+/// configurations, with its value in each.
+fn changed_keys(then: &Config, now: &Config) -> Vec<(String, String, String)> {
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (key, value) in table {
+            let key = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => flatten(&key, inner, out),
+                value => {
+                    out.insert(key, value.to_string());
+                }
+            }
+        }
+    }
+    let flat = |config: &Config| {
+        let mut out = BTreeMap::new();
+        if let Ok(table) = config.to_toml().parse::<toml::Table>() {
+            flatten("", &table, &mut out);
+        }
+        out
+    };
+    let (then, now) = (flat(then), flat(now));
+    let absent = || "(none)".to_owned();
+    let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
+    keys.into_iter()
+        .filter(|key| then.get(*key) != now.get(*key))
+        .map(|key| {
+            (
+                key.clone(),
+                then.get(key).cloned().unwrap_or_else(absent),
+                now.get(key).cloned().unwrap_or_else(absent),
+            )
+        })
+        .collect()
 }
 
 /// Resolves, with why, when every local actor has exited before training
@@ -426,6 +523,11 @@ pub async fn serve(
     let learner = &config.learner;
     let checkpoint_dir =
         (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
+    // Held until the learner ends.
+    let _checkpoint_lock = match &checkpoint_dir {
+        Some(dir) => checkpoint::lock(dir)?,
+        None => None,
+    };
     let resume = match &checkpoint_dir {
         Some(dir) if options.fresh => {
             checkpoint::clear(dir)?;
@@ -452,10 +554,15 @@ pub async fn serve(
             .load_policy(&mut policy, &env.spec().to_string(), &model.to_string())
             .map_err(|e| {
                 LearnerError::Checkpoint(format!(
-                    "{e} (another run's directory? --fresh starts over)"
+                    "{e} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
                 ))
             })?;
-        check_resumed_objective(&state.config, &config.objective, &checkpoint.path)?;
+        check_resumed_config(
+            &state.config,
+            &config,
+            options.resume_changed,
+            &checkpoint.path,
+        )?;
         // This run continues from here: newer damaged ones must not outrank
         // what it writes.
         checkpoint::set_aside(&checkpoint.damaged_newer);
@@ -882,17 +989,60 @@ mod tests {
         trained.objective.name = ObjectiveName::Tb;
         let saved = format!("{}\n[renamed_since]\nkey = 1\n", trained.to_toml());
         assert!(Config::parse_toml(&saved, "saved").is_err());
-        let now = Config::default().objective;
-        let error = check_resumed_objective(&saved, &now, path)
+        let now = Config::default();
+        // Refused even when other changes are accepted.
+        let error = check_resumed_config(&saved, &now, true, path)
             .unwrap_err()
             .to_string();
         assert!(error.contains("objective.name"), "{error}");
         assert!(error.contains("trained with tb"), "{error}");
-        check_resumed_objective(&saved, &trained.objective, path).unwrap();
+        check_resumed_config(&saved, &trained, false, path).unwrap();
         // Without an [objective] section: that version's defaults.
         let silent = "seed = 1\n[renamed_since]\nkey = 1\n";
-        check_resumed_objective(silent, &now, path).unwrap();
-        assert!(check_resumed_objective(silent, &trained.objective, path).is_err());
+        check_resumed_config(silent, &now, false, path).unwrap();
+        assert!(check_resumed_config(silent, &trained, false, path).is_err());
+    }
+
+    /// Another seed, learning rate or batch most likely means another
+    /// run's folder: refused by name unless asked for; the budget, the
+    /// cadence or the address may change (with a warning).
+    #[test]
+    fn a_checkpoint_of_another_run_is_refused_unless_asked_for() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        let trained = Config::default();
+        let saved = trained.to_toml();
+        let mut now = trained.clone();
+        now.learner.max_steps *= 2;
+        now.learner.listen = "0.0.0.0:50051".to_owned();
+        now.learner.report_every_s = 30.0;
+        check_resumed_config(&saved, &now, false, path).unwrap();
+        now.learner.learning_rate *= 0.5;
+        now.seed += 1;
+        let error = check_resumed_config(&saved, &now, false, path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("learner.learning_rate")
+                && error.contains("seed ")
+                && error.contains("--checkpoint-dir")
+                && error.contains("--resume-changed"),
+            "{error}"
+        );
+        check_resumed_config(&saved, &now, true, path).unwrap();
+        let changed: Vec<String> = changed_keys(&trained, &now)
+            .into_iter()
+            .map(|(key, ..)| key)
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                "learner.learning_rate",
+                "learner.listen",
+                "learner.max_steps",
+                "learner.report_every_s",
+                "seed"
+            ]
+        );
     }
 
     /// Thousands of set levels make a handshake larger than the usual

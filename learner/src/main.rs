@@ -52,6 +52,11 @@ struct Args {
     /// instead of resuming.
     #[arg(long)]
     fresh: bool,
+    /// Resume even where the checkpoint was trained with another seed,
+    /// objective settings, learning rate or batch size (refused
+    /// otherwise: most likely another run's folder).
+    #[arg(long, conflicts_with = "fresh")]
+    resume_changed: bool,
     /// Print the effective configuration (defaults, file, environment and
     /// flags) as TOML and exit.
     #[arg(long)]
@@ -145,6 +150,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let options = RunOptions {
             metrics_path: args.metrics,
             fresh: args.fresh,
+            resume_changed: args.resume_changed,
             local_actors,
         };
         let shutdown = flgfn_common::signals::shutdown_requested();

@@ -212,11 +212,14 @@ struct Progress {
     /// Versions are `step + version_offset`: 0 in a fresh run; after a
     /// restart, whatever keeps versions above every one published before.
     version_offset: u64,
-    /// No version at or above this has been published (recorded in the
-    /// checkpoint directory before any is).
+    /// No version above this has been published (recorded in the
+    /// checkpoint directory before any is; after a clean stop, the final
+    /// version, published with the final checkpoint's weights).
     version_floor: u64,
     /// `wall()` at the last checkpoint.
     last_checkpoint_wall: f64,
+    /// The step of the last checkpoint this process wrote.
+    checkpointed_step: Option<u64>,
     last_report_wall: f64,
     /// When the next report is due, in `wall_s`.
     next_report_wall: f64,
@@ -329,7 +332,7 @@ impl Trainer {
                 }
                 self.steps_done
                     .store(progress.step + progress.version_offset, Ordering::Release);
-                if progress.step % learner.publish_every == 0 {
+                if progress.step.is_multiple_of(learner.publish_every) {
                     progress.version = progress.step + progress.version_offset;
                     if let Err(error) = self.raise_version_floor(&mut progress) {
                         break 'training Err(error);
@@ -339,7 +342,7 @@ impl Trainer {
                 }
                 let wall = progress.wall();
                 let due = if learner.eval_every_steps > 0 {
-                    progress.step % learner.eval_every_steps == 0
+                    progress.step.is_multiple_of(learner.eval_every_steps)
                 } else {
                     wall >= progress.next_report_wall
                 };
@@ -366,8 +369,7 @@ impl Trainer {
                 // the last step, when that report has run, the checkpoint
                 // every way out of the loop saves is this one: not written
                 // twice. (When it has not, the report after the loop
-                // evaluates, which may take long: the periodic one is
-                // written first, in case the process is killed meanwhile.)
+                // evaluates, and one is written before it.)
                 let final_one_is_this = finished(&progress) && progress.window.steps == 0;
                 if !final_one_is_this
                     && self.checkpoint_due(&progress)
@@ -392,6 +394,20 @@ impl Trainer {
             // rest on one more evaluation than one that was not.
             // (Nor may a time to quality only it found.) Put back whether
             // the report succeeds or not: a failure saves a checkpoint too.
+            // That report evaluates, which may take long, and a stop is
+            // often followed by a kill after a grace period: what was
+            // trained is saved first.
+            if progress.window.steps > 0
+                && progress.checkpointed_step != Some(progress.step)
+                && let Err(error) = self.save_checkpoint(
+                    &optimizer,
+                    own_optimizer.as_ref(),
+                    &evaluator,
+                    &mut progress,
+                )
+            {
+                break 'training Err(error);
+            }
             let grid_state = (learner.eval_every_steps > 0)
                 .then(|| (evaluator.state(), progress.time_to_quality));
             let reported = if progress.window.steps > 0 {
@@ -551,7 +567,7 @@ impl Trainer {
             return false;
         }
         let by_steps = learner.checkpoint_every_steps > 0
-            && progress.step % learner.checkpoint_every_steps == 0;
+            && progress.step.is_multiple_of(learner.checkpoint_every_steps);
         let by_time = learner.checkpoint_every_s > 0.0
             && progress.wall() - progress.last_checkpoint_wall >= learner.checkpoint_every_s;
         by_steps || by_time
@@ -602,6 +618,7 @@ impl Trainer {
         };
         let path = checkpoint::save(dir, &state, &arrays, self.config.learner.keep_checkpoints)?;
         progress.last_checkpoint_wall = wall_s;
+        progress.checkpointed_step = Some(progress.step);
         // Writing is not training: keep it out of `wall_s` like evaluation.
         progress.eval_time += started.elapsed();
         info!(path = %path.display(), step = progress.step, ms = started.elapsed().as_millis() as u64, "checkpoint saved");

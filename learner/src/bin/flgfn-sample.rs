@@ -160,13 +160,13 @@ fn load_weights_file(
         );
     }
     for (key, ours) in [("task", task), ("model", model)] {
-        if let Some(theirs) = decoded.metadata.get(key) {
-            if theirs != ours {
-                bail!(
-                    "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
-                    path.display()
-                );
-            }
+        if let Some(theirs) = decoded.metadata.get(key)
+            && theirs != ours
+        {
+            bail!(
+                "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
+                path.display()
+            );
         }
     }
     policy

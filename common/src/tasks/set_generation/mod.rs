@@ -183,7 +183,7 @@ impl SetGeneration {
                 format!("{universe} exceeds the limit of {MAX_UNIVERSE}"),
             ));
         }
-        if universe % levels.len() != 0 {
+        if !universe.is_multiple_of(levels.len()) {
             return Err(invalid(
                 "task.universe",
                 format!(
