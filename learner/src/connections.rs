@@ -14,7 +14,8 @@
 //! without a timeout), so silent sockets, or sockets that send one byte,
 //! cannot keep the places for ever. Nor can a client that sent its preface
 //! and then calls nothing: a connection with no call in progress for
-//! `learner.idle_connection_s` is closed. Each call learns of its
+//! `learner.idle_connection_s` is closed, and one on which no call has
+//! ever started after [`FIRST_CALL_WITHIN`]. Each call learns of its
 //! connection through [`ConnectionInfo`] (tonic puts it in the request's
 //! extensions), and the Learner service, behind its token check, is wrapped
 //! in [`CountsCalls`], which holds the call as in progress until its
@@ -51,6 +52,13 @@ pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
 /// How many: the length of the HTTP/2 client preface (a TLS hello is
 /// longer).
 pub const FIRST_BYTES: usize = 24;
+
+/// A connection on which no Learner call (past the token check) has ever
+/// started is idle after this, not `learner.idle_connection_s`: an actor
+/// shakes hands at once, a probe's check is over in a moment, and
+/// connections that only sent a preface or health checks would otherwise
+/// hold the learner's places for minutes.
+pub const FIRST_CALL_WITHIN: Duration = Duration::from_secs(10);
 
 /// A connection found idle just as bytes arrived waits this much longer
 /// (once), for a call those bytes may start.
@@ -347,16 +355,21 @@ impl CountedConnection {
         if restart {
             self.graced = false;
         }
+        let idle_after = if started == 0 {
+            self.idle_after.min(FIRST_CALL_WITHIN)
+        } else {
+            self.idle_after
+        };
         let deadline = match self.idle_deadline.as_mut() {
             Some(deadline) => {
                 if restart {
-                    deadline.as_mut().reset(Instant::now() + self.idle_after);
+                    deadline.as_mut().reset(Instant::now() + idle_after);
                 }
                 deadline
             }
             None => self
                 .idle_deadline
-                .insert(Box::pin(tokio::time::sleep(self.idle_after))),
+                .insert(Box::pin(tokio::time::sleep(idle_after))),
         };
         if deadline.as_mut().poll(cx).is_pending() {
             return false;
@@ -466,8 +479,8 @@ impl AsyncRead for CountedConnection {
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "no call in progress for {:?} (learner.idle_connection_s)",
-                        this.idle_after
+                        "no call in progress for {:?} (learner.idle_connection_s; {:?} before a first Learner call)",
+                        this.idle_after, FIRST_CALL_WITHIN
                     ),
                 )));
             }

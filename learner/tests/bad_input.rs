@@ -16,7 +16,7 @@ use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
-use flgfn_learner::connections::FIRST_BYTES_WITHIN;
+use flgfn_learner::connections::{FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -1281,6 +1281,46 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.lost_chunks, 0);
+}
+
+/// A connection on which no Learner call ever started (a preface, then
+/// health checks only: no token needed) is closed after
+/// FIRST_CALL_WITHIN, not `learner.idle_connection_s`, freeing its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_calls_the_learner_is_closed_early() {
+    let mut config = config();
+    config.learner.max_connections = 1;
+    config.learner.idle_connection_s = 300.0;
+    config.learner.max_steps = 1;
+    let (url, learner, stop) = start_learner(&config).await;
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap();
+    let checked = tokio::time::Instant::now();
+    assert!(
+        try_handshake(&url, &config).await.is_err(),
+        "a second connection was served"
+    );
+    let (mut client, actor_id) = served_within(
+        &url,
+        &config,
+        FIRST_CALL_WITHIN + Duration::from_secs(10),
+        "the health-only connection kept its place",
+    )
+    .await;
+    assert!(checked.elapsed() >= FIRST_CALL_WITHIN - Duration::from_millis(100));
+    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    session.send_good_chunks(actor_id, 1).await;
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 1);
 }
 
 /// Chunks lost with a connection show as a gap in the actor's numbering at
