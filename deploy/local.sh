@@ -8,9 +8,11 @@
 #   deploy/local.sh --config my.toml --metrics run.jsonl --max-steps 5000
 #
 # Every argument goes to flgfn-learner (see `--help`); --local-actors is
-# added when not given, and --fresh unless --resume is given: the default
-# job starts over each time (its checkpoints and final weights land in
-# ./checkpoints, under the directory it is called from), while `deploy/local.sh --resume` continues the last run.
+# added when not given, and --fresh unless --resume (or --resume-changed,
+# which resumes with changed settings) is given: the default job starts
+# over each time (its checkpoints and final weights land in ./checkpoints,
+# under the directory it is called from), while `deploy/local.sh --resume`
+# continues the last run.
 set -euo pipefail
 # Paths given (--config, --metrics, --checkpoint-dir) and ./checkpoints are
 # the caller's: the learner runs where this script was called from.
@@ -26,6 +28,7 @@ fresh=1
 for arg in "$@"; do
     case "$arg" in
         --resume) fresh=0 ;;
+        --resume-changed) fresh=0; args+=("$arg") ;;
         # Added below once (the learner refuses a repeated flag).
         --fresh) ;;
         *) args+=("$arg") ;;
@@ -36,7 +39,7 @@ case " $* " in
     *) args+=(--local-actors) ;;
 esac
 if [ "$fresh" = 0 ] && [[ " $* " == *" --fresh "* ]]; then
-    echo "local.sh: --fresh and --resume contradict each other: give one" >&2
+    echo "local.sh: --fresh and --resume (or --resume-changed) contradict each other: give one" >&2
     exit 2
 fi
 if [ "$fresh" = 1 ]; then args+=(--fresh); fi

@@ -429,7 +429,7 @@ impl Session<'_> {
                 // small unless its task has many more parameters than the
                 // learner's own.
                 Code::OutOfRange => SessionError::Refused(Status::failed_precondition(format!(
-                    "{} (the handshake is larger than this learner takes: this actor's task or model differs from the learner's)",
+                    "{} (the handshake is larger than this learner takes: this actor's task or model differs from the learner's; or the reply is larger than this actor's learner.max_message_bytes)",
                     s.message()
                 ))),
                 _ => classify(s, false),

@@ -123,6 +123,7 @@ impl Batcher {
             };
             let step = self.step_to_train();
             let batch = self.collate(chunks, step);
+            self.pool.collated(step);
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
             let handed = Instant::now();

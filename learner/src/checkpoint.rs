@@ -218,8 +218,9 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(fs::TryLockError::WouldBlock) => Err(LearnerError::Checkpoint(format!(
-            "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder",
-            dir.display()
+            "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder (if no learner runs, as after a node died holding the lock on NFS, delete {})",
+            dir.display(),
+            path.display()
         ))),
         Err(fs::TryLockError::Error(error)) => {
             warn!(path = %path.display(), %error, "cannot lock the checkpoint folder; make sure no other learner uses it");

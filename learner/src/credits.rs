@@ -136,10 +136,13 @@ pub struct CreditPool {
     /// sessions come and go (a session of huge chunks that left no longer
     /// counts).
     largest_chunk: AtomicU64,
-    /// Batches the trainer has still to take (`learner.max_steps` less the
-    /// steps taken; u64::MAX without a limit): nothing is granted beyond
-    /// what they need, since a chunk granted then would only be rolled
-    /// out, sent and counted untrained at the end.
+    /// The step (as a version) of the run's last batch; u64::MAX without
+    /// `learner.max_steps`.
+    last_step: AtomicU64,
+    /// Batches the builder has still to collate (up to `last_step`;
+    /// u64::MAX without a limit): nothing is granted beyond what they
+    /// need, since a chunk granted then would only be rolled out, sent and
+    /// counted untrained at the end.
     batches_left: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
@@ -168,6 +171,7 @@ impl CreditPool {
             settled_at: AtomicU64::new(0),
             released_at_wait: AtomicU64::new(0),
             largest_chunk: AtomicU64::new(0),
+            last_step: AtomicU64::new(u64::MAX),
             batches_left: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
         })
@@ -202,14 +206,28 @@ impl CreditPool {
         self.ceiling
     }
 
-    /// The trainer will take `batches` more (it took one, and
-    /// `learner.max_steps` is that far). Credits are granted only while
-    /// what is in use falls short of those batches at the current target,
-    /// so the last steps' supply does not outlast them; none at all once
-    /// the trainer holds its last batch. Credits already granted stay
+    /// The run ends with the batch for `step` (a version:
+    /// `learner.max_steps` after the version it started at).
+    pub fn last_step(&self, step: u64) {
+        self.last_step.store(step, Ordering::Release);
+    }
+
+    /// The batch builder collated the batch for `step`: the batches after
+    /// it, up to the last step, are what credits are still granted for.
+    pub fn collated(&self, step: u64) {
+        let last = self.last_step.load(Ordering::Acquire);
+        if last != u64::MAX {
+            self.batches_left(last.saturating_sub(step));
+        }
+    }
+
+    /// The builder will collate `batches` more. Credits are granted only
+    /// while what is in use falls short of those batches at the current
+    /// target, so the last steps' supply does not outlast them; none at
+    /// all once the last batch is collated. Credits already granted stay
     /// valid; sessions learn that training is done when the final weights
     /// are published.
-    pub fn batches_left(&self, batches: u64) {
+    fn batches_left(&self, batches: u64) {
         self.batches_left.store(batches, Ordering::Release);
         self.wake.notify_one();
     }
@@ -256,6 +274,10 @@ impl CreditPool {
     /// comes, no batch completes, and without this the room would not
     /// grow for the others.
     pub fn adapt_while_waiting(&self) {
+        // Near the end, the credits that cover the last batches may sit
+        // with an actor that stopped answering: the others are served
+        // again until the next batch is collated.
+        self.batches_left.store(u64::MAX, Ordering::Release);
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
         // Held back by the last change only while something is trained:
@@ -1243,7 +1265,8 @@ mod tests {
         let session = &mut fixture.session;
         // What was granted before the limit was set is trained.
         settle().await;
-        fixture.pool.batches_left(3);
+        fixture.pool.last_step(100);
+        fixture.pool.collated(97);
         for token in take(session) {
             session.used(false);
             drop(token);
@@ -1256,11 +1279,19 @@ mod tests {
             session.used(false);
             held.pop();
         }
-        fixture.pool.batches_left(2);
+        fixture.pool.collated(98);
         settle().await;
         assert!(take(&mut fixture.session).is_empty());
-        // The last batch is taken: nothing more, whatever comes back.
-        fixture.pool.batches_left(0);
+        // The builder waits long for data (the actor holding those credits
+        // may have stopped answering): credits flow again until the next
+        // batch is collated.
+        fixture.pool.adapt_while_waiting();
+        settle().await;
+        let more = take(&mut fixture.session);
+        assert!(!more.is_empty(), "served again while starving");
+        held.extend(more);
+        // The last batch is collated: nothing more, whatever comes back.
+        fixture.pool.collated(100);
         // Its chunks arrive and are trained: room and credits come back,
         // and are not granted again.
         for token in held {

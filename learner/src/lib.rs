@@ -523,8 +523,8 @@ pub async fn serve(
     let learner = &config.learner;
     let checkpoint_dir =
         (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
-    // Held until the learner ends.
-    let _checkpoint_lock = match &checkpoint_dir {
+    // Held by the trainer, until its thread ends.
+    let checkpoint_lock = match &checkpoint_dir {
         Some(dir) => checkpoint::lock(dir)?,
         None => None,
     };
@@ -750,6 +750,7 @@ pub async fn serve(
         resume,
         start_version,
         version_floor,
+        checkpoint_lock,
     };
     let (done_sender, done) = oneshot::channel();
     std::thread::Builder::new()

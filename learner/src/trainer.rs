@@ -162,6 +162,9 @@ pub struct Trainer {
     pub start_version: u64,
     /// The version floor found in the checkpoint directory.
     pub version_floor: u64,
+    /// The checkpoint folder's lock: released when this thread ends, not
+    /// before (the learner's task may be gone while it still writes).
+    pub checkpoint_lock: Option<std::fs::File>,
 }
 
 /// Running sums between two reports.
@@ -293,6 +296,12 @@ impl Trainer {
                     ))
                 })?;
         progress.version = self.start_version;
+        // Credits taper off before the last step: what actors would roll
+        // out beyond it could only be counted untrained.
+        if learner.max_steps > 0 {
+            self.pool
+                .last_step(learner.max_steps.saturating_add(progress.version_offset));
+        }
         // Time to quality is refined between reports spaced in time; with
         // reports every so many steps (experiments), the steps are the grain.
         if progress.time_to_quality.is_none()
@@ -318,12 +327,6 @@ impl Trainer {
                     progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
                 }
                 progress.started.get_or_insert_with(Instant::now);
-                // Supply tapers off before the last step: what actors
-                // would roll out beyond it could only be counted untrained.
-                if learner.max_steps > 0 {
-                    self.pool
-                        .batches_left(learner.max_steps.saturating_sub(progress.step + 1));
-                }
 
                 if let Err(error) =
                     self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress)
@@ -674,6 +677,7 @@ impl Trainer {
     fn next_batch(&self, worth_a_line: &mut Duration) -> Option<PreparedBatch> {
         use std::sync::mpsc::RecvTimeoutError;
         let started = Instant::now();
+        let unusable_before = IngestStats::get(&self.stats.unusable_truncated_transitions);
         let mut line_at = *worth_a_line;
         loop {
             match self
@@ -696,7 +700,8 @@ impl Trainer {
                             // TB drops truncated trajectories: actors that
                             // cut every one short feed it nothing.
                             let unusable_truncated_transitions =
-                                IngestStats::get(&self.stats.unusable_truncated_transitions);
+                                IngestStats::get(&self.stats.unusable_truncated_transitions)
+                                    - unusable_before;
                             if unusable_truncated_transitions > 0 {
                                 warn!(
                                     waited_s,
