@@ -193,6 +193,35 @@ pub enum WorkerError {
     },
 }
 
+/// Loads `weights` into `policy`, refusing them where their metadata
+/// names another task or model than `ours` (or another version than the
+/// grant's). The handshake already compared task and model; this holds
+/// where the handshake and the session reached different learners (a
+/// balancer routing each call on its own), and shapes alone would let a
+/// same-sized network of another task through.
+fn load_checked(
+    policy: &mut Policy,
+    weights: &Weights,
+    ours: &[(&str, String)],
+) -> Result<(), WeightsError> {
+    let decoded = flgfn_common::weights::decode(&weights.bytes)?;
+    let version = weights.version.to_string();
+    let expected = ours
+        .iter()
+        .map(|(key, value)| (*key, value.as_str()))
+        .chain([("version", version.as_str())]);
+    for (key, ours) in expected {
+        if let Some(theirs) = decoded.metadata.get(key)
+            && theirs != ours
+        {
+            return Err(WeightsError::Mismatch(format!(
+                "they are for {key} {theirs}, not this actor's {ours}"
+            )));
+        }
+    }
+    policy.load_weights(&decoded.arrays)
+}
+
 impl Worker {
     /// Rolls out until the orders channel closes or the chunk receiver is
     /// dropped.
@@ -201,6 +230,10 @@ impl Worker {
         let mut rng: Option<SmallRng> = None;
         let mut report = WorkerReport::default();
         let mut loaded = LoadedWeights::default();
+        let ours = [
+            ("task", self.env.spec().to_string()),
+            ("model", self.model.to_string()),
+        ];
         while let Some(order) = self.orders.blocking_recv() {
             if order.session == FLUSH_SESSION {
                 if self.out.blocking_send(SampledChunk::flushed()).is_err() {
@@ -214,12 +247,12 @@ impl Worker {
             }
             let weights = &order.weights;
             if loaded.load_if_new(weights) {
-                policy
-                    .load_bytes(&weights.bytes)
-                    .map_err(|source| WorkerError::Weights {
+                load_checked(&mut policy, weights, &ours).map_err(|source| {
+                    WorkerError::Weights {
                         version: weights.version,
                         source,
-                    })?;
+                    }
+                })?;
                 if report.versions_applied.len() < VERSIONS_KEPT {
                     report.versions_applied.push(weights.version);
                 }

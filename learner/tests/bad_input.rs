@@ -1728,6 +1728,34 @@ async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
     assert_eq!((report.versions_received, report.credits), (1, 1));
 }
 
+/// Weights whose metadata names another task (a balancer that sent the
+/// handshake to one learner and the session to another) are refused,
+/// naming both, though their shapes fit this actor's network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_refuses_weights_of_another_task() {
+    let mut config = config();
+    let mut grant = grant_of(&config, 1, |_| {});
+    let weights = grant.weights.as_mut().unwrap();
+    let decoded = flgfn_common::weights::decode(&weights.safetensors).unwrap();
+    let metadata = std::collections::BTreeMap::from([
+        ("task".to_owned(), "another task".to_owned()),
+        ("version".to_owned(), weights.version.to_string()),
+    ]);
+    weights.safetensors = flgfn_common::weights::encode(
+        &decoded.arrays,
+        flgfn_common::weights::WeightEncoding::F32,
+        &metadata,
+    )
+    .unwrap()
+    .into();
+    serve_scripted(&mut config, vec![grant]).await;
+    let error = actor_error(config, "foreign weights").await;
+    assert!(
+        error.contains("task another task") && error.contains("set_generation"),
+        "{error}"
+    );
+}
+
 /// Weights holding a NaN (a corrupted or foreign learner: flgfn's skips
 /// non-finite steps) would make every sampled probability NaN and the
 /// trajectories silently degenerate: the actor refuses them, naming the
