@@ -862,17 +862,31 @@ impl Config {
             Err(error) => error,
         };
         // A value read as a number, a date or a boolean may be meant as
-        // text (FLGFN_LEARNER__CHECKPOINT_DIR=123456): one at a time, such
-        // values are tried as strings.
-        for layer in overrides.iter().filter(|o| !o.value.is_str()) {
+        // text (FLGFN_LEARNER__CHECKPOINT_DIR=123456): such values are
+        // tried as strings, the fewest first (one alone, then two, ...;
+        // the first few variables only, so a long list cannot explode).
+        let typed: Vec<&EnvOverride> = overrides
+            .iter()
+            .filter(|o| !o.value.is_str())
+            .take(MAX_RETYPED_OVERRIDES)
+            .collect();
+        let mut subsets: Vec<u32> = (1..1u32 << typed.len()).collect();
+        subsets.sort_by_key(|subset| subset.count_ones());
+        for subset in subsets {
             let mut as_text = table.clone();
-            let text = EnvOverride {
-                value: toml::Value::String(layer.text.clone()),
-                ..layer.clone()
-            };
-            if text.apply(&mut as_text).is_ok()
-                && let Ok(config) = as_text.try_into::<Config>()
-            {
+            let applied = typed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| subset & (1 << i) != 0)
+                .all(|(_, layer)| {
+                    EnvOverride {
+                        value: toml::Value::String(layer.text.clone()),
+                        ..(*layer).clone()
+                    }
+                    .apply(&mut as_text)
+                    .is_ok()
+                });
+            if applied && let Ok(config) = as_text.try_into::<Config>() {
                 return Ok(config);
             }
         }
@@ -1104,6 +1118,10 @@ fn name_default_task(table: &mut toml::Table) -> bool {
     task.insert("name".to_owned(), toml::Value::String(name));
     true
 }
+
+/// Most environment variables whose typed values (numbers, booleans,
+/// dates) are retried as text together: 2^8 parses at worst.
+const MAX_RETYPED_OVERRIDES: usize = 8;
 
 /// Longest wait any setting may ask for: a day. A larger "forever" would
 /// overflow the timers built from it.
@@ -1656,6 +1674,16 @@ mod tests {
         ]));
         let config = Config::load_layered(None, &overrides).unwrap();
         assert_eq!(config.learner.checkpoint_dir, "123456");
+        assert_eq!(config.learner.max_steps, 77);
+        // Two of them at once.
+        let overrides = env_overrides(vars(&[
+            ("FLGFN_LEARNER__CHECKPOINT_DIR", "123456"),
+            ("FLGFN_AUTH__TOKEN_FILE", "2024"),
+            ("FLGFN_LEARNER__MAX_STEPS", "77"),
+        ]));
+        let config = Config::load_layered(None, &overrides).unwrap();
+        assert_eq!(config.learner.checkpoint_dir, "123456");
+        assert_eq!(config.auth.token_file, "2024");
         assert_eq!(config.learner.max_steps, 77);
         // A number for a number key is still refused when it is text.
         let overrides = env_overrides(vars(&[("FLGFN_LEARNER__MAX_STEPS", "many")]));
