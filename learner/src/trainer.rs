@@ -386,19 +386,8 @@ impl Trainer {
                     break 'training Err(error);
                 }
             }
-            // A run that ends between two reports (a stop, or `max_steps`
-            // off the report grid) still ends with one, so the last report
-            // (and the metrics file) covers every step. (Counters that move
-            // after it, while sessions end, reach the final summary only:
-            // `serve` refreshes it.)
-            // With reports every so many steps (experiments), that last one
-            // is off their grid: its samples must not join the best objects
-            // the checkpoint carries, or a run stopped and resumed would
-            // rest on one more evaluation than one that was not.
-            // (Nor may a time to quality only it found.) Put back whether
-            // the report succeeds or not: a failure saves a checkpoint too.
-            // That report evaluates, which may take long, and a stop is
-            // often followed by a kill after a grace period: what was
+            // The report below evaluates, which may take long, and a stop
+            // is often followed by a kill after a grace period: what was
             // trained is saved first.
             if progress.window.steps > 0
                 && progress.checkpointed_step != Some(progress.step)
@@ -411,6 +400,17 @@ impl Trainer {
             {
                 break 'training Err(error);
             }
+            // A run that ends between two reports (a stop, or `max_steps`
+            // off the report grid) still ends with one, so the last report
+            // (and the metrics file) covers every step. (Counters that move
+            // after it, while sessions end, reach the final summary only:
+            // `serve` refreshes it.)
+            // With reports every so many steps (experiments), that last one
+            // is off their grid: its samples must not join the best objects
+            // the checkpoint carries, or a run stopped and resumed would
+            // rest on one more evaluation than one that was not.
+            // (Nor may a time to quality only it found.) Put back whether
+            // the report succeeds or not: a failure saves a checkpoint too.
             let grid_state = (learner.eval_every_steps > 0)
                 .then(|| (evaluator.state(), progress.time_to_quality));
             let reported = if progress.window.steps > 0 {
