@@ -391,7 +391,8 @@ pub struct LearnerConfig {
     /// (an actor's session is one call, open while it trains; health
     /// checks and calls refused for their token do not count) before the
     /// learner closes it: an idle client, authenticated or not, must not
-    /// keep a place among `max_connections` for ever. A client whose
+    /// keep a place among `max_connections` for ever. (On a connection
+    /// where no Learner call has started yet: 10 s, at most this.) A client whose
     /// connection was closed reconnects when it next calls (gRPC channels
     /// do so by themselves).
     pub idle_connection_s: f64,

@@ -39,9 +39,12 @@
 //! is free is kept room for until it is served (sessions of small chunks
 //! would otherwise take the room as it comes back and starve one of large
 //! chunks); a session whose actor sits on a credit for
-//! `learner.stall_timeout_s` is ended, which returns its credits. Once the
-//! trainer holds its last batch (`learner.max_steps`), nothing more is
-//! granted ([`CreditPool::close`]).
+//! `learner.stall_timeout_s` is ended, which returns its credits. Near
+//! `learner.max_steps`, credits are granted only while what is in use
+//! falls short of the batches the builder will still collate
+//! ([`CreditPool::collated`]), and none after the last; a long wait for
+//! data lifts this until the next batch (an actor holding the last
+//! credits may have stopped answering).
 //!
 //! A session whose chunks arrive already older than `max_policy_lag` (an
 //! actor far behind a slow link while near ones set the pace) would only

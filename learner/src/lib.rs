@@ -98,7 +98,8 @@ pub struct RunOptions {
     pub fresh: bool,
     /// Resume even where the checkpoint was trained with another seed,
     /// objective settings, learning rate or batch size (refused otherwise:
-    /// most likely another run's folder).
+    /// most likely another run's folder); never with another objective
+    /// name or backward policy.
     pub resume_changed: bool,
     /// Actor processes to start on this machine (`--local-actors`), once
     /// the learner listens and has something to train; waited for (or
@@ -156,7 +157,7 @@ fn server_builder() -> tonic::transport::Server {
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
 
 /// Largest health request the learner decodes: a service name (ours,
-/// `flgfn.Learner`, is 13 bytes).
+/// `flgfn.v1.Learner`, is 16 bytes).
 pub const HEALTH_REQUEST_BYTES: usize = 1024;
 
 /// Refuses to resume a checkpoint trained with another objective: its

@@ -54,8 +54,13 @@ struct Args {
     fresh: bool,
     /// Resume even where the checkpoint was trained with another seed,
     /// objective settings, learning rate or batch size (refused
-    /// otherwise: most likely another run's folder).
-    #[arg(long, conflicts_with = "fresh")]
+    /// otherwise: most likely another run's folder); never with another
+    /// objective name or backward policy.
+    #[arg(
+        long,
+        env = "FLGFN_RESUME_CHANGED",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
     resume_changed: bool,
     /// Print the effective configuration (defaults, file, environment and
     /// flags) as TOML and exit.
@@ -89,6 +94,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // Checked here, not by clap: FLGFN_RESUME_CHANGED=0 sets the flag to
+    // false, and clap would count it as given.
+    anyhow::ensure!(
+        !(args.fresh && args.resume_changed),
+        "--fresh and --resume-changed (or FLGFN_RESUME_CHANGED) contradict each other: give one"
+    );
     let flags = args.overriding_flags();
     // Validated once the flags are applied: a flag may correct the file.
     let mut config = Config::load_unvalidated(args.config.as_deref())?;

@@ -65,6 +65,32 @@ fn print_config(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, 
     (text, table)
 }
 
+/// `--resume-changed` is also `FLGFN_RESUME_CHANGED` (containers pass
+/// no flags), where 0 means off: only a true one contradicts `--fresh`.
+#[test]
+fn resume_changed_contradicts_fresh_only_when_on() {
+    print_config(
+        &learner_binary(),
+        &["--fresh"],
+        &[("FLGFN_RESUME_CHANGED", "0")],
+    );
+    print_config(&learner_binary(), &[], &[("FLGFN_RESUME_CHANGED", "1")]);
+    for (args, env) in [
+        (&["--fresh", "--resume-changed"][..], &[][..]),
+        (&["--fresh"][..], &[("FLGFN_RESUME_CHANGED", "1")][..]),
+    ] {
+        let output = command(&learner_binary())
+            .args(args)
+            .arg("--print-config")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} {env:?}");
+        assert!(stderr.contains("--fresh and --resume-changed"), "{stderr}");
+    }
+}
+
 #[test]
 fn every_binary_names_itself_in_its_version_and_usage() {
     for name in [
