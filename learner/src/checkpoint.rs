@@ -382,8 +382,10 @@ pub fn read(path: &Path) -> Result<Checkpoint, String> {
 enum Unusable {
     /// Torn or corrupt: an older checkpoint can stand in for it.
     Damaged(String),
-    /// Intact (its checksum holds) but not in the form this learner
-    /// reads: another version of flgfn wrote it. Not damage: resuming from
+    /// In another format than this learner reads (named in a state that
+    /// parses, whatever its checksum, which that format may sum
+    /// otherwise), or intact but not readable: another version of flgfn
+    /// wrote it. Not damage: resuming from
     /// an older checkpoint instead would quietly lose its progress, and
     /// setting it aside would hide it.
     OtherVersion(String),
@@ -405,6 +407,18 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
         .metadata
         .get(STATE_KEY)
         .ok_or_else(|| damaged("no checkpoint state in its metadata".to_owned()))?;
+    // Another format is named before the checksum is checked: the
+    // version that wrote it may sum otherwise, and calling it damage
+    // would resume from an older checkpoint, quietly losing its progress.
+    // (A torn state does not parse, and is checked as damage below.)
+    let other = Unusable::OtherVersion;
+    if let Ok(FormatOnly { format }) = serde_json::from_str::<FormatOnly>(json)
+        && format != FORMAT
+    {
+        return Err(other(format!(
+            "checkpoint format {format} (this learner reads {FORMAT})"
+        )));
+    }
     let stored: u32 = decoded
         .metadata
         .get(CHECKSUM_KEY)
@@ -417,7 +431,6 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
         )));
     }
     // Past the checksum, the state is as it was written.
-    let other = Unusable::OtherVersion;
     let format = serde_json::from_str::<FormatOnly>(json)
         .map_err(|e| other(format!("state without a format number: {e}")))?
         .format;
@@ -753,6 +766,21 @@ mod tests {
         let mut future = state(200);
         future.format = FORMAT + 1;
         save(&dir, &future, &arrays(2.0), 5).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&file_name(200)) && error.contains("format 2"),
+            "{error}"
+        );
+        // Also where that format sums otherwise (its checksum does not
+        // hold by this learner's reckoning).
+        let path = dir.join(file_name(200));
+        let mut decoded = weights::decode(&fs::read(&path).unwrap()).unwrap();
+        decoded
+            .metadata
+            .insert(CHECKSUM_KEY.to_owned(), "12345".to_owned());
+        let resummed =
+            weights::encode(&decoded.arrays, WeightEncoding::F32, &decoded.metadata).unwrap();
+        fs::write(&path, resummed).unwrap();
         let error = load_latest(&dir).unwrap_err().to_string();
         assert!(
             error.contains(&file_name(200)) && error.contains("format 2"),
