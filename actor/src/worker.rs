@@ -206,18 +206,15 @@ fn load_checked(
 ) -> Result<(), WeightsError> {
     let decoded = flgfn_common::weights::decode(&weights.bytes)?;
     let version = weights.version.to_string();
-    let expected = ours
+    let expected: Vec<(&str, &str)> = ours
         .iter()
         .map(|(key, value)| (*key, value.as_str()))
-        .chain([("version", version.as_str())]);
-    for (key, ours) in expected {
-        if let Some(theirs) = decoded.metadata.get(key)
-            && theirs != ours
-        {
-            return Err(WeightsError::Mismatch(format!(
-                "they are for {key} {theirs}, not this actor's {ours}"
-            )));
-        }
+        .chain([("version", version.as_str())])
+        .collect();
+    if let Some((key, theirs, ours)) = decoded.metadata_mismatch(&expected) {
+        return Err(WeightsError::Mismatch(format!(
+            "they are for {key} {theirs}, not this actor's {ours}"
+        )));
     }
     policy.load_weights(&decoded.arrays)
 }

@@ -165,6 +165,23 @@ pub struct DecodedWeights {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl DecodedWeights {
+    /// The first `(key, ours)` of `expected` whose metadata value differs,
+    /// as `(key, theirs, ours)`. A key the metadata lacks passes: weights
+    /// written elsewhere carry none.
+    pub fn metadata_mismatch<'a>(
+        &'a self,
+        expected: &[(&'a str, &'a str)],
+    ) -> Option<(&'a str, &'a str, &'a str)> {
+        expected.iter().find_map(|&(key, ours)| {
+            self.metadata
+                .get(key)
+                .filter(|theirs| *theirs != ours)
+                .map(|theirs| (key, theirs.as_str(), ours))
+        })
+    }
+}
+
 /// Decodes a buffer written by [`encode`] (or by any safetensors writer,
 /// with F32 or BF16 tensors).
 pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {

@@ -159,18 +159,16 @@ fn load_weights_file(
             path.display()
         );
     }
-    for (key, ours) in [("task", task), ("model", model)] {
-        if let Some(theirs) = decoded.metadata.get(key)
-            && theirs != ours
-        {
-            bail!(
-                "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
-                path.display()
-            );
-        }
+    if let Some((key, theirs, ours)) =
+        decoded.metadata_mismatch(&[("task", task), ("model", model)])
+    {
+        bail!(
+            "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
+            path.display()
+        );
     }
     policy
-        .load_bytes(&bytes)
+        .load_weights(&decoded.arrays)
         .with_context(|| path.display().to_string())?;
     Ok(())
 }
