@@ -412,7 +412,8 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
     // would resume from an older checkpoint, quietly losing its progress.
     // (A torn state does not parse, and is checked as damage below.)
     let other = Unusable::OtherVersion;
-    if let Ok(FormatOnly { format }) = serde_json::from_str::<FormatOnly>(json)
+    let format = serde_json::from_str::<FormatOnly>(json);
+    if let Ok(FormatOnly { format }) = format
         && format != FORMAT
     {
         return Err(other(format!(
@@ -430,15 +431,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
             "checksum mismatch (stored {stored:08x}, contents {actual:08x}): torn or corrupt"
         )));
     }
-    // Past the checksum, the state is as it was written.
-    let format = serde_json::from_str::<FormatOnly>(json)
-        .map_err(|e| other(format!("state without a format number: {e}")))?
-        .format;
-    if format != FORMAT {
-        return Err(other(format!(
-            "checkpoint format {format} (this learner reads {FORMAT})"
-        )));
-    }
+    // Past the checksum, the state is as it was written: one whose format
+    // number does not parse comes from another version.
+    format.map_err(|e| other(format!("state without a format number: {e}")))?;
     let state: CheckpointState = serde_json::from_str(json)
         .map_err(|e| other(format!("state this learner cannot read: {e}")))?;
     Ok(Checkpoint {

@@ -216,27 +216,23 @@ impl CreditPool {
     }
 
     /// The batch builder collated the batch for `step`: the batches after
-    /// it, up to the last step, are what credits are still granted for.
-    pub fn collated(&self, step: u64) {
-        let last = self.last_step.load(Ordering::Acquire);
-        if last != u64::MAX {
-            self.batches_left(last.saturating_sub(step));
-        }
-    }
-
-    /// The builder will collate `batches` more. Credits are granted only
-    /// while what is in use falls short of those batches at the current
+    /// it, up to the last step, are what credits are still granted for,
+    /// only while what is in use falls short of them at the current
     /// target, so the last steps' supply does not outlast them; none at
     /// all once the last batch is collated. Credits already granted stay
     /// valid; sessions learn that training is done when the final weights
     /// are published.
-    fn batches_left(&self, batches: u64) {
-        self.batches_left.store(batches, Ordering::Release);
-        self.wake.notify_one();
+    pub fn collated(&self, step: u64) {
+        let last = self.last_step.load(Ordering::Acquire);
+        if last != u64::MAX {
+            self.batches_left
+                .store(last.saturating_sub(step), Ordering::Release);
+            self.wake.notify_one();
+        }
     }
 
-    /// Whether what is in use covers every batch the trainer will still
-    /// take: a further credit would only be counted untrained at the end.
+    /// Whether what is in use covers every batch the builder will still
+    /// collate: a further credit would only be counted untrained at the end.
     fn covers_what_is_left(&self) -> bool {
         let needed = self
             .batches_left

@@ -222,10 +222,13 @@ fn check_resumed_config(
     if changed.is_empty() {
         return Ok(());
     }
-    let listed: Vec<String> = changed
-        .iter()
-        .map(|(key, then, now)| format!("{key} {then} -> {now}"))
-        .collect();
+    let list = |changes: &[&(String, String, String)]| {
+        let described: Vec<String> = changes
+            .iter()
+            .map(|(key, then, now)| format!("{key} {then} -> {now}"))
+            .collect();
+        described.join(", ")
+    };
     let schedule_moves = changed.iter().any(|(key, ..)| key == "learner.max_steps")
         && config.learner.final_learning_rate_fraction != 1.0;
     let defining: Vec<&(String, String, String)> = changed
@@ -235,9 +238,10 @@ fn check_resumed_config(
     if let Some((key, then, now)) = defining.first()
         && !resume_changed
     {
-        let others = match defining.len() {
-            1 => String::new(),
-            n => format!(" (and {} more: {})", n - 1, listed.join(", ")),
+        // The other keys refused, not every one changed.
+        let others = match &defining[1..] {
+            [] => String::new(),
+            more => format!(" (and {} more: {})", more.len(), list(more)),
         };
         return Err(ConfigError::invalid(
             key,
@@ -249,7 +253,7 @@ fn check_resumed_config(
         .into());
     }
     warn!(
-        changed = %listed.join(", "),
+        changed = %list(&changed.iter().collect::<Vec<_>>()),
         learning_rate_schedule = if schedule_moves {
             "recomputed from the new learner.max_steps: the rate may jump"
         } else {
