@@ -144,6 +144,9 @@ pub struct Counts {
     /// Chunks rolled out but not sent: their credit belonged to an earlier
     /// session, or their session broke before they could be sent.
     pub stale_chunks_dropped: u64,
+    /// Sessions the learner opened (handshake and session call both
+    /// answered): what reconnects achieved, where attempts count tries.
+    pub sessions_opened: u32,
 }
 
 fn retry(message: impl Into<String>, served: bool) -> SessionError {
@@ -473,6 +476,7 @@ impl Session<'_> {
             .map_err(|_| retry("opening the session timed out", false))?
             .map_err(|s| classify(s, false))?
             .into_inner();
+        self.counts.sessions_opened += 1;
         Ok(Opened {
             grants,
             upload,

@@ -78,6 +78,8 @@ pub struct ActorReport {
     /// Connection attempts made, successful or not (each a session, by
     /// number, once it connects).
     pub connection_attempts: u32,
+    /// Of those, sessions the learner opened.
+    pub sessions_opened: u32,
     /// Whether the learner said training was over.
     pub training_done: bool,
     /// Chunks rolled out but not sent: their credit belonged to an earlier
@@ -230,6 +232,7 @@ async fn run_actor(
         versions = report.versions_loaded,
         received_to_use_ms = report.received_to_use_ms(),
         connection_attempts = report.connection_attempts,
+        sessions_opened = report.sessions_opened,
         // Rolled out but never sent (an earlier session's, or a broken one's).
         unsent_chunks = report.stale_chunks_dropped,
         // Credits whose session ended before or during their rollout.
@@ -526,6 +529,7 @@ impl ActorReport {
         self.credits = counts.credits;
         self.versions_received = counts.versions_received;
         self.stale_chunks_dropped = counts.stale_chunks_dropped;
+        self.sessions_opened = counts.sessions_opened;
     }
 }
 
@@ -620,5 +624,6 @@ mod tests {
         .expect("the loop ends by itself");
         assert!(result.is_ok(), "{result:?}");
         assert_eq!(report.connection_attempts, 1);
+        assert_eq!(report.sessions_opened, 0, "nothing listens there");
     }
 }

@@ -1385,6 +1385,8 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     // chunks) and may grow to twice that.
     config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
     config.learner.max_steps = 20;
+    // Never ended here: only the room's growth can let the other actor in.
+    config.learner.stall_timeout_s = 3600.0;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
     let actor_id = shake_hands(&mut client, &config).await;
@@ -1402,8 +1404,8 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     let actor = tokio::spawn(real_actor(real, "live"));
     let outcome = finished_within(
         learner,
-        20,
-        "training goes on long before the silent session is ended",
+        120,
+        "training goes on while the silent session holds its credits",
     )
     .await;
     assert_eq!(outcome.steps, 20);
@@ -1558,9 +1560,14 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     let final_report = &outcome.final_report;
     assert_eq!(final_report.stalled_sessions, 1, "{final_report:?}");
     assert_eq!(final_report.rejected_chunks, 0, "{final_report:?}");
+    assert!(report.chunks_sent >= 1, "{report:?}");
+    // What the real actor did not send, the deaf session did.
+    let deaf_chunks = final_report
+        .accepted_chunks
+        .saturating_sub(report.chunks_sent);
     assert!(
-        final_report.accepted_chunks >= 5 && report.chunks_sent >= 1,
-        "the deaf session's chunks were trained until its grants backed up: {final_report:?}"
+        deaf_chunks >= 5,
+        "the deaf session's chunks were trained until its grants backed up: {deaf_chunks} of {final_report:?}"
     );
     drop(session);
 }

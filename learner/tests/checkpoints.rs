@@ -386,7 +386,8 @@ async fn a_last_step_off_the_report_grid_adds_no_evaluation_to_the_checkpoint() 
 async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
     use std::io::BufRead;
     let dir = scratch("off-grid-failed");
-    let (mut config, checkpoints) = checkpointed(&dir, 0, 0);
+    // A checkpoint at step 210 shows the trainer past the first report.
+    let (mut config, checkpoints) = checkpointed(&dir, 210, 0);
     // Far apart: the stop lands well before the next grid report.
     config.learner.eval_every_steps = 200;
     let metrics = dir.join("metrics.pipe");
@@ -400,14 +401,19 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
     // and 400, fails to write.
     let (closed, reader_gone) = tokio::sync::oneshot::channel::<()>();
     let pipe = metrics.clone();
+    let saved_so_far = checkpoints.clone();
     let reader = std::thread::spawn(move || {
         let mut lines = std::io::BufReader::new(std::fs::File::open(pipe).unwrap()).lines();
         lines.next().unwrap().unwrap();
         drop(lines);
         // A stop that came before the step after the report would find
-        // nothing to report (1 run in 20 did): let some steps (~1 ms each,
-        // 200 to the next report) go by first.
-        std::thread::sleep(Duration::from_millis(30));
+        // nothing to report (1 run in 20 did, with a 30 ms pause here):
+        // wait for the checkpoint of step 210.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !checkpoint::list(&saved_so_far).is_ok_and(|saved| !saved.is_empty()) {
+            assert!(Instant::now() < deadline, "no checkpoint at step 210");
+            std::thread::sleep(Duration::from_millis(2));
+        }
         closed.send(()).unwrap();
     });
     let error = failed_run_until(&config, &metrics, async move {
@@ -418,7 +424,7 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
     assert!(error.contains("metrics.pipe"), "{error}");
     let saved = latest_state(&checkpoints);
     assert!(
-        (201..400).contains(&saved.step),
+        (210..400).contains(&saved.step),
         "the stop's report, off the grid, failed: saved at step {}",
         saved.step
     );
@@ -629,7 +635,7 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
         // Never a version lower than one already applied.
         let versions = &report.versions_applied;
         assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
-        sessions.push(report.connection_attempts);
+        sessions.push(report.sessions_opened);
     }
     // Each actor reconnected to (nearly) every learner; one may miss a
     // short-lived one, but not several.
