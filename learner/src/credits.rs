@@ -275,8 +275,12 @@ impl CreditPool {
     pub fn adapt_while_waiting(&self) {
         // Near the end, the credits that cover the last batches may sit
         // with an actor that stopped answering: the others are served
-        // again until the next batch is collated.
-        self.batches_left.store(u64::MAX, Ordering::Release);
+        // again until the next batch is collated. Once the last batch is
+        // collated, the builder waits for data no step will train (while
+        // that step, the final checkpoint and evaluation run): no lift.
+        if self.batches_left.load(Ordering::Acquire) != 0 {
+            self.batches_left.store(u64::MAX, Ordering::Release);
+        }
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
         // Held back by the last change only while something is trained:
@@ -1300,6 +1304,14 @@ mod tests {
         settle().await;
         assert!(take(&mut fixture.session).is_empty());
         assert_eq!(fixture.pool.in_use(), 0);
+        // The builder, past the last batch, waits for data that is not
+        // coming while the last step trains: that lifts nothing.
+        fixture.pool.adapt_while_waiting();
+        settle().await;
+        assert!(
+            take(&mut fixture.session).is_empty(),
+            "granted after the last batch"
+        );
     }
 
     #[tokio::test(start_paused = true)]
