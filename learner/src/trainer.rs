@@ -41,13 +41,20 @@ use crate::report::{MetricsFile, Report};
 /// names the step and libtorch's message.
 fn unless_libtorch_fails<T>(step: u64, compute: impl FnOnce() -> T) -> Result<T, LearnerError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(compute)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("(no message)");
-        LearnerError::Trainer(format!("libtorch failed in step {step}: {message}"))
+        LearnerError::Trainer(format!(
+            "libtorch failed in step {step}: {}",
+            panic_message(&*payload)
+        ))
     })
+}
+
+/// What a panic said (tch's panics carry libtorch's message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
 }
 
 /// How long the trainer first waits for data before it says so. Each time
@@ -316,7 +323,12 @@ impl Trainer {
         // Every error from here to the final weights ends this block, not
         // the run at once: see after it.
         let mut data_warning_after = FIRST_DATA_WARNING;
-        let trained: Result<Bytes, LearnerError> = 'training: {
+        // libtorch may fail (tch panics) outside a step too: in an
+        // evaluation, a copy of the weights to publish, a checkpoint's read
+        // of them (out of GPU memory, say). Caught here, such a failure
+        // takes the error path below, which saves what was trained,
+        // instead of ending the thread with nothing saved.
+        let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| 'training: {
             while !finished(&progress) {
                 let wait_started = Instant::now();
                 let Some(batch) = self.next_batch(&mut data_warning_after) else {
@@ -437,7 +449,14 @@ impl Trainer {
                 .encode_newest_as(WeightEncoding::F32)
                 .map(Bytes::from)
                 .map_err(LearnerError::from)
-        };
+        }))
+        .unwrap_or_else(|payload| {
+            Err(LearnerError::Trainer(format!(
+                "libtorch failed after step {}: {}",
+                progress.step,
+                panic_message(&*payload)
+            )))
+        });
         let weights = match trained {
             Ok(weights) => weights,
             Err(error) => {
@@ -448,13 +467,17 @@ impl Trainer {
                 // would otherwise be lost. Best effort: the disk that failed
                 // may fail again.
                 if let Some(dir) = &self.checkpoint_dir {
-                    let saved = self.save_last_checkpoint(
-                        dir,
-                        &optimizer,
-                        own_optimizer.as_ref(),
-                        &evaluator,
-                        &mut progress,
-                    );
+                    // libtorch may fail again reading the weights.
+                    let saved = unless_libtorch_fails(progress.step, || {
+                        self.save_last_checkpoint(
+                            dir,
+                            &optimizer,
+                            own_optimizer.as_ref(),
+                            &evaluator,
+                            &mut progress,
+                        )
+                    })
+                    .and_then(|saved| saved);
                     match saved {
                         Ok(()) => {
                             warn!(step = progress.step, %error, "checkpoint saved after an error")
