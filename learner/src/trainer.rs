@@ -380,13 +380,10 @@ impl Trainer {
                     });
                 }
                 // After the report of the same step, so that the checkpoint
-                // holds what it found (best objects, time to quality). At
-                // the last step, when that report has run, the checkpoint
-                // every way out of the loop saves is this one: not written
-                // twice. (When it has not, the report after the loop
-                // evaluates, and one is written before it.)
-                let final_one_is_this = finished(&progress) && progress.window.steps == 0;
-                if !final_one_is_this
+                // holds what it found (best objects, time to quality). Not
+                // at the last step: every way out of the loop saves one,
+                // after the last report (see there).
+                if !finished(&progress)
                     && self.checkpoint_due(&progress)
                     && let Err(error) = self.save_checkpoint(
                         &optimizer,
@@ -400,8 +397,13 @@ impl Trainer {
             }
             // The report below evaluates, which may take long, and a stop
             // is often followed by a kill after a grace period: what was
-            // trained is saved first.
+            // trained is saved first. Not at `max_steps`: a checkpoint of
+            // the last step says the run is over, and a kill during this
+            // report would leave a run that resumes to nothing, its last
+            // report never written (an experiment's run would fail on
+            // every retry); the save after the report is the final one.
             if progress.window.steps > 0
+                && !finished(&progress)
                 && progress.checkpointed_step != Some(progress.step)
                 && let Err(error) = self.save_checkpoint(
                     &optimizer,

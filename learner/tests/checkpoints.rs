@@ -378,6 +378,41 @@ async fn a_last_step_off_the_report_grid_adds_no_evaluation_to_the_checkpoint() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run's checkpoint of its last step says it is over: a learner killed
+/// after writing it but before its last report (an evaluation, which may
+/// be long) would leave a run that resumes to nothing, that report never
+/// written. So the last report comes first. (A slow evaluation here: the
+/// checkpoint is looked for every millisecond.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_steps_checkpoint_comes_after_the_last_report() {
+    let dir = scratch("last-report-first");
+    let (mut config, checkpoints) = checkpointed(&dir, 5, 25);
+    config.learner.eval_every_steps = 10;
+    config.learner.eval_samples = 1 << 17;
+    let metrics = dir.join("metrics.jsonl");
+    let watched = {
+        let (checkpoints, metrics) = (checkpoints.clone(), metrics.clone());
+        tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !checkpoint::list(&checkpoints)
+                .is_ok_and(|saved| saved.iter().any(|&(step, _)| step == 25))
+            {
+                assert!(Instant::now() < deadline, "no checkpoint of step 25");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            support::reports(&metrics).last().map(|r| r.step)
+        })
+    };
+    let outcome = train(&config, &metrics).await;
+    assert_eq!(outcome.steps, 25);
+    assert_eq!(
+        watched.await.unwrap(),
+        Some(25),
+        "the last report was written when the last step's checkpoint appeared"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The same stop between grid reports, with that last report's metrics
 /// write failing (the metrics file is a pipe whose reader goes away after
 /// the first report): the error path saves a checkpoint too, and it holds
