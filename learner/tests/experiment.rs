@@ -36,6 +36,17 @@ fn a_short_suite_writes_its_data_and_plots() {
         let svg = std::fs::read_to_string(out.join("plots").join(format!("{stem}.svg"))).unwrap();
         assert!(svg.contains("<svg") && svg.contains("fl_db") && svg.contains("<polyline"));
     }
+    // Written whole: no part file is left beside them.
+    for folder in [out.clone(), out.join("plots")] {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().starts_with('.'),
+                "{name:?} left in {}",
+                folder.display()
+            );
+        }
+    }
 
     // Re-rendering from the folder alone (the suite, seeds and steps it
     // was run with are recorded there) gives the same tables.

@@ -36,6 +36,7 @@ use anyhow::{Context, bail};
 use flgfn_common::config::Config;
 use flgfn_common::tasks;
 
+use crate::checkpoint::write_atomically;
 use crate::report::Report;
 pub use suites::{SUITES, Suite, suite};
 
@@ -231,7 +232,9 @@ fn run_one(
     let config_path = dir.join(CONFIG_FILE);
     // Each run keeps its checkpoints in its own folder: a run cut short
     // resumes from them when the suite is started again.
-    std::fs::write(&config_path, config.to_toml())?;
+    // Whole or not at all: a torn one reads as another configuration,
+    // and the run would start over, deleting its checkpoints.
+    write_atomically(dir, CONFIG_FILE, config.to_toml().as_bytes())?;
     let metrics = dir.join("metrics.jsonl");
     // Appended to: the log of an earlier try stays for its post-mortem.
     let log = std::fs::OpenOptions::new()
@@ -518,10 +521,14 @@ pub fn write_outputs(
     failed: &[RunSpec],
     out: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("reports.csv"), reports_csv(results))?;
-    std::fs::write(out.join("summary.csv"), summary_csv(results))?;
-    std::fs::write(out.join("summary.md"), summary_markdown(results, failed))?;
+    // Each whole or not at all: a suite killed here keeps the last tables.
+    write_atomically(out, "reports.csv", reports_csv(results).as_bytes())?;
+    write_atomically(out, "summary.csv", summary_csv(results).as_bytes())?;
+    write_atomically(
+        out,
+        "summary.md",
+        summary_markdown(results, failed).as_bytes(),
+    )?;
     plots::render_groups(results, &out.join("plots"))
 }
 
@@ -569,10 +576,9 @@ const SUITE_RECORD: &str = "suite.json";
 impl SuiteRecord {
     /// Writes the record into `out`.
     pub fn save(&self, out: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(out)?;
-        let path = out.join(SUITE_RECORD);
-        std::fs::write(&path, serde_json::to_string_pretty(self)? + "\n")
-            .with_context(|| format!("cannot write {}", path.display()))
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        write_atomically(out, SUITE_RECORD, text.as_bytes())?;
+        Ok(())
     }
 
     /// The record in `out`, if the runner wrote one there (folders made

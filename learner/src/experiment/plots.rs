@@ -306,26 +306,49 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             };
             let size = (1500, 900);
             let png = dir.join(format!("{stem}-{suffix}.png"));
-            draw_figure(
-                &BitMapBackend::new(&png, size).into_drawing_area(),
-                &title,
-                x_label,
-                curves,
-                x,
-            )?;
+            drawn_whole(&png, |part| {
+                draw_figure(
+                    &BitMapBackend::new(part, size).into_drawing_area(),
+                    &title,
+                    x_label,
+                    curves,
+                    x,
+                )
+            })?;
             let svg = dir.join(format!("{stem}-{suffix}.svg"));
-            draw_figure(
-                &SVGBackend::new(&svg, size).into_drawing_area(),
-                &title,
-                x_label,
-                curves,
-                x,
-            )?;
+            drawn_whole(&svg, |part| {
+                draw_figure(
+                    &SVGBackend::new(part, size).into_drawing_area(),
+                    &title,
+                    x_label,
+                    curves,
+                    x,
+                )
+            })?;
             written.push(png);
             written.push(svg);
         }
     }
     Ok(written)
+}
+
+/// Draws into a part file beside `path` (same extension: the backend picks
+/// the format by it), then renames it there: a runner killed while drawing
+/// leaves the previous figure, not half of one.
+fn drawn_whole(path: &Path, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| anyhow!("no file name in {}", path.display()))?;
+    let part = path.with_file_name(format!(".part-{name}"));
+    let drawn = draw(&part).and_then(|()| {
+        std::fs::rename(&part, path)
+            .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))
+    });
+    if drawn.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    drawn
 }
 
 #[cfg(test)]
