@@ -14,6 +14,7 @@
 //! OUT/reports.csv               every report of every run, one row each
 //! OUT/summary.csv               per run: steps and seconds to quality and
 //!                               to the top-100 ceiling, final figures
+//!                               (failed runs: a row flagged `failed`)
 //! OUT/summary.md                the same, mean and range over seeds
 //! OUT/plots/<group>-{steps,seconds}.{png,svg}
 //! ```
@@ -396,17 +397,19 @@ pub fn reports_csv(results: &[RunResult]) -> String {
     out
 }
 
-/// `summary.csv`: one row per run.
-pub fn summary_csv(results: &[RunResult]) -> String {
+/// `summary.csv`: one row per run, the runs in `failed` (a learner that
+/// diverged, a run cut short) too, with `failed` 1 and nothing else
+/// measured: a table read from it never rests on fewer seeds unawares.
+pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv\n",
+        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,failed\n",
     );
     for result in results {
         let s = &result.spec;
         let last = result.reports.last().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -422,6 +425,16 @@ pub fn summary_csv(results: &[RunResult]) -> String {
             opt(last.marginal_tv),
             opt(last.energy_w1),
             opt(last.exact_tv),
+        );
+    }
+    for s in failed {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},,,,,,,,,,,,1",
+            field(&s.name()),
+            field(&s.group),
+            field(&s.curve),
+            s.seed,
         );
     }
     out
@@ -523,7 +536,7 @@ pub fn write_outputs(
 ) -> anyhow::Result<Vec<PathBuf>> {
     // Each whole or not at all: a suite killed here keeps the last tables.
     write_atomically(out, "reports.csv", reports_csv(results).as_bytes())?;
-    write_atomically(out, "summary.csv", summary_csv(results).as_bytes())?;
+    write_atomically(out, "summary.csv", summary_csv(results, failed).as_bytes())?;
     write_atomically(
         out,
         "summary.md",
@@ -771,14 +784,23 @@ mod tests {
         assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
         let spec = suite("incomplete").unwrap().runs(1, Some(100))[0].clone();
         assert!(spec.group.contains(','), "{}", spec.group);
-        let csv = summary_csv(&[summarise(spec, vec![report(100, false, 0.2)]).unwrap()]);
+        let failed = suite("incomplete").unwrap().runs(1, Some(100))[1].clone();
+        let csv = summary_csv(
+            &[summarise(spec, vec![report(100, false, 0.2)]).unwrap()],
+            std::slice::from_ref(&failed),
+        );
+        let rows: Vec<&str> = csv.lines().collect();
+        assert!(rows[1].contains(",\"small, 0% truncated\","), "{csv}");
+        assert!(rows[1].ends_with(",0"), "{csv}");
+        // The failed run has its row, with its seed, flagged.
+        let flagged = rows[2];
         assert!(
-            csv.lines()
-                .nth(1)
-                .unwrap()
-                .contains(",\"small, 0% truncated\","),
+            flagged.starts_with(&field(&failed.name())) && flagged.ends_with(",1"),
             "{csv}"
         );
+        // Every row has every column (the comma in the group quoted).
+        let columns = |row: &str| row.replace(&field(&failed.group), "g").split(',').count();
+        assert_eq!(columns(rows[0]), columns(flagged), "{csv}");
     }
 
     #[test]
