@@ -154,9 +154,11 @@ impl IngestStats {
     }
 
     /// Counts one refused chunk under `reason`.
-    pub fn reject(&self, reason: &'static str) {
+    /// Counts one refused chunk under `reason`, returning how many so far
+    /// (see [`IngestStats::refuse`]).
+    pub fn reject(&self, reason: &'static str) -> u64 {
         Self::add(&self.rejected_chunks, 1);
-        let _ = self.refuse(reason);
+        self.refuse(reason)
     }
 
     /// Counts one refused request under `reason` (a chunk, or a call
@@ -232,7 +234,7 @@ pub fn ingest_chunk(
     }
     if chunk.trajectories.len() > context.max_trajectories {
         return Err(RequestError::Malformed(format!(
-            "`trajectories` has {} entries, more than this actor declared per chunk at the handshake ({})",
+            "`trajectories` has {} entries, more than this actor declared per chunk when it opened the session ({}, its `flgfn-trajectories-per-chunk` header: actor.envs)",
             chunk.trajectories.len(),
             context.max_trajectories
         )));

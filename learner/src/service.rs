@@ -133,8 +133,12 @@ impl Learner for LearnerService {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = &self.state().await?;
         let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
-            warn!(%peer, %error, "refused an actor");
-            state.stats.refuse(&format!("handshake_{}", error.reason()));
+            // A client looping refused calls logs a line at 1, 2, 4, 8,
+            // ... refusals of each reason, not one per call.
+            let refused_so_far = state.stats.refuse(&format!("handshake_{}", error.reason()));
+            if refused_so_far.is_power_of_two() {
+                warn!(%peer, %error, refused_so_far, "refused an actor");
+            }
             Status::from(error)
         })?;
         Ok(Response::new(reply))
@@ -149,8 +153,10 @@ impl Learner for LearnerService {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = self.state().await?;
         let refused = |error: RequestError| {
-            warn!(%peer, %error, "refused a session");
-            state.stats.refuse(&format!("session_{}", error.reason()));
+            let refused_so_far = state.stats.refuse(&format!("session_{}", error.reason()));
+            if refused_so_far.is_power_of_two() {
+                warn!(%peer, %error, refused_so_far, "refused a session");
+            }
             Status::from(error)
         };
         let (actor_id, per_chunk, chunk_bytes) =

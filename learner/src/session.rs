@@ -337,8 +337,18 @@ impl Session {
                             self.state.stats.refuse(error.reason());
                             debug!(actor_id = self.actor_id, "a chunk arrived after training ended");
                         } else {
-                            self.state.stats.reject(error.reason());
-                            warn!(actor_id = self.actor_id, %error, "refused a trajectory chunk");
+                            // Each ends its session; an actor that
+                            // reconnects to send it again logs a line at
+                            // 1, 2, 4, 8, ... of each reason.
+                            let refused_so_far = self.state.stats.reject(error.reason());
+                            if refused_so_far.is_power_of_two() {
+                                warn!(
+                                    actor_id = self.actor_id,
+                                    %error,
+                                    refused_so_far,
+                                    "refused a trajectory chunk"
+                                );
+                            }
                         }
                         Status::from(error)
                     })?;
@@ -599,8 +609,15 @@ impl Session {
             _ => None,
         };
         if let Some(reason) = reason {
-            self.state.stats.reject(reason);
-            warn!(actor_id = self.actor_id, status = %status.message(), "unreadable trajectory chunk");
+            let refused_so_far = self.state.stats.reject(reason);
+            if refused_so_far.is_power_of_two() {
+                warn!(
+                    actor_id = self.actor_id,
+                    status = %status.message(),
+                    refused_so_far,
+                    "unreadable trajectory chunk"
+                );
+            }
         }
     }
 }
