@@ -171,3 +171,35 @@ fn a_short_suite_writes_its_data_and_plots() {
     assert!(svg.contains("trained transitions per second") && svg.contains("mean policy lag"));
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A run that writes no report for `--stall-timeout-s` is killed, counted
+/// as failed (in summary.csv too), and the suite goes on to the next.
+/// (A million steps: the first report, at 50,000, is many seconds away.)
+#[test]
+fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
+    let out = std::env::temp_dir().join(format!("flgfn-experiment-stall-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--seeds", "1", "--steps", "1000000"])
+        .args(["--stall-timeout-s", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{printed}");
+    // Both runs of the suite were tried, and both stopped this way.
+    assert_eq!(
+        printed
+            .matches("no report for 2 s (--stall-timeout-s)")
+            .count(),
+        2,
+        "{printed}"
+    );
+    eprintln!("both runs killed within {:?}", started.elapsed());
+    let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+    let rows: Vec<&str> = summary.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{summary}");
+    assert!(rows.iter().all(|row| row.ends_with(",1")), "{summary}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

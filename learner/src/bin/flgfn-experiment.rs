@@ -34,6 +34,12 @@ struct Args {
     /// (every run of those that did not finish counts as failed).
     #[arg(long)]
     plot_only: bool,
+    /// A run whose metrics file gains no report for this many seconds
+    /// (a hung learner, actors that stopped sending) is killed and counted
+    /// as failed, and the suite goes on; the next start resumes it from
+    /// its last checkpoint.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = positive_seconds)]
+    stall_timeout_s: f64,
     /// List the suites and exit.
     #[arg(long)]
     list: bool,
@@ -41,6 +47,13 @@ struct Args {
     /// --metrics FILE`) into --out (default: plots/).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["suite", "plot_only", "list"])]
     plot_metrics: Option<PathBuf>,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => Ok(seconds),
+        _ => Err(format!("`{text}` is not a number of seconds above 0")),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -134,7 +147,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             out.display()
         );
         asked.save(&out)?;
-        experiment::run_all(&specs, &learner, &out)?
+        let stall_timeout = std::time::Duration::from_secs_f64(args.stall_timeout_s);
+        experiment::run_all(&specs, &learner, &out, stall_timeout)?
     };
     let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
     let plots = experiment::write_outputs(&results, &failed_specs, &out)?;

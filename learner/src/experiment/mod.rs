@@ -115,8 +115,14 @@ pub struct SuiteOutcome {
 /// holds a complete metrics file, made with the same configuration, is not
 /// run again (a suite interrupted midway resumes where it stopped); one
 /// made with another configuration (other steps, another suite sharing the
-/// folder) starts over. A run that fails is recorded and the suite goes on.
-pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<SuiteOutcome> {
+/// folder) starts over. A run that fails, or writes no report for
+/// `stall_timeout` (it is then killed), is recorded and the suite goes on.
+pub fn run_all(
+    specs: &[RunSpec],
+    learner: &Path,
+    out: &Path,
+    stall_timeout: Duration,
+) -> anyhow::Result<SuiteOutcome> {
     let started = Instant::now();
     let mut outcome = SuiteOutcome::default();
     for (i, spec) in specs.iter().enumerate() {
@@ -135,17 +141,25 @@ pub fn run_all(specs: &[RunSpec], learner: &Path, out: &Path) -> anyhow::Result<
                 kept = "already done, kept: ";
                 Ok(reports)
             }
-            _ => run_one(spec, &config, learner, &dir, &label, !same_config)
-                .and_then(|()| read_reports(&metrics))
-                .and_then(|reports| {
-                    anyhow::ensure!(
-                        finished(spec, &reports),
-                        "{label} stopped at step {} of {}",
-                        reports.last().map_or(0, |r| r.step),
-                        spec.config.learner.max_steps
-                    );
-                    Ok(reports)
-                }),
+            _ => run_one(
+                spec,
+                &config,
+                learner,
+                &dir,
+                &label,
+                !same_config,
+                stall_timeout,
+            )
+            .and_then(|()| read_reports(&metrics))
+            .and_then(|reports| {
+                anyhow::ensure!(
+                    finished(spec, &reports),
+                    "{label} stopped at step {} of {}",
+                    reports.last().map_or(0, |r| r.step),
+                    spec.config.learner.max_steps
+                );
+                Ok(reports)
+            }),
         };
         let reports = match done {
             Ok(reports) => reports,
@@ -220,7 +234,8 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 
 /// Starts one learner with its local actors and waits for it, printing
 /// its progress (the latest report) every few seconds. `fresh`: what the
-/// folder holds was made with another configuration; start over.
+/// folder holds was made with another configuration; start over. A
+/// learner whose metrics file does not grow for `stall_timeout` is killed.
 fn run_one(
     spec: &RunSpec,
     config: &Config,
@@ -228,6 +243,7 @@ fn run_one(
     dir: &Path,
     label: &str,
     fresh: bool,
+    stall_timeout: Duration,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = dir.join(CONFIG_FILE);
@@ -273,11 +289,27 @@ fn run_one(
         .with_context(|| format!("cannot start {}", learner.display()))?;
     let started = Instant::now();
     let mut last_print = Instant::now();
+    let metrics_length = || std::fs::metadata(&metrics).map_or(0, |m| m.len());
+    let mut last_growth = (metrics_length(), Instant::now());
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
         std::thread::sleep(Duration::from_millis(200));
+        let length = metrics_length();
+        if length != last_growth.0 {
+            last_growth = (length, Instant::now());
+        } else if last_growth.1.elapsed() >= stall_timeout {
+            // Its local actors end with it. What it trained since its last
+            // checkpoint is lost; the next start resumes from that.
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{label}: no report for {:.0} s (--stall-timeout-s): killed; see {}",
+                stall_timeout.as_secs_f64(),
+                dir.join("learner.log").display()
+            );
+        }
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
             if let Some(report) = read_reports(&metrics).ok().and_then(|r| r.last().cloned()) {
