@@ -399,5 +399,8 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
     // The mechanism itself: the far sessions paused (20 times on a slow
     // day, at ~4 ms a step: their chunks arrived ~50 steps old). Only a
     // learner slower than 12 ms a step would see them fresh.
-    assert!(report.session_pauses > 0, "far {far}, near {near}: no pause");
+    assert!(
+        report.session_pauses > 0,
+        "far {far}, near {near}: no pause"
+    );
 }
