@@ -263,6 +263,8 @@ pub fn total_variation(p: &HashMap<State, f64>, q: &HashMap<State, f64>) -> f64 
 
 /// Integral of |F_sample - F_target| over the line, for a sorted sample and
 /// sorted target points `(value, probability)`, by one merge over both sets of breakpoints.
+/// NaN for an empty sample, whose distance is undefined (callers report
+/// none).
 pub fn wasserstein1(sample: &[f64], target: &[(f64, f64)]) -> f64 {
     let n = sample.len() as f64;
     let (mut i, mut j) = (0usize, 0usize);

@@ -354,9 +354,13 @@ pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
 /// First report at quality and first at the top-100 ceiling.
 pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResult> {
     let env = tasks::build(&spec.config.task)?;
+    // Rewards beyond f64 (a custom task's energies below -709) give an
+    // infinite ceiling, which the saturated sampled figure could never
+    // reach: not compared, as for a task without a reference.
     let top_k_ceiling = env
         .reference()
-        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K));
+        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K))
+        .filter(|ceiling| ceiling.is_finite());
     let to_quality = reports
         .iter()
         .find(|r| r.at_quality == Some(true))
@@ -727,6 +731,20 @@ mod tests {
             logz_exact: Some(1.0),
             ..Report::default()
         }
+    }
+
+    #[test]
+    fn a_ceiling_beyond_f64_is_not_compared() {
+        let mut spec = suite("lattice").unwrap().runs(1, Some(300))[0].clone();
+        let flgfn_common::config::TaskConfig::Lattice(lattice) = &mut spec.config.task else {
+            panic!("a lattice suite");
+        };
+        // Energies down to about -2,400: exp(2,400) overflows.
+        lattice.coupling = 100.0;
+        let result = summarise(spec, vec![report(100, true, f64::MAX)]).unwrap();
+        assert_eq!(result.top_k_ceiling, None);
+        assert_eq!(result.to_top_k, None);
+        assert!(!summary_csv(&[result], &[]).contains("inf"));
     }
 
     #[test]
