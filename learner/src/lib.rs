@@ -634,6 +634,17 @@ pub async fn serve(
         learner.max_batch_transitions as u64,
         learner.max_in_flight_batches,
     );
+    // Credits taper off before the last step: what actors would roll out
+    // beyond it could only be counted untrained. Set before the batch
+    // builder starts, so that its first batch counts too.
+    if learner.max_steps > 0 {
+        let resumed_step = resume.as_ref().map_or(0, |c| c.state.step);
+        pool.last_step(
+            learner
+                .max_steps
+                .saturating_add(start_version.saturating_sub(resumed_step)),
+        );
+    }
     // Every queued chunk holds a credit of at least one transition.
     let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
     let next_training_step = Arc::new(AtomicU64::new(start_version + 1));

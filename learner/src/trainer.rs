@@ -303,12 +303,6 @@ impl Trainer {
                     ))
                 })?;
         progress.version = self.start_version;
-        // Credits taper off before the last step: what actors would roll
-        // out beyond it could only be counted untrained.
-        if learner.max_steps > 0 {
-            self.pool
-                .last_step(learner.max_steps.saturating_add(progress.version_offset));
-        }
         // Time to quality is refined between reports spaced in time; with
         // reports every so many steps (experiments), the steps are the grain.
         if progress.time_to_quality.is_none()
