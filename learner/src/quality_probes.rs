@@ -12,8 +12,9 @@
 //! weights (on the device, no transfer) at evenly spaced moments between
 //! two reports: [`PROBES_PER_GAP`] - 1 copies, the next report being the
 //! last point. A report below quality forgets them. The first report at
-//! quality evaluates them, oldest first, and time to quality is the moment
-//! of the first copy at quality (or of that report, if none is). They are
+//! quality evaluates them, newest first, and time to quality is the moment
+//! of the earliest copy from which every later one is at quality (or of
+//! that report, if the newest copy is not). They are
 //! evaluated once, off the clock, after the moment they measure, so they
 //! change nothing they could measure.
 
@@ -77,15 +78,21 @@ impl QualityProbes {
         self.taken.push(probe);
     }
 
-    /// The first copy, oldest first, that `at_quality` finds at quality
-    /// (its `wall_s` and step); stops asking at the first.
+    /// The earliest copy from which every later one is at quality (its
+    /// `wall_s` and step), as the report after them is: asked newest
+    /// first, stopping at the first below quality. Taking the first copy
+    /// at quality instead would give each copy's evaluation, a fresh
+    /// noisy draw near the thresholds, a chance to pass by luck, and bias
+    /// time to quality low.
     pub fn earliest_at_quality(
         self,
         mut at_quality: impl FnMut(&Probe) -> bool,
     ) -> Option<(f64, u64)> {
         self.taken
             .into_iter()
-            .find(|probe| at_quality(probe))
+            .rev()
+            .take_while(|probe| at_quality(probe))
+            .last()
             .map(|probe| (probe.wall_s, probe.step))
     }
 }
@@ -121,22 +128,32 @@ mod tests {
         assert!(probes.due(1.61), "planned again after the report");
     }
 
-    #[test]
-    fn the_earliest_copy_at_quality_is_found_and_the_rest_not_evaluated() {
+    /// Copies due just after 0.1, 0.2, 0.3 and 0.4 between reports at 0
+    /// and 0.5.
+    fn four_copies() -> QualityProbes {
         let mut probes = QualityProbes::default();
         probes.plan(0.0, 0.5);
-        // Each just after the moment it was due (0.1, 0.2, 0.3, 0.4).
         for (wall, step) in [(0.15, 10), (0.25, 20), (0.35, 30), (0.45, 40)] {
             assert!(probes.due(wall));
             probes.keep(probe(wall, step));
         }
+        probes
+    }
+
+    #[test]
+    fn quality_is_dated_from_the_copy_after_which_every_one_is_at_quality() {
         let mut asked = Vec::new();
-        let earliest = probes.earliest_at_quality(|p| {
+        let earliest = four_copies().earliest_at_quality(|p| {
             asked.push(p.step);
             p.step >= 20
         });
         assert_eq!(earliest, Some((0.25, 20)));
-        assert_eq!(asked, [10, 20], "oldest first, and none after the first");
+        assert_eq!(asked, [40, 30, 20, 10], "newest first, up to one below");
+        // A copy at quality by luck, followed by one below, is not taken.
+        let earliest = four_copies().earliest_at_quality(|p| p.step != 20);
+        assert_eq!(earliest, Some((0.35, 30)));
+        // The newest below quality: the report itself is the first.
+        assert_eq!(four_copies().earliest_at_quality(|p| p.step < 40), None);
     }
 
     #[test]
