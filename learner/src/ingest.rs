@@ -153,7 +153,6 @@ impl IngestStats {
         counter.fetch_add(amount, Ordering::Relaxed);
     }
 
-    /// Counts one refused chunk under `reason`.
     /// Counts one refused chunk under `reason`, returning how many so far
     /// (see [`IngestStats::refuse`]).
     pub fn reject(&self, reason: &'static str) -> u64 {

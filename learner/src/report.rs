@@ -54,7 +54,8 @@ pub struct Report {
     /// Whether the quality thresholds hold (null without a reference).
     pub at_quality: Option<bool>,
     /// Transitions trained on so far, whole run (a resumed run's include
-    /// its checkpoint's).
+    /// its checkpoint's). Those of batches skipped as not finite count
+    /// too (knowing which were needs the device: see `skipped_batches`).
     pub trained_transitions: u64,
     /// Of `trained_transitions`, those of the checkpoint this process
     /// resumed from (0 in a run that did not resume). Counters kept by

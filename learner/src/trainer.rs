@@ -421,8 +421,11 @@ impl Trainer {
             // the report succeeds or not: a failure saves a checkpoint too.
             let grid_state = (learner.eval_every_steps > 0)
                 .then(|| (evaluator.state(), progress.time_to_quality));
+            // (libtorch failing in it is caught here, so that the state
+            // is put back before the error path saves.)
             let reported = if progress.window.steps > 0 {
-                self.report(&mut evaluator, &mut progress)
+                unless_libtorch_fails(progress.step, || self.report(&mut evaluator, &mut progress))
+                    .and_then(|reported| reported)
             } else {
                 Ok(())
             };
@@ -448,7 +451,7 @@ impl Trainer {
         }))
         .unwrap_or_else(|payload| {
             Err(LearnerError::Trainer(format!(
-                "libtorch failed after step {}: {}",
+                "the trainer panicked after step {} (libtorch failing, out of GPU memory, say): {}",
                 progress.step,
                 panic_message(&*payload)
             )))
@@ -461,8 +464,19 @@ impl Trainer {
                 // weights are the last finite ones (a non-finite step moves
                 // nothing), and whatever was trained since the last checkpoint
                 // would otherwise be lost. Best effort: the disk that failed
-                // may fail again.
-                if let Some(dir) = &self.checkpoint_dir {
+                // may fail again. Not a checkpoint of the last step whose
+                // report failed: it would say the run is over, and resumed,
+                // the run would train nothing and write no last report (an
+                // experiment's run would fail on every retry); it resumes
+                // from the last checkpoint instead and trains the rest again.
+                let last_unreported = finished(&progress) && progress.report.step != progress.step;
+                if last_unreported {
+                    warn!(
+                        step = progress.step,
+                        %error,
+                        "no checkpoint of the last step without its report: a resume trains again from the last checkpoint"
+                    );
+                } else if let Some(dir) = &self.checkpoint_dir {
                     // libtorch may fail again reading the weights.
                     let saved = unless_libtorch_fails(progress.step, || {
                         self.save_last_checkpoint(
@@ -489,14 +503,17 @@ impl Trainer {
         if let Some(dir) = &self.checkpoint_dir {
             // On every way out of the loop (max_steps, a stop: a signal,
             // or every local actor gone): the state to resume from and the
-            // weights to use.
-            self.save_last_checkpoint(
-                dir,
-                &optimizer,
-                own_optimizer.as_ref(),
-                &evaluator,
-                &mut progress,
-            )?;
+            // weights to use. (libtorch failing while it reads them is an
+            // error, not a panic of the thread.)
+            unless_libtorch_fails(progress.step, || {
+                self.save_last_checkpoint(
+                    dir,
+                    &optimizer,
+                    own_optimizer.as_ref(),
+                    &evaluator,
+                    &mut progress,
+                )
+            })??;
             let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, &weights)?;
             info!(path = %path.display(), version = progress.version, "final weights saved");
         }
@@ -853,8 +870,8 @@ impl Trainer {
     }
 
     /// When quality was first reached, found by the report at `report_wall`:
-    /// the earliest of the weights kept since the report before that is at
-    /// quality, or else that report.
+    /// the earliest of the weights kept since the report before that from
+    /// which every later copy is at quality, or else that report.
     fn first_at_quality(
         &self,
         evaluator: &Evaluator,

@@ -327,7 +327,7 @@ async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
     assert!(l.max_policy_lag <= config.learner.max_policy_lag);
 }
 
-/// Four actors on loopback set the pace; four others sit behind 100 ms
+/// Four actors on loopback set the pace; four others sit behind 300 ms
 /// each way, so their chunks arrive tens of steps old. Their sessions pause
 /// instead of feeding the stale counter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,9 +342,10 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
     config.learner.max_in_flight_batches = 8;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    // 100 ms each way: a chunk granted now arrives some 200 ms later, while
-    // the near actors feed a step every few milliseconds.
-    let proxy = DelayProxy::start(address, Duration::from_millis(100))
+    // 300 ms each way: a chunk granted now arrives some 600 ms later, while
+    // the near actors feed a step every few milliseconds. (At 100 ms, a
+    // learner slower than 12 ms a step saw the far chunks fresh.)
+    let proxy = DelayProxy::start(address, Duration::from_millis(300))
         .await
         .unwrap();
     let learner = tokio::spawn(flgfn_learner::serve(
@@ -386,8 +387,7 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
     // Without pauses the far actors rolled out all along for nothing: here
     // 36,768 transitions of which 36,096 dropped as stale, 6.7 % of what
     // was ingested. With them, ~3,000 sent (their first credits, then
-    // probes) and ~1 % stale. (On a machine slow enough that the far
-    // chunks arrive fresh, there is nothing to pause and nothing stale.)
+    // probes) and ~1 % stale (measured at 100 ms each way).
     let produced = near + far;
     assert!(
         (report.stale_transitions as f64) <= 0.02 * produced as f64,
@@ -397,8 +397,8 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
     );
     assert!(outcome.totals.max_policy_lag <= config.learner.max_policy_lag);
     // The mechanism itself: the far sessions paused (20 times on a slow
-    // day, at ~4 ms a step: their chunks arrived ~50 steps old). Only a
-    // learner slower than 12 ms a step would see them fresh.
+    // day at 100 ms each way). Only a learner slower than 37 ms a step
+    // (600 ms / 16) would see their chunks fresh.
     assert!(
         report.session_pauses > 0,
         "far {far}, near {near}: no pause"

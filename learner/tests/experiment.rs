@@ -172,9 +172,10 @@ fn a_short_suite_writes_its_data_and_plots() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// A run that writes no report for `--stall-timeout-s` is killed, counted
-/// as failed (in summary.csv too), and the suite goes on to the next.
-/// (A million steps: the first report, at 50,000, is many seconds away.)
+/// A run that writes no report and no checkpoint for `--stall-timeout-s`
+/// is killed, counted as failed (in summary.csv too), and the suite goes
+/// on to the next. (A million steps: the first report, at 50,000, is many
+/// seconds away, and the first checkpoint 60 s.)
 #[test]
 fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     let out = std::env::temp_dir().join(format!("flgfn-experiment-stall-{}", std::process::id()));
@@ -191,7 +192,7 @@ fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     // Both runs of the suite were tried, and both stopped this way.
     assert_eq!(
         printed
-            .matches("no report for 2 s (--stall-timeout-s)")
+            .matches("no report and no checkpoint for 2 s (--stall-timeout-s)")
             .count(),
         2,
         "{printed}"

@@ -34,10 +34,12 @@ struct Args {
     /// (every run of those that did not finish counts as failed).
     #[arg(long)]
     plot_only: bool,
-    /// A run whose metrics file gains no report for this many seconds
-    /// (a hung learner, actors that stopped sending) is killed and counted
-    /// as failed, and the suite goes on; the next start resumes it from
-    /// its last checkpoint.
+    /// A run that writes neither a report (to its metrics file) nor a
+    /// checkpoint for this many seconds (a hung learner, actors that
+    /// stopped sending) is killed and counted as failed, and the suite
+    /// goes on; the next start resumes it from its last checkpoint. Keep
+    /// it above `learner.checkpoint_every_s` (60 s by default) or the time
+    /// between reports, whichever is shorter.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = positive_seconds)]
     stall_timeout_s: f64,
     /// List the suites and exit.

@@ -115,8 +115,9 @@ pub struct SuiteOutcome {
 /// holds a complete metrics file, made with the same configuration, is not
 /// run again (a suite interrupted midway resumes where it stopped); one
 /// made with another configuration (other steps, another suite sharing the
-/// folder) starts over. A run that fails, or writes no report for
-/// `stall_timeout` (it is then killed), is recorded and the suite goes on.
+/// folder) starts over. A run that fails, or writes neither a report nor
+/// a checkpoint for `stall_timeout` (it is then killed), is recorded and
+/// the suite goes on.
 pub fn run_all(
     specs: &[RunSpec],
     learner: &Path,
@@ -235,7 +236,8 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 /// Starts one learner with its local actors and waits for it, printing
 /// its progress (the latest report) every few seconds. `fresh`: what the
 /// folder holds was made with another configuration; start over. A
-/// learner whose metrics file does not grow for `stall_timeout` is killed.
+/// learner that neither reports (its metrics file grows) nor checkpoints
+/// for `stall_timeout` is killed.
 fn run_one(
     spec: &RunSpec,
     config: &Config,
@@ -289,23 +291,33 @@ fn run_one(
         .with_context(|| format!("cannot start {}", learner.display()))?;
     let started = Instant::now();
     let mut last_print = Instant::now();
-    let metrics_length = || std::fs::metadata(&metrics).map_or(0, |m| m.len());
-    let mut last_growth = (metrics_length(), Instant::now());
+    // Progress is a report (the metrics file grows) or a checkpoint (a
+    // newer one in the run's folder): a run with a long evaluation
+    // interval that still checkpoints is not taken for a hung one.
+    let checkpoints = PathBuf::from(&config.learner.checkpoint_dir);
+    let progress = || {
+        let reported = std::fs::metadata(&metrics).map_or(0, |m| m.len());
+        let checkpointed = crate::checkpoint::list(&checkpoints)
+            .ok()
+            .and_then(|found| found.last().map(|(step, _)| *step));
+        (reported, checkpointed)
+    };
+    let mut last_growth = (progress(), Instant::now());
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break status;
         }
         std::thread::sleep(Duration::from_millis(200));
-        let length = metrics_length();
-        if length != last_growth.0 {
-            last_growth = (length, Instant::now());
+        let now = progress();
+        if now != last_growth.0 {
+            last_growth = (now, Instant::now());
         } else if last_growth.1.elapsed() >= stall_timeout {
             // Its local actors end with it. What it trained since its last
             // checkpoint is lost; the next start resumes from that.
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "{label}: no report for {:.0} s (--stall-timeout-s): killed; see {}",
+                "{label}: no report and no checkpoint for {:.0} s (--stall-timeout-s): killed; see {}",
                 stall_timeout.as_secs_f64(),
                 dir.join("learner.log").display()
             );
