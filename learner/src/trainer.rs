@@ -477,17 +477,13 @@ impl Trainer {
                         "no checkpoint of the last step without its report: a resume trains again from the last checkpoint"
                     );
                 } else if let Some(dir) = &self.checkpoint_dir {
-                    // libtorch may fail again reading the weights.
-                    let saved = unless_libtorch_fails(progress.step, || {
-                        self.save_last_checkpoint(
-                            dir,
-                            &optimizer,
-                            own_optimizer.as_ref(),
-                            &evaluator,
-                            &mut progress,
-                        )
-                    })
-                    .and_then(|saved| saved);
+                    let saved = self.save_last_checkpoint(
+                        dir,
+                        &optimizer,
+                        own_optimizer.as_ref(),
+                        &evaluator,
+                        &mut progress,
+                    );
                     match saved {
                         Ok(()) => {
                             warn!(step = progress.step, %error, "checkpoint saved after an error")
@@ -503,17 +499,14 @@ impl Trainer {
         if let Some(dir) = &self.checkpoint_dir {
             // On every way out of the loop (max_steps, a stop: a signal,
             // or every local actor gone): the state to resume from and the
-            // weights to use. (libtorch failing while it reads them is an
-            // error, not a panic of the thread.)
-            unless_libtorch_fails(progress.step, || {
-                self.save_last_checkpoint(
-                    dir,
-                    &optimizer,
-                    own_optimizer.as_ref(),
-                    &evaluator,
-                    &mut progress,
-                )
-            })??;
+            // weights to use.
+            self.save_last_checkpoint(
+                dir,
+                &optimizer,
+                own_optimizer.as_ref(),
+                &evaluator,
+                &mut progress,
+            )?;
             let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, &weights)?;
             info!(path = %path.display(), version = progress.version, "final weights saved");
         }
@@ -563,7 +556,9 @@ impl Trainer {
     /// The checkpoint a run ends with (its end, or an error), and the
     /// version floor brought down to it: nothing above its version was
     /// published, and it holds those weights, so a restart continues from
-    /// it without a jump.
+    /// it without a jump. libtorch failing while it reads the weights (a
+    /// device gone bad after an error, say) is an error, not a panic of
+    /// the trainer thread.
     fn save_last_checkpoint(
         &self,
         dir: &std::path::Path,
@@ -572,8 +567,11 @@ impl Trainer {
         evaluator: &Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
-        self.save_checkpoint(optimizer, own_optimizer, evaluator, progress)?;
-        checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
+        unless_libtorch_fails(progress.step, || {
+            self.save_checkpoint(optimizer, own_optimizer, evaluator, progress)?;
+            checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
+        })
+        .and_then(|saved| saved)
     }
 
     /// Moves the recorded version floor ahead before `progress.version`

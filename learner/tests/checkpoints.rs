@@ -424,11 +424,7 @@ async fn a_last_report_that_fails_leaves_no_checkpoint_of_the_last_step() {
     let (mut config, checkpoints) = checkpointed(&dir, 50, 200);
     config.learner.eval_every_steps = 100;
     let metrics = dir.join("metrics.pipe");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&metrics)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    support::make_fifo(&metrics);
     // Reads the first report (step 100) and goes: the next, at step 200
     // (100 steps and an evaluation later), fails to write.
     let pipe = metrics.clone();
@@ -456,11 +452,7 @@ async fn a_stop_whose_last_report_fails_adds_no_evaluation_to_the_checkpoint() {
     // Far apart: the stop lands well before the next grid report.
     config.learner.eval_every_steps = 200;
     let metrics = dir.join("metrics.pipe");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&metrics)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    support::make_fifo(&metrics);
     // Reads the first report (step 200), closes the pipe, then lets the
     // stop through: the next report, the stop's, at a step between 200
     // and 400, fails to write.

@@ -758,13 +758,7 @@ fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
     let checkpoints = dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).unwrap();
     let pipe = checkpoints.join("ckpt-000000000100.safetensors");
-    assert!(
-        Command::new("mkfifo")
-            .arg(&pipe)
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::make_fifo(&pipe);
     let port = free_port();
     let address = format!("http://127.0.0.1:{port}");
     // Killed if the test fails before the learner exits by itself.

@@ -151,6 +151,16 @@ pub async fn learner_refusal(config: Config, address: &str) -> String {
     .to_string()
 }
 
+/// Makes a named pipe at `path`: a file whose reads and writes wait for
+/// the other side, which a test controls.
+pub fn make_fifo(path: &std::path::Path) {
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+}
+
 /// A loopback port nobody listens on right now (bound, read, released).
 pub async fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
