@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use flgfn_common::config::{CONFIG_VARIABLE, Config, ConfigError, describe_layers, env_overrides};
+use flgfn_common::config::{
+    CONFIG_VARIABLE, Config, ConfigError, describe_layers, env_overrides, flgfn_variables,
+};
 
 /// The configuration file and the flags that override it.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,14 +52,15 @@ impl ConfigFlags {
 
     /// `--print-config`'s output: where the configuration came from, then
     /// the configuration.
-    pub fn print(&self, config: &Config, more_flags: &[&'static str]) {
+    pub fn print(&self, config: &Config, more_flags: &[&'static str]) -> Result<(), ConfigError> {
         let mut flags = self.overriding_flags();
         flags.extend_from_slice(more_flags);
-        let overrides = env_overrides(std::env::vars());
+        let overrides = env_overrides(flgfn_variables()?);
         print!(
             "{}",
             describe_layers(self.config.as_deref(), &overrides, &flags)
         );
         print!("{}", config.to_toml());
+        Ok(())
     }
 }

@@ -647,7 +647,7 @@ impl Session<'_> {
                         counts.stale_chunks_dropped += 1;
                         // Every chunk would fail alike: retrying cannot help.
                         return Err(SessionError::Fatal(format!(
-                            "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}); lower actor.envs",
+                            "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}, learner.max_message_bytes); lower actor.envs",
                             message.encoded_len()
                         )));
                     }

@@ -33,15 +33,19 @@ pub async fn check(
     tls: &TlsConfig,
 ) -> Result<ServingStatus, HealthError> {
     // A bare HOST:PORT is plain HTTP/2: TLS needs https:// spelt out, and
-    // TLS files without it would be silently unused.
-    let address = if address.contains("://") {
-        address.to_owned()
-    } else if !tls.ca_file.is_empty() || !tls.cert_file.is_empty() {
+    // TLS files without it would be silently unused (and the probe of a
+    // TLS learner would fail with a bare transport error).
+    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
+    if !address.starts_with("https://") && tls_files.iter().any(|file| !file.is_empty()) {
+        let host = address.split_once("://").map_or(address, |(_, rest)| rest);
         return Err(ConfigError::invalid(
             "--address",
-            format!("{address} has no scheme while TLS files are given: use https://{address}"),
+            format!("{address} is not https:// while TLS files are given: use https://{host}"),
         )
         .into());
+    }
+    let address = if address.contains("://") {
+        address.to_owned()
     } else {
         format!("http://{address}")
     };

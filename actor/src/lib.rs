@@ -211,7 +211,12 @@ async fn run_actor(
     let worker_report: WorkerReport = tokio::task::spawn_blocking(move || worker.join())
         .await
         .map_err(|e| ActorError::Worker(e.to_string()))?
-        .map_err(|_| ActorError::Worker("the rollout thread panicked".to_owned()))?
+        .map_err(|payload| {
+            ActorError::Worker(format!(
+                "the rollout thread panicked: {}",
+                flgfn_common::telemetry::panic_message(&*payload)
+            ))
+        })?
         .map_err(|e| ActorError::Worker(e.to_string()))?;
     report.versions_applied = worker_report.versions_applied;
     report.versions_loaded = worker_report.versions_loaded;

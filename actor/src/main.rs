@@ -47,7 +47,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.validate()?;
     if args.print_config {
         let flag = args.truncate_fraction.map(|_| "--truncate-fraction");
-        args.config.print(&config, flag.as_slice());
+        args.config.print(&config, flag.as_slice())?;
         return Ok(());
     }
     let name = args

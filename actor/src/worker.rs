@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use flgfn_common::env::Environment;
 use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::{Behaviour, rollout_unless};
+use flgfn_common::rollout::{Behaviour, RolloutError, rollout_unless};
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::weights::WeightsError;
 use rand::rngs::SmallRng;
@@ -191,6 +191,14 @@ pub enum WorkerError {
         /// Why.
         source: WeightsError,
     },
+    /// The learner's weights load but give no distribution to draw from.
+    #[error("weights of version {version}: {source}")]
+    Rollout {
+        /// The version rolled out with.
+        version: u64,
+        /// Why.
+        source: RolloutError,
+    },
 }
 
 /// Loads `weights` into `policy`, refusing them where their metadata
@@ -278,7 +286,11 @@ impl Worker {
                 self.behaviour,
                 rng,
                 &session_over,
-            );
+            )
+            .map_err(|source| WorkerError::Rollout {
+                version: weights.version,
+                source,
+            })?;
             let Some(rollout) = rolled else {
                 if self.abandon.load(Ordering::Relaxed) {
                     report.abandoned += 1;

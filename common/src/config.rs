@@ -12,6 +12,7 @@
 //! [`env_overrides`]), then command-line flags. `--print-config` prints
 //! the result and the layers it came from.
 
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -649,7 +650,41 @@ impl EnvOverride {
     }
 }
 
-/// The configuration keys set by `variables` (pass `std::env::vars()`):
+/// This process's `FLGFN_` variables, name and value. No other variable
+/// is read: `std::env::vars()` panics on any variable that is not UTF-8
+/// (a file name in a foreign encoding, say), and one the program never
+/// reads must not stop it from starting. An `FLGFN_` variable that is not
+/// UTF-8 is an error naming it.
+pub fn flgfn_variables() -> Result<Vec<(String, String)>, ConfigError> {
+    flgfn_variables_of(std::env::vars_os())
+}
+
+/// [`flgfn_variables`] of a given environment.
+fn flgfn_variables_of(
+    variables: impl IntoIterator<Item = (OsString, OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut found = Vec::new();
+    for (name, value) in variables {
+        if !is_flgfn_variable(&name) {
+            continue;
+        }
+        let name = name.into_string().map_err(|name| {
+            ConfigError::invalid(&name.to_string_lossy(), "the variable's name is not UTF-8")
+        })?;
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::invalid(&name, "the variable's value is not UTF-8"))?;
+        found.push((name, value));
+    }
+    Ok(found)
+}
+
+/// Whether a variable's name starts with `FLGFN_`, UTF-8 or not.
+pub fn is_flgfn_variable(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes())
+}
+
+/// The configuration keys set by `variables` (pass [`flgfn_variables`]):
 /// every `FLGFN_<SECTION>__<KEY>` (upper case, `__` between the parts,
 /// e.g. `FLGFN_TASK__SET_SIZE`) and `FLGFN_SEED`, in name order. Other
 /// `FLGFN_` variables (`FLGFN_TOKEN`, `FLGFN_CONFIG`, `FLGFN_LOG_FORMAT`)
@@ -806,7 +841,7 @@ impl Config {
     /// its flags first, so that a flag can correct a value the file or a
     /// variable got wrong. Call [`Config::validate`] afterwards.
     pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let variables: Vec<(String, String)> = std::env::vars().collect();
+        let variables = flgfn_variables()?;
         for variable in misspelt_variables(variables.iter().map(|(name, _)| name.clone())) {
             tracing::warn!(
                 variable,
@@ -908,7 +943,7 @@ impl Config {
     /// applying command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Building the task validates its parameters.
-        crate::tasks::build(&self.task)?;
+        let env = crate::tasks::build(&self.task)?;
         // TOML integers are signed: a larger value could be given by a
         // flag (--seed, --max-steps) but not written to a file, a
         // checkpoint's configuration, or the local actors' configuration.
@@ -1096,6 +1131,23 @@ impl Config {
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",
                 "must be at least actor.reconnect_initial_s",
+            ));
+        }
+        // Weights travel in one message: a network larger than that would
+        // start, then fail at every actor's first grant (and one too large
+        // to allocate would abort the learner, or an actor's rollout).
+        let model = crate::policy::ModelSpec::new(env.as_ref(), &self.model);
+        let weight_bytes =
+            model.weight_bytes(l.weight_encoding, &model.weight_metadata(env.as_ref()));
+        if weight_bytes > l.max_message_bytes as u128 {
+            return Err(ConfigError::invalid(
+                "model.hidden",
+                format!(
+                    "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry (learner.max_message_bytes = {}); narrow model.hidden, or raise learner.max_message_bytes",
+                    model.parameter_count(),
+                    l.weight_encoding.name(),
+                    l.max_message_bytes
+                ),
             ));
         }
         Ok(())
@@ -1344,6 +1396,25 @@ mod tests {
         config.learner.max_message_bytes = u32::MAX as usize + 1;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("learner.max_message_bytes"), "{error}");
+    }
+
+    /// Weights travel in one message, checked by every process that reads
+    /// the configuration (an actor too: a network too wide to allocate
+    /// would abort its rollout thread).
+    #[test]
+    fn a_network_too_large_for_one_message_names_model_hidden() {
+        let mut config = Config::default();
+        // 2,048 x 2,048 is 4.2 M parameters: 8.4 MB as bf16, 16.8 MB as f32.
+        config.model.hidden = vec![2048, 2048];
+        config.learner.max_message_bytes = 10 << 20;
+        config.validate().unwrap();
+        config.learner.weight_encoding = WeightEncoding::F32;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("model.hidden"), "{error}");
+        assert!(error.contains("learner.max_message_bytes"), "{error}");
+        config.model.hidden = vec![usize::MAX / 2, usize::MAX / 2];
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("model.hidden"), "{error}");
     }
 
     #[test]
@@ -1711,6 +1782,35 @@ mod tests {
             misspelt_variables(names),
             ["FLGFN_ACTOR_ENVS", "FLGFN_LEARNER_THREADS"]
         );
+    }
+
+    /// A variable that is not UTF-8 is skipped unless it is an `FLGFN_`
+    /// one, which is an error naming it.
+    #[cfg(unix)]
+    #[test]
+    fn only_flgfn_variables_must_be_utf8() {
+        use std::os::unix::ffi::OsStringExt;
+        let os = |text: &str| OsString::from(text);
+        let latin1 = || OsString::from_vec(b"caf\xe9".to_vec());
+        let found = flgfn_variables_of([
+            (os("LC_NAME"), latin1()),
+            (OsString::from_vec(b"NAME_\xe9".to_vec()), os("x")),
+            (os("FLGFN_SEED"), os("7")),
+            (os("PATH"), os("/bin")),
+        ])
+        .unwrap();
+        assert_eq!(found, vars(&[("FLGFN_SEED", "7")]));
+
+        let error = flgfn_variables_of([(os("FLGFN_TASK__SET_SIZE"), latin1())])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FLGFN_TASK__SET_SIZE"), "{error}");
+        assert!(error.contains("not UTF-8"), "{error}");
+        let error = flgfn_variables_of([(OsString::from_vec(b"FLGFN_\xe9".to_vec()), os("1"))])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("FLGFN_"), "{error}");
+        assert!(error.contains("name is not UTF-8"), "{error}");
     }
 
     #[test]

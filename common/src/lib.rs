@@ -23,7 +23,8 @@
 //!   TLS / mutual-TLS files.
 //! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
-//! - [`telemetry`]: tracing setup and the binaries' exit status.
+//! - [`telemetry`]: tracing setup, the binaries' exit status, and what
+//!   a panic said.
 //! - [`signals`]: SIGINT / SIGTERM as a graceful-stop future.
 
 pub mod auth;

@@ -62,6 +62,15 @@ impl ModelSpec {
         count
     }
 
+    /// The metadata every published copy of the weights carries: the task
+    /// and the network, so that a reader can tell which run's they are.
+    pub fn weight_metadata(&self, env: &dyn Environment) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("task".to_owned(), env.spec().to_string()),
+            ("model".to_owned(), self.to_string()),
+        ])
+    }
+
     /// At least the size of the network's weights as one safetensors
     /// buffer in `encoding` with `metadata` in its header: the values, the
     /// metadata (twice its length: JSON may escape it), plus a generous

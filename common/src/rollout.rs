@@ -65,6 +65,24 @@ pub struct Rollout {
     pub final_states: Vec<State>,
 }
 
+/// Why a rollout could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// The network's output overflowed: finite weights can still be too
+    /// large for f32 arithmetic, and a softmax of infinite or NaN logits is
+    /// no distribution (drawing from it would pick one action for every
+    /// state, silently).
+    #[error(
+        "the policy's forward logit for valid action {action} is {value}, not a finite number: its weights are too large for f32 arithmetic"
+    )]
+    NonFiniteLogit {
+        /// The action.
+        action: usize,
+        /// Its logit.
+        value: f32,
+    },
+}
+
 /// Rolls out `count` trajectories from s0 with `policy` and `behaviour`.
 pub fn rollout(
     env: &dyn Environment,
@@ -72,9 +90,11 @@ pub fn rollout(
     count: usize,
     behaviour: Behaviour,
     rng: &mut SmallRng,
-) -> Rollout {
-    rollout_unless(env, policy, count, behaviour, rng, &|| false)
-        .unwrap_or_else(|| unreachable!("never abandoned"))
+) -> Result<Rollout, RolloutError> {
+    Ok(
+        rollout_unless(env, policy, count, behaviour, rng, &|| false)?
+            .unwrap_or_else(|| unreachable!("never abandoned")),
+    )
 }
 
 /// [`rollout`], abandoned (None) at its next lockstep step once `abandon`
@@ -88,7 +108,7 @@ pub fn rollout_unless(
     behaviour: Behaviour,
     rng: &mut SmallRng,
     abandon: &dyn Fn() -> bool,
-) -> Option<Rollout> {
+) -> Result<Option<Rollout>, RolloutError> {
     let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
@@ -103,7 +123,7 @@ pub fn rollout_unless(
 
     while !active.is_empty() {
         if abandon() {
-            return None;
+            return Ok(None);
         }
         let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
         let logits = to_host_f32(&output.forward_logits());
@@ -112,6 +132,16 @@ pub fn rollout_unless(
         for (row, &i) in active.iter().enumerate() {
             env.forward_mask(&states[i], &mut mask);
             let row_logits = &logits[row * actions_n..(row + 1) * actions_n];
+            let non_finite = row_logits
+                .iter()
+                .zip(&mask)
+                .position(|(logit, &valid)| valid && !logit.is_finite());
+            if let Some(action) = non_finite {
+                return Err(RolloutError::NonFiniteLogit {
+                    action,
+                    value: row_logits[action],
+                });
+            }
             let Some(action) = draw(row_logits, &mask, behaviour.epsilon, &mut probs, rng) else {
                 // A non-terminal state without a valid action is a task bug;
                 // end the trajectory rather than loop forever.
@@ -129,10 +159,10 @@ pub fn rollout_unless(
         }
         active = still_active;
     }
-    Some(Rollout {
+    Ok(Some(Rollout {
         trajectories,
         final_states: states,
-    })
+    }))
 }
 
 /// Writes the behaviour distribution (1 - epsilon) softmax(logits) +
@@ -250,16 +280,20 @@ mod tests {
         let (env, policy) = setup();
         let mut rng = SmallRng::seed_from_u64(1);
         let behaviour = Behaviour::default();
-        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| true).is_none());
+        let never = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| true).unwrap();
+        assert!(never.is_none());
         // Set half-way: asked once per lockstep step, it stops there.
         let asked = std::cell::Cell::new(0);
         let half_way = || {
             asked.set(asked.get() + 1);
             asked.get() > 2
         };
-        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &half_way).is_none());
+        let cut = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &half_way).unwrap();
+        assert!(cut.is_none());
         assert_eq!(asked.get(), 3);
-        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| false).unwrap();
+        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| false)
+            .unwrap()
+            .unwrap();
         assert_eq!(out.trajectories.len(), 8);
     }
 
@@ -276,7 +310,8 @@ mod tests {
                 ..Behaviour::default()
             },
             &mut rng,
-        );
+        )
+        .unwrap();
         assert_eq!(out.trajectories.len(), 32);
         for (t, last) in out.trajectories.iter().zip(&out.final_states) {
             let replayed = replay(&env, t).unwrap();
@@ -284,6 +319,27 @@ mod tests {
             assert_eq!(&replayed.final_state, last);
             assert!((replayed.energy() - env.energy(last)).abs() < 1e-5);
         }
+    }
+
+    /// Finite weights whose output overflows f32: drawing from a softmax
+    /// of infinite or NaN logits would pick one action for every state.
+    #[test]
+    fn weights_too_large_for_f32_stop_the_rollout() {
+        let (env, mut policy) = setup();
+        let mut huge = policy.weights();
+        for array in &mut huge {
+            for value in &mut array.values {
+                *value = if *value >= 0.0 { 1e30 } else { -1e30 };
+            }
+        }
+        policy.load_weights(&huge).unwrap();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let error = rollout(&env, &policy, 8, Behaviour::default(), &mut rng).unwrap_err();
+        assert!(
+            matches!(error, RolloutError::NonFiniteLogit { value, .. } if !value.is_finite()),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("too large"), "{error}");
     }
 
     #[test]
@@ -294,7 +350,7 @@ mod tests {
             truncate_fraction: 0.5,
             ..Behaviour::default()
         };
-        let out = rollout(&env, &policy, 2000, behaviour, &mut rng);
+        let out = rollout(&env, &policy, 2000, behaviour, &mut rng).unwrap();
         let cut: Vec<usize> = out
             .trajectories
             .iter()
@@ -322,7 +378,7 @@ mod tests {
             truncate_cap: 2,
             ..Behaviour::default()
         };
-        let out = rollout(&env, &policy, 1000, behaviour, &mut rng);
+        let out = rollout(&env, &policy, 1000, behaviour, &mut rng).unwrap();
         let lengths: Vec<usize> = out.trajectories.iter().map(Trajectory::len).collect();
         assert!(lengths.iter().all(|&n| n == 2 || n == 5), "{lengths:?}");
         let cut = lengths.iter().filter(|&&n| n == 2).count();
@@ -332,7 +388,7 @@ mod tests {
             truncate_cap: 99,
             ..behaviour
         };
-        let out = rollout(&env, &policy, 200, long_cap, &mut rng);
+        let out = rollout(&env, &policy, 200, long_cap, &mut rng).unwrap();
         assert!(
             out.trajectories
                 .iter()

@@ -12,7 +12,7 @@ use flgfn_common::env::{DistributionScores, Environment, State, TaskReference};
 use flgfn_common::exact::{policy_terminal_distribution, total_variation};
 use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
 use flgfn_common::policy::{ModelSpec, Policy, to_host_f32};
-use flgfn_common::rollout::{Behaviour, Rollout, forward_probabilities, rollout};
+use flgfn_common::rollout::{Behaviour, Rollout, RolloutError, forward_probabilities, rollout};
 use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -361,14 +361,14 @@ impl Evaluator {
         policy: &Policy,
         learned_log_z: Option<f64>,
         seed: u64,
-    ) -> Option<bool> {
+    ) -> Result<Option<bool>, RolloutError> {
         if !self.judges_quality() {
-            return None;
+            return Ok(None);
         }
-        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
+        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed))?;
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (exact_tv, _) = self.exact_scores(policy);
-        self.at_quality(&scores, exact_tv, log_z_estimate)
+        Ok(self.at_quality(&scores, exact_tv, log_z_estimate))
     }
 
     /// Draws the evaluation's samples from `policy`; their energies, and
@@ -377,13 +377,13 @@ impl Evaluator {
         &self,
         policy: &Policy,
         rng: &mut SmallRng,
-    ) -> (Rollout, Vec<f64>, DistributionScores) {
+    ) -> Result<(Rollout, Vec<f64>, DistributionScores), RolloutError> {
         let mut samples = Rollout::default();
         let lockstep = rollout_envs(policy.spec());
         let mut left = self.samples;
         while left > 0 {
             let envs = left.min(lockstep);
-            let part = rollout(self.env.as_ref(), policy, envs, Behaviour::default(), rng);
+            let part = rollout(self.env.as_ref(), policy, envs, Behaviour::default(), rng)?;
             samples.trajectories.extend(part.trajectories);
             samples.final_states.extend(part.final_states);
             left -= envs;
@@ -398,7 +398,7 @@ impl Evaluator {
             .as_ref()
             .map(|r| r.score(&samples.final_states, &energies))
             .unwrap_or_default();
-        (samples, energies, scores)
+        Ok((samples, energies, scores))
     }
 
     /// Whether these figures meet every threshold of the task's reference
@@ -427,10 +427,14 @@ impl Evaluator {
 
     /// Samples the current policy and computes every figure. `learned_log_z`
     /// is the objective's own log Z where it has one.
-    pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
+    pub fn evaluate(
+        &mut self,
+        policy: &Policy,
+        learned_log_z: Option<f64>,
+    ) -> Result<Evaluation, RolloutError> {
         let stream = self.seed ^ self.samples_so_far.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let (samples, energies, scores) =
-            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream));
+            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream))?;
         let mut this_evaluation = BestObjects::default();
         for (state, &energy) in samples.final_states.iter().zip(&energies) {
             self.best.offer(energy, state);
@@ -442,7 +446,7 @@ impl Evaluator {
             self.sampled_log_z(policy, &samples.trajectories, &energies);
         let (exact_tv, exact_kl) = self.exact_scores(policy);
         let at_quality = self.at_quality(&scores, exact_tv, log_z_estimate);
-        Evaluation {
+        Ok(Evaluation {
             log_z_estimate,
             log_z_sampled,
             log_z_sampled_ess,
@@ -455,7 +459,7 @@ impl Evaluator {
             top_k_samples: self.samples_so_far,
             top_k_mean_reward_this_evaluation: this_evaluation.mean_reward(),
             at_quality,
-        }
+        })
     }
 }
 
@@ -473,7 +477,7 @@ mod tests {
         let model = ModelConfig { hidden: vec![16] };
         let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(7);
-        let sampled = rollout(&env, &policy, 300, Behaviour::default(), &mut rng);
+        let sampled = rollout(&env, &policy, 300, Behaviour::default(), &mut rng).unwrap();
         let replayed: Vec<ReplayedTrajectory> = sampled
             .trajectories
             .iter()
@@ -510,19 +514,19 @@ mod tests {
         let policy = Policy::new(&ModelSpec::new(env.as_ref(), &model), tch::Device::Cpu);
         let evaluator = || Evaluator::new(env.clone(), 64, BackwardPolicy::Learned, 11);
         let mut uninterrupted = evaluator();
-        let _ = uninterrupted.evaluate(&policy, None);
+        uninterrupted.evaluate(&policy, None).unwrap();
         let saved = uninterrupted.state();
-        let continued = uninterrupted.evaluate(&policy, None);
+        let continued = uninterrupted.evaluate(&policy, None).unwrap();
         let mut resumed = evaluator();
         resumed.restore(&saved);
-        let after_resume = resumed.evaluate(&policy, None);
+        let after_resume = resumed.evaluate(&policy, None).unwrap();
         assert_eq!(
             format!("{after_resume:?}"),
             format!("{continued:?}"),
             "the same draws, so the same figures"
         );
         // And they are new draws, not the first evaluation's again.
-        let first = evaluator().evaluate(&policy, None);
+        let first = evaluator().evaluate(&policy, None).unwrap();
         assert_ne!(first.log_z_sampled, continued.log_z_sampled);
     }
 
@@ -562,7 +566,7 @@ mod tests {
         let model = ModelConfig { hidden: vec![16] };
         let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(3);
-        let sampled = rollout(&env, &policy, 50, Behaviour::default(), &mut rng);
+        let sampled = rollout(&env, &policy, 50, Behaviour::default(), &mut rng).unwrap();
         let all = replayed_log_ratios(
             &env,
             &policy,

@@ -19,7 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use flgfn_common::config::{CONFIG_VARIABLE, Config, STDIN_PATH, env_overrides};
+use flgfn_common::config::{CONFIG_VARIABLE, Config, STDIN_PATH, env_overrides, flgfn_variables};
 use flgfn_common::signals::{ForcedExitCleanup, before_forced_exit};
 
 use tracing::{info, warn};
@@ -109,11 +109,13 @@ impl LocalActors {
                 "the learner's configuration does not read back from TOML ({why}); start the actors by hand with --config FILE"
             )));
         }
-        let config_variables: Vec<String> = env_overrides(std::env::vars())
-            .into_iter()
-            .map(|o| o.variable)
-            .chain([CONFIG_VARIABLE.to_owned()])
-            .collect();
+        let config_variables: Vec<String> = env_overrides(
+            flgfn_variables().map_err(|error| std::io::Error::other(error.to_string()))?,
+        )
+        .into_iter()
+        .map(|o| o.variable)
+        .chain([CONFIG_VARIABLE.to_owned()])
+        .collect();
         let children = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let on_forced_exit = before_forced_exit({
             let children = children.clone();

@@ -472,26 +472,8 @@ pub async fn serve(
             ),
     );
 
-    // Weights travel in one message: a network larger than that would
-    // start, then fail at every actor's first grant (and one too large to
-    // allocate would abort below).
-    let metadata = BTreeMap::from([
-        ("task".to_owned(), env.spec().to_string()),
-        ("model".to_owned(), model.to_string()),
-    ]);
-    let weight_bytes = model.weight_bytes(config.learner.weight_encoding, &metadata);
-    if weight_bytes > config.learner.max_message_bytes as u128 {
-        return Err(flgfn_common::config::ConfigError::invalid(
-            "model.hidden",
-            format!(
-                "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry (learner.max_message_bytes = {}); narrow model.hidden, or raise learner.max_message_bytes",
-                model.parameter_count(),
-                config.learner.weight_encoding.name(),
-                config.learner.max_message_bytes
-            ),
-        )
-        .into());
-    }
+    // (Config::validate checked that the weights fit in one message.)
+    let metadata = model.weight_metadata(env.as_ref());
     let eval_bytes = evaluator::held_bytes(env.as_ref(), config.learner.eval_samples);
     if eval_bytes > evaluator::EVAL_HELD_BYTES {
         return Err(flgfn_common::config::ConfigError::invalid(

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use flgfn_common::config::{CONFIG_VARIABLE, Config, describe_layers, env_overrides};
+use flgfn_common::config::{
+    CONFIG_VARIABLE, Config, describe_layers, env_overrides, flgfn_variables,
+};
 use flgfn_common::telemetry::{self, LogFlags};
 use flgfn_learner::RunOptions;
 use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
@@ -123,7 +125,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     config.validate()?;
     if args.print_config {
-        let overrides = env_overrides(std::env::vars());
+        let overrides = env_overrides(flgfn_variables()?);
         print!(
             "{}",
             describe_layers(args.config.as_deref(), &overrides, &flags)

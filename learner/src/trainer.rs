@@ -20,6 +20,7 @@ use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
 use flgfn_common::policy::{Policy, load_vars, vars_to_host};
+use flgfn_common::telemetry::panic_message;
 use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
 use tracing::{info, warn};
@@ -46,15 +47,6 @@ fn unless_libtorch_fails<T>(step: u64, compute: impl FnOnce() -> T) -> Result<T,
             panic_message(&*payload)
         ))
     })
-}
-
-/// What a panic said (tch's panics carry libtorch's message).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("(no message)")
 }
 
 /// How long the trainer first waits for data before it says so. Each time
@@ -889,7 +881,13 @@ impl Trainer {
             }
             let seed = self.config.seed ^ probe.step;
             let learned_log_z = probe.learned_log_z.as_ref().map(|z| z.double_value(&[]));
-            evaluator.reaches_quality(policy, learned_log_z, seed) == Some(true)
+            match evaluator.reaches_quality(policy, learned_log_z, seed) {
+                Ok(reached) => reached == Some(true),
+                Err(error) => {
+                    warn!(%error, step = probe.step, "cannot evaluate weights kept to refine time to quality");
+                    false
+                }
+            }
         });
         match earliest {
             Some((wall_s, step)) => {
@@ -914,7 +912,7 @@ impl Trainer {
         let wall = progress.wall();
         let eval_started = Instant::now();
         let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
-        let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
+        let evaluation = evaluator.evaluate(&self.policy, learned_log_z)?;
         let eval_s = eval_started.elapsed();
         progress.eval_time += eval_s;
 

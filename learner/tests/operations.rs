@@ -40,8 +40,11 @@ fn tiny_config_file(dir: &Path, max_steps: u64) -> PathBuf {
 /// the test's own.
 fn command(binary: &Path) -> Command {
     let mut command = Command::new(binary);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("FLGFN_") || name == "RUST_LOG" || name == "NO_COLOR" {
+    for (name, _) in std::env::vars_os() {
+        if name.as_encoded_bytes().starts_with(b"FLGFN_")
+            || name == "RUST_LOG"
+            || name == "NO_COLOR"
+        {
             command.env_remove(name);
         }
     }
@@ -91,6 +94,38 @@ fn resume_changed_contradicts_fresh_only_when_on() {
     }
 }
 
+/// A variable that is not UTF-8 stops nothing unless it is an `FLGFN_`
+/// one, which is an error naming it (`std::env::vars()` would panic on
+/// either).
+#[cfg(unix)]
+#[test]
+fn only_flgfn_variables_must_be_utf8() {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+    let latin1 = OsString::from_vec(b"caf\xe9".to_vec());
+    for name in ["flgfn-learner", "flgfn-actor"] {
+        let output = command(&sibling(name))
+            .arg("--print-config")
+            .env("LC_FOREIGN_NAME", &latin1)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let output = command(&sibling(name))
+            .arg("--print-config")
+            .env("FLGFN_SEED", &latin1)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains("FLGFN_SEED"), "{name}: {stderr}");
+        assert!(stderr.contains("not UTF-8"), "{name}: {stderr}");
+    }
+}
+
 #[test]
 fn every_binary_names_itself_in_its_version_and_usage() {
     for name in [
@@ -117,6 +152,18 @@ fn every_binary_names_itself_in_its_version_and_usage() {
             "{name} --help: {help}"
         );
     }
+}
+
+/// A load generator of no actors would run for ever doing nothing.
+#[test]
+fn a_load_generator_needs_an_actor() {
+    let output = command(&sibling("flgfn-loadgen"))
+        .args(["--actors", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--actors"), "{stderr}");
 }
 
 fn key<'a>(table: &'a toml::Table, section: &str, name: &str) -> &'a toml::Value {

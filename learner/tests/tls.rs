@@ -174,9 +174,19 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         support::health(&https, &probe).await.unwrap(),
         ServingStatus::Serving
     );
+    // An http:// address with TLS files is refused, naming the fix.
     let plain_url = format!("http://127.0.0.1:{port}");
+    let error = flgfn_actor::health::check(&plain_url, "", &probe)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
-        flgfn_actor::health::check(&plain_url, "", &probe)
+        error.contains("--address") && error.contains(&https),
+        "{error}"
+    );
+    // Plain text without TLS files reaches the port and gets no answer.
+    assert!(
+        flgfn_actor::health::check(&plain_url, "", &Default::default())
             .await
             .is_err()
     );

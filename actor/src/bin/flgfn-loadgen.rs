@@ -13,9 +13,9 @@ use flgfn_common::telemetry::{self, LogFlags};
 struct Args {
     #[command(flatten)]
     config: ConfigFlags,
-    /// Generated actors.
-    #[arg(long, default_value_t = 64, value_name = "K")]
-    actors: usize,
+    /// Generated actors (at least 1).
+    #[arg(long, default_value_t = 64, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    actors: u32,
     #[command(flatten)]
     log: LogFlags,
 }
@@ -35,7 +35,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let shutdown = flgfn_common::signals::shutdown_requested();
-        let reports = flgfn_actor::loadgen::run(config, args.actors, shutdown).await;
+        let reports = flgfn_actor::loadgen::run(config, args.actors as usize, shutdown).await;
         let (mut chunks, mut transitions, mut versions, mut failed) = (0, 0, 0, 0);
         for report in &reports {
             match report {

@@ -108,7 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // In batches: one network call per step for the whole batch.
     while index < args.samples {
         let count = (args.samples - index).min(1024);
-        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
+        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng)?;
         for (state, trajectory) in drawn.final_states.iter().zip(&drawn.trajectories) {
             let energy = env.energy(state);
             let join = |values: Vec<String>| values.join(" ");

@@ -278,8 +278,8 @@ fn run_one(
     }
     // The run's configuration is its file, exactly: no FLGFN_ variable of
     // this shell changes it behind the file's back.
-    for (name, _) in std::env::vars() {
-        if name.starts_with(flgfn_common::config::ENV_PREFIX) {
+    for (name, _) in std::env::vars_os() {
+        if flgfn_common::config::is_flgfn_variable(&name) {
             command.env_remove(name);
         }
     }
