@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use flgfn_common::env::Environment;
 use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::{Behaviour, RolloutError, rollout_unless};
+use flgfn_common::rollout::{Behaviour, rollout_unless};
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::weights::WeightsError;
 use rand::rngs::SmallRng;
@@ -191,14 +191,6 @@ pub enum WorkerError {
         /// Why.
         source: WeightsError,
     },
-    /// The learner's weights load but give no distribution to draw from.
-    #[error("weights of version {version}: {source}")]
-    Rollout {
-        /// The version rolled out with.
-        version: u64,
-        /// Why.
-        source: RolloutError,
-    },
 }
 
 /// Loads `weights` into `policy`, refusing them where their metadata
@@ -235,6 +227,8 @@ impl Worker {
         let mut rng: Option<SmallRng> = None;
         let mut report = WorkerReport::default();
         let mut loaded = LoadedWeights::default();
+        // The last version whose logits overflowed, said once.
+        let mut overflowed: Option<u64> = None;
         let ours = [
             ("task", self.env.spec().to_string()),
             ("model", self.model.to_string()),
@@ -286,11 +280,7 @@ impl Worker {
                 self.behaviour,
                 rng,
                 &session_over,
-            )
-            .map_err(|source| WorkerError::Rollout {
-                version: weights.version,
-                source,
-            })?;
+            );
             let Some(rollout) = rolled else {
                 if self.abandon.load(Ordering::Relaxed) {
                     report.abandoned += 1;
@@ -299,6 +289,14 @@ impl Worker {
                 report.orders_skipped += 1;
                 continue;
             };
+            if rollout.non_finite_draws > 0 && overflowed != Some(weights.version) {
+                overflowed = Some(weights.version);
+                tracing::warn!(
+                    version = weights.version,
+                    draws = rollout.non_finite_draws,
+                    "the policy's logits are not finite at some states (weights too large for f32: the model diverged?): drawn uniformly there"
+                );
+            }
             let chunk = TrajectoryChunk {
                 actor_id: 0,
                 policy_version: weights.version,

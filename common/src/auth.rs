@@ -212,7 +212,24 @@ impl Token {
 /// The configured token: `FLGFN_TOKEN` if set and not empty, else the
 /// contents of `auth.token_file` if set, else none.
 pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {
-    if let Ok(text) = std::env::var(TOKEN_ENV)
+    token_from(std::env::var_os(TOKEN_ENV), config)
+}
+
+/// [`load_token`] with `FLGFN_TOKEN`'s value given. One that is not UTF-8
+/// is an error, not unset: a learner would otherwise fall back to no
+/// token at all.
+fn token_from(
+    variable: Option<std::ffi::OsString>,
+    config: &AuthConfig,
+) -> Result<Option<Token>, ConfigError> {
+    let variable = variable
+        .map(|value| {
+            value
+                .into_string()
+                .map_err(|_| ConfigError::invalid(TOKEN_ENV, "the token is not UTF-8"))
+        })
+        .transpose()?;
+    if let Some(text) = variable
         && !text.trim().is_empty()
     {
         return Token::new(text.trim(), TOKEN_ENV).map(Some);
@@ -232,6 +249,23 @@ pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_token_variable_that_is_not_utf8_is_an_error_not_unset() {
+        use std::os::unix::ffi::OsStringExt;
+        let latin1 = std::ffi::OsString::from_vec(b"\xffabcdefghijklmnopqrstuvwxyz".to_vec());
+        let error = token_from(Some(latin1), &AuthConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(TOKEN_ENV), "{error}");
+        assert!(token_from(None, &AuthConfig::default()).unwrap().is_none());
+        assert!(
+            token_from(Some("  ".into()), &AuthConfig::default())
+                .unwrap()
+                .is_none()
+        );
+    }
 
     #[test]
     fn a_tls_file_without_its_pem_block_is_refused_by_name() {

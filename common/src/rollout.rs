@@ -63,24 +63,12 @@ pub struct Rollout {
     pub trajectories: Vec<Trajectory>,
     /// The state each trajectory ended in (terminal unless truncated).
     pub final_states: Vec<State>,
-}
-
-/// Why a rollout could not go on.
-#[derive(Debug, thiserror::Error)]
-pub enum RolloutError {
-    /// The network's output overflowed: finite weights can still be too
-    /// large for f32 arithmetic, and a softmax of infinite or NaN logits is
-    /// no distribution (drawing from it would pick one action for every
-    /// state, silently).
-    #[error(
-        "the policy's forward logit for valid action {action} is {value}, not a finite number: its weights are too large for f32 arithmetic"
-    )]
-    NonFiniteLogit {
-        /// The action.
-        action: usize,
-        /// Its logit.
-        value: f32,
-    },
+    /// Draws made uniformly over the valid actions because the policy's
+    /// logits at the state were not all finite: finite weights can still
+    /// overflow f32 arithmetic (a diverged model), and a softmax of NaN or
+    /// infinite logits is no distribution (drawn from anyway, it picked
+    /// the last valid action at every such state). Worth a warning.
+    pub non_finite_draws: usize,
 }
 
 /// Rolls out `count` trajectories from s0 with `policy` and `behaviour`.
@@ -90,11 +78,9 @@ pub fn rollout(
     count: usize,
     behaviour: Behaviour,
     rng: &mut SmallRng,
-) -> Result<Rollout, RolloutError> {
-    Ok(
-        rollout_unless(env, policy, count, behaviour, rng, &|| false)?
-            .unwrap_or_else(|| unreachable!("never abandoned")),
-    )
+) -> Rollout {
+    rollout_unless(env, policy, count, behaviour, rng, &|| false)
+        .unwrap_or_else(|| unreachable!("never abandoned"))
 }
 
 /// [`rollout`], abandoned (None) at its next lockstep step once `abandon`
@@ -108,7 +94,7 @@ pub fn rollout_unless(
     behaviour: Behaviour,
     rng: &mut SmallRng,
     abandon: &dyn Fn() -> bool,
-) -> Result<Option<Rollout>, RolloutError> {
+) -> Option<Rollout> {
     let (actions_n, max_len) = (env.forward_actions(), env.max_trajectory_len());
     let mut states = vec![env.initial_state(); count];
     let mut trajectories = vec![Trajectory::default(); count];
@@ -120,10 +106,13 @@ pub fn rollout_unless(
         .collect();
     let mut mask = vec![false; actions_n];
     let mut probs = vec![0f64; actions_n];
+    // Stands in for logits that are not finite: uniform over the valid.
+    let uniform = vec![0f32; actions_n];
+    let mut non_finite_draws = 0;
 
     while !active.is_empty() {
         if abandon() {
-            return Ok(None);
+            return None;
         }
         let output = policy.infer_states(env, active.iter().map(|&i| &states[i]));
         let logits = to_host_f32(&output.forward_logits());
@@ -131,16 +120,14 @@ pub fn rollout_unless(
         let mut still_active = Vec::with_capacity(active.len());
         for (row, &i) in active.iter().enumerate() {
             env.forward_mask(&states[i], &mut mask);
-            let row_logits = &logits[row * actions_n..(row + 1) * actions_n];
-            let non_finite = row_logits
+            let mut row_logits = &logits[row * actions_n..(row + 1) * actions_n];
+            let finite = row_logits
                 .iter()
                 .zip(&mask)
-                .position(|(logit, &valid)| valid && !logit.is_finite());
-            if let Some(action) = non_finite {
-                return Err(RolloutError::NonFiniteLogit {
-                    action,
-                    value: row_logits[action],
-                });
+                .all(|(logit, &valid)| !valid || logit.is_finite());
+            if !finite {
+                non_finite_draws += 1;
+                row_logits = &uniform;
             }
             let Some(action) = draw(row_logits, &mask, behaviour.epsilon, &mut probs, rng) else {
                 // A non-terminal state without a valid action is a task bug;
@@ -159,10 +146,11 @@ pub fn rollout_unless(
         }
         active = still_active;
     }
-    Ok(Some(Rollout {
+    Some(Rollout {
         trajectories,
         final_states: states,
-    }))
+        non_finite_draws,
+    })
 }
 
 /// Writes the behaviour distribution (1 - epsilon) softmax(logits) +
@@ -280,20 +268,16 @@ mod tests {
         let (env, policy) = setup();
         let mut rng = SmallRng::seed_from_u64(1);
         let behaviour = Behaviour::default();
-        let never = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| true).unwrap();
-        assert!(never.is_none());
+        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| true).is_none());
         // Set half-way: asked once per lockstep step, it stops there.
         let asked = std::cell::Cell::new(0);
         let half_way = || {
             asked.set(asked.get() + 1);
             asked.get() > 2
         };
-        let cut = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &half_way).unwrap();
-        assert!(cut.is_none());
+        assert!(rollout_unless(&env, &policy, 8, behaviour, &mut rng, &half_way).is_none());
         assert_eq!(asked.get(), 3);
-        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| false)
-            .unwrap()
-            .unwrap();
+        let out = rollout_unless(&env, &policy, 8, behaviour, &mut rng, &|| false).unwrap();
         assert_eq!(out.trajectories.len(), 8);
     }
 
@@ -310,8 +294,7 @@ mod tests {
                 ..Behaviour::default()
             },
             &mut rng,
-        )
-        .unwrap();
+        );
         assert_eq!(out.trajectories.len(), 32);
         for (t, last) in out.trajectories.iter().zip(&out.final_states) {
             let replayed = replay(&env, t).unwrap();
@@ -321,11 +304,15 @@ mod tests {
         }
     }
 
-    /// Finite weights whose output overflows f32: drawing from a softmax
-    /// of infinite or NaN logits would pick one action for every state.
+    /// Finite weights whose output overflows f32 (a diverged model): the
+    /// draws at such states are uniform over the valid actions, and
+    /// counted, not the last valid action every time.
     #[test]
-    fn weights_too_large_for_f32_stop_the_rollout() {
+    fn logits_that_are_not_finite_are_drawn_from_uniformly_and_counted() {
         let (env, mut policy) = setup();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let fresh = rollout(&env, &policy, 64, Behaviour::default(), &mut rng);
+        assert_eq!(fresh.non_finite_draws, 0);
         let mut huge = policy.weights();
         for array in &mut huge {
             for value in &mut array.values {
@@ -333,13 +320,15 @@ mod tests {
             }
         }
         policy.load_weights(&huge).unwrap();
-        let mut rng = SmallRng::seed_from_u64(1);
-        let error = rollout(&env, &policy, 8, Behaviour::default(), &mut rng).unwrap_err();
-        assert!(
-            matches!(error, RolloutError::NonFiniteLogit { value, .. } if !value.is_finite()),
-            "{error:?}"
-        );
-        assert!(error.to_string().contains("too large"), "{error}");
+        let out = rollout(&env, &policy, 64, Behaviour::default(), &mut rng);
+        assert_eq!(out.non_finite_draws, 64 * 5, "every draw of every state");
+        let first_actions: std::collections::BTreeSet<u32> =
+            out.trajectories.iter().map(|t| t.actions[0]).collect();
+        assert!(first_actions.len() >= 5, "{first_actions:?}");
+        for (t, last) in out.trajectories.iter().zip(&out.final_states) {
+            assert!(replay(&env, t).unwrap().complete);
+            assert!(env.is_terminal(last));
+        }
     }
 
     #[test]
@@ -350,7 +339,7 @@ mod tests {
             truncate_fraction: 0.5,
             ..Behaviour::default()
         };
-        let out = rollout(&env, &policy, 2000, behaviour, &mut rng).unwrap();
+        let out = rollout(&env, &policy, 2000, behaviour, &mut rng);
         let cut: Vec<usize> = out
             .trajectories
             .iter()
@@ -378,7 +367,7 @@ mod tests {
             truncate_cap: 2,
             ..Behaviour::default()
         };
-        let out = rollout(&env, &policy, 1000, behaviour, &mut rng).unwrap();
+        let out = rollout(&env, &policy, 1000, behaviour, &mut rng);
         let lengths: Vec<usize> = out.trajectories.iter().map(Trajectory::len).collect();
         assert!(lengths.iter().all(|&n| n == 2 || n == 5), "{lengths:?}");
         let cut = lengths.iter().filter(|&&n| n == 2).count();
@@ -388,7 +377,7 @@ mod tests {
             truncate_cap: 99,
             ..behaviour
         };
-        let out = rollout(&env, &policy, 200, long_cap, &mut rng).unwrap();
+        let out = rollout(&env, &policy, 200, long_cap, &mut rng);
         assert!(
             out.trajectories
                 .iter()

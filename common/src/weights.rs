@@ -126,7 +126,9 @@ pub fn encode(
 /// Refuses a header whose tensors claim bytes past the buffer's end before
 /// the safetensors crate reads it: its size check adds the claimed end to
 /// the header's length unchecked, which a crafted header overflows (a
-/// panic where overflow checks are on).
+/// panic where overflow checks are on). Also refuses, naming the tensor,
+/// an F32 or BF16 tensor whose shape does not fill its bytes (the crate
+/// says only `TensorInvalidInfo`).
 fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
     let malformed = |what: &str| WeightsError::Format(format!("safetensors header: {what}"));
     let Some((length, rest)) = bytes.split_first_chunk::<8>() else {
@@ -150,6 +152,31 @@ fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
         if end.is_some_and(|end| end > data_len) {
             return Err(malformed(&format!(
                 "tensor `{name}` ends past the buffer ({data_len} data bytes)"
+            )));
+        }
+        let value_bytes = match entry.get("dtype").and_then(serde_json::Value::as_str) {
+            Some("F32") => 4u64,
+            Some("BF16") => 2,
+            _ => continue,
+        };
+        let begin = entry
+            .get("data_offsets")
+            .and_then(|offsets| offsets.get(0))
+            .and_then(serde_json::Value::as_u64);
+        let shape: Option<Vec<u64>> = entry
+            .get("shape")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|dims| dims.iter().map(serde_json::Value::as_u64).collect());
+        let (Some(begin), Some(end), Some(shape)) = (begin, end, shape) else {
+            continue;
+        };
+        let needed = shape
+            .iter()
+            .try_fold(value_bytes, |bytes, &dim| bytes.checked_mul(dim));
+        if needed != end.checked_sub(begin) {
+            return Err(malformed(&format!(
+                "tensor `{name}` has shape {shape:?}, which does not fill its {} bytes",
+                end.saturating_sub(begin)
             )));
         }
     }
@@ -338,6 +365,19 @@ mod tests {
     fn garbage_is_refused_not_panicked_on() {
         for bytes in [&b""[..], b"12345678", &[255; 64][..]] {
             assert!(matches!(decode(bytes), Err(WeightsError::Format(_))));
+        }
+    }
+
+    #[test]
+    fn a_shape_that_does_not_fill_its_bytes_names_the_tensor() {
+        for shape in ["[2,3]", "[1]", &format!("[{max},{max}]", max = u64::MAX)] {
+            let header =
+                format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,20]}}}}"#);
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend_from_slice(&[0; 20]);
+            let error = decode(&bytes).unwrap_err().to_string();
+            assert!(error.contains("tensor `w` has shape"), "{shape}: {error}");
         }
     }
 

@@ -207,7 +207,7 @@ pub const LOCK: &str = "lock";
 /// version floor. A file system without locks gets a warning, not a
 /// refusal.
 pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
-    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    create_dir_durably(dir)?;
     let path = dir.join(LOCK);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -278,29 +278,35 @@ fn parent_of(path: &Path) -> Option<&Path> {
     })
 }
 
-/// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
-/// fsync of the directory.
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
-    if !dir.is_dir() {
-        // The folders about to be made, up to the first that exists.
-        let mut missing = vec![dir];
-        while let Some(parent) = missing.last().and_then(|folder| parent_of(folder))
-            && !parent.is_dir()
-            && parent != Path::new(".")
-        {
-            missing.push(parent);
-        }
-        fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-        // Each new folder's own entry, in its parent, must reach the disk
-        // too, or a crash could lose the folders with the file renamed
-        // into the innermost.
-        for folder in missing.iter().rev() {
-            let parent = parent_of(folder).unwrap_or(Path::new("."));
-            File::open(parent)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io_error(parent, e))?;
-        }
+/// Makes `dir` and any missing parents, each new folder's entry synced to
+/// the disk in its parent: else a crash could lose the folders with the
+/// files written into the innermost.
+fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
+    if dir.is_dir() {
+        return Ok(());
     }
+    // The folders about to be made, up to the first that exists.
+    let mut missing = vec![dir];
+    while let Some(parent) = missing.last().and_then(|folder| parent_of(folder))
+        && !parent.is_dir()
+        && parent != Path::new(".")
+    {
+        missing.push(parent);
+    }
+    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    for folder in missing.iter().rev() {
+        let parent = parent_of(folder).unwrap_or(Path::new("."));
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(parent, e))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
+/// fsync of the directory (made first if missing, durably).
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
+    create_dir_durably(dir)?;
     let path = dir.join(name);
     let temporary = dir.join(temporary_name(name));
     let written = File::create(&temporary).and_then(|mut file| {

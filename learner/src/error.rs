@@ -234,9 +234,6 @@ pub enum LearnerError {
     /// The trainer thread panicked or could not start.
     #[error("trainer thread: {0}")]
     Trainer(String),
-    /// The policy gave no distribution to sample for an evaluation.
-    #[error("evaluation: {0}")]
-    Evaluation(#[from] flgfn_common::rollout::RolloutError),
     /// A checkpoint could not be written, or none could be read back.
     #[error("checkpoint: {0}")]
     Checkpoint(String),

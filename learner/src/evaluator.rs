@@ -12,7 +12,7 @@ use flgfn_common::env::{DistributionScores, Environment, State, TaskReference};
 use flgfn_common::exact::{policy_terminal_distribution, total_variation};
 use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
 use flgfn_common::policy::{ModelSpec, Policy, to_host_f32};
-use flgfn_common::rollout::{Behaviour, Rollout, RolloutError, forward_probabilities, rollout};
+use flgfn_common::rollout::{Behaviour, Rollout, forward_probabilities, rollout};
 use flgfn_common::trajectory::{ReplayedTrajectory, Trajectory, replay};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
@@ -361,14 +361,14 @@ impl Evaluator {
         policy: &Policy,
         learned_log_z: Option<f64>,
         seed: u64,
-    ) -> Result<Option<bool>, RolloutError> {
+    ) -> Option<bool> {
         if !self.judges_quality() {
-            return Ok(None);
+            return None;
         }
-        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed))?;
+        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (exact_tv, _) = self.exact_scores(policy);
-        Ok(self.at_quality(&scores, exact_tv, log_z_estimate))
+        self.at_quality(&scores, exact_tv, log_z_estimate)
     }
 
     /// Draws the evaluation's samples from `policy`; their energies, and
@@ -377,15 +377,16 @@ impl Evaluator {
         &self,
         policy: &Policy,
         rng: &mut SmallRng,
-    ) -> Result<(Rollout, Vec<f64>, DistributionScores), RolloutError> {
+    ) -> (Rollout, Vec<f64>, DistributionScores) {
         let mut samples = Rollout::default();
         let lockstep = rollout_envs(policy.spec());
         let mut left = self.samples;
         while left > 0 {
             let envs = left.min(lockstep);
-            let part = rollout(self.env.as_ref(), policy, envs, Behaviour::default(), rng)?;
+            let part = rollout(self.env.as_ref(), policy, envs, Behaviour::default(), rng);
             samples.trajectories.extend(part.trajectories);
             samples.final_states.extend(part.final_states);
+            samples.non_finite_draws += part.non_finite_draws;
             left -= envs;
         }
         let energies: Vec<f64> = samples
@@ -398,7 +399,7 @@ impl Evaluator {
             .as_ref()
             .map(|r| r.score(&samples.final_states, &energies))
             .unwrap_or_default();
-        Ok((samples, energies, scores))
+        (samples, energies, scores)
     }
 
     /// Whether these figures meet every threshold of the task's reference
@@ -427,14 +428,16 @@ impl Evaluator {
 
     /// Samples the current policy and computes every figure. `learned_log_z`
     /// is the objective's own log Z where it has one.
-    pub fn evaluate(
-        &mut self,
-        policy: &Policy,
-        learned_log_z: Option<f64>,
-    ) -> Result<Evaluation, RolloutError> {
+    pub fn evaluate(&mut self, policy: &Policy, learned_log_z: Option<f64>) -> Evaluation {
         let stream = self.seed ^ self.samples_so_far.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let (samples, energies, scores) =
-            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream))?;
+            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream));
+        if samples.non_finite_draws > 0 {
+            tracing::warn!(
+                draws = samples.non_finite_draws,
+                "the policy's logits are not finite at some states (weights too large for f32: the model diverged?): this evaluation drew uniformly there"
+            );
+        }
         let mut this_evaluation = BestObjects::default();
         for (state, &energy) in samples.final_states.iter().zip(&energies) {
             self.best.offer(energy, state);
@@ -446,7 +449,7 @@ impl Evaluator {
             self.sampled_log_z(policy, &samples.trajectories, &energies);
         let (exact_tv, exact_kl) = self.exact_scores(policy);
         let at_quality = self.at_quality(&scores, exact_tv, log_z_estimate);
-        Ok(Evaluation {
+        Evaluation {
             log_z_estimate,
             log_z_sampled,
             log_z_sampled_ess,
@@ -459,7 +462,7 @@ impl Evaluator {
             top_k_samples: self.samples_so_far,
             top_k_mean_reward_this_evaluation: this_evaluation.mean_reward(),
             at_quality,
-        })
+        }
     }
 }
 
@@ -477,7 +480,7 @@ mod tests {
         let model = ModelConfig { hidden: vec![16] };
         let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(7);
-        let sampled = rollout(&env, &policy, 300, Behaviour::default(), &mut rng).unwrap();
+        let sampled = rollout(&env, &policy, 300, Behaviour::default(), &mut rng);
         let replayed: Vec<ReplayedTrajectory> = sampled
             .trajectories
             .iter()
@@ -514,19 +517,19 @@ mod tests {
         let policy = Policy::new(&ModelSpec::new(env.as_ref(), &model), tch::Device::Cpu);
         let evaluator = || Evaluator::new(env.clone(), 64, BackwardPolicy::Learned, 11);
         let mut uninterrupted = evaluator();
-        uninterrupted.evaluate(&policy, None).unwrap();
+        let _ = uninterrupted.evaluate(&policy, None);
         let saved = uninterrupted.state();
-        let continued = uninterrupted.evaluate(&policy, None).unwrap();
+        let continued = uninterrupted.evaluate(&policy, None);
         let mut resumed = evaluator();
         resumed.restore(&saved);
-        let after_resume = resumed.evaluate(&policy, None).unwrap();
+        let after_resume = resumed.evaluate(&policy, None);
         assert_eq!(
             format!("{after_resume:?}"),
             format!("{continued:?}"),
             "the same draws, so the same figures"
         );
         // And they are new draws, not the first evaluation's again.
-        let first = evaluator().evaluate(&policy, None).unwrap();
+        let first = evaluator().evaluate(&policy, None);
         assert_ne!(first.log_z_sampled, continued.log_z_sampled);
     }
 
@@ -566,7 +569,7 @@ mod tests {
         let model = ModelConfig { hidden: vec![16] };
         let policy = Policy::new(&ModelSpec::new(&env, &model), tch::Device::Cpu);
         let mut rng = SmallRng::seed_from_u64(3);
-        let sampled = rollout(&env, &policy, 50, Behaviour::default(), &mut rng).unwrap();
+        let sampled = rollout(&env, &policy, 50, Behaviour::default(), &mut rng);
         let all = replayed_log_ratios(
             &env,
             &policy,

@@ -108,7 +108,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     // In batches: one network call per step for the whole batch.
     while index < args.samples {
         let count = (args.samples - index).min(1024);
-        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng)?;
+        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
+        // Drawn uniformly there: not samples of this policy.
+        anyhow::ensure!(
+            drawn.non_finite_draws == 0,
+            "the policy's logits are not finite at {} of the states visited (weights too large for f32 arithmetic: the model diverged?): it gives no distribution to sample",
+            drawn.non_finite_draws
+        );
         for (state, trajectory) in drawn.final_states.iter().zip(&drawn.trajectories) {
             let energy = env.energy(state);
             let join = |values: Vec<String>| values.join(" ");
