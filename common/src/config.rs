@@ -943,7 +943,7 @@ impl Config {
     /// applying command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Building the task validates its parameters.
-        let env = crate::tasks::build(&self.task)?;
+        crate::tasks::build(&self.task)?;
         // TOML integers are signed: a larger value could be given by a
         // flag (--seed, --max-steps) but not written to a file, a
         // checkpoint's configuration, or the local actors' configuration.
@@ -1133,20 +1133,28 @@ impl Config {
                 "must be at least actor.reconnect_initial_s",
             ));
         }
-        // Weights travel in one message: a network larger than that would
-        // start, then fail at every actor's first grant (and one too large
-        // to allocate would abort the learner, or an actor's rollout).
+        // Weights travel in one message, which gRPC frames in 32 bits: a
+        // network beyond that is refused by every process (one too large to
+        // allocate would abort an actor's rollout thread). An actor checks
+        // no more: it takes weights up to the learner's limit, whatever its
+        // own; the learner checks its own (`weights_fit`).
+        self.weights_fit(u32::MAX as usize, "gRPC's 4 GiB")
+    }
+
+    /// Whether this network's weights fit in one message of `limit` bytes
+    /// (`limit_name` says whose limit, in the error).
+    pub fn weights_fit(&self, limit: usize, limit_name: &str) -> Result<(), ConfigError> {
+        let env = crate::tasks::build(&self.task)?;
         let model = crate::policy::ModelSpec::new(env.as_ref(), &self.model);
-        let weight_bytes =
-            model.weight_bytes(l.weight_encoding, &model.weight_metadata(env.as_ref()));
-        if weight_bytes > l.max_message_bytes as u128 {
+        let encoding = self.learner.weight_encoding;
+        let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(env.as_ref()));
+        if weight_bytes > limit as u128 {
             return Err(ConfigError::invalid(
                 "model.hidden",
                 format!(
-                    "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry (learner.max_message_bytes = {}); narrow model.hidden, or raise learner.max_message_bytes",
+                    "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry ({limit_name} = {limit}); narrow model.hidden, or raise learner.max_message_bytes",
                     model.parameter_count(),
-                    l.weight_encoding.name(),
-                    l.max_message_bytes
+                    encoding.name(),
                 ),
             ));
         }
@@ -1398,20 +1406,36 @@ mod tests {
         assert!(error.contains("learner.max_message_bytes"), "{error}");
     }
 
-    /// Weights travel in one message, checked by every process that reads
-    /// the configuration (an actor too: a network too wide to allocate
-    /// would abort its rollout thread).
+    /// Weights travel in one message. Every process refuses a network
+    /// beyond any message (an actor too: one too wide to allocate would
+    /// abort its rollout thread); the learner also checks its own limit,
+    /// which an actor's configuration may set lower (it takes weights up to
+    /// the learner's).
     #[test]
     fn a_network_too_large_for_one_message_names_model_hidden() {
         let mut config = Config::default();
         // 2,048 x 2,048 is 4.2 M parameters: 8.4 MB as bf16, 16.8 MB as f32.
         config.model.hidden = vec![2048, 2048];
-        config.learner.max_message_bytes = 10 << 20;
-        config.validate().unwrap();
+        let limit = 10 << 20;
+        config
+            .weights_fit(limit, "learner.max_message_bytes")
+            .unwrap();
         config.learner.weight_encoding = WeightEncoding::F32;
-        let error = config.validate().unwrap_err().to_string();
+        let error = config
+            .weights_fit(limit, "learner.max_message_bytes")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("model.hidden"), "{error}");
         assert!(error.contains("learner.max_message_bytes"), "{error}");
+        config.learner.max_message_bytes = limit;
+        config.validate().unwrap();
+        // 32,768 x 32,768 is 1.07 G parameters: 4.3 GB as f32.
+        config.model.hidden = vec![32_768, 32_768];
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("model.hidden") && error.contains("4 GiB"),
+            "{error}"
+        );
         config.model.hidden = vec![usize::MAX / 2, usize::MAX / 2];
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("model.hidden"), "{error}");

@@ -472,7 +472,12 @@ pub async fn serve(
             ),
     );
 
-    // (Config::validate checked that the weights fit in one message.)
+    // Weights travel in one message: a network larger than this learner
+    // sends would start, then fail at every actor's first grant.
+    config.weights_fit(
+        config.learner.max_message_bytes,
+        "learner.max_message_bytes",
+    )?;
     let metadata = model.weight_metadata(env.as_ref());
     let eval_bytes = evaluator::held_bytes(env.as_ref(), config.learner.eval_samples);
     if eval_bytes > evaluator::EVAL_HELD_BYTES {

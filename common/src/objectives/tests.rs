@@ -579,3 +579,46 @@ fn check_scored_log_probs(env: &dyn Environment) {
         assert_eq!(t, transitions);
     }
 }
+
+/// Each trajectory's log ratio sums its own transitions and no more: the
+/// grid pads a short trajectory with its last transition, which must not
+/// count (for a task whose complete trajectories differ in length, TB and
+/// the importance-sampled log Z would be wrong). Prefixes of several
+/// lengths stand in for such trajectories.
+#[test]
+fn a_trajectory_log_ratio_sums_its_own_transitions_only() {
+    let env = tiny();
+    let mut rng = SmallRng::seed_from_u64(8);
+    let (trajectories, _) = sample(&env, 16, &mut rng);
+    let lengths: std::collections::BTreeSet<usize> =
+        trajectories.iter().map(ReplayedTrajectory::len).collect();
+    assert!(lengths.len() > 1, "{lengths:?}");
+    tch::manual_seed(9);
+    let policy = Policy::new(
+        &ModelSpec::new(&env, &crate::config::ModelConfig { hidden: vec![16] }),
+        Device::Cpu,
+    );
+    let batch = batch(&env, &trajectories);
+    let output = policy.net.forward(&batch.states);
+    for backward in [BackwardPolicy::Learned, BackwardPolicy::Uniform] {
+        let to_vec = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double)).unwrap();
+        let terms = to_vec(super::transition_terms(
+            &output,
+            &batch,
+            Flow::Plain,
+            backward,
+        ));
+        let ratios = to_vec(super::trajectory_log_ratios(&output, &batch, backward));
+        let mut first = 0;
+        for (b, t) in trajectories.iter().enumerate() {
+            let own: f64 = terms[first..first + t.len()].iter().sum();
+            assert!(
+                (ratios[b] - own).abs() < 1e-4,
+                "{backward:?}, trajectory {b} of length {}: {} against {own}",
+                t.len(),
+                ratios[b]
+            );
+            first += t.len();
+        }
+    }
+}
