@@ -148,7 +148,7 @@ const CONTEXT_CHARS: usize = 64;
 fn both_described(actor: String, learner: String) -> (String, String) {
     let short = |text: &str| text.chars().nth(MAX_ECHO_CHARS).is_none();
     if short(&actor) && short(&learner) {
-        return (actor, learner);
+        return (clip(actor), clip(learner));
     }
     let same = actor
         .chars()
@@ -167,7 +167,18 @@ fn both_described(actor: String, learner: String) -> (String, String) {
     (shown(actor), shown(learner))
 }
 
-pub(crate) fn clip(mut text: String) -> String {
+/// Actor-sent text as the learner shows it, in its logs and in statuses:
+/// at most [`MAX_ECHO_CHARS`] characters, and control characters (a
+/// newline, an escape sequence) as `?`, so that an actor's name or task
+/// description cannot forge log lines or restyle a terminal.
+pub(crate) fn clip(text: String) -> String {
+    let mut text = if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    } else {
+        text
+    };
     if let Some((cut, _)) = text.char_indices().nth(MAX_ECHO_CHARS) {
         text.truncate(cut);
         text.push_str("...");
@@ -274,6 +285,32 @@ mod tests {
                 .ends_with("learner trains set_generation(universe=30)")
         );
         assert_eq!(clip("short".to_owned()), "short");
+    }
+
+    #[test]
+    fn actor_text_cannot_forge_log_lines() {
+        assert_eq!(
+            clip("host/1\n2026-12-04T00:00:00Z ERROR forged\u{1b}[31m".to_owned()),
+            "host/1?2026-12-04T00:00:00Z ERROR forged?[31m"
+        );
+        assert_eq!(clip("ünïcode/7".to_owned()), "ünïcode/7");
+        assert!(clip("x".repeat(10_000)).len() < 2 * MAX_ECHO_CHARS);
+        // A short task description too (the refusal is logged).
+        let forged = TaskSpec {
+            name: "set_generation\nERROR forged".to_owned(),
+            params: vec![],
+        };
+        let ours = TaskSpec {
+            name: "set_generation".to_owned(),
+            params: vec![],
+        };
+        let status = Status::from(RequestError::task_mismatch(&forged, &ours));
+        assert!(!status.message().contains('\n'), "{}", status.message());
+        assert!(
+            status.message().contains("set_generation?ERROR forged"),
+            "{}",
+            status.message()
+        );
     }
 
     /// Two long tasks (thousands of levels) that differ far in: the
