@@ -365,7 +365,12 @@ impl Evaluator {
         if !self.judges_quality() {
             return None;
         }
-        let (_, _, scores) = self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
+        let (samples, _, scores) =
+            self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
+        // Drawn uniformly where the logits overflowed: not the policy's.
+        if samples.non_finite_draws > 0 {
+            return Some(false);
+        }
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (exact_tv, _) = self.exact_scores(policy);
         self.at_quality(&scores, exact_tv, log_z_estimate)
@@ -448,7 +453,11 @@ impl Evaluator {
         let (log_z_sampled, log_z_sampled_ess) =
             self.sampled_log_z(policy, &samples.trajectories, &energies);
         let (exact_tv, exact_kl) = self.exact_scores(policy);
-        let at_quality = self.at_quality(&scores, exact_tv, log_z_estimate);
+        // Samples drawn uniformly where the logits overflowed are not the
+        // policy's: they cannot show it at quality.
+        let at_quality = self
+            .at_quality(&scores, exact_tv, log_z_estimate)
+            .map(|at| at && samples.non_finite_draws == 0);
         Evaluation {
             log_z_estimate,
             log_z_sampled,
