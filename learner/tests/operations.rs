@@ -41,7 +41,7 @@ fn tiny_config_file(dir: &Path, max_steps: u64) -> PathBuf {
 fn command(binary: &Path) -> Command {
     let mut command = Command::new(binary);
     for (name, _) in std::env::vars_os() {
-        if name.as_encoded_bytes().starts_with(b"FLGFN_")
+        if flgfn_common::config::is_flgfn_variable(&name)
             || name == "RUST_LOG"
             || name == "NO_COLOR"
         {
