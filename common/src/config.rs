@@ -653,8 +653,10 @@ impl EnvOverride {
 /// This process's `FLGFN_` variables, name and value. No other variable
 /// is read: `std::env::vars()` panics on any variable that is not UTF-8
 /// (a file name in a foreign encoding, say), and one the program never
-/// reads must not stop it from starting. An `FLGFN_` variable that is not
-/// UTF-8 is an error naming it.
+/// reads must not stop it from starting. A configuration key
+/// (`FLGFN_SEED`, `FLGFN_<SECTION>__<KEY>`) or an `FLGFN_` name that is not
+/// UTF-8 is an error naming it; another `FLGFN_` variable whose value is
+/// not UTF-8 (`FLGFN_CONFIG`, a path) is left out, for its own reader.
 pub fn flgfn_variables() -> Result<Vec<(String, String)>, ConfigError> {
     flgfn_variables_of(std::env::vars_os())
 }
@@ -671,12 +673,26 @@ fn flgfn_variables_of(
         let name = name.into_string().map_err(|name| {
             ConfigError::invalid(&name.to_string_lossy(), "the variable's name is not UTF-8")
         })?;
-        let value = value
-            .into_string()
-            .map_err(|_| ConfigError::invalid(&name, "the variable's value is not UTF-8"))?;
-        found.push((name, value));
+        match value.into_string() {
+            Ok(value) => found.push((name, value)),
+            Err(_) if is_configuration_key(&name) => {
+                return Err(ConfigError::invalid(
+                    &name,
+                    "the variable's value is not UTF-8",
+                ));
+            }
+            Err(_) => {}
+        }
     }
     Ok(found)
+}
+
+/// Whether an `FLGFN_` variable sets a configuration key (see
+/// [`env_overrides`]).
+fn is_configuration_key(variable: &str) -> bool {
+    variable
+        .strip_prefix(ENV_PREFIX)
+        .is_some_and(|name| name == "SEED" || name.contains(ENV_SEPARATOR))
 }
 
 /// Whether a variable's name starts with `FLGFN_`, UTF-8 or not.
@@ -693,13 +709,14 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
     let mut overrides: Vec<EnvOverride> = variables
         .into_iter()
         .filter_map(|(variable, text)| {
+            if !is_configuration_key(&variable) {
+                return None;
+            }
             let name = variable.strip_prefix(ENV_PREFIX)?;
             let key: Vec<String> = if name == "SEED" {
                 vec!["seed".to_owned()]
-            } else if name.contains(ENV_SEPARATOR) {
-                name.split(ENV_SEPARATOR).map(str::to_lowercase).collect()
             } else {
-                return None;
+                name.split(ENV_SEPARATOR).map(str::to_lowercase).collect()
             };
             let value = format!("v = {text}")
                 .parse::<toml::Table>()
@@ -1134,25 +1151,47 @@ impl Config {
             ));
         }
         // Weights travel in one message, which gRPC frames in 32 bits: a
-        // network beyond that is refused by every process (one too large to
-        // allocate would abort an actor's rollout thread). An actor checks
-        // no more: it takes weights up to the learner's limit, whatever its
-        // own; the learner checks its own (`weights_fit`).
-        self.weights_fit(u32::MAX as usize, "gRPC's 4 GiB")
+        // network beyond that even as bf16 (the smallest encoding) is
+        // refused by every process (one too large to allocate would abort
+        // an actor's rollout thread). An actor checks no more: it takes
+        // weights up to the learner's limit, in the learner's encoding,
+        // whatever its own; the learner checks both of its own
+        // (`weights_fit`).
+        self.weights_fit_in(
+            WeightEncoding::Bf16,
+            u32::MAX as usize,
+            "gRPC's 4 GiB",
+            "narrow model.hidden",
+        )
     }
 
-    /// Whether this network's weights fit in one message of `limit` bytes
-    /// (`limit_name` says whose limit, in the error).
+    /// Whether this network's weights, in `learner.weight_encoding`, fit in
+    /// one message of `limit` bytes (`limit_name` says whose limit, in the
+    /// error).
     pub fn weights_fit(&self, limit: usize, limit_name: &str) -> Result<(), ConfigError> {
+        self.weights_fit_in(
+            self.learner.weight_encoding,
+            limit,
+            limit_name,
+            "narrow model.hidden, raise learner.max_message_bytes (up to 4 GiB), or send bf16 weights",
+        )
+    }
+
+    fn weights_fit_in(
+        &self,
+        encoding: WeightEncoding,
+        limit: usize,
+        limit_name: &str,
+        remedy: &str,
+    ) -> Result<(), ConfigError> {
         let env = crate::tasks::build(&self.task)?;
         let model = crate::policy::ModelSpec::new(env.as_ref(), &self.model);
-        let encoding = self.learner.weight_encoding;
         let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(env.as_ref()));
         if weight_bytes > limit as u128 {
             return Err(ConfigError::invalid(
                 "model.hidden",
                 format!(
-                    "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry ({limit_name} = {limit}); narrow model.hidden, or raise learner.max_message_bytes",
+                    "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry ({limit_name} = {limit}); {remedy}",
                     model.parameter_count(),
                     encoding.name(),
                 ),
@@ -1429,8 +1468,19 @@ mod tests {
         assert!(error.contains("learner.max_message_bytes"), "{error}");
         config.learner.max_message_bytes = limit;
         config.validate().unwrap();
-        // 32,768 x 32,768 is 1.07 G parameters: 4.3 GB as f32.
+        // 32,768 x 32,768 is 1.07 G parameters: 4.3 GB as f32, too large
+        // for this f32 learner, but 2.1 GB as bf16, which another learner
+        // may send: an actor's configuration says nothing of the learner's
+        // encoding, so only that is refused everywhere.
         config.model.hidden = vec![32_768, 32_768];
+        config.validate().unwrap();
+        let error = config
+            .weights_fit(u32::MAX as usize, "learner.max_message_bytes")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("bf16"), "{error}");
+        // 49,152 x 49,152 is 2.4 G parameters: 4.8 GB even as bf16.
+        config.model.hidden = vec![49_152, 49_152];
         let error = config.validate().unwrap_err().to_string();
         assert!(
             error.contains("model.hidden") && error.contains("4 GiB"),
@@ -1809,7 +1859,8 @@ mod tests {
     }
 
     /// A variable that is not UTF-8 is skipped unless it is an `FLGFN_`
-    /// one, which is an error naming it.
+    /// configuration key, which is an error naming it; a path in
+    /// `FLGFN_CONFIG` may be in any encoding.
     #[cfg(unix)]
     #[test]
     fn only_flgfn_variables_must_be_utf8() {
@@ -1820,16 +1871,18 @@ mod tests {
             (os("LC_NAME"), latin1()),
             (OsString::from_vec(b"NAME_\xe9".to_vec()), os("x")),
             (os("FLGFN_SEED"), os("7")),
+            (os("FLGFN_CONFIG"), latin1()),
             (os("PATH"), os("/bin")),
         ])
         .unwrap();
         assert_eq!(found, vars(&[("FLGFN_SEED", "7")]));
-
-        let error = flgfn_variables_of([(os("FLGFN_TASK__SET_SIZE"), latin1())])
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("FLGFN_TASK__SET_SIZE"), "{error}");
-        assert!(error.contains("not UTF-8"), "{error}");
+        for key in ["FLGFN_SEED", "FLGFN_TASK__SET_SIZE"] {
+            let error = flgfn_variables_of([(os(key), latin1())])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{error}");
+            assert!(error.contains("not UTF-8"), "{error}");
+        }
         let error = flgfn_variables_of([(OsString::from_vec(b"FLGFN_\xe9".to_vec()), os("1"))])
             .unwrap_err()
             .to_string();

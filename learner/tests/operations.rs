@@ -123,6 +123,26 @@ fn only_flgfn_variables_must_be_utf8() {
         assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
         assert!(stderr.contains("FLGFN_SEED"), "{name}: {stderr}");
         assert!(stderr.contains("not UTF-8"), "{name}: {stderr}");
+
+        // FLGFN_CONFIG is a path, which may be in any encoding.
+        let folder = scratch(&format!("latin1-config-{name}"));
+        let mut path = folder.as_os_str().to_owned();
+        path.push("/");
+        path.push(&latin1);
+        std::fs::write(&path, "seed = 5\n").unwrap();
+        let output = command(&sibling(name))
+            .arg("--print-config")
+            .env("FLGFN_CONFIG", &path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("seed = 5"), "{name}: {stdout}");
+        std::fs::remove_dir_all(&folder).unwrap();
     }
 }
 
