@@ -123,13 +123,64 @@ pub fn encode(
         .map_err(|e| WeightsError::Format(format!("{e:?}")))
 }
 
+/// The longest header read, the safetensors crate's own limit: weights
+/// with a longer one would be refused by it anyway, and checked here first
+/// the header would be parsed with no limit (a learner's grant may be up
+/// to 4 GiB, and parsed JSON takes several times its text).
+const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// What [`check_offsets`] reads of one header entry; other fields (and
+/// the `__metadata__` map) are skipped unparsed.
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: Option<String>,
+    shape: Option<Vec<u64>>,
+    data_offsets: Option<Vec<u64>>,
+}
+
+/// A header's tensor entries, by name, without `__metadata__`.
+struct HeaderEntries(Vec<(String, HeaderEntry)>);
+
+impl<'de> Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of tensor names to entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<HeaderEntries, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "__metadata__" {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    } else {
+                        entries.push((name, map.next_value::<HeaderEntry>()?));
+                    }
+                }
+                Ok(HeaderEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
 /// Refuses a header whose tensors claim bytes past the buffer's end before
 /// the safetensors crate reads it: its size check adds the claimed end to
 /// the header's length unchecked, which a crafted header overflows (a
 /// panic where overflow checks are on). Also refuses, naming the tensor,
 /// an F32 or BF16 tensor whose shape does not fill its bytes (the crate
-/// says only `TensorInvalidInfo`).
+/// says only `TensorInvalidInfo`), and a header over the crate's limit
+/// before parsing it.
 fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
+    check_offsets_within(bytes, MAX_HEADER_BYTES)
+}
+
+/// [`check_offsets`] with a given header limit.
+fn check_offsets_within(bytes: &[u8], max_header_bytes: usize) -> Result<(), WeightsError> {
     let malformed = |what: &str| WeightsError::Format(format!("safetensors header: {what}"));
     let Some((length, rest)) = bytes.split_first_chunk::<8>() else {
         return Err(malformed("shorter than its 8-byte length"));
@@ -138,36 +189,28 @@ fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
         .ok()
         .filter(|&n| n <= rest.len())
         .ok_or_else(|| malformed("longer than the buffer"))?;
+    if header_len > max_header_bytes {
+        return Err(malformed(&format!(
+            "{header_len} bytes long, over the {max_header_bytes} bytes safetensors reads"
+        )));
+    }
     let data_len = (rest.len() - header_len) as u64;
-    let header: serde_json::Map<String, serde_json::Value> =
+    let header: HeaderEntries =
         serde_json::from_slice(&rest[..header_len]).map_err(|e| malformed(&e.to_string()))?;
-    for (name, entry) in &header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let end = entry
-            .get("data_offsets")
-            .and_then(|offsets| offsets.get(1))
-            .and_then(serde_json::Value::as_u64);
+    for (name, entry) in &header.0 {
+        let end = entry.data_offsets.as_ref().and_then(|o| o.get(1)).copied();
         if end.is_some_and(|end| end > data_len) {
             return Err(malformed(&format!(
                 "tensor `{name}` ends past the buffer ({data_len} data bytes)"
             )));
         }
-        let value_bytes = match entry.get("dtype").and_then(serde_json::Value::as_str) {
+        let value_bytes = match entry.dtype.as_deref() {
             Some("F32") => 4u64,
             Some("BF16") => 2,
             _ => continue,
         };
-        let begin = entry
-            .get("data_offsets")
-            .and_then(|offsets| offsets.get(0))
-            .and_then(serde_json::Value::as_u64);
-        let shape: Option<Vec<u64>> = entry
-            .get("shape")
-            .and_then(serde_json::Value::as_array)
-            .and_then(|dims| dims.iter().map(serde_json::Value::as_u64).collect());
-        let (Some(begin), Some(end), Some(shape)) = (begin, end, shape) else {
+        let begin = entry.data_offsets.as_ref().and_then(|o| o.first()).copied();
+        let (Some(begin), Some(end), Some(shape)) = (begin, end, entry.shape.as_ref()) else {
             continue;
         };
         let needed = shape
@@ -395,5 +438,29 @@ mod tests {
         for truncated in [&bytes[..5], &bytes[..12]] {
             assert!(decode(truncated).is_err());
         }
+    }
+
+    /// A header longer than safetensors reads is refused before it is
+    /// parsed (a grant may be 4 GiB of it); `__metadata__` is skipped
+    /// whatever its keys.
+    #[test]
+    fn a_header_over_the_limit_is_refused_before_parsing() {
+        let metadata = BTreeMap::from([
+            ("shape".to_owned(), "not a shape".to_owned()),
+            ("data_offsets".to_owned(), "none".to_owned()),
+        ]);
+        let bytes = encode(&arrays(), WeightEncoding::F32, &metadata).unwrap();
+        check_offsets(&bytes).unwrap();
+        assert_eq!(decode(&bytes).unwrap().metadata["shape"], "not a shape");
+
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        check_offsets_within(&bytes, header_len).unwrap();
+        let error = check_offsets_within(&bytes, header_len - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(&format!("{header_len} bytes long, over the")),
+            "{error}"
+        );
     }
 }
