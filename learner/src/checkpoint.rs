@@ -296,9 +296,20 @@ fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
     fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
     for folder in missing.iter().rev() {
         let parent = parent_of(folder).unwrap_or(Path::new("."));
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(parent, e))?;
+        match File::open(parent).and_then(|d| d.sync_all()) {
+            Ok(()) => {}
+            // A parent that may be written but not read (mode 1733: a
+            // shared drop folder) cannot be opened to sync; the folder is
+            // made, only its durability is best effort there.
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!(
+                    folder = %folder.display(),
+                    parent = %parent.display(),
+                    "could not sync the new folder's entry in its parent (permission denied): a crash of the machine may lose the folder"
+                );
+            }
+            Err(error) => return Err(io_error(parent, error)),
+        }
     }
     Ok(())
 }

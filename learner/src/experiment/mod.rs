@@ -247,12 +247,13 @@ fn run_one(
     fresh: bool,
     stall_timeout: Duration,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = dir.join(CONFIG_FILE);
     // Each run keeps its checkpoints in its own folder: a run cut short
-    // resumes from them when the suite is started again.
-    // Whole or not at all: a torn one reads as another configuration,
-    // and the run would start over, deleting its checkpoints.
+    // resumes from them when the suite is started again. The folder is
+    // made durably (its entry synced in its parent) with the file, which is
+    // written whole or not at all: a torn one reads as another
+    // configuration, and the run would start over, deleting its
+    // checkpoints.
     write_atomically(dir, CONFIG_FILE, config.to_toml().as_bytes())?;
     let metrics = dir.join("metrics.jsonl");
     // Appended to: the log of an earlier try stays for its post-mortem.
