@@ -5,13 +5,15 @@
 #
 #   step-*.md    the per-step cost on the trainer thread: fixed cost
 #                (intercept against batch size) and its parts, CUDA and CPU
-#   job-*.log    the default job with K local actors on a CUDA learner:
+#   jobs.txt     the default job with K local actors on a CUDA learner:
 #                time to quality, trained transitions/s, stale fraction
+#                (jobs.log: their whole logs, one file, as the device
+#                tool returns at most 8)
 #   scale.md     the scale benchmark on CUDA: generated and real actors,
 #                with and without 25 ms added each way
 #
 # 3 minutes in a dry run on the 2-core machine; every part is bounded by
-# `timeout`, 8 minutes in all (45 + 60 + 30 + 4 x 40 + 180 s), under the
+# `timeout`, under 9 minutes in all (40 + 50 + 25 + 6 x 35 + 200 s), under the
 # 10 minutes one command may take on the device, so one that hangs costs
 # its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
 # script without a GPU (to try it anywhere the bundle's libtorch loads).
@@ -48,22 +50,37 @@ export NO_COLOR=1
 
 # 1. What a step costs on the trainer thread (no actors, no network).
 for hidden in 8 256,256; do
-    limit=$([ "$hidden" = 8 ] && echo 45 || echo 60)
+    limit=$([ "$hidden" = 8 ] && echo 40 || echo 50)
     timeout "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
         2>&1 | tee "$out/step-$device-${hidden/,/x}.md"
 done
-timeout 30 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
+timeout 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
 
-# 2. The default job, as a user runs it, with K local actors.
-for k in 2 4 8 14; do
-    FLGFN_LEARNER__DEVICE="$device" timeout 40 "$bundle/flgfn-learner" \
+# 2. The default job, as a user runs it, with K local actors; then with
+# 14 actors and a larger batch ceiling, which a fixed per-step cost favours.
+# All logs go to one file: the device tool returns at most 8 files.
+: >"$out/jobs.log"
+for job in "2" "4" "8" "14" \
+    "14 FLGFN_LEARNER__MAX_BATCH_TRANSITIONS=10240" \
+    "14 FLGFN_LEARNER__MAX_BATCH_TRANSITIONS=20480"; do
+    read -r k settings <<<"$job"
+    # shellcheck disable=SC2086 # settings is a list of NAME=value words
+    env FLGFN_LEARNER__DEVICE="$device" $settings timeout 35 "$bundle/flgfn-learner" \
         --local-actors --actors "$k" --listen 127.0.0.1:0 --checkpoint-dir "" \
-        >"$out/job-$k.log" 2>&1
-    echo "actors=$k rc=$? $(grep -o 'training finished.*' "$out/job-$k.log" | cut -c1-600)"
+        >"$out/job.log" 2>&1
+    rc=$?
+    { echo "=== actors=$k $settings rc=$rc"; cat "$out/job.log"; } >>"$out/jobs.log"
+    # The figures of the final line, and trained transitions per second.
+    summary=$(grep -o 'training finished.*' "$out/job.log" | tr ' ' '\n' | awk -F= '
+        /^(wall_s|time_to_quality_s|marginal_tv|trained_transitions|stale_fraction|weight_bytes_per_trained_transition)=/ {
+            v[$1] = $2; printf "%s ", $0 }
+        END { if (v["wall_s"] > 0) printf "trained_per_s=%.0f", v["trained_transitions"] / v["wall_s"] }')
+    echo "actors=$k ${settings:+$settings }rc=$rc $summary"
 done | tee "$out/jobs.txt"
+rm -f "$out/job.log"
 
 # 3. Scale figures: generated actors, real actors, and 25 ms each way.
 # Rows print as each scenario ends, so a timeout keeps those done.
-timeout 180 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
+timeout 200 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
     --delay-ms 25 --steps 600 2>/dev/null | grep --line-buffered '^|' | tee "$out/scale.md"
 echo "done: $out"
