@@ -132,39 +132,75 @@ const MAX_HEADER_BYTES: usize = 100_000_000;
 /// What [`check_offsets`] reads of one header entry; other fields (and
 /// the `__metadata__` map) are skipped unparsed.
 #[derive(Deserialize)]
+#[serde(expecting = "a tensor entry (dtype, shape, data_offsets)")]
 struct HeaderEntry {
-    dtype: Option<String>,
+    dtype: Option<Dtype>,
     shape: Option<Vec<u64>>,
     data_offsets: Option<Vec<u64>>,
 }
 
-/// A header's tensor entries, by name, without `__metadata__`.
-struct HeaderEntries(Vec<(String, HeaderEntry)>);
+impl HeaderEntry {
+    /// Why this entry, of a buffer with `data_len` data bytes, is refused.
+    fn refusal(&self, name: &str, data_len: u64) -> Option<String> {
+        let begin = self.data_offsets.as_ref().and_then(|o| o.first()).copied();
+        let end = self.data_offsets.as_ref().and_then(|o| o.get(1)).copied();
+        if end.is_some_and(|end| end > data_len) {
+            return Some(format!(
+                "tensor `{name}` ends past the buffer ({data_len} data bytes)"
+            ));
+        }
+        let value_bytes = match self.dtype? {
+            Dtype::F32 => 4u64,
+            Dtype::BF16 => 2,
+            _ => return None,
+        };
+        let (begin, end, shape) = (begin?, end?, self.shape.as_ref()?);
+        let needed = shape
+            .iter()
+            .try_fold(value_bytes, |bytes, &dim| bytes.checked_mul(dim));
+        (needed != end.checked_sub(begin)).then(|| {
+            format!(
+                "tensor `{name}` has shape {shape:?}, which does not fill its {} bytes",
+                end.saturating_sub(begin)
+            )
+        })
+    }
+}
 
-impl<'de> Deserialize<'de> for HeaderEntries {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Entries;
-        impl<'de> serde::de::Visitor<'de> for Entries {
-            type Value = HeaderEntries;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a map of tensor names to entries")
+/// Reads a header's entries one at a time, checking each as it comes and
+/// keeping none: the memory is one entry's, whatever the header's length.
+/// (A name given twice has each of its entries checked; the crate keeps
+/// the last.) The first refusal is left in `refused`.
+struct CheckEntries<'a> {
+    data_len: u64,
+    refused: &'a mut Option<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for CheckEntries<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CheckEntries<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map of tensor names to entries")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<HeaderEntries, A::Error> {
-                let mut entries = Vec::new();
-                while let Some(name) = map.next_key::<String>()? {
-                    if name == "__metadata__" {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    } else {
-                        entries.push((name, map.next_value::<HeaderEntry>()?));
-                    }
-                }
-                Ok(HeaderEntries(entries))
+            let entry: HeaderEntry = map.next_value()?;
+            if let Some(why) = entry.refusal(&name, self.data_len) {
+                *self.refused = Some(why);
+                return Err(serde::de::Error::custom("refused"));
             }
         }
-        deserializer.deserialize_map(Entries)
+        Ok(())
     }
 }
 
@@ -181,6 +217,7 @@ fn check_offsets(bytes: &[u8]) -> Result<(), WeightsError> {
 
 /// [`check_offsets`] with a given header limit.
 fn check_offsets_within(bytes: &[u8], max_header_bytes: usize) -> Result<(), WeightsError> {
+    use serde::de::DeserializeSeed;
     let malformed = |what: &str| WeightsError::Format(format!("safetensors header: {what}"));
     let Some((length, rest)) = bytes.split_first_chunk::<8>() else {
         return Err(malformed("shorter than its 8-byte length"));
@@ -195,35 +232,19 @@ fn check_offsets_within(bytes: &[u8], max_header_bytes: usize) -> Result<(), Wei
         )));
     }
     let data_len = (rest.len() - header_len) as u64;
-    let header: HeaderEntries =
-        serde_json::from_slice(&rest[..header_len]).map_err(|e| malformed(&e.to_string()))?;
-    for (name, entry) in &header.0 {
-        let end = entry.data_offsets.as_ref().and_then(|o| o.get(1)).copied();
-        if end.is_some_and(|end| end > data_len) {
-            return Err(malformed(&format!(
-                "tensor `{name}` ends past the buffer ({data_len} data bytes)"
-            )));
-        }
-        let value_bytes = match entry.dtype.as_deref() {
-            Some("F32") => 4u64,
-            Some("BF16") => 2,
-            _ => continue,
-        };
-        let begin = entry.data_offsets.as_ref().and_then(|o| o.first()).copied();
-        let (Some(begin), Some(end), Some(shape)) = (begin, end, entry.shape.as_ref()) else {
-            continue;
-        };
-        let needed = shape
-            .iter()
-            .try_fold(value_bytes, |bytes, &dim| bytes.checked_mul(dim));
-        if needed != end.checked_sub(begin) {
-            return Err(malformed(&format!(
-                "tensor `{name}` has shape {shape:?}, which does not fill its {} bytes",
-                end.saturating_sub(begin)
-            )));
-        }
+    let mut refused = None;
+    let mut header = serde_json::Deserializer::from_slice(&rest[..header_len]);
+    let parsed = CheckEntries {
+        data_len,
+        refused: &mut refused,
     }
-    Ok(())
+    .deserialize(&mut header)
+    .and_then(|()| header.end());
+    match (refused, parsed) {
+        (Some(why), _) => Err(malformed(&why)),
+        (None, Err(error)) => Err(malformed(&error.to_string())),
+        (None, Ok(())) => Ok(()),
+    }
 }
 
 /// A decoded buffer: every tensor as f32, and the metadata map.
@@ -455,12 +476,32 @@ mod tests {
 
         let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         check_offsets_within(&bytes, header_len).unwrap();
-        let error = check_offsets_within(&bytes, header_len - 1)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains(&format!("{header_len} bytes long, over the")),
-            "{error}"
-        );
+        // Not JSON at all: refused for its length, unread.
+        let mut long = 1001u64.to_le_bytes().to_vec();
+        long.extend_from_slice(&[b'['; 1001]);
+        let error = check_offsets_within(&long, 1000).unwrap_err().to_string();
+        assert!(error.contains("1001 bytes long, over the"), "{error}");
+        let error = check_offsets_within(&long, 1001).unwrap_err().to_string();
+        assert!(!error.contains("bytes long"), "{error}");
+    }
+
+    /// Entries in the array form the crate also reads are checked too, and
+    /// a name given twice has both of its entries checked.
+    #[test]
+    fn every_entry_is_checked_whatever_its_form() {
+        for header in [
+            r#"{"w":["F32",[2,3],[0,20]]}"#,
+            r#"{"w":{"dtype":{"F32":null},"shape":[2,3],"data_offsets":[0,20]}}"#,
+            r#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]},"w":{"dtype":"F32","shape":[5],"data_offsets":[0,20]}}"#,
+        ] {
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.extend_from_slice(&[0; 20]);
+            let error = decode(&bytes).unwrap_err().to_string();
+            assert!(
+                error.contains("tensor `w` has shape [2, 3]"),
+                "{header}: {error}"
+            );
+        }
     }
 }
