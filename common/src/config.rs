@@ -654,9 +654,10 @@ impl EnvOverride {
 /// is read: `std::env::vars()` panics on any variable that is not UTF-8
 /// (a file name in a foreign encoding, say), and one the program never
 /// reads must not stop it from starting. A configuration key
-/// (`FLGFN_SEED`, `FLGFN_<SECTION>__<KEY>`) or an `FLGFN_` name that is not
-/// UTF-8 is an error naming it; another `FLGFN_` variable whose value is
-/// not UTF-8 (`FLGFN_CONFIG`, a path) is left out, for its own reader.
+/// (`FLGFN_SEED`, `FLGFN_<SECTION>__<KEY>`, or one misspelt with a single
+/// underscore) or an `FLGFN_` name that is not UTF-8 is an error naming
+/// it; another `FLGFN_` variable whose value is not UTF-8 (`FLGFN_CONFIG`,
+/// a path) is left out, for its own reader.
 pub fn flgfn_variables() -> Result<Vec<(String, String)>, ConfigError> {
     flgfn_variables_of(std::env::vars_os())
 }
@@ -675,7 +676,12 @@ fn flgfn_variables_of(
         })?;
         match value.into_string() {
             Ok(value) => found.push((name, value)),
-            Err(_) if is_configuration_key(&name) => {
+            // (A name one underscore away from a key, too: dropped, it
+            // would not be warned about.)
+            Err(_)
+                if is_configuration_key(&name)
+                    || !misspelt_variables([name.clone()]).is_empty() =>
+            {
                 return Err(ConfigError::invalid(
                     &name,
                     "the variable's value is not UTF-8",
@@ -1169,12 +1175,15 @@ impl Config {
     /// one message of `limit` bytes (`limit_name` says whose limit, in the
     /// error).
     pub fn weights_fit(&self, limit: usize, limit_name: &str) -> Result<(), ConfigError> {
-        self.weights_fit_in(
-            self.learner.weight_encoding,
-            limit,
-            limit_name,
-            "narrow model.hidden, raise learner.max_message_bytes (up to 4 GiB), or send bf16 weights",
-        )
+        let remedy = match self.learner.weight_encoding {
+            WeightEncoding::F32 => {
+                "narrow model.hidden, raise learner.max_message_bytes (up to 4 GiB), or set learner.weight_encoding = \"bf16\" (half the bytes)"
+            }
+            WeightEncoding::Bf16 => {
+                "narrow model.hidden, or raise learner.max_message_bytes (up to 4 GiB)"
+            }
+        };
+        self.weights_fit_in(self.learner.weight_encoding, limit, limit_name, remedy)
     }
 
     fn weights_fit_in(
@@ -1478,7 +1487,17 @@ mod tests {
             .weights_fit(u32::MAX as usize, "learner.max_message_bytes")
             .unwrap_err()
             .to_string();
-        assert!(error.contains("bf16"), "{error}");
+        assert!(
+            error.contains("learner.weight_encoding = \"bf16\""),
+            "{error}"
+        );
+        config.learner.weight_encoding = WeightEncoding::Bf16;
+        let error = config
+            .weights_fit(1 << 30, "learner.max_message_bytes")
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains("weight_encoding"), "{error}");
+        config.learner.weight_encoding = WeightEncoding::F32;
         // 49,152 x 49,152 is 2.4 G parameters: 4.8 GB even as bf16.
         config.model.hidden = vec![49_152, 49_152];
         let error = config.validate().unwrap_err().to_string();
@@ -1876,7 +1895,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(found, vars(&[("FLGFN_SEED", "7")]));
-        for key in ["FLGFN_SEED", "FLGFN_TASK__SET_SIZE"] {
+        for key in [
+            "FLGFN_SEED",
+            "FLGFN_TASK__SET_SIZE",
+            "FLGFN_LEARNER_CHECKPOINT_DIR",
+        ] {
             let error = flgfn_variables_of([(os(key), latin1())])
                 .unwrap_err()
                 .to_string();

@@ -108,7 +108,7 @@ struct Scenario {
 }
 
 fn actor_executable() -> PathBuf {
-    if let Ok(path) = std::env::var("FLGFN_ACTOR_BIN") {
+    if let Some(path) = std::env::var_os("FLGFN_ACTOR_BIN") {
         return PathBuf::from(path);
     }
     // target/release/deps/scale-* -> target/release/flgfn-actor

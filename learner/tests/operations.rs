@@ -95,8 +95,9 @@ fn resume_changed_contradicts_fresh_only_when_on() {
 }
 
 /// A variable that is not UTF-8 stops nothing unless it is an `FLGFN_`
-/// one, which is an error naming it (`std::env::vars()` would panic on
-/// either).
+/// configuration key (`FLGFN_SEED`, `FLGFN_<SECTION>__<KEY>`), which is an
+/// error naming it (`std::env::vars()` would panic on either); a path in
+/// `FLGFN_CONFIG` may be in any encoding.
 #[cfg(unix)]
 #[test]
 fn only_flgfn_variables_must_be_utf8() {

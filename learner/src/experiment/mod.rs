@@ -254,7 +254,8 @@ fn run_one(
     // written whole or not at all: a torn one reads as another
     // configuration, and the run would start over, deleting its
     // checkpoints.
-    write_atomically(dir, CONFIG_FILE, config.to_toml().as_bytes())?;
+    write_atomically(dir, CONFIG_FILE, config.to_toml().as_bytes())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let metrics = dir.join("metrics.jsonl");
     // Appended to: the log of an earlier try stays for its post-mortem.
     let log = std::fs::OpenOptions::new()
