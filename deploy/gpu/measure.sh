@@ -12,10 +12,10 @@
 #   scale.md     the scale benchmark on CUDA: generated and real actors,
 #                with and without 25 ms added each way
 #
-# 3 minutes in a dry run on the 2-core machine; every part is bounded by
-# `timeout`, under 9 minutes in all (40 + 50 + 25 + 6 x 35 + 200 s), under the
-# 10 minutes one command may take on the device, so one that hangs costs
-# its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
+# Every part is bounded by `timeout` (then killed 10 s later if it is
+# still there), under 9 minutes in all (40 + 50 + 25 + 6 x 35 + 200 s,
+# plus those 10 s each), under the 10 minutes one command may take on the
+# device, so one that hangs costs its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
 # script without a GPU (to try it anywhere the bundle's libtorch loads).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -39,7 +39,7 @@ export RUST_LOG="${RUST_LOG:-info}"
 # early on, so that a time to quality near the 0.3 s target is resolved
 # (the default first report is at 0.25 s).
 export FLGFN_LEARNER__FIRST_REPORT_S="${FLGFN_LEARNER__FIRST_REPORT_S:-0.05}"
-export NO_COLOR=1
+export NO_COLOR=1 FLGFN_LOG_FORMAT=text
 
 {
     date -u
@@ -51,10 +51,10 @@ export NO_COLOR=1
 # 1. What a step costs on the trainer thread (no actors, no network).
 for hidden in 8 256,256; do
     limit=$([ "$hidden" = 8 ] && echo 40 || echo 50)
-    timeout "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
+    timeout -k 10 "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
         2>&1 | tee "$out/step-$device-${hidden/,/x}.md"
 done
-timeout 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
+timeout -k 10 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
 
 # 2. The default job, as a user runs it, with K local actors; then with
 # 14 actors and a larger batch ceiling, which a fixed per-step cost favours.
@@ -65,11 +65,11 @@ for job in "2" "4" "8" "14" \
     "14 FLGFN_LEARNER__MAX_BATCH_TRANSITIONS=20480"; do
     read -r k settings <<<"$job"
     # shellcheck disable=SC2086 # settings is a list of NAME=value words
-    env FLGFN_LEARNER__DEVICE="$device" $settings timeout 35 "$bundle/flgfn-learner" \
+    env FLGFN_LEARNER__DEVICE="$device" $settings timeout -k 10 35 "$bundle/flgfn-learner" \
         --local-actors --actors "$k" --listen 127.0.0.1:0 --checkpoint-dir "" \
         >"$out/job.log" 2>&1
     rc=$?
-    { echo "=== actors=$k $settings rc=$rc"; cat "$out/job.log"; } >>"$out/jobs.log"
+    { echo "=== actors=$k${settings:+ $settings} rc=$rc"; cat "$out/job.log"; } >>"$out/jobs.log"
     # The figures of the final line, and trained transitions per second.
     summary=$(grep -o 'training finished.*' "$out/job.log" | tr ' ' '\n' | awk -F= '
         /^(wall_s|time_to_quality_s|marginal_tv|trained_transitions|stale_fraction|weight_bytes_per_trained_transition)=/ {
@@ -81,6 +81,6 @@ rm -f "$out/job.log"
 
 # 3. Scale figures: generated actors, real actors, and 25 ms each way.
 # Rows print as each scenario ends, so a timeout keeps those done.
-timeout 200 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
+timeout -k 10 200 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
     --delay-ms 25 --steps 600 2>/dev/null | grep --line-buffered '^|' | tee "$out/scale.md"
 echo "done: $out"
