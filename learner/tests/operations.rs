@@ -105,23 +105,23 @@ fn only_flgfn_variables_must_be_utf8() {
     use std::os::unix::ffi::OsStringExt;
     let latin1 = OsString::from_vec(b"caf\xe9".to_vec());
     for name in ["flgfn-learner", "flgfn-actor"] {
-        let output = command(&sibling(name))
-            .arg("--print-config")
-            .env("LC_FOREIGN_NAME", &latin1)
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let output = command(&sibling(name))
-            .arg("--print-config")
-            .env("FLGFN_SEED", &latin1)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        // `--print-config` with one variable set: stdout, or stderr and
+        // the exit code.
+        let print_config = |variable: &str, value: &OsString| {
+            let output = command(&sibling(name))
+                .arg("--print-config")
+                .env(variable, value)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            match output.status.code() {
+                Some(0) => Ok(String::from_utf8_lossy(&output.stdout).into_owned()),
+                code => Err((code, stderr)),
+            }
+        };
+        print_config("LC_FOREIGN_NAME", &latin1).unwrap();
+        let (code, stderr) = print_config("FLGFN_SEED", &latin1).unwrap_err();
+        assert_eq!(code, Some(1), "{name}: {stderr}");
         assert!(stderr.contains("FLGFN_SEED"), "{name}: {stderr}");
         assert!(stderr.contains("not UTF-8"), "{name}: {stderr}");
 
@@ -131,17 +131,7 @@ fn only_flgfn_variables_must_be_utf8() {
         path.push("/");
         path.push(&latin1);
         std::fs::write(&path, "seed = 5\n").unwrap();
-        let output = command(&sibling(name))
-            .arg("--print-config")
-            .env("FLGFN_CONFIG", &path)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = print_config("FLGFN_CONFIG", &path).unwrap();
         assert!(stdout.contains("seed = 5"), "{name}: {stdout}");
         std::fs::remove_dir_all(&folder).unwrap();
     }
