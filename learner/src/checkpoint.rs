@@ -429,20 +429,33 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
     // would resume from an older checkpoint, quietly losing its progress.
     // (A torn state does not parse, and is checked as damage below.)
     let other = Unusable::OtherVersion;
+    let stored: Option<u32> = decoded
+        .metadata
+        .get(CHECKSUM_KEY)
+        .and_then(|c| c.parse().ok());
+    let actual = checksum(json, &decoded.arrays);
     let format = serde_json::from_str::<FormatOnly>(json);
     if let Ok(FormatOnly { format }) = format
         && format != FORMAT
     {
+        // Formats start at 1: a 0 is a flipped digit.
+        if format == 0 {
+            return Err(damaged(
+                "checkpoint format 0, which no version writes: corrupt".to_owned(),
+            ));
+        }
+        // Still another version's, but a person deciding should know
+        // that a flipped digit reads the same.
+        let hint = if stored == Some(actual) {
+            ""
+        } else {
+            ", and its checksum does not hold by this learner's sum: if no other version wrote it, it is damaged"
+        };
         return Err(other(format!(
-            "checkpoint format {format} (this learner reads {FORMAT})"
+            "checkpoint format {format} (this learner reads {FORMAT}{hint})"
         )));
     }
-    let stored: u32 = decoded
-        .metadata
-        .get(CHECKSUM_KEY)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| damaged("no checksum in its metadata".to_owned()))?;
-    let actual = checksum(json, &decoded.arrays);
+    let stored = stored.ok_or_else(|| damaged("no checksum in its metadata".to_owned()))?;
     if stored != actual {
         return Err(damaged(format!(
             "checksum mismatch (stored {stored:08x}, contents {actual:08x}): torn or corrupt"
@@ -783,6 +796,7 @@ mod tests {
             error.contains(&file_name(200)) && error.contains("format 2"),
             "{error}"
         );
+        assert!(!error.contains("it is damaged"), "{error}");
         // Also where that format sums otherwise (its checksum does not
         // hold by this learner's reckoning).
         let path = dir.join(file_name(200));
@@ -798,6 +812,20 @@ mod tests {
             error.contains(&file_name(200)) && error.contains("format 2"),
             "{error}"
         );
+        // ...which a flipped digit reads the same as: the error says so.
+        assert!(
+            error.contains("checksum does not hold") && error.contains("it is damaged"),
+            "{error}"
+        );
+        // A format no version writes is damage: the one before is used.
+        let mut zero = state(200);
+        zero.format = 0;
+        save(&dir, &zero, &arrays(2.0), 5).unwrap();
+        assert!(matches!(
+            parse(&path, &fs::read(&path).unwrap()),
+            Err(Unusable::Damaged(_))
+        ));
+        assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
         fs::write(&newest, &good[..good.len() - 7]).unwrap();
 
         // Every checkpoint damaged: an error, not a silent fresh start.
