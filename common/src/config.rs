@@ -966,7 +966,7 @@ impl Config {
     /// applying command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Building the task validates its parameters.
-        crate::tasks::build(&self.task)?;
+        let env = crate::tasks::build(&self.task)?;
         // TOML integers are signed: a larger value could be given by a
         // flag (--seed, --max-steps) but not written to a file, a
         // checkpoint's configuration, or the local actors' configuration.
@@ -1164,6 +1164,7 @@ impl Config {
         // whatever its own; the learner checks both of its own
         // (`weights_fit`).
         self.weights_fit_in(
+            env.as_ref(),
             WeightEncoding::Bf16,
             u32::MAX as usize,
             "gRPC's 4 GiB",
@@ -1173,8 +1174,13 @@ impl Config {
 
     /// Whether this network's weights, in `learner.weight_encoding`, fit in
     /// one message of `limit` bytes (`limit_name` says whose limit, in the
-    /// error).
-    pub fn weights_fit(&self, limit: usize, limit_name: &str) -> Result<(), ConfigError> {
+    /// error). `env` is this configuration's task, built.
+    pub fn weights_fit(
+        &self,
+        env: &dyn Environment,
+        limit: usize,
+        limit_name: &str,
+    ) -> Result<(), ConfigError> {
         let remedy = match self.learner.weight_encoding {
             WeightEncoding::F32 => {
                 "narrow model.hidden, raise learner.max_message_bytes (up to 4 GiB), or set learner.weight_encoding = \"bf16\" (half the bytes)"
@@ -1183,19 +1189,19 @@ impl Config {
                 "narrow model.hidden, or raise learner.max_message_bytes (up to 4 GiB)"
             }
         };
-        self.weights_fit_in(self.learner.weight_encoding, limit, limit_name, remedy)
+        self.weights_fit_in(env, self.learner.weight_encoding, limit, limit_name, remedy)
     }
 
     fn weights_fit_in(
         &self,
+        env: &dyn Environment,
         encoding: WeightEncoding,
         limit: usize,
         limit_name: &str,
         remedy: &str,
     ) -> Result<(), ConfigError> {
-        let env = crate::tasks::build(&self.task)?;
-        let model = crate::policy::ModelSpec::new(env.as_ref(), &self.model);
-        let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(env.as_ref()));
+        let model = crate::policy::ModelSpec::new(env, &self.model);
+        let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(env));
         if weight_bytes > limit as u128 {
             return Err(ConfigError::invalid(
                 "model.hidden",
@@ -1462,15 +1468,17 @@ mod tests {
     #[test]
     fn a_network_too_large_for_one_message_names_model_hidden() {
         let mut config = Config::default();
+        let env = crate::tasks::build(&config.task).unwrap();
+        let env = env.as_ref();
         // 2,048 x 2,048 is 4.2 M parameters: 8.4 MB as bf16, 16.8 MB as f32.
         config.model.hidden = vec![2048, 2048];
         let limit = 10 << 20;
         config
-            .weights_fit(limit, "learner.max_message_bytes")
+            .weights_fit(env, limit, "learner.max_message_bytes")
             .unwrap();
         config.learner.weight_encoding = WeightEncoding::F32;
         let error = config
-            .weights_fit(limit, "learner.max_message_bytes")
+            .weights_fit(env, limit, "learner.max_message_bytes")
             .unwrap_err()
             .to_string();
         assert!(error.contains("model.hidden"), "{error}");
@@ -1484,7 +1492,7 @@ mod tests {
         config.model.hidden = vec![32_768, 32_768];
         config.validate().unwrap();
         let error = config
-            .weights_fit(u32::MAX as usize, "learner.max_message_bytes")
+            .weights_fit(env, u32::MAX as usize, "learner.max_message_bytes")
             .unwrap_err()
             .to_string();
         assert!(
@@ -1493,7 +1501,7 @@ mod tests {
         );
         config.learner.weight_encoding = WeightEncoding::Bf16;
         let error = config
-            .weights_fit(1 << 30, "learner.max_message_bytes")
+            .weights_fit(env, 1 << 30, "learner.max_message_bytes")
             .unwrap_err()
             .to_string();
         assert!(!error.contains("weight_encoding"), "{error}");

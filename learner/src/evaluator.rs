@@ -367,13 +367,9 @@ impl Evaluator {
         }
         let (samples, _, scores) =
             self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
-        // Drawn uniformly where the logits overflowed: not the policy's.
-        if samples.non_finite_draws > 0 {
-            return Some(false);
-        }
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (exact_tv, _) = self.exact_scores(policy);
-        self.at_quality(&scores, exact_tv, log_z_estimate)
+        self.at_quality(&samples, &scores, exact_tv, log_z_estimate)
     }
 
     /// Draws the evaluation's samples from `policy`; their energies, and
@@ -411,6 +407,7 @@ impl Evaluator {
     /// (None without one).
     fn at_quality(
         &self,
+        samples: &Rollout,
         scores: &DistributionScores,
         exact_tv: Option<f64>,
         log_z_estimate: f64,
@@ -423,8 +420,11 @@ impl Evaluator {
             None => true,
             Some(limit) => value.is_some_and(|v| v <= limit),
         };
+        // Samples drawn uniformly where the logits overflowed are not the
+        // policy's: they cannot show it at quality.
         Some(
-            within(scores.marginal_tv, quality.marginal_tv)
+            samples.non_finite_draws == 0
+                && within(scores.marginal_tv, quality.marginal_tv)
                 && within(scores.energy_w1, quality.energy_w1)
                 && within(exact_tv, quality.exact_tv)
                 && (log_z_estimate - exact).abs() <= quality.log_z_error,
@@ -453,11 +453,7 @@ impl Evaluator {
         let (log_z_sampled, log_z_sampled_ess) =
             self.sampled_log_z(policy, &samples.trajectories, &energies);
         let (exact_tv, exact_kl) = self.exact_scores(policy);
-        // Samples drawn uniformly where the logits overflowed are not the
-        // policy's: they cannot show it at quality.
-        let at_quality = self
-            .at_quality(&scores, exact_tv, log_z_estimate)
-            .map(|at| at && samples.non_finite_draws == 0);
+        let at_quality = self.at_quality(&samples, &scores, exact_tv, log_z_estimate);
         Evaluation {
             log_z_estimate,
             log_z_sampled,

@@ -475,6 +475,7 @@ pub async fn serve(
     // Weights travel in one message: a network larger than this learner
     // sends would start, then fail at every actor's first grant.
     config.weights_fit(
+        env.as_ref(),
         config.learner.max_message_bytes,
         "learner.max_message_bytes",
     )?;
