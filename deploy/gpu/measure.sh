@@ -15,8 +15,9 @@
 # Every part is bounded by `timeout` (then killed 10 s later if it is
 # still there), under 9 minutes in all (40 + 50 + 25 + 6 x 35 + 200 s,
 # plus those 10 s each), under the 10 minutes one command may take on the
-# device, so one that hangs costs its own share, not the lease. FLGFN_GPU_DEVICE=cpu runs the same
-# script without a GPU (to try it anywhere the bundle's libtorch loads).
+# device, so one that hangs costs its own share, not the lease.
+# FLGFN_GPU_DEVICE=cpu runs the same script without a GPU (to try it
+# anywhere the bundle's libtorch loads).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 bundle="${FLGFN_GPU_BUNDLE:-$PWD/.gpu-bundle}"
@@ -57,7 +58,8 @@ done
 timeout -k 10 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
 
 # 2. The default job, as a user runs it, with K local actors; then with
-# 14 actors and a larger batch ceiling, which a fixed per-step cost favours.
+# 14 actors and two larger batch ceilings, which a fixed per-step cost
+# favours.
 # All logs go to one file: the device tool returns at most 8 files.
 : >"$out/jobs.log"
 for job in "2" "4" "8" "14" \
