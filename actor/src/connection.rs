@@ -462,6 +462,7 @@ impl Session<'_> {
             actor_id,
             version = reply.version,
             url = self.url,
+            build = crate::BUILD,
             "connected to the learner"
         );
 

@@ -19,6 +19,12 @@ pub mod health;
 pub mod loadgen;
 pub mod worker;
 
+/// What this actor is built from: its version and commit, with
+/// ", modified" when the code differs from the commit (see
+/// `common/build_support/provenance.rs`). Logged when it connects, shown by
+/// `--version`.
+pub const BUILD: &str = env!("FLGFN_BUILD");
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -9,7 +9,7 @@ use flgfn_common::telemetry::{self, LogFlags};
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
 /// learner finishes training; non-zero when the learner refuses it.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version = flgfn_actor::BUILD)]
 struct Args {
     #[command(flatten)]
     config: ConfigFlags,

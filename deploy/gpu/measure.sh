@@ -47,6 +47,7 @@ export NO_COLOR=1 FLGFN_LOG_FORMAT=text
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
     nproc
     echo "device=$device LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    "$bundle/flgfn-learner" --version 2>&1 || true
 } | tee "$out/machine.txt"
 
 # 1. What a step costs on the trainer thread (no actors, no network).

@@ -42,6 +42,11 @@ grep -q '^tch = "0.24"' "$scratch/Cargo.toml" || {
 
 export PATH="$venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR="$cache/target-gpu"
+# The scratch copy has no git: its binaries' --version names this commit
+# (marked if the tree differed) and the tch pin.
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit, modified"
+export FLGFN_BUILD_COMMIT="$commit, tch 0.24 for the GPU machine"
 cd "$scratch"
 cargo build --release --bins --quiet
 # The benchmarks' executables, as cargo names them.

@@ -98,6 +98,11 @@ pub struct CheckpointState {
     pub task: String,
     /// See `task`.
     pub model: String,
+    /// The build that wrote it ([`crate::BUILD`]), for the record: a
+    /// resume from another build is allowed and logs both. Empty in
+    /// checkpoints written before it was kept.
+    #[serde(default)]
+    pub build: String,
 }
 
 /// Sums over the whole run that a resumed run goes on adding to, so that
@@ -672,6 +677,26 @@ mod tests {
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Checkpoints written before builds were recorded still resume.
+    #[test]
+    fn a_state_without_a_build_reads_as_an_unknown_one() {
+        let state = CheckpointState {
+            build: crate::BUILD.to_owned(),
+            ..state(7)
+        };
+        let mut json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["build"], crate::BUILD);
+        json.as_object_mut().unwrap().remove("build");
+        let read: CheckpointState = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            read,
+            CheckpointState {
+                build: String::new(),
+                ..state
+            }
+        );
     }
 
     #[test]

@@ -55,6 +55,14 @@ pub mod service;
 pub mod session;
 pub mod trainer;
 
+/// What this learner is built from: its version and commit, with
+/// ", modified" when the code differs from the commit (see
+/// `common/build_support/provenance.rs`). Logged at start, shown by
+/// `--version`, kept in checkpoints and final weights.
+pub const BUILD: &str = env!("FLGFN_BUILD");
+/// The weights' metadata key holding the [`BUILD`] that published them.
+pub const BUILD_METADATA_KEY: &str = "flgfn_build";
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -479,7 +487,10 @@ pub async fn serve(
         config.learner.max_message_bytes,
         "learner.max_message_bytes",
     )?;
-    let metadata = model.weight_metadata(env.as_ref());
+    let mut metadata = model.weight_metadata(env.as_ref());
+    // Final weights (and every copy actors receive) say which build
+    // trained them.
+    metadata.insert(BUILD_METADATA_KEY.to_owned(), BUILD.to_owned());
     let eval_bytes = evaluator::held_bytes(env.as_ref(), config.learner.eval_samples);
     if eval_bytes > evaluator::EVAL_HELD_BYTES {
         return Err(flgfn_common::config::ConfigError::invalid(
@@ -563,6 +574,9 @@ pub async fn serve(
             path = %checkpoint.path.display(),
             step = state.step,
             version = state.version,
+            // Empty in checkpoints written before builds were recorded.
+            written_by = %state.build,
+            build = BUILD,
             "resuming from a checkpoint"
         );
         if finished_already {
@@ -667,6 +681,7 @@ pub async fn serve(
         objective = objective.name(),
         ?device,
         threads = learner.threads,
+        build = BUILD,
         "learner listening"
     );
 

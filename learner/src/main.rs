@@ -14,7 +14,7 @@ use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
 /// Trains a forward-looking GFlowNet on trajectories streamed by
 /// `flgfn-actor` processes, granting them credits and sending them weights.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version = flgfn_learner::BUILD)]
 struct Args {
     /// TOML configuration shared with the actors (defaults are used for
     /// every key it does not set; unknown keys are errors).

@@ -644,6 +644,7 @@ impl Trainer {
             config: self.config.to_toml(),
             task: self.env.spec().to_string(),
             model: self.policy.spec().to_string(),
+            build: crate::BUILD.to_owned(),
         };
         let path = checkpoint::save(dir, &state, &arrays, self.config.learner.keep_checkpoints)?;
         progress.last_checkpoint_wall = wall_s;

@@ -128,8 +128,17 @@ async fn a_stopped_run_resumes_where_it_stopped() {
     assert_eq!(saved, first.weights.to_vec());
     let first_reports = support::reports(&metrics).len();
 
+    // Both say which build wrote them.
+    let decoded = flgfn_common::weights::decode(&first.weights).unwrap();
+    assert_eq!(
+        decoded.metadata[flgfn_learner::BUILD_METADATA_KEY],
+        flgfn_learner::BUILD
+    );
+    assert!(flgfn_learner::BUILD.starts_with(env!("CARGO_PKG_VERSION")));
+
     // Whole-run figures are saved for the resumed run to add to.
     let saved = latest_state(&checkpoints);
+    assert_eq!(saved.build, flgfn_learner::BUILD);
     let first_lag_sum = first.totals.mean_policy_lag * first.totals.trained_transitions as f64;
     assert!(
         (saved.totals.lag_weighted - first_lag_sum).abs() <= 1e-6 * first_lag_sum.max(1.0),

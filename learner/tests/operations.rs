@@ -137,8 +137,35 @@ fn only_flgfn_variables_must_be_utf8() {
     }
 }
 
+/// This checkout's commit as the build script abbreviates it, and whether
+/// any file differs from it; `None` where git cannot tell.
+fn checkout_commit() -> Option<(String, bool)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = |args: &[&str]| {
+        let output = Command::new("git")
+            .arg("-C")
+            .arg(&root)
+            .args(args)
+            .output()
+            .ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let changes = git(&[
+        "--no-optional-locks",
+        "status",
+        "--porcelain",
+        "--untracked-files=normal",
+    ])?;
+    Some((commit, !changes.is_empty()))
+}
+
 #[test]
-fn every_binary_names_itself_in_its_version_and_usage() {
+fn every_binary_names_itself_and_its_build_in_its_version_and_usage() {
+    let commit = checkout_commit();
     for name in [
         "flgfn-learner",
         "flgfn-actor",
@@ -151,11 +178,20 @@ fn every_binary_names_itself_in_its_version_and_usage() {
         let version = command(&binary).arg("--version").output().unwrap();
         assert!(version.status.success(), "{name} --version");
         let version = String::from_utf8(version.stdout).unwrap();
-        assert_eq!(
-            version.trim(),
-            format!("{name} {}", env!("CARGO_PKG_VERSION")),
-            "{name} --version"
-        );
+        let version = version.trim();
+        let prefix = format!("{name} {} (commit ", env!("CARGO_PKG_VERSION"));
+        assert!(version.starts_with(&prefix), "{name} --version: {version}");
+        match &commit {
+            // A clean checkout (CI's): exactly its commit, unmarked.
+            Some((commit, false)) => assert_eq!(version, format!("{prefix}{commit})")),
+            // Changed files: the commit the changes are on (marked
+            // "modified" where they touch this binary's own code).
+            Some((commit, true)) => assert!(
+                version.starts_with(&format!("{prefix}{commit}")),
+                "{name} --version: {version}"
+            ),
+            None => {}
+        }
         let help = command(&binary).arg("--help").output().unwrap();
         let help = String::from_utf8(help.stdout).unwrap();
         assert!(

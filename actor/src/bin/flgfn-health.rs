@@ -16,7 +16,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 /// trusting `--ca-file` (and presenting `--cert-file` where the learner
 /// requires client certificates).
 #[derive(Debug, Parser)]
-#[command(name = "flgfn-health", version)]
+#[command(name = "flgfn-health", version = flgfn_actor::BUILD)]
 struct Args {
     /// The learner, e.g. http://127.0.0.1:50051 (a bare HOST:PORT is
     /// http://; TLS needs https://).

@@ -9,7 +9,7 @@ use flgfn_common::telemetry::{self, LogFlags};
 /// the configured task, drawn uniformly without a network. For load tests
 /// and scale figures: 64-256 actors on one small machine.
 #[derive(Debug, Parser)]
-#[command(name = "flgfn-loadgen", version)]
+#[command(name = "flgfn-loadgen", version = flgfn_actor::BUILD)]
 struct Args {
     #[command(flatten)]
     config: ConfigFlags,

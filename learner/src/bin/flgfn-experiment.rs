@@ -12,7 +12,7 @@ use flgfn_learner::experiment::{self, SUITES};
 /// and actor processes, then writes reports.csv, summary.csv, summary.md
 /// and PNG/SVG plots.
 #[derive(Debug, Parser)]
-#[command(name = "flgfn-experiment", version)]
+#[command(name = "flgfn-experiment", version = flgfn_learner::BUILD)]
 struct Args {
     /// The suite to run (see --list) [default: paper-sets; with
     /// --plot-only, the folder's].

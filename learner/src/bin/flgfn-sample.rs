@@ -18,7 +18,7 @@ use rand::rngs::SmallRng;
 /// checkpoint in a directory) and writes each with its energy E(x), log
 /// reward -E(x), its state and the actions that built it.
 #[derive(Debug, Parser)]
-#[command(name = "flgfn-sample", version)]
+#[command(name = "flgfn-sample", version = flgfn_learner::BUILD)]
 struct Args {
     /// The job file the weights were trained with (task and model);
     /// default: the default job.
