@@ -63,7 +63,7 @@ fn a_short_suite_writes_its_data_and_plots() {
 
     // The same suite again: every run is kept. With another step budget:
     // every run starts over (none resumes from the other budget's
-    // checkpoints, none is kept as done).
+    // checkpoints, none is kept as done), the old runs moved aside whole.
     let again = |steps: &str| {
         Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
             .args([
@@ -94,16 +94,44 @@ fn a_short_suite_writes_its_data_and_plots() {
         4,
         "{printed}"
     );
+    // A budget no learner takes is refused before anything moves.
+    let too_long = again("9223372036854775808");
+    assert!(!too_long.status.success());
+    let errors = String::from_utf8_lossy(&too_long.stderr);
+    assert!(
+        errors.contains("--steps 9223372036854775808") && errors.contains("learner.max_steps"),
+        "{errors}"
+    );
+    assert!(!out.join("replaced").exists());
+    // A figure of a group no longer drawn is removed at the next drawing;
+    // other files in the folder stay.
+    std::fs::write(out.join("plots/other-steps.png"), b"old").unwrap();
+    std::fs::write(out.join("plots/notes.txt"), b"mine").unwrap();
     let longer = again("30");
     assert!(longer.status.success());
     let printed = String::from_utf8_lossy(&longer.stdout);
     assert_eq!(
         printed
-            .matches("made with another configuration; starting over")
+            .matches("made with another configuration; starting over (the old run is now ")
             .count(),
         4,
         "{printed}"
     );
+    assert!(!out.join("plots/other-steps.png").exists());
+    assert!(out.join("plots/notes.txt").exists());
+    assert!(out.join("plots/small-steps.png").exists());
+    let replaced: Vec<_> = std::fs::read_dir(out.join("replaced"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    assert_eq!(replaced.len(), 4, "{replaced:?}");
+    for old in &replaced {
+        let metrics = std::fs::read_to_string(old.join("metrics.jsonl")).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        assert_eq!(last["step"], 20, "{}", old.display());
+        assert!(old.join("checkpoints/final.safetensors").exists());
+    }
     let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
     assert!(
         summary

@@ -758,8 +758,9 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         assert_eq!(line["log_reward"].as_f64().unwrap(), -written);
     }
 
-    // From the checkpoint directory, as CSV (by the file's extension).
-    let csv = dir.join("samples.csv");
+    // From the checkpoint directory, as CSV (by the file's extension,
+    // in either case).
+    let csv = dir.join("samples.CSV");
     let output = sample(&[
         "--config",
         config,
@@ -776,6 +777,17 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     assert_eq!(rows[0], "index,energy,log_reward,state,actions");
     assert_eq!(rows.len(), 51);
     assert_eq!(rows[1].split(',').count(), 5);
+    // A checkpoint folder that is not there is named as such.
+    let missing = dir.join("no-such-folder");
+    let output = sample(&[
+        "--config",
+        config,
+        "--checkpoint",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = String::from_utf8(output.stderr).unwrap();
+    assert!(message.contains("no such folder"), "{message}");
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");

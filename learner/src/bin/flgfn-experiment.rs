@@ -125,6 +125,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     // (0 would be a learner that never stops.)
     anyhow::ensure!(asked.steps != Some(0), "--steps must be at least 1");
     let specs = suite.runs(asked.seeds, asked.steps);
+    // Before anything runs or is moved aside: a configuration the learner
+    // would refuse fails every run, with the cause only in their logs.
+    for spec in &specs {
+        spec.config.validate().with_context(|| match asked.steps {
+            Some(steps) => format!(
+                "run {} cannot start with --steps {steps} (its learner.max_steps)",
+                spec.name()
+            ),
+            None => format!("run {} of suite {} cannot start", spec.name(), suite.name),
+        })?;
+    }
     let experiment::SuiteOutcome { results, failed } = if args.plot_only {
         println!(
             "redrawing suite {} ({} seeds, {} steps per run) from {}",

@@ -72,6 +72,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     match (&args.weights, &args.checkpoint) {
         (Some(path), _) => load_weights_file(&mut policy, path, &task, &model_name)?,
         (None, Some(dir)) => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "--checkpoint {}: no such folder",
+                dir.display()
+            );
             let found = checkpoint::load_latest(dir)?
                 .with_context(|| format!("no checkpoint in {}", dir.display()))?;
             found
@@ -84,7 +89,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let format = args.format.unwrap_or(match &args.out {
-        Some(path) if path.extension().is_some_and(|e| e == "csv") => Format::Csv,
+        Some(path)
+            if path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv")) =>
+        {
+            Format::Csv
+        }
         _ => Format::Jsonl,
     });
     let mut out: Box<dyn Write> = match &args.out {

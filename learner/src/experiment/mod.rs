@@ -115,9 +115,13 @@ pub struct SuiteOutcome {
 /// holds a complete metrics file, made with the same configuration, is not
 /// run again (a suite interrupted midway resumes where it stopped); one
 /// made with another configuration (other steps, another suite sharing the
-/// folder) starts over. A run that fails, or writes neither a report nor
-/// a checkpoint for `stall_timeout` (it is then killed), is recorded and
-/// the suite goes on.
+/// folder) starts over in a new folder, the old one moved to
+/// `out/replaced/` (a mistyped `--steps` deletes nothing). A run that
+/// fails, or writes neither a report nor a checkpoint for `stall_timeout`
+/// (it is then killed), is recorded and the suite goes on; one whose
+/// learner fails after its last report at `max_steps` (a local actor that
+/// failed on the way, a final save that failed) is kept, with a warning,
+/// as a later start and `--plot-only` would keep it.
 pub fn run_all(
     specs: &[RunSpec],
     learner: &Path,
@@ -134,7 +138,11 @@ pub fn run_all(
         let written = written_config_matches(spec, &dir);
         let same_config = written == Some(true);
         if written == Some(false) {
-            println!("{label}: made with another configuration; starting over");
+            let aside = set_aside(out, &dir, &spec.name())?;
+            println!(
+                "{label}: made with another configuration; starting over (the old run is now {})",
+                aside.display()
+            );
         }
         let mut kept = "";
         let done = match read_reports(&metrics) {
@@ -142,25 +150,18 @@ pub fn run_all(
                 kept = "already done, kept: ";
                 Ok(reports)
             }
-            _ => run_one(
-                spec,
-                &config,
-                learner,
-                &dir,
-                &label,
-                !same_config,
-                stall_timeout,
-            )
-            .and_then(|()| read_reports(&metrics))
-            .and_then(|reports| {
-                anyhow::ensure!(
-                    finished(spec, &reports),
-                    "{label} stopped at step {} of {}",
-                    reports.last().map_or(0, |r| r.step),
-                    spec.config.learner.max_steps
+            _ => {
+                let ran = run_one(
+                    spec,
+                    &config,
+                    learner,
+                    &dir,
+                    &label,
+                    !same_config,
+                    stall_timeout,
                 );
-                Ok(reports)
-            }),
+                judge(spec, &label, ran, read_reports(&metrics))
+            }
         };
         let reports = match done {
             Ok(reports) => reports,
@@ -183,8 +184,68 @@ pub fn run_all(
     Ok(outcome)
 }
 
+/// What a run that was started left: its reports where they reach
+/// `max_steps`, whatever its learner's exit (a failure after the last
+/// report, such as a local actor that failed on the way, is printed as a
+/// warning: a later start, or `--plot-only`, reads the same reports as
+/// finished), else why it did not finish.
+fn judge(
+    spec: &RunSpec,
+    label: &str,
+    ran: anyhow::Result<()>,
+    reports: anyhow::Result<Vec<Report>>,
+) -> anyhow::Result<Vec<Report>> {
+    match (ran, reports) {
+        (ran, Ok(reports)) if finished(spec, &reports) => {
+            if let Err(error) = ran {
+                println!(
+                    "{label}: warning: its learner failed after its last report; its reports are kept: {error:#}"
+                );
+            }
+            Ok(reports)
+        }
+        (Err(error), _) => Err(error),
+        (Ok(()), Ok(reports)) => Err(anyhow::anyhow!(
+            "{label} stopped at step {} of {}",
+            reports.last().map_or(0, |r| r.step),
+            spec.config.learner.max_steps
+        )),
+        (Ok(()), Err(error)) => Err(error),
+    }
+}
+
 /// A run's configuration file, in its folder.
 const CONFIG_FILE: &str = "config.toml";
+
+/// Where run folders made with another configuration go, under the
+/// suite's folder.
+pub const REPLACED_DIR: &str = "replaced";
+
+/// Moves run folder `dir` (named `name`) to `out/replaced/<name>-<unix
+/// seconds>`, so that the run starting over in its place deletes nothing
+/// an earlier configuration finished. Returns where it went.
+fn set_aside(out: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let replaced = out.join(REPLACED_DIR);
+    std::fs::create_dir_all(&replaced)
+        .with_context(|| format!("cannot create {}", replaced.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let mut target = replaced.join(format!("{name}-{stamp}"));
+    let mut again = 1;
+    while target.exists() {
+        target = replaced.join(format!("{name}-{stamp}-{again}"));
+        again += 1;
+    }
+    std::fs::rename(dir, &target).with_context(|| {
+        format!(
+            "cannot move {} (made with another configuration) to {}",
+            dir.display(),
+            target.display()
+        )
+    })?;
+    Ok(target)
+}
 
 /// What a run's learner and actors read: the spec's configuration with the
 /// checkpoints in the run's own folder.
@@ -592,7 +653,35 @@ pub fn write_outputs(
         "summary.md",
         summary_markdown(results, failed).as_bytes(),
     )?;
-    plots::render_groups(results, &out.join("plots"))
+    let dir = out.join("plots");
+    let written = plots::render_groups(results, &dir)?;
+    remove_other_plots(&dir, &written)?;
+    Ok(written)
+}
+
+/// Removes the figures in the runner's `plots/` folder that this drawing
+/// did not write (a group whose runs all failed this time, or another
+/// suite's that shared the folder): they would show runs the tables no
+/// longer count. Only files named as figures are touched.
+fn remove_other_plots(dir: &Path, written: &[PathBuf]) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let figure = ["-steps", "-seconds"].iter().any(|axis| {
+            [".png", ".svg"]
+                .iter()
+                .any(|ext| name.ends_with(&format!("{axis}{ext}")))
+        });
+        if figure && path.is_file() && !written.contains(&path) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Plots one metrics file (a run of `flgfn-learner --metrics FILE`) into
@@ -745,6 +834,24 @@ mod tests {
             logz_exact: Some(1.0),
             ..Report::default()
         }
+    }
+
+    /// A run is finished by its reports, as a later start and
+    /// `--plot-only` judge it, whatever its learner's exit.
+    #[test]
+    fn a_run_is_judged_by_its_reports() {
+        let spec = suite("smoke").unwrap().runs(1, Some(300))[0].clone();
+        let complete = || Ok(vec![report(100, false, 0.0), report(300, true, 0.0)]);
+        let cut_short = || Ok(vec![report(100, false, 0.0)]);
+        let failed = || Err(anyhow::anyhow!("exit status: 1"));
+        assert_eq!(judge(&spec, "run", Ok(()), complete()).unwrap().len(), 2);
+        assert_eq!(judge(&spec, "run", failed(), complete()).unwrap().len(), 2);
+        let error = judge(&spec, "run", Ok(()), cut_short()).unwrap_err();
+        assert_eq!(error.to_string(), "run stopped at step 100 of 300");
+        let error = judge(&spec, "run", failed(), cut_short()).unwrap_err();
+        assert_eq!(error.to_string(), "exit status: 1");
+        let none = Err(anyhow::anyhow!("cannot read metrics.jsonl"));
+        assert!(judge(&spec, "run", failed(), none).is_err());
     }
 
     #[test]
