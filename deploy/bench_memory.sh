@@ -17,6 +17,10 @@ source deploy/tools.sh
 cargo build --release --bins --quiet
 bin="$CARGO_TARGET_DIR/release"
 seconds="${FLGFN_BENCH_SECONDS:-20}"
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
+    echo "bench_memory.sh: FLGFN_BENCH_SECONDS must be a whole number of seconds, at least 1 (got $seconds)" >&2
+    exit 2
+fi
 samples=$((seconds * 5))
 counts=("$@")
 [ "${#counts[@]}" -gt 0 ] || counts=(1 16 64 256)
@@ -43,14 +47,19 @@ for k in "${counts[@]}"; do
     peak=0 sum=0 n=0
     for ((i = 1; i <= samples; i++)); do
         sleep 0.2
-        rss="$(rss_kb "$learner")"
+        if ! rss="$(rss_kb "$learner" 2>/dev/null)" || [ -z "$rss" ]; then
+            echo "bench_memory.sh: the learner exited during the row of $k actors; its log:" >&2
+            cat "$log" >&2
+            exit 1
+        fi
         ((rss > peak)) && peak=$rss
         if ((i > samples / 2)); then
             sum=$((sum + rss)) n=$((n + 1))
         fi
     done
     sessions="$(grep -c "actor joined" "$log" || true)"
-    kill "${pids[@]}"
+    # (Either may have exited already: the row is still printed.)
+    kill "${pids[@]}" 2>/dev/null || true
     wait "${pids[@]}" 2>/dev/null || true
     pids=()
     echo "| $k | $sessions | $((before / 1024)) | $((peak / 1024)) | $((sum / n / 1024)) |"

@@ -66,9 +66,11 @@ done
 # The libraries the binaries load, as the loader resolves them while the
 # binaries still carry the build's absolute run path; only those from the
 # torch wheel are copied (glibc and libstdc++ come from the base system).
+# (Listed first into a variable: a failing ldd inside the process
+# substitution would go unnoticed.)
+linked="$(for name in "${binaries[@]}"; do ldd "$out/bin/$name"; done)"
 mapfile -t libraries < <(
-    for name in "${binaries[@]}"; do ldd "$out/bin/$name"; done |
-        awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | sort -u
+    awk '$2 == "=>" && $3 ~ /^\// { print $3 }' <<<"$linked" | sort -u
 )
 : >"$out/MANIFEST"
 for library in "${libraries[@]}"; do
@@ -99,10 +101,13 @@ for name in "${binaries[@]}"; do
     patchelf --set-rpath '$ORIGIN/../lib/torch/lib' "$out/bin/$name"
 done
 # Check from the bundle itself: every library resolves with no environment.
+# (ldd's output is read whole first: `ldd | grep -q` under pipefail fails
+# the pipe when grep stops at the first match, and passed a broken bundle.)
 for name in "${binaries[@]}"; do
-    if env -i ldd "$out/bin/$name" | grep -q "not found"; then
+    resolved="$(env -i ldd "$out/bin/$name")"
+    if grep -q "not found" <<<"$resolved"; then
         echo "bundle.sh: $name does not resolve its libraries from the bundle:" >&2
-        env -i ldd "$out/bin/$name" | grep "not found" >&2
+        grep "not found" <<<"$resolved" >&2
         exit 1
     fi
 done

@@ -34,12 +34,18 @@ for arg in "$@"; do
         *) args+=("$arg") ;;
     esac
 done
+# FLGFN_RESUME_CHANGED asks the learner for a resume as --resume-changed
+# does: any value but clap's false ones ("", 0, f, false, n, no, off).
+case "$(printf '%s' "${FLGFN_RESUME_CHANGED:-}" | tr '[:upper:]' '[:lower:]')" in
+    "" | 0 | f | false | n | no | off) ;;
+    *) fresh=0 ;;
+esac
 case " $* " in
     *" --local-actors"*) ;;
     *) args+=(--local-actors) ;;
 esac
 if [ "$fresh" = 0 ] && [[ " $* " == *" --fresh "* ]]; then
-    echo "local.sh: --fresh and --resume (or --resume-changed) contradict each other: give one" >&2
+    echo "local.sh: --fresh and --resume (or --resume-changed, or FLGFN_RESUME_CHANGED) contradict each other: give one" >&2
     exit 2
 fi
 if [ "$fresh" = 1 ]; then args+=(--fresh); fi

@@ -124,8 +124,14 @@ fn install(format: LogFormat, live_line: bool) -> bool {
         line.enable_steady_tick(Duration::from_millis(250));
         let _ = LIVE_LINE.set(line);
     }
-    let default_filter =
-        || EnvFilter::new("warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info");
+    // Every flgfn crate and binary at info (flgfn-loadgen's, flgfn-sample's
+    // and flgfn-experiment's own lines are logged under their binary's
+    // name), libraries at warn.
+    let default_filter = || {
+        EnvFilter::new(
+            "warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info,flgfn_loadgen=info,flgfn_sample=info,flgfn_experiment=info,flgfn_health=info",
+        )
+    };
     // A RUST_LOG that does not parse is said once logging is up, not
     // silently replaced by the defaults.
     let (filter, unreadable) = match std::env::var("RUST_LOG") {

@@ -12,10 +12,11 @@
 #   scale.md     the scale benchmark on CUDA: generated and real actors,
 #                with and without 25 ms added each way
 #
-# Every part is bounded by `timeout` (then killed 10 s later if it is
-# still there), under 9 minutes in all (40 + 50 + 25 + 6 x 35 + 200 s,
-# plus those 10 s each), under the 10 minutes one command may take on the
-# device, so one that hangs costs its own share, not the lease.
+# Every part is bounded by `timeout` (then killed 5 s later if it is
+# still there): 525 s in all (40 + 50 + 25 + 6 x 35 + 200 s), 575 s if
+# every part had to be killed, under the 590 s the device call is given
+# (the 10 minutes one command may take there, less a margin), so one that
+# hangs costs its own share, not the lease.
 # FLGFN_GPU_DEVICE=cpu runs the same script without a GPU (to try it
 # anywhere the bundle's libtorch loads).
 set -uo pipefail
@@ -53,10 +54,10 @@ export NO_COLOR=1 FLGFN_LOG_FORMAT=text
 # 1. What a step costs on the trainer thread (no actors, no network).
 for hidden in 8 256,256; do
     limit=$([ "$hidden" = 8 ] && echo 40 || echo 50)
-    timeout -k 10 "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
+    timeout -k 5 "$limit" "$bundle/step" --device "$device" --hidden "$hidden" --steps 200 \
         2>&1 | tee "$out/step-$device-${hidden/,/x}.md"
 done
-timeout -k 10 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
+timeout -k 5 25 "$bundle/step" --device cpu --hidden 8 --steps 200 2>&1 | tee "$out/step-cpu-8.md"
 
 # 2. The default job, as a user runs it, with K local actors; then with
 # 14 actors and two larger batch ceilings, which a fixed per-step cost
@@ -68,7 +69,7 @@ for job in "2" "4" "8" "14" \
     "14 FLGFN_LEARNER__MAX_BATCH_TRANSITIONS=20480"; do
     read -r k settings <<<"$job"
     # shellcheck disable=SC2086 # settings is a list of NAME=value words
-    env FLGFN_LEARNER__DEVICE="$device" $settings timeout -k 10 35 "$bundle/flgfn-learner" \
+    env FLGFN_LEARNER__DEVICE="$device" $settings timeout -k 5 35 "$bundle/flgfn-learner" \
         --local-actors --actors "$k" --listen 127.0.0.1:0 --checkpoint-dir "" \
         >"$out/job.log" 2>&1
     rc=$?
@@ -84,6 +85,6 @@ rm -f "$out/job.log"
 
 # 3. Scale figures: generated actors, real actors, and 25 ms each way.
 # Rows print as each scenario ends, so a timeout keeps those done.
-timeout -k 10 200 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
+timeout -k 5 200 "$bundle/scale" --device "$device" --generated 1,16,64 --real 2,8,14 \
     --delay-ms 25 --steps 600 2>/dev/null | grep --line-buffered '^|' | tee "$out/scale.md"
 echo "done: $out"

@@ -20,7 +20,6 @@ through its own copy of the environment.
 """
 
 import argparse
-import atexit
 import collections
 import json
 import os
@@ -47,19 +46,26 @@ def load_protocol(proto_dir=PROTO_DIR):
     from grpc_tools import protoc
 
     out = tempfile.mkdtemp(prefix="flgfn-proto-")
-    # Imported modules stay loaded: the folder is not needed past exit.
-    atexit.register(shutil.rmtree, out, True)
-    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    status = protoc.main([
-        "protoc", f"-I{proto_dir}", f"-I{include}",
-        f"--python_out={out}", f"--grpc_python_out={out}",
-        os.path.join(proto_dir, "flgfn.proto"),
-    ])
-    if status != 0:
-        raise RuntimeError(f"protoc failed on {proto_dir}/flgfn.proto")
-    sys.path.insert(0, out)
-    import flgfn_pb2
-    import flgfn_pb2_grpc
+    # Imported modules stay loaded: the folder goes as soon as they are,
+    # so that an actor stopped by a signal (which skips atexit) leaves
+    # nothing behind.
+    try:
+        include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+        status = protoc.main([
+            "protoc", f"-I{proto_dir}", f"-I{include}",
+            f"--python_out={out}", f"--grpc_python_out={out}",
+            os.path.join(proto_dir, "flgfn.proto"),
+        ])
+        if status != 0:
+            raise RuntimeError(f"protoc failed on {proto_dir}/flgfn.proto")
+        sys.path.insert(0, out)
+        try:
+            import flgfn_pb2
+            import flgfn_pb2_grpc
+        finally:
+            sys.path.remove(out)
+    finally:
+        shutil.rmtree(out, True)
 
     return flgfn_pb2, flgfn_pb2_grpc
 

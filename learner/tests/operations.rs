@@ -211,6 +211,17 @@ fn a_load_generator_needs_an_actor() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--actors"), "{stderr}");
+
+    // One that cannot reach its learner fails, and its closing summary
+    // shows at the default log levels (it was filtered out).
+    let output = command(&sibling("flgfn-loadgen"))
+        .args(["--learner", "http://127.0.0.1:1", "--actors", "1"])
+        .env("FLGFN_ACTOR__RECONNECT_ATTEMPTS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("load generator stopped"), "{stderr}");
 }
 
 fn key<'a>(table: &'a toml::Table, section: &str, name: &str) -> &'a toml::Value {
