@@ -66,9 +66,12 @@ done
 # The libraries the binaries load, as the loader resolves them while the
 # binaries still carry the build's absolute run path; only those from the
 # torch wheel are copied (glibc and libstdc++ come from the base system).
-# (Listed first into a variable: a failing ldd inside the process
-# substitution would go unnoticed.)
-linked="$(for name in "${binaries[@]}"; do ldd "$out/bin/$name"; done)"
+# (Listed first, one binary at a time: a failing ldd inside a process or
+# command substitution would go unnoticed.)
+linked=""
+for name in "${binaries[@]}"; do
+    linked+="$(ldd "$out/bin/$name")"$'\n'
+done
 mapfile -t libraries < <(
     awk '$2 == "=>" && $3 ~ /^\// { print $3 }' <<<"$linked" | sort -u
 )
@@ -104,7 +107,10 @@ done
 # (ldd's output is read whole first: `ldd | grep -q` under pipefail fails
 # the pipe when grep stops at the first match, and passed a broken bundle.)
 for name in "${binaries[@]}"; do
-    resolved="$(env -i ldd "$out/bin/$name")"
+    resolved="$(env -i ldd "$out/bin/$name")" || {
+        echo "bundle.sh: ldd cannot read $out/bin/$name" >&2
+        exit 1
+    }
     if grep -q "not found" <<<"$resolved"; then
         echo "bundle.sh: $name does not resolve its libraries from the bundle:" >&2
         grep "not found" <<<"$resolved" >&2

@@ -3,17 +3,31 @@
 // `env!`, as "<version> (commit <hash>)", with ", modified" when the code
 // built differs from that commit, or "(commit unknown)" outside a git
 // checkout. `FLGFN_BUILD_COMMIT` in the build's environment gives the
-// commit instead (a build from an exported tree, not checked).
+// commit instead, unchecked (a build from an exported tree).
 //
-// The script reruns when the commit moves, or when a file it checks
-// changes (`paths`: the crate's own sources and those of what it
-// builds on, not its tests), so the "modified" mark is never stale and
-// editing a test recompiles nothing more than it did.
+// The script reruns when HEAD moves (its reflog, which every commit,
+// checkout and reset appends to, in this worktree), or when a file it
+// checks changes or goes (`paths`: the crate's own sources and those of
+// what it builds on, not its tests). Files are watched one by one, tracked
+// ones and untracked Rust, proto and TOML files, so an editor's swap file
+// neither marks the build nor reruns it, and editing a test rebuilds
+// nothing more than it did.
 #[allow(dead_code)]
 fn record_provenance(paths: &[&str]) {
     use std::path::Path;
     use std::process::Command;
 
+    println!("cargo:rerun-if-env-changed=FLGFN_BUILD_COMMIT");
+    let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
+    if let Ok(commit) = std::env::var("FLGFN_BUILD_COMMIT")
+        && !commit.trim().is_empty()
+    {
+        println!(
+            "cargo:rustc-env=FLGFN_BUILD={version} (commit {})",
+            commit.trim()
+        );
+        return;
+    }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let root = Path::new(&manifest_dir).join("..");
     let git = |args: &[&str]| -> Option<String> {
@@ -28,20 +42,6 @@ fn record_provenance(paths: &[&str]) {
             .success()
             .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
     };
-    for path in paths {
-        println!("cargo:rerun-if-changed={}", root.join(path).display());
-    }
-    println!("cargo:rerun-if-env-changed=FLGFN_BUILD_COMMIT");
-    let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
-    if let Ok(commit) = std::env::var("FLGFN_BUILD_COMMIT")
-        && !commit.trim().is_empty()
-    {
-        println!(
-            "cargo:rustc-env=FLGFN_BUILD={version} (commit {})",
-            commit.trim()
-        );
-        return;
-    }
     // Only this checkout's own commit: a tree copied into another
     // repository's folder would otherwise take that one's.
     let own_checkout = git(&["rev-parse", "--show-toplevel"])
@@ -54,38 +54,63 @@ fn record_provenance(paths: &[&str]) {
         println!("cargo:rustc-env=FLGFN_BUILD={version} (commit unknown)");
         return;
     };
-    // Git's own files that move with the commit: HEAD, the branch it
-    // names and the packed refs (a branch's file may be packed into them).
-    // Not the index, which commands like `git status` rewrite: staging
-    // does not change what the tree holds. Only files that exist: cargo
-    // reruns a script for a missing path on every build.
-    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    // Git's files that move with HEAD, in this worktree: HEAD itself, its
+    // reflog, the branch's loose ref, and the reftable folder where refs
+    // are kept that way. (`--git-path` prints a path relative to the
+    // checkout, or absolute: joined to it, either works, with any git.)
+    // Only those that exist: cargo reruns a script for a missing path on
+    // every build.
+    let mut watched = vec![
+        "HEAD".to_owned(),
+        "logs/HEAD".to_owned(),
+        "reftable".to_owned(),
+    ];
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watched.push(branch);
     }
-    for name in watched {
-        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
-            && Path::new(&path).exists()
-        {
-            println!("cargo:rerun-if-changed={path}");
+    for name in &watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", name]) {
+            let path = root.join(path);
+            if path.exists() {
+                println!("cargo:rerun-if-changed={}", path.display());
+            }
         }
     }
-    // Read-only: a status that refreshed the index would move it and
-    // rerun this script at the next build.
+    let listed = |which: &str| -> Option<Vec<String>> {
+        let mut args = vec!["ls-files", which, "--exclude-standard", "--"];
+        args.extend_from_slice(paths);
+        git(&args).map(|text| text.lines().map(str::to_owned).collect())
+    };
+    let code = |name: &String| {
+        Path::new(name)
+            .extension()
+            .is_some_and(|ext| ext == "rs" || ext == "proto" || ext == "toml")
+    };
+    let tracked = listed("--cached");
+    let untracked: Option<Vec<String>> =
+        listed("--others").map(|names| names.into_iter().filter(code).collect());
+    for name in tracked.iter().chain(untracked.iter()).flatten() {
+        let path = root.join(name);
+        if path.exists() {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
+    // Read-only: a status that refreshed the index would move it for
+    // nothing.
     let mut status = vec![
         "--no-optional-locks",
         "status",
         "--porcelain",
-        "--untracked-files=normal",
+        "--untracked-files=no",
         "--",
     ];
     status.extend_from_slice(paths);
-    // A status that fails leaves the state unknown: say so rather than
-    // claim the commit.
-    let mark = match git(&status) {
-        Some(changes) if changes.is_empty() => "",
-        Some(_) => ", modified",
-        None => ", status unknown",
+    // A git that fails leaves the state unknown: say so rather than claim
+    // the commit.
+    let mark = match (git(&status), &tracked, &untracked) {
+        (Some(changes), Some(_), Some(new)) if changes.is_empty() && new.is_empty() => "",
+        (Some(_), Some(_), Some(_)) => ", modified",
+        _ => ", status unknown",
     };
     println!("cargo:rustc-env=FLGFN_BUILD={version} (commit {commit}{mark})");
 }

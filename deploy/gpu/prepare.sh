@@ -45,7 +45,10 @@ export CARGO_TARGET_DIR="$cache/target-gpu"
 # The scratch copy has no git: its binaries' --version names this commit
 # (marked if the tree differed) and the tch pin.
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
-[ -z "$(git status --porcelain 2>/dev/null)" ] || commit="$commit, modified"
+# (The code it builds, as the build scripts judge it, and the benches.)
+code=(common learner/src learner/benches learner/build.rs learner/Cargo.toml
+    actor/src actor/build.rs actor/Cargo.toml proto Cargo.toml Cargo.lock)
+[ -z "$(git status --porcelain -- "${code[@]}" 2>/dev/null)" ] || commit="$commit, modified"
 export FLGFN_BUILD_COMMIT="$commit, tch 0.24 for the GPU machine"
 cd "$scratch"
 cargo build --release --bins --quiet

@@ -103,6 +103,18 @@ fn a_short_suite_writes_its_data_and_plots() {
         "{errors}"
     );
     assert!(!out.join("replaced").exists());
+    // Reports with no configuration beside them (an older runner's) are
+    // never taken for this run's: set aside, and the run made again.
+    std::fs::remove_file(out.join("runs/small_fl-db_seed0/config.toml")).unwrap();
+    let remade = again("20");
+    assert!(remade.status.success());
+    let printed = String::from_utf8_lossy(&remade.stdout);
+    assert_eq!(printed.matches("starting over").count(), 1, "{printed}");
+    assert_eq!(
+        printed.matches("already done, kept").count(),
+        3,
+        "{printed}"
+    );
     // A figure of a group no longer drawn is removed at the next drawing;
     // other files in the folder stay.
     std::fs::write(out.join("plots/other-steps.png"), b"old").unwrap();
@@ -124,7 +136,7 @@ fn a_short_suite_writes_its_data_and_plots() {
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .collect();
-    assert_eq!(replaced.len(), 4, "{replaced:?}");
+    assert_eq!(replaced.len(), 5, "{replaced:?}");
     for old in &replaced {
         let metrics = std::fs::read_to_string(old.join("metrics.jsonl")).unwrap();
         let last: serde_json::Value =

@@ -138,8 +138,12 @@ fn only_flgfn_variables_must_be_utf8() {
 }
 
 /// This checkout's commit as the build script abbreviates it, and whether
-/// any file differs from it; `None` where git cannot tell.
+/// any file differs from it; `None` where the build did not take it from
+/// git (`FLGFN_BUILD_COMMIT`, no checkout of its own).
 fn checkout_commit() -> Option<(String, bool)> {
+    if std::env::var_os("FLGFN_BUILD_COMMIT").is_some_and(|commit| !commit.is_empty()) {
+        return None;
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let git = |args: &[&str]| {
         let output = Command::new("git")
@@ -153,6 +157,10 @@ fn checkout_commit() -> Option<(String, bool)> {
             .success()
             .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
     };
+    let top = std::fs::canonicalize(git(&["rev-parse", "--show-toplevel"])?).ok()?;
+    if top != root.canonicalize().ok()? {
+        return None;
+    }
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
     let changes = git(&[
         "--no-optional-locks",

@@ -74,8 +74,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(dir)) => {
             anyhow::ensure!(
                 dir.is_dir(),
-                "--checkpoint {}: no such folder",
-                dir.display()
+                "--checkpoint {}: {} (give the folder of the checkpoints, or a file as --weights)",
+                dir.display(),
+                if dir.exists() {
+                    "not a folder"
+                } else {
+                    "no such folder"
+                }
             );
             let found = checkpoint::load_latest(dir)?
                 .with_context(|| format!("no checkpoint in {}", dir.display()))?;

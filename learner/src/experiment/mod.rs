@@ -137,12 +137,22 @@ pub fn run_all(
         let config = run_config(spec, &dir);
         let written = written_config_matches(spec, &dir);
         let same_config = written == Some(true);
-        if written == Some(false) {
-            let aside = set_aside(out, &dir, &spec.name())?;
-            println!(
-                "{label}: made with another configuration; starting over (the old run is now {})",
-                aside.display()
-            );
+        // Reports with no configuration beside them are of an unknown
+        // one (an older runner's): set aside too, never taken for this
+        // run's.
+        let unknown_reports = written.is_none() && metrics.exists();
+        if written == Some(false) || unknown_reports {
+            match set_aside(out, &dir, &spec.name()) {
+                Ok(aside) => println!(
+                    "{label}: made with another configuration; starting over (the old run is now {})",
+                    aside.display()
+                ),
+                Err(error) => {
+                    println!("{label}: FAILED: {error:#}");
+                    outcome.failed.push((spec.clone(), format!("{error:#}")));
+                    continue;
+                }
+            }
         }
         let mut kept = "";
         let done = match read_reports(&metrics) {
