@@ -57,6 +57,10 @@ pub struct RunSpec {
     pub seed: u64,
     /// Local actor processes.
     pub actors: usize,
+    /// Place of its configuration (group and curve) in the suite: tables
+    /// list configurations in this order, those whose every seed failed
+    /// included.
+    pub position: usize,
     /// Everything the learner and actors read.
     pub config: Config,
 }
@@ -438,14 +442,7 @@ pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
 
 /// First report at quality and first at the top-100 ceiling.
 pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResult> {
-    let env = tasks::build(&spec.config.task)?;
-    // Rewards beyond f64 (a custom task's energies below -709) give an
-    // infinite ceiling, which the saturated sampled figure could never
-    // reach: not compared, as for a task without a reference.
-    let top_k_ceiling = env
-        .reference()
-        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K))
-        .filter(|ceiling| ceiling.is_finite());
+    let top_k_ceiling = top_k_ceiling(&spec.config);
     let to_quality = reports
         .iter()
         .find(|r| r.at_quality == Some(true))
@@ -463,6 +460,18 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
         to_top_k,
         top_k_ceiling,
     })
+}
+
+/// The exact top-100 mean reward of `config`'s task, where known. Rewards
+/// beyond f64 (a custom task's energies below -709) give an infinite
+/// ceiling, which the saturated sampled figure could never reach: not
+/// compared, as for a task without a reference.
+fn top_k_ceiling(config: &Config) -> Option<f64> {
+    tasks::build(&config.task)
+        .ok()?
+        .reference()
+        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K))
+        .filter(|ceiling| ceiling.is_finite())
 }
 
 /// A CSV field, quoted where it must be (group names hold commas:
@@ -569,13 +578,15 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
 pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut groups: BTreeMap<(&str, &str), Vec<&RunResult>> = BTreeMap::new();
     let mut failures: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-    let mut order: Vec<(&str, &str)> = Vec::new();
+    // Each configuration once, in suite order, with a spec of it.
+    let mut order: Vec<((&str, &str), &RunSpec)> = Vec::new();
     for spec in results.iter().map(|r| &r.spec).chain(failed) {
         let key = (spec.group.as_str(), spec.curve.as_str());
-        if !order.contains(&key) {
-            order.push(key);
+        if !order.iter().any(|(k, _)| *k == key) {
+            order.push((key, spec));
         }
     }
+    order.sort_by_key(|(_, spec)| spec.position);
     for r in results {
         groups
             .entry((r.spec.group.as_str(), r.spec.curve.as_str()))
@@ -590,7 +601,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut out = String::from(
         "| group | curve | seeds at quality | steps to quality | seconds to quality | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for key in order {
+    for (key, spec) in order {
         let runs = groups.get(&key).map_or(&[][..], Vec::as_slice);
         let failed_here = failures.get(&key).copied().unwrap_or(0);
         let n = runs.len() + failed_here;
@@ -623,7 +634,12 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
                 .filter(|x| x.is_finite())
                 .collect()
         };
-        let has_ceiling = runs.iter().any(|r| r.top_k_ceiling.is_some());
+        // (Of the task, known without a finished run: a configuration
+        // whose every seed failed reads 0/n, not "-".)
+        let has_ceiling = match runs.first() {
+            Some(run) => run.top_k_ceiling.is_some(),
+            None => top_k_ceiling(&spec.config).is_some(),
+        };
         let _ = writeln!(
             out,
             "| {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
@@ -710,6 +726,7 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
             curve: "run".to_owned(),
             seed: 0,
             actors: 0,
+            position: 0,
             config: Config::default(),
         },
         reports,
@@ -862,6 +879,31 @@ mod tests {
         assert_eq!(error.to_string(), "exit status: 1");
         let none = Err(anyhow::anyhow!("cannot read metrics.jsonl"));
         assert!(judge(&spec, "run", failed(), none).is_err());
+    }
+
+    /// A configuration whose every seed failed keeps its place in the
+    /// suite, and its top-100 count reads 0 of its seeds: the ceiling is
+    /// the task's, known without a finished run.
+    #[test]
+    fn a_configuration_that_only_failed_keeps_its_row() {
+        let specs = suite("paper-sets").unwrap().runs(1, Some(300));
+        let (first, second) = (specs[0].clone(), specs[1].clone());
+        assert!(first.position < second.position);
+        let finished = summarise(second.clone(), vec![report(300, true, 0.1)]).unwrap();
+        let table = summary_markdown(&[finished], std::slice::from_ref(&first));
+        let rows: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2, "{table}");
+        assert!(
+            rows[0].starts_with(&format!(
+                "| {} | {} | 0/1 | never | never | 0/1 |",
+                first.group, first.curve
+            )),
+            "{table}"
+        );
+        assert!(
+            rows[1].contains(&format!("| {} |", second.curve)),
+            "{table}"
+        );
     }
 
     #[test]

@@ -287,6 +287,17 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             None => curves.push((result.spec.curve.clone(), vec![result])),
         }
     }
+    // Curves with fewer finished seeds than others (failed runs) say so in
+    // their label: the title's count would be the largest one's.
+    for curves in groups.values_mut() {
+        let most = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        if curves.iter().any(|(_, r)| r.len() != most) {
+            for (label, runs) in curves.iter_mut() {
+                let n = runs.len();
+                *label = format!("{label} ({n} seed{})", if n == 1 { "" } else { "s" });
+            }
+        }
+    }
     let mut written = Vec::new();
     for (group, curves) in &groups {
         let stem: String = group
@@ -299,10 +310,11 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
         ];
         for (suffix, x_label, x) in axes {
             let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-            let title = if seeds == 1 {
-                format!("{group}: one run per curve")
-            } else {
-                format!("{group}: mean and range over {seeds} seeds")
+            let uneven = curves.iter().any(|(_, r)| r.len() != seeds);
+            let title = match (seeds, uneven) {
+                (1, false) => format!("{group}: one run per curve"),
+                (_, false) => format!("{group}: mean and range over {seeds} seeds"),
+                (_, true) => format!("{group}: mean and range over the seeds in each label"),
             };
             let size = (1500, 900);
             let png = dir.join(format!("{stem}-{suffix}.png"));

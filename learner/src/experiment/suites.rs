@@ -32,7 +32,7 @@ impl Suite {
     pub fn runs(&self, seeds: u64, steps: Option<u64>) -> Vec<RunSpec> {
         let steps = steps.unwrap_or(self.default_steps);
         let mut runs = Vec::new();
-        for (group, curve, config) in (self.build)(steps) {
+        for (position, (group, curve, config)) in (self.build)(steps).into_iter().enumerate() {
             for seed in 0..seeds {
                 let mut config = config.clone();
                 config.seed = seed * SEED_STRIDE;
@@ -41,6 +41,7 @@ impl Suite {
                     curve: curve.clone(),
                     seed,
                     actors: config.launch.actors,
+                    position,
                     config,
                 });
             }
