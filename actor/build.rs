@@ -8,16 +8,5 @@ include!("../common/build_support/provenance.rs");
 
 fn main() {
     link_libtorch_with(false);
-    record_provenance(&[
-        "actor/src",
-        "actor/Cargo.toml",
-        "actor/build.rs",
-        "common/src",
-        "common/Cargo.toml",
-        "common/build.rs",
-        "common/build_support",
-        "proto",
-        "Cargo.toml",
-        "Cargo.lock",
-    ]);
+    record_provenance_of("actor");
 }

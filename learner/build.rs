@@ -6,16 +6,5 @@ include!("../common/build_support/provenance.rs");
 
 fn main() {
     link_libtorch();
-    record_provenance(&[
-        "learner/src",
-        "learner/Cargo.toml",
-        "learner/build.rs",
-        "common/src",
-        "common/Cargo.toml",
-        "common/build.rs",
-        "common/build_support",
-        "proto",
-        "Cargo.toml",
-        "Cargo.lock",
-    ]);
+    record_provenance_of("learner");
 }

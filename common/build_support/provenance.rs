@@ -8,10 +8,32 @@
 // The script reruns when HEAD moves (its reflog, which every commit,
 // checkout and reset appends to, in this worktree), or when a file it
 // checks changes or goes (`paths`: the crate's own sources and those of
-// what it builds on, not its tests). Files are watched one by one, tracked
+// what it builds on, not its tests: `record_provenance_of`). Files are watched one by one, tracked
 // ones and untracked Rust, proto and TOML files, so an editor's swap file
 // neither marks the build nor reruns it, and editing a test rebuilds
 // nothing more than it did.
+#[allow(dead_code)]
+fn record_provenance_of(krate: &str) {
+    let own = [
+        format!("{krate}/src"),
+        format!("{krate}/Cargo.toml"),
+        format!("{krate}/build.rs"),
+    ];
+    // What every crate builds on: common (its sources and build support),
+    // the protocol and the workspace's manifest and lock.
+    let shared = [
+        "common/src",
+        "common/Cargo.toml",
+        "common/build.rs",
+        "common/build_support",
+        "proto",
+        "Cargo.toml",
+        "Cargo.lock",
+    ];
+    let paths: Vec<&str> = own.iter().map(String::as_str).chain(shared).collect();
+    record_provenance(&paths);
+}
+
 #[allow(dead_code)]
 fn record_provenance(paths: &[&str]) {
     use std::path::Path;

@@ -723,6 +723,13 @@ fn sample(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `flgfn-sample` with `args`, which it must refuse; what it said.
+fn sample_refused(args: &[&str]) -> String {
+    let output = sample(args);
+    assert!(!output.status.success(), "{output:?}");
+    String::from_utf8(output.stderr).unwrap()
+}
+
 #[test]
 fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     let dir = scratch("samples");
@@ -798,28 +805,24 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     assert_eq!(rows[1].split(',').count(), 5);
     // A checkpoint folder that is not there is named as such.
     let missing = dir.join("no-such-folder");
-    let output = sample(&[
+    let message = sample_refused(&[
         "--config",
         config,
         "--checkpoint",
         missing.to_str().unwrap(),
     ]);
-    assert!(!output.status.success());
-    let message = String::from_utf8(output.stderr).unwrap();
     assert!(message.contains("no such folder"), "{message}");
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");
     let text = std::fs::read_to_string(config).unwrap();
     std::fs::write(&other, text.replace("hidden = [64, 64]", "hidden = [32]")).unwrap();
-    let output = sample(&[
+    let message = sample_refused(&[
         "--config",
         other.to_str().unwrap(),
         "--weights",
         final_weights.to_str().unwrap(),
     ]);
-    assert!(!output.status.success());
-    let message = String::from_utf8(output.stderr).unwrap();
     assert!(
         message.contains("hidden=[64, 64]") && message.contains("hidden=[32]"),
         "{message}"
@@ -830,14 +833,12 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         .unwrap()
         .pop()
         .unwrap();
-    let output = sample(&[
+    let message = sample_refused(&[
         "--config",
         config,
         "--weights",
         checkpoint.to_str().unwrap(),
     ]);
-    assert!(!output.status.success());
-    let message = String::from_utf8(output.stderr).unwrap();
     assert!(message.contains("--checkpoint DIR"), "{message}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
