@@ -12,6 +12,8 @@
 // ones and untracked Rust, proto and TOML files, so an editor's swap file
 // neither marks the build nor reruns it, and editing a test rebuilds
 // nothing more than it did.
+include!("git.rs");
+
 #[allow(dead_code)]
 fn record_provenance_of(krate: &str) {
     let own = [
@@ -37,7 +39,6 @@ fn record_provenance_of(krate: &str) {
 #[allow(dead_code)]
 fn record_provenance(paths: &[&str]) {
     use std::path::Path;
-    use std::process::Command;
 
     println!("cargo:rerun-if-env-changed=FLGFN_BUILD_COMMIT");
     let version = std::env::var("CARGO_PKG_VERSION").expect("cargo sets CARGO_PKG_VERSION");
@@ -52,27 +53,8 @@ fn record_provenance(paths: &[&str]) {
     }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let root = Path::new(&manifest_dir).join("..");
-    let git = |args: &[&str]| -> Option<String> {
-        let output = Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    };
-    // Only this checkout's own commit: a tree copied into another
-    // repository's folder would otherwise take that one's.
-    let own_checkout = git(&["rev-parse", "--show-toplevel"])
-        .and_then(|top| Path::new(&top).canonicalize().ok())
-        .is_some_and(|top| root.canonicalize().is_ok_and(|root| root == top));
-    let commit = own_checkout
-        .then(|| git(&["rev-parse", "--short=12", "HEAD"]))
-        .flatten();
-    let Some(commit) = commit else {
+    let git = |args: &[&str]| git_in(&root, args);
+    let Some(commit) = own_commit(&root) else {
         println!("cargo:rustc-env=FLGFN_BUILD={version} (commit unknown)");
         return;
     };

@@ -137,6 +137,10 @@ fn only_flgfn_variables_must_be_utf8() {
     }
 }
 
+// The build scripts' own git calls, so that this test reads the commit as
+// they do.
+include!("../../common/build_support/git.rs");
+
 /// This checkout's commit as the build script abbreviates it, and whether
 /// any file differs from it; `None` where the build did not take it from
 /// git (`FLGFN_BUILD_COMMIT`, no checkout of its own).
@@ -145,29 +149,16 @@ fn checkout_commit() -> Option<(String, bool)> {
         return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let git = |args: &[&str]| {
-        let output = Command::new("git")
-            .arg("-C")
-            .arg(&root)
-            .args(args)
-            .output()
-            .ok()?;
-        output
-            .status
-            .success()
-            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    };
-    let top = std::fs::canonicalize(git(&["rev-parse", "--show-toplevel"])?).ok()?;
-    if top != root.canonicalize().ok()? {
-        return None;
-    }
-    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
-    let changes = git(&[
-        "--no-optional-locks",
-        "status",
-        "--porcelain",
-        "--untracked-files=normal",
-    ])?;
+    let commit = own_commit(&root)?;
+    let changes = git_in(
+        &root,
+        &[
+            "--no-optional-locks",
+            "status",
+            "--porcelain",
+            "--untracked-files=normal",
+        ],
+    )?;
     Some((commit, !changes.is_empty()))
 }
 

@@ -442,7 +442,7 @@ pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
 
 /// First report at quality and first at the top-100 ceiling.
 pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResult> {
-    let top_k_ceiling = top_k_ceiling(&spec.config);
+    let top_k_ceiling = top_k_ceiling(&spec.config)?;
     let to_quality = reports
         .iter()
         .find(|r| r.at_quality == Some(true))
@@ -466,12 +466,11 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
 /// beyond f64 (a custom task's energies below -709) give an infinite
 /// ceiling, which the saturated sampled figure could never reach: not
 /// compared, as for a task without a reference.
-fn top_k_ceiling(config: &Config) -> Option<f64> {
-    tasks::build(&config.task)
-        .ok()?
+fn top_k_ceiling(config: &Config) -> anyhow::Result<Option<f64>> {
+    Ok(tasks::build(&config.task)?
         .reference()
         .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K))
-        .filter(|ceiling| ceiling.is_finite())
+        .filter(|ceiling| ceiling.is_finite()))
 }
 
 /// A CSV field, quoted where it must be (group names hold commas:
@@ -638,7 +637,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
         // whose every seed failed reads 0/n, not "-".)
         let has_ceiling = match runs.first() {
             Some(run) => run.top_k_ceiling.is_some(),
-            None => top_k_ceiling(&spec.config).is_some(),
+            None => top_k_ceiling(&spec.config).is_ok_and(|c| c.is_some()),
         };
         let _ = writeln!(
             out,
@@ -681,33 +680,11 @@ pub fn write_outputs(
     )?;
     let dir = out.join("plots");
     let written = plots::render_groups(results, &dir)?;
-    remove_other_plots(&dir, &written)?;
+    // Figures this drawing did not write (a group whose runs all failed
+    // this time, or another suite's that shared the folder) would show
+    // runs the tables no longer count.
+    plots::remove_figures_except(&dir, &written)?;
     Ok(written)
-}
-
-/// Removes the figures in the runner's `plots/` folder that this drawing
-/// did not write (a group whose runs all failed this time, or another
-/// suite's that shared the folder): they would show runs the tables no
-/// longer count. Only files named as figures are touched.
-fn remove_other_plots(dir: &Path, written: &[PathBuf]) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-    for entry in entries {
-        let path = entry?.path();
-        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let figure = ["-steps", "-seconds"].iter().any(|axis| {
-            [".png", ".svg"]
-                .iter()
-                .any(|ext| name.ends_with(&format!("{axis}{ext}")))
-        });
-        if figure && path.is_file() && !written.contains(&path) {
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Plots one metrics file (a run of `flgfn-learner --metrics FILE`) into

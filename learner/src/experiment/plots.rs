@@ -116,6 +116,14 @@ fn register_font() {
 /// A figure's x axis: file suffix, axis label, value of a report.
 type Axis = (&'static str, &'static str, fn(&Report) -> f64);
 
+/// Each group's figures: one per axis (file suffix, label, x of a
+/// report), each as PNG and SVG.
+const AXES: [Axis; 2] = [
+    ("steps", "training steps", |r| r.step as f64),
+    ("seconds", "seconds of training", |r| r.wall_s),
+];
+const FIGURE_EXTENSIONS: [&str; 2] = ["png", "svg"];
+
 /// (x, mean, low, high) per report index, over the runs of one curve.
 type Band = Vec<(f64, f64, f64, f64)>;
 
@@ -287,35 +295,29 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             None => curves.push((result.spec.curve.clone(), vec![result])),
         }
     }
-    // Curves with fewer finished seeds than others (failed runs) say so in
-    // their label: the title's count would be the largest one's.
-    for curves in groups.values_mut() {
-        let most = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-        if curves.iter().any(|(_, r)| r.len() != most) {
+    let mut written = Vec::new();
+    for (group, curves) in &mut groups {
+        let stem: String = group
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        let uneven = curves.iter().any(|(_, r)| r.len() != seeds);
+        // Curves with fewer finished seeds than others (failed runs) say so
+        // in their label: the title's count would be the largest one's.
+        if uneven {
             for (label, runs) in curves.iter_mut() {
                 let n = runs.len();
                 *label = format!("{label} ({n} seed{})", if n == 1 { "" } else { "s" });
             }
         }
-    }
-    let mut written = Vec::new();
-    for (group, curves) in &groups {
-        let stem: String = group
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .collect();
-        let axes: [Axis; 2] = [
-            ("steps", "training steps", |r| r.step as f64),
-            ("seconds", "seconds of training", |r| r.wall_s),
-        ];
-        for (suffix, x_label, x) in axes {
-            let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-            let uneven = curves.iter().any(|(_, r)| r.len() != seeds);
-            let title = match (seeds, uneven) {
-                (1, false) => format!("{group}: one run per curve"),
-                (_, false) => format!("{group}: mean and range over {seeds} seeds"),
-                (_, true) => format!("{group}: mean and range over the seeds in each label"),
-            };
+        let title = match (seeds, uneven) {
+            (1, false) => format!("{group}: one run per curve"),
+            (_, false) => format!("{group}: mean and range over {seeds} seeds"),
+            (_, true) => format!("{group}: mean and range over the seeds in each label"),
+        };
+        let curves = &*curves;
+        for (suffix, x_label, x) in AXES {
             let size = (1500, 900);
             let png = dir.join(format!("{stem}-{suffix}.png"));
             drawn_whole(&png, |part| {
@@ -342,6 +344,29 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
         }
     }
     Ok(written)
+}
+
+/// Removes the figures in `dir` (files named as [`render_groups`] names
+/// them) that are not among `written`; other files stay.
+pub fn remove_figures_except(dir: &Path, written: &[PathBuf]) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let figure = AXES.iter().any(|(suffix, ..)| {
+            FIGURE_EXTENSIONS
+                .iter()
+                .any(|ext| name.ends_with(&format!("-{suffix}.{ext}")))
+        });
+        if figure && path.is_file() && !written.contains(&path) {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Draws into a part file beside `path` (same extension: the backend picks
