@@ -273,18 +273,25 @@ impl DecodedWeights {
     }
 }
 
-/// Decodes a buffer written by [`encode`] (or by any safetensors writer,
-/// with F32 or BF16 tensors).
-pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
+/// The header's `__metadata__` map alone, with the header checked as
+/// [`decode`] checks it, whatever the tensors' dtypes: a reader can tell
+/// what wrote a buffer before reading its tensors.
+pub fn decode_metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, WeightsError> {
     check_offsets(bytes)?;
     let (_, header) =
         SafeTensors::read_metadata(bytes).map_err(|e| WeightsError::Format(format!("{e:?}")))?;
-    let metadata = header
+    Ok(header
         .metadata()
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .collect();
+        .collect())
+}
+
+/// Decodes a buffer written by [`encode`] (or by any safetensors writer,
+/// with F32 or BF16 tensors).
+pub fn decode(bytes: &[u8]) -> Result<DecodedWeights, WeightsError> {
+    let metadata = decode_metadata(bytes)?;
     let tensors =
         SafeTensors::deserialize(bytes).map_err(|e| WeightsError::Format(format!("{e:?}")))?;
     let mut arrays: Vec<NamedArray> = tensors

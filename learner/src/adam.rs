@@ -153,8 +153,11 @@ impl Adam {
         let _guard = tch::no_grad_guard();
         // Counted when applied: a proposal that fails half-way (out of
         // memory) leaves the count as it was.
-        let step = self.steps + 1;
-        let t = step as i32;
+        let step = self.steps.saturating_add(1);
+        // Both corrections are exactly 1.0 in f64 long before t leaves
+        // i32 (after ~7,000 steps), so a run past 2^31 steps keeps them
+        // there instead of wrapping to a negative power.
+        let t = i32::try_from(step).unwrap_or(i32::MAX);
         let step_size = self.learning_rate / (1.0 - BETA1.powi(t));
         let root_correction = (1.0 - BETA2.powi(t)).sqrt();
         let grad = self.parameters.gradients().shallow_clone();
@@ -235,6 +238,19 @@ impl Adam {
                     return Err(format!(
                         "optimizer state `{name}` has shape {:?}, the parameter's is {:?}",
                         array.shape, slot.shape
+                    ));
+                }
+                // NaN, infinite or (for v) negative moments would make
+                // every step non-finite: each skipped, the run reported
+                // as diverged.
+                if let Some((index, value)) = array
+                    .values
+                    .iter()
+                    .enumerate()
+                    .find(|&(_, &x)| !x.is_finite() || (prefix == "v" && x < 0.0))
+                {
+                    return Err(format!(
+                        "optimizer state `{name}` holds {value} at element {index}, which Adam never writes"
                     ));
                 }
                 let values = Tensor::from_slice(&array.values)
@@ -442,5 +458,38 @@ mod tests {
         let mut wrong = adam_a.state();
         wrong[0].shape = vec![1];
         assert!(adam_b.restore(&wrong, 3).unwrap_err().contains("shape"));
+        // Moments Adam never writes, named.
+        for (prefix, value) in [("m", f32::NAN), ("v", f32::INFINITY), ("v", -1e-3)] {
+            let mut wrong = adam_a.state();
+            let moment = wrong
+                .iter_mut()
+                .find(|a| a.name.starts_with(&format!("{prefix}/")))
+                .unwrap();
+            moment.values[2] = value;
+            let name = moment.name.clone();
+            let error = adam_b.restore(&wrong, 3).unwrap_err();
+            assert!(
+                error.contains(&format!("`{name}`")) && error.contains("element 2"),
+                "{error}"
+            );
+        }
+    }
+
+    /// Past 2^31 steps, t of the bias corrections would wrap to a negative
+    /// power (infinite corrections, every step NaN and skipped).
+    #[test]
+    fn steps_past_i32_keep_their_bias_corrections_at_one() {
+        let (_vars, model, mut adam) = seeded(4, 0.01);
+        let moments = adam.state();
+        adam.restore(&moments, 1 << 31).unwrap();
+        adam.zero_grad();
+        loss(&model, 0).backward();
+        let before = snapshot(&adam);
+        let finite = adam.step_unless(&Tensor::from(false));
+        assert!(bool::try_from(&finite).unwrap());
+        let after = snapshot(&adam);
+        assert_ne!(after[0], before[0]);
+        assert!(after.iter().flatten().all(|x| x.is_finite()));
+        assert_eq!(adam.steps(), (1 << 31) + 1);
     }
 }

@@ -6,10 +6,15 @@
 //! parameters and their Adam (`objective/...`, `objective_adam/...`), and
 //! in the header's metadata a JSON [`CheckpointState`] (step, from which
 //! the learning-rate schedule continues, weight version, whole-run totals,
-//! the evaluator's running state, the whole configuration) plus a CRC-32 over that JSON and every tensor
-//! value. Any torn write or flipped byte fails either the safetensors
-//! parse or the checksum; loading then reports it and falls back to the
-//! previous checkpoint.
+//! the evaluator's running state, the whole configuration) plus a CRC-32
+//! over that JSON and every tensor's name and values. A torn write or a
+//! flipped byte fails the safetensors parse (which also checks that each
+//! shape fills its bytes) or the checksum; loading then reports it and
+//! falls back to the previous checkpoint. Two exceptions stop the learner
+//! instead, naming the file: a flipped digit of the state's `format`,
+//! which reads as another version's checkpoint (falling back would lose
+//! its progress if it were one), and shapes rewritten with the same
+//! product, which the sum does not cover and loading refuses.
 //!
 //! Files are written atomically: a temporary file in the same directory,
 //! fsync, rename over the final name, fsync of the directory. The last
@@ -423,22 +428,20 @@ struct FormatOnly {
 /// Verifies the bytes of checkpoint file `path`.
 fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
     let damaged = Unusable::Damaged;
-    let decoded = weights::decode(bytes)
-        .map_err(|e| damaged(format!("not a readable safetensors file: {e}")))?;
-    let json = decoded
-        .metadata
+    let unreadable = |e: weights::WeightsError| format!("not a readable safetensors file: {e}");
+    // The header first: another format may store tensors this learner
+    // cannot decode (another dtype), which must not read as damage.
+    let metadata = weights::decode_metadata(bytes).map_err(|e| damaged(unreadable(e)))?;
+    let json = metadata
         .get(STATE_KEY)
         .ok_or_else(|| damaged("no checkpoint state in its metadata".to_owned()))?;
+    let decoded = weights::decode(bytes);
     // Another format is named before the checksum is checked: the
     // version that wrote it may sum otherwise, and calling it damage
     // would resume from an older checkpoint, quietly losing its progress.
     // (A torn state does not parse, and is checked as damage below.)
     let other = Unusable::OtherVersion;
-    let stored: Option<u32> = decoded
-        .metadata
-        .get(CHECKSUM_KEY)
-        .and_then(|c| c.parse().ok());
-    let actual = checksum(json, &decoded.arrays);
+    let stored: Option<u32> = metadata.get(CHECKSUM_KEY).and_then(|c| c.parse().ok());
     let format = serde_json::from_str::<FormatOnly>(json);
     if let Ok(FormatOnly { format }) = format
         && format != FORMAT
@@ -451,15 +454,17 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Checkpoint, Unusable> {
         }
         // Still another version's, but a person deciding should know
         // that a flipped digit reads the same.
-        let hint = if stored == Some(actual) {
-            ""
-        } else {
-            ", and its checksum does not hold by this learner's sum: if no other version wrote it, it is damaged"
+        let hint = match &decoded {
+            Ok(decoded) if stored == Some(checksum(json, &decoded.arrays)) => String::new(),
+            Ok(_) => ", and its checksum does not hold by this learner's sum: if no other version wrote it, it is damaged".to_owned(),
+            Err(e) => format!("; its tensors are not readable here: {e}"),
         };
         return Err(other(format!(
             "checkpoint format {format} (this learner reads {FORMAT}{hint})"
         )));
     }
+    let decoded = decoded.map_err(|e| damaged(unreadable(e)))?;
+    let actual = checksum(json, &decoded.arrays);
     let stored = stored.ok_or_else(|| damaged("no checksum in its metadata".to_owned()))?;
     if stored != actual {
         return Err(damaged(format!(
@@ -547,21 +552,27 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
 /// (`*.safetensors.damaged`, kept for a post-mortem). A learner resuming
 /// from an older checkpoint must: left in place, they would sort after
 /// every checkpoint the resumed run writes, and pruning to
-/// `keep_checkpoints` would delete the good new ones first.
-pub fn set_aside(paths: &[PathBuf]) {
-    for path in paths {
-        set_aside_one(path);
-    }
+/// `keep_checkpoints` would delete the good new ones first. So one that
+/// cannot be renamed is an error that names it: the learner does not
+/// start rather than prune its own checkpoints away.
+pub fn set_aside(paths: &[PathBuf]) -> Result<(), LearnerError> {
+    paths.iter().try_for_each(|path| set_aside_one(path))
 }
 
-fn set_aside_one(path: &Path) {
+fn set_aside_one(path: &Path) -> Result<(), LearnerError> {
     let mut aside = path.as_os_str().to_owned();
     aside.push(DAMAGED_SUFFIX);
     match fs::rename(path, &aside) {
-        Ok(()) => warn!(path = %Path::new(&aside).display(), "set a damaged checkpoint aside"),
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot set a damaged checkpoint aside")
+        Ok(()) => {
+            warn!(path = %Path::new(&aside).display(), "set a damaged checkpoint aside");
+            Ok(())
         }
+        // Gone meanwhile: nothing left to outrank the new ones.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LearnerError::Checkpoint(format!(
+            "cannot set the damaged checkpoint {} aside ({e}): left there, it would outrank every checkpoint this run writes and pruning would delete them; move it out of the folder by hand",
+            path.display()
+        ))),
     }
 }
 
@@ -572,7 +583,7 @@ pub fn read_version_floor(dir: &Path) -> Result<u64, LearnerError> {
     match fs::read_to_string(&path) {
         Ok(text) => text.trim().parse().map_err(|_| {
             LearnerError::Checkpoint(format!(
-                "{}: not a version number ({:?}); --fresh starts over",
+                "{}: not a version number ({:?}); write in a number at least as high as any version the actors may have seen, or delete the file, at the risk of running actors being sent a version number twice (--fresh would delete the checkpoints too)",
                 path.display(),
                 text.trim()
             ))
@@ -781,10 +792,20 @@ mod tests {
         assert_eq!(resumed.state.step, 100);
         assert_eq!(resumed.damaged_newer, std::slice::from_ref(&newest));
         assert!(newest.exists(), "reading changes nothing");
-        set_aside(&resumed.damaged_newer);
+        // A damaged one that cannot be moved aside (here a folder holds
+        // its new name) stops the learner, named: left in place, it would
+        // outrank the resumed run's checkpoints, and pruning delete them.
+        let aside = dir.join(format!("{}{DAMAGED_SUFFIX}", file_name(200)));
+        fs::create_dir_all(aside.join("blocker")).unwrap();
+        let error = set_aside(&resumed.damaged_newer).unwrap_err().to_string();
+        assert!(
+            error.contains(&newest.display().to_string()) && error.contains("by hand"),
+            "{error}"
+        );
+        fs::remove_dir_all(&aside).unwrap();
+        set_aside(&resumed.damaged_newer).unwrap();
         // Set aside: the resumed run's next checkpoint is the newest, and
         // pruning keeps it.
-        let aside = dir.join(format!("{}{DAMAGED_SUFFIX}", file_name(200)));
         assert!(aside.exists() && !newest.exists());
         let resumed = save(&dir, &state(150), &arrays(1.5), 2).unwrap();
         let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
@@ -842,6 +863,32 @@ mod tests {
             error.contains("checksum does not hold") && error.contains("it is damaged"),
             "{error}"
         );
+        // ...and where that format stores tensors this learner cannot
+        // decode (another dtype, here I32 in F32's place): still another
+        // version's, not damage.
+        save(&dir, &future, &arrays(2.0), 5).unwrap();
+        let as_i32 = |bytes: Vec<u8>| {
+            let at = bytes.windows(5).position(|w| w == b"\"F32\"").unwrap();
+            let mut bytes = bytes;
+            bytes[at + 1..at + 4].copy_from_slice(b"I32");
+            bytes
+        };
+        fs::write(&path, as_i32(fs::read(&path).unwrap())).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&file_name(200))
+                && error.contains("format 2")
+                && error.contains("not readable here")
+                && error.contains("I32"),
+            "{error}"
+        );
+        // In this learner's own format, the same is damage.
+        save(&dir, &state(200), &arrays(2.0), 5).unwrap();
+        fs::write(&path, as_i32(fs::read(&path).unwrap())).unwrap();
+        assert!(matches!(
+            parse(&path, &fs::read(&path).unwrap()),
+            Err(Unusable::Damaged(_))
+        ));
         // A format no version writes is damage: the one before is used.
         let mut zero = state(200);
         zero.format = 0;
@@ -860,6 +907,17 @@ mod tests {
         assert!(error.contains("--fresh"), "{error}");
         write_version_floor(&dir, 1200).unwrap();
         assert_eq!(read_version_floor(&dir).unwrap(), 1200);
+        // A floor that is not a number: named, with what to write there
+        // (not --fresh, which would delete every checkpoint too).
+        fs::write(dir.join(VERSION_FLOOR), "12x\n").unwrap();
+        let error = read_version_floor(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(VERSION_FLOOR)
+                && error.contains("\"12x\"")
+                && error.contains("write in a number"),
+            "{error}"
+        );
+        write_version_floor(&dir, 1200).unwrap();
 
         // A newest one that cannot be read at all (here a folder by its
         // name: EISDIR, as EIO or EACCES would be) is named, not skipped.

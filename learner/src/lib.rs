@@ -569,7 +569,7 @@ pub async fn serve(
         )?;
         // This run continues from here: newer damaged ones must not outrank
         // what it writes.
-        checkpoint::set_aside(&checkpoint.damaged_newer);
+        checkpoint::set_aside(&checkpoint.damaged_newer)?;
         info!(
             path = %checkpoint.path.display(),
             step = state.step,

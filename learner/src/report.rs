@@ -314,14 +314,21 @@ impl MetricsFile {
     /// truncates it. Reports past the step a run resumes at describe
     /// training that is done again (the learner stopped after its last
     /// checkpoint): they go, so steps only ever increase. A last line torn
-    /// by a crash goes too, so every line stays one JSON object.
+    /// by a crash goes too, so every line stays one JSON object. (Only in
+    /// a plain file: a link, a pipe or a device is appended to as it is.)
     pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, LearnerError> {
         let error = |source| LearnerError::Metrics {
             path: path.display().to_string(),
             source,
         };
         let append = resumed_at.is_some();
+        // Trimmed only when it is a plain file: reading a FIFO (or
+        // /dev/stdout) would block or read the terminal, and the atomic
+        // rewrite would put a file in place of a link or a pipe. Those
+        // are appended to as they are.
+        let plain_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
         if let Some(step) = resumed_at
+            && plain_file
             && let Ok(contents) = std::fs::read(path)
         {
             let kept = reports_up_to(&contents, step);
@@ -433,6 +440,36 @@ mod tests {
         // Without a step to resume at, the file starts over.
         drop(MetricsFile::open(&path, None).unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Not a plain file (a link here; a pipe would block the read): the
+    /// learner appends without reading or replacing it.
+    #[test]
+    fn a_resumed_run_appends_to_a_link_without_replacing_it() {
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-link-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("kept.jsonl");
+        let link = dir.join("metrics.jsonl");
+        std::fs::write(&target, "{\"step\":300}\n").unwrap();
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let mut metrics = MetricsFile::open(&link, Some(200)).unwrap();
+        metrics
+            .write(&Report {
+                step: 250,
+                ..Report::default()
+            })
+            .unwrap();
+        drop(metrics);
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let text = std::fs::read_to_string(&target).unwrap();
+        assert!(text.starts_with("{\"step\":300}\n{"), "{text}");
+        assert_eq!(text.lines().count(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -668,6 +668,7 @@ impl Trainer {
         let state = &checkpoint.state;
         let fail =
             |e: String| LearnerError::Checkpoint(format!("{}: {e}", checkpoint.path.display()));
+        check_counters(state).map_err(fail)?;
         optimizer
             .restore(&checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
@@ -1004,9 +1005,52 @@ impl Trainer {
     }
 }
 
+/// Largest count a checkpoint may hold (steps, transitions, samples): far
+/// beyond any run (2^62 steps at a microsecond each is 146,000 years), and
+/// low enough that the counters cannot wrap as a run adds to them.
+const COUNTER_LIMIT: u64 = u64::MAX / 4;
+
+/// Refuses a checkpoint state whose counters no learner writes: they
+/// would wrap as training adds to them, or (Adam steps ahead of the
+/// training step) come from a hand-made or crafted file. The checksum
+/// proves a file is as written, not that a learner wrote it.
+fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), String> {
+    for (field, value) in [
+        ("step", state.step),
+        ("trained_transitions", state.trained_transitions),
+        ("evaluator.samples_so_far", state.evaluator.samples_so_far),
+    ] {
+        if value > COUNTER_LIMIT {
+            return Err(format!(
+                "state field `{field}` is {value}, beyond what a learner counts ({COUNTER_LIMIT})"
+            ));
+        }
+    }
+    // One ahead at most: a step that libtorch failed half-way through can
+    // leave the policy's optimizer applied and the objective's not.
+    for (field, value) in [
+        ("adam_steps", state.adam_steps),
+        ("objective_adam_steps", state.objective_adam_steps),
+    ] {
+        if value > state.step + 1 {
+            return Err(format!(
+                "state field `{field}` is {value}, ahead of its step ({}): not written by a learner",
+                state.step
+            ));
+        }
+    }
+    if !(state.wall_s.is_finite() && state.wall_s >= 0.0) {
+        return Err(format!(
+            "state field `wall_s` is {}, not a duration",
+            state.wall_s
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{learning_rate_fraction, unless_libtorch_fails};
+    use super::{check_counters, learning_rate_fraction, unless_libtorch_fails};
 
     #[test]
     fn libtorch_failing_in_a_step_is_an_error_naming_the_step_and_why() {
@@ -1039,5 +1083,44 @@ mod tests {
         );
         // A final fraction of 1: constant.
         assert_eq!(learning_rate_fraction(900, 1000, 1.0), 1.0);
+    }
+
+    #[test]
+    fn counters_no_learner_writes_are_refused_naming_the_field() {
+        use crate::checkpoint::CheckpointState;
+        let good = CheckpointState {
+            step: 100,
+            trained_transitions: 32_000,
+            adam_steps: 101,
+            objective_adam_steps: 100,
+            wall_s: 1.5,
+            ..CheckpointState::default()
+        };
+        assert_eq!(check_counters(&good), Ok(()));
+        let refused = |change: fn(&mut CheckpointState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            check_counters(&state).unwrap_err()
+        };
+        for (error, field) in [
+            (refused(|s| s.step = u64::MAX), "`step`"),
+            (
+                refused(|s| s.trained_transitions = u64::MAX - 5),
+                "`trained_transitions`",
+            ),
+            (
+                refused(|s| s.evaluator.samples_so_far = 1 << 63),
+                "`evaluator.samples_so_far`",
+            ),
+            (refused(|s| s.adam_steps = 1 << 31), "`adam_steps`"),
+            (
+                refused(|s| s.objective_adam_steps = 102),
+                "`objective_adam_steps`",
+            ),
+            (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
+            (refused(|s| s.wall_s = -1.0), "`wall_s`"),
+        ] {
+            assert!(error.contains(field), "{field}: {error}");
+        }
     }
 }
