@@ -27,7 +27,8 @@ use flgfn_common::policy::ModelSpec;
 use flgfn_common::telemetry::with_causes;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
-    ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER,
+    ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER,
+    TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -443,7 +444,14 @@ impl Session<'_> {
         // it sends (it refuses to start with weights over its own limit),
         // even if this actor's learner.max_message_bytes, from another
         // file, is lower. gRPC frames a message in at most 4 GiB.
-        let max_bytes = self.max_message_bytes.min(as_size(reply.max_message_bytes));
+        let learner_max = as_size(reply.max_message_bytes);
+        let max_bytes = self.max_message_bytes.min(learner_max);
+        // Named in the error of a chunk over it: the fix is in one file.
+        let max_bytes_of = if self.max_message_bytes < learner_max {
+            "this actor's learner.max_message_bytes"
+        } else {
+            "the learner's learner.max_message_bytes"
+        };
         let weights_limit = self
             .max_message_bytes
             .max(as_size(reply.max_grant_bytes))
@@ -470,6 +478,14 @@ impl Session<'_> {
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
         let metadata = request.metadata_mut();
         metadata.insert(ACTOR_ID_HEADER, actor_id.into());
+        // Proves this actor shook hands for that id (ids come in order).
+        let session_key = reply.session_key.parse().map_err(|_| {
+            SessionError::Fatal(
+                "the learner's session key is not header text: is actor.learner a flgfn learner?"
+                    .to_owned(),
+            )
+        })?;
+        metadata.insert(SESSION_KEY_HEADER, session_key);
         metadata.insert(TRAJECTORIES_PER_CHUNK_HEADER, (self.envs as u64).into());
         self.authorize(metadata)?;
         let grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
@@ -483,6 +499,7 @@ impl Session<'_> {
             upload,
             actor_id,
             max_bytes,
+            max_bytes_of,
         })
     }
 
@@ -498,6 +515,7 @@ impl Session<'_> {
             upload,
             actor_id,
             max_bytes,
+            max_bytes_of,
         } = opened;
         let session = self.session;
         // Set once a chunk is sent: only a session that served resets the
@@ -648,7 +666,7 @@ impl Session<'_> {
                         counts.stale_chunks_dropped += 1;
                         // Every chunk would fail alike: retrying cannot help.
                         return Err(SessionError::Fatal(format!(
-                            "a chunk encodes to {} bytes, more than the learner accepts ({max_bytes}, learner.max_message_bytes); lower actor.envs",
+                            "a chunk encodes to {} bytes, more than the {max_bytes} of {max_bytes_of}; lower actor.envs",
                             message.encoded_len()
                         )));
                     }
@@ -683,6 +701,8 @@ struct Opened {
     actor_id: u64,
     /// Largest message to send (the smaller of both sides' limits).
     max_bytes: usize,
+    /// Which side's limit that is, for the error.
+    max_bytes_of: &'static str,
 }
 
 /// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner

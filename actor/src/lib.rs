@@ -214,16 +214,32 @@ async fn run_actor(
     drop(chunks);
     drop(order_sender);
     abandon.store(true, Ordering::Relaxed);
-    let worker_report: WorkerReport = tokio::task::spawn_blocking(move || worker.join())
-        .await
-        .map_err(|e| ActorError::Worker(e.to_string()))?
-        .map_err(|payload| {
-            ActorError::Worker(format!(
+    let joined: Result<WorkerReport, ActorError> =
+        match tokio::task::spawn_blocking(move || worker.join()).await {
+            Err(e) => Err(ActorError::Worker(e.to_string())),
+            Ok(Err(payload)) => Err(ActorError::Worker(format!(
                 "the rollout thread panicked: {}",
                 flgfn_common::telemetry::panic_message(&*payload)
-            ))
-        })?
-        .map_err(|e| ActorError::Worker(e.to_string()))?;
+            ))),
+            Ok(Ok(worked)) => worked.map_err(|e| ActorError::Worker(e.to_string())),
+        };
+    let worker_report = match joined {
+        Ok(worker_report) => worker_report,
+        Err(error) => {
+            // What it had sent still says how far it got (the rollout
+            // thread's own counts went with it).
+            report.add_counts(counts);
+            warn!(
+                chunks = report.chunks_sent,
+                transitions = report.transitions_sent,
+                connection_attempts = report.connection_attempts,
+                sessions_opened = report.sessions_opened,
+                %error,
+                "actor stopped: its rollout thread failed"
+            );
+            return Err(error);
+        }
+    };
     report.versions_applied = worker_report.versions_applied;
     report.versions_loaded = worker_report.versions_loaded;
     report.received_to_use_us = worker_report.received_to_use_us;

@@ -131,7 +131,7 @@ async fn generated_actor(
     let session_seen = current_session.clone();
     let generator = tokio::spawn(async move {
         let mut rng = SmallRng::seed_from_u64(config_seed(index));
-        let (mut rollouts, mut undelivered) = (0u64, 0u64);
+        let (mut rollouts, mut undelivered, mut skipped) = (0u64, 0u64, 0u64);
         // Versions "loaded" as a real actor's worker counts them.
         let mut loaded = crate::worker::LoadedWeights::default();
         while let Some(order) = orders.recv().await {
@@ -142,6 +142,9 @@ async fn generated_actor(
                 continue;
             }
             if order.session != session_seen.load(Ordering::Acquire) {
+                // Its credit died with an earlier session (counted as a
+                // real actor's worker counts it).
+                skipped += 1;
                 continue;
             }
             let _ = loaded.load_if_new(&order.weights);
@@ -162,7 +165,7 @@ async fn generated_actor(
                 break;
             }
         }
-        (rollouts, undelivered, loaded)
+        (rollouts, undelivered, skipped, loaded)
     });
     let mut report = ActorReport::default();
     // Distinct across load generators too: the learner counts lost chunks
@@ -183,7 +186,7 @@ async fn generated_actor(
     drop(chunks);
     // A generator that panicked ended the session as if the actor had
     // stopped: it is a failure, not a quiet success with no rollouts.
-    let (rollouts, undelivered, loaded) = match generator.await {
+    let (rollouts, undelivered, skipped, loaded) = match generator.await {
         Ok(generated) => generated,
         Err(error) => {
             return Err(ActorError::Worker(format!(
@@ -192,6 +195,7 @@ async fn generated_actor(
         }
     };
     report.rollouts = rollouts;
+    report.orders_skipped = skipped;
     report.versions_loaded = loaded.count;
     report.received_to_use_us = loaded.received_to_use_us;
     report.add_counts(counts);

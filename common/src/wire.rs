@@ -210,10 +210,16 @@ pub mod codec {
 }
 
 /// Version of the wire contract; bumped when a field changes meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: a session needs its handshake's session key.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// gRPC metadata key of the Session call: the actor id from the handshake.
 pub const ACTOR_ID_HEADER: &str = "flgfn-actor-id";
+
+/// gRPC metadata key of the Session call: the session key from the
+/// handshake, which only the actor that shook hands knows (actor ids are
+/// issued in order, and guessable).
+pub const SESSION_KEY_HEADER: &str = "flgfn-session-key";
 
 /// gRPC metadata key of the Session call: most trajectories per chunk (as
 /// declared at the handshake).

@@ -150,3 +150,55 @@ else
     tail -n 20 "$work/actor-3.log" >&2
     exit 1
 fi
+
+# Weights that do not fit are named, not a traceback; a gRPC server that is
+# not a learner (every method UNIMPLEMENTED) is a final refusal with a hint,
+# not retried forever.
+if "$venv/bin/python" - >"$work/unit.log" 2>&1 <<'PYTHON'
+import sys
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, "examples/python_actor")
+import flgfn_actor as fa
+
+task = fa.SetGeneration()
+good = {"hidden0.weight": np.zeros((8, task.state_dim), np.float32),
+        "hidden0.bias": np.zeros(8, np.float32),
+        "heads.weight": np.zeros((2 * task.forward_actions + 1, 8), np.float32),
+        "heads.bias": np.zeros(2 * task.forward_actions + 1, np.float32)}
+fa.check_weights(good, task, (8,))
+for change, expected in [
+        (lambda w: w.pop("heads.bias"), "missing ['heads.bias']"),
+        (lambda w: w.__setitem__("hidden0.bias", np.zeros(9, np.float32)), "hidden0.bias has shape [9]"),
+        (lambda w: w["heads.weight"].__setitem__((0, 0), np.nan), "heads.weight holds a non-finite"),
+]:
+    weights = {name: array.copy() for name, array in good.items()}
+    change(weights)
+    try:
+        fa.check_weights(weights, task, (8,))
+        sys.exit(f"not refused: {expected}")
+    except ValueError as error:
+        assert expected in str(error), (expected, str(error))
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+try:
+    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=50, reconnect_initial_s=0.01,
+           reconnect_max_s=0.02)
+    sys.exit("the actor trained against a server that is not a learner")
+except fa.Refused as error:
+    assert "UNIMPLEMENTED" in str(error) and "flgfn learner" in str(error), str(error)
+finally:
+    server.stop(0)
+PYTHON
+then
+    echo "python_actor: ok: weights of another shape or with a NaN are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED)"
+else
+    echo "python_actor: FAILED: weight checks or the UNIMPLEMENTED refusal" >&2
+    tail -n 20 "$work/unit.log" >&2
+    exit 1
+fi

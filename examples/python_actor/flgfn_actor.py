@@ -38,7 +38,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.join(HERE, "..", "..", "proto")
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 def load_protocol(proto_dir=PROTO_DIR):
@@ -143,6 +143,28 @@ def read_safetensors(buffer):
     return arrays
 
 
+def check_weights(arrays, task, hidden):
+    """Raises ValueError, naming the tensor, unless `arrays` are exactly the
+    network of `task` and `hidden` with finite values (as the Rust actor
+    refuses weights that would sample garbage)."""
+    widths = [task.state_dim, *hidden]
+    outputs = task.forward_actions + task.backward_actions + 1
+    expected = {}
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        expected[f"hidden{i}.weight"], expected[f"hidden{i}.bias"] = (n_out, n_in), (n_out,)
+    expected["heads.weight"], expected["heads.bias"] = (outputs, widths[-1]), (outputs,)
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise ValueError(f"weights do not fit --hidden {','.join(map(str, hidden))}: "
+                         f"missing {missing}, unexpected {extra}")
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {list(arrays[name].shape)}, "
+                             f"the network's is {list(shape)}")
+        if not np.isfinite(arrays[name]).all():
+            raise ValueError(f"tensor {name} holds a non-finite value")
+
+
 class Policy:
     """The learner's network: Linear + leaky ReLU per hidden layer, then one
     output layer holding the forward logits, backward logits and log-flow."""
@@ -206,7 +228,7 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
 FINAL_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED,
 }
 FINAL_REFUSAL_HEADER = "flgfn-final"
 
@@ -244,8 +266,11 @@ class Actor:
         self.epsilon, self.truncate_fraction = epsilon, truncate_fraction
         self.connect_timeout_s = connect_timeout_s
         self.rng = np.random.default_rng(seed)
-        options = [("grpc.max_receive_message_length", 256 << 20),
-                   ("grpc.max_send_message_length", 64 << 20),
+        # No limits of this side's own (-1): the learner's apply, as for
+        # the Rust actor. It sends no weights over its max_message_bytes,
+        # and refuses (OUT_OF_RANGE) a chunk over what it decodes.
+        options = [("grpc.max_receive_message_length", -1),
+                   ("grpc.max_send_message_length", -1),
                    # Pings find a learner that vanished without closing the
                    # connection (a dead host, a cut network), also while
                    # no data moves (gRPC stops after 2 such pings unless
@@ -271,7 +296,7 @@ class Actor:
         """One session: handshake, then grants in and chunks out. Returns
         True when the learner says training is over, False when it closed
         the stream without saying so; a broken connection raises
-        grpc.RpcError. Sets `self.served` once a grant arrives."""
+        grpc.RpcError. Sets `self.served` once a chunk is handed over."""
         pb, task = self.pb, self.task
         self.served = False
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
@@ -295,6 +320,7 @@ class Actor:
 
         grants = self.stub.Session(chunks(), metadata=self.auth + [
             ("flgfn-actor-id", str(actor_id)),
+            ("flgfn-session-key", reply.session_key),
             ("flgfn-trajectories-per-chunk", str(self.envs))])
         # Grants are read on a thread of their own while rollouts run: a
         # grant left unread holds up the learner's next ones, and it ends a
@@ -331,12 +357,17 @@ class Actor:
                     return False
                 if isinstance(grant, Exception):
                     raise grant
-                self.served = True
                 if grant.training_done:
                     return True
                 if grant.HasField("weights"):
-                    policy = Policy(read_safetensors(grant.weights.safetensors), self.hidden)
                     version = grant.weights.version
+                    try:
+                        arrays = read_safetensors(grant.weights.safetensors)
+                        check_weights(arrays, task, self.hidden)
+                    except (ValueError, KeyError, TypeError, struct.error) as error:
+                        raise Refused(f"the learner's weights of version {version} are not "
+                                      f"usable here: {error}") from error
+                    policy = Policy(arrays, self.hidden)
                     self.counts["versions"] += 1
                 if grant.credits:
                     if policy is None:
@@ -368,6 +399,10 @@ class Actor:
                     trajectories=[pb.Trajectory(actions=a, energies=e)
                                   for a, e in zip(actions, energies)],
                     credits_left=sum(credits for credits, _, _ in work)))
+                # A chunk handed over, not a grant, shows the session
+                # worked: an actor whose rollouts outlast the learner's
+                # stall timeout gets grants, then loses each session.
+                self.served = True
                 self.counts["chunks"] += 1
                 self.counts["transitions"] += sum(len(a) for a in actions)
         finally:
@@ -404,9 +439,14 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                 message = "the learner closed the session"
             except grpc.RpcError as error:
                 if is_final(error):
+                    hint = (" (is --learner the address of a flgfn learner?)"
+                            if error.code() == grpc.StatusCode.UNIMPLEMENTED else "")
                     raise Refused(f"the learner refused this actor: "
-                                  f"{error.code().name}: {error.details()}") from error
+                                  f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not actor.served:
+                    message += (" (a chunk of --envs trajectories may take longer than the "
+                                "learner's stall_timeout_s: lower --envs)")
             if actor.served:
                 # The connection worked: this is a new outage.
                 backoff, failures = reconnect_initial_s, 0

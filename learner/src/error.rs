@@ -42,10 +42,11 @@ pub enum RequestError {
     #[error("`{0}` is missing")]
     Missing(&'static str),
     /// `actor_id` is not a handshake of this learner process still waiting
-    /// for its session (never issued, issued before a restart, or its one
-    /// session already opened).
+    /// for its session (never issued, issued before a restart, its one
+    /// session already opened, or the session key is not the one issued
+    /// with it).
     #[error(
-        "`actor_id` {0} is not a handshake of this learner awaiting its session (one session per handshake; the learner may have restarted): call Handshake first"
+        "`actor_id` {0} with this session key is not a handshake of this learner awaiting its session (one session per handshake; the learner may have restarted): call Handshake first"
     )]
     UnknownActor(u64),
     /// `policy_version` claims weights this session was never sent.

@@ -303,8 +303,8 @@ pub struct SequenceBook {
 #[derive(Debug, Default)]
 struct SequenceEntries {
     /// Handshaken actor ids whose session has not opened yet, oldest
-    /// (lowest: ids only grow) first.
-    name_of_id: std::collections::BTreeMap<u64, String>,
+    /// (lowest: ids only grow) first, with their name and session key.
+    name_of_id: std::collections::BTreeMap<u64, (String, String)>,
     /// Per actor name, where its numbering stood when its last session
     /// closed, with that session's actor id.
     last_of_name: std::collections::HashMap<String, (u64, SequenceState)>,
@@ -319,8 +319,11 @@ impl SequenceBook {
     /// names at their clipped length (1,024 characters, up to 4 KB each).
     pub const MAX_NAMES: usize = 16_384;
 
-    /// An actor shook hands as `actor_id` under `name`.
-    pub fn joined(&self, actor_id: u64, name: &str) {
+    /// An actor shook hands as `actor_id` under `name`: the session key
+    /// its session must bring (128 random bits, as 32 hex digits, from the
+    /// operating system's generator by way of `rand`'s thread generator).
+    pub fn joined(&self, actor_id: u64, name: &str) -> String {
+        let key = format!("{:032x}", rand::random::<u128>());
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if entries.name_of_id.len() >= Self::MAX_NAMES {
             // The oldest handshake that never opened a session (refused,
@@ -329,14 +332,21 @@ impl SequenceBook {
             // right now.
             entries.name_of_id.pop_first();
         }
-        entries.name_of_id.insert(actor_id, name.to_owned());
+        entries
+            .name_of_id
+            .insert(actor_id, (name.to_owned(), key.clone()));
+        key
     }
 
-    /// Whether `actor_id` was issued by a handshake of this process whose
-    /// session has not opened yet: one session per handshake.
-    pub fn pending(&self, actor_id: u64) -> bool {
+    /// Whether `actor_id` was issued with `key` by a handshake of this
+    /// process whose session has not opened yet: one session per
+    /// handshake.
+    pub fn pending(&self, actor_id: u64, key: &str) -> bool {
         let entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        entries.name_of_id.contains_key(&actor_id)
+        entries
+            .name_of_id
+            .get(&actor_id)
+            .is_some_and(|(_, issued)| issued == key)
     }
 
     /// A session of `actor_id` opens: the name it shook hands with (once),
@@ -345,9 +355,13 @@ impl SequenceBook {
     /// (the actor reconnected while the learner had not yet noticed its
     /// old session gone): the number recorded is then older than what that
     /// session received, and the gap would be counted lost.
-    pub fn opened(&self, actor_id: u64) -> Option<(String, SequenceState)> {
+    pub fn opened(&self, actor_id: u64, key: &str) -> Option<(String, SequenceState)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let name = entries.name_of_id.remove(&actor_id)?;
+        match entries.name_of_id.get(&actor_id) {
+            Some((_, issued)) if issued == key => {}
+            _ => return None,
+        }
+        let (name, _) = entries.name_of_id.remove(&actor_id)?;
         let open = entries.open_of_name.entry(name.clone()).or_insert(0);
         *open += 1;
         let alone = *open == 1;
@@ -403,22 +417,27 @@ mod sequence_tests {
     fn a_handshake_opens_one_session_and_a_flood_forgets_the_oldest() {
         let book = SequenceBook::default();
         let last = SequenceBook::MAX_NAMES as u64 + 1;
-        for id in 1..=last {
-            book.joined(id, "flood");
-        }
-        assert!(!book.pending(1), "the oldest is forgotten");
-        assert!(book.pending(2) && book.pending(last));
-        assert!(book.opened(last).is_some());
-        assert!(!book.pending(last), "one session per handshake");
-        assert!(book.opened(last).is_none());
+        let keys: Vec<String> = (1..=last).map(|id| book.joined(id, "flood")).collect();
+        let key = |id: u64| keys[id as usize - 1].as_str();
+        assert!(!book.pending(1, key(1)), "the oldest is forgotten");
+        assert!(book.pending(2, key(2)) && book.pending(last, key(last)));
+        // Keys are random: another id's key opens nothing (ids are issued
+        // in order, so a client could otherwise take the next actor's
+        // session without its handshake's task and model checks).
+        assert_ne!(key(2), key(3));
+        assert!(!book.pending(last, key(2)) && !book.pending(last, ""));
+        assert!(book.opened(last, key(2)).is_none());
+        assert!(book.opened(last, key(last)).is_some());
+        assert!(!book.pending(last, key(last)), "one session per handshake");
+        assert!(book.opened(last, key(last)).is_none());
     }
 
     #[test]
     fn gaps_are_counted_across_sessions_up_to_the_credits_never_answered() {
         let book = SequenceBook::default();
-        book.joined(1, "host/1");
-        let (name, mut state) = book.opened(1).unwrap();
-        assert_eq!(book.opened(1), None, "a handshake opens one session");
+        let key = book.joined(1, "host/1");
+        let (name, mut state) = book.opened(1, &key).unwrap();
+        assert_eq!(book.opened(1, &key), None, "a handshake opens one session");
         assert_eq!(state, SequenceState::default(), "a name never seen before");
         assert_eq!(state.arrived(0), 0);
         assert_eq!(state.arrived(1), 0);
@@ -428,18 +447,18 @@ mod sequence_tests {
         close(&book, 1, name, state, 3);
         // A reconnect: up to 3 numbers may be missing before its first
         // chunk (here 2: 5 and 6), none after it.
-        book.joined(2, "host/1");
-        let (name, mut state) = book.opened(2).unwrap();
+        let key = book.joined(2, "host/1");
+        let (name, mut state) = book.opened(2, &key).unwrap();
         assert_eq!(state.next, Some(5));
         assert_eq!(state.arrived(7), 2, "5 and 6 missing");
         assert_eq!(state.arrived(9), 0);
         close(&book, 2, name, state, 1);
         // A session that received nothing passes its credits on.
-        book.joined(3, "host/1");
-        let (name, state) = book.opened(3).unwrap();
+        let key = book.joined(3, "host/1");
+        let (name, state) = book.opened(3, &key).unwrap();
         close(&book, 3, name, state, 2);
-        book.joined(4, "host/1");
-        let (name, mut state) = book.opened(4).unwrap();
+        let key = book.joined(4, "host/1");
+        let (name, mut state) = book.opened(4, &key).unwrap();
         assert_eq!(
             state,
             SequenceState {
@@ -450,18 +469,18 @@ mod sequence_tests {
         assert_eq!(state.arrived(13), 3);
         close(&book, 4, name, state, 0);
         // More than the credits could explain: counted nothing.
-        book.joined(5, "host/1");
-        let (name, mut state) = book.opened(5).unwrap();
+        let key = book.joined(5, "host/1");
+        let (name, mut state) = book.opened(5, &key).unwrap();
         assert_eq!(state.arrived(15), 0);
         close(&book, 5, name, state, 0);
         // The actor process restarted: numbering starts over.
-        book.joined(6, "host/1");
-        let (_, mut state) = book.opened(6).unwrap();
+        let key = book.joined(6, "host/1");
+        let (_, mut state) = book.opened(6, &key).unwrap();
         assert_eq!(state.arrived(0), 0);
         assert_eq!(state.arrived(1), 0);
         // Another actor's numbers are its own.
-        book.joined(7, "host/2");
-        let (_, mut other) = book.opened(7).unwrap();
+        let key = book.joined(7, "host/2");
+        let (_, mut other) = book.opened(7, &key).unwrap();
         assert_eq!(other.arrived(3), 0);
         assert_eq!(other.arrived(u64::MAX), 0);
         assert_eq!(other.arrived(5), 0);
@@ -475,8 +494,8 @@ mod sequence_tests {
         let mut lost = 0;
         let mut sequence = 0;
         for id in 1..=100 {
-            book.joined(id, "liar");
-            let (name, mut state) = book.opened(id).unwrap();
+            let key = book.joined(id, "liar");
+            let (name, mut state) = book.opened(id, &key).unwrap();
             for _ in 0..10 {
                 sequence += 1_000;
                 lost += state.arrived(sequence);
@@ -489,17 +508,17 @@ mod sequence_tests {
     #[test]
     fn an_older_session_closing_last_leaves_the_newer_ones_number() {
         let book = SequenceBook::default();
-        book.joined(1, "host/1");
-        let (old_name, mut old) = book.opened(1).unwrap();
+        let key = book.joined(1, "host/1");
+        let (old_name, mut old) = book.opened(1, &key).unwrap();
         assert_eq!(old.arrived(99), 0);
         // The actor reconnects while its old session lingers.
-        book.joined(2, "host/1");
-        let (new_name, mut new) = book.opened(2).unwrap();
+        let key = book.joined(2, "host/1");
+        let (new_name, mut new) = book.opened(2, &key).unwrap();
         assert_eq!(new.arrived(500), 0);
         close(&book, 2, new_name, new, 0);
         close(&book, 1, old_name, old, 4);
-        book.joined(3, "host/1");
-        let (name, mut next) = book.opened(3).unwrap();
+        let key = book.joined(3, "host/1");
+        let (name, mut next) = book.opened(3, &key).unwrap();
         assert_eq!(
             next,
             SequenceState {
@@ -513,13 +532,13 @@ mod sequence_tests {
         // recorded (500) is older than what 3 received, so 4 expects
         // nothing rather than counting the gap lost.
         assert_eq!(next.arrived(900), 0);
-        book.joined(4, "host/1");
-        let (newer_name, mut newer) = book.opened(4).unwrap();
+        let key = book.joined(4, "host/1");
+        let (newer_name, mut newer) = book.opened(4, &key).unwrap();
         assert_eq!(newer, SequenceState::default());
         assert_eq!(newer.arrived(905), 0);
         close(&book, 4, newer_name, newer, 0);
         close(&book, 3, name, next, 0);
-        book.joined(5, "host/1");
-        assert_eq!(book.opened(5).unwrap().1.next, Some(906));
+        let key = book.joined(5, "host/1");
+        assert_eq!(book.opened(5, &key).unwrap().1.next, Some(906));
     }
 }

@@ -12,7 +12,9 @@ use flgfn_common::env::{Environment, TaskSpec};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
-use flgfn_common::wire::{self, ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
+use flgfn_common::wire::{
+    self, ACTOR_ID_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
+};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -159,7 +161,7 @@ impl Learner for LearnerService {
             }
             Status::from(error)
         };
-        let (actor_id, per_chunk, chunk_bytes) =
+        let (actor_id, session_key, per_chunk, chunk_bytes) =
             state.check_session(request.metadata()).map_err(refused)?;
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
             // A flood logs a line at 1, 2, 4, 8, ... refusals.
@@ -179,7 +181,7 @@ impl Learner for LearnerService {
         };
         // The handshake's id is used up here (not by a refusal above: an
         // actor may retry a full learner with it).
-        let Some(actor_name) = state.sequences.opened(actor_id) else {
+        let Some(actor_name) = state.sequences.opened(actor_id, &session_key) else {
             // A concurrent session took it first.
             return Err(refused(RequestError::UnknownActor(actor_id)));
         };
@@ -231,7 +233,7 @@ impl LearnerState {
         )?;
         let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = crate::error::clip(request.actor_name);
-        self.sequences.joined(actor_id, &name);
+        let session_key = self.sequences.joined(actor_id, &name);
         info!(%peer, actor = %name, actor_id, "actor joined");
         Ok(proto::HandshakeReply {
             actor_id,
@@ -240,23 +242,36 @@ impl LearnerState {
             version: self.publisher.latest_version(),
             max_message_bytes: self.max_message_bytes as u64,
             max_grant_bytes: self.max_grant_bytes as u64,
+            session_key,
         })
     }
 
-    /// Checks the headers that open a session: the actor id its handshake
-    /// issued, and its trajectories per chunk. Returns them and the bytes
-    /// one chunk may hold replayed.
-    fn check_session(&self, metadata: &MetadataMap) -> Result<(u64, u64, u64), RequestError> {
+    /// Checks the headers that open a session: the actor id and session
+    /// key its handshake issued, and its trajectories per chunk. Returns
+    /// them and the bytes one chunk may hold replayed.
+    fn check_session(
+        &self,
+        metadata: &MetadataMap,
+    ) -> Result<(u64, String, u64, u64), RequestError> {
         let actor_id = header(metadata, ACTOR_ID_HEADER)?;
+        let session_key = metadata
+            .get(SESSION_KEY_HEADER)
+            .ok_or(RequestError::Missing(SESSION_KEY_HEADER))?
+            .to_str()
+            .map_err(|_| {
+                RequestError::Malformed(format!("header `{SESSION_KEY_HEADER}` is not text"))
+            })?
+            .to_owned();
         // Only through a handshake of this process, which checked the
         // actor's task and model: not an id from before a restart, nor
-        // one whose session already opened.
-        if !self.sequences.pending(actor_id) {
+        // one whose session already opened, nor one shaken hands for by
+        // another client (ids are issued in order; the key is random).
+        if !self.sequences.pending(actor_id, &session_key) {
             return Err(RequestError::UnknownActor(actor_id));
         }
         let per_chunk = header(metadata, TRAJECTORIES_PER_CHUNK_HEADER)?;
         let chunk_bytes = self.check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)?;
-        Ok((actor_id, per_chunk, chunk_bytes))
+        Ok((actor_id, session_key, per_chunk, chunk_bytes))
     }
 
     /// An actor's declared trajectories per chunk must be at least 1, at

@@ -14,7 +14,9 @@ use flgfn_common::tasks::lattice::LatticeConfig;
 use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
-use flgfn_common::wire::{ACTOR_ID_HEADER, PROTOCOL_VERSION, TRAJECTORIES_PER_CHUNK_HEADER};
+use flgfn_common::wire::{
+    ACTOR_ID_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
+};
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
 use flgfn_learner::connections::{FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
 use tokio::net::TcpListener;
@@ -98,20 +100,37 @@ fn chunk(actor_id: u64, actions: Vec<u32>) -> proto::TrajectoryChunk {
     }
 }
 
-/// Shakes hands as an actor of `config`; the actor id the learner gave.
-async fn shake_hands(client: &mut LearnerClient<Channel>, config: &Config) -> u64 {
+/// What a handshake issued: the actor id, and the session key that opens
+/// its session.
+#[derive(Clone, Debug)]
+struct Issued {
+    actor_id: u64,
+    key: String,
+}
+
+impl From<proto::HandshakeReply> for Issued {
+    fn from(reply: proto::HandshakeReply) -> Self {
+        Issued {
+            actor_id: reply.actor_id,
+            key: reply.session_key,
+        }
+    }
+}
+
+/// Shakes hands as an actor of `config`; what the learner issued.
+async fn shake_hands(client: &mut LearnerClient<Channel>, config: &Config) -> Issued {
     client
         .handshake(handshake_request(config))
         .await
         .unwrap()
         .into_inner()
-        .actor_id
+        .into()
 }
 
 /// A handshake and its one session: the session and its actor id.
 async fn joined(client: &mut LearnerClient<Channel>, config: &Config) -> (RawSession, u64) {
-    let actor_id = shake_hands(client, config).await;
-    (open(client, Some(actor_id)).await.unwrap(), actor_id)
+    let issued = shake_hands(client, config).await;
+    (open(client, Some(&issued)).await.unwrap(), issued.actor_id)
 }
 
 /// A real actor named `name` on `config`, never told to stop.
@@ -143,7 +162,7 @@ async fn actor_error(config: Config, name: &str) -> String {
 async fn try_handshake(
     url: &str,
     config: &Config,
-) -> Result<(LearnerClient<Channel>, u64), String> {
+) -> Result<(LearnerClient<Channel>, Issued), String> {
     let mut client = LearnerClient::connect(url.to_owned())
         .await
         .map_err(|e| e.to_string())?;
@@ -151,7 +170,7 @@ async fn try_handshake(
         .handshake(handshake_request(config))
         .await
         .map_err(|status| format!("{status:?}"))?;
-    Ok((client, reply.into_inner().actor_id))
+    Ok((client, reply.into_inner().into()))
 }
 
 /// [`try_handshake`] until it succeeds, within `limit` (else fails with
@@ -161,7 +180,7 @@ async fn served_within(
     config: &Config,
     limit: Duration,
     failure: &str,
-) -> (LearnerClient<Channel>, u64) {
+) -> (LearnerClient<Channel>, Issued) {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         match try_handshake(url, config).await {
@@ -182,23 +201,26 @@ struct RawSession {
 
 async fn open(
     client: &mut LearnerClient<Channel>,
-    actor_id: Option<u64>,
+    issued: Option<&Issued>,
 ) -> Result<RawSession, Status> {
-    open_declaring(client, actor_id, 1).await
+    open_declaring(client, issued, 1).await
 }
 
 /// A Session call declaring `per_chunk` trajectories per chunk.
 async fn open_declaring(
     client: &mut LearnerClient<Channel>,
-    actor_id: Option<u64>,
+    issued: Option<&Issued>,
     per_chunk: u64,
 ) -> Result<RawSession, Status> {
     let (upload, chunks) = mpsc::channel(8);
     let mut request = tonic::Request::new(ReceiverStream::new(chunks));
-    if let Some(actor_id) = actor_id {
-        request
-            .metadata_mut()
-            .insert(ACTOR_ID_HEADER, actor_id.into());
+    if let Some(issued) = issued {
+        let metadata = request.metadata_mut();
+        metadata.insert(ACTOR_ID_HEADER, issued.actor_id.into());
+        // (An empty key: the header left out.)
+        if !issued.key.is_empty() {
+            metadata.insert(SESSION_KEY_HEADER, issued.key.parse().unwrap());
+        }
     }
     request
         .metadata_mut()
@@ -250,6 +272,66 @@ impl RawSession {
     }
 }
 
+/// Actor ids are issued in order, so a client can guess the next one. It
+/// still cannot open that actor's session (and send data of a task the
+/// handshake never checked): the session needs the key issued with the id,
+/// which only the actor that shook hands has. The actor then opens its own
+/// session as if nothing happened, and a chunk tagged with another actor's
+/// id is refused, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_opens_only_with_its_own_handshakes_key() {
+    let mut config = config();
+    config.learner.max_steps = 1;
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let mut intruder = LearnerClient::connect(url).await.unwrap();
+    let own = shake_hands(&mut intruder, &config).await;
+    let actor = shake_hands(&mut client, &config).await;
+    assert_eq!(actor.actor_id, own.actor_id + 1, "ids come in order");
+    assert_eq!(actor.key.len(), 32, "{}", actor.key);
+    assert_ne!(actor.key, own.key);
+
+    for key in [own.key.clone(), "0".repeat(32)] {
+        let guessed = Issued {
+            actor_id: actor.actor_id,
+            key,
+        };
+        let status = open(&mut intruder, Some(&guessed)).await.err().unwrap();
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        assert!(status.message().contains("session key"), "{status:?}");
+    }
+    let keyless = Issued {
+        actor_id: actor.actor_id,
+        key: String::new(),
+    };
+    let status = open(&mut intruder, Some(&keyless)).await.err().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains(SESSION_KEY_HEADER), "{status:?}");
+
+    // Nothing of that used the actor's handshake up.
+    let mut session = open(&mut client, Some(&actor)).await.unwrap();
+    session.grant().await;
+    let status = session.refused(chunk(own.actor_id, vec![0, 1])).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("`actor_id`") && status.message().contains("not this session's"),
+        "{status:?}"
+    );
+    drop(stop);
+    let outcome = finished_within(learner, 60, "the learner stops").await;
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(
+        rejections.get("session_unknown_actor"),
+        Some(&2),
+        "{rejections:?}"
+    );
+    assert_eq!(
+        rejections.get("session_missing_field"),
+        Some(&1),
+        "{rejections:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     let config = config();
@@ -284,7 +366,11 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     let status = open(&mut client, None).await.err().unwrap();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains(ACTOR_ID_HEADER), "{status:?}");
-    let status = open(&mut client, Some(42)).await.err().unwrap();
+    let never = Issued {
+        actor_id: 42,
+        key: "0".repeat(32),
+    };
+    let status = open(&mut client, Some(&never)).await.err().unwrap();
     // ABORTED: an actor retries, shaking hands again (this learner may
     // have restarted since its handshake).
     assert_eq!(status.code(), Code::Aborted);
@@ -310,10 +396,11 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         "{}",
         reply.max_message_bytes
     );
-    let actor_id = reply.actor_id;
+    let issued = Issued::from(reply);
+    let actor_id = issued.actor_id;
 
     // The first grant of a session carries the weights, as safetensors.
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
     let first = session.grant().await;
     assert!(first.credits >= 1, "{}", first.credits);
     let weights = first.weights.expect("the first grant carries weights");
@@ -324,7 +411,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     // One session per handshake: its id opens no second one, alongside
     // or later (a client with the token cannot skip the handshake's task
     // and model checks by borrowing an id).
-    let status = open(&mut client, Some(actor_id)).await.err().unwrap();
+    let status = open(&mut client, Some(&issued)).await.err().unwrap();
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("Handshake"), "{status:?}");
 
@@ -715,17 +802,16 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
                 let garbage: Vec<u8> = (0..rng.random_range(1..300))
                     .map(|_| rng.random())
                     .collect();
-                let actor_id = shake_hands(&mut client, &config).await;
+                let issued = shake_hands(&mut client, &config).await;
+                let actor_id = issued.actor_id;
                 let mut request = tonic::Request::new(tokio_stream::StreamExt::chain(
                     tokio_stream::iter([garbage]),
                     tokio_stream::pending(),
                 ));
-                request
-                    .metadata_mut()
-                    .insert(ACTOR_ID_HEADER, actor_id.into());
-                request
-                    .metadata_mut()
-                    .insert(TRAJECTORIES_PER_CHUNK_HEADER, 1u64.into());
+                let metadata = request.metadata_mut();
+                metadata.insert(ACTOR_ID_HEADER, actor_id.into());
+                metadata.insert(SESSION_KEY_HEADER, issued.key.parse().unwrap());
+                metadata.insert(TRAJECTORIES_PER_CHUNK_HEADER, 1u64.into());
                 raw.ready().await.unwrap();
                 let status = match raw.streaming(request, session_path.clone(), RawBytes).await {
                     Err(status) => status,
@@ -749,9 +835,10 @@ async fn fuzz_worker(url: String, config: Config, cases: Vec<bool>, seed: u64) -
             }
             // A well-formed chunk that is wrong.
             _ => {
-                let actor_id = shake_hands(&mut client, &config).await;
+                let issued = shake_hands(&mut client, &config).await;
+                let actor_id = issued.actor_id;
                 let (kind, bad) = corrupted(actor_id, &mut rng);
-                let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+                let mut session = open(&mut client, Some(&issued)).await.unwrap();
                 // With its credit, so that the chunk itself is judged.
                 assert!(session.grant().await.credits > 0);
                 let status = session.refused(bad).await;
@@ -888,8 +975,8 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     let (_second, _) = joined(&mut client, &config).await;
     first.grant().await;
     // Refused for its place, not its id: the id stays good for a retry.
-    let actor_id = shake_hands(&mut client, &config).await;
-    let status = open(&mut client, Some(actor_id)).await.err().unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let status = open(&mut client, Some(&issued)).await.err().unwrap();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("learner.max_sessions"),
@@ -917,7 +1004,7 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     while let Ok(Some(_)) = grants.message().await {}
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let third = loop {
-        match open(&mut client, Some(actor_id)).await {
+        match open(&mut client, Some(&issued)).await {
             Ok(session) => break session,
             Err(status) => {
                 assert_eq!(status.code(), Code::ResourceExhausted);
@@ -1104,8 +1191,8 @@ async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted
     );
     let mut three = handshake_request(&config);
     three.trajectories_per_chunk = 3;
-    let actor_id = client.handshake(three).await.unwrap().into_inner().actor_id;
-    let status = open_declaring(&mut client, Some(actor_id), 4)
+    let issued = Issued::from(client.handshake(three).await.unwrap().into_inner());
+    let status = open_declaring(&mut client, Some(&issued), 4)
         .await
         .err()
         .unwrap();
@@ -1118,9 +1205,7 @@ async fn chunks_larger_than_a_session_may_hold_are_refused_as_resource_exhausted
     // A limit, but no retry can change it: marked final.
     assert!(status.metadata().contains_key(FINAL_REFUSAL_HEADER));
     // A chunk that fits is granted credits.
-    let mut session = open_declaring(&mut client, Some(actor_id), 3)
-        .await
-        .unwrap();
+    let mut session = open_declaring(&mut client, Some(&issued), 3).await.unwrap();
     assert!(session.grant().await.credits >= 1);
     drop(session);
     // A real actor whose chunks cannot fit stops, naming the limit,
@@ -1167,9 +1252,9 @@ async fn chunks_that_may_exceed_the_decode_limit_are_refused_at_the_handshake() 
     );
     let mut most = handshake_request(&config);
     most.trajectories_per_chunk = fits as u32;
-    let actor_id = client.handshake(most).await.unwrap().into_inner().actor_id;
+    let issued = Issued::from(client.handshake(most).await.unwrap().into_inner());
     // The session's header is checked the same way.
-    let status = open_declaring(&mut client, Some(actor_id), 512)
+    let status = open_declaring(&mut client, Some(&issued), 512)
         .await
         .err()
         .unwrap();
@@ -1203,14 +1288,15 @@ async fn connections_beyond_the_limit_are_closed_and_counted() {
     );
     // One closes: its place is free again, and an actor trains through it.
     drop(first);
-    let (mut client, actor_id) = served_within(
+    let (mut client, issued) = served_within(
         &url,
         &config,
         Duration::from_secs(10),
         "the place was never freed",
     )
     .await;
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
     session.send_good_chunks(actor_id, 2).await;
     // Two steps of one chunk each end the run.
     let outcome = finished_within(learner, 60, "the learner finishes").await;
@@ -1255,8 +1341,9 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
     let (url, learner, stop) = start_learner(&config).await;
     // One connection with a session, one idle after its handshake: both
     // places taken.
-    let (mut working, actor_id) = try_handshake(&url, &config).await.unwrap();
-    let mut session = open(&mut working, Some(actor_id)).await.unwrap();
+    let (mut working, issued) = try_handshake(&url, &config).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut working, Some(&issued)).await.unwrap();
     let (_idle, _) = try_handshake(&url, &config).await.unwrap();
     let idle_since = tokio::time::Instant::now();
     let refused = try_handshake(&url, &config).await;
@@ -1308,15 +1395,16 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
         try_handshake(&url, &config).await.is_err(),
         "a second connection was served"
     );
-    let (mut client, actor_id) = served_within(
+    let (mut client, issued) = served_within(
         &url,
         &config,
         FIRST_CALL_WITHIN + Duration::from_secs(10),
         "the health-only connection kept its place",
     )
     .await;
+    let actor_id = issued.actor_id;
     assert!(checked.elapsed() >= FIRST_CALL_WITHIN - Duration::from_millis(100));
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
     session.send_good_chunks(actor_id, 1).await;
     let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
@@ -1334,8 +1422,9 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     config.learner.max_in_flight_batches = 4;
     config.learner.max_steps = 3;
     let (url, learner, stop) = start_learner(&config).await;
-    let (mut client, actor_id) = try_handshake(&url, &config).await.unwrap();
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
     let mut credits = 0;
     while credits < 3 {
         credits += session.grant().await.credits;
@@ -1353,8 +1442,9 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // The same actor (same name) again: chunk 2 never came.
-    let (mut client, actor_id) = try_handshake(&url, &config).await.unwrap();
-    let mut session = open(&mut client, Some(actor_id)).await.unwrap();
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
     // Both credits may come in one grant: they are all the two steps left
     // need, so no other follows.
     let mut credits = 0;
@@ -1389,8 +1479,8 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     config.learner.stall_timeout_s = 3600.0;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
-    let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let mut silent = open(&mut client, Some(&issued)).await.unwrap();
     // Alone, it is granted the whole initial room (`grant` fails the test
     // if none comes within its timeout).
     let mut held = 0;
@@ -1432,8 +1522,8 @@ async fn a_session_holding_a_credit_past_the_stall_timeout_is_ended_and_its_cred
     config.learner.stall_timeout_s = 1.0;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
-    let mut silent = open(&mut client, Some(actor_id)).await.unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let mut silent = open(&mut client, Some(&issued)).await.unwrap();
     assert_eq!(silent.grant().await.credits, 1);
     let granted = std::time::Instant::now();
     let (grants, ended) = silent.ended().await;
@@ -1477,8 +1567,9 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
     config.learner.max_steps = 7;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
-    let mut slow = open(&mut client, Some(actor_id)).await.unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let actor_id = issued.actor_id;
+    let mut slow = open(&mut client, Some(&issued)).await.unwrap();
     let mut held = 0;
     while held < 3 {
         held += u64::from(slow.grant().await.credits);
@@ -1500,8 +1591,9 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
         silent_for >= Duration::from_millis(1800),
         "ended {silent_for:?} after its last chunk, while its chunks kept coming"
     );
-    let actor_id = shake_hands(&mut client, &config).await;
-    let mut last = open(&mut client, Some(actor_id)).await.unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let actor_id = issued.actor_id;
+    let mut last = open(&mut client, Some(&issued)).await.unwrap();
     assert!(last.grant().await.credits >= 1);
     last.upload.send(chunk(actor_id, vec![0, 1])).await.unwrap();
     let outcome = finished_within(learner, 20, "the learner finishes").await;
@@ -1522,7 +1614,8 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     config.learner.max_steps = 12;
     let (url, learner, _stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let actor_id = shake_hands(&mut client, &config).await;
+    let issued = shake_hands(&mut client, &config).await;
+    let actor_id = issued.actor_id;
     // Grants ride a connection that never opens its receive window.
     let closed_window = tonic::transport::Endpoint::from_shared(url.clone())
         .unwrap()
@@ -1531,7 +1624,7 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
         .await
         .unwrap();
     let mut deaf = LearnerClient::new(closed_window);
-    let session = open(&mut deaf, Some(actor_id)).await.unwrap();
+    let session = open(&mut deaf, Some(&issued)).await.unwrap();
     // The room is one credit learner-wide (see `config`): a chunk uses it,
     // is trained, and the next credit is granted into a full buffer. The
     // actor cannot know its credits; paced, each chunk finds one.
@@ -1561,19 +1654,22 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     assert_eq!(final_report.stalled_sessions, 1, "{final_report:?}");
     assert_eq!(final_report.rejected_chunks, 0, "{final_report:?}");
     assert!(report.chunks_sent >= 1, "{report:?}");
-    // What the real actor did not send, the deaf session did.
+    // What the real actor did not send, the deaf session did: at least
+    // one per grant its buffer holds (4). Hyper takes a fifth into its
+    // hands only when its connection task runs before the stall timer
+    // fires, which a loaded machine does not always do.
     let deaf_chunks = final_report
         .accepted_chunks
         .saturating_sub(report.chunks_sent);
     assert!(
-        deaf_chunks >= 5,
+        deaf_chunks >= 4,
         "the deaf session's chunks were trained until its grants backed up: {deaf_chunks} of {final_report:?}"
     );
     drop(session);
 }
 
 /// Chunks the deaf session sends: more than the grants that fit its
-/// buffers (4 queued, one in hyper's hands) before one must wait.
+/// buffers (4 queued, at most one in hyper's hands) before one must wait.
 const GRANT_BUFFER_AND_SLACK: usize = 8;
 
 /// One connection holds at most `MAX_STREAMS_PER_CONNECTION` calls at a
@@ -1587,7 +1683,7 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
     let mut client = LearnerClient::connect(url).await.unwrap();
     let limit = flgfn_learner::MAX_STREAMS_PER_CONNECTION as usize;
     // The last session's handshake, a call too, while there is room.
-    let actor_id = shake_hands(&mut client, &config).await;
+    let issued = shake_hands(&mut client, &config).await;
     let mut open_sessions = Vec::new();
     for _ in 0..limit {
         // Clones share the connection.
@@ -1595,7 +1691,7 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
         open_sessions.push(joined(&mut same_connection, &config).await.0);
     }
     let mut same_connection = client.clone();
-    let waiting = tokio::spawn(async move { open(&mut same_connection, Some(actor_id)).await });
+    let waiting = tokio::spawn(async move { open(&mut same_connection, Some(&issued)).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !waiting.is_finished(),
@@ -1658,6 +1754,7 @@ async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
             version: 0,
             max_message_bytes: 1 << 20,
             max_grant_bytes: 1 << 20,
+            session_key: "0123456789abcdef".repeat(2),
         },
         grants,
     };
