@@ -1125,6 +1125,18 @@ impl Config {
         )?;
         // None would train nothing and wait for ever.
         at_least("launch.actors", self.launch.actors, 1)?;
+        // More would each take a libtorch process, and the learner refuses
+        // those past its sessions: they would retry for ever.
+        if self.launch.actors > self.learner.max_sessions {
+            return Err(ConfigError::invalid(
+                "launch.actors",
+                format!(
+                    "{} is more than learner.max_sessions ({}), which the learner serves at once",
+                    self.launch.actors, self.learner.max_sessions
+                ),
+            ));
+        }
+        check_listen_address(&self.learner.listen)?;
         let a = &self.actor;
         at_least("actor.threads", a.threads, 1)?;
         at_most("actor.threads", a.threads, MAX_THREADS)?;
@@ -1345,6 +1357,30 @@ pub const MAX_BATCH_TRANSITIONS: usize = 1 << 20;
 
 /// Upper bound of `learner.max_in_flight_batches`.
 pub const MAX_IN_FLIGHT_BATCHES: usize = 1 << 16;
+
+/// `learner.listen` is `host:port` (a name, an IPv4 address or a
+/// bracketed IPv6 one, and a port number): caught here, a forgotten host
+/// (`50051`) is named as the key instead of failing to bind.
+fn check_listen_address(listen: &str) -> Result<(), ConfigError> {
+    let invalid = |why: &str| {
+        ConfigError::invalid(
+            "learner.listen",
+            format!("{listen:?} {why}; give host:port, e.g. 127.0.0.1:50051 or 0.0.0.0:50051"),
+        )
+    };
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| invalid("has no port"))?;
+    if host.is_empty() {
+        return Err(invalid("has no host"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return Err(invalid("has an IPv6 address without brackets"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| invalid("has no port number (0 to 65535) after its last ':'"))?;
+    Ok(())
+}
 
 fn at_most(field: &str, value: usize, max: usize) -> Result<(), ConfigError> {
     if value <= max {
@@ -1823,6 +1859,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("launch.actors"), "{error}");
+        let error = Config::from_toml("[launch]\nactors = 9\n[learner]\nmax_sessions = 8\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("launch.actors") && error.contains("max_sessions (8)"),
+            "{error}"
+        );
+        // The listen address: host:port, named when it is not.
+        for listen in [
+            "0.0.0.0:50051",
+            "[::]:50051",
+            "localhost:1",
+            "learner.internal:0",
+        ] {
+            let toml = format!("[learner]\nlisten = \"{listen}\"\n");
+            assert!(Config::from_toml(&toml, "t").is_ok(), "{listen}");
+        }
+        for (listen, why) in [
+            ("50051", "has no port"),
+            (":50051", "has no host"),
+            ("::1:50051", "without brackets"),
+            ("localhost:http", "no port number"),
+            ("localhost:70000", "no port number"),
+        ] {
+            let toml = format!("[learner]\nlisten = \"{listen}\"\n");
+            let error = Config::from_toml(&toml, "t").unwrap_err().to_string();
+            assert!(
+                error.contains("learner.listen") && error.contains(why),
+                "{listen}: {error}"
+            );
+        }
         for (toml, field) in [
             ("[learner]\nthreads = 1000000\n", "learner.threads"),
             (

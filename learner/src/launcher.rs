@@ -13,7 +13,7 @@
 //! starts none.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -125,16 +125,7 @@ impl LocalActors {
             children,
             _on_forced_exit: on_forced_exit,
         };
-        // A listener on 0.0.0.0 is reached through loopback locally.
-        let host = if address.ip().is_unspecified() {
-            "127.0.0.1".to_owned()
-        } else {
-            address.ip().to_string()
-        };
-        let url = match address {
-            SocketAddr::V4(_) => format!("http://{host}:{}", address.port()),
-            SocketAddr::V6(_) => format!("http://[{host}]:{}", address.port()),
-        };
+        let url = local_url(address);
         for i in 0..count {
             let mut command = Command::new(executable);
             command
@@ -238,5 +229,35 @@ impl Drop for LocalActors {
     /// On an early return (an error in the learner), leave no orphans.
     fn drop(&mut self) {
         kill_all(&self.children);
+    }
+}
+
+/// Where actors on this machine reach a learner listening on `address`: a
+/// listener on every address (0.0.0.0, [::]) through the loopback of its
+/// own family (a [::] listener may not take IPv4 where IPv6 sockets are
+/// IPv6 only).
+fn local_url(address: SocketAddr) -> String {
+    let port = address.port();
+    match address.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => format!("http://127.0.0.1:{port}"),
+        IpAddr::V6(ip) if ip.is_unspecified() => format!("http://[::1]:{port}"),
+        IpAddr::V4(ip) => format!("http://{ip}:{port}"),
+        IpAddr::V6(ip) => format!("http://[{ip}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::local_url;
+
+    #[test]
+    fn local_actors_reach_every_kind_of_listener_through_its_own_family() {
+        let url = |address: &str| local_url(address.parse().unwrap());
+        assert_eq!(url("0.0.0.0:50051"), "http://127.0.0.1:50051");
+        assert_eq!(url("[::]:50051"), "http://[::1]:50051");
+        assert_eq!(url("127.0.0.1:7"), "http://127.0.0.1:7");
+        assert_eq!(url("10.1.2.3:7"), "http://10.1.2.3:7");
+        assert_eq!(url("[::1]:7"), "http://[::1]:7");
+        assert_eq!(url("[fe80::1]:7"), "http://[fe80::1]:7");
     }
 }

@@ -673,6 +673,22 @@ pub async fn serve(
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
         sequences: Default::default(),
     });
+    // Local actors whose chunks this learner would refuse are found out
+    // now, naming actor.envs, rather than each refused at its handshake
+    // once started.
+    if let Some(plan) = &options.local_actors
+        && !finished_already
+    {
+        let envs = config.actor.envs_for(env.as_ref()) as u64;
+        state
+            .check_chunk_size(envs, "actor.envs")
+            .map_err(|refusal| {
+                LearnerError::LocalActors(std::io::Error::other(format!(
+                    "the {} local actors' chunks would be refused: {refusal}",
+                    plan.count
+                )))
+            })?;
+    }
     ready_sender.send_replace(Some(state));
     info!(
         %address,

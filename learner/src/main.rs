@@ -50,7 +50,8 @@ struct Args {
     /// resumes from the newest intact checkpoint there.
     #[arg(long, value_name = "DIR")]
     checkpoint_dir: Option<String>,
-    /// Delete the checkpoints in the checkpoint directory and start over
+    /// Delete the checkpoints, the final weights (final.safetensors) and
+    /// the version floor in the checkpoint directory, and start over
     /// instead of resuming.
     #[arg(long)]
     fresh: bool,
@@ -144,7 +145,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&config.learner.listen)
             .await
-            .with_context(|| format!("cannot listen on {}", config.learner.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (learner.listen, --listen)",
+                    config.learner.listen
+                )
+            })?;
         let local_actors = if args.local_actors {
             // Local actors reach the learner over loopback in plain text;
             // against TLS every connection would fail, and be retried for

@@ -15,7 +15,8 @@ use crate::ingest::IngestStats;
 pub struct Report {
     /// Training steps done.
     pub step: u64,
-    /// Seconds since the first training step, evaluation time left out.
+    /// Seconds since the first training step: evaluations, checkpoint
+    /// writes and a stop's wait for data left out.
     #[serde(deserialize_with = "number_or_null")]
     pub wall_s: f64,
     /// Mean loss over the steps since the previous report that were not
@@ -68,10 +69,13 @@ pub struct Report {
     /// Trained transitions per second of `wall_s` since the previous report.
     #[serde(deserialize_with = "number_or_null")]
     pub trained_per_s: f64,
-    /// Ingested transitions per second of `wall_s` since the previous report.
+    /// Ingested transitions per second of `wall_s` since the previous report
+    /// (counted when `wall_s` is read, before the evaluation).
     #[serde(deserialize_with = "number_or_null")]
     pub ingested_per_s: f64,
-    /// Protobuf bytes per accepted transition, over the whole run.
+    /// Protobuf bytes of the chunks this process accepted, per transition
+    /// it accepted for training (prefixes TB cannot use are in the bytes,
+    /// not in the count).
     #[serde(deserialize_with = "number_or_null")]
     pub wire_bytes_per_transition: f64,
     /// Latest published weight version.
@@ -110,7 +114,7 @@ pub struct Report {
     pub weight_versions_encoded: u64,
     /// Mean milliseconds from a version's publication (or, for a version
     /// older than the session, the session's opening) to its sending with
-    /// a credit, into the session's grant queue, whole run.
+    /// a credit, into the session's grant queue, over this process.
     #[serde(deserialize_with = "number_or_null")]
     pub publish_to_send_ms: f64,
     /// Credits granted so far (one per chunk an actor was allowed to roll

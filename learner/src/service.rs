@@ -278,7 +278,11 @@ impl LearnerState {
     /// most `learner.max_chunk_trajectories`, and fit the credit pool,
     /// the decode limit and `learner.max_session_bytes`. Returns what one such chunk holds,
     /// replayed, at most.
-    fn check_chunk_size(&self, per_chunk: u64, field: &str) -> Result<u64, RequestError> {
+    pub(crate) fn check_chunk_size(
+        &self,
+        per_chunk: u64,
+        field: &str,
+    ) -> Result<u64, RequestError> {
         let max = self.max_chunk_trajectories as u64;
         if per_chunk == 0 || per_chunk > max {
             return Err(RequestError::Malformed(format!(

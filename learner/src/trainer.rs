@@ -207,7 +207,8 @@ struct Progress {
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
     started: Option<Instant>,
-    /// Evaluation time, left out of `wall_s`.
+    /// Time left out of `wall_s`: evaluations, checkpoint writes, and at
+    /// a stop the wait for data since the last step.
     eval_time: Duration,
     /// Training seconds of the run before this process (resumed runs).
     wall_before: f64,
@@ -318,6 +319,13 @@ impl Trainer {
             while !finished(&progress) {
                 let wait_started = Instant::now();
                 let Some(batch) = self.next_batch(&mut data_warning_after) else {
+                    // Stopped while waiting for data: the wait since the
+                    // last step is not training, and counted as such it
+                    // would read as busy time in the last report, and
+                    // carry into a resumed run's wall_s and time to
+                    // quality (a learner starved for a minute, then
+                    // stopped).
+                    progress.eval_time += wait_started.elapsed();
                     break;
                 };
                 if progress.started.is_some() {
@@ -354,16 +362,25 @@ impl Trainer {
                     if let Err(error) = self.report(&mut evaluator, &mut progress) {
                         break 'training Err(error);
                     }
-                } else if let Some(probes) = progress.probes.as_mut()
-                    && probes.due(wall)
+                } else if progress
+                    .probes
+                    .as_mut()
+                    .is_some_and(|probes| probes.due(wall))
                 {
-                    // Between reports: the weights, for time to quality.
-                    probes.keep(Probe {
-                        wall_s: wall,
-                        step: progress.step,
-                        weights: optimizer.parameters().snapshot(),
-                        learned_log_z: self.objective.learned_log_z(),
-                    });
+                    // Between reports: the weights, for time to quality,
+                    // dated when they exist (on a GPU, not when their step
+                    // was queued).
+                    self.wait_for_device();
+                    let wall = progress.wall();
+                    let step = progress.step;
+                    if let Some(probes) = progress.probes.as_mut() {
+                        probes.keep(Probe {
+                            wall_s: wall,
+                            step,
+                            weights: optimizer.parameters().snapshot(),
+                            learned_log_z: self.objective.learned_log_z(),
+                        });
+                    }
                 }
                 // After the report of the same step, so that the checkpoint
                 // holds what it found (best objects, time to quality). Not
@@ -602,6 +619,15 @@ impl Trainer {
         by_steps || by_time
     }
 
+    /// Waits for the device to finish the work queued so far: CUDA runs
+    /// the steps asynchronously, so a time stamp taken without it dates
+    /// steps when queued, not when done (on the CPU they are done already).
+    fn wait_for_device(&self) {
+        if let tch::Device::Cuda(index) = self.policy.device() {
+            tch::Cuda::synchronize(index as i64);
+        }
+    }
+
     /// Writes a checkpoint of everything the run needs to continue.
     fn save_checkpoint(
         &self,
@@ -613,6 +639,9 @@ impl Trainer {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
         };
+        // Queued steps finish first, as training time (reading the
+        // weights below would wait for them, counted as writing).
+        self.wait_for_device();
         let started = Instant::now();
         let mut arrays: Vec<NamedArray> = prefixed("policy", self.policy.weights()).collect();
         arrays.extend(prefixed("adam", optimizer.state()));
@@ -905,7 +934,15 @@ impl Trainer {
         evaluator: &mut Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
+        // The steps queued on a GPU are done before the clock is read: the
+        // window's rates, busy time and any time to quality describe work
+        // done, and the wait is not billed to the evaluation (left out of
+        // wall_s).
+        self.wait_for_device();
         let wall = progress.wall();
+        // Counted at the same moment, for this window's ingest rate:
+        // chunks keep arriving during the evaluation.
+        let ingested_at_wall = IngestStats::get(&self.stats.accepted_transitions);
         let eval_started = Instant::now();
         let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
         let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
@@ -978,8 +1015,7 @@ impl Trainer {
             ..Report::default()
         };
         report.count_from(&self.stats);
-        let ingested = report.ingested_transitions;
-        report.ingested_per_s = (ingested - last_ingested) as f64 / span;
+        report.ingested_per_s = ingested_at_wall.saturating_sub(last_ingested) as f64 / span;
         report.log();
         if let Some(metrics) = self.metrics.as_mut() {
             metrics.write(&report)?;
@@ -999,7 +1035,7 @@ impl Trainer {
         if let Some(probes) = progress.probes.as_mut() {
             probes.plan(wall, progress.next_report_wall);
         }
-        progress.last_report_counts = (progress.trained_transitions, ingested);
+        progress.last_report_counts = (progress.trained_transitions, ingested_at_wall);
         progress.report = report;
         Ok(())
     }

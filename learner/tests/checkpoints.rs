@@ -317,6 +317,54 @@ async fn a_failed_report_counts_its_skipped_steps_once() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner whose actors vanish, and that is stopped a while later, left
+/// that wait out of its clock: counted as training, it read as busy time
+/// in the last report (seconds per step) and carried into the checkpoint,
+/// and so into a resumed run's wall_s and time to quality.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_after_starving_leaves_the_wait_out_of_wall_s() {
+    const STARVED: Duration = Duration::from_secs(4);
+    let dir = scratch("starved-stop");
+    let (config, checkpoints) = checkpointed(&dir, 0, 0);
+    let metrics = dir.join("metrics.jsonl");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let (learner, actors) = start_run_until(&config, &metrics, async move {
+        let _ = stopped.await;
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while support::reports(&metrics).len() < 2 {
+        assert!(Instant::now() < deadline, "no reports");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for a in actors {
+        a.abort();
+    }
+    tokio::time::sleep(STARVED).await;
+    stop.send(()).unwrap();
+    let outcome = support::finished_learner(learner).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let last = outcome.final_report.clone();
+    // At most the time before the actors went: the starved seconds are
+    // not in it (nor in the checkpoint it resumes from).
+    assert!(
+        last.wall_s < elapsed - STARVED.as_secs_f64(),
+        "wall_s {} of {elapsed:.2} s, {} s of them starved",
+        last.wall_s,
+        STARVED.as_secs_f64()
+    );
+    let saved = latest_state(&checkpoints).wall_s;
+    assert!(
+        (saved - last.wall_s).abs() < 0.5,
+        "{saved} against {}",
+        last.wall_s
+    );
+    // Steps cost milliseconds here: none took a second.
+    assert!(last.busy_ms_per_step < 1000.0, "{last:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A run with reports every so many steps (an experiment's) that is
 /// stopped between two of them reports where it stopped, but the
 /// checkpoint it resumes from holds the grid's evaluations only: a run

@@ -222,6 +222,34 @@ fn a_bad_config_file_fails_with_the_key_named() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Local actors whose chunks the learner would refuse (more trajectories
+/// than `learner.max_chunk_trajectories`) are not started: the learner
+/// stops at once naming `actor.envs`, instead of starting actors that are
+/// each refused at their handshake.
+#[test]
+fn local_actors_whose_chunks_would_be_refused_are_not_started() {
+    let dir = std::env::temp_dir().join(format!("flgfn-bigchunks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = Command::new(learner())
+        .args(["--local-actors", "--actors", "2", "--listen", "127.0.0.1:0"])
+        .args(["--checkpoint-dir", ""])
+        .env("FLGFN_ACTOR__ENVS", "64")
+        .env("FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains("local actors' chunks would be refused")
+            && log.contains("`actor.envs` is 64")
+            && log.contains("learner.max_chunk_trajectories"),
+        "{log}"
+    );
+    assert!(!log.contains("connected to the learner"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Processes whose parent is `pid` (Linux: read from /proc).
 #[cfg(target_os = "linux")]
 fn children_of(pid: u32) -> Vec<u32> {

@@ -67,6 +67,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
     let env = flgfn_common::tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
+    // Sampling is an actor's work: its thread count (libtorch would take
+    // every core otherwise).
+    flgfn_common::policy::set_threads(config.actor.threads);
     let (task, model_name) = (env.spec().to_string(), model.to_string());
     let mut policy = Policy::new(&model, tch::Device::Cpu);
     match (&args.weights, &args.checkpoint) {
