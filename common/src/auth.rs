@@ -194,19 +194,24 @@ impl Token {
     /// Whether `header` (an `authorization` value) carries this token, in
     /// time that does not depend on where they differ.
     pub fn matches(&self, header: &[u8]) -> bool {
-        let expected = self.header_value();
-        let expected = expected.as_bytes();
-        if header.len() != expected.len() {
-            return false;
-        }
-        // black_box: the optimiser may not turn the fold into a loop that
-        // stops at the first difference.
-        header
-            .iter()
-            .zip(expected)
-            .fold(0u8, |diff, (a, b)| std::hint::black_box(diff | (a ^ b)))
-            == 0
+        same_secret(header, self.header_value().as_bytes())
     }
+}
+
+/// Whether `given` equals `expected`, in time that depends on their
+/// lengths only, not on where they differ: for secrets (the token, a
+/// session key) compared with what a client sent.
+pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    // black_box: the optimiser may not turn the fold into a loop that
+    // stops at the first difference.
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |diff, (a, b)| std::hint::black_box(diff | (a ^ b)))
+        == 0
 }
 
 /// The configured token: `FLGFN_TOKEN` if set and not empty, else the

@@ -165,11 +165,10 @@ impl ReplayedTrajectory {
     }
 }
 
-/// Replays `trajectory` from the initial state, validating every field.
-pub fn replay(
-    env: &dyn Environment,
-    trajectory: &Trajectory,
-) -> Result<ReplayedTrajectory, ReplayError> {
+/// The checks of [`replay`] that need no replay: lengths, and energies
+/// finite and within range. Cheap (one pass over the energies), so a
+/// learner can refuse a malformed chunk before it waits for a replay slot.
+pub fn check_fields(env: &dyn Environment, trajectory: &Trajectory) -> Result<(), ReplayError> {
     let n = trajectory.actions.len();
     if n == 0 {
         return Err(ReplayError::Empty);
@@ -194,7 +193,16 @@ pub fn replay(
     {
         return Err(ReplayError::EnergyOutOfRange { step, value });
     }
+    Ok(())
+}
 
+/// Replays `trajectory` from the initial state, validating every field.
+pub fn replay(
+    env: &dyn Environment,
+    trajectory: &Trajectory,
+) -> Result<ReplayedTrajectory, ReplayError> {
+    check_fields(env, trajectory)?;
+    let n = trajectory.actions.len();
     let (dim, fwd, bwd) = (
         env.state_dim(),
         env.forward_actions(),

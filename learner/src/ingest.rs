@@ -9,8 +9,9 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
+use flgfn_common::auth::same_secret;
 use flgfn_common::env::Environment;
-use flgfn_common::trajectory::{ReplayedTrajectory, TrajectoryChunk, replay};
+use flgfn_common::trajectory::{ReplayedTrajectory, TrajectoryChunk, check_fields, replay};
 
 use crate::credits::CreditToken;
 use crate::error::RequestError;
@@ -213,12 +214,16 @@ pub struct IngestContext {
     pub max_trajectories: usize,
 }
 
-/// Validates and replays a chunk.
-pub fn ingest_chunk(
+/// The checks of a chunk that need no replay: its actor, its version, its
+/// count of trajectories and each one's lengths and energies. Run by the
+/// session before the chunk waits for a replay slot, so that a malformed
+/// chunk is refused without holding its decoded bytes meanwhile; and again
+/// by [`ingest_chunk`], which is whole on its own.
+pub fn check_chunk(
     env: &dyn Environment,
-    chunk: TrajectoryChunk,
-    context: IngestContext,
-) -> Result<IngestedChunk, RequestError> {
+    chunk: &TrajectoryChunk,
+    context: &IngestContext,
+) -> Result<(), RequestError> {
     if chunk.actor_id != context.actor_id {
         return Err(RequestError::Malformed(format!(
             "`actor_id` {} is not this session's actor ({})",
@@ -238,6 +243,20 @@ pub fn ingest_chunk(
             context.max_trajectories
         )));
     }
+    for (index, trajectory) in chunk.trajectories.iter().enumerate() {
+        check_fields(env, trajectory)
+            .map_err(|source| RequestError::Trajectory { index, source })?;
+    }
+    Ok(())
+}
+
+/// Validates and replays a chunk.
+pub fn ingest_chunk(
+    env: &dyn Environment,
+    chunk: TrajectoryChunk,
+    context: IngestContext,
+) -> Result<IngestedChunk, RequestError> {
+    check_chunk(env, &chunk, &context)?;
     let mut trajectories = Vec::with_capacity(chunk.trajectories.len());
     for (index, trajectory) in chunk.trajectories.iter().enumerate() {
         let replayed =
@@ -346,7 +365,7 @@ impl SequenceBook {
         entries
             .name_of_id
             .get(&actor_id)
-            .is_some_and(|(_, issued)| issued == key)
+            .is_some_and(|(_, issued)| same_secret(key.as_bytes(), issued.as_bytes()))
     }
 
     /// A session of `actor_id` opens: the name it shook hands with (once),
@@ -358,7 +377,7 @@ impl SequenceBook {
     pub fn opened(&self, actor_id: u64, key: &str) -> Option<(String, SequenceState)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match entries.name_of_id.get(&actor_id) {
-            Some((_, issued)) if issued == key => {}
+            Some((_, issued)) if same_secret(key.as_bytes(), issued.as_bytes()) => {}
             _ => return None,
         }
         let (name, _) = entries.name_of_id.remove(&actor_id)?;

@@ -155,6 +155,13 @@ fn server_builder() -> tonic::transport::Server {
         // without a limit (tonic sets none), one connection could open
         // thousands, each holding a message of up to the decode limit.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Streams the server must reset for a client's protocol errors
+        // (streams beyond the limit above, bad window updates) end the
+        // connection after this many; tonic passes "no limit" on unless
+        // told, and a client that stops reading would queue resets
+        // without end (RUSTSEC-2024-0003's pattern). Actors cause none.
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .http2_max_pending_accept_reset_streams(Some(20))
         // Free the sessions of actors whose host vanished silently.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -163,6 +170,10 @@ fn server_builder() -> tonic::transport::Server {
 /// Most concurrent HTTP/2 streams (calls) on one connection: further calls
 /// wait for one to end.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
+
+/// Streams reset for a client's protocol errors before its connection is
+/// ended with GOAWAY (ENHANCE_YOUR_CALM).
+pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
 
 /// Largest health request the learner decodes: a service name (ours,
 /// `flgfn.v1.Learner`, is 16 bytes).
@@ -385,7 +396,9 @@ pub async fn serve(
     // Read before anything starts: a bad file is a configuration error.
     let mut secured = secured_transport(&config)?;
     let local_address = listener.local_addr().ok();
-    if let Some(address) = local_address.filter(|a| !a.ip().is_loopback()) {
+    // (An IPv4 loopback written as IPv6, [::ffff:127.0.0.1], is loopback
+    // too, as the actor reckons it.)
+    if let Some(address) = local_address.filter(|a| !a.ip().to_canonical().is_loopback()) {
         if token.is_none() && !config.auth.allow_unauthenticated {
             return Err(ConfigError::invalid(
                 "auth.token_file",
@@ -395,6 +408,12 @@ pub async fn serve(
                 ),
             )
             .into());
+        }
+        if token.is_none() {
+            warn!(
+                %address,
+                "no token beyond loopback (auth.allow_unauthenticated): anyone who reaches the port can train the model"
+            );
         }
         if token.is_some() && config.tls.cert_file.is_empty() {
             warn!(

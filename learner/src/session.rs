@@ -25,7 +25,7 @@ use crate::credits::{CreditToken, SessionCredits};
 use crate::error::RequestError;
 use crate::ingest::{
     IngestContext, IngestStats, IngestedChunk, QueuedChunk, SequenceState, SessionRecord,
-    ingest_chunk,
+    check_chunk, ingest_chunk,
 };
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
@@ -499,6 +499,9 @@ impl Session {
             max_trajectories: self.trajectories_per_chunk,
         };
         let env = self.state.env.clone();
+        // Refused here, a malformed chunk does not wait for a replay slot
+        // holding its decoded bytes (up to several times its wire size).
+        check_chunk(env.as_ref(), &chunk, &context)?;
         let ingested: IngestedChunk = self
             .state
             .ingest_pool

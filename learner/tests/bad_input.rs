@@ -272,6 +272,76 @@ impl RawSession {
     }
 }
 
+/// A client that makes the learner reset stream after stream (here each
+/// stream opens with malformed headers, a stream error) has its
+/// connection ended with GOAWAY ENHANCE_YOUR_CALM once it passes the
+/// limit: without one (tonic passes "none" on to hyper unless told), a
+/// client that never reads queues resets without end. Frames are written
+/// by hand: a well-behaved HTTP/2 client cannot send these.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_stream_errors_ends_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const STREAMS: u32 = 4 * flgfn_learner::MAX_LOCAL_ERROR_RESETS as u32;
+    const GOAWAY: u8 = 0x7;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let config = config();
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut bytes = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        bytes.extend([kind, flags]);
+        bytes.extend(stream.to_be_bytes());
+        bytes.extend(payload);
+        bytes
+    };
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..STREAMS {
+        // HEADERS (END_STREAM, END_HEADERS) of `:method: POST` alone (from
+        // HPACK's static table): no scheme nor path, a malformed request.
+        flood.extend(frame(0x1, 0x5, 2 * i + 1, &[0x83]));
+    }
+    // Written while the learner answers; what it sends is read after.
+    let _ = socket.write_all(&flood).await;
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buffer = [0u8; 65536];
+        while let Ok(n) = socket.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&buffer[..n]);
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(15), read_all).await;
+    let mut goaway = None;
+    let mut at = 0;
+    while at + 9 <= received.len() {
+        let length =
+            u32::from_be_bytes([0, received[at], received[at + 1], received[at + 2]]) as usize;
+        let kind = received[at + 3];
+        let payload =
+            &received[(at + 9).min(received.len())..(at + 9 + length).min(received.len())];
+        if kind == GOAWAY && payload.len() >= 8 {
+            goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+        }
+        at += 9 + length;
+    }
+    assert_eq!(
+        goaway,
+        Some(ENHANCE_YOUR_CALM),
+        "{} bytes received, no GOAWAY ENHANCE_YOUR_CALM",
+        received.len()
+    );
+    // The learner serves others as before.
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    shake_hands(&mut client, &config).await;
+    drop(stop);
+    finished_within(learner, 60, "the learner stops").await;
+}
+
 /// Actor ids are issued in order, so a client can guess the next one. It
 /// still cannot open that actor's session (and send data of a task the
 /// handshake never checked): the session needs the key issued with the id,
