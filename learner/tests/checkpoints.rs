@@ -81,6 +81,29 @@ async fn start_run_until(
     (learner, [actor(config, &url, 0), actor(config, &url, 1)])
 }
 
+/// [`start_run`], with a learner that stops when the sender is used (or
+/// dropped).
+async fn start_stoppable_run(
+    config: &Config,
+    metrics: &Path,
+) -> (Learner, [Actor; 2], tokio::sync::oneshot::Sender<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (learner, actors) = start_run_until(config, metrics, async move {
+        let _ = stopped.await;
+    })
+    .await;
+    (learner, actors, stop)
+}
+
+/// Waits (at most 60 s) until `metrics` holds `count` reports.
+async fn wait_for_reports(metrics: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while support::reports(metrics).len() < count {
+        assert!(Instant::now() < deadline, "no reports");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Trains in this process until `max_steps` with two in-process actors.
 async fn train(config: &Config, metrics: &Path) -> TrainingOutcome {
     let (learner, actors) = start_run(config, metrics).await;
@@ -327,17 +350,9 @@ async fn a_stop_after_starving_leaves_the_wait_out_of_wall_s() {
     let dir = scratch("starved-stop");
     let (config, checkpoints) = checkpointed(&dir, 0, 0);
     let metrics = dir.join("metrics.jsonl");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
-    let (learner, actors) = start_run_until(&config, &metrics, async move {
-        let _ = stopped.await;
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while support::reports(&metrics).len() < 2 {
-        assert!(Instant::now() < deadline, "no reports");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (learner, actors, stop) = start_stoppable_run(&config, &metrics).await;
+    wait_for_reports(&metrics, 2).await;
     for a in actors {
         a.abort();
     }
@@ -377,17 +392,9 @@ async fn a_stop_between_grid_reports_adds_no_evaluation_to_the_checkpoint() {
     // from one between) comes about once in this many runs.
     config.learner.eval_every_steps = 50;
     let metrics = dir.join("metrics.jsonl");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let (learner, actors) = start_run_until(&config, &metrics, async move {
-        let _ = stopped.await;
-    })
-    .await;
+    let (learner, actors, stop) = start_stoppable_run(&config, &metrics).await;
     // Until some reports are in, then at whatever step it is.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while support::reports(&metrics).len() < 2 {
-        assert!(Instant::now() < deadline, "no reports");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_reports(&metrics, 2).await;
     stop.send(()).unwrap();
     let outcome = support::finished_learner(learner).await;
     for a in actors {
