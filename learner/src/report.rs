@@ -123,7 +123,8 @@ pub struct Report {
     /// Current credit room, in transitions (adapts between one batch and
     /// `max_in_flight_batches` batches).
     pub credit_room_transitions: u64,
-    /// Transitions granted and not yet in a batch.
+    /// Credit room in use, in transitions: a full chunk's for each credit
+    /// out, the chunk's own once it arrived, until it is in a batch.
     pub in_flight_transitions: u64,
     /// Resident memory of the process the learner runs in, in MB (in the
     /// scale benchmark that process also hosts the load generator and the
