@@ -1125,17 +1125,6 @@ impl Config {
         )?;
         // None would train nothing and wait for ever.
         at_least("launch.actors", self.launch.actors, 1)?;
-        // More would each take a libtorch process, and the learner refuses
-        // those past its sessions: they would retry for ever.
-        if self.launch.actors > self.learner.max_sessions {
-            return Err(ConfigError::invalid(
-                "launch.actors",
-                format!(
-                    "{} is more than learner.max_sessions ({}), which the learner serves at once",
-                    self.launch.actors, self.learner.max_sessions
-                ),
-            ));
-        }
         check_listen_address(&self.learner.listen)?;
         let a = &self.actor;
         at_least("actor.threads", a.threads, 1)?;
@@ -1370,7 +1359,8 @@ fn check_listen_address(listen: &str) -> Result<(), ConfigError> {
     };
     let (host, port) = listen
         .rsplit_once(':')
-        .ok_or_else(|| invalid("has no port"))?;
+        .filter(|_| !listen.ends_with(']'))
+        .ok_or_else(|| invalid("is not host:port"))?;
     if host.is_empty() {
         return Err(invalid("has no host"));
     }
@@ -1859,13 +1849,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("launch.actors"), "{error}");
-        let error = Config::from_toml("[launch]\nactors = 9\n[learner]\nmax_sessions = 8\n", "t")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("launch.actors") && error.contains("max_sessions (8)"),
-            "{error}"
-        );
         // The listen address: host:port, named when it is not.
         for listen in [
             "0.0.0.0:50051",
@@ -1877,7 +1860,8 @@ mod tests {
             assert!(Config::from_toml(&toml, "t").is_ok(), "{listen}");
         }
         for (listen, why) in [
-            ("50051", "has no port"),
+            ("50051", "is not host:port"),
+            ("[::1]", "is not host:port"),
             (":50051", "has no host"),
             ("::1:50051", "without brackets"),
             ("localhost:http", "no port number"),

@@ -289,8 +289,9 @@ class Actor:
         self.stub = pb_grpc.LearnerStub(self.channel)
         self.auth = [("authorization", f"Bearer {token}")] if token else []
         self.counts = {"chunks": 0, "transitions": 0, "versions": 0, "sessions": 0}
-        # Whether the current session got a grant (a new outage, then).
-        self.served = False
+        # Whether the current session handed over a chunk (a new outage,
+        # then), and whether it got a grant at all.
+        self.served = self.granted = False
 
     def session(self):
         """One session: handshake, then grants in and chunks out. Returns
@@ -298,7 +299,7 @@ class Actor:
         the stream without saying so; a broken connection raises
         grpc.RpcError. Sets `self.served` once a chunk is handed over."""
         pb, task = self.pb, self.task
-        self.served = False
+        self.served = self.granted = False
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
@@ -357,6 +358,7 @@ class Actor:
                     return False
                 if isinstance(grant, Exception):
                     raise grant
+                self.granted = True
                 if grant.training_done:
                     return True
                 if grant.HasField("weights"):
@@ -444,7 +446,10 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
-                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not actor.served:
+                # Granted, yet ended before a chunk: the stall timeout (not
+                # an unreachable learner, whose handshake times out).
+                if (error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        and actor.granted and not actor.served):
                     message += (" (a chunk of --envs trajectories may take longer than the "
                                 "learner's stall_timeout_s: lower --envs)")
             if actor.served:

@@ -391,6 +391,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
+    // More local actors than sessions: each takes a process, and those
+    // past the sessions would be refused and retry for ever.
+    if let Some(plan) = &options.local_actors
+        && plan.count > config.learner.max_sessions
+    {
+        return Err(ConfigError::invalid(
+            "launch.actors",
+            format!(
+                "{} local actors are more than learner.max_sessions ({}), which the learner serves at once",
+                plan.count, config.learner.max_sessions
+            ),
+        )
+        .into());
+    }
     let env = tasks::build(&config.task)?;
     let token = auth::load_token(&config.auth)?;
     // Read before anything starts: a bad file is a configuration error.

@@ -223,9 +223,9 @@ fn a_bad_config_file_fails_with_the_key_named() {
 }
 
 /// Local actors whose chunks the learner would refuse (more trajectories
-/// than `learner.max_chunk_trajectories`) are not started: the learner
-/// stops at once naming `actor.envs`, instead of starting actors that are
-/// each refused at their handshake.
+/// than `learner.max_chunk_trajectories`), or more of them than its
+/// sessions, are not started: the learner stops at once naming the key,
+/// instead of starting actors that are each refused.
 #[test]
 fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     let dir = std::env::temp_dir().join(format!("flgfn-bigchunks-{}", std::process::id()));
@@ -247,6 +247,21 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
         "{log}"
     );
     assert!(!log.contains("connected to the learner"), "{log}");
+    // More local actors than the learner serves sessions: refused too,
+    // naming the key.
+    let output = Command::new(learner())
+        .args(["--local-actors", "--actors", "3", "--listen", "127.0.0.1:0"])
+        .args(["--checkpoint-dir", ""])
+        .env("FLGFN_LEARNER__MAX_SESSIONS", "2")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(
+        log.contains("launch.actors") && log.contains("max_sessions (2)"),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
