@@ -230,34 +230,36 @@ fn a_bad_config_file_fails_with_the_key_named() {
 fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     let dir = std::env::temp_dir().join(format!("flgfn-bigchunks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let output = Command::new(learner())
-        .args(["--local-actors", "--actors", "2", "--listen", "127.0.0.1:0"])
-        .args(["--checkpoint-dir", ""])
-        .env("FLGFN_ACTOR__ENVS", "64")
-        .env("FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32")
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
+    // The learner's standard error, started with `actors` local actors
+    // and the variable `setting`; it must fail.
+    let refused_start = |actors: &str, setting: [&str; 2]| {
+        let output = Command::new(learner())
+            .args([
+                "--local-actors",
+                "--actors",
+                actors,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--checkpoint-dir", ""])
+            .env(setting[0], setting[1])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{log}");
+        assert!(!log.contains("connected to the learner"), "{log}");
+        log
+    };
+    let log = refused_start("2", ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"]);
+    // (The default job's 256 trajectories per chunk, against 32.)
     assert!(
         log.contains("local actors' chunks would be refused")
-            && log.contains("`actor.envs` is 64")
+            && log.contains("`actor.envs` is 256")
             && log.contains("learner.max_chunk_trajectories"),
         "{log}"
     );
-    assert!(!log.contains("connected to the learner"), "{log}");
-    // More local actors than the learner serves sessions: refused too,
-    // naming the key.
-    let output = Command::new(learner())
-        .args(["--local-actors", "--actors", "3", "--listen", "127.0.0.1:0"])
-        .args(["--checkpoint-dir", ""])
-        .env("FLGFN_LEARNER__MAX_SESSIONS", "2")
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{log}");
+    let log = refused_start("3", ["FLGFN_LEARNER__MAX_SESSIONS", "2"]);
     assert!(
         log.contains("launch.actors") && log.contains("max_sessions (2)"),
         "{log}"
