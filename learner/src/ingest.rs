@@ -214,16 +214,20 @@ pub struct IngestContext {
     pub max_trajectories: usize,
 }
 
+/// A chunk that passed [`check_chunk`]: the only kind [`ingest_chunk`]
+/// replays, so that its checks run once, wherever they ran.
+#[derive(Debug)]
+pub struct CheckedChunk(TrajectoryChunk);
+
 /// The checks of a chunk that need no replay: its actor, its version, its
 /// count of trajectories and each one's lengths and energies. Run by the
 /// session before the chunk waits for a replay slot, so that a malformed
-/// chunk is refused without holding its decoded bytes meanwhile; and again
-/// by [`ingest_chunk`], which is whole on its own.
+/// chunk is refused without holding its decoded bytes meanwhile.
 pub fn check_chunk(
     env: &dyn Environment,
-    chunk: &TrajectoryChunk,
+    chunk: TrajectoryChunk,
     context: &IngestContext,
-) -> Result<(), RequestError> {
+) -> Result<CheckedChunk, RequestError> {
     if chunk.actor_id != context.actor_id {
         return Err(RequestError::Malformed(format!(
             "`actor_id` {} is not this session's actor ({})",
@@ -247,16 +251,15 @@ pub fn check_chunk(
         check_fields(env, trajectory)
             .map_err(|source| RequestError::Trajectory { index, source })?;
     }
-    Ok(())
+    Ok(CheckedChunk(chunk))
 }
 
-/// Validates and replays a chunk.
+/// Replays a checked chunk, validating every action.
 pub fn ingest_chunk(
     env: &dyn Environment,
-    chunk: TrajectoryChunk,
+    CheckedChunk(chunk): CheckedChunk,
     context: IngestContext,
 ) -> Result<IngestedChunk, RequestError> {
-    check_chunk(env, &chunk, &context)?;
     let mut trajectories = Vec::with_capacity(chunk.trajectories.len());
     for (index, trajectory) in chunk.trajectories.iter().enumerate() {
         let replayed =
@@ -332,6 +335,15 @@ struct SequenceEntries {
     open_of_name: std::collections::HashMap<String, u32>,
 }
 
+impl SequenceEntries {
+    /// Whether `actor_id` waits for its session with session key `key`.
+    fn issued_with(&self, actor_id: u64, key: &str) -> bool {
+        self.name_of_id
+            .get(&actor_id)
+            .is_some_and(|(_, issued)| same_secret(key.as_bytes(), issued.as_bytes()))
+    }
+}
+
 impl SequenceBook {
     /// Most names (and pending handshakes) tracked: 16 times the default
     /// `max_sessions`, and at most ~128 MB for the two maps even with
@@ -362,10 +374,7 @@ impl SequenceBook {
     /// handshake.
     pub fn pending(&self, actor_id: u64, key: &str) -> bool {
         let entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        entries
-            .name_of_id
-            .get(&actor_id)
-            .is_some_and(|(_, issued)| same_secret(key.as_bytes(), issued.as_bytes()))
+        entries.issued_with(actor_id, key)
     }
 
     /// A session of `actor_id` opens: the name it shook hands with (once),
@@ -376,9 +385,8 @@ impl SequenceBook {
     /// session received, and the gap would be counted lost.
     pub fn opened(&self, actor_id: u64, key: &str) -> Option<(String, SequenceState)> {
         let mut entries = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        match entries.name_of_id.get(&actor_id) {
-            Some((_, issued)) if same_secret(key.as_bytes(), issued.as_bytes()) => {}
-            _ => return None,
+        if !entries.issued_with(actor_id, key) {
+            return None;
         }
         let (name, _) = entries.name_of_id.remove(&actor_id)?;
         let open = entries.open_of_name.entry(name.clone()).or_insert(0);

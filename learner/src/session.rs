@@ -501,7 +501,7 @@ impl Session {
         let env = self.state.env.clone();
         // Refused here, a malformed chunk does not wait for a replay slot
         // holding its decoded bytes (up to several times its wire size).
-        check_chunk(env.as_ref(), &chunk, &context)?;
+        let chunk = check_chunk(env.as_ref(), chunk, &context)?;
         let ingested: IngestedChunk = self
             .state
             .ingest_pool

@@ -209,7 +209,7 @@ struct Progress {
     started: Option<Instant>,
     /// Time left out of `wall_s`: evaluations, checkpoint writes, and at
     /// a stop the wait for data since the last step.
-    eval_time: Duration,
+    time_left_out: Duration,
     /// Training seconds of the run before this process (resumed runs).
     wall_before: f64,
     /// Versions are `step + version_offset`: 0 in a fresh run; after a
@@ -244,7 +244,7 @@ impl Progress {
             + self.started.map_or(0.0, |started| {
                 started
                     .elapsed()
-                    .saturating_sub(self.eval_time)
+                    .saturating_sub(self.time_left_out)
                     .as_secs_f64()
             })
     }
@@ -325,7 +325,7 @@ impl Trainer {
                     // carry into a resumed run's wall_s and time to
                     // quality (a learner starved for a minute, then
                     // stopped).
-                    progress.eval_time += wait_started.elapsed();
+                    progress.time_left_out += wait_started.elapsed();
                     break;
                 };
                 if progress.started.is_some() {
@@ -679,7 +679,7 @@ impl Trainer {
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
         // Writing is not training: keep it out of `wall_s` like evaluation.
-        progress.eval_time += started.elapsed();
+        progress.time_left_out += started.elapsed();
         info!(path = %path.display(), step = progress.step, ms = started.elapsed().as_millis() as u64, "checkpoint saved");
         Ok(())
     }
@@ -947,7 +947,7 @@ impl Trainer {
         let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
         let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
         let eval_s = eval_started.elapsed();
-        progress.eval_time += eval_s;
+        progress.time_left_out += eval_s;
 
         let span = (wall - progress.last_report_wall).max(1e-9);
         let (last_trained, last_ingested) = progress.last_report_counts;
@@ -1023,7 +1023,7 @@ impl Trainer {
         if progress.time_to_quality.is_none() && evaluation.at_quality == Some(true) {
             let refining = Instant::now();
             let first = self.first_at_quality(evaluator, progress.probes.take(), wall);
-            progress.eval_time += refining.elapsed();
+            progress.time_left_out += refining.elapsed();
             progress.time_to_quality = Some(first);
         }
         progress.last_report_wall = wall;
