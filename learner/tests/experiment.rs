@@ -115,6 +115,70 @@ fn a_short_suite_writes_its_data_and_plots() {
         3,
         "{printed}"
     );
+    // A run made by another build of the learner is made again (its
+    // figures would not be this build's), unless --keep-other-builds;
+    // the tables name the builds behind them.
+    let record_path = out.join("runs/small_tb_seed1/run.json");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record_path).unwrap()).unwrap();
+    let this_build = record["builds"][0].as_str().unwrap().to_owned();
+    assert!(this_build.contains("commit "), "{record}");
+    std::fs::write(
+        &record_path,
+        serde_json::json!({ "builds": ["an older build"] }).to_string(),
+    )
+    .unwrap();
+    let kept_other = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--seeds", "2", "--steps", "20"])
+        .arg("--keep-other-builds")
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(kept_other.status.success());
+    let printed = String::from_utf8_lossy(&kept_other.stdout);
+    assert_eq!(
+        printed.matches("already done, kept").count(),
+        4,
+        "{printed}"
+    );
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        summary.contains("- an older build: 1 run")
+            && summary.contains(&format!("- {this_build}: 3 runs")),
+        "{summary}"
+    );
+    let rebuilt = again("20");
+    assert!(rebuilt.status.success());
+    let printed = String::from_utf8_lossy(&rebuilt.stdout);
+    assert_eq!(
+        printed
+            .matches("small_tb_seed1: made by another build (an older build; this learner is ")
+            .count(),
+        1,
+        "{printed}"
+    );
+    assert_eq!(
+        printed.matches("already done, kept").count(),
+        3,
+        "{printed}"
+    );
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(
+        summary.contains(&format!("- {this_build}: 4 runs")),
+        "{summary}"
+    );
+    // One runner per folder: a second is refused while the first holds it.
+    let lock = std::fs::File::open(out.join("runner.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let second = again("20");
+    assert!(!second.status.success());
+    let errors = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        errors.contains("another flgfn-experiment is writing to"),
+        "{errors}"
+    );
+    drop(lock);
     // A figure of a group no longer drawn is removed at the next drawing;
     // other files in the folder stay.
     std::fs::write(out.join("plots/other-steps.png"), b"old").unwrap();
@@ -136,7 +200,7 @@ fn a_short_suite_writes_its_data_and_plots() {
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .collect();
-    assert_eq!(replaced.len(), 5, "{replaced:?}");
+    assert_eq!(replaced.len(), 6, "{replaced:?}");
     for old in &replaced {
         let metrics = std::fs::read_to_string(old.join("metrics.jsonl")).unwrap();
         let last: serde_json::Value =

@@ -42,6 +42,11 @@ struct Args {
     /// between reports, whichever is shorter.
     #[arg(long, value_name = "SECONDS", default_value_t = 600.0, value_parser = positive_seconds)]
     stall_timeout_s: f64,
+    /// Keep runs that another build of the learner made (finished ones as
+    /// done, unfinished ones resumed), instead of starting them over; the
+    /// tables list the builds behind them.
+    #[arg(long)]
+    keep_other_builds: bool,
     /// List the suites and exit.
     #[arg(long)]
     list: bool,
@@ -87,6 +92,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let name = args.suite.as_deref().unwrap_or(DEFAULT_SUITE);
         PathBuf::from("experiments").join(name)
     });
+    // Each run's configuration names its checkpoint folder as text.
+    anyhow::ensure!(
+        out.to_str().is_some(),
+        "--out {} is not valid UTF-8: give another folder",
+        out.display()
+    );
     // Redrawing: what the folder was run with, where not given.
     // (Not another suite's: several may share one folder, and the record
     // is the last one's.)
@@ -136,6 +147,27 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => format!("run {} of suite {} cannot start", spec.name(), suite.name),
         })?;
     }
+    // One runner per folder: a second one would move aside runs the first
+    // is training, and both would rewrite the tables.
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let lock_path = out.join("runner.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another flgfn-experiment is writing to {} (it holds {}): wait for it, or give another --out",
+            out.display(),
+            lock_path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            return Err(error).with_context(|| format!("cannot lock {}", lock_path.display()));
+        }
+    }
     let experiment::SuiteOutcome { results, failed } = if args.plot_only {
         println!(
             "redrawing suite {} ({} seeds, {} steps per run) from {}",
@@ -159,12 +191,27 @@ fn run(args: Args) -> anyhow::Result<()> {
             specs.len(),
             out.display()
         );
+        let options = experiment::RunOptions {
+            build: experiment::learner_build(&learner)?,
+            learner,
+            stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout_s),
+            keep_other_builds: args.keep_other_builds,
+        };
+        println!("learner: {}", options.build);
         asked.save(&out)?;
-        let stall_timeout = std::time::Duration::from_secs_f64(args.stall_timeout_s);
-        experiment::run_all(&specs, &learner, &out, stall_timeout)?
+        // The tables after every run: a suite stopped midway leaves tables
+        // of what it did (marked partial), not an earlier invocation's.
+        experiment::run_all(&specs, &out, &options, |so_far, remaining| {
+            if remaining > 0 {
+                let failed: Vec<experiment::RunSpec> =
+                    so_far.failed.iter().map(|(s, _)| s.clone()).collect();
+                experiment::write_outputs(&so_far.results, &failed, &out, remaining)?;
+            }
+            Ok(())
+        })?
     };
     let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
-    let plots = experiment::write_outputs(&results, &failed_specs, &out)?;
+    let plots = experiment::write_outputs(&results, &failed_specs, &out, 0)?;
     println!(
         "wrote {}/reports.csv, summary.csv, summary.md and {} plot files under {}/plots",
         out.display(),

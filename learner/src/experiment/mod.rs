@@ -7,7 +7,11 @@
 //! ```text
 //! OUT/suite.json                the suite, seeds and steps last asked for
 //!                               (what `--plot-only` redraws by default)
+//! OUT/runner.lock               held by the runner writing to OUT
 //! OUT/runs/<run>/config.toml    the exact configuration of the run
+//! OUT/runs/<run>/run.json       the learner builds that trained it, and
+//!                               whether its learner failed after its
+//!                               last report
 //! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
 //! OUT/runs/<run>/learner.log    its learner's and actors' logs
 //! OUT/runs/<run>/checkpoints/   its checkpoints and final.safetensors
@@ -15,7 +19,10 @@
 //! OUT/summary.csv               per run: steps and seconds to quality and
 //!                               to the top-100 ceiling, final figures
 //!                               (failed runs: a row flagged `failed`)
-//! OUT/summary.md                the same, mean and range over seeds
+//! OUT/summary.md                the same, mean and range over seeds,
+//!                               and the builds behind them (rewritten
+//!                               after every run, marked partial until
+//!                               the suite is done)
 //! OUT/plots/<group>-{steps,seconds}.{png,svg}
 //! ```
 //!
@@ -101,6 +108,110 @@ pub struct RunResult {
     pub to_top_k: Option<(u64, f64)>,
     /// The exact top-100 ceiling, where known.
     pub top_k_ceiling: Option<f64>,
+    /// Which builds trained it, and whether its learner failed after its
+    /// last report.
+    pub record: RunRecord,
+}
+
+impl RunResult {
+    /// Whether its last report is at quality: a run can pass once (the
+    /// flow head's log Z wanders near the threshold) and leave again.
+    pub fn at_quality_at_end(&self) -> bool {
+        self.reports
+            .last()
+            .is_some_and(|r| r.at_quality == Some(true))
+    }
+}
+
+/// What the runner knows of a run beyond its configuration and reports
+/// (`runs/<run>/run.json`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// Every learner build (`flgfn-learner --version`) that trained part
+    /// of the run, in order: a run is kept or resumed only by the build
+    /// that made it (a rebuild after a fix must not reuse the old
+    /// binary's figures), unless `--keep-other-builds`; then a resumed
+    /// run lists both. Empty for a run of an older runner (unrecorded).
+    pub builds: Vec<String>,
+    /// Why its learner failed after its last report, where it did (a
+    /// local actor that failed on the way: fewer actors, so its seconds
+    /// are not a normal run's). Its reports are kept, and the tables say
+    /// so.
+    #[serde(default)]
+    pub learner_failed: Option<String>,
+}
+
+/// A run's record file, in its folder.
+const RUN_RECORD: &str = "run.json";
+
+impl RunRecord {
+    /// The record in run folder `dir`; None where there is none (a run
+    /// of an older runner, or one never started) or it cannot be read.
+    pub fn load(dir: &Path) -> Option<Self> {
+        let text = std::fs::read_to_string(dir.join(RUN_RECORD)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Writes the record into `dir` (made if missing), whole or not at all.
+    fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)? + "\n";
+        write_atomically(dir, RUN_RECORD, text.as_bytes())
+            .with_context(|| format!("cannot write {}", dir.join(RUN_RECORD).display()))?;
+        Ok(())
+    }
+
+    /// Whether every part of the run was trained by `build`.
+    fn only_by(&self, build: &str) -> bool {
+        !self.builds.is_empty() && self.builds.iter().all(|b| b == build)
+    }
+
+    /// Its builds for a message or a table: "unrecorded" for none.
+    pub fn builds_text(&self) -> String {
+        if self.builds.is_empty() {
+            "unrecorded".to_owned()
+        } else {
+            self.builds.join(" + ")
+        }
+    }
+}
+
+/// How [`run_all`] runs a suite.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The `flgfn-learner` binary.
+    pub learner: PathBuf,
+    /// Its build, as `--version` prints it.
+    pub build: String,
+    /// A run that writes neither a report nor a checkpoint for this long
+    /// is killed.
+    pub stall_timeout: Duration,
+    /// Keep (and resume) runs another build made, instead of starting
+    /// them over.
+    pub keep_other_builds: bool,
+}
+
+/// The build of the learner binary at `learner` (its `--version`, less
+/// the program's name).
+pub fn learner_build(learner: &Path) -> anyhow::Result<String> {
+    let output = Command::new(learner)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {}", learner.display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text.lines().next().unwrap_or("").trim();
+    if !output.status.success() || line.is_empty() {
+        bail!(
+            "{} --version failed ({}): {}",
+            learner.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(line
+        .strip_prefix("flgfn-learner ")
+        .unwrap_or(line)
+        .to_owned())
 }
 
 /// What a suite did: the runs that finished, and those that failed (each
@@ -114,109 +225,172 @@ pub struct SuiteOutcome {
     pub failed: Vec<(RunSpec, String)>,
 }
 
-/// Runs `specs` one after another with the `flgfn-learner` binary at
-/// `learner`, writing everything under `out`. A run whose folder already
-/// holds a complete metrics file, made with the same configuration, is not
-/// run again (a suite interrupted midway resumes where it stopped); one
-/// made with another configuration (other steps, another suite sharing the
-/// folder) starts over in a new folder, the old one moved to
+/// Runs `specs` one after another with the learner of `options`,
+/// writing everything under `out`, and calls `after_each` with what is
+/// done so far and how many runs remain after each run. A run whose folder
+/// already holds a complete metrics file, made with the same configuration
+/// by the same build, is not run again (a suite interrupted midway resumes
+/// where it stopped); one made with another configuration (other steps,
+/// another suite sharing the folder) or by another build (unless
+/// `keep_other_builds`) starts over in a new folder, the old one moved to
 /// `out/replaced/` (a mistyped `--steps` deletes nothing). A run that
 /// fails, or writes neither a report nor a checkpoint for `stall_timeout`
 /// (it is then killed), is recorded and the suite goes on; one whose
 /// learner fails after its last report at `max_steps` (a local actor that
-/// failed on the way, a final save that failed) is kept, with a warning,
-/// as a later start and `--plot-only` would keep it.
+/// failed on the way, a final save that failed) is kept, with a warning
+/// and a mark in its record, as a later start and `--plot-only` would
+/// keep it.
 pub fn run_all(
     specs: &[RunSpec],
-    learner: &Path,
     out: &Path,
-    stall_timeout: Duration,
+    options: &RunOptions,
+    mut after_each: impl FnMut(&SuiteOutcome, usize) -> anyhow::Result<()>,
 ) -> anyhow::Result<SuiteOutcome> {
     let started = Instant::now();
     let mut outcome = SuiteOutcome::default();
     for (i, spec) in specs.iter().enumerate() {
-        let dir = out.join("runs").join(spec.name());
-        let metrics = dir.join("metrics.jsonl");
-        let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
-        let config = run_config(spec, &dir);
-        let written = written_config_matches(spec, &dir);
-        let same_config = written == Some(true);
-        // Reports with no configuration beside them are of an unknown
-        // one (an older runner's): set aside too, never taken for this
-        // run's.
-        let unknown_reports = written.is_none() && metrics.exists();
-        if written == Some(false) || unknown_reports {
-            match set_aside(out, &dir, &spec.name()) {
-                Ok(aside) => println!(
-                    "{label}: made with another configuration; starting over (the old run is now {})",
-                    aside.display()
-                ),
-                Err(error) => {
-                    println!("{label}: FAILED: {error:#}");
-                    outcome.failed.push((spec.clone(), format!("{error:#}")));
-                    continue;
-                }
-            }
-        }
-        let mut kept = "";
-        let done = match read_reports(&metrics) {
-            Ok(reports) if same_config && finished(spec, &reports) => {
-                kept = "already done, kept: ";
-                Ok(reports)
-            }
-            _ => {
-                let ran = run_one(
-                    spec,
-                    &config,
-                    learner,
-                    &dir,
-                    &label,
-                    !same_config,
-                    stall_timeout,
-                );
-                judge(spec, &label, ran, read_reports(&metrics))
-            }
-        };
-        let reports = match done {
-            Ok(reports) => reports,
+        run_and_record(
+            spec,
+            out,
+            options,
+            &format!("[{}/{}] {}", i + 1, specs.len(), spec.name()),
+            started,
+            &mut outcome,
+        );
+        after_each(&outcome, specs.len() - i - 1)?;
+    }
+    Ok(outcome)
+}
+
+/// Runs (or keeps) one run of a suite, adding it to `outcome`.
+fn run_and_record(
+    spec: &RunSpec,
+    out: &Path,
+    options: &RunOptions,
+    label: &str,
+    started: Instant,
+    outcome: &mut SuiteOutcome,
+) {
+    let dir = out.join("runs").join(spec.name());
+    let metrics = dir.join("metrics.jsonl");
+    let config = run_config(spec, &dir);
+    let written = written_config_matches(spec, &dir);
+    let record = RunRecord::load(&dir);
+    // Reports with no configuration beside them are of an unknown one
+    // (an older runner's): set aside too, never taken for this run's.
+    let unknown_reports = written.is_none() && metrics.exists();
+    let other_build = written == Some(true)
+        && !options.keep_other_builds
+        && !record.as_ref().is_some_and(|r| r.only_by(&options.build));
+    let why_aside = if written == Some(false) || unknown_reports {
+        Some("made with another configuration".to_owned())
+    } else if other_build {
+        Some(format!(
+            "made by another build ({}; this learner is {}; --keep-other-builds keeps such runs)",
+            record
+                .as_ref()
+                .map_or("unrecorded".to_owned(), RunRecord::builds_text),
+            options.build
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = &why_aside {
+        match set_aside(out, &dir, &spec.name()) {
+            Ok(aside) => println!(
+                "{label}: {why}; starting over (the old run is now {})",
+                aside.display()
+            ),
             Err(error) => {
                 println!("{label}: FAILED: {error:#}");
                 outcome.failed.push((spec.clone(), format!("{error:#}")));
-                continue;
+                return;
             }
-        };
-        let result = summarise(spec.clone(), on_grid(spec, reports))?;
-        println!(
-            "{label}: {kept}{} reports, quality at {}, top-100 at {} ({:.0} s elapsed)",
-            result.reports.len(),
-            describe(result.to_quality),
-            describe(result.to_top_k),
-            started.elapsed().as_secs_f64()
-        );
-        outcome.results.push(result);
+        }
     }
-    Ok(outcome)
+    let same_run = written == Some(true) && why_aside.is_none();
+    let mut record = if same_run {
+        record.unwrap_or_default()
+    } else {
+        RunRecord::default()
+    };
+    let mut kept = "";
+    let done = match read_reports(&metrics) {
+        Ok(reports) if same_run && finished(spec, &reports) => {
+            kept = "already done, kept: ";
+            Ok(reports)
+        }
+        _ => {
+            if record.builds.last() != Some(&options.build) {
+                record.builds.push(options.build.clone());
+            }
+            record.learner_failed = None;
+            // Before the learner starts: a run cut short is known to be
+            // this build's when the suite is started again.
+            let ran = record
+                .save(&dir)
+                .and_then(|()| run_one(spec, &config, options, &dir, label, !same_run));
+            judge(spec, label, ran, read_reports(&metrics)).and_then(|(reports, failure)| {
+                if failure.is_some() {
+                    record.learner_failed = failure;
+                    record.save(&dir)?;
+                }
+                Ok(reports)
+            })
+        }
+    };
+    let reports = match done {
+        Ok(reports) => reports,
+        Err(error) => {
+            println!("{label}: FAILED: {error:#}");
+            outcome.failed.push((spec.clone(), format!("{error:#}")));
+            return;
+        }
+    };
+    let result = match summarise(spec.clone(), on_grid(spec, reports)) {
+        Ok(result) => RunResult { record, ..result },
+        Err(error) => {
+            println!("{label}: FAILED: {error:#}");
+            outcome.failed.push((spec.clone(), format!("{error:#}")));
+            return;
+        }
+    };
+    println!(
+        "{label}: {kept}{} reports, quality at {}{}, top-100 at {} ({:.0} s elapsed)",
+        result.reports.len(),
+        describe(result.to_quality),
+        if result.to_quality.is_some() && !result.at_quality_at_end() {
+            " (not at the end)"
+        } else {
+            ""
+        },
+        describe(result.to_top_k),
+        started.elapsed().as_secs_f64()
+    );
+    outcome.results.push(result);
 }
 
 /// What a run that was started left: its reports where they reach
 /// `max_steps`, whatever its learner's exit (a failure after the last
 /// report, such as a local actor that failed on the way, is printed as a
-/// warning: a later start, or `--plot-only`, reads the same reports as
-/// finished), else why it did not finish.
+/// warning and returned with them: a later start, or `--plot-only`, reads
+/// the same reports as finished, and the run's record keeps the failure),
+/// else why it did not finish.
 fn judge(
     spec: &RunSpec,
     label: &str,
     ran: anyhow::Result<()>,
     reports: anyhow::Result<Vec<Report>>,
-) -> anyhow::Result<Vec<Report>> {
+) -> anyhow::Result<(Vec<Report>, Option<String>)> {
     match (ran, reports) {
         (ran, Ok(reports)) if finished(spec, &reports) => {
-            if let Err(error) = ran {
+            let failure = ran.err().map(|error| format!("{error:#}"));
+            if let Some(failure) = &failure {
                 println!(
-                    "{label}: warning: its learner failed after its last report; its reports are kept: {error:#}"
+                    "{label}: warning: its learner failed after its last report; its reports are kept (and marked in the tables): {failure}"
                 );
             }
-            Ok(reports)
+            Ok((reports, failure))
         }
         (Err(error), _) => Err(error),
         (Ok(()), Ok(reports)) => Err(anyhow::anyhow!(
@@ -316,12 +490,12 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 fn run_one(
     spec: &RunSpec,
     config: &Config,
-    learner: &Path,
+    options: &RunOptions,
     dir: &Path,
     label: &str,
     fresh: bool,
-    stall_timeout: Duration,
 ) -> anyhow::Result<()> {
+    let (learner, stall_timeout) = (&options.learner, options.stall_timeout);
     let config_path = dir.join(CONFIG_FILE);
     // Each run keeps its checkpoints in its own folder: a run cut short
     // resumes from them when the suite is started again. The folder is
@@ -381,8 +555,16 @@ fn run_one(
     };
     let mut last_growth = (progress(), Instant::now());
     let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(error) => {
+                // Not left running beside the next run, skewing its
+                // seconds.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error).with_context(|| format!("{label}: cannot watch its learner"));
+            }
         }
         std::thread::sleep(Duration::from_millis(200));
         let now = progress();
@@ -459,6 +641,7 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
         to_quality,
         to_top_k,
         top_k_ceiling,
+        record: RunRecord::default(),
     })
 }
 
@@ -490,14 +673,14 @@ fn opt(value: Option<f64>) -> String {
 /// `reports.csv`: every report of every run.
 pub fn reports_csv(results: &[RunResult]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction\n",
+        "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction,skipped_batches\n",
     );
     for result in results {
         let s = &result.spec;
         for r in &result.reports {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 field(&s.name()),
                 field(&s.group),
                 field(&s.curve),
@@ -520,6 +703,7 @@ pub fn reports_csv(results: &[RunResult]) -> String {
                 r.trained_per_s,
                 r.mean_policy_lag,
                 r.truncated_fraction,
+                r.skipped_batches,
             );
         }
     }
@@ -529,16 +713,19 @@ pub fn reports_csv(results: &[RunResult]) -> String {
 /// `summary.csv`: one row per run, the runs in `failed` (a learner that
 /// diverged, a run cut short) too, with `failed` 1 and nothing else
 /// measured: a table read from it never rests on fewer seeds unawares.
+/// `final_at_quality`: the last report is at quality (1), or not (0);
+/// `learner_failed`: the learner failed after its last report (1);
+/// `builds`: the builds that trained the run.
 pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,failed\n",
+        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,final_at_quality,learner_failed,builds,failed\n",
     );
     for result in results {
         let s = &result.spec;
         let last = result.reports.last().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -554,12 +741,15 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
             opt(last.marginal_tv),
             opt(last.energy_w1),
             opt(last.exact_tv),
+            u8::from(result.at_quality_at_end()),
+            u8::from(result.record.learner_failed.is_some()),
+            field(&result.record.builds_text()),
         );
     }
     for s in failed {
         let _ = writeln!(
             out,
-            "{},{},{},{},,,,,,,,,,,,1",
+            "{},{},{},{},,,,,,,,,,,,,,,1",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -570,10 +760,14 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
 }
 
 /// `summary.md`: per group and curve, over seeds: how many reached quality
-/// and the top-100 ceiling, and the mean (range) of steps and seconds to
-/// each among those that did. Runs in `failed` (a learner that diverged,
-/// a run cut short) count among the seeds, as not reaching either, and in
-/// a column of their own; the final values are the finished runs'.
+/// (and how many were still there at their last report) and the top-100
+/// ceiling, and the mean (range) of steps and seconds to each among those
+/// that did. Runs in `failed` (a learner that diverged, a run cut short)
+/// count among the seeds, as not reaching either, and in a column of their
+/// own; the final values are the finished runs'. Below the table: the
+/// builds that made the runs, and the runs whose learner failed after its
+/// last report (their actors may have been fewer: their seconds are not a
+/// normal run's).
 pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
     let mut groups: BTreeMap<(&str, &str), Vec<&RunResult>> = BTreeMap::new();
     let mut failures: BTreeMap<(&str, &str), usize> = BTreeMap::new();
@@ -598,7 +792,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             .or_default() += 1;
     }
     let mut out = String::from(
-        "| group | curve | seeds at quality | steps to quality | seconds to quality | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| group | curve | seeds at quality | steps to quality | seconds to quality | at quality at the end | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (key, spec) in order {
         let runs = groups.get(&key).map_or(&[][..], Vec::as_slice);
@@ -641,12 +835,13 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
+            "| {} | {} | {}/{n} | {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
             key.0,
             key.1,
             quality.len(),
             reached(quality.iter().map(|q| q.0 as f64).collect(), 0),
             reached(quality.iter().map(|q| q.1).collect(), 2),
+            runs.iter().filter(|r| r.at_quality_at_end()).count(),
             if has_ceiling {
                 format!("{}/{n}", top.len())
             } else {
@@ -660,24 +855,61 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             cell(last(&|r| r.exact_tv), 4),
         );
     }
+    let mut builds: Vec<(String, usize)> = Vec::new();
+    for result in results {
+        let text = result.record.builds_text();
+        match builds.iter_mut().find(|(b, _)| *b == text) {
+            Some((_, n)) => *n += 1,
+            None => builds.push((text, 1)),
+        }
+    }
+    if !builds.is_empty() {
+        out.push_str("\nMade by:\n");
+        for (build, n) in &builds {
+            let _ = writeln!(out, "- {build}: {n} run{}", if *n == 1 { "" } else { "s" });
+        }
+    }
+    let learner_failed: Vec<&RunResult> = results
+        .iter()
+        .filter(|r| r.record.learner_failed.is_some())
+        .collect();
+    if !learner_failed.is_empty() {
+        out.push_str(
+            "\nLearner failed after its last report (its reports are counted above; its seconds may not be a normal run's):\n",
+        );
+        for r in learner_failed {
+            let _ = writeln!(
+                out,
+                "- {}: {}",
+                r.spec.name(),
+                r.record.learner_failed.as_deref().unwrap_or_default()
+            );
+        }
+    }
     out
 }
 
 /// Writes the tables and plots of `results` (and the count of `failed`
-/// runs) under `out`; returns the plot files written.
+/// runs) under `out`; returns the plot files written. `remaining`: runs of
+/// the suite not yet done (the tables are rewritten after every run), said
+/// at the top of `summary.md` while there are any.
 pub fn write_outputs(
     results: &[RunResult],
     failed: &[RunSpec],
     out: &Path,
+    remaining: usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    let mut summary = summary_markdown(results, failed);
+    if remaining > 0 {
+        summary = format!(
+            "**Partial:** {remaining} run{} of the suite not done yet (it is still running, or was stopped: start it again to finish).\n\n{summary}",
+            if remaining == 1 { "" } else { "s" }
+        );
+    }
     // Each whole or not at all: a suite killed here keeps the last tables.
     write_atomically(out, "reports.csv", reports_csv(results).as_bytes())?;
     write_atomically(out, "summary.csv", summary_csv(results, failed).as_bytes())?;
-    write_atomically(
-        out,
-        "summary.md",
-        summary_markdown(results, failed).as_bytes(),
-    )?;
+    write_atomically(out, "summary.md", summary.as_bytes())?;
     let dir = out.join("plots");
     let written = plots::render_groups(results, &dir)?;
     // Figures this drawing did not write (a group whose runs all failed
@@ -710,6 +942,7 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
         to_quality: None,
         to_top_k: None,
         top_k_ceiling: None,
+        record: RunRecord::default(),
     };
     plots::render_groups(std::slice::from_ref(&result), dir)
 }
@@ -772,7 +1005,9 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
             (Some(true), Err(_)) => Unfinished::NoReport,
             (Some(true), Ok(reports)) if !finished(spec, &reports) => Unfinished::NotFinished,
             (Some(true), Ok(reports)) => {
-                results.push(summarise(spec.clone(), on_grid(spec, reports))?);
+                let result = summarise(spec.clone(), on_grid(spec, reports))?;
+                let record = RunRecord::load(&dir).unwrap_or_default();
+                results.push(RunResult { record, ..result });
                 continue;
             }
         };
@@ -848,8 +1083,11 @@ mod tests {
         let complete = || Ok(vec![report(100, false, 0.0), report(300, true, 0.0)]);
         let cut_short = || Ok(vec![report(100, false, 0.0)]);
         let failed = || Err(anyhow::anyhow!("exit status: 1"));
-        assert_eq!(judge(&spec, "run", Ok(()), complete()).unwrap().len(), 2);
-        assert_eq!(judge(&spec, "run", failed(), complete()).unwrap().len(), 2);
+        assert_eq!(judge(&spec, "run", Ok(()), complete()).unwrap().0.len(), 2);
+        assert_eq!(
+            judge(&spec, "run", failed(), complete()).unwrap().0.len(),
+            2
+        );
         let error = judge(&spec, "run", Ok(()), cut_short()).unwrap_err();
         assert_eq!(error.to_string(), "run stopped at step 100 of 300");
         let error = judge(&spec, "run", failed(), cut_short()).unwrap_err();
@@ -868,11 +1106,15 @@ mod tests {
         assert!(first.position < second.position);
         let finished = summarise(second.clone(), vec![report(300, true, 0.1)]).unwrap();
         let table = summary_markdown(&[finished], std::slice::from_ref(&first));
-        let rows: Vec<&str> = table.lines().skip(2).collect();
+        let rows: Vec<&str> = table
+            .lines()
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .collect();
         assert_eq!(rows.len(), 2, "{table}");
         assert!(
             rows[0].starts_with(&format!(
-                "| {} | {} | 0/1 | never | never | 0/1 |",
+                "| {} | {} | 0/1 | never | never | 0/1 | 0/1 |",
                 first.group, first.curve
             )),
             "{table}"
@@ -911,7 +1153,8 @@ mod tests {
         assert_eq!(result.to_top_k, Some((300, 3.0)));
         assert!((result.top_k_ceiling.unwrap() - ceiling).abs() < 1e-5);
         let table = summary_markdown(std::slice::from_ref(&result), &[]);
-        assert!(table.contains("| 1/1 | 200 | 2.00 |"), "{table}");
+        // At quality at 200, not at the last report (300).
+        assert!(table.contains("| 1/1 | 200 | 2.00 | 0/1 |"), "{table}");
         // A failed run of the same curve counts among its seeds, and a
         // value written as null (NaN here) is left out of the finals.
         let mut result = result;
@@ -928,7 +1171,8 @@ mod tests {
         );
         assert!(table.contains("| 0.0500 |"), "{table}");
         assert!(!table.contains("NaN"), "{table}");
-        assert!(table.trim_end().ends_with("| 1 |"), "{table}");
+        let last_row = table.lines().rfind(|l| l.starts_with('|')).unwrap();
+        assert!(last_row.ends_with("| 1 |"), "{table}");
         let csv = reports_csv(std::slice::from_ref(
             &summarise(
                 suite("paper-sets").unwrap().runs(1, Some(300))[0].clone(),
@@ -1001,6 +1245,83 @@ mod tests {
         // Every row has every column (the comma in the group quoted).
         let columns = |row: &str| row.replace(&field(&failed.group), "g").split(',').count();
         assert_eq!(columns(rows[0]), columns(flagged), "{csv}");
+    }
+
+    /// The tables say which builds made their figures, and which runs'
+    /// learners failed after their last report; `summary.csv` has both,
+    /// and whether each run ended at quality, per run.
+    #[test]
+    fn the_tables_name_builds_and_learner_failures() {
+        let specs = suite("smoke").unwrap().runs(2, Some(300));
+        let result = |spec: &RunSpec, builds: &[&str], failed: Option<&str>| RunResult {
+            record: RunRecord {
+                builds: builds.iter().map(|b| (*b).to_owned()).collect(),
+                learner_failed: failed.map(str::to_owned),
+            },
+            ..summarise(
+                spec.clone(),
+                vec![report(100, true, 0.0), report(300, true, 0.0)],
+            )
+            .unwrap()
+        };
+        let results = [
+            result(&specs[0], &["b1"], None),
+            result(&specs[1], &["b1"], Some("1 local actor(s) failed")),
+            result(&specs[2], &["b0", "b1"], None),
+            result(&specs[3], &[], None),
+        ];
+        let table = summary_markdown(&results, &[]);
+        for line in [
+            "- b1: 2 runs",
+            "- b0 + b1: 1 run",
+            "- unrecorded: 1 run",
+            &format!("- {}: 1 local actor(s) failed", specs[1].name()),
+        ] {
+            assert!(table.contains(line), "{line} in\n{table}");
+        }
+        assert!(
+            table.contains("| 2/2 | 100 (100-100) | 1.00 (1.00-1.00) | 2/2 |"),
+            "{table}"
+        );
+        let csv = summary_csv(&results, &[]);
+        let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+        let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let rows: Vec<Vec<&str>> = csv
+            .lines()
+            .skip(1)
+            .map(|r| r.split(',').collect())
+            .collect();
+        assert_eq!(rows[0][column("final_at_quality")], "1");
+        assert_eq!(rows[0][column("learner_failed")], "0");
+        assert_eq!(rows[1][column("learner_failed")], "1");
+        assert_eq!(rows[2][column("builds")], "b0 + b1");
+        assert_eq!(rows[3][column("builds")], "unrecorded");
+        // Only a run every part of which one build trained is that build's.
+        assert!(results[0].record.only_by("b1"));
+        assert!(!results[2].record.only_by("b1"));
+        assert!(!results[3].record.only_by("b1"));
+    }
+
+    /// Every run of every suite reads back as its own configuration: a
+    /// round trip that differed would start every run over at every start.
+    #[test]
+    fn every_suite_run_recognises_its_written_configuration() {
+        let out = std::env::temp_dir().join(format!("flgfn-suite-configs-{}", std::process::id()));
+        for suite in SUITES {
+            for spec in suite.runs(2, None) {
+                let dir = out.join(spec.name());
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(CONFIG_FILE), run_config(&spec, &dir).to_toml()).unwrap();
+                assert_eq!(
+                    written_config_matches(&spec, &dir),
+                    Some(true),
+                    "{} of {}",
+                    spec.name(),
+                    suite.name
+                );
+            }
+        }
+        std::fs::remove_dir_all(&out).unwrap();
     }
 
     #[test]

@@ -27,10 +27,12 @@ struct Metric {
     log_scale: bool,
 }
 
-const METRICS: [Metric; 8] = [
+const METRICS: [Metric; 9] = [
     Metric {
         title: "loss",
-        value: |r| Some(r.loss),
+        // 0 where every step since the previous report was skipped (not
+        // finite): no loss, not the best one.
+        value: |r| (r.loss != 0.0 || r.skipped_batches == 0).then_some(r.loss),
         log_scale: true,
     },
     Metric {
@@ -56,6 +58,12 @@ const METRICS: [Metric; 8] = [
     Metric {
         title: "top-100 mean reward (this evaluation)",
         value: |r| Some(r.top100_mean_reward_eval),
+        log_scale: false,
+    },
+    Metric {
+        // What the tables' steps to the top-100 ceiling are read from.
+        title: "top-100 mean reward (every evaluation so far)",
+        value: |r| Some(r.top100_mean_reward),
         log_scale: false,
     },
     Metric {
@@ -88,7 +96,16 @@ fn compact(value: f64) -> String {
     if value == 0.0 {
         "0".to_owned()
     } else if !(1e-3..1e5).contains(&magnitude) {
-        format!("{value:.1e}")
+        // Three significant digits, as below: ticks 5,000 apart at 1.2e5
+        // must not read alike.
+        let text = format!("{value:.2e}");
+        match text.split_once('e') {
+            Some((mantissa, exponent)) if mantissa.contains('.') => format!(
+                "{}e{exponent}",
+                mantissa.trim_end_matches('0').trim_end_matches('.')
+            ),
+            _ => text,
+        }
     } else {
         let decimals = (2 - magnitude.log10().floor() as i32).max(0) as usize;
         let text = format!("{value:.decimals$}");
@@ -127,6 +144,11 @@ const FIGURE_EXTENSIONS: [&str; 2] = ["png", "svg"];
 /// (x, mean, low, high) per report index, over the runs of one curve.
 type Band = Vec<(f64, f64, f64, f64)>;
 
+/// One curve of a figure: its colour (the label's place among every
+/// label of the results, so that an objective keeps its colour from
+/// figure to figure), label and runs.
+type Curve<'a> = (usize, String, Vec<&'a RunResult>);
+
 /// Mean and range over seeds of `metric` against `x`, aligned by report
 /// index; points where any seed lacks the metric are left out.
 fn band(runs: &[&RunResult], x: fn(&Report) -> f64, metric: fn(&Report) -> Option<f64>) -> Band {
@@ -152,7 +174,7 @@ fn draw_figure<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
     x_label: &str,
-    curves: &[(String, Vec<&RunResult>)],
+    curves: &[Curve<'_>],
     x: fn(&Report) -> f64,
 ) -> anyhow::Result<()>
 where
@@ -165,7 +187,7 @@ where
         .filter(|m| {
             curves
                 .iter()
-                .any(|(_, runs)| !band(runs, x, m.value).is_empty())
+                .any(|(_, _, runs)| !band(runs, x, m.value).is_empty())
         })
         .collect();
     let root = root.titled(title, ("sans-serif", 22)).map_err(error)?;
@@ -173,17 +195,26 @@ where
     let rows = metrics.len().div_ceil(columns).max(1);
     let panels = root.split_evenly((rows, columns));
     for (panel, metric) in panels.iter().zip(&metrics) {
+        // (A curve with nothing in this panel has no legend entry either.)
         let bands: Vec<(usize, &String, Band)> = curves
             .iter()
-            .enumerate()
-            .map(|(i, (label, runs))| (i, label, band(runs, x, metric.value)))
+            .map(|(colour, label, runs)| (*colour, label, band(runs, x, metric.value)))
+            .filter(|(_, _, band)| !band.is_empty())
             .collect();
         let all = bands.iter().flat_map(|(_, _, b)| b.iter());
         let (mut x_max, mut y_min, mut y_max) = (0f64, f64::INFINITY, f64::NEG_INFINITY);
-        for &(px, _, lo, hi) in all {
+        // The smallest value above 0: a log axis starts below it, so no
+        // curve is clipped but one that reaches 0.
+        let mut smallest_positive = f64::INFINITY;
+        for &(px, mean, lo, hi) in all {
             x_max = x_max.max(px);
             y_min = y_min.min(lo);
             y_max = y_max.max(hi);
+            for v in [lo, mean, hi] {
+                if v > 0.0 {
+                    smallest_positive = smallest_positive.min(v);
+                }
+            }
         }
         if !y_min.is_finite() {
             continue;
@@ -195,7 +226,11 @@ where
             .margin(8)
             .x_label_area_size(32)
             .y_label_area_size(56);
-        let floor = (y_max * 1e-6).max(1e-9);
+        let floor = if smallest_positive.is_finite() {
+            smallest_positive
+        } else {
+            1e-9
+        };
         let lo = y_min.max(floor) * 0.8;
         let hi = (y_max * 1.25).max(lo * 2.0);
         // A log axis is labelled at powers of ten only: within less than a
@@ -284,15 +319,30 @@ where
 pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     register_font();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut groups: BTreeMap<&str, Vec<(String, Vec<&RunResult>)>> = BTreeMap::new();
+    // Labels in suite order (each at its first configuration's place).
+    let mut labels: Vec<(&str, usize)> = Vec::new();
+    for result in results {
+        let (curve, position) = (result.spec.curve.as_str(), result.spec.position);
+        match labels.iter_mut().find(|(label, _)| *label == curve) {
+            Some((_, first)) => *first = (*first).min(position),
+            None => labels.push((curve, position)),
+        }
+    }
+    labels.sort_by_key(|&(_, position)| position);
+    let colour = |curve: &str| labels.iter().position(|(l, _)| *l == curve).unwrap_or(0);
+    let mut groups: BTreeMap<&str, Vec<Curve<'_>>> = BTreeMap::new();
     for result in results {
         let curves = groups.entry(result.spec.group.as_str()).or_default();
         match curves
             .iter_mut()
-            .find(|(label, _)| *label == result.spec.curve)
+            .find(|(_, label, _)| *label == result.spec.curve)
         {
-            Some((_, runs)) => runs.push(result),
-            None => curves.push((result.spec.curve.clone(), vec![result])),
+            Some((_, _, runs)) => runs.push(result),
+            None => curves.push((
+                colour(&result.spec.curve),
+                result.spec.curve.clone(),
+                vec![result],
+            )),
         }
     }
     let mut written = Vec::new();
@@ -301,12 +351,12 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let seeds = curves.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
-        let uneven = curves.iter().any(|(_, r)| r.len() != seeds);
+        let seeds = curves.iter().map(|(_, _, r)| r.len()).max().unwrap_or(0);
+        let uneven = curves.iter().any(|(_, _, r)| r.len() != seeds);
         // Curves with fewer finished seeds than others (failed runs) say so
         // in their label: the title's count would be the largest one's.
         if uneven {
-            for (label, runs) in curves.iter_mut() {
+            for (_, label, runs) in curves.iter_mut() {
                 let n = runs.len();
                 *label = format!("{label} ({n} seed{})", if n == 1 { "" } else { "s" });
             }
@@ -399,6 +449,8 @@ mod tests {
         assert_eq!(compact(0.0125), "0.0125");
         assert_eq!(compact(1.5), "1.5");
         assert_eq!(compact(18_000_000.0), "1.8e7");
-        assert_eq!(compact(0.0001), "1.0e-4");
+        assert_eq!(compact(0.0001), "1e-4");
+        assert_eq!(compact(115_000.0), "1.15e5");
+        assert_eq!(compact(-0.000_012_5), "-1.25e-5");
     }
 }
