@@ -308,7 +308,7 @@ pub struct LearnerConfig {
     /// below it (see `max_in_flight_batches`).
     pub max_policy_lag: u64,
     /// Most data granted to actors and not yet trained on, in batches (at
-    /// most `max_policy_lag`). The learner grants credits, each for one
+    /// most `max_policy_lag` - `publish_every` - `weights_refresh_steps`). The learner grants credits, each for one
     /// chunk, only while there is room. The room adapts between one
     /// `batch_transitions` and this many `max_batch_transitions`, growing
     /// while the trainer would wait for data and shrinking while data waits
@@ -1033,16 +1033,6 @@ impl Config {
             usize::try_from(l.max_in_flight_batches).unwrap_or(usize::MAX),
             MAX_IN_FLIGHT_BATCHES,
         )?;
-        if l.max_in_flight_batches > l.max_policy_lag {
-            let default = LearnerConfig::default().max_in_flight_batches;
-            return Err(ConfigError::invalid(
-                "learner.max_in_flight_batches",
-                format!(
-                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {default}, needs max_policy_lag >= {default})",
-                    l.max_in_flight_batches, l.max_policy_lag,
-                ),
-            ));
-        }
         at_least(
             "learner.weights_refresh_steps",
             l.weights_refresh_steps as usize,
@@ -1063,6 +1053,30 @@ impl Config {
                 format!(
                     "learner.publish_every ({}) + learner.weights_refresh_steps ({}) is more than learner.max_policy_lag ({}): every chunk would be too old to train on before new weights reached the actors",
                     l.publish_every, l.weights_refresh_steps, l.max_policy_lag
+                ),
+            ));
+        }
+        // Data granted now is trained about max_in_flight_batches steps
+        // later (the batch follows the data in flight), and was rolled out
+        // with weights up to publish_every + weights_refresh_steps versions
+        // older than the trainer's: past max_policy_lag it would be
+        // produced only to be dropped as stale.
+        let aged = l
+            .max_in_flight_batches
+            .saturating_add(l.publish_every)
+            .saturating_add(l.weights_refresh_steps);
+        if aged > l.max_policy_lag {
+            let defaults = LearnerConfig::default();
+            let default = defaults.max_in_flight_batches;
+            let needs = default + defaults.publish_every + defaults.weights_refresh_steps;
+            return Err(ConfigError::invalid(
+                "learner.max_in_flight_batches",
+                format!(
+                    "{} + learner.publish_every ({}) + learner.weights_refresh_steps ({}) is more than learner.max_policy_lag ({}): data granted is trained about max_in_flight_batches steps later, on weights up to publish_every + weights_refresh_steps versions older, and would age past the bound before it is trained; lower max_in_flight_batches or raise max_policy_lag (its default, {default}, needs max_policy_lag >= {needs} with the other defaults)",
+                    l.max_in_flight_batches,
+                    l.publish_every,
+                    l.weights_refresh_steps,
+                    l.max_policy_lag,
                 ),
             ));
         }
@@ -1748,6 +1762,30 @@ mod tests {
         assert!(
             err.to_string().contains("learner.max_in_flight_batches")
                 && err.to_string().contains("its default, 48"),
+            "{err}"
+        );
+        // The room in batches, plus how old the actors' weights may be,
+        // within the bound: 48 + 1 + 1.
+        let err = Config::from_toml("[learner]\nmax_policy_lag = 49\n", "t").unwrap_err();
+        assert!(
+            err.to_string().contains("learner.max_in_flight_batches")
+                && err.to_string().contains("max_policy_lag >= 50"),
+            "{err}"
+        );
+        assert!(Config::from_toml("[learner]\nmax_policy_lag = 50\n", "t").is_ok());
+        let err = Config::from_toml(
+            "[learner]\nmax_in_flight_batches = 4\nmax_policy_lag = 10\npublish_every = 8\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("learner.publish_every"), "{err}");
+        let err = Config::from_toml(
+            "[learner]\nmax_in_flight_batches = 4\nmax_policy_lag = 10\npublish_every = 6\n",
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("learner.max_in_flight_batches"),
             "{err}"
         );
     }

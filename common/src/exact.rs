@@ -1,8 +1,9 @@
 //! Exact distributions for tiny environments, by enumerating every state
 //! reachable from s0.
 //!
-//! Used by tests to compare a learned sampler with its target
-//! without sampling noise: [`target_distribution`] gives R(x)/Z,
+//! Used by the learner's evaluation (on tasks small enough to enumerate)
+//! and by tests to compare a learned sampler with its target without
+//! sampling noise: [`target_distribution`] gives R(x)/Z,
 //! [`policy_terminal_distribution`] the terminal distribution P_T that a
 //! forward policy induces, and [`total_variation`] compares the two. Every
 //! function enumerates the whole state DAG, so `limit` keeps an accidental
@@ -264,8 +265,17 @@ pub fn total_variation(p: &HashMap<State, f64>, q: &HashMap<State, f64>) -> f64 
 /// Integral of |F_sample - F_target| over the line, for a sorted sample and
 /// sorted target points `(value, probability)`, by one merge over both sets of breakpoints.
 /// NaN for an empty sample, whose distance is undefined (callers report
-/// none).
+/// none), and for a NaN anywhere (which no order places).
 pub fn wasserstein1(sample: &[f64], target: &[(f64, f64)]) -> f64 {
+    // A NaN never equals itself: the merge below would never move past it.
+    if sample.is_empty()
+        || sample
+            .iter()
+            .chain(target.iter().map(|(t, _)| t))
+            .any(|v| v.is_nan())
+    {
+        return f64::NAN;
+    }
     let n = sample.len() as f64;
     let (mut i, mut j) = (0usize, 0usize);
     let mut f_target = 0.0;

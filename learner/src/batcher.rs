@@ -98,6 +98,11 @@ pub struct Batcher {
     pub pinned: bool,
     /// Turns true when the learner stops.
     pub stop: watch::Receiver<bool>,
+    /// Set, before the batch channel closes, if building failed (a panic,
+    /// such as libtorch's on pinning a batch): the trainer then takes its
+    /// error path instead of a stop's, and actors are not told training
+    /// is done.
+    pub failure: Arc<std::sync::OnceLock<String>>,
     /// To wait on the async queue from this plain thread.
     pub runtime: Handle,
     /// Whether building the current batch found the queue empty.
@@ -108,8 +113,24 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Builds batches until the learner stops or the trainer is gone.
+    /// Builds batches until the learner stops or the trainer is gone, or
+    /// building fails ([`Batcher::failure`] says why, and the panic goes
+    /// on once the chunks held are counted untrained).
     pub fn run(mut self) {
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build()));
+        if let Err(panic) = &built {
+            let _ = self.failure.set(format!(
+                "the batch builder failed: {}",
+                flgfn_common::telemetry::panic_message(panic.as_ref())
+            ));
+        }
+        self.close_queue();
+        if let Err(panic) = built {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    fn build(&mut self) {
         // Whether the last batch had to wait for data and the trainer for
         // it: the credit room's signal to grow. (A trainer kept waiting by
         // a busy CPU rather than by missing data is no reason to let more
@@ -122,8 +143,11 @@ impl Batcher {
                 break;
             };
             let step = self.step_to_train();
-            let batch = self.collate(chunks, step);
+            // Before the chunks' credits are dropped (in `collate`): each
+            // drop wakes the controller, which must not read the taper of
+            // the batch before.
             self.pool.collated(step);
+            let batch = self.collate(chunks, step);
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
             let handed = Instant::now();
@@ -136,7 +160,6 @@ impl Batcher {
                 .store(self.step_to_train(), Ordering::Release);
             starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
-        self.close_queue();
     }
 
     /// Refuses further chunks (a session then answers its actor that the
@@ -418,6 +441,7 @@ mod tests {
             dims: (1, 1, 1),
             pinned: false,
             stop: watch::channel(false).1,
+            failure: Default::default(),
             runtime: runtime.handle().clone(),
             waited_for_data: false,
             waiting: VecDeque::new(),
@@ -661,6 +685,34 @@ mod tests {
         batcher.queue = queue;
         let pool = batcher.pool.clone();
         (batcher, pool)
+    }
+
+    /// A batch builder that fails (a panic in collation, as libtorch's
+    /// on pinning memory) says why before its channel closes, so that the
+    /// trainer takes the error path rather than a stop's, and counts the
+    /// chunks it still held as untrained; every credit comes back.
+    #[test]
+    fn a_failing_batch_builder_says_why_and_counts_what_it_held() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // 30 trajectories of 4 transitions: the first batch takes 25 (100
+        // transitions), and collating them fails, as these trajectories
+        // have no encoded states.
+        let (batcher, pool) = batcher_with_trajectories(&runtime, &[(16, 30)], 1000);
+        let (failure, stats) = (batcher.failure.clone(), batcher.stats.clone());
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| batcher.run()));
+        assert!(ran.is_err(), "the panic goes on");
+        let failure = failure.get().expect("the failure is recorded");
+        assert!(
+            failure.starts_with("the batch builder failed: "),
+            "{failure}"
+        );
+        assert_eq!(
+            stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
+            20
+        );
+        assert_eq!(pool.in_use(), 0);
     }
 
     #[test]

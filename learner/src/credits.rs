@@ -42,9 +42,9 @@
 //! `learner.stall_timeout_s` is ended, which returns its credits. Near
 //! `learner.max_steps`, credits are granted only while what is in use
 //! falls short of the batches the builder will still collate
-//! ([`CreditPool::collated`]), and none after the last; a long wait for
-//! data lifts this until the next batch (an actor holding the last
-//! credits may have stopped answering).
+//! ([`CreditPool::collated`]), and none after the last; each long wait for
+//! data lets out one more batch's worth (an actor holding the last credits
+//! may have stopped answering), never the whole room.
 //!
 //! A session whose chunks arrive already older than `max_policy_lag` (an
 //! actor far behind a slow link while near ones set the pace) would only
@@ -156,7 +156,8 @@ impl CreditPool {
     /// room starts at [`INITIAL_ROOM_BATCHES`] smallest batches and adapts
     /// between one smallest batch and `batches` largest ones.
     pub fn new(min_batch: u64, max_batch: u64, batches: u64) -> Arc<Self> {
-        let (floor, max_batch) = (min_batch.max(1), max_batch.max(min_batch));
+        let floor = min_batch.max(1);
+        let max_batch = max_batch.max(floor);
         let ceiling = max_batch * batches.max(1);
         Arc::new(CreditPool {
             in_use: AtomicU64::new(0),
@@ -209,10 +210,15 @@ impl CreditPool {
         self.ceiling
     }
 
-    /// The run ends with the batch for `step` (a version:
-    /// `learner.max_steps` after the version it started at).
-    pub fn last_step(&self, step: u64) {
-        self.last_step.store(step, Ordering::Release);
+    /// The run ends with the batch for `last` (a version:
+    /// `learner.max_steps` after the version it started at, `done`): the
+    /// taper holds from the first batch (a run shorter than the initial
+    /// room is not granted the whole room).
+    pub fn last_step(&self, last: u64, done: u64) {
+        self.last_step.store(last, Ordering::Release);
+        self.batches_left
+            .store(last.saturating_sub(done), Ordering::Release);
+        self.wake.notify_one();
     }
 
     /// The batch builder collated the batch for `step`: the batches after
@@ -274,13 +280,18 @@ impl CreditPool {
     /// grow for the others.
     pub fn adapt_while_waiting(&self) {
         // Near the end, the credits that cover the last batches may sit
-        // with an actor that stopped answering: the others are served
-        // again until the next batch is collated. Once the last batch is
-        // collated, the builder waits for data no step will train (while
-        // that step, the final checkpoint and evaluation run): no lift.
-        if self.batches_left.load(Ordering::Acquire) != 0 {
-            self.batches_left.store(u64::MAX, Ordering::Release);
-        }
+        // with an actor that stopped answering, or batches may take more
+        // than the batch being built: the others are granted one more
+        // batch's worth per wait (not the whole room, which would be
+        // rolled out and never trained) until the next batch is collated.
+        // Once the last batch is collated, the builder waits for data no
+        // step will train (while that step, the final checkpoint and
+        // evaluation run): no lift.
+        let _ = self
+            .batches_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left != 0).then(|| left.saturating_add(1))
+            });
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
         // Held back by the last change only while something is trained:
@@ -380,6 +391,7 @@ impl CreditPool {
             queued: 0,
             freed_on_arrival: 0,
             held: None,
+            reserved_at: Instant::now(),
         })
     }
 }
@@ -399,9 +411,17 @@ pub struct CreditToken {
     /// The granting session's count of credits alive (granted, and their
     /// chunk not yet taken by the trainer), lowered on drop.
     held: Option<Arc<AtomicU64>>,
+    /// When the controller granted it (not when the session sent it on:
+    /// a credit granted before a pause may reach the actor after it).
+    reserved_at: Instant,
 }
 
 impl CreditToken {
+    /// When the controller granted this credit.
+    pub fn reserved_at(&self) -> std::time::Instant {
+        self.reserved_at.into_std()
+    }
+
     /// The chunk arrived with `transitions`: keep only that much room (a
     /// chunk of truncated trajectories needs less than was reserved) and
     /// count it as waiting for the trainer.
@@ -434,6 +454,7 @@ impl CreditToken {
             queued,
             freed_on_arrival: 0,
             held: None,
+            reserved_at: self.reserved_at,
         }
     }
 }
@@ -557,10 +578,16 @@ impl SessionCredits {
     /// counts: one paused or probing (its chunks arrive too old), or held
     /// back by its memory bound, would stay idle however large the room,
     /// and growing it would only age the others' credits.
+    /// (Nor one held back near the end, where what is granted covers
+    /// every batch left.)
     pub fn used(&self, idle: bool) {
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         let throttled = self.throttle.cap(Instant::now()).0.is_some();
-        if idle && !throttled && self.memory.allows_another(&self.pool) {
+        if idle
+            && !throttled
+            && self.memory.allows_another(&self.pool)
+            && !self.pool.covers_what_is_left()
+        {
             self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         }
         self.pool.wake.notify_one();
@@ -1261,6 +1288,40 @@ mod tests {
         assert!(take(&mut paused).is_empty());
     }
 
+    /// Near the end, each long wait for data lets out one more batch's
+    /// worth, not the whole room: what the room holds beyond the batches
+    /// left would be rolled out and never trained.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_near_the_end_lets_out_one_batch_not_the_room() {
+        // Batches of 10 one-transition chunks, a room of 100 batches.
+        let pool = CreditPool::new(10, 10, 100);
+        pool.capacity.store(1000, Ordering::Relaxed);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        // 3 batches left before anything is granted: the taper holds from
+        // the first batch.
+        pool.last_step(3, 0);
+        let mut session = controller.join(1, u64::MAX).await.unwrap();
+        settle().await;
+        let mut held = take(&mut session);
+        assert_eq!(held.len(), 30, "3 batches of 10, not the room");
+        for wait in 1..=2 {
+            pool.adapt_while_waiting();
+            settle().await;
+            let more = take(&mut session);
+            assert_eq!(more.len(), 10, "wait {wait}: one batch's worth");
+            held.extend(more);
+        }
+        // The next batch is collated: the taper is the batches left again.
+        for token in held.drain(..10) {
+            session.used(false);
+            drop(token);
+        }
+        pool.collated(1);
+        settle().await;
+        assert!(take(&mut session).is_empty(), "40 in use cover 2 batches");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn credits_stop_at_what_the_batches_left_need() {
         // Batches of 10 one-transition chunks; 3 batches left.
@@ -1268,7 +1329,7 @@ mod tests {
         let session = &mut fixture.session;
         // What was granted before the limit was set is trained.
         settle().await;
-        fixture.pool.last_step(100);
+        fixture.pool.last_step(100, 0);
         fixture.pool.collated(97);
         for token in take(session) {
             session.used(false);
@@ -1287,7 +1348,7 @@ mod tests {
         assert!(take(&mut fixture.session).is_empty());
         // The builder waits long for data (the actor holding those credits
         // may have stopped answering): credits flow again until the next
-        // batch is collated.
+        // batch is collated (see the next test for how many).
         fixture.pool.adapt_while_waiting();
         settle().await;
         let more = take(&mut fixture.session);

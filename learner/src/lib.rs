@@ -678,6 +678,7 @@ pub async fn serve(
             learner
                 .max_steps
                 .saturating_add(start_version.saturating_sub(resumed_step)),
+            start_version,
         );
     }
     // Every queued chunk holds a credit of at least one transition.
@@ -771,6 +772,7 @@ pub async fn serve(
     // A rendezvous: the batcher builds the next batch while the trainer
     // runs the current one, and no further.
     let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
+    let batcher_failure = Arc::new(std::sync::OnceLock::new());
     let batcher = Batcher {
         queue,
         out: batch_sender,
@@ -793,6 +795,7 @@ pub async fn serve(
         ),
         pinned: device.is_cuda(),
         stop: stop.clone(),
+        failure: batcher_failure.clone(),
         runtime: tokio::runtime::Handle::current(),
         waited_for_data: false,
         waiting: Default::default(),
@@ -809,6 +812,7 @@ pub async fn serve(
         env,
         config: config.clone(),
         batches,
+        batcher_failure,
         steps_done,
         publisher,
         stats,

@@ -475,7 +475,7 @@ impl Session {
         progress: &mut Progress,
     ) -> Result<(), RequestError> {
         let wire_bytes = message.encoded_len() as u64;
-        let (mut credit, granted_at) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
+        let (mut credit, _sent_at) = progress.unused.pop_front().ok_or(RequestError::NoCredit)?;
         progress.last_chunk_at = Some(Instant::now());
         // Whether or not the chunk is valid, its number arrived: a refused
         // chunk is not also counted lost by the next session.
@@ -488,7 +488,15 @@ impl Session {
         // this chunk is replayed (a chunk refused below ends the session
         // anyway); the throttle first, so that the controller, woken by
         // `used`, sees a pause decided on this chunk before it grants.
-        self.throttle(message.policy_version, granted_at, credits, progress);
+        // (When the controller granted the credit, not when it was sent
+        // on: one granted before a pause and sent after says nothing of
+        // the probes since.)
+        self.throttle(
+            message.policy_version,
+            credit.reserved_at(),
+            credits,
+            progress,
+        );
         credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;

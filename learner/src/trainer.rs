@@ -139,6 +139,9 @@ pub struct Trainer {
     pub config: Config,
     /// Batches from the batch builder; closed when the learner stops.
     pub batches: Receiver<PreparedBatch>,
+    /// Why the batch builder failed, set before it closes `batches`: a
+    /// closed channel is then a failure, not a stop.
+    pub batcher_failure: Arc<std::sync::OnceLock<String>>,
     /// The version of the weights the next step starts from (steps done,
     /// plus the offset a resume from the version floor adds), read by the
     /// batch builder to bound lag.
@@ -326,6 +329,12 @@ impl Trainer {
                     // quality (a learner starved for a minute, then
                     // stopped).
                     progress.time_left_out += wait_started.elapsed();
+                    // Or no batch will ever come: the error path saves
+                    // what was trained, and the actors are not told that
+                    // training is done.
+                    if let Some(failure) = self.batcher_failure.get() {
+                        break 'training Err(LearnerError::Trainer(failure.clone()));
+                    }
                     break;
                 };
                 if progress.started.is_some() {

@@ -1544,7 +1544,10 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
     // The room starts at INITIAL_ROOM_BATCHES batches (one-trajectory
     // chunks) and may grow to twice that.
     config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
-    config.learner.max_steps = 20;
+    config.learner.max_policy_lag = config.learner.max_in_flight_batches + 2;
+    // More steps than the initial room holds batches: near the end,
+    // credits only cover the batches left.
+    config.learner.max_steps = 40;
     // Never ended here: only the room's growth can let the other actor in.
     config.learner.stall_timeout_s = 3600.0;
     let (url, learner, _stop) = start_learner(&config).await;
@@ -1568,14 +1571,14 @@ async fn a_silent_session_holding_the_room_does_not_stop_training() {
         "training goes on while the silent session holds its credits",
     )
     .await;
-    assert_eq!(outcome.steps, 20);
+    assert_eq!(outcome.steps, 40);
     let report = tokio::time::timeout(Duration::from_secs(30), actor)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
     assert!(
-        report.training_done && report.chunks_sent >= 20,
+        report.training_done && report.chunks_sent >= 40,
         "{report:?}"
     );
     drop(silent);
@@ -1632,6 +1635,7 @@ async fn a_slow_actor_is_not_stalled_while_its_chunks_keep_coming() {
     // loaded machine must not look like a stall.
     config.learner.stall_timeout_s = 2.0;
     config.learner.max_in_flight_batches = 2 * flgfn_learner::credits::INITIAL_ROOM_BATCHES;
+    config.learner.max_policy_lag = config.learner.max_in_flight_batches + 2;
     // Its 6 chunks are 6 steps; a 7th, from another session once it is
     // ended, ends the run with a report that counts the stall.
     config.learner.max_steps = 7;

@@ -661,12 +661,12 @@ impl TaskReference for SetReference {
         }
     }
 
-    /// paper-notes: marginal TV <= 0.03, energy W1 <= 0.083 x the target
-    /// energy's standard deviation (0.1 on small), |log Z error| <= 0.3.
     fn best_mean_reward(&self, k: usize) -> Option<f64> {
         Some(self.top_k_mean_reward(k))
     }
 
+    /// paper-notes: marginal TV <= 0.03, energy W1 <= 0.083 x the target
+    /// energy's standard deviation (0.1 on small), |log Z error| <= 0.3.
     fn quality(&self) -> Quality {
         Quality {
             marginal_tv: Some(0.03),

@@ -447,6 +447,10 @@ fn w1_and_tv_edge_cases() {
     assert!((d - 1.0).abs() < 1e-15);
     let d = wasserstein1(&[1.0, 1.0], &[(0.0, 0.5), (1.0, 0.25), (3.0, 0.25)]);
     assert!((d - (0.5 + 0.5)).abs() < 1e-15);
+    // Undefined, not a hang (a NaN never equals itself) nor 0.
+    assert!(wasserstein1(&[0.0, f64::NAN], &[(1.0, 1.0)]).is_nan());
+    assert!(wasserstein1(&[0.0], &[(f64::NAN, 1.0)]).is_nan());
+    assert!(wasserstein1(&[], &[(1.0, 1.0)]).is_nan());
 }
 
 /// Exact sampler of compositions: level by level from the conditional
