@@ -346,7 +346,9 @@ pub struct LearnerConfig {
     /// Stop after this many training steps (0: run until interrupted).
     pub max_steps: u64,
     /// Fresh on-policy samples per evaluation (held until scored: the
-    /// learner refuses at start more than 4 GiB of them for its task).
+    /// learner refuses at start more than 4 GiB of them for its task). The
+    /// quality thresholds are set for 4,096: other values change when a
+    /// run counts as at quality (the learner warns).
     pub eval_samples: usize,
     /// Seconds of training before the first progress report (each report
     /// evaluates the policy). Each later gap is a quarter of the training

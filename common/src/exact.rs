@@ -23,8 +23,12 @@ pub struct TooManyStates {
     pub limit: usize,
 }
 
-/// The reachable part of an environment's state DAG.
-struct Dag {
+/// The reachable part of an environment's state DAG ([`enumerate`]):
+/// kept by a caller that scores many policies on one task
+/// ([`terminal_distribution`]), which would otherwise enumerate it again
+/// each time.
+#[derive(Debug)]
+pub struct Dag {
     states: Vec<State>,
     terminal: Vec<bool>,
     /// Per state, its forward edges `(action, child index)`.
@@ -35,7 +39,7 @@ struct Dag {
 ///
 /// # Panics
 /// If the environment refuses an action its own forward mask allowed.
-fn enumerate(env: &dyn Environment, limit: usize) -> Result<Dag, TooManyStates> {
+pub fn enumerate(env: &dyn Environment, limit: usize) -> Result<Dag, TooManyStates> {
     let s0 = env.initial_state();
     let mut index: HashMap<State, usize> = HashMap::new();
     let mut dag = Dag {
@@ -138,7 +142,23 @@ pub fn policy_terminal_distribution(
     limit: usize,
     forward_probs: &mut dyn FnMut(&[State]) -> Vec<Vec<f64>>,
 ) -> Result<HashMap<State, f64>, TooManyStates> {
-    let dag = enumerate(env, limit)?;
+    Ok(terminal_distribution(
+        &enumerate(env, limit)?,
+        env,
+        forward_probs,
+    ))
+}
+
+/// [`policy_terminal_distribution`] over `dag`, which [`enumerate`] made
+/// of `env`.
+///
+/// # Panics
+/// As [`policy_terminal_distribution`].
+pub fn terminal_distribution(
+    dag: &Dag,
+    env: &dyn Environment,
+    forward_probs: &mut dyn FnMut(&[State]) -> Vec<Vec<f64>>,
+) -> HashMap<State, f64> {
     let n = dag.states.len();
     let mut in_degree = vec![0usize; n];
     for edges in &dag.children {
@@ -190,7 +210,7 @@ pub fn policy_terminal_distribution(
         }
         layer = next;
     }
-    Ok(result)
+    result
 }
 
 /// The exact flows of a perfect sampler whose P_B is uniform over each

@@ -74,7 +74,8 @@ pub struct Batcher {
     /// To the trainer; a rendezvous, so the batch being built is always
     /// the one after the batch being trained.
     pub out: SyncSender<PreparedBatch>,
-    /// Training steps done, written by the trainer.
+    /// The version the trainer's weights are at (steps done, plus a
+    /// resumed run's version offset), written by the trainer.
     pub steps_done: Arc<AtomicU64>,
     /// The step the last batch handed over trains at (0: none yet).
     pub last_handed_step: u64,
@@ -258,7 +259,10 @@ impl Batcher {
                 transitions += chunk.chunk.transitions;
                 chunks.push(chunk);
             }
-            // Waiting may have let the trainer move on: check again.
+            // With a rendezvous hand-over the step cannot move while this
+            // gathers (the trainer can only finish the batch it holds);
+            // checked again so that another hand-over could not let stale
+            // data through.
             let step = self.step_to_train();
             let (fresh, stale): (Vec<_>, Vec<_>) =
                 chunks.into_iter().partition(|c| !self.is_stale(c, step));

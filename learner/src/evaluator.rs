@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use flgfn_common::config::BackwardPolicy;
-use flgfn_common::env::{DistributionScores, Environment, State, TaskReference};
-use flgfn_common::exact::{policy_terminal_distribution, total_variation};
+use flgfn_common::env::{DistributionScores, Environment, Quality, State, TaskReference};
+use flgfn_common::exact::{Dag, enumerate, terminal_distribution, total_variation};
 use flgfn_common::objectives::{TransitionBatch, trajectory_log_ratios};
 use flgfn_common::policy::{ModelSpec, Policy, to_host_f32};
 use flgfn_common::rollout::{Behaviour, Rollout, forward_probabilities, rollout};
@@ -214,6 +214,10 @@ impl BestObjects {
 pub struct Evaluator {
     env: Arc<dyn Environment>,
     reference: Option<Box<dyn TaskReference>>,
+    /// The task's state DAG, where its target is enumerated: made once,
+    /// not at every evaluation and probe (131,071 states on a 4 x 4
+    /// lattice).
+    exact_dag: Option<Dag>,
     log_z_exact: Option<f64>,
     samples: usize,
     /// How P_B is chosen, for the importance-sampled log Z.
@@ -236,9 +240,14 @@ impl Evaluator {
     ) -> Self {
         let reference = env.reference();
         let log_z_exact = reference.as_ref().map(|r| r.log_z());
+        let exact_dag = reference
+            .as_ref()
+            .and_then(|r| r.exact_target())
+            .and_then(|_| enumerate(env.as_ref(), EXACT_STATE_LIMIT).ok());
         Evaluator {
             env,
             reference,
+            exact_dag,
             log_z_exact,
             samples,
             backward,
@@ -313,14 +322,7 @@ impl Evaluator {
             .zip(energies)
             .map(|(&ratio, &energy)| -energy - f64::from(ratio))
             .collect();
-        let max = log_weights
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = log_weights.iter().map(|w| (w - max).exp()).sum();
-        let sum_sq: f64 = log_weights.iter().map(|w| (2.0 * (w - max)).exp()).sum();
-        let count = log_weights.len() as f64;
-        (max + sum.ln() - count.ln(), sum * sum / sum_sq)
+        log_mean_exp_and_ess(&log_weights)
     }
 
     /// Exact TV and KL(target || sampler) of the policy's terminal
@@ -329,17 +331,19 @@ impl Evaluator {
         let Some(target) = self.reference.as_ref().and_then(|r| r.exact_target()) else {
             return (None, None);
         };
+        // (None: more states than an evaluation may enumerate.)
+        let Some(dag) = &self.exact_dag else {
+            return (None, None);
+        };
         let env = self.env.as_ref();
         // A layer of the DAG (32,768 states deep in a 4 x 4 lattice) a
         // group at a time, like the log-ratios.
-        let Ok(learned) = policy_terminal_distribution(env, EXACT_STATE_LIMIT, &mut |states| {
+        let learned = terminal_distribution(dag, env, &mut |states| {
             states
                 .chunks(EXACT_GROUP_STATES)
                 .flat_map(|group| forward_probabilities(env, policy, group))
                 .collect()
-        }) else {
-            return (None, None);
-        };
+        });
         let kl = target
             .iter()
             .filter(|&(_, &p)| p > 0.0)
@@ -415,20 +419,13 @@ impl Evaluator {
         let (Some(reference), Some(exact)) = (&self.reference, self.log_z_exact) else {
             return None;
         };
-        let quality = reference.quality();
-        let within = |value: Option<f64>, limit: Option<f64>| match limit {
-            None => true,
-            Some(limit) => value.is_some_and(|v| v <= limit),
-        };
-        // Samples drawn uniformly where the logits overflowed are not the
-        // policy's: they cannot show it at quality.
-        Some(
-            samples.non_finite_draws == 0
-                && within(scores.marginal_tv, quality.marginal_tv)
-                && within(scores.energy_w1, quality.energy_w1)
-                && within(exact_tv, quality.exact_tv)
-                && (log_z_estimate - exact).abs() <= quality.log_z_error,
-        )
+        Some(meets(
+            &reference.quality(),
+            samples.non_finite_draws,
+            scores,
+            exact_tv,
+            (log_z_estimate - exact).abs(),
+        ))
     }
 
     /// Samples the current policy and computes every figure. `learned_log_z`
@@ -471,9 +468,124 @@ impl Evaluator {
     }
 }
 
+/// log of the mean of exp(`log_weights`), and their Kish effective sample
+/// size (sum w)^2 / sum w^2, with the largest weight factored out so that
+/// neither overflows.
+fn log_mean_exp_and_ess(log_weights: &[f64]) -> (f64, f64) {
+    let max = log_weights
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = log_weights.iter().map(|w| (w - max).exp()).sum();
+    let sum_sq: f64 = log_weights.iter().map(|w| (2.0 * (w - max)).exp()).sum();
+    let count = log_weights.len() as f64;
+    (max + sum.ln() - count.ln(), sum * sum / sum_sq)
+}
+
+/// Whether figures meet every threshold of `quality`: a threshold the task
+/// sets whose figure is missing fails, and samples drawn uniformly where
+/// the logits overflowed are not the policy's, so they cannot show it at
+/// quality.
+fn meets(
+    quality: &Quality,
+    non_finite_draws: usize,
+    scores: &DistributionScores,
+    exact_tv: Option<f64>,
+    log_z_error: f64,
+) -> bool {
+    let within = |value: Option<f64>, limit: Option<f64>| match limit {
+        None => true,
+        Some(limit) => value.is_some_and(|v| v <= limit),
+    };
+    non_finite_draws == 0
+        && within(scores.marginal_tv, quality.marginal_tv)
+        && within(scores.energy_w1, quality.energy_w1)
+        && within(exact_tv, quality.exact_tv)
+        && log_z_error <= quality.log_z_error
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn importance_weights_average_in_log_space_with_their_effective_size() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        // Equal weights: their log, and every sample counts.
+        let (log_mean, ess) = log_mean_exp_and_ess(&[0.7; 5]);
+        assert!(close(log_mean, 0.7) && close(ess, 5.0), "{log_mean} {ess}");
+        // Weights 1 and 3: mean 2, ESS 16 / 10.
+        let (log_mean, ess) = log_mean_exp_and_ess(&[0.0, 3f64.ln()]);
+        assert!(
+            close(log_mean, 2f64.ln()) && close(ess, 1.6),
+            "{log_mean} {ess}"
+        );
+        // The same far beyond f64's exponent range.
+        let (log_mean, ess) = log_mean_exp_and_ess(&[1000.0, 1000.0 + 3f64.ln()]);
+        assert!(
+            close(log_mean, 1000.0 + 2f64.ln()) && close(ess, 1.6),
+            "{log_mean} {ess}"
+        );
+    }
+
+    #[test]
+    fn quality_needs_every_threshold_the_task_sets() {
+        let quality = Quality {
+            marginal_tv: Some(0.03),
+            energy_w1: Some(0.1),
+            exact_tv: None,
+            log_z_error: 0.3,
+        };
+        let scores = DistributionScores {
+            marginal_tv: Some(0.02),
+            energy_w1: Some(0.09),
+        };
+        assert!(meets(&quality, 0, &scores, None, 0.29));
+        // Each threshold alone fails it.
+        assert!(!meets(&quality, 0, &scores, None, 0.31));
+        let worse_tv = DistributionScores {
+            marginal_tv: Some(0.031),
+            ..scores
+        };
+        assert!(!meets(&quality, 0, &worse_tv, None, 0.0));
+        let worse_w1 = DistributionScores {
+            energy_w1: Some(0.11),
+            ..scores
+        };
+        assert!(!meets(&quality, 0, &worse_w1, None, 0.0));
+        // A figure the task has a threshold for but that is missing fails.
+        let missing = DistributionScores {
+            marginal_tv: None,
+            ..scores
+        };
+        assert!(!meets(&quality, 0, &missing, None, 0.0));
+        // A threshold the task does not set is not checked.
+        assert!(meets(&quality, 0, &scores, Some(0.9), 0.0));
+        let lattice = Quality {
+            marginal_tv: None,
+            energy_w1: None,
+            exact_tv: Some(0.1),
+            log_z_error: 0.3,
+        };
+        assert!(meets(
+            &lattice,
+            0,
+            &DistributionScores::default(),
+            Some(0.09),
+            0.0
+        ));
+        assert!(!meets(
+            &lattice,
+            0,
+            &DistributionScores::default(),
+            None,
+            0.0
+        ));
+        // Draws from logits that are not finite are not the policy's.
+        assert!(!meets(&quality, 1, &scores, None, 0.0));
+        // NaN errors are never within.
+        assert!(!meets(&quality, 0, &scores, None, f64::NAN));
+    }
 
     /// Grouped or in one pass, the same log-ratios (to float rounding).
     #[test]

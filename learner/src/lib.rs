@@ -536,6 +536,17 @@ pub async fn serve(
         )
         .into());
     }
+    // The quality thresholds are set against the sampling noise of 4,096
+    // samples (paper-notes): fewer make the distances noisier and quality
+    // later, more make it earlier. Said, not refused: a quick look wants
+    // fewer.
+    let calibrated = flgfn_common::config::LearnerConfig::default().eval_samples;
+    if config.learner.eval_samples != calibrated && env.reference().is_some() {
+        warn!(
+            eval_samples = config.learner.eval_samples,
+            "learner.eval_samples is not {calibrated}, which the quality thresholds are set for: at_quality and time_to_quality_s are not comparable with runs at {calibrated}"
+        );
+    }
     let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
         env.as_ref(),
         env.max_trajectory_len(),
@@ -553,34 +564,40 @@ pub async fn serve(
     let device = select_device(config.learner.device)
         .map_err(|reason| flgfn_common::config::ConfigError::invalid("learner.device", reason))?;
     set_threads(config.learner.threads);
-    // Reproducible initial weights.
-    tch::manual_seed(config.seed as i64);
-    let objective = objectives::build(&config.objective, device);
-    let mut policy = Policy::new(&model, device);
+    // Off the async workers, as the checkpoint work below: the server
+    // answers probes meanwhile, and a CUDA context takes seconds to make.
+    let (objective, mut policy) = {
+        let (objective_config, model, seed) = (config.objective, model.clone(), config.seed);
+        tokio::task::spawn_blocking(move || {
+            // Reproducible initial weights.
+            tch::manual_seed(seed as i64);
+            let objective = objectives::build(&objective_config, device);
+            (objective, Policy::new(&model, device))
+        })
+        .await
+        .map_err(|e| LearnerError::Trainer(format!("making the model: {e}")))?
+    };
     let learner = &config.learner;
     let checkpoint_dir =
         (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
-    // Held by the trainer, until its thread ends.
-    let checkpoint_lock = match &checkpoint_dir {
-        Some(dir) => checkpoint::lock(dir)?,
-        None => None,
-    };
-    let resume = match &checkpoint_dir {
-        Some(dir) if options.fresh => {
-            checkpoint::clear(dir)?;
-            None
-        }
-        // Off the async workers: the server answers probes meanwhile.
+    // The lock is held by the trainer, until its thread ends.
+    let (checkpoint_lock, resume) = match &checkpoint_dir {
         Some(dir) => {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || {
+            let (dir, fresh) = (dir.clone(), options.fresh);
+            tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+                let lock = checkpoint::lock(&dir)?;
+                if fresh {
+                    // (Deleting checkpoints that may be gigabytes.)
+                    checkpoint::clear(&dir)?;
+                    return Ok((lock, None));
+                }
                 checkpoint::remove_unfinished_writes(&dir);
-                checkpoint::load_latest(&dir)
+                Ok((lock, checkpoint::load_latest(&dir)?))
             })
             .await
             .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
         }
-        None => None,
+        None => (None, None),
     };
     let finished_already = resume
         .as_ref()

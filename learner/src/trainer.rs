@@ -802,10 +802,11 @@ impl Trainer {
     /// libtorch failing inside the step (out of GPU memory, say: tch
     /// panics) is an error that ends training, with the checkpoint every
     /// such error gets. Almost always nothing has moved then: the step
-    /// allocates everything it needs (the proposals, then each optimizer's
-    /// selection) before it changes a weight or moment; only a failure
-    /// between the policy's update and TB's log Z's leaves the policy one
-    /// step ahead.
+    /// allocates everything it needs (the proposals, each optimizer's
+    /// selection, the report's running sums) before it changes a weight or
+    /// moment; only a failure between the policy's update and TB's log Z's,
+    /// or in the in-place sums after them, leaves the policy one step
+    /// ahead.
     fn train_step(
         &self,
         optimizer: &mut Adam,
@@ -864,19 +865,23 @@ impl Trainer {
         if let Some(own_step) = &own_step {
             finite = finite.logical_and(own_step.finite());
         }
+        // What the bookkeeping below allocates is allocated before a weight
+        // moves: a failure after `apply` would leave the weights a step
+        // ahead of the step count (and of the checkpoint's step).
+        let _no_grad = tch::no_grad_guard();
+        let skip = finite.logical_not();
+        // Skipped steps count as 0 (and as skipped, below).
+        let guarded = loss.detach().masked_fill(&skip, 0.0);
+        let finite_steps = finite.to_kind(Kind::Int64);
         optimizer.apply(policy_step, &finite);
         if let (Some((own, _)), Some(own_step)) = (own_optimizer, own_step) {
             own.apply(own_step, &finite);
         }
-        let skip = finite.logical_not();
 
         progress.step += 1;
         progress.trained_transitions += batch.transitions as u64;
         let window = &mut progress.window;
-        let _no_grad = tch::no_grad_guard();
         // Accumulated in place: one call each per step.
-        // Skipped steps count as 0 (and as skipped, below).
-        let guarded = loss.detach().masked_fill(&skip, 0.0);
         match &mut window.loss_sum {
             Some(sum) => {
                 let _ = sum.g_add_(&guarded);
@@ -887,7 +892,7 @@ impl Trainer {
             Some(count) => {
                 let _ = count.g_add_(&finite);
             }
-            None => window.finite_steps = Some(finite.to_kind(Kind::Int64)),
+            None => window.finite_steps = Some(finite_steps),
         }
         window.steps += 1;
         window.lag_weighted += batch.lag_weighted;
