@@ -104,6 +104,9 @@ pub struct Batcher {
     /// error path instead of a stop's, and actors are not told training
     /// is done.
     pub failure: Arc<std::sync::OnceLock<String>>,
+    /// Transitions of the batch being collated (0 between batches): a
+    /// collation that fails drops them, and they are counted untrained.
+    pub collating: usize,
     /// To wait on the async queue from this plain thread.
     pub runtime: Handle,
     /// Whether building the current batch found the queue empty.
@@ -124,6 +127,8 @@ impl Batcher {
                 "the batch builder failed: {}",
                 flgfn_common::telemetry::panic_message(panic.as_ref())
             ));
+            let collating = std::mem::take(&mut self.collating);
+            self.count_untrained(collating);
         }
         self.close_queue();
         if let Err(panic) = built {
@@ -148,7 +153,9 @@ impl Batcher {
             // drop wakes the controller, which must not read the taper of
             // the batch before.
             self.pool.collated(step);
+            self.collating = chunks.iter().map(|c| c.chunk.transitions).sum();
             let batch = self.collate(chunks, step);
+            self.collating = 0;
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
             let handed = Instant::now();
@@ -446,6 +453,7 @@ mod tests {
             pinned: false,
             stop: watch::channel(false).1,
             failure: Default::default(),
+            collating: 0,
             runtime: runtime.handle().clone(),
             waited_for_data: false,
             waiting: VecDeque::new(),
@@ -712,9 +720,10 @@ mod tests {
             failure.starts_with("the batch builder failed: "),
             "{failure}"
         );
+        // The 100 of the failed batch and the 20 left waiting.
         assert_eq!(
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
-            20
+            120
         );
         assert_eq!(pool.in_use(), 0);
     }

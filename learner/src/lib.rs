@@ -540,6 +540,9 @@ pub async fn serve(
     // samples (paper-notes): fewer make the distances noisier and quality
     // later, more make it earlier. Said, not refused: a quick look wants
     // fewer.
+    if let Some(warning) = config.learner.lag_bound_warning() {
+        warn!("{warning}");
+    }
     let calibrated = flgfn_common::config::LearnerConfig::default().eval_samples;
     if config.learner.eval_samples != calibrated && env.reference().is_some() {
         warn!(
@@ -813,6 +816,7 @@ pub async fn serve(
         pinned: device.is_cuda(),
         stop: stop.clone(),
         failure: batcher_failure.clone(),
+        collating: 0,
         runtime: tokio::runtime::Handle::current(),
         waited_for_data: false,
         waiting: Default::default(),

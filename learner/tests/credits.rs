@@ -196,9 +196,17 @@ async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() 
                 report.versions_applied.last()
             );
             assert!(sent >= 2, "weights did flow: {sent}");
+            // Behind the delay, a builder kept waiting near the end (a
+            // loaded machine) lets out a batch more, whose orders are
+            // queued when training ends: their versions go unused.
+            let skipped = if delay.is_zero() {
+                0
+            } else {
+                report.orders_skipped
+            };
             assert!(
-                sent <= report.rollouts + 1,
-                "{delay:?}: {sent} versions for {} rollouts",
+                sent <= report.rollouts + 1 + skipped,
+                "{delay:?}: {sent} versions for {} rollouts ({skipped} orders skipped)",
                 report.rollouts
             );
             // Every version received was loaded for a rollout, except those

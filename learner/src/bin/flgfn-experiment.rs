@@ -199,19 +199,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         println!("learner: {}", options.build);
         asked.save(&out)?;
-        // The tables after every run: a suite stopped midway leaves tables
-        // of what it did (marked partial), not an earlier invocation's.
-        experiment::run_all(&specs, &out, &options, |so_far, remaining| {
-            if remaining > 0 {
-                let failed: Vec<experiment::RunSpec> =
-                    so_far.failed.iter().map(|(s, _)| s.clone()).collect();
-                experiment::write_outputs(&so_far.results, &failed, &out, remaining)?;
+        // The tables before the first run and after every run: a suite
+        // stopped midway leaves tables of what it did (marked partial, the
+        // runs not done in rows of their own), never an earlier
+        // invocation's beside this one's suite.json. A failure to write
+        // them is said, and the suite goes on.
+        let partial = |so_far: &experiment::SuiteOutcome, pending: &[experiment::RunSpec]| {
+            if pending.is_empty() {
+                return;
             }
-            Ok(())
-        })?
+            let failed: Vec<experiment::RunSpec> =
+                so_far.failed.iter().map(|(s, _)| s.clone()).collect();
+            if let Err(error) = experiment::write_outputs(&so_far.results, &failed, pending, &out) {
+                eprintln!("warning: cannot write the partial tables: {error:#}");
+            }
+        };
+        partial(&experiment::SuiteOutcome::default(), &specs);
+        experiment::run_all(&specs, &out, &options, partial)?
     };
     let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
-    let plots = experiment::write_outputs(&results, &failed_specs, &out, 0)?;
+    let plots = experiment::write_outputs(&results, &failed_specs, &[], &out)?;
     println!(
         "wrote {}/reports.csv, summary.csv, summary.md and {} plot files under {}/plots",
         out.display(),

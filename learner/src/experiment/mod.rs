@@ -144,6 +144,9 @@ pub struct RunRecord {
 /// A run's record file, in its folder.
 const RUN_RECORD: &str = "run.json";
 
+/// The build of a run an older runner made, which recorded none.
+const UNRECORDED: &str = "unrecorded";
+
 impl RunRecord {
     /// The record in run folder `dir`; None where there is none (a run
     /// of an older runner, or one never started) or it cannot be read.
@@ -168,7 +171,7 @@ impl RunRecord {
     /// Its builds for a message or a table: "unrecorded" for none.
     pub fn builds_text(&self) -> String {
         if self.builds.is_empty() {
-            "unrecorded".to_owned()
+            UNRECORDED.to_owned()
         } else {
             self.builds.join(" + ")
         }
@@ -190,8 +193,10 @@ pub struct RunOptions {
     pub keep_other_builds: bool,
 }
 
-/// The build of the learner binary at `learner` (its `--version`, less
-/// the program's name).
+/// The build of the learner binary at `learner`: its `--version`, less the
+/// program's name, and for a build of uncommitted changes (or of an
+/// unknown state) a hash of the binary, since the version line alone is
+/// the same before and after an uncommitted fix.
 pub fn learner_build(learner: &Path) -> anyhow::Result<String> {
     let output = Command::new(learner)
         .arg("--version")
@@ -208,10 +213,21 @@ pub fn learner_build(learner: &Path) -> anyhow::Result<String> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    Ok(line
-        .strip_prefix("flgfn-learner ")
-        .unwrap_or(line)
-        .to_owned())
+    let version = line.strip_prefix("flgfn-learner ").unwrap_or(line);
+    if !(version.contains(", modified") || version.contains("unknown")) {
+        return Ok(version.to_owned());
+    }
+    let binary =
+        std::fs::read(learner).with_context(|| format!("cannot read {}", learner.display()))?;
+    Ok(format!("{version} binary {:016x}", fnv1a64(&binary)))
+}
+
+/// FNV-1a, 64 bits: tells two binaries apart (not a defence against
+/// anyone), the same on every platform and Rust release.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// What a suite did: the runs that finished, and those that failed (each
@@ -227,7 +243,7 @@ pub struct SuiteOutcome {
 
 /// Runs `specs` one after another with the learner of `options`,
 /// writing everything under `out`, and calls `after_each` with what is
-/// done so far and how many runs remain after each run. A run whose folder
+/// done so far and the runs not yet done after each run. A run whose folder
 /// already holds a complete metrics file, made with the same configuration
 /// by the same build, is not run again (a suite interrupted midway resumes
 /// where it stopped); one made with another configuration (other steps,
@@ -244,7 +260,7 @@ pub fn run_all(
     specs: &[RunSpec],
     out: &Path,
     options: &RunOptions,
-    mut after_each: impl FnMut(&SuiteOutcome, usize) -> anyhow::Result<()>,
+    mut after_each: impl FnMut(&SuiteOutcome, &[RunSpec]),
 ) -> anyhow::Result<SuiteOutcome> {
     let started = Instant::now();
     let mut outcome = SuiteOutcome::default();
@@ -257,7 +273,7 @@ pub fn run_all(
             started,
             &mut outcome,
         );
-        after_each(&outcome, specs.len() - i - 1)?;
+        after_each(&outcome, &specs[i + 1..]);
     }
     Ok(outcome)
 }
@@ -289,7 +305,7 @@ fn run_and_record(
             "made by another build ({}; this learner is {}; --keep-other-builds keeps such runs)",
             record
                 .as_ref()
-                .map_or("unrecorded".to_owned(), RunRecord::builds_text),
+                .map_or(UNRECORDED.to_owned(), RunRecord::builds_text),
             options.build
         ))
     } else {
@@ -309,10 +325,15 @@ fn run_and_record(
         }
     }
     let same_run = written == Some(true) && why_aside.is_none();
-    let mut record = if same_run {
-        record.unwrap_or_default()
-    } else {
-        RunRecord::default()
+    let mut record = match record {
+        Some(record) if same_run => record,
+        // Kept with --keep-other-builds, from a runner that recorded no
+        // build: what it trained is said to be of an unrecorded one.
+        None if same_run && (metrics.exists() || dir.join("checkpoints").exists()) => RunRecord {
+            builds: vec![UNRECORDED.to_owned()],
+            learner_failed: None,
+        },
+        _ => RunRecord::default(),
     };
     let mut kept = "";
     let done = match read_reports(&metrics) {
@@ -715,17 +736,19 @@ pub fn reports_csv(results: &[RunResult]) -> String {
 /// measured: a table read from it never rests on fewer seeds unawares.
 /// `final_at_quality`: the last report is at quality (1), or not (0);
 /// `learner_failed`: the learner failed after its last report (1);
-/// `builds`: the builds that trained the run.
-pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
+/// `builds`: the builds that trained the run. Runs in `pending` (tables
+/// written while a suite runs, or of one stopped midway) have their rows
+/// too, with `pending` 1 and nothing measured.
+pub fn summary_csv(results: &[RunResult], failed: &[RunSpec], pending: &[RunSpec]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,final_at_quality,learner_failed,builds,failed\n",
+        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,final_at_quality,learner_failed,builds,pending,failed\n",
     );
     for result in results {
         let s = &result.spec;
         let last = result.reports.last().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0,0",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -746,10 +769,14 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec]) -> String {
             field(&result.record.builds_text()),
         );
     }
-    for s in failed {
+    for (s, flags) in failed
+        .iter()
+        .map(|s| (s, "0,1"))
+        .chain(pending.iter().map(|s| (s, "1,0")))
+    {
         let _ = writeln!(
             out,
-            "{},{},{},{},,,,,,,,,,,,,,,1",
+            "{},{},{},{},,,,,,,,,,,,,,,{flags}",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -890,15 +917,17 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
 }
 
 /// Writes the tables and plots of `results` (and the count of `failed`
-/// runs) under `out`; returns the plot files written. `remaining`: runs of
+/// runs) under `out`; returns the plot files written. `pending`: runs of
 /// the suite not yet done (the tables are rewritten after every run), said
-/// at the top of `summary.md` while there are any.
+/// at the top of `summary.md` and in rows of `summary.csv` while there are
+/// any.
 pub fn write_outputs(
     results: &[RunResult],
     failed: &[RunSpec],
+    pending: &[RunSpec],
     out: &Path,
-    remaining: usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    let remaining = pending.len();
     let mut summary = summary_markdown(results, failed);
     if remaining > 0 {
         summary = format!(
@@ -908,7 +937,11 @@ pub fn write_outputs(
     }
     // Each whole or not at all: a suite killed here keeps the last tables.
     write_atomically(out, "reports.csv", reports_csv(results).as_bytes())?;
-    write_atomically(out, "summary.csv", summary_csv(results, failed).as_bytes())?;
+    write_atomically(
+        out,
+        "summary.csv",
+        summary_csv(results, failed, pending).as_bytes(),
+    )?;
     write_atomically(out, "summary.md", summary.as_bytes())?;
     let dir = out.join("plots");
     let written = plots::render_groups(results, &dir)?;
@@ -1136,7 +1169,7 @@ mod tests {
         let result = summarise(spec, vec![report(100, true, f64::MAX)]).unwrap();
         assert_eq!(result.top_k_ceiling, None);
         assert_eq!(result.to_top_k, None);
-        assert!(!summary_csv(&[result], &[]).contains("inf"));
+        assert!(!summary_csv(&[result], &[], &[]).contains("inf"));
     }
 
     #[test]
@@ -1232,6 +1265,7 @@ mod tests {
         let csv = summary_csv(
             &[summarise(spec, vec![report(100, false, 0.2)]).unwrap()],
             std::slice::from_ref(&failed),
+            &[],
         );
         let rows: Vec<&str> = csv.lines().collect();
         assert!(rows[1].contains(",\"small, 0% truncated\","), "{csv}");
@@ -1283,7 +1317,7 @@ mod tests {
             table.contains("| 2/2 | 100 (100-100) | 1.00 (1.00-1.00) | 2/2 |"),
             "{table}"
         );
-        let csv = summary_csv(&results, &[]);
+        let csv = summary_csv(&results, &[], std::slice::from_ref(&specs[0]));
         let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
         let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
         let rows: Vec<Vec<&str>> = csv
@@ -1296,6 +1330,14 @@ mod tests {
         assert_eq!(rows[1][column("learner_failed")], "1");
         assert_eq!(rows[2][column("builds")], "b0 + b1");
         assert_eq!(rows[3][column("builds")], "unrecorded");
+        assert_eq!(rows[3][column("pending")], "0");
+        // A run not done yet has its row, flagged pending, not failed.
+        assert_eq!(rows[4][column("run")], specs[0].name());
+        assert_eq!(
+            (rows[4][column("pending")], rows[4][column("failed")]),
+            ("1", "0")
+        );
+        assert_eq!(rows[4].len(), header.len());
         // Only a run every part of which one build trained is that build's.
         assert!(results[0].record.only_by("b1"));
         assert!(!results[2].record.only_by("b1"));
