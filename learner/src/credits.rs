@@ -42,11 +42,10 @@
 //! `learner.stall_timeout_s` is ended, which returns its credits. Near
 //! `learner.max_steps`, credits are granted only while what is in use
 //! falls short of the batches the builder will still collate
-//! ([`CreditPool::collated`]), and none after the last; a long wait for
-//! data, where the taper holds grants back, lets out one more batch's worth
-//! (an actor holding the last credits may have stopped answering), and
-//! another only once something arrived or was trained since, never the
-//! whole room.
+//! ([`CreditPool::collated`]), and none after the last; each long wait
+//! for data, where the taper holds grants back, lets out one more batch's
+//! worth (an actor holding the last credits may have stopped answering),
+//! never the whole room at once.
 //!
 //! A session whose chunks arrive already older than `max_policy_lag` (an
 //! actor far behind a slow link while near ones set the pace) would only
@@ -149,13 +148,6 @@ pub struct CreditPool {
     /// need, since a chunk granted then would only be rolled out, sent and
     /// counted untrained at the end.
     batches_left: AtomicU64,
-    /// Chunks arrived so far (counted at [`CreditToken::arrived`]).
-    arrivals: AtomicU64,
-    /// `released + arrivals` at the last lift of the taper
-    /// ([`CreditPool::adapt_while_waiting`]): lifted again only once
-    /// something arrived or was trained since, so a fleet that went quiet
-    /// is not granted the room a batch at a time.
-    lifted_at: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -186,8 +178,6 @@ impl CreditPool {
             largest_chunk: AtomicU64::new(0),
             last_step: AtomicU64::new(u64::MAX),
             batches_left: AtomicU64::new(u64::MAX),
-            arrivals: AtomicU64::new(0),
-            lifted_at: AtomicU64::new(u64::MAX),
             wake: Notify::new(),
         })
     }
@@ -291,27 +281,21 @@ impl CreditPool {
     /// grow for the others.
     pub fn adapt_while_waiting(&self) {
         // Near the end, the credits that cover the last batches may sit
-        // with an actor that stopped answering, or batches may take more
-        // than the batch being built: where the taper is what holds grants
-        // back, the others are granted one more batch's worth (not the
-        // whole room, which would be rolled out and never trained), and
-        // again at a later wait only once something arrived or was trained
-        // meanwhile, until the next batch is collated. Once the last batch
-        // is collated, the builder waits for data no step will train
-        // (while that step, the final checkpoint and evaluation run): no
-        // lift.
+        // with an actor that stopped answering (and it takes its share of
+        // what is let out, too), or batches may take more than the batch
+        // being built: where the taper is what holds grants back (not
+        // before any grant, while actors start), each long wait lets one
+        // more batch's worth out (not the whole room at once, which would
+        // be rolled out and never trained), until the next batch is
+        // collated. Once the last batch is collated, the builder waits for
+        // data no step will train (while that step, the final checkpoint
+        // and evaluation run): no lift.
         if self.covers_what_is_left() {
-            let mark = self
-                .released
-                .load(Ordering::Relaxed)
-                .wrapping_add(self.arrivals.load(Ordering::Relaxed));
-            if self.lifted_at.swap(mark, Ordering::AcqRel) != mark {
-                let _ =
-                    self.batches_left
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                            (left != 0).then(|| left.saturating_add(1))
-                        });
-            }
+            let _ = self
+                .batches_left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                    (left != 0).then(|| left.saturating_add(1))
+                });
         }
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
@@ -452,7 +436,6 @@ impl CreditToken {
         self.reserved = keep;
         self.queued = keep;
         self.pool.queued.fetch_add(keep, Ordering::Relaxed);
-        self.pool.arrivals.fetch_add(1, Ordering::Relaxed);
         self.freed_on_arrival += freed;
         self.pool.in_use.fetch_sub(freed, Ordering::AcqRel);
         // Less on the way now: the controller may grant again.
@@ -1331,25 +1314,12 @@ mod tests {
         let mut held = take(&mut session);
         assert_eq!(held.len(), 30, "3 batches of 10, not the room");
         for wait in 1..=2 {
-            if wait > 1 {
-                // A chunk arrived since the last lift: it may lift again.
-                held[wait].arrived(1);
-            }
             pool.adapt_while_waiting();
             settle().await;
             let more = take(&mut session);
             assert_eq!(more.len(), 10, "wait {wait}: one batch's worth");
             held.extend(more);
         }
-        // Nothing arrives or is trained since the last lift (the fleet
-        // went quiet): waiting longer lets nothing more out.
-        pool.adapt_while_waiting();
-        pool.adapt_while_waiting();
-        settle().await;
-        assert!(
-            take(&mut session).is_empty(),
-            "lifted with nothing arriving"
-        );
         // The next batch is collated: the taper is the batches left again.
         for token in held.drain(..10) {
             session.used(false);

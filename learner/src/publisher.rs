@@ -55,8 +55,10 @@ pub struct Publisher {
     /// Taken before an encoder is sent to the blocking pool: sessions
     /// that want the version being encoded wait here, on the async side,
     /// instead of each holding a blocking thread (the pool is sized for
-    /// validation plus one encoder).
-    encoder_turn: tokio::sync::Mutex<()>,
+    /// validation plus one encoder). Held by the encoder itself, so that a
+    /// session that stops waiting for it (a grant given up on) does not
+    /// let the next one block an async worker on `encoded`.
+    encoder_turn: Arc<tokio::sync::Mutex<()>>,
     /// Versions encoded so far, for reports.
     encodings: AtomicU64,
     /// Turns true with the final version: sessions tell their actors.
@@ -99,7 +101,7 @@ impl Publisher {
                 published_at: Instant::now(),
             }),
             latest_version: AtomicU64::new(version),
-            encoder_turn: tokio::sync::Mutex::new(()),
+            encoder_turn: Arc::new(tokio::sync::Mutex::new(())),
             encoded: Mutex::new(Arc::new(EncodedWeights {
                 version: u64::MAX,
                 bytes: Bytes::new(),
@@ -155,12 +157,19 @@ impl Publisher {
         let encodings_before = self.encodings();
         // Never waits for the `encoded` lock here (this runs on an async
         // worker, and an encoder holds it while it works).
-        if let Some(encoded) = self.encoded.try_lock().ok().map(|e| e.clone())
+        // (An encoder that panicked leaves the lock poisoned, and what it
+        // holds as it was: still the newest encoded.)
+        let ready = match self.encoded.try_lock() {
+            Ok(encoded) => Some(encoded.clone()),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner().clone()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(encoded) = ready
             && encoded.version == self.latest_version()
         {
             return Ok(encoded);
         }
-        let _turn = self.encoder_turn.lock().await;
+        let turn = self.encoder_turn.clone().lock_owned().await;
         // Encoders hold the turn: with it, the lock is only ever held for
         // a moment.
         let encoded = self
@@ -177,9 +186,12 @@ impl Publisher {
             return Ok(encoded);
         }
         let publisher = self.clone();
-        tokio::task::spawn_blocking(move || publisher.encode_latest())
-            .await
-            .unwrap_or_else(|join| Err(WeightsError::Format(format!("encoder task: {join}"))))
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            publisher.encode_latest()
+        })
+        .await
+        .unwrap_or_else(|join| Err(WeightsError::Format(format!("encoder task: {join}"))))
     }
 
     /// Encodes the newest version unless it already is; blocking.

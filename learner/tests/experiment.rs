@@ -64,36 +64,19 @@ fn a_short_suite_writes_its_data_and_plots() {
     // The same suite again: every run is kept. With another step budget:
     // every run starts over (none resumes from the other budget's
     // checkpoints, none is kept as done), the old runs moved aside whole.
-    let again = |steps: &str| {
+    let smoke = |args: &[&str], out: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-            .args([
-                "--suite", "smoke", "--seeds", "2", "--steps", steps, "--out",
-            ])
-            .arg(&out)
+            .args(["--suite", "smoke", "--seeds", "2"])
+            .args(args)
+            .arg("--out")
+            .arg(out)
             .output()
             .unwrap()
     };
-    let kept = again("20");
-    assert!(kept.status.success());
-    let printed = String::from_utf8_lossy(&kept.stdout);
-    assert_eq!(
-        printed.matches("already done, kept").count(),
-        4,
-        "{printed}"
-    );
+    let again = |steps: &str| smoke(&["--steps", steps], &out);
+    assert_eq!(runs_kept(&again("20")), 4);
     // The same folder spelt another way is the same runs.
-    let respelt = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--suite", "smoke", "--seeds", "2", "--steps", "20", "--out"])
-        .arg(out.join("."))
-        .output()
-        .unwrap();
-    assert!(respelt.status.success());
-    let printed = String::from_utf8_lossy(&respelt.stdout);
-    assert_eq!(
-        printed.matches("already done, kept").count(),
-        4,
-        "{printed}"
-    );
+    assert_eq!(runs_kept(&smoke(&["--steps", "20"], &out.join("."))), 4);
     // A budget no learner takes is refused before anything moves.
     let too_long = again("9223372036854775808");
     assert!(!too_long.status.success());
@@ -107,14 +90,9 @@ fn a_short_suite_writes_its_data_and_plots() {
     // never taken for this run's: set aside, and the run made again.
     std::fs::remove_file(out.join("runs/small_fl-db_seed0/config.toml")).unwrap();
     let remade = again("20");
-    assert!(remade.status.success());
+    assert_eq!(runs_kept(&remade), 3);
     let printed = String::from_utf8_lossy(&remade.stdout);
     assert_eq!(printed.matches("starting over").count(), 1, "{printed}");
-    assert_eq!(
-        printed.matches("already done, kept").count(),
-        3,
-        "{printed}"
-    );
     // A run made by another build of the learner is made again (its
     // figures would not be this build's), unless --keep-other-builds;
     // the tables name the builds behind them.
@@ -128,20 +106,8 @@ fn a_short_suite_writes_its_data_and_plots() {
         serde_json::json!({ "builds": ["an older build"] }).to_string(),
     )
     .unwrap();
-    let kept_other = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--suite", "smoke", "--seeds", "2", "--steps", "20"])
-        .arg("--keep-other-builds")
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(kept_other.status.success());
-    let printed = String::from_utf8_lossy(&kept_other.stdout);
-    assert_eq!(
-        printed.matches("already done, kept").count(),
-        4,
-        "{printed}"
-    );
+    let kept_other = smoke(&["--steps", "20", "--keep-other-builds"], &out);
+    assert_eq!(runs_kept(&kept_other), 4);
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(
         summary.contains("- an older build: 1 run")
@@ -149,18 +115,13 @@ fn a_short_suite_writes_its_data_and_plots() {
         "{summary}"
     );
     let rebuilt = again("20");
-    assert!(rebuilt.status.success());
+    assert_eq!(runs_kept(&rebuilt), 3);
     let printed = String::from_utf8_lossy(&rebuilt.stdout);
     assert_eq!(
         printed
             .matches("small_tb_seed1: made by another build (an older build; this learner is ")
             .count(),
         1,
-        "{printed}"
-    );
-    assert_eq!(
-        printed.matches("already done, kept").count(),
-        3,
         "{printed}"
     );
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
@@ -307,4 +268,15 @@ fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     assert_eq!(rows.len(), 2, "{summary}");
     assert!(rows.iter().all(|row| row.ends_with(",1")), "{summary}");
     std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// How many runs a successful runner kept as already done.
+fn runs_kept(output: &std::process::Output) -> usize {
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    printed.matches("already done, kept").count()
 }
