@@ -270,6 +270,101 @@ fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// A suite stopped midway (its runner killed outright, and with it its
+/// learner, which checkpoints as it stops) resumes that run from its
+/// checkpoint when started again: its reports stay on the evaluation grid,
+/// none twice, and its seconds of training go on from the checkpoint's.
+#[test]
+fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
+    let out = std::env::temp_dir().join(format!("flgfn-experiment-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    // One seed, two objectives; a report every 1,000 steps.
+    let args = ["--suite", "smoke", "--seeds", "1", "--steps", "2000"];
+    let mut runner = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = out.join("runs/small_fl-db_seed0");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "no first report"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    // Its learner stops (SIGTERM as its parent died), checkpoints and lets
+    // go of the folder.
+    let checkpoints = run.join("checkpoints");
+    let released = std::time::Instant::now();
+    loop {
+        if let Ok(Some(lock)) = flgfn_learner::checkpoint::lock(&checkpoints) {
+            drop(lock);
+            break;
+        }
+        assert!(
+            released.elapsed() < std::time::Duration::from_secs(60),
+            "the learner did not stop with its runner"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let stopped_at = flgfn_learner::checkpoint::list(&checkpoints)
+        .unwrap()
+        .last()
+        .map(|(step, _)| *step)
+        .expect("a checkpoint of the stop");
+    assert!(
+        (1000..2000).contains(&stopped_at),
+        "stopped at step {stopped_at}"
+    );
+
+    let again = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{printed}");
+    assert_eq!(runs_kept(&again), 0, "{printed}");
+    let log = std::fs::read_to_string(run.join("learner.log")).unwrap();
+    assert!(log.contains("resuming from a checkpoint"), "{log}");
+    let reports: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let steps: Vec<u64> = reports
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.first(), Some(&1000), "{steps:?}");
+    assert_eq!(steps.last(), Some(&2000), "{steps:?}");
+    let wall = |step: u64| {
+        reports
+            .iter()
+            .find(|r| r["step"] == step)
+            .and_then(|r| r["wall_s"].as_f64())
+            .unwrap()
+    };
+    assert!(wall(2000) > wall(1000), "{reports:?}");
+    // The tables hold it once, on the grid.
+    let table = std::fs::read_to_string(out.join("reports.csv")).unwrap();
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|row| row.starts_with("small_fl-db_seed0,"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// How many runs a successful runner kept as already done.
 fn runs_kept(output: &std::process::Output) -> usize {
     let printed = String::from_utf8_lossy(&output.stdout);
