@@ -15,8 +15,10 @@
 //! quality evaluates them, newest first, and time to quality is the moment
 //! of the earliest copy from which every later one is at quality (or of
 //! that report, if the newest copy is not). They are
-//! evaluated once, off the clock, after the moment they measure, so they
-//! change nothing they could measure.
+//! evaluated once, off the clock, after the moment they measure. Taking a
+//! copy costs a device copy of the weights and, on a GPU, a wait for the
+//! steps queued before it (its moment is read after them): small, and on
+//! the clock.
 
 use flgfn_common::policy::DeviceSnapshot;
 use tch::Tensor;

@@ -16,7 +16,8 @@ pub struct Report {
     /// Training steps done.
     pub step: u64,
     /// Seconds since the first training step: evaluations, checkpoint
-    /// writes and a stop's wait for data left out.
+    /// writes, reports' own bookkeeping and a stop's wait for data left
+    /// out.
     #[serde(deserialize_with = "number_or_null")]
     pub wall_s: f64,
     /// Mean loss over the steps since the previous report that were not

@@ -962,6 +962,10 @@ impl Trainer {
         let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
         let eval_s = eval_started.elapsed();
         progress.time_left_out += eval_s;
+        // The report's own bookkeeping (its line, the metrics file, the
+        // refinement of a first time to quality) is not training either:
+        // left out below, once the report is done.
+        let bookkeeping_started = Instant::now();
 
         let span = (wall - progress.last_report_wall).max(1e-9);
         let (last_trained, last_ingested) = progress.last_report_counts;
@@ -1035,9 +1039,7 @@ impl Trainer {
             metrics.write(&report)?;
         }
         if progress.time_to_quality.is_none() && evaluation.at_quality == Some(true) {
-            let refining = Instant::now();
             let first = self.first_at_quality(evaluator, progress.probes.take(), wall);
-            progress.time_left_out += refining.elapsed();
             progress.time_to_quality = Some(first);
         }
         progress.last_report_wall = wall;
@@ -1051,6 +1053,7 @@ impl Trainer {
         }
         progress.last_report_counts = (progress.trained_transitions, ingested_at_wall);
         progress.report = report;
+        progress.time_left_out += bookkeeping_started.elapsed();
         Ok(())
     }
 }
