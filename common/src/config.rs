@@ -308,8 +308,9 @@ pub struct LearnerConfig {
     /// below it (see `max_in_flight_batches`).
     pub max_policy_lag: u64,
     /// Most data granted to actors and not yet trained on, in batches (at
-    /// most `max_policy_lag`; see [`LearnerConfig::lag_bound_warning`]). The learner grants credits, each for one
-    /// chunk, only while there is room. The room adapts between one
+    /// most `max_policy_lag`; see [`LearnerConfig::lag_bound_warning`]).
+    /// The learner grants credits, each for one chunk, only while there is
+    /// room. The room adapts between one
     /// `batch_transitions` and this many `max_batch_transitions`, growing
     /// while the trainer would wait for data and shrinking while data waits
     /// for the trainer; the batch grows with the data in flight (in flight /
@@ -1060,6 +1061,16 @@ impl Config {
             usize::try_from(l.max_in_flight_batches).unwrap_or(usize::MAX),
             MAX_IN_FLIGHT_BATCHES,
         )?;
+        if l.max_in_flight_batches > l.max_policy_lag {
+            let default = LearnerConfig::default().max_in_flight_batches;
+            return Err(ConfigError::invalid(
+                "learner.max_in_flight_batches",
+                format!(
+                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {default}, needs max_policy_lag >= {default})",
+                    l.max_in_flight_batches, l.max_policy_lag,
+                ),
+            ));
+        }
         at_least(
             "learner.weights_refresh_steps",
             l.weights_refresh_steps as usize,
@@ -1080,16 +1091,6 @@ impl Config {
                 format!(
                     "learner.publish_every ({}) + learner.weights_refresh_steps ({}) is more than learner.max_policy_lag ({}): every chunk would be too old to train on before new weights reached the actors",
                     l.publish_every, l.weights_refresh_steps, l.max_policy_lag
-                ),
-            ));
-        }
-        if l.max_in_flight_batches > l.max_policy_lag {
-            let default = LearnerConfig::default().max_in_flight_batches;
-            return Err(ConfigError::invalid(
-                "learner.max_in_flight_batches",
-                format!(
-                    "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {default}, needs max_policy_lag >= {default})",
-                    l.max_in_flight_batches, l.max_policy_lag,
                 ),
             ));
         }

@@ -536,13 +536,13 @@ pub async fn serve(
         )
         .into());
     }
+    if let Some(warning) = config.learner.lag_bound_warning() {
+        warn!("{warning}");
+    }
     // The quality thresholds are set against the sampling noise of 4,096
     // samples (paper-notes): fewer make the distances noisier and quality
     // later, more make it earlier. Said, not refused: a quick look wants
     // fewer.
-    if let Some(warning) = config.learner.lag_bound_warning() {
-        warn!("{warning}");
-    }
     let calibrated = flgfn_common::config::LearnerConfig::default().eval_samples;
     if config.learner.eval_samples != calibrated && env.reference().is_some() {
         warn!(

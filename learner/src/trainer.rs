@@ -210,8 +210,9 @@ struct Progress {
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
     started: Option<Instant>,
-    /// Time left out of `wall_s`: evaluations, checkpoint writes, and at
-    /// a stop the wait for data since the last step.
+    /// Time left out of `wall_s`: evaluations and the rest of each
+    /// report, checkpoint writes, and at a stop the wait for data since
+    /// the last step.
     time_left_out: Duration,
     /// Training seconds of the run before this process (resumed runs).
     wall_before: f64,

@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+mod support;
+
 #[test]
 fn a_short_suite_writes_its_data_and_plots() {
     let out = std::env::temp_dir().join(format!("flgfn-experiment-test-{}", std::process::id()));
@@ -280,14 +282,17 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
     let _ = std::fs::remove_dir_all(&out);
     // One seed, two objectives; a report every 1,000 steps.
     let args = ["--suite", "smoke", "--seeds", "1", "--steps", "2000"];
-    let mut runner = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(args)
-        .arg("--out")
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    // Killed (and its learner with it) if the test fails before it does.
+    let mut runner = support::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let run = out.join("runs/small_fl-db_seed0");
     let started = std::time::Instant::now();
     while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) {
@@ -297,8 +302,8 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    runner.kill().unwrap();
-    runner.wait().unwrap();
+    runner.0.kill().unwrap();
+    runner.0.wait().unwrap();
     // Its learner stops (SIGTERM as its parent died), checkpoints and lets
     // go of the folder.
     let checkpoints = run.join("checkpoints");

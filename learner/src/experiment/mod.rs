@@ -261,32 +261,31 @@ pub fn run_all(
     out: &Path,
     options: &RunOptions,
     mut after_each: impl FnMut(&SuiteOutcome, &[RunSpec]),
-) -> anyhow::Result<SuiteOutcome> {
+) -> SuiteOutcome {
     let started = Instant::now();
     let mut outcome = SuiteOutcome::default();
     for (i, spec) in specs.iter().enumerate() {
-        run_and_record(
-            spec,
-            out,
-            options,
-            &format!("[{}/{}] {}", i + 1, specs.len(), spec.name()),
-            started,
-            &mut outcome,
-        );
+        let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
+        match run_or_keep(spec, out, options, &label, started) {
+            Ok(result) => outcome.results.push(result),
+            Err(error) => {
+                println!("{label}: FAILED: {error:#}");
+                outcome.failed.push((spec.clone(), format!("{error:#}")));
+            }
+        }
         after_each(&outcome, &specs[i + 1..]);
     }
-    Ok(outcome)
+    outcome
 }
 
-/// Runs (or keeps) one run of a suite, adding it to `outcome`.
-fn run_and_record(
+/// Runs (or keeps) one run of a suite: its result, or why it failed.
+fn run_or_keep(
     spec: &RunSpec,
     out: &Path,
     options: &RunOptions,
     label: &str,
     started: Instant,
-    outcome: &mut SuiteOutcome,
-) {
+) -> anyhow::Result<RunResult> {
     let dir = out.join("runs").join(spec.name());
     let metrics = dir.join("metrics.jsonl");
     let config = run_config(spec, &dir);
@@ -312,17 +311,11 @@ fn run_and_record(
         None
     };
     if let Some(why) = &why_aside {
-        match set_aside(out, &dir, &spec.name()) {
-            Ok(aside) => println!(
-                "{label}: {why}; starting over (the old run is now {})",
-                aside.display()
-            ),
-            Err(error) => {
-                println!("{label}: FAILED: {error:#}");
-                outcome.failed.push((spec.clone(), format!("{error:#}")));
-                return;
-            }
-        }
+        let aside = set_aside(out, &dir, &spec.name())?;
+        println!(
+            "{label}: {why}; starting over (the old run is now {})",
+            aside.display()
+        );
     }
     let same_run = written == Some(true) && why_aside.is_none();
     let mut record = match record {
@@ -360,21 +353,9 @@ fn run_and_record(
             })
         }
     };
-    let reports = match done {
-        Ok(reports) => reports,
-        Err(error) => {
-            println!("{label}: FAILED: {error:#}");
-            outcome.failed.push((spec.clone(), format!("{error:#}")));
-            return;
-        }
-    };
-    let result = match summarise(spec.clone(), on_grid(spec, reports)) {
-        Ok(result) => RunResult { record, ..result },
-        Err(error) => {
-            println!("{label}: FAILED: {error:#}");
-            outcome.failed.push((spec.clone(), format!("{error:#}")));
-            return;
-        }
+    let result = RunResult {
+        record,
+        ..summarise(spec.clone(), on_grid(spec, done?))?
     };
     println!(
         "{label}: {kept}{} reports, quality at {}{}, top-100 at {} ({:.0} s elapsed)",
@@ -388,7 +369,7 @@ fn run_and_record(
         describe(result.to_top_k),
         started.elapsed().as_secs_f64()
     );
-    outcome.results.push(result);
+    Ok(result)
 }
 
 /// What a run that was started left: its reports where they reach

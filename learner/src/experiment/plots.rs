@@ -92,6 +92,17 @@ const PALETTE: [RGBColor; 8] = [
 /// A short axis label: at most 3 significant digits, scientific notation
 /// for very large or small magnitudes.
 fn compact(value: f64) -> String {
+    // "1.50" -> "1.5", "2.00" -> "2"; "200" stays.
+    let trimmed = |digits: &str| {
+        if digits.contains('.') {
+            digits
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_owned()
+        } else {
+            digits.to_owned()
+        }
+    };
     let magnitude = value.abs();
     if value == 0.0 {
         "0".to_owned()
@@ -100,20 +111,12 @@ fn compact(value: f64) -> String {
         // must not read alike.
         let text = format!("{value:.2e}");
         match text.split_once('e') {
-            Some((mantissa, exponent)) if mantissa.contains('.') => format!(
-                "{}e{exponent}",
-                mantissa.trim_end_matches('0').trim_end_matches('.')
-            ),
-            _ => text,
+            Some((mantissa, exponent)) => format!("{}e{exponent}", trimmed(mantissa)),
+            None => text,
         }
     } else {
         let decimals = (2 - magnitude.log10().floor() as i32).max(0) as usize;
-        let text = format!("{value:.decimals$}");
-        if text.contains('.') {
-            text.trim_end_matches('0').trim_end_matches('.').to_owned()
-        } else {
-            text
-        }
+        trimmed(&format!("{value:.decimals$}"))
     }
 }
 
