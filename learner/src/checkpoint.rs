@@ -17,7 +17,8 @@
 //! product, which the sum does not cover and loading refuses.
 //!
 //! Files are written atomically: a temporary file in the same directory,
-//! fsync, rename over the final name, fsync of the directory. The last
+//! fsync, rename over the final name, fsync of the directory; during
+//! training, by a [`Writer`] on a thread of its own. The last
 //! `learner.keep_checkpoints` are kept. Names carry the step
 //! (`ckpt-000000001200.safetensors`), so the newest sorts last. The final
 //! weights of a run also go to `final.safetensors` (f32 whatever the wire
@@ -373,6 +374,99 @@ pub fn save(
     Ok(path)
 }
 
+/// Writes checkpoints on a thread of its own, one at a time: the trainer
+/// spends on a checkpoint only the copy of what it holds, while encoding,
+/// the write and its fsyncs (seconds on a busy network file system) go on
+/// beside training. A failed write ends training as it did when written
+/// in line: [`Writer::poll`], after every step, returns its error.
+pub struct Writer {
+    dir: PathBuf,
+    keep: usize,
+    /// The write in progress, if any: one at a time bounds what is held to
+    /// one checkpoint's copy, and keeps the files' order that of the steps.
+    pending: Option<std::thread::JoinHandle<Result<(), LearnerError>>>,
+}
+
+impl Writer {
+    /// Writes into `dir`, keeping the newest `keep` (see [`save`]).
+    pub fn new(dir: PathBuf, keep: usize) -> Self {
+        Self {
+            dir,
+            keep,
+            pending: None,
+        }
+    }
+
+    /// Starts writing a checkpoint once the write before it is done (its
+    /// failure is returned instead, and this one is not written).
+    pub fn start(
+        &mut self,
+        state: CheckpointState,
+        arrays: Vec<NamedArray>,
+    ) -> Result<(), LearnerError> {
+        self.finish()?;
+        let (dir, keep) = (self.dir.clone(), self.keep);
+        let write = move || {
+            let started = std::time::Instant::now();
+            let path = save(&dir, &state, &arrays, keep)?;
+            info!(
+                path = %path.display(),
+                step = state.step,
+                write_ms = started.elapsed().as_millis() as u64,
+                "checkpoint saved"
+            );
+            Ok(())
+        };
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".to_owned())
+            .spawn(write)
+            .map_err(|e| {
+                LearnerError::Checkpoint(format!(
+                    "cannot start a thread to write a checkpoint: {e}"
+                ))
+            })?;
+        self.pending = Some(handle);
+        Ok(())
+    }
+
+    /// The failure of a write that has ended, without waiting for one in
+    /// progress.
+    pub fn poll(&mut self) -> Result<(), LearnerError> {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|handle| handle.is_finished())
+        {
+            self.finish()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Waits for the write in progress, if any, and returns how it went.
+    pub fn finish(&mut self) -> Result<(), LearnerError> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(handle) => handle.join().unwrap_or_else(|payload| {
+                Err(LearnerError::Checkpoint(format!(
+                    "the checkpoint writer panicked: {}",
+                    flgfn_common::telemetry::panic_message(&*payload)
+                )))
+            }),
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// A learner never leaves a write behind: the folder's lock (held by
+    /// the trainer thread) outlives it, and so does the process.
+    fn drop(&mut self) {
+        if let Err(error) = self.finish() {
+            warn!(%error, "a checkpoint write failed");
+        }
+    }
+}
+
 /// Checkpoint files in `dir`, oldest first, with their steps.
 pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
     let entries = match fs::read_dir(dir) {
@@ -688,6 +782,66 @@ mod tests {
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 2);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A writer writes in the order started, one at a time, and what
+    /// [`Writer::finish`] returns has been written.
+    #[test]
+    fn a_writer_writes_in_order_and_keeps_the_newest() {
+        let dir = scratch("writer");
+        let mut writer = Writer::new(dir.clone(), 2);
+        for step in [100, 200, 300, 400] {
+            writer.start(state(step), arrays(step as f32)).unwrap();
+        }
+        writer.finish().unwrap();
+        let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [300, 400]);
+        let latest = load_latest(&dir).unwrap().unwrap();
+        assert_eq!(latest.state, state(400));
+        assert_eq!(latest.group("policy")[0].values, arrays(400.0)[0].values);
+        // Nothing left to wait for.
+        writer.finish().unwrap();
+        writer.poll().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A failed write comes back from `poll` once it has ended (and only
+    /// once), or from the next `start`, which then writes nothing.
+    #[test]
+    fn a_failed_write_comes_back_once() {
+        let parent = scratch("writer-fails");
+        fs::create_dir_all(&parent).unwrap();
+        // A file where the folder should be: every write fails.
+        let dir = parent.join("checkpoints");
+        fs::write(&dir, "not a folder").unwrap();
+        let mut writer = Writer::new(dir.clone(), 2);
+        writer.start(state(100), arrays(1.0)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let error = loop {
+            match writer.poll() {
+                Err(error) => break error.to_string(),
+                Ok(()) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the write never ended"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        };
+        assert!(error.contains(&dir.display().to_string()), "{error}");
+        writer.poll().unwrap();
+        writer.finish().unwrap();
+
+        writer.start(state(200), arrays(2.0)).unwrap();
+        let error = writer
+            .start(state(300), arrays(3.0))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&dir.display().to_string()), "{error}");
+        // The 300 was not started: nothing is pending.
+        writer.finish().unwrap();
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     /// Checkpoints written before builds were recorded still resume.

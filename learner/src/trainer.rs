@@ -23,7 +23,7 @@ use flgfn_common::policy::{Policy, load_vars, vars_to_host};
 use flgfn_common::telemetry::panic_message;
 use flgfn_common::weights::{NamedArray, WeightEncoding};
 use tch::{Kind, Tensor};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
@@ -311,6 +311,12 @@ impl Trainer {
             progress.probes = Some(probes);
         }
         let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
+        // Checkpoints are encoded and written beside training; the last
+        // one is waited for (see `save_last_checkpoint`).
+        let mut writer = self
+            .checkpoint_dir
+            .clone()
+            .map(|dir| checkpoint::Writer::new(dir, learner.keep_checkpoints));
         // Every error from here to the final weights ends this block, not
         // the run at once: see after it.
         let mut data_warning_after = FIRST_DATA_WARNING;
@@ -351,6 +357,11 @@ impl Trainer {
                 }
                 self.steps_done
                     .store(progress.step + progress.version_offset, Ordering::Release);
+                // A checkpoint that failed to write ends training, as it
+                // did when written in line.
+                if let Some(Err(error)) = writer.as_mut().map(checkpoint::Writer::poll) {
+                    break 'training Err(error);
+                }
                 if progress.step.is_multiple_of(learner.publish_every) {
                     progress.version = progress.step + progress.version_offset;
                     if let Err(error) = self.raise_version_floor(&mut progress) {
@@ -399,6 +410,7 @@ impl Trainer {
                 if !finished(&progress)
                     && self.checkpoint_due(&progress)
                     && let Err(error) = self.save_checkpoint(
+                        &mut writer,
                         &optimizer,
                         own_optimizer.as_ref(),
                         &evaluator,
@@ -419,6 +431,7 @@ impl Trainer {
                 && !finished(&progress)
                 && progress.checkpointed_step != Some(progress.step)
                 && let Err(error) = self.save_checkpoint(
+                    &mut writer,
                     &optimizer,
                     own_optimizer.as_ref(),
                     &evaluator,
@@ -498,6 +511,7 @@ impl Trainer {
                 } else if let Some(dir) = &self.checkpoint_dir {
                     let saved = self.save_last_checkpoint(
                         dir,
+                        &mut writer,
                         &optimizer,
                         own_optimizer.as_ref(),
                         &evaluator,
@@ -521,6 +535,7 @@ impl Trainer {
             // weights to use.
             self.save_last_checkpoint(
                 dir,
+                &mut writer,
                 &optimizer,
                 own_optimizer.as_ref(),
                 &evaluator,
@@ -572,22 +587,33 @@ impl Trainer {
         })
     }
 
-    /// The checkpoint a run ends with (its end, or an error), and the
-    /// version floor brought down to it: nothing above its version was
-    /// published, and it holds those weights, so a restart continues from
-    /// it without a jump. libtorch failing while it reads the weights (a
-    /// device gone bad after an error, say) is an error, not a panic of
-    /// the trainer thread.
+    /// The checkpoint a run ends with (its end, or an error), written
+    /// before this returns, and the version floor brought down to it:
+    /// nothing above its version was published, and it holds those
+    /// weights, so a restart continues from it without a jump. An earlier
+    /// write that failed is logged: this one stands in for it. libtorch
+    /// failing while it reads the weights (a device gone bad after an
+    /// error, say) is an error, not a panic of the trainer thread.
     fn save_last_checkpoint(
         &self,
         dir: &std::path::Path,
+        writer: &mut Option<checkpoint::Writer>,
         optimizer: &Adam,
         own_optimizer: Option<&(Adam, f64)>,
         evaluator: &Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
+        let waited = Instant::now();
+        if let Some(Err(error)) = writer.as_mut().map(checkpoint::Writer::finish) {
+            warn!(%error, "an earlier checkpoint write failed");
+        }
+        progress.time_left_out += waited.elapsed();
         unless_libtorch_fails(progress.step, || {
-            self.save_checkpoint(optimizer, own_optimizer, evaluator, progress)?;
+            self.save_checkpoint(writer, optimizer, own_optimizer, evaluator, progress)?;
+            let waited = Instant::now();
+            let written = writer.as_mut().map_or(Ok(()), checkpoint::Writer::finish);
+            progress.time_left_out += waited.elapsed();
+            written?;
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
         .and_then(|saved| saved)
@@ -638,15 +664,18 @@ impl Trainer {
         }
     }
 
-    /// Writes a checkpoint of everything the run needs to continue.
+    /// Starts writing a checkpoint of everything the run needs to
+    /// continue: the trainer copies it, `writer` writes it (after the one
+    /// before, which this waits for).
     fn save_checkpoint(
         &self,
+        writer: &mut Option<checkpoint::Writer>,
         optimizer: &Adam,
         own_optimizer: Option<&(Adam, f64)>,
         evaluator: &Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
-        let Some(dir) = &self.checkpoint_dir else {
+        let Some(writer) = writer.as_mut() else {
             return Ok(());
         };
         // Queued steps finish first, as training time (reading the
@@ -685,12 +714,18 @@ impl Trainer {
             model: self.policy.spec().to_string(),
             build: crate::BUILD.to_owned(),
         };
-        let path = checkpoint::save(dir, &state, &arrays, self.config.learner.keep_checkpoints)?;
+        let copied = started.elapsed();
+        writer.start(state, arrays)?;
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
-        // Writing is not training: keep it out of `wall_s` like evaluation.
+        // The copy, and a wait for the write before, are not training:
+        // out of `wall_s` like evaluation.
         progress.time_left_out += started.elapsed();
-        info!(path = %path.display(), step = progress.step, ms = started.elapsed().as_millis() as u64, "checkpoint saved");
+        debug!(
+            step = progress.step,
+            copy_us = copied.as_micros() as u64,
+            "checkpoint copied for writing"
+        );
         Ok(())
     }
 

@@ -320,6 +320,38 @@ async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Checkpoints are written beside training, and a write that fails
+/// still ends it, naming the folder (here replaced by a file after the
+/// first checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_written_ends_training() {
+    let dir = scratch("unwritable");
+    let (config, checkpoints) = checkpointed(&dir, 20, 1_000_000);
+    let folder = checkpoints.clone();
+    let replace = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while checkpoint_steps(&folder).is_empty() {
+            assert!(Instant::now() < deadline, "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // A write under way may put a file back into the folder, or the
+        // folder back: until the file stands.
+        loop {
+            let _ = std::fs::remove_dir_all(&folder);
+            if std::fs::write(&folder, "not a folder").is_ok() {
+                break;
+            }
+        }
+    });
+    let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
+    replace.await.unwrap();
+    assert!(
+        error.contains(&checkpoints.display().to_string()),
+        "{error}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A report whose metrics write fails counts the skipped steps of its
 /// window once in the checkpoint saved after it (a learning rate of 1e30:
 /// every step after the first is skipped).
