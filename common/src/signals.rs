@@ -42,7 +42,8 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 }
 
 /// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM, which is what
-/// Kubernetes, Slurm and systemd send before they kill a process.
+/// Kubernetes, Slurm and systemd send before they kill a process; in a
+/// process started with [`end_with_parent`], also on its parent's death.
 ///
 /// Once it has resolved, a second signal ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
@@ -62,9 +63,13 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
     let mut signals = StopSignals::new();
     let (requested, mut heard) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        signals.next().await;
+        if signals.next().await == Stop::ParentGone {
+            tracing::info!("the parent process is gone: stopping");
+        }
         requested.send_replace(true);
-        signals.next().await;
+        // The parent's death comes again for each of its threads (see
+        // `end_with_parent`): not a second stop signal.
+        while signals.next().await == Stop::ParentGone {}
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
         let registry = BEFORE_FORCED_EXIT
             .lock()
@@ -93,12 +98,28 @@ fn exit_now(status: i32) -> ! {
     unsafe { libc::_exit(status) }
 }
 
-/// Ctrl-C and SIGTERM, listened to for the life of the process.
+/// What asked the process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// [`PARENT_DEATH_SIGNAL`], in a process started with
+    /// [`end_with_parent`].
+    ParentGone,
+}
+
+/// Ctrl-C and SIGTERM, and the parent's death where it is signalled,
+/// listened to for the life of the process.
 struct StopSignals {
     #[cfg(unix)]
     interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
+    /// Only in a process whose parent set [`PARENT_DEATH_SIGNAL`] as its
+    /// parent-death signal: elsewhere that signal keeps its own meaning
+    /// (a hangup; ignored under `nohup`).
+    #[cfg(unix)]
+    parent_gone: Option<tokio::signal::unix::Signal>,
 }
 
 impl StopSignals {
@@ -109,6 +130,9 @@ impl StopSignals {
             StopSignals {
                 interrupt: signal(SignalKind::interrupt()).ok(),
                 terminate: signal(SignalKind::terminate()).ok(),
+                parent_gone: parent_death_is_signalled()
+                    .then(|| signal(SignalKind::from_raw(PARENT_DEATH_SIGNAL)).ok())
+                    .flatten(),
             }
         }
         #[cfg(not(unix))]
@@ -117,8 +141,9 @@ impl StopSignals {
         }
     }
 
-    /// The next Ctrl-C or SIGTERM (never, if neither could be listened to).
-    async fn next(&mut self) {
+    /// The next Ctrl-C, SIGTERM or parent's death (never, if none could be
+    /// listened to).
+    async fn next(&mut self) -> Stop {
         #[cfg(unix)]
         {
             async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
@@ -130,23 +155,54 @@ impl StopSignals {
                 }
             }
             tokio::select! {
-                () = recv(&mut self.interrupt) => {}
-                () = recv(&mut self.terminate) => {}
+                () = recv(&mut self.interrupt) => Stop::Signal,
+                () = recv(&mut self.terminate) => Stop::Signal,
+                () = recv(&mut self.parent_gone) => Stop::ParentGone,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
+            Stop::Signal
         }
     }
 }
 
-/// Makes a child process started by `command` receive SIGTERM when its
-/// parent dies, however it dies (SIGKILL, the OOM killer): local actors
-/// then drain and exit instead of retrying a learner that is gone, for
-/// ever. Linux only (elsewhere a no-op). The signal follows the thread
-/// that spawns the child: spawn from a thread that lives as long as the
-/// process (a runtime worker, not a blocking-pool thread).
+/// The signal a child started with [`end_with_parent`] receives when its
+/// parent dies: SIGHUP, whose meaning (the controlling process is gone)
+/// is the closest. Not SIGTERM: the kernel sends it again each time the
+/// child passes from one of the dying parent's threads to the next (a
+/// learner has dozens), and SIGTERM twice is the forced exit, which skips
+/// the graceful stop (a learner's final checkpoint, an actor's drain).
+/// [`shutdown_requested`] takes the first as a stop and the repeats as
+/// nothing.
+#[cfg(unix)]
+const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
+
+/// Whether this process was started with [`end_with_parent`] (its
+/// parent-death signal, kept across exec, is [`PARENT_DEATH_SIGNAL`]).
+#[cfg(unix)]
+fn parent_death_is_signalled() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let mut signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer,
+        // which points to a live local.
+        #[allow(unsafe_code)]
+        let read = unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) };
+        read == 0 && signal == PARENT_DEATH_SIGNAL
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+/// Makes a child process started by `command` receive
+/// [`PARENT_DEATH_SIGNAL`] when its parent dies, however it dies (SIGKILL,
+/// the OOM killer): local actors then drain and exit instead of retrying
+/// a learner that is gone, for ever, and an experiment's learner saves
+/// its checkpoint. Linux only (elsewhere a no-op). The signal follows the
+/// thread that spawns the child: spawn from a thread that lives as long
+/// as the process (a runtime worker, not a blocking-pool thread).
 pub fn end_with_parent(command: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
     {
@@ -158,7 +214,7 @@ pub fn end_with_parent(command: &mut std::process::Command) {
         unsafe {
             let parent = libc::getpid();
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL) == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // The parent died before the call: nothing will signal.

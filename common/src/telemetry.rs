@@ -30,6 +30,19 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Its name on the command line and in `FLGFN_LOG_FORMAT`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// The variable that sets the log format ([`LogFlags`]).
+pub const LOG_FORMAT_VARIABLE: &str = "FLGFN_LOG_FORMAT";
+
 /// The logging flag every binary takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogFlags {
@@ -43,6 +56,16 @@ pub struct LogFlags {
 /// the time, the policy version, would grow every line), and the error a
 /// binary exits with is a JSON line too.
 static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+/// The format this process logs in (text until logging is set up): what
+/// the processes it starts (local actors) should log in too.
+pub fn log_format() -> LogFormat {
+    if JSON_LOGS.load(Ordering::Relaxed) {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    }
+}
 
 /// Records the latest `value` of a span field that changes often (the
 /// policy version), where the log format shows only the latest.
@@ -90,6 +113,13 @@ pub fn live_finish() {
     if let Some(line) = LIVE_LINE.get() {
         line.finish_and_clear();
     }
+}
+
+/// Writes `line`, another process's log line (a local actor's), to
+/// stderr as this process writes its own: above the live line, which
+/// would otherwise run into it.
+pub fn write_log_line(line: &[u8]) {
+    let _ = AboveLiveLine.write_all(line);
 }
 
 /// Writes log lines to stderr, above the live line when there is one.

@@ -218,7 +218,19 @@ pub const LOCK: &str = "lock";
 /// version floor. A file system without locks gets a warning, not a
 /// refusal.
 pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
-    create_dir_durably(dir)?;
+    // (The key named: "File exists" alone says nothing.)
+    if dir.exists() && !dir.is_dir() {
+        return Err(LearnerError::Checkpoint(format!(
+            "{} is not a folder (learner.checkpoint_dir)",
+            dir.display()
+        )));
+    }
+    create_dir_durably(dir).map_err(|error| match error {
+        LearnerError::Checkpoint(why) => {
+            LearnerError::Checkpoint(format!("{why} (learner.checkpoint_dir)"))
+        }
+        other => other,
+    })?;
     let path = dir.join(LOCK);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -862,6 +874,23 @@ mod tests {
                 ..state
             }
         );
+    }
+
+    #[test]
+    fn a_file_for_a_checkpoint_folder_is_refused_naming_the_key() {
+        let parent = scratch("lock-file");
+        fs::create_dir_all(&parent).unwrap();
+        let file = parent.join("a-file");
+        fs::write(&file, "").unwrap();
+        for dir in [file.clone(), file.join("below")] {
+            let error = lock(&dir).unwrap_err().to_string();
+            assert!(
+                error.contains("learner.checkpoint_dir")
+                    && error.contains(&*file.to_string_lossy()),
+                "{error}"
+            );
+        }
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

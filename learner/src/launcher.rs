@@ -5,14 +5,14 @@
 //! Actors are separate processes, exactly as on a cluster; they find the
 //! learner through its bound address (so `--listen 127.0.0.1:0` works) and
 //! exit by themselves when training ends. Any still running when the
-//! learner returns are killed, and on Linux they get SIGTERM if the
+//! learner returns are killed, and on Linux they get SIGHUP if the
 //! learner dies without returning (SIGKILL, out of memory), so none
 //! outlive it. If every one exits while training goes on, the learner
 //! stops (saving its checkpoint) with an error instead of waiting for data
 //! that will not come. A learner resumed from a run that already finished
 //! starts none.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use flgfn_common::config::{CONFIG_VARIABLE, Config, STDIN_PATH, env_overrides, flgfn_variables};
 use flgfn_common::signals::{ForcedExitCleanup, before_forced_exit};
+use flgfn_common::telemetry::{self, LOG_FORMAT_VARIABLE};
 
 use tracing::{info, warn};
 
@@ -43,6 +44,9 @@ pub struct LocalActorsPlan {
 pub struct LocalActors {
     /// Shared with the forced-exit cleanup.
     children: Arc<Mutex<Vec<Child>>>,
+    /// Exits already logged while training went on (by process id), not
+    /// logged again by [`LocalActors::finish`].
+    exits_logged: Mutex<std::collections::HashSet<u32>>,
     /// Kills the actors if a second stop signal ends the learner at once
     /// (sent to the learner alone, not to its process group, they would
     /// outlive it).
@@ -59,6 +63,31 @@ fn kill_all(children: &Mutex<Vec<Child>>) {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Writes each line a local actor logs as the learner writes its own
+/// (above its live line), on a thread that ends with the actor's output.
+fn forward_log_lines(stderr: std::process::ChildStderr, actor: usize) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(format!("local-{actor}-log"))
+        .spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while reader
+                .read_until(b'\n', &mut line)
+                .is_ok_and(|read| read > 0)
+            {
+                telemetry::write_log_line(&line);
+                line.clear();
+            }
+        })
+        .map(drop)
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start a thread for local actor {actor}'s log: {e}"),
+            )
+        })
 }
 
 /// The `flgfn-actor` executable next to the running learner.
@@ -88,8 +117,9 @@ impl LocalActors {
     /// `launch.actors = 0`, which an actor would refuse), and no copy of
     /// it is left on disk. The variables that set configuration keys are
     /// taken out of their environment, or they would apply again over the
-    /// learner's flags; the others (`FLGFN_TOKEN`, `FLGFN_LOG_FORMAT`)
-    /// stay.
+    /// learner's flags; the others (`FLGFN_TOKEN`) stay, and
+    /// `FLGFN_LOG_FORMAT` is set to the learner's log format. With a live
+    /// line (a terminal), their log lines go through the learner, above it.
     pub fn spawn(
         count: usize,
         address: SocketAddr,
@@ -123,6 +153,7 @@ impl LocalActors {
         });
         let actors = LocalActors {
             children,
+            exits_logged: Mutex::default(),
             _on_forced_exit: on_forced_exit,
         };
         let url = local_url(address);
@@ -140,10 +171,22 @@ impl LocalActors {
             for variable in &config_variables {
                 command.env_remove(variable);
             }
+            // The learner's format, set by flag or variable: one log
+            // collector reads both.
+            command.env(LOG_FORMAT_VARIABLE, telemetry::log_format().as_str());
+            // Their lines go above the learner's live line, not into it.
+            let forward_stderr = telemetry::has_live_line();
+            if forward_stderr {
+                command.stderr(Stdio::piped());
+            }
             // A learner killed outright (SIGKILL, out of memory) takes them
             // along: no Drop runs then.
             flgfn_common::signals::end_with_parent(&mut command);
             let mut child = command.spawn()?;
+            let forwarded = match child.stderr.take() {
+                Some(stderr) => forward_log_lines(stderr, i),
+                None => Ok(()),
+            };
             // A few kilobytes: the pipe takes them without the actor
             // reading, and closing it ends the actor's input.
             let written = child
@@ -161,6 +204,7 @@ impl LocalActors {
                     format!("cannot hand local actor {i} its configuration: {e}"),
                 )
             })?;
+            forwarded?;
         }
         // Later lines name an actor by process id: local-i is pids[i].
         let pids: Vec<u32> = actors
@@ -186,8 +230,23 @@ impl LocalActors {
         (exited, all)
     }
 
+    /// Logs each of `exited` ([`LocalActors::exits`]) not logged before,
+    /// as an exit while training goes on.
+    pub fn log_exits_while_training(&self, exited: &[(u32, ExitStatus)]) {
+        let mut logged = self
+            .exits_logged
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (pid, status) in exited {
+            if logged.insert(*pid) {
+                warn!(pid, %status, "a local actor exited while training goes on");
+            }
+        }
+    }
+
     /// Waits for the actors to exit, killing any left after a grace period.
-    /// Returns how many exited with an error.
+    /// Returns how many exited with an error (logging those not logged
+    /// already).
     pub fn finish(self) -> usize {
         let deadline = Instant::now() + EXIT_GRACE;
         let mut failed = 0;
@@ -210,7 +269,14 @@ impl LocalActors {
             match status {
                 Some(status) if status.success() => {}
                 Some(status) => {
-                    warn!(pid = child.id(), %status, "local actor failed");
+                    let logged = self
+                        .exits_logged
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .contains(&child.id());
+                    if !logged {
+                        warn!(pid = child.id(), %status, "local actor failed");
+                    }
                     failed += 1;
                 }
                 None => {

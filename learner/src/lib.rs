@@ -351,8 +351,6 @@ async fn every_local_actor_exited(
         return std::future::pending().await;
     };
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
-    // Exits already logged.
-    let mut logged = std::collections::HashSet::new();
     loop {
         ticks.tick().await;
         let (exited, all) = actors.exits();
@@ -362,11 +360,7 @@ async fn every_local_actor_exited(
         if *training_done.borrow() {
             return std::future::pending().await;
         }
-        for (pid, status) in &exited {
-            if logged.insert(*pid) {
-                warn!(pid, %status, "a local actor exited while training goes on");
-            }
-        }
+        actors.log_exits_while_training(&exited);
         if all {
             let failed = exited
                 .iter()

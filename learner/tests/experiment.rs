@@ -62,6 +62,17 @@ fn a_short_suite_writes_its_data_and_plots() {
         std::fs::read_to_string(out.join("reports.csv")).unwrap(),
         reports
     );
+    // A mistyped folder is an error, and not made.
+    let mistyped = out.with_extension("mistyped");
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--plot-only", "--out"])
+        .arg(&mistyped)
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(errors.contains("--plot-only: no folder"), "{errors}");
+    assert!(!mistyped.exists());
 
     // The same suite again: every run is kept. With another step budget:
     // every run starts over (none resumes from the other budget's

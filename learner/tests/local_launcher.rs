@@ -381,11 +381,15 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
         2,
         "{log}"
     );
+    // Each exit once: not again when the learner reaps them.
+    assert!(!log.contains("local actor failed"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A learner killed outright (no Drop, no signal handler runs) takes its
-/// local actors along: they get SIGTERM from the kernel and exit.
+/// local actors along: they get a signal from the kernel (once per thread
+/// of the learner) and take it as one stop, not as the second signal that
+/// skips the graceful stop.
 #[cfg(target_os = "linux")]
 #[test]
 fn local_actors_exit_when_their_learner_is_killed() {
@@ -393,6 +397,13 @@ fn local_actors_exit_when_their_learner_is_killed() {
     let (mut learner, actors) = learner_with_two_actors(&dir);
     // Should the test fail, the actors it left must not run on.
     let _cleanup = KillRemaining(actors.clone());
+    let log = || std::fs::read_to_string(dir.join("learner.log")).unwrap();
+    // Both listening for signals: connected.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log().matches("connected to the learner").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     kill_hard(learner.id());
     learner.0.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -402,6 +413,98 @@ fn local_actors_exit_when_their_learner_is_killed() {
             "actors outlived their learner: {actors:?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = log();
+    assert_eq!(
+        log.matches("the parent process is gone: stopping").count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("a second stop signal"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On a terminal the learner keeps a live progress line at the bottom;
+/// its local actors' log lines go above it, as its own do, not onto it.
+#[cfg(target_os = "linux")]
+#[test]
+fn local_actors_log_above_the_live_line() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = std::env::temp_dir().join(format!("flgfn-live-line-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let (mut controller, mut terminal) = (0, 0);
+    // A terminal's size: without one the live line has no width.
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 200,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two descriptors through the first two
+    // pointers and reads the size; the name and settings may be null.
+    #[allow(unsafe_code)]
+    let opened = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(opened, 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: both were just opened, and are owned here alone.
+    #[allow(unsafe_code)]
+    let (controller, terminal) = unsafe {
+        (
+            OwnedFd::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    };
+    let mut learner = Command::new(learner())
+        .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
+        .args(["--max-steps", "400", "--checkpoint-dir", "", "--config"])
+        .arg(&config)
+        .env("TERM", "xterm")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(terminal))
+        .spawn()
+        .map(support::KillOnDrop)
+        .unwrap();
+    // Read as it comes (a terminal holds little), until every writer has
+    // closed it (then the read fails).
+    let screen = std::thread::spawn(move || {
+        let mut from = std::fs::File::from(controller);
+        let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+        while let Ok(read @ 1..) = from.read(&mut buffer) {
+            seen.extend_from_slice(&buffer[..read]);
+        }
+        seen
+    });
+    assert!(learner.0.wait().unwrap().success());
+    let screen = String::from_utf8_lossy(&screen.join().unwrap()).into_owned();
+    assert!(screen.contains("transitions/s"), "no live line:\n{screen}");
+    // What is left of a line once a carriage return has gone back over it
+    // (the terminal ends each line with one, before its newline).
+    let shown = |line: &str| {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        line.rsplit('\r').next().unwrap_or_default().to_owned()
+    };
+    let actor_lines: Vec<String> = screen
+        .split('\n')
+        .filter(|line| line.contains("connected to the learner"))
+        .map(shown)
+        .collect();
+    assert_eq!(actor_lines.len(), 2, "{screen}");
+    for line in &actor_lines {
+        assert!(
+            !line.contains("transitions/s"),
+            "onto the live line: {line:?}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -410,11 +410,12 @@ fn wait_for_more_in_log(log: &Path, text: &str, seen: usize) -> usize {
 
 /// Runs a short training job (learner and one local actor) with `env`,
 /// its stderr written to a file, and returns that file's bytes.
-fn training_log(dir: &Path, env: &[(&str, &str)]) -> Vec<u8> {
+fn training_log(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Vec<u8> {
     let config = tiny_config_file(dir, 40);
     let log = dir.join("stderr.log");
     let status = one_actor_job(&config, &log)
         .envs(env.iter().copied())
+        .args(args)
         .status()
         .unwrap();
     assert!(status.success());
@@ -425,7 +426,7 @@ fn training_log(dir: &Path, env: &[(&str, &str)]) -> Vec<u8> {
 fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
     let dir = scratch("logs");
     // A filter that does not parse: the defaults, and a warning saying so.
-    let text = training_log(&dir, &[("RUST_LOG", "flgfn_learner=loud")]);
+    let text = training_log(&dir, &[("RUST_LOG", "flgfn_learner=loud")], &[]);
     assert!(text.len() > 200, "the job logged");
     assert!(
         String::from_utf8_lossy(&text).contains("RUST_LOG is not a valid filter"),
@@ -443,12 +444,12 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         "the periodic report lines are there"
     );
 
+    // By flag: the local actors log in the learner's format too (every
+    // line below is JSON, theirs among them).
     let json = training_log(
         &dir,
-        &[
-            ("FLGFN_LOG_FORMAT", "json"),
-            ("RUST_LOG", "info,flgfn_learner::session=debug"),
-        ],
+        &[("RUST_LOG", "info,flgfn_learner::session=debug")],
+        &["--log-format", "json"],
     );
     let text = String::from_utf8(json).unwrap();
     let lines: Vec<serde_json::Value> = text

@@ -147,6 +147,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => format!("run {} of suite {} cannot start", spec.name(), suite.name),
         })?;
     }
+    // (Not made for a redraw: a mistyped --out is an error, not a folder.)
+    anyhow::ensure!(
+        !args.plot_only || out.is_dir(),
+        "--plot-only: no folder {} (--out names the folder a suite ran in)",
+        out.display()
+    );
     // One runner per folder: a second one would move aside runs the first
     // is training, and both would rewrite the tables.
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;

@@ -1026,7 +1026,6 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
             }
         };
         any_started |= why.started();
-        println!("{}: {why}; counted as failed", spec.name());
         unfinished.push((spec.clone(), why.to_string()));
     }
     if results.is_empty() && !any_started {
@@ -1034,6 +1033,9 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
             "no run of these under {} (give the --suite, --seeds and --steps it was run with)",
             out.display()
         );
+    }
+    for (spec, why) in &unfinished {
+        println!("{}: {why}; counted as failed", spec.name());
     }
     Ok(SuiteOutcome {
         results,
