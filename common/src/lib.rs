@@ -25,7 +25,8 @@
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
 //! - [`telemetry`]: tracing setup, the binaries' exit status, and what
 //!   a panic said.
-//! - [`signals`]: SIGINT / SIGTERM as a graceful-stop future.
+//! - [`signals`]: SIGINT / SIGTERM (and a parent's death) as a
+//!   graceful-stop future.
 
 pub mod auth;
 pub mod config;

@@ -43,7 +43,9 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 
 /// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM, which is what
 /// Kubernetes, Slurm and systemd send before they kill a process; in a
-/// process started with [`end_with_parent`], also on its parent's death.
+/// process started with [`end_with_parent`], also on its parent's death
+/// (for which it must be called on the main thread, as `main`'s
+/// `block_on` does).
 ///
 /// Once it has resolved, a second signal ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
@@ -116,8 +118,8 @@ struct StopSignals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
     /// Only in a process whose parent set [`PARENT_DEATH_SIGNAL`] as its
-    /// parent-death signal: elsewhere that signal keeps its own meaning
-    /// (a hangup; ignored under `nohup`).
+    /// parent-death signal: elsewhere that signal keeps its default
+    /// action.
     #[cfg(unix)]
     parent_gone: Option<tokio::signal::unix::Signal>,
 }
@@ -169,18 +171,21 @@ impl StopSignals {
 }
 
 /// The signal a child started with [`end_with_parent`] receives when its
-/// parent dies: SIGHUP, whose meaning (the controlling process is gone)
-/// is the closest. Not SIGTERM: the kernel sends it again each time the
-/// child passes from one of the dying parent's threads to the next (a
-/// learner has dozens), and SIGTERM twice is the forced exit, which skips
-/// the graceful stop (a learner's final checkpoint, an actor's drain).
-/// [`shutdown_requested`] takes the first as a stop and the repeats as
-/// nothing.
+/// parent dies: SIGUSR2, which nothing else sends. Not SIGTERM: the kernel
+/// sends it again each time the child passes from one of the dying
+/// parent's threads to the next (a learner has dozens), and SIGTERM twice
+/// is the forced exit, which skips the graceful stop (a learner's final
+/// checkpoint, an actor's drain). Nor SIGHUP: a shell that loses its
+/// terminal sends that to the whole job, which `nohup` ignores and a
+/// handler for it would not. [`shutdown_requested`] takes the first as a
+/// stop and the repeats as nothing.
 #[cfg(unix)]
-const PARENT_DEATH_SIGNAL: i32 = libc::SIGHUP;
+const PARENT_DEATH_SIGNAL: i32 = libc::SIGUSR2;
 
 /// Whether this process was started with [`end_with_parent`] (its
 /// parent-death signal, kept across exec, is [`PARENT_DEATH_SIGNAL`]).
+/// The setting is the main thread's own (a new thread starts without
+/// one): [`shutdown_requested`] must be called on the main thread.
 #[cfg(unix)]
 fn parent_death_is_signalled() -> bool {
     #[cfg(target_os = "linux")]

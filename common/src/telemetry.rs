@@ -126,14 +126,16 @@ pub fn write_log_line(line: &[u8]) {
 struct AboveLiveLine;
 
 impl Write for AboveLiveLine {
+    /// Never fails: a line that cannot be written (stderr a pipe whose
+    /// reader is gone, as a local actor's once its learner died) is lost.
+    /// Reporting it would not help: the formatter prints the failure to
+    /// the same stderr with `eprintln!`, which panics there.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // (The formatter hands over a whole line per call.)
-        match LIVE_LINE.get() {
-            Some(line) if !line.is_finished() => {
-                line.suspend(|| std::io::stderr().write_all(buf))?;
-            }
-            _ => std::io::stderr().write_all(buf)?,
-        }
+        let _ = match LIVE_LINE.get() {
+            Some(line) if !line.is_finished() => line.suspend(|| std::io::stderr().write_all(buf)),
+            _ => std::io::stderr().write_all(buf),
+        };
         Ok(buf.len())
     }
 
@@ -210,7 +212,8 @@ pub fn exit_status<E: std::fmt::Display>(
                 // collector can read too.
                 tracing::error!(program, error = %format!("{error:#}"), "exiting with an error");
             } else {
-                eprintln!("{program}: error: {error:#}");
+                // (Not `eprintln!`, which panics on a closed stderr.)
+                let _ = writeln!(std::io::stderr(), "{program}: error: {error:#}");
             }
             std::process::ExitCode::FAILURE
         }

@@ -394,8 +394,9 @@ pub fn save(
 pub struct Writer {
     dir: PathBuf,
     keep: usize,
-    /// The write in progress, if any: one at a time bounds what is held to
-    /// one checkpoint's copy, and keeps the files' order that of the steps.
+    /// The write in progress, if any: one at a time keeps the files' order
+    /// that of the steps, and bounds what is held (the trainer waits for
+    /// it before it copies the next).
     pending: Option<std::thread::JoinHandle<Result<(), LearnerError>>>,
 }
 

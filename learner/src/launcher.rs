@@ -5,7 +5,7 @@
 //! Actors are separate processes, exactly as on a cluster; they find the
 //! learner through its bound address (so `--listen 127.0.0.1:0` works) and
 //! exit by themselves when training ends. Any still running when the
-//! learner returns are killed, and on Linux they get SIGHUP if the
+//! learner returns are killed, and on Linux they get SIGUSR2 if the
 //! learner dies without returning (SIGKILL, out of memory), so none
 //! outlive it. If every one exits while training goes on, the learner
 //! stops (saving its checkpoint) with an error instead of waiting for data
@@ -28,6 +28,10 @@ use tracing::{info, warn};
 /// How long actors get to exit on their own after training ends.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 
+/// How long, once the actors have exited, their forwarded log lines get
+/// to come through (a pipe's worth at most).
+const FORWARDING_GRACE: Duration = Duration::from_secs(1);
+
 /// Which actors to start next to the learner ([`crate::RunOptions`]):
 /// [`serve`](crate::serve) starts them once the learner listens and knows
 /// there is something to train (not for a run resumed already finished).
@@ -47,6 +51,9 @@ pub struct LocalActors {
     /// Exits already logged while training went on (by process id), not
     /// logged again by [`LocalActors::finish`].
     exits_logged: Mutex<std::collections::HashSet<u32>>,
+    /// The threads forwarding the actors' log lines (with a live line):
+    /// [`LocalActors::finish`] waits for their last lines.
+    forwarders: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Kills the actors if a second stop signal ends the learner at once
     /// (sent to the learner alone, not to its process group, they would
     /// outlive it).
@@ -67,7 +74,10 @@ fn kill_all(children: &Mutex<Vec<Child>>) {
 
 /// Writes each line a local actor logs as the learner writes its own
 /// (above its live line), on a thread that ends with the actor's output.
-fn forward_log_lines(stderr: std::process::ChildStderr, actor: usize) -> std::io::Result<()> {
+fn forward_log_lines(
+    stderr: std::process::ChildStderr,
+    actor: usize,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("local-{actor}-log"))
         .spawn(move || {
@@ -81,7 +91,6 @@ fn forward_log_lines(stderr: std::process::ChildStderr, actor: usize) -> std::io
                 line.clear();
             }
         })
-        .map(drop)
         .map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -154,6 +163,7 @@ impl LocalActors {
         let actors = LocalActors {
             children,
             exits_logged: Mutex::default(),
+            forwarders: Mutex::default(),
             _on_forced_exit: on_forced_exit,
         };
         let url = local_url(address);
@@ -184,7 +194,13 @@ impl LocalActors {
             flgfn_common::signals::end_with_parent(&mut command);
             let mut child = command.spawn()?;
             let forwarded = match child.stderr.take() {
-                Some(stderr) => forward_log_lines(stderr, i),
+                Some(stderr) => forward_log_lines(stderr, i).map(|thread| {
+                    actors
+                        .forwarders
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(thread);
+                }),
                 None => Ok(()),
             };
             // A few kilobytes: the pipe takes them without the actor
@@ -287,6 +303,20 @@ impl LocalActors {
             }
         }
         children().clear();
+        // Their last lines (an error, a summary) before the learner's.
+        let forwarders = std::mem::take(
+            &mut *self
+                .forwarders
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let deadline = Instant::now() + FORWARDING_GRACE;
+        while forwarders.iter().any(|thread| !thread.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for thread in forwarders.into_iter().filter(|thread| thread.is_finished()) {
+            let _ = thread.join();
+        }
         failed
     }
 }

@@ -427,16 +427,20 @@ impl Trainer {
             // report would leave a run that resumes to nothing, its last
             // report never written (an experiment's run would fail on
             // every retry); the save after the report is the final one.
+            // (Written, not only started: the kill may come during the
+            // report.)
             if progress.window.steps > 0
                 && !finished(&progress)
                 && progress.checkpointed_step != Some(progress.step)
-                && let Err(error) = self.save_checkpoint(
-                    &mut writer,
-                    &optimizer,
-                    own_optimizer.as_ref(),
-                    &evaluator,
-                    &mut progress,
-                )
+                && let Err(error) = self
+                    .save_checkpoint(
+                        &mut writer,
+                        &optimizer,
+                        own_optimizer.as_ref(),
+                        &evaluator,
+                        &mut progress,
+                    )
+                    .and_then(|()| wait_for_write(&mut writer, &mut progress))
             {
                 break 'training Err(error);
             }
@@ -603,17 +607,12 @@ impl Trainer {
         evaluator: &Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
-        let waited = Instant::now();
-        if let Some(Err(error)) = writer.as_mut().map(checkpoint::Writer::finish) {
+        if let Err(error) = wait_for_write(writer, progress) {
             warn!(%error, "an earlier checkpoint write failed");
         }
-        progress.time_left_out += waited.elapsed();
         unless_libtorch_fails(progress.step, || {
             self.save_checkpoint(writer, optimizer, own_optimizer, evaluator, progress)?;
-            let waited = Instant::now();
-            let written = writer.as_mut().map_or(Ok(()), checkpoint::Writer::finish);
-            progress.time_left_out += waited.elapsed();
-            written?;
+            wait_for_write(writer, progress)?;
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
         .and_then(|saved| saved)
@@ -665,8 +664,8 @@ impl Trainer {
     }
 
     /// Starts writing a checkpoint of everything the run needs to
-    /// continue: the trainer copies it, `writer` writes it (after the one
-    /// before, which this waits for).
+    /// continue: the trainer copies it, `writer` writes it. The write
+    /// before is waited for first, so that one copy at a time is held.
     fn save_checkpoint(
         &self,
         writer: &mut Option<checkpoint::Writer>,
@@ -675,6 +674,7 @@ impl Trainer {
         evaluator: &Evaluator,
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
+        wait_for_write(writer, progress)?;
         let Some(writer) = writer.as_mut() else {
             return Ok(());
         };
@@ -714,13 +714,12 @@ impl Trainer {
             model: self.policy.spec().to_string(),
             build: crate::BUILD.to_owned(),
         };
-        let copied = started.elapsed();
         writer.start(state, arrays)?;
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
-        // The copy, and a wait for the write before, are not training:
-        // out of `wall_s` like evaluation.
-        progress.time_left_out += started.elapsed();
+        // The copy is not training: out of `wall_s` like evaluation.
+        let copied = started.elapsed();
+        progress.time_left_out += copied;
         debug!(
             step = progress.step,
             copy_us = copied.as_micros() as u64,
@@ -1092,6 +1091,18 @@ impl Trainer {
         progress.time_left_out += bookkeeping_started.elapsed();
         Ok(())
     }
+}
+
+/// Waits for the checkpoint write in progress, if any, and returns how it
+/// went; the wait is not training (out of `wall_s`).
+fn wait_for_write(
+    writer: &mut Option<checkpoint::Writer>,
+    progress: &mut Progress,
+) -> Result<(), LearnerError> {
+    let waited = Instant::now();
+    let written = writer.as_mut().map_or(Ok(()), checkpoint::Writer::finish);
+    progress.time_left_out += waited.elapsed();
+    written
 }
 
 /// Largest count a checkpoint may hold (steps, transitions, samples): far

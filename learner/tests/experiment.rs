@@ -315,7 +315,7 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
     }
     runner.0.kill().unwrap();
     runner.0.wait().unwrap();
-    // Its learner stops (SIGTERM as its parent died), checkpoints and lets
+    // Its learner stops (signalled as its parent died), checkpoints and lets
     // go of the folder.
     let checkpoints = run.join("checkpoints");
     let released = std::time::Instant::now();

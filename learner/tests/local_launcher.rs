@@ -485,7 +485,18 @@ fn local_actors_log_above_the_live_line() {
         }
         seen
     });
-    assert!(learner.0.wait().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = learner.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the learner did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success());
     let screen = String::from_utf8_lossy(&screen.join().unwrap()).into_owned();
     assert!(screen.contains("transitions/s"), "no live line:\n{screen}");
     // What is left of a line once a carriage return has gone back over it
