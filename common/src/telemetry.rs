@@ -1,7 +1,8 @@
 //! Tracing setup shared by the binaries.
 //!
-//! Two formats: human text (colours only when stderr is a terminal and
-//! `NO_COLOR` is unset, so a log written to a file has no escape codes) and
+//! Two formats: human text (colours only when stderr is a terminal or
+//! `CLICOLOR_FORCE` asks for them, and `NO_COLOR` is unset, so a log
+//! written to a file has no escape codes) and
 //! JSON lines (`--log-format json` or `FLGFN_LOG_FORMAT=json`), one object
 //! per event carrying the fields of its spans: `actor_id`, `actor` and
 //! `peer` on the learner's session events, `actor_id`, `actor_name`,
@@ -191,10 +192,16 @@ fn install(format: LogFormat, live_line: bool) -> bool {
     live
 }
 
-/// Colour codes only for a person at a terminal.
+/// Colour codes only for a person at a terminal, or where asked for
+/// (`CLICOLOR_FORCE`: a local actor whose lines the learner passes on to
+/// its terminal); never with `NO_COLOR`.
 fn colour_allowed() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+    let forced = std::env::var_os(COLOUR_FORCE_VARIABLE).is_some_and(|value| value != "0");
+    (forced || std::io::stderr().is_terminal()) && std::env::var_os("NO_COLOR").is_none()
 }
+
+/// The common convention for colours off a terminal.
+pub const COLOUR_FORCE_VARIABLE: &str = "CLICOLOR_FORCE";
 
 /// The process exit status for a binary's result, printing an error as
 /// `program: error: cause: cause...` (`{:#}` gives anyhow's one-line chain,

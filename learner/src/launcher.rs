@@ -185,9 +185,12 @@ impl LocalActors {
             // collector reads both.
             command.env(LOG_FORMAT_VARIABLE, telemetry::log_format().as_str());
             // Their lines go above the learner's live line, not into it.
-            let forward_stderr = telemetry::has_live_line();
-            if forward_stderr {
-                command.stderr(Stdio::piped());
+            // (In colour, as on the terminal, unless NO_COLOR, which they
+            // inherit, says otherwise.)
+            if telemetry::has_live_line() {
+                command
+                    .stderr(Stdio::piped())
+                    .env(telemetry::COLOUR_FORCE_VARIABLE, "1");
             }
             // A learner killed outright (SIGKILL, out of memory) takes them
             // along: no Drop runs then.

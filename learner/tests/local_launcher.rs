@@ -516,6 +516,8 @@ fn local_actors_log_above_the_live_line() {
             !line.contains("transitions/s"),
             "onto the live line: {line:?}"
         );
+        // In colour, as the learner's own lines on a terminal.
+        assert!(line.contains("\u{1b}["), "no colours: {line:?}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -44,6 +44,7 @@ fn command(binary: &Path) -> Command {
         if flgfn_common::config::is_flgfn_variable(&name)
             || name == "RUST_LOG"
             || name == "NO_COLOR"
+            || name == "CLICOLOR_FORCE"
         {
             command.env_remove(name);
         }
