@@ -11,6 +11,34 @@ fn learner() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_flgfn-learner"))
 }
 
+/// Polls `done` every 20 ms until it holds; fails with `why()` after
+/// `within_s` seconds.
+fn wait_until(within_s: u64, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(within_s);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{}", why());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// How `process` exited, which it must within `within_s` seconds.
+fn exit_within(
+    process: &mut support::KillOnDrop,
+    within_s: u64,
+    why: &str,
+) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until(
+        within_s,
+        || {
+            status = process.0.try_wait().unwrap();
+            status.is_some()
+        },
+        || why.to_owned(),
+    );
+    status.unwrap_or_else(|| unreachable!("waited for"))
+}
+
 /// The launcher starts the actor binary found next to the learner's; cargo
 /// builds it only when asked (`cargo build --bins`, as deploy/test.sh does).
 fn actor() -> PathBuf {
@@ -64,18 +92,15 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    while read_log().matches("actor joined").count() < 3
-        || std::fs::metadata(&metrics).map_or(0, |m| m.len()) == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "three actors and a report within a minute:\n{}",
-            read_log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until(
+        60,
+        || {
+            read_log().matches("actor joined").count() >= 3
+                && std::fs::metadata(&metrics).map_or(0, |m| m.len()) > 0
+        },
+        || format!("three actors and a report within a minute:\n{}", read_log()),
+    );
     let interrupted = Command::new("kill")
         .args(["-INT", &learner.id().to_string()])
         .status()
@@ -307,18 +332,16 @@ fn learner_with_two_actors(dir: &std::path::Path) -> (support::KillOnDrop, Vec<u
         .spawn()
         .map(support::KillOnDrop)
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let actors = children_of(learner.id());
-        if actors.len() == 2 {
-            return (learner, actors);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no actors: {actors:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut actors = Vec::new();
+    wait_until(
+        30,
+        || {
+            actors = children_of(learner.id());
+            actors.len() == 2
+        },
+        || "no actors".to_owned(),
+    );
+    (learner, actors)
 }
 
 /// Kills, when dropped, those of these processes still running.
@@ -356,17 +379,7 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     for pid in actors {
         kill_hard(pid);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = learner.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the learner went on without actors"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let status = exit_within(&mut learner, 60, "the learner went on without actors");
     let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
     assert!(!status.success(), "{log}");
     assert!(
@@ -399,21 +412,18 @@ fn local_actors_exit_when_their_learner_is_killed() {
     let _cleanup = KillRemaining(actors.clone());
     let log = || std::fs::read_to_string(dir.join("learner.log")).unwrap();
     // Both listening for signals: connected.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while log().matches("connected to the learner").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "{}", log());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until(
+        30,
+        || log().matches("connected to the learner").count() >= 2,
+        log,
+    );
     kill_hard(learner.id());
     learner.0.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while actors.iter().any(|&pid| running(pid)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "actors outlived their learner: {actors:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until(
+        30,
+        || !actors.iter().any(|&pid| running(pid)),
+        || format!("actors outlived their learner: {actors:?}"),
+    );
     let log = log();
     assert_eq!(
         log.matches("the parent process is gone: stopping").count(),
@@ -485,18 +495,7 @@ fn local_actors_log_above_the_live_line() {
         }
         seen
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = learner.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the learner did not finish"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status.success());
+    assert!(exit_within(&mut learner, 120, "the learner did not finish").success());
     let screen = String::from_utf8_lossy(&screen.join().unwrap()).into_owned();
     assert!(screen.contains("transitions/s"), "no live line:\n{screen}");
     // What is left of a line once a carriage return has gone back over it
