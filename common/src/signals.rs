@@ -47,7 +47,8 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// (for which it must be called on the main thread, as `main`'s
 /// `block_on` does).
 ///
-/// Once it has resolved, a second signal ends the process at once with
+/// The second Ctrl-C or SIGTERM (the parent's death counts as neither)
+/// ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
 /// actor's drain, a learner's final checkpoint), after the cleanups
 /// registered with [`before_forced_exit`]: listening for the first signal
@@ -65,13 +66,25 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
     let mut signals = StopSignals::new();
     let (requested, mut heard) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        if signals.next().await == Stop::ParentGone {
-            tracing::info!("the parent process is gone: stopping");
+        // The second Ctrl-C or SIGTERM forces the exit. The parent's death
+        // stops the process too but counts as neither: it comes again for
+        // each of the parent's threads (see `end_with_parent`), and beside
+        // the first signal when that went to the whole process group (a
+        // Ctrl-C at a terminal ends an experiment runner and signals its
+        // learner at once).
+        let mut signals_heard = 0;
+        while signals_heard < 2 {
+            let stop = signals.next().await;
+            if !*requested.borrow() {
+                if stop == Stop::ParentGone {
+                    tracing::info!("the parent process is gone: stopping");
+                }
+                requested.send_replace(true);
+            }
+            if stop == Stop::Signal {
+                signals_heard += 1;
+            }
         }
-        requested.send_replace(true);
-        // The parent's death comes again for each of its threads (see
-        // `end_with_parent`): not a second stop signal.
-        while signals.next().await == Stop::ParentGone {}
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
         let registry = BEFORE_FORCED_EXIT
             .lock()

@@ -283,12 +283,16 @@ fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// A suite stopped midway (its runner killed outright, and with it its
-/// learner, which checkpoints as it stops) resumes that run from its
-/// checkpoint when started again: its reports stay on the evaluation grid,
-/// none twice, and its seconds of training go on from the checkpoint's.
+/// A suite stopped midway by Ctrl-C (SIGINT to its whole process group:
+/// the runner dies of it at once, while its learner gets it and its
+/// parent's death together, and checkpoints as it stops, not taking the
+/// two for a forced exit) resumes that run from its checkpoint when
+/// started again: its reports stay on the evaluation grid, none twice,
+/// and its seconds of training go on from the checkpoint's.
+#[cfg(unix)]
 #[test]
 fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
+    use std::os::unix::process::CommandExt;
     let out = std::env::temp_dir().join(format!("flgfn-experiment-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     // One seed, two objectives; a report every 1,000 steps.
@@ -301,6 +305,7 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
             .arg(&out)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .spawn()
             .unwrap(),
     );
@@ -313,10 +318,14 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    runner.0.kill().unwrap();
+    let group = format!("-{}", runner.id());
+    let interrupted = Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
     runner.0.wait().unwrap();
-    // Its learner stops (signalled as its parent died), checkpoints and lets
-    // go of the folder.
+    // Its learner stops, checkpoints and lets go of the folder.
     let checkpoints = run.join("checkpoints");
     let released = std::time::Instant::now();
     loop {
@@ -350,6 +359,7 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
     assert!(again.status.success(), "{printed}");
     assert_eq!(runs_kept(&again), 0, "{printed}");
     let log = std::fs::read_to_string(run.join("learner.log")).unwrap();
+    assert!(!log.contains("a second stop signal"), "{log}");
     assert!(log.contains("resuming from a checkpoint"), "{log}");
     let reports: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
