@@ -283,12 +283,14 @@ fn a_run_silent_past_the_stall_timeout_is_killed_and_counted_failed() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-/// A suite stopped midway by Ctrl-C (SIGINT to its whole process group:
-/// the runner dies of it at once, while its learner gets it and its
-/// parent's death together, and checkpoints as it stops, not taking the
-/// two for a forced exit) resumes that run from its checkpoint when
-/// started again: its reports stay on the evaluation grid, none twice,
-/// and its seconds of training go on from the checkpoint's.
+/// A suite stopped midway by SIGTERM to its whole process group (as
+/// systemd or Slurm stop a job; Ctrl-C at a terminal sends SIGINT alike,
+/// but a shell without job control starts background commands with SIGINT
+/// ignored): the runner dies of it at once, while its learner gets it and
+/// its parent's death together, and checkpoints as it stops, not taking
+/// the two for a forced exit. Started again, the suite resumes that run
+/// from its checkpoint: its reports stay on the evaluation grid, none
+/// twice, and its seconds of training go on from the checkpoint's.
 #[cfg(unix)]
 #[test]
 fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
@@ -320,7 +322,7 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
     }
     let group = format!("-{}", runner.id());
     let interrupted = Command::new("kill")
-        .args(["-INT", "--", &group])
+        .args(["-TERM", "--", &group])
         .status()
         .unwrap();
     assert!(interrupted.success());
