@@ -56,11 +56,11 @@ impl ConfigFlags {
         let mut flags = self.overriding_flags();
         flags.extend_from_slice(more_flags);
         let overrides = env_overrides(flgfn_variables()?);
-        print!(
+        flgfn_common::out!(
             "{}",
             describe_layers(self.config.as_deref(), &overrides, &flags)
         );
-        print!("{}", config.to_toml());
+        flgfn_common::out!("{}", config.to_toml());
         Ok(())
     }
 }

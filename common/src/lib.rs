@@ -23,7 +23,8 @@
 //!   TLS / mutual-TLS files.
 //! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
-//! - [`telemetry`]: tracing setup, the binaries' exit status, and what
+//! - [`telemetry`]: tracing setup, the binaries' exit status, console
+//!   output that survives a closed stdout ([`outln!`]), and what
 //!   a panic said.
 //! - [`signals`]: SIGINT / SIGTERM (and a parent's death) as a
 //!   graceful-stop future.

@@ -227,6 +227,37 @@ pub fn exit_status<E: std::fmt::Display>(
     }
 }
 
+/// Text to stdout, dropped if it cannot be written: like `print!`, which
+/// panics when stdout is closed (`| head`, or a `| tee` that died), and a
+/// closed console must not end an experiment whose results go to files.
+/// The exit status, not stdout, says whether a binary did its work.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::write!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// [`out!`] with a newline, in place of `println!`.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// A line to stderr, dropped if it cannot be written (`eprintln!` panics
+/// on a closed stderr, as a dead learner leaves its local actors').
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// An error and its causes on one line, `error: cause: cause...`: tonic's
 /// transport errors say only "transport error" and keep why (refused,
 /// no such host, a certificate) in their sources.

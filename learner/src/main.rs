@@ -127,11 +127,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.validate()?;
     if args.print_config {
         let overrides = env_overrides(flgfn_variables()?);
-        print!(
+        flgfn_common::out!(
             "{}",
             describe_layers(args.config.as_deref(), &overrides, &flags)
         );
-        print!("{}", config.to_toml());
+        flgfn_common::out!("{}", config.to_toml());
         return Ok(());
     }
 

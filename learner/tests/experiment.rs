@@ -6,16 +6,25 @@ use std::process::Command;
 
 mod support;
 
+/// With its stdout and stderr closed from the start (a `| tee` that died):
+/// a console it cannot write to loses the progress lines, not the suite.
 #[test]
 fn a_short_suite_writes_its_data_and_plots() {
     let out = std::env::temp_dir().join(format!("flgfn-experiment-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    let closed = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
     let status = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
         .args(["--suite", "smoke", "--seeds", "2", "--steps", "20", "--out"])
         .arg(&out)
+        .stdout(closed())
+        .stderr(closed())
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "{status}");
 
     // Two objectives x two seeds, each with its reports.
     let runs: Vec<_> = std::fs::read_dir(out.join("runs")).unwrap().collect();

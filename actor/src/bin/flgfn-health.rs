@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("flgfn-health: {error}");
+            flgfn_common::errln!("flgfn-health: {error}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -80,7 +80,7 @@ fn main() -> std::process::ExitCode {
         .then(|| Duration::try_from_secs_f64(args.timeout_s).ok())
         .flatten()
     else {
-        eprintln!(
+        flgfn_common::errln!(
             "flgfn-health: --timeout-s {} is not a usable number of seconds",
             args.timeout_s
         );
@@ -88,11 +88,11 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(async { tokio::time::timeout(timeout, check(&args)).await }) {
         Ok(Ok(ServingStatus::Serving)) => {
-            println!("SERVING");
+            flgfn_common::outln!("SERVING");
             std::process::ExitCode::SUCCESS
         }
         Ok(Ok(status)) => {
-            println!("{}", status.as_str_name());
+            flgfn_common::outln!("{}", status.as_str_name());
             std::process::ExitCode::FAILURE
         }
         Ok(Err(HealthError::Config(ConfigError::Invalid { field, reason }))) => {
@@ -107,13 +107,13 @@ fn main() -> std::process::ExitCode {
             let reason = reason
                 .replace("tls.cert_file", "--cert-file")
                 .replace("tls.key_file", "--key-file");
-            eprintln!("flgfn-health: {}: {flag}: {reason}", args.address);
+            flgfn_common::errln!("flgfn-health: {}: {flag}: {reason}", args.address);
             std::process::ExitCode::FAILURE
         }
         Ok(Err(error)) => {
             // (Transport errors repeat their cause's text in their own:
             // with_causes says each once.)
-            eprintln!(
+            flgfn_common::errln!(
                 "flgfn-health: {}: {}",
                 args.address,
                 flgfn_common::telemetry::with_causes(&error)
@@ -121,7 +121,7 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
         Err(_) => {
-            eprintln!("flgfn-health: {}: no answer in {timeout:?}", args.address);
+            flgfn_common::errln!("flgfn-health: {}: no answer in {timeout:?}", args.address);
             std::process::ExitCode::FAILURE
         }
     }

@@ -73,15 +73,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         let out = args.out.unwrap_or_else(|| PathBuf::from("plots"));
         let files = experiment::plot_metrics_file(metrics, &out)?;
         for file in files {
-            println!("{}", file.display());
+            flgfn_common::outln!("{}", file.display());
         }
         return Ok(());
     }
     if args.list {
         for suite in SUITES {
-            println!(
+            flgfn_common::outln!(
                 "{:<12} {} ({} steps per run by default)",
-                suite.name, suite.description, suite.default_steps
+                suite.name,
+                suite.description,
+                suite.default_steps
             );
         }
         return Ok(());
@@ -175,7 +177,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let experiment::SuiteOutcome { results, failed } = if args.plot_only {
-        println!(
+        flgfn_common::outln!(
             "redrawing suite {} ({} seeds, {} steps per run) from {}",
             suite.name,
             asked.seeds,
@@ -191,7 +193,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "{} not found: build every binary (cargo build --release)",
             learner.display()
         );
-        println!(
+        flgfn_common::outln!(
             "suite {}: {} runs into {}",
             suite.name,
             specs.len(),
@@ -203,7 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout_s),
             keep_other_builds: args.keep_other_builds,
         };
-        println!("learner: {}", options.build);
+        flgfn_common::outln!("learner: {}", options.build);
         asked.save(&out)?;
         // The tables before the first run and after every run: a suite
         // stopped midway leaves tables of what it did (marked partial, the
@@ -217,7 +219,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             let failed: Vec<experiment::RunSpec> =
                 so_far.failed.iter().map(|(s, _)| s.clone()).collect();
             if let Err(error) = experiment::write_outputs(&so_far.results, &failed, pending, &out) {
-                eprintln!("warning: cannot write the partial tables: {error:#}");
+                flgfn_common::errln!("warning: cannot write the partial tables: {error:#}");
             }
         };
         partial(&experiment::SuiteOutcome::default(), &specs);
@@ -225,19 +227,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let failed_specs: Vec<experiment::RunSpec> = failed.iter().map(|(s, _)| s.clone()).collect();
     let plots = experiment::write_outputs(&results, &failed_specs, &[], &out)?;
-    println!(
+    flgfn_common::outln!(
         "wrote {}/reports.csv, summary.csv, summary.md and {} plot files under {}/plots",
         out.display(),
         plots.len(),
         out.display()
     );
-    print!("{}", experiment::summary_markdown(&results, &failed_specs));
+    flgfn_common::out!("{}", experiment::summary_markdown(&results, &failed_specs));
     // The tables count the failed runs (as not reaching quality) and plot
     // the finished ones; the failed ones are named here, and the exit
     // status says the suite is incomplete.
     if !failed.is_empty() {
         for (run, why) in &failed {
-            eprintln!("failed: {}: {why}", run.name());
+            flgfn_common::errln!("failed: {}: {why}", run.name());
         }
         anyhow::bail!(
             "{} of {} runs failed (counted in summary.md, not plotted; run the suite again to retry them)",

@@ -269,7 +269,7 @@ pub fn run_all(
         match run_or_keep(spec, out, options, &label, started) {
             Ok(result) => outcome.results.push(result),
             Err(error) => {
-                println!("{label}: FAILED: {error:#}");
+                flgfn_common::outln!("{label}: FAILED: {error:#}");
                 outcome.failed.push((spec.clone(), format!("{error:#}")));
             }
         }
@@ -312,7 +312,7 @@ fn run_or_keep(
     };
     if let Some(why) = &why_aside {
         let aside = set_aside(out, &dir, &spec.name())?;
-        println!(
+        flgfn_common::outln!(
             "{label}: {why}; starting over (the old run is now {})",
             aside.display()
         );
@@ -357,7 +357,7 @@ fn run_or_keep(
         record,
         ..summarise(spec.clone(), on_grid(spec, done?))?
     };
-    println!(
+    flgfn_common::outln!(
         "{label}: {kept}{} reports, quality at {}{}, top-100 at {} ({:.0} s elapsed)",
         result.reports.len(),
         describe(result.to_quality),
@@ -388,7 +388,7 @@ fn judge(
         (ran, Ok(reports)) if finished(spec, &reports) => {
             let failure = ran.err().map(|error| format!("{error:#}"));
             if let Some(failure) = &failure {
-                println!(
+                flgfn_common::outln!(
                     "{label}: warning: its learner failed after its last report; its reports are kept (and marked in the tables): {failure}"
                 );
             }
@@ -586,7 +586,7 @@ fn run_one(
         if last_print.elapsed() >= Duration::from_secs(5) {
             last_print = Instant::now();
             if let Some(report) = read_reports(&metrics).ok().and_then(|r| r.last().cloned()) {
-                println!(
+                flgfn_common::outln!(
                     "{label}: step {}/{} wall {:.1} s loss {:.4} ({:.0} s)",
                     report.step,
                     spec.config.learner.max_steps,
@@ -1035,7 +1035,7 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
         );
     }
     for (spec, why) in &unfinished {
-        println!("{}: {why}; counted as failed", spec.name());
+        flgfn_common::outln!("{}: {why}; counted as failed", spec.name());
     }
     Ok(SuiteOutcome {
         results,
