@@ -4,7 +4,7 @@
 # a moved CPU bundle, the learner (component 0) and 2 actor tasks
 # (component 1) trained 150 steps, the actors found the learner through
 # the address the script passed them and exited 0; a job whose actor step
-# fails at once stops its learner and fails.
+# fails at once stops its learner gracefully and fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/tools.sh
@@ -30,52 +30,64 @@ cat >"$work/bin/scontrol" <<'SHIM'
 # scontrol show hostnames LIST: every node is this machine.
 echo 127.0.0.1
 SHIM
-cat >"$work/bin/srun" <<'SHIM'
-#!/usr/bin/env bash
-# srun --het-group=G [options] COMMAND...: runs the group's tasks here, with
-# SLURM_PROCID set, and waits for them all.
-set -euo pipefail
-group=0
-while [[ "${1:-}" == --* ]]; do
-    case "$1" in
-        --het-group=*) group="${1#--het-group=}" ;;
-    esac
-    shift
-done
+# (Python: the script starts srun in the background, where a shell without
+# job control ignores SIGINT, and bash cannot trap a signal ignored on entry.)
+{
+    echo "#!$(python3 -c 'import sys; print(sys.executable)')"
+    cat <<'SHIM'
+"""srun --het-group=G [options] COMMAND...: runs the group's tasks here,
+with SLURM_PROCID set, and waits for them all. Signals as the real srun
+takes them: SIGTERM or SIGHUP kill the tasks ("forcing job termination"),
+and SIGINT reaches them only with --disable-status."""
+import os
+import signal
+import subprocess
+import sys
+
+args = sys.argv[1:]
+group, disable_status = "0", False
+while args and args[0].startswith("--"):
+    option = args.pop(0)
+    if option.startswith("--het-group="):
+        group = option.split("=", 1)[1]
+    elif option == "--disable-status":
+        disable_status = True
 # FLGFN_CHECK_FAILING_GROUP=G: that group's step fails at once, as one
 # whose bundle the nodes cannot see.
-if [ "${FLGFN_CHECK_FAILING_GROUP:-}" = "$group" ]; then
-    echo "srun: error: the step cannot start (check stand-in)" >&2
-    exit 2
-fi
-var="SLURM_NTASKS_HET_GROUP_$group"
-tasks="${!var}"
-pids=()
-for ((rank = 0; rank < tasks; rank++)); do
-    SLURM_PROCID="$rank" "$@" &
-    pids+=($!)
-done
-# As srun does, a signal to the step goes to its tasks, and the step ends
-# when they have.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM INT
-status=0
-for pid in "${pids[@]}"; do
-    code=0
-    wait "$pid" || code=$?
-    # Interrupted by the signal while the task still runs: wait on.
-    while kill -0 "$pid" 2>/dev/null; do
-        code=0
-        wait "$pid" || code=$?
-    done
-    if [ "$code" -gt 128 ]; then
-        # (Interrupted as the task ended: bash kept its status.)
-        code=0
-        wait "$pid" 2>/dev/null || code=$?
-    fi
-    if [ "$code" -ne 0 ]; then status=$code; fi
-done
-exit "$status"
+if os.environ.get("FLGFN_CHECK_FAILING_GROUP") == group:
+    print("srun: error: the step cannot start (check stand-in)", file=sys.stderr)
+    sys.exit(2)
+tasks = [
+    subprocess.Popen(args, env={**os.environ, "SLURM_PROCID": str(rank)})
+    for rank in range(int(os.environ[f"SLURM_NTASKS_HET_GROUP_{group}"]))
+]
+
+
+def to_tasks(signum):
+    for task in tasks:
+        if task.poll() is None:
+            task.send_signal(signum)
+
+
+def on_signal(signum, _frame):
+    if signum == signal.SIGINT:
+        if disable_status:
+            print("srun: sending Ctrl-C to the step", file=sys.stderr)
+            to_tasks(signal.SIGINT)
+        else:
+            print("srun: interrupt (one more within 1 sec to abort)", file=sys.stderr)
+    else:
+        print("srun: forcing job termination", file=sys.stderr)
+        to_tasks(signal.SIGKILL)
+
+
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, on_signal)
+codes = [task.wait() for task in tasks]
+failed = [code if code > 0 else 128 - code for code in codes if code != 0]
+sys.exit(failed[-1] if failed else 0)
 SHIM
+} >"$work/bin/srun"
 chmod +x "$work/bin/scontrol" "$work/bin/srun"
 cat >"$work/job.toml" <<'JOB'
 [task]
@@ -128,23 +140,27 @@ if sbatch_here 4239 FLGFN_LEARNER__DEVICE= >"$work/no-gpu.log" 2>&1 ||
     exit 1
 fi
 
-# The actor step fails at once: the job stops its learner and fails,
-# instead of holding the allocation until its time limit.
+# The actor step fails at once: the job stops its learner, gracefully
+# (through srun, which would kill it on SIGTERM), and fails, instead of
+# holding the allocation until its time limit.
 if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 >"$work/failed.log" 2>&1 ||
     ! grep -q "the actor step failed (status 2)" "$work/failed.log" ||
+    ! grep -q "shutdown requested" "$work/failed.log" ||
+    grep -q "forcing job termination" "$work/failed.log" ||
     pgrep -f "$work/flgfn-bundle/bin/flgfn-learner" >/dev/null; then
     echo "slurm: FAILED: a job whose actor step failed did not stop its learner and fail" >&2
     cat "$work/failed.log" >&2
     exit 1
 fi
 
-if sbatch_here 4242 >"$work/job.log" 2>&1 &&
+# (An empty FLGFN_LEARNER__THREADS means the default, for actors too.)
+if sbatch_here 4242 FLGFN_LEARNER__THREADS= >"$work/job.log" 2>&1 &&
     grep -q "training finished" "$work/job.log" &&
     [ "$(grep -c "the learner finished training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, failed on a learner node without a GPU, and stopped its learner when the actor step failed"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, failed on a learner node without a GPU, and stopped its learner gracefully when the actor step failed"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2
