@@ -53,6 +53,9 @@ cargo build --release --workspace --bins
 site_packages="$(realpath "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')")"
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
+# Marked as a bundle at once: one left half made by a failure below is
+# replaced by the next run, not refused as a folder of other files.
+: >"$out/MANIFEST"
 binaries=(flgfn-learner flgfn-actor flgfn-loadgen flgfn-experiment flgfn-health flgfn-sample)
 for name in "${binaries[@]}"; do
     cp "$CARGO_TARGET_DIR/release/$name" "$out/bin/$name"
