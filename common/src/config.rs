@@ -934,52 +934,43 @@ impl Config {
         if overrides.is_empty() {
             return Self::parse_toml(&text, &origin);
         }
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: origin.clone(),
             message: e.to_string(),
         })?;
-        for layer in overrides {
-            layer.apply(&mut table)?;
-        }
-        name_default_task(&mut table);
-        let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
-        let origin = format!("{origin} with {}", variables.join(", "));
-        let first_error = match table.clone().try_into::<Config>() {
+        let all: Vec<&EnvOverride> = overrides.iter().collect();
+        let error = match with_overrides(&table, &all)? {
             Ok(config) => return Ok(config),
             Err(error) => error,
         };
-        // A value read as a number, a date or a boolean may be meant as
-        // text (FLGFN_LEARNER__CHECKPOINT_DIR=123456): such values are
-        // tried as strings, the fewest first (one alone, then two, ...;
-        // the first few variables only, so a long list cannot explode).
-        let typed: Vec<&EnvOverride> = overrides
-            .iter()
-            .filter(|o| !o.value.is_str())
-            .take(MAX_RETYPED_OVERRIDES)
-            .collect();
-        let mut subsets: Vec<u32> = (1..1u32 << typed.len()).collect();
-        subsets.sort_by_key(|subset| subset.count_ones());
-        for subset in subsets {
-            let mut as_text = table.clone();
-            let applied = typed
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| subset & (1 << i) != 0)
-                .all(|(_, layer)| {
-                    EnvOverride {
-                        value: toml::Value::String(layer.text.clone()),
-                        ..(*layer).clone()
+        // Blame the layer at fault: the file on its own, with its line
+        // numbers (unless a variable mends it), else the one variable
+        // that fails on top of it alone, else all of them together.
+        let alone = |layer: &EnvOverride| with_overrides(&table, &[layer]);
+        match Self::parse_toml(&text, &origin) {
+            Err(file_error) => {
+                if !overrides
+                    .iter()
+                    .any(|layer| alone(layer).is_ok_and(|result| result.is_ok()))
+                {
+                    return Err(file_error);
+                }
+            }
+            Ok(_) => {
+                for layer in overrides {
+                    if let Ok(Err(error)) = alone(layer) {
+                        return Err(ConfigError::Parse {
+                            path: format!("{origin} with {}", layer.variable),
+                            message: error.to_string(),
+                        });
                     }
-                    .apply(&mut as_text)
-                    .is_ok()
-                });
-            if applied && let Ok(config) = as_text.try_into::<Config>() {
-                return Ok(config);
+                }
             }
         }
+        let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         Err(ConfigError::Parse {
-            path: origin,
-            message: first_error.to_string(),
+            path: format!("{origin} with {}", variables.join(", ")),
+            message: error.to_string(),
         })
     }
 
@@ -1261,6 +1252,55 @@ fn name_default_task(table: &mut toml::Table) -> bool {
     }
     task.insert("name".to_owned(), toml::Value::String(name));
     true
+}
+
+/// `table` (a file's) with `overrides` applied, as a configuration: the
+/// outer error is a variable that cannot be applied (its section is not
+/// one), the inner one the schema's refusal. A value read as a number, a
+/// date or a boolean may be meant as text
+/// (FLGFN_LEARNER__CHECKPOINT_DIR=123456): such values are tried as
+/// strings, the fewest first (one alone, then two, ...; the first few
+/// variables only, so a long list cannot explode).
+fn with_overrides(
+    table: &toml::Table,
+    overrides: &[&EnvOverride],
+) -> Result<Result<Config, toml::de::Error>, ConfigError> {
+    let mut table = table.clone();
+    for layer in overrides {
+        layer.apply(&mut table)?;
+    }
+    name_default_task(&mut table);
+    let first_error = match table.clone().try_into::<Config>() {
+        Ok(config) => return Ok(Ok(config)),
+        Err(error) => error,
+    };
+    let typed: Vec<&EnvOverride> = overrides
+        .iter()
+        .copied()
+        .filter(|o| !o.value.is_str())
+        .take(MAX_RETYPED_OVERRIDES)
+        .collect();
+    let mut subsets: Vec<u32> = (1..1u32 << typed.len()).collect();
+    subsets.sort_by_key(|subset| subset.count_ones());
+    for subset in subsets {
+        let mut as_text = table.clone();
+        let applied = typed
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| subset & (1 << i) != 0)
+            .all(|(_, layer)| {
+                EnvOverride {
+                    value: toml::Value::String(layer.text.clone()),
+                    ..(*layer).clone()
+                }
+                .apply(&mut as_text)
+                .is_ok()
+            });
+        if applied && let Ok(config) = as_text.try_into::<Config>() {
+            return Ok(Ok(config));
+        }
+    }
+    Ok(Err(first_error))
 }
 
 /// Most environment variables whose typed values (numbers, booleans,
@@ -1641,6 +1681,46 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("FLGFN_SEED__X"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// With several variables, an error names the one at fault, not all;
+    /// a file at fault keeps its line numbers whatever variables are set.
+    #[test]
+    fn a_layered_error_names_the_layer_at_fault() {
+        let dir = std::env::temp_dir().join(format!("flgfn-blame-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "[learner]\nmax_steps = 10\n").unwrap();
+        let one_bad = env_overrides(vars(&[
+            ("FLGFN_LEARNER__DEVICE", "cpu"),
+            ("FLGFN_LEARNER__THREADS", ""),
+            ("FLGFN_SEED", "4"),
+        ]));
+        let error = Config::load_layered(Some(&good), &one_bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("with FLGFN_LEARNER__THREADS:") && error.contains("learner.threads"),
+            "{error}"
+        );
+        assert!(
+            !error.contains("DEVICE") && !error.contains("SEED"),
+            "{error}"
+        );
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "seed = 1\n[learner]\nthreads = \"x\"\n").unwrap();
+        let fine = env_overrides(vars(&[("FLGFN_LEARNER__DEVICE", "cpu")]));
+        let error = Config::load_layered(Some(&bad), &fine)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("line 3"), "{error}");
+        assert!(!error.contains("FLGFN_"), "{error}");
+        // A variable that mends the file: no error at all.
+        let mends = env_overrides(vars(&[("FLGFN_LEARNER__THREADS", "2")]));
+        let config = Config::load_layered(Some(&bad), &mends).unwrap();
+        assert_eq!(config.learner.threads, 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
