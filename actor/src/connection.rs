@@ -171,7 +171,8 @@ const CERTIFICATE_REFUSED: [rustls::AlertDescription; 7] = {
     ]
 };
 
-/// What is wrong with a TLS certificate, among an error's causes.
+/// What is wrong with TLS (a certificate, or no TLS at all), among an
+/// error's causes.
 #[derive(Debug, Clone, Copy)]
 enum CertificateTrouble {
     /// No retry can fix it: the learner's certificate failed this actor's
@@ -205,6 +206,8 @@ fn certificate_trouble(error: &(dyn std::error::Error + 'static)) -> Option<Cert
     const NOT_ACCEPTED: &str =
         "the learner's certificate was not accepted: tls.ca_file must hold the CA that signed it";
     const REFUSED: &str = "the learner refused this actor's certificate (mutual TLS): tls.cert_file and tls.key_file must hold one signed by the CA of the learner's tls.ca_file";
+    const A_CA: &str = "the learner's certificate is a CA certificate (CA:TRUE, as `openssl req -x509` makes by default): give the learner one signed by a CA, and the actors that CA (see the README's recipe)";
+    const NOT_TLS: &str = "the learner does not speak TLS at this address: use http://, or give the learner tls.cert_file and tls.key_file";
     let mut cause = Some(error);
     while let Some(current) = cause {
         // An io::Error leaves the error it wraps out of the sources; and
@@ -227,7 +230,17 @@ fn certificate_trouble(error: &(dyn std::error::Error + 'static)) -> Option<Cert
                 | CertificateError::NotValidYet
                 | CertificateError::NotValidYetContext { .. },
             )) => return Some(OutOfDate),
+            // (webpki's reason travels as an opaque error: by its name.)
+            Some(TlsError::InvalidCertificate(CertificateError::Other(other)))
+                if format!("{other:?}").contains("CaUsedAsEndEntity") =>
+            {
+                return Some(Final(A_CA));
+            }
             Some(TlsError::InvalidCertificate(_)) => return Some(Final(NOT_ACCEPTED)),
+            // A plain-text server's first bytes, read as a TLS record.
+            Some(TlsError::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+                return Some(Final(NOT_TLS));
+            }
             Some(TlsError::AlertReceived(alert)) if CERTIFICATE_REFUSED.contains(alert) => {
                 return Some(Final(REFUSED));
             }
@@ -245,6 +258,15 @@ fn certificate_trouble(error: &(dyn std::error::Error + 'static)) -> Option<Cert
         cause = current.source();
     }
     None
+}
+
+/// A TLS set-up mistake among `error`'s causes that no retry can mend,
+/// saying what to fix (in the actor's configuration keys).
+pub(crate) fn tls_mistake(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    match certificate_trouble(error) {
+        Some(CertificateTrouble::Final(problem)) => Some(problem),
+        _ => None,
+    }
 }
 
 /// Refusals are final, and so are certificates refused either way;
@@ -342,6 +364,41 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Whether the learner answers the open health check, which carries
+    /// no token: only a server speaking plain HTTP/2 does.
+    async fn speaks_plain_http2(
+        &self,
+        channel: &tonic::transport::Channel,
+    ) -> Result<(), SessionError> {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let check = health.check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, check).await {
+            Err(_) => Err(retry(
+                format!(
+                    "{}: no answer to the health check in {HANDSHAKE_TIMEOUT:?}",
+                    self.url
+                ),
+                false,
+            )),
+            // Serving or not, or a gRPC server without the health service
+            // (whose handshake then says it is no learner): it speaks
+            // HTTP/2, and the handshake may go.
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) if status.code() == Code::Unimplemented => Ok(()),
+            Ok(Err(status)) => Err(retry(
+                format!(
+                    "{}: {} (the token was not sent: {} did not answer as plain HTTP/2; if the learner serves TLS, use https:// and tls.ca_file)",
+                    status.code(),
+                    status_causes(&status),
+                    self.url
+                ),
+                false,
+            )),
+        }
+    }
+
     /// Runs one connection to its end, or until `shutdown` resolves (then
     /// drains, and ends with [`SessionEnd::Stopped`]; once `shutdown` has
     /// resolved, every way out is that one, so the caller never polls it
@@ -413,6 +470,12 @@ impl Session<'_> {
                     false,
                 ),
             })?;
+        // A token over plain text goes out only once the address has
+        // answered as plain HTTP/2: an http:// address of a TLS learner
+        // would otherwise be sent it in clear on every retry.
+        if self.tls.is_none() && self.token.is_some() {
+            self.speaks_plain_http2(&channel).await?;
+        }
         let mut client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
@@ -740,6 +803,67 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An http:// address that has not answered as plain HTTP/2 (a TLS
+    /// learner's port, say) never gets the token: only the open health
+    /// check goes first. A stand-in server records each request and drops
+    /// the connection unanswered, as a TLS server drops plain text.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_token_goes_to_an_address_that_has_not_answered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+        let recorder = {
+            let requests = Arc::clone(&requests);
+            tokio::spawn(async move {
+                while let Ok((socket, _)) = listener.accept().await {
+                    let Ok(mut connection) = h2::server::handshake(socket).await else {
+                        continue;
+                    };
+                    if let Some(Ok((request, _unanswered))) = connection.accept().await {
+                        requests.lock().unwrap().push((
+                            request.uri().path().to_owned(),
+                            request.headers().contains_key(AUTHORIZATION_HEADER),
+                        ));
+                    }
+                }
+            })
+        };
+        let dir = std::env::temp_dir().join(format!("flgfn-probe-first-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "a-token-for-the-probe-test-0123456789\n").unwrap();
+        let mut config = flgfn_common::config::Config::default();
+        config.actor.learner = format!("http://{address}");
+        config.actor.reconnect_attempts = 2;
+        config.auth.token_file = token_file.display().to_string();
+        let options = crate::ActorOptions {
+            name: "probe-first".to_owned(),
+            seed_offset: None,
+        };
+        let error = crate::run(config, options, std::future::pending())
+            .await
+            .unwrap_err();
+        recorder.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            matches!(error, crate::ActorError::GaveUp { .. }),
+            "{error:?}"
+        );
+        let error = error.to_string();
+        assert!(
+            error.contains("the token was not sent") && error.contains("https://"),
+            "{error}"
+        );
+        let requests = requests.lock().unwrap();
+        assert!(!requests.is_empty());
+        assert!(
+            requests
+                .iter()
+                .all(|(path, token)| path.starts_with("/grpc.health.v1.Health/") && !token),
+            "{requests:?}"
+        );
+    }
 
     fn retried(error: SessionError) -> (String, bool) {
         match error {

@@ -63,3 +63,44 @@ pub async fn check(
         .into_inner();
     Ok(reply.status())
 }
+
+/// What to check after `error` from [`check`] at `address`, if anything:
+/// a TLS set-up mistake, as the actor names it (in `flgfn-health`'s
+/// flags); for plain text that got no HTTP/2 answer, TLS; over TLS, a
+/// learner that may want a client certificate.
+pub fn hint(error: &HealthError, address: &str) -> Option<String> {
+    let status = match error {
+        HealthError::Config(_) => return None,
+        HealthError::Connect(error) => {
+            return crate::connection::tls_mistake(error).map(flag_names);
+        }
+        HealthError::Refused(status) => status,
+    };
+    if let Some(mistake) = crate::connection::tls_mistake(status) {
+        return Some(flag_names(mistake));
+    }
+    // Cut off before any answer: what a TLS server does to plain text,
+    // and a mutual-TLS learner to a client without its certificate.
+    if !matches!(
+        status.code(),
+        tonic::Code::Unknown | tonic::Code::Unavailable
+    ) {
+        return None;
+    }
+    Some(if address.starts_with("https://") {
+        "if the learner wants client certificates (mutual TLS), give --cert-file and --key-file, signed by the CA of its tls.ca_file".to_owned()
+    } else {
+        "if the learner serves TLS, use https:// and --ca-file".to_owned()
+    })
+}
+
+/// The actor's TLS keys in an actor's message, as this program's flags.
+fn flag_names(text: &str) -> String {
+    text.replace("set tls.domain", "set --domain")
+        .replace("tls.ca_file must hold", "--ca-file must hold")
+        .replace(
+            "tls.cert_file and tls.key_file must hold",
+            "--cert-file and --key-file must hold",
+        )
+        .replace("use http://,", "use an http:// address,")
+}

@@ -130,6 +130,59 @@ fn options(name: &str) -> ActorOptions {
     }
 }
 
+/// Two set-up mistakes end the actor at once, saying what they are: an
+/// https:// address of a plain-text learner, and a learner whose
+/// certificate is itself a CA's (`openssl req -x509` makes such by
+/// default), given to the actor as its CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_set_up_mistakes_are_final_and_named() {
+    let dir = std::env::temp_dir().join(format!("flgfn-tls-mistakes-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let plain_config = support::tiny_config();
+    let (port, plain_learner) = start(&plain_config).await;
+    let mut https_to_plain = actor_config(
+        &plain_config,
+        format!("https://127.0.0.1:{port}"),
+        &pki,
+        false,
+    );
+    https_to_plain.actor.reconnect_attempts = 0;
+    let probe = https_to_plain.tls.clone();
+    let error = refused_certificate(https_to_plain).await;
+    assert!(
+        error.contains("does not speak TLS") && error.contains("http://"),
+        "{error}"
+    );
+    let https = format!("https://127.0.0.1:{port}");
+    let error = flgfn_actor::health::check(&https, "", &probe)
+        .await
+        .unwrap_err();
+    let hint = flgfn_actor::health::hint(&error, &https).unwrap_or_default();
+    assert!(hint.contains("does not speak TLS"), "{error}: {hint}");
+    plain_learner.abort();
+
+    // One certificate as both the learner's and the actors' CA.
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let certificate = params.self_signed(&key).unwrap();
+    let cert_file = dir.join("self-signed-ca.pem");
+    let key_file = dir.join("self-signed-ca.key");
+    std::fs::write(&cert_file, certificate.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let mut config = support::tiny_config();
+    config.tls.cert_file = path(&cert_file);
+    config.tls.key_file = path(&key_file);
+    let (port, learner) = start(&config).await;
+    let mut actor = actor_config(&config, format!("https://127.0.0.1:{port}"), &pki, false);
+    actor.tls.ca_file = path(&cert_file);
+    actor.actor.reconnect_attempts = 0;
+    let error = refused_certificate(actor).await;
+    assert!(error.contains("is a CA certificate"), "{error}");
+    learner.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A learner whose certificate is out of date (expired, or this clock is
 /// off, as at boot before time sync) may be given a new one, or the clock
 /// set: the actor retries, saying why, instead of stopping for good.
@@ -184,12 +237,13 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         error.contains("--address") && error.contains(&https),
         "{error}"
     );
-    // Plain text without TLS files reaches the port and gets no answer.
-    assert!(
-        flgfn_actor::health::check(&plain_url, "", &Default::default())
-            .await
-            .is_err()
-    );
+    // Plain text without TLS files reaches the port and gets no answer;
+    // flgfn-health's hint names TLS.
+    let error = flgfn_actor::health::check(&plain_url, "", &Default::default())
+        .await
+        .unwrap_err();
+    let hint = flgfn_actor::health::hint(&error, &plain_url).unwrap_or_default();
+    assert!(hint.contains("https://"), "{error}: {hint}");
     let error = flgfn_actor::health::check(&https, "", &Default::default())
         .await
         .unwrap_err()
@@ -269,11 +323,11 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
         ServingStatus::Serving
     );
     let anonymous_tls = actor_config(&config, url.clone(), &pki, false).tls;
-    assert!(
-        flgfn_actor::health::check(&url, "", &anonymous_tls)
-            .await
-            .is_err()
-    );
+    let error = flgfn_actor::health::check(&url, "", &anonymous_tls)
+        .await
+        .unwrap_err();
+    let hint = flgfn_actor::health::hint(&error, &url).unwrap_or_default();
+    assert!(hint.contains("--cert-file"), "{error}: {hint}");
 
     // Turned away for good, with what to fix (0 attempts: no limit).
     let mut anonymous = actor_config(&config, url.clone(), &pki, false);

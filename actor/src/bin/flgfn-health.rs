@@ -113,8 +113,10 @@ fn main() -> std::process::ExitCode {
         Ok(Err(error)) => {
             // (Transport errors repeat their cause's text in their own:
             // with_causes says each once.)
+            let hint = flgfn_actor::health::hint(&error, &args.address)
+                .map_or_else(String::new, |hint| format!(" ({hint})"));
             flgfn_common::errln!(
-                "flgfn-health: {}: {}",
+                "flgfn-health: {}: {}{hint}",
                 args.address,
                 flgfn_common::telemetry::with_causes(&error)
             );
