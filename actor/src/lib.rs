@@ -524,7 +524,7 @@ pub async fn stay_connected(
                 }
                 let pause = backoff.next_pause(&mut rand::rng());
                 warn!(
-                    %message,
+                    error = %message,
                     retry_in = ?pause,
                     failures,
                     "learner unavailable; reconnecting"

@@ -774,6 +774,21 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
 /// between them (`FLGFN_LEARNER_THREADS`; not `FLGFN_ACTOR_BIN`, which
 /// names no key).
 pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut misspelt: Vec<String> = names
+        .into_iter()
+        .filter(|name| meant_variable(name).is_some())
+        .collect();
+    misspelt.sort();
+    misspelt
+}
+
+/// The variable a misspelt one was meant as (`FLGFN_LEARNER__THREADS` for
+/// `FLGFN_LEARNER_THREADS`; see [`misspelt_variables`]).
+pub fn meant_variable(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if rest.contains(ENV_SEPARATOR) {
+        return None;
+    }
     // Every section and key there is (the task's of the default task).
     let schema: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap_or_default();
     let is_key = |section: &str, key: &str| {
@@ -782,21 +797,16 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String
             .and_then(toml::Value::as_table)
             .is_some_and(|keys| keys.contains_key(key))
     };
-    let mut misspelt: Vec<String> = names
-        .into_iter()
-        .filter(|name| {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                return false;
-            };
-            let rest = rest.to_lowercase();
-            !rest.contains(ENV_SEPARATOR)
-                && rest
-                    .match_indices('_')
-                    .any(|(at, _)| is_key(&rest[..at], &rest[at + 1..]))
-        })
-        .collect();
-    misspelt.sort();
-    misspelt
+    let lower = rest.to_lowercase();
+    let at = lower
+        .match_indices('_')
+        .map(|(at, _)| at)
+        .find(|&at| is_key(&lower[..at], &lower[at + 1..]))?;
+    Some(format!(
+        "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+        &rest[..at],
+        &rest[at + 1..]
+    ))
 }
 
 /// How a configuration path is named in messages: `-` is standard input.
@@ -894,9 +904,10 @@ impl Config {
     pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
         let variables = flgfn_variables()?;
         for variable in misspelt_variables(variables.iter().map(|(name, _)| name.clone())) {
+            let meant = meant_variable(&variable).unwrap_or_default();
             tracing::warn!(
                 variable,
-                "not read: a configuration variable separates section and key with two underscores (FLGFN_LEARNER__THREADS)"
+                "not read: a configuration variable separates section and key with two underscores: {meant}"
             );
         }
         Self::layered(path, &env_overrides(variables))
@@ -2057,6 +2068,15 @@ mod tests {
             misspelt_variables(names),
             ["FLGFN_ACTOR_ENVS", "FLGFN_LEARNER_THREADS"]
         );
+        assert_eq!(
+            meant_variable("FLGFN_AUTH_TOKEN_FILE").as_deref(),
+            Some("FLGFN_AUTH__TOKEN_FILE")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_TLS_CA_FILE").as_deref(),
+            Some("FLGFN_TLS__CA_FILE")
+        );
+        assert_eq!(meant_variable("FLGFN_ACTOR_BIN"), None);
     }
 
     /// A variable that is not UTF-8 is skipped unless it is an `FLGFN_`

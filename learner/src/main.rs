@@ -62,7 +62,7 @@ struct Args {
     #[arg(
         long,
         env = "FLGFN_RESUME_CHANGED",
-        value_parser = clap::builder::FalseyValueParser::new()
+        value_parser = yes_or_no
     )]
     resume_changed: bool,
     /// Print the effective configuration (defaults, file, environment and
@@ -87,6 +87,19 @@ impl Args {
         .into_iter()
         .filter_map(|(flag, given)| given.then_some(flag))
         .collect()
+    }
+}
+
+/// `FLGFN_RESUME_CHANGED`'s value: yes or no, and empty is no (unset, as
+/// a container passes it); anything else is refused, not read as yes: a
+/// typo must not resume a run with changed settings.
+fn yes_or_no(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "" | "0" | "false" | "no" | "off" | "n" | "f" => Ok(false),
+        "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
+        _ => {
+            Err("FLGFN_RESUME_CHANGED takes 1, true or yes, or 0, false, no or nothing".to_owned())
+        }
     }
 }
 

@@ -70,14 +70,25 @@ fn print_config(binary: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, 
 }
 
 /// `--resume-changed` is also `FLGFN_RESUME_CHANGED` (containers pass
-/// no flags), where 0 means off: only a true one contradicts `--fresh`.
+/// no flags), where 0 (or nothing) means off: only a true one contradicts
+/// `--fresh`, and a value that is neither is refused, not taken as on.
 #[test]
 fn resume_changed_contradicts_fresh_only_when_on() {
-    print_config(
-        &learner_binary(),
-        &["--fresh"],
-        &[("FLGFN_RESUME_CHANGED", "0")],
-    );
+    for off in ["0", "", "false"] {
+        print_config(
+            &learner_binary(),
+            &["--fresh"],
+            &[("FLGFN_RESUME_CHANGED", off)],
+        );
+    }
+    let output = command(&learner_binary())
+        .arg("--print-config")
+        .env("FLGFN_RESUME_CHANGED", "ture")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("FLGFN_RESUME_CHANGED takes"), "{stderr}");
     print_config(&learner_binary(), &[], &[("FLGFN_RESUME_CHANGED", "1")]);
     for (args, env) in [
         (&["--fresh", "--resume-changed"][..], &[][..]),
