@@ -44,6 +44,18 @@ pub async fn check(
         )
         .into());
     }
+    if let Some((scheme, _)) = address.split_once("://")
+        && scheme != "http"
+        && scheme != "https"
+    {
+        return Err(ConfigError::invalid(
+            "--address",
+            format!(
+                "{address}: the learner's address is http:// or https:// (or a bare HOST:PORT)"
+            ),
+        )
+        .into());
+    }
     let address = if address.contains("://") {
         address.to_owned()
     } else {
@@ -83,7 +95,7 @@ pub fn hint(error: &HealthError, address: &str) -> Option<String> {
     // and a mutual-TLS learner to a client without its certificate.
     if !matches!(
         status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable
+        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
     ) {
         return None;
     }

@@ -501,6 +501,18 @@ pub async fn stay_connected(
                     )),
                 )));
             }
+            Err(SessionError::Refused(status))
+                if status.code() == tonic::Code::Unauthenticated
+                    && let Some(token) = &token =>
+            {
+                break Err(ActorError::Refused(SessionError::Refused(
+                    tonic::Status::unauthenticated(format!(
+                        "{} (this actor's token is from {})",
+                        status.message(),
+                        token.from()
+                    )),
+                )));
+            }
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
             Err(SessionError::Fatal(message)) => break Err(ActorError::Fatal(message)),
             Err(SessionError::Retry { message, served }) => {

@@ -158,8 +158,13 @@ fn check_key_pair(config: &TlsConfig, cert: &[u8], key: &[u8]) -> Result<(), Con
 }
 
 /// A bearer token. Its `Debug` does not show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
+#[derive(Clone)]
+pub struct Token {
+    secret: String,
+    /// Where it was read (`FLGFN_TOKEN`, `auth.token_file`): for an
+    /// error when the learner refuses it.
+    from: String,
+}
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -183,12 +188,35 @@ impl Token {
                 "the token must be printable ASCII without spaces",
             ));
         }
-        Ok(Token(text.to_owned()))
+        // Copied from a .env file, or quoted as in a shell: the other side
+        // would be given it without, and refuse it.
+        if text.starts_with(&format!("{TOKEN_ENV}=")) {
+            return Err(ConfigError::invalid(
+                source,
+                format!("the token starts with `{TOKEN_ENV}=`: give the token alone"),
+            ));
+        }
+        let quoted = |quote: char| text.starts_with(quote) && text.ends_with(quote);
+        if quoted('"') || quoted('\'') {
+            return Err(ConfigError::invalid(
+                source,
+                "the token is in quotes, which would be part of it: remove them",
+            ));
+        }
+        Ok(Token {
+            secret: text.to_owned(),
+            from: source.to_owned(),
+        })
+    }
+
+    /// Where the token was read.
+    pub fn from(&self) -> &str {
+        &self.from
     }
 
     /// The `authorization` header value.
     pub fn header_value(&self) -> String {
-        format!("Bearer {}", self.0)
+        format!("Bearer {}", self.secret)
     }
 
     /// Whether `header` (an `authorization` value) carries this token, in
@@ -237,7 +265,14 @@ fn token_from(
     if let Some(text) = variable
         && !text.trim().is_empty()
     {
-        return Token::new(text.trim(), TOKEN_ENV).map(Some);
+        let mut token = Token::new(text.trim(), TOKEN_ENV)?;
+        if !config.token_file.is_empty() {
+            token.from = format!(
+                "{TOKEN_ENV}, which overrides auth.token_file ({})",
+                config.token_file
+            );
+        }
+        return Ok(Some(token));
     }
     if config.token_file.is_empty() {
         return Ok(None);
@@ -248,12 +283,41 @@ fn token_from(
             format!("cannot read {}: {e}", config.token_file),
         )
     })?;
-    Token::new(text.trim(), "auth.token_file").map(Some)
+    let mut token = Token::new(text.trim(), "auth.token_file")?;
+    token.from = format!("auth.token_file ({})", config.token_file);
+    Ok(Some(token))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line of a .env file, or a quoted token, is refused, not taken
+    /// whole; the token says where it was read, the variable over the file.
+    #[test]
+    fn a_token_copied_with_its_wrapping_is_refused_and_sources_are_named() {
+        for wrapped in [
+            "FLGFN_TOKEN=0123456789abcdef0123",
+            "\"0123456789abcdef0123\"",
+            "'0123456789abcdef0123'",
+        ] {
+            let error = Token::new(wrapped, "auth.token_file")
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("auth.token_file"), "{error}");
+        }
+        let config = AuthConfig {
+            token_file: "/run/secrets/token".to_owned(),
+            ..AuthConfig::default()
+        };
+        let token = token_from(Some("0123456789abcdef0123".into()), &config)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            token.from(),
+            "FLGFN_TOKEN, which overrides auth.token_file (/run/secrets/token)"
+        );
+    }
 
     #[cfg(unix)]
     #[test]

@@ -99,6 +99,12 @@ async fn only_the_right_token_gets_in() {
             && !error.contains("(this actor has no token)"),
         "{error}"
     );
+    // ...saying where its token came from (a stale FLGFN_TOKEN may hide
+    // the file's).
+    assert!(
+        error.contains("(this actor's token is from auth.token_file ("),
+        "{error}"
+    );
     // An actor with no token at all is told so.
     let error = refusal(support::tiny_config(), "tokenless").await;
     assert!(error.ends_with("(this actor has no token)"), "{error}");

@@ -249,6 +249,13 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("tls.ca_file"), "{error}");
+    // Another scheme is refused, not probed as plain text.
+    let error =
+        flgfn_actor::health::check(&format!("ftp://127.0.0.1:{port}"), "", &Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(error.contains("--address"), "{error}");
     // A bare HOST:PORT with the CA is refused, not probed in plain text.
     let error = flgfn_actor::health::check(&format!("127.0.0.1:{port}"), "", &probe)
         .await
