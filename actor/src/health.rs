@@ -51,7 +51,7 @@ pub async fn check(
         return Err(ConfigError::invalid(
             "--address",
             format!(
-                "{address}: the learner's address is http:// or https:// (or a bare HOST:PORT)"
+                "`{scheme}://`: the learner's address is http:// or https:// (or a bare HOST:PORT)"
             ),
         )
         .into());
