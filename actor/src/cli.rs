@@ -41,13 +41,30 @@ impl ConfigFlags {
 
     /// The configuration flags given, for `--print-config`.
     pub fn overriding_flags(&self) -> Vec<&'static str> {
+        self.flag_keys().into_iter().map(|(flag, _)| flag).collect()
+    }
+
+    /// The configuration flags given, with the key each sets.
+    pub fn flag_keys(&self) -> Vec<(&'static str, &'static str)> {
         [
-            ("--learner", self.learner.is_some()),
-            ("--envs", self.envs.is_some()),
+            ("--learner", "actor.learner", self.learner.is_some()),
+            ("--envs", "actor.envs", self.envs.is_some()),
         ]
         .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
+        .filter_map(|(flag, key, given)| given.then_some((flag, key)))
         .collect()
+    }
+
+    /// [`Config::validate`], naming the flag or variable that set a key
+    /// it refuses (`more_flags`: the binary's own, with their keys).
+    pub fn validate(
+        &self,
+        config: &Config,
+        more_flags: &[(&'static str, &'static str)],
+    ) -> Result<(), ConfigError> {
+        let mut flags = self.flag_keys();
+        flags.extend_from_slice(more_flags);
+        config.validate_layers(&env_overrides(flgfn_variables()?), &flags)
     }
 
     /// `--print-config`'s output: where the configuration came from, then

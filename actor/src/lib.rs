@@ -336,7 +336,7 @@ fn plain_text_beyond_loopback(url: &str) -> bool {
 /// refused when `[tls]` names files: the learner then serves TLS, and the
 /// plain-text attempts would carry the token in clear, again at every
 /// retry.
-fn client_tls(
+pub fn client_tls(
     config: &Config,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
     let tls = &config.tls;
@@ -438,6 +438,20 @@ pub async fn stay_connected(
         PLAIN_TEXT_WARNED.call_once(|| warn!(
             learner = %config.actor.learner,
             "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
+        ));
+    }
+    // A URL without a port means the scheme's (80, 443): most likely not
+    // where the learner listens, and refusals there read as an outage.
+    static NO_PORT_WARNED: std::sync::Once = std::sync::Once::new();
+    if config
+        .actor
+        .learner
+        .parse::<tonic::codegen::http::Uri>()
+        .is_ok_and(|uri| uri.port().is_none())
+    {
+        NO_PORT_WARNED.call_once(|| warn!(
+            learner = %config.actor.learner,
+            "actor.learner names no port: connecting to the scheme's (80 for http://, 443 for https://); a learner listens on 50051 unless told otherwise"
         ));
     }
     let Plumbing {

@@ -44,7 +44,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(fraction) = args.truncate_fraction {
         config.actor.truncate_fraction = fraction;
     }
-    config.validate()?;
+    let truncate_flag = args
+        .truncate_fraction
+        .map(|_| ("--truncate-fraction", "actor.truncate_fraction"));
+    args.config.validate(&config, truncate_flag.as_slice())?;
     if args.print_config {
         let flag = args.truncate_fraction.map(|_| "--truncate-fraction");
         args.config.print(&config, flag.as_slice())?;

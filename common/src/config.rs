@@ -992,6 +992,38 @@ impl Config {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
+    /// [`Config::validate`] for a binary, whose error says which layer
+    /// set the key it names when that was not the file: a flag (`flags`:
+    /// each flag given, with the key it sets) or an `FLGFN_` variable
+    /// (`overrides`). "0 is less than 1" for `learner.threads` sent a user
+    /// to a file that said 2.
+    pub fn validate_layers(
+        &self,
+        overrides: &[EnvOverride],
+        flags: &[(&str, &str)],
+    ) -> Result<(), ConfigError> {
+        self.validate().map_err(|error| match error {
+            ConfigError::Invalid { field, reason } => {
+                let by_flag = flags
+                    .iter()
+                    .find(|(_, key)| *key == field)
+                    .map(|(flag, _)| *flag);
+                let by_variable = || {
+                    overrides
+                        .iter()
+                        .find(|o| o.key.join(".") == field)
+                        .map(|o| o.variable.as_str())
+                };
+                let reason = match by_flag.or_else(by_variable) {
+                    Some(layer) => format!("{reason} (set by {layer})"),
+                    None => reason,
+                };
+                ConfigError::Invalid { field, reason }
+            }
+            other => other,
+        })
+    }
+
     /// Checks every field that has a restricted range. Call again after
     /// applying command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -1693,6 +1725,31 @@ mod tests {
             .to_string();
         assert!(error.contains("FLGFN_SEED__X"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A value refused by validation names the flag or variable that set
+    /// it (the flag when both did: it wins); one from the file, nothing.
+    #[test]
+    fn a_refused_value_names_the_flag_or_variable_that_set_it() {
+        let mut config = Config::default();
+        config.learner.threads = 0;
+        let overrides = env_overrides(vars(&[("FLGFN_LEARNER__THREADS", "0")]));
+        let by_variable = config
+            .validate_layers(&overrides, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            by_variable.contains("`learner.threads`")
+                && by_variable.ends_with("(set by FLGFN_LEARNER__THREADS)"),
+            "{by_variable}"
+        );
+        let by_flag = config
+            .validate_layers(&overrides, &[("--threads", "learner.threads")])
+            .unwrap_err()
+            .to_string();
+        assert!(by_flag.ends_with("(set by --threads)"), "{by_flag}");
+        let from_file = config.validate_layers(&[], &[]).unwrap_err().to_string();
+        assert!(!from_file.contains("set by"), "{from_file}");
     }
 
     /// With several variables, an error names the one at fault, not all;

@@ -401,6 +401,16 @@ pub async fn serve(
     }
     let env = tasks::build(&config.task)?;
     let token = auth::load_token(&config.auth)?;
+    // For the listening line: what an operator checks first.
+    let transport = match (
+        config.tls.cert_file.is_empty(),
+        config.tls.ca_file.is_empty(),
+    ) {
+        (true, _) => "plain text",
+        (false, true) => "tls",
+        (false, false) => "mutual tls",
+    };
+    let authentication = if token.is_some() { "token" } else { "none" };
     // Read before anything starts: a bad file is a configuration error.
     let mut secured = secured_transport(&config)?;
     let local_address = listener.local_addr().ok();
@@ -745,6 +755,8 @@ pub async fn serve(
         objective = objective.name(),
         ?device,
         threads = learner.threads,
+        transport,
+        auth = authentication,
         build = BUILD,
         "learner listening"
     );

@@ -76,16 +76,25 @@ struct Args {
 impl Args {
     /// The configuration flags given, for `--print-config`.
     fn overriding_flags(&self) -> Vec<&'static str> {
+        self.flag_keys().into_iter().map(|(flag, _)| flag).collect()
+    }
+
+    /// The configuration flags given, with the key each sets.
+    fn flag_keys(&self) -> Vec<(&'static str, &'static str)> {
         [
-            ("--listen", self.listen.is_some()),
-            ("--max-steps", self.max_steps.is_some()),
-            ("--threads", self.threads.is_some()),
-            ("--seed", self.seed.is_some()),
-            ("--checkpoint-dir", self.checkpoint_dir.is_some()),
-            ("--actors", self.actors.is_some()),
+            ("--listen", "learner.listen", self.listen.is_some()),
+            ("--max-steps", "learner.max_steps", self.max_steps.is_some()),
+            ("--threads", "learner.threads", self.threads.is_some()),
+            ("--seed", "seed", self.seed.is_some()),
+            (
+                "--checkpoint-dir",
+                "learner.checkpoint_dir",
+                self.checkpoint_dir.is_some(),
+            ),
+            ("--actors", "launch.actors", self.actors.is_some()),
         ]
         .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
+        .filter_map(|(flag, key, given)| given.then_some((flag, key)))
         .collect()
     }
 }
@@ -117,6 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         "--fresh and --resume-changed (or FLGFN_RESUME_CHANGED) contradict each other: give one"
     );
     let flags = args.overriding_flags();
+    let flag_keys = args.flag_keys();
     // Validated once the flags are applied: a flag may correct the file.
     let mut config = Config::load_unvalidated(args.config.as_deref())?;
     if let Some(listen) = args.listen {
@@ -137,9 +147,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(actors) = args.actors {
         config.launch.actors = actors;
     }
-    config.validate()?;
+    let overrides = env_overrides(flgfn_variables()?);
+    config.validate_layers(&overrides, &flag_keys)?;
     if args.print_config {
-        let overrides = env_overrides(flgfn_variables()?);
         flgfn_common::out!(
             "{}",
             describe_layers(args.config.as_deref(), &overrides, &flags)

@@ -502,6 +502,24 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         .unwrap_or_else(|| panic!("a `session ended` line: {text}"));
     assert!(ended["fields"]["ended_by"].is_string(), "{ended}");
     assert!(ended["fields"]["chunks"].as_u64() > Some(0), "{ended}");
+    // What an operator checks first: how actors reach it.
+    let listening = lines
+        .iter()
+        .find(|e| message_is(e, "learner listening"))
+        .unwrap_or_else(|| panic!("a `learner listening` line: {text}"));
+    assert_eq!(
+        listening["fields"]["transport"], "plain text",
+        "{listening}"
+    );
+    assert_eq!(listening["fields"]["auth"], "none", "{listening}");
+    // One key per field: a field named `message` beside the event's own
+    // (the actor's reconnect warning had one) would make two.
+    for line in text.lines() {
+        assert!(
+            line.matches("\"message\":").count() <= 1,
+            "two messages: {line}"
+        );
+    }
     // The summary's values known or not: numbers, or left out.
     let finished = lines
         .iter()

@@ -28,7 +28,11 @@ fn main() -> std::process::ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config.load()?;
-    config.validate()?;
+    args.config.validate(&config, &[])?;
+    // What every generated actor would refuse alike, said once, not once
+    // per actor.
+    flgfn_common::auth::load_token(&config.auth)?;
+    flgfn_actor::client_tls(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.actor.threads.max(1))
         .enable_all()
