@@ -36,7 +36,7 @@ use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tracing::{Instrument, error_span, info, warn};
+use tracing::{Instrument, debug, error_span, info, warn};
 
 use crate::connection::{Counts, Session, SessionEnd, SessionError};
 use crate::worker::{Seeding, Worker, WorkerReport};
@@ -404,6 +404,14 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// Whether the `failures`-th failed attempt in a row is logged as a
+/// warning (the others at debug): an outage's first two, then the 4th,
+/// 8th, 16th... Dozens of actors, or a load generator's hundreds,
+/// retrying a wrong port would otherwise fill the log.
+fn worth_a_warning(failures: u32) -> bool {
+    failures <= 2 || failures.is_power_of_two()
+}
+
 /// Keeps a session with the learner open, reconnecting with exponential
 /// backoff, until training ends, `shutdown` resolves, the learner refuses
 /// us, or the rollout side stops. Counts sessions and training's end in
@@ -549,12 +557,21 @@ pub async fn stay_connected(
                     });
                 }
                 let pause = backoff.next_pause(&mut rand::rng());
-                warn!(
-                    error = %message,
-                    retry_in = ?pause,
-                    failures,
-                    "learner unavailable; reconnecting"
-                );
+                if worth_a_warning(failures) {
+                    warn!(
+                        error = %message,
+                        retry_in = ?pause,
+                        failures,
+                        "learner unavailable; reconnecting"
+                    );
+                } else {
+                    debug!(
+                        error = %message,
+                        retry_in = ?pause,
+                        failures,
+                        "learner unavailable; reconnecting"
+                    );
+                }
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = &mut shutdown => break Ok(()),
@@ -589,6 +606,12 @@ impl ActorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_warns_at_its_first_failures_then_ever_more_rarely() {
+        let warned: Vec<u32> = (0..=70).filter(|&n| worth_a_warning(n)).collect();
+        assert_eq!(warned, [0, 1, 2, 4, 8, 16, 32, 64]);
+    }
 
     #[test]
     fn reconnection_delays_double_up_to_the_cap_with_jitter_and_reset() {
