@@ -382,20 +382,28 @@ impl Session<'_> {
                 ),
                 false,
             )),
-            // Serving or not, or a gRPC server without the health service
-            // (whose handshake then says it is no learner): it speaks
-            // HTTP/2, and the handshake may go.
+            // Serving or not, or any status the peer sent (a gRPC server
+            // without the health service, a proxy that wants the token
+            // everywhere): it speaks HTTP/2, and the handshake may go.
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) if status.code() == Code::Unimplemented => Ok(()),
-            Ok(Err(status)) => Err(retry(
-                format!(
-                    "{}: {} (the token was not sent: {} did not answer as plain HTTP/2; if the learner serves TLS, use https:// and tls.ca_file)",
-                    status.code(),
-                    status_causes(&status),
-                    self.url
-                ),
-                false,
-            )),
+            Ok(Err(status)) if std::error::Error::source(&status).is_none() => Ok(()),
+            // No answer at all: the transport failed.
+            Ok(Err(status)) => {
+                let why = if not_http2(&status) {
+                    "it does not speak plain HTTP/2: if the learner serves TLS, use https:// and tls.ca_file"
+                } else {
+                    "no HTTP/2 answer yet (a learner restarting or full; or one serving TLS: then use https:// and tls.ca_file)"
+                };
+                Err(retry(
+                    format!(
+                        "{}: {} (the token was not sent to {}: {why})",
+                        status.code(),
+                        status_causes(&status),
+                        self.url
+                    ),
+                    false,
+                ))
+            }
         }
     }
 
@@ -804,32 +812,51 @@ async fn finish(
 mod tests {
     use super::*;
 
-    /// An http:// address that has not answered as plain HTTP/2 (a TLS
-    /// learner's port, say) never gets the token: only the open health
-    /// check goes first. A stand-in server records each request and drops
-    /// the connection unanswered, as a TLS server drops plain text.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn no_token_goes_to_an_address_that_has_not_answered() {
+    /// A stand-in HTTP/2 server on `127.0.0.1:0` that records each
+    /// request (path, and whether it carried a token) and either drops the
+    /// connection unanswered, as a TLS server drops plain text, or answers
+    /// every request HTTP 401, as a proxy that wants a token everywhere.
+    async fn recording_server(
+        answer_401: bool,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<Vec<(String, bool)>>>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let requests = Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
-        let recorder = {
-            let requests = Arc::clone(&requests);
-            tokio::spawn(async move {
-                while let Ok((socket, _)) = listener.accept().await {
-                    let Ok(mut connection) = h2::server::handshake(socket).await else {
-                        continue;
-                    };
-                    if let Some(Ok((request, _unanswered))) = connection.accept().await {
-                        requests.lock().unwrap().push((
+        let recorded = Arc::clone(&requests);
+        let server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let Ok(mut connection) = h2::server::handshake(socket).await else {
+                    continue;
+                };
+                let recorded = Arc::clone(&recorded);
+                tokio::spawn(async move {
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        recorded.lock().unwrap().push((
                             request.uri().path().to_owned(),
                             request.headers().contains_key(AUTHORIZATION_HEADER),
                         ));
+                        if !answer_401 {
+                            return;
+                        }
+                        let response = tonic::codegen::http::Response::builder()
+                            .status(401)
+                            .body(())
+                            .unwrap();
+                        let _ = respond.send_response(response, true);
                     }
-                }
-            })
-        };
-        let dir = std::env::temp_dir().join(format!("flgfn-probe-first-{}", std::process::id()));
+                });
+            }
+        });
+        (address, requests, server)
+    }
+
+    /// An actor with a token against `address`, at most 2 attempts.
+    async fn actor_with_token(address: std::net::SocketAddr, name: &str) -> crate::ActorError {
+        let dir = std::env::temp_dir().join(format!("flgfn-probe-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let token_file = dir.join("token");
         std::fs::write(&token_file, "a-token-for-the-probe-test-0123456789\n").unwrap();
@@ -838,14 +865,25 @@ mod tests {
         config.actor.reconnect_attempts = 2;
         config.auth.token_file = token_file.display().to_string();
         let options = crate::ActorOptions {
-            name: "probe-first".to_owned(),
+            name: name.to_owned(),
             seed_offset: None,
         };
         let error = crate::run(config, options, std::future::pending())
             .await
             .unwrap_err();
-        recorder.abort();
         std::fs::remove_dir_all(&dir).unwrap();
+        error
+    }
+
+    /// An http:// address that has not answered as plain HTTP/2 (a TLS
+    /// learner's port, say) never gets the token: only the open health
+    /// check goes first. One that answers anything, even a refusal, speaks
+    /// HTTP/2: the handshake follows, with the token.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_token_goes_to_an_address_that_has_not_answered() {
+        let (address, requests, server) = recording_server(false).await;
+        let error = actor_with_token(address, "silent").await;
+        server.abort();
         assert!(
             matches!(error, crate::ActorError::GaveUp { .. }),
             "{error:?}"
@@ -855,12 +893,26 @@ mod tests {
             error.contains("the token was not sent") && error.contains("https://"),
             "{error}"
         );
+        {
+            let requests = requests.lock().unwrap();
+            assert!(!requests.is_empty());
+            assert!(
+                requests
+                    .iter()
+                    .all(|(path, token)| path.starts_with("/grpc.health.v1.Health/") && !token),
+                "{requests:?}"
+            );
+        }
+
+        let (address, requests, server) = recording_server(true).await;
+        let error = actor_with_token(address, "answered").await;
+        server.abort();
+        assert!(matches!(error, crate::ActorError::Refused(_)), "{error:?}");
         let requests = requests.lock().unwrap();
-        assert!(!requests.is_empty());
         assert!(
             requests
                 .iter()
-                .all(|(path, token)| path.starts_with("/grpc.health.v1.Health/") && !token),
+                .any(|(path, token)| path.ends_with("/Handshake") && *token),
             "{requests:?}"
         );
     }

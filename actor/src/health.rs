@@ -91,14 +91,10 @@ pub fn hint(error: &HealthError, address: &str) -> Option<String> {
     if let Some(mistake) = crate::connection::tls_mistake(status) {
         return Some(flag_names(mistake));
     }
-    // Cut off before any answer: what a TLS server does to plain text,
-    // and a mutual-TLS learner to a client without its certificate.
-    if !matches!(
-        status.code(),
-        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
-    ) {
-        return None;
-    }
+    // Cut off before any answer (a status the peer sent has no source):
+    // what a TLS server does to plain text, and a mutual-TLS learner to a
+    // client without its certificate.
+    std::error::Error::source(status)?;
     Some(if address.starts_with("https://") {
         "if the learner wants client certificates (mutual TLS), give --cert-file and --key-file, signed by the CA of its tls.ca_file".to_owned()
     } else {

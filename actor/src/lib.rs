@@ -448,18 +448,20 @@ pub async fn stay_connected(
             "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
         ));
     }
-    // A URL without a port means the scheme's (80, 443): most likely not
-    // where the learner listens, and refusals there read as an outage.
+    // An http:// URL without a port means port 80: most likely not where
+    // the learner listens, and refusals there read as an outage. (An
+    // https:// one may well be an ingress on 443.)
     static NO_PORT_WARNED: std::sync::Once = std::sync::Once::new();
-    if config
-        .actor
-        .learner
-        .parse::<tonic::codegen::http::Uri>()
-        .is_ok_and(|uri| uri.port().is_none())
+    if config.actor.learner.starts_with("http://")
+        && config
+            .actor
+            .learner
+            .parse::<tonic::codegen::http::Uri>()
+            .is_ok_and(|uri| uri.port().is_none())
     {
         NO_PORT_WARNED.call_once(|| warn!(
             learner = %config.actor.learner,
-            "actor.learner names no port: connecting to the scheme's (80 for http://, 443 for https://); a learner listens on 50051 unless told otherwise"
+            "actor.learner names no port: connecting to port 80; a learner listens on 50051 unless told otherwise"
         ));
     }
     let Plumbing {

@@ -797,7 +797,8 @@ pub fn meant_variable(name: &str) -> Option<String> {
             .and_then(toml::Value::as_table)
             .is_some_and(|keys| keys.contains_key(key))
     };
-    let lower = rest.to_lowercase();
+    // (ASCII only: a lower case of another length would move the split.)
+    let lower = rest.to_ascii_lowercase();
     let at = lower
         .match_indices('_')
         .map(|(at, _)| at)
@@ -967,9 +968,18 @@ impl Config {
                     return Err(file_error);
                 }
             }
-            Ok(_) => {
-                for layer in overrides {
-                    if let Ok(Err(error)) = alone(layer) {
+            // The one variable without which the rest loads (a variable
+            // may fail alone yet be right: a lattice key with the task set
+            // by another variable).
+            Ok(_) if overrides.len() > 1 => {
+                for (at, layer) in overrides.iter().enumerate() {
+                    let others: Vec<&EnvOverride> = overrides
+                        .iter()
+                        .enumerate()
+                        .filter(|&(other, _)| other != at)
+                        .map(|(_, o)| o)
+                        .collect();
+                    if with_overrides(&table, &others).is_ok_and(|result| result.is_ok()) {
                         return Err(ConfigError::Parse {
                             path: format!("{origin} with {}", layer.variable),
                             message: error.to_string(),
@@ -977,6 +987,7 @@ impl Config {
                     }
                 }
             }
+            Ok(_) => {}
         }
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         Err(ConfigError::Parse {
@@ -1776,6 +1787,18 @@ mod tests {
             !error.contains("DEVICE") && !error.contains("SEED"),
             "{error}"
         );
+
+        // A variable that fails alone but is right with the others (a
+        // lattice key, the task set by a variable) is not the one blamed.
+        let lattice = env_overrides(vars(&[
+            ("FLGFN_TASK__NAME", "lattice"),
+            ("FLGFN_TASK__COUPLING", "1.0"),
+            ("FLGFN_TASK__SIDE", "abc"),
+        ]));
+        let error = Config::load_layered(None, &lattice)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("with FLGFN_TASK__SIDE:"), "{error}");
 
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "seed = 1\n[learner]\nthreads = \"x\"\n").unwrap();
