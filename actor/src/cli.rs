@@ -39,12 +39,8 @@ impl ConfigFlags {
         Ok(config)
     }
 
-    /// The configuration flags given, for `--print-config`.
-    pub fn overriding_flags(&self) -> Vec<&'static str> {
-        self.flag_keys().into_iter().map(|(flag, _)| flag).collect()
-    }
-
-    /// The configuration flags given, with the key each sets.
+    /// The configuration flags given, with the key each sets (for errors
+    /// and `--print-config`).
     pub fn flag_keys(&self) -> Vec<(&'static str, &'static str)> {
         [
             ("--learner", "actor.learner", self.learner.is_some()),
@@ -68,10 +64,18 @@ impl ConfigFlags {
     }
 
     /// `--print-config`'s output: where the configuration came from, then
-    /// the configuration.
-    pub fn print(&self, config: &Config, more_flags: &[&'static str]) -> Result<(), ConfigError> {
-        let mut flags = self.overriding_flags();
-        flags.extend_from_slice(more_flags);
+    /// the configuration (`more_flags` as for [`ConfigFlags::validate`]).
+    pub fn print(
+        &self,
+        config: &Config,
+        more_flags: &[(&'static str, &'static str)],
+    ) -> Result<(), ConfigError> {
+        let flags: Vec<&str> = self
+            .flag_keys()
+            .iter()
+            .chain(more_flags)
+            .map(|&(flag, _)| flag)
+            .collect();
         let overrides = env_overrides(flgfn_variables()?);
         flgfn_common::out!(
             "{}",

@@ -515,26 +515,13 @@ pub async fn stay_connected(
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
-            Err(SessionError::Refused(status))
-                if status.code() == tonic::Code::Unauthenticated && token.is_none() =>
-            {
+            Err(SessionError::Refused(status)) if status.code() == tonic::Code::Unauthenticated => {
+                let whose = match &token {
+                    None => "this actor has no token".to_owned(),
+                    Some(token) => format!("this actor's token is from {}", token.from()),
+                };
                 break Err(ActorError::Refused(SessionError::Refused(
-                    tonic::Status::unauthenticated(format!(
-                        "{} (this actor has no token)",
-                        status.message()
-                    )),
-                )));
-            }
-            Err(SessionError::Refused(status))
-                if status.code() == tonic::Code::Unauthenticated
-                    && let Some(token) = &token =>
-            {
-                break Err(ActorError::Refused(SessionError::Refused(
-                    tonic::Status::unauthenticated(format!(
-                        "{} (this actor's token is from {})",
-                        status.message(),
-                        token.from()
-                    )),
+                    tonic::Status::unauthenticated(format!("{} ({whose})", status.message())),
                 )));
             }
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),

@@ -49,8 +49,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         .map(|_| ("--truncate-fraction", "actor.truncate_fraction"));
     args.config.validate(&config, truncate_flag.as_slice())?;
     if args.print_config {
-        let flag = args.truncate_fraction.map(|_| "--truncate-fraction");
-        args.config.print(&config, flag.as_slice())?;
+        args.config.print(&config, truncate_flag.as_slice())?;
         return Ok(());
     }
     let name = args

@@ -706,10 +706,7 @@ fn flgfn_variables_of(
             Ok(value) => found.push((name, value)),
             // (A name one underscore away from a key, too: dropped, it
             // would not be warned about.)
-            Err(_)
-                if is_configuration_key(&name)
-                    || !misspelt_variables([name.clone()]).is_empty() =>
-            {
+            Err(_) if is_configuration_key(&name) || meant_variable(&name).is_some() => {
                 return Err(ConfigError::invalid(
                     &name,
                     "the variable's value is not UTF-8",
@@ -772,11 +769,14 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
 /// Variables that look meant for a configuration key but are not read:
 /// `FLGFN_<SECTION>_<KEY>`, a real section and key with one underscore
 /// between them (`FLGFN_LEARNER_THREADS`; not `FLGFN_ACTOR_BIN`, which
-/// names no key).
-pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<String> {
-    let mut misspelt: Vec<String> = names
+/// names no key), each with the variable meant, in name order.
+pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(String, String)> {
+    let mut misspelt: Vec<(String, String)> = names
         .into_iter()
-        .filter(|name| meant_variable(name).is_some())
+        .filter_map(|name| {
+            let meant = meant_variable(&name)?;
+            Some((name, meant))
+        })
         .collect();
     misspelt.sort();
     misspelt
@@ -789,8 +789,11 @@ pub fn meant_variable(name: &str) -> Option<String> {
     if rest.contains(ENV_SEPARATOR) {
         return None;
     }
-    // Every section and key there is (the task's of the default task).
-    let schema: toml::Table = toml::from_str(&Config::default().to_toml()).unwrap_or_default();
+    // Every section and key there is (the task's of the default task):
+    // read once, as every FLGFN_ variable is asked about at start.
+    static SCHEMA: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    let schema =
+        SCHEMA.get_or_init(|| toml::from_str(&Config::default().to_toml()).unwrap_or_default());
     let is_key = |section: &str, key: &str| {
         schema
             .get(section)
@@ -904,8 +907,8 @@ impl Config {
     /// variable got wrong. Call [`Config::validate`] afterwards.
     pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
         let variables = flgfn_variables()?;
-        for variable in misspelt_variables(variables.iter().map(|(name, _)| name.clone())) {
-            let meant = meant_variable(&variable).unwrap_or_default();
+        for (variable, meant) in misspelt_variables(variables.iter().map(|(name, _)| name.clone()))
+        {
             tracing::warn!(
                 variable,
                 "not read: a configuration variable separates section and key with two underscores: {meant}"
@@ -2144,9 +2147,18 @@ mod tests {
             "PATH",
         ]
         .map(str::to_owned);
+        let named = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|&(a, b)| (a.to_owned(), b.to_owned()))
+                .collect()
+        };
         assert_eq!(
             misspelt_variables(names),
-            ["FLGFN_ACTOR_ENVS", "FLGFN_LEARNER_THREADS"]
+            named(&[
+                ("FLGFN_ACTOR_ENVS", "FLGFN_ACTOR__ENVS"),
+                ("FLGFN_LEARNER_THREADS", "FLGFN_LEARNER__THREADS")
+            ])
         );
         assert_eq!(
             meant_variable("FLGFN_AUTH_TOKEN_FILE").as_deref(),

@@ -219,8 +219,7 @@ pub fn exit_status<E: std::fmt::Display>(
                 // collector can read too.
                 tracing::error!(program, error = %format!("{error:#}"), "exiting with an error");
             } else {
-                // (Not `eprintln!`, which panics on a closed stderr.)
-                let _ = writeln!(std::io::stderr(), "{program}: error: {error:#}");
+                crate::errln!("{program}: error: {error:#}");
             }
             std::process::ExitCode::FAILURE
         }

@@ -74,12 +74,8 @@ struct Args {
 }
 
 impl Args {
-    /// The configuration flags given, for `--print-config`.
-    fn overriding_flags(&self) -> Vec<&'static str> {
-        self.flag_keys().into_iter().map(|(flag, _)| flag).collect()
-    }
-
-    /// The configuration flags given, with the key each sets.
+    /// The configuration flags given, with the key each sets (for errors
+    /// and `--print-config`).
     fn flag_keys(&self) -> Vec<(&'static str, &'static str)> {
         [
             ("--listen", "learner.listen", self.listen.is_some()),
@@ -125,7 +121,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         !(args.fresh && args.resume_changed),
         "--fresh and --resume-changed (or FLGFN_RESUME_CHANGED) contradict each other: give one"
     );
-    let flags = args.overriding_flags();
     let flag_keys = args.flag_keys();
     // Validated once the flags are applied: a flag may correct the file.
     let mut config = Config::load_unvalidated(args.config.as_deref())?;
@@ -150,6 +145,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let overrides = env_overrides(flgfn_variables()?);
     config.validate_layers(&overrides, &flag_keys)?;
     if args.print_config {
+        let flags: Vec<&str> = flag_keys.iter().map(|&(flag, _)| flag).collect();
         flgfn_common::out!(
             "{}",
             describe_layers(args.config.as_deref(), &overrides, &flags)
