@@ -834,6 +834,22 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         missing.to_str().unwrap(),
     ]);
     assert!(message.contains("no such folder"), "{message}");
+    // An extension that names neither format is refused, before anything
+    // is written, not written as JSON lines under a Parquet name.
+    let parquet = dir.join("samples.parquet");
+    let message = sample_refused(&[
+        "--config",
+        config,
+        "--checkpoint",
+        checkpoints.to_str().unwrap(),
+        "--out",
+        parquet.to_str().unwrap(),
+    ]);
+    assert!(
+        message.contains(".parquet names neither format") && message.contains("--format"),
+        "{message}"
+    );
+    assert!(!parquet.exists());
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");

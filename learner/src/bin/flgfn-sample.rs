@@ -33,7 +33,8 @@ struct Args {
     /// How many objects.
     #[arg(short = 'n', long, default_value_t = 1000)]
     samples: usize,
-    /// jsonl or csv (default: from --out's extension, else jsonl).
+    /// jsonl or csv (default: --out's extension, .csv or .jsonl; jsonl on
+    /// standard output).
     #[arg(long)]
     format: Option<Format>,
     /// Output file (default: standard output).
@@ -55,6 +56,23 @@ enum Format {
     Csv,
 }
 
+/// The format an output file's extension names. An extension that names
+/// neither is refused: `--out samples.parquet` written as JSON lines would
+/// fail later, in whatever reads it, far from the cause.
+fn format_of(path: &Path) -> anyhow::Result<Format> {
+    let extension = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match extension.as_deref() {
+        Some("csv") => Ok(Format::Csv),
+        None | Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
+        Some(other) => bail!(
+            "--out {}: .{other} names neither format written here (jsonl, csv): use a .jsonl or .csv name, or say --format",
+            path.display()
+        ),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
     flgfn_common::telemetry::exit_status("flgfn-sample", run(Args::parse()))
@@ -64,6 +82,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&args.epsilon) {
         bail!("--epsilon must be in [0, 1], got {}", args.epsilon);
     }
+    let format = match (args.format, &args.out) {
+        (Some(format), _) => format,
+        (None, Some(path)) => format_of(path)?,
+        (None, None) => Format::Jsonl,
+    };
     let config = Config::load(args.config.as_deref())?;
     let env = flgfn_common::tasks::build(&config.task)?;
     let model = ModelSpec::new(env.as_ref(), &config.model);
@@ -96,16 +119,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => bail!("give --weights FILE or --checkpoint DIR"),
     }
 
-    let format = args.format.unwrap_or(match &args.out {
-        Some(path)
-            if path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("csv")) =>
-        {
-            Format::Csv
-        }
-        _ => Format::Jsonl,
-    });
     let mut out: Box<dyn Write> = match &args.out {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| path.display().to_string())?,
