@@ -22,12 +22,21 @@
 //! response ends; an actor's session is one call, open while it trains.
 //! Health checks (open to anyone; a Watch never ends) and calls refused for
 //! their token do not count.
+//!
+//! A client of the other transport, or whose TLS handshake fails, is told
+//! so on its side only: tonic drops such connections with a debug line
+//! that names no peer. Each connection therefore notes its first byte (a
+//! TLS record starts with 0x16, the HTTP/2 preface with `P`) and whether
+//! tonic ever served it (it asks for [`ConnectionInfo`] once, after the
+//! handshake), and the learner counts and logs the mismatch, naming the
+//! peer and the fix ([`Transport::other_transport`],
+//! [`Transport::failed_handshake`]).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -59,6 +68,89 @@ pub const FIRST_BYTES: usize = 24;
 /// connections that only sent a preface or health checks would otherwise
 /// hold the learner's places for minutes.
 pub const FIRST_CALL_WITHIN: Duration = Duration::from_secs(10);
+
+/// What the learner's listener speaks, to tell the clients that speak
+/// something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP/2 in clear.
+    PlainText,
+    /// TLS.
+    Tls {
+        /// Client certificates are required (`tls.ca_file`).
+        mutual: bool,
+    },
+}
+
+/// The first byte of every TLS record of a handshake (a ClientHello
+/// included).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The first byte of the HTTP/2 client preface (`PRI * HTTP/2.0`).
+const HTTP2_PREFACE_START: u8 = b'P';
+
+impl Transport {
+    /// As the listening line says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::PlainText => "plain text",
+            Transport::Tls { mutual: false } => "tls",
+            Transport::Tls { mutual: true } => "mutual tls",
+        }
+    }
+
+    /// A client of the other transport, told by its first byte: its
+    /// counter's name and what to tell the operator.
+    fn other_transport(self, first_byte: u8) -> Option<(&'static str, String)> {
+        match self {
+            Transport::PlainText if first_byte == TLS_HANDSHAKE_RECORD => Some((
+                "tls_at_plain_text",
+                "a client began a TLS handshake, but this learner serves plain HTTP/2: give the client an http:// learner address, or the learner tls.cert_file and tls.key_file".to_owned(),
+            )),
+            Transport::Tls { .. } if first_byte == HTTP2_PREFACE_START => Some((
+                "plain_text_at_tls",
+                "a client spoke plain HTTP/2, but this learner serves TLS: give the client an https:// learner address and tls.ca_file".to_owned(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// A TLS client whose connection closed before tonic served it: its
+    /// handshake failed (or it gave up half-way). None for any other
+    /// connection, and for one that sent nothing (a TCP probe's).
+    fn failed_handshake(
+        self,
+        first_byte: Option<u8>,
+        served: bool,
+    ) -> Option<(&'static str, String)> {
+        let Transport::Tls { mutual } = self else {
+            return None;
+        };
+        (first_byte == Some(TLS_HANDSHAKE_RECORD) && !served).then(|| {
+            (
+                "tls_handshake_failed",
+                format!(
+                    "a TLS handshake did not complete: the client may not trust this learner's certificate (its tls.ca_file must hold the CA that signed it, and the certificate must name the host the client dials){}; the client's log says which",
+                    if mutual {
+                        ", or sent no client certificate that this learner's tls.ca_file signed"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        })
+    }
+}
+
+/// Counts a connection of the wrong kind under `reason` and logs it, with
+/// its peer, at 1, 2, 4, 8, ... of each kind: a fleet configured wrong
+/// retries in a loop.
+fn report_mismatch(stats: &IngestStats, reason: &str, message: &str, peer: Option<SocketAddr>) {
+    let count = stats.refuse(reason);
+    if count.is_power_of_two() {
+        warn!(?peer, so_far = count, counted_as = reason, "{message}");
+    }
+}
 
 /// A connection found idle just as bytes arrived waits this much longer
 /// (once), for a call those bytes may start.
@@ -324,7 +416,24 @@ pub struct CountedConnection {
     graced: bool,
     /// `Calls::started` when the deadline was last set.
     calls_seen: u64,
+    /// What the listener speaks, and what this client began with.
+    transport: Transport,
+    first_byte: Option<u8>,
+    /// Set when tonic serves the connection (it asks for its
+    /// [`ConnectionInfo`] then): under TLS, once the handshake is done.
+    served: AtomicBool,
+    /// Where mismatches are counted.
+    stats: Arc<IngestStats>,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        let served = *self.served.get_mut();
+        if let Some((reason, message)) = self.transport.failed_handshake(self.first_byte, served) {
+            report_mismatch(&self.stats, reason, &message, self.stream.peer_addr().ok());
+        }
+    }
 }
 
 impl CountedConnection {
@@ -388,9 +497,11 @@ impl CountedConnection {
 /// The connections `listener` accepts (with TCP_NODELAY and keepalive, as
 /// tonic's own listener would set them), at most `max` open at once; those
 /// beyond are closed and counted in `stats`. Each is closed once it has had
-/// no call in progress for `idle_after`.
+/// no call in progress for `idle_after`. Clients that do not speak
+/// `transport`, or fail its handshake, are counted there too.
 pub fn incoming(
     listener: TcpListener,
+    transport: Transport,
     max: usize,
     idle_after: Duration,
     stats: Arc<IngestStats>,
@@ -431,6 +542,10 @@ pub fn incoming(
                     read_since_check: false,
                     graced: false,
                     calls_seen: 0,
+                    transport,
+                    first_byte: None,
+                    served: AtomicBool::new(false),
+                    stats: stats.clone(),
                     _permit: permit,
                 })),
                 Err(_) => {
@@ -454,6 +569,7 @@ impl Connected for CountedConnection {
     type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
+        self.served.store(true, Ordering::Relaxed);
         ConnectionInfo {
             tcp: self.stream.connect_info(),
             calls: self.calls.clone(),
@@ -488,6 +604,14 @@ impl AsyncRead for CountedConnection {
         };
         match read {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                if this.first_byte.is_none() {
+                    let first_byte = buf.filled()[before];
+                    this.first_byte = Some(first_byte);
+                    if let Some((reason, message)) = this.transport.other_transport(first_byte) {
+                        let peer = this.stream.peer_addr().ok();
+                        report_mismatch(&this.stats, reason, &message, peer);
+                    }
+                }
                 this.first_bytes_missing = this
                     .first_bytes_missing
                     .saturating_sub(buf.filled().len() - before);
@@ -542,7 +666,77 @@ impl AsyncWrite for CountedConnection {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+
+    /// A connection `transport`'s listener accepted from a client that
+    /// sent `first_bytes`, read until they are in, and dropped, served by
+    /// tonic first (as a finished handshake is) if `served`: the
+    /// refusals it left.
+    #[allow(clippy::unwrap_used)] // a test's helper: a panic fails the test
+    async fn refusals_after(
+        transport: Transport,
+        first_bytes: &[u8],
+        served: bool,
+    ) -> std::collections::BTreeMap<String, u64> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stats = Arc::new(IngestStats::default());
+        let mut accepted = Box::pin(incoming(
+            listener,
+            transport,
+            4,
+            Duration::from_secs(60),
+            stats.clone(),
+        ));
+        let mut client = TcpStream::connect(address).await.unwrap();
+        client.write_all(first_bytes).await.unwrap();
+        let mut connection = accepted.next().await.unwrap().unwrap();
+        let mut received = vec![0; first_bytes.len()];
+        if !first_bytes.is_empty() {
+            connection.read_exact(&mut received).await.unwrap();
+        }
+        assert_eq!(received, first_bytes);
+        if served {
+            let _ = connection.connect_info();
+        }
+        drop(connection);
+        stats.rejections()
+    }
+
+    #[tokio::test]
+    async fn clients_of_the_other_transport_or_a_failed_handshake_are_counted() {
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        // A TLS ClientHello's record header (then the rest of the hello).
+        let hello = [TLS_HANDSHAKE_RECORD, 0x03, 0x01, 0x00, 0xf4, 0x01];
+        let count = |reason: &str| [(reason.to_owned(), 1)].into();
+        let mutual = Transport::Tls { mutual: true };
+
+        // Plain HTTP/2 at a TLS listener, and TLS at a plain one.
+        let plain_at_tls = refusals_after(mutual, preface, false).await;
+        assert_eq!(plain_at_tls, count("plain_text_at_tls"));
+        let tls_at_plain = refusals_after(Transport::PlainText, &hello, true).await;
+        assert_eq!(tls_at_plain, count("tls_at_plain_text"));
+        // A TLS hello whose connection closed before tonic served it: its
+        // handshake failed. Once served, it did not.
+        let failed = refusals_after(mutual, &hello, false).await;
+        assert_eq!(failed, count("tls_handshake_failed"));
+        assert!(refusals_after(mutual, &hello, true).await.is_empty());
+        // Each listener's own clients count nothing, nor does a client
+        // that sent nothing (a TCP probe).
+        assert!(
+            refusals_after(Transport::PlainText, preface, true)
+                .await
+                .is_empty()
+        );
+        assert!(refusals_after(mutual, b"", false).await.is_empty());
+        assert!(
+            refusals_after(Transport::PlainText, b"", false)
+                .await
+                .is_empty()
+        );
+    }
 
     #[test]
     fn the_open_file_limit_caps_the_connections() {

@@ -120,7 +120,8 @@ pub struct IngestStats {
     /// `undecodable`, `too_large`), handshakes and session openings (the
     /// same reasons prefixed `handshake_` and `session_`), and calls or
     /// connections turned away (`unauthenticated`, `too_many_sessions`,
-    /// `too_many_connections`).
+    /// `too_many_connections`, and clients that do not speak the
+    /// learner's transport: see [`crate::connections::Transport`]).
     pub rejections: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Times a session's credits were paused because its chunks arrived
     /// already older than `max_policy_lag`.

@@ -406,9 +406,10 @@ pub async fn serve(
         config.tls.cert_file.is_empty(),
         config.tls.ca_file.is_empty(),
     ) {
-        (true, _) => "plain text",
-        (false, true) => "tls",
-        (false, false) => "mutual tls",
+        (true, _) => connections::Transport::PlainText,
+        (false, no_client_ca) => connections::Transport::Tls {
+            mutual: !no_client_ca,
+        },
     };
     let authentication = if token.is_some() { "token" } else { "none" };
     // Read before anything starts: a bad file is a configuration error.
@@ -507,6 +508,7 @@ pub async fn serve(
             .serve_with_incoming_shutdown(
                 connections::incoming(
                     listener,
+                    transport,
                     connections::connection_cap(config.learner.max_connections),
                     Duration::from_secs_f64(config.learner.idle_connection_s),
                     stats.clone(),
@@ -755,7 +757,7 @@ pub async fn serve(
         objective = objective.name(),
         ?device,
         threads = learner.threads,
-        transport,
+        transport = transport.name(),
         auth = authentication,
         build = BUILD,
         "learner listening"

@@ -154,7 +154,8 @@ pub struct Report {
     /// Refusals by reason: chunks (e.g. `invalid_action`, `undecodable`),
     /// handshakes and session openings (`handshake_task_mismatch`,
     /// `session_unknown_actor`, ...), calls and connections turned away
-    /// (`unauthenticated`, `too_many_sessions`, `too_many_connections`).
+    /// (`unauthenticated`, `too_many_sessions`, `too_many_connections`,
+    /// `plain_text_at_tls`, `tls_at_plain_text`, `tls_handshake_failed`).
     #[serde(default)]
     pub rejections: std::collections::BTreeMap<String, u64>,
     /// Transitions dropped as too stale so far.

@@ -308,6 +308,15 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     assert_eq!(outcome.steps, 20);
     let report = support::finished_actor(actor).await;
     assert!(report.chunks_sent > 0);
+    // The learner counted the plain-text clients and the failed
+    // handshakes (an unknown CA, a wrong name): each at least once.
+    let rejections = &outcome.final_report.rejections;
+    for reason in ["plain_text_at_tls", "tls_handshake_failed"] {
+        assert!(
+            rejections.get(reason) >= Some(&1),
+            "{reason}: {rejections:?}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -369,6 +378,17 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     let outcome = support::finished_learner(learner).await;
     assert_eq!(outcome.steps, 20);
     support::finished_actor(actor).await;
+    // The anonymous probe and actor failed their handshakes; the
+    // members' connections count nothing.
+    let rejections = &outcome.final_report.rejections;
+    assert!(
+        rejections.get("tls_handshake_failed") >= Some(&2),
+        "{rejections:?}"
+    );
+    assert!(
+        !rejections.contains_key("plain_text_at_tls"),
+        "{rejections:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
