@@ -36,12 +36,22 @@ epsilon = 0.1
 "#;
 
 /// The reports in a metrics file so far (none if it does not exist yet).
+/// Every whole line must be a report: only a last line without its newline
+/// (mid-write, or torn by a kill) is left out.
 pub fn reports(path: &std::path::Path) -> Vec<flgfn_learner::report::Report> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole_lines = match text.rfind('\n') {
+        Some(end) => &text[..end],
+        None => "",
+    };
+    whole_lines
         .lines()
-        // The last line may be mid-write while the learner runs.
-        .filter_map(|line| serde_json::from_str(line).ok())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).unwrap_or_else(|error| {
+                panic!("{}, line {}: {error}: {line}", path.display(), i + 1)
+            })
+        })
         .collect()
 }
 
