@@ -39,7 +39,13 @@
 //! is free is kept room for until it is served (sessions of small chunks
 //! would otherwise take the room as it comes back and starve one of large
 //! chunks); a session whose actor sits on a credit for
-//! `learner.stall_timeout_s` is ended, which returns its credits. Near
+//! `learner.stall_timeout_s` is ended, which returns its credits. Before
+//! that, a session that holds credits and has sent no chunk for
+//! [`QUIET_AFTER`] is quiet: it is granted nothing more, leaves the fair
+//! share to the others, and its credits no longer count as covering the
+//! last batches, until a chunk of it arrives (an actor paused or hung would
+//! otherwise soak up a growing share of the room, and near the end hold
+//! back the last steps until its session is ended). Near
 //! `learner.max_steps`, credits are granted only while what is in use
 //! falls short of the batches the builder will still collate
 //! ([`CreditPool::collated`]), and none after the last; each long wait
@@ -68,6 +74,13 @@ use tokio::time::Instant;
 /// clear of that even when every chunk is tiny, and is far more than one
 /// actor rolling out one chunk at a time needs in flight.
 pub const MAX_CREDITS_PER_SESSION: u32 = 64;
+
+/// A session holding credits that has sent no chunk for this long (nor
+/// received its first credit since it held none) is quiet (see the module
+/// docs). Far longer than a chunk takes to come back on any link measured
+/// (a rollout and 25 ms each way: about 60 ms), far shorter than
+/// `learner.stall_timeout_s`.
+pub const QUIET_AFTER: Duration = Duration::from_secs(2);
 
 /// The room starts at this many smallest batches (within the ceiling):
 /// the room opens by at most a doubling per turn of the credits, and each
@@ -148,6 +161,9 @@ pub struct CreditPool {
     /// need, since a chunk granted then would only be rolled out, sent and
     /// counted untrained at the end.
     batches_left: AtomicU64,
+    /// Room held by quiet sessions' credits (set by the controller): not
+    /// counted as covering the batches left, since it may never come.
+    quiet_held: AtomicU64,
     /// Wakes the controller: room freed, capacity changed, a credit used.
     wake: Notify,
 }
@@ -178,6 +194,7 @@ impl CreditPool {
             largest_chunk: AtomicU64::new(0),
             last_step: AtomicU64::new(u64::MAX),
             batches_left: AtomicU64::new(u64::MAX),
+            quiet_held: AtomicU64::new(0),
             wake: Notify::new(),
         })
     }
@@ -238,14 +255,18 @@ impl CreditPool {
         }
     }
 
-    /// Whether what is in use covers every batch the builder will still
-    /// collate: a further credit would only be counted untrained at the end.
+    /// Whether what is in use (by sessions not quiet) covers every batch
+    /// the builder will still collate: a further credit would only be
+    /// counted untrained at the end.
     fn covers_what_is_left(&self) -> bool {
         let needed = self
             .batches_left
             .load(Ordering::Acquire)
             .saturating_mul(self.building.load(Ordering::Relaxed));
-        self.in_use() >= needed
+        let coming = self
+            .in_use()
+            .saturating_sub(self.quiet_held.load(Ordering::Acquire));
+        coming >= needed
     }
 
     /// Called by the batch builder each time it starts a batch, saying
@@ -511,6 +532,8 @@ pub struct SessionCredits {
     /// Credits granted whose chunk has not arrived; the session lowers it
     /// with [`SessionCredits::used`].
     outstanding: Arc<AtomicU32>,
+    /// When a chunk last arrived (see [`Member::progress`]).
+    progress: Arc<Mutex<Instant>>,
     throttle: Arc<Throttle>,
     /// The session's chunks in memory, as the controller counts them: an
     /// actor idle because its session holds all it may is no sign that
@@ -586,6 +609,7 @@ impl SessionCredits {
     /// (Nor one held back near the end, where what is granted covers
     /// every batch left.)
     pub fn used(&self, idle: bool) {
+        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         let throttled = self.throttle.cap(Instant::now()).0.is_some();
         if idle
@@ -602,9 +626,21 @@ impl SessionCredits {
 struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
+    /// When the session last showed life: a chunk arrived, or it was
+    /// granted a credit while it held none (it joined, or came back for
+    /// more). Holding credits [`QUIET_AFTER`] past this, it is quiet.
+    progress: Arc<Mutex<Instant>>,
     memory: SessionMemory,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
+}
+
+impl Member {
+    /// When the session turns quiet, if it holds credits (it may be past).
+    fn quiet_from(&self) -> Option<Instant> {
+        (self.outstanding.load(Ordering::Acquire) > 0)
+            .then(|| *self.progress.lock().unwrap_or_else(PoisonError::into_inner) + QUIET_AFTER)
+    }
 }
 
 /// A request to join the rotation.
@@ -698,6 +734,7 @@ async fn control(
                 let Some(Join { reserve, max_held, reply }) = join else { return };
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
+                let progress = Arc::new(Mutex::new(Instant::now()));
                 let throttle = Arc::new(Throttle::default());
                 let memory = SessionMemory {
                     held: Arc::new(AtomicU64::new(0)),
@@ -706,6 +743,7 @@ async fn control(
                 let credits = SessionCredits {
                     tokens,
                     outstanding: outstanding.clone(),
+                    progress: progress.clone(),
                     throttle: throttle.clone(),
                     memory: memory.clone(),
                     pool: pool.clone(),
@@ -714,6 +752,7 @@ async fn control(
                     members.push_back(Member {
                         reserve,
                         outstanding,
+                        progress,
                         memory,
                         throttle,
                         tokens: sender,
@@ -737,12 +776,32 @@ fn grant_round_robin(
 ) -> Option<Instant> {
     let now = Instant::now();
     let mut next_resume: Option<Instant> = None;
+    let mut resume_at = |at: Instant| {
+        next_resume = Some(next_resume.map_or(at, |next: Instant| next.min(at)));
+    };
+    // Quiet sessions take nothing, and the room they hold does not cover
+    // the last batches; the controller looks again when the next one
+    // would turn quiet.
+    let quiet = |m: &Member| m.quiet_from().is_some_and(|from| from <= now);
+    let mut quiet_held = 0;
+    for member in members.iter() {
+        match member.quiet_from() {
+            Some(from) if from <= now => {
+                let credits = u64::from(member.outstanding.load(Ordering::Acquire));
+                quiet_held += credits * member.reserve;
+            }
+            Some(from) => resume_at(from),
+            None => {}
+        }
+    }
+    pool.quiet_held.store(quiet_held, Ordering::Release);
     // The fair share divides the room among the sessions that may take
     // credits: a paused one takes none (and its chunks arrive too old
-    // to train), so counting it would only shrink the others' shares.
+    // to train), nor does a quiet one, so counting them would only shrink
+    // the others' shares.
     let sessions = members
         .iter()
-        .filter(|m| m.throttle.cap(now).0 != Some(0))
+        .filter(|m| m.throttle.cap(now).0 != Some(0) && !quiet(m))
         .count()
         .max(1) as u64;
     let mut idle_in_a_row = 0;
@@ -755,9 +814,14 @@ fn grant_round_robin(
         let Some(member) = members.pop_front() else {
             break;
         };
+        if quiet(&member) {
+            idle_in_a_row += 1;
+            members.push_back(member);
+            continue;
+        }
         let (throttled, resume) = member.throttle.cap(now);
         if let Some(resume) = resume {
-            next_resume = Some(next_resume.map_or(resume, |next| next.min(resume)));
+            resume_at(resume);
         }
         // One more than the fair share of the current room, at least 2
         // (one chunk rolling out, one on the way), at most
@@ -782,7 +846,13 @@ fn grant_round_robin(
             && within_memory
             && match pool.try_reserve_leaving(member.reserve, kept) {
                 Some(mut token) => {
-                    member.outstanding.fetch_add(1, Ordering::AcqRel);
+                    if member.outstanding.fetch_add(1, Ordering::AcqRel) == 0 {
+                        // Back for more: its quiet clock starts now.
+                        *member
+                            .progress
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = now;
+                    }
                     member.memory.held.fetch_add(1, Ordering::AcqRel);
                     token.held = Some(member.memory.held.clone());
                     member.tokens.send(token).is_ok()
@@ -1328,6 +1398,65 @@ mod tests {
         pool.collated(1);
         settle().await;
         assert!(take(&mut session).is_empty(), "40 in use cover 2 batches");
+    }
+
+    /// A session that holds credits and sends nothing for [`QUIET_AFTER`]
+    /// (an actor paused or hung) takes no more, and near the end the room
+    /// it holds no longer stands for the last batches: the others are
+    /// granted them at once, not one batch per long wait until its
+    /// session is ended.
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_session_takes_no_more_and_does_not_hold_back_the_last_batches() {
+        // Batches of 10 one-transition chunks, a room of 10 batches, and
+        // 5 batches left to the end of the run.
+        let pool = CreditPool::new(10, 10, 10);
+        pool.capacity.store(100, Ordering::Relaxed);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        pool.last_step(5, 0);
+        let mut busy = controller.join(1, u64::MAX).await.unwrap();
+        let mut quiet = controller.join(1, u64::MAX).await.unwrap();
+        let mut hoard = Vec::new();
+        let (mut granted_busy, mut held_quiet) = (Vec::new(), Vec::new());
+        // The busy session sends back every chunk each tenth of a second,
+        // as the trainer would take them; the quiet one sends none.
+        for _ in 0..30 {
+            settle().await;
+            let tokens = take(&mut busy);
+            granted_busy.push(tokens.len());
+            for token in tokens {
+                busy.used(false);
+                drop(token);
+            }
+            hoard.extend(take(&mut quiet));
+            held_quiet.push(hoard.len());
+        }
+        // Until it turned quiet (2 s after its first credit, round 20), it
+        // took the credits of the last batches as the busy one sent its
+        // chunks back, and the busy one went without; from then on, the
+        // busy one is granted the last batches' worth each round.
+        let report = format!("busy took {granted_busy:?}, quiet held {held_quiet:?}");
+        assert_eq!(held_quiet[19], 50, "{report}");
+        assert!(granted_busy[10..20].iter().all(|&n| n == 0), "{report}");
+        assert!(granted_busy[21..].iter().all(|&n| n == 50), "{report}");
+        assert_eq!(held_quiet[29], 50, "{report}");
+
+        // With no end in sight and ten times the room, it still takes
+        // nothing, and the busy one holds all one session may.
+        for _ in take(&mut busy) {
+            busy.used(false);
+        }
+        pool.last_step(u64::MAX, 0);
+        pool.capacity.store(1000, Ordering::Relaxed);
+        pool.wake.notify_one();
+        settle().await;
+        assert_eq!(take(&mut busy).len(), MAX_CREDITS_PER_SESSION as usize);
+        assert!(take(&mut quiet).is_empty());
+        // One chunk of it arrives: it is served again.
+        quiet.used(false);
+        drop(hoard.pop());
+        settle().await;
+        assert!(!take(&mut quiet).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
