@@ -390,16 +390,12 @@ mod tests {
             token_file: path.display().to_string(),
             ..AuthConfig::default()
         };
-        // (FLGFN_TOKEN is not set in the test environment.)
-        if std::env::var(TOKEN_ENV).is_err() {
-            let token = load_token(&config).unwrap().unwrap();
-            assert!(token.matches(b"Bearer abcdefghijklmnopqrstuvwxyz"));
-        }
+        // FLGFN_TOKEN unset (whatever this process's environment holds).
+        let token = token_from(None, &config).unwrap().unwrap();
+        assert!(token.matches(b"Bearer abcdefghijklmnopqrstuvwxyz"));
         std::fs::remove_file(&path).unwrap();
-        let error = load_token(&config).unwrap_err().to_string();
+        let error = token_from(None, &config).unwrap_err().to_string();
         assert!(error.contains("auth.token_file"), "{error}");
-        if std::env::var(TOKEN_ENV).is_err() {
-            assert!(load_token(&AuthConfig::default()).unwrap().is_none());
-        }
+        assert!(token_from(None, &AuthConfig::default()).unwrap().is_none());
     }
 }
