@@ -11,7 +11,7 @@ cd "$work"
 # Bounded: a learner that hangs fails the check instead of the whole run.
 if timeout 300 env -i "$work/moved/bin/flgfn-learner" --listen 127.0.0.1:0 --local-actors --actors 1 \
     --max-steps 50 --checkpoint-dir "" >"$work/out.log" 2>&1 &&
-    grep -q "training finished" "$work/out.log"; then
+    grep -Eq "training finished steps=50 " "$work/out.log"; then
     echo "bundle: ok: trained 50 steps from a moved bundle with an empty environment"
 else
     echo "bundle: FAILED" >&2

@@ -138,12 +138,26 @@ wait_for 120 learner_healthy || fail "the restarted learner never became healthy
 grep -q "resuming from a checkpoint" <<<"$(docker logs "$learner" 2>&1)" || fail "the learner did not resume"
 wait_for 120 version_at_least $((before_kill + 100)) ||
     fail "no progress after the restart (version $(last_metric version), $before_kill before)"
-# Versions in the metrics file never go back (it is appended, not rewritten).
+# Versions in the metrics file never go back (the resumed learner drops its
+# reports past the checkpoint's step, and goes on above them).
 metrics | python3 -c '
 import json, sys
 versions = [json.loads(l)["version"] for l in sys.stdin if l.strip()]
 back = [(a, b) for a, b in zip(versions, versions[1:]) if b < a]
 sys.exit(f"versions went back: {back}" if back else 0)' || fail "versions went backwards"
+# Nor were versions issued twice: the resumed learner's checkpoint is older
+# than the kill, yet its versions start above every one published before
+# (the version floor), as its first report past the checkpoint's step shows.
+resumed_at="$(docker logs "$learner" 2>&1 | sed -n 's/.*resuming from a checkpoint.* step=\([0-9]*\) .*/\1/p' | tail -n 1)"
+[ -n "$resumed_at" ] || fail "no checkpoint step in the resumed learner's log"
+metrics | python3 -c '
+import json, sys
+resumed_at, before_kill = int(sys.argv[1]), int(sys.argv[2])
+reports = [json.loads(l) for l in sys.stdin if l.strip()]
+after = [r["version"] for r in reports if r["step"] > resumed_at]
+if not after or after[0] <= before_kill:
+    sys.exit(f"resumed at step {resumed_at}: first version {after[:1]}, up to {before_kill} published before the kill")
+' "$resumed_at" "$before_kill" || fail "versions were issued again after the restart"
 for actor in "${actors[@]}"; do
     [ "$(docker inspect --format '{{.State.Running}} {{.RestartCount}}' "$actor")" = "true 0" ] ||
         fail "actor $actor was not running through the restart"

@@ -74,7 +74,7 @@ if ! timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learn
 fi
 learner_totals "$work/metrics.jsonl" "$work/learner.log"
 sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
-if grep -q "training finished" "$work/learner.log" && [ -n "$sent" ] &&
+if grep -Eq "training finished steps=150 " "$work/learner.log" && [ -n "$sent" ] &&
     [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ]; then
     echo "python_actor: ok: the Python actor sent $sent transitions, the learner ingested $ingested by its last report, refused none, and finished 150 steps"
 else
@@ -124,7 +124,7 @@ fi
 actor_pid=""
 learner_totals "$work/learner-2.jsonl" "$work/learner-2.log"
 sessions="$(sed -n 's/.*weight versions, \([0-9]*\) sessions.*/\1/p' "$work/actor-2.log")"
-if grep -q "reconnecting" "$work/actor-2.log" && grep -q "training finished" "$work/learner-2.log" &&
+if grep -q "reconnecting" "$work/actor-2.log" && grep -Eq "training finished steps=300 " "$work/learner-2.log" &&
     [ -n "$sessions" ] && [ "$sessions" -ge 2 ] && [ "$ingested" -gt 0 ] && [ "$rejected" -eq 0 ]; then
     echo "python_actor: ok: after the learner was killed and restarted, the actor reconnected ($sessions sessions) and the new learner ingested $ingested transitions, refused none, and finished 300 steps"
 else
