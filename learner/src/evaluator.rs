@@ -172,6 +172,9 @@ pub struct Evaluation {
     pub top_k_mean_reward_this_evaluation: f64,
     /// Whether all quality thresholds hold (None without a reference).
     pub at_quality: Option<bool>,
+    /// Draws made uniformly because the policy's logits were not finite
+    /// at their state: the policy is no distribution there (diverged).
+    pub non_finite_draws: usize,
 }
 
 /// Keeps the best distinct terminal objects seen across evaluations.
@@ -464,6 +467,7 @@ impl Evaluator {
             top_k_samples: self.samples_so_far,
             top_k_mean_reward_this_evaluation: this_evaluation.mean_reward(),
             at_quality,
+            non_finite_draws: samples.non_finite_draws,
         }
     }
 }

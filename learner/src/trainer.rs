@@ -207,6 +207,9 @@ struct Progress {
     /// Of them, the checkpoint's this run resumed from.
     resumed_trained_transitions: u64,
     diverged_reports: u32,
+    /// The last evaluation's draws at states where the logits were not
+    /// finite: the final one's must be none.
+    non_finite_draws: usize,
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
     started: Option<Instant>,
@@ -472,6 +475,16 @@ impl Trainer {
             if let Err(error) = reported {
                 break 'training Err(error);
             }
+            // The run's product is its final policy: one that is no
+            // distribution somewhere is a failed run, not a finished one,
+            // even where it diverged too late for the reports in a row
+            // that stop a run (a short run, or its last steps).
+            if progress.non_finite_draws > 0 {
+                break 'training Err(LearnerError::Trainer(format!(
+                    "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there (lower learner.learning_rate)",
+                    progress.non_finite_draws
+                )));
+            }
             progress.version = progress.step + progress.version_offset;
             if let Err(error) = self.raise_version_floor(&mut progress) {
                 break 'training Err(error);
@@ -505,12 +518,15 @@ impl Trainer {
                 // the run would train nothing and write no last report (an
                 // experiment's run would fail on every retry); it resumes
                 // from the last checkpoint instead and trains the rest again.
+                // Nor of a last step whose policy diverged: resumed, that
+                // run would count as finished and end well.
                 let last_unreported = finished(&progress) && progress.report.step != progress.step;
-                if last_unreported {
+                let last_diverged = finished(&progress) && progress.non_finite_draws > 0;
+                if last_unreported || last_diverged {
                     warn!(
                         step = progress.step,
                         %error,
-                        "no checkpoint of the last step without its report: a resume trains again from the last checkpoint"
+                        "no checkpoint of the last step (its report failed, or its policy diverged): a resume trains again from the last checkpoint"
                     );
                 } else if let Some(dir) = &self.checkpoint_dir {
                     let saved = self.save_last_checkpoint(
@@ -995,6 +1011,7 @@ impl Trainer {
         let eval_started = Instant::now();
         let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
         let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
+        progress.non_finite_draws = evaluation.non_finite_draws;
         let eval_s = eval_started.elapsed();
         progress.time_left_out += eval_s;
         // The report's own bookkeeping (its line, the metrics file, the

@@ -619,6 +619,30 @@ async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run that diverges too late for three reports in a row (here, a short
+/// run with one report, at its end) fails too: its final policy's logits
+/// are not finite. No checkpoint of its last step is kept, so a resume
+/// trains again from the one before (and fails again) rather than find the
+/// run finished and end well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
+    let dir = scratch("diverged-at-the-end");
+    let (mut config, checkpoints) = checkpointed(&dir, 15, 25);
+    config.learner.first_report_s = 1e6;
+    config.learner.report_every_s = 1e6;
+    config.learner.learning_rate = 1e30;
+    let metrics = dir.join("metrics.jsonl");
+    for run in ["first", "resumed"] {
+        let error = failed_run(&config, &metrics).await;
+        assert!(
+            error.contains("the final policy's logits are not finite"),
+            "{run}: {error}"
+        );
+        assert_eq!(checkpoint_steps(&checkpoints), [15], "{run}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// TB's log Z and the policy step together: when only log Z's update
 /// overflows (a log Z learning rate beyond f32's range), the policy's step
 /// is undone too, every step, and the run stops as diverged with nothing
