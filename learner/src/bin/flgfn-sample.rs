@@ -65,7 +65,12 @@ fn format_of(path: &Path) -> anyhow::Result<Format> {
         .map(|e| e.to_string_lossy().to_ascii_lowercase());
     match extension.as_deref() {
         Some("csv") => Ok(Format::Csv),
-        None | Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
+        None | Some("jsonl" | "ndjson") => Ok(Format::Jsonl),
+        // JSON lines are no JSON document: json.load would fail on them.
+        Some("json") => bail!(
+            "--out {}: .json would hold JSON lines, not one JSON document: name it .jsonl, or say --format",
+            path.display()
+        ),
         Some(other) => bail!(
             "--out {}: .{other} names neither format written here (jsonl, csv): use a .jsonl or .csv name, or say --format",
             path.display()
