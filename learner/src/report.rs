@@ -178,6 +178,11 @@ pub struct Report {
     /// Batches skipped so far because their loss or gradients were not
     /// finite (the weights and Adam's moments stay as they were).
     pub skipped_batches: u64,
+    /// Draws this evaluation made uniformly because the policy's logits
+    /// were not finite at their state: a diverged model, no sampler there
+    /// (a final report with any fails the run).
+    #[serde(default)]
+    pub non_finite_draws: usize,
     /// Number of evaluation samples behind the distribution metrics.
     pub eval_samples: usize,
     /// Seconds the evaluation took (not part of `wall_s`).

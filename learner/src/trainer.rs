@@ -1080,6 +1080,7 @@ impl Trainer {
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
             skipped_batches: progress.totals.skipped_batches,
+            non_finite_draws: evaluation.non_finite_draws,
             eval_samples: self.config.learner.eval_samples,
             eval_s: eval_s.as_secs_f64(),
             ..Report::default()

@@ -478,10 +478,13 @@ fn describe(point: Option<(u64, f64)>) -> String {
     })
 }
 
+/// Whether `reports` reach `max_steps` with a policy that samples: a run
+/// whose final policy diverged (its learner failed) is a failed run, and
+/// is run again at the next start.
 fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
     reports
         .last()
-        .is_some_and(|r| r.step >= spec.config.learner.max_steps)
+        .is_some_and(|r| r.step >= spec.config.learner.max_steps && r.non_finite_draws == 0)
 }
 
 /// Starts one learner with its local actors and waits for it, printing
@@ -1110,6 +1113,14 @@ mod tests {
         assert_eq!(error.to_string(), "exit status: 1");
         let none = Err(anyhow::anyhow!("cannot read metrics.jsonl"));
         assert!(judge(&spec, "run", failed(), none).is_err());
+        // Reports that reach the end with a diverged final policy: the
+        // learner's failure, not a finished run (nor at a later start).
+        let mut last = report(300, false, 0.0);
+        last.non_finite_draws = 7;
+        let diverged = || Ok(vec![report(100, false, 0.0), last.clone()]);
+        let error = judge(&spec, "run", failed(), diverged()).unwrap_err();
+        assert_eq!(error.to_string(), "exit status: 1");
+        assert!(!finished(&spec, &diverged().unwrap()));
     }
 
     /// A configuration whose every seed failed keeps its place in the
