@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
 use tonic::body::Body;
@@ -130,7 +130,7 @@ impl Transport {
             (
                 "tls_handshake_failed",
                 format!(
-                    "a TLS handshake did not complete: the client may not trust this learner's certificate (its tls.ca_file must hold the CA that signed it, and the certificate must name the host the client dials){}; the client's log says which",
+                    "a TLS handshake did not complete: the client may not trust this learner's certificate (its tls.ca_file must hold the CA that signed it, and the certificate must name the host the client dials){}, or it gave up half-way; the client's log says which",
                     if mutual {
                         ", or sent no client certificate that this learner's tls.ca_file signed"
                     } else {
@@ -148,8 +148,14 @@ impl Transport {
 fn report_mismatch(stats: &IngestStats, reason: &str, message: &str, peer: Option<SocketAddr>) {
     let count = stats.refuse(reason);
     if count.is_power_of_two() {
-        warn!(?peer, so_far = count, counted_as = reason, "{message}");
+        warn!(peer = %peer_text(peer), so_far = count, counted_as = reason, "{message}");
     }
+}
+
+/// A peer's address for a log line ("unknown" where the socket no longer
+/// knows it).
+fn peer_text(peer: Option<SocketAddr>) -> String {
+    peer.map_or_else(|| "unknown".to_owned(), |address| address.to_string())
 }
 
 /// A connection found idle just as bytes arrived waits this much longer
@@ -424,12 +430,15 @@ pub struct CountedConnection {
     served: AtomicBool,
     /// Where mismatches are counted.
     stats: Arc<IngestStats>,
+    /// True once the learner stops: handshakes it cuts short then are not
+    /// the client's failure.
+    stopping: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Drop for CountedConnection {
     fn drop(&mut self) {
-        let served = *self.served.get_mut();
+        let served = *self.served.get_mut() || *self.stopping.borrow();
         if let Some((reason, message)) = self.transport.failed_handshake(self.first_byte, served) {
             report_mismatch(&self.stats, reason, &message, self.stream.peer_addr().ok());
         }
@@ -498,13 +507,15 @@ impl CountedConnection {
 /// tonic's own listener would set them), at most `max` open at once; those
 /// beyond are closed and counted in `stats`. Each is closed once it has had
 /// no call in progress for `idle_after`. Clients that do not speak
-/// `transport`, or fail its handshake, are counted there too.
+/// `transport`, or fail its handshake before `stopping` turns true, are
+/// counted there too.
 pub fn incoming(
     listener: TcpListener,
     transport: Transport,
     max: usize,
     idle_after: Duration,
     stats: Arc<IngestStats>,
+    stopping: watch::Receiver<bool>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
     let failed_accepts = Arc::new(AtomicU64::new(0));
@@ -546,6 +557,7 @@ pub fn incoming(
                     first_byte: None,
                     served: AtomicBool::new(false),
                     stats: stats.clone(),
+                    stopping: stopping.clone(),
                     _permit: permit,
                 })),
                 Err(_) => {
@@ -553,7 +565,7 @@ pub fn incoming(
                     let count = stats.refuse("too_many_connections");
                     if count.is_power_of_two() {
                         warn!(
-                            peer = ?stream.peer_addr().ok(),
+                            peer = %peer_text(stream.peer_addr().ok()),
                             max,
                             closed_so_far = count,
                             "closed a connection beyond learner.max_connections"
@@ -683,12 +695,14 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let stats = Arc::new(IngestStats::default());
+        let (_stop, stopping) = watch::channel(false);
         let mut accepted = Box::pin(incoming(
             listener,
             transport,
             4,
             Duration::from_secs(60),
             stats.clone(),
+            stopping,
         ));
         let mut client = TcpStream::connect(address).await.unwrap();
         client.write_all(first_bytes).await.unwrap();

@@ -512,6 +512,7 @@ pub async fn serve(
                     connections::connection_cap(config.learner.max_connections),
                     Duration::from_secs_f64(config.learner.idle_connection_s),
                     stats.clone(),
+                    stop.clone(),
                 ),
                 async move {
                     let _ = server_stop.wait_for(|stopped| *stopped).await;
