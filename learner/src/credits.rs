@@ -40,12 +40,14 @@
 //! would otherwise take the room as it comes back and starve one of large
 //! chunks); a session whose actor sits on a credit for
 //! `learner.stall_timeout_s` is ended, which returns its credits. Before
-//! that, a session that holds credits and has sent no chunk for
-//! [`QUIET_AFTER`] is quiet: it is granted nothing more, leaves the fair
-//! share to the others, and its credits no longer count as covering the
-//! last batches, until a chunk of it arrives (an actor paused or hung would
-//! otherwise soak up a growing share of the room, and near the end hold
-//! back the last steps until its session is ended). Near
+//! that, a session that holds credits and has sent no chunk for a while
+//! ([`QUIET_AFTER`], or four times its own pace) is quiet: it is granted
+//! nothing more, and its credits no longer count as covering the last
+//! batches, until a chunk of it arrives (an actor paused or hung would
+//! otherwise soak up its share of every credit let out, and near the end
+//! hold back the last steps until its session is ended). Its fair share
+//! stays its own: a session slow to send its first chunk (weights to
+//! load, a GPU to warm up) finds it there. Near
 //! `learner.max_steps`, credits are granted only while what is in use
 //! falls short of the batches the builder will still collate
 //! ([`CreditPool::collated`]), and none after the last; each long wait
@@ -75,12 +77,50 @@ use tokio::time::Instant;
 /// actor rolling out one chunk at a time needs in flight.
 pub const MAX_CREDITS_PER_SESSION: u32 = 64;
 
-/// A session holding credits that has sent no chunk for this long (nor
-/// received its first credit since it held none) is quiet (see the module
-/// docs). Far longer than a chunk takes to come back on any link measured
-/// (a rollout and 25 ms each way: about 60 ms), far shorter than
-/// `learner.stall_timeout_s`.
+/// A session holding credits that has sent no chunk for this long, and for
+/// four times its usual interval between chunks, counted from its last
+/// chunk (or from the credit that ended a time with none), is quiet (see
+/// the module docs). Far longer than a chunk of the default job takes to
+/// come back on any link measured (a rollout and 25 ms each way: about
+/// 60 ms), far shorter than `learner.stall_timeout_s`; actors slower than
+/// that set their own pace.
 pub const QUIET_AFTER: Duration = Duration::from_secs(2);
+
+/// How many of its usual intervals between chunks a session may go
+/// without one before it is quiet.
+const QUIET_INTERVALS: u32 = 4;
+
+/// A session's chunks in time, to tell when it has gone quiet.
+#[derive(Debug)]
+struct Pace {
+    /// The last chunk's arrival, or the credit that ended a time with none.
+    last: Instant,
+    /// The usual interval between its chunks (a moving average; None
+    /// before the second).
+    interval: Option<Duration>,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Arc<Mutex<Self>> {
+        Arc::new(Mutex::new(Pace {
+            last: now,
+            interval: None,
+        }))
+    }
+
+    /// A chunk arrived.
+    fn arrived(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last);
+        self.interval = Some(self.interval.map_or(gap, |usual| (usual * 7 + gap) / 8));
+        self.last = now;
+    }
+
+    /// When the session turns quiet if no chunk comes.
+    fn quiet_from(&self) -> Instant {
+        let usual = self.interval.unwrap_or_default() * QUIET_INTERVALS;
+        self.last + QUIET_AFTER.max(usual)
+    }
+}
 
 /// The room starts at this many smallest batches (within the ceiling):
 /// the room opens by at most a doubling per turn of the credits, and each
@@ -532,8 +572,8 @@ pub struct SessionCredits {
     /// Credits granted whose chunk has not arrived; the session lowers it
     /// with [`SessionCredits::used`].
     outstanding: Arc<AtomicU32>,
-    /// When a chunk last arrived (see [`Member::progress`]).
-    progress: Arc<Mutex<Instant>>,
+    /// Its chunks in time (see [`Member::pace`]).
+    pace: Arc<Mutex<Pace>>,
     throttle: Arc<Throttle>,
     /// The session's chunks in memory, as the controller counts them: an
     /// actor idle because its session holds all it may is no sign that
@@ -609,7 +649,10 @@ impl SessionCredits {
     /// (Nor one held back near the end, where what is granted covers
     /// every batch left.)
     pub fn used(&self, idle: bool) {
-        *self.progress.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.pace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .arrived(Instant::now());
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
         let throttled = self.throttle.cap(Instant::now()).0.is_some();
         if idle
@@ -626,10 +669,9 @@ impl SessionCredits {
 struct Member {
     reserve: u64,
     outstanding: Arc<AtomicU32>,
-    /// When the session last showed life: a chunk arrived, or it was
-    /// granted a credit while it held none (it joined, or came back for
-    /// more). Holding credits [`QUIET_AFTER`] past this, it is quiet.
-    progress: Arc<Mutex<Instant>>,
+    /// Its chunks in time: holding credits past [`Pace::quiet_from`], it
+    /// is quiet.
+    pace: Arc<Mutex<Pace>>,
     memory: SessionMemory,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
@@ -638,8 +680,12 @@ struct Member {
 impl Member {
     /// When the session turns quiet, if it holds credits (it may be past).
     fn quiet_from(&self) -> Option<Instant> {
-        (self.outstanding.load(Ordering::Acquire) > 0)
-            .then(|| *self.progress.lock().unwrap_or_else(PoisonError::into_inner) + QUIET_AFTER)
+        (self.outstanding.load(Ordering::Acquire) > 0).then(|| {
+            self.pace
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .quiet_from()
+        })
     }
 }
 
@@ -734,7 +780,7 @@ async fn control(
                 let Some(Join { reserve, max_held, reply }) = join else { return };
                 let (sender, tokens) = mpsc::unbounded_channel();
                 let outstanding = Arc::new(AtomicU32::new(0));
-                let progress = Arc::new(Mutex::new(Instant::now()));
+                let pace = Pace::new(Instant::now());
                 let throttle = Arc::new(Throttle::default());
                 let memory = SessionMemory {
                     held: Arc::new(AtomicU64::new(0)),
@@ -743,7 +789,7 @@ async fn control(
                 let credits = SessionCredits {
                     tokens,
                     outstanding: outstanding.clone(),
-                    progress: progress.clone(),
+                    pace: pace.clone(),
                     throttle: throttle.clone(),
                     memory: memory.clone(),
                     pool: pool.clone(),
@@ -752,7 +798,7 @@ async fn control(
                     members.push_back(Member {
                         reserve,
                         outstanding,
-                        progress,
+                        pace,
                         memory,
                         throttle,
                         tokens: sender,
@@ -797,11 +843,11 @@ fn grant_round_robin(
     pool.quiet_held.store(quiet_held, Ordering::Release);
     // The fair share divides the room among the sessions that may take
     // credits: a paused one takes none (and its chunks arrive too old
-    // to train), nor does a quiet one, so counting them would only shrink
-    // the others' shares.
+    // to train), so counting it would only shrink the others' shares. (A
+    // quiet one counts: its share waits for it to send again.)
     let sessions = members
         .iter()
-        .filter(|m| m.throttle.cap(now).0 != Some(0) && !quiet(m))
+        .filter(|m| m.throttle.cap(now).0 != Some(0))
         .count()
         .max(1) as u64;
     let mut idle_in_a_row = 0;
@@ -848,10 +894,11 @@ fn grant_round_robin(
                 Some(mut token) => {
                     if member.outstanding.fetch_add(1, Ordering::AcqRel) == 0 {
                         // Back for more: its quiet clock starts now.
-                        *member
-                            .progress
+                        member
+                            .pace
                             .lock()
-                            .unwrap_or_else(PoisonError::into_inner) = now;
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .last = now;
                     }
                     member.memory.held.fetch_add(1, Ordering::AcqRel);
                     token.held = Some(member.memory.held.clone());
@@ -1398,6 +1445,26 @@ mod tests {
         pool.collated(1);
         settle().await;
         assert!(take(&mut session).is_empty(), "40 in use cover 2 batches");
+    }
+
+    /// An actor slower than [`QUIET_AFTER`] per chunk sets its own pace:
+    /// it is quiet only after four of its usual intervals without a chunk.
+    #[test]
+    fn a_slow_session_is_quiet_only_after_four_of_its_intervals() {
+        let start = Instant::now();
+        let pace = Pace::new(start);
+        let mut pace = pace.lock().unwrap();
+        assert_eq!(pace.quiet_from(), start + QUIET_AFTER);
+        let second = Duration::from_secs(1);
+        for chunk in 1..=20 {
+            pace.arrived(start + 3 * chunk * second);
+        }
+        assert_eq!(pace.quiet_from(), start + 60 * second + 12 * second);
+        // Fast again: back to QUIET_AFTER as its average falls.
+        for chunk in 1..=40 {
+            pace.arrived(start + 60 * second + chunk * Duration::from_millis(10));
+        }
+        assert_eq!(pace.quiet_from(), pace.last + QUIET_AFTER);
     }
 
     /// A session that holds credits and sends nothing for [`QUIET_AFTER`]
