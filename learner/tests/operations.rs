@@ -850,6 +850,18 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         "{message}"
     );
     assert!(!parquet.exists());
+    // Nor .json: JSON lines are no JSON document.
+    let json = dir.join("samples.json");
+    let message = sample_refused(&[
+        "--config",
+        config,
+        "--checkpoint",
+        checkpoints.to_str().unwrap(),
+        "--out",
+        json.to_str().unwrap(),
+    ]);
+    assert!(message.contains("name it .jsonl"), "{message}");
+    assert!(!json.exists());
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");
