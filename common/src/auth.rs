@@ -146,10 +146,19 @@ fn check_key_pair(config: &TlsConfig, cert: &[u8], key: &[u8]) -> Result<(), Con
                 config.key_file, config.cert_file
             ),
         )),
-        Err(e @ rustls::Error::InvalidCertificate(_)) => Err(ConfigError::invalid(
-            "tls.cert_file",
-            format!("{}: {e}", config.cert_file),
-        )),
+        // (rustls says "invalid peer certificate", of this process's own;
+        // webpki's reason travels as an opaque error: by its name.)
+        Err(rustls::Error::InvalidCertificate(reason)) => {
+            let why = if format!("{reason:?}").contains("UnsupportedCertVersion") {
+                "an X.509 version 1 certificate: it has no extensions, so no subjectAltName for the names clients dial (`openssl x509 -req` makes one without `-extfile`); sign it again with its names, as in the README's OpenSSL recipe".to_owned()
+            } else {
+                format!("the certificate cannot be used: {reason:?}")
+            };
+            Err(ConfigError::invalid(
+                "tls.cert_file",
+                format!("{}: {why}", config.cert_file),
+            ))
+        }
         Err(e) => Err(ConfigError::invalid(
             "tls.key_file",
             format!("{}: the private key cannot be used: {e}", config.key_file),
@@ -291,6 +300,46 @@ fn token_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An X.509 version 1 certificate (self-signed by `openssl x509 -req`
+    /// without `-extfile`, valid to 2126) and its key, made for this test
+    /// alone (it guards nothing).
+    const VERSION_1_CERT: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBJDCBywIUYzy0dC+Nwjr+rMhmvNGCr5ks8WowCgYIKoZIzj0EAwIwFDESMBAG\n\
+A1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwNTA2NDgwN1oYDzIxMjYxMTExMDY0ODA3\n\
+WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC\n\
+AAQb80nr3bPs04li6BkIZ4Zk8nVyN+2HH4NaO2RgLBoUvyPXB2Z+x3HeMpRekopg\n\
+FN/dqdGiBG3lJhDrLJwtQlkCMAoGCCqGSM49BAMCA0gAMEUCIGC3zBVzt3qf1QIV\n\
+PSJ2BGBb47U1a32aroghglnoFfbfAiEA7WtE+IlaJRqpDOBIy1jySfXcIJEFE9ye\n\
+u6DOd5BEyXU=\n\
+-----END CERTIFICATE-----\n";
+    const VERSION_1_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg2d4dvfJFpAHP+xHc\n\
+XVmIw8nAlOuivdP6Ts249XncoDGhRANCAAQb80nr3bPs04li6BkIZ4Zk8nVyN+2H\n\
+H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
+-----END PRIVATE KEY-----\n";
+
+    #[test]
+    fn a_version_1_certificate_is_named_as_such() {
+        let dir = std::env::temp_dir().join(format!("flgfn-v1-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("v1.pem"), dir.join("v1.key"));
+        std::fs::write(&cert, VERSION_1_CERT).unwrap();
+        std::fs::write(&key, VERSION_1_KEY).unwrap();
+        let config = TlsConfig {
+            cert_file: cert.display().to_string(),
+            key_file: key.display().to_string(),
+            ..TlsConfig::default()
+        };
+        let error = read_tls(&config).err().unwrap().to_string();
+        assert!(
+            error.contains("tls.cert_file")
+                && error.contains("X.509 version 1")
+                && !error.contains("peer"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     /// A line of a .env file, or a quoted token, is refused, not taken
     /// whole; the token says where it was read, the variable over the file.
