@@ -203,7 +203,78 @@ fn colour_allowed() -> bool {
 /// The common convention for colours off a terminal.
 pub const COLOUR_FORCE_VARIABLE: &str = "CLICOLOR_FORCE";
 
-/// The process exit status for a binary's result, printing an error as
+/// A binary's flags, parsed as [`clap::Parser::parse`] does, except that a
+/// bad value that came from a variable (`FLGFN_LOG_FORMAT=xml`, an empty
+/// `FLGFN_CONFIG`) is blamed on the variable: clap names only the flag,
+/// which the user never typed.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            match variable_at_fault(&T::command(), &error, &args, |name| std::env::var_os(name)) {
+                Some(message) => {
+                    crate::errln!("{}: error: {message}", T::command().get_name());
+                    std::process::exit(2);
+                }
+                None => error.exit(),
+            }
+        }
+    }
+}
+
+/// The message for `error` when the value it refuses came from an
+/// argument's variable (`read` looks variables up): the flag is not among
+/// `args`, and the variable is set.
+fn variable_at_fault(
+    command: &clap::Command,
+    error: &clap::Error,
+    args: &[std::ffi::OsString],
+    read: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // "--log-format <LOG_FORMAT>"
+    let long = invalid.split_whitespace().next()?.strip_prefix("--")?;
+    let arg = command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))?;
+    let variable = arg.get_env()?.to_str()?;
+    let flag = format!("--{long}");
+    let typed = args.iter().skip(1).any(|given| {
+        let given = given.to_string_lossy();
+        given == flag || given.starts_with(&format!("{flag}="))
+    });
+    if typed {
+        return None;
+    }
+    let value = read(variable)?;
+    if value.is_empty() {
+        return Some(format!(
+            "{variable} is set but empty: unset it, or give it a value (it stands for {flag})"
+        ));
+    }
+    let possible = match error.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(values)) => format!(" (possible values: {})", values.join(", ")),
+        _ => String::new(),
+    };
+    // A value parser's own reason (FLGFN_RESUME_CHANGED's, say).
+    let why = std::error::Error::source(error).map_or(String::new(), |why| format!(": {why}"));
+    Some(format!(
+        "{variable}={}: not a valid value for {flag}{possible}{why}",
+        value.to_string_lossy()
+    ))
+}
+
+/// The process exit status for a binary's result, printing an error as/// The process exit status for a binary's result, printing an error as
 /// `program: error: cause: cause...` (`{:#}` gives anyhow's one-line chain,
 /// without the backtrace its Debug form adds).
 pub fn exit_status<E: std::fmt::Display>(

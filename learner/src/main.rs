@@ -109,7 +109,7 @@ fn yes_or_no(text: &str) -> Result<bool, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with_live_line(args.log.log_format);
     telemetry::exit_status("flgfn-learner", run(args))
 }

@@ -106,6 +106,40 @@ fn resume_changed_contradicts_fresh_only_when_on() {
     }
 }
 
+/// A bad value from a variable is blamed on the variable, which the user
+/// set, not on the flag it stands for, which clap alone would name; one
+/// typed on the command line is still clap's to report.
+#[test]
+fn a_bad_value_from_a_variable_names_the_variable() {
+    let refused = |args: &[&str], env: &[(&str, &str)]| {
+        let output = command(&learner_binary())
+            .args(args)
+            .arg("--print-config")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?} {env:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let said = refused(&[], &[("FLGFN_LOG_FORMAT", "xml")]);
+    assert!(
+        said.contains("FLGFN_LOG_FORMAT=xml") && said.contains("possible values: text, json"),
+        "{said}"
+    );
+    let said = refused(&[], &[("FLGFN_CONFIG", "")]);
+    assert!(said.contains("FLGFN_CONFIG is set but empty"), "{said}");
+    let said = refused(&[], &[("FLGFN_RESUME_CHANGED", "maybe")]);
+    assert!(
+        said.contains("FLGFN_RESUME_CHANGED=maybe") && said.contains("takes 1, true or yes"),
+        "{said}"
+    );
+    let said = refused(&["--log-format", "xml"], &[("FLGFN_LOG_FORMAT", "json")]);
+    assert!(
+        said.contains("'--log-format <LOG_FORMAT>'") && !said.contains("FLGFN_LOG_FORMAT="),
+        "{said}"
+    );
+}
+
 /// A variable that is not UTF-8 stops nothing unless it is an `FLGFN_`
 /// configuration key (`FLGFN_SEED`, `FLGFN_<SECTION>__<KEY>`), which is an
 /// error naming it (`std::env::vars()` would panic on either); a path in

@@ -21,7 +21,7 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with(args.log.log_format);
     telemetry::exit_status("flgfn-loadgen", run(args))
 }

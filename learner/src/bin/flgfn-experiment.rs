@@ -65,7 +65,10 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 
 fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
-    flgfn_common::telemetry::exit_status("flgfn-experiment", run(Args::parse()))
+    flgfn_common::telemetry::exit_status(
+        "flgfn-experiment",
+        run(flgfn_common::telemetry::parse_args()),
+    )
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

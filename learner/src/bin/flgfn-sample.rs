@@ -80,7 +80,7 @@ fn format_of(path: &Path) -> anyhow::Result<Format> {
 
 fn main() -> std::process::ExitCode {
     flgfn_common::telemetry::init();
-    flgfn_common::telemetry::exit_status("flgfn-sample", run(Args::parse()))
+    flgfn_common::telemetry::exit_status("flgfn-sample", run(flgfn_common::telemetry::parse_args()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
