@@ -869,33 +869,27 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     ]);
     assert!(message.contains("no such folder"), "{message}");
     // An extension that names neither format is refused, before anything
-    // is written, not written as JSON lines under a Parquet name.
-    let parquet = dir.join("samples.parquet");
-    let message = sample_refused(&[
-        "--config",
-        config,
-        "--checkpoint",
-        checkpoints.to_str().unwrap(),
-        "--out",
-        parquet.to_str().unwrap(),
-    ]);
-    assert!(
-        message.contains(".parquet names neither format") && message.contains("--format"),
-        "{message}"
-    );
-    assert!(!parquet.exists());
-    // Nor .json: JSON lines are no JSON document.
-    let json = dir.join("samples.json");
-    let message = sample_refused(&[
-        "--config",
-        config,
-        "--checkpoint",
-        checkpoints.to_str().unwrap(),
-        "--out",
-        json.to_str().unwrap(),
-    ]);
-    assert!(message.contains("name it .jsonl"), "{message}");
-    assert!(!json.exists());
+    // is written, not written as JSON lines under its name; nor .json
+    // (JSON lines are no JSON document).
+    for (name, said) in [
+        ("samples.parquet", ".parquet names neither format"),
+        ("samples.json", "name it .jsonl"),
+    ] {
+        let out = dir.join(name);
+        let message = sample_refused(&[
+            "--config",
+            config,
+            "--checkpoint",
+            checkpoints.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            message.contains(said) && message.contains("--format"),
+            "{message}"
+        );
+        assert!(!out.exists());
+    }
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");
