@@ -316,7 +316,19 @@ fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
     {
         missing.push(parent);
     }
-    fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    fs::create_dir_all(dir).map_err(|e| {
+        // "File exists" would hide what is wrong: a file (or a link to
+        // one) where the folder should be.
+        if e.kind() == std::io::ErrorKind::AlreadyExists
+            && let Some(file) = missing.iter().find(|folder| folder.exists())
+        {
+            return LearnerError::Checkpoint(format!(
+                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file): move it away, or choose another learner.checkpoint_dir",
+                file.display()
+            ));
+        }
+        io_error(dir, e)
+    })?;
     for folder in missing.iter().rev() {
         let parent = parent_of(folder).unwrap_or(Path::new("."));
         match File::open(parent).and_then(|d| d.sync_all()) {

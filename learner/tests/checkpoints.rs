@@ -345,8 +345,9 @@ async fn a_checkpoint_that_cannot_be_written_ends_training() {
     });
     let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
     replace.await.unwrap();
+    // Said as what it is, not as "File exists".
     assert!(
-        error.contains(&checkpoints.display().to_string()),
+        error.contains(&format!("{}: not a folder", checkpoints.display())),
         "{error}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
