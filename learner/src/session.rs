@@ -245,6 +245,12 @@ impl Session {
                 let done = *done.borrow();
                 let ended_by = if done {
                     "training done".to_owned()
+                } else if status.code() == Code::Unknown
+                    && status.message().contains("h2 protocol error")
+                {
+                    // The actor's connection broke under its stream (a
+                    // killed actor, a cut link): tonic has no code for it.
+                    format!("the connection was lost ({})", status.message())
                 } else {
                     format!("{:?}: {}", status.code(), status.message())
                 };

@@ -1214,6 +1214,33 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An actor killed mid-session: its session ends, said as a lost
+/// connection (tonic's status for it is only "Unknown: h2 protocol error").
+#[test]
+fn a_killed_actor_ends_its_session_as_a_lost_connection() {
+    let dir = scratch("killed-actor");
+    let config = tiny_config_file(&dir, 0);
+    let port = free_port();
+    let metrics = dir.join("metrics.jsonl");
+    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
+    let learner_log = support::learner_log(&metrics);
+    let actor = connected_actor(port, &config, &dir.join("actor.log"));
+    wait_for_log(&learner_log, "trained/s=");
+    drop(actor);
+    wait_for_log(&learner_log, "session ended");
+    let log = std::fs::read_to_string(&learner_log).unwrap();
+    let ended = log
+        .lines()
+        .find(|line| line.contains("session ended"))
+        .unwrap();
+    assert!(
+        ended.contains("ended_by=\"the connection was lost"),
+        "{ended}"
+    );
+    drop(learner);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let dir = scratch("stop-while-draining");
