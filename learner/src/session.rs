@@ -39,6 +39,12 @@ const DONE_GRACE: Duration = Duration::from_secs(10);
 /// reading grants must not keep the session, its place and its buffers.
 const LAST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// When the stall clock runs out, what the connection already holds gets
+/// this long to be read before the session ends: the clock also runs while
+/// the learner itself is paused (SIGSTOP, a VM paused, swapping), and the
+/// chunks a healthy actor sent meanwhile wait unread in the connection.
+const STALL_GRACE: Duration = Duration::from_secs(1);
+
 /// Chunks in a row that must arrive already stale before a session's
 /// credits pause: one can be a hiccup (a slow rollout, a burst of steps).
 const STALE_ARRIVALS_TO_PAUSE: u32 = 2;
@@ -292,15 +298,25 @@ impl Session {
         // many credits fills them one at a time, and its oldest credit
         // waits behind all the others.
         let stalled_after = self.state.stalled_after;
+        // The stall clock's start when it last ran out, and when: the
+        // session ends if no chunk moves the start within STALL_GRACE.
+        let mut ran_out: Option<(Instant, Instant)> = None;
         loop {
             let since = progress.unused.front().map(|(_, granted)| {
                 progress
                     .last_chunk_at
                     .map_or(*granted, |at| at.max(*granted))
             });
+            if ran_out.is_some_and(|(start, _)| since != Some(start)) {
+                ran_out = None;
+            }
+            let deadline = match (since, ran_out) {
+                (Some(_), Some((_, at))) => Some(at + STALL_GRACE),
+                (since, _) => since.map(|since| since + stalled_after),
+            };
             let stalled = async {
-                match since {
-                    Some(since) => tokio::time::sleep_until((since + stalled_after).into()).await,
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
                     None => std::future::pending().await,
                 }
             };
@@ -363,6 +379,10 @@ impl Session {
                 // session was busy (sending a grant, waiting for an ingest
                 // slot) answers its credit even if the timer ran out since.
                 () = stalled => {
+                    if ran_out.is_none() {
+                        ran_out = since.map(|since| (since, Instant::now()));
+                        continue;
+                    }
                     return Err(self.stalled(format!(
                         "held a credit for {stalled_after:?} without sending its chunk (learner.stall_timeout_s)"
                     )));

@@ -1214,6 +1214,41 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner paused (SIGSTOP) for longer than `learner.stall_timeout_s`
+/// does not end its healthy actor's session when it resumes: what the actor
+/// sent meanwhile, waiting in the connection, is read first.
+#[test]
+fn a_paused_learner_does_not_blame_its_actor_for_the_pause() {
+    let dir = scratch("paused-learner");
+    let config = tiny_config_file(&dir, 0);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[learner]\n", "[learner]\nstall_timeout_s = 2.0\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let metrics = dir.join("metrics.jsonl");
+    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
+    let learner_log = support::learner_log(&metrics);
+    let _actor = connected_actor(port, &config, &dir.join("actor.log"));
+    wait_for_log(&learner_log, "trained/s=");
+    // Twice: the session holds an unused credit at the pause only when
+    // the pause finds it so (without the grace, 1 pause in 3 ended it).
+    for _ in 0..2 {
+        freeze(learner.id());
+        std::thread::sleep(Duration::from_secs(3));
+        signal(learner.id(), "CONT");
+        // Two reports later, past the grace the stall clock gives.
+        let reports = count_in_log(&learner_log, "trained/s=");
+        wait_for_more_in_log(&learner_log, "trained/s=", reports + 1);
+    }
+    let log = std::fs::read_to_string(&learner_log).unwrap();
+    assert!(!log.contains("stalled"), "{log}");
+    drop(learner);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An actor killed mid-session: its session ends, said as a lost
 /// connection (tonic's status for it is only "Unknown: h2 protocol error").
 #[test]
