@@ -1214,6 +1214,15 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner process on a free port with `config`, its metrics in `dir`:
+/// the process (killed when dropped), its port and its log.
+fn learner_on_a_free_port(dir: &Path, config: &Path) -> (support::KillOnDrop, u16, PathBuf) {
+    let port = free_port();
+    let metrics = dir.join("metrics.jsonl");
+    let learner = support::learner_process(&format!("127.0.0.1:{port}"), config, &metrics, &[]);
+    (learner, port, support::learner_log(&metrics))
+}
+
 /// A learner paused (SIGSTOP) for longer than `learner.stall_timeout_s`
 /// does not end its healthy actor's session when it resumes: what the actor
 /// sent meanwhile, waiting in the connection, is read first.
@@ -1227,10 +1236,7 @@ fn a_paused_learner_does_not_blame_its_actor_for_the_pause() {
         text.replace("[learner]\n", "[learner]\nstall_timeout_s = 2.0\n"),
     )
     .unwrap();
-    let port = free_port();
-    let metrics = dir.join("metrics.jsonl");
-    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
-    let learner_log = support::learner_log(&metrics);
+    let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let _actor = connected_actor(port, &config, &dir.join("actor.log"));
     wait_for_log(&learner_log, "trained/s=");
     // Twice: the session holds an unused credit at the pause only when
@@ -1255,10 +1261,7 @@ fn a_paused_learner_does_not_blame_its_actor_for_the_pause() {
 fn a_killed_actor_ends_its_session_as_a_lost_connection() {
     let dir = scratch("killed-actor");
     let config = tiny_config_file(&dir, 0);
-    let port = free_port();
-    let metrics = dir.join("metrics.jsonl");
-    let learner = support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
-    let learner_log = support::learner_log(&metrics);
+    let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let actor = connected_actor(port, &config, &dir.join("actor.log"));
     wait_for_log(&learner_log, "trained/s=");
     drop(actor);
@@ -1280,11 +1283,7 @@ fn a_killed_actor_ends_its_session_as_a_lost_connection() {
 fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let dir = scratch("stop-while-draining");
     let config = tiny_config_file(&dir, 400);
-    let port = free_port();
-    let metrics = dir.join("metrics.jsonl");
-    let mut learner =
-        support::learner_process(&format!("127.0.0.1:{port}"), &config, &metrics, &[]);
-    let learner_log = support::learner_log(&metrics);
+    let (mut learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let actor = |name: &str| connected_actor(port, &config, &dir.join(format!("{name}.log")));
     // A frozen actor keeps its connection open once training is over: the
     // learner would wait its whole drain timeout (5 s) for it.
