@@ -124,6 +124,28 @@ impl Drop for ConnectedGuard {
     }
 }
 
+/// Logs the end of a session whose task is dropped before it could say
+/// how it ended (the learner shutting down while the session waits, for a
+/// frozen actor to take its last message, say): every session's end is in
+/// the log.
+struct EndUnlogged {
+    opened_at: Instant,
+    /// Cleared once `run` has logged the end itself.
+    armed: bool,
+}
+
+impl Drop for EndUnlogged {
+    fn drop(&mut self) {
+        if self.armed {
+            info!(
+                ended_by = "the learner shut down first",
+                duration_s = self.opened_at.elapsed().as_secs_f64(),
+                "session ended"
+            );
+        }
+    }
+}
+
 /// One actor's session.
 pub struct Session {
     /// Shared learner state.
@@ -213,6 +235,10 @@ impl Session {
     pub async fn run(mut self) {
         let stats = self.state.stats.clone();
         let _connected = ConnectedGuard::new(stats.clone());
+        let mut end_unlogged = EndUnlogged {
+            opened_at: self.opened_at,
+            armed: true,
+        };
         let (name, sequence) = std::mem::take(&mut self.actor_name);
         let mut progress = Progress {
             record: SessionRecord {
@@ -270,6 +296,7 @@ impl Session {
             }
         };
         let record = &progress.record;
+        end_unlogged.armed = false;
         info!(
             ended_by,
             duration_s = self.opened_at.elapsed().as_secs_f64(),

@@ -1295,12 +1295,14 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let status = exited_within(&mut learner.0, Duration::from_secs(3))
         .expect("a stop during the drain closes the connections at once");
     assert!(status.success(), "{status}");
-    // It was the stop that ended the drain, not an empty drain.
+    // It was the stop that ended the drain, not an empty drain; and every
+    // session's end is logged, the one cut short at shutdown too.
     let log = std::fs::read_to_string(&learner_log).unwrap();
     assert!(
         log.contains("shutdown requested: closing the open connections now"),
         "{log}"
     );
+    assert_eq!(log.matches("session ended").count(), 2, "{log}");
     signal(frozen.id(), "CONT");
     drop(frozen);
     std::fs::remove_dir_all(&dir).unwrap();
