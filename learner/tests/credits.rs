@@ -324,13 +324,18 @@ async fn actors_behind_25_ms_each_way_keep_the_learner_fed() {
     // for some waiting) and waits for data well under half the time. A
     // window-bound flow trained 0.38x as fast and waited 61 % here
     // (issue 5); with credits, 2.2-2.7x as fast, waiting 14-30 % (here
-    // and on CI; loopback waits 8-21 %).
+    // and on CI; loopback waits 8-21 %). Side by side the rate ratio is
+    // noisy on a loaded 2-core machine, mostly through the loopback run
+    // (17-24k trained/s): 0.54-0.77 in 11 runs of stop 41, as low with
+    // quiet sessions turned off. The bound sits at 0.45, above the
+    // window-bound 0.38; the wait fraction below (12-17 % in those runs)
+    // is the steadier check.
     let (direct_rate, delayed_rate) = (
         d.trained_transitions as f64 / d.wall_s,
         l.trained_transitions as f64 / l.wall_s,
     );
     assert!(
-        delayed_rate >= 0.7 * direct_rate,
+        delayed_rate >= 0.45 * direct_rate,
         "{delayed_rate:.0} trained/s behind the delay vs {direct_rate:.0} on loopback"
     );
     assert!(
