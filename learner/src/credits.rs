@@ -672,6 +672,9 @@ struct Member {
     /// Its chunks in time: holding credits past [`Pace::quiet_from`], it
     /// is quiet.
     pace: Arc<Mutex<Pace>>,
+    /// Whether it was quiet when this grant round began: one verdict per
+    /// round, the same for the room it holds and for what it is granted.
+    quiet: bool,
     memory: SessionMemory,
     throttle: Arc<Throttle>,
     tokens: mpsc::UnboundedSender<CreditToken>,
@@ -799,6 +802,7 @@ async fn control(
                         reserve,
                         outstanding,
                         pace,
+                        quiet: false,
                         memory,
                         throttle,
                         tokens: sender,
@@ -828,11 +832,12 @@ fn grant_round_robin(
     // Quiet sessions take nothing, and the room they hold does not cover
     // the last batches; the controller looks again when the next one
     // would turn quiet.
-    let quiet = |m: &Member| m.quiet_from().is_some_and(|from| from <= now);
     let mut quiet_held = 0;
-    for member in members.iter() {
-        match member.quiet_from() {
-            Some(from) if from <= now => {
+    for member in members.iter_mut() {
+        let quiet_from = member.quiet_from();
+        member.quiet = quiet_from.is_some_and(|from| from <= now);
+        match quiet_from {
+            Some(_) if member.quiet => {
                 let credits = u64::from(member.outstanding.load(Ordering::Acquire));
                 quiet_held += credits * member.reserve;
             }
@@ -860,7 +865,7 @@ fn grant_round_robin(
         let Some(member) = members.pop_front() else {
             break;
         };
-        if quiet(&member) {
+        if member.quiet {
             idle_in_a_row += 1;
             members.push_back(member);
             continue;
