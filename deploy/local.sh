@@ -17,6 +17,19 @@ set -euo pipefail
 # Paths given (--config, --metrics, --checkpoint-dir) and ./checkpoints are
 # the caller's: the learner runs where this script was called from.
 caller="$PWD"
+fresh=1
+# FLGFN_RESUME_CHANGED asks the learner for a resume as --resume-changed
+# does; it takes the values the learner takes, and anything else is
+# refused before the build (the learner would refuse it after --fresh was
+# dropped).
+case "$(printf '%s' "${FLGFN_RESUME_CHANGED:-}" | tr '[:upper:]' '[:lower:]')" in
+    "" | 0 | f | false | n | no | off) ;;
+    1 | t | true | y | yes | on) fresh=0 ;;
+    *)
+        echo "local.sh: FLGFN_RESUME_CHANGED=$FLGFN_RESUME_CHANGED: takes 1, true, yes, on, y or t, or 0, false, no, off, n, f or nothing" >&2
+        exit 2
+        ;;
+esac
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
@@ -24,7 +37,6 @@ cargo build --release --bins --quiet
 learner="$(realpath "$CARGO_TARGET_DIR")/release/flgfn-learner"
 cd "$caller"
 args=()
-fresh=1
 for arg in "$@"; do
     case "$arg" in
         --resume) fresh=0 ;;
@@ -34,12 +46,6 @@ for arg in "$@"; do
         *) args+=("$arg") ;;
     esac
 done
-# FLGFN_RESUME_CHANGED asks the learner for a resume as --resume-changed
-# does: any value but clap's false ones ("", 0, f, false, n, no, off).
-case "$(printf '%s' "${FLGFN_RESUME_CHANGED:-}" | tr '[:upper:]' '[:lower:]')" in
-    "" | 0 | f | false | n | no | off) ;;
-    *) fresh=0 ;;
-esac
 case " $* " in
     *" --local-actors"*) ;;
     *) args+=(--local-actors) ;;

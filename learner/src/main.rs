@@ -103,7 +103,7 @@ fn yes_or_no(text: &str) -> Result<bool, String> {
         "" | "0" | "false" | "no" | "off" | "n" | "f" => Ok(false),
         "1" | "true" | "yes" | "on" | "y" | "t" => Ok(true),
         _ => {
-            Err("FLGFN_RESUME_CHANGED takes 1, true or yes, or 0, false, no or nothing".to_owned())
+            Err("FLGFN_RESUME_CHANGED takes 1, true, yes, on, y or t, or 0, false, no, off, n, f or nothing (any case)".to_owned())
         }
     }
 }

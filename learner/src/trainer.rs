@@ -458,6 +458,16 @@ impl Trainer {
             // rest on one more evaluation than one that was not.
             // (Nor may a time to quality only it found.) Put back whether
             // the report succeeds or not: a failure saves a checkpoint too.
+            // A stopped run waits on this evaluation before it ends (seconds
+            // with many samples or a slow CPU): said, so that the wait after
+            // "shutdown requested" does not read as a hang.
+            if progress.window.steps > 0 && !finished(&progress) {
+                info!(
+                    step = progress.step,
+                    eval_samples = learner.eval_samples,
+                    "stopped: evaluating the last steps before the run ends"
+                );
+            }
             let grid_state = (learner.eval_every_steps > 0)
                 .then(|| (evaluator.state(), progress.time_to_quality));
             // (libtorch failing in it is caught here, so that the state

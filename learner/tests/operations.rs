@@ -130,7 +130,8 @@ fn a_bad_value_from_a_variable_names_the_variable() {
     assert!(said.contains("FLGFN_CONFIG is set but empty"), "{said}");
     let said = refused(&[], &[("FLGFN_RESUME_CHANGED", "maybe")]);
     assert!(
-        said.contains("FLGFN_RESUME_CHANGED=maybe") && said.contains("takes 1, true or yes"),
+        said.contains("FLGFN_RESUME_CHANGED=maybe")
+            && said.contains("takes 1, true, yes, on, y or t"),
         "{said}"
     );
     let said = refused(&["--log-format", "xml"], &[("FLGFN_LOG_FORMAT", "json")]);

@@ -18,8 +18,9 @@ struct Args {
     /// --plot-only, the folder's].
     #[arg(long)]
     suite: Option<String>,
-    /// Seeds per configuration (0, 1, ...) [default: 3; with --plot-only,
-    /// the folder's].
+    /// Seeds per configuration: run r of a configuration has seed
+    /// r x 2^20, named `_seed<r>` [default: 3; with --plot-only, the
+    /// folder's].
     #[arg(long)]
     seeds: Option<u64>,
     /// Training steps per run (default: the suite's; with --plot-only,
