@@ -1,7 +1,7 @@
 //! Progress reports: one tracing line and one JSON object per report.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -323,46 +323,75 @@ impl MetricsFile {
 
     /// Opens the file: with `resumed_at` (a run resuming at that step), it
     /// keeps the reports up to that step and appends; otherwise it
-    /// truncates it. Reports past the step a run resumes at describe
+    /// empties it. Reports past the step a run resumes at describe
     /// training that is done again (the learner stopped after its last
     /// checkpoint): they go, so steps only ever increase. A last line torn
-    /// by a crash goes too, so every line stays one JSON object. (Only in
-    /// a plain file: a link, a pipe or a device is appended to as it is.)
+    /// by a crash goes too, so every line stays one JSON object.
+    ///
+    /// A plain file (or a link to one) is locked for the run, and checked
+    /// before anything in it is cut: a second learner given the same path
+    /// would empty the first one's reports while the first wrote on at its
+    /// old offset, and a path given by mistake (`--metrics job.toml`) would
+    /// lose the file. A pipe or a device (`/dev/stdout`) is appended to as
+    /// it is: reading it would block or read the terminal, and two runs may
+    /// well share one.
     pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, LearnerError> {
         let error = |source| LearnerError::Metrics {
             path: path.display().to_string(),
             source,
         };
-        let append = resumed_at.is_some();
-        // Trimmed only when it is a plain file: reading a FIFO (or
-        // /dev/stdout) would block or read the terminal, and the atomic
-        // rewrite would put a file in place of a link or a pipe. Those
-        // are appended to as they are.
-        let plain_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
-        if let Some(step) = resumed_at
-            && plain_file
-            && let Ok(contents) = std::fs::read(path)
-        {
-            let kept = reports_up_to(&contents, step);
-            if kept.len() < contents.len() {
-                let dir = match path.parent() {
-                    Some(dir) if !dir.as_os_str().is_empty() => dir,
-                    _ => Path::new("."),
-                };
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("metrics.jsonl");
-                crate::checkpoint::write_atomically(dir, name, kept)?;
-            }
+        let plain_file = match std::fs::metadata(path) {
+            Ok(metadata) => metadata.is_file(),
+            // Created below, as a plain file.
+            Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => true,
+            Err(other) => return Err(error(other)),
+        };
+        if !plain_file {
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map_err(error)?;
+            return Ok(MetricsFile {
+                path: path.to_owned(),
+                out: BufWriter::new(file),
+            });
         }
-        let file = std::fs::OpenOptions::new()
+        // Not truncated on opening: the lock and the contents come first.
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .write(true)
-            .append(append)
-            .truncate(!append)
+            .truncate(false)
             .open(path)
             .map_err(error)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(error(std::io::Error::other(
+                    "another process is writing its reports to this file (a second learner given the same --metrics?): give each run its own metrics file",
+                )));
+            }
+            // A file system without locks (some network ones): written as
+            // before locks, unguarded.
+            Err(std::fs::TryLockError::Error(unsupported))
+                if unsupported.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(std::fs::TryLockError::Error(other)) => return Err(error(other)),
+        }
+        let mut contents = Vec::new();
+        file.read_to_end(&mut contents).map_err(error)?;
+        // Every report is a JSON object, so a metrics file starts with one.
+        if contents.first().is_some_and(|&first| first != b'{') {
+            return Err(error(std::io::Error::other(
+                "it holds something other than metrics (it does not start with a JSON report), and is left as it is: give --metrics a new path, or remove the file",
+            )));
+        }
+        let kept = resumed_at.map_or(0, |step| reports_up_to(&contents, step).len());
+        // In place (one truncation, the kept reports untouched), so that
+        // the lock and any link stay.
+        if kept < contents.len() {
+            file.set_len(kept as u64).map_err(error)?;
+        }
+        file.seek(std::io::SeekFrom::End(0)).map_err(error)?;
         Ok(MetricsFile {
             path: path.to_owned(),
             out: BufWriter::new(file),
@@ -449,16 +478,16 @@ mod tests {
             })
             .collect();
         assert_eq!(steps, [100, 200, 250]);
+        drop(metrics);
         // Without a step to resume at, the file starts over.
         drop(MetricsFile::open(&path, None).unwrap());
         assert_eq!(std::fs::read(&path).unwrap(), b"");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Not a plain file (a link here; a pipe would block the read): the
-    /// learner appends without reading or replacing it.
+    /// A link to a plain file: trimmed through the link, which stays.
     #[test]
-    fn a_resumed_run_appends_to_a_link_without_replacing_it() {
+    fn a_resumed_run_trims_through_a_link_without_replacing_it() {
         let dir = std::env::temp_dir().join(format!("flgfn-metrics-link-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let target = dir.join("kept.jsonl");
@@ -480,8 +509,71 @@ mod tests {
                 .is_symlink()
         );
         let text = std::fs::read_to_string(&target).unwrap();
-        assert!(text.starts_with("{\"step\":300}\n{"), "{text}");
-        assert_eq!(text.lines().count(), 2);
+        assert!(text.starts_with("{\"step\":250,"), "{text}");
+        assert_eq!(text.lines().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Not a plain file: appended to, never read (a pipe would block).
+    #[test]
+    fn a_device_is_appended_to_as_it_is() {
+        for resumed_at in [None, Some(10)] {
+            let mut metrics = MetricsFile::open(Path::new("/dev/null"), resumed_at).unwrap();
+            metrics.write(&Report::default()).unwrap();
+            // Two runs may share one.
+            drop(MetricsFile::open(Path::new("/dev/null"), None).unwrap());
+        }
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_and_the_first_ones_reports_stay() {
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let mut first = MetricsFile::open(&path, None).unwrap();
+        first
+            .write(&Report {
+                step: 7,
+                ..Report::default()
+            })
+            .unwrap();
+        for resumed_at in [None, Some(0)] {
+            let refused = MetricsFile::open(&path, resumed_at).err().unwrap();
+            let said = format!("{:#}", anyhow::Error::from(refused));
+            assert!(said.contains("another process is writing"), "{said}");
+        }
+        first
+            .write(&Report {
+                step: 8,
+                ..Report::default()
+            })
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.starts_with("{\"step\":7,"), "{text}");
+        // Free once the first is done.
+        drop(first);
+        drop(MetricsFile::open(&path, Some(8)).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_holds_no_reports_is_left_as_it_is() {
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-other-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("job.toml");
+        let job = "[learner]\nmax_steps = 5\n";
+        std::fs::write(&path, job).unwrap();
+        for resumed_at in [None, Some(3)] {
+            let refused = MetricsFile::open(&path, resumed_at).err().unwrap();
+            let said = format!("{:#}", anyhow::Error::from(refused));
+            assert!(
+                said.contains("job.toml") && said.contains("holds something other than metrics"),
+                "{said}"
+            );
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), job);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
