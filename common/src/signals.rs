@@ -7,6 +7,13 @@ use std::sync::{Mutex, PoisonError};
 /// reports for a process that Ctrl-C ended.
 pub const FORCED_EXIT_STATUS: i32 = 130;
 
+/// A stop signal this soon after the first is the same request, not a
+/// second one: GNU `timeout`, and job systems that signal a process and
+/// then its process group, deliver SIGTERM twice at once (seen: 0.4 ms
+/// apart), which would otherwise force the exit and lose the final
+/// checkpoint. Far below the time between two presses of Ctrl-C.
+pub const SAME_REQUEST_WITHIN: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// What must happen even on a forced exit (child processes to kill), by
 /// registration number.
 type Cleanups = Vec<(u64, Box<dyn Fn() + Send>)>;
@@ -47,8 +54,9 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// (for which it must be called on the main thread, as `main`'s
 /// `block_on` does).
 ///
-/// The second Ctrl-C or SIGTERM (the parent's death counts as neither)
-/// ends the process at once with
+/// The second Ctrl-C or SIGTERM (the parent's death counts as neither,
+/// and a repeat within [`SAME_REQUEST_WITHIN`] of the first is the same
+/// request) ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
 /// actor's drain, a learner's final checkpoint), after the cleanups
 /// registered with [`before_forced_exit`]: listening for the first signal
@@ -72,8 +80,8 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
         // the first signal when that went to the whole process group (a
         // Ctrl-C at a terminal ends an experiment runner and signals its
         // learner at once).
-        let mut signals_heard = 0;
-        while signals_heard < 2 {
+        let mut first_signal: Option<std::time::Instant> = None;
+        loop {
             let stop = signals.next().await;
             if !*requested.borrow() {
                 if stop == Stop::ParentGone {
@@ -81,8 +89,15 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
                 }
                 requested.send_replace(true);
             }
-            if stop == Stop::Signal {
-                signals_heard += 1;
+            if stop != Stop::Signal {
+                continue;
+            }
+            match first_signal {
+                None => first_signal = Some(std::time::Instant::now()),
+                Some(first) if first.elapsed() < SAME_REQUEST_WITHIN => {
+                    tracing::debug!("the stop signal again at once: the same request");
+                }
+                Some(_) => break,
             }
         }
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");

@@ -1182,6 +1182,44 @@ fn a_second_signal_ends_a_learner_at_once_and_its_local_actors_with_it() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// GNU `timeout` signals the learner, then its process group: one
+/// request, delivered twice at once. It must not force the exit, which
+/// would skip the final checkpoint.
+#[test]
+fn a_signal_delivered_twice_at_once_is_one_graceful_stop() {
+    let dir = scratch("signal-twice-at-once");
+    let config = tiny_config_file(&dir, 0);
+    let log = dir.join("learner.log");
+    let checkpoints = dir.join("ck");
+    let mut learner = support::KillOnDrop(
+        one_actor_job(&config, &log)
+            .arg("--checkpoint-dir")
+            .arg(&checkpoints)
+            .env("NO_COLOR", "1")
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_log(&log, "step=");
+    // 50 ms apart: the first is surely handled before the second comes.
+    let pid = learner.id().to_string();
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            "kill -TERM \"$0\"; sleep 0.05; kill -TERM \"$0\"",
+            &pid,
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = exited_within(&mut learner.0, Duration::from_secs(30))
+        .expect("the learner stops gracefully");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}\n{said}");
+    assert!(!said.contains("a second stop signal"), "{said}");
+    assert!(said.contains("final weights saved"), "{said}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A learner that stops answering (frozen: its kernel still holds the
 /// connection open, so nothing fails on the actor's side) is noticed by
 /// the actor's HTTP/2 keepalive (no answer to a ping within twice
