@@ -769,7 +769,9 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
 /// Variables that look meant for a configuration key but are not read:
 /// `FLGFN_<SECTION>_<KEY>`, a real section and key with one underscore
 /// between them (`FLGFN_LEARNER_THREADS`; not `FLGFN_ACTOR_BIN`, which
-/// names no key), each with the variable meant, in name order.
+/// names no key), and `FLGFN_<KEY>` or `FLGFN_<SECTION>` without the
+/// rest (`FLGFN_LISTEN`, `FLGFN_TASK`: a container would quietly run on
+/// the defaults), each with the variable meant, in name order.
 pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(String, String)> {
     let mut misspelt: Vec<(String, String)> = names
         .into_iter()
@@ -783,10 +785,11 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(Strin
 }
 
 /// The variable a misspelt one was meant as (`FLGFN_LEARNER__THREADS` for
-/// `FLGFN_LEARNER_THREADS`; see [`misspelt_variables`]).
+/// `FLGFN_LEARNER_THREADS`; `FLGFN_LEARNER__THREADS or
+/// FLGFN_ACTOR__THREADS` for `FLGFN_THREADS`; see [`misspelt_variables`]).
 pub fn meant_variable(name: &str) -> Option<String> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
-    if rest.contains(ENV_SEPARATOR) {
+    if rest.contains(ENV_SEPARATOR) || rest == "SEED" {
         return None;
     }
     // Every section and key there is (the task's of the default task):
@@ -802,15 +805,38 @@ pub fn meant_variable(name: &str) -> Option<String> {
     };
     // (ASCII only: a lower case of another length would move the split.)
     let lower = rest.to_ascii_lowercase();
-    let at = lower
+    if let Some(at) = lower
         .match_indices('_')
         .map(|(at, _)| at)
-        .find(|&at| is_key(&lower[..at], &lower[at + 1..]))?;
-    Some(format!(
-        "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
-        &rest[..at],
-        &rest[at + 1..]
-    ))
+        .find(|&at| is_key(&lower[..at], &lower[at + 1..]))
+    {
+        return Some(format!(
+            "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+            &rest[..at],
+            &rest[at + 1..]
+        ));
+    }
+    // A key without its section, or a section without its key.
+    let variable = |section: &str, key: &str| {
+        format!(
+            "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+            section.to_ascii_uppercase(),
+            key.to_ascii_uppercase()
+        )
+    };
+    let mut meant: Vec<String> = schema
+        .iter()
+        .filter_map(|(section, keys)| {
+            let keys = keys.as_table()?;
+            if *section == lower {
+                Some(variable(section, "<KEY>"))
+            } else {
+                keys.contains_key(&lower).then(|| variable(section, &lower))
+            }
+        })
+        .collect();
+    meant.sort();
+    (!meant.is_empty()).then(|| meant.join(" or "))
 }
 
 /// How a configuration path is named in messages: `-` is standard input.
@@ -911,7 +937,7 @@ impl Config {
         {
             tracing::warn!(
                 variable,
-                "not read: a configuration variable separates section and key with two underscores: {meant}"
+                "not read: a configuration variable is FLGFN_<SECTION>__<KEY>, two underscores between section and key: {meant}"
             );
         }
         Self::layered(path, &env_overrides(variables))
@@ -2169,6 +2195,41 @@ mod tests {
             Some("FLGFN_TLS__CA_FILE")
         );
         assert_eq!(meant_variable("FLGFN_ACTOR_BIN"), None);
+        // A key without its section, or a section alone.
+        assert_eq!(
+            meant_variable("FLGFN_LISTEN").as_deref(),
+            Some("FLGFN_LEARNER__LISTEN")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_MAX_STEPS").as_deref(),
+            Some("FLGFN_LEARNER__MAX_STEPS")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_THREADS").as_deref(),
+            Some("FLGFN_ACTOR__THREADS or FLGFN_LEARNER__THREADS")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_TASK").as_deref(),
+            Some("FLGFN_TASK__<KEY>")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_LEARNER").as_deref(),
+            Some("FLGFN_ACTOR__LEARNER or FLGFN_LEARNER__<KEY>")
+        );
+        // Variables of their own, and the scripts', name no key.
+        for name in [
+            "FLGFN_SEED",
+            "FLGFN_TOKEN",
+            "FLGFN_CONFIG",
+            "FLGFN_LOG_FORMAT",
+            "FLGFN_RESUME_CHANGED",
+            "FLGFN_PORT",
+            "FLGFN_JOB",
+            "FLGFN_BUILD_COMMIT",
+            "FLGFN_CACHE_DIR",
+        ] {
+            assert_eq!(meant_variable(name), None, "{name}");
+        }
     }
 
     /// A variable that is not UTF-8 is skipped unless it is an `FLGFN_`
