@@ -1448,26 +1448,51 @@ fn seconds_up_to_a_day(field: &str, value: f64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `actor.learner` must be an `http://` or `https://` URL with a host: an
-/// address without a scheme would fail every connection attempt, and with
-/// the default unlimited `reconnect_attempts` the actor would retry
-/// forever.
+/// `actor.learner` must be an `http://` or `https://` URL with a host, a
+/// port that is one (or none: 80 or 443) and nothing after them: a URL
+/// that cannot connect would fail every attempt, and with the default
+/// unlimited `reconnect_attempts` the actor would retry forever, far from
+/// the setting; a path would be ignored without a word.
 fn learner_url(url: &str) -> Result<(), ConfigError> {
-    let rest = url
+    let invalid = |why: String| Err(ConfigError::invalid("actor.learner", why));
+    let Some(rest) = url
         .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"));
-    let host = rest.map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
-    match host {
-        Some(host) if !host.is_empty() && !host.starts_with(':') => Ok(()),
-        Some(_) => Err(ConfigError::invalid(
-            "actor.learner",
-            format!("{url:?} names no host"),
-        )),
-        None => Err(ConfigError::invalid(
-            "actor.learner",
-            format!("{url:?} is not an http:// or https:// URL (e.g. http://learner:50051)"),
-        )),
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        return invalid(format!(
+            "{url:?} is not an http:// or https:// URL (e.g. http://learner:50051)"
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let after = &rest[authority.len()..];
+    // (An IPv6 address keeps its colons inside brackets.)
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() {
+        return invalid(format!("{url:?} names no host"));
     }
+    if let Some(bad) = url.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return invalid(format!("{url:?} holds {bad:?}, which no URL may"));
+    }
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|port| port > 0)
+    {
+        return invalid(format!("{url:?}: {port:?} is no port (1 to 65535)"));
+    }
+    if !after.is_empty() && after != "/" {
+        return invalid(format!(
+            "{url:?}: an actor reaches the learner at its host and port only, and would ignore {after:?}"
+        ));
+    }
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .map(drop)
+        .or_else(|error| {
+            invalid(format!(
+                "{url:?} is no URL an actor can connect to: {error}"
+            ))
+        })
 }
 
 fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
@@ -2035,6 +2060,31 @@ mod tests {
                 "no host",
             ),
             (
+                "[actor]\nlearner = \"http://127.0.0.1:99999\"\n",
+                "actor.learner",
+                "\"99999\" is no port",
+            ),
+            (
+                "[actor]\nlearner = \"http://learner:0\"\n",
+                "actor.learner",
+                "is no port",
+            ),
+            (
+                "[actor]\nlearner = \"http://learner:\"\n",
+                "actor.learner",
+                "is no port",
+            ),
+            (
+                "[actor]\nlearner = \"http://127.0.0.1 :50051\"\n",
+                "actor.learner",
+                "holds ' '",
+            ),
+            (
+                "[actor]\nlearner = \"http://learner:50051/foo\"\n",
+                "actor.learner",
+                "ignore \"/foo\"",
+            ),
+            (
                 "[actor]\nkeepalive_s = 1e20\n",
                 "actor.keepalive_s",
                 "a day",
@@ -2066,6 +2116,8 @@ mod tests {
             "http://learner:50051",
             "https://10.0.0.5:443/",
             "http://[::1]:50051",
+            "http://[::1]",
+            "https://learner.example.org",
         ] {
             let toml = format!("[actor]\nlearner = \"{url}\"\n");
             assert!(Config::from_toml(&toml, "t").is_ok(), "{url}");
