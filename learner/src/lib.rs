@@ -385,19 +385,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
-    // More local actors than sessions: each takes a process, and those
-    // past the sessions would be refused and retry for ever.
-    if let Some(plan) = &options.local_actors
-        && plan.count > config.learner.max_sessions
-    {
-        return Err(ConfigError::invalid(
-            "launch.actors",
-            format!(
-                "{} local actors are more than learner.max_sessions ({}), which the learner serves at once",
-                plan.count, config.learner.max_sessions
-            ),
-        )
-        .into());
+    // More local actors than sessions or connections: each takes a
+    // process, and those past the limit would be refused and retry for
+    // ever.
+    if let Some(plan) = &options.local_actors {
+        for (limit, value) in [
+            ("learner.max_sessions", config.learner.max_sessions),
+            ("learner.max_connections", config.learner.max_connections),
+        ] {
+            if plan.count > value {
+                return Err(ConfigError::invalid(
+                    "launch.actors",
+                    format!(
+                        "{} local actors are more than {limit} ({value}), which the learner serves at once",
+                        plan.count
+                    ),
+                )
+                .into());
+            }
+        }
     }
     let env = tasks::build(&config.task)?;
     let token = auth::load_token(&config.auth)?;

@@ -238,6 +238,29 @@ fn a_short_suite_writes_its_data_and_plots() {
     let refused = again("0");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));
+    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--seeds", "100000000000", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("--seeds must be 1 to 10000"),
+        "{said}"
+    );
+    // A folder given as a metrics file is named.
+    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .arg("--plot-metrics")
+        .arg(out.join("runs"))
+        .arg("--out")
+        .arg(out.join("unused"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("cannot read") && said.contains("runs"),
+        "{said}"
+    );
 
     // One run's metrics file on its own, as a user would plot it.
     let metrics = out.join("runs/small_fl-db_seed0/metrics.jsonl");

@@ -289,6 +289,11 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
         log.contains("launch.actors") && log.contains("max_sessions (2)"),
         "{log}"
     );
+    let log = refused_start("2", ["FLGFN_LEARNER__MAX_CONNECTIONS", "1"]);
+    assert!(
+        log.contains("launch.actors") && log.contains("max_connections (1)"),
+        "{log}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

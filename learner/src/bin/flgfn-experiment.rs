@@ -94,6 +94,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     const DEFAULT_SUITE: &str = "paper-sets";
     const DEFAULT_SEEDS: u64 = 3;
+    /// Most seeds per configuration.
+    const MAX_SEEDS: u64 = 10_000;
     let out = args.out.clone().unwrap_or_else(|| {
         let name = args.suite.as_deref().unwrap_or(DEFAULT_SUITE);
         PathBuf::from("experiments").join(name)
@@ -138,9 +140,31 @@ fn run(args: Args) -> anyhow::Result<()> {
             names.join(", ")
         )
     })?;
-    anyhow::ensure!(asked.seeds >= 1, "--seeds must be at least 1");
+    // Named as the user gave it: a flag, or the folder's record.
+    let source = |flag: &str, given: bool| {
+        if given {
+            flag.to_owned()
+        } else {
+            format!(
+                "{flag} (from {})",
+                out.join(experiment::SUITE_RECORD).display()
+            )
+        }
+    };
+    // Each seed is a training run per configuration: more is a typo, and
+    // its list alone would not fit in memory.
+    anyhow::ensure!(
+        (1..=MAX_SEEDS).contains(&asked.seeds),
+        "{} must be 1 to {MAX_SEEDS}, not {}",
+        source("--seeds", args.seeds.is_some()),
+        asked.seeds
+    );
     // (0 would be a learner that never stops.)
-    anyhow::ensure!(asked.steps != Some(0), "--steps must be at least 1");
+    anyhow::ensure!(
+        asked.steps != Some(0),
+        "{} must be at least 1",
+        source("--steps", args.steps.is_some())
+    );
     let specs = suite.runs(asked.seeds, asked.steps);
     // Before anything runs or is moved aside: a configuration the learner
     // would refuse fails every run, with the cause only in their logs.

@@ -615,7 +615,8 @@ pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut reports = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line?;
+        // (A folder opens, and fails only here.)
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -977,7 +978,7 @@ pub struct SuiteRecord {
 }
 
 /// Where the record of a suite's folder is kept.
-const SUITE_RECORD: &str = "suite.json";
+pub const SUITE_RECORD: &str = "suite.json";
 
 impl SuiteRecord {
     /// Writes the record into `out`.
