@@ -90,6 +90,25 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
                 format!("{path} holds no PEM {kind} block (-----BEGIN ...{kind}-----)"),
             ));
         }
+        // Look-alikes: a request is no certificate (and would read as an
+        // empty chain, blamed on the key), and an encrypted key cannot
+        // be read without its passphrase.
+        if kind == "CERTIFICATE" && !text.contains("-----BEGIN CERTIFICATE-----") {
+            let why = if text.contains("-----BEGIN CERTIFICATE REQUEST-----") {
+                "a certificate request, not a certificate: sign it first (as in the README's OpenSSL recipe)"
+            } else {
+                "no PEM certificate (-----BEGIN CERTIFICATE-----)"
+            };
+            return Err(ConfigError::invalid(field, format!("{path} holds {why}")));
+        }
+        if kind == "PRIVATE KEY" && text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+            return Err(ConfigError::invalid(
+                field,
+                format!(
+                    "{path} holds an encrypted private key, which cannot be read without its passphrase: write it unencrypted (`openssl pkey -in {path} -out plain.key`) and keep that file private"
+                ),
+            ));
+        }
         Ok(Some(bytes))
     };
     let cert = read("tls.cert_file", &config.cert_file, "CERTIFICATE")?;
@@ -411,6 +430,53 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             ..TlsConfig::default()
         };
         assert!(read_tls(&config).unwrap().ca.is_some());
+        // Look-alikes: a certificate request given as the certificate or
+        // the CA, and an encrypted key (bodies never read: refused by
+        // their labels).
+        let csr = dir.join("learner.csr");
+        std::fs::write(
+            &csr,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .unwrap();
+        let encrypted = dir.join("learner.key");
+        std::fs::write(
+            &encrypted,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let path = |p: &std::path::Path| p.display().to_string();
+        for (config, field, says) in [
+            (
+                TlsConfig {
+                    cert_file: path(&csr),
+                    key_file: path(&encrypted),
+                    ..TlsConfig::default()
+                },
+                "tls.cert_file",
+                "a certificate request, not a certificate",
+            ),
+            (
+                TlsConfig {
+                    ca_file: path(&csr),
+                    ..TlsConfig::default()
+                },
+                "tls.ca_file",
+                "a certificate request, not a certificate",
+            ),
+            (
+                TlsConfig {
+                    cert_file: path(&pem),
+                    key_file: path(&encrypted),
+                    ..TlsConfig::default()
+                },
+                "tls.key_file",
+                "an encrypted private key",
+            ),
+        ] {
+            let error = read_tls(&config).err().unwrap().to_string();
+            assert!(error.contains(field) && error.contains(says), "{error}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
