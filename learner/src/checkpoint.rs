@@ -615,6 +615,29 @@ const DAMAGED_SUFFIX: &str = ".damaged";
 /// in [`Checkpoint::damaged_newer`]. A checkpoint that cannot be read at
 /// all (an I/O error, not damage) is an error that names it.
 pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
+    load_latest_for(dir, Reader::Resuming)
+}
+
+/// [`load_latest`] for a reader that only reads (`flgfn-sample`): its
+/// errors give a reader's remedies, not a resuming learner's.
+pub fn load_latest_to_read(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
+    load_latest_for(dir, Reader::Reading)
+}
+
+/// Who reads a checkpoint folder, for the remedies its errors give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// A learner resuming its run.
+    Resuming,
+    /// A tool that reads the policy.
+    Reading,
+}
+
+fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, LearnerError> {
+    let older = match reader {
+        Reader::Resuming => "to resume from an older checkpoint",
+        Reader::Reading => "to read an older checkpoint",
+    };
     let all = list(dir)?;
     // Newer ones that read back damaged, skipped so far.
     let mut damaged = Vec::new();
@@ -629,7 +652,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
             // delete every checkpoint the resumed run writes before it.
             Err(e) => {
                 return Err(LearnerError::Checkpoint(format!(
-                    "cannot read {}: {e}; make it readable, or move it out of {} to resume from an older checkpoint",
+                    "cannot read {}: {e}; make it readable, or move it out of {} {older}",
                     path.display(),
                     dir.display()
                 )));
@@ -649,8 +672,12 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
                 damaged.push(path.clone());
             }
             Err(Unusable::OtherVersion(reason)) => {
+                let with = match reader {
+                    Reader::Resuming => "resume with that version",
+                    Reader::Reading => "read it with that version",
+                };
                 return Err(LearnerError::Checkpoint(format!(
-                    "{}: {reason}, written by another version of flgfn; resume with that version, or move it out of {} to resume from an older checkpoint",
+                    "{}: {reason}, written by another version of flgfn; {with}, or move it out of {} {older}",
                     path.display(),
                     dir.display()
                 )));
@@ -658,8 +685,14 @@ pub fn load_latest(dir: &Path) -> Result<Option<Checkpoint>, LearnerError> {
         }
     }
     if !damaged.is_empty() {
+        let remedy = match reader {
+            Reader::Resuming => "start over with --fresh",
+            Reader::Reading => {
+                "no policy can be read from it (give another folder, or the run's final.safetensors as --weights)"
+            }
+        };
         return Err(LearnerError::Checkpoint(format!(
-            "every checkpoint in {} is damaged ({}); start over with --fresh",
+            "every checkpoint in {} is damaged ({}); {remedy}",
             dir.display(),
             damaged.len()
         )));
@@ -1101,6 +1134,12 @@ mod tests {
         fs::write(&oldest, b"garbage").unwrap();
         let error = load_latest(&dir).unwrap_err().to_string();
         assert!(error.contains("--fresh"), "{error}");
+        // A reader is given a reader's remedy.
+        let error = load_latest_to_read(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains("is damaged") && !error.contains("--fresh"),
+            "{error}"
+        );
         write_version_floor(&dir, 1200).unwrap();
         assert_eq!(read_version_floor(&dir).unwrap(), 1200);
         // A floor that is not a number: named, with what to write there

@@ -113,7 +113,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "no such folder"
                 }
             );
-            let found = checkpoint::load_latest(dir)?
+            let found = checkpoint::load_latest_to_read(dir)?
                 .with_context(|| format!("no checkpoint in {}", dir.display()))?;
             found
                 .load_policy(&mut policy, &task, &model_name)
