@@ -198,6 +198,21 @@ impl Window {
     }
 }
 
+/// What a user can do about a run that diverged: a lower learning rate,
+/// from a checkpoint saved before it (the ones after may hold the diverged
+/// model, and a resume from them diverges again).
+fn divergence_remedy(progress: &Progress) -> String {
+    let lower = "a lower learner.learning_rate (or TB's objective.log_z_learning_rate)";
+    match progress.last_sound_report {
+        Some(step) => format!(
+            "checkpoints after step {step}, this run's last report with every step and draw finite, may hold the diverged model: move them out of the checkpoint folder and resume from an earlier one with {lower} and --resume-changed, or start over with --fresh"
+        ),
+        None => format!(
+            "no report since this learner started had every step and draw finite, so the checkpoint it resumed from, if any, may hold the diverged model too: start over with --fresh and {lower}"
+        ),
+    }
+}
+
 /// Where training stands; everything a report is made from.
 #[derive(Debug, Default)]
 struct Progress {
@@ -207,6 +222,10 @@ struct Progress {
     /// Of them, the checkpoint's this run resumed from.
     resumed_trained_transitions: u64,
     diverged_reports: u32,
+    /// The step of this process's last report with every step finite and
+    /// every evaluation draw finite: a run that diverges names the
+    /// checkpoints after it, which may hold the diverged model.
+    last_sound_report: Option<u64>,
     /// The last evaluation's draws at states where the logits were not
     /// finite: the final one's must be none.
     non_finite_draws: usize,
@@ -491,8 +510,9 @@ impl Trainer {
             // that stop a run (a short run, or its last steps).
             if progress.non_finite_draws > 0 {
                 break 'training Err(LearnerError::Trainer(format!(
-                    "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there (lower learner.learning_rate)",
-                    progress.non_finite_draws
+                    "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there; {}",
+                    progress.non_finite_draws,
+                    divergence_remedy(&progress)
                 )));
             }
             progress.version = progress.step + progress.version_offset;
@@ -1047,12 +1067,16 @@ impl Trainer {
                 "steps skipped since the last report: their loss, gradients or update were not finite (a diverging model? lower learner.learning_rate); {MAX_DIVERGED_REPORTS} reports in a row with no finite step stop the run"
             );
         }
+        if window.steps > 0 && nonfinite == 0 && evaluation.non_finite_draws == 0 {
+            progress.last_sound_report = Some(progress.step);
+        }
         if window.steps > 0 && finite_steps == 0 {
             progress.diverged_reports += 1;
             if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
                 return Err(LearnerError::Trainer(format!(
-                    "no step of the last {} was finite (its loss, gradients or update): the model diverged (lower learner.learning_rate, or TB's objective.log_z_learning_rate?)",
-                    window.steps
+                    "no step of the last {} was finite (its loss, gradients or update): the model diverged; {}",
+                    window.steps,
+                    divergence_remedy(progress)
                 )));
             }
         } else {

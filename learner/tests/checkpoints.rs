@@ -603,7 +603,11 @@ async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
     config.learner.eval_every_steps = 10;
     config.learner.learning_rate = 1e30;
     let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
-    assert!(error.contains("diverged"), "{error}");
+    // Diverged from its first step: no checkpoint to go back to.
+    assert!(
+        error.contains("diverged") && error.contains("start over with --fresh and a lower"),
+        "{error}"
+    );
     assert_eq!(checkpoint_steps(&checkpoints), [15, 30, 40]);
     let finite_steps: Vec<u64> = checkpoint::list(&checkpoints)
         .unwrap()
@@ -636,7 +640,8 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
     for run in ["first", "resumed"] {
         let error = failed_run(&config, &metrics).await;
         assert!(
-            error.contains("the final policy's logits are not finite"),
+            error.contains("the final policy's logits are not finite")
+                && error.contains("the checkpoint it resumed from, if any, may hold"),
             "{run}: {error}"
         );
         assert_eq!(checkpoint_steps(&checkpoints), [15], "{run}");
