@@ -1177,6 +1177,16 @@ impl Config {
             at_most(field, threads, MAX_THREADS)?;
         }
         at_least("learner.eval_samples", l.eval_samples, 1)?;
+        // Blank is neither a folder anyone meant nor "" (no checkpoints).
+        if !l.checkpoint_dir.is_empty() && l.checkpoint_dir.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "learner.checkpoint_dir",
+                format!(
+                    "{:?} is blank: give a folder, or \"\" for no checkpoints",
+                    l.checkpoint_dir
+                ),
+            ));
+        }
         at_most("learner.eval_samples", l.eval_samples, MAX_EVAL_SAMPLES)?;
         at_least("learner.keep_checkpoints", l.keep_checkpoints, 1)?;
         at_least("learner.max_sessions", l.max_sessions, 1)?;
@@ -2122,6 +2132,18 @@ mod tests {
             let toml = format!("[actor]\nlearner = \"{url}\"\n");
             assert!(Config::from_toml(&toml, "t").is_ok(), "{url}");
         }
+    }
+
+    #[test]
+    fn a_blank_checkpoint_folder_is_refused() {
+        let error = Config::from_toml("[learner]\ncheckpoint_dir = \"   \"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("learner.checkpoint_dir") && error.contains("blank"),
+            "{error}"
+        );
+        assert!(Config::from_toml("[learner]\ncheckpoint_dir = \"\"\n", "t").is_ok());
     }
 
     #[test]

@@ -237,7 +237,12 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| io_error(&path, e))?;
+        .map_err(|e| {
+            LearnerError::Checkpoint(format!(
+                "{}: {e} (learner.checkpoint_dir must be a folder this learner can write in)",
+                path.display()
+            ))
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(fs::TryLockError::WouldBlock) => Err(LearnerError::Checkpoint(format!(
