@@ -109,6 +109,9 @@ pub struct Session<'a> {
     pub model: &'a ModelSpec,
     /// Trajectories per chunk, declared at the handshake.
     pub envs: usize,
+    /// `actor.truncate_fraction`: checked against the learner's objective
+    /// (one that drops truncated trajectories would waste them).
+    pub truncate_fraction: f64,
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,
     /// Chunks from the rollout worker.
@@ -531,6 +534,20 @@ impl Session<'_> {
             .max_encoding_message_size(max_bytes)
             .max_decoding_message_size(weights_limit);
 
+        // Truncated trajectories to a learner that drops them: every one
+        // wasted when all are cut short (an end the actor could never see
+        // otherwise: the learner only counts them), a share otherwise.
+        if reply.drops_truncated && self.truncate_fraction > 0.0 {
+            if self.truncate_fraction >= 1.0 {
+                return Err(SessionError::Fatal(
+                    "the learner's objective trains on complete trajectories only (TB) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
+                ));
+            }
+            warn!(
+                truncate_fraction = self.truncate_fraction,
+                "the learner's objective trains on complete trajectories only (TB): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
+            );
+        }
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
         flgfn_common::telemetry::record_latest(&tracing::Span::current(), "actor_id", actor_id);

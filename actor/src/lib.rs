@@ -488,6 +488,7 @@ pub async fn stay_connected(
             task: &task,
             model: &model,
             envs,
+            truncate_fraction: actor.truncate_fraction,
             max_message_bytes: config.learner.max_message_bytes,
             chunks: &mut *chunks,
             orders,

@@ -310,6 +310,15 @@ class Actor:
             # (A learner still starting, or loading a checkpoint: wait for
             # it, a while; then this attempt counts as failed.)
             wait_for_ready=True, timeout=self.connect_timeout_s)
+        # A learner whose objective (TB) drops truncated trajectories.
+        if reply.drops_truncated and self.truncate_fraction > 0:
+            if self.truncate_fraction >= 1:
+                raise Refused("the learner's objective trains on complete trajectories only (TB) "
+                              "and drops truncated ones, and --truncate-fraction 1 cuts every "
+                              "trajectory short: lower it (0 for this learner)")
+            print(f"{self.name}: the learner's objective trains on complete trajectories only "
+                  f"(TB): the truncated share of rollouts is dropped unused "
+                  f"(--truncate-fraction 0 for this learner)", flush=True)
         actor_id = reply.actor_id
         self.counts["sessions"] += 1
         print(f"{self.name}: actor {actor_id} at learner version {reply.version}", flush=True)

@@ -243,6 +243,7 @@ impl LearnerState {
             max_message_bytes: self.max_message_bytes as u64,
             max_grant_bytes: self.max_grant_bytes as u64,
             session_key,
+            drops_truncated: !self.keep_truncated,
         })
     }
 

@@ -1120,6 +1120,44 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
     learner.await.unwrap().unwrap();
 }
 
+/// A TB learner drops truncated trajectories: an actor configured apart
+/// (its own file) that cuts every one short stops, saying so, instead of
+/// rolling out for nothing; one that cuts some is served (and warns).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_truncated() {
+    let mut learner_config = config();
+    learner_config.objective.name = flgfn_common::config::ObjectiveName::Tb;
+    let (url, learner, stop) = start_learner(&learner_config).await;
+    let mut actor_config = config();
+    actor_config.actor.learner = url.clone();
+    actor_config.actor.truncate_fraction = 1.0;
+    let error = actor_error(actor_config.clone(), "truncating").await;
+    assert!(
+        error.contains("drops truncated ones") && error.contains("actor.truncate_fraction"),
+        "{error}"
+    );
+    // The learner says so at the handshake; another objective does not.
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let reply = client
+        .handshake(handshake_request(&learner_config))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.drops_truncated);
+    stop.send(()).unwrap();
+    let _ = learner.await.unwrap();
+    let (url, learner, stop) = start_learner(&config()).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let reply = client
+        .handshake(handshake_request(&config()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!reply.drops_truncated);
+    stop.send(()).unwrap();
+    let _ = learner.await.unwrap();
+}
+
 /// An actor pointed at a gRPC server that is not a flgfn learner (here one
 /// serving only the health service) stops with an error saying so, instead
 /// of retrying for ever (the default `reconnect_attempts` is 0: no limit).
@@ -1829,6 +1867,7 @@ async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
             max_message_bytes: 1 << 20,
             max_grant_bytes: 1 << 20,
             session_key: "0123456789abcdef".repeat(2),
+            drops_truncated: false,
         },
         grants,
     };
