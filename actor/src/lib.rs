@@ -464,6 +464,18 @@ pub async fn stay_connected(
             "actor.learner names no port: connecting to port 80; a learner listens on 50051 unless told otherwise"
         ));
     }
+    // A path is not used: gRPC calls go to /flgfn.v1.Learner/... on the
+    // host and port whatever follows them.
+    static PATH_WARNED: std::sync::Once = std::sync::Once::new();
+    if let Ok(uri) = config.actor.learner.parse::<tonic::codegen::http::Uri>()
+        && !matches!(uri.path(), "" | "/")
+    {
+        PATH_WARNED.call_once(|| warn!(
+            learner = %config.actor.learner,
+            path = uri.path(),
+            "actor.learner names a path, which is not used: the actor calls the learner's gRPC service on that host and port"
+        ));
+    }
     let Plumbing {
         chunks,
         orders,

@@ -101,11 +101,15 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
             };
             return Err(ConfigError::invalid(field, format!("{path} holds {why}")));
         }
-        if kind == "PRIVATE KEY" && text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        // (PKCS#8's own label, or the older form's header line.)
+        if kind == "PRIVATE KEY"
+            && (text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+                || text.contains("Proc-Type: 4,ENCRYPTED"))
+        {
             return Err(ConfigError::invalid(
                 field,
                 format!(
-                    "{path} holds an encrypted private key, which cannot be read without its passphrase: write it unencrypted (`openssl pkey -in {path} -out plain.key`) and keep that file private"
+                    "{path} holds an encrypted private key, which cannot be read without its passphrase: write it unencrypted where only its owner can read it (`(umask 077; openssl pkey -in {path} -out plain.key)`)"
                 ),
             ));
         }

@@ -706,7 +706,9 @@ fn flgfn_variables_of(
             Ok(value) => found.push((name, value)),
             // (A name one underscore away from a key, too: dropped, it
             // would not be warned about.)
-            Err(_) if is_configuration_key(&name) || meant_variable(&name).is_some() => {
+            // (Not one named by a key alone, `FLGFN_NAME`: likely another
+            // tool's, only warned about.)
+            Err(_) if is_configuration_key(&name) || meant_with_section(&name).is_some() => {
                 return Err(ConfigError::invalid(
                     &name,
                     "the variable's value is not UTF-8",
@@ -788,15 +790,52 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(Strin
 /// `FLGFN_LEARNER_THREADS`; `FLGFN_LEARNER__THREADS or
 /// FLGFN_ACTOR__THREADS` for `FLGFN_THREADS`; see [`misspelt_variables`]).
 pub fn meant_variable(name: &str) -> Option<String> {
+    meant_with_section(name).or_else(|| meant_without_section(name))
+}
+
+/// Every section and key there is, every task's keys among them (the
+/// default configuration prints only the default task's, and leaves out
+/// unset options): read once, as every `FLGFN_` variable is asked about at
+/// start.
+fn schema() -> &'static toml::Table {
+    static SCHEMA: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let table = |config: &Config| -> toml::Table {
+            toml::from_str(&config.to_toml()).unwrap_or_default()
+        };
+        let mut schema = table(&Config::default());
+        let every_task = [
+            TaskConfig::Lattice(LatticeConfig::default()),
+            TaskConfig::SetGeneration(SetGenerationConfig {
+                universe: Some(1),
+                set_size: Some(1),
+                levels: Some(vec![0.0]),
+                ..SetGenerationConfig::default()
+            }),
+        ];
+        for task in every_task {
+            let config = Config {
+                task,
+                ..Config::default()
+            };
+            if let Some(toml::Value::Table(keys)) = table(&config).remove("task")
+                && let Some(toml::Value::Table(known)) = schema.get_mut("task")
+            {
+                known.extend(keys);
+            }
+        }
+        schema
+    })
+}
+
+/// `FLGFN_<SECTION>_<KEY>`, a real section and key with one underscore
+/// between them: the variable meant (see [`misspelt_variables`]).
+fn meant_with_section(name: &str) -> Option<String> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
-    if rest.contains(ENV_SEPARATOR) || rest == "SEED" {
+    if rest.contains(ENV_SEPARATOR) {
         return None;
     }
-    // Every section and key there is (the task's of the default task):
-    // read once, as every FLGFN_ variable is asked about at start.
-    static SCHEMA: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
-    let schema =
-        SCHEMA.get_or_init(|| toml::from_str(&Config::default().to_toml()).unwrap_or_default());
+    let schema = schema();
     let is_key = |section: &str, key: &str| {
         schema
             .get(section)
@@ -805,18 +844,25 @@ pub fn meant_variable(name: &str) -> Option<String> {
     };
     // (ASCII only: a lower case of another length would move the split.)
     let lower = rest.to_ascii_lowercase();
-    if let Some(at) = lower
+    let at = lower
         .match_indices('_')
         .map(|(at, _)| at)
-        .find(|&at| is_key(&lower[..at], &lower[at + 1..]))
-    {
-        return Some(format!(
-            "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
-            &rest[..at],
-            &rest[at + 1..]
-        ));
+        .find(|&at| is_key(&lower[..at], &lower[at + 1..]))?;
+    Some(format!(
+        "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+        &rest[..at],
+        &rest[at + 1..]
+    ))
+}
+
+/// `FLGFN_<KEY>` or `FLGFN_<SECTION>` alone: every variable it may have
+/// meant (see [`misspelt_variables`]).
+fn meant_without_section(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if rest.contains(ENV_SEPARATOR) || rest == "SEED" {
+        return None;
     }
-    // A key without its section, or a section without its key.
+    let lower = rest.to_ascii_lowercase();
     let variable = |section: &str, key: &str| {
         format!(
             "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
@@ -824,7 +870,7 @@ pub fn meant_variable(name: &str) -> Option<String> {
             key.to_ascii_uppercase()
         )
     };
-    let mut meant: Vec<String> = schema
+    let mut meant: Vec<String> = schema()
         .iter()
         .filter_map(|(section, keys)| {
             let keys = keys.as_table()?;
@@ -1458,11 +1504,12 @@ fn seconds_up_to_a_day(field: &str, value: f64) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `actor.learner` must be an `http://` or `https://` URL with a host, a
-/// port that is one (or none: 80 or 443) and nothing after them: a URL
-/// that cannot connect would fail every attempt, and with the default
-/// unlimited `reconnect_attempts` the actor would retry forever, far from
-/// the setting; a path would be ignored without a word.
+/// `actor.learner` must be an `http://` or `https://` URL with a host and
+/// a port that is one (or none: 80 or 443): a URL that cannot connect
+/// would fail every attempt, and with the default unlimited
+/// `reconnect_attempts` the actor would retry forever, far from the
+/// setting. (A path is ignored, and the actor says so: a shared job file
+/// may name an ingress's, and the learner must start whatever it says.)
 fn learner_url(url: &str) -> Result<(), ConfigError> {
     let invalid = |why: String| Err(ConfigError::invalid("actor.learner", why));
     let Some(rest) = url
@@ -1474,7 +1521,8 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
         ));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let after = &rest[authority.len()..];
+    // (Any user and password come before the host.)
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     // (An IPv6 address keeps its colons inside brackets.)
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) if !port.contains(']') => (host, Some(port)),
@@ -1490,11 +1538,6 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
         && !port.parse::<u16>().is_ok_and(|port| port > 0)
     {
         return invalid(format!("{url:?}: {port:?} is no port (1 to 65535)"));
-    }
-    if !after.is_empty() && after != "/" {
-        return invalid(format!(
-            "{url:?}: an actor reaches the learner at its host and port only, and would ignore {after:?}"
-        ));
     }
     tonic::transport::Endpoint::from_shared(url.to_owned())
         .map(drop)
@@ -2090,11 +2133,6 @@ mod tests {
                 "holds ' '",
             ),
             (
-                "[actor]\nlearner = \"http://learner:50051/foo\"\n",
-                "actor.learner",
-                "ignore \"/foo\"",
-            ),
-            (
                 "[actor]\nkeepalive_s = 1e20\n",
                 "actor.keepalive_s",
                 "a day",
@@ -2128,6 +2166,8 @@ mod tests {
             "http://[::1]:50051",
             "http://[::1]",
             "https://learner.example.org",
+            "https://ingress.example.org/flgfn",
+            "http://user:secret@learner:50051",
         ] {
             let toml = format!("[actor]\nlearner = \"{url}\"\n");
             assert!(Config::from_toml(&toml, "t").is_ok(), "{url}");
@@ -2285,6 +2325,15 @@ mod tests {
         assert_eq!(
             meant_variable("FLGFN_TASK").as_deref(),
             Some("FLGFN_TASK__<KEY>")
+        );
+        // Every task's keys, set or not in the defaults.
+        assert_eq!(
+            meant_variable("FLGFN_TASK_SET_SIZE").as_deref(),
+            Some("FLGFN_TASK__SET_SIZE")
+        );
+        assert_eq!(
+            meant_variable("FLGFN_SIDE").as_deref(),
+            Some("FLGFN_TASK__SIDE")
         );
         assert_eq!(
             meant_variable("FLGFN_LEARNER").as_deref(),

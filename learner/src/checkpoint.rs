@@ -639,9 +639,16 @@ enum Reader {
 }
 
 fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, LearnerError> {
+    // (A reader must not move files in a run's folder: that changes what
+    // the run resumes from and prunes.)
     let older = match reader {
-        Reader::Resuming => "to resume from an older checkpoint",
-        Reader::Reading => "to read an older checkpoint",
+        Reader::Resuming => format!(
+            "move it out of {} to resume from an older checkpoint",
+            dir.display()
+        ),
+        Reader::Reading => {
+            "copy an older checkpoint into a folder of its own and read that".to_owned()
+        }
     };
     let all = list(dir)?;
     // Newer ones that read back damaged, skipped so far.
@@ -657,9 +664,8 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
             // delete every checkpoint the resumed run writes before it.
             Err(e) => {
                 return Err(LearnerError::Checkpoint(format!(
-                    "cannot read {}: {e}; make it readable, or move it out of {} {older}",
-                    path.display(),
-                    dir.display()
+                    "cannot read {}: {e}; make it readable, or {older}",
+                    path.display()
                 )));
             }
         };
@@ -682,9 +688,8 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
                     Reader::Reading => "read it with that version",
                 };
                 return Err(LearnerError::Checkpoint(format!(
-                    "{}: {reason}, written by another version of flgfn; {with}, or move it out of {} {older}",
-                    path.display(),
-                    dir.display()
+                    "{}: {reason}, written by another version of flgfn; {with}, or {older}",
+                    path.display()
                 )));
             }
         }

@@ -315,6 +315,32 @@ fn reports_up_to(contents: &[u8], step: u64) -> &[u8] {
     &contents[..end]
 }
 
+/// How every line of a metrics file starts (`step` is a report's first
+/// field).
+const REPORT_START: &[u8] = b"{\"step\":";
+
+/// Whether `path` names a stream rather than a file of its own:
+/// `/dev/stdout`, `/dev/fd/N` and the like, or a link into `/dev` or
+/// `/proc` (each link followed, up to a few).
+fn is_stream(path: &Path) -> bool {
+    let mut at = path.to_path_buf();
+    for _ in 0..8 {
+        if at.starts_with("/dev") || at.starts_with("/proc") {
+            return true;
+        }
+        match std::fs::read_link(&at) {
+            Ok(target) => {
+                at = match at.parent() {
+                    Some(parent) => parent.join(target),
+                    None => target,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 impl MetricsFile {
     /// Creates (truncates) the file.
     pub fn create(path: &Path) -> Result<Self, LearnerError> {
@@ -332,15 +358,18 @@ impl MetricsFile {
     /// before anything in it is cut: a second learner given the same path
     /// would empty the first one's reports while the first wrote on at its
     /// old offset, and a path given by mistake (`--metrics job.toml`) would
-    /// lose the file. A pipe or a device (`/dev/stdout`) is appended to as
-    /// it is: reading it would block or read the terminal, and two runs may
-    /// well share one.
+    /// lose the file. A pipe, a device or a stream (`/dev/stdout`, even
+    /// where it is redirected to a file: `>> runs.jsonl` holds other runs'
+    /// reports, a batch job's output other lines) is appended to as it is:
+    /// reading it would block or read the terminal, and two runs may well
+    /// share one.
     pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self, LearnerError> {
         let error = |source| LearnerError::Metrics {
             path: path.display().to_string(),
             source,
         };
         let plain_file = match std::fs::metadata(path) {
+            Ok(_) if is_stream(path) => false,
             Ok(metadata) => metadata.is_file(),
             // Created below, as a plain file.
             Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => true,
@@ -371,18 +400,19 @@ impl MetricsFile {
                     "another process is writing its reports to this file (a second learner given the same --metrics?): give each run its own metrics file",
                 )));
             }
-            // A file system without locks (some network ones): written as
-            // before locks, unguarded.
-            Err(std::fs::TryLockError::Error(unsupported))
-                if unsupported.kind() == std::io::ErrorKind::Unsupported => {}
-            Err(std::fs::TryLockError::Error(other)) => return Err(error(other)),
+            // A file system without working locks (NFS without its lock
+            // daemon: ENOLCK): written unguarded, as the checkpoint
+            // folder's lock does.
+            Err(std::fs::TryLockError::Error(why)) => {
+                tracing::warn!(path = %path.display(), error = %why, "cannot lock the metrics file; make sure no other learner writes to it");
+            }
         }
         let mut contents = Vec::new();
         file.read_to_end(&mut contents).map_err(error)?;
-        // Every report is a JSON object, so a metrics file starts with one.
-        if contents.first().is_some_and(|&first| first != b'{') {
+        // Every report is a JSON object whose first field is its step.
+        if !contents.is_empty() && !contents.starts_with(REPORT_START) {
             return Err(error(std::io::Error::other(
-                "it holds something other than metrics (it does not start with a JSON report), and is left as it is: give --metrics a new path, or remove the file",
+                "it holds something other than metrics (it does not start with a report, `{\"step\":`), and is left as it is: give --metrics a new path, or remove the file",
             )));
         }
         let kept = resumed_at.map_or(0, |step| reports_up_to(&contents, step).len());
@@ -525,6 +555,28 @@ mod tests {
         }
     }
 
+    /// A stream redirected to a file (`--metrics /dev/stdout >> out`):
+    /// appended to, its other lines kept, whether resumed or not.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stream_redirected_to_a_file_is_appended_to_as_it_is() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("job.out");
+        std::fs::write(&out, "job started\n{\"step\":900}\n").unwrap();
+        let held = std::fs::File::open(&out).unwrap();
+        let stream = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        for resumed_at in [None, Some(10)] {
+            let mut metrics = MetricsFile::open(&stream, resumed_at).unwrap();
+            metrics.write(&Report::default()).unwrap();
+        }
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("job started\n{\"step\":900}\n{"), "{text}");
+        assert_eq!(text.lines().count(), 4, "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn a_second_writer_is_refused_and_the_first_ones_reports_stay() {
         let dir = std::env::temp_dir().join(format!("flgfn-metrics-lock-{}", std::process::id()));
@@ -562,18 +614,22 @@ mod tests {
     fn a_file_that_holds_no_reports_is_left_as_it_is() {
         let dir = std::env::temp_dir().join(format!("flgfn-metrics-other-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("job.toml");
-        let job = "[learner]\nmax_steps = 5\n";
-        std::fs::write(&path, job).unwrap();
-        for resumed_at in [None, Some(3)] {
-            let refused = MetricsFile::open(&path, resumed_at).err().unwrap();
-            let said = format!("{:#}", anyhow::Error::from(refused));
-            assert!(
-                said.contains("job.toml") && said.contains("holds something other than metrics"),
-                "{said}"
-            );
+        for (name, job) in [
+            ("job.toml", "[learner]\nmax_steps = 5\n"),
+            ("config.json", "{\"seeds\": 3}\n"),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, job).unwrap();
+            for resumed_at in [None, Some(3)] {
+                let refused = MetricsFile::open(&path, resumed_at).err().unwrap();
+                let said = format!("{:#}", anyhow::Error::from(refused));
+                assert!(
+                    said.contains(name) && said.contains("holds something other than metrics"),
+                    "{said}"
+                );
+            }
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), job);
         }
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), job);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

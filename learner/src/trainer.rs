@@ -207,8 +207,13 @@ fn divergence_remedy(progress: &Progress) -> String {
         Some(step) => format!(
             "checkpoints after step {step}, this run's last report with every step and draw finite, may hold the diverged model: move them out of the checkpoint folder and resume from an earlier one with {lower} and --resume-changed, or start over with --fresh"
         ),
+        // Resumed: the checkpoint may well be sound (a rate that jumped
+        // with a changed max_steps), and --fresh would delete the run.
+        None if progress.resumed_trained_transitions > 0 => format!(
+            "no report since this learner resumed had every step and draw finite (or none was made): resume again with {lower} and --resume-changed; should that diverge at once too, the checkpoint it resumes from holds the diverged model: move it out of the checkpoint folder, or start over with --fresh"
+        ),
         None => format!(
-            "no report since this learner started had every step and draw finite, so the checkpoint it resumed from, if any, may hold the diverged model too: start over with --fresh and {lower}"
+            "no report of this run had every step and draw finite (or none was made): start over with --fresh and {lower}"
         ),
     }
 }

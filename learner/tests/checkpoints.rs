@@ -637,11 +637,15 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
     config.learner.report_every_s = 1e6;
     config.learner.learning_rate = 1e30;
     let metrics = dir.join("metrics.jsonl");
-    for run in ["first", "resumed"] {
+    // The remedy: a run diverged from the start begins again; a resumed
+    // one resumes again with a lower rate first.
+    for (run, remedy) in [
+        ("first", "start over with --fresh and a lower"),
+        ("resumed", "since this learner resumed"),
+    ] {
         let error = failed_run(&config, &metrics).await;
         assert!(
-            error.contains("the final policy's logits are not finite")
-                && error.contains("the checkpoint it resumed from, if any, may hold"),
+            error.contains("the final policy's logits are not finite") && error.contains(remedy),
             "{run}: {error}"
         );
         assert_eq!(checkpoint_steps(&checkpoints), [15], "{run}");

@@ -1200,20 +1200,29 @@ fn a_signal_delivered_twice_at_once_is_one_graceful_stop() {
             .unwrap(),
     );
     wait_for_log(&log, "step=");
-    // 50 ms apart: the first is surely handled before the second comes.
+    // 20 ms apart: the first is surely handled before the second comes
+    // (tokio would merge two that both arrive before it). The shell says
+    // how far apart they were at most.
     let pid = learner.id().to_string();
-    let status = Command::new("sh")
+    let timed = Command::new("sh")
         .args([
             "-c",
-            "kill -TERM \"$0\"; sleep 0.05; kill -TERM \"$0\"",
+            "t0=$(date +%s%N); kill -TERM \"$0\"; sleep 0.02; kill -TERM \"$0\"; echo $(( $(date +%s%N) - t0 ))",
             &pid,
         ])
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(timed.status.success());
+    let apart_ns: u64 = String::from_utf8_lossy(&timed.stdout).trim().parse().unwrap();
     let status = exited_within(&mut learner.0, Duration::from_secs(30))
         .expect("the learner stops gracefully");
     let said = std::fs::read_to_string(&log).unwrap();
+    if Duration::from_nanos(apart_ns) >= flgfn_common::signals::SAME_REQUEST_WITHIN {
+        // A machine too loaded to send them close together: two requests.
+        eprintln!("inconclusive: the signals were up to {apart_ns} ns apart");
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
     assert!(status.success(), "{status}\n{said}");
     assert!(!said.contains("a second stop signal"), "{said}");
     assert!(said.contains("final weights saved"), "{said}");
