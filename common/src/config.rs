@@ -1522,7 +1522,9 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     // (Any user and password come before the host.)
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     // (An IPv6 address keeps its colons inside brackets.)
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) if !port.contains(']') => (host, Some(port)),

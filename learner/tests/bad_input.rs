@@ -1131,6 +1131,7 @@ async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_trunca
     let mut actor_config = config();
     actor_config.actor.learner = url.clone();
     actor_config.actor.truncate_fraction = 1.0;
+    actor_config.actor.envs = 1;
     let error = actor_error(actor_config.clone(), "truncating").await;
     assert!(
         error.contains("drops truncated ones") && error.contains("actor.truncate_fraction"),

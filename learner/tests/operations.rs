@@ -1213,7 +1213,10 @@ fn a_signal_delivered_twice_at_once_is_one_graceful_stop() {
         .output()
         .unwrap();
     assert!(timed.status.success());
-    let apart_ns: u64 = String::from_utf8_lossy(&timed.stdout).trim().parse().unwrap();
+    let apart_ns: u64 = String::from_utf8_lossy(&timed.stdout)
+        .trim()
+        .parse()
+        .unwrap();
     let status = exited_within(&mut learner.0, Duration::from_secs(30))
         .expect("the learner stops gracefully");
     let said = std::fs::read_to_string(&log).unwrap();
@@ -1337,8 +1340,23 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     // learner would wait its whole drain timeout (5 s) for it.
     let frozen = actor("frozen");
     freeze(frozen.id());
+    let frozen_at = std::time::Instant::now();
     let _live = actor("live");
     wait_for_log(&learner_log, "step=400 ");
+    // The learner's HTTP/2 keepalive drops the frozen actor's connection
+    // after 30 s (10 s pings, 20 s for an answer): a run that took that
+    // long (~2 s here, 35 s once under a loaded suite) left nothing to
+    // drain.
+    if frozen_at.elapsed() > Duration::from_secs(25) {
+        eprintln!(
+            "inconclusive: training took {:?}, past the frozen actor's keepalive",
+            frozen_at.elapsed()
+        );
+        signal(frozen.id(), "CONT");
+        drop((frozen, learner));
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
     signal(learner.id(), "INT");
     let status = exited_within(&mut learner.0, Duration::from_secs(3))
         .expect("a stop during the drain closes the connections at once");
