@@ -448,16 +448,18 @@ pub async fn stay_connected(
             "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
         ));
     }
+    // (Validated as a URL already; parsed here for two warnings.)
+    let learner_uri = config
+        .actor
+        .learner
+        .parse::<tonic::codegen::http::Uri>()
+        .ok();
     // An http:// URL without a port means port 80: most likely not where
     // the learner listens, and refusals there read as an outage. (An
     // https:// one may well be an ingress on 443.)
     static NO_PORT_WARNED: std::sync::Once = std::sync::Once::new();
     if config.actor.learner.starts_with("http://")
-        && config
-            .actor
-            .learner
-            .parse::<tonic::codegen::http::Uri>()
-            .is_ok_and(|uri| uri.port().is_none())
+        && learner_uri.as_ref().is_some_and(|uri| uri.port().is_none())
     {
         NO_PORT_WARNED.call_once(|| warn!(
             learner = %config.actor.learner,
@@ -467,7 +469,7 @@ pub async fn stay_connected(
     // A path is not used: gRPC calls go to /flgfn.v1.Learner/... on the
     // host and port whatever follows them.
     static PATH_WARNED: std::sync::Once = std::sync::Once::new();
-    if let Ok(uri) = config.actor.learner.parse::<tonic::codegen::http::Uri>()
+    if let Some(uri) = &learner_uri
         && !matches!(uri.path(), "" | "/")
     {
         PATH_WARNED.call_once(|| warn!(
