@@ -19,7 +19,8 @@
 //! Files are written atomically: a temporary file in the same directory,
 //! fsync, rename over the final name, fsync of the directory; during
 //! training, by a [`Writer`] on a thread of its own. The last
-//! `learner.keep_checkpoints` are kept. Names carry the step
+//! `learner.keep_checkpoints` are kept, and beside them the newest one
+//! known sound while a run diverges (see [`prune`]). Names carry the step
 //! (`ckpt-000000001200.safetensors`), so the newest sorts last. The final
 //! weights of a run also go to `final.safetensors` (f32 whatever the wire
 //! encoding, in the format actors receive, loadable with
@@ -34,7 +35,7 @@ use flgfn_common::config::WeightEncoding;
 use flgfn_common::policy::Policy;
 use flgfn_common::weights::{self, NamedArray};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::LearnerError;
 
@@ -377,12 +378,12 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
     Ok(path)
 }
 
-/// Saves one checkpoint and deletes all but the newest `keep`.
+/// Saves one checkpoint and prunes the older ones (see [`prune`]).
 pub fn save(
     dir: &Path,
     state: &CheckpointState,
     arrays: &[NamedArray],
-    keep: usize,
+    keep: Keep,
 ) -> Result<PathBuf, LearnerError> {
     let json = serde_json::to_string(state)
         .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the state: {e}")))?;
@@ -393,14 +394,46 @@ pub fn save(
     let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata)
         .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the tensors: {e}")))?;
     let path = write_atomically(dir, &file_name(state.step), &bytes)?;
-    let mut all = list(dir)?;
-    while all.len() > keep.max(1) {
-        let (_, old) = all.remove(0);
+    prune(dir, keep)?;
+    Ok(path)
+}
+
+/// Which checkpoints pruning keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep {
+    /// The newest this many (`learner.keep_checkpoints`).
+    pub newest: usize,
+    /// And the newest checkpoint at or before this step, where set: the
+    /// last step the run knows sound. A run that diverges goes on saving
+    /// checkpoints of the diverged model until it stops; without this,
+    /// they would push out every one a resume could start again from.
+    pub sound_through: Option<u64>,
+}
+
+/// Deletes the checkpoints in `dir` that `keep` does not keep.
+pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
+    let all = list(dir)?;
+    let sound = keep
+        .sound_through
+        .and_then(|through| all.iter().rev().find(|(step, _)| *step <= through))
+        .map(|(step, _)| *step);
+    let excess = all.len().saturating_sub(keep.newest.max(1));
+    for (step, old) in all.into_iter().take(excess) {
+        if Some(step) == sound {
+            debug!(path = %old.display(), "kept beyond keep_checkpoints: the newest checkpoint before the model stopped being finite");
+            continue;
+        }
         if let Err(e) = fs::remove_file(&old) {
             warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
         }
     }
-    Ok(path)
+    Ok(())
+}
+
+/// The newest checkpoint in `dir` at or before `step`, if any.
+pub fn newest_at_or_before(dir: &Path, step: u64) -> Option<(u64, PathBuf)> {
+    let all = list(dir).ok()?;
+    all.into_iter().rev().find(|(saved, _)| *saved <= step)
 }
 
 /// Writes checkpoints on a thread of its own, one at a time: the trainer
@@ -428,14 +461,21 @@ impl Writer {
     }
 
     /// Starts writing a checkpoint once the write before it is done (its
-    /// failure is returned instead, and this one is not written).
+    /// failure is returned instead, and this one is not written). Pruning
+    /// after it keeps the newest at or before `sound_through` too (see
+    /// [`Keep`]).
     pub fn start(
         &mut self,
         state: CheckpointState,
         arrays: Vec<NamedArray>,
+        sound_through: Option<u64>,
     ) -> Result<(), LearnerError> {
         self.finish()?;
-        let (dir, keep) = (self.dir.clone(), self.keep);
+        let dir = self.dir.clone();
+        let keep = Keep {
+            newest: self.keep,
+            sound_through,
+        };
         let write = move || {
             let started = std::time::Instant::now();
             let path = save(&dir, &state, &arrays, keep)?;
@@ -815,6 +855,14 @@ mod tests {
         ]
     }
 
+    /// The newest `newest`, nothing known sound.
+    fn keep(newest: usize) -> Keep {
+        Keep {
+            newest,
+            sound_through: None,
+        }
+    }
+
     fn state(step: u64) -> CheckpointState {
         CheckpointState {
             format: FORMAT,
@@ -839,7 +887,7 @@ mod tests {
     fn a_checkpoint_reads_back_exactly_and_only_the_last_k_stay() {
         let dir = scratch("round-trip");
         for step in [100, 200, 300, 400] {
-            save(&dir, &state(step), &arrays(step as f32), 2).unwrap();
+            save(&dir, &state(step), &arrays(step as f32), keep(2)).unwrap();
         }
         let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, [300, 400]);
@@ -852,6 +900,33 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Pruning keeps the newest checkpoint at or before the last step
+    /// known sound beside the newest `keep_checkpoints`, and lets it go
+    /// once a sounder one is among those.
+    #[test]
+    fn pruning_keeps_the_newest_checkpoint_known_sound() {
+        let dir = scratch("sound");
+        let steps =
+            |dir: &Path| -> Vec<u64> { list(dir).unwrap().into_iter().map(|(s, _)| s).collect() };
+        let sound_through = |step| Keep {
+            newest: 2,
+            sound_through: Some(step),
+        };
+        for step in [100, 200, 300, 400, 500] {
+            save(&dir, &state(step), &arrays(1.0), sound_through(250)).unwrap();
+        }
+        assert_eq!(steps(&dir), [200, 400, 500]);
+        assert_eq!(newest_at_or_before(&dir, 399).map(|(s, _)| s), Some(200));
+        assert_eq!(newest_at_or_before(&dir, 99), None);
+        // Sound again, and among the newest: nothing more is kept.
+        save(&dir, &state(600), &arrays(1.0), sound_through(600)).unwrap();
+        assert_eq!(steps(&dir), [500, 600]);
+        // Nothing at or before it: the newest two, as without it.
+        save(&dir, &state(700), &arrays(1.0), sound_through(50)).unwrap();
+        assert_eq!(steps(&dir), [600, 700]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A writer writes in the order started, one at a time, and what
     /// [`Writer::finish`] returns has been written.
     #[test]
@@ -859,7 +934,9 @@ mod tests {
         let dir = scratch("writer");
         let mut writer = Writer::new(dir.clone(), 2);
         for step in [100, 200, 300, 400] {
-            writer.start(state(step), arrays(step as f32)).unwrap();
+            writer
+                .start(state(step), arrays(step as f32), None)
+                .unwrap();
         }
         writer.finish().unwrap();
         let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
@@ -883,7 +960,7 @@ mod tests {
         let dir = parent.join("checkpoints");
         fs::write(&dir, "not a folder").unwrap();
         let mut writer = Writer::new(dir.clone(), 2);
-        writer.start(state(100), arrays(1.0)).unwrap();
+        writer.start(state(100), arrays(1.0), None).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let error = loop {
             match writer.poll() {
@@ -901,9 +978,9 @@ mod tests {
         writer.poll().unwrap();
         writer.finish().unwrap();
 
-        writer.start(state(200), arrays(2.0)).unwrap();
+        writer.start(state(200), arrays(2.0), None).unwrap();
         let error = writer
-            .start(state(300), arrays(3.0))
+            .start(state(300), arrays(3.0), None)
             .unwrap_err()
             .to_string();
         assert!(error.contains(&dir.display().to_string()), "{error}");
@@ -988,7 +1065,7 @@ mod tests {
     fn a_checkpoint_goes_into_folders_made_for_it_several_levels_deep() {
         let dir = scratch("nested");
         let deep = dir.join("a").join("b").join("c");
-        save(&deep, &state(100), &arrays(1.0), 2).unwrap();
+        save(&deep, &state(100), &arrays(1.0), keep(2)).unwrap();
         assert_eq!(load_latest(&deep).unwrap().unwrap().state.step, 100);
         assert_eq!(parent_of(Path::new("checkpoints")), Some(Path::new(".")));
         assert_eq!(parent_of(Path::new("/")), None);
@@ -998,7 +1075,7 @@ mod tests {
     #[test]
     fn unfinished_writes_are_removed_and_nothing_else() {
         let dir = scratch("unfinished");
-        save(&dir, &state(100), &arrays(1.0), 5).unwrap();
+        save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
         for leftover in [
             ".ckpt-000000000200.safetensors.tmp",
             ".final.safetensors.tmp",
@@ -1020,8 +1097,8 @@ mod tests {
     #[test]
     fn a_truncated_or_flipped_checkpoint_is_refused_and_the_previous_one_used() {
         let dir = scratch("damaged");
-        save(&dir, &state(100), &arrays(1.0), 5).unwrap();
-        let newest = save(&dir, &state(200), &arrays(2.0), 5).unwrap();
+        save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
+        let newest = save(&dir, &state(200), &arrays(2.0), keep(5)).unwrap();
         let good = fs::read(&newest).unwrap();
 
         // Torn: the last bytes never reached the disk.
@@ -1046,7 +1123,7 @@ mod tests {
         // Set aside: the resumed run's next checkpoint is the newest, and
         // pruning keeps it.
         assert!(aside.exists() && !newest.exists());
-        let resumed = save(&dir, &state(150), &arrays(1.5), 2).unwrap();
+        let resumed = save(&dir, &state(150), &arrays(1.5), keep(2)).unwrap();
         let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, [100, 150]);
         fs::remove_file(&resumed).unwrap();
@@ -1075,7 +1152,7 @@ mod tests {
         // resume, named.
         let mut future = state(200);
         future.format = FORMAT + 1;
-        save(&dir, &future, &arrays(2.0), 5).unwrap();
+        save(&dir, &future, &arrays(2.0), keep(5)).unwrap();
         let error = load_latest(&dir).unwrap_err().to_string();
         assert!(
             error.contains(&file_name(200)) && error.contains("format 2"),
@@ -1105,7 +1182,7 @@ mod tests {
         // ...and where that format stores tensors this learner cannot
         // decode (another dtype, here I32 in F32's place): still another
         // version's, not damage.
-        save(&dir, &future, &arrays(2.0), 5).unwrap();
+        save(&dir, &future, &arrays(2.0), keep(5)).unwrap();
         let as_i32 = |bytes: Vec<u8>| {
             let at = bytes.windows(5).position(|w| w == b"\"F32\"").unwrap();
             let mut bytes = bytes;
@@ -1122,7 +1199,7 @@ mod tests {
             "{error}"
         );
         // In this learner's own format, the same is damage.
-        save(&dir, &state(200), &arrays(2.0), 5).unwrap();
+        save(&dir, &state(200), &arrays(2.0), keep(5)).unwrap();
         fs::write(&path, as_i32(fs::read(&path).unwrap())).unwrap();
         assert!(matches!(
             parse(&path, &fs::read(&path).unwrap()),
@@ -1131,7 +1208,7 @@ mod tests {
         // A format no version writes is damage: the one before is used.
         let mut zero = state(200);
         zero.format = 0;
-        save(&dir, &zero, &arrays(2.0), 5).unwrap();
+        save(&dir, &zero, &arrays(2.0), keep(5)).unwrap();
         assert!(matches!(
             parse(&path, &fs::read(&path).unwrap()),
             Err(Unusable::Damaged(_))

@@ -199,21 +199,39 @@ impl Window {
 }
 
 /// What a user can do about a run that diverged: a lower learning rate,
-/// from a checkpoint saved before it (the ones after may hold the diverged
-/// model, and a resume from them diverges again).
-fn divergence_remedy(progress: &Progress) -> String {
+/// from the checkpoint kept for it (pruning keeps the newest one at or
+/// before [`Progress::sound_through`]); the ones after it may hold the
+/// diverged model, and a resume from them diverges again.
+fn divergence_remedy(progress: &Progress, checkpoint_dir: Option<&std::path::Path>) -> String {
     let lower = "a lower learner.learning_rate (or TB's objective.log_z_learning_rate)";
-    match progress.last_sound_report {
-        Some(step) => format!(
-            "checkpoints after step {step}, this run's last report with every step and draw finite, may hold the diverged model: move them out of the checkpoint folder and resume from an earlier one with {lower} and --resume-changed, or start over with --fresh"
-        ),
+    let Some(dir) = checkpoint_dir else {
+        return format!("start again with {lower}");
+    };
+    let why = match (progress.last_sound_report, progress.resumed_step) {
+        (Some(step), _) => {
+            format!("step {step}, this run's last report with every step and draw finite")
+        }
         // Resumed: the checkpoint may well be sound (a rate that jumped
         // with a changed max_steps), and --fresh would delete the run.
-        None if progress.resumed_trained_transitions > 0 => format!(
-            "no report since this learner resumed had every step and draw finite (or none was made): resume again with {lower} and --resume-changed; should that diverge at once too, the checkpoint it resumes from holds the diverged model: move it out of the checkpoint folder, or start over with --fresh"
+        (None, Some(step)) => format!(
+            "step {step}, where this learner resumed (no report since had every step and draw finite)"
+        ),
+        (None, None) => {
+            return format!(
+                "no report of this run had every step and draw finite (or none was made): start over with --fresh and {lower}"
+            );
+        }
+    };
+    let through = progress.sound_through().unwrap_or_default();
+    match checkpoint::newest_at_or_before(dir, through) {
+        Some((step, path)) => format!(
+            "checkpoints after {why}, may hold the diverged model: move those after step {step} out of {}, then resume from {} (kept for this) with {lower} and --resume-changed (should that diverge at once again, this one holds it too); or start over with --fresh",
+            dir.display(),
+            path.display()
         ),
         None => format!(
-            "no report of this run had every step and draw finite (or none was made): start over with --fresh and {lower}"
+            "no checkpoint at or before {why} is left in {}: start over with --fresh and {lower}",
+            dir.display()
         ),
     }
 }
@@ -231,6 +249,8 @@ struct Progress {
     /// every evaluation draw finite: a run that diverges names the
     /// checkpoints after it, which may hold the diverged model.
     last_sound_report: Option<u64>,
+    /// The step of the checkpoint this learner resumed from, if any.
+    resumed_step: Option<u64>,
     /// The last evaluation's draws at states where the logits were not
     /// finite: the final one's must be none.
     non_finite_draws: usize,
@@ -269,6 +289,14 @@ struct Progress {
 }
 
 impl Progress {
+    /// The last step known sound, for pruning and the remedy of a
+    /// divergence: this run's last sound report, else the checkpoint it
+    /// resumed from (chosen by the user; the remedy for a resume that
+    /// diverges at once is to resume it again).
+    fn sound_through(&self) -> Option<u64> {
+        self.last_sound_report.or(self.resumed_step)
+    }
+
     /// Seconds of training so far, evaluations left out.
     fn wall(&self) -> f64 {
         self.wall_before
@@ -517,7 +545,7 @@ impl Trainer {
                 break 'training Err(LearnerError::Trainer(format!(
                     "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there; {}",
                     progress.non_finite_draws,
-                    divergence_remedy(&progress)
+                    divergence_remedy(&progress, self.checkpoint_dir.as_deref())
                 )));
             }
             progress.version = progress.step + progress.version_offset;
@@ -765,7 +793,7 @@ impl Trainer {
             model: self.policy.spec().to_string(),
             build: crate::BUILD.to_owned(),
         };
-        writer.start(state, arrays)?;
+        writer.start(state, arrays, progress.sound_through())?;
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
         // The copy is not training: out of `wall_s` like evaluation.
@@ -810,6 +838,7 @@ impl Trainer {
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
         progress.resumed_trained_transitions = state.trained_transitions;
+        progress.resumed_step = Some(state.step);
         progress.totals = state.totals.clone();
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;
@@ -1081,7 +1110,7 @@ impl Trainer {
                 return Err(LearnerError::Trainer(format!(
                     "no step of the last {} was finite (its loss, gradients or update): the model diverged; {}",
                     window.steps,
-                    divergence_remedy(progress)
+                    divergence_remedy(progress, self.checkpoint_dir.as_deref())
                 )));
             }
         } else {

@@ -67,15 +67,25 @@ async fn start_run_until(
     metrics: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (Learner, [Actor; 2]) {
+    let options = RunOptions {
+        metrics_path: Some(metrics.to_owned()),
+        ..RunOptions::default()
+    };
+    start_run_with(config, options, stop).await
+}
+
+/// [`start_run_until`], with the learner's options given.
+async fn start_run_with(
+    config: &Config,
+    options: RunOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (Learner, [Actor; 2]) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let learner = tokio::spawn(flgfn_learner::serve(
         config.clone(),
         listener,
-        RunOptions {
-            metrics_path: Some(metrics.to_owned()),
-            ..RunOptions::default()
-        },
+        options,
         stop,
     ));
     (learner, [actor(config, &url, 0), actor(config, &url, 1)])
@@ -246,7 +256,20 @@ async fn failed_run_until(
     metrics: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> String {
-    let (learner, actors) = start_run_until(config, metrics, stop).await;
+    let options = RunOptions {
+        metrics_path: Some(metrics.to_owned()),
+        ..RunOptions::default()
+    };
+    failed_run_with(config, options, stop).await
+}
+
+/// [`failed_run_until`], with the learner's options given.
+async fn failed_run_with(
+    config: &Config,
+    options: RunOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> String {
+    let (learner, actors) = start_run_with(config, options, stop).await;
     let error = tokio::time::timeout(Duration::from_secs(120), learner)
         .await
         .expect("the learner fails")
@@ -641,7 +664,7 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
     // one resumes again with a lower rate first.
     for (run, remedy) in [
         ("first", "start over with --fresh and a lower"),
-        ("resumed", "since this learner resumed"),
+        ("resumed", "where this learner resumed"),
     ] {
         let error = failed_run(&config, &metrics).await;
         assert!(
@@ -650,6 +673,58 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
         );
         assert_eq!(checkpoint_steps(&checkpoints), [15], "{run}");
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A resumed run that diverges (the rate raised with --resume-changed)
+/// goes on saving checkpoints until it stops, but pruning keeps the one it
+/// resumed from beside the newest `keep_checkpoints`, and the error names
+/// it as the one to resume from; resumed from it with the old rate, the
+/// run ends well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverging_run_keeps_the_checkpoint_to_go_back_to() {
+    let dir = scratch("diverged-keeps-sound");
+    let (mut config, checkpoints) = checkpointed(&dir, 15, 30);
+    config.learner.keep_checkpoints = 2;
+    config.learner.eval_every_steps = 10;
+    let metrics = dir.join("metrics.jsonl");
+    train(&config, &metrics).await;
+    assert_eq!(checkpoint_steps(&checkpoints), [15, 30]);
+
+    let sound_rate = config.learner.learning_rate;
+    config.learner.learning_rate = 1e30;
+    config.learner.max_steps = 300;
+    let resume_changed = || RunOptions {
+        metrics_path: Some(metrics.clone()),
+        resume_changed: true,
+        ..RunOptions::default()
+    };
+    let error = failed_run_with(&config, resume_changed(), std::future::pending()).await;
+    let saved = checkpoint_steps(&checkpoints);
+    assert!(
+        saved.len() == 3 && saved[0] == 30 && saved[1] > 30,
+        "the one resumed from and the newest two: {saved:?}"
+    );
+    assert!(
+        error.contains("diverged")
+            && error.contains("ckpt-000000000030.safetensors (kept for this)"),
+        "{error}"
+    );
+
+    // The remedy, followed: the later ones moved out, the rate lowered.
+    for (step, path) in checkpoint::list(&checkpoints).unwrap() {
+        if step > 30 {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    config.learner.learning_rate = sound_rate;
+    config.learner.max_steps = 60;
+    let (learner, actors) = start_run_with(&config, resume_changed(), std::future::pending()).await;
+    let outcome = support::finished_learner(learner).await;
+    for a in actors {
+        a.abort();
+    }
+    assert_eq!(outcome.steps, 60);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
