@@ -58,6 +58,16 @@ const FIRST_PAUSE: Duration = Duration::from_secs(1);
 /// learner slowed down enough for its chunks to be fresh again.
 const LONGEST_PAUSE: Duration = Duration::from_secs(16);
 
+/// How a session ended without an error, for its `ended_by`.
+enum Ended {
+    TrainingDone,
+    /// The actor closed its side of the stream.
+    ActorLeft,
+    /// The stream of grants closed with the actor's side still open: the
+    /// connection went under it.
+    GrantsUndelivered,
+}
+
 /// Runs replay and validation on tokio's blocking pool, at most
 /// `learner.ingest_threads` at a time, so a flood of chunks never occupies
 /// the async workers that serve grants, weights and health checks.
@@ -263,8 +273,12 @@ impl Session {
         // actor's leaving, or the status that ended the session (a
         // refusal, a stall, a broken connection).
         let ended_by = match served {
-            Ok(()) if *self.state.publisher.done().borrow() => "training done".to_owned(),
-            Ok(()) => "the actor left".to_owned(),
+            Ok(Ended::TrainingDone) => "training done".to_owned(),
+            Ok(_) if *self.state.publisher.done().borrow() => "training done".to_owned(),
+            Ok(Ended::ActorLeft) => "the actor left".to_owned(),
+            Ok(Ended::GrantsUndelivered) => {
+                "the connection was lost (a grant could not be delivered)".to_owned()
+            }
             Err(status) => {
                 // Training may be ending while this session was busy (a
                 // chunk finds the trainer gone, the credits stop on a
@@ -308,7 +322,7 @@ impl Session {
         stats.record_session(progress.record);
     }
 
-    async fn serve(&mut self, progress: &mut Progress) -> Result<(), Status> {
+    async fn serve(&mut self, progress: &mut Progress) -> Result<Ended, Status> {
         let reserve = (self.trajectories_per_chunk * self.state.env.max_trajectory_len()) as u64;
         let max_held = self.max_held_chunks();
         let mut credits = self
@@ -352,7 +366,7 @@ impl Session {
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
                     progress.unused.clear();
                     self.send_last(Ok(training_done())).await;
-                    return Ok(());
+                    return Ok(Ended::TrainingDone);
                 }
                 token = credits.tokens.recv() => {
                     let first = token.ok_or(RequestError::ShuttingDown)?;
@@ -368,15 +382,24 @@ impl Session {
                         tokens.push(token);
                     }
                     if !self.grant(tokens, progress).await? {
-                        // The actor is gone.
-                        return Ok(());
+                        // Its grants' stream is closed: the actor dropped
+                        // the call after closing its side (a leaving whose
+                        // end of stream is already here), or the
+                        // connection went (a killed actor, a keepalive
+                        // timeout, a proxy).
+                        let left = tokio::time::timeout(Duration::ZERO, self.inbound.message()).await;
+                        return Ok(if matches!(left, Ok(Ok(None))) {
+                            Ended::ActorLeft
+                        } else {
+                            Ended::GrantsUndelivered
+                        });
                     }
                 }
                 message = self.inbound.message() => {
                     let message = message.inspect_err(|status| self.count_unreadable(status))?;
                     let Some(message) = message else {
                         // The actor closed its side: it is leaving.
-                        return Ok(());
+                        return Ok(Ended::ActorLeft);
                     };
                     self.receive(message, &credits, progress).await.map_err(|error| {
                         if matches!(error, RequestError::ShuttingDown) {
