@@ -152,6 +152,12 @@ fn every_objective_is_zero_at_the_exact_optimum_and_positive_off_it() {
     let env = tiny();
     let flows = uniform_backward_log_flows(&env, 10_000).unwrap();
     let log_z = flows[&env.initial_state()];
+    // The optimum's parent counts come from the same backward masks the
+    // objectives use: its log Z checked against the task's reference (a
+    // sum over sets, no masks), so that a wrong count cannot agree with
+    // itself.
+    let reference = env.reference().unwrap().log_z();
+    assert!((log_z - reference).abs() < 1e-7, "{log_z} vs {reference}");
     let (trajectories, rows) = sample(&env, 40, &mut SmallRng::seed_from_u64(1));
     assert!(trajectories.iter().any(|t| !t.complete));
     let batch = batch(&env, &trajectories);
