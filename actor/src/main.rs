@@ -7,7 +7,9 @@ use flgfn_common::telemetry::{self, LogFlags};
 
 /// Rolls out trajectories with the learner's latest policy and streams them,
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
-/// learner finishes training; non-zero when the learner refuses it.
+/// learner finishes training (or on a stop signal); 75 when the learner
+/// stayed unreachable for actor.reconnect_attempts tries; 1 on any other
+/// error (the learner refused it, a bad setting).
 #[derive(Debug, Parser)]
 #[command(version = flgfn_actor::BUILD)]
 struct Args {
@@ -33,10 +35,28 @@ struct Args {
     log: LogFlags,
 }
 
+/// The exit status of an actor that gave up reaching the learner
+/// (`actor.reconnect_attempts`): EX_TEMPFAIL, so that a job system or
+/// script can tell "try again later" from a fault no retry fixes (status
+/// 1) and from a run that ended (0).
+const EXIT_LEARNER_UNREACHABLE: u8 = 75;
+
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with(args.log.log_format);
-    telemetry::exit_status("flgfn-actor", run(args))
+    let result = run(args);
+    let unreachable = result.as_ref().is_err_and(|error| {
+        matches!(
+            error.downcast_ref::<flgfn_actor::ActorError>(),
+            Some(flgfn_actor::ActorError::GaveUp { .. })
+        )
+    });
+    let status = telemetry::exit_status("flgfn-actor", result);
+    if unreachable {
+        std::process::ExitCode::from(EXIT_LEARNER_UNREACHABLE)
+    } else {
+        status
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

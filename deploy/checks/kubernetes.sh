@@ -21,4 +21,11 @@ for overlay in deploy/k8s/overlays/*/; do
     "$tools/kubernetes-validate" --strict --quiet "$work/$name.yaml"
     overlays+=("$name ($(grep -c '^kind:' "$work/$name.yaml") resources)")
 done
+# The job overlay runs to completion: its learner a Job, nothing that
+# restarts a finished one.
+kinds="$(grep '^kind:' "$work/job.yaml" | sort | uniq -c | tr -s ' ' | paste -sd, -)"
+if [[ "$kinds" != " 1 kind: ConfigMap, 1 kind: Deployment, 1 kind: Job, 1 kind: PersistentVolumeClaim, 1 kind: Service" ]]; then
+    echo "kubernetes: the job overlay renders$kinds, not the learner's Job and claim, the actors' Deployment, Service and ConfigMap" >&2
+    exit 1
+fi
 echo "kubernetes: ok: ${overlays[*]} render and validate"

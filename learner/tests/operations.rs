@@ -1373,3 +1373,43 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     drop(frozen);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An actor that gives up on an unreachable learner exits with
+/// EX_TEMPFAIL (75), which a job system can retry, and one with a bad
+/// setting with 1.
+#[test]
+fn an_actor_that_gives_up_on_the_learner_exits_75_and_a_bad_setting_1() {
+    let dir = scratch("exit-statuses");
+    let config = tiny_config_file(&dir, 0);
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let run = |attempts: &str| {
+        command(&sibling("flgfn-actor"))
+            .args(["--learner", &url, "--config"])
+            .arg(&config)
+            .envs([
+                ("FLGFN_ACTOR__RECONNECT_ATTEMPTS", attempts),
+                ("FLGFN_ACTOR__RECONNECT_INITIAL_S", "0.01"),
+                ("FLGFN_ACTOR__RECONNECT_MAX_S", "0.02"),
+            ])
+            .output()
+            .unwrap()
+    };
+    let gave_up = run("2");
+    let stderr = String::from_utf8_lossy(&gave_up.stderr);
+    assert_eq!(gave_up.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("gave up after 2 failed connection attempts"),
+        "{stderr}"
+    );
+    let bad = run("-1");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("reconnect_attempts"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
