@@ -77,9 +77,14 @@ impl ConfigFlags {
             .map(|&(flag, _)| flag)
             .collect();
         let overrides = env_overrides(flgfn_variables()?);
+        // Read as a start reads them: a file that would stop the actor
+        // stops this too.
+        let token = flgfn_common::auth::load_token(&config.auth)?;
+        let tls = crate::client_tls(config)?;
         flgfn_common::out!(
-            "{}",
-            describe_layers(self.config.as_deref(), &overrides, &flags)
+            "{}{}",
+            describe_layers(self.config.as_deref(), &overrides, &flags),
+            flgfn_common::auth::describe_secrets(token.as_ref(), &config.tls, tls.is_some())
         );
         flgfn_common::out!("{}", config.to_toml());
         Ok(())

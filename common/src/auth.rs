@@ -274,6 +274,33 @@ pub fn same_secret(given: &[u8], expected: &[u8]) -> bool {
         == 0
 }
 
+/// `--print-config`'s lines on the secrets, once they were read as a start
+/// reads them (so that a token or TLS file that would stop the binary
+/// stops `--print-config` too): where the token came from, never the token,
+/// and which TLS files were read (`tls_read`: false where this binary
+/// reads none for its settings, an actor with an `http://` learner).
+pub fn describe_secrets(token: Option<&Token>, tls: &TlsConfig, tls_read: bool) -> String {
+    let token = token.map_or_else(
+        || "none (calls carry no token)".to_owned(),
+        |token| format!("from {} (not shown), read", token.from()),
+    );
+    let files: Vec<&str> = [
+        ("tls.cert_file", &tls.cert_file),
+        ("tls.key_file", &tls.key_file),
+        ("tls.ca_file", &tls.ca_file),
+    ]
+    .into_iter()
+    .filter(|(_, path)| tls_read && !path.is_empty())
+    .map(|(key, _)| key)
+    .collect();
+    let tls = if files.is_empty() {
+        "none read (plain text)".to_owned()
+    } else {
+        format!("{} read", files.join(", "))
+    };
+    format!("# Token: {token}\n# TLS files: {tls}\n")
+}
+
 /// The configured token: `FLGFN_TOKEN` if set and not empty, else the
 /// contents of `auth.token_file` if set, else none.
 pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {

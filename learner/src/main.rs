@@ -146,9 +146,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.validate_layers(&overrides, &flag_keys)?;
     if args.print_config {
         let flags: Vec<&str> = flag_keys.iter().map(|&(flag, _)| flag).collect();
+        // Read as a start reads them: a file that would stop the learner
+        // stops this too.
+        let token = flgfn_common::auth::load_token(&config.auth)?;
+        flgfn_learner::secured_transport(&config)?;
         flgfn_common::out!(
-            "{}",
-            describe_layers(args.config.as_deref(), &overrides, &flags)
+            "{}{}",
+            describe_layers(args.config.as_deref(), &overrides, &flags),
+            flgfn_common::auth::describe_secrets(token.as_ref(), &config.tls, true)
         );
         flgfn_common::out!("{}", config.to_toml());
         return Ok(());

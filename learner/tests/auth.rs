@@ -273,3 +273,67 @@ fn the_secret_never_reaches_a_log() {
     assert!(!String::from_utf8_lossy(&printed.stdout).contains(SECRET));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--print-config` on either binary reads the token and TLS files as a
+/// start would: it says where the token came from (never the token), and
+/// a file that would stop the binary at start stops it too, naming the
+/// key.
+#[test]
+fn print_config_reads_the_secrets_as_a_start_would() {
+    let dir = scratch("print-config");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, SECRET).unwrap();
+    let token_file = token_file.display().to_string();
+    let missing = dir.join("missing").display().to_string();
+    let learner = std::path::PathBuf::from(env!("CARGO_BIN_EXE_flgfn-learner"));
+    let actor = learner.with_file_name("flgfn-actor");
+    let print = |binary: &std::path::Path, args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(binary)
+            .arg("--print-config")
+            .args(args)
+            .env_remove("FLGFN_TOKEN")
+            .env_remove("FLGFN_CONFIG")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
+        (output.status.success(), stdout, stderr)
+    };
+    for binary in [&learner, &actor] {
+        let name = binary.display();
+        let (ok, stdout, _) = print(binary, &[], &[]);
+        assert!(ok && stdout.contains("# Token: none"), "{name}: {stdout}");
+        let (ok, stdout, stderr) = print(binary, &[], &[("FLGFN_AUTH__TOKEN_FILE", &token_file)]);
+        assert!(
+            ok && stdout.contains(&format!(
+                "# Token: from auth.token_file ({token_file}) (not shown), read"
+            )),
+            "{name}: {stdout}{stderr}"
+        );
+        let (ok, _, stderr) = print(binary, &[], &[("FLGFN_AUTH__TOKEN_FILE", &missing)]);
+        assert!(
+            !ok && stderr.contains("auth.token_file") && stderr.contains(&missing),
+            "{name}: {stderr}"
+        );
+    }
+    // A TLS file that is no PEM certificate: the learner reads it to
+    // serve, an actor to reach an https:// learner.
+    let (ok, _, stderr) = print(
+        &learner,
+        &[],
+        &[
+            ("FLGFN_TLS__CERT_FILE", &token_file),
+            ("FLGFN_TLS__KEY_FILE", &token_file),
+        ],
+    );
+    assert!(!ok && stderr.contains("tls.cert_file"), "{stderr}");
+    let (ok, _, stderr) = print(
+        &actor,
+        &["--learner", "https://127.0.0.1:50051"],
+        &[("FLGFN_TLS__CA_FILE", &token_file)],
+    );
+    assert!(!ok && stderr.contains("tls.ca_file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
