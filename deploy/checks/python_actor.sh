@@ -4,9 +4,12 @@
 # transitions, and reaches the end of a 150-step run; the actor exits 0
 # when told training is over. Then a learner is killed (SIGKILL) under a
 # running actor and started again on the same port: the actor reconnects
-# by itself and trains it to the end. Last, an actor refused for good (no
-# token) exits 1 with the refusal in one line. Its requirements go into a
-# venv in the cache.
+# by itself and trains it to the end. An actor refused for good (no
+# token) exits 1 with the refusal in one line; one that gives up on an
+# unreachable learner exits 75; one told to stop (SIGTERM) hands over its
+# last chunk, leaves the session and exits 0. Last, the weight and
+# setting checks, without a learner. Its requirements go into a venv in
+# the cache.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
@@ -151,6 +154,56 @@ else
     exit 1
 fi
 
+# Gives up on a learner nobody serves: status 75 (EX_TEMPFAIL, as the Rust
+# actor), the cause in one line.
+port="$(free_port)"
+status=0
+timeout 60 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 4 --reconnect-attempts 2 --connect-timeout 0.5 >"$work/actor-4.log" 2>&1 || status=$?
+if [ "$status" -eq 75 ] && grep -q "^flgfn_actor: gave up after 2 attempts: no answer from 127.0.0.1:$port" "$work/actor-4.log" &&
+    ! grep -q "Traceback" "$work/actor-4.log"; then
+    echo "python_actor: ok: with no learner, the actor gave up after its attempts with status 75, naming the address"
+else
+    echo "python_actor: FAILED: an actor with no learner exited $status" >&2
+    tail -n 20 "$work/actor-4.log" >&2
+    exit 1
+fi
+
+# Told to stop (SIGTERM, as compose, Kubernetes and Slurm send): the actor
+# finishes its rollout, hands the chunk over, leaves the session (the
+# learner logs it as left, not as a lost connection) and exits 0.
+port="$(free_port)"
+"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 0 \
+    --checkpoint-dir "" --metrics "$work/learner-5.jsonl" >"$work/learner-5.log" 2>&1 &
+learner_pid=$!
+"$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" --envs 16 \
+    >"$work/actor-5.log" 2>&1 &
+actor_pid=$!
+for _ in $(seq 1 600); do
+    if [ -s "$work/learner-5.jsonl" ]; then break; fi
+    sleep 0.1
+done
+kill -TERM "$actor_pid"
+status=0
+wait_at_most "$actor_pid" 30 || status=$?
+actor_pid=""
+# (The learner logs the session's end once it has read the closed stream.)
+for _ in $(seq 1 50); do
+    if grep -q "session ended" "$work/learner-5.log"; then break; fi
+    sleep 0.1
+done
+if [ "$status" -eq 0 ] && grep -q ": stopped: sent [1-9]" "$work/actor-5.log" &&
+    grep -q 'ended_by="the actor left"' "$work/learner-5.log"; then
+    echo "python_actor: ok: told to stop, the actor handed over its chunks, left its session and exited 0"
+else
+    echo "python_actor: FAILED: a stopped actor exited $status" >&2
+    tail -n 20 "$work/actor-5.log" "$work/learner-5.log" >&2
+    exit 1
+fi
+kill -TERM "$learner_pid"
+wait_at_most "$learner_pid" 30 || true
+learner_pid=""
+
 # Weights that do not fit are named, not a traceback; a gRPC server that is
 # not a learner (every method UNIMPLEMENTED) is a final refusal with a hint,
 # not retried forever.
@@ -183,6 +236,28 @@ for change, expected in [
     except ValueError as error:
         assert expected in str(error), (expected, str(error))
 
+# Weights whose metadata names another task, network or version than the
+# grant's are refused by name (a key left out passes).
+ours = {"task": f"set_generation({', '.join(task.params())})",
+        "model": f"mlp(input=30, hidden=[8], pf=30, pb=30)", "version": "7"}
+fa.check_metadata(ours, task, (8,), 7)
+fa.check_metadata({}, task, (8,), 7)
+for key, theirs in [("task", "set_generation(universe=8)"), ("model", "mlp(input=30, hidden=[9], pf=30, pb=30)"),
+                    ("version", "6")]:
+    try:
+        fa.check_metadata({**ours, key: theirs}, task, (8,), 7)
+        sys.exit(f"not refused: {key} {theirs}")
+    except ValueError as error:
+        assert f"they are for {key} {theirs}" in str(error), str(error)
+
+# Settings outside their range are refused before any connection.
+for setting in [{"epsilon": 1.5}, {"epsilon": -0.1}, {"truncate_fraction": 2.0}, {"envs": 0}]:
+    try:
+        fa.run(task, "127.0.0.1:1", **setting)
+        sys.exit(f"not refused: {setting}")
+    except ValueError as error:
+        assert next(iter(setting)) in str(error), str(error)
+
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
@@ -196,7 +271,7 @@ finally:
     server.stop(0)
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape or with a NaN are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED)"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED)"
 else
     echo "python_actor: FAILED: weight checks or the UNIMPLEMENTED refusal" >&2
     tail -n 20 "$work/unit.log" >&2

@@ -25,7 +25,9 @@ import json
 import os
 import queue
 import random
+import re
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -123,11 +125,13 @@ class SetGeneration:
 
 
 def read_safetensors(buffer):
-    """safetensors bytes -> {name: float32 array}; F32 and BF16 tensors."""
+    """safetensors bytes -> ({name: float32 array}, metadata); F32 and BF16
+    tensors."""
     (header_len,) = struct.unpack("<Q", buffer[:8])
     header = json.loads(buffer[8:8 + header_len])
     data = memoryview(buffer)[8 + header_len:]
     arrays = {}
+    metadata = header.get("__metadata__") or {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -140,7 +144,28 @@ def read_safetensors(buffer):
         else:
             raise ValueError(f"tensor {name}: dtype {info['dtype']} is not F32 or BF16")
         arrays[name] = array.reshape(info["shape"]).astype(np.float32)
-    return arrays
+    return arrays, metadata
+
+
+def model_spec(task, hidden):
+    """The network's description, as the learner writes it into the
+    weights' metadata (`model`)."""
+    return (f"mlp(input={task.state_dim}, hidden=[{', '.join(map(str, hidden))}], "
+            f"pf={task.forward_actions}, pb={task.backward_actions})")
+
+
+def check_metadata(metadata, task, hidden, version):
+    """Raises ValueError unless the weights' metadata names this actor's
+    task and network and the grant's version (a key left out passes), as
+    the Rust actor does: the handshake compared task and network, but a
+    balancer can send the session to another learner, and shapes alone let
+    a same-sized network of another task through."""
+    ours = {"task": f"{task.name}({', '.join(task.params())})",
+            "model": model_spec(task, hidden), "version": str(version)}
+    for key, value in ours.items():
+        theirs = metadata.get(key)
+        if theirs is not None and theirs != value:
+            raise ValueError(f"they are for {key} {theirs}, not this actor's {value}")
 
 
 def check_weights(arrays, task, hidden):
@@ -241,6 +266,19 @@ class GaveUp(RuntimeError):
     """--reconnect-attempts failed connections in a row."""
 
 
+# What `Actor.session` returns when the actor was told to stop.
+STOPPED = "stopped"
+
+# Exit status of an actor that gave up reaching the learner (EX_TEMPFAIL),
+# as the Rust actor's: a job system can retry it, where 1 is a fault no
+# retry fixes.
+EXIT_LEARNER_UNREACHABLE = 75
+
+# How long a stopping actor waits for the learner to take its last chunks
+# (as the Rust actor).
+LEAVE_TIMEOUT_S = 10.0
+
+
 def is_final(error):
     trailers = error.trailing_metadata() or ()
     if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
@@ -260,8 +298,10 @@ class Actor:
 
     def __init__(self, task, learner, hidden, envs, epsilon, truncate_fraction, name,
                  token, seed, connect_timeout_s, keepalive_s, reconnect_initial_s,
-                 reconnect_max_s):
+                 reconnect_max_s, stop):
         self.pb, pb_grpc = load_protocol()
+        # Set on a stop request: no rollout starts after it.
+        self.stop = stop
         self.task, self.hidden, self.envs, self.name = task, hidden, envs, name
         self.epsilon, self.truncate_fraction = epsilon, truncate_fraction
         self.connect_timeout_s = connect_timeout_s
@@ -296,8 +336,9 @@ class Actor:
     def session(self):
         """One session: handshake, then grants in and chunks out. Returns
         True when the learner says training is over, False when it closed
-        the stream without saying so; a broken connection raises
-        grpc.RpcError. Sets `self.served` once a chunk is handed over."""
+        the stream without saying so, STOPPED once told to stop (the chunks
+        rolled out handed over); a broken connection raises grpc.RpcError.
+        Sets `self.served` once a chunk is handed over."""
         pb, task = self.pb, self.task
         self.served = self.granted = False
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
@@ -359,8 +400,11 @@ class Actor:
             nonlocal policy, version
             while True:
                 try:
-                    grant = received.get(block=wait)
+                    # (Waiting in short steps: a stop request ends the wait.)
+                    grant = received.get(timeout=0.2) if wait else received.get_nowait()
                 except queue.Empty:
+                    if wait and not self.stop.is_set():
+                        continue
                     return None
                 wait = False
                 if grant is None:
@@ -373,7 +417,8 @@ class Actor:
                 if grant.HasField("weights"):
                     version = grant.weights.version
                     try:
-                        arrays = read_safetensors(grant.weights.safetensors)
+                        arrays, metadata = read_safetensors(grant.weights.safetensors)
+                        check_metadata(metadata, task, self.hidden, version)
                         check_weights(arrays, task, self.hidden)
                     except (ValueError, KeyError, TypeError, struct.error) as error:
                         raise Refused(f"the learner's weights of version {version} are not "
@@ -385,8 +430,24 @@ class Actor:
                         raise Refused("the learner granted a credit before sending weights")
                     work.append([grant.credits, policy, version])
 
+        def leave():
+            """Closes this side of the stream and waits (a while) for the
+            learner to end the session: then it has every chunk sent."""
+            outbox.put(None)
+            deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    grant = received.get(timeout=left)
+                except queue.Empty:
+                    break
+                if grant is None or isinstance(grant, Exception):
+                    break
+            return STOPPED
+
         try:
             while True:
+                if self.stop.is_set():
+                    return leave()
                 # Wait for a grant only with nothing to do.
                 ended = take_grants(wait=not work)
                 if ended is not None:
@@ -424,26 +485,37 @@ class Actor:
 def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
         truncate_fraction=0.0, name=None, token=None, seed=None,
         connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
-        reconnect_max_s=5.0, reconnect_attempts=0):
-    """Trains the learner until it says training is over; returns counts.
+        reconnect_max_s=5.0, reconnect_attempts=0, stop=None):
+    """Trains the learner until it says training is over, or until `stop`
+    (a threading.Event) is set; returns counts.
 
     Reconnects with exponential backoff (with jitter, so a fleet that lost
     its learner at once does not come back in lockstep) when the learner
     goes away; gives up after `reconnect_attempts` failures in a row
     (0: never), each attempt waiting at most `connect_timeout_s` for the
-    learner. A final refusal raises `Refused`.
+    learner, raising `GaveUp`. A final refusal raises `Refused`. Once
+    `stop` is set no rollout starts: the one in progress is finished and
+    its chunk sent, and the actor leaves the session.
     """
     if reconnect_attempts < 0:
         raise ValueError(f"reconnect_attempts is {reconnect_attempts}: 0 (never give up) or more")
+    # (Outside [0, 1] the mixture has negative entries, and the sampler
+    # could pick an action the state does not allow.)
+    for key, value in (("epsilon", epsilon), ("truncate_fraction", truncate_fraction)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{key} is {value}: between 0 and 1")
+    if envs < 1:
+        raise ValueError(f"envs is {envs}: 1 or more")
+    stop = stop or threading.Event()
     # Distinct per process: the learner counts lost chunks per name.
     name = name or f"{socket.gethostname()}/python-actor-{os.getpid()}"
     token = (token or "").strip() or None  # as the Rust actor reads it
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
-                  connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s)
+                  connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s, stop)
     jitter = random.Random()
     backoff, failures = reconnect_initial_s, 0
     try:
-        while True:
+        while not stop.is_set():
             try:
                 if actor.session():
                     break
@@ -461,6 +533,13 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                         and actor.granted and not actor.served):
                     message += (" (a chunk of --envs trajectories may take longer than the "
                                 "learner's stall_timeout_s: lower --envs)")
+                elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not actor.granted:
+                    # (The handshake waits for the connection: whatever
+                    # went wrong with it, gRPC says only "Deadline
+                    # Exceeded".)
+                    message = (f"no answer from {learner} within {connect_timeout_s:g} s "
+                               f"(nothing listening there, not a gRPC server, a TLS one, "
+                               f"or a learner too busy to answer)")
             if actor.served:
                 # The connection worked: this is a new outage.
                 backoff, failures = reconnect_initial_s, 0
@@ -471,12 +550,12 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             pause = backoff * jitter.uniform(0.5, 1.0)
             print(f"{name}: learner unavailable ({message}); reconnecting in {pause:.2f} s",
                   flush=True)
-            time.sleep(pause)
+            stop.wait(pause)
             backoff = min(2 * backoff, reconnect_max_s)
     finally:
         actor.channel.close()
     counts = actor.counts
-    print(f"{name}: training done: sent {counts['chunks']} chunks, "
+    print(f"{name}: {'stopped' if stop.is_set() else 'training done'}: sent {counts['chunks']} chunks, "
           f"{counts['transitions']} transitions, {counts['versions']} weight versions, "
           f"{counts['sessions']} sessions", flush=True)
     return counts
@@ -494,23 +573,62 @@ def main():
     parser.add_argument("--name", default=f"{socket.gethostname()}/python-actor-{os.getpid()}")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--reconnect-attempts", type=int, default=0,
-                        help="failed connections in a row before giving up (0: never)")
+                        help="failed connections in a row before giving up, with exit "
+                             f"status {EXIT_LEARNER_UNREACHABLE} (0: never)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                        help="seconds each attempt waits for the learner")
     args = parser.parse_args()
     if args.reconnect_attempts < 0:
         parser.error("--reconnect-attempts: 0 (never give up) or more")
+    for flag, value in (("--epsilon", args.epsilon), ("--truncate-fraction", args.truncate_fraction)):
+        if not 0 <= value <= 1:
+            parser.error(f"{flag}: {value} is not between 0 and 1")
+    if args.envs < 1:
+        parser.error(f"--envs: {args.envs}: 1 or more")
+    if not args.connect_timeout > 0:
+        parser.error(f"--connect-timeout: {args.connect_timeout}: more than 0")
     learner = args.learner
     if learner.startswith("https://"):
         parser.error("--learner: this example speaks plain text only (no TLS)")
-    learner = learner.removeprefix("http://").rstrip("/")
+    # gRPC takes host:port: a path is dropped (as the Rust actor does, with
+    # a warning), and a missing port is refused (gRPC would take 443).
+    address, _, path = learner.removeprefix("http://").partition("/")
+    if path.strip("/"):
+        print(f"flgfn_actor: --learner {learner}: the path /{path} is ignored "
+              f"(a learner serves at the root)", file=sys.stderr, flush=True)
+    port = re.fullmatch(r".+:([0-9]+)", address)
+    if not port or not 1 <= int(port.group(1)) <= 65535:
+        parser.error(f"--learner: {learner}: give host:port (a port from 1 to 65535)")
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
+    # A stop request (SIGTERM from compose, Kubernetes or Slurm; Ctrl-C)
+    # finishes the rollout in progress and hands its chunk over; a second
+    # one, 0.2 s or more later (some job systems send one request twice at
+    # once), ends the actor at once, with status 130.
+    stop, stop_at = threading.Event(), []
+
+    def on_stop(signum, _frame):
+        if not stop_at:
+            stop_at.append(time.monotonic())
+            print(f"flgfn_actor: {signal.Signals(signum).name}: stopping after the rollout in "
+                  f"progress (again to stop at once)", file=sys.stderr, flush=True)
+            stop.set()
+        elif time.monotonic() - stop_at[0] >= 0.2:
+            os._exit(130)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
     try:
-        run(SetGeneration(), learner, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
+        run(SetGeneration(), address, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
             truncate_fraction=args.truncate_fraction, name=args.name,
             token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
-            reconnect_attempts=args.reconnect_attempts)
-    except (Refused, GaveUp) as error:
+            connect_timeout_s=args.connect_timeout,
+            reconnect_attempts=args.reconnect_attempts, stop=stop)
+    except Refused as error:
         # Said in full: a traceback would only bury it.
         sys.exit(f"flgfn_actor: {error}")
+    except GaveUp as error:
+        print(f"flgfn_actor: {error}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_LEARNER_UNREACHABLE)
 
 
 if __name__ == "__main__":
