@@ -145,7 +145,7 @@ learner_pid=$!
 status=0
 env -u FLGFN_TOKEN timeout 120 "$venv/bin/python" examples/python_actor/flgfn_actor.py \
     --learner "127.0.0.1:$port" --envs 4 --reconnect-attempts 60 >"$work/actor-3.log" 2>&1 || status=$?
-if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor: UNAUTHENTICATED" "$work/actor-3.log" &&
+if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor: UNAUTHENTICATED.*(this actor sent none: set FLGFN_TOKEN)" "$work/actor-3.log" &&
     ! grep -q "Traceback" "$work/actor-3.log"; then
     echo "python_actor: ok: refused for its missing token, the actor exited 1 saying so in one line"
 else
@@ -249,6 +249,15 @@ for key, theirs in [("task", "set_generation(universe=8)"), ("model", "mlp(input
         sys.exit(f"not refused: {key} {theirs}")
     except ValueError as error:
         assert f"they are for {key} {theirs}" in str(error), str(error)
+
+# A rollout whose session ended is abandoned at its next step.
+steps = []
+policy = fa.Policy(good, (8,))
+assert fa.rollout(task, policy, 4, 0.0, 0.0, np.random.default_rng(0),
+                  abandon=lambda: steps.append(1) or len(steps) > 3) is None
+assert len(steps) == 4, steps
+actions, _ = fa.rollout(task, policy, 4, 0.0, 0.0, np.random.default_rng(0))
+assert all(len(a) == task.max_len for a in actions), actions
 
 # Settings outside their range are refused before any connection.
 for setting in [{"epsilon": 1.5}, {"epsilon": -0.1}, {"truncate_fraction": 2.0}, {"envs": 0}]:

@@ -206,10 +206,11 @@ class Policy:
         return (x @ w.T + b)[:, :forward_actions]
 
 
-def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
+def rollout(task, policy, envs, epsilon, truncate_fraction, rng, abandon=lambda: False):
     """One chunk: `envs` trajectories; a `truncate_fraction` of them cut at a
     uniform prefix length of 1 to |S| - 1 steps (incomplete trajectories
-    train FL objectives)."""
+    train FL objectives). None if `abandon()` turns true before a step (its
+    session is over: the chunk could not be sent)."""
     states = task.initial(envs)
     actions = [[] for _ in range(envs)]
     energies = [[] for _ in range(envs)]
@@ -218,6 +219,8 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng):
         cut = np.where(rng.random(envs) < truncate_fraction,
                        rng.integers(1, task.max_len, envs), cut)
     for t in range(task.max_len):
+        if abandon():
+            return None
         live = np.flatnonzero(~task.is_terminal(states) & (cut > t))
         if live.size == 0:
             break
@@ -378,14 +381,21 @@ class Actor:
         # session whose grants wait unread for learner.stall_timeout_s
         # (slow rollouts times a grant of many credits).
         received = queue.Queue()
+        # Set once the session is over (after its last item is queued): a
+        # rollout in progress is abandoned then, as its chunk could not be
+        # sent.
+        over = threading.Event()
 
         def read_grants():
             try:
                 for grant in grants:
                     received.put(grant)
+                    if grant.training_done:
+                        over.set()
                 received.put(None)
             except Exception as error:  # grpc.RpcError, or a cancel
                 received.put(error)
+            over.set()
 
         threading.Thread(target=read_grants, daemon=True).start()
         # Credits not yet rolled out, oldest grant first: [credits, policy,
@@ -459,8 +469,11 @@ class Actor:
                 _, sampler, sampled_by = oldest
                 if oldest[0] == 0:
                     work.popleft()
-                actions, energies = rollout(task, sampler, self.envs, self.epsilon,
-                                            self.truncate_fraction, self.rng)
+                rolled = rollout(task, sampler, self.envs, self.epsilon,
+                                 self.truncate_fraction, self.rng, abandon=over.is_set)
+                if rolled is None:
+                    continue  # (the session's end is queued: taken next)
+                actions, energies = rolled
                 # Credits that came during the rollout count as held: 0
                 # tells the learner this actor has nothing to do.
                 ended = take_grants(wait=False)
@@ -524,6 +537,14 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                 if is_final(error):
                     hint = (" (is --learner the address of a flgfn learner?)"
                             if error.code() == grpc.StatusCode.UNIMPLEMENTED else "")
+                    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        hint = (" (this actor sent a token: is it the learner's?)" if token
+                                else " (this actor sent none: set FLGFN_TOKEN)")
+                    # The learner names the Rust actor's settings.
+                    for setting, flag in (("actor.envs", "--envs"),
+                                          ("actor.truncate_fraction", "--truncate-fraction")):
+                        if setting in (error.details() or ""):
+                            hint += f" ({setting} is {flag} here)"
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
