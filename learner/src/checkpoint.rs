@@ -19,8 +19,10 @@
 //! Files are written atomically: a temporary file in the same directory,
 //! fsync, rename over the final name, fsync of the directory; during
 //! training, by a [`Writer`] on a thread of its own. The last
-//! `learner.keep_checkpoints` are kept, and beside them the newest one
-//! known sound while a run diverges (see [`prune`]). Names carry the step
+//! `learner.keep_checkpoints` are kept, and beside them, where it is
+//! older, the newest one at or before the last step known sound, so that
+//! a run that diverges keeps one to go back to (see [`Keep`]); the step
+//! travels in each checkpoint, across restarts. Names carry the step
 //! (`ckpt-000000001200.safetensors`), so the newest sorts last. The final
 //! weights of a run also go to `final.safetensors` (f32 whatever the wire
 //! encoding, in the format actors receive, loadable with
@@ -110,6 +112,27 @@ pub struct CheckpointState {
     /// checkpoints written before it was kept.
     #[serde(default)]
     pub build: String,
+    /// The last step the writing run knew sound (see [`Keep`]): a
+    /// restarted run goes on keeping that checkpoint, not the diverged one
+    /// it resumes from.
+    #[serde(default)]
+    pub sound_through: SoundThrough,
+}
+
+/// The last step a run knew sound: its last report with every step and
+/// draw finite, or what the checkpoint it resumed from recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SoundThrough {
+    /// Not recorded (checkpoints written before it was): a run resumed
+    /// from one counts that checkpoint as sound.
+    #[default]
+    Unknown,
+    /// No step was known sound (a run that diverged before its first
+    /// sound report).
+    Nothing,
+    /// This step.
+    Step(u64),
 }
 
 /// Sums over the whole run that a resumed run goes on adding to, so that
@@ -420,7 +443,7 @@ pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
     let excess = all.len().saturating_sub(keep.newest.max(1));
     for (step, old) in all.into_iter().take(excess) {
         if Some(step) == sound {
-            debug!(path = %old.display(), "kept beyond keep_checkpoints: the newest checkpoint before the model stopped being finite");
+            debug!(path = %old.display(), "kept beyond keep_checkpoints: the newest checkpoint at or before the last step known sound");
             continue;
         }
         if let Err(e) = fs::remove_file(&old) {
@@ -873,6 +896,7 @@ mod tests {
                 samples_so_far: 4096,
                 best: vec![(-1.5, vec![1, 0, 1])],
             },
+            sound_through: SoundThrough::Step(step.saturating_sub(10)),
             ..CheckpointState::default()
         }
     }
@@ -989,23 +1013,36 @@ mod tests {
         fs::remove_dir_all(&parent).unwrap();
     }
 
-    /// Checkpoints written before builds were recorded still resume.
+    /// Checkpoints written before builds and the step known sound were
+    /// recorded still resume, with both unknown.
     #[test]
-    fn a_state_without_a_build_reads_as_an_unknown_one() {
+    fn a_state_without_a_build_or_sound_step_reads_as_unknown() {
         let state = CheckpointState {
             build: crate::BUILD.to_owned(),
-            ..state(7)
+            ..state(70)
         };
         let mut json = serde_json::to_value(&state).unwrap();
         assert_eq!(json["build"], crate::BUILD);
+        assert_eq!(json["sound_through"], serde_json::json!({"step": 60}));
         json.as_object_mut().unwrap().remove("build");
+        json.as_object_mut().unwrap().remove("sound_through");
         let read: CheckpointState = serde_json::from_value(json).unwrap();
         assert_eq!(
             read,
             CheckpointState {
                 build: String::new(),
-                ..state
+                sound_through: SoundThrough::Unknown,
+                ..state.clone()
             }
+        );
+        let nothing = CheckpointState {
+            sound_through: SoundThrough::Nothing,
+            ..state
+        };
+        let json = serde_json::to_string(&nothing).unwrap();
+        assert_eq!(
+            serde_json::from_str::<CheckpointState>(&json).unwrap(),
+            nothing
         );
     }
 

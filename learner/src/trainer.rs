@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
-use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, prefixed};
+use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, SoundThrough, prefixed};
 use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
@@ -207,14 +207,14 @@ fn divergence_remedy(progress: &Progress, checkpoint_dir: Option<&std::path::Pat
     let Some(dir) = checkpoint_dir else {
         return format!("start again with {lower}");
     };
-    let why = match (progress.last_sound_report, progress.resumed_step) {
+    let why = match (progress.last_sound_report, progress.resumed_sound) {
         (Some(step), _) => {
             format!("step {step}, this run's last report with every step and draw finite")
         }
         // Resumed: the checkpoint may well be sound (a rate that jumped
         // with a changed max_steps), and --fresh would delete the run.
         (None, Some(step)) => format!(
-            "step {step}, where this learner resumed (no report since had every step and draw finite)"
+            "step {step}, the last known sound when this learner resumed (no report since had every step and draw finite)"
         ),
         (None, None) => {
             return format!(
@@ -249,8 +249,10 @@ struct Progress {
     /// every evaluation draw finite: a run that diverges names the
     /// checkpoints after it, which may hold the diverged model.
     last_sound_report: Option<u64>,
-    /// The step of the checkpoint this learner resumed from, if any.
-    resumed_step: Option<u64>,
+    /// The last step known sound when this learner resumed: as the
+    /// checkpoint recorded it, or that checkpoint's own step where it did
+    /// not (None: fresh, or none was).
+    resumed_sound: Option<u64>,
     /// The last evaluation's draws at states where the logits were not
     /// finite: the final one's must be none.
     non_finite_draws: usize,
@@ -290,11 +292,11 @@ struct Progress {
 
 impl Progress {
     /// The last step known sound, for pruning and the remedy of a
-    /// divergence: this run's last sound report, else the checkpoint it
-    /// resumed from (chosen by the user; the remedy for a resume that
-    /// diverges at once is to resume it again).
+    /// divergence: this run's last sound report, else what the checkpoint
+    /// it resumed from recorded (carried over restarts: a run restarted
+    /// after diverging resumes from a diverged checkpoint).
     fn sound_through(&self) -> Option<u64> {
-        self.last_sound_report.or(self.resumed_step)
+        self.last_sound_report.or(self.resumed_sound)
     }
 
     /// Seconds of training so far, evaluations left out.
@@ -792,6 +794,9 @@ impl Trainer {
             task: self.env.spec().to_string(),
             model: self.policy.spec().to_string(),
             build: crate::BUILD.to_owned(),
+            sound_through: progress
+                .sound_through()
+                .map_or(SoundThrough::Nothing, SoundThrough::Step),
         };
         writer.start(state, arrays, progress.sound_through())?;
         progress.last_checkpoint_wall = wall_s;
@@ -838,7 +843,11 @@ impl Trainer {
         progress.step = state.step;
         progress.trained_transitions = state.trained_transitions;
         progress.resumed_trained_transitions = state.trained_transitions;
-        progress.resumed_step = Some(state.step);
+        progress.resumed_sound = match state.sound_through {
+            SoundThrough::Unknown => Some(state.step),
+            SoundThrough::Nothing => None,
+            SoundThrough::Step(step) => Some(step),
+        };
         progress.totals = state.totals.clone();
         progress.time_to_quality = state.time_to_quality_s;
         progress.wall_before = state.wall_s;

@@ -660,11 +660,11 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
     config.learner.report_every_s = 1e6;
     config.learner.learning_rate = 1e30;
     let metrics = dir.join("metrics.jsonl");
-    // The remedy: a run diverged from the start begins again; a resumed
-    // one resumes again with a lower rate first.
+    // The remedy: a run diverged from the start begins again; so does one
+    // resumed from it, whose checkpoint recorded no step known sound.
     for (run, remedy) in [
         ("first", "start over with --fresh and a lower"),
-        ("resumed", "where this learner resumed"),
+        ("resumed", "start over with --fresh and a lower"),
     ] {
         let error = failed_run(&config, &metrics).await;
         assert!(
@@ -679,8 +679,9 @@ async fn a_run_whose_final_policy_diverged_fails_and_resumes_from_before() {
 /// A resumed run that diverges (the rate raised with --resume-changed)
 /// goes on saving checkpoints until it stops, but pruning keeps the one it
 /// resumed from beside the newest `keep_checkpoints`, and the error names
-/// it as the one to resume from; resumed from it with the old rate, the
-/// run ends well.
+/// it as the one to resume from; so does a plain restart of that run
+/// (resuming from a diverged checkpoint, which recorded the step known
+/// sound). Resumed from it with the old rate, the run ends well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_diverging_run_keeps_the_checkpoint_to_go_back_to() {
     let dir = scratch("diverged-keeps-sound");
@@ -708,6 +709,18 @@ async fn a_diverging_run_keeps_the_checkpoint_to_go_back_to() {
     assert!(
         error.contains("diverged")
             && error.contains("ckpt-000000000030.safetensors (kept for this)"),
+        "{error}"
+    );
+    // Restarted as it is (a job system would): it resumes from the newest,
+    // diverged, checkpoint, and still keeps and names step 30.
+    let error = failed_run(&config, &metrics).await;
+    let again = checkpoint_steps(&checkpoints);
+    assert!(
+        again.len() == 3 && again[0] == 30 && again[1] > saved[2],
+        "the one known sound and the newest two: {again:?}"
+    );
+    assert!(
+        error.contains("ckpt-000000000030.safetensors (kept for this)"),
         "{error}"
     );
 
