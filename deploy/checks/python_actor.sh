@@ -169,6 +169,29 @@ else
     exit 1
 fi
 
+# Told to stop while it waits for a learner: not a failed attempt (status
+# 0, not 75), and at once, not at the end of the wait.
+"$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 4 --reconnect-attempts 1 --connect-timeout 30 >"$work/actor-4b.log" 2>&1 &
+actor_pid=$!
+# (Its handlers are in place once it says it connects.)
+for _ in $(seq 1 300); do
+    if grep -q ": connecting to " "$work/actor-4b.log"; then break; fi
+    sleep 0.1
+done
+sleep 0.5
+kill -TERM "$actor_pid"
+status=0
+wait_at_most "$actor_pid" 10 || status=$?
+actor_pid=""
+if [ "$status" -eq 0 ] && grep -q ": stopped: sent 0 chunks" "$work/actor-4b.log"; then
+    echo "python_actor: ok: told to stop while waiting for a learner, the actor stopped at once with status 0"
+else
+    echo "python_actor: FAILED: an actor stopped while waiting for a learner exited $status" >&2
+    tail -n 20 "$work/actor-4b.log" >&2
+    exit 1
+fi
+
 # Told to stop (SIGTERM, as compose, Kubernetes and Slurm send): the actor
 # finishes its rollout, hands the chunk over, leaves the session (the
 # learner logs it as left, not as a lost connection) and exits 0.

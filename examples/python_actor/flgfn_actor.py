@@ -272,6 +272,29 @@ class GaveUp(RuntimeError):
 # What `Actor.session` returns when the actor was told to stop.
 STOPPED = "stopped"
 
+
+class StopFlag:
+    """A stop request, set from a signal handler: a plain attribute, as a
+    handler must not take a lock (threading.Event's `set` does, and the
+    main thread holds it while it enters or leaves `wait`: a signal then
+    would hang the actor)."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self):
+        self._set = True
+
+    def is_set(self):
+        return self._set
+
+    def wait(self, timeout):
+        """Sleeps `timeout` seconds, or less once set; whether set."""
+        deadline = time.monotonic() + timeout
+        while not self._set and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        return self._set
+
 # Exit status of an actor that gave up reaching the learner (EX_TEMPFAIL),
 # as the Rust actor's: a job system can retry it, where 1 is a fault no
 # retry fixes.
@@ -347,13 +370,22 @@ class Actor:
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
-        reply = self.stub.Handshake(pb.HandshakeRequest(
+        call = self.stub.Handshake.future(pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION, actor_name=self.name,
             task=pb.TaskSpec(name=task.name, params=task.params()), model=model,
             trajectories_per_chunk=self.envs), metadata=self.auth,
             # (A learner still starting, or loading a checkpoint: wait for
             # it, a while; then this attempt counts as failed.)
             wait_for_ready=True, timeout=self.connect_timeout_s)
+        # Waited for in short steps: a stop request ends the wait.
+        while True:
+            try:
+                reply = call.result(timeout=0.1)
+                break
+            except grpc.FutureTimeoutError:
+                if self.stop.is_set():
+                    call.cancel()
+                    return STOPPED
         # A learner whose objective (TB) drops truncated trajectories.
         if reply.drops_truncated and self.truncate_fraction > 0:
             if self.truncate_fraction >= 1:
@@ -500,7 +532,7 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
         connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
         reconnect_max_s=5.0, reconnect_attempts=0, stop=None):
     """Trains the learner until it says training is over, or until `stop`
-    (a threading.Event) is set; returns counts.
+    (a StopFlag, or a threading.Event) is set; returns counts.
 
     Reconnects with exponential backoff (with jitter, so a fleet that lost
     its learner at once does not come back in lockstep) when the learner
@@ -519,12 +551,13 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             raise ValueError(f"{key} is {value}: between 0 and 1")
     if envs < 1:
         raise ValueError(f"envs is {envs}: 1 or more")
-    stop = stop or threading.Event()
+    stop = stop or StopFlag()
     # Distinct per process: the learner counts lost chunks per name.
     name = name or f"{socket.gethostname()}/python-actor-{os.getpid()}"
     token = (token or "").strip() or None  # as the Rust actor reads it
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
                   connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s, stop)
+    print(f"{name}: connecting to {learner}", flush=True)
     jitter = random.Random()
     backoff, failures = reconnect_initial_s, 0
     try:
@@ -561,6 +594,9 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     message = (f"no answer from {learner} within {connect_timeout_s:g} s "
                                f"(nothing listening there, not a gRPC server, a TLS one, "
                                f"or a learner too busy to answer)")
+            if stop.is_set():
+                # Told to stop meanwhile: not a failed attempt.
+                break
             if actor.served:
                 # The connection worked: this is a new outage.
                 backoff, failures = reconnect_initial_s, 0
@@ -611,21 +647,27 @@ def main():
     learner = args.learner
     if learner.startswith("https://"):
         parser.error("--learner: this example speaks plain text only (no TLS)")
-    # gRPC takes host:port: a path is dropped (as the Rust actor does, with
-    # a warning), and a missing port is refused (gRPC would take 443).
-    address, _, path = learner.removeprefix("http://").partition("/")
-    if path.strip("/"):
-        print(f"flgfn_actor: --learner {learner}: the path /{path} is ignored "
-              f"(a learner serves at the root)", file=sys.stderr, flush=True)
-    port = re.fullmatch(r".+:([0-9]+)", address)
-    if not port or not 1 <= int(port.group(1)) <= 65535:
-        parser.error(f"--learner: {learner}: give host:port (a port from 1 to 65535)")
+    if re.match(r"(dns|unix|unix-abstract|ipv4|ipv6|vsock):", learner):
+        # A gRPC target of its own form (dns:///host:port, unix:path, ...).
+        address = learner
+    else:
+        # gRPC takes host:port: a path is dropped (as the Rust actor does,
+        # with a warning), and a missing port is refused (gRPC would take
+        # 443); an IPv6 host goes in brackets ([::1]:50051).
+        address, _, path = learner.removeprefix("http://").partition("/")
+        if path.strip("/"):
+            print(f"flgfn_actor: --learner {learner}: the path /{path} is ignored "
+                  f"(a learner serves at the root)", file=sys.stderr, flush=True)
+        port = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):([0-9]+)", address)
+        if not port or not 1 <= int(port.group(2)) <= 65535:
+            parser.error(f"--learner: {learner}: give host:port, a port from 1 to 65535 "
+                         f"(an IPv6 address in brackets: [::1]:50051)")
     hidden = tuple(int(h) for h in args.hidden.split(",") if h)
     # A stop request (SIGTERM from compose, Kubernetes or Slurm; Ctrl-C)
     # finishes the rollout in progress and hands its chunk over; a second
     # one, 0.2 s or more later (some job systems send one request twice at
     # once), ends the actor at once, with status 130.
-    stop, stop_at = threading.Event(), []
+    stop, stop_at = StopFlag(), []
 
     def on_stop(signum, _frame):
         if not stop_at:
