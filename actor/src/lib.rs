@@ -128,6 +128,12 @@ pub enum ActorError {
     Worker(String),
 }
 
+/// The exit status of an actor (or load generator) that gave up reaching
+/// the learner (`actor.reconnect_attempts`): EX_TEMPFAIL, so that a job
+/// system or script can tell "try again later" from a fault no retry
+/// fixes (status 1) and from a run that ended (0).
+pub const EXIT_LEARNER_UNREACHABLE: u8 = 75;
+
 /// Most orders (and chunks) queued inside an actor.
 const MAX_QUEUED_ORDERS: usize = 4096;
 

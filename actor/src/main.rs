@@ -9,7 +9,8 @@ use flgfn_common::telemetry::{self, LogFlags};
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
 /// learner finishes training (or on a stop signal); 75 when the learner
 /// stayed unreachable for actor.reconnect_attempts tries; 1 on any other
-/// error (the learner refused it, a bad setting).
+/// error (the learner refused it, a bad setting); 2 on a flag it cannot
+/// parse; 130 on a second stop signal.
 #[derive(Debug, Parser)]
 #[command(version = flgfn_actor::BUILD)]
 struct Args {
@@ -28,18 +29,13 @@ struct Args {
     #[arg(long, value_name = "F")]
     truncate_fraction: Option<f64>,
     /// Print the effective configuration (defaults, file, environment and
-    /// flags) as TOML and exit.
+    /// flags) as TOML and exit; the token and TLS files are read as at
+    /// start (never printed), so one that would stop the start stops this.
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]
     log: LogFlags,
 }
-
-/// The exit status of an actor that gave up reaching the learner
-/// (`actor.reconnect_attempts`): EX_TEMPFAIL, so that a job system or
-/// script can tell "try again later" from a fault no retry fixes (status
-/// 1) and from a run that ended (0).
-const EXIT_LEARNER_UNREACHABLE: u8 = 75;
 
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
@@ -53,7 +49,7 @@ fn main() -> std::process::ExitCode {
     });
     let status = telemetry::exit_status("flgfn-actor", result);
     if unreachable {
-        std::process::ExitCode::from(EXIT_LEARNER_UNREACHABLE)
+        std::process::ExitCode::from(flgfn_actor::EXIT_LEARNER_UNREACHABLE)
     } else {
         status
     }

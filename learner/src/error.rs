@@ -20,7 +20,9 @@ pub enum RequestError {
         learner: u32,
     },
     /// The actor was configured with another task or task parameters.
-    #[error("task mismatch: actor has {actor}, learner trains {learner}")]
+    #[error(
+        "task mismatch: actor has {actor}, learner trains {learner} (give the actor the learner's job file, or its [task] keys)"
+    )]
     TaskMismatch {
         /// The actor's task, described (clipped: the actor chose its size).
         actor: String,
@@ -28,7 +30,9 @@ pub enum RequestError {
         learner: String,
     },
     /// The actor's network could not load the learner's weights.
-    #[error("model mismatch: actor has {actor}, learner trains {learner}")]
+    #[error(
+        "model mismatch: actor has {actor}, learner trains {learner} (give the actor the learner's job file, or its model.hidden)"
+    )]
     ModelMismatch {
         /// The actor's network, described (clipped).
         actor: String,

@@ -66,7 +66,8 @@ struct Args {
     )]
     resume_changed: bool,
     /// Print the effective configuration (defaults, file, environment and
-    /// flags) as TOML and exit.
+    /// flags) as TOML and exit; the token and TLS files are read as at
+    /// start (never printed), so one that would stop the start stops this.
     #[arg(long)]
     print_config: bool,
     #[command(flatten)]

@@ -371,8 +371,14 @@ impl MetricsFile {
         let plain_file = match std::fs::metadata(path) {
             Ok(_) if is_stream(path) => false,
             Ok(metadata) => metadata.is_file(),
-            // Created below, as a plain file.
-            Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => true,
+            // Created below, as a plain file, in folders made for it (as
+            // the checkpoint folder is).
+            Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(error)?;
+                }
+                true
+            }
             Err(other) => return Err(error(other)),
         };
         if !plain_file {
@@ -419,7 +425,18 @@ impl MetricsFile {
         // In place (one truncation, the kept reports untouched), so that
         // the lock and any link stay.
         if kept < contents.len() {
+            let dropped = contents[kept..].iter().filter(|&&b| b == b'\n').count();
             file.set_len(kept as u64).map_err(error)?;
+            // Said: a fresh start (`deploy/local.sh` always starts fresh)
+            // replaces an earlier run's reports.
+            match resumed_at {
+                Some(step) => {
+                    tracing::info!(path = %path.display(), dropped, "metrics: dropped the reports after step {step}, where the run resumed")
+                }
+                None => {
+                    tracing::warn!(path = %path.display(), dropped, "metrics: a fresh run replaces the reports already in this file (give --metrics a new path to keep them)")
+                }
+            }
         }
         file.seek(std::io::SeekFrom::End(0)).map_err(error)?;
         Ok(MetricsFile {
@@ -541,6 +558,20 @@ mod tests {
         let text = std::fs::read_to_string(&target).unwrap();
         assert!(text.starts_with("{\"step\":250,"), "{text}");
         assert_eq!(text.lines().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A metrics file in folders that do not exist yet: they are made.
+    #[test]
+    fn the_folders_of_a_new_metrics_file_are_made() {
+        let dir =
+            std::env::temp_dir().join(format!("flgfn-metrics-folders-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("runs/a/metrics.jsonl");
+        let mut metrics = MetricsFile::open(&path, None).unwrap();
+        metrics.write(&Report::default()).unwrap();
+        drop(metrics);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

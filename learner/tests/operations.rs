@@ -1374,9 +1374,9 @@ fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// An actor that gives up on an unreachable learner exits with
-/// EX_TEMPFAIL (75), which a job system can retry, and one with a bad
-/// setting with 1.
+/// An actor (or load generator) that gives up on an unreachable learner
+/// exits with EX_TEMPFAIL (75), which a job system can retry, and one
+/// with a bad setting with 1.
 #[test]
 fn an_actor_that_gives_up_on_the_learner_exits_75_and_a_bad_setting_1() {
     let dir = scratch("exit-statuses");
@@ -1407,6 +1407,20 @@ fn an_actor_that_gives_up_on_the_learner_exits_75_and_a_bad_setting_1() {
         stderr.contains("gave up after 2 failed connection attempts"),
         "{stderr}"
     );
+    // The load generator too, when every actor it lost gave up.
+    let loadgen = command(&sibling("flgfn-loadgen"))
+        .args(["--actors", "2", "--learner", &url, "--config"])
+        .arg(&config)
+        .envs([
+            ("FLGFN_ACTOR__RECONNECT_ATTEMPTS", "2"),
+            ("FLGFN_ACTOR__RECONNECT_INITIAL_S", "0.01"),
+            ("FLGFN_ACTOR__RECONNECT_MAX_S", "0.02"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&loadgen.stderr);
+    assert_eq!(loadgen.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("2 generated actor(s) gave up"), "{stderr}");
     let bad = run("-1");
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{stderr}");

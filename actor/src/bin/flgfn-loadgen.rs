@@ -7,7 +7,10 @@ use flgfn_common::telemetry::{self, LogFlags};
 /// Opens K actor sessions to a learner (handshake, credits and weights,
 /// trajectory stream) and answers every credit with valid trajectories of
 /// the configured task, drawn uniformly without a network. For load tests
-/// and scale figures: 64-256 actors on one small machine.
+/// and scale figures: 64-256 actors on one small machine. Exits 0 when the
+/// learner finishes training (or on a stop signal); 75 when every
+/// generated actor that failed gave up reaching the learner
+/// (actor.reconnect_attempts); 1 on any other error.
 #[derive(Debug, Parser)]
 #[command(name = "flgfn-loadgen", version = flgfn_actor::BUILD)]
 struct Args {
@@ -20,10 +23,35 @@ struct Args {
     log: LogFlags,
 }
 
+/// Every generated actor that failed gave up reaching the learner.
+#[derive(Debug)]
+struct LearnerUnreachable(usize);
+
+impl std::fmt::Display for LearnerUnreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} generated actor(s) gave up reaching the learner (actor.reconnect_attempts)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for LearnerUnreachable {}
+
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with(args.log.log_format);
-    telemetry::exit_status("flgfn-loadgen", run(args))
+    let result = run(args);
+    let unreachable = result
+        .as_ref()
+        .is_err_and(|error| error.is::<LearnerUnreachable>());
+    let status = telemetry::exit_status("flgfn-loadgen", result);
+    if unreachable {
+        std::process::ExitCode::from(flgfn_actor::EXIT_LEARNER_UNREACHABLE)
+    } else {
+        status
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -41,6 +69,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let shutdown = flgfn_common::signals::shutdown_requested();
         let reports = flgfn_actor::loadgen::run(config, args.actors as usize, shutdown).await;
         let (mut chunks, mut transitions, mut versions, mut failed) = (0, 0, 0, 0);
+        let mut gave_up = 0;
         for report in &reports {
             match report {
                 Ok(r) => {
@@ -50,6 +79,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Err(error) => {
                     failed += 1;
+                    gave_up += usize::from(matches!(error, flgfn_actor::ActorError::GaveUp { .. }));
                     tracing::error!(%error, "a generated actor failed");
                 }
             }
@@ -62,6 +92,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             failed,
             "load generator stopped"
         );
+        if failed > 0 && gave_up == failed {
+            return Err(LearnerUnreachable(failed).into());
+        }
         anyhow::ensure!(failed == 0, "{failed} generated actor(s) failed");
         Ok(())
     })
