@@ -790,7 +790,78 @@ pub fn misspelt_variables(names: impl IntoIterator<Item = String>) -> Vec<(Strin
 /// `FLGFN_LEARNER_THREADS`; `FLGFN_LEARNER__THREADS or
 /// FLGFN_ACTOR__THREADS` for `FLGFN_THREADS`; see [`misspelt_variables`]).
 pub fn meant_variable(name: &str) -> Option<String> {
-    meant_with_section(name).or_else(|| meant_without_section(name))
+    meant_with_section(name)
+        .or_else(|| meant_without_section(name))
+        .or_else(|| meant_by_spelling(name))
+}
+
+/// The `FLGFN_` variables the binaries read that are not configuration
+/// keys (and `FLGFN_SEED`, which is one), without the prefix.
+const VARIABLES_OF_THEIR_OWN: [&str; 10] = [
+    "TOKEN",
+    "CONFIG",
+    "SEED",
+    "LOG_FORMAT",
+    "RESUME_CHANGED",
+    "HEALTH_ADDRESS",
+    "HEALTH_CA_FILE",
+    "HEALTH_CERT_FILE",
+    "HEALTH_KEY_FILE",
+    "HEALTH_DOMAIN",
+];
+
+/// A misspelling of a variable the binaries read (`FLGFN_TOKN`,
+/// `FLGFN_SEEDS`, `FLGFN_LOG_FROMAT`: one letter off, two for names of
+/// six letters or more), or a key's name without its underscores
+/// (`FLGFN_MAXSTEPS`): the variable meant. Unread, `FLGFN_TOKN` would
+/// leave a learner without its token, `FLGFN_SEDD` a run unreproducible.
+/// (Not a key's name misspelt: the scripts' own variables, such as
+/// `FLGFN_TASKS` or `FLGFN_PORT`, are that close to keys.)
+fn meant_by_spelling(name: &str) -> Option<String> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    if rest.contains(ENV_SEPARATOR) || VARIABLES_OF_THEIR_OWN.contains(&rest) {
+        return None;
+    }
+    let allowed = if rest.len() >= 6 { 2 } else { 1 };
+    if let Some(own) = VARIABLES_OF_THEIR_OWN
+        .iter()
+        .find(|own| edit_distance(rest, own) <= allowed)
+    {
+        return Some(format!("{ENV_PREFIX}{own}"));
+    }
+    let squeezed = rest.replace('_', "").to_ascii_lowercase();
+    let mut meant: Vec<String> = schema()
+        .iter()
+        .filter_map(|(section, keys)| {
+            let key = keys
+                .as_table()?
+                .keys()
+                .find(|key| key.contains('_') && key.replace('_', "") == squeezed)?;
+            Some(format!(
+                "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            ))
+        })
+        .collect();
+    meant.sort();
+    (!meant.is_empty()).then(|| meant.join(" or "))
+}
+
+/// Letters to insert, delete or replace to turn `a` into `b` (ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, &x) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, &y) in b.iter().enumerate() {
+            current[j + 1] = (previous[j] + usize::from(x != y))
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()]
 }
 
 /// Every section and key there is, every task's keys among them (the
@@ -983,7 +1054,7 @@ impl Config {
         {
             tracing::warn!(
                 variable,
-                "not read: a configuration variable is FLGFN_<SECTION>__<KEY>, two underscores between section and key: {meant}"
+                "not read: no flgfn program reads this variable (a configuration variable is FLGFN_<SECTION>__<KEY>, two underscores between section and key); meant: {meant}"
             );
         }
         Self::layered(path, &env_overrides(variables))
@@ -2341,6 +2412,18 @@ mod tests {
             meant_variable("FLGFN_LEARNER").as_deref(),
             Some("FLGFN_ACTOR__LEARNER or FLGFN_LEARNER__<KEY>")
         );
+        // Misspelt variables of their own, and keys without underscores.
+        for (name, meant) in [
+            ("FLGFN_TOKN", "FLGFN_TOKEN"),
+            ("FLGFN_SEDD", "FLGFN_SEED"),
+            ("FLGFN_SEEDS", "FLGFN_SEED"),
+            ("FLGFN_LOG_FROMAT", "FLGFN_LOG_FORMAT"),
+            ("FLGFN_RESUME_CHANGE", "FLGFN_RESUME_CHANGED"),
+            ("FLGFN_HEALTH_ADRESS", "FLGFN_HEALTH_ADDRESS"),
+            ("FLGFN_MAXSTEPS", "FLGFN_LEARNER__MAX_STEPS"),
+        ] {
+            assert_eq!(meant_variable(name).as_deref(), Some(meant), "{name}");
+        }
         // Variables of their own, and the scripts', name no key.
         for name in [
             "FLGFN_SEED",

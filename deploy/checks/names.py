@@ -156,11 +156,15 @@ def kubernetes():
     for path in glob.glob(os.path.join(ROOT, "deploy/k8s/overlays/*/*.yaml")):
         if path.endswith("kustomization.yaml"):
             continue
+        # An overlay with a job file of its own (the job overlay) runs
+        # its containers with it.
+        own_job = os.path.join(os.path.dirname(path), "config.toml")
         for d in yaml.safe_load_all(open(path)):
             for c in (d or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
                 env = {e["name"]: e.get("value", TOKEN) for e in c.get("env", [])}
                 name = "learner" if "learner" in d["metadata"]["name"] else "actor"
-                check_container(os.path.relpath(path, ROOT), name, env, [], job)
+                check_container(os.path.relpath(path, ROOT), name, env, c.get("args", []),
+                                own_job if os.path.exists(own_job) else job)
 
 
 def compose(job_file):

@@ -285,9 +285,11 @@ mod tests {
             status.message().len()
         );
         assert!(
-            status
-                .message()
-                .ends_with("learner trains set_generation(universe=30)")
+            status.message().ends_with(
+                "learner trains set_generation(universe=30) (give the actor the learner's job file, or its [task] keys)"
+            ),
+            "{}",
+            status.message()
         );
         assert_eq!(clip("short".to_owned()), "short");
     }
