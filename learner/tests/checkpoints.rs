@@ -67,11 +67,15 @@ async fn start_run_until(
     metrics: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> (Learner, [Actor; 2]) {
-    let options = RunOptions {
+    start_run_with(config, writing(metrics), stop).await
+}
+
+/// The learner's options: its reports to `metrics`, the rest default.
+fn writing(metrics: &Path) -> RunOptions {
+    RunOptions {
         metrics_path: Some(metrics.to_owned()),
         ..RunOptions::default()
-    };
-    start_run_with(config, options, stop).await
+    }
 }
 
 /// [`start_run_until`], with the learner's options given.
@@ -256,11 +260,7 @@ async fn failed_run_until(
     metrics: &Path,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> String {
-    let options = RunOptions {
-        metrics_path: Some(metrics.to_owned()),
-        ..RunOptions::default()
-    };
-    failed_run_with(config, options, stop).await
+    failed_run_with(config, writing(metrics), stop).await
 }
 
 /// [`failed_run_until`], with the learner's options given.
@@ -696,9 +696,8 @@ async fn a_diverging_run_keeps_the_checkpoint_to_go_back_to() {
     config.learner.learning_rate = 1e30;
     config.learner.max_steps = 300;
     let resume_changed = || RunOptions {
-        metrics_path: Some(metrics.clone()),
         resume_changed: true,
-        ..RunOptions::default()
+        ..writing(&metrics)
     };
     let error = failed_run_with(&config, resume_changed(), std::future::pending()).await;
     let saved = checkpoint_steps(&checkpoints);
