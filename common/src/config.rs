@@ -956,6 +956,36 @@ fn meant_without_section(name: &str) -> Option<String> {
     (!meant.is_empty()).then(|| meant.join(" or "))
 }
 
+/// `error` with the layer that set its key appended, where that was not
+/// the file: `(set by --threads)`, `(set by FLGFN_LEARNER__THREADS)`. For
+/// errors found after validation too (a key a checkpoint refuses).
+pub fn blame_layer(
+    error: ConfigError,
+    overrides: &[EnvOverride],
+    flags: &[(&str, &str)],
+) -> ConfigError {
+    match error {
+        ConfigError::Invalid { field, reason } => {
+            let by_flag = flags
+                .iter()
+                .find(|(_, key)| *key == field)
+                .map(|(flag, _)| *flag);
+            let by_variable = || {
+                overrides
+                    .iter()
+                    .find(|o| o.key.join(".") == field)
+                    .map(|o| o.variable.as_str())
+            };
+            let reason = match by_flag.or_else(by_variable) {
+                Some(layer) => format!("{reason} (set by {layer})"),
+                None => reason,
+            };
+            ConfigError::Invalid { field, reason }
+        }
+        other => other,
+    }
+}
+
 /// How a configuration path is named in messages: `-` is standard input.
 fn path_name(path: &Path) -> String {
     if path == Path::new(STDIN_PATH) {
@@ -1159,26 +1189,8 @@ impl Config {
         overrides: &[EnvOverride],
         flags: &[(&str, &str)],
     ) -> Result<(), ConfigError> {
-        self.validate().map_err(|error| match error {
-            ConfigError::Invalid { field, reason } => {
-                let by_flag = flags
-                    .iter()
-                    .find(|(_, key)| *key == field)
-                    .map(|(flag, _)| *flag);
-                let by_variable = || {
-                    overrides
-                        .iter()
-                        .find(|o| o.key.join(".") == field)
-                        .map(|o| o.variable.as_str())
-                };
-                let reason = match by_flag.or_else(by_variable) {
-                    Some(layer) => format!("{reason} (set by {layer})"),
-                    None => reason,
-                };
-                ConfigError::Invalid { field, reason }
-            }
-            other => other,
-        })
+        self.validate()
+            .map_err(|error| blame_layer(error, overrides, flags))
     }
 
     /// Checks every field that has a restricted range. Call again after

@@ -265,7 +265,7 @@ fn check_resumed_config(
         return Err(ConfigError::invalid(
             key,
             format!(
-                "{now}, but {} was trained with {then}{others}: another run's checkpoint? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --resume-changed continues it with the new settings; --fresh deletes its checkpoints and starts over",
+                "{now}, but {} was trained with {then}{others}: another run's checkpoint? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --resume-changed (FLGFN_RESUME_CHANGED=1 in a container) continues it with the new settings; --fresh deletes its checkpoints and starts over",
                 path.display()
             ),
         )

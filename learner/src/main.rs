@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use flgfn_common::config::{
-    CONFIG_VARIABLE, Config, describe_layers, env_overrides, flgfn_variables,
+    CONFIG_VARIABLE, Config, blame_layer, describe_layers, env_overrides, flgfn_variables,
 };
 use flgfn_common::telemetry::{self, LogFlags};
 use flgfn_learner::RunOptions;
@@ -198,7 +198,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             local_actors,
         };
         let shutdown = flgfn_common::signals::shutdown_requested();
-        let outcome = flgfn_learner::serve(config, listener, options, shutdown).await?;
+        // A key a checkpoint refuses is named with its layer too.
+        let outcome = flgfn_learner::serve(config, listener, options, shutdown)
+            .await
+            .map_err(|error| match error {
+                flgfn_learner::LearnerError::Config(error) => {
+                    flgfn_learner::LearnerError::Config(blame_layer(error, &overrides, &flag_keys))
+                }
+                other => other,
+            })?;
         let failed = outcome.failed_local_actors;
         anyhow::ensure!(failed == 0, "{failed} local actor(s) failed");
         Ok(())

@@ -1427,3 +1427,37 @@ fn an_actor_that_gives_up_on_the_learner_exits_75_and_a_bad_setting_1() {
     assert!(stderr.contains("reconnect_attempts"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A key a checkpoint refuses names the layer that set it: a container
+/// sets it by a variable, and its way on is FLGFN_RESUME_CHANGED.
+#[test]
+fn a_refused_resume_names_the_variable_that_changed_the_key() {
+    let dir = scratch("resume-layer");
+    let config = tiny_config_file(&dir, 20);
+    let checkpoints = dir.join("checkpoints").display().to_string();
+    let run = |env: &[(&str, &str)]| {
+        command(&learner_binary())
+            .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "1"])
+            .args(["--checkpoint-dir", &checkpoints, "--config"])
+            .arg(&config)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let refused = run(&[("FLGFN_LEARNER__LEARNING_RATE", "0.0001")]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("learner.learning_rate")
+            && stderr.contains("(set by FLGFN_LEARNER__LEARNING_RATE)")
+            && stderr.contains("FLGFN_RESUME_CHANGED=1"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
