@@ -153,6 +153,10 @@ else
     tail -n 20 "$work/actor-3.log" >&2
     exit 1
 fi
+# (Stopped here: the cases below start learners of their own.)
+kill -TERM "$learner_pid"
+wait_at_most "$learner_pid" 30 || true
+learner_pid=""
 
 # Gives up on a learner nobody serves: status 75 (EX_TEMPFAIL, as the Rust
 # actor), the cause in one line.
