@@ -135,6 +135,16 @@ pub enum SoundThrough {
     Step(u64),
 }
 
+impl SoundThrough {
+    /// The step recorded, if one was.
+    pub fn step(self) -> Option<u64> {
+        match self {
+            SoundThrough::Step(step) => Some(step),
+            SoundThrough::Unknown | SoundThrough::Nothing => None,
+        }
+    }
+}
+
 /// Sums over the whole run that a resumed run goes on adding to, so that
 /// its final figures cover every step, not only its own.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -438,7 +448,7 @@ pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
     let all = list(dir)?;
     let sound = keep
         .sound_through
-        .and_then(|through| all.iter().rev().find(|(step, _)| *step <= through))
+        .and_then(|through| newest_of(&all, through))
         .map(|(step, _)| *step);
     let excess = all.len().saturating_sub(keep.newest.max(1));
     for (step, old) in all.into_iter().take(excess) {
@@ -455,8 +465,12 @@ pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
 
 /// The newest checkpoint in `dir` at or before `step`, if any.
 pub fn newest_at_or_before(dir: &Path, step: u64) -> Option<(u64, PathBuf)> {
-    let all = list(dir).ok()?;
-    all.into_iter().rev().find(|(saved, _)| *saved <= step)
+    newest_of(&list(dir).ok()?, step).cloned()
+}
+
+/// The newest of `all` (as [`list`] sorts them) at or before `step`.
+fn newest_of(all: &[(u64, PathBuf)], step: u64) -> Option<&(u64, PathBuf)> {
+    all.iter().rev().find(|(saved, _)| *saved <= step)
 }
 
 /// Writes checkpoints on a thread of its own, one at a time: the trainer
@@ -485,19 +499,18 @@ impl Writer {
 
     /// Starts writing a checkpoint once the write before it is done (its
     /// failure is returned instead, and this one is not written). Pruning
-    /// after it keeps the newest at or before `sound_through` too (see
-    /// [`Keep`]).
+    /// after it keeps the newest at or before the state's `sound_through`
+    /// too (see [`Keep`]).
     pub fn start(
         &mut self,
         state: CheckpointState,
         arrays: Vec<NamedArray>,
-        sound_through: Option<u64>,
     ) -> Result<(), LearnerError> {
         self.finish()?;
         let dir = self.dir.clone();
         let keep = Keep {
             newest: self.keep,
-            sound_through,
+            sound_through: state.sound_through.step(),
         };
         let write = move || {
             let started = std::time::Instant::now();
@@ -958,9 +971,7 @@ mod tests {
         let dir = scratch("writer");
         let mut writer = Writer::new(dir.clone(), 2);
         for step in [100, 200, 300, 400] {
-            writer
-                .start(state(step), arrays(step as f32), None)
-                .unwrap();
+            writer.start(state(step), arrays(step as f32)).unwrap();
         }
         writer.finish().unwrap();
         let steps: Vec<u64> = list(&dir).unwrap().into_iter().map(|(s, _)| s).collect();
@@ -984,7 +995,7 @@ mod tests {
         let dir = parent.join("checkpoints");
         fs::write(&dir, "not a folder").unwrap();
         let mut writer = Writer::new(dir.clone(), 2);
-        writer.start(state(100), arrays(1.0), None).unwrap();
+        writer.start(state(100), arrays(1.0)).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let error = loop {
             match writer.poll() {
@@ -1002,9 +1013,9 @@ mod tests {
         writer.poll().unwrap();
         writer.finish().unwrap();
 
-        writer.start(state(200), arrays(2.0), None).unwrap();
+        writer.start(state(200), arrays(2.0)).unwrap();
         let error = writer
-            .start(state(300), arrays(3.0), None)
+            .start(state(300), arrays(3.0))
             .unwrap_err()
             .to_string();
         assert!(error.contains(&dir.display().to_string()), "{error}");

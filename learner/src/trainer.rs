@@ -207,14 +207,19 @@ fn divergence_remedy(progress: &Progress, checkpoint_dir: Option<&std::path::Pat
     let Some(dir) = checkpoint_dir else {
         return format!("start again with {lower}");
     };
-    let why = match (progress.last_sound_report, progress.resumed_sound) {
-        (Some(step), _) => {
-            format!("step {step}, this run's last report with every step and draw finite")
-        }
+    // (As Progress::sound_through, with why.)
+    let (through, why) = match (progress.last_sound_report, progress.resumed_sound) {
+        (Some(step), _) => (
+            step,
+            format!("step {step}, this run's last report with every step and draw finite"),
+        ),
         // Resumed: the checkpoint may well be sound (a rate that jumped
         // with a changed max_steps), and --fresh would delete the run.
-        (None, Some(step)) => format!(
-            "step {step}, the last known sound when this learner resumed (no report since had every step and draw finite)"
+        (None, Some(step)) => (
+            step,
+            format!(
+                "step {step}, the last known sound when this learner resumed (no report since had every step and draw finite)"
+            ),
         ),
         (None, None) => {
             return format!(
@@ -222,7 +227,6 @@ fn divergence_remedy(progress: &Progress, checkpoint_dir: Option<&std::path::Pat
             );
         }
     };
-    let through = progress.sound_through().unwrap_or_default();
     match checkpoint::newest_at_or_before(dir, through) {
         Some((step, path)) => format!(
             "checkpoints after {why}, may hold the diverged model: move those after step {step} out of {}, then resume from {} (kept for this) with {lower} and --resume-changed (should that diverge at once again, this one holds it too); or start over with --fresh",
@@ -798,7 +802,7 @@ impl Trainer {
                 .sound_through()
                 .map_or(SoundThrough::Nothing, SoundThrough::Step),
         };
-        writer.start(state, arrays, progress.sound_through())?;
+        writer.start(state, arrays)?;
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
         // The copy is not training: out of `wall_s` like evaluation.
