@@ -796,19 +796,28 @@ pub fn meant_variable(name: &str) -> Option<String> {
 }
 
 /// The `FLGFN_` variables the binaries read that are not configuration
-/// keys (and `FLGFN_SEED`, which is one), without the prefix.
+/// keys (and `FLGFN_SEED`, which is one).
 const VARIABLES_OF_THEIR_OWN: [&str; 10] = [
-    "TOKEN",
-    "CONFIG",
-    "SEED",
-    "LOG_FORMAT",
-    "RESUME_CHANGED",
-    "HEALTH_ADDRESS",
-    "HEALTH_CA_FILE",
-    "HEALTH_CERT_FILE",
-    "HEALTH_KEY_FILE",
-    "HEALTH_DOMAIN",
+    crate::auth::TOKEN_ENV,
+    CONFIG_VARIABLE,
+    "FLGFN_SEED",
+    crate::telemetry::LOG_FORMAT_VARIABLE,
+    "FLGFN_RESUME_CHANGED",
+    "FLGFN_HEALTH_ADDRESS",
+    "FLGFN_HEALTH_CA_FILE",
+    "FLGFN_HEALTH_CERT_FILE",
+    "FLGFN_HEALTH_KEY_FILE",
+    "FLGFN_HEALTH_DOMAIN",
 ];
+
+/// The variable that sets `key` of `section`: `FLGFN_LEARNER__LISTEN`.
+fn key_variable(section: &str, key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
+        section.to_ascii_uppercase(),
+        key.to_ascii_uppercase()
+    )
+}
 
 /// A misspelling of a variable the binaries read (`FLGFN_TOKN`,
 /// `FLGFN_SEEDS`, `FLGFN_LOG_FROMAT`: one letter off, two for names of
@@ -819,15 +828,16 @@ const VARIABLES_OF_THEIR_OWN: [&str; 10] = [
 /// `FLGFN_TASKS` or `FLGFN_PORT`, are that close to keys.)
 fn meant_by_spelling(name: &str) -> Option<String> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
-    if rest.contains(ENV_SEPARATOR) || VARIABLES_OF_THEIR_OWN.contains(&rest) {
+    if rest.contains(ENV_SEPARATOR) || VARIABLES_OF_THEIR_OWN.contains(&name) {
         return None;
     }
+    // (The prefix is the same on both sides: the distance is the rest's.)
     let allowed = if rest.len() >= 6 { 2 } else { 1 };
     if let Some(own) = VARIABLES_OF_THEIR_OWN
         .iter()
-        .find(|own| edit_distance(rest, own) <= allowed)
+        .find(|own| strsim::levenshtein(name, own) <= allowed)
     {
-        return Some(format!("{ENV_PREFIX}{own}"));
+        return Some((*own).to_owned());
     }
     let squeezed = rest.replace('_', "").to_ascii_lowercase();
     let mut meant: Vec<String> = schema()
@@ -837,31 +847,11 @@ fn meant_by_spelling(name: &str) -> Option<String> {
                 .as_table()?
                 .keys()
                 .find(|key| key.contains('_') && key.replace('_', "") == squeezed)?;
-            Some(format!(
-                "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
-                section.to_ascii_uppercase(),
-                key.to_ascii_uppercase()
-            ))
+            Some(key_variable(section, key))
         })
         .collect();
     meant.sort();
     (!meant.is_empty()).then(|| meant.join(" or "))
-}
-
-/// Letters to insert, delete or replace to turn `a` into `b` (ASCII).
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, &x) in a.iter().enumerate() {
-        let mut current = vec![i + 1; b.len() + 1];
-        for (j, &y) in b.iter().enumerate() {
-            current[j + 1] = (previous[j] + usize::from(x != y))
-                .min(previous[j + 1] + 1)
-                .min(current[j] + 1);
-        }
-        previous = current;
-    }
-    previous[b.len()]
 }
 
 /// Every section and key there is, every task's keys among them (the
@@ -934,21 +924,15 @@ fn meant_without_section(name: &str) -> Option<String> {
         return None;
     }
     let lower = rest.to_ascii_lowercase();
-    let variable = |section: &str, key: &str| {
-        format!(
-            "{ENV_PREFIX}{}{ENV_SEPARATOR}{}",
-            section.to_ascii_uppercase(),
-            key.to_ascii_uppercase()
-        )
-    };
     let mut meant: Vec<String> = schema()
         .iter()
         .filter_map(|(section, keys)| {
             let keys = keys.as_table()?;
             if *section == lower {
-                Some(variable(section, "<KEY>"))
+                Some(key_variable(section, "<KEY>"))
             } else {
-                keys.contains_key(&lower).then(|| variable(section, &lower))
+                keys.contains_key(&lower)
+                    .then(|| key_variable(section, &lower))
             }
         })
         .collect();
@@ -2385,47 +2369,25 @@ mod tests {
                 ("FLGFN_LEARNER_THREADS", "FLGFN_LEARNER__THREADS")
             ])
         );
-        assert_eq!(
-            meant_variable("FLGFN_AUTH_TOKEN_FILE").as_deref(),
-            Some("FLGFN_AUTH__TOKEN_FILE")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_TLS_CA_FILE").as_deref(),
-            Some("FLGFN_TLS__CA_FILE")
-        );
-        assert_eq!(meant_variable("FLGFN_ACTOR_BIN"), None);
-        // A key without its section, or a section alone.
-        assert_eq!(
-            meant_variable("FLGFN_LISTEN").as_deref(),
-            Some("FLGFN_LEARNER__LISTEN")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_MAX_STEPS").as_deref(),
-            Some("FLGFN_LEARNER__MAX_STEPS")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_THREADS").as_deref(),
-            Some("FLGFN_ACTOR__THREADS or FLGFN_LEARNER__THREADS")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_TASK").as_deref(),
-            Some("FLGFN_TASK__<KEY>")
-        );
-        // Every task's keys, set or not in the defaults.
-        assert_eq!(
-            meant_variable("FLGFN_TASK_SET_SIZE").as_deref(),
-            Some("FLGFN_TASK__SET_SIZE")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_SIDE").as_deref(),
-            Some("FLGFN_TASK__SIDE")
-        );
-        assert_eq!(
-            meant_variable("FLGFN_LEARNER").as_deref(),
-            Some("FLGFN_ACTOR__LEARNER or FLGFN_LEARNER__<KEY>")
-        );
-        // Misspelt variables of their own, and keys without underscores.
         for (name, meant) in [
+            ("FLGFN_AUTH_TOKEN_FILE", "FLGFN_AUTH__TOKEN_FILE"),
+            ("FLGFN_TLS_CA_FILE", "FLGFN_TLS__CA_FILE"),
+            // A key without its section, or a section alone.
+            ("FLGFN_LISTEN", "FLGFN_LEARNER__LISTEN"),
+            ("FLGFN_MAX_STEPS", "FLGFN_LEARNER__MAX_STEPS"),
+            (
+                "FLGFN_THREADS",
+                "FLGFN_ACTOR__THREADS or FLGFN_LEARNER__THREADS",
+            ),
+            ("FLGFN_TASK", "FLGFN_TASK__<KEY>"),
+            // Every task's keys, set or not in the defaults.
+            ("FLGFN_TASK_SET_SIZE", "FLGFN_TASK__SET_SIZE"),
+            ("FLGFN_SIDE", "FLGFN_TASK__SIDE"),
+            (
+                "FLGFN_LEARNER",
+                "FLGFN_ACTOR__LEARNER or FLGFN_LEARNER__<KEY>",
+            ),
+            // Misspelt variables of their own, and keys without underscores.
             ("FLGFN_TOKN", "FLGFN_TOKEN"),
             ("FLGFN_SEDD", "FLGFN_SEED"),
             ("FLGFN_SEEDS", "FLGFN_SEED"),
@@ -2438,6 +2400,7 @@ mod tests {
         }
         // Variables of their own, and the scripts', name no key.
         for name in [
+            "FLGFN_ACTOR_BIN",
             "FLGFN_SEED",
             "FLGFN_TOKEN",
             "FLGFN_CONFIG",
