@@ -134,6 +134,27 @@ pub enum ActorError {
 /// fixes (status 1) and from a run that ended (0).
 pub const EXIT_LEARNER_UNREACHABLE: u8 = 75;
 
+/// The exit status of `flgfn-actor` and `flgfn-loadgen` for `result`
+/// (the error said as [`flgfn_common::telemetry::exit_status`] says it):
+/// [`EXIT_LEARNER_UNREACHABLE`] where the error is, or wraps, an actor
+/// that gave up reaching the learner.
+pub fn exit_status(program: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    let unreachable = result.as_ref().is_err_and(|error| {
+        error.chain().any(|cause| {
+            matches!(
+                cause.downcast_ref::<ActorError>(),
+                Some(ActorError::GaveUp { .. })
+            )
+        })
+    });
+    let status = flgfn_common::telemetry::exit_status(program, result);
+    if unreachable {
+        std::process::ExitCode::from(EXIT_LEARNER_UNREACHABLE)
+    } else {
+        status
+    }
+}
+
 /// Most orders (and chunks) queued inside an actor.
 const MAX_QUEUED_ORDERS: usize = 4096;
 

@@ -40,19 +40,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with(args.log.log_format);
-    let result = run(args);
-    let unreachable = result.as_ref().is_err_and(|error| {
-        matches!(
-            error.downcast_ref::<flgfn_actor::ActorError>(),
-            Some(flgfn_actor::ActorError::GaveUp { .. })
-        )
-    });
-    let status = telemetry::exit_status("flgfn-actor", result);
-    if unreachable {
-        std::process::ExitCode::from(flgfn_actor::EXIT_LEARNER_UNREACHABLE)
-    } else {
-        status
-    }
+    flgfn_actor::exit_status("flgfn-actor", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {

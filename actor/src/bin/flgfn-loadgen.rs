@@ -23,35 +23,10 @@ struct Args {
     log: LogFlags,
 }
 
-/// Every generated actor that failed gave up reaching the learner.
-#[derive(Debug)]
-struct LearnerUnreachable(usize);
-
-impl std::fmt::Display for LearnerUnreachable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} generated actor(s) gave up reaching the learner (actor.reconnect_attempts)",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for LearnerUnreachable {}
-
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with(args.log.log_format);
-    let result = run(args);
-    let unreachable = result
-        .as_ref()
-        .is_err_and(|error| error.is::<LearnerUnreachable>());
-    let status = telemetry::exit_status("flgfn-loadgen", result);
-    if unreachable {
-        std::process::ExitCode::from(flgfn_actor::EXIT_LEARNER_UNREACHABLE)
-    } else {
-        status
-    }
+    flgfn_actor::exit_status("flgfn-loadgen", run(args))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -69,8 +44,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let shutdown = flgfn_common::signals::shutdown_requested();
         let reports = flgfn_actor::loadgen::run(config, args.actors as usize, shutdown).await;
         let (mut chunks, mut transitions, mut versions, mut failed) = (0, 0, 0, 0);
-        let mut gave_up = 0;
-        for report in &reports {
+        let actors = reports.len();
+        // The first actor that gave up, and how many did.
+        let (mut first_gave_up, mut gave_up) = (None, 0);
+        for report in reports {
             match report {
                 Ok(r) => {
                     chunks += r.chunks_sent;
@@ -79,21 +56,26 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Err(error) => {
                     failed += 1;
-                    gave_up += usize::from(matches!(error, flgfn_actor::ActorError::GaveUp { .. }));
                     tracing::error!(%error, "a generated actor failed");
+                    if matches!(error, flgfn_actor::ActorError::GaveUp { .. }) {
+                        gave_up += 1;
+                        first_gave_up.get_or_insert(error);
+                    }
                 }
             }
         }
         tracing::info!(
-            actors = reports.len(),
+            actors,
             chunks,
             transitions,
             versions,
             failed,
             "load generator stopped"
         );
-        if failed > 0 && gave_up == failed {
-            return Err(LearnerUnreachable(failed).into());
+        if let Some(error) = first_gave_up.filter(|_| gave_up == failed) {
+            return Err(anyhow::Error::new(error).context(format!(
+                "{failed} generated actor(s) gave up reaching the learner (actor.reconnect_attempts)"
+            )));
         }
         anyhow::ensure!(failed == 0, "{failed} generated actor(s) failed");
         Ok(())
