@@ -527,6 +527,24 @@ class Actor:
             grants.cancel()
 
 
+def out_of_range(reconnect_attempts, epsilon, truncate_fraction, envs):
+    """The first of these settings outside its range, as (its name, its
+    value and range), or None: `run` refuses it, the command line names
+    its flag. (Outside [0, 1] the exploration mixture has negative
+    entries, and the sampler could pick an action the state does not
+    allow.)"""
+    for setting, value, within, must in (
+        ("reconnect_attempts", reconnect_attempts, reconnect_attempts >= 0,
+         "0 (never give up) or more"),
+        ("epsilon", epsilon, 0 <= epsilon <= 1, "between 0 and 1"),
+        ("truncate_fraction", truncate_fraction, 0 <= truncate_fraction <= 1, "between 0 and 1"),
+        ("envs", envs, envs >= 1, "1 or more"),
+    ):
+        if not within:
+            return setting, f"{value}: {must}"
+    return None
+
+
 def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
         truncate_fraction=0.0, name=None, token=None, seed=None,
         connect_timeout_s=10.0, keepalive_s=10.0, reconnect_initial_s=0.2,
@@ -542,15 +560,9 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
     `stop` is set no rollout starts: the one in progress is finished and
     its chunk sent, and the actor leaves the session.
     """
-    if reconnect_attempts < 0:
-        raise ValueError(f"reconnect_attempts is {reconnect_attempts}: 0 (never give up) or more")
-    # (Outside [0, 1] the mixture has negative entries, and the sampler
-    # could pick an action the state does not allow.)
-    for key, value in (("epsilon", epsilon), ("truncate_fraction", truncate_fraction)):
-        if not 0 <= value <= 1:
-            raise ValueError(f"{key} is {value}: between 0 and 1")
-    if envs < 1:
-        raise ValueError(f"envs is {envs}: 1 or more")
+    if bad := out_of_range(reconnect_attempts, epsilon, truncate_fraction, envs):
+        setting, what = bad
+        raise ValueError(f"{setting} is {what}")
     stop = stop or StopFlag()
     # Distinct per process: the learner counts lost chunks per name.
     name = name or f"{socket.gethostname()}/python-actor-{os.getpid()}"
@@ -635,13 +647,10 @@ def main():
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
                         help="seconds each attempt waits for the learner")
     args = parser.parse_args()
-    if args.reconnect_attempts < 0:
-        parser.error("--reconnect-attempts: 0 (never give up) or more")
-    for flag, value in (("--epsilon", args.epsilon), ("--truncate-fraction", args.truncate_fraction)):
-        if not 0 <= value <= 1:
-            parser.error(f"{flag}: {value} is not between 0 and 1")
-    if args.envs < 1:
-        parser.error(f"--envs: {args.envs}: 1 or more")
+    if bad := out_of_range(args.reconnect_attempts, args.epsilon, args.truncate_fraction,
+                           args.envs):
+        setting, what = bad
+        parser.error(f"--{setting.replace('_', '-')}: {what}")
     if not args.connect_timeout > 0:
         parser.error(f"--connect-timeout: {args.connect_timeout}: more than 0")
     learner = args.learner
