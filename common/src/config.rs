@@ -53,6 +53,21 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// [`ConfigError::Parse`], with the key or name meant where the
+    /// parser refused a misspelt one: `did you mean ...?`.
+    fn parse(path: String, message: String) -> Self {
+        let hints: Vec<String> = [did_you_mean(&message), integer_limit(&message)]
+            .into_iter()
+            .flatten()
+            .collect();
+        if hints.is_empty() {
+            return ConfigError::Parse { path, message };
+        }
+        // (The parser's messages for a file end with a line break.)
+        let message = format!("{}\n{}\n", message.trim_end(), hints.join("\n"));
+        ConfigError::Parse { path, message }
+    }
+
     /// Shorthand for [`ConfigError::Invalid`].
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
         ConfigError::Invalid {
@@ -129,6 +144,26 @@ impl TaskConfig {
             .and_then(|task| task.get("name")?.as_str().map(str::to_owned))
             .unwrap_or_default()
     }
+}
+
+/// A section given as something other than one table (`[[learner]]`, a
+/// list of tables; `learner = 5`), which the parser reports as a type
+/// without saying what was meant: a hint to add to the parse error.
+fn misshapen_section(table: &toml::Table) -> Option<String> {
+    let (name, value) = table.iter().find(|(name, value)| {
+        schema().get(*name).is_some_and(toml::Value::is_table) && !value.is_table()
+    })?;
+    let given = if value
+        .as_array()
+        .is_some_and(|items| items.iter().all(toml::Value::is_table))
+    {
+        format!("`[[{name}]]` (two pairs of brackets) makes it a list of tables")
+    } else {
+        format!("here it is the value {value}")
+    };
+    Some(format!(
+        "(`{name}` is one section: write `[{name}]` with its keys on the lines below; {given})"
+    ))
 }
 
 /// Why a `[task]` table that its own task refuses would be read by
@@ -970,13 +1005,74 @@ pub fn blame_layer(
     }
 }
 
-/// How a configuration path is named in messages: `-` is standard input.
+/// How a configuration path is named in messages: `-` is standard input;
+/// a path that came from `FLGFN_CONFIG` (not `--config`) says so, since
+/// a user who gave no path may not know where it came from.
 fn path_name(path: &Path) -> String {
     if path == Path::new(STDIN_PATH) {
-        "standard input".to_owned()
+        return "standard input".to_owned();
+    }
+    let from_variable = std::env::var_os(CONFIG_VARIABLE).is_some_and(|named| named == path)
+        && !std::env::args_os().any(|arg| {
+            arg.to_str()
+                .is_some_and(|arg| arg == "--config" || arg.starts_with("--config="))
+        });
+    if from_variable {
+        format!("{} (named by {CONFIG_VARIABLE})", path.display())
     } else {
         path.display().to_string()
     }
+}
+
+/// The line `did you mean `learning_rate`?` for a parser's message that
+/// refuses an unknown key or name (`unknown field `learning_rat`,
+/// expected one of ...`; `unknown variant ...`), where one of those it
+/// expected is close: one letter off (two for names of six letters or
+/// more), the same but for underscores and case, or a whole word of it
+/// (`universe` for `universe_size`).
+fn did_you_mean(message: &str) -> Option<String> {
+    Some(format!("did you mean {}?", meant_name(message)?))
+}
+
+/// The line saying why an integer the parser read was refused as a
+/// `i128` (the TOML parser's wording for one beyond 64 bits).
+fn integer_limit(message: &str) -> Option<String> {
+    message
+        .contains("as i128")
+        .then(|| format!("TOML integers are 64-bit: at most {}", i64::MAX))
+}
+
+/// The names meant by a refused one (see [`did_you_mean`]), quoted and
+/// joined by `or`.
+fn meant_name(message: &str) -> Option<String> {
+    let (_, refused) = message
+        .split_once("unknown field `")
+        .or_else(|| message.split_once("unknown variant `"))?;
+    let (given, rest) = refused.split_once('`')?;
+    let expected = rest.lines().next()?.split_once("expected ")?.1;
+    let candidates = expected.split('`').skip(1).step_by(2);
+    let allowed = if given.len() >= 6 { 2 } else { 1 };
+    let squeeze = |name: &str| name.replace('_', "").to_ascii_lowercase();
+    let word_of = |long: &str, word: &str| {
+        long.starts_with(&format!("{word}_")) || long.ends_with(&format!("_{word}"))
+    };
+    let close: Vec<(usize, &str)> = candidates
+        .filter(|candidate| !candidate.is_empty())
+        .map(|candidate| (strsim::levenshtein(given, candidate), candidate))
+        .filter(|&(distance, candidate)| {
+            distance <= allowed
+                || squeeze(given) == squeeze(candidate)
+                || word_of(given, candidate)
+                || word_of(candidate, given)
+        })
+        .collect();
+    let nearest = close.iter().map(|&(distance, _)| distance).min()?;
+    let meant: Vec<String> = close
+        .iter()
+        .filter(|&&(distance, _)| distance == nearest)
+        .map(|(_, candidate)| format!("`{candidate}`"))
+        .collect();
+    Some(meant.join(" or "))
 }
 
 /// Where an effective configuration came from, as TOML comment lines
@@ -1024,22 +1120,21 @@ impl Config {
     /// by another version (a checkpoint's), whose rules may have been
     /// looser.
     pub fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_owned(),
-            message: e.to_string(),
-        })?;
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::parse(origin.to_owned(), e.to_string()))?;
         // The hint is looked for only once the text is refused (the table
         // is edited and consumed below: the text is read again).
-        let parse_error = |e: toml::de::Error| ConfigError::Parse {
-            path: origin.to_owned(),
-            message: match toml::from_str(text)
-                .ok()
-                .as_ref()
-                .and_then(another_tasks_keys)
-            {
-                Some(hint) => format!("{}\n{hint}", e.to_string().trim_end()),
-                None => e.to_string(),
+        // Another task's keys are not misspelt: no `did you mean`.
+        let parse_error = |e: toml::de::Error| match toml::from_str(text)
+            .ok()
+            .as_ref()
+            .and_then(|table| another_tasks_keys(table).or_else(|| misshapen_section(table)))
+        {
+            Some(hint) => ConfigError::Parse {
+                path: origin.to_owned(),
+                message: format!("{}\n{hint}", e.to_string().trim_end()),
             },
+            None => ConfigError::parse(origin.to_owned(), e.to_string()),
         };
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
@@ -1106,10 +1201,8 @@ impl Config {
         if overrides.is_empty() {
             return Self::parse_toml(&text, &origin);
         }
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: origin.clone(),
-            message: e.to_string(),
-        })?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::parse(origin.clone(), e.to_string()))?;
         let all: Vec<&EnvOverride> = overrides.iter().collect();
         let error = match with_overrides(&table, &all)? {
             Ok(config) => return Ok(config),
@@ -1140,20 +1233,20 @@ impl Config {
                         .map(|(_, o)| o)
                         .collect();
                     if with_overrides(&table, &others).is_ok_and(|result| result.is_ok()) {
-                        return Err(ConfigError::Parse {
-                            path: format!("{origin} with {}", layer.variable),
-                            message: error.to_string(),
-                        });
+                        return Err(ConfigError::parse(
+                            format!("{origin} with {}", layer.variable),
+                            error.to_string(),
+                        ));
                     }
                 }
             }
             Ok(_) => {}
         }
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
-        Err(ConfigError::Parse {
-            path: format!("{origin} with {}", variables.join(", ")),
-            message: error.to_string(),
-        })
+        Err(ConfigError::parse(
+            format!("{origin} with {}", variables.join(", ")),
+            error.to_string(),
+        ))
     }
 
     /// The configuration as TOML, every key that has a value (unset task
@@ -1749,6 +1842,69 @@ mod tests {
     }
 
     #[test]
+    fn misspelt_keys_and_names_get_the_one_meant() {
+        let meant = |text: &str| {
+            let message = Config::from_toml(text, "job.toml").unwrap_err().to_string();
+            let line = message
+                .lines()
+                .find_map(|line| line.strip_prefix("did you mean "))
+                .map(str::to_owned);
+            (line, message)
+        };
+        for (text, expected) in [
+            // One letter off; two for longer names; a section.
+            ("[learner]\nthreds = 1\n", "`threads`?"),
+            ("[actor]\nepsilom = 0.1\n", "`epsilon`?"),
+            ("[learnr]\nthreads = 1\n", "`learner`?"),
+            // Underscores and case.
+            ("[learner]\nmaxsteps = 1\n", "`max_steps`?"),
+            ("[learner]\nMax_Steps = 1\n", "`max_steps`?"),
+            // A word of it.
+            ("[task]\nuniverse_size = 30\n", "`universe`?"),
+            // Names of tasks and objectives.
+            ("[task]\nname = \"latice\"\n", "`lattice`?"),
+            ("[objective]\nname = \"fl_subtb\"\n", "`fl_sub_tb`?"),
+        ] {
+            let (line, message) = meant(text);
+            assert_eq!(line.as_deref(), Some(expected), "{text}: {message}");
+        }
+        // A section given twice the brackets, or a value; an integer past
+        // 64 bits.
+        let message = Config::from_toml("[[learner]]\nthreads = 1\n", "job.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("write `[learner]`") && message.contains("`[[learner]]`"),
+            "{message}"
+        );
+        let message = Config::from_toml("learner = 5\n", "job.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("write `[learner]`") && message.contains("the value 5"),
+            "{message}"
+        );
+        let message = Config::from_toml("[learner]\nmax_steps = 99999999999999999999\n", "j")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("max_steps") && message.contains("at most 9223372036854775807"),
+            "{message}"
+        );
+        // Nothing close: no guess.
+        for text in [
+            "[learner]\ncolour = 1\n",
+            "[task]\nname = \"chess\"\n",
+            // Another task's key gets that task's hint instead (`side` is
+            // one letter from `size`).
+            "[task]\nside = 3\n",
+        ] {
+            let (line, message) = meant(text);
+            assert_eq!(line, None, "{text}: {message}");
+        }
+    }
+
+    #[test]
     fn values_toml_cannot_hold_are_refused_by_name() {
         // A flag can set them (--seed, --max-steps); a file or the local
         // actors' configuration could not carry them.
@@ -1890,7 +2046,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("FLGFN_LEARNER__LISTN") && error.contains("listn"),
+            error.contains("FLGFN_LEARNER__LISTN")
+                && error.contains("listn")
+                && error.contains("did you mean `listen`?"),
             "{error}"
         );
         let wrong_type = env_overrides(vars(&[("FLGFN_LEARNER__MAX_STEPS", "many")]));
@@ -2062,6 +2220,11 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml("[learner]\nlearning_rat = 0.1\n", "test").unwrap_err();
         assert!(err.to_string().contains("learning_rat"), "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("\ndid you mean `learning_rate`?\n"),
+            "{err}"
+        );
         let err = Config::from_toml(
             "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",
             "t",
