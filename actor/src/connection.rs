@@ -344,7 +344,7 @@ pub(crate) fn status_causes(status: &Status) -> String {
 /// Whether HTTP/2 itself found the peer breaking the protocol (it closed
 /// the connection over an error it detected), rather than the peer going
 /// away (an I/O error) or refusing something.
-fn not_http2(status: &Status) -> bool {
+pub(crate) fn not_http2(status: &Status) -> bool {
     let mut cause = std::error::Error::source(status);
     while let Some(current) = cause {
         if let Some(http2) = current.downcast_ref::<h2::Error>() {

@@ -93,12 +93,16 @@ pub fn hint(error: &HealthError, address: &str) -> Option<String> {
     }
     // Cut off before any answer (a status the peer sent has no source):
     // what a TLS server does to plain text, and a mutual-TLS learner to a
-    // client without its certificate.
+    // client without its certificate; also a learner closing its
+    // connections as it stops.
     std::error::Error::source(status)?;
     Some(if address.starts_with("https://") {
         "if the learner wants client certificates (mutual TLS), give --cert-file and --key-file, signed by the CA of its tls.ca_file".to_owned()
+    } else if crate::connection::not_http2(status) {
+        "it does not speak plain HTTP/2: if the learner serves TLS, use https:// and --ca-file"
+            .to_owned()
     } else {
-        "if the learner serves TLS, use https:// and --ca-file".to_owned()
+        "the connection closed before an answer: a learner stopping or starting, or one serving TLS (then use https:// and --ca-file)".to_owned()
     })
 }
 
@@ -111,4 +115,34 @@ fn flag_names(text: &str) -> String {
             "--cert-file and --key-file must hold",
         )
         .replace("use http://,", "use an http:// address,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port that accepts and closes at once (a learner stopping) is not
+    /// said to be a TLS learner.
+    #[tokio::test]
+    async fn a_closed_connection_is_not_blamed_on_tls_alone() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let closer = tokio::spawn(async move {
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                drop(socket);
+            }
+        });
+        let error = check(&address, "", &TlsConfig::default())
+            .await
+            .unwrap_err();
+        let hint = hint(&error, &address).unwrap_or_default();
+        assert!(
+            hint.starts_with("the connection closed before an answer: a learner stopping"),
+            "{error}: {hint}"
+        );
+        closer.abort();
+    }
 }
