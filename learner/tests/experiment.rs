@@ -82,6 +82,32 @@ fn a_short_suite_writes_its_data_and_plots() {
     assert!(!output.status.success());
     assert!(errors.contains("--plot-only: no folder"), "{errors}");
     assert!(!mistyped.exists());
+    // The folders beside it that a suite ran in are named (in a folder of
+    // their own here: the temporary folder holds other tests' suites).
+    let beside = out.with_extension("beside");
+    std::fs::create_dir_all(beside.join("ran")).unwrap();
+    std::fs::create_dir_all(beside.join("other")).unwrap();
+    std::fs::copy(
+        out.join(flgfn_learner::experiment::SUITE_RECORD),
+        beside
+            .join("ran")
+            .join(flgfn_learner::experiment::SUITE_RECORD),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--plot-only", "--out"])
+        .arg(beside.join("mistyped"))
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        errors.trim_end().ends_with(&format!(
+            "; suites ran in: --out {}",
+            beside.join("ran").display()
+        )),
+        "{errors}"
+    );
+    std::fs::remove_dir_all(&beside).unwrap();
 
     // The same suite again: every run is kept. With another step budget:
     // every run starts over (none resumes from the other budget's

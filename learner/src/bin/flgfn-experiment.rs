@@ -57,6 +57,35 @@ struct Args {
     plot_metrics: Option<PathBuf>,
 }
 
+/// The folders beside `out` that a suite ran in, as a hint for a redraw
+/// that found no `out` (`--plot-only` alone looks in
+/// `experiments/paper-sets`): `; suites ran in: --out ...`. Empty where
+/// there are none.
+fn suite_folders_beside(out: &std::path::Path) -> String {
+    let parent = match out.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    let mut folders: Vec<String> = std::fs::read_dir(parent)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|folder| folder.join(experiment::SUITE_RECORD).is_file())
+        .map(|folder| format!("--out {}", folder.display()))
+        .collect();
+    folders.sort();
+    /// More would bury the message (a folder such as /tmp may hold many).
+    const MOST_NAMED: usize = 5;
+    let more = folders.len().saturating_sub(MOST_NAMED);
+    folders.truncate(MOST_NAMED);
+    match (folders.is_empty(), more) {
+        (true, _) => String::new(),
+        (false, 0) => format!("; suites ran in: {}", folders.join(", ")),
+        (false, more) => format!("; suites ran in: {} and {more} more", folders.join(", ")),
+    }
+}
+
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => Ok(seconds),
@@ -180,8 +209,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // (Not made for a redraw: a mistyped --out is an error, not a folder.)
     anyhow::ensure!(
         !args.plot_only || out.is_dir(),
-        "--plot-only: no folder {} (--out names the folder a suite ran in)",
-        out.display()
+        "--plot-only: no folder {} (--out names the folder a suite ran in){}",
+        out.display(),
+        suite_folders_beside(&out)
     );
     // One runner per folder: a second one would move aside runs the first
     // is training, and both would rewrite the tables.

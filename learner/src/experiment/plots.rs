@@ -239,35 +239,62 @@ where
         // A log axis is labelled at powers of ten only: within less than a
         // decade it would carry no label at all, so such a panel is linear.
         if metric.log_scale && hi / lo >= 10.0 {
+            let (lo, hi, labels) = log_axis(lo, hi);
             let chart = builder
                 .build_cartesian_2d(x_range, (lo..hi).log_scale())
                 .map_err(error)?;
-            draw_panel(chart, x_label, &bands, lo).map_err(error)?;
+            draw_panel(chart, x_label, &bands, lo, labels).map_err(error)?;
         } else {
             let pad = ((y_max - y_min) * 0.05).max(1e-9);
             let chart = builder
                 .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
                 .map_err(error)?;
-            draw_panel(chart, x_label, &bands, f64::NEG_INFINITY).map_err(error)?;
+            draw_panel(chart, x_label, &bands, f64::NEG_INFINITY, LINEAR_Y_LABELS)
+                .map_err(error)?;
         }
     }
     root.present().map_err(error)?;
     Ok(())
 }
 
+/// Labels on a linear y axis (plotters' default).
+const LINEAR_Y_LABELS: usize = 10;
+
+/// Most labels on a log y axis: a panel is a third of the figure wide
+/// and a row of it high, and more than this many crowd into each other.
+const MAX_LOG_Y_LABELS: usize = 7;
+
+/// A log axis over `lo..hi` widened to whole decades, and how many labels
+/// to ask plotters for: it labels the powers of ten, and where asked for
+/// more labels than there are decades it labels 2, 3, ... 9 times each as
+/// well, which crowd together at the top of every decade. So: one per
+/// decade (every other one, and so on, past [`MAX_LOG_Y_LABELS`]), and
+/// both ends a labelled power of ten, so that no decade is left without
+/// a number.
+fn log_axis(lo: f64, hi: f64) -> (f64, f64, usize) {
+    let (low, high) = (lo.log10().floor(), hi.log10().ceil());
+    // Just outside the powers of ten, so that rounding cannot drop them.
+    let lo = 10f64.powf(low) * (1.0 - 1e-9);
+    let hi = 10f64.powf(high) * (1.0 + 1e-9);
+    let decades = (high - low).max(1.0) as usize;
+    (lo, hi, (decades + 1).min(MAX_LOG_Y_LABELS))
+}
+
 /// Axes, every curve (values clamped at `floor`, for log axes) and the
-/// legend of one panel.
+/// legend of one panel, with at most `y_labels` labels on the y axis.
 fn draw_panel<'a, DB: DrawingBackend + 'a, Y>(
     mut chart: ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
     x_label: &str,
     bands: &[(usize, &String, Band)],
     floor: f64,
+    y_labels: usize,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
 where
     Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
 {
     chart
         .configure_mesh()
+        .y_labels(y_labels)
         .x_desc(x_label)
         .x_label_formatter(&|v| compact(*v))
         .y_label_formatter(&|v| compact(*v))
@@ -443,7 +470,41 @@ fn drawn_whole(path: &Path, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> a
 
 #[cfg(test)]
 mod tests {
-    use super::compact;
+    use plotters::prelude::*;
+
+    use super::{MAX_LOG_Y_LABELS, compact, log_axis};
+
+    /// The values plotters labels on a log axis built by [`log_axis`].
+    fn labelled(lo: f64, hi: f64) -> Vec<f64> {
+        let (lo, hi, labels) = log_axis(lo, hi);
+        let axis: LogCoord<f64> = (lo..hi).log_scale().into();
+        axis.key_points(labels)
+    }
+
+    #[test]
+    fn log_axes_label_every_decade_and_nothing_between() {
+        let close = |got: &[f64], want: &[f64]| {
+            got.len() == want.len()
+                && got
+                    .iter()
+                    .zip(want)
+                    .all(|(g, w)| ((g - w) / w).abs() < 1e-9)
+        };
+        // Within one decade of powers of ten, plotters labelled 2, 3, ...
+        // 9 times each as well (0.08 and 0.09 overlapped), and nothing
+        // below the first power of ten above the lowest value.
+        let got = labelled(0.008, 0.5);
+        assert!(close(&got, &[1e-3, 1e-2, 1e-1, 1.0]), "{got:?}");
+        let got = labelled(0.02, 0.9);
+        assert!(close(&got, &[1e-2, 1e-1, 1.0]), "{got:?}");
+        // Many decades: every other one, each a power of ten.
+        let got = labelled(1e-9, 500.0);
+        assert!(got.len() <= MAX_LOG_Y_LABELS && got.len() >= 4, "{got:?}");
+        for value in &got {
+            let exponent = value.log10();
+            assert!((exponent - exponent.round()).abs() < 1e-9, "{got:?}");
+        }
+    }
 
     #[test]
     fn axis_labels_are_short() {
