@@ -341,14 +341,50 @@ fn is_stream(path: &Path) -> bool {
     false
 }
 
+/// Writes `contents` (an earlier run's reports) to the first free
+/// `<path>.1`, `<path>.2`, ... (the highest is the newest), synced before
+/// the file they came from is cut. Returns where.
+fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".");
+    for number in 1u32.. {
+        let mut numbered = name.clone();
+        numbered.push(number.to_string());
+        let beside = PathBuf::from(numbered);
+        let mut file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&beside)
+        {
+            Ok(file) => file,
+            Err(taken) if taken.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(other) => {
+                return Err(std::io::Error::new(
+                    other.kind(),
+                    format!(
+                        "cannot keep the reports it holds in {} ({other}), and leaves them: give --metrics a new path",
+                        beside.display()
+                    ),
+                ));
+            }
+        };
+        file.write_all(contents)?;
+        file.sync_all()?;
+        return Ok(beside);
+    }
+    Err(std::io::Error::other("no free name to keep its reports in"))
+}
+
 impl MetricsFile {
-    /// Creates (truncates) the file.
+    /// Creates the file (an earlier run's reports in it moved beside, see
+    /// [`MetricsFile::open`]).
     pub fn create(path: &Path) -> Result<Self, LearnerError> {
         Self::open(path, None)
     }
 
     /// Opens the file: with `resumed_at` (a run resuming at that step), it
     /// keeps the reports up to that step and appends; otherwise it
+    /// moves what it holds to `<path>.<n>` (see [`set_aside`]) and
     /// empties it. Reports past the step a run resumes at describe
     /// training that is done again (the learner stopped after its last
     /// checkpoint): they go, so steps only ever increase. A last line torn
@@ -426,17 +462,21 @@ impl MetricsFile {
         // the lock and any link stay.
         if kept < contents.len() {
             let dropped = contents[kept..].iter().filter(|&&b| b == b'\n').count();
-            file.set_len(kept as u64).map_err(error)?;
-            // Said: a fresh start (`deploy/local.sh` always starts fresh)
-            // replaces an earlier run's reports.
             match resumed_at {
+                // Training that is done again: its reports are replaced
+                // by the new ones.
                 Some(step) => {
                     tracing::info!(path = %path.display(), dropped, "metrics: dropped the reports after step {step}, where the run resumed")
                 }
+                // Another run's reports (`deploy/local.sh` always starts
+                // fresh; a mistyped --checkpoint-dir finds nothing to
+                // resume): kept, beside, before the file is cut.
                 None => {
-                    tracing::warn!(path = %path.display(), dropped, "metrics: a fresh run replaces the reports already in this file (give --metrics a new path to keep them)")
+                    let beside = set_aside(path, &contents).map_err(error)?;
+                    tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved (give each run its own --metrics path)")
                 }
             }
+            file.set_len(kept as u64).map_err(error)?;
         }
         file.seek(std::io::SeekFrom::End(0)).map_err(error)?;
         Ok(MetricsFile {
@@ -558,6 +598,59 @@ mod tests {
         let text = std::fs::read_to_string(&target).unwrap();
         assert!(text.starts_with("{\"step\":250,"), "{text}");
         assert_eq!(text.lines().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A fresh run given another run's metrics file keeps those reports,
+    /// moved beside it, each run's in a file of its own.
+    #[test]
+    fn a_fresh_run_moves_the_reports_it_finds_beside_its_file() {
+        let dir = std::env::temp_dir().join(format!("flgfn-metrics-aside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.jsonl");
+        let first = "{\"step\":100}\n{\"step\":200}\n";
+        std::fs::write(&path, first).unwrap();
+        let mut metrics = MetricsFile::open(&path, None).unwrap();
+        metrics
+            .write(&Report {
+                step: 5,
+                ..Report::default()
+            })
+            .unwrap();
+        drop(metrics);
+        let second = std::fs::read_to_string(&path).unwrap();
+        assert!(second.starts_with("{\"step\":5,"), "{second}");
+        assert_eq!(second.lines().count(), 1);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("run.jsonl.1")).unwrap(),
+            first
+        );
+        // The next fresh run: the next free name.
+        drop(MetricsFile::open(&path, None).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("run.jsonl.2")).unwrap(),
+            second
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        // An empty file has nothing to keep; a resumed run keeps its own.
+        drop(MetricsFile::open(&path, None).unwrap());
+        std::fs::write(&path, "{\"step\":100}\n").unwrap();
+        drop(MetricsFile::open(&path, Some(100)).unwrap());
+        assert!(!dir.join("run.jsonl.3").exists());
+        // Where nothing can be written beside it, the file is left whole.
+        let mut permissions = std::fs::metadata(&dir).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o555);
+        std::fs::set_permissions(&dir, permissions.clone()).unwrap();
+        let writable_anyway = std::fs::File::create(dir.join("probe")).is_ok();
+        if !writable_anyway {
+            let refused = MetricsFile::open(&path, None).err().unwrap();
+            let said = format!("{:#}", anyhow::Error::from(refused));
+            assert!(said.contains("cannot keep the reports"), "{said}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":100}\n");
+        }
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(&dir, permissions).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
