@@ -225,15 +225,22 @@ impl Adam {
     }
 
     /// Restores moments saved by [`Adam::state`] and the step count.
-    pub fn restore(&mut self, arrays: &[NamedArray], steps: u64) -> Result<(), String> {
+    /// `group` is where a checkpoint keeps them (`adam`), for the names
+    /// in errors.
+    pub fn restore(
+        &mut self,
+        group: &str,
+        arrays: &[NamedArray],
+        steps: u64,
+    ) -> Result<(), String> {
         let _guard = tch::no_grad_guard();
         for slot in self.parameters.slots() {
             for (prefix, moment) in [("m", &self.m), ("v", &self.v)] {
                 let name = format!("{prefix}/{}", slot.name);
-                let array = arrays
-                    .iter()
-                    .find(|a| a.name == name)
-                    .ok_or_else(|| format!("optimizer state lacks `{name}`"))?;
+                let array = arrays.iter().find(|a| a.name == name);
+                // (Named as the file names it.)
+                let name = format!("{group}/{name}");
+                let array = array.ok_or_else(|| format!("optimizer state lacks `{name}`"))?;
                 if array.shape.iter().map(|&d| d as i64).collect::<Vec<_>>() != slot.shape {
                     return Err(format!(
                         "optimizer state `{name}` has shape {:?}, the parameter's is {:?}",
@@ -439,7 +446,9 @@ mod tests {
         let model_b = net(&b);
         b.copy(&a).unwrap();
         let mut adam_b = Adam::new(FlatParameters::new(&b).unwrap(), 0.02);
-        adam_b.restore(&adam_a.state(), adam_a.steps()).unwrap();
+        adam_b
+            .restore("adam", &adam_a.state(), adam_a.steps())
+            .unwrap();
         for step in 10..20 {
             for (adam, model) in [(&mut adam_a, &model_a), (&mut adam_b, &model_b)] {
                 adam.zero_grad();
@@ -457,7 +466,19 @@ mod tests {
         }
         let mut wrong = adam_a.state();
         wrong[0].shape = vec![1];
-        assert!(adam_b.restore(&wrong, 3).unwrap_err().contains("shape"));
+        assert!(
+            adam_b
+                .restore("adam", &wrong, 3)
+                .unwrap_err()
+                .contains("shape")
+        );
+        let mut missing = adam_a.state();
+        let gone = missing.remove(1).name;
+        let error = adam_b.restore("objective_adam", &missing, 3).unwrap_err();
+        assert!(
+            error.contains(&format!("lacks `objective_adam/{gone}`")),
+            "{error}"
+        );
         // Moments Adam never writes, named.
         for (prefix, value) in [("m", f32::NAN), ("v", f32::INFINITY), ("v", -1e-3)] {
             let mut wrong = adam_a.state();
@@ -467,9 +488,9 @@ mod tests {
                 .unwrap();
             moment.values[2] = value;
             let name = moment.name.clone();
-            let error = adam_b.restore(&wrong, 3).unwrap_err();
+            let error = adam_b.restore("adam", &wrong, 3).unwrap_err();
             assert!(
-                error.contains(&format!("`{name}`")) && error.contains("element 2"),
+                error.contains(&format!("`adam/{name}`")) && error.contains("element 2"),
                 "{error}"
             );
         }
@@ -481,7 +502,7 @@ mod tests {
     fn steps_past_i32_keep_their_bias_corrections_at_one() {
         let (_vars, model, mut adam) = seeded(4, 0.01);
         let moments = adam.state();
-        adam.restore(&moments, 1 << 31).unwrap();
+        adam.restore("adam", &moments, 1 << 31).unwrap();
         adam.zero_grad();
         loss(&model, 0).backward();
         let before = snapshot(&adam);

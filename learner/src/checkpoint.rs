@@ -193,21 +193,58 @@ impl Checkpoint {
 
     /// Loads this checkpoint's policy into `policy` after checking that it
     /// was trained on `task` with `model` (their descriptions). The error
-    /// names the file and both descriptions.
-    pub fn load_policy(&self, policy: &mut Policy, task: &str, model: &str) -> Result<(), String> {
+    /// names the file and, for another run's, both descriptions.
+    pub fn load_policy(
+        &self,
+        policy: &mut Policy,
+        task: &str,
+        model: &str,
+    ) -> Result<(), PolicyRefused> {
         let state = &self.state;
         if state.task != task || state.model != model {
-            return Err(format!(
+            return Err(PolicyRefused::AnotherRun(format!(
                 "{} is of task {} and model {}, this configuration's are {task} and {model}",
                 self.path.display(),
                 state.task,
                 state.model
-            ));
+            )));
         }
-        policy
-            .load_weights(&self.group("policy"))
-            .map_err(|e| format!("{}: {e}", self.path.display()))
+        policy.load_weights(&self.group("policy")).map_err(|e| {
+            PolicyRefused::Unusable(format!(
+                "{}: the policy's (`policy/`) {e}",
+                self.path.display()
+            ))
+        })
     }
+}
+
+/// Why a checkpoint's policy was not loaded: the remedies differ.
+#[derive(Debug)]
+pub enum PolicyRefused {
+    /// Trained on another task or model: another run's folder, or this
+    /// run's job file not given.
+    AnotherRun(String),
+    /// Its own task and model, but weights that cannot be loaded (a NaN
+    /// from a diverged run, a tensor missing): an older checkpoint may do.
+    Unusable(String),
+}
+
+impl std::fmt::Display for PolicyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyRefused::AnotherRun(why) | PolicyRefused::Unusable(why) => f.write_str(why),
+        }
+    }
+}
+
+/// What a resuming learner can do with an intact checkpoint it cannot
+/// use: resume from the one before it.
+pub fn older_one_remedy(path: &Path) -> String {
+    let folder = path.parent().unwrap_or(Path::new("."));
+    format!(
+        "move it out of {} to resume from the checkpoint before it (--fresh deletes them all and starts over)",
+        folder.display()
+    )
 }
 
 /// `arrays` under `prefix/`.
@@ -243,6 +280,10 @@ fn temporary_name(name: &str) -> String {
     format!(".{name}.tmp")
 }
 
+/// The file a learner writes and deletes at start, to find a folder it
+/// cannot write in (see [`lock`]).
+const WRITE_PROBE: &str = "write-probe";
+
 /// Name of the file a learner locks while it uses a checkpoint folder.
 pub const LOCK: &str = "lock";
 
@@ -277,18 +318,32 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
                 path.display()
             ))
         })?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(fs::TryLockError::WouldBlock) => Err(LearnerError::Checkpoint(format!(
-            "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder (if no learner runs, as after a node died holding the lock on NFS, delete {})",
-            dir.display(),
-            path.display()
-        ))),
+    let locked = match file.try_lock() {
+        Ok(()) => Some(file),
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(LearnerError::Checkpoint(format!(
+                "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder (if no learner runs, as after a node died holding the lock on NFS, delete {})",
+                dir.display(),
+                path.display()
+            )));
+        }
         Err(fs::TryLockError::Error(error)) => {
             warn!(path = %path.display(), %error, "cannot lock the checkpoint folder; make sure no other learner uses it");
-            Ok(None)
+            None
         }
-    }
+    };
+    // A lock file left by an earlier run opens in a folder that has
+    // since become read-only: found now, not at the first checkpoint.
+    let probe = dir.join(temporary_name(WRITE_PROBE));
+    fs::File::create(&probe)
+        .and_then(|_| fs::remove_file(&probe))
+        .map_err(|e| {
+            LearnerError::Checkpoint(format!(
+                "{}: {e} (learner.checkpoint_dir must be a folder this learner can write in)",
+                probe.display()
+            ))
+        })?;
+    Ok(locked)
 }
 
 /// Deletes the temporary files of writes that never finished (a crash,
@@ -303,6 +358,7 @@ pub fn remove_unfinished_writes(dir: &Path) -> usize {
         name.starts_with(".ckpt-")
             || name == temporary_name(FINAL_WEIGHTS)
             || name == temporary_name(VERSION_FLOOR)
+            || name == temporary_name(WRITE_PROBE)
     };
     let mut removed = 0;
     for entry in entries.filter_map(Result::ok) {
@@ -729,7 +785,7 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
     let all = list(dir)?;
     // Newer ones that read back damaged, skipped so far.
     let mut damaged = Vec::new();
-    for (_, path) in all.iter().rev() {
+    for (named_step, path) in all.iter().rev() {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
             // Pruned since it was listed (a run writing meanwhile).
@@ -747,6 +803,25 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
         };
         match parse(path, &bytes) {
             Ok(mut checkpoint) => {
+                // Pruning and the choice of the newest go by the name: a
+                // renamed or copied one would have the run's new
+                // checkpoints pruned as older than it.
+                let step = checkpoint.state.step;
+                if step != *named_step {
+                    let named = format!(
+                        "{} holds step {step} but is named for step {named_step} (renamed or copied by hand?)",
+                        path.display()
+                    );
+                    match reader {
+                        Reader::Resuming => {
+                            return Err(LearnerError::Checkpoint(format!(
+                                "{named}: rename it {} (this run would prune the checkpoints it writes as older), or {older}",
+                                file_name(step)
+                            )));
+                        }
+                        Reader::Reading => warn!("{named}"),
+                    }
+                }
                 if !damaged.is_empty() {
                     let damaged = damaged.len();
                     warn!(path = %path.display(), damaged, "using an older checkpoint");
@@ -764,7 +839,7 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
                     Reader::Reading => "read it with that version",
                 };
                 return Err(LearnerError::Checkpoint(format!(
-                    "{}: {reason}, written by another version of flgfn; {with}, or {older}",
+                    "{}: {reason}: written by another version of flgfn (or edited by hand); {with}, or {older}",
                     path.display()
                 )));
             }
@@ -1139,6 +1214,58 @@ mod tests {
         left.sort();
         assert_eq!(left, [".notes.tmp", &file_name(100)]);
         assert_eq!(load_latest(&dir).unwrap().unwrap().state.step, 100);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A checkpoint renamed by hand (a rollback done by copying) is
+    /// refused at a resume, which would prune every checkpoint it writes
+    /// as older than the name; read as it is by a reader.
+    #[test]
+    fn a_checkpoint_named_for_another_step_is_refused_at_a_resume() {
+        let dir = scratch("renamed");
+        let at_100 = save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
+        save(&dir, &state(200), &arrays(2.0), keep(5)).unwrap();
+        fs::copy(&at_100, dir.join(file_name(300))).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&file_name(300))
+                && error.contains("holds step 100 but is named for step 300")
+                && error.contains(&format!("rename it {}", file_name(100))),
+            "{error}"
+        );
+        let read = load_latest_to_read(&dir).unwrap().unwrap();
+        assert_eq!(read.state.step, 100);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A folder that became read-only after its lock file was made is
+    /// refused at the lock, naming the key, not at the first checkpoint.
+    #[test]
+    fn a_folder_the_learner_cannot_write_in_is_refused_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("read-only");
+        drop(lock(&dir).unwrap());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o555)).unwrap();
+        // (Root writes anyway: nothing to find then.)
+        let writable_anyway = File::create(dir.join("probe")).is_ok();
+        let locked = lock(&dir);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        if writable_anyway {
+            assert!(locked.is_ok());
+        } else {
+            let error = locked.unwrap_err().to_string();
+            assert!(
+                error.contains("learner.checkpoint_dir must be a folder this learner can write in"),
+                "{error}"
+            );
+        }
+        // The probe leaves nothing behind.
+        let _ = fs::remove_file(dir.join("probe"));
+        let names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [LOCK]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

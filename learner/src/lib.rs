@@ -622,10 +622,14 @@ pub async fn serve(
         let state = &checkpoint.state;
         checkpoint
             .load_policy(&mut policy, &env.spec().to_string(), &model.to_string())
-            .map_err(|e| {
-                LearnerError::Checkpoint(format!(
-                    "{e} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
-                ))
+            .map_err(|refused| match refused {
+                checkpoint::PolicyRefused::AnotherRun(why) => LearnerError::Checkpoint(format!(
+                    "{why} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
+                )),
+                checkpoint::PolicyRefused::Unusable(why) => LearnerError::Checkpoint(format!(
+                    "{why}; {}",
+                    checkpoint::older_one_remedy(&checkpoint.path)
+                )),
             })?;
         check_resumed_config(
             &state.config,

@@ -827,17 +827,25 @@ impl Trainer {
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
         let state = &checkpoint.state;
-        let fail =
-            |e: String| LearnerError::Checkpoint(format!("{}: {e}", checkpoint.path.display()));
+        // Intact (its checksum held) but not usable: an older one may be.
+        let fail = |e: String| {
+            LearnerError::Checkpoint(format!(
+                "{}: {e}; {}",
+                checkpoint.path.display(),
+                crate::checkpoint::older_one_remedy(&checkpoint.path)
+            ))
+        };
         check_counters(state).map_err(fail)?;
         optimizer
-            .restore(&checkpoint.group("adam"), state.adam_steps)
+            .restore("adam", &checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
         if let Some((vars, _)) = self.objective.own_parameters() {
-            load_vars(vars, &checkpoint.group("objective")).map_err(|e| fail(e.to_string()))?;
+            load_vars(vars, &checkpoint.group("objective"))
+                .map_err(|e| fail(format!("the objective's parameters (`objective/`): {e}")))?;
         }
         if let Some((own, _)) = own_optimizer {
             own.restore(
+                "objective_adam",
                 &checkpoint.group("objective_adam"),
                 state.objective_adam_steps,
             )

@@ -115,11 +115,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
             let found = checkpoint::load_latest_to_read(dir)?
                 .with_context(|| format!("no checkpoint in {}", dir.display()))?;
-            found
-                .load_policy(&mut policy, &task, &model_name)
-                .map_err(|e| {
-                    anyhow::anyhow!("{e} (pass the job file it was trained with as --config)")
-                })?;
+            found.load_policy(&mut policy, &task, &model_name).map_err(
+                |refused| match refused {
+                    checkpoint::PolicyRefused::AnotherRun(why) => {
+                        anyhow::anyhow!("{why} (pass the job file it was trained with as --config)")
+                    }
+                    checkpoint::PolicyRefused::Unusable(why) => anyhow::anyhow!(
+                        "{why} (copy an older checkpoint into a folder of its own and read that)"
+                    ),
+                },
+            )?;
         }
         (None, None) => bail!("give --weights FILE or --checkpoint DIR"),
     }
