@@ -395,15 +395,21 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
     /// whole; the token says where it was read, the variable over the file.
     #[test]
     fn a_token_copied_with_its_wrapping_is_refused_and_sources_are_named() {
-        for wrapped in [
-            "FLGFN_TOKEN=0123456789abcdef0123",
-            "\"0123456789abcdef0123\"",
-            "'0123456789abcdef0123'",
+        for (wrapped, why) in [
+            (
+                "FLGFN_TOKEN=0123456789abcdef0123",
+                "starts with `FLGFN_TOKEN=`",
+            ),
+            ("\"0123456789abcdef0123\"", "quote"),
+            ("'0123456789abcdef0123'", "quote"),
         ] {
             let error = Token::new(wrapped, "auth.token_file")
                 .unwrap_err()
                 .to_string();
-            assert!(error.contains("auth.token_file"), "{error}");
+            assert!(
+                error.contains("auth.token_file") && error.contains(why),
+                "{error}"
+            );
         }
         let config = AuthConfig {
             token_file: "/run/secrets/token".to_owned(),

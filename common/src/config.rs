@@ -2618,7 +2618,11 @@ mod tests {
     fn a_flag_can_correct_what_the_file_got_wrong() {
         let path = std::env::temp_dir().join(format!("flgfn-flag-fix-{}.toml", std::process::id()));
         std::fs::write(&path, "[actor]\nlearner = \"learner:50051\"\n").unwrap();
-        assert!(Config::load(Some(&path)).is_err());
+        let error = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            error.contains("actor.learner") && error.contains("http://"),
+            "{error}"
+        );
         let mut config = Config::load_unvalidated(Some(&path)).unwrap();
         config.actor.learner = "http://learner:50051".to_owned();
         config.validate().unwrap();

@@ -47,6 +47,20 @@ def strings_of(name):
         return f.read()
 
 
+def reads(binary, key):
+    """Whether the binary holds `key` as a name of its own: some occurrence
+    not followed by `_` (FLGFN_LOG is only part of FLGFN_LOG_FORMAT, and
+    FLGFN_HEALTH of FLGFN_HEALTH_ADDRESS). Other strings may follow a name
+    directly: the binary packs them without separators."""
+    key = key.encode()
+    at = binary.find(key)
+    while at >= 0:
+        if binary[at + len(key):at + len(key) + 1] != b"_":
+            return True
+        at = binary.find(key, at + 1)
+    return False
+
+
 def compose_value(value):
     """${VAR:-default} -> default, ${VAR:?message} -> a stand-in token."""
     value = str(value)
@@ -89,7 +103,7 @@ def check_container(where, name, env, args, job):
             printed = lookup(config, section, field)
             if printed is None or not same(printed, value):
                 fail(where, f"{key}={value} shows as {printed!r} in the printed configuration")
-        elif key.encode() not in binary:
+        elif not reads(binary, key):
             fail(where, f"flgfn-{name} never reads {key}")
     checked.append(where)
     return config

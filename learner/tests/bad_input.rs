@@ -1122,7 +1122,8 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
 
 /// A TB learner drops truncated trajectories: an actor configured apart
 /// (its own file) that cuts every one short stops, saying so, instead of
-/// rolling out for nothing; one that cuts some is served (and warns).
+/// rolling out for nothing. (One that cuts some is served:
+/// `tb_drops_and_counts_truncated_prefixes` trains through one.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_truncated() {
     let mut learner_config = config();
@@ -1477,6 +1478,13 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.lost_chunks, 0);
+    // The third connection was turned away for the limit, not otherwise.
+    let closed = outcome.final_report.rejections.get("too_many_connections");
+    assert!(
+        closed.is_some_and(|&n| n >= 1),
+        "{:?}",
+        outcome.final_report.rejections
+    );
 }
 
 /// A connection on which no Learner call ever started (a preface, then
@@ -1518,6 +1526,13 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
     let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
     assert_eq!(outcome.steps, 1);
+    // The second connection was turned away for the limit, not otherwise.
+    let closed = outcome.final_report.rejections.get("too_many_connections");
+    assert!(
+        closed.is_some_and(|&n| n >= 1),
+        "{:?}",
+        outcome.final_report.rejections
+    );
 }
 
 /// Chunks lost with a connection show as a gap in the actor's numbering at

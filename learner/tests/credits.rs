@@ -213,6 +213,13 @@ async fn no_actor_receives_more_versions_than_the_rollouts_it_starts_plus_one() 
             // that came with credits still queued when training ended.
             assert_eq!(report.versions_received, sent);
             let applied = report.versions_loaded;
+            // (Checked first: a wrapped subtraction would pass anything.)
+            assert!(
+                report.rollouts <= report.credits,
+                "{delay:?}: {} rollouts on {} credits",
+                report.rollouts,
+                report.credits
+            );
             let unused_credits = report.credits - report.rollouts;
             assert!(
                 sent - applied <= unused_credits,

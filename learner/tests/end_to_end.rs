@@ -323,7 +323,9 @@ async fn fl_db_trains_a_lattice_and_the_learner_reports_its_exact_tv() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn medium_and_large_sets_train_end_to_end_with_their_own_thresholds() {
+/// (Their quality thresholds are checked in the task's tests:
+/// `every_set_size_is_judged_by_its_own_thresholds`.)
+async fn medium_and_large_sets_train_end_to_end_and_report_every_metric() {
     use flgfn_common::tasks::set_generation::{SetGenerationConfig, SetSize};
     for (size, log_z) in [(SetSize::Medium, 45.379), (SetSize::Large, 48.392)] {
         let mut config = tiny_config();

@@ -536,3 +536,25 @@ fn a_task_without_an_energy_distribution_is_judged_without_energy_w1() {
     // The presets keep the threshold.
     assert!(small().reference().unwrap().quality().energy_w1.is_some());
 }
+
+/// Each size is judged by paper-notes' thresholds: marginal TV <= 0.03,
+/// |log Z error| <= 0.3 and energy W1 <= 0.083 x that size's target
+/// energy standard deviation (about 0.1 on small).
+#[test]
+fn every_set_size_is_judged_by_its_own_thresholds() {
+    let mut w1 = Vec::new();
+    for size in [SetSize::Small, SetSize::Medium, SetSize::Large] {
+        let env = preset(size);
+        let quality = env.reference().unwrap().quality();
+        let (_, std) = SetReference::new(&env).target_energy_mean_std();
+        assert_eq!(quality.marginal_tv, Some(0.03), "{size:?}");
+        assert_eq!(quality.log_z_error, 0.3, "{size:?}");
+        assert_eq!(quality.exact_tv, None, "{size:?}");
+        let threshold = quality.energy_w1.unwrap();
+        assert!((threshold - 0.083 * std).abs() < 1e-12, "{size:?}");
+        w1.push(threshold);
+    }
+    assert!((w1[0] - 0.1).abs() < 0.005, "small: {}", w1[0]);
+    // Their own: the sizes' energies spread differently.
+    assert!(w1[0] != w1[1] && w1[1] != w1[2], "{w1:?}");
+}
