@@ -467,6 +467,47 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
     Ok(path)
 }
 
+/// The state's real numbers and the step known sound, as a run writes
+/// them: durations finite and not negative, best energies finite, the sound step not past the
+/// step. Checked on a resume, and before a save: JSON has no NaN (it
+/// would be written as `null` and the checkpoint never read back).
+pub fn check_floats(state: &CheckpointState) -> Result<(), String> {
+    let durations = [
+        ("wall_s", Some(state.wall_s)),
+        ("time_to_quality_s", state.time_to_quality_s),
+        ("totals.waiting_s", Some(state.totals.waiting_s)),
+        ("totals.lag_weighted", Some(state.totals.lag_weighted)),
+    ];
+    for (field, value) in durations {
+        if let Some(value) = value
+            && !(value.is_finite() && value >= 0.0)
+        {
+            return Err(format!(
+                "state field `{field}` is {value}, not a duration or a sum of them"
+            ));
+        }
+    }
+    if let Some((energy, _)) = state
+        .evaluator
+        .best
+        .iter()
+        .find(|(energy, _)| !energy.is_finite())
+    {
+        return Err(format!(
+            "state field `evaluator.best` holds an object of energy {energy}"
+        ));
+    }
+    if let SoundThrough::Step(sound) = state.sound_through
+        && sound > state.step
+    {
+        return Err(format!(
+            "state field `sound_through` is step {sound}, past its `step` {}",
+            state.step
+        ));
+    }
+    Ok(())
+}
+
 /// Saves one checkpoint and prunes the older ones (see [`prune`]).
 pub fn save(
     dir: &Path,
@@ -474,6 +515,8 @@ pub fn save(
     arrays: &[NamedArray],
     keep: Keep,
 ) -> Result<PathBuf, LearnerError> {
+    check_floats(state)
+        .map_err(|e| LearnerError::Checkpoint(format!("cannot save step {}: {e}", state.step)))?;
     let json = serde_json::to_string(state)
         .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the state: {e}")))?;
     let metadata = BTreeMap::from([
@@ -1220,6 +1263,24 @@ mod tests {
     /// A checkpoint renamed by hand (a rollback done by copying) is
     /// refused at a resume, which would prune every checkpoint it writes
     /// as older than the name; read as it is by a reader.
+    /// JSON has no NaN: a state holding one would be written as `null`
+    /// and never read back. Refused by name instead.
+    #[test]
+    fn a_state_with_a_non_finite_number_is_not_saved() {
+        let dir = scratch("non-finite");
+        let mut bad = state(100);
+        bad.totals.waiting_s = f64::NAN;
+        let error = save(&dir, &bad, &arrays(1.0), keep(2))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("cannot save step 100") && error.contains("`totals.waiting_s` is NaN"),
+            "{error}"
+        );
+        assert!(list(&dir).unwrap().is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_checkpoint_named_for_another_step_is_refused_at_a_resume() {
         let dir = scratch("renamed");

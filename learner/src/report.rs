@@ -485,6 +485,20 @@ impl MetricsFile {
         })
     }
 
+    /// Makes the reports written so far durable (each is flushed as it is
+    /// written; this waits for the disk). A stream is not synced.
+    pub fn sync(&self) -> Result<(), LearnerError> {
+        match self.out.get_ref().sync_data() {
+            Ok(()) => Ok(()),
+            // A pipe, a terminal, /dev/null: nothing to make durable.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Ok(()),
+            Err(source) => Err(LearnerError::Metrics {
+                path: self.path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
     /// Writes one JSON object and a newline.
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<(), LearnerError> {
         let error = |source| LearnerError::Metrics {

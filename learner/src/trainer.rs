@@ -802,6 +802,12 @@ impl Trainer {
                 .sound_through()
                 .map_or(SoundThrough::Nothing, SoundThrough::Step),
         };
+        // The reports up to this step reach the disk before it can: after
+        // a power loss, a resume keeps the reports up to its checkpoint,
+        // which must then all be there.
+        if let Some(metrics) = &self.metrics {
+            metrics.sync()?;
+        }
         writer.start(state, arrays)?;
         progress.last_checkpoint_wall = wall_s;
         progress.checkpointed_step = Some(progress.step);
@@ -1237,13 +1243,7 @@ fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), Stri
             ));
         }
     }
-    if !(state.wall_s.is_finite() && state.wall_s >= 0.0) {
-        return Err(format!(
-            "state field `wall_s` is {}, not a duration",
-            state.wall_s
-        ));
-    }
-    Ok(())
+    crate::checkpoint::check_floats(state)
 }
 
 #[cfg(test)]
@@ -1317,6 +1317,28 @@ mod tests {
             ),
             (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
             (refused(|s| s.wall_s = -1.0), "`wall_s`"),
+            (
+                refused(|s| s.time_to_quality_s = Some(-5.0)),
+                "`time_to_quality_s`",
+            ),
+            (
+                refused(|s| s.totals.waiting_s = f64::INFINITY),
+                "`totals.waiting_s`",
+            ),
+            (
+                refused(|s| s.totals.lag_weighted = -1.0),
+                "`totals.lag_weighted`",
+            ),
+            (
+                refused(|s| s.evaluator.best = vec![(f64::NAN, vec![1])]),
+                "`evaluator.best`",
+            ),
+            (
+                refused(|s| {
+                    s.sound_through = crate::checkpoint::SoundThrough::Step(101);
+                }),
+                "`sound_through`",
+            ),
         ] {
             assert!(error.contains(field), "{field}: {error}");
         }
