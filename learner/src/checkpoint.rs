@@ -319,10 +319,23 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
             ))
         })?;
     let locked = match file.try_lock() {
-        Ok(()) => Some(file),
+        Ok(()) => {
+            // Who holds it, for the learner refused next (best effort:
+            // the lock, not this text, keeps a second learner out).
+            let mut file = file;
+            let _ = file
+                .set_len(0)
+                .and_then(|()| file.write_all(lock_holder().as_bytes()));
+            Some(file)
+        }
         Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path)
+                .ok()
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty())
+                .map_or_else(String::new, |text| format!(" ({text})"));
             return Err(LearnerError::Checkpoint(format!(
-                "{} is in use by another learner (learner.checkpoint_dir): give each run its own folder (if no learner runs, as after a node died holding the lock on NFS, delete {})",
+                "{} is in use by another learner{holder} (learner.checkpoint_dir): give each run its own folder (if no learner runs, as after a node died holding the lock on NFS, delete {})",
                 dir.display(),
                 path.display()
             )));
@@ -344,6 +357,23 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
             ))
         })?;
     Ok(locked)
+}
+
+/// This process as the lock file names it: `pid 4242 on node-7, since
+/// unix time 1764944000`.
+fn lock_holder() -> String {
+    let host = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "an unnamed host".to_owned());
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "pid {} on {host}, since unix time {since}\n",
+        std::process::id()
+    )
 }
 
 /// Deletes the temporary files of writes that never finished (a crash,
@@ -1199,6 +1229,11 @@ mod tests {
         let error = lock(&dir).unwrap_err().to_string();
         assert!(
             error.contains("in use by another learner") && error.contains("learner.checkpoint_dir"),
+            "{error}"
+        );
+        // The holder is named.
+        assert!(
+            error.contains(&format!("(pid {} on ", std::process::id())),
             "{error}"
         );
         drop(held);
