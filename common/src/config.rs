@@ -53,13 +53,20 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// [`ConfigError::Parse`], with the key or name meant where the
-    /// parser refused a misspelt one: `did you mean ...?`.
-    fn parse(path: String, message: String) -> Self {
-        let hints: Vec<String> = [did_you_mean(&message), integer_limit(&message)]
-            .into_iter()
-            .flatten()
-            .collect();
+    /// [`ConfigError::Parse`] for the parser's `error`, with the key or
+    /// name meant where it refused a misspelt one (`did you mean ...?`),
+    /// TOML's limit for an integer past it, and `hint` if given. (Read
+    /// from the parser's own message, not the quoted line of the file.)
+    fn parse(path: String, error: &toml::de::Error, hint: Option<String>) -> Self {
+        let message = error.to_string();
+        let hints: Vec<String> = [
+            did_you_mean(error.message()),
+            integer_limit(error.message()),
+            hint,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         if hints.is_empty() {
             return ConfigError::Parse { path, message };
         }
@@ -155,7 +162,7 @@ fn misshapen_section(table: &toml::Table) -> Option<String> {
     })?;
     let given = if value
         .as_array()
-        .is_some_and(|items| items.iter().all(toml::Value::is_table))
+        .is_some_and(|items| !items.is_empty() && items.iter().all(toml::Value::is_table))
     {
         format!("`[[{name}]]` (two pairs of brackets) makes it a list of tables")
     } else {
@@ -1042,19 +1049,29 @@ fn integer_limit(message: &str) -> Option<String> {
         .then(|| format!("TOML integers are 64-bit: at most {}", i64::MAX))
 }
 
-/// The names meant by a refused one (see [`did_you_mean`]), quoted and
-/// joined by `or`.
-fn meant_name(message: &str) -> Option<String> {
+/// The key or name an "unknown field" or "unknown variant" message
+/// refuses.
+fn refused_name(message: &str) -> Option<&str> {
     let (_, refused) = message
         .split_once("unknown field `")
         .or_else(|| message.split_once("unknown variant `"))?;
-    let (given, rest) = refused.split_once('`')?;
+    Some(refused.split_once('`')?.0)
+}
+
+/// The names meant by a refused one (see [`did_you_mean`]), quoted and
+/// joined by `or`.
+fn meant_name(message: &str) -> Option<String> {
+    let given = refused_name(message)?;
+    let rest = message.split_once(&format!("`{given}`"))?.1;
     let expected = rest.lines().next()?.split_once("expected ")?.1;
     let candidates = expected.split('`').skip(1).step_by(2);
-    let allowed = if given.len() >= 6 { 2 } else { 1 };
-    let squeeze = |name: &str| name.replace('_', "").to_ascii_lowercase();
+    let allowed = if given.chars().count() >= 6 { 2 } else { 1 };
+    let squeeze = |name: &str| name.replace('_', "").to_lowercase();
+    // A whole word of three letters or more (`s` would match every
+    // `..._s`).
     let word_of = |long: &str, word: &str| {
-        long.starts_with(&format!("{word}_")) || long.ends_with(&format!("_{word}"))
+        word.chars().count() >= 3
+            && (long.starts_with(&format!("{word}_")) || long.ends_with(&format!("_{word}")))
     };
     let close: Vec<(usize, &str)> = candidates
         .filter(|candidate| !candidate.is_empty())
@@ -1120,21 +1137,38 @@ impl Config {
     /// by another version (a checkpoint's), whose rules may have been
     /// looser.
     pub fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::parse(origin.to_owned(), e.to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::parse(origin.to_owned(), &e, None))?;
         // The hint is looked for only once the text is refused (the table
         // is edited and consumed below: the text is read again).
-        // Another task's keys are not misspelt: no `did you mean`.
-        let parse_error = |e: toml::de::Error| match toml::from_str(text)
-            .ok()
-            .as_ref()
-            .and_then(|table| another_tasks_keys(table).or_else(|| misshapen_section(table)))
-        {
-            Some(hint) => ConfigError::Parse {
-                path: origin.to_owned(),
-                message: format!("{}\n{hint}", e.to_string().trim_end()),
-            },
-            None => ConfigError::parse(origin.to_owned(), e.to_string()),
+        // The hints look at the whole file: each only where the error
+        // is of its kind.
+        let parse_error = |e: toml::de::Error| {
+            let table: Option<toml::Table> = toml::from_str(text).ok();
+            let refused = refused_name(e.message());
+            // Another task's key in [task] (not misspelt: no `did you
+            // mean`), or a type refused in a task the other task reads.
+            let in_task = |name: &str| {
+                table
+                    .as_ref()
+                    .and_then(|t| t.get("task"))
+                    .and_then(toml::Value::as_table)
+                    .is_some_and(|task| task.contains_key(name))
+            };
+            if refused.is_none_or(in_task)
+                && let Some(hint) = table.as_ref().and_then(another_tasks_keys)
+            {
+                return ConfigError::Parse {
+                    path: origin.to_owned(),
+                    message: format!("{}\n{hint}", e.to_string().trim_end()),
+                };
+            }
+            let shape = e
+                .message()
+                .contains("invalid type")
+                .then(|| table.as_ref().and_then(misshapen_section))
+                .flatten();
+            ConfigError::parse(origin.to_owned(), &e, shape)
         };
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
@@ -1202,7 +1236,7 @@ impl Config {
             return Self::parse_toml(&text, &origin);
         }
         let table: toml::Table =
-            toml::from_str(&text).map_err(|e| ConfigError::parse(origin.clone(), e.to_string()))?;
+            toml::from_str(&text).map_err(|e| ConfigError::parse(origin.clone(), &e, None))?;
         let all: Vec<&EnvOverride> = overrides.iter().collect();
         let error = match with_overrides(&table, &all)? {
             Ok(config) => return Ok(config),
@@ -1235,7 +1269,8 @@ impl Config {
                     if with_overrides(&table, &others).is_ok_and(|result| result.is_ok()) {
                         return Err(ConfigError::parse(
                             format!("{origin} with {}", layer.variable),
-                            error.to_string(),
+                            &error,
+                            None,
                         ));
                     }
                 }
@@ -1245,7 +1280,8 @@ impl Config {
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         Err(ConfigError::parse(
             format!("{origin} with {}", variables.join(", ")),
-            error.to_string(),
+            &error,
+            None,
         ))
     }
 
@@ -1891,8 +1927,28 @@ mod tests {
             message.contains("max_steps") && message.contains("at most 9223372036854775807"),
             "{message}"
         );
+        // Each hint where its error is: a misspelt key keeps its guess
+        // beside a misshapen section or another task's keys elsewhere.
+        for text in [
+            "[learner]\nthreds = 1\n[[tls]]\n",
+            "[learner]\nthreds = 1\n[task]\nside = 3\n",
+        ] {
+            let (line, message) = meant(text);
+            assert_eq!(line.as_deref(), Some("`threads`?"), "{text}: {message}");
+            assert!(
+                !message.contains("one section") && !message.contains("keys of the"),
+                "{message}"
+            );
+        }
+        // Hints read the parser's message, not the file's line it quotes.
+        let message = Config::from_toml("[learner]\nthreads = \"x\" # as i128\n", "j")
+            .unwrap_err()
+            .to_string();
+        assert!(!message.contains("64-bit"), "{message}");
         // Nothing close: no guess.
         for text in [
+            // (`s` is no word of `report_every_s`.)
+            "[learner]\ns = 1\n",
             "[learner]\ncolour = 1\n",
             "[task]\nname = \"chess\"\n",
             // Another task's key gets that task's hint instead (`side` is

@@ -502,19 +502,25 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
 /// step. Checked on a resume, and before a save: JSON has no NaN (it
 /// would be written as `null` and the checkpoint never read back).
 pub fn check_floats(state: &CheckpointState) -> Result<(), String> {
-    let durations = [
-        ("wall_s", Some(state.wall_s)),
-        ("time_to_quality_s", state.time_to_quality_s),
-        ("totals.waiting_s", Some(state.totals.waiting_s)),
-        ("totals.lag_weighted", Some(state.totals.lag_weighted)),
+    let never_negative = [
+        ("wall_s", Some(state.wall_s), "a duration"),
+        ("time_to_quality_s", state.time_to_quality_s, "a duration"),
+        (
+            "totals.waiting_s",
+            Some(state.totals.waiting_s),
+            "a duration",
+        ),
+        (
+            "totals.lag_weighted",
+            Some(state.totals.lag_weighted),
+            "a sum of lags",
+        ),
     ];
-    for (field, value) in durations {
+    for (field, value, what) in never_negative {
         if let Some(value) = value
             && !(value.is_finite() && value >= 0.0)
         {
-            return Err(format!(
-                "state field `{field}` is {value}, not a duration or a sum of them"
-            ));
+            return Err(format!("state field `{field}` is {value}, not {what}"));
         }
     }
     if let Some((energy, _)) = state
@@ -887,9 +893,16 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
                     );
                     match reader {
                         Reader::Resuming => {
+                            // (Renamed over a checkpoint of the step it
+                            // holds, it would replace that one.)
+                            let right = file_name(step);
+                            let remedy = if dir.join(&right).exists() {
+                                format!("delete it ({right} is already there)")
+                            } else {
+                                format!("rename it {right}")
+                            };
                             return Err(LearnerError::Checkpoint(format!(
-                                "{named}: rename it {} (this run would prune the checkpoints it writes as older), or {older}",
-                                file_name(step)
+                                "{named}: {remedy} (this run would prune the checkpoints it writes as older), or {older}"
                             )));
                         }
                         Reader::Reading => warn!("{named}"),
@@ -1295,9 +1308,6 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A checkpoint renamed by hand (a rollback done by copying) is
-    /// refused at a resume, which would prune every checkpoint it writes
-    /// as older than the name; read as it is by a reader.
     /// JSON has no NaN: a state holding one would be written as `null`
     /// and never read back. Refused by name instead.
     #[test]
@@ -1316,12 +1326,15 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// A checkpoint renamed by hand (a rollback done by copying) is
+    /// refused at a resume, which would prune every checkpoint it writes
+    /// as older than the name; read as it is by a reader.
     #[test]
     fn a_checkpoint_named_for_another_step_is_refused_at_a_resume() {
         let dir = scratch("renamed");
         let at_100 = save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
         save(&dir, &state(200), &arrays(2.0), keep(5)).unwrap();
-        fs::copy(&at_100, dir.join(file_name(300))).unwrap();
+        fs::rename(&at_100, dir.join(file_name(300))).unwrap();
         let error = load_latest(&dir).unwrap_err().to_string();
         assert!(
             error.contains(&file_name(300))
@@ -1331,37 +1344,36 @@ mod tests {
         );
         let read = load_latest_to_read(&dir).unwrap().unwrap();
         assert_eq!(read.state.step, 100);
+        // A copy of one whose right name is taken: not renamed over it.
+        save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
+        let error = load_latest(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains(&format!("delete it ({} is already there)", file_name(100))),
+            "{error}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A folder that became read-only after its lock file was made is
-    /// refused at the lock, naming the key, not at the first checkpoint.
+    /// A folder the learner cannot write in, though its lock file opens
+    /// (made read-only since), is refused at the lock, naming the key,
+    /// not at the first checkpoint. (Here the probe's name is taken by a
+    /// folder: root writes in read-only folders.)
     #[test]
     fn a_folder_the_learner_cannot_write_in_is_refused_at_start() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = scratch("read-only");
         drop(lock(&dir).unwrap());
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o555)).unwrap();
-        // (Root writes anyway: nothing to find then.)
-        let writable_anyway = File::create(dir.join("probe")).is_ok();
-        let locked = lock(&dir);
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        if writable_anyway {
-            assert!(locked.is_ok());
-        } else {
-            let error = locked.unwrap_err().to_string();
-            assert!(
-                error.contains("learner.checkpoint_dir must be a folder this learner can write in"),
-                "{error}"
-            );
-        }
         // The probe leaves nothing behind.
-        let _ = fs::remove_file(dir.join("probe"));
         let names: Vec<String> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, [LOCK]);
+        fs::create_dir(dir.join(temporary_name(WRITE_PROBE))).unwrap();
+        let error = lock(&dir).unwrap_err().to_string();
+        assert!(
+            error.contains("learner.checkpoint_dir must be a folder this learner can write in"),
+            "{error}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -341,35 +341,57 @@ fn is_stream(path: &Path) -> bool {
     false
 }
 
-/// Writes `contents` (an earlier run's reports) to the first free
-/// `<path>.1`, `<path>.2`, ... (the highest is the newest), synced before
-/// the file they came from is cut. Returns where.
+/// Writes `contents` (an earlier run's reports) beside the file they came
+/// from (a link's target: its history stays in one place), as
+/// `<file>.<n>`, one past the highest number there (the highest is the
+/// newest), synced before that file is cut. Returns where.
 fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".");
-    for number in 1u32.. {
-        let mut numbered = name.clone();
-        numbered.push(number.to_string());
+    let file = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let folder = match file.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+    let prefix = format!("{}.", name.as_deref().unwrap_or_default());
+    let highest = std::fs::read_dir(&folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.file_name();
+            entry.to_str()?.strip_prefix(&prefix)?.parse::<u32>().ok()
+        })
+        .max()
+        .unwrap_or(0);
+    let cannot = |beside: &Path, why: std::io::Error| {
+        std::io::Error::new(
+            why.kind(),
+            format!(
+                "cannot keep the reports it holds in {} ({why}), and leaves them: give --metrics a new path",
+                beside.display()
+            ),
+        )
+    };
+    for number in highest.saturating_add(1).. {
+        let mut numbered = file.as_os_str().to_owned();
+        numbered.push(format!(".{number}"));
         let beside = PathBuf::from(numbered);
-        let mut file = match std::fs::OpenOptions::new()
+        let mut copy = match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&beside)
         {
-            Ok(file) => file,
+            Ok(copy) => copy,
+            // (Made meanwhile.)
             Err(taken) if taken.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(other) => {
-                return Err(std::io::Error::new(
-                    other.kind(),
-                    format!(
-                        "cannot keep the reports it holds in {} ({other}), and leaves them: give --metrics a new path",
-                        beside.display()
-                    ),
-                ));
-            }
+            Err(other) => return Err(cannot(&beside, other)),
         };
-        file.write_all(contents)?;
-        file.sync_all()?;
+        if let Err(error) = copy.write_all(contents).and_then(|()| copy.sync_all()) {
+            // No half copy left to be taken for the reports.
+            drop(copy);
+            let _ = std::fs::remove_file(&beside);
+            return Err(cannot(&beside, error));
+        }
         return Ok(beside);
     }
     Err(std::io::Error::other("no free name to keep its reports in"))
@@ -652,19 +674,32 @@ mod tests {
         std::fs::write(&path, "{\"step\":100}\n").unwrap();
         drop(MetricsFile::open(&path, Some(100)).unwrap());
         assert!(!dir.join("run.jsonl.3").exists());
-        // Where nothing can be written beside it, the file is left whole.
-        let mut permissions = std::fs::metadata(&dir).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o555);
-        std::fs::set_permissions(&dir, permissions.clone()).unwrap();
-        let writable_anyway = std::fs::File::create(dir.join("probe")).is_ok();
-        if !writable_anyway {
-            let refused = MetricsFile::open(&path, None).err().unwrap();
-            let said = format!("{:#}", anyhow::Error::from(refused));
-            assert!(said.contains("cannot keep the reports"), "{said}");
-            assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":100}\n");
-        }
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-        std::fs::set_permissions(&dir, permissions).unwrap();
+        // One past the highest, whatever was deleted below it.
+        std::fs::remove_file(dir.join("run.jsonl.1")).unwrap();
+        drop(MetricsFile::open(&path, None).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("run.jsonl.3")).unwrap(),
+            "{\"step\":100}\n"
+        );
+        // Through a link: beside its target.
+        let target = dir.join("target.jsonl");
+        std::fs::write(&target, "{\"step\":7}\n").unwrap();
+        let link = dir.join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        drop(MetricsFile::open(&link, None).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("target.jsonl.1")).unwrap(),
+            "{\"step\":7}\n"
+        );
+        assert!(!dir.join("link.jsonl.1").exists());
+        // Where nothing can be written beside it (here a name one past
+        // the longest a file may have), the file is left whole.
+        let long = dir.join(format!("{}.jsonl", "m".repeat(248)));
+        std::fs::write(&long, "{\"step\":9}\n").unwrap();
+        let refused = MetricsFile::open(&long, None).err().unwrap();
+        let said = format!("{:#}", anyhow::Error::from(refused));
+        assert!(said.contains("cannot keep the reports"), "{said}");
+        assert_eq!(std::fs::read_to_string(&long).unwrap(), "{\"step\":9}\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -804,9 +804,13 @@ impl Trainer {
         };
         // The reports up to this step reach the disk before it can: after
         // a power loss, a resume keeps the reports up to its checkpoint,
-        // which must then all be there.
-        if let Some(metrics) = &self.metrics {
-            metrics.sync()?;
+        // which must then all be there. (A failure only warns: the
+        // checkpoint matters more, above all the one saved after an
+        // error.)
+        if let Some(metrics) = &self.metrics
+            && let Err(error) = metrics.sync()
+        {
+            warn!(%error, "the metrics file could not be synced before a checkpoint");
         }
         writer.start(state, arrays)?;
         progress.last_checkpoint_wall = wall_s;
