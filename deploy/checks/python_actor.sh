@@ -153,6 +153,18 @@ else
     tail -n 20 "$work/actor-3.log" >&2
     exit 1
 fi
+# With the token, another network: the learner's refusal names its key,
+# model.hidden, and the actor says which flag that is here.
+status=0
+FLGFN_TOKEN=python-actor-check-token-0123456789 timeout 120 "$venv/bin/python" examples/python_actor/flgfn_actor.py \
+    --learner "127.0.0.1:$port" --envs 4 --hidden 8 >"$work/actor-3b.log" 2>&1 || status=$?
+if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor: .*model.hidden.*(model.hidden is --hidden here)" "$work/actor-3b.log"; then
+    echo "python_actor: ok: refused for another network, the actor names --hidden"
+else
+    echo "python_actor: FAILED: an actor of another network exited $status" >&2
+    tail -n 20 "$work/actor-3b.log" >&2
+    exit 1
+fi
 # (Stopped here: the cases below start learners of their own.)
 kill -TERM "$learner_pid"
 wait_at_most "$learner_pid" 30 || true

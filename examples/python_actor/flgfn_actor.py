@@ -587,7 +587,8 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                                 else " (this actor sent none: set FLGFN_TOKEN)")
                     # The learner names the Rust actor's settings.
                     for setting, flag in (("actor.envs", "--envs"),
-                                          ("actor.truncate_fraction", "--truncate-fraction")):
+                                          ("actor.truncate_fraction", "--truncate-fraction"),
+                                          ("model.hidden", "--hidden")):
                         if setting in (error.details() or ""):
                             hint += f" ({setting} is {flag} here)"
                     raise Refused(f"the learner refused this actor: "
