@@ -8,20 +8,34 @@
 //! deploy/bench.sh --generated 1,16 --real 2 --delay-ms 25 --steps 300
 //! ```
 //!
-//! Columns: trained and ingested transitions per second of training time;
-//! trajectory and weight bytes per trained transition (counted by the
-//! learner per session); the fraction of ingested data dropped as stale by
-//! the learner, and of chunks generated actors rolled out but never sent;
-//! mean and max policy lag (steps); mean batch; the trainer's data-wait
-//! fraction; busy milliseconds per step (waiting left out; with the tiny
-//! network, close to the fixed cost, which the `step` bench gives proper,
-//! as an intercept); resident memory of the benchmark process (the learner
-//! plus any generated actors, which hold no libtorch); publish-to-use
-//! latency, the mean milliseconds from a version's publication to its
-//! sending (learner), plus the added one-way delay, plus from its arrival to
-//! the rollout that loads it (generated actors' mean; real actor processes
-//! log theirs as `received_to_use_ms`, so their rows show the first two
-//! parts, as a lower bound); and time to quality.
+//! Columns: trained transitions per second of training time (from the
+//! first step to the last, evaluations left out); ingested transitions per
+//! second of the same time, less what arrived but was never trained at the
+//! stop (so: trained + stale); trajectory and weight bytes per trained
+//! transition (counted by the learner per session); the fraction of
+//! ingested data dropped as stale by the learner, and of chunks generated
+//! actors rolled out but never sent; mean and max policy lag (steps); mean
+//! batch; the trainer's data-wait fraction; busy milliseconds per step
+//! (waiting left out; with the tiny network, its compute and the other
+//! threads' contention included: an upper bound of the fixed cost, which
+//! the `step` bench gives as an intercept, without the batcher, publishing
+//! or other threads: a lower bound); the peak resident memory of the
+//! benchmark process during the scenario (the learner plus any generated
+//! actors, which hold no libtorch, and the proxy); publish-to-use latency,
+//! the mean milliseconds from a version's publication to its grant being
+//! queued (learner), plus the added one-way delay, plus from its arrival
+//! to the rollout that loads it (generated actors' mean; real actor
+//! processes log theirs as `received_to_use_ms`): a lower bound, without
+//! the time queued behind other grants or the transfer itself; the
+//! seconds from the trainer's start to its first step (connecting, the
+//! first weights, the first rollout), which training time leaves out; and
+//! time to quality, in training time and from the trainer's start.
+//! Generated actors draw uniform actions: their rows' time to quality is
+//! off-policy (marked `*`), not comparable with real actors'.
+//!
+//! The delayed scenarios each follow their baseline, the same actors
+//! through the same proxy with no delay, and the ratios of each pair are
+//! printed under the table.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::{Path, PathBuf};
@@ -105,6 +119,9 @@ struct Scenario {
     generated: usize,
     real: usize,
     delay: Duration,
+    /// Through the delay proxy even with no delay: a delayed scenario's
+    /// baseline, under the same conditions but the delay.
+    proxied: bool,
 }
 
 fn actor_executable() -> PathBuf {
@@ -124,7 +141,7 @@ fn actor_executable() -> PathBuf {
 async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<ActorReport>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
-    let proxy = if scenario.delay.is_zero() {
+    let proxy = if scenario.delay.is_zero() && !scenario.proxied {
         None
     } else {
         Some(DelayProxy::start(address, scenario.delay).await.unwrap())
@@ -173,7 +190,43 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
     (outcome, totals)
 }
 
-fn row(scenario: &Scenario, outcome: &TrainingOutcome, generated: Option<&ActorReport>) -> String {
+/// The figures of a scenario that its delayed twin is compared on.
+struct Compared {
+    trained_per_s: f64,
+    /// In training time, and from the trainer's start.
+    time_to_quality: Option<(f64, f64)>,
+}
+
+fn compared(outcome: &TrainingOutcome) -> Compared {
+    let t = &outcome.totals;
+    Compared {
+        trained_per_s: t.trained_transitions as f64 / t.wall_s.max(1e-9),
+        time_to_quality: outcome
+            .time_to_quality_s
+            .map(|s| (s, s + t.first_step_after_s)),
+    }
+}
+
+/// Resets the process's peak resident memory (Linux: `VmHWM`), so that
+/// each scenario reads its own peak; false where it cannot.
+fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The process's peak resident memory since the last reset, in MB.
+fn peak_memory_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn row(
+    scenario: &Scenario,
+    outcome: &TrainingOutcome,
+    generated: Option<&ActorReport>,
+    peak_mb: Option<f64>,
+) -> String {
     let t = &outcome.totals;
     let r = &outcome.final_report;
     let delay_ms = scenario.delay.as_secs_f64() * 1e3;
@@ -189,21 +242,34 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome, generated: Option<&ActorR
         None => format!(">= {:.1}", r.publish_to_send_ms + delay_ms),
     };
     let trained = t.trained_transitions.max(1) as f64;
-    let ttq = outcome
-        .time_to_quality_s
-        .map_or("-".to_owned(), |s| format!("{s:.2}"));
-    let delay = if scenario.delay.is_zero() {
-        "0".to_owned()
-    } else {
-        format!("{}", scenario.delay.as_millis())
+    // Generated actors' uniform actions: off-policy.
+    let mark = if scenario.generated > 0 { "*" } else { "" };
+    let ttq = compared(outcome)
+        .time_to_quality
+        .map_or("-".to_owned(), |(training, launched)| {
+            format!("{training:.2}{mark} / {launched:.2}{mark}")
+        });
+    let delay = match (scenario.delay.is_zero(), scenario.proxied) {
+        (true, false) => "0".to_owned(),
+        (true, true) => "0 (proxy)".to_owned(),
+        (false, _) => format!("{}", scenario.delay.as_millis()),
     };
+    // Trained and dropped as stale: what was ingested but for the data
+    // waiting when the run stopped (arrived after the last step).
+    let used = r
+        .ingested_transitions
+        .saturating_sub(outcome.untrained_at_stop_transitions);
+    let memory = peak_mb.map_or_else(
+        || format!("{:.0} (end)", r.resident_mb),
+        |mb| format!("{mb:.0}"),
+    );
     format!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {:.0} | {} | {} |",
+        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {} | {} | {:.2} | {} |",
         scenario.name,
         scenario.generated + scenario.real,
         delay,
         trained / t.wall_s.max(1e-9),
-        r.ingested_transitions as f64 / t.wall_s.max(1e-9),
+        used as f64 / t.wall_s.max(1e-9),
         r.trajectory_bytes_per_trained_transition,
         r.weight_bytes_per_trained_transition,
         100.0 * r.stale_transitions as f64 / r.ingested_transitions.max(1) as f64,
@@ -214,8 +280,9 @@ fn row(scenario: &Scenario, outcome: &TrainingOutcome, generated: Option<&ActorR
         t.mean_batch_transitions,
         100.0 * t.data_wait_fraction,
         t.busy_ms_per_step,
-        r.resident_mb,
+        memory,
         publish_to_use,
+        t.first_step_after_s,
         ttq,
     )
 }
@@ -256,9 +323,10 @@ fn main() {
 
     let mut scenarios = Vec::new();
     if wants("fixed") {
-        // Compute ~0: what is left per step is the trainer's fixed cost.
+        // Compute ~0: what is left per step is the trainer's fixed cost
+        // (as many layers as the base network: each costs dispatches).
         let mut tiny = generated_config.clone();
-        tiny.model.hidden = vec![8];
+        tiny.model.hidden = vec![8; base.model.hidden.len().max(1)];
         tiny.learner.max_steps = args.steps.max(2000);
         scenarios.push(Scenario {
             name: format!("8-wide net (busy ~ fixed cost), {}", args.device),
@@ -266,6 +334,7 @@ fn main() {
             generated: 8,
             real: 0,
             delay: Duration::ZERO,
+            proxied: false,
         });
     }
     if wants("generated") {
@@ -276,6 +345,7 @@ fn main() {
                 generated: k,
                 real: 0,
                 delay: Duration::ZERO,
+                proxied: false,
             });
         }
     }
@@ -287,32 +357,41 @@ fn main() {
                 generated: 0,
                 real: k,
                 delay: Duration::ZERO,
+                proxied: false,
             });
         }
     }
     if wants("delay") && !delay.is_zero() {
-        scenarios.push(Scenario {
-            name: "real x2, delayed".to_owned(),
-            config: base.clone(),
-            generated: 0,
-            real: 2,
-            delay,
-        });
         let k = args.generated.iter().copied().max().unwrap_or(16).min(16);
-        scenarios.push(Scenario {
-            name: format!("generated x{k}, delayed"),
-            config: generated_config.clone(),
-            generated: k,
-            real: 0,
-            delay,
-        });
+        // Each delayed scenario right after its baseline: the same actors
+        // through the same proxy, no delay.
+        for (name, config, generated, real) in [
+            ("real x2".to_owned(), &base, 0, 2),
+            (format!("generated x{k}"), &generated_config, k, 0),
+        ] {
+            for (suffix, delay) in [(", proxied", Duration::ZERO), (", delayed", delay)] {
+                scenarios.push(Scenario {
+                    name: format!("{name}{suffix}"),
+                    config: config.clone(),
+                    generated,
+                    real,
+                    delay,
+                    proxied: true,
+                });
+            }
+        }
     }
 
     let actor_exe = actor_executable();
     println!(
-        "| scenario | actors | one-way delay ms | trained/s | ingested/s | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | RSS MB | publish->use ms | time to quality s |"
+        "device {}, weights {:?}, model.hidden {:?}, {} steps per scenario (the fixed-cost one at least 2,000)",
+        args.device, base.learner.weight_encoding, base.model.hidden, args.steps
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!();
+    println!(
+        "| scenario | actors | one-way delay ms | trained/s | ingested/s (trained + stale) | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | peak RSS MB (bench process) | publish->use ms (lower bound) | first step after s | time to quality s (training / from start) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // One-time start-up costs (thread pools, allocator growth, page
     // faults, a device's context) go to a short untimed run, not to the
     // first row.
@@ -322,8 +401,48 @@ fn main() {
         warm_up.delay = Duration::ZERO;
         runtime.block_on(run(&warm_up, &actor_exe));
     }
+    let mut pairs: Vec<String> = Vec::new();
+    let mut baseline: Option<(String, Compared)> = None;
     for scenario in &scenarios {
+        let tracked = reset_peak_memory();
         let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe));
-        println!("{}", row(scenario, &outcome, generated.as_ref()));
+        let peak = if tracked { peak_memory_mb() } else { None };
+        println!("{}", row(scenario, &outcome, generated.as_ref(), peak));
+        let figures = compared(&outcome);
+        if !scenario.proxied {
+            continue;
+        }
+        if scenario.delay.is_zero() {
+            baseline = Some((scenario.name.clone(), figures));
+        } else if let Some((base_name, base)) = baseline.take() {
+            let ratio =
+                |delayed: f64, loopback: f64| format!("{:.2}", delayed / loopback.max(1e-9));
+            let quality = match (figures.time_to_quality, base.time_to_quality) {
+                (Some((d, dl)), Some((b, bl))) => format!(
+                    "time to quality x{} in training time, x{} from the start",
+                    ratio(d, b),
+                    ratio(dl, bl)
+                ),
+                _ => "time to quality not reached by both".to_owned(),
+            };
+            pairs.push(format!(
+                "- {} / {base_name}: trained/s x{}, {quality}",
+                scenario.name,
+                ratio(figures.trained_per_s, base.trained_per_s)
+            ));
+        }
+    }
+    if scenarios.iter().any(|s| s.generated > 0) {
+        println!();
+        println!(
+            "* generated actors draw uniform actions: off-policy, not comparable with real actors' time to quality"
+        );
+    }
+    if !pairs.is_empty() {
+        println!();
+        println!("Delayed against its baseline (run one after the other, through the same proxy):");
+        for pair in pairs {
+            println!("{pair}");
+        }
     }
 }

@@ -113,6 +113,11 @@ pub struct TrainingOutcome {
 pub struct RunTotals {
     /// Seconds from the first step to the last, evaluations left out.
     pub wall_s: f64,
+    /// Seconds from the trainer's start (its first weights published,
+    /// actors free to connect) to its first step: connecting, the first
+    /// weights' transfer, the first rollout and chunk. Before `wall_s`
+    /// and out of it (0 where no step was taken).
+    pub first_step_after_s: f64,
     /// Transitions trained on.
     pub trained_transitions: u64,
     /// Mean over trained transitions of the policy lag.
@@ -263,6 +268,9 @@ struct Progress {
     window: Window,
     /// Set at the first training step: `wall_s` counts from there.
     started: Option<Instant>,
+    /// From the trainer's start to `started` (see
+    /// [`RunTotals::first_step_after_s`]).
+    first_step_after: Duration,
     /// Time left out of `wall_s`: evaluations and the rest of each
     /// report, checkpoint writes, and at a stop the wait for data since
     /// the last step.
@@ -319,6 +327,7 @@ impl Trainer {
     /// Trains until `max_steps`, or until the batch builder stops (the
     /// learner was asked to stop); then publishes the final weights.
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
+        let run_started = Instant::now();
         let learner = self.config.learner.clone();
         let flat =
             |vars: &tch::nn::VarStore| FlatParameters::new(vars).map_err(LearnerError::Trainer);
@@ -409,7 +418,10 @@ impl Trainer {
                     progress.window.waiting += wait_started.elapsed();
                     progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
                 }
-                progress.started.get_or_insert_with(Instant::now);
+                if progress.started.is_none() {
+                    progress.started = Some(Instant::now());
+                    progress.first_step_after = run_started.elapsed();
+                }
 
                 if let Err(error) =
                     self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress)
@@ -656,6 +668,7 @@ impl Trainer {
         let waiting = progress.totals.waiting_s;
         let totals = RunTotals {
             wall_s,
+            first_step_after_s: progress.first_step_after.as_secs_f64(),
             trained_transitions: trained,
             mean_policy_lag: progress.totals.lag_weighted / trained.max(1) as f64,
             max_policy_lag: progress.totals.max_lag,
