@@ -313,10 +313,21 @@ async fn fl_db_trains_a_lattice_and_the_learner_reports_its_exact_tv() {
     );
     assert!(tv <= 0.1, "exact TV {tv}");
     assert!(log_z_error(&outcome) < 0.3);
-    // KL(target || sampler) is positive (the sampler is not exact) and
-    // small where the TV is.
+    // KL(target || sampler) is positive (the sampler is not exact),
+    // small where the TV is, and the learner's figure is the one
+    // recomputed here from both distributions.
     let kl = report.exact_kl.unwrap();
     assert!(kl > 0.0 && kl < 0.5, "exact KL {kl}");
+    let (learned, target) = support::exact_distributions(&config, &outcome.weights);
+    let recomputed: f64 = target
+        .iter()
+        .filter(|(_, p)| **p > 0.0)
+        .map(|(state, p)| p * (p / learned[state]).ln())
+        .sum();
+    assert!(
+        (kl - recomputed).abs() < 1e-6,
+        "reported KL {kl}, recomputed {recomputed}"
+    );
     // Importance-sampled log Z is close once the sampler is.
     let sampled = (report.logz_sampled - report.logz_exact.unwrap()).abs();
     assert!(sampled < 0.3, "sampled log Z off by {sampled}");

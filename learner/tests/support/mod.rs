@@ -194,7 +194,24 @@ pub async fn finished_actor(actor: JoinHandle<Result<ActorReport, ActorError>>) 
 /// enumerate in 10,000 states), and the number of terminal states: no
 /// sampling noise in this check.
 pub fn exact_total_variation(config: &Config, weights: &[u8]) -> (f64, usize) {
-    use flgfn_common::exact::{policy_terminal_distribution, target_distribution, total_variation};
+    let (learned, target) = exact_distributions(config, weights);
+    (
+        flgfn_common::exact::total_variation(&learned, &target),
+        target.len(),
+    )
+}
+
+/// The exact terminal distribution of the sampler whose weights are
+/// `weights`, and the target of `config`'s task (see
+/// [`exact_total_variation`]).
+pub fn exact_distributions(
+    config: &Config,
+    weights: &[u8],
+) -> (
+    std::collections::HashMap<flgfn_common::env::State, f64>,
+    std::collections::HashMap<flgfn_common::env::State, f64>,
+) {
+    use flgfn_common::exact::{policy_terminal_distribution, target_distribution};
     use flgfn_common::policy::{ModelSpec, Policy};
     use flgfn_common::rollout::forward_probabilities;
 
@@ -209,7 +226,7 @@ pub fn exact_total_variation(config: &Config, weights: &[u8]) -> (f64, usize) {
     })
     .unwrap();
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
-    (total_variation(&learned, &target), target.len())
+    (learned, target)
 }
 
 /// A child process that is killed when this guard is dropped, so a test
