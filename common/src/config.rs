@@ -156,7 +156,7 @@ impl TaskConfig {
 /// A section given as something other than one table (`[[learner]]`, a
 /// list of tables; `learner = 5`), which the parser reports as a type
 /// without saying what was meant: a hint to add to the parse error.
-fn misshapen_section(table: &toml::Table) -> Option<String> {
+fn misshapen_section(table: &toml::Table) -> Option<(String, String)> {
     let (name, value) = table.iter().find(|(name, value)| {
         schema().get(*name).is_some_and(toml::Value::is_table) && !value.is_table()
     })?;
@@ -168,9 +168,34 @@ fn misshapen_section(table: &toml::Table) -> Option<String> {
     } else {
         format!("here it is the value {value}")
     };
-    Some(format!(
-        "(`{name}` is one section: write `[{name}]` with its keys on the lines below; {given})"
+    Some((
+        name.clone(),
+        format!(
+            "(`{name}` is one section: write `[{name}]` with its keys on the lines below; {given})"
+        ),
     ))
+}
+
+/// The top-level section whose table holds byte `at` of TOML `text`: the
+/// last `[name]` or `[[name]]` header before it (its first dotted part),
+/// None before any header.
+fn section_at(text: &str, at: usize) -> Option<String> {
+    let before = text.get(..at).unwrap_or(text);
+    before.lines().rev().find_map(|line| {
+        let header = line.trim_start().strip_prefix('[')?;
+        let name = header.trim_start_matches('[').split([']', '.']).next()?;
+        Some(name.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The line of TOML `text` that holds byte `at`.
+fn line_at(text: &str, at: usize) -> &str {
+    let start = text
+        .get(..at)
+        .and_then(|before| before.rfind('\n'))
+        .map_or(0, |newline| newline + 1);
+    let rest = text.get(start..).unwrap_or_default();
+    rest.lines().next().unwrap_or_default()
 }
 
 /// Why a `[task]` table that its own task refuses would be read by
@@ -1146,8 +1171,22 @@ impl Config {
         let parse_error = |e: toml::de::Error| {
             let table: Option<toml::Table> = toml::from_str(text).ok();
             let refused = refused_name(e.message());
+            // Where the error is: its section, and its line (where the
+            // table was edited, the error has no place in the text, only
+            // the key it names: "in `learner.threads`").
+            let at = e.span().map(|span| span.start.min(text.len()));
+            let named_key = e.to_string().lines().find_map(|line| {
+                let key = line.strip_prefix("in `")?.strip_suffix('`')?;
+                Some(key.split('.').next().unwrap_or(key).to_owned())
+            });
+            let section = match at {
+                Some(at) => Some(section_at(text, at)),
+                None => named_key.map(Some),
+            };
+            let line = at.map(|at| line_at(text, at));
             // Another task's key in [task] (not misspelt: no `did you
-            // mean`), or a type refused in a task the other task reads.
+            // mean`), or a type refused in [task] that the other task
+            // reads.
             let in_task = |name: &str| {
                 table
                     .as_ref()
@@ -1155,19 +1194,27 @@ impl Config {
                     .and_then(toml::Value::as_table)
                     .is_some_and(|task| task.contains_key(name))
             };
-            if refused.is_none_or(in_task)
-                && let Some(hint) = table.as_ref().and_then(another_tasks_keys)
-            {
+            let task_error = match refused {
+                Some(name) => in_task(name),
+                None => section
+                    .as_ref()
+                    .is_none_or(|s| s.as_deref() == Some("task")),
+            };
+            if task_error && let Some(hint) = table.as_ref().and_then(another_tasks_keys) {
                 return ConfigError::Parse {
                     path: origin.to_owned(),
                     message: format!("{}\n{hint}", e.to_string().trim_end()),
                 };
             }
-            let shape = e
-                .message()
-                .contains("invalid type")
-                .then(|| table.as_ref().and_then(misshapen_section))
-                .flatten();
+            // A section of the wrong shape, where the error points at it.
+            let shape = table
+                .as_ref()
+                .and_then(misshapen_section)
+                .filter(|(name, _)| {
+                    e.message().contains("invalid type")
+                        && line.is_none_or(|line| line.contains(name.as_str()))
+                })
+                .map(|(_, hint)| hint);
             ConfigError::parse(origin.to_owned(), &e, shape)
         };
         // Parsed from the text where it can be, so that errors point at
@@ -1938,6 +1985,20 @@ mod tests {
             assert!(
                 !message.contains("one section") && !message.contains("keys of the"),
                 "{message}"
+            );
+        }
+        // A type error outside [task] or away from a misshapen section
+        // gets neither hint.
+        for text in [
+            "[learner]\nthreads = \"x\"\n[task]\nside = 3\n",
+            "[learner]\nthreads = \"x\"\n[[tls]]\n",
+        ] {
+            let message = Config::from_toml(text, "j").unwrap_err().to_string();
+            assert!(
+                message.contains("threads")
+                    && !message.contains("one section")
+                    && !message.contains("keys of the"),
+                "{text}: {message}"
             );
         }
         // Hints read the parser's message, not the file's line it quotes.

@@ -893,11 +893,16 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
                     );
                     match reader {
                         Reader::Resuming => {
-                            // (Renamed over a checkpoint of the step it
-                            // holds, it would replace that one.)
+                            // (Renamed over a good checkpoint of the step
+                            // it holds, it would replace that one.)
                             let right = file_name(step);
-                            let remedy = if dir.join(&right).exists() {
-                                format!("delete it ({right} is already there)")
+                            let there = dir.join(&right);
+                            let remedy = if read(&there).is_ok_and(|c| c.state.step == step) {
+                                format!("delete it ({right} is already there and reads back)")
+                            } else if there.exists() {
+                                format!(
+                                    "rename it over {right} (which does not read back as step {step})"
+                                )
                             } else {
                                 format!("rename it {right}")
                             };
@@ -1348,7 +1353,10 @@ mod tests {
         save(&dir, &state(100), &arrays(1.0), keep(5)).unwrap();
         let error = load_latest(&dir).unwrap_err().to_string();
         assert!(
-            error.contains(&format!("delete it ({} is already there)", file_name(100))),
+            error.contains(&format!(
+                "delete it ({} is already there and reads back)",
+                file_name(100)
+            )),
             "{error}"
         );
         fs::remove_dir_all(&dir).unwrap();
@@ -1359,7 +1367,7 @@ mod tests {
     /// not at the first checkpoint. (Here the probe's name is taken by a
     /// folder: root writes in read-only folders.)
     #[test]
-    fn a_folder_the_learner_cannot_write_in_is_refused_at_start() {
+    fn a_folder_where_the_probe_cannot_be_written_is_refused_at_start() {
         let dir = scratch("read-only");
         drop(lock(&dir).unwrap());
         // The probe leaves nothing behind.

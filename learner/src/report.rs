@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -351,15 +352,23 @@ fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
         _ => PathBuf::from("."),
     };
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
-    let prefix = format!("{}.", name.as_deref().unwrap_or_default());
+    // Numbers of plain ASCII digits after `<file>.`, compared as bytes
+    // (a name need not be UTF-8).
+    let name = file.file_name().unwrap_or_default().as_bytes().to_vec();
     let highest = std::fs::read_dir(&folder)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| {
             let entry = entry.file_name();
-            entry.to_str()?.strip_prefix(&prefix)?.parse::<u32>().ok()
+            let digits = entry
+                .as_bytes()
+                .strip_prefix(name.as_slice())?
+                .strip_prefix(b".")?;
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(digits).ok()?.parse::<u32>().ok()
         })
         .max()
         .unwrap_or(0);
@@ -372,7 +381,13 @@ fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
             ),
         )
     };
-    for number in highest.saturating_add(1).. {
+    let first = highest.checked_add(1).ok_or_else(|| {
+        std::io::Error::other(format!(
+            "{}.{highest} is the highest number there: give --metrics a new path",
+            file.display()
+        ))
+    })?;
+    for number in first..=u32::MAX {
         let mut numbered = file.as_os_str().to_owned();
         numbered.push(format!(".{number}"));
         let beside = PathBuf::from(numbered);
@@ -692,6 +707,17 @@ mod tests {
             "{\"step\":7}\n"
         );
         assert!(!dir.join("link.jsonl.1").exists());
+        // Only plain numbers count; past the largest, refused.
+        std::fs::write(dir.join("run.jsonl.+9"), "").unwrap();
+        std::fs::write(&path, "{\"step\":1}\n").unwrap();
+        drop(MetricsFile::open(&path, None).unwrap());
+        assert!(dir.join("run.jsonl.4").exists());
+        std::fs::write(dir.join("run.jsonl.4294967295"), "").unwrap();
+        std::fs::write(&path, "{\"step\":2}\n").unwrap();
+        let refused = MetricsFile::open(&path, None).err().unwrap();
+        let said = format!("{:#}", anyhow::Error::from(refused));
+        assert!(said.contains("is the highest number there"), "{said}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\":2}\n");
         // Where nothing can be written beside it (here a name one past
         // the longest a file may have), the file is left whole.
         let long = dir.join(format!("{}.jsonl", "m".repeat(248)));

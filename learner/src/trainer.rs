@@ -113,10 +113,11 @@ pub struct TrainingOutcome {
 pub struct RunTotals {
     /// Seconds from the first step to the last, evaluations left out.
     pub wall_s: f64,
-    /// Seconds from the trainer's start (its first weights published,
-    /// actors free to connect) to its first step: connecting, the first
-    /// weights' transfer, the first rollout and chunk. Before `wall_s`
-    /// and out of it (0 where no step was taken).
+    /// Seconds from the trainer's start (the learner already open to
+    /// actors; its evaluator and optimizers made, a checkpoint restored)
+    /// to its first step: actors connecting, the first weights' transfer,
+    /// the first rollout and chunk. Out of `wall_s` (0 where no step was
+    /// taken; this process's only, in a resumed run).
     pub first_step_after_s: f64,
     /// Transitions trained on.
     pub trained_transitions: u64,
