@@ -959,8 +959,52 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
 /// `keep_checkpoints` would delete the good new ones first. So one that
 /// cannot be renamed is an error that names it: the learner does not
 /// start rather than prune its own checkpoints away.
+/// Of those set aside, the newest [`DAMAGED_KEPT`] stay (each is
+/// checkpoint-sized: a failing disk would otherwise fill the folder).
 pub fn set_aside(paths: &[PathBuf]) -> Result<(), LearnerError> {
-    paths.iter().try_for_each(|path| set_aside_one(path))
+    paths.iter().try_for_each(|path| set_aside_one(path))?;
+    if let Some(dir) = paths.first().and_then(|path| path.parent()) {
+        let damaged = damaged_in(dir);
+        let surplus = damaged.len().saturating_sub(DAMAGED_KEPT);
+        for (_, path) in damaged.into_iter().take(surplus) {
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    warn!(path = %path.display(), kept = DAMAGED_KEPT, "deleted an older damaged checkpoint")
+                }
+                Err(error) => {
+                    warn!(path = %path.display(), %error, "cannot delete an older damaged checkpoint")
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Damaged checkpoints set aside that stay for a post-mortem.
+pub const DAMAGED_KEPT: usize = 2;
+
+/// The damaged checkpoints set aside in `dir`, oldest first, with the
+/// steps their names give.
+fn damaged_in(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let name = entry.file_name();
+            let step = name
+                .to_str()?
+                .strip_prefix("ckpt-")?
+                .strip_suffix(DAMAGED_SUFFIX)?
+                .strip_suffix(".safetensors")?
+                .parse::<u64>()
+                .ok()?;
+            Some((step, entry.path()))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 fn set_aside_one(path: &Path) -> Result<(), LearnerError> {
@@ -1005,22 +1049,10 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
 pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     let mut removed = remove_unfinished_writes(dir);
-    let set_aside = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .map(|entry| entry.path())
-            .filter(|path| {
-                path.file_name()
-                    .and_then(|name| name.to_str())
-                    .is_some_and(|name| name.starts_with("ckpt-") && name.ends_with(DAMAGED_SUFFIX))
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    };
     for path in list(dir)?
         .into_iter()
+        .chain(damaged_in(dir))
         .map(|(_, path)| path)
-        .chain(set_aside)
     {
         fs::remove_file(&path).map_err(|e| io_error(&path, e))?;
         removed += 1;
@@ -1382,6 +1414,26 @@ mod tests {
             error.contains("learner.checkpoint_dir must be a folder this learner can write in"),
             "{error}"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Damaged checkpoints set aside are kept for a post-mortem, the
+    /// newest few: each is checkpoint-sized.
+    #[test]
+    fn only_the_newest_damaged_checkpoints_stay_set_aside() {
+        let dir = scratch("damaged-kept");
+        fs::create_dir_all(&dir).unwrap();
+        for step in [100, 200, 300, 400] {
+            let path = dir.join(file_name(step));
+            fs::write(&path, b"torn").unwrap();
+            set_aside(&[path]).unwrap();
+        }
+        let kept: Vec<u64> = damaged_in(&dir).into_iter().map(|(step, _)| step).collect();
+        assert_eq!(kept, [300, 400]);
+        assert_eq!(DAMAGED_KEPT, 2);
+        // --fresh removes them too.
+        clear(&dir).unwrap();
+        assert!(damaged_in(&dir).is_empty());
         fs::remove_dir_all(&dir).unwrap();
     }
 
