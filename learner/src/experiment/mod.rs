@@ -15,7 +15,8 @@
 //! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
 //! OUT/runs/<run>/learner.log    its learner's and actors' logs
 //! OUT/runs/<run>/checkpoints/   its checkpoints and final.safetensors
-//! OUT/reports.csv               every report of every run, one row each
+//! OUT/reports.csv               every report on the evaluation grid of
+//!                               every run, one row each
 //! OUT/summary.csv               per run: steps and seconds to quality and
 //!                               to the top-100 ceiling, final figures
 //!                               (failed runs: a row flagged `failed`)
@@ -676,7 +677,8 @@ fn opt(value: Option<f64>) -> String {
     value.map_or(String::new(), |v| format!("{v}"))
 }
 
-/// `reports.csv`: every report of every run.
+/// `reports.csv`: every report on the evaluation grid of every run (a
+/// stop's report off the grid is left out, as in the tables).
 pub fn reports_csv(results: &[RunResult]) -> String {
     let mut out = String::from(
         "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction,skipped_batches\n",
@@ -832,12 +834,21 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
         };
         let quality: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_quality).collect();
         let top: Vec<(u64, f64)> = runs.iter().filter_map(|r| r.to_top_k).collect();
-        // (A value a report wrote as null reads back as NaN: not a value.)
-        let last = |f: &dyn Fn(&Report) -> Option<f64>| -> Vec<f64> {
-            runs.iter()
+        // (A value a report wrote as null reads back as NaN: not a value.
+        // Over fewer finished runs than there are, the cell says so.)
+        let last = |f: &dyn Fn(&Report) -> Option<f64>, digits: usize| -> String {
+            let values: Vec<f64> = runs
+                .iter()
                 .filter_map(|r| r.reports.last().and_then(f))
                 .filter(|x| x.is_finite())
-                .collect()
+                .collect();
+            let (k, of) = (values.len(), runs.len());
+            let shown = cell(values, digits);
+            if k > 0 && k < of {
+                format!("{shown} ({k} of {of})")
+            } else {
+                shown
+            }
         };
         // (Of the task, known without a finished run: a configuration
         // whose every seed failed reads 0/n, not "-".)
@@ -861,12 +872,15 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             },
             reached(top.iter().map(|q| q.0 as f64).collect(), 0),
             reached(top.iter().map(|q| q.1).collect(), 2),
-            cell(last(&|r| r.logz_exact.map(|e| (r.logz_est - e).abs())), 3),
-            cell(last(&|r| r.marginal_tv), 4),
-            cell(last(&|r| r.energy_w1), 4),
-            cell(last(&|r| r.exact_tv), 4),
+            last(&|r| r.logz_exact.map(|e| (r.logz_est - e).abs()), 3),
+            last(&|r| r.marginal_tv, 4),
+            last(&|r| r.energy_w1, 4),
+            last(&|r| r.exact_tv, 4),
         );
     }
+    out.push_str(
+        "\nCells: mean (min-max) over seeds. Steps and seconds to quality or to top-100 are over the seeds that reached it (their count in the column before); final values are each finished run's last report, over those with a finite value (`(k of n)` where fewer).\n",
+    );
     let mut builds: Vec<(String, usize)> = Vec::new();
     for result in results {
         let text = result.record.builds_text();
@@ -1197,7 +1211,7 @@ mod tests {
             table.contains("| 2/3 | 200 (200-200) | 2.00 (2.00-2.00) |"),
             "{table}"
         );
-        assert!(table.contains("| 0.0500 |"), "{table}");
+        assert!(table.contains("| 0.0500 (1 of 2) |"), "{table}");
         assert!(!table.contains("NaN"), "{table}");
         let last_row = table.lines().rfind(|l| l.starts_with('|')).unwrap();
         assert!(last_row.ends_with("| 1 |"), "{table}");
