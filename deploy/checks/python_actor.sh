@@ -39,6 +39,14 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+# Fails the check: what went wrong ($1), and the end of the logs that
+# show it (the rest).
+failed() {
+    echo "python_actor: FAILED: $1" >&2
+    shift
+    tail -n 20 "$@" >&2
+    exit 1
+}
 # Waits for process $1 for at most $2 seconds (then kills it); its status.
 wait_at_most() {
     local waited=0
@@ -149,9 +157,7 @@ if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor:
     ! grep -q "Traceback" "$work/actor-3.log"; then
     echo "python_actor: ok: refused for its missing token, the actor exited 1 saying so in one line"
 else
-    echo "python_actor: FAILED: a refused actor exited $status" >&2
-    tail -n 20 "$work/actor-3.log" >&2
-    exit 1
+    failed "a refused actor exited $status" "$work/actor-3.log"
 fi
 # With the token, another network: the learner's refusal names its key,
 # model.hidden, and the actor says which flag that is here.
@@ -161,9 +167,7 @@ FLGFN_TOKEN=python-actor-check-token-0123456789 timeout 120 "$venv/bin/python" e
 if [ "$status" -eq 1 ] && grep -q "^flgfn_actor: the learner refused this actor: .*model.hidden.*(model.hidden is --hidden here)" "$work/actor-3b.log"; then
     echo "python_actor: ok: refused for another network, the actor names --hidden"
 else
-    echo "python_actor: FAILED: an actor of another network exited $status" >&2
-    tail -n 20 "$work/actor-3b.log" >&2
-    exit 1
+    failed "an actor of another network exited $status" "$work/actor-3b.log"
 fi
 # (Stopped here: the cases below start learners of their own.)
 kill -TERM "$learner_pid"
@@ -180,9 +184,7 @@ if [ "$status" -eq 75 ] && grep -q "^flgfn_actor: gave up after 2 attempts: no a
     ! grep -q "Traceback" "$work/actor-4.log"; then
     echo "python_actor: ok: with no learner, the actor gave up after its attempts with status 75, naming the address"
 else
-    echo "python_actor: FAILED: an actor with no learner exited $status" >&2
-    tail -n 20 "$work/actor-4.log" >&2
-    exit 1
+    failed "an actor with no learner exited $status" "$work/actor-4.log"
 fi
 
 # Told to stop while it waits for a learner: not a failed attempt (status
@@ -203,9 +205,7 @@ actor_pid=""
 if [ "$status" -eq 0 ] && grep -q ": stopped: sent 0 chunks" "$work/actor-4b.log"; then
     echo "python_actor: ok: told to stop while waiting for a learner, the actor stopped at once with status 0"
 else
-    echo "python_actor: FAILED: an actor stopped while waiting for a learner exited $status" >&2
-    tail -n 20 "$work/actor-4b.log" >&2
-    exit 1
+    failed "an actor stopped while waiting for a learner exited $status" "$work/actor-4b.log"
 fi
 
 # Told to stop (SIGTERM, as compose, Kubernetes and Slurm send): the actor
@@ -235,9 +235,7 @@ if [ "$status" -eq 0 ] && grep -q ": stopped: sent [1-9]" "$work/actor-5.log" &&
     grep -q 'ended_by="the actor left"' "$work/learner-5.log"; then
     echo "python_actor: ok: told to stop, the actor handed over its chunks, left its session and exited 0"
 else
-    echo "python_actor: FAILED: a stopped actor exited $status" >&2
-    tail -n 20 "$work/actor-5.log" "$work/learner-5.log" >&2
-    exit 1
+    failed "a stopped actor exited $status" "$work/actor-5.log" "$work/learner-5.log"
 fi
 kill -TERM "$learner_pid"
 wait_at_most "$learner_pid" 30 || true
@@ -321,7 +319,5 @@ PYTHON
 then
     echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED)"
 else
-    echo "python_actor: FAILED: weight checks or the UNIMPLEMENTED refusal" >&2
-    tail -n 20 "$work/unit.log" >&2
-    exit 1
+    failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi
