@@ -39,10 +39,24 @@ use tracing::{info, warn};
 
 use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
 
-/// The actor's HTTP/2 receive window per stream (twice that per
-/// connection): the largest grant, weights included, in one round trip
-/// (the default network's weights are 0.36 MB in f32).
-const ACTOR_STREAM_WINDOW: u32 = 4 << 20;
+/// The smallest HTTP/2 receive window per stream of an actor (twice that
+/// per connection): the default network's weights (0.36 MB in f32) ten
+/// times over.
+const MIN_STREAM_WINDOW: u32 = 4 << 20;
+
+/// The actor's HTTP/2 receive window per stream for `model`: room for its
+/// weights in f32 (the larger encoding) and a margin, so that a grant
+/// comes in one round trip whatever the network's size; at most 1 GiB
+/// (the connection's, twice that, must stay under HTTP/2's 2^31 - 1).
+fn stream_window(model: &ModelSpec) -> u32 {
+    let weights = model
+        .parameter_count()
+        .saturating_mul(4)
+        .saturating_add(1 << 16);
+    u32::try_from(weights)
+        .unwrap_or(u32::MAX)
+        .clamp(MIN_STREAM_WINDOW, 1 << 30)
+}
 
 /// Chunks queued towards the learner. Credits bound them; the session
 /// never waits to queue one, so it always keeps reading grants (a session
@@ -443,14 +457,16 @@ impl Session<'_> {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             // What comes this way (grants, weights) comes only as asked
-            // for, so the receive windows can be wide from the start: an
-            // adaptive window starts at 64 KiB and grows over round trips,
-            // which behind a slow link took the first weights three of
-            // them (the start-up behind 25 ms each way: 0.43 s, 0.32 s with
-            // these). The learner's windows, for the chunks, stay adaptive.
+            // for, so the receive windows can be wide from the start, as
+            // wide as the weights: an adaptive window starts at 64 KiB and
+            // grows over round trips (to 16 MiB at most), which behind a
+            // slow link took the first weights three of them (the
+            // start-up behind 25 ms each way: 0.43 s, 0.32 s with these).
+            // A window allocates nothing. The learner's windows, for the
+            // chunks, stay adaptive.
             .http2_adaptive_window(false)
-            .initial_stream_window_size(ACTOR_STREAM_WINDOW)
-            .initial_connection_window_size(2 * ACTOR_STREAM_WINDOW)
+            .initial_stream_window_size(stream_window(self.model))
+            .initial_connection_window_size(2 * stream_window(self.model))
             // Notice a learner host that vanished without closing the
             // connection (power loss, partition) and reconnect.
             .http2_keep_alive_interval(self.keepalive)
@@ -839,6 +855,24 @@ async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An actor's receive window holds its network's weights in f32, 4 MiB
+    /// at least, 1 GiB at most.
+    #[test]
+    fn the_receive_window_holds_the_weights() {
+        let model = |hidden: Vec<usize>| ModelSpec {
+            input_dim: 60,
+            hidden,
+            forward_actions: 31,
+            backward_actions: 30,
+        };
+        assert_eq!(stream_window(&model(vec![256, 256])), MIN_STREAM_WINDOW);
+        let wide = model(vec![2048, 2048, 2048]);
+        let weights = u32::try_from(wide.parameter_count() * 4).unwrap();
+        assert!(weights > MIN_STREAM_WINDOW);
+        assert!(stream_window(&wide) >= weights);
+        assert_eq!(stream_window(&model(vec![1 << 20, 1 << 20])), 1 << 30);
+    }
 
     /// A stand-in HTTP/2 server on `127.0.0.1:0` that records each
     /// request (path, and whether it carried a token) and either drops the

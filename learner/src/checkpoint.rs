@@ -983,13 +983,15 @@ pub fn set_aside(paths: &[PathBuf]) -> Result<(), LearnerError> {
 /// Damaged checkpoints set aside that stay for a post-mortem.
 pub const DAMAGED_KEPT: usize = 2;
 
-/// The damaged checkpoints set aside in `dir`, oldest first, with the
-/// steps their names give.
+/// The damaged checkpoints set aside in `dir`, oldest first by when they
+/// were written (a rename keeps that; steps alone would keep a stale one
+/// of a later step, from before a resume further back, over new ones),
+/// with the steps their names give.
 fn damaged_in(dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut found: Vec<(u64, PathBuf)> = entries
+    let mut found: Vec<(Option<std::time::SystemTime>, u64, PathBuf)> = entries
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let name = entry.file_name();
@@ -1000,11 +1002,15 @@ fn damaged_in(dir: &Path) -> Vec<(u64, PathBuf)> {
                 .strip_suffix(".safetensors")?
                 .parse::<u64>()
                 .ok()?;
-            Some((step, entry.path()))
+            let written = entry.metadata().and_then(|m| m.modified()).ok();
+            Some((written, step, entry.path()))
         })
         .collect();
     found.sort();
     found
+        .into_iter()
+        .map(|(_, step, path)| (step, path))
+        .collect()
 }
 
 fn set_aside_one(path: &Path) -> Result<(), LearnerError> {
@@ -1423,13 +1429,22 @@ mod tests {
     fn only_the_newest_damaged_checkpoints_stay_set_aside() {
         let dir = scratch("damaged-kept");
         fs::create_dir_all(&dir).unwrap();
-        for step in [100, 200, 300, 400] {
+        // By when they were written: a stale one of a later step (from
+        // before a resume further back) goes before new ones.
+        let written = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        for (at, step) in [500, 100, 200, 300].into_iter().enumerate() {
             let path = dir.join(file_name(step));
             fs::write(&path, b"torn").unwrap();
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(written + std::time::Duration::from_secs(at as u64))
+                .unwrap();
             set_aside(&[path]).unwrap();
         }
         let kept: Vec<u64> = damaged_in(&dir).into_iter().map(|(step, _)| step).collect();
-        assert_eq!(kept, [300, 400]);
+        assert_eq!(kept, [200, 300]);
         assert_eq!(DAMAGED_KEPT, 2);
         // --fresh removes them too.
         clear(&dir).unwrap();

@@ -879,7 +879,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
         );
     }
     out.push_str(
-        "\nCells: mean (min-max) over seeds. Steps and seconds to quality or to top-100 are over the seeds that reached it (their count in the column before); final values are each finished run's last report, over those with a finite value (`(k of n)` where fewer).\n",
+        "\nCells: mean (min-max) over seeds. Steps and seconds to quality or to top-100 are over the seeds that reached it (their count in the `seeds at ...` column); final values are each finished run's last report, over those with a finite value (`(k of n)` where fewer).\n",
     );
     let mut builds: Vec<(String, usize)> = Vec::new();
     for result in results {
