@@ -452,6 +452,7 @@ impl Session<'_> {
 
     /// Connects, shakes hands and opens the Session stream.
     async fn open(&mut self) -> Result<Opened, SessionError> {
+        let window = stream_window(self.model);
         let endpoint = Endpoint::from_shared(self.url.to_owned())
             .map_err(|e| SessionError::Fatal(format!("actor.learner ({}): {e}", self.url)))?
             .connect_timeout(Duration::from_secs(5))
@@ -465,8 +466,8 @@ impl Session<'_> {
             // A window allocates nothing. The learner's windows, for the
             // chunks, stay adaptive.
             .http2_adaptive_window(false)
-            .initial_stream_window_size(stream_window(self.model))
-            .initial_connection_window_size(2 * stream_window(self.model))
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(2 * window)
             // Notice a learner host that vanished without closing the
             // connection (power loss, partition) and reconnect.
             .http2_keep_alive_interval(self.keepalive)

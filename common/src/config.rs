@@ -899,7 +899,7 @@ fn meant_by_spelling(name: &str) -> Option<String> {
         return None;
     }
     // (The prefix is the same on both sides: the distance is the rest's.)
-    let allowed = if rest.len() >= 6 { 2 } else { 1 };
+    let allowed = typos_allowed(rest);
     if let Some(own) = VARIABLES_OF_THEIR_OWN
         .iter()
         .find(|own| strsim::levenshtein(name, own) <= allowed)
@@ -1074,6 +1074,12 @@ fn integer_limit(message: &str) -> Option<String> {
         .then(|| format!("TOML integers are 64-bit: at most {}", i64::MAX))
 }
 
+/// How many letters a misspelling of `name` may be off by: one, two for
+/// names of six letters or more (variables and keys alike).
+fn typos_allowed(name: &str) -> usize {
+    if name.chars().count() >= 6 { 2 } else { 1 }
+}
+
 /// The key or name an "unknown field" or "unknown variant" message
 /// refuses.
 fn refused_name(message: &str) -> Option<&str> {
@@ -1090,7 +1096,7 @@ fn meant_name(message: &str) -> Option<String> {
     let rest = message.split_once(&format!("`{given}`"))?.1;
     let expected = rest.lines().next()?.split_once("expected ")?.1;
     let candidates = expected.split('`').skip(1).step_by(2);
-    let allowed = if given.chars().count() >= 6 { 2 } else { 1 };
+    let allowed = typos_allowed(given);
     let squeeze = |name: &str| name.replace('_', "").to_lowercase();
     // A whole word of three letters or more (`s` would match every
     // `..._s`).
@@ -1175,13 +1181,12 @@ impl Config {
             // table was edited, the error has no place in the text, only
             // the key it names: "in `learner.threads`").
             let at = e.span().map(|span| span.start.min(text.len()));
-            let named_key = e.to_string().lines().find_map(|line| {
-                let key = line.strip_prefix("in `")?.strip_suffix('`')?;
-                Some(key.split('.').next().unwrap_or(key).to_owned())
-            });
             let section = match at {
                 Some(at) => Some(section_at(text, at)),
-                None => named_key.map(Some),
+                None => e.to_string().lines().find_map(|line| {
+                    let key = line.strip_prefix("in `")?.strip_suffix('`')?;
+                    Some(Some(key.split('.').next().unwrap_or(key).to_owned()))
+                }),
             };
             let line = at.map(|at| line_at(text, at));
             // Another task's key in [task] (not misspelt: no `did you
@@ -1926,8 +1931,9 @@ mod tests {
 
     #[test]
     fn misspelt_keys_and_names_get_the_one_meant() {
+        let refusal = |text: &str| Config::from_toml(text, "job.toml").unwrap_err().to_string();
         let meant = |text: &str| {
-            let message = Config::from_toml(text, "job.toml").unwrap_err().to_string();
+            let message = refusal(text);
             let line = message
                 .lines()
                 .find_map(|line| line.strip_prefix("did you mean "))
@@ -1953,23 +1959,17 @@ mod tests {
         }
         // A section given twice the brackets, or a value; an integer past
         // 64 bits.
-        let message = Config::from_toml("[[learner]]\nthreads = 1\n", "job.toml")
-            .unwrap_err()
-            .to_string();
+        let message = refusal("[[learner]]\nthreads = 1\n");
         assert!(
             message.contains("write `[learner]`") && message.contains("`[[learner]]`"),
             "{message}"
         );
-        let message = Config::from_toml("learner = 5\n", "job.toml")
-            .unwrap_err()
-            .to_string();
+        let message = refusal("learner = 5\n");
         assert!(
             message.contains("write `[learner]`") && message.contains("the value 5"),
             "{message}"
         );
-        let message = Config::from_toml("[learner]\nmax_steps = 99999999999999999999\n", "j")
-            .unwrap_err()
-            .to_string();
+        let message = refusal("[learner]\nmax_steps = 99999999999999999999\n");
         assert!(
             message.contains("max_steps") && message.contains("at most 9223372036854775807"),
             "{message}"
@@ -1993,7 +1993,7 @@ mod tests {
             "[learner]\nthreads = \"x\"\n[task]\nside = 3\n",
             "[learner]\nthreads = \"x\"\n[[tls]]\n",
         ] {
-            let message = Config::from_toml(text, "j").unwrap_err().to_string();
+            let message = refusal(text);
             assert!(
                 message.contains("threads")
                     && !message.contains("one section")
@@ -2002,9 +2002,7 @@ mod tests {
             );
         }
         // Hints read the parser's message, not the file's line it quotes.
-        let message = Config::from_toml("[learner]\nthreads = \"x\" # as i128\n", "j")
-            .unwrap_err()
-            .to_string();
+        let message = refusal("[learner]\nthreads = \"x\" # as i128\n");
         assert!(!message.contains("64-bit"), "{message}");
         // Nothing close: no guess.
         for text in [

@@ -240,6 +240,7 @@ fn ratio_row(base_name: &str, base: &Compared, delayed: &Compared) -> String {
 fn row(
     scenario: &Scenario,
     outcome: &TrainingOutcome,
+    figures: &Compared,
     generated: Option<&ActorReport>,
     peak_mb: Option<f64>,
 ) -> String {
@@ -257,10 +258,9 @@ fn row(
         ),
         None => format!(">= {:.1}", r.publish_to_send_ms + delay_ms),
     };
-    let trained = t.trained_transitions.max(1) as f64;
     // Generated actors' uniform actions: off-policy.
     let mark = if scenario.generated > 0 { "*" } else { "" };
-    let ttq = compared(outcome)
+    let ttq = figures
         .time_to_quality
         .map_or("-".to_owned(), |(training, launched)| {
             format!("{training:.2}{mark} / {launched:.2}{mark}")
@@ -284,7 +284,7 @@ fn row(
         scenario.name,
         scenario.generated + scenario.real,
         delay,
-        trained / t.wall_s.max(1e-9),
+        figures.trained_per_s,
         used as f64 / t.wall_s.max(1e-9),
         r.trajectory_bytes_per_trained_transition,
         r.weight_bytes_per_trained_transition,
@@ -422,8 +422,11 @@ fn main() {
         let tracked = reset_peak_memory();
         let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe));
         let peak = if tracked { peak_memory_mb() } else { None };
-        println!("{}", row(scenario, &outcome, generated.as_ref(), peak));
         let figures = compared(&outcome);
+        println!(
+            "{}",
+            row(scenario, &outcome, &figures, generated.as_ref(), peak)
+        );
         if !scenario.proxied {
             continue;
         }

@@ -275,6 +275,15 @@ fn file_name(step: u64) -> String {
     format!("ckpt-{step:012}.safetensors")
 }
 
+/// The step a checkpoint's file name gives ([`file_name`]'s inverse, for
+/// any number of digits).
+fn named_step(name: &str) -> Option<u64> {
+    name.strip_prefix("ckpt-")?
+        .strip_suffix(".safetensors")?
+        .parse()
+        .ok()
+}
+
 /// The file `name` is written as before its rename.
 fn temporary_name(name: &str) -> String {
     format!(".{name}.tmp")
@@ -306,18 +315,19 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
         }
         other => other,
     })?;
+    let not_writable = |path: &Path, e: std::io::Error| {
+        LearnerError::Checkpoint(format!(
+            "{}: {e} (learner.checkpoint_dir must be a folder this learner can write in)",
+            path.display()
+        ))
+    };
     let path = dir.join(LOCK);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| {
-            LearnerError::Checkpoint(format!(
-                "{}: {e} (learner.checkpoint_dir must be a folder this learner can write in)",
-                path.display()
-            ))
-        })?;
+        .map_err(|e| not_writable(&path, e))?;
     let locked = match file.try_lock() {
         Ok(()) => {
             // Who holds it, for the learner refused next (best effort:
@@ -350,12 +360,7 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
     let probe = dir.join(temporary_name(WRITE_PROBE));
     fs::File::create(&probe)
         .and_then(|_| fs::remove_file(&probe))
-        .map_err(|e| {
-            LearnerError::Checkpoint(format!(
-                "{}: {e} (learner.checkpoint_dir must be a folder this learner can write in)",
-                probe.display()
-            ))
-        })?;
+        .map_err(|e| not_writable(&probe, e))?;
     Ok(locked)
 }
 
@@ -719,12 +724,7 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
     for entry in entries {
         let entry = entry.map_err(|e| io_error(dir, e))?;
         let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let step = name
-            .strip_prefix("ckpt-")
-            .and_then(|rest| rest.strip_suffix(".safetensors"))
-            .and_then(|digits| digits.parse::<u64>().ok());
-        if let Some(step) = step {
+        if let Some(step) = name.to_str().and_then(named_step) {
             found.push((step, entry.path()));
         }
     }
@@ -995,13 +995,7 @@ fn damaged_in(dir: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let name = entry.file_name();
-            let step = name
-                .to_str()?
-                .strip_prefix("ckpt-")?
-                .strip_suffix(DAMAGED_SUFFIX)?
-                .strip_suffix(".safetensors")?
-                .parse::<u64>()
-                .ok()?;
+            let step = named_step(name.to_str()?.strip_suffix(DAMAGED_SUFFIX)?)?;
             let written = entry.metadata().and_then(|m| m.modified()).ok();
             Some((written, step, entry.path()))
         })
