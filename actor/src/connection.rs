@@ -27,13 +27,15 @@ use flgfn_common::policy::ModelSpec;
 use flgfn_common::telemetry::with_causes;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
-    ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER,
+    ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER,
+    MAX_HANDSHAKE_HEADER_BYTES, PROTOCOL_VERSION, SESSION_KEY_HEADER,
     TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{info, warn};
 
@@ -56,6 +58,17 @@ fn stream_window(model: &ModelSpec) -> u32 {
     u32::try_from(weights)
         .unwrap_or(u32::MAX)
         .clamp(MIN_STREAM_WINDOW, 1 << 30)
+}
+
+/// Largest grant this actor decodes before the learner has said what it
+/// sends (a Session that shakes hands itself): weights of `model` in f32,
+/// the larger encoding, with room for the safetensors header.
+fn grant_limit(model: &ModelSpec) -> usize {
+    let bytes = model
+        .parameter_count()
+        .saturating_mul(4)
+        .saturating_add(1 << 16);
+    usize::try_from(bytes).unwrap_or(usize::MAX)
 }
 
 /// Chunks queued towards the learner. Credits bound them; the session
@@ -450,7 +463,10 @@ impl Session<'_> {
         }
     }
 
-    /// Connects, shakes hands and opens the Session stream.
+    /// Connects, shakes hands and opens the Session stream: in one call
+    /// where the learner takes the handshake in the Session's headers, in
+    /// two (Handshake, then Session) where it predates that or the
+    /// handshake is too large for a header.
     async fn open(&mut self) -> Result<Opened, SessionError> {
         let window = stream_window(self.model);
         let endpoint = Endpoint::from_shared(self.url.to_owned())
@@ -515,37 +531,29 @@ impl Session<'_> {
         if self.tls.is_none() && self.token.is_some() {
             self.speaks_plain_http2(&channel).await?;
         }
-        let mut client = LearnerClient::new(channel)
+        let client = LearnerClient::new(channel)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
-        let mut request = tonic::Request::new(proto::HandshakeRequest {
+        let handshake = proto::HandshakeRequest {
             protocol_version: PROTOCOL_VERSION,
             actor_name: self.actor_name.to_owned(),
             task: Some(self.task.into()),
             model: Some(self.model.into()),
             trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
-        });
-        self.authorize(request.metadata_mut())?;
-        let handshake = client.handshake(request);
-        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-            .await
-            .map_err(|_| retry("the handshake timed out", false))?
-            .map_err(|s| match s.code() {
-                // Larger than the learner decodes at all: a handshake is
-                // small unless its task has many more parameters than the
-                // learner's own.
-                Code::OutOfRange => SessionError::Refused(Status::failed_precondition(format!(
-                    "{} (the handshake is larger than this learner takes: this actor's task or model differs from the learner's; or the reply is larger than this actor's learner.max_message_bytes)",
-                    s.message()
-                ))),
-                _ => classify(s, false),
-            })?
-            .into_inner();
+        };
+        let in_one_call = if handshake.encoded_len() <= MAX_HANDSHAKE_HEADER_BYTES {
+            self.session_shaking_hands(client.clone(), &handshake)
+                .await?
+        } else {
+            None
+        };
+        let (reply, grants, upload) = match in_one_call {
+            Some(opened) => opened,
+            None => self.handshake_then_session(client, handshake).await?,
+        };
         let as_size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
-        // Never send more than the learner accepts; take whatever weights
-        // it sends (it refuses to start with weights over its own limit),
-        // even if this actor's learner.max_message_bytes, from another
-        // file, is lower. gRPC frames a message in at most 4 GiB.
+        // Never send more than the learner accepts (the chunks are
+        // checked against it before they go).
         let learner_max = as_size(reply.max_message_bytes);
         let max_bytes = self.max_message_bytes.min(learner_max);
         // Named in the error of a chunk over it: the fix is in one file.
@@ -554,13 +562,6 @@ impl Session<'_> {
         } else {
             "the learner's learner.max_message_bytes"
         };
-        let weights_limit = self
-            .max_message_bytes
-            .max(as_size(reply.max_grant_bytes))
-            .min(u32::MAX as usize);
-        client = client
-            .max_encoding_message_size(max_bytes)
-            .max_decoding_message_size(weights_limit);
 
         // Truncated trajectories to a learner that drops them: every one
         // wasted when all are cut short (an end the actor could never see
@@ -579,9 +580,8 @@ impl Session<'_> {
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
         flgfn_common::telemetry::record_latest(&tracing::Span::current(), "actor_id", actor_id);
-        let session = self.session;
         // From now on only this session's orders are rolled out.
-        self.current_session.store(session, Ordering::Release);
+        self.current_session.store(self.session, Ordering::Release);
         info!(
             actor_id,
             version = reply.version,
@@ -589,11 +589,92 @@ impl Session<'_> {
             build = crate::BUILD,
             "connected to the learner"
         );
+        self.counts.sessions_opened += 1;
+        Ok(Opened {
+            grants,
+            upload,
+            actor_id,
+            max_bytes,
+            max_bytes_of,
+        })
+    }
 
+    /// Opens the Session with the handshake in its headers, in one round
+    /// trip. `None` where the learner predates that (it asks for an
+    /// earlier handshake's id): the two calls follow.
+    async fn session_shaking_hands(
+        &self,
+        client: LearnerClient<Channel>,
+        handshake: &proto::HandshakeRequest,
+    ) -> Result<Option<OpenedStreams>, SessionError> {
+        // The learner says what it sends only in its reply, which comes
+        // with the first grant: take this network's weights whatever the
+        // limit in this actor's own file (as with two calls, where the
+        // reply's max_grant_bytes raises it).
+        let mut client = client.max_decoding_message_size(
+            grant_limit(self.model)
+                .max(self.max_message_bytes)
+                .min(u32::MAX as usize),
+        );
+        let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
+        let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
+        request.metadata_mut().insert_bin(
+            HANDSHAKE_HEADER,
+            MetadataValue::from_bytes(&handshake.encode_to_vec()),
+        );
+        self.authorize(request.metadata_mut())?;
+        let response = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
+            .await
+            .map_err(|_| retry("opening the session timed out", false))?
+        {
+            Ok(response) => response,
+            Err(status) if predates_handshake_header(&status) => {
+                info!("the learner takes the handshake as a call of its own: shaking hands first");
+                return Ok(None);
+            }
+            Err(status) => return Err(handshake_refused(status)),
+        };
+        let reply = response
+            .metadata()
+            .get_bin(HANDSHAKE_REPLY_HEADER)
+            .and_then(|value| value.to_bytes().ok())
+            .and_then(|bytes| proto::HandshakeReply::decode(bytes).ok())
+            .ok_or_else(|| {
+                SessionError::Fatal(format!(
+                    "the learner opened the session without its handshake reply (header `{HANDSHAKE_REPLY_HEADER}`): is actor.learner a flgfn learner?"
+                ))
+            })?;
+        Ok(Some((reply, response.into_inner(), upload)))
+    }
+
+    /// Shakes hands with a Handshake call, then opens the Session with the
+    /// id and key it issued.
+    async fn handshake_then_session(
+        &self,
+        mut client: LearnerClient<Channel>,
+        handshake: proto::HandshakeRequest,
+    ) -> Result<OpenedStreams, SessionError> {
+        let mut request = tonic::Request::new(handshake);
+        self.authorize(request.metadata_mut())?;
+        let handshake = client.handshake(request);
+        let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| retry("the handshake timed out", false))?
+            .map_err(handshake_refused)?
+            .into_inner();
+        // Take whatever weights the learner sends (it refuses to start
+        // with weights over its own limit), even if this actor's
+        // learner.max_message_bytes, from another file, is lower. gRPC
+        // frames a message in at most 4 GiB.
+        let weights_limit = self
+            .max_message_bytes
+            .max(usize::try_from(reply.max_grant_bytes).unwrap_or(usize::MAX))
+            .min(u32::MAX as usize);
+        client = client.max_decoding_message_size(weights_limit);
         let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
         let metadata = request.metadata_mut();
-        metadata.insert(ACTOR_ID_HEADER, actor_id.into());
+        metadata.insert(ACTOR_ID_HEADER, reply.actor_id.into());
         // Proves this actor shook hands for that id (ids come in order).
         let session_key = reply.session_key.parse().map_err(|_| {
             SessionError::Fatal(
@@ -609,14 +690,7 @@ impl Session<'_> {
             .map_err(|_| retry("opening the session timed out", false))?
             .map_err(|s| classify(s, false))?
             .into_inner();
-        self.counts.sessions_opened += 1;
-        Ok(Opened {
-            grants,
-            upload,
-            actor_id,
-            max_bytes,
-            max_bytes_of,
-        })
+        Ok((reply, grants, upload))
     }
 
     /// Turns grants into orders and forwards chunks until the session ends.
@@ -807,6 +881,37 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// What opening a session yields: the handshake's reply, the grants
+/// coming in, and the chunks going out.
+type OpenedStreams = (
+    proto::HandshakeReply,
+    tonic::Streaming<proto::Grant>,
+    mpsc::Sender<proto::TrajectoryChunk>,
+);
+
+/// Whether a refused Session that carried its handshake came from a
+/// learner that predates that: it asks for the id of an earlier Handshake
+/// call, which the two calls then give it.
+fn predates_handshake_header(status: &Status) -> bool {
+    status.code() == Code::InvalidArgument
+        && status
+            .message()
+            .starts_with(&format!("`{ACTOR_ID_HEADER}` is missing"))
+}
+
+/// What a refused handshake means to this actor (see [`classify`]).
+fn handshake_refused(status: Status) -> SessionError {
+    match status.code() {
+        // Larger than the learner decodes at all: a handshake is small
+        // unless its task has many more parameters than the learner's own.
+        Code::OutOfRange => SessionError::Refused(Status::failed_precondition(format!(
+            "{} (the handshake is larger than this learner takes: this actor's task or model differs from the learner's; or the reply is larger than this actor's learner.max_message_bytes)",
+            status.message()
+        ))),
+        _ => classify(status, false),
     }
 }
 

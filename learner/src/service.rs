@@ -1,5 +1,7 @@
 //! The `flgfn.v1.Learner` gRPC service: the handshake, and one
-//! [`session`](crate::session) per connected actor.
+//! [`session`](crate::session) per connected actor. A Session call may
+//! carry its handshake itself (one round trip instead of two); it is
+//! checked and counted as a Handshake call's.
 //!
 //! Proto types are converted to domain types on arrival; everything refused
 //! goes through [`RequestError`] and its single conversion to `Status`.
@@ -13,12 +15,14 @@ use flgfn_common::policy::ModelSpec;
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_server::Learner};
 use flgfn_common::wire::{
-    self, ACTOR_ID_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
+    self, ACTOR_ID_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER, PROTOCOL_VERSION,
+    SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
 };
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Binary, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, error_span, info, warn};
 
@@ -134,16 +138,11 @@ impl Learner for LearnerService {
     ) -> Result<Response<proto::HandshakeReply>, Status> {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = &self.state().await?;
-        let reply = state.admit(request.into_inner(), &peer).map_err(|error| {
-            // A client looping refused calls logs a line at 1, 2, 4, 8,
-            // ... refusals of each reason, not one per call.
-            let refused_so_far = state.stats.refuse(&format!("handshake_{}", error.reason()));
-            if refused_so_far.is_power_of_two() {
-                warn!(%peer, %error, refused_so_far, "refused an actor");
-            }
-            Status::from(error)
-        })?;
-        Ok(Response::new(reply))
+        let request = request.into_inner();
+        state
+            .check_handshake(&request)
+            .map_err(|error| state.refused_handshake(error, &peer))?;
+        Ok(Response::new(state.join(request.actor_name, &peer)))
     }
 
     type SessionStream = GrantStream;
@@ -161,8 +160,12 @@ impl Learner for LearnerService {
             }
             Status::from(error)
         };
-        let (actor_id, session_key, per_chunk, chunk_bytes) =
-            state.check_session(request.metadata()).map_err(refused)?;
+        let opening = match request.metadata().get_bin(HANDSHAKE_HEADER) {
+            Some(handshake) => state
+                .read_handshake(request.metadata(), handshake)
+                .map_err(|error| state.refused_handshake(error, &peer))?,
+            None => state.check_session(request.metadata()).map_err(refused)?,
+        };
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
             // A flood logs a line at 1, 2, 4, 8, ... refusals.
             let refused_so_far = state.stats.refuse("too_many_sessions");
@@ -179,6 +182,30 @@ impl Learner for LearnerService {
                 state.max_sessions
             )));
         };
+        let (issued, reply) = match opening {
+            Opening::Issued(issued) => (issued, None),
+            // Issued an id only once it has a place: a session that shakes
+            // hands itself and is refused leaves no handshake waiting.
+            Opening::Joining {
+                handshake,
+                chunk_bytes,
+            } => {
+                let reply = state.join(handshake.actor_name, &peer);
+                let issued = Issued {
+                    actor_id: reply.actor_id,
+                    session_key: reply.session_key.clone(),
+                    per_chunk: u64::from(handshake.trajectories_per_chunk),
+                    chunk_bytes,
+                };
+                (issued, Some(reply))
+            }
+        };
+        let Issued {
+            actor_id,
+            session_key,
+            per_chunk,
+            chunk_bytes,
+        } = issued;
         // The handshake's id is used up here (not by a refusal above: an
         // actor may retry a full learner with it).
         let Some(actor_name) = state.sequences.opened(actor_id, &session_key) else {
@@ -202,40 +229,90 @@ impl Learner for LearnerService {
             actor_name,
         };
         tokio::spawn(session.run().instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound))))
+        let mut response: Response<Self::SessionStream> =
+            Response::new(Box::pin(ReceiverStream::new(outbound)));
+        if let Some(reply) = reply {
+            response.metadata_mut().insert_bin(
+                HANDSHAKE_REPLY_HEADER,
+                MetadataValue::from_bytes(&reply.encode_to_vec()),
+            );
+        }
+        Ok(response)
     }
 }
 
+/// What the headers of a Session call open it with.
+enum Opening {
+    /// The id and session key an earlier Handshake call issued.
+    Issued(Issued),
+    /// A handshake of its own, checked; the id is issued once the session
+    /// has a place.
+    Joining {
+        handshake: proto::HandshakeRequest,
+        chunk_bytes: u64,
+    },
+}
+
+/// A handshake's id and session key, with the trajectories per chunk it
+/// declared and the bytes one such chunk may hold replayed.
+struct Issued {
+    actor_id: u64,
+    session_key: String,
+    per_chunk: u64,
+    chunk_bytes: u64,
+}
+
 impl LearnerState {
-    /// Checks a handshake and hands out an actor id.
-    fn admit(
-        &self,
-        request: proto::HandshakeRequest,
-        peer: &str,
-    ) -> Result<proto::HandshakeReply, RequestError> {
+    /// Counts and logs a refused handshake (a Handshake call's, or a
+    /// Session's own) and turns it into its status. A client looping
+    /// refused calls logs a line at 1, 2, 4, 8, ... refusals of each
+    /// reason, not one per call.
+    fn refused_handshake(&self, error: RequestError, peer: &str) -> Status {
+        let refused_so_far = self.stats.refuse(&format!("handshake_{}", error.reason()));
+        if refused_so_far.is_power_of_two() {
+            warn!(%peer, %error, refused_so_far, "refused an actor");
+        }
+        Status::from(error)
+    }
+
+    /// Checks a handshake: the protocol version, task, model and chunk
+    /// size. Returns the bytes one chunk may hold replayed.
+    fn check_handshake(&self, request: &proto::HandshakeRequest) -> Result<u64, RequestError> {
         if request.protocol_version != PROTOCOL_VERSION {
             return Err(RequestError::ProtocolVersion {
                 actor: request.protocol_version,
                 learner: PROTOCOL_VERSION,
             });
         }
-        let task: TaskSpec = request.task.ok_or(RequestError::Missing("task"))?.into();
+        let task: TaskSpec = request
+            .task
+            .clone()
+            .ok_or(RequestError::Missing("task"))?
+            .into();
         if task != self.task {
             return Err(RequestError::task_mismatch(&task, &self.task));
         }
-        let model: ModelSpec = request.model.ok_or(RequestError::Missing("model"))?.into();
+        let model: ModelSpec = request
+            .model
+            .clone()
+            .ok_or(RequestError::Missing("model"))?
+            .into();
         if model != self.model {
             return Err(RequestError::model_mismatch(&model, &self.model));
         }
         self.check_chunk_size(
             u64::from(request.trajectories_per_chunk),
             "trajectories_per_chunk",
-        )?;
+        )
+    }
+
+    /// Hands out an actor id and session key to a checked handshake.
+    fn join(&self, actor_name: String, peer: &str) -> proto::HandshakeReply {
         let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let name = crate::error::clip(request.actor_name);
+        let name = crate::error::clip(actor_name);
         let session_key = self.sequences.joined(actor_id, &name);
         info!(%peer, actor = %name, actor_id, "actor joined");
-        Ok(proto::HandshakeReply {
+        proto::HandshakeReply {
             actor_id,
             task: Some((&self.task).into()),
             model: Some((&self.model).into()),
@@ -244,16 +321,48 @@ impl LearnerState {
             max_grant_bytes: self.max_grant_bytes as u64,
             session_key,
             drops_truncated: !self.keep_truncated,
+        }
+    }
+
+    /// Reads the handshake a Session call carries in place of an earlier
+    /// Handshake's id and key, and checks it as that call would.
+    fn read_handshake(
+        &self,
+        metadata: &MetadataMap,
+        handshake: &MetadataValue<Binary>,
+    ) -> Result<Opening, RequestError> {
+        if let Some(name) = [
+            ACTOR_ID_HEADER,
+            SESSION_KEY_HEADER,
+            TRAJECTORIES_PER_CHUNK_HEADER,
+        ]
+        .into_iter()
+        .find(|name| metadata.contains_key(*name))
+        {
+            return Err(RequestError::Malformed(format!(
+                "header `{name}` beside `{HANDSHAKE_HEADER}`: a session that shakes hands itself carries its handshake alone (the other headers open the session of an earlier Handshake call)"
+            )));
+        }
+        let handshake = handshake
+            .to_bytes()
+            .ok()
+            .and_then(|bytes| proto::HandshakeRequest::decode(bytes).ok())
+            .ok_or_else(|| {
+                RequestError::Malformed(format!(
+                    "header `{HANDSHAKE_HEADER}` is not a protobuf-encoded HandshakeRequest"
+                ))
+            })?;
+        let chunk_bytes = self.check_handshake(&handshake)?;
+        Ok(Opening::Joining {
+            handshake,
+            chunk_bytes,
         })
     }
 
     /// Checks the headers that open a session: the actor id and session
     /// key its handshake issued, and its trajectories per chunk. Returns
-    /// them and the bytes one chunk may hold replayed.
-    fn check_session(
-        &self,
-        metadata: &MetadataMap,
-    ) -> Result<(u64, String, u64, u64), RequestError> {
+    /// them with the bytes one chunk may hold replayed.
+    fn check_session(&self, metadata: &MetadataMap) -> Result<Opening, RequestError> {
         let actor_id = header(metadata, ACTOR_ID_HEADER)?;
         let session_key = metadata
             .get(SESSION_KEY_HEADER)
@@ -272,7 +381,12 @@ impl LearnerState {
         }
         let per_chunk = header(metadata, TRAJECTORIES_PER_CHUNK_HEADER)?;
         let chunk_bytes = self.check_chunk_size(per_chunk, TRAJECTORIES_PER_CHUNK_HEADER)?;
-        Ok((actor_id, session_key, per_chunk, chunk_bytes))
+        Ok(Opening::Issued(Issued {
+            actor_id,
+            session_key,
+            per_chunk,
+            chunk_bytes,
+        }))
     }
 
     /// An actor's declared trajectories per chunk must be at least 1, at

@@ -15,10 +15,12 @@ use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
-    ACTOR_ID_HEADER, PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
+    ACTOR_ID_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER, PROTOCOL_VERSION,
+    SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
 use flgfn_learner::connections::{FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
+use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -229,6 +231,33 @@ async fn open_declaring(
     Ok(RawSession { upload, grants })
 }
 
+/// A Session call that shakes hands itself: `handshake` (encoded, or raw
+/// bytes) in its headers, and `extra` headers beside it. The session, and
+/// the handshake reply from its response headers.
+async fn open_shaking_hands(
+    client: &mut LearnerClient<Channel>,
+    handshake: &[u8],
+    extra: impl FnOnce(&mut tonic::metadata::MetadataMap),
+) -> Result<(RawSession, Issued), Status> {
+    let (upload, chunks) = mpsc::channel(8);
+    let mut request = tonic::Request::new(ReceiverStream::new(chunks));
+    request.metadata_mut().insert_bin(
+        HANDSHAKE_HEADER,
+        tonic::metadata::MetadataValue::from_bytes(handshake),
+    );
+    extra(request.metadata_mut());
+    let response = client.session(request).await?;
+    let reply = response
+        .metadata()
+        .get_bin(HANDSHAKE_REPLY_HEADER)
+        .expect("the reply is in the response headers")
+        .to_bytes()
+        .unwrap();
+    let reply = proto::HandshakeReply::decode(reply).unwrap();
+    let grants = response.into_inner();
+    Ok((RawSession { upload, grants }, reply.into()))
+}
+
 impl RawSession {
     /// Sends `count` valid one-trajectory chunks, each for a credit.
     async fn send_good_chunks(&mut self, actor_id: u64, count: u64) {
@@ -400,6 +429,115 @@ async fn a_session_opens_only_with_its_own_handshakes_key() {
         Some(&1),
         "{rejections:?}"
     );
+}
+
+/// A Session that carries its handshake in its headers opens in one call,
+/// is checked as a Handshake call is (and its refusals counted as one's),
+/// issues no id when refused, and trains as a session after a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
+    let config = config();
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url).await.unwrap();
+    let before = shake_hands(&mut client, &config).await;
+
+    let mut other_task = config.clone();
+    other_task.task = TaskConfig::SetGeneration(SetGenerationConfig {
+        universe: Some(6),
+        set_size: Some(2),
+        levels: Some(vec![0.0, 1.0]),
+        ..SetGenerationConfig::default()
+    });
+    let old_protocol = proto::HandshakeRequest {
+        protocol_version: PROTOCOL_VERSION - 1,
+        ..handshake_request(&config)
+    };
+    let good = handshake_request(&config).encode_to_vec();
+    let refusals = [
+        (
+            handshake_request(&other_task).encode_to_vec(),
+            None,
+            Code::FailedPrecondition,
+            "universe=6",
+        ),
+        (
+            old_protocol.encode_to_vec(),
+            None,
+            Code::FailedPrecondition,
+            "protocol",
+        ),
+        (
+            b"\xff\xff not a handshake".to_vec(),
+            None,
+            Code::InvalidArgument,
+            HANDSHAKE_HEADER,
+        ),
+        (
+            good.clone(),
+            Some(ACTOR_ID_HEADER),
+            Code::InvalidArgument,
+            ACTOR_ID_HEADER,
+        ),
+        (
+            good.clone(),
+            Some(TRAJECTORIES_PER_CHUNK_HEADER),
+            Code::InvalidArgument,
+            TRAJECTORIES_PER_CHUNK_HEADER,
+        ),
+    ];
+    for (handshake, beside, code, named) in refusals {
+        let status = open_shaking_hands(&mut client, &handshake, |metadata| {
+            if let Some(header) = beside {
+                metadata.insert(header, before.actor_id.into());
+            }
+        })
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(named), "{named}: {status:?}");
+    }
+
+    let (mut session, issued) = open_shaking_hands(&mut client, &good, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        issued.actor_id,
+        before.actor_id + 1,
+        "a refused session issued an id"
+    );
+    assert_eq!(issued.key.len(), 32, "{}", issued.key);
+    // Its handshake is used up by its own session.
+    let status = open(&mut client, Some(&issued)).await.err().unwrap();
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let first = session.grant().await;
+    assert!(first.weights.is_some(), "the first grant carries weights");
+    assert_eq!(first.credits, 1, "{first:?}");
+    session
+        .upload
+        .send(chunk(issued.actor_id, vec![0, 1]))
+        .await
+        .unwrap();
+    session.grant().await;
+    let mut second = chunk(issued.actor_id, vec![1, 0]);
+    second.sequence = 1;
+    session.upload.send(second).await.unwrap();
+    let outcome = finished_within(learner, 60, "two chunks train both steps").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 2);
+    let rejections = &outcome.final_report.rejections;
+    for (reason, count) in [
+        ("handshake_task_mismatch", 1),
+        ("handshake_protocol_version", 1),
+        ("handshake_malformed", 3),
+        ("session_unknown_actor", 1),
+    ] {
+        assert_eq!(
+            rejections.get(reason),
+            Some(&count),
+            "{reason}: {rejections:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1051,6 +1189,20 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     assert!(
         status.message().contains("learner.max_sessions"),
         "{status:?}"
+    );
+    // A session that shakes hands itself is refused before it is issued
+    // an id: a full learner keeps no handshake of it.
+    let handshake = handshake_request(&config).encode_to_vec();
+    let status = open_shaking_hands(&mut client, &handshake, |_| {})
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let after = shake_hands(&mut client, &config).await;
+    assert_eq!(
+        after.actor_id,
+        issued.actor_id + 1,
+        "the refusal issued an id"
     );
 
     // A real actor that gets handshakes but no session counts each refusal
@@ -1839,6 +1991,11 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
 struct ScriptedLearner {
     reply: proto::HandshakeReply,
     grants: Vec<proto::Grant>,
+    /// Answers as a learner from before a Session could carry its
+    /// handshake: such a session is refused for want of an actor id.
+    two_calls_only: bool,
+    /// Handshake calls and Session calls received.
+    calls: std::sync::Arc<[std::sync::atomic::AtomicU32; 2]>,
 }
 
 #[tonic::async_trait]
@@ -1847,6 +2004,7 @@ impl proto::learner_server::Learner for ScriptedLearner {
         &self,
         _request: tonic::Request<proto::HandshakeRequest>,
     ) -> Result<tonic::Response<proto::HandshakeReply>, Status> {
+        self.calls[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(tonic::Response::new(self.reply.clone()))
     }
 
@@ -1856,6 +2014,13 @@ impl proto::learner_server::Learner for ScriptedLearner {
         &self,
         request: tonic::Request<Streaming<proto::TrajectoryChunk>>,
     ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        self.calls[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shakes_hands = request.metadata().get_bin(HANDSHAKE_HEADER).is_some();
+        if shakes_hands && self.two_calls_only {
+            return Err(Status::invalid_argument(format!(
+                "`{ACTOR_ID_HEADER}` is missing"
+            )));
+        }
         let mut chunks = request.into_inner();
         tokio::spawn(async move { while let Ok(Some(_)) = chunks.message().await {} });
         let (grants, stream) = mpsc::channel(self.grants.len().max(1));
@@ -1864,7 +2029,14 @@ impl proto::learner_server::Learner for ScriptedLearner {
         }
         // Kept open: the actor, not the stream's end, must stop it.
         std::mem::forget(grants);
-        Ok(tonic::Response::new(ReceiverStream::new(stream)))
+        let mut response = tonic::Response::new(ReceiverStream::new(stream));
+        if shakes_hands {
+            response.metadata_mut().insert_bin(
+                HANDSHAKE_REPLY_HEADER,
+                tonic::metadata::MetadataValue::from_bytes(&self.reply.encode_to_vec()),
+            );
+        }
+        Ok(response)
     }
 }
 
@@ -1872,6 +2044,17 @@ impl proto::learner_server::Learner for ScriptedLearner {
 /// [`grant_of`]) to an actor of `config`'s task, and points `config` at
 /// it, with no reconnects.
 async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
+    serve_scripted_as(config, grants, false).await;
+}
+
+/// [`serve_scripted`], as a learner that takes handshakes as calls of
+/// their own only where `two_calls_only`. Returns its counts of Handshake
+/// and Session calls.
+async fn serve_scripted_as(
+    config: &mut Config,
+    grants: Vec<proto::Grant>,
+    two_calls_only: bool,
+) -> std::sync::Arc<[std::sync::atomic::AtomicU32; 2]> {
     let env = tasks::build(&config.task).unwrap();
     let model = ModelSpec::new(env.as_ref(), &config.model);
     let learner = ScriptedLearner {
@@ -1886,7 +2069,10 @@ async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
             drops_truncated: false,
         },
         grants,
+        two_calls_only,
+        calls: Default::default(),
     };
+    let calls = learner.calls.clone();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
     config.actor.reconnect_attempts = 0;
@@ -1895,6 +2081,7 @@ async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
             .add_service(proto::learner_server::LearnerServer::new(learner))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    calls
 }
 
 /// A grant of `credits` with version 1 of a fresh network for `config`,
@@ -1940,25 +2127,35 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
 
 /// A grant with no credits needs no weights: one that comes before the
 /// first weights (all a newer learner's grant may carry is a field added
-/// since) is passed over, and the actor goes on to roll out.
+/// since) is passed over, and the actor goes on to roll out. The actor
+/// opens its session in one call, or in two (Handshake, then Session) with
+/// a learner that takes handshakes only as calls of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
-    let mut config = config();
-    let grants = vec![
-        proto::Grant::default(),
-        grant_of(&config, 1, |_| {}),
-        proto::Grant {
-            training_done: true,
-            ..Default::default()
-        },
-    ];
-    serve_scripted(&mut config, grants).await;
-    let report = tokio::time::timeout(Duration::from_secs(30), real_actor(config, "empty grant"))
-        .await
-        .expect("the actor stops by itself")
-        .expect("without an error");
-    assert!(report.training_done);
-    assert_eq!((report.versions_received, report.credits), (1, 1));
+    for (two_calls_only, expected_calls) in [(false, [0, 1]), (true, [1, 2])] {
+        let mut config = config();
+        let grants = vec![
+            proto::Grant::default(),
+            grant_of(&config, 1, |_| {}),
+            proto::Grant {
+                training_done: true,
+                ..Default::default()
+            },
+        ];
+        let calls = serve_scripted_as(&mut config, grants, two_calls_only).await;
+        let report =
+            tokio::time::timeout(Duration::from_secs(30), real_actor(config, "empty grant"))
+                .await
+                .expect("the actor stops by itself")
+                .expect("without an error");
+        assert!(report.training_done);
+        assert_eq!((report.versions_received, report.credits), (1, 1));
+        let calls = calls
+            .iter()
+            .map(|count| count.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<_>>();
+        assert_eq!(calls, expected_calls, "two calls only: {two_calls_only}");
+    }
 }
 
 /// Weights whose metadata names another task (a balancer that sent the
