@@ -154,8 +154,12 @@ pub struct Session<'a> {
     pub current_session: &'a AtomicU32,
     /// Counters across sessions.
     pub counts: &'a mut Counts,
-    /// Actor id of the latest handshake.
+    /// Actor id of the latest session opened.
     pub actor_id: &'a mut u64,
+    /// Whether to open sessions in one call, the handshake in the
+    /// Session's headers; cleared for good once the learner turns out to
+    /// predate that.
+    pub handshake_in_session: &'a mut bool,
     /// Number of this session (1, 2, ...), stamped on received weights.
     pub session: u32,
     /// The bearer token shown on every call, if the learner wants one.
@@ -541,9 +545,16 @@ impl Session<'_> {
             model: Some(self.model.into()),
             trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
         };
-        let in_one_call = if handshake.encoded_len() <= MAX_HANDSHAKE_HEADER_BYTES {
-            self.session_shaking_hands(client.clone(), &handshake)
-                .await?
+        let in_one_call = if *self.handshake_in_session
+            && handshake.encoded_len() <= MAX_HANDSHAKE_HEADER_BYTES
+        {
+            let opened = self
+                .session_shaking_hands(client.clone(), &handshake)
+                .await?;
+            // A learner that predates it is not asked again on reconnects:
+            // each try costs a round trip, and a refusal in its counts.
+            *self.handshake_in_session = opened.is_some();
+            opened
         } else {
             None
         };
@@ -638,13 +649,20 @@ impl Session<'_> {
             .metadata()
             .get_bin(HANDSHAKE_REPLY_HEADER)
             .and_then(|value| value.to_bytes().ok())
-            .and_then(|bytes| proto::HandshakeReply::decode(bytes).ok())
-            .ok_or_else(|| {
-                SessionError::Fatal(format!(
+            .and_then(|bytes| proto::HandshakeReply::decode(bytes).ok());
+        let mut grants = response.into_inner();
+        let Some(reply) = reply else {
+            // An answer without gRPC's status in its headers (an HTTP
+            // error from a proxy, say) shows its error on the first read.
+            let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, grants.message()).await;
+            return Err(match first {
+                Ok(Err(status)) => handshake_refused(status),
+                _ => SessionError::Fatal(format!(
                     "the learner opened the session without its handshake reply (header `{HANDSHAKE_REPLY_HEADER}`): is actor.learner a flgfn learner?"
-                ))
-            })?;
-        Ok(Some((reply, response.into_inner(), upload)))
+                )),
+            });
+        };
+        Ok(Some((reply, grants, upload)))
     }
 
     /// Shakes hands with a Handshake call, then opens the Session with the
@@ -1046,7 +1064,7 @@ mod tests {
     /// An http:// address that has not answered as plain HTTP/2 (a TLS
     /// learner's port, say) never gets the token: only the open health
     /// check goes first. One that answers anything, even a refusal, speaks
-    /// HTTP/2: the handshake follows, with the token.
+    /// HTTP/2: the handshake follows (in the Session call), with the token.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_token_goes_to_an_address_that_has_not_answered() {
         let (address, requests, server) = recording_server(false).await;
@@ -1080,7 +1098,7 @@ mod tests {
         assert!(
             requests
                 .iter()
-                .any(|(path, token)| path.ends_with("/Handshake") && *token),
+                .any(|(path, token)| path.ends_with("/Session") && *token),
             "{requests:?}"
         );
     }

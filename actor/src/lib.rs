@@ -79,7 +79,7 @@ pub struct ActorReport {
     pub seed: Option<u64>,
     /// A hash of the first chunk's actions (see [`WorkerReport`]).
     pub first_chunk_digest: Option<u64>,
-    /// The actor id of the latest handshake.
+    /// The actor id of the latest session opened.
     pub actor_id: u64,
     /// Connection attempts made, successful or not (each a session, by
     /// number, once it connects).
@@ -512,6 +512,7 @@ pub async fn stay_connected(
     } = plumbing;
     let mut counts = Counts::default();
     let mut actor_id = 0u64;
+    let mut handshake_in_session = true;
     let mut failures = 0u32;
     let mut backoff = Backoff::new(
         Duration::from_secs_f64(actor.reconnect_initial_s),
@@ -536,6 +537,7 @@ pub async fn stay_connected(
             current_session,
             counts: &mut counts,
             actor_id: &mut actor_id,
+            handshake_in_session: &mut handshake_in_session,
             session: report.connection_attempts,
             token: token.as_ref(),
             tls: tls.as_ref(),

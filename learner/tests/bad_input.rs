@@ -525,19 +525,18 @@ async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
     let outcome = finished_within(learner, 60, "two chunks train both steps").await;
     drop(stop);
     assert_eq!(outcome.steps, 2);
-    let rejections = &outcome.final_report.rejections;
-    for (reason, count) in [
+    // Each counted once, under its reason, and nothing else.
+    let expected = [
         ("handshake_task_mismatch", 1),
         ("handshake_protocol_version", 1),
         ("handshake_malformed", 3),
         ("session_unknown_actor", 1),
-    ] {
-        assert_eq!(
-            rejections.get(reason),
-            Some(&count),
-            "{reason}: {rejections:?}"
-        );
-    }
+    ]
+    .map(|(reason, count)| (reason.to_owned(), count));
+    assert_eq!(
+        outcome.final_report.rejections,
+        std::collections::BTreeMap::from(expected)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1205,9 +1204,9 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
         "the refusal issued an id"
     );
 
-    // A real actor that gets handshakes but no session counts each refusal
-    // as a failed attempt (backing off, and giving up where configured):
-    // a handshake alone does not reset its backoff.
+    // A real actor refused its session (in one call, its handshake in
+    // it) counts each refusal as a failed attempt, backing off and giving
+    // up where configured.
     let mut surplus = config.clone();
     surplus.actor.learner = url.clone();
     surplus.actor.envs = 1;
@@ -1991,9 +1990,8 @@ async fn one_connection_holds_a_bounded_number_of_calls() {
 struct ScriptedLearner {
     reply: proto::HandshakeReply,
     grants: Vec<proto::Grant>,
-    /// Answers as a learner from before a Session could carry its
-    /// handshake: such a session is refused for want of an actor id.
-    two_calls_only: bool,
+    /// How it answers a Session that carries its handshake.
+    one_call: OneCall,
     /// Handshake calls and Session calls received.
     calls: std::sync::Arc<[std::sync::atomic::AtomicU32; 2]>,
 }
@@ -2016,7 +2014,7 @@ impl proto::learner_server::Learner for ScriptedLearner {
     ) -> Result<tonic::Response<Self::SessionStream>, Status> {
         self.calls[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let shakes_hands = request.metadata().get_bin(HANDSHAKE_HEADER).is_some();
-        if shakes_hands && self.two_calls_only {
+        if shakes_hands && self.one_call == OneCall::Refused {
             return Err(Status::invalid_argument(format!(
                 "`{ACTOR_ID_HEADER}` is missing"
             )));
@@ -2030,7 +2028,7 @@ impl proto::learner_server::Learner for ScriptedLearner {
         // Kept open: the actor, not the stream's end, must stop it.
         std::mem::forget(grants);
         let mut response = tonic::Response::new(ReceiverStream::new(stream));
-        if shakes_hands {
+        if shakes_hands && self.one_call == OneCall::Answered {
             response.metadata_mut().insert_bin(
                 HANDSHAKE_REPLY_HEADER,
                 tonic::metadata::MetadataValue::from_bytes(&self.reply.encode_to_vec()),
@@ -2044,16 +2042,27 @@ impl proto::learner_server::Learner for ScriptedLearner {
 /// [`grant_of`]) to an actor of `config`'s task, and points `config` at
 /// it, with no reconnects.
 async fn serve_scripted(config: &mut Config, grants: Vec<proto::Grant>) {
-    serve_scripted_as(config, grants, false).await;
+    serve_scripted_as(config, grants, OneCall::Answered).await;
 }
 
-/// [`serve_scripted`], as a learner that takes handshakes as calls of
-/// their own only where `two_calls_only`. Returns its counts of Handshake
-/// and Session calls.
+/// How a [`ScriptedLearner`] answers a Session that carries its handshake.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum OneCall {
+    /// With the reply in its response headers.
+    Answered,
+    /// Refused for want of an actor id, as a learner from before a Session
+    /// could carry its handshake.
+    Refused,
+    /// Opened, but without the reply (not a flgfn learner).
+    WithoutReply,
+}
+
+/// [`serve_scripted`], answering one-call sessions as `one_call` says.
+/// Returns its counts of Handshake and Session calls.
 async fn serve_scripted_as(
     config: &mut Config,
     grants: Vec<proto::Grant>,
-    two_calls_only: bool,
+    one_call: OneCall,
 ) -> std::sync::Arc<[std::sync::atomic::AtomicU32; 2]> {
     let env = tasks::build(&config.task).unwrap();
     let model = ModelSpec::new(env.as_ref(), &config.model);
@@ -2069,7 +2078,7 @@ async fn serve_scripted_as(
             drops_truncated: false,
         },
         grants,
-        two_calls_only,
+        one_call,
         calls: Default::default(),
     };
     let calls = learner.calls.clone();
@@ -2132,7 +2141,7 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
 /// a learner that takes handshakes only as calls of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
-    for (two_calls_only, expected_calls) in [(false, [0, 1]), (true, [1, 2])] {
+    for (one_call, expected_calls) in [(OneCall::Answered, [0, 1]), (OneCall::Refused, [1, 2])] {
         let mut config = config();
         let grants = vec![
             proto::Grant::default(),
@@ -2142,7 +2151,7 @@ async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
                 ..Default::default()
             },
         ];
-        let calls = serve_scripted_as(&mut config, grants, two_calls_only).await;
+        let calls = serve_scripted_as(&mut config, grants, one_call).await;
         let report =
             tokio::time::timeout(Duration::from_secs(30), real_actor(config, "empty grant"))
                 .await
@@ -2154,8 +2163,22 @@ async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
             .iter()
             .map(|count| count.load(std::sync::atomic::Ordering::Relaxed))
             .collect::<Vec<_>>();
-        assert_eq!(calls, expected_calls, "two calls only: {two_calls_only}");
+        assert_eq!(calls, expected_calls, "{one_call:?}");
     }
+}
+
+/// A server that opens a session carrying its handshake but sends no
+/// reply is not a flgfn learner: the actor stops, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_stops_at_a_session_opened_without_its_handshake_reply() {
+    let mut config = config();
+    let grants = vec![grant_of(&config, 1, |_| {})];
+    serve_scripted_as(&mut config, grants, OneCall::WithoutReply).await;
+    let error = actor_error(config, "no reply").await;
+    assert!(
+        error.contains(HANDSHAKE_REPLY_HEADER) && error.contains("a flgfn learner?"),
+        "{error}"
+    );
 }
 
 /// Weights whose metadata names another task (a balancer that sent the
