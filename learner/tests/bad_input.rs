@@ -15,8 +15,8 @@ use flgfn_common::tasks::{self, set_generation::SetGenerationConfig};
 use flgfn_common::trajectory::ReplayedTrajectory;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
-    ACTOR_ID_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER, PROTOCOL_VERSION,
-    SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
+    ACTOR_ID_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER, MAX_HANDSHAKE_HEADER_BYTES,
+    PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
 use flgfn_learner::connections::{FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
@@ -2138,11 +2138,24 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
 /// first weights (all a newer learner's grant may carry is a field added
 /// since) is passed over, and the actor goes on to roll out. The actor
 /// opens its session in one call, or in two (Handshake, then Session) with
-/// a learner that takes handshakes only as calls of their own.
+/// a learner that takes handshakes only as calls of their own, or with a
+/// handshake too long for a header (a task of 500 levels).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_of_no_credits_before_any_weights_is_passed_over() {
-    for (one_call, expected_calls) in [(OneCall::Answered, [0, 1]), (OneCall::Refused, [1, 2])] {
-        let mut config = config();
+    let mut long_task = config();
+    long_task.task = TaskConfig::SetGeneration(SetGenerationConfig {
+        universe: Some(500),
+        set_size: Some(2),
+        levels: Some((0..500).map(|i| 0.123_456_789 + f64::from(i)).collect()),
+        ..SetGenerationConfig::default()
+    });
+    assert!(handshake_request(&long_task).encoded_len() > MAX_HANDSHAKE_HEADER_BYTES);
+    for (config, one_call, expected_calls) in [
+        (config(), OneCall::Answered, [0, 1]),
+        (config(), OneCall::Refused, [1, 2]),
+        (long_task, OneCall::Answered, [1, 1]),
+    ] {
+        let mut config = config;
         let grants = vec![
             proto::Grant::default(),
             grant_of(&config, 1, |_| {}),
