@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check: the Python actor (examples/python_actor) trains a real learner:
-# the learner accepts its handshake and chunks (no rejection), counts its
+# the learner accepts its handshake (in one call, the handshake in the
+# Session's headers) and chunks (no rejection), counts its
 # transitions, and reaches the end of a 150-step run; the actor exits 0
 # when told training is over. Then a learner is killed (SIGKILL) under a
 # running actor and started again on the same port: the actor reconnects
@@ -8,8 +9,9 @@
 # token) exits 1 with the refusal in one line; one that gives up on an
 # unreachable learner exits 75; one told to stop (SIGTERM) hands over its
 # last chunk, leaves the session and exits 0. Last, the weight and
-# setting checks, without a learner. Its requirements go into a venv in
-# the cache.
+# setting checks, without a learner, and a scripted learner that takes
+# handshakes only as calls of their own. Its requirements go into a venv
+# in the cache.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
@@ -85,6 +87,8 @@ if ! timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learn
 fi
 learner_totals "$work/metrics.jsonl" "$work/learner.log"
 sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
+grep -q "actor joined .*handshake_in_session=true" "$work/learner.log" ||
+    failed "the learner logged no handshake in a Session's headers (actor joined ... handshake_in_session=true)" "$work/actor.log" "$work/learner.log"
 if grep -Eq "training finished steps=150 " "$work/learner.log" && [ -n "$sent" ] &&
     [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ]; then
     echo "python_actor: ok: the Python actor sent $sent transitions, the learner ingested $ingested by its last report, refused none, and finished 150 steps"
@@ -315,9 +319,49 @@ except fa.Refused as error:
     assert "UNIMPLEMENTED" in str(error) and "flgfn learner" in str(error), str(error)
 finally:
     server.stop(0)
+
+# A learner that predates sessions carrying their handshake refuses one for
+# want of an actor id: the actor makes the two calls instead.
+pb, _ = fa.load_protocol()
+calls = []
+
+
+def handshake(request, context):
+    calls.append("Handshake")
+    return pb.HandshakeReply(actor_id=7, session_key="0" * 32)
+
+
+def session(requests, context):
+    headers = dict(context.invocation_metadata())
+    if "flgfn-handshake-bin" in headers:
+        calls.append("Session with its handshake")
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`flgfn-actor-id` is missing")
+    calls.append(f"Session of actor {headers.get('flgfn-actor-id')}")
+    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "scripted: the end")
+
+
+old_learner = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
+    "Handshake": grpc.unary_unary_rpc_method_handler(
+        handshake, request_deserializer=pb.HandshakeRequest.FromString,
+        response_serializer=pb.HandshakeReply.SerializeToString),
+    "Session": grpc.stream_stream_rpc_method_handler(
+        session, request_deserializer=pb.TrajectoryChunk.FromString,
+        response_serializer=pb.Grant.SerializeToString)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[old_learner])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+try:
+    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=3, reconnect_initial_s=0.01,
+           reconnect_max_s=0.02)
+    sys.exit("the actor trained against a scripted learner that ends every session")
+except fa.Refused as error:
+    assert "scripted: the end" in str(error), str(error)
+finally:
+    server.stop(0)
+assert calls == ["Session with its handshake", "Handshake", "Session of actor 7"], calls
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED)"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED); a learner that takes handshakes only as calls of their own gets the two calls"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi

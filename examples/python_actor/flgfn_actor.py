@@ -41,6 +41,9 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.join(HERE, "..", "..", "proto")
 PROTOCOL_VERSION = 3
+# A handshake up to this size (encoded, before base64) rides in the
+# Session's headers, a round trip less; a larger one is a call of its own.
+MAX_HANDSHAKE_HEADER_BYTES = 4 << 10
 
 
 def load_protocol(proto_dir=PROTO_DIR):
@@ -269,6 +272,20 @@ class GaveUp(RuntimeError):
     """--reconnect-attempts failed connections in a row."""
 
 
+class NoAnswer(grpc.RpcError):
+    """No answer to a session's opening within connect_timeout_s: what a
+    Handshake call's deadline says in that case."""
+
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self):
+        return "Deadline Exceeded"
+
+    def trailing_metadata(self):
+        return ()
+
+
 # What `Actor.session` returns when the actor was told to stop.
 STOPPED = "stopped"
 
@@ -358,9 +375,72 @@ class Actor:
         # Whether the current session handed over a chunk (a new outage,
         # then), and whether it got a grant at all.
         self.served = self.granted = False
+        # Whether sessions open in one call, the handshake in the Session's
+        # headers; cleared for good by a learner that predates that.
+        self.one_call = True
+
+    def open_in_one_call(self, handshake, chunks):
+        """Opens the Session with `handshake` in its headers: (reply,
+        grants); None where the learner predates that (it asks for an
+        earlier handshake's id: the two calls follow, now and on every
+        reconnect); STOPPED once told to stop."""
+        grants = self.stub.Session(chunks, metadata=self.auth + [
+            ("flgfn-handshake-bin", handshake.SerializeToString())],
+            # (A learner still starting: wait for it, a while.)
+            wait_for_ready=True)
+        # The response headers, waited for in short steps: a stop request
+        # ends the wait.
+        headers = queue.Queue()
+        threading.Thread(target=lambda: headers.put(grants.initial_metadata() or ()),
+                         daemon=True).start()
+        deadline = time.monotonic() + self.connect_timeout_s
+        while True:
+            try:
+                metadata = headers.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.stop.is_set():
+                    grants.cancel()
+                    return STOPPED
+                if time.monotonic() > deadline:
+                    grants.cancel()
+                    raise NoAnswer()
+        reply = next((value for key, value in metadata
+                      if key == "flgfn-handshake-reply-bin"), None)
+        if reply is None:
+            # A refusal comes without it: its status ends the call.
+            try:
+                next(grants)
+            except grpc.RpcError as error:
+                if (error.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        and (error.details() or "").startswith("`flgfn-actor-id` is missing")):
+                    self.one_call = False
+                    return None
+                raise
+            grants.cancel()
+            raise Refused("the learner opened the session without its handshake reply "
+                          "(flgfn-handshake-reply-bin): is --learner a flgfn learner?")
+        return self.pb.HandshakeReply.FromString(reply), grants
+
+    def shake_hands(self, handshake):
+        """A Handshake call: its reply, or STOPPED once told to stop."""
+        call = self.stub.Handshake.future(
+            handshake, metadata=self.auth,
+            # (A learner still starting, or loading a checkpoint: wait for
+            # it, a while; then this attempt counts as failed.)
+            wait_for_ready=True, timeout=self.connect_timeout_s)
+        # Waited for in short steps: a stop request ends the wait.
+        while True:
+            try:
+                return call.result(timeout=0.1)
+            except grpc.FutureTimeoutError:
+                if self.stop.is_set():
+                    call.cancel()
+                    return STOPPED
 
     def session(self):
-        """One session: handshake, then grants in and chunks out. Returns
+        """One session: handshake (in the Session's headers, or a call of
+        its own first), then grants in and chunks out. Returns
         True when the learner says training is over, False when it closed
         the stream without saying so, STOPPED once told to stop (the chunks
         rolled out handed over); a broken connection raises grpc.RpcError.
@@ -370,25 +450,48 @@ class Actor:
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
-        call = self.stub.Handshake.future(pb.HandshakeRequest(
+        handshake = pb.HandshakeRequest(
             protocol_version=PROTOCOL_VERSION, actor_name=self.name,
             task=pb.TaskSpec(name=task.name, params=task.params()), model=model,
-            trajectories_per_chunk=self.envs), metadata=self.auth,
-            # (A learner still starting, or loading a checkpoint: wait for
-            # it, a while; then this attempt counts as failed.)
-            wait_for_ready=True, timeout=self.connect_timeout_s)
-        # Waited for in short steps: a stop request ends the wait.
-        while True:
+            trajectories_per_chunk=self.envs)
+
+        def upload():
+            """Chunks to send, and what a call sends them from (a None put
+            in ends it, and the thread gRPC runs it on)."""
+            outbox = queue.Queue()
+
+            def chunks():
+                while (chunk := outbox.get()) is not None:
+                    yield chunk
+
+            return outbox, chunks()
+
+        outbox, chunks = upload()
+        opened = None
+        if self.one_call and handshake.ByteSize() <= MAX_HANDSHAKE_HEADER_BYTES:
             try:
-                reply = call.result(timeout=0.1)
-                break
-            except grpc.FutureTimeoutError:
-                if self.stop.is_set():
-                    call.cancel()
-                    return STOPPED
+                opened = self.open_in_one_call(handshake, chunks)
+            except BaseException:
+                outbox.put(None)
+                raise
+        if opened is None or opened is STOPPED:
+            # That call is over: its sender must not take a chunk.
+            outbox.put(None)
+            outbox, chunks = upload()
+        if opened is None:
+            reply, grants = self.shake_hands(handshake), None
+        elif opened is STOPPED:
+            reply = STOPPED
+        else:
+            reply, grants = opened
+        if reply is STOPPED:
+            return STOPPED
         # A learner whose objective (TB) drops truncated trajectories.
         if reply.drops_truncated and self.truncate_fraction > 0:
             if self.truncate_fraction >= 1:
+                if grants is not None:
+                    grants.cancel()
+                    outbox.put(None)
                 raise Refused("the learner's objective trains on complete trajectories only (TB) "
                               "and drops truncated ones, and --truncate-fraction 1 cuts every "
                               "trajectory short: lower it (0 for this learner)")
@@ -398,16 +501,11 @@ class Actor:
         actor_id = reply.actor_id
         self.counts["sessions"] += 1
         print(f"{self.name}: actor {actor_id} at learner version {reply.version}", flush=True)
-        outbox = queue.Queue()
-
-        def chunks():
-            while (chunk := outbox.get()) is not None:
-                yield chunk
-
-        grants = self.stub.Session(chunks(), metadata=self.auth + [
-            ("flgfn-actor-id", str(actor_id)),
-            ("flgfn-session-key", reply.session_key),
-            ("flgfn-trajectories-per-chunk", str(self.envs))])
+        if grants is None:
+            grants = self.stub.Session(chunks, metadata=self.auth + [
+                ("flgfn-actor-id", str(actor_id)),
+                ("flgfn-session-key", reply.session_key),
+                ("flgfn-trajectories-per-chunk", str(self.envs))])
         # Grants are read on a thread of their own while rollouts run: a
         # grant left unread holds up the learner's next ones, and it ends a
         # session whose grants wait unread for learner.stall_timeout_s

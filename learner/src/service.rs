@@ -142,7 +142,7 @@ impl Learner for LearnerService {
         state
             .check_handshake(&request)
             .map_err(|error| state.refused_handshake(error, &peer))?;
-        Ok(Response::new(state.join(request.actor_name, &peer)))
+        Ok(Response::new(state.join(request.actor_name, &peer, false)))
     }
 
     type SessionStream = GrantStream;
@@ -190,7 +190,7 @@ impl Learner for LearnerService {
                 handshake,
                 chunk_bytes,
             } => {
-                let reply = state.join(handshake.actor_name, &peer);
+                let reply = state.join(handshake.actor_name, &peer, true);
                 let issued = Issued {
                     actor_id: reply.actor_id,
                     session_key: reply.session_key.clone(),
@@ -306,12 +306,19 @@ impl LearnerState {
         )
     }
 
-    /// Hands out an actor id and session key to a checked handshake.
-    fn join(&self, actor_name: String, peer: &str) -> proto::HandshakeReply {
+    /// Hands out an actor id and session key to a checked handshake, a
+    /// Session's own where `in_session`.
+    fn join(&self, actor_name: String, peer: &str, in_session: bool) -> proto::HandshakeReply {
         let actor_id = self.last_actor_id.fetch_add(1, Ordering::Relaxed) + 1;
         let name = crate::error::clip(actor_name);
         let session_key = self.sequences.joined(actor_id, &name);
-        info!(%peer, actor = %name, actor_id, "actor joined");
+        info!(
+            %peer,
+            actor = %name,
+            actor_id,
+            handshake_in_session = in_session,
+            "actor joined"
+        );
         proto::HandshakeReply {
             actor_id,
             task: Some((&self.task).into()),
