@@ -321,7 +321,8 @@ finally:
     server.stop(0)
 
 # A learner that predates sessions carrying their handshake refuses one for
-# want of an actor id: the actor makes the two calls instead.
+# want of an actor id: the actor makes the two calls instead, and on each
+# reconnect after (here every session is aborted, which is retried).
 pb, _ = fa.load_protocol()
 calls = []
 
@@ -337,7 +338,7 @@ def session(requests, context):
         calls.append("Session with its handshake")
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`flgfn-actor-id` is missing")
     calls.append(f"Session of actor {headers.get('flgfn-actor-id')}")
-    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "scripted: the end")
+    context.abort(grpc.StatusCode.ABORTED, "scripted: try again")
 
 
 old_learner = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
@@ -351,17 +352,36 @@ server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[old_le
 port = server.add_insecure_port("127.0.0.1:0")
 server.start()
 try:
-    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=3, reconnect_initial_s=0.01,
+    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=2, reconnect_initial_s=0.01,
            reconnect_max_s=0.02)
-    sys.exit("the actor trained against a scripted learner that ends every session")
-except fa.Refused as error:
-    assert "scripted: the end" in str(error), str(error)
+    sys.exit("the actor trained against a scripted learner that aborts every session")
+except fa.GaveUp as error:
+    assert "scripted: try again" in str(error), str(error)
 finally:
     server.stop(0)
-assert calls == ["Session with its handshake", "Handshake", "Session of actor 7"], calls
+assert calls == ["Session with its handshake", "Handshake", "Session of actor 7",
+                 "Handshake", "Session of actor 7"], calls
+
+# A server that ends a session carrying its handshake without a reply (an
+# empty stream, status OK) is not a learner: a final refusal, saying so.
+no_reply = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
+    "Session": grpc.stream_stream_rpc_method_handler(
+        lambda requests, context: iter(()), request_deserializer=pb.TrajectoryChunk.FromString,
+        response_serializer=pb.Grant.SerializeToString)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[no_reply])
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+try:
+    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=2, reconnect_initial_s=0.01,
+           reconnect_max_s=0.02)
+    sys.exit("the actor trained against a server that sends no handshake reply")
+except fa.Refused as error:
+    assert "flgfn-handshake-reply-bin" in str(error), str(error)
+finally:
+    server.stop(0)
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED); a learner that takes handshakes only as calls of their own gets the two calls"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as does one that sends no handshake reply; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi

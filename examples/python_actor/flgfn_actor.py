@@ -408,16 +408,24 @@ class Actor:
         reply = next((value for key, value in metadata
                       if key == "flgfn-handshake-reply-bin"), None)
         if reply is None:
-            # A refusal comes without it: its status ends the call.
-            try:
-                next(grants)
-            except grpc.RpcError as error:
-                if (error.code() == grpc.StatusCode.INVALID_ARGUMENT
-                        and (error.details() or "").startswith("`flgfn-actor-id` is missing")):
-                    self.one_call = False
-                    return None
-                raise
+            # A refusal comes without it, its status ending the call; a
+            # call that goes on without it is not a flgfn learner's.
+            while not grants.done() and not self.stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if grants.done():
+                try:
+                    next(grants)
+                except grpc.RpcError as error:
+                    if (error.code() == grpc.StatusCode.INVALID_ARGUMENT
+                            and (error.details() or "").startswith("`flgfn-actor-id` is missing")):
+                        self.one_call = False
+                        return None
+                    raise
+                except StopIteration:
+                    pass
             grants.cancel()
+            if self.stop.is_set():
+                return STOPPED
             raise Refused("the learner opened the session without its handshake reply "
                           "(flgfn-handshake-reply-bin): is --learner a flgfn learner?")
         return self.pb.HandshakeReply.FromString(reply), grants
