@@ -308,17 +308,28 @@ for setting in [{"epsilon": 1.5}, {"epsilon": -0.1}, {"truncate_fraction": 2.0},
     except ValueError as error:
         assert next(iter(setting)) in str(error), str(error)
 
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-try:
-    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=50, reconnect_initial_s=0.01,
-           reconnect_max_s=0.02)
-    sys.exit("the actor trained against a server that is not a learner")
-except fa.Refused as error:
-    assert "UNIMPLEMENTED" in str(error) and "flgfn learner" in str(error), str(error)
-finally:
-    server.stop(0)
+
+
+def actor_against(handlers, reconnect_attempts):
+    """Runs an actor against a gRPC server of `handlers`, which must stop
+    it: the Refused or GaveUp it stopped with."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=reconnect_attempts,
+               reconnect_initial_s=0.01, reconnect_max_s=0.02)
+    except (fa.Refused, fa.GaveUp) as error:
+        return error
+    finally:
+        server.stop(0)
+    sys.exit("the actor trained against a scripted server")
+
+
+# A gRPC server that is not a learner: a final refusal at once.
+error = actor_against([], reconnect_attempts=50)
+assert isinstance(error, fa.Refused), repr(error)
+assert "UNIMPLEMENTED" in str(error) and "flgfn learner" in str(error), str(error)
 
 # A learner that predates sessions carrying their handshake refuses one for
 # want of an actor id: the actor makes the two calls instead, and on each
@@ -348,17 +359,8 @@ old_learner = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
     "Session": grpc.stream_stream_rpc_method_handler(
         session, request_deserializer=pb.TrajectoryChunk.FromString,
         response_serializer=pb.Grant.SerializeToString)})
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[old_learner])
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-try:
-    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=2, reconnect_initial_s=0.01,
-           reconnect_max_s=0.02)
-    sys.exit("the actor trained against a scripted learner that aborts every session")
-except fa.GaveUp as error:
-    assert "scripted: try again" in str(error), str(error)
-finally:
-    server.stop(0)
+error = actor_against([old_learner], reconnect_attempts=2)
+assert isinstance(error, fa.GaveUp) and "scripted: try again" in str(error), repr(error)
 assert calls == ["Session with its handshake", "Handshake", "Session of actor 7",
                  "Handshake", "Session of actor 7"], calls
 
@@ -368,17 +370,8 @@ no_reply = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
     "Session": grpc.stream_stream_rpc_method_handler(
         lambda requests, context: iter(()), request_deserializer=pb.TrajectoryChunk.FromString,
         response_serializer=pb.Grant.SerializeToString)})
-server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[no_reply])
-port = server.add_insecure_port("127.0.0.1:0")
-server.start()
-try:
-    fa.run(task, f"127.0.0.1:{port}", envs=4, reconnect_attempts=2, reconnect_initial_s=0.01,
-           reconnect_max_s=0.02)
-    sys.exit("the actor trained against a server that sends no handshake reply")
-except fa.Refused as error:
-    assert "flgfn-handshake-reply-bin" in str(error), str(error)
-finally:
-    server.stop(0)
+error = actor_against([no_reply], reconnect_attempts=2)
+assert isinstance(error, fa.Refused) and "flgfn-handshake-reply-bin" in str(error), repr(error)
 PYTHON
 then
     echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as does one that sends no handshake reply; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
