@@ -545,8 +545,11 @@ impl Session<'_> {
             model: Some(self.model.into()),
             trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
         };
+        // An actor that truncates every trajectory learns whether the
+        // learner would drop them all before it opens a session: two calls.
         let in_one_call = if *self.handshake_in_session
             && handshake.encoded_len() <= MAX_HANDSHAKE_HEADER_BYTES
+            && self.truncate_fraction < 1.0
         {
             let opened = self
                 .session_shaking_hands(client.clone(), &handshake)
@@ -559,7 +562,10 @@ impl Session<'_> {
             None
         };
         let (reply, grants, upload) = match in_one_call {
-            Some(opened) => opened,
+            Some(opened) => {
+                self.check_truncation(&opened.0)?;
+                opened
+            }
             None => self.handshake_then_session(client, handshake).await?,
         };
         let as_size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
@@ -573,21 +579,6 @@ impl Session<'_> {
         } else {
             "the learner's learner.max_message_bytes"
         };
-
-        // Truncated trajectories to a learner that drops them: every one
-        // wasted when all are cut short (an end the actor could never see
-        // otherwise: the learner only counts them), a share otherwise.
-        if reply.drops_truncated && self.truncate_fraction > 0.0 {
-            if self.truncate_fraction >= 1.0 {
-                return Err(SessionError::Fatal(
-                    "the learner's objective trains on complete trajectories only (TB) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
-                ));
-            }
-            warn!(
-                truncate_fraction = self.truncate_fraction,
-                "the learner's objective trains on complete trajectories only (TB): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
-            );
-        }
         let actor_id = reply.actor_id;
         *self.actor_id = actor_id;
         flgfn_common::telemetry::record_latest(&tracing::Span::current(), "actor_id", actor_id);
@@ -608,6 +599,24 @@ impl Session<'_> {
             max_bytes,
             max_bytes_of,
         })
+    }
+
+    /// Truncated trajectories to a learner that drops them: every one
+    /// wasted when all are cut short (an end the actor could never see
+    /// otherwise: the learner only counts them), a share otherwise.
+    fn check_truncation(&self, reply: &proto::HandshakeReply) -> Result<(), SessionError> {
+        if reply.drops_truncated && self.truncate_fraction > 0.0 {
+            if self.truncate_fraction >= 1.0 {
+                return Err(SessionError::Fatal(
+                    "the learner's objective trains on complete trajectories only (TB) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
+                ));
+            }
+            warn!(
+                truncate_fraction = self.truncate_fraction,
+                "the learner's objective trains on complete trajectories only (TB): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
+            );
+        }
+        Ok(())
     }
 
     /// Opens the Session with the handshake in its headers, in one round
@@ -680,6 +689,8 @@ impl Session<'_> {
             .map_err(|_| retry("the handshake timed out", false))?
             .map_err(handshake_refused)?
             .into_inner();
+        // Before a session opens: one that truncates everything stops here.
+        self.check_truncation(&reply)?;
         // Take whatever weights the learner sends (it refuses to start
         // with weights over its own limit), even if this actor's
         // learner.max_message_bytes, from another file, is lower. gRPC

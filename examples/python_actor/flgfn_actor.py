@@ -476,7 +476,10 @@ class Actor:
 
         outbox, chunks = upload()
         opened = None
-        if self.one_call and handshake.ByteSize() <= MAX_HANDSHAKE_HEADER_BYTES:
+        # (One that truncates every trajectory learns whether the learner
+        # would drop them all before it opens a session: two calls.)
+        if (self.one_call and handshake.ByteSize() <= MAX_HANDSHAKE_HEADER_BYTES
+                and self.truncate_fraction < 1):
             try:
                 opened = self.open_in_one_call(handshake, chunks)
             except BaseException:
