@@ -25,6 +25,7 @@ use flgfn_common::auth::{AUTHORIZATION_HEADER, Token};
 use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::telemetry::with_causes;
+use flgfn_common::weights::WeightEncoding;
 use flgfn_common::wire::proto::{self, learner_client::LearnerClient};
 use flgfn_common::wire::{
     ACTOR_ID_HEADER, FINAL_REFUSAL_HEADER, HANDSHAKE_HEADER, HANDSHAKE_REPLY_HEADER,
@@ -46,29 +47,29 @@ use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
 /// times over.
 const MIN_STREAM_WINDOW: u32 = 4 << 20;
 
-/// The actor's HTTP/2 receive window per stream for `model`: room for its
-/// weights in f32 (the larger encoding) and a margin, so that a grant
-/// comes in one round trip whatever the network's size; at most 1 GiB
-/// (the connection's, twice that, must stay under HTTP/2's 2^31 - 1).
-fn stream_window(model: &ModelSpec) -> u32 {
-    let weights = model
-        .parameter_count()
-        .saturating_mul(4)
-        .saturating_add(1 << 16);
-    u32::try_from(weights)
+/// The most bytes this actor's weights take in a grant: in f32 (the
+/// larger encoding), with their safetensors header, as the learner bounds
+/// its own.
+fn f32_weight_bytes(model: &ModelSpec, task: &TaskSpec) -> u128 {
+    model.weight_bytes(WeightEncoding::F32, &model.weight_metadata(task))
+}
+
+/// The actor's HTTP/2 receive window per stream for weights of
+/// `weight_bytes`: room for them, so that a grant comes in one round trip
+/// whatever the network's size; at most 1 GiB (the connection's, twice
+/// that, must stay under HTTP/2's 2^31 - 1).
+fn stream_window(weight_bytes: u128) -> u32 {
+    u32::try_from(weight_bytes)
         .unwrap_or(u32::MAX)
         .clamp(MIN_STREAM_WINDOW, 1 << 30)
 }
 
-/// Largest grant this actor decodes before the learner has said what it
-/// sends (a Session that shakes hands itself): weights of `model` in f32,
-/// the larger encoding, with room for the safetensors header.
-fn grant_limit(model: &ModelSpec) -> usize {
-    let bytes = model
-        .parameter_count()
-        .saturating_mul(4)
-        .saturating_add(1 << 16);
-    usize::try_from(bytes).unwrap_or(usize::MAX)
+/// The decode limit for grants: this actor's own limit, raised to take
+/// `grants` bytes (weights the learner sends, whatever the actor's own
+/// file says); gRPC frames a message in at most 4 GiB.
+fn grant_decode_limit(own: usize, grants: u128) -> usize {
+    own.max(usize::try_from(grants).unwrap_or(usize::MAX))
+        .min(u32::MAX as usize)
 }
 
 /// Chunks queued towards the learner. Credits bound them; the session
@@ -472,7 +473,8 @@ impl Session<'_> {
     /// two (Handshake, then Session) where it predates that or the
     /// handshake is too large for a header.
     async fn open(&mut self) -> Result<Opened, SessionError> {
-        let window = stream_window(self.model);
+        let weight_bytes = f32_weight_bytes(self.model, self.task);
+        let window = stream_window(weight_bytes);
         let endpoint = Endpoint::from_shared(self.url.to_owned())
             .map_err(|e| SessionError::Fatal(format!("actor.learner ({}): {e}", self.url)))?
             .connect_timeout(Duration::from_secs(5))
@@ -552,7 +554,7 @@ impl Session<'_> {
             && self.truncate_fraction < 1.0
         {
             let opened = self
-                .session_shaking_hands(client.clone(), &handshake)
+                .session_shaking_hands(client.clone(), &handshake, weight_bytes)
                 .await?;
             // A learner that predates it is not asked again on reconnects:
             // each try costs a round trip, and a refusal in its counts.
@@ -626,16 +628,13 @@ impl Session<'_> {
         &self,
         client: LearnerClient<Channel>,
         handshake: &proto::HandshakeRequest,
+        weight_bytes: u128,
     ) -> Result<Option<OpenedStreams>, SessionError> {
         // The learner says what it sends only in its reply, which comes
-        // with the first grant: take this network's weights whatever the
-        // limit in this actor's own file (as with two calls, where the
-        // reply's max_grant_bytes raises it).
-        let mut client = client.max_decoding_message_size(
-            grant_limit(self.model)
-                .max(self.max_message_bytes)
-                .min(u32::MAX as usize),
-        );
+        // with the first grant: take this network's weights (as with two
+        // calls, where the reply's max_grant_bytes raises the limit).
+        let mut client = client
+            .max_decoding_message_size(grant_decode_limit(self.max_message_bytes, weight_bytes));
         let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
         request.metadata_mut().insert_bin(
@@ -693,13 +692,11 @@ impl Session<'_> {
         self.check_truncation(&reply)?;
         // Take whatever weights the learner sends (it refuses to start
         // with weights over its own limit), even if this actor's
-        // learner.max_message_bytes, from another file, is lower. gRPC
-        // frames a message in at most 4 GiB.
-        let weights_limit = self
-            .max_message_bytes
-            .max(usize::try_from(reply.max_grant_bytes).unwrap_or(usize::MAX))
-            .min(u32::MAX as usize);
-        client = client.max_decoding_message_size(weights_limit);
+        // learner.max_message_bytes, from another file, is lower.
+        client = client.max_decoding_message_size(grant_decode_limit(
+            self.max_message_bytes,
+            u128::from(reply.max_grant_bytes),
+        ));
         let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
         let metadata = request.metadata_mut();
@@ -1001,12 +998,16 @@ mod tests {
             forward_actions: 31,
             backward_actions: 30,
         };
-        assert_eq!(stream_window(&model(vec![256, 256])), MIN_STREAM_WINDOW);
-        let wide = model(vec![2048, 2048, 2048]);
-        let weights = u32::try_from(wide.parameter_count() * 4).unwrap();
+        let task = TaskSpec {
+            name: "set_generation".to_owned(),
+            params: vec!["universe=30".to_owned()],
+        };
+        let window = |hidden| stream_window(f32_weight_bytes(&model(hidden), &task));
+        assert_eq!(window(vec![256, 256]), MIN_STREAM_WINDOW);
+        let weights = u32::try_from(model(vec![2048, 2048, 2048]).parameter_count() * 4).unwrap();
         assert!(weights > MIN_STREAM_WINDOW);
-        assert!(stream_window(&wide) >= weights);
-        assert_eq!(stream_window(&model(vec![1 << 20, 1 << 20])), 1 << 30);
+        assert!(window(vec![2048, 2048, 2048]) >= weights);
+        assert_eq!(window(vec![1 << 20, 1 << 20]), 1 << 30);
     }
 
     /// A stand-in HTTP/2 server on `127.0.0.1:0` that records each

@@ -1608,7 +1608,7 @@ impl Config {
         remedy: &str,
     ) -> Result<(), ConfigError> {
         let model = crate::policy::ModelSpec::new(env, &self.model);
-        let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(env));
+        let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(&env.spec()));
         if weight_bytes > limit as u128 {
             return Err(ConfigError::invalid(
                 "model.hidden",

@@ -14,7 +14,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DeviceConfig, ModelConfig};
-use crate::env::{Environment, State};
+use crate::env::{Environment, State, TaskSpec};
 use crate::weights::{self, NamedArray, WeightEncoding, WeightsError};
 
 /// Everything that decides whether weights fit a network. Sent at the
@@ -64,9 +64,9 @@ impl ModelSpec {
 
     /// The metadata every published copy of the weights carries: the task
     /// and the network, so that a reader can tell which run's they are.
-    pub fn weight_metadata(&self, env: &dyn Environment) -> BTreeMap<String, String> {
+    pub fn weight_metadata(&self, task: &TaskSpec) -> BTreeMap<String, String> {
         BTreeMap::from([
-            ("task".to_owned(), env.spec().to_string()),
+            ("task".to_owned(), task.to_string()),
             ("model".to_owned(), self.to_string()),
         ])
     }

@@ -486,17 +486,16 @@ class Actor:
                 outbox.put(None)
                 raise
         if opened is None or opened is STOPPED:
-            # That call is over: its sender must not take a chunk.
+            # That call, if made, is over: its sender must not take a chunk.
             outbox.put(None)
+            if opened is STOPPED:
+                return STOPPED
             outbox, chunks = upload()
-        if opened is None:
             reply, grants = self.shake_hands(handshake), None
-        elif opened is STOPPED:
-            reply = STOPPED
+            if reply is STOPPED:
+                return STOPPED
         else:
             reply, grants = opened
-        if reply is STOPPED:
-            return STOPPED
         # A learner whose objective (TB) drops truncated trajectories.
         if reply.drops_truncated and self.truncate_fraction > 0:
             if self.truncate_fraction >= 1:

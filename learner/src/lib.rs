@@ -533,7 +533,7 @@ pub async fn serve(
         config.learner.max_message_bytes,
         "learner.max_message_bytes",
     )?;
-    let mut metadata = model.weight_metadata(env.as_ref());
+    let mut metadata = model.weight_metadata(&env.spec());
     // Final weights (and every copy actors receive) say which build
     // trained them.
     metadata.insert(BUILD_METADATA_KEY.to_owned(), BUILD.to_owned());

@@ -141,7 +141,7 @@ impl Learner for LearnerService {
         let request = request.into_inner();
         state
             .check_handshake(&request)
-            .map_err(|error| state.refused_handshake(error, &peer))?;
+            .map_err(|error| state.refused(Call::Handshake, error, &peer))?;
         Ok(Response::new(state.join(request.actor_name, &peer, false)))
     }
 
@@ -153,17 +153,11 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = self.state().await?;
-        let refused = |error: RequestError| {
-            let refused_so_far = state.stats.refuse(&format!("session_{}", error.reason()));
-            if refused_so_far.is_power_of_two() {
-                warn!(%peer, %error, refused_so_far, "refused a session");
-            }
-            Status::from(error)
-        };
+        let refused = |error: RequestError| state.refused(Call::Session, error, &peer);
         let opening = match request.metadata().get_bin(HANDSHAKE_HEADER) {
             Some(handshake) => state
                 .read_handshake(request.metadata(), handshake)
-                .map_err(|error| state.refused_handshake(error, &peer))?,
+                .map_err(|error| state.refused(Call::Handshake, error, &peer))?,
             None => state.check_session(request.metadata()).map_err(refused)?,
         };
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
@@ -241,6 +235,15 @@ impl Learner for LearnerService {
     }
 }
 
+/// What a refusal was of, for its counter and its log line.
+#[derive(Clone, Copy)]
+enum Call {
+    /// A handshake: a Handshake call's, or a Session's own.
+    Handshake,
+    /// The opening of a session, or a chunk on it.
+    Session,
+}
+
 /// What the headers of a Session call open it with.
 enum Opening {
     /// The id and session key an earlier Handshake call issued.
@@ -263,14 +266,18 @@ struct Issued {
 }
 
 impl LearnerState {
-    /// Counts and logs a refused handshake (a Handshake call's, or a
-    /// Session's own) and turns it into its status. A client looping
-    /// refused calls logs a line at 1, 2, 4, 8, ... refusals of each
-    /// reason, not one per call.
-    fn refused_handshake(&self, error: RequestError, peer: &str) -> Status {
-        let refused_so_far = self.stats.refuse(&format!("handshake_{}", error.reason()));
+    /// Counts and logs a refusal of `call` and turns it into its status
+    /// (counted as `handshake_<reason>` or `session_<reason>`). A client
+    /// looping refused calls logs a line at 1, 2, 4, 8, ... refusals of
+    /// each reason, not one per call.
+    fn refused(&self, call: Call, error: RequestError, peer: &str) -> Status {
+        let (prefix, what) = match call {
+            Call::Handshake => ("handshake", "refused an actor"),
+            Call::Session => ("session", "refused a session"),
+        };
+        let refused_so_far = self.stats.refuse(&format!("{prefix}_{}", error.reason()));
         if refused_so_far.is_power_of_two() {
-            warn!(%peer, %error, refused_so_far, "refused an actor");
+            warn!(%peer, %error, refused_so_far, "{what}");
         }
         Status::from(error)
     }
