@@ -10,10 +10,15 @@
 //! on the ingest pool and queued for the trainer with that credit.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use flgfn_common::telemetry::panic_message;
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::proto;
 use prost::Message;
@@ -156,6 +161,26 @@ impl Drop for EndUnlogged {
     }
 }
 
+/// A future whose panic comes back as its payload instead of unwinding
+/// the task that polls it: a session that meets a bug still gives back its
+/// actor's numbering, tells the actor why it ends, and is in the report.
+/// (Its credits and place go back on drop either way.)
+struct PanicCaught<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for PanicCaught<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // A future that panicked is never polled again: this one is ready.
+        let inner = self.get_mut().0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Err(payload) => Poll::Ready(Err(payload)),
+        }
+    }
+}
+
 /// One actor's session.
 pub struct Session {
     /// Shared learner state.
@@ -258,7 +283,21 @@ impl Session {
             sequence,
             ..Progress::default()
         };
-        let served = self.serve(&mut progress).await;
+        let actor_id = self.actor_id;
+        let served = match PanicCaught(Box::pin(self.serve(&mut progress))).await {
+            Ok(served) => served,
+            Err(payload) => {
+                let panic = panic_message(&*payload);
+                tracing::error!(
+                    actor_id,
+                    panic,
+                    "serving a session panicked (a bug): the session ends, the learner goes on"
+                );
+                Err(Status::internal(format!(
+                    "the learner failed while serving this session (a bug: {panic}); what it accepted before is kept"
+                )))
+            }
+        };
         // The credits this actor holds go back to the room now: the last
         // message below may wait on an actor that no longer reads. Their
         // chunks may have been sent, and lost with the connection.
@@ -725,5 +764,22 @@ mod tests {
         assert_eq!(Status::from(error).code(), Code::Internal);
         // The slot was given back: the next chunk is validated.
         assert_eq!(pool.run(|| 7).await.unwrap(), 7);
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_serving_comes_back_as_its_message() {
+        let mut polls = 0;
+        let output = PanicCaught(Box::pin(async {
+            polls += 1;
+            tokio::task::yield_now().await;
+            polls += 1;
+            panic!("a bug met while serving");
+        }))
+        .await;
+        let payload = output.expect_err("the panic comes back");
+        assert_eq!(panic_message(&*payload), "a bug met while serving");
+        assert_eq!(polls, 2, "it panicked after a pending poll, not at once");
+        // A future that finishes comes back as its output.
+        assert_eq!(PanicCaught(Box::pin(async { 7 })).await.ok(), Some(7));
     }
 }
