@@ -494,6 +494,14 @@ pub struct LearnerConfig {
     /// must not hold up training for longer. Raise it for rollouts that
     /// take longer than this (a huge chunk on a slow machine).
     pub stall_timeout_s: f64,
+    /// Seconds between the learner's HTTP/2 pings on each connection; one
+    /// unanswered for twice this closes the connection and ends its
+    /// session (logged as a lost connection). It finds a frozen actor or a
+    /// cut link whatever `stall_timeout_s` is (an actor busy rolling out
+    /// still answers: its pings are served off the rollout thread), and
+    /// frees its place and credits; raise it where links drop pings for
+    /// longer.
+    pub keepalive_s: f64,
 }
 
 impl LearnerConfig {
@@ -555,6 +563,7 @@ impl Default for LearnerConfig {
             idle_connection_s: 300.0,
             max_session_bytes: 64 << 20,
             stall_timeout_s: 30.0,
+            keepalive_s: 10.0,
         }
     }
 }
@@ -1509,6 +1518,7 @@ impl Config {
             l.stall_timeout_s,
             MIN_STALL_TIMEOUT_S,
         )?;
+        timer_seconds("learner.keepalive_s", l.keepalive_s, MIN_KEEPALIVE_S)?;
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
@@ -1710,9 +1720,9 @@ pub const MIN_STALL_TIMEOUT_S: f64 = 0.1;
 /// a tight loop (the jittered wait rounds to nothing).
 pub const MIN_RECONNECT_S: f64 = 0.01;
 
-/// Shortest `actor.keepalive_s`: an actor drops a connection whose ping
-/// goes unanswered for twice this, so shorter would drop every connection
-/// over a link with a longer round trip.
+/// Shortest `actor.keepalive_s` and `learner.keepalive_s`: each side drops
+/// a connection whose ping goes unanswered for twice this, so shorter
+/// would drop every connection over a link with a longer round trip.
 pub const MIN_KEEPALIVE_S: f64 = 1.0;
 
 /// A timer's seconds: at least `min`, at most [`MAX_WAIT_S`] (a day), so
@@ -2485,6 +2495,12 @@ mod tests {
                 "a day",
             ),
             ("[actor]\nkeepalive_s = 0.001\n", "actor.keepalive_s", "1"),
+            ("[learner]\nkeepalive_s = 0.5\n", "learner.keepalive_s", "1"),
+            (
+                "[learner]\nkeepalive_s = 1e20\n",
+                "learner.keepalive_s",
+                "a day",
+            ),
             (
                 "[actor]\nprogress_log_s = 0.5\n",
                 "actor.progress_log_s",

@@ -127,19 +127,21 @@ pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, Le
             )
             .into());
         }
-        return Ok(server_builder());
+        return Ok(server_builder(&config.learner));
     };
     let mut tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(cert, key));
     if let Some(ca) = files.ca {
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
     }
-    server_builder().tls_config(tls).map_err(|e| {
-        // tonic's own text is only "transport error": the cause says
-        // which file is wrong.
-        let why = flgfn_common::telemetry::with_causes(&e);
-        ConfigError::invalid("tls.cert_file, tls.key_file or tls.ca_file", why).into()
-    })
+    server_builder(&config.learner)
+        .tls_config(tls)
+        .map_err(|e| {
+            // tonic's own text is only "transport error": the cause says
+            // which file is wrong.
+            let why = flgfn_common::telemetry::with_causes(&e);
+            ConfigError::invalid("tls.cert_file, tls.key_file or tls.ca_file", why).into()
+        })
 }
 
 /// The learner's flow-control and keepalive settings. Credits bound what is
@@ -148,7 +150,8 @@ pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, Le
 /// (TCP_NODELAY and TCP keepalive are set where connections are accepted,
 /// in [`connections`]: tonic applies its own settings only to the listener
 /// it binds itself.)
-fn server_builder() -> tonic::transport::Server {
+fn server_builder(learner: &LearnerConfig) -> tonic::transport::Server {
+    let keepalive = Duration::from_secs_f64(learner.keepalive_s);
     tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
         // An actor uses two streams at a time (its session, a handshake):
@@ -162,9 +165,10 @@ fn server_builder() -> tonic::transport::Server {
         // without end (RUSTSEC-2024-0003's pattern). Actors cause none.
         .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .http2_max_pending_accept_reset_streams(Some(20))
-        // Free the sessions of actors whose host vanished silently.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Free the sessions of actors that stopped answering (frozen, or
+        // whose host vanished silently).
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive * 2))
 }
 
 /// Most concurrent HTTP/2 streams (calls) on one connection: further calls

@@ -71,7 +71,18 @@ enum Ended {
     /// The stream of grants closed with the actor's side still open: the
     /// connection went under it.
     GrantsUndelivered,
+    /// The actor's side ended and the grants' stream closed with it: the
+    /// connection was closed under the session (by the learner's keepalive,
+    /// its pings unanswered: a frozen actor or a cut link; or by a proxy).
+    ConnectionClosed,
 }
+
+/// How long a session whose actor's side ended waits to see its grants'
+/// stream close as well, which tells a lost connection from a leaving
+/// actor: a leaving actor (this project's, or the Python one) closes its
+/// side and reads on until the session ends, while a connection closed by
+/// keepalive ends both within microseconds (measured).
+const CONNECTION_CLOSE_GRACE: Duration = Duration::from_millis(50);
 
 /// Runs replay and validation on tokio's blocking pool, at most
 /// `learner.ingest_threads` at a time, so a flood of chunks never occupies
@@ -311,12 +322,20 @@ impl Session {
         // Why, for the operator's log line below: the end of training, the
         // actor's leaving, or the status that ended the session (a
         // refusal, a stall, a broken connection).
+        // A lost connection (a crashed or frozen actor, a cut link) is a
+        // warning: an operator watching warnings sees actors go.
+        let mut lost = false;
         let ended_by = match served {
             Ok(Ended::TrainingDone) => "training done".to_owned(),
             Ok(_) if *self.state.publisher.done().borrow() => "training done".to_owned(),
             Ok(Ended::ActorLeft) => "the actor left".to_owned(),
             Ok(Ended::GrantsUndelivered) => {
+                lost = true;
                 "the connection was lost (a grant could not be delivered)".to_owned()
+            }
+            Ok(Ended::ConnectionClosed) => {
+                lost = true;
+                "the connection was lost (closed under the session: keepalive pings unanswered for 2 x learner.keepalive_s, from a frozen actor or across a cut link, say)".to_owned()
             }
             Err(status) => {
                 // Training may be ending while this session was busy (a
@@ -335,6 +354,7 @@ impl Session {
                 {
                     // The actor's connection broke under its stream (a
                     // killed actor, a cut link): tonic has no code for it.
+                    lost = true;
                     format!("the connection was lost ({})", status.message())
                 } else {
                     format!("{:?}: {}", status.code(), status.message())
@@ -350,14 +370,20 @@ impl Session {
         };
         let record = &progress.record;
         end_unlogged.armed = false;
-        info!(
-            ended_by,
-            duration_s = self.opened_at.elapsed().as_secs_f64(),
-            chunks = record.chunks_received,
-            credits = record.credits_granted,
-            versions_sent = record.versions_sent,
-            "session ended"
-        );
+        let duration_s = self.opened_at.elapsed().as_secs_f64();
+        let (chunks, credits) = (record.chunks_received, record.credits_granted);
+        let versions_sent = record.versions_sent;
+        if lost {
+            warn!(
+                ended_by,
+                duration_s, chunks, credits, versions_sent, "session ended"
+            );
+        } else {
+            info!(
+                ended_by,
+                duration_s, chunks, credits, versions_sent, "session ended"
+            );
+        }
         stats.record_session(progress.record);
     }
 
@@ -437,8 +463,15 @@ impl Session {
                 message = self.inbound.message() => {
                     let message = message.inspect_err(|status| self.count_unreadable(status))?;
                     let Some(message) = message else {
-                        // The actor closed its side: it is leaving.
-                        return Ok(Ended::ActorLeft);
+                        // The actor closed its side, leaving; or its
+                        // connection was closed under the session (hyper
+                        // ends the stream the same way then).
+                        let closed = tokio::time::timeout(CONNECTION_CLOSE_GRACE, self.grants.closed()).await;
+                        return Ok(if closed.is_ok() {
+                            Ended::ConnectionClosed
+                        } else {
+                            Ended::ActorLeft
+                        });
                     };
                     self.receive(message, &credits, progress).await.map_err(|error| {
                         if matches!(error, RequestError::ShuttingDown) {

@@ -1330,6 +1330,49 @@ fn a_killed_actor_ends_its_session_as_a_lost_connection() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An actor that stops answering (frozen) loses its connection to the
+/// learner's keepalive, whatever `learner.stall_timeout_s` is, and that is
+/// said as a lost connection, a warning; an actor that leaves (SIGTERM)
+/// is said to have left, at info.
+#[test]
+fn a_frozen_actor_is_a_lost_connection_and_a_leaving_one_left() {
+    let dir = scratch("frozen-actor");
+    let config = tiny_config_file(&dir, 0);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let settings = "[learner]\nkeepalive_s = 1.0\nstall_timeout_s = 600.0\n";
+    std::fs::write(&config, text.replace("[learner]\n", settings)).unwrap();
+    let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
+    let frozen = connected_actor(port, &config, &dir.join("frozen.log"));
+    let leaving = connected_actor(port, &config, &dir.join("leaving.log"));
+    wait_for_log(&learner_log, "trained/s=");
+    freeze(frozen.id());
+    let frozen_at = Instant::now();
+    wait_for_log(&learner_log, "session ended");
+    // Two pings' worth and some (20 to 30 s at the default 10 s).
+    let noticed_after = frozen_at.elapsed();
+    assert!(noticed_after < Duration::from_secs(15), "{noticed_after:?}");
+    signal(leaving.id(), "TERM");
+    wait_for_more_in_log(&learner_log, "session ended", 1);
+    let log = std::fs::read_to_string(&learner_log).unwrap();
+    let ended: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("session ended"))
+        .collect();
+    assert!(
+        ended[0].contains(" WARN ")
+            && ended[0].contains("ended_by=\"the connection was lost (closed under the session"),
+        "{}",
+        ended[0]
+    );
+    assert!(
+        ended[1].contains(" INFO ") && ended[1].contains("ended_by=\"the actor left\""),
+        "{}",
+        ended[1]
+    );
+    drop((frozen, leaving, learner));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_stop_while_the_learner_drains_its_connections_closes_them_at_once() {
     let dir = scratch("stop-while-draining");
