@@ -47,15 +47,34 @@ def strings_of(name):
         return f.read()
 
 
+def project_variables():
+    """Every FLGFN_ name the project's Rust sources spell out."""
+    names = set()
+    for path in glob.glob(os.path.join(ROOT, "*", "src", "**", "*.rs"), recursive=True):
+        with open(path, encoding="utf-8") as f:
+            names.update(re.findall(r"FLGFN_[A-Z0-9_]*[A-Z0-9]", f.read()))
+    return names
+
+
+PROJECT_VARIABLES = project_variables()
+
+
 def reads(binary, key):
     """Whether the binary holds `key` as a name of its own: some occurrence
-    not followed by `_` (FLGFN_LOG is only part of FLGFN_LOG_FORMAT, and
-    FLGFN_HEALTH of FLGFN_HEALTH_ADDRESS). Other strings may follow a name
-    directly: the binary packs them without separators."""
+    that is not part of a longer name of the project's (FLGFN_LOG is only
+    part of FLGFN_LOG_FORMAT, and FLGFN_HEALTH of FLGFN_HEALTH_ADDRESS, or of
+    the 16-byte piece FLGFN_HEALTH_ADD that a comparison is compiled to,
+    padded with `_`). Anything else may follow a name directly: the binary
+    packs its strings without separators, one that starts with `_`
+    included."""
+    longer = [name.encode() for name in PROJECT_VARIABLES if name.startswith(key + "_")]
+    continuation = re.compile(rb"[A-Z0-9_]*")
     key = key.encode()
     at = binary.find(key)
     while at >= 0:
-        if binary[at + len(key):at + len(key) + 1] != b"_":
+        end = continuation.match(binary, at + len(key)).end()
+        run = binary[at:end].rstrip(b"_")
+        if not any(name.startswith(run) or run.startswith(name) for name in longer):
             return True
         at = binary.find(key, at + 1)
     return False
