@@ -165,14 +165,28 @@ async fn try_handshake(
     url: &str,
     config: &Config,
 ) -> Result<(LearnerClient<Channel>, Issued), String> {
-    let mut client = LearnerClient::connect(url.to_owned())
+    let call = async {
+        let mut client = LearnerClient::connect(url.to_owned())
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = client
+            .handshake(handshake_request(config))
+            .await
+            .map_err(|status| format!("{status:?}"))?;
+        Ok((client, reply.into_inner().into()))
+    };
+    answered(call, "a connection and a Handshake call").await
+}
+
+/// How long a raw client waits for the learner to answer a call (and a
+/// connection), whatever it answers: a test that hangs says where.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// `call`'s outcome, or a failure naming `what` went unanswered.
+async fn answered<T>(call: impl std::future::Future<Output = T>, what: &str) -> T {
+    tokio::time::timeout(ANSWER_WITHIN, call)
         .await
-        .map_err(|e| e.to_string())?;
-    let reply = client
-        .handshake(handshake_request(config))
-        .await
-        .map_err(|status| format!("{status:?}"))?;
-    Ok((client, reply.into_inner().into()))
+        .unwrap_or_else(|_| panic!("{what}: no answer in {ANSWER_WITHIN:?}"))
 }
 
 /// [`try_handshake`] until it succeeds, within `limit` (else fails with
@@ -227,7 +241,9 @@ async fn open_declaring(
     request
         .metadata_mut()
         .insert(TRAJECTORIES_PER_CHUNK_HEADER, per_chunk.into());
-    let grants = client.session(request).await?.into_inner();
+    let grants = answered(client.session(request), "a Session call")
+        .await?
+        .into_inner();
     Ok(RawSession { upload, grants })
 }
 
@@ -246,7 +262,7 @@ async fn open_shaking_hands(
         tonic::metadata::MetadataValue::from_bytes(handshake),
     );
     extra(request.metadata_mut());
-    let response = client.session(request).await?;
+    let response = answered(client.session(request), "a Session call shaking hands").await?;
     let reply = response
         .metadata()
         .get_bin(HANDSHAKE_REPLY_HEADER)
@@ -1651,16 +1667,11 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
     config.learner.idle_connection_s = 300.0;
     config.learner.max_steps = 1;
     let (url, learner, stop) = start_learner(&config).await;
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
+    let channel = answered(endpoint.connect(), "a connection").await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap();
+    let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+    answered(check, "a health check").await.unwrap();
     let checked = tokio::time::Instant::now();
     assert!(
         try_handshake(&url, &config).await.is_err(),
