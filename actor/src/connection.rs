@@ -123,6 +123,11 @@ pub enum SessionError {
         /// rollouts outlast `learner.stall_timeout_s` (cut before its
         /// first chunk, every session) would be.
         served: bool,
+        /// The peer answered with something that is not HTTP/2: a server
+        /// of another protocol, or a TLS learner answering plain text with
+        /// a TLS alert (the actor then checks which, see
+        /// [`answers_as_tls`]).
+        not_http2: bool,
     },
 }
 
@@ -194,8 +199,56 @@ fn retry(message: impl Into<String>, served: bool) -> SessionError {
     SessionError::Retry {
         message: message.into(),
         served,
+        not_http2: false,
     }
 }
+
+/// [`retry`] for a peer that answered with something that is not HTTP/2,
+/// before any session.
+fn retry_not_http2(message: String) -> SessionError {
+    SessionError::Retry {
+        message,
+        served: false,
+        not_http2: true,
+    }
+}
+
+/// The first bytes of the HTTP/2 client preface, which is what a plain-text
+/// client sends first: a TLS server reads them as a record header of an
+/// unknown type, and answers with an alert. Exactly one record header
+/// long, so the server reads all of it and its close cannot reset the
+/// connection under its alert.
+const PLAIN_TEXT_PROBE: &[u8; 5] = b"PRI *";
+
+/// Whether the server at `url`'s host and port answers plain text as a TLS
+/// server does: with an alert record (content type 21, version 3.x). Asked
+/// once an `http://` address answered with something that is not HTTP/2,
+/// to name the fix rather than retry for ever. False for anything else
+/// (no answer in [`HANDSHAKE_TIMEOUT`], a closed connection, other bytes).
+async fn answers_as_tls(url: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(authority) = url
+        .parse::<tonic::codegen::http::Uri>()
+        .ok()
+        .and_then(|uri| Some(format!("{}:{}", uri.host()?, uri.port_u16().unwrap_or(80))))
+    else {
+        return false;
+    };
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        stream.write_all(PLAIN_TEXT_PROBE).await.ok()?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.ok()?;
+        Some(head == [TLS_ALERT_RECORD, 3])
+    };
+    matches!(
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// A TLS record's first byte when it is an alert.
+const TLS_ALERT_RECORD: u8 = 0x15;
 
 /// Alerts by which a TLS server refuses its client's certificate.
 const CERTIFICATE_REFUSED: [rustls::AlertDescription; 7] = {
@@ -352,14 +405,11 @@ fn classify(status: Status, served: bool) -> SessionError {
         // What answers before any session is not an HTTP/2 server (a web
         // server on that port, whose HTTP/1 reply reads as a frame too
         // large). Maybe passing, so retried, but saying what to check.
-        _ if !served && not_http2(&status) => retry(
-            format!(
-                "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
-                status.code(),
-                status_causes(&status)
-            ),
-            served,
-        ),
+        _ if !served && not_http2(&status) => retry_not_http2(format!(
+            "{}: {} (is actor.learner the address of a flgfn learner, with http:// or https:// as it serves?)",
+            status.code(),
+            status_causes(&status)
+        )),
         _ => retry(
             format!(
                 "{}{}: {}",
@@ -434,15 +484,17 @@ impl Session<'_> {
                 } else {
                     "no HTTP/2 answer yet (a learner restarting or full; or one serving TLS: then use https:// and tls.ca_file)"
                 };
-                Err(retry(
-                    format!(
-                        "{}: {} (the token was not sent to {}: {why})",
-                        status.code(),
-                        status_causes(&status),
-                        self.url
-                    ),
-                    false,
-                ))
+                let message = format!(
+                    "{}: {} (the token was not sent to {}: {why})",
+                    status.code(),
+                    status_causes(&status),
+                    self.url
+                );
+                Err(if not_http2(&status) {
+                    retry_not_http2(message)
+                } else {
+                    retry(message, false)
+                })
             }
         }
     }
@@ -456,8 +508,32 @@ impl Session<'_> {
         mut shutdown: Pin<&mut S>,
     ) -> Result<SessionEnd, SessionError> {
         let opened = tokio::select! {
-            opened = self.open() => opened?,
+            opened = self.open() => opened,
             () = shutdown.as_mut() => return Ok(SessionEnd::Stopped),
+        };
+        let opened = match opened {
+            // A TLS learner answers plain text with an alert, which HTTP/2
+            // reads as a frame too large: retried, that would fail the
+            // same way for ever.
+            Err(
+                error @ SessionError::Retry {
+                    not_http2: true, ..
+                },
+            ) if self.tls.is_none() => {
+                let tls = tokio::select! {
+                    tls = answers_as_tls(self.url) => tls,
+                    () = shutdown.as_mut() => return Ok(SessionEnd::Stopped),
+                };
+                return Err(if tls {
+                    SessionError::Fatal(format!(
+                        "the learner at {} serves TLS: give actor.learner as https://, and tls.ca_file the CA that signed its certificate",
+                        self.url
+                    ))
+                } else {
+                    error
+                });
+            }
+            other => other?,
         };
         let mut stopping = false;
         match self.serve(opened, shutdown, &mut stopping).await {
@@ -1115,9 +1191,43 @@ mod tests {
         );
     }
 
+    /// The probe tells a TLS server's alert from anything else a server
+    /// answers plain text with, or no server.
+    #[tokio::test]
+    async fn a_tls_alert_is_told_from_other_answers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn answering(reply: &'static [u8]) -> String {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let mut probe = [0u8; PLAIN_TEXT_PROBE.len()];
+                stream.read_exact(&mut probe).await.unwrap();
+                assert_eq!(&probe, PLAIN_TEXT_PROBE);
+                stream.write_all(reply).await.unwrap();
+            });
+            format!("http://{address}")
+        }
+        // An alert record (TLS 1.2 framing), as rustls sends one.
+        assert!(
+            answers_as_tls(&answering(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]).await).await
+        );
+        // An HTTP/1 server's reply, a handshake record, nothing at all.
+        assert!(!answers_as_tls(&answering(b"HTTP/1.1 400 Bad Request\r\n").await).await);
+        assert!(!answers_as_tls(&answering(&[0x16, 0x03, 0x03]).await).await);
+        assert!(!answers_as_tls(&answering(b"").await).await);
+        // No server there.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(!answers_as_tls(&format!("http://{address}")).await);
+    }
+
     fn retried(error: SessionError) -> (String, bool) {
         match error {
-            SessionError::Retry { message, served } => (message, served),
+            SessionError::Retry {
+                message, served, ..
+            } => (message, served),
             other => panic!("not retried: {other}"),
         }
     }

@@ -570,7 +570,9 @@ pub async fn stay_connected(
             }
             Err(refused @ SessionError::Refused(_)) => break Err(ActorError::Refused(refused)),
             Err(SessionError::Fatal(message)) => break Err(ActorError::Fatal(message)),
-            Err(SessionError::Retry { message, served }) => {
+            Err(SessionError::Retry {
+                message, served, ..
+            }) => {
                 // The rollout side stopped (its error is the actor's, and
                 // the caller reports it): no point in reconnecting.
                 if orders.is_closed() {

@@ -372,9 +372,43 @@ no_reply = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
         response_serializer=pb.Grant.SerializeToString)})
 error = actor_against([no_reply], reconnect_attempts=2)
 assert isinstance(error, fa.Refused) and "flgfn-handshake-reply-bin" in str(error), repr(error)
+
+# A learner that serves TLS answers plain text with a TLS alert: the actor
+# stops, saying so, rather than retry for ever. (A raw socket here, sending
+# the alert record rustls sends, then closing.)
+import socket
+import threading
+
+tls_like = socket.create_server(("127.0.0.1", 0))
+
+
+def answer_with_alerts():
+    while True:
+        try:
+            connection, _ = tls_like.accept()
+        except OSError:
+            return
+        with connection:
+            try:
+                connection.recv(64)
+                connection.sendall(bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]))
+            except OSError:
+                pass
+
+
+threading.Thread(target=answer_with_alerts, daemon=True).start()
+try:
+    fa.run(task, f"127.0.0.1:{tls_like.getsockname()[1]}", envs=4, reconnect_attempts=50,
+           reconnect_initial_s=0.01, reconnect_max_s=0.02, connect_timeout_s=2.0)
+    sys.exit("the actor trained against a TLS alert")
+except fa.Refused as error:
+    assert "serves TLS" in str(error) and "plain text only" in str(error), str(error)
+finally:
+    tls_like.close()
+assert not fa.answers_as_tls(f"127.0.0.1:{socket.create_server(('127.0.0.1', 0)).getsockname()[1]}", 0.5)
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as does one that sends no handshake reply; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi

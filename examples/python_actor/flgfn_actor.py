@@ -322,6 +322,31 @@ EXIT_LEARNER_UNREACHABLE = 75
 LEAVE_TIMEOUT_S = 10.0
 
 
+def answers_as_tls(learner, timeout):
+    """Whether the server at `learner` (host:port) answers a few bytes of
+    plain text as a TLS server does: with an alert record (content type 21,
+    version 3.x). Asked, as the Rust actor does, once an attempt got no
+    answer, to name the fix rather than retry for ever. The bytes are one
+    TLS record header, so the server reads all of them and its close
+    cannot reset the connection under its alert."""
+    address = re.fullmatch(r"\[?([0-9a-fA-F:.]+|[^:\[\]]+)\]?:([0-9]+)", learner)
+    if not address:
+        return False
+    try:
+        with socket.create_connection((address.group(1), int(address.group(2))),
+                                      timeout=timeout) as probe:
+            probe.sendall(b"PRI *")
+            head = b""
+            while len(head) < 2:
+                more = probe.recv(2 - len(head))
+                if not more:
+                    return False
+                head += more
+            return head == b"\x15\x03"
+    except (OSError, ValueError):
+        return False
+
+
 def is_final(error):
     trailers = error.trailing_metadata() or ()
     if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
@@ -702,6 +727,12 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
+                if (not actor.granted and error.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                           grpc.StatusCode.DEADLINE_EXCEEDED)
+                        and answers_as_tls(learner, connect_timeout_s)):
+                    raise Refused(f"the learner at {learner} serves TLS, and this example speaks "
+                                  f"plain text only: use the Rust actor with an https:// "
+                                  f"address (or grpc.secure_channel with the learner's CA)") from error
                 # Granted, yet ended before a chunk: the stall timeout (not
                 # an unreachable learner, whose handshake times out).
                 if (error.code() == grpc.StatusCode.DEADLINE_EXCEEDED

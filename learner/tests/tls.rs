@@ -282,12 +282,20 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
         error.contains("actor.learner") && error.contains("https://"),
         "{error}"
     );
-    // Plain text to a TLS port, without TLS files: the actor gives up
-    // after its attempts, with an error, and the learner carries on.
+    // Plain text to a TLS port, without TLS files (and with no limit on
+    // attempts): the actor finds the learner's TLS and stops at once,
+    // naming the fix; the learner carries on.
     let mut plain = plain;
     plain.tls = Default::default();
-    let error = actor_error(plain, "plain", 30, "the actor gives up after its attempts").await;
-    assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
+    plain.actor.reconnect_attempts = 0;
+    let error = actor_error(plain, "plain", 30, "the actor stops, finding TLS").await;
+    assert!(matches!(error, ActorError::Fatal(_)), "{error:?}");
+    assert!(
+        error.to_string().contains(&format!(
+            "the learner at http://127.0.0.1:{port} serves TLS: give actor.learner as https://"
+        )),
+        "{error}"
+    );
 
     // A certificate the actor does not accept is final, not retried for
     // ever (0 attempts: no limit), and names what to fix: the CA...
