@@ -1414,11 +1414,18 @@ impl Config {
             l.batch_transitions,
             MAX_BATCH_TRANSITIONS,
         )?;
-        at_least(
-            "learner.max_batch_transitions",
-            l.max_batch_transitions,
-            l.batch_transitions,
-        )?;
+        if l.max_batch_transitions < l.batch_transitions {
+            // Either may be the one the user set: name both, and the
+            // default, which a user raising batch_transitions alone meets.
+            let default = LearnerConfig::default().max_batch_transitions;
+            return Err(ConfigError::invalid(
+                "learner.max_batch_transitions",
+                format!(
+                    "{} is less than learner.batch_transitions ({}): a batch starts at batch_transitions and grows up to max_batch_transitions (by default {default}); raise max_batch_transitions to at least {}, or lower batch_transitions",
+                    l.max_batch_transitions, l.batch_transitions, l.batch_transitions,
+                ),
+            ));
+        }
         at_most(
             "learner.max_batch_transitions",
             l.max_batch_transitions,
@@ -2496,6 +2503,11 @@ mod tests {
             ),
             ("[actor]\nkeepalive_s = 0.001\n", "actor.keepalive_s", "1"),
             ("[learner]\nkeepalive_s = 0.5\n", "learner.keepalive_s", "1"),
+            (
+                "[learner]\nbatch_transitions = 5000\n",
+                "learner.max_batch_transitions",
+                "2560 is less than learner.batch_transitions (5000): a batch starts at batch_transitions and grows up to max_batch_transitions (by default 2560)",
+            ),
             (
                 "[learner]\nkeepalive_s = 1e20\n",
                 "learner.keepalive_s",

@@ -81,6 +81,15 @@ pub enum SetSize {
 }
 
 impl SetSize {
+    /// As written in `task.size`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SetSize::Small => "small",
+            SetSize::Medium => "medium",
+            SetSize::Large => "large",
+        }
+    }
+
     /// The preset's universe size |U|, set size |S| and energy levels.
     pub fn preset(self) -> (usize, usize, &'static [f64]) {
         match self {
@@ -136,6 +145,9 @@ impl SetGeneration {
     pub const NAME: &'static str = "set_generation";
 
     /// Builds the task from its configuration: the preset, then overrides.
+    /// A refused value that came from the preset says so: a user who set
+    /// only `universe = 10` must not be left wondering where the set size
+    /// 20 they are told of came from.
     pub fn new(config: &SetGenerationConfig) -> Result<Self, ConfigError> {
         let (universe, set_size, levels) = config.size.preset();
         Self::from_parts(
@@ -143,6 +155,24 @@ impl SetGeneration {
             config.set_size.unwrap_or(set_size),
             config.levels.clone().unwrap_or_else(|| levels.to_vec()),
         )
+        .map_err(|error| match error {
+            ConfigError::Invalid { field, reason } => {
+                let preset = match field.as_str() {
+                    "task.universe" if config.universe.is_none() => Some(("universe", universe)),
+                    "task.set_size" if config.set_size.is_none() => Some(("set_size", set_size)),
+                    _ => None,
+                };
+                let reason = match preset {
+                    Some((key, value)) => format!(
+                        "{reason} (task.size = \"{}\" sets {key} = {value}: set task.{key} too)",
+                        config.size.name()
+                    ),
+                    None => reason,
+                };
+                ConfigError::Invalid { field, reason }
+            }
+            other => other,
+        })
     }
 
     /// Builds the task from explicit parameters, validating them.

@@ -558,3 +558,44 @@ fn every_set_size_is_judged_by_its_own_thresholds() {
     // Their own: the sizes' energies spread differently.
     assert!(w1[0] != w1[1] && w1[1] != w1[2], "{w1:?}");
 }
+
+/// A refused value that the size preset supplied names the preset and the
+/// key to set; one the user set is refused as it is.
+#[test]
+fn a_refused_value_from_the_preset_says_where_it_came_from() {
+    let refusal = |config: SetGenerationConfig| {
+        SetGeneration::new(&config)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default()
+    };
+    let from_preset = refusal(SetGenerationConfig {
+        universe: Some(10),
+        ..SetGenerationConfig::default()
+    });
+    assert!(
+        from_preset.contains("task.set_size")
+            && from_preset.contains("got 20")
+            && from_preset
+                .contains("task.size = \"small\" sets set_size = 20: set task.set_size too"),
+        "{from_preset}"
+    );
+    let set_by_the_user = refusal(SetGenerationConfig {
+        universe: Some(10),
+        set_size: Some(20),
+        ..SetGenerationConfig::default()
+    });
+    assert!(set_by_the_user.contains("got 20"), "{set_by_the_user}");
+    assert!(!set_by_the_user.contains("task.size"), "{set_by_the_user}");
+    // The universe too: medium's 80 with levels the user gave (3 of them).
+    let universe = refusal(SetGenerationConfig {
+        size: SetSize::Medium,
+        levels: Some(vec![0.1, 0.2, 0.3]),
+        ..SetGenerationConfig::default()
+    });
+    assert!(
+        universe.contains("task.universe")
+            && universe.contains("task.size = \"medium\" sets universe = 80"),
+        "{universe}"
+    );
+}
