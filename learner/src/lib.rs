@@ -617,7 +617,15 @@ pub async fn serve(
             .await
             .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
         }
-        None => (None, None),
+        None => {
+            if options.fresh {
+                // Not an error: a script may pass --fresh to every run.
+                warn!(
+                    "--fresh has nothing to delete: checkpoints are off (learner.checkpoint_dir is empty)"
+                );
+            }
+            (None, None)
+        }
     };
     let finished_already = resume
         .as_ref()

@@ -106,6 +106,19 @@ fn resume_changed_contradicts_fresh_only_when_on() {
     }
 }
 
+/// `--fresh` with checkpoints off deletes nothing and says so; the run
+/// goes on.
+#[test]
+fn fresh_without_checkpoints_says_it_has_nothing_to_delete() {
+    let dir = scratch("fresh-without-checkpoints");
+    let log = String::from_utf8(training_log(&dir, &[], &["--fresh"])).unwrap();
+    assert!(
+        log.contains("--fresh has nothing to delete: checkpoints are off"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A bad value from a variable is blamed on the variable, which the user
 /// set, not on the flag it stands for, which clap alone would name; one
 /// typed on the command line is still clap's to report.
