@@ -73,7 +73,9 @@ enum Ended {
     GrantsUndelivered,
     /// The actor's side ended and the grants' stream closed with it: the
     /// connection was closed under the session (by the learner's keepalive,
-    /// its pings unanswered: a frozen actor or a cut link; or by a proxy).
+    /// its pings unanswered: a frozen actor or a cut link; or by a proxy),
+    /// or the actor stopped waiting for its session to end (after its 10 s
+    /// drain) and dropped the call.
     ConnectionClosed,
 }
 
@@ -335,7 +337,7 @@ impl Session {
             }
             Ok(Ended::ConnectionClosed) => {
                 lost = true;
-                "the connection was lost (closed under the session: keepalive pings unanswered for 2 x learner.keepalive_s, from a frozen actor or across a cut link, say)".to_owned()
+                "the connection was lost (closed under the session: keepalive pings unanswered, from a frozen actor or across a cut link; or the actor stopped waiting for the session's end)".to_owned()
             }
             Err(status) => {
                 // Training may be ending while this session was busy (a
@@ -447,14 +449,14 @@ impl Session {
                         tokens.push(token);
                     }
                     if !self.grant(tokens, progress).await? {
-                        // Its grants' stream is closed: the actor dropped
-                        // the call after closing its side (a leaving whose
-                        // end of stream is already here), or the
-                        // connection went (a killed actor, a keepalive
-                        // timeout, a proxy).
+                        // Its grants' stream is closed: the connection went
+                        // (a killed actor, a keepalive timeout, a proxy), or
+                        // the actor dropped the call (a leaving actor reads
+                        // grants until the session ends, so not one that
+                        // left in order).
                         let left = tokio::time::timeout(Duration::ZERO, self.inbound.message()).await;
                         return Ok(if matches!(left, Ok(Ok(None))) {
-                            Ended::ActorLeft
+                            Ended::ConnectionClosed
                         } else {
                             Ended::GrantsUndelivered
                         });
