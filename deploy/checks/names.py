@@ -61,20 +61,20 @@ PROJECT_VARIABLES = project_variables()
 
 def reads(binary, key):
     """Whether the binary holds `key` as a name of its own: some occurrence
-    that is not part of a longer name of the project's (FLGFN_LOG is only
-    part of FLGFN_LOG_FORMAT, and FLGFN_HEALTH of FLGFN_HEALTH_ADDRESS, or of
-    the 16-byte piece FLGFN_HEALTH_ADD that a comparison is compiled to,
-    padded with `_`). Anything else may follow a name directly: the binary
-    packs its strings without separators, one that starts with `_`
-    included."""
+    that is not the start of a longer name of the project's (FLGFN_LOG is
+    only part of FLGFN_LOG_FORMAT, and FLGFN_HEALTH of FLGFN_HEALTH_ADDRESS),
+    or of the first 16 bytes of one, which is what a comparison compiles to
+    (FLGFN_RESUME_CHA, whatever byte follows it). Anything else may follow
+    a name directly: the binary packs its strings without separators, one
+    that starts with `_` included."""
     longer = [name.encode() for name in PROJECT_VARIABLES if name.startswith(key + "_")]
-    continuation = re.compile(rb"[A-Z0-9_]*")
     key = key.encode()
+    # (At least the key and its `_`: a key of 16 bytes or more is the
+    # start of every longer name's first 16.)
+    starts = [name[:max(len(key) + 1, min(len(name), 16))] for name in longer]
     at = binary.find(key)
     while at >= 0:
-        end = continuation.match(binary, at + len(key)).end()
-        run = binary[at:end].rstrip(b"_")
-        if not any(name.startswith(run) or run.startswith(name) for name in longer):
+        if not any(binary.startswith(start, at) for start in starts):
             return True
         at = binary.find(key, at + 1)
     return False
