@@ -321,6 +321,11 @@ EXIT_LEARNER_UNREACHABLE = 75
 # (as the Rust actor).
 LEAVE_TIMEOUT_S = 10.0
 
+# How long the TLS probe (answers_as_tls) waits to connect, and for the
+# alert: a TLS server answers within a round trip, while a plain-text
+# learner waits for the rest of a preface that never comes.
+TLS_PROBE_TIMEOUT_S = 2.0
+
 
 def answers_as_tls(learner, timeout):
     """Whether the server at `learner` (host:port) answers a few bytes of
@@ -727,9 +732,13 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
-                if (not actor.granted and error.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                           grpc.StatusCode.DEADLINE_EXCEEDED)
-                        and answers_as_tls(learner, connect_timeout_s)):
+                # What gRPC says of a TLS learner: no answer in time (it
+                # keeps reconnecting), not a refused connection. The probe
+                # waits briefly, and a stop meanwhile is a stop.
+                if (not actor.granted and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                        and not stop.is_set()
+                        and answers_as_tls(learner, min(connect_timeout_s, TLS_PROBE_TIMEOUT_S))
+                        and not stop.is_set()):
                     raise Refused(f"the learner at {learner} serves TLS, and this example speaks "
                                   f"plain text only: use the Rust actor with an https:// "
                                   f"address (or grpc.secure_channel with the learner's CA)") from error
