@@ -479,7 +479,8 @@ impl Session<'_> {
             Ok(Err(status)) if std::error::Error::source(&status).is_none() => Ok(()),
             // No answer at all: the transport failed.
             Ok(Err(status)) => {
-                let why = if not_http2(&status) {
+                let foreign = not_http2(&status);
+                let why = if foreign {
                     "it does not speak plain HTTP/2: if the learner serves TLS, use https:// and tls.ca_file"
                 } else {
                     "no HTTP/2 answer yet (a learner restarting or full; or one serving TLS: then use https:// and tls.ca_file)"
@@ -490,7 +491,7 @@ impl Session<'_> {
                     status_causes(&status),
                     self.url
                 );
-                Err(if not_http2(&status) {
+                Err(if foreign {
                     retry_not_http2(message)
                 } else {
                     retry(message, false)

@@ -321,6 +321,9 @@ EXIT_LEARNER_UNREACHABLE = 75
 # (as the Rust actor).
 LEAVE_TIMEOUT_S = 10.0
 
+# A learner address as gRPC takes it: host:port, an IPv6 host in brackets.
+HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):([0-9]+)")
+
 # How long the TLS probe (answers_as_tls) waits to connect, and for the
 # alert: a TLS server answers within a round trip, while a plain-text
 # learner waits for the rest of a preface that never comes.
@@ -334,11 +337,11 @@ def answers_as_tls(learner, timeout):
     answer, to name the fix rather than retry for ever. The bytes are one
     TLS record header, so the server reads all of them and its close
     cannot reset the connection under its alert."""
-    address = re.fullmatch(r"\[?([0-9a-fA-F:.]+|[^:\[\]]+)\]?:([0-9]+)", learner)
+    address = HOST_PORT.fullmatch(learner)
     if not address:
         return False
     try:
-        with socket.create_connection((address.group(1), int(address.group(2))),
+        with socket.create_connection((address.group(1).strip("[]"), int(address.group(2))),
                                       timeout=timeout) as probe:
             probe.sendall(b"PRI *")
             head = b""
@@ -732,16 +735,6 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
-                # What gRPC says of a TLS learner: no answer in time (it
-                # keeps reconnecting), not a refused connection. The probe
-                # waits briefly, and a stop meanwhile is a stop.
-                if (not actor.granted and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                        and not stop.is_set()
-                        and answers_as_tls(learner, min(connect_timeout_s, TLS_PROBE_TIMEOUT_S))
-                        and not stop.is_set()):
-                    raise Refused(f"the learner at {learner} serves TLS, and this example speaks "
-                                  f"plain text only: use the Rust actor with an https:// "
-                                  f"address (or grpc.secure_channel with the learner's CA)") from error
                 # Granted, yet ended before a chunk: the stall timeout (not
                 # an unreachable learner, whose handshake times out).
                 if (error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -751,7 +744,16 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                 elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not actor.granted:
                     # (The handshake waits for the connection: whatever
                     # went wrong with it, gRPC says only "Deadline
-                    # Exceeded".)
+                    # Exceeded". A TLS learner too, which it keeps
+                    # reconnecting to: the probe waits briefly, and a stop
+                    # meanwhile is a stop.)
+                    if (not stop.is_set()
+                            and answers_as_tls(learner, min(connect_timeout_s, TLS_PROBE_TIMEOUT_S))
+                            and not stop.is_set()):
+                        raise Refused(f"the learner at {learner} serves TLS, and this example "
+                                      f"speaks plain text only: use the Rust actor with an "
+                                      f"https:// address (or grpc.secure_channel with the "
+                                      f"learner's CA)") from error
                     message = (f"no answer from {learner} within {connect_timeout_s:g} s "
                                f"(nothing listening there, not a gRPC server, a TLS one, "
                                f"or a learner too busy to answer)")
@@ -816,7 +818,7 @@ def main():
         if path.strip("/"):
             print(f"flgfn_actor: --learner {learner}: the path /{path} is ignored "
                   f"(a learner serves at the root)", file=sys.stderr, flush=True)
-        port = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):([0-9]+)", address)
+        port = HOST_PORT.fullmatch(address)
         if not port or not 1 <= int(port.group(2)) <= 65535:
             parser.error(f"--learner: {learner}: give host:port, a port from 1 to 65535 "
                          f"(an IPv6 address in brackets: [::1]:50051)")

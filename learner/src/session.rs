@@ -296,19 +296,18 @@ impl Session {
             sequence,
             ..Progress::default()
         };
-        let actor_id = self.actor_id;
         let served = match PanicCaught(Box::pin(self.serve(&mut progress))).await {
             Ok(served) => served,
             Err(payload) => {
+                // (The session's span names the actor.)
                 let panic = panic_message(&*payload);
                 tracing::error!(
-                    actor_id,
                     panic,
                     "serving a session panicked (a bug): the session ends, the learner goes on"
                 );
-                Err(Status::internal(format!(
-                    "the learner failed while serving this session (a bug: {panic}); what it accepted before is kept"
-                )))
+                Err(Status::from(RequestError::Internal(format!(
+                    "serving this session panicked ({panic}); what it accepted before is kept"
+                ))))
             }
         };
         // The credits this actor holds go back to the room now: the last
