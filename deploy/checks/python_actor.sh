@@ -130,9 +130,13 @@ fi
 wait "$learner_pid" 2>/dev/null || true
 sleep 1
 start_learner learner-2
-if ! wait "$actor_pid"; then
+actor_status=0
+wait "$actor_pid" || actor_status=$?
+if [ "$actor_status" -ne 0 ]; then
     actor_pid=""
-    echo "python_actor: FAILED: the actor did not survive the learner's restart" >&2
+    # (The status tells a refusal or giving up, 1 or 75, from a crash at
+    # exit, 128 + its signal, and from the timeout, 124.)
+    echo "python_actor: FAILED: the actor did not survive the learner's restart (exit status $actor_status)" >&2
     tail -n 20 "$work/actor-2.log" "$work/learner-2.log" >&2
     exit 1
 fi
