@@ -188,6 +188,83 @@ fn section_at(text: &str, at: usize) -> Option<String> {
     })
 }
 
+/// The error for a `[task]` refused where it is refused, at its key's
+/// line, where the parser's `error` had only the section (the task is
+/// tagged by its name, and serde reads a tagged value from a buffer that
+/// has no places in the text). The text is read again as the named task's
+/// own keys, with `name = ...` blanked (the other lines keep their
+/// places). None where `error` is not in `[task]` or this reading finds
+/// nothing more precise.
+fn task_key_error(
+    text: &str,
+    table: &toml::Table,
+    error: &toml::de::Error,
+) -> Option<toml::de::Error> {
+    #[derive(Deserialize)]
+    struct TaskOnly<T> {
+        task: T,
+    }
+    fn read_as<T: serde::de::DeserializeOwned>(text: &str) -> Option<toml::de::Error> {
+        toml::from_str::<TaskOnly<T>>(text).err()
+    }
+    let at_task_header = error.span().is_some_and(|span| {
+        let end = span.end.min(text.len());
+        section_at(text, end).as_deref() == Some("task")
+            && line_at(text, span.start.min(end))
+                .trim_start()
+                .starts_with('[')
+    });
+    let in_task = error.to_string().lines().any(|line| line == "in `task`");
+    let task = table.get("task")?.as_table()?;
+    if !(at_task_header || in_task) {
+        return None;
+    }
+    let name = match task.get("name") {
+        Some(name) => name.as_str()?.to_owned(),
+        None => TaskConfig::default().name(),
+    };
+    let blanked = blank_task_name(text);
+    let precise = TaskConfig::every_task()
+        .into_iter()
+        .find(|task| task.name() == name)
+        .and_then(|task| match task {
+            TaskConfig::SetGeneration(_) => read_as::<SetGenerationConfig>(&blanked),
+            TaskConfig::Lattice(_) => read_as::<LatticeConfig>(&blanked),
+        })?;
+    // A `name` that blanking missed (`task.name = ...`, an inline table)
+    // is refused as unknown here: nothing more precise.
+    let places_a_key = precise.span().is_some_and(|span| {
+        let line = line_at(text, span.start.min(text.len())).trim_start();
+        !line.starts_with('[')
+    });
+    (places_a_key && refused_name(precise.message()) != Some("name")).then_some(precise)
+}
+
+/// TOML `text` with the `name = ...` line of its `[task]` section turned to
+/// spaces, every other byte in its place.
+fn blank_task_name(text: &str) -> String {
+    let mut section: Option<String> = None;
+    let mut blanked = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with('[') {
+            section = section_at(line, line.len());
+        }
+        let names_the_task = section.as_deref() == Some("task")
+            && trimmed
+                .strip_prefix("name")
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+        if names_the_task {
+            let body = line.trim_end_matches(['\n', '\r']);
+            blanked.push_str(&" ".repeat(body.len()));
+            blanked.push_str(&line[body.len()..]);
+        } else {
+            blanked.push_str(line);
+        }
+    }
+    blanked
+}
+
 /// The line of TOML `text` that holds byte `at`.
 fn line_at(text: &str, at: usize) -> &str {
     let start = text
@@ -1185,6 +1262,10 @@ impl Config {
         // is of its kind.
         let parse_error = |e: toml::de::Error| {
             let table: Option<toml::Table> = toml::from_str(text).ok();
+            let e = table
+                .as_ref()
+                .and_then(|table| task_key_error(text, table, &e))
+                .unwrap_or(e);
             let refused = refused_name(e.message());
             // Where the error is: its section, and its line (where the
             // table was edited, the error has no place in the text, only
@@ -1908,6 +1989,39 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect()
+    }
+
+    #[test]
+    fn a_task_key_refused_is_shown_at_its_own_line() {
+        let error = |text: &str| Config::from_toml(text, "job.toml").unwrap_err().to_string();
+        let shown_at = |message: &str, line: usize, quoted: &str| {
+            assert!(
+                message.contains(&format!("line {line}, column"))
+                    && message.contains(&format!("{line} | {quoted}")),
+                "not at line {line} `{quoted}`: {message}"
+            );
+        };
+        // A value of the wrong type, the task named or by default.
+        let message = error("[task]\nname = \"set_generation\"\nset_size = \"x\"\n");
+        shown_at(&message, 3, "set_size = \"x\"");
+        assert!(message.contains("expected usize"), "{message}");
+        let message = error("seed = 1\n\n[task]\nsize = 3\n");
+        shown_at(&message, 4, "size = 3");
+        // Another task's, after other sections; a negative side.
+        let message = error(
+            "[learner]\nthreads = 1\n[task]\n  name = \"lattice\"\nside = -3\n[actor]\nenvs = 4\n",
+        );
+        shown_at(&message, 5, "side = -3");
+        // A misspelt key keeps its hint, and so does another task's key.
+        let message = error("# job\n[task]\nname = \"set_generation\"\nsizee = \"small\"\n");
+        shown_at(&message, 4, "sizee = \"small\"");
+        assert!(message.contains("did you mean `size`?"), "{message}");
+        let message = error("[task]\nside = 3\n");
+        shown_at(&message, 2, "side = 3");
+        assert!(message.contains("keys of the lattice task"), "{message}");
+        // An inline table cannot be blanked: the parser's own error stays.
+        let message = error("task = { name = \"lattice\", side = -3 }\n");
+        assert!(message.contains("expected usize"), "{message}");
     }
 
     #[test]
