@@ -90,6 +90,18 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 const HTTP2_PREFACE_START: u8 = b'P';
 
 impl Transport {
+    /// The transport `[tls]` asks for: TLS with a certificate, mutual
+    /// with a client CA too.
+    pub fn configured(tls: &flgfn_common::auth::TlsConfig) -> Self {
+        if tls.cert_file.is_empty() {
+            Transport::PlainText
+        } else {
+            Transport::Tls {
+                mutual: !tls.ca_file.is_empty(),
+            }
+        }
+    }
+
     /// As the listening line says it.
     pub fn name(self) -> &'static str {
         match self {

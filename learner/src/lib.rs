@@ -19,6 +19,8 @@
 //! - [`adam`]: Adam with its state in our hands (checkpoints save it).
 //! - [`checkpoint`]: atomic, checksummed checkpoints; resume picks the
 //!   newest intact one.
+//! - [`resume`]: a run taking up its checkpoint folder: the lock, the
+//!   checks that a checkpoint is this run's, the versions continued.
 //! - [`publisher`]: weight versions as device-side copies, serialised once,
 //!   lazily, when an actor needs them.
 //! - [`evaluator`]: fresh on-policy samples scored against the exact target.
@@ -51,6 +53,7 @@ pub mod parameters;
 pub mod publisher;
 pub mod quality_probes;
 pub mod report;
+pub mod resume;
 pub mod service;
 pub mod session;
 pub mod trainer;
@@ -63,7 +66,6 @@ pub const BUILD: &str = env!("FLGFN_BUILD");
 /// The weights' metadata key holding the [`BUILD`] that published them.
 pub const BUILD_METADATA_KEY: &str = "flgfn_build";
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -183,168 +185,6 @@ pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
 /// `flgfn.v1.Learner`, is 16 bytes).
 pub const HEALTH_REQUEST_BYTES: usize = 1024;
 
-/// Refuses to resume a checkpoint trained with another objective: its
-/// parameters (TB's log Z) would be dropped or missing, and the policy's
-/// heads mean something else. Other keys that define the run (the seed,
-/// the objective's settings, the learning rate, the batch) are refused
-/// too unless `resume_changed`; any other change gets a warning naming
-/// it.
-fn check_resumed_config(
-    saved_config: &str,
-    config: &Config,
-    resume_changed: bool,
-    path: &std::path::Path,
-) -> Result<(), LearnerError> {
-    let objective = &config.objective;
-    // As written in a configuration file ("fl_db", "uniform").
-    let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
-    // The two keys that must match are read on their own, so that a key
-    // renamed or removed elsewhere since that checkpoint was written (a
-    // full parse refuses unknown keys) cannot skip this check.
-    let Ok(table) = saved_config.parse::<toml::Table>() else {
-        warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
-        return Ok(());
-    };
-    let saved_key = |key: &str| -> Option<String> {
-        let value = table.get("objective")?.get(key)?;
-        value.as_str().map(str::to_owned)
-    };
-    let defaults = flgfn_common::config::ObjectiveConfig::default();
-    for (key, default, now) in [
-        (
-            "name",
-            serde_json::json!(defaults.name),
-            serde_json::json!(objective.name),
-        ),
-        (
-            "backward_policy",
-            serde_json::json!(defaults.backward_policy),
-            serde_json::json!(objective.backward_policy),
-        ),
-    ] {
-        // Absent: that version's default (these have not changed).
-        let then = saved_key(key).unwrap_or_else(|| named(default));
-        let now = named(now);
-        if then != now {
-            return Err(ConfigError::invalid(
-                &format!("objective.{key}"),
-                format!(
-                    "{now}, but {} was trained with {then}: keep {then} to resume it, give this run its own learner.checkpoint_dir (--checkpoint-dir), or --fresh to delete its checkpoints and start over",
-                    path.display()
-                ),
-            )
-            .into());
-        }
-    }
-    // Unvalidated: it was valid for the version that wrote it.
-    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
-        warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
-        return Ok(());
-    };
-    let changed = changed_keys(&saved, config);
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let list = |changes: &[&(String, String, String)]| {
-        let described: Vec<String> = changes
-            .iter()
-            .map(|(key, then, now)| format!("{key} {then} -> {now}"))
-            .collect();
-        described.join(", ")
-    };
-    let schedule_moves = changed.iter().any(|(key, ..)| key == "learner.max_steps")
-        && config.learner.final_learning_rate_fraction != 1.0;
-    let defining: Vec<&(String, String, String)> = changed
-        .iter()
-        .filter(|(key, ..)| defines_the_run(key))
-        .collect();
-    if let Some((key, then, now)) = defining.first()
-        && !resume_changed
-    {
-        // The other keys refused, not every one changed.
-        let others = match &defining[1..] {
-            [] => String::new(),
-            more => format!(" (and {} more: {})", more.len(), list(more)),
-        };
-        return Err(ConfigError::invalid(
-            key,
-            format!(
-                "{now}, but {} was trained with {then}{others}: another run's checkpoint? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --resume-changed (FLGFN_RESUME_CHANGED=1 in a container) continues it with the new settings; --fresh deletes its checkpoints and starts over",
-                path.display()
-            ),
-        )
-        .into());
-    }
-    warn!(
-        changed = %list(&changed.iter().collect::<Vec<_>>()),
-        learning_rate_schedule = if schedule_moves {
-            "recomputed from the new learner.max_steps: the rate may jump"
-        } else {
-            "unchanged"
-        },
-        "resuming with settings other than the checkpoint's"
-    );
-    Ok(())
-}
-
-/// Keys whose change makes the resumed run another optimisation than the
-/// one its checkpoint holds (the task and model are checked with the
-/// weights): refused unless asked for (`--resume-changed`).
-const RUN_DEFINING_KEYS: &[&str] = &[
-    "seed",
-    "objective.",
-    "learner.learning_rate",
-    "learner.final_learning_rate_fraction",
-    "learner.batch_transitions",
-    "learner.max_batch_transitions",
-];
-
-fn defines_the_run(key: &str) -> bool {
-    RUN_DEFINING_KEYS
-        .iter()
-        .any(|defining| key == *defining || (defining.ends_with('.') && key.starts_with(defining)))
-}
-
-/// Every key (`section.key`) whose value differs between two
-/// configurations, with its value in each.
-fn changed_keys(then: &Config, now: &Config) -> Vec<(String, String, String)> {
-    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
-        for (key, value) in table {
-            let key = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
-            match value {
-                toml::Value::Table(inner) => flatten(&key, inner, out),
-                value => {
-                    out.insert(key, value.to_string());
-                }
-            }
-        }
-    }
-    let flat = |config: &Config| {
-        let mut out = BTreeMap::new();
-        if let Ok(table) = config.to_toml().parse::<toml::Table>() {
-            flatten("", &table, &mut out);
-        }
-        out
-    };
-    let (then, now) = (flat(then), flat(now));
-    let absent = || "(none)".to_owned();
-    let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
-    keys.into_iter()
-        .filter(|key| then.get(*key) != now.get(*key))
-        .map(|key| {
-            (
-                key.clone(),
-                then.get(key).cloned().unwrap_or_else(absent),
-                now.get(key).cloned().unwrap_or_else(absent),
-            )
-        })
-        .collect()
-}
-
 /// Resolves, with why, when every local actor has exited before training
 /// finished (checked twice a second); never without local actors.
 async fn every_local_actor_exited(
@@ -389,68 +229,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
-    // More local actors than sessions or connections: each takes a
-    // process, and those past the limit would be refused and retry for
-    // ever.
-    if let Some(plan) = &options.local_actors {
-        for (limit, value) in [
-            ("learner.max_sessions", config.learner.max_sessions),
-            ("learner.max_connections", config.learner.max_connections),
-        ] {
-            if plan.count > value {
-                return Err(ConfigError::invalid(
-                    "launch.actors",
-                    format!(
-                        "{} local actors are more than {limit} ({value}), which the learner serves at once",
-                        plan.count
-                    ),
-                )
-                .into());
-            }
-        }
-    }
+    check_local_actors_fit(&config, options.local_actors.as_ref())?;
     let env = tasks::build(&config.task)?;
     let token = auth::load_token(&config.auth)?;
     // For the listening line: what an operator checks first.
-    let transport = match (
-        config.tls.cert_file.is_empty(),
-        config.tls.ca_file.is_empty(),
-    ) {
-        (true, _) => connections::Transport::PlainText,
-        (false, no_client_ca) => connections::Transport::Tls {
-            mutual: !no_client_ca,
-        },
-    };
+    let transport = connections::Transport::configured(&config.tls);
     let authentication = if token.is_some() { "token" } else { "none" };
     // Read before anything starts: a bad file is a configuration error.
     let mut secured = secured_transport(&config)?;
     let local_address = listener.local_addr().ok();
-    // (An IPv4 loopback written as IPv6, [::ffff:127.0.0.1], is loopback
-    // too, as the actor reckons it.)
-    if let Some(address) = local_address.filter(|a| !a.ip().to_canonical().is_loopback()) {
-        if token.is_none() && !config.auth.allow_unauthenticated {
-            return Err(ConfigError::invalid(
-                "auth.token_file",
-                format!(
-                    "the learner listens on {address}, beyond loopback, with no token: anyone who reaches the port could train the model. Set auth.token_file or {}, or auth.allow_unauthenticated = true",
-                    auth::TOKEN_ENV
-                ),
-            )
-            .into());
-        }
-        if token.is_none() {
-            warn!(
-                %address,
-                "no token beyond loopback (auth.allow_unauthenticated): anyone who reaches the port can train the model"
-            );
-        }
-        if token.is_some() && config.tls.cert_file.is_empty() {
-            warn!(
-                %address,
-                "plain text beyond loopback: actors' token and the weights travel in clear; fine on a private network, elsewhere set tls.cert_file and tls.key_file"
-            );
-        }
-    }
+    check_exposure(&config, token.is_some(), local_address)?;
     // The server answers from the start, so that probes see the learner
     // loading: health NOT_SERVING until the checkpoint, if any, is loaded
     // and the trainer takes data; Learner calls meanwhile wait. (Returning
@@ -475,40 +263,11 @@ pub async fn serve(
     let grpc = LearnerServer::new(service)
         .max_decoding_message_size(accepted_bytes)
         .max_encoding_message_size(config.learner.max_message_bytes);
-    // Every Learner RPC shows the token, when there is one (the health
-    // service stays open to probes).
-    let rejections = stats.clone();
     // Only calls past the token check keep a connection from being idle
     // (health checks are open to anyone, and a Watch never ends).
     let grpc = tonic::service::interceptor::InterceptedService::new(
         connections::CountsCalls(grpc),
-        move |request: tonic::Request<()>| match &token {
-            None => Ok(request),
-            Some(token) => {
-                let shown = request.metadata().get(auth::AUTHORIZATION_HEADER);
-                if shown.is_some_and(|value| token.matches(value.as_bytes())) {
-                    Ok(request)
-                } else {
-                    // Never the token shown; a flood logs a line at 1, 2,
-                    // 4, 8, ... refusals.
-                    let refused_so_far = rejections.refuse("unauthenticated");
-                    if refused_so_far.is_power_of_two() {
-                        let peer = service::peer_name(connections::ConnectionInfo::of(&request));
-                        // (Wrong or none: this call's, which may not be
-                        // every refused caller's.)
-                        let what = if shown.is_some() { "a wrong" } else { "no" };
-                        warn!(
-                            %peer,
-                            refused_so_far,
-                            "refused a call with {what} token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
-                        );
-                    }
-                    Err(Status::unauthenticated(
-                        "missing or wrong token: this learner needs its own token from every actor (FLGFN_TOKEN or auth.token_file; on the wire `authorization: Bearer <token>`)",
-                    ))
-                }
-            }
-        },
+        token_check(token, stats.clone()),
     );
     let mut server_stop = stop.clone();
     let server = tokio::spawn(
@@ -530,57 +289,11 @@ pub async fn serve(
             ),
     );
 
-    // Weights travel in one message: a network larger than this learner
-    // sends would start, then fail at every actor's first grant.
-    config.weights_fit(
-        env.as_ref(),
-        config.learner.max_message_bytes,
-        "learner.max_message_bytes",
-    )?;
+    check_run_fits(&config, env.as_ref())?;
     let mut metadata = model.weight_metadata(&env.spec());
     // Final weights (and every copy actors receive) say which build
     // trained them.
     metadata.insert(BUILD_METADATA_KEY.to_owned(), BUILD.to_owned());
-    let eval_bytes = evaluator::held_bytes(env.as_ref(), config.learner.eval_samples);
-    if eval_bytes > evaluator::EVAL_HELD_BYTES {
-        return Err(flgfn_common::config::ConfigError::invalid(
-            "learner.eval_samples",
-            format!(
-                "{} samples of this task hold up to {eval_bytes} bytes while an evaluation scores them, more than the {} it may take; lower learner.eval_samples",
-                config.learner.eval_samples,
-                evaluator::EVAL_HELD_BYTES
-            ),
-        )
-        .into());
-    }
-    if let Some(warning) = config.learner.lag_bound_warning() {
-        warn!("{warning}");
-    }
-    // The quality thresholds are set against the sampling noise of 4,096
-    // samples (paper-notes): fewer make the distances noisier and quality
-    // later, more make it earlier. Said, not refused: a quick look wants
-    // fewer.
-    let calibrated = flgfn_common::config::LearnerConfig::default().eval_samples;
-    if config.learner.eval_samples != calibrated && env.reference().is_some() {
-        warn!(
-            eval_samples = config.learner.eval_samples,
-            "learner.eval_samples is not {calibrated}, which the quality thresholds are set for: at_quality and time_to_quality_s are not comparable with runs at {calibrated}"
-        );
-    }
-    let trajectory_bytes = flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(
-        env.as_ref(),
-        env.max_trajectory_len(),
-    ) as u64;
-    if trajectory_bytes > config.learner.max_session_bytes {
-        return Err(flgfn_common::config::ConfigError::invalid(
-            "learner.max_session_bytes",
-            format!(
-                "{} bytes cannot hold even one trajectory of this task ({trajectory_bytes} bytes replayed)",
-                config.learner.max_session_bytes
-            ),
-        )
-        .into());
-    }
     let device = select_device(config.learner.device)
         .map_err(|reason| flgfn_common::config::ConfigError::invalid("learner.device", reason))?;
     set_threads(config.learner.threads);
@@ -601,97 +314,34 @@ pub async fn serve(
     let checkpoint_dir =
         (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
     // The lock is held by the trainer, until its thread ends.
-    let (checkpoint_lock, resume) = match &checkpoint_dir {
-        Some(dir) => {
-            let (dir, fresh) = (dir.clone(), options.fresh);
-            tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
-                let lock = checkpoint::lock(&dir)?;
-                if fresh {
-                    // (Deleting checkpoints that may be gigabytes.)
-                    checkpoint::clear(&dir)?;
-                    return Ok((lock, None));
-                }
-                checkpoint::remove_unfinished_writes(&dir);
-                Ok((lock, checkpoint::load_latest(&dir)?))
-            })
-            .await
-            .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))??
-        }
-        None => {
-            if options.fresh {
-                // Not an error: a script may pass --fresh to every run.
-                warn!(
-                    "--fresh has nothing to delete: checkpoints are off (learner.checkpoint_dir is empty)"
-                );
-            }
-            (None, None)
-        }
-    };
+    let (checkpoint_lock, resume) =
+        resume::open_folder(checkpoint_dir.clone(), options.fresh).await?;
     let finished_already = resume
         .as_ref()
         .is_some_and(|c| learner.max_steps > 0 && c.state.step >= learner.max_steps);
     if let Some(checkpoint) = &resume {
-        let state = &checkpoint.state;
-        checkpoint
-            .load_policy(&mut policy, &env.spec().to_string(), &model.to_string())
-            .map_err(|refused| match refused {
-                checkpoint::PolicyRefused::AnotherRun(why) => LearnerError::Checkpoint(format!(
-                    "{why} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
-                )),
-                checkpoint::PolicyRefused::Unusable(why) => LearnerError::Checkpoint(format!(
-                    "{why}; {}",
-                    checkpoint::older_one_remedy(&checkpoint.path)
-                )),
-            })?;
-        check_resumed_config(
-            &state.config,
+        resume::restore(
+            checkpoint,
+            &mut policy,
+            &env.spec().to_string(),
+            &model,
             &config,
             options.resume_changed,
-            &checkpoint.path,
         )?;
-        // This run continues from here: newer damaged ones must not outrank
-        // what it writes.
-        checkpoint::set_aside(&checkpoint.damaged_newer)?;
-        info!(
-            path = %checkpoint.path.display(),
-            step = state.step,
-            version = state.version,
-            // Empty in checkpoints written before builds were recorded.
-            written_by = %state.build,
-            build = BUILD,
-            "resuming from a checkpoint"
-        );
         if finished_already {
             warn!(
-                step = state.step,
+                step = checkpoint.state.step,
                 max_steps = learner.max_steps,
                 "this run already finished: nothing left to train (raise learner.max_steps to go on, or --fresh to start over)"
             );
         }
     }
-    // Versions continue above any published before, even by a learner
-    // killed after its last checkpoint (the floor is recorded ahead).
     let version_floor = match &checkpoint_dir {
         Some(dir) => checkpoint::read_version_floor(dir)?,
         None => 0,
     };
-    let resumed_version = resume.as_ref().map(|c| c.state.version.max(c.state.step));
-    let start_version = match resumed_version {
-        // A clean stop records its final version as the floor, with these
-        // very weights: they may be issued under it again.
-        Some(version) if version >= version_floor => version,
-        // The floor's version may have gone out with other weights (the
-        // final checkpoint is damaged, or none was written): one above.
-        _ if version_floor > 0 => version_floor.saturating_add(1),
-        _ => 0,
-    };
-    // Versions are step + an offset: a number from a file must leave room.
-    if start_version > u64::MAX / 4 {
-        return Err(LearnerError::Checkpoint(format!(
-            "version {start_version} (from the checkpoint or the version floor in {}) leaves no room for more; --fresh starts over",
-            learner.checkpoint_dir
-        )));
-    }
+    let start_version =
+        resume::start_version(resume.as_ref(), version_floor, &learner.checkpoint_dir)?;
     let publisher = Publisher::starting_at(
         start_version,
         policy.snapshot(),
@@ -923,43 +573,17 @@ pub async fn serve(
     not_serving(&health).await;
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
-    // The batch builder ends once the trainer is gone (its next batch has
-    // no taker) or told to stop. One that panicked instead ended training
-    // early, as a stop would have: a failure, not a finished run. Polled,
-    // not joined on a blocking task, which would hold up the process's
-    // exit if the builder never ended.
-    let waited = std::time::Instant::now();
-    while !batcher.is_finished() && waited.elapsed() < DRAIN_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if !batcher.is_finished() {
-        warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}");
-    } else if batcher.join().is_err() {
-        return Err(LearnerError::Trainer(
-            "the batch builder thread panicked".to_owned(),
-        ));
-    }
-    let abort = server.abort_handle();
-    let drain = tokio::time::timeout(DRAIN_TIMEOUT, server);
-    tokio::pin!(drain);
+    batcher_ended(batcher).await?;
     // Training ended by itself: a stop asked for now cuts the drain short
     // rather than go unheard.
-    let drained = tokio::select! {
-        drained = &mut drain => Some(drained),
-        () = &mut shutdown, if !stop_requested => None,
+    let stop_now = async {
+        if stop_requested {
+            std::future::pending().await
+        } else {
+            shutdown.await
+        }
     };
-    match drained {
-        Some(Ok(Ok(result))) => result?,
-        Some(Ok(Err(join))) => warn!(%join, "gRPC server task failed"),
-        Some(Err(_)) => {
-            warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway");
-            abort.abort();
-        }
-        None => {
-            info!("shutdown requested: closing the open connections now");
-            abort.abort();
-        }
-    }
+    drain_connections(server, stop_now).await?;
     if let Some(actors) = local_actors {
         outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
             .await
@@ -979,6 +603,216 @@ pub async fn serve(
     outcome.final_report.count_from(&session_stats);
     outcome.untrained_at_stop_transitions =
         IngestStats::get(&session_stats.untrained_at_stop_transitions);
+    log_training_finished(&outcome);
+    Ok(outcome)
+}
+
+/// More local actors than the learner serves at once are refused, naming
+/// `launch.actors`: each takes a process, and those past the limit would
+/// be refused and retry for ever.
+fn check_local_actors_fit(
+    config: &Config,
+    plan: Option<&launcher::LocalActorsPlan>,
+) -> Result<(), LearnerError> {
+    let Some(plan) = plan else {
+        return Ok(());
+    };
+    for (limit, value) in [
+        ("learner.max_sessions", config.learner.max_sessions),
+        ("learner.max_connections", config.learner.max_connections),
+    ] {
+        if plan.count > value {
+            return Err(ConfigError::invalid(
+                "launch.actors",
+                format!(
+                    "{} local actors are more than {limit} ({value}), which the learner serves at once",
+                    plan.count
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// A learner listening beyond loopback with no token is refused (anyone
+/// who reaches the port could train the model) unless
+/// `auth.allow_unauthenticated`, and warned about if so; one with a token
+/// but no TLS is warned about (the token travels in clear). (An IPv4
+/// loopback written as IPv6, [::ffff:127.0.0.1], is loopback too, as the
+/// actor reckons it.)
+fn check_exposure(
+    config: &Config,
+    has_token: bool,
+    local_address: Option<std::net::SocketAddr>,
+) -> Result<(), LearnerError> {
+    let Some(address) = local_address.filter(|a| !a.ip().to_canonical().is_loopback()) else {
+        return Ok(());
+    };
+    if !has_token && !config.auth.allow_unauthenticated {
+        return Err(ConfigError::invalid(
+            "auth.token_file",
+            format!(
+                "the learner listens on {address}, beyond loopback, with no token: anyone who reaches the port could train the model. Set auth.token_file or {}, or auth.allow_unauthenticated = true",
+                auth::TOKEN_ENV
+            ),
+        )
+        .into());
+    }
+    if !has_token {
+        warn!(
+            %address,
+            "no token beyond loopback (auth.allow_unauthenticated): anyone who reaches the port can train the model"
+        );
+    }
+    if has_token && config.tls.cert_file.is_empty() {
+        warn!(
+            %address,
+            "plain text beyond loopback: actors' token and the weights travel in clear; fine on a private network, elsewhere set tls.cert_file and tls.key_file"
+        );
+    }
+    Ok(())
+}
+
+/// The check every Learner call passes first: it shows the token, when
+/// the learner has one (the health service stays open to probes).
+/// Refusals are counted in `rejections`.
+fn token_check(
+    token: Option<auth::Token>,
+    rejections: Arc<IngestStats>,
+) -> impl tonic::service::Interceptor + Clone + Send + Sync + 'static {
+    move |request: tonic::Request<()>| match &token {
+        None => Ok(request),
+        Some(token) => {
+            let shown = request.metadata().get(auth::AUTHORIZATION_HEADER);
+            if shown.is_some_and(|value| token.matches(value.as_bytes())) {
+                Ok(request)
+            } else {
+                // Never the token shown; a flood logs a line at 1, 2,
+                // 4, 8, ... refusals.
+                let refused_so_far = rejections.refuse("unauthenticated");
+                if refused_so_far.is_power_of_two() {
+                    let peer = service::peer_name(connections::ConnectionInfo::of(&request));
+                    // (Wrong or none: this call's, which may not be
+                    // every refused caller's.)
+                    let what = if shown.is_some() { "a wrong" } else { "no" };
+                    warn!(
+                        %peer,
+                        refused_so_far,
+                        "refused a call with {what} token (actors need the learner's token, from FLGFN_TOKEN or auth.token_file)"
+                    );
+                }
+                Err(Status::unauthenticated(
+                    "missing or wrong token: this learner needs its own token from every actor (FLGFN_TOKEN or auth.token_file; on the wire `authorization: Bearer <token>`)",
+                ))
+            }
+        }
+    }
+}
+
+/// What this task and configuration need of the learner's limits, checked
+/// before the model is made: the weights fit in one message (a network
+/// larger would start, then fail at every actor's first grant), an
+/// evaluation's samples fit in memory, and a session can hold one
+/// trajectory. Settings that would make lag or quality figures mislead
+/// are warned about.
+fn check_run_fits(config: &Config, env: &dyn Environment) -> Result<(), LearnerError> {
+    config.weights_fit(
+        env,
+        config.learner.max_message_bytes,
+        "learner.max_message_bytes",
+    )?;
+    let eval_bytes = evaluator::held_bytes(env, config.learner.eval_samples);
+    if eval_bytes > evaluator::EVAL_HELD_BYTES {
+        return Err(ConfigError::invalid(
+            "learner.eval_samples",
+            format!(
+                "{} samples of this task hold up to {eval_bytes} bytes while an evaluation scores them, more than the {} it may take; lower learner.eval_samples",
+                config.learner.eval_samples,
+                evaluator::EVAL_HELD_BYTES
+            ),
+        )
+        .into());
+    }
+    if let Some(warning) = config.learner.lag_bound_warning() {
+        warn!("{warning}");
+    }
+    // The quality thresholds are set against the sampling noise of 4,096
+    // samples (paper-notes): fewer make the distances noisier and quality
+    // later, more make it earlier. Said, not refused: a quick look wants
+    // fewer.
+    let calibrated = flgfn_common::config::LearnerConfig::default().eval_samples;
+    if config.learner.eval_samples != calibrated && env.reference().is_some() {
+        warn!(
+            eval_samples = config.learner.eval_samples,
+            "learner.eval_samples is not {calibrated}, which the quality thresholds are set for: at_quality and time_to_quality_s are not comparable with runs at {calibrated}"
+        );
+    }
+    let trajectory_bytes =
+        flgfn_common::trajectory::ReplayedTrajectory::max_held_bytes(env, env.max_trajectory_len())
+            as u64;
+    if trajectory_bytes > config.learner.max_session_bytes {
+        return Err(ConfigError::invalid(
+            "learner.max_session_bytes",
+            format!(
+                "{} bytes cannot hold even one trajectory of this task ({trajectory_bytes} bytes replayed)",
+                config.learner.max_session_bytes
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Waits for the batch builder to end, as it does once the trainer is gone
+/// (its next batch has no taker) or told to stop. One that panicked instead
+/// ended training early, as a stop would have: a failure, not a finished
+/// run. Polled, not joined on a blocking task, which would hold up the
+/// process's exit if the builder never ended.
+async fn batcher_ended(batcher: std::thread::JoinHandle<()>) -> Result<(), LearnerError> {
+    let waited = std::time::Instant::now();
+    while !batcher.is_finished() && waited.elapsed() < DRAIN_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if !batcher.is_finished() {
+        warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}");
+    } else if batcher.join().is_err() {
+        return Err(LearnerError::Trainer(
+            "the batch builder thread panicked".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// Gives the open connections [`DRAIN_TIMEOUT`] to finish once the server
+/// stopped taking new ones, then closes what is left; `stop_now` resolving
+/// closes them at once. The server's own failure is the learner's.
+async fn drain_connections(
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_now: impl Future<Output = ()>,
+) -> Result<(), LearnerError> {
+    let abort = server.abort_handle();
+    let drained = tokio::select! {
+        drained = tokio::time::timeout(DRAIN_TIMEOUT, server) => Some(drained),
+        () = stop_now => None,
+    };
+    match drained {
+        Some(Ok(Ok(result))) => result?,
+        Some(Ok(Err(join))) => warn!(%join, "gRPC server task failed"),
+        Some(Err(_)) => {
+            warn!("connections still open after {DRAIN_TIMEOUT:?}; closing anyway");
+            abort.abort();
+        }
+        None => {
+            info!("shutdown requested: closing the open connections now");
+            abort.abort();
+        }
+    }
+    Ok(())
+}
+
+/// The run's last line: what it trained, how fast, and how good.
+fn log_training_finished(outcome: &TrainingOutcome) {
     let r = &outcome.final_report;
     info!(
         steps = outcome.steps,
@@ -1004,7 +838,6 @@ pub async fn serve(
         stalled_sessions = r.stalled_sessions,
         "training finished"
     );
-    Ok(outcome)
 }
 
 /// What the live progress line reads.
@@ -1104,71 +937,6 @@ mod tests {
     use flgfn_common::config::{ObjectiveName, TaskConfig};
     use flgfn_common::tasks::set_generation::SetGenerationConfig;
     use prost::Message;
-
-    /// A checkpoint's configuration from another version (a key since
-    /// renamed: the full parse fails) still has its objective checked.
-    #[test]
-    fn another_objective_is_refused_even_in_an_older_configuration() {
-        let path = std::path::Path::new("ckpt-000000000100.safetensors");
-        let mut trained = Config::default();
-        trained.objective.name = ObjectiveName::Tb;
-        let saved = format!("{}\n[renamed_since]\nkey = 1\n", trained.to_toml());
-        assert!(Config::parse_toml(&saved, "saved").is_err());
-        let now = Config::default();
-        // Refused even when other changes are accepted.
-        let error = check_resumed_config(&saved, &now, true, path)
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("objective.name"), "{error}");
-        assert!(error.contains("trained with tb"), "{error}");
-        check_resumed_config(&saved, &trained, false, path).unwrap();
-        // Without an [objective] section: that version's defaults.
-        let silent = "seed = 1\n[renamed_since]\nkey = 1\n";
-        check_resumed_config(silent, &now, false, path).unwrap();
-        assert!(check_resumed_config(silent, &trained, false, path).is_err());
-    }
-
-    /// Another seed, learning rate or batch most likely means another
-    /// run's folder: refused by name unless asked for; the budget, the
-    /// cadence or the address may change (with a warning).
-    #[test]
-    fn a_checkpoint_of_another_run_is_refused_unless_asked_for() {
-        let path = std::path::Path::new("ckpt-000000000100.safetensors");
-        let trained = Config::default();
-        let saved = trained.to_toml();
-        let mut now = trained.clone();
-        now.learner.max_steps *= 2;
-        now.learner.listen = "0.0.0.0:50051".to_owned();
-        now.learner.report_every_s = 30.0;
-        check_resumed_config(&saved, &now, false, path).unwrap();
-        now.learner.learning_rate *= 0.5;
-        now.seed += 1;
-        let error = check_resumed_config(&saved, &now, false, path)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("learner.learning_rate")
-                && error.contains("seed ")
-                && error.contains("--checkpoint-dir")
-                && error.contains("--resume-changed"),
-            "{error}"
-        );
-        check_resumed_config(&saved, &now, true, path).unwrap();
-        let changed: Vec<String> = changed_keys(&trained, &now)
-            .into_iter()
-            .map(|(key, ..)| key)
-            .collect();
-        assert_eq!(
-            changed,
-            [
-                "learner.learning_rate",
-                "learner.listen",
-                "learner.max_steps",
-                "learner.report_every_s",
-                "seed"
-            ]
-        );
-    }
 
     /// Thousands of set levels make a handshake larger than the usual
     /// 64 KiB floor, while the task's chunks stay small: the learner still

@@ -1,0 +1,348 @@
+//! Resuming a run from its checkpoint folder: the folder opened (locked,
+//! or emptied for `--fresh`), the newest checkpoint's weights restored once
+//! it is found to be this run's, and the version numbering continued.
+//!
+//! What a checkpoint holds, and how it is written and read, is
+//! [`crate::checkpoint`]'s; this module decides whether and how a run takes
+//! it up.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+
+use flgfn_common::config::{Config, ConfigError};
+use flgfn_common::policy::{ModelSpec, Policy};
+use tracing::{info, warn};
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::{BUILD, LearnerError};
+
+/// The checkpoint folder (`learner.checkpoint_dir`, None when checkpoints
+/// are off), opened for this run: its lock, held until the trainer ends,
+/// and the newest intact checkpoint to resume from (none with `fresh`,
+/// which deletes them). Off the async workers: checkpoints may be
+/// gigabytes, and the server answers probes meanwhile.
+pub async fn open_folder(
+    dir: Option<PathBuf>,
+    fresh: bool,
+) -> Result<(Option<File>, Option<Checkpoint>), LearnerError> {
+    let Some(dir) = dir else {
+        if fresh {
+            // Not an error: a script may pass --fresh to every run.
+            warn!(
+                "--fresh has nothing to delete: checkpoints are off (learner.checkpoint_dir is empty)"
+            );
+        }
+        return Ok((None, None));
+    };
+    tokio::task::spawn_blocking(move || -> Result<_, LearnerError> {
+        let lock = checkpoint::lock(&dir)?;
+        if fresh {
+            checkpoint::clear(&dir)?;
+            return Ok((lock, None));
+        }
+        checkpoint::remove_unfinished_writes(&dir);
+        Ok((lock, checkpoint::load_latest(&dir)?))
+    })
+    .await
+    .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))?
+}
+
+/// Loads `checkpoint`'s weights into `policy`, once its task, model and
+/// configuration show it is this run's (see [`check_resumed_config`]), and
+/// sets aside the damaged checkpoints newer than it: this run continues
+/// from here, and they must not outrank what it writes.
+pub fn restore(
+    checkpoint: &Checkpoint,
+    policy: &mut Policy,
+    task: &str,
+    model: &ModelSpec,
+    config: &Config,
+    resume_changed: bool,
+) -> Result<(), LearnerError> {
+    let state = &checkpoint.state;
+    checkpoint
+        .load_policy(policy, task, &model.to_string())
+        .map_err(|refused| match refused {
+            checkpoint::PolicyRefused::AnotherRun(why) => LearnerError::Checkpoint(format!(
+                "{why} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
+            )),
+            checkpoint::PolicyRefused::Unusable(why) => LearnerError::Checkpoint(format!(
+                "{why}; {}",
+                checkpoint::older_one_remedy(&checkpoint.path)
+            )),
+        })?;
+    check_resumed_config(&state.config, config, resume_changed, &checkpoint.path)?;
+    checkpoint::set_aside(&checkpoint.damaged_newer)?;
+    info!(
+        path = %checkpoint.path.display(),
+        step = state.step,
+        version = state.version,
+        // Empty in checkpoints written before builds were recorded.
+        written_by = %state.build,
+        build = BUILD,
+        "resuming from a checkpoint"
+    );
+    Ok(())
+}
+
+/// The version this run's weights start at. Versions continue above any
+/// published before, even by a learner killed after its last checkpoint:
+/// `version_floor` is recorded ahead of publishing. `checkpoint_dir` names
+/// the folder in the error.
+pub fn start_version(
+    resume: Option<&Checkpoint>,
+    version_floor: u64,
+    checkpoint_dir: &str,
+) -> Result<u64, LearnerError> {
+    let resumed_version = resume.map(|c| c.state.version.max(c.state.step));
+    let start_version = match resumed_version {
+        // A clean stop records its final version as the floor, with these
+        // very weights: they may be issued under it again.
+        Some(version) if version >= version_floor => version,
+        // The floor's version may have gone out with other weights (the
+        // final checkpoint is damaged, or none was written): one above.
+        _ if version_floor > 0 => version_floor.saturating_add(1),
+        _ => 0,
+    };
+    // Versions are step + an offset: a number from a file must leave room.
+    if start_version > u64::MAX / 4 {
+        return Err(LearnerError::Checkpoint(format!(
+            "version {start_version} (from the checkpoint or the version floor in {checkpoint_dir}) leaves no room for more; --fresh starts over"
+        )));
+    }
+    Ok(start_version)
+}
+
+/// Refuses to resume a checkpoint trained with another objective: its
+/// parameters (TB's log Z) would be dropped or missing, and the policy's
+/// heads mean something else. Other keys that define the run (the seed,
+/// the objective's settings, the learning rate, the batch) are refused
+/// too unless `resume_changed`; any other change gets a warning naming
+/// it.
+pub fn check_resumed_config(
+    saved_config: &str,
+    config: &Config,
+    resume_changed: bool,
+    path: &std::path::Path,
+) -> Result<(), LearnerError> {
+    let objective = &config.objective;
+    // As written in a configuration file ("fl_db", "uniform").
+    let named = |value: serde_json::Value| value.as_str().unwrap_or_default().to_owned();
+    // The two keys that must match are read on their own, so that a key
+    // renamed or removed elsewhere since that checkpoint was written (a
+    // full parse refuses unknown keys) cannot skip this check.
+    let Ok(table) = saved_config.parse::<toml::Table>() else {
+        warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
+        return Ok(());
+    };
+    let saved_key = |key: &str| -> Option<String> {
+        let value = table.get("objective")?.get(key)?;
+        value.as_str().map(str::to_owned)
+    };
+    let defaults = flgfn_common::config::ObjectiveConfig::default();
+    for (key, default, now) in [
+        (
+            "name",
+            serde_json::json!(defaults.name),
+            serde_json::json!(objective.name),
+        ),
+        (
+            "backward_policy",
+            serde_json::json!(defaults.backward_policy),
+            serde_json::json!(objective.backward_policy),
+        ),
+    ] {
+        // Absent: that version's default (these have not changed).
+        let then = saved_key(key).unwrap_or_else(|| named(default));
+        let now = named(now);
+        if then != now {
+            return Err(ConfigError::invalid(
+                &format!("objective.{key}"),
+                format!(
+                    "{now}, but {} was trained with {then}: keep {then} to resume it, give this run its own learner.checkpoint_dir (--checkpoint-dir), or --fresh to delete its checkpoints and start over",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+    }
+    // Unvalidated: it was valid for the version that wrote it.
+    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
+        warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
+        return Ok(());
+    };
+    let changed = changed_keys(&saved, config);
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let list = |changes: &[&(String, String, String)]| {
+        let described: Vec<String> = changes
+            .iter()
+            .map(|(key, then, now)| format!("{key} {then} -> {now}"))
+            .collect();
+        described.join(", ")
+    };
+    let schedule_moves = changed.iter().any(|(key, ..)| key == "learner.max_steps")
+        && config.learner.final_learning_rate_fraction != 1.0;
+    let defining: Vec<&(String, String, String)> = changed
+        .iter()
+        .filter(|(key, ..)| defines_the_run(key))
+        .collect();
+    if let Some((key, then, now)) = defining.first()
+        && !resume_changed
+    {
+        // The other keys refused, not every one changed.
+        let others = match &defining[1..] {
+            [] => String::new(),
+            more => format!(" (and {} more: {})", more.len(), list(more)),
+        };
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "{now}, but {} was trained with {then}{others}: another run's checkpoint? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --resume-changed (FLGFN_RESUME_CHANGED=1 in a container) continues it with the new settings; --fresh deletes its checkpoints and starts over",
+                path.display()
+            ),
+        )
+        .into());
+    }
+    warn!(
+        changed = %list(&changed.iter().collect::<Vec<_>>()),
+        learning_rate_schedule = if schedule_moves {
+            "recomputed from the new learner.max_steps: the rate may jump"
+        } else {
+            "unchanged"
+        },
+        "resuming with settings other than the checkpoint's"
+    );
+    Ok(())
+}
+
+/// Keys whose change makes the resumed run another optimisation than the
+/// one its checkpoint holds (the task and model are checked with the
+/// weights): refused unless asked for (`--resume-changed`).
+const RUN_DEFINING_KEYS: &[&str] = &[
+    "seed",
+    "objective.",
+    "learner.learning_rate",
+    "learner.final_learning_rate_fraction",
+    "learner.batch_transitions",
+    "learner.max_batch_transitions",
+];
+
+fn defines_the_run(key: &str) -> bool {
+    RUN_DEFINING_KEYS
+        .iter()
+        .any(|defining| key == *defining || (defining.ends_with('.') && key.starts_with(defining)))
+}
+
+/// Every key (`section.key`) whose value differs between two
+/// configurations, with its value in each.
+fn changed_keys(then: &Config, now: &Config) -> Vec<(String, String, String)> {
+    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (key, value) in table {
+            let key = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => flatten(&key, inner, out),
+                value => {
+                    out.insert(key, value.to_string());
+                }
+            }
+        }
+    }
+    let flat = |config: &Config| {
+        let mut out = BTreeMap::new();
+        if let Ok(table) = config.to_toml().parse::<toml::Table>() {
+            flatten("", &table, &mut out);
+        }
+        out
+    };
+    let (then, now) = (flat(then), flat(now));
+    let absent = || "(none)".to_owned();
+    let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
+    keys.into_iter()
+        .filter(|key| then.get(*key) != now.get(*key))
+        .map(|key| {
+            (
+                key.clone(),
+                then.get(key).cloned().unwrap_or_else(absent),
+                now.get(key).cloned().unwrap_or_else(absent),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flgfn_common::config::ObjectiveName;
+
+    /// A checkpoint's configuration from another version (a key since
+    /// renamed: the full parse fails) still has its objective checked.
+    #[test]
+    fn another_objective_is_refused_even_in_an_older_configuration() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        let mut trained = Config::default();
+        trained.objective.name = ObjectiveName::Tb;
+        let saved = format!("{}\n[renamed_since]\nkey = 1\n", trained.to_toml());
+        assert!(Config::parse_toml(&saved, "saved").is_err());
+        let now = Config::default();
+        // Refused even when other changes are accepted.
+        let error = check_resumed_config(&saved, &now, true, path)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("objective.name"), "{error}");
+        assert!(error.contains("trained with tb"), "{error}");
+        check_resumed_config(&saved, &trained, false, path).unwrap();
+        // Without an [objective] section: that version's defaults.
+        let silent = "seed = 1\n[renamed_since]\nkey = 1\n";
+        check_resumed_config(silent, &now, false, path).unwrap();
+        assert!(check_resumed_config(silent, &trained, false, path).is_err());
+    }
+
+    /// Another seed, learning rate or batch most likely means another
+    /// run's folder: refused by name unless asked for; the budget, the
+    /// cadence or the address may change (with a warning).
+    #[test]
+    fn a_checkpoint_of_another_run_is_refused_unless_asked_for() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        let trained = Config::default();
+        let saved = trained.to_toml();
+        let mut now = trained.clone();
+        now.learner.max_steps *= 2;
+        now.learner.listen = "0.0.0.0:50051".to_owned();
+        now.learner.report_every_s = 30.0;
+        check_resumed_config(&saved, &now, false, path).unwrap();
+        now.learner.learning_rate *= 0.5;
+        now.seed += 1;
+        let error = check_resumed_config(&saved, &now, false, path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("learner.learning_rate")
+                && error.contains("seed ")
+                && error.contains("--checkpoint-dir")
+                && error.contains("--resume-changed"),
+            "{error}"
+        );
+        check_resumed_config(&saved, &now, true, path).unwrap();
+        let changed: Vec<String> = changed_keys(&trained, &now)
+            .into_iter()
+            .map(|(key, ..)| key)
+            .collect();
+        assert_eq!(
+            changed,
+            [
+                "learner.learning_rate",
+                "learner.listen",
+                "learner.max_steps",
+                "learner.report_every_s",
+                "seed"
+            ]
+        );
+    }
+}
