@@ -202,6 +202,7 @@ fn task_key_error(
 ) -> Option<toml::de::Error> {
     #[derive(Deserialize)]
     struct TaskOnly<T> {
+        #[expect(dead_code, reason = "read for its errors only")]
         task: T,
     }
     fn read_as<T: serde::de::DeserializeOwned>(text: &str) -> Option<toml::de::Error> {

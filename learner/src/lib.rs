@@ -934,7 +934,7 @@ async fn not_serving(health: &tonic_health::server::HealthReporter) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flgfn_common::config::{ObjectiveName, TaskConfig};
+    use flgfn_common::config::TaskConfig;
     use flgfn_common::tasks::set_generation::SetGenerationConfig;
     use prost::Message;
 
