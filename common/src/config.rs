@@ -193,7 +193,7 @@ fn section_at(text: &str, at: usize) -> Option<String> {
 /// tagged by its name, and serde reads a tagged value from a buffer that
 /// has no places in the text). The text is read again as the named task's
 /// own keys, with `name = ...` blanked (the other lines keep their
-/// places). None where `error` is not in `[task]` or this reading finds
+/// places) where the text still parses so. None where `error` is not in `[task]` or this reading finds
 /// nothing more precise.
 fn task_key_error(
     text: &str,
@@ -233,7 +233,11 @@ fn task_key_error(
             TaskConfig::Lattice(_) => read_as::<LatticeConfig>(&blanked),
         })?;
     // A `name` that blanking missed (`task.name = ...`, an inline table)
-    // is refused as unknown here: nothing more precise.
+    // is refused as unknown here, and one whose string spans lines leaves
+    // its rest behind: nothing more precise.
+    if toml::from_str::<toml::Table>(&blanked).is_err() {
+        return None;
+    }
     let places_a_key = precise.span().is_some_and(|span| {
         let line = line_at(text, span.start.min(text.len())).trim_start();
         !line.starts_with('[')
@@ -241,8 +245,46 @@ fn task_key_error(
     (places_a_key && refused_name(precise.message()) != Some("name")).then_some(precise)
 }
 
-/// TOML `text` with the `name = ...` line of its `[task]` section turned to
-/// spaces, every other byte in its place.
+/// The names a key takes, where it takes one of a few names (an enum) and
+/// was given another type, which the parser reports only as "wanted
+/// string or table": found by reading the text again with a name that no
+/// variant has in the value's place, which serde refuses listing them.
+fn names_taken(text: &str, error: &toml::de::Error) -> Option<String> {
+    const NO_VARIANT: &str = "?";
+    if !error.message().starts_with("wanted string or table") {
+        return None;
+    }
+    let span = error.span()?;
+    let probe = format!(
+        "{}\"{NO_VARIANT}\"{}",
+        text.get(..span.start)?,
+        text.get(span.end..)?
+    );
+    let table: toml::Table = toml::from_str(&probe).ok()?;
+    let refused = toml::from_str::<Config>(&probe).err()?;
+    let refused = task_key_error(&probe, &table, &refused).unwrap_or(refused);
+    if refused.span().map(|at| at.start) != Some(span.start) {
+        return None;
+    }
+    let expected = refused
+        .message()
+        .strip_prefix(&format!("unknown variant `{NO_VARIANT}`, expected "))?
+        .lines()
+        .next()?;
+    // The key before `=`: on its own line, in an inline table, or dotted.
+    let key = text
+        .get(..span.start)?
+        .trim_end()
+        .strip_suffix('=')?
+        .trim_end()
+        .rsplit([',', '{', '\n', ' ', '\t'])
+        .next()?;
+    Some(format!("(`{key}` takes a name, in quotes: {expected})"))
+}
+
+/// TOML `text` with the `name = ...` line of its `[task]` section (and of
+/// any `[task.x]`, which a task never has) turned to spaces, every other
+/// byte in its place.
 fn blank_task_name(text: &str) -> String {
     let mut section: Option<String> = None;
     let mut blanked = String::with_capacity(text.len());
@@ -1311,7 +1353,8 @@ impl Config {
                         && line.is_none_or(|line| line.contains(name.as_str()))
                 })
                 .map(|(_, hint)| hint);
-            ConfigError::parse(origin.to_owned(), &e, shape)
+            let hint = shape.or_else(|| names_taken(text, &e));
+            ConfigError::parse(origin.to_owned(), &e, hint)
         };
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
@@ -2020,9 +2063,48 @@ mod tests {
         let message = error("[task]\nside = 3\n");
         shown_at(&message, 2, "side = 3");
         assert!(message.contains("keys of the lattice task"), "{message}");
+        // A key that takes a name, given another type: its names.
+        let message = error("[task]\nname = \"set_generation\"\nsize = 3\n");
+        shown_at(&message, 3, "size = 3");
+        assert!(
+            message.contains("(`size` takes a name, in quotes: one of `small`, `medium`, `large`)"),
+            "{message}"
+        );
+        // A name over two lines cannot be blanked: the parser's own error.
+        let message = error("[task]\nname = \"\"\"\nlattice\"\"\"\nside = -3\n");
+        assert!(
+            message.contains("expected usize") && !message.contains("expected '='"),
+            "{message}"
+        );
         // An inline table cannot be blanked: the parser's own error stays.
         let message = error("task = { name = \"lattice\", side = -3 }\n");
         assert!(message.contains("expected usize"), "{message}");
+    }
+
+    /// TOML reports a key that takes one of a few names, given a number or
+    /// a boolean, as "wanted string or table": the names are added.
+    #[test]
+    fn a_name_key_given_another_type_lists_its_names() {
+        let error = |text: &str| Config::from_toml(text, "job.toml").unwrap_err().to_string();
+        let message = error("[objective]\nname = 3\n");
+        assert!(message.contains("wanted string or table"), "{message}");
+        assert!(
+            message.contains("(`name` takes a name, in quotes: one of `fl_db`, `fl_sub_tb`, `db`, `sub_tb`, `tb`)"),
+            "{message}"
+        );
+        let message = error("[learner]\nthreads = 1\ndevice = true\n");
+        assert!(
+            message.contains("(`device` takes a name, in quotes: "),
+            "{message}"
+        );
+        let message = error("objective = { name = 1.5 }\n");
+        assert!(
+            message.contains("(`name` takes a name, in quotes: "),
+            "{message}"
+        );
+        // Another type error is left as it is.
+        let message = error("[learner]\nthreads = \"one\"\n");
+        assert!(!message.contains("takes a name"), "{message}");
     }
 
     #[test]

@@ -573,7 +573,7 @@ pub async fn serve(
     not_serving(&health).await;
     let mut outcome =
         outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
-    batcher_ended(batcher).await?;
+    wait_for_batcher(batcher).await?;
     // Training ended by itself: a stop asked for now cuts the drain short
     // rather than go unheard.
     let stop_now = async {
@@ -764,12 +764,13 @@ fn check_run_fits(config: &Config, env: &dyn Environment) -> Result<(), LearnerE
     Ok(())
 }
 
-/// Waits for the batch builder to end, as it does once the trainer is gone
-/// (its next batch has no taker) or told to stop. One that panicked instead
-/// ended training early, as a stop would have: a failure, not a finished
-/// run. Polled, not joined on a blocking task, which would hold up the
+/// Waits up to [`DRAIN_TIMEOUT`] for the batch builder to end, as it does
+/// once the trainer is gone (its next batch has no taker) or told to stop;
+/// past that it warns and goes on. One that panicked instead ended
+/// training early, as a stop would have: a failure, not a finished run.
+/// Polled, not joined on a blocking task, which would hold up the
 /// process's exit if the builder never ended.
-async fn batcher_ended(batcher: std::thread::JoinHandle<()>) -> Result<(), LearnerError> {
+async fn wait_for_batcher(batcher: std::thread::JoinHandle<()>) -> Result<(), LearnerError> {
     let waited = std::time::Instant::now();
     while !batcher.is_finished() && waited.elapsed() < DRAIN_TIMEOUT {
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -48,10 +48,11 @@ pub async fn open_folder(
     .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))?
 }
 
-/// Loads `checkpoint`'s weights into `policy`, once its task, model and
-/// configuration show it is this run's (see [`check_resumed_config`]), and
-/// sets aside the damaged checkpoints newer than it: this run continues
-/// from here, and they must not outrank what it writes.
+/// Loads `checkpoint`'s weights into `policy` where its task and model are
+/// this run's, then refuses it where its configuration shows another run
+/// (see `check_resumed_config`; the caller drops `policy` then), sets aside
+/// the damaged checkpoints newer than it (this run continues from here,
+/// and they must not outrank what it writes), and logs the resume.
 pub fn restore(
     checkpoint: &Checkpoint,
     policy: &mut Policy,
@@ -120,7 +121,7 @@ pub fn start_version(
 /// the objective's settings, the learning rate, the batch) are refused
 /// too unless `resume_changed`; any other change gets a warning naming
 /// it.
-pub fn check_resumed_config(
+pub(crate) fn check_resumed_config(
     saved_config: &str,
     config: &Config,
     resume_changed: bool,
