@@ -886,6 +886,11 @@ impl Session<'_> {
                         Err(status) => return Err(classify(status, served)),
                     };
                     if grant.training_done {
+                        // The chunks already handed to the upload go out
+                        // and the learner counts them (as arrived after
+                        // the end) before it ends the session: the two
+                        // sides' counts then agree.
+                        let _ = finish(upload, &mut grants).await;
                         return Ok(SessionEnd::TrainingDone);
                     }
                     if *stopping {

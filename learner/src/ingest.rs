@@ -78,6 +78,10 @@ pub struct SessionRecord {
     pub credits_granted: u64,
     /// Chunks received and accepted.
     pub chunks_received: u64,
+    /// Chunks that arrived after training ended (sent before the actor
+    /// heard): never trained. With `chunks_received`, every chunk the actor
+    /// sent in this session, unless its connection was lost.
+    pub late_chunks: u64,
     /// Weight versions sent.
     pub versions_sent: u64,
     /// Bytes of those weights.

@@ -584,6 +584,7 @@ pub async fn serve(
         }
     };
     drain_connections(server, stop_now).await?;
+    wait_for_sessions(&session_stats).await;
     if let Some(actors) = local_actors {
         outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
             .await
@@ -812,6 +813,25 @@ async fn drain_connections(
     Ok(())
 }
 
+/// Waits up to [`DRAIN_TIMEOUT`] for the sessions still open to end. Each
+/// runs on a task of its own, which may outlive its connection (one reading
+/// its actor's last chunks, see `session.rs`): the run's records and
+/// counts are taken once they have ended.
+async fn wait_for_sessions(stats: &IngestStats) {
+    use std::sync::atomic::Ordering;
+    let waited = std::time::Instant::now();
+    let open = || stats.connected_actors.load(Ordering::Relaxed);
+    while open() > 0 && waited.elapsed() < DRAIN_TIMEOUT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if open() > 0 {
+        warn!(
+            open = open(),
+            "sessions still open {DRAIN_TIMEOUT:?} after training ended: the final counts leave out what they do from now on"
+        );
+    }
+}
+
 /// The run's last line: what it trained, how fast, and how good.
 fn log_training_finished(outcome: &TrainingOutcome) {
     let r = &outcome.final_report;
@@ -835,6 +855,12 @@ fn log_training_finished(outcome: &TrainingOutcome) {
         untrained_at_stop_transitions = outcome.untrained_at_stop_transitions,
         skipped_batches = r.skipped_batches,
         rejected_chunks = r.rejected_chunks,
+        // Sent before their actors heard that training was over.
+        late_chunks = r
+            .rejections
+            .get(crate::error::RequestError::ShuttingDown.reason())
+            .copied()
+            .unwrap_or(0),
         lost_chunks = r.lost_chunks,
         stalled_sessions = r.stalled_sessions,
         "training finished"

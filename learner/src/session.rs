@@ -86,6 +86,11 @@ enum Ended {
 /// keepalive ends both within microseconds (measured).
 const CONNECTION_CLOSE_GRACE: Duration = Duration::from_millis(50);
 
+/// How long a session whose training is done reads on for the chunks its
+/// actor sent before it heard: this project's actor closes its side on the
+/// last grant, once the chunks it had sent are out.
+const LATE_CHUNKS_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs replay and validation on tokio's blocking pool, at most
 /// `learner.ingest_threads` at a time, so a flood of chunks never occupies
 /// the async workers that serve grants, weights and health checks.
@@ -366,6 +371,11 @@ impl Session {
                     Err(status)
                 })
                 .await;
+                if done {
+                    // (Their numbers come after the session's record:
+                    // training is over, no session follows.)
+                    progress.record.late_chunks += self.read_late_chunks().await.len() as u64;
+                }
                 ended_by
             }
         };
@@ -373,16 +383,16 @@ impl Session {
         end_unlogged.armed = false;
         let duration_s = self.opened_at.elapsed().as_secs_f64();
         let (chunks, credits) = (record.chunks_received, record.credits_granted);
-        let versions_sent = record.versions_sent;
+        let (late_chunks, versions_sent) = (record.late_chunks, record.versions_sent);
         if lost {
             warn!(
                 ended_by,
-                duration_s, chunks, credits, versions_sent, "session ended"
+                duration_s, chunks, late_chunks, credits, versions_sent, "session ended"
             );
         } else {
             info!(
                 ended_by,
-                duration_s, chunks, credits, versions_sent, "session ended"
+                duration_s, chunks, late_chunks, credits, versions_sent, "session ended"
             );
         }
         stats.record_session(progress.record);
@@ -432,6 +442,10 @@ impl Session {
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
                     progress.unused.clear();
                     self.send_last(Ok(training_done())).await;
+                    for sequence in self.read_late_chunks().await {
+                        IngestStats::add(&self.state.stats.lost_chunks, progress.sequence.arrived(sequence));
+                        progress.record.late_chunks += 1;
+                    }
                     return Ok(Ended::TrainingDone);
                 }
                 token = credits.tokens.recv() => {
@@ -533,6 +547,32 @@ impl Session {
 
     /// Hands the actor its last message, unless it has not taken one for
     /// [`LAST_MESSAGE_TIMEOUT`].
+    /// After the last grant: the chunks the actor sent before it heard that
+    /// training is done, read until it closes its side (at most
+    /// [`LATE_CHUNKS_WAIT`]) and counted as arrived after training ended
+    /// (`rejections.shutting_down`), never trained. Without this, the
+    /// chunks in flight at the end would be counted sent by the actor and
+    /// never by the learner. An actor that drops the call instead (the
+    /// Python one, an older one) ends this at once. Their sequence numbers,
+    /// in order.
+    async fn read_late_chunks(&mut self) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + LATE_CHUNKS_WAIT;
+        let mut sequences = Vec::new();
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                read = tokio::time::timeout_at(deadline, self.inbound.message()) => read,
+                () = self.grants.closed() => break,
+            };
+            let Ok(Ok(Some(chunk))) = chunk else {
+                break;
+            };
+            self.state.stats.refuse(RequestError::ShuttingDown.reason());
+            sequences.push(chunk.sequence);
+        }
+        sequences
+    }
+
     async fn send_last(&self, message: Result<proto::Grant, Status>) {
         let _ = tokio::time::timeout(LAST_MESSAGE_TIMEOUT, self.grants.send(message)).await;
     }

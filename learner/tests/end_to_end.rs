@@ -110,6 +110,19 @@ async fn train_with(
         assert!(report.versions_applied.windows(2).all(|w| w[0] < w[1]));
         reports.push(report);
     }
+    // The chunks on their way when training ended too: the learner reads
+    // them (late, never trained) before it ends each session.
+    let received: u64 = outcome
+        .sessions
+        .iter()
+        .map(|s| s.chunks_received + s.late_chunks)
+        .sum();
+    let sent: u64 = reports.iter().map(|r| r.chunks_sent).sum();
+    assert_eq!(
+        received, sent,
+        "every chunk an actor sent was received, in time or late: {:?}",
+        outcome.sessions
+    );
     (outcome, reports)
 }
 
@@ -528,4 +541,53 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
             .sum();
         assert_eq!(received, report.chunks_sent, "{report:?}");
     }
+}
+
+/// A learner stopped in the middle of training (Ctrl-C), its actors busy:
+/// the chunks they had sent when it stopped are read and counted, late, so
+/// that what each actor says it sent is what the learner counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
+    let mut config = tiny_config();
+    config.learner.max_steps = 0;
+    let learner = start_learner(config.clone()).await;
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = learner.url.clone();
+    let actors: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(flgfn_actor::run(
+                actor_config.clone(),
+                actor_options(i),
+                std::future::pending(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    learner.stop.send(()).unwrap();
+    let outcome = learner.outcome.await.unwrap().unwrap();
+    assert!(outcome.steps > 0, "{outcome:?}");
+    let mut sent = 0;
+    for actor in actors {
+        let report = support::finished_actor(actor).await;
+        assert!(report.training_done, "{report:?}");
+        sent += report.chunks_sent;
+    }
+    let received: u64 = outcome.sessions.iter().map(|s| s.chunks_received).sum();
+    let late: u64 = outcome.sessions.iter().map(|s| s.late_chunks).sum();
+    assert_eq!(
+        received + late,
+        sent,
+        "every chunk sent was received, in time or late: {:?}",
+        outcome.sessions
+    );
+    assert_eq!(
+        outcome
+            .final_report
+            .rejections
+            .get("shutting_down")
+            .copied()
+            .unwrap_or(0),
+        late,
+        "late chunks are counted as arrived after training ended"
+    );
 }
