@@ -838,7 +838,8 @@ fn log_training_finished(outcome: &TrainingOutcome) {
     info!(
         steps = outcome.steps,
         version = outcome.version,
-        wall_s = r.wall_s,
+        // To the millisecond (the metrics file keeps every digit).
+        wall_s = (r.wall_s * 1000.0).round() / 1000.0,
         // Numbers when known, left out when not (JSON logs too).
         time_to_quality_s = outcome.time_to_quality_s,
         logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),

@@ -786,7 +786,7 @@ impl Session {
                 max_policy_lag = self.state.max_policy_lag,
                 pause_s = pause.as_secs_f64(),
                 pauses_so_far = progress.pauses,
-                "this actor's chunks arrive older than max_policy_lag (far behind the actors that set the pace): pausing its credits"
+                "this actor's chunks arrive at max_policy_lag or older, to be dropped as stale: pausing its credits (an actor far behind the others, or a max_policy_lag too small for this many actors)"
             );
         } else {
             debug!(
