@@ -232,49 +232,42 @@ impl Report {
         self.unusable_truncated_transitions = get(&stats.unusable_truncated_transitions);
     }
 
-    /// What the run lost or refused so far, for the report line: empty
-    /// while nothing was.
-    fn losses(&self) -> String {
-        [
-            ("skipped", self.skipped_batches),
-            ("stale_dropped", self.stale_transitions),
-            ("rejected_chunks", self.rejected_chunks),
-            ("lost_chunks", self.lost_chunks),
-            ("stalled_sessions", self.stalled_sessions),
-        ]
-        .iter()
-        .filter(|(_, count)| *count > 0)
-        .map(|(name, count)| format!(" {name}={count}"))
-        .collect()
-    }
-
-    /// Logs the report as one line.
+    /// Logs the report as one line: fields named as in the metrics file
+    /// (a log collector reads them from JSON logs as numbers), rounded for
+    /// reading (the metrics file keeps every digit). A quality measure the
+    /// task has none of is left out, and so is a loss (skipped batches,
+    /// stale, refused or lost chunks, stalled sessions) while it is zero.
     pub fn log(&self) {
-        let opt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.4}"));
+        let round = |value: f64, digits: i32| {
+            let scale = 10f64.powi(digits);
+            (value * scale).round() / scale
+        };
+        let measure = |value: Option<f64>| value.map(|value| round(value, 4));
+        let loss = |count: u64| (count > 0).then_some(count);
         tracing::info!(
-            "step={} wall_s={:.2} loss={:.4} logz={:.3}/{} tv={} w1={} exact_tv={} top100={:.5} trained/s={:.0} ingested/s={:.0} actors={} lag={:.2} wait={:.0}% batch={:.0} version={}{}{}",
-            self.step,
-            self.wall_s,
-            self.loss,
-            self.logz_est,
-            opt(self.logz_exact),
-            opt(self.marginal_tv),
-            opt(self.energy_w1),
-            opt(self.exact_tv),
-            self.top100_mean_reward,
-            self.trained_per_s,
-            self.ingested_per_s,
-            self.actors_connected,
-            self.mean_policy_lag,
-            100.0 * self.data_wait_fraction,
-            self.mean_batch_transitions,
-            self.version,
-            self.losses(),
-            if self.at_quality == Some(true) {
-                " AT-QUALITY"
-            } else {
-                ""
-            },
+            step = self.step,
+            wall_s = round(self.wall_s, 2),
+            loss = round(self.loss, 4),
+            logz_est = round(self.logz_est, 3),
+            logz_exact = measure(self.logz_exact),
+            marginal_tv = measure(self.marginal_tv),
+            energy_w1 = measure(self.energy_w1),
+            exact_tv = measure(self.exact_tv),
+            top100_mean_reward = round(self.top100_mean_reward, 5),
+            at_quality = self.at_quality,
+            trained_per_s = self.trained_per_s.round() as u64,
+            ingested_per_s = self.ingested_per_s.round() as u64,
+            actors_connected = self.actors_connected,
+            mean_policy_lag = round(self.mean_policy_lag, 2),
+            data_wait_fraction = round(self.data_wait_fraction, 2),
+            mean_batch_transitions = self.mean_batch_transitions.round() as u64,
+            version = self.version,
+            skipped_batches = loss(self.skipped_batches),
+            stale_transitions = loss(self.stale_transitions),
+            rejected_chunks = loss(self.rejected_chunks),
+            lost_chunks = loss(self.lost_chunks),
+            stalled_sessions = loss(self.stalled_sessions),
+            "report"
         );
     }
 }

@@ -958,7 +958,13 @@ fn a_terminal_gets_a_live_progress_line_above_which_logs_print() {
     // Redrawn in place (carriage return, erase line), and the log lines
     // still there, the summary last.
     assert!(drawn.contains("\r\u{1b}[2K"), "{drawn}");
-    assert!(drawn.contains("step="));
+    // (A terminal's field names are styled: colour codes between name,
+    // `=` and value.)
+    let plain = drawn
+        .replace("\u{1b}[3m", "")
+        .replace("\u{1b}[0m", "")
+        .replace("\u{1b}[2m", "");
+    assert!(plain.contains("report step="), "{plain}");
     let summary = drawn.rfind("training finished").expect("the summary");
     assert!(
         drawn[summary..].find("transitions/s in").is_none(),
@@ -1302,7 +1308,7 @@ fn a_paused_learner_does_not_blame_its_actor_for_the_pause() {
     .unwrap();
     let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let _actor = connected_actor(port, &config, &dir.join("actor.log"));
-    wait_for_log(&learner_log, "trained/s=");
+    wait_for_log(&learner_log, "trained_per_s=");
     // Twice: the session holds an unused credit at the pause only when
     // the pause finds it so (without the grace, 1 pause in 3 ended it).
     for _ in 0..2 {
@@ -1310,8 +1316,8 @@ fn a_paused_learner_does_not_blame_its_actor_for_the_pause() {
         std::thread::sleep(Duration::from_secs(3));
         signal(learner.id(), "CONT");
         // Two reports later, past the grace the stall clock gives.
-        let reports = count_in_log(&learner_log, "trained/s=");
-        wait_for_more_in_log(&learner_log, "trained/s=", reports + 1);
+        let reports = count_in_log(&learner_log, "trained_per_s=");
+        wait_for_more_in_log(&learner_log, "trained_per_s=", reports + 1);
     }
     let log = std::fs::read_to_string(&learner_log).unwrap();
     assert!(!log.contains("stalled"), "{log}");
@@ -1327,7 +1333,7 @@ fn a_killed_actor_ends_its_session_as_a_lost_connection() {
     let config = tiny_config_file(&dir, 0);
     let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let actor = connected_actor(port, &config, &dir.join("actor.log"));
-    wait_for_log(&learner_log, "trained/s=");
+    wait_for_log(&learner_log, "trained_per_s=");
     drop(actor);
     wait_for_log(&learner_log, "session ended");
     let log = std::fs::read_to_string(&learner_log).unwrap();
@@ -1357,7 +1363,7 @@ fn a_frozen_actor_is_a_lost_connection_and_a_leaving_one_left() {
     let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
     let frozen = connected_actor(port, &config, &dir.join("frozen.log"));
     let leaving = connected_actor(port, &config, &dir.join("leaving.log"));
-    wait_for_log(&learner_log, "trained/s=");
+    wait_for_log(&learner_log, "trained_per_s=");
     freeze(frozen.id());
     let frozen_at = Instant::now();
     wait_for_log(&learner_log, "session ended");
