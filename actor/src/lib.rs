@@ -280,11 +280,14 @@ async fn run_actor(
     if worker_report.abandoned > 0 {
         warn!("left without the rollout in progress (abandoned half-way)");
     }
+    // Named as in `rolling out` and the report (a trial read `chunks`
+    // beside `chunks_sent` as two counts).
     info!(
-        chunks = report.chunks_sent,
-        transitions = report.transitions_sent,
-        versions = report.versions_loaded,
-        received_to_use_ms = report.received_to_use_ms(),
+        chunks_sent = report.chunks_sent,
+        transitions_sent = report.transitions_sent,
+        versions_loaded = report.versions_loaded,
+        // To the microsecond it is measured in.
+        received_to_use_ms = (report.received_to_use_ms() * 1000.0).round() / 1000.0,
         connection_attempts = report.connection_attempts,
         sessions_opened = report.sessions_opened,
         // Rolled out but never sent (an earlier session's, or a broken one's).

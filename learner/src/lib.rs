@@ -583,8 +583,9 @@ pub async fn serve(
             shutdown.await
         }
     };
-    drain_connections(server, stop_now).await?;
-    wait_for_sessions(&session_stats).await;
+    if drain_connections(server, stop_now).await? {
+        wait_for_sessions(&session_stats).await;
+    }
     if let Some(actors) = local_actors {
         outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
             .await
@@ -788,11 +789,12 @@ async fn wait_for_batcher(batcher: std::thread::JoinHandle<()>) -> Result<(), Le
 
 /// Gives the open connections [`DRAIN_TIMEOUT`] to finish once the server
 /// stopped taking new ones, then closes what is left; `stop_now` resolving
-/// closes them at once. The server's own failure is the learner's.
+/// closes them at once. The server's own failure is the learner's. False
+/// when cut short by `stop_now`: nothing more is to be waited for.
 async fn drain_connections(
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     stop_now: impl Future<Output = ()>,
-) -> Result<(), LearnerError> {
+) -> Result<bool, LearnerError> {
     let abort = server.abort_handle();
     let drained = tokio::select! {
         drained = tokio::time::timeout(DRAIN_TIMEOUT, server) => Some(drained),
@@ -808,9 +810,10 @@ async fn drain_connections(
         None => {
             info!("shutdown requested: closing the open connections now");
             abort.abort();
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Waits up to [`DRAIN_TIMEOUT`] for the sessions still open to end. Each
@@ -842,6 +845,9 @@ fn log_training_finished(outcome: &TrainingOutcome) {
         wall_s = (r.wall_s * 1000.0).round() / 1000.0,
         // Numbers when known, left out when not (JSON logs too).
         time_to_quality_s = outcome.time_to_quality_s,
+        // Said where the task has a quality target: a time to quality
+        // left out may otherwise read as one not logged.
+        quality_reached = r.at_quality.map(|_| outcome.time_to_quality_s.is_some()),
         logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
         marginal_tv = r.marginal_tv,
         energy_w1 = r.energy_w1,

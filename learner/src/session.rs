@@ -494,6 +494,7 @@ impl Session {
                             // nothing wrong with it, so not a refused chunk
                             // (counted under its reason only).
                             self.state.stats.refuse(error.reason());
+                            progress.record.late_chunks += 1;
                             debug!(actor_id = self.actor_id, "a chunk arrived after training ended");
                         } else {
                             // Each ends its session; an actor that
@@ -545,8 +546,6 @@ impl Session {
         self.state.max_session_bytes / self.chunk_bytes.max(1)
     }
 
-    /// Hands the actor its last message, unless it has not taken one for
-    /// [`LAST_MESSAGE_TIMEOUT`].
     /// After the last grant: the chunks the actor sent before it heard that
     /// training is done, read until it closes its side (at most
     /// [`LATE_CHUNKS_WAIT`]) and counted as arrived after training ended
@@ -573,6 +572,8 @@ impl Session {
         sequences
     }
 
+    /// Hands the actor its last message, unless it has not taken one for
+    /// [`LAST_MESSAGE_TIMEOUT`].
     async fn send_last(&self, message: Result<proto::Grant, Status>) {
         let _ = tokio::time::timeout(LAST_MESSAGE_TIMEOUT, self.grants.send(message)).await;
     }
@@ -786,7 +787,7 @@ impl Session {
                 max_policy_lag = self.state.max_policy_lag,
                 pause_s = pause.as_secs_f64(),
                 pauses_so_far = progress.pauses,
-                "this actor's chunks arrive at max_policy_lag or older, to be dropped as stale: pausing its credits (an actor far behind the others, or a max_policy_lag too small for this many actors)"
+                "this actor's chunks arrive at max_policy_lag or older, likely to be dropped as stale: pausing its credits (an actor far behind the others, or a max_policy_lag too small for this many actors)"
             );
         } else {
             debug!(
