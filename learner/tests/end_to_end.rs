@@ -63,17 +63,7 @@ async fn train_with(
     options: RunOptions,
 ) -> (TrainingOutcome, Vec<ActorReport>) {
     let learner = start_learner_with(config.clone(), options).await;
-    let mut actor_config = config.clone();
-    actor_config.actor.learner = learner.url.clone();
-    let mut actors: Vec<_> = (0..actors)
-        .map(|i| {
-            tokio::spawn(flgfn_actor::run(
-                actor_config.clone(),
-                actor_options(i),
-                std::future::pending(),
-            ))
-        })
-        .collect();
+    let mut actors = spawn_actors(config, &learner.url, actors);
 
     let outcome = support::training_outcome(learner.outcome, &mut actors).await;
     drop(learner.stop);
@@ -124,6 +114,26 @@ async fn train_with(
         outcome.sessions
     );
     (outcome, reports)
+}
+
+/// `count` in-process actors of `config` for the learner at `url`, each
+/// with its own seed, running until training ends.
+fn spawn_actors(
+    config: &Config,
+    url: &str,
+    count: u64,
+) -> Vec<tokio::task::JoinHandle<Result<ActorReport, ActorError>>> {
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = url.to_owned();
+    (0..count)
+        .map(|i| {
+            tokio::spawn(flgfn_actor::run(
+                actor_config.clone(),
+                actor_options(i),
+                std::future::pending(),
+            ))
+        })
+        .collect()
 }
 
 /// Total variation between the exact terminal distribution of the learned
@@ -551,17 +561,7 @@ async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
     let mut config = tiny_config();
     config.learner.max_steps = 0;
     let learner = start_learner(config.clone()).await;
-    let mut actor_config = config.clone();
-    actor_config.actor.learner = learner.url.clone();
-    let actors: Vec<_> = (0..2)
-        .map(|i| {
-            tokio::spawn(flgfn_actor::run(
-                actor_config.clone(),
-                actor_options(i),
-                std::future::pending(),
-            ))
-        })
-        .collect();
+    let actors = spawn_actors(&config, &learner.url, 2);
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     learner.stop.send(()).unwrap();
     let outcome = learner.outcome.await.unwrap().unwrap();
