@@ -89,11 +89,17 @@ learner_totals "$work/metrics.jsonl" "$work/learner.log"
 sent="$(sed -n 's/.*sent [0-9]* chunks, \([0-9]*\) transitions.*/\1/p' "$work/actor.log")"
 grep -q "actor joined .*handshake_in_session=true" "$work/learner.log" ||
     failed "the learner logged no handshake in a Session's headers (actor joined ... handshake_in_session=true)" "$work/actor.log" "$work/learner.log"
+# Every chunk sent reached the learner: in time, or late (on its way when
+# training ended; the actor sends what it had queued before it leaves).
+sent_chunks="$(sed -n 's/.*sent \([0-9]*\) chunks, .*/\1/p' "$work/actor.log")"
+received_chunks="$(sed -n 's/.*session ended .* chunks=\([0-9]*\) late_chunks=\([0-9]*\) .*/\1 \2/p' "$work/learner.log" |
+    awk '{ total += $1 + $2 } END { print total + 0 }')"
 if grep -Eq "training finished steps=150 " "$work/learner.log" && [ -n "$sent" ] &&
-    [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ]; then
-    echo "python_actor: ok: the Python actor sent $sent transitions, the learner ingested $ingested by its last report, refused none, and finished 150 steps"
+    [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ] &&
+    [ -n "$sent_chunks" ] && [ "$received_chunks" -eq "$sent_chunks" ]; then
+    echo "python_actor: ok: the Python actor sent $sent transitions in $sent_chunks chunks, the learner received them all ($received_chunks chunks, late ones included), ingested $ingested by its last report, refused none, and finished 150 steps"
 else
-    echo "python_actor: FAILED: sent '$sent', ingested '$ingested', rejected '$rejected'" >&2
+    echo "python_actor: FAILED: sent '$sent' ($sent_chunks chunks), received $received_chunks chunks, ingested '$ingested', rejected '$rejected'" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
 fi

@@ -627,6 +627,14 @@ class Actor:
                     break
             return STOPPED
 
+        def over_with(ended):
+            """The session's end: told that training is done, the chunks
+            still queued go out first, and the learner counts them (late)
+            before it ends the session."""
+            if ended:
+                leave()
+            return ended
+
         try:
             while True:
                 if self.stop.is_set():
@@ -634,7 +642,7 @@ class Actor:
                 # Wait for a grant only with nothing to do.
                 ended = take_grants(wait=not work)
                 if ended is not None:
-                    return ended
+                    return over_with(ended)
                 if not work:
                     continue
                 oldest = work[0]
@@ -651,7 +659,7 @@ class Actor:
                 # tells the learner this actor has nothing to do.
                 ended = take_grants(wait=False)
                 if ended is not None:
-                    return ended
+                    return over_with(ended)
                 outbox.put(pb.TrajectoryChunk(
                     actor_id=actor_id, policy_version=sampled_by, sequence=self.counts["chunks"],
                     trajectories=[pb.Trajectory(actions=a, energies=e)
