@@ -104,6 +104,35 @@ else
     exit 1
 fi
 
+# A learner stopped (SIGINT) in the middle of training, the actor busy:
+# the chunks on their way then are still received, counted late.
+port="$(free_port)"
+"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 0 \
+    --checkpoint-dir "" --metrics "$work/stopped.jsonl" >"$work/learner-stopped.log" 2>&1 &
+learner_pid=$!
+timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --seed 3 --reconnect-attempts 5 >"$work/actor-stopped.log" 2>&1 &
+actor_pid=$!
+for _ in $(seq 1 600); do
+    if [ -s "$work/stopped.jsonl" ]; then break; fi
+    sleep 0.1
+done
+sleep 1
+kill -INT "$learner_pid" 2>/dev/null || true
+actor_status=0
+wait "$actor_pid" || actor_status=$?
+actor_pid=""
+learner_totals "$work/stopped.jsonl" "$work/learner-stopped.log"
+sent_chunks="$(sed -n 's/.*training done: sent \([0-9]*\) chunks, .*/\1/p' "$work/actor-stopped.log")"
+read -r received_chunks late_chunks < <(sed -n 's/.*session ended .* chunks=\([0-9]*\) late_chunks=\([0-9]*\) .*/\1 \2/p' "$work/learner-stopped.log" |
+    awk '{ received += $1 + $2; late += $2 } END { print received + 0, late + 0 }')
+if [ "$actor_status" -eq 0 ] && [ -n "$sent_chunks" ] && [ "$sent_chunks" -gt 0 ] &&
+    [ "$received_chunks" -eq "$sent_chunks" ]; then
+    echo "python_actor: ok: a learner stopped mid-run received every chunk the actor sent ($sent_chunks, $late_chunks of them late)"
+else
+    failed "a learner stopped mid-run: the actor (status $actor_status) sent '$sent_chunks' chunks, the learner received $received_chunks" "$work/actor-stopped.log" "$work/learner-stopped.log"
+fi
+
 # Reconnect: the learner dies under a running actor and comes back on the
 # same port.
 port="$(free_port)"
