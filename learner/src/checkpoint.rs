@@ -415,8 +415,26 @@ pub fn remove_unfinished_writes(dir: &Path) -> usize {
     removed
 }
 
+/// A failed file operation on `path`, named by it. A file where a folder
+/// should be (the folder replaced while the learner runs, say) is said as
+/// such, not as "Not a directory" alone.
 fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
+    if source.kind() == std::io::ErrorKind::NotADirectory {
+        // The file in the way: `path`, or the folder it was to be in.
+        let file = path
+            .ancestors()
+            .find(|at| at.exists() && !at.is_dir())
+            .unwrap_or(path);
+        return not_a_folder(file);
+    }
     LearnerError::Checkpoint(format!("{}: {source}", path.display()))
+}
+
+fn not_a_folder(path: &Path) -> LearnerError {
+    LearnerError::Checkpoint(format!(
+        "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file): move it away, or choose another learner.checkpoint_dir",
+        path.display()
+    ))
 }
 
 /// The folder holding `path`: `.` for a bare name ("checkpoints" has
@@ -452,10 +470,7 @@ fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
         if e.kind() == std::io::ErrorKind::AlreadyExists
             && let Some(file) = missing.iter().find(|folder| folder.exists())
         {
-            return LearnerError::Checkpoint(format!(
-                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file): move it away, or choose another learner.checkpoint_dir",
-                file.display()
-            ));
+            return not_a_folder(file);
         }
         io_error(dir, e)
     })?;
@@ -1444,6 +1459,25 @@ mod tests {
         clear(&dir).unwrap();
         assert!(damaged_in(&dir).is_empty());
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A write into a folder that a file has replaced names that file as
+    /// not a folder (the full suite once caught a checkpoint write failing
+    /// so, as "Not a directory (os error 20)" alone).
+    #[test]
+    fn a_write_under_a_file_names_the_file_as_not_a_folder() {
+        let parent = scratch("replaced-folder");
+        fs::create_dir_all(&parent).unwrap();
+        let folder = parent.join("checkpoints");
+        fs::write(&folder, "not a folder").unwrap();
+        let inside = folder.join("ckpt.tmp");
+        let error = fs::write(&inside, b"x").unwrap_err();
+        let message = io_error(&inside, error).to_string();
+        assert!(
+            message.contains(&format!("{}: not a folder", folder.display())),
+            "{message}"
+        );
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
