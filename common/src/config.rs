@@ -188,13 +188,32 @@ fn section_at(text: &str, at: usize) -> Option<String> {
     })
 }
 
+/// Where the parser's `error` is: its top-level section (None: not known;
+/// Some(None): before any header), and its line of `text`. An error from
+/// an edited table has no place in the text, only the key it names ("in
+/// `learner.threads`"), whose first part is the section.
+fn error_place<'t>(
+    text: &'t str,
+    error: &toml::de::Error,
+) -> (Option<Option<String>>, Option<&'t str>) {
+    let at = error.span().map(|span| span.start.min(text.len()));
+    let section = match at {
+        Some(at) => Some(section_at(text, at)),
+        None => error.to_string().lines().find_map(|line| {
+            let key = line.strip_prefix("in `")?.strip_suffix('`')?;
+            Some(Some(key.split('.').next().unwrap_or(key).to_owned()))
+        }),
+    };
+    (section, at.map(|at| line_at(text, at)))
+}
+
 /// The error for a `[task]` refused where it is refused, at its key's
 /// line, where the parser's `error` had only the section (the task is
 /// tagged by its name, and serde reads a tagged value from a buffer that
 /// has no places in the text). The text is read again as the named task's
 /// own keys, with `name = ...` blanked (the other lines keep their
-/// places) where the text still parses so. None where `error` is not in `[task]` or this reading finds
-/// nothing more precise.
+/// places) where the text still parses so. None where `error` is not in
+/// `[task]` or this reading finds nothing more precise.
 fn task_key_error(
     text: &str,
     table: &toml::Table,
@@ -208,23 +227,28 @@ fn task_key_error(
     fn read_as<T: serde::de::DeserializeOwned>(text: &str) -> Option<toml::de::Error> {
         toml::from_str::<TaskOnly<T>>(text).err()
     }
-    let at_task_header = error.span().is_some_and(|span| {
-        let end = span.end.min(text.len());
-        section_at(text, end).as_deref() == Some("task")
-            && line_at(text, span.start.min(end))
-                .trim_start()
-                .starts_with('[')
-    });
-    let in_task = error.to_string().lines().any(|line| line == "in `task`");
+    let in_task = match error_place(text, error) {
+        // The `[task]` header's line itself.
+        (_, Some(line)) => {
+            line.trim_start().starts_with('[')
+                && section_at(line, line.len()).as_deref() == Some("task")
+        }
+        (section, None) => section.flatten().as_deref() == Some("task"),
+    };
     let task = table.get("task")?.as_table()?;
-    if !(at_task_header || in_task) {
+    if !in_task {
         return None;
     }
     let name = match task.get("name") {
         Some(name) => name.as_str()?.to_owned(),
         None => TaskConfig::default().name(),
     };
+    // A name whose string spans lines leaves its rest behind: nothing
+    // more precise.
     let blanked = blank_task_name(text);
+    if toml::from_str::<toml::Table>(&blanked).is_err() {
+        return None;
+    }
     let precise = TaskConfig::every_task()
         .into_iter()
         .find(|task| task.name() == name)
@@ -233,15 +257,10 @@ fn task_key_error(
             TaskConfig::Lattice(_) => read_as::<LatticeConfig>(&blanked),
         })?;
     // A `name` that blanking missed (`task.name = ...`, an inline table)
-    // is refused as unknown here, and one whose string spans lines leaves
-    // its rest behind: nothing more precise.
-    if toml::from_str::<toml::Table>(&blanked).is_err() {
-        return None;
-    }
-    let places_a_key = precise.span().is_some_and(|span| {
-        let line = line_at(text, span.start.min(text.len())).trim_start();
-        !line.starts_with('[')
-    });
+    // is refused as unknown here: nothing more precise either.
+    let places_a_key = error_place(text, &precise)
+        .1
+        .is_some_and(|line| !line.trim_start().starts_with('['));
     (places_a_key && refused_name(precise.message()) != Some("name")).then_some(precise)
 }
 
@@ -1310,18 +1329,7 @@ impl Config {
                 .and_then(|table| task_key_error(text, table, &e))
                 .unwrap_or(e);
             let refused = refused_name(e.message());
-            // Where the error is: its section, and its line (where the
-            // table was edited, the error has no place in the text, only
-            // the key it names: "in `learner.threads`").
-            let at = e.span().map(|span| span.start.min(text.len()));
-            let section = match at {
-                Some(at) => Some(section_at(text, at)),
-                None => e.to_string().lines().find_map(|line| {
-                    let key = line.strip_prefix("in `")?.strip_suffix('`')?;
-                    Some(Some(key.split('.').next().unwrap_or(key).to_owned()))
-                }),
-            };
-            let line = at.map(|at| line_at(text, at));
+            let (section, line) = error_place(text, &e);
             // Another task's key in [task] (not misspelt: no `did you
             // mean`), or a type refused in [task] that the other task
             // reads.
