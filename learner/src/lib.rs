@@ -773,11 +773,7 @@ fn check_run_fits(config: &Config, env: &dyn Environment) -> Result<(), LearnerE
 /// Polled, not joined on a blocking task, which would hold up the
 /// process's exit if the builder never ended.
 async fn wait_for_batcher(batcher: std::thread::JoinHandle<()>) -> Result<(), LearnerError> {
-    let waited = std::time::Instant::now();
-    while !batcher.is_finished() && waited.elapsed() < DRAIN_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if !batcher.is_finished() {
+    if !within_drain_timeout(|| batcher.is_finished()).await {
         warn!("the batch builder did not stop within {DRAIN_TIMEOUT:?}");
     } else if batcher.join().is_err() {
         return Err(LearnerError::Trainer(
@@ -785,6 +781,20 @@ async fn wait_for_batcher(batcher: std::thread::JoinHandle<()>) -> Result<(), Le
         ));
     }
     Ok(())
+}
+
+/// Whether `done` comes true within [`DRAIN_TIMEOUT`], asked every 5 ms:
+/// for what ends on a thread or task of its own, which the learner must
+/// not wait for without bound.
+async fn within_drain_timeout(mut done: impl FnMut() -> bool) -> bool {
+    let waited = std::time::Instant::now();
+    while !done() {
+        if waited.elapsed() >= DRAIN_TIMEOUT {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 /// Gives the open connections [`DRAIN_TIMEOUT`] to finish once the server
@@ -822,12 +832,8 @@ async fn drain_connections(
 /// counts are taken once they have ended.
 async fn wait_for_sessions(stats: &IngestStats) {
     use std::sync::atomic::Ordering;
-    let waited = std::time::Instant::now();
     let open = || stats.connected_actors.load(Ordering::Relaxed);
-    while open() > 0 && waited.elapsed() < DRAIN_TIMEOUT {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    if open() > 0 {
+    if !within_drain_timeout(|| open() <= 0).await {
         warn!(
             open = open(),
             "sessions still open {DRAIN_TIMEOUT:?} after training ended: the final counts leave out what they do from now on"

@@ -374,7 +374,7 @@ impl Session {
                 if done {
                     // (Their numbers come after the session's record:
                     // training is over, no session follows.)
-                    progress.record.late_chunks += self.read_late_chunks().await.len() as u64;
+                    self.read_late_chunks(&mut progress.record).await;
                 }
                 ended_by
             }
@@ -442,9 +442,8 @@ impl Session {
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
                     progress.unused.clear();
                     self.send_last(Ok(training_done())).await;
-                    for sequence in self.read_late_chunks().await {
+                    for sequence in self.read_late_chunks(&mut progress.record).await {
                         IngestStats::add(&self.state.stats.lost_chunks, progress.sequence.arrived(sequence));
-                        progress.record.late_chunks += 1;
                     }
                     return Ok(Ended::TrainingDone);
                 }
@@ -490,11 +489,8 @@ impl Session {
                     };
                     self.receive(message, &credits, progress).await.map_err(|error| {
                         if matches!(error, RequestError::ShuttingDown) {
-                            // Training ended while the chunk was on its way:
-                            // nothing wrong with it, so not a refused chunk
-                            // (counted under its reason only).
-                            self.state.stats.refuse(error.reason());
-                            progress.record.late_chunks += 1;
+                            // Training ended while the chunk was on its way.
+                            self.count_late_chunk(&mut progress.record);
                             debug!(actor_id = self.actor_id, "a chunk arrived after training ended");
                         } else {
                             // Each ends its session; an actor that
@@ -546,15 +542,22 @@ impl Session {
         self.state.max_session_bytes / self.chunk_bytes.max(1)
     }
 
+    /// Counts a chunk that arrived after training ended, in the run's
+    /// `rejections.shutting_down` and the session's `record`: never
+    /// trained, but nothing wrong with it, so not a refused chunk.
+    fn count_late_chunk(&self, record: &mut SessionRecord) {
+        self.state.stats.refuse(RequestError::ShuttingDown.reason());
+        record.late_chunks += 1;
+    }
+
     /// After the last grant: the chunks the actor sent before it heard that
     /// training is done, read until it closes its side (at most
-    /// [`LATE_CHUNKS_WAIT`]) and counted as arrived after training ended
-    /// (`rejections.shutting_down`), never trained. Without this, the
-    /// chunks in flight at the end would be counted sent by the actor and
-    /// never by the learner. An actor that drops the call instead (the
-    /// Python one, an older one) ends this at once. Their sequence numbers,
-    /// in order.
-    async fn read_late_chunks(&mut self) -> Vec<u64> {
+    /// [`LATE_CHUNKS_WAIT`]) and counted late (see [`Self::count_late_chunk`]).
+    /// Without this, the chunks in flight at the end would be counted sent
+    /// by the actor and never by the learner. An actor that drops the call
+    /// instead (an older one) ends this at once. Their sequence numbers, in
+    /// order.
+    async fn read_late_chunks(&mut self, record: &mut SessionRecord) -> Vec<u64> {
         let deadline = tokio::time::Instant::now() + LATE_CHUNKS_WAIT;
         let mut sequences = Vec::new();
         loop {
@@ -566,7 +569,7 @@ impl Session {
             let Ok(Ok(Some(chunk))) = chunk else {
                 break;
             };
-            self.state.stats.refuse(RequestError::ShuttingDown.reason());
+            self.count_late_chunk(record);
             sequences.push(chunk.sequence);
         }
         sequences
