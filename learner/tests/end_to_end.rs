@@ -100,20 +100,24 @@ async fn train_with(
         assert!(report.versions_applied.windows(2).all(|w| w[0] < w[1]));
         reports.push(report);
     }
-    // The chunks on their way when training ended too: the learner reads
-    // them (late, never trained) before it ends each session.
-    let received: u64 = outcome
-        .sessions
-        .iter()
-        .map(|s| s.chunks_received + s.late_chunks)
-        .sum();
+    assert_every_chunk_sent_was_received(&outcome, &reports);
+    (outcome, reports)
+}
+
+/// Every chunk the actors sent reached the learner: in time, or late (on
+/// its way when training ended: the learner reads those, never trained,
+/// before it ends each session). The late ones, counted.
+fn assert_every_chunk_sent_was_received(outcome: &TrainingOutcome, reports: &[ActorReport]) -> u64 {
+    let received: u64 = outcome.sessions.iter().map(|s| s.chunks_received).sum();
+    let late: u64 = outcome.sessions.iter().map(|s| s.late_chunks).sum();
     let sent: u64 = reports.iter().map(|r| r.chunks_sent).sum();
     assert_eq!(
-        received, sent,
+        received + late,
+        sent,
         "every chunk an actor sent was received, in time or late: {:?}",
         outcome.sessions
     );
-    (outcome, reports)
+    late
 }
 
 /// `count` in-process actors of `config` for the learner at `url`, each
@@ -566,20 +570,13 @@ async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
     learner.stop.send(()).unwrap();
     let outcome = learner.outcome.await.unwrap().unwrap();
     assert!(outcome.steps > 0, "{outcome:?}");
-    let mut sent = 0;
+    let mut reports = Vec::new();
     for actor in actors {
         let report = support::finished_actor(actor).await;
         assert!(report.training_done, "{report:?}");
-        sent += report.chunks_sent;
+        reports.push(report);
     }
-    let received: u64 = outcome.sessions.iter().map(|s| s.chunks_received).sum();
-    let late: u64 = outcome.sessions.iter().map(|s| s.late_chunks).sum();
-    assert_eq!(
-        received + late,
-        sent,
-        "every chunk sent was received, in time or late: {:?}",
-        outcome.sessions
-    );
+    let late = assert_every_chunk_sent_was_received(&outcome, &reports);
     assert_eq!(
         outcome
             .final_report
