@@ -75,6 +75,25 @@ import json, sys
 last = [json.loads(line) for line in open(sys.argv[1])][-1]
 print(last["ingested_transitions"], sum(last["rejections"].values()))' "$1")
 }
+# Chunks an actor's log ($1) says it sent, by its last line, where it
+# ended told that training is done.
+chunks_sent() {
+    sed -n 's/.*training done: sent \([0-9]*\) chunks, .*/\1/p' "$1"
+}
+# Chunks a learner's log ($1) says its sessions received, late ones
+# included, then the late ones alone.
+chunks_received() {
+    sed -n 's/.*session ended .* chunks=\([0-9]*\) late_chunks=\([0-9]*\) .*/\1 \2/p' "$1" |
+        awk '{ received += $1 + $2; late += $2 } END { print received + 0, late + 0 }'
+}
+# Waits (at most 60 s) for a learner's first report in metrics file $1.
+first_report() {
+    for _ in $(seq 1 600); do
+        if [ -s "$1" ]; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
 port="$(free_port)"
 "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
@@ -91,9 +110,8 @@ grep -q "actor joined .*handshake_in_session=true" "$work/learner.log" ||
     failed "the learner logged no handshake in a Session's headers (actor joined ... handshake_in_session=true)" "$work/actor.log" "$work/learner.log"
 # Every chunk sent reached the learner: in time, or late (on its way when
 # training ended; the actor sends what it had queued before it leaves).
-sent_chunks="$(sed -n 's/.*sent \([0-9]*\) chunks, .*/\1/p' "$work/actor.log")"
-received_chunks="$(sed -n 's/.*session ended .* chunks=\([0-9]*\) late_chunks=\([0-9]*\) .*/\1 \2/p' "$work/learner.log" |
-    awk '{ total += $1 + $2 } END { print total + 0 }')"
+sent_chunks="$(chunks_sent "$work/actor.log")"
+read -r received_chunks _ < <(chunks_received "$work/learner.log")
 if grep -Eq "training finished steps=150 " "$work/learner.log" && [ -n "$sent" ] &&
     [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ] &&
     [ -n "$sent_chunks" ] && [ "$received_chunks" -eq "$sent_chunks" ]; then
@@ -113,19 +131,15 @@ learner_pid=$!
 timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
     --envs 16 --seed 3 --reconnect-attempts 5 >"$work/actor-stopped.log" 2>&1 &
 actor_pid=$!
-for _ in $(seq 1 600); do
-    if [ -s "$work/stopped.jsonl" ]; then break; fi
-    sleep 0.1
-done
+first_report "$work/stopped.jsonl" || true
 sleep 1
 kill -INT "$learner_pid" 2>/dev/null || true
 actor_status=0
 wait "$actor_pid" || actor_status=$?
 actor_pid=""
 learner_totals "$work/stopped.jsonl" "$work/learner-stopped.log"
-sent_chunks="$(sed -n 's/.*training done: sent \([0-9]*\) chunks, .*/\1/p' "$work/actor-stopped.log")"
-read -r received_chunks late_chunks < <(sed -n 's/.*session ended .* chunks=\([0-9]*\) late_chunks=\([0-9]*\) .*/\1 \2/p' "$work/learner-stopped.log" |
-    awk '{ received += $1 + $2; late += $2 } END { print received + 0, late + 0 }')
+sent_chunks="$(chunks_sent "$work/actor-stopped.log")"
+read -r received_chunks late_chunks < <(chunks_received "$work/learner-stopped.log")
 if [ "$actor_status" -eq 0 ] && [ -n "$sent_chunks" ] && [ "$sent_chunks" -gt 0 ] &&
     [ "$received_chunks" -eq "$sent_chunks" ]; then
     echo "python_actor: ok: a learner stopped mid-run received every chunk the actor sent ($sent_chunks, $late_chunks of them late)"
@@ -148,11 +162,7 @@ timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "1
     --envs 16 --seed 2 --reconnect-attempts 20 >"$work/actor-2.log" 2>&1 &
 actor_pid=$!
 # Killed once it has trained on the actor's chunks (its first report).
-for _ in $(seq 1 600); do
-    if [ -s "$work/learner-1.jsonl" ]; then break; fi
-    sleep 0.1
-done
-if [ ! -s "$work/learner-1.jsonl" ]; then
+if ! first_report "$work/learner-1.jsonl"; then
     echo "python_actor: FAILED: the first learner reported nothing within 60 s" >&2
     tail -n 20 "$work/actor-2.log" "$work/learner-1.log" >&2
     exit 1
@@ -261,10 +271,7 @@ learner_pid=$!
 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" --envs 16 \
     >"$work/actor-5.log" 2>&1 &
 actor_pid=$!
-for _ in $(seq 1 600); do
-    if [ -s "$work/learner-5.jsonl" ]; then break; fi
-    sleep 0.1
-done
+first_report "$work/learner-5.jsonl" || true
 kill -TERM "$actor_pid"
 status=0
 wait_at_most "$actor_pid" 30 || status=$?
