@@ -595,7 +595,15 @@ pub async fn stay_connected(
                     });
                 }
                 let pause = backoff.next_pause(&mut rand::rng());
-                if worth_a_warning(failures) {
+                if served {
+                    // Nothing failed yet: the line says so rather than
+                    // count `failures=0`.
+                    warn!(
+                        error = %message,
+                        retry_in = ?pause,
+                        "connection to the learner lost; reconnecting"
+                    );
+                } else if worth_a_warning(failures) {
                     warn!(
                         error = %message,
                         retry_in = ?pause,

@@ -481,6 +481,16 @@ pub fn select_device(config: DeviceConfig) -> Result<Device, String> {
     }
 }
 
+/// A device as the configuration names it (`cpu`, `cuda:0`) for logs:
+/// tch's `Debug` gives `Cpu` and `Cuda(0)`.
+pub fn device_label(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".to_owned(),
+        Device::Cuda(index) => format!("cuda:{index}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
 /// Sets libtorch's intra-op thread count for this process. Oversubscribed
 /// cores make small-matrix work much slower, hence explicit counts.
 pub fn set_threads(threads: usize) {
@@ -511,6 +521,13 @@ mod tests {
             forward_actions: 5,
             backward_actions: 4,
         }
+    }
+
+    /// Logs name a device as the configuration does.
+    #[test]
+    fn a_device_is_labelled_as_configured() {
+        assert_eq!(device_label(Device::Cpu), "cpu");
+        assert_eq!(device_label(Device::Cuda(1)), "cuda:1");
     }
 
     #[test]

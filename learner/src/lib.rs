@@ -428,7 +428,7 @@ pub async fn serve(
         task = %env.spec(),
         %model,
         objective = objective.name(),
-        ?device,
+        device = flgfn_common::policy::device_label(device),
         threads = learner.threads,
         transport = transport.name(),
         auth = authentication,

@@ -1263,7 +1263,8 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
         learner_and_actor(&dir, &[("FLGFN_ACTOR__KEEPALIVE_S", "1")]);
     let wait_for_more = |text: &str, seen: usize| wait_for_more_in_log(&actor_log, text, seen);
     const CONNECTED: &str = "connected to the learner";
-    const RECONNECTING: &str = "learner unavailable; reconnecting";
+    // (A served connection lost: said apart from a learner not reached.)
+    const RECONNECTING: &str = "connection to the learner lost; reconnecting";
     let connected = wait_for_more(CONNECTED, 0);
     // (The actor may have started before the learner listened.)
     let reconnecting = count_in_log(&actor_log, RECONNECTING);
