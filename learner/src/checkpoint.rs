@@ -296,12 +296,62 @@ const WRITE_PROBE: &str = "write-probe";
 /// Name of the file a learner locks while it uses a checkpoint folder.
 pub const LOCK: &str = "lock";
 
-/// Locks `dir` (made if missing) for this learner until the returned file
+/// A checkpoint folder held by this learner (see [`lock`]) until dropped.
+///
+/// A start refused once the folder is open (a wrong `--metrics`, a
+/// checkpoint of another run) leaves nothing behind: when dropped, a lock
+/// file this learner made goes where it is all the folder holds, and so do
+/// the folders made for it, while empty. Anything else written there (a
+/// checkpoint, a version floor) keeps the folder as it is.
+#[derive(Debug)]
+pub struct FolderLock {
+    /// The locked file, None where the file system has no locks. Closed
+    /// (and the lock let go) only after `drop` has removed what it made:
+    /// a learner that opened the file meanwhile finds it locked.
+    file: Option<File>,
+    dir: PathBuf,
+    /// A lock file left by an earlier run stays: its holder text may be
+    /// what someone is reading.
+    made_lock_file: bool,
+    /// Folders made for this one, itself first.
+    made_folders: Vec<PathBuf>,
+}
+
+impl FolderLock {
+    /// Whether the file system locked it (else only a warning was logged).
+    pub fn is_locked(&self) -> bool {
+        self.file.is_some()
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        if !self.made_lock_file {
+            return;
+        }
+        let only_the_lock = fs::read_dir(&self.dir).is_ok_and(|entries| {
+            let names: Vec<_> = entries
+                .map(|entry| entry.map(|entry| entry.file_name()))
+                .collect();
+            matches!(names.as_slice(), [Ok(name)] if name == LOCK)
+        });
+        if !only_the_lock || fs::remove_file(self.dir.join(LOCK)).is_err() {
+            return;
+        }
+        for folder in &self.made_folders {
+            if fs::remove_dir(folder).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Locks `dir` (made if missing) for this learner until the returned lock
 /// is dropped (or the process ends, however it ends): two learners on one
 /// folder would prune each other's checkpoints and lower each other's
 /// version floor. A file system without locks gets a warning, not a
 /// refusal.
-pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
+pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
     // (The key named: "File exists" alone says nothing.)
     if dir.exists() && !dir.is_dir() {
         return Err(LearnerError::Checkpoint(format!(
@@ -309,7 +359,7 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
             dir.display()
         )));
     }
-    create_dir_durably(dir).map_err(|error| match error {
+    let made_folders = create_dir_durably(dir).map_err(|error| match error {
         LearnerError::Checkpoint(why) => {
             LearnerError::Checkpoint(format!("{why} (learner.checkpoint_dir)"))
         }
@@ -322,13 +372,20 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
         ))
     };
     let path = dir.join(LOCK);
+    let made_lock_file = !path.exists();
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
         .map_err(|e| not_writable(&path, e))?;
-    let locked = match file.try_lock() {
+    let mut held = FolderLock {
+        file: None,
+        dir: dir.to_owned(),
+        made_lock_file,
+        made_folders,
+    };
+    held.file = match file.try_lock() {
         Ok(()) => {
             // Who holds it, for the learner refused next (best effort:
             // the lock, not this text, keeps a second learner out).
@@ -361,7 +418,7 @@ pub fn lock(dir: &Path) -> Result<Option<File>, LearnerError> {
     fs::File::create(&probe)
         .and_then(|_| fs::remove_file(&probe))
         .map_err(|e| not_writable(&probe, e))?;
-    Ok(locked)
+    Ok(held)
 }
 
 /// This process as the lock file names it: `pid 4242 on node-7, since
@@ -451,10 +508,10 @@ fn parent_of(path: &Path) -> Option<&Path> {
 
 /// Makes `dir` and any missing parents, each new folder's entry synced to
 /// the disk in its parent: else a crash could lose the folders with the
-/// files written into the innermost.
-fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
+/// files written into the innermost. Returns the folders made, `dir` first.
+fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, LearnerError> {
     if dir.is_dir() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     // The folders about to be made, up to the first that exists.
     let mut missing = vec![dir];
@@ -491,7 +548,7 @@ fn create_dir_durably(dir: &Path) -> Result<(), LearnerError> {
             Err(error) => return Err(io_error(parent, error)),
         }
     }
-    Ok(())
+    Ok(missing.into_iter().map(Path::to_path_buf).collect())
 }
 
 /// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
@@ -1290,7 +1347,8 @@ mod tests {
     #[test]
     fn one_learner_at_a_time_uses_a_checkpoint_folder() {
         let dir = scratch("lock").join("made");
-        let held = lock(&dir).unwrap().expect("this file system locks");
+        let held = lock(&dir).unwrap();
+        assert!(held.is_locked(), "this file system locks");
         let error = lock(&dir).unwrap_err().to_string();
         assert!(
             error.contains("in use by another learner") && error.contains("learner.checkpoint_dir"),
@@ -1302,8 +1360,31 @@ mod tests {
             "{error}"
         );
         drop(held);
-        assert!(lock(&dir).unwrap().is_some(), "free again once released");
-        fs::remove_dir_all(dir.parent().unwrap()).unwrap();
+        assert!(lock(&dir).unwrap().is_locked(), "free again once released");
+        let _ = fs::remove_dir_all(dir.parent().unwrap());
+    }
+
+    /// A learner refused at start-up, its folder opened, leaves nothing
+    /// behind: not the folders made for it, nor its lock file. A folder
+    /// that holds anything else keeps the lock file.
+    #[test]
+    fn a_folder_that_holds_only_the_lock_is_removed_when_let_go() {
+        let parent = scratch("lock-left");
+        fs::create_dir_all(&parent).unwrap();
+        let dir = parent.join("runs/a");
+        drop(lock(&dir).unwrap());
+        assert!(!parent.join("runs").exists(), "the folders made are gone");
+        assert!(parent.exists(), "a folder that was there stays");
+        // Where something else was written, the lock file stays too.
+        let held = lock(&dir).unwrap();
+        fs::write(dir.join(VERSION_FLOOR), "7").unwrap();
+        drop(held);
+        assert!(dir.join(LOCK).exists() && dir.join(VERSION_FLOOR).exists());
+        // A lock file this learner did not make stays, even alone.
+        fs::remove_file(dir.join(VERSION_FLOOR)).unwrap();
+        drop(lock(&dir).unwrap());
+        assert!(dir.join(LOCK).exists());
+        fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]
@@ -1416,13 +1497,15 @@ mod tests {
     #[test]
     fn a_folder_where_the_probe_cannot_be_written_is_refused_at_start() {
         let dir = scratch("read-only");
-        drop(lock(&dir).unwrap());
+        fs::create_dir_all(&dir).unwrap();
+        let held = lock(&dir).unwrap();
         // The probe leaves nothing behind.
         let names: Vec<String> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, [LOCK]);
+        drop(held);
         fs::create_dir(dir.join(temporary_name(WRITE_PROBE))).unwrap();
         let error = lock(&dir).unwrap_err().to_string();
         assert!(

@@ -7,14 +7,13 @@
 //! it up.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::PathBuf;
 
 use flgfn_common::config::{Config, ConfigError};
 use flgfn_common::policy::{ModelSpec, Policy};
 use tracing::{info, warn};
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, FolderLock};
 use crate::{BUILD, LearnerError};
 
 /// The checkpoint folder (`learner.checkpoint_dir`, None when checkpoints
@@ -25,7 +24,7 @@ use crate::{BUILD, LearnerError};
 pub async fn open_folder(
     dir: Option<PathBuf>,
     fresh: bool,
-) -> Result<(Option<File>, Option<Checkpoint>), LearnerError> {
+) -> Result<(Option<FolderLock>, Option<Checkpoint>), LearnerError> {
     let Some(dir) = dir else {
         if fresh {
             // Not an error: a script may pass --fresh to every run.
@@ -39,10 +38,10 @@ pub async fn open_folder(
         let lock = checkpoint::lock(&dir)?;
         if fresh {
             checkpoint::clear(&dir)?;
-            return Ok((lock, None));
+            return Ok((Some(lock), None));
         }
         checkpoint::remove_unfinished_writes(&dir);
-        Ok((lock, checkpoint::load_latest(&dir)?))
+        Ok((Some(lock), checkpoint::load_latest(&dir)?))
     })
     .await
     .map_err(|e| LearnerError::Checkpoint(format!("checkpoint loader: {e}")))?

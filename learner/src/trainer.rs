@@ -172,7 +172,7 @@ pub struct Trainer {
     pub version_floor: u64,
     /// The checkpoint folder's lock: released when this thread ends, not
     /// before (the learner's task may be gone while it still writes).
-    pub checkpoint_lock: Option<std::fs::File>,
+    pub checkpoint_lock: Option<crate::checkpoint::FolderLock>,
 }
 
 /// Running sums between two reports.

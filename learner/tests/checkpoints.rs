@@ -343,6 +343,30 @@ async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner refused at start-up once it has made its checkpoint folder
+/// (here given a file that holds no reports as its metrics file) removes
+/// the folder again: the mistake leaves nothing to clean up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_refused_at_start_leaves_no_checkpoint_folder() {
+    let dir = scratch("refused-start");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (config, checkpoints) = checkpointed(&dir, 1000, 100);
+    let not_metrics = dir.join("job.toml");
+    std::fs::write(&not_metrics, "[learner]\n").unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = flgfn_learner::serve(
+        config,
+        listener,
+        writing(&not_metrics),
+        std::future::pending(),
+    )
+    .await;
+    let error = refused.err().expect("refused").to_string();
+    assert!(error.contains("job.toml"), "{error}");
+    assert!(!checkpoints.exists(), "{} is left", checkpoints.display());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Checkpoints are written beside training, and a write that fails
 /// still ends it, naming the folder (here replaced by a file after the
 /// first checkpoint).

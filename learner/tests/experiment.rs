@@ -389,7 +389,7 @@ fn a_suite_killed_midway_resumes_its_run_from_the_checkpoint() {
     let checkpoints = run.join("checkpoints");
     let released = std::time::Instant::now();
     loop {
-        if let Ok(Some(lock)) = flgfn_learner::checkpoint::lock(&checkpoints) {
+        if let Ok(lock) = flgfn_learner::checkpoint::lock(&checkpoints) {
             drop(lock);
             break;
         }
