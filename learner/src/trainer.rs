@@ -324,335 +324,32 @@ impl Progress {
     }
 }
 
-impl Trainer {
-    /// Trains until `max_steps`, or until the batch builder stops (the
-    /// learner was asked to stop); then publishes the final weights.
-    pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
-        let run_started = Instant::now();
-        let learner = self.config.learner.clone();
-        let flat =
-            |vars: &tch::nn::VarStore| FlatParameters::new(vars).map_err(LearnerError::Trainer);
-        let mut optimizer = Adam::new(flat(&self.policy.vars)?, learner.learning_rate);
-        // The objective's own parameters (TB's log Z) step with their own
-        // rate; they are not the policy's and never reach the actors.
-        let mut own_optimizer = match self.objective.own_parameters() {
-            Some((vars, rate)) => Some((Adam::new(flat(vars)?, rate), rate)),
-            None => None,
-        };
-        let mut evaluator = Evaluator::new(
-            self.env.clone(),
-            learner.eval_samples,
-            self.config.objective.backward_policy,
-            self.config.seed,
-        );
-        let mut progress = Progress {
-            next_report_wall: learner.first_report_s,
-            ..Progress::default()
-        };
-        progress.version_floor = self.version_floor;
-        if let Some(checkpoint) = self.resume.take() {
-            self.restore(
-                &checkpoint,
-                &mut optimizer,
-                own_optimizer.as_mut(),
-                &mut evaluator,
-                &mut progress,
-            )?;
-        }
-        // Start above every version a previous process may have published
-        // (it may have been killed after its last checkpoint).
-        progress.version_offset =
-            self.start_version
-                .checked_sub(progress.step)
-                .ok_or_else(|| {
-                    LearnerError::Checkpoint(format!(
-                        "start version {} is below the checkpoint's step {}",
-                        self.start_version, progress.step
-                    ))
-                })?;
-        progress.version = self.start_version;
-        // Time to quality is refined between reports spaced in time; with
-        // reports every so many steps (experiments), the steps are the grain.
-        if progress.time_to_quality.is_none()
-            && learner.eval_every_steps == 0
-            && evaluator.judges_quality()
-        {
-            let mut probes = QualityProbes::default();
-            probes.plan(progress.last_report_wall, progress.next_report_wall);
-            progress.probes = Some(probes);
-        }
-        let finished = |p: &Progress| learner.max_steps > 0 && p.step >= learner.max_steps;
-        // Checkpoints are encoded and written beside training; the last
-        // one is waited for (see `save_last_checkpoint`).
-        let mut writer = self
-            .checkpoint_dir
-            .clone()
-            .map(|dir| checkpoint::Writer::new(dir, learner.keep_checkpoints));
-        // Every error from here to the final weights ends this block, not
-        // the run at once: see after it.
-        let mut data_warning_after = FIRST_DATA_WARNING;
-        // libtorch may fail (tch panics) outside a step too: in an
-        // evaluation, a copy of the weights to publish, a checkpoint's read
-        // of them (out of GPU memory, say). Caught here, such a failure
-        // takes the error path below, which saves what was trained,
-        // instead of ending the thread with nothing saved.
-        let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| 'training: {
-            while !finished(&progress) {
-                let wait_started = Instant::now();
-                let Some(batch) = self.next_batch(&mut data_warning_after) else {
-                    // Stopped while waiting for data: the wait since the
-                    // last step is not training, and counted as such it
-                    // would read as busy time in the last report, and
-                    // carry into a resumed run's wall_s and time to
-                    // quality (a learner starved for a minute, then
-                    // stopped).
-                    progress.time_left_out += wait_started.elapsed();
-                    // Or no batch will ever come: the error path saves
-                    // what was trained, and the actors are not told that
-                    // training is done.
-                    if let Some(failure) = self.batcher_failure.get() {
-                        break 'training Err(LearnerError::Trainer(failure.clone()));
-                    }
-                    break;
-                };
-                if progress.started.is_some() {
-                    progress.window.waiting += wait_started.elapsed();
-                    progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
-                }
-                if progress.started.is_none() {
-                    progress.started = Some(Instant::now());
-                    progress.first_step_after = run_started.elapsed();
-                }
+/// What a run changes as it trains, beside the trainer's own fields.
+struct Training {
+    optimizer: Adam,
+    /// The objective's own parameters' optimizer (TB's log Z) and its
+    /// learning rate: not the policy's, and never sent to actors.
+    own_optimizer: Option<(Adam, f64)>,
+    evaluator: Evaluator,
+    progress: Progress,
+    /// Writes checkpoints beside training (None: checkpoints are off);
+    /// the last one is waited for (see `save_last_checkpoint`).
+    writer: Option<checkpoint::Writer>,
+}
 
-                if let Err(error) =
-                    self.train_step(&mut optimizer, own_optimizer.as_mut(), batch, &mut progress)
-                {
-                    break 'training Err(error);
-                }
-                self.steps_done
-                    .store(progress.step + progress.version_offset, Ordering::Release);
-                // A checkpoint that failed to write ends training, as it
-                // did when written in line.
-                if let Some(Err(error)) = writer.as_mut().map(checkpoint::Writer::poll) {
-                    break 'training Err(error);
-                }
-                if progress.step.is_multiple_of(learner.publish_every) {
-                    progress.version = progress.step + progress.version_offset;
-                    if let Err(error) = self.raise_version_floor(&mut progress) {
-                        break 'training Err(error);
-                    }
-                    self.publisher
-                        .publish(progress.version, optimizer.parameters().snapshot());
-                }
-                let wall = progress.wall();
-                let due = if learner.eval_every_steps > 0 {
-                    progress.step.is_multiple_of(learner.eval_every_steps)
-                } else {
-                    wall >= progress.next_report_wall
-                };
-                // The last step's report, when not due, comes after the
-                // loop: off an experiment's grid, it must stay out of the
-                // checkpoint (see there).
-                if due {
-                    if let Err(error) = self.report(&mut evaluator, &mut progress) {
-                        break 'training Err(error);
-                    }
-                } else if progress
-                    .probes
-                    .as_mut()
-                    .is_some_and(|probes| probes.due(wall))
-                {
-                    // Between reports: the weights, for time to quality,
-                    // dated when they exist (on a GPU, not when their step
-                    // was queued).
-                    self.wait_for_device();
-                    let wall = progress.wall();
-                    let step = progress.step;
-                    if let Some(probes) = progress.probes.as_mut() {
-                        probes.keep(Probe {
-                            wall_s: wall,
-                            step,
-                            weights: optimizer.parameters().snapshot(),
-                            learned_log_z: self.objective.learned_log_z(),
-                        });
-                    }
-                }
-                // After the report of the same step, so that the checkpoint
-                // holds what it found (best objects, time to quality). Not
-                // at the last step: every way out of the loop saves one,
-                // after the last report (see there).
-                if !finished(&progress)
-                    && self.checkpoint_due(&progress)
-                    && let Err(error) = self.save_checkpoint(
-                        &mut writer,
-                        &optimizer,
-                        own_optimizer.as_ref(),
-                        &evaluator,
-                        &mut progress,
-                    )
-                {
-                    break 'training Err(error);
-                }
-            }
-            // The report below evaluates, which may take long, and a stop
-            // is often followed by a kill after a grace period: what was
-            // trained is saved first. Not at `max_steps`: a checkpoint of
-            // the last step says the run is over, and a kill during this
-            // report would leave a run that resumes to nothing, its last
-            // report never written (an experiment's run would fail on
-            // every retry); the save after the report is the final one.
-            // (Written, not only started: the kill may come during the
-            // report.)
-            if progress.window.steps > 0
-                && !finished(&progress)
-                && progress.checkpointed_step != Some(progress.step)
-                && let Err(error) = self
-                    .save_checkpoint(
-                        &mut writer,
-                        &optimizer,
-                        own_optimizer.as_ref(),
-                        &evaluator,
-                        &mut progress,
-                    )
-                    .and_then(|()| wait_for_write(&mut writer, &mut progress))
-            {
-                break 'training Err(error);
-            }
-            // A run that ends between two reports (a stop, or `max_steps`
-            // off the report grid) still ends with one, so the last report
-            // (and the metrics file) covers every step. (Counters that move
-            // after it, while sessions end, reach the final summary only:
-            // `serve` refreshes it.)
-            // With reports every so many steps (experiments), that last one
-            // is off their grid: its samples must not join the best objects
-            // the checkpoint carries, or a run stopped and resumed would
-            // rest on one more evaluation than one that was not.
-            // (Nor may a time to quality only it found.) Put back whether
-            // the report succeeds or not: a failure saves a checkpoint too.
-            // A stopped run waits on this evaluation before it ends (seconds
-            // with many samples or a slow CPU): said, so that the wait after
-            // "shutdown requested" does not read as a hang.
-            if progress.window.steps > 0 && !finished(&progress) {
-                info!(
-                    step = progress.step,
-                    eval_samples = learner.eval_samples,
-                    "stopped: evaluating the last steps before the run ends"
-                );
-            }
-            let grid_state = (learner.eval_every_steps > 0)
-                .then(|| (evaluator.state(), progress.time_to_quality));
-            // (libtorch failing in it is caught here, so that the state
-            // is put back before the error path saves.)
-            let reported = if progress.window.steps > 0 {
-                unless_libtorch_fails(progress.step, || self.report(&mut evaluator, &mut progress))
-                    .and_then(|reported| reported)
-            } else {
-                Ok(())
-            };
-            if let Some((state, time_to_quality)) = grid_state {
-                evaluator.restore(&state);
-                progress.time_to_quality = time_to_quality;
-            }
-            if let Err(error) = reported {
-                break 'training Err(error);
-            }
-            // The run's product is its final policy: one that is no
-            // distribution somewhere is a failed run, not a finished one,
-            // even where it diverged too late for the reports in a row
-            // that stop a run (a short run, or its last steps).
-            if progress.non_finite_draws > 0 {
-                break 'training Err(LearnerError::Trainer(format!(
-                    "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there; {}",
-                    progress.non_finite_draws,
-                    divergence_remedy(&progress, self.checkpoint_dir.as_deref())
-                )));
-            }
-            progress.version = progress.step + progress.version_offset;
-            if let Err(error) = self.raise_version_floor(&mut progress) {
-                break 'training Err(error);
-            }
-            self.publisher
-                .finish(progress.version, optimizer.parameters().snapshot());
-            // The run's model, exact: f32 whatever actors receive, with the
-            // metadata an actor's copy of this version carries.
-            self.publisher
-                .encode_newest_as(WeightEncoding::F32)
-                .map(Bytes::from)
-                .map_err(LearnerError::from)
-        }))
-        .unwrap_or_else(|payload| {
-            Err(LearnerError::Trainer(format!(
-                "the trainer panicked after step {} (libtorch failing, out of GPU memory, say): {}",
-                progress.step,
-                panic_message(&*payload)
-            )))
-        });
-        let weights = match trained {
-            Ok(weights) => weights,
-            Err(error) => {
-                // A failed write (metrics, a checkpoint, the version floor) or
-                // a diverged model still leaves the state to resume from: the
-                // weights are the last finite ones (a non-finite step moves
-                // nothing), and whatever was trained since the last checkpoint
-                // would otherwise be lost. Best effort: the disk that failed
-                // may fail again. Not a checkpoint of the last step whose
-                // report failed: it would say the run is over, and resumed,
-                // the run would train nothing and write no last report (an
-                // experiment's run would fail on every retry); it resumes
-                // from the last checkpoint instead and trains the rest again.
-                // Nor of a last step whose policy diverged: resumed, that
-                // run would count as finished and end well.
-                let last_unreported = finished(&progress) && progress.report.step != progress.step;
-                let last_diverged = finished(&progress) && progress.non_finite_draws > 0;
-                if last_unreported || last_diverged {
-                    warn!(
-                        step = progress.step,
-                        %error,
-                        "no checkpoint of the last step (its report failed, or its policy diverged): a resume trains again from the last checkpoint"
-                    );
-                } else if let Some(dir) = &self.checkpoint_dir {
-                    let saved = self.save_last_checkpoint(
-                        dir,
-                        &mut writer,
-                        &optimizer,
-                        own_optimizer.as_ref(),
-                        &evaluator,
-                        &mut progress,
-                    );
-                    match saved {
-                        Ok(()) => {
-                            warn!(step = progress.step, %error, "checkpoint saved after an error")
-                        }
-                        Err(again) => {
-                            tracing::error!(%error, %again, "no checkpoint could be saved after an error");
-                        }
-                    }
-                }
-                return Err(error);
-            }
-        };
-        if let Some(dir) = &self.checkpoint_dir {
-            // On every way out of the loop (max_steps, a stop: a signal,
-            // or every local actor gone): the state to resume from and the
-            // weights to use.
-            self.save_last_checkpoint(
-                dir,
-                &mut writer,
-                &optimizer,
-                own_optimizer.as_ref(),
-                &evaluator,
-                &mut progress,
-            )?;
-            let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, &weights)?;
-            info!(path = %path.display(), version = progress.version, "final weights saved");
-        }
+impl Training {
+    /// What the run ends with: its last report (where no report of this
+    /// process covers the last step, its counts) and the whole run's
+    /// totals.
+    fn outcome(mut self, weights: Bytes) -> TrainingOutcome {
+        let progress = &mut self.progress;
         let wall_s = progress.wall();
         if progress.report.step != progress.step {
             // No report of this process covers the last step (a resumed
             // run stopped before its first step): its counts, at least,
             // and the best objects the checkpoint kept (not an evaluation's
             // zeros).
-            let (top100_mean_reward, top100_samples) = evaluator.top_k_so_far();
+            let (top100_mean_reward, top100_samples) = self.evaluator.top_k_so_far();
             progress.report = Report {
                 step: progress.step,
                 wall_s,
@@ -677,17 +374,393 @@ impl Trainer {
             busy_ms_per_step: 1e3 * (wall_s - waiting).max(0.0) / steps,
             mean_batch_transitions: trained as f64 / steps,
         };
-        Ok(TrainingOutcome {
+        TrainingOutcome {
             totals,
             sessions: Vec::new(),
             failed_local_actors: 0,
             steps: progress.step,
             version: progress.version,
             weights,
-            final_report: progress.report,
+            final_report: std::mem::take(&mut progress.report),
             untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
-        })
+        }
+    }
+}
+
+impl Trainer {
+    /// Trains until `max_steps`, or until the batch builder stops (the
+    /// learner was asked to stop); then publishes the final weights.
+    ///
+    /// Once training has started, an error ends training, not the run at
+    /// once: what was trained is saved first (see `save_after_error`).
+    pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
+        let run_started = Instant::now();
+        let mut training = self.start()?;
+        // libtorch may fail (tch panics) outside a step too: in an
+        // evaluation, a copy of the weights to publish, a checkpoint's read
+        // of them (out of GPU memory, say). Caught here, such a failure
+        // takes the error path below, which saves what was trained,
+        // instead of ending the thread with nothing saved.
+        let trained = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.train(&mut training, run_started)?;
+            self.end_training(&mut training)
+        }))
+        .unwrap_or_else(|payload| {
+            Err(LearnerError::Trainer(format!(
+                "the trainer panicked after step {} (libtorch failing, out of GPU memory, say): {}",
+                training.progress.step,
+                panic_message(&*payload)
+            )))
+        });
+        let weights = match trained {
+            Ok(weights) => weights,
+            Err(error) => {
+                self.save_after_error(&mut training, &error);
+                return Err(error);
+            }
+        };
+        self.save_final(&mut training, &weights)?;
+        Ok(training.outcome(weights))
+    }
+
+    /// Whether the last step (`max_steps`) is done.
+    fn finished(&self, progress: &Progress) -> bool {
+        let max_steps = self.config.learner.max_steps;
+        max_steps > 0 && progress.step >= max_steps
+    }
+
+    /// The optimizers, the evaluator and the counters, as the checkpoint
+    /// this run resumes from left them (fresh without one), with versions
+    /// numbered on above every one published before.
+    fn start(&mut self) -> Result<Training, LearnerError> {
+        let learner = self.config.learner.clone();
+        let flat =
+            |vars: &tch::nn::VarStore| FlatParameters::new(vars).map_err(LearnerError::Trainer);
+        let optimizer = Adam::new(flat(&self.policy.vars)?, learner.learning_rate);
+        let own_optimizer = match self.objective.own_parameters() {
+            Some((vars, rate)) => Some((Adam::new(flat(vars)?, rate), rate)),
+            None => None,
+        };
+        let evaluator = Evaluator::new(
+            self.env.clone(),
+            learner.eval_samples,
+            self.config.objective.backward_policy,
+            self.config.seed,
+        );
+        let progress = Progress {
+            next_report_wall: learner.first_report_s,
+            version_floor: self.version_floor,
+            ..Progress::default()
+        };
+        let mut training = Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer: None,
+        };
+        if let Some(checkpoint) = self.resume.take() {
+            self.restore(
+                &checkpoint,
+                &mut training.optimizer,
+                training.own_optimizer.as_mut(),
+                &mut training.evaluator,
+                &mut training.progress,
+            )?;
+        }
+        let progress = &mut training.progress;
+        // Start above every version a previous process may have published
+        // (it may have been killed after its last checkpoint).
+        progress.version_offset =
+            self.start_version
+                .checked_sub(progress.step)
+                .ok_or_else(|| {
+                    LearnerError::Checkpoint(format!(
+                        "start version {} is below the checkpoint's step {}",
+                        self.start_version, progress.step
+                    ))
+                })?;
+        progress.version = self.start_version;
+        // Time to quality is refined between reports spaced in time; with
+        // reports every so many steps (experiments), the steps are the grain.
+        if progress.time_to_quality.is_none()
+            && learner.eval_every_steps == 0
+            && training.evaluator.judges_quality()
+        {
+            let mut probes = QualityProbes::default();
+            probes.plan(progress.last_report_wall, progress.next_report_wall);
+            progress.probes = Some(probes);
+        }
+        // Checkpoints are encoded and written beside training.
+        training.writer = self
+            .checkpoint_dir
+            .clone()
+            .map(|dir| checkpoint::Writer::new(dir, learner.keep_checkpoints));
+        Ok(training)
+    }
+
+    /// Steps until `max_steps`, or until the batch builder stops: each
+    /// step published (every `publish_every`), then reported, or kept for
+    /// time to quality, and checkpointed when due.
+    fn train(&mut self, training: &mut Training, run_started: Instant) -> Result<(), LearnerError> {
+        let learner = self.config.learner.clone();
+        let Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer,
+        } = training;
+        let mut data_warning_after = FIRST_DATA_WARNING;
+        while !self.finished(progress) {
+            let wait_started = Instant::now();
+            let Some(batch) = self.next_batch(&mut data_warning_after) else {
+                // Stopped while waiting for data: the wait since the
+                // last step is not training, and counted as such it
+                // would read as busy time in the last report, and
+                // carry into a resumed run's wall_s and time to
+                // quality (a learner starved for a minute, then
+                // stopped).
+                progress.time_left_out += wait_started.elapsed();
+                // Or no batch will ever come: the error path saves
+                // what was trained, and the actors are not told that
+                // training is done.
+                if let Some(failure) = self.batcher_failure.get() {
+                    return Err(LearnerError::Trainer(failure.clone()));
+                }
+                return Ok(());
+            };
+            if progress.started.is_some() {
+                progress.window.waiting += wait_started.elapsed();
+                progress.totals.waiting_s += wait_started.elapsed().as_secs_f64();
+            }
+            if progress.started.is_none() {
+                progress.started = Some(Instant::now());
+                progress.first_step_after = run_started.elapsed();
+            }
+
+            self.train_step(optimizer, own_optimizer.as_mut(), batch, progress)?;
+            self.steps_done
+                .store(progress.step + progress.version_offset, Ordering::Release);
+            // A checkpoint that failed to write ends training, as it
+            // did when written in line.
+            if let Some(Err(error)) = writer.as_mut().map(checkpoint::Writer::poll) {
+                return Err(error);
+            }
+            if progress.step.is_multiple_of(learner.publish_every) {
+                progress.version = progress.step + progress.version_offset;
+                self.raise_version_floor(progress)?;
+                self.publisher
+                    .publish(progress.version, optimizer.parameters().snapshot());
+            }
+            let wall = progress.wall();
+            let due = if learner.eval_every_steps > 0 {
+                progress.step.is_multiple_of(learner.eval_every_steps)
+            } else {
+                wall >= progress.next_report_wall
+            };
+            // The last step's report, when not due, comes after the
+            // loop: off an experiment's grid, it must stay out of the
+            // checkpoint (see `end_training`).
+            if due {
+                self.report(evaluator, progress)?;
+            } else if progress
+                .probes
+                .as_mut()
+                .is_some_and(|probes| probes.due(wall))
+            {
+                // Between reports: the weights, for time to quality,
+                // dated when they exist (on a GPU, not when their step
+                // was queued).
+                self.wait_for_device();
+                let wall = progress.wall();
+                let step = progress.step;
+                if let Some(probes) = progress.probes.as_mut() {
+                    probes.keep(Probe {
+                        wall_s: wall,
+                        step,
+                        weights: optimizer.parameters().snapshot(),
+                        learned_log_z: self.objective.learned_log_z(),
+                    });
+                }
+            }
+            // After the report of the same step, so that the checkpoint
+            // holds what it found (best objects, time to quality). Not
+            // at the last step: every way out of the loop saves one,
+            // after the last report (see `end_training`).
+            if !self.finished(progress) && self.checkpoint_due(progress) {
+                self.save_checkpoint(
+                    writer,
+                    optimizer,
+                    own_optimizer.as_ref(),
+                    evaluator,
+                    progress,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last step, or a stop: what was trained saved, the last
+    /// report, the final policy checked, and the final weights published.
+    /// Returns them encoded as f32: the run's model.
+    fn end_training(&mut self, training: &mut Training) -> Result<Bytes, LearnerError> {
+        let learner = self.config.learner.clone();
+        let Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer,
+        } = training;
+        // The report below evaluates, which may take long, and a stop
+        // is often followed by a kill after a grace period: what was
+        // trained is saved first. Not at `max_steps`: a checkpoint of
+        // the last step says the run is over, and a kill during this
+        // report would leave a run that resumes to nothing, its last
+        // report never written (an experiment's run would fail on
+        // every retry); the save after the report is the final one.
+        // (Written, not only started: the kill may come during the
+        // report.)
+        if progress.window.steps > 0
+            && !self.finished(progress)
+            && progress.checkpointed_step != Some(progress.step)
+        {
+            self.save_checkpoint(
+                writer,
+                optimizer,
+                own_optimizer.as_ref(),
+                evaluator,
+                progress,
+            )?;
+            wait_for_write(writer, progress)?;
+        }
+        // A run that ends between two reports (a stop, or `max_steps`
+        // off the report grid) still ends with one, so the last report
+        // (and the metrics file) covers every step. (Counters that move
+        // after it, while sessions end, reach the final summary only:
+        // `serve` refreshes it.)
+        // With reports every so many steps (experiments), that last one
+        // is off their grid: its samples must not join the best objects
+        // the checkpoint carries, or a run stopped and resumed would
+        // rest on one more evaluation than one that was not.
+        // (Nor may a time to quality only it found.) Put back whether
+        // the report succeeds or not: a failure saves a checkpoint too.
+        // A stopped run waits on this evaluation before it ends (seconds
+        // with many samples or a slow CPU): said, so that the wait after
+        // "shutdown requested" does not read as a hang.
+        if progress.window.steps > 0 && !self.finished(progress) {
+            info!(
+                step = progress.step,
+                eval_samples = learner.eval_samples,
+                "stopped: evaluating the last steps before the run ends"
+            );
+        }
+        let grid_state =
+            (learner.eval_every_steps > 0).then(|| (evaluator.state(), progress.time_to_quality));
+        // (libtorch failing in it is caught here, so that the state
+        // is put back before the error path saves.)
+        let reported = if progress.window.steps > 0 {
+            unless_libtorch_fails(progress.step, || self.report(evaluator, progress))
+                .and_then(|reported| reported)
+        } else {
+            Ok(())
+        };
+        if let Some((state, time_to_quality)) = grid_state {
+            evaluator.restore(&state);
+            progress.time_to_quality = time_to_quality;
+        }
+        reported?;
+        // The run's product is its final policy: one that is no
+        // distribution somewhere is a failed run, not a finished one,
+        // even where it diverged too late for the reports in a row
+        // that stop a run (a short run, or its last steps).
+        if progress.non_finite_draws > 0 {
+            return Err(LearnerError::Trainer(format!(
+                "the model diverged: the final policy's logits are not finite at states its last evaluation reached ({} draws), so it is no sampler there; {}",
+                progress.non_finite_draws,
+                divergence_remedy(progress, self.checkpoint_dir.as_deref())
+            )));
+        }
+        progress.version = progress.step + progress.version_offset;
+        self.raise_version_floor(progress)?;
+        self.publisher
+            .finish(progress.version, optimizer.parameters().snapshot());
+        // The run's model, exact: f32 whatever actors receive, with the
+        // metadata an actor's copy of this version carries.
+        self.publisher
+            .encode_newest_as(WeightEncoding::F32)
+            .map(Bytes::from)
+            .map_err(LearnerError::from)
+    }
+
+    /// After an error in training: the state to resume from, saved where
+    /// it can be. A failed write (metrics, a checkpoint, the version
+    /// floor) or a diverged model still leaves it: the weights are the
+    /// last finite ones (a non-finite step moves nothing), and whatever
+    /// was trained since the last checkpoint would otherwise be lost.
+    /// Best effort, logged: the disk that failed may fail again.
+    fn save_after_error(&self, training: &mut Training, error: &LearnerError) {
+        let Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer,
+        } = training;
+        // Not a checkpoint of the last step whose report failed: it would
+        // say the run is over, and resumed, the run would train nothing
+        // and write no last report (an experiment's run would fail on
+        // every retry); it resumes from the last checkpoint instead and
+        // trains the rest again. Nor of a last step whose policy diverged:
+        // resumed, that run would count as finished and end well.
+        let last_unreported = self.finished(progress) && progress.report.step != progress.step;
+        let last_diverged = self.finished(progress) && progress.non_finite_draws > 0;
+        if last_unreported || last_diverged {
+            warn!(
+                step = progress.step,
+                %error,
+                "no checkpoint of the last step (its report failed, or its policy diverged): a resume trains again from the last checkpoint"
+            );
+        } else if let Some(dir) = &self.checkpoint_dir {
+            let saved = self.save_last_checkpoint(
+                dir,
+                writer,
+                optimizer,
+                own_optimizer.as_ref(),
+                evaluator,
+                progress,
+            );
+            match saved {
+                Ok(()) => {
+                    warn!(step = progress.step, %error, "checkpoint saved after an error")
+                }
+                Err(again) => {
+                    tracing::error!(%error, %again, "no checkpoint could be saved after an error");
+                }
+            }
+        }
+    }
+
+    /// The end of a run, saved: the state to resume from and the weights
+    /// to use (on every way out of the loop: `max_steps`, or a stop by a
+    /// signal or by every local actor gone).
+    fn save_final(&self, training: &mut Training, weights: &[u8]) -> Result<(), LearnerError> {
+        let Some(dir) = &self.checkpoint_dir else {
+            return Ok(());
+        };
+        self.save_last_checkpoint(
+            dir,
+            &mut training.writer,
+            &training.optimizer,
+            training.own_optimizer.as_ref(),
+            &training.evaluator,
+            &mut training.progress,
+        )?;
+        let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, weights)?;
+        info!(path = %path.display(), version = training.progress.version, "final weights saved");
+        Ok(())
     }
 
     /// The checkpoint a run ends with (its end, or an error), written
