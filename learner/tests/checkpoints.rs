@@ -361,7 +361,7 @@ async fn a_learner_refused_at_start_leaves_no_checkpoint_folder() {
         std::future::pending(),
     )
     .await;
-    let error = refused.err().expect("refused").to_string();
+    let error = refused.expect_err("refused").to_string();
     assert!(error.contains("job.toml"), "{error}");
     assert!(!checkpoints.exists(), "{} is left", checkpoints.display());
     std::fs::remove_dir_all(&dir).unwrap();
