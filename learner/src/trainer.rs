@@ -392,8 +392,9 @@ impl Trainer {
     /// Trains until `max_steps`, or until the batch builder stops (the
     /// learner was asked to stop); then publishes the final weights.
     ///
-    /// Once training has started, an error ends training, not the run at
-    /// once: what was trained is saved first (see `save_after_error`).
+    /// An error in training (from the first step to the final weights'
+    /// publication) ends training, not the run at once: what was trained
+    /// is saved first where it can be (see `save_after_error`).
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let run_started = Instant::now();
         let mut training = self.start()?;
@@ -602,8 +603,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// After the last step, or a stop: what was trained saved, the last
-    /// report, the final policy checked, and the final weights published.
+    /// After the last step, or a stop: at a stop, what was trained since
+    /// the last checkpoint saved; then the last report, the final policy
+    /// checked, the version floor raised and the final weights published.
     /// Returns them encoded as f32: the run's model.
     fn end_training(&mut self, training: &mut Training) -> Result<Bytes, LearnerError> {
         let learner = self.config.learner.clone();
@@ -745,7 +747,8 @@ impl Trainer {
 
     /// The end of a run, saved: the state to resume from and the weights
     /// to use (on every way out of the loop: `max_steps`, or a stop by a
-    /// signal or by every local actor gone).
+    /// signal or by every local actor gone). Nothing where checkpoints are
+    /// off.
     fn save_final(&self, training: &mut Training, weights: &[u8]) -> Result<(), LearnerError> {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
