@@ -726,10 +726,15 @@ impl Writer {
         };
         let write = move || {
             let started = std::time::Instant::now();
+            // Said, so that the second line for one step (a stop saves
+            // before its last report, then after it) does not read as a
+            // repeat.
+            let replaced = dir.join(file_name(state.step)).exists();
             let path = save(&dir, &state, &arrays, keep)?;
             info!(
                 path = %path.display(),
                 step = state.step,
+                replaced = replaced.then_some(true),
                 write_ms = started.elapsed().as_millis() as u64,
                 "checkpoint saved"
             );

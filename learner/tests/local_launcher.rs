@@ -207,9 +207,17 @@ fn a_run_resumed_already_finished_starts_no_actors() {
         1,
         "{first}"
     );
+    assert!(!first.contains("replaced=true"), "{first}");
     // The same command again: the checkpoint says step 30 of 30.
     let second = run();
     assert!(second.contains("this run already finished"), "{second}");
+    // Its exit saves step 30 again, and says so.
+    assert!(
+        second
+            .lines()
+            .any(|l| l.contains("checkpoint saved") && l.contains("replaced=true")),
+        "{second}"
+    );
     assert!(second.contains("no local actors started"), "{second}");
     assert!(!second.contains("started local actors"), "{second}");
     assert!(!second.contains("killing it"), "{second}");
