@@ -281,7 +281,12 @@ async fn run_actor(
         warn!("left without the rollout in progress (abandoned half-way)");
     }
     // Named as in `rolling out` and the report (a trial read `chunks`
-    // beside `chunks_sent` as two counts).
+    // beside `chunks_sent` as two counts). Not for an actor that never
+    // tried to connect (its token or TLS files unreadable): its error
+    // says all there is.
+    if report.connection_attempts == 0 {
+        return result.map(|()| report);
+    }
     info!(
         chunks_sent = report.chunks_sent,
         transitions_sent = report.transitions_sent,
@@ -558,7 +563,9 @@ pub async fn stay_connected(
         match outcome {
             Ok(SessionEnd::TrainingDone) => {
                 report.training_done = true;
-                info!(actor_id, "the learner finished training");
+                // (At max_steps, or stopped on purpose: the learner's
+                // news does not say which, and both end the run.)
+                info!(actor_id, "the learner ended training");
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),

@@ -156,7 +156,7 @@ fi
 # (An empty FLGFN_LEARNER__THREADS means the default, for actors too.)
 if sbatch_here 4242 FLGFN_LEARNER__THREADS= >"$work/job.log" 2>&1 &&
     grep -Eq "training finished steps=150 " "$work/job.log" &&
-    [ "$(grep -c "the learner finished training" "$work/job.log")" -eq 2 ] &&
+    [ "$(grep -c "the learner ended training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then

@@ -422,7 +422,7 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
 }
 
 /// This process as the lock file names it: `pid 4242 on node-7, since
-/// unix time 1764944000`.
+/// 2025-12-05 14:13:20 UTC (unix time 1764944000)`.
 fn lock_holder() -> String {
     let host = fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
@@ -433,8 +433,36 @@ fn lock_holder() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     format!(
-        "pid {} on {host}, since unix time {since}\n",
-        std::process::id()
+        "pid {} on {host}, since {} (unix time {since})\n",
+        std::process::id(),
+        utc_time(since)
+    )
+}
+
+/// `seconds` since the Unix epoch as a UTC date and time (`2025-12-05
+/// 14:13:20 UTC`), for an operator reading who holds a lock. (The civil
+/// calendar from days, after Howard Hinnant's `civil_from_days`.)
+fn utc_time(seconds: u64) -> String {
+    let (days, of_day) = ((seconds / 86_400) as i64, seconds % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        of_day / 3_600,
+        of_day / 60 % 60,
+        of_day % 60
     )
 }
 
@@ -1347,6 +1375,17 @@ mod tests {
             );
         }
         fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// The lock's holder is dated as a person reads a date.
+    #[test]
+    fn unix_times_read_as_utc_dates() {
+        assert_eq!(utc_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc_time(1_764_944_000), "2025-12-05 14:13:20 UTC");
+        assert_eq!(utc_time(1_798_761_599), "2026-12-31 23:59:59 UTC");
+        // 2100 is no leap year.
+        assert_eq!(utc_time(4_107_542_400), "2100-03-01 00:00:00 UTC");
     }
 
     #[test]

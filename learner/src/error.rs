@@ -124,9 +124,16 @@ impl RequestError {
         }
     }
 
-    /// A task mismatch with both descriptions.
+    /// A task mismatch with both descriptions. Of one task with other
+    /// parameters, only those that differ are shown: a preset
+    /// (`task.size`) expands to many, and the one that differs is lost
+    /// among the alike.
     pub fn task_mismatch(actor: &TaskSpec, learner: &TaskSpec) -> Self {
-        let (actor, learner) = both_described(actor.to_string(), learner.to_string());
+        let (actor, learner) = match differing_params(actor, learner) {
+            Some((ours, theirs)) => (ours, theirs),
+            None => (actor.to_string(), learner.to_string()),
+        };
+        let (actor, learner) = both_described(actor, learner);
         RequestError::TaskMismatch { actor, learner }
     }
 
@@ -135,6 +142,30 @@ impl RequestError {
         let (actor, learner) = both_described(actor.to_string(), learner.to_string());
         RequestError::ModelMismatch { actor, learner }
     }
+}
+
+/// Two descriptions of the same task with the same parameter names, cut
+/// down to the parameters whose values differ (None: another task, or
+/// other parameter names, shown whole).
+fn differing_params(actor: &TaskSpec, learner: &TaskSpec) -> Option<(String, String)> {
+    let key = |param: &str| param.split_once('=').map(|(key, _)| key.to_owned());
+    let keys = |spec: &TaskSpec| spec.params.iter().map(|p| key(p)).collect::<Vec<_>>();
+    if actor.name != learner.name || keys(actor) != keys(learner) {
+        return None;
+    }
+    let (ours, theirs): (Vec<_>, Vec<_>) = actor
+        .params
+        .iter()
+        .zip(&learner.params)
+        .filter(|(a, b)| a != b)
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .unzip();
+    if ours.len() == actor.params.len() {
+        return None;
+    }
+    let described =
+        |params: Vec<&str>| format!("{}({}; the rest alike)", actor.name, params.join(", "));
+    Some((described(ours), described(theirs)))
 }
 
 /// Longest actor-supplied text echoed into a status (which travels in an
@@ -317,6 +348,38 @@ mod tests {
             status.message().contains("set_generation?ERROR forged"),
             "{}",
             status.message()
+        );
+    }
+
+    /// Of one task with other parameters, the refusal names those that
+    /// differ and leaves out the alike; other tasks are shown whole.
+    #[test]
+    fn a_task_mismatch_shows_only_the_parameters_that_differ() {
+        let spec = |universe: &str, set_size: &str| TaskSpec {
+            name: "set_generation".to_owned(),
+            params: ["universe", "set_size", "levels"]
+                .iter()
+                .zip([universe, set_size, "0.5,0.25"])
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect(),
+        };
+        let message = RequestError::task_mismatch(&spec("80", "60"), &spec("30", "60")).to_string();
+        assert!(
+            message.contains(
+                "actor has set_generation(universe=80; the rest alike), learner trains set_generation(universe=30; the rest alike)"
+            ),
+            "{message}"
+        );
+        let other = TaskSpec {
+            name: "lattice".to_owned(),
+            params: vec!["size=3".to_owned()],
+        };
+        let message = RequestError::task_mismatch(&other, &spec("30", "60")).to_string();
+        assert!(
+            message.contains(
+                "learner trains set_generation(universe=30, set_size=60, levels=0.5,0.25)"
+            ),
+            "{message}"
         );
     }
 

@@ -605,7 +605,7 @@ pub async fn serve(
     outcome.final_report.count_from(&session_stats);
     outcome.untrained_at_stop_transitions =
         IngestStats::get(&session_stats.untrained_at_stop_transitions);
-    log_training_finished(&outcome);
+    log_training_finished(&outcome, stop_requested);
     Ok(outcome)
 }
 
@@ -842,7 +842,7 @@ async fn wait_for_sessions(stats: &IngestStats) {
 }
 
 /// The run's last line: what it trained, how fast, and how good.
-fn log_training_finished(outcome: &TrainingOutcome) {
+fn log_training_finished(outcome: &TrainingOutcome, stop_requested: bool) {
     let r = &outcome.final_report;
     info!(
         steps = outcome.steps,
@@ -876,6 +876,9 @@ fn log_training_finished(outcome: &TrainingOutcome) {
             .unwrap_or(0),
         lost_chunks = r.lost_chunks,
         stalled_sessions = r.stalled_sessions,
+        // A run stopped mid-way otherwise reads as one that went to the
+        // end: both end with this line. (Last: scripts read `steps=` first.)
+        ended_by = if stop_requested { "stop" } else { "max_steps" },
         "training finished"
     );
 }

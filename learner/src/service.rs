@@ -139,9 +139,9 @@ impl Learner for LearnerService {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = &self.state().await?;
         let request = request.into_inner();
-        state
-            .check_handshake(&request)
-            .map_err(|error| state.refused(Call::Handshake, error, &peer))?;
+        state.check_handshake(&request).map_err(|error| {
+            state.refused(Call::Handshake, error, &peer, Some(&request.actor_name))
+        })?;
         Ok(Response::new(state.join(request.actor_name, &peer, false)))
     }
 
@@ -153,11 +153,13 @@ impl Learner for LearnerService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = self.state().await?;
-        let refused = |error: RequestError| state.refused(Call::Session, error, &peer);
+        let refused = |error: RequestError| state.refused(Call::Session, error, &peer, None);
         let opening = match request.metadata().get_bin(HANDSHAKE_HEADER) {
             Some(handshake) => state
                 .read_handshake(request.metadata(), handshake)
-                .map_err(|error| state.refused(Call::Handshake, error, &peer))?,
+                .map_err(|(error, actor)| {
+                    state.refused(Call::Handshake, error, &peer, actor.as_deref())
+                })?,
             None => state.check_session(request.metadata()).map_err(refused)?,
         };
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
@@ -269,15 +271,17 @@ impl LearnerState {
     /// Counts and logs a refusal of `call` and turns it into its status
     /// (counted as `handshake_<reason>` or `session_<reason>`). A client
     /// looping refused calls logs a line at 1, 2, 4, 8, ... refusals of
-    /// each reason, not one per call.
-    fn refused(&self, call: Call, error: RequestError, peer: &str) -> Status {
+    /// each reason, not one per call. The actor's name, where its
+    /// handshake gave one, says which of a node's actors it is.
+    fn refused(&self, call: Call, error: RequestError, peer: &str, actor: Option<&str>) -> Status {
         let (prefix, what) = match call {
             Call::Handshake => ("handshake", "refused an actor"),
             Call::Session => ("session", "refused a session"),
         };
         let refused_so_far = self.stats.refuse(&format!("{prefix}_{}", error.reason()));
         if refused_so_far.is_power_of_two() {
-            warn!(%peer, %error, refused_so_far, "{what}");
+            let actor = actor.map(|name| crate::error::clip(name.to_owned()));
+            warn!(%peer, actor = actor.as_deref(), %error, refused_so_far, "{what}");
         }
         Status::from(error)
     }
@@ -339,12 +343,13 @@ impl LearnerState {
     }
 
     /// Reads the handshake a Session call carries in place of an earlier
-    /// Handshake's id and key, and checks it as that call would.
+    /// Handshake's id and key, and checks it as that call would. A refusal
+    /// comes with the actor's name where the handshake could be read.
     fn read_handshake(
         &self,
         metadata: &MetadataMap,
         handshake: &MetadataValue<Binary>,
-    ) -> Result<Opening, RequestError> {
+    ) -> Result<Opening, (RequestError, Option<String>)> {
         if let Some(name) = [
             ACTOR_ID_HEADER,
             SESSION_KEY_HEADER,
@@ -353,20 +358,26 @@ impl LearnerState {
         .into_iter()
         .find(|name| metadata.contains_key(*name))
         {
-            return Err(RequestError::Malformed(format!(
-                "header `{name}` beside `{HANDSHAKE_HEADER}`: a session that shakes hands itself carries its handshake alone (the other headers open the session of an earlier Handshake call)"
-            )));
+            return Err((
+                RequestError::Malformed(format!(
+                    "header `{name}` beside `{HANDSHAKE_HEADER}`: a session that shakes hands itself carries its handshake alone (the other headers open the session of an earlier Handshake call)"
+                )),
+                None,
+            ));
         }
         let handshake = handshake
             .to_bytes()
             .ok()
             .and_then(|bytes| proto::HandshakeRequest::decode(bytes).ok())
             .ok_or_else(|| {
-                RequestError::Malformed(format!(
+                let error = RequestError::Malformed(format!(
                     "header `{HANDSHAKE_HEADER}` is not a protobuf-encoded HandshakeRequest"
-                ))
+                ));
+                (error, None)
             })?;
-        let chunk_bytes = self.check_handshake(&handshake)?;
+        let chunk_bytes = self
+            .check_handshake(&handshake)
+            .map_err(|error| (error, Some(handshake.actor_name.clone())))?;
         Ok(Opening::Joining {
             handshake,
             chunk_bytes,

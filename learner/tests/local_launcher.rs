@@ -126,13 +126,18 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         Some(3),
         "{started}"
     );
-    assert!(log.contains("training finished"), "{log}");
+    let finished = log
+        .lines()
+        .find(|line| line.contains("training finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // Stopped by SIGINT, not at max_steps, and said so.
+    assert!(finished.contains("ended_by=stop"), "{finished}");
     // Actors that leave once training is done are no news.
     assert!(!log.contains("exited while training goes on"), "{log}");
     // Three actor processes joined and each saw the end of training.
     assert_eq!(log.matches("actor joined").count(), 3, "{log}");
     assert_eq!(
-        log.matches("the learner finished training").count(),
+        log.matches("the learner ended training").count(),
         3,
         "{log}"
     );

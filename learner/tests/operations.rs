@@ -582,6 +582,7 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         );
     }
     assert!(fields["skipped_batches"].is_u64(), "{finished}");
+    assert_eq!(fields["ended_by"], "max_steps", "{finished}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -1281,6 +1282,34 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     );
     signal(learner.id(), "CONT");
     wait_for_more(CONNECTED, connected);
+    drop(learner);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// An actor refused at its handshake is named in the learner's line (a
+/// node runs several actors, all at one address), and of a task with
+/// other parameters only those that differ are shown.
+#[test]
+fn a_refused_actor_is_named_in_the_learners_line() {
+    let dir = scratch("refused-named");
+    let config = tiny_config_file(&dir, 0);
+    let (learner, port, learner_log) = learner_on_a_free_port(&dir, &config);
+    let url = format!("http://127.0.0.1:{port}");
+    let _actor = spawn_logging(
+        &sibling("flgfn-actor"),
+        &["--learner", &url, "--name", "node7-a3"],
+        &config,
+        &[("FLGFN_TASK__SET_SIZE", "3")],
+        &dir.join("actor.log"),
+    );
+    wait_for_log(&learner_log, "refused an actor");
+    let log = std::fs::read_to_string(&learner_log).unwrap();
+    let line = log
+        .lines()
+        .find(|line| line.contains("refused an actor"))
+        .unwrap();
+    assert!(line.contains("actor=node7-a3"), "{line}");
+    assert!(line.contains("set_size=3; the rest alike"), "{line}");
     drop(learner);
     std::fs::remove_dir_all(&dir).unwrap();
 }
