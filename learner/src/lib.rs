@@ -878,7 +878,7 @@ fn log_training_finished(outcome: &TrainingOutcome, stop_requested: bool) {
         stalled_sessions = r.stalled_sessions,
         // A run stopped mid-way otherwise reads as one that went to the
         // end: both end with this line. (Last: scripts read `steps=` first.)
-        ended_by = if stop_requested { "stop" } else { "max_steps" },
+        ended_by = %if stop_requested { "stop" } else { "max_steps" },
         "training finished"
     );
 }

@@ -281,7 +281,8 @@ impl LearnerState {
         let refused_so_far = self.stats.refuse(&format!("{prefix}_{}", error.reason()));
         if refused_so_far.is_power_of_two() {
             let actor = actor.map(|name| crate::error::clip(name.to_owned()));
-            warn!(%peer, actor = actor.as_deref(), %error, refused_so_far, "{what}");
+            let actor = actor.as_deref().map(tracing::field::display);
+            warn!(%peer, actor, %error, refused_so_far, "{what}");
         }
         Status::from(error)
     }
