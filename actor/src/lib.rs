@@ -529,6 +529,7 @@ pub async fn stay_connected(
     tokio::pin!(shutdown);
     let result = loop {
         report.connection_attempts += 1;
+        let chunks_before = counts.chunks_sent;
         let session = Session {
             url: &actor.learner,
             keepalive: Duration::from_secs_f64(actor.keepalive_s),
@@ -604,10 +605,13 @@ pub async fn stay_connected(
                 let pause = backoff.next_pause(&mut rand::rng());
                 if served {
                     // Nothing failed yet: the line says so rather than
-                    // count `failures=0`.
+                    // count `failures=0`. What the session sent lets an
+                    // operator match it with the learner's `session
+                    // ended` (none, where the learner crashed).
                     warn!(
                         error = %message,
                         retry_in = ?pause,
+                        session_chunks_sent = counts.chunks_sent - chunks_before,
                         "connection to the learner lost; reconnecting"
                     );
                 } else if worth_a_warning(failures) {

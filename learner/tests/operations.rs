@@ -1273,6 +1273,13 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     let frozen = Instant::now();
     wait_for_more(RECONNECTING, reconnecting);
     let noticed = frozen.elapsed();
+    // With what that session sent, to match with the learner's count.
+    let said = std::fs::read_to_string(&actor_log).unwrap();
+    let lost = said
+        .lines()
+        .find(|line| line.contains(RECONNECTING))
+        .unwrap();
+    assert!(lost.contains("session_chunks_sent="), "{lost}");
     eprintln!("noticed {noticed:?} after the learner froze");
     // Within about 2 s with the 1 s keepalive; the default (10 s) would
     // take up to 30 s.
