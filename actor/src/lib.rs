@@ -257,8 +257,8 @@ async fn run_actor(
             // thread's own counts went with it).
             report.add_counts(counts);
             warn!(
-                chunks = report.chunks_sent,
-                transitions = report.transitions_sent,
+                chunks_sent = report.chunks_sent,
+                transitions_sent = report.transitions_sent,
                 connection_attempts = report.connection_attempts,
                 sessions_opened = report.sessions_opened,
                 %error,

@@ -305,9 +305,11 @@ pub const LOCK: &str = "lock";
 /// checkpoint, a version floor) keeps the folder as it is.
 #[derive(Debug)]
 pub struct FolderLock {
-    /// The locked file, None where the file system has no locks. Closed
-    /// (and the lock let go) only after `drop` has removed what it made:
-    /// a learner that opened the file meanwhile finds it locked.
+    /// The locked file, None where the file system has no locks (then
+    /// nothing is removed). Closed (and the lock let go) only after
+    /// `drop` has removed what it made: a learner that opened the file
+    /// meanwhile finds it locked, or, locking it after, gone from its
+    /// place, and locks the one there (see [`lock`]).
     file: Option<File>,
     dir: PathBuf,
     /// A lock file left by an earlier run stays: its holder text may be
@@ -326,7 +328,9 @@ impl FolderLock {
 
 impl Drop for FolderLock {
     fn drop(&mut self) {
-        if !self.made_lock_file {
+        // Without a lock (a file system without locks) there is no
+        // knowing whether another learner uses the file.
+        if !self.made_lock_file || self.file.is_none() {
             return;
         }
         let only_the_lock = fs::read_dir(&self.dir).is_ok_and(|entries| {
@@ -372,24 +376,23 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
         ))
     };
     let path = dir.join(LOCK);
-    let made_lock_file = !path.exists();
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| not_writable(&path, e))?;
-    let mut held = FolderLock {
-        file: None,
-        dir: dir.to_owned(),
-        made_lock_file,
-        made_folders,
+    // A lock file that a refused learner removed as this one locked it
+    // (see `FolderLock`'s drop) holds no lock for the next: locked again,
+    // at the file now there.
+    let mut tries = 0;
+    let (file, made_lock_file) = loop {
+        tries += 1;
+        let (file, made_lock_file) = open_lock_file(&path).map_err(|e| not_writable(&path, e))?;
+        match file.try_lock() {
+            Ok(()) if tries < 3 && !is_at(&file, &path) => continue,
+            Ok(()) => break (Ok(file), made_lock_file),
+            Err(error) => break (Err(error), made_lock_file),
+        }
     };
-    held.file = match file.try_lock() {
-        Ok(()) => {
+    let file = match file {
+        Ok(mut file) => {
             // Who holds it, for the learner refused next (best effort:
             // the lock, not this text, keeps a second learner out).
-            let mut file = file;
             let _ = file
                 .set_len(0)
                 .and_then(|()| file.write_all(lock_holder().as_bytes()));
@@ -412,6 +415,14 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
             None
         }
     };
+    // Only now: a learner refused above made nothing of its own to
+    // remove (the lock file it may have made is the holder's now).
+    let held = FolderLock {
+        file,
+        dir: dir.to_owned(),
+        made_lock_file,
+        made_folders,
+    };
     // A lock file left by an earlier run opens in a folder that has
     // since become read-only: found now, not at the first checkpoint.
     let probe = dir.join(temporary_name(WRITE_PROBE));
@@ -419,6 +430,33 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
         .and_then(|_| fs::remove_file(&probe))
         .map_err(|e| not_writable(&probe, e))?;
     Ok(held)
+}
+
+/// Opens (or makes) the lock file at `path`; whether this call made it.
+fn open_lock_file(path: &Path) -> std::io::Result<(File, bool)> {
+    let open = |create_new| {
+        fs::OpenOptions::new()
+            .create_new(create_new)
+            .write(true)
+            .open(path)
+    };
+    match open(true) {
+        Ok(file) => Ok((file, true)),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok((open(false)?, false))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced
+/// since it was opened).
+fn is_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(there)) => open.dev() == there.dev() && open.ino() == there.ino(),
+        _ => false,
+    }
 }
 
 /// This process as the lock file names it: `pid 4242 on node-7, since

@@ -370,6 +370,23 @@ mod tests {
             ),
             "{message}"
         );
+        // Where every parameter differs, there is nothing to leave out.
+        let message = RequestError::task_mismatch(
+            &spec("80", "60"),
+            &TaskSpec {
+                params: vec![
+                    "universe=30".into(),
+                    "set_size=20".into(),
+                    "levels=1".into(),
+                ],
+                ..spec("30", "60")
+            },
+        )
+        .to_string();
+        assert!(
+            message.contains("learner trains set_generation(universe=30, set_size=20, levels=1)"),
+            "{message}"
+        );
         let other = TaskSpec {
             name: "lattice".to_owned(),
             params: vec!["size=3".to_owned()],

@@ -605,7 +605,7 @@ pub async fn serve(
     outcome.final_report.count_from(&session_stats);
     outcome.untrained_at_stop_transitions =
         IngestStats::get(&session_stats.untrained_at_stop_transitions);
-    log_training_finished(&outcome, stop_requested);
+    log_training_finished(&outcome, config.learner.max_steps);
     Ok(outcome)
 }
 
@@ -842,8 +842,11 @@ async fn wait_for_sessions(stats: &IngestStats) {
 }
 
 /// The run's last line: what it trained, how fast, and how good.
-fn log_training_finished(outcome: &TrainingOutcome, stop_requested: bool) {
+fn log_training_finished(outcome: &TrainingOutcome, max_steps: u64) {
     let r = &outcome.final_report;
+    // From the steps, not from whether a stop came: one during the last
+    // step's evaluation or checkpoint comes after the end.
+    let reached_max_steps = max_steps > 0 && outcome.steps >= max_steps;
     info!(
         steps = outcome.steps,
         version = outcome.version,
@@ -878,7 +881,7 @@ fn log_training_finished(outcome: &TrainingOutcome, stop_requested: bool) {
         stalled_sessions = r.stalled_sessions,
         // A run stopped mid-way otherwise reads as one that went to the
         // end: both end with this line. (Last: scripts read `steps=` first.)
-        ended_by = %if stop_requested { "stop" } else { "max_steps" },
+        ended_by = %if reached_max_steps { "max_steps" } else { "stop" },
         "training finished"
     );
 }

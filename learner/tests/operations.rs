@@ -1267,6 +1267,10 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
     // (A served connection lost: said apart from a learner not reached.)
     const RECONNECTING: &str = "connection to the learner lost; reconnecting";
     let connected = wait_for_more(CONNECTED, 0);
+    // Trained on: the session has sent chunks, so that its loss reads as
+    // a served connection lost (one that sent nothing is a failure).
+    let learner_log = support::learner_log(&dir.join("metrics.jsonl"));
+    wait_for_log(&learner_log, "trained_per_s=");
     // (The actor may have started before the learner listened.)
     let reconnecting = count_in_log(&actor_log, RECONNECTING);
     freeze(learner.id());
@@ -1279,7 +1283,12 @@ fn an_actor_reconnects_when_the_learner_stops_answering_its_pings() {
         .lines()
         .find(|line| line.contains(RECONNECTING))
         .unwrap();
-    assert!(lost.contains("session_chunks_sent="), "{lost}");
+    let sent: Option<u64> = lost
+        .split("session_chunks_sent=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok());
+    assert!(sent.is_some_and(|sent| sent > 0), "{lost}");
     eprintln!("noticed {noticed:?} after the learner froze");
     // Within about 2 s with the 1 s keepalive; the default (10 s) would
     // take up to 30 s.
