@@ -1415,6 +1415,28 @@ mod tests {
         fs::remove_dir_all(&parent).unwrap();
     }
 
+    /// A learner refused while another holds a new folder leaves the
+    /// holder's lock file (and folder) alone; a lock file removed or
+    /// replaced under an open one is found out.
+    #[test]
+    fn a_refused_learner_leaves_the_holders_lock_alone() {
+        let parent = scratch("lock-holder");
+        let dir = parent.join("new");
+        let held = lock(&dir).unwrap();
+        assert!(lock(&dir).is_err());
+        assert!(dir.join(LOCK).exists(), "the holder's lock file stays");
+        let (file, made) = open_lock_file(&dir.join(LOCK)).unwrap();
+        assert!(!made);
+        assert!(is_at(&file, &dir.join(LOCK)));
+        fs::remove_file(dir.join(LOCK)).unwrap();
+        assert!(!is_at(&file, &dir.join(LOCK)), "removed");
+        let (_, made) = open_lock_file(&dir.join(LOCK)).unwrap();
+        assert!(made);
+        assert!(!is_at(&file, &dir.join(LOCK)), "replaced");
+        drop(held);
+        let _ = fs::remove_dir_all(&parent);
+    }
+
     /// The lock's holder is dated as a person reads a date.
     #[test]
     fn unix_times_read_as_utc_dates() {
