@@ -481,8 +481,8 @@ pub fn select_device(config: DeviceConfig) -> Result<Device, String> {
     }
 }
 
-/// A device as the configuration names it (`cpu`, `cuda:0`) for logs:
-/// tch's `Debug` gives `Cpu` and `Cuda(0)`.
+/// A device for logs, in the configuration's words (`cpu`; `cuda:0`,
+/// `cuda` with the index used): tch's `Debug` gives `Cpu` and `Cuda(0)`.
 pub fn device_label(device: Device) -> String {
     match device {
         Device::Cpu => "cpu".to_owned(),
