@@ -220,6 +220,9 @@ async fn every_local_actor_exited(
 /// How long open connections get to finish once training is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the drain goes on before the learner says what it waits for.
+const DRAIN_NOTICE_AFTER: Duration = Duration::from_millis(500);
+
 /// Runs a learner on `listener` until training ends (`learner.max_steps`)
 /// or `shutdown` resolves, and returns what training produced.
 pub async fn serve(
@@ -806,9 +809,20 @@ async fn drain_connections(
     stop_now: impl Future<Output = ()>,
 ) -> Result<bool, LearnerError> {
     let abort = server.abort_handle();
+    // Connections close within milliseconds as actors leave; one that
+    // does not (a frozen actor's) would make the learner wait seconds
+    // with nothing said.
+    let waiting_said = async {
+        tokio::time::sleep(DRAIN_NOTICE_AFTER).await;
+        info!(
+            "training is over: waiting (up to {DRAIN_TIMEOUT:?}) for the open connections to close; a stop signal ends the wait"
+        );
+        std::future::pending::<()>().await;
+    };
     let drained = tokio::select! {
         drained = tokio::time::timeout(DRAIN_TIMEOUT, server) => Some(drained),
         () = stop_now => None,
+        () = waiting_said => None,
     };
     match drained {
         Some(Ok(Ok(result))) => result?,
