@@ -129,10 +129,8 @@ impl RequestError {
     /// (`task.size`) expands to many, and the one that differs is lost
     /// among the alike.
     pub fn task_mismatch(actor: &TaskSpec, learner: &TaskSpec) -> Self {
-        let (actor, learner) = match differing_params(actor, learner) {
-            Some((ours, theirs)) => (ours, theirs),
-            None => (actor.to_string(), learner.to_string()),
-        };
+        let (actor, learner) = differing_params(actor, learner)
+            .unwrap_or_else(|| (actor.to_string(), learner.to_string()));
         let (actor, learner) = both_described(actor, learner);
         RequestError::TaskMismatch { actor, learner }
     }

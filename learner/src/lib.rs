@@ -811,18 +811,18 @@ async fn drain_connections(
     let abort = server.abort_handle();
     // Connections close within milliseconds as actors leave; one that
     // does not (a frozen actor's) would make the learner wait seconds
-    // with nothing said.
+    // with nothing said. (It only speaks: it never ends the wait.)
     let waiting_said = async {
         tokio::time::sleep(DRAIN_NOTICE_AFTER).await;
         info!(
             "training is over: waiting (up to {DRAIN_TIMEOUT:?}) for the open connections to close; a stop signal ends the wait"
         );
-        std::future::pending::<()>().await;
+        std::future::pending().await
     };
     let drained = tokio::select! {
         drained = tokio::time::timeout(DRAIN_TIMEOUT, server) => Some(drained),
         () = stop_now => None,
-        () = waiting_said => None,
+        drained = waiting_said => drained,
     };
     match drained {
         Some(Ok(Ok(result))) => result?,

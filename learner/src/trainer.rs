@@ -704,13 +704,7 @@ impl Trainer {
     /// was trained since the last checkpoint would otherwise be lost.
     /// Best effort, logged: the disk that failed may fail again.
     fn save_after_error(&self, training: &mut Training, error: &LearnerError) {
-        let Training {
-            optimizer,
-            own_optimizer,
-            evaluator,
-            progress,
-            writer,
-        } = training;
+        let progress = &training.progress;
         // Not a checkpoint of the last step whose report failed: it would
         // say the run is over, and resumed, the run would train nothing
         // and write no last report (an experiment's run would fail on
@@ -726,17 +720,9 @@ impl Trainer {
                 "no checkpoint of the last step (its report failed, or its policy diverged): a resume trains again from the last checkpoint"
             );
         } else if let Some(dir) = &self.checkpoint_dir {
-            let saved = self.save_last_checkpoint(
-                dir,
-                writer,
-                optimizer,
-                own_optimizer.as_ref(),
-                evaluator,
-                progress,
-            );
-            match saved {
+            match self.save_last_checkpoint(dir, training) {
                 Ok(()) => {
-                    warn!(step = progress.step, %error, "checkpoint saved after an error")
+                    warn!(step = training.progress.step, %error, "checkpoint saved after an error")
                 }
                 Err(again) => {
                     tracing::error!(%error, %again, "no checkpoint could be saved after an error");
@@ -753,14 +739,7 @@ impl Trainer {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
         };
-        self.save_last_checkpoint(
-            dir,
-            &mut training.writer,
-            &training.optimizer,
-            training.own_optimizer.as_ref(),
-            &training.evaluator,
-            &mut training.progress,
-        )?;
+        self.save_last_checkpoint(dir, training)?;
         let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, weights)?;
         info!(path = %path.display(), version = training.progress.version, "final weights saved");
         Ok(())
@@ -776,17 +755,26 @@ impl Trainer {
     fn save_last_checkpoint(
         &self,
         dir: &std::path::Path,
-        writer: &mut Option<checkpoint::Writer>,
-        optimizer: &Adam,
-        own_optimizer: Option<&(Adam, f64)>,
-        evaluator: &Evaluator,
-        progress: &mut Progress,
+        training: &mut Training,
     ) -> Result<(), LearnerError> {
+        let Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer,
+        } = training;
         if let Err(error) = wait_for_write(writer, progress) {
             warn!(%error, "an earlier checkpoint write failed");
         }
         unless_libtorch_fails(progress.step, || {
-            self.save_checkpoint(writer, optimizer, own_optimizer, evaluator, progress)?;
+            self.save_checkpoint(
+                writer,
+                optimizer,
+                own_optimizer.as_ref(),
+                evaluator,
+                progress,
+            )?;
             wait_for_write(writer, progress)?;
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
