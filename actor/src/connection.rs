@@ -92,6 +92,9 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum SessionEnd {
     /// The learner sent its final weights: training is over.
     TrainingDone,
+    /// The learner stops to be started again on its checkpoint (SIGUSR1):
+    /// reconnect, with backoff, to the learner started again.
+    LearnerRestarting,
     /// The rollout worker stopped (the actor is shutting down).
     WorkerStopped,
     /// The actor was asked to stop; the chunks it had rolled out were sent.
@@ -892,6 +895,16 @@ impl Session<'_> {
                         // sides' counts then agree.
                         let _ = finish(upload, &mut grants).await;
                         return Ok(SessionEnd::TrainingDone);
+                    }
+                    if grant.learner_restarting {
+                        // As above: the learner counts what is on its way.
+                        // (An actor stopping leaves once that is done.)
+                        let _ = finish(upload, &mut grants).await;
+                        return Ok(if *stopping {
+                            SessionEnd::Stopped
+                        } else {
+                            SessionEnd::LearnerRestarting
+                        });
                     }
                     if *stopping {
                         // No new rollouts.

@@ -570,6 +570,24 @@ pub async fn stay_connected(
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
+            Ok(SessionEnd::LearnerRestarting) => {
+                // Planned, not an outage: no failure so far, and the
+                // first wait is the shortest.
+                failures = 0;
+                backoff.reset();
+                let pause = backoff.next_pause(&mut rand::rng());
+                info!(
+                    actor_id,
+                    retry_in = ?pause,
+                    session_chunks_sent = counts.chunks_sent - chunks_before,
+                    "the learner stops for a restart; reconnecting"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = &mut shutdown => break Ok(()),
+                    () = orders.closed() => break Ok(()),
+                }
+            }
             Err(SessionError::Refused(status)) if status.code() == tonic::Code::Unauthenticated => {
                 let whose = match &token {
                     None => "this actor has no token".to_owned(),

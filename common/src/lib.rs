@@ -27,7 +27,7 @@
 //!   output that survives a closed stdout ([`outln!`]), and what
 //!   a panic said.
 //! - [`signals`]: SIGINT / SIGTERM (and a parent's death) as a
-//!   graceful-stop future.
+//!   graceful-stop future; a learner's SIGUSR1 as a stop for a restart.
 
 pub mod auth;
 pub mod config;

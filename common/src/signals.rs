@@ -71,8 +71,44 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// once, start-up or not. (Left to the default action, a SIGTERM then
 /// would kill the learner and leave the local actors it started behind.)
 pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
-    let mut signals = StopSignals::new();
-    let (requested, mut heard) = tokio::sync::watch::channel(false);
+    let requested = listen(false);
+    async move {
+        requested.await;
+    }
+}
+
+/// What a stop asks of a learner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRequest {
+    /// Ctrl-C, SIGTERM, or the parent's death: the run ends, and the
+    /// learner tells its actors that training is over.
+    EndRun,
+    /// SIGUSR1: the learner saves its checkpoint and exits to be started
+    /// again on it; its actors are told to reconnect, not to exit.
+    Restart,
+}
+
+/// A stop asked for in code (a test's, an embedding program's): the run
+/// ends.
+impl From<()> for StopRequest {
+    fn from((): ()) -> Self {
+        StopRequest::EndRun
+    }
+}
+
+/// [`shutdown_requested`], also listening for SIGUSR1, the learner's stop
+/// for a restart ([`StopRequest::Restart`]), which counts as a stop signal
+/// like the others: a second stop signal of either kind forces the exit.
+/// Elsewhere SIGUSR1 keeps its default action (the process ends).
+pub fn stop_requested() -> impl std::future::Future<Output = StopRequest> + Send {
+    listen(true)
+}
+
+/// Listens for the stop signals (and SIGUSR1 where `restart_signal`) from
+/// now on, in a task of its own; resolves with the first request.
+fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest> + Send {
+    let mut signals = StopSignals::new(restart_signal);
+    let (requested, mut heard) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         // The second Ctrl-C or SIGTERM forces the exit. The parent's death
         // stops the process too but counts as neither: it comes again for
@@ -83,13 +119,16 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
         let mut first_signal: Option<std::time::Instant> = None;
         loop {
             let stop = signals.next().await;
-            if !*requested.borrow() {
-                if stop == Stop::ParentGone {
+            if requested.borrow().is_none() {
+                if stop == Heard::ParentGone {
                     tracing::info!("the parent process is gone: stopping");
                 }
-                requested.send_replace(true);
+                requested.send_replace(Some(match stop {
+                    Heard::Signal(request) => request,
+                    Heard::ParentGone => StopRequest::EndRun,
+                }));
             }
-            if stop != Stop::Signal {
+            if stop == Heard::ParentGone {
                 continue;
             }
             match first_signal {
@@ -110,10 +149,15 @@ pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
         exit_now(FORCED_EXIT_STATUS);
     });
     async move {
-        if heard.wait_for(|stop| *stop).await.is_err() {
+        let heard = heard
+            .wait_for(Option::is_some)
+            .await
+            .map(|request| *request);
+        match heard {
+            Ok(request) => request.unwrap_or(StopRequest::EndRun),
             // The listener is gone (the runtime is shutting down): no stop
             // will be heard.
-            std::future::pending::<()>().await;
+            Err(_) => std::future::pending().await,
         }
     }
 }
@@ -130,21 +174,26 @@ fn exit_now(status: i32) -> ! {
 
 /// What asked the process to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
-    /// Ctrl-C or SIGTERM.
-    Signal,
+enum Heard {
+    /// Ctrl-C or SIGTERM ([`StopRequest::EndRun`]), or SIGUSR1 where
+    /// listened to ([`StopRequest::Restart`]).
+    Signal(StopRequest),
     /// [`PARENT_DEATH_SIGNAL`], in a process started with
     /// [`end_with_parent`].
     ParentGone,
 }
 
-/// Ctrl-C and SIGTERM, and the parent's death where it is signalled,
-/// listened to for the life of the process.
+/// Ctrl-C and SIGTERM, the parent's death where it is signalled, and
+/// SIGUSR1 where asked for, listened to for the life of the process.
 struct StopSignals {
     #[cfg(unix)]
     interrupt: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
+    /// SIGUSR1, only in a learner ([`stop_requested`]): in an actor it
+    /// keeps its default action.
+    #[cfg(unix)]
+    restart: Option<tokio::signal::unix::Signal>,
     /// Only in a process whose parent set [`PARENT_DEATH_SIGNAL`] as its
     /// parent-death signal: elsewhere that signal keeps its default
     /// action.
@@ -153,13 +202,16 @@ struct StopSignals {
 }
 
 impl StopSignals {
-    fn new() -> Self {
+    fn new(restart_signal: bool) -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
             StopSignals {
                 interrupt: signal(SignalKind::interrupt()).ok(),
                 terminate: signal(SignalKind::terminate()).ok(),
+                restart: restart_signal
+                    .then(|| signal(SignalKind::user_defined1()).ok())
+                    .flatten(),
                 parent_gone: parent_death_is_signalled()
                     .then(|| signal(SignalKind::from_raw(PARENT_DEATH_SIGNAL)).ok())
                     .flatten(),
@@ -167,13 +219,14 @@ impl StopSignals {
         }
         #[cfg(not(unix))]
         {
+            let _ = restart_signal;
             StopSignals {}
         }
     }
 
-    /// The next Ctrl-C, SIGTERM or parent's death (never, if none could be
-    /// listened to).
-    async fn next(&mut self) -> Stop {
+    /// The next Ctrl-C, SIGTERM, SIGUSR1 or parent's death (never, if none
+    /// could be listened to).
+    async fn next(&mut self) -> Heard {
         #[cfg(unix)]
         {
             async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
@@ -185,17 +238,41 @@ impl StopSignals {
                 }
             }
             tokio::select! {
-                () = recv(&mut self.interrupt) => Stop::Signal,
-                () = recv(&mut self.terminate) => Stop::Signal,
-                () = recv(&mut self.parent_gone) => Stop::ParentGone,
+                () = recv(&mut self.interrupt) => Heard::Signal(StopRequest::EndRun),
+                () = recv(&mut self.terminate) => Heard::Signal(StopRequest::EndRun),
+                () = recv(&mut self.restart) => Heard::Signal(StopRequest::Restart),
+                () = recv(&mut self.parent_gone) => Heard::ParentGone,
             }
         }
         #[cfg(not(unix))]
         {
             let _ = tokio::signal::ctrl_c().await;
-            Stop::Signal
+            Heard::Signal(StopRequest::EndRun)
         }
     }
+}
+
+/// Asks `child` to stop as Ctrl-C would: SIGTERM on Unix (elsewhere it is
+/// killed). A child that has exited already is left alone.
+pub fn ask_to_stop(child: &mut std::process::Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+            return;
+        };
+        // SAFETY: `kill` takes no pointers. The pid is a child of this
+        // process not yet waited for (checked above), so it cannot have
+        // been reused by another process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = child.kill();
 }
 
 /// The signal a child started with [`end_with_parent`] receives when its

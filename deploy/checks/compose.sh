@@ -4,9 +4,11 @@
 #   1. kills the learner container (SIGKILL) mid-training and starts it
 #      again: it resumes from its volume, versions never go back, and the
 #      actors, never restarted, carry on by themselves;
-#   2. cuts one actor off the network and reconnects it: it rejoins, and
+#   2. stops the learner for a restart (SIGUSR1) and starts it again: it
+#      exits 0, the actors wait, and it goes on from the step it stopped at;
+#   3. cuts one actor off the network and reconnects it: it rejoins, and
 #      training goes on meanwhile;
-#   3. trains the small task to quality and stops the learner (SIGTERM):
+#   4. trains the small task to quality and stops the learner (SIGTERM):
 #      every actor exits 0.
 # Removes every container, network, volume and image it made, and the
 # build cache where there was none before. Skipped
@@ -165,10 +167,37 @@ for actor in "${actors[@]}"; do
 done
 step "   resumed: versions $before_kill -> $(last_metric version), every actor reconnected by itself"
 
+step "2. stopping the learner for a restart (SIGUSR1) at version $(last_metric version)"
+"${compose[@]}" kill -s SIGUSR1 learner >/dev/null
+wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.State.Running}}' $learner)\" = false ]" ||
+    fail "the learner did not exit after SIGUSR1"
+[ "$(docker inspect --format '{{.State.ExitCode}}' "$learner")" = 0 ] || fail "the learner stopped for a restart did not exit 0"
+grep -q "ended_by=restart" <<<"$(docker logs "$learner" 2>&1)" || fail "the learner's summary does not say ended_by=restart"
+stopped_at="$(docker logs "$learner" 2>&1 | sed -n 's/.*training finished steps=\([0-9]*\) .*/\1/p' | tail -n 1)"
+before_restart="$(last_metric version)"
+sleep 2
+for actor in "${actors[@]}"; do
+    [ "$(docker inspect --format '{{.State.Running}}' "$actor")" = true ] ||
+        fail "actor $actor did not wait for the learner's restart"
+    grep -q "the learner stops for a restart; reconnecting" <<<"$(docker logs "$actor" 2>&1)" ||
+        fail "actor $actor was not told to reconnect"
+done
+"${compose[@]}" start learner >/dev/null
+wait_for 120 learner_healthy || fail "the learner started again never became healthy"
+resumed_at="$(docker logs "$learner" 2>&1 | sed -n 's/.*resuming from a checkpoint.* step=\([0-9]*\) .*/\1/p' | tail -n 1)"
+[ -n "$stopped_at" ] && [ "$resumed_at" = "$stopped_at" ] ||
+    fail "stopped at step '$stopped_at', resumed at '$resumed_at': the stop's checkpoint was not the one resumed"
+wait_for 120 version_at_least $((before_restart + 100)) ||
+    fail "no progress after the restart (version $(last_metric version), $before_restart before)"
+for actor in "${actors[@]}"; do
+    [ "$(connections_of "$actor")" -ge 3 ] || fail "actor $actor did not reconnect after the restart"
+done
+step "   resumed at step $resumed_at, where it stopped; versions $before_restart -> $(last_metric version); every actor reconnected"
+
 cut="${actors[0]}"
 joins_before="$(connections_of "$cut")"
 trained_before="$(last_metric trained_transitions)"
-step "2. disconnecting actor ${cut:0:12} from the network"
+step "3. disconnecting actor ${cut:0:12} from the network"
 docker network disconnect "$network" "$cut"
 # Long enough for its pings (actor.keepalive_s = 2 in compose-job.toml) to go
 # unanswered: it drops the dead connection and keeps trying to reconnect.
@@ -182,7 +211,7 @@ wait_for 60 sh -c "[ \$(docker logs $cut 2>&1 | grep -c 'connected to the learne
     fail "the cut actor did not rejoin"
 step "   rejoined; trained transitions $trained_before -> $trained_during while it was away; chunks lost so far: $(last_metric lost_chunks)"
 
-step "3. training to quality"
+step "4. training to quality"
 wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -a -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||
     fail "the small task did not reach quality"
 "${compose[@]}" stop --timeout 30 learner >/dev/null

@@ -408,6 +408,9 @@ class Actor:
         # Whether the current session handed over a chunk (a new outage,
         # then), and whether it got a grant at all.
         self.served = self.granted = False
+        # Whether the current session ended as the learner stopped to be
+        # started again (SIGUSR1): a reconnect, not an outage.
+        self.restarting = False
         # Whether sessions open in one call, the handshake in the Session's
         # headers; cleared for good by a learner that predates that.
         self.one_call = True
@@ -483,11 +486,12 @@ class Actor:
         """One session: handshake (in the Session's headers, or a call of
         its own first), then grants in and chunks out. Returns
         True when the learner says training is over, False when it closed
-        the stream without saying so, STOPPED once told to stop (the chunks
-        rolled out handed over); a broken connection raises grpc.RpcError.
-        Sets `self.served` once a chunk is handed over."""
+        the stream without saying so or to reconnect (`self.restarting`
+        then), STOPPED once told to stop (the chunks rolled out handed
+        over); a broken connection raises grpc.RpcError. Sets `self.served`
+        once a chunk is handed over."""
         pb, task = self.pb, self.task
-        self.served = self.granted = False
+        self.served = self.granted = self.restarting = False
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
@@ -563,7 +567,7 @@ class Actor:
             try:
                 for grant in grants:
                     received.put(grant)
-                    if grant.training_done:
+                    if grant.training_done or grant.learner_restarting:
                         over.set()
                 received.put(None)
             except Exception as error:  # grpc.RpcError, or a cancel
@@ -597,6 +601,9 @@ class Actor:
                 self.granted = True
                 if grant.training_done:
                     return True
+                if grant.learner_restarting:
+                    self.restarting = True
+                    return False
                 if grant.HasField("weights"):
                     version = grant.weights.version
                     try:
@@ -628,10 +635,10 @@ class Actor:
             return STOPPED
 
         def over_with(ended):
-            """The session's end: told that training is done, the chunks
-            still queued go out first, and the learner counts them (late)
-            before it ends the session."""
-            if ended:
+            """The session's end: told that training is done (or that the
+            learner restarts), the chunks still queued go out first, and the
+            learner counts them (late) before it ends the session."""
+            if ended or self.restarting:
                 leave()
             return ended
 
@@ -726,7 +733,8 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             try:
                 if actor.session():
                     break
-                message = "the learner closed the session"
+                message = ("the learner stops for a restart" if actor.restarting
+                           else "the learner closed the session")
             except grpc.RpcError as error:
                 if is_final(error):
                     hint = (" (is --learner the address of a flgfn learner?)"

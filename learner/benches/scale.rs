@@ -154,7 +154,7 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
         scenario.config.clone(),
         listener,
         RunOptions::default(),
-        std::future::pending(),
+        std::future::pending::<()>(),
     ));
     let generated = (scenario.generated > 0).then(|| {
         tokio::spawn(flgfn_actor::loadgen::run(

@@ -249,6 +249,20 @@ impl LocalActors {
         (exited, all)
     }
 
+    /// Asks every actor still running to stop (as Ctrl-C would): after a
+    /// stop for a restart they wait for a learner that will not come back
+    /// for them (one started again starts its own).
+    pub fn ask_to_stop(&self) {
+        let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
+        info!(
+            count = children.len(),
+            "asking the local actors to stop: the learner started again starts its own"
+        );
+        for child in children.iter_mut() {
+            flgfn_common::signals::ask_to_stop(child);
+        }
+    }
+
     /// Logs each of `exited` ([`LocalActors::exits`]) not logged before,
     /// as an exit while training goes on.
     pub fn log_exits_while_training(&self, exited: &[(u32, ExitStatus)]) {

@@ -69,7 +69,7 @@ pub const BUILD_METADATA_KEY: &str = "flgfn_build";
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use flgfn_common::auth;
@@ -95,7 +95,8 @@ use crate::report::MetricsFile;
 use crate::service::{LearnerService, LearnerState};
 use crate::session::IngestPool;
 use crate::trainer::Trainer;
-pub use crate::trainer::{RunTotals, TrainingOutcome};
+pub use crate::trainer::{EndedBy, RunTotals, TrainingOutcome};
+pub use flgfn_common::signals::StopRequest;
 
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone, Default)]
@@ -225,11 +226,16 @@ const DRAIN_NOTICE_AFTER: Duration = Duration::from_millis(500);
 
 /// Runs a learner on `listener` until training ends (`learner.max_steps`)
 /// or `shutdown` resolves, and returns what training produced.
+///
+/// What `shutdown` resolves to says what the actors are told: a
+/// [`StopRequest::Restart`] has them reconnect, to wait for this learner
+/// started again on its checkpoint; `()` or [`StopRequest::EndRun`] ends
+/// their run.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     options: RunOptions,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: impl Future<Output: Into<StopRequest>> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
     check_local_actors_fit(&config, options.local_actors.as_ref())?;
@@ -408,7 +414,9 @@ pub async fn serve(
         max_sessions: learner.max_sessions,
         open_sessions: std::sync::atomic::AtomicUsize::new(0),
         sequences: Default::default(),
+        stopping_for_restart: AtomicBool::new(false),
     });
+    let sessions_state = state.clone();
     // Local actors whose chunks this learner would refuse are found out
     // now, naming actor.envs, rather than each refused at its handshake
     // once started.
@@ -510,6 +518,7 @@ pub async fn serve(
         .spawn(move || batcher.run())
         .map_err(|e| LearnerError::Trainer(e.to_string()))?;
     let session_stats = stats.clone();
+    let checkpoints_off = checkpoint_dir.is_none();
     let training_done = publisher.done();
     let trainer = Trainer {
         policy,
@@ -546,6 +555,7 @@ pub async fn serve(
     tokio::pin!(done);
     tokio::pin!(shutdown);
     let mut stop_requested = false;
+    let mut restart = false;
     let mut actors_gone = Box::pin(every_local_actor_exited(
         local_actors.as_ref(),
         training_done,
@@ -553,9 +563,20 @@ pub async fn serve(
     let mut actors_failure = None;
     let outcome = tokio::select! {
         outcome = &mut done => outcome,
-        () = &mut shutdown => {
+        request = &mut shutdown => {
             stop_requested = true;
-            info!("shutdown requested: finishing the current step");
+            restart = Into::<StopRequest>::into(request) == StopRequest::Restart;
+            if restart {
+                // Before the stop reaches the trainer: no session may see
+                // training end before it knows how to tell its actor.
+                sessions_state.stopping_for_restart.store(true, Ordering::Release);
+                info!("stop for a restart requested: finishing the current step; the actors will be told to reconnect");
+                if checkpoints_off {
+                    warn!("checkpoints are off (learner.checkpoint_dir = \"\"): the learner started again starts over from version 0");
+                }
+            } else {
+                info!("shutdown requested: finishing the current step");
+            }
             stop_sender.send_replace(true);
             not_serving(&health).await;
             (&mut done).await
@@ -583,13 +604,18 @@ pub async fn serve(
         if stop_requested {
             std::future::pending().await
         } else {
-            shutdown.await
+            let _ = shutdown.await;
         }
     };
     if drain_connections(server, stop_now).await? {
         wait_for_sessions(&session_stats).await;
     }
     if let Some(actors) = local_actors {
+        if restart {
+            // They were told to reconnect, as remote actors were, but a
+            // learner started again starts its own: these end with it.
+            actors.ask_to_stop();
+        }
         outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
             .await
             .unwrap_or(0);
@@ -608,7 +634,17 @@ pub async fn serve(
     outcome.final_report.count_from(&session_stats);
     outcome.untrained_at_stop_transitions =
         IngestStats::get(&session_stats.untrained_at_stop_transitions);
-    log_training_finished(&outcome, config.learner.max_steps);
+    let max_steps = config.learner.max_steps;
+    // From the steps, not from whether a stop came: one during the last
+    // step's evaluation or checkpoint comes after the end.
+    outcome.ended_by = if max_steps > 0 && outcome.steps >= max_steps {
+        EndedBy::MaxSteps
+    } else if restart {
+        EndedBy::Restart
+    } else {
+        EndedBy::Stop
+    };
+    log_training_finished(&outcome);
     Ok(outcome)
 }
 
@@ -845,7 +881,6 @@ async fn drain_connections(
 /// its actor's last chunks, see `session.rs`): the run's records and
 /// counts are taken once they have ended.
 async fn wait_for_sessions(stats: &IngestStats) {
-    use std::sync::atomic::Ordering;
     let open = || stats.connected_actors.load(Ordering::Relaxed);
     if !within_drain_timeout(|| open() <= 0).await {
         warn!(
@@ -856,11 +891,8 @@ async fn wait_for_sessions(stats: &IngestStats) {
 }
 
 /// The run's last line: what it trained, how fast, and how good.
-fn log_training_finished(outcome: &TrainingOutcome, max_steps: u64) {
+fn log_training_finished(outcome: &TrainingOutcome) {
     let r = &outcome.final_report;
-    // From the steps, not from whether a stop came: one during the last
-    // step's evaluation or checkpoint comes after the end.
-    let reached_max_steps = max_steps > 0 && outcome.steps >= max_steps;
     info!(
         steps = outcome.steps,
         version = outcome.version,
@@ -895,7 +927,7 @@ fn log_training_finished(outcome: &TrainingOutcome, max_steps: u64) {
         stalled_sessions = r.stalled_sessions,
         // A run stopped mid-way otherwise reads as one that went to the
         // end: both end with this line. (Last: scripts read `steps=` first.)
-        ended_by = %if reached_max_steps { "max_steps" } else { "stop" },
+        ended_by = %outcome.ended_by.as_str(),
         "training finished"
     );
 }
@@ -914,7 +946,6 @@ struct LiveProgress {
 /// Redraws the terminal's live line four times a second until the learner
 /// stops: step, connected actors, transitions arriving per second.
 async fn live_progress(mut live: LiveProgress) {
-    use std::sync::atomic::Ordering;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let (mut last_in, mut rate) = (IngestStats::get(&live.stats.accepted_transitions), 0.0);
     loop {

@@ -14,7 +14,10 @@ use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
 /// Trains a forward-looking GFlowNet on trajectories streamed by
 /// `flgfn-actor` processes, granting them credits and sending them weights.
 #[derive(Debug, Parser)]
-#[command(version = flgfn_learner::BUILD)]
+#[command(
+    version = flgfn_learner::BUILD,
+    after_help = "Signals: SIGINT or SIGTERM stops after the current step, saves a checkpoint, and ends the run for every actor. SIGUSR1 does the same but tells the actors to reconnect: they wait for the learner started again on its checkpoint (a restart by hand). A second signal exits at once, without the final checkpoint."
+)]
 struct Args {
     /// TOML configuration shared with the actors (defaults are used for
     /// every key it does not set; unknown keys are errors).
@@ -197,7 +200,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             resume_changed: args.resume_changed,
             local_actors,
         };
-        let shutdown = flgfn_common::signals::shutdown_requested();
+        let shutdown = flgfn_common::signals::stop_requested();
         // A key a checkpoint refuses is named with its layer too.
         let outcome = flgfn_learner::serve(config, listener, options, shutdown)
             .await

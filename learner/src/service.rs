@@ -88,6 +88,11 @@ pub struct LearnerState {
     pub open_sessions: std::sync::atomic::AtomicUsize,
     /// Each actor name's last chunk number, for counting lost chunks.
     pub sequences: crate::ingest::SequenceBook,
+    /// Set when the stop asked for is a restart's (SIGUSR1): sessions
+    /// then end telling their actors to reconnect, not that training is
+    /// over. Set before the stop reaches the trainer, so before any
+    /// session can see training end.
+    pub stopping_for_restart: std::sync::atomic::AtomicBool,
 }
 
 /// The gRPC service: a thin shell over [`LearnerState`].

@@ -65,6 +65,8 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(16);
 
 /// How a session ended without an error, for its `ended_by`.
 enum Ended {
+    /// Training ended (or the learner stops for a restart): the session's
+    /// last grant said so.
     TrainingDone,
     /// The actor closed its side of the stream.
     ActorLeft,
@@ -132,11 +134,29 @@ impl IngestPool {
     }
 }
 
-/// The last grant of a session: no credit, training is over.
-fn training_done() -> proto::Grant {
-    proto::Grant {
-        training_done: true,
-        ..proto::Grant::default()
+/// The last grant of a session once training has ended: no credit, and
+/// either training is over or, where the learner stops for a restart, the
+/// actor is to reconnect.
+fn last_grant(state: &LearnerState) -> proto::Grant {
+    if state.stopping_for_restart.load(Ordering::Acquire) {
+        proto::Grant {
+            learner_restarting: true,
+            ..proto::Grant::default()
+        }
+    } else {
+        proto::Grant {
+            training_done: true,
+            ..proto::Grant::default()
+        }
+    }
+}
+
+/// Why a session ended when training did, for its `session ended` line.
+fn training_ended(state: &LearnerState) -> String {
+    if state.stopping_for_restart.load(Ordering::Acquire) {
+        "the learner stops for a restart".to_owned()
+    } else {
+        "training done".to_owned()
     }
 }
 
@@ -332,8 +352,8 @@ impl Session {
         // warning: an operator watching warnings sees actors go.
         let mut lost = false;
         let ended_by = match served {
-            Ok(Ended::TrainingDone) => "training done".to_owned(),
-            Ok(_) if *self.state.publisher.done().borrow() => "training done".to_owned(),
+            Ok(Ended::TrainingDone) => training_ended(&self.state),
+            Ok(_) if *self.state.publisher.done().borrow() => training_ended(&self.state),
             Ok(Ended::ActorLeft) => "the actor left".to_owned(),
             Ok(Ended::GrantsUndelivered) => {
                 lost = true;
@@ -354,7 +374,7 @@ impl Session {
                 }
                 let done = *done.borrow();
                 let ended_by = if done {
-                    "training done".to_owned()
+                    training_ended(&self.state)
                 } else if status.code() == Code::Unknown
                     && status.message().contains("h2 protocol error")
                 {
@@ -366,7 +386,7 @@ impl Session {
                     format!("{:?}: {}", status.code(), status.message())
                 };
                 self.send_last(if done {
-                    Ok(training_done())
+                    Ok(last_grant(&self.state))
                 } else {
                     Err(status)
                 })
@@ -441,7 +461,7 @@ impl Session {
                 biased;
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
                     progress.unused.clear();
-                    self.send_last(Ok(training_done())).await;
+                    self.send_last(Ok(last_grant(&self.state))).await;
                     for sequence in self.read_late_chunks(&mut progress.record).await {
                         IngestStats::add(&self.state.stats.lost_chunks, progress.sequence.arrived(sequence));
                     }
@@ -596,7 +616,7 @@ impl Session {
                 version: w.version,
                 safetensors: w.bytes.clone(),
             }),
-            training_done: false,
+            ..proto::Grant::default()
         };
         match tokio::time::timeout(self.state.stalled_after, self.grants.send(Ok(grant))).await {
             Ok(Ok(())) => {}

@@ -105,6 +105,32 @@ pub struct TrainingOutcome {
     /// Local actor processes ([`crate::RunOptions::local_actors`]) that
     /// exited with an error, filled in by [`serve`](crate::serve).
     pub failed_local_actors: usize,
+    /// What ended training, filled in by [`serve`](crate::serve).
+    pub ended_by: EndedBy,
+}
+
+/// What ended training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The last step (`learner.max_steps`) was trained.
+    MaxSteps,
+    /// A stop (Ctrl-C, SIGTERM; or an error elsewhere, such as every local
+    /// actor gone) before the last step: the run is over for the actors.
+    Stop,
+    /// A stop for a restart (SIGUSR1) before the last step: the actors
+    /// wait for the learner to be started again on its checkpoint.
+    Restart,
+}
+
+impl EndedBy {
+    /// As the final log line writes it (`ended_by=`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::MaxSteps => "max_steps",
+            EndedBy::Stop => "stop",
+            EndedBy::Restart => "restart",
+        }
+    }
 }
 
 /// Figures over the whole run (reports cover the time since the previous
@@ -384,6 +410,7 @@ impl Training {
             final_report: std::mem::take(&mut progress.report),
             untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
+            ended_by: EndedBy::Stop,
         }
     }
 }

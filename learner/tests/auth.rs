@@ -51,7 +51,7 @@ async fn only_the_right_token_gets_in() {
         config.clone(),
         listener,
         RunOptions::default(),
-        std::future::pending(),
+        std::future::pending::<()>(),
     ));
 
     // A raw client: no token, then a wrong one.

@@ -2144,7 +2144,7 @@ fn grant_of(
             version: 1,
             safetensors: weights.into(),
         }),
-        training_done: false,
+        ..Default::default()
     }
 }
 

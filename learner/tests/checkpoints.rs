@@ -358,7 +358,7 @@ async fn a_learner_refused_at_start_leaves_no_checkpoint_folder() {
         config,
         listener,
         writing(&not_metrics),
-        std::future::pending(),
+        std::future::pending::<()>(),
     )
     .await;
     let error = refused.expect_err("refused").to_string();

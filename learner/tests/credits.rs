@@ -43,7 +43,7 @@ async fn train(
             metrics_path: metrics,
             ..RunOptions::default()
         },
-        std::future::pending(),
+        std::future::pending::<()>(),
     ));
     let mut actor_config = config.clone();
     actor_config.actor.learner = format!("http://{target}");
@@ -140,7 +140,7 @@ async fn actors_of_one_configuration_draw_different_trajectories() {
             config.clone(),
             listener,
             RunOptions::default(),
-            std::future::pending(),
+            std::future::pending::<()>(),
         ));
         let twin = |i: u64| {
             tokio::spawn(flgfn_actor::run(
@@ -379,7 +379,7 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
         config.clone(),
         listener,
         RunOptions::default(),
-        std::future::pending(),
+        std::future::pending::<()>(),
     ));
     let fleet = |target: std::net::SocketAddr| {
         let mut config = config.clone();

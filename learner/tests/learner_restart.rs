@@ -1,14 +1,166 @@
-//! An actor outlives a learner that is killed and restarted from scratch.
+//! An actor outlives a learner that is killed and restarted from scratch,
+//! and one stopped for a restart (SIGUSR1) and started again on its
+//! checkpoint.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
 use flgfn_actor::ActorOptions;
 use flgfn_common::config::Config;
 use flgfn_learner::RunOptions;
+use flgfn_learner::checkpoint;
 use tokio::net::TcpListener;
+
+/// The number after `name=` in `line`.
+fn field(line: &str, name: &str) -> Option<u64> {
+    line.split(&format!(" {name}="))
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits (polling) until `ready` holds, at most `seconds`.
+async fn wait_until(seconds: u64, mut ready: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    while !ready() {
+        assert!(tokio::time::Instant::now() < deadline, "{}", what());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_stopped_for_a_restart_keeps_its_actors_and_goes_on_where_it_stopped() {
+    let dir = std::env::temp_dir().join(format!("flgfn-restart-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("tiny.toml");
+    let checkpoints = dir.join("checkpoints");
+    // Only the stop's checkpoint: the second learner can resume from no
+    // other. Quick reconnects, so the test does not wait on backoff.
+    let toml = support::TINY_TOML
+        .replace(
+            "checkpoint_dir = \"\"",
+            &format!(
+                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 1000000\ncheckpoint_every_s = 0.0\nmax_steps = 1000000",
+                checkpoints.display()
+            ),
+        )
+        .replace(
+            "[actor]",
+            "[actor]\nreconnect_initial_s = 0.05\nreconnect_max_s = 0.2",
+        );
+    std::fs::write(&config_path, toml).unwrap();
+    let config = Config::from_file(&config_path).unwrap();
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let metrics = dir.join("metrics.jsonl");
+    let log_path = support::learner_log(&metrics);
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    let mut first = support::learner_process(&address, &config_path, &metrics, &[]);
+    let actors: Vec<_> = (0..2)
+        .map(|i| {
+            let mut config = config.clone();
+            config.actor.learner = format!("http://{address}");
+            tokio::spawn(flgfn_actor::run(
+                config,
+                ActorOptions {
+                    name: format!("waiting-{i}"),
+                    seed_offset: None,
+                },
+                std::future::pending(),
+            ))
+        })
+        .collect();
+    wait_until(
+        120,
+        || {
+            read_log().matches("actor joined").count() >= 2
+                && !support::reports(&metrics).is_empty()
+        },
+        || format!("two actors and a report:\n{}", read_log()),
+    )
+    .await;
+    let signalled = Command::new("kill")
+        .args(["-USR1", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = first.0.wait().unwrap();
+        drop(first);
+        status
+    })
+    .await
+    .unwrap();
+    let log = read_log();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stop for a restart requested"), "{log}");
+    let finished = log
+        .lines()
+        .find(|line| line.contains("training finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(finished.contains("ended_by=restart"), "{finished}");
+    let stopped_at = field(finished, "steps").unwrap_or_else(|| panic!("{finished}"));
+    // Each session was told to reconnect, none that training is over.
+    let ended: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("session ended"))
+        .collect();
+    assert!(!ended.is_empty(), "{log}");
+    assert!(
+        ended
+            .iter()
+            .all(|line| line.contains("the learner stops for a restart")),
+        "{ended:?}"
+    );
+    // The stop's checkpoint holds every step trained.
+    let saved = checkpoint::load_latest(&checkpoints).unwrap().unwrap();
+    assert_eq!(saved.state.step, stopped_at);
+
+    // The actors wait for the learner to come back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(actors.iter().all(|actor| !actor.is_finished()));
+
+    let more_steps = stopped_at + 200;
+    let mut second = support::learner_process(
+        &address,
+        &config_path,
+        &metrics,
+        &["--max-steps", &more_steps.to_string()],
+    );
+    let status = tokio::task::spawn_blocking(move || second.0.wait().unwrap())
+        .await
+        .unwrap();
+    let log = read_log();
+    assert!(status.success(), "{log}");
+    let finished = log
+        .lines()
+        .filter(|line| line.contains("training finished"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(finished.contains("ended_by=max_steps"), "{finished}");
+    let resumed = log
+        .lines()
+        .find(|line| line.contains("resuming from a checkpoint"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert_eq!(field(resumed, "step"), Some(stopped_at), "{resumed}");
+    let reports = support::reports(&metrics);
+    assert_eq!(reports.last().map(|r| r.step), Some(more_steps));
+    for actor in actors {
+        let report = support::finished_actor(actor).await;
+        // One session with each learner, and versions only going up: the
+        // second learner went on from the first one's.
+        assert_eq!(report.sessions_opened, 2, "{report:?}");
+        let versions = &report.versions_applied;
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
@@ -64,7 +216,7 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
             second_config,
             listener,
             RunOptions::default(),
-            std::future::pending(),
+            std::future::pending::<()>(),
         ),
     )
     .await

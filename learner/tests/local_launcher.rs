@@ -174,6 +174,61 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A stop for a restart (SIGUSR1) tells the local actors to reconnect, as
+/// it tells remote ones; but a learner started again starts its own, so
+/// this one then asks them to stop. They exit cleanly, none killed.
+#[test]
+fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
+    let dir = std::env::temp_dir().join(format!("flgfn-launcher-restart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let log_path = dir.join("learner.log");
+    let mut learner = support::KillOnDrop(
+        Command::new(learner())
+            .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
+            .args(["--max-steps", "1000000", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_until(
+        60,
+        || read_log().matches("actor joined").count() >= 2 && read_log().contains("trained_per_s="),
+        || format!("two actors and a report within a minute:\n{}", read_log()),
+    );
+    let signalled = Command::new("kill")
+        .args(["-USR1", &learner.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = exit_within(
+        &mut learner,
+        60,
+        "the learner exits after a stop for a restart",
+    );
+    let log = read_log();
+    assert!(status.success(), "{log}");
+    let finished = log
+        .lines()
+        .find(|line| line.contains("training finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(finished.contains("ended_by=restart"), "{finished}");
+    assert_eq!(
+        log.matches("the learner stops for a restart; reconnecting")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(log.contains("asking the local actors to stop"), "{log}");
+    assert!(!log.contains("killing it"), "{log}");
+    assert!(!log.contains("local actor failed"), "{log}");
+    assert!(!log.contains("the learner ended training"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_run_resumed_already_finished_starts_no_actors() {
     let dir = std::env::temp_dir().join(format!("flgfn-finished-{}", std::process::id()));

@@ -77,7 +77,7 @@ async fn start(
         config.clone(),
         listener,
         RunOptions::default(),
-        std::future::pending(),
+        std::future::pending::<()>(),
     ));
     (port, learner)
 }

@@ -154,7 +154,7 @@ pub async fn learner_refusal(config: Config, address: &str) -> String {
         config,
         listener,
         flgfn_learner::RunOptions::default(),
-        std::future::pending(),
+        std::future::pending::<()>(),
     )
     .await
     .expect_err("the learner refuses to start")
