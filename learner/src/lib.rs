@@ -68,6 +68,7 @@ pub const BUILD_METADATA_KEY: &str = "flgfn_build";
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -231,6 +232,12 @@ const DRAIN_NOTICE_AFTER: Duration = Duration::from_millis(500);
 /// [`StopRequest::Restart`] has them reconnect, to wait for this learner
 /// started again on its checkpoint; `()` or [`StopRequest::EndRun`] ends
 /// their run.
+///
+/// In phases: the server answers at once (probes see the learner
+/// loading); the model and the checkpoint are loaded; the sessions'
+/// state, the local actors, the batch builder and the trainer start;
+/// training runs until it ends or a stop comes; then the connections
+/// drain and the run's accounts close.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -240,412 +247,608 @@ pub async fn serve(
     config.validate()?;
     check_local_actors_fit(&config, options.local_actors.as_ref())?;
     let env = tasks::build(&config.task)?;
-    let token = auth::load_token(&config.auth)?;
-    // For the listening line: what an operator checks first.
-    let transport = connections::Transport::configured(&config.tls);
-    let authentication = if token.is_some() { "token" } else { "none" };
-    // Read before anything starts: a bad file is a configuration error.
-    let mut secured = secured_transport(&config)?;
-    let local_address = listener.local_addr().ok();
-    check_exposure(&config, token.is_some(), local_address)?;
-    // The server answers from the start, so that probes see the learner
-    // loading: health NOT_SERVING until the checkpoint, if any, is loaded
-    // and the trainer takes data; Learner calls meanwhile wait. (Returning
-    // early with an error drops `stop_sender`, which shuts the server
-    // down, and `ready_sender`, which answers waiting calls UNAVAILABLE.)
-    let (stop_sender, stop) = watch::channel(false);
-    let stats = Arc::new(IngestStats::default());
-    let (ready_sender, ready) = watch::channel(None);
-    let address = local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string());
-    let (health, health_service) = tonic_health::server::health_reporter();
-    // Open to anyone, token or not: tonic reserves a message's declared
-    // length as it starts reading it, and a health request is a service
-    // name, not the 4 MiB a stranger could otherwise make each stream hold.
-    let health_service = health_service.max_decoding_message_size(HEALTH_REQUEST_BYTES);
-    not_serving(&health).await;
-    let service = LearnerService { ready };
-    let model = ModelSpec::new(env.as_ref(), &config.model);
-    let handshake_bytes = accepted_handshake_bytes(env.as_ref(), &model);
-    let accepted_bytes = accepted_message_bytes(&config.learner, env.as_ref(), handshake_bytes);
-    wire::codec::refuse_chunks_beyond(config.learner.max_chunk_trajectories);
-    wire::codec::refuse_handshakes_beyond(handshake_bytes);
-    let grpc = LearnerServer::new(service)
-        .max_decoding_message_size(accepted_bytes)
-        .max_encoding_message_size(config.learner.max_message_bytes);
-    // Only calls past the token check keep a connection from being idle
-    // (health checks are open to anyone, and a Watch never ends).
-    let grpc = tonic::service::interceptor::InterceptedService::new(
-        connections::CountsCalls(grpc),
-        token_check(token, stats.clone()),
-    );
-    let mut server_stop = stop.clone();
-    let server = tokio::spawn(
-        secured
-            .add_service(health_service)
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(
-                connections::incoming(
-                    listener,
-                    transport,
-                    connections::connection_cap(config.learner.max_connections),
-                    Duration::from_secs_f64(config.learner.idle_connection_s),
-                    stats.clone(),
-                    stop.clone(),
-                ),
-                async move {
-                    let _ = server_stop.wait_for(|stopped| *stopped).await;
-                },
-            ),
-    );
-
+    let server = Server::start(&config, env.as_ref(), listener).await?;
     check_run_fits(&config, env.as_ref())?;
-    let mut metadata = model.weight_metadata(&env.spec());
-    // Final weights (and every copy actors receive) say which build
-    // trained them.
-    metadata.insert(BUILD_METADATA_KEY.to_owned(), BUILD.to_owned());
-    let device = select_device(config.learner.device)
-        .map_err(|reason| flgfn_common::config::ConfigError::invalid("learner.device", reason))?;
-    set_threads(config.learner.threads);
-    // Off the async workers, as the checkpoint work below: the server
-    // answers probes meanwhile, and a CUDA context takes seconds to make.
-    let (objective, mut policy) = {
-        let (objective_config, model, seed) = (config.objective, model.clone(), config.seed);
-        tokio::task::spawn_blocking(move || {
-            // Reproducible initial weights.
-            tch::manual_seed(seed as i64);
-            let objective = objectives::build(&objective_config, device);
-            (objective, Policy::new(&model, device))
+    let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
+    let mut running = Running::start(config, env, server, loaded, &options).await?;
+    tokio::pin!(shutdown);
+    let ending = running.until_training_ends(shutdown.as_mut()).await;
+    running.close(ending, shutdown).await
+}
+
+/// The gRPC server, answering from the start: health NOT_SERVING until
+/// the checkpoint, if any, is loaded and the trainer takes data; Learner
+/// calls meanwhile wait. Dropped on an early return, it shuts the server
+/// down (`stop_sender`) and answers the waiting calls UNAVAILABLE
+/// (`ready_sender`).
+struct Server {
+    /// Sent true at the stop: the server, the credits, the batch builder
+    /// and the live line stop taking work.
+    stop_sender: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+    /// Hands the sessions their shared state once the learner is ready.
+    ready_sender: watch::Sender<Option<Arc<LearnerState>>>,
+    health: tonic_health::server::HealthReporter,
+    /// The server's task, drained at the end.
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Counters the sessions, the batch builder and the trainer share.
+    stats: Arc<IngestStats>,
+    model: ModelSpec,
+    /// The largest message decoded (advertised at the handshake).
+    accepted_bytes: usize,
+    local_address: Option<std::net::SocketAddr>,
+    /// For the listening line: what an operator checks first.
+    transport: connections::Transport,
+    authentication: &'static str,
+}
+
+impl Server {
+    /// Checks the transport and token settings, then starts serving on
+    /// `listener`.
+    async fn start(
+        config: &Config,
+        env: &dyn Environment,
+        listener: TcpListener,
+    ) -> Result<Server, LearnerError> {
+        let token = auth::load_token(&config.auth)?;
+        let transport = connections::Transport::configured(&config.tls);
+        let authentication = if token.is_some() { "token" } else { "none" };
+        // Read before anything starts: a bad file is a configuration error.
+        let mut secured = secured_transport(config)?;
+        let local_address = listener.local_addr().ok();
+        check_exposure(config, token.is_some(), local_address)?;
+        let (stop_sender, stop) = watch::channel(false);
+        let stats = Arc::new(IngestStats::default());
+        let (ready_sender, ready) = watch::channel(None);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        // Open to anyone, token or not: tonic reserves a message's declared
+        // length as it starts reading it, and a health request is a service
+        // name, not the 4 MiB a stranger could otherwise make each stream hold.
+        let health_service = health_service.max_decoding_message_size(HEALTH_REQUEST_BYTES);
+        not_serving(&health).await;
+        let service = LearnerService { ready };
+        let model = ModelSpec::new(env, &config.model);
+        let handshake_bytes = accepted_handshake_bytes(env, &model);
+        let accepted_bytes = accepted_message_bytes(&config.learner, env, handshake_bytes);
+        wire::codec::refuse_chunks_beyond(config.learner.max_chunk_trajectories);
+        wire::codec::refuse_handshakes_beyond(handshake_bytes);
+        let grpc = LearnerServer::new(service)
+            .max_decoding_message_size(accepted_bytes)
+            .max_encoding_message_size(config.learner.max_message_bytes);
+        // Only calls past the token check keep a connection from being idle
+        // (health checks are open to anyone, and a Watch never ends).
+        let grpc = tonic::service::interceptor::InterceptedService::new(
+            connections::CountsCalls(grpc),
+            token_check(token, stats.clone()),
+        );
+        let mut server_stop = stop.clone();
+        let task = tokio::spawn(
+            secured
+                .add_service(health_service)
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(
+                    connections::incoming(
+                        listener,
+                        transport,
+                        connections::connection_cap(config.learner.max_connections),
+                        Duration::from_secs_f64(config.learner.idle_connection_s),
+                        stats.clone(),
+                        stop.clone(),
+                    ),
+                    async move {
+                        let _ = server_stop.wait_for(|stopped| *stopped).await;
+                    },
+                ),
+        );
+        Ok(Server {
+            stop_sender,
+            stop,
+            ready_sender,
+            health,
+            task,
+            stats,
+            model,
+            accepted_bytes,
+            local_address,
+            transport,
+            authentication,
         })
-        .await
-        .map_err(|e| LearnerError::Trainer(format!("making the model: {e}")))?
-    };
-    let learner = &config.learner;
-    let checkpoint_dir =
-        (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
-    // The lock is held by the trainer, until its thread ends.
-    let (checkpoint_lock, resume) =
-        resume::open_folder(checkpoint_dir.clone(), options.fresh).await?;
-    let finished_already = resume
-        .as_ref()
-        .is_some_and(|c| learner.max_steps > 0 && c.state.step >= learner.max_steps);
-    if let Some(checkpoint) = &resume {
-        resume::restore(
-            checkpoint,
-            &mut policy,
-            &env.spec().to_string(),
-            &model,
-            &config,
-            options.resume_changed,
-        )?;
-        if finished_already {
-            warn!(
-                step = checkpoint.state.step,
-                max_steps = learner.max_steps,
-                "this run already finished: nothing left to train (raise learner.max_steps to go on, or --fresh to start over)"
+    }
+}
+
+/// What the run starts from: the model and objective on their device, the
+/// checkpoint it resumes (its weights already in `policy`), and where
+/// versions and reports go on.
+struct Loaded {
+    device: tch::Device,
+    objective: Box<dyn objectives::Objective>,
+    policy: Policy,
+    checkpoint_dir: Option<PathBuf>,
+    /// Held by the trainer, until its thread ends.
+    checkpoint_lock: Option<checkpoint::FolderLock>,
+    resume: Option<checkpoint::Checkpoint>,
+    /// The checkpoint is at `max_steps` already: nothing is left to train.
+    finished_already: bool,
+    version_floor: u64,
+    start_version: u64,
+    publisher: Arc<Publisher>,
+    metrics: Option<MetricsFile>,
+}
+
+impl Loaded {
+    /// Makes the model and objective, and loads the checkpoint folder:
+    /// off the async workers, so that the server answers probes meanwhile
+    /// (a CUDA context takes seconds to make).
+    async fn load(
+        config: &Config,
+        env: &dyn Environment,
+        model: &ModelSpec,
+        options: &RunOptions,
+    ) -> Result<Loaded, LearnerError> {
+        let mut metadata = model.weight_metadata(&env.spec());
+        // Final weights (and every copy actors receive) say which build
+        // trained them.
+        metadata.insert(BUILD_METADATA_KEY.to_owned(), BUILD.to_owned());
+        let device = select_device(config.learner.device).map_err(|reason| {
+            flgfn_common::config::ConfigError::invalid("learner.device", reason)
+        })?;
+        set_threads(config.learner.threads);
+        let (objective, mut policy) = {
+            let (objective_config, model, seed) = (config.objective, model.clone(), config.seed);
+            tokio::task::spawn_blocking(move || {
+                // Reproducible initial weights.
+                tch::manual_seed(seed as i64);
+                let objective = objectives::build(&objective_config, device);
+                (objective, Policy::new(&model, device))
+            })
+            .await
+            .map_err(|e| LearnerError::Trainer(format!("making the model: {e}")))?
+        };
+        let learner = &config.learner;
+        let checkpoint_dir =
+            (!learner.checkpoint_dir.is_empty()).then(|| PathBuf::from(&learner.checkpoint_dir));
+        let (checkpoint_lock, resume) =
+            resume::open_folder(checkpoint_dir.clone(), options.fresh).await?;
+        let finished_already = resume
+            .as_ref()
+            .is_some_and(|c| learner.max_steps > 0 && c.state.step >= learner.max_steps);
+        if let Some(checkpoint) = &resume {
+            resume::restore(
+                checkpoint,
+                &mut policy,
+                &env.spec().to_string(),
+                model,
+                config,
+                options.resume_changed,
+            )?;
+            if finished_already {
+                warn!(
+                    step = checkpoint.state.step,
+                    max_steps = learner.max_steps,
+                    "this run already finished: nothing left to train (raise learner.max_steps to go on, or --fresh to start over)"
+                );
+            }
+        }
+        let version_floor = match &checkpoint_dir {
+            Some(dir) => checkpoint::read_version_floor(dir)?,
+            None => 0,
+        };
+        let start_version =
+            resume::start_version(resume.as_ref(), version_floor, &learner.checkpoint_dir)?;
+        let publisher = Publisher::starting_at(
+            start_version,
+            policy.snapshot(),
+            learner.weight_encoding,
+            metadata,
+        );
+        let metrics = options
+            .metrics_path
+            .as_deref()
+            // A run that resumes keeps its reports up to the step it resumes
+            // at; one whose predecessor stopped before any checkpoint (a
+            // version floor, no checkpoint) starts again at step 0.
+            .map(|path| {
+                let resumed_at = match &resume {
+                    Some(checkpoint) => Some(checkpoint.state.step),
+                    None => (version_floor > 0).then_some(0),
+                };
+                MetricsFile::open(path, resumed_at)
+            })
+            .transpose()?;
+        Ok(Loaded {
+            device,
+            objective,
+            policy,
+            checkpoint_dir,
+            checkpoint_lock,
+            resume,
+            finished_already,
+            version_floor,
+            start_version,
+            publisher,
+            metrics,
+        })
+    }
+}
+
+/// A learner that trains: what its end needs.
+struct Running {
+    config: Config,
+    stop_sender: watch::Sender<bool>,
+    /// Kept for the whole run: dropped, it would answer calls still
+    /// waiting for the learner UNAVAILABLE.
+    _ready_sender: watch::Sender<Option<Arc<LearnerState>>>,
+    health: tonic_health::server::HealthReporter,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The sessions' shared state (a stop for a restart is marked there).
+    state: Arc<LearnerState>,
+    stats: Arc<IngestStats>,
+    local_actors: Option<LocalActors>,
+    batcher: std::thread::JoinHandle<()>,
+    /// The trainer's outcome, when its thread ends.
+    trainer: oneshot::Receiver<Result<TrainingOutcome, LearnerError>>,
+    /// True once the trainer published its final weights.
+    training_done: watch::Receiver<bool>,
+    checkpoints_off: bool,
+}
+
+/// How training came to its end.
+struct Ending {
+    /// What the trainer's thread returned.
+    trained: Result<Result<TrainingOutcome, LearnerError>, oneshot::error::RecvError>,
+    /// A stop signal ended training (a stop that comes later cuts the
+    /// drain short instead).
+    stop_requested: bool,
+    /// That stop was for a restart.
+    restart: bool,
+    /// Every local actor exited while training went on: why.
+    actors_failure: Option<String>,
+}
+
+impl Running {
+    /// Opens the learner to actors: the sessions' state, the listening
+    /// line, the local actors, the batch builder and the trainer.
+    async fn start(
+        config: Config,
+        env: Arc<dyn Environment>,
+        server: Server,
+        loaded: Loaded,
+        options: &RunOptions,
+    ) -> Result<Running, LearnerError> {
+        let Server {
+            stop_sender,
+            stop,
+            ready_sender,
+            health,
+            task: server_task,
+            stats,
+            model,
+            accepted_bytes,
+            local_address,
+            transport,
+            authentication,
+        } = server;
+        let Loaded {
+            device,
+            objective,
+            policy,
+            checkpoint_dir,
+            checkpoint_lock,
+            resume,
+            finished_already,
+            version_floor,
+            start_version,
+            publisher,
+            metrics,
+        } = loaded;
+        let learner = &config.learner;
+        let pool = CreditPool::new(
+            learner.batch_transitions as u64,
+            learner.max_batch_transitions as u64,
+            learner.max_in_flight_batches,
+        );
+        // Credits taper off before the last step: what actors would roll out
+        // beyond it could only be counted untrained. Set before the batch
+        // builder starts, so that its first batch counts too.
+        if learner.max_steps > 0 {
+            let resumed_step = resume.as_ref().map_or(0, |c| c.state.step);
+            pool.last_step(
+                learner
+                    .max_steps
+                    .saturating_add(start_version.saturating_sub(resumed_step)),
+                start_version,
             );
         }
-    }
-    let version_floor = match &checkpoint_dir {
-        Some(dir) => checkpoint::read_version_floor(dir)?,
-        None => 0,
-    };
-    let start_version =
-        resume::start_version(resume.as_ref(), version_floor, &learner.checkpoint_dir)?;
-    let publisher = Publisher::starting_at(
-        start_version,
-        policy.snapshot(),
-        learner.weight_encoding,
-        metadata,
-    );
-    let metrics = options
-        .metrics_path
-        .as_deref()
-        // A run that resumes keeps its reports up to the step it resumes
-        // at; one whose predecessor stopped before any checkpoint (a
-        // version floor, no checkpoint) starts again at step 0.
-        .map(|path| {
-            let resumed_at = match &resume {
-                Some(checkpoint) => Some(checkpoint.state.step),
-                None => (version_floor > 0).then_some(0),
-            };
-            MetricsFile::open(path, resumed_at)
-        })
-        .transpose()?;
-
-    let pool = CreditPool::new(
-        learner.batch_transitions as u64,
-        learner.max_batch_transitions as u64,
-        learner.max_in_flight_batches,
-    );
-    // Credits taper off before the last step: what actors would roll out
-    // beyond it could only be counted untrained. Set before the batch
-    // builder starts, so that its first batch counts too.
-    if learner.max_steps > 0 {
-        let resumed_step = resume.as_ref().map_or(0, |c| c.state.step);
-        pool.last_step(
-            learner
-                .max_steps
-                .saturating_add(start_version.saturating_sub(resumed_step)),
-            start_version,
-        );
-    }
-    // Every queued chunk holds a credit of at least one transition.
-    let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
-    let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
-    let state = Arc::new(LearnerState {
-        env: env.clone(),
-        task: env.spec(),
-        model: model.clone(),
-        keep_truncated: objective.trains_on_truncated(),
-        max_message_bytes: accepted_bytes,
-        max_grant_bytes: config.learner.max_message_bytes,
-        max_chunk_trajectories: learner.max_chunk_trajectories,
-        max_session_bytes: learner.max_session_bytes,
-        weights_refresh_steps: learner.weights_refresh_steps,
-        max_policy_lag: learner.max_policy_lag,
-        next_training_step: next_training_step.clone(),
-        stalled_after: Duration::from_secs_f64(learner.stall_timeout_s),
-        last_actor_id: AtomicU64::new(0),
-        credits: Controller::spawn(pool.clone(), stop.clone()),
-        queue: queue_sender,
-        publisher: publisher.clone(),
-        stats: stats.clone(),
-        ingest_pool: IngestPool::new(learner.ingest_threads),
-        max_sessions: learner.max_sessions,
-        open_sessions: std::sync::atomic::AtomicUsize::new(0),
-        sequences: Default::default(),
-        stopping_for_restart: AtomicBool::new(false),
-    });
-    let sessions_state = state.clone();
-    // Local actors whose chunks this learner would refuse are found out
-    // now, naming actor.envs, rather than each refused at its handshake
-    // once started.
-    if let Some(plan) = &options.local_actors
-        && !finished_already
-    {
-        let envs = config.actor.envs_for(env.as_ref()) as u64;
-        state
-            .check_chunk_size(envs, "actor.envs")
-            .map_err(|refusal| {
-                LearnerError::LocalActors(std::io::Error::other(format!(
-                    "the {} local actors' chunks would be refused: {refusal}",
-                    plan.count
-                )))
-            })?;
-    }
-    ready_sender.send_replace(Some(state));
-    info!(
-        %address,
-        task = %env.spec(),
-        %model,
-        objective = objective.name(),
-        device = flgfn_common::policy::device_label(device),
-        threads = learner.threads,
-        transport = transport.name(),
-        auth = authentication,
-        build = BUILD,
-        "learner listening"
-    );
-
-    let steps_done = Arc::new(AtomicU64::new(start_version));
-    if flgfn_common::telemetry::has_live_line() {
-        tokio::spawn(live_progress(LiveProgress {
-            steps_done: steps_done.clone(),
-            start_version,
-            first_step: resume.as_ref().map_or(0, |c| c.state.step),
-            max_steps: learner.max_steps,
+        // Every queued chunk holds a credit of at least one transition.
+        let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
+        let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
+        let state = Arc::new(LearnerState {
+            env: env.clone(),
+            task: env.spec(),
+            model: model.clone(),
+            keep_truncated: objective.trains_on_truncated(),
+            max_message_bytes: accepted_bytes,
+            max_grant_bytes: learner.max_message_bytes,
+            max_chunk_trajectories: learner.max_chunk_trajectories,
+            max_session_bytes: learner.max_session_bytes,
+            weights_refresh_steps: learner.weights_refresh_steps,
+            max_policy_lag: learner.max_policy_lag,
+            next_training_step: next_training_step.clone(),
+            stalled_after: Duration::from_secs_f64(learner.stall_timeout_s),
+            last_actor_id: AtomicU64::new(0),
+            credits: Controller::spawn(pool.clone(), stop.clone()),
+            queue: queue_sender,
+            publisher: publisher.clone(),
             stats: stats.clone(),
-            stop: stop.clone(),
-        }));
-    }
-    // Local actors, if asked for, now that there is a server to reach and
-    // something to train (a finished run would leave them retrying a
-    // closed port until killed); before the trainer starts, so that a
-    // failure to start them leaves nothing running.
-    let local_actors = match &options.local_actors {
-        Some(plan) if !finished_already => Some(
-            LocalActors::spawn(
-                plan.count,
-                local_address.ok_or_else(|| {
-                    LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
-                })?,
-                &config,
-                &plan.executable,
-            )
-            .map_err(LearnerError::LocalActors)?,
-        ),
-        Some(_) => {
-            info!("no local actors started: nothing left to train");
-            None
+            ingest_pool: IngestPool::new(learner.ingest_threads),
+            max_sessions: learner.max_sessions,
+            open_sessions: std::sync::atomic::AtomicUsize::new(0),
+            sequences: Default::default(),
+            stopping_for_restart: AtomicBool::new(false),
+        });
+        // Local actors whose chunks this learner would refuse are found out
+        // now, naming actor.envs, rather than each refused at its handshake
+        // once started.
+        if let Some(plan) = &options.local_actors
+            && !finished_already
+        {
+            let envs = config.actor.envs_for(env.as_ref()) as u64;
+            state
+                .check_chunk_size(envs, "actor.envs")
+                .map_err(|refusal| {
+                    LearnerError::LocalActors(std::io::Error::other(format!(
+                        "the {} local actors' chunks would be refused: {refusal}",
+                        plan.count
+                    )))
+                })?;
         }
-        None => None,
-    };
+        ready_sender.send_replace(Some(state.clone()));
+        info!(
+            address = %local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+            task = %env.spec(),
+            %model,
+            objective = objective.name(),
+            device = flgfn_common::policy::device_label(device),
+            threads = learner.threads,
+            transport = transport.name(),
+            auth = authentication,
+            build = BUILD,
+            "learner listening"
+        );
 
-    // A rendezvous: the batcher builds the next batch while the trainer
-    // runs the current one, and no further.
-    let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
-    let batcher_failure = Arc::new(std::sync::OnceLock::new());
-    let batcher = Batcher {
-        queue,
-        out: batch_sender,
-        steps_done: steps_done.clone(),
-        last_handed_step: 0,
-        next_training_step,
-        pool: pool.clone(),
-        stats: stats.clone(),
-        max_transitions: learner.max_batch_transitions,
-        take_waiting: match learner.batch_growth {
-            BatchGrowth::Supply => true,
-            BatchGrowth::Lag => false,
-            BatchGrowth::Auto => device.is_cuda(),
-        },
-        max_policy_lag: learner.max_policy_lag,
-        dims: (
-            env.state_dim(),
-            env.forward_actions(),
-            env.backward_actions(),
-        ),
-        pinned: device.is_cuda(),
-        stop: stop.clone(),
-        failure: batcher_failure.clone(),
-        collating: 0,
-        runtime: tokio::runtime::Handle::current(),
-        waited_for_data: false,
-        waiting: Default::default(),
-    };
-    let batcher = std::thread::Builder::new()
-        .name("flgfn-batcher".to_owned())
-        .spawn(move || batcher.run())
-        .map_err(|e| LearnerError::Trainer(e.to_string()))?;
-    let session_stats = stats.clone();
-    let checkpoints_off = checkpoint_dir.is_none();
-    let training_done = publisher.done();
-    let trainer = Trainer {
-        policy,
-        objective,
-        env,
-        config: config.clone(),
-        batches,
-        batcher_failure,
-        steps_done,
-        publisher,
-        stats,
-        pool,
-        metrics,
-        checkpoint_dir,
-        resume,
-        start_version,
-        version_floor,
-        checkpoint_lock,
-    };
-    let (done_sender, done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("flgfn-trainer".to_owned())
-        .spawn(move || {
-            let _ = done_sender.send(trainer.run());
-        })
-        .map_err(|e| LearnerError::Trainer(e.to_string()))?;
-
-    // The checkpoint is loaded and the trainer runs: actors are welcome.
-    health.set_serving::<LearnerServer<LearnerService>>().await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-
-    tokio::pin!(done);
-    tokio::pin!(shutdown);
-    let mut stop_requested = false;
-    let mut restart = false;
-    let mut actors_gone = Box::pin(every_local_actor_exited(
-        local_actors.as_ref(),
-        training_done,
-    ));
-    let mut actors_failure = None;
-    let outcome = tokio::select! {
-        outcome = &mut done => outcome,
-        request = &mut shutdown => {
-            stop_requested = true;
-            restart = Into::<StopRequest>::into(request) == StopRequest::Restart;
-            if restart {
-                // Before the stop reaches the trainer: no session may see
-                // training end before it knows how to tell its actor.
-                sessions_state.stopping_for_restart.store(true, Ordering::Release);
-                info!("stop for a restart requested: finishing the current step; the actors will be told to reconnect");
-                if checkpoints_off {
-                    warn!("checkpoints are off (learner.checkpoint_dir = \"\"): the learner started again starts over from version 0");
-                }
-            } else {
-                info!("shutdown requested: finishing the current step");
+        let steps_done = Arc::new(AtomicU64::new(start_version));
+        if flgfn_common::telemetry::has_live_line() {
+            tokio::spawn(live_progress(LiveProgress {
+                steps_done: steps_done.clone(),
+                start_version,
+                first_step: resume.as_ref().map_or(0, |c| c.state.step),
+                max_steps: learner.max_steps,
+                stats: stats.clone(),
+                stop: stop.clone(),
+            }));
+        }
+        // Local actors, if asked for, now that there is a server to reach and
+        // something to train (a finished run would leave them retrying a
+        // closed port until killed); before the trainer starts, so that a
+        // failure to start them leaves nothing running.
+        let local_actors = match &options.local_actors {
+            Some(plan) if !finished_already => Some(
+                LocalActors::spawn(
+                    plan.count,
+                    local_address.ok_or_else(|| {
+                        LearnerError::LocalActors(std::io::Error::other(
+                            "the listener has no address",
+                        ))
+                    })?,
+                    &config,
+                    &plan.executable,
+                )
+                .map_err(LearnerError::LocalActors)?,
+            ),
+            Some(_) => {
+                info!("no local actors started: nothing left to train");
+                None
             }
-            stop_sender.send_replace(true);
-            not_serving(&health).await;
-            (&mut done).await
+            None => None,
+        };
+
+        // A rendezvous: the batcher builds the next batch while the trainer
+        // runs the current one, and no further.
+        let (batch_sender, batches) = std::sync::mpsc::sync_channel(0);
+        let batcher_failure = Arc::new(std::sync::OnceLock::new());
+        let batcher = Batcher {
+            queue,
+            out: batch_sender,
+            steps_done: steps_done.clone(),
+            last_handed_step: 0,
+            next_training_step,
+            pool: pool.clone(),
+            stats: stats.clone(),
+            max_transitions: learner.max_batch_transitions,
+            take_waiting: match learner.batch_growth {
+                BatchGrowth::Supply => true,
+                BatchGrowth::Lag => false,
+                BatchGrowth::Auto => device.is_cuda(),
+            },
+            max_policy_lag: learner.max_policy_lag,
+            dims: (
+                env.state_dim(),
+                env.forward_actions(),
+                env.backward_actions(),
+            ),
+            pinned: device.is_cuda(),
+            stop: stop.clone(),
+            failure: batcher_failure.clone(),
+            collating: 0,
+            runtime: tokio::runtime::Handle::current(),
+            waited_for_data: false,
+            waiting: Default::default(),
+        };
+        let batcher = std::thread::Builder::new()
+            .name("flgfn-batcher".to_owned())
+            .spawn(move || batcher.run())
+            .map_err(|e| LearnerError::Trainer(e.to_string()))?;
+        let checkpoints_off = checkpoint_dir.is_none();
+        let training_done = publisher.done();
+        let trainer = Trainer {
+            policy,
+            objective,
+            env,
+            config: config.clone(),
+            batches,
+            batcher_failure,
+            steps_done,
+            publisher,
+            stats: stats.clone(),
+            pool,
+            metrics,
+            checkpoint_dir,
+            resume,
+            start_version,
+            version_floor,
+            checkpoint_lock,
+        };
+        let (done_sender, trainer_done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("flgfn-trainer".to_owned())
+            .spawn(move || {
+                let _ = done_sender.send(trainer.run());
+            })
+            .map_err(|e| LearnerError::Trainer(e.to_string()))?;
+
+        // The checkpoint is loaded and the trainer runs: actors are welcome.
+        health.set_serving::<LearnerServer<LearnerService>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        Ok(Running {
+            config,
+            stop_sender,
+            _ready_sender: ready_sender,
+            health,
+            server: server_task,
+            state,
+            stats,
+            local_actors,
+            batcher,
+            trainer: trainer_done,
+            training_done,
+            checkpoints_off,
+        })
+    }
+
+    /// Waits for training to end: by itself, at a stop (`shutdown`), or
+    /// when every local actor has exited; then stops taking work.
+    async fn until_training_ends<S: Future<Output: Into<StopRequest>>>(
+        &mut self,
+        shutdown: Pin<&mut S>,
+    ) -> Ending {
+        let (mut stop_requested, mut restart, mut actors_failure) = (false, false, None);
+        let actors_gone =
+            every_local_actor_exited(self.local_actors.as_ref(), self.training_done.clone());
+        let done = &mut self.trainer;
+        let trained = tokio::select! {
+            trained = &mut *done => trained,
+            request = shutdown => {
+                stop_requested = true;
+                restart = Into::<StopRequest>::into(request) == StopRequest::Restart;
+                if restart {
+                    // Before the stop reaches the trainer: no session may
+                    // see training end before it knows how to tell its
+                    // actor.
+                    self.state.stopping_for_restart.store(true, Ordering::Release);
+                    info!("stop for a restart requested: finishing the current step; the actors will be told to reconnect");
+                    if self.checkpoints_off {
+                        warn!("checkpoints are off (learner.checkpoint_dir = \"\"): the learner started again starts over from version 0");
+                    }
+                } else {
+                    info!("shutdown requested: finishing the current step");
+                }
+                self.stop_sender.send_replace(true);
+                not_serving(&self.health).await;
+                done.await
+            }
+            message = actors_gone => {
+                warn!("{message}: stopping (the final checkpoint is written)");
+                actors_failure = Some(message);
+                self.stop_sender.send_replace(true);
+                not_serving(&self.health).await;
+                done.await
+            }
+        };
+        self.stop_sender.send_replace(true);
+        // A Watch already open sees the learner going away while it writes
+        // its final checkpoint and drains its connections (new connections,
+        // probes' included, are no longer taken since the stop).
+        not_serving(&self.health).await;
+        Ending {
+            trained,
+            stop_requested,
+            restart,
+            actors_failure,
         }
-        message = &mut actors_gone => {
-            warn!("{message}: stopping (the final checkpoint is written)");
-            actors_failure = Some(message);
-            stop_sender.send_replace(true);
-            not_serving(&health).await;
-            (&mut done).await
+    }
+
+    /// Drains the connections, ends the local actors and closes the run's
+    /// accounts. A stop asked for now (training ended by itself) cuts the
+    /// drain short rather than go unheard.
+    async fn close<S: Future<Output: Into<StopRequest>>>(
+        self,
+        ending: Ending,
+        shutdown: Pin<&mut S>,
+    ) -> Result<TrainingOutcome, LearnerError> {
+        let mut outcome = ending
+            .trained
+            .map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
+        wait_for_batcher(self.batcher).await?;
+        let stop_now = async {
+            if ending.stop_requested {
+                std::future::pending().await
+            } else {
+                let _ = shutdown.await;
+            }
+        };
+        if drain_connections(self.server, stop_now).await? {
+            wait_for_sessions(&self.stats).await;
         }
-    };
-    drop(actors_gone);
-    stop_sender.send_replace(true);
-    // A Watch already open sees the learner going away while it writes
-    // its final checkpoint and drains its connections (new connections,
-    // probes' included, are no longer taken since the stop).
-    not_serving(&health).await;
-    let mut outcome =
-        outcome.map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
-    wait_for_batcher(batcher).await?;
-    // Training ended by itself: a stop asked for now cuts the drain short
-    // rather than go unheard.
-    let stop_now = async {
-        if stop_requested {
-            std::future::pending().await
+        if let Some(actors) = self.local_actors {
+            if ending.restart {
+                // They were told to reconnect, as remote actors were, but a
+                // learner started again starts its own: these end with it.
+                actors.ask_to_stop();
+            }
+            outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
+                .await
+                .unwrap_or(0);
+        }
+        if let Some(message) = ending.actors_failure {
+            return Err(LearnerError::LocalActorsExited(message));
+        }
+        let stats = &self.stats;
+        outcome.sessions = stats
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        // Sessions go on counting after the last step (chunks in flight,
+        // refusals, lost chunks, what was never trained): the last report
+        // takes their final values, so that the run's accounts close.
+        outcome.final_report.count_from(stats);
+        outcome.untrained_at_stop_transitions =
+            IngestStats::get(&stats.untrained_at_stop_transitions);
+        let max_steps = self.config.learner.max_steps;
+        // From the steps, not from whether a stop came: one during the last
+        // step's evaluation or checkpoint comes after the end.
+        outcome.ended_by = if max_steps > 0 && outcome.steps >= max_steps {
+            EndedBy::MaxSteps
+        } else if ending.restart {
+            EndedBy::Restart
         } else {
-            let _ = shutdown.await;
-        }
-    };
-    if drain_connections(server, stop_now).await? {
-        wait_for_sessions(&session_stats).await;
+            EndedBy::Stop
+        };
+        log_training_finished(&outcome);
+        Ok(outcome)
     }
-    if let Some(actors) = local_actors {
-        if restart {
-            // They were told to reconnect, as remote actors were, but a
-            // learner started again starts its own: these end with it.
-            actors.ask_to_stop();
-        }
-        outcome.failed_local_actors = tokio::task::spawn_blocking(move || actors.finish())
-            .await
-            .unwrap_or(0);
-    }
-    if let Some(message) = actors_failure {
-        return Err(LearnerError::LocalActorsExited(message));
-    }
-    outcome.sessions = session_stats
-        .sessions
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
-    // Sessions go on counting after the last step (chunks in flight,
-    // refusals, lost chunks, what was never trained): the last report takes
-    // their final values, so that the run's accounts close.
-    outcome.final_report.count_from(&session_stats);
-    outcome.untrained_at_stop_transitions =
-        IngestStats::get(&session_stats.untrained_at_stop_transitions);
-    let max_steps = config.learner.max_steps;
-    // From the steps, not from whether a stop came: one during the last
-    // step's evaluation or checkpoint comes after the end.
-    outcome.ended_by = if max_steps > 0 && outcome.steps >= max_steps {
-        EndedBy::MaxSteps
-    } else if restart {
-        EndedBy::Restart
-    } else {
-        EndedBy::Stop
-    };
-    log_training_finished(&outcome);
-    Ok(outcome)
 }
 
 /// More local actors than the learner serves at once are refused, naming
