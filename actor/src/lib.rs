@@ -278,7 +278,12 @@ async fn run_actor(
     report.abandoned_rollouts = worker_report.abandoned;
     report.orders_skipped = worker_report.orders_skipped;
     if worker_report.abandoned > 0 {
-        warn!("left without the rollout in progress (abandoned half-way)");
+        if report.training_done {
+            // Its chunk could not have been trained: no news.
+            info!("left the rollout in progress unfinished: training is over");
+        } else {
+            warn!("left without the rollout in progress (abandoned half-way)");
+        }
     }
     // Named as in `rolling out` and the report (a trial read `chunks`
     // beside `chunks_sent` as two counts). Not for an actor that never
@@ -447,6 +452,12 @@ fn worth_a_warning(failures: u32) -> bool {
     failures <= 2 || failures.is_power_of_two()
 }
 
+/// How long after a learner said it stops for a restart its absence is
+/// expected: failed attempts in that time are logged at info, not as
+/// warnings (an operator alerting on warnings is not paged for a restart
+/// by hand); later ones are warnings again, as for any outage.
+const RESTART_EXPECTED_WITHIN: Duration = Duration::from_secs(60);
+
 /// Keeps a session with the learner open, reconnecting with exponential
 /// backoff, until training ends, `shutdown` resolves, the learner refuses
 /// us, or the rollout side stops. Counts sessions and training's end in
@@ -522,6 +533,9 @@ pub async fn stay_connected(
     let mut actor_id = 0u64;
     let mut handshake_in_session = true;
     let mut failures = 0u32;
+    // When the learner last said it stops for a restart, until a session
+    // is served again.
+    let mut restart_announced: Option<std::time::Instant> = None;
     let mut backoff = Backoff::new(
         Duration::from_secs_f64(actor.reconnect_initial_s),
         Duration::from_secs_f64(actor.reconnect_max_s),
@@ -575,6 +589,7 @@ pub async fn stay_connected(
                 // first wait is the shortest.
                 failures = 0;
                 backoff.reset();
+                restart_announced = Some(std::time::Instant::now());
                 let pause = backoff.next_pause(&mut rand::rng());
                 info!(
                     actor_id,
@@ -611,6 +626,7 @@ pub async fn stay_connected(
                     // The connection worked: this is a new outage.
                     failures = 0;
                     backoff.reset();
+                    restart_announced = None;
                 } else {
                     failures += 1;
                 }
@@ -632,20 +648,25 @@ pub async fn stay_connected(
                         session_chunks_sent = counts.chunks_sent - chunks_before,
                         "connection to the learner lost; reconnecting"
                     );
-                } else if worth_a_warning(failures) {
-                    warn!(
-                        error = %message,
-                        retry_in = ?pause,
-                        failures,
-                        "learner unavailable; reconnecting"
-                    );
                 } else {
-                    debug!(
-                        error = %message,
-                        retry_in = ?pause,
-                        failures,
+                    let expected =
+                        restart_announced.is_some_and(|at| at.elapsed() < RESTART_EXPECTED_WITHIN);
+                    let what = if expected {
+                        "the learner is not back from its restart yet; reconnecting"
+                    } else {
                         "learner unavailable; reconnecting"
-                    );
+                    };
+                    match (worth_a_warning(failures), expected) {
+                        (true, false) => {
+                            warn!(error = %message, retry_in = ?pause, failures, "{what}");
+                        }
+                        (true, true) => {
+                            info!(error = %message, retry_in = ?pause, failures, "{what}");
+                        }
+                        (false, _) => {
+                            debug!(error = %message, retry_in = ?pause, failures, "{what}");
+                        }
+                    }
                 }
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}

@@ -247,7 +247,7 @@ pub async fn serve(
     config.validate()?;
     check_local_actors_fit(&config, options.local_actors.as_ref())?;
     let env = tasks::build(&config.task)?;
-    let server = Server::start(&config, env.as_ref(), listener).await?;
+    let server = GrpcServer::start(&config, env.as_ref(), listener).await?;
     check_run_fits(&config, env.as_ref())?;
     let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
     let mut running = Running::start(config, env, server, loaded, &options).await?;
@@ -261,35 +261,41 @@ pub async fn serve(
 /// calls meanwhile wait. Dropped on an early return, it shuts the server
 /// down (`stop_sender`) and answers the waiting calls UNAVAILABLE
 /// (`ready_sender`).
-struct Server {
+struct GrpcServer {
     /// Sent true at the stop: the server, the credits, the batch builder
     /// and the live line stop taking work.
     stop_sender: watch::Sender<bool>,
+    /// Cloned for each part that stops at the stop.
     stop: watch::Receiver<bool>,
     /// Hands the sessions their shared state once the learner is ready.
     ready_sender: watch::Sender<Option<Arc<LearnerState>>>,
+    /// Sets the health service's status (SERVING once the trainer runs).
     health: tonic_health::server::HealthReporter,
     /// The server's task, drained at the end.
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Counters the sessions, the batch builder and the trainer share.
     stats: Arc<IngestStats>,
+    /// The network's shape, compared with each actor's at the handshake.
     model: ModelSpec,
     /// The largest message decoded (advertised at the handshake).
     accepted_bytes: usize,
+    /// Where local actors connect, and what the listening line names.
     local_address: Option<std::net::SocketAddr>,
-    /// For the listening line: what an operator checks first.
+    /// For the listening line, with `authentication`: what an operator
+    /// checks first.
     transport: connections::Transport,
     authentication: &'static str,
 }
 
-impl Server {
-    /// Checks the transport and token settings, then starts serving on
-    /// `listener`.
+impl GrpcServer {
+    /// Checks the transport and token settings, sets health NOT_SERVING
+    /// and the process's message limits (chunks, handshakes), then starts
+    /// serving on `listener`.
     async fn start(
         config: &Config,
         env: &dyn Environment,
         listener: TcpListener,
-    ) -> Result<Server, LearnerError> {
+    ) -> Result<GrpcServer, LearnerError> {
         let token = auth::load_token(&config.auth)?;
         let transport = connections::Transport::configured(&config.tls);
         let authentication = if token.is_some() { "token" } else { "none" };
@@ -340,7 +346,7 @@ impl Server {
                     },
                 ),
         );
-        Ok(Server {
+        Ok(GrpcServer {
             stop_sender,
             stop,
             ready_sender,
@@ -369,16 +375,21 @@ struct Loaded {
     resume: Option<checkpoint::Checkpoint>,
     /// The checkpoint is at `max_steps` already: nothing is left to train.
     finished_already: bool,
+    /// The version floor recorded in the checkpoint folder (0 without
+    /// one): versions published from now on stay above it.
     version_floor: u64,
+    /// The first version this process publishes: the resumed one, or the
+    /// floor where that is higher.
     start_version: u64,
     publisher: Arc<Publisher>,
     metrics: Option<MetricsFile>,
 }
 
 impl Loaded {
-    /// Makes the model and objective, and loads the checkpoint folder:
-    /// off the async workers, so that the server answers probes meanwhile
-    /// (a CUDA context takes seconds to make).
+    /// Makes the model and objective off the async workers, so that the
+    /// server answers probes meanwhile (a CUDA context takes seconds to
+    /// make); then opens the checkpoint folder, restores the checkpoint to
+    /// resume, and opens the metrics file.
     async fn load(
         config: &Config,
         env: &dyn Environment,
@@ -475,8 +486,8 @@ impl Loaded {
 struct Running {
     config: Config,
     stop_sender: watch::Sender<bool>,
-    /// Kept for the whole run: dropped, it would answer calls still
-    /// waiting for the learner UNAVAILABLE.
+    /// Kept until the run ends, as the state it sent (the sessions read
+    /// it through their receivers).
     _ready_sender: watch::Sender<Option<Arc<LearnerState>>>,
     health: tonic_health::server::HealthReporter,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -486,7 +497,7 @@ struct Running {
     local_actors: Option<LocalActors>,
     batcher: std::thread::JoinHandle<()>,
     /// The trainer's outcome, when its thread ends.
-    trainer: oneshot::Receiver<Result<TrainingOutcome, LearnerError>>,
+    trainer_outcome: oneshot::Receiver<Result<TrainingOutcome, LearnerError>>,
     /// True once the trainer published its final weights.
     training_done: watch::Receiver<bool>,
     checkpoints_off: bool,
@@ -507,15 +518,16 @@ struct Ending {
 
 impl Running {
     /// Opens the learner to actors: the sessions' state, the listening
-    /// line, the local actors, the batch builder and the trainer.
+    /// line, the local actors, the batch builder and the trainer; then
+    /// health SERVING.
     async fn start(
         config: Config,
         env: Arc<dyn Environment>,
-        server: Server,
+        server: GrpcServer,
         loaded: Loaded,
         options: &RunOptions,
     ) -> Result<Running, LearnerError> {
-        let Server {
+        let GrpcServer {
             stop_sender,
             stop,
             ready_sender,
@@ -731,7 +743,7 @@ impl Running {
             stats,
             local_actors,
             batcher,
-            trainer: trainer_done,
+            trainer_outcome: trainer_done,
             training_done,
             checkpoints_off,
         })
@@ -746,7 +758,7 @@ impl Running {
         let (mut stop_requested, mut restart, mut actors_failure) = (false, false, None);
         let actors_gone =
             every_local_actor_exited(self.local_actors.as_ref(), self.training_done.clone());
-        let done = &mut self.trainer;
+        let done = &mut self.trainer_outcome;
         let trained = tokio::select! {
             trained = &mut *done => trained,
             request = shutdown => {
@@ -757,12 +769,12 @@ impl Running {
                     // see training end before it knows how to tell its
                     // actor.
                     self.state.stopping_for_restart.store(true, Ordering::Release);
-                    info!("stop for a restart requested: finishing the current step; the actors will be told to reconnect");
+                    info!("stop for a restart requested: finishing the current step (and an evaluation or checkpoint under way); the actors will be told to reconnect");
                     if self.checkpoints_off {
                         warn!("checkpoints are off (learner.checkpoint_dir = \"\"): the learner started again starts over from version 0");
                     }
                 } else {
-                    info!("shutdown requested: finishing the current step");
+                    info!("shutdown requested: finishing the current step (and an evaluation or checkpoint under way)");
                 }
                 self.stop_sender.send_replace(true);
                 not_serving(&self.health).await;

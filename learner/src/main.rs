@@ -171,6 +171,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Listening for stop signals from here on (on the main thread, as
+        // the parent's death needs): one that comes while the learner
+        // binds and loads is kept.
+        let shutdown = flgfn_common::signals::stop_requested();
         let listener = tokio::net::TcpListener::bind(&config.learner.listen)
             .await
             .with_context(|| {
@@ -200,7 +204,6 @@ fn run(args: Args) -> anyhow::Result<()> {
             resume_changed: args.resume_changed,
             local_actors,
         };
-        let shutdown = flgfn_common::signals::stop_requested();
         // A key a checkpoint refuses is named with its layer too.
         let outcome = flgfn_learner::serve(config, listener, options, shutdown)
             .await
