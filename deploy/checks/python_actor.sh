@@ -5,7 +5,10 @@
 # transitions, and reaches the end of a 150-step run; the actor exits 0
 # when told training is over. Then a learner is killed (SIGKILL) under a
 # running actor and started again on the same port: the actor reconnects
-# by itself and trains it to the end. An actor refused for good (no
+# by itself and trains it to the end; and a learner stopped for a
+# restart (SIGUSR1) tells the actor to reconnect: it waits, and trains the
+# learner started again, which goes on from the step it stopped at. An
+# actor refused for good (no
 # token) exits 1 with the refusal in one line; one that gives up on an
 # unreachable learner exits 75; one told to stop (SIGTERM) hands over its
 # last chunk, leaves the session and exits 0. Last, the weight and
@@ -195,6 +198,44 @@ else
     echo "python_actor: FAILED: sessions '$sessions', ingested '$ingested', rejected '$rejected'" >&2
     tail -n 20 "$work/actor-2.log" "$work/learner-2.log" >&2
     exit 1
+fi
+
+# A restart by hand: a learner stopped with SIGUSR1 tells the actor to
+# reconnect; the actor waits for the learner started again, which goes on
+# from the step it stopped at.
+port="$(free_port)"
+restart_learner() { # $1: a name for its log; $2: its max steps
+    "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps "$2" \
+        --checkpoint-dir "$work/restart-checkpoints" --metrics "$work/restart.jsonl" >"$work/$1.log" 2>&1 &
+    learner_pid=$!
+}
+restart_learner restart-1 0
+timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --seed 4 --reconnect-attempts 20 >"$work/actor-4.log" 2>&1 &
+actor_pid=$!
+first_report "$work/restart.jsonl" || failed "the learner to restart reported nothing within 60 s" "$work/actor-4.log" "$work/restart-1.log"
+kill -USR1 "$learner_pid"
+learner_status=0
+wait_at_most "$learner_pid" 60 || learner_status=$?
+learner_pid=""
+stopped_at="$(sed -n 's/.*training finished steps=\([0-9]*\) .*ended_by=restart.*/\1/p' "$work/restart-1.log")"
+sleep 1
+if [ "$learner_status" -ne 0 ] || [ -z "$stopped_at" ] || ! kill -0 "$actor_pid" 2>/dev/null; then
+    failed "stopped for a restart, the learner exited $learner_status at step '$stopped_at'; the actor should wait" "$work/actor-4.log" "$work/restart-1.log"
+fi
+restart_learner restart-2 $((stopped_at + 100))
+actor_status=0
+wait "$actor_pid" || actor_status=$?
+actor_pid=""
+learner_totals "$work/restart.jsonl" "$work/restart-2.log"
+resumed_at="$(sed -n 's/.*resuming from a checkpoint.* step=\([0-9]*\) .*/\1/p' "$work/restart-2.log")"
+sessions="$(sed -n 's/.*weight versions, \([0-9]*\) sessions.*/\1/p' "$work/actor-4.log")"
+if [ "$actor_status" -eq 0 ] && grep -q "(the learner stops for a restart); reconnecting" "$work/actor-4.log" &&
+    [ "$resumed_at" = "$stopped_at" ] && grep -Eq "training finished steps=$((stopped_at + 100)) " "$work/restart-2.log" &&
+    [ -n "$sessions" ] && [ "$sessions" -ge 2 ] && [ "$rejected" -eq 0 ]; then
+    echo "python_actor: ok: stopped for a restart at step $stopped_at, the learner told the actor to reconnect; it waited, and the learner started again resumed at step $resumed_at and finished with it ($sessions sessions)"
+else
+    failed "a restart: the actor exited $actor_status after $sessions sessions; stopped at step '$stopped_at', resumed at '$resumed_at'" "$work/actor-4.log" "$work/restart-2.log"
 fi
 
 # Refused for good (a learner with a token, an actor with none): the actor
