@@ -501,6 +501,8 @@ struct Running {
     /// True once the trainer published its final weights.
     training_done: watch::Receiver<bool>,
     checkpoints_off: bool,
+    /// Where the run's summary goes: beside the metrics file, if any.
+    summary_path: Option<PathBuf>,
 }
 
 /// How training came to its end.
@@ -746,6 +748,10 @@ impl Running {
             trainer_outcome: trainer_done,
             training_done,
             checkpoints_off,
+            summary_path: options
+                .metrics_path
+                .as_deref()
+                .and_then(report::summary_path),
         })
     }
 
@@ -858,6 +864,11 @@ impl Running {
         } else {
             EndedBy::Stop
         };
+        if let Some(path) = &self.summary_path
+            && let Err(error) = report::write_summary(path, &outcome)
+        {
+            warn!(%error, "the run's summary was not written (the line below has its figures)");
+        }
         log_training_finished(&outcome);
         Ok(outcome)
     }

@@ -281,6 +281,68 @@ pub fn resident_mb() -> f64 {
     pages.map_or(0.0, |pages| pages * 4096.0 / 1e6)
 }
 
+/// Where the summary of a run whose metrics go to `metrics` is written:
+/// beside a plain file, `run.jsonl` giving `run.summary.json`; nowhere for
+/// a stream, a pipe or a device (`/dev/stdout`), whose folder is not the
+/// run's.
+pub fn summary_path(metrics: &Path) -> Option<PathBuf> {
+    let plain_file = std::fs::metadata(metrics).is_ok_and(|m| m.is_file());
+    (plain_file && !is_stream(metrics)).then(|| metrics.with_extension("summary.json"))
+}
+
+/// The run's end as one JSON object: the figures of the `training
+/// finished` line, once every session has ended (the metrics file's last
+/// report is written before, while chunks may still arrive).
+#[derive(Debug, Serialize)]
+struct RunSummary<'a> {
+    steps: u64,
+    version: u64,
+    ended_by: &'static str,
+    time_to_quality_s: Option<f64>,
+    untrained_at_stop_transitions: u64,
+    sessions: usize,
+    failed_local_actors: usize,
+    build: &'static str,
+    totals: &'a crate::RunTotals,
+    /// The last report, its run-long counters (ingested, refused, stale,
+    /// weights sent) brought up to date.
+    last_report: &'a Report,
+}
+
+/// Writes `outcome`'s summary to `path`, whole or not at all (a temporary
+/// file renamed over it).
+pub fn write_summary(path: &Path, outcome: &crate::TrainingOutcome) -> Result<(), LearnerError> {
+    let summary = RunSummary {
+        steps: outcome.steps,
+        version: outcome.version,
+        ended_by: outcome.ended_by.as_str(),
+        time_to_quality_s: outcome.time_to_quality_s,
+        untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
+        sessions: outcome.sessions.len(),
+        failed_local_actors: outcome.failed_local_actors,
+        build: crate::BUILD,
+        totals: &outcome.totals,
+        last_report: &outcome.final_report,
+    };
+    let error = |source| LearnerError::Metrics {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut text = serde_json::to_vec_pretty(&summary).map_err(|e| error(e.into()))?;
+    text.push(b'\n');
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
+        _ => return Err(error(std::io::Error::other("not a file path"))),
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    crate::checkpoint::write_atomically(dir, &name, &text)?;
+    Ok(())
+}
+
 /// Appends reports to a JSON-lines file, one flushed line each, so a crash
 /// loses at most the report being written.
 #[derive(Debug)]

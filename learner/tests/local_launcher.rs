@@ -171,6 +171,24 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         log.contains(&format!("training finished steps={steps} ")),
         "{log}"
     );
+    // The summary beside the metrics file, written once every session
+    // ended: the final line's figures, the run's accounts closed.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["ended_by"], "stop", "{summary}");
+    assert_eq!(summary["steps"], steps, "{summary}");
+    assert!(summary.get("time_to_quality_s").is_some(), "{summary}");
+    let count = |value: &serde_json::Value| value.as_u64().unwrap();
+    let report = &summary["last_report"];
+    assert_eq!(
+        count(&report["ingested_transitions"]),
+        count(&report["trained_transitions"])
+            + count(&report["stale_transitions"])
+            + count(&summary["untrained_at_stop_transitions"]),
+        "{summary}"
+    );
+    assert!(count(&summary["sessions"]) >= 3, "{summary}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

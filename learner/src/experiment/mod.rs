@@ -13,6 +13,7 @@
 //!                               whether its learner failed after its
 //!                               last report
 //! OUT/runs/<run>/metrics.jsonl  its reports (one JSON object each)
+//! OUT/runs/<run>/metrics.summary.json  the learner's summary of its end
 //! OUT/runs/<run>/learner.log    its learner's and actors' logs
 //! OUT/runs/<run>/checkpoints/   its checkpoints and final.safetensors
 //! OUT/reports.csv               every report on the evaluation grid of
