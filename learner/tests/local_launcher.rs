@@ -39,6 +39,16 @@ fn exit_within(
     status.unwrap_or_else(|| unreachable!("waited for"))
 }
 
+/// A new scratch folder `flgfn-NAME-PID` holding the tiny task's
+/// configuration: the folder and the file.
+fn scratch_with_tiny_config(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("flgfn-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tiny.toml");
+    std::fs::write(&config, support::TINY_TOML).unwrap();
+    (dir, config)
+}
+
 /// The launcher starts the actor binary found next to the learner's; cargo
 /// builds it only when asked (`cargo build --bins`, as deploy/test.sh does).
 fn actor() -> PathBuf {
@@ -197,10 +207,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
 /// this one then asks them to stop. They exit cleanly, none killed.
 #[test]
 fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
-    let dir = std::env::temp_dir().join(format!("flgfn-launcher-restart-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("tiny.toml");
-    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let (dir, config) = scratch_with_tiny_config("launcher-restart");
     let log_path = dir.join("learner.log");
     let mut learner = support::KillOnDrop(
         Command::new(learner())
@@ -249,10 +256,7 @@ fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
 
 #[test]
 fn a_run_resumed_already_finished_starts_no_actors() {
-    let dir = std::env::temp_dir().join(format!("flgfn-finished-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("tiny.toml");
-    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let (dir, config) = scratch_with_tiny_config("finished");
     let run = || {
         let output = Command::new(learner())
             .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
@@ -532,10 +536,7 @@ fn local_actors_exit_when_their_learner_is_killed() {
 fn local_actors_log_above_the_live_line() {
     use std::io::Read;
     use std::os::fd::{FromRawFd, OwnedFd};
-    let dir = std::env::temp_dir().join(format!("flgfn-live-line-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("tiny.toml");
-    std::fs::write(&config, support::TINY_TOML).unwrap();
+    let (dir, config) = scratch_with_tiny_config("live-line");
     let (mut controller, mut terminal) = (0, 0);
     // A terminal's size: without one the live line has no width.
     let size = libc::winsize {
