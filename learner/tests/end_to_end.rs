@@ -205,6 +205,16 @@ async fn time_to_quality_is_found_between_reports_on_the_weights_kept_meanwhile(
     let (outcome, _) = train_with(&config, 2, options).await;
     let reports = support::reports(&metrics);
     let _ = std::fs::remove_file(&metrics);
+    let summary = metrics.with_extension("summary.json");
+    // The run's summary has the time to quality its outcome has.
+    let summarised: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&summary);
+    assert_eq!(
+        summarised["time_to_quality_s"].as_f64(),
+        outcome.time_to_quality_s,
+        "{summarised}"
+    );
     let first = reports
         .iter()
         .position(|r| r.at_quality == Some(true))
