@@ -533,15 +533,17 @@ impl Trainer {
     /// time to quality, and checkpointed when due.
     fn train(&mut self, training: &mut Training, run_started: Instant) -> Result<(), LearnerError> {
         let learner = self.config.learner.clone();
-        let Training {
-            optimizer,
-            own_optimizer,
-            evaluator,
-            progress,
-            writer,
-        } = training;
         let mut data_warning_after = FIRST_DATA_WARNING;
-        while !self.finished(progress) {
+        while !self.finished(&training.progress) {
+            // Borrowed afresh each step: a checkpoint below takes the
+            // whole `training`.
+            let Training {
+                optimizer,
+                own_optimizer,
+                evaluator,
+                progress,
+                writer,
+            } = &mut *training;
             let wait_started = Instant::now();
             let Some(batch) = self.next_batch(&mut data_warning_after) else {
                 // Stopped while waiting for data: the wait since the
@@ -618,13 +620,7 @@ impl Trainer {
             // at the last step: every way out of the loop saves one,
             // after the last report (see `end_training`).
             if !self.finished(progress) && self.checkpoint_due(progress) {
-                self.save_checkpoint(
-                    writer,
-                    optimizer,
-                    own_optimizer.as_ref(),
-                    evaluator,
-                    progress,
-                )?;
+                self.save_checkpoint(training)?;
             }
         }
         Ok(())
@@ -636,13 +632,6 @@ impl Trainer {
     /// Returns them encoded as f32: the run's model.
     fn end_training(&mut self, training: &mut Training) -> Result<Bytes, LearnerError> {
         let learner = self.config.learner.clone();
-        let Training {
-            optimizer,
-            own_optimizer,
-            evaluator,
-            progress,
-            writer,
-        } = training;
         // The report below evaluates, which may take long, and a stop
         // is often followed by a kill after a grace period: what was
         // trained is saved first. Not at `max_steps`: a checkpoint of
@@ -652,19 +641,20 @@ impl Trainer {
         // every retry); the save after the report is the final one.
         // (Written, not only started: the kill may come during the
         // report.)
+        let progress = &training.progress;
         if progress.window.steps > 0
             && !self.finished(progress)
             && progress.checkpointed_step != Some(progress.step)
         {
-            self.save_checkpoint(
-                writer,
-                optimizer,
-                own_optimizer.as_ref(),
-                evaluator,
-                progress,
-            )?;
-            wait_for_write(writer, progress)?;
+            self.save_checkpoint(training)?;
+            wait_for_write(&mut training.writer, &mut training.progress)?;
         }
+        let Training {
+            optimizer,
+            evaluator,
+            progress,
+            ..
+        } = training;
         // A run that ends between two reports (a stop, or `max_steps`
         // off the report grid) still ends with one, so the last report
         // (and the metrics file) covers every step. (Counters that move
@@ -784,24 +774,14 @@ impl Trainer {
         dir: &std::path::Path,
         training: &mut Training,
     ) -> Result<(), LearnerError> {
-        let Training {
-            optimizer,
-            own_optimizer,
-            evaluator,
-            progress,
-            writer,
-        } = training;
-        if let Err(error) = wait_for_write(writer, progress) {
+        if let Err(error) = wait_for_write(&mut training.writer, &mut training.progress) {
             warn!(%error, "an earlier checkpoint write failed");
         }
-        unless_libtorch_fails(progress.step, || {
-            self.save_checkpoint(
-                writer,
-                optimizer,
-                own_optimizer.as_ref(),
-                evaluator,
-                progress,
-            )?;
+        unless_libtorch_fails(training.progress.step, || {
+            self.save_checkpoint(training)?;
+            let Training {
+                progress, writer, ..
+            } = training;
             wait_for_write(writer, progress)?;
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
@@ -856,14 +836,14 @@ impl Trainer {
     /// Starts writing a checkpoint of everything the run needs to
     /// continue: the trainer copies it, `writer` writes it. The write
     /// before is waited for first, so that one copy at a time is held.
-    fn save_checkpoint(
-        &self,
-        writer: &mut Option<checkpoint::Writer>,
-        optimizer: &Adam,
-        own_optimizer: Option<&(Adam, f64)>,
-        evaluator: &Evaluator,
-        progress: &mut Progress,
-    ) -> Result<(), LearnerError> {
+    fn save_checkpoint(&self, training: &mut Training) -> Result<(), LearnerError> {
+        let Training {
+            optimizer,
+            own_optimizer,
+            evaluator,
+            progress,
+            writer,
+        } = training;
         wait_for_write(writer, progress)?;
         let Some(writer) = writer.as_mut() else {
             return Ok(());
@@ -897,7 +877,7 @@ impl Trainer {
                 ..progress.totals.clone()
             },
             adam_steps: optimizer.steps(),
-            objective_adam_steps: own_optimizer.map_or(0, |(own, _)| own.steps()),
+            objective_adam_steps: own_optimizer.as_ref().map_or(0, |(own, _)| own.steps()),
             evaluator: evaluator.state(),
             config: self.config.to_toml(),
             task: self.env.spec().to_string(),
