@@ -703,6 +703,7 @@ impl Running {
             .spawn(move || batcher.run())
             .map_err(|e| LearnerError::Trainer(e.to_string()))?;
         let checkpoints_off = checkpoint_dir.is_none();
+        let summary_path = metrics.as_ref().and_then(MetricsFile::summary_path);
         let training_done = publisher.done();
         let trainer = Trainer {
             policy,
@@ -748,10 +749,7 @@ impl Running {
             trainer_outcome: trainer_done,
             training_done,
             checkpoints_off,
-            summary_path: options
-                .metrics_path
-                .as_deref()
-                .and_then(report::summary_path),
+            summary_path,
         })
     }
 

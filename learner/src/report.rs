@@ -281,15 +281,6 @@ pub fn resident_mb() -> f64 {
     pages.map_or(0.0, |pages| pages * 4096.0 / 1e6)
 }
 
-/// Where the summary of a run whose metrics go to `metrics` is written:
-/// beside a plain file, `run.jsonl` giving `run.summary.json`; nowhere for
-/// a stream, a pipe or a device (`/dev/stdout`), whose folder is not the
-/// run's.
-pub fn summary_path(metrics: &Path) -> Option<PathBuf> {
-    let plain_file = std::fs::metadata(metrics).is_ok_and(|m| m.is_file());
-    (plain_file && !is_stream(metrics)).then(|| metrics.with_extension("summary.json"))
-}
-
 /// The run's end as one JSON object: the figures of the `training
 /// finished` line, once every session has ended (the metrics file's last
 /// report is written before, while chunks may still arrive).
@@ -349,6 +340,9 @@ pub fn write_summary(path: &Path, outcome: &crate::TrainingOutcome) -> Result<()
 pub struct MetricsFile {
     path: PathBuf,
     out: BufWriter<File>,
+    /// A file of its own, not a stream, a pipe or a device: the run's
+    /// summary goes beside it.
+    plain_file: bool,
 }
 
 /// The leading whole lines of a metrics file whose reports are at or
@@ -517,6 +511,7 @@ impl MetricsFile {
             return Ok(MetricsFile {
                 path: path.to_owned(),
                 out: BufWriter::new(file),
+                plain_file,
             });
         }
         // Not truncated on opening: the lock and the contents come first.
@@ -574,7 +569,16 @@ impl MetricsFile {
         Ok(MetricsFile {
             path: path.to_owned(),
             out: BufWriter::new(file),
+            plain_file,
         })
+    }
+
+    /// Where the run's summary is written: beside a plain file,
+    /// `run.jsonl` giving `run.summary.json`; nowhere for a stream, a pipe
+    /// or a device (`/dev/stdout`), whose folder is not the run's.
+    pub fn summary_path(&self) -> Option<PathBuf> {
+        self.plain_file
+            .then(|| self.path.with_extension("summary.json"))
     }
 
     /// Makes the reports written so far durable (each is flushed as it is
