@@ -274,7 +274,7 @@ fn variable_at_fault(
     ))
 }
 
-/// The process exit status for a binary's result, printing an error as/// The process exit status for a binary's result, printing an error as
+/// The process exit status for a binary's result, printing an error as
 /// `program: error: cause: cause...` (`{:#}` gives anyhow's one-line chain,
 /// without the backtrace its Debug form adds).
 pub fn exit_status<E: std::fmt::Display>(

@@ -250,10 +250,61 @@ pub async fn serve(
     let server = GrpcServer::start(&config, env.as_ref(), listener).await?;
     check_run_fits(&config, env.as_ref())?;
     let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
-    let mut running = Running::start(config, env, server, loaded, &options).await?;
-    tokio::pin!(shutdown);
-    let ending = running.until_training_ends(shutdown.as_mut()).await;
-    running.close(ending, shutdown).await
+    let summary_path = loaded.metrics.as_ref().and_then(MetricsFile::summary_path);
+    let progress = loaded.progress.clone();
+    let closed = async {
+        let mut running = Running::start(config, env, server, loaded, &options).await?;
+        tokio::pin!(shutdown);
+        let ending = running.until_training_ends(shutdown.as_mut()).await;
+        running.close(ending, shutdown).await
+    }
+    .await;
+    // Every end past the metrics file's opening has a summary, a failed
+    // one's too: one from an earlier run left there would read as this
+    // run's.
+    let ended = closed.map(|closed| {
+        let failure = closed.actors_failure.map(LearnerError::LocalActorsExited);
+        (closed.outcome, failure)
+    });
+    if let Some(path) = &summary_path {
+        let written = match &ended {
+            Ok((outcome, failure)) => report::write_summary(path, outcome, failure.as_ref()),
+            Err(error) => report::write_failed_summary(path, progress.step(), error),
+        };
+        if let Err(error) = written {
+            warn!(%error, "the run's summary was not written");
+        }
+    }
+    let (outcome, failure) = ended?;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    log_training_finished(&outcome);
+    Ok(outcome)
+}
+
+/// How far the trainer got: the version its weights are at, written by
+/// the trainer and read by the batch builder, the live line and a failed
+/// run's summary.
+#[derive(Clone)]
+struct Progress {
+    /// Steps done, plus a resumed run's version offset.
+    version: Arc<AtomicU64>,
+    /// The version this process started from.
+    start_version: u64,
+    /// The step this process resumed at (0 for a fresh run).
+    first_step: u64,
+}
+
+impl Progress {
+    /// The run's step (a resumed run's steps before this process counted).
+    fn step(&self) -> u64 {
+        self.first_step
+            + self
+                .version
+                .load(Ordering::Acquire)
+                .saturating_sub(self.start_version)
+    }
 }
 
 /// The gRPC server, answering from the start: health NOT_SERVING until
@@ -381,6 +432,8 @@ struct Loaded {
     /// The first version this process publishes: the resumed one, or the
     /// floor where that is higher.
     start_version: u64,
+    /// The trainer's progress, from `start_version` on.
+    progress: Progress,
     publisher: Arc<Publisher>,
     metrics: Option<MetricsFile>,
 }
@@ -466,6 +519,11 @@ impl Loaded {
                 MetricsFile::open(path, resumed_at)
             })
             .transpose()?;
+        let progress = Progress {
+            version: Arc::new(AtomicU64::new(start_version)),
+            start_version,
+            first_step: resume.as_ref().map_or(0, |c| c.state.step),
+        };
         Ok(Loaded {
             device,
             objective,
@@ -476,6 +534,7 @@ impl Loaded {
             finished_already,
             version_floor,
             start_version,
+            progress,
             publisher,
             metrics,
         })
@@ -501,8 +560,6 @@ struct Running {
     /// True once the trainer published its final weights.
     training_done: watch::Receiver<bool>,
     checkpoints_off: bool,
-    /// Where the run's summary goes: beside the metrics file, if any.
-    summary_path: Option<PathBuf>,
 }
 
 /// How training came to its end.
@@ -515,6 +572,14 @@ struct Ending {
     /// That stop was for a restart.
     restart: bool,
     /// Every local actor exited while training went on: why.
+    actors_failure: Option<String>,
+}
+
+/// A run's accounts, closed.
+struct Closed {
+    outcome: TrainingOutcome,
+    /// Every local actor exited while training went on: why (the run ends
+    /// in that error, its accounts closed all the same).
     actors_failure: Option<String>,
 }
 
@@ -552,6 +617,7 @@ impl Running {
             finished_already,
             version_floor,
             start_version,
+            progress,
             publisher,
             metrics,
         } = loaded;
@@ -630,12 +696,9 @@ impl Running {
             "learner listening"
         );
 
-        let steps_done = Arc::new(AtomicU64::new(start_version));
         if flgfn_common::telemetry::has_live_line() {
             tokio::spawn(live_progress(LiveProgress {
-                steps_done: steps_done.clone(),
-                start_version,
-                first_step: resume.as_ref().map_or(0, |c| c.state.step),
+                progress: progress.clone(),
                 max_steps: learner.max_steps,
                 stats: stats.clone(),
                 stop: stop.clone(),
@@ -673,7 +736,7 @@ impl Running {
         let batcher = Batcher {
             queue,
             out: batch_sender,
-            steps_done: steps_done.clone(),
+            steps_done: progress.version.clone(),
             last_handed_step: 0,
             next_training_step,
             pool: pool.clone(),
@@ -703,7 +766,6 @@ impl Running {
             .spawn(move || batcher.run())
             .map_err(|e| LearnerError::Trainer(e.to_string()))?;
         let checkpoints_off = checkpoint_dir.is_none();
-        let summary_path = metrics.as_ref().and_then(MetricsFile::summary_path);
         let training_done = publisher.done();
         let trainer = Trainer {
             policy,
@@ -712,7 +774,7 @@ impl Running {
             config: config.clone(),
             batches,
             batcher_failure,
-            steps_done,
+            steps_done: progress.version,
             publisher,
             stats: stats.clone(),
             pool,
@@ -749,7 +811,6 @@ impl Running {
             trainer_outcome: trainer_done,
             training_done,
             checkpoints_off,
-            summary_path,
         })
     }
 
@@ -812,7 +873,7 @@ impl Running {
         self,
         ending: Ending,
         shutdown: Pin<&mut S>,
-    ) -> Result<TrainingOutcome, LearnerError> {
+    ) -> Result<Closed, LearnerError> {
         let mut outcome = ending
             .trained
             .map_err(|_| LearnerError::Trainer("the trainer thread panicked".to_owned()))??;
@@ -837,9 +898,6 @@ impl Running {
                 .await
                 .unwrap_or(0);
         }
-        if let Some(message) = ending.actors_failure {
-            return Err(LearnerError::LocalActorsExited(message));
-        }
         let stats = &self.stats;
         outcome.sessions = stats
             .sessions
@@ -862,13 +920,10 @@ impl Running {
         } else {
             EndedBy::Stop
         };
-        if let Some(path) = &self.summary_path
-            && let Err(error) = report::write_summary(path, &outcome)
-        {
-            warn!(%error, "the run's summary was not written (the line below has its figures)");
-        }
-        log_training_finished(&outcome);
-        Ok(outcome)
+        Ok(Closed {
+            outcome,
+            actors_failure: ending.actors_failure,
+        })
     }
 }
 
@@ -1158,10 +1213,7 @@ fn log_training_finished(outcome: &TrainingOutcome) {
 
 /// What the live progress line reads.
 struct LiveProgress {
-    steps_done: Arc<AtomicU64>,
-    start_version: u64,
-    /// The step this run resumed at.
-    first_step: u64,
+    progress: Progress,
     max_steps: u64,
     stats: Arc<IngestStats>,
     stop: watch::Receiver<bool>,
@@ -1177,11 +1229,7 @@ async fn live_progress(mut live: LiveProgress) {
             _ = tick.tick() => {}
             _ = live.stop.wait_for(|stopped| *stopped) => break,
         }
-        let step = live.first_step
-            + live
-                .steps_done
-                .load(Ordering::Acquire)
-                .saturating_sub(live.start_version);
+        let step = live.progress.step();
         let arrived = IngestStats::get(&live.stats.accepted_transitions);
         // Per second, smoothed over about a second.
         rate = 0.75 * rate + 0.25 * (arrived - last_in) as f64 * 4.0;

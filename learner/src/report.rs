@@ -288,7 +288,10 @@ pub fn resident_mb() -> f64 {
 struct RunSummary<'a> {
     steps: u64,
     version: u64,
+    /// `error` where the run ended in one.
     ended_by: &'static str,
+    /// That error, null otherwise.
+    error: Option<&'a str>,
     time_to_quality_s: Option<f64>,
     untrained_at_stop_transitions: u64,
     sessions: usize,
@@ -300,26 +303,82 @@ struct RunSummary<'a> {
     last_report: &'a Report,
 }
 
+/// A run that ended in an error with no accounts to close: how far it
+/// got and why it ended.
+#[derive(Debug, Serialize)]
+struct FailedRunSummary {
+    steps: u64,
+    ended_by: &'static str,
+    error: String,
+    build: &'static str,
+}
+
+/// How `ended_by` names a run that ended in an error.
+const ENDED_BY_ERROR: &str = "error";
+
 /// Writes `outcome`'s summary to `path`, whole or not at all (a temporary
-/// file renamed over it).
-pub fn write_summary(path: &Path, outcome: &crate::TrainingOutcome) -> Result<(), LearnerError> {
-    let summary = RunSummary {
-        steps: outcome.steps,
-        version: outcome.version,
-        ended_by: outcome.ended_by.as_str(),
-        time_to_quality_s: outcome.time_to_quality_s,
-        untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
-        sessions: outcome.sessions.len(),
-        failed_local_actors: outcome.failed_local_actors,
-        build: crate::BUILD,
-        totals: &outcome.totals,
-        last_report: &outcome.final_report,
-    };
+/// file renamed over it); `error` where the run ended in one all the same
+/// (every local actor exited).
+pub fn write_summary(
+    path: &Path,
+    outcome: &crate::TrainingOutcome,
+    error: Option<&LearnerError>,
+) -> Result<(), LearnerError> {
+    let error = error.map(cause_chain);
+    write_json_atomically(
+        path,
+        &RunSummary {
+            steps: outcome.steps,
+            version: outcome.version,
+            ended_by: match error {
+                Some(_) => ENDED_BY_ERROR,
+                None => outcome.ended_by.as_str(),
+            },
+            error: error.as_deref(),
+            time_to_quality_s: outcome.time_to_quality_s,
+            untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
+            sessions: outcome.sessions.len(),
+            failed_local_actors: outcome.failed_local_actors,
+            build: crate::BUILD,
+            totals: &outcome.totals,
+            last_report: &outcome.final_report,
+        },
+    )
+}
+
+/// Writes the summary of a run that ended in `error` at `step`, its
+/// accounts not closed.
+pub fn write_failed_summary(
+    path: &Path,
+    step: u64,
+    error: &LearnerError,
+) -> Result<(), LearnerError> {
+    write_json_atomically(
+        path,
+        &FailedRunSummary {
+            steps: step,
+            ended_by: ENDED_BY_ERROR,
+            error: cause_chain(error),
+            build: crate::BUILD,
+        },
+    )
+}
+
+/// `error: cause: cause...`, as the program's exit line gives it.
+fn cause_chain(error: &LearnerError) -> String {
+    std::iter::successors(Some(error as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Writes `value` as pretty JSON to `path`, whole or not at all.
+fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), LearnerError> {
     let error = |source| LearnerError::Metrics {
         path: path.display().to_string(),
         source,
     };
-    let mut text = serde_json::to_vec_pretty(&summary).map_err(|e| error(e.into()))?;
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| error(e.into()))?;
     text.push(b'\n');
     let (dir, name) = match (path.parent(), path.file_name()) {
         (Some(dir), Some(name)) => (dir, name.to_string_lossy()),

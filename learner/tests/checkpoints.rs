@@ -649,6 +649,9 @@ async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
     let (mut config, checkpoints) = checkpointed(&dir, 15, 300);
     config.learner.eval_every_steps = 10;
     config.learner.learning_rate = 1e30;
+    // An earlier run's summary, which this run's end replaces.
+    let summary = dir.join("metrics.summary.json");
+    std::fs::write(&summary, r#"{"ended_by": "max_steps"}"#).unwrap();
     let error = failed_run(&config, &dir.join("metrics.jsonl")).await;
     // Diverged from its first step: no checkpoint to go back to.
     assert!(
@@ -656,6 +659,11 @@ async fn a_diverged_run_stops_with_a_checkpoint_counting_every_skipped_step() {
         "{error}"
     );
     assert_eq!(checkpoint_steps(&checkpoints), [15, 30, 40]);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(summary["ended_by"], "error", "{summary}");
+    assert_eq!(summary["error"], error.as_str(), "{summary}");
+    assert_eq!(summary["steps"], 40, "{summary}");
     let finite_steps: Vec<u64> = checkpoint::list(&checkpoints)
         .unwrap()
         .iter()

@@ -420,7 +420,9 @@ fn learner_with_two_actors(dir: &std::path::Path) -> (support::KillOnDrop, Vec<u
     std::fs::write(&config, support::TINY_TOML).unwrap();
     let learner = Command::new(learner())
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
-        .args(["--max-steps", "100000000", "--config"])
+        .args(["--max-steps", "100000000", "--metrics"])
+        .arg(dir.join("metrics.jsonl"))
+        .arg("--config")
         .arg(&config)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("learner.log")).unwrap())
@@ -491,6 +493,21 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     );
     // Each exit once: not again when the learner reaps them.
     assert!(!log.contains("local actor failed"), "{log}");
+    // The run's summary names the error, its accounts closed all the same.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["ended_by"], "error", "{summary}");
+    let error = summary["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("training stopped: every local actor exited"),
+        "{summary}"
+    );
+    assert!(log.contains(error), "{log}");
+    assert!(
+        summary["steps"].is_u64() && summary["last_report"].is_object(),
+        "{summary}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
