@@ -622,23 +622,7 @@ impl Running {
             metrics,
         } = loaded;
         let learner = &config.learner;
-        let pool = CreditPool::new(
-            learner.batch_transitions as u64,
-            learner.max_batch_transitions as u64,
-            learner.max_in_flight_batches,
-        );
-        // Credits taper off before the last step: what actors would roll out
-        // beyond it could only be counted untrained. Set before the batch
-        // builder starts, so that its first batch counts too.
-        if learner.max_steps > 0 {
-            let resumed_step = resume.as_ref().map_or(0, |c| c.state.step);
-            pool.last_step(
-                learner
-                    .max_steps
-                    .saturating_add(start_version.saturating_sub(resumed_step)),
-                start_version,
-            );
-        }
+        let pool = credit_pool(learner, &progress);
         // Every queued chunk holds a credit of at least one transition.
         let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
         let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
@@ -704,30 +688,14 @@ impl Running {
                 stop: stop.clone(),
             }));
         }
-        // Local actors, if asked for, now that there is a server to reach and
-        // something to train (a finished run would leave them retrying a
-        // closed port until killed); before the trainer starts, so that a
-        // failure to start them leaves nothing running.
-        let local_actors = match &options.local_actors {
-            Some(plan) if !finished_already => Some(
-                LocalActors::spawn(
-                    plan.count,
-                    local_address.ok_or_else(|| {
-                        LearnerError::LocalActors(std::io::Error::other(
-                            "the listener has no address",
-                        ))
-                    })?,
-                    &config,
-                    &plan.executable,
-                )
-                .map_err(LearnerError::LocalActors)?,
-            ),
-            Some(_) => {
-                info!("no local actors started: nothing left to train");
-                None
-            }
-            None => None,
-        };
+        // Now that there is a server to reach; before the trainer starts, so
+        // that a failure to start them leaves nothing running.
+        let local_actors = start_local_actors(
+            options.local_actors.as_ref(),
+            finished_already,
+            local_address,
+            &config,
+        )?;
 
         // A rendezvous: the batcher builds the next batch while the trainer
         // runs the current one, and no further.
@@ -925,6 +893,50 @@ impl Running {
             actors_failure: ending.actors_failure,
         })
     }
+}
+
+/// The credits actors roll out against. They taper off before the last
+/// step: what actors would roll out beyond it could only be counted
+/// untrained. (Set before the batch builder starts, so that its first
+/// batch counts too.)
+fn credit_pool(learner: &LearnerConfig, progress: &Progress) -> Arc<CreditPool> {
+    let pool = CreditPool::new(
+        learner.batch_transitions as u64,
+        learner.max_batch_transitions as u64,
+        learner.max_in_flight_batches,
+    );
+    if learner.max_steps > 0 {
+        pool.last_step(
+            learner
+                .max_steps
+                .saturating_add(progress.start_version.saturating_sub(progress.first_step)),
+            progress.start_version,
+        );
+    }
+    pool
+}
+
+/// The local actors, if asked for and there is something to train (a
+/// finished run would leave them retrying a closed port until killed).
+fn start_local_actors(
+    plan: Option<&launcher::LocalActorsPlan>,
+    finished_already: bool,
+    local_address: Option<std::net::SocketAddr>,
+    config: &Config,
+) -> Result<Option<LocalActors>, LearnerError> {
+    let Some(plan) = plan else {
+        return Ok(None);
+    };
+    if finished_already {
+        info!("no local actors started: nothing left to train");
+        return Ok(None);
+    }
+    let address = local_address.ok_or_else(|| {
+        LearnerError::LocalActors(std::io::Error::other("the listener has no address"))
+    })?;
+    LocalActors::spawn(plan.count, address, config, &plan.executable)
+        .map(Some)
+        .map_err(LearnerError::LocalActors)
 }
 
 /// More local actors than the learner serves at once are refused, naming
