@@ -58,21 +58,15 @@ impl ConfigError {
     /// TOML's limit for an integer past it, and `hint` if given. (Read
     /// from the parser's own message, not the quoted line of the file.)
     fn parse(path: String, error: &toml::de::Error, hint: Option<String>) -> Self {
-        let message = error.to_string();
-        let hints: Vec<String> = [
-            did_you_mean(error.message()),
-            integer_limit(error.message()),
-            hint,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if hints.is_empty() {
-            return ConfigError::Parse { path, message };
+        let meant = did_you_mean(error.message());
+        let hints: Vec<String> = [integer_limit(error.message()), hint]
+            .into_iter()
+            .flatten()
+            .collect();
+        ConfigError::Parse {
+            path,
+            message: parse_message(error, meant, &hints),
         }
-        // (The parser's messages for a file end with a line break.)
-        let message = format!("{}\n{}\n", message.trim_end(), hints.join("\n"));
-        ConfigError::Parse { path, message }
     }
 
     /// Shorthand for [`ConfigError::Invalid`].
@@ -1214,6 +1208,61 @@ fn did_you_mean(message: &str) -> Option<String> {
     Some(format!("did you mean {}?", meant_name(message)?))
 }
 
+/// A parser's refusal with all that matters on its first line, for a log
+/// collector or `head -1`: where (`line 2, column 1`, or the key where
+/// there is no text to point in), what, the name meant and `hints`. Then
+/// the parser's excerpt of the file, then, where no name meant was found,
+/// the names it expected.
+fn parse_message(error: &toml::de::Error, meant: Option<String>, hints: &[String]) -> String {
+    let shown = error.to_string();
+    let problem = error.message().lines().next().unwrap_or_default();
+    // `unknown field `x`, expected one of `a`, `b`, ...`: the list is
+    // long, and the name meant says more.
+    let (problem, expected) = match problem.split_once(", expected ") {
+        Some((refused, expected))
+            if problem.starts_with("unknown field") || problem.starts_with("unknown variant") =>
+        {
+            (refused, Some(expected))
+        }
+        _ => (problem, None),
+    };
+    // The parser's text: `TOML parse error at line 2, column 1`, the
+    // excerpt, the message, then `in `learner.max_steps`` where its error
+    // has a key and no place.
+    let mut place = None;
+    let mut excerpt = Vec::new();
+    let mut rest = Vec::new();
+    let mut message_seen = false;
+    for line in shown.lines() {
+        if let Some(at) = line.strip_prefix("TOML parse error at ") {
+            place = Some(at.to_owned());
+        } else if line == error.message().lines().next().unwrap_or_default() {
+            message_seen = true;
+        } else if let Some(key) = line.strip_prefix("in `").and_then(|k| k.strip_suffix('`')) {
+            place.get_or_insert_with(|| format!("`{key}`"));
+        } else if message_seen {
+            rest.push(line);
+        } else if place.is_some() {
+            excerpt.push(line);
+        }
+    }
+    let mut first = match place {
+        Some(place) => format!("{place}: {problem}"),
+        None => problem.to_owned(),
+    };
+    for hint in meant.iter().chain(hints) {
+        // A hint in parentheses reads on from the problem.
+        first.push_str(if hint.starts_with('(') { " " } else { "; " });
+        first.push_str(hint);
+    }
+    let mut lines = vec![first];
+    lines.extend(excerpt.into_iter().chain(rest).map(str::to_owned));
+    if let (None, Some(expected)) = (&meant, expected) {
+        lines.push(format!("expected {expected}"));
+    }
+    lines.join("\n")
+}
+
 /// The line saying why an integer the parser read was refused as a
 /// `i128` (the TOML parser's wording for one beyond 64 bits).
 fn integer_limit(message: &str) -> Option<String> {
@@ -1244,6 +1293,13 @@ fn meant_name(message: &str) -> Option<String> {
     let rest = message.split_once(&format!("`{given}`"))?.1;
     let expected = rest.lines().next()?.split_once("expected ")?.1;
     let candidates = expected.split('`').skip(1).step_by(2);
+    // A word users write for one of ours that no spelling is near
+    // (`gpu` is one letter from `cpu`, the opposite choice).
+    if let Some(&(_, ours)) = SYNONYMS.iter().find(|&&(theirs, ours)| {
+        given.eq_ignore_ascii_case(theirs) && candidates.clone().any(|c| c == ours)
+    }) {
+        return Some(format!("`{ours}`"));
+    }
     let allowed = typos_allowed(given);
     let squeeze = |name: &str| name.replace('_', "").to_lowercase();
     // A whole word of three letters or more (`s` would match every
@@ -1270,6 +1326,9 @@ fn meant_name(message: &str) -> Option<String> {
         .collect();
     Some(meant.join(" or "))
 }
+
+/// Words for a name of ours: (theirs, ours).
+const SYNONYMS: &[(&str, &str)] = &[("gpu", "cuda")];
 
 /// Where an effective configuration came from, as TOML comment lines
 /// for `--print-config`: the layers in order of precedence.
@@ -1349,7 +1408,7 @@ impl Config {
             if task_error && let Some(hint) = table.as_ref().and_then(another_tasks_keys) {
                 return ConfigError::Parse {
                     path: origin.to_owned(),
-                    message: format!("{}\n{hint}", e.to_string().trim_end()),
+                    message: parse_message(&e, None, &[hint]),
                 };
             }
             // A section of the wrong shape, where the error points at it.
@@ -1462,7 +1521,7 @@ impl Config {
                         .collect();
                     if with_overrides(&table, &others).is_ok_and(|result| result.is_ok()) {
                         return Err(ConfigError::parse(
-                            format!("{origin} with {}", layer.variable),
+                            format!("{} (applied to {origin})", layer.variable),
                             &error,
                             None,
                         ));
@@ -1473,7 +1532,7 @@ impl Config {
         }
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
         Err(ConfigError::parse(
-            format!("{origin} with {}", variables.join(", ")),
+            format!("{} (applied to {origin})", variables.join(", ")),
             &error,
             None,
         ))
@@ -2156,10 +2215,12 @@ mod tests {
         let refusal = |text: &str| Config::from_toml(text, "job.toml").unwrap_err().to_string();
         let meant = |text: &str| {
             let message = refusal(text);
+            // On the first line, with the problem.
             let line = message
                 .lines()
-                .find_map(|line| line.strip_prefix("did you mean "))
-                .map(str::to_owned);
+                .next()
+                .and_then(|line| line.split_once("did you mean "))
+                .and_then(|(_, meant)| Some(format!("{}?", meant.split_once('?')?.0)));
             (line, message)
         };
         for (text, expected) in [
@@ -2175,6 +2236,8 @@ mod tests {
             // Names of tasks and objectives.
             ("[task]\nname = \"latice\"\n", "`lattice`?"),
             ("[objective]\nname = \"fl_subtb\"\n", "`fl_sub_tb`?"),
+            // A word for one (`gpu` is one letter from `cpu`).
+            ("[learner]\ndevice = \"gpu\"\n", "`cuda`?"),
         ] {
             let (line, message) = meant(text);
             assert_eq!(line.as_deref(), Some(expected), "{text}: {message}");
@@ -2451,7 +2514,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("with FLGFN_LEARNER__THREADS:") && error.contains("learner.threads"),
+            error.starts_with("FLGFN_LEARNER__THREADS (applied to ")
+                && error.contains("learner.threads"),
             "{error}"
         );
         assert!(
@@ -2469,7 +2533,10 @@ mod tests {
         let error = Config::load_layered(None, &lattice)
             .unwrap_err()
             .to_string();
-        assert!(error.contains("with FLGFN_TASK__SIDE:"), "{error}");
+        assert!(
+            error.starts_with("FLGFN_TASK__SIDE (applied to the defaults): "),
+            "{error}"
+        );
 
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "seed = 1\n[learner]\nthreads = \"x\"\n").unwrap();
@@ -2557,10 +2624,20 @@ mod tests {
     fn unknown_keys_are_rejected_with_their_name() {
         let err = Config::from_toml("[learner]\nlearning_rat = 0.1\n", "test").unwrap_err();
         assert!(err.to_string().contains("learning_rat"), "{err}");
+        // What, where and the key meant, on the first line; the file's line
+        // below it.
+        let message = err.to_string();
+        let mut lines = message.lines();
+        assert_eq!(
+            lines.next(),
+            Some(
+                "test: line 2, column 1: unknown field `learning_rat`; did you mean `learning_rate`?"
+            ),
+            "{message}"
+        );
         assert!(
-            err.to_string()
-                .ends_with("\ndid you mean `learning_rate`?\n"),
-            "{err}"
+            lines.any(|line| line == "2 | learning_rat = 0.1"),
+            "{message}"
         );
         let err = Config::from_toml(
             "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",

@@ -332,7 +332,11 @@ fn a_bad_config_file_fails_with_the_key_named() {
             .unwrap();
         let log = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success());
-        assert!(log.contains("unknown field `lerning_rate`"), "{log}");
+        // What, where and the key meant, in one line.
+        assert!(
+            log.lines().any(|line| line.contains("bad.toml: line 2, column 1: unknown field `lerning_rate`; did you mean `learning_rate`?")),
+            "{log}"
+        );
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
