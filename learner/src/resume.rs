@@ -172,7 +172,7 @@ pub(crate) fn check_resumed_config(
         warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
         return Ok(());
     };
-    let changed = changed_keys(&saved, config);
+    let changed = noted_changes(&saved, config);
     if changed.is_empty() {
         return Ok(());
     }
@@ -234,6 +234,20 @@ fn defines_the_run(key: &str) -> bool {
     RUN_DEFINING_KEYS
         .iter()
         .any(|defining| key == *defining || (defining.ends_with('.') && key.starts_with(defining)))
+}
+
+/// Keys that say where this deployment runs, not what it trains: a
+/// resume need not keep them, nor hear that they changed (a learner
+/// listening on port 0 gets another port each time).
+const DEPLOYMENT_KEYS: &[&str] = &["learner.listen", "learner.checkpoint_dir", "actor.learner"];
+
+/// The changes a resume is told about (or refused for): every changed
+/// key but those of the deployment.
+fn noted_changes(then: &Config, now: &Config) -> Vec<(String, String, String)> {
+    changed_keys(then, now)
+        .into_iter()
+        .filter(|(key, ..)| !DEPLOYMENT_KEYS.contains(&key.as_str()))
+        .collect()
 }
 
 /// Every key (`section.key`) whose value differs between two
@@ -305,8 +319,8 @@ mod tests {
     }
 
     /// Another seed, learning rate or batch most likely means another
-    /// run's folder: refused by name unless asked for; the budget, the
-    /// cadence or the address may change (with a warning).
+    /// run's folder: refused by name unless asked for; the budget or the
+    /// cadence may change (with a warning), the address too (unsaid).
     #[test]
     fn a_checkpoint_of_another_run_is_refused_unless_asked_for() {
         let path = std::path::Path::new("ckpt-000000000100.safetensors");
@@ -330,7 +344,7 @@ mod tests {
             "{error}"
         );
         check_resumed_config(&saved, &now, true, path).unwrap();
-        let changed: Vec<String> = changed_keys(&trained, &now)
+        let changed: Vec<String> = noted_changes(&trained, &now)
             .into_iter()
             .map(|(key, ..)| key)
             .collect();
@@ -338,7 +352,6 @@ mod tests {
             changed,
             [
                 "learner.learning_rate",
-                "learner.listen",
                 "learner.max_steps",
                 "learner.report_every_s",
                 "seed"
