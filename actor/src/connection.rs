@@ -227,7 +227,7 @@ const PLAIN_TEXT_PROBE: &[u8; 5] = b"PRI *";
 /// server does: with an alert record (content type 21, version 3.x). Asked
 /// once an `http://` address answered with something that is not HTTP/2,
 /// to name the fix rather than retry for ever. False for anything else
-/// (no answer in [`HANDSHAKE_TIMEOUT`], a closed connection, other bytes).
+/// (no answer in [`TLS_PROBE_TIMEOUT`], a closed connection, other bytes).
 async fn answers_as_tls(url: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(authority) = url
@@ -245,10 +245,16 @@ async fn answers_as_tls(url: &str) -> bool {
         Some(head == [TLS_ALERT_RECORD, 3])
     };
     matches!(
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, probe).await,
+        tokio::time::timeout(TLS_PROBE_TIMEOUT, probe).await,
         Ok(Some(true))
     )
 }
+
+/// How long the TLS probe waits for its alert: a TLS server answers the
+/// probe's record header within a round trip, while another server may
+/// wait for more (an HTTP/1 server for the end of its line: each attempt
+/// at a web server took 10 s with the handshake's timeout here).
+const TLS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A TLS record's first byte when it is an alert.
 const TLS_ALERT_RECORD: u8 = 0x15;
@@ -301,7 +307,7 @@ fn certificate_trouble(error: &(dyn std::error::Error + 'static)) -> Option<Cert
         "the learner's certificate is not for this name: set tls.domain to a name it carries";
     const NOT_ACCEPTED: &str =
         "the learner's certificate was not accepted: tls.ca_file must hold the CA that signed it";
-    const REFUSED: &str = "the learner refused this actor's certificate (mutual TLS): tls.cert_file and tls.key_file must hold one signed by the CA of the learner's tls.ca_file";
+    const REFUSED: &str = "the learner refused this client's certificate (mutual TLS): tls.cert_file and tls.key_file must hold one signed by the CA of the learner's tls.ca_file";
     const A_CA: &str = "the learner's certificate is a CA certificate (CA:TRUE, as `openssl req -x509` makes by default): give the learner one signed by a CA, and the actors that CA (see the README's recipe)";
     const NOT_TLS: &str = "the learner does not speak TLS at this address: use http://, or give the learner tls.cert_file and tls.key_file";
     let mut cause = Some(error);
