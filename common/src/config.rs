@@ -1202,8 +1202,9 @@ fn path_name(path: &Path) -> String {
 /// refuses an unknown key or name (`unknown field `learning_rat`,
 /// expected one of ...`; `unknown variant ...`), where one of those it
 /// expected is close: one letter off (two for names of six letters or
-/// more), the same but for underscores and case, or a whole word of it
-/// (`universe` for `universe_size`).
+/// more), the same but for underscores and case, a whole word of it
+/// (`universe` for `universe_size`), or a word users write for it (`gpu`
+/// for `cuda`, see [`SYNONYMS`]).
 fn did_you_mean(message: &str) -> Option<String> {
     Some(format!("did you mean {}?", meant_name(message)?))
 }
@@ -1211,8 +1212,8 @@ fn did_you_mean(message: &str) -> Option<String> {
 /// A parser's refusal with all that matters on its first line, for a log
 /// collector or `head -1`: where (`line 2, column 1`, or the key where
 /// there is no text to point in), what, the name meant and `hints`. Then
-/// the parser's excerpt of the file, then, where no name meant was found,
-/// the names it expected.
+/// the parser's excerpt of the file, any further lines of its message,
+/// and, where no name meant was found, the names it expected.
 fn parse_message(error: &toml::de::Error, meant: Option<String>, hints: &[String]) -> String {
     let shown = error.to_string();
     let problem = error.message().lines().next().unwrap_or_default();

@@ -290,6 +290,11 @@ pub enum LearnerError {
     /// the wrong place).
     #[error("training stopped: {0}")]
     LocalActorsExited(String),
+    /// Training ended, but local actors had failed on the way (exited
+    /// with an error while others went on): a run to look at, though its
+    /// figures are whole.
+    #[error("{0} local actor(s) failed")]
+    LocalActorsFailed(usize),
 }
 
 #[cfg(test)]

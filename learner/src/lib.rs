@@ -213,7 +213,7 @@ async fn every_local_actor_exited(
                 .filter(|(_, status)| !status.success())
                 .count();
             return format!(
-                "every local actor exited before training finished ({failed} with an error; their logs are above)"
+                "every local actor exited before training finished ({failed} with an error: see their lines in the learner's log)"
             );
         }
     }
@@ -238,6 +238,10 @@ const DRAIN_NOTICE_AFTER: Duration = Duration::from_millis(500);
 /// state, the local actors, the batch builder and the trainer start;
 /// training runs until it ends or a stop comes; then the connections
 /// drain and the run's accounts close.
+///
+/// A run with local actors of which some failed on the way ends in
+/// [`LearnerError::LocalActorsFailed`], its figures logged and in its
+/// summary all the same.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
@@ -251,7 +255,7 @@ pub async fn serve(
     check_run_fits(&config, env.as_ref())?;
     let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
     let summary_path = loaded.metrics.as_ref().and_then(MetricsFile::summary_path);
-    let progress = loaded.progress.clone();
+    let steps_done = loaded.steps_done.clone();
     let closed = async {
         let mut running = Running::start(config, env, server, loaded, &options).await?;
         tokio::pin!(shutdown);
@@ -263,31 +267,38 @@ pub async fn serve(
     // one's too: one from an earlier run left there would read as this
     // run's.
     let ended = closed.map(|closed| {
-        let failure = closed.actors_failure.map(LearnerError::LocalActorsExited);
+        let failed = closed.outcome.failed_local_actors;
+        let failure = match closed.actors_failure {
+            Some(message) => Some(LearnerError::LocalActorsExited(message)),
+            None => (failed > 0).then_some(LearnerError::LocalActorsFailed(failed)),
+        };
         (closed.outcome, failure)
     });
     if let Some(path) = &summary_path {
         let written = match &ended {
             Ok((outcome, failure)) => report::write_summary(path, outcome, failure.as_ref()),
-            Err(error) => report::write_failed_summary(path, progress.step(), error),
+            Err(error) => report::write_failed_summary(path, steps_done.step(), error),
         };
         if let Err(error) = written {
             warn!(%error, "the run's summary was not written");
         }
     }
     let (outcome, failure) = ended?;
-    if let Some(error) = failure {
-        return Err(error);
+    match failure {
+        // Training stopped short: no `training finished` line.
+        Some(error @ LearnerError::LocalActorsExited(_)) => Err(error),
+        failure => {
+            log_training_finished(&outcome);
+            failure.map_or(Ok(outcome), Err)
+        }
     }
-    log_training_finished(&outcome);
-    Ok(outcome)
 }
 
 /// How far the trainer got: the version its weights are at, written by
 /// the trainer and read by the batch builder, the live line and a failed
 /// run's summary.
 #[derive(Clone)]
-struct Progress {
+struct StepsDone {
     /// Steps done, plus a resumed run's version offset.
     version: Arc<AtomicU64>,
     /// The version this process started from.
@@ -296,7 +307,7 @@ struct Progress {
     first_step: u64,
 }
 
-impl Progress {
+impl StepsDone {
     /// The run's step (a resumed run's steps before this process counted).
     fn step(&self) -> u64 {
         self.first_step
@@ -429,11 +440,9 @@ struct Loaded {
     /// The version floor recorded in the checkpoint folder (0 without
     /// one): versions published from now on stay above it.
     version_floor: u64,
-    /// The first version this process publishes: the resumed one, or the
-    /// floor where that is higher.
-    start_version: u64,
-    /// The trainer's progress, from `start_version` on.
-    progress: Progress,
+    /// How far the trainer got, from the first version this process
+    /// publishes on (the resumed one, or the floor where that is higher).
+    steps_done: StepsDone,
     publisher: Arc<Publisher>,
     metrics: Option<MetricsFile>,
 }
@@ -519,7 +528,7 @@ impl Loaded {
                 MetricsFile::open(path, resumed_at)
             })
             .transpose()?;
-        let progress = Progress {
+        let steps_done = StepsDone {
             version: Arc::new(AtomicU64::new(start_version)),
             start_version,
             first_step: resume.as_ref().map_or(0, |c| c.state.step),
@@ -533,8 +542,7 @@ impl Loaded {
             resume,
             finished_already,
             version_floor,
-            start_version,
-            progress,
+            steps_done,
             publisher,
             metrics,
         })
@@ -616,13 +624,13 @@ impl Running {
             resume,
             finished_already,
             version_floor,
-            start_version,
-            progress,
+            steps_done,
             publisher,
             metrics,
         } = loaded;
+        let start_version = steps_done.start_version;
         let learner = &config.learner;
-        let pool = credit_pool(learner, &progress);
+        let pool = credit_pool(learner, &steps_done);
         // Every queued chunk holds a credit of at least one transition.
         let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
         let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
@@ -682,7 +690,7 @@ impl Running {
 
         if flgfn_common::telemetry::has_live_line() {
             tokio::spawn(live_progress(LiveProgress {
-                progress: progress.clone(),
+                steps_done: steps_done.clone(),
                 max_steps: learner.max_steps,
                 stats: stats.clone(),
                 stop: stop.clone(),
@@ -704,7 +712,7 @@ impl Running {
         let batcher = Batcher {
             queue,
             out: batch_sender,
-            steps_done: progress.version.clone(),
+            steps_done: steps_done.version.clone(),
             last_handed_step: 0,
             next_training_step,
             pool: pool.clone(),
@@ -742,7 +750,7 @@ impl Running {
             config: config.clone(),
             batches,
             batcher_failure,
-            steps_done: progress.version,
+            steps_done: steps_done.version,
             publisher,
             stats: stats.clone(),
             pool,
@@ -899,7 +907,7 @@ impl Running {
 /// step: what actors would roll out beyond it could only be counted
 /// untrained. (Set before the batch builder starts, so that its first
 /// batch counts too.)
-fn credit_pool(learner: &LearnerConfig, progress: &Progress) -> Arc<CreditPool> {
+fn credit_pool(learner: &LearnerConfig, steps_done: &StepsDone) -> Arc<CreditPool> {
     let pool = CreditPool::new(
         learner.batch_transitions as u64,
         learner.max_batch_transitions as u64,
@@ -907,10 +915,12 @@ fn credit_pool(learner: &LearnerConfig, progress: &Progress) -> Arc<CreditPool> 
     );
     if learner.max_steps > 0 {
         pool.last_step(
-            learner
-                .max_steps
-                .saturating_add(progress.start_version.saturating_sub(progress.first_step)),
-            progress.start_version,
+            learner.max_steps.saturating_add(
+                steps_done
+                    .start_version
+                    .saturating_sub(steps_done.first_step),
+            ),
+            steps_done.start_version,
         );
     }
     pool
@@ -1225,7 +1235,7 @@ fn log_training_finished(outcome: &TrainingOutcome) {
 
 /// What the live progress line reads.
 struct LiveProgress {
-    progress: Progress,
+    steps_done: StepsDone,
     max_steps: u64,
     stats: Arc<IngestStats>,
     stop: watch::Receiver<bool>,
@@ -1241,7 +1251,7 @@ async fn live_progress(mut live: LiveProgress) {
             _ = tick.tick() => {}
             _ = live.stop.wait_for(|stopped| *stopped) => break,
         }
-        let step = live.progress.step();
+        let step = live.steps_done.step();
         let arrived = IngestStats::get(&live.stats.accepted_transitions);
         // Per second, smoothed over about a second.
         rate = 0.75 * rate + 0.25 * (arrived - last_in) as f64 * 4.0;

@@ -604,6 +604,7 @@ impl MetricsFile {
             )));
         }
         let kept = resumed_at.map_or(0, |step| reports_up_to(&contents, step).len());
+        let mut set_aside_as = None;
         // In place (one truncation, the kept reports untouched), so that
         // the lock and any link stay.
         if kept < contents.len() {
@@ -619,17 +620,48 @@ impl MetricsFile {
                 // resume): kept, beside, before the file is cut.
                 None => {
                     let beside = set_aside(path, &contents).map_err(error)?;
-                    tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved (give each run its own --metrics path)")
+                    tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved (give each run its own --metrics path)");
+                    set_aside_as = beside.extension().map(ToOwned::to_owned);
                 }
             }
             file.set_len(kept as u64).map_err(error)?;
         }
         file.seek(std::io::SeekFrom::End(0)).map_err(error)?;
-        Ok(MetricsFile {
+        let metrics = MetricsFile {
             path: path.to_owned(),
             out: BufWriter::new(file),
             plain_file,
-        })
+        };
+        metrics.retire_summary(set_aside_as.as_deref())?;
+        Ok(metrics)
+    }
+
+    /// Takes an earlier run's summary out of the way, so that a summary
+    /// found beside the file is always this run's end (a learner killed
+    /// outright writes none): numbered as its reports were set aside
+    /// (`run.summary.json.3` beside `run.jsonl.3`), or removed (a resumed
+    /// run's end writes it again; a file that held no reports had no run
+    /// worth it).
+    fn retire_summary(&self, set_aside_as: Option<&std::ffi::OsStr>) -> Result<(), LearnerError> {
+        let Some(summary) = self.summary_path() else {
+            return Ok(());
+        };
+        let retired = match set_aside_as {
+            Some(number) => {
+                let mut numbered = summary.clone().into_os_string();
+                numbered.push(".");
+                numbered.push(number);
+                std::fs::rename(&summary, numbered)
+            }
+            None => std::fs::remove_file(&summary),
+        };
+        match retired {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LearnerError::Metrics {
+                path: summary.display().to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Where the run's summary is written: beside a plain file,
@@ -669,6 +701,34 @@ impl MetricsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed run's summary names its error with the causes, as the
+    /// exit line does (`{:#}`), and where it got to.
+    #[test]
+    fn a_failed_run_summary_names_the_error_and_its_causes() {
+        let dir = std::env::temp_dir().join(format!("flgfn-failed-summary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.summary.json");
+        let error = LearnerError::Metrics {
+            path: "run.jsonl".to_owned(),
+            source: std::io::Error::other("No space left on device"),
+        };
+        write_failed_summary(&path, 812, &error).unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(
+            summary["error"],
+            format!("{:#}", anyhow::Error::from(error)),
+            "{summary}"
+        );
+        assert_eq!(
+            summary["error"],
+            "cannot write metrics file run.jsonl: No space left on device"
+        );
+        assert_eq!(summary["ended_by"], "error");
+        assert_eq!(summary["steps"], 812);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_non_finite_number_reads_back_as_nan() {
@@ -795,18 +855,29 @@ mod tests {
             std::fs::read_to_string(dir.join("run.jsonl.1")).unwrap(),
             first
         );
-        // The next fresh run: the next free name.
+        // The next fresh run: the next free name, the summary of the run
+        // set aside numbered as its reports.
+        let summary = dir.join("run.summary.json");
+        std::fs::write(&summary, "{}").unwrap();
         drop(MetricsFile::open(&path, None).unwrap());
         assert_eq!(
             std::fs::read_to_string(dir.join("run.jsonl.2")).unwrap(),
             second
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
-        // An empty file has nothing to keep; a resumed run keeps its own.
+        assert!(!summary.exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("run.summary.json.2")).unwrap(),
+            "{}"
+        );
+        // An empty file has nothing to keep; a resumed run keeps its own
+        // reports, and its summary is written again at its end.
         drop(MetricsFile::open(&path, None).unwrap());
         std::fs::write(&path, "{\"step\":100}\n").unwrap();
+        std::fs::write(&summary, "{}").unwrap();
         drop(MetricsFile::open(&path, Some(100)).unwrap());
         assert!(!dir.join("run.jsonl.3").exists());
+        assert!(!summary.exists() && !dir.join("run.summary.json.3").exists());
         // One past the highest, whatever was deleted below it.
         std::fs::remove_file(dir.join("run.jsonl.1")).unwrap();
         drop(MetricsFile::open(&path, None).unwrap());

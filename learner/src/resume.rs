@@ -329,6 +329,8 @@ mod tests {
         let mut now = trained.clone();
         now.learner.max_steps *= 2;
         now.learner.listen = "0.0.0.0:50051".to_owned();
+        now.learner.checkpoint_dir = "/moved/checkpoints".to_owned();
+        now.actor.learner = "http://elsewhere:50051".to_owned();
         now.learner.report_every_s = 30.0;
         check_resumed_config(&saved, &now, false, path).unwrap();
         now.learner.learning_rate *= 0.5;

@@ -415,16 +415,26 @@ fn running(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(state, _)| state != 'Z' && state != 'X')
 }
 
-/// A learner with two local actors, training far longer than the test,
-/// and its actors' process ids once both run.
+/// Steps no test waits for.
 #[cfg(target_os = "linux")]
-fn learner_with_two_actors(dir: &std::path::Path) -> (support::KillOnDrop, Vec<u32>) {
+const FAR_MORE_STEPS: u64 = 100_000_000;
+
+/// A learner with two local actors, training `max_steps` (with
+/// [`FAR_MORE_STEPS`], longer than the test), and its actors' process ids
+/// once both run.
+#[cfg(target_os = "linux")]
+fn learner_with_two_actors(
+    dir: &std::path::Path,
+    max_steps: u64,
+) -> (support::KillOnDrop, Vec<u32>) {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("tiny.toml");
     std::fs::write(&config, support::TINY_TOML).unwrap();
     let learner = Command::new(learner())
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
-        .args(["--max-steps", "100000000", "--metrics"])
+        .arg("--max-steps")
+        .arg(max_steps.to_string())
+        .arg("--metrics")
         .arg(dir.join("metrics.jsonl"))
         .arg("--config")
         .arg(&config)
@@ -475,7 +485,7 @@ fn kill_hard(pid: u32) {
 #[test]
 fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     let dir = std::env::temp_dir().join(format!("flgfn-actors-died-{}", std::process::id()));
-    let (mut learner, actors) = learner_with_two_actors(&dir);
+    let (mut learner, actors) = learner_with_two_actors(&dir, FAR_MORE_STEPS);
     std::thread::sleep(std::time::Duration::from_millis(500));
     for pid in actors {
         kill_hard(pid);
@@ -515,6 +525,31 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A local actor that fails while another trains on: the run goes to its
+/// end, then exits 1 saying so, its figures logged and its summary naming
+/// the error.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_run_with_a_failed_local_actor_finishes_and_fails() {
+    let dir = std::env::temp_dir().join(format!("flgfn-actor-failed-{}", std::process::id()));
+    let steps = 200;
+    let (mut learner, actors) = learner_with_two_actors(&dir, steps);
+    kill_hard(actors[0]);
+    let status = exit_within(&mut learner, 120, "the learner did not finish");
+    let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("error: 1 local actor(s) failed"), "{log}");
+    assert!(log.contains("training finished"), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["ended_by"], "error", "{summary}");
+    assert_eq!(summary["error"], "1 local actor(s) failed", "{summary}");
+    assert_eq!(summary["steps"], steps, "{summary}");
+    assert_eq!(summary["failed_local_actors"], 1, "{summary}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A learner killed outright (no Drop, no signal handler runs) takes its
 /// local actors along: they get a signal from the kernel (once per thread
 /// of the learner) and take it as one stop, not as the second signal that
@@ -523,7 +558,11 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
 #[test]
 fn local_actors_exit_when_their_learner_is_killed() {
     let dir = std::env::temp_dir().join(format!("flgfn-learner-killed-{}", std::process::id()));
-    let (mut learner, actors) = learner_with_two_actors(&dir);
+    // An earlier run's summary: taken out of the way as the run starts, so
+    // that a learner killed leaves none to be read as its own.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("metrics.summary.json"), "{}").unwrap();
+    let (mut learner, actors) = learner_with_two_actors(&dir, FAR_MORE_STEPS);
     // Should the test fail, the actors it left must not run on.
     let _cleanup = KillRemaining(actors.clone());
     let log = || std::fs::read_to_string(dir.join("learner.log")).unwrap();
@@ -547,6 +586,7 @@ fn local_actors_exit_when_their_learner_is_killed() {
         "{log}"
     );
     assert!(!log.contains("a second stop signal"), "{log}");
+    assert!(!dir.join("metrics.summary.json").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
