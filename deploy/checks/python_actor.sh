@@ -302,6 +302,29 @@ else
     failed "an actor stopped while waiting for a learner exited $status" "$work/actor-4b.log"
 fi
 
+# Settings it cannot use, refused before it connects (status 2), each in
+# one line naming it: widths that are not, a token as a .env line or in
+# shell quotes (the learner would refuse it, blaming the token). (Bounded:
+# one that took them would give up on the absent learner within a second.)
+status=0
+"$venv/bin/python" examples/python_actor/flgfn_actor.py --hidden 256,abc \
+    --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
+    >"$work/actor-hidden.log" 2>&1 || status=$?
+if ! { [ "$status" -eq 2 ] &&
+    grep -q "argument --hidden: '256,abc': give positive layer widths" "$work/actor-hidden.log"; }; then
+    failed "an actor given --hidden 256,abc exited $status" "$work/actor-hidden.log"
+fi
+for token in '"0123456789abcdef0123"' 'FLGFN_TOKEN=0123456789abcdef0123'; do
+    status=0
+    FLGFN_TOKEN="$token" "$venv/bin/python" examples/python_actor/flgfn_actor.py \
+        --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
+        >"$work/actor-token.log" 2>&1 || status=$?
+    if ! { [ "$status" -eq 2 ] && grep -q "error: FLGFN_TOKEN: the token" "$work/actor-token.log"; }; then
+        failed "an actor given FLGFN_TOKEN=$token exited $status" "$work/actor-token.log"
+    fi
+done
+echo "python_actor: ok: --hidden of no widths and a token in quotes or as a .env line are refused at start, by name"
+
 # Told to stop (SIGTERM, as compose, Kubernetes and Slurm send): the actor
 # finishes its rollout, hands the chunk over, leaves the session (the
 # learner logs it as left, not as a lost connection) and exits 0.

@@ -748,6 +748,10 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                                           ("model.hidden", "--hidden")):
                         if setting in (error.details() or ""):
                             hint += f" ({setting} is {flag} here)"
+                    if "task mismatch" in (error.details() or ""):
+                        hint += (" (this script runs the default set task: give run() the "
+                                 "learner's, e.g. SetGeneration(universe=..., set_size=..., "
+                                 "levels=[...]))")
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
@@ -782,7 +786,8 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             else:
                 failures += 1
             if reconnect_attempts and failures >= reconnect_attempts:
-                raise GaveUp(f"gave up after {failures} attempts: {message}")
+                raise GaveUp(f"gave up after {failures} attempt{'s' if failures != 1 else ''}: "
+                             f"{message}")
             pause = backoff * jitter.uniform(0.5, 1.0)
             print(f"{name}: learner unavailable ({message}); reconnecting in {pause:.2f} s",
                   flush=True)
@@ -791,23 +796,52 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
     finally:
         actor.channel.close()
     counts = actor.counts
+    # ('training done': the learner ended the run, at its last step or
+    # stopped by its operator.)
     print(f"{name}: {'stopped' if stop.is_set() else 'training done'}: sent {counts['chunks']} chunks, "
           f"{counts['transitions']} transitions, {counts['versions']} weight versions, "
           f"{counts['sessions']} sessions", flush=True)
     return counts
 
 
+def widths(text):
+    """`--hidden`: layer widths, positive integers joined by commas."""
+    try:
+        hidden = tuple(int(width) for width in text.split(",") if width.strip())
+    except ValueError:
+        hidden = ()
+    if not hidden or min(hidden) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give positive layer widths joined by commas, e.g. 256,256")
+    return hidden
+
+
+def token_mistake(token):
+    """Why FLGFN_TOKEN cannot be the learner's token as written, as the
+    Rust actor says it (a .env line, or shell quotes that became part of
+    it); None when it may be."""
+    if token.startswith("FLGFN_TOKEN="):
+        return "the token starts with `FLGFN_TOKEN=`: give the token alone"
+    if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
+        return "the token is in quotes, which would be part of it: remove them"
+    return None
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--learner", default="127.0.0.1:50051",
                         help="host:port of the learner, or http://host:port as the Rust actor takes it")
-    parser.add_argument("--hidden", default="256,256", help="hidden layer widths, as the learner's model.hidden")
+    parser.add_argument("--hidden", default="256,256", type=widths,
+                        help="hidden layer widths, as the learner's model.hidden")
     parser.add_argument("--envs", type=int, default=256, help="trajectories per chunk")
     parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
     parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
     # Host and process: the learner counts lost chunks per name.
-    parser.add_argument("--name", default=f"{socket.gethostname()}/python-actor-{os.getpid()}")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--name", default=f"{socket.gethostname()}/python-actor-{os.getpid()}",
+                        help="this actor's name in the learner's logs and counts: distinct per actor")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the action draws; None draws fresh entropy")
     parser.add_argument("--reconnect-attempts", type=int, default=0,
                         help="failed connections in a row before giving up, with exit "
                              f"status {EXIT_LEARNER_UNREACHABLE} (0: never)")
@@ -838,7 +872,10 @@ def main():
         if not port or not 1 <= int(port.group(2)) <= 65535:
             parser.error(f"--learner: {learner}: give host:port, a port from 1 to 65535 "
                          f"(an IPv6 address in brackets: [::1]:50051)")
-    hidden = tuple(int(h) for h in args.hidden.split(",") if h)
+    hidden = args.hidden
+    token = os.environ.get("FLGFN_TOKEN")
+    if token is not None and (why := token_mistake(token)):
+        parser.error(f"FLGFN_TOKEN: {why}")
     # A stop request (SIGTERM from compose, Kubernetes or Slurm; Ctrl-C)
     # finishes the rollout in progress and hands its chunk over; a second
     # one, 0.2 s or more later (some job systems send one request twice at
@@ -859,7 +896,7 @@ def main():
     try:
         run(SetGeneration(), address, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
             truncate_fraction=args.truncate_fraction, name=args.name,
-            token=os.environ.get("FLGFN_TOKEN"), seed=args.seed,
+            token=token, seed=args.seed,
             connect_timeout_s=args.connect_timeout,
             reconnect_attempts=args.reconnect_attempts, stop=stop)
     except Refused as error:
