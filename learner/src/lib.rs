@@ -1226,6 +1226,10 @@ fn log_training_finished(outcome: &TrainingOutcome) {
             .unwrap_or(0),
         lost_chunks = r.lost_chunks,
         stalled_sessions = r.stalled_sessions,
+        // Truncated trajectories an objective of complete ones (TB) cannot
+        // use: received, not ingested; said where there were any.
+        unusable_truncated_transitions =
+            (r.unusable_truncated_transitions > 0).then_some(r.unusable_truncated_transitions),
         // A run stopped mid-way otherwise reads as one that went to the
         // end: both end with this line. (Last: scripts read `steps=` first.)
         ended_by = %outcome.ended_by.as_str(),
