@@ -84,6 +84,15 @@ SMALL_LEVELS = [
 ]
 
 
+def rust_float(x):
+    """`x` as Rust's `{:?}` writes an f64, as task params are compared:
+    Python's repr (the same shortest round-trip digits, the same switch to
+    an exponent below 1e-4 and from 1e16) but for the exponent's form,
+    `1e-5` and `1e16` where repr writes `1e-05` and `1e+16`."""
+    return re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).strip("+") + m.group(2),
+                  repr(float(x)))
+
+
 class SetGeneration:
     """Set generation: add one unused element per step until |S| are in.
 
@@ -100,12 +109,11 @@ class SetGeneration:
         self.max_len = set_size
 
     def params(self):
-        # Exactly the learner's description (Rust's shortest round-trip
-        # float form equals Python's repr for these values).
+        # Exactly the learner's description (compared as strings).
         return [
             f"universe={self.universe}",
             f"set_size={self.set_size}",
-            "levels=" + ",".join(repr(float(l)) for l in self.levels),
+            "levels=" + ",".join(rust_float(l) for l in self.levels),
         ]
 
     def initial(self, n):
