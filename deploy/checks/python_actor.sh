@@ -368,6 +368,14 @@ import numpy as np
 sys.path.insert(0, "examples/python_actor")
 import flgfn_actor as fa
 
+# Task params are compared as strings: floats as Rust's {:?} writes them
+# (the right-hand sides are rustc's output), not as Python's repr.
+for x, rust in [(1.0, "1.0"), (-0.0, "-0.0"), (0.3, "0.3"), (5e-5, "5e-5"), (1.5e-7, "1.5e-7"),
+                (1e16, "1e16"), (2.5e300, "2.5e300"), (0.0001, "0.0001"),
+                (123456789012345.0, "123456789012345.0"), (-0.4381397850674522, "-0.4381397850674522")]:
+    assert fa.rust_float(x) == rust, (x, fa.rust_float(x), rust)
+assert fa.SetGeneration(levels=[5e-5, 1.0]).params()[2] == "levels=5e-5,1.0"
+
 task = fa.SetGeneration()
 good = {"hidden0.weight": np.zeros((8, task.state_dim), np.float32),
         "hidden0.bias": np.zeros(8, np.float32),
