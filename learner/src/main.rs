@@ -28,7 +28,9 @@ struct Args {
     /// Address to listen on, e.g. 0.0.0.0:50051 (overrides learner.listen).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Write one JSON object per progress report to this file.
+    /// Write one JSON object per progress report to this file, and the
+    /// run's summary beside it as the run ends (run.jsonl gives
+    /// run.summary.json: its steps, how it ended, any error, its totals).
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
     /// Stop after this many training steps, 0 for never (overrides
