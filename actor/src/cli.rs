@@ -15,7 +15,9 @@ pub struct ConfigFlags {
     /// override it, flags override both.
     #[arg(long, value_name = "FILE", env = CONFIG_VARIABLE)]
     pub config: Option<PathBuf>,
-    /// Learner endpoint, e.g. http://10.0.0.5:50051 (overrides actor.learner).
+    /// Learner endpoint, e.g. http://10.0.0.5:50051, or a bare
+    /// HOST:PORT for plain text (https:// is spelt out) (overrides
+    /// actor.learner).
     #[arg(long, value_name = "URL")]
     pub learner: Option<String>,
     /// Environments rolled out together, i.e. trajectories per chunk
@@ -25,13 +27,27 @@ pub struct ConfigFlags {
     pub envs: Option<usize>,
 }
 
+/// `--learner` as `actor.learner` takes it: a bare HOST:PORT, as
+/// `flgfn-health` and the Python actor take one, is plain text, http://
+/// (TLS is spelt out: with TLS files set, a bare address is left for the
+/// validation to refuse, rather than send them nowhere).
+fn flag_url(learner: &str, config: &Config) -> String {
+    let tls = &config.tls;
+    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
+    if learner.contains("://") || tls_files.iter().any(|file| !file.is_empty()) {
+        learner.to_owned()
+    } else {
+        format!("http://{learner}")
+    }
+}
+
 impl ConfigFlags {
     /// The file (or the defaults) with the flags applied, not yet
     /// validated: callers may override more before validating.
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = Config::load_unvalidated(self.config.as_deref())?;
         if let Some(learner) = &self.learner {
-            config.actor.learner.clone_from(learner);
+            config.actor.learner = flag_url(learner, &config);
         }
         if let Some(envs) = self.envs {
             config.actor.envs = envs;
@@ -88,5 +104,31 @@ impl ConfigFlags {
         );
         flgfn_common::out!("{}", config.to_toml());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--learner HOST:PORT` is plain text, as `flgfn-health` takes it; a
+    /// URL is kept; with TLS files a bare address stays bare, for the
+    /// validation to refuse by name.
+    #[test]
+    fn a_bare_learner_address_is_plain_text() {
+        let mut config = Config::default();
+        assert_eq!(flag_url("10.0.0.5:50051", &config), "http://10.0.0.5:50051");
+        assert_eq!(flag_url("[::1]:50051", &config), "http://[::1]:50051");
+        assert_eq!(
+            flag_url("https://learner:50051", &config),
+            "https://learner:50051"
+        );
+        config.actor.learner = flag_url("learner:50051", &config);
+        assert!(config.validate().is_ok());
+        config.tls.ca_file = "ca.pem".to_owned();
+        assert_eq!(flag_url("learner:50051", &config), "learner:50051");
+        config.actor.learner = flag_url("learner:50051", &config);
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("actor.learner"), "{refused}");
     }
 }
