@@ -562,7 +562,7 @@ fn not_a_folder(path: &Path) -> LearnerError {
 
 /// The folder holding `path`: `.` for a bare name ("checkpoints" has
 /// the working directory as its parent, ""), None for a root.
-fn parent_of(path: &Path) -> Option<&Path> {
+pub(crate) fn parent_of(path: &Path) -> Option<&Path> {
     path.parent().map(|parent| {
         if parent.as_os_str().is_empty() {
             Path::new(".")

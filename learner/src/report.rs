@@ -380,14 +380,9 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Lear
     };
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| error(e.into()))?;
     text.push(b'\n');
-    let (dir, name) = match (path.parent(), path.file_name()) {
+    let (dir, name) = match (crate::checkpoint::parent_of(path), path.file_name()) {
         (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
         _ => return Err(error(std::io::Error::other("not a file path"))),
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
     };
     crate::checkpoint::write_atomically(dir, &name, &text)?;
     Ok(())
