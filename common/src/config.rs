@@ -1216,16 +1216,17 @@ fn did_you_mean(message: &str) -> Option<String> {
 /// and, where no name meant was found, the names it expected.
 fn parse_message(error: &toml::de::Error, meant: Option<String>, hints: &[String]) -> String {
     let shown = error.to_string();
-    let problem = error.message().lines().next().unwrap_or_default();
+    let message_line = error.message().lines().next().unwrap_or_default();
     // `unknown field `x`, expected one of `a`, `b`, ...`: the list is
     // long, and the name meant says more.
-    let (problem, expected) = match problem.split_once(", expected ") {
+    let (problem, expected) = match message_line.split_once(", expected ") {
         Some((refused, expected))
-            if problem.starts_with("unknown field") || problem.starts_with("unknown variant") =>
+            if message_line.starts_with("unknown field")
+                || message_line.starts_with("unknown variant") =>
         {
             (refused, Some(expected))
         }
-        _ => (problem, None),
+        _ => (message_line, None),
     };
     // The parser's text: `TOML parse error at line 2, column 1`, the
     // excerpt, the message, then `in `learner.max_steps`` where its error
@@ -1237,7 +1238,7 @@ fn parse_message(error: &toml::de::Error, meant: Option<String>, hints: &[String
     for line in shown.lines() {
         if let Some(at) = line.strip_prefix("TOML parse error at ") {
             place = Some(at.to_owned());
-        } else if line == error.message().lines().next().unwrap_or_default() {
+        } else if line == message_line {
             message_seen = true;
         } else if let Some(key) = line.strip_prefix("in `").and_then(|k| k.strip_suffix('`')) {
             place.get_or_insert_with(|| format!("`{key}`"));
