@@ -28,13 +28,11 @@ pub struct ConfigFlags {
 }
 
 /// `--learner` as `actor.learner` takes it: a bare HOST:PORT, as
-/// `flgfn-health` and the Python actor take one, is plain text, http://
-/// (TLS is spelt out: with TLS files set, a bare address is left for the
-/// validation to refuse, rather than send them nowhere).
-fn flag_url(learner: &str, config: &Config) -> String {
-    let tls = &config.tls;
-    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
-    if learner.contains("://") || tls_files.iter().any(|file| !file.is_empty()) {
+/// `flgfn-health` and the Python actor take one, is plain text, http://.
+/// TLS is spelt out: with TLS files set, [`crate::client_tls`] refuses the
+/// plain-text address, saying to use https://, as for any http:// URL.
+fn flag_url(learner: &str) -> String {
+    if learner.contains("://") {
         learner.to_owned()
     } else {
         format!("http://{learner}")
@@ -47,7 +45,7 @@ impl ConfigFlags {
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = Config::load_unvalidated(self.config.as_deref())?;
         if let Some(learner) = &self.learner {
-            config.actor.learner = flag_url(learner, &config);
+            config.actor.learner = flag_url(learner);
         }
         if let Some(envs) = self.envs {
             config.actor.envs = envs;
@@ -112,23 +110,21 @@ mod tests {
     use super::*;
 
     /// `--learner HOST:PORT` is plain text, as `flgfn-health` takes it; a
-    /// URL is kept; with TLS files a bare address stays bare, for the
-    /// validation to refuse by name.
+    /// URL is kept; with TLS files a bare address is refused by name,
+    /// saying to use https://.
     #[test]
     fn a_bare_learner_address_is_plain_text() {
         let mut config = Config::default();
-        assert_eq!(flag_url("10.0.0.5:50051", &config), "http://10.0.0.5:50051");
-        assert_eq!(flag_url("[::1]:50051", &config), "http://[::1]:50051");
-        assert_eq!(
-            flag_url("https://learner:50051", &config),
-            "https://learner:50051"
-        );
-        config.actor.learner = flag_url("learner:50051", &config);
+        assert_eq!(flag_url("10.0.0.5:50051"), "http://10.0.0.5:50051");
+        assert_eq!(flag_url("[::1]:50051"), "http://[::1]:50051");
+        assert_eq!(flag_url("https://learner:50051"), "https://learner:50051");
+        config.actor.learner = flag_url("learner:50051");
         assert!(config.validate().is_ok());
         config.tls.ca_file = "ca.pem".to_owned();
-        assert_eq!(flag_url("learner:50051", &config), "learner:50051");
-        config.actor.learner = flag_url("learner:50051", &config);
-        let refused = config.validate().unwrap_err().to_string();
-        assert!(refused.contains("actor.learner"), "{refused}");
+        let refused = crate::client_tls(&config).unwrap_err().to_string();
+        assert!(
+            refused.contains("actor.learner") && refused.contains("use https://"),
+            "{refused}"
+        );
     }
 }

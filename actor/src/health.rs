@@ -35,8 +35,7 @@ pub async fn check(
     // A bare HOST:PORT is plain HTTP/2: TLS needs https:// spelt out, and
     // TLS files without it would be silently unused (and the probe of a
     // TLS learner would fail with a bare transport error).
-    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
-    if !address.starts_with("https://") && tls_files.iter().any(|file| !file.is_empty()) {
+    if !address.starts_with("https://") && tls.names_client_files() {
         let host = address.split_once("://").map_or(address, |(_, rest)| rest);
         return Err(ConfigError::invalid(
             "--address",

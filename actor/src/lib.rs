@@ -380,8 +380,7 @@ pub fn client_tls(
     config: &Config,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, flgfn_common::config::ConfigError> {
     let tls = &config.tls;
-    let tls_files = [&tls.ca_file, &tls.cert_file, &tls.key_file];
-    if config.actor.learner.starts_with("http://") && tls_files.iter().any(|f| !f.is_empty()) {
+    if config.actor.learner.starts_with("http://") && tls.names_client_files() {
         return Err(flgfn_common::config::ConfigError::invalid(
             "actor.learner",
             format!(

@@ -54,6 +54,17 @@ pub struct TlsConfig {
     pub domain: String,
 }
 
+impl TlsConfig {
+    /// Whether it names a file a client reads (CA, certificate, key): a
+    /// client so configured talks TLS, and a plain-text address is a
+    /// mistake it refuses rather than leave the files unused.
+    pub fn names_client_files(&self) -> bool {
+        [&self.ca_file, &self.cert_file, &self.key_file]
+            .iter()
+            .any(|file| !file.is_empty())
+    }
+}
+
 /// PEM files of a [`TlsConfig`], read.
 #[derive(Clone)]
 pub struct TlsFiles {
