@@ -49,6 +49,12 @@ fn scratch_with_tiny_config(name: &str) -> (PathBuf, PathBuf) {
     (dir, config)
 }
 
+/// The run's summary the learner wrote beside `DIR/metrics.jsonl`.
+fn run_summary(dir: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
 /// The launcher starts the actor binary found next to the learner's; cargo
 /// builds it only when asked (`cargo build --bins`, as deploy/test.sh does).
 fn actor() -> PathBuf {
@@ -183,9 +189,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     );
     // The summary beside the metrics file, written once every session
     // ended: the final line's figures, the run's accounts closed.
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
-            .unwrap();
+    let summary = run_summary(&dir);
     assert_eq!(summary["ended_by"], "stop", "{summary}");
     assert_eq!(summary["steps"], steps, "{summary}");
     assert!(summary.get("time_to_quality_s").is_some(), "{summary}");
@@ -419,17 +423,15 @@ fn running(pid: u32) -> bool {
 #[cfg(target_os = "linux")]
 const FAR_MORE_STEPS: u64 = 100_000_000;
 
-/// A learner with two local actors, training `max_steps` (with
-/// [`FAR_MORE_STEPS`], longer than the test), and its actors' process ids
-/// once both run.
+/// A learner with two local actors, run in `dir` on `config`, training
+/// `max_steps` (with [`FAR_MORE_STEPS`], longer than the test), and its
+/// actors' process ids once both run.
 #[cfg(target_os = "linux")]
 fn learner_with_two_actors(
     dir: &std::path::Path,
+    config: &std::path::Path,
     max_steps: u64,
 ) -> (support::KillOnDrop, Vec<u32>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = dir.join("tiny.toml");
-    std::fs::write(&config, support::TINY_TOML).unwrap();
     let learner = Command::new(learner())
         .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
         .arg("--max-steps")
@@ -437,7 +439,7 @@ fn learner_with_two_actors(
         .arg("--metrics")
         .arg(dir.join("metrics.jsonl"))
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("learner.log")).unwrap())
         .spawn()
@@ -484,8 +486,8 @@ fn kill_hard(pid: u32) {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
-    let dir = std::env::temp_dir().join(format!("flgfn-actors-died-{}", std::process::id()));
-    let (mut learner, actors) = learner_with_two_actors(&dir, FAR_MORE_STEPS);
+    let (dir, config) = scratch_with_tiny_config("actors-died");
+    let (mut learner, actors) = learner_with_two_actors(&dir, &config, FAR_MORE_STEPS);
     std::thread::sleep(std::time::Duration::from_millis(500));
     for pid in actors {
         kill_hard(pid);
@@ -508,9 +510,7 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     // Each exit once: not again when the learner reaps them.
     assert!(!log.contains("local actor failed"), "{log}");
     // The run's summary names the error, its accounts closed all the same.
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
-            .unwrap();
+    let summary = run_summary(&dir);
     assert_eq!(summary["ended_by"], "error", "{summary}");
     let error = summary["error"].as_str().unwrap_or_default();
     assert!(
@@ -531,18 +531,16 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_run_with_a_failed_local_actor_finishes_and_fails() {
-    let dir = std::env::temp_dir().join(format!("flgfn-actor-failed-{}", std::process::id()));
+    let (dir, config) = scratch_with_tiny_config("actor-failed");
     let steps = 200;
-    let (mut learner, actors) = learner_with_two_actors(&dir, steps);
+    let (mut learner, actors) = learner_with_two_actors(&dir, &config, steps);
     kill_hard(actors[0]);
     let status = exit_within(&mut learner, 120, "the learner did not finish");
     let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
     assert!(!status.success(), "{log}");
     assert!(log.contains("error: 1 local actor(s) failed"), "{log}");
     assert!(log.contains("training finished"), "{log}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("metrics.summary.json")).unwrap())
-            .unwrap();
+    let summary = run_summary(&dir);
     assert_eq!(summary["ended_by"], "error", "{summary}");
     assert_eq!(summary["error"], "1 local actor(s) failed", "{summary}");
     assert_eq!(summary["steps"], steps, "{summary}");
@@ -557,12 +555,11 @@ fn a_run_with_a_failed_local_actor_finishes_and_fails() {
 #[cfg(target_os = "linux")]
 #[test]
 fn local_actors_exit_when_their_learner_is_killed() {
-    let dir = std::env::temp_dir().join(format!("flgfn-learner-killed-{}", std::process::id()));
+    let (dir, config) = scratch_with_tiny_config("learner-killed");
     // An earlier run's summary: taken out of the way as the run starts, so
     // that a learner killed leaves none to be read as its own.
-    std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("metrics.summary.json"), "{}").unwrap();
-    let (mut learner, actors) = learner_with_two_actors(&dir, FAR_MORE_STEPS);
+    let (mut learner, actors) = learner_with_two_actors(&dir, &config, FAR_MORE_STEPS);
     // Should the test fail, the actors it left must not run on.
     let _cleanup = KillRemaining(actors.clone());
     let log = || std::fs::read_to_string(dir.join("learner.log")).unwrap();
