@@ -1,5 +1,5 @@
 //! The named suites. Every run of a suite uses the same hyperparameters
-//! (the defaults of `common/src/config.rs` unless said here) so that the
+//! (the defaults of `common/src/config/mod.rs` unless said here) so that the
 //! objectives, not their tuning, are compared.
 
 use flgfn_common::config::{Config, ObjectiveName, TaskConfig};
