@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The compose deployment, tested for real: builds the images, starts the
 # learner and 3 actors on a private network, then
-#   1. kills the learner container (SIGKILL) mid-training and starts it
-#      again: it resumes from its volume, versions never go back, and the
-#      actors, never restarted, carry on by themselves;
-#   2. stops the learner for a restart (SIGUSR1) and starts it again: it
-#      exits 0, the actors wait, and it goes on from the step it stopped at;
+#   1. kills the learner's process (SIGKILL, from outside Docker, as the
+#      OOM killer does) mid-training: Docker starts it again (restart:
+#      on-failure), it resumes from its volume, versions never go back, and
+#      the actors, never restarted, carry on by themselves;
+#   2. stops the learner for a restart (SIGUSR1) and brings it back with
+#      a changed setting (`up -d learner`, as the README says: a new
+#      container): it exits 0, the actors wait, and the new one goes on
+#      from the step the old one stopped at, with the new setting;
 #   3. cuts one actor off the network and reconnects it: it rejoins, and
 #      training goes on meanwhile;
 #   4. trains the small task to quality and stops the learner (SIGTERM):
@@ -127,17 +130,31 @@ wait_for 120 version_at_least 200 || fail "no training progress (version $(last_
 mapfile -t actors < <(actor_containers)
 [ "${#actors[@]}" -eq 3 ] || fail "expected 3 actor containers, got ${#actors[@]}"
 
-step "1. killing the learner (SIGKILL) at version $(last_metric version)"
 learner="$("${compose[@]}" ps -q learner)"
 wait_for 30 sh -c "docker exec $learner sh -c 'ls /var/lib/flgfn/checkpoints/ckpt-*' >/dev/null 2>&1" ||
     fail "no checkpoint written"
-"${compose[@]}" kill -s SIGKILL learner >/dev/null
+# Its process as this host sees it, where the daemon runs here (the
+# container's id in the process's cgroup: a pid from a remote daemon is
+# some other process); `docker kill` would count as a stop on purpose,
+# which no restart policy undoes.
+pid="$(docker inspect --format '{{.State.Pid}}' "$learner")"
+# (Read before the kill: the resumed learner drops the reports past its
+# checkpoint from the file, and it may be back within the second.)
 before_kill="$(metrics | python3 -c 'import json, sys; print(max(json.loads(l)["version"] for l in sys.stdin if l.strip()))')"
-sleep 2
-"${compose[@]}" start learner >/dev/null
+learner_id="$(docker inspect --format '{{.Id}}' "$learner")"
+if grep -qs "$learner_id" "/proc/$pid/cgroup" && kill -KILL "$pid" 2>/dev/null; then
+    step "1. killed the learner's process (SIGKILL from outside Docker) at version $before_kill"
+    wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.RestartCount}}' $learner)\" -ge 1 ]" ||
+        fail "Docker did not start the killed learner again (restart: on-failure)"
+else
+    step "1. killing the learner (docker kill; this daemon's processes cannot be signalled from here, so it is started by hand) at version $before_kill"
+    "${compose[@]}" kill -s SIGKILL learner >/dev/null
+    sleep 2
+    "${compose[@]}" start learner >/dev/null
+fi
+# (Its health may still read from before the kill: its log says first.)
+wait_for 120 sh -c "docker logs $learner 2>&1 | grep -q 'resuming from a checkpoint'" || fail "the learner did not resume"
 wait_for 120 learner_healthy || fail "the restarted learner never became healthy"
-# (grep -q on a pipe would stop reading early: with pipefail, a failure)
-grep -q "resuming from a checkpoint" <<<"$(docker logs "$learner" 2>&1)" || fail "the learner did not resume"
 wait_for 120 version_at_least $((before_kill + 100)) ||
     fail "no progress after the restart (version $(last_metric version), $before_kill before)"
 # Versions in the metrics file never go back (the resumed learner drops its
@@ -167,7 +184,7 @@ for actor in "${actors[@]}"; do
 done
 step "   resumed: versions $before_kill -> $(last_metric version), every actor reconnected by itself"
 
-step "2. stopping the learner for a restart (SIGUSR1) at version $(last_metric version)"
+step "2. stopping the learner for a restart (SIGUSR1) at version $(last_metric version), back with 2 threads"
 "${compose[@]}" kill -s SIGUSR1 learner >/dev/null
 wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.State.Running}}' $learner)\" = false ]" ||
     fail "the learner did not exit after SIGUSR1"
@@ -182,8 +199,15 @@ for actor in "${actors[@]}"; do
     grep -q "the learner stops for a restart; reconnecting" <<<"$(docker logs "$actor" 2>&1)" ||
         fail "actor $actor was not told to reconnect"
 done
-"${compose[@]}" start learner >/dev/null
+# (A changed variable: compose makes a new container, as it would for a
+# new image or job file.)
+FLGFN_LEARNER__THREADS=2 "${compose[@]}" up -d learner >/dev/null
+stopped="$learner"
+learner="$("${compose[@]}" ps -q learner)"
+[ "$learner" != "$stopped" ] || fail "up -d with a changed setting did not make a new learner container"
 wait_for 120 learner_healthy || fail "the learner started again never became healthy"
+grep -q "resuming with settings other than the checkpoint's.*learner.threads" <<<"$(docker logs "$learner" 2>&1)" ||
+    fail "the new learner does not run the changed setting (no learner.threads in its resume warning)"
 resumed_at="$(docker logs "$learner" 2>&1 | sed -n 's/.*resuming from a checkpoint.* step=\([0-9]*\) .*/\1/p' | tail -n 1)"
 [ -n "$stopped_at" ] && [ "$resumed_at" = "$stopped_at" ] ||
     fail "stopped at step '$stopped_at', resumed at '$resumed_at': the stop's checkpoint was not the one resumed"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Check: every kustomize overlay under deploy/k8s/overlays renders with
 # `kubectl kustomize` and validates, strictly (no unknown fields), against
-# the Kubernetes schemas bundled in kubernetes-validate (offline). Skipped
+# the Kubernetes schemas bundled in kubernetes-validate (offline), as does
+# every plain manifest beside them (deploy/k8s/*.yaml); the results pod
+# mounts the job overlay's claim, by its name. Skipped
 # (exit 77) where kubectl is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,4 +30,15 @@ if [[ "$kinds" != " 1 kind: ConfigMap, 1 kind: Deployment, 1 kind: Job, 1 kind: 
     echo "kubernetes: the job overlay renders$kinds, not the learner's Job and claim, the actors' Deployment, Service and ConfigMap" >&2
     exit 1
 fi
-echo "kubernetes: ok: ${overlays[*]} render and validate"
+manifests=()
+for manifest in deploy/k8s/*.yaml; do
+    "$tools/kubernetes-validate" --strict --quiet "$manifest"
+    manifests+=("$(basename "$manifest")")
+done
+claim="$("$tools/python" -c '
+import sys, yaml
+claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "PersistentVolumeClaim"]
+print(*claims)' "$work/job.yaml")"
+grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
+    { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
+echo "kubernetes: ok: ${overlays[*]} render and validate; so do ${manifests[*]}"
