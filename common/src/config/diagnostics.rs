@@ -1,6 +1,6 @@
 //! A refused configuration file's error, made to say what the parser's
 //! does not. The TOML parser names a place and a problem; a user also
-//! needs the key meant (`did you mean `learning_rate`?`), the names a key
+//! needs the key meant (``did you mean `learning_rate`?``), the names a key
 //! takes, and why a `[task]` or a section was refused, on the first line,
 //! where a log collector or `head -1` reads it.
 

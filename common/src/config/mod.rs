@@ -15,13 +15,16 @@
 //! # Layout
 //!
 //! - `mod.rs`: the schema (one struct per section, with its defaults) and
-//!   the loading, file and layers.
+//!   the entry points that load it (`Config::load`, `from_file`,
+//!   `parse_toml`, ...).
 //! - `layers.rs`: the `FLGFN_` variables as a layer over the file, the
 //!   misspelt ones warned about, and which layer an error is blamed on.
 //! - `diagnostics.rs`: a refused file's error on one line, with the key
 //!   or name meant and a hint where the parser's message says too little.
 //! - `validation.rs`: every range and combination the schema cannot
 //!   express, checked once all the layers are applied.
+//! - `tests.rs`: the tests of all of these, the README's configuration
+//!   block among them.
 
 mod diagnostics;
 mod layers;
@@ -696,6 +699,8 @@ impl Config {
     pub fn parse_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let mut table: toml::Table =
             toml::from_str(text).map_err(|e| ConfigError::parse(origin.to_owned(), &e, None))?;
+        // (The table is edited and consumed below: a refusal reads the
+        // text again, and only then.)
         let parse_error = |error| diagnostics::refusal(text, origin, error);
         // Parsed from the text where it can be, so that errors point at
         // their line; a `[task]` without a name needs the table edited.
