@@ -9,6 +9,17 @@
 //! [`Publisher`], which serialises it later, off this thread, and only if
 //! an actor asks. Reports (with an evaluation) come at growing intervals
 //! of training time (`first_report_s` up to `report_every_s`).
+//!
+//! # Layout
+//!
+//! - `mod.rs`: the [`Trainer`], its run (start, the training loop, the
+//!   end) and a step.
+//! - `checkpoints.rs`: checkpoints written, and read back at start.
+//! - `reports.rs`: reports and evaluations, and time to quality.
+
+mod checkpoints;
+mod reports;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,15 +30,15 @@ use bytes::Bytes;
 use flgfn_common::config::Config;
 use flgfn_common::env::Environment;
 use flgfn_common::objectives::Objective;
-use flgfn_common::policy::{Policy, load_vars, vars_to_host};
+use flgfn_common::policy::Policy;
 use flgfn_common::telemetry::panic_message;
-use flgfn_common::weights::{NamedArray, WeightEncoding};
+use flgfn_common::weights::WeightEncoding;
 use tch::{Kind, Tensor};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::adam::Adam;
 use crate::batcher::PreparedBatch;
-use crate::checkpoint::{self, Checkpoint, CheckpointState, ResumedTotals, SoundThrough, prefixed};
+use crate::checkpoint::{self, Checkpoint, ResumedTotals};
 use crate::credits::CreditPool;
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
@@ -647,7 +658,7 @@ impl Trainer {
             && progress.checkpointed_step != Some(progress.step)
         {
             self.save_checkpoint(training)?;
-            wait_for_write(&mut training.writer, &mut training.progress)?;
+            checkpoints::wait_for_write(&mut training.writer, &mut training.progress)?;
         }
         let Training {
             optimizer,
@@ -714,116 +725,6 @@ impl Trainer {
             .map_err(LearnerError::from)
     }
 
-    /// After an error in training: the state to resume from, saved where
-    /// it can be. A failed write (metrics, a checkpoint, the version
-    /// floor) or a diverged model still leaves it: the weights are the
-    /// last finite ones (a non-finite step moves nothing), and whatever
-    /// was trained since the last checkpoint would otherwise be lost.
-    /// Best effort, logged: the disk that failed may fail again.
-    fn save_after_error(&self, training: &mut Training, error: &LearnerError) {
-        let progress = &training.progress;
-        // Not a checkpoint of the last step whose report failed: it would
-        // say the run is over, and resumed, the run would train nothing
-        // and write no last report (an experiment's run would fail on
-        // every retry); it resumes from the last checkpoint instead and
-        // trains the rest again. Nor of a last step whose policy diverged:
-        // resumed, that run would count as finished and end well.
-        let last_unreported = self.finished(progress) && progress.report.step != progress.step;
-        let last_diverged = self.finished(progress) && progress.non_finite_draws > 0;
-        if last_unreported || last_diverged {
-            warn!(
-                step = progress.step,
-                %error,
-                "no checkpoint of the last step (its report failed, or its policy diverged): a resume trains again from the last checkpoint"
-            );
-        } else if let Some(dir) = &self.checkpoint_dir {
-            match self.save_last_checkpoint(dir, training) {
-                Ok(()) => {
-                    warn!(step = training.progress.step, %error, "checkpoint saved after an error")
-                }
-                Err(again) => {
-                    tracing::error!(%error, %again, "no checkpoint could be saved after an error");
-                }
-            }
-        }
-    }
-
-    /// The end of a run, saved: the state to resume from and the weights
-    /// to use (on every way out of the loop: `max_steps`, or a stop by a
-    /// signal or by every local actor gone). Nothing where checkpoints are
-    /// off.
-    fn save_final(&self, training: &mut Training, weights: &[u8]) -> Result<(), LearnerError> {
-        let Some(dir) = &self.checkpoint_dir else {
-            return Ok(());
-        };
-        self.save_last_checkpoint(dir, training)?;
-        let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, weights)?;
-        info!(path = %path.display(), version = training.progress.version, "final weights saved");
-        Ok(())
-    }
-
-    /// The checkpoint a run ends with (its end, or an error), written
-    /// before this returns, and the version floor brought down to it:
-    /// nothing above its version was published, and it holds those
-    /// weights, so a restart continues from it without a jump. An earlier
-    /// write that failed is logged: this one stands in for it. libtorch
-    /// failing while it reads the weights (a device gone bad after an
-    /// error, say) is an error, not a panic of the trainer thread.
-    fn save_last_checkpoint(
-        &self,
-        dir: &std::path::Path,
-        training: &mut Training,
-    ) -> Result<(), LearnerError> {
-        if let Err(error) = wait_for_write(&mut training.writer, &mut training.progress) {
-            warn!(%error, "an earlier checkpoint write failed");
-        }
-        unless_libtorch_fails(training.progress.step, || {
-            self.save_checkpoint(training)?;
-            let Training {
-                progress, writer, ..
-            } = training;
-            wait_for_write(writer, progress)?;
-            checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
-        })
-        .and_then(|saved| saved)
-    }
-
-    /// Moves the recorded version floor ahead before `progress.version`
-    /// is published, so that a learner killed at any moment restarts above
-    /// every version an actor may hold.
-    fn raise_version_floor(&self, progress: &mut Progress) -> Result<(), LearnerError> {
-        let Some(dir) = &self.checkpoint_dir else {
-            return Ok(());
-        };
-        if progress.version >= progress.version_floor {
-            let floor = progress
-                .version
-                .checked_add(checkpoint::VERSION_FLOOR_STRIDE)
-                .ok_or_else(|| {
-                    LearnerError::Checkpoint(format!(
-                        "version {} leaves no room for a version floor; --fresh starts over",
-                        progress.version
-                    ))
-                })?;
-            checkpoint::write_version_floor(dir, floor)?;
-            progress.version_floor = floor;
-        }
-        Ok(())
-    }
-
-    /// Whether a periodic checkpoint is due after this step.
-    fn checkpoint_due(&self, progress: &Progress) -> bool {
-        let learner = &self.config.learner;
-        if self.checkpoint_dir.is_none() {
-            return false;
-        }
-        let by_steps = learner.checkpoint_every_steps > 0
-            && progress.step.is_multiple_of(learner.checkpoint_every_steps);
-        let by_time = learner.checkpoint_every_s > 0.0
-            && progress.wall() - progress.last_checkpoint_wall >= learner.checkpoint_every_s;
-        by_steps || by_time
-    }
-
     /// Waits for the device to finish the work queued so far: CUDA runs
     /// the steps asynchronously, so a time stamp taken without it dates
     /// steps when queued, not when done (on the CPU they are done already).
@@ -831,138 +732,6 @@ impl Trainer {
         if let tch::Device::Cuda(index) = self.policy.device() {
             tch::Cuda::synchronize(index as i64);
         }
-    }
-
-    /// Starts writing a checkpoint of everything the run needs to
-    /// continue: the trainer copies it, `writer` writes it. The write
-    /// before is waited for first, so that one copy at a time is held.
-    fn save_checkpoint(&self, training: &mut Training) -> Result<(), LearnerError> {
-        let Training {
-            optimizer,
-            own_optimizer,
-            evaluator,
-            progress,
-            writer,
-        } = training;
-        wait_for_write(writer, progress)?;
-        let Some(writer) = writer.as_mut() else {
-            return Ok(());
-        };
-        // Queued steps finish first, as training time (reading the
-        // weights below would wait for them, counted as writing).
-        self.wait_for_device();
-        let started = Instant::now();
-        let mut arrays: Vec<NamedArray> = prefixed("policy", self.policy.weights()).collect();
-        arrays.extend(prefixed("adam", optimizer.state()));
-        if let Some((vars, _)) = self.objective.own_parameters() {
-            arrays.extend(prefixed("objective", vars_to_host(vars)));
-        }
-        if let Some((own, _)) = own_optimizer {
-            arrays.extend(prefixed("objective_adam", own.state()));
-        }
-        let wall_s = progress.wall();
-        let state = CheckpointState {
-            format: checkpoint::FORMAT,
-            step: progress.step,
-            // These weights' version, not the last published one (lower
-            // between two publications): a resumed run counts from here.
-            version: progress.step + progress.version_offset,
-            wall_s,
-            trained_transitions: progress.trained_transitions,
-            time_to_quality_s: progress.time_to_quality,
-            totals: ResumedTotals {
-                // Skipped steps reach `totals` at reports: a checkpoint
-                // between two reports adds those of the window so far.
-                skipped_batches: progress.totals.skipped_batches + progress.window.skipped_steps(),
-                ..progress.totals.clone()
-            },
-            adam_steps: optimizer.steps(),
-            objective_adam_steps: own_optimizer.as_ref().map_or(0, |(own, _)| own.steps()),
-            evaluator: evaluator.state(),
-            config: self.config.to_toml(),
-            task: self.env.spec().to_string(),
-            model: self.policy.spec().to_string(),
-            build: crate::BUILD.to_owned(),
-            sound_through: progress
-                .sound_through()
-                .map_or(SoundThrough::Nothing, SoundThrough::Step),
-        };
-        // The reports up to this step reach the disk before it can: after
-        // a power loss, a resume keeps the reports up to its checkpoint,
-        // which must then all be there. (A failure only warns: the
-        // checkpoint matters more, above all the one saved after an
-        // error.)
-        if let Some(metrics) = &self.metrics
-            && let Err(error) = metrics.sync()
-        {
-            warn!(%error, "the metrics file could not be synced before a checkpoint");
-        }
-        writer.start(state, arrays)?;
-        progress.last_checkpoint_wall = wall_s;
-        progress.checkpointed_step = Some(progress.step);
-        // The copy is not training: out of `wall_s` like evaluation.
-        let copied = started.elapsed();
-        progress.time_left_out += copied;
-        debug!(
-            step = progress.step,
-            copy_us = copied.as_micros() as u64,
-            "checkpoint copied for writing"
-        );
-        Ok(())
-    }
-
-    /// Puts the optimizers, the objective's parameters, the evaluator and
-    /// the counters back as `checkpoint` left them.
-    fn restore(
-        &self,
-        checkpoint: &Checkpoint,
-        optimizer: &mut Adam,
-        own_optimizer: Option<&mut (Adam, f64)>,
-        evaluator: &mut Evaluator,
-        progress: &mut Progress,
-    ) -> Result<(), LearnerError> {
-        let state = &checkpoint.state;
-        // Intact (its checksum held) but not usable: an older one may be.
-        let fail = |e: String| {
-            LearnerError::Checkpoint(format!(
-                "{}: {e}; {}",
-                checkpoint.path.display(),
-                crate::checkpoint::older_one_remedy(&checkpoint.path)
-            ))
-        };
-        check_counters(state).map_err(fail)?;
-        optimizer
-            .restore("adam", &checkpoint.group("adam"), state.adam_steps)
-            .map_err(fail)?;
-        if let Some((vars, _)) = self.objective.own_parameters() {
-            load_vars(vars, &checkpoint.group("objective"))
-                .map_err(|e| fail(format!("the objective's parameters (`objective/`): {e}")))?;
-        }
-        if let Some((own, _)) = own_optimizer {
-            own.restore(
-                "objective_adam",
-                &checkpoint.group("objective_adam"),
-                state.objective_adam_steps,
-            )
-            .map_err(fail)?;
-        }
-        evaluator.restore(&state.evaluator);
-        progress.step = state.step;
-        progress.trained_transitions = state.trained_transitions;
-        progress.resumed_trained_transitions = state.trained_transitions;
-        progress.resumed_sound = match state.sound_through {
-            SoundThrough::Unknown => Some(state.step),
-            SoundThrough::Nothing => None,
-            SoundThrough::Step(step) => Some(step),
-        };
-        progress.totals = state.totals.clone();
-        progress.time_to_quality = state.time_to_quality_s;
-        progress.wall_before = state.wall_s;
-        progress.last_checkpoint_wall = state.wall_s;
-        progress.last_report_wall = state.wall_s;
-        progress.next_report_wall = state.wall_s + self.config.learner.first_report_s;
-        progress.last_report_counts = (state.trained_transitions, 0);
-        Ok(())
     }
 
     /// The next batch, however long it takes (`None` once the learner
@@ -1134,210 +903,12 @@ impl Trainer {
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
     }
-
-    /// When quality was first reached, found by the report at `report_wall`:
-    /// the earliest of the weights kept since the report before that from
-    /// which every later copy is at quality, or else that report.
-    fn first_at_quality(
-        &self,
-        evaluator: &Evaluator,
-        probes: Option<QualityProbes>,
-        report_wall: f64,
-    ) -> f64 {
-        let Some(probes) = probes else {
-            return report_wall;
-        };
-        let mut scratch: Option<Policy> = None;
-        let earliest = probes.earliest_at_quality(|probe| {
-            let policy = scratch
-                .get_or_insert_with(|| Policy::new(self.policy.spec(), self.policy.device()));
-            if let Err(error) = policy.load_weights(&probe.weights.to_host()) {
-                warn!(%error, "cannot load weights kept to refine time to quality");
-                return false;
-            }
-            let seed = self.config.seed ^ probe.step;
-            let learned_log_z = probe.learned_log_z.as_ref().map(|z| z.double_value(&[]));
-            evaluator.reaches_quality(policy, learned_log_z, seed) == Some(true)
-        });
-        match earliest {
-            Some((wall_s, step)) => {
-                info!(
-                    wall_s,
-                    step,
-                    report_wall_s = report_wall,
-                    "quality first reached between two reports"
-                );
-                wall_s
-            }
-            None => report_wall,
-        }
-    }
-
-    /// Evaluates the current policy, then logs and writes one report.
-    fn report(
-        &mut self,
-        evaluator: &mut Evaluator,
-        progress: &mut Progress,
-    ) -> Result<(), LearnerError> {
-        // The steps queued on a GPU are done before the clock is read: the
-        // window's rates, busy time and any time to quality describe work
-        // done, and the wait is not billed to the evaluation (left out of
-        // wall_s).
-        self.wait_for_device();
-        let wall = progress.wall();
-        // Counted at the same moment, for this window's ingest rate:
-        // chunks keep arriving during the evaluation.
-        let ingested_at_wall = IngestStats::get(&self.stats.accepted_transitions);
-        let eval_started = Instant::now();
-        let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
-        let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
-        progress.non_finite_draws = evaluation.non_finite_draws;
-        let eval_s = eval_started.elapsed();
-        progress.time_left_out += eval_s;
-        // The report's own bookkeeping (its line, the metrics file, the
-        // refinement of a first time to quality) is not training either:
-        // left out below, once the report is done.
-        let bookkeeping_started = Instant::now();
-
-        let span = (wall - progress.last_report_wall).max(1e-9);
-        let (last_trained, last_ingested) = progress.last_report_counts;
-        // Taken whole: its skipped steps now count in `totals`, and a
-        // checkpoint saved after an error below (divergence, a failed
-        // metrics write) must not count them again.
-        let window = std::mem::take(&mut progress.window);
-        let read = |sum: &Option<Tensor>| sum.as_ref().map_or(0.0, |t| t.double_value(&[]));
-        let nonfinite = window.skipped_steps();
-        let finite_steps = window.steps - nonfinite;
-        progress.totals.skipped_batches += nonfinite;
-        if nonfinite > 0 {
-            warn!(
-                step = progress.step,
-                skipped = nonfinite,
-                of_steps = window.steps,
-                "steps skipped since the last report: their loss, gradients or update were not finite (a diverging model? lower learner.learning_rate); {MAX_DIVERGED_REPORTS} reports in a row with no finite step stop the run"
-            );
-        }
-        if window.steps > 0 && nonfinite == 0 && evaluation.non_finite_draws == 0 {
-            progress.last_sound_report = Some(progress.step);
-        }
-        if window.steps > 0 && finite_steps == 0 {
-            progress.diverged_reports += 1;
-            if progress.diverged_reports >= MAX_DIVERGED_REPORTS {
-                return Err(LearnerError::Trainer(format!(
-                    "no step of the last {} was finite (its loss, gradients or update): the model diverged; {}",
-                    window.steps,
-                    divergence_remedy(progress, self.checkpoint_dir.as_deref())
-                )));
-            }
-        } else {
-            progress.diverged_reports = 0;
-        }
-        let busy = (span - window.waiting.as_secs_f64()).max(0.0);
-        let mut report = Report {
-            step: progress.step,
-            wall_s: wall,
-            loss: read(&window.loss_sum) / finite_steps.max(1) as f64,
-            logz_est: evaluation.log_z_estimate,
-            logz_sampled: evaluation.log_z_sampled,
-            logz_sampled_ess: evaluation.log_z_sampled_ess,
-            logz_exact: evaluation.log_z_exact,
-            marginal_tv: evaluation.marginal_tv,
-            energy_w1: evaluation.energy_w1,
-            exact_tv: evaluation.exact_tv,
-            exact_kl: evaluation.exact_kl,
-            top100_mean_reward: evaluation.top_k_mean_reward,
-            top100_samples: evaluation.top_k_samples,
-            top100_mean_reward_eval: evaluation.top_k_mean_reward_this_evaluation,
-            at_quality: evaluation.at_quality,
-            trained_transitions: progress.trained_transitions,
-            resumed_trained_transitions: progress.resumed_trained_transitions,
-            trained_per_s: (progress.trained_transitions - last_trained) as f64 / span,
-            version: progress.version,
-            mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,
-            max_policy_lag: window.max_lag,
-            mean_batch_transitions: window.transitions as f64 / window.steps.max(1) as f64,
-            busy_ms_per_step: 1e3 * busy / window.steps.max(1) as f64,
-            weight_versions_encoded: self.publisher.encodings(),
-            credit_room_transitions: self.pool.capacity(),
-            in_flight_transitions: self.pool.in_use(),
-            resident_mb: crate::report::resident_mb(),
-            truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
-            data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
-            skipped_batches: progress.totals.skipped_batches,
-            non_finite_draws: evaluation.non_finite_draws,
-            eval_samples: self.config.learner.eval_samples,
-            eval_s: eval_s.as_secs_f64(),
-            ..Report::default()
-        };
-        report.count_from(&self.stats);
-        report.ingested_per_s = ingested_at_wall.saturating_sub(last_ingested) as f64 / span;
-        report.log();
-        if let Some(metrics) = self.metrics.as_mut() {
-            metrics.write(&report)?;
-        }
-        if progress.time_to_quality.is_none() && evaluation.at_quality == Some(true) {
-            let first = self.first_at_quality(evaluator, progress.probes.take(), wall);
-            progress.time_to_quality = Some(first);
-        }
-        progress.last_report_wall = wall;
-        // Geometric spacing: each gap a quarter of the training time so far,
-        // between first_report_s and report_every_s.
-        let learner = &self.config.learner;
-        let gap = (0.25 * wall).clamp(learner.first_report_s, learner.report_every_s);
-        progress.next_report_wall = wall + gap;
-        if let Some(probes) = progress.probes.as_mut() {
-            probes.plan(wall, progress.next_report_wall);
-        }
-        progress.last_report_counts = (progress.trained_transitions, ingested_at_wall);
-        progress.report = report;
-        progress.time_left_out += bookkeeping_started.elapsed();
-        Ok(())
-    }
-}
-
-/// Waits for the checkpoint write in progress, if any, and returns how it
-/// went; the wait is not training (out of `wall_s`).
-fn wait_for_write(
-    writer: &mut Option<checkpoint::Writer>,
-    progress: &mut Progress,
-) -> Result<(), LearnerError> {
-    let waited = Instant::now();
-    let written = writer.as_mut().map_or(Ok(()), checkpoint::Writer::finish);
-    progress.time_left_out += waited.elapsed();
-    written
-}
-
-/// Largest count a checkpoint may hold (steps, transitions, samples): far
-/// beyond any run (2^62 steps at a microsecond each is 146,000 years), and
-/// low enough that the counters cannot wrap as a run adds to them.
-const COUNTER_LIMIT: u64 = u64::MAX / 4;
-
-/// Refuses a checkpoint state whose counters no learner writes: they
-/// would wrap as training adds to them (a hand-made or crafted file: the
-/// checksum proves a file is as written, not that a learner wrote it).
-fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), String> {
-    for (field, value) in [
-        ("step", state.step),
-        ("trained_transitions", state.trained_transitions),
-        ("evaluator.samples_so_far", state.evaluator.samples_so_far),
-        // Not tied to the step: a step that libtorch failed half-way
-        // through leaves the policy's optimizer one ahead, which adds up
-        // across such failures and resumes (Adam's t saturates anyway).
-        ("adam_steps", state.adam_steps),
-        ("objective_adam_steps", state.objective_adam_steps),
-    ] {
-        if value > COUNTER_LIMIT {
-            return Err(format!(
-                "state field `{field}` is {value}, beyond what a learner counts ({COUNTER_LIMIT})"
-            ));
-        }
-    }
-    crate::checkpoint::check_floats(state)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{check_counters, learning_rate_fraction, unless_libtorch_fails};
+    use super::checkpoints::check_counters;
+    use super::{learning_rate_fraction, unless_libtorch_fails};
 
     #[test]
     fn libtorch_failing_in_a_step_is_an_error_naming_the_step_and_why() {
