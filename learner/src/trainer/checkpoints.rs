@@ -1,7 +1,9 @@
-//! The trainer's checkpoints: when one is due, writing it (the tensors
-//! copied on this thread, the file written by a writer thread), the last
-//! one at a run's end or after an error, and reading one back at start,
-//! with its counters checked.
+//! The trainer's side of checkpoints: when one is due; writing it (the
+//! tensors copied on this thread, handed to [`checkpoint::Writer`]'s
+//! thread); the last one at a run's end or after an error, and the final
+//! weights; the version floor raised before versions are published; and,
+//! at start, the resumed checkpoint's state put back (optimizers,
+//! evaluator, counters, which are checked first).
 
 use std::time::Instant;
 
@@ -283,7 +285,7 @@ const COUNTER_LIMIT: u64 = u64::MAX / 4;
 /// Refuses a checkpoint state whose counters no learner writes: they
 /// would wrap as training adds to them (a hand-made or crafted file: the
 /// checksum proves a file is as written, not that a learner wrote it).
-pub(super) fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), String> {
+fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), String> {
     for (field, value) in [
         ("step", state.step),
         ("trained_transitions", state.trained_transitions),
@@ -301,4 +303,70 @@ pub(super) fn check_counters(state: &crate::checkpoint::CheckpointState) -> Resu
         }
     }
     crate::checkpoint::check_floats(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_counters;
+
+    #[test]
+    fn counters_no_learner_writes_are_refused_naming_the_field() {
+        use crate::checkpoint::CheckpointState;
+        let good = CheckpointState {
+            step: 100,
+            trained_transitions: 32_000,
+            adam_steps: 101,
+            objective_adam_steps: 100,
+            wall_s: 1.5,
+            ..CheckpointState::default()
+        };
+        assert_eq!(check_counters(&good), Ok(()));
+        let refused = |change: fn(&mut CheckpointState)| {
+            let mut state = good.clone();
+            change(&mut state);
+            check_counters(&state).unwrap_err()
+        };
+        for (error, field) in [
+            (refused(|s| s.step = u64::MAX), "`step`"),
+            (
+                refused(|s| s.trained_transitions = u64::MAX - 5),
+                "`trained_transitions`",
+            ),
+            (
+                refused(|s| s.evaluator.samples_so_far = 1 << 63),
+                "`evaluator.samples_so_far`",
+            ),
+            (refused(|s| s.adam_steps = u64::MAX), "`adam_steps`"),
+            (
+                refused(|s| s.objective_adam_steps = 1 << 63),
+                "`objective_adam_steps`",
+            ),
+            (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
+            (refused(|s| s.wall_s = -1.0), "`wall_s`"),
+            (
+                refused(|s| s.time_to_quality_s = Some(-5.0)),
+                "`time_to_quality_s`",
+            ),
+            (
+                refused(|s| s.totals.waiting_s = f64::INFINITY),
+                "`totals.waiting_s`",
+            ),
+            (
+                refused(|s| s.totals.lag_weighted = -1.0),
+                "`totals.lag_weighted`",
+            ),
+            (
+                refused(|s| s.evaluator.best = vec![(f64::NAN, vec![1])]),
+                "`evaluator.best`",
+            ),
+            (
+                refused(|s| {
+                    s.sound_through = crate::checkpoint::SoundThrough::Step(101);
+                }),
+                "`sound_through`",
+            ),
+        ] {
+            assert!(error.contains(field), "{field}: {error}");
+        }
+    }
 }

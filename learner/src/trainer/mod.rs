@@ -14,8 +14,11 @@
 //!
 //! - `mod.rs`: the [`Trainer`], its run (start, the training loop, the
 //!   end) and a step.
-//! - `checkpoints.rs`: checkpoints written, and read back at start.
-//! - `reports.rs`: reports and evaluations, and time to quality.
+//! - `checkpoints.rs`: checkpoints written (periodic, last, after an
+//!   error), the final weights, the version floor, and the resumed
+//!   checkpoint's state put back at start.
+//! - `reports.rs`: reports (the evaluator called, metrics written), time
+//!   to quality, and the stop of a run that diverged.
 
 mod checkpoints;
 mod reports;
@@ -67,10 +70,6 @@ fn unless_libtorch_fails<T>(step: u64, compute: impl FnOnce() -> T) -> Result<T,
 /// one long wait is told at doubling intervals, at most that far apart.
 const FIRST_DATA_WARNING: Duration = Duration::from_secs(10);
 const LONGEST_DATA_WARNING: Duration = Duration::from_secs(300);
-
-/// Reports in a row whose every step had a non-finite loss before training
-/// stops.
-const MAX_DIVERGED_REPORTS: u32 = 3;
 
 /// The fraction of the learning rate at step `step` (1-based) of
 /// `max_steps`: 1 for the first half, then a linear decay to `last` at
@@ -370,7 +369,7 @@ struct Training {
     evaluator: Evaluator,
     progress: Progress,
     /// Writes checkpoints beside training (None: checkpoints are off);
-    /// the last one is waited for (see `save_last_checkpoint`).
+    /// the last one is waited for (see `Trainer::save_last_checkpoint`, in checkpoints.rs).
     writer: Option<checkpoint::Writer>,
 }
 
@@ -432,7 +431,7 @@ impl Trainer {
     ///
     /// An error in training (from the first step to the final weights'
     /// publication) ends training, not the run at once: what was trained
-    /// is saved first where it can be (see `save_after_error`).
+    /// is saved first where it can be (see `Trainer::save_after_error`, in checkpoints.rs).
     pub fn run(mut self) -> Result<TrainingOutcome, LearnerError> {
         let run_started = Instant::now();
         let mut training = self.start()?;
@@ -907,7 +906,6 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests {
-    use super::checkpoints::check_counters;
     use super::{learning_rate_fraction, unless_libtorch_fails};
 
     #[test]
@@ -941,66 +939,5 @@ mod tests {
         );
         // A final fraction of 1: constant.
         assert_eq!(learning_rate_fraction(900, 1000, 1.0), 1.0);
-    }
-
-    #[test]
-    fn counters_no_learner_writes_are_refused_naming_the_field() {
-        use crate::checkpoint::CheckpointState;
-        let good = CheckpointState {
-            step: 100,
-            trained_transitions: 32_000,
-            adam_steps: 101,
-            objective_adam_steps: 100,
-            wall_s: 1.5,
-            ..CheckpointState::default()
-        };
-        assert_eq!(check_counters(&good), Ok(()));
-        let refused = |change: fn(&mut CheckpointState)| {
-            let mut state = good.clone();
-            change(&mut state);
-            check_counters(&state).unwrap_err()
-        };
-        for (error, field) in [
-            (refused(|s| s.step = u64::MAX), "`step`"),
-            (
-                refused(|s| s.trained_transitions = u64::MAX - 5),
-                "`trained_transitions`",
-            ),
-            (
-                refused(|s| s.evaluator.samples_so_far = 1 << 63),
-                "`evaluator.samples_so_far`",
-            ),
-            (refused(|s| s.adam_steps = u64::MAX), "`adam_steps`"),
-            (
-                refused(|s| s.objective_adam_steps = 1 << 63),
-                "`objective_adam_steps`",
-            ),
-            (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
-            (refused(|s| s.wall_s = -1.0), "`wall_s`"),
-            (
-                refused(|s| s.time_to_quality_s = Some(-5.0)),
-                "`time_to_quality_s`",
-            ),
-            (
-                refused(|s| s.totals.waiting_s = f64::INFINITY),
-                "`totals.waiting_s`",
-            ),
-            (
-                refused(|s| s.totals.lag_weighted = -1.0),
-                "`totals.lag_weighted`",
-            ),
-            (
-                refused(|s| s.evaluator.best = vec![(f64::NAN, vec![1])]),
-                "`evaluator.best`",
-            ),
-            (
-                refused(|s| {
-                    s.sound_through = crate::checkpoint::SoundThrough::Step(101);
-                }),
-                "`sound_through`",
-            ),
-        ] {
-            assert!(error.contains(field), "{field}: {error}");
-        }
     }
 }

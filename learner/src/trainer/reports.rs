@@ -1,6 +1,8 @@
-//! The trainer's reports: the window's sums read from the device, an
-//! evaluation, the metrics line and file, and the first report at quality
-//! (time to quality).
+//! The trainer's reports: the window's sums read from the device, the
+//! evaluator called, the metrics line and file written, the first report
+//! at quality found (time to quality), the run stopped after
+//! `MAX_DIVERGED_REPORTS` reports with no finite step, and the next report
+//! scheduled.
 
 use std::time::Instant;
 
@@ -8,12 +10,16 @@ use flgfn_common::policy::Policy;
 use tch::Tensor;
 use tracing::{info, warn};
 
-use super::{MAX_DIVERGED_REPORTS, Progress, Trainer, divergence_remedy};
+use super::{Progress, Trainer, divergence_remedy};
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
 use crate::ingest::IngestStats;
 use crate::quality_probes::QualityProbes;
 use crate::report::Report;
+
+/// Reports in a row whose every step had a non-finite loss before training
+/// stops.
+const MAX_DIVERGED_REPORTS: u32 = 3;
 
 impl Trainer {
     /// When quality was first reached, found by the report at `report_wall`:
