@@ -1,7 +1,10 @@
-//! Checks made before a run starts serving: that the run fits its limits
-//! (the weights in one message, an evaluation in memory, a trajectory in
-//! a session), that the learner is not exposed without a token, and that
-//! its local actors fit its connection limit.
+//! Checks made before the learner takes actors: that the run fits its
+//! limits (the weights in one message, an evaluation in memory, a
+//! trajectory in a session), that the learner is not exposed without a
+//! token, and that its local actors fit its session and connection
+//! limits. Settings allowed but risky (no token where allowed, a token
+//! without TLS, a lag bound or evaluation size that would mislead) are
+//! warned about.
 
 use flgfn_common::auth;
 use flgfn_common::config::{Config, ConfigError};
@@ -9,7 +12,6 @@ use flgfn_common::env::Environment;
 use tracing::warn;
 
 use crate::error::LearnerError;
-
 use crate::{evaluator, launcher};
 
 /// More local actors than the learner serves at once are refused, naming

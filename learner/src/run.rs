@@ -33,8 +33,7 @@ use crate::publisher::Publisher;
 use crate::report::MetricsFile;
 use crate::service::{LearnerService, LearnerState};
 use crate::session::IngestPool;
-use crate::trainer::Trainer;
-use crate::trainer::{EndedBy, TrainingOutcome};
+use crate::trainer::{EndedBy, Trainer, TrainingOutcome};
 use crate::transport::{
     HEALTH_REQUEST_BYTES, accepted_handshake_bytes, accepted_message_bytes, secured_transport,
     token_check,
