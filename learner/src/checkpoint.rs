@@ -39,6 +39,7 @@ use flgfn_common::weights::{self, NamedArray};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::durable_file::{self, FileError, create_dir_durably, temporary_name};
 use crate::error::LearnerError;
 
 /// Version of the checkpoint layout; a different one is refused.
@@ -284,11 +285,6 @@ fn named_step(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// The file `name` is written as before its rename.
-fn temporary_name(name: &str) -> String {
-    format!(".{name}.tmp")
-}
-
 /// The file a learner writes and deletes at start, to find a folder it
 /// cannot write in (see [`lock`]).
 const WRITE_PROBE: &str = "write-probe";
@@ -364,10 +360,10 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
         )));
     }
     let made_folders = create_dir_durably(dir).map_err(|error| match error {
-        LearnerError::Checkpoint(why) => {
-            LearnerError::Checkpoint(format!("{why} (learner.checkpoint_dir)"))
+        FileError::Io { .. } => {
+            LearnerError::Checkpoint(format!("{error} (learner.checkpoint_dir)"))
         }
-        other => other,
+        error => checkpoint_error(error),
     })?;
     let not_writable = |path: &Path, e: std::io::Error| {
         LearnerError::Checkpoint(format!(
@@ -538,106 +534,28 @@ pub fn remove_unfinished_writes(dir: &Path) -> usize {
     removed
 }
 
-/// A failed file operation on `path`, named by it. A file where a folder
-/// should be (the folder replaced while the learner runs, say) is said as
-/// such, not as "Not a directory" alone.
+/// A file error in the checkpoint folder, with what the user can change
+/// where a file is in the way.
+fn checkpoint_error(error: FileError) -> LearnerError {
+    match error {
+        FileError::NotAFolder { path } => LearnerError::Checkpoint(format!(
+            "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file): move it away, or choose another learner.checkpoint_dir",
+            path.display()
+        )),
+        error => LearnerError::Checkpoint(error.to_string()),
+    }
+}
+
+/// A failed file operation in the checkpoint folder, named by its path.
 fn io_error(path: &Path, source: std::io::Error) -> LearnerError {
-    if source.kind() == std::io::ErrorKind::NotADirectory {
-        // The file in the way: `path`, or the folder it was to be in.
-        let file = path
-            .ancestors()
-            .find(|at| at.exists() && !at.is_dir())
-            .unwrap_or(path);
-        return not_a_folder(file);
-    }
-    LearnerError::Checkpoint(format!("{}: {source}", path.display()))
+    checkpoint_error(FileError::at(path, source))
 }
 
-fn not_a_folder(path: &Path) -> LearnerError {
-    LearnerError::Checkpoint(format!(
-        "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file): move it away, or choose another learner.checkpoint_dir",
-        path.display()
-    ))
-}
-
-/// The folder holding `path`: `.` for a bare name ("checkpoints" has
-/// the working directory as its parent, ""), None for a root.
-pub(crate) fn parent_of(path: &Path) -> Option<&Path> {
-    path.parent().map(|parent| {
-        if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        }
-    })
-}
-
-/// Makes `dir` and any missing parents, each new folder's entry synced to
-/// the disk in its parent: else a crash could lose the folders with the
-/// files written into the innermost. Returns the folders made, `dir` first.
-fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, LearnerError> {
-    if dir.is_dir() {
-        return Ok(Vec::new());
-    }
-    // The folders about to be made, up to the first that exists.
-    let mut missing = vec![dir];
-    while let Some(parent) = missing.last().and_then(|folder| parent_of(folder))
-        && !parent.is_dir()
-        && parent != Path::new(".")
-    {
-        missing.push(parent);
-    }
-    fs::create_dir_all(dir).map_err(|e| {
-        // "File exists" would hide what is wrong: a file (or a link to
-        // one) where the folder should be.
-        if e.kind() == std::io::ErrorKind::AlreadyExists
-            && let Some(file) = missing.iter().find(|folder| folder.exists())
-        {
-            return not_a_folder(file);
-        }
-        io_error(dir, e)
-    })?;
-    for folder in missing.iter().rev() {
-        let parent = parent_of(folder).unwrap_or(Path::new("."));
-        match File::open(parent).and_then(|d| d.sync_all()) {
-            Ok(()) => {}
-            // A parent that may be written but not read (mode 1733: a
-            // shared drop folder) cannot be opened to sync; the folder is
-            // made, only its durability is best effort there.
-            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
-                tracing::warn!(
-                    folder = %folder.display(),
-                    parent = %parent.display(),
-                    "could not sync the new folder's entry in its parent (permission denied): a crash of the machine may lose the folder"
-                );
-            }
-            Err(error) => return Err(io_error(parent, error)),
-        }
-    }
-    Ok(missing.into_iter().map(Path::to_path_buf).collect())
-}
-
-/// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
-/// fsync of the directory (made first if missing, durably).
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
-    create_dir_durably(dir)?;
-    let path = dir.join(name);
-    let temporary = dir.join(temporary_name(name));
-    let written = File::create(&temporary).and_then(|mut file| {
-        file.write_all(bytes)?;
-        file.sync_all()
-    });
-    if let Err(error) = written {
-        // A full disk stays full of a checkpoint-sized part file
-        // otherwise, until the next start.
-        let _ = fs::remove_file(&temporary);
-        return Err(io_error(&temporary, error));
-    }
-    fs::rename(&temporary, &path).map_err(|e| io_error(&path, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error(dir, e))?;
-    Ok(path)
+/// Writes one file of the checkpoint folder (a checkpoint, the final
+/// weights, the version floor) whole or not at all, making the folder
+/// where it is missing.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, LearnerError> {
+    durable_file::write_atomically(dir, name, bytes).map_err(checkpoint_error)
 }
 
 /// The state's real numbers and the step known sound, as a run writes
@@ -704,7 +622,7 @@ pub fn save(
     ]);
     let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata)
         .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the tensors: {e}")))?;
-    let path = write_atomically(dir, &file_name(state.step), &bytes)?;
+    let path = write_file(dir, &file_name(state.step), &bytes)?;
     prune(dir, keep)?;
     Ok(path)
 }
@@ -1186,7 +1104,7 @@ pub fn read_version_floor(dir: &Path) -> Result<u64, LearnerError> {
 
 /// Records that versions below `floor` may have been published.
 pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
-    write_atomically(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
+    write_file(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
 }
 
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
@@ -1518,8 +1436,11 @@ mod tests {
         let deep = dir.join("a").join("b").join("c");
         save(&deep, &state(100), &arrays(1.0), keep(2)).unwrap();
         assert_eq!(load_latest(&deep).unwrap().unwrap().state.step, 100);
-        assert_eq!(parent_of(Path::new("checkpoints")), Some(Path::new(".")));
-        assert_eq!(parent_of(Path::new("/")), None);
+        assert_eq!(
+            durable_file::parent_of(Path::new("checkpoints")),
+            Some(Path::new("."))
+        );
+        assert_eq!(durable_file::parent_of(Path::new("/")), None);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1661,9 +1582,25 @@ mod tests {
         let error = fs::write(&inside, b"x").unwrap_err();
         let message = io_error(&inside, error).to_string();
         assert!(
-            message.contains(&format!("{}: not a folder", folder.display())),
+            message.contains(&format!(
+                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file)",
+                folder.display()
+            )),
             "{message}"
         );
+        // And where the folder is to be made, or a file written in it.
+        for error in [
+            lock(&folder.join("deeper")).err().unwrap(),
+            write_file(&folder, FINAL_WEIGHTS, b"x").unwrap_err(),
+        ] {
+            assert!(
+                error.to_string().contains(&format!(
+                    "{}: not a folder (learner.checkpoint_dir",
+                    folder.display()
+                )),
+                "{error}"
+            );
+        }
         fs::remove_dir_all(&parent).unwrap();
     }
 

@@ -26,6 +26,8 @@
 //! - [`adam`]: Adam with its state in our hands (checkpoints save it).
 //! - [`checkpoint`]: atomic, checksummed checkpoints; resume picks the
 //!   newest intact one.
+//! - [`durable_file`]: files written whole or not at all, and synced
+//!   (checkpoints, the run's summary, an experiment's tables).
 //! - [`resume`]: a run taking up its checkpoint folder: the lock, the
 //!   checks that a checkpoint is this run's, the versions continued.
 //! - [`publisher`]: weight versions as device-side copies, serialised once,
@@ -51,6 +53,7 @@ pub mod checkpoint;
 pub mod connections;
 pub mod credits;
 pub mod delay_proxy;
+pub mod durable_file;
 pub mod error;
 pub mod evaluator;
 pub mod experiment;

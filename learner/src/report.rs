@@ -380,11 +380,11 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Lear
     };
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| error(e.into()))?;
     text.push(b'\n');
-    let (dir, name) = match (crate::checkpoint::parent_of(path), path.file_name()) {
+    let (dir, name) = match (crate::durable_file::parent_of(path), path.file_name()) {
         (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
         _ => return Err(error(std::io::Error::other("not a file path"))),
     };
-    crate::checkpoint::write_atomically(dir, &name, &text)?;
+    crate::durable_file::write_atomically(dir, &name, &text).map_err(|e| error(e.into()))?;
     Ok(())
 }
 

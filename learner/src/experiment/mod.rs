@@ -46,7 +46,7 @@ use anyhow::{Context, bail};
 use flgfn_common::config::Config;
 use flgfn_common::tasks;
 
-use crate::checkpoint::write_atomically;
+use crate::durable_file::write_atomically;
 use crate::report::Report;
 pub use suites::{SUITES, Suite, suite};
 

@@ -65,7 +65,7 @@ impl Trainer {
             return Ok(());
         };
         self.save_last_checkpoint(dir, training)?;
-        let path = checkpoint::write_atomically(dir, checkpoint::FINAL_WEIGHTS, weights)?;
+        let path = checkpoint::write_file(dir, checkpoint::FINAL_WEIGHTS, weights)?;
         info!(path = %path.display(), version = training.progress.version, "final weights saved");
         Ok(())
     }
