@@ -70,7 +70,7 @@ pub mod codec {
             // (no larger setting would help, unlike a message over
             // max_message_bytes).
             return Err(Status::failed_precondition(format!(
-                "the handshake takes {bytes} bytes, more than this learner takes ({limit}: its own task and model descriptions, plus 64 KiB for names): the actor's task or model is not the learner's"
+                "the handshake takes {bytes} bytes, more than this learner takes ({limit}: its own task and model descriptions, plus 64 KiB for names): the actor's task or model is not the learner's (or its actor_name is longer than 64 KiB)"
             )));
         }
         Ok(())

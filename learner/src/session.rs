@@ -495,7 +495,9 @@ impl Session {
                     }
                 }
                 message = self.inbound.message() => {
-                    let message = message.inspect_err(|status| self.count_unreadable(status))?;
+                    let message = message
+                        .map_err(framing_fault_as_sender_error)
+                        .inspect_err(|status| self.count_unreadable(status))?;
                     let Some(message) = message else {
                         // The actor closed its side, leaving; or its
                         // connection was closed under the session (hyper
@@ -826,8 +828,9 @@ impl Session {
     /// still a refused chunk. A vanished actor is not.
     fn count_unreadable(&self, status: &Status) {
         let reason = match status.code() {
-            // (The codec reports undecodable bytes as INVALID_ARGUMENT; an
-            // INTERNAL here is a broken connection, not the actor's data.)
+            // (The codec reports undecodable bytes as INVALID_ARGUMENT, and
+            // framing faults are made so; an INTERNAL here is a broken
+            // connection, not the actor's data.)
             Code::InvalidArgument => Some("undecodable"),
             Code::OutOfRange | Code::ResourceExhausted => Some("too_large"),
             _ => None,
@@ -844,6 +847,24 @@ impl Session {
             }
         }
     }
+}
+
+/// tonic reports a fault in how a message is framed (the compressed
+/// flag set where no `grpc-encoding` was agreed, a flag other than 0 or 1,
+/// a stream that ends inside a message) as INTERNAL, which the protocol
+/// keeps for the learner's own faults, retried by actors: an actor with
+/// a framing bug would retry for ever, and the log would blame the
+/// learner. They are the sender's: INVALID_ARGUMENT, counted as
+/// undecodable. (Matched by tonic's words, which a test pins.)
+fn framing_fault_as_sender_error(status: Status) -> Status {
+    let message = status.message();
+    if status.code() == Code::Internal
+        && (message.starts_with("protocol error:")
+            || message.starts_with("Unexpected EOF decoding stream"))
+    {
+        return Status::invalid_argument(format!("the chunk's gRPC framing is invalid: {message}"));
+    }
+    status
 }
 
 #[cfg(test)]

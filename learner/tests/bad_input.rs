@@ -906,6 +906,82 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
     learner.await.unwrap().unwrap();
 }
 
+/// A chunk whose gRPC framing is broken is the actor's fault, not the
+/// learner's: INVALID_ARGUMENT naming the framing (tonic says INTERNAL,
+/// which actors retry for ever), counted as undecodable; the learner
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
+    let config = config();
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    // The 5-byte prefix of a gRPC message: flag, then length (big-endian).
+    let framed =
+        |flag: u8, length: u32, body: &[u8]| [&[flag][..], &length.to_be_bytes(), body].concat();
+    for (case, body) in [
+        ("compressed, none agreed", framed(1, 2, &[0x08, 0x01])),
+        ("an unknown flag", framed(7, 2, &[0x08, 0x01])),
+        ("the stream ends inside a message", framed(0, 100, &[0; 10])),
+    ] {
+        let issued = shake_hands(&mut client, &config).await;
+        let (code, message) = session_of_raw_bytes(&url, &issued, body).await;
+        assert_eq!(code, Code::InvalidArgument, "{case}: {message}");
+        assert!(
+            message.contains("gRPC framing is invalid"),
+            "{case}: {message}"
+        );
+    }
+    // Served as before.
+    shake_hands(&mut client, &config).await;
+    drop(stop);
+    let outcome = finished_within(learner, 60, "the learner stops").await;
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(rejections.get("undecodable"), Some(&3), "{rejections:?}");
+    assert_eq!(outcome.final_report.rejected_chunks, 3);
+}
+
+/// Opens `issued`'s session over a bare HTTP/2 connection, sends `body`
+/// as the whole request stream, and returns the call's status: its code
+/// and message.
+async fn session_of_raw_bytes(url: &str, issued: &Issued, body: Vec<u8>) -> (Code, String) {
+    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}/flgfn.v1.Learner/Session"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(ACTOR_ID_HEADER, issued.actor_id.to_string())
+        .header(SESSION_KEY_HEADER, issued.key.as_str())
+        .header(TRAJECTORIES_PER_CHUNK_HEADER, "1")
+        .body(())
+        .unwrap();
+    let mut sender = sender.ready().await.unwrap();
+    let (response, mut upload) = sender.send_request(request, false).unwrap();
+    upload.send_data(body.into(), true).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .expect("the learner answers")
+        .unwrap();
+    // The status: in the headers of a trailers-only answer, else in the
+    // trailers after the grants.
+    let (head, mut grants) = response.into_parts();
+    let trailers = if head.headers.contains_key("grpc-status") {
+        head.headers
+    } else {
+        while let Some(data) = grants.data().await {
+            let data = data.unwrap();
+            let _ = grants.flow_control().release_capacity(data.len());
+        }
+        grants.trailers().await.unwrap().expect("trailers")
+    };
+    let status = Status::from_header_map(&trailers).expect("a grpc-status");
+    (status.code(), status.message().to_owned())
+}
+
 /// A structurally valid chunk made wrong in one of several ways, and the
 /// name of the way.
 fn corrupted(
