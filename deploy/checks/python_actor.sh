@@ -10,7 +10,7 @@
 # learner started again, which goes on from the step it stopped at. An
 # actor refused for good (no
 # token) exits 1 with the refusal in one line; one that gives up on an
-# unreachable learner exits 75; one told to stop (SIGTERM) hands over its
+# unreachable learner exits 75 (at once where nothing listens); one told to stop (SIGTERM) hands over its
 # last chunk, leaves the session and exits 0. Last, the weight and
 # setting checks, without a learner, and a scripted learner that takes
 # handshakes only as calls of their own. Its requirements go into a venv
@@ -34,10 +34,11 @@ cargo build --release --quiet --bin flgfn-learner
 work="$(mktemp -d)"
 learner_pid=""
 actor_pid=""
+silent_pid=""
 cleanup() {
     # Waited for: a learner stopped by SIGTERM writes its final checkpoint
     # into $work, which would outlive the rm otherwise.
-    for pid in $learner_pid $actor_pid; do
+    for pid in $learner_pid $actor_pid $silent_pid; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
@@ -269,16 +270,40 @@ wait_at_most "$learner_pid" 30 || true
 learner_pid=""
 
 # Gives up on a learner nobody serves: status 75 (EX_TEMPFAIL, as the Rust
-# actor), the cause in one line.
+# actor), the cause in one line. A refused connection is a failed attempt
+# at once, not after --connect-timeout: two attempts of 30 s would outlast
+# the timeout.
 port="$(free_port)"
 status=0
-timeout 60 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
-    --envs 4 --reconnect-attempts 2 --connect-timeout 0.5 >"$work/actor-4.log" 2>&1 || status=$?
-if [ "$status" -eq 75 ] && grep -q "^flgfn_actor: gave up after 2 attempts: no answer from 127.0.0.1:$port" "$work/actor-4.log" &&
+timeout 20 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 4 --reconnect-attempts 2 --connect-timeout 30 >"$work/actor-4.log" 2>&1 || status=$?
+if [ "$status" -eq 75 ] &&
+    grep -q "^flgfn_actor: gave up after 2 attempts: UNAVAILABLE: cannot connect to 127.0.0.1:$port: Connection refused" "$work/actor-4.log" &&
     ! grep -q "Traceback" "$work/actor-4.log"; then
-    echo "python_actor: ok: with no learner, the actor gave up after its attempts with status 75, naming the address"
+    echo "python_actor: ok: with nothing listening, the actor gave up after its attempts with status 75, at once, naming the address"
 else
     failed "an actor with no learner exited $status" "$work/actor-4.log"
+fi
+
+# An address that takes connections and never answers (a firewall, a
+# learner too busy): each attempt waits --connect-timeout, then says so.
+"$venv/bin/python" -c 'import socket, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(64)
+print(s.getsockname()[1], flush=True); time.sleep(600)' >"$work/silent.port" &
+silent_pid=$!
+for _ in $(seq 1 100); do
+    if [ -s "$work/silent.port" ]; then break; fi
+    sleep 0.1
+done
+port="$(cat "$work/silent.port")"
+status=0
+timeout 60 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 4 --reconnect-attempts 2 --connect-timeout 0.5 >"$work/actor-4a.log" 2>&1 || status=$?
+if [ "$status" -eq 75 ] && grep -q "^flgfn_actor: gave up after 2 attempts: no answer from 127.0.0.1:$port" "$work/actor-4a.log" &&
+    ! grep -q "Traceback" "$work/actor-4a.log"; then
+    echo "python_actor: ok: with an address that never answers, the actor gave up after its attempts with status 75, naming the address"
+else
+    failed "an actor of an address that never answers exited $status" "$work/actor-4a.log"
 fi
 
 # Told to stop while it waits for a learner: not a failed attempt (status
@@ -324,6 +349,15 @@ for token in '"0123456789abcdef0123"' 'FLGFN_TOKEN=0123456789abcdef0123'; do
     fi
 done
 echo "python_actor: ok: --hidden of no widths and a token in quotes or as a .env line are refused at start, by name"
+# Without its requirements (-S: no site-packages), one line saying what
+# to install, not a traceback; --help too.
+status=0
+python3 -S examples/python_actor/flgfn_actor.py --help >"$work/actor-bare.log" 2>&1 || status=$?
+if ! { [ "$status" -eq 1 ] && grep -q "is not installed: install the requirements first" "$work/actor-bare.log" &&
+    ! grep -q "Traceback" "$work/actor-bare.log"; }; then
+    failed "the actor without its requirements exited $status" "$work/actor-bare.log"
+fi
+echo "python_actor: ok: without its requirements, the actor says what to install"
 
 # Told to stop (SIGTERM, as compose, Kubernetes and Slurm send): the actor
 # finishes its rollout, hands the chunk over, leaves the session (the

@@ -35,8 +35,15 @@ import tempfile
 import threading
 import time
 
-import grpc
-import numpy as np
+try:
+    import grpc
+    import grpc_tools  # noqa: F401 (compiles the proto at start)
+    import numpy as np
+except ModuleNotFoundError as missing:
+    sys.exit(f"{os.path.basename(__file__)}: the Python module {missing.name!r} is not "
+             f"installed: install the requirements first, e.g. python3 -m venv venv && "
+             f"venv/bin/pip install -r "
+             f"{os.path.join(os.path.dirname(os.path.abspath(__file__)), 'requirements.txt')}")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.join(HERE, "..", "..", "proto")
@@ -280,6 +287,26 @@ class GaveUp(RuntimeError):
     """--reconnect-attempts failed connections in a row."""
 
 
+class Unreachable(grpc.RpcError):
+    """The learner's address takes no connection (refused: nothing
+    listening there; no route; a name that does not resolve), found at
+    once rather than after connect_timeout_s, as the Rust actor does:
+    a failed attempt like any other."""
+
+    def __init__(self, why):
+        super().__init__(why)
+        self.why = why
+
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return self.why
+
+    def trailing_metadata(self):
+        return ()
+
+
 class NoAnswer(grpc.RpcError):
     """No answer to a session's opening within connect_timeout_s: what a
     Handshake call's deadline says in that case."""
@@ -363,6 +390,26 @@ def answers_as_tls(learner, timeout):
         return False
 
 
+def connection_refused(learner, timeout):
+    """Why a TCP connection to `learner` (host:port) fails at once, or
+    None: it opened, or took longer than `timeout` (the gRPC call then
+    waits for it as usual). Asked before each session, so that a learner
+    that is not there is retried with backoff, not waited for."""
+    address = HOST_PORT.fullmatch(learner)
+    if not address:
+        return None
+    host = address.group(1).strip("[]")
+    try:
+        with socket.create_connection((host, int(address.group(2))), timeout=timeout):
+            return None
+    except TimeoutError:
+        return None
+    except socket.gaierror as error:
+        return f"cannot resolve {host}: {error.strerror}"
+    except (OSError, ValueError) as error:
+        return f"cannot connect to {learner}: {getattr(error, 'strerror', None) or error}"
+
+
 def is_final(error):
     trailers = error.trailing_metadata() or ()
     if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
@@ -389,6 +436,7 @@ class Actor:
         self.task, self.hidden, self.envs, self.name = task, hidden, envs, name
         self.epsilon, self.truncate_fraction = epsilon, truncate_fraction
         self.connect_timeout_s = connect_timeout_s
+        self.learner = learner
         self.rng = np.random.default_rng(seed)
         # No limits of this side's own (-1): the learner's apply, as for
         # the Rust actor. It sends no weights over its max_message_bytes,
@@ -519,6 +567,9 @@ class Actor:
 
             return outbox, chunks()
 
+        if why := connection_refused(self.learner,
+                                     min(self.connect_timeout_s, TLS_PROBE_TIMEOUT_S)):
+            raise Unreachable(why)
         outbox, chunks = upload()
         opened = None
         # (One that truncates every trajectory learns whether the learner
@@ -854,7 +905,7 @@ def main():
                         help="failed connections in a row before giving up, with exit "
                              f"status {EXIT_LEARNER_UNREACHABLE} (0: never)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                        help="seconds each attempt waits for the learner")
+                        help="seconds each attempt waits for the learner to answer (a refused connection fails at once)")
     args = parser.parse_args()
     if bad := out_of_range(args.reconnect_attempts, args.epsilon, args.truncate_fraction,
                            args.envs):
