@@ -1102,7 +1102,8 @@ pub fn read_version_floor(dir: &Path) -> Result<u64, LearnerError> {
     }
 }
 
-/// Records that versions below `floor` may have been published.
+/// Records that versions up to `floor` may have been published (a clean
+/// stop writes its final version as the floor).
 pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
     write_file(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
 }

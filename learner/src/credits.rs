@@ -420,19 +420,19 @@ impl CreditPool {
         (2 * batch).max(batch + self.largest_chunk.load(Ordering::Relaxed))
     }
 
-    /// Reserves `amount` if it fits the room. Also when it does not, while
-    /// less than the batch being built is reserved in all: that batch must
-    /// always be able to fill, even when chunks came in smaller than their
-    /// reservations (truncated trajectories) or a chunk is larger than the
-    /// room.
+    /// [`try_reserve_leaving`](Self::try_reserve_leaving) with nothing kept.
     #[cfg(test)]
     pub(crate) fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<CreditToken> {
         self.try_reserve_leaving(amount, None)
     }
 
-    /// [`try_reserve`](Self::try_reserve), leaving `kept` free for a
-    /// session waiting for room for a larger chunk: then only within the
-    /// room, never past it for the batch (that session's chunk fills it).
+    /// Reserves `amount` if it fits the room. Also when it does not, while
+    /// less than the batch being built is reserved in all: that batch must
+    /// always be able to fill, even when chunks came in smaller than their
+    /// reservations (truncated trajectories) or a chunk is larger than the
+    /// room. With `kept`, leaves that much free for a session waiting for
+    /// room for a larger chunk: then only within the room, never past it
+    /// for the batch (that session's chunk fills it).
     fn try_reserve_leaving(
         self: &Arc<Self>,
         amount: u64,

@@ -276,8 +276,10 @@ pub enum LearnerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// The trainer thread panicked or could not start.
-    #[error("trainer thread: {0}")]
+    /// Training failed: the model diverged, libtorch failed, or a thread
+    /// of the trainer's (the trainer, the batch builder) panicked or
+    /// could not start.
+    #[error("training: {0}")]
     Trainer(String),
     /// A checkpoint could not be written, or none could be read back.
     #[error("checkpoint: {0}")]

@@ -1,4 +1,7 @@
-//! Progress reports: one tracing line and one JSON object per report.
+//! Progress reports: one tracing line and one JSON object per report; the
+//! metrics file they go to (locked for the run, an earlier run's reports
+//! set aside, a resumed run's cut back to its step); and the run's
+//! summary written beside it as the run ends.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
@@ -243,7 +246,7 @@ impl Report {
             (value * scale).round() / scale
         };
         let measure = |value: Option<f64>| value.map(|value| round(value, 4));
-        let loss = |count: u64| (count > 0).then_some(count);
+        let nonzero = |count: u64| (count > 0).then_some(count);
         tracing::info!(
             step = self.step,
             wall_s = round(self.wall_s, 2),
@@ -262,11 +265,11 @@ impl Report {
             data_wait_fraction = round(self.data_wait_fraction, 2),
             mean_batch_transitions = self.mean_batch_transitions.round() as u64,
             version = self.version,
-            skipped_batches = loss(self.skipped_batches),
-            stale_transitions = loss(self.stale_transitions),
-            rejected_chunks = loss(self.rejected_chunks),
-            lost_chunks = loss(self.lost_chunks),
-            stalled_sessions = loss(self.stalled_sessions),
+            skipped_batches = nonzero(self.skipped_batches),
+            stale_transitions = nonzero(self.stale_transitions),
+            rejected_chunks = nonzero(self.rejected_chunks),
+            lost_chunks = nonzero(self.lost_chunks),
+            stalled_sessions = nonzero(self.stalled_sessions),
             "report"
         );
     }
@@ -516,12 +519,6 @@ fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
 }
 
 impl MetricsFile {
-    /// Creates the file (an earlier run's reports in it moved beside, see
-    /// [`MetricsFile::open`]).
-    pub fn create(path: &Path) -> Result<Self, LearnerError> {
-        Self::open(path, None)
-    }
-
     /// Opens the file: with `resumed_at` (a run resuming at that step), it
     /// keeps the reports up to that step and appends; otherwise it
     /// moves what it holds to `<path>.<n>` (see [`set_aside`]) and

@@ -595,7 +595,9 @@ impl Running {
         let batcher = std::thread::Builder::new()
             .name("flgfn-batcher".to_owned())
             .spawn(move || batcher.run())
-            .map_err(|e| LearnerError::Trainer(e.to_string()))?;
+            .map_err(|e| {
+                LearnerError::Trainer(format!("cannot start the batch builder thread: {e}"))
+            })?;
         let checkpoints_off = checkpoint_dir.is_none();
         let training_done = publisher.done();
         let trainer = Trainer {
@@ -622,7 +624,7 @@ impl Running {
             .spawn(move || {
                 let _ = done_sender.send(trainer.run());
             })
-            .map_err(|e| LearnerError::Trainer(e.to_string()))?;
+            .map_err(|e| LearnerError::Trainer(format!("cannot start the trainer thread: {e}")))?;
 
         // The checkpoint is loaded and the trainer runs: actors are welcome.
         health.set_serving::<LearnerServer<LearnerService>>().await;

@@ -313,7 +313,7 @@ fn run_or_keep(
         None
     };
     if let Some(why) = &why_aside {
-        let aside = set_aside(out, &dir, &spec.name())?;
+        let aside = set_aside(out, &dir, &spec.name(), why)?;
         flgfn_common::outln!(
             "{label}: {why}; starting over (the old run is now {})",
             aside.display()
@@ -409,14 +409,15 @@ fn judge(
 /// A run's configuration file, in its folder.
 const CONFIG_FILE: &str = "config.toml";
 
-/// Where run folders made with another configuration go, under the
-/// suite's folder.
+/// Where run folders made with another configuration or by another build
+/// go, under the suite's folder.
 pub const REPLACED_DIR: &str = "replaced";
 
-/// Moves run folder `dir` (named `name`) to `out/replaced/<name>-<unix
-/// seconds>`, so that the run starting over in its place deletes nothing
-/// an earlier configuration finished. Returns where it went.
-fn set_aside(out: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+/// Moves run folder `dir` (named `name`; `why`: made with another
+/// configuration, say) to `out/replaced/<name>-<unix seconds>`, so that
+/// the run starting over in its place deletes nothing an earlier one
+/// finished. Returns where it went.
+fn set_aside(out: &Path, dir: &Path, name: &str, why: &str) -> anyhow::Result<PathBuf> {
     let replaced = out.join(REPLACED_DIR);
     std::fs::create_dir_all(&replaced)
         .with_context(|| format!("cannot create {}", replaced.display()))?;
@@ -431,7 +432,7 @@ fn set_aside(out: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     }
     std::fs::rename(dir, &target).with_context(|| {
         format!(
-            "cannot move {} (made with another configuration) to {}",
+            "cannot move {} ({why}) to {}",
             dir.display(),
             target.display()
         )
@@ -491,7 +492,8 @@ fn finished(spec: &RunSpec, reports: &[Report]) -> bool {
 
 /// Starts one learner with its local actors and waits for it, printing
 /// its progress (the latest report) every few seconds. `fresh`: what the
-/// folder holds was made with another configuration; start over. A
+/// folder holds was made with another configuration or by another build
+/// (and is set aside); start over. A
 /// learner that neither reports (its metrics file grows) nor checkpoints
 /// for `stall_timeout` is killed.
 fn run_one(
