@@ -1,0 +1,297 @@
+use crate::report::Report;
+
+use super::results::{finished, on_grid};
+use super::runner::{CONFIG_FILE, judge, run_config, written_config_matches};
+use super::tables::field;
+use super::*;
+
+fn report(step: u64, at_quality: bool, top: f64) -> Report {
+    Report {
+        step,
+        wall_s: step as f64 / 100.0,
+        at_quality: Some(at_quality),
+        top100_mean_reward: top,
+        logz_exact: Some(1.0),
+        ..Report::default()
+    }
+}
+
+/// A run is finished by its reports, as a later start and
+/// `--plot-only` judge it, whatever its learner's exit.
+#[test]
+fn a_run_is_judged_by_its_reports() {
+    let spec = suite("smoke").unwrap().runs(1, Some(300))[0].clone();
+    let complete = || Ok(vec![report(100, false, 0.0), report(300, true, 0.0)]);
+    let cut_short = || Ok(vec![report(100, false, 0.0)]);
+    let failed = || Err(anyhow::anyhow!("exit status: 1"));
+    assert_eq!(judge(&spec, "run", Ok(()), complete()).unwrap().0.len(), 2);
+    assert_eq!(
+        judge(&spec, "run", failed(), complete()).unwrap().0.len(),
+        2
+    );
+    let error = judge(&spec, "run", Ok(()), cut_short()).unwrap_err();
+    assert_eq!(error.to_string(), "run stopped at step 100 of 300");
+    let error = judge(&spec, "run", failed(), cut_short()).unwrap_err();
+    assert_eq!(error.to_string(), "exit status: 1");
+    let none = Err(anyhow::anyhow!("cannot read metrics.jsonl"));
+    assert!(judge(&spec, "run", failed(), none).is_err());
+    // Reports that reach the end with a diverged final policy: the
+    // learner's failure, not a finished run (nor at a later start).
+    let mut last = report(300, false, 0.0);
+    last.non_finite_draws = 7;
+    let diverged = || Ok(vec![report(100, false, 0.0), last.clone()]);
+    let error = judge(&spec, "run", failed(), diverged()).unwrap_err();
+    assert_eq!(error.to_string(), "exit status: 1");
+    assert!(!finished(&spec, &diverged().unwrap()));
+}
+
+/// A configuration whose every seed failed keeps its place in the
+/// suite, and its top-100 count reads 0 of its seeds: the ceiling is
+/// the task's, known without a finished run.
+#[test]
+fn a_configuration_that_only_failed_keeps_its_row() {
+    let specs = suite("paper-sets").unwrap().runs(1, Some(300));
+    let (first, second) = (specs[0].clone(), specs[1].clone());
+    assert!(first.position < second.position);
+    let finished = summarise(second.clone(), vec![report(300, true, 0.1)]).unwrap();
+    let table = summary_markdown(&[finished], std::slice::from_ref(&first));
+    let rows: Vec<&str> = table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with(&format!(
+            "| {} | {} | 0/1 | never | never | 0/1 | 0/1 |",
+            first.group, first.curve
+        )),
+        "{table}"
+    );
+    assert!(
+        rows[1].contains(&format!("| {} |", second.curve)),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_ceiling_beyond_f64_is_not_compared() {
+    let mut spec = suite("lattice").unwrap().runs(1, Some(300))[0].clone();
+    let flgfn_common::config::TaskConfig::Lattice(lattice) = &mut spec.config.task else {
+        panic!("a lattice suite");
+    };
+    // Energies down to about -2,400: exp(2,400) overflows.
+    lattice.coupling = 100.0;
+    let result = summarise(spec, vec![report(100, true, f64::MAX)]).unwrap();
+    assert_eq!(result.top_k_ceiling, None);
+    assert_eq!(result.to_top_k, None);
+    assert!(!summary_csv(&[result], &[], &[]).contains("inf"));
+}
+
+#[test]
+fn thresholds_are_the_first_report_that_meets_them() {
+    let spec = suite("paper-sets").unwrap().runs(1, Some(300))[0].clone();
+    let ceiling = 0.263281;
+    let reports = vec![
+        report(100, false, 0.2),
+        report(200, true, 0.99 * ceiling - 1e-4),
+        report(300, false, ceiling),
+    ];
+    let result = summarise(spec, reports).unwrap();
+    assert_eq!(result.to_quality, Some((200, 2.0)));
+    assert_eq!(result.to_top_k, Some((300, 3.0)));
+    assert!((result.top_k_ceiling.unwrap() - ceiling).abs() < 1e-5);
+    let table = summary_markdown(std::slice::from_ref(&result), &[]);
+    // At quality at 200, not at the last report (300).
+    assert!(table.contains("| 1/1 | 200 | 2.00 | 0/1 |"), "{table}");
+    // A failed run of the same curve counts among its seeds, and a
+    // value written as null (NaN here) is left out of the finals.
+    let mut result = result;
+    result.reports.last_mut().unwrap().marginal_tv = Some(0.05);
+    let mut nan = result.clone();
+    nan.spec.seed = 1;
+    nan.reports.last_mut().unwrap().marginal_tv = Some(f64::NAN);
+    let mut failed = result.spec.clone();
+    failed.seed = 2;
+    let table = summary_markdown(&[result, nan], &[failed]);
+    assert!(
+        table.contains("| 2/3 | 200 (200-200) | 2.00 (2.00-2.00) |"),
+        "{table}"
+    );
+    assert!(table.contains("| 0.0500 (1 of 2) |"), "{table}");
+    assert!(!table.contains("NaN"), "{table}");
+    let last_row = table.lines().rfind(|l| l.starts_with('|')).unwrap();
+    assert!(last_row.ends_with("| 1 |"), "{table}");
+    let csv = reports_csv(std::slice::from_ref(
+        &summarise(
+            suite("paper-sets").unwrap().runs(1, Some(300))[0].clone(),
+            vec![report(100, false, 0.2)],
+        )
+        .unwrap(),
+    ));
+    assert_eq!(csv.lines().count(), 2);
+    let header = csv.lines().next().unwrap().split(',').count();
+    assert_eq!(csv.lines().nth(1).unwrap().split(',').count(), header);
+}
+
+#[test]
+fn plot_only_counts_every_run_asked_for_that_did_not_finish() {
+    let out = std::env::temp_dir().join(format!("flgfn-plot-only-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let specs = suite("paper-sets").unwrap().runs(2, Some(300));
+    let (started, never) = (&specs[0], &specs[1]);
+    let dir = out.join("runs").join(started.name());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(CONFIG_FILE), run_config(started, &dir).to_toml()).unwrap();
+    let SuiteOutcome { results, failed } = load_results(&specs[..2], &out).unwrap();
+    assert!(results.is_empty());
+    let failed: Vec<(String, &str)> = failed
+        .iter()
+        .map(|(spec, why)| (spec.name(), why.as_str()))
+        .collect();
+    // The run never started is counted too: the table must not rest
+    // on fewer seeds than asked for without saying so.
+    assert_eq!(
+        failed,
+        [
+            (started.name(), "no report"),
+            (never.name(), "never started")
+        ]
+    );
+    // Nothing of these runs at all: an error, saying what to give.
+    let error = load_results(&specs[1..2], &out).unwrap_err().to_string();
+    assert!(error.contains("--suite, --seeds and --steps"), "{error}");
+    // Another --steps: the run's folder holds another configuration,
+    // and with nothing else of these runs, that is an error too.
+    let other = suite("paper-sets").unwrap().runs(2, Some(400));
+    assert_eq!(other[0].name(), started.name());
+    let error = load_results(&other[..1], &out).unwrap_err().to_string();
+    assert!(error.contains("--suite, --seeds and --steps"), "{error}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn csv_fields_with_commas_or_quotes_are_quoted() {
+    assert_eq!(field("small"), "small");
+    assert_eq!(field("small, 0% truncated"), "\"small, 0% truncated\"");
+    assert_eq!(field("say \"hi\""), "\"say \"\"hi\"\"\"");
+    let spec = suite("incomplete").unwrap().runs(1, Some(100))[0].clone();
+    assert!(spec.group.contains(','), "{}", spec.group);
+    let failed = suite("incomplete").unwrap().runs(1, Some(100))[1].clone();
+    let csv = summary_csv(
+        &[summarise(spec, vec![report(100, false, 0.2)]).unwrap()],
+        std::slice::from_ref(&failed),
+        &[],
+    );
+    let rows: Vec<&str> = csv.lines().collect();
+    assert!(rows[1].contains(",\"small, 0% truncated\","), "{csv}");
+    assert!(rows[1].ends_with(",0"), "{csv}");
+    // The failed run has its row, with its seed, flagged.
+    let flagged = rows[2];
+    assert!(
+        flagged.starts_with(&field(&failed.name())) && flagged.ends_with(",1"),
+        "{csv}"
+    );
+    // Every row has every column (the comma in the group quoted).
+    let columns = |row: &str| row.replace(&field(&failed.group), "g").split(',').count();
+    assert_eq!(columns(rows[0]), columns(flagged), "{csv}");
+}
+
+/// The tables say which builds made their figures, and which runs'
+/// learners failed after their last report; `summary.csv` has both,
+/// and whether each run ended at quality, per run.
+#[test]
+fn the_tables_name_builds_and_learner_failures() {
+    let specs = suite("smoke").unwrap().runs(2, Some(300));
+    let result = |spec: &RunSpec, builds: &[&str], failed: Option<&str>| RunResult {
+        record: RunRecord {
+            builds: builds.iter().map(|b| (*b).to_owned()).collect(),
+            learner_failed: failed.map(str::to_owned),
+        },
+        ..summarise(
+            spec.clone(),
+            vec![report(100, true, 0.0), report(300, true, 0.0)],
+        )
+        .unwrap()
+    };
+    let results = [
+        result(&specs[0], &["b1"], None),
+        result(&specs[1], &["b1"], Some("1 local actor(s) failed")),
+        result(&specs[2], &["b0", "b1"], None),
+        result(&specs[3], &[], None),
+    ];
+    let table = summary_markdown(&results, &[]);
+    for line in [
+        "- b1: 2 runs",
+        "- b0 + b1: 1 run",
+        "- unrecorded: 1 run",
+        &format!("- {}: 1 local actor(s) failed", specs[1].name()),
+    ] {
+        assert!(table.contains(line), "{line} in\n{table}");
+    }
+    assert!(
+        table.contains("| 2/2 | 100 (100-100) | 1.00 (1.00-1.00) | 2/2 |"),
+        "{table}"
+    );
+    let csv = summary_csv(&results, &[], std::slice::from_ref(&specs[0]));
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|r| r.split(',').collect())
+        .collect();
+    assert_eq!(rows[0][column("final_at_quality")], "1");
+    assert_eq!(rows[0][column("learner_failed")], "0");
+    assert_eq!(rows[1][column("learner_failed")], "1");
+    assert_eq!(rows[2][column("builds")], "b0 + b1");
+    assert_eq!(rows[3][column("builds")], "unrecorded");
+    assert_eq!(rows[3][column("pending")], "0");
+    // A run not done yet has its row, flagged pending, not failed.
+    assert_eq!(rows[4][column("run")], specs[0].name());
+    assert_eq!(
+        (rows[4][column("pending")], rows[4][column("failed")]),
+        ("1", "0")
+    );
+    assert_eq!(rows[4].len(), header.len());
+    // Only a run every part of which one build trained is that build's.
+    assert!(results[0].record.only_by("b1"));
+    assert!(!results[2].record.only_by("b1"));
+    assert!(!results[3].record.only_by("b1"));
+}
+
+/// Every run of every suite reads back as its own configuration: a
+/// round trip that differed would start every run over at every start.
+#[test]
+fn every_suite_run_recognises_its_written_configuration() {
+    let out = std::env::temp_dir().join(format!("flgfn-suite-configs-{}", std::process::id()));
+    for suite in SUITES {
+        for spec in suite.runs(2, None) {
+            let dir = out.join(spec.name());
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(CONFIG_FILE), run_config(&spec, &dir).to_toml()).unwrap();
+            assert_eq!(
+                written_config_matches(&spec, &dir),
+                Some(true),
+                "{} of {}",
+                spec.name(),
+                suite.name
+            );
+        }
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn reports_off_the_evaluation_grid_are_left_out() {
+    let mut spec = suite("paper-sets").unwrap().runs(1, Some(300))[0].clone();
+    spec.config.learner.eval_every_steps = 100;
+    let steps: Vec<u64> = on_grid(
+        &spec,
+        [100, 150, 200, 300].map(|s| report(s, false, 0.0)).to_vec(),
+    )
+    .iter()
+    .map(|r| r.step)
+    .collect();
+    assert_eq!(steps, [100, 200, 300]);
+}
