@@ -390,23 +390,30 @@ def answers_as_tls(learner, timeout):
         return False
 
 
+# What makes gRPC connect through a proxy.
+PROXY_VARIABLES = ("grpc_proxy", "https_proxy", "http_proxy")
+
+
 def connection_refused(learner, timeout):
     """Why a TCP connection to `learner` (host:port) fails at once, or
     None: it opened, or took longer than `timeout` (the gRPC call then
     waits for it as usual). Asked before each session, so that a learner
-    that is not there is retried with backoff, not waited for."""
+    that is not there is retried with backoff, not waited for. Not asked
+    where gRPC would go through a proxy (the learner may be reachable
+    only through it)."""
     address = HOST_PORT.fullmatch(learner)
-    if not address:
+    if not address or any(os.environ.get(proxy) for proxy in PROXY_VARIABLES):
         return None
     host = address.group(1).strip("[]")
     try:
         with socket.create_connection((host, int(address.group(2))), timeout=timeout):
             return None
-    except TimeoutError:
+    except (TimeoutError, socket.timeout):
+        # (socket.timeout is not TimeoutError before Python 3.10.)
         return None
     except socket.gaierror as error:
         return f"cannot resolve {host}: {error.strerror}"
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, OverflowError) as error:
         return f"cannot connect to {learner}: {getattr(error, 'strerror', None) or error}"
 
 

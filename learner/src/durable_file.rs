@@ -6,8 +6,8 @@
 //! over the final name, and the folder synced; missing folders are made
 //! first, each synced into its parent. Errors name the path, and say "not
 //! a folder" where a file is in the way, which the OS says only as "Not a
-//! directory". Each caller adds what its user can change (the checkpoint
-//! folder's key, an experiment's `--out`).
+//! directory". Callers add their context (the checkpoint folder names
+//! its key, the summary is the metrics file's).
 
 use std::fs::{self, File};
 use std::io::Write;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::durable_file::FileError;
 use crate::error::LearnerError;
 
 use super::Report;
@@ -113,6 +114,10 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Lear
         (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
         _ => return Err(error(std::io::Error::other("not a file path"))),
     };
-    crate::durable_file::write_atomically(dir, &name, &text).map_err(|e| error(e.into()))?;
+    crate::durable_file::write_atomically(dir, &name, &text).map_err(|e| match e {
+        // (The path is the error's already.)
+        FileError::Io { error: source, .. } => error(source),
+        not_a_folder => error(not_a_folder.into()),
+    })?;
     Ok(())
 }
