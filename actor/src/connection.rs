@@ -129,7 +129,7 @@ pub enum SessionError {
         /// The peer answered with something that is not HTTP/2: a server
         /// of another protocol, or a TLS learner answering plain text with
         /// a TLS alert (the actor then checks which, see
-        /// [`answers_as_tls`]).
+        /// `answers_as_tls`).
         not_http2: bool,
     },
 }

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //!
-//! - [`env`]: the [`Environment`](env::Environment) trait every task
+//! - [`env`](mod@env): the [`Environment`](env::Environment) trait every task
 //!   implements (encoding, masks, step, local energy, terminal test).
 //! - [`tasks`]: the tasks, one module each, and the registration that maps a
 //!   configuration to an environment.

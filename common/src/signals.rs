@@ -307,7 +307,7 @@ fn parent_death_is_signalled() -> bool {
 }
 
 /// Makes a child process started by `command` receive
-/// [`PARENT_DEATH_SIGNAL`] when its parent dies, however it dies (SIGKILL,
+/// `PARENT_DEATH_SIGNAL` when its parent dies, however it dies (SIGKILL,
 /// the OOM killer): local actors then drain and exit instead of retrying
 /// a learner that is gone, for ever, and an experiment's learner saves
 /// its checkpoint. Linux only (elsewhere a no-op). The signal follows the

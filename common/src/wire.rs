@@ -25,7 +25,7 @@ pub mod proto {
 /// answers `INTERNAL`, which tells a client the server broke), and that a
 /// chunk with more trajectories than the learner takes, or a handshake
 /// larger than it takes, is refused before it is decoded
-/// ([`refuse_chunks_beyond`], [`refuse_handshakes_beyond`]).
+/// ([`codec::refuse_chunks_beyond`], [`codec::refuse_handshakes_beyond`]).
 pub mod codec {
     use std::any::TypeId;
     use std::sync::atomic::{AtomicUsize, Ordering};

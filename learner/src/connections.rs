@@ -29,8 +29,8 @@
 //! TLS record starts with 0x16, the HTTP/2 preface with `P`) and whether
 //! tonic ever served it (it asks for [`ConnectionInfo`] once, after the
 //! handshake), and the learner counts and logs the mismatch, naming the
-//! peer and the fix ([`Transport::other_transport`],
-//! [`Transport::failed_handshake`]).
+//! peer and the fix (`Transport::other_transport`,
+//! `Transport::failed_handshake`).
 
 use std::future::Future;
 use std::io;
@@ -344,7 +344,7 @@ impl Drop for CallInProgress {
 }
 
 /// A gRPC service whose calls count as in progress on their connection
-/// ([`ConnectionInfo::call`]) from the request until the response's body
+/// (`ConnectionInfo::call`) from the request until the response's body
 /// ends: a unary call until it answers, a stream until its last message.
 #[derive(Debug, Clone)]
 pub struct CountsCalls<S>(pub S);

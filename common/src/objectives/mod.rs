@@ -23,7 +23,7 @@
 //! split of the output.
 //!
 //! Adding an objective: write its file, add an
-//! [`ObjectiveName`](crate::config::ObjectiveName) and a line to [`build`],
+//! [`ObjectiveName`] and a line to [`build`],
 //! and give it a label in the learner's experiment suites
 //! (`learner/src/experiment/suites.rs`, a `match` that will not compile
 //! without it).

@@ -1,7 +1,7 @@
 //! The tasks, one module each (a file, or a folder when the task carries an
 //! exact reference), and the one place that maps a configuration to an
 //! [`Environment`]. Adding a task: write its module, add a variant to
-//! [`TaskConfig`](crate::config::TaskConfig) and a line to [`build`].
+//! [`TaskConfig`] and a line to [`build`].
 
 pub mod lattice;
 pub mod set_generation;

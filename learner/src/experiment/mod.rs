@@ -67,7 +67,7 @@ pub struct RunSpec {
     /// One curve per distinct label within a group (e.g. the objective).
     pub curve: String,
     /// Repeat number, 0, 1, ... (the configuration's `seed` is this times
-    /// [`suites::SEED_STRIDE`]).
+    /// `SEED_STRIDE`, 2^20).
     pub seed: u64,
     /// Local actor processes.
     pub actors: usize,

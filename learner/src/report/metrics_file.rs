@@ -141,7 +141,7 @@ fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
 impl MetricsFile {
     /// Opens the file: with `resumed_at` (a run resuming at that step), it
     /// keeps the reports up to that step and appends; otherwise it
-    /// moves what it holds to `<path>.<n>` (see [`set_aside`]) and
+    /// moves what it holds to `<path>.<n>` (see `set_aside`) and
     /// empties it. Reports past the step a run resumes at describe
     /// training that is done again (the learner stopped after its last
     /// checkpoint): they go, so steps only ever increase. A last line torn
