@@ -513,21 +513,8 @@ impl Running {
             sequences: Default::default(),
             stopping_for_restart: AtomicBool::new(false),
         });
-        // Local actors whose chunks this learner would refuse are found out
-        // now, naming actor.envs, rather than each refused at its handshake
-        // once started.
-        if let Some(plan) = &options.local_actors
-            && !finished_already
-        {
-            let envs = config.actor.envs_for(env.as_ref()) as u64;
-            state
-                .check_chunk_size(envs, "actor.envs")
-                .map_err(|refusal| {
-                    LearnerError::LocalActors(std::io::Error::other(format!(
-                        "the {} local actors' chunks would be refused: {refusal}",
-                        plan.count
-                    )))
-                })?;
+        if !finished_already {
+            check_local_actor_chunks(options, &config, env.as_ref(), &state)?;
         }
         ready_sender.send_replace(Some(state.clone()));
         info!(
@@ -592,12 +579,7 @@ impl Running {
             waited_for_data: false,
             waiting: Default::default(),
         };
-        let batcher = std::thread::Builder::new()
-            .name("flgfn-batcher".to_owned())
-            .spawn(move || batcher.run())
-            .map_err(|e| {
-                LearnerError::Trainer(format!("cannot start the batch builder thread: {e}"))
-            })?;
+        let batcher = spawn_thread("flgfn-batcher", "batch builder", move || batcher.run())?;
         let checkpoints_off = checkpoint_dir.is_none();
         let training_done = publisher.done();
         let trainer = Trainer {
@@ -619,18 +601,13 @@ impl Running {
             checkpoint_lock,
         };
         let (done_sender, trainer_done) = oneshot::channel();
-        std::thread::Builder::new()
-            .name("flgfn-trainer".to_owned())
-            .spawn(move || {
-                let _ = done_sender.send(trainer.run());
-            })
-            .map_err(|e| LearnerError::Trainer(format!("cannot start the trainer thread: {e}")))?;
+        // (Its handle is not kept: the outcome comes through the channel.)
+        spawn_thread("flgfn-trainer", "trainer", move || {
+            let _ = done_sender.send(trainer.run());
+        })?;
 
         // The checkpoint is loaded and the trainer runs: actors are welcome.
-        health.set_serving::<LearnerServer<LearnerService>>().await;
-        health
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        set_health(&health, tonic_health::ServingStatus::Serving).await;
         Ok(Running {
             config,
             stop_sender,
@@ -975,14 +952,60 @@ async fn live_progress(mut live: LiveProgress) {
     flgfn_common::telemetry::live_finish();
 }
 
-/// Health checks answer NOT_SERVING from now on, for the learner service
-/// and for the server as a whole (the empty service name that Docker and
+/// Health checks answer `status` from now on, for the learner service and
+/// for the server as a whole (the empty service name that Docker and
 /// Kubernetes probes ask about).
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health
+        .set_service_status(
+            <LearnerServer<LearnerService> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health.set_service_status("", status).await;
+}
+
+/// Health checks answer NOT_SERVING from now on (see [`set_health`]).
 async fn not_serving(health: &tonic_health::server::HealthReporter) {
-    health
-        .set_not_serving::<LearnerServer<LearnerService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    set_health(health, tonic_health::ServingStatus::NotServing).await;
+}
+
+/// Starts thread `name` running `work`; `what` names it in the error
+/// where the OS refuses (out of threads or memory).
+fn spawn_thread<T: Send + 'static>(
+    name: &str,
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, LearnerError> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(work)
+        .map_err(|e| LearnerError::Trainer(format!("cannot start the {what} thread: {e}")))
+}
+
+/// Local actors whose chunks this learner would refuse are found out
+/// before they start, naming actor.envs, rather than each refused at its
+/// handshake once started.
+fn check_local_actor_chunks(
+    options: &RunOptions,
+    config: &Config,
+    env: &dyn Environment,
+    state: &LearnerState,
+) -> Result<(), LearnerError> {
+    let Some(plan) = &options.local_actors else {
+        return Ok(());
+    };
+    let envs = config.actor.envs_for(env) as u64;
+    state
+        .check_chunk_size(envs, "actor.envs")
+        .map_err(|refusal| {
+            LearnerError::LocalActors(std::io::Error::other(format!(
+                "the {} local actors' chunks would be refused: {refusal}",
+                plan.count
+            )))
+        })?;
+    Ok(())
 }
