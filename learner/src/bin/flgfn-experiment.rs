@@ -257,7 +257,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             specs.len(),
             out.display()
         );
-        let options = experiment::RunOptions {
+        let options = experiment::SuiteOptions {
             build: experiment::learner_build(&learner)?,
             learner,
             stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout_s),

@@ -73,7 +73,7 @@ impl RunRecord {
 
 /// How [`run_all`] runs a suite.
 #[derive(Debug, Clone)]
-pub struct RunOptions {
+pub struct SuiteOptions {
     /// The `flgfn-learner` binary.
     pub learner: PathBuf,
     /// Its build, as `--version` prints it.
@@ -141,7 +141,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 pub fn run_all(
     specs: &[RunSpec],
     out: &Path,
-    options: &RunOptions,
+    options: &SuiteOptions,
     mut after_each: impl FnMut(&SuiteOutcome, &[RunSpec]),
 ) -> SuiteOutcome {
     let started = Instant::now();
@@ -164,7 +164,7 @@ pub fn run_all(
 fn run_or_keep(
     spec: &RunSpec,
     out: &Path,
-    options: &RunOptions,
+    options: &SuiteOptions,
     label: &str,
     started: Instant,
 ) -> anyhow::Result<RunResult> {
@@ -193,7 +193,7 @@ fn run_or_keep(
         None
     };
     if let Some(why) = &why_aside {
-        let aside = set_aside(out, &dir, &spec.name(), why)?;
+        let aside = move_to_replaced(out, &dir, &spec.name(), why)?;
         flgfn_common::outln!(
             "{label}: {why}; starting over (the old run is now {})",
             aside.display()
@@ -297,7 +297,7 @@ pub const REPLACED_DIR: &str = "replaced";
 /// configuration, say) to `out/replaced/<name>-<unix seconds>`, so that
 /// the run starting over in its place deletes nothing an earlier one
 /// finished. Returns where it went.
-fn set_aside(out: &Path, dir: &Path, name: &str, why: &str) -> anyhow::Result<PathBuf> {
+fn move_to_replaced(out: &Path, dir: &Path, name: &str, why: &str) -> anyhow::Result<PathBuf> {
     let replaced = out.join(REPLACED_DIR);
     std::fs::create_dir_all(&replaced)
         .with_context(|| format!("cannot create {}", replaced.display()))?;
@@ -352,7 +352,7 @@ pub(super) fn written_config_matches(spec: &RunSpec, dir: &Path) -> Option<bool>
 fn run_one(
     spec: &RunSpec,
     config: &Config,
-    options: &RunOptions,
+    options: &SuiteOptions,
     dir: &Path,
     label: &str,
     fresh: bool,

@@ -72,7 +72,7 @@ fn is_stream(path: &Path) -> bool {
 /// from (a link's target: its history stays in one place), as
 /// `<file>.<n>`, one past the highest number there (the highest is the
 /// newest), synced before that file is cut. Returns where.
-fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
+fn keep_earlier_reports(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
     let file = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     let folder = match file.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
@@ -141,7 +141,7 @@ fn set_aside(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
 impl MetricsFile {
     /// Opens the file: with `resumed_at` (a run resuming at that step), it
     /// keeps the reports up to that step and appends; otherwise it
-    /// moves what it holds to `<path>.<n>` (see `set_aside`) and
+    /// moves what it holds to `<path>.<n>` (see `keep_earlier_reports`) and
     /// empties it. Reports past the step a run resumes at describe
     /// training that is done again (the learner stopped after its last
     /// checkpoint): they go, so steps only ever increase. A last line torn
@@ -231,7 +231,7 @@ impl MetricsFile {
                 // fresh; a mistyped --checkpoint-dir finds nothing to
                 // resume): kept, beside, before the file is cut.
                 None => {
-                    let beside = set_aside(path, &contents).map_err(error)?;
+                    let beside = keep_earlier_reports(path, &contents).map_err(error)?;
                     tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved (give each run its own --metrics path)");
                     set_aside_as = beside.extension().map(ToOwned::to_owned);
                 }
