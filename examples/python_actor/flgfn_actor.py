@@ -365,6 +365,13 @@ HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):([0-9]+)")
 TLS_PROBE_TIMEOUT_S = 2.0
 
 
+def socket_address(learner):
+    """`learner` (host:port, an IPv6 host in brackets) as a socket takes
+    it, (host, port); None where it is not of that form."""
+    address = HOST_PORT.fullmatch(learner)
+    return (address.group(1).strip("[]"), int(address.group(2))) if address else None
+
+
 def answers_as_tls(learner, timeout):
     """Whether the server at `learner` (host:port) answers a few bytes of
     plain text as a TLS server does: with an alert record (content type 21,
@@ -372,12 +379,11 @@ def answers_as_tls(learner, timeout):
     answer, to name the fix rather than retry for ever. The bytes are one
     TLS record header, so the server reads all of them and its close
     cannot reset the connection under its alert."""
-    address = HOST_PORT.fullmatch(learner)
+    address = socket_address(learner)
     if not address:
         return False
     try:
-        with socket.create_connection((address.group(1).strip("[]"), int(address.group(2))),
-                                      timeout=timeout) as probe:
+        with socket.create_connection(address, timeout=timeout) as probe:
             probe.sendall(b"PRI *")
             head = b""
             while len(head) < 2:
@@ -401,12 +407,12 @@ def connection_refused(learner, timeout):
     that is not there is retried with backoff, not waited for. Not asked
     where gRPC would go through a proxy (the learner may be reachable
     only through it)."""
-    address = HOST_PORT.fullmatch(learner)
+    address = socket_address(learner)
     if not address or any(os.environ.get(proxy) for proxy in PROXY_VARIABLES):
         return None
-    host = address.group(1).strip("[]")
+    host = address[0]
     try:
-        with socket.create_connection((host, int(address.group(2))), timeout=timeout):
+        with socket.create_connection(address, timeout=timeout):
             return None
     except (TimeoutError, socket.timeout):
         # (socket.timeout is not TimeoutError before Python 3.10.)

@@ -74,10 +74,9 @@ fn is_stream(path: &Path) -> bool {
 /// newest), synced before that file is cut. Returns where.
 fn keep_earlier_reports(path: &Path, contents: &[u8]) -> std::io::Result<PathBuf> {
     let file = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let folder = match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-        _ => PathBuf::from("."),
-    };
+    let folder = crate::durable_file::parent_of(&file)
+        .unwrap_or(Path::new("."))
+        .to_owned();
     // Numbers of plain ASCII digits after `<file>.`, compared as bytes
     // (a name need not be UTF-8).
     let name = file.file_name().unwrap_or_default().as_bytes().to_vec();
