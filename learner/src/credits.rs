@@ -8,8 +8,9 @@
 //! there; a chunk larger than a batch trains over several steps and gives
 //! its room back part by part, [`CreditToken::split_off`]). So everything
 //! granted and not yet trained fits in the pool's capacity (or passes it
-//! by at most the batch being built, which may need more than the room
-//! holds, and what was in use when the room shrank), and policy lag is
+//! by less than the batch being built and one chunk, where that batch
+//! needs more than the room holds, and by what was in use when the room
+//! shrank), and policy lag is
 //! bounded by it, whatever the network's latency and however many actors
 //! connect: more actors share the same room instead of piling up stale
 //! data.
@@ -96,7 +97,10 @@ struct Pace {
     /// The last chunk's arrival, or the credit that ended a time with none.
     last: Instant,
     /// The usual interval between its chunks (a moving average; None
-    /// before the second).
+    /// before the first chunk, whose interval counts from the session's
+    /// start, weights loading included: an over-estimate, which only
+    /// makes the session slower to count as quiet, and which the next
+    /// chunks average away).
     interval: Option<Duration>,
 }
 
@@ -156,19 +160,19 @@ pub struct CreditPool {
     /// most.
     batch: (u64, u64),
     batches: u64,
-    /// The batch being built, from the last [`CreditPool::adapt`].
+    /// The batch being built: the target the last [`CreditPool::adapt`]
+    /// returned (a long wait may move the room, not the batch under way).
     building: AtomicU64,
     /// Chunks whose actor had no credit left when it finished them: it sat
     /// idle until the next grant reached it. Without such events
     /// the actors, not the room, limit supply, and more room would only
     /// queue credits whose weights age.
     idle_actors: AtomicU64,
-    /// Grant rounds since the last batch in which a session holding no
-    /// credit could not be given one for want of room: read only when the
-    /// batch builder has waited long for data
-    /// ([`CreditPool::adapt_while_waiting`]), so the room's usual dynamics
-    /// do not depend on it.
-    unserved: AtomicU64,
+    /// Whether, since the last batch, a session holding no credit could
+    /// not be given one for want of room: read only when the batch builder
+    /// has waited long for data ([`CreditPool::adapt_while_waiting`]), so
+    /// the room's usual dynamics do not depend on it.
+    unserved: AtomicBool,
     /// Room of the credits whose chunk was taken into a batch (or that
     /// were returned), ever, counted as each part of the chunk is taken
     /// (the last part also counts what a short chunk freed on arrival, so
@@ -226,7 +230,7 @@ impl CreditPool {
             batches: batches.max(1),
             building: AtomicU64::new(floor),
             idle_actors: AtomicU64::new(0),
-            unserved: AtomicU64::new(0),
+            unserved: AtomicBool::new(false),
             released: AtomicU64::new(0),
             reserved_ever: AtomicU64::new(0),
             settled_at: AtomicU64::new(0),
@@ -322,12 +326,14 @@ impl CreditPool {
     /// been trained. Returns the batch to build
     /// ([`CreditPool::batch_target`]).
     pub fn adapt(&self, starved: bool) -> u64 {
-        self.unserved.store(0, Ordering::Relaxed);
+        self.unserved.store(false, Ordering::Relaxed);
         // Cleared at every call: idleness while the trainer was busy is no
         // reason to grow at a later starved batch.
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let starved = starved && idle;
-        self.resize(starved, false)
+        let target = self.resize(starved, false);
+        self.building.store(target, Ordering::Relaxed);
+        target
     }
 
     /// Called by the batch builder when it has waited many steps' worth of
@@ -359,7 +365,7 @@ impl CreditPool {
                 });
         }
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
-        let unserved = self.unserved.swap(0, Ordering::Relaxed) > 0;
+        let unserved = self.unserved.swap(false, Ordering::Relaxed);
         // Held back by the last change only while something is trained:
         // if nothing was since the last call, the room would never settle.
         // (Behind a slow link, data from the last change is still on its
@@ -370,7 +376,8 @@ impl CreditPool {
     }
 
     /// Grows, shrinks or keeps the room (not before the last change has
-    /// settled, unless `now`); returns the batch to build.
+    /// settled, unless `now`); returns the batch to build (at the next
+    /// [`CreditPool::adapt`]: the one under way keeps its target).
     fn resize(&self, starved: bool, now: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
@@ -403,10 +410,8 @@ impl CreditPool {
                 Ordering::Relaxed,
             );
         }
-        let target = self.batch_target();
-        self.building.store(target, Ordering::Relaxed);
         self.wake.notify_one();
-        target
+        self.batch_target()
     }
 
     /// What may wait for a busy trainer without the room shrinking: two
@@ -605,6 +610,18 @@ impl SessionMemory {
     fn allows_another(&self, pool: &CreditPool) -> bool {
         self.held.load(Ordering::Acquire) < self.max_held
             || pool.in_use() < pool.building.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SessionCredits {
+    /// The controller looks again at once: a session that leaves holding
+    /// no credit wakes it through no token, and until it looks, the
+    /// session counts in the fair share and may keep room from the
+    /// others (as the starved one). Closed first, so that the controller
+    /// woken sees it gone.
+    fn drop(&mut self) {
+        self.tokens.close();
+        self.pool.wake.notify_one();
     }
 }
 
@@ -817,44 +834,18 @@ async fn control(
 }
 
 /// Grants one credit at a time to the session at the front, moving it to
-/// the back, until no session can take one. Returns when the first pause
-/// ends, if a session is paused.
+/// the back, until no session can take one. Returns the earliest time a
+/// pause ends or a session holding credits turns quiet, when the
+/// controller looks again; stops early where what is granted covers the
+/// batches left (see [`CreditPool::collated`]).
 fn grant_round_robin(
     pool: &Arc<CreditPool>,
     members: &mut VecDeque<Member>,
     starved: &mut Option<Starved>,
 ) -> Option<Instant> {
     let now = Instant::now();
-    let mut next_resume: Option<Instant> = None;
-    let mut resume_at = |at: Instant| {
-        next_resume = Some(next_resume.map_or(at, |next: Instant| next.min(at)));
-    };
-    // Quiet sessions take nothing, and the room they hold does not cover
-    // the last batches; the controller looks again when the next one
-    // would turn quiet.
-    let mut quiet_held = 0;
-    for member in members.iter_mut() {
-        let quiet_from = member.quiet_from();
-        member.quiet = quiet_from.is_some_and(|from| from <= now);
-        match quiet_from {
-            Some(_) if member.quiet => {
-                let credits = u64::from(member.outstanding.load(Ordering::Acquire));
-                quiet_held += credits * member.reserve;
-            }
-            Some(from) => resume_at(from),
-            None => {}
-        }
-    }
-    pool.quiet_held.store(quiet_held, Ordering::Release);
-    // The fair share divides the room among the sessions that may take
-    // credits: a paused one takes none (and its chunks arrive too old
-    // to train), so counting it would only shrink the others' shares. (A
-    // quiet one counts: its share waits for it to send again.)
-    let sessions = members
-        .iter()
-        .filter(|m| m.throttle.cap(now).0 != Some(0))
-        .count()
-        .max(1) as u64;
+    let mut next_resume = mark_quiet(pool, members, now);
+    let sessions = sharing_sessions(members, now);
     let mut idle_in_a_row = 0;
     while idle_in_a_row < members.len() {
         // Near the end of training: enough is granted for every batch
@@ -865,74 +856,149 @@ fn grant_round_robin(
         let Some(member) = members.pop_front() else {
             break;
         };
-        if member.quiet {
-            idle_in_a_row += 1;
-            members.push_back(member);
-            continue;
-        }
-        let (throttled, resume) = member.throttle.cap(now);
-        if let Some(resume) = resume {
-            resume_at(resume);
-        }
-        // One more than the fair share of the current room, at least 2
-        // (one chunk rolling out, one on the way), at most
-        // MAX_CREDITS_PER_SESSION.
-        let fair = pool.capacity() / (member.reserve.max(1) * sessions);
-        let cap = u32::try_from(fair + 1)
-            .unwrap_or(u32::MAX)
-            .clamp(2, MAX_CREDITS_PER_SESSION)
-            .min(throttled.unwrap_or(u32::MAX));
-        let within_memory = member.memory.allows_another(pool);
-        let mut is_starved = starved
-            .as_ref()
-            .is_some_and(|s| Arc::ptr_eq(&s.outstanding, &member.outstanding));
-        // A paused session takes no credit: room kept for it would only
-        // idle the others until the pause ends.
-        if is_starved && throttled == Some(0) {
-            *starved = None;
-            is_starved = false;
-        }
-        let kept = starved.as_ref().filter(|_| !is_starved).map(|s| s.reserve);
-        let granted = member.outstanding.load(Ordering::Acquire) < cap
-            && within_memory
-            && match pool.try_reserve_leaving(member.reserve, kept) {
-                Some(mut token) => {
-                    if member.outstanding.fetch_add(1, Ordering::AcqRel) == 0 {
-                        // Back for more: its quiet clock starts now.
-                        member
-                            .pace
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .last = now;
-                    }
-                    member.memory.held.fetch_add(1, Ordering::AcqRel);
-                    token.held = Some(member.memory.held.clone());
-                    member.tokens.send(token).is_ok()
-                }
-                None => false,
-            };
-        if granted && is_starved {
-            *starved = None;
-        }
-        // A session with no credit at all that the room cannot serve sits
-        // idle for want of room (see `CreditPool::unserved`), and the
-        // first such is kept room for.
-        let wants_one = member.outstanding.load(Ordering::Acquire) == 0 && within_memory;
-        if !granted && wants_one && throttled.is_none() {
-            pool.unserved.fetch_add(1, Ordering::Relaxed);
-        }
-        // Probing after a pause counts too: a probe needs a credit, and
-        // only a fresh chunk ends the probing.
-        if !granted && wants_one && throttled != Some(0) && starved.is_none() {
-            *starved = Some(Starved {
-                outstanding: member.outstanding.clone(),
-                reserve: member.reserve,
-            });
-        }
+        let granted = !member.quiet && {
+            let (throttled, resume) = member.throttle.cap(now);
+            next_resume = earliest(next_resume, resume);
+            grant_turn(pool, &member, starved, sessions, throttled, now)
+        };
         idle_in_a_row = if granted { 0 } else { idle_in_a_row + 1 };
         members.push_back(member);
     }
     next_resume
+}
+
+/// The earlier of two times, either may be missing.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Marks each session quiet or not for this round, and tells the pool
+/// the room the quiet ones hold: quiet sessions take nothing, and their
+/// room does not cover the last batches. Returns when the next session
+/// holding credits would turn quiet, for the controller to look again.
+fn mark_quiet(pool: &CreditPool, members: &mut VecDeque<Member>, now: Instant) -> Option<Instant> {
+    let mut quiet_held = 0;
+    let mut next_quiet = None;
+    for member in members.iter_mut() {
+        let quiet_from = member.quiet_from();
+        member.quiet = quiet_from.is_some_and(|from| from <= now);
+        match quiet_from {
+            Some(_) if member.quiet => {
+                let credits = u64::from(member.outstanding.load(Ordering::Acquire));
+                quiet_held += credits * member.reserve;
+            }
+            from => next_quiet = earliest(next_quiet, from),
+        }
+    }
+    pool.quiet_held.store(quiet_held, Ordering::Release);
+    next_quiet
+}
+
+/// How many sessions the fair share divides the room among: those that
+/// may take credits. A paused one takes none (and its chunks arrive too
+/// old to train), so counting it would only shrink the others' shares.
+/// (A quiet one counts: its share waits for it to send again.)
+fn sharing_sessions(members: &VecDeque<Member>, now: Instant) -> u64 {
+    members
+        .iter()
+        .filter(|m| m.throttle.cap(now).0 != Some(0))
+        .count()
+        .max(1) as u64
+}
+
+/// One session's turn: grants it a credit if it is under its cap, within
+/// its memory and the room has space (leaving the starved session's room
+/// free unless it is that session), and keeps the starved record up to
+/// date. Whether a credit was granted.
+fn grant_turn(
+    pool: &Arc<CreditPool>,
+    member: &Member,
+    starved: &mut Option<Starved>,
+    sessions: u64,
+    throttled: Option<u32>,
+    now: Instant,
+) -> bool {
+    let within_memory = member.memory.allows_another(pool);
+    let mut is_starved = starved
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(&s.outstanding, &member.outstanding));
+    // A paused session takes no credit: room kept for it would only idle
+    // the others until the pause ends.
+    if is_starved && throttled == Some(0) {
+        *starved = None;
+        is_starved = false;
+    }
+    let kept = starved.as_ref().filter(|_| !is_starved).map(|s| s.reserve);
+    let granted = member.outstanding.load(Ordering::Acquire)
+        < member.cap(pool, sessions, throttled)
+        && within_memory
+        && grant_one(pool, member, kept, now);
+    if granted && is_starved {
+        *starved = None;
+    }
+    if !granted {
+        note_unserved(pool, member, starved, within_memory, throttled);
+    }
+    granted
+}
+
+impl Member {
+    /// The most credits it may hold now: one more than its fair share of
+    /// the current room, at least 2 (one chunk rolling out, one on the
+    /// way), at most [`MAX_CREDITS_PER_SESSION`]; fewer while throttled.
+    fn cap(&self, pool: &CreditPool, sessions: u64, throttled: Option<u32>) -> u32 {
+        let fair = pool.capacity() / (self.reserve.max(1) * sessions);
+        u32::try_from(fair + 1)
+            .unwrap_or(u32::MAX)
+            .clamp(2, MAX_CREDITS_PER_SESSION)
+            .min(throttled.unwrap_or(u32::MAX))
+    }
+}
+
+/// Reserves one chunk's room (leaving `kept` free) and sends the credit
+/// to the session. Whether it was sent.
+fn grant_one(pool: &Arc<CreditPool>, member: &Member, kept: Option<u64>, now: Instant) -> bool {
+    let Some(mut token) = pool.try_reserve_leaving(member.reserve, kept) else {
+        return false;
+    };
+    if member.outstanding.fetch_add(1, Ordering::AcqRel) == 0 {
+        // Back for more: its quiet clock starts now.
+        member
+            .pace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last = now;
+    }
+    member.memory.held.fetch_add(1, Ordering::AcqRel);
+    token.held = Some(member.memory.held.clone());
+    member.tokens.send(token).is_ok()
+}
+
+/// A session granted nothing this turn: one holding no credit at all
+/// that the room cannot serve sits idle for want of room (see
+/// [`CreditPool::unserved`]), and the first such is kept room for.
+fn note_unserved(
+    pool: &CreditPool,
+    member: &Member,
+    starved: &mut Option<Starved>,
+    within_memory: bool,
+    throttled: Option<u32>,
+) {
+    let wants_one = member.outstanding.load(Ordering::Acquire) == 0 && within_memory;
+    if wants_one && throttled.is_none() {
+        pool.unserved.store(true, Ordering::Relaxed);
+    }
+    // Probing after a pause counts too: a probe needs a credit, and only
+    // a fresh chunk ends the probing.
+    if wants_one && throttled != Some(0) && starved.is_none() {
+        *starved = Some(Starved {
+            outstanding: member.outstanding.clone(),
+            reserve: member.reserve,
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1226,7 +1292,7 @@ mod tests {
         pool.capacity.store(400, Ordering::Relaxed);
         // A silent session holds the whole room.
         let silent = pool.try_reserve(400).unwrap();
-        let unserved = || pool.unserved.fetch_add(1, Ordering::Relaxed);
+        let unserved = || pool.unserved.store(true, Ordering::Relaxed);
         unserved();
         pool.adapt_while_waiting();
         assert_eq!(pool.capacity(), 800, "an actor without a credit: grow");
@@ -1277,6 +1343,33 @@ mod tests {
             "the stalled session holds {}",
             held.len()
         );
+    }
+
+    /// A session that leaves holding no credit is out of the rotation at
+    /// once: it no longer sets the largest chunk (nor the fair share, nor
+    /// the room kept for a starved session), without waiting for some
+    /// other event to wake the controller.
+    #[tokio::test]
+    async fn a_session_leaving_without_credits_is_dropped_at_once() {
+        // Room for 8 chunks of 5 transitions, all taken by `small`.
+        let pool = CreditPool::new(40, 40, 1);
+        let (_stop, stop) = watch::channel(false);
+        let controller = Controller::spawn(pool.clone(), stop);
+        let mut small = controller.join(5, u64::MAX).await.unwrap();
+        settle().await;
+        let held = take(&mut small);
+        assert_eq!(held.len(), 8);
+        // A session of chunks the room cannot fit now gets nothing.
+        let mut large = controller.join(40, u64::MAX).await.unwrap();
+        settle().await;
+        assert!(take(&mut large).is_empty());
+        assert_eq!(pool.largest_chunk.load(Ordering::Relaxed), 40);
+        // It leaves. (Nothing else happens: `small` sits on its credits,
+        // and turns quiet only after QUIET_AFTER.)
+        drop(large);
+        settle().await;
+        assert_eq!(pool.largest_chunk.load(Ordering::Relaxed), 5);
+        drop(held);
     }
 
     /// The default room (10,240 transitions, batches of 320) filled by a
