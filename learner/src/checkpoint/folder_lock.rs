@@ -80,13 +80,8 @@ impl Drop for FolderLock {
 /// version floor. A file system without locks gets a warning, not a
 /// refusal.
 pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
-    // (The key named: "File exists" alone says nothing.)
-    if dir.exists() && !dir.is_dir() {
-        return Err(LearnerError::Checkpoint(format!(
-            "{} is not a folder (learner.checkpoint_dir)",
-            dir.display()
-        )));
-    }
+    // A file in the way is said as what it is (`checkpoint_error`), not as
+    // "File exists".
     let made_folders = create_dir_durably(dir).map_err(|error| match error {
         FileError::Io { .. } => {
             LearnerError::Checkpoint(format!("{error} (learner.checkpoint_dir)"))

@@ -336,11 +336,50 @@ pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, Learn
     durable_file::write_atomically(dir, name, bytes).map_err(checkpoint_error)
 }
 
+impl CheckpointState {
+    /// Refuses a state no learner writes, naming the field: counters
+    /// that would wrap, real numbers that are not, a sound step past the
+    /// step. Checked before a save and on a resume (the checksum proves a
+    /// file is as written, not that a learner wrote it).
+    pub fn check(&self) -> Result<(), String> {
+        check_counters(self)?;
+        check_floats(self)
+    }
+}
+
+/// Largest count a checkpoint may hold (steps, transitions, samples): far
+/// beyond any run (2^62 steps at a microsecond each is 146,000 years), and
+/// low enough that the counters cannot wrap as a run adds to them.
+const COUNTER_LIMIT: u64 = u64::MAX / 4;
+
+/// Refuses a checkpoint state whose counters no learner writes: they
+/// would wrap as training adds to them (a hand-made or crafted file: the
+/// checksum proves a file is as written, not that a learner wrote it).
+fn check_counters(state: &CheckpointState) -> Result<(), String> {
+    for (field, value) in [
+        ("step", state.step),
+        ("trained_transitions", state.trained_transitions),
+        ("evaluator.samples_so_far", state.evaluator.samples_so_far),
+        // Not tied to the step: a step that libtorch failed half-way
+        // through leaves the policy's optimizer one ahead, which adds up
+        // across such failures and resumes (Adam's t saturates anyway).
+        ("adam_steps", state.adam_steps),
+        ("objective_adam_steps", state.objective_adam_steps),
+    ] {
+        if value > COUNTER_LIMIT {
+            return Err(format!(
+                "state field `{field}` is {value}, beyond what a learner counts ({COUNTER_LIMIT})"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The state's real numbers and the step known sound, as a run writes
 /// them: durations finite and not negative, best energies finite, the sound step not past the
-/// step. Checked on a resume, and before a save: JSON has no NaN (it
-/// would be written as `null` and the checkpoint never read back).
-pub fn check_floats(state: &CheckpointState) -> Result<(), String> {
+/// step. JSON has no NaN (it would be written as `null` and the
+/// checkpoint never read back).
+fn check_floats(state: &CheckpointState) -> Result<(), String> {
     let never_negative = [
         ("wall_s", Some(state.wall_s), "a duration"),
         ("time_to_quality_s", state.time_to_quality_s, "a duration"),
@@ -390,7 +429,8 @@ pub fn save(
     arrays: &[NamedArray],
     keep: Keep,
 ) -> Result<PathBuf, LearnerError> {
-    check_floats(state)
+    state
+        .check()
         .map_err(|e| LearnerError::Checkpoint(format!("cannot save step {}: {e}", state.step)))?;
     let json = serde_json::to_string(state)
         .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the state: {e}")))?;

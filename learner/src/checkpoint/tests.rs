@@ -196,7 +196,10 @@ fn a_file_for_a_checkpoint_folder_is_refused_naming_the_key() {
     for dir in [file.clone(), file.join("below")] {
         let error = lock(&dir).unwrap_err().to_string();
         assert!(
-            error.contains("learner.checkpoint_dir") && error.contains(&*file.to_string_lossy()),
+            error.contains(&format!(
+                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file)",
+                file.display()
+            )),
             "{error}"
         );
     }
@@ -635,4 +638,64 @@ fn a_truncated_or_flipped_checkpoint_is_refused_and_the_previous_one_used() {
     assert_eq!(read_version_floor(&dir).unwrap(), 0);
     assert!(load_latest(&dir).unwrap().is_none());
     fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_state_no_learner_writes_is_refused_naming_the_field() {
+    let good = CheckpointState {
+        step: 100,
+        trained_transitions: 32_000,
+        adam_steps: 101,
+        objective_adam_steps: 100,
+        wall_s: 1.5,
+        ..CheckpointState::default()
+    };
+    assert_eq!(good.check(), Ok(()));
+    let refused = |change: fn(&mut CheckpointState)| {
+        let mut state = good.clone();
+        change(&mut state);
+        state.check().unwrap_err()
+    };
+    for (error, field) in [
+        (refused(|s| s.step = u64::MAX), "`step`"),
+        (
+            refused(|s| s.trained_transitions = u64::MAX - 5),
+            "`trained_transitions`",
+        ),
+        (
+            refused(|s| s.evaluator.samples_so_far = 1 << 63),
+            "`evaluator.samples_so_far`",
+        ),
+        (refused(|s| s.adam_steps = u64::MAX), "`adam_steps`"),
+        (
+            refused(|s| s.objective_adam_steps = 1 << 63),
+            "`objective_adam_steps`",
+        ),
+        (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
+        (refused(|s| s.wall_s = -1.0), "`wall_s`"),
+        (
+            refused(|s| s.time_to_quality_s = Some(-5.0)),
+            "`time_to_quality_s`",
+        ),
+        (
+            refused(|s| s.totals.waiting_s = f64::INFINITY),
+            "`totals.waiting_s`",
+        ),
+        (
+            refused(|s| s.totals.lag_weighted = -1.0),
+            "`totals.lag_weighted`",
+        ),
+        (
+            refused(|s| s.evaluator.best = vec![(f64::NAN, vec![1])]),
+            "`evaluator.best`",
+        ),
+        (
+            refused(|s| {
+                s.sound_through = SoundThrough::Step(101);
+            }),
+            "`sound_through`",
+        ),
+    ] {
+        assert!(error.contains(field), "{field}: {error}");
+    }
 }

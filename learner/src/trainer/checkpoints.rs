@@ -229,7 +229,7 @@ impl Trainer {
                 crate::checkpoint::older_one_remedy(&checkpoint.path)
             ))
         };
-        check_counters(state).map_err(fail)?;
+        state.check().map_err(fail)?;
         optimizer
             .restore("adam", &checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
@@ -275,98 +275,4 @@ pub(super) fn wait_for_write(
     let written = writer.as_mut().map_or(Ok(()), checkpoint::Writer::finish);
     progress.time_left_out += waited.elapsed();
     written
-}
-
-/// Largest count a checkpoint may hold (steps, transitions, samples): far
-/// beyond any run (2^62 steps at a microsecond each is 146,000 years), and
-/// low enough that the counters cannot wrap as a run adds to them.
-const COUNTER_LIMIT: u64 = u64::MAX / 4;
-
-/// Refuses a checkpoint state whose counters no learner writes: they
-/// would wrap as training adds to them (a hand-made or crafted file: the
-/// checksum proves a file is as written, not that a learner wrote it).
-fn check_counters(state: &crate::checkpoint::CheckpointState) -> Result<(), String> {
-    for (field, value) in [
-        ("step", state.step),
-        ("trained_transitions", state.trained_transitions),
-        ("evaluator.samples_so_far", state.evaluator.samples_so_far),
-        // Not tied to the step: a step that libtorch failed half-way
-        // through leaves the policy's optimizer one ahead, which adds up
-        // across such failures and resumes (Adam's t saturates anyway).
-        ("adam_steps", state.adam_steps),
-        ("objective_adam_steps", state.objective_adam_steps),
-    ] {
-        if value > COUNTER_LIMIT {
-            return Err(format!(
-                "state field `{field}` is {value}, beyond what a learner counts ({COUNTER_LIMIT})"
-            ));
-        }
-    }
-    crate::checkpoint::check_floats(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check_counters;
-
-    #[test]
-    fn counters_no_learner_writes_are_refused_naming_the_field() {
-        use crate::checkpoint::CheckpointState;
-        let good = CheckpointState {
-            step: 100,
-            trained_transitions: 32_000,
-            adam_steps: 101,
-            objective_adam_steps: 100,
-            wall_s: 1.5,
-            ..CheckpointState::default()
-        };
-        assert_eq!(check_counters(&good), Ok(()));
-        let refused = |change: fn(&mut CheckpointState)| {
-            let mut state = good.clone();
-            change(&mut state);
-            check_counters(&state).unwrap_err()
-        };
-        for (error, field) in [
-            (refused(|s| s.step = u64::MAX), "`step`"),
-            (
-                refused(|s| s.trained_transitions = u64::MAX - 5),
-                "`trained_transitions`",
-            ),
-            (
-                refused(|s| s.evaluator.samples_so_far = 1 << 63),
-                "`evaluator.samples_so_far`",
-            ),
-            (refused(|s| s.adam_steps = u64::MAX), "`adam_steps`"),
-            (
-                refused(|s| s.objective_adam_steps = 1 << 63),
-                "`objective_adam_steps`",
-            ),
-            (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
-            (refused(|s| s.wall_s = -1.0), "`wall_s`"),
-            (
-                refused(|s| s.time_to_quality_s = Some(-5.0)),
-                "`time_to_quality_s`",
-            ),
-            (
-                refused(|s| s.totals.waiting_s = f64::INFINITY),
-                "`totals.waiting_s`",
-            ),
-            (
-                refused(|s| s.totals.lag_weighted = -1.0),
-                "`totals.lag_weighted`",
-            ),
-            (
-                refused(|s| s.evaluator.best = vec![(f64::NAN, vec![1])]),
-                "`evaluator.best`",
-            ),
-            (
-                refused(|s| {
-                    s.sound_through = crate::checkpoint::SoundThrough::Step(101);
-                }),
-                "`sound_through`",
-            ),
-        ] {
-            assert!(error.contains(field), "{field}: {error}");
-        }
-    }
 }
