@@ -196,6 +196,8 @@ impl LocalActors {
             // along: no Drop runs then.
             flgfn_common::signals::end_with_parent(&mut command);
             let mut child = command.spawn()?;
+            // Later lines name an actor by process id.
+            info!(actor = %format!("local-{i}"), pid = child.id(), "local actor started");
             let forwarded = match child.stderr.take() {
                 Some(stderr) => forward_log_lines(stderr, i).map(|thread| {
                     actors
@@ -225,15 +227,7 @@ impl LocalActors {
             })?;
             forwarded?;
         }
-        // Later lines name an actor by process id: local-i is pids[i].
-        let pids: Vec<u32> = actors
-            .children
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(Child::id)
-            .collect();
-        info!(count, %url, ?pids, "started local actors (local-0, local-1, ...)");
+        info!(count, %url, "started local actors");
         Ok(actors)
     }
 

@@ -117,10 +117,15 @@ fn yes_or_no(text: &str) -> Result<bool, String> {
 fn main() -> std::process::ExitCode {
     let args: Args = flgfn_common::telemetry::parse_args();
     telemetry::init_with_live_line(args.log.log_format);
-    telemetry::exit_status("flgfn-learner", run(args))
+    match run(args) {
+        Ok(status) => std::process::ExitCode::from(status),
+        Err(error) => telemetry::exit_status("flgfn-learner", Err(error)),
+    }
 }
 
-fn run(args: Args) -> anyhow::Result<()> {
+/// The exit status when all went well: 0, or
+/// `learner.unfinished_exit_status` for a run stopped before its end.
+fn run(args: Args) -> anyhow::Result<u8> {
     // Checked here, not by clap: FLGFN_RESUME_CHANGED=0 sets the flag to
     // false, and clap would count it as given.
     anyhow::ensure!(
@@ -162,7 +167,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             flgfn_common::auth::describe_secrets(token.as_ref(), &config.tls, true)
         );
         flgfn_common::out!("{}", config.to_toml());
-        return Ok(());
+        return Ok(0);
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -200,6 +205,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             None
         };
+        let unfinished_exit_status = config.learner.unfinished_exit_status;
         let options = RunOptions {
             metrics_path: args.metrics,
             fresh: args.fresh,
@@ -207,7 +213,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             local_actors,
         };
         // A key a checkpoint refuses is named with its layer too.
-        flgfn_learner::serve(config, listener, options, shutdown)
+        let outcome = flgfn_learner::serve(config, listener, options, shutdown)
             .await
             .map_err(|error| match error {
                 flgfn_learner::LearnerError::Config(error) => {
@@ -215,6 +221,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 other => other,
             })?;
-        Ok(())
+        if outcome.ended_by == flgfn_learner::EndedBy::MaxSteps || unfinished_exit_status == 0 {
+            return Ok(0);
+        }
+        tracing::info!(
+            status = unfinished_exit_status,
+            ended_by = %outcome.ended_by.as_str(),
+            "exiting with learner.unfinished_exit_status: stopped before max_steps"
+        );
+        Ok(unfinished_exit_status)
     })
 }

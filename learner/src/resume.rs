@@ -239,7 +239,12 @@ fn defines_the_run(key: &str) -> bool {
 /// Keys that say where this deployment runs, not what it trains: a
 /// resume need not keep them, nor hear that they changed (a learner
 /// listening on port 0 gets another port each time).
-const DEPLOYMENT_KEYS: &[&str] = &["learner.listen", "learner.checkpoint_dir", "actor.learner"];
+const DEPLOYMENT_KEYS: &[&str] = &[
+    "learner.listen",
+    "learner.checkpoint_dir",
+    "learner.unfinished_exit_status",
+    "actor.learner",
+];
 
 /// The changes a resume is told about (or refused for): every changed
 /// key but those of the deployment.

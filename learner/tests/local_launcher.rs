@@ -125,23 +125,24 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     let status = learner.0.wait().unwrap();
     let log = read_log();
     assert!(status.success(), "learner failed:\n{log}");
-    let started = log
-        .lines()
-        .find(|line| line.contains("started local actors"))
-        .unwrap_or_else(|| panic!("{log}"));
-    // Each actor's process id, in name order, for the lines naming pids.
-    let pids = started
-        .split("pids=[")
-        .nth(1)
-        .and_then(|s| s.split(']').next());
-    assert_eq!(
-        pids.map(|list| list
-            .split(", ")
-            .filter(|pid| pid.parse::<u32>().is_ok())
-            .count()),
-        Some(3),
-        "{started}"
-    );
+    assert!(log.contains("started local actors count=3"), "{log}");
+    // Each actor's process id under its name, for the lines naming pids.
+    for i in 0..3 {
+        let started = log
+            .lines()
+            .find(|line| {
+                line.contains("local actor started") && line.contains(&format!("actor=local-{i} "))
+            })
+            .unwrap_or_else(|| panic!("{log}"));
+        let pid = started
+            .split("pid=")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next());
+        assert!(
+            pid.is_some_and(|pid| pid.parse::<u32>().is_ok()),
+            "{started}"
+        );
+    }
     let finished = log
         .lines()
         .find(|line| line.contains("training finished"))
@@ -208,13 +209,17 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
 
 /// A stop for a restart (SIGUSR1) tells the local actors to reconnect, as
 /// it tells remote ones; but a learner started again starts its own, so
-/// this one then asks them to stop. They exit cleanly, none killed.
+/// this one then asks them to stop. They exit cleanly, none killed. The
+/// learner, stopped before its last step, exits with
+/// `learner.unfinished_exit_status` where that is set (as a Kubernetes
+/// Job needs).
 #[test]
 fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
     let (dir, config) = scratch_with_tiny_config("launcher-restart");
     let log_path = dir.join("learner.log");
     let mut learner = support::KillOnDrop(
         Command::new(learner())
+            .env("FLGFN_LEARNER__UNFINISHED_EXIT_STATUS", "75")
             .args(["--listen", "127.0.0.1:0", "--local-actors", "--actors", "2"])
             .args(["--max-steps", "1000000", "--config"])
             .arg(&config)
@@ -239,7 +244,11 @@ fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
         "the learner exits after a stop for a restart",
     );
     let log = read_log();
-    assert!(status.success(), "{log}");
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(
+        log.contains("exiting with learner.unfinished_exit_status: stopped before max_steps status=75 ended_by=restart"),
+        "{log}"
+    );
     let finished = log
         .lines()
         .find(|line| line.contains("training finished"))
@@ -273,6 +282,8 @@ fn a_run_resumed_already_finished_starts_no_actors() {
             .env("FLGFN_LEARNER__CHECKPOINT_EVERY_STEPS", "10")
             .env("FLGFN_LEARNER__CHECKPOINT_EVERY_S", "0")
             .env("FLGFN_LEARNER__EVAL_EVERY_STEPS", "10")
+            // Finished at max_steps: 0 all the same.
+            .env("FLGFN_LEARNER__UNFINISHED_EXIT_STATUS", "75")
             .output()
             .unwrap();
         let log = String::from_utf8_lossy(&output.stderr).into_owned();

@@ -341,6 +341,14 @@ pub struct LearnerConfig {
     pub device: DeviceConfig,
     /// Stop after this many training steps (0: run until interrupted).
     pub max_steps: u64,
+    /// Exit status of a learner stopped (SIGINT, SIGTERM, SIGUSR1) before
+    /// `max_steps`, its run unfinished: 0, or 3 to 125 (1 and 2 say an
+    /// error). A job system that takes an exit 0 as the work done needs
+    /// another: a Kubernetes Job counts a deleted or drained pod whose
+    /// learner exits 0 as complete, and restarts one that exits otherwise
+    /// (the `job` overlay sets 75, EX_TEMPFAIL). With `max_steps` 0 every
+    /// stop is one.
+    pub unfinished_exit_status: u8,
     /// Fresh on-policy samples per evaluation (held until scored: the
     /// learner refuses at start more than 4 GiB of them for its task). The
     /// quality thresholds are set for 4,096: other values change when a
@@ -476,6 +484,7 @@ impl Default for LearnerConfig {
             ingest_threads: 2,
             device: DeviceConfig::Auto,
             max_steps: 600,
+            unfinished_exit_status: 0,
             eval_samples: 4096,
             first_report_s: 0.25,
             report_every_s: 5.0,

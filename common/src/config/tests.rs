@@ -702,6 +702,16 @@ fn an_unusable_learner_url_or_an_endless_wait_is_refused_by_name() {
         ("[actor]\nkeepalive_s = 0.001\n", "actor.keepalive_s", "1"),
         ("[learner]\nkeepalive_s = 0.5\n", "learner.keepalive_s", "1"),
         (
+            "[learner]\nunfinished_exit_status = 1\n",
+            "learner.unfinished_exit_status",
+            "must be 0 or 3 to 125",
+        ),
+        (
+            "[learner]\nunfinished_exit_status = 130\n",
+            "learner.unfinished_exit_status",
+            "got 130",
+        ),
+        (
             "[learner]\nbatch_transitions = 5000\n",
             "learner.max_batch_transitions",
             "2560 is less than learner.batch_transitions (5000): a batch starts at batch_transitions and grows up to max_batch_transitions (by default 2560)",

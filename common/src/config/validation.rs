@@ -165,6 +165,15 @@ impl Config {
             MIN_STALL_TIMEOUT_S,
         )?;
         timer_seconds("learner.keepalive_s", l.keepalive_s, MIN_KEEPALIVE_S)?;
+        if !matches!(l.unfinished_exit_status, 0 | 3..=125) {
+            return Err(ConfigError::invalid(
+                "learner.unfinished_exit_status",
+                format!(
+                    "must be 0 or 3 to 125 (1 and 2 are the learner's errors, 126 and above the shell's), got {}",
+                    l.unfinished_exit_status
+                ),
+            ));
+        }
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
