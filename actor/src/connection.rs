@@ -140,8 +140,8 @@ pub struct Session<'a> {
     pub url: &'a str,
     /// HTTP/2 ping interval (`actor.keepalive_s`).
     pub keepalive: Duration,
-    /// Interval of the `rolling out` log line (`actor.progress_log_s`).
-    pub progress_log: Option<Duration>,
+    /// The `rolling out` log line's clock, across sessions.
+    pub progress: &'a mut ProgressLine,
     /// Shown in the learner's logs.
     pub actor_name: &'a str,
     /// Sent at the handshake.
@@ -175,6 +175,55 @@ pub struct Session<'a> {
     pub token: Option<&'a Token>,
     /// TLS settings for an `https://` learner.
     pub tls: Option<&'a tonic::transport::ClientTlsConfig>,
+}
+
+/// The `rolling out` line's clock (every `actor.progress_log_s`), kept
+/// across sessions: an actor whose sessions are shorter than that (a proxy
+/// that cuts idle streams, a learner restarted often) still logs it, and
+/// "since the last line" means since the last line, not since the session
+/// began.
+#[derive(Debug)]
+pub struct ProgressLine {
+    interval: Option<tokio::time::Interval>,
+    chunks_at_last_line: u64,
+}
+
+impl ProgressLine {
+    /// The first line one interval from now; none where `every` is None.
+    pub fn new(every: Option<Duration>) -> Self {
+        let interval = every.map(|every| {
+            let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            // Lines missed between sessions are not made up in a burst.
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            interval
+        });
+        ProgressLine {
+            interval,
+            chunks_at_last_line: 0,
+        }
+    }
+
+    /// Resolves when the next line is due (never where there are none).
+    async fn due(&mut self) {
+        match self.interval.as_mut() {
+            Some(interval) => {
+                interval.tick().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Logs the line.
+    fn log(&mut self, counts: &Counts, policy_version: Option<u64>) {
+        info!(
+            chunks_sent = counts.chunks_sent,
+            chunks_since_last_line = counts.chunks_sent - self.chunks_at_last_line,
+            versions_received = counts.versions_received,
+            policy_version,
+            "rolling out"
+        );
+        self.chunks_at_last_line = counts.chunks_sent;
+    }
 }
 
 /// What the connection counted, across sessions.
@@ -371,6 +420,18 @@ pub(crate) fn tls_mistake(error: &(dyn std::error::Error + 'static)) -> Option<&
     }
 }
 
+/// A call the learner did not answer within [`HANDSHAKE_TIMEOUT`]: worth
+/// another try (a learner loading its checkpoint holds calls until it
+/// serves).
+fn no_answer(call: &str) -> SessionError {
+    retry(
+        format!(
+            "no answer to the {call} call in {HANDSHAKE_TIMEOUT:?} (a learner loading its checkpoint answers once it serves)"
+        ),
+        false,
+    )
+}
+
 /// Refusals are final, and so are certificates refused either way;
 /// anything else (unavailable, reset, a full learner, ...) is retried,
 /// unless the learner marked it final.
@@ -391,7 +452,9 @@ fn classify(status: Status, served: bool) -> SessionError {
         | Code::Unauthenticated => SessionError::Refused(status),
         // A message over a size limit (weights larger than this actor
         // takes, or a chunk larger than the learner takes) would be over
-        // it again on every retry.
+        // it again on every retry. A refusal that names its key (the
+        // learner's learner.max_chunk_trajectories) is left as it is.
+        Code::OutOfRange if status.message().contains("learner.") => SessionError::Refused(status),
         Code::OutOfRange => SessionError::Refused(Status::out_of_range(format!(
             "{} (learner.max_message_bytes of the side that refused it)",
             status.message()
@@ -490,7 +553,7 @@ impl Session<'_> {
             Ok(Err(status)) => {
                 let foreign = not_http2(&status);
                 let why = if foreign {
-                    "it does not speak plain HTTP/2: if the learner serves TLS, use https:// and tls.ca_file"
+                    "it does not speak plain HTTP/2: is actor.learner a flgfn learner? If it serves TLS, use https:// and tls.ca_file"
                 } else {
                     "no HTTP/2 answer yet (a learner restarting or full; or one serving TLS: then use https:// and tls.ca_file)"
                 };
@@ -510,9 +573,11 @@ impl Session<'_> {
     }
 
     /// Runs one connection to its end, or until `shutdown` resolves (then
-    /// drains, and ends with [`SessionEnd::Stopped`]; once `shutdown` has
-    /// resolved, every way out is that one, so the caller never polls it
-    /// again).
+    /// drains, and ends with [`SessionEnd::Stopped`], or with how the
+    /// drain ended: training done, the worker stopped, a refusal. Once
+    /// `shutdown` has resolved, never [`SessionError::Retry`] or
+    /// [`SessionEnd::LearnerRestarting`], which would have the caller
+    /// poll it again).
     pub async fn run<S: Future<Output = ()>>(
         mut self,
         mut shutdown: Pin<&mut S>,
@@ -658,8 +723,12 @@ impl Session<'_> {
         };
         let as_size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
         // Never send more than the learner accepts (the chunks are
-        // checked against it before they go).
-        let learner_max = as_size(reply.max_message_bytes);
+        // checked against it before they go); 0 says nothing, as in
+        // `max_grant_bytes` (every chunk would be over it).
+        let learner_max = match reply.max_message_bytes {
+            0 => usize::MAX,
+            bytes => as_size(bytes),
+        };
         let max_bytes = self.max_message_bytes.min(learner_max);
         // Named in the error of a chunk over it: the fix is in one file.
         let max_bytes_of = if self.max_message_bytes < learner_max {
@@ -699,10 +768,15 @@ impl Session<'_> {
                     "the learner's objective trains on complete trajectories only (TB) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
                 ));
             }
-            warn!(
+            // Once per process: the same on every reconnect, and for every
+            // connection of a load generator.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(
                 truncate_fraction = self.truncate_fraction,
                 "the learner's objective trains on complete trajectories only (TB): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
             );
+            });
         }
         Ok(())
     }
@@ -730,7 +804,7 @@ impl Session<'_> {
         self.authorize(request.metadata_mut())?;
         let response = match tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
-            .map_err(|_| retry("opening the session timed out", false))?
+            .map_err(|_| no_answer("Session"))?
         {
             Ok(response) => response,
             Err(status) if predates_handshake_header(&status) => {
@@ -771,7 +845,7 @@ impl Session<'_> {
         let handshake = client.handshake(request);
         let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
-            .map_err(|_| retry("the handshake timed out", false))?
+            .map_err(|_| no_answer("Handshake"))?
             .map_err(handshake_refused)?
             .into_inner();
         // Before a session opens: one that truncates everything stops here.
@@ -799,7 +873,7 @@ impl Session<'_> {
         self.authorize(metadata)?;
         let grants = tokio::time::timeout(HANDSHAKE_TIMEOUT, client.session(request))
             .await
-            .map_err(|_| retry("opening the session timed out", false))?
+            .map_err(|_| no_answer("Session"))?
             .map_err(|s| classify(s, false))?
             .into_inner();
         Ok((reply, grants, upload))
@@ -827,30 +901,12 @@ impl Session<'_> {
         tokio::pin!(drain);
 
         let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
+        let progress = self.progress;
         let mut weights: Option<Arc<Weights>> = None;
-        // The first line one interval into the session.
-        let mut progress_log = self
-            .progress_log
-            .map(|every| tokio::time::interval_at(tokio::time::Instant::now() + every, every));
-        let mut chunks_at_last_line = counts.chunks_sent;
         loop {
             tokio::select! {
-                () = async {
-                    match progress_log.as_mut() {
-                        Some(interval) => {
-                            interval.tick().await;
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    info!(
-                        chunks_sent = counts.chunks_sent,
-                        chunks_since_last_line = counts.chunks_sent - chunks_at_last_line,
-                        versions_received = counts.versions_received,
-                        policy_version = weights.as_ref().map(|w| w.version),
-                        "rolling out"
-                    );
-                    chunks_at_last_line = counts.chunks_sent;
+                () = progress.due() => {
+                    progress.log(counts, weights.as_ref().map(|w| w.version));
                 }
                 () = shutdown.as_mut(), if !*stopping => {
                     *stopping = true;
@@ -992,7 +1048,7 @@ impl Session<'_> {
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             counts.stale_chunks_dropped += 1;
                             return Err(retry(
-                                format!("more than {UPLOAD_BUFFER} chunks wait for the network"),
+                                format!("the learner read none of the last {UPLOAD_BUFFER} chunks sent (a stalled link or learner); reconnecting"),
                                 served,
                             ));
                         }

@@ -60,7 +60,12 @@ pub async fn check(
     } else {
         format!("http://{address}")
     };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone())?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone()).map_err(|e| {
+        ConfigError::invalid(
+            "--address",
+            format!("`{address}` is not a usable address: {e}"),
+        )
+    })?;
     if let Some(tls) = crate::client_tls_for(&address, tls)? {
         endpoint = endpoint.tls_config(tls)?;
     }

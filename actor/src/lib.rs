@@ -38,7 +38,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error_span, info, warn};
 
-use crate::connection::{Counts, Session, SessionEnd, SessionError};
+use crate::connection::{Counts, ProgressLine, Session, SessionEnd, SessionError};
 use crate::worker::{Seeding, Worker, WorkerReport};
 
 /// Settings that are not part of the shared configuration file.
@@ -116,14 +116,17 @@ pub enum ActorError {
     #[error("{0}")]
     Fatal(String),
     /// The learner stayed unreachable for `actor.reconnect_attempts` tries.
-    #[error("gave up after {attempts} failed connection attempts; last error: {last}")]
+    #[error(
+        "gave up after {attempts} failed connection attempts (actor.reconnect_attempts; 0 retries for ever); last error: {last}"
+    )]
     GaveUp {
         /// Attempts made.
         attempts: u32,
         /// The last failure.
         last: String,
     },
-    /// The rollout worker failed (e.g. weights that do not load).
+    /// The rollout worker failed (e.g. weights that do not load), or its
+    /// thread could not start.
     #[error("rollout worker: {0}")]
     Worker(String),
 }
@@ -165,19 +168,23 @@ pub async fn run(
     options: ActorOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ActorReport, ActorError> {
-    // Every event of this actor carries who it is and which policy it
-    // samples with; the connection records the last two (in JSON logs
-    // only: see `telemetry::record_latest`).
-    // At the error level, so that a log filtered to warnings keeps these
-    // fields on the warnings it shows.
-    let span = error_span!(
+    let span = actor_span(&options.name, &config.actor.learner);
+    run_actor(config, options, shutdown).instrument(span).await
+}
+
+/// The span every event of one actor (a generated one too) carries: who
+/// it is and which policy it samples with; the connection records the
+/// last two (in JSON logs only: see `telemetry::record_latest`). At the
+/// error level, so that a log filtered to warnings keeps these fields on
+/// the warnings it shows.
+pub(crate) fn actor_span(name: &str, learner: &str) -> tracing::Span {
+    error_span!(
         "actor",
-        actor_name = %options.name,
-        learner = %config.actor.learner,
+        actor_name = %name,
+        learner = %learner,
         actor_id = tracing::field::Empty,
         policy_version = tracing::field::Empty,
-    );
-    run_actor(config, options, shutdown).instrument(span).await
+    )
 }
 
 async fn run_actor(
@@ -218,7 +225,7 @@ async fn run_actor(
     let worker = std::thread::Builder::new()
         .name("flgfn-rollout".to_owned())
         .spawn(move || span.in_scope(|| worker.run()))
-        .map_err(|e| ActorError::Worker(e.to_string()))?;
+        .map_err(|e| ActorError::Worker(format!("cannot start its thread: {e}")))?;
 
     let mut report = ActorReport::default();
     let (result, counts) = stay_connected(
@@ -531,6 +538,9 @@ pub async fn stay_connected(
     let mut counts = Counts::default();
     let mut actor_id = 0u64;
     let mut handshake_in_session = true;
+    let mut progress = ProgressLine::new(
+        (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s)),
+    );
     let mut failures = 0u32;
     // When the learner last said it stops for a restart, until a session
     // is served again.
@@ -546,8 +556,7 @@ pub async fn stay_connected(
         let session = Session {
             url: &actor.learner,
             keepalive: Duration::from_secs_f64(actor.keepalive_s),
-            progress_log: (actor.progress_log_s > 0.0)
-                .then(|| Duration::from_secs_f64(actor.progress_log_s)),
+            progress: &mut progress,
             actor_name: name,
             task: &task,
             model: &model,

@@ -20,6 +20,7 @@ use flgfn_common::trajectory::{Trajectory, TrajectoryChunk};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use crate::worker::{Order, SampledChunk};
 use crate::{ActorError, ActorReport, Plumbing, stay_connected};
@@ -71,16 +72,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Vec<Result<ActorReport, ActorError>> {
     let (stop_sender, stop) = watch::channel(false);
-    let handles: Vec<_> = (0..actors)
+    let handles: Vec<(usize, _)> = (0..actors)
         .map(|i| {
             let config = config.clone();
             let mut stop = stop.clone();
-            tokio::spawn(async move {
+            let handle = tokio::spawn(async move {
                 let stopped = async move {
                     let _ = stop.wait_for(|stopped| *stopped).await;
                 };
                 generated_actor(config, i as u64, stopped).await
-            })
+            });
+            (i, handle)
         })
         .collect();
     let all = futures_join(handles);
@@ -94,15 +96,24 @@ pub async fn run(
 }
 
 async fn futures_join(
-    handles: Vec<tokio::task::JoinHandle<Result<ActorReport, ActorError>>>,
+    handles: Vec<(
+        usize,
+        tokio::task::JoinHandle<Result<ActorReport, ActorError>>,
+    )>,
 ) -> Vec<Result<ActorReport, ActorError>> {
     let mut reports = Vec::with_capacity(handles.len());
-    for handle in handles {
-        reports.push(
-            handle
-                .await
-                .unwrap_or_else(|join| Err(ActorError::Worker(join.to_string()))),
-        );
+    for (index, handle) in handles {
+        reports.push(handle.await.unwrap_or_else(|join| {
+            let why = if join.is_panic() {
+                format!(
+                    "panicked: {}",
+                    flgfn_common::telemetry::panic_message(join.into_panic().as_ref())
+                )
+            } else {
+                join.to_string()
+            };
+            Err(ActorError::Worker(format!("generated actor {index} {why}")))
+        }));
     }
     reports
 }
@@ -129,8 +140,10 @@ async fn generated_actor(
         ..Behaviour::from(&config.actor)
     };
     let session_seen = current_session.clone();
+    // Each generated actor draws its own stream.
+    let seed = crate::worker::seed_for(crate::worker::Seeding::Distinct(config.seed), index);
     let generator = tokio::spawn(async move {
-        let mut rng = SmallRng::seed_from_u64(config_seed(index));
+        let mut rng = SmallRng::seed_from_u64(seed);
         let (mut rollouts, mut undelivered, mut skipped) = (0u64, 0u64, 0u64);
         // Versions "loaded" as a real actor's worker counts them.
         let mut loaded = crate::worker::LoadedWeights::default();
@@ -180,7 +193,11 @@ async fn generated_actor(
         orders: &order_sender,
         current_session: &current_session,
     };
-    let (result, counts) = stay_connected(&config, &name, plumbing, &mut report, shutdown).await;
+    // Its lines say which of the process's actors they are.
+    let span = crate::actor_span(&name, &config.actor.learner);
+    let (result, counts) = stay_connected(&config, &name, plumbing, &mut report, shutdown)
+        .instrument(span)
+        .await;
     drop(order_sender);
     let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
@@ -190,7 +207,7 @@ async fn generated_actor(
         Ok(generated) => generated,
         Err(error) => {
             return Err(ActorError::Worker(format!(
-                "the trajectory generator failed: {error}"
+                "generated actor {index}: the trajectory generator failed: {error}"
             )));
         }
     };
@@ -201,11 +218,6 @@ async fn generated_actor(
     report.add_counts(counts);
     report.stale_chunks_dropped += unsent + undelivered;
     result.map(|()| report)
-}
-
-/// Each generated actor draws its own stream.
-fn config_seed(index: u64) -> u64 {
-    crate::worker::seed_for(crate::worker::Seeding::Distinct(index), index)
 }
 
 #[cfg(test)]

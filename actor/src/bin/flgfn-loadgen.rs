@@ -36,6 +36,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // per actor.
     flgfn_common::auth::load_token(&config.auth)?;
     flgfn_actor::client_tls(&config)?;
+    // Its async workers draw every generated actor's trajectories: as many
+    // as actor.threads (1 by default), leaving a small machine's other
+    // cores to the learner under load.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.actor.threads.max(1))
         .enable_all()
