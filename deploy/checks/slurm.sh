@@ -4,7 +4,10 @@
 # a moved CPU bundle, the learner (component 0) and 2 actor tasks
 # (component 1) trained 150 steps, the actors found the learner through
 # the address the script passed them and exited 0; a job whose actor step
-# fails at once stops its learner gracefully and fails.
+# fails at once stops its learner gracefully and fails; the learner's step
+# gets its component's CPUs, and threads from them; a job whose
+# configuration turns TLS on, or that the learner refuses, fails before
+# anything starts; a token file in the job file is used, not replaced.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/tools.sh
@@ -27,8 +30,15 @@ deploy/bundle.sh --cpu "$work/flgfn-bundle" >/dev/null
 mkdir "$work/bin"
 cat >"$work/bin/scontrol" <<'SHIM'
 #!/usr/bin/env bash
-# scontrol show hostnames LIST: every node is this machine.
-echo 127.0.0.1
+# scontrol show hostnames LIST: the learner's node (component 0's list, as
+# sbatch_here below sets it) is this machine; any other list is an error,
+# so a script that reads the wrong one fails here.
+if [ "$*" = "show hostnames gpu-node-1" ]; then
+    echo 127.0.0.1
+else
+    echo "scontrol (check stand-in): unexpected: $*" >&2
+    exit 1
+fi
 SHIM
 # (Python: the script starts srun in the background, where a shell without
 # job control ignores SIGINT, and bash cannot trap a signal ignored on entry.)
@@ -45,6 +55,9 @@ import subprocess
 import sys
 
 args = sys.argv[1:]
+# Each step's command line, for the check to read.
+with open(os.environ["FLGFN_CHECK_SRUN_LOG"], "a", encoding="utf-8") as record:
+    print(" ".join(args), file=record)
 group, disable_status = "0", False
 while args and args[0].startswith("--"):
     option = args.pop(0)
@@ -97,6 +110,10 @@ size = "small"
 [learner]
 max_steps = 150
 JOB
+# The same job with its token in a file (which the script keeps, where
+# without one it makes a fresh token).
+(umask 077; od -An -N24 -tx1 /dev/urandom | tr -d ' \n' >"$work/token")
+{ cat "$work/job.toml"; printf '\n[auth]\ntoken_file = "%s"\n' "$work/token"; } >"$work/job-token.toml"
 
 port="$(free_port)"
 cd "$work"
@@ -104,12 +121,14 @@ cd "$work"
 # sbatch_here JOB_ID [NAME=VALUE...]. The learner trains on the CPU here
 # (the script asks for CUDA unless told otherwise).
 sbatch_here() {
-    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" FLGFN_LEARNER__DEVICE=cpu "${@:2}" \
+    env -i PATH="$work/bin:/usr/bin:/bin" HOME="$work" FLGFN_LEARNER__DEVICE=cpu \
         SLURM_SUBMIT_DIR="$work" SLURM_JOB_ID="$1" \
         SLURM_JOB_NODELIST_HET_GROUP_0=gpu-node-1 \
+        SLURM_JOB_NODELIST_HET_GROUP_1=cpu-node-[1-2] \
         SLURM_NTASKS_HET_GROUP_0=1 SLURM_NTASKS_HET_GROUP_1=2 \
         SLURM_CPUS_PER_TASK_HET_GROUP_0=1 \
         FLGFN_JOB="$work/job.toml" FLGFN_PORT="$port" \
+        FLGFN_CHECK_SRUN_LOG="$work/srun-$1.log" "${@:2}" \
         timeout 600 bash "$root/deploy/slurm/flgfn.sbatch"
 }
 
@@ -143,24 +162,56 @@ fi
 # The actor step fails at once: the job stops its learner, gracefully
 # (through srun, which would kill it on SIGTERM), and fails, instead of
 # holding the allocation until its time limit.
-if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 >"$work/failed.log" 2>&1 ||
+# (With 6 CPUs for the learner: its step gets them, and 6 - 4 threads.)
+if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 \
+    SLURM_CPUS_PER_TASK_HET_GROUP_0=6 >"$work/failed.log" 2>&1 ||
     ! grep -q "the actor step failed (status 2)" "$work/failed.log" ||
     ! grep -q "shutdown requested" "$work/failed.log" ||
+    ! grep -q "flgfn: a fresh token for this job" "$work/failed.log" ||
     grep -q "forcing job termination" "$work/failed.log" ||
     pgrep -f "$work/flgfn-bundle/bin/flgfn-learner" >/dev/null; then
     echo "slurm: FAILED: a job whose actor step failed did not stop its learner and fail" >&2
     cat "$work/failed.log" >&2
     exit 1
 fi
+if ! grep -q -- "--het-group=0 --ntasks=1 --cpus-per-task=6 .*/flgfn-learner .*--threads 2 " "$work/srun-4240.log"; then
+    echo "slurm: FAILED: the learner's step did not get its 6 CPUs and 2 threads" >&2
+    cat "$work/srun-4240.log" >&2
+    exit 1
+fi
+
+# TLS on (here by variables; a job file's [tls] alike): refused before
+# any step starts, rather than health checks over plain text until the
+# time limit. A configuration the learner refuses fails alike, with its
+# error.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+if sbatch_here 4243 FLGFN_TLS__CERT_FILE="$work/cert.pem" FLGFN_TLS__KEY_FILE="$work/key.pem" \
+    >"$work/tls.log" 2>&1 ||
+    ! grep -q "the job turns TLS on (tls.cert_file)" "$work/tls.log" ||
+    [ -e "$work/srun-4243.log" ]; then
+    echo "slurm: FAILED: a job with TLS on was not refused before its steps" >&2
+    cat "$work/tls.log" >&2
+    exit 1
+fi
+if sbatch_here 4244 FLGFN_LEARNER__MAX_STEPS=-1 >"$work/refused.log" 2>&1 ||
+    ! grep -q "the learner refuses this job's configuration" "$work/refused.log" ||
+    ! grep -q "learner.max_steps" "$work/refused.log" ||
+    [ -e "$work/srun-4244.log" ]; then
+    echo "slurm: FAILED: a job whose configuration the learner refuses did not fail before its steps, naming the key" >&2
+    cat "$work/refused.log" >&2
+    exit 1
+fi
 
 # (An empty FLGFN_LEARNER__THREADS means the default, for actors too.)
-if sbatch_here 4242 FLGFN_LEARNER__THREADS= >"$work/job.log" 2>&1 &&
+if sbatch_here 4242 FLGFN_LEARNER__THREADS= FLGFN_JOB="$work/job-token.toml" >"$work/job.log" 2>&1 &&
+    grep -q "flgfn: token from auth.token_file" "$work/job.log" &&
     grep -Eq "training finished steps=150 " "$work/job.log" &&
     [ "$(grep -c "the learner ended training" "$work/job.log")" -eq 2 ] &&
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for), refused a port another learner served, failed on a learner node without a GPU, and stopped its learner gracefully when the actor step failed"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for) on the job file's token file, refused a port another learner served, failed on a learner node without a GPU, stopped its learner gracefully when the actor step failed (its step given 6 CPUs and 2 threads), and refused a TLS job and a refused configuration before any step"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2
