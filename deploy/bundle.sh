@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds a relocatable bundle: the flgfn binaries plus exactly the libtorch
 # libraries they load, found through an $ORIGIN-relative run path, so the
-# folder runs after being copied to any path or node (same glibc family:
-# Debian 12 or newer), with no environment variables set.
+# folder runs after being copied to any path or node whose glibc and
+# libstdc++ are the build machine's or newer (they are not bundled), with
+# no environment variables set. Builds the binaries first (cargo, with the
+# torch of deploy/env.sh).
 #
 #   deploy/bundle.sh [--cpu | --cuda] [OUT]     # OUT defaults to dist/flgfn-<flavour>
 #
