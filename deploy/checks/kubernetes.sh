@@ -2,9 +2,13 @@
 # Check: every kustomize overlay under deploy/k8s/overlays renders with
 # `kubectl kustomize` and validates, strictly (no unknown fields), against
 # the Kubernetes schemas bundled in kubernetes-validate (offline), as does
-# every plain manifest beside them (deploy/k8s/*.yaml); the results pod
-# mounts the job overlay's claim, by its name. Skipped
-# (exit 77) where kubectl is not installed.
+# every plain manifest beside them (deploy/k8s/*.yaml); in each rendered
+# overlay the Service selects the learner's pod and no other, on a port
+# its container opens, the actors' learner URL names that Service and
+# port, and every ConfigMap mounted is one rendered; the job overlay's
+# learner exits non-zero when stopped before its end (an exit 0 would
+# complete the Job); the results pod mounts the job overlay's claim, by
+# its name. Skipped (exit 77) where kubectl is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v kubectl >/dev/null; then
@@ -30,6 +34,67 @@ if [[ "$kinds" != " 1 kind: ConfigMap, 1 kind: Deployment, 1 kind: Job, 1 kind: 
     echo "kubernetes: the job overlay renders$kinds, not the learner's Job and claim, the actors' Deployment, Service and ConfigMap" >&2
     exit 1
 fi
+# How the rendered objects fit together (what a schema cannot see).
+for rendered in "$work"/*.yaml; do
+    "$tools/python" - "$rendered" <<'PY'
+import sys
+from urllib.parse import urlsplit
+
+import yaml
+
+path = sys.argv[1]
+overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+
+
+def fail(message):
+    sys.exit(f"kubernetes: overlay {overlay}: {message}")
+
+
+templates = {
+    d["metadata"]["name"]: d["spec"]["template"]
+    for d in docs
+    if d["kind"] in ("Deployment", "StatefulSet", "Job")
+}
+services = [d for d in docs if d["kind"] == "Service"]
+config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+if len(services) != 1 or "flgfn-learner" not in templates or "flgfn-actor" not in templates:
+    fail("expected one Service, the learner flgfn-learner and the actors flgfn-actor")
+service = services[0]
+selector = service["spec"]["selector"]
+selected = [
+    name
+    for name, template in templates.items()
+    if selector.items() <= template["metadata"].get("labels", {}).items()
+]
+if selected != ["flgfn-learner"]:
+    fail(f"the Service's selector {selector} selects {selected}, not the learner's pod alone")
+learner = templates["flgfn-learner"]["spec"]["containers"][0]
+opened = {p["containerPort"] for p in learner.get("ports", [])} | {
+    p.get("name") for p in learner.get("ports", [])
+}
+for port in service["spec"]["ports"]:
+    if port.get("targetPort", port["port"]) not in opened:
+        fail(f"the Service's port {port} is not one the learner's container opens ({opened})")
+service_ports = {p["port"] for p in service["spec"]["ports"]}
+actor = templates["flgfn-actor"]["spec"]["containers"][0]
+url = next(e["value"] for e in actor["env"] if e["name"] == "FLGFN_ACTOR__LEARNER")
+address = urlsplit(url)
+if address.hostname != service["metadata"]["name"] or address.port not in service_ports:
+    fail(f"the actors' learner {url} is not the Service {service['metadata']['name']} on {service_ports}")
+for name, template in templates.items():
+    for volume in template["spec"].get("volumes", []):
+        mapped = volume.get("configMap", {}).get("name")
+        if mapped is not None and mapped not in config_maps:
+            fail(f"{name} mounts the ConfigMap {mapped}, which is not rendered ({config_maps})")
+job = next((d for d in docs if d["kind"] == "Job"), None)
+if job is not None:
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    status = env.get("FLGFN_LEARNER__UNFINISHED_EXIT_STATUS", "0")
+    if status in ("0", None):
+        fail("the learner's Job leaves learner.unfinished_exit_status at 0: a drained pod would complete the Job")
+PY
+done
 manifests=()
 for manifest in deploy/k8s/*.yaml; do
     "$tools/kubernetes-validate" --strict --quiet "$manifest"
