@@ -1,0 +1,245 @@
+//! Serving an open session: grants become orders for the rollout
+//! worker, chunks go out, and a stop drains both before the session ends.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use flgfn_common::wire::proto::{self};
+use prost::Message;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
+
+use super::open::{Opened, UPLOAD_BUFFER};
+use super::status::{classify, retry};
+use super::{Session, SessionEnd, SessionError};
+
+/// How long a stopping actor waits for its rollout in progress, and then
+/// for the learner to take the last chunks, before it leaves without them
+/// (a rollout still running is then abandoned at its next lockstep step).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner
+/// to end the session: it reads every chunk sent before the close first.
+/// A refusal of those chunks is one still (as outside a stop), and a
+/// learner that finished training meanwhile says so.
+async fn finish(
+    upload: mpsc::Sender<proto::TrajectoryChunk>,
+    grants: &mut tonic::Streaming<proto::Grant>,
+) -> Result<SessionEnd, SessionError> {
+    drop(upload);
+    let ended = async {
+        loop {
+            match grants.message().await {
+                Ok(Some(grant)) if grant.training_done => return Ok(SessionEnd::TrainingDone),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(SessionEnd::Stopped),
+                Err(status) => {
+                    return match classify(status, true) {
+                        SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                        refused => Err(refused),
+                    };
+                }
+            }
+        }
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, ended)
+        .await
+        .unwrap_or_else(|_| {
+            warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
+            Ok(SessionEnd::Stopped)
+        })
+}
+
+impl Session<'_> {
+    /// Turns grants into orders and forwards chunks until the session ends.
+    pub(super) async fn serve<S: Future<Output = ()>>(
+        self,
+        opened: Opened,
+        mut shutdown: Pin<&mut S>,
+        stopping: &mut bool,
+    ) -> Result<SessionEnd, SessionError> {
+        let Opened {
+            mut grants,
+            upload,
+            actor_id,
+            max_bytes,
+            max_bytes_of,
+        } = opened;
+        let session = self.session;
+        // Set once a chunk is sent: only a session that served resets the
+        // reconnect backoff.
+        let mut served = false;
+        let drain = tokio::time::sleep(DRAIN_TIMEOUT);
+        tokio::pin!(drain);
+
+        let (chunks, counts, orders) = (self.chunks, self.counts, self.orders);
+        let progress = self.progress;
+        let mut weights: Option<Arc<Weights>> = None;
+        loop {
+            tokio::select! {
+                () = progress.due() => {
+                    progress.log(counts, weights.as_ref().map(|w| w.version));
+                }
+                () = shutdown.as_mut(), if !*stopping => {
+                    *stopping = true;
+                    drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
+                    // Orders still queued are skipped (the learner takes
+                    // their credits back when the session ends); the
+                    // worker answers the flush once the rollout in
+                    // progress is out, so every chunk is then in `chunks`.
+                    self.current_session
+                        .store(session | crate::worker::DRAINING, Ordering::Release);
+                    let flush = weights.as_ref().map(|weights| Order {
+                        session: FLUSH_SESSION,
+                        actor_id,
+                        weights: weights.clone(),
+                    });
+                    // No grant yet: nothing was rolled out.
+                    let Some(flush) = flush else {
+                        return finish(upload, &mut grants).await;
+                    };
+                    // Behind at most a queue of orders the worker now skips.
+                    let queued = tokio::time::timeout(DRAIN_TIMEOUT, orders.send(flush)).await;
+                    if !matches!(queued, Ok(Ok(()))) {
+                        return finish(upload, &mut grants).await;
+                    }
+                }
+                () = &mut drain, if *stopping => {
+                    warn!(after = ?DRAIN_TIMEOUT, "the rollout in progress did not finish; leaving without it");
+                    return finish(upload, &mut grants).await;
+                }
+                grant = grants.message() => {
+                    let grant = match grant {
+                        Ok(Some(grant)) => grant,
+                        // A refusal stays one; anything else ends the drain.
+                        Err(status) if *stopping => {
+                            return match classify(status, served) {
+                                SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                                refused => Err(refused),
+                            };
+                        }
+                        Ok(None) if *stopping => return Ok(SessionEnd::Stopped),
+                        Ok(None) => return Err(retry("the learner ended the session", served)),
+                        Err(status) => return Err(classify(status, served)),
+                    };
+                    if grant.training_done {
+                        // The chunks already handed to the upload go out
+                        // and the learner counts them (as arrived after
+                        // the end) before it ends the session: the two
+                        // sides' counts then agree.
+                        let _ = finish(upload, &mut grants).await;
+                        return Ok(SessionEnd::TrainingDone);
+                    }
+                    if grant.learner_restarting {
+                        // As above: the learner counts what is on its way.
+                        // (An actor stopping leaves once that is done.)
+                        let _ = finish(upload, &mut grants).await;
+                        return Ok(if *stopping {
+                            SessionEnd::Stopped
+                        } else {
+                            SessionEnd::LearnerRestarting
+                        });
+                    }
+                    if *stopping {
+                        // No new rollouts.
+                        continue;
+                    }
+                    if let Some(new) = grant.weights {
+                        counts.versions_received += 1;
+                        flgfn_common::telemetry::record_latest(
+                            &tracing::Span::current(),
+                            "policy_version",
+                            new.version,
+                        );
+                        weights = Some(Arc::new(Weights {
+                            session,
+                            version: new.version,
+                            bytes: new.safetensors,
+                            received_at: std::time::Instant::now(),
+                        }));
+                    }
+                    // A grant of no credits needs no weights (a later
+                    // learner may send one carrying only fields added since).
+                    if grant.credits == 0 {
+                        continue;
+                    }
+                    let Some(weights) = &weights else {
+                        return Err(SessionError::Fatal(
+                            "protocol error: the learner granted a credit before sending any weights".to_owned(),
+                        ));
+                    };
+                    for _ in 0..grant.credits {
+                        counts.credits += 1;
+                        let order = Order { session, actor_id, weights: weights.clone() };
+                        // Never wait here: this loop must keep reading
+                        // grants and forwarding chunks.
+                        match orders.try_send(order) {
+                            Ok(()) => {}
+                            // The learner holds back credits it would not
+                            // train on soon (flgfn's: 64 a session at most);
+                            // one that floods them breaks the protocol, and
+                            // would again after a reconnect.
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                return Err(SessionError::Fatal(format!(
+                                    "protocol error: the learner granted more than {} credits not yet used",
+                                    crate::MAX_QUEUED_ORDERS
+                                )));
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                return Ok(SessionEnd::WorkerStopped);
+                            }
+                        }
+                    }
+                }
+                sampled = chunks.recv() => {
+                    let Some(SampledChunk { session: sampled_in, mut chunk }) = sampled else {
+                        return Ok(SessionEnd::WorkerStopped);
+                    };
+                    if sampled_in == FLUSH_SESSION {
+                        // Every chunk rolled out is sent.
+                        return finish(upload, &mut grants).await;
+                    }
+                    if sampled_in != session {
+                        // Its credit died with an earlier session.
+                        counts.stale_chunks_dropped += 1;
+                        continue;
+                    }
+                    chunk.actor_id = actor_id;
+                    let transitions = chunk.transitions() as u64;
+                    let message = proto::TrajectoryChunk::from(&chunk);
+                    if message.encoded_len() > max_bytes {
+                        counts.stale_chunks_dropped += 1;
+                        // Every chunk would fail alike: retrying cannot help.
+                        return Err(SessionError::Fatal(format!(
+                            "a chunk encodes to {} bytes, more than the {max_bytes} of {max_bytes_of}; lower actor.envs",
+                            message.encoded_len()
+                        )));
+                    }
+                    match upload.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            counts.stale_chunks_dropped += 1;
+                            return Err(retry(
+                                format!("the learner read none of the last {UPLOAD_BUFFER} chunks sent (a stalled link or learner); reconnecting"),
+                                served,
+                            ));
+                        }
+                        // The stream broke; the grant side reports why.
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            counts.stale_chunks_dropped += 1;
+                            continue;
+                        }
+                    }
+                    counts.chunks_sent += 1;
+                    counts.transitions_sent += transitions;
+                    served = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+use std::sync::Arc;
+
+use flgfn_common::auth::AUTHORIZATION_HEADER;
+
+use super::open::{MIN_STREAM_WINDOW, f32_weight_bytes, stream_window};
+use super::status::classify;
+use super::tls::PLAIN_TEXT_PROBE;
+use super::*;
+
+/// An actor's receive window holds its network's weights in f32, 4 MiB
+/// at least, 1 GiB at most.
+#[test]
+fn the_receive_window_holds_the_weights() {
+    let model = |hidden: Vec<usize>| ModelSpec {
+        input_dim: 60,
+        hidden,
+        forward_actions: 31,
+        backward_actions: 30,
+    };
+    let task = TaskSpec {
+        name: "set_generation".to_owned(),
+        params: vec!["universe=30".to_owned()],
+    };
+    let window = |hidden| stream_window(f32_weight_bytes(&model(hidden), &task));
+    assert_eq!(window(vec![256, 256]), MIN_STREAM_WINDOW);
+    let weights = u32::try_from(model(vec![2048, 2048, 2048]).parameter_count() * 4).unwrap();
+    assert!(weights > MIN_STREAM_WINDOW);
+    assert!(window(vec![2048, 2048, 2048]) >= weights);
+    assert_eq!(window(vec![1 << 20, 1 << 20]), 1 << 30);
+}
+
+/// A stand-in HTTP/2 server on `127.0.0.1:0` that records each
+/// request (path, and whether it carried a token) and either drops the
+/// connection unanswered, as a TLS server drops plain text, or answers
+/// every request HTTP 401, as a proxy that wants a token everywhere.
+async fn recording_server(
+    answer_401: bool,
+) -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(String, bool)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let recorded = Arc::clone(&requests);
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let Ok(mut connection) = h2::server::handshake(socket).await else {
+                continue;
+            };
+            let recorded = Arc::clone(&recorded);
+            tokio::spawn(async move {
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    recorded.lock().unwrap().push((
+                        request.uri().path().to_owned(),
+                        request.headers().contains_key(AUTHORIZATION_HEADER),
+                    ));
+                    if !answer_401 {
+                        return;
+                    }
+                    let response = tonic::codegen::http::Response::builder()
+                        .status(401)
+                        .body(())
+                        .unwrap();
+                    let _ = respond.send_response(response, true);
+                }
+            });
+        }
+    });
+    (address, requests, server)
+}
+
+/// An actor with a token against `address`, at most 2 attempts.
+async fn actor_with_token(address: std::net::SocketAddr, name: &str) -> crate::ActorError {
+    let dir = std::env::temp_dir().join(format!("flgfn-probe-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "a-token-for-the-probe-test-0123456789\n").unwrap();
+    let mut config = flgfn_common::config::Config::default();
+    config.actor.learner = format!("http://{address}");
+    config.actor.reconnect_attempts = 2;
+    config.auth.token_file = token_file.display().to_string();
+    let options = crate::ActorOptions {
+        name: name.to_owned(),
+        seed_offset: None,
+    };
+    let error = crate::run(config, options, std::future::pending())
+        .await
+        .unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    error
+}
+
+/// An http:// address that has not answered as plain HTTP/2 (a TLS
+/// learner's port, say) never gets the token: only the open health
+/// check goes first. One that answers anything, even a refusal, speaks
+/// HTTP/2: the handshake follows (in the Session call), with the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_goes_to_an_address_that_has_not_answered() {
+    let (address, requests, server) = recording_server(false).await;
+    let error = actor_with_token(address, "silent").await;
+    server.abort();
+    assert!(
+        matches!(error, crate::ActorError::GaveUp { .. }),
+        "{error:?}"
+    );
+    let error = error.to_string();
+    assert!(
+        error.contains("the token was not sent") && error.contains("https://"),
+        "{error}"
+    );
+    {
+        let requests = requests.lock().unwrap();
+        assert!(!requests.is_empty());
+        assert!(
+            requests
+                .iter()
+                .all(|(path, token)| path.starts_with("/grpc.health.v1.Health/") && !token),
+            "{requests:?}"
+        );
+    }
+
+    let (address, requests, server) = recording_server(true).await;
+    let error = actor_with_token(address, "answered").await;
+    server.abort();
+    assert!(matches!(error, crate::ActorError::Refused(_)), "{error:?}");
+    let requests = requests.lock().unwrap();
+    assert!(
+        requests
+            .iter()
+            .any(|(path, token)| path.ends_with("/Session") && *token),
+        "{requests:?}"
+    );
+}
+
+/// The probe tells a TLS server's alert from anything else a server
+/// answers plain text with, or no server.
+#[tokio::test]
+async fn a_tls_alert_is_told_from_other_answers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn answering(reply: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut probe = [0u8; PLAIN_TEXT_PROBE.len()];
+            stream.read_exact(&mut probe).await.unwrap();
+            assert_eq!(&probe, PLAIN_TEXT_PROBE);
+            stream.write_all(reply).await.unwrap();
+        });
+        format!("http://{address}")
+    }
+    // An alert record (TLS 1.2 framing), as rustls sends one.
+    assert!(answers_as_tls(&answering(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32]).await).await);
+    // An HTTP/1 server's reply, a handshake record, nothing at all.
+    assert!(!answers_as_tls(&answering(b"HTTP/1.1 400 Bad Request\r\n").await).await);
+    assert!(!answers_as_tls(&answering(&[0x16, 0x03, 0x03]).await).await);
+    assert!(!answers_as_tls(&answering(b"").await).await);
+    // No server there.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = closed.local_addr().unwrap();
+    drop(closed);
+    assert!(!answers_as_tls(&format!("http://{address}")).await);
+}
+
+fn retried(error: SessionError) -> (String, bool) {
+    match error {
+        SessionError::Retry {
+            message, served, ..
+        } => (message, served),
+        other => panic!("not retried: {other}"),
+    }
+}
+
+#[test]
+fn a_session_cut_for_stalling_before_its_first_chunk_says_what_to_lower() {
+    let stalled = || Status::deadline_exceeded("held a credit for 30s without sending its chunk");
+    let (message, served) = retried(classify(stalled(), false));
+    assert!(!served);
+    assert!(
+        message.contains("held a credit") && message.contains("lower actor.envs"),
+        "{message}"
+    );
+    // Once a chunk went through, rollouts are fast enough: no hint.
+    let (message, served) = retried(classify(stalled(), true));
+    assert!(served);
+    assert!(!message.contains("actor.envs"), "{message}");
+}
+
+#[test]
+fn refusals_are_final_and_outages_retried() {
+    for status in [
+        Status::invalid_argument("bad chunk"),
+        Status::failed_precondition("another task"),
+        Status::unauthenticated("wrong token"),
+    ] {
+        assert!(matches!(classify(status, true), SessionError::Refused(_)));
+    }
+    let (_, served) = retried(classify(Status::unavailable("restarting"), false));
+    assert!(!served);
+}
