@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use flgfn_common::config::Config;
+use flgfn_common::env::TaskSpec;
 use flgfn_common::policy::{ModelSpec, set_threads};
 use flgfn_common::rollout::Behaviour;
 use flgfn_common::tasks;
@@ -39,7 +40,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, error_span, info, warn};
 
 use crate::connection::{Counts, ProgressLine, Session, SessionEnd, SessionError};
-use crate::worker::{Seeding, Worker, WorkerReport};
+use crate::worker::{Order, Seeding, Worker, WorkerReport};
 
 /// Settings that are not part of the shared configuration file.
 #[derive(Debug, Clone)]
@@ -160,6 +161,81 @@ pub fn exit_status(program: &str, result: anyhow::Result<()>) -> std::process::E
 
 /// Most orders (and chunks) queued inside an actor.
 const MAX_QUEUED_ORDERS: usize = 4096;
+
+/// Warnings about `actor.learner` that are no error (once per process: a
+/// load generator runs many connections): a token in plain text beyond
+/// loopback, no port, a path.
+fn warn_about_learner_url(learner: &str, has_token: bool) {
+    static PLAIN_TEXT_WARNED: std::sync::Once = std::sync::Once::new();
+    if has_token && plain_text_beyond_loopback(learner) {
+        PLAIN_TEXT_WARNED.call_once(|| warn!(
+            learner = %learner,
+            "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
+        ));
+    }
+    // (Validated as a URL already; parsed here for two warnings.)
+    let learner_uri = learner.parse::<tonic::codegen::http::Uri>().ok();
+    // An http:// URL without a port means port 80: most likely not where
+    // the learner listens, and refusals there read as an outage. (An
+    // https:// one may well be an ingress on 443.)
+    static NO_PORT_WARNED: std::sync::Once = std::sync::Once::new();
+    if learner.starts_with("http://")
+        && learner_uri.as_ref().is_some_and(|uri| uri.port().is_none())
+    {
+        NO_PORT_WARNED.call_once(|| warn!(
+            learner = %learner,
+            "actor.learner names no port: connecting to port 80; a learner listens on 50051 unless told otherwise"
+        ));
+    }
+    // A path is not used: gRPC calls go to /flgfn.v1.Learner/... on the
+    // host and port whatever follows them.
+    static PATH_WARNED: std::sync::Once = std::sync::Once::new();
+    if let Some(uri) = &learner_uri
+        && !matches!(uri.path(), "" | "/")
+    {
+        PATH_WARNED.call_once(|| warn!(
+            learner = %learner,
+            path = uri.path(),
+            "actor.learner names a path, which is not used: the actor calls the learner's gRPC service on that host and port"
+        ));
+    }
+}
+
+/// What every session of one actor shows the learner, read once.
+struct Connecting {
+    task: TaskSpec,
+    model: ModelSpec,
+    envs: usize,
+    token: Option<flgfn_common::auth::Token>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl Connecting {
+    fn new(config: &Config) -> Result<Self, ActorError> {
+        let env = tasks::build(&config.task)?;
+        Ok(Connecting {
+            task: env.spec(),
+            model: ModelSpec::new(env.as_ref(), &config.model),
+            envs: config.actor.envs_for(env.as_ref()),
+            token: flgfn_common::auth::load_token(&config.auth)?,
+            tls: client_tls(config)?,
+        })
+    }
+}
+
+/// Waits `pause` before the next attempt; false where the actor is to
+/// stop instead (asked to, or its rollout side has stopped).
+async fn wait_to_reconnect<S: Future<Output = ()>>(
+    pause: Duration,
+    shutdown: std::pin::Pin<&mut S>,
+    orders: &mpsc::Sender<Order>,
+) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => true,
+        () = shutdown => false,
+        () = orders.closed() => false,
+    }
+}
 
 /// Runs an actor until the learner finishes training, `shutdown` resolves,
 /// or the learner refuses it.
@@ -476,60 +552,17 @@ pub async fn stay_connected(
     shutdown: impl Future<Output = ()>,
 ) -> (Result<(), ActorError>, Counts) {
     let actor = &config.actor;
-    let (task, model, envs) = match tasks::build(&config.task) {
-        Ok(env) => (
-            env.spec(),
-            ModelSpec::new(env.as_ref(), &config.model),
-            actor.envs_for(env.as_ref()),
-        ),
-        Err(error) => return (Err(error.into()), Counts::default()),
+    let Connecting {
+        task,
+        model,
+        envs,
+        token,
+        tls,
+    } = match Connecting::new(config) {
+        Ok(connecting) => connecting,
+        Err(error) => return (Err(error), Counts::default()),
     };
-    let token = match flgfn_common::auth::load_token(&config.auth) {
-        Ok(token) => token,
-        Err(error) => return (Err(error.into()), Counts::default()),
-    };
-    let tls = match client_tls(config) {
-        Ok(tls) => tls,
-        Err(error) => return (Err(error.into()), Counts::default()),
-    };
-    // (Once per process: a load generator runs many connections.)
-    static PLAIN_TEXT_WARNED: std::sync::Once = std::sync::Once::new();
-    if token.is_some() && plain_text_beyond_loopback(&config.actor.learner) {
-        PLAIN_TEXT_WARNED.call_once(|| warn!(
-            learner = %config.actor.learner,
-            "the token travels in clear to a learner beyond loopback (http://): fine on a private network; elsewhere serve TLS and use https:// with tls.ca_file"
-        ));
-    }
-    // (Validated as a URL already; parsed here for two warnings.)
-    let learner_uri = config
-        .actor
-        .learner
-        .parse::<tonic::codegen::http::Uri>()
-        .ok();
-    // An http:// URL without a port means port 80: most likely not where
-    // the learner listens, and refusals there read as an outage. (An
-    // https:// one may well be an ingress on 443.)
-    static NO_PORT_WARNED: std::sync::Once = std::sync::Once::new();
-    if config.actor.learner.starts_with("http://")
-        && learner_uri.as_ref().is_some_and(|uri| uri.port().is_none())
-    {
-        NO_PORT_WARNED.call_once(|| warn!(
-            learner = %config.actor.learner,
-            "actor.learner names no port: connecting to port 80; a learner listens on 50051 unless told otherwise"
-        ));
-    }
-    // A path is not used: gRPC calls go to /flgfn.v1.Learner/... on the
-    // host and port whatever follows them.
-    static PATH_WARNED: std::sync::Once = std::sync::Once::new();
-    if let Some(uri) = &learner_uri
-        && !matches!(uri.path(), "" | "/")
-    {
-        PATH_WARNED.call_once(|| warn!(
-            learner = %config.actor.learner,
-            path = uri.path(),
-            "actor.learner names a path, which is not used: the actor calls the learner's gRPC service on that host and port"
-        ));
-    }
+    warn_about_learner_url(&config.actor.learner, token.is_some());
     let Plumbing {
         chunks,
         orders,
@@ -605,10 +638,8 @@ pub async fn stay_connected(
                     session_chunks_sent = counts.chunks_sent - chunks_before,
                     "the learner stops for a restart; reconnecting"
                 );
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = &mut shutdown => break Ok(()),
-                    () = orders.closed() => break Ok(()),
+                if !wait_to_reconnect(pause, shutdown.as_mut(), orders).await {
+                    break Ok(());
                 }
             }
             Err(SessionError::Refused(status)) if status.code() == tonic::Code::Unauthenticated => {
@@ -676,10 +707,8 @@ pub async fn stay_connected(
                         }
                     }
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = &mut shutdown => break Ok(()),
-                    () = orders.closed() => break Ok(()),
+                if !wait_to_reconnect(pause, shutdown.as_mut(), orders).await {
+                    break Ok(());
                 }
             }
         }

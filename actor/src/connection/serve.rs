@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::proto::{self};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -16,7 +17,7 @@ use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
 
 use super::open::{Opened, UPLOAD_BUFFER};
 use super::status::{classify, retry};
-use super::{Session, SessionEnd, SessionError};
+use super::{Counts, Session, SessionEnd, SessionError};
 
 /// How long a stopping actor waits for its rollout in progress, and then
 /// for the learner to take the last chunks, before it leaves without them
@@ -53,6 +54,94 @@ async fn finish(
             warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
             Ok(SessionEnd::Stopped)
         })
+}
+
+/// The weights a grant brought: counted, and recorded as the policy the
+/// actor's next rollouts sample with.
+fn received_weights(new: proto::Weights, session: u32, counts: &mut Counts) -> Arc<Weights> {
+    counts.versions_received += 1;
+    flgfn_common::telemetry::record_latest(
+        &tracing::Span::current(),
+        "policy_version",
+        new.version,
+    );
+    Arc::new(Weights {
+        session,
+        version: new.version,
+        bytes: new.safetensors,
+        received_at: std::time::Instant::now(),
+    })
+}
+
+/// Queues one `order` per credit granted for the rollout worker, never
+/// waiting: the session's loop must keep reading grants and forwarding
+/// chunks. False where the worker has stopped.
+fn queue_orders(
+    credits: u32,
+    order: &Order,
+    orders: &mpsc::Sender<Order>,
+    counts: &mut Counts,
+) -> Result<bool, SessionError> {
+    for _ in 0..credits {
+        counts.credits += 1;
+        match orders.try_send(order.clone()) {
+            Ok(()) => {}
+            // The learner holds back credits it would not train on soon
+            // (flgfn's: 64 a session at most); one that floods them breaks
+            // the protocol, and would again after a reconnect.
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(SessionError::Fatal(format!(
+                    "protocol error: the learner granted more than {} credits not yet used",
+                    crate::MAX_QUEUED_ORDERS
+                )));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+/// Hands one chunk of this session to the upload, refusing one over the
+/// smaller of both sides' message limits (`limit`: its bytes, and whose it
+/// is): every chunk would fail alike. Whether it went out (not where the
+/// stream broke: the grant side says why). `served`: whether an earlier
+/// chunk of this session went out, for a retry's backoff.
+fn send_chunk(
+    chunk: &TrajectoryChunk,
+    (max_bytes, max_bytes_of): (usize, &'static str),
+    upload: &mpsc::Sender<proto::TrajectoryChunk>,
+    counts: &mut Counts,
+    served: bool,
+) -> Result<bool, SessionError> {
+    let transitions = chunk.transitions() as u64;
+    let message = proto::TrajectoryChunk::from(chunk);
+    if message.encoded_len() > max_bytes {
+        counts.stale_chunks_dropped += 1;
+        return Err(SessionError::Fatal(format!(
+            "a chunk encodes to {} bytes, more than the {max_bytes} of {max_bytes_of}; lower actor.envs",
+            message.encoded_len()
+        )));
+    }
+    match upload.try_send(message) {
+        Ok(()) => {
+            counts.chunks_sent += 1;
+            counts.transitions_sent += transitions;
+            Ok(true)
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            counts.stale_chunks_dropped += 1;
+            Err(retry(
+                format!(
+                    "the learner read none of the last {UPLOAD_BUFFER} chunks sent (a stalled link or learner); reconnecting"
+                ),
+                served,
+            ))
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            counts.stale_chunks_dropped += 1;
+            Ok(false)
+        }
+    }
 }
 
 impl Session<'_> {
@@ -150,18 +239,7 @@ impl Session<'_> {
                         continue;
                     }
                     if let Some(new) = grant.weights {
-                        counts.versions_received += 1;
-                        flgfn_common::telemetry::record_latest(
-                            &tracing::Span::current(),
-                            "policy_version",
-                            new.version,
-                        );
-                        weights = Some(Arc::new(Weights {
-                            session,
-                            version: new.version,
-                            bytes: new.safetensors,
-                            received_at: std::time::Instant::now(),
-                        }));
+                        weights = Some(received_weights(new, session, counts));
                     }
                     // A grant of no credits needs no weights (a later
                     // learner may send one carrying only fields added since).
@@ -173,27 +251,9 @@ impl Session<'_> {
                             "protocol error: the learner granted a credit before sending any weights".to_owned(),
                         ));
                     };
-                    for _ in 0..grant.credits {
-                        counts.credits += 1;
-                        let order = Order { session, actor_id, weights: weights.clone() };
-                        // Never wait here: this loop must keep reading
-                        // grants and forwarding chunks.
-                        match orders.try_send(order) {
-                            Ok(()) => {}
-                            // The learner holds back credits it would not
-                            // train on soon (flgfn's: 64 a session at most);
-                            // one that floods them breaks the protocol, and
-                            // would again after a reconnect.
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                return Err(SessionError::Fatal(format!(
-                                    "protocol error: the learner granted more than {} credits not yet used",
-                                    crate::MAX_QUEUED_ORDERS
-                                )));
-                            }
-                            Err(mpsc::error::TrySendError::Closed(_)) => {
-                                return Ok(SessionEnd::WorkerStopped);
-                            }
-                        }
+                    let order = Order { session, actor_id, weights: weights.clone() };
+                    if !queue_orders(grant.credits, &order, orders, counts)? {
+                        return Ok(SessionEnd::WorkerStopped);
                     }
                 }
                 sampled = chunks.recv() => {
@@ -210,34 +270,9 @@ impl Session<'_> {
                         continue;
                     }
                     chunk.actor_id = actor_id;
-                    let transitions = chunk.transitions() as u64;
-                    let message = proto::TrajectoryChunk::from(&chunk);
-                    if message.encoded_len() > max_bytes {
-                        counts.stale_chunks_dropped += 1;
-                        // Every chunk would fail alike: retrying cannot help.
-                        return Err(SessionError::Fatal(format!(
-                            "a chunk encodes to {} bytes, more than the {max_bytes} of {max_bytes_of}; lower actor.envs",
-                            message.encoded_len()
-                        )));
+                    if send_chunk(&chunk, (max_bytes, max_bytes_of), &upload, counts, served)? {
+                        served = true;
                     }
-                    match upload.try_send(message) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            counts.stale_chunks_dropped += 1;
-                            return Err(retry(
-                                format!("the learner read none of the last {UPLOAD_BUFFER} chunks sent (a stalled link or learner); reconnecting"),
-                                served,
-                            ));
-                        }
-                        // The stream broke; the grant side reports why.
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            counts.stale_chunks_dropped += 1;
-                            continue;
-                        }
-                    }
-                    counts.chunks_sent += 1;
-                    counts.transitions_sent += transitions;
-                    served = true;
                 }
             }
         }
