@@ -25,7 +25,8 @@ for arg in "$@"; do
         --cpu) flavour=cpu ;;
         --cuda) flavour=cuda ;;
         -h | --help)
-            sed -n '2,17p' "$0"
+            # The header: every comment line from the second to the first code.
+            sed -n '2,/^set -euo/{/^#/p}' "$0"
             exit 0
             ;;
         -*)

@@ -106,4 +106,4 @@ claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) i
 print(*claims)' "$work/job.yaml")"
 grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
     { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
-echo "kubernetes: ok: ${overlays[*]} render and validate; so do ${manifests[*]}"
+echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, and the Job's learner exits non-zero when stopped early; so do ${manifests[*]}"

@@ -90,7 +90,8 @@ pub struct CreditPool {
     /// Room held by quiet sessions' credits (set by the controller): not
     /// counted as covering the batches left, since it may never come.
     pub(super) quiet_held: AtomicU64,
-    /// Wakes the controller: room freed, capacity changed, a credit used.
+    /// Wakes the controller: room freed, capacity or batch changed, a
+    /// credit used, a session paused, fresh again or gone.
     pub(super) wake: Notify,
 }
 
@@ -214,7 +215,9 @@ impl CreditPool {
         let idle = self.idle_actors.swap(0, Ordering::Relaxed) > 0;
         let starved = starved && idle;
         let target = self.resize(starved, false);
+        // Stored before the controller wakes: it grants up to this.
         self.building.store(target, Ordering::Relaxed);
+        self.wake.notify_one();
         target
     }
 
@@ -255,11 +258,13 @@ impl CreditPool {
         let released = self.released.load(Ordering::Relaxed);
         let stuck = self.released_at_wait.swap(released, Ordering::Relaxed) == released;
         self.resize(idle || unserved, stuck);
+        self.wake.notify_one();
     }
 
     /// Grows, shrinks or keeps the room (not before the last change has
     /// settled, unless `now`); returns the batch to build (at the next
-    /// [`CreditPool::adapt`]: the one under way keeps its target).
+    /// [`CreditPool::adapt`]: the one under way keeps its target). The
+    /// caller wakes the controller.
     fn resize(&self, starved: bool, now: bool) -> u64 {
         let batch = self.batch_target();
         let queued = self.queued();
@@ -292,7 +297,6 @@ impl CreditPool {
                 Ordering::Relaxed,
             );
         }
-        self.wake.notify_one();
         self.batch_target()
     }
 

@@ -29,8 +29,8 @@ pub(super) struct Pace {
     /// The last chunk's arrival, or the credit that ended a time with none.
     pub(super) last: Instant,
     /// The usual interval between its chunks (a moving average; None
-    /// before the first chunk, whose interval counts from the session's
-    /// start, weights loading included: an over-estimate, which only
+    /// before the first chunk, whose interval counts from its first
+    /// credit, weights loading included: an over-estimate, which only
     /// makes the session slower to count as quiet, and which the next
     /// chunks average away).
     pub(super) interval: Option<Duration>,
