@@ -8,35 +8,33 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-deploy/bundle.sh --cpu "$work/built" >/dev/null
-mv "$work/built" "$work/moved"
-cd "$work"
-# Bounded: a learner that hangs fails the check instead of the whole run.
-if timeout 300 env -i "$work/moved/bin/flgfn-learner" --listen 127.0.0.1:0 --local-actors --actors 1 \
-    --max-steps 50 --checkpoint-dir "" >"$work/out.log" 2>&1 &&
-    grep -Eq "training finished steps=50 " "$work/out.log"; then
-    echo "bundle: ok: trained 50 steps from a moved CPU bundle with an empty environment"
-else
-    echo "bundle: FAILED" >&2
-    tail -20 "$work/out.log" >&2
-    exit 1
-fi
-rm -rf "$work/moved"
-deploy_dir="$OLDPWD"
-(cd "$deploy_dir" && deploy/bundle.sh --cuda "$work/cuda-built" >/dev/null)
-mv "$work/cuda-built" "$work/cuda-moved"
-missing="$(env -i ldd "$work/cuda-moved/bin/flgfn-learner" | grep 'not found' || true)"
-if [ -n "$missing" ]; then
-    echo "bundle: FAILED: the moved CUDA bundle's learner misses libraries:" >&2
-    echo "$missing" >&2
-    exit 1
-fi
-if timeout 300 env -i "$work/cuda-moved/bin/flgfn-learner" --listen 127.0.0.1:0 --local-actors --actors 1 \
-    --max-steps 20 --checkpoint-dir "" >"$work/cuda.log" 2>&1 &&
-    grep -Eq "training finished steps=20 " "$work/cuda.log"; then
-    echo "bundle: ok: trained 20 steps from a moved CUDA bundle with an empty environment (on the CPU: no GPU here)"
-else
-    echo "bundle: FAILED (CUDA bundle)" >&2
-    tail -20 "$work/cuda.log" >&2
-    exit 1
-fi
+
+# moved_bundle_trains FLAVOUR STEPS: builds that bundle, moves it, checks
+# that its learner finds every library in an empty environment, and trains
+# STEPS steps from it (run from the scratch folder, as from anywhere).
+moved_bundle_trains() {
+    local flavour="$1" steps="$2" moved="$work/$1-moved" missing
+    deploy/bundle.sh "--$flavour" "$work/$flavour-built" >/dev/null
+    mv "$work/$flavour-built" "$moved"
+    missing="$(env -i ldd "$moved/bin/flgfn-learner" | grep 'not found' || true)"
+    if [ -n "$missing" ]; then
+        echo "bundle: FAILED: the moved $flavour bundle's learner misses libraries:" >&2
+        echo "$missing" >&2
+        return 1
+    fi
+    # Bounded: a learner that hangs fails the check instead of the whole run.
+    if ! (cd "$work" && timeout 300 env -i "$moved/bin/flgfn-learner" --listen 127.0.0.1:0 \
+        --local-actors --actors 1 --max-steps "$steps" --checkpoint-dir "" \
+        >"$work/$flavour.log" 2>&1) ||
+        ! grep -Eq "training finished steps=$steps " "$work/$flavour.log"; then
+        echo "bundle: FAILED ($flavour bundle)" >&2
+        tail -20 "$work/$flavour.log" >&2
+        return 1
+    fi
+    rm -rf "$moved"
+}
+
+moved_bundle_trains cpu 50
+echo "bundle: ok: trained 50 steps from a moved CPU bundle with an empty environment"
+moved_bundle_trains cuda 20
+echo "bundle: ok: trained 20 steps from a moved CUDA bundle with an empty environment (on the CPU: no GPU here)"
