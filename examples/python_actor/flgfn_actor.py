@@ -611,11 +611,12 @@ class Actor:
                 if grants is not None:
                     grants.cancel()
                     outbox.put(None)
-                raise Refused("the learner's objective trains on complete trajectories only (TB) "
+                raise Refused("the learner trains on complete trajectories only (objective tb, or "
+                              "objective.drop_truncated) "
                               "and drops truncated ones, and --truncate-fraction 1 cuts every "
                               "trajectory short: lower it (0 for this learner)")
-            print(f"{self.name}: the learner's objective trains on complete trajectories only "
-                  f"(TB): the truncated share of rollouts is dropped unused "
+            print(f"{self.name}: the learner trains on complete trajectories only "
+                  f"(objective tb, or objective.drop_truncated): the truncated share of rollouts is dropped unused "
                   f"(--truncate-fraction 0 for this learner)", flush=True)
         actor_id = reply.actor_id
         self.counts["sessions"] += 1

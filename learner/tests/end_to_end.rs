@@ -403,6 +403,24 @@ async fn medium_and_large_sets_train_end_to_end_and_report_every_metric() {
     }
 }
 
+/// `objective.drop_truncated` makes DB drop prefixes as TB does (the
+/// paper's DB); without it DB trains on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_told_to_drop_truncated_prefixes_drops_and_counts_them() {
+    let mut config = tiny_config();
+    config.objective.name = ObjectiveName::Db;
+    config.actor.truncate_fraction = 0.5;
+    config.learner.max_steps = 60;
+    let (kept, _) = train(&config, 1).await;
+    assert_eq!(kept.final_report.unusable_truncated_transitions, 0);
+    assert!(kept.final_report.truncated_fraction > 0.0);
+    config.objective.drop_truncated = true;
+    let (dropped, _) = train(&config, 1).await;
+    let report = &dropped.final_report;
+    assert!(report.unusable_truncated_transitions > 0);
+    assert_eq!(report.truncated_fraction, 0.0, "a prefix reached the batch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tb_drops_and_counts_truncated_prefixes() {
     let mut config = tiny_config();

@@ -292,7 +292,7 @@ impl Session<'_> {
         if reply.drops_truncated && self.truncate_fraction > 0.0 {
             if self.truncate_fraction >= 1.0 {
                 return Err(SessionError::Fatal(
-                    "the learner's objective trains on complete trajectories only (TB) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
+                    "the learner trains on complete trajectories only (objective tb, or objective.drop_truncated) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
                 ));
             }
             // Once per process: the same on every reconnect, and for every
@@ -301,7 +301,7 @@ impl Session<'_> {
             WARNED.call_once(|| {
                 warn!(
                 truncate_fraction = self.truncate_fraction,
-                "the learner's objective trains on complete trajectories only (TB): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
+                "the learner trains on complete trajectories only (objective tb, or objective.drop_truncated): the truncated share of this actor's rollouts is dropped unused (set actor.truncate_fraction = 0 for this learner)"
             );
             });
         }

@@ -191,6 +191,20 @@ pub struct ObjectiveConfig {
     /// than any weight (log Z is 11.9 on the small set task). Scaled by the
     /// same schedule as `learner.learning_rate`.
     pub log_z_learning_rate: f64,
+    /// The learner drops truncated prefixes, whatever the objective
+    /// (counted as `unusable_truncated_transitions`, as TB's always are):
+    /// DB and SubTB as the paper runs them, which cannot use a prefix,
+    /// where by default they train on its flow consistency; for the
+    /// forward-looking objectives, an ablation.
+    pub drop_truncated: bool,
+}
+
+impl ObjectiveConfig {
+    /// Whether the learner trains on truncated prefixes: the objective
+    /// can (all but TB) and `drop_truncated` does not say otherwise.
+    pub fn trains_on_truncated(&self) -> bool {
+        self.name != ObjectiveName::Tb && !self.drop_truncated
+    }
 }
 
 impl Default for ObjectiveConfig {
@@ -200,6 +214,7 @@ impl Default for ObjectiveConfig {
             backward_policy: BackwardPolicy::Learned,
             lambda: 0.9,
             log_z_learning_rate: 0.1,
+            drop_truncated: false,
         }
     }
 }

@@ -253,6 +253,14 @@ fn combinations_that_could_never_train_are_refused_by_name() {
     config.objective.name = ObjectiveName::FlDb;
     config.actor.truncate_fraction = 1.0;
     config.validate().unwrap();
+    // As does any objective told to drop truncated prefixes.
+    config.objective.drop_truncated = true;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("actor.truncate_fraction") && error.contains("objective.drop_truncated"),
+        "{error}"
+    );
+    config.objective.drop_truncated = false;
     // gRPC cannot frame a message over 4 GiB.
     config.learner.max_message_bytes = u32::MAX as usize + 1;
     let error = config.validate().unwrap_err().to_string();

@@ -202,12 +202,18 @@ impl Config {
         at_most("actor.threads", a.threads, MAX_THREADS)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
-        // Every trajectory cut short: TB, which trains on complete ones
-        // only, would wait for data for ever.
-        if self.objective.name == ObjectiveName::Tb && a.truncate_fraction >= 1.0 {
+        // Every trajectory cut short: a learner that trains on complete
+        // ones only (TB, or told to drop prefixes) would wait for data for
+        // ever.
+        if !self.objective.trains_on_truncated() && a.truncate_fraction >= 1.0 {
+            let why = if self.objective.name == ObjectiveName::Tb {
+                "objective.name = \"tb\" trains on complete trajectories only: lower it, or use fl_db or fl_sub_tb, which train on truncated ones"
+            } else {
+                "objective.drop_truncated = true trains on complete trajectories only: lower it, or set drop_truncated = false"
+            };
             return Err(ConfigError::invalid(
                 "actor.truncate_fraction",
-                "1 cuts every trajectory short, and objective.name = \"tb\" trains on complete trajectories only: lower it, or use fl_db or fl_sub_tb, which train on truncated ones",
+                format!("1 cuts every trajectory short, and {why}"),
             ));
         }
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;

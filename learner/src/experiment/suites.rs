@@ -60,7 +60,7 @@ pub const SUITES: [Suite; 5] = [
     },
     Suite {
         name: "incomplete",
-        description: "FL-DB vs DB on small sets with 0%, 50% and 90% of trajectories truncated",
+        description: "FL-DB vs DB on small sets with 0%, 50% and 90% of trajectories truncated (DB also as the paper runs it, dropping prefixes)",
         default_steps: 1000,
         build: incomplete,
     },
@@ -191,6 +191,14 @@ fn incomplete(steps: u64) -> Vec<(String, String, Config)> {
             &config,
             &[ObjectiveName::FlDb, ObjectiveName::Db],
         );
+        // DB as the paper describes it: unable to use a prefix, which the
+        // learner then drops (the same as `db` where nothing is cut).
+        if fraction > 0.0 {
+            let mut config = config.clone();
+            config.objective.name = ObjectiveName::Db;
+            config.objective.drop_truncated = true;
+            runs.push((group, "db_drop_truncated".to_owned(), config));
+        }
     }
     runs
 }
