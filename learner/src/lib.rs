@@ -4,9 +4,10 @@
 //!
 //! # Layout
 //!
-//! - `run.rs`: a run from its configuration to its end ([`serve`]): the
-//!   gRPC server, the credit controller, the batcher and trainer threads,
-//!   local actors, the live progress line, the drain and the summary.
+//! - `run/`: a run from its configuration to its end ([`serve`]): loaded
+//!   (the gRPC server, the checkpoint), started (the credit controller,
+//!   the batcher and trainer threads, local actors, the live progress
+//!   line), ended (the drain and the summary).
 //! - `preflight.rs`: checks before serving (the run fits its messages and
 //!   memory, a token where the learner is exposed, local actors fit).
 //! - `transport.rs`: TLS, the token check, the HTTP/2 settings, the
