@@ -403,37 +403,29 @@ async fn medium_and_large_sets_train_end_to_end_and_report_every_metric() {
     }
 }
 
-/// `objective.drop_truncated` makes DB drop prefixes as TB does (the
-/// paper's DB); without it DB trains on them.
+/// TB drops truncated prefixes and counts them; DB trains on them, unless
+/// `objective.drop_truncated` makes it drop them too (the paper's DB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn db_told_to_drop_truncated_prefixes_drops_and_counts_them() {
-    let mut config = tiny_config();
-    config.objective.name = ObjectiveName::Db;
-    config.actor.truncate_fraction = 0.5;
-    config.learner.max_steps = 60;
-    let (kept, _) = train(&config, 1).await;
-    assert_eq!(kept.final_report.unusable_truncated_transitions, 0);
-    assert!(kept.final_report.truncated_fraction > 0.0);
-    config.objective.drop_truncated = true;
-    let (dropped, _) = train(&config, 1).await;
-    let report = &dropped.final_report;
-    assert!(report.unusable_truncated_transitions > 0);
-    assert_eq!(report.truncated_fraction, 0.0, "a prefix reached the batch");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tb_drops_and_counts_truncated_prefixes() {
-    let mut config = tiny_config();
-    config.objective.name = ObjectiveName::Tb;
-    config.actor.truncate_fraction = 0.5;
-    config.learner.max_steps = 100;
-    let (outcome, _) = train(&config, 1).await;
-    let report = &outcome.final_report;
-    assert!(report.unusable_truncated_transitions > 0);
-    assert_eq!(
-        report.truncated_fraction, 0.0,
-        "a prefix reached a TB batch"
-    );
+async fn truncated_prefixes_are_dropped_and_counted_where_the_objective_cannot_use_them() {
+    for (objective, drop_truncated, dropped) in [
+        (ObjectiveName::Tb, false, true),
+        (ObjectiveName::Db, false, false),
+        (ObjectiveName::Db, true, true),
+    ] {
+        let mut config = tiny_config();
+        config.objective.name = objective;
+        config.objective.drop_truncated = drop_truncated;
+        config.actor.truncate_fraction = 0.5;
+        config.learner.max_steps = 100;
+        let (outcome, _) = train(&config, 1).await;
+        let report = &outcome.final_report;
+        let case = format!(
+            "{objective:?}, drop_truncated = {drop_truncated}: {} unusable, truncated fraction {}",
+            report.unusable_truncated_transitions, report.truncated_fraction
+        );
+        assert_eq!(report.unusable_truncated_transitions > 0, dropped, "{case}");
+        assert_eq!(report.truncated_fraction == 0.0, dropped, "{case}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
