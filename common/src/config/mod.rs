@@ -200,8 +200,12 @@ pub struct ObjectiveConfig {
 }
 
 impl ObjectiveConfig {
-    /// Whether the learner trains on truncated prefixes: the objective
-    /// can (all but TB) and `drop_truncated` does not say otherwise.
+    /// Whether the learner trains on truncated prefixes (else it drops
+    /// them, counted as `unusable_truncated_transitions`): the objective
+    /// can and `drop_truncated` does not say otherwise. A prefix carries no
+    /// constraint for TB, which needs the terminal reward; DB and SubTB use
+    /// its flow consistency but, unlike the FL variants, learn nothing of
+    /// the reward from it. One answer for the learner and for validation.
     pub fn trains_on_truncated(&self) -> bool {
         self.name != ObjectiveName::Tb && !self.drop_truncated
     }

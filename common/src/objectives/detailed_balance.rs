@@ -65,10 +65,6 @@ impl Objective for DetailedBalance {
         }
     }
 
-    fn trains_on_truncated(&self) -> bool {
-        true
-    }
-
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
         self.residuals(output, batch).square().mean(Kind::Float)
     }

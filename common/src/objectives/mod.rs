@@ -46,14 +46,6 @@ pub trait Objective: Send {
     /// Short name for logs (the configuration's spelling).
     fn name(&self) -> &'static str;
 
-    /// Whether a trajectory cut before its terminal state carries any
-    /// constraint. TB says false (it needs the terminal reward), and the
-    /// learner then drops truncated prefixes, counted as
-    /// `unusable_truncated_transitions`. DB and SubTB use a prefix's flow
-    /// consistency but, unlike the FL variants, learn nothing of the reward
-    /// from it.
-    fn trains_on_truncated(&self) -> bool;
-
     /// The scalar loss of `output`, the network evaluated on
     /// `batch.states`.
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor;

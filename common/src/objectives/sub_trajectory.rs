@@ -156,10 +156,6 @@ impl Objective for SubTrajectoryBalance {
         }
     }
 
-    fn trains_on_truncated(&self) -> bool {
-        true
-    }
-
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
         let grid = &batch.padded;
         let potentials = self.potentials(output, batch);

@@ -70,10 +70,6 @@ impl Objective for TrajectoryBalance {
         "tb"
     }
 
-    fn trains_on_truncated(&self) -> bool {
-        false
-    }
-
     fn loss(&self, output: &PolicyOutput, batch: &TransitionBatch) -> Tensor {
         let (residuals, complete) = self.residuals(output, batch);
         (residuals.square() * &complete).sum(Kind::Float) / complete.sum(Kind::Float).clamp_min(1.0)

@@ -200,7 +200,7 @@ impl Running {
             env: env.clone(),
             task: env.spec(),
             model: model.clone(),
-            keep_truncated: objective.trains_on_truncated() && !config.objective.drop_truncated,
+            keep_truncated: config.objective.trains_on_truncated(),
             max_message_bytes: accepted_bytes,
             max_grant_bytes: learner.max_message_bytes,
             max_chunk_trajectories: learner.max_chunk_trajectories,
