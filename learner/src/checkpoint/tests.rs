@@ -187,25 +187,6 @@ fn a_state_without_a_build_or_sound_step_reads_as_unknown() {
     );
 }
 
-#[test]
-fn a_file_for_a_checkpoint_folder_is_refused_naming_the_key() {
-    let parent = scratch("lock-file");
-    fs::create_dir_all(&parent).unwrap();
-    let file = parent.join("a-file");
-    fs::write(&file, "").unwrap();
-    for dir in [file.clone(), file.join("below")] {
-        let error = lock(&dir).unwrap_err().to_string();
-        assert!(
-            error.contains(&format!(
-                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file)",
-                file.display()
-            )),
-            "{error}"
-        );
-    }
-    fs::remove_dir_all(&parent).unwrap();
-}
-
 /// A learner refused while another holds a new folder leaves the
 /// holder's lock file (and folder) alone; a lock file removed or
 /// replaced under an open one is found out.
@@ -461,14 +442,16 @@ fn a_write_under_a_file_names_the_file_as_not_a_folder() {
         )),
         "{message}"
     );
-    // And where the folder is to be made, or a file written in it.
+    // And where the folder is to be locked (it, or one below it, made),
+    // or a file written in it.
     for error in [
+        lock(&folder).err().unwrap(),
         lock(&folder.join("deeper")).err().unwrap(),
         write_file(&folder, FINAL_WEIGHTS, b"x").unwrap_err(),
     ] {
         assert!(
             error.to_string().contains(&format!(
-                "{}: not a folder (learner.checkpoint_dir",
+                "{}: not a folder (learner.checkpoint_dir, or one of its parents, is a file)",
                 folder.display()
             )),
             "{error}"
