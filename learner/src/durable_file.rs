@@ -146,7 +146,10 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
         let _ = fs::remove_file(&temporary);
         return Err(FileError::at(&temporary, error));
     }
-    fs::rename(&temporary, &path).map_err(|e| FileError::at(&path, e))?;
+    if let Err(error) = fs::rename(&temporary, &path) {
+        let _ = fs::remove_file(&temporary);
+        return Err(FileError::at(&path, error));
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| FileError::at(dir, e))?;

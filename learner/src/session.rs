@@ -22,7 +22,7 @@ use flgfn_common::telemetry::panic_message;
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::proto;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
@@ -35,8 +35,9 @@ use crate::ingest::{
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
 
-/// How long a session whose credits stopped coming waits to learn that
-/// training is over (a requested stop finishes the current step first).
+/// How long a session whose credits stopped coming, with no stop asked
+/// for, waits to learn that training is over (see
+/// `Session::wait_for_training_end`).
 const DONE_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a session that is ending waits to hand the actor its last
@@ -370,7 +371,7 @@ impl Session {
                 // for the actor.
                 let mut done = self.state.publisher.done();
                 if status.code() == Code::Unavailable {
-                    let _ = tokio::time::timeout(DONE_GRACE, done.wait_for(|done| *done)).await;
+                    self.wait_for_training_end(&mut done).await;
                 }
                 let done = *done.borrow();
                 let ended_by = if done {
@@ -416,6 +417,29 @@ impl Session {
             );
         }
         stats.record_session(progress.record);
+    }
+
+    /// Waits to learn whether training is over, for a session whose
+    /// credits stopped or whose chunk found the trainer gone. With a stop
+    /// under way, for as long as the trainer takes to wind down (its
+    /// step, a checkpoint, an evaluation: seconds, more with many
+    /// evaluation samples on a slow CPU), so that the actor is told that
+    /// training ended (or that the learner restarts) and its chunks on
+    /// the way are counted late, not lost; otherwise up to `DONE_GRACE`.
+    /// A trainer that ends without finishing (an error) ends the wait.
+    async fn wait_for_training_end(&self, done: &mut watch::Receiver<bool>) {
+        let mut trainer_ended = self.state.trainer_ended.clone();
+        let ended = async {
+            tokio::select! {
+                _ = done.wait_for(|done| *done) => {}
+                _ = trainer_ended.wait_for(|ended| *ended) => {}
+            }
+        };
+        if *self.state.stop.borrow() {
+            ended.await;
+        } else {
+            let _ = tokio::time::timeout(DONE_GRACE, ended).await;
+        }
     }
 
     async fn serve(&mut self, progress: &mut Progress) -> Result<Ended, Status> {

@@ -343,6 +343,67 @@ async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A periodic checkpoint write still under way at a stop, which then
+/// fails: the stop's checkpoint stands in for it, as the last checkpoint
+/// does at `max_steps` (the failure is warned about), and the run ends as
+/// stopped rather than failed. The write of step 1,000 goes to a FIFO in
+/// place of its temporary file: it waits for the reader this test opens
+/// 12 s after the stop, then fails, since a FIFO cannot be synced. (The
+/// next periodic write would be at step 2,000.)
+///
+/// That long a wind-down also shows the sessions waiting for it, past
+/// their 10 s grace without a stop: the actors are told that training
+/// is over, not that the learner is shutting down (which they would
+/// take for a lost connection, and reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stop_after_a_periodic_write_that_fails_ends_well() {
+    let dir = scratch("failed-at-stop");
+    let (mut config, checkpoints) = checkpointed(&dir, 1000, 0);
+    config.learner.eval_every_steps = 100;
+    let metrics = dir.join("metrics.jsonl");
+    let (learner, actors, stop) = start_stoppable_run(&config, &metrics).await;
+    // (After the start, which removes unfinished writes' files.)
+    wait_for_reports(&metrics, 1).await;
+    let fifo = checkpoints.join(".ckpt-000000001000.safetensors.tmp");
+    support::make_fifo(&fifo);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !support::reports(&metrics).iter().any(|r| r.step > 1000) {
+        assert!(Instant::now() < deadline, "no report after step 1,000");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.send(()).unwrap();
+    // Read once the stop has reached the trainer (its steps take a
+    // millisecond here): read earlier, the write's failure would reach
+    // it between two steps, as any periodic write's does, and end
+    // training as failed.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let reader = std::thread::spawn(move || {
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::open(&fifo).unwrap(), &mut written).unwrap();
+        written.len()
+    });
+    let outcome = support::finished_learner(learner).await;
+    for a in actors {
+        let report = tokio::time::timeout(Duration::from_secs(30), a)
+            .await
+            .expect("an actor told that training is over stops")
+            .unwrap()
+            .unwrap();
+        assert!(report.training_done, "{report:?}");
+    }
+    assert!(
+        (1100..2000).contains(&outcome.steps),
+        "stopped at step {}, not between the two periodic writes",
+        outcome.steps
+    );
+    assert!(
+        reader.join().unwrap() > 0,
+        "the write of step 1,000 sent nothing"
+    );
+    assert_eq!(checkpoint_steps(&checkpoints), [outcome.steps]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A learner refused at start-up once it has made its checkpoint folder
 /// (here given a file that holds no reports as its metrics file) removes
 /// the folder again: the mistake leaves nothing to clean up.

@@ -249,6 +249,7 @@ impl Running {
                 done.await
             }
         };
+        self.trainer_ended.send_replace(true);
         self.stop_sender.send_replace(true);
         // A Watch already open sees the learner going away while it writes
         // its final checkpoint and drains its connections (new connections,

@@ -35,6 +35,8 @@ pub(super) struct Running {
     pub(super) server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// The sessions' shared state (a stop for a restart is marked there).
     pub(super) state: Arc<LearnerState>,
+    /// Told to the sessions once the trainer's outcome is in.
+    pub(super) trainer_ended: watch::Sender<bool>,
     pub(super) stats: Arc<IngestStats>,
     pub(super) local_actors: Option<LocalActors>,
     pub(super) batcher: std::thread::JoinHandle<()>,
@@ -196,6 +198,7 @@ impl Running {
         // Every queued chunk holds a credit of at least one transition.
         let (queue_sender, queue) = mpsc::channel(pool.ceiling() as usize + 1);
         let next_training_step = Arc::new(AtomicU64::new(start_version + 1));
+        let (trainer_ended_sender, trainer_ended) = watch::channel(false);
         let state = Arc::new(LearnerState {
             env: env.clone(),
             task: env.spec(),
@@ -219,6 +222,8 @@ impl Running {
             open_sessions: std::sync::atomic::AtomicUsize::new(0),
             sequences: Default::default(),
             stopping_for_restart: AtomicBool::new(false),
+            stop: stop.clone(),
+            trainer_ended,
         });
         if !finished_already {
             check_local_actor_chunks(options, &config, env.as_ref(), &state)?;
@@ -326,6 +331,7 @@ impl Running {
             local_actors,
             batcher,
             trainer_outcome: trainer_done,
+            trainer_ended: trainer_ended_sender,
             training_done,
             checkpoints_off,
         })

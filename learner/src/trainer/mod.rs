@@ -650,7 +650,16 @@ impl Trainer {
         // report never written (an experiment's run would fail on
         // every retry); the save after the report is the final one.
         // (Written, not only started: the kill may come during the
-        // report.)
+        // report.) A periodic write still in progress is waited for
+        // first: one of this very step would otherwise pass for written,
+        // and one that fails is only warned about, as at `max_steps`
+        // (`save_last_checkpoint`): the save below stands in for it.
+        if let Err(error) =
+            checkpoints::wait_for_write(&mut training.writer, &mut training.progress)
+        {
+            warn!(%error, "an earlier checkpoint write failed; the run's last checkpoint stands in for it");
+            training.progress.checkpointed_step = None;
+        }
         let progress = &training.progress;
         if progress.window.steps > 0
             && !self.finished(progress)
