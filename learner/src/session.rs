@@ -723,22 +723,9 @@ impl Session {
             &stats.lost_chunks,
             progress.sequence.arrived(message.sequence),
         );
-        // Before validation, so that the next credit can be granted while
-        // this chunk is replayed (a chunk refused below ends the session
-        // anyway); the throttle first, so that the controller, woken by
-        // `used`, sees a pause decided on this chunk before it grants.
-        // (When the controller granted the credit, not when it was sent
-        // on: one granted before a pause and sent after says nothing of
-        // the probes since.)
-        self.throttle(
-            message.policy_version,
-            credit.reserved_at(),
-            credits,
-            progress,
-        );
-        credits.used(message.credits_left == 0);
         let chunk = TrajectoryChunk::try_from(message)
             .map_err(|status| RequestError::Malformed(status.message().to_owned()))?;
+        let (policy_version, credits_left) = (chunk.policy_version, chunk.credits_left);
         let context = IngestContext {
             actor_id: self.actor_id,
             latest_version: progress.sent_version.unwrap_or(0),
@@ -749,6 +736,16 @@ impl Session {
         // Refused here, a malformed chunk does not wait for a replay slot
         // holding its decoded bytes (up to several times its wire size).
         let chunk = check_chunk(env.as_ref(), chunk, &context)?;
+        // After those checks (a version from the future would read as
+        // fresh and end a pause, and a refused chunk must not count as an
+        // idle actor's) but before the replay, so that the next credit can
+        // be granted while this chunk is replayed; the throttle first, so
+        // that the controller, woken by `used`, sees a pause decided on
+        // this chunk before it grants. (When the controller granted the
+        // credit, not when it was sent on: one granted before a pause and
+        // sent after says nothing of the probes since.)
+        self.throttle(policy_version, credit.reserved_at(), credits, progress);
+        credits.used(credits_left == 0);
         let ingested: IngestedChunk = self
             .state
             .ingest_pool
@@ -759,13 +756,22 @@ impl Session {
             credit.arrived(transitions as u64);
             // Queued before it is counted: a chunk that finds the trainer
             // gone is refused (shutting down), not also counted accepted.
+            // The queue holds more chunks than credits can cover (each
+            // holds at least a transition of the room), so it is never
+            // full; were it ever, that is this learner's fault, not news
+            // that training ended.
             self.state
                 .queue
                 .try_send(QueuedChunk {
                     chunk: ingested,
                     credit,
                 })
-                .map_err(|_| RequestError::ShuttingDown)?;
+                .map_err(|error| match error {
+                    mpsc::error::TrySendError::Closed(_) => RequestError::ShuttingDown,
+                    mpsc::error::TrySendError::Full(_) => RequestError::Internal(
+                        "the trainer's queue is full, which credits should prevent".to_owned(),
+                    ),
+                })?;
         }
         // (With nothing to train on, the credit's room goes back here.)
         IngestStats::add(&stats.accepted_chunks, 1);
