@@ -2,8 +2,9 @@
 # Check: the Python actor (examples/python_actor) trains a real learner:
 # the learner accepts its handshake (in one call, the handshake in the
 # Session's headers) and chunks (no rejection), counts its
-# transitions, and reaches the end of a 150-step run; the actor exits 0
-# when told training is over. Then a learner is killed (SIGKILL) under a
+# transitions, and reaches the end of a 600-step run at quality (which
+# energies computed wrongly would not reach: the learner trains on the
+# actor's); the actor exits 0 when told training is over. Then a learner is killed (SIGKILL) under a
 # running actor and started again on the same port: the actor reconnects
 # by itself and trains it to the end; and a learner stopped for a
 # restart (SIGUSR1) tells the actor to reconnect: it waits, and trains the
@@ -11,10 +12,13 @@
 # actor refused for good (no
 # token) exits 1 with the refusal in one line; one that gives up on an
 # unreachable learner exits 75 (at once where nothing listens); one told to stop (SIGTERM) hands over its
-# last chunk, leaves the session and exits 0. Last, the weight and
-# setting checks, without a learner, and a scripted learner that takes
-# handshakes only as calls of their own. Its requirements go into a venv
-# in the cache.
+# last chunk (the learner receives every chunk it says it sent), leaves
+# the session and exits 0. One learner sends f32 weights, the others
+# bf16. Last, without a learner: the energies of proto/TASKS.md's
+# example, safetensors decoding (F32, BF16), the network worked by hand,
+# a task stuck before its end, weights and settings refused; and a
+# scripted learner that takes handshakes only as calls of their own. Its
+# requirements go into a venv in the cache.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/env.sh
@@ -98,12 +102,14 @@ first_report() {
     done
     return 1
 }
+# (Quality comes at about step 250 of 600 here: a third of a run's
+# default length.)
 port="$(free_port)"
-"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 150 \
+"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 600 \
     --checkpoint-dir "" --metrics "$work/metrics.jsonl" >"$work/learner.log" 2>&1 &
 learner_pid=$!
 if ! timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "http://127.0.0.1:$port" \
-    --envs 16 --truncate-fraction 0.3 --seed 1 --reconnect-attempts 5 >"$work/actor.log" 2>&1; then
+    --envs 64 --truncate-fraction 0.3 --seed 1 --reconnect-attempts 5 >"$work/actor.log" 2>&1; then
     echo "python_actor: FAILED: the actor exited non-zero" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
@@ -116,20 +122,23 @@ grep -q "actor joined .*handshake_in_session=true" "$work/learner.log" ||
 # training ended; the actor sends what it had queued before it leaves).
 sent_chunks="$(chunks_sent "$work/actor.log")"
 read -r received_chunks _ < <(chunks_received "$work/learner.log")
-if grep -Eq "training finished steps=150 " "$work/learner.log" && [ -n "$sent" ] &&
+finished="$(grep "training finished steps=600 " "$work/learner.log" || true)"
+if [ -n "$finished" ] && [ -n "$sent" ] &&
     [ "$ingested" -gt 0 ] && [ "$ingested" -le "$sent" ] && [ "$rejected" -eq 0 ] &&
-    [ -n "$sent_chunks" ] && [ "$received_chunks" -eq "$sent_chunks" ]; then
-    echo "python_actor: ok: the Python actor sent $sent transitions in $sent_chunks chunks, the learner received them all ($received_chunks chunks, late ones included), ingested $ingested by its last report, refused none, and finished 150 steps"
+    [ -n "$sent_chunks" ] && [ "$received_chunks" -eq "$sent_chunks" ] &&
+    grep -q " quality_reached=true" <<<"$finished"; then
+    echo "python_actor: ok: the Python actor sent $sent transitions in $sent_chunks chunks, the learner received them all ($received_chunks chunks, late ones included), ingested $ingested by its last report, refused none, and finished 600 steps at quality ($(grep -o 'time_to_quality_s=[0-9.]*' <<<"$finished"))"
 else
-    echo "python_actor: FAILED: sent '$sent' ($sent_chunks chunks), received $received_chunks chunks, ingested '$ingested', rejected '$rejected'" >&2
+    echo "python_actor: FAILED: sent '$sent' ($sent_chunks chunks), received $received_chunks chunks, ingested '$ingested', rejected '$rejected'; the learner ended: ${finished:-(no training finished line)}" >&2
     tail -n 20 "$work/actor.log" "$work/learner.log" >&2
     exit 1
 fi
 
 # A learner stopped (SIGINT) in the middle of training, the actor busy:
-# the chunks on their way then are still received, counted late.
+# the chunks on their way then are still received, counted late. This
+# learner sends its weights as f32 (the others as bf16, the default).
 port="$(free_port)"
-"$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 0 \
+FLGFN_LEARNER__WEIGHT_ENCODING=f32 "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" --max-steps 0 \
     --checkpoint-dir "" --metrics "$work/stopped.jsonl" >"$work/learner-stopped.log" 2>&1 &
 learner_pid=$!
 timeout 300 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
@@ -146,7 +155,7 @@ sent_chunks="$(chunks_sent "$work/actor-stopped.log")"
 read -r received_chunks late_chunks < <(chunks_received "$work/learner-stopped.log")
 if [ "$actor_status" -eq 0 ] && [ -n "$sent_chunks" ] && [ "$sent_chunks" -gt 0 ] &&
     [ "$received_chunks" -eq "$sent_chunks" ]; then
-    echo "python_actor: ok: a learner stopped mid-run received every chunk the actor sent ($sent_chunks, $late_chunks of them late)"
+    echo "python_actor: ok: a learner stopped mid-run, sending f32 weights, received every chunk the actor sent ($sent_chunks, $late_chunks of them late)"
 else
     failed "a learner stopped mid-run: the actor (status $actor_status) sent '$sent_chunks' chunks, the learner received $received_chunks" "$work/actor-stopped.log" "$work/learner-stopped.log"
 fi
@@ -379,11 +388,14 @@ for _ in $(seq 1 50); do
     if grep -q "session ended" "$work/learner-5.log"; then break; fi
     sleep 0.1
 done
-if [ "$status" -eq 0 ] && grep -q ": stopped: sent [1-9]" "$work/actor-5.log" &&
+stopped_sent="$(sed -n 's/.*: stopped: sent \([0-9]*\) chunks.*/\1/p' "$work/actor-5.log")"
+read -r received_chunks _ < <(chunks_received "$work/learner-5.log")
+if [ "$status" -eq 0 ] && [ -n "$stopped_sent" ] && [ "$stopped_sent" -gt 0 ] &&
+    [ "$received_chunks" -eq "$stopped_sent" ] &&
     grep -q 'ended_by="the actor left"' "$work/learner-5.log"; then
-    echo "python_actor: ok: told to stop, the actor handed over its chunks, left its session and exited 0"
+    echo "python_actor: ok: told to stop, the actor handed over its chunks (the learner received all $received_chunks it sent), left its session and exited 0"
 else
-    failed "a stopped actor exited $status" "$work/actor-5.log" "$work/learner-5.log"
+    failed "a stopped actor exited $status, saying it sent '$stopped_sent' chunks; the learner received $received_chunks" "$work/actor-5.log" "$work/learner-5.log"
 fi
 kill -TERM "$learner_pid"
 wait_at_most "$learner_pid" 30 || true
@@ -393,6 +405,8 @@ learner_pid=""
 # not a learner (every method UNIMPLEMENTED) is a final refusal with a hint,
 # not retried forever.
 if "$venv/bin/python" - >"$work/unit.log" 2>&1 <<'PYTHON'
+import json
+import struct
 import sys
 from concurrent import futures
 
@@ -409,6 +423,53 @@ for x, rust in [(1.0, "1.0"), (-0.0, "-0.0"), (0.3, "0.3"), (5e-5, "5e-5"), (1.5
                 (123456789012345.0, "123456789012345.0"), (-0.4381397850674522, "-0.4381397850674522")]:
     assert fa.rust_float(x) == rust, (x, fa.rust_float(x), rust)
 assert fa.SetGeneration(levels=[5e-5, 1.0]).params()[2] == "levels=5e-5,1.0"
+
+# The energies of proto/TASKS.md's example (U 4, S 2, levels 0.0,1.0): the
+# learner trains on whatever energies an actor sends, so only this shows
+# them wrong.
+example = fa.SetGeneration(universe=4, set_size=2, levels=[0.0, 1.0])
+for actions, energies in [([1, 2], [1.0, 0.0]), ([3, 0], [1.0, 0.0])]:
+    states, terms = example.initial(1), []
+    for a in actions:
+        terms.append(float(example.step_energy(states, np.array([a]))[0]))
+        example.step(states, np.array([0]), np.array([a]))
+    assert terms == energies, (actions, terms, energies)
+    assert example.is_terminal(states).all(), states
+
+# safetensors as the learner writes them: an 8-byte little-endian header
+# length, the JSON header, offsets from the data's start; F32, and BF16 as
+# the upper half of an f32 (0x3FC0 is 1.5, 0xC000 is -2.0).
+header = json.dumps({"__metadata__": {"version": "3"},
+                     "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                     "b": {"dtype": "BF16", "shape": [1, 2], "data_offsets": [8, 12]}}).encode()
+buffer = (struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.5, -2.0)
+          + struct.pack("<2H", 0x3FC0, 0xC000))
+arrays, metadata = fa.read_safetensors(buffer)
+assert arrays["a"].tolist() == [1.5, -2.0] and arrays["b"].tolist() == [[1.5, -2.0]], arrays
+assert metadata == {"version": "3"}, metadata
+
+# The network, worked by hand: Linear layers as [out, in] (x @ W.T + b),
+# leaky ReLU of slope 0.01, and the forward logits first in the heads.
+# State [1, 1, 0, 0] gives hidden [1, -1] -> [1, -0.01]; head row i is
+# [i, 1] plus bias 0.5, so forward logit i is i - 0.01 + 0.5.
+hand = {"hidden0.weight": np.array([[1, 0, 0, 0], [0, -1, 0, 0]], np.float32),
+        "hidden0.bias": np.zeros(2, np.float32),
+        "heads.weight": np.array([[i, 1] for i in range(2 * 4 + 1)], np.float32),
+        "heads.bias": np.full(2 * 4 + 1, 0.5, np.float32)}
+logits = fa.Policy(hand, (2,)).forward_logits(np.array([[1, 1, 0, 0]], np.float32), 4)
+assert np.allclose(logits, [[0.49, 1.49, 2.49, 3.49]]), logits
+
+# A task whose code leaves a state with no valid action before its end
+# (here: a mask that allows nothing from the second step on) ends that
+# trajectory there, as the Rust actor does, rather than draw action 0.
+class Stuck(fa.SetGeneration):
+    def forward_mask(self, states):
+        return super().forward_mask(states) & (states.sum(axis=1, keepdims=True) < 1)
+stuck = Stuck(universe=4, set_size=2, levels=[0.0, 1.0])
+zero = {"hidden0.weight": np.zeros((8, 4), np.float32), "hidden0.bias": np.zeros(8, np.float32),
+        "heads.weight": np.zeros((9, 8), np.float32), "heads.bias": np.zeros(9, np.float32)}
+actions, _ = fa.rollout(stuck, fa.Policy(zero, (8,)), 3, 0.0, 0.0, np.random.default_rng(0))
+assert [len(a) for a in actions] == [1, 1, 1], actions
 
 task = fa.SetGeneration()
 good = {"hidden0.weight": np.zeros((8, task.state_dim), np.float32),

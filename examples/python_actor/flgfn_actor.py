@@ -240,9 +240,15 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng, abandon=lambda:
         if abandon():
             return None
         live = np.flatnonzero(~task.is_terminal(states) & (cut > t))
+        mask = task.forward_mask(states[live])
+        # A state that is not terminal yet has no valid action is a bug
+        # of the task's code: its trajectory ends there, as the Rust actor
+        # ends it (the learner then refuses the chunk, naming the
+        # trajectory), rather than drawing an action it does not allow.
+        stuck = ~mask.any(axis=1)
+        live, mask = live[~stuck], mask[~stuck]
         if live.size == 0:
             break
-        mask = task.forward_mask(states[live])
         logits = policy.forward_logits(states[live], task.forward_actions).astype(np.float64)
         logits = np.where(mask, logits, -np.inf)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))

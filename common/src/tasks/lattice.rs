@@ -610,6 +610,47 @@ mod tests {
         assert!(error.to_string().contains("task.side"), "{error}");
     }
 
+    /// proto/TASKS.md's worked example, as an actor in another language
+    /// checks itself against it: the couplings drawn for seed 0 and the
+    /// terms of one trajectory.
+    #[test]
+    fn the_worked_example_of_tasks_md_holds() {
+        let l = Lattice::new(&LatticeConfig {
+            side: 2,
+            order: SiteOrder::Fixed,
+            coupling: 0.0,
+            disorder: 1.0,
+            couplings_seed: 0,
+            field: 0.0,
+        })
+        .unwrap();
+        for (i, j, coupling) in [
+            (0, 1, -0.452_757_740_217_458_07),
+            (0, 2, 2.650_605_812_079_669),
+            (1, 3, -0.988_604_124_624_328_5),
+            (2, 3, 0.252_462_724_150_614),
+        ] {
+            let drawn = l.coupling(i, j).unwrap();
+            assert!((drawn - coupling).abs() < 1e-12, "J({i},{j}) = {drawn}");
+        }
+        let mut state = l.initial_state();
+        let mut terms = Vec::new();
+        for action in [1, 2, 5, 7] {
+            terms.push(l.transition_energy(&state, action));
+            l.step(&mut state, action).unwrap();
+        }
+        let expected = [
+            0.0,
+            -0.452_757_740_217_458_07,
+            -2.650_605_812_079_669,
+            -1.241_066_848_774_942_3,
+        ];
+        for (term, want) in terms.iter().zip(expected) {
+            assert!((term - want).abs() < 1e-12, "{terms:?}");
+        }
+        assert_eq!(state, vec![1, -1, 1, 1]);
+    }
+
     #[test]
     fn the_couplings_are_fixed_by_their_seed() {
         let a = Lattice::new(&LatticeConfig::default()).unwrap();
