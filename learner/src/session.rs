@@ -339,7 +339,8 @@ impl Session {
         // The credits this actor holds go back to the room now: the last
         // message below may wait on an actor that no longer reads. Their
         // chunks may have been sent, and lost with the connection.
-        progress.sequence.may_skip += progress.unused.len() as u64;
+        let held = progress.unused.len();
+        progress.sequence.may_skip += held as u64;
         progress.unused.clear();
         // Recorded before the last message: an actor that reconnects on
         // reading it finds its numbering where this session left it.
@@ -395,7 +396,7 @@ impl Session {
                 if done {
                     // (Their numbers come after the session's record:
                     // training is over, no session follows.)
-                    self.read_late_chunks(&mut progress.record).await;
+                    self.read_late_chunks(&mut progress.record, held).await;
                 }
                 ended_by
             }
@@ -484,9 +485,10 @@ impl Session {
             tokio::select! {
                 biased;
                 () = async { let _ = done.wait_for(|done| *done).await; } => {
+                    let held = progress.unused.len();
                     progress.unused.clear();
                     self.send_last(Ok(last_grant(&self.state))).await;
-                    for sequence in self.read_late_chunks(&mut progress.record).await {
+                    for sequence in self.read_late_chunks(&mut progress.record, held).await {
                         IngestStats::add(&self.state.stats.lost_chunks, progress.sequence.arrived(sequence));
                     }
                     return Ok(Ended::TrainingDone);
@@ -601,12 +603,14 @@ impl Session {
     /// [`LATE_CHUNKS_WAIT`]) and counted late (see [`Self::count_late_chunk`]).
     /// Without this, the chunks in flight at the end would be counted sent
     /// by the actor and never by the learner. An actor that drops the call
-    /// instead (an older one) ends this at once. Their sequence numbers, in
-    /// order.
-    async fn read_late_chunks(&mut self, record: &mut SessionRecord) -> Vec<u64> {
+    /// instead (an older one) ends this at once. At most one chunk per
+    /// credit it `held` unanswered: more could not be chunks of its own
+    /// (an actor sends one per credit), and would only inflate the counts.
+    /// Their sequence numbers, in order.
+    async fn read_late_chunks(&mut self, record: &mut SessionRecord, held: usize) -> Vec<u64> {
         let deadline = tokio::time::Instant::now() + LATE_CHUNKS_WAIT;
         let mut sequences = Vec::new();
-        loop {
+        while sequences.len() < held {
             let chunk = tokio::select! {
                 biased;
                 read = tokio::time::timeout_at(deadline, self.inbound.message()) => read,

@@ -1842,6 +1842,47 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     assert_eq!(outcome.final_report.lost_chunks, 1);
 }
 
+/// After training ends, a session reads the chunks its actor sent before
+/// it heard, and counts them late: at most one per credit it held, however
+/// many more come, so that an actor cannot inflate the count. (Ended by a
+/// stop, while the actor holds the credits it took.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_chunks_are_counted_up_to_the_credits_held() {
+    let mut config = config();
+    // Room for 4 one-trajectory credits, and no end but the stop.
+    config.learner.max_in_flight_batches = 4;
+    config.learner.max_steps = 0;
+    let (url, learner, stop) = start_learner(&config).await;
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
+    let mut held = 0;
+    while held < 2 {
+        held += u64::from(session.grant().await.credits);
+    }
+    stop.send(()).unwrap();
+    loop {
+        let grant = session.grant().await;
+        if grant.training_done {
+            break;
+        }
+        held += u64::from(grant.credits);
+    }
+    // Twenty chunks after the end: a few could have been on their way.
+    for sequence in 1..=20 {
+        let mut late = chunk(actor_id, vec![0, 1]);
+        late.sequence = sequence;
+        if session.upload.send(late).await.is_err() {
+            break;
+        }
+    }
+    drop(session);
+    let outcome = finished_within(learner, 60, "the learner stops").await;
+    let late: u64 = outcome.sessions.iter().map(|s| s.late_chunks).sum();
+    assert!(held < 20, "{held} credits held: too many to tell");
+    assert_eq!(late, held, "late chunks counted, against the credits held");
+}
+
 /// A session that takes credits and never answers (a frozen actor, a cut
 /// link: the learner ends it only after 30 s) does not starve the other
 /// actors meanwhile, even when it took the whole initial room: the room
