@@ -4,8 +4,8 @@
 //!
 //! Conversions from the wire check only what replay cannot (a chunk with no
 //! trajectory); every per-trajectory field (lengths, energy range, legal
-//! actions) is checked once, when the learner replays it
-//! ([`crate::trajectory::replay`]).
+//! actions) is checked by the learner, the cheap ones before the replay
+//! and again in it ([`crate::trajectory::replay`], which trusts no caller).
 
 use tonic::Status;
 

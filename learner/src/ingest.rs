@@ -220,7 +220,7 @@ pub struct IngestContext {
 }
 
 /// A chunk that passed [`check_chunk`]: the only kind [`ingest_chunk`]
-/// replays, so that its checks run once, wherever they ran.
+/// replays, so that no chunk is replayed without those checks.
 #[derive(Debug)]
 pub struct CheckedChunk(TrajectoryChunk);
 
