@@ -211,6 +211,23 @@ mod tests {
         fs::remove_dir_all(&root).unwrap();
     }
 
+    /// A rename that fails (here onto a folder of the file's name) leaves
+    /// no temporary file behind: a checkpoint-sized one otherwise stays
+    /// until the next start.
+    #[test]
+    fn a_failed_rename_leaves_no_temporary_file() {
+        let dir = scratch("failed-rename");
+        fs::create_dir_all(dir.join("notes").join("inside")).unwrap();
+        let error = write_atomically(&dir, "notes", b"x").unwrap_err();
+        assert!(error.to_string().contains("notes"), "{error}");
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["notes"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn an_error_as_io_keeps_its_kind_and_path() {
         let error: std::io::Error = FileError::NotAFolder {

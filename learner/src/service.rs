@@ -93,10 +93,11 @@ pub struct LearnerState {
     /// over. Set before the stop reaches the trainer, so before any
     /// session can see training end.
     pub stopping_for_restart: std::sync::atomic::AtomicBool,
-    /// Turns true once a stop is asked for (a signal, every local actor
-    /// gone): a session whose credits stopped then waits for training's
-    /// end for as long as the trainer takes to wind down.
-    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Turns true once training is to end: a stop asked for (a signal,
+    /// every local actor gone), or training's own end. A session whose
+    /// credits stopped then waits for training's end for as long as the
+    /// trainer takes to wind down.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Turns true once the trainer has ended, however it ended: a session
     /// waiting to learn that training is done stops waiting when it never
     /// will be (the trainer failed).

@@ -35,9 +35,10 @@ use crate::ingest::{
 use crate::publisher::EncodedWeights;
 use crate::service::LearnerState;
 
-/// How long a session whose credits stopped coming, with no stop asked
-/// for, waits to learn that training is over (see
-/// `Session::wait_for_training_end`).
+/// How long a session whose chunk found the trainer's queue closed with
+/// no stop under way (the batch builder failed) waits to learn that
+/// training is over (see `Session::wait_for_training_end`); with a stop
+/// under way it waits for the trainer's end.
 const DONE_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a session that is ending waits to hand the actor its last
@@ -430,13 +431,16 @@ impl Session {
     /// A trainer that ends without finishing (an error) ends the wait.
     async fn wait_for_training_end(&self, done: &mut watch::Receiver<bool>) {
         let mut trainer_ended = self.state.trainer_ended.clone();
+        // (An actor that leaves meanwhile ends the wait: there is no one
+        // left to tell.)
         let ended = async {
             tokio::select! {
                 _ = done.wait_for(|done| *done) => {}
                 _ = trainer_ended.wait_for(|ended| *ended) => {}
+                () = self.grants.closed() => {}
             }
         };
-        if *self.state.stop.borrow() {
+        if *self.state.stopping.borrow() {
             ended.await;
         } else {
             let _ = tokio::time::timeout(DONE_GRACE, ended).await;

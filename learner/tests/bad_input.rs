@@ -1876,7 +1876,13 @@ async fn late_chunks_are_counted_up_to_the_credits_held() {
             break;
         }
     }
-    drop(session);
+    // Its side closed (not the whole call, which would drop what is not
+    // yet sent), the session ends.
+    drop(session.upload);
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(30), session.grants.message())
+        .await
+        .expect("the session ends")
+    {}
     let outcome = finished_within(learner, 60, "the learner stops").await;
     let late: u64 = outcome.sessions.iter().map(|s| s.late_chunks).sum();
     assert!(held < 20, "{held} credits held: too many to tell");

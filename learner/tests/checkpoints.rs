@@ -346,10 +346,10 @@ async fn a_run_that_fails_leaves_a_checkpoint_of_its_last_step() {
 /// A periodic checkpoint write still under way at a stop, which then
 /// fails: the stop's checkpoint stands in for it, as the last checkpoint
 /// does at `max_steps` (the failure is warned about), and the run ends as
-/// stopped rather than failed. The write of step 1,000 goes to a FIFO in
-/// place of its temporary file: it waits for the reader this test opens
-/// 12 s after the stop, then fails, since a FIFO cannot be synced. (The
-/// next periodic write would be at step 2,000.)
+/// stopped rather than failed. One periodic write goes to a FIFO in place
+/// of its temporary file: it waits for the reader this test opens 12 s
+/// after the stop, then fails, since a FIFO cannot be synced. (The next
+/// periodic write comes 1,000 steps later.)
 ///
 /// That long a wind-down also shows the sessions waiting for it, past
 /// their 10 s grace without a stop: the actors are told that training
@@ -362,13 +362,17 @@ async fn a_long_stop_after_a_periodic_write_that_fails_ends_well() {
     config.learner.eval_every_steps = 100;
     let metrics = dir.join("metrics.jsonl");
     let (learner, actors, stop) = start_stoppable_run(&config, &metrics).await;
-    // (After the start, which removes unfinished writes' files.)
+    // After the start, which removes unfinished writes' files; for a
+    // write at least 1,000 steps ahead (a second or more here), so that
+    // the FIFO is in place before it.
     wait_for_reports(&metrics, 1).await;
-    let fifo = checkpoints.join(".ckpt-000000001000.safetensors.tmp");
+    let reported = support::reports(&metrics).last().unwrap().step;
+    let target = (reported / 1000 + 2) * 1000;
+    let fifo = checkpoints.join(format!(".ckpt-{target:012}.safetensors.tmp"));
     support::make_fifo(&fifo);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !support::reports(&metrics).iter().any(|r| r.step > 1000) {
-        assert!(Instant::now() < deadline, "no report after step 1,000");
+    while !support::reports(&metrics).iter().any(|r| r.step > target) {
+        assert!(Instant::now() < deadline, "no report after step {target}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.send(()).unwrap();
@@ -377,10 +381,13 @@ async fn a_long_stop_after_a_periodic_write_that_fails_ends_well() {
     // it between two steps, as any periodic write's does, and end
     // training as failed.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let reader = std::thread::spawn(move || {
+    // (Read on a thread of its own: opening a FIFO waits for its writer,
+    // which a broken run may never open.)
+    let (read, reader) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         let mut written = Vec::new();
         std::io::Read::read_to_end(&mut std::fs::File::open(&fifo).unwrap(), &mut written).unwrap();
-        written.len()
+        let _ = read.send(written.len());
     });
     let outcome = support::finished_learner(learner).await;
     for a in actors {
@@ -392,15 +399,20 @@ async fn a_long_stop_after_a_periodic_write_that_fails_ends_well() {
         assert!(report.training_done, "{report:?}");
     }
     assert!(
-        (1100..2000).contains(&outcome.steps),
-        "stopped at step {}, not between the two periodic writes",
+        (target + 100..target + 1000).contains(&outcome.steps),
+        "stopped at step {}, not between the write of step {target} and the next",
         outcome.steps
     );
+    // The stop's step, not the failed write's (those before it stay).
+    let steps = checkpoint_steps(&checkpoints);
     assert!(
-        reader.join().unwrap() > 0,
-        "the write of step 1,000 sent nothing"
+        steps.last() == Some(&outcome.steps) && !steps.contains(&target),
+        "{steps:?}"
     );
-    assert_eq!(checkpoint_steps(&checkpoints), [outcome.steps]);
+    let written = reader
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("the write of step {target} never came to the FIFO"));
+    assert!(written > 0, "the write of step {target} sent nothing");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

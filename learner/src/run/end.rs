@@ -249,6 +249,8 @@ impl Running {
                 done.await
             }
         };
+        // Sessions waiting to learn that training is done stop waiting
+        // now, whether it finished or failed (`done` never comes then).
         self.trainer_ended.send_replace(true);
         self.stop_sender.send_replace(true);
         // A Watch already open sees the learner going away while it writes

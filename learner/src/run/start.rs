@@ -222,7 +222,7 @@ impl Running {
             open_sessions: std::sync::atomic::AtomicUsize::new(0),
             sequences: Default::default(),
             stopping_for_restart: AtomicBool::new(false),
-            stop: stop.clone(),
+            stopping: stop.clone(),
             trainer_ended,
         });
         if !finished_already {

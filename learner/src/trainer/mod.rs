@@ -653,11 +653,12 @@ impl Trainer {
         // report.) A periodic write still in progress is waited for
         // first: one of this very step would otherwise pass for written,
         // and one that fails is only warned about, as at `max_steps`
-        // (`save_last_checkpoint`): the save below stands in for it.
+        // (`save_last_checkpoint`): a checkpoint of a later step, this
+        // one's or the run's final one, stands in for it.
         if let Err(error) =
             checkpoints::wait_for_write(&mut training.writer, &mut training.progress)
         {
-            warn!(%error, "an earlier checkpoint write failed; the run's last checkpoint stands in for it");
+            warn!(%error, "an earlier checkpoint write failed; a checkpoint of the run's last step is saved in its place");
             training.progress.checkpointed_step = None;
         }
         let progress = &training.progress;
