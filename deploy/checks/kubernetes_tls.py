@@ -139,6 +139,16 @@ def check_structure(overlay):
     learner = Pod(overlay, workloads["flgfn-learner"], config_maps)
     actor = Pod(overlay, workloads["flgfn-actor"], config_maps)
     env = learner.raw_env()
+    spec = workloads["flgfn-learner"]["spec"]["template"]["spec"]
+    mode = next((v["secret"].get("defaultMode", 0o644) for v in spec.get("volumes", [])
+                 if v.get("secret", {}).get("secretName") == SECRET), None)
+    if mode is None or mode & 0o007 or "fsGroup" not in spec.get("securityContext", {}):
+        fail(f"{learner.where}: the Secret holding the key is mounted with mode "
+             f"{oct(mode or 0)} and fsGroup {spec.get('securityContext', {}).get('fsGroup')}: "
+             f"others may read it, or the learner may not")
+    if any("appProtocol" in p for p in service["spec"]["ports"]):
+        fail(f"overlay {overlay}: the Service still says appProtocol {service['spec']['ports']}: "
+             f"a mesh would take the TLS port for plain gRPC")
     for key, wanted in (("FLGFN_TLS__CERT_FILE", "tls.crt"), ("FLGFN_TLS__KEY_FILE", "tls.key")):
         if env.get(key) is None or learner.source(env[key]) != wanted:
             fail(f"{learner.where}: {key}={env.get(key)} is not the Secret's {wanted}")
@@ -201,7 +211,7 @@ def run_live(learner, actor):
         probe_env = {**learner_env, **image_health_env()}
 
         def probe(command, domain=None):
-            command = [learner.localize(w).replace(f"localhost:{rendered_port}", f"localhost:{port}")
+            command = [learner.localize(w).replace(f"127.0.0.1:{rendered_port}", f"127.0.0.1:{port}")
                        for w in command]
             if domain is not None:
                 command = [f"--domain={domain}" if w.startswith("--domain=") else w for w in command]

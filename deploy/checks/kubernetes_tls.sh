@@ -22,19 +22,14 @@ tools="$(lint_tools)"
 cargo build --release --quiet --bin flgfn-learner --bin flgfn-actor --bin flgfn-health
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-for overlay in deploy/k8s/overlays/*/; do
+# A copy of the manifests, each overlay given the component as README.md
+# says: in its own kustomization.yaml, so that its own patches come after
+# the component's, as they will for a user.
+cp -r deploy/k8s "$work/k8s"
+for overlay in "$work"/k8s/overlays/*/; do
     name="$(basename "$overlay")"
-    mkdir "$work/$name"
-    # (kustomize takes relative paths only.)
-    cat >"$work/$name/kustomization.yaml" <<YAML
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $(realpath --relative-to="$work/$name" "$overlay")
-components:
-  - $(realpath --relative-to="$work/$name" deploy/k8s/components/tls)
-YAML
-    kubectl kustomize "$work/$name" >"$work/$name.yaml"
+    printf 'components:\n  - ../../components/tls\n' >>"$overlay/kustomization.yaml"
+    kubectl kustomize "$overlay" >"$work/$name.yaml"
     "$tools/kubernetes-validate" --strict --quiet "$work/$name.yaml"
 done
 # The Secret's files, as README.md's recipe makes them for the host the
