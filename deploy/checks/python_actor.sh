@@ -14,7 +14,9 @@
 # unreachable learner exits 75 (at once where nothing listens); one told to stop (SIGTERM) hands over its
 # last chunk (the learner receives every chunk it says it sent), leaves
 # the session and exits 0. One learner sends f32 weights, the others
-# bf16. Last, without a learner: the energies of proto/TASKS.md's
+# bf16. Refused by a learner of the medium set task, an actor names
+# --task; given that learner's task, it trains it. Last, without a
+# learner: the energies of proto/TASKS.md's
 # example, safetensors decoding (F32, BF16), the network worked by hand,
 # a task stuck before its end, weights and settings refused; and a
 # scripted learner that takes handshakes only as calls of their own. Its
@@ -278,6 +280,32 @@ kill -TERM "$learner_pid"
 wait_at_most "$learner_pid" 30 || true
 learner_pid=""
 
+# A learner of another set task (medium): the actor of the default task is
+# refused, told of --task; given the learner's task as the learner's log
+# writes it, it trains the learner to its end.
+port="$(free_port)"
+FLGFN_TASK__SIZE=medium "$CARGO_TARGET_DIR/release/flgfn-learner" --listen "127.0.0.1:$port" \
+    --max-steps 30 --checkpoint-dir "" --metrics "$work/medium.jsonl" >"$work/learner-medium.log" 2>&1 &
+learner_pid=$!
+status=0
+timeout 120 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --reconnect-attempts 60 >"$work/actor-medium-1.log" 2>&1 || status=$?
+if ! { [ "$status" -eq 1 ] && grep -q "task mismatch: .*(the task is --task here" "$work/actor-medium-1.log"; }; then
+    failed "an actor of the default task, against a learner of the medium one, exited $status" "$work/actor-medium-1.log"
+fi
+task="$(grep -o "task=set_generation([^)]*)" "$work/learner-medium.log" | head -n 1)"
+status=0
+timeout 120 "$venv/bin/python" examples/python_actor/flgfn_actor.py --learner "127.0.0.1:$port" \
+    --envs 16 --task "${task#task=}" >"$work/actor-medium-2.log" 2>&1 || status=$?
+learner_totals "$work/medium.jsonl" "$work/learner-medium.log"
+# (The one refusal counted is the first actor's handshake.)
+if [ "$status" -eq 0 ] && [ "$rejected" -eq 1 ] && [ "$ingested" -gt 0 ] &&
+    grep -q "training finished steps=30 " "$work/learner-medium.log"; then
+    echo "python_actor: ok: refused by a learner of another set task, the actor named --task; given that learner's task, it trained it to its end"
+else
+    failed "an actor given --task '${task#task=}' exited $status; ingested '$ingested', rejected '$rejected'" "$work/actor-medium-2.log" "$work/learner-medium.log"
+fi
+
 # Gives up on a learner nobody serves: status 75 (EX_TEMPFAIL, as the Rust
 # actor), the cause in one line. A refused connection is a failed attempt
 # at once, not after --connect-timeout: two attempts of 30 s would outlast
@@ -357,7 +385,16 @@ for token in '"0123456789abcdef0123"' 'FLGFN_TOKEN=0123456789abcdef0123'; do
         failed "an actor given FLGFN_TOKEN=$token exited $status" "$work/actor-token.log"
     fi
 done
-echo "python_actor: ok: --hidden of no widths and a token in quotes or as a .env line are refused at start, by name"
+for task in 'lattice(side=4)' 'set_generation(universe=30, set_size=40, levels=1.0)'; do
+    status=0
+    "$venv/bin/python" examples/python_actor/flgfn_actor.py --task "$task" \
+        --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
+        >"$work/actor-task.log" 2>&1 || status=$?
+    if ! { [ "$status" -eq 2 ] && grep -q "argument --task: '" "$work/actor-task.log"; }; then
+        failed "an actor given --task $task exited $status" "$work/actor-task.log"
+    fi
+done
+echo "python_actor: ok: --hidden of no widths, --task of another task or of a set larger than its universe, and a token in quotes or as a .env line are refused at start, by name"
 # Without its requirements (-S: no site-packages), one line saying what
 # to install, not a traceback; --help too.
 status=0

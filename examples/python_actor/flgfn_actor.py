@@ -22,6 +22,7 @@ through its own copy of the environment.
 import argparse
 import collections
 import json
+import math
 import os
 import queue
 import random
@@ -142,6 +143,35 @@ class SetGeneration:
         states[rows, actions] = 1.0
 
 
+def set_task(spec):
+    """argparse type of --task: the learner's set task as it writes it
+    (its startup log's `task=`, a refusal's `learner trains ...`), such as
+    `set_generation(universe=30, set_size=20, levels=-1.0,0.5)`."""
+    def refuse(why):
+        return argparse.ArgumentTypeError(
+            f"{spec!r}: {why}; give the learner's task as its log's task= writes it, "
+            f"set_generation(universe=U, set_size=S, levels=L1,L2,...)")
+    match = re.fullmatch(r"\s*set_generation\((.*)\)\s*", spec, re.S)
+    if not match:
+        raise refuse("this example implements the set_generation task only")
+    params = {}
+    for part in match.group(1).split(", "):
+        key, equals, value = part.partition("=")
+        if not equals or key in params:
+            raise refuse(f"{part!r} is not one key=value of its own")
+        params[key] = value
+    if set(params) != {"universe", "set_size", "levels"}:
+        raise refuse(f"it has {', '.join(sorted(params))}, not universe, set_size and levels")
+    try:
+        universe, set_size = int(params["universe"]), int(params["set_size"])
+        levels = [float(level) for level in params["levels"].split(",")]
+    except ValueError as error:
+        raise refuse(f"{error}") from None
+    if not 1 <= set_size <= universe or not all(math.isfinite(level) for level in levels):
+        raise refuse("set_size must be 1 to universe, and every level finite")
+    return SetGeneration(universe, set_size, levels)
+
+
 def read_safetensors(buffer):
     """safetensors bytes -> ({name: float32 array}, metadata); F32 and BF16
     tensors."""
@@ -240,11 +270,14 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng, abandon=lambda:
         if abandon():
             return None
         live = np.flatnonzero(~task.is_terminal(states) & (cut > t))
+        if live.size == 0:
+            break
         mask = task.forward_mask(states[live])
         # A state that is not terminal yet has no valid action is a bug
         # of the task's code: its trajectory ends there, as the Rust actor
-        # ends it (the learner then refuses the chunk, naming the
-        # trajectory), rather than drawing an action it does not allow.
+        # ends it, rather than draw an action the mask does not allow.
+        # (The learner takes it as a truncated trajectory, or refuses it
+        # if it has no action at all.)
         stuck = ~mask.any(axis=1)
         live, mask = live[~stuck], mask[~stuck]
         if live.size == 0:
@@ -828,9 +861,8 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                         if setting in (error.details() or ""):
                             hint += f" ({setting} is {flag} here)"
                     if "task mismatch" in (error.details() or ""):
-                        hint += (" (this script runs the default set task: give run() the "
-                                 "learner's, e.g. SetGeneration(universe=..., set_size=..., "
-                                 "levels=[...]))")
+                        hint += (" (the task is --task here: give it the learner's, "
+                                 "set_generation(...) as written above)")
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
@@ -913,6 +945,9 @@ def main():
                         help="host:port of the learner, or http://host:port as the Rust actor takes it")
     parser.add_argument("--hidden", default="256,256", type=widths,
                         help="hidden layer widths, as the learner's model.hidden")
+    parser.add_argument("--task", type=set_task, default=None,
+                        help="the learner's task, as its log's task= writes it (default: the "
+                             "small set task, set_generation(universe=30, set_size=20, ...))")
     parser.add_argument("--envs", type=int, default=256, help="trajectories per chunk")
     parser.add_argument("--epsilon", type=float, default=0.05, help="uniform exploration mixed into the policy")
     parser.add_argument("--truncate-fraction", type=float, default=0.0, help="fraction of trajectories cut short")
@@ -973,7 +1008,7 @@ def main():
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     try:
-        run(SetGeneration(), address, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
+        run(args.task or SetGeneration(), address, hidden=hidden, envs=args.envs, epsilon=args.epsilon,
             truncate_fraction=args.truncate_fraction, name=args.name,
             token=token, seed=args.seed,
             connect_timeout_s=args.connect_timeout,
