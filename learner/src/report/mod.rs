@@ -184,7 +184,8 @@ pub struct Report {
     #[serde(deserialize_with = "number_or_null")]
     pub stale_fraction: f64,
     /// Transitions of truncated trajectories dropped so far because the
-    /// objective cannot learn from them (TB only; 0 for the others).
+    /// objective does not learn from them (TB, or any objective with
+    /// `objective.drop_truncated`; 0 otherwise).
     pub unusable_truncated_transitions: u64,
     /// Batches skipped so far because their loss or gradients were not
     /// finite (the weights and Adam's moments stay as they were).
