@@ -261,6 +261,18 @@ fn combinations_that_could_never_train_are_refused_by_name() {
         "{error}"
     );
     config.objective.drop_truncated = false;
+    // DB and SubTB train on prefixes, but would never see a reward.
+    for name in [ObjectiveName::Db, ObjectiveName::SubTb] {
+        config.objective.name = name;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("actor.truncate_fraction") && error.contains("sees the reward only"),
+            "{error}"
+        );
+    }
+    config.objective.name = ObjectiveName::FlSubTb;
+    config.validate().unwrap();
+    config.actor.truncate_fraction = 0.0;
     // gRPC cannot frame a message over 4 GiB.
     config.learner.max_message_bytes = u32::MAX as usize + 1;
     let error = config.validate().unwrap_err().to_string();

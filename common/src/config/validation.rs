@@ -216,6 +216,24 @@ impl Config {
                 format!("1 cuts every trajectory short, and {why}"),
             ));
         }
+        // DB and SubTB train on prefixes (their flows' consistency), but
+        // see the reward only where a trajectory ends: with none complete,
+        // they would train for ever towards no target.
+        let rewarded_at_the_end_only = match self.objective.name {
+            ObjectiveName::Db => Some("db"),
+            ObjectiveName::SubTb => Some("sub_tb"),
+            _ => None,
+        };
+        if let Some(name) = rewarded_at_the_end_only
+            && a.truncate_fraction >= 1.0
+        {
+            return Err(ConfigError::invalid(
+                "actor.truncate_fraction",
+                format!(
+                    "1 cuts every trajectory short, and objective.name = \"{name}\" sees the reward only at the end of a complete one: lower it, or use fl_db or fl_sub_tb, whose energies give every transition its share"
+                ),
+            ));
+        }
         at_least("actor.truncate_cap", a.truncate_cap, 1)?;
         learner_url(&a.learner)?;
         timer_seconds(
