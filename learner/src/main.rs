@@ -155,12 +155,19 @@ fn run(args: Args) -> anyhow::Result<u8> {
     }
     let overrides = env_overrides(flgfn_variables()?);
     config.validate_layers(&overrides, &flag_keys)?;
+    // Local actors reach the learner over loopback in plain text; against
+    // TLS every connection would fail, and be retried for ever.
+    anyhow::ensure!(
+        !args.local_actors || config.tls.cert_file.is_empty(),
+        "--local-actors does not work with TLS (tls.cert_file is set): local actors connect over loopback in plain text; start the learner without [tls] for a local run, or start actors with the CA (flgfn-actor --learner https://...)"
+    );
     if args.print_config {
         let flags: Vec<&str> = flag_keys.iter().map(|&(flag, _)| flag).collect();
-        // Read as a start reads them: a file that would stop the learner
-        // stops this too.
+        // Read and checked as a start reads and checks them: a file or a
+        // setting that would stop the learner stops this too.
         let token = flgfn_common::auth::load_token(&config.auth)?;
         flgfn_learner::secured_transport(&config)?;
+        flgfn_learner::check_startup(&config, args.local_actors.then_some(config.launch.actors))?;
         flgfn_common::out!(
             "{}{}",
             describe_layers(args.config.as_deref(), &overrides, &flags),
@@ -191,13 +198,6 @@ fn run(args: Args) -> anyhow::Result<u8> {
                 )
             })?;
         let local_actors = if args.local_actors {
-            // Local actors reach the learner over loopback in plain text;
-            // against TLS every connection would fail, and be retried for
-            // ever.
-            anyhow::ensure!(
-                config.tls.cert_file.is_empty(),
-                "--local-actors does not work with TLS (tls.cert_file is set): local actors connect over loopback in plain text; start the learner without [tls] for a local run, or start actors with the CA (flgfn-actor --learner https://...)"
-            );
             Some(LocalActorsPlan {
                 count: config.launch.actors,
                 executable: actor_executable()?,

@@ -12,28 +12,27 @@ use flgfn_common::env::Environment;
 use tracing::warn;
 
 use crate::error::LearnerError;
-use crate::{evaluator, launcher};
+use crate::evaluator;
 
 /// More local actors than the learner serves at once are refused, naming
 /// `launch.actors`: each takes a process, and those past the limit would
 /// be refused and retry for ever.
 pub(crate) fn check_local_actors_fit(
     config: &Config,
-    plan: Option<&launcher::LocalActorsPlan>,
+    local_actors: Option<usize>,
 ) -> Result<(), LearnerError> {
-    let Some(plan) = plan else {
+    let Some(count) = local_actors else {
         return Ok(());
     };
     for (limit, value) in [
         ("learner.max_sessions", config.learner.max_sessions),
         ("learner.max_connections", config.learner.max_connections),
     ] {
-        if plan.count > value {
+        if count > value {
             return Err(ConfigError::invalid(
                 "launch.actors",
                 format!(
-                    "{} local actors are more than {limit} ({value}), which the learner serves at once",
-                    plan.count
+                    "{count} local actors are more than {limit} ({value}), which the learner serves at once"
                 ),
             )
             .into());
@@ -79,6 +78,18 @@ pub(crate) fn check_exposure(
         );
     }
     Ok(())
+}
+
+/// The checks of a start that need neither a listener nor a checkpoint,
+/// with `local_actors` local actors if any: `--print-config` makes them
+/// too, so that a configuration it passes is one a start takes (the
+/// Slurm script reads the job's configuration so before it starts
+/// anything).
+pub fn check_startup(config: &Config, local_actors: Option<usize>) -> Result<(), LearnerError> {
+    config.validate()?;
+    check_local_actors_fit(config, local_actors)?;
+    let env = flgfn_common::tasks::build(&config.task)?;
+    check_run_fits(config, env.as_ref())
 }
 
 /// What this task and configuration need of the learner's limits, checked

@@ -337,3 +337,58 @@ fn print_config_reads_the_secrets_as_a_start_would() {
     assert!(!ok && stderr.contains("tls.ca_file"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--print-config` refuses what a start refuses before it trains, by the
+/// same message (the Slurm script reads a job's configuration so before
+/// it starts anything): a network too large for one message, a session
+/// that cannot hold one trajectory, more local actors than the learner
+/// serves, local actors with TLS.
+#[test]
+fn print_config_refuses_what_a_start_would() {
+    let print = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_flgfn-learner"))
+            .arg("--print-config")
+            .args(args)
+            .env_remove("FLGFN_CONFIG")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    for (args, env, named) in [
+        (
+            &[][..],
+            &[("FLGFN_MODEL__HIDDEN", "[4096, 4096, 4096]")][..],
+            "learner.max_message_bytes",
+        ),
+        (
+            &[],
+            &[("FLGFN_LEARNER__MAX_SESSION_BYTES", "10")],
+            "learner.max_session_bytes",
+        ),
+        (
+            &["--local-actors", "--actors", "3"],
+            &[("FLGFN_LEARNER__MAX_SESSIONS", "2")],
+            "launch.actors",
+        ),
+        (
+            &["--local-actors"],
+            &[
+                ("FLGFN_TLS__CERT_FILE", "cert.pem"),
+                ("FLGFN_TLS__KEY_FILE", "key.pem"),
+            ],
+            "--local-actors does not work with TLS",
+        ),
+    ] {
+        let (status, stderr) = print(args, env);
+        assert!(
+            status == Some(1) && stderr.contains(named),
+            "{args:?} {env:?}: {status:?} {stderr}"
+        );
+    }
+    let (status, stderr) = print(&["--local-actors", "--actors", "2"], &[]);
+    assert_eq!(status, Some(0), "{stderr}");
+}

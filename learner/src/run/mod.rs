@@ -60,7 +60,10 @@ pub async fn serve(
     shutdown: impl Future<Output: Into<StopRequest>> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
     config.validate()?;
-    check_local_actors_fit(&config, options.local_actors.as_ref())?;
+    check_local_actors_fit(
+        &config,
+        options.local_actors.as_ref().map(|plan| plan.count),
+    )?;
     let env = tasks::build(&config.task)?;
     let server = GrpcServer::start(&config, env.as_ref(), listener).await?;
     check_run_fits(&config, env.as_ref())?;
