@@ -382,6 +382,12 @@ fn print_config_refuses_what_a_start_would() {
             ],
             "--local-actors does not work with TLS",
         ),
+        // (Not read, the run would go on with 600 steps, not 5.)
+        (
+            &[],
+            &[("FLGFN_LEARNER_MAX_STEPS", "5")],
+            "FLGFN_LEARNER__MAX_STEPS",
+        ),
     ] {
         let (status, stderr) = print(args, env);
         assert!(

@@ -228,7 +228,7 @@ fn meant_by_spelling(name: &str) -> Option<String> {
 
 /// `FLGFN_<SECTION>_<KEY>`, a real section and key with one underscore
 /// between them: the variable meant (see [`misspelt_variables`]).
-fn meant_with_section(name: &str) -> Option<String> {
+pub fn meant_with_section(name: &str) -> Option<String> {
     let rest = name.strip_prefix(ENV_PREFIX)?;
     if rest.contains(ENV_SEPARATOR) {
         return None;

@@ -32,7 +32,7 @@ mod validation;
 
 pub use layers::{
     ENV_PREFIX, ENV_SEPARATOR, EnvOverride, blame_layer, describe_layers, env_overrides,
-    flgfn_variables, is_flgfn_variable, meant_variable, misspelt_variables,
+    flgfn_variables, is_flgfn_variable, meant_variable, meant_with_section, misspelt_variables,
 };
 pub use validation::{
     MAX_BATCH_TRANSITIONS, MAX_EVAL_SAMPLES, MAX_IN_FLIGHT_BATCHES, MAX_THREADS, MAX_WAIT_S,
@@ -753,6 +753,21 @@ impl Config {
     /// variable got wrong. Call [`Config::validate`] afterwards.
     pub fn load_unvalidated(path: Option<&Path>) -> Result<Self, ConfigError> {
         let variables = flgfn_variables()?;
+        // A real section and key joined by one underscore can mean nothing
+        // else, and a run without it would go on on the defaults (a job
+        // of 600 steps, not the 5 it says): refused. Other near misses
+        // are guesses, warned about below.
+        if let Some((variable, meant)) = variables
+            .iter()
+            .find_map(|(name, _)| Some((name, meant_with_section(name)?)))
+        {
+            return Err(ConfigError::invalid(
+                variable,
+                format!(
+                    "not read: a configuration variable has two underscores between section and key: {meant}"
+                ),
+            ));
+        }
         for (variable, meant) in misspelt_variables(variables.iter().map(|(name, _)| name.clone()))
         {
             tracing::warn!(
