@@ -560,6 +560,8 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         "{listening}"
     );
     assert_eq!(listening["fields"]["auth"], "none", "{listening}");
+    // (The job file says checkpoint_dir = "".)
+    assert_eq!(listening["fields"]["checkpoints"], "off", "{listening}");
     // One key per field: a field named `message` beside the event's own
     // (the actor's reconnect warning had one) would make two.
     for line in text.lines() {

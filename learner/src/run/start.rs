@@ -238,6 +238,11 @@ impl Running {
             threads = learner.threads,
             transport = transport.name(),
             auth = authentication,
+            // Said, since an empty `learner.checkpoint_dir` (a variable
+            // set to nothing, say) turns checkpoints and resume off.
+            checkpoints = %checkpoint_dir
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |dir| dir.display().to_string()),
             build = BUILD,
             "learner listening"
         );
