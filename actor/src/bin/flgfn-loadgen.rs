@@ -10,7 +10,8 @@ use flgfn_common::telemetry::{self, LogFlags};
 /// and scale figures: 64-256 actors on one small machine. Exits 0 when the
 /// learner finishes training (or on a stop signal); 75 when every
 /// generated actor that failed gave up reaching the learner
-/// (actor.reconnect_attempts); 1 on any other error.
+/// (actor.reconnect_attempts); 2 for flags that cannot be parsed (and a
+/// bad FLGFN_LOG_FORMAT or an empty FLGFN_CONFIG); 1 on any other error.
 #[derive(Debug, Parser)]
 #[command(name = "flgfn-loadgen", version = flgfn_actor::BUILD)]
 struct Args {
