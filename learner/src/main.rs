@@ -167,7 +167,8 @@ fn run(args: Args) -> anyhow::Result<u8> {
         // setting that would stop the learner stops this too.
         let token = flgfn_common::auth::load_token(&config.auth)?;
         flgfn_learner::secured_transport(&config)?;
-        flgfn_learner::check_startup(&config, args.local_actors.then_some(config.launch.actors))?;
+        flgfn_learner::check_startup(&config, args.local_actors.then_some(config.launch.actors))
+            .map(drop)?;
         flgfn_common::out!(
             "{}{}",
             describe_layers(args.config.as_deref(), &overrides, &flags),

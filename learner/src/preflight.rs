@@ -6,6 +6,8 @@
 //! without TLS, a lag bound or evaluation size that would mislead) are
 //! warned about.
 
+use std::sync::Arc;
+
 use flgfn_common::auth;
 use flgfn_common::config::{Config, ConfigError};
 use flgfn_common::env::Environment;
@@ -17,7 +19,7 @@ use crate::evaluator;
 /// More local actors than the learner serves at once are refused, naming
 /// `launch.actors`: each takes a process, and those past the limit would
 /// be refused and retry for ever.
-pub(crate) fn check_local_actors_fit(
+fn check_local_actors_fit(
     config: &Config,
     local_actors: Option<usize>,
 ) -> Result<(), LearnerError> {
@@ -81,15 +83,19 @@ pub(crate) fn check_exposure(
 }
 
 /// The checks of a start that need neither a listener nor a checkpoint,
-/// with `local_actors` local actors if any: `--print-config` makes them
-/// too, so that a configuration it passes is one a start takes (the
-/// Slurm script reads the job's configuration so before it starts
-/// anything).
-pub fn check_startup(config: &Config, local_actors: Option<usize>) -> Result<(), LearnerError> {
+/// with `local_actors` local actors if any; the task they build, for the
+/// start to go on with. `--print-config` makes them too, so that a
+/// configuration it passes is one a start takes (the Slurm script reads
+/// the job's configuration so before it starts anything).
+pub fn check_startup(
+    config: &Config,
+    local_actors: Option<usize>,
+) -> Result<Arc<dyn Environment>, LearnerError> {
     config.validate()?;
     check_local_actors_fit(config, local_actors)?;
     let env = flgfn_common::tasks::build(&config.task)?;
-    check_run_fits(config, env.as_ref())
+    check_run_fits(config, env.as_ref())?;
+    Ok(env)
 }
 
 /// What this task and configuration need of the learner's limits, checked
@@ -98,7 +104,7 @@ pub fn check_startup(config: &Config, local_actors: Option<usize>) -> Result<(),
 /// evaluation's samples fit in memory, and a session can hold one
 /// trajectory. Settings that would make lag or quality figures mislead
 /// are warned about.
-pub(crate) fn check_run_fits(config: &Config, env: &dyn Environment) -> Result<(), LearnerError> {
+fn check_run_fits(config: &Config, env: &dyn Environment) -> Result<(), LearnerError> {
     config.weights_fit(
         env,
         config.learner.max_message_bytes,

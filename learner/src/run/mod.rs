@@ -20,13 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use flgfn_common::config::Config;
 use flgfn_common::signals::StopRequest;
-use flgfn_common::tasks;
 use flgfn_common::wire::proto::learner_server::LearnerServer;
 use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::error::LearnerError;
-use crate::preflight::{check_local_actors_fit, check_run_fits};
+use crate::preflight::check_startup;
 use crate::report::MetricsFile;
 use crate::service::LearnerService;
 use crate::trainer::TrainingOutcome;
@@ -59,14 +58,11 @@ pub async fn serve(
     options: RunOptions,
     shutdown: impl Future<Output: Into<StopRequest>> + Send,
 ) -> Result<TrainingOutcome, LearnerError> {
-    config.validate()?;
-    check_local_actors_fit(
+    let env = check_startup(
         &config,
         options.local_actors.as_ref().map(|plan| plan.count),
     )?;
-    let env = tasks::build(&config.task)?;
     let server = GrpcServer::start(&config, env.as_ref(), listener).await?;
-    check_run_fits(&config, env.as_ref())?;
     let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
     let summary_path = loaded.metrics.as_ref().and_then(MetricsFile::summary_path);
     let steps_done = loaded.steps_done.clone();
