@@ -907,6 +907,45 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         );
         assert!(!out.exists());
     }
+    // A --format that the name contradicts is refused too; one the name
+    // does not speak to (no extension, or one of neither format) stands.
+    let out = dir.join("samples.jsonl");
+    let message = sample_refused(&[
+        "--config",
+        config,
+        "--checkpoint",
+        checkpoints.to_str().unwrap(),
+        "--format",
+        "csv",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        message.contains("--format csv") && message.contains("names jsonl"),
+        "{message}"
+    );
+    assert!(!out.exists());
+    for (name, format, first_line) in [
+        ("samples", "csv", "index,energy"),
+        ("samples.txt", "jsonl", "{"),
+    ] {
+        let out = dir.join(name);
+        let output = sample(&[
+            "--config",
+            config,
+            "--checkpoint",
+            checkpoints.to_str().unwrap(),
+            "-n",
+            "3",
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(output.status.success(), "{output:?}");
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with(first_line), "{name}: {text}");
+    }
 
     // Weights of another model: refused, naming both.
     let other = dir.join("other.toml");

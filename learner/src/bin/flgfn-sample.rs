@@ -56,6 +56,16 @@ enum Format {
     Csv,
 }
 
+impl Format {
+    /// As `--format` spells it.
+    fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        }
+    }
+}
+
 /// The format an output file's extension names. An extension that names
 /// neither is refused: `--out samples.parquet` written as JSON lines would
 /// fail later, in whatever reads it, far from the cause.
@@ -88,7 +98,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         bail!("--epsilon must be in [0, 1], got {}", args.epsilon);
     }
     let format = match (args.format, &args.out) {
-        (Some(format), _) => format,
+        (Some(format), None) => format,
+        // A name that says the other format would mislead whatever reads
+        // the file by its name; one that names neither is the user's call.
+        (Some(format), Some(path)) => match path.extension().and(format_of(path).ok()) {
+            Some(named) if named != format => bail!(
+                "--format {} but --out {} names {}: rename the file or drop --format",
+                format.name(),
+                path.display(),
+                named.name()
+            ),
+            _ => format,
+        },
         (None, Some(path)) => format_of(path)?,
         (None, None) => Format::Jsonl,
     };
