@@ -56,7 +56,8 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
             .as_ref()
             .is_none_or(|s| s.as_deref() == Some("task")),
     };
-    if task_error && let Some(hint) = table.as_ref().and_then(another_tasks_keys) {
+    let in_file = |name: &str| format!("`name = \"{name}\"` in [task]");
+    if task_error && let Some(hint) = table.as_ref().and_then(|t| another_tasks_keys(t, in_file)) {
         return ConfigError::Parse {
             path: origin.to_owned(),
             message: parse_message(&error, None, &[hint]),
@@ -73,6 +74,34 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
         .map(|(_, hint)| hint);
     let hint = shape.or_else(|| names_taken(text, &error));
     ConfigError::parse(origin.to_owned(), &error, hint)
+}
+
+/// The error for `FLGFN_` variables (`origin` names them and the layer
+/// below) that the schema refused once applied, as `merged`: with
+/// [`refusal`]'s hint where a `[task]` key belongs to another task,
+/// in place of the nearest spelling (`side` is a lattice key, not a
+/// misspelt `size`).
+pub(super) fn variables_refusal(
+    origin: String,
+    merged: &toml::Table,
+    error: &toml::de::Error,
+) -> ConfigError {
+    let in_task = |name: &str| {
+        merged
+            .get("task")
+            .and_then(toml::Value::as_table)
+            .is_some_and(|task| task.contains_key(name))
+    };
+    let hint = refused_name(error.message())
+        .filter(|name| in_task(name))
+        .and_then(|_| another_tasks_keys(merged, |name| format!("FLGFN_TASK__NAME={name}")));
+    match hint {
+        Some(hint) => ConfigError::Parse {
+            path: origin,
+            message: parse_message(error, None, &[hint]),
+        },
+        None => ConfigError::parse(origin, error, None),
+    }
 }
 
 /// A section given as something other than one table (`[[learner]]`, a
@@ -262,7 +291,8 @@ fn line_at(text: &str, at: usize) -> &str {
 /// Why a `[task]` table that its own task refuses would be read by
 /// another task (its keys are that task's, its `name` missing or other):
 /// a hint to add to the parse error, if so.
-fn another_tasks_keys(table: &toml::Table) -> Option<String> {
+/// (`selects`: how the user would name a task, where they write.)
+fn another_tasks_keys(table: &toml::Table, selects: fn(&str) -> String) -> Option<String> {
     let task = table.get("task")?.as_table()?;
     let named = task.get("name").and_then(toml::Value::as_str);
     let current = named.map_or_else(|| TaskConfig::default().name(), str::to_owned);
@@ -284,7 +314,8 @@ fn another_tasks_keys(table: &toml::Table) -> Option<String> {
     names.into_iter().find_map(|name| {
         (name != current && parses_as(&name)).then(|| {
             format!(
-                "(these are keys of the {name} task, which `name = \"{name}\"` in [task] selects; this [task] is {current}{chosen})"
+                "(these are keys of the {name} task, which {} selects; this [task] is {current}{chosen})",
+                selects(&name)
             )
         })
     })

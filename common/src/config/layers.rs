@@ -6,7 +6,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
-use super::diagnostics::typos_allowed;
+use super::diagnostics::{typos_allowed, variables_refusal};
 use super::{CONFIG_VARIABLE, Config, ConfigError, STDIN_PATH, name_default_task, schema};
 
 /// Prefix of the environment variables that set configuration keys.
@@ -381,6 +381,11 @@ impl Config {
             Ok(config) => return Ok(config),
             Err(error) => error,
         };
+        // The table as the schema refused it, for the error's hint.
+        let mut merged = table.clone();
+        for layer in overrides {
+            layer.apply(&mut merged)?;
+        }
         // Blame the layer at fault: the file on its own, with its line
         // numbers (unless a variable mends it), else the one variable
         // that fails on top of it alone, else all of them together.
@@ -406,10 +411,10 @@ impl Config {
                         .map(|(_, o)| o)
                         .collect();
                     if with_overrides(&table, &others).is_ok_and(|result| result.is_ok()) {
-                        return Err(ConfigError::parse(
+                        return Err(variables_refusal(
                             format!("{} (applied to {origin})", layer.variable),
+                            &merged,
                             &error,
-                            None,
                         ));
                     }
                 }
@@ -417,10 +422,10 @@ impl Config {
             Ok(_) => {}
         }
         let variables: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
-        Err(ConfigError::parse(
+        Err(variables_refusal(
             format!("{} (applied to {origin})", variables.join(", ")),
+            &merged,
             &error,
-            None,
         ))
     }
 

@@ -476,6 +476,20 @@ fn a_layered_error_names_the_layer_at_fault() {
         error.starts_with("FLGFN_TASK__SIDE (applied to the defaults): "),
         "{error}"
     );
+    // Another task's key set by a variable is named as that task's, with
+    // the variable that selects it, as it would be in a file; not taken
+    // for a misspelling of the nearest key (`side` is not `size`).
+    let side = env_overrides(vars(&[("FLGFN_TASK__SIDE", "4")]));
+    let error = Config::load_layered(None, &side).unwrap_err().to_string();
+    assert!(
+        error.contains("keys of the lattice task, which FLGFN_TASK__NAME=lattice selects")
+            && !error.contains("did you mean"),
+        "{error}"
+    );
+    // A misspelt key still gets the spelling meant.
+    let typo = env_overrides(vars(&[("FLGFN_TASK__SIZ", "small")]));
+    let error = Config::load_layered(None, &typo).unwrap_err().to_string();
+    assert!(error.contains("did you mean `size`?"), "{error}");
 
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "seed = 1\n[learner]\nthreads = \"x\"\n").unwrap();
