@@ -532,6 +532,50 @@ mod tests {
         );
     }
 
+    /// A policy whose output layer is zero draws uniformly among valid
+    /// actions: on sets of 3 from 6 elements, each of the 6 * 5 * 4
+    /// orders has P_F = 1/120 and P_B = 1/3! under either backward
+    /// policy, so every importance weight is R(x) * 20. With every
+    /// element adding 0.5, E(x) = 1.5 and the estimate is exactly
+    /// ln 20 - 1.5 (a sign slip on the ratio or the energy moves it by
+    /// 2 ln 20 or 3), from weights that are all equal (ESS = every
+    /// sample). The flow estimate is the flow head's bias at s0.
+    #[test]
+    fn log_z_by_importance_sampling_is_exact_for_a_uniform_sampler() {
+        use flgfn_common::config::ModelConfig;
+        use flgfn_common::tasks::set_generation::SetGeneration;
+        let env: Arc<dyn Environment> =
+            Arc::new(SetGeneration::from_parts(6, 3, vec![0.5]).unwrap());
+        let spec = ModelSpec::new(env.as_ref(), &ModelConfig { hidden: vec![8] });
+        let mut policy = Policy::new(&spec, tch::Device::Cpu);
+        let mut weights = policy.weights();
+        for array in &mut weights {
+            if array.name.starts_with("heads.") {
+                array.values.fill(0.0);
+            }
+            if array.name == "heads.bias" {
+                *array.values.last_mut().unwrap() = 2.0;
+            }
+        }
+        policy.load_weights(&weights).unwrap();
+        for backward in [BackwardPolicy::Uniform, BackwardPolicy::Learned] {
+            let mut evaluator = Evaluator::new(env.clone(), 200, backward, 3);
+            let evaluation = evaluator.evaluate(&policy, None);
+            let expected = 20f64.ln() - 1.5;
+            assert!(
+                (evaluation.log_z_sampled - expected).abs() < 1e-5,
+                "{backward:?}: {} against {expected}",
+                evaluation.log_z_sampled
+            );
+            assert!(
+                (evaluation.log_z_sampled_ess - 200.0).abs() < 1e-3,
+                "{}",
+                evaluation.log_z_sampled_ess
+            );
+            assert!((evaluation.log_z_estimate - 2.0).abs() < 1e-6);
+        }
+    }
+
     #[test]
     fn quality_needs_every_threshold_the_task_sets() {
         let quality = Quality {
