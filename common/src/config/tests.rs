@@ -530,6 +530,45 @@ fn the_readme_lists_every_key_with_its_default() {
     }
 }
 
+/// The other tasks' keys, commented out in the block under `[task]`
+/// from each `# name = ...` line to the next blank line, are theirs with
+/// their defaults, every one.
+#[test]
+fn the_readme_lists_every_tasks_keys_with_their_defaults() {
+    let block = readme_block();
+    let mut listed = 0;
+    for task in TaskConfig::every_task() {
+        if task == TaskConfig::default() {
+            continue;
+        }
+        let start = block
+            .find(&format!("# name = \"{}\"", task.name()))
+            .unwrap_or_else(|| panic!("README lacks the {} task's keys", task.name()));
+        let lines: Vec<&str> = block[start..]
+            .lines()
+            .take_while(|line| !line.trim().is_empty())
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect();
+        let text = format!("[task]\n{}\n", lines.join("\n"));
+        let documented = Config::from_toml(&text, "README.md").unwrap();
+        assert_eq!(
+            documented.task, task,
+            "a README value differs from the code"
+        );
+        let documented: toml::Table = toml::from_str(&text).unwrap();
+        let actual = toml::Value::try_from(&task).unwrap();
+        for key in actual.as_table().unwrap().keys() {
+            assert!(
+                documented["task"].as_table().unwrap().contains_key(key),
+                "README lacks the {} task's `{key}`",
+                task.name()
+            );
+        }
+        listed += 1;
+    }
+    assert!(listed > 0);
+}
+
 #[test]
 fn environments_per_actor_default_to_a_fixed_number_of_transitions() {
     // The default task: 20 transitions, ~3.5 KB per trajectory.
