@@ -84,11 +84,24 @@ pub enum WeightsError {
 }
 
 /// Encodes `arrays` (sorted by name in the buffer) with `metadata` in the
-/// header's `__metadata__` map.
+/// header's `__metadata__` map. A header longer than safetensors reads
+/// (100 MB: a checkpoint's metadata holds the evaluator's best objects,
+/// which grow with the state) is refused here, where it is made, not
+/// written to be set aside as damaged at the next resume.
 pub fn encode(
     arrays: &[NamedArray],
     encoding: WeightEncoding,
     metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>, WeightsError> {
+    encode_within(arrays, encoding, metadata, MAX_HEADER_BYTES)
+}
+
+/// [`encode`] with a given header limit.
+fn encode_within(
+    arrays: &[NamedArray],
+    encoding: WeightEncoding,
+    metadata: &BTreeMap<String, String>,
+    max_header_bytes: usize,
 ) -> Result<Vec<u8>, WeightsError> {
     let (dtype, data): (Dtype, Vec<Vec<u8>>) = match encoding {
         WeightEncoding::F32 => (
@@ -119,8 +132,18 @@ pub fn encode(
     }
     let mut info: HashMap<String, String> = metadata.clone().into_iter().collect();
     info.insert("encoding".to_owned(), encoding.name().to_owned());
-    safetensors::tensor::serialize(views, &Some(info))
-        .map_err(|e| WeightsError::Format(format!("{e:?}")))
+    let bytes = safetensors::tensor::serialize(views, &Some(info))
+        .map_err(|e| WeightsError::Format(format!("{e:?}")))?;
+    let header_len = bytes
+        .first_chunk::<8>()
+        .map_or(0, |length| u64::from_le_bytes(*length));
+    if header_len > max_header_bytes as u64 {
+        return Err(WeightsError::Format(format!(
+            "the header would be {header_len} bytes (its metadata {} bytes), over the {max_header_bytes} that safetensors reads",
+            metadata.values().map(String::len).sum::<usize>()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The longest header read, the safetensors crate's own limit: weights
@@ -490,6 +513,20 @@ mod tests {
         assert!(error.contains("1001 bytes long, over the"), "{error}");
         let error = check_offsets_within(&long, 1001).unwrap_err().to_string();
         assert!(!error.contains("bytes long"), "{error}");
+
+        // Nor is such a header made: refused at encoding, saying why, where
+        // one at the limit is made and read back.
+        let error = encode_within(&arrays(), WeightEncoding::F32, &metadata, header_len - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(&format!("the header would be {header_len} bytes"))
+                && error.contains("safetensors reads"),
+            "{error}"
+        );
+        let at_limit =
+            encode_within(&arrays(), WeightEncoding::F32, &metadata, header_len).unwrap();
+        assert_eq!(decode(&at_limit).unwrap().metadata["shape"], "not a shape");
     }
 
     /// Entries in the array form the crate also reads are checked too, and
