@@ -577,6 +577,9 @@ async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
         outcome.final_report.rejections,
         std::collections::BTreeMap::from(expected)
     );
+    // Calls turned away, not chunks: the final line's `refused_calls`.
+    assert_eq!(outcome.final_report.rejected_chunks, 0);
+    assert_eq!(outcome.final_report.refused_calls(), 6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,6 +800,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         "{rejections:?}"
     );
     assert_eq!(rejections.values().sum::<u64>(), 6 + 8, "{rejections:?}");
+    assert_eq!(outcome.final_report.refused_calls(), 6);
     assert_eq!(
         rejections.get("too_large"),
         Some(&2),

@@ -196,6 +196,24 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     assert!(summary.get("time_to_quality_s").is_some(), "{summary}");
     let count = |value: &serde_json::Value| value.as_u64().unwrap();
     let report = &summary["last_report"];
+    // The final line's quality words: reached once, and at the end, as
+    // the last report says.
+    assert_eq!(summary["at_quality"], report["at_quality"], "{summary}");
+    assert_eq!(
+        summary["quality_reached"].as_bool(),
+        Some(!summary["time_to_quality_s"].is_null()),
+        "{summary}"
+    );
+    assert!(summary["logz_error"].is_f64(), "{summary}");
+    assert_eq!(
+        summary["late_chunks"],
+        report["rejections"]
+            .get("shutting_down")
+            .cloned()
+            .unwrap_or(0.into()),
+        "{summary}"
+    );
+    assert_eq!(summary["refused_calls"], 0, "{summary}");
     assert_eq!(
         count(&report["ingested_transitions"]),
         count(&report["trained_transitions"])

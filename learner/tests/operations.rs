@@ -584,6 +584,8 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
         );
     }
     assert!(fields["skipped_batches"].is_u64(), "{finished}");
+    assert!(fields["at_quality"].is_boolean(), "{finished}");
+    assert_eq!(fields["refused_calls"], 0, "{finished}");
     assert_eq!(fields["ended_by"], "max_steps", "{finished}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -871,6 +873,12 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         csv.to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{output:?}");
+    // Which checkpoint it read, since the newest may not read back.
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("sampling from a checkpoint") && said.contains("ckpt-"),
+        "{said}"
+    );
     let text = std::fs::read_to_string(&csv).unwrap();
     let rows: Vec<&str> = text.lines().collect();
     assert_eq!(rows[0], "index,energy,log_reward,state,actions");

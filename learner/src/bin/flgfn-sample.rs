@@ -146,6 +146,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                     ),
                 },
             )?;
+            // The latest that reads back intact, which may not be the
+            // newest file: said, since the samples are its.
+            tracing::info!(
+                path = %found.path.display(),
+                step = found.state.step,
+                version = found.state.version,
+                skipped_damaged = found.damaged_newer.len(),
+                "sampling from a checkpoint"
+            );
         }
         (None, None) => bail!("give --weights FILE or --checkpoint DIR"),
     }

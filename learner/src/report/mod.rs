@@ -243,11 +243,31 @@ impl Report {
         self.unusable_truncated_transitions = get(&stats.unusable_truncated_transitions);
     }
 
+    /// Chunks that arrived after training ended, before their actors
+    /// heard (`rejections.shutting_down`): not refused for what they held.
+    pub fn late_chunks(&self) -> u64 {
+        self.rejections
+            .get(crate::error::RequestError::ShuttingDown.reason())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Calls and connections turned away so far, not chunks: handshakes
+    /// (another task or model, a protocol version), session openings,
+    /// authentication, TLS and the connection limits (`rejections` says
+    /// which). An actor refused at its handshake sends no chunk, so
+    /// `rejected_chunks` stays 0 however many are turned away.
+    pub fn refused_calls(&self) -> u64 {
+        let total: u64 = self.rejections.values().sum();
+        total.saturating_sub(self.rejected_chunks + self.late_chunks())
+    }
+
     /// Logs the report as one line: fields named as in the metrics file
     /// (a log collector reads them from JSON logs as numbers), rounded for
     /// reading (the metrics file keeps every digit). A quality measure the
     /// task has none of is left out, and so is a loss (skipped batches,
-    /// stale, refused or lost chunks, stalled sessions) while it is zero.
+    /// stale, refused or lost chunks, refused calls, stalled sessions)
+    /// while it is zero.
     pub fn log(&self) {
         let round = |value: f64, digits: i32| {
             let scale = 10f64.powi(digits);
@@ -276,6 +296,7 @@ impl Report {
             skipped_batches = nonzero(self.skipped_batches),
             stale_transitions = nonzero(self.stale_transitions),
             rejected_chunks = nonzero(self.rejected_chunks),
+            refused_calls = nonzero(self.refused_calls()),
             lost_chunks = nonzero(self.lost_chunks),
             stalled_sessions = nonzero(self.stalled_sessions),
             "report"

@@ -23,7 +23,19 @@ struct RunSummary<'a> {
     /// That error, null otherwise.
     error: Option<&'a str>,
     time_to_quality_s: Option<f64>,
+    /// Whether quality was reached at some evaluation; null where the
+    /// task has no quality target.
+    quality_reached: Option<bool>,
+    /// Whether the last evaluation was at quality (a run may fall back).
+    at_quality: Option<bool>,
+    /// |log Z estimate - exact| at the last evaluation, where known.
+    logz_error: Option<f64>,
     untrained_at_stop_transitions: u64,
+    /// Chunks that arrived after training ended (`last_report`'s
+    /// `rejections.shutting_down`).
+    late_chunks: u64,
+    /// Calls turned away (see [`Report::refused_calls`]).
+    refused_calls: u64,
     sessions: usize,
     failed_local_actors: usize,
     build: &'static str,
@@ -55,6 +67,7 @@ pub fn write_summary(
     error: Option<&LearnerError>,
 ) -> Result<(), LearnerError> {
     let error = error.map(cause_chain);
+    let report = &outcome.final_report;
     write_json_atomically(
         path,
         &RunSummary {
@@ -66,12 +79,21 @@ pub fn write_summary(
             },
             error: error.as_deref(),
             time_to_quality_s: outcome.time_to_quality_s,
+            quality_reached: report
+                .at_quality
+                .map(|_| outcome.time_to_quality_s.is_some()),
+            at_quality: report.at_quality,
+            logz_error: report
+                .logz_exact
+                .map(|exact| (report.logz_est - exact).abs()),
             untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
+            late_chunks: report.late_chunks(),
+            refused_calls: report.refused_calls(),
             sessions: outcome.sessions.len(),
             failed_local_actors: outcome.failed_local_actors,
             build: crate::BUILD,
             totals: &outcome.totals,
-            last_report: &outcome.final_report,
+            last_report: report,
         },
     )
 }

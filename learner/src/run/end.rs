@@ -176,9 +176,15 @@ pub(super) fn log_training_finished(outcome: &TrainingOutcome) {
         // Said where the task has a quality target: a time to quality
         // left out may otherwise read as one not logged.
         quality_reached = r.at_quality.map(|_| outcome.time_to_quality_s.is_some()),
+        // Reached once is not held to the end: the last evaluation's word.
+        at_quality = r.at_quality,
         logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
         marginal_tv = r.marginal_tv,
         energy_w1 = r.energy_w1,
+        // On the lattice, the measure that decides quality (marginals say
+        // little without a field).
+        exact_tv = r.exact_tv,
+        exact_kl = r.exact_kl,
         top100_mean_reward = (r.top100_samples > 0).then_some(r.top100_mean_reward),
         trained_transitions = r.trained_transitions,
         resumed_trained_transitions = r.resumed_trained_transitions,
@@ -190,12 +196,11 @@ pub(super) fn log_training_finished(outcome: &TrainingOutcome) {
         untrained_at_stop_transitions = outcome.untrained_at_stop_transitions,
         skipped_batches = r.skipped_batches,
         rejected_chunks = r.rejected_chunks,
+        // Handshakes and other calls turned away: an actor of another task
+        // sends no chunk to be rejected.
+        refused_calls = r.refused_calls(),
         // Sent before their actors heard that training was over.
-        late_chunks = r
-            .rejections
-            .get(crate::error::RequestError::ShuttingDown.reason())
-            .copied()
-            .unwrap_or(0),
+        late_chunks = r.late_chunks(),
         lost_chunks = r.lost_chunks,
         stalled_sessions = r.stalled_sessions,
         // Truncated trajectories an objective of complete ones (TB) cannot

@@ -62,6 +62,9 @@ impl Trainer {
         weights: &[u8],
     ) -> Result<(), LearnerError> {
         let Some(dir) = &self.checkpoint_dir else {
+            // A run's end that leaves no file behind: said at its end, where
+            // a reader looks for its weights.
+            info!("final weights not written: checkpoints are off (learner.checkpoint_dir = \"\")");
             return Ok(());
         };
         self.save_last_checkpoint(dir, training)?;
