@@ -100,6 +100,9 @@ pub struct ActorReport {
     /// session ended first (the learner restarted, the connection broke,
     /// or the learner cut a session whose rollouts were too slow).
     pub orders_skipped: u64,
+    /// Whether a stop's drain ended with the connection broken before the
+    /// learner ended the session: its last chunks may not have arrived.
+    pub stop_unconfirmed: bool,
 }
 
 /// Why an actor stopped with an error.
@@ -613,7 +616,10 @@ pub async fn stay_connected(
         // numbered from 1). A stopped session keeps its number: no other
         // follows, and a rollout its drain gave up on is then counted as
         // abandoned when the actor leaves, not as skipped.
-        if !matches!(outcome, Ok(SessionEnd::Stopped)) {
+        if !matches!(
+            outcome,
+            Ok(SessionEnd::Stopped | SessionEnd::StoppedUnconfirmed(_))
+        ) {
             current_session.store(0, Ordering::Release);
         }
         match outcome {
@@ -625,6 +631,17 @@ pub async fn stay_connected(
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
+            Ok(SessionEnd::StoppedUnconfirmed(error)) => {
+                // Told apart from a clean drain: the learner (crashed,
+                // say) never said it took them.
+                warn!(
+                    %error,
+                    session_chunks_sent = counts.chunks_sent - chunks_before,
+                    "the connection broke while stopping, before the learner confirmed the last chunks: those on their way may not have arrived (its `session ended` line counts what it took)"
+                );
+                report.stop_unconfirmed = true;
+                break Ok(());
+            }
             Ok(SessionEnd::LearnerRestarting) => {
                 // Planned, not an outage: no failure so far, and the
                 // first wait is the shortest.

@@ -564,6 +564,7 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
             report.abandoned_rollouts, 0,
             "the rollout in progress was finished: {report:?}"
         );
+        assert!(!report.stop_unconfirmed, "{report:?}");
         reports.push(report);
     }
     learner.stop.send(()).unwrap();
@@ -577,6 +578,49 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
             .sum();
         assert_eq!(received, report.chunks_sent, "{report:?}");
     }
+}
+
+/// A stopping actor whose connection breaks before the learner ended its
+/// session (a learner crashed, a link cut) cannot know its last chunks
+/// arrived: it still leaves cleanly, but says so, not as a clean drain.
+/// The link here is a proxy adding 300 ms each way, cut 100 ms into the
+/// drain, long before the learner's answer could come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_connection_breaks_while_draining_says_so() {
+    let mut config = tiny_config();
+    config.learner.max_steps = 0;
+    let learner = start_learner(config.clone()).await;
+    let address = learner.url.trim_start_matches("http://").parse().unwrap();
+    let proxy = flgfn_learner::delay_proxy::DelayProxy::start(
+        address,
+        std::time::Duration::from_millis(300),
+    )
+    .await
+    .unwrap();
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = format!("http://{}", proxy.address);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let actor = tokio::spawn(flgfn_actor::run(
+        actor_config,
+        actor_options(0),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    // A handshake, a session and its first grants take a few round trips.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    stop.send(()).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(proxy);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(8), actor)
+        .await
+        .expect("the broken drain ends at once")
+        .unwrap()
+        .unwrap();
+    assert!(report.chunks_sent > 0, "the session served: {report:?}");
+    assert!(report.stop_unconfirmed, "{report:?}");
+    learner.stop.send(()).unwrap();
+    learner.outcome.await.unwrap().unwrap();
 }
 
 /// A learner stopped in the middle of training (Ctrl-C), its actors busy:

@@ -61,6 +61,11 @@ pub enum SessionEnd {
     WorkerStopped,
     /// The actor was asked to stop; the chunks it had rolled out were sent.
     Stopped,
+    /// The actor was asked to stop, and the connection broke (the error)
+    /// before the learner ended the session: the chunks on their way may
+    /// not have arrived. Nothing is left to retry with: the actor leaves,
+    /// saying so.
+    StoppedUnconfirmed(String),
 }
 
 /// How a session failed.
@@ -252,7 +257,9 @@ impl Session<'_> {
         match self.serve(opened, shutdown, &mut stopping).await {
             // Once stopping, the caller must not wait on `shutdown` again
             // (it resolved), which it would before a reconnect.
-            Err(SessionError::Retry { .. }) if stopping => Ok(SessionEnd::Stopped),
+            Err(SessionError::Retry { message, .. }) if stopping => {
+                Ok(SessionEnd::StoppedUnconfirmed(message))
+            }
             other => other,
         }
     }

@@ -41,7 +41,9 @@ async fn finish(
                 Ok(None) => return Ok(SessionEnd::Stopped),
                 Err(status) => {
                     return match classify(status, true) {
-                        SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                        SessionError::Retry { message, .. } => {
+                            Ok(SessionEnd::StoppedUnconfirmed(message))
+                        }
                         refused => Err(refused),
                     };
                 }
@@ -208,7 +210,9 @@ impl Session<'_> {
                         // A refusal stays one; anything else ends the drain.
                         Err(status) if *stopping => {
                             return match classify(status, served) {
-                                SessionError::Retry { .. } => Ok(SessionEnd::Stopped),
+                                SessionError::Retry { message, .. } => {
+                                    Ok(SessionEnd::StoppedUnconfirmed(message))
+                                }
                                 refused => Err(refused),
                             };
                         }
