@@ -16,8 +16,9 @@ use flgfn_common::telemetry::{self, LogFlags};
 struct Args {
     #[command(flatten)]
     config: ConfigFlags,
-    /// Name shown in the learner's logs [default: host/pid].
-    #[arg(long)]
+    /// Name shown in the learner's logs, and under which it counts chunks
+    /// lost across reconnects: one per actor [default: host/pid].
+    #[arg(long, value_parser = actor_name)]
     name: Option<String>,
     /// Draw actions from seed `seed + 1 + N`, to reproduce a run. Without
     /// it every actor draws a stream of its own (seed, learner-assigned
@@ -35,6 +36,26 @@ struct Args {
     print_config: bool,
     #[command(flatten)]
     log: LogFlags,
+}
+
+/// The longest `--name` taken: a pod's or a host's name with a suffix fits
+/// many times over, and the learner logs it at every session.
+const MAX_NAME_BYTES: usize = 1024;
+
+/// A `--name`: not blank (an unset template variable would give every
+/// actor the same one, and the learner's count of lost chunks, kept by
+/// name, would mix theirs), nor longer than [`MAX_NAME_BYTES`].
+fn actor_name(name: &str) -> Result<String, String> {
+    if name.trim().is_empty() {
+        return Err("a name must not be blank (leave --name out for host/pid)".to_owned());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "{} bytes, over the {MAX_NAME_BYTES} a name may take",
+            name.len()
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,4 +93,24 @@ fn run(args: Args) -> anyhow::Result<()> {
         flgfn_actor::run(config, options, shutdown).await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_neither_blank_nor_huge() {
+        assert_eq!(
+            actor_name("node-3/actor-1").as_deref(),
+            Ok("node-3/actor-1")
+        );
+        for blank in ["", "  ", "\t"] {
+            let error = actor_name(blank).unwrap_err();
+            assert!(error.contains("must not be blank"), "{error}");
+        }
+        assert!(actor_name(&"a".repeat(MAX_NAME_BYTES)).is_ok());
+        let error = actor_name(&"a".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
+        assert!(error.contains("1025 bytes"), "{error}");
+    }
 }
