@@ -205,6 +205,8 @@ async fn an_expired_learner_certificate_is_retried_naming_it() {
     assert!(matches!(error, ActorError::GaveUp { .. }), "{error:?}");
     let error = error.to_string();
     assert!(error.contains("out of date"), "{error}");
+    // The last error, after giving up, does not say it is retrying.
+    assert!(!error.contains("retrying"), "{error}");
     learner.abort();
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -33,7 +33,7 @@ pub(super) fn retry_not_http2(message: String) -> SessionError {
 pub(super) fn no_answer(call: &str) -> SessionError {
     retry(
         format!(
-            "no answer to the {call} call in {HANDSHAKE_TIMEOUT:?} (a learner loading its checkpoint answers once it serves)"
+            "no answer to the {call} call in {HANDSHAKE_TIMEOUT:?} (a learner loading its checkpoint answers once it serves; if this lasts, is actor.learner the address of a flgfn learner?)"
         ),
         false,
     )

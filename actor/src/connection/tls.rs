@@ -79,7 +79,7 @@ impl CertificateTrouble {
     pub(super) fn retry_prefix(trouble: Option<Self>) -> &'static str {
         match trouble {
             Some(CertificateTrouble::OutOfDate) => {
-                "tls: the learner's certificate is out of date (expired, or not yet valid by this machine's clock); retrying: "
+                "tls: the learner's certificate is out of date (expired, or not yet valid by this machine's clock; retried, as it may be renewed): "
             }
             _ => "",
         }
