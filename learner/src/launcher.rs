@@ -231,13 +231,14 @@ impl LocalActors {
         Ok(actors)
     }
 
-    /// The actors that have exited (process id and status), and whether
-    /// that is every one.
-    pub fn exits(&self) -> (Vec<(u32, ExitStatus)>, bool) {
+    /// The actors that have exited (their number, as in `local-N`,
+    /// process id and status), and whether that is every one.
+    pub fn exits(&self) -> (Vec<(usize, u32, ExitStatus)>, bool) {
         let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
         let exited: Vec<_> = children
             .iter_mut()
-            .filter_map(|child| Some((child.id(), child.try_wait().ok()??)))
+            .enumerate()
+            .filter_map(|(i, child)| Some((i, child.id(), child.try_wait().ok()??)))
             .collect();
         let all = !exited.is_empty() && exited.len() == children.len();
         (exited, all)
@@ -259,14 +260,15 @@ impl LocalActors {
 
     /// Logs each of `exited` ([`LocalActors::exits`]) not logged before,
     /// as an exit while training goes on.
-    pub fn log_exits_while_training(&self, exited: &[(u32, ExitStatus)]) {
+    pub fn log_exits_while_training(&self, exited: &[(usize, u32, ExitStatus)]) {
         let mut logged = self
             .exits_logged
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (pid, status) in exited {
+        for (i, pid, status) in exited {
             if logged.insert(*pid) {
-                warn!(pid, %status, "a local actor exited while training goes on");
+                // Named as its lines and its `local actor started` are.
+                warn!(actor = %format!("local-{i}"), pid, %status, "a local actor exited while training goes on");
             }
         }
     }
@@ -302,12 +304,12 @@ impl LocalActors {
                         .unwrap_or_else(PoisonError::into_inner)
                         .contains(&child.id());
                     if !logged {
-                        warn!(pid = child.id(), %status, "local actor failed");
+                        warn!(actor = %format!("local-{i}"), pid = child.id(), %status, "local actor failed");
                     }
                     failed += 1;
                 }
                 None => {
-                    warn!(pid = child.id(), "local actor still running; killing it");
+                    warn!(actor = %format!("local-{i}"), pid = child.id(), "local actor still running; killing it");
                     let _ = child.kill();
                     let _ = child.wait();
                 }

@@ -536,6 +536,16 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
         2,
         "{log}"
     );
+    // Each named as its other lines are.
+    for name in ["local-0", "local-1"] {
+        assert!(
+            log.lines().any(
+                |line| line.contains("a local actor exited while training goes on")
+                    && line.contains(&format!("actor={name}"))
+            ),
+            "{name}: {log}"
+        );
+    }
     // Each exit once: not again when the learner reaps them.
     assert!(!log.contains("local actor failed"), "{log}");
     // The run's summary names the error, its accounts closed all the same.

@@ -63,7 +63,7 @@ async fn every_local_actor_exited(
         if all {
             let failed = exited
                 .iter()
-                .filter(|(_, status)| !status.success())
+                .filter(|(_, _, status)| !status.success())
                 .count();
             return format!(
                 "every local actor exited before training finished ({failed} with an error: see their lines in the learner's log)"

@@ -240,9 +240,11 @@ impl Running {
             auth = authentication,
             // Said, since an empty `learner.checkpoint_dir` (a variable
             // set to nothing, say) turns checkpoints and resume off.
-            checkpoints = %checkpoint_dir
-                .as_ref()
-                .map_or_else(|| "off".to_owned(), |dir| dir.display().to_string()),
+            // In full: the working folder is logged nowhere else.
+            checkpoints = %checkpoint_dir.as_ref().map_or_else(
+                || "off".to_owned(),
+                |dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string()
+            ),
             build = BUILD,
             "learner listening"
         );
