@@ -119,6 +119,32 @@ fn fresh_without_checkpoints_says_it_has_nothing_to_delete() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--fresh` over a run's checkpoints deletes them with a warning that
+/// says how far that run got, and whether its final weights went too.
+#[test]
+fn fresh_over_a_run_warns_what_it_deleted() {
+    let dir = scratch("fresh-over-a-run");
+    let checkpoints = dir.join("checkpoints");
+    let folder = ["--checkpoint-dir", checkpoints.to_str().unwrap()];
+    let first = String::from_utf8(training_log(&dir, &[], &folder)).unwrap();
+    assert!(!first.contains("started fresh"), "{first}");
+    assert!(checkpoints.join("final.safetensors").exists());
+    let mut fresh = folder.to_vec();
+    fresh.push("--fresh");
+    let log = String::from_utf8(training_log(&dir, &[], &fresh)).unwrap();
+    let line = log
+        .lines()
+        .find(|line| line.contains("started fresh: deleted the earlier run's checkpoints"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains(" WARN ")
+            && line.contains("newest_step=40")
+            && line.contains("final_weights=true"),
+        "{line}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A bad value from a variable is blamed on the variable, which the user
 /// set, not on the flag it stands for, which clap alone would name; one
 /// typed on the command line is still clap's to report.

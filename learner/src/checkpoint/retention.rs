@@ -117,7 +117,13 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
 pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     let mut removed = remove_unfinished_writes(dir);
-    for path in list(dir)?
+    let checkpoints = list(dir)?;
+    // (Said before they go: a run's work, deleted on purpose, but often by
+    // a plain re-run of a script that starts fresh by default.)
+    let newest_step = checkpoints.last().map(|(step, _)| *step);
+    let final_weights = dir.join(FINAL_WEIGHTS).exists();
+    let count = checkpoints.len();
+    for path in checkpoints
         .into_iter()
         .chain(damaged_in(dir))
         .map(|(_, path)| path)
@@ -132,8 +138,16 @@ pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
             removed += 1;
         }
     }
-    if removed > 0 {
-        info!(dir = %dir.display(), removed, "started fresh: removed earlier checkpoints");
+    if count > 0 || final_weights {
+        warn!(
+            dir = %dir.display(),
+            checkpoints = count,
+            newest_step,
+            final_weights,
+            "started fresh: deleted the earlier run's checkpoints"
+        );
+    } else if removed > 0 {
+        info!(dir = %dir.display(), removed, "started fresh: removed what an earlier run left");
     }
     Ok(removed)
 }
