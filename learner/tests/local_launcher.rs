@@ -214,6 +214,8 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         "{summary}"
     );
     assert_eq!(summary["refused_calls"], 0, "{summary}");
+    // One clock: the run's totals end where its last report does.
+    assert_eq!(summary["totals"]["wall_s"], report["wall_s"], "{summary}");
     assert_eq!(
         count(&report["ingested_transitions"]),
         count(&report["trained_transitions"])

@@ -379,7 +379,14 @@ impl Training {
     /// totals.
     fn outcome(mut self, weights: Bytes) -> TrainingOutcome {
         let progress = &mut self.progress;
-        let wall_s = progress.wall();
+        // The last report's time where it covers the last step: what
+        // follows it (the final checkpoint's copy) is no training, and the
+        // final line, the summary's totals and the report then agree.
+        let wall_s = if progress.report.step == progress.step && progress.step > 0 {
+            progress.report.wall_s
+        } else {
+            progress.wall()
+        };
         if progress.report.step != progress.step {
             // No report of this process covers the last step (a resumed
             // run stopped before its first step): its counts, at least,
