@@ -48,10 +48,12 @@ impl Trainer {
         });
         match earliest {
             Some((wall_s, step)) => {
+                // To the millisecond, as the final line gives it.
+                let ms = |s: f64| (s * 1000.0).round() / 1000.0;
                 info!(
-                    wall_s,
+                    wall_s = ms(wall_s),
                     step,
-                    report_wall_s = report_wall,
+                    report_wall_s = ms(report_wall),
                     "quality first reached between two reports"
                 );
                 wall_s
