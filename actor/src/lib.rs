@@ -631,15 +631,20 @@ pub async fn stay_connected(
                 break Ok(());
             }
             Ok(SessionEnd::WorkerStopped | SessionEnd::Stopped) => break Ok(()),
-            Ok(SessionEnd::StoppedUnconfirmed(error)) => {
+            Ok(SessionEnd::StoppedUnconfirmed(why)) => {
                 // Told apart from a clean drain: the learner (crashed,
-                // say) never said it took them.
-                warn!(
-                    %error,
-                    session_chunks_sent = counts.chunks_sent - chunks_before,
-                    "the connection broke while stopping, before the learner confirmed the last chunks: those on their way may not have arrived (its `session ended` line counts what it took)"
-                );
-                report.stop_unconfirmed = true;
+                // say) never said it took them. (A session that sent
+                // nothing had nothing to lose.)
+                let session_chunks_sent = counts.chunks_sent - chunks_before;
+                if session_chunks_sent > 0 {
+                    warn!(
+                        actor_id,
+                        %why,
+                        session_chunks_sent,
+                        "stopping, the session ended before the learner confirmed the last chunks: those on their way may not have arrived (its `session ended` line counts what it took)"
+                    );
+                    report.stop_unconfirmed = true;
+                }
                 break Ok(());
             }
             Ok(SessionEnd::LearnerRestarting) => {

@@ -44,10 +44,16 @@ const MAX_NAME_BYTES: usize = 1024;
 
 /// A `--name`: not blank (an unset template variable would give every
 /// actor the same one, and the learner's count of lost chunks, kept by
-/// name, would mix theirs), nor longer than [`MAX_NAME_BYTES`].
+/// name, would mix theirs), without control characters, nor longer than
+/// [`MAX_NAME_BYTES`].
 fn actor_name(name: &str) -> Result<String, String> {
     if name.trim().is_empty() {
         return Err("a name must not be blank (leave --name out for host/pid)".to_owned());
+    }
+    // The learner's logs show them as `?`: two names that differ only
+    // there would share its count of lost chunks.
+    if name.chars().any(char::is_control) {
+        return Err("a name must not hold control characters".to_owned());
     }
     if name.len() > MAX_NAME_BYTES {
         return Err(format!(
@@ -109,6 +115,8 @@ mod tests {
             let error = actor_name(blank).unwrap_err();
             assert!(error.contains("must not be blank"), "{error}");
         }
+        let error = actor_name("actor\n1").unwrap_err();
+        assert!(error.contains("control characters"), "{error}");
         assert!(actor_name(&"a".repeat(MAX_NAME_BYTES)).is_ok());
         let error = actor_name(&"a".repeat(MAX_NAME_BYTES + 1)).unwrap_err();
         assert!(error.contains("1025 bytes"), "{error}");

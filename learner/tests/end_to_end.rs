@@ -583,20 +583,28 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
 /// A stopping actor whose connection breaks before the learner ended its
 /// session (a learner crashed, a link cut) cannot know its last chunks
 /// arrived: it still leaves cleanly, but says so, not as a clean drain.
-/// The link here is a proxy adding 300 ms each way, cut 100 ms into the
-/// drain, long before the learner's answer could come back.
+/// The link here is a proxy adding 1 s each way, cut 300 ms into the
+/// drain, long before the learner's answer could come back (2 s at least).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_whose_connection_breaks_while_draining_says_so() {
     let mut config = tiny_config();
     config.learner.max_steps = 0;
-    let learner = start_learner(config.clone()).await;
-    let address = learner.url.trim_start_matches("http://").parse().unwrap();
-    let proxy = flgfn_learner::delay_proxy::DelayProxy::start(
-        address,
-        std::time::Duration::from_millis(300),
+    let dir = std::env::temp_dir().join(format!("flgfn-unconfirmed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("metrics.jsonl");
+    let learner = start_learner_with(
+        config.clone(),
+        RunOptions {
+            metrics_path: Some(metrics.clone()),
+            ..RunOptions::default()
+        },
     )
-    .await
-    .unwrap();
+    .await;
+    let address = learner.url.trim_start_matches("http://").parse().unwrap();
+    let proxy =
+        flgfn_learner::delay_proxy::DelayProxy::start(address, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
     let mut actor_config = config.clone();
     actor_config.actor.learner = format!("http://{}", proxy.address);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -607,10 +615,22 @@ async fn a_stop_whose_connection_breaks_while_draining_says_so() {
             let _ = stopped.await;
         },
     ));
-    // A handshake, a session and its first grants take a few round trips.
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // Stopped once its chunks train (a handshake, a session and its first
+    // grants take a few round trips): its session is serving.
+    let trained = || {
+        std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .any(|report| report["trained_transitions"].as_u64() > Some(0))
+    };
+    let started = std::time::Instant::now();
+    while !trained() {
+        assert!(started.elapsed().as_secs() < 60, "no chunk trained");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     stop.send(()).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(proxy);
     let report = tokio::time::timeout(std::time::Duration::from_secs(8), actor)
         .await
@@ -621,6 +641,7 @@ async fn a_stop_whose_connection_breaks_while_draining_says_so() {
     assert!(report.stop_unconfirmed, "{report:?}");
     learner.stop.send(()).unwrap();
     learner.outcome.await.unwrap().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A learner stopped in the middle of training (Ctrl-C), its actors busy:

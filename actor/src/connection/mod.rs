@@ -61,10 +61,11 @@ pub enum SessionEnd {
     WorkerStopped,
     /// The actor was asked to stop; the chunks it had rolled out were sent.
     Stopped,
-    /// The actor was asked to stop, and the connection broke (the error)
-    /// before the learner ended the session: the chunks on their way may
-    /// not have arrived. Nothing is left to retry with: the actor leaves,
-    /// saying so.
+    /// The actor was asked to stop, and the session ended (the
+    /// connection broke, or the learner did not answer in time; why)
+    /// before the learner ended it: the chunks on their way may not have
+    /// arrived. Nothing is left to retry with: the actor leaves, saying
+    /// so where the session had sent any.
     StoppedUnconfirmed(String),
 }
 
@@ -217,7 +218,9 @@ pub struct Counts {
 impl Session<'_> {
     /// Runs one connection to its end, or until `shutdown` resolves (then
     /// drains, and ends with [`SessionEnd::Stopped`], or with how the
-    /// drain ended: training done, the worker stopped, a refusal. Once
+    /// drain ended: training done, the worker stopped, a refusal, the
+    /// session ended without the learner's word
+    /// ([`SessionEnd::StoppedUnconfirmed`]). Once
     /// `shutdown` has resolved, never [`SessionError::Retry`] or
     /// [`SessionEnd::LearnerRestarting`], which would have the caller
     /// poll it again).

@@ -53,8 +53,9 @@ async fn finish(
     tokio::time::timeout(DRAIN_TIMEOUT, ended)
         .await
         .unwrap_or_else(|_| {
-            warn!(after = ?DRAIN_TIMEOUT, "the learner did not end the session; leaving");
-            Ok(SessionEnd::Stopped)
+            Ok(SessionEnd::StoppedUnconfirmed(format!(
+                "the learner did not end the session within {DRAIN_TIMEOUT:?}"
+            )))
         })
 }
 
@@ -230,12 +231,15 @@ impl Session<'_> {
                     }
                     if grant.learner_restarting {
                         // As above: the learner counts what is on its way.
-                        // (An actor stopping leaves once that is done.)
-                        let _ = finish(upload, &mut grants).await;
-                        return Ok(if *stopping {
-                            SessionEnd::Stopped
-                        } else {
-                            SessionEnd::LearnerRestarting
+                        // (An actor stopping leaves once that is done, and
+                        // says so where it was not.)
+                        let drained = finish(upload, &mut grants).await;
+                        return Ok(match drained {
+                            Ok(unconfirmed @ SessionEnd::StoppedUnconfirmed(_)) if *stopping => {
+                                unconfirmed
+                            }
+                            _ if *stopping => SessionEnd::Stopped,
+                            _ => SessionEnd::LearnerRestarting,
                         });
                     }
                     if *stopping {
