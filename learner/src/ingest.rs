@@ -162,8 +162,17 @@ impl IngestStats {
     /// Counts one refused chunk under `reason`, returning how many so far
     /// (see [`IngestStats::refuse`]).
     pub fn reject(&self, reason: &'static str) -> u64 {
+        // Under the map's lock, so that a report reading both (see
+        // [`IngestStats::rejections_and_rejected_chunks`]) never sees one
+        // without the other.
+        let mut rejections = self
+            .rejections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::add(&self.rejected_chunks, 1);
-        self.refuse(reason)
+        let count = rejections.entry(reason.to_owned()).or_insert(0);
+        *count += 1;
+        *count
     }
 
     /// Counts one refused request under `reason` (a chunk, or a call
@@ -188,10 +197,17 @@ impl IngestStats {
 
     /// The per-reason counts so far.
     pub fn rejections(&self) -> std::collections::BTreeMap<String, u64> {
-        self.rejections
+        self.rejections_and_rejected_chunks().0
+    }
+
+    /// The per-reason counts and the refused chunks among them, read at
+    /// one moment: a report's calls refused are the difference.
+    pub fn rejections_and_rejected_chunks(&self) -> (std::collections::BTreeMap<String, u64>, u64) {
+        let rejections = self
+            .rejections
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (rejections.clone(), Self::get(&self.rejected_chunks))
     }
 
     /// Keeps the record of an ended session (up to a bound).

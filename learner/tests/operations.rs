@@ -134,10 +134,11 @@ fn fresh_over_a_run_warns_what_it_deleted() {
     let log = String::from_utf8(training_log(&dir, &[], &fresh)).unwrap();
     let line = log
         .lines()
-        .find(|line| line.contains("started fresh: deleted the earlier run's checkpoints"))
+        .find(|line| line.contains("started fresh: deleting the earlier run's checkpoints"))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(
         line.contains(" WARN ")
+            && line.contains("deleted_checkpoints=1")
             && line.contains("newest_step=40")
             && line.contains("final_weights=true"),
         "{line}"

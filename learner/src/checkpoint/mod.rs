@@ -439,7 +439,7 @@ pub fn save(
         (STATE_KEY.to_owned(), json),
     ]);
     let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata)
-        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the tensors: {e}")))?;
+        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the checkpoint: {e}")))?;
     let path = write_file(dir, &file_name(state.step), &bytes)?;
     prune(dir, keep)?;
     Ok(path)

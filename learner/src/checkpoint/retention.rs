@@ -122,7 +122,15 @@ pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     // a plain re-run of a script that starts fresh by default.)
     let newest_step = checkpoints.last().map(|(step, _)| *step);
     let final_weights = dir.join(FINAL_WEIGHTS).exists();
-    let count = checkpoints.len();
+    if !checkpoints.is_empty() || final_weights {
+        warn!(
+            dir = %dir.display(),
+            deleted_checkpoints = checkpoints.len(),
+            newest_step,
+            final_weights,
+            "started fresh: deleting the earlier run's checkpoints"
+        );
+    }
     for path in checkpoints
         .into_iter()
         .chain(damaged_in(dir))
@@ -138,15 +146,7 @@ pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
             removed += 1;
         }
     }
-    if count > 0 || final_weights {
-        warn!(
-            dir = %dir.display(),
-            checkpoints = count,
-            newest_step,
-            final_weights,
-            "started fresh: deleted the earlier run's checkpoints"
-        );
-    } else if removed > 0 {
+    if removed > 0 && newest_step.is_none() && !final_weights {
         info!(dir = %dir.display(), removed, "started fresh: removed what an earlier run left");
     }
     Ok(removed)

@@ -233,9 +233,8 @@ impl Report {
             get(&stats.publish_to_send_us) as f64 / 1e3 / weight_versions_sent.max(1) as f64;
         self.credits_granted = get(&stats.credits_granted);
         self.accepted_chunks = get(&stats.accepted_chunks);
-        self.rejected_chunks = get(&stats.rejected_chunks);
+        (self.rejections, self.rejected_chunks) = stats.rejections_and_rejected_chunks();
         self.lost_chunks = get(&stats.lost_chunks);
-        self.rejections = stats.rejections();
         self.stale_transitions = get(&stats.stale_transitions);
         self.session_pauses = get(&stats.session_pauses);
         self.stalled_sessions = get(&stats.stalled_sessions);

@@ -79,9 +79,7 @@ pub fn write_summary(
             },
             error: error.as_deref(),
             time_to_quality_s: outcome.time_to_quality_s,
-            quality_reached: report
-                .at_quality
-                .map(|_| outcome.time_to_quality_s.is_some()),
+            quality_reached: outcome.quality_reached(),
             at_quality: report.at_quality,
             logz_error: report
                 .logz_exact

@@ -171,11 +171,12 @@ pub(super) fn log_training_finished(outcome: &TrainingOutcome) {
         version = outcome.version,
         // To the millisecond (the metrics file keeps every digit).
         wall_s = (r.wall_s * 1000.0).round() / 1000.0,
-        // Numbers when known, left out when not (JSON logs too).
-        time_to_quality_s = outcome.time_to_quality_s,
+        // Numbers when known, left out when not (JSON logs too); to the
+        // millisecond, as `quality first reached` gives it.
+        time_to_quality_s = outcome.time_to_quality_s.map(|s| (s * 1000.0).round() / 1000.0),
         // Said where the task has a quality target: a time to quality
         // left out may otherwise read as one not logged.
-        quality_reached = r.at_quality.map(|_| outcome.time_to_quality_s.is_some()),
+        quality_reached = outcome.quality_reached(),
         // Reached once is not held to the end: the last evaluation's word.
         at_quality = r.at_quality,
         logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),

@@ -119,6 +119,19 @@ pub struct TrainingOutcome {
     pub ended_by: EndedBy,
 }
 
+impl TrainingOutcome {
+    /// Whether the run reached quality at some evaluation: yes where it
+    /// has a time to quality (a resumed run's, from its checkpoint, even
+    /// before its first report); no where its task judges quality and it
+    /// has none; None where the task sets no quality target.
+    pub fn quality_reached(&self) -> Option<bool> {
+        match self.time_to_quality_s {
+            Some(_) => Some(true),
+            None => self.final_report.at_quality.map(|_| false),
+        }
+    }
+}
+
 /// What ended training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EndedBy {
