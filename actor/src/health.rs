@@ -82,9 +82,28 @@ pub async fn check(
 
 /// What to check after `error` from [`check`] at `address`, if anything:
 /// a TLS set-up mistake, as the actor names it (in `flgfn-health`'s
-/// flags); for plain text that got no HTTP/2 answer, TLS; over TLS, a
-/// learner that may want a client certificate.
-pub fn hint(error: &HealthError, address: &str) -> Option<String> {
+/// flags); for plain text that got no HTTP/2 answer, whether the learner
+/// serves TLS, asked as the actor asks it (a TLS alert to plain text);
+/// over TLS, a learner that may want a client certificate.
+pub async fn hint(error: &HealthError, address: &str) -> Option<String> {
+    let hint = hint_without_probe(error, address)?;
+    let plain = !address.starts_with("https://");
+    let cut_off = matches!(error, HealthError::Refused(_));
+    if plain && cut_off {
+        let url = if address.contains("://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        if crate::connection::answers_as_tls(&url).await {
+            return Some("the learner serves TLS: use https:// and --ca-file".to_owned());
+        }
+    }
+    Some(hint)
+}
+
+/// [`hint`] from `error` alone.
+fn hint_without_probe(error: &HealthError, address: &str) -> Option<String> {
     let status = match error {
         HealthError::Config(_) => return None,
         HealthError::Connect(error) => {
@@ -142,7 +161,7 @@ mod tests {
         let error = check(&address, "", &TlsConfig::default())
             .await
             .unwrap_err();
-        let hint = hint(&error, &address).unwrap_or_default();
+        let hint = hint(&error, &address).await.unwrap_or_default();
         assert!(
             hint.starts_with("the connection closed before an answer: a learner stopping"),
             "{error}: {hint}"

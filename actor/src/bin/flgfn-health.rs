@@ -113,7 +113,8 @@ fn main() -> std::process::ExitCode {
         Ok(Err(error)) => {
             // (Transport errors repeat their cause's text in their own:
             // with_causes says each once.)
-            let hint = flgfn_actor::health::hint(&error, &args.address)
+            let hint = runtime
+                .block_on(flgfn_actor::health::hint(&error, &args.address))
                 .map_or_else(String::new, |hint| format!(" ({hint})"));
             flgfn_common::errln!(
                 "flgfn-health: {}: {}{hint}",

@@ -44,7 +44,7 @@ use tracing::info;
 
 use crate::worker::{Order, SampledChunk};
 
-use tls::answers_as_tls;
+pub(crate) use tls::answers_as_tls;
 
 pub(crate) use status::{not_http2, status_causes};
 pub(crate) use tls::tls_mistake;

@@ -15,7 +15,7 @@ pub(super) const PLAIN_TEXT_PROBE: &[u8; 5] = b"PRI *";
 /// once an `http://` address answered with something that is not HTTP/2,
 /// to name the fix rather than retry for ever. False for anything else
 /// (no answer in [`TLS_PROBE_TIMEOUT`], a closed connection, other bytes).
-pub(super) async fn answers_as_tls(url: &str) -> bool {
+pub(crate) async fn answers_as_tls(url: &str) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Some(authority) = url
         .parse::<tonic::codegen::http::Uri>()
