@@ -886,19 +886,23 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         assert_eq!(line["log_reward"].as_f64().unwrap(), -written);
     }
 
-    // From the checkpoint directory, as CSV (by the file's extension,
-    // in either case).
-    let csv = dir.join("samples.CSV");
-    let output = sample(&[
+    // Every read of the checkpoint folder below starts so.
+    let from_checkpoints = [
         "--config",
         config,
         "--checkpoint",
         checkpoints.to_str().unwrap(),
-        "-n",
-        "50",
-        "--out",
-        csv.to_str().unwrap(),
-    ]);
+    ];
+    // From the checkpoint directory, as CSV (by the file's extension,
+    // in either case).
+    let csv = dir.join("samples.CSV");
+    let output = sample(
+        &[
+            &from_checkpoints[..],
+            &["-n", "50", "--out", csv.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert!(output.status.success(), "{output:?}");
     // Which checkpoint it read, since the newest may not read back.
     let said = String::from_utf8_lossy(&output.stderr);
@@ -928,14 +932,8 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         ("samples.json", "name it .jsonl"),
     ] {
         let out = dir.join(name);
-        let message = sample_refused(&[
-            "--config",
-            config,
-            "--checkpoint",
-            checkpoints.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let message =
+            sample_refused(&[&from_checkpoints[..], &["--out", out.to_str().unwrap()]].concat());
         assert!(
             message.contains(said) && message.contains("--format"),
             "{message}"
@@ -945,16 +943,13 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     // A --format that the name contradicts is refused too; one the name
     // does not speak to (no extension, or one of neither format) stands.
     let out = dir.join("samples.jsonl");
-    let message = sample_refused(&[
-        "--config",
-        config,
-        "--checkpoint",
-        checkpoints.to_str().unwrap(),
-        "--format",
-        "csv",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let message = sample_refused(
+        &[
+            &from_checkpoints[..],
+            &["--format", "csv", "--out", out.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert!(
         message.contains("--format csv") && message.contains("names jsonl"),
         "{message}"
@@ -965,18 +960,20 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         ("samples.txt", "jsonl", "{"),
     ] {
         let out = dir.join(name);
-        let output = sample(&[
-            "--config",
-            config,
-            "--checkpoint",
-            checkpoints.to_str().unwrap(),
-            "-n",
-            "3",
-            "--format",
-            format,
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let output = sample(
+            &[
+                &from_checkpoints[..],
+                &[
+                    "-n",
+                    "3",
+                    "--format",
+                    format,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+        );
         assert!(output.status.success(), "{output:?}");
         let text = std::fs::read_to_string(&out).unwrap();
         assert!(text.starts_with(first_line), "{name}: {text}");
