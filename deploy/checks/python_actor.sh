@@ -394,7 +394,16 @@ for task in 'lattice(side=4)' 'set_generation(universe=30, set_size=40, levels=1
         failed "an actor given --task $task exited $status" "$work/actor-task.log"
     fi
 done
-echo "python_actor: ok: --hidden of no widths, --task of another task or of a set larger than its universe, and a token in quotes or as a .env line are refused at start, by name"
+for name in '' '   ' "$(printf 'actor\001')"; do
+    status=0
+    "$venv/bin/python" examples/python_actor/flgfn_actor.py --name "$name" \
+        --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
+        >"$work/actor-name.log" 2>&1 || status=$?
+    if ! { [ "$status" -eq 2 ] && grep -q "error: --name: a name must" "$work/actor-name.log"; }; then
+        failed "an actor given --name '$name' exited $status" "$work/actor-name.log"
+    fi
+done
+echo "python_actor: ok: --hidden of no widths, --task of another task or of a set larger than its universe, a token in quotes or as a .env line, and a blank --name or one with control characters are refused at start, by name"
 # Without its requirements (-S: no site-packages), one line saying what
 # to install, not a traceback; --help too.
 status=0

@@ -968,6 +968,14 @@ def main():
         parser.error(f"--{setting.replace('_', '-')}: {what}")
     if not args.connect_timeout > 0:
         parser.error(f"--connect-timeout: {args.connect_timeout}: more than 0")
+    # As flgfn-actor's: the learner counts lost chunks by name, so a blank
+    # one (an unset variable) would be every such actor's, and one with
+    # control characters, which the learner shows as ?, another's.
+    if not args.name.strip():
+        parser.error("--name: a name must not be blank (leave it out for host/pid)")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in args.name) \
+            or len(args.name.encode()) > 1024:
+        parser.error("--name: a name must hold no control characters, and at most 1024 bytes")
     learner = args.learner
     if learner.startswith("https://"):
         parser.error("--learner: this example speaks plain text only (no TLS)")
