@@ -368,40 +368,28 @@ fi
 # one line naming it: widths that are not, a token as a .env line or in
 # shell quotes (the learner would refuse it, blaming the token). (Bounded:
 # one that took them would give up on the absent learner within a second.)
-status=0
-"$venv/bin/python" examples/python_actor/flgfn_actor.py --hidden 256,abc \
-    --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
-    >"$work/actor-hidden.log" 2>&1 || status=$?
-if ! { [ "$status" -eq 2 ] &&
-    grep -q "argument --hidden: '256,abc': give positive layer widths" "$work/actor-hidden.log"; }; then
-    failed "an actor given --hidden 256,abc exited $status" "$work/actor-hidden.log"
-fi
-for token in '"0123456789abcdef0123"' 'FLGFN_TOKEN=0123456789abcdef0123'; do
-    status=0
-    FLGFN_TOKEN="$token" "$venv/bin/python" examples/python_actor/flgfn_actor.py \
+# refused_at_start WHAT SAID ARGS...: the actor given ARGS (WHAT, for the
+# failure) exits 2, its error saying SAID.
+refused_at_start() {
+    local what=$1 said=$2 status=0
+    shift 2
+    "$venv/bin/python" examples/python_actor/flgfn_actor.py "$@" \
         --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
-        >"$work/actor-token.log" 2>&1 || status=$?
-    if ! { [ "$status" -eq 2 ] && grep -q "error: FLGFN_TOKEN: the token" "$work/actor-token.log"; }; then
-        failed "an actor given FLGFN_TOKEN=$token exited $status" "$work/actor-token.log"
+        >"$work/actor-refused.log" 2>&1 || status=$?
+    if ! { [ "$status" -eq 2 ] && grep -qF -- "$said" "$work/actor-refused.log"; }; then
+        failed "an actor given $what exited $status" "$work/actor-refused.log"
     fi
+}
+refused_at_start "--hidden 256,abc" "argument --hidden: '256,abc': give positive layer widths" \
+    --hidden 256,abc
+for token in '"0123456789abcdef0123"' 'FLGFN_TOKEN=0123456789abcdef0123'; do
+    FLGFN_TOKEN="$token" refused_at_start "FLGFN_TOKEN=$token" "error: FLGFN_TOKEN: the token"
 done
 for task in 'lattice(side=4)' 'set_generation(universe=30, set_size=40, levels=1.0)'; do
-    status=0
-    "$venv/bin/python" examples/python_actor/flgfn_actor.py --task "$task" \
-        --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
-        >"$work/actor-task.log" 2>&1 || status=$?
-    if ! { [ "$status" -eq 2 ] && grep -q "argument --task: '" "$work/actor-task.log"; }; then
-        failed "an actor given --task $task exited $status" "$work/actor-task.log"
-    fi
+    refused_at_start "--task $task" "argument --task: '" --task "$task"
 done
 for name in '' '   ' "$(printf 'actor\001')"; do
-    status=0
-    "$venv/bin/python" examples/python_actor/flgfn_actor.py --name "$name" \
-        --learner "127.0.0.1:$port" --reconnect-attempts 1 --connect-timeout 1 \
-        >"$work/actor-name.log" 2>&1 || status=$?
-    if ! { [ "$status" -eq 2 ] && grep -q "error: --name: a name must" "$work/actor-name.log"; }; then
-        failed "an actor given --name '$name' exited $status" "$work/actor-name.log"
-    fi
+    refused_at_start "--name '$name'" "error: --name: a name must" --name "$name"
 done
 echo "python_actor: ok: --hidden of no widths, --task of another task or of a set larger than its universe, a token in quotes or as a .env line, and a blank --name or one with control characters are refused at start, by name"
 # Without its requirements (-S: no site-packages), one line saying what
