@@ -260,9 +260,7 @@ impl Session<'_> {
         match self.serve(opened, shutdown, &mut stopping).await {
             // Once stopping, the caller must not wait on `shutdown` again
             // (it resolved), which it would before a reconnect.
-            Err(SessionError::Retry { message, .. }) if stopping => {
-                Ok(SessionEnd::StoppedUnconfirmed(message))
-            }
+            Err(error) if stopping => serve::unconfirmed_unless_refused(error),
             other => other,
         }
     }

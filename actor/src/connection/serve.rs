@@ -24,6 +24,16 @@ use super::{Counts, Session, SessionEnd, SessionError};
 /// (a rollout still running is then abandoned at its next lockstep step).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a stopping session that failed with `error` ends: a refusal stays
+/// one (as outside a stop); anything else, which would be retried, leaves
+/// without the learner's word on the last chunks.
+pub(super) fn unconfirmed_unless_refused(error: SessionError) -> Result<SessionEnd, SessionError> {
+    match error {
+        SessionError::Retry { message, .. } => Ok(SessionEnd::StoppedUnconfirmed(message)),
+        refused => Err(refused),
+    }
+}
+
 /// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner
 /// to end the session: it reads every chunk sent before the close first.
 /// A refusal of those chunks is one still (as outside a stop), and a
@@ -39,14 +49,7 @@ async fn finish(
                 Ok(Some(grant)) if grant.training_done => return Ok(SessionEnd::TrainingDone),
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok(SessionEnd::Stopped),
-                Err(status) => {
-                    return match classify(status, true) {
-                        SessionError::Retry { message, .. } => {
-                            Ok(SessionEnd::StoppedUnconfirmed(message))
-                        }
-                        refused => Err(refused),
-                    };
-                }
+                Err(status) => return unconfirmed_unless_refused(classify(status, true)),
             }
         }
     };
@@ -210,12 +213,7 @@ impl Session<'_> {
                         Ok(Some(grant)) => grant,
                         // A refusal stays one; anything else ends the drain.
                         Err(status) if *stopping => {
-                            return match classify(status, served) {
-                                SessionError::Retry { message, .. } => {
-                                    Ok(SessionEnd::StoppedUnconfirmed(message))
-                                }
-                                refused => Err(refused),
-                            };
+                            return unconfirmed_unless_refused(classify(status, served));
                         }
                         Ok(None) if *stopping => return Ok(SessionEnd::Stopped),
                         Ok(None) => return Err(retry("the learner ended the session", served)),
