@@ -196,6 +196,14 @@ mod tests {
         fs::remove_dir_all(&parent).unwrap();
     }
 
+    /// The names of the entries in `dir`.
+    fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect()
+    }
+
     #[test]
     fn a_write_replaces_the_file_whole_and_leaves_no_temporary_file() {
         let root = scratch("replace");
@@ -203,11 +211,7 @@ mod tests {
         write_atomically(&dir, "notes", b"first").unwrap();
         let path = write_atomically(&dir, "notes", b"second").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"second");
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["notes"]);
+        assert_eq!(names_in(&dir), ["notes"]);
         fs::remove_dir_all(&root).unwrap();
     }
 
@@ -220,11 +224,7 @@ mod tests {
         fs::create_dir_all(dir.join("notes").join("inside")).unwrap();
         let error = write_atomically(&dir, "notes", b"x").unwrap_err();
         assert!(error.to_string().contains("notes"), "{error}");
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(names, ["notes"]);
+        assert_eq!(names_in(&dir), ["notes"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -162,27 +162,28 @@ impl IngestStats {
     /// Counts one refused chunk under `reason`, returning how many so far
     /// (see [`IngestStats::refuse`]).
     pub fn reject(&self, reason: &'static str) -> u64 {
-        // Under the map's lock, so that a report reading both (see
-        // [`IngestStats::rejections_and_rejected_chunks`]) never sees one
-        // without the other.
-        let mut rejections = self
-            .rejections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Self::add(&self.rejected_chunks, 1);
-        let count = rejections.entry(reason.to_owned()).or_insert(0);
-        *count += 1;
-        *count
+        self.count_refusal(reason, true)
     }
 
     /// Counts one refused request under `reason` (a chunk, or a call
     /// refused before any chunk, such as `unauthenticated`), returning how
     /// many so far: a flood logs only at some of them.
     pub fn refuse(&self, reason: &str) -> u64 {
+        self.count_refusal(reason, false)
+    }
+
+    /// Counts one refusal under `reason`, and as a refused chunk where it
+    /// is one: under the map's lock, so that a report reading both (see
+    /// [`IngestStats::rejections_and_rejected_chunks`]) never sees one
+    /// without the other.
+    fn count_refusal(&self, reason: &str, chunk: bool) -> u64 {
         let mut rejections = self
             .rejections
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if chunk {
+            Self::add(&self.rejected_chunks, 1);
+        }
         match rejections.get_mut(reason) {
             Some(count) => {
                 *count += 1;

@@ -72,6 +72,12 @@ fn kill_all(children: &Mutex<Vec<Child>>) {
     }
 }
 
+/// The name local actor `i` goes by (`--name`), in its lines and in the
+/// learner's about it.
+fn local_actor_name(i: usize) -> String {
+    format!("local-{i}")
+}
+
 /// Writes each line a local actor logs as the learner writes its own
 /// (above its live line), on a thread that ends with the actor's output.
 fn forward_log_lines(
@@ -175,7 +181,7 @@ impl LocalActors {
                 .arg("--seed-offset")
                 .arg(i.to_string())
                 .arg("--name")
-                .arg(format!("local-{i}"))
+                .arg(local_actor_name(i))
                 .args(["--config", STDIN_PATH])
                 .stdin(Stdio::piped());
             for variable in &config_variables {
@@ -197,7 +203,7 @@ impl LocalActors {
             flgfn_common::signals::end_with_parent(&mut command);
             let mut child = command.spawn()?;
             // Later lines name an actor by process id.
-            info!(actor = %format!("local-{i}"), pid = child.id(), "local actor started");
+            info!(actor = %local_actor_name(i), pid = child.id(), "local actor started");
             let forwarded = match child.stderr.take() {
                 Some(stderr) => forward_log_lines(stderr, i).map(|thread| {
                     actors
@@ -268,7 +274,7 @@ impl LocalActors {
         for (i, pid, status) in exited {
             if logged.insert(*pid) {
                 // Named as its lines and its `local actor started` are.
-                warn!(actor = %format!("local-{i}"), pid, %status, "a local actor exited while training goes on");
+                warn!(actor = %local_actor_name(*i), pid, %status, "a local actor exited while training goes on");
             }
         }
     }
@@ -304,12 +310,12 @@ impl LocalActors {
                         .unwrap_or_else(PoisonError::into_inner)
                         .contains(&child.id());
                     if !logged {
-                        warn!(actor = %format!("local-{i}"), pid = child.id(), %status, "local actor failed");
+                        warn!(actor = %local_actor_name(i), pid = child.id(), %status, "local actor failed");
                     }
                     failed += 1;
                 }
                 None => {
-                    warn!(actor = %format!("local-{i}"), pid = child.id(), "local actor still running; killing it");
+                    warn!(actor = %local_actor_name(i), pid = child.id(), "local actor still running; killing it");
                     let _ = child.kill();
                     let _ = child.wait();
                 }

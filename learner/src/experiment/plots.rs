@@ -37,7 +37,7 @@ const METRICS: [Metric; 9] = [
     },
     Metric {
         title: "|log Z error| (flow head or TB)",
-        value: |r| r.logz_exact.map(|e| (r.logz_est - e).abs()),
+        value: Report::logz_error,
         log_scale: true,
     },
     Metric {

@@ -242,6 +242,11 @@ impl Report {
         self.unusable_truncated_transitions = get(&stats.unusable_truncated_transitions);
     }
 
+    /// |log Z estimate - exact log Z|, where the task knows the exact one.
+    pub fn logz_error(&self) -> Option<f64> {
+        self.logz_exact.map(|exact| (self.logz_est - exact).abs())
+    }
+
     /// Chunks that arrived after training ended, before their actors
     /// heard (`rejections.shutting_down`): not refused for what they held.
     pub fn late_chunks(&self) -> u64 {
@@ -301,6 +306,12 @@ impl Report {
             "report"
         );
     }
+}
+
+/// Seconds rounded to the millisecond, as log lines give times (the
+/// metrics file keeps every digit).
+pub fn to_the_millisecond(seconds: f64) -> f64 {
+    (seconds * 1000.0).round() / 1000.0
 }
 
 /// This process's resident memory in MB (Linux; 0 elsewhere).

@@ -81,9 +81,7 @@ pub fn write_summary(
             time_to_quality_s: outcome.time_to_quality_s,
             quality_reached: outcome.quality_reached(),
             at_quality: report.at_quality,
-            logz_error: report
-                .logz_exact
-                .map(|exact| (report.logz_est - exact).abs()),
+            logz_error: report.logz_error(),
             untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
             late_chunks: report.late_chunks(),
             refused_calls: report.refused_calls(),

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::error::LearnerError;
 use crate::ingest::IngestStats;
 use crate::launcher::LocalActors;
+use crate::report::to_the_millisecond;
 use crate::trainer::{EndedBy, TrainingOutcome};
 
 use super::not_serving;
@@ -169,17 +170,16 @@ pub(super) fn log_training_finished(outcome: &TrainingOutcome) {
     info!(
         steps = outcome.steps,
         version = outcome.version,
-        // To the millisecond (the metrics file keeps every digit).
-        wall_s = (r.wall_s * 1000.0).round() / 1000.0,
+        wall_s = to_the_millisecond(r.wall_s),
         // Numbers when known, left out when not (JSON logs too); to the
         // millisecond, as `quality first reached` gives it.
-        time_to_quality_s = outcome.time_to_quality_s.map(|s| (s * 1000.0).round() / 1000.0),
+        time_to_quality_s = outcome.time_to_quality_s.map(to_the_millisecond),
         // Said where the task has a quality target: a time to quality
         // left out may otherwise read as one not logged.
         quality_reached = outcome.quality_reached(),
         // Reached once is not held to the end: the last evaluation's word.
         at_quality = r.at_quality,
-        logz_error = r.logz_exact.map(|exact| (r.logz_est - exact).abs()),
+        logz_error = r.logz_error(),
         marginal_tv = r.marginal_tv,
         energy_w1 = r.energy_w1,
         // On the lattice, the measure that decides quality (marginals say

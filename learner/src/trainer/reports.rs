@@ -15,7 +15,7 @@ use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
 use crate::ingest::IngestStats;
 use crate::quality_probes::QualityProbes;
-use crate::report::Report;
+use crate::report::{Report, to_the_millisecond};
 
 /// Reports in a row whose every step had a non-finite loss before training
 /// stops.
@@ -49,11 +49,10 @@ impl Trainer {
         match earliest {
             Some((wall_s, step)) => {
                 // To the millisecond, as the final line gives it.
-                let ms = |s: f64| (s * 1000.0).round() / 1000.0;
                 info!(
-                    wall_s = ms(wall_s),
+                    wall_s = to_the_millisecond(wall_s),
                     step,
-                    report_wall_s = ms(report_wall),
+                    report_wall_s = to_the_millisecond(report_wall),
                     "quality first reached between two reports"
                 );
                 wall_s
