@@ -8,7 +8,11 @@
 # port, and every ConfigMap mounted is one rendered; the job overlay's
 # learner exits non-zero when stopped before its end (an exit 0 would
 # complete the Job); the results pod mounts the job overlay's claim, by
-# its name. Skipped (exit 77) where kubectl is not installed.
+# its name; every pod (the results pod too) meets the "restricted" Pod
+# Security Standard and mounts no service-account token; a stop before
+# max_steps or a disruption uses none of the Job's retries, and its
+# replacement waits for the stopped pod to end. Skipped (exit 77) where
+# kubectl is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v kubectl >/dev/null; then
@@ -35,12 +39,33 @@ if [[ "$kinds" != " 1 kind: ConfigMap, 1 kind: Deployment, 1 kind: Job, 1 kind: 
     exit 1
 fi
 # How the rendered objects fit together (what a schema cannot see).
+# The "restricted" Pod Security Standard's demands on a pod spec (the ones
+# these manifests could miss), and no service-account token: the first
+# missing, or None.
+cat >"$work/restricted.py" <<'PY'
+def restricted_problem(pod):
+    if pod.get("automountServiceAccountToken") is not False:
+        return "mounts a service-account token (automountServiceAccountToken is not false)"
+    context = pod.get("securityContext", {})
+    if context.get("runAsNonRoot") is not True:
+        return "does not set runAsNonRoot"
+    if context.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        return "has no RuntimeDefault seccompProfile (the restricted Pod Security Standard)"
+    for container in pod["containers"]:
+        settings = container.get("securityContext", {})
+        if settings.get("allowPrivilegeEscalation") is not False:
+            return f"container {container['name']} allows privilege escalation"
+        if settings.get("capabilities", {}).get("drop") != ["ALL"]:
+            return f"container {container['name']} does not drop all capabilities"
+    return None
+PY
 for rendered in "$work"/*.yaml; do
-    "$tools/python" - "$rendered" <<'PY'
+    PYTHONPATH="$work" "$tools/python" - "$rendered" <<'PY'
 import sys
 from urllib.parse import urlsplit
 
 import yaml
+from restricted import restricted_problem
 
 path = sys.argv[1]
 overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
@@ -87,18 +112,47 @@ for name, template in templates.items():
         mapped = volume.get("configMap", {}).get("name")
         if mapped is not None and mapped not in config_maps:
             fail(f"{name} mounts the ConfigMap {mapped}, which is not rendered ({config_maps})")
+for name, template in templates.items():
+    problem = restricted_problem(template["spec"])
+    if problem:
+        fail(f"{name}: {problem}")
 job = next((d for d in docs if d["kind"] == "Job"), None)
 if job is not None:
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     status = env.get("FLGFN_LEARNER__UNFINISHED_EXIT_STATUS", "0")
     if status in ("0", None):
         fail("the learner's Job leaves learner.unfinished_exit_status at 0: a drained pod would complete the Job")
+    spec = job["spec"]
+    ignored = [
+        rule["onExitCodes"]
+        for rule in spec.get("podFailurePolicy", {}).get("rules", [])
+        if rule["action"] == "Ignore" and "onExitCodes" in rule
+    ]
+    if not any(
+        codes["operator"] == "In" and int(status) in codes["values"] and codes.get("containerName") == "learner"
+        for codes in ignored
+    ):
+        fail(f"the Job's podFailurePolicy does not ignore the learner's exit {status}: every drain or deleted pod would use a retry")
+    if spec.get("podReplacementPolicy") != "Failed":
+        fail("the Job's podReplacementPolicy is not Failed: a replacement could start while the stopped learner holds the checkpoint folder")
 PY
 done
 manifests=()
 for manifest in deploy/k8s/*.yaml; do
     "$tools/kubernetes-validate" --strict --quiet "$manifest"
     manifests+=("$(basename "$manifest")")
+    PYTHONPATH="$work" "$tools/python" - "$manifest" <<'PY'
+import sys
+
+import yaml
+from restricted import restricted_problem
+
+for doc in yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")):
+    if doc and doc["kind"] == "Pod":
+        problem = restricted_problem(doc["spec"])
+        if problem:
+            sys.exit(f"kubernetes: {sys.argv[1]}: pod {doc['metadata']['name']} {problem}")
+PY
 done
 claim="$("$tools/python" -c '
 import sys, yaml
@@ -106,4 +160,4 @@ claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) i
 print(*claims)' "$work/job.yaml")"
 grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
     { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
-echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, and the Job's learner exits non-zero when stopped early; so do ${manifests[*]}"
+echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, a stop it does not count as a failure; so do ${manifests[*]}"
