@@ -10,7 +10,9 @@
 #      container): it exits 0, the actors wait, and the new one goes on
 #      from the step the old one stopped at, with the new setting;
 #   3. cuts one actor off the network and reconnects it: it rejoins, and
-#      training goes on meanwhile;
+#      training goes on meanwhile; kills another's process (SIGKILL, as
+#      the OOM killer does): Docker starts it again (restart:
+#      on-failure:5) and it rejoins;
 #   4. trains the small task to quality and stops the learner (SIGTERM):
 #      every actor exits 0.
 # Removes every container, network, volume and image it made, and the
@@ -116,6 +118,19 @@ wait_for() {
 }
 
 version_at_least() { local v; v="$(last_metric version)"; [ -n "$v" ] && [ "$v" -ge "$1" ]; }
+# kill_from_host CONTAINER: SIGKILLs the container's process as the
+# daemon's host sees it, from a process of that host's (a container in its
+# pid namespace: this shell may be another user's, or on another machine),
+# not through Docker, which would count `docker kill` as a stop on purpose
+# that no restart policy undoes. (The shell's kill: the slim image has no
+# kill binary.)
+kill_from_host() {
+    local pid
+    pid="$(docker inspect --format '{{.State.Pid}}' "$1")"
+    docker run --rm --pull never --pid host --network none debian:bookworm-slim sh -c 'kill -KILL "$1"' sh "$pid" ||
+        fail "could not kill the process ($pid) of container $1 from the daemon's host"
+}
+restarted() { [ "$(docker inspect --format '{{.RestartCount}}' "$1")" -ge 1 ]; }
 learner_healthy() { [ "$(docker inspect --format '{{.State.Health.Status}}' "$("${compose[@]}" ps -q learner)")" = healthy ]; }
 actor_containers() { "${compose[@]}" ps -q actor; }
 connections_of() { docker logs "$1" 2>&1 | grep -c "connected to the learner" || true; }
@@ -133,19 +148,12 @@ mapfile -t actors < <(actor_containers)
 learner="$("${compose[@]}" ps -q learner)"
 wait_for 30 sh -c "docker exec $learner sh -c 'ls /var/lib/flgfn/checkpoints/ckpt-*' >/dev/null 2>&1" ||
     fail "no checkpoint written"
-# Its process as the daemon's host sees it, killed by a process of that
-# host's (a container in its pid namespace: this shell may be another
-# user's, or on another machine), not through Docker, which would count
-# `docker kill` as a stop on purpose that no restart policy undoes.
-pid="$(docker inspect --format '{{.State.Pid}}' "$learner")"
 # (Read before the kill: the resumed learner drops the reports past its
 # checkpoint from the file, and it may be back within the second.)
 before_kill="$(metrics | python3 -c 'import json, sys; print(max(json.loads(l)["version"] for l in sys.stdin if l.strip()))')"
-# (The shell's kill: the slim image has no kill binary.)
-docker run --rm --pull never --pid host --network none debian:bookworm-slim sh -c 'kill -KILL "$1"' sh "$pid" ||
-    fail "could not kill the learner's process ($pid) from the daemon's host"
+kill_from_host "$learner"
 step "1. killed the learner's process (SIGKILL, not through Docker) at version $before_kill"
-wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.RestartCount}}' $learner)\" -ge 1 ]" ||
+wait_for 60 restarted "$learner" ||
     fail "Docker did not start the killed learner again (restart: on-failure)"
 # (Its health may still read from before the kill: its log says first.)
 wait_for 120 sh -c "docker logs $learner 2>&1 | grep -q 'resuming from a checkpoint'" || fail "the learner did not resume"
@@ -229,6 +237,15 @@ docker network connect --alias actor "$network" "$cut"
 wait_for 60 sh -c "[ \$(docker logs $cut 2>&1 | grep -c 'connected to the learner') -gt $joins_before ]" ||
     fail "the cut actor did not rejoin"
 step "   rejoined; trained transitions $trained_before -> $trained_during while it was away; chunks lost so far: $(last_metric lost_chunks)"
+crashed="${actors[1]}"
+joins_before="$(connections_of "$crashed")"
+kill_from_host "$crashed"
+step "   killed actor ${crashed:0:12}'s process (SIGKILL, not through Docker)"
+wait_for 60 restarted "$crashed" || fail "Docker did not start the killed actor again (restart: on-failure:5)"
+# (Its log is the container's, across its runs.)
+wait_for 60 sh -c "[ \$(docker logs $crashed 2>&1 | grep -c 'connected to the learner') -gt $joins_before ]" ||
+    fail "the restarted actor did not rejoin"
+step "   Docker started it again, and it rejoined"
 
 step "4. training to quality"
 wait_for 300 sh -c "[ \"\$(docker cp $("${compose[@]}" ps -a -q learner):/var/lib/flgfn/metrics.jsonl - 2>/dev/null | tar -xO | tail -1 | python3 -c 'import json,sys; print(json.loads(sys.stdin.read())[\"at_quality\"])')\" = True ]" ||
