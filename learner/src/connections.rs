@@ -21,7 +21,12 @@
 //! in [`CountsCalls`], which holds the call as in progress until its
 //! response ends; an actor's session is one call, open while it trains.
 //! Health checks (open to anyone; a Watch never ends) and calls refused for
-//! their token do not count.
+//! their token do not count. A call in progress keeps its connection, so
+//! [`CountsCalls`] also bounds how long a call may take to be answered
+//! ([`CALL_ANSWERED_WITHIN`]): tonic reads a Handshake's whole request,
+//! reserving its declared length, before the learner sees it, and a
+//! client that never finishes sending one would otherwise hold that
+//! buffer, and its connection, for ever.
 //!
 //! A client of the other transport, or whose TLS handshake fails, is told
 //! so on its side only: tonic drops such connections with a debug line
@@ -68,6 +73,12 @@ pub const FIRST_BYTES: usize = 24;
 /// connections that only sent a preface or health checks would otherwise
 /// hold the learner's places for minutes.
 pub const FIRST_CALL_WITHIN: Duration = Duration::from_secs(10);
+
+/// A call of the Learner service not answered this soon is ended
+/// (DEADLINE_EXCEEDED; see [`CountsCalls`]). Longer than an actor waits
+/// for an answer (10 s) before it gives up the call itself and retries, so
+/// an actor never meets it, even while the learner loads its checkpoint.
+pub const CALL_ANSWERED_WITHIN: Duration = Duration::from_secs(15);
 
 /// What the learner's listener speaks, to tell the clients that speak
 /// something else.
@@ -346,8 +357,19 @@ impl Drop for CallInProgress {
 /// A gRPC service whose calls count as in progress on their connection
 /// (`ConnectionInfo::call`) from the request until the response's body
 /// ends: a unary call until it answers, a stream until its last message.
+/// A call not answered within [`CALL_ANSWERED_WITHIN`] (its response's headers:
+/// a Handshake's once its whole request is read and checked, a Session's
+/// once it opens; either waits while the learner loads its checkpoint) is
+/// ended with DEADLINE_EXCEEDED: a client that never finishes sending a
+/// request would otherwise hold a buffer of up to the decode limit, and
+/// keep its connection from being idle, for ever.
 #[derive(Debug, Clone)]
-pub struct CountsCalls<S>(pub S);
+pub struct CountsCalls<S> {
+    /// The Learner service.
+    pub service: S,
+    /// Where calls ended so are counted (`call_not_answered_in_time`).
+    pub stats: Arc<IngestStats>,
+}
 
 impl<S: NamedService> NamedService for CountsCalls<S> {
     const NAME: &'static str = S::NAME;
@@ -365,14 +387,37 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        self.service.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = ConnectionInfo::of_http(&request).map(ConnectionInfo::call);
-        let response = self.0.call(request);
+        let connection = ConnectionInfo::of_http(&request);
+        let peer = peer_text(connection.and_then(ConnectionInfo::remote_addr));
+        let call = connection.map(ConnectionInfo::call);
+        let method = request.uri().path().to_owned();
+        let response = self.service.call(request);
+        let stats = self.stats.clone();
         Box::pin(async move {
-            let response = response.await?;
+            // Dropped at the deadline: the request's buffer goes with it.
+            let Ok(response) = tokio::time::timeout(CALL_ANSWERED_WITHIN, response).await else {
+                // A flood logs a line at 1, 2, 4, 8, ... calls.
+                let count = stats.refuse("call_not_answered_in_time");
+                if count.is_power_of_two() {
+                    warn!(
+                        %peer,
+                        %method,
+                        within_s = CALL_ANSWERED_WITHIN.as_secs_f64(),
+                        ended_so_far = count,
+                        "ended a call not answered in time: its request never arrived whole, or the learner was still loading"
+                    );
+                }
+                return Ok(tonic::Status::deadline_exceeded(format!(
+                    "the call was not answered within {CALL_ANSWERED_WITHIN:?}: \
+                     its request did not arrive whole, or the learner was still loading"
+                ))
+                .into_http());
+            };
+            let response = response?;
             Ok(response.map(|body| {
                 Body::new(BodyOfCall {
                     body: Body::new(body),

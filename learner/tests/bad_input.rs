@@ -19,7 +19,7 @@ use flgfn_common::wire::{
     PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
-use flgfn_learner::connections::{FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
+use flgfn_learner::connections::{CALL_ANSWERED_WITHIN, FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -1788,6 +1788,79 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
     let closed = outcome.final_report.rejections.get("too_many_connections");
     assert!(
         closed.is_some_and(|&n| n >= 1),
+        "{:?}",
+        outcome.final_report.rejections
+    );
+}
+
+/// A Handshake whose request never arrives whole (a declared length half
+/// sent, or a whole message with the stream left open) is read by tonic
+/// before the learner sees it, holding the declared length's buffer and
+/// keeping its connection busy: it is ended with DEADLINE_EXCEEDED after
+/// CALL_ANSWERED_WITHIN, counted, and the connection, idle then, is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_whose_request_never_arrives_whole_is_ended() {
+    let mut config = config();
+    config.learner.idle_connection_s = 1.0;
+    let (url, learner, stop) = start_learner(&config).await;
+    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let whole = handshake_request(&config).encode_to_vec();
+    let mut whole_unended = vec![0];
+    whole_unended.extend_from_slice(&u32::try_from(whole.len()).unwrap().to_be_bytes());
+    whole_unended.extend_from_slice(&whole);
+    let mut half_sent = vec![0];
+    half_sent.extend_from_slice(&60_000u32.to_be_bytes());
+    half_sent.extend_from_slice(&[0; 10]);
+    let sent = tokio::time::Instant::now();
+    let mut answers = Vec::new();
+    // (The streams are kept: a dropped one would be reset, ending the call.)
+    let mut uploads = Vec::new();
+    for body in [half_sent, whole_unended] {
+        let request = tonic::codegen::http::Request::builder()
+            .method("POST")
+            .uri(format!("{url}/flgfn.v1.Learner/Handshake"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut sender = sender.clone().ready().await.unwrap();
+        let (response, mut upload) = sender.send_request(request, false).unwrap();
+        upload.send_data(body.into(), false).unwrap();
+        uploads.push(upload);
+        answers.push(response);
+    }
+    for answer in answers {
+        let response = tokio::time::timeout(CALL_ANSWERED_WITHIN + Duration::from_secs(10), answer)
+            .await
+            .expect("the learner ends the call")
+            .unwrap();
+        let status = Status::from_header_map(response.headers()).expect("a trailers-only answer");
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            status.message().contains("did not arrive whole"),
+            "{status:?}"
+        );
+    }
+    assert!(sent.elapsed() >= CALL_ANSWERED_WITHIN - Duration::from_millis(100));
+    // Nothing in progress on it now: closed as idle.
+    tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the connection is closed once idle")
+        .unwrap()
+        .unwrap();
+    drop(uploads);
+    stop.send(()).unwrap();
+    let outcome = finished_within(learner, 60, "the learner stops").await;
+    assert_eq!(
+        outcome
+            .final_report
+            .rejections
+            .get("call_not_answered_in_time"),
+        Some(&2),
         "{:?}",
         outcome.final_report.rejections
     );

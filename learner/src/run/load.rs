@@ -100,7 +100,10 @@ impl GrpcServer {
         // Only calls past the token check keep a connection from being idle
         // (health checks are open to anyone, and a Watch never ends).
         let grpc = tonic::service::interceptor::InterceptedService::new(
-            connections::CountsCalls(grpc),
+            connections::CountsCalls {
+                service: grpc,
+                stats: stats.clone(),
+            },
             token_check(token, stats.clone()),
         );
         let mut server_stop = stop.clone();
