@@ -57,6 +57,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 use tracing::warn;
 
+use crate::error::framing_fault_as_sender_error;
 use crate::ingest::IngestStats;
 
 /// A client must send its first bytes (the HTTP/2 preface, or a TLS hello)
@@ -418,6 +419,16 @@ where
                 .into_http());
             };
             let response = response?;
+            // A unary call's framing fault, answered by tonic before the
+            // learner saw the call (trailers only): the sender's.
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && status.code() == tonic::Code::Internal
+            {
+                let status = framing_fault_as_sender_error(status, "request");
+                if status.code() != tonic::Code::Internal {
+                    return Ok(status.into_http());
+                }
+            }
             Ok(response.map(|body| {
                 Body::new(BodyOfCall {
                     body: Body::new(body),

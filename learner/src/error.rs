@@ -220,6 +220,28 @@ pub(crate) fn clip(text: String) -> String {
     text
 }
 
+/// tonic reports a fault in how a message is framed (the compressed
+/// flag set where no `grpc-encoding` was agreed, a flag other than 0 or 1,
+/// a stream that ends inside a message, a unary call with no message) as
+/// INTERNAL, which the protocol keeps for the learner's own faults,
+/// retried by actors: an actor with a framing bug would retry for ever,
+/// and the log would blame the learner. They are the sender's:
+/// INVALID_ARGUMENT, naming `what` was framed (the chunk, the handshake).
+/// (Matched by tonic's words, which tests pin.)
+pub(crate) fn framing_fault_as_sender_error(status: Status, what: &str) -> Status {
+    let message = status.message();
+    if status.code() == tonic::Code::Internal
+        && (message.starts_with("protocol error:")
+            || message.starts_with("Unexpected EOF decoding stream")
+            || message.starts_with("Missing request message"))
+    {
+        return Status::invalid_argument(format!(
+            "the {what}'s gRPC framing is invalid: {message}"
+        ));
+    }
+    status
+}
+
 impl From<RequestError> for Status {
     fn from(error: RequestError) -> Self {
         let message = error.to_string();

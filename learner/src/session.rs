@@ -27,7 +27,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::credits::{CreditToken, SessionCredits};
-use crate::error::RequestError;
+use crate::error::{RequestError, framing_fault_as_sender_error};
 use crate::ingest::{
     IngestContext, IngestStats, IngestedChunk, QueuedChunk, SequenceState, SessionRecord,
     check_chunk, ingest_chunk,
@@ -526,7 +526,7 @@ impl Session {
                 }
                 message = self.inbound.message() => {
                     let message = message
-                        .map_err(framing_fault_as_sender_error)
+                        .map_err(|status| framing_fault_as_sender_error(status, "chunk"))
                         .inspect_err(|status| self.count_unreadable(status))?;
                     let Some(message) = message else {
                         // The actor closed its side, leaving; or its
@@ -885,24 +885,6 @@ impl Session {
             }
         }
     }
-}
-
-/// tonic reports a fault in how a message is framed (the compressed
-/// flag set where no `grpc-encoding` was agreed, a flag other than 0 or 1,
-/// a stream that ends inside a message) as INTERNAL, which the protocol
-/// keeps for the learner's own faults, retried by actors: an actor with
-/// a framing bug would retry for ever, and the log would blame the
-/// learner. They are the sender's: INVALID_ARGUMENT, counted as
-/// undecodable. (Matched by tonic's words, which a test pins.)
-fn framing_fault_as_sender_error(status: Status) -> Status {
-    let message = status.message();
-    if status.code() == Code::Internal
-        && (message.starts_with("protocol error:")
-            || message.starts_with("Unexpected EOF decoding stream"))
-    {
-        return Status::invalid_argument(format!("the chunk's gRPC framing is invalid: {message}"));
-    }
-    status
 }
 
 #[cfg(test)]

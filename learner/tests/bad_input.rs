@@ -912,8 +912,8 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
 
 /// A chunk whose gRPC framing is broken is the actor's fault, not the
 /// learner's: INVALID_ARGUMENT naming the framing (tonic says INTERNAL,
-/// which actors retry for ever), counted as undecodable; the learner
-/// goes on serving.
+/// which actors retry for ever), counted as undecodable; so is a
+/// Handshake's; the learner goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
     let config = config();
@@ -935,6 +935,20 @@ async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
             "{case}: {message}"
         );
     }
+    // A Handshake's, answered by tonic before the learner sees the call,
+    // likewise (an empty one, too: a unary call needs its message).
+    for (case, body) in [
+        ("compressed, none agreed", framed(1, 2, &[0x08, 0x01])),
+        ("the stream ends inside a message", framed(0, 100, &[0; 10])),
+        ("no message", Vec::new()),
+    ] {
+        let (code, message) = call_of_raw_bytes(&url, "Handshake", &[], body).await;
+        assert_eq!(code, Code::InvalidArgument, "handshake, {case}: {message}");
+        assert!(
+            message.contains("request's gRPC framing is invalid"),
+            "handshake, {case}: {message}"
+        );
+    }
     // Served as before.
     shake_hands(&mut client, &config).await;
     drop(stop);
@@ -948,21 +962,37 @@ async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
 /// as the whole request stream, and returns the call's status: its code
 /// and message.
 async fn session_of_raw_bytes(url: &str, issued: &Issued, body: Vec<u8>) -> (Code, String) {
+    let headers = [
+        (ACTOR_ID_HEADER, issued.actor_id.to_string()),
+        (SESSION_KEY_HEADER, issued.key.clone()),
+        (TRAJECTORIES_PER_CHUNK_HEADER, "1".to_owned()),
+    ];
+    call_of_raw_bytes(url, "Session", &headers, body).await
+}
+
+/// Calls the Learner's `method` over a bare HTTP/2 connection with
+/// `headers`, sends `body` as the whole request stream, and returns the
+/// call's status: its code and message.
+async fn call_of_raw_bytes(
+    url: &str,
+    method: &str,
+    headers: &[(&str, String)],
+    body: Vec<u8>,
+) -> (Code, String) {
     let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
         .await
         .unwrap();
     let (sender, connection) = h2::client::handshake(socket).await.unwrap();
     tokio::spawn(connection);
-    let request = tonic::codegen::http::Request::builder()
+    let mut request = tonic::codegen::http::Request::builder()
         .method("POST")
-        .uri(format!("{url}/flgfn.v1.Learner/Session"))
+        .uri(format!("{url}/flgfn.v1.Learner/{method}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header(ACTOR_ID_HEADER, issued.actor_id.to_string())
-        .header(SESSION_KEY_HEADER, issued.key.as_str())
-        .header(TRAJECTORIES_PER_CHUNK_HEADER, "1")
-        .body(())
-        .unwrap();
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    let request = request.body(()).unwrap();
     let mut sender = sender.ready().await.unwrap();
     let (response, mut upload) = sender.send_request(request, false).unwrap();
     upload.send_data(body.into(), true).unwrap();
