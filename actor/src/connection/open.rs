@@ -51,10 +51,19 @@ pub(super) fn stream_window(weight_bytes: u128) -> u32 {
         .clamp(MIN_STREAM_WINDOW, 1 << 30)
 }
 
+/// A grant's bytes beyond its weights' (version, credits, field tags):
+/// a few dozen, with room to spare.
+const GRANT_FIELDS_BYTES: u128 = 64 << 10;
+
 /// The decode limit for grants: this actor's own limit, raised to take
-/// `grants` bytes (weights the learner sends, whatever the actor's own
-/// file says); gRPC frames a message in at most 4 GiB.
-fn grant_decode_limit(own: usize, grants: u128) -> usize {
+/// this network's weights of `weight_bytes` (whatever the actor's own
+/// file says), or the grants the learner `declared` it sends where that
+/// is less; gRPC frames a message in at most 4 GiB. (Never more than the
+/// weights take: a learner that declared 4 GiB would have each grant
+/// reserve that much.)
+pub(super) fn grant_decode_limit(own: usize, weight_bytes: u128, declared: Option<u128>) -> usize {
+    let grants = weight_bytes.saturating_add(GRANT_FIELDS_BYTES);
+    let grants = declared.map_or(grants, |declared| declared.min(grants));
     own.max(usize::try_from(grants).unwrap_or(usize::MAX))
         .min(u32::MAX as usize)
 }
@@ -246,7 +255,10 @@ impl Session<'_> {
                 self.check_truncation(&opened.0)?;
                 opened
             }
-            None => self.handshake_then_session(client, handshake).await?,
+            None => {
+                self.handshake_then_session(client, handshake, weight_bytes)
+                    .await?
+            }
         };
         let as_size = |bytes: u64| usize::try_from(bytes).unwrap_or(usize::MAX);
         // Never send more than the learner accepts (the chunks are
@@ -320,8 +332,11 @@ impl Session<'_> {
         // The learner says what it sends only in its reply, which comes
         // with the first grant: take this network's weights (as with two
         // calls, where the reply's max_grant_bytes raises the limit).
-        let mut client = client
-            .max_decoding_message_size(grant_decode_limit(self.max_message_bytes, weight_bytes));
+        let mut client = client.max_decoding_message_size(grant_decode_limit(
+            self.max_message_bytes,
+            weight_bytes,
+            None,
+        ));
         let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));
         request.metadata_mut().insert_bin(
@@ -366,6 +381,7 @@ impl Session<'_> {
         &self,
         mut client: LearnerClient<Channel>,
         handshake: proto::HandshakeRequest,
+        weight_bytes: u128,
     ) -> Result<OpenedStreams, SessionError> {
         let mut request = tonic::Request::new(handshake);
         self.authorize(request.metadata_mut())?;
@@ -382,7 +398,8 @@ impl Session<'_> {
         // learner.max_message_bytes, from another file, is lower.
         client = client.max_decoding_message_size(grant_decode_limit(
             self.max_message_bytes,
-            u128::from(reply.max_grant_bytes),
+            weight_bytes,
+            Some(u128::from(reply.max_grant_bytes)),
         ));
         let (upload, upload_receiver) = mpsc::channel(UPLOAD_BUFFER);
         let mut request = tonic::Request::new(ReceiverStream::new(upload_receiver));

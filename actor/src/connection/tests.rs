@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use flgfn_common::auth::AUTHORIZATION_HEADER;
 
-use super::open::{MIN_STREAM_WINDOW, f32_weight_bytes, stream_window};
+use super::open::{MIN_STREAM_WINDOW, f32_weight_bytes, grant_decode_limit, stream_window};
 use super::status::classify;
 use super::tls::PLAIN_TEXT_PROBE;
 use super::*;
@@ -27,6 +27,21 @@ fn the_receive_window_holds_the_weights() {
     assert!(weights > MIN_STREAM_WINDOW);
     assert!(window(vec![2048, 2048, 2048]) >= weights);
     assert_eq!(window(vec![1 << 20, 1 << 20]), 1 << 30);
+}
+
+/// Grants are decoded up to this network's weights (and a grant's few
+/// fields), above a lower limit of the actor's own, below a lower one the
+/// learner declared; never up to the 4 GiB a learner could declare.
+#[test]
+fn grants_are_decoded_up_to_the_weights_whatever_the_learner_declares() {
+    let (own, weights) = (1 << 20, 10 << 20);
+    let limit = |declared| grant_decode_limit(own, weights, declared);
+    let weights = usize::try_from(weights).unwrap();
+    assert!((weights..weights + (64 << 10) + 1).contains(&limit(None)));
+    assert_eq!(limit(Some(u128::from(u32::MAX))), limit(None));
+    assert_eq!(limit(Some(5 << 20)), 5 << 20);
+    assert_eq!(limit(Some(1)), own, "never below the actor's own");
+    assert_eq!(grant_decode_limit(own, 1 << 40, None), u32::MAX as usize);
 }
 
 /// A stand-in HTTP/2 server on `127.0.0.1:0` that records each
