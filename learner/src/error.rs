@@ -204,11 +204,14 @@ fn both_described(actor: String, learner: String) -> (String, String) {
 /// Actor-sent text as the learner shows it, in its logs and in statuses:
 /// at most [`MAX_ECHO_CHARS`] characters, and control characters (a
 /// newline, an escape sequence) as `?`, so that an actor's name or task
-/// description cannot forge log lines or restyle a terminal.
+/// description cannot forge log lines or restyle a terminal; so are the
+/// invisible characters that reorder or break what a reader sees (see
+/// [`reorders_or_breaks_lines`]).
 pub(crate) fn clip(text: String) -> String {
-    let mut text = if text.chars().any(char::is_control) {
+    let hidden = |c: char| c.is_control() || reorders_or_breaks_lines(c);
+    let mut text = if text.chars().any(hidden) {
         text.chars()
-            .map(|c| if c.is_control() { '?' } else { c })
+            .map(|c| if hidden(c) { '?' } else { c })
             .collect()
     } else {
         text
@@ -240,6 +243,23 @@ pub(crate) fn framing_fault_as_sender_error(status: Status, what: &str) -> Statu
         ));
     }
     status
+}
+
+/// Unicode's invisible format characters that change how text around
+/// them reads: bidirectional embeddings, overrides and isolates (a name
+/// that shows its end first), zero-width characters and the line and
+/// paragraph separators (a line break that `char::is_control` misses).
+fn reorders_or_breaks_lines(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+    )
 }
 
 impl From<RequestError> for Status {
@@ -359,6 +379,12 @@ mod tests {
             "host/1?2026-12-04T00:00:00Z ERROR forged?[31m"
         );
         assert_eq!(clip("ünïcode/7".to_owned()), "ünïcode/7");
+        // After a right-to-left override, "exe.jpg" reads "gpj.exe"; a
+        // line separator breaks the line where is_control sees nothing.
+        assert_eq!(
+            clip("host/1\u{202e}exe.jpg\u{2028}ERROR forged\u{200b}".to_owned()),
+            "host/1?exe.jpg?ERROR forged?"
+        );
         assert!(clip("x".repeat(10_000)).len() < 2 * MAX_ECHO_CHARS);
         // A short task description too (the refusal is logged).
         let forged = TaskSpec {
