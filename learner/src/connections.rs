@@ -5,9 +5,14 @@
 //! in a loop, would hold file descriptors and HTTP/2 state without bound;
 //! `learner.max_sessions` only counts actors that opened a session. Here
 //! each accepted connection holds one of `learner.max_connections` permits
-//! until it closes; one accepted beyond that is closed at once, before any
-//! byte is read (its client sees UNAVAILABLE, and actors retry with
-//! backoff), and counted under `too_many_connections`. A connection whose
+//! until it closes. At the cap, the oldest connection on which no Learner
+//! call has ever started (a client that only connected, or only checks
+//! health) is closed to make room ([`EVICTION_WAIT`]), counted under
+//! `closed_for_room`, so that clients without a token cannot keep actors
+//! out by reconnecting faster than the timeouts below close them; where
+//! every connection has started a call, the one accepted is closed at
+//! once, before any byte is read (its client sees UNAVAILABLE, and actors
+//! retry with backoff), and counted under `too_many_connections`. A connection whose
 //! client has not sent its first [`FIRST_BYTES`] bytes within
 //! [`FIRST_BYTES_WITHIN`] is closed (HTTP/2 keepalive only starts after the
 //! client's preface, and a server waits for the rest of a partial preface
@@ -80,6 +85,11 @@ pub const FIRST_CALL_WITHIN: Duration = Duration::from_secs(10);
 /// for an answer (10 s) before it gives up the call itself and retries, so
 /// an actor never meets it, even while the learner loads its checkpoint.
 pub const CALL_ANSWERED_WITHIN: Duration = Duration::from_secs(15);
+
+/// At the connection cap, how long the one accepted waits for the place
+/// of the connection closed for it (a moment: that one's task only has to
+/// see the close and drop it).
+pub const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// What the learner's listener speaks, to tell the clients that speak
 /// something else.
@@ -331,8 +341,68 @@ struct Calls {
     /// still restarts the idle clock.
     started: AtomicU64,
     /// The connection's reader, woken when its last call ends so that the
-    /// idle clock starts then, not at the next bytes from the client.
+    /// idle clock starts then, not at the next bytes from the client, and
+    /// when the connection is closed for room.
     reader: Mutex<Option<Waker>>,
+    /// Set to close the connection for a newer one (see [`incoming`]).
+    evicted: AtomicBool,
+}
+
+impl Calls {
+    /// Wakes the connection's reader with `cx`'s task next time.
+    fn register_reader(&self, cx: &Context<'_>) {
+        let mut reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !reader.as_ref().is_some_and(|r| r.will_wake(cx.waker())) {
+            *reader = Some(cx.waker().clone());
+        }
+    }
+
+    /// Closes the connection (at its reader's next poll, which this
+    /// wakes) if no Learner call ever started on it; whether it did.
+    fn evict_if_never_called(&self) -> bool {
+        if self.started.load(Ordering::Acquire) != 0 || self.evicted.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let reader = self
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(reader) = reader {
+            reader.wake();
+        }
+        true
+    }
+}
+
+/// The open connections' calls, oldest first, to find one to close for
+/// room at the cap.
+#[derive(Debug, Default)]
+struct OpenConnections(Mutex<std::collections::VecDeque<std::sync::Weak<Calls>>>);
+
+impl OpenConnections {
+    fn add(&self, calls: &Arc<Calls>) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push_back(Arc::downgrade(calls));
+    }
+
+    /// Closes the oldest open connection on which no Learner call ever
+    /// started (forgetting closed ones on the way); whether there was one.
+    fn evict_oldest_never_called(&self) -> bool {
+        let mut open = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|calls| calls.strong_count() > 0);
+        open.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|calls| calls.evict_if_never_called())
+    }
 }
 
 /// A call in progress on a connection (see [`ConnectionInfo::call`]).
@@ -518,16 +588,6 @@ impl CountedConnection {
     /// `idle_after`. Arms the clock when it finds no call running, and
     /// restarts it when a call has started since it last looked.
     fn idle_for_too_long(&mut self, cx: &mut Context<'_>) -> bool {
-        {
-            let mut reader = self
-                .calls
-                .reader
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if !reader.as_ref().is_some_and(|r| r.will_wake(cx.waker())) {
-                *reader = Some(cx.waker().clone());
-            }
-        }
         let read = std::mem::take(&mut self.read_since_check);
         let started = self.calls.started.load(Ordering::Acquire);
         if self.calls.in_progress.load(Ordering::Acquire) > 0 {
@@ -572,8 +632,10 @@ impl CountedConnection {
 }
 
 /// The connections `listener` accepts (with TCP_NODELAY and keepalive, as
-/// tonic's own listener would set them), at most `max` open at once; those
-/// beyond are closed and counted in `stats`. Each is closed once it has had
+/// tonic's own listener would set them), at most `max` open at once: at
+/// that many, the oldest on which no Learner call ever started is closed
+/// for the one accepted, or else that one is closed; both are counted in
+/// `stats`. Each is closed once it has had
 /// no call in progress for `idle_after`. Clients that do not speak
 /// `transport`, or fail its handshake before `stopping` turns true, are
 /// counted there too.
@@ -586,6 +648,8 @@ pub fn incoming(
     stopping: watch::Receiver<bool>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
+    let open = Arc::new(OpenConnections::default());
+    let stats_of_places = stats.clone();
     let failed_accepts = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -607,15 +671,48 @@ pub fn incoming(
                 accepted
             }
         })
+        .then(move |accepted| {
+            let (permits, open, stats) = (permits.clone(), open.clone(), stats_of_places.clone());
+            async move {
+                let stream = accepted?;
+                let place = match permits.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    Err(_) if open.evict_oldest_never_called() => {
+                        let count = stats.refuse("closed_for_room");
+                        if count.is_power_of_two() {
+                            warn!(
+                                peer = %peer_text(stream.peer_addr().ok()),
+                                max,
+                                closed_so_far = count,
+                                "at learner.max_connections: closed the oldest connection that never called the learner, for a new one"
+                            );
+                        }
+                        tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                    }
+                    Err(_) => None,
+                };
+                // Known from the start, so that a later newcomer can close
+                // it before it even sends its first bytes.
+                let place = place.map(|permit| {
+                    let calls = Arc::<Calls>::default();
+                    open.add(&calls);
+                    (permit, calls)
+                });
+                Ok((stream, place))
+            }
+        })
         .filter_map(move |accepted| match accepted {
             // tonic skips accept errors (logged above).
             Err(error) => Some(Err(error)),
-            Ok(stream) => match permits.clone().try_acquire_owned() {
-                Ok(permit) => Some(Ok(CountedConnection {
+            Ok((stream, place)) => match place {
+                Some((permit, calls)) => Some(Ok(CountedConnection {
                     stream,
                     first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
                     first_bytes_missing: FIRST_BYTES,
-                    calls: Arc::default(),
+                    calls,
                     idle_after,
                     idle_deadline: None,
                     read_since_check: false,
@@ -628,7 +725,7 @@ pub fn incoming(
                     stopping: stopping.clone(),
                     _permit: permit,
                 })),
-                Err(_) => {
+                None => {
                     // A flood logs a line at 1, 2, 4, 8, ... connections.
                     let count = stats.refuse("too_many_connections");
                     if count.is_power_of_two() {
@@ -664,6 +761,13 @@ impl AsyncRead for CountedConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.calls.register_reader(cx);
+        if this.calls.evicted.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed for a new connection at learner.max_connections: no Learner call had started on it",
+            )));
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         let Some(deadline) = this.first_bytes_deadline.as_mut() else {

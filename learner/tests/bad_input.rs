@@ -19,7 +19,9 @@ use flgfn_common::wire::{
     PROTOCOL_VERSION, SESSION_KEY_HEADER, TRAJECTORIES_PER_CHUNK_HEADER,
 };
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
-use flgfn_learner::connections::{CALL_ANSWERED_WITHIN, FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN};
+use flgfn_learner::connections::{
+    CALL_ANSWERED_WITHIN, EVICTION_WAIT, FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN,
+};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -1681,62 +1683,145 @@ async fn chunks_that_may_exceed_the_decode_limit_are_refused_at_the_handshake() 
     learner.await.unwrap().unwrap();
 }
 
+/// At the limit with every connection in use (each has called the
+/// learner), a new one is closed on accept and counted; once one closes,
+/// its place is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_limit_are_closed_and_counted() {
     let mut config = config();
     config.learner.max_connections = 2;
     let (url, learner, stop) = start_learner(&config).await;
-    let address = url.trim_start_matches("http://").to_owned();
-    // Two connections that never send a whole preface hold both places:
-    // one sends nothing, the other a single byte.
-    let first = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let mut second = tokio::net::TcpStream::connect(&address).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut second, b"P")
-        .await
-        .unwrap();
-    let connected = tokio::time::Instant::now();
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let (other, _) = try_handshake(&url, &config).await.unwrap();
     assert_not_served(&url, &config, "a third connection").await;
-    // One closes: its place is free again, and an actor trains through it.
-    drop(first);
-    let (mut client, issued) = served_within(
+    // One closes: its place is free again.
+    drop(other);
+    served_within(
         &url,
         &config,
         Duration::from_secs(10),
         "the place was never freed",
     )
     .await;
-    let actor_id = issued.actor_id;
     let mut session = open(&mut client, Some(&issued)).await.unwrap();
-    session.send_good_chunks(actor_id, 2).await;
+    session.send_good_chunks(issued.actor_id, 2).await;
     // Two steps of one chunk each end the run.
     let outcome = finished_within(learner, 60, "the learner finishes").await;
     drop(stop);
     assert_eq!(outcome.steps, 2);
-    // The one-byte connection did not keep its place for ever: the learner
-    // closed it once it had not sent a preface for FIRST_BYTES_WITHIN
-    // (having sent its own HTTP/2 settings, which are read and ignored
-    // here).
-    let mut sink = Vec::new();
-    // (Closed as EOF or as a reset: either way the read ends.)
-    let _ = tokio::time::timeout(
+    let rejections = &outcome.final_report.rejections;
+    assert!(
+        rejections
+            .get("too_many_connections")
+            .is_some_and(|&n| n >= 1),
+        "{rejections:?}"
+    );
+    assert_eq!(rejections.get("closed_for_room"), None, "{rejections:?}");
+    assert_eq!(outcome.final_report.rejected_chunks, 0);
+}
+
+/// At the limit, the oldest connection on which no Learner call ever
+/// started (one silent, one that sent a byte: clients without a token can
+/// open such connections faster than the timeouts close them) is closed
+/// for a new one, at once; connections that called the learner keep their
+/// places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_called_make_room_for_new_ones() {
+    let mut config = config();
+    config.learner.max_connections = 2;
+    let (url, learner, stop) = start_learner(&config).await;
+    let address = url.trim_start_matches("http://").to_owned();
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut one_byte = tokio::net::TcpStream::connect(&address).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut one_byte, b"P")
+        .await
+        .unwrap();
+    // (Accepted in order: the learner knows both before the next.)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    let (mut client, issued) = served_within(
+        &url,
+        &config,
+        EVICTION_WAIT + Duration::from_secs(5),
+        "no room was made",
+    )
+    .await;
+    closed_within(&mut silent, Duration::from_secs(5), "the oldest, silent").await;
+    let (_second, _) = served_within(
+        &url,
+        &config,
+        EVICTION_WAIT + Duration::from_secs(5),
+        "no room was made again",
+    )
+    .await;
+    closed_within(&mut one_byte, Duration::from_secs(5), "the one-byte").await;
+    // Far sooner than the timeouts would have closed them.
+    assert!(
+        started.elapsed() < FIRST_BYTES_WITHIN,
+        "{:?}",
+        started.elapsed()
+    );
+    // Both places are now held by connections that called: none is closed.
+    assert_not_served(&url, &config, "a third connection").await;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
+    session.send_good_chunks(issued.actor_id, 2).await;
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 2);
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(
+        rejections.get("closed_for_room"),
+        Some(&2),
+        "{rejections:?}"
+    );
+    assert!(
+        rejections
+            .get("too_many_connections")
+            .is_some_and(|&n| n >= 1),
+        "{rejections:?}"
+    );
+}
+
+/// A connection that never sends a whole HTTP/2 preface (here one byte)
+/// is closed after FIRST_BYTES_WITHIN, its place free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_preface_is_closed() {
+    let config = config();
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut one_byte = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut one_byte, b"P")
+        .await
+        .unwrap();
+    let connected = tokio::time::Instant::now();
+    closed_within(
+        &mut one_byte,
         FIRST_BYTES_WITHIN + Duration::from_secs(10),
-        tokio::io::AsyncReadExt::read_to_end(&mut second, &mut sink),
+        "a connection without a preface",
+    )
+    .await;
+    assert!(connected.elapsed() >= FIRST_BYTES_WITHIN - Duration::from_millis(100));
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
+}
+
+/// Waits for the learner to close `socket` (an EOF or a reset: either
+/// way the read ends), having sent little (its HTTP/2 settings, read
+/// and ignored here); fails naming `which` if it stays open `within`.
+async fn closed_within(socket: &mut tokio::net::TcpStream, within: Duration, which: &str) {
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(
+        within,
+        tokio::io::AsyncReadExt::read_to_end(socket, &mut sink),
     )
     .await
-    .expect("the learner closes a connection that sends nothing");
+    .unwrap_or_else(|_| panic!("{which} connection was not closed within {within:?}"));
     assert!(
         sink.len() < 1024,
-        "{} bytes from a silent connection",
+        "{} bytes to the {which} connection",
         sink.len()
     );
-    assert!(connected.elapsed() >= FIRST_BYTES_WITHIN - Duration::from_millis(100));
-    let closed = outcome.final_report.rejections.get("too_many_connections");
-    assert!(
-        closed.is_some_and(|&n| n >= 1),
-        "{:?}",
-        outcome.final_report.rejections
-    );
-    assert_eq!(outcome.final_report.rejected_chunks, 0);
 }
 
 /// A connection that calls nothing for `learner.idle_connection_s` is
@@ -1785,42 +1870,37 @@ async fn idle_connections_are_closed_and_open_sessions_are_not() {
 
 /// A connection on which no Learner call ever started (a preface, then
 /// health checks only: no token needed) is closed after
-/// FIRST_CALL_WITHIN, not `learner.idle_connection_s`, freeing its place.
+/// FIRST_CALL_WITHIN, not `learner.idle_connection_s`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_calls_the_learner_is_closed_early() {
     let mut config = config();
-    config.learner.max_connections = 1;
     config.learner.idle_connection_s = 300.0;
-    config.learner.max_steps = 1;
     let (url, learner, stop) = start_learner(&config).await;
-    let endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
-    let channel = answered(endpoint.connect(), "a connection").await.unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let check = health.check(tonic_health::pb::HealthCheckRequest::default());
-    answered(check, "a health check").await.unwrap();
+    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut sender = sender.ready().await.unwrap();
+    let (response, mut upload) = sender.send_request(request, false).unwrap();
+    // An empty HealthCheckRequest (the server as a whole), gRPC-framed.
+    upload.send_data(vec![0; 5].into(), true).unwrap();
+    let response = answered(response, "a health check").await.unwrap();
+    assert_eq!(response.status(), 200);
     let checked = tokio::time::Instant::now();
-    assert_not_served(&url, &config, "a second connection").await;
-    let (mut client, issued) = served_within(
-        &url,
-        &config,
-        FIRST_CALL_WITHIN + Duration::from_secs(10),
-        "the health-only connection kept its place",
-    )
-    .await;
-    let actor_id = issued.actor_id;
+    let _ = tokio::time::timeout(FIRST_CALL_WITHIN + Duration::from_secs(10), connection)
+        .await
+        .expect("the learner closes a connection that never called it");
     assert!(checked.elapsed() >= FIRST_CALL_WITHIN - Duration::from_millis(100));
-    let mut session = open(&mut client, Some(&issued)).await.unwrap();
-    session.send_good_chunks(actor_id, 1).await;
-    let outcome = finished_within(learner, 60, "the learner finishes").await;
-    drop(stop);
-    assert_eq!(outcome.steps, 1);
-    // The second connection was turned away for the limit, not otherwise.
-    let closed = outcome.final_report.rejections.get("too_many_connections");
-    assert!(
-        closed.is_some_and(|&n| n >= 1),
-        "{:?}",
-        outcome.final_report.rejections
-    );
+    stop.send(()).unwrap();
+    learner.await.unwrap().unwrap();
 }
 
 /// A Handshake whose request never arrives whole (a declared length half

@@ -406,9 +406,10 @@ pub struct LearnerConfig {
     /// being received, and credits from the shared room).
     pub max_sessions: usize,
     /// Most TCP connections open at once (actors, probes, anything that
-    /// connects); one beyond is closed at once, before it is read, and one
-    /// that has not sent its HTTP/2 preface (or TLS hello) within 10 s is
-    /// closed too. Fewer where the process's open-file limit would run out
+    /// connects); one beyond takes the place of the oldest on which no
+    /// Learner call ever started, or else is closed at once, before it is
+    /// read; one that has not sent its HTTP/2 preface (or TLS hello)
+    /// within 10 s is closed too. Fewer where the process's open-file limit would run out
     /// first (the learner raises its soft limit to the hard one, keeps 256
     /// files, or a quarter of a smaller limit, for itself and says so in a
     /// warning).
