@@ -379,25 +379,43 @@ impl Calls {
 }
 
 /// The open connections' calls, oldest first, to find one to close for
-/// room at the cap.
-#[derive(Debug, Default)]
-struct OpenConnections(Mutex<std::collections::VecDeque<std::sync::Weak<Calls>>>);
+/// room at the cap. Closed ones are forgotten whenever the list holds
+/// twice the cap, so it stays within that however many come and go.
+#[derive(Debug)]
+struct OpenConnections {
+    open: Mutex<std::collections::VecDeque<std::sync::Weak<Calls>>>,
+    /// The connection cap.
+    max: usize,
+}
 
 impl OpenConnections {
+    fn new(max: usize) -> Self {
+        OpenConnections {
+            open: Mutex::default(),
+            max,
+        }
+    }
+
     fn add(&self, calls: &Arc<Calls>) {
-        self.0
+        let mut open = self.list();
+        if open.len() >= self.max.saturating_mul(2).max(64) {
+            open.retain(|calls| calls.strong_count() > 0);
+        }
+        open.push_back(Arc::downgrade(calls));
+    }
+
+    fn list(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::sync::Weak<Calls>>> {
+        self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push_back(Arc::downgrade(calls));
     }
 
     /// Closes the oldest open connection on which no Learner call ever
     /// started (forgetting closed ones on the way); whether there was one.
     fn evict_oldest_never_called(&self) -> bool {
-        let mut open = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut open = self.list();
         open.retain(|calls| calls.strong_count() > 0);
         open.iter()
             .filter_map(std::sync::Weak::upgrade)
@@ -648,7 +666,7 @@ pub fn incoming(
     stopping: watch::Receiver<bool>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
     let permits = Arc::new(Semaphore::new(max));
-    let open = Arc::new(OpenConnections::default());
+    let open = Arc::new(OpenConnections::new(max));
     let stats_of_places = stats.clone();
     let failed_accepts = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
@@ -853,6 +871,48 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// Connections that come and go below the cap (never an eviction to
+    /// prune the list) leave it within twice the cap, not one entry each.
+    #[test]
+    fn the_list_of_open_connections_stays_bounded_under_churn() {
+        let open = OpenConnections::new(4);
+        let kept: Vec<Arc<Calls>> = (0..3).map(|_| Arc::default()).collect();
+        kept.iter().for_each(|calls| open.add(calls));
+        for _ in 0..10_000 {
+            open.add(&Arc::default());
+        }
+        assert!(open.list().len() <= 65, "{} entries", open.list().len());
+        assert_eq!(
+            open.list()
+                .iter()
+                .filter(|calls| calls.strong_count() > 0)
+                .count(),
+            3
+        );
+    }
+
+    /// The oldest connection on which no call started is evicted, once;
+    /// one that called never is.
+    #[test]
+    fn the_oldest_connection_that_never_called_is_evicted() {
+        let open = OpenConnections::new(3);
+        let [called, first, second]: [Arc<Calls>; 3] = std::array::from_fn(|_| Arc::default());
+        called.started.store(1, Ordering::Release);
+        [&called, &first, &second]
+            .into_iter()
+            .for_each(|calls| open.add(calls));
+        assert!(open.evict_oldest_never_called());
+        assert!(first.evicted.load(Ordering::Acquire));
+        assert!(!second.evicted.load(Ordering::Acquire));
+        assert!(open.evict_oldest_never_called());
+        assert!(second.evicted.load(Ordering::Acquire));
+        assert!(
+            !open.evict_oldest_never_called(),
+            "only one that called is left"
+        );
+        assert!(!called.evicted.load(Ordering::Acquire));
+    }
 
     /// A connection `transport`'s listener accepted from a client that
     /// sent `first_bytes`, read until they are in, and dropped, served by
