@@ -9,10 +9,11 @@
 # learner exits non-zero when stopped before its end (an exit 0 would
 # complete the Job); the results pod mounts the job overlay's claim, by
 # its name; every pod (the results pod too) meets the "restricted" Pod
-# Security Standard and mounts no service-account token; a stop before
-# max_steps or a disruption uses none of the Job's retries, and its
-# replacement waits for the stopped pod to end. Skipped (exit 77) where
-# kubectl is not installed.
+# Security Standard and mounts no service-account token; a disruption
+# (eviction, preemption, drain) uses none of the Job's retries, its
+# replacement waits for the stopped pod to end, and its restart policy is
+# Never (which a failure policy needs). Skipped (exit 77) where kubectl
+# is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v kubectl >/dev/null; then
@@ -124,15 +125,15 @@ if job is not None:
         fail("the learner's Job leaves learner.unfinished_exit_status at 0: a drained pod would complete the Job")
     spec = job["spec"]
     ignored = [
-        rule["onExitCodes"]
+        condition
         for rule in spec.get("podFailurePolicy", {}).get("rules", [])
-        if rule["action"] == "Ignore" and "onExitCodes" in rule
+        if rule["action"] == "Ignore"
+        for condition in rule.get("onPodConditions", [])
     ]
-    if not any(
-        codes["operator"] == "In" and int(status) in codes["values"] and codes.get("containerName") == "learner"
-        for codes in ignored
-    ):
-        fail(f"the Job's podFailurePolicy does not ignore the learner's exit {status}: every drain or deleted pod would use a retry")
+    if {"type": "DisruptionTarget", "status": "True"} not in ignored:
+        fail("the Job's podFailurePolicy does not ignore DisruptionTarget: every drain or eviction would use a retry")
+    if spec["template"]["spec"].get("restartPolicy") != "Never":
+        fail("the Job's restartPolicy is not Never, which a podFailurePolicy needs (the API server refuses it)")
     if spec.get("podReplacementPolicy") != "Failed":
         fail("the Job's podReplacementPolicy is not Failed: a replacement could start while the stopped learner holds the checkpoint folder")
 PY
@@ -160,4 +161,4 @@ claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) i
 print(*claims)' "$work/job.yaml")"
 grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
     { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
-echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, a stop it does not count as a failure; so do ${manifests[*]}"
+echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, its disruptions not counted as failures; so do ${manifests[*]}"
