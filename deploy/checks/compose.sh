@@ -12,7 +12,7 @@
 #   3. cuts one actor off the network and reconnects it: it rejoins, and
 #      training goes on meanwhile; kills another's process (SIGKILL, as
 #      the OOM killer does): Docker starts it again (restart:
-#      on-failure:5) and it rejoins;
+#      on-failure) and it rejoins;
 #   4. trains the small task to quality and stops the learner (SIGTERM):
 #      every actor exits 0.
 # Removes every container, network, volume and image it made, and the
@@ -241,7 +241,7 @@ crashed="${actors[1]}"
 joins_before="$(connections_of "$crashed")"
 kill_from_host "$crashed"
 step "   killed actor ${crashed:0:12}'s process (SIGKILL, not through Docker)"
-wait_for 60 restarted "$crashed" || fail "Docker did not start the killed actor again (restart: on-failure:5)"
+wait_for 60 restarted "$crashed" || fail "Docker did not start the killed actor again (restart: on-failure)"
 # (Its log is the container's, across its runs.)
 wait_for 60 sh -c "[ \$(docker logs $crashed 2>&1 | grep -c 'connected to the learner') -gt $joins_before ]" ||
     fail "the restarted actor did not rejoin"
