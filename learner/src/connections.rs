@@ -91,6 +91,11 @@ pub const CALL_ANSWERED_WITHIN: Duration = Duration::from_secs(15);
 /// see the close and drop it).
 pub const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
+/// A connection this young is not closed for room: its first call may be
+/// on its way (a call counts once its headers are read and its service
+/// runs, or after a TLS handshake).
+pub const EVICTION_MIN_AGE: Duration = Duration::from_secs(1);
+
 /// What the learner's listener speaks, to tell the clients that speak
 /// something else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -383,7 +388,7 @@ impl Calls {
 /// twice the cap, so it stays within that however many come and go.
 #[derive(Debug)]
 struct OpenConnections {
-    open: Mutex<std::collections::VecDeque<std::sync::Weak<Calls>>>,
+    open: Mutex<std::collections::VecDeque<Accepted>>,
     /// The connection cap.
     max: usize,
 }
@@ -399,29 +404,33 @@ impl OpenConnections {
     fn add(&self, calls: &Arc<Calls>) {
         let mut open = self.list();
         if open.len() >= self.max.saturating_mul(2).max(64) {
-            open.retain(|calls| calls.strong_count() > 0);
+            open.retain(|(_, calls)| calls.strong_count() > 0);
         }
-        open.push_back(Arc::downgrade(calls));
+        open.push_back((Instant::now(), Arc::downgrade(calls)));
     }
 
-    fn list(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<std::sync::Weak<Calls>>> {
+    fn list(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Accepted>> {
         self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Closes the oldest open connection on which no Learner call ever
-    /// started (forgetting closed ones on the way); whether there was one.
+    /// started, at least [`EVICTION_MIN_AGE`] old (forgetting closed ones
+    /// on the way); whether there was one.
     fn evict_oldest_never_called(&self) -> bool {
         let mut open = self.list();
-        open.retain(|calls| calls.strong_count() > 0);
+        open.retain(|(_, calls)| calls.strong_count() > 0);
         open.iter()
-            .filter_map(std::sync::Weak::upgrade)
+            .take_while(|(accepted, _)| accepted.elapsed() >= EVICTION_MIN_AGE)
+            .filter_map(|(_, calls)| calls.upgrade())
             .any(|calls| calls.evict_if_never_called())
     }
 }
+
+/// A connection in [`OpenConnections`]: when it was accepted, and its
+/// calls (gone once it closes).
+type Accepted = (Instant, std::sync::Weak<Calls>);
 
 /// A call in progress on a connection (see [`ConnectionInfo::call`]).
 #[derive(Debug)]
@@ -594,7 +603,10 @@ pub struct CountedConnection {
 
 impl Drop for CountedConnection {
     fn drop(&mut self) {
-        let served = *self.served.get_mut() || *self.stopping.borrow();
+        // A handshake cut short for room is not the client's failure.
+        let served = *self.served.get_mut()
+            || *self.stopping.borrow()
+            || self.calls.evicted.load(Ordering::Acquire);
         if let Some((reason, message)) = self.transport.failed_handshake(self.first_byte, served) {
             report_mismatch(&self.stats, reason, &message, self.stream.peer_addr().ok());
         }
@@ -602,6 +614,18 @@ impl Drop for CountedConnection {
 }
 
 impl CountedConnection {
+    /// An error once the connection was closed for a newer one (see
+    /// [`incoming`]).
+    fn closed_for_room(&self) -> io::Result<()> {
+        if self.calls.evicted.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed for a new connection at learner.max_connections: no Learner call had started on it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the connection has had no call in progress for
     /// `idle_after`. Arms the clock when it finds no call running, and
     /// restarts it when a call has started since it last looked.
@@ -780,12 +804,7 @@ impl AsyncRead for CountedConnection {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.calls.register_reader(cx);
-        if this.calls.evicted.load(Ordering::Acquire) {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closed for a new connection at learner.max_connections: no Learner call had started on it",
-            )));
-        }
+        this.closed_for_room()?;
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
         let Some(deadline) = this.first_bytes_deadline.as_mut() else {
@@ -842,6 +861,9 @@ impl AsyncWrite for CountedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        // (Here too: a client that stops reading leaves the server
+        // flushing, and never reading, where the close would be seen.)
+        self.closed_for_room()?;
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
@@ -850,6 +872,7 @@ impl AsyncWrite for CountedConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.closed_for_room()?;
         Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
@@ -858,6 +881,7 @@ impl AsyncWrite for CountedConnection {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.closed_for_room()?;
         Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
@@ -886,22 +910,25 @@ mod tests {
         assert_eq!(
             open.list()
                 .iter()
-                .filter(|calls| calls.strong_count() > 0)
+                .filter(|(_, calls)| calls.strong_count() > 0)
                 .count(),
             3
         );
     }
 
-    /// The oldest connection on which no call started is evicted, once;
-    /// one that called never is.
-    #[test]
-    fn the_oldest_connection_that_never_called_is_evicted() {
+    /// The oldest connection on which no call started is evicted, once,
+    /// not before EVICTION_MIN_AGE; one that called never is.
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_connection_that_never_called_is_evicted() {
         let open = OpenConnections::new(3);
         let [called, first, second]: [Arc<Calls>; 3] = std::array::from_fn(|_| Arc::default());
         called.started.store(1, Ordering::Release);
         [&called, &first, &second]
             .into_iter()
             .for_each(|calls| open.add(calls));
+        tokio::time::advance(EVICTION_MIN_AGE - Duration::from_millis(1)).await;
+        assert!(!open.evict_oldest_never_called(), "too young");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(open.evict_oldest_never_called());
         assert!(first.evicted.load(Ordering::Acquire));
         assert!(!second.evicted.load(Ordering::Acquire));

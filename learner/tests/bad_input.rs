@@ -20,7 +20,7 @@ use flgfn_common::wire::{
 };
 use flgfn_common::wire::{FINAL_REFUSAL_HEADER, largest_chunk_bytes};
 use flgfn_learner::connections::{
-    CALL_ANSWERED_WITHIN, EVICTION_WAIT, FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN,
+    CALL_ANSWERED_WITHIN, EVICTION_MIN_AGE, EVICTION_WAIT, FIRST_BYTES_WITHIN, FIRST_CALL_WITHIN,
 };
 use prost::Message;
 use tokio::net::TcpListener;
@@ -914,8 +914,9 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
 
 /// A chunk whose gRPC framing is broken is the actor's fault, not the
 /// learner's: INVALID_ARGUMENT naming the framing (tonic says INTERNAL,
-/// which actors retry for ever), counted as undecodable; so is a
-/// Handshake's; the learner goes on serving.
+/// which actors retry for ever), counted as undecodable; a Handshake's
+/// too is INVALID_ARGUMENT (uncounted: tonic answers it before the
+/// learner sees the call); the learner goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
     let config = config();
@@ -1736,8 +1737,8 @@ async fn connections_that_never_called_make_room_for_new_ones() {
     tokio::io::AsyncWriteExt::write_all(&mut one_byte, b"P")
         .await
         .unwrap();
-    // (Accepted in order: the learner knows both before the next.)
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Old enough to be closed for room (younger ones may be about to call).
+    tokio::time::sleep(EVICTION_MIN_AGE + Duration::from_millis(200)).await;
     let started = tokio::time::Instant::now();
     let (mut client, issued) = served_within(
         &url,
@@ -1769,9 +1770,10 @@ async fn connections_that_never_called_make_room_for_new_ones() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     let rejections = &outcome.final_report.rejections;
-    assert_eq!(
-        rejections.get("closed_for_room"),
-        Some(&2),
+    // (More if an attempt, unanswered on this loaded machine, was retried:
+    // its connection never called either.)
+    assert!(
+        rejections.get("closed_for_room").is_some_and(|&n| n >= 2),
         "{rejections:?}"
     );
     assert!(
@@ -1911,7 +1913,7 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_whose_request_never_arrives_whole_is_ended() {
     let mut config = config();
-    config.learner.idle_connection_s = 1.0;
+    config.learner.idle_connection_s = 3.0;
     let (url, learner, stop) = start_learner(&config).await;
     let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
         .await
