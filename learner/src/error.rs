@@ -252,13 +252,16 @@ pub(crate) fn framing_fault_as_sender_error(status: Status, what: &str) -> Statu
 fn reorders_or_breaks_lines(c: char) -> bool {
     matches!(
         c,
-        '\u{061c}'
+        '\u{00ad}'
+            | '\u{061c}'
+            | '\u{180e}'
             | '\u{200b}'..='\u{200f}'
             | '\u{2028}'..='\u{202e}'
             | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2066}'..='\u{206f}'
             | '\u{feff}'
             | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}'
     )
 }
 
@@ -380,11 +383,13 @@ mod tests {
         );
         assert_eq!(clip("ünïcode/7".to_owned()), "ünïcode/7");
         // After a right-to-left override, "exe.jpg" reads "gpj.exe"; a
-        // line separator breaks the line where is_control sees nothing.
+        // line separator breaks the line where is_control sees nothing;
+        // tag characters hide text.
         assert_eq!(
             clip("host/1\u{202e}exe.jpg\u{2028}ERROR forged\u{200b}".to_owned()),
             "host/1?exe.jpg?ERROR forged?"
         );
+        assert_eq!(clip("a\u{e0041}\u{206f}b".to_owned()), "a??b");
         assert!(clip("x".repeat(10_000)).len() < 2 * MAX_ECHO_CHARS);
         // A short task description too (the refusal is logged).
         let forged = TaskSpec {

@@ -58,12 +58,14 @@ const GRANT_FIELDS_BYTES: u128 = 64 << 10;
 /// The decode limit for grants: this actor's own limit, raised to take
 /// this network's weights of `weight_bytes` (whatever the actor's own
 /// file says), or the grants the learner `declared` it sends where that
-/// is less; gRPC frames a message in at most 4 GiB. (Never more than the
-/// weights take: a learner that declared 4 GiB would have each grant
-/// reserve that much.)
+/// is less (0: a learner that did not say); gRPC frames a message in at
+/// most 4 GiB. (Never more than the weights take: a learner that
+/// declared 4 GiB would have each grant reserve that much.)
 pub(super) fn grant_decode_limit(own: usize, weight_bytes: u128, declared: Option<u128>) -> usize {
     let grants = weight_bytes.saturating_add(GRANT_FIELDS_BYTES);
-    let grants = declared.map_or(grants, |declared| declared.min(grants));
+    let grants = declared
+        .filter(|&declared| declared > 0)
+        .map_or(grants, |declared| declared.min(grants));
     own.max(usize::try_from(grants).unwrap_or(usize::MAX))
         .min(u32::MAX as usize)
 }

@@ -41,6 +41,7 @@ fn grants_are_decoded_up_to_the_weights_whatever_the_learner_declares() {
     assert_eq!(limit(Some(u128::from(u32::MAX))), limit(None));
     assert_eq!(limit(Some(5 << 20)), 5 << 20);
     assert_eq!(limit(Some(1)), own, "never below the actor's own");
+    assert_eq!(limit(Some(0)), limit(None), "0: not declared");
     assert_eq!(grant_decode_limit(own, 1 << 40, None), u32::MAX as usize);
 }
 
