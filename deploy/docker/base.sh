@@ -20,15 +20,19 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "base.sh: $image cannot be pulled, and building it (debootstrap) needs root: run this script as root once, or docker pull $image where a registry is reachable" >&2
     exit 1
 fi
-if ! command -v debootstrap >/dev/null; then
-    echo "base.sh: installing debootstrap (Debian package)" >&2
+# Debian's archive keys: debootstrap checks the mirror's signed Release
+# file against them (without a keyring it would fetch over plain HTTP
+# unverified), and fails on a mismatch.
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+if ! command -v debootstrap >/dev/null || [ ! -s "$keyring" ]; then
+    echo "base.sh: installing debootstrap and debian-archive-keyring (Debian packages)" >&2
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap debian-archive-keyring >/dev/null
 fi
 root="$(mktemp -d)"
 trap 'rm -rf "$root"' EXIT
 echo "base.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2
-debootstrap --variant=minbase bookworm "$root" "$mirror" >/dev/null
+debootstrap --keyring="$keyring" --variant=minbase bookworm "$root" "$mirror" >/dev/null
 # What a slim image leaves out: package lists and caches.
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin
 tar -C "$root" -c . | docker import \
