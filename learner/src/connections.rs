@@ -371,6 +371,12 @@ impl Calls {
         if self.started.load(Ordering::Acquire) != 0 || self.evicted.swap(true, Ordering::AcqRel) {
             return false;
         }
+        self.wake_reader();
+        true
+    }
+
+    /// Wakes the connection's reader, if it waits, to look again.
+    fn wake_reader(&self) {
         let reader = self
             .reader
             .lock()
@@ -379,7 +385,6 @@ impl Calls {
         if let Some(reader) = reader {
             reader.wake();
         }
-        true
     }
 }
 
@@ -439,15 +444,7 @@ struct CallInProgress(Arc<Calls>);
 impl Drop for CallInProgress {
     fn drop(&mut self) {
         if self.0.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let reader = self
-                .0
-                .reader
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
-            if let Some(reader) = reader {
-                reader.wake();
-            }
+            self.0.wake_reader();
         }
     }
 }

@@ -922,9 +922,6 @@ async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
     let config = config();
     let (url, learner, stop) = start_learner(&config).await;
     let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    // The 5-byte prefix of a gRPC message: flag, then length (big-endian).
-    let framed =
-        |flag: u8, length: u32, body: &[u8]| [&[flag][..], &length.to_be_bytes(), body].concat();
     for (case, body) in [
         ("compressed, none agreed", framed(1, 2, &[0x08, 0x01])),
         ("an unknown flag", framed(7, 2, &[0x08, 0x01])),
@@ -973,6 +970,45 @@ async fn session_of_raw_bytes(url: &str, issued: &Issued, body: Vec<u8>) -> (Cod
     call_of_raw_bytes(url, "Session", &headers, body).await
 }
 
+/// A bare HTTP/2 connection to the learner at `url`: its request sender,
+/// and the task driving it, which ends when the connection does.
+async fn raw_connection(
+    url: &str,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+/// A gRPC request to `path` (`package.Service/Method`) on `url`, with
+/// `headers`.
+fn raw_request(
+    url: &str,
+    path: &str,
+    headers: &[(&str, String)],
+) -> tonic::codegen::http::Request<()> {
+    let mut request = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri(format!("{url}/{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    request.body(()).unwrap()
+}
+
+/// A gRPC message as framed on the wire: its flag (1: compressed), its
+/// length as declared (big-endian), then `body`, whatever its length.
+fn framed(flag: u8, length: u32, body: &[u8]) -> Vec<u8> {
+    [&[flag][..], &length.to_be_bytes(), body].concat()
+}
+
 /// Calls the Learner's `method` over a bare HTTP/2 connection with
 /// `headers`, sends `body` as the whole request stream, and returns the
 /// call's status: its code and message.
@@ -982,20 +1018,8 @@ async fn call_of_raw_bytes(
     headers: &[(&str, String)],
     body: Vec<u8>,
 ) -> (Code, String) {
-    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
-    tokio::spawn(connection);
-    let mut request = tonic::codegen::http::Request::builder()
-        .method("POST")
-        .uri(format!("{url}/flgfn.v1.Learner/{method}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers");
-    for (name, value) in headers {
-        request = request.header(*name, value.as_str());
-    }
-    let request = request.body(()).unwrap();
+    let (sender, _connection) = raw_connection(url).await;
+    let request = raw_request(url, &format!("flgfn.v1.Learner/{method}"), headers);
     let mut sender = sender.ready().await.unwrap();
     let (response, mut upload) = sender.send_request(request, false).unwrap();
     upload.send_data(body.into(), true).unwrap();
@@ -1878,18 +1902,8 @@ async fn a_connection_that_never_calls_the_learner_is_closed_early() {
     let mut config = config();
     config.learner.idle_connection_s = 300.0;
     let (url, learner, stop) = start_learner(&config).await;
-    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
-    let connection = tokio::spawn(connection);
-    let request = tonic::codegen::http::Request::builder()
-        .method("POST")
-        .uri(format!("{url}/grpc.health.v1.Health/Check"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+    let (sender, connection) = raw_connection(&url).await;
+    let request = raw_request(&url, "grpc.health.v1.Health/Check", &[]);
     let mut sender = sender.ready().await.unwrap();
     let (response, mut upload) = sender.send_request(request, false).unwrap();
     // An empty HealthCheckRequest (the server as a whole), gRPC-framed.
@@ -1915,30 +1929,16 @@ async fn a_handshake_whose_request_never_arrives_whole_is_ended() {
     let mut config = config();
     config.learner.idle_connection_s = 3.0;
     let (url, learner, stop) = start_learner(&config).await;
-    let socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
-    let connection = tokio::spawn(connection);
+    let (sender, connection) = raw_connection(&url).await;
     let whole = handshake_request(&config).encode_to_vec();
-    let mut whole_unended = vec![0];
-    whole_unended.extend_from_slice(&u32::try_from(whole.len()).unwrap().to_be_bytes());
-    whole_unended.extend_from_slice(&whole);
-    let mut half_sent = vec![0];
-    half_sent.extend_from_slice(&60_000u32.to_be_bytes());
-    half_sent.extend_from_slice(&[0; 10]);
+    let whole_unended = framed(0, u32::try_from(whole.len()).unwrap(), &whole);
+    let half_sent = framed(0, 60_000, &[0; 10]);
     let sent = tokio::time::Instant::now();
     let mut answers = Vec::new();
     // (The streams are kept: a dropped one would be reset, ending the call.)
     let mut uploads = Vec::new();
     for body in [half_sent, whole_unended] {
-        let request = tonic::codegen::http::Request::builder()
-            .method("POST")
-            .uri(format!("{url}/flgfn.v1.Learner/Handshake"))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+        let request = raw_request(&url, "flgfn.v1.Learner/Handshake", &[]);
         let mut sender = sender.clone().ready().await.unwrap();
         let (response, mut upload) = sender.send_request(request, false).unwrap();
         upload.send_data(body.into(), false).unwrap();
