@@ -7,7 +7,8 @@
 //! each accepted connection holds one of `learner.max_connections` permits
 //! until it closes. At the cap, the oldest connection on which no Learner
 //! call has ever started (a client that only connected, or only checks
-//! health) is closed to make room ([`EVICTION_WAIT`]), counted under
+//! health), if at least [`EVICTION_MIN_AGE`] old, is closed to make room
+//! ([`EVICTION_WAIT`]), counted under
 //! `closed_for_room`, so that clients without a token cannot keep actors
 //! out by reconnecting faster than the timeouts below close them; where
 //! every connection has started a call, the one accepted is closed at
@@ -720,7 +721,7 @@ pub fn incoming(
                         let count = stats.refuse("closed_for_room");
                         if count.is_power_of_two() {
                             warn!(
-                                peer = %peer_text(stream.peer_addr().ok()),
+                                new_peer = %peer_text(stream.peer_addr().ok()),
                                 max,
                                 closed_so_far = count,
                                 "at learner.max_connections: closed the oldest connection that never called the learner, for a new one"

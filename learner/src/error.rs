@@ -229,7 +229,7 @@ pub(crate) fn clip(text: String) -> String {
 /// INTERNAL, which the protocol keeps for the learner's own faults,
 /// retried by actors: an actor with a framing bug would retry for ever,
 /// and the log would blame the learner. They are the sender's:
-/// INVALID_ARGUMENT, naming `what` was framed (the chunk, the handshake).
+/// INVALID_ARGUMENT, naming `what` was framed (the chunk, the request).
 /// (Matched by tonic's words, which tests pin.)
 pub(crate) fn framing_fault_as_sender_error(status: Status, what: &str) -> Status {
     let message = status.message();
