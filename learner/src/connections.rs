@@ -687,9 +687,15 @@ pub fn incoming(
     stats: Arc<IngestStats>,
     stopping: watch::Receiver<bool>,
 ) -> impl Stream<Item = io::Result<CountedConnection>> {
-    let permits = Arc::new(Semaphore::new(max));
-    let open = Arc::new(OpenConnections::new(max));
-    let stats_of_places = stats.clone();
+    let places = Arc::new(Places {
+        permits: Arc::new(Semaphore::new(max)),
+        open: OpenConnections::new(max),
+        max,
+        transport,
+        idle_after,
+        stats,
+        stopping,
+    });
     let failed_accepts = Arc::new(AtomicU64::new(0));
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -712,74 +718,93 @@ pub fn incoming(
             }
         })
         .then(move |accepted| {
-            let (permits, open, stats) = (permits.clone(), open.clone(), stats_of_places.clone());
+            let places = places.clone();
             async move {
-                let stream = accepted?;
-                let place = match permits.clone().try_acquire_owned() {
-                    Ok(permit) => Some(permit),
-                    Err(_) if open.evict_oldest_never_called() => {
-                        let count = stats.refuse("closed_for_room");
-                        if count.is_power_of_two() {
-                            warn!(
-                                new_peer = %peer_text(stream.peer_addr().ok()),
-                                max,
-                                closed_so_far = count,
-                                "at learner.max_connections: closed the oldest connection that never called the learner, for a new one"
-                            );
-                        }
-                        tokio::time::timeout(EVICTION_WAIT, permits.acquire_owned())
-                            .await
-                            .ok()
-                            .and_then(Result::ok)
-                    }
-                    Err(_) => None,
-                };
-                // Known from the start, so that a later newcomer can close
-                // it before it even sends its first bytes.
-                let place = place.map(|permit| {
-                    let calls = Arc::<Calls>::default();
-                    open.add(&calls);
-                    (permit, calls)
-                });
-                Ok((stream, place))
+                match accepted {
+                    // tonic skips accept errors (logged above).
+                    Err(error) => Some(Err(error)),
+                    Ok(stream) => places.admit(stream).await.map(Ok),
+                }
             }
         })
-        .filter_map(move |accepted| match accepted {
-            // tonic skips accept errors (logged above).
-            Err(error) => Some(Err(error)),
-            Ok((stream, place)) => match place {
-                Some((permit, calls)) => Some(Ok(CountedConnection {
-                    stream,
-                    first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
-                    first_bytes_missing: FIRST_BYTES,
-                    calls,
-                    idle_after,
-                    idle_deadline: None,
-                    read_since_check: false,
-                    graced: false,
-                    calls_seen: 0,
-                    transport,
-                    first_byte: None,
-                    served: AtomicBool::new(false),
-                    stats: stats.clone(),
-                    stopping: stopping.clone(),
-                    _permit: permit,
-                })),
-                None => {
-                    // A flood logs a line at 1, 2, 4, 8, ... connections.
-                    let count = stats.refuse("too_many_connections");
-                    if count.is_power_of_two() {
-                        warn!(
-                            peer = %peer_text(stream.peer_addr().ok()),
-                            max,
-                            closed_so_far = count,
-                            "closed a connection beyond learner.max_connections"
-                        );
-                    }
-                    None
+        .filter_map(|admitted| admitted)
+}
+
+/// What [`incoming`] admits connections with.
+struct Places {
+    /// One per connection open, `max` in all.
+    permits: Arc<Semaphore>,
+    /// The connections open, to find one to close for room.
+    open: OpenConnections,
+    /// `learner.max_connections` (as the process's file limit allows).
+    max: usize,
+    /// What each admitted connection needs (see [`CountedConnection`]).
+    transport: Transport,
+    idle_after: Duration,
+    stats: Arc<IngestStats>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Places {
+    /// `stream` with a place under the cap: a free one, else the place of
+    /// the oldest connection that never called (closed for it); `None`,
+    /// closed and counted, where there is neither.
+    async fn admit(&self, stream: TcpStream) -> Option<CountedConnection> {
+        let stats = &self.stats;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if self.open.evict_oldest_never_called() => {
+                let count = stats.refuse("closed_for_room");
+                if count.is_power_of_two() {
+                    warn!(
+                        new_peer = %peer_text(stream.peer_addr().ok()),
+                        max = self.max,
+                        closed_so_far = count,
+                        "at learner.max_connections: closed the oldest connection that never called the learner, for a new one"
+                    );
                 }
-            },
+                tokio::time::timeout(EVICTION_WAIT, self.permits.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
+        };
+        let Some(permit) = permit else {
+            // A flood logs a line at 1, 2, 4, 8, ... connections.
+            let count = stats.refuse("too_many_connections");
+            if count.is_power_of_two() {
+                warn!(
+                    peer = %peer_text(stream.peer_addr().ok()),
+                    max = self.max,
+                    closed_so_far = count,
+                    "closed a connection beyond learner.max_connections"
+                );
+            }
+            return None;
+        };
+        // Known from the start, so that a later newcomer can close it
+        // before it even sends its first bytes.
+        let calls = Arc::<Calls>::default();
+        self.open.add(&calls);
+        Some(CountedConnection {
+            stream,
+            first_bytes_deadline: Some(Box::pin(tokio::time::sleep(FIRST_BYTES_WITHIN))),
+            first_bytes_missing: FIRST_BYTES,
+            calls,
+            idle_after: self.idle_after,
+            idle_deadline: None,
+            read_since_check: false,
+            graced: false,
+            calls_seen: 0,
+            transport: self.transport,
+            first_byte: None,
+            served: AtomicBool::new(false),
+            stats: stats.clone(),
+            stopping: self.stopping.clone(),
+            _permit: permit,
         })
+    }
 }
 
 impl Connected for CountedConnection {
