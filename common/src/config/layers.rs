@@ -382,10 +382,7 @@ impl Config {
             Err(error) => error,
         };
         // The table as the schema refused it, for the error's hint.
-        let mut merged = table.clone();
-        for layer in overrides {
-            layer.apply(&mut merged)?;
-        }
+        let merged = applied(&table, overrides)?;
         // Blame the layer at fault: the file on its own, with its line
         // numbers (unless a variable mends it), else the one variable
         // that fails on top of it alone, else all of them together.
@@ -444,6 +441,19 @@ impl Config {
     }
 }
 
+/// `table` (a file's) with `layers` applied in order, as a table (an
+/// error: a variable that cannot be applied, its section not one).
+fn applied<'a>(
+    table: &toml::Table,
+    layers: impl IntoIterator<Item = &'a EnvOverride>,
+) -> Result<toml::Table, ConfigError> {
+    let mut table = table.clone();
+    for layer in layers {
+        layer.apply(&mut table)?;
+    }
+    Ok(table)
+}
+
 /// `table` (a file's) with `overrides` applied, as a configuration: the
 /// outer error is a variable that cannot be applied (its section is not
 /// one), the inner one the schema's refusal. A value read as a number, a
@@ -455,10 +465,7 @@ fn with_overrides(
     table: &toml::Table,
     overrides: &[&EnvOverride],
 ) -> Result<Result<Config, toml::de::Error>, ConfigError> {
-    let mut table = table.clone();
-    for layer in overrides {
-        layer.apply(&mut table)?;
-    }
+    let mut table = applied(table, overrides.iter().copied())?;
     name_default_task(&mut table);
     let first_error = match table.clone().try_into::<Config>() {
         Ok(config) => return Ok(Ok(config)),
