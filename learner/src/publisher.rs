@@ -125,10 +125,12 @@ impl Publisher {
         drop(previous);
     }
 
-    /// Publishes the final version and tells every session that training
-    /// is over.
-    pub fn finish(&self, version: u64, snapshot: DeviceSnapshot) {
-        self.publish(version, snapshot);
+    /// Tells every session that training is over: called once the run's
+    /// end is saved (its final checkpoint written), never before. An actor
+    /// told it stops for good (compose restarts only a failed one), and a
+    /// learner that then failed to save would resume, from an earlier
+    /// checkpoint, to no actors.
+    pub fn finish(&self) {
         self.done.send_replace(true);
     }
 
@@ -341,7 +343,9 @@ mod tests {
         let decoded = flgfn_common::weights::decode(&encoded.bytes).unwrap();
         assert_eq!(decoded.arrays, at_publish);
         let mut done = publisher.done();
-        publisher.finish(2, policy.snapshot());
+        publisher.publish(2, policy.snapshot());
+        assert!(!*done.borrow_and_update(), "a version is no end");
+        publisher.finish();
         assert!(*done.borrow_and_update());
     }
 }

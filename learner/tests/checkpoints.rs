@@ -473,6 +473,84 @@ async fn a_checkpoint_that_cannot_be_written_ends_training() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A final checkpoint that cannot be saved (here a folder stands where its
+/// file goes) fails the run before any actor hears that training is over:
+/// the actors wait for the learner's restart, which resumes from the last
+/// checkpoint saved and trains the rest with them. Told first, they would
+/// have stopped for good (compose restarts only a failed container), and
+/// the restarted learner would wait for data that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
+    const MAX_STEPS: u64 = 1200;
+    let dir = scratch("final-unsaved");
+    let (mut config, checkpoints) = checkpointed(&dir, 400, MAX_STEPS);
+    config.actor.reconnect_initial_s = 0.05;
+    config.actor.reconnect_max_s = 0.2;
+    let metrics = dir.join("metrics.jsonl");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let url = format!("http://{address}");
+    let learner = |config: Config, listener: TcpListener| {
+        tokio::spawn(flgfn_learner::serve(
+            config,
+            listener,
+            writing(&metrics),
+            std::future::pending::<()>(),
+        ))
+    };
+    let first = learner(config.clone(), listener);
+    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    // After the first learner has loaded (its folder checked, and
+    // cleared of what is no checkpoint), 800 steps before its last.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while checkpoint_steps(&checkpoints).is_empty() {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let in_the_way = checkpoints.join(format!("ckpt-{MAX_STEPS:012}.safetensors"));
+    std::fs::create_dir_all(in_the_way.join("taken")).unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(120), first)
+        .await
+        .expect("the first learner fails")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&in_the_way.display().to_string()), "{error}");
+    let saved = checkpoint_steps(&checkpoints);
+    assert!(saved.contains(&800), "{saved:?}");
+    for a in &actors {
+        assert!(!a.is_finished(), "an actor stopped with the failed learner");
+    }
+
+    std::fs::remove_dir_all(&in_the_way).unwrap();
+    // The port may be taken for a moment: by the first learner's server
+    // winding down, or by an actor's reconnect that met itself (Linux
+    // connects a socket to itself when the port it dials is its own
+    // ephemeral port and nothing listens there).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listener = loop {
+        match TcpListener::bind(address).await {
+            Ok(listener) => break listener,
+            Err(error) => assert!(Instant::now() < deadline, "{address}: {error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outcome = support::finished_learner(learner(config.clone(), listener)).await;
+    assert_eq!(outcome.steps, MAX_STEPS);
+    // Both actors trained with the restarted learner, and it told them
+    // that training is over.
+    let trained_again: std::collections::BTreeSet<u64> =
+        outcome.sessions.iter().map(|s| s.actor_id).collect();
+    assert!(!trained_again.is_empty(), "no actor came back");
+    for a in actors {
+        let report = support::finished_actor(a).await;
+        assert!(report.sessions_opened >= 2, "{report:?}");
+    }
+    let reports = support::reports(&metrics);
+    assert_eq!(reports.last().map(|r| r.step), Some(MAX_STEPS));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A report whose metrics write fails counts the skipped steps of its
 /// window once in the checkpoint saved after it (a learning rate of 1e30:
 /// every step after the first is skipped).

@@ -171,8 +171,8 @@ impl CreditPool {
     /// only while what is in use falls short of them at the current
     /// target, so the last steps' supply does not outlast them; none at
     /// all once the last batch is collated. Credits already granted stay
-    /// valid; sessions learn that training is done when the final weights
-    /// are published.
+    /// valid; sessions learn that training is done once the final weights
+    /// are saved.
     pub fn collated(&self, step: u64) {
         let last = self.last_step.load(Ordering::Acquire);
         if last != u64::MAX {

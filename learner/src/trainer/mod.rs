@@ -447,7 +447,8 @@ impl Training {
 
 impl Trainer {
     /// Trains until `max_steps`, or until the batch builder stops (the
-    /// learner was asked to stop); then publishes the final weights.
+    /// learner was asked to stop); then publishes the final weights, saves
+    /// them, and only then tells the sessions that training is over.
     ///
     /// An error in training (from the first step to the final weights'
     /// publication) ends training, not the run at once: what was trained
@@ -478,7 +479,11 @@ impl Trainer {
                 return Err(error);
             }
         };
+        // A final save that fails leaves the actors waiting for the
+        // learner's restart, which resumes from the last checkpoint saved
+        // and trains the rest with them.
         self.save_final(&mut training, &weights)?;
+        self.publisher.finish();
         Ok(training.outcome(weights))
     }
 
@@ -744,8 +749,10 @@ impl Trainer {
         }
         progress.version = progress.step + progress.version_offset;
         self.raise_version_floor(progress)?;
+        // Published, not yet said to be the last: the sessions hear that
+        // training is over once it is saved (see `run`).
         self.publisher
-            .finish(progress.version, optimizer.parameters().snapshot());
+            .publish(progress.version, optimizer.parameters().snapshot());
         // The run's model, exact: f32 whatever actors receive, with the
         // metadata an actor's copy of this version carries.
         self.publisher
