@@ -3,8 +3,9 @@
 //! summary and an experiment's tables.
 //!
 //! A write goes to a temporary file in the same folder, is synced, renamed
-//! over the final name, and the folder synced; missing folders are made
-//! first, each synced into its parent. Errors name the path, and say "not
+//! over the final name, and the folder synced (where its file system can:
+//! see `folder_synced`); missing folders are made first, each synced into
+//! its parent. Errors name the path, and say "not
 //! a folder" where a file is in the way, which the OS says only as "Not a
 //! directory". Callers add their context (the checkpoint folder names
 //! its key, the summary is the metrics file's).
@@ -124,7 +125,7 @@ pub fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
                     "could not sync the new folder's entry in its parent (permission denied): a crash of the machine may lose the folder"
                 );
             }
-            Err(error) => return Err(FileError::at(parent, error)),
+            Err(error) => folder_synced(parent, Err(error))?,
         }
     }
     Ok(missing.into_iter().map(Path::to_path_buf).collect())
@@ -150,10 +151,34 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
         let _ = fs::remove_file(&temporary);
         return Err(FileError::at(&path, error));
     }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| FileError::at(dir, e))?;
+    folder_synced(dir, File::open(dir).and_then(|d| d.sync_all()))?;
     Ok(path)
+}
+
+/// Whether a folder's sync went well enough: some file systems cannot
+/// sync a folder at all (a FUSE or network mount that answers "invalid
+/// argument" or "not supported"), and refusing every write there would
+/// leave a run on such storage with no checkpoint. The file itself is
+/// synced before its rename; the rename's durability is then the file
+/// system's, which is said once per process. Any other failure is one.
+fn folder_synced(dir: &Path, synced: std::io::Result<()>) -> Result<(), FileError> {
+    use std::io::ErrorKind::{InvalidInput, Unsupported};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SAID: AtomicBool = AtomicBool::new(false);
+    match synced {
+        Ok(()) => Ok(()),
+        Err(error) if matches!(error.kind(), InvalidInput | Unsupported) => {
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    folder = %dir.display(),
+                    %error,
+                    "this file system cannot sync a folder: files are synced before their rename, but a crash of the machine may undo a rename (said once)"
+                );
+            }
+            Ok(())
+        }
+        Err(error) => Err(FileError::at(dir, error)),
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +190,33 @@ mod tests {
             std::env::temp_dir().join(format!("flgfn-durable-file-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
+    }
+
+    /// A folder that its file system cannot sync (EINVAL, ENOTSUP,
+    /// ENOSYS, as some FUSE and network mounts answer) takes the write;
+    /// any other failure of the sync fails it, naming the folder.
+    #[test]
+    fn a_folder_that_cannot_be_synced_takes_the_write_other_failures_do_not() {
+        let dir = Path::new("/mnt/checkpoints");
+        for errno in [libc_errno::EINVAL, libc_errno::ENOTSUP, libc_errno::ENOSYS] {
+            let refused = std::io::Error::from_raw_os_error(errno);
+            assert!(folder_synced(dir, Err(refused)).is_ok(), "errno {errno}");
+        }
+        for errno in [libc_errno::EIO, libc_errno::ENOSPC] {
+            let failed = std::io::Error::from_raw_os_error(errno);
+            let error = folder_synced(dir, Err(failed)).unwrap_err().to_string();
+            assert!(error.starts_with("/mnt/checkpoints: "), "{error}");
+        }
+        assert!(folder_synced(dir, Ok(())).is_ok());
+    }
+
+    /// Linux's numbers for the errors above.
+    mod libc_errno {
+        pub const EIO: i32 = 5;
+        pub const EINVAL: i32 = 22;
+        pub const ENOSPC: i32 = 28;
+        pub const ENOSYS: i32 = 38;
+        pub const ENOTSUP: i32 = 95;
     }
 
     /// A write into a folder that a file has replaced names that file as
