@@ -12,8 +12,10 @@
 # Security Standard and mounts no service-account token; a disruption
 # (eviction, preemption, drain) uses none of the Job's retries, its
 # replacement waits for the stopped pod to end, and its restart policy is
-# Never (which a failure policy needs). Skipped (exit 77) where kubectl
-# is not installed.
+# Never (which a failure policy needs). Every overlay renders with the
+# network-policy component too, whose policies let the actors' pods alone
+# reach the learner's, on the port it opens, and the actors reach only
+# the learner and DNS. Skipped (exit 77) where kubectl is not installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if ! command -v kubectl >/dev/null; then
@@ -31,6 +33,89 @@ for overlay in deploy/k8s/overlays/*/; do
     kubectl kustomize "$overlay" >"$work/$name.yaml"
     "$tools/kubernetes-validate" --strict --quiet "$work/$name.yaml"
     overlays+=("$name ($(grep -c '^kind:' "$work/$name.yaml") resources)")
+done
+# Each overlay with the network-policy component, added as its header
+# says (a copy of the manifests, the component in the overlay's own
+# kustomization.yaml), checked below like the others, and for its
+# policies.
+cp -r deploy/k8s "$work/with-policies"
+for overlay in "$work"/with-policies/overlays/*/; do
+    name="$(basename "$overlay")"
+    printf 'components:\n  - ../../components/network-policy\n' >>"$overlay/kustomization.yaml"
+    kubectl kustomize "$overlay" >"$work/$name+network-policy.yaml"
+    "$tools/kubernetes-validate" --strict --quiet "$work/$name+network-policy.yaml"
+    "$tools/python" - "$work/$name+network-policy.yaml" <<'PY'
+import sys
+
+import yaml
+
+path = sys.argv[1]
+overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+
+
+def fail(message):
+    sys.exit(f"kubernetes: overlay {overlay}: {message}")
+
+
+templates = {
+    d["metadata"]["name"]: d["spec"]["template"]
+    for d in docs
+    if d["kind"] in ("Deployment", "StatefulSet", "Job")
+}
+policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+if set(policies) != {"flgfn-learner", "flgfn-actor"}:
+    fail(f"expected the policies flgfn-learner and flgfn-actor, not {sorted(policies)}")
+
+
+def selected(selector):
+    labels = selector.get("matchLabels", {})
+    if not labels or selector.get("matchExpressions"):
+        fail(f"a policy selector {selector} is not plain labels")
+    return sorted(
+        name
+        for name, template in templates.items()
+        if labels.items() <= template["metadata"].get("labels", {}).items()
+    )
+
+
+learner = templates["flgfn-learner"]["spec"]["containers"][0]
+opened = {p["containerPort"] for p in learner.get("ports", [])} | {
+    p.get("name") for p in learner.get("ports", [])
+}
+
+
+def only_opened_ports(rule, what):
+    ports = rule.get("ports", [])
+    if not ports or any(p["port"] not in opened or p.get("protocol", "TCP") != "TCP" for p in ports):
+        fail(f"{what} allows ports {ports}, not the learner's gRPC port ({opened})")
+
+
+policy = policies["flgfn-learner"]
+if selected(policy["podSelector"]) != ["flgfn-learner"]:
+    fail("the learner's policy does not select the learner's pod alone")
+if policy.get("policyTypes") != ["Ingress"] or not policy.get("ingress"):
+    fail("the learner's policy does not limit what comes in")
+for rule in policy["ingress"]:
+    sources = [selected(peer["podSelector"]) for peer in rule.get("from", [])]
+    if sources != [["flgfn-actor"]]:
+        fail(f"the learner takes connections from {sources or 'anywhere'}, not the actors' pods alone")
+    only_opened_ports(rule, "the learner's policy")
+policy = policies["flgfn-actor"]
+if selected(policy["podSelector"]) != ["flgfn-actor"]:
+    fail("the actors' policy does not select the actors' pods alone")
+if sorted(policy.get("policyTypes", [])) != ["Egress", "Ingress"] or policy.get("ingress"):
+    fail("the actors' policy lets connections in, or leaves what goes out open")
+to_learner = [rule for rule in policy.get("egress", []) if rule.get("to")]
+dns = [rule for rule in policy.get("egress", []) if not rule.get("to")]
+for rule in to_learner:
+    destinations = [selected(peer["podSelector"]) for peer in rule["to"]]
+    if destinations != [["flgfn-learner"]]:
+        fail(f"the actors may reach {destinations}, not the learner's pod alone")
+    only_opened_ports(rule, "the actors' policy")
+if len(to_learner) != 1 or len(dns) != 1 or {p["port"] for p in dns[0].get("ports", [])} != {53}:
+    fail("the actors' policy lets out more than the learner and DNS (port 53), or not both")
+PY
 done
 # The job overlay runs to completion: its learner a Job, nothing that
 # restarts a finished one.
@@ -161,4 +246,4 @@ claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) i
 print(*claims)' "$work/job.yaml")"
 grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
     { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
-echo "kubernetes: ok: ${overlays[*]} render and validate, their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, its disruptions not counted as failures; so do ${manifests[*]}"
+echo "kubernetes: ok: ${overlays[*]} render and validate, with and without the network policies (which let the actors alone reach the learner), their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, its disruptions not counted as failures; so do ${manifests[*]}"
