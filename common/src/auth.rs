@@ -88,7 +88,10 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
     // Each must hold a PEM block of its kind: rustls takes a file without
     // one (DER, the wrong file) as an empty set of roots or no identity,
     // and the handshakes then fail later with an error naming no file.
-    let read = |field: &str, path: &str, kind: &str| -> Result<Option<Vec<u8>>, ConfigError> {
+    let read = |field: &'static str,
+                path: &str,
+                kind: &str|
+     -> Result<Option<Vec<u8>>, ConfigError> {
         if path.is_empty() {
             return Ok(None);
         }
@@ -123,6 +126,9 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
                     "{path} holds an encrypted private key, which cannot be read without its passphrase: write it unencrypted where only its owner can read it (`(umask 077; openssl pkey -in {path} -out plain.key)`)"
                 ),
             ));
+        }
+        if kind == "PRIVATE KEY" {
+            warn_if_others_can_read(field, path);
         }
         Ok(Some(bytes))
     };
@@ -355,12 +361,77 @@ fn token_from(
     })?;
     let mut token = Token::new(text.trim(), "auth.token_file")?;
     token.from = format!("auth.token_file ({})", config.token_file);
+    warn_if_others_can_read("auth.token_file", &config.token_file);
     Ok(Some(token))
+}
+
+/// Warns where a secret's file may be read by every user of the machine:
+/// on a shared host (a Slurm cluster's nodes, a workstation) anyone could
+/// then join the run with the token, or pose as the learner with its key.
+/// A warning, not a refusal: inside a container "every user" is the
+/// container's, and Kubernetes mounts Secrets 0644 unless its
+/// `defaultMode` says otherwise. Said once per field and process (local
+/// actors read the same files as their learner).
+fn warn_if_others_can_read(field: &'static str, path: &str) {
+    static SAID: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+    let Some(mode) = others_can_read(std::path::Path::new(path)) else {
+        return;
+    };
+    let mut said = SAID
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !said.contains(&field) {
+        said.push(field);
+        tracing::warn!(
+            field,
+            path,
+            mode = %format!("{mode:03o}"),
+            "this secret's file is readable by every user of this machine: `chmod 600` it (640 to share it with a group)"
+        );
+    }
+}
+
+/// The permission bits of the file at `path` where "others" may read it
+/// (links followed: a Kubernetes Secret's files are links).
+#[cfg(unix)]
+fn others_can_read(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o004 != 0).then_some(mode)
+}
+
+/// Other systems' permissions are not modes: nothing to say there.
+#[cfg(not(unix))]
+fn others_can_read(_path: &std::path::Path) -> Option<u32> {
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A secret's file readable by others is noticed, whatever else its
+    /// mode grants; one kept to its owner or group is not.
+    #[cfg(unix)]
+    #[test]
+    fn a_secret_readable_by_every_user_is_noticed() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("flgfn-auth-mode-{}", std::process::id()));
+        std::fs::write(&path, "0123456789abcdef").unwrap();
+        for (mode, noticed) in [
+            (0o644, Some(0o644)),
+            (0o604, Some(0o604)),
+            (0o444, Some(0o444)),
+            (0o600, None),
+            (0o640, None),
+            (0o400, None),
+        ] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(others_can_read(&path), noticed, "mode {mode:o}");
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(others_can_read(&path), None, "no file, nothing to say");
+    }
 
     /// An X.509 version 1 certificate (self-signed by `openssl x509 -req`
     /// without `-extfile`, valid to 2126) and its key, made for this test
