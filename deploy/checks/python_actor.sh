@@ -548,7 +548,8 @@ actions, _ = fa.rollout(task, policy, 4, 0.0, 0.0, np.random.default_rng(0))
 assert all(len(a) == task.max_len for a in actions), actions
 
 # Settings outside their range are refused before any connection.
-for setting in [{"epsilon": 1.5}, {"epsilon": -0.1}, {"truncate_fraction": 2.0}, {"envs": 0}]:
+for setting in [{"epsilon": 1.5}, {"epsilon": -0.1}, {"truncate_fraction": 2.0},
+                {"truncate_fraction": 1.0}, {"envs": 0}]:
     try:
         fa.run(task, "127.0.0.1:1", **setting)
         sys.exit(f"not refused: {setting}")

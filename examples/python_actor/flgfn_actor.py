@@ -624,10 +624,7 @@ class Actor:
             raise Unreachable(why)
         outbox, chunks = upload()
         opened = None
-        # (One that truncates every trajectory learns whether the learner
-        # would drop them all before it opens a session: two calls.)
-        if (self.one_call and handshake.ByteSize() <= MAX_HANDSHAKE_HEADER_BYTES
-                and self.truncate_fraction < 1):
+        if self.one_call and handshake.ByteSize() <= MAX_HANDSHAKE_HEADER_BYTES:
             try:
                 opened = self.open_in_one_call(handshake, chunks)
             except BaseException:
@@ -646,14 +643,6 @@ class Actor:
             reply, grants = opened
         # A learner whose objective (TB) drops truncated trajectories.
         if reply.drops_truncated and self.truncate_fraction > 0:
-            if self.truncate_fraction >= 1:
-                if grants is not None:
-                    grants.cancel()
-                    outbox.put(None)
-                raise Refused("the learner trains on complete trajectories only (objective tb, or "
-                              "objective.drop_truncated) "
-                              "and drops truncated ones, and --truncate-fraction 1 cuts every "
-                              "trajectory short: lower it (0 for this learner)")
             print(f"{self.name}: the learner trains on complete trajectories only "
                   f"(objective tb, or objective.drop_truncated): the truncated share of rollouts is dropped unused "
                   f"(--truncate-fraction 0 for this learner)", flush=True)
@@ -805,7 +794,10 @@ def out_of_range(reconnect_attempts, epsilon, truncate_fraction, envs):
         ("reconnect_attempts", reconnect_attempts, reconnect_attempts >= 0,
          "0 (never give up) or more"),
         ("epsilon", epsilon, 0 <= epsilon <= 1, "between 0 and 1"),
-        ("truncate_fraction", truncate_fraction, 0 <= truncate_fraction <= 1, "between 0 and 1"),
+        # (1 would cut every trajectory short: none would reach a terminal
+        # state, where the reward ties the flows to the target.)
+        ("truncate_fraction", truncate_fraction, 0 <= truncate_fraction < 1,
+         "at least 0 and below 1 (1 would leave no trajectory complete)"),
         ("envs", envs, envs >= 1, "1 or more"),
     ):
         if not within:

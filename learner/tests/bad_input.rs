@@ -1448,12 +1448,15 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
     learner.await.unwrap().unwrap();
 }
 
-/// A TB learner drops truncated trajectories: an actor configured apart
-/// (its own file) that cuts every one short stops, saying so, instead of
-/// rolling out for nothing. (One that cuts some is served:
-/// `tb_drops_and_counts_truncated_prefixes` trains through one.)
+/// A TB learner drops truncated trajectories, and says so at the
+/// handshake (an actor that cuts some short then warns; one that cuts
+/// some is served: `tb_drops_and_counts_truncated_prefixes` trains
+/// through one); another objective does not. An actor configured apart
+/// (its own file, the default objective) that would cut every trajectory
+/// short stops at its configuration, before it calls: no objective can
+/// train towards the target without a terminal state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_truncated() {
+async fn a_learner_says_whether_it_drops_truncated_and_no_actor_truncates_all() {
     let mut learner_config = config();
     learner_config.objective.name = flgfn_common::config::ObjectiveName::Tb;
     let (url, learner, stop) = start_learner(&learner_config).await;
@@ -1463,10 +1466,10 @@ async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_trunca
     actor_config.actor.envs = 1;
     let error = actor_error(actor_config.clone(), "truncating").await;
     assert!(
-        error.contains("drops truncated ones") && error.contains("actor.truncate_fraction"),
+        error.contains("actor.truncate_fraction")
+            && error.contains("no trajectory would reach a terminal state"),
         "{error}"
     );
-    // The learner says so at the handshake; another objective does not.
     let mut client = LearnerClient::connect(url).await.unwrap();
     let reply = client
         .handshake(handshake_request(&learner_config))
@@ -1476,8 +1479,6 @@ async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_trunca
     assert!(reply.drops_truncated);
     stop.send(()).unwrap();
     let outcome = learner.await.unwrap().unwrap();
-    // The actor learned it from a Handshake call, before it opened any
-    // session (in one call it would have opened one first).
     assert!(outcome.sessions.is_empty(), "{:?}", outcome.sessions);
     let (url, learner, stop) = start_learner(&config()).await;
     let mut client = LearnerClient::connect(url).await.unwrap();
@@ -1489,6 +1490,60 @@ async fn an_actor_that_truncates_everything_stops_at_a_learner_that_drops_trunca
     assert!(!reply.drops_truncated);
     stop.send(()).unwrap();
     let _ = learner.await.unwrap();
+}
+
+/// Trajectories that all stop short of a terminal state train the flows
+/// towards no target. The configuration refuses `truncate_fraction = 1`,
+/// but an actor of another implementation can send them: the learner
+/// trains on them and warns at its report. (Here a raw client sends
+/// one-step prefixes of two-step sets; the learner is a process, its log
+/// a file.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_fed_prefixes_alone_warns_that_they_follow_no_target() {
+    let dir = std::env::temp_dir().join(format!("flgfn-prefixes-alone-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = config();
+    let config_path = dir.join("run.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let metrics = dir.join("metrics.jsonl");
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let mut learner = support::learner_process(&address, &config_path, &metrics, &[]);
+    let url = format!("http://{address}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut client = loop {
+        match LearnerClient::connect(url.clone()).await {
+            Ok(client) => break client,
+            Err(error) => assert!(std::time::Instant::now() < deadline, "{error}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (mut session, actor_id) = joined(&mut client, &config).await;
+    let mut sequence = 0;
+    loop {
+        let grant = session.grant().await;
+        if grant.training_done {
+            break;
+        }
+        for _ in 0..grant.credits {
+            let mut prefix = chunk(actor_id, vec![0]);
+            prefix.sequence = sequence;
+            sequence += 1;
+            session.upload.send(prefix).await.unwrap();
+        }
+    }
+    let status = tokio::task::spawn_blocking(move || learner.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let reports = support::reports(&metrics);
+    assert_eq!(reports.last().map(|r| r.truncated_fraction), Some(1.0));
+    let log = std::fs::read_to_string(support::learner_log(&metrics)).unwrap();
+    assert!(
+        log.contains("every trajectory trained since the last report was truncated"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// An actor pointed at a gRPC server that is not a flgfn learner (here one

@@ -118,8 +118,8 @@ pub struct Session<'a> {
     pub model: &'a ModelSpec,
     /// Trajectories per chunk, declared at the handshake.
     pub envs: usize,
-    /// `actor.truncate_fraction`: checked against the learner's objective
-    /// (one that drops truncated trajectories would waste them).
+    /// `actor.truncate_fraction`: compared with the learner's objective
+    /// (one that drops truncated trajectories wastes them).
     pub truncate_fraction: f64,
     /// Largest gRPC message either way.
     pub max_message_bytes: usize,

@@ -236,11 +236,8 @@ impl Session<'_> {
             model: Some(self.model.into()),
             trajectories_per_chunk: u32::try_from(self.envs).unwrap_or(u32::MAX),
         };
-        // An actor that truncates every trajectory learns whether the
-        // learner would drop them all before it opens a session: two calls.
         let in_one_call = if *self.handshake_in_session
             && handshake.encoded_len() <= MAX_HANDSHAKE_HEADER_BYTES
-            && self.truncate_fraction < 1.0
         {
             let opened = self
                 .session_shaking_hands(client.clone(), &handshake, weight_bytes)
@@ -254,7 +251,7 @@ impl Session<'_> {
         };
         let (reply, grants, upload) = match in_one_call {
             Some(opened) => {
-                self.check_truncation(&opened.0)?;
+                self.warn_of_dropped_truncation(&opened.0);
                 opened
             }
             None => {
@@ -299,16 +296,12 @@ impl Session<'_> {
         })
     }
 
-    /// Truncated trajectories to a learner that drops them: every one
-    /// wasted when all are cut short (an end the actor could never see
-    /// otherwise: the learner only counts them), a share otherwise.
-    fn check_truncation(&self, reply: &proto::HandshakeReply) -> Result<(), SessionError> {
+    /// Truncated trajectories to a learner that drops them: their share
+    /// of this actor's rollouts is wasted, which the actor could never see
+    /// otherwise (the learner only counts them). (None cuts every one
+    /// short: the configuration refuses `actor.truncate_fraction = 1`.)
+    fn warn_of_dropped_truncation(&self, reply: &proto::HandshakeReply) {
         if reply.drops_truncated && self.truncate_fraction > 0.0 {
-            if self.truncate_fraction >= 1.0 {
-                return Err(SessionError::Fatal(
-                    "the learner trains on complete trajectories only (objective tb, or objective.drop_truncated) and drops truncated ones, and actor.truncate_fraction = 1 cuts every trajectory short: every rollout would be thrown away; set actor.truncate_fraction below 1 (0 for this learner)".to_owned(),
-                ));
-            }
             // Once per process: the same on every reconnect, and for every
             // connection of a load generator.
             static WARNED: std::sync::Once = std::sync::Once::new();
@@ -319,7 +312,6 @@ impl Session<'_> {
             );
             });
         }
-        Ok(())
     }
 
     /// Opens the Session with the handshake in its headers, in one round
@@ -394,7 +386,7 @@ impl Session<'_> {
             .map_err(handshake_refused)?
             .into_inner();
         // Before a session opens: one that truncates everything stops here.
-        self.check_truncation(&reply)?;
+        self.warn_of_dropped_truncation(&reply);
         // Take whatever weights the learner sends (it refuses to start
         // with weights over its own limit), even if this actor's
         // learner.max_message_bytes, from another file, is lower.

@@ -250,27 +250,34 @@ fn combinations_that_could_never_train_are_refused_by_name() {
     );
     config.actor.truncate_fraction = 0.5;
     config.validate().unwrap();
-    config.objective.name = ObjectiveName::FlDb;
-    config.actor.truncate_fraction = 1.0;
-    config.validate().unwrap();
     // As does any objective told to drop truncated prefixes.
+    config.objective.name = ObjectiveName::FlDb;
     config.objective.drop_truncated = true;
+    config.actor.truncate_fraction = 1.0;
     let error = config.validate().unwrap_err().to_string();
     assert!(
         error.contains("actor.truncate_fraction") && error.contains("objective.drop_truncated"),
         "{error}"
     );
     config.objective.drop_truncated = false;
-    // DB and SubTB train on prefixes, but would never see a reward.
-    for name in [ObjectiveName::Db, ObjectiveName::SubTb] {
+    // Every other objective trains on prefixes, but none would reach a
+    // terminal state, where the reward ties the flows to the target.
+    for name in [
+        ObjectiveName::Db,
+        ObjectiveName::SubTb,
+        ObjectiveName::FlDb,
+        ObjectiveName::FlSubTb,
+    ] {
         config.objective.name = name;
         let error = config.validate().unwrap_err().to_string();
         assert!(
-            error.contains("actor.truncate_fraction") && error.contains("sees the reward only"),
-            "{error}"
+            error.contains("actor.truncate_fraction")
+                && error.contains("no trajectory would reach a terminal state"),
+            "{name:?}: {error}"
         );
     }
-    config.objective.name = ObjectiveName::FlSubTb;
+    // Nearly all is the user's choice.
+    config.actor.truncate_fraction = 0.99;
     config.validate().unwrap();
     config.actor.truncate_fraction = 0.0;
     // gRPC cannot frame a message over 4 GiB.

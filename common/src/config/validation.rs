@@ -202,35 +202,25 @@ impl Config {
         at_most("actor.threads", a.threads, MAX_THREADS)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
-        // Every trajectory cut short: a learner that trains on complete
-        // ones only (TB, or told to drop prefixes) would wait for data for
-        // ever.
-        if !self.objective.trains_on_truncated() && a.truncate_fraction >= 1.0 {
+        // Every trajectory cut short: none reaches a terminal state, where
+        // the reward (TB, DB, SubTB) or the boundary log F~(x) = 0 (FL-DB,
+        // FL-SubTB) ties the flows to the target. A learner that trains on
+        // complete ones only (TB, or told to drop prefixes) would wait for
+        // data for ever; any other would fit flows consistent with each
+        // other and with no target (the last step's policy is never
+        // trained), its loss falling all the same.
+        if a.truncate_fraction >= 1.0 {
             let why = if self.objective.name == ObjectiveName::Tb {
-                "objective.name = \"tb\" trains on complete trajectories only: lower it, or use fl_db or fl_sub_tb, which train on truncated ones"
+                "objective.name = \"tb\" trains on complete trajectories only"
+            } else if !self.objective.trains_on_truncated() {
+                "objective.drop_truncated = true trains on complete trajectories only"
             } else {
-                "objective.drop_truncated = true trains on complete trajectories only: lower it, or set drop_truncated = false"
+                "no trajectory would reach a terminal state, where the reward ties the flows to the target (the forward-looking objectives learn from prefixes, but need some complete trajectories)"
             };
             return Err(ConfigError::invalid(
                 "actor.truncate_fraction",
-                format!("1 cuts every trajectory short, and {why}"),
-            ));
-        }
-        // DB and SubTB train on prefixes (their flows' consistency), but
-        // see the reward only where a trajectory ends: with none complete,
-        // they would train for ever towards no target.
-        let rewarded_at_the_end_only = match self.objective.name {
-            ObjectiveName::Db => Some("db"),
-            ObjectiveName::SubTb => Some("sub_tb"),
-            _ => None,
-        };
-        if let Some(name) = rewarded_at_the_end_only
-            && a.truncate_fraction >= 1.0
-        {
-            return Err(ConfigError::invalid(
-                "actor.truncate_fraction",
                 format!(
-                    "1 cuts every trajectory short, and objective.name = \"{name}\" sees the reward only at the end of a complete one: lower it, or use fl_db or fl_sub_tb, whose energies give every transition its share"
+                    "1 cuts every trajectory short, and {why}: lower it (the paper truncates up to 0.9)"
                 ),
             ));
         }

@@ -97,6 +97,18 @@ impl Trainer {
         let nonfinite = window.skipped_steps();
         let finite_steps = window.steps - nonfinite;
         progress.totals.skipped_batches += nonfinite;
+        // Prefixes alone (actors configured apart, or of another
+        // implementation, that cut every trajectory short; the
+        // configuration refuses it): no transition reached a terminal
+        // state, where the reward ties the flows to the target, so the
+        // loss falls while the sampler drifts.
+        if window.trajectories > 0 && window.truncated == window.trajectories {
+            warn!(
+                step = progress.step,
+                trajectories = window.trajectories,
+                "every trajectory trained since the last report was truncated: none reached a terminal state, where the reward ties the flows to the target, so the sampler follows no target; actors must complete some (actor.truncate_fraction below 1)"
+            );
+        }
         if nonfinite > 0 {
             warn!(
                 step = progress.step,
