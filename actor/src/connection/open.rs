@@ -41,14 +41,24 @@ pub(super) fn f32_weight_bytes(model: &ModelSpec, task: &TaskSpec) -> u128 {
     model.weight_bytes(WeightEncoding::F32, &model.weight_metadata(task))
 }
 
+/// HTTP/2's largest window, 2^31 - 1 bytes: h2 panics on a larger one.
+pub(super) const MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// The actor's HTTP/2 receive window per stream for weights of
 /// `weight_bytes`: room for them, so that a grant comes in one round trip
-/// whatever the network's size; at most 1 GiB (the connection's, twice
-/// that, must stay under HTTP/2's 2^31 - 1).
+/// whatever the network's size; at most half of HTTP/2's largest window,
+/// so that the connection's (see [`connection_window`]) fits too.
 pub(super) fn stream_window(weight_bytes: u128) -> u32 {
     u32::try_from(weight_bytes)
         .unwrap_or(u32::MAX)
-        .clamp(MIN_STREAM_WINDOW, 1 << 30)
+        .clamp(MIN_STREAM_WINDOW, MAX_WINDOW / 2)
+}
+
+/// The connection's receive window for streams of `stream_window`: room
+/// for two (a grant's weights while the last one's are read), within
+/// HTTP/2's largest.
+pub(super) fn connection_window(stream_window: u32) -> u32 {
+    stream_window.saturating_mul(2).min(MAX_WINDOW)
 }
 
 /// A grant's bytes beyond its weights' (version, credits, field tags):
@@ -178,7 +188,7 @@ impl Session<'_> {
             // chunks, stay adaptive.
             .http2_adaptive_window(false)
             .initial_stream_window_size(window)
-            .initial_connection_window_size(2 * window)
+            .initial_connection_window_size(connection_window(window))
             // Notice a learner host that vanished without closing the
             // connection (power loss, partition) and reconnect.
             .http2_keep_alive_interval(self.keepalive)

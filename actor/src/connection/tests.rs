@@ -2,7 +2,10 @@ use std::sync::Arc;
 
 use flgfn_common::auth::AUTHORIZATION_HEADER;
 
-use super::open::{MIN_STREAM_WINDOW, f32_weight_bytes, grant_decode_limit, stream_window};
+use super::open::{
+    MAX_WINDOW, MIN_STREAM_WINDOW, connection_window, f32_weight_bytes, grant_decode_limit,
+    stream_window,
+};
 use super::status::classify;
 use super::tls::PLAIN_TEXT_PROBE;
 use super::*;
@@ -26,7 +29,15 @@ fn the_receive_window_holds_the_weights() {
     let weights = u32::try_from(model(vec![2048, 2048, 2048]).parameter_count() * 4).unwrap();
     assert!(weights > MIN_STREAM_WINDOW);
     assert!(window(vec![2048, 2048, 2048]) >= weights);
-    assert_eq!(window(vec![1 << 20, 1 << 20]), 1 << 30);
+    // The largest networks: windows within HTTP/2's largest, which h2
+    // asserts (a connection window of 2^31 panicked every connect).
+    for hidden in [vec![16384, 16384], vec![1 << 20, 1 << 20]] {
+        let stream = window(hidden.clone());
+        assert!(stream >= (1 << 30) - 1, "{hidden:?}: {stream}");
+        assert!(connection_window(stream) <= MAX_WINDOW, "{hidden:?}");
+        assert!(connection_window(stream) >= 2 * stream, "{hidden:?}");
+    }
+    assert_eq!(MAX_WINDOW, 2_147_483_647);
 }
 
 /// Grants are decoded up to this network's weights (and a grant's few
