@@ -537,6 +537,53 @@ fn worth_a_warning(failures: u32) -> bool {
     failures <= 2 || failures.is_power_of_two()
 }
 
+/// An outage's failed attempts, for its log lines: those
+/// [`worth_a_warning`], and one at least every `actor.progress_log_s`
+/// however long it lasts. Doubling alone thins the lines out to one
+/// after 16 minutes of default backoff, then after 32, 64...: an actor
+/// reconnecting for hours would say nothing for hours, where a running
+/// one says `rolling out` every minute.
+struct Outage {
+    /// `actor.progress_log_s` (None: 0, no periodic line).
+    every: Option<Duration>,
+    /// When its first attempt failed.
+    started: Option<std::time::Instant>,
+    /// When it last had a line above debug.
+    last_line: Option<std::time::Instant>,
+}
+
+impl Outage {
+    fn new(every: Option<Duration>) -> Self {
+        Self {
+            every,
+            started: None,
+            last_line: None,
+        }
+    }
+
+    /// A session was served, or the learner announced its restart: the
+    /// next failure starts a new outage.
+    fn end(&mut self) {
+        self.started = None;
+        self.last_line = None;
+    }
+
+    /// The `failures`-th failed attempt in a row, at `now`: whether it is
+    /// worth a line above debug, and how long the outage has lasted.
+    fn failed(&mut self, failures: u32, now: std::time::Instant) -> (bool, Duration) {
+        let started = *self.started.get_or_insert(now);
+        let overdue = self.every.is_some_and(|every| {
+            self.last_line
+                .is_some_and(|line| now.duration_since(line) >= every)
+        });
+        let worth = worth_a_warning(failures) || overdue;
+        if worth {
+            self.last_line = Some(now);
+        }
+        (worth, now.duration_since(started))
+    }
+}
+
 /// How long after a learner said it stops for a restart its absence is
 /// expected: failed attempts in that time are logged at info, not as
 /// warnings (an operator alerting on warnings is not paged for a restart
@@ -578,6 +625,9 @@ pub async fn stay_connected(
         (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s)),
     );
     let mut failures = 0u32;
+    let mut outage = Outage::new(
+        (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s)),
+    );
     // When the learner last said it stops for a restart, until a session
     // is served again.
     let mut restart_announced: Option<std::time::Instant> = None;
@@ -651,6 +701,7 @@ pub async fn stay_connected(
                 // Planned, not an outage: no failure so far, and the
                 // first wait is the shortest.
                 failures = 0;
+                outage.end();
                 backoff.reset();
                 restart_announced = Some(std::time::Instant::now());
                 let pause = backoff.next_pause(&mut rand::rng());
@@ -686,6 +737,7 @@ pub async fn stay_connected(
                 if served {
                     // The connection worked: this is a new outage.
                     failures = 0;
+                    outage.end();
                     backoff.reset();
                     restart_announced = None;
                 } else {
@@ -717,15 +769,17 @@ pub async fn stay_connected(
                     } else {
                         "learner unavailable; reconnecting"
                     };
-                    match (worth_a_warning(failures), expected) {
+                    let (worth_a_line, lasted) = outage.failed(failures, std::time::Instant::now());
+                    let unavailable_s = lasted.as_secs();
+                    match (worth_a_line, expected) {
                         (true, false) => {
-                            warn!(error = %message, retry_in = ?pause, failures, "{what}");
+                            warn!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
                         }
                         (true, true) => {
-                            info!(error = %message, retry_in = ?pause, failures, "{what}");
+                            info!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
                         }
                         (false, _) => {
-                            debug!(error = %message, retry_in = ?pause, failures, "{what}");
+                            debug!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
                         }
                     }
                 }
@@ -766,6 +820,39 @@ mod tests {
     fn an_outage_warns_at_its_first_failures_then_ever_more_rarely() {
         let warned: Vec<u32> = (0..=70).filter(|&n| worth_a_warning(n)).collect();
         assert_eq!(warned, [0, 1, 2, 4, 8, 16, 32, 64]);
+    }
+
+    /// A long outage (an attempt every 4 s for an hour) has a line at
+    /// least every minute on top of the doubling ones, and says how long
+    /// it has lasted; with no periodic line, the doubling ones alone. A
+    /// served session starts a new outage.
+    #[test]
+    fn a_long_outage_says_so_at_least_every_progress_interval() {
+        let start = std::time::Instant::now();
+        let lines = |outage: &mut Outage| -> Vec<(u32, u64)> {
+            (1..=900u32)
+                .filter_map(|n| {
+                    let now = start + Duration::from_secs(4 * u64::from(n));
+                    let (worth, lasted) = outage.failed(n, now);
+                    worth.then_some((n, lasted.as_secs()))
+                })
+                .collect()
+        };
+        let mut outage = Outage::new(Some(Duration::from_secs(60)));
+        let periodic = lines(&mut outage);
+        assert_eq!(periodic[..3], [(1, 0), (2, 4), (4, 12)]);
+        assert!(
+            periodic.windows(2).all(|w| 4 * (w[1].0 - w[0].0) <= 60),
+            "{periodic:?}"
+        );
+        let (last, lasted) = *periodic.last().unwrap();
+        assert!(900 - last < 15, "{periodic:?}");
+        assert_eq!(lasted, 4 * u64::from(last - 1));
+        let mut quiet = Outage::new(None);
+        let doubling: Vec<u32> = lines(&mut quiet).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(doubling, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+        outage.end();
+        assert_eq!(outage.failed(1, start), (true, Duration::ZERO));
     }
 
     #[test]
