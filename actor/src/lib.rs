@@ -378,7 +378,17 @@ async fn run_actor(
     if report.connection_attempts == 0 {
         return result.map(|()| report);
     }
+    // Why, in the line itself: training's end also has its own line, a
+    // stop its `stop requested`, an error the message that follows.
+    let ended_by = if report.training_done {
+        "training_done"
+    } else if result.is_err() {
+        "error"
+    } else {
+        "stop"
+    };
     info!(
+        %ended_by,
         chunks_sent = report.chunks_sent,
         transitions_sent = report.transitions_sent,
         versions_loaded = report.versions_loaded,

@@ -11,7 +11,7 @@ use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::wire::proto::{self};
 use prost::Message;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::worker::{FLUSH_SESSION, Order, SampledChunk, Weights};
 
@@ -182,6 +182,13 @@ impl Session<'_> {
                 }
                 () = shutdown.as_mut(), if !*stopping => {
                     *stopping = true;
+                    // Said now: the drain below may take up to twice
+                    // DRAIN_TIMEOUT, silent otherwise until `actor
+                    // stopped`.
+                    info!(
+                        within = ?DRAIN_TIMEOUT,
+                        "stop requested: finishing the rollout in progress, then sending what is rolled out (each within the limit)"
+                    );
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
                     // Orders still queued are skipped (the learner takes
                     // their credits back when the session ends); the
