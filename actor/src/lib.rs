@@ -121,7 +121,7 @@ pub enum ActorError {
     Fatal(String),
     /// The learner stayed unreachable for `actor.reconnect_attempts` tries.
     #[error(
-        "gave up after {attempts} failed connection attempts (actor.reconnect_attempts; 0 retries for ever); last error: {last}"
+        "gave up after {attempts} attempts in a row without a working session (actor.reconnect_attempts; 0 retries for ever); last error: {last}"
     )]
     GaveUp {
         /// Attempts made.

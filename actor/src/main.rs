@@ -7,8 +7,9 @@ use flgfn_common::telemetry::{self, LogFlags};
 
 /// Rolls out trajectories with the learner's latest policy and streams them,
 /// with their local energy terms, to `flgfn-learner`. Exits 0 when the
-/// learner finishes training (or on a stop signal); 75 when the learner
-/// stayed unreachable for actor.reconnect_attempts tries; 1 on any other
+/// learner finishes training (or on a stop signal); 75 when
+/// actor.reconnect_attempts tries in a row found no working session (the
+/// learner unreachable, full, or cutting sessions short); 1 on any other
 /// error (the learner refused it, a bad setting); 2 on a flag it cannot
 /// parse; 130 on a second stop signal.
 #[derive(Debug, Parser)]

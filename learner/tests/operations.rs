@@ -1607,7 +1607,7 @@ fn an_actor_that_gives_up_on_the_learner_exits_75_and_a_bad_setting_1() {
     let stderr = String::from_utf8_lossy(&gave_up.stderr);
     assert_eq!(gave_up.status.code(), Some(75), "{stderr}");
     assert!(
-        stderr.contains("gave up after 2 failed connection attempts"),
+        stderr.contains("gave up after 2 attempts in a row without a working session"),
         "{stderr}"
     );
     // The load generator too, when every actor it lost gave up.
