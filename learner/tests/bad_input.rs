@@ -1392,7 +1392,7 @@ async fn sessions_beyond_the_limit_are_refused_as_resource_exhausted() {
     surplus.actor.reconnect_max_s = 0.02;
     let error = actor_error(surplus, "surplus").await;
     assert!(
-        error.contains("gave up after 3 failed") && error.contains("learner.max_sessions"),
+        error.contains("gave up after 3 attempts") && error.contains("learner.max_sessions"),
         "{error}"
     );
 
