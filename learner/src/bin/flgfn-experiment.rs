@@ -258,12 +258,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             out.display()
         );
         let options = experiment::SuiteOptions {
-            build: experiment::learner_build(&learner)?,
+            build: experiment::suite_build(&learner)?,
             learner,
             stall_timeout: std::time::Duration::from_secs_f64(args.stall_timeout_s),
             keep_other_builds: args.keep_other_builds,
         };
-        flgfn_common::outln!("learner: {}", options.build);
+        flgfn_common::outln!("build: {}", options.build);
         asked.save(&out)?;
         // The tables before the first run and after every run: a suite
         // stopped midway leaves tables of what it did (marked partial, the

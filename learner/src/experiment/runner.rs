@@ -20,8 +20,8 @@ use super::{RunResult, RunSpec, SuiteOutcome, read_reports, summarise};
 /// (`runs/<run>/run.json`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RunRecord {
-    /// Every learner build (`flgfn-learner --version`) that trained part
-    /// of the run, in order: a run is kept or resumed only by the build
+    /// Every build (see [`suite_build`]) that trained part of the run, in
+    /// order: a run is kept or resumed only by the build
     /// that made it (a rebuild after a fix must not reuse the old
     /// binary's figures), unless `--keep-other-builds`; then a resumed
     /// run lists both. Empty for a run of an older runner (unrecorded).
@@ -76,7 +76,7 @@ impl RunRecord {
 pub struct SuiteOptions {
     /// The `flgfn-learner` binary.
     pub learner: PathBuf,
-    /// Its build, as `--version` prints it.
+    /// Its build and its actors' ([`suite_build`]).
     pub build: String,
     /// A run that writes neither a report nor a checkpoint for this long
     /// is killed.
@@ -86,32 +86,54 @@ pub struct SuiteOptions {
     pub keep_other_builds: bool,
 }
 
-/// The build of the learner binary at `learner`: its `--version`, less the
+/// The build a suite's runs are made with: the learner binary at
+/// `learner`'s, and that of the `flgfn-actor` beside it, which its local
+/// actors run. The actors roll out (exploration, truncation, the energies
+/// sent), and each binary's version names only the code it is built from:
+/// a change to the actor alone leaves the learner's version as it was,
+/// and must make the runs again all the same. Where both name the same
+/// clean commit, that one version (as a learner-only record had it).
+pub fn suite_build(learner: &Path) -> anyhow::Result<String> {
+    let actor = learner.with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX));
+    let learner_build = binary_build(learner, "flgfn-learner")?;
+    let actor_build = binary_build(&actor, "flgfn-actor")?;
+    Ok(if actor_build == learner_build {
+        learner_build
+    } else {
+        format!("{learner_build}; actor {actor_build}")
+    })
+}
+
+/// The build of the binary `program` at `path`: its `--version`, less the
 /// program's name, and for a build of uncommitted changes (or of an
 /// unknown state) a hash of the binary, since the version line alone is
 /// the same before and after an uncommitted fix.
-pub fn learner_build(learner: &Path) -> anyhow::Result<String> {
-    let output = Command::new(learner)
+fn binary_build(path: &Path, program: &str) -> anyhow::Result<String> {
+    let output = Command::new(path)
         .arg("--version")
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot start {}", learner.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (build every binary: cargo build --release)",
+                path.display()
+            )
+        })?;
     let text = String::from_utf8_lossy(&output.stdout);
     let line = text.lines().next().unwrap_or("").trim();
     if !output.status.success() || line.is_empty() {
         bail!(
             "{} --version failed ({}): {}",
-            learner.display(),
+            path.display(),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let version = line.strip_prefix("flgfn-learner ").unwrap_or(line);
+    let version = line.strip_prefix(program).map_or(line, str::trim_start);
     if !(version.contains(", modified") || version.contains("unknown")) {
         return Ok(version.to_owned());
     }
-    let binary =
-        std::fs::read(learner).with_context(|| format!("cannot read {}", learner.display()))?;
+    let binary = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(format!("{version} binary {:016x}", fnv1a64(&binary)))
 }
 
@@ -464,4 +486,54 @@ fn run_one(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a stand-in `name` into `dir` that prints `version` for
+    /// `--version`, with `salt` making binaries of one version differ.
+    fn stand_in(dir: &Path, name: &str, version: &str, salt: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\n# {salt}\necho '{name} {version}'\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A suite's build names the actor too where it differs from the
+    /// learner: a change to the actor alone, which leaves the learner's
+    /// version clean, still makes another build (and the runs again);
+    /// two builds of uncommitted changes differ by their binaries.
+    #[test]
+    fn a_change_to_the_actor_alone_is_another_build() {
+        let dir = std::env::temp_dir().join(format!("flgfn-suite-build-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let learner = dir.join("flgfn-learner");
+        let clean = "0.1.0 (commit 0123456789ab)";
+        stand_in(&dir, "flgfn-learner", clean, "");
+        stand_in(&dir, "flgfn-actor", clean, "");
+        assert_eq!(suite_build(&learner).unwrap(), clean);
+
+        let modified = "0.1.0 (commit 0123456789ab, modified)";
+        stand_in(&dir, "flgfn-actor", modified, "one change");
+        let first = suite_build(&learner).unwrap();
+        assert!(
+            first.starts_with(&format!("{clean}; actor {modified} binary ")),
+            "{first}"
+        );
+        stand_in(&dir, "flgfn-actor", modified, "another change");
+        let second = suite_build(&learner).unwrap();
+        assert_ne!(first, second);
+
+        std::fs::remove_file(dir.join("flgfn-actor")).unwrap();
+        let error = suite_build(&learner).unwrap_err().to_string();
+        assert!(error.contains("flgfn-actor"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
