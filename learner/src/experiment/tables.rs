@@ -33,16 +33,19 @@ fn opt(value: Option<f64>) -> String {
 
 /// `reports.csv`: every report on the evaluation grid of every run (a
 /// stop's report off the grid is left out, as in the tables).
+/// `truncated_fraction` is of the trajectories trained: a run that drops
+/// prefixes reads 0 there, and what it dropped is in
+/// `unusable_truncated_transitions`, of `ingested_transitions`.
 pub fn reports_csv(results: &[RunResult]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction,skipped_batches\n",
+        "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction,skipped_batches,ingested_transitions,unusable_truncated_transitions\n",
     );
     for result in results {
         let s = &result.spec;
         for r in &result.reports {
             let _ = writeln!(
                 out,
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 field(&s.name()),
                 field(&s.group),
                 field(&s.curve),
@@ -66,6 +69,8 @@ pub fn reports_csv(results: &[RunResult]) -> String {
                 r.mean_policy_lag,
                 r.truncated_fraction,
                 r.skipped_batches,
+                r.ingested_transitions,
+                r.unusable_truncated_transitions,
             );
         }
     }
