@@ -274,6 +274,23 @@ fn a_short_suite_writes_its_data_and_plots() {
         !refused.status.success() && said.contains("--seeds must be 1 to 10000"),
         "{said}"
     );
+    // A --set of a key the runner sets per run, or that validation
+    // refuses, is named before anything runs.
+    for (setting, said_with) in [
+        ("learner.max_steps=5", "is the runner's to set (--steps)"),
+        ("actor.epsilon=2", "actor.epsilon"),
+    ] {
+        let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+            .args(["--suite", "smoke", "--set", setting, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && said.contains(said_with),
+            "{setting}: {said}"
+        );
+    }
     // A folder given as a metrics file is named.
     let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
         .arg("--plot-metrics")

@@ -123,21 +123,53 @@ pub fn env_overrides(variables: impl IntoIterator<Item = (String, String)>) -> V
             } else {
                 name.split(ENV_SEPARATOR).map(str::to_lowercase).collect()
             };
-            let value = format!("v = {text}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(text.clone()));
             Some(EnvOverride {
                 variable,
                 key,
-                value,
+                value: typed_value(&text),
                 text,
             })
         })
         .collect();
     overrides.sort_by(|a, b| a.variable.cmp(&b.variable));
     overrides
+}
+
+/// A value as given: a TOML value where it reads as one (`64`, `true`,
+/// `[256, 256]`, `"text"`), else the text itself as a string.
+fn typed_value(text: &str) -> toml::Value {
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+/// A setting given as `key=value` (`flgfn-experiment --set`), its key as
+/// in a job file (`actor.epsilon`, `learner.learning_rate`, `seed`),
+/// its value as a variable's: an override named `--set <key>` in errors.
+pub fn setting_override(setting: &str) -> Result<EnvOverride, String> {
+    let (key, text) = setting
+        .split_once('=')
+        .ok_or_else(|| format!("--set {setting}: give KEY=VALUE (actor.epsilon=1.0)"))?;
+    let key = key.trim();
+    let parts: Vec<String> = key.split('.').map(str::to_owned).collect();
+    if parts.iter().any(|part| {
+        part.is_empty()
+            || !part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }) {
+        return Err(format!(
+            "--set {setting}: `{key}` is no key (a section and a key in lower case, joined by a dot: actor.epsilon)"
+        ));
+    }
+    Ok(EnvOverride {
+        variable: format!("--set {key}"),
+        key: parts,
+        value: typed_value(text.trim()),
+        text: text.trim().to_owned(),
+    })
 }
 
 /// Variables that look meant for a configuration key but are not read:
@@ -351,6 +383,16 @@ pub fn describe_layers(path: Option<&Path>, overrides: &[EnvOverride], flags: &[
 }
 
 impl Config {
+    /// This configuration with `overrides` applied (see
+    /// [`setting_override`]), validated; an override of a key the schema
+    /// lacks, or of the wrong type, is an error naming it.
+    pub fn with_settings(&self, overrides: &[EnvOverride]) -> Result<Self, ConfigError> {
+        let config =
+            Self::layered_text(&self.to_toml(), "the configuration".to_owned(), overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
     pub(super) fn layered(
         path: Option<&Path>,
         overrides: &[EnvOverride],
@@ -371,11 +413,21 @@ impl Config {
             }
             None => (String::new(), "the defaults".to_owned()),
         };
+        Self::layered_text(&text, origin, overrides)
+    }
+
+    /// The TOML `text` (read from `origin`) with `overrides` applied,
+    /// unvalidated; the error blames the layer at fault.
+    fn layered_text(
+        text: &str,
+        origin: String,
+        overrides: &[EnvOverride],
+    ) -> Result<Self, ConfigError> {
         if overrides.is_empty() {
-            return Self::parse_toml(&text, &origin);
+            return Self::parse_toml(text, &origin);
         }
         let table: toml::Table =
-            toml::from_str(&text).map_err(|e| ConfigError::parse(origin.clone(), &e, None))?;
+            toml::from_str(text).map_err(|e| ConfigError::parse(origin.clone(), &e, None))?;
         let all: Vec<&EnvOverride> = overrides.iter().collect();
         let error = match with_overrides(&table, &all)? {
             Ok(config) => return Ok(config),
@@ -387,7 +439,7 @@ impl Config {
         // numbers (unless a variable mends it), else the one variable
         // that fails on top of it alone, else all of them together.
         let alone = |layer: &EnvOverride| with_overrides(&table, &[layer]);
-        match Self::parse_toml(&text, &origin) {
+        match Self::parse_toml(text, &origin) {
             Err(file_error) => {
                 if !overrides
                     .iter()

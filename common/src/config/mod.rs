@@ -33,6 +33,7 @@ mod validation;
 pub use layers::{
     ENV_PREFIX, ENV_SEPARATOR, EnvOverride, blame_layer, describe_layers, env_overrides,
     flgfn_variables, is_flgfn_variable, meant_variable, meant_with_section, misspelt_variables,
+    setting_override,
 };
 pub use validation::{
     MAX_BATCH_TRANSITIONS, MAX_EVAL_SAMPLES, MAX_IN_FLIGHT_BATCHES, MAX_THREADS, MAX_WAIT_S,

@@ -27,6 +27,15 @@ struct Args {
     /// the folder's).
     #[arg(long, value_name = "N")]
     steps: Option<u64>,
+    /// A configuration key for every run, KEY=VALUE as in a job file
+    /// (`--set actor.epsilon=1.0 --set learner.learning_rate=1e-3`: the
+    /// paper's reference settings), over the suite's own; repeatable.
+    /// Each run's config.toml records it, so a run made without it is
+    /// made again [default: none; with --plot-only, the folder's]. Not
+    /// `seed`, `learner.max_steps` (--seeds, --steps),
+    /// `learner.listen` or `learner.checkpoint_dir` (the runner's).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Output folder (default: experiments/<suite>).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -125,6 +134,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     const DEFAULT_SEEDS: u64 = 3;
     /// Most seeds per configuration.
     const MAX_SEEDS: u64 = 10_000;
+    // Keys `--set` may not take: the runner sets them for each run.
+    const RUNNER_KEYS: [&str; 4] = [
+        "seed",
+        "learner.max_steps",
+        "learner.listen",
+        "learner.checkpoint_dir",
+    ];
     let out = args.out.clone().unwrap_or_else(|| {
         let name = args.suite.as_deref().unwrap_or(DEFAULT_SUITE);
         PathBuf::from("experiments").join(name)
@@ -160,7 +176,31 @@ fn run(args: Args) -> anyhow::Result<()> {
         steps: args
             .steps
             .or_else(|| recorded.as_ref().and_then(|r| r.steps)),
+        set: if args.set.is_empty() {
+            recorded.as_ref().map(|r| r.set.clone()).unwrap_or_default()
+        } else {
+            args.set.clone()
+        },
     };
+    let settings = asked
+        .set
+        .iter()
+        .map(|setting| {
+            let parsed =
+                flgfn_common::config::setting_override(setting).map_err(anyhow::Error::msg)?;
+            let key = parsed.key.join(".");
+            anyhow::ensure!(
+                !RUNNER_KEYS.contains(&key.as_str()),
+                "--set {setting}: {key} is the runner's to set ({})",
+                match key.as_str() {
+                    "seed" => "--seeds",
+                    "learner.max_steps" => "--steps",
+                    _ => "each run has its own",
+                }
+            );
+            Ok(parsed)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let suite = experiment::suite(&asked.suite).with_context(|| {
         let names: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
         format!(
@@ -194,7 +234,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         "{} must be at least 1",
         source("--steps", args.steps.is_some())
     );
-    let specs = suite.runs(asked.seeds, asked.steps);
+    let specs = suite
+        .runs_with(asked.seeds, asked.steps, &settings)
+        .with_context(|| {
+            format!(
+                "suite {} with --set {}",
+                suite.name,
+                asked.set.join(" --set ")
+            )
+        })?;
     // Before anything runs or is moved aside: a configuration the learner
     // would refuse fails every run, with the cause only in their logs.
     for spec in &specs {

@@ -134,6 +134,9 @@ pub struct SuiteRecord {
     pub seeds: u64,
     /// `--steps`, when given (else the suite's default).
     pub steps: Option<u64>,
+    /// `--set` settings, as given (`actor.epsilon=1.0`), in order.
+    #[serde(default)]
+    pub set: Vec<String>,
 }
 
 /// Where the record of a suite's folder is kept.

@@ -2,7 +2,7 @@
 //! (the defaults of `common/src/config/mod.rs` unless said here) so that the
 //! objectives, not their tuning, are compared.
 
-use flgfn_common::config::{Config, ObjectiveName, TaskConfig};
+use flgfn_common::config::{Config, ConfigError, EnvOverride, ObjectiveName, TaskConfig};
 use flgfn_common::tasks::lattice::{LatticeConfig, SiteOrder};
 use flgfn_common::tasks::set_generation::{SetGenerationConfig, SetSize};
 
@@ -30,9 +30,35 @@ impl Suite {
     /// Every run: each (group, curve, configuration) with `seeds` seeds,
     /// `steps` steps each (the suite's default when `None`).
     pub fn runs(&self, seeds: u64, steps: Option<u64>) -> Vec<RunSpec> {
-        let steps = steps.unwrap_or(self.default_steps);
+        Self::runs_of((self.build)(steps.unwrap_or(self.default_steps)), seeds)
+    }
+
+    /// [`Suite::runs`], with `settings` (`--set`) applied to every
+    /// configuration before its seeds: the user's hyperparameters (the
+    /// paper's reference ones, say) over the suite's. An error names the
+    /// setting the schema or the validation refuses.
+    pub fn runs_with(
+        &self,
+        seeds: u64,
+        steps: Option<u64>,
+        settings: &[EnvOverride],
+    ) -> Result<Vec<RunSpec>, ConfigError> {
+        // (None: the configurations as built, not through TOML, whose
+        // integers stop short of a step count the learner refuses by name.)
+        if settings.is_empty() {
+            return Ok(self.runs(seeds, steps));
+        }
+        let configurations = (self.build)(steps.unwrap_or(self.default_steps))
+            .into_iter()
+            .map(|(group, curve, config)| Ok((group, curve, config.with_settings(settings)?)))
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(Self::runs_of(configurations, seeds))
+    }
+
+    /// Each configuration with `seeds` seeds.
+    fn runs_of(configurations: Vec<(String, String, Config)>, seeds: u64) -> Vec<RunSpec> {
         let mut runs = Vec::new();
-        for (position, (group, curve, config)) in (self.build)(steps).into_iter().enumerate() {
+        for (position, (group, curve, config)) in configurations.into_iter().enumerate() {
             for seed in 0..seeds {
                 let mut config = config.clone();
                 config.seed = seed * SEED_STRIDE;

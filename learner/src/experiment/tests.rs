@@ -295,3 +295,43 @@ fn reports_off_the_evaluation_grid_are_left_out() {
     .collect();
     assert_eq!(steps, [100, 200, 300]);
 }
+
+/// `--set` settings reach every run of a suite, over the suite's own
+/// (each seed keeps its own seed); one the schema or the validation
+/// refuses is an error naming it, and no run is made.
+#[test]
+fn settings_reach_every_run_and_refusals_name_them() {
+    use flgfn_common::config::setting_override;
+    let incomplete = suite("incomplete").unwrap();
+    let settings = [
+        setting_override("actor.epsilon=1.0").unwrap(),
+        setting_override("learner.learning_rate = 1e-3").unwrap(),
+    ];
+    let plain = incomplete.runs(2, Some(100));
+    let set = incomplete.runs_with(2, Some(100), &settings).unwrap();
+    assert_eq!(set.len(), plain.len());
+    for (set, plain) in set.iter().zip(&plain) {
+        assert_eq!(set.config.actor.epsilon, 1.0);
+        assert_eq!(set.config.learner.learning_rate, 1e-3);
+        assert_ne!(plain.config.actor.epsilon, 1.0);
+        // Only what was set differs.
+        let mut back = set.config.clone();
+        back.actor.epsilon = plain.config.actor.epsilon;
+        back.learner.learning_rate = plain.config.learner.learning_rate;
+        assert_eq!(back, plain.config, "{}", set.name());
+    }
+    for (setting, named) in [
+        ("actor.epsilon=2", "actor.epsilon"),
+        ("actor.epsilon=often", "--set actor.epsilon"),
+        ("actor.epsilonn=1", "--set actor.epsilonn"),
+    ] {
+        let error = incomplete
+            .runs_with(1, Some(100), &[setting_override(setting).unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(named), "{setting}: {error}");
+    }
+    for malformed in ["actor.epsilon", "Actor.Epsilon=1", "actor..epsilon=1", "=1"] {
+        assert!(setting_override(malformed).is_err(), "{malformed}");
+    }
+}
