@@ -27,6 +27,28 @@ source deploy/tools.sh
 tools="$(lint_tools)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
+# A rendered overlay, for the checks below: its objects, a fail() that
+# exits naming it, and its pod templates by workload name.
+cat >"$work/rendered.py" <<'PY'
+import sys
+
+import yaml
+
+
+def load_rendered(path):
+    overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+
+    def fail(message):
+        sys.exit(f"kubernetes: overlay {overlay}: {message}")
+
+    templates = {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    }
+    return docs, fail, templates
+PY
 overlays=()
 for overlay in deploy/k8s/overlays/*/; do
     name="$(basename "$overlay")"
@@ -44,25 +66,12 @@ for overlay in "$work"/with-policies/overlays/*/; do
     printf 'components:\n  - ../../components/network-policy\n' >>"$overlay/kustomization.yaml"
     kubectl kustomize "$overlay" >"$work/$name+network-policy.yaml"
     "$tools/kubernetes-validate" --strict --quiet "$work/$name+network-policy.yaml"
-    "$tools/python" - "$work/$name+network-policy.yaml" <<'PY'
+    PYTHONPATH="$work" "$tools/python" - "$work/$name+network-policy.yaml" <<'PY'
 import sys
 
-import yaml
+from rendered import load_rendered
 
-path = sys.argv[1]
-overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
-docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
-
-
-def fail(message):
-    sys.exit(f"kubernetes: overlay {overlay}: {message}")
-
-
-templates = {
-    d["metadata"]["name"]: d["spec"]["template"]
-    for d in docs
-    if d["kind"] in ("Deployment", "StatefulSet", "Job")
-}
+docs, fail, templates = load_rendered(sys.argv[1])
 policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
 if set(policies) != {"flgfn-learner", "flgfn-actor"}:
     fail(f"expected the policies flgfn-learner and flgfn-actor, not {sorted(policies)}")
@@ -150,23 +159,10 @@ for rendered in "$work"/*.yaml; do
 import sys
 from urllib.parse import urlsplit
 
-import yaml
+from rendered import load_rendered
 from restricted import restricted_problem
 
-path = sys.argv[1]
-overlay = path.rsplit("/", 1)[-1].removesuffix(".yaml")
-docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
-
-
-def fail(message):
-    sys.exit(f"kubernetes: overlay {overlay}: {message}")
-
-
-templates = {
-    d["metadata"]["name"]: d["spec"]["template"]
-    for d in docs
-    if d["kind"] in ("Deployment", "StatefulSet", "Job")
-}
+docs, fail, templates = load_rendered(sys.argv[1])
 services = [d for d in docs if d["kind"] == "Service"]
 config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
 if len(services) != 1 or "flgfn-learner" not in templates or "flgfn-actor" not in templates:
