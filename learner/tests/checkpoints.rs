@@ -270,16 +270,21 @@ async fn failed_run_with(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> String {
     let (learner, actors) = start_run_with(config, options, stop).await;
-    let error = tokio::time::timeout(Duration::from_secs(120), learner)
-        .await
-        .expect("the learner fails")
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let error = failure_of(learner).await;
     for a in actors {
         a.abort();
     }
     error
+}
+
+/// The error `learner` fails with, within two minutes.
+async fn failure_of(learner: Learner) -> String {
+    tokio::time::timeout(Duration::from_secs(120), learner)
+        .await
+        .expect("the learner fails")
+        .unwrap()
+        .unwrap_err()
+        .to_string()
 }
 
 /// The steps of the checkpoints in `dir`.
@@ -509,12 +514,7 @@ async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
     }
     let in_the_way = checkpoints.join(format!("ckpt-{MAX_STEPS:012}.safetensors"));
     std::fs::create_dir_all(in_the_way.join("taken")).unwrap();
-    let error = tokio::time::timeout(Duration::from_secs(120), first)
-        .await
-        .expect("the first learner fails")
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let error = failure_of(first).await;
     assert!(error.contains(&in_the_way.display().to_string()), "{error}");
     let saved = checkpoint_steps(&checkpoints);
     assert!(saved.contains(&800), "{saved:?}");
