@@ -478,17 +478,30 @@ async fn a_checkpoint_that_cannot_be_written_ends_training() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A final checkpoint that cannot be saved (here a folder stands where its
-/// file goes) fails the run before any actor hears that training is over:
-/// the actors wait for the learner's restart, which resumes from the last
-/// checkpoint saved and trains the rest with them. Told first, they would
-/// have stopped for good (compose restarts only a failed container), and
-/// the restarted learner would wait for data that never comes.
+/// A run's end that cannot be saved (here a folder stands where its final
+/// weights, or its last checkpoint, go) fails the run before any actor
+/// hears that training is over: the actors wait for the learner's
+/// restart, which resumes from the last checkpoint saved and trains the
+/// rest with them. Told first, they would have stopped for good (compose
+/// restarts only a failed container), and the restarted learner would
+/// wait for data that never comes; with the checkpoint saved before the
+/// weights, a restart would find the run over and end at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
     const MAX_STEPS: u64 = 1200;
-    let dir = scratch("final-unsaved");
-    let (mut config, checkpoints) = checkpointed(&dir, 400, MAX_STEPS);
+    for obstacle in [
+        checkpoint::FINAL_WEIGHTS.to_owned(),
+        format!("ckpt-{MAX_STEPS:012}.safetensors"),
+    ] {
+        an_end_that_cannot_be_saved_keeps_the_actors(&obstacle, MAX_STEPS).await;
+    }
+}
+
+/// [`actors_hear_that_training_is_over_only_once_it_is_saved`], with a
+/// folder at `obstacle` in the checkpoint folder.
+async fn an_end_that_cannot_be_saved_keeps_the_actors(obstacle: &str, max_steps: u64) {
+    let dir = scratch(&format!("final-unsaved-{obstacle}"));
+    let (mut config, checkpoints) = checkpointed(&dir, 400, max_steps);
     config.actor.reconnect_initial_s = 0.05;
     config.actor.reconnect_max_s = 0.2;
     let metrics = dir.join("metrics.jsonl");
@@ -512,12 +525,14 @@ async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
         assert!(Instant::now() < deadline, "no checkpoint");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let in_the_way = checkpoints.join(format!("ckpt-{MAX_STEPS:012}.safetensors"));
+    let in_the_way = checkpoints.join(obstacle);
     std::fs::create_dir_all(in_the_way.join("taken")).unwrap();
     let error = failure_of(first).await;
     assert!(error.contains(&in_the_way.display().to_string()), "{error}");
     let saved = checkpoint_steps(&checkpoints);
     assert!(saved.contains(&800), "{saved:?}");
+    let last = checkpoints.join(format!("ckpt-{max_steps:012}.safetensors"));
+    assert!(!last.is_file(), "the last step's checkpoint was saved");
     for a in &actors {
         assert!(!a.is_finished(), "an actor stopped with the failed learner");
     }
@@ -536,7 +551,7 @@ async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let outcome = support::finished_learner(learner(config.clone(), listener)).await;
-    assert_eq!(outcome.steps, MAX_STEPS);
+    assert_eq!(outcome.steps, max_steps);
     // Both actors trained with the restarted learner, and it told them
     // that training is over.
     let trained_again: std::collections::BTreeSet<u64> =
@@ -547,7 +562,8 @@ async fn actors_hear_that_training_is_over_only_once_it_is_saved() {
         assert!(report.sessions_opened >= 2, "{report:?}");
     }
     let reports = support::reports(&metrics);
-    assert_eq!(reports.last().map(|r| r.step), Some(MAX_STEPS));
+    assert_eq!(reports.last().map(|r| r.step), Some(max_steps));
+    assert!(checkpoints.join(checkpoint::FINAL_WEIGHTS).is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -67,10 +67,16 @@ impl Trainer {
             info!("final weights not written: checkpoints are off (learner.checkpoint_dir = \"\")");
             return Ok(());
         };
-        self.save_last_checkpoint(dir, training)?;
+        // The weights first: the last step's checkpoint says the run is
+        // over, and a learner killed between the two writes, or failing
+        // the second, would restart to a finished run without its final
+        // weights (and end at once, while its actors wait in backoff).
+        // This way round it resumes from the checkpoint before and trains
+        // the rest with them. (At a stop, this step's checkpoint is saved
+        // already: see `end_training`.)
         let path = checkpoint::write_file(dir, checkpoint::FINAL_WEIGHTS, weights)?;
         info!(path = %path.display(), version = training.progress.version, "final weights saved");
-        Ok(())
+        self.save_last_checkpoint(dir, training)
     }
 
     /// The checkpoint a run ends with (its end, or an error), written
