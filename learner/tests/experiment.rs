@@ -274,10 +274,18 @@ fn a_short_suite_writes_its_data_and_plots() {
         !refused.status.success() && said.contains("--seeds must be 1 to 10000"),
         "{said}"
     );
-    // A --set of a key the runner sets per run, or that validation
-    // refuses, is named before anything runs.
+    // A --set of a key the runner sets per run, of one the suite varies
+    // between its curves, or that validation refuses, is named before
+    // anything runs; so is a --steps at fault, with a --set beside it.
     for (setting, said_with) in [
-        ("learner.max_steps=5", "is the runner's to set (--steps)"),
+        (
+            "learner.max_steps=5",
+            "--set learner.max_steps`: the runner sets it for each run (--steps)",
+        ),
+        (
+            "objective.name=\"tb\"",
+            "suite smoke varies objective.name between its curves",
+        ),
         ("actor.epsilon=2", "actor.epsilon"),
     ] {
         let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
@@ -291,6 +299,17 @@ fn a_short_suite_writes_its_data_and_plots() {
             "{setting}: {said}"
         );
     }
+    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--suite", "smoke", "--set", "actor.epsilon=1.0"])
+        .args(["--steps", "9223372036854775808", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("--steps 9223372036854775808"),
+        "{said}"
+    );
     // A folder given as a metrics file is named.
     let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
         .arg("--plot-metrics")

@@ -134,13 +134,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     const DEFAULT_SEEDS: u64 = 3;
     /// Most seeds per configuration.
     const MAX_SEEDS: u64 = 10_000;
-    // Keys `--set` may not take: the runner sets them for each run.
-    const RUNNER_KEYS: [&str; 4] = [
-        "seed",
-        "learner.max_steps",
-        "learner.listen",
-        "learner.checkpoint_dir",
-    ];
     let out = args.out.clone().unwrap_or_else(|| {
         let name = args.suite.as_deref().unwrap_or(DEFAULT_SUITE);
         PathBuf::from("experiments").join(name)
@@ -185,21 +178,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let settings = asked
         .set
         .iter()
-        .map(|setting| {
-            let parsed =
-                flgfn_common::config::setting_override(setting).map_err(anyhow::Error::msg)?;
-            let key = parsed.key.join(".");
-            anyhow::ensure!(
-                !RUNNER_KEYS.contains(&key.as_str()),
-                "--set {setting}: {key} is the runner's to set ({})",
-                match key.as_str() {
-                    "seed" => "--seeds",
-                    "learner.max_steps" => "--steps",
-                    _ => "each run has its own",
-                }
-            );
-            Ok(parsed)
-        })
+        .map(|setting| flgfn_common::config::setting_override(setting).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let suite = experiment::suite(&asked.suite).with_context(|| {
         let names: Vec<&str> = SUITES.iter().map(|s| s.name).collect();
@@ -234,17 +213,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         "{} must be at least 1",
         source("--steps", args.steps.is_some())
     );
-    let specs = suite
-        .runs_with(asked.seeds, asked.steps, &settings)
-        .with_context(|| {
-            format!(
-                "suite {} with --set {}",
-                suite.name,
-                asked.set.join(" --set ")
-            )
-        })?;
+    let specs = suite.runs(asked.seeds, asked.steps);
     // Before anything runs or is moved aside: a configuration the learner
     // would refuse fails every run, with the cause only in their logs.
+    // (The suite's own first, so that a --steps at fault is named as such;
+    // then with the settings.)
     for spec in &specs {
         spec.config.validate().with_context(|| match asked.steps {
             Some(steps) => format!(
@@ -254,6 +227,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => format!("run {} of suite {} cannot start", spec.name(), suite.name),
         })?;
     }
+    let specs = if settings.is_empty() {
+        specs
+    } else {
+        suite
+            .runs_with(asked.seeds, asked.steps, &settings)
+            .with_context(|| format!("suite {}", suite.name))?
+    };
     // (Not made for a redraw: a mistyped --out is an error, not a folder.)
     anyhow::ensure!(
         !args.plot_only || out.is_dir(),

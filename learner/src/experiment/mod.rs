@@ -56,7 +56,7 @@ use flgfn_common::config::Config;
 use crate::durable_file::write_atomically;
 pub use results::{RunResult, SuiteOutcome, TOP_K_FRACTION, load_results, read_reports, summarise};
 pub use runner::{REPLACED_DIR, RunRecord, SuiteOptions, run_all, suite_build};
-pub use suites::{SUITES, Suite, suite};
+pub use suites::{RUNNER_KEYS, SUITES, Suite, suite};
 pub use tables::{reports_csv, summary_csv, summary_markdown, write_outputs};
 
 /// One run of a suite.

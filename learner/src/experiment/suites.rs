@@ -36,7 +36,10 @@ impl Suite {
     /// [`Suite::runs`], with `settings` (`--set`) applied to every
     /// configuration before its seeds: the user's hyperparameters (the
     /// paper's reference ones, say) over the suite's. An error names the
-    /// setting the schema or the validation refuses.
+    /// setting refused: by the schema or the validation; one of a key the
+    /// runner sets per run ([`RUNNER_KEYS`]); or one of a key the suite
+    /// varies between its curves, which a single value would merge into
+    /// one configuration under their several names.
     pub fn runs_with(
         &self,
         seeds: u64,
@@ -48,7 +51,31 @@ impl Suite {
         if settings.is_empty() {
             return Ok(self.runs(seeds, steps));
         }
-        let configurations = (self.build)(steps.unwrap_or(self.default_steps))
+        let built = (self.build)(steps.unwrap_or(self.default_steps));
+        for setting in settings {
+            let key = setting.key.join(".");
+            if let Some((_, why)) = RUNNER_KEYS.iter().find(|(runner, _)| *runner == key) {
+                return Err(ConfigError::invalid(
+                    &setting.variable,
+                    format!("the runner sets it for each run ({why})"),
+                ));
+            }
+            let values: std::collections::BTreeSet<String> = built
+                .iter()
+                .map(|(_, _, config)| value_at(config, &setting.key))
+                .collect();
+            if values.len() > 1 {
+                return Err(ConfigError::invalid(
+                    &setting.variable,
+                    format!(
+                        "suite {} varies {key} between its curves ({}): one value for all would make them one configuration under several names",
+                        self.name,
+                        values.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        let configurations = built
             .into_iter()
             .map(|(group, curve, config)| Ok((group, curve, config.with_settings(settings)?)))
             .collect::<Result<Vec<_>, ConfigError>>()?;
@@ -74,6 +101,24 @@ impl Suite {
         }
         runs
     }
+}
+
+/// Keys `--set` may not take, and why: the runner sets them for each run.
+pub const RUNNER_KEYS: [(&str, &str); 4] = [
+    ("seed", "--seeds spaces them"),
+    ("learner.max_steps", "--steps"),
+    ("learner.listen", "each run has its own port"),
+    ("learner.checkpoint_dir", "each run has its own folder"),
+];
+
+/// The value at `key` in `config`, as TOML text ("unset" where none).
+fn value_at(config: &Config, key: &[String]) -> String {
+    let table: Option<toml::Table> = config.to_toml().parse().ok();
+    let mut value = table.map(toml::Value::Table);
+    for part in key {
+        value = value.and_then(|v| v.get(part).cloned());
+    }
+    value.map_or_else(|| "unset".to_owned(), |v| v.to_string())
 }
 
 /// Every suite, in `--list` order.

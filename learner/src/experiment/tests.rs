@@ -331,6 +331,22 @@ fn settings_reach_every_run_and_refusals_name_them() {
             .to_string();
         assert!(error.contains(named), "{setting}: {error}");
     }
+    // Keys the runner sets, and keys the suite varies between curves
+    // (incomplete: the truncated fraction, and the objective).
+    for (setting, said) in [
+        ("seed=1", "the runner sets it"),
+        (
+            "actor.truncate_fraction=0.5",
+            "varies actor.truncate_fraction",
+        ),
+        ("objective.name=\"tb\"", "varies objective.name"),
+    ] {
+        let error = incomplete
+            .runs_with(1, Some(100), &[setting_override(setting).unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(said), "{setting}: {error}");
+    }
     for malformed in ["actor.epsilon", "Actor.Epsilon=1", "actor..epsilon=1", "=1"] {
         assert!(setting_override(malformed).is_err(), "{malformed}");
     }
