@@ -119,7 +119,8 @@ pub enum ActorError {
     /// in what the learner sent.
     #[error("{0}")]
     Fatal(String),
-    /// The learner stayed unreachable for `actor.reconnect_attempts` tries.
+    /// `actor.reconnect_attempts` tries in a row found no working session
+    /// (the learner unreachable, full, or cutting sessions short).
     #[error(
         "gave up after {attempts} attempts in a row without a working session (actor.reconnect_attempts; 0 retries for ever); last error: {last}"
     )]
@@ -631,13 +632,12 @@ pub async fn stay_connected(
     let mut counts = Counts::default();
     let mut actor_id = 0u64;
     let mut handshake_in_session = true;
-    let mut progress = ProgressLine::new(
-        (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s)),
-    );
+    // A line this often, while rolling out or while unable to.
+    let progress_every =
+        (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s));
+    let mut progress = ProgressLine::new(progress_every);
     let mut failures = 0u32;
-    let mut outage = Outage::new(
-        (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s)),
-    );
+    let mut outage = Outage::new(progress_every);
     // When the learner last said it stops for a restart, until a session
     // is served again.
     let mut restart_announced: Option<std::time::Instant> = None;

@@ -578,7 +578,8 @@ pub struct ActorConfig {
     /// drawn between half of it and all of it, so a fleet does not return
     /// in lockstep).
     pub reconnect_max_s: f64,
-    /// Give up after this many failed connection attempts in a row; a
+    /// Give up after this many attempts in a row without a working session
+    /// (the learner unreachable, full, or cutting sessions short); a
     /// session that sent a chunk and then broke starts a new count (0:
     /// never give up).
     pub reconnect_attempts: u32,

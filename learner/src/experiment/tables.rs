@@ -35,7 +35,10 @@ fn opt(value: Option<f64>) -> String {
 /// stop's report off the grid is left out, as in the tables).
 /// `truncated_fraction` is of the trajectories trained: a run that drops
 /// prefixes reads 0 there, and what it dropped is in
-/// `unusable_truncated_transitions`, of `ingested_transitions`.
+/// `unusable_truncated_transitions`, beside the `ingested_transitions`
+/// taken (the share dropped is unusable / (ingested + unusable)); both
+/// count from the learner process's start, so a resumed run's start
+/// again.
 pub fn reports_csv(results: &[RunResult]) -> String {
     let mut out = String::from(
         "run,group,curve,seed,step,wall_s,loss,logz_est,logz_sampled,logz_sampled_ess,logz_exact,marginal_tv,energy_w1,exact_tv,exact_kl,top100_mean_reward_eval,top100_mean_reward,at_quality,trained_transitions,trained_per_s,mean_policy_lag,truncated_fraction,skipped_batches,ingested_transitions,unusable_truncated_transitions\n",
