@@ -94,6 +94,15 @@ opened = {p["containerPort"] for p in learner.get("ports", [])} | {
 }
 
 
+def peer_pods(peer):
+    # A namespaceSelector beside the podSelector reaches pods of that label
+    # in other namespaces too, and an ipBlock any address: not the run's
+    # pods alone.
+    if set(peer) != {"podSelector"}:
+        fail(f"a policy peer {peer} reaches beyond this run's pods (a namespaceSelector or ipBlock)")
+    return selected(peer["podSelector"])
+
+
 def only_opened_ports(rule, what):
     ports = rule.get("ports", [])
     if not ports or any(p["port"] not in opened or p.get("protocol", "TCP") != "TCP" for p in ports):
@@ -106,7 +115,7 @@ if selected(policy["podSelector"]) != ["flgfn-learner"]:
 if policy.get("policyTypes") != ["Ingress"] or not policy.get("ingress"):
     fail("the learner's policy does not limit what comes in")
 for rule in policy["ingress"]:
-    sources = [selected(peer["podSelector"]) for peer in rule.get("from", [])]
+    sources = [peer_pods(peer) for peer in rule.get("from", [])]
     if sources != [["flgfn-actor"]]:
         fail(f"the learner takes connections from {sources or 'anywhere'}, not the actors' pods alone")
     only_opened_ports(rule, "the learner's policy")
@@ -118,7 +127,7 @@ if sorted(policy.get("policyTypes", [])) != ["Egress", "Ingress"] or policy.get(
 to_learner = [rule for rule in policy.get("egress", []) if rule.get("to")]
 dns = [rule for rule in policy.get("egress", []) if not rule.get("to")]
 for rule in to_learner:
-    destinations = [selected(peer["podSelector"]) for peer in rule["to"]]
+    destinations = [peer_pods(peer) for peer in rule["to"]]
     if destinations != [["flgfn-learner"]]:
         fail(f"the actors may reach {destinations}, not the learner's pod alone")
     only_opened_ports(rule, "the actors' policy")

@@ -195,6 +195,7 @@ mod tests {
     /// A folder that its file system cannot sync (EINVAL, ENOTSUP,
     /// ENOSYS, as some FUSE and network mounts answer) takes the write;
     /// any other failure of the sync fails it, naming the folder.
+    #[cfg(target_os = "linux")]
     #[test]
     fn a_folder_that_cannot_be_synced_takes_the_write_other_failures_do_not() {
         let dir = Path::new("/mnt/checkpoints");
@@ -211,6 +212,7 @@ mod tests {
     }
 
     /// Linux's numbers for the errors above.
+    #[cfg(target_os = "linux")]
     mod libc_errno {
         pub const EIO: i32 = 5;
         pub const EINVAL: i32 = 22;

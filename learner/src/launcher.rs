@@ -107,8 +107,7 @@ fn forward_log_lines(
 
 /// The `flgfn-actor` executable next to the running learner.
 pub fn actor_executable() -> std::io::Result<PathBuf> {
-    let learner = std::env::current_exe()?;
-    let actor = learner.with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX));
+    let actor = actor_beside(&std::env::current_exe()?);
     if actor.exists() {
         Ok(actor)
     } else {
@@ -120,6 +119,12 @@ pub fn actor_executable() -> std::io::Result<PathBuf> {
             ),
         ))
     }
+}
+
+/// Where the `flgfn-actor` built with the learner at `learner` is: beside
+/// it, as cargo builds them.
+pub fn actor_beside(learner: &std::path::Path) -> PathBuf {
+    learner.with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX))
 }
 
 impl LocalActors {

@@ -94,7 +94,7 @@ pub struct SuiteOptions {
 /// and must make the runs again all the same. Where both name the same
 /// clean commit, that one version (as a learner-only record had it).
 pub fn suite_build(learner: &Path) -> anyhow::Result<String> {
-    let actor = learner.with_file_name(format!("flgfn-actor{}", std::env::consts::EXE_SUFFIX));
+    let actor = crate::launcher::actor_beside(learner);
     let learner_build = binary_build(learner, "flgfn-learner")?;
     let actor_build = binary_build(&actor, "flgfn-actor")?;
     Ok(if actor_build == learner_build {
@@ -494,6 +494,7 @@ mod tests {
 
     /// Writes a stand-in `name` into `dir` that prints `version` for
     /// `--version`, with `salt` making binaries of one version differ.
+    #[cfg(unix)]
     fn stand_in(dir: &Path, name: &str, version: &str, salt: &str) {
         use std::os::unix::fs::PermissionsExt;
         let path = dir.join(name);
@@ -509,6 +510,7 @@ mod tests {
     /// learner: a change to the actor alone, which leaves the learner's
     /// version clean, still makes another build (and the runs again);
     /// two builds of uncommitted changes differ by their binaries.
+    #[cfg(unix)]
     #[test]
     fn a_change_to_the_actor_alone_is_another_build() {
         let dir = std::env::temp_dir().join(format!("flgfn-suite-build-{}", std::process::id()));
