@@ -264,52 +264,47 @@ fn a_short_suite_writes_its_data_and_plots() {
     let refused = again("0");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));
-    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--suite", "smoke", "--seeds", "100000000000", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && said.contains("--seeds must be 1 to 10000"),
-        "{said}"
-    );
-    // A --set of a key the runner sets per run, of one the suite varies
-    // between its curves, or that validation refuses, is named before
-    // anything runs; so is a --steps at fault, with a --set beside it.
-    for (setting, said_with) in [
+    // Refused before anything runs, naming what is at fault: too many
+    // seeds; a --set of a key the runner sets per run, of one the suite
+    // varies between its curves, or of a value validation refuses; a
+    // --steps at fault, with a --set beside it.
+    for (args, said_with) in [
         (
-            "learner.max_steps=5",
+            &["--seeds", "100000000000"][..],
+            "--seeds must be 1 to 10000",
+        ),
+        (
+            &["--set", "learner.max_steps=5"],
             "--set learner.max_steps`: the runner sets it for each run (--steps)",
         ),
         (
-            "objective.name=\"tb\"",
+            &["--set", "objective.name=\"tb\""],
             "suite smoke varies objective.name between its curves",
         ),
-        ("actor.epsilon=2", "actor.epsilon"),
+        (&["--set", "actor.epsilon=2"], "actor.epsilon"),
+        (
+            &[
+                "--set",
+                "actor.epsilon=1.0",
+                "--steps",
+                "9223372036854775808",
+            ],
+            "--steps 9223372036854775808",
+        ),
     ] {
         let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-            .args(["--suite", "smoke", "--set", setting, "--out"])
+            .args(["--suite", "smoke"])
+            .args(args)
+            .arg("--out")
             .arg(&out)
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&refused.stderr);
         assert!(
             !refused.status.success() && said.contains(said_with),
-            "{setting}: {said}"
+            "{args:?}: {said}"
         );
     }
-    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .args(["--suite", "smoke", "--set", "actor.epsilon=1.0"])
-        .args(["--steps", "9223372036854775808", "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        !refused.status.success() && said.contains("--steps 9223372036854775808"),
-        "{said}"
-    );
     // A folder given as a metrics file is named.
     let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
         .arg("--plot-metrics")
