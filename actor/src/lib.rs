@@ -548,25 +548,40 @@ fn worth_a_warning(failures: u32) -> bool {
     failures <= 2 || failures.is_power_of_two()
 }
 
-/// An outage's failed attempts, for its log lines: those
-/// [`worth_a_warning`], and one at least every `actor.progress_log_s`
-/// however long it lasts. Doubling alone thins the lines out to one
-/// after 16 minutes of default backoff, then after 32, 64...: an actor
-/// reconnecting for hours would say nothing for hours, where a running
-/// one says `rolling out` every minute.
+/// The failed attempts in a row since a session was last served (or the
+/// learner announced its restart): counted for `actor.reconnect_attempts`,
+/// and logged above debug where [`worth_a_warning`], and at least every
+/// `actor.progress_log_s` however long the outage lasts. Doubling alone
+/// thins the lines out to one after 16 minutes of default backoff, then
+/// after 32, 64...: an actor reconnecting for hours would say nothing for
+/// hours, where a running one says `rolling out` every minute.
 struct Outage {
     /// `actor.progress_log_s` (None: 0, no periodic line).
     every: Option<Duration>,
+    /// Failed attempts so far.
+    failures: u32,
     /// When its first attempt failed.
     started: Option<std::time::Instant>,
     /// When it last had a line above debug.
     last_line: Option<std::time::Instant>,
 }
 
+/// A failed attempt, as [`Outage::failed`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FailedAttempt {
+    /// Its number in the outage, from 1.
+    number: u32,
+    /// Whether it is logged above debug.
+    worth_a_line: bool,
+    /// Since the outage's first failed attempt.
+    lasted: Duration,
+}
+
 impl Outage {
     fn new(every: Option<Duration>) -> Self {
         Self {
             every,
+            failures: 0,
             started: None,
             last_line: None,
         }
@@ -575,23 +590,28 @@ impl Outage {
     /// A session was served, or the learner announced its restart: the
     /// next failure starts a new outage.
     fn end(&mut self) {
+        self.failures = 0;
         self.started = None;
         self.last_line = None;
     }
 
-    /// The `failures`-th failed attempt in a row, at `now`: whether it is
-    /// worth a line above debug, and how long the outage has lasted.
-    fn failed(&mut self, failures: u32, now: std::time::Instant) -> (bool, Duration) {
+    /// Records a failed attempt at `now`.
+    fn failed(&mut self, now: std::time::Instant) -> FailedAttempt {
+        self.failures += 1;
         let started = *self.started.get_or_insert(now);
         let overdue = self.every.is_some_and(|every| {
             self.last_line
                 .is_some_and(|line| now.duration_since(line) >= every)
         });
-        let worth = worth_a_warning(failures) || overdue;
-        if worth {
+        let worth_a_line = worth_a_warning(self.failures) || overdue;
+        if worth_a_line {
             self.last_line = Some(now);
         }
-        (worth, now.duration_since(started))
+        FailedAttempt {
+            number: self.failures,
+            worth_a_line,
+            lasted: now.duration_since(started),
+        }
     }
 }
 
@@ -636,7 +656,6 @@ pub async fn stay_connected(
     let progress_every =
         (actor.progress_log_s > 0.0).then(|| Duration::from_secs_f64(actor.progress_log_s));
     let mut progress = ProgressLine::new(progress_every);
-    let mut failures = 0u32;
     let mut outage = Outage::new(progress_every);
     // When the learner last said it stops for a restart, until a session
     // is served again.
@@ -710,7 +729,6 @@ pub async fn stay_connected(
             Ok(SessionEnd::LearnerRestarting) => {
                 // Planned, not an outage: no failure so far, and the
                 // first wait is the shortest.
-                failures = 0;
                 outage.end();
                 backoff.reset();
                 restart_announced = Some(std::time::Instant::now());
@@ -744,34 +762,26 @@ pub async fn stay_connected(
                 if orders.is_closed() {
                     break Ok(());
                 }
-                if served {
+                let failed = if served {
                     // The connection worked: this is a new outage.
-                    failures = 0;
                     outage.end();
                     backoff.reset();
                     restart_announced = None;
+                    None
                 } else {
-                    failures += 1;
-                }
-                if actor.reconnect_attempts > 0 && failures >= actor.reconnect_attempts {
+                    Some(outage.failed(std::time::Instant::now()))
+                };
+                if let Some(failed) = failed
+                    && actor.reconnect_attempts > 0
+                    && failed.number >= actor.reconnect_attempts
+                {
                     break Err(ActorError::GaveUp {
-                        attempts: failures,
+                        attempts: failed.number,
                         last: message,
                     });
                 }
                 let pause = backoff.next_pause(&mut rand::rng());
-                if served {
-                    // Nothing failed yet: the line says so rather than
-                    // count `failures=0`. What the session sent lets an
-                    // operator match it with the learner's `session
-                    // ended` (none, where the learner crashed).
-                    warn!(
-                        error = %message,
-                        retry_in = ?pause,
-                        session_chunks_sent = counts.chunks_sent - chunks_before,
-                        "connection to the learner lost; reconnecting"
-                    );
-                } else {
+                if let Some(failed) = failed {
                     let expected =
                         restart_announced.is_some_and(|at| at.elapsed() < RESTART_EXPECTED_WITHIN);
                     let what = if expected {
@@ -779,9 +789,9 @@ pub async fn stay_connected(
                     } else {
                         "learner unavailable; reconnecting"
                     };
-                    let (worth_a_line, lasted) = outage.failed(failures, std::time::Instant::now());
-                    let unavailable_s = lasted.as_secs();
-                    match (worth_a_line, expected) {
+                    let failures = failed.number;
+                    let unavailable_s = failed.lasted.as_secs();
+                    match (failed.worth_a_line, expected) {
                         (true, false) => {
                             warn!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
                         }
@@ -792,6 +802,17 @@ pub async fn stay_connected(
                             debug!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
                         }
                     }
+                } else {
+                    // Nothing failed yet: the line says so rather than
+                    // count `failures=0`. What the session sent lets an
+                    // operator match it with the learner's `session
+                    // ended` (none, where the learner crashed).
+                    warn!(
+                        error = %message,
+                        retry_in = ?pause,
+                        session_chunks_sent = counts.chunks_sent - chunks_before,
+                        "connection to the learner lost; reconnecting"
+                    );
                 }
                 if !wait_to_reconnect(pause, shutdown.as_mut(), orders).await {
                     break Ok(());
@@ -843,8 +864,9 @@ mod tests {
             (1..=900u32)
                 .filter_map(|n| {
                     let now = start + Duration::from_secs(4 * u64::from(n));
-                    let (worth, lasted) = outage.failed(n, now);
-                    worth.then_some((n, lasted.as_secs()))
+                    let failed = outage.failed(now);
+                    assert_eq!(failed.number, n);
+                    failed.worth_a_line.then_some((n, failed.lasted.as_secs()))
                 })
                 .collect()
         };
@@ -862,7 +884,12 @@ mod tests {
         let doubling: Vec<u32> = lines(&mut quiet).into_iter().map(|(n, _)| n).collect();
         assert_eq!(doubling, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
         outage.end();
-        assert_eq!(outage.failed(1, start), (true, Duration::ZERO));
+        let first = FailedAttempt {
+            number: 1,
+            worth_a_line: true,
+            lasted: Duration::ZERO,
+        };
+        assert_eq!(outage.failed(start), first);
     }
 
     #[test]
