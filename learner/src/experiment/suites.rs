@@ -52,6 +52,11 @@ impl Suite {
             return Ok(self.runs(seeds, steps));
         }
         let built = (self.build)(steps.unwrap_or(self.default_steps));
+        // Each configuration as TOML, read once for every setting.
+        let tables: Vec<Option<toml::Table>> = built
+            .iter()
+            .map(|(_, _, config)| config.to_toml().parse().ok())
+            .collect();
         for setting in settings {
             let key = setting.key.join(".");
             if let Some((_, why)) = RUNNER_KEYS.iter().find(|(runner, _)| *runner == key) {
@@ -60,9 +65,9 @@ impl Suite {
                     format!("the runner sets it for each run ({why})"),
                 ));
             }
-            let values: std::collections::BTreeSet<String> = built
+            let values: std::collections::BTreeSet<String> = tables
                 .iter()
-                .map(|(_, _, config)| value_at(config, &setting.key))
+                .map(|table| value_at(table.as_ref(), &setting.key))
                 .collect();
             if values.len() > 1 {
                 return Err(ConfigError::invalid(
@@ -111,14 +116,21 @@ pub const RUNNER_KEYS: [(&str, &str); 4] = [
     ("learner.checkpoint_dir", "each run has its own folder"),
 ];
 
-/// The value at `key` in `config`, as TOML text ("unset" where none).
-fn value_at(config: &Config, key: &[String]) -> String {
-    let table: Option<toml::Table> = config.to_toml().parse().ok();
-    let mut value = table.map(toml::Value::Table);
-    for part in key {
-        value = value.and_then(|v| v.get(part).cloned());
+/// The value at `key` in a configuration's `table`, as TOML text ("unset"
+/// where none).
+fn value_at(table: Option<&toml::Table>, key: &[String]) -> String {
+    let Some((last, sections)) = key.split_last() else {
+        return "unset".to_owned();
+    };
+    let mut table = table;
+    for section in sections {
+        table = table
+            .and_then(|t| t.get(section))
+            .and_then(toml::Value::as_table);
     }
-    value.map_or_else(|| "unset".to_owned(), |v| v.to_string())
+    table
+        .and_then(|t| t.get(last))
+        .map_or_else(|| "unset".to_owned(), ToString::to_string)
 }
 
 /// Every suite, in `--list` order.
