@@ -28,7 +28,8 @@ tools="$(lint_tools)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # A rendered overlay, for the checks below: its objects, a fail() that
-# exits naming it, and its pod templates by workload name.
+# exits naming it, and its pod templates by workload name; which
+# workloads' pods a set of labels selects; the ports the learner opens.
 cat >"$work/rendered.py" <<'PY'
 import sys
 
@@ -48,6 +49,19 @@ def load_rendered(path):
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     }
     return docs, fail, templates
+
+
+def pods_with(labels, templates):
+    return sorted(
+        name
+        for name, template in templates.items()
+        if labels.items() <= template["metadata"].get("labels", {}).items()
+    )
+
+
+def learner_ports(templates):
+    ports = templates["flgfn-learner"]["spec"]["containers"][0].get("ports", [])
+    return {p["containerPort"] for p in ports} | {p.get("name") for p in ports}
 PY
 overlays=()
 for overlay in deploy/k8s/overlays/*/; do
@@ -69,7 +83,7 @@ for overlay in "$work"/with-policies/overlays/*/; do
     PYTHONPATH="$work" "$tools/python" - "$work/$name+network-policy.yaml" <<'PY'
 import sys
 
-from rendered import load_rendered
+from rendered import learner_ports, load_rendered, pods_with
 
 docs, fail, templates = load_rendered(sys.argv[1])
 policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
@@ -81,17 +95,10 @@ def selected(selector):
     labels = selector.get("matchLabels", {})
     if not labels or selector.get("matchExpressions"):
         fail(f"a policy selector {selector} is not plain labels")
-    return sorted(
-        name
-        for name, template in templates.items()
-        if labels.items() <= template["metadata"].get("labels", {}).items()
-    )
+    return pods_with(labels, templates)
 
 
-learner = templates["flgfn-learner"]["spec"]["containers"][0]
-opened = {p["containerPort"] for p in learner.get("ports", [])} | {
-    p.get("name") for p in learner.get("ports", [])
-}
+opened = learner_ports(templates)
 
 
 def peer_pods(peer):
@@ -168,7 +175,7 @@ for rendered in "$work"/*.yaml; do
 import sys
 from urllib.parse import urlsplit
 
-from rendered import load_rendered
+from rendered import learner_ports, load_rendered, pods_with
 from restricted import restricted_problem
 
 docs, fail, templates = load_rendered(sys.argv[1])
@@ -178,17 +185,10 @@ if len(services) != 1 or "flgfn-learner" not in templates or "flgfn-actor" not i
     fail("expected one Service, the learner flgfn-learner and the actors flgfn-actor")
 service = services[0]
 selector = service["spec"]["selector"]
-selected = [
-    name
-    for name, template in templates.items()
-    if selector.items() <= template["metadata"].get("labels", {}).items()
-]
+selected = pods_with(selector, templates)
 if selected != ["flgfn-learner"]:
     fail(f"the Service's selector {selector} selects {selected}, not the learner's pod alone")
-learner = templates["flgfn-learner"]["spec"]["containers"][0]
-opened = {p["containerPort"] for p in learner.get("ports", [])} | {
-    p.get("name") for p in learner.get("ports", [])
-}
+opened = learner_ports(templates)
 for port in service["spec"]["ports"]:
     if port.get("targetPort", port["port"]) not in opened:
         fail(f"the Service's port {port} is not one the learner's container opens ({opened})")
