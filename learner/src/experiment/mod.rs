@@ -119,6 +119,7 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
         to_quality: None,
         to_top_k: None,
         top_k_ceiling: None,
+        quality: None,
         record: RunRecord::default(),
     };
     plots::render_groups(std::slice::from_ref(&result), dir)

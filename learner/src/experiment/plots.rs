@@ -3,9 +3,11 @@
 //!
 //! One figure per group and x axis (training steps, seconds of training):
 //! a panel per metric, one curve per label (the objective), the mean over
-//! seeds with the range between the lowest and highest seed shaded.
-//! Seeds are aligned report by report (suites report at fixed step
-//! intervals).
+//! seeds with the range between the lowest and highest seed shaded, and
+//! the task's threshold for the metric as a dashed line. One legend under
+//! the title serves every panel. Seeds are aligned report by report
+//! (suites report at fixed step intervals); against seconds, a report's
+//! x is the mean of its seeds' seconds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,65 +18,86 @@ use plotters::coord::Shift;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::RunResult;
+use super::results::TOP_K_FRACTION;
 use crate::report::Report;
 
 /// A metric drawn in one panel.
-struct Metric {
-    title: &'static str,
+pub(super) struct Metric {
+    pub(super) title: &'static str,
     value: fn(&Report) -> Option<f64>,
     log_scale: bool,
+    /// The value a run must reach to count (quality, or the top-100
+    /// ceiling), drawn as a dashed line.
+    threshold: fn(&RunResult) -> Option<f64>,
 }
 
-const METRICS: [Metric; 9] = [
+/// No threshold: the metric is not judged.
+fn none(_: &RunResult) -> Option<f64> {
+    None
+}
+
+pub(super) const METRICS: [Metric; 9] = [
     Metric {
         title: "loss",
         // 0 where every step since the previous report was skipped (not
         // finite): no loss, not the best one.
         value: |r| (r.loss != 0.0 || r.skipped_batches == 0).then_some(r.loss),
         log_scale: true,
+        threshold: none,
     },
     Metric {
         title: "|log Z error| (flow head or TB)",
         value: Report::logz_error,
         log_scale: true,
+        threshold: |r| r.quality.map(|q| q.log_z_error),
     },
     Metric {
         title: "marginal TV",
         value: |r| r.marginal_tv,
         log_scale: true,
+        threshold: |r| r.quality.and_then(|q| q.marginal_tv),
     },
     Metric {
         title: "energy W1",
         value: |r| r.energy_w1,
         log_scale: true,
+        threshold: |r| r.quality.and_then(|q| q.energy_w1),
     },
     Metric {
         title: "exact TV of the sampler",
         value: |r| r.exact_tv,
         log_scale: true,
+        threshold: |r| r.quality.and_then(|q| q.exact_tv),
     },
     Metric {
         title: "top-100 mean reward (this evaluation)",
         value: |r| Some(r.top100_mean_reward_eval),
         log_scale: false,
+        // (One evaluation's samples rarely hold the 100 best: the
+        // ceiling is judged on the cumulative figure, below.)
+        threshold: none,
     },
     Metric {
         // What the tables' steps to the top-100 ceiling are read from.
         title: "top-100 mean reward (every evaluation so far)",
         value: |r| Some(r.top100_mean_reward),
         log_scale: false,
+        threshold: |r| r.top_k_ceiling.map(|c| TOP_K_FRACTION * c),
     },
     Metric {
         title: "trained transitions per second",
         value: |r| Some(r.trained_per_s),
         log_scale: false,
+        threshold: none,
     },
     Metric {
         title: "mean policy lag (steps)",
         value: |r| Some(r.mean_policy_lag),
         log_scale: false,
+        threshold: none,
     },
 ];
 
@@ -145,12 +168,12 @@ const AXES: [Axis; 2] = [
 const FIGURE_EXTENSIONS: [&str; 2] = ["png", "svg"];
 
 /// (x, mean, low, high) per report index, over the runs of one curve.
-type Band = Vec<(f64, f64, f64, f64)>;
+pub(super) type Band = Vec<(f64, f64, f64, f64)>;
 
 /// One curve of a figure: its colour (the label's place among every
 /// label of the results, so that an objective keeps its colour from
 /// figure to figure), label and runs.
-type Curve<'a> = (usize, String, Vec<&'a RunResult>);
+pub(super) type Curve<'a> = (usize, String, Vec<&'a RunResult>);
 
 /// Mean and range over seeds of `metric` against `x`, aligned by report
 /// index; points where any seed lacks the metric are left out.
@@ -172,7 +195,123 @@ fn band(runs: &[&RunResult], x: fn(&Report) -> f64, metric: fn(&Report) -> Optio
         .collect()
 }
 
-/// Draws every panel of one figure on `root`.
+/// `metric`'s threshold where every run of the figure has the same one (a
+/// figure's runs share a task; runs of different tasks get no line).
+pub(super) fn shared_threshold(curves: &[Curve<'_>], metric: &Metric) -> Option<f64> {
+    let mut thresholds = curves
+        .iter()
+        .flat_map(|(_, _, runs)| runs.iter().map(|run| (metric.threshold)(run)));
+    let first = thresholds.next()??;
+    (first.is_finite() && thresholds.all(|t| t == Some(first))).then_some(first)
+}
+
+/// The y values a panel must show: (lowest, highest, smallest above 0) of
+/// its bands and its threshold, so that the threshold's line is always in
+/// view, however far the curves are from it. `None` without a value.
+pub(super) fn y_extent(
+    bands: &[(usize, &String, Band)],
+    threshold: Option<f64>,
+) -> Option<(f64, f64, f64)> {
+    let values = bands
+        .iter()
+        .flat_map(|(_, _, band)| band.iter())
+        .flat_map(|&(_, mean, lo, hi)| [lo, mean, hi])
+        .chain(threshold);
+    let (mut low, mut high, mut smallest_positive) =
+        (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY);
+    for value in values {
+        low = low.min(value);
+        high = high.max(value);
+        if value > 0.0 {
+            smallest_positive = smallest_positive.min(value);
+        }
+    }
+    low.is_finite().then_some((low, high, smallest_positive))
+}
+
+/// Height of one row of the legend, in pixels.
+const LEGEND_ROW: u32 = 26;
+/// Length of an entry's line sample, in pixels.
+const LEGEND_MARK: u32 = 26;
+/// Space between the line sample and its label, and between entries.
+const LEGEND_PAD: u32 = 6;
+const LEGEND_GAP: u32 = 30;
+
+/// The dashed line of a threshold.
+fn threshold_style() -> ShapeStyle {
+    BLACK.mix(0.6).stroke_width(2)
+}
+
+/// One entry of a figure's legend: a curve's colour, or `None` for the
+/// dashed threshold line.
+type LegendEntry = (Option<RGBColor>, String);
+
+/// Where each legend entry of `widths` pixels goes: (x, row), entries in
+/// order, in rows no wider than `width` (an entry wider than that alone in
+/// its row), each row centred.
+fn legend_layout(widths: &[u32], width: u32) -> Vec<(u32, u32)> {
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    let mut used = 0;
+    for (i, &entry) in widths.iter().enumerate() {
+        match rows.last_mut() {
+            Some(row) if used + LEGEND_GAP + entry <= width => {
+                row.push(i);
+                used += LEGEND_GAP + entry;
+            }
+            _ => {
+                rows.push(vec![i]);
+                used = entry;
+            }
+        }
+    }
+    let mut places = vec![(0, 0); widths.len()];
+    for (row_index, row) in rows.iter().enumerate() {
+        let total = row.iter().map(|&i| widths[i] + LEGEND_GAP).sum::<u32>() - LEGEND_GAP;
+        let mut x = width.saturating_sub(total) / 2;
+        for &i in row {
+            places[i] = (x, row_index as u32);
+            x += widths[i] + LEGEND_GAP;
+        }
+    }
+    places
+}
+
+/// Draws the legend `entries` at `places` (from [`legend_layout`]).
+fn draw_legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    entries: &[LegendEntry],
+    places: &[(u32, u32)],
+    font: &TextStyle<'_>,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let font = font.pos(Pos::new(HPos::Left, VPos::Center));
+    for ((colour, label), &(x, row)) in entries.iter().zip(places) {
+        let (x, y) = (x as i32, (row * LEGEND_ROW + LEGEND_ROW / 2) as i32);
+        let end = x + LEGEND_MARK as i32;
+        match colour {
+            Some(colour) => area.draw(&PathElement::new(
+                vec![(x, y), (end, y)],
+                colour.stroke_width(3),
+            ))?,
+            None => {
+                for start in (x..end).step_by(10) {
+                    area.draw(&PathElement::new(
+                        vec![(start, y), ((start + 6).min(end), y)],
+                        threshold_style(),
+                    ))?;
+                }
+            }
+        }
+        area.draw(&Text::new(
+            label.clone(),
+            (end + LEGEND_PAD as i32, y),
+            font.clone(),
+        ))?;
+    }
+    Ok(())
+}
+
+/// Draws every panel of one figure on `root`, under its title and one
+/// legend for all of them (a legend in each panel covered its curves).
 fn draw_figure<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
@@ -185,43 +324,60 @@ where
 {
     let error = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     root.fill(&WHITE).map_err(error)?;
-    let metrics: Vec<&Metric> = METRICS
+    let metrics: Vec<(&Metric, Option<f64>)> = METRICS
         .iter()
         .filter(|m| {
             curves
                 .iter()
                 .any(|(_, _, runs)| !band(runs, x, m.value).is_empty())
         })
+        .map(|m| (m, shared_threshold(curves, m)))
         .collect();
     let root = root.titled(title, ("sans-serif", 22)).map_err(error)?;
+    let mut entries: Vec<LegendEntry> = curves
+        .iter()
+        .map(|(colour, label, _)| (Some(PALETTE[colour % PALETTE.len()]), label.clone()))
+        .collect();
+    if metrics.iter().any(|(_, threshold)| threshold.is_some()) {
+        entries.push((
+            None,
+            "threshold (quality; top-100: 99 % of the exact ceiling)".to_owned(),
+        ));
+    }
+    let font = TextStyle::from(("sans-serif", 16).into_font());
+    let widths = entries
+        .iter()
+        .map(|(_, label)| {
+            let (text, _) = root.estimate_text_size(label, &font)?;
+            Ok(LEGEND_MARK + LEGEND_PAD + text)
+        })
+        .collect::<Result<Vec<u32>, _>>()
+        .map_err(error)?;
+    let width = root.dim_in_pixel().0;
+    let places = legend_layout(&widths, width.saturating_sub(40));
+    let rows = places.iter().map(|&(_, row)| row + 1).max().unwrap_or(0);
+    let (legend, root) = root.split_vertically(rows * LEGEND_ROW + 4);
+    let places: Vec<(u32, u32)> = places.iter().map(|&(x, row)| (x + 20, row)).collect();
+    draw_legend(&legend, &entries, &places, &font).map_err(error)?;
     let columns = 3usize;
     let rows = metrics.len().div_ceil(columns).max(1);
     let panels = root.split_evenly((rows, columns));
-    for (panel, metric) in panels.iter().zip(&metrics) {
-        // (A curve with nothing in this panel has no legend entry either.)
+    for (panel, &(metric, threshold)) in panels.iter().zip(&metrics) {
+        // (A curve with nothing in this panel is left out of it.)
         let bands: Vec<(usize, &String, Band)> = curves
             .iter()
             .map(|(colour, label, runs)| (*colour, label, band(runs, x, metric.value)))
             .filter(|(_, _, band)| !band.is_empty())
             .collect();
-        let all = bands.iter().flat_map(|(_, _, b)| b.iter());
-        let (mut x_max, mut y_min, mut y_max) = (0f64, f64::INFINITY, f64::NEG_INFINITY);
+        let x_max = bands
+            .iter()
+            .flat_map(|(_, _, b)| b.iter())
+            .fold(0f64, |max, &(px, ..)| max.max(px));
         // The smallest value above 0: a log axis starts below it, so no
         // curve is clipped but one that reaches 0.
-        let mut smallest_positive = f64::INFINITY;
-        for &(px, mean, lo, hi) in all {
-            x_max = x_max.max(px);
-            y_min = y_min.min(lo);
-            y_max = y_max.max(hi);
-            for v in [lo, mean, hi] {
-                if v > 0.0 {
-                    smallest_positive = smallest_positive.min(v);
-                }
-            }
-        }
-        if !y_min.is_finite() {
+        let Some((y_min, y_max, smallest_positive)) = y_extent(&bands, threshold) else {
             continue;
-        }
+        };
         let x_range = 0f64..x_max.max(1e-9) * 1.02;
         let mut builder = ChartBuilder::on(panel);
         builder
@@ -243,14 +399,21 @@ where
             let chart = builder
                 .build_cartesian_2d(x_range, (lo..hi).log_scale())
                 .map_err(error)?;
-            draw_panel(chart, x_label, &bands, lo, labels).map_err(error)?;
+            draw_panel(chart, x_label, &bands, threshold, lo, labels).map_err(error)?;
         } else {
             let pad = ((y_max - y_min) * 0.05).max(1e-9);
             let chart = builder
                 .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
                 .map_err(error)?;
-            draw_panel(chart, x_label, &bands, f64::NEG_INFINITY, LINEAR_Y_LABELS)
-                .map_err(error)?;
+            draw_panel(
+                chart,
+                x_label,
+                &bands,
+                threshold,
+                f64::NEG_INFINITY,
+                LINEAR_Y_LABELS,
+            )
+            .map_err(error)?;
         }
     }
     root.present().map_err(error)?;
@@ -281,11 +444,13 @@ fn log_axis(lo: f64, hi: f64) -> (f64, f64, usize) {
 }
 
 /// Axes, every curve (values clamped at `floor`, for log axes) and the
-/// legend of one panel, with at most `y_labels` labels on the y axis.
+/// threshold's dashed line of one panel, with at most `y_labels` labels
+/// on the y axis.
 fn draw_panel<'a, DB: DrawingBackend + 'a, Y>(
     mut chart: ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
     x_label: &str,
     bands: &[(usize, &String, Band)],
+    threshold: Option<f64>,
     floor: f64,
     y_labels: usize,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
@@ -300,21 +465,25 @@ where
         .y_label_formatter(&|v| compact(*v))
         .light_line_style(WHITE)
         .draw()?;
-    for (i, label, points) in bands {
-        draw_curve(&mut chart, *i, label, points, floor)?;
+    for (i, _, points) in bands {
+        draw_curve(&mut chart, *i, points, floor)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
+    if let Some(threshold) = threshold {
+        let x_end = chart.x_range().end;
+        chart.draw_series(DashedLineSeries::new(
+            [(0.0, threshold), (x_end, threshold)],
+            8,
+            6,
+            threshold_style(),
+        ))?;
+    }
+    Ok(())
 }
 
-/// The seed range as a shaded polygon, then the mean as a labelled line.
+/// The seed range as a shaded polygon, then the mean as a line.
 fn draw_curve<DB: DrawingBackend, X, Y>(
     chart: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
     index: usize,
-    label: &str,
     points: &Band,
     floor: f64,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
@@ -333,13 +502,10 @@ where
             color.mix(0.18).filled(),
         )))?;
     }
-    chart
-        .draw_series(LineSeries::new(
-            points.iter().map(|&(x, mean, _, _)| (x, clamp(mean))),
-            color.stroke_width(2),
-        ))?
-        .label(label)
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    chart.draw_series(LineSeries::new(
+        points.iter().map(|&(x, mean, _, _)| (x, clamp(mean))),
+        color.stroke_width(2),
+    ))?;
     Ok(())
 }
 
@@ -472,7 +638,7 @@ fn drawn_whole(path: &Path, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> a
 mod tests {
     use plotters::prelude::*;
 
-    use super::{MAX_LOG_Y_LABELS, compact, log_axis};
+    use super::{LEGEND_GAP, MAX_LOG_Y_LABELS, compact, legend_layout, log_axis};
 
     /// The values plotters labels on a log axis built by [`log_axis`].
     fn labelled(lo: f64, hi: f64) -> Vec<f64> {
@@ -504,6 +670,29 @@ mod tests {
             let exponent = value.log10();
             assert!((exponent - exponent.round()).abs() < 1e-9, "{got:?}");
         }
+    }
+
+    /// Legend entries stay in order, never overlap, and wrap into more
+    /// rows (each centred) where one is not wide enough.
+    #[test]
+    fn legend_entries_wrap_into_centred_rows() {
+        assert_eq!(legend_layout(&[100, 100], 1000), [(385, 0), (515, 0)]);
+        let widths = [300, 400, 300, 500];
+        let places = legend_layout(&widths, 1000);
+        assert_eq!(places.iter().map(|p| p.1).collect::<Vec<_>>(), [0, 0, 1, 1]);
+        for row in 0..2 {
+            let entries: Vec<(u32, u32)> = places
+                .iter()
+                .zip(widths)
+                .filter(|(p, _)| p.1 == row)
+                .map(|(p, w)| (p.0, p.0 + w))
+                .collect();
+            let (start, end) = (entries[0].0, entries[entries.len() - 1].1);
+            assert!(end <= 1000 && start.abs_diff(1000 - end) <= 1, "{places:?}");
+            assert_eq!(entries[1].0, entries[0].1 + LEGEND_GAP, "{places:?}");
+        }
+        // Wider than the figure: alone in its row, at its left edge.
+        assert_eq!(legend_layout(&[1200, 10], 1000), [(0, 0), (495, 1)]);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use flgfn_common::config::Config;
+use flgfn_common::env::{Quality, TaskReference};
 use flgfn_common::tasks;
 
 use crate::report::Report;
@@ -37,6 +38,9 @@ pub struct RunResult {
     pub to_top_k: Option<(u64, f64)>,
     /// The exact top-100 ceiling, where known.
     pub top_k_ceiling: Option<f64>,
+    /// The task's quality thresholds, where it has a reference (drawn in
+    /// the plots).
+    pub quality: Option<Quality>,
     /// Which builds trained it, and whether its learner failed after its
     /// last report.
     pub record: RunRecord,
@@ -105,7 +109,9 @@ pub fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
 
 /// First report at quality and first at the top-100 ceiling.
 pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResult> {
-    let top_k_ceiling = top_k_ceiling(&spec.config)?;
+    let reference = tasks::build(&spec.config.task)?.reference();
+    let top_k_ceiling = reference.as_deref().and_then(ceiling_of);
+    let quality = reference.as_deref().map(TaskReference::quality);
     let to_quality = reports
         .iter()
         .find(|r| r.at_quality == Some(true))
@@ -122,6 +128,7 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
         to_quality,
         to_top_k,
         top_k_ceiling,
+        quality,
         record: RunRecord::default(),
     })
 }
@@ -133,8 +140,15 @@ pub fn summarise(spec: RunSpec, reports: Vec<Report>) -> anyhow::Result<RunResul
 pub(super) fn top_k_ceiling(config: &Config) -> anyhow::Result<Option<f64>> {
     Ok(tasks::build(&config.task)?
         .reference()
-        .and_then(|r| r.best_mean_reward(crate::evaluator::TOP_K))
-        .filter(|ceiling| ceiling.is_finite()))
+        .as_deref()
+        .and_then(ceiling_of))
+}
+
+/// The finite top-100 ceiling of a task's reference, if it has one.
+fn ceiling_of(reference: &dyn TaskReference) -> Option<f64> {
+    reference
+        .best_mean_reward(crate::evaluator::TOP_K)
+        .filter(|ceiling| ceiling.is_finite())
 }
 
 /// Reads back every run of `specs` already present under `out` (for

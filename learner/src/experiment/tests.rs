@@ -344,3 +344,72 @@ fn settings_reach_every_run_and_refusals_name_them() {
         assert!(setting_override(malformed).is_err(), "{malformed}");
     }
 }
+
+/// A figure draws each task threshold as a dashed line, in view however
+/// far the curves are from it, where every run of the figure has the same
+/// one, and has one legend: each curve's label once, not once per panel.
+#[test]
+fn figures_draw_shared_thresholds_under_one_legend() {
+    let specs = suite("smoke").unwrap().runs(2, Some(300));
+    let result = |spec: &RunSpec| {
+        let mut reports = vec![report(100, false, 0.1), report(300, false, 0.2)];
+        for (report, tv) in reports.iter_mut().zip([0.5, 0.4]) {
+            report.marginal_tv = Some(tv);
+        }
+        summarise(spec.clone(), reports).unwrap()
+    };
+    let results: Vec<RunResult> = specs.iter().map(result).collect();
+    let metric = |title: &str| {
+        plots::METRICS
+            .iter()
+            .find(|m| m.title.starts_with(title))
+            .unwrap()
+    };
+    let curves: Vec<plots::Curve<'_>> = vec![
+        (0, "fl_db".to_owned(), results.iter().step_by(2).collect()),
+        (
+            1,
+            "tb".to_owned(),
+            results.iter().skip(1).step_by(2).collect(),
+        ),
+    ];
+    let shared = |title| plots::shared_threshold(&curves, metric(title));
+    assert_eq!(shared("marginal TV"), Some(0.03));
+    assert_eq!(shared("|log Z error|"), Some(0.3));
+    assert!((shared("energy W1").unwrap() - 0.1).abs() < 0.001);
+    let ceiling = 0.99 * 0.263281;
+    assert!((shared("top-100 mean reward (every").unwrap() - ceiling).abs() < 1e-5);
+    assert_eq!(shared("top-100 mean reward (this"), None);
+    assert_eq!(shared("exact TV"), None);
+    assert_eq!(shared("loss"), None);
+    // A run of another task in the figure: no line rather than one that
+    // is not that run's.
+    let mut other = results[0].clone();
+    other.quality.as_mut().unwrap().marginal_tv = Some(0.05);
+    let mixed: Vec<plots::Curve<'_>> = vec![(0, "x".to_owned(), vec![&results[0], &other])];
+    assert_eq!(plots::shared_threshold(&mixed, metric("marginal TV")), None);
+    // The curves at 0.4-0.5 and the threshold at 0.03: the panel spans both.
+    let bands: Vec<(usize, &String, plots::Band)> =
+        vec![(0, &curves[0].1, vec![(1.0, 0.45, 0.4, 0.5)])];
+    let (low, high, _) = plots::y_extent(&bands, Some(0.03)).unwrap();
+    assert_eq!((low, high), (0.03, 0.5));
+    assert_eq!(plots::y_extent(&[], None), None);
+
+    let out = std::env::temp_dir().join(format!("flgfn-figures-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let written = plots::render_groups(&results, &out).unwrap();
+    let svg = written
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
+        .unwrap();
+    let svg = std::fs::read_to_string(svg).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    let threshold_label = "threshold (quality; top-100: 99 % of the exact ceiling)";
+    for label in ["fl_db", "tb", threshold_label] {
+        let texts = svg.lines().filter(|line| line.trim() == label).count();
+        assert_eq!(texts, 1, "{label}");
+    }
+    // The legend's sample is 3 dashes; the panels' lines are the rest.
+    let dashes = svg.matches(r##"opacity="0.6" stroke="#000000""##).count();
+    assert!(dashes > 3, "{dashes} dashes");
+}
