@@ -90,14 +90,14 @@ pub fn reports_csv(results: &[RunResult]) -> String {
 /// too, with `pending` 1 and nothing measured.
 pub fn summary_csv(results: &[RunResult], failed: &[RunSpec], pending: &[RunSpec]) -> String {
     let mut out = String::from(
-        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,final_at_quality,learner_failed,builds,pending,failed\n",
+        "run,group,curve,seed,steps,wall_s,steps_to_quality,seconds_to_quality,steps_to_top100,seconds_to_top100,top100_ceiling,final_top100,final_logz_error,final_sampled_logz_error,final_marginal_tv,final_energy_w1,final_exact_tv,final_at_quality,learner_failed,builds,pending,failed\n",
     );
     for result in results {
         let s = &result.spec;
         let last = result.reports.last().cloned().unwrap_or_default();
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0,0",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},0,0",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -109,7 +109,9 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec], pending: &[RunSpec
             opt(result.to_top_k.map(|q| q.0 as f64)),
             opt(result.to_top_k.map(|q| q.1)),
             opt(result.top_k_ceiling),
+            opt(Some(last.top100_mean_reward)),
             opt(last.logz_error()),
+            opt(last.sampled_logz_error()),
             opt(last.marginal_tv),
             opt(last.energy_w1),
             opt(last.exact_tv),
@@ -125,7 +127,7 @@ pub fn summary_csv(results: &[RunResult], failed: &[RunSpec], pending: &[RunSpec
     {
         let _ = writeln!(
             out,
-            "{},{},{},{},,,,,,,,,,,,,,,{flags}",
+            "{},{},{},{},,,,,,,,,,,,,,,,,{flags}",
             field(&s.name()),
             field(&s.group),
             field(&s.curve),
@@ -168,7 +170,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             .or_default() += 1;
     }
     let mut out = String::from(
-        "| group | curve | seeds at quality | steps to quality | seconds to quality | at quality at the end | seeds at top-100 | steps to top-100 | seconds to top-100 | final log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| group | curve | seeds at quality | steps to quality | seconds to quality | at quality at the end | seeds at top-100 | steps to top-100 | seconds to top-100 | final top-100 | final log Z error | final sampled log Z error | final marginal TV | final energy W1 | final exact TV | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (key, spec) in order {
         let runs = groups.get(&key).map_or(&[][..], Vec::as_slice);
@@ -212,6 +214,17 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
                 shown
             }
         };
+        // Rewards run from under 1 (small sets) to 1e6 (medium): decimals
+        // for the one, none for the other.
+        let top_digits = if runs
+            .iter()
+            .filter_map(|r| r.reports.last())
+            .all(|r| r.top100_mean_reward.abs() < 10.0)
+        {
+            4
+        } else {
+            0
+        };
         // (Of the task, known without a finished run: a configuration
         // whose every seed failed reads 0/n, not "-".)
         let has_ceiling = match runs.first() {
@@ -220,7 +233,7 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {}/{n} | {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
+            "| {} | {} | {}/{n} | {} | {} | {}/{n} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {failed_here} |",
             key.0,
             key.1,
             quality.len(),
@@ -234,7 +247,9 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             },
             reached(top.iter().map(|q| q.0 as f64).collect(), 0),
             reached(top.iter().map(|q| q.1).collect(), 2),
+            last(&|r| Some(r.top100_mean_reward), top_digits),
             last(&Report::logz_error, 3),
+            last(&Report::sampled_logz_error, 3),
             last(&|r| r.marginal_tv, 4),
             last(&|r| r.energy_w1, 4),
             last(&|r| r.exact_tv, 4),

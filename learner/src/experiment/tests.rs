@@ -97,16 +97,35 @@ fn thresholds_are_the_first_report_that_meets_them() {
         report(200, true, 0.99 * ceiling - 1e-4),
         report(300, false, ceiling),
     ];
-    let result = summarise(spec, reports).unwrap();
+    let mut result = summarise(spec, reports).unwrap();
     assert_eq!(result.to_quality, Some((200, 2.0)));
     assert_eq!(result.to_top_k, Some((300, 3.0)));
     assert!((result.top_k_ceiling.unwrap() - ceiling).abs() < 1e-5);
+    result.reports.last_mut().unwrap().logz_sampled = 1.25;
     let table = summary_markdown(std::slice::from_ref(&result), &[]);
     // At quality at 200, not at the last report (300).
     assert!(table.contains("| 1/1 | 200 | 2.00 | 0/1 |"), "{table}");
+    // Then the final top-100, the model's log Z error (its estimate 0,
+    // exact 1) and the importance-sampled one (1.25).
+    assert!(
+        table.contains("| 300 | 3.00 | 0.2633 | 1.000 | 0.250 |"),
+        "{table}"
+    );
+    let csv = summary_csv(std::slice::from_ref(&result), &[], &[]);
+    let (header, row) = (csv.lines().next().unwrap(), csv.lines().nth(1).unwrap());
+    let column = |name: &str| {
+        let index = header.split(',').position(|h| h == name).unwrap();
+        row.split(',').nth(index).unwrap().to_owned()
+    };
+    assert_eq!(column("final_top100"), ceiling.to_string());
+    assert_eq!(column("final_sampled_logz_error"), "0.25");
+    // Rewards in the thousands and more are shown whole.
+    let mut large = result.clone();
+    large.reports.last_mut().unwrap().top100_mean_reward = 132_709.4;
+    let table = summary_markdown(&[large], &[]);
+    assert!(table.contains("| 132709 |"), "{table}");
     // A failed run of the same curve counts among its seeds, and a
     // value written as null (NaN here) is left out of the finals.
-    let mut result = result;
     result.reports.last_mut().unwrap().marginal_tv = Some(0.05);
     let mut nan = result.clone();
     nan.spec.seed = 1;

@@ -247,6 +247,13 @@ impl Report {
         self.logz_exact.map(|exact| (self.logz_est - exact).abs())
     }
 
+    /// |importance-sampled log Z - exact log Z|, where the task has an
+    /// exact value (NaN where the estimate was not finite).
+    pub fn sampled_logz_error(&self) -> Option<f64> {
+        self.logz_exact
+            .map(|exact| (self.logz_sampled - exact).abs())
+    }
+
     /// Chunks that arrived after training ended, before their actors
     /// heard (`rejections.shutting_down`): not refused for what they held.
     pub fn late_chunks(&self) -> u64 {
