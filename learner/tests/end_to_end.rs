@@ -215,6 +215,24 @@ async fn time_to_quality_is_found_between_reports_on_the_weights_kept_meanwhile(
         outcome.time_to_quality_s,
         "{summarised}"
     );
+    // And the machine its seconds were measured on: the trainer's device
+    // and thread count (the test's configuration's).
+    let machine = &summarised["machine"];
+    let device = if tch::Cuda::is_available() {
+        "cuda:0"
+    } else {
+        "cpu"
+    };
+    assert_eq!(machine["device"], device, "{summarised}");
+    assert_eq!(
+        machine["torch_threads"].as_u64(),
+        Some(config.learner.threads as u64),
+        "{summarised}"
+    );
+    assert!(
+        machine["cpus"].as_u64().is_some_and(|n| n >= 1),
+        "{summarised}"
+    );
     let first = reports
         .iter()
         .position(|r| r.at_quality == Some(true))

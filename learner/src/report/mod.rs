@@ -19,7 +19,7 @@ mod run_summary;
 mod tests;
 
 pub use metrics_file::MetricsFile;
-pub use run_summary::{write_failed_summary, write_summary};
+pub use run_summary::{Machine, write_failed_summary, write_summary};
 
 /// Everything a report says. Field names are the JSON keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -39,10 +39,42 @@ struct RunSummary<'a> {
     sessions: usize,
     failed_local_actors: usize,
     build: &'static str,
+    machine: &'a Machine,
     totals: &'a crate::RunTotals,
     /// The last report, its run-long counters (ingested, refused, stale,
     /// weights sent) brought up to date.
     last_report: &'a Report,
+}
+
+/// Where a run trained: seconds, throughput and time to quality are this
+/// machine's, and runs compared from their summaries alone need it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Machine {
+    /// The training device, as the `learner listening` line gives it
+    /// (`cpu`, `cuda:0`).
+    pub device: String,
+    /// libtorch's intra-op threads in the learner (`learner.threads`).
+    pub torch_threads: usize,
+    /// Cores this process could use (its CPU affinity or quota).
+    pub cpus: usize,
+    /// The host's name, where the system gives one.
+    pub host: Option<String>,
+}
+
+impl Machine {
+    /// This process's machine, training on `device`.
+    pub fn of(device: tch::Device) -> Machine {
+        Machine {
+            device: flgfn_common::policy::device_label(device),
+            torch_threads: usize::try_from(tch::get_num_threads()).unwrap_or(0),
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty()),
+        }
+    }
 }
 
 /// A run that ended in an error with no accounts to close: how far it
@@ -88,6 +120,7 @@ pub fn write_summary(
             sessions: outcome.sessions.len(),
             failed_local_actors: outcome.failed_local_actors,
             build: crate::BUILD,
+            machine: &outcome.machine,
             totals: &outcome.totals,
             last_report: report,
         },

@@ -49,7 +49,7 @@ use crate::ingest::IngestStats;
 use crate::parameters::FlatParameters;
 use crate::publisher::Publisher;
 use crate::quality_probes::{Probe, QualityProbes};
-use crate::report::{MetricsFile, Report};
+use crate::report::{Machine, MetricsFile, Report};
 
 /// Runs `compute` (step `step`'s libtorch calls), turning a panic (tch
 /// panics where libtorch fails: out of GPU memory, say) into an error that
@@ -117,6 +117,8 @@ pub struct TrainingOutcome {
     pub failed_local_actors: usize,
     /// What ended training, filled in by [`serve`](crate::serve).
     pub ended_by: EndedBy,
+    /// Where it trained: its seconds are this machine's.
+    pub machine: Machine,
 }
 
 impl TrainingOutcome {
@@ -390,7 +392,7 @@ impl Training {
     /// What the run ends with: its last report (where no report of this
     /// process covers the last step, its counts) and the whole run's
     /// totals.
-    fn outcome(mut self, weights: Bytes) -> TrainingOutcome {
+    fn outcome(mut self, weights: Bytes, device: tch::Device) -> TrainingOutcome {
         let progress = &mut self.progress;
         // The last report's time where it covers the last step: what
         // follows it (the final checkpoint's copy) is no training, and the
@@ -441,6 +443,7 @@ impl Training {
             untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
             ended_by: EndedBy::Stop,
+            machine: Machine::of(device),
         }
     }
 }
@@ -484,7 +487,7 @@ impl Trainer {
         // and trains the rest with them.
         self.save_final(&mut training, &weights)?;
         self.publisher.finish();
-        Ok(training.outcome(weights))
+        Ok(training.outcome(weights, self.policy.device()))
     }
 
     /// Whether the last step (`max_steps`) is done.
