@@ -143,7 +143,7 @@ pub const SUITES: [Suite; 5] = [
     },
     Suite {
         name: "incomplete",
-        description: "FL-DB vs DB on small sets with 0%, 50% and 90% of trajectories truncated (DB also as the paper runs it, dropping prefixes)",
+        description: "FL-DB and FL-SubTB vs DB on small sets with 0%, 50% and 90% of trajectories truncated (DB also as the paper runs it, dropping prefixes)",
         default_steps: 1000,
         build: incomplete,
     },
@@ -272,7 +272,7 @@ fn incomplete(steps: u64) -> Vec<(String, String, Config)> {
             &mut runs,
             &group,
             &config,
-            &[ObjectiveName::FlDb, ObjectiveName::Db],
+            &[ObjectiveName::FlDb, ObjectiveName::FlSubTb, ObjectiveName::Db],
         );
         // DB as the paper describes it: unable to use a prefix, which the
         // learner then drops (the same as `db` where nothing is cut).
