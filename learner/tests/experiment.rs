@@ -225,6 +225,34 @@ fn a_short_suite_writes_its_data_and_plots() {
             .all(|row| row.split(',').nth(4) == Some("30")),
         "{summary}"
     );
+    // Back to the first budget: its finished runs set aside are moved
+    // back, nothing trained (the older build's and the configuration-less
+    // folders stay aside), the 30-step runs set aside in their place; and
+    // back to 30 steps the same way.
+    for steps in ["20", "30"] {
+        let back = again(steps);
+        assert_eq!(runs_kept(&back), 4);
+        let printed = String::from_utf8_lossy(&back.stdout);
+        assert_eq!(
+            printed.matches(": moved back from ").count(),
+            4,
+            "{printed}"
+        );
+        assert!(!printed.contains("starting over"), "{printed}");
+        assert_eq!(
+            std::fs::read_dir(out.join("replaced")).unwrap().count(),
+            6,
+            "{printed}"
+        );
+        let summary = std::fs::read_to_string(out.join("summary.csv")).unwrap();
+        assert!(
+            summary
+                .lines()
+                .skip(1)
+                .all(|row| row.split(',').nth(4) == Some(steps)),
+            "{summary}"
+        );
+    }
     // A redraw that must fail (runs missing), and what it printed: its
     // heading names what it redraws.
     let failed_redraw = |args: &[&str], heading: &str| {

@@ -153,8 +153,10 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 /// where it stopped); one made with another configuration (other steps,
 /// another suite sharing the folder) or by another build (unless
 /// `keep_other_builds`) starts over in a new folder, the old one moved to
-/// `out/replaced/` (a mistyped `--steps` deletes nothing). A run that
-/// fails, or writes neither a report nor a checkpoint for `stall_timeout`
+/// `out/replaced/` (a mistyped `--steps` deletes nothing). A finished run
+/// that this suite would keep, found there (set aside by a start with
+/// another `--steps`, say), is moved back instead of trained again. A run
+/// that fails, or writes neither a report nor a checkpoint for `stall_timeout`
 /// (it is then killed), is recorded and the suite goes on; one whose
 /// learner fails after its last report at `max_steps` (a local actor that
 /// failed on the way, a final save that failed) is kept, with a warning
@@ -191,6 +193,9 @@ fn run_or_keep(
     started: Instant,
 ) -> anyhow::Result<RunResult> {
     let dir = out.join("runs").join(spec.name());
+    if !finished_here(spec, &dir, options) {
+        restore_from_replaced(spec, out, &dir, options, label)?;
+    }
     let metrics = dir.join("metrics.jsonl");
     let config = run_config(spec, &dir);
     let written = written_config_matches(spec, &dir);
@@ -340,6 +345,82 @@ fn move_to_replaced(out: &Path, dir: &Path, name: &str, why: &str) -> anyhow::Re
         )
     })?;
     Ok(target)
+}
+
+/// Whether `dir` holds a finished run of `spec` that the suite keeps as it
+/// is: written with its configuration, made by this build (by any, with
+/// `keep_other_builds`), its reports up to its last step.
+fn finished_here(spec: &RunSpec, dir: &Path, options: &SuiteOptions) -> bool {
+    written_config_matches(spec, dir) == Some(true)
+        && (options.keep_other_builds
+            || RunRecord::load(dir).is_some_and(|record| record.only_by(&options.build)))
+        && read_reports(&dir.join("metrics.jsonl")).is_ok_and(|reports| finished(spec, &reports))
+}
+
+/// The folders [`move_to_replaced`] made of run `name`, among `paths`,
+/// newest first (by their stamp: seconds, then a count within a second).
+pub(super) fn set_aside_runs(name: &str, paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    let stamp_of = |path: &Path| -> Option<(u64, u64)> {
+        let stamp = path
+            .file_name()?
+            .to_str()?
+            .strip_prefix(name)?
+            .strip_prefix('-')?;
+        let (seconds, again) = stamp.split_once('-').unwrap_or((stamp, "0"));
+        Some((seconds.parse().ok()?, again.parse().ok()?))
+    };
+    let mut stamped: Vec<((u64, u64), PathBuf)> = paths
+        .into_iter()
+        .filter_map(|path| Some((stamp_of(&path)?, path)))
+        .collect();
+    stamped.sort_by(|a, b| b.0.cmp(&a.0));
+    stamped.into_iter().map(|(_, path)| path).collect()
+}
+
+/// Moves back into `dir` the newest finished run of `spec` in
+/// `out/replaced/` that the suite would keep ([`finished_here`]), setting
+/// aside what `dir` holds in its place: a suite started with a mistyped
+/// `--steps` and then with the right one trains nothing twice.
+fn restore_from_replaced(
+    spec: &RunSpec,
+    out: &Path,
+    dir: &Path,
+    options: &SuiteOptions,
+    label: &str,
+) -> anyhow::Result<()> {
+    let name = spec.name();
+    let Ok(entries) = std::fs::read_dir(out.join(REPLACED_DIR)) else {
+        return Ok(());
+    };
+    let paths = entries
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .collect();
+    let Some(found) = set_aside_runs(&name, paths)
+        .into_iter()
+        .find(|path| finished_here(spec, path, options))
+    else {
+        return Ok(());
+    };
+    let mut in_its_place = String::new();
+    if std::fs::symlink_metadata(dir).is_ok() {
+        let moved = move_to_replaced(out, dir, &name, "to make room for a finished run")?;
+        in_its_place = format!("; what was in its place is now {}", moved.display());
+    } else if let Some(runs) = dir.parent() {
+        std::fs::create_dir_all(runs)
+            .with_context(|| format!("cannot create {}", runs.display()))?;
+    }
+    std::fs::rename(&found, dir)
+        .with_context(|| format!("cannot move {} back to {}", found.display(), dir.display()))?;
+    flgfn_common::outln!(
+        "{label}: moved back from {}, finished with this configuration{}{in_its_place}",
+        found.display(),
+        if options.keep_other_builds {
+            ""
+        } else {
+            " by this build"
+        }
+    );
+    Ok(())
 }
 
 /// What a run's learner and actors read: the spec's configuration with the

@@ -1,7 +1,7 @@
 use crate::report::Report;
 
 use super::results::{finished, on_grid};
-use super::runner::{CONFIG_FILE, judge, run_config, written_config_matches};
+use super::runner::{CONFIG_FILE, judge, run_config, set_aside_runs, written_config_matches};
 use super::tables::field;
 use super::*;
 
@@ -431,4 +431,35 @@ fn figures_draw_shared_thresholds_under_one_legend() {
     // The legend's sample is 3 dashes; the panels' lines are the rest.
     let dashes = svg.matches(r##"opacity="0.6" stroke="#000000""##).count();
     assert!(dashes > 3, "{dashes} dashes");
+}
+
+/// The folders set aside for a run are its own only (not those of a run
+/// whose name it begins, seed 10's for seed 1), newest first.
+#[test]
+fn a_runs_set_aside_folders_are_its_own_newest_first() {
+    let paths = [
+        "small_tb_seed1-100",
+        "small_tb_seed1-100-2",
+        "small_tb_seed1-100-10",
+        "small_tb_seed1-99",
+        "small_tb_seed10-200",
+        "small_tb_seed1-",
+        "small_tb_seed1-abc",
+        "small_tb_seed1",
+    ]
+    .map(|name| std::path::Path::new("replaced").join(name));
+    let found = set_aside_runs("small_tb_seed1", paths.to_vec());
+    let names: Vec<_> = found
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "small_tb_seed1-100-10",
+            "small_tb_seed1-100-2",
+            "small_tb_seed1-100",
+            "small_tb_seed1-99"
+        ]
+    );
 }
