@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{Context, anyhow};
+use flgfn_common::env::Quality;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
@@ -29,14 +30,30 @@ pub(super) struct Metric {
     pub(super) title: &'static str,
     value: fn(&Report) -> Option<f64>,
     log_scale: bool,
-    /// The value a run must reach to count (quality, or the top-100
-    /// ceiling), drawn as a dashed line.
-    threshold: fn(&RunResult) -> Option<f64>,
+    /// The value a run must reach to count, drawn as a dashed line.
+    threshold: Threshold,
 }
 
-/// No threshold: the metric is not judged.
-fn none(_: &RunResult) -> Option<f64> {
-    None
+/// What a metric is judged against.
+#[derive(Clone, Copy)]
+enum Threshold {
+    /// Nothing: the metric is not judged.
+    None,
+    /// A quality threshold of the run's task.
+    Quality(fn(&Quality) -> Option<f64>),
+    /// [`TOP_K_FRACTION`] of the run's exact top-100 ceiling.
+    TopKCeiling,
+}
+
+impl Threshold {
+    /// Its value for `run`, where the run's task has one.
+    fn of(self, run: &RunResult) -> Option<f64> {
+        match self {
+            Threshold::None => None,
+            Threshold::Quality(value) => run.quality.as_ref().and_then(value),
+            Threshold::TopKCeiling => run.top_k_ceiling.map(|c| TOP_K_FRACTION * c),
+        }
+    }
 }
 
 pub(super) const METRICS: [Metric; 9] = [
@@ -46,31 +63,31 @@ pub(super) const METRICS: [Metric; 9] = [
         // finite): no loss, not the best one.
         value: |r| (r.loss != 0.0 || r.skipped_batches == 0).then_some(r.loss),
         log_scale: true,
-        threshold: none,
+        threshold: Threshold::None,
     },
     Metric {
         title: "|log Z error| (flow head or TB)",
         value: Report::logz_error,
         log_scale: true,
-        threshold: |r| r.quality.map(|q| q.log_z_error),
+        threshold: Threshold::Quality(|q| Some(q.log_z_error)),
     },
     Metric {
         title: "marginal TV",
         value: |r| r.marginal_tv,
         log_scale: true,
-        threshold: |r| r.quality.and_then(|q| q.marginal_tv),
+        threshold: Threshold::Quality(|q| q.marginal_tv),
     },
     Metric {
         title: "energy W1",
         value: |r| r.energy_w1,
         log_scale: true,
-        threshold: |r| r.quality.and_then(|q| q.energy_w1),
+        threshold: Threshold::Quality(|q| q.energy_w1),
     },
     Metric {
         title: "exact TV of the sampler",
         value: |r| r.exact_tv,
         log_scale: true,
-        threshold: |r| r.quality.and_then(|q| q.exact_tv),
+        threshold: Threshold::Quality(|q| q.exact_tv),
     },
     Metric {
         title: "top-100 mean reward (this evaluation)",
@@ -78,26 +95,26 @@ pub(super) const METRICS: [Metric; 9] = [
         log_scale: false,
         // (One evaluation's samples rarely hold the 100 best: the
         // ceiling is judged on the cumulative figure, below.)
-        threshold: none,
+        threshold: Threshold::None,
     },
     Metric {
         // What the tables' steps to the top-100 ceiling are read from.
         title: "top-100 mean reward (every evaluation so far)",
         value: |r| Some(r.top100_mean_reward),
         log_scale: false,
-        threshold: |r| r.top_k_ceiling.map(|c| TOP_K_FRACTION * c),
+        threshold: Threshold::TopKCeiling,
     },
     Metric {
         title: "trained transitions per second",
         value: |r| Some(r.trained_per_s),
         log_scale: false,
-        threshold: none,
+        threshold: Threshold::None,
     },
     Metric {
         title: "mean policy lag (steps)",
         value: |r| Some(r.mean_policy_lag),
         log_scale: false,
-        threshold: none,
+        threshold: Threshold::None,
     },
 ];
 
@@ -195,12 +212,56 @@ fn band(runs: &[&RunResult], x: fn(&Report) -> f64, metric: fn(&Report) -> Optio
         .collect()
 }
 
+/// The panels of a figure: each metric some curve has a value of, with
+/// the threshold its runs share ([`shared_threshold`]).
+pub(super) fn panels(
+    curves: &[Curve<'_>],
+    x: fn(&Report) -> f64,
+) -> Vec<(&'static Metric, Option<f64>)> {
+    METRICS
+        .iter()
+        .filter(|m| {
+            curves
+                .iter()
+                .any(|(_, _, runs)| !band(runs, x, m.value).is_empty())
+        })
+        .map(|m| (m, shared_threshold(curves, m)))
+        .collect()
+}
+
+/// The legend's words for the dashed lines `panels` draw, if any.
+fn threshold_legend(panels: &[(&Metric, Option<f64>)]) -> Option<String> {
+    let drawn = |ceiling: bool| {
+        panels.iter().any(|(m, threshold)| {
+            threshold.is_some() && matches!(m.threshold, Threshold::TopKCeiling) == ceiling
+        })
+    };
+    let ceiling = format!(
+        "{:.0} % of the exact top-100 ceiling",
+        100.0 * TOP_K_FRACTION
+    );
+    match (drawn(false), drawn(true)) {
+        (true, true) => Some(format!("quality threshold; {ceiling}")),
+        (true, false) => Some("quality threshold".to_owned()),
+        (false, true) => Some(ceiling),
+        (false, false) => None,
+    }
+}
+
+/// Whether a threshold at `threshold` can share a linear axis with curves
+/// spanning `data` (lowest, highest, ..) without squashing them: within
+/// one span of them, the span at least half the highest value's size.
+pub(super) fn within_reach(threshold: f64, (low, high, _): (f64, f64, f64)) -> bool {
+    let span = (high - low).max(0.5 * low.abs().max(high.abs()));
+    (low - span..=high + span).contains(&threshold)
+}
+
 /// `metric`'s threshold where every run of the figure has the same one (a
 /// figure's runs share a task; runs of different tasks get no line).
 pub(super) fn shared_threshold(curves: &[Curve<'_>], metric: &Metric) -> Option<f64> {
     let mut thresholds = curves
         .iter()
-        .flat_map(|(_, _, runs)| runs.iter().map(|run| (metric.threshold)(run)));
+        .flat_map(|(_, _, runs)| runs.iter().map(|run| metric.threshold.of(run)));
     let first = thresholds.next()??;
     (first.is_finite() && thresholds.all(|t| t == Some(first))).then_some(first)
 }
@@ -233,9 +294,14 @@ pub(super) fn y_extent(
 const LEGEND_ROW: u32 = 26;
 /// Length of an entry's line sample, in pixels.
 const LEGEND_MARK: u32 = 26;
-/// Space between the line sample and its label, and between entries.
+/// Space between an entry's line sample and its label, in pixels.
 const LEGEND_PAD: u32 = 6;
+/// Space between two entries, in pixels.
 const LEGEND_GAP: u32 = 30;
+/// Space kept free at each side of the legend, in pixels.
+const LEGEND_MARGIN: u32 = 20;
+/// A threshold's dashes: drawn, then left out, in pixels.
+const DASH: (u32, u32) = (8, 6);
 
 /// The dashed line of a threshold.
 fn threshold_style() -> ShapeStyle {
@@ -293,9 +359,10 @@ fn draw_legend<DB: DrawingBackend>(
                 colour.stroke_width(3),
             ))?,
             None => {
-                for start in (x..end).step_by(10) {
+                let (on, off) = (DASH.0 as i32, DASH.1 as i32);
+                for start in (x..end).step_by((on + off) as usize) {
                     area.draw(&PathElement::new(
-                        vec![(start, y), ((start + 6).min(end), y)],
+                        vec![(start, y), ((start + on).min(end), y)],
                         threshold_style(),
                     ))?;
                 }
@@ -324,25 +391,14 @@ where
 {
     let error = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     root.fill(&WHITE).map_err(error)?;
-    let metrics: Vec<(&Metric, Option<f64>)> = METRICS
-        .iter()
-        .filter(|m| {
-            curves
-                .iter()
-                .any(|(_, _, runs)| !band(runs, x, m.value).is_empty())
-        })
-        .map(|m| (m, shared_threshold(curves, m)))
-        .collect();
+    let metrics = panels(curves, x);
     let root = root.titled(title, ("sans-serif", 22)).map_err(error)?;
     let mut entries: Vec<LegendEntry> = curves
         .iter()
         .map(|(colour, label, _)| (Some(PALETTE[colour % PALETTE.len()]), label.clone()))
         .collect();
-    if metrics.iter().any(|(_, threshold)| threshold.is_some()) {
-        entries.push((
-            None,
-            "threshold (quality; top-100: 99 % of the exact ceiling)".to_owned(),
-        ));
+    if let Some(label) = threshold_legend(&metrics) {
+        entries.push((None, label));
     }
     let font = TextStyle::from(("sans-serif", 16).into_font());
     let widths = entries
@@ -354,10 +410,13 @@ where
         .collect::<Result<Vec<u32>, _>>()
         .map_err(error)?;
     let width = root.dim_in_pixel().0;
-    let places = legend_layout(&widths, width.saturating_sub(40));
+    let places = legend_layout(&widths, width.saturating_sub(2 * LEGEND_MARGIN));
     let rows = places.iter().map(|&(_, row)| row + 1).max().unwrap_or(0);
     let (legend, root) = root.split_vertically(rows * LEGEND_ROW + 4);
-    let places: Vec<(u32, u32)> = places.iter().map(|&(x, row)| (x + 20, row)).collect();
+    let places: Vec<(u32, u32)> = places
+        .iter()
+        .map(|&(x, row)| (x + LEGEND_MARGIN, row))
+        .collect();
     draw_legend(&legend, &entries, &places, &font).map_err(error)?;
     let columns = 3usize;
     let rows = metrics.len().div_ceil(columns).max(1);
@@ -373,11 +432,17 @@ where
             .iter()
             .flat_map(|(_, _, b)| b.iter())
             .fold(0f64, |max, &(px, ..)| max.max(px));
-        // The smallest value above 0: a log axis starts below it, so no
-        // curve is clipped but one that reaches 0.
-        let Some((y_min, y_max, smallest_positive)) = y_extent(&bands, threshold) else {
+        let Some(data) = y_extent(&bands, None) else {
             continue;
         };
+        // A threshold far from the curves on a linear axis would squash
+        // them (top-100 rewards of 1e4 to 1e5 under a ceiling of 9e5): it
+        // is named under the panel instead.
+        let in_view = threshold.filter(|&t| metric.log_scale || within_reach(t, data));
+        let off_panel = threshold.filter(|_| in_view.is_none());
+        // The smallest value above 0: a log axis starts below it, so no
+        // curve is clipped but one that reaches 0.
+        let (y_min, y_max, smallest_positive) = y_extent(&bands, in_view).unwrap_or(data);
         let x_range = 0f64..x_max.max(1e-9) * 1.02;
         let mut builder = ChartBuilder::on(panel);
         builder
@@ -399,17 +464,26 @@ where
             let chart = builder
                 .build_cartesian_2d(x_range, (lo..hi).log_scale())
                 .map_err(error)?;
-            draw_panel(chart, x_label, &bands, threshold, lo, labels).map_err(error)?;
+            draw_panel(chart, x_label, &bands, in_view, lo, labels).map_err(error)?;
         } else {
             let pad = ((y_max - y_min) * 0.05).max(1e-9);
             let chart = builder
                 .build_cartesian_2d(x_range, (y_min - pad)..(y_max + pad))
                 .map_err(error)?;
+            // (Said under the axis, where no curve is.)
+            let x_label = match off_panel {
+                Some(threshold) => format!(
+                    "{x_label}; threshold {}, {} the panel",
+                    compact(threshold),
+                    if threshold > y_max { "above" } else { "below" }
+                ),
+                None => x_label.to_owned(),
+            };
             draw_panel(
                 chart,
-                x_label,
+                &x_label,
                 &bands,
-                threshold,
+                in_view,
                 f64::NEG_INFINITY,
                 LINEAR_Y_LABELS,
             )
@@ -472,8 +546,8 @@ where
         let x_end = chart.x_range().end;
         chart.draw_series(DashedLineSeries::new(
             [(0.0, threshold), (x_end, threshold)],
-            8,
-            6,
+            DASH.0,
+            DASH.1,
             threshold_style(),
         ))?;
     }

@@ -373,7 +373,7 @@ pub(super) fn set_aside_runs(name: &str, paths: Vec<PathBuf>) -> Vec<PathBuf> {
         .into_iter()
         .filter_map(|path| Some((stamp_of(&path)?, path)))
         .collect();
-    stamped.sort_by(|a, b| b.0.cmp(&a.0));
+    stamped.sort_by_key(|(stamp, _)| std::cmp::Reverse(*stamp));
     stamped.into_iter().map(|(_, path)| path).collect()
 }
 

@@ -272,7 +272,11 @@ fn incomplete(steps: u64) -> Vec<(String, String, Config)> {
             &mut runs,
             &group,
             &config,
-            &[ObjectiveName::FlDb, ObjectiveName::FlSubTb, ObjectiveName::Db],
+            &[
+                ObjectiveName::FlDb,
+                ObjectiveName::FlSubTb,
+                ObjectiveName::Db,
+            ],
         );
         // DB as the paper describes it: unable to use a prefix, which the
         // learner then drops (the same as `db` where nothing is cut).

@@ -215,15 +215,18 @@ pub fn summary_markdown(results: &[RunResult], failed: &[RunSpec]) -> String {
             }
         };
         // Rewards run from under 1 (small sets) to 1e6 (medium): decimals
-        // for the one, none for the other.
-        let top_digits = if runs
+        // for the one, none for the other. (A value written as null reads
+        // back as NaN: not a value.)
+        let largest_top = runs
             .iter()
             .filter_map(|r| r.reports.last())
-            .all(|r| r.top100_mean_reward.abs() < 10.0)
-        {
-            4
-        } else {
-            0
+            .map(|r| r.top100_mean_reward.abs())
+            .filter(|v| v.is_finite())
+            .fold(0f64, f64::max);
+        let top_digits = match largest_top {
+            top if top < 10.0 => 4,
+            top if top < 1000.0 => 2,
+            _ => 0,
         };
         // (Of the task, known without a finished run: a configuration
         // whose every seed failed reads 0/n, not "-".)

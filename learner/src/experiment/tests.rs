@@ -119,11 +119,17 @@ fn thresholds_are_the_first_report_that_meets_them() {
     };
     assert_eq!(column("final_top100"), ceiling.to_string());
     assert_eq!(column("final_sampled_logz_error"), "0.25");
-    // Rewards in the thousands and more are shown whole.
+    // Rewards in the thousands and more are shown whole; a seed's null
+    // (NaN) changes neither the others' decimals nor the mean.
     let mut large = result.clone();
     large.reports.last_mut().unwrap().top100_mean_reward = 132_709.4;
     let table = summary_markdown(&[large], &[]);
     assert!(table.contains("| 132709 |"), "{table}");
+    let mut null = result.clone();
+    null.spec.seed = 1;
+    null.reports.last_mut().unwrap().top100_mean_reward = f64::NAN;
+    let table = summary_markdown(&[result.clone(), null], &[]);
+    assert!(table.contains("| 0.2633 (1 of 2) |"), "{table}");
     // A failed run of the same curve counts among its seeds, and a
     // value written as null (NaN here) is left out of the finals.
     result.reports.last_mut().unwrap().marginal_tv = Some(0.05);
@@ -384,14 +390,12 @@ fn figures_draw_shared_thresholds_under_one_legend() {
             .find(|m| m.title.starts_with(title))
             .unwrap()
     };
+    let curve = |name: &str| results.iter().filter(|r| r.spec.curve == name).collect();
     let curves: Vec<plots::Curve<'_>> = vec![
-        (0, "fl_db".to_owned(), results.iter().step_by(2).collect()),
-        (
-            1,
-            "tb".to_owned(),
-            results.iter().skip(1).step_by(2).collect(),
-        ),
+        (0, "fl_db".to_owned(), curve("fl_db")),
+        (1, "tb".to_owned(), curve("tb")),
     ];
+    assert!(curves.iter().all(|(_, _, runs)| runs.len() == 2));
     let shared = |title| plots::shared_threshold(&curves, metric(title));
     assert_eq!(shared("marginal TV"), Some(0.03));
     assert_eq!(shared("|log Z error|"), Some(0.3));
@@ -407,12 +411,38 @@ fn figures_draw_shared_thresholds_under_one_legend() {
     other.quality.as_mut().unwrap().marginal_tv = Some(0.05);
     let mixed: Vec<plots::Curve<'_>> = vec![(0, "x".to_owned(), vec![&results[0], &other])];
     assert_eq!(plots::shared_threshold(&mixed, metric("marginal TV")), None);
+    // The panels drawn (energy W1 and exact TV have no value here), and
+    // those with a line.
+    let drawn: Vec<(&str, bool)> = plots::panels(&curves, |r| r.step as f64)
+        .iter()
+        .map(|(metric, threshold)| (metric.title, threshold.is_some()))
+        .collect();
+    assert_eq!(
+        drawn,
+        [
+            ("loss", false),
+            ("|log Z error| (flow head or TB)", true),
+            ("marginal TV", true),
+            ("top-100 mean reward (this evaluation)", false),
+            ("top-100 mean reward (every evaluation so far)", true),
+            ("trained transitions per second", false),
+            ("mean policy lag (steps)", false),
+        ]
+    );
     // The curves at 0.4-0.5 and the threshold at 0.03: the panel spans both.
     let bands: Vec<(usize, &String, plots::Band)> =
         vec![(0, &curves[0].1, vec![(1.0, 0.45, 0.4, 0.5)])];
     let (low, high, _) = plots::y_extent(&bands, Some(0.03)).unwrap();
     assert_eq!((low, high), (0.03, 0.5));
     assert_eq!(plots::y_extent(&[], None), None);
+    // On a linear axis, a threshold near the curves is drawn; one far
+    // from them (large sets' top-100 ceiling) would squash them.
+    assert!(plots::within_reach(0.26, (0.05, 0.22, 0.05)));
+    assert!(plots::within_reach(0.26, (0.2, 0.2, 0.2)));
+    assert!(!plots::within_reach(
+        891_000.0,
+        (12_000.0, 86_000.0, 12_000.0)
+    ));
 
     let out = std::env::temp_dir().join(format!("flgfn-figures-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
@@ -423,14 +453,14 @@ fn figures_draw_shared_thresholds_under_one_legend() {
         .unwrap();
     let svg = std::fs::read_to_string(svg).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
-    let threshold_label = "threshold (quality; top-100: 99 % of the exact ceiling)";
+    let threshold_label = "quality threshold; 99 % of the exact top-100 ceiling";
     for label in ["fl_db", "tb", threshold_label] {
         let texts = svg.lines().filter(|line| line.trim() == label).count();
         assert_eq!(texts, 1, "{label}");
     }
-    // The legend's sample is 3 dashes; the panels' lines are the rest.
+    // The legend's sample is 2 dashes; the panels' lines are the rest.
     let dashes = svg.matches(r##"opacity="0.6" stroke="#000000""##).count();
-    assert!(dashes > 3, "{dashes} dashes");
+    assert!(dashes > 2, "{dashes} dashes");
 }
 
 /// The folders set aside for a run are its own only (not those of a run

@@ -46,14 +46,17 @@ struct RunSummary<'a> {
     last_report: &'a Report,
 }
 
-/// Where a run trained: seconds, throughput and time to quality are this
-/// machine's, and runs compared from their summaries alone need it.
+/// Where this learner process trained: seconds, throughput and time to
+/// quality are its machine's, and runs compared from their summaries alone
+/// need it. (A resumed run's totals cover its earlier processes too, which
+/// may have run elsewhere.)
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Machine {
     /// The training device, as the `learner listening` line gives it
     /// (`cpu`, `cuda:0`).
     pub device: String,
-    /// libtorch's intra-op threads in the learner (`learner.threads`).
+    /// libtorch intra-op threads the learner was configured with
+    /// (`learner.threads`).
     pub torch_threads: usize,
     /// Cores this process could use (its CPU affinity or quota).
     pub cpus: usize,
@@ -62,11 +65,11 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// This process's machine, training on `device`.
-    pub fn of(device: tch::Device) -> Machine {
+    /// This process's machine, training on `device` with `torch_threads`.
+    pub fn of(device: tch::Device, torch_threads: usize) -> Machine {
         Machine {
             device: flgfn_common::policy::device_label(device),
-            torch_threads: usize::try_from(tch::get_num_threads()).unwrap_or(0),
+            torch_threads,
             cpus: std::thread::available_parallelism().map_or(0, usize::from),
             host: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .ok()

@@ -392,7 +392,7 @@ impl Training {
     /// What the run ends with: its last report (where no report of this
     /// process covers the last step, its counts) and the whole run's
     /// totals.
-    fn outcome(mut self, weights: Bytes, device: tch::Device) -> TrainingOutcome {
+    fn outcome(mut self, weights: Bytes, machine: Machine) -> TrainingOutcome {
         let progress = &mut self.progress;
         // The last report's time where it covers the last step: what
         // follows it (the final checkpoint's copy) is no training, and the
@@ -443,7 +443,7 @@ impl Training {
             untrained_at_stop_transitions: 0,
             time_to_quality_s: progress.time_to_quality,
             ended_by: EndedBy::Stop,
-            machine: Machine::of(device),
+            machine,
         }
     }
 }
@@ -487,7 +487,8 @@ impl Trainer {
         // and trains the rest with them.
         self.save_final(&mut training, &weights)?;
         self.publisher.finish();
-        Ok(training.outcome(weights, self.policy.device()))
+        let machine = Machine::of(self.policy.device(), self.config.learner.threads);
+        Ok(training.outcome(weights, machine))
     }
 
     /// Whether the last step (`max_steps`) is done.
