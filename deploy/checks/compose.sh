@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The compose deployment, tested for real: builds the images, starts the
-# learner and 3 actors on a private network, then
+# The compose deployment, tested for real. First, with no container: a
+# token in .env beside the compose file is found from another folder, as
+# the README says, and its absence is refused. Then it builds the images,
+# starts the learner and 3 actors on a private network, and
 #   1. kills the learner's process (SIGKILL, not through Docker, as the
 #      OOM killer does) mid-training: Docker starts it again (restart:
 #      on-failure), it resumes from its volume, versions never go back, and
@@ -90,6 +92,24 @@ fail() {
 }
 
 step() { echo "compose: $*"; }
+
+# The README keeps FLGFN_TOKEN in deploy/docker/.env and says compose finds
+# it from any shell: the project folder is the compose file's. Without it
+# (and without the variable) compose refuses, saying where to write it.
+# Checked on a copy of the compose file (deploy/docker/.env may be the
+# user's own); rendering needs no daemon work.
+step "a token in .env beside the compose file is found from another folder"
+cp deploy/docker/compose.yaml "$work/compose.yaml"
+refused="$(cd / && env -u FLGFN_TOKEN "${compose_command[@]}" -f "$work/compose.yaml" config 2>&1)" &&
+    fail "compose rendered the file with no FLGFN_TOKEN anywhere"
+grep -qF 'write FLGFN_TOKEN=... to deploy/docker/.env' <<<"$refused" ||
+    fail "without a token, compose did not say where to write it: $refused"
+echo "FLGFN_TOKEN=from-dotenv-$$" >"$work/.env"
+rendered="$(cd / && env -u FLGFN_TOKEN "${compose_command[@]}" -f "$work/compose.yaml" config)" ||
+    fail "compose could not render the file with a token in .env"
+found="$(grep -cF "FLGFN_TOKEN: from-dotenv-$$" <<<"$rendered" || true)"
+[ "$found" = 2 ] || fail "the .env token reached $found of the 2 services: $rendered"
+rm "$work/compose.yaml" "$work/.env"
 
 # The learner's metrics file, from its volume (readable whether the
 # container runs or not: Compose v2's ps lists stopped ones only with -a).
