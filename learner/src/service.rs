@@ -380,14 +380,17 @@ impl LearnerState {
                 None,
             ));
         }
+        // (Prost's error names the field at fault, as the Handshake
+        // call's does.)
         let handshake = handshake
             .to_bytes()
-            .ok()
-            .and_then(|bytes| proto::HandshakeRequest::decode(bytes).ok())
-            .ok_or_else(|| {
-                let error = RequestError::Malformed(format!(
-                    "header `{HANDSHAKE_HEADER}` is not a protobuf-encoded HandshakeRequest"
-                ));
+            .map_err(|error| format!("is not base64 ({error})"))
+            .and_then(|bytes| {
+                proto::HandshakeRequest::decode(bytes)
+                    .map_err(|error| format!("does not decode as a HandshakeRequest: {error}"))
+            })
+            .map_err(|why| {
+                let error = RequestError::Malformed(format!("header `{HANDSHAKE_HEADER}` {why}"));
                 (error, None)
             })?;
         let chunk_bytes = self

@@ -514,6 +514,14 @@ async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
             Code::InvalidArgument,
             HANDSHAKE_HEADER,
         ),
+        // A field at fault is named, as the Handshake call names it:
+        // actor_name (field 2) that is not UTF-8.
+        (
+            [&good[..], b"\x12\x01\xff"].concat(),
+            None,
+            Code::InvalidArgument,
+            "HandshakeRequest.actor_name",
+        ),
         (
             good.clone(),
             Some(ACTOR_ID_HEADER),
@@ -571,7 +579,7 @@ async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
     let expected = [
         ("handshake_task_mismatch", 1),
         ("handshake_protocol_version", 1),
-        ("handshake_malformed", 3),
+        ("handshake_malformed", 4),
         ("session_unknown_actor", 1),
     ]
     .map(|(reason, count)| (reason.to_owned(), count));
@@ -581,7 +589,7 @@ async fn a_session_that_shakes_hands_itself_is_checked_as_a_handshake() {
     );
     // Calls turned away, not chunks: the final line's `refused_calls`.
     assert_eq!(outcome.final_report.rejected_chunks, 0);
-    assert_eq!(outcome.final_report.refused_calls(), 6);
+    assert_eq!(outcome.final_report.refused_calls(), 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
