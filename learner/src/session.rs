@@ -525,9 +525,24 @@ impl Session {
                     }
                 }
                 message = self.inbound.message() => {
-                    let message = message
-                        .map_err(|status| framing_fault_as_sender_error(status, "chunk"))
-                        .inspect_err(|status| self.count_unreadable(status))?;
+                    let message = match message {
+                        Ok(message) => message,
+                        Err(status) => {
+                            let status = framing_fault_as_sender_error(status, "chunk");
+                            if self.count_unreadable(&status) {
+                                // It used a credit, as a chunk refused in
+                                // `receive` does, and presumably carried the
+                                // number expected: neither counts as lost
+                                // when the actor reconnects (it is counted
+                                // refused already).
+                                progress.unused.pop_front();
+                                if let Some(next) = progress.sequence.next.as_mut() {
+                                    *next = next.saturating_add(1);
+                                }
+                            }
+                            return Err(status);
+                        }
+                    };
                     let Some(message) = message else {
                         // The actor closed its side, leaving; or its
                         // connection was closed under the session (hyper
@@ -864,7 +879,9 @@ impl Session {
 
     /// Undecodable or oversized: refused by tonic before validation, but
     /// still a refused chunk. A vanished actor is not.
-    fn count_unreadable(&self, status: &Status) {
+    /// Counts a chunk that could not be read (undecodable, too large) as
+    /// refused; false where `status` is a broken connection instead.
+    fn count_unreadable(&self, status: &Status) -> bool {
         let reason = match status.code() {
             // (The codec reports undecodable bytes as INVALID_ARGUMENT, and
             // framing faults are made so; an INTERNAL here is a broken
@@ -873,17 +890,19 @@ impl Session {
             Code::OutOfRange | Code::ResourceExhausted => Some("too_large"),
             _ => None,
         };
-        if let Some(reason) = reason {
-            let refused_so_far = self.state.stats.reject(reason);
-            if refused_so_far.is_power_of_two() {
-                warn!(
-                    actor_id = self.actor_id,
-                    status = %status.message(),
-                    refused_so_far,
-                    "unreadable trajectory chunk"
-                );
-            }
+        let Some(reason) = reason else {
+            return false;
+        };
+        let refused_so_far = self.state.stats.reject(reason);
+        if refused_so_far.is_power_of_two() {
+            warn!(
+                actor_id = self.actor_id,
+                status = %status.message(),
+                refused_so_far,
+                "unreadable trajectory chunk"
+            );
         }
+        true
     }
 }
 

@@ -2081,6 +2081,48 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     assert_eq!(outcome.final_report.lost_chunks, 1);
 }
 
+/// A chunk the learner cannot read (here, over its message size limit,
+/// refused before decoding) is counted refused, and not also lost when
+/// its actor reconnects and numbers on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_chunk_is_counted_refused_not_also_lost() {
+    let mut config = config();
+    config.learner.max_in_flight_batches = 4;
+    let (url, learner, stop) = start_learner(&config).await;
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let actor_id = issued.actor_id;
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
+    let mut credits = 0;
+    while credits < 2 {
+        credits += session.grant().await.credits;
+    }
+    session
+        .upload
+        .send(chunk(actor_id, vec![0, 1]))
+        .await
+        .unwrap();
+    // (Over `learner.max_message_bytes`, 1 MiB here: refused from the
+    // length its frame declares, however the bytes arrive.)
+    let mut too_large = chunk(actor_id, vec![0; 1_200_000]);
+    too_large.sequence = 1;
+    let status = session.refused(too_large).await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // The same actor again, numbering on from the refused chunk.
+    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
+    while session.grant().await.credits == 0 {}
+    let mut next = chunk(issued.actor_id, vec![0, 1]);
+    next.sequence = 2;
+    session.upload.send(next).await.unwrap();
+    let outcome = finished_within(learner, 60, "the learner finishes").await;
+    drop(stop);
+    assert_eq!(outcome.steps, 2);
+    let report = &outcome.final_report;
+    assert_eq!(report.rejections.get("too_large"), Some(&1), "{report:?}");
+    assert_eq!(report.lost_chunks, 0);
+}
+
 /// After training ends, a session reads the chunks its actor sent before
 /// it heard, and counts them late: at most one per credit it held, however
 /// many more come, so that an actor cannot inflate the count. (Ended by a
