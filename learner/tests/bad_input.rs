@@ -2039,23 +2039,9 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     config.learner.max_in_flight_batches = 4;
     config.learner.max_steps = 3;
     let (url, learner, stop) = start_learner(&config).await;
-    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
-    let actor_id = issued.actor_id;
-    let mut session = open(&mut client, Some(&issued)).await.unwrap();
-    let mut credits = 0;
-    while credits < 3 {
-        credits += session.grant().await.credits;
-    }
     // Chunk 0 is trained, chunk 1 refused; the third credit (at least)
     // goes unanswered, as if its chunk was lost with the connection.
-    session
-        .upload
-        .send(chunk(actor_id, vec![0, 1]))
-        .await
-        .unwrap();
-    let mut bad = chunk(actor_id, vec![1, 1]);
-    bad.sequence = 1;
-    let status = session.refused(bad).await;
+    let status = refused_after_a_good_chunk(&url, &config, 3, vec![1, 1]).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     // The same actor (same name) again: chunk 2 never came.
@@ -2081,6 +2067,28 @@ async fn lost_chunks_are_counted_from_a_reconnect_and_cannot_be_inflated() {
     assert_eq!(outcome.final_report.lost_chunks, 1);
 }
 
+/// A new actor's session that waits for at least `credits` credits, sends
+/// a good chunk 0, then chunk 1 of `actions`, which the learner refuses:
+/// that refusal.
+async fn refused_after_a_good_chunk(
+    url: &str,
+    config: &Config,
+    credits: u32,
+    actions: Vec<u32>,
+) -> Status {
+    let (mut client, issued) = try_handshake(url, config).await.unwrap();
+    let mut session = open(&mut client, Some(&issued)).await.unwrap();
+    let mut granted = 0;
+    while granted < credits {
+        granted += session.grant().await.credits;
+    }
+    let good = chunk(issued.actor_id, vec![0, 1]);
+    session.upload.send(good).await.unwrap();
+    let mut second = chunk(issued.actor_id, actions);
+    second.sequence = 1;
+    session.refused(second).await
+}
+
 /// A chunk the learner cannot read (here, over its message size limit,
 /// refused before decoding) is counted refused, and not also lost when
 /// its actor reconnects and numbers on.
@@ -2089,23 +2097,9 @@ async fn an_unreadable_chunk_is_counted_refused_not_also_lost() {
     let mut config = config();
     config.learner.max_in_flight_batches = 4;
     let (url, learner, stop) = start_learner(&config).await;
-    let (mut client, issued) = try_handshake(&url, &config).await.unwrap();
-    let actor_id = issued.actor_id;
-    let mut session = open(&mut client, Some(&issued)).await.unwrap();
-    let mut credits = 0;
-    while credits < 2 {
-        credits += session.grant().await.credits;
-    }
-    session
-        .upload
-        .send(chunk(actor_id, vec![0, 1]))
-        .await
-        .unwrap();
     // (Over `learner.max_message_bytes`, 1 MiB here: refused from the
     // length its frame declares, however the bytes arrive.)
-    let mut too_large = chunk(actor_id, vec![0; 1_200_000]);
-    too_large.sequence = 1;
-    let status = session.refused(too_large).await;
+    let status = refused_after_a_good_chunk(&url, &config, 2, vec![0; 1_200_000]).await;
     assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
 
     // The same actor again, numbering on from the refused chunk.
