@@ -12,7 +12,7 @@ use flgfn_common::tasks;
 
 use crate::report::Report;
 
-use super::runner::written_config_matches;
+use super::runner::{METRICS_FILE, written_config_matches};
 use super::{RunRecord, RunSpec};
 
 /// Fraction of the exact top-100 ceiling a run must reach to count as
@@ -165,7 +165,7 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
         let dir = out.join("runs").join(spec.name());
         let why = match (
             written_config_matches(spec, &dir),
-            read_reports(&dir.join("metrics.jsonl")),
+            read_reports(&dir.join(METRICS_FILE)),
         ) {
             (None, _) => Unfinished::NeverStarted,
             (Some(false), _) => Unfinished::OtherConfiguration,

@@ -196,7 +196,7 @@ fn run_or_keep(
     if !finished_here(spec, &dir, options) {
         restore_from_replaced(spec, out, &dir, options, label)?;
     }
-    let metrics = dir.join("metrics.jsonl");
+    let metrics = dir.join(METRICS_FILE);
     let config = run_config(spec, &dir);
     let written = written_config_matches(spec, &dir);
     let record = RunRecord::load(&dir);
@@ -316,6 +316,9 @@ pub(super) fn judge(
 /// A run's configuration file, in its folder.
 pub(super) const CONFIG_FILE: &str = "config.toml";
 
+/// A run's reports, in its folder.
+pub(super) const METRICS_FILE: &str = "metrics.jsonl";
+
 /// Where run folders made with another configuration or by another build
 /// go, under the suite's folder.
 pub const REPLACED_DIR: &str = "replaced";
@@ -354,7 +357,7 @@ fn finished_here(spec: &RunSpec, dir: &Path, options: &SuiteOptions) -> bool {
     written_config_matches(spec, dir) == Some(true)
         && (options.keep_other_builds
             || RunRecord::load(dir).is_some_and(|record| record.only_by(&options.build)))
-        && read_reports(&dir.join("metrics.jsonl")).is_ok_and(|reports| finished(spec, &reports))
+        && read_reports(&dir.join(METRICS_FILE)).is_ok_and(|reports| finished(spec, &reports))
 }
 
 /// The folders [`move_to_replaced`] made of run `name`, among `paths`,
@@ -470,7 +473,7 @@ fn run_one(
     // checkpoints.
     write_atomically(dir, CONFIG_FILE, config.to_toml().as_bytes())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
-    let metrics = dir.join("metrics.jsonl");
+    let metrics = dir.join(METRICS_FILE);
     // Appended to: the log of an earlier try stays for its post-mortem.
     let log = std::fs::OpenOptions::new()
         .create(true)
