@@ -877,10 +877,10 @@ impl Session {
         }
     }
 
-    /// Undecodable or oversized: refused by tonic before validation, but
-    /// still a refused chunk. A vanished actor is not.
-    /// Counts a chunk that could not be read (undecodable, too large) as
-    /// refused; false where `status` is a broken connection instead.
+    /// Counts a chunk that could not be read as refused: undecodable or
+    /// oversized, refused by tonic before validation, but still a refused
+    /// chunk. False where `status` is a broken connection instead (a
+    /// vanished actor's is not a refused chunk).
     fn count_unreadable(&self, status: &Status) -> bool {
         let reason = match status.code() {
             // (The codec reports undecodable bytes as INVALID_ARGUMENT, and
