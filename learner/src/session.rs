@@ -760,20 +760,24 @@ impl Session {
         // holding its decoded bytes (up to several times its wire size).
         let chunk = check_chunk(env.as_ref(), chunk, &context)?;
         // After those checks (a version from the future would read as
-        // fresh and end a pause, and a refused chunk must not count as an
-        // idle actor's) but before the replay, so that the next credit can
-        // be granted while this chunk is replayed; the throttle first, so
-        // that the controller, woken by `used`, sees a pause decided on
-        // this chunk before it grants. (When the controller granted the
-        // credit, not when it was sent on: one granted before a pause and
-        // sent after says nothing of the probes since.)
+        // fresh and end a pause) but before the replay, so that the next
+        // credit can be granted while this chunk is replayed; the throttle
+        // first, so that the controller, woken by `used`, sees a pause
+        // decided on this chunk before it grants. (When the controller
+        // granted the credit, not when it was sent on: one granted before
+        // a pause and sent after says nothing of the probes since.)
         self.throttle(policy_version, credit.reserved_at(), credits, progress);
-        credits.used(credits_left == 0);
+        credits.used();
         let ingested: IngestedChunk = self
             .state
             .ingest_pool
             .run(move || ingest_chunk(env.as_ref(), chunk, context))
             .await??;
+        // Only now: a chunk refused at replay (an action illegal further
+        // on) must not grow the room for all by saying its actor is idle.
+        if credits_left == 0 {
+            credits.ran_out();
+        }
         let (transitions, unusable) = (ingested.transitions, ingested.unusable_transitions);
         if transitions > 0 {
             credit.arrived(transitions as u64);

@@ -45,10 +45,11 @@ pub struct CreditPool {
     /// The batch being built: the target the last [`CreditPool::adapt`]
     /// returned (a long wait may move the room, not the batch under way).
     pub(super) building: AtomicU64,
-    /// Chunks whose actor had no credit left when it finished them: it sat
-    /// idle until the next grant reached it. Without such events
-    /// the actors, not the room, limit supply, and more room would only
-    /// queue credits whose weights age.
+    /// Accepted chunks whose actor had no credit left when it finished
+    /// them (see [`super::SessionCredits::ran_out`]): it sat idle until
+    /// the next grant reached it. Without such events the actors, not the
+    /// room, limit supply, and more room would only queue credits whose
+    /// weights age.
     pub(super) idle_actors: AtomicU64,
     /// Whether, since the last batch, a session holding no credit could
     /// not be given one for want of room: read only when the batch builder

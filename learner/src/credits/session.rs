@@ -172,27 +172,29 @@ impl SessionCredits {
         was_probing
     }
 
-    /// One credit was used (its chunk arrived); `idle`: the actor had no
-    /// other credit left to start. Only an actor idle for want of room
-    /// counts: one paused or probing (its chunks arrive too old), or held
-    /// back by its memory bound, would stay idle however large the room,
-    /// and growing it would only age the others' credits.
-    /// (Nor one held back near the end, where what is granted covers
-    /// every batch left.)
-    pub fn used(&self, idle: bool) {
+    /// One credit was used: its chunk arrived (valid or not).
+    pub fn used(&self) {
         self.pace
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .arrived(Instant::now());
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.pool.wake.notify_one();
+    }
+
+    /// The actor had no other credit left to start when it sent a chunk
+    /// the learner accepted (`credits_left` 0): it sits idle. Told only
+    /// once the chunk has replayed, so that a refused chunk's word counts
+    /// for nothing. Only an actor idle for want of room counts: one paused
+    /// or probing (its chunks arrive too old), or held back by its memory
+    /// bound, would stay idle however large the room, and growing it would
+    /// only age the others' credits. (Nor one held back near the end,
+    /// where what is granted covers every batch left.)
+    pub fn ran_out(&self) {
         let throttled = self.throttle.cap(Instant::now()).0.is_some();
-        if idle
-            && !throttled
-            && self.memory.allows_another(&self.pool)
-            && !self.pool.covers_what_is_left()
+        if !throttled && self.memory.allows_another(&self.pool) && !self.pool.covers_what_is_left()
         {
             self.pool.idle_actors.fetch_add(1, Ordering::Relaxed);
         }
-        self.pool.wake.notify_one();
     }
 }

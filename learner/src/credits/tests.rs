@@ -336,7 +336,7 @@ async fn a_stalled_session_holds_at_most_its_share_and_the_busy_one_goes_on() {
             .await
             .expect("the busy session keeps getting credits")
             .unwrap();
-        busy.used(false);
+        busy.used();
         drop(token);
         while let Ok(token) = stalled.tokens.try_recv() {
             held.push(token);
@@ -411,7 +411,7 @@ impl SmallChunksFillTheRoom {
     /// The chunks of the small session's new credits arrive.
     fn arrive(&mut self) {
         for token in take(&mut self.small) {
-            self.small.used(false);
+            self.small.used();
             self.waiting.push_back(token);
         }
     }
@@ -496,7 +496,7 @@ async fn a_paused_session_does_not_shrink_the_share_of_the_others() {
     // The first to join took the whole room before the other came;
     // its chunks are trained, and the room is shared.
     for token in take(&mut active) {
-        active.used(false);
+        active.used();
         drop(token);
     }
     settle().await;
@@ -505,7 +505,7 @@ async fn a_paused_session_does_not_shrink_the_share_of_the_others() {
     // The other is paused; its chunks arrive and are trained.
     paused.pause(Duration::from_secs(60));
     for token in take(&mut paused) {
-        paused.used(false);
+        paused.used();
         drop(token);
     }
     settle().await;
@@ -543,7 +543,7 @@ async fn a_wait_near_the_end_lets_out_one_batch_not_the_room() {
     }
     // The next batch is collated: the taper is the batches left again.
     for token in held.drain(..10) {
-        session.used(false);
+        session.used();
         drop(token);
     }
     pool.collated(1);
@@ -596,7 +596,7 @@ async fn a_quiet_session_takes_no_more_and_does_not_hold_back_the_last_batches()
         let tokens = take(&mut busy);
         granted_busy.push(tokens.len());
         for token in tokens {
-            busy.used(false);
+            busy.used();
             drop(token);
         }
         hoard.extend(take(&mut quiet));
@@ -615,7 +615,7 @@ async fn a_quiet_session_takes_no_more_and_does_not_hold_back_the_last_batches()
     // With no end in sight and ten times the room, it still takes
     // nothing, and the busy one holds all one session may.
     for _ in take(&mut busy) {
-        busy.used(false);
+        busy.used();
     }
     pool.last_step(u64::MAX, 0);
     pool.capacity.store(1000, Ordering::Relaxed);
@@ -624,7 +624,7 @@ async fn a_quiet_session_takes_no_more_and_does_not_hold_back_the_last_batches()
     assert_eq!(take(&mut busy).len(), MAX_CREDITS_PER_SESSION as usize);
     assert!(take(&mut quiet).is_empty());
     // One chunk of it arrives: it is served again.
-    quiet.used(false);
+    quiet.used();
     drop(hoard.pop());
     settle().await;
     assert!(!take(&mut quiet).is_empty());
@@ -640,7 +640,7 @@ async fn credits_stop_at_what_the_batches_left_need() {
     fixture.pool.last_step(100, 0);
     fixture.pool.collated(97);
     for token in take(session) {
-        session.used(false);
+        session.used();
         drop(token);
     }
     settle().await;
@@ -648,7 +648,7 @@ async fn credits_stop_at_what_the_batches_left_need() {
     assert_eq!(held.len(), 30, "3 batches of 10");
     // One batch is taken: 2 left, and what is in use covers them.
     for _ in 0..10 {
-        session.used(false);
+        session.used();
         held.pop();
     }
     fixture.pool.collated(98);
@@ -667,7 +667,8 @@ async fn credits_stop_at_what_the_batches_left_need() {
     // Its chunks arrive and are trained: room and credits come back,
     // and are not granted again.
     for token in held {
-        fixture.session.used(true);
+        fixture.session.used();
+        fixture.session.ran_out();
         drop(token);
     }
     settle().await;
@@ -703,7 +704,7 @@ async fn a_paused_session_gets_nothing_then_probes_one_credit_at_a_time() {
     session.pause(Duration::from_millis(400));
     // Its chunks arrive and are trained: room and credits come back.
     for token in before {
-        session.used(false);
+        session.used();
         drop(token);
     }
     settle().await;
@@ -713,7 +714,7 @@ async fn a_paused_session_gets_nothing_then_probes_one_credit_at_a_time() {
     assert_eq!(probe.len(), 1, "one probe after the pause");
     settle().await;
     assert!(take(session).is_empty(), "one credit at a time");
-    session.used(false);
+    session.used();
     drop(probe);
     settle().await;
     let next = take(session);
@@ -732,20 +733,27 @@ async fn only_an_actor_idle_for_want_of_room_counts_as_idle() {
     settle().await;
     let mut tokens = take(&mut fixture.session);
     assert!(tokens.len() >= 3, "{}", tokens.len());
-    fixture.session.used(true);
+    // A chunk arriving is no news of idleness; the actor's word, once its
+    // chunk is accepted, is.
+    fixture.session.used();
+    assert_eq!(idle_actors(&fixture.pool), 0, "used, not said idle");
+    fixture.session.ran_out();
     drop(tokens.pop());
     assert_eq!(idle_actors(&fixture.pool), 1);
     // Paused, then probing: idle because its chunks are too old.
     fixture.session.pause(Duration::from_millis(400));
-    fixture.session.used(true);
+    fixture.session.used();
+    fixture.session.ran_out();
     drop(tokens.pop());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    fixture.session.used(true);
+    fixture.session.used();
+    fixture.session.ran_out();
     drop(tokens.pop());
     assert_eq!(idle_actors(&fixture.pool), 0, "paused or probing");
     // Fresh again: idle counts again.
     assert!(fixture.session.fresh());
-    fixture.session.used(true);
+    fixture.session.used();
+    fixture.session.ran_out();
     assert_eq!(idle_actors(&fixture.pool), 1);
     drop(tokens);
     drop(take(&mut fixture.session));
@@ -759,10 +767,12 @@ async fn only_an_actor_idle_for_want_of_room_counts_as_idle() {
     for token in &mut waiting {
         token.arrived(1);
     }
-    fixture.session.used(true);
+    fixture.session.used();
+    fixture.session.ran_out();
     assert_eq!(idle_actors(&fixture.pool), 0, "at its memory bound");
     waiting.pop();
-    fixture.session.used(true);
+    fixture.session.used();
+    fixture.session.ran_out();
     assert_eq!(idle_actors(&fixture.pool), 1, "below it");
 }
 
@@ -778,7 +788,8 @@ async fn a_session_holds_no_more_chunks_than_its_memory_allows() {
     for token in &mut waiting {
         // The chunk arrives and waits for the trainer: the credit is
         // used, but its chunk is still held.
-        session.used(true);
+        session.used();
+        session.ran_out();
         token.arrived(1);
     }
     settle().await;
@@ -800,7 +811,7 @@ async fn a_batch_larger_than_what_one_session_may_hold_still_fills() {
     settle().await;
     let mut waiting = take(session);
     for token in &mut waiting {
-        session.used(false);
+        session.used();
         token.arrived(1);
     }
     settle().await;
