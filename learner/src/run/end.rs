@@ -15,6 +15,7 @@ use crate::error::LearnerError;
 use crate::ingest::IngestStats;
 use crate::launcher::LocalActors;
 use crate::report::to_the_millisecond;
+use crate::service::LearnerState;
 use crate::trainer::{EndedBy, TrainingOutcome};
 
 use super::not_serving;
@@ -153,10 +154,12 @@ async fn drain_connections(
 /// Waits up to [`DRAIN_TIMEOUT`] for the sessions still open to end. Each
 /// runs on a task of its own, which may outlive its connection (one reading
 /// its actor's last chunks, see `session.rs`): the run's records and
-/// counts are taken once they have ended.
-async fn wait_for_sessions(stats: &IngestStats) {
-    let open = || stats.connected_actors.load(Ordering::Relaxed);
-    if !within_drain_timeout(|| open() <= 0).await {
+/// counts are taken once they have ended. Counted by their places
+/// (`learner.max_sessions`), taken before the task is spawned: one spawned
+/// a moment before the drain ended, and not yet run, counts too.
+async fn wait_for_sessions(state: &LearnerState) {
+    let open = || state.open_sessions.load(Ordering::Acquire);
+    if !within_drain_timeout(|| open() == 0).await {
         warn!(
             open = open(),
             "sessions still open {DRAIN_TIMEOUT:?} after training ended: the final counts leave out what they do from now on"
@@ -291,7 +294,7 @@ impl Running {
             }
         };
         if drain_connections(self.server, stop_now).await? {
-            wait_for_sessions(&self.stats).await;
+            wait_for_sessions(&self.state).await;
         }
         if let Some(actors) = self.local_actors {
             if ending.restart {
