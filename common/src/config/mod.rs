@@ -439,8 +439,9 @@ pub struct LearnerConfig {
     /// this, a session holds the message being received and its HTTP/2
     /// buffers: a message is decoded whole before its fields are checked,
     /// so one of at most the largest valid chunk's size on the wire may
-    /// briefly take up to ~4x that in memory when crafted (1-byte actions
-    /// decode to 4 bytes; a chunk of more than `max_chunk_trajectories`
+    /// briefly take up to ~8x that in memory when crafted (1-byte actions
+    /// decode to 4 bytes, in a vector whose capacity doubles as it
+    /// grows; a chunk of more than `max_chunk_trajectories`
     /// entries, such as one of thousands of empty trajectories, 2 bytes on
     /// the wire and ~100 decoded each, is refused from its tags before it
     /// is decoded).
