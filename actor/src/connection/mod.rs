@@ -57,7 +57,8 @@ pub enum SessionEnd {
     /// The learner stops to be started again on its checkpoint (SIGUSR1):
     /// reconnect, with backoff, to the learner started again.
     LearnerRestarting,
-    /// The rollout worker stopped (the actor is shutting down).
+    /// The rollout worker stopped mid-session: it failed (weights it
+    /// could not load) or panicked, and the actor leaves with its error.
     WorkerStopped,
     /// The actor was asked to stop; the chunks it had rolled out were sent.
     Stopped,

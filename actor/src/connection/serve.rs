@@ -62,6 +62,19 @@ async fn finish(
         })
 }
 
+/// Ends a session whose rollout worker stopped mid-session (it failed:
+/// a stopping actor drains through a flush instead). The chunks it handed
+/// to the upload still go out, and the learner counts them before it ends
+/// the session: dropping the stream at once could cut them off on their
+/// way, and the two sides' counts would then disagree.
+async fn worker_stopped(
+    upload: mpsc::Sender<proto::TrajectoryChunk>,
+    grants: &mut tonic::Streaming<proto::Grant>,
+) -> Result<SessionEnd, SessionError> {
+    let _ = finish(upload, grants).await;
+    Ok(SessionEnd::WorkerStopped)
+}
+
 /// The weights a grant brought: counted, and recorded as the policy the
 /// actor's next rollouts sample with.
 fn received_weights(new: proto::Weights, session: u32, counts: &mut Counts) -> Arc<Weights> {
@@ -266,12 +279,12 @@ impl Session<'_> {
                     };
                     let order = Order { session, actor_id, weights: weights.clone() };
                     if !queue_orders(grant.credits, &order, orders, counts)? {
-                        return Ok(SessionEnd::WorkerStopped);
+                        return worker_stopped(upload, &mut grants).await;
                     }
                 }
                 sampled = chunks.recv() => {
                     let Some(SampledChunk { session: sampled_in, mut chunk }) = sampled else {
-                        return Ok(SessionEnd::WorkerStopped);
+                        return worker_stopped(upload, &mut grants).await;
                     };
                     if sampled_in == FLUSH_SESSION {
                         // Every chunk rolled out is sent.
