@@ -167,12 +167,18 @@ pub(crate) fn check_resumed_config(
             .into());
         }
     }
+    let now = flat_config(config);
     // Unvalidated: it was valid for the version that wrote it.
-    let Ok(saved) = Config::parse_toml(saved_config, "the checkpoint's configuration") else {
-        warn!(path = %path.display(), "cannot read all of the checkpoint's configuration; only its objective's name and backward policy were checked");
-        return Ok(());
+    let then = match Config::parse_toml(saved_config, "the checkpoint's configuration") {
+        Ok(saved) => flat_config(&saved),
+        Err(_) => {
+            // Keys renamed or removed since (a full parse refuses unknown
+            // keys) must not let a changed seed or learning rate through.
+            warn!(path = %path.display(), "the checkpoint's configuration has keys this build does not know (renamed or removed since): only the keys both know are compared");
+            keys_both_know(&table, &now)
+        }
     };
-    let changed = noted_changes(&saved, config);
+    let changed = noted_changes(&then, &now);
     if changed.is_empty() {
         return Ok(());
     }
@@ -183,8 +189,7 @@ pub(crate) fn check_resumed_config(
             .collect();
         described.join(", ")
     };
-    let schedule_moves = changed.iter().any(|(key, ..)| key == "learner.max_steps")
-        && config.learner.final_learning_rate_fraction != 1.0;
+    let schedule_moves = moves_the_schedule(&changed, config);
     let defining: Vec<&(String, String, String)> = changed
         .iter()
         .filter(|(key, ..)| defines_the_run(key))
@@ -209,7 +214,7 @@ pub(crate) fn check_resumed_config(
     warn!(
         changed = %list(&changed.iter().collect::<Vec<_>>()),
         learning_rate_schedule = if schedule_moves {
-            "recomputed from the new learner.max_steps: the rate may jump"
+            "recomputed from the new settings: the rate may jump"
         } else {
             "unchanged"
         },
@@ -246,41 +251,79 @@ const DEPLOYMENT_KEYS: &[&str] = &[
     "actor.learner",
 ];
 
+/// Keys besides `learner.max_steps` that set the learning rates at a
+/// step: a resume that changes one moves them.
+const SCHEDULE_KEYS: &[&str] = &[
+    "learner.learning_rate",
+    "learner.final_learning_rate_fraction",
+    "objective.log_z_learning_rate",
+];
+
+/// Whether `changed` moves the learning rates at the resumed step: they
+/// follow from the [`SCHEDULE_KEYS`], and from `learner.max_steps` where
+/// the rate decays (`now`'s fraction below 1; a changed fraction is one
+/// of those keys).
+fn moves_the_schedule(changed: &[(String, String, String)], now: &Config) -> bool {
+    changed.iter().any(|(key, ..)| {
+        SCHEDULE_KEYS.contains(&key.as_str())
+            || (key == "learner.max_steps" && now.learner.final_learning_rate_fraction != 1.0)
+    })
+}
+
+/// A configuration's keys (`section.key`) and values, as written.
+type FlatConfig = BTreeMap<String, String>;
+
+fn flatten(prefix: &str, table: &toml::Table, out: &mut FlatConfig) {
+    for (key, value) in table {
+        let key = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(inner) => flatten(&key, inner, out),
+            value => {
+                out.insert(key, value.to_string());
+            }
+        }
+    }
+}
+
+fn flat_config(config: &Config) -> FlatConfig {
+    let mut out = BTreeMap::new();
+    if let Ok(table) = config.to_toml().parse::<toml::Table>() {
+        flatten("", &table, &mut out);
+    }
+    out
+}
+
+/// A saved configuration that this build cannot parse, as `now` would
+/// compare it: the keys both know with the saved values, and `now`'s
+/// values for keys it lacks (added since: that version's behaviour is
+/// unknown here, so not called a change).
+fn keys_both_know(saved: &toml::Table, now: &FlatConfig) -> FlatConfig {
+    let mut then = BTreeMap::new();
+    flatten("", saved, &mut then);
+    now.iter()
+        .map(|(key, value)| {
+            let saved = then.remove(key).unwrap_or_else(|| value.clone());
+            (key.clone(), saved)
+        })
+        .collect()
+}
+
 /// The changes a resume is told about (or refused for): every changed
 /// key but those of the deployment.
-fn noted_changes(then: &Config, now: &Config) -> Vec<(String, String, String)> {
+fn noted_changes(then: &FlatConfig, now: &FlatConfig) -> Vec<(String, String, String)> {
     changed_keys(then, now)
         .into_iter()
         .filter(|(key, ..)| !DEPLOYMENT_KEYS.contains(&key.as_str()))
         .collect()
 }
 
-/// Every key (`section.key`) whose value differs between two
-/// configurations, with its value in each.
-fn changed_keys(then: &Config, now: &Config) -> Vec<(String, String, String)> {
-    fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
-        for (key, value) in table {
-            let key = if prefix.is_empty() {
-                key.clone()
-            } else {
-                format!("{prefix}.{key}")
-            };
-            match value {
-                toml::Value::Table(inner) => flatten(&key, inner, out),
-                value => {
-                    out.insert(key, value.to_string());
-                }
-            }
-        }
-    }
-    let flat = |config: &Config| {
-        let mut out = BTreeMap::new();
-        if let Ok(table) = config.to_toml().parse::<toml::Table>() {
-            flatten("", &table, &mut out);
-        }
-        out
-    };
-    let (then, now) = (flat(then), flat(now));
+/// Every key whose value differs between two configurations, with its
+/// value in each.
+fn changed_keys(then: &FlatConfig, now: &FlatConfig) -> Vec<(String, String, String)> {
     let absent = || "(none)".to_owned();
     let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
     keys.into_iter()
@@ -318,7 +361,7 @@ mod tests {
         assert!(error.contains("trained with tb"), "{error}");
         check_resumed_config(&saved, &trained, false, path).unwrap();
         // Without an [objective] section: that version's defaults.
-        let silent = "seed = 1\n[renamed_since]\nkey = 1\n";
+        let silent = "seed = 0\n[renamed_since]\nkey = 1\n";
         check_resumed_config(silent, &now, false, path).unwrap();
         assert!(check_resumed_config(silent, &trained, false, path).is_err());
     }
@@ -351,10 +394,8 @@ mod tests {
             "{error}"
         );
         check_resumed_config(&saved, &now, true, path).unwrap();
-        let changed: Vec<String> = noted_changes(&trained, &now)
-            .into_iter()
-            .map(|(key, ..)| key)
-            .collect();
+        let noted = noted_changes(&flat_config(&trained), &flat_config(&now));
+        let changed: Vec<&str> = noted.iter().map(|(key, ..)| key.as_str()).collect();
         assert_eq!(
             changed,
             [
@@ -364,5 +405,49 @@ mod tests {
                 "seed"
             ]
         );
+        // The rate at the resumed step moves with the rate itself, or
+        // with the budget where it decays; not with the report cadence.
+        let moves = |keys: &[&str], fraction: f64| {
+            let mut config = now.clone();
+            config.learner.final_learning_rate_fraction = fraction;
+            let changed: Vec<_> = noted
+                .iter()
+                .filter(|(key, ..)| keys.contains(&key.as_str()))
+                .cloned()
+                .collect();
+            moves_the_schedule(&changed, &config)
+        };
+        assert!(moves(&["learner.learning_rate"], 1.0));
+        assert!(moves(&["learner.max_steps"], 0.1));
+        assert!(!moves(&["learner.max_steps"], 1.0));
+        assert!(!moves(&["learner.report_every_s", "seed"], 0.1));
+    }
+
+    /// A checkpoint's configuration this build cannot parse (a key renamed
+    /// since) still has its seed and learning rate compared: the keys both
+    /// builds know.
+    #[test]
+    fn an_older_configuration_is_compared_on_the_keys_both_know() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        let trained = Config::default();
+        let saved = format!("{}\n[renamed_since]\nkey = 1\n", trained.to_toml());
+        assert!(Config::parse_toml(&saved, "saved").is_err());
+        check_resumed_config(&saved, &trained, false, path).unwrap();
+        let mut now = trained.clone();
+        now.seed += 1;
+        let error = check_resumed_config(&saved, &now, false, path)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`seed`"), "{error}");
+        check_resumed_config(&saved, &now, true, path).unwrap();
+        // A key this build has and that version lacked: not a change.
+        let mut table: toml::Table = trained.to_toml().parse().unwrap();
+        let learner = table
+            .get_mut("learner")
+            .and_then(toml::Value::as_table_mut)
+            .unwrap();
+        assert!(learner.remove("report_every_s").is_some());
+        let then = keys_both_know(&table, &flat_config(&trained));
+        assert!(noted_changes(&then, &flat_config(&trained)).is_empty());
     }
 }
