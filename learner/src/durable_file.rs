@@ -151,8 +151,15 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
         let _ = fs::remove_file(&temporary);
         return Err(FileError::at(&path, error));
     }
-    folder_synced(dir, File::open(dir).and_then(|d| d.sync_all()))?;
+    sync_folder(dir)?;
     Ok(path)
+}
+
+/// Syncs `dir`'s entries to the disk: what was renamed or deleted in it
+/// stays so after a crash of the machine (as far as its file system can
+/// say, see [`folder_synced`]).
+pub fn sync_folder(dir: &Path) -> Result<(), FileError> {
+    folder_synced(dir, File::open(dir).and_then(|d| d.sync_all()))
 }
 
 /// Whether a folder's sync went well enough: some file systems cannot

@@ -320,7 +320,6 @@ async fn checkpoints_come_by_training_time_alone() {
     );
     assert_eq!(steps.len(), config.learner.keep_checkpoints, "{steps:?}");
     assert_eq!(steps.last(), Some(&600));
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -531,8 +530,14 @@ async fn an_end_that_cannot_be_saved_keeps_the_actors(obstacle: &str, max_steps:
     assert!(error.contains(&in_the_way.display().to_string()), "{error}");
     let saved = checkpoint_steps(&checkpoints);
     assert!(saved.contains(&800), "{saved:?}");
-    let last = checkpoints.join(format!("ckpt-{max_steps:012}.safetensors"));
-    assert!(!last.is_file(), "the last step's checkpoint was saved");
+    // Not saved: still the folder put in its way, or absent.
+    let last_name = format!("ckpt-{max_steps:012}.safetensors");
+    let last = checkpoints.join(&last_name);
+    if obstacle == last_name {
+        assert!(last.is_dir(), "the last step's checkpoint was saved");
+    } else {
+        assert!(!last.exists(), "the last step's checkpoint was saved");
+    }
     for a in &actors {
         assert!(!a.is_finished(), "an actor stopped with the failed learner");
     }
@@ -1084,8 +1089,10 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
             resumed_from.as_ref().map(|s| s.step),
             resumed_from.as_ref().map(|s| s.version),
         );
+        // Killed, a learner restarts above its version floor, so above
+        // every version it published: none is issued twice.
         assert!(
-            first_report.version >= last_version,
+            first_report.version > last_version,
             "cycle {cycle}: version {} after {last_version}",
             first_report.version
         );

@@ -303,13 +303,17 @@ fn file_name(step: u64) -> String {
     format!("ckpt-{step:012}.safetensors")
 }
 
-/// The step a checkpoint's file name gives ([`file_name`]'s inverse, for
-/// any number of digits).
+/// The step a checkpoint's file name gives ([`file_name`]'s inverse: the
+/// name exactly as it writes it).
 fn named_step(name: &str) -> Option<u64> {
-    name.strip_prefix("ckpt-")?
+    let step = name
+        .strip_prefix("ckpt-")?
         .strip_suffix(".safetensors")?
         .parse()
-        .ok()
+        .ok()?;
+    // Exactly as written: `ckpt-5` or `ckpt-+5` beside `ckpt-000000000005`
+    // would be two checkpoints of one step.
+    (file_name(step) == name).then_some(step)
 }
 
 /// A file error in the checkpoint folder, with what the user can change
@@ -429,17 +433,26 @@ pub fn save(
     arrays: &[NamedArray],
     keep: Keep,
 ) -> Result<PathBuf, LearnerError> {
+    let cannot = |what: String| LearnerError::Checkpoint(format!("{}: {what}", dir.display()));
     state
         .check()
-        .map_err(|e| LearnerError::Checkpoint(format!("cannot save step {}: {e}", state.step)))?;
-    let json = serde_json::to_string(state)
-        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the state: {e}")))?;
+        .map_err(|e| cannot(format!("cannot save step {}: {e}", state.step)))?;
+    let json = serde_json::to_string(state).map_err(|e| {
+        cannot(format!(
+            "cannot encode the state of step {}: {e}",
+            state.step
+        ))
+    })?;
     let metadata = BTreeMap::from([
         (CHECKSUM_KEY.to_owned(), checksum(&json, arrays).to_string()),
         (STATE_KEY.to_owned(), json),
     ]);
-    let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata)
-        .map_err(|e| LearnerError::Checkpoint(format!("cannot encode the checkpoint: {e}")))?;
+    let bytes = weights::encode(arrays, WeightEncoding::F32, &metadata).map_err(|e| {
+        cannot(format!(
+            "cannot encode the checkpoint of step {}: {e}",
+            state.step
+        ))
+    })?;
     let path = write_file(dir, &file_name(state.step), &bytes)?;
     prune(dir, keep)?;
     Ok(path)
@@ -464,11 +477,13 @@ pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LearnerError> {
     Ok(found)
 }
 
-/// Reads and verifies one checkpoint file.
+/// Reads and verifies one checkpoint file; an error names it.
 pub fn read(path: &Path) -> Result<Checkpoint, String> {
-    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    let bytes = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     parse(path, &bytes).map_err(|unusable| match unusable {
-        Unusable::Damaged(reason) | Unusable::OtherVersion(reason) => reason,
+        Unusable::Damaged(reason) | Unusable::OtherVersion(reason) => {
+            format!("{}: {reason}", path.display())
+        }
     })
 }
 

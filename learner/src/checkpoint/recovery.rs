@@ -154,7 +154,12 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
 /// checkpoint-sized: a failing disk would otherwise fill the folder).
 pub fn set_aside(paths: &[PathBuf]) -> Result<(), LearnerError> {
     paths.iter().try_for_each(|path| set_aside_one(path))?;
-    if let Some(dir) = paths.first().and_then(|path| path.parent()) {
+    if let Some(dir) = paths
+        .first()
+        .and_then(|path| crate::durable_file::parent_of(path))
+    {
+        // Renamed for good before new checkpoints are written beside them.
+        crate::durable_file::sync_folder(dir).map_err(super::checkpoint_error)?;
         let damaged = damaged_in(dir);
         let surplus = damaged.len().saturating_sub(DAMAGED_KEPT);
         for (_, path) in damaged.into_iter().take(surplus) {

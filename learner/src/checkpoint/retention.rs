@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, warn};
 
-use crate::durable_file::temporary_name;
+use crate::durable_file::{sync_folder, temporary_name};
 use crate::error::LearnerError;
 
-use super::{FINAL_WEIGHTS, VERSION_FLOOR, io_error, list, write_file};
+use super::{FINAL_WEIGHTS, VERSION_FLOOR, checkpoint_error, io_error, list, write_file};
 
 use super::folder_lock::WRITE_PROBE;
 use super::recovery::damaged_in;
@@ -148,6 +148,12 @@ pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     }
     if removed > 0 && newest_step.is_none() && !final_weights {
         info!(dir = %dir.display(), removed, "started fresh: removed what an earlier run left");
+    }
+    // Gone for good before this run writes: a crash of the machine before
+    // its first write would otherwise bring the earlier run back, and the
+    // next start without --fresh would resume it.
+    if removed > 0 {
+        sync_folder(dir).map_err(checkpoint_error)?;
     }
     Ok(removed)
 }

@@ -682,3 +682,21 @@ fn a_state_no_learner_writes_is_refused_naming_the_field() {
         assert!(error.contains(field), "{field}: {error}");
     }
 }
+
+/// A checkpoint's step is read only from the name the learner writes: a
+/// name made by hand for the same step (unpadded, signed) is no second
+/// checkpoint of it.
+#[test]
+fn only_the_written_name_counts_as_a_checkpoint() {
+    for step in [0, 5, 999_999_999_999, 1_000_000_000_000, u64::MAX] {
+        assert_eq!(named_step(&file_name(step)), Some(step));
+    }
+    for name in [
+        "ckpt-5.safetensors",
+        "ckpt-+00000000005.safetensors",
+        "ckpt-0000000000005.safetensors",
+        "ckpt-000000000005.safetensors.tmp",
+    ] {
+        assert_eq!(named_step(name), None, "{name}");
+    }
+}

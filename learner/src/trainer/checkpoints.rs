@@ -82,7 +82,10 @@ impl Trainer {
     /// The checkpoint a run ends with (its end, or an error), written
     /// before this returns, and the version floor brought down to it:
     /// nothing above its version was published, and it holds those
-    /// weights, so a restart continues from it without a jump. An earlier
+    /// weights, so a restart continues from it without a jump. (Not after
+    /// libtorch failed inside a step: the weights may be one update past
+    /// that version, and a restart jumps above the floor instead of
+    /// issuing the version again with other weights.) An earlier
     /// write that failed is logged: this one stands in for it. libtorch
     /// failing while it reads the weights (a device gone bad after an
     /// error, say) is an error, not a panic of the trainer thread.
@@ -100,6 +103,9 @@ impl Trainer {
                 progress, writer, ..
             } = training;
             wait_for_write(writer, progress)?;
+            if progress.weights_may_be_ahead {
+                return Ok(());
+            }
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
         .and_then(|saved| saved)

@@ -336,6 +336,10 @@ struct Progress {
     /// checkpoint directory before any is; after a clean stop, the final
     /// version, published with the final checkpoint's weights).
     version_floor: u64,
+    /// libtorch failed inside a step: the policy may be one update past
+    /// `step`, so the checkpoint saved after that error may not hold the
+    /// weights published as its version, and the floor stays above it.
+    weights_may_be_ahead: bool,
     /// `wall()` at the last checkpoint.
     last_checkpoint_wall: f64,
     /// The step of the last checkpoint this process wrote.
@@ -855,9 +859,11 @@ impl Trainer {
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
         let step = progress.step + 1;
-        unless_libtorch_fails(step, || {
+        let stepped = unless_libtorch_fails(step, || {
             self.step_unguarded(optimizer, own_optimizer, batch, progress);
-        })
+        });
+        progress.weights_may_be_ahead = stepped.is_err();
+        stepped
     }
 
     /// [`Trainer::train_step`], where libtorch failing panics.
