@@ -4,10 +4,12 @@
 //! The connection turns every credit the learner grants into an [`Order`]
 //! carrying the weights that go with it, so each chunk is sampled by
 //! exactly one version and tagged with it, and every version received is
-//! used: weights are loaded only when an order brings other weights than
-//! the last loaded (another version, or another session's). Orders
-//! of an earlier session (the learner went away since) are skipped, since
-//! their credits died with the session.
+//! used by the rollout of its grant's first credit: weights are loaded
+//! only when an order brings other weights than the last loaded (another
+//! version, or another session's: a version sent again to a new session
+//! is loaded again). Orders of an earlier session (the learner went away
+//! since) are skipped, since their credits died with the session, and so
+//! are those a stopping actor's drain leaves: their versions go unloaded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -134,7 +136,8 @@ pub struct WorkerReport {
     /// restarted from scratch): the first [`VERSIONS_KEPT`], so that a
     /// long run does not grow this for ever.
     pub versions_applied: Vec<u64>,
-    /// Versions loaded, all of them.
+    /// Versions loaded, all of them (one sent again to a new session
+    /// counts again).
     pub versions_loaded: u64,
     /// Sum over the versions loaded of the microseconds from their
     /// arrival to the rollout that loaded them.

@@ -37,29 +37,37 @@ pub(super) fn unconfirmed_unless_refused(error: SessionError) -> Result<SessionE
 /// Closes the upload and waits, at most [`DRAIN_TIMEOUT`], for the learner
 /// to end the session: it reads every chunk sent before the close first.
 /// A refusal of those chunks is one still (as outside a stop), and a
-/// learner that finished training meanwhile says so.
+/// learner that finished training meanwhile says so. Its news that
+/// training is done does not end the wait: it then counts the chunks
+/// still on their way (as arrived after the end), and the stream dropped
+/// at once could cut them off.
 async fn finish(
     upload: mpsc::Sender<proto::TrajectoryChunk>,
     grants: &mut tonic::Streaming<proto::Grant>,
 ) -> Result<SessionEnd, SessionError> {
     drop(upload);
+    let mut training_done = false;
     let ended = async {
         loop {
             match grants.message().await {
-                Ok(Some(grant)) if grant.training_done => return Ok(SessionEnd::TrainingDone),
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(SessionEnd::Stopped),
-                Err(status) => return unconfirmed_unless_refused(classify(status, true)),
+                Ok(Some(grant)) => training_done |= grant.training_done,
+                Ok(None) => return Ok(()),
+                Err(status) => return Err(status),
             }
         }
     };
-    tokio::time::timeout(DRAIN_TIMEOUT, ended)
-        .await
-        .unwrap_or_else(|_| {
-            Ok(SessionEnd::StoppedUnconfirmed(format!(
-                "the learner did not end the session within {DRAIN_TIMEOUT:?}"
-            )))
-        })
+    let ended = tokio::time::timeout(DRAIN_TIMEOUT, ended).await;
+    if training_done {
+        // Training is over whatever became of the last chunks.
+        return Ok(SessionEnd::TrainingDone);
+    }
+    match ended {
+        Ok(Ok(())) => Ok(SessionEnd::Stopped),
+        Ok(Err(status)) => unconfirmed_unless_refused(classify(status, true)),
+        Err(_) => Ok(SessionEnd::StoppedUnconfirmed(format!(
+            "the learner did not end the session within {DRAIN_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// Ends a session whose rollout worker stopped mid-session (it failed:

@@ -39,6 +39,11 @@ pub(super) fn no_answer(call: &str) -> SessionError {
     )
 }
 
+/// How tonic's message begins where a reply had no gRPC status and its
+/// HTTP status was mapped to a code (404 to UNIMPLEMENTED): an HTTP
+/// server, such as a proxy, answered, not a gRPC service.
+const HTTP_STATUS_MAPPED: &str = "grpc-status header missing, mapped from HTTP status code";
+
 /// Refusals are final, and so are certificates refused either way;
 /// anything else (unavailable, reset, a full learner, ...) is retried,
 /// unless the learner marked it final.
@@ -66,6 +71,16 @@ pub(super) fn classify(status: Status, served: bool) -> SessionError {
             "{} (learner.max_message_bytes of the side that refused it)",
             status.message()
         ))),
+        // An HTTP proxy or ingress answering 404 without gRPC (tonic maps
+        // it to UNIMPLEMENTED): its route to the learner may not exist
+        // yet, as while a deployment rolls out. Retried, saying so.
+        Code::Unimplemented if status.message().starts_with(HTTP_STATUS_MAPPED) => retry(
+            format!(
+                "{} (an HTTP proxy or ingress without its route to the learner yet? is actor.learner the address of a flgfn learner?)",
+                status.message()
+            ),
+            served,
+        ),
         // A gRPC server without flgfn's Learner service (another program
         // on that port): retrying, by default for ever, would hide it.
         Code::Unimplemented => SessionError::Refused(Status::unimplemented(format!(

@@ -58,10 +58,12 @@ fn grants_are_decoded_up_to_the_weights_whatever_the_learner_declares() {
 
 /// A stand-in HTTP/2 server on `127.0.0.1:0` that records each
 /// request (path, and whether it carried a token) and either drops the
-/// connection unanswered, as a TLS server drops plain text, or answers
-/// every request HTTP 401, as a proxy that wants a token everywhere.
+/// connection unanswered (`answer` None), as a TLS server drops plain
+/// text, or answers every request with that HTTP status and no gRPC
+/// status, as a proxy does (401: it wants a token everywhere; 404: it has
+/// no route there).
 async fn recording_server(
-    answer_401: bool,
+    answer: Option<u16>,
 ) -> (
     std::net::SocketAddr,
     Arc<std::sync::Mutex<Vec<(String, bool)>>>,
@@ -83,11 +85,11 @@ async fn recording_server(
                         request.uri().path().to_owned(),
                         request.headers().contains_key(AUTHORIZATION_HEADER),
                     ));
-                    if !answer_401 {
+                    let Some(status) = answer else {
                         return;
-                    }
+                    };
                     let response = tonic::codegen::http::Response::builder()
-                        .status(401)
+                        .status(status)
                         .body(())
                         .unwrap();
                     let _ = respond.send_response(response, true);
@@ -125,7 +127,7 @@ async fn actor_with_token(address: std::net::SocketAddr, name: &str) -> crate::A
 /// HTTP/2: the handshake follows (in the Session call), with the token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_goes_to_an_address_that_has_not_answered() {
-    let (address, requests, server) = recording_server(false).await;
+    let (address, requests, server) = recording_server(None).await;
     let error = actor_with_token(address, "silent").await;
     server.abort();
     assert!(
@@ -148,7 +150,7 @@ async fn no_token_goes_to_an_address_that_has_not_answered() {
         );
     }
 
-    let (address, requests, server) = recording_server(true).await;
+    let (address, requests, server) = recording_server(Some(401)).await;
     let error = actor_with_token(address, "answered").await;
     server.abort();
     assert!(matches!(error, crate::ActorError::Refused(_)), "{error:?}");
@@ -159,6 +161,35 @@ async fn no_token_goes_to_an_address_that_has_not_answered() {
             .any(|(path, token)| path.ends_with("/Session") && *token),
         "{requests:?}"
     );
+}
+
+/// A proxy's HTTP 404 (tonic reads it as UNIMPLEMENTED) is retried, as a
+/// route not there yet, not taken for a gRPC server without flgfn's
+/// service, which is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_404_is_retried_a_grpc_unimplemented_is_final() {
+    let (address, requests, server) = recording_server(Some(404)).await;
+    let error = actor_with_token(address, "not-found").await;
+    server.abort();
+    assert!(
+        matches!(error, crate::ActorError::GaveUp { .. }),
+        "{error:?}"
+    );
+    let error = error.to_string();
+    assert!(error.contains("404") && error.contains("proxy"), "{error}");
+    let sessions = requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| path.ends_with("/Session"))
+        .count();
+    assert_eq!(sessions, 2, "one Session call per attempt");
+
+    let unimplemented = Status::unimplemented("unknown service flgfn.Learner");
+    let SessionError::Refused(status) = classify(unimplemented, false) else {
+        panic!("a gRPC UNIMPLEMENTED is retried");
+    };
+    assert!(status.message().contains("actor.learner"), "{status:?}");
 }
 
 /// The probe tells a TLS server's alert from anything else a server
