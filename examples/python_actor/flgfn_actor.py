@@ -21,6 +21,7 @@ through its own copy of the environment.
 
 import argparse
 import collections
+import ipaddress
 import json
 import math
 import os
@@ -411,6 +412,21 @@ def socket_address(learner):
     return (address.group(1).strip("[]"), int(address.group(2))) if address else None
 
 
+def beyond_loopback(learner):
+    """Whether `learner` (host:port) may be another machine: anything but
+    localhost or a loopback address."""
+    address = socket_address(learner)
+    if not address:
+        return True
+    host = address[0]
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 def answers_as_tls(learner, timeout):
     """Whether the server at `learner` (host:port) answers a few bytes of
     plain text as a TLS server does: with an alert record (content type 21,
@@ -462,9 +478,21 @@ def connection_refused(learner, timeout):
         return f"cannot connect to {learner}: {getattr(error, 'strerror', None) or error}"
 
 
+def http_status_mapped(error):
+    """Whether gRPC made `error`'s code from an HTTP status (a proxy or
+    ingress answered, not a gRPC service: a 404 reads as UNIMPLEMENTED)."""
+    return "http2 header with status" in (error.details() or "")
+
+
 def is_final(error):
     trailers = error.trailing_metadata() or ()
-    if error.code() in FINAL_CODES or any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
+    if any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
+        return True
+    # A proxy's 404, its route to the learner perhaps not there yet (a
+    # deployment rolling out): retried, as the Rust actor does.
+    if error.code() == grpc.StatusCode.UNIMPLEMENTED and http_status_mapped(error):
+        return False
+    if error.code() in FINAL_CODES:
         return True
     # A message over this side's size limit: gRPC says RESOURCE_EXHAUSTED,
     # as the learner does for "all places taken", but no retry shrinks it.
@@ -507,8 +535,12 @@ class Actor:
                    # gRPC's (1 s growing to 120 s), so that a learner back
                    # after an outage is found within reconnect_max_s.
                    ("grpc.initial_reconnect_backoff_ms", int(reconnect_initial_s * 1000)),
-                   ("grpc.min_reconnect_backoff_ms", int(reconnect_initial_s * 1000)),
-                   ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000))]
+                   ("grpc.max_reconnect_backoff_ms", int(reconnect_max_s * 1000)),
+                   # Despite its name, gRPC core gives each connection
+                   # attempt at least this long: the connect timeout, not
+                   # the backoff (set to the backoff, a learner 150 ms
+                   # away, or slow to accept, would see attempts cut short).
+                   ("grpc.min_reconnect_backoff_ms", int(connect_timeout_s * 1000))]
         self.channel = grpc.insecure_channel(learner, options=options)
         self.stub = pb_grpc.LearnerStub(self.channel)
         self.auth = [("authorization", f"Bearer {token}")] if token else []
@@ -721,18 +753,32 @@ class Actor:
                         raise Refused("the learner granted a credit before sending weights")
                     work.append([grant.credits, policy, version])
 
-        def leave():
+        def leave(stopping=True):
             """Closes this side of the stream and waits (a while) for the
-            learner to end the session: then it has every chunk sent."""
+            learner to end the session: then it has every chunk sent.
+            Stopping, a refusal of those chunks is one still (raised), and
+            a session that ended otherwise before the learner confirmed
+            them is said, as the Rust actor does."""
             outbox.put(None)
             deadline = time.monotonic() + LEAVE_TIMEOUT_S
+            unconfirmed = f"the learner did not end the session within {LEAVE_TIMEOUT_S:g} s"
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     grant = received.get(timeout=left)
                 except queue.Empty:
                     break
-                if grant is None or isinstance(grant, Exception):
+                if grant is None:
+                    unconfirmed = None
                     break
+                if isinstance(grant, Exception):
+                    if stopping and isinstance(grant, grpc.RpcError) and is_final(grant):
+                        raise grant
+                    unconfirmed = f"the session ended: {grant}"
+                    break
+            if stopping and unconfirmed and self.served:
+                print(f"{self.name}: stopping, the session ended before the learner confirmed "
+                      f"the last chunks ({unconfirmed}): those on their way may not have "
+                      f"arrived", flush=True)
             return STOPPED
 
         def over_with(ended):
@@ -740,7 +786,7 @@ class Actor:
             learner restarts), the chunks still queued go out first, and the
             learner counts them (late) before it ends the session."""
             if ended or self.restarting:
-                leave()
+                leave(stopping=False)
             return ended
 
         try:
@@ -830,6 +876,10 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
                   connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s, stop)
     print(f"{name}: connecting to {learner}", flush=True)
+    if token and beyond_loopback(learner):
+        print(f"{name}: warning: the token travels in clear to a learner beyond loopback "
+              f"(this example speaks plain text only): fine on a private network; elsewhere "
+              f"use the Rust actor with https:// and tls.ca_file", flush=True)
     jitter = random.Random()
     backoff, failures = reconnect_initial_s, 0
     try:
@@ -858,6 +908,9 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
                     raise Refused(f"the learner refused this actor: "
                                   f"{error.code().name}: {error.details()}{hint}") from error
                 message = f"{error.code().name}: {error.details()}"
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    message += (" (an HTTP proxy or ingress without its route to the learner "
+                                "yet? is --learner the address of a flgfn learner?)")
                 # Granted, yet ended before a chunk: the stall timeout (not
                 # an unreachable learner, whose handshake times out).
                 if (error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -883,8 +936,9 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
             if stop.is_set():
                 # Told to stop meanwhile: not a failed attempt.
                 break
-            if actor.served:
-                # The connection worked: this is a new outage.
+            if actor.served or actor.restarting:
+                # The connection worked: this is a new outage (or a planned
+                # restart, which is no outage at all).
                 backoff, failures = reconnect_initial_s, 0
             else:
                 failures += 1
