@@ -78,8 +78,10 @@ linked=""
 for name in "${binaries[@]}"; do
     linked+="$(ldd "$out/bin/$name")"$'\n'
 done
+# (The path is what lies between "=> " and " (0x...)": the cache folder's
+# path may hold spaces.)
 mapfile -t libraries < <(
-    awk '$2 == "=>" && $3 ~ /^\// { print $3 }' <<<"$linked" | sort -u
+    sed -n 's|^[[:space:]]*[^[:space:]]* => \(/.*\) (0x[0-9a-f]*)$|\1|p' <<<"$linked" | sort -u
 )
 : >"$out/MANIFEST"
 for library in "${libraries[@]}"; do

@@ -25,6 +25,9 @@ for arg in "$@"; do
     fi
 done
 cd "$(dirname "$0")/.."
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
+ignore_caller_settings
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 # Build the binaries first: the launcher test starts the flgfn-actor

@@ -2,8 +2,9 @@
 # Sourced by the checks: the Python tools they run, pinned, installed once
 # into a venv beside the libtorch cache (PyPI is all they need).
 #
-#   lint_tools   # prints the venv's bin directory, installing on first use
-#   free_port    # prints a loopback port nobody listens on right now
+#   lint_tools           # prints the venv's bin directory, installing on first use
+#   free_port            # prints a loopback port nobody listens on right now
+#   ignore_caller_settings  # unsets the caller's FLGFN_* and log settings
 
 FLGFN_CACHE_DIR="${FLGFN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/flgfn}"
 
@@ -22,6 +23,24 @@ lint_tools() {
         touch "$venv/.installed" || return 1
     fi
     echo "$venv/bin"
+}
+
+# The learners and actors a test starts read FLGFN_* and RUST_LOG: a
+# caller's own (FLGFN_LOG_FORMAT=json, FLGFN_CONFIG=~/job.toml, RUST_LOG=warn)
+# would change what the tests read in their logs. Unset, saying which;
+# kept: where things are cached, the suite's own settings (soak, fuzzing),
+# and the image base a newer distribution needs.
+ignore_caller_settings() {
+    local variable
+    for variable in $(compgen -e); do
+        case "$variable" in
+            FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE) ;;
+            FLGFN_* | RUST_LOG | NO_COLOR | CLICOLOR_FORCE)
+                echo "flgfn: ignoring $variable from the caller's environment" >&2
+                unset "$variable"
+                ;;
+        esac
+    done
 }
 
 free_port() {

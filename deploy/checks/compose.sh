@@ -39,8 +39,9 @@ else
 fi
 
 # The job is the check's own (compose-job.toml, relative to the compose
-# file), whatever the caller exported for theirs.
-unset FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT
+# file), whatever the caller exported for theirs, and the CPU images (an
+# exported FLGFN_BUNDLE=cuda would build no actor image).
+unset FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT FLGFN_RESUME_CHANGED FLGFN_BUNDLE
 export FLGFN_CONFIG_FILE=../checks/compose-job.toml
 
 project="flgfntest$$"
@@ -48,9 +49,13 @@ tag="test$$"
 export FLGFN_TAG="$tag"
 FLGFN_TOKEN="compose-test-token-$$-$RANDOM$RANDOM"
 export FLGFN_TOKEN
-compose=("${compose_command[@]}" --project-name "$project" --file deploy/docker/compose.yaml)
 network="${project}_flgfn"
 work="$(mktemp -d)"
+# An empty env file in place of deploy/docker/.env, which may be the
+# user's own (FLGFN_LOG_FORMAT=json there would change what this reads).
+: >"$work/no.env"
+compose=("${compose_command[@]}" --project-name "$project" --file deploy/docker/compose.yaml
+    --env-file "$work/no.env")
 
 # The base image stays if it was here before (a cache); made by this run,
 # it goes with the rest.
@@ -142,12 +147,14 @@ version_at_least() { local v; v="$(last_metric version)"; [ -n "$v" ] && [ "$v" 
 # daemon's host sees it, from a process of that host's (a container in its
 # pid namespace: this shell may be another user's, or on another machine),
 # not through Docker, which would count `docker kill` as a stop on purpose
-# that no restart policy undoes. (The shell's kill: the slim image has no
-# kill binary.)
+# that no restart policy undoes. (From the actor image just built, as root:
+# on FLGFN_DOCKER_BASE, debian:bookworm-slim may not be here. The shell's
+# kill: a slim base has no kill binary.)
 kill_from_host() {
     local pid
     pid="$(docker inspect --format '{{.State.Pid}}' "$1")"
-    docker run --rm --pull never --pid host --network none debian:bookworm-slim sh -c 'kill -KILL "$1"' sh "$pid" ||
+    docker run --rm --pull never --pid host --network none --user 0 --entrypoint sh \
+        "flgfn-actor:$tag" -c 'kill -KILL "$1"' sh "$pid" ||
         fail "could not kill the process ($pid) of container $1 from the daemon's host"
 }
 restarted() { [ "$(docker inspect --format '{{.RestartCount}}' "$1")" -ge 1 ]; }

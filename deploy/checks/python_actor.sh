@@ -27,6 +27,8 @@ cd "$(dirname "$0")/../.."
 source deploy/env.sh >/dev/null
 # shellcheck source=deploy/tools.sh
 source deploy/tools.sh
+# (Run alone too: the learners here read the caller's FLGFN_* otherwise.)
+ignore_caller_settings
 requirements=examples/python_actor/requirements.txt
 venv="$FLGFN_CACHE_DIR/venv-python-actor-$(sha256sum "$requirements" | cut -c1-12)"
 # The marker is written last: an install that failed halfway is redone.
@@ -654,9 +656,73 @@ except fa.Refused as error:
 finally:
     tls_like.close()
 assert not fa.answers_as_tls(f"127.0.0.1:{socket.create_server(('127.0.0.1', 0)).getsockname()[1]}", 0.5)
+
+# An HTTP proxy without its route to the learner yet answers HTTP/2 with
+# status 404 and no gRPC status, which gRPC reads as UNIMPLEMENTED: retried
+# (then given up on), not taken for a gRPC server without the service.
+# (Raw HTTP/2 frames: a SETTINGS frame, then every request's HEADERS
+# answered with `:status 404`, HPACK's static entry 13, ending the stream.)
+proxy = socket.create_server(("127.0.0.1", 0))
+requests_404 = []
+
+
+def frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def answer_404(connection):
+    buffered = b""
+
+    def take(n):
+        nonlocal buffered
+        while len(buffered) < n:
+            data = connection.recv(65536)
+            if not data:
+                raise EOFError
+            buffered += data
+        taken, buffered = buffered[:n], buffered[n:]
+        return taken
+
+    with connection:
+        try:
+            take(24)  # the client's preface
+            connection.sendall(frame(4, 0, 0))
+            while True:
+                header = take(9)
+                kind, flags = header[3], header[4]
+                stream = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
+                take(int.from_bytes(header[:3], "big"))
+                if kind == 4 and not flags & 1:
+                    connection.sendall(frame(4, 1, 0))
+                elif kind == 1:
+                    requests_404.append(stream)
+                    connection.sendall(frame(1, 0x5, stream, bytes([0x80 | 13])))
+        except (EOFError, OSError):
+            pass
+
+
+def serve_404():
+    while True:
+        try:
+            connection, _ = proxy.accept()
+        except OSError:
+            return
+        threading.Thread(target=answer_404, args=(connection,), daemon=True).start()
+
+
+threading.Thread(target=serve_404, daemon=True).start()
+try:
+    fa.run(task, f"127.0.0.1:{proxy.getsockname()[1]}", envs=4, reconnect_attempts=2,
+           reconnect_initial_s=0.01, reconnect_max_s=0.02, connect_timeout_s=2.0)
+    sys.exit("the actor trained against a proxy answering 404")
+except fa.GaveUp as error:
+    assert "UNIMPLEMENTED" in str(error) and "proxy" in str(error), str(error)
+finally:
+    proxy.close()
+assert len(requests_404) == 2, requests_404
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert, while a proxy's HTTP 404 is retried; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi

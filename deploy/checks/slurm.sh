@@ -13,6 +13,14 @@ cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/tools.sh
 source deploy/tools.sh
 root="$PWD"
+# Tools the check needs beyond a base system (said, not a bare exit 127
+# halfway, nor a cleanup that stops nothing).
+for tool in openssl pgrep pkill; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "slurm: skipped: $tool is not installed (openssl, procps)"
+        exit 77
+    fi
+done
 work="$(mktemp -d)"
 # Whatever still runs from this bundle (the tasks of a job that timed out
 # outlive its shell, and would write into $work) stops before it goes.
@@ -185,7 +193,8 @@ fi
 # time limit. A configuration the learner refuses fails alike, with its
 # error.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-    -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>"$work/openssl.log" ||
+    { cat "$work/openssl.log" >&2; exit 1; }
 if sbatch_here 4243 FLGFN_TLS__CERT_FILE="$work/cert.pem" FLGFN_TLS__KEY_FILE="$work/key.pem" \
     >"$work/tls.log" 2>&1 ||
     ! grep -q "the job turns TLS on (tls.cert_file)" "$work/tls.log" ||
