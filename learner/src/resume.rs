@@ -175,7 +175,7 @@ pub(crate) fn check_resumed_config(
             // Keys renamed or removed since (a full parse refuses unknown
             // keys) must not let a changed seed or learning rate through.
             warn!(path = %path.display(), "the checkpoint's configuration has keys this build does not know (renamed or removed since): only the keys both know are compared");
-            keys_both_know(&table, &now)
+            keys_both_know(&table)
         }
     };
     let changed = noted_changes(&then, &now);
@@ -297,19 +297,20 @@ fn flat_config(config: &Config) -> FlatConfig {
     out
 }
 
-/// A saved configuration that this build cannot parse, as `now` would
-/// compare it: the keys both know with the saved values, and `now`'s
-/// values for keys it lacks (added since: that version's behaviour is
-/// unknown here, so not called a change).
-fn keys_both_know(saved: &toml::Table, now: &FlatConfig) -> FlatConfig {
+/// A saved configuration that this build cannot parse, read as a full
+/// parse reads one that it can: this build's keys, with the saved values
+/// where it has them and the defaults where it lacks them (added since);
+/// its keys this build does not know (renamed or removed since) left out.
+fn keys_both_know(saved: &toml::Table) -> FlatConfig {
     let mut then = BTreeMap::new();
     flatten("", saved, &mut then);
-    now.iter()
-        .map(|(key, value)| {
-            let saved = then.remove(key).unwrap_or_else(|| value.clone());
-            (key.clone(), saved)
-        })
-        .collect()
+    let mut read = flat_config(&Config::default());
+    for (key, value) in &mut read {
+        if let Some(saved) = then.remove(key) {
+            *value = saved;
+        }
+    }
+    read
 }
 
 /// The changes a resume is told about (or refused for): every changed
@@ -440,14 +441,21 @@ mod tests {
             .to_string();
         assert!(error.contains("`seed`"), "{error}");
         check_resumed_config(&saved, &now, true, path).unwrap();
-        // A key this build has and that version lacked: not a change.
-        let mut table: toml::Table = trained.to_toml().parse().unwrap();
+        // A key this build has and that version lacked reads as its
+        // default, as in a configuration that parses: a change only where
+        // this run sets another value.
+        let mut table: toml::Table = saved.parse().unwrap();
         let learner = table
             .get_mut("learner")
             .and_then(toml::Value::as_table_mut)
             .unwrap();
         assert!(learner.remove("report_every_s").is_some());
-        let then = keys_both_know(&table, &flat_config(&trained));
+        let then = keys_both_know(&table);
         assert!(noted_changes(&then, &flat_config(&trained)).is_empty());
+        let mut reporting = trained.clone();
+        reporting.learner.report_every_s *= 2.0;
+        let changed = noted_changes(&then, &flat_config(&reporting));
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(changed[0].0, "learner.report_every_s");
     }
 }

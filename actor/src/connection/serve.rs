@@ -74,13 +74,16 @@ async fn finish(
 /// a stopping actor drains through a flush instead). The chunks it handed
 /// to the upload still go out, and the learner counts them before it ends
 /// the session: dropping the stream at once could cut them off on their
-/// way, and the two sides' counts would then disagree.
+/// way, and the two sides' counts would then disagree. What the learner
+/// said meanwhile stands: training done, or a refusal of those chunks.
 async fn worker_stopped(
     upload: mpsc::Sender<proto::TrajectoryChunk>,
     grants: &mut tonic::Streaming<proto::Grant>,
 ) -> Result<SessionEnd, SessionError> {
-    let _ = finish(upload, grants).await;
-    Ok(SessionEnd::WorkerStopped)
+    match finish(upload, grants).await? {
+        SessionEnd::TrainingDone => Ok(SessionEnd::TrainingDone),
+        _ => Ok(SessionEnd::WorkerStopped),
+    }
 }
 
 /// The weights a grant brought: counted, and recorded as the policy the

@@ -71,9 +71,10 @@ pub(super) fn classify(status: Status, served: bool) -> SessionError {
             "{} (learner.max_message_bytes of the side that refused it)",
             status.message()
         ))),
-        // An HTTP proxy or ingress answering 404 without gRPC (tonic maps
-        // it to UNIMPLEMENTED): its route to the learner may not exist
-        // yet, as while a deployment rolls out. Retried, saying so.
+        // An HTTP proxy or ingress answering 404 with no body and no gRPC
+        // status (tonic maps it to UNIMPLEMENTED): its route to the learner
+        // may not exist yet. Retried, saying so. (One that answers with a
+        // gRPC UNIMPLEMENTED of its own, as Envoy does, is the case below.)
         Code::Unimplemented if status.message().starts_with(HTTP_STATUS_MAPPED) => retry(
             format!(
                 "{} (an HTTP proxy or ingress without its route to the learner yet? is actor.learner the address of a flgfn learner?)",
