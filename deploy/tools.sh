@@ -29,12 +29,12 @@ lint_tools() {
 # caller's own (FLGFN_LOG_FORMAT=json, FLGFN_CONFIG=~/job.toml, RUST_LOG=warn)
 # would change what the tests read in their logs. Unset, saying which;
 # kept: where things are cached, the suite's own settings (soak, fuzzing),
-# and the image base a newer distribution needs.
+# and how the images' base is made (another base, a Debian mirror).
 ignore_caller_settings() {
     local variable
     for variable in $(compgen -e); do
         case "$variable" in
-            FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE) ;;
+            FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE | FLGFN_DEBIAN_MIRROR) ;;
             FLGFN_* | RUST_LOG | NO_COLOR | CLICOLOR_FORCE)
                 echo "flgfn: ignoring $variable from the caller's environment" >&2
                 unset "$variable"

@@ -24,6 +24,10 @@
 #   deploy/checks/compose.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=deploy/tools.sh
+source deploy/tools.sh
+# (Run alone too: compose passes the caller's FLGFN_* to the containers.)
+ignore_caller_settings
 if ! command -v docker >/dev/null || ! docker info >/dev/null 2>&1; then
     echo "compose: skipped: no Docker daemon reachable"
     exit 77
@@ -39,9 +43,7 @@ else
 fi
 
 # The job is the check's own (compose-job.toml, relative to the compose
-# file), whatever the caller exported for theirs, and the CPU images (an
-# exported FLGFN_BUNDLE=cuda would build no actor image).
-unset FLGFN_LEARNER__THREADS FLGFN_LOG_FORMAT FLGFN_RESUME_CHANGED FLGFN_BUNDLE
+# file).
 export FLGFN_CONFIG_FILE=../checks/compose-job.toml
 
 project="flgfntest$$"

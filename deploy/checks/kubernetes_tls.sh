@@ -18,6 +18,8 @@ done
 source deploy/env.sh >/dev/null
 # shellcheck source=deploy/tools.sh
 source deploy/tools.sh
+# (Run alone too: the learners here read the caller's FLGFN_* otherwise.)
+ignore_caller_settings
 tools="$(lint_tools)"
 cargo build --release --quiet --bin flgfn-learner --bin flgfn-actor --bin flgfn-health
 work="$(mktemp -d)"

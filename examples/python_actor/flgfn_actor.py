@@ -488,8 +488,9 @@ def is_final(error):
     trailers = error.trailing_metadata() or ()
     if any(key == FINAL_REFUSAL_HEADER for key, _ in trailers):
         return True
-    # A proxy's 404, its route to the learner perhaps not there yet (a
-    # deployment rolling out): retried, as the Rust actor does.
+    # A proxy's bare HTTP 404, its route to the learner perhaps not there
+    # yet: retried, as the Rust actor does. (A gRPC UNIMPLEMENTED of the
+    # proxy's own, as Envoy answers, stays final.)
     if error.code() == grpc.StatusCode.UNIMPLEMENTED and http_status_mapped(error):
         return False
     if error.code() in FINAL_CODES:
