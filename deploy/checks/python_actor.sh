@@ -646,15 +646,25 @@ def answer_with_alerts():
                 pass
 
 
+def actor_at(listener, reconnect_attempts):
+    """Runs an actor against a stand-in server listening on `listener`,
+    which must stop it, then closes it: the Refused or GaveUp it stopped
+    with."""
+    try:
+        fa.run(task, f"127.0.0.1:{listener.getsockname()[1]}", envs=4,
+               reconnect_attempts=reconnect_attempts, reconnect_initial_s=0.01,
+               reconnect_max_s=0.02, connect_timeout_s=2.0)
+    except (fa.Refused, fa.GaveUp) as error:
+        return error
+    finally:
+        listener.close()
+    sys.exit("the actor trained against a stand-in server")
+
+
 threading.Thread(target=answer_with_alerts, daemon=True).start()
-try:
-    fa.run(task, f"127.0.0.1:{tls_like.getsockname()[1]}", envs=4, reconnect_attempts=50,
-           reconnect_initial_s=0.01, reconnect_max_s=0.02, connect_timeout_s=2.0)
-    sys.exit("the actor trained against a TLS alert")
-except fa.Refused as error:
-    assert "serves TLS" in str(error) and "plain text only" in str(error), str(error)
-finally:
-    tls_like.close()
+error = actor_at(tls_like, reconnect_attempts=50)
+assert isinstance(error, fa.Refused), repr(error)
+assert "serves TLS" in str(error) and "plain text only" in str(error), str(error)
 assert not fa.answers_as_tls(f"127.0.0.1:{socket.create_server(('127.0.0.1', 0)).getsockname()[1]}", 0.5)
 
 # An HTTP proxy without its route to the learner yet answers HTTP/2 with
@@ -711,14 +721,9 @@ def serve_404():
 
 
 threading.Thread(target=serve_404, daemon=True).start()
-try:
-    fa.run(task, f"127.0.0.1:{proxy.getsockname()[1]}", envs=4, reconnect_attempts=2,
-           reconnect_initial_s=0.01, reconnect_max_s=0.02, connect_timeout_s=2.0)
-    sys.exit("the actor trained against a proxy answering 404")
-except fa.GaveUp as error:
-    assert "UNIMPLEMENTED" in str(error) and "proxy" in str(error), str(error)
-finally:
-    proxy.close()
+error = actor_at(proxy, reconnect_attempts=2)
+assert isinstance(error, fa.GaveUp), repr(error)
+assert "UNIMPLEMENTED" in str(error) and "proxy" in str(error), str(error)
 assert len(requests_404) == 2, requests_404
 PYTHON
 then
