@@ -156,8 +156,8 @@ pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf,
 }
 
 /// Syncs `dir`'s entries to the disk: what was renamed or deleted in it
-/// stays so after a crash of the machine (as far as its file system can
-/// say, see [`folder_synced`]).
+/// stays so after a crash of the machine (where its file system can sync
+/// a folder at all: one that cannot is said once, and not an error).
 pub fn sync_folder(dir: &Path) -> Result<(), FileError> {
     folder_synced(dir, File::open(dir).and_then(|d| d.sync_all()))
 }
