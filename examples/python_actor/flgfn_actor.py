@@ -552,6 +552,9 @@ class Actor:
         # Whether the current session ended as the learner stopped to be
         # started again (SIGUSR1): a reconnect, not an outage.
         self.restarting = False
+        # Whether the learner's dropping of truncated trajectories was said
+        # (once per process, as flgfn-actor says it, not every reconnect).
+        self.said_drops_truncated = False
         # Whether sessions open in one call, the handshake in the Session's
         # headers; cleared for good by a learner that predates that.
         self.one_call = True
@@ -675,7 +678,8 @@ class Actor:
         else:
             reply, grants = opened
         # A learner whose objective (TB) drops truncated trajectories.
-        if reply.drops_truncated and self.truncate_fraction > 0:
+        if reply.drops_truncated and self.truncate_fraction > 0 and not self.said_drops_truncated:
+            self.said_drops_truncated = True
             print(f"{self.name}: the learner trains on complete trajectories only "
                   f"(objective tb, or objective.drop_truncated): the truncated share of rollouts is dropped unused "
                   f"(--truncate-fraction 0 for this learner)", flush=True)
