@@ -203,9 +203,8 @@ fn run_or_keep(
     // Reports with no configuration beside them are of an unknown one
     // (an older runner's): set aside too, never taken for this run's.
     let unknown_reports = written.is_none() && metrics.exists();
-    let other_build = written == Some(true)
-        && !options.keep_other_builds
-        && !record.as_ref().is_some_and(|r| r.only_by(&options.build));
+    let same_run = this_suites_run(written, record.as_ref(), options);
+    let other_build = written == Some(true) && !same_run;
     let why_aside = if written == Some(false) || unknown_reports {
         Some("made with another configuration".to_owned())
     } else if other_build {
@@ -226,7 +225,6 @@ fn run_or_keep(
             aside.display()
         );
     }
-    let same_run = written == Some(true) && why_aside.is_none();
     let mut record = match record {
         Some(record) if same_run => record,
         // Kept with --keep-other-builds, from a runner that recorded no
@@ -350,13 +348,24 @@ fn move_to_replaced(out: &Path, dir: &Path, name: &str, why: &str) -> anyhow::Re
     Ok(target)
 }
 
+/// Whether a run folder whose configuration file matches the run's or not
+/// (`written`, None where it has none) and whose record is `record` is
+/// the suite's to go on with: written with the run's configuration, made
+/// by this build (by any, with `keep_other_builds`).
+fn this_suites_run(
+    written: Option<bool>,
+    record: Option<&RunRecord>,
+    options: &SuiteOptions,
+) -> bool {
+    written == Some(true)
+        && (options.keep_other_builds || record.is_some_and(|r| r.only_by(&options.build)))
+}
+
 /// Whether `dir` holds a finished run of `spec` that the suite keeps as it
-/// is: written with its configuration, made by this build (by any, with
-/// `keep_other_builds`), its reports up to its last step.
+/// is ([`this_suites_run`], its reports up to its last step).
 fn finished_here(spec: &RunSpec, dir: &Path, options: &SuiteOptions) -> bool {
-    written_config_matches(spec, dir) == Some(true)
-        && (options.keep_other_builds
-            || RunRecord::load(dir).is_some_and(|record| record.only_by(&options.build)))
+    let record = RunRecord::load(dir);
+    this_suites_run(written_config_matches(spec, dir), record.as_ref(), options)
         && read_reports(&dir.join(METRICS_FILE)).is_ok_and(|reports| finished(spec, &reports))
 }
 
