@@ -332,6 +332,15 @@ impl SequenceState {
             _ => 0,
         }
     }
+
+    /// Records a chunk whose number could not be read (it could not be
+    /// decoded): taken to carry the number expected, so that neither it
+    /// nor the next is counted lost.
+    pub fn unreadable(&mut self) {
+        if let Some(next) = self.next.as_mut() {
+            *next = next.saturating_add(1);
+        }
+    }
 }
 
 /// Each actor name's [`SequenceState`] when its last session closed, so

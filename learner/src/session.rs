@@ -531,14 +531,11 @@ impl Session {
                             let status = framing_fault_as_sender_error(status, "chunk");
                             if self.count_unreadable(&status) {
                                 // It used a credit, as a chunk refused in
-                                // `receive` does, and presumably carried the
-                                // number expected: neither counts as lost
-                                // when the actor reconnects (it is counted
-                                // refused already).
+                                // `receive` does, and its number arrived:
+                                // it is not counted lost as well when the
+                                // actor reconnects (it is counted refused).
                                 progress.unused.pop_front();
-                                if let Some(next) = progress.sequence.next.as_mut() {
-                                    *next = next.saturating_add(1);
-                                }
+                                progress.sequence.unreadable();
                             }
                             return Err(status);
                         }
