@@ -76,7 +76,7 @@ mod transport;
 use std::path::PathBuf;
 
 pub use crate::error::LearnerError;
-pub use crate::preflight::check_startup;
+pub use crate::preflight::{check_listen_exposure, check_startup};
 pub use crate::run::serve;
 pub use crate::trainer::{EndedBy, RunTotals, TrainingOutcome};
 pub use crate::transport::{

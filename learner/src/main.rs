@@ -167,6 +167,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
         // setting that would stop the learner stops this too.
         let token = flgfn_common::auth::load_token(&config.auth)?;
         flgfn_learner::secured_transport(&config)?;
+        flgfn_learner::check_listen_exposure(&config, token.is_some())?;
         flgfn_learner::check_startup(&config, args.local_actors.then_some(config.launch.actors))
             .map(drop)?;
         flgfn_common::out!(

@@ -82,6 +82,22 @@ pub(crate) fn check_exposure(
     Ok(())
 }
 
+/// [`check_exposure`] for `--print-config`, which binds nothing: on each
+/// address `learner.listen` resolves to here (a start binds the first that
+/// it can). One that does not resolve here is left to the start, which may
+/// run on another host (a Slurm job reads its configuration before it
+/// knows the learner's node).
+pub fn check_listen_exposure(config: &Config, has_token: bool) -> Result<(), LearnerError> {
+    use std::net::ToSocketAddrs;
+    let Ok(addresses) = config.learner.listen.to_socket_addrs() else {
+        return Ok(());
+    };
+    for address in addresses {
+        check_exposure(config, has_token, Some(address))?;
+    }
+    Ok(())
+}
+
 /// The checks of a start that need neither a listener nor a checkpoint,
 /// with `local_actors` local actors if any; the task they build, for the
 /// start to go on with. `--print-config` makes them too, so that a

@@ -342,7 +342,7 @@ fn print_config_reads_the_secrets_as_a_start_would() {
 /// same message (the Slurm script reads a job's configuration so before
 /// it starts anything): a network too large for one message, a session
 /// that cannot hold one trajectory, more local actors than the learner
-/// serves, local actors with TLS.
+/// serves, local actors with TLS, listening beyond loopback with no token.
 #[test]
 fn print_config_refuses_what_a_start_would() {
     let print = |args: &[&str], env: &[(&str, &str)]| {
@@ -350,6 +350,7 @@ fn print_config_refuses_what_a_start_would() {
             .arg("--print-config")
             .args(args)
             .env_remove("FLGFN_CONFIG")
+            .env_remove("FLGFN_TOKEN")
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -382,6 +383,13 @@ fn print_config_refuses_what_a_start_would() {
             ],
             "--local-actors does not work with TLS",
         ),
+        // Refused at a start only once it listens (before, --print-config
+        // passed it).
+        (
+            &["--listen", "0.0.0.0:50051"],
+            &[],
+            "beyond loopback, with no token",
+        ),
         // (Not read, the run would go on with 600 steps, not 5.)
         (
             &[],
@@ -397,4 +405,16 @@ fn print_config_refuses_what_a_start_would() {
     }
     let (status, stderr) = print(&["--local-actors", "--actors", "2"], &[]);
     assert_eq!(status, Some(0), "{stderr}");
+    // Allowed, as at a start: a name that resolves to loopback, or no
+    // token by choice.
+    for (args, env) in [
+        (&["--listen", "localhost:50051"][..], &[][..]),
+        (
+            &["--listen", "0.0.0.0:50051"],
+            &[("FLGFN_AUTH__ALLOW_UNAUTHENTICATED", "true")],
+        ),
+    ] {
+        let (status, stderr) = print(args, env);
+        assert_eq!(status, Some(0), "{args:?} {env:?}: {stderr}");
+    }
 }
