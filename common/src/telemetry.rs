@@ -159,10 +159,10 @@ fn install(format: LogFormat, live_line: bool) -> bool {
     }
     // Every flgfn crate and binary at info (flgfn-loadgen's, flgfn-sample's
     // and flgfn-experiment's own lines are logged under their binary's
-    // name), libraries at warn.
+    // name; flgfn-health logs nothing), libraries at warn.
     let default_filter = || {
         EnvFilter::new(
-            "warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info,flgfn_loadgen=info,flgfn_sample=info,flgfn_experiment=info,flgfn_health=info",
+            "warn,flgfn_common=info,flgfn_actor=info,flgfn_learner=info,flgfn_loadgen=info,flgfn_sample=info,flgfn_experiment=info",
         )
     };
     // A RUST_LOG that does not parse is said once logging is up, not

@@ -10,10 +10,10 @@ tools="$(lint_tools)"
 # The checkout's files (git leaves out what it ignores); in a tree without
 # git (an export), every such file under the project's own folders.
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    listed="$(git ls-files --cached --others --exclude-standard '*.sh' '*.sbatch')"
+    listed="$(git ls-files --cached --others --exclude-standard '*.sh' '*.sbatch' .ci/run)"
     listed_docker="$(git ls-files --cached --others --exclude-standard '*Dockerfile*')"
 else
-    listed="$(find .ci deploy examples -type f \( -name '*.sh' -o -name '*.sbatch' \) | sort)"
+    listed="$(find .ci deploy examples -type f \( -name '*.sh' -o -name '*.sbatch' -o -path .ci/run \) | sort)"
     listed_docker="$(find deploy -type f -name '*Dockerfile*' | sort)"
 fi
 mapfile -t scripts <<<"$listed"
