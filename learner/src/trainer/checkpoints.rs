@@ -84,8 +84,11 @@ impl Trainer {
     /// nothing above its version was published, and it holds those
     /// weights, so a restart continues from it without a jump. (Not after
     /// libtorch failed inside a step: the weights may be one update past
-    /// that version, and a restart jumps above the floor instead of
-    /// issuing the version again with other weights.) An earlier
+    /// that version, and the floor is kept or raised above it, so that a
+    /// restart jumps above it instead of issuing the version again with
+    /// other weights. Raised where this process's first version is the
+    /// floor itself: it went out, with the checkpoint's weights, without
+    /// moving the floor.) An earlier
     /// write that failed is logged: this one stands in for it. libtorch
     /// failing while it reads the weights (a device gone bad after an
     /// error, say) is an error, not a panic of the trainer thread.
@@ -104,7 +107,7 @@ impl Trainer {
             } = training;
             wait_for_write(writer, progress)?;
             if progress.weights_may_be_ahead {
-                return Ok(());
+                return self.raise_version_floor(progress);
             }
             checkpoint::write_version_floor(dir, progress.step + progress.version_offset)
         })
