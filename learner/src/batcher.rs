@@ -117,7 +117,8 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// Builds batches until the learner stops or the trainer is gone, or
+    /// Builds batches until the learner stops or the trainer is gone (or,
+    /// the run's last batch handed over, waits for the stop), or
     /// building fails ([`Batcher::failure`] says why, and the panic goes
     /// on once the chunks held are counted untrained).
     pub fn run(mut self) {
@@ -166,6 +167,19 @@ impl Batcher {
             self.last_handed_step = step;
             self.next_training_step
                 .store(self.step_to_train(), Ordering::Release);
+            if self.pool.is_last_batch(step) {
+                // Nothing after it is trained: no batch is gathered, and
+                // collated (into pinned memory on CUDA), for nobody while
+                // the trainer evaluates and saves, where a failure would
+                // turn a finished run into a failed one. What arrives
+                // meanwhile waits in the queue (credits bound it), counted
+                // untrained at the close.
+                let stop = &mut self.stop;
+                self.runtime.block_on(async {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                });
+                break;
+            }
             starved = self.waited_for_data && handed.elapsed() < TRAINER_WAITING;
         }
     }
@@ -583,6 +597,33 @@ mod tests {
         assert_eq!(
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
             180
+        );
+    }
+
+    #[test]
+    fn no_batch_is_built_after_the_last_step() {
+        let runtime = runtime_with_time();
+        // 16 steps done and the run ends at step 17: its batch (two chunks
+        // reach 100) is handed over, and the next two chunks, a batch's
+        // worth, wait for the stop instead of being collated.
+        let (mut batcher, batches) =
+            batcher_with_sizes(&runtime, &[(10, 60), (11, 60), (12, 60), (13, 60)], 1000);
+        batcher.pool.last_step(17, 16);
+        let (stop_sender, stop) = watch::channel(false);
+        batcher.stop = stop;
+        let stats = batcher.stats.clone();
+        let running = std::thread::spawn(move || batcher.run());
+        assert_eq!(batches.recv().unwrap().transitions, 120);
+        let next = batches.recv_timeout(Duration::from_millis(300));
+        assert!(
+            matches!(next, Err(std::sync::mpsc::RecvTimeoutError::Timeout)),
+            "a batch past the last step was built"
+        );
+        stop_sender.send_replace(true);
+        running.join().unwrap();
+        assert_eq!(
+            stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
+            120
         );
     }
 

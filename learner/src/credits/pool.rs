@@ -167,6 +167,12 @@ impl CreditPool {
         self.wake.notify_one();
     }
 
+    /// Whether the batch for `step` is the run's last (never without
+    /// `learner.max_steps`).
+    pub fn is_last_batch(&self, step: u64) -> bool {
+        step >= self.last_step.load(Ordering::Acquire)
+    }
+
     /// The batch builder collated the batch for `step`: the batches after
     /// it, up to the last step, are what credits are still granted for,
     /// only while what is in use falls short of them at the current
