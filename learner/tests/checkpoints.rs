@@ -694,6 +694,35 @@ async fn a_last_step_off_the_report_grid_adds_no_evaluation_to_the_checkpoint() 
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A run whose only report is its off-grid last one, at quality: its
+/// outcome says quality was reached (the report says so, and the run's
+/// line did), while its checkpoint, holding the grid's evaluations only,
+/// has no time to quality. (Before, the outcome said not reached.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quality_found_only_by_the_off_grid_last_report_is_the_runs() {
+    let dir = scratch("off-grid-quality");
+    let (mut config, checkpoints) = checkpointed(&dir, 0, 1000);
+    config.learner.eval_every_steps = 5000;
+    config.learner.eval_samples = 2048;
+    let metrics = dir.join("metrics.jsonl");
+    let outcome = train(&config, &metrics).await;
+    let steps: Vec<u64> = support::reports(&metrics).iter().map(|r| r.step).collect();
+    assert_eq!(steps, [1000]);
+    assert_eq!(
+        outcome.final_report.at_quality,
+        Some(true),
+        "the tiny task reaches quality in 1,000 steps: {:?}",
+        outcome.final_report
+    );
+    assert_eq!(outcome.quality_reached(), Some(true));
+    assert_eq!(outcome.time_to_quality_s, Some(outcome.final_report.wall_s));
+    let saved = latest_state(&checkpoints);
+    assert_eq!(saved.step, 1000);
+    assert_eq!(saved.time_to_quality_s, None);
+    assert_eq!(saved.evaluator.samples_so_far, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A run's checkpoint of its last step says it is over: a learner killed
 /// after writing it but before its last report (an evaluation, which may
 /// be long) would leave a run that resumes to nothing, that report never

@@ -350,6 +350,9 @@ struct Progress {
     last_report_counts: (u64, u64),
     report: Report,
     time_to_quality: Option<f64>,
+    /// A time to quality only the last, off-grid report found (see
+    /// `end_training`): the run's outcome says it, its checkpoint does not.
+    time_to_quality_off_grid: Option<f64>,
     /// Weights kept since the last report while quality is not reached
     /// yet (None: not looked for, or found).
     probes: Option<QualityProbes>,
@@ -445,7 +448,9 @@ impl Training {
             weights,
             final_report: std::mem::take(&mut progress.report),
             untrained_at_stop_transitions: 0,
-            time_to_quality_s: progress.time_to_quality,
+            time_to_quality_s: progress
+                .time_to_quality
+                .or(progress.time_to_quality_off_grid),
             ended_by: EndedBy::Stop,
             machine,
         }
@@ -741,7 +746,8 @@ impl Trainer {
         };
         if let Some((state, time_to_quality)) = grid_state {
             evaluator.restore(&state);
-            progress.time_to_quality = time_to_quality;
+            progress.time_to_quality_off_grid =
+                std::mem::replace(&mut progress.time_to_quality, time_to_quality);
         }
         reported?;
         // The run's product is its final policy: one that is no
