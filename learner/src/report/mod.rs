@@ -90,7 +90,10 @@ pub struct Report {
     /// not in the count).
     #[serde(deserialize_with = "number_or_null")]
     pub wire_bytes_per_transition: f64,
-    /// Latest published weight version.
+    /// Latest published weight version when the report was made (the
+    /// last report comes before the final version is published: with
+    /// `learner.publish_every` > 1, or at a stop, the run's summary may
+    /// name a later one).
     pub version: u64,
     /// Open trajectory streams.
     pub actors_connected: i64,

@@ -239,12 +239,12 @@ impl Running {
                     // see training end before it knows how to tell its
                     // actor.
                     self.state.stopping_for_restart.store(true, Ordering::Release);
-                    info!("stop for a restart requested: finishing the current step (and an evaluation or checkpoint under way); the actors will be told to reconnect");
+                    info!("stop for a restart requested: finishing the current step (and the next, if its batch is ready, and an evaluation or checkpoint under way); the actors will be told to reconnect");
                     if self.checkpoints_off {
                         warn!("checkpoints are off (learner.checkpoint_dir = \"\"): the learner started again starts over from version 0");
                     }
                 } else {
-                    info!("shutdown requested: finishing the current step (and an evaluation or checkpoint under way)");
+                    info!("shutdown requested: finishing the current step (and the next, if its batch is ready, and an evaluation or checkpoint under way)");
                 }
                 self.stop_sender.send_replace(true);
                 not_serving(&self.health).await;
