@@ -21,7 +21,10 @@
 //! the `step` bench gives as an intercept, without the batcher, publishing
 //! or other threads: a lower bound); the peak resident memory of the
 //! benchmark process during the scenario (the learner plus any generated
-//! actors, which hold no libtorch, and the proxy); publish-to-use latency,
+//! actors, which hold no libtorch, and the proxy; real actor processes are
+//! not in it), beside what was resident at its start (what the allocator
+//! and libtorch kept from the scenarios before: the peak is not the
+//! scenario's alone); publish-to-use latency,
 //! the mean milliseconds from a version's publication to its grant being
 //! queued (learner), plus the added one-way delay, plus from its arrival
 //! to the rollout that loads it (generated actors' mean; real actor
@@ -32,7 +35,10 @@
 //! time to quality, in training time and with that start-up added (still
 //! leaving evaluations out).
 //! Generated actors draw uniform actions: their rows' time to quality is
-//! off-policy (marked `*`), not comparable with real actors'.
+//! off-policy (marked `*`), not comparable with real actors'. They and
+//! the delay proxy run on threads of their own (`actor.threads`), not on
+//! the learner's async workers; on a machine of few cores they still
+//! share its cores.
 //!
 //! The delayed scenarios each follow their baseline, the same actors
 //! through the same proxy with no delay, and a row of the pair's ratios
@@ -139,13 +145,27 @@ fn actor_executable() -> PathBuf {
 
 /// A scenario's outcome, and what its generated actors did, summed (the
 /// counts the bench reads) into one report.
-async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<ActorReport>) {
+/// The generated actors and the proxy run on `network`'s threads, not on
+/// the learner's async workers, which a real learner does not share with
+/// them.
+async fn run(
+    scenario: &Scenario,
+    actor_exe: &Path,
+    network: &tokio::runtime::Handle,
+) -> (TrainingOutcome, Option<ActorReport>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() && !scenario.proxied {
         None
     } else {
-        Some(DelayProxy::start(address, scenario.delay).await.unwrap())
+        let delay = scenario.delay;
+        Some(
+            network
+                .spawn(async move { DelayProxy::start(address, delay).await })
+                .await
+                .unwrap()
+                .unwrap(),
+        )
     };
     let target = proxy.as_ref().map_or(address, |p| p.address);
     let mut actor_config = scenario.config.clone();
@@ -157,7 +177,7 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
         std::future::pending::<()>(),
     ));
     let generated = (scenario.generated > 0).then(|| {
-        tokio::spawn(flgfn_actor::loadgen::run(
+        network.spawn(flgfn_actor::loadgen::run(
             actor_config.clone(),
             scenario.generated,
             std::future::pending(),
@@ -178,7 +198,19 @@ async fn run(scenario: &Scenario, actor_exe: &Path) -> (TrainingOutcome, Option<
                     sum.versions_loaded += report.versions_loaded;
                     sum.received_to_use_us += report.received_to_use_us;
                 }
-                totals = Some(sum);
+                // A failed actor's counts are gone with it: said, and with
+                // every one failed the row has no actor figures (not
+                // zeros).
+                let failed: Vec<_> = reports.iter().filter_map(|r| r.as_ref().err()).collect();
+                if let Some(first) = failed.first() {
+                    eprintln!(
+                        "{}: {} of {} generated actors failed, their counts left out (first: {first})",
+                        scenario.name,
+                        failed.len(),
+                        reports.len()
+                    );
+                }
+                totals = (failed.len() < reports.len()).then_some(sum);
             }
             // A generator task that panicked: no figures of its own.
             Ok(Err(_)) => {}
@@ -214,10 +246,11 @@ fn reset_peak_memory() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// The process's peak resident memory since the last reset, in MB.
-fn peak_memory_mb() -> Option<f64> {
+/// A memory figure of this process's `/proc/self/status`, in MB:
+/// `VmHWM:` (the peak since the last reset), `VmRSS:` (now).
+fn memory_mb(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
@@ -242,7 +275,7 @@ fn row(
     outcome: &TrainingOutcome,
     figures: &Compared,
     generated: Option<&ActorReport>,
-    peak_mb: Option<f64>,
+    peak_mb: Option<(f64, f64)>,
 ) -> String {
     let t = &outcome.totals;
     let r = &outcome.final_report;
@@ -277,7 +310,7 @@ fn row(
         .saturating_sub(outcome.untrained_at_stop_transitions);
     let memory = peak_mb.map_or_else(
         || format!("{:.0} (end)", r.resident_mb),
-        |mb| format!("{mb:.0}"),
+        |(peak, start)| format!("{peak:.0} (from {start:.0})"),
     );
     format!(
         "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {} | {} | {:.2} | {} |",
@@ -309,11 +342,19 @@ fn main() {
         flgfn_common::telemetry::init();
     }
     let mut base = Config::load(args.config.as_deref()).unwrap();
-    // Sized as the learner binary sizes its own (the load generator and
-    // the delay proxy share it here).
+    // Sized as the learner binary sizes its own.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(base.learner.async_threads)
         .max_blocking_threads(base.learner.ingest_threads + 2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The load generator and the delay proxy on threads of their own, as
+    // flgfn-loadgen sizes its runtime (actor.threads): the learner's
+    // async workers carry only what a real learner's do.
+    let network = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(base.actor.threads.max(1))
+        .thread_name("bench-network")
         .enable_all()
         .build()
         .unwrap();
@@ -405,7 +446,7 @@ fn main() {
     );
     println!();
     println!(
-        "| scenario | actors | one-way delay ms | trained/s | ingested/s (trained + stale) | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | peak RSS MB (bench process) | publish->use ms (lower bound) | first step after s | time to quality s (training / with start-up) |"
+        "| scenario | actors | one-way delay ms | trained/s | ingested/s (trained + stale) | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | peak RSS MB (bench process; from: at the scenario's start) | publish->use ms (lower bound) | first step after s | time to quality s (training / with start-up) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // One-time start-up costs (thread pools, allocator growth, page
@@ -415,13 +456,20 @@ fn main() {
         let mut warm_up = first.clone();
         warm_up.config.learner.max_steps = 100;
         warm_up.delay = Duration::ZERO;
-        runtime.block_on(run(&warm_up, &actor_exe));
+        runtime.block_on(run(&warm_up, &actor_exe, network.handle()));
     }
     let mut baseline: Option<(String, Compared)> = None;
     for scenario in &scenarios {
+        // The peak starts from what is resident now, which holds what the
+        // allocator and libtorch kept from earlier scenarios: both said.
         let tracked = reset_peak_memory();
-        let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe));
-        let peak = if tracked { peak_memory_mb() } else { None };
+        let start = memory_mb("VmRSS:");
+        let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe, network.handle()));
+        let peak = if tracked {
+            memory_mb("VmHWM:").zip(start)
+        } else {
+            None
+        };
         let figures = compared(&outcome);
         println!(
             "{}",
