@@ -19,7 +19,9 @@
 //! (waiting left out; with the tiny network, its compute and the other
 //! threads' contention included: an upper bound of the fixed cost, which
 //! the `step` bench gives as an intercept, without the batcher, publishing
-//! or other threads: a lower bound); the peak resident memory of the
+//! or other threads: a lower bound; the tiny network has as many layers as
+//! the configured one, 8 wide, so compare with `step -- --hidden 8,8` for
+//! the default two; `step`'s own default is one layer); the peak resident memory of the
 //! benchmark process during the scenario (the learner plus any generated
 //! actors, which hold no libtorch, and the proxy; real actor processes are
 //! not in it), beside what was resident at its start (what the allocator
