@@ -506,14 +506,45 @@ pub fn client_tls_for(
             "an https:// learner needs the CA that signed its certificate",
         ));
     };
-    let mut client = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
-    if !tls.domain.is_empty() {
-        client = client.domain_name(tls.domain.clone());
-    }
+    let name = server_name(url, &tls.domain)?;
+    let mut client = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(name);
     if let Some((cert, key)) = files.identity {
         client = client.identity(Identity::from_pem(cert, key));
     }
     Ok(Some(client))
+}
+
+/// The name the learner's certificate is checked against: `tls.domain`,
+/// else the URL's host, brackets taken off an IPv6 address (tonic would
+/// pass `[fd00::5]` on, which is no name, and every connection would fail
+/// naming no key). One that is neither a DNS name nor an IP address is
+/// refused here, naming where it came from.
+fn server_name(url: &str, domain: &str) -> Result<String, flgfn_common::config::ConfigError> {
+    let (field, name) = if domain.is_empty() {
+        let host = url
+            .parse::<tonic::transport::Uri>()
+            .ok()
+            .and_then(|uri| uri.host().map(str::to_owned))
+            .unwrap_or_default();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .map_or(host.clone(), str::to_owned);
+        ("actor.learner", host)
+    } else {
+        ("tls.domain", domain.to_owned())
+    };
+    match rustls::pki_types::ServerName::try_from(name.as_str()) {
+        Ok(_) => Ok(name),
+        Err(_) => Err(flgfn_common::config::ConfigError::invalid(
+            field,
+            format!(
+                "`{name}` is not a name a certificate can be checked against: a DNS name or an IP address, without scheme or port"
+            ),
+        )),
+    }
 }
 
 /// The channels between a connection and whatever rolls out its orders.
@@ -846,6 +877,35 @@ impl ActorReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The certificate is checked against the URL's host, an IPv6 one
+    /// without its brackets, or `tls.domain`; a name that is neither a DNS
+    /// name nor an IP address is refused naming where it came from.
+    #[test]
+    fn the_server_name_is_the_hosts_or_tls_domain_and_checked() {
+        assert_eq!(
+            server_name("https://[fd00::5]:50051", "").unwrap(),
+            "fd00::5"
+        );
+        assert_eq!(server_name("https://learner:50051", "").unwrap(), "learner");
+        assert_eq!(
+            server_name("https://10.0.0.7:50051", "").unwrap(),
+            "10.0.0.7"
+        );
+        assert_eq!(
+            server_name("https://[fd00::5]:50051", "learner.example").unwrap(),
+            "learner.example"
+        );
+        for domain in ["learner:50051", "https://learner"] {
+            let error = server_name("https://learner:50051", domain)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("tls.domain") && error.contains(domain),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn an_outage_warns_at_its_first_failures_then_ever_more_rarely() {

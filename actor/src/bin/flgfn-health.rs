@@ -102,6 +102,8 @@ fn main() -> std::process::ExitCode {
                 "tls.ca_file" => "--ca-file (FLGFN_HEALTH_CA_FILE)",
                 "tls.cert_file" => "--cert-file (FLGFN_HEALTH_CERT_FILE)",
                 "tls.key_file" => "--key-file (FLGFN_HEALTH_KEY_FILE)",
+                "tls.domain" => "--domain (FLGFN_HEALTH_DOMAIN)",
+                "actor.learner" => "--address (FLGFN_HEALTH_ADDRESS)",
                 other => other,
             };
             let reason = reason
