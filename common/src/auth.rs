@@ -95,8 +95,9 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
         if path.is_empty() {
             return Ok(None);
         }
-        let bytes = std::fs::read(path)
-            .map_err(|e| ConfigError::invalid(field, format!("cannot read {path}: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::invalid(field, format!("cannot read {}: {e}", shown_path(path)))
+        })?;
         let text = String::from_utf8_lossy(&bytes);
         if !text.contains("-----BEGIN ") || !text.contains(kind) {
             return Err(ConfigError::invalid(
@@ -153,10 +154,32 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
             ));
         }
     };
-    Ok(TlsFiles {
-        identity,
-        ca: read("tls.ca_file", &config.ca_file, "CERTIFICATE")?,
-    })
+    let ca = read("tls.ca_file", &config.ca_file, "CERTIFICATE")?;
+    if let Some(ca) = &ca {
+        check_ca(config, ca)?;
+    }
+    Ok(TlsFiles { identity, ca })
+}
+
+/// Refuses a CA file none of whose certificates parse as one: rustls
+/// would drop each silently, leaving no root to trust, and every handshake
+/// would fail later blaming the peer's certificate (or, on the learner,
+/// all three TLS files at once).
+fn check_ca(config: &TlsConfig, ca: &[u8]) -> Result<(), ConfigError> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let refuse =
+        |why: String| ConfigError::invalid("tls.ca_file", format!("{}: {why}", config.ca_file));
+    let certificates = CertificateDer::pem_slice_iter(ca)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| refuse(format!("cannot parse its certificates: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, unusable) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        return Err(refuse(format!(
+            "holds no certificate usable as a CA ({unusable} that do not parse as one)"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses certificates that do not parse, a key rustls cannot use, and a
@@ -221,14 +244,20 @@ impl fmt::Debug for Token {
     }
 }
 
+/// A token's least length: guessing it must be out of reach.
+const MIN_TOKEN_CHARS: usize = 16;
+
 impl Token {
     /// A token from its text: printable ASCII without spaces (it travels in
     /// an HTTP/2 header), at least 16 characters.
     pub fn new(text: &str, source: &str) -> Result<Self, ConfigError> {
-        if text.len() < 16 {
+        if text.len() < MIN_TOKEN_CHARS {
             return Err(ConfigError::invalid(
                 source,
-                format!("the token has {} characters; use at least 16", text.len()),
+                format!(
+                    "the token has {} characters; use at least {MIN_TOKEN_CHARS}",
+                    text.len()
+                ),
             ));
         }
         if !text.bytes().all(|b| b.is_ascii_graphic()) {
@@ -318,6 +347,28 @@ pub fn describe_secrets(token: Option<&Token>, tls: &TlsConfig, tls_read: bool) 
     format!("# Token: {token}\n# TLS files: {tls}\n")
 }
 
+/// A path from a key that names a secret's file, as errors show it: as
+/// it is, unless it may be the secret itself, put in the path's key (a
+/// token set as `FLGFN_AUTH__TOKEN_FILE`, a key's PEM text as
+/// `FLGFN_TLS__KEY_FILE`), which stays out of logs and errors: a PEM
+/// marker or a control character (a line break), a `+` or a trailing `=`
+/// (base64), or a token's length without a `/` or `.`.
+fn shown_path(path: &str) -> String {
+    let may_be_secret = path.contains("-----")
+        || path.chars().any(char::is_control)
+        || path.contains('+')
+        || path.ends_with('=')
+        || (path.len() >= MIN_TOKEN_CHARS && !path.contains('/') && !path.contains('.'));
+    if may_be_secret {
+        format!(
+            "a value of {} characters, not shown: it looks like a secret, not a path",
+            path.chars().count()
+        )
+    } else {
+        path.to_owned()
+    }
+}
+
 /// The configured token: `FLGFN_TOKEN` if set and not empty, else the
 /// contents of `auth.token_file` if set, else none.
 pub fn load_token(config: &AuthConfig) -> Result<Option<Token>, ConfigError> {
@@ -345,7 +396,7 @@ fn token_from(
         if !config.token_file.is_empty() {
             token.from = format!(
                 "{TOKEN_ENV}, which overrides auth.token_file ({})",
-                config.token_file
+                shown_path(&config.token_file)
             );
         }
         return Ok(Some(token));
@@ -356,7 +407,7 @@ fn token_from(
     let text = std::fs::read_to_string(&config.token_file).map_err(|e| {
         ConfigError::invalid(
             "auth.token_file",
-            format!("cannot read {}: {e}", config.token_file),
+            format!("cannot read {}: {e}", shown_path(&config.token_file)),
         )
     })?;
     let mut token = Token::new(text.trim(), "auth.token_file")?;
@@ -544,11 +595,17 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
+        // A PEM block whose body is no certificate: refused by name, not
+        // left to fail every handshake later.
         let config = TlsConfig {
             ca_file: pem.display().to_string(),
             ..TlsConfig::default()
         };
-        assert!(read_tls(&config).unwrap().ca.is_some());
+        let error = read_tls(&config).err().unwrap().to_string();
+        assert!(
+            error.contains("tls.ca_file") && error.contains("no certificate usable as a CA"),
+            "{error}"
+        );
         // Look-alikes: a certificate request given as the certificate or
         // the CA, and an encrypted key (bodies never read: refused by
         // their labels).
@@ -614,6 +671,70 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
                 .contains("16")
         );
         assert!(Token::new("has a space in it ok", "t").is_err());
+    }
+
+    /// A secret put in a path's key stays out of the error that the path
+    /// cannot be read; a path is shown as it is.
+    #[test]
+    fn a_secret_in_a_paths_key_is_not_echoed() {
+        let token = "0123456789abcdef0123456789abcdef";
+        let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n";
+        let base64 = "q0/Zr+9xYwTq1kB2mV7cLw==";
+        for secret in [token, pem, base64] {
+            let error = token_from(
+                None,
+                &AuthConfig {
+                    token_file: secret.to_owned(),
+                    ..AuthConfig::default()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains("auth.token_file") && error.contains("not shown"),
+                "{error}"
+            );
+            assert!(!error.contains("0123456789abcdef"), "{error}");
+            assert!(
+                !error.contains("MIGHAgEAMBMG") && !error.contains("q0/Zr"),
+                "{error}"
+            );
+            let error = read_tls(&TlsConfig {
+                cert_file: "/nonexistent/cert.pem".to_owned(),
+                key_file: secret.to_owned(),
+                ..TlsConfig::default()
+            })
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(
+                error.contains("tls.cert_file") && error.contains("/nonexistent/cert.pem"),
+                "{error}"
+            );
+        }
+        let error = read_tls(&TlsConfig {
+            key_file: pem.to_owned(),
+            ..TlsConfig::default()
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            error.contains("tls.key_file") && !error.contains("MIGHAgEAMBMG"),
+            "{error}"
+        );
+        for path in ["/run/secrets/flgfn-token", "token", "./token.txt"] {
+            let error = token_from(
+                None,
+                &AuthConfig {
+                    token_file: path.to_owned(),
+                    ..AuthConfig::default()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains(&format!("cannot read {path}:")), "{error}");
+        }
     }
 
     #[test]
