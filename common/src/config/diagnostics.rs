@@ -380,8 +380,23 @@ fn parse_message(error: &toml::de::Error, meant: Option<String>, hints: &[String
         first.push_str(if hint.starts_with('(') { " " } else { "; " });
         first.push_str(hint);
     }
+    // An unknown key's value says nothing about the mistake, and may be a
+    // secret put where no key takes it (`token = "..."` under [auth]): the
+    // excerpt shows the key, not the value.
+    let unknown_field = message_line.starts_with("unknown field");
+    let excerpt = excerpt
+        .into_iter()
+        .map(|line| match line.split_once(" | ") {
+            Some((number, text)) if unknown_field && number.trim().parse::<u64>().is_ok() => {
+                match text.split_once('=') {
+                    Some((key, _)) => format!("{number} | {key}= (value not shown)"),
+                    None => line.to_owned(),
+                }
+            }
+            _ => line.to_owned(),
+        });
     let mut lines = vec![first];
-    lines.extend(excerpt.into_iter().chain(rest).map(str::to_owned));
+    lines.extend(excerpt.chain(rest.into_iter().map(str::to_owned)));
     if let (None, Some(expected)) = (&meant, expected) {
         lines.push(format!("expected {expected}"));
     }

@@ -523,10 +523,13 @@ fn with_overrides(
         Ok(config) => return Ok(Ok(config)),
         Err(error) => error,
     };
+    // Only those whose key takes text (or is not in the schema): a number
+    // for a number key needs no retry, and would take a place among the
+    // few retried.
     let typed: Vec<&EnvOverride> = overrides
         .iter()
         .copied()
-        .filter(|o| !o.value.is_str())
+        .filter(|o| !o.value.is_str() && may_take_text(&o.key))
         .take(MAX_RETYPED_OVERRIDES)
         .collect();
     let mut subsets: Vec<u32> = (1..1u32 << typed.len()).collect();
@@ -552,6 +555,20 @@ fn with_overrides(
     Ok(Err(first_error))
 }
 
-/// Most environment variables whose typed values (numbers, booleans,
-/// dates) are retried as text together: 2^8 parses at worst.
+/// Whether the key's default is text, or the schema does not know it (an
+/// optional key: left to the retry, as before).
+fn may_take_text(key: &[String]) -> bool {
+    let mut table = super::schema();
+    for (i, part) in key.iter().enumerate() {
+        match table.get(part) {
+            Some(toml::Value::Table(inner)) if i + 1 < key.len() => table = inner,
+            Some(value) if i + 1 == key.len() => return value.is_str(),
+            _ => return true,
+        }
+    }
+    true
+}
+
+/// Most environment variables of text keys whose typed values (numbers,
+/// booleans, dates) are retried as text together: 2^8 parses at worst.
 const MAX_RETYPED_OVERRIDES: usize = 8;
