@@ -60,11 +60,27 @@ pub struct PreparedBatch {
     pub trajectories: usize,
     /// Of which truncated prefixes.
     pub truncated: usize,
-    /// Sum over chunks of (the step the batch was built for - the chunk's
-    /// policy version) x its transitions.
-    pub lag_weighted: f64,
-    /// Largest of those lags.
-    pub max_lag: u64,
+    /// Sum over chunks of the chunk's policy version x its transitions:
+    /// with the step the trainer trains the batch at, its lags (the
+    /// trainer's, not the step the batch was built for: a batch trained
+    /// later than built for would show its true lag).
+    pub version_weighted: u128,
+    /// The oldest policy version in the batch (u64::MAX when empty).
+    pub oldest_version: u64,
+}
+
+impl PreparedBatch {
+    /// Sum over the batch's transitions of their lag behind `step` (the
+    /// version the trainer's step makes), and the largest lag.
+    pub fn lags_at(&self, step: u64) -> (f64, u64) {
+        let at_step = u128::from(step) * self.transitions as u128;
+        let weighted = at_step.saturating_sub(self.version_weighted) as f64;
+        let max = match self.transitions {
+            0 => 0,
+            _ => step.saturating_sub(self.oldest_version),
+        };
+        (weighted, max)
+    }
 }
 
 /// Everything the batch-builder thread owns.
@@ -155,7 +171,7 @@ impl Batcher {
             // the batch before.
             self.pool.collated(step);
             self.collating = chunks.iter().map(|c| c.chunk.transitions).sum();
-            let batch = self.collate(chunks, step);
+            let batch = self.collate(chunks);
             self.collating = 0;
             // A rendezvous: the send returns at once if the trainer waits
             // in recv, and only after it finishes its step otherwise.
@@ -347,14 +363,13 @@ impl Batcher {
         }
     }
 
-    fn collate(&self, chunks: Vec<QueuedChunk>, step: u64) -> PreparedBatch {
-        let mut lag_weighted = 0.0;
-        let mut max_lag = 0;
+    fn collate(&self, chunks: Vec<QueuedChunk>) -> PreparedBatch {
+        let mut version_weighted = 0u128;
+        let mut oldest_version = u64::MAX;
         let mut transitions = 0;
         for QueuedChunk { chunk, .. } in &chunks {
-            let lag = step.saturating_sub(chunk.policy_version);
-            lag_weighted += lag as f64 * chunk.transitions as f64;
-            max_lag = max_lag.max(lag);
+            version_weighted += u128::from(chunk.policy_version) * chunk.transitions as u128;
+            oldest_version = oldest_version.min(chunk.policy_version);
             transitions += chunk.transitions;
         }
         let trajectories = chunks.iter().flat_map(|c| &c.chunk.trajectories);
@@ -369,8 +384,8 @@ impl Batcher {
             transitions,
             trajectories: count,
             truncated,
-            lag_weighted,
-            max_lag,
+            version_weighted,
+            oldest_version,
         }
     }
 
@@ -598,6 +613,18 @@ mod tests {
             stats.untrained_at_stop_transitions.load(Ordering::Relaxed),
             180
         );
+    }
+
+    #[test]
+    fn lags_are_measured_from_the_step_the_batch_trains_at() {
+        let runtime = runtime_with_time();
+        let (mut batcher, _batches) = batcher_with_sizes(&runtime, &[(10, 60), (12, 40)], 1000);
+        let chunks = batcher.gather(100).unwrap();
+        let batch = batcher.collate(chunks);
+        // At step 20: 60 transitions 10 behind, 40 8 behind.
+        assert_eq!(batch.lags_at(20), (60.0 * 10.0 + 40.0 * 8.0, 10));
+        // Trained a step later than that, each is a step older.
+        assert_eq!(batch.lags_at(21), (60.0 * 11.0 + 40.0 * 9.0, 11));
     }
 
     #[test]

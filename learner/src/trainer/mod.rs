@@ -881,6 +881,10 @@ impl Trainer {
         progress: &mut Progress,
     ) {
         let learner = &self.config.learner;
+        // Lags behind the version this step makes, as trained: not taken
+        // from the batch builder's reckoning of the step, so that a batch
+        // trained later than it was built for would show its true lag.
+        let (lag_weighted, max_lag) = batch.lags_at(progress.step + 1 + progress.version_offset);
         let tensors = batch.tensors.to_device(self.policy.device());
         let output = self.policy.net.forward(&tensors.states);
         let loss = self.objective.loss(&output, &tensors);
@@ -947,10 +951,10 @@ impl Trainer {
             None => window.finite_steps = Some(finite_steps),
         }
         window.steps += 1;
-        window.lag_weighted += batch.lag_weighted;
-        window.max_lag = window.max_lag.max(batch.max_lag);
-        progress.totals.lag_weighted += batch.lag_weighted;
-        progress.totals.max_lag = progress.totals.max_lag.max(batch.max_lag);
+        window.lag_weighted += lag_weighted;
+        window.max_lag = window.max_lag.max(max_lag);
+        progress.totals.lag_weighted += lag_weighted;
+        progress.totals.max_lag = progress.totals.max_lag.max(max_lag);
         window.transitions += batch.transitions as u64;
         window.trajectories += batch.trajectories as u64;
         window.truncated += batch.truncated as u64;
