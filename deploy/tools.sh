@@ -27,7 +27,8 @@ lint_tools() {
 
 # The learners and actors a test starts read FLGFN_* and RUST_LOG: a
 # caller's own (FLGFN_LOG_FORMAT=json, FLGFN_CONFIG=~/job.toml, RUST_LOG=warn)
-# would change what the tests read in their logs. Unset, saying which;
+# would change what the tests read in their logs, and a PYTHONOPTIMIZE
+# would make the Python checks' asserts pass unchecked. Unset, saying which;
 # kept: where things are cached, the suite's own settings (soak, fuzzing),
 # and how the images' base is made (another base, a Debian mirror).
 ignore_caller_settings() {
@@ -35,7 +36,8 @@ ignore_caller_settings() {
     for variable in $(compgen -e); do
         case "$variable" in
             FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE | FLGFN_DEBIAN_MIRROR) ;;
-            FLGFN_* | RUST_LOG | NO_COLOR | CLICOLOR_FORCE)
+            # (PYTHONOPTIMIZE would strip the Python checks' asserts.)
+            FLGFN_* | RUST_LOG | NO_COLOR | CLICOLOR_FORCE | PYTHONOPTIMIZE)
                 echo "flgfn: ignoring $variable from the caller's environment" >&2
                 unset "$variable"
                 ;;

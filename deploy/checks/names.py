@@ -235,9 +235,13 @@ def dockerfile():
     # The health probe's own variables are read by flgfn-health, not the learner.
     probe = {k for k in env if k.startswith("FLGFN_HEALTH_")}
     learner = {k: v for k, v in env.items() if k not in probe}
+    # The image listens beyond loopback and takes its token when it runs
+    # (compose's FLGFN_TOKEN, a Kubernetes Secret): a stand-in here, as
+    # they give it, since a start without one is refused.
+    learner.setdefault("FLGFN_TOKEN", TOKEN)
     check_container("deploy/docker/Dockerfile learner", "learner", learner, [], None)
     for key in sorted(probe):
-        if key.encode() not in strings_of("health"):
+        if not reads(strings_of("health"), key):
             fail("deploy/docker/Dockerfile", f"flgfn-health never reads {key}")
     for flag in re.findall(r'"(--[a-z-]+)"', text.split("HEALTHCHECK", 1)[1].split("\n\n")[0]):
         if flag not in help_of("health"):
@@ -263,7 +267,7 @@ def sbatch():
                     fail(path, f"flgfn-{name} has no {flag}")
             checked.append(f"{path} flgfn-{name}")
     for key in re.findall(r"export (FLGFN_[A-Z_]+)", text):
-        if not any(key.encode() in strings_of(n) for n in ("learner", "actor")):
+        if not any(reads(strings_of(n), key) for n in ("learner", "actor")):
             fail(path, f"no binary reads {key}")
 
 

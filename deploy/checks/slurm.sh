@@ -196,8 +196,10 @@ fi
 # error.
 # (Needs openssl for the certificate: without it, this part alone is
 # skipped, saying so.)
+tls_refused="a TLS job and "
 if ! command -v openssl >/dev/null; then
     echo "slurm: the TLS refusal is not checked: openssl is not installed"
+    tls_refused=""
 else
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
         -subj /CN=localhost -keyout "$work/key.pem" -out "$work/cert.pem" 2>"$work/openssl.log" ||
@@ -228,7 +230,7 @@ if sbatch_here 4242 FLGFN_LEARNER__THREADS= FLGFN_JOB="$work/job-token.toml" >"$
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for) on the job file's token file, refused a port another learner served, failed on a learner node without a GPU, stopped its learner gracefully when the actor step failed (its step given 6 CPUs and 2 threads), and refused a TLS job and a refused configuration before any step"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for) on the job file's token file, refused a port another learner served, failed on a learner node without a GPU, stopped its learner gracefully when the actor step failed (its step given 6 CPUs and 2 threads), and refused ${tls_refused}a refused configuration before any step"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2

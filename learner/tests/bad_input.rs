@@ -2561,7 +2561,8 @@ async fn an_actor_flooded_with_credits_stops_with_a_protocol_error() {
 
 /// A grant with no credits needs no weights: one that comes before the
 /// first weights (all a newer learner's grant may carry is a field added
-/// since) is passed over, and the actor goes on to roll out. The actor
+/// since) is passed over: the actor goes on to take the next grant's
+/// credit and weights, and stops at the end without an error. The actor
 /// opens its session in one call, or in two (Handshake, then Session) with
 /// a learner that takes handshakes only as calls of their own, or with a
 /// handshake too long for a header (a task of 500 levels).
