@@ -275,7 +275,9 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
         "{produced} produced, {trained} trained, bound {bound}"
     );
     // Memory stayed bounded: the data granted and not trained never
-    // exceeded the room, at any report.
+    // exceeded the room, at any report. (The resident size is printed
+    // above, not bounded here: allocator and libtorch caching move it;
+    // the scale bench gives it per scenario.)
     let reports: Vec<Report> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -288,7 +290,6 @@ async fn thirty_two_generated_actors_against_a_slow_learner_waste_nothing() {
             "{} > {room}",
             r.in_flight_transitions
         );
-        assert!(r.credit_room_transitions <= room);
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
