@@ -172,9 +172,11 @@ fi
 # The actor step fails at once: the job stops its learner, gracefully
 # (through srun, which would kill it on SIGTERM), and fails, instead of
 # holding the allocation until its time limit.
-# (With 6 CPUs for the learner: its step gets them, and 6 - 4 threads.)
+# (With 6 CPUs for the learner: its step gets them, and 6 - 4 threads.
+# And an address of the job's own beyond loopback, with no token: the
+# script listens where it says, with the fresh token it makes.)
 if sbatch_here 4240 FLGFN_CHECK_FAILING_GROUP=1 FLGFN_ACTORS_GONE_GRACE_S=2 \
-    SLURM_CPUS_PER_TASK_HET_GROUP_0=6 >"$work/failed.log" 2>&1 ||
+    SLURM_CPUS_PER_TASK_HET_GROUP_0=6 FLGFN_LEARNER__LISTEN="0.0.0.0:$port" >"$work/failed.log" 2>&1 ||
     ! grep -q "the actor step failed (status 2)" "$work/failed.log" ||
     ! grep -q "shutdown requested" "$work/failed.log" ||
     ! grep -q "flgfn: a fresh token for this job" "$work/failed.log" ||

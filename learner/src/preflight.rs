@@ -82,20 +82,22 @@ pub(crate) fn check_exposure(
     Ok(())
 }
 
-/// [`check_exposure`] for `--print-config`, which binds nothing: on each
-/// address `learner.listen` resolves to here (a start binds the first that
-/// it can). One that does not resolve here is left to the start, which may
-/// run on another host (a Slurm job reads its configuration before it
-/// knows the learner's node).
+/// [`check_exposure`] for `--print-config`, which binds nothing: on the
+/// first address `learner.listen` resolves to here (a start binds the
+/// first that it can: that one, unless it is taken). One that does not
+/// resolve here is left to the start, which may run on another host.
 pub fn check_listen_exposure(config: &Config, has_token: bool) -> Result<(), LearnerError> {
     use std::net::ToSocketAddrs;
-    let Ok(addresses) = config.learner.listen.to_socket_addrs() else {
-        return Ok(());
-    };
-    for address in addresses {
-        check_exposure(config, has_token, Some(address))?;
+    let first = config
+        .learner
+        .listen
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addresses| addresses.next());
+    match first {
+        Some(address) => check_exposure(config, has_token, Some(address)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The checks of a start that need neither a listener nor a checkpoint,
