@@ -351,14 +351,23 @@ pub fn describe_secrets(token: Option<&Token>, tls: &TlsConfig, tls_read: bool) 
 /// it is, unless it may be the secret itself, put in the path's key (a
 /// token set as `FLGFN_AUTH__TOKEN_FILE`, a key's PEM text as
 /// `FLGFN_TLS__KEY_FILE`), which stays out of logs and errors: a PEM
-/// marker or a control character (a line break), a `+` or a trailing `=`
-/// (base64), or a token's length without a `/` or `.`.
+/// marker or a control character (a line break), or what a generated
+/// token looks like (a token's length, no `.`, all hex digits or upper and
+/// lower case letters with digits, as base64 has) unless its folder
+/// exists. A heuristic: a hand-made passphrase put there still shows.
 fn shown_path(path: &str) -> String {
-    let may_be_secret = path.contains("-----")
-        || path.chars().any(char::is_control)
-        || path.contains('+')
-        || path.ends_with('=')
-        || (path.len() >= MIN_TOKEN_CHARS && !path.contains('/') && !path.contains('.'));
+    let has = |test: fn(&char) -> bool| path.chars().any(|c| test(&c));
+    let generated = path.chars().all(|c| c.is_ascii_hexdigit())
+        || (has(char::is_ascii_uppercase)
+            && has(char::is_ascii_lowercase)
+            && has(char::is_ascii_digit));
+    let in_a_folder = path.contains('/')
+        && std::path::Path::new(path)
+            .parent()
+            .is_some_and(|folder| !folder.as_os_str().is_empty() && folder.is_dir());
+    let token_like =
+        path.len() >= MIN_TOKEN_CHARS && !path.contains('.') && generated && !in_a_folder;
+    let may_be_secret = path.contains("-----") || path.chars().any(char::is_control) || token_like;
     if may_be_secret {
         format!(
             "a value of {} characters, not shown: it looks like a secret, not a path",
@@ -723,7 +732,15 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             error.contains("tls.key_file") && !error.contains("MIGHAgEAMBMG"),
             "{error}"
         );
-        for path in ["/run/secrets/flgfn-token", "token", "./token.txt"] {
+        for path in [
+            "/run/secrets/flgfn-token",
+            "token",
+            "./token.txt",
+            "/home/u/c++/certs/ca.pem",
+            "flgfn-learner-token",
+            // A generated name in a folder that exists.
+            "/tmp/0123456789abcdef0123",
+        ] {
             let error = token_from(
                 None,
                 &AuthConfig {

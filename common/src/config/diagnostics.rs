@@ -117,7 +117,9 @@ fn misshapen_section(table: &toml::Table) -> Option<(String, String)> {
     {
         format!("`[[{name}]]` (two pairs of brackets) makes it a list of tables")
     } else {
-        format!("here it is the value {value}")
+        // Its kind, not the value: `auth = "..."` may be a secret put
+        // where a section belongs.
+        format!("here it is a value of type {}", value.type_str())
     };
     Some((
         name.clone(),
