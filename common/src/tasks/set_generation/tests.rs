@@ -537,16 +537,35 @@ fn a_task_without_an_energy_distribution_is_judged_without_energy_w1() {
     assert!(small().reference().unwrap().quality().energy_w1.is_some());
 }
 
-/// Small's levels with one copy fewer per level are not small: they are
-/// judged by 0.083 x their own spread.
+/// Only small itself (its levels in any order) gets the notes' flat 0.1;
+/// a set one field away from it is judged by 0.083 x its own spread.
 #[test]
 fn only_the_small_preset_itself_gets_the_notes_flat_threshold() {
     let (_, _, levels) = SetSize::Small.preset();
-    let env = SetGeneration::from_parts(20, 14, levels.to_vec()).unwrap();
-    let reference = SetReference::new(&env);
-    let (_, std) = reference.target_energy_mean_std();
-    assert!((reference.energy_w1_threshold() - 0.083 * std).abs() < 1e-12);
-    assert_ne!(reference.energy_w1_threshold(), 0.1);
+    let mut reversed = levels.to_vec();
+    reversed.reverse();
+    let mut moved = levels.to_vec();
+    moved[0] -= 0.1;
+    let threshold = |universe, set_size, levels: Vec<f64>| {
+        let env = SetGeneration::from_parts(universe, set_size, levels).unwrap();
+        let reference = SetReference::new(&env);
+        let (_, std) = reference.target_energy_mean_std();
+        (reference.energy_w1_threshold(), 0.083 * std)
+    };
+    assert_eq!(threshold(30, 20, levels.to_vec()).0, 0.1);
+    assert_eq!(threshold(30, 20, reversed).0, 0.1);
+    for (universe, set_size, levels) in [
+        (20, 20 - 6, levels.to_vec()),
+        (30, 19, levels.to_vec()),
+        (30, 20, moved),
+    ] {
+        let (given, spread) = threshold(universe, set_size, levels);
+        assert!(
+            (given - spread).abs() < 1e-12,
+            "{universe} {set_size}: {given} {spread}"
+        );
+        assert_ne!(given, 0.1);
+    }
 }
 
 /// Each size is judged by paper-notes' thresholds: marginal TV <= 0.03,
