@@ -453,12 +453,18 @@ impl Backoff {
     }
 }
 
+/// The host of `uri`, an IPv6 address without its brackets (`Uri` keeps
+/// them: `[fd00::5]`).
+fn url_host(uri: &tonic::codegen::http::Uri) -> &str {
+    uri.host().unwrap_or_default().trim_matches(['[', ']'])
+}
+
 /// Whether `url` is plain text (`http://`) to a host other than this one.
 fn plain_text_beyond_loopback(url: &str) -> bool {
     let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
         return false;
     };
-    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let host = url_host(&uri);
     let host = host.strip_suffix('.').unwrap_or(host);
     uri.scheme_str() == Some("http")
         && !host.eq_ignore_ascii_case("localhost")
@@ -524,14 +530,9 @@ pub fn client_tls_for(
 fn server_name(url: &str, domain: &str) -> Result<String, flgfn_common::config::ConfigError> {
     let (field, name) = if domain.is_empty() {
         let host = url
-            .parse::<tonic::transport::Uri>()
-            .ok()
-            .and_then(|uri| uri.host().map(str::to_owned))
+            .parse::<tonic::codegen::http::Uri>()
+            .map(|uri| url_host(&uri).to_owned())
             .unwrap_or_default();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .map_or(host.clone(), str::to_owned);
         ("actor.learner", host)
     } else {
         ("tls.domain", domain.to_owned())

@@ -38,7 +38,7 @@
 //! leaving evaluations out).
 //! Generated actors draw uniform actions: their rows' time to quality is
 //! off-policy (marked `*`), not comparable with real actors'. They and
-//! the delay proxy run on threads of their own (`actor.threads`), not on
+//! the delay proxy run on threads of their own (`actor.threads`, at least 2), not on
 //! the learner's async workers; on a machine of few cores they still
 //! share its cores.
 //!
@@ -248,13 +248,14 @@ fn reset_peak_memory() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// A memory figure of this process's `/proc/self/status`, in MB:
-/// `VmHWM:` (the peak since the last reset), `VmRSS:` (now).
-fn memory_mb(field: &str) -> Option<f64> {
+/// The process's peak resident memory since the last reset, in MB (10^6
+/// bytes, as [`flgfn_learner::report::resident_mb`] gives the resident
+/// size now).
+fn peak_memory_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024.0 / 1e6)
 }
 
 /// The ratios of a delayed scenario's figures to its baseline's, as a
@@ -351,11 +352,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // The load generator and the delay proxy on threads of their own, as
-    // flgfn-loadgen sizes its runtime (actor.threads): the learner's
-    // async workers carry only what a real learner's do.
+    // The load generator and the delay proxy on threads of their own (at
+    // least 2: 64 generated actors and the proxy's pumps share them): the
+    // learner's async workers carry only what a real learner's do.
     let network = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(base.actor.threads.max(1))
+        .worker_threads(base.actor.threads.max(2))
         .thread_name("bench-network")
         .enable_all()
         .build()
@@ -465,10 +466,10 @@ fn main() {
         // The peak starts from what is resident now, which holds what the
         // allocator and libtorch kept from earlier scenarios: both said.
         let tracked = reset_peak_memory();
-        let start = memory_mb("VmRSS:");
+        let start = flgfn_learner::report::resident_mb();
         let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe, network.handle()));
         let peak = if tracked {
-            memory_mb("VmHWM:").zip(start)
+            peak_memory_mb().map(|peak| (peak, start))
         } else {
             None
         };
