@@ -170,7 +170,7 @@ fn misspelt_keys_and_names_get_the_one_meant() {
     );
     let message = refusal("learner = 5\n");
     assert!(
-        message.contains("write `[learner]`") && message.contains("the value 5"),
+        message.contains("write `[learner]`") && message.contains("a value of type integer"),
         "{message}"
     );
     let message = refusal("[learner]\nmax_steps = 99999999999999999999\n");
@@ -617,6 +617,22 @@ fn printed_configuration_reads_back_the_same() {
 fn empty_file_gives_the_defaults() {
     let config = Config::from_toml("", "test").unwrap();
     assert_eq!(config, Config::default());
+}
+
+#[test]
+fn stuck_after_s_is_zero_or_seconds_up_to_a_day() {
+    for good in ["0", "1", "600.0", "86400"] {
+        let toml = format!("[learner]\nstuck_after_s = {good}\n");
+        assert!(Config::from_toml(&toml, "t").is_ok(), "{good}");
+    }
+    for bad in ["0.5", "-1", "1e9", "nan", "inf"] {
+        let toml = format!("[learner]\nstuck_after_s = {bad}\n");
+        let error = Config::from_toml(&toml, "t").unwrap_err().to_string();
+        assert!(
+            error.contains("learner.stuck_after_s") && error.contains("0 (never)"),
+            "{bad}: {error}"
+        );
+    }
 }
 
 #[test]
