@@ -784,6 +784,93 @@ async fn a_last_report_that_fails_leaves_no_checkpoint_of_the_last_step() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The learner's health as `url` answers it, asked every 100 ms until it
+/// is `wanted` or 60 s pass: whether it came.
+async fn health_becomes(url: &str, wanted: support::ServingStatus) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let tls = flgfn_common::auth::TlsConfig::default();
+        if flgfn_actor::health::check(url, "", &tls).await.ok() == Some(wanted) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A trainer stuck on one piece of work past `learner.stuck_after_s` (here
+/// its metrics write, to a pipe nobody reads: a blocked file system)
+/// turns health NOT_SERVING, for a liveness probe to restart the learner;
+/// once it moves on (the pipe read), health is SERVING again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_trainer_fails_health_until_it_moves_on() {
+    use std::io::Read;
+    support::init_logs();
+    let dir = scratch("stuck-trainer");
+    let mut config = support::tiny_config();
+    // Until stopped: the pipe fills at some step, however fast they are.
+    config.learner.max_steps = 0;
+    config.learner.stuck_after_s = 1.0;
+    // A report every 10 ms of training: the pipe (64 KiB) fills within
+    // about fifty of them, and the next write waits.
+    config.learner.first_report_s = 0.01;
+    config.learner.report_every_s = 0.01;
+    config.learner.eval_samples = 16;
+    let metrics = dir.join("metrics.pipe");
+    support::make_fifo(&metrics);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let pipe = metrics.clone();
+    let reader = std::thread::spawn(move || {
+        // Opened (the learner's open waits for it), then left unread until
+        // released, then read to the learner's end.
+        let mut file = std::fs::File::open(pipe).unwrap();
+        released.recv().unwrap();
+        let mut rest = Vec::new();
+        let _ = file.read_to_end(&mut rest);
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        writing(&metrics),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
+    // SERVING once it trains (NOT_SERVING before: that says nothing).
+    assert!(
+        health_becomes(&url, support::ServingStatus::Serving).await,
+        "the learner never served"
+    );
+    let served = Instant::now();
+    assert!(
+        health_becomes(&url, support::ServingStatus::NotServing).await,
+        "health stayed SERVING with the trainer stuck"
+    );
+    // Not before the trainer was stuck for stuck_after_s.
+    assert!(
+        served.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        served.elapsed()
+    );
+    release.send(()).unwrap();
+    assert!(
+        health_becomes(&url, support::ServingStatus::Serving).await,
+        "health stayed NOT_SERVING after the trainer moved on"
+    );
+    stop.send(()).unwrap();
+    let outcome = support::finished_learner(learner).await;
+    assert!(outcome.steps > 0);
+    reader.join().unwrap();
+    for a in actors {
+        a.abort();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The same stop between grid reports, with that last report's metrics
 /// write failing (the metrics file is a pipe whose reader goes away after
 /// the first report): the error path saves a checkpoint too, and it holds

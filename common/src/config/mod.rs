@@ -460,6 +460,13 @@ pub struct LearnerConfig {
     /// frees its place and credits; raise it where links drop pings for
     /// longer.
     pub keepalive_s: f64,
+    /// Seconds the trainer may spend on one piece of work (a step, a
+    /// report with its evaluation, a checkpoint it waits for) before the
+    /// health service says NOT_SERVING, so that an orchestrator's
+    /// liveness probe restarts a learner stuck in a device call or on a
+    /// blocked file system (it resumes from its last checkpoint); 0: never.
+    /// Waiting for data is not work: a learner without actors is not stuck.
+    pub stuck_after_s: f64,
 }
 
 impl LearnerConfig {
@@ -523,6 +530,7 @@ impl Default for LearnerConfig {
             max_session_bytes: 64 << 20,
             stall_timeout_s: 30.0,
             keepalive_s: 10.0,
+            stuck_after_s: 600.0,
         }
     }
 }

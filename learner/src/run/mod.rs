@@ -8,11 +8,14 @@
 //! - `load.rs`: the server bound, the checkpoint or fresh weights loaded;
 //! - `start.rs`: the threads and local actors started, health SERVING;
 //! - `end.rs`: training's end awaited, the sessions drained, the run
-//!   closed.
+//!   closed;
+//! - `watch.rs`: health NOT_SERVING while the trainer is stuck on one
+//!   piece of work.
 
 mod end;
 mod load;
 mod start;
+mod watch;
 
 use std::future::Future;
 use std::sync::Arc;

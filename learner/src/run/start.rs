@@ -301,6 +301,7 @@ impl Running {
         let batcher = spawn_thread("flgfn-batcher", "batch builder", move || batcher.run())?;
         let checkpoints_off = checkpoint_dir.is_none();
         let training_done = publisher.done();
+        let pulse = Arc::new(crate::trainer::TrainerPulse::default());
         let trainer = Trainer {
             policy,
             objective,
@@ -318,6 +319,7 @@ impl Running {
             start_version,
             version_floor,
             checkpoint_lock,
+            pulse: pulse.clone(),
         };
         let (done_sender, trainer_done) = oneshot::channel();
         // (Its handle is not kept: the outcome comes through the channel.)
@@ -327,6 +329,12 @@ impl Running {
 
         // The checkpoint is loaded and the trainer runs: actors are welcome.
         set_health(&health, tonic_health::ServingStatus::Serving).await;
+        tokio::spawn(super::watch::watch_trainer(
+            pulse,
+            Duration::from_secs_f64(learner.stuck_after_s),
+            health.clone(),
+            stop.clone(),
+        ));
         Ok(Running {
             config,
             stop_sender,

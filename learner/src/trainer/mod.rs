@@ -19,9 +19,14 @@
 //!   checkpoint's state put back at start.
 //! - `reports.rs`: reports (the evaluator called, metrics written), time
 //!   to quality, and the stop of a run that diverged.
+//! - `pulse.rs`: when the work under way began, for the run's watch on a
+//!   stuck trainer.
 
 mod checkpoints;
+mod pulse;
 mod reports;
+
+pub use pulse::TrainerPulse;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,7 +110,10 @@ pub struct TrainingOutcome {
     pub untrained_at_stop_transitions: u64,
     /// `wall_s` when quality was first reached, if it was: of the first
     /// report at quality, or of the earliest weights kept before it that
-    /// are at quality ([`crate::quality_probes`]).
+    /// are at quality ([`crate::quality_probes`]). One found only by a
+    /// last report off the `eval_every_steps` grid (a stop's) is this
+    /// process's: its checkpoint leaves it out, so a resumed run finds its
+    /// own on the grid.
     pub time_to_quality_s: Option<f64>,
     /// Figures over the whole run.
     pub totals: RunTotals,
@@ -224,6 +232,9 @@ pub struct Trainer {
     /// The checkpoint folder's lock: released when this thread ends, not
     /// before (the learner's task may be gone while it still writes).
     pub checkpoint_lock: Option<crate::checkpoint::FolderLock>,
+    /// Said busy from a batch's arrival until the next wait for data, so
+    /// that the run can tell a stuck trainer from a starved one.
+    pub pulse: Arc<TrainerPulse>,
 }
 
 /// Running sums between two reports.
@@ -593,7 +604,10 @@ impl Trainer {
                 writer,
             } = &mut *training;
             let wait_started = Instant::now();
-            let Some(batch) = self.next_batch(&mut data_warning_after) else {
+            self.pulse.idle();
+            let next = self.next_batch(&mut data_warning_after);
+            self.pulse.busy();
+            let Some(batch) = next else {
                 // Stopped while waiting for data: the wait since the
                 // last step is not training, and counted as such it
                 // would read as busy time in the last report, and
@@ -679,6 +693,7 @@ impl Trainer {
     /// checked, the version floor raised and the final weights published.
     /// Returns them encoded as f32: the run's model.
     fn end_training(&mut self, training: &mut Training) -> Result<Bytes, LearnerError> {
+        self.pulse.busy();
         let learner = self.config.learner.clone();
         // The report below evaluates, which may take long, and a stop
         // is often followed by a kill after a grace period: what was

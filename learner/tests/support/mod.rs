@@ -8,7 +8,7 @@ use flgfn_common::config::Config;
 use flgfn_learner::{LearnerError, TrainingOutcome};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic_health::pb::health_check_response::ServingStatus;
+pub use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A set task of 70 terminal sets (4 of 8 elements, 163 states): small
 /// enough to compute the sampler's exact terminal distribution, and quick
