@@ -82,7 +82,7 @@ pub(crate) fn check_exposure(
     Ok(())
 }
 
-/// [`check_exposure`] for `--print-config`, which binds nothing: on the
+/// The exposure check of a start (`check_exposure`) for `--print-config`, which binds nothing: on the
 /// first address `learner.listen` resolves to here (a start binds the
 /// first that it can: that one, unless it is taken). One that does not
 /// resolve here is left to the start, which may run on another host.
