@@ -828,17 +828,7 @@ async fn a_stuck_trainer_fails_health_until_it_moves_on() {
         let mut rest = Vec::new();
         let _ = file.read_to_end(&mut rest);
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let learner = tokio::spawn(flgfn_learner::serve(
-        config.clone(),
-        listener,
-        writing(&metrics),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let (url, learner, stop) = support::stoppable_learner(&config, writing(&metrics)).await;
     let actors = [actor(&config, &url, 0), actor(&config, &url, 1)];
     // SERVING once it trains (NOT_SERVING before: that says nothing).
     assert!(
