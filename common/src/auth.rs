@@ -689,16 +689,16 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
         let token = "0123456789abcdef0123456789abcdef";
         let pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMG\n-----END PRIVATE KEY-----\n";
         let base64 = "q0/Zr+9xYwTq1kB2mV7cLw==";
+        // The error of a token file that cannot be read.
+        let unread = |token_file: &str| {
+            let config = AuthConfig {
+                token_file: token_file.to_owned(),
+                ..AuthConfig::default()
+            };
+            token_from(None, &config).unwrap_err().to_string()
+        };
         for secret in [token, pem, base64] {
-            let error = token_from(
-                None,
-                &AuthConfig {
-                    token_file: secret.to_owned(),
-                    ..AuthConfig::default()
-                },
-            )
-            .unwrap_err()
-            .to_string();
+            let error = unread(secret);
             assert!(
                 error.contains("auth.token_file") && error.contains("not shown"),
                 "{error}"
@@ -741,15 +741,7 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             // A generated name in a folder that exists.
             "/tmp/0123456789abcdef0123",
         ] {
-            let error = token_from(
-                None,
-                &AuthConfig {
-                    token_file: path.to_owned(),
-                    ..AuthConfig::default()
-                },
-            )
-            .unwrap_err()
-            .to_string();
+            let error = unread(path);
             assert!(error.contains(&format!("cannot read {path}:")), "{error}");
         }
     }
