@@ -73,7 +73,29 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
         })
         .map(|(_, hint)| hint);
     let hint = shape.or_else(|| names_taken(text, &error));
-    ConfigError::parse(origin.to_owned(), &error, hint)
+    let refused = ConfigError::parse(origin.to_owned(), &error, hint);
+    // A string refused in [auth] or [tls] (or given as either section) may
+    // be a secret put in the wrong place: the parser's message and excerpt
+    // repeat it, so it is left out of both.
+    let key = line
+        .and_then(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim(), v.trim()));
+    let secret_place = match (&section, key) {
+        (Some(Some(section)), _) => matches!(section.as_str(), "auth" | "tls"),
+        (Some(None), Some((key, _))) => matches!(key, "auth" | "tls"),
+        _ => false,
+    };
+    match (refused, key) {
+        (ConfigError::Parse { path, message }, Some((_, value)))
+            if secret_place && value.len() > 2 && value.starts_with(['"', '\'']) =>
+        {
+            ConfigError::Parse {
+                path,
+                message: message.replace(value, "(value not shown)"),
+            }
+        }
+        (refused, _) => refused,
+    }
 }
 
 /// The error for `FLGFN_` variables (`origin` names them and the layer

@@ -659,6 +659,15 @@ fn unknown_keys_are_rejected_with_their_name() {
         .to_string();
     assert!(err.contains("unknown field `token`"), "{err}");
     assert!(!err.contains("a-secret-token"), "{err}");
+    // Nor one given as a section, or to a key of another type there.
+    for text in [
+        "auth = \"a-secret-token-0123456789\"\n",
+        "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\"\n",
+    ] {
+        let err = Config::from_toml(text, "test").unwrap_err().to_string();
+        assert!(err.contains("invalid type"), "{err}");
+        assert!(!err.contains("a-secret-token"), "{err}");
+    }
     let err = Config::from_toml(
         "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",
         "t",
