@@ -165,16 +165,14 @@ impl Config {
             MIN_STALL_TIMEOUT_S,
         )?;
         timer_seconds("learner.keepalive_s", l.keepalive_s, MIN_KEEPALIVE_S)?;
-        if l.stuck_after_s != 0.0 {
-            timer_seconds("learner.stuck_after_s", l.stuck_after_s, 1.0).map_err(|_| {
-                ConfigError::invalid(
-                    "learner.stuck_after_s",
-                    format!(
-                        "must be 0 (never) or between 1 and {MAX_WAIT_S} seconds (a day), got {}",
-                        l.stuck_after_s
-                    ),
-                )
-            })?;
+        if l.stuck_after_s != 0.0 && !(1.0..=MAX_WAIT_S).contains(&l.stuck_after_s) {
+            return Err(ConfigError::invalid(
+                "learner.stuck_after_s",
+                format!(
+                    "must be 0 (never) or between 1 and {MAX_WAIT_S} seconds (a day), got {}",
+                    l.stuck_after_s
+                ),
+            ));
         }
         if !matches!(l.unfinished_exit_status, 0 | 3..=125) {
             return Err(ConfigError::invalid(
