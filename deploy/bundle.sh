@@ -40,11 +40,16 @@ done
 cd "$(dirname "$0")/.."
 root="$PWD"
 out="${out:-$root/dist/flgfn-$flavour}"
-# OUT is replaced whole: only when it is an earlier bundle (its MANIFEST)
-# or empty, never a folder of other files given by mistake.
-if [ -e "$out" ] && [ ! -e "$out/MANIFEST" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
-    echo "bundle.sh: $out exists and is not an earlier bundle (no MANIFEST): give a new or empty folder" >&2
-    exit 2
+# OUT is replaced whole: only when it is empty or an earlier bundle (its
+# MANIFEST beside bin/ and lib/, nothing else), never a folder of other
+# files given by mistake (a project of one's own may hold a MANIFEST too).
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    others="$(find "$out" -mindepth 1 -maxdepth 1 ! -name bin ! -name lib ! -name MANIFEST -printf '%f ')"
+    others="${others% }"
+    if [ ! -f "$out/MANIFEST" ] || [ -n "$others" ]; then
+        echo "bundle.sh: $out exists and is not an earlier bundle (one holds MANIFEST, bin/ and lib/ only${others:+; this one also $others}): give a new or empty folder" >&2
+        exit 2
+    fi
 fi
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
@@ -125,4 +130,7 @@ for name in "${binaries[@]}"; do
         exit 1
     fi
 done
+# Readable and runnable by everyone whatever the builder's umask: the
+# images run it as an unprivileged user (uid 10001), not the files' owner.
+chmod -R u+rwX,go+rX "$out"
 echo "bundle.sh: $flavour bundle in $out ($(du -sh "$out" | cut -f1), $(wc -l <"$out/MANIFEST") libraries)"

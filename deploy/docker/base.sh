@@ -9,6 +9,12 @@
 set -euo pipefail
 image="${1:-debian:bookworm-slim}"
 mirror="${FLGFN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+# A daemon that does not answer would read as "no registry" below, and
+# the build would be minutes in before it failed at `docker import`.
+if ! docker info >/dev/null 2>&1; then
+    echo "base.sh: Docker does not answer here (docker info failed): start the daemon, or run as a user allowed to use it" >&2
+    exit 1
+fi
 if docker image inspect "$image" >/dev/null 2>&1; then
     exit 0
 fi
@@ -30,7 +36,17 @@ if ! command -v debootstrap >/dev/null || [ ! -s "$keyring" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap debian-archive-keyring >/dev/null
 fi
 root="$(mktemp -d)"
-trap 'rm -rf "$root"' EXIT
+# debootstrap mounts /proc and /sys inside the root while it installs; one
+# that failed can leave them mounted: unmounted first, and rm stays on the
+# root's own file system whatever is left.
+remove_root() {
+    local mounted
+    for mounted in dev/pts proc sys; do
+        if mountpoint -q "$root/$mounted"; then umount -l "$root/$mounted"; fi
+    done
+    rm -rf --one-file-system "$root"
+}
+trap remove_root EXIT
 echo "base.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2
 debootstrap --keyring="$keyring" --variant=minbase bookworm "$root" "$mirror" >/dev/null
 # What a slim image leaves out: package lists and caches.

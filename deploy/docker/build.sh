@@ -22,6 +22,11 @@ case "$flavour" in
 esac
 base="${FLGFN_DOCKER_BASE:-debian:bookworm-slim}"
 cd "$(dirname "$0")/../.."
+# Asked first: the bundle takes minutes to build, for nothing without it.
+if ! docker info >/dev/null 2>&1; then
+    echo "build.sh: Docker does not answer here (docker info failed): start the daemon, or run as a user allowed to use it" >&2
+    exit 1
+fi
 # base.sh makes the default one where none can be pulled; another one
 # comes from a registry when docker build needs it.
 if [ -z "${FLGFN_DOCKER_BASE:-}" ]; then
