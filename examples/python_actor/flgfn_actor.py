@@ -1046,7 +1046,9 @@ def main():
             parser.error(f"--learner: {learner}: give host:port, a port from 1 to 65535 "
                          f"(an IPv6 address in brackets: [::1]:50051)")
     hidden = args.hidden
-    token = os.environ.get("FLGFN_TOKEN")
+    # Trimmed, and unset when blank, as the Rust actor reads it: a token
+    # from a file or a Kubernetes Secret often ends in a newline.
+    token = (os.environ.get("FLGFN_TOKEN") or "").strip() or None
     if token is not None and (why := token_mistake(token)):
         parser.error(f"FLGFN_TOKEN: {why}")
     # A stop request (SIGTERM from compose, Kubernetes or Slurm; Ctrl-C)
