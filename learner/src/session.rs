@@ -378,11 +378,7 @@ impl Session {
                 let done = *done.borrow();
                 let ended_by = if done {
                     training_ended(&self.state)
-                } else if status.code() == Code::Unknown
-                    && status.message().contains("h2 protocol error")
-                {
-                    // The actor's connection broke under its stream (a
-                    // killed actor, a cut link): tonic has no code for it.
+                } else if is_broken_connection(&status) {
                     lost = true;
                     format!("the connection was lost ({})", status.message())
                 } else {
@@ -516,12 +512,7 @@ impl Session {
                         // the actor dropped the call (a leaving actor reads
                         // grants until the session ends, so not one that
                         // left in order).
-                        let left = tokio::time::timeout(Duration::ZERO, self.inbound.message()).await;
-                        return Ok(if matches!(left, Ok(Ok(None))) {
-                            Ended::ConnectionClosed
-                        } else {
-                            Ended::GrantsUndelivered
-                        });
+                        return Ok(self.take_arrived_chunks(&credits, progress).await);
                     }
                 }
                 message = self.inbound.message() => {
@@ -529,7 +520,7 @@ impl Session {
                         Ok(message) => message,
                         Err(status) => {
                             let status = framing_fault_as_sender_error(status, "chunk");
-                            if self.count_unreadable(&status) {
+                            if !is_broken_connection(&status) && self.count_unreadable(&status) {
                                 // It used a credit, as a chunk refused in
                                 // `receive` does, and its number arrived:
                                 // it is not counted lost as well when the
@@ -551,27 +542,9 @@ impl Session {
                             Ended::ActorLeft
                         });
                     };
-                    self.receive(message, &credits, progress).await.map_err(|error| {
-                        if matches!(error, RequestError::ShuttingDown) {
-                            // Training ended while the chunk was on its way.
-                            self.count_late_chunk(&mut progress.record);
-                            debug!(actor_id = self.actor_id, "a chunk arrived after training ended");
-                        } else {
-                            // Each ends its session; an actor that
-                            // reconnects to send it again logs a line at
-                            // 1, 2, 4, 8, ... of each reason.
-                            let refused_so_far = self.state.stats.reject(error.reason());
-                            if refused_so_far.is_power_of_two() {
-                                warn!(
-                                    actor_id = self.actor_id,
-                                    %error,
-                                    refused_so_far,
-                                    "refused a trajectory chunk"
-                                );
-                            }
-                        }
-                        Status::from(error)
-                    })?;
+                    if let Err(error) = self.receive(message, &credits, progress).await {
+                        return Err(self.refused(error, &mut progress.record));
+                    }
                 }
                 // After the inbound stream: a chunk that arrived while the
                 // session was busy (sending a grant, waiting for an ingest
@@ -585,6 +558,57 @@ impl Session {
                         "held a credit for {stalled_after:?} without sending its chunk (learner.stall_timeout_s)"
                     )));
                 }
+            }
+        }
+    }
+
+    /// Counts a chunk `receive` did not take, and gives the status that
+    /// ends its session: late where training ended while it was on its
+    /// way, else refused (logged at the 1st, 2nd, 4th, ... of each reason:
+    /// an actor that reconnects to send it again would flood the log).
+    fn refused(&self, error: RequestError, record: &mut SessionRecord) -> Status {
+        if matches!(error, RequestError::ShuttingDown) {
+            self.count_late_chunk(record);
+            debug!(
+                actor_id = self.actor_id,
+                "a chunk arrived after training ended"
+            );
+        } else {
+            let refused_so_far = self.state.stats.reject(error.reason());
+            if refused_so_far.is_power_of_two() {
+                warn!(
+                    actor_id = self.actor_id,
+                    %error,
+                    refused_so_far,
+                    "refused a trajectory chunk"
+                );
+            }
+        }
+        Status::from(error)
+    }
+
+    /// After a grant could not be delivered: the chunks that arrived whole
+    /// before the connection went (already read off it, waiting in the
+    /// stream) are taken as any others, not dropped unread and counted
+    /// lost; then the end is told apart. A stream that ended is a closed
+    /// connection; one that waits for more, or failed, or whose chunk was
+    /// refused (a flood of chunks without credits ends there), is a grant
+    /// undelivered.
+    async fn take_arrived_chunks(
+        &mut self,
+        credits: &SessionCredits,
+        progress: &mut Progress,
+    ) -> Ended {
+        loop {
+            match tokio::time::timeout(Duration::ZERO, self.inbound.message()).await {
+                Ok(Ok(Some(message))) => {
+                    if let Err(error) = self.receive(message, credits, progress).await {
+                        let _ = self.refused(error, &mut progress.record);
+                        return Ended::GrantsUndelivered;
+                    }
+                }
+                Ok(Ok(None)) => return Ended::ConnectionClosed,
+                Ok(Err(_)) | Err(_) => return Ended::GrantsUndelivered,
             }
         }
     }
@@ -905,6 +929,14 @@ impl Session {
         }
         true
     }
+}
+
+/// Whether `status` is the actor's connection breaking under its stream
+/// (a killed actor, a cut link, a reset), not something it sent: tonic
+/// gives such errors the code of their HTTP/2 reason (UNKNOWN, INTERNAL,
+/// RESOURCE_EXHAUSTED for ENHANCE_YOUR_CALM, ...) and this message.
+fn is_broken_connection(status: &Status) -> bool {
+    status.message().starts_with("h2 protocol error")
 }
 
 #[cfg(test)]
