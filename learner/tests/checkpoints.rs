@@ -1261,6 +1261,63 @@ async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner killed before its first step (no actor came) had published
+/// its first version all the same (an actor may hold it): the version
+/// floor is above it already, so the next start, which may begin from
+/// other weights (another seed; no checkpoint to resume), issues a newer
+/// version, not that one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_killed_before_its_first_step_publishes_above_it_next_time() {
+    let dir = scratch("killed-before-training");
+    std::fs::create_dir_all(&dir).unwrap();
+    let checkpoints = dir.join("checkpoints");
+    let config_path = dir.join("run.toml");
+    let toml = support::TINY_TOML.replace(
+        "checkpoint_dir = \"\"",
+        &format!("checkpoint_dir = \"{}\"", checkpoints.display()),
+    );
+    std::fs::write(&config_path, &toml).unwrap();
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let metrics = dir.join("metrics.jsonl");
+    let log = support::learner_log(&metrics);
+    let mut versions = Vec::new();
+    for start in 0..3 {
+        let mut process = support::learner_process(&address, &config_path, &metrics, &[]);
+        let health = support::health(&format!("http://{address}"), &Default::default()).await;
+        assert!(
+            matches!(health, Ok(support::ServingStatus::Serving)),
+            "start {start}: {health:?}"
+        );
+        process.0.kill().unwrap();
+        process.0.wait().unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        let listening: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("learner listening"))
+            .collect();
+        assert_eq!(listening.len(), start + 1, "{text}");
+        let version = listening[start]
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("version="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no version in {}", listening[start]));
+        versions.push(version);
+        // Its last checkpoint never came: what tells the next start where
+        // to begin is the floor, recorded before the version went out.
+        let floor = checkpoint::read_version_floor(&checkpoints).unwrap();
+        assert!(
+            floor > version,
+            "start {start}: floor {floor}, published {version}"
+        );
+    }
+    assert_eq!(versions[0], 0, "a fresh run starts at 0");
+    assert!(
+        versions.windows(2).all(|pair| pair[1] > pair[0]),
+        "each start publishes above the one before: {versions:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A checkpoint taken between two publications (`publish_every` > 1) is
 /// resumed from at its own weights' version, not at the last published
 /// one below its step (which made the version offset negative: wrapped in

@@ -246,6 +246,9 @@ impl Running {
                 |dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string()
             ),
             build = BUILD,
+            // The first version it publishes: above every one published
+            // before in this checkpoint folder, or the checkpoint's own.
+            version = start_version,
             "learner listening"
         );
 
