@@ -88,12 +88,14 @@ pub enum SessionError {
     Retry {
         /// What happened.
         message: String,
-        /// Whether this session sent a chunk: a handshake alone is not
-        /// enough, or a learner that accepts handshakes but refuses
+        /// Whether the learner answered this session after one of its
+        /// chunks went out (a grant that came after it): a handshake alone
+        /// is not enough, or a learner that accepts handshakes but refuses
         /// sessions (all its places taken) would be retried at the
-        /// shortest backoff forever; nor is a grant, or an actor whose
-        /// rollouts outlast `learner.stall_timeout_s` (cut before its
-        /// first chunk, every session) would be.
+        /// shortest backoff forever; nor is a grant before any chunk, or
+        /// an actor whose rollouts outlast `learner.stall_timeout_s` (cut
+        /// before its first chunk, every session) would be; nor a chunk
+        /// sent and then cut off with the session, every session.
         served: bool,
         /// The peer answered with something that is not HTTP/2: a server
         /// of another protocol, or a TLS learner answering plain text with

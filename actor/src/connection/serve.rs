@@ -134,8 +134,8 @@ fn queue_orders(
 /// Hands one chunk of this session to the upload, refusing one over the
 /// smaller of both sides' message limits (`limit`: its bytes, and whose it
 /// is): every chunk would fail alike. Whether it went out (not where the
-/// stream broke: the grant side says why). `served`: whether an earlier
-/// chunk of this session went out, for a retry's backoff.
+/// stream broke: the grant side says why). `served`: whether the session
+/// has served (see `serve`), for a retry's backoff.
 fn send_chunk(
     chunk: &TrajectoryChunk,
     (max_bytes, max_bytes_of): (usize, &'static str),
@@ -190,9 +190,14 @@ impl Session<'_> {
             max_bytes_of,
         } = opened;
         let session = self.session;
-        // Set once a chunk is sent: only a session that served resets the
-        // reconnect backoff.
+        // Set once a grant comes after a chunk went out: only a session
+        // that served resets the reconnect backoff and ends an outage. (A
+        // chunk handed to the upload proves nothing by itself: a learner,
+        // or a proxy before it, that fails every session at its first
+        // chunk would be retried at the shortest pause for ever, and
+        // `actor.reconnect_attempts` would never run out.)
         let mut served = false;
+        let mut chunk_sent = false;
         let drain = tokio::time::sleep(DRAIN_TIMEOUT);
         tokio::pin!(drain);
 
@@ -250,6 +255,7 @@ impl Session<'_> {
                         Ok(None) => return Err(retry("the learner ended the session", served)),
                         Err(status) => return Err(classify(status, served)),
                     };
+                    served |= chunk_sent;
                     if grant.training_done {
                         // The chunks already handed to the upload go out
                         // and the learner counts them (as arrived after
@@ -308,7 +314,7 @@ impl Session<'_> {
                     }
                     chunk.actor_id = actor_id;
                     if send_chunk(&chunk, (max_bytes, max_bytes_of), &upload, counts, served)? {
-                        served = true;
+                        chunk_sent = true;
                     }
                 }
             }

@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use flgfn_common::auth::AUTHORIZATION_HEADER;
+use flgfn_common::wire::proto;
 
 use super::open::{
     MAX_WINDOW, MIN_STREAM_WINDOW, connection_window, f32_weight_bytes, grant_decode_limit,
@@ -257,4 +258,135 @@ fn refusals_are_final_and_outages_retried() {
     }
     let (_, served) = retried(classify(Status::unavailable("restarting"), false));
     assert!(!served);
+}
+
+/// A stand-in learner that opens every session (the handshake in its
+/// headers), grants one credit with weights of the actor's own network,
+/// and fails the session (INTERNAL, which actors retry) as soon as its
+/// first chunk arrives; counting sessions and chunks.
+struct CuttingLearner {
+    sessions: Arc<std::sync::atomic::AtomicUsize>,
+    chunks: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[tonic::async_trait]
+impl proto::learner_server::Learner for CuttingLearner {
+    async fn handshake(
+        &self,
+        _: tonic::Request<proto::HandshakeRequest>,
+    ) -> Result<tonic::Response<proto::HandshakeReply>, Status> {
+        Err(Status::internal(
+            "this stand-in takes handshakes in sessions only",
+        ))
+    }
+
+    type SessionStream = tokio_stream::wrappers::ReceiverStream<Result<proto::Grant, Status>>;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<proto::TrajectoryChunk>>,
+    ) -> Result<tonic::Response<Self::SessionStream>, Status> {
+        use prost::Message as _;
+        use std::sync::atomic::Ordering;
+        let handshake = request
+            .metadata()
+            .get_bin(flgfn_common::wire::HANDSHAKE_HEADER)
+            .and_then(|value| value.to_bytes().ok())
+            .and_then(|bytes| proto::HandshakeRequest::decode(bytes).ok())
+            .ok_or_else(|| Status::invalid_argument("no handshake header"))?;
+        self.sessions.fetch_add(1, Ordering::SeqCst);
+        let model = ModelSpec::from(handshake.model.clone().unwrap_or_default());
+        let weights = flgfn_common::policy::Policy::new(&model, tch::Device::Cpu)
+            .to_bytes(flgfn_common::weights::WeightEncoding::F32)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let reply = proto::HandshakeReply {
+            actor_id: 1,
+            task: handshake.task,
+            model: handshake.model,
+            version: 1,
+            session_key: "0".repeat(32),
+            ..Default::default()
+        };
+        let (grants, outbound) = tokio::sync::mpsc::channel(4);
+        let mut inbound = request.into_inner();
+        let chunks = Arc::clone(&self.chunks);
+        tokio::spawn(async move {
+            let grant = proto::Grant {
+                credits: 1,
+                weights: Some(proto::Weights {
+                    version: 1,
+                    safetensors: weights.into(),
+                }),
+                ..Default::default()
+            };
+            if grants.send(Ok(grant)).await.is_err() {
+                return;
+            }
+            if let Ok(Some(_)) = inbound.message().await {
+                chunks.fetch_add(1, Ordering::SeqCst);
+                let _ = grants
+                    .send(Err(Status::internal("cut after the first chunk")))
+                    .await;
+            }
+        });
+        let mut response =
+            tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
+        response.metadata_mut().insert_bin(
+            flgfn_common::wire::HANDSHAKE_REPLY_HEADER,
+            tonic::metadata::MetadataValue::from_bytes(&reply.encode_to_vec()),
+        );
+        Ok(response)
+    }
+}
+
+/// A learner that takes each session's first chunk and then fails the
+/// session does not serve: the actor backs off and, after
+/// `actor.reconnect_attempts` such sessions in a row, gives up (a chunk
+/// handed to the upload reset the count, and it retried for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_cut_at_their_first_chunk_count_as_failed_attempts() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (sessions, chunks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let learner = CuttingLearner {
+        sessions: Arc::clone(&sessions),
+        chunks: Arc::clone(&chunks),
+    };
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(proto::learner_server::LearnerServer::new(learner))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut config = flgfn_common::config::Config::default();
+    config.actor.learner = format!("http://{address}");
+    config.actor.envs = 4;
+    config.actor.reconnect_attempts = 3;
+    config.actor.reconnect_initial_s = 0.01;
+    config.actor.reconnect_max_s = 0.02;
+    let options = crate::ActorOptions {
+        name: "cut".to_owned(),
+        seed_offset: None,
+    };
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        crate::run(config, options, std::future::pending()),
+    )
+    .await;
+    server.abort();
+    let (sessions, chunks) = (
+        sessions.load(Ordering::SeqCst),
+        chunks.load(Ordering::SeqCst),
+    );
+    let error = ended
+        .unwrap_or_else(|_| {
+            panic!("still retrying after 60 s: {sessions} sessions, {chunks} chunks")
+        })
+        .expect_err("the actor gives up");
+    assert!(
+        matches!(error, crate::ActorError::GaveUp { attempts: 3, .. }),
+        "{error}"
+    );
+    assert_eq!(sessions, 3, "one session per attempt");
+    assert_eq!(chunks, 3, "each sent its chunk before it was cut");
 }
