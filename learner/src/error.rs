@@ -167,8 +167,28 @@ fn differing_params(actor: &TaskSpec, learner: &TaskSpec) -> Option<(String, Str
 }
 
 /// Longest actor-supplied text echoed into a status (which travels in an
-/// HTTP/2 header) or a log line.
-const MAX_ECHO_CHARS: usize = 1024;
+/// HTTP/2 header) or a log line, in bytes as a status sends it (see
+/// [`sent_bytes`]).
+const MAX_ECHO_BYTES: usize = 1024;
+
+/// The bytes `c` takes in a status's `grpc-message`, which tonic
+/// percent-encodes: one for printable ASCII, three for each UTF-8 byte of
+/// anything else and for the ASCII it escapes (space, `"`, `#`, `%`, `<`,
+/// `>`, `?`, backtick, braces). Counted in characters, 1,024 non-ASCII
+/// ones became a 12 KiB header, over what gRPC clients take (8 KiB for
+/// grpcio): the refusal reached the actor as a transport error, retried.
+fn sent_bytes(c: char) -> usize {
+    if c.is_ascii_graphic() && !matches!(c, '"' | '#' | '%' | '<' | '>' | '?' | '`' | '{' | '}') {
+        1
+    } else {
+        3 * c.len_utf8()
+    }
+}
+
+/// Whether `text` is sent within [`MAX_ECHO_BYTES`].
+fn sent_within_limit(text: &str) -> bool {
+    text.chars().map(sent_bytes).sum::<usize>() <= MAX_ECHO_BYTES
+}
 
 /// Characters shown before the first difference of two long descriptions.
 const CONTEXT_CHARS: usize = 64;
@@ -180,8 +200,7 @@ const CONTEXT_CHARS: usize = 64;
 /// task with thousands of levels), so where either is long both are shown
 /// from a little before the first character where they differ.
 fn both_described(actor: String, learner: String) -> (String, String) {
-    let short = |text: &str| text.chars().nth(MAX_ECHO_CHARS).is_none();
-    if short(&actor) && short(&learner) {
+    if sent_within_limit(&actor) && sent_within_limit(&learner) {
         return (clip(actor), clip(learner));
     }
     let same = actor
@@ -202,7 +221,7 @@ fn both_described(actor: String, learner: String) -> (String, String) {
 }
 
 /// Actor-sent text as the learner shows it, in its logs and in statuses:
-/// at most [`MAX_ECHO_CHARS`] characters, and control characters (a
+/// at most [`MAX_ECHO_BYTES`] as a status sends it, and control characters (a
 /// newline, an escape sequence) as `?`, so that an actor's name or task
 /// description cannot forge log lines or restyle a terminal; so are the
 /// invisible characters that reorder or break what a reader sees (see
@@ -216,7 +235,12 @@ pub(crate) fn clip(text: String) -> String {
     } else {
         text
     };
-    if let Some((cut, _)) = text.char_indices().nth(MAX_ECHO_CHARS) {
+    let mut sent = 0;
+    let cut = text.char_indices().find_map(|(at, c)| {
+        sent += sent_bytes(c);
+        (sent > MAX_ECHO_BYTES).then_some(at)
+    });
+    if let Some(cut) = cut {
         text.truncate(cut);
         text.push_str("...");
     }
@@ -361,7 +385,7 @@ mod tests {
         let status = Status::from(RequestError::task_mismatch(&huge, &ours));
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert!(
-            status.message().len() < 2 * MAX_ECHO_CHARS,
+            status.message().len() < 2 * MAX_ECHO_BYTES,
             "{}",
             status.message().len()
         );
@@ -390,7 +414,7 @@ mod tests {
             "host/1?exe.jpg?ERROR forged?"
         );
         assert_eq!(clip("a\u{e0041}\u{206f}b".to_owned()), "a??b");
-        assert!(clip("x".repeat(10_000)).len() < 2 * MAX_ECHO_CHARS);
+        assert!(clip("x".repeat(10_000)).len() < 2 * MAX_ECHO_BYTES);
         // A short task description too (the refusal is logged).
         let forged = TaskSpec {
             name: "set_generation\nERROR forged".to_owned(),
@@ -458,6 +482,34 @@ mod tests {
         );
     }
 
+    /// The size that counts is the status's as sent: tonic percent-encodes
+    /// its message, and a client takes 8 KiB of headers at least. An
+    /// actor's task named in 4-byte characters (each 12 bytes as sent),
+    /// or in spaces, is refused within that.
+    #[test]
+    fn a_refusal_echoing_non_ascii_text_fits_a_clients_headers() {
+        let ours = TaskSpec {
+            name: "set_generation".to_owned(),
+            params: vec!["universe=30".to_owned()],
+        };
+        for name in [
+            "\u{1f600}".repeat(2_000),
+            " ".repeat(20_000),
+            "é%".repeat(5_000),
+        ] {
+            let theirs = TaskSpec {
+                name,
+                params: vec![],
+            };
+            let status = Status::from(RequestError::task_mismatch(&theirs, &ours));
+            let mut headers = tonic::codegen::http::HeaderMap::new();
+            status.add_header(&mut headers).unwrap();
+            let sent = headers.get("grpc-message").unwrap().len();
+            assert!(sent <= 4 << 10, "grpc-message of {sent} bytes");
+            assert!(sent >= 1 << 10, "clipped to {sent} bytes: more would fit");
+        }
+    }
+
     /// Two long tasks (thousands of levels) that differ far in: the
     /// refusal stays small and shows where they differ, on both sides.
     #[test]
@@ -469,7 +521,7 @@ mod tests {
         let status = Status::from(RequestError::task_mismatch(&levels("0.5"), &levels("0.25")));
         let message = status.message();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-        assert!(message.len() < 4 * MAX_ECHO_CHARS, "{}", message.len());
+        assert!(message.len() < 4 * MAX_ECHO_BYTES, "{}", message.len());
         assert!(message.contains("0.125,0.5)"), "{message}");
         assert!(message.contains("0.125,0.25)"), "{message}");
         assert_eq!(message.matches("(from character ").count(), 2, "{message}");

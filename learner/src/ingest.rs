@@ -378,7 +378,7 @@ impl SequenceEntries {
 impl SequenceBook {
     /// Most names (and pending handshakes) tracked: 16 times the default
     /// `max_sessions`, and at most ~128 MB for the two maps even with
-    /// names at their clipped length (1,024 characters, up to 4 KB each).
+    /// names at their clipped length (1 KiB as a status sends them).
     pub const MAX_NAMES: usize = 16_384;
 
     /// An actor shook hands as `actor_id` under `name`: the session key
