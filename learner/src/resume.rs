@@ -149,10 +149,17 @@ pub(crate) fn check_resumed_config(
     // The two keys that must match are read on their own, so that a key
     // renamed or removed elsewhere since that checkpoint was written (a
     // full parse refuses unknown keys) cannot skip this check.
-    let Ok(table) = saved_config.parse::<toml::Table>() else {
-        warn!(path = %path.display(), "cannot read the checkpoint's configuration; its objective is not checked");
-        return Ok(());
-    };
+    // Unreadable (a checkpoint assembled by hand: the checksum passed),
+    // nothing could be checked: the objective, which must not change, least
+    // of all.
+    let table = saved_config.parse::<toml::Table>().map_err(|error| {
+        LearnerError::Checkpoint(format!(
+            "{}: its configuration does not read as TOML ({}), so this run's objective cannot be checked against it; {}",
+            path.display(),
+            error.message(),
+            checkpoint::older_one_remedy(path)
+        ))
+    })?;
     let saved_key = |key: &str| -> Option<String> {
         let value = table.get("objective")?.get(key)?;
         value.as_str().map(str::to_owned)
@@ -382,6 +389,26 @@ mod tests {
         let silent = "seed = 0\n[renamed_since]\nkey = 1\n";
         check_resumed_config(silent, &now, false, path).unwrap();
         assert!(check_resumed_config(silent, &trained, false, path).is_err());
+    }
+
+    /// A checkpoint whose configuration does not read as TOML (assembled
+    /// by hand) is refused, naming it: nothing, not even its objective,
+    /// could be checked. Even with --resume-changed.
+    #[test]
+    fn an_unreadable_saved_configuration_is_refused() {
+        let path = std::path::Path::new("ckpt-000000000100.safetensors");
+        for resume_changed in [false, true] {
+            let error = check_resumed_config(
+                "[objective\nname = tb",
+                &Config::default(),
+                resume_changed,
+                path,
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(error.contains("ckpt-000000000100.safetensors"), "{error}");
+            assert!(error.contains("does not read as TOML"), "{error}");
+        }
     }
 
     /// Another seed, learning rate or batch most likely means another
