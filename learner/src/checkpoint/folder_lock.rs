@@ -98,12 +98,27 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
     // A lock file that a refused learner removed as this one locked it
     // (see `FolderLock`'s drop) holds no lock for the next: locked again,
     // at the file now there.
+    // (So is one removed between this learner's failing to make it and
+    // opening it. Bounded: past that, refused rather than held on a file
+    // no longer in the folder, which the next learner would not see.)
+    const TRIES: u32 = 5;
     let mut tries = 0;
     let (file, made_lock_file) = loop {
         tries += 1;
-        let (file, made_lock_file) = open_lock_file(&path).map_err(|e| not_writable(&path, e))?;
+        let (file, made_lock_file) = match open_lock_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < TRIES => continue,
+            opened => opened.map_err(|e| not_writable(&path, e))?,
+        };
         match file.try_lock() {
-            Ok(()) if tries < 3 && !is_at(&file, &path) => continue,
+            Ok(()) if !is_at(&file, &path) => {
+                if tries < TRIES {
+                    continue;
+                }
+                return Err(LearnerError::Checkpoint(format!(
+                    "{}: removed or replaced {TRIES} times in a row as this learner locked it (other learners starting, and refused, in learner.checkpoint_dir at this moment?): start again once they are gone",
+                    path.display()
+                )));
+            }
             Ok(()) => break (Ok(file), made_lock_file),
             Err(error) => break (Err(error), made_lock_file),
         }
