@@ -27,11 +27,12 @@ pub struct ConfigFlags {
     pub envs: Option<usize>,
 }
 
-/// `--learner` as `actor.learner` takes it: a bare HOST:PORT, as
-/// `flgfn-health` and the Python actor take one, is plain text, http://.
-/// TLS is spelt out: with TLS files set, [`crate::client_tls`] refuses the
-/// plain-text address, saying to use https://, as for any http:// URL.
-fn flag_url(learner: &str) -> String {
+/// An address as a URL, as `--learner` gives `actor.learner` and
+/// `flgfn-health` takes one: a bare HOST:PORT, as the Python actor takes
+/// one too, is plain text, http://. TLS is spelt out: with TLS files set,
+/// [`crate::client_tls`] refuses the plain-text address, saying to use
+/// https://, as for any http:// URL.
+pub(crate) fn with_scheme(learner: &str) -> String {
     if learner.contains("://") {
         learner.to_owned()
     } else {
@@ -45,7 +46,7 @@ impl ConfigFlags {
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = Config::load_unvalidated(self.config.as_deref())?;
         if let Some(learner) = &self.learner {
-            config.actor.learner = flag_url(learner);
+            config.actor.learner = with_scheme(learner);
         }
         if let Some(envs) = self.envs {
             config.actor.envs = envs;
@@ -115,10 +116,13 @@ mod tests {
     #[test]
     fn a_bare_learner_address_is_plain_text() {
         let mut config = Config::default();
-        assert_eq!(flag_url("10.0.0.5:50051"), "http://10.0.0.5:50051");
-        assert_eq!(flag_url("[::1]:50051"), "http://[::1]:50051");
-        assert_eq!(flag_url("https://learner:50051"), "https://learner:50051");
-        config.actor.learner = flag_url("learner:50051");
+        assert_eq!(with_scheme("10.0.0.5:50051"), "http://10.0.0.5:50051");
+        assert_eq!(with_scheme("[::1]:50051"), "http://[::1]:50051");
+        assert_eq!(
+            with_scheme("https://learner:50051"),
+            "https://learner:50051"
+        );
+        config.actor.learner = with_scheme("learner:50051");
         assert!(config.validate().is_ok());
         config.tls.ca_file = "ca.pem".to_owned();
         let refused = crate::client_tls(&config).unwrap_err().to_string();

@@ -55,7 +55,7 @@ pub async fn check(
         )
         .into());
     }
-    let address = with_scheme(address);
+    let address = crate::cli::with_scheme(address);
     let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone()).map_err(|e| {
         ConfigError::invalid(
             "--address",
@@ -85,19 +85,13 @@ pub async fn hint(error: &HealthError, address: &str) -> Option<String> {
     let hint = hint_without_probe(error, address)?;
     let plain = !address.starts_with("https://");
     let cut_off = matches!(error, HealthError::Refused(_));
-    if plain && cut_off && crate::connection::answers_as_tls(&with_scheme(address)).await {
+    if plain
+        && cut_off
+        && crate::connection::answers_as_tls(&crate::cli::with_scheme(address)).await
+    {
         return Some("the learner serves TLS: use https:// and --ca-file".to_owned());
     }
     Some(hint)
-}
-
-/// `address` as a URL: a bare HOST:PORT is plain HTTP/2.
-fn with_scheme(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
 }
 
 /// [`hint`] from `error` alone.

@@ -106,7 +106,7 @@ pub fn start_version(
         _ => 0,
     };
     // Versions are step + an offset: a number from a file must leave room.
-    if start_version > u64::MAX / 4 {
+    if start_version > checkpoint::COUNTER_LIMIT {
         return Err(LearnerError::Checkpoint(format!(
             "version {start_version} (from the checkpoint or the version floor in {checkpoint_dir}) leaves no room for more; --fresh starts over"
         )));

@@ -268,7 +268,11 @@ impl std::fmt::Display for PolicyRefused {
 /// What a resuming learner can do with an intact checkpoint it cannot
 /// use: resume from the one before it.
 pub fn older_one_remedy(path: &Path) -> String {
-    let folder = path.parent().unwrap_or(Path::new("."));
+    older_one_remedy_in(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// [`older_one_remedy`] for a checkpoint in `folder`.
+pub(crate) fn older_one_remedy_in(folder: &Path) -> String {
     format!(
         "move it out of {} to resume from the checkpoint before it (--fresh deletes them all and starts over)",
         folder.display()
@@ -354,7 +358,7 @@ impl CheckpointState {
 /// Largest count a checkpoint may hold (steps, transitions, samples): far
 /// beyond any run (2^62 steps at a microsecond each is 146,000 years), and
 /// low enough that the counters cannot wrap as a run adds to them.
-const COUNTER_LIMIT: u64 = u64::MAX / 4;
+pub(crate) const COUNTER_LIMIT: u64 = u64::MAX / 4;
 
 /// Refuses a checkpoint state whose counters no learner writes: they
 /// would wrap as training adds to them (a hand-made or crafted file: the

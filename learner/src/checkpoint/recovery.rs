@@ -44,10 +44,7 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
     // (A reader must not move files in a run's folder: that changes what
     // the run resumes from and prunes.)
     let older = match reader {
-        Reader::Resuming => format!(
-            "move it out of {} to resume from an older checkpoint",
-            dir.display()
-        ),
+        Reader::Resuming => super::older_one_remedy_in(dir),
         Reader::Reading => {
             "copy an older checkpoint into a folder of its own and read that".to_owned()
         }
