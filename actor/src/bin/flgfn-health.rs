@@ -86,6 +86,7 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     };
+    let started = std::time::Instant::now();
     match runtime.block_on(async { tokio::time::timeout(timeout, check(&args)).await }) {
         Ok(Ok(ServingStatus::Serving)) => {
             flgfn_common::outln!("SERVING");
@@ -115,8 +116,17 @@ fn main() -> std::process::ExitCode {
         Ok(Err(error)) => {
             // (Transport errors repeat their cause's text in their own:
             // with_causes says each once.)
+            // Within what is left of --timeout-s: the hint may probe the
+            // learner for up to 2 s more, and a probe runner (Docker's
+            // HEALTHCHECK --timeout) would kill it, line and all.
+            let left = timeout.saturating_sub(started.elapsed());
             let hint = runtime
-                .block_on(flgfn_actor::health::hint(&error, &args.address))
+                .block_on(async {
+                    tokio::time::timeout(left, flgfn_actor::health::hint(&error, &args.address))
+                        .await
+                })
+                .ok()
+                .flatten()
                 .map_or_else(String::new, |hint| format!(" ({hint})"));
             flgfn_common::errln!(
                 "flgfn-health: {}: {}{hint}",
