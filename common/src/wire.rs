@@ -313,22 +313,25 @@ impl From<proto::ModelSpec> for ModelSpec {
     }
 }
 
-impl From<&Trajectory> for proto::Trajectory {
-    fn from(t: &Trajectory) -> Self {
+impl From<Trajectory> for proto::Trajectory {
+    fn from(t: Trajectory) -> Self {
         proto::Trajectory {
-            actions: t.actions.clone(),
-            energies: t.energies.clone(),
+            actions: t.actions,
+            energies: t.energies,
         }
     }
 }
 
-impl From<&TrajectoryChunk> for proto::TrajectoryChunk {
-    fn from(chunk: &TrajectoryChunk) -> Self {
+/// By value: the actions and energies move into the message (an actor
+/// sends each chunk once; a copy doubled its memory and copy time on the
+/// actor's one async thread).
+impl From<TrajectoryChunk> for proto::TrajectoryChunk {
+    fn from(chunk: TrajectoryChunk) -> Self {
         proto::TrajectoryChunk {
             actor_id: chunk.actor_id,
             policy_version: chunk.policy_version,
             sequence: chunk.sequence,
-            trajectories: chunk.trajectories.iter().map(Into::into).collect(),
+            trajectories: chunk.trajectories.into_iter().map(Into::into).collect(),
             credits_left: chunk.credits_left,
         }
     }
@@ -383,7 +386,7 @@ mod tests {
         let domain = TrajectoryChunk::try_from(chunk()).unwrap();
         assert_eq!(domain.actor_id, 3);
         assert_eq!(domain.transitions(), 2);
-        assert_eq!(proto::TrajectoryChunk::from(&domain), chunk());
+        assert_eq!(proto::TrajectoryChunk::from(domain), chunk());
     }
 
     #[test]

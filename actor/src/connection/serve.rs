@@ -137,7 +137,7 @@ fn queue_orders(
 /// stream broke: the grant side says why). `served`: whether the session
 /// has served (see `serve`), for a retry's backoff.
 fn send_chunk(
-    chunk: &TrajectoryChunk,
+    chunk: TrajectoryChunk,
     (max_bytes, max_bytes_of): (usize, &'static str),
     upload: &mpsc::Sender<proto::TrajectoryChunk>,
     counts: &mut Counts,
@@ -313,7 +313,7 @@ impl Session<'_> {
                         continue;
                     }
                     chunk.actor_id = actor_id;
-                    if send_chunk(&chunk, (max_bytes, max_bytes_of), &upload, counts, served)? {
+                    if send_chunk(chunk, (max_bytes, max_bytes_of), &upload, counts, served)? {
                         chunk_sent = true;
                     }
                 }
