@@ -90,8 +90,10 @@ pub struct ActorReport {
     /// Whether the learner said training was over.
     pub training_done: bool,
     /// Chunks rolled out but not sent: their credit belonged to an earlier
-    /// session (the learner may have restarted since), or their session
-    /// broke before they could be sent.
+    /// session (the learner may have restarted since), their session broke
+    /// or training ended before they could be sent, or the upload refused
+    /// them (full: the learner read none of the last ones; or a chunk over
+    /// the message limit).
     pub stale_chunks_dropped: u64,
     /// Rollouts still running when the actor left, dropped half-way (not
     /// in `rollouts`): a stop's drain gave up waiting for them.
