@@ -384,9 +384,10 @@ fn a_bad_config_file_fails_with_the_key_named() {
 fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     let dir = std::env::temp_dir().join(format!("flgfn-bigchunks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    // The learner's standard error, started with `actors` local actors
-    // and the variable `setting`; it must fail.
-    let refused_start = |actors: &str, setting: [&str; 2]| {
+    // The learner's standard error, started with `actors` local actors,
+    // the variable `setting` and checkpoints in `checkpoints` ("": none);
+    // it must fail.
+    let refused_start_in = |checkpoints: &str, actors: &str, setting: [&str; 2]| {
         let output = Command::new(learner())
             .args([
                 "--local-actors",
@@ -395,7 +396,7 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .args(["--checkpoint-dir", ""])
+            .args(["--checkpoint-dir", checkpoints])
             .env(setting[0], setting[1])
             .current_dir(&dir)
             .output()
@@ -405,6 +406,7 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
         assert!(!log.contains("connected to the learner"), "{log}");
         log
     };
+    let refused_start = |actors: &str, setting: [&str; 2]| refused_start_in("", actors, setting);
     let log = refused_start("2", ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"]);
     // (The default job's 256 trajectories per chunk, against 32.)
     assert!(
@@ -417,6 +419,23 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     assert!(
         log.contains("launch.actors") && log.contains("max_sessions (2)"),
         "{log}"
+    );
+    // Refused so with a checkpoint folder, it leaves none behind (nor a
+    // version floor for a version it never published).
+    let checkpoints = dir.join("checkpoints");
+    let log = refused_start_in(
+        &checkpoints.display().to_string(),
+        "2",
+        ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"],
+    );
+    assert!(
+        log.contains("local actors' chunks would be refused"),
+        "{log}"
+    );
+    assert!(
+        !checkpoints.exists(),
+        "{} is left: {log}",
+        checkpoints.display()
     );
     let log = refused_start("2", ["FLGFN_LEARNER__MAX_CONNECTIONS", "1"]);
     assert!(

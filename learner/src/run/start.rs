@@ -19,7 +19,7 @@ use crate::launcher::LocalActors;
 use crate::service::LearnerState;
 use crate::session::IngestPool;
 use crate::trainer::{Trainer, TrainingOutcome};
-use crate::{BUILD, RunOptions, launcher};
+use crate::{BUILD, RunOptions, launcher, resume};
 
 use super::load::{GrpcServer, Loaded};
 use super::{StepsDone, set_health, spawn_thread};
@@ -228,6 +228,18 @@ impl Running {
         if !finished_already {
             check_local_actor_chunks(options, &config, env.as_ref(), &state)?;
         }
+        // The first version goes out once the server is ready, before the
+        // trainer's first step moves the floor (and before it checks the
+        // rest of the checkpoint: optimizer state, counters): moved here
+        // first, or a start killed or refused before its first step would
+        // leave that version to be issued again with other weights (a
+        // changed seed; an older checkpoint in place of one refused). Not
+        // before this point: a start refused above leaves the folder as
+        // it found it.
+        let version_floor = match &checkpoint_dir {
+            Some(dir) => resume::floor_above_first_version(dir, start_version, version_floor)?,
+            None => version_floor,
+        };
         ready_sender.send_replace(Some(state.clone()));
         info!(
             address = %local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),

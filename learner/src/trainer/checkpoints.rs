@@ -86,9 +86,7 @@ impl Trainer {
     /// libtorch failed inside a step: the weights may be one update past
     /// that version, and the floor is kept or raised above it, so that a
     /// restart jumps above it instead of issuing the version again with
-    /// other weights. Raised where this process's first version is the
-    /// floor itself: it went out, with the checkpoint's weights, without
-    /// moving the floor.) An earlier
+    /// other weights.) An earlier
     /// write that failed is logged: this one stands in for it. libtorch
     /// failing while it reads the weights (a device gone bad after an
     /// error, say) is an error, not a panic of the trainer thread.
