@@ -546,9 +546,12 @@ class Actor:
         self.stub = pb_grpc.LearnerStub(self.channel)
         self.auth = [("authorization", f"Bearer {token}")] if token else []
         self.counts = {"chunks": 0, "transitions": 0, "versions": 0, "sessions": 0}
-        # Whether the current session handed over a chunk (a new outage,
-        # then), and whether it got a grant at all.
-        self.served = self.granted = False
+        # Whether the current session served: the learner granted after
+        # one of its chunks was handed over (a new outage, then; a chunk
+        # handed over and then cut off with the session, every session,
+        # is not); whether it handed over a chunk; and whether it got a
+        # grant at all.
+        self.served = self.chunk_sent = self.granted = False
         # Whether the current session ended as the learner stopped to be
         # started again (SIGUSR1): a reconnect, not an outage.
         self.restarting = False
@@ -633,9 +636,9 @@ class Actor:
         the stream without saying so or to reconnect (`self.restarting`
         then), STOPPED once told to stop (the chunks rolled out handed
         over); a broken connection raises grpc.RpcError. Sets `self.served`
-        once a chunk is handed over."""
+        once a grant comes after a chunk was handed over."""
         pb, task = self.pb, self.task
-        self.served = self.granted = self.restarting = False
+        self.served = self.chunk_sent = self.granted = self.restarting = False
         model = pb.ModelSpec(input_dim=task.state_dim, hidden=list(self.hidden),
                              forward_actions=task.forward_actions,
                              backward_actions=task.backward_actions)
@@ -737,6 +740,7 @@ class Actor:
                 if isinstance(grant, Exception):
                     raise grant
                 self.granted = True
+                self.served |= self.chunk_sent
                 if grant.training_done:
                     return True
                 if grant.learner_restarting:
@@ -780,7 +784,7 @@ class Actor:
                         raise grant
                     unconfirmed = f"the session ended: {grant}"
                     break
-            if stopping and unconfirmed and self.served:
+            if stopping and unconfirmed and self.chunk_sent:
                 print(f"{self.name}: stopping, the session ended before the learner confirmed "
                       f"the last chunks ({unconfirmed}): those on their way may not have "
                       f"arrived", flush=True)
@@ -824,10 +828,11 @@ class Actor:
                     trajectories=[pb.Trajectory(actions=a, energies=e)
                                   for a, e in zip(actions, energies)],
                     credits_left=sum(credits for credits, _, _ in work)))
-                # A chunk handed over, not a grant, shows the session
-                # worked: an actor whose rollouts outlast the learner's
-                # stall timeout gets grants, then loses each session.
-                self.served = True
+                # A grant after it shows the session worked (see
+                # `self.served`): not a grant alone (an actor whose
+                # rollouts outlast the learner's stall timeout gets
+                # grants, then loses each session), nor a chunk alone.
+                self.chunk_sent = True
                 self.counts["chunks"] += 1
                 self.counts["transitions"] += sum(len(a) for a in actions)
         finally:
