@@ -934,9 +934,11 @@ impl Session {
 /// Whether `status` is the actor's connection breaking under its stream
 /// (a killed actor, a cut link, a reset), not something it sent: tonic
 /// gives such errors the code of their HTTP/2 reason (UNKNOWN, INTERNAL,
-/// RESOURCE_EXHAUSTED for ENHANCE_YOUR_CALM, ...) and this message.
+/// RESOURCE_EXHAUSTED for ENHANCE_YOUR_CALM, ...) and this message. Not a
+/// CANCEL: the actor dropped its call (a drain that gave up, an actor
+/// failing on its side), which is no lost connection.
 fn is_broken_connection(status: &Status) -> bool {
-    status.message().starts_with("h2 protocol error")
+    status.code() != Code::Cancelled && status.message().starts_with("h2 protocol error")
 }
 
 #[cfg(test)]
