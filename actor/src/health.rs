@@ -1,6 +1,8 @@
 //! The learner's gRPC health check, as `flgfn-health` asks it: over plain
 //! HTTP/2, or over TLS (and mutual TLS) for an `https://` address.
 
+use std::time::Duration;
+
 use flgfn_common::auth::TlsConfig;
 use flgfn_common::config::ConfigError;
 use tonic_health::pb::HealthCheckRequest;
@@ -80,15 +82,16 @@ pub async fn check(
 /// a TLS set-up mistake, as the actor names it (in `flgfn-health`'s
 /// flags); for plain text that got no HTTP/2 answer, whether the learner
 /// serves TLS, asked as the actor asks it (a TLS alert to plain text);
-/// over TLS, a learner that may want a client certificate.
-pub async fn hint(error: &HealthError, address: &str) -> Option<String> {
+/// over TLS, a learner that may want a client certificate. The probe
+/// gets `probe_within` at most (the caller's time left); past that, the
+/// hint is the one without it.
+pub async fn hint(error: &HealthError, address: &str, probe_within: Duration) -> Option<String> {
     let hint = hint_without_probe(error, address)?;
     let plain = !address.starts_with("https://");
     let cut_off = matches!(error, HealthError::Refused(_));
-    if plain
-        && cut_off
-        && crate::connection::answers_as_tls(&crate::cli::with_scheme(address)).await
-    {
+    let url = crate::cli::with_scheme(address);
+    let probe = crate::connection::answers_as_tls(&url);
+    if plain && cut_off && tokio::time::timeout(probe_within, probe).await == Ok(true) {
         return Some("the learner serves TLS: use https:// and --ca-file".to_owned());
     }
     Some(hint)
@@ -153,7 +156,9 @@ mod tests {
         let error = check(&address, "", &TlsConfig::default())
             .await
             .unwrap_err();
-        let hint = hint(&error, &address).await.unwrap_or_default();
+        let hint = hint(&error, &address, Duration::from_secs(5))
+            .await
+            .unwrap_or_default();
         assert!(
             hint.starts_with("the connection closed before an answer: a learner stopping"),
             "{error}: {hint}"

@@ -157,7 +157,7 @@ async fn tls_set_up_mistakes_are_final_and_named() {
     let error = flgfn_actor::health::check(&https, "", &probe)
         .await
         .unwrap_err();
-    let hint = flgfn_actor::health::hint(&error, &https)
+    let hint = flgfn_actor::health::hint(&error, &https, Duration::from_secs(5))
         .await
         .unwrap_or_default();
     assert!(hint.contains("does not speak TLS"), "{error}: {hint}");
@@ -246,7 +246,7 @@ async fn an_https_actor_trains_a_tls_learner_and_plain_text_fails_cleanly() {
     let error = flgfn_actor::health::check(&plain_url, "", &Default::default())
         .await
         .unwrap_err();
-    let hint = flgfn_actor::health::hint(&error, &plain_url)
+    let hint = flgfn_actor::health::hint(&error, &plain_url, Duration::from_secs(5))
         .await
         .unwrap_or_default();
     // (Whether the TLS server's alert arrived as a frame HTTP/2 refuses,
@@ -361,7 +361,7 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     let error = flgfn_actor::health::check(&url, "", &anonymous_tls)
         .await
         .unwrap_err();
-    let hint = flgfn_actor::health::hint(&error, &url)
+    let hint = flgfn_actor::health::hint(&error, &url, Duration::from_secs(5))
         .await
         .unwrap_or_default();
     assert!(hint.contains("--cert-file"), "{error}: {hint}");

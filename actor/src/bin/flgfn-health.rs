@@ -116,17 +116,12 @@ fn main() -> std::process::ExitCode {
         Ok(Err(error)) => {
             // (Transport errors repeat their cause's text in their own:
             // with_causes says each once.)
-            // Within what is left of --timeout-s: the hint may probe the
-            // learner for up to 2 s more, and a probe runner (Docker's
-            // HEALTHCHECK --timeout) would kill it, line and all.
+            // Its probe within what is left of --timeout-s: it may take up
+            // to 2 s, and a probe runner (Docker's HEALTHCHECK --timeout)
+            // would kill it, line and all.
             let left = timeout.saturating_sub(started.elapsed());
             let hint = runtime
-                .block_on(async {
-                    tokio::time::timeout(left, flgfn_actor::health::hint(&error, &args.address))
-                        .await
-                })
-                .ok()
-                .flatten()
+                .block_on(flgfn_actor::health::hint(&error, &args.address, left))
                 .map_or_else(String::new, |hint| format!(" ({hint})"));
             flgfn_common::errln!(
                 "flgfn-health: {}: {}{hint}",
