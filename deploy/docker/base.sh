@@ -39,12 +39,13 @@ root="$(mktemp -d)"
 # debootstrap mounts /proc and /sys inside the root while it installs; one
 # that failed can leave them mounted: unmounted first, and rm stays on the
 # root's own file system whatever is left.
+# (Each step may fail without stopping the next: errexit holds in a trap.)
 remove_root() {
     local mounted
-    for mounted in dev/pts proc sys; do
-        if mountpoint -q "$root/$mounted"; then umount -l "$root/$mounted"; fi
+    for mounted in dev/pts dev proc sys; do
+        if mountpoint -q "$root/$mounted"; then umount -l "$root/$mounted" || true; fi
     done
-    rm -rf --one-file-system "$root"
+    rm -rf --one-file-system "$root" || true
 }
 trap remove_root EXIT
 echo "base.sh: debootstrap bookworm from $mirror (a few minutes, once)" >&2
