@@ -614,6 +614,51 @@ assert isinstance(error, fa.GaveUp) and "scripted: try again" in str(error), rep
 assert calls == ["Session with its handshake", "Handshake", "Session of actor 7",
                  "Handshake", "Session of actor 7"], calls
 
+# A learner that grants a credit with weights and cuts each session
+# (INTERNAL, which actors retry) at its first chunk: no session served, so
+# the actor gives up after its attempts rather than retry at the shortest
+# pause for ever.
+def zero_weights(hidden):
+    """The network of `task` and `hidden`, all zeros, as safetensors."""
+    widths = [task.state_dim, *hidden]
+    outputs = task.forward_actions + task.backward_actions + 1
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        shapes[f"hidden{i}.weight"], shapes[f"hidden{i}.bias"] = (n_out, n_in), (n_out,)
+    shapes["heads.weight"], shapes["heads.bias"] = (outputs, widths[-1]), (outputs,)
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + bytes(offset)
+
+
+cut = {"sessions": 0, "chunks": 0}
+
+
+def cutting_session(requests, context):
+    cut["sessions"] += 1
+    if cut["sessions"] > 10:
+        # (An actor that would retry for ever is stopped, and fails below.)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "scripted: still retrying")
+    reply = pb.HandshakeReply(actor_id=1, session_key="0" * 32)
+    context.send_initial_metadata([("flgfn-handshake-reply-bin", reply.SerializeToString())])
+    yield pb.Grant(credits=1, weights=pb.Weights(version=1, safetensors=zero_weights((256, 256))))
+    next(requests)
+    cut["chunks"] += 1
+    context.abort(grpc.StatusCode.INTERNAL, "scripted: cut after the first chunk")
+
+
+cutting = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
+    "Session": grpc.stream_stream_rpc_method_handler(
+        cutting_session, request_deserializer=pb.TrajectoryChunk.FromString,
+        response_serializer=pb.Grant.SerializeToString)})
+error = actor_against([cutting], reconnect_attempts=3)
+assert isinstance(error, fa.GaveUp) and "cut after the first chunk" in str(error), repr(error)
+assert cut == {"sessions": 3, "chunks": 3}, cut
+
 # A server that ends a session carrying its handshake without a reply (an
 # empty stream, status OK) is not a learner: a final refusal, saying so.
 no_reply = grpc.method_handlers_generic_handler("flgfn.v1.Learner", {
@@ -727,7 +772,7 @@ assert "UNIMPLEMENTED" in str(error) and "proxy" in str(error), str(error)
 assert len(requests_404) == 2, requests_404
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert, while a proxy's HTTP 404 is retried; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert, while a proxy's HTTP 404 is retried; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect; one that cuts each session at its first chunk has the actor give up after its attempts"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi
