@@ -620,14 +620,8 @@ assert calls == ["Session with its handshake", "Handshake", "Session of actor 7"
 # pause for ever.
 def zero_weights(hidden):
     """The network of `task` and `hidden`, all zeros, as safetensors."""
-    widths = [task.state_dim, *hidden]
-    outputs = task.forward_actions + task.backward_actions + 1
-    shapes = {}
-    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
-        shapes[f"hidden{i}.weight"], shapes[f"hidden{i}.bias"] = (n_out, n_in), (n_out,)
-    shapes["heads.weight"], shapes["heads.bias"] = (outputs, widths[-1]), (outputs,)
     header, offset = {}, 0
-    for name, shape in shapes.items():
+    for name, shape in fa.weight_shapes(task, hidden).items():
         size = 4 * int(np.prod(shape))
         header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size

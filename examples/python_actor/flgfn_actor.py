@@ -217,16 +217,23 @@ def check_metadata(metadata, task, hidden, version):
             raise ValueError(f"they are for {key} {theirs}, not this actor's {value}")
 
 
+def weight_shapes(task, hidden):
+    """{tensor name: shape} of the network of `task` and `hidden`, as the
+    learner names its tensors."""
+    widths = [task.state_dim, *hidden]
+    outputs = task.forward_actions + task.backward_actions + 1
+    shapes = {}
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        shapes[f"hidden{i}.weight"], shapes[f"hidden{i}.bias"] = (n_out, n_in), (n_out,)
+    shapes["heads.weight"], shapes["heads.bias"] = (outputs, widths[-1]), (outputs,)
+    return shapes
+
+
 def check_weights(arrays, task, hidden):
     """Raises ValueError, naming the tensor, unless `arrays` are exactly the
     network of `task` and `hidden` with finite values (as the Rust actor
     refuses weights that would sample garbage)."""
-    widths = [task.state_dim, *hidden]
-    outputs = task.forward_actions + task.backward_actions + 1
-    expected = {}
-    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
-        expected[f"hidden{i}.weight"], expected[f"hidden{i}.bias"] = (n_out, n_in), (n_out,)
-    expected["heads.weight"], expected["heads.bias"] = (outputs, widths[-1]), (outputs,)
+    expected = weight_shapes(task, hidden)
     if set(arrays) != set(expected):
         missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
         raise ValueError(f"weights do not fit --hidden {','.join(map(str, hidden))}: "
