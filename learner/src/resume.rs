@@ -73,6 +73,16 @@ pub fn restore(
             )),
         })?;
     check_resumed_config(&state.config, config, resume_changed, &checkpoint.path)?;
+    // Its counters and figures too, before anything in the folder or the
+    // metrics file is changed for it (intact, its checksum held, but not
+    // usable: an older one may be).
+    state.check().map_err(|e| {
+        LearnerError::Checkpoint(format!(
+            "{}: {e}; {}",
+            checkpoint.path.display(),
+            checkpoint::older_one_remedy(&checkpoint.path)
+        ))
+    })?;
     checkpoint::set_aside(&checkpoint.damaged_newer)?;
     info!(
         path = %checkpoint.path.display(),
@@ -389,6 +399,51 @@ mod tests {
         let silent = "seed = 0\n[renamed_since]\nkey = 1\n";
         check_resumed_config(silent, &now, false, path).unwrap();
         assert!(check_resumed_config(silent, &trained, false, path).is_err());
+    }
+
+    /// A checkpoint of figures no learner writes (its checksum held: made
+    /// by hand) is refused, naming the field, before anything is changed
+    /// for it: the damaged newer ones it would set aside stay in place.
+    #[test]
+    fn a_checkpoint_of_impossible_figures_is_refused_before_the_folder_is_touched() {
+        let dir = std::env::temp_dir().join(format!("flgfn-resume-figures-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let damaged = dir.join("ckpt-000000000200.safetensors");
+        std::fs::write(&damaged, b"torn").unwrap();
+        let model = ModelSpec {
+            input_dim: 4,
+            hidden: vec![3],
+            forward_actions: 2,
+            backward_actions: 2,
+        };
+        let mut policy = Policy::new(&model, tch::Device::Cpu);
+        let config = Config::default();
+        let checkpoint = Checkpoint {
+            path: dir.join("ckpt-000000000100.safetensors"),
+            state: checkpoint::CheckpointState {
+                step: 100,
+                version: 100,
+                wall_s: -1.0,
+                task: "a task".to_owned(),
+                model: model.to_string(),
+                config: config.to_toml(),
+                ..Default::default()
+            },
+            arrays: checkpoint::prefixed("policy", policy.weights()).collect(),
+            damaged_newer: vec![damaged.clone()],
+        };
+        let error = restore(&checkpoint, &mut policy, "a task", &model, &config, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("`wall_s`") && error.contains("ckpt-000000000100"),
+            "{error}"
+        );
+        assert!(
+            damaged.exists(),
+            "the damaged newer checkpoint was set aside"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A checkpoint whose configuration does not read as TOML (assembled

@@ -237,6 +237,7 @@ impl Trainer {
         progress: &mut Progress,
     ) -> Result<(), LearnerError> {
         let state = &checkpoint.state;
+        // (Its counters and figures were checked in `resume::restore`.)
         // Intact (its checksum held) but not usable: an older one may be.
         let fail = |e: String| {
             LearnerError::Checkpoint(format!(
@@ -245,7 +246,6 @@ impl Trainer {
                 crate::checkpoint::older_one_remedy(&checkpoint.path)
             ))
         };
-        state.check().map_err(fail)?;
         optimizer
             .restore("adam", &checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
