@@ -99,11 +99,14 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
     // (see `FolderLock`'s drop) holds no lock for the next: locked again,
     // at the file now there.
     // (So is one removed between this learner's failing to make it and
-    // opening it. Bounded: past that, the lock is kept with a warning, as
-    // where locks do not work: a file system whose inode numbers differ
-    // between an open file and its path would never pass `is_at`.)
+    // opening it. Bounded: past that, refused where the file at the path
+    // kept changing (other learners starting and failing there at once);
+    // kept with a warning where it stayed the same file, never the one
+    // opened: a file system whose file identities differ between an open
+    // file and its path, which would never pass `is_at`.)
     const TRIES: u32 = 5;
     let mut tries = 0;
+    let mut there_before = None;
     let (file, made_lock_file) = loop {
         tries += 1;
         let (file, made_lock_file) = match open_lock_file(&path) {
@@ -112,14 +115,23 @@ pub fn lock(dir: &Path) -> Result<FolderLock, LearnerError> {
         };
         match file.try_lock() {
             Ok(()) if !is_at(&file, &path) => {
+                let there = identity(&path);
                 if tries < TRIES {
+                    there_before = there;
                     continue;
+                }
+                if there.is_none() || there != there_before {
+                    return Err(LearnerError::Checkpoint(format!(
+                        "{}: removed or replaced {TRIES} times in a row as this learner locked it (other learners starting, and refused, in learner.checkpoint_dir at this moment?): start again once they are gone",
+                        path.display()
+                    )));
                 }
                 warn!(
                     path = %path.display(),
-                    "the lock file locked is not the one in the folder, {TRIES} times in a row (other learners starting there at this moment, or a file system whose file identities change): make sure no other learner uses this folder"
+                    "this file system gives the lock file another identity open than by its path: the lock cannot be confirmed; make sure no other learner uses this folder"
                 );
-                break (Ok(file), made_lock_file);
+                // (Not removed at the end either: it may be another's.)
+                break (Ok(file), false);
             }
             Ok(()) => break (Ok(file), made_lock_file),
             Err(error) => break (Err(error), made_lock_file),
@@ -189,10 +201,18 @@ pub(super) fn open_lock_file(path: &Path) -> std::io::Result<(File, bool)> {
 /// since it was opened).
 pub(super) fn is_at(file: &File, path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), fs::metadata(path)) {
-        (Ok(open), Ok(there)) => open.dev() == there.dev() && open.ino() == there.ino(),
+    match (file.metadata(), identity(path)) {
+        (Ok(open), Some(there)) => (open.dev(), open.ino()) == there,
         _ => false,
     }
+}
+
+/// The file at `path` (device and inode), if any.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path)
+        .ok()
+        .map(|there| (there.dev(), there.ino()))
 }
 
 /// This process as the lock file names it: `pid 4242 on node-7, since
