@@ -230,12 +230,12 @@ impl Running {
         }
         // The first version goes out once the server is ready, before the
         // trainer's first step moves the floor (and before it checks the
-        // rest of the checkpoint: optimizer state, counters): moved here
-        // first, or a start killed or refused before its first step would
-        // leave that version to be issued again with other weights (a
-        // changed seed; an older checkpoint in place of one refused). Not
-        // before this point: a start refused above leaves the folder as
-        // it found it.
+        // rest of the checkpoint: the optimizer state): moved here first,
+        // or a start killed or refused before its first step would leave
+        // that version to be issued again with other weights (a changed
+        // seed; an older checkpoint in place of one refused). Not before
+        // this point: a start refused above writes no floor (nor leaves a
+        // folder it made) for a version never published.
         let version_floor = match &checkpoint_dir {
             Some(dir) => resume::floor_above_first_version(dir, start_version, version_floor)?,
             None => version_floor,
