@@ -76,13 +76,7 @@ pub fn restore(
     // Its counters and figures too, before anything in the folder or the
     // metrics file is changed for it (intact, its checksum held, but not
     // usable: an older one may be).
-    state.check().map_err(|e| {
-        LearnerError::Checkpoint(format!(
-            "{}: {e}; {}",
-            checkpoint.path.display(),
-            checkpoint::older_one_remedy(&checkpoint.path)
-        ))
-    })?;
+    state.check().map_err(|e| checkpoint.unusable(e))?;
     checkpoint::set_aside(&checkpoint.damaged_newer)?;
     info!(
         path = %checkpoint.path.display(),
@@ -122,23 +116,6 @@ pub fn start_version(
         )));
     }
     Ok(start_version)
-}
-
-/// Records in `dir` a version floor above `start_version`, the first
-/// version this process publishes, where `version_floor` (the one
-/// recorded) is not already: the version floor the run goes on with.
-pub fn floor_above_first_version(
-    dir: &std::path::Path,
-    start_version: u64,
-    version_floor: u64,
-) -> Result<u64, LearnerError> {
-    if start_version < version_floor {
-        return Ok(version_floor);
-    }
-    // (start_version leaves room: see `start_version`.)
-    let floor = start_version.saturating_add(checkpoint::VERSION_FLOOR_STRIDE);
-    checkpoint::write_version_floor(dir, floor)?;
-    Ok(floor)
 }
 
 /// Refuses to resume a checkpoint trained with another objective: its

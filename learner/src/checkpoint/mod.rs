@@ -59,8 +59,8 @@ mod writer;
 pub use folder_lock::{FolderLock, LOCK, lock};
 pub use recovery::{DAMAGED_KEPT, load_latest, load_latest_to_read, set_aside};
 pub use retention::{
-    Keep, clear, newest_at_or_before, prune, read_version_floor, remove_unfinished_writes,
-    write_version_floor,
+    Keep, clear, floor_above, newest_at_or_before, prune, read_version_floor,
+    remove_unfinished_writes, write_version_floor,
 };
 pub use writer::Writer;
 
@@ -203,6 +203,16 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The refusal of this checkpoint, intact (its checksum held) but not
+    /// usable for `why`: named, with the way to an older one.
+    pub fn unusable(&self, why: impl std::fmt::Display) -> LearnerError {
+        LearnerError::Checkpoint(format!(
+            "{}: {why}; {}",
+            self.path.display(),
+            older_one_remedy(&self.path)
+        ))
+    }
+
     /// The tensors whose names start with `prefix/`, with the prefix
     /// removed.
     pub fn group(&self, prefix: &str) -> Vec<NamedArray> {

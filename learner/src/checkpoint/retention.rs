@@ -114,6 +114,25 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
     write_file(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
 }
 
+/// Before `version` is published: records a floor [`VERSION_FLOOR_STRIDE`]
+/// above it in `dir` where `floor`, the one recorded, is not above it
+/// already (one small write per that many versions); the floor from now
+/// on.
+pub fn floor_above(dir: &Path, version: u64, floor: u64) -> Result<u64, LearnerError> {
+    if version < floor {
+        return Ok(floor);
+    }
+    let raised = version
+        .checked_add(super::VERSION_FLOOR_STRIDE)
+        .ok_or_else(|| {
+            LearnerError::Checkpoint(format!(
+                "version {version} leaves no room for a version floor; --fresh starts over"
+            ))
+        })?;
+    write_version_floor(dir, raised)?;
+    Ok(raised)
+}
+
 /// Deletes the checkpoints and final weights in `dir` (`--fresh`).
 pub fn clear(dir: &Path) -> Result<usize, LearnerError> {
     let mut removed = remove_unfinished_writes(dir);

@@ -19,7 +19,7 @@ use crate::launcher::LocalActors;
 use crate::service::LearnerState;
 use crate::session::IngestPool;
 use crate::trainer::{Trainer, TrainingOutcome};
-use crate::{BUILD, RunOptions, launcher, resume};
+use crate::{BUILD, RunOptions, checkpoint, launcher};
 
 use super::load::{GrpcServer, Loaded};
 use super::{StepsDone, set_health, spawn_thread};
@@ -237,7 +237,7 @@ impl Running {
         // this point: a start refused above writes no floor (nor leaves a
         // folder it made) for a version never published.
         let version_floor = match &checkpoint_dir {
-            Some(dir) => resume::floor_above_first_version(dir, start_version, version_floor)?,
+            Some(dir) => checkpoint::floor_above(dir, start_version, version_floor)?,
             None => version_floor,
         };
         ready_sender.send_replace(Some(state.clone()));

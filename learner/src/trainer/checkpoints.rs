@@ -119,19 +119,8 @@ impl Trainer {
         let Some(dir) = &self.checkpoint_dir else {
             return Ok(());
         };
-        if progress.version >= progress.version_floor {
-            let floor = progress
-                .version
-                .checked_add(checkpoint::VERSION_FLOOR_STRIDE)
-                .ok_or_else(|| {
-                    LearnerError::Checkpoint(format!(
-                        "version {} leaves no room for a version floor; --fresh starts over",
-                        progress.version
-                    ))
-                })?;
-            checkpoint::write_version_floor(dir, floor)?;
-            progress.version_floor = floor;
-        }
+        progress.version_floor =
+            checkpoint::floor_above(dir, progress.version, progress.version_floor)?;
         Ok(())
     }
 
@@ -239,13 +228,7 @@ impl Trainer {
         let state = &checkpoint.state;
         // (Its counters and figures were checked in `resume::restore`.)
         // Intact (its checksum held) but not usable: an older one may be.
-        let fail = |e: String| {
-            LearnerError::Checkpoint(format!(
-                "{}: {e}; {}",
-                checkpoint.path.display(),
-                crate::checkpoint::older_one_remedy(&checkpoint.path)
-            ))
-        };
+        let fail = |e: String| checkpoint.unusable(e);
         optimizer
             .restore("adam", &checkpoint.group("adam"), state.adam_steps)
             .map_err(fail)?;
