@@ -470,6 +470,11 @@ fn others_can_read(_path: &std::path::Path) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// The error `read_tls` refuses `config` with.
+    fn tls_refusal(config: &TlsConfig) -> String {
+        read_tls(config).err().unwrap().to_string()
+    }
+
     /// A secret's file readable by others is noticed, whatever else its
     /// mode grants; one kept to its owner or group is not.
     #[cfg(unix)]
@@ -523,7 +528,7 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             key_file: key.display().to_string(),
             ..TlsConfig::default()
         };
-        let error = read_tls(&config).err().unwrap().to_string();
+        let error = tls_refusal(&config);
         assert!(
             error.contains("tls.cert_file")
                 && error.contains("X.509 version 1")
@@ -593,7 +598,7 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             ca_file: der.display().to_string(),
             ..TlsConfig::default()
         };
-        let error = read_tls(&config).err().unwrap().to_string();
+        let error = tls_refusal(&config);
         assert!(
             error.contains("tls.ca_file") && error.contains("no PEM CERTIFICATE"),
             "{error}"
@@ -610,7 +615,7 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
             ca_file: pem.display().to_string(),
             ..TlsConfig::default()
         };
-        let error = read_tls(&config).err().unwrap().to_string();
+        let error = tls_refusal(&config);
         assert!(
             error.contains("tls.ca_file") && error.contains("no certificate usable as a CA"),
             "{error}"
@@ -659,7 +664,7 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
                 "an encrypted private key",
             ),
         ] {
-            let error = read_tls(&config).err().unwrap().to_string();
+            let error = tls_refusal(&config);
             assert!(error.contains(field) && error.contains(says), "{error}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
@@ -708,26 +713,20 @@ H4NaO2RgLBoUvyPXB2Z+x3HeMpRekopgFN/dqdGiBG3lJhDrLJwtQlkC\n\
                 !error.contains("MIGHAgEAMBMG") && !error.contains("q0/Zr"),
                 "{error}"
             );
-            let error = read_tls(&TlsConfig {
+            let error = tls_refusal(&TlsConfig {
                 cert_file: "/nonexistent/cert.pem".to_owned(),
                 key_file: secret.to_owned(),
                 ..TlsConfig::default()
-            })
-            .err()
-            .unwrap()
-            .to_string();
+            });
             assert!(
                 error.contains("tls.cert_file") && error.contains("/nonexistent/cert.pem"),
                 "{error}"
             );
         }
-        let error = read_tls(&TlsConfig {
+        let error = tls_refusal(&TlsConfig {
             key_file: pem.to_owned(),
             ..TlsConfig::default()
-        })
-        .err()
-        .unwrap()
-        .to_string();
+        });
         assert!(
             error.contains("tls.key_file") && !error.contains("MIGHAgEAMBMG"),
             "{error}"
