@@ -520,7 +520,7 @@ impl Session {
                         Ok(message) => message,
                         Err(status) => {
                             let status = framing_fault_as_sender_error(status, "chunk");
-                            if !is_broken_connection(&status) && self.count_unreadable(&status) {
+                            if self.count_unreadable(&status) {
                                 // It used a credit, as a chunk refused in
                                 // `receive` does, and its number arrived:
                                 // it is not counted lost as well when the
@@ -907,6 +907,11 @@ impl Session {
     /// chunk. False where `status` is a broken connection instead (a
     /// vanished actor's is not a refused chunk).
     fn count_unreadable(&self, status: &Status) -> bool {
+        if is_broken_connection(status) {
+            // (Whatever its code: ENHANCE_YOUR_CALM comes as
+            // RESOURCE_EXHAUSTED.)
+            return false;
+        }
         let reason = match status.code() {
             // (The codec reports undecodable bytes as INVALID_ARGUMENT, and
             // framing faults are made so; an INTERNAL here is a broken
