@@ -114,7 +114,7 @@ pub fn write_version_floor(dir: &Path, floor: u64) -> Result<(), LearnerError> {
     write_file(dir, VERSION_FLOOR, format!("{floor}\n").as_bytes()).map(|_| ())
 }
 
-/// Before `version` is published: records a floor [`VERSION_FLOOR_STRIDE`]
+/// Before `version` is published: records a floor [`super::VERSION_FLOOR_STRIDE`]
 /// above it in `dir` where `floor`, the one recorded, is not above it
 /// already (one small write per that many versions); the floor from now
 /// on.
