@@ -64,13 +64,31 @@ pub fn uniform_chunk(
         .collect()
 }
 
+/// What one generated actor did, and how it ended.
+#[derive(Debug)]
+pub struct GeneratedActor {
+    /// Its counts, a failed actor's too: what it sent before it failed
+    /// reached the learner all the same (empty only where its task
+    /// panicked).
+    pub report: ActorReport,
+    /// Why it failed, if it did.
+    pub ended: Result<(), ActorError>,
+}
+
+impl GeneratedActor {
+    /// Its report where it ended well, else its error.
+    pub fn into_result(self) -> Result<ActorReport, ActorError> {
+        self.ended.map(|()| self.report)
+    }
+}
+
 /// Runs `actors` generated actors against `config.actor.learner` until
-/// training ends or `shutdown` resolves; one report per actor, in order.
+/// training ends or `shutdown` resolves; one outcome per actor, in order.
 pub async fn run(
     config: Config,
     actors: usize,
     shutdown: impl Future<Output = ()>,
-) -> Vec<Result<ActorReport, ActorError>> {
+) -> Vec<GeneratedActor> {
     let (stop_sender, stop) = watch::channel(false);
     let handles: Vec<(usize, _)> = (0..actors)
         .map(|i| {
@@ -96,11 +114,8 @@ pub async fn run(
 }
 
 async fn futures_join(
-    handles: Vec<(
-        usize,
-        tokio::task::JoinHandle<Result<ActorReport, ActorError>>,
-    )>,
-) -> Vec<Result<ActorReport, ActorError>> {
+    handles: Vec<(usize, tokio::task::JoinHandle<GeneratedActor>)>,
+) -> Vec<GeneratedActor> {
     let mut reports = Vec::with_capacity(handles.len());
     for (index, handle) in handles {
         reports.push(handle.await.unwrap_or_else(|join| {
@@ -112,7 +127,10 @@ async fn futures_join(
             } else {
                 join.to_string()
             };
-            Err(ActorError::Worker(format!("generated actor {index} {why}")))
+            GeneratedActor {
+                report: ActorReport::default(),
+                ended: Err(ActorError::Worker(format!("generated actor {index} {why}"))),
+            }
         }));
     }
     reports
@@ -121,10 +139,22 @@ async fn futures_join(
 /// One generated actor: the real connection loop, and a task that answers
 /// each order with a uniform chunk.
 async fn generated_actor(
-    mut config: Config,
+    config: Config,
     index: u64,
     shutdown: impl Future<Output = ()>,
-) -> Result<ActorReport, ActorError> {
+) -> GeneratedActor {
+    let mut report = ActorReport::default();
+    let ended = generate(config, index, &mut report, shutdown).await;
+    GeneratedActor { report, ended }
+}
+
+/// [`generated_actor`]'s work, counted in `report` as it goes.
+async fn generate(
+    mut config: Config,
+    index: u64,
+    report: &mut ActorReport,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ActorError> {
     config.validate()?;
     // Dozens of generated actors in one process: their progress lines
     // would be most of its log.
@@ -180,7 +210,6 @@ async fn generated_actor(
         }
         (rollouts, undelivered, skipped, loaded)
     });
-    let mut report = ActorReport::default();
     // Distinct across load generators too: the learner counts lost chunks
     // by name.
     let name = format!(
@@ -195,12 +224,14 @@ async fn generated_actor(
     };
     // Its lines say which of the process's actors they are.
     let span = crate::actor_span(&name, &config.actor.learner);
-    let (result, counts) = stay_connected(&config, &name, plumbing, &mut report, shutdown)
+    let (result, counts) = stay_connected(&config, &name, plumbing, report, shutdown)
         .instrument(span)
         .await;
     drop(order_sender);
     let unsent = crate::close_and_count(&mut chunks);
     drop(chunks);
+    report.add_counts(counts);
+    report.stale_chunks_dropped += unsent;
     // A generator that panicked ended the session as if the actor had
     // stopped: it is a failure, not a quiet success with no rollouts.
     let (rollouts, undelivered, skipped, loaded) = match generator.await {
@@ -215,9 +246,8 @@ async fn generated_actor(
     report.orders_skipped = skipped;
     report.versions_loaded = loaded.count;
     report.received_to_use_us = loaded.received_to_use_us;
-    report.add_counts(counts);
-    report.stale_chunks_dropped += unsent + undelivered;
-    result.map(|()| report)
+    report.stale_chunks_dropped += undelivered;
+    result
 }
 
 #[cfg(test)]

@@ -145,16 +145,46 @@ fn actor_executable() -> PathBuf {
         .join("flgfn-actor")
 }
 
-/// A scenario's outcome, and what its generated actors did, summed (the
-/// counts the bench reads) into one report.
-/// The generated actors and the proxy run on `network`'s threads, not on
-/// the learner's async workers, which a real learner does not share with
-/// them.
-async fn run(
-    scenario: &Scenario,
-    actor_exe: &Path,
-    network: &tokio::runtime::Handle,
-) -> (TrainingOutcome, Option<ActorReport>) {
+/// How long a learner gets to finish by itself once every actor has
+/// exited: they exit when told training is done, and the learner then
+/// drains and closes its accounts.
+const FLEET_GONE_GRACE: Duration = Duration::from_secs(20);
+
+/// How long generated actors get to end once the learner has stopped.
+const GENERATED_EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// What a scenario's run gave.
+struct Ran {
+    outcome: TrainingOutcome,
+    /// What its generated actors did, summed (the counts the bench reads)
+    /// into one report; none where every one failed.
+    generated: Option<ActorReport>,
+    /// Every actor exited (refused, failed) before training finished, and
+    /// the bench stopped the learner: its figures are partial.
+    cut_short: bool,
+}
+
+/// Resolves once every actor of a scenario has exited (checked 4 times a
+/// second).
+async fn fleet_gone(
+    generated: Option<&tokio::task::JoinHandle<Vec<flgfn_actor::loadgen::GeneratedActor>>>,
+    real: Option<&LocalActors>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        ticks.tick().await;
+        if generated.is_none_or(|handle| handle.is_finished())
+            && real.is_none_or(|actors| actors.exits().1)
+        {
+            return;
+        }
+    }
+}
+
+/// Runs one scenario. The generated actors and the proxy run on
+/// `network`'s threads, not on the learner's async workers, which a real
+/// learner does not share with them.
+async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Handle) -> Ran {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() && !scenario.proxied {
@@ -172,11 +202,14 @@ async fn run(
     let target = proxy.as_ref().map_or(address, |p| p.address);
     let mut actor_config = scenario.config.clone();
     actor_config.actor.learner = format!("http://{target}");
-    let learner = tokio::spawn(flgfn_learner::serve(
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut learner = tokio::spawn(flgfn_learner::serve(
         scenario.config.clone(),
         listener,
         RunOptions::default(),
-        std::future::pending::<()>(),
+        async move {
+            let _ = stopped.await;
+        },
     ));
     let generated = (scenario.generated > 0).then(|| {
         network.spawn(flgfn_actor::loadgen::run(
@@ -187,42 +220,85 @@ async fn run(
     });
     let real = (scenario.real > 0)
         .then(|| LocalActors::spawn(scenario.real, target, &actor_config, actor_exe).unwrap());
-    let outcome = learner.await.unwrap().unwrap();
+    // Actors that were all refused or failed would leave the learner
+    // waiting for data for ever: it is stopped, and the row says so.
+    let mut cut_short = false;
+    let outcome = tokio::select! {
+        outcome = &mut learner => outcome,
+        () = fleet_gone(generated.as_ref(), real.as_ref()) => {
+            match tokio::time::timeout(FLEET_GONE_GRACE, &mut learner).await {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    eprintln!(
+                        "{}: every actor exited before training finished: the learner was stopped and the row's figures are partial (--log shows the actors' errors)",
+                        scenario.name
+                    );
+                    cut_short = true;
+                    let _ = stop.send(());
+                    learner.await
+                }
+            }
+        }
+    }
+    .unwrap()
+    .unwrap();
     let mut totals = None;
     if let Some(mut generated) = generated {
         // Its connections must not linger into the next scenario.
-        match tokio::time::timeout(Duration::from_secs(30), &mut generated).await {
-            Ok(Ok(reports)) => {
+        match tokio::time::timeout(GENERATED_EXIT_GRACE, &mut generated).await {
+            Ok(Ok(generated)) => {
+                // A failed actor's counts too: what it sent reached the
+                // learner.
                 let mut sum = ActorReport::default();
-                for report in reports.iter().flatten() {
+                for actor in &generated {
+                    let report = &actor.report;
                     sum.chunks_sent += report.chunks_sent;
                     sum.stale_chunks_dropped += report.stale_chunks_dropped;
                     sum.versions_loaded += report.versions_loaded;
                     sum.received_to_use_us += report.received_to_use_us;
                 }
-                // A failed actor's counts are gone with it: said, and with
-                // every one failed the row has no actor figures (not
-                // zeros).
-                let failed: Vec<_> = reports.iter().filter_map(|r| r.as_ref().err()).collect();
+                let failed: Vec<_> = generated
+                    .iter()
+                    .filter_map(|a| a.ended.as_ref().err())
+                    .collect();
                 if let Some(first) = failed.first() {
                     eprintln!(
-                        "{}: {} of {} generated actors failed, their counts left out (first: {first})",
+                        "{}: {} of {} generated actors failed (first: {first})",
                         scenario.name,
                         failed.len(),
-                        reports.len()
+                        generated.len()
                     );
                 }
-                totals = (failed.len() < reports.len()).then_some(sum);
+                totals = Some(sum);
             }
-            // A generator task that panicked: no figures of its own.
-            Ok(Err(_)) => {}
-            Err(_) => generated.abort(),
+            Ok(Err(error)) => eprintln!(
+                "{}: the load generator's task failed ({error}): no generated actor figures",
+                scenario.name
+            ),
+            Err(_) => {
+                eprintln!(
+                    "{}: generated actors still running {} s after the learner stopped: aborted, no generated actor figures",
+                    scenario.name,
+                    GENERATED_EXIT_GRACE.as_secs()
+                );
+                generated.abort();
+            }
         }
     }
     if let Some(real) = real {
-        real.finish();
+        let failed = real.finish();
+        if failed > 0 {
+            eprintln!(
+                "{}: {failed} of {} real actors failed: the row counts what the learner received (--log shows their errors)",
+                scenario.name, scenario.real
+            );
+        }
     }
-    (outcome, totals)
+    Ran {
+        outcome,
+        generated: totals,
+        cut_short,
+    }
 }
 
 /// The figures of a scenario that its delayed twin is compared on.
@@ -273,13 +349,9 @@ fn ratio_row(base_name: &str, base: &Compared, delayed: &Compared) -> String {
     )
 }
 
-fn row(
-    scenario: &Scenario,
-    outcome: &TrainingOutcome,
-    figures: &Compared,
-    generated: Option<&ActorReport>,
-    peak_mb: Option<(f64, f64)>,
-) -> String {
+fn row(scenario: &Scenario, ran: &Ran, figures: &Compared, peak_mb: Option<(f64, f64)>) -> String {
+    let outcome = &ran.outcome;
+    let generated = ran.generated.as_ref();
     let t = &outcome.totals;
     let r = &outcome.final_report;
     let delay_ms = scenario.delay.as_secs_f64() * 1e3;
@@ -316,8 +388,13 @@ fn row(
         |(peak, start)| format!("{peak:.0} (from {start:.0})"),
     );
     format!(
-        "| {} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {} | {} | {:.2} | {} |",
+        "| {}{} | {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} / {} | {:.0} | {:.0} | {:.3} | {} | {} | {:.2} | {} |",
         scenario.name,
+        if ran.cut_short {
+            " (cut short: every actor exited)"
+        } else {
+            ""
+        },
         scenario.generated + scenario.real,
         delay,
         figures.trained_per_s,
@@ -457,6 +534,8 @@ fn main() {
     // first row.
     if let Some(first) = scenarios.first() {
         let mut warm_up = first.clone();
+        // (Named so in what it says on stderr.)
+        warm_up.name = format!("warm-up run of {}", first.name);
         warm_up.config.learner.max_steps = 100;
         warm_up.delay = Duration::ZERO;
         runtime.block_on(run(&warm_up, &actor_exe, network.handle()));
@@ -467,17 +546,21 @@ fn main() {
         // allocator and libtorch kept from earlier scenarios: both said.
         let tracked = reset_peak_memory();
         let start = flgfn_learner::report::resident_mb();
-        let (outcome, generated) = runtime.block_on(run(scenario, &actor_exe, network.handle()));
+        let ran = runtime.block_on(run(scenario, &actor_exe, network.handle()));
+        let outcome = &ran.outcome;
         let peak = if tracked {
             peak_memory_mb().map(|peak| (peak, start))
         } else {
             None
         };
-        let figures = compared(&outcome);
-        println!(
-            "{}",
-            row(scenario, &outcome, &figures, generated.as_ref(), peak)
-        );
+        let figures = compared(outcome);
+        println!("{}", row(scenario, &ran, &figures, peak));
+        if ran.cut_short {
+            // Partial figures are nobody's baseline, nor compared with
+            // one.
+            baseline = None;
+            continue;
+        }
         if !scenario.proxied {
             continue;
         }

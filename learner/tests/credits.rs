@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use flgfn_actor::loadgen::GeneratedActor;
 use flgfn_actor::{ActorOptions, ActorReport};
 use flgfn_common::config::Config;
 use flgfn_learner::delay_proxy::DelayProxy;
@@ -79,7 +80,7 @@ async fn train(
         .expect("generated actors stop when training ends")
         .unwrap()
     {
-        let report = report.unwrap();
+        let report = report.into_result().unwrap();
         assert!(report.training_done);
         reports.push(report);
     }
@@ -393,11 +394,11 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let sent = |fleet: tokio::task::JoinHandle<Vec<Result<ActorReport, _>>>| async move {
+    let sent = |fleet: tokio::task::JoinHandle<Vec<GeneratedActor>>| async move {
         let reports = fleet.await.unwrap();
         reports
             .into_iter()
-            .map(|r| r.unwrap().transitions_sent)
+            .map(|r| r.into_result().unwrap().transitions_sent)
             .sum::<u64>()
     };
     let (near, far) = (sent(near).await, sent(far).await);
@@ -431,4 +432,60 @@ async fn actors_far_behind_the_others_do_not_roll_out_for_nothing() {
         report.session_pauses > 0,
         "far {far}, near {near}: no pause"
     );
+}
+
+/// Generated actors that fail (here: their learner stopped for a restart
+/// that never comes, and they give up reconnecting) keep their counts:
+/// what they sent before reached the learner, and a load generator's
+/// summary must not read as if nothing had been sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_actors_that_give_up_keep_what_they_sent() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    support::init_logs();
+    let mut config = support::tiny_config();
+    // Trains until stopped.
+    config.learner.max_steps = 0;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        async move {
+            let _ = stopped.await;
+            flgfn_learner::StopRequest::Restart
+        },
+    ));
+    config.actor.learner = format!("http://{address}");
+    config.actor.reconnect_attempts = 2;
+    config.actor.reconnect_initial_s = 0.01;
+    config.actor.reconnect_max_s = 0.02;
+    let load = tokio::spawn(flgfn_actor::loadgen::run(config, 3, std::future::pending()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(()).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
+        .await
+        .expect("the learner stops")
+        .unwrap()
+        .unwrap();
+    let generated = tokio::time::timeout(Duration::from_secs(60), load)
+        .await
+        .expect("the generated actors give up")
+        .unwrap();
+    let mut sent = 0;
+    for actor in &generated {
+        assert!(
+            matches!(actor.ended, Err(flgfn_actor::ActorError::GaveUp { .. })),
+            "{:?}",
+            actor.ended
+        );
+        assert!(actor.report.chunks_sent > 0, "{:?}", actor.report);
+        sent += actor.report.transitions_sent;
+    }
+    let ingested = outcome.final_report.ingested_transitions;
+    assert!(ingested > 0);
+    // What the learner took was sent; in flight at the stop, a little
+    // more may have been sent than taken.
+    assert!(sent >= ingested, "sent {sent}, ingested {ingested}");
 }

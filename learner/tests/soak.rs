@@ -92,7 +92,10 @@ async fn sixty_four_streams_for_a_while() {
         .unwrap();
     assert!(exit.success(), "the learner exited with {exit}");
 
-    let reports: Vec<_> = reports.into_iter().map(Result::unwrap).collect();
+    let reports: Vec<_> = reports
+        .into_iter()
+        .map(|generated| generated.into_result().unwrap())
+        .collect();
     let chunks: Vec<u64> = reports.iter().map(|r| r.chunks_sent).collect();
     let sent_chunks: u64 = chunks.iter().sum();
     let sent: u64 = reports.iter().map(|r| r.transitions_sent).sum();

@@ -46,33 +46,41 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let shutdown = flgfn_common::signals::shutdown_requested();
-        let reports = flgfn_actor::loadgen::run(config, args.actors as usize, shutdown).await;
-        let (mut chunks, mut transitions, mut versions, mut failed) = (0, 0, 0, 0);
-        let actors = reports.len();
+        let generated = flgfn_actor::loadgen::run(config, args.actors as usize, shutdown).await;
+        let actors = generated.len();
+        // Every actor's counts, a failed one's too: what it sent before
+        // it failed reached the learner.
+        let mut total = flgfn_actor::ActorReport::default();
+        let mut failed = 0;
         // The first actor that gave up, and how many did.
         let (mut first_gave_up, mut gave_up) = (None, 0);
-        for report in reports {
-            match report {
-                Ok(r) => {
-                    chunks += r.chunks_sent;
-                    transitions += r.transitions_sent;
-                    versions += r.versions_received;
-                }
-                Err(error) => {
-                    failed += 1;
-                    tracing::error!(%error, "a generated actor failed");
-                    if matches!(error, flgfn_actor::ActorError::GaveUp { .. }) {
-                        gave_up += 1;
-                        first_gave_up.get_or_insert(error);
-                    }
+        for actor in generated {
+            let r = &actor.report;
+            total.chunks_sent += r.chunks_sent;
+            total.transitions_sent += r.transitions_sent;
+            total.versions_received += r.versions_received;
+            total.sessions_opened += r.sessions_opened;
+            total.stale_chunks_dropped += r.stale_chunks_dropped;
+            total.orders_skipped += r.orders_skipped;
+            if let Err(error) = actor.ended {
+                failed += 1;
+                tracing::error!(%error, "a generated actor failed");
+                if matches!(error, flgfn_actor::ActorError::GaveUp { .. }) {
+                    gave_up += 1;
+                    first_gave_up.get_or_insert(error);
                 }
             }
         }
         tracing::info!(
             actors,
-            chunks,
-            transitions,
-            versions,
+            chunks_sent = total.chunks_sent,
+            transitions_sent = total.transitions_sent,
+            versions_received = total.versions_received,
+            sessions_opened = total.sessions_opened,
+            // Rolled out but never sent, and credits whose session ended
+            // first (as each real actor's `actor stopped` names them).
+            unsent_chunks = total.stale_chunks_dropped,
+            skipped_orders = total.orders_skipped,
             failed,
             "load generator stopped"
         );
