@@ -146,6 +146,8 @@ pub struct IngestStats {
     pub connected_actors: AtomicI64,
     /// Ended sessions, up to [`MAX_SESSION_RECORDS`].
     pub sessions: Mutex<Vec<SessionRecord>>,
+    /// Ended sessions, every one (`sessions` stops at its bound).
+    pub sessions_ended: AtomicU64,
 }
 
 impl IngestStats {
@@ -211,8 +213,9 @@ impl IngestStats {
         (rejections.clone(), Self::get(&self.rejected_chunks))
     }
 
-    /// Keeps the record of an ended session (up to a bound).
+    /// Counts an ended session and keeps its record (up to a bound).
     pub fn record_session(&self, record: SessionRecord) {
+        Self::add(&self.sessions_ended, 1);
         let mut sessions = self
             .sessions
             .lock()
@@ -462,7 +465,7 @@ impl SequenceBook {
 
 #[cfg(test)]
 mod sequence_tests {
-    use super::{SequenceBook, SequenceState};
+    use super::{IngestStats, MAX_SESSION_RECORDS, SequenceBook, SequenceState, SessionRecord};
 
     /// A session's close: its numbering, with `unanswered` credits whose
     /// chunk never came.
@@ -598,5 +601,20 @@ mod sequence_tests {
         close(&book, 3, name, next, 0);
         let key = book.joined(5, "host/1");
         assert_eq!(book.opened(5, &key).unwrap().1.next, Some(906));
+    }
+
+    /// Every ended session is counted, the records past the bound too
+    /// (a run summary's `sessions` read the records' number).
+    #[test]
+    fn every_ended_session_is_counted_past_the_records_bound() {
+        let stats = IngestStats::default();
+        for _ in 0..MAX_SESSION_RECORDS + 5 {
+            stats.record_session(SessionRecord::default());
+        }
+        assert_eq!(stats.sessions.lock().unwrap().len(), MAX_SESSION_RECORDS);
+        assert_eq!(
+            IngestStats::get(&stats.sessions_ended),
+            (MAX_SESSION_RECORDS + 5) as u64
+        );
     }
 }

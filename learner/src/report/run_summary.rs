@@ -36,7 +36,9 @@ struct RunSummary<'a> {
     late_chunks: u64,
     /// Calls turned away (see [`Report::refused_calls`]).
     refused_calls: u64,
-    sessions: usize,
+    /// Every session that ended (the outcome keeps the records of the
+    /// first few thousand only).
+    sessions: u64,
     failed_local_actors: usize,
     build: &'static str,
     machine: &'a Machine,
@@ -120,7 +122,7 @@ pub fn write_summary(
             untrained_at_stop_transitions: outcome.untrained_at_stop_transitions,
             late_chunks: report.late_chunks(),
             refused_calls: report.refused_calls(),
-            sessions: outcome.sessions.len(),
+            sessions: outcome.sessions_ended,
             failed_local_actors: outcome.failed_local_actors,
             build: crate::BUILD,
             machine: &outcome.machine,

@@ -312,6 +312,7 @@ impl Running {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
+        outcome.sessions_ended = IngestStats::get(&stats.sessions_ended);
         // Sessions go on counting after the last step (chunks in flight,
         // refusals, lost chunks, what was never trained): the last report
         // takes their final values, so that the run's accounts close.

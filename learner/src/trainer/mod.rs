@@ -118,8 +118,11 @@ pub struct TrainingOutcome {
     /// Figures over the whole run.
     pub totals: RunTotals,
     /// What was counted for each actor session, filled in by
-    /// [`serve`](crate::serve) once the sessions have ended.
+    /// [`serve`](crate::serve) once the sessions have ended: the first
+    /// [`MAX_SESSION_RECORDS`](crate::ingest::MAX_SESSION_RECORDS).
     pub sessions: Vec<crate::ingest::SessionRecord>,
+    /// How many sessions ended, every one, filled in with `sessions`.
+    pub sessions_ended: u64,
     /// Local actor processes ([`crate::RunOptions::local_actors`]) that
     /// exited with an error, filled in by [`serve`](crate::serve).
     pub failed_local_actors: usize,
@@ -453,6 +456,7 @@ impl Training {
         TrainingOutcome {
             totals,
             sessions: Vec::new(),
+            sessions_ended: 0,
             failed_local_actors: 0,
             steps: progress.step,
             version: progress.version,
