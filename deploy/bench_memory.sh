@@ -7,7 +7,8 @@
 #
 # Each row trains the default job for 20 s (or FLGFN_BENCH_SECONDS) and
 # prints the learner's RSS before any actor, its peak (sampled every
-# 0.2 s), and its mean over the second half. Asserts nothing.
+# 0.2 s), and its mean over the second half, in MiB (2^20 bytes; the
+# scale bench's MB are 10^6). Asserts nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=deploy/env.sh
@@ -21,6 +22,9 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
     echo "bench_memory.sh: FLGFN_BENCH_SECONDS must be a whole number of seconds, at least 1 (got $seconds)" >&2
     exit 2
 fi
+# Read above: the caller's other settings (a FLGFN_CONFIG, a RUST_LOG that
+# hides the "actor joined" lines counted below) would change the rows.
+ignore_caller_settings
 samples=$((seconds * 5))
 counts=("$@")
 [ "${#counts[@]}" -gt 0 ] || counts=(1 16 64 256)
@@ -29,7 +33,7 @@ rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 pids=()
 log="$(mktemp)"
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -f "$log"' EXIT
-echo "| generated actors | sessions | learner RSS before actors MB | peak MB | mean of 2nd half MB |"
+echo "| generated actors | sessions | learner RSS before actors MiB | peak MiB | mean of 2nd half MiB |"
 echo "|---|---|---|---|---|"
 for k in "${counts[@]}"; do
     port="$(free_port)"

@@ -35,7 +35,7 @@ ignore_caller_settings() {
     local variable
     for variable in $(compgen -e); do
         case "$variable" in
-            FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE | FLGFN_DEBIAN_MIRROR) ;;
+            FLGFN_CACHE_DIR | FLGFN_SOAK_S | FLGFN_FUZZ_* | FLGFN_DOCKER_BASE | FLGFN_DEBIAN_MIRROR | FLGFN_BENCH_SECONDS) ;;
             # (PYTHONOPTIMIZE would strip the Python checks' asserts.)
             FLGFN_* | RUST_LOG | NO_COLOR | CLICOLOR_FORCE | PYTHONOPTIMIZE)
                 echo "flgfn: ignoring $variable from the caller's environment" >&2
