@@ -4,9 +4,14 @@
 //!
 //! Each direction of each connection is a reader that timestamps what it
 //! reads and a writer that forwards each piece once its delay has passed,
-//! so latency is added without limiting bandwidth. At most
-//! [`MAX_IN_FLIGHT_PIECES`] pieces wait per direction; beyond that the
-//! reader stops reading, as a real link's buffers would.
+//! so latency is added without limiting bandwidth; a close is forwarded
+//! as late as a last piece would be. At most [`MAX_IN_FLIGHT_PIECES`]
+//! pieces wait per direction; beyond that the reader stops reading, as a
+//! real link's buffers would.
+//!
+//! The kernel accepts a connection at once, so a client sees its connect
+//! succeed without the round trip, and a target that refuses as a
+//! connection closed after one.
 
 use std::io;
 use std::net::SocketAddr;
@@ -40,8 +45,16 @@ impl DelayProxy {
         let accept = tokio::spawn(async move {
             // Dropped with the accept task: every connection ends with it.
             let mut connections = JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                connections.spawn(relay(client, target, one_way));
+            loop {
+                match listener.accept().await {
+                    Ok((client, _)) => {
+                        connections.spawn(relay(client, target, one_way));
+                    }
+                    // Out of file descriptors, or a client gone before its
+                    // accept: the next one may do, after a pause (a
+                    // descriptor shortage would fail again at once).
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
                 // Reap finished connections as we go.
                 while connections.try_join_next().is_some() {}
             }
@@ -58,6 +71,8 @@ impl Drop for DelayProxy {
 
 async fn relay(client: TcpStream, target: SocketAddr, one_way: Duration) {
     let Ok(server) = TcpStream::connect(target).await else {
+        // Refused: the client learns it a round trip later (as a close).
+        tokio::time::sleep(2 * one_way).await;
         return;
     };
     let _ = client.set_nodelay(true);
@@ -70,27 +85,27 @@ async fn relay(client: TcpStream, target: SocketAddr, one_way: Duration) {
     );
 }
 
-/// Copies `from` to `to`, each piece `delay` after it was read.
+/// Copies `from` to `to`, each piece `delay` after it was read, and
+/// closes `to` `delay` after `from` ended.
 async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, delay: Duration) {
+    // An empty piece is the close.
     let (pieces, mut due) = mpsc::channel::<(Instant, Vec<u8>)>(MAX_IN_FLIGHT_PIECES);
     let reader = async move {
         let mut buffer = vec![0u8; 64 << 10];
         loop {
-            match from.read(&mut buffer).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let piece = (Instant::now() + delay, buffer[..n].to_vec());
-                    if pieces.send(piece).await.is_err() {
-                        break;
-                    }
-                }
+            let n = from.read(&mut buffer).await.unwrap_or(0);
+            let piece = (Instant::now() + delay, buffer[..n].to_vec());
+            if pieces.send(piece).await.is_err() || n == 0 {
+                break;
             }
         }
-        // Dropping the sender tells the writer to finish and close.
     };
     let writer = async move {
         while let Some((at, piece)) = due.recv().await {
             tokio::time::sleep_until(at).await;
+            if piece.is_empty() {
+                break;
+            }
             if to.write_all(&piece).await.is_err() {
                 return;
             }
@@ -126,5 +141,37 @@ mod tests {
         assert_eq!(&answer, b"hello");
         assert!(round_trip >= Duration::from_millis(100), "{round_trip:?}");
         assert!(round_trip < Duration::from_millis(1000), "{round_trip:?}");
+    }
+
+    /// A close is delayed as data is: a server that closes at once is
+    /// seen closing one delay later, and a target nobody listens on is
+    /// seen a round trip later.
+    #[tokio::test]
+    async fn a_close_arrives_after_the_delay() {
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = closing.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (socket, _) = closing.accept().await.unwrap();
+            drop(socket);
+        });
+        let delay = Duration::from_millis(300);
+        let proxy = DelayProxy::start(target, delay).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut socket = TcpStream::connect(proxy.address).await.unwrap();
+        let mut buffer = [0u8; 1];
+        assert_eq!(socket.read(&mut buffer).await.unwrap(), 0);
+        let closed_after = started.elapsed();
+        assert!(closed_after >= delay, "{closed_after:?}");
+
+        let nobody = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = nobody.local_addr().unwrap();
+        drop(nobody);
+        let proxy = DelayProxy::start(target, delay).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut socket = TcpStream::connect(proxy.address).await.unwrap();
+        // (A reset or a close: either ends the read.)
+        let _ = socket.read(&mut buffer).await;
+        let refused_after = started.elapsed();
+        assert!(refused_after >= 2 * delay, "{refused_after:?}");
     }
 }
