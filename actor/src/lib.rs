@@ -222,7 +222,7 @@ impl Connecting {
         Ok(Connecting {
             task: env.spec(),
             model: ModelSpec::new(env.as_ref(), &config.model),
-            envs: config.actor.envs_for(env.as_ref()),
+            envs: config.envs_for(env.as_ref()),
             token: flgfn_common::auth::load_token(&config.auth)?,
             tls: client_tls(config)?,
         })
@@ -279,7 +279,7 @@ async fn run_actor(
     let model = ModelSpec::new(env.as_ref(), &config.model);
     set_threads(config.actor.threads);
     let actor = &config.actor;
-    let envs = actor.envs_for(env.as_ref());
+    let envs = config.envs_for(env.as_ref());
 
     // Orders are bounded by the learner's credits; this only caps what a
     // misbehaving learner could make us queue.

@@ -163,7 +163,7 @@ async fn generate(
     let (order_sender, mut orders) = mpsc::channel::<Order>(crate::MAX_QUEUED_ORDERS);
     let (chunk_sender, mut chunks) = mpsc::channel(crate::MAX_QUEUED_ORDERS);
     let current_session = Arc::new(AtomicU32::new(0));
-    let envs = config.actor.envs_for(env.as_ref());
+    let envs = config.envs_for(env.as_ref());
     // Uniform actions, cut as a real actor's are.
     let behaviour = Behaviour {
         epsilon: 1.0,

@@ -556,8 +556,9 @@ pub struct ActorConfig {
     /// Environments rolled out in lockstep; also trajectories per chunk.
     /// 0 (the default): enough for [`AUTO_CHUNK_TRANSITIONS`] transitions
     /// at full length, between 16 and 256, and at most [`AUTO_CHUNK_BYTES`]
-    /// replayed (fewer than 16 where trajectories are that large)
-    /// ([`ActorConfig::envs_for`]):
+    /// replayed (fewer than 16 where trajectories are that large), and
+    /// never more than the `[learner]` limits of the same file accept
+    /// ([`Config::envs_for`]):
     /// 256 for the default task, where one thread's rollout throughput
     /// peaks (`cargo bench -p flgfn-actor --bench rollout`: 305k
     /// transitions/s at 16, 423k at 256, ~395k at 512 and 1,024) and each
@@ -616,16 +617,36 @@ pub const AUTO_CHUNK_TRANSITIONS: usize = 5120;
 /// of thousands of elements, make each trajectory large).
 pub const AUTO_CHUNK_BYTES: usize = 16 << 20;
 
-impl ActorConfig {
+impl Config {
     /// Environments in lockstep (trajectories per chunk) for `env`:
-    /// `envs`, or with 0 enough for [`AUTO_CHUNK_TRANSITIONS`] at full
-    /// length, between 16 and 256, within [`AUTO_CHUNK_BYTES`] replayed.
+    /// `actor.envs`, or with 0 enough for [`AUTO_CHUNK_TRANSITIONS`] at
+    /// full length, between 16 and 256, within [`AUTO_CHUNK_BYTES`]
+    /// replayed, and within what a learner started from this file accepts
+    /// (it refuses larger chunks at the handshake): at most
+    /// `learner.max_chunk_trajectories`, a chunk within its largest credit
+    /// room (`max_batch_transitions` x `max_in_flight_batches`), its
+    /// decode limit (`max_message_bytes`) and `max_session_bytes`. A
+    /// number given is kept as it is: a learner that refuses it says why.
     pub fn envs_for(&self, env: &dyn Environment) -> usize {
-        let max_len = env.max_trajectory_len();
-        match self.envs {
-            0 => auto_envs(max_len, ReplayedTrajectory::max_held_bytes(env, max_len)),
-            envs => envs,
+        if self.actor.envs != 0 {
+            return self.actor.envs;
         }
+        let max_len = env.max_trajectory_len().max(1);
+        let trajectory_bytes = ReplayedTrajectory::max_held_bytes(env, max_len).max(1);
+        let learner = &self.learner;
+        let room = (learner.max_batch_transitions as u64)
+            .saturating_mul(learner.max_in_flight_batches.max(1))
+            / max_len as u64;
+        let session = learner.max_session_bytes / trajectory_bytes as u64;
+        let mut envs = auto_envs(max_len, trajectory_bytes)
+            .min(learner.max_chunk_trajectories)
+            .min(usize::try_from(room.min(session)).unwrap_or(usize::MAX));
+        while envs > 1
+            && crate::wire::largest_chunk_bytes(envs, max_len) > learner.max_message_bytes
+        {
+            envs -= 1;
+        }
+        envs.max(1)
     }
 }
 

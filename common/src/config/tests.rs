@@ -592,14 +592,54 @@ fn environments_per_actor_default_to_a_fixed_number_of_transitions() {
     assert_eq!(auto_envs(200, 4_940_000), 3, "the byte cap wins over 16");
     assert_eq!(auto_envs(20, 1 << 30), 1, "at least one");
     let default_task = crate::tasks::build(&TaskConfig::default()).unwrap();
-    let mut actor = ActorConfig::default();
-    assert_eq!(actor.envs_for(default_task.as_ref()), 256);
-    actor.envs = 7;
+    let mut config = Config::default();
+    assert_eq!(config.envs_for(default_task.as_ref()), 256);
+    config.actor.envs = 7;
     assert_eq!(
-        actor.envs_for(default_task.as_ref()),
+        config.envs_for(default_task.as_ref()),
         7,
         "a number given is kept"
     );
+}
+
+/// `actor.envs = 0` stays within what a learner started from the same
+/// file accepts: its chunks are never refused at the handshake for a
+/// limit the file itself sets.
+#[test]
+fn environments_per_actor_default_within_the_learner_limits_of_the_file() {
+    let task = crate::tasks::build(&TaskConfig::default()).unwrap();
+    let envs = |change: &dyn Fn(&mut LearnerConfig)| {
+        let mut config = Config::default();
+        change(&mut config.learner);
+        config.validate().unwrap();
+        config.envs_for(task.as_ref())
+    };
+    assert_eq!(envs(&|l| l.max_chunk_trajectories = 128), 128);
+    // A credit room of 2,560 transitions: 128 trajectories of 20.
+    assert_eq!(envs(&|l| l.max_in_flight_batches = 1), 128);
+    // A chunk of 256 replayed holds ~0.9 MB: 100 KB hold 28.
+    let session = envs(&|l| l.max_session_bytes = 100_000);
+    assert!((1..256).contains(&session), "{session}");
+    let one = crate::trajectory::ReplayedTrajectory::max_held_bytes(task.as_ref(), 20);
+    assert!(session * one <= 100_000, "{session} x {one}");
+    // (The decode limit, at least 1 MiB, binds only for trajectories of
+    // thousands of steps, whose replayed size the session limit caps
+    // first.)
+    // A 16x16 lattice with 8 MiB per session: a chunk of 20 would take
+    // ~14.6 MB.
+    let mut config = Config::default();
+    config.task = TaskConfig::Lattice(crate::tasks::lattice::LatticeConfig {
+        side: 16,
+        ..Default::default()
+    });
+    config.learner.max_session_bytes = 8 << 20;
+    let lattice = crate::tasks::build(&config.task).unwrap();
+    let chunk = config.envs_for(lattice.as_ref());
+    let one = crate::trajectory::ReplayedTrajectory::max_held_bytes(
+        lattice.as_ref(),
+        lattice.max_trajectory_len(),
+    );
+    assert!(chunk >= 1 && chunk * one <= 8 << 20, "{chunk} x {one}");
 }
 
 #[test]

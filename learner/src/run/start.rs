@@ -105,7 +105,7 @@ fn check_local_actor_chunks(
     let Some(plan) = &options.local_actors else {
         return Ok(());
     };
-    let envs = config.actor.envs_for(env) as u64;
+    let envs = config.envs_for(env) as u64;
     state
         .check_chunk_size(envs, "actor.envs")
         .map_err(|refusal| {
