@@ -128,7 +128,8 @@ pub struct IngestStats {
     /// learner's transport: see [`crate::connections::Transport`]).
     pub rejections: Mutex<std::collections::BTreeMap<String, u64>>,
     /// Times a session's credits were paused because its chunks arrived
-    /// already older than `max_policy_lag`.
+    /// at `max_policy_lag` or older (at the bound, a chunk that misses the
+    /// batch being built is stale by the next).
     pub session_pauses: AtomicU64,
     /// Sessions ended because their actor held a credit, or took no grant,
     /// for `learner.stall_timeout_s`.

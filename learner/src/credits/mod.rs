@@ -56,7 +56,7 @@
 //! worth (an actor holding the last credits may have stopped answering),
 //! never the whole room at once.
 //!
-//! A session whose chunks arrive already older than `max_policy_lag` (an
+//! A session whose chunks arrive already at `max_policy_lag` or older (an
 //! actor far behind a slow link while near ones set the pace) would only
 //! roll out for the stale counter: the session [`pauses`](SessionCredits::pause)
 //! its credits, then probes with one credit at a time until a chunk arrives

@@ -873,9 +873,10 @@ impl Trainer {
     /// such error gets. Almost always nothing has moved then: the step
     /// allocates everything it needs (the proposals, each optimizer's
     /// selection, the report's running sums) before it changes a weight or
-    /// moment; only a failure between the policy's update and TB's log Z's,
-    /// or in the in-place sums after them, leaves the policy one step
-    /// ahead.
+    /// moment; only a failure between the policy's update and TB's log Z's
+    /// leaves the policy one step ahead. One in the in-place sums, after
+    /// the step is counted, leaves the weights at the counted step and
+    /// that report window's loss half-summed.
     fn train_step(
         &self,
         optimizer: &mut Adam,
