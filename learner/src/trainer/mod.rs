@@ -634,6 +634,10 @@ impl Trainer {
             if progress.started.is_none() {
                 progress.started = Some(Instant::now());
                 progress.first_step_after = run_started.elapsed();
+                // The first window's span starts here: what arrived before
+                // (the first credit room filling while the actors started)
+                // is not in its ingest rate.
+                progress.last_report_counts.1 = IngestStats::get(&self.stats.accepted_transitions);
             }
 
             self.train_step(optimizer, own_optimizer.as_mut(), batch, progress)?;
