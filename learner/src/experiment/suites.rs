@@ -84,6 +84,21 @@ impl Suite {
             .into_iter()
             .map(|(group, curve, config)| Ok((group, curve, config.with_settings(settings)?)))
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        // The runs' results are read at the same steps across seeds and
+        // curves (mean, range, cumulative top-k): a learner that reports
+        // on time instead would put each run's points elsewhere.
+        if let Some(setting) = settings
+            .iter()
+            .find(|setting| setting.key.join(".") == "learner.eval_every_steps")
+            && configurations
+                .iter()
+                .any(|(_, _, config)| config.learner.eval_every_steps == 0)
+        {
+            return Err(ConfigError::invalid(
+                &setting.variable,
+                "0 reports on time, not at steps: the runner compares runs at the same steps (at least 1)",
+            ));
+        }
         Ok(Self::runs_of(configurations, seeds))
     }
 

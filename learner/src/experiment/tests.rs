@@ -358,6 +358,11 @@ fn settings_reach_every_run_and_refusals_name_them() {
             "varies actor.truncate_fraction",
         ),
         ("objective.name=\"tb\"", "varies objective.name"),
+        // Reports on time: no step grid to compare runs on.
+        (
+            "learner.eval_every_steps=0",
+            "--set learner.eval_every_steps",
+        ),
     ] {
         let error = incomplete
             .runs_with(1, Some(100), &[setting_override(setting).unwrap()])
