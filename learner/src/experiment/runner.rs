@@ -104,6 +104,20 @@ pub fn suite_build(learner: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// Refuses to make a run with binaries other than those the suite started
+/// with: a `cargo build` into the same folder midway would have its runs
+/// recorded (and tabled) as the build named at the start.
+fn check_build_unchanged(options: &SuiteOptions) -> anyhow::Result<()> {
+    let now = suite_build(&options.learner)?;
+    if now != options.build {
+        bail!(
+            "the binaries changed since the suite started (it started with {}, they are now {now}): no run is made with them; start the suite again to make the rest (the runs of the earlier build are set aside, or kept with --keep-other-builds)",
+            options.build
+        );
+    }
+    Ok(())
+}
+
 /// The build of the binary `program` at `path`: its `--version`, less the
 /// program's name, and for a build of uncommitted changes (or of an
 /// unknown state) a hash of the binary, since the version line alone is
@@ -242,6 +256,7 @@ fn run_or_keep(
             Ok(reports)
         }
         _ => {
+            check_build_unchanged(options)?;
             if record.builds.last() != Some(&options.build) {
                 record.builds.push(options.build.clone());
             }
@@ -629,6 +644,32 @@ mod tests {
         std::fs::remove_file(dir.join("flgfn-actor")).unwrap();
         let error = suite_build(&learner).unwrap_err().to_string();
         assert!(error.contains("flgfn-actor"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Binaries rebuilt while a suite runs make no more of its runs: they
+    /// would be recorded as the build the suite started with.
+    #[cfg(unix)]
+    #[test]
+    fn binaries_changed_midway_make_no_run() {
+        let dir = std::env::temp_dir().join(format!("flgfn-suite-rebuilt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let learner = dir.join("flgfn-learner");
+        let first = "0.1.0 (commit 0123456789ab)";
+        stand_in(&dir, "flgfn-learner", first, "");
+        stand_in(&dir, "flgfn-actor", first, "");
+        let options = SuiteOptions {
+            build: suite_build(&learner).unwrap(),
+            learner,
+            stall_timeout: Duration::from_secs(1),
+            keep_other_builds: false,
+        };
+        check_build_unchanged(&options).unwrap();
+        let rebuilt = "0.1.0 (commit ba9876543210)";
+        stand_in(&dir, "flgfn-learner", rebuilt, "");
+        let error = check_build_unchanged(&options).unwrap_err().to_string();
+        assert!(error.contains(first) && error.contains(rebuilt), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
