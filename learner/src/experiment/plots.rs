@@ -690,7 +690,8 @@ pub fn remove_figures_except(dir: &Path, written: &[PathBuf]) -> anyhow::Result<
 }
 
 /// Draws into a part file beside `path` (same extension: the backend picks
-/// the format by it), then renames it there: a runner killed while drawing
+/// the format by it), syncs it and renames it there, as the tables are
+/// written: a runner killed while drawing, or a machine that crashes after,
 /// leaves the previous figure, not half of one.
 fn drawn_whole(path: &Path, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
     let name = path
@@ -699,8 +700,15 @@ fn drawn_whole(path: &Path, draw: impl FnOnce(&Path) -> anyhow::Result<()>) -> a
         .ok_or_else(|| anyhow!("no file name in {}", path.display()))?;
     let part = path.with_file_name(format!(".part-{name}"));
     let drawn = draw(&part).and_then(|()| {
+        std::fs::File::open(&part)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("cannot sync {}", part.display()))?;
         std::fs::rename(&part, path)
-            .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))
+            .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))?;
+        if let Some(folder) = crate::durable_file::parent_of(path) {
+            crate::durable_file::sync_folder(folder)?;
+        }
+        Ok(())
     });
     if drawn.is_err() {
         let _ = std::fs::remove_file(&part);

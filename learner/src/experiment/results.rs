@@ -190,6 +190,19 @@ pub fn load_results(specs: &[RunSpec], out: &Path) -> anyhow::Result<SuiteOutcom
     for (spec, why) in &unfinished {
         flgfn_common::outln!("{}: {why}; counted as failed", spec.name());
     }
+    // A suite run (not redrawn) sets aside the runs of other builds;
+    // redrawing takes what is there, and says so where that mixes builds.
+    let builds: std::collections::BTreeSet<String> = results
+        .iter()
+        .map(|result| result.record.builds_text())
+        .collect();
+    if builds.len() > 1 {
+        flgfn_common::outln!(
+            "warning: these runs were made by {} builds ({}), drawn together: summary.md counts each one's runs; running the suite again makes those of other builds anew",
+            builds.len(),
+            builds.into_iter().collect::<Vec<_>>().join("; ")
+        );
+    }
     Ok(SuiteOutcome {
         results,
         failed: unfinished,
