@@ -29,7 +29,8 @@ struct Args {
     steps: Option<u64>,
     /// A configuration key for every run, KEY=VALUE as in a job file
     /// (`--set actor.epsilon=1.0 --set learner.learning_rate=1e-3`: the
-    /// paper's reference settings), over the suite's own; repeatable.
+    /// paper's reference settings on small sets; one value holds for
+    /// every curve), over the suite's own; repeatable.
     /// Each run's config.toml records it, so a run made without it is
     /// made again [default: none; with --plot-only, the folder's]. Not
     /// `seed`, `learner.max_steps` (--seeds, --steps),
