@@ -443,6 +443,48 @@ fn a_refused_value_names_the_flag_or_variable_that_set_it() {
     assert!(!from_file.contains("set by"), "{from_file}");
 }
 
+/// A pair of keys refused together names both values, the defaults, and
+/// the layer that set either: the user may have set the other one.
+#[test]
+fn a_refused_pair_names_both_keys_and_the_layer_of_either() {
+    let mut config = Config::default();
+    config.learner.report_every_s = 0.1;
+    let overrides = env_overrides(vars(&[("FLGFN_LEARNER__REPORT_EVERY_S", "0.1")]));
+    let error = config
+        .validate_layers(&overrides, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("0.25")
+            && error.contains("(0.1)")
+            && error.ends_with("(learner.report_every_s set by FLGFN_LEARNER__REPORT_EVERY_S)"),
+        "{error}"
+    );
+    let mut config = Config::default();
+    config.actor.reconnect_initial_s = 10.0;
+    let error = config
+        .validate_layers(
+            &[],
+            &[("--reconnect-initial-s", "actor.reconnect_initial_s")],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("(10)")
+            && error.ends_with("(actor.reconnect_initial_s set by --reconnect-initial-s)"),
+        "{error}"
+    );
+    // A key that only begins like the one a layer set is not it.
+    let mut config = Config::default();
+    config.learner.max_batch_transitions = 10;
+    let overrides = env_overrides(vars(&[("FLGFN_LEARNER__MAX_BATCH", "1")]));
+    let error = config
+        .validate_layers(&overrides, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(!error.contains("set by"), "{error}");
+}
+
 /// With several variables, an error names the one at fault, not all;
 /// a file at fault keeps its line numbers whatever variables are set.
 #[test]

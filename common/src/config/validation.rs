@@ -2,7 +2,7 @@
 //! keys, and whether the weights fit in one message. Checked after every
 //! layer is applied, so that a flag can mend what a file got wrong.
 
-use super::{Config, ConfigError, LearnerConfig, ObjectiveName, WeightEncoding};
+use super::{ActorConfig, Config, ConfigError, LearnerConfig, ObjectiveName, WeightEncoding};
 use crate::env::Environment;
 
 impl Config {
@@ -186,9 +186,16 @@ impl Config {
         positive_finite("learner.first_report_s", l.first_report_s)?;
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
+            let default = LearnerConfig::default();
             return Err(ConfigError::invalid(
                 "learner.first_report_s",
-                "must be at most learner.report_every_s",
+                format!(
+                    "{} is more than learner.report_every_s ({}): the first report comes no later than the others (by default {} and {}); lower first_report_s or raise report_every_s",
+                    l.first_report_s,
+                    l.report_every_s,
+                    default.first_report_s,
+                    default.report_every_s
+                ),
             ));
         }
         at_least("learner.max_message_bytes", l.max_message_bytes, 1 << 20)?;
@@ -246,9 +253,16 @@ impl Config {
             timer_seconds("actor.progress_log_s", a.progress_log_s, 1.0)?;
         }
         if a.reconnect_max_s < a.reconnect_initial_s {
+            let default = ActorConfig::default();
             return Err(ConfigError::invalid(
                 "actor.reconnect_max_s",
-                "must be at least actor.reconnect_initial_s",
+                format!(
+                    "{} is less than actor.reconnect_initial_s ({}): the pause between attempts doubles from reconnect_initial_s up to reconnect_max_s (by default {} and {}); raise reconnect_max_s or lower reconnect_initial_s",
+                    a.reconnect_max_s,
+                    a.reconnect_initial_s,
+                    default.reconnect_initial_s,
+                    default.reconnect_max_s
+                ),
             ));
         }
         // Weights travel in one message, which gRPC frames in 32 bits: a
