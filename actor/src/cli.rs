@@ -22,7 +22,7 @@ pub struct ConfigFlags {
     pub learner: Option<String>,
     /// Environments rolled out together, i.e. trajectories per chunk
     /// (overrides actor.envs; 0: as many as make 5,120 transitions, 16 to
-    /// 256, within 16 MB replayed).
+    /// 256, within 16 MB replayed and the same file's learner limits).
     #[arg(long, value_name = "N")]
     pub envs: Option<usize>,
 }

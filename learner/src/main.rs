@@ -155,6 +155,14 @@ fn run(args: Args) -> anyhow::Result<u8> {
     }
     let overrides = env_overrides(flgfn_variables()?);
     config.validate_layers(&overrides, &flag_keys)?;
+    // A key refused past validation (by the start's own checks, or by a
+    // checkpoint) is named with its layer too.
+    let blamed = |error: flgfn_learner::LearnerError| match error {
+        flgfn_learner::LearnerError::Config(error) => {
+            flgfn_learner::LearnerError::Config(blame_layer(error, &overrides, &flag_keys))
+        }
+        other => other,
+    };
     // Local actors reach the learner over loopback in plain text; against
     // TLS every connection would fail, and be retried for ever.
     anyhow::ensure!(
@@ -169,7 +177,8 @@ fn run(args: Args) -> anyhow::Result<u8> {
         flgfn_learner::secured_transport(&config)?;
         flgfn_learner::check_listen_exposure(&config, token.is_some())?;
         flgfn_learner::check_startup(&config, args.local_actors.then_some(config.launch.actors))
-            .map(drop)?;
+            .map(drop)
+            .map_err(blamed)?;
         flgfn_common::out!(
             "{}{}",
             describe_layers(args.config.as_deref(), &overrides, &flags),
@@ -214,15 +223,9 @@ fn run(args: Args) -> anyhow::Result<u8> {
             resume_changed: args.resume_changed,
             local_actors,
         };
-        // A key a checkpoint refuses is named with its layer too.
         let outcome = flgfn_learner::serve(config, listener, options, shutdown)
             .await
-            .map_err(|error| match error {
-                flgfn_learner::LearnerError::Config(error) => {
-                    flgfn_learner::LearnerError::Config(blame_layer(error, &overrides, &flag_keys))
-                }
-                other => other,
-            })?;
+            .map_err(blamed)?;
         if outcome.ended_by == flgfn_learner::EndedBy::MaxSteps || unfinished_exit_status == 0 {
             return Ok(0);
         }

@@ -113,7 +113,29 @@ pub fn check_startup(
     check_local_actors_fit(config, local_actors)?;
     let env = flgfn_common::tasks::build(&config.task)?;
     check_run_fits(config, env.as_ref())?;
+    if let Some(count) = local_actors {
+        check_local_actor_chunks(config, env.as_ref(), count)?;
+    }
     Ok(env)
+}
+
+/// Local actors whose chunks this learner would refuse are found out
+/// before anything starts, naming actor.envs, rather than each refused at
+/// its handshake once started.
+fn check_local_actor_chunks(
+    config: &Config,
+    env: &dyn Environment,
+    count: usize,
+) -> Result<(), LearnerError> {
+    let envs = config.envs_for(env) as u64;
+    crate::service::ChunkLimits::of(&config.learner)
+        .check(env, envs, "actor.envs")
+        .map(drop)
+        .map_err(|refusal| {
+            LearnerError::LocalActors(std::io::Error::other(format!(
+                "the {count} local actors' chunks would be refused: {refusal}"
+            )))
+        })
 }
 
 /// What this task and configuration need of the learner's limits, checked

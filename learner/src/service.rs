@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use flgfn_common::config::LearnerConfig;
 use flgfn_common::env::{Environment, TaskSpec};
 use flgfn_common::policy::ModelSpec;
 use flgfn_common::trajectory::ReplayedTrajectory;
@@ -432,12 +433,58 @@ impl LearnerState {
         }))
     }
 
-    /// An actor's declared trajectories per chunk must be at least 1, at
-    /// most `learner.max_chunk_trajectories`, and fit the credit pool,
-    /// the decode limit and `learner.max_session_bytes`. Returns what one such chunk holds,
+    /// An actor's declared trajectories per chunk, checked against this
+    /// learner's [`ChunkLimits`]. Returns what one such chunk holds,
     /// replayed, at most.
     pub(crate) fn check_chunk_size(
         &self,
+        per_chunk: u64,
+        field: &str,
+    ) -> Result<u64, RequestError> {
+        ChunkLimits {
+            max_chunk_trajectories: self.max_chunk_trajectories,
+            credit_ceiling: self.credits.pool().ceiling(),
+            max_message_bytes: self.max_message_bytes,
+            max_session_bytes: self.max_session_bytes,
+        }
+        .check(self.env.as_ref(), per_chunk, field)
+    }
+}
+
+/// What an actor's chunks must fit: checked at its handshake, and for a
+/// learner's local actors before it starts (they would each be refused).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkLimits {
+    /// `learner.max_chunk_trajectories`.
+    pub max_chunk_trajectories: usize,
+    /// The credit pool's largest room, in transitions.
+    pub credit_ceiling: u64,
+    /// The largest message decoded.
+    pub max_message_bytes: usize,
+    /// `learner.max_session_bytes`.
+    pub max_session_bytes: u64,
+}
+
+impl ChunkLimits {
+    /// A learner's limits as configured. (Its decode limit may be lower
+    /// than `max_message_bytes`, never for a chunk within
+    /// `max_chunk_trajectories`: [`crate::transport::accepted_message_bytes`].)
+    pub(crate) fn of(learner: &LearnerConfig) -> Self {
+        ChunkLimits {
+            max_chunk_trajectories: learner.max_chunk_trajectories,
+            credit_ceiling: learner.credit_ceiling(),
+            max_message_bytes: learner.max_message_bytes,
+            max_session_bytes: learner.max_session_bytes,
+        }
+    }
+
+    /// Trajectories per chunk (`per_chunk`, declared as `field`) must be
+    /// at least 1, at most `max_chunk_trajectories`, and fit the credit
+    /// room, the decode limit and a session's memory. Returns what one
+    /// such chunk of `env` holds, replayed, at most.
+    pub(crate) fn check(
+        &self,
+        env: &dyn Environment,
         per_chunk: u64,
         field: &str,
     ) -> Result<u64, RequestError> {
@@ -447,11 +494,11 @@ impl LearnerState {
                 "`{field}` is {per_chunk}; this learner accepts 1 to {max} (learner.max_chunk_trajectories): lower actor.envs, or raise that"
             )));
         }
-        let max_len = self.env.max_trajectory_len();
+        let max_len = env.max_trajectory_len();
         // Saturating: a learner configured with an absurd
         // max_chunk_trajectories must refuse such a chunk, not wrap.
         let reserve = per_chunk.saturating_mul(max_len as u64);
-        let ceiling = self.credits.pool().ceiling();
+        let ceiling = self.credit_ceiling;
         if reserve > ceiling {
             return Err(RequestError::Malformed(format!(
                 "`{field}` is {per_chunk}: a chunk of up to {reserve} transitions does not fit the learner's largest credit room of {ceiling} transitions (learner.max_batch_transitions x learner.max_in_flight_batches); lower actor.envs"
@@ -466,8 +513,8 @@ impl LearnerState {
                 self.max_message_bytes
             )));
         }
-        let chunk_bytes = per_chunk
-            .saturating_mul(ReplayedTrajectory::max_held_bytes(self.env.as_ref(), max_len) as u64);
+        let chunk_bytes =
+            per_chunk.saturating_mul(ReplayedTrajectory::max_held_bytes(env, max_len) as u64);
         if chunk_bytes > self.max_session_bytes {
             return Err(RequestError::SessionMemory {
                 field: field.to_owned(),

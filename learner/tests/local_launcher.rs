@@ -379,15 +379,16 @@ fn a_bad_config_file_fails_with_the_key_named() {
 /// Local actors whose chunks the learner would refuse (more trajectories
 /// than `learner.max_chunk_trajectories`), or more of them than its
 /// sessions, are not started: the learner stops at once naming the key,
-/// instead of starting actors that are each refused.
+/// instead of starting actors that are each refused; and
+/// `--print-config` refuses what such a start refuses.
 #[test]
 fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     let dir = std::env::temp_dir().join(format!("flgfn-bigchunks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // The learner's standard error, started with `actors` local actors,
-    // the variable `setting` and checkpoints in `checkpoints` ("": none);
-    // it must fail.
-    let refused_start_in = |checkpoints: &str, actors: &str, setting: [&str; 2]| {
+    // the variables `settings` and checkpoints in `checkpoints` ("":
+    // none); it must fail.
+    let refused_start_in = |checkpoints: &str, actors: &str, settings: &[[&str; 2]]| {
         let output = Command::new(learner())
             .args([
                 "--local-actors",
@@ -397,7 +398,7 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
                 "127.0.0.1:0",
             ])
             .args(["--checkpoint-dir", checkpoints])
-            .env(setting[0], setting[1])
+            .envs(settings.iter().map(|[name, value]| (*name, *value)))
             .current_dir(&dir)
             .output()
             .unwrap();
@@ -406,16 +407,30 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
         assert!(!log.contains("connected to the learner"), "{log}");
         log
     };
-    let refused_start = |actors: &str, setting: [&str; 2]| refused_start_in("", actors, setting);
-    let log = refused_start("2", ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"]);
-    // (The default job's 256 trajectories per chunk, against 32.)
+    let refused_start =
+        |actors: &str, settings: &[[&str; 2]]| refused_start_in("", actors, settings);
+    // (256 trajectories per chunk, against 32; `actor.envs = 0` would
+    // stay within the 32.)
+    let too_large = [
+        ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"],
+        ["FLGFN_ACTOR__ENVS", "256"],
+    ];
+    let log = refused_start("2", &too_large);
     assert!(
         log.contains("local actors' chunks would be refused")
             && log.contains("`actor.envs` is 256")
             && log.contains("learner.max_chunk_trajectories"),
         "{log}"
     );
-    let log = refused_start("3", ["FLGFN_LEARNER__MAX_SESSIONS", "2"]);
+    let printed = Command::new(learner())
+        .args(["--local-actors", "--print-config"])
+        .envs(too_large.iter().map(|[name, value]| (*name, *value)))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&printed.stderr);
+    assert!(!printed.status.success(), "{stderr}");
+    assert!(stderr.contains("`actor.envs` is 256"), "{stderr}");
+    let log = refused_start("3", &[["FLGFN_LEARNER__MAX_SESSIONS", "2"]]);
     assert!(
         log.contains("launch.actors") && log.contains("max_sessions (2)"),
         "{log}"
@@ -423,11 +438,7 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
     // Refused so with a checkpoint folder, it leaves none behind (nor a
     // version floor for a version it never published).
     let checkpoints = dir.join("checkpoints");
-    let log = refused_start_in(
-        &checkpoints.display().to_string(),
-        "2",
-        ["FLGFN_LEARNER__MAX_CHUNK_TRAJECTORIES", "32"],
-    );
+    let log = refused_start_in(&checkpoints.display().to_string(), "2", &too_large);
     assert!(
         log.contains("local actors' chunks would be refused"),
         "{log}"
@@ -437,7 +448,7 @@ fn local_actors_whose_chunks_would_be_refused_are_not_started() {
         "{} is left: {log}",
         checkpoints.display()
     );
-    let log = refused_start("2", ["FLGFN_LEARNER__MAX_CONNECTIONS", "1"]);
+    let log = refused_start("2", &[["FLGFN_LEARNER__MAX_CONNECTIONS", "1"]]);
     assert!(
         log.contains("launch.actors") && log.contains("max_connections (1)"),
         "{log}"

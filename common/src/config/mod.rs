@@ -470,6 +470,13 @@ pub struct LearnerConfig {
 }
 
 impl LearnerConfig {
+    /// The most transitions granted and not yet trained at once, the
+    /// credit room's ceiling: `max_batch_transitions` x
+    /// `max_in_flight_batches`. A chunk larger could never be granted.
+    pub fn credit_ceiling(&self) -> u64 {
+        (self.max_batch_transitions as u64).saturating_mul(self.max_in_flight_batches.max(1))
+    }
+
     /// Why data could be produced only to be dropped as stale, where it
     /// could: data granted is trained up to about `max_in_flight_batches`
     /// steps later (the batch follows the data in flight, and the room
@@ -634,9 +641,7 @@ impl Config {
         let max_len = env.max_trajectory_len().max(1);
         let trajectory_bytes = ReplayedTrajectory::max_held_bytes(env, max_len).max(1);
         let learner = &self.learner;
-        let room = (learner.max_batch_transitions as u64)
-            .saturating_mul(learner.max_in_flight_batches.max(1))
-            / max_len as u64;
+        let room = learner.credit_ceiling() / max_len as u64;
         let session = learner.max_session_bytes / trajectory_bytes as u64;
         let mut envs = auto_envs(max_len, trajectory_bytes)
             .min(learner.max_chunk_trajectories)

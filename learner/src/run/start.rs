@@ -93,30 +93,6 @@ fn start_local_actors(
         .map_err(LearnerError::LocalActors)
 }
 
-/// Local actors whose chunks this learner would refuse are found out
-/// before they start, naming actor.envs, rather than each refused at its
-/// handshake once started.
-fn check_local_actor_chunks(
-    options: &RunOptions,
-    config: &Config,
-    env: &dyn Environment,
-    state: &LearnerState,
-) -> Result<(), LearnerError> {
-    let Some(plan) = &options.local_actors else {
-        return Ok(());
-    };
-    let envs = config.envs_for(env) as u64;
-    state
-        .check_chunk_size(envs, "actor.envs")
-        .map_err(|refusal| {
-            LearnerError::LocalActors(std::io::Error::other(format!(
-                "the {} local actors' chunks would be refused: {refusal}",
-                plan.count
-            )))
-        })?;
-    Ok(())
-}
-
 /// What the live progress line reads.
 struct LiveProgress {
     steps_done: StepsDone,
@@ -225,9 +201,6 @@ impl Running {
             stopping: stop.clone(),
             trainer_ended,
         });
-        if !finished_already {
-            check_local_actor_chunks(options, &config, env.as_ref(), &state)?;
-        }
         // The first version goes out once the server is ready, before the
         // trainer's first step moves the floor (and before it checks the
         // rest of the checkpoint: the optimizer state): moved here first,
