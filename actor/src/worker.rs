@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use flgfn_common::env::Environment;
 use flgfn_common::policy::{ModelSpec, Policy};
-use flgfn_common::rollout::{Behaviour, rollout_unless};
+use flgfn_common::rollout::{Behaviour, rollout_unless, splitmix};
 use flgfn_common::trajectory::TrajectoryChunk;
 use flgfn_common::weights::WeightsError;
 use rand::rngs::SmallRng;
@@ -335,14 +335,6 @@ pub fn seed_for(seeding: Seeding, actor_id: u64) -> u64 {
             splitmix(splitmix(base ^ splitmix(actor_id)) ^ entropy)
         }
     }
-}
-
-/// SplitMix64's finaliser: spreads nearby inputs far apart.
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// FNV-1a over a chunk's actions, trajectory by trajectory.

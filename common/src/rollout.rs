@@ -14,6 +14,15 @@ use crate::env::{Environment, State};
 use crate::policy::{Policy, to_host_f32};
 use crate::trajectory::Trajectory;
 
+/// SplitMix64's finaliser: spreads nearby inputs (seeds, ids, steps) far
+/// apart, so that streams seeded from them share nothing.
+pub fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
 /// How the behaviour policy departs from the learned one.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Behaviour {

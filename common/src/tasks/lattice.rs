@@ -97,11 +97,9 @@ pub struct Lattice {
 
 /// splitmix64: a fixed, portable generator for the couplings.
 fn splitmix64(state: &mut u64) -> u64 {
+    let drawn = crate::rollout::splitmix(*state);
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    drawn
 }
 
 /// A standard normal draw (Box-Muller on two uniforms in (0, 1]).

@@ -42,7 +42,7 @@ impl Trainer {
                 warn!(%error, "cannot load weights kept to refine time to quality");
                 return false;
             }
-            let seed = self.config.seed ^ probe.step;
+            let seed = probe_seed(self.config.seed, probe.step);
             let learned_log_z = probe.learned_log_z.as_ref().map(|z| z.double_value(&[]));
             evaluator.reaches_quality(policy, learned_log_z, seed) == Some(true)
         });
@@ -192,5 +192,35 @@ impl Trainer {
         progress.report = report;
         progress.time_left_out += bookkeeping_started.elapsed();
         Ok(())
+    }
+}
+
+/// The seed of a quality probe's evaluation at `step`: its own stream,
+/// apart from every actor's. (`seed ^ step` was `seed + step` for a seed
+/// of trailing zeros, the default 0 included, and so the stream of the
+/// local actor seeded `seed + 1 + (step - 1)`.)
+fn probe_seed(run_seed: u64, step: u64) -> u64 {
+    flgfn_common::rollout::splitmix(run_seed ^ flgfn_common::rollout::splitmix(step))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_seed;
+
+    /// No probe draws a local actor's stream (seeded `seed + 1 + i`), nor
+    /// another probe's.
+    #[test]
+    fn probes_draw_streams_of_their_own() {
+        for seed in [0, 2, 1 << 20, 12_345] {
+            let probes: Vec<u64> = (1..=64).map(|step| probe_seed(seed, step)).collect();
+            for (i, probe) in probes.iter().enumerate() {
+                assert!(
+                    (0..64u64).all(|actor| *probe != seed + 1 + actor),
+                    "seed {seed}, step {}",
+                    i + 1
+                );
+                assert!(!probes[..i].contains(probe), "seed {seed}, step {}", i + 1);
+            }
+        }
     }
 }
