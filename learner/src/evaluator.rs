@@ -119,10 +119,10 @@ fn replayed_log_ratios(
     Some(ratios)
 }
 
-/// Environments an evaluation rolls out in lockstep at once with a
-/// network of `spec`: as many as [`ROLLOUT_BYTES`] holds of their input
-/// and widest activation.
-fn rollout_envs(spec: &ModelSpec) -> usize {
+/// Environments an evaluation (or `flgfn-sample`) rolls out in lockstep
+/// at once with a network of `spec`: as many as [`ROLLOUT_BYTES`] holds of
+/// their input and widest activation.
+pub fn rollout_envs(spec: &ModelSpec) -> usize {
     let outputs = spec.outputs();
     let widest = spec
         .hidden

@@ -1006,6 +1006,48 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         checkpoint.to_str().unwrap(),
     ]);
     assert!(message.contains("--checkpoint DIR"), "{message}");
+
+    // Weights written elsewhere, naming no task or model: sampled, with a
+    // warning that only their tensors were checked (the learner's own
+    // carry no such warning).
+    let learners_own = sample(&[
+        "--config",
+        config,
+        "--weights",
+        final_weights.to_str().unwrap(),
+        "-n",
+        "3",
+    ]);
+    let warning = "do not name their task or model";
+    assert!(
+        !String::from_utf8_lossy(&learners_own.stderr).contains(warning),
+        "{learners_own:?}"
+    );
+    let decoded = flgfn_common::weights::decode(&std::fs::read(&final_weights).unwrap()).unwrap();
+    let unnamed = dir.join("unnamed.safetensors");
+    std::fs::write(
+        &unnamed,
+        flgfn_common::weights::encode(
+            &decoded.arrays,
+            flgfn_common::config::WeightEncoding::F32,
+            &Default::default(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let output = sample(&[
+        "--config",
+        config,
+        "--weights",
+        unnamed.to_str().unwrap(),
+        "-n",
+        "3",
+    ]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(warning),
+        "{output:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

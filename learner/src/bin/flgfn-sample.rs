@@ -177,9 +177,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut rng = SmallRng::seed_from_u64(args.seed);
     let mut index = 0;
-    // In batches: one network call per step for the whole batch.
+    // In batches: one network call per step for the whole batch, within
+    // the memory an evaluation's batch may take (a wide network gets
+    // fewer at once).
+    let batch = flgfn_learner::evaluator::rollout_envs(&model).min(1024);
     while index < args.samples {
-        let count = (args.samples - index).min(1024);
+        let count = (args.samples - index).min(batch);
         let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
         // Drawn uniformly there: not samples of this policy.
         anyhow::ensure!(
@@ -243,6 +246,19 @@ fn load_weights_file(
         bail!(
             "{} holds weights of {key} {theirs}; the configuration's is {ours} (pass the job file they were trained with as --config)",
             path.display()
+        );
+    }
+    // Written elsewhere: only the tensors' names and shapes can be checked
+    // (another task of the same sizes, other levels say, would pass).
+    let unnamed: Vec<&str> = ["task", "model"]
+        .into_iter()
+        .filter(|key| !decoded.metadata.contains_key(*key))
+        .collect();
+    if !unnamed.is_empty() {
+        tracing::warn!(
+            path = %path.display(),
+            unnamed = %unnamed.join(", "),
+            "these weights do not name their task or model (not written by the learner): only their tensors' names and shapes are checked against the configuration"
         );
     }
     policy
