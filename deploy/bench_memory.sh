@@ -4,6 +4,7 @@
 # given, e.g.
 #
 #   deploy/bench_memory.sh 1 16 64 256      # the default
+#   deploy/bench_memory.sh --envs 16 1 64    # 16 trajectories per chunk
 #
 # Each row trains the default job for 20 s (or FLGFN_BENCH_SECONDS) and
 # prints the learner's RSS before any actor, its peak (sampled every
@@ -26,6 +27,16 @@ fi
 # hides the "actor joined" lines counted below) would change the rows.
 ignore_caller_settings
 samples=$((seconds * 5))
+# The generated actors' trajectories per chunk (default: actor.envs = 0).
+envs_flag=()
+if [ "${1:-}" = "--envs" ]; then
+    if ! [[ "${2:-}" =~ ^[0-9]+$ ]]; then
+        echo "bench_memory.sh: --envs takes a number of trajectories per chunk (got '${2:-}')" >&2
+        exit 2
+    fi
+    envs_flag=(--envs "$2")
+    shift 2
+fi
 counts=("$@")
 [ "${#counts[@]}" -gt 0 ] || counts=(1 16 64 256)
 rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
@@ -46,7 +57,7 @@ for k in "${counts[@]}"; do
         sleep 0.2
     done
     before="$(rss_kb "$learner")"
-    "$bin/flgfn-loadgen" --learner "http://127.0.0.1:$port" --actors "$k" >/dev/null 2>&1 &
+    "$bin/flgfn-loadgen" --learner "http://127.0.0.1:$port" --actors "$k" "${envs_flag[@]}" >/dev/null 2>&1 &
     pids+=("$!")
     peak=0 sum=0 n=0
     for ((i = 1; i <= samples; i++)); do
