@@ -96,7 +96,7 @@ fn main() -> std::process::ExitCode {
             flgfn_common::outln!("{}", status.as_str_name());
             std::process::ExitCode::FAILURE
         }
-        Ok(Err(HealthError::Config(ConfigError::Invalid { field, reason }))) => {
+        Ok(Err(HealthError::Config(ConfigError::Invalid { field, reason, .. }))) => {
             // The TLS settings came from this program's flags, not from a
             // configuration file's [tls]: name the flag.
             let flag = match field.as_str() {

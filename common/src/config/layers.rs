@@ -311,17 +311,21 @@ fn meant_without_section(name: &str) -> Option<String> {
 
 /// `error` with the layer that set its key appended, where that was not
 /// the file: `(set by --threads)`, `(set by FLGFN_LEARNER__THREADS)`. Where
-/// the file set that key, and the error is about a pair of keys (it names
-/// the other in full, `learner.report_every_s`), the layer that set the
-/// other: `(learner.report_every_s set by FLGFN_LEARNER__REPORT_EVERY_S)`.
-/// For errors found after validation too (a key a checkpoint refuses).
+/// the file set that key and the error refuses a pair
+/// ([`ConfigError::invalid_pair`]), the layer that set the other:
+/// `(learner.report_every_s set by FLGFN_LEARNER__REPORT_EVERY_S)`. For
+/// errors found after validation too (a key a checkpoint refuses).
 pub fn blame_layer(
     error: ConfigError,
     overrides: &[EnvOverride],
     flags: &[(&str, &str)],
 ) -> ConfigError {
     match error {
-        ConfigError::Invalid { field, reason } => {
+        ConfigError::Invalid {
+            field,
+            reason,
+            partner,
+        } => {
             let layer_of = |key: &str| {
                 flags
                     .iter()
@@ -334,43 +338,24 @@ pub fn blame_layer(
                             .map(|o| o.variable.clone())
                     })
             };
-            let partner = || {
-                // Every key a layer set, that the reason names.
-                let set = flags
-                    .iter()
-                    .map(|(_, key)| (*key).to_owned())
-                    .chain(overrides.iter().map(|o| o.key.join(".")));
-                set.filter(|key| *key != field && names_key(&reason, key))
-                    .find_map(|key| layer_of(&key).map(|layer| format!("{key} set by {layer}")))
-            };
             let blamed = layer_of(&field)
                 .map(|layer| format!("set by {layer}"))
-                .or_else(partner);
+                .or_else(|| {
+                    let partner = partner.as_deref()?;
+                    layer_of(partner).map(|layer| format!("{partner} set by {layer}"))
+                });
             let reason = match blamed {
                 Some(blamed) => format!("{reason} ({blamed})"),
                 None => reason,
             };
-            ConfigError::Invalid { field, reason }
+            ConfigError::Invalid {
+                field,
+                reason,
+                partner,
+            }
         }
         other => other,
     }
-}
-
-/// Whether `text` names the dotted `key` whole (`learner.batch_transitions`
-/// is not named by `learner.max_batch_transitions`).
-fn names_key(text: &str, key: &str) -> bool {
-    let in_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    text.match_indices(key).any(|(at, _)| {
-        let before = text[..at].chars().next_back();
-        let mut after = text[at + key.len()..].chars();
-        // A full stop ends a sentence; one before a word goes on a key.
-        let goes_on = match after.next() {
-            Some('.') => after.next().is_some_and(in_word),
-            Some(c) => in_word(c),
-            None => false,
-        };
-        !before.is_some_and(|c| in_word(c) || c == '.') && !goes_on
-    })
 }
 
 /// How a configuration path is named in messages: `-` is standard input;

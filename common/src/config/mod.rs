@@ -60,6 +60,10 @@ pub enum ConfigError {
         field: String,
         /// What is wrong with it.
         reason: String,
+        /// The other key of a pair refused together (`first_report_s`
+        /// above `report_every_s`): where no layer set `field`, the one
+        /// that set this is blamed ([`blame_layer`]).
+        partner: Option<String>,
     },
     /// The file is not valid TOML for this schema (unknown key, wrong type).
     #[error("{path}: {message}")]
@@ -85,6 +89,17 @@ impl ConfigError {
         ConfigError::Invalid {
             field: field.to_owned(),
             reason: reason.into(),
+            partner: None,
+        }
+    }
+
+    /// [`ConfigError::invalid`] for `field` refused with `partner`: the
+    /// user may have set either.
+    pub fn invalid_pair(field: &str, partner: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.to_owned(),
+            reason: reason.into(),
+            partner: Some(partner.to_owned()),
         }
     }
 }
@@ -831,7 +846,10 @@ impl Config {
     /// The configuration as TOML, every key that has a value (unset task
     /// overrides are left out), for `--print-config`.
     pub fn to_toml(&self) -> String {
-        // Serialising plain data with string keys cannot fail.
+        // Plain data with string keys: only an integer above i64::MAX,
+        // which TOML cannot hold, could fail. What was read from TOML
+        // cannot be one, and validation refuses one from the two flags
+        // that could set it (--seed, --max-steps).
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 }

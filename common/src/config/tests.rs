@@ -474,14 +474,17 @@ fn a_refused_pair_names_both_keys_and_the_layer_of_either() {
             && error.ends_with("(actor.reconnect_initial_s set by --reconnect-initial-s)"),
         "{error}"
     );
-    // A key that only begins like the one a layer set is not it.
-    let mut config = Config::default();
-    config.learner.max_batch_transitions = 10;
-    let overrides = env_overrides(vars(&[("FLGFN_LEARNER__MAX_BATCH", "1")]));
-    let error = config
-        .validate_layers(&overrides, &[])
-        .unwrap_err()
-        .to_string();
+    // A key a refusal only mentions (in its advice) is not blamed.
+    let advice = ConfigError::invalid(
+        "objective.name",
+        "the checkpoint was trained with fl_db (give this run its own learner.checkpoint_dir (--checkpoint-dir))",
+    );
+    let error = blame_layer(
+        advice,
+        &[],
+        &[("--checkpoint-dir", "learner.checkpoint_dir")],
+    )
+    .to_string();
     assert!(!error.contains("set by"), "{error}");
 }
 

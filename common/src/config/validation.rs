@@ -57,8 +57,9 @@ impl Config {
             // Either may be the one the user set: name both, and the
             // default, which a user raising batch_transitions alone meets.
             let default = LearnerConfig::default().max_batch_transitions;
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 "learner.max_batch_transitions",
+                "learner.batch_transitions",
                 format!(
                     "{} is less than learner.batch_transitions ({}): a batch starts at batch_transitions and grows up to max_batch_transitions (by default {default}); raise max_batch_transitions to at least {}, or lower batch_transitions",
                     l.max_batch_transitions, l.batch_transitions, l.batch_transitions,
@@ -86,8 +87,9 @@ impl Config {
         )?;
         if l.max_in_flight_batches > l.max_policy_lag {
             let default = LearnerConfig::default().max_in_flight_batches;
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 "learner.max_in_flight_batches",
+                "learner.max_policy_lag",
                 format!(
                     "{} is more than learner.max_policy_lag ({}): data granted would age past the bound before it is trained; set max_in_flight_batches at most max_policy_lag (its default, {default}, needs max_policy_lag >= {default})",
                     l.max_in_flight_batches, l.max_policy_lag,
@@ -187,8 +189,9 @@ impl Config {
         positive_finite("learner.report_every_s", l.report_every_s)?;
         if l.first_report_s > l.report_every_s {
             let default = LearnerConfig::default();
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 "learner.first_report_s",
+                "learner.report_every_s",
                 format!(
                     "{} is more than learner.report_every_s ({}): the first report comes no later than the others (by default {} and {}); lower first_report_s or raise report_every_s",
                     l.first_report_s,
@@ -254,8 +257,9 @@ impl Config {
         }
         if a.reconnect_max_s < a.reconnect_initial_s {
             let default = ActorConfig::default();
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 "actor.reconnect_max_s",
+                "actor.reconnect_initial_s",
                 format!(
                     "{} is less than actor.reconnect_initial_s ({}): the pause between attempts doubles from reconnect_initial_s up to reconnect_max_s (by default {} and {}); raise reconnect_max_s or lower reconnect_initial_s",
                     a.reconnect_max_s,

@@ -129,13 +129,6 @@ pub struct SetGeneration {
     element_energies: Vec<f64>,
 }
 
-fn invalid(field: &str, reason: String) -> ConfigError {
-    ConfigError::Invalid {
-        field: field.to_owned(),
-        reason,
-    }
-}
-
 fn member_count(state: &State) -> usize {
     state.iter().filter(|&&v| v != 0).count()
 }
@@ -156,7 +149,11 @@ impl SetGeneration {
             config.levels.clone().unwrap_or_else(|| levels.to_vec()),
         )
         .map_err(|error| match error {
-            ConfigError::Invalid { field, reason } => {
+            ConfigError::Invalid {
+                field,
+                reason,
+                partner,
+            } => {
                 let preset = match field.as_str() {
                     "task.universe" if config.universe.is_none() => Some(("universe", universe)),
                     "task.set_size" if config.set_size.is_none() => Some(("set_size", set_size)),
@@ -169,7 +166,11 @@ impl SetGeneration {
                     ),
                     None => reason,
                 };
-                ConfigError::Invalid { field, reason }
+                ConfigError::Invalid {
+                    field,
+                    reason,
+                    partner,
+                }
             }
             other => other,
         })
@@ -182,13 +183,13 @@ impl SetGeneration {
         levels: Vec<f64>,
     ) -> Result<Self, ConfigError> {
         if levels.is_empty() {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.levels",
-                "needs at least one energy level".into(),
+                "needs at least one energy level",
             ));
         }
         if let Some(bad) = levels.iter().find(|l| !l.is_finite()) {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.levels",
                 format!("every level must be finite, got {bad}"),
             ));
@@ -197,7 +198,7 @@ impl SetGeneration {
         // learner refuses terms beyond this, so nothing would ever train.
         let limit = f64::from(crate::trajectory::MAX_ABS_ENERGY);
         if let Some(bad) = levels.iter().find(|l| l.abs() > limit) {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.levels",
                 format!(
                     "every level must be within [-{limit}, {limit}] (the energy terms the learner accepts), got {bad}"
@@ -205,16 +206,16 @@ impl SetGeneration {
             ));
         }
         if universe == 0 {
-            return Err(invalid("task.universe", "must be positive".into()));
+            return Err(ConfigError::invalid("task.universe", "must be positive"));
         }
         if universe > MAX_UNIVERSE {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.universe",
                 format!("{universe} exceeds the limit of {MAX_UNIVERSE}"),
             ));
         }
         if !universe.is_multiple_of(levels.len()) {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.universe",
                 format!(
                     "{universe} is not a multiple of the number of levels ({}): each level must repeat equally often",
@@ -223,7 +224,7 @@ impl SetGeneration {
             ));
         }
         if set_size == 0 || set_size > universe {
-            return Err(invalid(
+            return Err(ConfigError::invalid(
                 "task.set_size",
                 format!("must be between 1 and the universe size {universe}, got {set_size}"),
             ));
