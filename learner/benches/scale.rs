@@ -157,7 +157,8 @@ const GENERATED_EXIT_GRACE: Duration = Duration::from_secs(30);
 struct Ran {
     outcome: TrainingOutcome,
     /// What its generated actors did, summed (the counts the bench reads)
-    /// into one report; none where every one failed.
+    /// into one report, failed ones' included; none where every one
+    /// failed having sent nothing.
     generated: Option<ActorReport>,
     /// Every actor exited (refused, failed) before training finished, and
     /// the bench stopped the learner: its figures are partial.
@@ -269,7 +270,10 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
                         generated.len()
                     );
                 }
-                totals = Some(sum);
+                // Every one failed with nothing sent (refused, say): no
+                // actor figures, not zeros that read as measured.
+                let nothing = failed.len() == generated.len() && sum.chunks_sent == 0;
+                totals = (!nothing).then_some(sum);
             }
             Ok(Err(error)) => eprintln!(
                 "{}: the load generator's task failed ({error}): no generated actor figures",
