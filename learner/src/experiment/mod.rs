@@ -122,7 +122,7 @@ pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>
         quality: None,
         record: RunRecord::default(),
     };
-    plots::render_groups(std::slice::from_ref(&result), dir)
+    plots::render_groups(std::slice::from_ref(&result), &[], dir)
 }
 
 /// What a suite's folder was last run with (`OUT/suite.json`), so that

@@ -21,8 +21,8 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::RunResult;
 use super::results::TOP_K_FRACTION;
+use super::{RunResult, RunSpec};
 use crate::report::Report;
 
 /// A metric drawn in one panel.
@@ -392,12 +392,35 @@ where
     let error = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     root.fill(&WHITE).map_err(error)?;
     let metrics = panels(curves, x);
+    // Each panel's bands, their extent, and the threshold drawn in it: one
+    // far from the curves on a linear axis would squash them (top-100
+    // rewards of 1e4 to 1e5 under a ceiling of 9e5), and is named under
+    // the panel instead, so the legend names only thresholds drawn.
+    let prepared: Vec<_> = metrics
+        .iter()
+        .map(|&(metric, threshold)| {
+            // (A curve with nothing in this panel is left out of it.)
+            let bands: Vec<(usize, &String, Band)> = curves
+                .iter()
+                .map(|(colour, label, runs)| (*colour, label, band(runs, x, metric.value)))
+                .filter(|(_, _, band)| !band.is_empty())
+                .collect();
+            let data = y_extent(&bands, None);
+            let in_view = data
+                .and_then(|data| threshold.filter(|&t| metric.log_scale || within_reach(t, data)));
+            (metric, threshold, bands, data, in_view)
+        })
+        .collect();
+    let drawn: Vec<(&Metric, Option<f64>)> = prepared
+        .iter()
+        .map(|&(metric, _, _, _, in_view)| (metric, in_view))
+        .collect();
     let root = root.titled(title, ("sans-serif", 22)).map_err(error)?;
     let mut entries: Vec<LegendEntry> = curves
         .iter()
         .map(|(colour, label, _)| (Some(PALETTE[colour % PALETTE.len()]), label.clone()))
         .collect();
-    if let Some(label) = threshold_legend(&metrics) {
+    if let Some(label) = threshold_legend(&drawn) {
         entries.push((None, label));
     }
     let font = TextStyle::from(("sans-serif", 16).into_font());
@@ -421,24 +444,14 @@ where
     let columns = 3usize;
     let rows = metrics.len().div_ceil(columns).max(1);
     let panels = root.split_evenly((rows, columns));
-    for (panel, &(metric, threshold)) in panels.iter().zip(&metrics) {
-        // (A curve with nothing in this panel is left out of it.)
-        let bands: Vec<(usize, &String, Band)> = curves
-            .iter()
-            .map(|(colour, label, runs)| (*colour, label, band(runs, x, metric.value)))
-            .filter(|(_, _, band)| !band.is_empty())
-            .collect();
+    for (panel, (metric, threshold, bands, data, in_view)) in panels.iter().zip(prepared) {
         let x_max = bands
             .iter()
             .flat_map(|(_, _, b)| b.iter())
             .fold(0f64, |max, &(px, ..)| max.max(px));
-        let Some(data) = y_extent(&bands, None) else {
+        let Some(data) = data else {
             continue;
         };
-        // A threshold far from the curves on a linear axis would squash
-        // them (top-100 rewards of 1e4 to 1e5 under a ceiling of 9e5): it
-        // is named under the panel instead.
-        let in_view = threshold.filter(|&t| metric.log_scale || within_reach(t, data));
         let off_panel = threshold.filter(|_| in_view.is_none());
         // The smallest value above 0: a log axis starts below it, so no
         // curve is clipped but one that reaches 0.
@@ -584,9 +597,14 @@ where
 }
 
 /// Renders, for every group of `results`, a figure against training steps
-/// and one against seconds, each as PNG and SVG, into `dir`. Returns the
-/// files written.
-pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// and one against seconds, each as PNG and SVG, into `dir`; a curve of
+/// the group whose every run is in `failed` is named in its title (it has
+/// no line). Returns the files written.
+pub fn render_groups(
+    results: &[RunResult],
+    failed: &[RunSpec],
+    dir: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
     register_font();
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // Labels in suite order (each at its first configuration's place).
@@ -635,6 +653,25 @@ pub fn render_groups(results: &[RunResult], dir: &Path) -> anyhow::Result<Vec<Pa
             (1, false) => format!("{group}: one run per curve"),
             (_, false) => format!("{group}: mean and range over {seeds} seeds"),
             (_, true) => format!("{group}: mean and range over the seeds in each label"),
+        };
+        // A curve with no finished run has no line, nor a label: said.
+        let mut lost: Vec<&RunSpec> = failed
+            .iter()
+            .filter(|spec| spec.group == *group)
+            .filter(|spec| {
+                !curves
+                    .iter()
+                    .flat_map(|(_, _, runs)| runs)
+                    .any(|run| run.spec.curve == spec.curve)
+            })
+            .collect();
+        lost.sort_by_key(|spec| spec.position);
+        lost.dedup_by(|a, b| a.curve == b.curve);
+        let title = if lost.is_empty() {
+            title
+        } else {
+            let names: Vec<&str> = lost.iter().map(|spec| spec.curve.as_str()).collect();
+            format!("{title}; every run failed: {}", names.join(", "))
         };
         let curves = &*curves;
         for (suffix, x_label, x) in AXES {

@@ -323,7 +323,7 @@ pub fn write_outputs(
     )?;
     write_atomically(out, "summary.md", summary.as_bytes())?;
     let dir = out.join("plots");
-    let written = plots::render_groups(results, &dir)?;
+    let written = plots::render_groups(results, failed, &dir)?;
     // Figures this drawing did not write (a group whose runs all failed
     // this time, or another suite's that shared the folder) would show
     // runs the tables no longer count.

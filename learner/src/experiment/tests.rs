@@ -451,7 +451,7 @@ fn figures_draw_shared_thresholds_under_one_legend() {
 
     let out = std::env::temp_dir().join(format!("flgfn-figures-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
-    let written = plots::render_groups(&results, &out).unwrap();
+    let written = plots::render_groups(&results, &[], &out).unwrap();
     let svg = written
         .iter()
         .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
@@ -466,6 +466,51 @@ fn figures_draw_shared_thresholds_under_one_legend() {
     // The legend's sample is 2 dashes; the panels' lines are the rest.
     let dashes = svg.matches(r##"opacity="0.6" stroke="#000000""##).count();
     assert!(dashes > 2, "{dashes} dashes");
+
+    // A curve whose every run failed has no line: its figure's title
+    // names it (it was left out without a word).
+    let finished: Vec<RunResult> = results
+        .iter()
+        .filter(|r| r.spec.curve != "tb")
+        .cloned()
+        .collect();
+    let failed: Vec<RunSpec> = specs.iter().filter(|s| s.curve == "tb").cloned().collect();
+    assert!(!failed.is_empty());
+    let written = plots::render_groups(&finished, &failed, &out).unwrap();
+    let svg = written
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
+        .unwrap();
+    let svg = std::fs::read_to_string(svg).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    assert!(svg.contains("every run failed: tb"), "{svg}");
+
+    // Top-100 rewards far below their ceiling on a linear axis: the
+    // ceiling is named under its panel, not drawn, and the legend names
+    // no line that is not drawn.
+    let far: Vec<RunResult> = specs
+        .iter()
+        .map(|spec| {
+            let mut reports = vec![report(100, false, 1e-6), report(300, false, 2e-6)];
+            for (report, tv) in reports.iter_mut().zip([0.5, 0.4]) {
+                report.marginal_tv = Some(tv);
+            }
+            summarise(spec.clone(), reports).unwrap()
+        })
+        .collect();
+    let written = plots::render_groups(&far, &[], &out).unwrap();
+    let svg = written
+        .iter()
+        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
+        .unwrap();
+    let svg = std::fs::read_to_string(svg).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    assert!(svg.contains("above the panel"), "{svg}");
+    assert!(
+        svg.lines().any(|line| line.trim() == "quality threshold"),
+        "{svg}"
+    );
+    assert!(!svg.contains("top-100 ceiling"), "{svg}");
 }
 
 /// The folders set aside for a run are its own only (not those of a run
