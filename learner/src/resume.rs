@@ -67,10 +67,7 @@ pub fn restore(
             checkpoint::PolicyRefused::AnotherRun(why) => LearnerError::Checkpoint(format!(
                 "{why} (another run's folder? Give this run its own learner.checkpoint_dir (--checkpoint-dir); --fresh deletes its checkpoints and starts over)"
             )),
-            checkpoint::PolicyRefused::Unusable(why) => LearnerError::Checkpoint(format!(
-                "{why}; {}",
-                checkpoint::older_one_remedy(&checkpoint.path)
-            )),
+            checkpoint::PolicyRefused::Unusable(why) => checkpoint.unusable(why),
         })?;
     check_resumed_config(&state.config, config, resume_changed, &checkpoint.path)?;
     // Its counters and figures too, before anything in the folder or the

@@ -142,7 +142,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                         anyhow::anyhow!("{why} (pass the job file it was trained with as --config)")
                     }
                     checkpoint::PolicyRefused::Unusable(why) => anyhow::anyhow!(
-                        "{why} (copy an older checkpoint into a folder of its own and read that)"
+                        "{}: {why} (copy an older checkpoint into a folder of its own and read that)",
+                        found.path.display()
                     ),
                 },
             )?;

@@ -247,12 +247,9 @@ impl Checkpoint {
                 state.model
             )));
         }
-        policy.load_weights(&self.group("policy")).map_err(|e| {
-            PolicyRefused::Unusable(format!(
-                "{}: the policy's (`policy/`) {e}",
-                self.path.display()
-            ))
-        })
+        policy
+            .load_weights(&self.group("policy"))
+            .map_err(|e| PolicyRefused::Unusable(format!("the policy's (`policy/`) {e}")))
     }
 }
 
@@ -264,6 +261,8 @@ pub enum PolicyRefused {
     AnotherRun(String),
     /// Its own task and model, but weights that cannot be loaded (a NaN
     /// from a diverged run, a tensor missing): an older checkpoint may do.
+    /// Why, without the checkpoint's path ([`Checkpoint::unusable`] adds
+    /// it, with that remedy).
     Unusable(String),
 }
 
