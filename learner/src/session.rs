@@ -291,7 +291,7 @@ struct Progress {
     /// This actor's chunk numbering: the next number, and how many may be
     /// missing before it.
     sequence: SequenceState,
-    /// Chunks in a row that arrived already older than `max_policy_lag`.
+    /// Chunks in a row that arrived at `max_policy_lag` or older.
     stale_arrivals: u32,
     /// How long the next pause lasts (zero: the first pause comes next).
     next_pause: Duration,
