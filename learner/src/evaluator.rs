@@ -120,8 +120,8 @@ fn replayed_log_ratios(
 }
 
 /// Environments an evaluation (or `flgfn-sample`) rolls out in lockstep
-/// at once with a network of `spec`: as many as [`ROLLOUT_BYTES`] holds of
-/// their input and widest activation.
+/// at once with a network of `spec`: as many as 256 MiB holds of their
+/// input and widest activation.
 pub fn rollout_envs(spec: &ModelSpec) -> usize {
     let outputs = spec.outputs();
     let widest = spec

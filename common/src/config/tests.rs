@@ -672,11 +672,13 @@ fn environments_per_actor_default_within_the_learner_limits_of_the_file() {
     // first.)
     // A 16x16 lattice with 8 MiB per session: a chunk of 20 would take
     // ~14.6 MB.
-    let mut config = Config::default();
-    config.task = TaskConfig::Lattice(crate::tasks::lattice::LatticeConfig {
-        side: 16,
-        ..Default::default()
-    });
+    let mut config = Config {
+        task: TaskConfig::Lattice(crate::tasks::lattice::LatticeConfig {
+            side: 16,
+            ..Default::default()
+        }),
+        ..Config::default()
+    };
     config.learner.max_session_bytes = 8 << 20;
     let lattice = crate::tasks::build(&config.task).unwrap();
     let chunk = config.envs_for(lattice.as_ref());
