@@ -55,7 +55,7 @@ pub struct ActorOptions {
 }
 
 /// What an actor did, returned when it stops.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ActorReport {
     /// Weight versions loaded, in order: the first
     /// [`worker::VERSIONS_KEPT`].
@@ -875,11 +875,71 @@ impl ActorReport {
         self.stale_chunks_dropped = counts.stale_chunks_dropped;
         self.sessions_opened = counts.sessions_opened;
     }
+
+    /// Adds `other`'s counts to this report's (several actors' totals, as
+    /// the load generator sums its own); what is not a count (the seed,
+    /// the versions applied, the flags) stays.
+    pub fn add_totals(&mut self, other: &ActorReport) {
+        self.versions_loaded += other.versions_loaded;
+        self.received_to_use_us += other.received_to_use_us;
+        self.versions_received += other.versions_received;
+        self.credits += other.credits;
+        self.rollouts += other.rollouts;
+        self.chunks_sent += other.chunks_sent;
+        self.transitions_sent += other.transitions_sent;
+        self.connection_attempts = self
+            .connection_attempts
+            .saturating_add(other.connection_attempts);
+        self.sessions_opened = self.sessions_opened.saturating_add(other.sessions_opened);
+        self.stale_chunks_dropped += other.stale_chunks_dropped;
+        self.abandoned_rollouts += other.abandoned_rollouts;
+        self.orders_skipped += other.orders_skipped;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Totals add every count of two reports, and keep what is not one.
+    #[test]
+    fn totals_add_every_count() {
+        let one = ActorReport {
+            versions_loaded: 1,
+            received_to_use_us: 2,
+            versions_received: 3,
+            credits: 4,
+            rollouts: 5,
+            chunks_sent: 6,
+            transitions_sent: 7,
+            connection_attempts: 8,
+            sessions_opened: 9,
+            stale_chunks_dropped: 10,
+            abandoned_rollouts: 11,
+            orders_skipped: 12,
+            seed: Some(13),
+            training_done: true,
+            ..ActorReport::default()
+        };
+        let mut total = one.clone();
+        total.add_totals(&one);
+        let doubled = ActorReport {
+            versions_loaded: 2,
+            received_to_use_us: 4,
+            versions_received: 6,
+            credits: 8,
+            rollouts: 10,
+            chunks_sent: 12,
+            transitions_sent: 14,
+            connection_attempts: 16,
+            sessions_opened: 18,
+            stale_chunks_dropped: 20,
+            abandoned_rollouts: 22,
+            orders_skipped: 24,
+            ..one.clone()
+        };
+        assert_eq!(total, doubled);
+    }
 
     /// The certificate is checked against the URL's host, an IPv6 one
     /// without its brackets, or `tls.domain`; a name that is neither a DNS

@@ -252,11 +252,7 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
                 // learner.
                 let mut sum = ActorReport::default();
                 for actor in &generated {
-                    let report = &actor.report;
-                    sum.chunks_sent += report.chunks_sent;
-                    sum.stale_chunks_dropped += report.stale_chunks_dropped;
-                    sum.versions_loaded += report.versions_loaded;
-                    sum.received_to_use_us += report.received_to_use_us;
+                    sum.add_totals(&actor.report);
                 }
                 let failed: Vec<_> = generated
                     .iter()

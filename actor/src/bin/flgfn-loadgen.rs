@@ -55,13 +55,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         // The first actor that gave up, and how many did.
         let (mut first_gave_up, mut gave_up) = (None, 0);
         for actor in generated {
-            let r = &actor.report;
-            total.chunks_sent += r.chunks_sent;
-            total.transitions_sent += r.transitions_sent;
-            total.versions_received += r.versions_received;
-            total.sessions_opened += r.sessions_opened;
-            total.stale_chunks_dropped += r.stale_chunks_dropped;
-            total.orders_skipped += r.orders_skipped;
+            total.add_totals(&actor.report);
             if let Err(error) = actor.ended {
                 failed += 1;
                 tracing::error!(%error, "a generated actor failed");

@@ -381,14 +381,15 @@ fn settings_reach_every_run_and_refusals_name_them() {
 #[test]
 fn figures_draw_shared_thresholds_under_one_legend() {
     let specs = suite("smoke").unwrap().runs(2, Some(300));
-    let result = |spec: &RunSpec| {
-        let mut reports = vec![report(100, false, 0.1), report(300, false, 0.2)];
+    // Two reports, with these top-100 rewards.
+    let result_with = |spec: &RunSpec, [first, last]: [f64; 2]| {
+        let mut reports = vec![report(100, false, first), report(300, false, last)];
         for (report, tv) in reports.iter_mut().zip([0.5, 0.4]) {
             report.marginal_tv = Some(tv);
         }
         summarise(spec.clone(), reports).unwrap()
     };
-    let results: Vec<RunResult> = specs.iter().map(result).collect();
+    let results: Vec<RunResult> = specs.iter().map(|s| result_with(s, [0.1, 0.2])).collect();
     let metric = |title: &str| {
         plots::METRICS
             .iter()
@@ -449,15 +450,20 @@ fn figures_draw_shared_thresholds_under_one_legend() {
         (12_000.0, 86_000.0, 12_000.0)
     ));
 
-    let out = std::env::temp_dir().join(format!("flgfn-figures-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let written = plots::render_groups(&results, &[], &out).unwrap();
-    let svg = written
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
-        .unwrap();
-    let svg = std::fs::read_to_string(svg).unwrap();
-    std::fs::remove_dir_all(&out).unwrap();
+    // The figure against steps, as SVG text.
+    let steps_svg = |results: &[RunResult], failed: &[RunSpec]| {
+        let out = std::env::temp_dir().join(format!("flgfn-figures-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let written = plots::render_groups(results, failed, &out).unwrap();
+        let svg = written
+            .iter()
+            .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
+            .unwrap();
+        let svg = std::fs::read_to_string(svg).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
+        svg
+    };
+    let svg = steps_svg(&results, &[]);
     let threshold_label = "quality threshold; 99 % of the exact top-100 ceiling";
     for label in ["fl_db", "tb", threshold_label] {
         let texts = svg.lines().filter(|line| line.trim() == label).count();
@@ -476,35 +482,14 @@ fn figures_draw_shared_thresholds_under_one_legend() {
         .collect();
     let failed: Vec<RunSpec> = specs.iter().filter(|s| s.curve == "tb").cloned().collect();
     assert!(!failed.is_empty());
-    let written = plots::render_groups(&finished, &failed, &out).unwrap();
-    let svg = written
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
-        .unwrap();
-    let svg = std::fs::read_to_string(svg).unwrap();
-    std::fs::remove_dir_all(&out).unwrap();
+    let svg = steps_svg(&finished, &failed);
     assert!(svg.contains("every run failed: tb"), "{svg}");
 
     // Top-100 rewards far below their ceiling on a linear axis: the
     // ceiling is named under its panel, not drawn, and the legend names
     // no line that is not drawn.
-    let far: Vec<RunResult> = specs
-        .iter()
-        .map(|spec| {
-            let mut reports = vec![report(100, false, 1e-6), report(300, false, 2e-6)];
-            for (report, tv) in reports.iter_mut().zip([0.5, 0.4]) {
-                report.marginal_tv = Some(tv);
-            }
-            summarise(spec.clone(), reports).unwrap()
-        })
-        .collect();
-    let written = plots::render_groups(&far, &[], &out).unwrap();
-    let svg = written
-        .iter()
-        .find(|p| p.to_string_lossy().ends_with("-steps.svg"))
-        .unwrap();
-    let svg = std::fs::read_to_string(svg).unwrap();
-    std::fs::remove_dir_all(&out).unwrap();
+    let far: Vec<RunResult> = specs.iter().map(|s| result_with(s, [1e-6, 2e-6])).collect();
+    let svg = steps_svg(&far, &[]);
     assert!(svg.contains("above the panel"), "{svg}");
     assert!(
         svg.lines().any(|line| line.trim() == "quality threshold"),
