@@ -764,9 +764,43 @@ error = actor_at(proxy, reconnect_attempts=2)
 assert isinstance(error, fa.GaveUp), repr(error)
 assert "UNIMPLEMENTED" in str(error) and "proxy" in str(error), str(error)
 assert len(requests_404) == 2, requests_404
+
+# Addresses as --learner (and flgfn-actor) take them, run() too: an
+# http:// URL is its host:port (run() gave it to gRPC as it was, which
+# reported a reachable learner as unreachable); https:// is refused.
+assert fa.learner_target("127.0.0.1:5") == ("127.0.0.1:5", None)
+assert fa.learner_target("http://127.0.0.1:5/x") == \
+    ("127.0.0.1:5", "the path /x is ignored (a learner serves at the root)")
+for bad in ["https://127.0.0.1:5", "127.0.0.1", "http://127.0.0.1:0"]:
+    try:
+        fa.run(task, bad, envs=4)
+    except ValueError:
+        pass
+    else:
+        sys.exit(f"run() took {bad}")
+
+# A token the Rust actor refuses is refused here too, not sent to fail
+# inside gRPC (a non-breaking space from a copy-paste, say).
+assert fa.token_mistake("secret\u00a0token-0123456789") == \
+    "the token must be printable ASCII without spaces", fa.token_mistake("secret\u00a0token-0123456789")
+assert fa.token_mistake("short").startswith("the token has 5 characters")
+assert fa.token_mistake("0123456789abcdef0123") is None
+
+# A logit of -inf on a legal action (finite weights that overflow) draws
+# the state uniformly, as the Rust actor draws it (it was given only the
+# exploration's share: none at epsilon 0).
+one = fa.SetGeneration(universe=4, set_size=1, levels=[0.0, 1.0])
+overflowing = {"hidden0.weight": np.zeros((2, 4), np.float32),
+               "hidden0.bias": np.array([1, 0], np.float32),
+               "heads.weight": np.zeros((9, 2), np.float32), "heads.bias": np.zeros(9, np.float32)}
+overflowing["heads.weight"][1, 0] = -3e38
+overflowing["heads.bias"][1] = -3e38
+drawn, _ = fa.rollout(one, fa.Policy(overflowing, (2,)), 4000, 0.0, 0.0, np.random.default_rng(0))
+share = sum(actions[0] == 1 for actions in drawn) / 4000
+assert abs(share - 0.25) < 0.03, share
 PYTHON
 then
-    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert, while a proxy's HTTP 404 is retried; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect; one that cuts each session at its first chunk has the actor give up after its attempts"
+    echo "python_actor: ok: weights of another shape, task, network or version, or with a NaN, and settings out of range are refused by name; a server that is not a learner stops the actor at once (UNIMPLEMENTED), as do one that sends no handshake reply and one that answers with a TLS alert, while a proxy's HTTP 404 is retried; a learner that takes handshakes only as calls of their own gets the two calls, on every reconnect; one that cuts each session at its first chunk has the actor give up after its attempts; run() takes http:// addresses and refuses https:// and tokens the Rust actor refuses, by name; a legal action's -inf logit draws the state uniformly"
 else
     failed "weight checks or the UNIMPLEMENTED refusal" "$work/unit.log"
 fi

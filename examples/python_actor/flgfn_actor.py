@@ -290,15 +290,19 @@ def rollout(task, policy, envs, epsilon, truncate_fraction, rng, abandon=lambda:
         live, mask = live[~stuck], mask[~stuck]
         if live.size == 0:
             break
-        logits = policy.forward_logits(states[live], task.forward_actions).astype(np.float64)
-        logits = np.where(mask, logits, -np.inf)
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        raw = policy.forward_logits(states[live], task.forward_actions).astype(np.float64)
+        # Weights that give NaN or infinite logits on a legal action (a
+        # diverged model) would make every cumulative sum NaN and pick
+        # action 0, legal or not, or starve an action of -inf: such rows
+        # are sampled uniformly over the legal actions instead, as the
+        # Rust actor samples them.
+        broken = ~np.where(mask, np.isfinite(raw), True).all(axis=1)
+        logits = np.where(mask, raw, -np.inf)
+        with np.errstate(invalid="ignore"):
+            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
         uniform = mask / mask.sum(axis=1, keepdims=True)
-        # Weights that give NaN or infinite logits (a diverged model) would
-        # make every cumulative sum NaN and pick action 0, legal or not:
-        # such rows are sampled uniformly over the legal actions instead.
-        broken = ~np.isfinite(probs).all(axis=1)
+        broken |= ~np.isfinite(probs).all(axis=1)
         probs[broken] = uniform[broken]
         probs = (1 - epsilon) * probs + epsilon * uniform
         # Inverse CDF with u in (0, 1]: an action of probability 0 (masked)
@@ -886,10 +890,17 @@ def run(task, learner, hidden=(256, 256), envs=256, epsilon=0.05,
     if bad := out_of_range(reconnect_attempts, epsilon, truncate_fraction, envs):
         setting, what = bad
         raise ValueError(f"{setting} is {what}")
+    # An address as --learner takes it (http://host:port included).
+    target, note = learner_target(learner)
+    token = (token or "").strip() or None  # as the Rust actor reads it
+    if token is not None and (why := token_mistake(token)):
+        raise ValueError(f"token: {why}")
     stop = stop or StopFlag()
     # Distinct per process: the learner counts lost chunks per name.
     name = name or f"{socket.gethostname()}/python-actor-{os.getpid()}"
-    token = (token or "").strip() or None  # as the Rust actor reads it
+    if note:
+        print(f"{name}: {learner}: {note}", flush=True)
+    learner = target
     actor = Actor(task, learner, hidden, envs, epsilon, truncate_fraction, name, token, seed,
                   connect_timeout_s, keepalive_s, reconnect_initial_s, reconnect_max_s, stop)
     print(f"{name}: connecting to {learner}", flush=True)
@@ -990,10 +1001,37 @@ def widths(text):
     return hidden
 
 
+def learner_target(learner):
+    """The gRPC target of a learner address as the Rust actor takes one
+    (host:port, or http://host:port), or a gRPC target of its own form
+    (dns:///host:port, unix:path, ...); and what was dropped from it, if
+    anything, to say. ValueError saying what is wrong otherwise."""
+    if learner.startswith("https://"):
+        raise ValueError("this example speaks plain text only (no TLS)")
+    if re.match(r"(dns|unix|unix-abstract|ipv4|ipv6|vsock):", learner):
+        return learner, None
+    # gRPC takes host:port: a path is dropped (as the Rust actor does, with
+    # a warning), and a missing port is refused (gRPC would take 443); an
+    # IPv6 host goes in brackets ([::1]:50051).
+    address, _, path = learner.removeprefix("http://").partition("/")
+    port = HOST_PORT.fullmatch(address)
+    if not port or not 1 <= int(port.group(2)) <= 65535:
+        raise ValueError(f"{learner}: give host:port, a port from 1 to 65535 "
+                         f"(an IPv6 address in brackets: [::1]:50051)")
+    note = f"the path /{path} is ignored (a learner serves at the root)" \
+        if path.strip("/") else None
+    return address, note
+
+
 def token_mistake(token):
     """Why FLGFN_TOKEN cannot be the learner's token as written, as the
-    Rust actor says it (a .env line, or shell quotes that became part of
-    it); None when it may be."""
+    Rust actor says it (too short, characters an HTTP/2 header cannot
+    carry, a .env line, or shell quotes that became part of it); None when
+    it may be."""
+    if len(token) < 16:
+        return f"the token has {len(token)} characters; use at least 16"
+    if not all("!" <= c <= "~" for c in token):
+        return "the token must be printable ASCII without spaces"
     if token.startswith("FLGFN_TOKEN="):
         return "the token starts with `FLGFN_TOKEN=`: give the token alone"
     if len(token) >= 2 and token[0] == token[-1] and token[0] in "\"'":
@@ -1040,23 +1078,12 @@ def main():
             or len(args.name.encode()) > 1024:
         parser.error("--name: a name must hold no control characters, and at most 1024 bytes")
     learner = args.learner
-    if learner.startswith("https://"):
-        parser.error("--learner: this example speaks plain text only (no TLS)")
-    if re.match(r"(dns|unix|unix-abstract|ipv4|ipv6|vsock):", learner):
-        # A gRPC target of its own form (dns:///host:port, unix:path, ...).
-        address = learner
-    else:
-        # gRPC takes host:port: a path is dropped (as the Rust actor does,
-        # with a warning), and a missing port is refused (gRPC would take
-        # 443); an IPv6 host goes in brackets ([::1]:50051).
-        address, _, path = learner.removeprefix("http://").partition("/")
-        if path.strip("/"):
-            print(f"flgfn_actor: --learner {learner}: the path /{path} is ignored "
-                  f"(a learner serves at the root)", file=sys.stderr, flush=True)
-        port = HOST_PORT.fullmatch(address)
-        if not port or not 1 <= int(port.group(2)) <= 65535:
-            parser.error(f"--learner: {learner}: give host:port, a port from 1 to 65535 "
-                         f"(an IPv6 address in brackets: [::1]:50051)")
+    try:
+        address, note = learner_target(learner)
+    except ValueError as error:
+        parser.error(f"--learner: {error}")
+    if note:
+        print(f"flgfn_actor: --learner {learner}: {note}", file=sys.stderr, flush=True)
     hidden = args.hidden
     # Trimmed, and unset when blank, as the Rust actor reads it: a token
     # from a file or a Kubernetes Secret often ends in a newline.
