@@ -35,10 +35,12 @@ git ls-files -z --cached --others --exclude-standard |
     tar --null -T - -cf - | tar -xf - -C "$scratch"
 sed -i -e 's/^tch = "0\.26"/tch = "0.24"/' -e 's/^torch-sys = "0\.26"/torch-sys = "0.24"/' \
     "$scratch/Cargo.toml"
-grep -q '^tch = "0.24"' "$scratch/Cargo.toml" || {
-    echo "gpu: could not pin tch 0.24 in the scratch Cargo.toml" >&2
-    exit 1
-}
+for crate in tch torch-sys; do
+    grep -q "^$crate = \"0.24\"" "$scratch/Cargo.toml" || {
+        echo "gpu: could not pin $crate 0.24 in the scratch Cargo.toml" >&2
+        exit 1
+    }
+done
 
 export PATH="$venv/bin:$PATH" LIBTORCH_USE_PYTORCH=1
 export CARGO_TARGET_DIR="$cache/target-gpu"
@@ -74,6 +76,14 @@ while read -r name path; do
     cp "$path" "$bundle/$name"
 done <<<"$benches"
 strip "$bundle"/*
+# torch-sys links libtorch_cuda only where the wheel has it: a CPU-only
+# torch builds fine and would leave the device's run without CUDA.
+for bin in flgfn-learner step scale; do
+    readelf -d "$bundle/$bin" | grep -q 'NEEDED.*libtorch_cuda\.so' || {
+        echo "gpu: $bin does not link libtorch_cuda.so (a CPU-only torch in $venv?): CUDA would not be used" >&2
+        exit 1
+    }
+done
 cd "$repo"
 ls -la "$bundle"
 du -sh "$bundle"
