@@ -785,6 +785,11 @@ assert fa.token_mistake("secret\u00a0token-0123456789") == \
     "the token must be printable ASCII without spaces", fa.token_mistake("secret\u00a0token-0123456789")
 assert fa.token_mistake("short").startswith("the token has 5 characters")
 assert fa.token_mistake("0123456789abcdef0123") is None
+# Loopback as the Rust actor reckons it (no token-in-clear warning).
+for host in ["LOCALHOST:5", "localhost.:5", "[::ffff:127.0.0.1]:5", "127.0.0.2:5", "[::1]:5"]:
+    assert not fa.beyond_loopback(host), host
+assert fa.beyond_loopback("10.0.0.5:5") and fa.beyond_loopback("learner:5")
+assert fa.out_of_range(0, 0.0, 0.0, 2**32)[0] == "envs"
 
 # A logit of -inf on a legal action (finite weights that overflow) draws
 # the state uniformly, as the Rust actor draws it (it was given only the

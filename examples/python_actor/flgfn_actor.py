@@ -429,13 +429,17 @@ def beyond_loopback(learner):
     address = socket_address(learner)
     if not address:
         return True
-    host = address[0]
-    if host == "localhost":
+    # As the Rust actor reckons it: any case, a trailing dot, and an IPv4
+    # loopback written as IPv6 ([::ffff:127.0.0.1]).
+    host = address[0].removesuffix(".")
+    if host.lower() == "localhost":
         return False
     try:
-        return not ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return True
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return not ip.is_loopback
 
 
 def answers_as_tls(learner, timeout):
@@ -865,7 +869,8 @@ def out_of_range(reconnect_attempts, epsilon, truncate_fraction, envs):
         # state, where the reward ties the flows to the target.)
         ("truncate_fraction", truncate_fraction, 0 <= truncate_fraction < 1,
          "at least 0 and below 1 (1 would leave no trajectory complete)"),
-        ("envs", envs, envs >= 1, "1 or more"),
+        # (A chunk's count travels as 32 bits.)
+        ("envs", envs, 1 <= envs <= 2**32 - 1, "1 to 4294967295"),
     ):
         if not within:
             return setting, f"{value}: {must}"
@@ -1067,8 +1072,8 @@ def main():
                            args.envs):
         setting, what = bad
         parser.error(f"--{setting.replace('_', '-')}: {what}")
-    if not args.connect_timeout > 0:
-        parser.error(f"--connect-timeout: {args.connect_timeout}: more than 0")
+    if not 0 < args.connect_timeout <= 86400:
+        parser.error(f"--connect-timeout: {args.connect_timeout}: more than 0, at most a day (86400)")
     # As flgfn-actor's: the learner counts lost chunks by name, so a blank
     # one (an unset variable) would be every such actor's, and one with
     # control characters, which the learner shows as ?, another's.
