@@ -489,3 +489,29 @@ async fn generated_actors_that_give_up_keep_what_they_sent() {
     // more may have been sent than taken.
     assert!(sent >= ingested, "sent {sent}, ingested {ingested}");
 }
+
+/// A report's ingest rate counts what arrived in its own window of
+/// training time: the first report's leaves out what arrived before the
+/// first step (the first credit room, filled while the actors started,
+/// the first batch at least), which that window does not cover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_reports_ingest_rate_leaves_out_what_came_before_training() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    let mut config = support::tiny_config();
+    config.learner.max_steps = 200;
+    let dir = std::env::temp_dir().join(format!("flgfn-ingest-rate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let metrics = dir.join("metrics.jsonl");
+    train(&config, 0, 2, Duration::ZERO, Some(metrics.clone())).await;
+    let first = support::reports(&metrics).into_iter().next().unwrap();
+    // Its window is its training time, from the first step.
+    let in_window = first.ingested_per_s * first.wall_s;
+    let before_training = config.learner.batch_transitions as f64;
+    assert!(
+        in_window <= first.ingested_transitions as f64 - before_training + 1.0,
+        "{in_window:.0} transitions in the first window, of {} ingested, {before_training} of them before the first step",
+        first.ingested_transitions
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
