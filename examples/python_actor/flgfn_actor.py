@@ -1019,8 +1019,8 @@ def learner_target(learner):
     # a warning), and a missing port is refused (gRPC would take 443); an
     # IPv6 host goes in brackets ([::1]:50051).
     address, _, path = learner.removeprefix("http://").partition("/")
-    port = HOST_PORT.fullmatch(address)
-    if not port or not 1 <= int(port.group(2)) <= 65535:
+    parsed = socket_address(address)
+    if not parsed or not 1 <= parsed[1] <= 65535:
         raise ValueError(f"{learner}: give host:port, a port from 1 to 65535 "
                          f"(an IPv6 address in brackets: [::1]:50051)")
     note = f"the path /{path} is ignored (a learner serves at the root)" \

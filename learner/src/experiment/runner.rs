@@ -614,6 +614,19 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
+    /// A fresh folder `name` holding a stand-in learner and actor of
+    /// `version`; the folder and the learner's path.
+    #[cfg(unix)]
+    fn stand_in_binaries(name: &str, version: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        stand_in(&dir, "flgfn-learner", version, "");
+        stand_in(&dir, "flgfn-actor", version, "");
+        let learner = dir.join("flgfn-learner");
+        (dir, learner)
+    }
+
     /// A suite's build names the actor too where it differs from the
     /// learner: a change to the actor alone, which leaves the learner's
     /// version clean, still makes another build (and the runs again);
@@ -621,13 +634,8 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn a_change_to_the_actor_alone_is_another_build() {
-        let dir = std::env::temp_dir().join(format!("flgfn-suite-build-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let learner = dir.join("flgfn-learner");
         let clean = "0.1.0 (commit 0123456789ab)";
-        stand_in(&dir, "flgfn-learner", clean, "");
-        stand_in(&dir, "flgfn-actor", clean, "");
+        let (dir, learner) = stand_in_binaries("flgfn-suite-build", clean);
         assert_eq!(suite_build(&learner).unwrap(), clean);
 
         let modified = "0.1.0 (commit 0123456789ab, modified)";
@@ -652,13 +660,8 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn binaries_changed_midway_make_no_run() {
-        let dir = std::env::temp_dir().join(format!("flgfn-suite-rebuilt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let learner = dir.join("flgfn-learner");
         let first = "0.1.0 (commit 0123456789ab)";
-        stand_in(&dir, "flgfn-learner", first, "");
-        stand_in(&dir, "flgfn-actor", first, "");
+        let (dir, learner) = stand_in_binaries("flgfn-suite-rebuilt", first);
         let options = SuiteOptions {
             build: suite_build(&learner).unwrap(),
             learner,
