@@ -349,9 +349,9 @@ impl SequenceState {
 
 /// Each actor name's [`SequenceState`] when its last session closed, so
 /// that gaps are counted across an actor's reconnects. Bounded: beyond
-/// [`SequenceBook::MAX_NAMES`] names, new ones are not tracked. Consulted
-/// only when sessions open and close; a session counts its own chunks
-/// without locks.
+/// [`SequenceBook::MAX_NAMES`] names, the one whose last session is the
+/// oldest is forgotten. Consulted only when sessions open and close; a
+/// session counts its own chunks without locks.
 #[derive(Debug, Default)]
 pub struct SequenceBook {
     inner: Mutex<SequenceEntries>,
@@ -452,14 +452,26 @@ impl SequenceBook {
         if state.next.is_none() {
             return;
         }
-        let room = entries.last_of_name.len() < Self::MAX_NAMES;
         match entries.last_of_name.get_mut(&name) {
             Some(entry) if entry.0 > actor_id => {}
             Some(entry) => *entry = (actor_id, state),
-            None if room => {
+            None => {
+                if entries.last_of_name.len() >= Self::MAX_NAMES {
+                    // The name whose last session is the oldest (ids only
+                    // grow): a long run whose actors restart under new
+                    // names (host/pid) keeps counting what the newest lose.
+                    // (A scan, only once full: closes are rare.)
+                    let oldest = entries
+                        .last_of_name
+                        .iter()
+                        .min_by_key(|(_, (id, _))| *id)
+                        .map(|(oldest, _)| oldest.clone());
+                    if let Some(oldest) = oldest {
+                        entries.last_of_name.remove(&oldest);
+                    }
+                }
                 entries.last_of_name.insert(name, (actor_id, state));
             }
-            None => {}
         }
     }
 }
@@ -492,6 +504,33 @@ mod sequence_tests {
         assert!(book.opened(last, key(last)).is_some());
         assert!(!book.pending(last, key(last)), "one session per handshake");
         assert!(book.opened(last, key(last)).is_none());
+    }
+
+    /// A long run whose actors restart under new names (host/pid) keeps
+    /// counting what the newest lose once the book is full: the name whose
+    /// last session is the oldest makes room.
+    #[test]
+    fn a_full_book_forgets_the_oldest_name_not_the_newest() {
+        let book = SequenceBook::default();
+        let session = |id: u64, name: &str, sequence: u64| {
+            let key = book.joined(id, name);
+            let (name, mut state) = book.opened(id, &key).unwrap();
+            let lost = state.arrived(sequence);
+            close(&book, id, name, state, 2);
+            lost
+        };
+        let names = SequenceBook::MAX_NAMES as u64;
+        for id in 1..=names + 1 {
+            session(id, &format!("host/{id}"), 0);
+        }
+        // The newest name is remembered: its reconnect counts the 2
+        // credits its session left unanswered.
+        let newest = format!("host/{}", names + 1);
+        assert_eq!(session(names + 2, &newest, 3), 2);
+        // The second oldest is still there; the oldest made room, and its
+        // numbering starts afresh.
+        assert_eq!(session(names + 3, "host/2", 3), 2);
+        assert_eq!(session(names + 4, "host/1", 3), 0);
     }
 
     #[test]
