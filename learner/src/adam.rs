@@ -155,8 +155,9 @@ impl Adam {
         // memory) leaves the count as it was.
         let step = self.steps.saturating_add(1);
         // Both corrections are exactly 1.0 in f64 long before t leaves
-        // i32 (after ~7,000 steps), so a run past 2^31 steps keeps them
-        // there instead of wrapping to a negative power.
+        // i32 (after ~37,000 steps, where 0.999^t falls below 2^-54), so a
+        // run past 2^31 steps keeps them there instead of wrapping to a
+        // negative power.
         let t = i32::try_from(step).unwrap_or(i32::MAX);
         let step_size = self.learning_rate / (1.0 - BETA1.powi(t));
         let root_correction = (1.0 - BETA2.powi(t)).sqrt();

@@ -382,6 +382,7 @@ fn check_counters(state: &CheckpointState) -> Result<(), String> {
         // across such failures and resumes (Adam's t saturates anyway).
         ("adam_steps", state.adam_steps),
         ("objective_adam_steps", state.objective_adam_steps),
+        ("totals.skipped_batches", state.totals.skipped_batches),
     ] {
         if value > COUNTER_LIMIT {
             return Err(format!(

@@ -654,6 +654,10 @@ fn a_state_no_learner_writes_is_refused_naming_the_field() {
             refused(|s| s.objective_adam_steps = 1 << 63),
             "`objective_adam_steps`",
         ),
+        (
+            refused(|s| s.totals.skipped_batches = u64::MAX),
+            "`totals.skipped_batches`",
+        ),
         (refused(|s| s.wall_s = f64::NAN), "`wall_s`"),
         (refused(|s| s.wall_s = -1.0), "`wall_s`"),
         (
