@@ -6,8 +6,8 @@
 # the address the script passed them and exited 0; a job whose actor step
 # fails at once stops its learner gracefully and fails; the learner's step
 # gets its component's CPUs, and threads from them; a job whose
-# configuration turns TLS on, or that the learner refuses, fails before
-# anything starts; a token file in the job file is used, not replaced.
+# configuration turns TLS on, or that the learner refuses, or with no
+# bundle where it looks, fails before anything starts; a token file in the job file is used, not replaced.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=deploy/tools.sh
@@ -215,6 +215,15 @@ else
         exit 1
     fi
 fi
+# A bundle that is not there is said to be missing, not blamed on the
+# job's configuration.
+if sbatch_here 4245 FLGFN_BUNDLE_DIR="$work/no-bundle" >"$work/no-bundle.log" 2>&1 ||
+    ! grep -q "no bundle at $work/no-bundle (its bin/flgfn-learner is missing)" "$work/no-bundle.log" ||
+    grep -q "refuses this job's configuration" "$work/no-bundle.log"; then
+    echo "slurm: FAILED: a job with no bundle did not say the bundle was missing" >&2
+    cat "$work/no-bundle.log" >&2
+    exit 1
+fi
 if sbatch_here 4244 FLGFN_LEARNER__MAX_STEPS=-1 >"$work/refused.log" 2>&1 ||
     ! grep -q "the learner refuses this job's configuration" "$work/refused.log" ||
     ! grep -q "learner.max_steps" "$work/refused.log" ||
@@ -232,7 +241,7 @@ if sbatch_here 4242 FLGFN_LEARNER__THREADS= FLGFN_JOB="$work/job-token.toml" >"$
     grep -q "actor-1" "$work/job.log" &&
     [ -s "$work/flgfn-state-4242/metrics.jsonl" ] &&
     ls "$work/flgfn-state-4242/checkpoints/"* >/dev/null; then
-    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for) on the job file's token file, refused a port another learner served, failed on a learner node without a GPU, stopped its learner gracefully when the actor step failed (its step given 6 CPUs and 2 threads), and refused ${tls_refused}a refused configuration before any step"
+    echo "slurm: ok: the sbatch script trained 150 steps with 2 actor tasks (srun and scontrol stood in for) on the job file's token file, refused a port another learner served, failed on a learner node without a GPU, stopped its learner gracefully when the actor step failed (its step given 6 CPUs and 2 threads), and refused ${tls_refused}a refused configuration and a missing bundle before any step"
 else
     echo "slurm: FAILED" >&2
     tail -30 "$work/job.log" >&2
