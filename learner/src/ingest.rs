@@ -268,7 +268,7 @@ pub fn check_chunk(
     }
     if chunk.trajectories.len() > context.max_trajectories {
         return Err(RequestError::Malformed(format!(
-            "`trajectories` has {} entries, more than this actor declared per chunk when it opened the session ({}, its `flgfn-trajectories-per-chunk` header: actor.envs)",
+            "`trajectories` has {} entries, more than this actor declared per chunk when it opened the session ({}: its handshake's `trajectories_per_chunk`, or its `flgfn-trajectories-per-chunk` header; actor.envs for flgfn-actor)",
             chunk.trajectories.len(),
             context.max_trajectories
         )));

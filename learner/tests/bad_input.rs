@@ -724,7 +724,8 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     let status = session.refused(crowded).await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
-        status.message().contains("`trajectories` has 2 entries"),
+        status.message().contains("`trajectories` has 2 entries")
+            && status.message().contains("`trajectories_per_chunk`"),
         "{status:?}"
     );
 
