@@ -506,13 +506,21 @@ impl Session {
                     while let Ok(token) = credits.tokens.try_recv() {
                         tokens.push(token);
                     }
-                    if !self.grant(tokens, progress).await? {
+                    match self.grant(tokens, progress).await {
+                        Ok(true) => {}
                         // Its grants' stream is closed: the connection went
                         // (a killed actor, a keepalive timeout, a proxy), or
                         // the actor dropped the call (a leaving actor reads
                         // grants until the session ends, so not one that
                         // left in order).
-                        return Ok(self.take_arrived_chunks(&credits, progress).await);
+                        Ok(false) => return Ok(self.take_arrived_chunks(&credits, progress).await),
+                        // It took no grant for the stall timeout (nothing
+                        // inbound was read meanwhile): what arrived whole
+                        // is still taken, not dropped unread.
+                        Err(stalled) => {
+                            self.take_arrived_chunks(&credits, progress).await;
+                            return Err(stalled);
+                        }
                     }
                 }
                 message = self.inbound.message() => {
