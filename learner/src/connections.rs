@@ -438,6 +438,48 @@ impl OpenConnections {
 /// calls (gone once it closes).
 type Accepted = (Instant, std::sync::Weak<Calls>);
 
+/// Set by the Handshake handler as it starts: a Handshake refused
+/// without it was refused by the codec (bytes that do not decode, a
+/// message larger than the learner takes), which no handler counts.
+#[derive(Debug, Clone, Default)]
+pub struct HandshakeHandled(Arc<AtomicBool>);
+
+impl HandshakeHandled {
+    /// Marks `request`'s Handshake as reaching its handler.
+    pub fn mark<T>(request: &tonic::Request<T>) {
+        if let Some(handled) = request.extensions().get::<Self>() {
+            handled.0.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Counts and logs a Handshake the codec refused, as the handler counts
+/// its own refusals (`handshake_<reason>`, logged at the 1st, 2nd, 4th,
+/// ... of each): without it, an actor of a much larger task left no
+/// trace at the learner.
+fn count_unread_handshake(stats: &IngestStats, peer: &str, status: &tonic::Status) {
+    let reason = match status.code() {
+        tonic::Code::InvalidArgument => "handshake_undecodable",
+        // (FAILED_PRECONDITION: larger than any handshake of the
+        // learner's task and model; the others: over the decode limit.)
+        tonic::Code::FailedPrecondition
+        | tonic::Code::OutOfRange
+        | tonic::Code::ResourceExhausted => "handshake_too_large",
+        // (UNAUTHENTICATED is counted where the token is checked.)
+        _ => return,
+    };
+    let refused_so_far = stats.refuse(reason);
+    if refused_so_far.is_power_of_two() {
+        warn!(
+            %peer,
+            reason,
+            status = %crate::error::clip(status.message().to_owned()),
+            refused_so_far,
+            "refused a handshake that could not be read"
+        );
+    }
+}
+
 /// A call in progress on a connection (see [`ConnectionInfo::call`]).
 #[derive(Debug)]
 struct CallInProgress(Arc<Calls>);
@@ -486,11 +528,16 @@ where
         self.service.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let connection = ConnectionInfo::of_http(&request);
         let peer = peer_text(connection.and_then(ConnectionInfo::remote_addr));
         let call = connection.map(ConnectionInfo::call);
         let method = request.uri().path().to_owned();
+        let handshake = method.ends_with("/Handshake");
+        let reached = HandshakeHandled::default();
+        if handshake {
+            request.extensions_mut().insert(reached.clone());
+        }
         let response = self.service.call(request);
         let stats = self.stats.clone();
         Box::pin(async move {
@@ -514,15 +561,22 @@ where
                 .into_http());
             };
             let response = response?;
+            let refused = tonic::Status::from_header_map(response.headers());
             // A unary call's framing fault, answered by tonic before the
             // learner saw the call (trailers only): the sender's.
-            if let Some(status) = tonic::Status::from_header_map(response.headers())
-                && status.code() == tonic::Code::Internal
-            {
-                let status = framing_fault_as_sender_error(status, "request");
-                if status.code() != tonic::Code::Internal {
-                    return Ok(status.into_http());
+            let reframed = refused
+                .as_ref()
+                .filter(|status| status.code() == tonic::Code::Internal)
+                .map(|status| framing_fault_as_sender_error(status.clone(), "request"))
+                .filter(|status| status.code() != tonic::Code::Internal);
+            if handshake && !reached.0.load(Ordering::Acquire) {
+                let refused = reframed.as_ref().or(refused.as_ref());
+                if let Some(status) = refused {
+                    count_unread_handshake(&stats, &peer, status);
                 }
+            }
+            if let Some(status) = reframed {
+                return Ok(status.into_http());
             }
             Ok(response.map(|body| {
                 Body::new(BodyOfCall {

@@ -27,7 +27,7 @@ use tonic::metadata::{Binary, MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, error_span, info, warn};
 
-use crate::connections::ConnectionInfo;
+use crate::connections::{ConnectionInfo, HandshakeHandled};
 use crate::credits::Controller;
 use crate::error::RequestError;
 use crate::ingest::{IngestStats, QueuedChunk};
@@ -151,6 +151,7 @@ impl Learner for LearnerService {
         &self,
         request: Request<proto::HandshakeRequest>,
     ) -> Result<Response<proto::HandshakeReply>, Status> {
+        HandshakeHandled::mark(&request);
         let peer = peer_name(ConnectionInfo::of(&request));
         let state = &self.state().await?;
         let request = request.into_inner();

@@ -800,6 +800,8 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         "handshake_protocol_version",
         "handshake_missing_field",
         "handshake_malformed",
+        // (The megabyte of layer sizes, refused before its handler.)
+        "handshake_too_large",
         "session_missing_field",
     ] {
         assert_eq!(rejections.get(reason), Some(&1), "{reason}: {rejections:?}");
@@ -810,8 +812,8 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         Some(&2),
         "{rejections:?}"
     );
-    assert_eq!(rejections.values().sum::<u64>(), 6 + 8, "{rejections:?}");
-    assert_eq!(outcome.final_report.refused_calls(), 6);
+    assert_eq!(rejections.values().sum::<u64>(), 7 + 8, "{rejections:?}");
+    assert_eq!(outcome.final_report.refused_calls(), 7);
     assert_eq!(
         rejections.get("too_large"),
         Some(&2),
@@ -918,7 +920,21 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
         "300 garbage handshakes: {undecodable} undecodable (INVALID_ARGUMENT), the rest refused by validation"
     );
     stop.send(()).unwrap();
-    learner.await.unwrap().unwrap();
+    // Each counted once: the undecodable ones (which the handler never
+    // saw) by the codec's reason, the others by the handler's.
+    let outcome = learner.await.unwrap().unwrap();
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(
+        rejections.get("handshake_undecodable"),
+        Some(&undecodable),
+        "{rejections:?}"
+    );
+    let handshakes: u64 = rejections
+        .iter()
+        .filter(|(reason, _)| reason.starts_with("handshake_"))
+        .map(|(_, count)| count)
+        .sum();
+    assert_eq!(handshakes, 300, "{rejections:?}");
 }
 
 /// A chunk whose gRPC framing is broken is the actor's fault, not the
@@ -1454,7 +1470,14 @@ async fn a_handshake_larger_than_the_learner_takes_is_refused_before_decoding() 
     // The connection still serves a handshake of the right size.
     client.handshake(handshake_request(&config)).await.unwrap();
     stop.send(()).unwrap();
-    learner.await.unwrap().unwrap();
+    // Counted as the handler's own refusals are, though it never saw it.
+    let outcome = learner.await.unwrap().unwrap();
+    let rejections = &outcome.final_report.rejections;
+    assert_eq!(
+        rejections.get("handshake_too_large"),
+        Some(&1),
+        "{rejections:?}"
+    );
 }
 
 /// A TB learner drops truncated trajectories, and says so at the
