@@ -364,6 +364,43 @@ fn a_short_suite_writes_its_data_and_plots() {
     }
     let svg = std::fs::read_to_string(plots.join("metrics-steps.svg")).unwrap();
     assert!(svg.contains("trained transitions per second") && svg.contains("mean policy lag"));
+    // Two runs' files, both named metrics.jsonl: one figure, each curve
+    // named by its run's folder (plotted one by one, the second would
+    // overwrite the first's figures).
+    let both = [
+        out.join("runs/small_fl-db_seed0/metrics.jsonl"),
+        out.join("runs/small_tb_seed0/metrics.jsonl"),
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .arg("--plot-metrics")
+        .args(&both)
+        .arg("--out")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let svg = std::fs::read_to_string(plots.join("compared-steps.svg")).unwrap();
+    assert!(
+        svg.contains("\nsmall_fl-db_seed0\n") && svg.contains("\nsmall_tb_seed0\n"),
+        "the curves are named by their runs' folders"
+    );
+    // The same file twice would be one curve drawn as two: refused.
+    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .arg("--plot-metrics")
+        .args([&both[0], &both[0]])
+        .arg("--out")
+        .arg(&plots)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("is given twice"),
+        "{said}"
+    );
     std::fs::remove_dir_all(&out).unwrap();
 }
 

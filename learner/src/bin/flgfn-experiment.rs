@@ -62,9 +62,12 @@ struct Args {
     #[arg(long)]
     list: bool,
     /// Instead of a suite: plot this metrics file (from `flgfn-learner
-    /// --metrics FILE`) into --out (default: plots/).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["suite", "plot_only", "list"])]
-    plot_metrics: Option<PathBuf>,
+    /// --metrics FILE`) into --out (default: plots/), as <its
+    /// stem>-steps and -seconds; several files, as curves of one figure
+    /// (compared-steps, compared-seconds), each named by what tells its
+    /// path from the others'.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["suite", "plot_only", "list"])]
+    plot_metrics: Vec<PathBuf>,
 }
 
 /// The folders beside `out` that a suite ran in, as a hint for a redraw
@@ -112,9 +115,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(metrics) = &args.plot_metrics {
+    if !args.plot_metrics.is_empty() {
         let out = args.out.unwrap_or_else(|| PathBuf::from("plots"));
-        let files = experiment::plot_metrics_file(metrics, &out)?;
+        let files = experiment::plot_metrics_files(&args.plot_metrics, &out)?;
         for file in files {
             flgfn_common::outln!("{}", file.display());
         }

@@ -96,33 +96,86 @@ impl RunSpec {
     }
 }
 
-/// Plots one metrics file (a run of `flgfn-learner --metrics FILE`) into
-/// `dir`, as `<stem>-steps` and `<stem>-seconds`, PNG and SVG.
-pub fn plot_metrics_file(path: &Path, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let reports = read_reports(path)?;
-    if reports.is_empty() {
-        bail!("{} holds no report", path.display());
-    }
-    let stem = path
-        .file_stem()
-        .map_or("run".to_owned(), |s| s.to_string_lossy().into_owned());
-    let result = RunResult {
-        spec: RunSpec {
-            group: stem,
-            curve: "run".to_owned(),
-            seed: 0,
-            actors: 0,
-            position: 0,
-            config: Config::default(),
-        },
-        reports,
-        to_quality: None,
-        to_top_k: None,
-        top_k_ceiling: None,
-        quality: None,
-        record: RunRecord::default(),
+/// The figures' name for several metrics files drawn together.
+pub const COMPARED: &str = "compared";
+
+/// Plots metrics files (runs of `flgfn-learner --metrics FILE`) into
+/// `dir`, as `<name>-steps` and `<name>-seconds`, PNG and SVG: one file
+/// under its own stem; several as curves of one figure, [`COMPARED`],
+/// each labelled by what tells its path from the others'
+/// (`runs/a/metrics.jsonl` and `runs/b/metrics.jsonl`: `a` and `b`).
+pub fn plot_metrics_files(paths: &[PathBuf], dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let labels = match paths {
+        [] => bail!("no metrics file given"),
+        [_] => vec!["run".to_owned()],
+        _ => distinguishing_labels(paths)?,
     };
-    plots::render_groups(std::slice::from_ref(&result), &[], dir)
+    let group = match paths {
+        [path] => path
+            .file_stem()
+            .map_or("run".to_owned(), |s| s.to_string_lossy().into_owned()),
+        _ => COMPARED.to_owned(),
+    };
+    let mut results = Vec::new();
+    for (position, (path, curve)) in paths.iter().zip(labels).enumerate() {
+        let reports = read_reports(path)?;
+        if reports.is_empty() {
+            bail!("{} holds no report", path.display());
+        }
+        results.push(RunResult {
+            spec: RunSpec {
+                group: group.clone(),
+                curve,
+                seed: 0,
+                actors: 0,
+                position,
+                config: Config::default(),
+            },
+            reports,
+            to_quality: None,
+            to_top_k: None,
+            top_k_ceiling: None,
+            quality: None,
+            record: RunRecord::default(),
+        });
+    }
+    plots::render_groups(&results, &[], dir)
+}
+
+/// Each path without the folders and file name that every path shares
+/// (and without `.jsonl`): what tells them apart. Refuses a path given
+/// twice (its curves would be drawn as one).
+fn distinguishing_labels(paths: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let parts: Vec<Vec<String>> = paths
+        .iter()
+        .map(|path| {
+            path.components()
+                .map(|part| part.as_os_str().to_string_lossy().into_owned())
+                .collect()
+        })
+        .collect();
+    let shortest = parts.iter().map(Vec::len).min().unwrap_or(0);
+    let shared = |at: &dyn Fn(&Vec<String>, usize) -> &String| {
+        (0..shortest)
+            .take_while(|&i| parts.iter().all(|p| at(p, i) == at(&parts[0], i)))
+            .count()
+    };
+    let prefix = shared(&|p, i| &p[i]);
+    // (Each keeps at least one part of its own.)
+    let suffix = shared(&|p, i| &p[p.len() - 1 - i]).min(shortest.saturating_sub(prefix + 1));
+    let mut labels: Vec<String> = Vec::new();
+    for (path, parts) in paths.iter().zip(&parts) {
+        let label = parts[prefix..parts.len() - suffix].join("/");
+        let label = label.strip_suffix(".jsonl").unwrap_or(&label).to_owned();
+        if label.is_empty() || labels.contains(&label) {
+            bail!(
+                "--plot-metrics: {} is given twice (or as another path to the same name)",
+                path.display()
+            );
+        }
+        labels.push(label);
+    }
+    Ok(labels)
 }
 
 /// What a suite's folder was last run with (`OUT/suite.json`), so that

@@ -528,3 +528,24 @@ fn a_runs_set_aside_folders_are_its_own_newest_first() {
         ]
     );
 }
+
+/// Several metrics files are named by what tells their paths apart.
+#[test]
+fn compared_metrics_files_are_named_by_what_differs() {
+    let labels = |paths: &[&str]| {
+        let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
+        super::distinguishing_labels(&paths)
+    };
+    assert_eq!(
+        labels(&["runs/a/metrics.jsonl", "runs/b/metrics.jsonl"]).unwrap(),
+        ["a", "b"]
+    );
+    assert_eq!(labels(&["x/fl.jsonl", "x/db.jsonl"]).unwrap(), ["fl", "db"]);
+    assert_eq!(
+        labels(&["one/m.jsonl", "two/deeper/m.jsonl"]).unwrap(),
+        ["one", "two/deeper"]
+    );
+    assert_eq!(labels(&["a.jsonl", "b/a.jsonl"]).unwrap(), ["a", "b/a"]);
+    let twice = labels(&["r/m.jsonl", "r/m.jsonl"]).unwrap_err().to_string();
+    assert!(twice.contains("r/m.jsonl is given twice"), "{twice}");
+}
