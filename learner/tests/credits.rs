@@ -445,13 +445,20 @@ async fn generated_actors_that_give_up_keep_what_they_sent() {
     let mut config = support::tiny_config();
     // Trains until stopped.
     config.learner.max_steps = 0;
+    config.learner.first_report_s = 0.05;
+    config.learner.report_every_s = 0.05;
+    let metrics = std::env::temp_dir().join(format!("flgfn-give-up-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let learner = tokio::spawn(flgfn_learner::serve(
         config.clone(),
         listener,
-        RunOptions::default(),
+        RunOptions {
+            metrics_path: Some(metrics.clone()),
+            ..RunOptions::default()
+        },
         async move {
             let _ = stopped.await;
             flgfn_learner::StopRequest::Restart
@@ -462,7 +469,25 @@ async fn generated_actors_that_give_up_keep_what_they_sent() {
     config.actor.reconnect_initial_s = 0.01;
     config.actor.reconnect_max_s = 0.02;
     let load = tokio::spawn(flgfn_actor::loadgen::run(config, 3, std::future::pending()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Stopped once all three are connected and many chunks came since (a
+    // fixed wait could stop actors still connecting, on a loaded machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut all_joined_at = None;
+    loop {
+        let last = support::reports(&metrics).pop();
+        if let Some(last) = last {
+            match all_joined_at {
+                None if last.actors_connected == 3 => all_joined_at = Some(last.accepted_chunks),
+                Some(at) if last.accepted_chunks >= at + 30 => break,
+                _ => {}
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "3 generated actors did not all join and send"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.send(()).unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(60), learner)
         .await
@@ -488,6 +513,8 @@ async fn generated_actors_that_give_up_keep_what_they_sent() {
     // What the learner took was sent; in flight at the stop, a little
     // more may have been sent than taken.
     assert!(sent >= ingested, "sent {sent}, ingested {ingested}");
+    let _ = std::fs::remove_file(&metrics);
+    let _ = std::fs::remove_file(metrics.with_extension("summary.json"));
 }
 
 /// A report's ingest rate counts what arrived in its own window of

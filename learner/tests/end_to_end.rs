@@ -543,16 +543,30 @@ fn the_tiny_task_is_what_the_tests_assume() {
 /// An actor asked to stop sends every chunk it rolled out, the one in
 /// progress included, before it leaves: it sent all it rolled out, and the
 /// learner received all it sent. Three actors in turn, each stopped while
-/// it rolls out flat out.
+/// it rolls out flat out (once the learner took a chunk of its).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
     let mut config = tiny_config();
     config.learner.max_steps = 0;
-    let learner = start_learner(config.clone()).await;
+    config.learner.first_report_s = 0.05;
+    config.learner.report_every_s = 0.05;
+    let metrics = std::env::temp_dir().join(format!("flgfn-stopping-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let options = RunOptions {
+        metrics_path: Some(metrics.clone()),
+        ..RunOptions::default()
+    };
+    let learner = start_learner_with(config.clone(), options).await;
     let mut actor_config = config.clone();
     actor_config.actor.learner = learner.url.clone();
+    let accepted = || {
+        support::reports(&metrics)
+            .last()
+            .map_or(0, |report| report.accepted_chunks)
+    };
     let mut reports = Vec::new();
     for i in 0..3 {
+        let before = accepted();
         let (stop, stopped) = oneshot::channel::<()>();
         let actor = tokio::spawn(flgfn_actor::run(
             actor_config.clone(),
@@ -561,7 +575,16 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
                 let _ = stopped.await;
             },
         ));
-        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        // Stopped once it is under way (a fixed wait could stop an actor
+        // still connecting, on a loaded machine).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while accepted() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "actor {i} sent nothing in 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         stop.send(()).unwrap();
         // Under the drain's own 10 s timeouts: it ended because every
         // chunk was out and the learner had them, not by giving up.
@@ -596,6 +619,8 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
             .sum();
         assert_eq!(received, report.chunks_sent, "{report:?}");
     }
+    let _ = std::fs::remove_file(&metrics);
+    let _ = std::fs::remove_file(metrics.with_extension("summary.json"));
 }
 
 /// A stopping actor whose connection breaks before the learner ended its

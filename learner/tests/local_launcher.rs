@@ -196,6 +196,22 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
     assert!(summary.get("time_to_quality_s").is_some(), "{summary}");
     let count = |value: &serde_json::Value| value.as_u64().unwrap();
     let report = &summary["last_report"];
+    // The final line of the metrics file: its training figures are the
+    // summary's (its accounts, closed once every session ended, may have
+    // grown since), so the words below agree with what the run wrote
+    // there, not only with the summary's own copy.
+    for key in [
+        "step",
+        "version",
+        "wall_s",
+        "at_quality",
+        "loss",
+        "logz_est",
+        "logz_exact",
+        "trained_transitions",
+    ] {
+        assert_eq!(report[key], last[key], "{key}: {summary}");
+    }
     // The final line's quality words: reached once, and at the end, as
     // the last report says.
     assert_eq!(summary["at_quality"], report["at_quality"], "{summary}");
