@@ -296,7 +296,10 @@ impl LocalActors {
         let count = children().len();
         for i in 0..count {
             let status = loop {
-                match children()[i].try_wait() {
+                // Polled outside the match: a guard in its scrutinee would
+                // be held through the sleep below.
+                let polled = children()[i].try_wait();
+                match polled {
                     Ok(Some(status)) => break Some(status),
                     Ok(None) if Instant::now() < deadline => {
                         std::thread::sleep(Duration::from_millis(20));
