@@ -281,6 +281,9 @@ pub fn exit_status<E: std::fmt::Display>(
     program: &str,
     result: Result<(), E>,
 ) -> std::process::ExitCode {
+    // The live line first, or the error would be written onto it, after
+    // its spinner and clock.
+    live_finish();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -1089,6 +1089,34 @@ fn a_terminal_gets_a_live_progress_line_above_which_logs_print() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A learner that fails on a terminal clears its live line before it
+/// says why: the error is its last line, not written after the spinner.
+#[test]
+fn a_terminal_gets_the_error_on_a_line_of_its_own() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let line = format!(
+        "{} --listen {} --checkpoint-dir ''",
+        learner_binary().display(),
+        taken.local_addr().unwrap()
+    );
+    let output = command(Path::new("script"))
+        .args(["-qec", &line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("util-linux `script`");
+    let drawn = String::from_utf8_lossy(&output.stdout);
+    let error = drawn
+        .find("flgfn-learner: error: cannot listen on")
+        .unwrap_or_else(|| panic!("{drawn:?}"));
+    // (Nothing before it where the error came before the line's first
+    // drawing, on a busy machine.)
+    let before = &drawn[..error];
+    assert!(
+        before.is_empty() || before.ends_with("\r\u{1b}[2K"),
+        "the live line is erased just before the error: {drawn:?}"
+    );
+}
+
 #[test]
 fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
     let dir = scratch("loading");
