@@ -1168,6 +1168,68 @@ fn the_health_probe_says_not_serving_while_a_checkpoint_loads() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A stop asked for while the learner loads its checkpoint ends the run
+/// as soon as it has loaded, without starting its local actors (started,
+/// they could never connect, and were killed after their grace period).
+#[test]
+fn a_stop_while_loading_starts_no_local_actor() {
+    let dir = scratch("stop-loading");
+    let config = tiny_config_file(&dir, 20);
+    let checkpoints = dir.join("checkpoints");
+    let run = |extra: &[&str]| {
+        command(&learner_binary())
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--local-actors", "--actors", "1"])
+            .args(["--checkpoint-dir", checkpoints.to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    assert!(run(&["--listen", "127.0.0.1:0"]).wait().unwrap().success());
+    // The newest checkpoint, then a pipe in its place that gives its
+    // bytes only once the learner is told to stop.
+    let mut written: Vec<PathBuf> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| {
+            path.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("ckpt-")
+        })
+        .collect();
+    written.sort();
+    let newest = written.pop().expect("a checkpoint");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::remove_file(&newest).unwrap();
+    support::make_fifo(&newest);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut learner = support::KillOnDrop(run(&["--listen", &listen, "--max-steps", "40"]));
+    // Health answers NOT_SERVING while it loads: the stop comes mid-load.
+    let started = Instant::now();
+    while probe(&format!("http://{listen}")) != (false, "NOT_SERVING".to_owned()) {
+        assert!(started.elapsed() < Duration::from_secs(60), "never loading");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(learner.0.id(), "INT");
+    std::fs::write(&newest, bytes).unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(learner.0.stderr.as_mut().unwrap(), &mut said).unwrap();
+    let status = learner.0.wait().unwrap();
+    assert!(
+        said.contains("its local actors are not started"),
+        "{status}: {said}"
+    );
+    assert!(
+        !said.contains("local actor started") && !said.contains("killing it"),
+        "{said}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Sends `signal` (a `kill` name: INT, STOP, CONT) to process `pid`.
 fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")

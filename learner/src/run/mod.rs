@@ -25,7 +25,7 @@ use flgfn_common::config::Config;
 use flgfn_common::signals::StopRequest;
 use flgfn_common::wire::proto::learner_server::LearnerServer;
 use tokio::net::TcpListener;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::error::LearnerError;
 use crate::preflight::check_startup;
@@ -69,6 +69,28 @@ pub async fn serve(
     let loaded = Loaded::load(&config, env.as_ref(), &server.model, &options).await?;
     let summary_path = loaded.metrics.as_ref().and_then(MetricsFile::summary_path);
     let steps_done = loaded.steps_done.clone();
+    // A stop asked for while loading (a checkpoint, CUDA) is kept, and
+    // ends the run at once: local actors started now could never connect
+    // (the server stops taking connections), and would be killed after
+    // their grace period.
+    tokio::pin!(shutdown);
+    let early = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match shutdown.as_mut().poll(cx) {
+            std::task::Poll::Ready(request) => Some(request.into()),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await;
+    let mut options = options;
+    if early.is_some() && options.local_actors.take().is_some() {
+        info!("a stop was asked for while the learner loaded: its local actors are not started");
+    }
+    let shutdown = async move {
+        match early {
+            Some(request) => request,
+            None => shutdown.await.into(),
+        }
+    };
     let closed = async {
         let mut running = Running::start(config, env, server, loaded, &options).await?;
         tokio::pin!(shutdown);
