@@ -732,7 +732,8 @@ impl CountedConnection {
 /// `stats`. Each is closed once it has had
 /// no call in progress for `idle_after`. Clients that do not speak
 /// `transport`, or fail its handshake before `stopping` turns true, are
-/// counted there too.
+/// counted there too. Once `stopping` turns true the stream ends and the
+/// listener is closed: later connections are refused.
 pub fn incoming(
     listener: TcpListener,
     transport: Transport,
@@ -751,7 +752,8 @@ pub fn incoming(
         stopping,
     });
     let failed_accepts = Arc::new(AtomicU64::new(0));
-    TcpIncoming::from(listener)
+    let mut stopped = places.stopping.clone();
+    let accepted = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE))
         .then(move |accepted| {
@@ -781,7 +783,41 @@ pub fn incoming(
                 }
             }
         })
-        .filter_map(|admitted| admitted)
+        .filter_map(|admitted| admitted);
+    UntilStopping {
+        accepted: Some(Box::pin(accepted)),
+        stopped: Box::pin(async move {
+            // (A sender gone is a stop too.)
+            let _ = stopped.wait_for(|stopping| *stopping).await;
+        }),
+    }
+}
+
+/// Connections until the learner stops taking them, then the end of the
+/// stream, its listening socket closed: tonic keeps the stream until its
+/// graceful shutdown is over (the last step, the final checkpoint, the
+/// drain), and meanwhile the kernel would complete connections that
+/// nobody serves: a health check or an actor's reconnect would wait for
+/// its timeout instead of being refused at once.
+struct UntilStopping<S> {
+    /// `None` once stopped: dropped, which closes the listener.
+    accepted: Option<Pin<Box<S>>>,
+    stopped: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl<S: Stream> Stream for UntilStopping<S> {
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.get_mut();
+        if this.accepted.is_some() && this.stopped.as_mut().poll(cx).is_ready() {
+            this.accepted = None;
+        }
+        match &mut this.accepted {
+            Some(accepted) => accepted.as_mut().poll_next(cx),
+            None => Poll::Ready(None),
+        }
+    }
 }
 
 /// What [`incoming`] admits connections with.
@@ -1053,6 +1089,33 @@ mod tests {
         }
         drop(connection);
         stats.rejections()
+    }
+
+    /// Once the learner stops taking connections, its port refuses them
+    /// (it accepted them into a backlog nobody served until its graceful
+    /// shutdown was over: a health check waited for its timeout).
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)] // a test: a panic fails it
+    async fn a_stopping_learner_closes_its_listener() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopping) = watch::channel(false);
+        let mut accepted = Box::pin(incoming(
+            listener,
+            Transport::PlainText,
+            4,
+            Duration::from_secs(60),
+            Arc::new(IngestStats::default()),
+            stopping,
+        ));
+        let _client = TcpStream::connect(address).await.unwrap();
+        assert!(accepted.next().await.unwrap().is_ok());
+        stop.send_replace(true);
+        let next = tokio::time::timeout(Duration::from_secs(5), accepted.next()).await;
+        assert!(matches!(next, Ok(None)), "the stream ends");
+        // Kept, as tonic keeps it through its graceful shutdown.
+        let refused = TcpStream::connect(address).await.unwrap_err();
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     #[tokio::test]
