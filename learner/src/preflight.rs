@@ -110,7 +110,6 @@ pub fn check_startup(
     local_actors: Option<usize>,
 ) -> Result<Arc<dyn Environment>, LearnerError> {
     config.validate()?;
-    check_tls_is_a_learners(config)?;
     check_local_actors_fit(config, local_actors)?;
     let env = flgfn_common::tasks::build(&config.task)?;
     check_run_fits(config, env.as_ref())?;
@@ -118,24 +117,6 @@ pub fn check_startup(
         check_local_actor_chunks(config, env.as_ref(), count)?;
     }
     Ok(env)
-}
-
-/// A learner's `[tls]` with `domain`, which only an actor reads, is an
-/// actor's section (its CA, client certificate and key): the learner would
-/// serve that client certificate as its own, and every actor's handshake
-/// would fail, far from the cause.
-fn check_tls_is_a_learners(config: &Config) -> Result<(), LearnerError> {
-    if config.tls.domain.is_empty() || config.tls.cert_file.is_empty() {
-        return Ok(());
-    }
-    Err(ConfigError::invalid(
-        "tls.domain",
-        format!(
-            "is set ({}), which only an actor reads: this [tls] section looks like an actor's, whose cert_file the learner would serve as its own certificate; give the learner its own [tls] (its certificate and key, and a CA only for mutual TLS), or unset tls.domain",
-            config.tls.domain
-        ),
-    )
-    .into())
 }
 
 /// Local actors whose chunks this learner would refuse are found out

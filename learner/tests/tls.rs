@@ -444,19 +444,6 @@ async fn half_configured_tls_is_refused_with_the_field_named() {
     let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(error.contains("tls.key_file"), "{error}");
     assert!(error.contains("does not match"), "{error}");
-
-    // An actor's [tls] given to the learner (CA, client certificate and
-    // key, domain): refused, rather than served as the learner's own.
-    let mut config = support::tiny_config();
-    config.tls.ca_file = path(&pki.ca);
-    config.tls.cert_file = path(&pki.client.0);
-    config.tls.key_file = path(&pki.client.1);
-    config.tls.domain = "localhost".to_owned();
-    let error = support::learner_refusal(config, "127.0.0.1:0").await;
-    assert!(
-        error.contains("tls.domain") && error.contains("looks like an actor's"),
-        "{error}"
-    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
