@@ -55,8 +55,8 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// `block_on` does).
 ///
 /// The second Ctrl-C or SIGTERM (the parent's death counts as neither,
-/// and a repeat of the first's request within [`SAME_REQUEST_WITHIN`] is
-/// that request again) ends the process at once with
+/// and a repeat within [`SAME_REQUEST_WITHIN`] of the first is the same
+/// request) ends the process at once with
 /// [`FORCED_EXIT_STATUS`], without the rest of the graceful stop (an
 /// actor's drain, a learner's final checkpoint), after the cleanups
 /// registered with [`before_forced_exit`]: listening for the first signal
@@ -116,7 +116,7 @@ fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest
         // the first signal when that went to the whole process group (a
         // Ctrl-C at a terminal ends an experiment runner and signals its
         // learner at once).
-        let mut first_signal: Option<(std::time::Instant, StopRequest)> = None;
+        let mut first_signal: Option<std::time::Instant> = None;
         loop {
             let stop = signals.next().await;
             if requested.borrow().is_none() {
@@ -128,17 +128,15 @@ fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest
                     Heard::ParentGone => StopRequest::EndRun,
                 }));
             }
-            let Heard::Signal(request) = stop else {
+            if stop == Heard::ParentGone {
                 continue;
-            };
-            let since_first = first_signal
-                .map(|(first, first_request)| (first.elapsed(), first_request == request));
-            if forces_exit(since_first) {
-                break;
             }
-            match since_first {
-                None => first_signal = Some((std::time::Instant::now(), request)),
-                Some(_) => tracing::debug!("the stop signal again at once: the same request"),
+            match first_signal {
+                None => first_signal = Some(std::time::Instant::now()),
+                Some(first) if first.elapsed() < SAME_REQUEST_WITHIN => {
+                    tracing::debug!("the stop signal again at once: the same request");
+                }
+                Some(_) => break,
             }
         }
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
@@ -162,15 +160,6 @@ fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest
             Err(_) => std::future::pending().await,
         }
     }
-}
-
-/// Whether a stop signal heard `since_first` after the first one (`None`:
-/// it is the first), asking the same as the first or not, forces the
-/// exit: a repeat of the same request within [`SAME_REQUEST_WITHIN`] is
-/// that request again; another one (SIGTERM right after SIGUSR1) is a
-/// second stop signal however soon.
-fn forces_exit(since_first: Option<(std::time::Duration, bool)>) -> bool {
-    since_first.is_some_and(|(elapsed, same)| !same || elapsed >= SAME_REQUEST_WITHIN)
 }
 
 /// Ends the process without running exit handlers: `std::process::exit`
@@ -348,28 +337,4 @@ pub fn end_with_parent(command: &mut std::process::Command) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = command;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{SAME_REQUEST_WITHIN, forces_exit};
-    use std::time::Duration;
-
-    /// The first stop signal and its repeats at once (a job system's
-    /// SIGTERM to the process, then to its group) stop gracefully; one
-    /// later (a second Ctrl-C) forces the exit.
-    #[test]
-    fn a_repeat_at_once_is_the_same_request_a_later_one_forces_the_exit() {
-        let same = |elapsed| Some((elapsed, true));
-        assert!(!forces_exit(None));
-        assert!(!forces_exit(same(Duration::from_micros(400))));
-        assert!(!forces_exit(same(
-            SAME_REQUEST_WITHIN - Duration::from_millis(1)
-        )));
-        assert!(forces_exit(same(SAME_REQUEST_WITHIN)));
-        assert!(forces_exit(same(Duration::from_secs(2))));
-        // Another request at once (SIGTERM just after SIGUSR1) is not the
-        // first one repeated.
-        assert!(forces_exit(Some((Duration::from_micros(400), false))));
-    }
 }
