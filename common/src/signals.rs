@@ -131,12 +131,13 @@ fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest
             if stop == Heard::ParentGone {
                 continue;
             }
-            match first_signal {
+            let since_first = first_signal.map(|first| first.elapsed());
+            if forces_exit(since_first) {
+                break;
+            }
+            match since_first {
                 None => first_signal = Some(std::time::Instant::now()),
-                Some(first) if first.elapsed() < SAME_REQUEST_WITHIN => {
-                    tracing::debug!("the stop signal again at once: the same request");
-                }
-                Some(_) => break,
+                Some(_) => tracing::debug!("the stop signal again at once: the same request"),
             }
         }
         tracing::warn!("a second stop signal: exiting now, without finishing the graceful stop");
@@ -160,6 +161,15 @@ fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest
             Err(_) => std::future::pending().await,
         }
     }
+}
+
+/// Whether a stop signal heard `since_first` after the first one (`None`:
+/// it is the first) forces the exit: a repeat within
+/// [`SAME_REQUEST_WITHIN`] is the same request. (Whatever it asks: a
+/// SIGTERM just after a SIGUSR1 is taken as that restart, which at least
+/// writes its final checkpoint, where a forced exit would not.)
+fn forces_exit(since_first: Option<std::time::Duration>) -> bool {
+    since_first.is_some_and(|elapsed| elapsed >= SAME_REQUEST_WITHIN)
 }
 
 /// Ends the process without running exit handlers: `std::process::exit`
@@ -337,4 +347,24 @@ pub fn end_with_parent(command: &mut std::process::Command) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = command;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SAME_REQUEST_WITHIN, forces_exit};
+    use std::time::Duration;
+
+    /// The first stop signal and its repeats at once (a job system's
+    /// SIGTERM to the process, then to its group) stop gracefully; one
+    /// later (a second Ctrl-C) forces the exit.
+    #[test]
+    fn a_repeat_at_once_is_the_same_request_a_later_one_forces_the_exit() {
+        assert!(!forces_exit(None));
+        assert!(!forces_exit(Some(Duration::from_micros(400))));
+        assert!(!forces_exit(Some(
+            SAME_REQUEST_WITHIN - Duration::from_millis(1)
+        )));
+        assert!(forces_exit(Some(SAME_REQUEST_WITHIN)));
+        assert!(forces_exit(Some(Duration::from_secs(2))));
+    }
 }
