@@ -2405,6 +2405,35 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     drop(session);
 }
 
+/// A learner told to stop refuses new connections at once, for as long as
+/// its graceful shutdown lasts (here held by a session that cannot take
+/// its last grant): a health probe or a reconnecting actor is refused,
+/// not left in a backlog nobody serves until its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_learner_refuses_new_connections() {
+    let mut config = config();
+    config.learner.max_steps = 0;
+    let (url, learner, stop) = start_learner(&config).await;
+    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
+    let issued = shake_hands(&mut client, &config).await;
+    let closed_window = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut deaf = LearnerClient::new(closed_window);
+    let session = open(&mut deaf, Some(&issued)).await.unwrap();
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!learner.is_finished(), "still shutting down");
+    let address = url.trim_start_matches("http://");
+    let refused = tokio::net::TcpStream::connect(address).await.unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    drop(session);
+    finished_within(learner, 30, "the learner stops").await;
+}
+
 /// Chunks the deaf session sends: more than the grants that fit its
 /// buffers (4 queued, at most one in hyper's hands) before one must wait.
 const GRANT_BUFFER_AND_SLACK: usize = 8;

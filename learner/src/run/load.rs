@@ -106,7 +106,6 @@ impl GrpcServer {
             },
             token_check(token, stats.clone()),
         );
-        let mut server_stop = stop.clone();
         let task = tokio::spawn(
             secured
                 .add_service(health_service)
@@ -120,9 +119,14 @@ impl GrpcServer {
                         stats.clone(),
                         stop.clone(),
                     ),
-                    async move {
-                        let _ = server_stop.wait_for(|stopped| *stopped).await;
-                    },
+                    // Never: the accept loop ends when the incoming stream
+                    // does, at the stop, closing the listener. (With the
+                    // stop here too, tonic's unbiased select could leave
+                    // the stream unpolled, and the listener open through
+                    // the graceful shutdown. A shutdown future, even one
+                    // that never comes, is what makes that shutdown
+                    // graceful.)
+                    std::future::pending::<()>(),
                 ),
         );
         Ok(GrpcServer {
