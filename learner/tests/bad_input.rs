@@ -940,8 +940,9 @@ async fn undecodable_bytes_are_a_client_error_never_internal() {
 /// A chunk whose gRPC framing is broken is the actor's fault, not the
 /// learner's: INVALID_ARGUMENT naming the framing (tonic says INTERNAL,
 /// which actors retry for ever), counted as undecodable; a Handshake's
-/// too is INVALID_ARGUMENT (uncounted: tonic answers it before the
-/// learner sees the call); the learner goes on serving.
+/// too is INVALID_ARGUMENT, counted as `handshake_undecodable` (tonic
+/// answers it before the learner's handler sees the call); the learner
+/// goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
     let config = config();
@@ -980,6 +981,11 @@ async fn a_chunk_with_broken_framing_is_refused_as_the_senders_fault() {
     let outcome = finished_within(learner, 60, "the learner stops").await;
     let rejections = &outcome.final_report.rejections;
     assert_eq!(rejections.get("undecodable"), Some(&3), "{rejections:?}");
+    assert_eq!(
+        rejections.get("handshake_undecodable"),
+        Some(&3),
+        "{rejections:?}"
+    );
     assert_eq!(outcome.final_report.rejected_chunks, 3);
 }
 
