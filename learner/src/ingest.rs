@@ -349,8 +349,8 @@ impl SequenceState {
 
 /// Each actor name's [`SequenceState`] when its last session closed, so
 /// that gaps are counted across an actor's reconnects. Bounded: beyond
-/// [`SequenceBook::MAX_NAMES`] names, the one whose last session is the
-/// oldest is forgotten. Consulted only when sessions open and close; a
+/// [`SequenceBook::MAX_NAMES`] names, the one whose last session closed
+/// longest ago is forgotten. Consulted only when sessions open and close; a
 /// session counts its own chunks without locks.
 #[derive(Debug, Default)]
 pub struct SequenceBook {
@@ -363,8 +363,11 @@ struct SequenceEntries {
     /// (lowest: ids only grow) first, with their name and session key.
     name_of_id: std::collections::BTreeMap<u64, (String, String)>,
     /// Per actor name, where its numbering stood when its last session
-    /// closed, with that session's actor id.
-    last_of_name: std::collections::HashMap<String, (u64, SequenceState)>,
+    /// closed, with that session's actor id and when it was recorded (in
+    /// `recorded`'s count).
+    last_of_name: std::collections::HashMap<String, (u64, SequenceState, u64)>,
+    /// States recorded so far: the clock of `last_of_name`'s entries.
+    recorded: u64,
     /// Sessions open per actor name (names with none are removed): at most
     /// one per open session.
     open_of_name: std::collections::HashMap<String, u32>,
@@ -431,7 +434,7 @@ impl SequenceBook {
             .last_of_name
             .get(&name)
             .filter(|_| alone)
-            .map(|&(_, state)| state)
+            .map(|&(_, state, _)| state)
             .unwrap_or_default();
         Some((name, state))
     }
@@ -452,25 +455,31 @@ impl SequenceBook {
         if state.next.is_none() {
             return;
         }
+        entries.recorded += 1;
+        let recorded = entries.recorded;
         match entries.last_of_name.get_mut(&name) {
             Some(entry) if entry.0 > actor_id => {}
-            Some(entry) => *entry = (actor_id, state),
+            Some(entry) => *entry = (actor_id, state, recorded),
             None => {
                 if entries.last_of_name.len() >= Self::MAX_NAMES {
-                    // The name whose last session is the oldest (ids only
-                    // grow): a long run whose actors restart under new
-                    // names (host/pid) keeps counting what the newest lose.
-                    // (A scan, only once full: closes are rare.)
+                    // The name recorded longest ago (by close, not by id:
+                    // a long session's id is old): a long run whose actors
+                    // restart under new names (host/pid) keeps counting
+                    // what the newest lose, and a steady actor that just
+                    // reconnected stays. (A scan, only once full: closes
+                    // are rare.)
                     let oldest = entries
                         .last_of_name
                         .iter()
-                        .min_by_key(|(_, (id, _))| *id)
+                        .min_by_key(|(_, (_, _, at))| *at)
                         .map(|(oldest, _)| oldest.clone());
                     if let Some(oldest) = oldest {
                         entries.last_of_name.remove(&oldest);
                     }
                 }
-                entries.last_of_name.insert(name, (actor_id, state));
+                entries
+                    .last_of_name
+                    .insert(name, (actor_id, state, recorded));
             }
         }
     }
@@ -507,10 +516,11 @@ mod sequence_tests {
     }
 
     /// A long run whose actors restart under new names (host/pid) keeps
-    /// counting what the newest lose once the book is full: the name whose
-    /// last session is the oldest makes room.
+    /// counting what the newest lose once the book is full: the name
+    /// whose last session closed longest ago makes room, and a steady
+    /// actor whose first, long session (an old id) closed last stays.
     #[test]
-    fn a_full_book_forgets_the_oldest_name_not_the_newest() {
+    fn a_full_book_forgets_the_name_closed_longest_ago() {
         let book = SequenceBook::default();
         let session = |id: u64, name: &str, sequence: u64| {
             let key = book.joined(id, name);
@@ -519,18 +529,26 @@ mod sequence_tests {
             close(&book, id, name, state, 2);
             lost
         };
+        let key = book.joined(1, "steady");
+        let (steady, mut state) = book.opened(1, &key).unwrap();
+        state.arrived(0);
         let names = SequenceBook::MAX_NAMES as u64;
-        for id in 1..=names + 1 {
+        for id in 2..=names + 1 {
             session(id, &format!("host/{id}"), 0);
         }
-        // The newest name is remembered: its reconnect counts the 2
-        // credits its session left unanswered.
-        let newest = format!("host/{}", names + 1);
-        assert_eq!(session(names + 2, &newest, 3), 2);
-        // The second oldest is still there; the oldest made room, and its
-        // numbering starts afresh.
-        assert_eq!(session(names + 3, "host/2", 3), 2);
-        assert_eq!(session(names + 4, "host/1", 3), 0);
+        // The steady actor's connection breaks; a new name closes while
+        // it reconnects.
+        close(&book, 1, steady, state, 2);
+        session(names + 2, "newcomer", 0);
+        // Both remembered: their reconnects count the 2 credits each
+        // session left unanswered.
+        assert_eq!(session(names + 3, "steady", 3), 2);
+        assert_eq!(session(names + 4, "newcomer", 3), 2);
+        // The two closed longest ago made room, and their numbering
+        // starts afresh; the next is still there.
+        assert_eq!(session(names + 5, "host/4", 3), 2);
+        assert_eq!(session(names + 6, "host/2", 3), 0);
+        assert_eq!(session(names + 7, "host/3", 3), 0);
     }
 
     #[test]
