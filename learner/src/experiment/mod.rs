@@ -144,12 +144,17 @@ pub fn plot_metrics_files(paths: &[PathBuf], dir: &Path) -> anyhow::Result<Vec<P
 
 /// Each path without the folders and file name that every path shares
 /// (and without `.jsonl`): what tells them apart. Refuses a path given
-/// twice (its curves would be drawn as one).
+/// twice (its curves would be drawn as one). Compared as absolute paths,
+/// links resolved: `runs/a/m.jsonl` and `./runs/a/m.jsonl` are one file.
 fn distinguishing_labels(paths: &[PathBuf]) -> anyhow::Result<Vec<String>> {
     let parts: Vec<Vec<String>> = paths
         .iter()
         .map(|path| {
-            path.components()
+            let resolved = std::fs::canonicalize(path)
+                .or_else(|_| std::path::absolute(path))
+                .unwrap_or_else(|_| path.clone());
+            resolved
+                .components()
                 .map(|part| part.as_os_str().to_string_lossy().into_owned())
                 .collect()
         })

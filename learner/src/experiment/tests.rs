@@ -548,4 +548,14 @@ fn compared_metrics_files_are_named_by_what_differs() {
     assert_eq!(labels(&["a.jsonl", "b/a.jsonl"]).unwrap(), ["a", "b/a"]);
     let twice = labels(&["r/m.jsonl", "r/m.jsonl"]).unwrap_err().to_string();
     assert!(twice.contains("r/m.jsonl is given twice"), "{twice}");
+    // One file by two spellings; an absolute path beside relative ones.
+    let twice = labels(&["r/m.jsonl", "./r/m.jsonl"])
+        .unwrap_err()
+        .to_string();
+    assert!(twice.contains("given twice"), "{twice}");
+    let here = std::env::current_dir().unwrap().join("x/m.jsonl");
+    assert_eq!(
+        labels(&[here.to_str().unwrap(), "y/m.jsonl"]).unwrap(),
+        ["x", "y"]
+    );
 }
