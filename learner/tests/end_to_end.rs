@@ -566,7 +566,10 @@ async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
     };
     let mut reports = Vec::new();
     for i in 0..3 {
-        let before = accepted();
+        // What the earlier actors sent, all received (checked below): not
+        // the last report's count, which may still lack the last chunks
+        // the previous actor drained.
+        let before: u64 = reports.iter().map(|r: &ActorReport| r.chunks_sent).sum();
         let (stop, stopped) = oneshot::channel::<()>();
         let actor = tokio::spawn(flgfn_actor::run(
             actor_config.clone(),
