@@ -2347,18 +2347,7 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     config.learner.stall_timeout_s = 1.0;
     config.learner.max_steps = 12;
     let (url, learner, _stop) = start_learner(&config).await;
-    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let issued = shake_hands(&mut client, &config).await;
-    let actor_id = issued.actor_id;
-    // Grants ride a connection that never opens its receive window.
-    let closed_window = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .initial_stream_window_size(Some(0))
-        .connect()
-        .await
-        .unwrap();
-    let mut deaf = LearnerClient::new(closed_window);
-    let session = open(&mut deaf, Some(&issued)).await.unwrap();
+    let (session, actor_id) = deaf_session(&url, &config).await;
     // The room is one credit learner-wide (see `config`): a chunk uses it,
     // is trained, and the next credit is granted into a full buffer. The
     // actor cannot know its credits; paced, each chunk finds one.
@@ -2411,6 +2400,23 @@ async fn a_session_that_takes_no_grant_is_ended_and_its_credits_return() {
     drop(session);
 }
 
+/// A session of a freshly shaken hand whose grants ride a connection that
+/// never opens its receive window: no grant gets through. With its actor
+/// id.
+async fn deaf_session(url: &str, config: &Config) -> (RawSession, u64) {
+    let mut client = LearnerClient::connect(url.to_owned()).await.unwrap();
+    let issued = shake_hands(&mut client, config).await;
+    let closed_window = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .unwrap();
+    let mut deaf = LearnerClient::new(closed_window);
+    let session = open(&mut deaf, Some(&issued)).await.unwrap();
+    (session, issued.actor_id)
+}
+
 /// A learner told to stop refuses new connections at once, for as long as
 /// its graceful shutdown lasts (here held by a session that cannot take
 /// its last grant): a health probe or a reconnecting actor is refused,
@@ -2420,16 +2426,7 @@ async fn a_stopping_learner_refuses_new_connections() {
     let mut config = config();
     config.learner.max_steps = 0;
     let (url, learner, stop) = start_learner(&config).await;
-    let mut client = LearnerClient::connect(url.clone()).await.unwrap();
-    let issued = shake_hands(&mut client, &config).await;
-    let closed_window = tonic::transport::Endpoint::from_shared(url.clone())
-        .unwrap()
-        .initial_stream_window_size(Some(0))
-        .connect()
-        .await
-        .unwrap();
-    let mut deaf = LearnerClient::new(closed_window);
-    let session = open(&mut deaf, Some(&issued)).await.unwrap();
+    let (session, _) = deaf_session(&url, &config).await;
     stop.send(()).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!learner.is_finished(), "still shutting down");
