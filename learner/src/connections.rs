@@ -63,7 +63,7 @@ use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpConnectInfo, TcpIncoming, TlsConnectInfo};
 use tracing::warn;
 
-use crate::error::framing_fault_as_sender_error;
+use crate::error::{framing_fault_as_sender_error, unreadable_reason};
 use crate::ingest::IngestStats;
 
 /// A client must send its first bytes (the HTTP/2 preface, or a TLS hello)
@@ -458,21 +458,17 @@ impl HandshakeHandled {
 /// ... of each): without it, an actor of a much larger task left no
 /// trace at the learner.
 fn count_unread_handshake(stats: &IngestStats, peer: &str, status: &tonic::Status) {
-    let reason = match status.code() {
-        tonic::Code::InvalidArgument => "handshake_undecodable",
-        // (FAILED_PRECONDITION: larger than any handshake of the
-        // learner's task and model; the others: over the decode limit.)
-        tonic::Code::FailedPrecondition
-        | tonic::Code::OutOfRange
-        | tonic::Code::ResourceExhausted => "handshake_too_large",
-        // (UNAUTHENTICATED is counted where the token is checked.)
-        _ => return,
+    // (UNAUTHENTICATED, which is none of these, is counted where the
+    // token is checked.)
+    let Some(reason) = unreadable_reason(status.code()) else {
+        return;
     };
-    let refused_so_far = stats.refuse(reason);
+    let reason = format!("handshake_{reason}");
+    let refused_so_far = stats.refuse(&reason);
     if refused_so_far.is_power_of_two() {
         warn!(
             %peer,
-            reason,
+            %reason,
             status = %crate::error::clip(status.message().to_owned()),
             refused_so_far,
             "refused a handshake that could not be read"

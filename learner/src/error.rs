@@ -269,6 +269,22 @@ pub(crate) fn framing_fault_as_sender_error(status: Status, what: &str) -> Statu
     status
 }
 
+/// The reason a message that tonic's codec refused, before the learner
+/// read it, is counted under, by the status's code: `undecodable` (bytes
+/// that are no protobuf, framing faults once made so) or `too_large`
+/// (over the decode limit, or a count or size the learner refuses before
+/// decoding). None for other codes: a broken connection's, not the
+/// sender's data (an INTERNAL here is one).
+pub(crate) fn unreadable_reason(code: tonic::Code) -> Option<&'static str> {
+    match code {
+        tonic::Code::InvalidArgument => Some("undecodable"),
+        tonic::Code::OutOfRange
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::FailedPrecondition => Some("too_large"),
+        _ => None,
+    }
+}
+
 /// Unicode's invisible format characters that change how text around
 /// them reads: bidirectional embeddings, overrides and isolates (a name
 /// that shows its end first), zero-width characters and the line and

@@ -27,7 +27,7 @@ use tonic::{Code, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::credits::{CreditToken, SessionCredits};
-use crate::error::{RequestError, framing_fault_as_sender_error};
+use crate::error::{RequestError, framing_fault_as_sender_error, unreadable_reason};
 use crate::ingest::{
     IngestContext, IngestStats, IngestedChunk, QueuedChunk, SequenceState, SessionRecord,
     check_chunk, ingest_chunk,
@@ -920,15 +920,7 @@ impl Session {
             // RESOURCE_EXHAUSTED.)
             return false;
         }
-        let reason = match status.code() {
-            // (The codec reports undecodable bytes as INVALID_ARGUMENT, and
-            // framing faults are made so; an INTERNAL here is a broken
-            // connection, not the actor's data.)
-            Code::InvalidArgument => Some("undecodable"),
-            Code::OutOfRange | Code::ResourceExhausted => Some("too_large"),
-            _ => None,
-        };
-        let Some(reason) = reason else {
+        let Some(reason) = unreadable_reason(status.code()) else {
             return false;
         };
         let refused_so_far = self.state.stats.reject(reason);
