@@ -117,6 +117,16 @@ pub fn target_distribution(
         .collect())
 }
 
+/// log(sum of exp(`values`)), with the largest factored out so that
+/// neither overflows; -inf for none (or all -inf).
+pub fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = values.clone().fold(f64::NEG_INFINITY, f64::max);
+    if max == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    max + values.map(|v| (v - max).exp()).sum::<f64>().ln()
+}
+
 /// Exact terminal distribution of a forward policy: P_T(x) = sum over
 /// trajectories s0 -> ... -> x of prod P_F. Errors if more than `limit`
 /// states are reachable.
@@ -254,9 +264,7 @@ pub fn uniform_backward_log_flows(
                 .map(|&(_, j)| log_flow[j].map(|f| f - parents[j].ln()))
                 .collect();
             if let Some(terms) = children {
-                let max = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = terms.iter().map(|t| (t - max).exp()).sum();
-                log_flow[i] = Some(max + sum.ln());
+                log_flow[i] = Some(log_sum_exp(terms.iter().copied()));
             }
         }
     }

@@ -367,12 +367,7 @@ impl LatticeReference {
             })
             .collect();
         let log_rewards: Vec<f64> = states.iter().map(|s| -lattice.energy(s)).collect();
-        let max = log_rewards
-            .iter()
-            .copied()
-            .fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = log_rewards.iter().map(|r| (r - max).exp()).sum();
-        let log_z = max + sum.ln();
+        let log_z = crate::exact::log_sum_exp(log_rewards.iter().copied());
         let mut up_probability = vec![0.0; n];
         let mut energy_points = Vec::with_capacity(states.len());
         let mut target = HashMap::with_capacity(states.len());

@@ -8,6 +8,7 @@ use std::collections::BinaryHeap;
 
 use super::{SetGeneration, SetSize};
 use crate::env::{DistributionScores, Quality, State, TaskReference};
+use crate::exact::log_sum_exp;
 
 /// Above this many compositions the target energy distribution is binned
 /// rather than kept point by point (small has 44,803; medium and large have
@@ -54,14 +55,6 @@ pub(super) fn level_log_weights(levels: &[f64], copies: usize) -> Vec<Vec<f64>> 
                 .collect()
         })
         .collect()
-}
-
-fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
-    let max = values.clone().fold(f64::NEG_INFINITY, f64::max);
-    if max == f64::NEG_INFINITY {
-        return f64::NEG_INFINITY;
-    }
-    max + values.map(|v| (v - max).exp()).sum::<f64>().ln()
 }
 
 /// `out[k] = ln sum_c exp(table[k - c] + weights[c])` for k = 0..=max_count.
