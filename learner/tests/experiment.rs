@@ -333,14 +333,18 @@ fn a_short_suite_writes_its_data_and_plots() {
             "{args:?}: {said}"
         );
     }
+    // `--plot-metrics FILES... --out DIR`.
+    let plot_metrics = |files: &[&std::path::Path], dir: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+            .arg("--plot-metrics")
+            .args(files)
+            .arg("--out")
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
     // A folder given as a metrics file is named.
-    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .arg("--plot-metrics")
-        .arg(out.join("runs"))
-        .arg("--out")
-        .arg(out.join("unused"))
-        .output()
-        .unwrap();
+    let refused = plot_metrics(&[&out.join("runs")], &out.join("unused"));
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && said.contains("cannot read") && said.contains("runs"),
@@ -350,13 +354,7 @@ fn a_short_suite_writes_its_data_and_plots() {
     // One run's metrics file on its own, as a user would plot it.
     let metrics = out.join("runs/small_fl-db_seed0/metrics.jsonl");
     let plots = out.join("single");
-    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .arg("--plot-metrics")
-        .arg(&metrics)
-        .arg("--out")
-        .arg(&plots)
-        .output()
-        .unwrap();
+    let output = plot_metrics(&[&metrics], &plots);
     assert!(output.status.success());
     for name in ["metrics-steps.png", "metrics-seconds.png"] {
         let png = std::fs::read(plots.join(name)).unwrap();
@@ -371,13 +369,7 @@ fn a_short_suite_writes_its_data_and_plots() {
         out.join("runs/small_fl-db_seed0/metrics.jsonl"),
         out.join("runs/small_tb_seed0/metrics.jsonl"),
     ];
-    let output = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .arg("--plot-metrics")
-        .args(&both)
-        .arg("--out")
-        .arg(&plots)
-        .output()
-        .unwrap();
+    let output = plot_metrics(&[&both[0], &both[1]], &plots);
     assert!(
         output.status.success(),
         "{}",
@@ -389,13 +381,7 @@ fn a_short_suite_writes_its_data_and_plots() {
         "the curves are named by their runs' folders"
     );
     // The same file twice would be one curve drawn as two: refused.
-    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
-        .arg("--plot-metrics")
-        .args([&both[0], &both[0]])
-        .arg("--out")
-        .arg(&plots)
-        .output()
-        .unwrap();
+    let refused = plot_metrics(&[&both[0], &both[0]], &plots);
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && said.contains("is given twice"),

@@ -851,17 +851,21 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         .unwrap();
     assert!(status.success());
     let config = config.to_str().unwrap();
+    // `n` samples of the weights file `weights`, under the run's config.
+    let sample_weights = |weights: &Path, n: &str| {
+        sample(&[
+            "--config",
+            config,
+            "--weights",
+            weights.to_str().unwrap(),
+            "-n",
+            n,
+        ])
+    };
 
     // From the final weights, as JSON lines.
     let final_weights = checkpoints.join("final.safetensors");
-    let output = sample(&[
-        "--config",
-        config,
-        "--weights",
-        final_weights.to_str().unwrap(),
-        "-n",
-        "300",
-    ]);
+    let output = sample_weights(&final_weights, "300");
     assert!(output.status.success(), "{output:?}");
     let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
         .unwrap()
@@ -1010,14 +1014,7 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     // Weights written elsewhere, naming no task or model: sampled, with a
     // warning that only their tensors were checked (the learner's own
     // carry no such warning).
-    let learners_own = sample(&[
-        "--config",
-        config,
-        "--weights",
-        final_weights.to_str().unwrap(),
-        "-n",
-        "3",
-    ]);
+    let learners_own = sample_weights(&final_weights, "3");
     let warning = "do not name their task or model";
     assert!(
         !String::from_utf8_lossy(&learners_own.stderr).contains(warning),
@@ -1035,14 +1032,7 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         .unwrap(),
     )
     .unwrap();
-    let output = sample(&[
-        "--config",
-        config,
-        "--weights",
-        unnamed.to_str().unwrap(),
-        "-n",
-        "3",
-    ]);
+    let output = sample_weights(&unnamed, "3");
     assert!(output.status.success(), "{output:?}");
     assert!(
         String::from_utf8_lossy(&output.stderr).contains(warning),
@@ -1051,22 +1041,26 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Runs the shell command `line` on a pseudo-terminal: what it drew
+/// there. (`script`, of util-linux, in every Debian, copies it to stdout.)
+fn on_a_terminal(line: &str) -> std::process::Output {
+    command(Path::new("script"))
+        .args(["-qec", line, "/dev/null"])
+        .env("TERM", "xterm")
+        .output()
+        .expect("util-linux `script`")
+}
+
 #[test]
 fn a_terminal_gets_a_live_progress_line_above_which_logs_print() {
     let dir = scratch("live");
     let config = tiny_config_file(&dir, 300);
-    // `script` (util-linux, in every Debian) runs the learner on a
-    // pseudo-terminal and copies what it drew to stdout.
     let line = format!(
         "{} --listen 127.0.0.1:0 --local-actors --actors 1 --config {}",
         learner_binary().display(),
         config.display()
     );
-    let output = command(Path::new("script"))
-        .args(["-qec", &line, "/dev/null"])
-        .env("TERM", "xterm")
-        .output()
-        .expect("util-linux `script`");
+    let output = on_a_terminal(&line);
     assert!(output.status.success(), "{output:?}");
     let drawn = String::from_utf8_lossy(&output.stdout);
     assert!(drawn.contains("/300 · 1 actor · "), "{drawn}");
@@ -1099,11 +1093,7 @@ fn a_terminal_gets_the_error_on_a_line_of_its_own() {
         learner_binary().display(),
         taken.local_addr().unwrap()
     );
-    let output = command(Path::new("script"))
-        .args(["-qec", &line, "/dev/null"])
-        .env("TERM", "xterm")
-        .output()
-        .expect("util-linux `script`");
+    let output = on_a_terminal(&line);
     let drawn = String::from_utf8_lossy(&output.stdout);
     let error = drawn
         .find("flgfn-learner: error: cannot listen on")
