@@ -98,8 +98,10 @@ pub const MAX_SESSION_RECORDS: usize = 4096;
 pub struct IngestStats {
     /// Chunks that passed validation.
     pub accepted_chunks: AtomicU64,
-    /// Usable transitions in accepted chunks (counted before stale chunks
-    /// are dropped).
+    /// Usable transitions in accepted chunks, stale ones included. Counted
+    /// just after the chunk is queued for the trainer (one refused there,
+    /// the trainer gone, is not accepted): a count read while training
+    /// may miss a chunk already in a batch, or already dropped as stale.
     pub accepted_transitions: AtomicU64,
     /// Credits granted to actors.
     pub credits_granted: AtomicU64,

@@ -361,6 +361,11 @@ struct Progress {
     last_report_wall: f64,
     /// When the next report is due, in `wall_s`.
     next_report_wall: f64,
+    /// Transitions trained and accepted at `last_report_wall`: where the
+    /// current window's rates start. (The windows tile the run from its
+    /// first step, each ingest rate counting what arrived during the
+    /// evaluation before it: a window's ingest less its training is what
+    /// queued or went stale meanwhile.)
     last_report_counts: (u64, u64),
     report: Report,
     time_to_quality: Option<f64>,
@@ -636,8 +641,11 @@ impl Trainer {
                 progress.first_step_after = run_started.elapsed();
                 // The first window's span starts here: what arrived before
                 // (the first credit room filling while the actors started)
-                // is not in its ingest rate.
-                progress.last_report_counts.1 = IngestStats::get(&self.stats.accepted_transitions);
+                // is not in its ingest rate. A session queues a chunk
+                // before it counts it, so the count can still miss part
+                // of this very batch: all of it arrived before, at least.
+                let counted = IngestStats::get(&self.stats.accepted_transitions);
+                progress.last_report_counts.1 = counted.max(batch.transitions as u64);
             }
 
             self.train_step(optimizer, own_optimizer.as_mut(), batch, progress)?;
