@@ -520,12 +520,17 @@ async fn generated_actors_that_give_up_keep_what_they_sent() {
 /// A report's ingest rate counts what arrived in its own window of
 /// training time: the first report's leaves out what arrived before the
 /// first step (the first credit room, filled while the actors started,
-/// the first batch at least), which that window does not cover.
+/// the first batch at least), which that window does not cover. And a
+/// report's counts are taken with its clock, not after its evaluation,
+/// while chunks keep arriving: each later window's ingest is what they
+/// say arrived since the report before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_reports_ingest_rate_leaves_out_what_came_before_training() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
     config.learner.max_steps = 200;
+    // Reports by steps: several in so short a run.
+    config.learner.eval_every_steps = 25;
     let dir = std::env::temp_dir().join(format!("flgfn-ingest-rate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -540,5 +545,18 @@ async fn the_first_reports_ingest_rate_leaves_out_what_came_before_training() {
         "{in_window:.0} transitions in the first window, of {} ingested, {before_training} of them before the first step",
         first.ingested_transitions
     );
+    let reports = support::reports(&metrics);
+    assert!(reports.len() >= 3, "{} reports", reports.len());
+    for pair in reports.windows(2) {
+        let (before, after) = (&pair[0], &pair[1]);
+        let in_window = after.ingested_per_s * (after.wall_s - before.wall_s);
+        let counted = after.ingested_transitions - before.ingested_transitions;
+        assert!(
+            (in_window - counted as f64).abs() < 0.5,
+            "step {}: {in_window:.1} transitions in its window, {counted} counted since step {}",
+            after.step,
+            before.step
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

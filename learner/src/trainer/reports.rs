@@ -13,7 +13,6 @@ use tracing::{info, warn};
 use super::{Progress, Trainer, divergence_remedy};
 use crate::error::LearnerError;
 use crate::evaluator::Evaluator;
-use crate::ingest::IngestStats;
 use crate::quality_probes::QualityProbes;
 use crate::report::{Report, to_the_millisecond};
 
@@ -73,9 +72,20 @@ impl Trainer {
         // wall_s).
         self.wait_for_device();
         let wall = progress.wall();
-        // Counted at the same moment, for this window's ingest rate:
-        // chunks keep arriving during the evaluation.
-        let ingested_at_wall = IngestStats::get(&self.stats.accepted_transitions);
+        // Counted at the same moment: chunks keep arriving during the
+        // evaluation, and counted after it they would be set against the
+        // training done before it (ingest and bytes per trained
+        // transition, this window's ingest rate, the room in flight).
+        let mut counts = Report {
+            trained_transitions: progress.trained_transitions,
+            resumed_trained_transitions: progress.resumed_trained_transitions,
+            weight_versions_encoded: self.publisher.encodings(),
+            credit_room_transitions: self.pool.capacity(),
+            in_flight_transitions: self.pool.in_use(),
+            ..Report::default()
+        };
+        counts.count_from(&self.stats);
+        let ingested_at_wall = counts.ingested_transitions;
         let eval_started = Instant::now();
         let learned_log_z = self.objective.learned_log_z().map(|z| z.double_value(&[]));
         let evaluation = evaluator.evaluate(&self.policy, learned_log_z);
@@ -149,17 +159,12 @@ impl Trainer {
             top100_samples: evaluation.top_k_samples,
             top100_mean_reward_eval: evaluation.top_k_mean_reward_this_evaluation,
             at_quality: evaluation.at_quality,
-            trained_transitions: progress.trained_transitions,
-            resumed_trained_transitions: progress.resumed_trained_transitions,
             trained_per_s: (progress.trained_transitions - last_trained) as f64 / span,
             version: progress.version,
             mean_policy_lag: window.lag_weighted / window.transitions.max(1) as f64,
             max_policy_lag: window.max_lag,
             mean_batch_transitions: window.transitions as f64 / window.steps.max(1) as f64,
             busy_ms_per_step: 1e3 * busy / window.steps.max(1) as f64,
-            weight_versions_encoded: self.publisher.encodings(),
-            credit_room_transitions: self.pool.capacity(),
-            in_flight_transitions: self.pool.in_use(),
             resident_mb: crate::report::resident_mb(),
             truncated_fraction: window.truncated as f64 / window.trajectories.max(1) as f64,
             data_wait_fraction: (window.waiting.as_secs_f64() / span).min(1.0),
@@ -167,9 +172,8 @@ impl Trainer {
             non_finite_draws: evaluation.non_finite_draws,
             eval_samples: self.config.learner.eval_samples,
             eval_s: eval_s.as_secs_f64(),
-            ..Report::default()
+            ..counts
         };
-        report.count_from(&self.stats);
         report.ingested_per_s = ingested_at_wall.saturating_sub(last_ingested) as f64 / span;
         report.log();
         if let Some(metrics) = self.metrics.as_mut() {
