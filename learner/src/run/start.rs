@@ -105,7 +105,10 @@ struct LiveProgress {
 /// stops: step, connected actors, transitions arriving per second.
 async fn live_progress(mut live: LiveProgress) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // A tick late on a loaded machine is not made up by a burst of them.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_in, mut rate) = (IngestStats::get(&live.stats.accepted_transitions), 0.0);
+    let mut last_at = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -113,9 +116,12 @@ async fn live_progress(mut live: LiveProgress) {
         }
         let step = live.steps_done.step();
         let arrived = IngestStats::get(&live.stats.accepted_transitions);
-        // Per second, smoothed over about a second.
-        rate = 0.75 * rate + 0.25 * (arrived - last_in) as f64 * 4.0;
-        last_in = arrived;
+        // Per second of the clock since the last tick (later than 250 ms
+        // on a loaded machine), smoothed over about a second.
+        let now = std::time::Instant::now();
+        let seconds = now.duration_since(last_at).as_secs_f64().max(1e-3);
+        rate = 0.75 * rate + 0.25 * arrived.saturating_sub(last_in) as f64 / seconds;
+        (last_in, last_at) = (arrived, now);
         let target = if live.max_steps == 0 {
             String::new()
         } else {
