@@ -489,7 +489,10 @@ impl LearnerConfig {
     /// credit room's ceiling: `max_batch_transitions` x
     /// `max_in_flight_batches`. A chunk larger could never be granted.
     pub fn credit_ceiling(&self) -> u64 {
-        (self.max_batch_transitions as u64).saturating_mul(self.max_in_flight_batches.max(1))
+        credit_ceiling(
+            self.max_batch_transitions as u64,
+            self.max_in_flight_batches,
+        )
     }
 
     /// Why data could be produced only to be dropped as stale, where it
@@ -638,6 +641,14 @@ pub const AUTO_CHUNK_TRANSITIONS: usize = 5120;
 /// so that a session holds a few chunks (wide states, such as a set task
 /// of thousands of elements, make each trajectory large).
 pub const AUTO_CHUNK_BYTES: usize = 16 << 20;
+
+/// The credit room's ceiling: `batches` (at least one) batches of
+/// `max_batch` transitions in flight. The learner's pool and the checks
+/// made from a configuration alone (an actor's chunk size, a local
+/// actor's, before the pool exists) share this one formula.
+pub fn credit_ceiling(max_batch: u64, batches: u64) -> u64 {
+    max_batch.saturating_mul(batches.max(1))
+}
 
 impl Config {
     /// Environments in lockstep (trajectories per chunk) for `env`:
