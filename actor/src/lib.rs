@@ -507,7 +507,7 @@ pub fn client_tls_for(
     if !url.starts_with("https://") {
         return Ok(None);
     }
-    let files = flgfn_common::auth::read_tls(tls)?;
+    let files = flgfn_common::auth::read_tls(tls, flgfn_common::auth::TlsRole::Client)?;
     let Some(ca) = files.ca else {
         return Err(flgfn_common::config::ConfigError::invalid(
             "tls.ca_file",

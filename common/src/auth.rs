@@ -83,8 +83,19 @@ impl fmt::Debug for TlsFiles {
     }
 }
 
-/// Reads the files `config` names; an error names the key.
-pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
+/// Which end of a connection a [`TlsConfig`] is read for: its certificate
+/// must be made for that end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRole {
+    /// The learner: its certificate serves TLS (serverAuth).
+    Learner,
+    /// An actor or `flgfn-health`: its certificate, if any, is a client's
+    /// for mutual TLS (clientAuth).
+    Client,
+}
+
+/// Reads the files `config` names for `role`; an error names the key.
+pub fn read_tls(config: &TlsConfig, role: TlsRole) -> Result<TlsFiles, ConfigError> {
     // Each must hold a PEM block of its kind: rustls takes a file without
     // one (DER, the wrong file) as an empty set of roots or no identity,
     // and the handshakes then fail later with an error naming no file.
@@ -138,6 +149,7 @@ pub fn read_tls(config: &TlsConfig) -> Result<TlsFiles, ConfigError> {
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => {
             check_key_pair(config, &cert, &key)?;
+            check_purpose(config, &cert, role)?;
             Some((cert, key))
         }
         (None, None) => None,
@@ -180,6 +192,46 @@ fn check_ca(config: &TlsConfig, ca: &[u8]) -> Result<(), ConfigError> {
         )));
     }
     Ok(())
+}
+
+/// Refuses a certificate whose extendedKeyUsage leaves out `role`'s
+/// purpose, which its peers would refuse in every handshake: above all
+/// one role's certificate given to the other (a learner serving an
+/// actor's client certificate, whose actors each fail to connect).
+fn check_purpose(config: &TlsConfig, cert: &[u8], role: TlsRole) -> Result<(), ConfigError> {
+    use crate::key_usage::{CLIENT_AUTH, SERVER_AUTH, extended_key_usages, purpose_name};
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    // The first certificate of the chain is the one presented.
+    let Some(Ok(presented)) = CertificateDer::pem_slice_iter(cert).next() else {
+        return Ok(());
+    };
+    let Some(purposes) = extended_key_usages(&presented) else {
+        return Ok(());
+    };
+    let needed = match role {
+        TlsRole::Learner => SERVER_AUTH,
+        TlsRole::Client => CLIENT_AUTH,
+    };
+    if purposes.contains(&needed) {
+        return Ok(());
+    }
+    let listed = purposes
+        .iter()
+        .map(|id| purpose_name(id))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let why = match role {
+        TlsRole::Learner => format!(
+            "its extendedKeyUsage lists {listed}, not serverAuth, so actors would refuse it as a learner's (is it an actor's client certificate?): give the learner one made for serving, with extendedKeyUsage serverAuth or none"
+        ),
+        TlsRole::Client => format!(
+            "its extendedKeyUsage lists {listed}, not clientAuth, so a learner requiring client certificates would refuse it (is it the learner's own?): give the actor a client certificate, with extendedKeyUsage clientAuth or none, or without mutual TLS none at all"
+        ),
+    };
+    Err(ConfigError::invalid(
+        "tls.cert_file",
+        format!("{}: {why}", config.cert_file),
+    ))
 }
 
 /// Refuses certificates that do not parse, a key rustls cannot use, and a
@@ -472,7 +524,10 @@ mod tests {
 
     /// The error `read_tls` refuses `config` with.
     fn tls_refusal(config: &TlsConfig) -> String {
-        read_tls(config).err().unwrap().to_string()
+        read_tls(config, TlsRole::Learner)
+            .err()
+            .unwrap()
+            .to_string()
     }
 
     /// A secret's file readable by others is noticed, whatever else its

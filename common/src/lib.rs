@@ -20,7 +20,8 @@
 //!   distributions of tasks small enough to enumerate.
 //! - [`config`]: the one TOML schema of every binary, with its defaults.
 //! - [`auth`]: the shared bearer token (file or `FLGFN_TOKEN`) and the
-//!   TLS / mutual-TLS files.
+//!   TLS / mutual-TLS files; `key_usage` reads the purposes a
+//!   certificate is made for.
 //! - [`weights`]: weights as safetensors bytes (f32 or bf16).
 //! - [`wire`]: generated gRPC code from `proto/` and its conversions.
 //! - [`telemetry`]: tracing setup, the binaries' exit status, console
@@ -33,6 +34,7 @@ pub mod auth;
 pub mod config;
 pub mod env;
 pub mod exact;
+mod key_usage;
 pub mod objectives;
 pub mod policy;
 pub mod rollout;

@@ -20,7 +20,7 @@ use crate::{connections, service};
 /// The gRPC transport, serving TLS (and requiring client certificates for
 /// mutual TLS) when `[tls]` says so.
 pub fn secured_transport(config: &Config) -> Result<tonic::transport::Server, LearnerError> {
-    let files = auth::read_tls(&config.tls)?;
+    let files = auth::read_tls(&config.tls, auth::TlsRole::Learner)?;
     let Some((cert, key)) = files.identity else {
         if files.ca.is_some() {
             return Err(ConfigError::invalid(

@@ -12,12 +12,13 @@ use std::time::Duration;
 use flgfn_actor::{ActorError, ActorOptions};
 use flgfn_common::config::Config;
 use flgfn_learner::RunOptions;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use tokio::net::TcpListener;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// PEM files in `dir`: a CA, a learner certificate for `localhost` and a
-/// client certificate, each signed by the CA.
+/// client certificate, each signed by the CA and made for its purpose
+/// (extendedKeyUsage serverAuth, clientAuth), as the README's recipe.
 struct Pki {
     ca: PathBuf,
     server: (PathBuf, PathBuf),
@@ -37,9 +38,10 @@ fn make_pki(dir: &Path) -> Pki {
         std::fs::write(&path, text).unwrap();
         path
     };
-    let leaf = |name: &str, host: &str, expired: bool| {
+    let leaf = |name: &str, host: &str, purpose: ExtendedKeyUsagePurpose, expired: bool| {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![host.to_owned()]).unwrap();
+        params.extended_key_usages = vec![purpose];
         if expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);
@@ -50,9 +52,13 @@ fn make_pki(dir: &Path) -> Pki {
             write(&format!("{name}.key"), key.serialize_pem()),
         )
     };
-    let server = leaf("learner", "localhost", false);
-    let client = leaf("actor", "actor-1", false);
-    let expired_server = leaf("learner-expired", "localhost", true);
+    let (serving, client) = (
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let server = leaf("learner", "localhost", serving.clone(), false);
+    let client = leaf("actor", "actor-1", client, false);
+    let expired_server = leaf("learner-expired", "localhost", serving, true);
     Pki {
         ca: write("ca.pem", ca.pem()),
         server,
@@ -444,6 +450,46 @@ async fn half_configured_tls_is_refused_with_the_field_named() {
     let error = support::learner_refusal(config, "127.0.0.1:0").await;
     assert!(error.contains("tls.key_file"), "{error}");
     assert!(error.contains("does not match"), "{error}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// One role's certificate given to the other is refused where the
+/// configuration is read, by its purpose: an actor's client certificate
+/// to the learner (which would start, serve it, and see every actor's
+/// handshake fail), and the learner's to an actor for mutual TLS.
+#[tokio::test]
+async fn each_role_refuses_a_certificate_made_for_the_other() {
+    let dir = std::env::temp_dir().join(format!("flgfn-purpose-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    let mut config = support::tiny_config();
+    config.tls.cert_file = path(&pki.client.0);
+    config.tls.key_file = path(&pki.client.1);
+    config.tls.ca_file = path(&pki.ca);
+    let error = support::learner_refusal(config.clone(), "127.0.0.1:0").await;
+    assert!(error.contains("tls.cert_file"), "{error}");
+    assert!(error.contains(&path(&pki.client.0)), "{error}");
+    assert!(
+        error.contains("lists clientAuth, not serverAuth"),
+        "{error}"
+    );
+
+    let mut learners = actor_config(&config, "https://127.0.0.1:1".to_owned(), &pki, true);
+    learners.tls.cert_file = path(&pki.server.0);
+    learners.tls.key_file = path(&pki.server.1);
+    let error = actor_error(
+        learners,
+        "with-the-learners",
+        20,
+        "a certificate for the other role ends the actor at once",
+    )
+    .await;
+    assert!(matches!(error, ActorError::Config(_)), "{error:?}");
+    let error = error.to_string();
+    assert!(error.contains("tls.cert_file"), "{error}");
+    assert!(
+        error.contains("lists serverAuth, not clientAuth"),
+        "{error}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
