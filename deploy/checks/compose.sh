@@ -120,9 +120,19 @@ rm "$work/compose.yaml" "$work/.env"
 
 # The learner's metrics file, from its volume (readable whether the
 # container runs or not: Compose v2's ps lists stopped ones only with -a).
+# A copy made while a report is appended fails ("archive/tar: write too
+# long"): tried again; a line still unfinished is left out.
 metrics() {
-    docker cp "$("${compose[@]}" ps -a -q learner):/var/lib/flgfn/metrics.jsonl" "$work/metrics.jsonl" 2>/dev/null &&
-        cat "$work/metrics.jsonl"
+    local learner_container
+    learner_container="$("${compose[@]}" ps -a -q learner)"
+    for _ in 1 2 3 4 5; do
+        if docker cp "$learner_container:/var/lib/flgfn/metrics.jsonl" "$work/metrics.jsonl" 2>/dev/null; then
+            python3 -c 'import sys; text = open(sys.argv[1]).read(); sys.stdout.write(text[:text.rfind("\n") + 1])' "$work/metrics.jsonl"
+            return
+        fi
+        sleep 0.2
+    done
+    return 1
 }
 
 # One field of the last metrics line ("" before the first report).

@@ -180,10 +180,25 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
             ))
         })
         .collect();
-    // Training is under way once a report with steps in it is written.
+    // Both actors take part once a report sees them connected while
+    // training runs, and the next one a second of training later (a
+    // session is granted credits as it opens): not at the first report
+    // with steps, which one actor late on a loaded machine could miss.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !support::reports(&metrics).iter().any(|r| r.step > 0) {
-        assert!(tokio::time::Instant::now() < deadline, "training starts");
+    let mut both_at_step = None;
+    loop {
+        let last = support::reports(&metrics).pop();
+        match (both_at_step, last) {
+            (None, Some(last)) if last.actors_connected == 2 && last.step > 0 => {
+                both_at_step = Some(last.step);
+            }
+            (Some(step), Some(last)) if last.step > step => break,
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two actors training"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(matches!(

@@ -118,7 +118,10 @@ where
 async fn actors_of_one_configuration_draw_different_trajectories() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
-    config.learner.max_steps = 50;
+    // Long enough (a second or so) that an actor started late on a loaded
+    // machine still joins: one that finds the learner finished retries
+    // until it is given up on.
+    config.learner.max_steps = 300;
     let same = first_chunks_match(|| async {
         let (_, mut reports) = train(&config, 2, 0, Duration::ZERO, None).await;
         let (b, a) = (reports.pop().unwrap(), reports.pop().unwrap());
@@ -154,8 +157,11 @@ async fn actors_of_one_configuration_draw_different_trajectories() {
             ))
         };
         let (a, b) = (twin(0), twin(1));
-        learner.await.unwrap().unwrap();
-        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        support::finished_learner(learner).await;
+        let (a, b) = (
+            support::finished_actor(a).await,
+            support::finished_actor(b).await,
+        );
         assert_eq!(a.seed, b.seed);
         (a, b)
     };

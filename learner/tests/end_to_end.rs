@@ -676,7 +676,11 @@ async fn a_stop_whose_connection_breaks_while_draining_says_so() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     stop.send(()).unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Cut while it drains: the learner's answer to the drain comes 2 s
+    // after it starts at the soonest (1 s each way), and the actor starts
+    // draining within moments of the stop (1.2 s leaves a loaded machine
+    // time to start it).
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
     drop(proxy);
     let report = tokio::time::timeout(std::time::Duration::from_secs(8), actor)
         .await
@@ -697,9 +701,29 @@ async fn a_stop_whose_connection_breaks_while_draining_says_so() {
 async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
     let mut config = tiny_config();
     config.learner.max_steps = 0;
-    let learner = start_learner(config.clone()).await;
+    config.learner.first_report_s = 0.05;
+    config.learner.report_every_s = 0.05;
+    let metrics = std::env::temp_dir().join(format!("flgfn-stopped-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let options = RunOptions {
+        metrics_path: Some(metrics.clone()),
+        ..RunOptions::default()
+    };
+    let learner = start_learner_with(config.clone(), options).await;
     let actors = spawn_actors(&config, &learner.url, 2);
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    // Stopped once both actors are connected and training is under way (a
+    // fixed wait could stop actors still connecting, on a loaded machine).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !support::reports(&metrics)
+        .last()
+        .is_some_and(|report| report.actors_connected == 2 && report.step > 0)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two actors did not connect and train in 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     learner.stop.send(()).unwrap();
     let outcome = learner.outcome.await.unwrap().unwrap();
     assert!(outcome.steps > 0, "{outcome:?}");
@@ -720,4 +744,6 @@ async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
         late,
         "late chunks are counted as arrived after training ended"
     );
+    let _ = std::fs::remove_file(&metrics);
+    let _ = std::fs::remove_file(metrics.with_extension("summary.json"));
 }

@@ -61,7 +61,20 @@ async fn sixty_four_streams_for_a_while() {
         },
     ));
 
-    // Warm-up: a quarter of the time (at least 3 s); then sample memory.
+    // Warm-up from when every stream is connected and training runs (the
+    // learner process loads libtorch first, slowly on a loaded machine):
+    // a quarter of the time (at least 3 s); then sample memory.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !support::reports(&metrics)
+        .last()
+        .is_some_and(|report| report.actors_connected == STREAMS as i64 && report.step > 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{STREAMS} streams did not connect and train in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     let warm_up = Duration::from_secs_f64((seconds / 4.0).max(3.0));
     tokio::time::sleep(warm_up).await;

@@ -130,13 +130,14 @@ pub async fn stoppable_learner(
 }
 
 /// The learner's health over `url` (the probe shows no token), asked
-/// until it says SERVING (it starts serving once ready) or 10 s pass; the
+/// until it says SERVING (it starts serving once ready) or 60 s pass (a
+/// learner process loads libtorch first, slowly on a loaded machine); the
 /// last answer.
 pub async fn health(
     url: &str,
     tls: &flgfn_common::auth::TlsConfig,
 ) -> Result<ServingStatus, flgfn_actor::health::HealthError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let answer = flgfn_actor::health::check(url, "", tls).await;
         if matches!(answer, Ok(ServingStatus::Serving)) || tokio::time::Instant::now() > deadline {
