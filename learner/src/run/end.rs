@@ -319,12 +319,10 @@ impl Running {
         // refusals, lost chunks, what was never trained): the last report
         // takes their final values, so that the run's accounts close.
         outcome.final_report.count_from(stats);
-        // As do the publisher (the final version, encoded for a session
-        // that took it at the end) and the credit room.
-        let pool = self.state.credits.pool();
+        // As does the publisher's (the final version, encoded for a
+        // session that took it at the end). The credit room and what is
+        // in flight stay the last step's: after the drain they are empty.
         outcome.final_report.weight_versions_encoded = self.state.publisher.encodings();
-        outcome.final_report.credit_room_transitions = pool.capacity();
-        outcome.final_report.in_flight_transitions = pool.in_use();
         outcome.untrained_at_stop_transitions =
             IngestStats::get(&stats.untrained_at_stop_transitions);
         let max_steps = self.config.learner.max_steps;
