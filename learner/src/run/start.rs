@@ -104,7 +104,10 @@ struct LiveProgress {
 /// Redraws the terminal's live line four times a second until the learner
 /// stops: step, connected actors, transitions arriving per second.
 async fn live_progress(mut live: LiveProgress) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let period = Duration::from_millis(250);
+    // (Not `interval`, whose first tick comes at once: the first rate
+    // would rest on no time at all.)
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // A tick late on a loaded machine is not made up by a burst of them.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let (mut last_in, mut rate) = (IngestStats::get(&live.stats.accepted_transitions), 0.0);
