@@ -490,6 +490,7 @@ impl LearnerConfig {
     /// `max_in_flight_batches`. A chunk larger could never be granted.
     pub fn credit_ceiling(&self) -> u64 {
         credit_ceiling(
+            self.batch_transitions as u64,
             self.max_batch_transitions as u64,
             self.max_in_flight_batches,
         )
@@ -642,12 +643,15 @@ pub const AUTO_CHUNK_TRANSITIONS: usize = 5120;
 /// of thousands of elements, make each trajectory large).
 pub const AUTO_CHUNK_BYTES: usize = 16 << 20;
 
-/// The credit room's ceiling: `batches` (at least one) batches of
-/// `max_batch` transitions in flight. The learner's pool and the checks
-/// made from a configuration alone (an actor's chunk size, a local
-/// actor's, before the pool exists) share this one formula.
-pub fn credit_ceiling(max_batch: u64, batches: u64) -> u64 {
-    max_batch.saturating_mul(batches.max(1))
+/// The credit room's ceiling: `batches` (at least one) largest batches
+/// in flight, a batch of `min_batch` to `max_batch` transitions (at least
+/// one; the largest no smaller than the smallest). The learner's pool and
+/// the checks made from a configuration alone (an actor's chunk size, a
+/// local actor's, before the pool exists) share this one formula.
+pub fn credit_ceiling(min_batch: u64, max_batch: u64, batches: u64) -> u64 {
+    max_batch
+        .max(min_batch.max(1))
+        .saturating_mul(batches.max(1))
 }
 
 impl Config {

@@ -103,7 +103,7 @@ impl CreditPool {
     pub fn new(min_batch: u64, max_batch: u64, batches: u64) -> Arc<Self> {
         let floor = min_batch.max(1);
         let max_batch = max_batch.max(floor);
-        let ceiling = flgfn_common::config::credit_ceiling(max_batch, batches);
+        let ceiling = flgfn_common::config::credit_ceiling(min_batch, max_batch, batches);
         Arc::new(CreditPool {
             in_use: AtomicU64::new(0),
             queued: AtomicU64::new(0),
