@@ -215,17 +215,22 @@ fn check_purpose(config: &TlsConfig, cert: &[u8], role: TlsRole) -> Result<(), C
     if purposes.contains(&needed) {
         return Ok(());
     }
-    let listed = purposes
-        .iter()
-        .map(|id| purpose_name(id))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // (An empty list, which webpki refuses too, lists no purpose.)
+    let listed = if purposes.is_empty() {
+        "no purpose".to_owned()
+    } else {
+        purposes
+            .iter()
+            .map(|id| purpose_name(id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let why = match role {
         TlsRole::Learner => format!(
             "its extendedKeyUsage lists {listed}, not serverAuth, so actors would refuse it as a learner's (is it an actor's client certificate?): give the learner one made for serving, with extendedKeyUsage serverAuth or none"
         ),
         TlsRole::Client => format!(
-            "its extendedKeyUsage lists {listed}, not clientAuth, so a learner requiring client certificates would refuse it (is it the learner's own?): give the actor a client certificate, with extendedKeyUsage clientAuth or none, or without mutual TLS none at all"
+            "its extendedKeyUsage lists {listed}, not clientAuth, so a learner requiring client certificates would refuse it (is it the learner's own?): give this client (an actor, flgfn-health) a client certificate, with extendedKeyUsage clientAuth or none, or without mutual TLS none at all"
         ),
     };
     Err(ConfigError::invalid(

@@ -232,6 +232,64 @@ mod tests {
         );
     }
 
+    /// Broken inside, within a well-formed outside: the extension's value
+    /// cut short, or a length there that runs past its element. Never a
+    /// panic; never a purpose that is not wholly there.
+    #[test]
+    fn a_broken_extension_inside_a_whole_certificate_reads_as_what_is_whole() {
+        let listed = usage(&[CLIENT_AUTH, SERVER_AUTH]);
+        for end in 0..listed.len() {
+            let cert = certificate(Some(vec![extension(
+                EXTENDED_KEY_USAGE,
+                false,
+                &listed[..end],
+            )]));
+            assert_eq!(extended_key_usages(&cert), None, "the list cut at {end}");
+        }
+        // The list whole, its second purpose's length (after the list's
+        // header, the first purpose and the second's tag) past its end.
+        let mut overlong = listed.clone();
+        overlong[2 + 2 + CLIENT_AUTH.len() + 1] = 0x7f;
+        let cert = certificate(Some(vec![extension(EXTENDED_KEY_USAGE, false, &overlong)]));
+        assert_eq!(extended_key_usages(&cert).unwrap(), [CLIENT_AUTH]);
+        // The extension's own value cut inside the list it wraps.
+        let mut value = der(OCTET_STRING, &listed);
+        value.truncate(value.len() - 3);
+        let mut fields = der(OBJECT_ID, EXTENDED_KEY_USAGE);
+        fields.extend(value);
+        let cert = certificate(Some(vec![der(SEQUENCE, &fields)]));
+        assert_eq!(extended_key_usages(&cert), None);
+    }
+
+    /// A certificate OpenSSL made (`req -x509`, P-256, valid to 2126, made
+    /// for this test alone: it guards nothing) with a critical
+    /// extendedKeyUsage of serverAuth and Microsoft's EFS, after a
+    /// subject and an authority key id, before subjectAltName.
+    const OPENSSL_CERT: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBtzCCAV2gAwIBAgIUf+Z99gewMdPPU93hJ+y45+BVjiMwCgYIKoZIzj0EAwIw\n\
+FTETMBEGA1UEAwwKZmxnZm4tdGVzdDAgFw0yNjEyMDcxNzUzMzZaGA8yMTI2MTEx\n\
+MzE3NTMzNlowFTETMBEGA1UEAwwKZmxnZm4tdGVzdDBZMBMGByqGSM49AgEGCCqG\n\
+SM49AwEHA0IABNbpuk918P3HRIxNyxrsFmD6XLv1iUMoEAr7nb9+Ad1uNP3gFKJ7\n\
+UiUN0G3kmi90tQ8mRdbz5XTtLIzIZYPRacmjgYgwgYUwHQYDVR0OBBYEFC+4QQhG\n\
+gWT2lBecHwrHRoPQ2K2rMB8GA1UdIwQYMBaAFC+4QQhGgWT2lBecHwrHRoPQ2K2r\n\
+MCIGA1UdJQEB/wQYMBYGCCsGAQUFBwMBBgorBgEEAYI3CgMEMBQGA1UdEQQNMAuC\n\
+CWxvY2FsaG9zdDAJBgNVHRMEAjAAMAoGCCqGSM49BAMCA0gAMEUCIQCLaDMyv3Hy\n\
+uxBC4GzXhF+5r+3r921Y0lZpkN/urW0nLQIgVCUz62qrnH7ydQACpX1nW6A2Zp+C\n\
+WRupbieoYXz8cLY=\n\
+-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn an_openssl_certificate_lists_its_purposes() {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let cert = CertificateDer::from_pem_slice(OPENSSL_CERT.as_bytes()).unwrap();
+        let names: Vec<String> = extended_key_usages(&cert)
+            .unwrap()
+            .iter()
+            .map(|id| purpose_name(id))
+            .collect();
+        assert_eq!(names, ["serverAuth", "1.3.6.1.4.1.311.10.3.4"]);
+    }
+
     #[test]
     fn purposes_without_a_common_name_are_dotted() {
         assert_eq!(purpose_name(SERVER_AUTH), "serverAuth");
