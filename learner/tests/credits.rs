@@ -95,38 +95,85 @@ fn same_first_chunk(a: &ActorReport, b: &ActorReport) -> Option<bool> {
         .then(|| a.first_chunk_digest.unwrap() == b.first_chunk_digest.unwrap())
 }
 
-/// Runs `pair` (two actors trained together) until their first chunks
-/// came from the same weights, so that comparing them says something
-/// (they usually do: version 0, before the learner's first step; a late
-/// second actor starts from a later version), and returns whether the
-/// chunks were the same.
+/// Two actors of one configuration (with `seed_offset`, or seeded the
+/// default way) trained together by a fresh learner: their reports; None
+/// where one did not take part (late on a loaded machine, it found the
+/// learner finished, and gave up) or rolled out nothing.
+async fn pair_of_actors(
+    config: &Config,
+    seed_offset: Option<u64>,
+) -> Option<(ActorReport, ActorReport)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut actor_config = config.clone();
+    actor_config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
+    // One that finds the learner finished gives up soon, not never.
+    actor_config.actor.reconnect_attempts = 3;
+    actor_config.actor.reconnect_initial_s = 0.05;
+    let learner = tokio::spawn(flgfn_learner::serve(
+        config.clone(),
+        listener,
+        RunOptions::default(),
+        std::future::pending::<()>(),
+    ));
+    let actor = |i: u64| {
+        tokio::spawn(flgfn_actor::run(
+            actor_config.clone(),
+            ActorOptions {
+                name: format!("pair-{i}"),
+                seed_offset,
+            },
+            std::future::pending(),
+        ))
+    };
+    let actors = [actor(0), actor(1)];
+    support::finished_learner(learner).await;
+    let mut reports = Vec::new();
+    for actor in actors {
+        let ended = tokio::time::timeout(Duration::from_secs(30), actor)
+            .await
+            .expect("actors stop when training ends, or give up")
+            .unwrap();
+        match ended {
+            Ok(report) if report.training_done && report.first_chunk_digest.is_some() => {
+                reports.push(report);
+            }
+            _ => return None,
+        }
+    }
+    let b = reports.pop()?;
+    Some((reports.pop()?, b))
+}
+
+/// Runs `pair` (two actors trained together) until both took part and
+/// their first chunks came from the same weights, so that comparing them
+/// says something (they usually do: version 0, before the learner's first
+/// step; a late second actor starts from a later version), and returns
+/// whether the chunks were the same.
 async fn first_chunks_match<F, Fut>(mut pair: F) -> bool
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = (ActorReport, ActorReport)>,
+    Fut: std::future::Future<Output = Option<(ActorReport, ActorReport)>>,
 {
     for _ in 0..5 {
-        let (a, b) = pair().await;
-        if let Some(same) = same_first_chunk(&a, &b) {
+        if let Some((a, b)) = pair().await
+            && let Some(same) = same_first_chunk(&a, &b)
+        {
             return same;
         }
     }
-    panic!("in 5 runs the two actors never started from the same weights");
+    panic!("in 5 runs the two actors never both took part starting from the same weights");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_of_one_configuration_draw_different_trajectories() {
     let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let mut config = support::tiny_config();
-    // Long enough (a second or so) that an actor started late on a loaded
-    // machine still joins: one that finds the learner finished retries
-    // until it is given up on.
+    // Long enough (a second or so) that both actors usually join.
     config.learner.max_steps = 300;
     let same = first_chunks_match(|| async {
-        let (_, mut reports) = train(&config, 2, 0, Duration::ZERO, None).await;
-        let (b, a) = (reports.pop().unwrap(), reports.pop().unwrap());
+        let (a, b) = pair_of_actors(&config, None).await?;
         assert_ne!(a.seed.unwrap(), b.seed.unwrap());
-        (a, b)
+        Some((a, b))
     })
     .await;
     assert!(
@@ -136,39 +183,13 @@ async fn actors_of_one_configuration_draw_different_trajectories() {
 
     // The check can fail: two actors given the same --seed-offset draw from
     // the same seed, and the same first chunk from the same weights.
-    let twins = || async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut actor_config = config.clone();
-        actor_config.actor.learner = format!("http://{}", listener.local_addr().unwrap());
-        let learner = tokio::spawn(flgfn_learner::serve(
-            config.clone(),
-            listener,
-            RunOptions::default(),
-            std::future::pending::<()>(),
-        ));
-        let twin = |i: u64| {
-            tokio::spawn(flgfn_actor::run(
-                actor_config.clone(),
-                ActorOptions {
-                    name: format!("twin-{i}"),
-                    seed_offset: Some(5),
-                },
-                std::future::pending(),
-            ))
-        };
-        let (a, b) = (twin(0), twin(1));
-        support::finished_learner(learner).await;
-        let (a, b) = (
-            support::finished_actor(a).await,
-            support::finished_actor(b).await,
-        );
+    let twins = first_chunks_match(|| async {
+        let (a, b) = pair_of_actors(&config, Some(5)).await?;
         assert_eq!(a.seed, b.seed);
-        (a, b)
-    };
-    assert!(
-        first_chunks_match(twins).await,
-        "twins drew different first chunks"
-    );
+        Some((a, b))
+    })
+    .await;
+    assert!(twins, "twins drew different first chunks");
 }
 
 /// On loopback, and behind 25 ms each way, where each actor holds many
