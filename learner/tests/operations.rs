@@ -863,16 +863,17 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         ])
     };
 
-    // From the final weights, as JSON lines.
+    // From the final weights, as JSON lines: more than one batch of
+    // 1,024, numbered on across batches.
     let final_weights = checkpoints.join("final.safetensors");
-    let output = sample_weights(&final_weights, "300");
+    let output = sample_weights(&final_weights, "2500");
     assert!(output.status.success(), "{output:?}");
     let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
-    assert_eq!(lines.len(), 300);
+    assert_eq!(lines.len(), 2500);
     // The tiny task: 4 of 8 elements, element u at level u % 4. Energies
     // recomputed here, from the actions.
     let levels = [-0.8, -0.1, 0.4, 1.2];
