@@ -307,8 +307,9 @@ fn a_short_suite_writes_its_data_and_plots() {
         ),
         (
             &["--set", "objective.name=\"tb\""],
-            "suite smoke varies objective.name between its curves",
+            "suite smoke varies objective.name between its configurations",
         ),
+        (&["--set", "task.size=\"large\""], "groups are its tasks"),
         (&["--set", "actor.epsilon=2"], "actor.epsilon"),
         (
             &[

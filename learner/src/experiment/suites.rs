@@ -37,9 +37,10 @@ impl Suite {
     /// configuration before its seeds: the user's hyperparameters (the
     /// paper's reference ones, say) over the suite's. An error names the
     /// setting refused: by the schema or the validation; one of a key the
-    /// runner sets per run ([`RUNNER_KEYS`]); or one of a key the suite
-    /// varies between its curves, which a single value would merge into
-    /// one configuration under their several names.
+    /// runner sets per run ([`RUNNER_KEYS`]); one of a key the suite
+    /// varies between its configurations, which a single value would file
+    /// under names that no longer describe them; or one of the task,
+    /// which names the groups.
     pub fn runs_with(
         &self,
         seeds: u64,
@@ -65,15 +66,28 @@ impl Suite {
                     format!("the runner sets it for each run ({why})"),
                 ));
             }
+            // A group is its task: named, plotted and batched (16
+            // trajectories a step) by it before any setting applies.
+            if setting.key.first().is_some_and(|section| section == "task") {
+                return Err(ConfigError::invalid(
+                    &setting.variable,
+                    format!(
+                        "suite {}'s groups are its tasks, named, plotted and batched by them: a task set here would be filed under another's name (to train another task, run flgfn-learner with it)",
+                        self.name
+                    ),
+                ));
+            }
             let values: std::collections::BTreeSet<String> = tables
                 .iter()
                 .map(|table| value_at(table.as_ref(), &setting.key))
                 .collect();
+            // (Between curves, or between groups: a group's name says its
+            // truncated fraction, and its batch follows its task.)
             if values.len() > 1 {
                 return Err(ConfigError::invalid(
                     &setting.variable,
                     format!(
-                        "suite {} varies {key} between its curves ({}): one value for all would make them one configuration under several names",
+                        "suite {} varies {key} between its configurations ({}): its groups and curves are named and sized for what they vary, so one value for all would file runs under names that no longer describe them",
                         self.name,
                         values.into_iter().collect::<Vec<_>>().join(", ")
                     ),

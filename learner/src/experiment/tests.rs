@@ -358,6 +358,8 @@ fn settings_reach_every_run_and_refusals_name_them() {
             "varies actor.truncate_fraction",
         ),
         ("objective.name=\"tb\"", "varies objective.name"),
+        // The group's task: its name, plots and batch follow it.
+        ("task.size=\"large\"", "groups are its tasks"),
         // Reports on time: no step grid to compare runs on.
         (
             "learner.eval_every_steps=0",
