@@ -294,7 +294,7 @@ fn a_short_suite_writes_its_data_and_plots() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--steps"));
     // Refused before anything runs, naming what is at fault: too many
     // seeds; a --set of a key the runner sets per run, of one the suite
-    // varies between its curves, or of a value validation refuses; a
+    // varies, or of the task, or of a value validation refuses; a
     // --steps at fault, with a --set beside it.
     for (args, said_with) in [
         (
@@ -344,6 +344,16 @@ fn a_short_suite_writes_its_data_and_plots() {
             .output()
             .unwrap()
     };
+    // Flags of a suite are refused beside it, not ignored.
+    let refused = Command::new(env!("CARGO_BIN_EXE_flgfn-experiment"))
+        .args(["--plot-metrics", "metrics.jsonl", "--steps", "5"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        refused.status.code() == Some(2) && said.contains("--steps"),
+        "{said}"
+    );
     // A folder given as a metrics file is named.
     let refused = plot_metrics(&[&out.join("runs")], &out.join("unused"));
     let said = String::from_utf8_lossy(&refused.stderr);

@@ -43,7 +43,7 @@ struct Args {
     /// Only redraw tables and plots from the runs already in the folder,
     /// the suite, seeds and steps it was last run with unless given
     /// (every run of those that did not finish counts as failed).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["stall_timeout_s", "keep_other_builds"])]
     plot_only: bool,
     /// A run that writes neither a report (to its metrics file) nor a
     /// checkpoint for this many seconds (a hung learner, actors that
@@ -59,14 +59,14 @@ struct Args {
     #[arg(long)]
     keep_other_builds: bool,
     /// List the suites and exit.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["suite", "seeds", "steps", "set", "out", "plot_only", "stall_timeout_s", "keep_other_builds"])]
     list: bool,
     /// Instead of a suite: plot this metrics file (from `flgfn-learner
     /// --metrics FILE`) into --out (default: plots/), as <its
     /// stem>-steps and -seconds; several files, as curves of one figure
     /// (compared-steps, compared-seconds), each named by what tells its
     /// path from the others'.
-    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["suite", "plot_only", "list"])]
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["suite", "plot_only", "list", "seeds", "steps", "set", "stall_timeout_s", "keep_other_builds"])]
     plot_metrics: Vec<PathBuf>,
 }
 
@@ -102,6 +102,7 @@ fn suite_folders_beside(out: &std::path::Path) -> String {
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => Ok(seconds),
+        Ok(seconds) if seconds >= 1e9 => Err(format!("`{text}` seconds: at most 1e9")),
         _ => Err(format!("`{text}` is not a number of seconds above 0")),
     }
 }
