@@ -141,6 +141,14 @@ fn a_short_suite_writes_its_data_and_plots() {
     assert_eq!(runs_kept(&remade), 3);
     let printed = String::from_utf8_lossy(&remade.stdout);
     assert_eq!(printed.matches("starting over").count(), 1, "{printed}");
+    // The runs kept are taken first, so that the tables hold them all
+    // before any run trains: the suite's first run, made again, comes
+    // last.
+    assert!(
+        printed.rfind("already done, kept")
+            < printed.find("[4/4] small_fl-db_seed0: made with another configuration"),
+        "{printed}"
+    );
     // A run made by another build of the learner is made again (its
     // figures would not be this build's), unless --keep-other-builds;
     // the tables name the builds behind them.

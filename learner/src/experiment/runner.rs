@@ -159,9 +159,10 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Runs `specs` one after another with the learner of `options`,
-/// writing everything under `out`, and calls `after_each` with what is
-/// done so far and the runs not yet done after each run. A run whose folder
+/// Runs `specs` one after another with the learner of `options` (those
+/// already finished first), writing everything under `out`, and calls
+/// `after_each` with what is done so far, in the suite's order, and the
+/// runs not yet done after each run. A run whose folder
 /// already holds a complete metrics file, made with the same configuration
 /// by the same build, is not run again (a suite interrupted midway resumes
 /// where it stopped); one made with another configuration (other steps,
@@ -184,8 +185,16 @@ pub fn run_all(
 ) -> SuiteOutcome {
     let started = Instant::now();
     let mut outcome = SuiteOutcome::default();
-    for (i, spec) in specs.iter().enumerate() {
-        let label = format!("[{}/{}] {}", i + 1, specs.len(), spec.name());
+    // The runs finished here first (they only read their reports), so that
+    // the tables and figures written after them, before any run trains,
+    // hold every one: a suite started again (for more seeds, say) shows
+    // what it has while the new runs train, not what it reached so far.
+    let (done, to_train): (Vec<&RunSpec>, Vec<&RunSpec>) = specs
+        .iter()
+        .partition(|spec| finished_here(spec, &out.join("runs").join(spec.name()), options));
+    let order: Vec<RunSpec> = done.into_iter().chain(to_train).cloned().collect();
+    for (i, spec) in order.iter().enumerate() {
+        let label = format!("[{}/{}] {}", i + 1, order.len(), spec.name());
         match run_or_keep(spec, out, options, &label, started) {
             Ok(result) => outcome.results.push(result),
             Err(error) => {
@@ -193,7 +202,14 @@ pub fn run_all(
                 outcome.failed.push((spec.clone(), format!("{error:#}")));
             }
         }
-        after_each(&outcome, &specs[i + 1..]);
+        // In the suite's order, whatever order they ran in.
+        outcome
+            .results
+            .sort_by_key(|result| (result.spec.position, result.spec.seed));
+        outcome
+            .failed
+            .sort_by_key(|(spec, _)| (spec.position, spec.seed));
+        after_each(&outcome, &order[i + 1..]);
     }
     outcome
 }
