@@ -42,6 +42,24 @@ async fn start_learner_with(config: Config, options: RunOptions) -> Learner {
     Learner { url, outcome, stop }
 }
 
+/// A learner of the tiny task that trains until stopped and reports every
+/// 50 ms into a fresh metrics file named for `name`: its configuration,
+/// the learner and that file.
+async fn learner_reporting_often(name: &str) -> (Config, Learner, std::path::PathBuf) {
+    let mut config = tiny_config();
+    config.learner.max_steps = 0;
+    config.learner.first_report_s = 0.05;
+    config.learner.report_every_s = 0.05;
+    let metrics = std::env::temp_dir().join(format!("flgfn-{name}-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&metrics);
+    let options = RunOptions {
+        metrics_path: Some(metrics.clone()),
+        ..RunOptions::default()
+    };
+    let learner = start_learner_with(config.clone(), options).await;
+    (config, learner, metrics)
+}
+
 fn actor_options(i: u64) -> ActorOptions {
     ActorOptions {
         name: format!("test-actor-{i}"),
@@ -546,17 +564,7 @@ fn the_tiny_task_is_what_the_tests_assume() {
 /// it rolls out flat out (once the learner took a chunk of its).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_actor_sends_every_chunk_it_rolled_out() {
-    let mut config = tiny_config();
-    config.learner.max_steps = 0;
-    config.learner.first_report_s = 0.05;
-    config.learner.report_every_s = 0.05;
-    let metrics = std::env::temp_dir().join(format!("flgfn-stopping-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&metrics);
-    let options = RunOptions {
-        metrics_path: Some(metrics.clone()),
-        ..RunOptions::default()
-    };
-    let learner = start_learner_with(config.clone(), options).await;
+    let (config, learner, metrics) = learner_reporting_often("stopping").await;
     let mut actor_config = config.clone();
     actor_config.actor.learner = learner.url.clone();
     let accepted = || {
@@ -699,17 +707,7 @@ async fn a_stop_whose_connection_breaks_while_draining_says_so() {
 /// that what each actor says it sent is what the learner counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_learner_counts_every_chunk_its_actors_sent() {
-    let mut config = tiny_config();
-    config.learner.max_steps = 0;
-    config.learner.first_report_s = 0.05;
-    config.learner.report_every_s = 0.05;
-    let metrics = std::env::temp_dir().join(format!("flgfn-stopped-{}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&metrics);
-    let options = RunOptions {
-        metrics_path: Some(metrics.clone()),
-        ..RunOptions::default()
-    };
-    let learner = start_learner_with(config.clone(), options).await;
+    let (config, learner, metrics) = learner_reporting_often("stopped").await;
     let actors = spawn_actors(&config, &learner.url, 2);
     // Stopped once both actors are connected and training is under way (a
     // fixed wait could stop actors still connecting, on a loaded machine).

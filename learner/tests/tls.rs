@@ -129,6 +129,14 @@ async fn refused_certificate(config: Config) -> String {
     error.to_string()
 }
 
+/// The error of an actor whose TLS files are refused as configuration,
+/// before any connection (else fails, saying `why` it should have been).
+async fn configuration_refused(config: Config, name: &str, why: &str) -> String {
+    let error = actor_error(config, name, 20, why).await;
+    assert!(matches!(error, ActorError::Config(_)), "{error:?}");
+    error.to_string()
+}
+
 fn options(name: &str) -> ActorOptions {
     ActorOptions {
         name: name.to_owned(),
@@ -383,15 +391,12 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
     let mut mismatched = actor_config(&config, url.clone(), &pki, true);
     mismatched.tls.key_file = path(&pki.server.1);
     mismatched.actor.reconnect_attempts = 0;
-    let error = actor_error(
+    let error = configuration_refused(
         mismatched,
         "mismatched",
-        20,
         "a key of another pair ends the actor at once",
     )
     .await;
-    assert!(matches!(error, ActorError::Config(_)), "{error:?}");
-    let error = error.to_string();
     assert!(error.contains("tls.key_file"), "{error}");
     assert!(error.contains(&path(&pki.client.0)), "{error}");
     assert!(error.contains(&path(&pki.server.1)), "{error}");
@@ -476,15 +481,12 @@ async fn each_role_refuses_a_certificate_made_for_the_other() {
     let mut learners = actor_config(&config, "https://127.0.0.1:1".to_owned(), &pki, true);
     learners.tls.cert_file = path(&pki.server.0);
     learners.tls.key_file = path(&pki.server.1);
-    let error = actor_error(
+    let error = configuration_refused(
         learners,
         "with-the-learners",
-        20,
         "a certificate for the other role ends the actor at once",
     )
     .await;
-    assert!(matches!(error, ActorError::Config(_)), "{error:?}");
-    let error = error.to_string();
     assert!(error.contains("tls.cert_file"), "{error}");
     assert!(
         error.contains("lists serverAuth, not clientAuth"),
