@@ -192,10 +192,11 @@ pub fn run_all(
     let (done, to_train): (Vec<&RunSpec>, Vec<&RunSpec>) = specs
         .iter()
         .partition(|spec| finished_here(spec, &out.join("runs").join(spec.name()), options));
+    let finished = done.len();
     let order: Vec<RunSpec> = done.into_iter().chain(to_train).cloned().collect();
     for (i, spec) in order.iter().enumerate() {
         let label = format!("[{}/{}] {}", i + 1, order.len(), spec.name());
-        match run_or_keep(spec, out, options, &label, started) {
+        match run_or_keep(spec, i < finished, out, options, &label, started) {
             Ok(result) => outcome.results.push(result),
             Err(error) => {
                 flgfn_common::outln!("{label}: FAILED: {error:#}");
@@ -214,16 +215,18 @@ pub fn run_all(
     outcome
 }
 
-/// Runs (or keeps) one run of a suite: its result, or why it failed.
+/// Runs (or keeps) one run of a suite, `finished_here` already or not:
+/// its result, or why it failed.
 fn run_or_keep(
     spec: &RunSpec,
+    finished_here: bool,
     out: &Path,
     options: &SuiteOptions,
     label: &str,
     started: Instant,
 ) -> anyhow::Result<RunResult> {
     let dir = out.join("runs").join(spec.name());
-    if !finished_here(spec, &dir, options) {
+    if !finished_here {
         restore_from_replaced(spec, out, &dir, options, label)?;
     }
     let metrics = dir.join(METRICS_FILE);
