@@ -96,15 +96,15 @@ pub fn purpose_name(id: &[u8]) -> String {
     const KEY_PURPOSES: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 3];
     if let Some([number]) = id.strip_prefix(KEY_PURPOSES) {
         let name = match number {
-            1 => "serverAuth",
-            2 => "clientAuth",
-            3 => "codeSigning",
-            4 => "emailProtection",
-            8 => "timeStamping",
-            9 => "OCSPSigning",
-            _ => "",
+            1 => Some("serverAuth"),
+            2 => Some("clientAuth"),
+            3 => Some("codeSigning"),
+            4 => Some("emailProtection"),
+            8 => Some("timeStamping"),
+            9 => Some("OCSPSigning"),
+            _ => None,
         };
-        if !name.is_empty() {
+        if let Some(name) = name {
             return name.to_owned();
         }
     }
