@@ -55,15 +55,30 @@ fn load_latest_for(dir: &Path, reader: Reader) -> Result<Option<Checkpoint>, Lea
     for (named_step, path) in all.iter().rev() {
         let bytes = match fs::read(path) {
             Ok(bytes) => bytes,
-            // Pruned since it was listed (a run writing meanwhile).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Pruned since it was listed (a run writing meanwhile): gone,
+            // name and all. A name left (a link to a file moved away, or
+            // on a volume not mounted) is no such thing: while it stays
+            // the newest, pruning would delete every checkpoint a
+            // resumed run writes, as older than it. A reader skips it.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && (reader == Reader::Reading || fs::symlink_metadata(path).is_err()) =>
+            {
+                continue;
+            }
             // Not damage, which could be set aside: a file this process
-            // cannot read (permissions, a failing disk). Resuming from an
-            // older one would leave it the newest, and pruning would
-            // delete every checkpoint the resumed run writes before it.
+            // cannot read (permissions, a failing disk, a link to nothing).
+            // Resuming from an older one would leave it the newest, and
+            // pruning would delete every checkpoint the resumed run
+            // writes before it.
             Err(e) => {
+                let remedy = if e.kind() == std::io::ErrorKind::NotFound {
+                    "a link to a file that is not there: bring the file back, or remove the link"
+                } else {
+                    "make it readable"
+                };
                 return Err(LearnerError::Checkpoint(format!(
-                    "cannot read {}: {e}; make it readable, or {older}",
+                    "cannot read {}: {e}; {remedy}, or {older}",
                     path.display()
                 )));
             }

@@ -614,6 +614,22 @@ fn a_truncated_or_flipped_checkpoint_is_refused_and_the_previous_one_used() {
     let error = load_latest(&dir).unwrap_err().to_string();
     assert!(error.contains(&file_name(300)), "{error}");
     fs::remove_dir(&unreadable).unwrap();
+    // Nor is a link to nothing (a file moved away, a volume not mounted):
+    // skipped, it would stay the newest and have the checkpoints of the
+    // resumed run pruned. A reader reads the newest there is.
+    std::os::unix::fs::symlink(dir.join("moved-away"), &unreadable).unwrap();
+    let error = load_latest(&dir).unwrap_err().to_string();
+    assert!(
+        error.contains(&file_name(300)) && error.contains("remove the link"),
+        "{error}"
+    );
+    assert!(
+        load_latest_to_read(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("is damaged")
+    );
+    fs::remove_file(&unreadable).unwrap();
     // The oldest, the newest (flipped, not set aside: only reading),
     // the one set aside, and the floor.
     assert_eq!(clear(&dir).unwrap(), 4);
