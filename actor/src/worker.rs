@@ -215,9 +215,11 @@ fn load_checked(
         .chain([("version", version.as_str())])
         .collect();
     if let Some((key, theirs, ours)) = decoded.metadata_mismatch(&expected) {
-        return Err(WeightsError::Mismatch(format!(
-            "they are for {key} {theirs}, not this actor's {ours}"
-        )));
+        return Err(WeightsError::Metadata(if key == "version" {
+            format!("their metadata says version {theirs}, the grant that brought them {ours}")
+        } else {
+            format!("they are for {key} {theirs}, not this actor's {ours}")
+        }));
     }
     policy.load_weights(&decoded.arrays)
 }
@@ -479,6 +481,46 @@ mod tests {
             (40_000..10_000_000).contains(&report.received_to_use_us),
             "{} us",
             report.received_to_use_us
+        );
+    }
+
+    #[test]
+    fn weights_whose_metadata_disagrees_are_refused_saying_which_key() {
+        let env = SetGeneration::from_parts(10, 5, vec![-0.5, 0.5]).unwrap();
+        let model = ModelSpec::new(&env, &ModelConfig { hidden: vec![8] });
+        let policy = Policy::new(&model, Device::Cpu);
+        let ours = [
+            ("task", env.spec().to_string()),
+            ("model", model.to_string()),
+        ];
+        let refusal = |task: &str, version: &str| {
+            let metadata = [("task", task), ("model", &ours[1].1), ("version", version)]
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect();
+            let bytes =
+                flgfn_common::weights::encode(&policy.weights(), WeightEncoding::F32, &metadata)
+                    .unwrap();
+            let weights = Weights {
+                session: 1,
+                version: 6,
+                bytes: bytes.into(),
+                received_at: Instant::now(),
+            };
+            load_checked(&mut Policy::new(&model, Device::Cpu), &weights, &ours)
+                .err()
+                .map(|error| error.to_string())
+        };
+        assert_eq!(refusal(&ours[0].1, "6"), None);
+        let version = refusal(&ours[0].1, "7").unwrap();
+        assert!(
+            version.contains("metadata says version 7, the grant that brought them 6"),
+            "{version}"
+        );
+        let task = refusal("set(other)", "6").unwrap();
+        assert!(
+            task.contains("they are for task set(other), not this actor's"),
+            "{task}"
         );
     }
 

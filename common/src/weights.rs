@@ -66,6 +66,10 @@ pub enum WeightsError {
     /// The buffer does not hold exactly the network's parameters.
     #[error("weights do not fit the network: {0}")]
     Mismatch(String),
+    /// The buffer's metadata names another task, model or version than
+    /// the one expected.
+    #[error("the weights' metadata does not match: {0}")]
+    Metadata(String),
     /// A value is NaN or infinite. flgfn's learner never publishes or
     /// saves such weights (it skips non-finite steps and undoes updates
     /// that would overflow), and a policy with
