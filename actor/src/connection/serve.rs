@@ -251,7 +251,13 @@ impl Session<'_> {
                         Err(status) if *stopping => {
                             return unconfirmed_unless_refused(classify(status, served));
                         }
-                        Ok(None) if *stopping => return Ok(SessionEnd::Stopped),
+                        // Before the drain closed the upload: the learner
+                        // may not have read the last chunks.
+                        Ok(None) if *stopping => {
+                            return Ok(SessionEnd::StoppedUnconfirmed(
+                                "the learner ended the session before the actor's last chunks were out".to_owned(),
+                            ));
+                        }
                         Ok(None) => return Err(retry("the learner ended the session", served)),
                         Err(status) => return Err(classify(status, served)),
                     };
