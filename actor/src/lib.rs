@@ -244,7 +244,8 @@ async fn wait_to_reconnect<S: Future<Output = ()>>(
 }
 
 /// Runs an actor until the learner finishes training, `shutdown` resolves,
-/// or the learner refuses it.
+/// the learner refuses it, `actor.reconnect_attempts` run out, or its
+/// rollout worker fails.
 pub async fn run(
     config: Config,
     options: ActorOptions,
@@ -657,8 +658,8 @@ const RESTART_EXPECTED_WITHIN: Duration = Duration::from_secs(60);
 
 /// Keeps a session with the learner open, reconnecting with exponential
 /// backoff, until training ends, `shutdown` resolves, the learner refuses
-/// us, or the rollout side stops. Counts sessions and training's end in
-/// `report`.
+/// us, `actor.reconnect_attempts` run out, or the rollout side stops.
+/// Counts sessions and training's end in `report`.
 pub async fn stay_connected(
     config: &Config,
     name: &str,

@@ -334,8 +334,9 @@ impl Session<'_> {
         weight_bytes: u128,
     ) -> Result<Option<OpenedStreams>, SessionError> {
         // The learner says what it sends only in its reply, which comes
-        // with the first grant: take this network's weights (as with two
-        // calls, where the reply's max_grant_bytes raises the limit).
+        // in the response's headers, after the limit is set: take this
+        // network's weights (as with two calls, where the reply's
+        // max_grant_bytes raises the limit).
         let mut client = client.max_decoding_message_size(grant_decode_limit(
             self.max_message_bytes,
             weight_bytes,
