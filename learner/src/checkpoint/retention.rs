@@ -95,14 +95,19 @@ fn newest_of(all: &[(u64, PathBuf)], step: u64) -> Option<&(u64, PathBuf)> {
 /// that cannot be read is an error: guessing could reissue versions.
 pub fn read_version_floor(dir: &Path) -> Result<u64, LearnerError> {
     let path = dir.join(VERSION_FLOOR);
-    match fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse().map_err(|_| {
-            LearnerError::Checkpoint(format!(
-                "{}: not a version number ({:?}); write in a number at least as high as any version the actors may have seen, or delete the file, at the risk of running actors being sent a version number twice (--fresh would delete the checkpoints too)",
-                path.display(),
-                text.trim()
-            ))
-        }),
+    // Bytes, not text: bytes that are not UTF-8 are not a number either,
+    // and get the remedy (`read_to_string` makes them an I/O error).
+    match fs::read(&path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            text.trim().parse().map_err(|_| {
+                LearnerError::Checkpoint(format!(
+                    "{}: not a version number ({:?}); write in a number at least as high as any version the actors may have seen, or delete the file, at the risk of running actors being sent a version number twice (--fresh would delete the checkpoints too)",
+                    path.display(),
+                    text.trim()
+                ))
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
         Err(e) => Err(io_error(&path, e)),
     }

@@ -605,6 +605,9 @@ fn a_truncated_or_flipped_checkpoint_is_refused_and_the_previous_one_used() {
             && error.contains("write in a number"),
         "{error}"
     );
+    fs::write(dir.join(VERSION_FLOOR), b"12\xff\n").unwrap();
+    let error = read_version_floor(&dir).unwrap_err().to_string();
+    assert!(error.contains("write in a number"), "{error}");
     write_version_floor(&dir, 1200).unwrap();
 
     // A newest one that cannot be read at all (here a folder by its
