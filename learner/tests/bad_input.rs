@@ -690,6 +690,19 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("policy_version"), "{status:?}");
 
+    // A chunk that names another actor than the session's.
+    let (mut session, actor_id) = joined(&mut client, &config).await;
+    session.grant().await;
+    let status = session.refused(chunk(actor_id + 1, vec![0, 1])).await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains(&format!(
+            "`actor_id` {} is not this session's actor",
+            actor_id + 1
+        )),
+        "{status:?}"
+    );
+
     // A message over the size limit: here a quarter of the configured
     // max_message_bytes, far more than any valid chunk of this task.
     let (mut session, actor_id) = joined(&mut client, &config).await;
@@ -790,11 +803,11 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
     drop(stop);
     assert_eq!(outcome.steps, 2);
     assert_eq!(outcome.final_report.trained_transitions, 4);
-    // Illegal action, future version, oversized, extreme energy, crowded,
-    // hollow, no credit, bad after good.
-    assert_eq!(outcome.final_report.rejected_chunks, 8);
+    // Illegal action, future version, another actor's id, oversized,
+    // extreme energy, crowded, hollow, no credit, bad after good.
+    assert_eq!(outcome.final_report.rejected_chunks, 9);
     // Each refusal is counted under its reason, and they add up: the
-    // handshakes and session openings refused at the start, then the 8.
+    // handshakes and session openings refused at the start, then the 9.
     let rejections = &outcome.final_report.rejections;
     for reason in [
         "handshake_protocol_version",
@@ -812,7 +825,7 @@ async fn bad_chunks_are_refused_by_field_and_good_ones_are_kept() {
         Some(&2),
         "{rejections:?}"
     );
-    assert_eq!(rejections.values().sum::<u64>(), 7 + 8, "{rejections:?}");
+    assert_eq!(rejections.values().sum::<u64>(), 7 + 9, "{rejections:?}");
     assert_eq!(outcome.final_report.refused_calls(), 7);
     assert_eq!(
         rejections.get("too_large"),
@@ -1082,7 +1095,7 @@ fn corrupted(
 ) -> (&'static str, proto::TrajectoryChunk) {
     use rand::Rng;
     let mut bad = chunk(actor_id, vec![0, 1]);
-    let kind = rng.random_range(0..9);
+    let kind = rng.random_range(0..10);
     let trajectory = &mut bad.trajectories[0];
     let name = match kind {
         0 => {
@@ -1119,6 +1132,10 @@ fn corrupted(
         7 => {
             bad.trajectories.push(bad.trajectories[0].clone());
             "more trajectories than declared"
+        }
+        8 => {
+            bad.actor_id = actor_id.wrapping_add(rng.random_range(1..u64::MAX));
+            "another actor's id"
         }
         _ => {
             bad.policy_version = rng.random_range(1_000_000..u64::MAX);
@@ -1376,7 +1393,10 @@ async fn thousands_of_corrupted_messages_are_refused_and_valid_ones_kept() {
     assert_eq!(count("future_version"), sent("version from the future"));
     assert_eq!(
         count("malformed") + count("no_credit"),
-        sent("no trajectory") + sent("more trajectories than declared") + raw_decoded
+        sent("no trajectory")
+            + sent("more trajectories than declared")
+            + sent("another actor's id")
+            + raw_decoded
     );
 }
 
