@@ -228,7 +228,8 @@ step "   resumed: versions $before_kill -> $(last_metric version), every actor r
 
 step "2. stopping the learner for a restart (SIGUSR1) at version $(last_metric version), back with 2 threads"
 "${compose[@]}" kill -s SIGUSR1 learner >/dev/null
-wait_for 60 sh -c "[ \"\$(docker inspect --format '{{.State.Running}}' $learner)\" = false ]" ||
+# (As compose.yaml tells users to wait for it.)
+timeout 60 docker wait "$("${compose[@]}" ps -a -q learner)" >/dev/null ||
     fail "the learner did not exit after SIGUSR1"
 [ "$(docker inspect --format '{{.State.ExitCode}}' "$learner")" = 0 ] || fail "the learner stopped for a restart did not exit 0"
 grep -q "ended_by=restart" <<<"$(docker logs "$learner" 2>&1)" || fail "the learner's summary does not say ended_by=restart"
