@@ -71,20 +71,23 @@ pub fn before_forced_exit(cleanup: impl Fn() + Send + 'static) -> ForcedExitClea
 /// once, start-up or not. (Left to the default action, a SIGTERM then
 /// would kill the learner and leave the local actors it started behind.)
 pub fn shutdown_requested() -> impl std::future::Future<Output = ()> + Send {
-    let requested = listen(false);
+    let requested = listen(false, StopRequest::EndRun);
     async move {
         requested.await;
     }
 }
 
-/// What a stop asks of a learner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a stop asks of a learner (and, as `learner.sigterm`, what
+/// SIGTERM asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StopRequest {
-    /// Ctrl-C, SIGTERM, or the parent's death: the run ends, and the
-    /// learner tells its actors that training is over.
+    /// Ctrl-C, SIGTERM (by default), or the parent's death: the run ends,
+    /// and the learner tells its actors that training is over.
     EndRun,
-    /// SIGUSR1: the learner saves its checkpoint and exits to be started
-    /// again on it; its actors are told to reconnect, not to exit.
+    /// SIGUSR1 (and SIGTERM where `learner.sigterm` says so): the learner
+    /// saves its checkpoint and exits to be started again on it; its
+    /// actors are told to reconnect, not to exit.
     Restart,
 }
 
@@ -100,14 +103,23 @@ impl From<()> for StopRequest {
 /// for a restart ([`StopRequest::Restart`]), which counts as a stop signal
 /// like the others: a second stop signal of either kind forces the exit.
 /// Elsewhere SIGUSR1 keeps its default action (the process ends).
-pub fn stop_requested() -> impl std::future::Future<Output = StopRequest> + Send {
-    listen(true)
+/// SIGTERM asks for `sigterm` (Ctrl-C always ends the run): a restart
+/// where whatever sends it starts the learner again (a pod moved by
+/// Kubernetes), so that the actors wait for it instead of exiting.
+pub fn stop_requested(
+    sigterm: StopRequest,
+) -> impl std::future::Future<Output = StopRequest> + Send {
+    listen(true, sigterm)
 }
 
 /// Listens for the stop signals (and SIGUSR1 where `restart_signal`) from
-/// now on, in a task of its own; resolves with the first request.
-fn listen(restart_signal: bool) -> impl std::future::Future<Output = StopRequest> + Send {
-    let mut signals = StopSignals::new(restart_signal);
+/// now on, in a task of its own; resolves with the first request, that
+/// of SIGTERM being `sigterm`.
+fn listen(
+    restart_signal: bool,
+    sigterm: StopRequest,
+) -> impl std::future::Future<Output = StopRequest> + Send {
+    let mut signals = StopSignals::new(restart_signal, sigterm);
     let (requested, mut heard) = tokio::sync::watch::channel(None);
     tokio::spawn(async move {
         // The second Ctrl-C or SIGTERM forces the exit. The parent's death
@@ -185,8 +197,8 @@ fn exit_now(status: i32) -> ! {
 /// What asked the process to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Heard {
-    /// Ctrl-C or SIGTERM ([`StopRequest::EndRun`]), or SIGUSR1 where
-    /// listened to ([`StopRequest::Restart`]).
+    /// Ctrl-C ([`StopRequest::EndRun`]), SIGTERM (what it is set to
+    /// ask), or SIGUSR1 where listened to ([`StopRequest::Restart`]).
     Signal(StopRequest),
     /// [`PARENT_DEATH_SIGNAL`], in a process started with
     /// [`end_with_parent`].
@@ -209,10 +221,13 @@ struct StopSignals {
     /// action.
     #[cfg(unix)]
     parent_gone: Option<tokio::signal::unix::Signal>,
+    /// What SIGTERM asks.
+    #[cfg(unix)]
+    sigterm: StopRequest,
 }
 
 impl StopSignals {
-    fn new(restart_signal: bool) -> Self {
+    fn new(restart_signal: bool, sigterm: StopRequest) -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -225,11 +240,12 @@ impl StopSignals {
                 parent_gone: parent_death_is_signalled()
                     .then(|| signal(SignalKind::from_raw(PARENT_DEATH_SIGNAL)).ok())
                     .flatten(),
+                sigterm,
             }
         }
         #[cfg(not(unix))]
         {
-            let _ = restart_signal;
+            let _ = (restart_signal, sigterm);
             StopSignals {}
         }
     }
@@ -247,9 +263,10 @@ impl StopSignals {
                     None => std::future::pending().await,
                 }
             }
+            let sigterm = self.sigterm;
             tokio::select! {
                 () = recv(&mut self.interrupt) => Heard::Signal(StopRequest::EndRun),
-                () = recv(&mut self.terminate) => Heard::Signal(StopRequest::EndRun),
+                () = recv(&mut self.terminate) => Heard::Signal(sigterm),
                 () = recv(&mut self.restart) => Heard::Signal(StopRequest::Restart),
                 () = recv(&mut self.parent_gone) => Heard::ParentGone,
             }

@@ -7,7 +7,8 @@
 # its container opens, the actors' learner URL names that Service and
 # port, and every ConfigMap mounted is one rendered; the job overlay's
 # learner exits non-zero when stopped before its end (an exit 0 would
-# complete the Job); the results pod mounts the job overlay's claim, by
+# complete the Job); every learner takes SIGTERM as a stop for a restart
+# (its pod moves: the actors are to wait for it); the results pod mounts the job overlay's claim, by
 # its name; every pod (the results pod too) meets the "restricted" Pod
 # Security Standard and mounts no service-account token; a disruption
 # (eviction, preemption, drain) uses none of the Job's retries, its
@@ -207,6 +208,12 @@ for name, template in templates.items():
     problem = restricted_problem(template["spec"])
     if problem:
         fail(f"{name}: {problem}")
+learner_env = {
+    e["name"]: e.get("value")
+    for e in templates["flgfn-learner"]["spec"]["containers"][0].get("env", [])
+}
+if learner_env.get("FLGFN_LEARNER__SIGTERM") != "restart":
+    fail("the learner leaves learner.sigterm at end_run: a drained node or a new image would end the run for every actor")
 job = next((d for d in docs if d["kind"] == "Job"), None)
 if job is not None:
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -251,4 +258,4 @@ claims = [d["metadata"]["name"] for d in yaml.safe_load_all(open(sys.argv[1])) i
 print(*claims)' "$work/job.yaml")"
 grep -q "claimName: $claim\$" deploy/k8s/results-pod.yaml ||
     { echo "kubernetes: results-pod.yaml does not mount the job overlay's claim ($claim)" >&2; exit 1; }
-echo "kubernetes: ok: ${overlays[*]} render and validate, with and without the network policies (which let the actors alone reach the learner), their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, and the Job's learner exits non-zero when stopped early, its disruptions not counted as failures; so do ${manifests[*]}"
+echo "kubernetes: ok: ${overlays[*]} render and validate, with and without the network policies (which let the actors alone reach the learner), their Service, ports, actors' URL and ConfigMaps agree, their pods meet the restricted Pod Security Standard, their learner takes SIGTERM as a stop for a restart, and the Job's learner exits non-zero when stopped early, its disruptions not counted as failures; so do ${manifests[*]}"

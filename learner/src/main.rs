@@ -199,7 +199,7 @@ fn run(args: Args) -> anyhow::Result<u8> {
         // Listening for stop signals from here on (on the main thread, as
         // the parent's death needs): one that comes while the learner
         // binds and loads is kept.
-        let shutdown = flgfn_common::signals::stop_requested();
+        let shutdown = flgfn_common::signals::stop_requested(config.learner.sigterm);
         let listener = tokio::net::TcpListener::bind(&config.learner.listen)
             .await
             .with_context(|| {

@@ -256,6 +256,7 @@ const DEPLOYMENT_KEYS: &[&str] = &[
     "learner.listen",
     "learner.checkpoint_dir",
     "learner.unfinished_exit_status",
+    "learner.sigterm",
     "actor.learner",
 ];
 

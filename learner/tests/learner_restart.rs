@@ -1,6 +1,6 @@
 //! An actor outlives a learner that is killed and restarted from scratch,
-//! and one stopped for a restart (SIGUSR1) and started again on its
-//! checkpoint.
+//! and one stopped for a restart (SIGUSR1, or SIGTERM where
+//! `learner.sigterm` says so) and started again on its checkpoint.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -35,7 +35,24 @@ async fn wait_until(seconds: u64, mut ready: impl FnMut() -> bool, what: impl Fn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learner_stopped_for_a_restart_keeps_its_actors_and_goes_on_where_it_stopped() {
-    let dir = std::env::temp_dir().join(format!("flgfn-restart-stop-{}", std::process::id()));
+    stopped_for_a_restart_by("USR1", "").await;
+}
+
+/// As the Kubernetes manifests set it: SIGTERM (a pod moved) is a stop
+/// for a restart, and the actors wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_set_to_restart_keeps_the_actors_as_sigusr1_does() {
+    stopped_for_a_restart_by("TERM", "\nsigterm = \"restart\"").await;
+}
+
+/// A learner with these `learner_keys` (TOML lines) stopped by `signal`
+/// tells its actors to reconnect; started again, it goes on where it
+/// stopped, with them.
+async fn stopped_for_a_restart_by(signal: &str, learner_keys: &str) {
+    let dir = std::env::temp_dir().join(format!(
+        "flgfn-restart-stop-{signal}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config_path = dir.join("tiny.toml");
@@ -46,7 +63,7 @@ async fn a_learner_stopped_for_a_restart_keeps_its_actors_and_goes_on_where_it_s
         .replace(
             "checkpoint_dir = \"\"",
             &format!(
-                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 1000000\ncheckpoint_every_s = 0.0\nmax_steps = 1000000",
+                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 1000000\ncheckpoint_every_s = 0.0\nmax_steps = 1000000{learner_keys}",
                 checkpoints.display()
             ),
         )
@@ -86,7 +103,7 @@ async fn a_learner_stopped_for_a_restart_keeps_its_actors_and_goes_on_where_it_s
     )
     .await;
     let signalled = Command::new("kill")
-        .args(["-USR1", &first.id().to_string()])
+        .args([&format!("-{signal}"), &first.id().to_string()])
         .status()
         .unwrap();
     assert!(signalled.success());

@@ -384,6 +384,14 @@ pub struct LearnerConfig {
     /// (the `job` overlay sets 75, EX_TEMPFAIL). With `max_steps` 0 every
     /// stop is one.
     pub unfinished_exit_status: u8,
+    /// What SIGTERM asks: "end_run" (the actors are told that training is
+    /// over, and exit) or "restart" (as SIGUSR1: they are told to
+    /// reconnect, and wait for the learner started again). "restart" where
+    /// whatever sends SIGTERM starts the learner again on its checkpoint:
+    /// a Kubernetes StatefulSet or Job, whose SIGTERM means that the pod
+    /// moves (a drained node, a new image), not that the run is over.
+    /// Ctrl-C always ends the run.
+    pub sigterm: crate::signals::StopRequest,
     /// Fresh on-policy samples per evaluation (held until scored: the
     /// learner refuses at start more than 4 GiB of them for its task). The
     /// quality thresholds are set for 4,096: other values change when a
@@ -540,6 +548,7 @@ impl Default for LearnerConfig {
             device: DeviceConfig::Auto,
             max_steps: 600,
             unfinished_exit_status: 0,
+            sigterm: crate::signals::StopRequest::EndRun,
             eval_samples: 4096,
             first_report_s: 0.25,
             report_every_s: 5.0,

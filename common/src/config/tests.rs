@@ -410,6 +410,22 @@ fn environment_variables_set_keys_over_the_file_and_name_themselves_in_errors() 
         .unwrap_err()
         .to_string();
     assert!(error.contains("learner.learning_rate"), "{error}");
+    // What SIGTERM asks, as the Kubernetes manifests set it.
+    let restart = env_overrides(vars(&[("FLGFN_LEARNER__SIGTERM", "restart")]));
+    let config = Config::load_layered(None, &restart).unwrap();
+    assert_eq!(config.learner.sigterm, crate::signals::StopRequest::Restart);
+    assert_eq!(
+        Config::default().learner.sigterm,
+        crate::signals::StopRequest::EndRun
+    );
+    let neither = env_overrides(vars(&[("FLGFN_LEARNER__SIGTERM", "reboot")]));
+    let error = Config::load_layered(None, &neither)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("FLGFN_LEARNER__SIGTERM") && error.contains("end_run"),
+        "{error}"
+    );
     let not_a_section = env_overrides(vars(&[("FLGFN_SEED__X", "1")]));
     let error = Config::load_layered(None, &not_a_section)
         .unwrap_err()
