@@ -271,11 +271,20 @@ def sbatch():
             fail(path, f"no binary reads {key}")
 
 
-kubernetes()
-compose("deploy/docker/config.toml")
-compose("deploy/checks/compose-job.toml")
-dockerfile()
-sbatch()
+# Each source checks something: one whose files moved, or whose layout
+# the patterns above no longer match, would otherwise pass unread.
+for source, check in (
+    ("deploy/k8s", kubernetes),
+    ("deploy/docker/compose.yaml", lambda: compose("deploy/docker/config.toml")),
+    ("deploy/docker/compose.yaml (the check's job)",
+     lambda: compose("deploy/checks/compose-job.toml")),
+    ("deploy/docker/Dockerfile", dockerfile),
+    ("deploy/slurm", sbatch),
+):
+    before = len(checked)
+    check()
+    if len(checked) == before:
+        fail(source, "found nothing to check (moved, or laid out otherwise?)")
 if failures:
     print("names: FAILED", *failures, sep="\n  ", file=sys.stderr)
     sys.exit(1)

@@ -285,7 +285,14 @@ fn the_secret_never_reaches_a_log() {
         .env("FLGFN_TOKEN", SECRET)
         .output()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&printed.stdout).contains(SECRET));
+    // (A failed command would print nothing, the secret included.)
+    let (out, err) = (
+        String::from_utf8_lossy(&printed.stdout),
+        String::from_utf8_lossy(&printed.stderr),
+    );
+    assert!(printed.status.success(), "{err}");
+    assert!(out.contains("[learner]"), "{out}");
+    assert!(!out.contains(SECRET) && !err.contains(SECRET));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -1120,7 +1120,7 @@ async fn a_damaged_final_checkpoint_resumes_from_the_one_before_above_every_vers
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_learner_killed_five_times_resumes_and_its_actors_carry_on() {
+async fn a_learner_killed_up_to_five_times_resumes_and_its_actors_carry_on() {
     // More than five short-lived learners train (each about 1,000 to 2,000
     // steps, by the machine's speed). On a machine so fast that the run
     // ends sooner, the cycles stop there (at least three are required):

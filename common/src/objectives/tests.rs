@@ -244,6 +244,13 @@ fn gradients_reach_every_head_the_objective_uses() {
                 name != ObjectiveName::Tb,
                 "{label}: flow {flow}"
             );
+            // (TB alone has parameters of its own: the check below is not
+            // skipped for it.)
+            assert_eq!(
+                objective.own_parameters().is_some(),
+                name == ObjectiveName::Tb,
+                "{label}"
+            );
             if let Some((vars, _)) = objective.own_parameters() {
                 let log_z = vars.variables()["log_z"].grad().abs().double_value(&[]);
                 assert!(log_z > 0.0, "{label}: no gradient in log Z");
