@@ -63,6 +63,11 @@ pub struct Publisher {
     encodings: AtomicU64,
     /// Turns true with the final version: sessions tell their actors.
     done: watch::Sender<bool>,
+    /// Set before `done` where training reached `max_steps`: the run is
+    /// over even if a stop for a restart came meanwhile (during the last
+    /// step's evaluation or final checkpoint), and actors told to
+    /// reconnect would wait for a learner with nothing left to train.
+    reached_max_steps: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -109,6 +114,7 @@ impl Publisher {
             })),
             encodings: AtomicU64::new(0),
             done: watch::channel(false).0,
+            reached_max_steps: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -130,8 +136,17 @@ impl Publisher {
     /// told it stops for good (compose restarts only a failed one), and a
     /// learner that then failed to save would resume, from an earlier
     /// checkpoint, to no actors.
-    pub fn finish(&self) {
+    /// `reached_max_steps`: training ended at its last step, not at a
+    /// stop.
+    pub fn finish(&self, reached_max_steps: bool) {
+        self.reached_max_steps
+            .store(reached_max_steps, Ordering::Release);
         self.done.send_replace(true);
+    }
+
+    /// Whether training ended at `max_steps` (known once `done`).
+    pub fn reached_max_steps(&self) -> bool {
+        self.reached_max_steps.load(Ordering::Acquire)
     }
 
     /// The newest version number.
@@ -345,7 +360,8 @@ mod tests {
         let mut done = publisher.done();
         publisher.publish(2, policy.snapshot());
         assert!(!*done.borrow_and_update(), "a version is no end");
-        publisher.finish();
+        publisher.finish(true);
         assert!(*done.borrow_and_update());
+        assert!(publisher.reached_max_steps());
     }
 }

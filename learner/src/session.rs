@@ -136,11 +136,19 @@ impl IngestPool {
     }
 }
 
+/// Whether actors are told to reconnect when training has ended: the
+/// learner stops for a restart, and training had not reached `max_steps`
+/// (a restart asked for during the last step's evaluation or final
+/// checkpoint finds the run over: nothing would be left to train).
+fn restarting(state: &LearnerState) -> bool {
+    state.stopping_for_restart.load(Ordering::Acquire) && !state.publisher.reached_max_steps()
+}
+
 /// The last grant of a session once training has ended: no credit, and
 /// either training is over or, where the learner stops for a restart, the
 /// actor is to reconnect.
 fn last_grant(state: &LearnerState) -> proto::Grant {
-    if state.stopping_for_restart.load(Ordering::Acquire) {
+    if restarting(state) {
         proto::Grant {
             learner_restarting: true,
             ..proto::Grant::default()
@@ -155,7 +163,7 @@ fn last_grant(state: &LearnerState) -> proto::Grant {
 
 /// Why a session ended when training did, for its `session ended` line.
 fn training_ended(state: &LearnerState) -> String {
-    if state.stopping_for_restart.load(Ordering::Acquire) {
+    if restarting(state) {
         "the learner stops for a restart".to_owned()
     } else {
         "training done".to_owned()

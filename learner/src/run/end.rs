@@ -298,8 +298,17 @@ impl Running {
         if drain_connections(self.server, stop_now).await? {
             wait_for_sessions(&self.state).await;
         }
+        // A restart asked for once the last step was done (during its
+        // evaluation or final checkpoint) finds the run over: the actors
+        // were told so (see `session::restarting`).
+        let restarting = ending.restart && !self.state.publisher.reached_max_steps();
+        if ending.restart && !restarting {
+            info!(
+                "training reached max_steps before the restart asked for: the actors were told that training is over"
+            );
+        }
         if let Some(actors) = self.local_actors {
-            if ending.restart {
+            if restarting {
                 // They were told to reconnect, as remote actors were, but a
                 // learner started again starts its own: these end with it.
                 actors.ask_to_stop();

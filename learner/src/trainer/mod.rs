@@ -515,7 +515,7 @@ impl Trainer {
         // learner's restart, which resumes from the last checkpoint saved
         // and trains the rest with them.
         self.save_final(&mut training, &weights)?;
-        self.publisher.finish();
+        self.publisher.finish(self.finished(&training.progress));
         let machine = Machine::of(self.policy.device(), self.config.learner.threads);
         Ok(training.outcome(weights, machine))
     }
