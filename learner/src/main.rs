@@ -16,7 +16,7 @@ use flgfn_learner::launcher::{LocalActorsPlan, actor_executable};
 #[derive(Debug, Parser)]
 #[command(
     version = flgfn_learner::BUILD,
-    after_help = "Signals: SIGINT or SIGTERM stops after the current step (or the next, if its batch is ready), saves a checkpoint, and ends the run for every actor. SIGUSR1 does the same but tells the actors to reconnect: they wait for the learner started again on its checkpoint (a restart by hand). A second signal exits at once, without the final checkpoint."
+    after_help = "Signals: SIGINT or SIGTERM stops after the current step (or the next, if its batch is ready), saves a checkpoint, and ends the run for every actor. SIGUSR1 does the same but tells the actors to reconnect: they wait for the learner started again on its checkpoint (a restart by hand); so does SIGTERM with learner.sigterm = \"restart\" (where a supervisor starts the learner again, as Kubernetes does). A second signal exits at once, without the final checkpoint."
 )]
 struct Args {
     /// TOML configuration shared with the actors (defaults are used for

@@ -115,9 +115,12 @@ async fn within_drain_timeout(mut done: impl FnMut() -> bool) -> bool {
 /// stopped taking new ones, then closes what is left; `stop_now` resolving
 /// closes them at once. The server's own failure is the learner's. False
 /// when cut short by `stop_now`: nothing more is to be waited for.
+/// `signalled`: a stop signal ended training, and another would be the
+/// forced exit (`stop_now` never resolves then).
 async fn drain_connections(
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     stop_now: impl Future<Output = ()>,
+    signalled: bool,
 ) -> Result<bool, LearnerError> {
     let abort = server.abort_handle();
     // Connections close within milliseconds as actors leave; one that
@@ -125,8 +128,13 @@ async fn drain_connections(
     // with nothing said. (It only speaks: it never ends the wait.)
     let waiting_said = async {
         tokio::time::sleep(DRAIN_NOTICE_AFTER).await;
+        let signal = if signalled {
+            "another stop signal exits at once (status 130, without the run's summary)"
+        } else {
+            "a stop signal ends the wait"
+        };
         info!(
-            "training is over: waiting (up to {DRAIN_TIMEOUT:?}) for the open connections to close; a stop signal ends the wait"
+            "training is over: waiting (up to {DRAIN_TIMEOUT:?}) for the open connections to close; {signal}"
         );
         std::future::pending().await
     };
@@ -295,7 +303,7 @@ impl Running {
                 let _ = shutdown.await;
             }
         };
-        if drain_connections(self.server, stop_now).await? {
+        if drain_connections(self.server, stop_now, ending.stop_requested).await? {
             wait_for_sessions(&self.state).await;
         }
         // A restart asked for once the last step was done (during its
