@@ -55,6 +55,13 @@ pub(super) async fn watch_trainer(
                 stuck = false;
                 info!("the trainer moved on: health is SERVING again");
                 set_health(&health, tonic_health::ServingStatus::Serving).await;
+                // A stop sent since the check above may have set NOT_SERVING
+                // before this SERVING landed: said again. (One sent after
+                // this check sets it itself, after.)
+                if *stop.borrow() {
+                    set_health(&health, tonic_health::ServingStatus::NotServing).await;
+                    return;
+                }
             }
             _ => {}
         }
