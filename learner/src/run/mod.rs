@@ -92,7 +92,8 @@ pub async fn serve(
         }
     };
     let closed = async {
-        let mut running = Running::start(config, env, server, loaded, &options).await?;
+        let mut running =
+            Running::start(config, env, server, loaded, &options, early.is_some()).await?;
         tokio::pin!(shutdown);
         let ending = running.until_training_ends(shutdown.as_mut()).await;
         running.close(ending, shutdown).await

@@ -143,13 +143,14 @@ async fn live_progress(mut live: LiveProgress) {
 impl Running {
     /// Opens the learner to actors: the sessions' state, the listening
     /// line, the local actors, the batch builder and the trainer; then
-    /// health SERVING.
+    /// health SERVING, unless a stop came while it loaded (`stopping`).
     pub(super) async fn start(
         config: Config,
         env: Arc<dyn Environment>,
         server: GrpcServer,
         loaded: Loaded,
         options: &RunOptions,
+        stopping: bool,
     ) -> Result<Running, LearnerError> {
         let GrpcServer {
             stop_sender,
@@ -324,8 +325,11 @@ impl Running {
             let _ = done_sender.send(trainer.run());
         })?;
 
-        // The checkpoint is loaded and the trainer runs: actors are welcome.
-        set_health(&health, tonic_health::ServingStatus::Serving).await;
+        // The checkpoint is loaded and the trainer runs: actors are welcome
+        // (not for the moment before a stop asked for meanwhile is taken).
+        if !stopping {
+            set_health(&health, tonic_health::ServingStatus::Serving).await;
+        }
         tokio::spawn(super::watch::watch_trainer(
             pulse,
             Duration::from_secs_f64(learner.stuck_after_s),
