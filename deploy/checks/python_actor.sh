@@ -532,13 +532,15 @@ ours = {"task": f"set_generation({', '.join(task.params())})",
         "model": f"mlp(input=30, hidden=[8], pf=30, pb=30)", "version": "7"}
 fa.check_metadata(ours, task, (8,), 7)
 fa.check_metadata({}, task, (8,), 7)
-for key, theirs in [("task", "set_generation(universe=8)"), ("model", "mlp(input=30, hidden=[9], pf=30, pb=30)"),
-                    ("version", "6")]:
+for key, theirs, said in [
+        ("task", "set_generation(universe=8)", "they are for task set_generation(universe=8)"),
+        ("model", "mlp(input=30, hidden=[9], pf=30, pb=30)", "they are for model mlp("),
+        ("version", "6", "their metadata says version 6, the grant that brought them 7")]:
     try:
         fa.check_metadata({**ours, key: theirs}, task, (8,), 7)
         sys.exit(f"not refused: {key} {theirs}")
     except ValueError as error:
-        assert f"they are for {key} {theirs}" in str(error), str(error)
+        assert said in str(error), str(error)
 
 # A rollout whose session ended is abandoned at its next step.
 steps = []

@@ -214,6 +214,9 @@ def check_metadata(metadata, task, hidden, version):
     for key, value in ours.items():
         theirs = metadata.get(key)
         if theirs is not None and theirs != value:
+            if key == "version":
+                raise ValueError(f"their metadata says version {theirs}, "
+                                 f"the grant that brought them {value}")
             raise ValueError(f"they are for {key} {theirs}, not this actor's {value}")
 
 
