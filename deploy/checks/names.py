@@ -186,6 +186,10 @@ def kubernetes():
         host, port = urlparse(url).hostname, url_port(url)
         if (host, port) != learner_service:
             fail(where, f"actors reach {host}:{port}, the learner's Service is {learner_service}")
+
+
+def kubernetes_overlays():
+    job = os.path.join(ROOT, "deploy/k8s/base/config.toml")
     for path in glob.glob(os.path.join(ROOT, "deploy/k8s/overlays/*/*.yaml")):
         if path.endswith("kustomization.yaml"):
             continue
@@ -274,7 +278,8 @@ def sbatch():
 # Each source checks something: one whose files moved, or whose layout
 # the patterns above no longer match, would otherwise pass unread.
 for source, check in (
-    ("deploy/k8s", kubernetes),
+    ("deploy/k8s/base", kubernetes),
+    ("deploy/k8s/overlays", kubernetes_overlays),
     ("deploy/docker/compose.yaml", lambda: compose("deploy/docker/config.toml")),
     ("deploy/docker/compose.yaml (the check's job)",
      lambda: compose("deploy/checks/compose-job.toml")),
