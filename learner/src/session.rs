@@ -140,7 +140,7 @@ impl IngestPool {
 /// learner stops for a restart, and training had not reached `max_steps`
 /// (a restart asked for during the last step's evaluation or final
 /// checkpoint finds the run over: nothing would be left to train).
-fn restarting(state: &LearnerState) -> bool {
+pub(crate) fn restarting(state: &LearnerState) -> bool {
     state.stopping_for_restart.load(Ordering::Acquire) && !state.publisher.reached_max_steps()
 }
 

@@ -309,7 +309,7 @@ impl Running {
         // A restart asked for once the last step was done (during its
         // evaluation or final checkpoint) finds the run over: the actors
         // were told so (see `session::restarting`).
-        let restarting = ending.restart && !self.state.publisher.reached_max_steps();
+        let restarting = crate::session::restarting(&self.state);
         if ending.restart && !restarting {
             info!(
                 "training reached max_steps before the restart asked for: the actors were told that training is over"
