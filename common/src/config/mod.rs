@@ -626,7 +626,8 @@ pub struct ActorConfig {
     /// Give up after this many attempts in a row without a working session
     /// (the learner unreachable, full, or cutting sessions short); a
     /// session that the learner answered with a grant after one of its
-    /// chunks starts a new count (0: never give up).
+    /// chunks, or a learner's notice that it stops for a restart, starts
+    /// a new count (0: never give up).
     pub reconnect_attempts: u32,
     /// Seconds between HTTP/2 pings to the learner; a connection whose ping
     /// goes unanswered for twice this is dropped and reconnected. Without
