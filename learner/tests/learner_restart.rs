@@ -268,3 +268,90 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A restart asked for once the last step is done (here as the final
+/// report appears, while the final weights and checkpoint are written)
+/// finds the run over: the actors are told that training is done, and
+/// end, rather than wait for a learner with nothing left to train.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_asked_for_after_the_last_step_ends_the_actors_run() {
+    let dir = std::env::temp_dir().join(format!("flgfn-restart-at-end-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("tiny.toml");
+    let checkpoints = dir.join("checkpoints");
+    // A network large enough that its final save takes a while (its
+    // checkpoint holds Adam's moments too), the window the restart
+    // comes in.
+    let toml = support::TINY_TOML
+        .replace(
+            "checkpoint_dir = \"\"",
+            &format!(
+                "checkpoint_dir = \"{}\"\ncheckpoint_every_s = 0.0\nmax_steps = 150",
+                checkpoints.display()
+            ),
+        )
+        .replace("hidden = [64, 64]", "hidden = [1024, 1024]");
+    std::fs::write(&config_path, toml).unwrap();
+    let config = Config::from_file(&config_path).unwrap();
+    let address = format!("127.0.0.1:{}", support::free_port().await);
+    let metrics = dir.join("metrics.jsonl");
+    let log_path = support::learner_log(&metrics);
+    let mut learner = support::learner_process(&address, &config_path, &metrics, &[]);
+    let actors: Vec<_> = (0..2)
+        .map(|i| {
+            let mut config = config.clone();
+            config.actor.learner = format!("http://{address}");
+            config.actor.reconnect_initial_s = 0.05;
+            config.actor.reconnect_max_s = 0.2;
+            tokio::spawn(flgfn_actor::run(
+                config,
+                ActorOptions {
+                    name: format!("at-end-{i}"),
+                    seed_offset: None,
+                },
+                std::future::pending(),
+            ))
+        })
+        .collect();
+    // The report of the last step is written before the final save:
+    // looked for every millisecond, so as to signal within the save.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !support::reports(&metrics)
+        .last()
+        .is_some_and(|report| report.step == 150)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report of the last step:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let signalled = Command::new("kill")
+        .args(["-USR1", &learner.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let status = tokio::task::spawn_blocking(move || learner.0.wait().unwrap())
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    let finished = log
+        .lines()
+        .find(|line| line.contains("training finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(finished.contains("ended_by=max_steps"), "{finished}");
+    // (Whether the restart came before the end was said: it may come
+    // too late, the run's end already told.)
+    eprintln!(
+        "restart asked for before the end: {}",
+        log.contains("training reached max_steps before the restart asked for")
+    );
+    for actor in actors {
+        // Told that training is done, not to reconnect.
+        support::finished_actor(actor).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
