@@ -115,9 +115,10 @@ async fn within_drain_timeout(mut done: impl FnMut() -> bool) -> bool {
 /// stopped taking new ones, then closes what is left; `stop_now` resolving
 /// closes them at once. The server's own failure is the learner's. False
 /// when cut short by `stop_now`: nothing more is to be waited for.
-/// `signalled`: a stop ended training (a signal, the parent's death), and
-/// stop signals no longer end the wait: `stop_now` never resolves then,
-/// and the second signal is the forced exit.
+/// `signalled`: a stop ended training (a signal, or the parent's death),
+/// and stop signals no longer end the wait: `stop_now` never resolves
+/// then, and the next signal (the second, after the parent's death) is
+/// the forced exit.
 async fn drain_connections(
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     stop_now: impl Future<Output = ()>,
@@ -130,7 +131,7 @@ async fn drain_connections(
     let waiting_said = async {
         tokio::time::sleep(DRAIN_NOTICE_AFTER).await;
         let signal = if signalled {
-            "a stop signal no longer ends the wait: a second one exits at once (status 130, without the run's summary)"
+            "another stop signal exits at once (status 130, without the run's summary; after the parent's death, the second one)"
         } else {
             "a stop signal ends the wait"
         };
