@@ -317,9 +317,9 @@ async fn a_restart_asked_for_after_the_last_step_ends_the_actors_run() {
     // The report of the last step is written before the final save:
     // looked for every millisecond, so as to signal within the save.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !support::reports(&metrics)
+    while support::reports(&metrics)
         .last()
-        .is_some_and(|report| report.step == 150)
+        .is_none_or(|report| report.step != 150)
     {
         assert!(
             std::time::Instant::now() < deadline,
