@@ -45,54 +45,101 @@ async fn sigterm_set_to_restart_keeps_the_actors_as_sigusr1_does() {
     stopped_for_a_restart_by("TERM", "\nsigterm = \"restart\"").await;
 }
 
+/// A job for a learner process that two in-process actors wait for.
+struct Job {
+    /// Its scratch folder.
+    dir: std::path::PathBuf,
+    /// The job file.
+    config_path: std::path::PathBuf,
+    /// Where the learner checkpoints.
+    checkpoints: std::path::PathBuf,
+    /// A free address for the learner.
+    address: String,
+    /// The learner's metrics file.
+    metrics: std::path::PathBuf,
+    /// The learner's log.
+    log_path: std::path::PathBuf,
+    /// The two actors, started (quick reconnects: no test waits on
+    /// backoff).
+    actors: Vec<tokio::task::JoinHandle<Result<flgfn_actor::ActorReport, flgfn_actor::ActorError>>>,
+}
+
+impl Job {
+    /// The tiny task in scratch folder `name`, with `learner_keys` (TOML
+    /// lines) and layers `hidden`, checkpointed there.
+    async fn start(name: &str, learner_keys: &str, hidden: &str) -> Job {
+        let dir = std::env::temp_dir().join(format!("flgfn-restart-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("tiny.toml");
+        let checkpoints = dir.join("checkpoints");
+        let toml = support::TINY_TOML
+            .replace(
+                "checkpoint_dir = \"\"",
+                &format!(
+                    "checkpoint_dir = \"{}\"\n{learner_keys}",
+                    checkpoints.display()
+                ),
+            )
+            .replace("hidden = [64, 64]", &format!("hidden = {hidden}"))
+            .replace(
+                "[actor]",
+                "[actor]\nreconnect_initial_s = 0.05\nreconnect_max_s = 0.2",
+            );
+        std::fs::write(&config_path, toml).unwrap();
+        let config = Config::from_file(&config_path).unwrap();
+        let address = format!("127.0.0.1:{}", support::free_port().await);
+        let metrics = dir.join("metrics.jsonl");
+        let actors = (0..2)
+            .map(|i| {
+                let mut config = config.clone();
+                config.actor.learner = format!("http://{address}");
+                tokio::spawn(flgfn_actor::run(
+                    config,
+                    ActorOptions {
+                        name: format!("{name}-{i}"),
+                        seed_offset: None,
+                    },
+                    std::future::pending(),
+                ))
+            })
+            .collect();
+        Job {
+            log_path: support::learner_log(&metrics),
+            dir,
+            config_path,
+            checkpoints,
+            address,
+            metrics,
+            actors,
+        }
+    }
+}
+
 /// A learner with these `learner_keys` (TOML lines) stopped by `signal`
 /// tells its actors to reconnect; started again, it goes on where it
 /// stopped, with them.
 async fn stopped_for_a_restart_by(signal: &str, learner_keys: &str) {
-    let dir = std::env::temp_dir().join(format!(
-        "flgfn-restart-stop-{signal}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config_path = dir.join("tiny.toml");
-    let checkpoints = dir.join("checkpoints");
     // Only the stop's checkpoint: the second learner can resume from no
-    // other. Quick reconnects, so the test does not wait on backoff.
-    let toml = support::TINY_TOML
-        .replace(
-            "checkpoint_dir = \"\"",
-            &format!(
-                "checkpoint_dir = \"{}\"\ncheckpoint_every_steps = 1000000\ncheckpoint_every_s = 0.0\nmax_steps = 1000000{learner_keys}",
-                checkpoints.display()
-            ),
-        )
-        .replace(
-            "[actor]",
-            "[actor]\nreconnect_initial_s = 0.05\nreconnect_max_s = 0.2",
-        );
-    std::fs::write(&config_path, toml).unwrap();
-    let config = Config::from_file(&config_path).unwrap();
-    let address = format!("127.0.0.1:{}", support::free_port().await);
-    let metrics = dir.join("metrics.jsonl");
-    let log_path = support::learner_log(&metrics);
+    // other.
+    let Job {
+        dir,
+        config_path,
+        checkpoints,
+        address,
+        metrics,
+        log_path,
+        actors,
+    } = Job::start(
+        &format!("stop-{signal}"),
+        &format!(
+            "checkpoint_every_steps = 1000000\ncheckpoint_every_s = 0.0\nmax_steps = 1000000{learner_keys}"
+        ),
+        "[64, 64]",
+    )
+    .await;
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-
     let mut first = support::learner_process(&address, &config_path, &metrics, &[]);
-    let actors: Vec<_> = (0..2)
-        .map(|i| {
-            let mut config = config.clone();
-            config.actor.learner = format!("http://{address}");
-            tokio::spawn(flgfn_actor::run(
-                config,
-                ActorOptions {
-                    name: format!("waiting-{i}"),
-                    seed_offset: None,
-                },
-                std::future::pending(),
-            ))
-        })
-        .collect();
     wait_until(
         120,
         || {
@@ -275,45 +322,24 @@ async fn an_actor_reconnects_to_a_restarted_learner_and_loads_its_weights() {
 /// end, rather than wait for a learner with nothing left to train.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_asked_for_after_the_last_step_ends_the_actors_run() {
-    let dir = std::env::temp_dir().join(format!("flgfn-restart-at-end-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config_path = dir.join("tiny.toml");
-    let checkpoints = dir.join("checkpoints");
     // A network large enough that its final save takes a while (its
     // checkpoint holds Adam's moments too), the window the restart
     // comes in.
-    let toml = support::TINY_TOML
-        .replace(
-            "checkpoint_dir = \"\"",
-            &format!(
-                "checkpoint_dir = \"{}\"\ncheckpoint_every_s = 0.0\nmax_steps = 150",
-                checkpoints.display()
-            ),
-        )
-        .replace("hidden = [64, 64]", "hidden = [1024, 1024]");
-    std::fs::write(&config_path, toml).unwrap();
-    let config = Config::from_file(&config_path).unwrap();
-    let address = format!("127.0.0.1:{}", support::free_port().await);
-    let metrics = dir.join("metrics.jsonl");
-    let log_path = support::learner_log(&metrics);
+    let Job {
+        dir,
+        config_path,
+        address,
+        metrics,
+        log_path,
+        actors,
+        ..
+    } = Job::start(
+        "at-end",
+        "checkpoint_every_s = 0.0\nmax_steps = 150",
+        "[1024, 1024]",
+    )
+    .await;
     let mut learner = support::learner_process(&address, &config_path, &metrics, &[]);
-    let actors: Vec<_> = (0..2)
-        .map(|i| {
-            let mut config = config.clone();
-            config.actor.learner = format!("http://{address}");
-            config.actor.reconnect_initial_s = 0.05;
-            config.actor.reconnect_max_s = 0.2;
-            tokio::spawn(flgfn_actor::run(
-                config,
-                ActorOptions {
-                    name: format!("at-end-{i}"),
-                    seed_offset: None,
-                },
-                std::future::pending(),
-            ))
-        })
-        .collect();
     // The report of the last step is written before the final save:
     // looked for every millisecond, so as to signal within the save.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
