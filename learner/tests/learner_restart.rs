@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use flgfn_actor::ActorOptions;
@@ -149,11 +148,7 @@ async fn stopped_for_a_restart_by(signal: &str, learner_keys: &str) {
         || format!("two actors and a report:\n{}", read_log()),
     )
     .await;
-    let signalled = Command::new("kill")
-        .args([&format!("-{signal}"), &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
+    support::signal(first.id(), signal);
     let status = tokio::task::spawn_blocking(move || {
         let status = first.0.wait().unwrap();
         drop(first);
@@ -164,10 +159,7 @@ async fn stopped_for_a_restart_by(signal: &str, learner_keys: &str) {
     let log = read_log();
     assert!(status.success(), "{log}");
     assert!(log.contains("stop for a restart requested"), "{log}");
-    let finished = log
-        .lines()
-        .find(|line| line.contains("training finished"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let finished = support::finished_line(&log);
     assert!(finished.contains("ended_by=restart"), "{finished}");
     let stopped_at = field(finished, "steps").unwrap_or_else(|| panic!("{finished}"));
     // Each session open at the stop was told to reconnect, none that
@@ -354,20 +346,13 @@ async fn a_restart_asked_for_after_the_last_step_ends_the_actors_run() {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let signalled = Command::new("kill")
-        .args(["-USR1", &learner.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
+    support::signal(learner.id(), "USR1");
     let status = tokio::task::spawn_blocking(move || learner.0.wait().unwrap())
         .await
         .unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(status.success(), "{log}");
-    let finished = log
-        .lines()
-        .find(|line| line.contains("training finished"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let finished = support::finished_line(&log);
     assert!(finished.contains("ended_by=max_steps"), "{finished}");
     // (Whether the restart came before the end was said: it may come
     // too late, the run's end already told.)

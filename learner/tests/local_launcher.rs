@@ -117,11 +117,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
         },
         || format!("three actors and a report within a minute:\n{}", read_log()),
     );
-    let interrupted = Command::new("kill")
-        .args(["-INT", &learner.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(interrupted.success());
+    support::signal(learner.id(), "INT");
     let status = learner.0.wait().unwrap();
     let log = read_log();
     assert!(status.success(), "learner failed:\n{log}");
@@ -143,10 +139,7 @@ fn the_local_launcher_trains_with_actor_processes_and_writes_metrics() {
             "{started}"
         );
     }
-    let finished = log
-        .lines()
-        .find(|line| line.contains("training finished"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let finished = support::finished_line(&log);
     // Stopped by SIGINT, not at max_steps, and said so.
     assert!(finished.contains("ended_by=stop"), "{finished}");
     // Actors that leave once training is done are no news.
@@ -269,11 +262,7 @@ fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
         || read_log().matches("actor joined").count() >= 2 && read_log().contains("trained_per_s="),
         || format!("two actors and a report within a minute:\n{}", read_log()),
     );
-    let signalled = Command::new("kill")
-        .args(["-USR1", &learner.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
+    support::signal(learner.id(), "USR1");
     let status = exit_within(
         &mut learner,
         60,
@@ -285,10 +274,7 @@ fn a_stop_for_a_restart_ends_the_local_actors_cleanly() {
         log.contains("exiting with learner.unfinished_exit_status: stopped before max_steps status=75 ended_by=restart"),
         "{log}"
     );
-    let finished = log
-        .lines()
-        .find(|line| line.contains("training finished"))
-        .unwrap_or_else(|| panic!("{log}"));
+    let finished = support::finished_line(&log);
     assert!(finished.contains("ended_by=restart"), "{finished}");
     assert_eq!(
         log.matches("the learner stops for a restart; reconnecting")
@@ -549,15 +535,6 @@ impl Drop for KillRemaining {
     }
 }
 
-#[cfg(target_os = "linux")]
-fn kill_hard(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Every local actor gone while training goes on: the learner stops with
 /// an error saying so, instead of waiting for data for ever.
 #[cfg(target_os = "linux")]
@@ -567,7 +544,7 @@ fn a_learner_whose_local_actors_all_died_stops_with_an_error() {
     let (mut learner, actors) = learner_with_two_actors(&dir, &config, FAR_MORE_STEPS);
     std::thread::sleep(std::time::Duration::from_millis(500));
     for pid in actors {
-        kill_hard(pid);
+        support::signal(pid, "KILL");
     }
     let status = exit_within(&mut learner, 60, "the learner went on without actors");
     let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
@@ -621,7 +598,7 @@ fn a_run_with_a_failed_local_actor_finishes_and_fails() {
     let (dir, config) = scratch_with_tiny_config("actor-failed");
     let steps = 200;
     let (mut learner, actors) = learner_with_two_actors(&dir, &config, steps);
-    kill_hard(actors[0]);
+    support::signal(actors[0], "KILL");
     let status = exit_within(&mut learner, 120, "the learner did not finish");
     let log = std::fs::read_to_string(dir.join("learner.log")).unwrap();
     assert!(!status.success(), "{log}");
@@ -656,7 +633,7 @@ fn local_actors_exit_when_their_learner_is_killed() {
         || log().matches("connected to the learner").count() >= 2,
         log,
     );
-    kill_hard(learner.id());
+    support::signal(learner.id(), "KILL");
     learner.0.wait().unwrap();
     wait_until(
         30,

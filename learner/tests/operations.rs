@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::signal;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1221,15 +1223,6 @@ fn a_stop_while_loading_starts_no_local_actor() {
         "{said}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Sends `signal` (a `kill` name: INT, STOP, CONT) to process `pid`.
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Stops process `pid` (SIGSTOP) and waits until every one of its threads

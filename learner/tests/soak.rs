@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flgfn_common::config::Config;
@@ -95,11 +94,7 @@ async fn sixty_four_streams_for_a_while() {
         .unwrap();
     // Let the learner take what is already on the wire.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    support::signal(pid, "TERM");
     let exit = tokio::task::spawn_blocking(move || learner.0.wait().unwrap())
         .await
         .unwrap();

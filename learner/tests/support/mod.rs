@@ -10,6 +10,24 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 pub use tonic_health::pb::health_check_response::ServingStatus;
 
+/// Sends `signal` (a `kill` name: INT, TERM, USR1, KILL, STOP, CONT) to
+/// process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The learner's `training finished` line in `log` (none fails the test,
+/// showing the log).
+pub fn finished_line(log: &str) -> &str {
+    log.lines()
+        .find(|line| line.contains("training finished"))
+        .unwrap_or_else(|| panic!("no `training finished` line:\n{log}"))
+}
+
 /// A set task of 70 terminal sets (4 of 8 elements, 163 states): small
 /// enough to compute the sampler's exact terminal distribution, and quick
 /// to learn. Kept as TOML so a learner process can read it from a file.
