@@ -34,6 +34,16 @@ fn options(name: &str) -> ActorOptions {
     }
 }
 
+/// These tests give each side its own token file; `FLGFN_TOKEN` would
+/// override every one of them (`deploy/test.sh` unsets it).
+fn no_token_in_the_environment() {
+    assert!(
+        std::env::var_os(flgfn_common::auth::TOKEN_ENV).is_none(),
+        "unset {} to run this test: it overrides the token files the test sets",
+        flgfn_common::auth::TOKEN_ENV
+    );
+}
+
 fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("flgfn-auth-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -42,6 +52,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_right_token_gets_in() {
+    no_token_in_the_environment();
     let dir = scratch("tokens");
     let mut config = config_with_token(&dir, SECRET);
     config.learner.max_steps = 30;
@@ -235,6 +246,7 @@ async fn a_learner_stopped_mid_training_ends_its_actors_and_answers_probes_witho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_token_beyond_loopback_unless_allowed() {
+    no_token_in_the_environment();
     let mut config = support::tiny_config();
     let error = support::learner_refusal(config.clone(), "0.0.0.0:0").await;
     assert!(

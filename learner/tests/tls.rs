@@ -426,15 +426,44 @@ async fn mutual_tls_admits_only_actors_with_a_certificate_from_the_ca() {
 
 #[tokio::test]
 async fn half_configured_tls_is_refused_with_the_field_named() {
-    let mut config = support::tiny_config();
-    config.tls.cert_file = "learner.pem".to_owned();
-    let error = support::learner_refusal(config, "127.0.0.1:0").await;
-    assert!(error.contains("tls.cert_file"), "{error}");
+    let dir = std::env::temp_dir().join(format!("flgfn-badkey-{}", std::process::id()));
+    let pki = make_pki(&dir);
+    // Each half alone, and client certificates without TLS: never plain
+    // text where TLS was asked for.
+    let halves = [
+        (
+            Some(&pki.server.0),
+            None,
+            None,
+            "tls.key_file",
+            "without its key",
+        ),
+        (
+            None,
+            Some(&pki.server.1),
+            None,
+            "tls.cert_file",
+            "without its certificate",
+        ),
+        (
+            None,
+            None,
+            Some(&pki.ca),
+            "tls.ca_file",
+            "need the learner to serve TLS",
+        ),
+    ];
+    for (cert, key, ca, field, why) in halves {
+        let mut config = support::tiny_config();
+        config.tls.cert_file = cert.map(|p| path(p)).unwrap_or_default();
+        config.tls.key_file = key.map(|p| path(p)).unwrap_or_default();
+        config.tls.ca_file = ca.map(|p| path(p)).unwrap_or_default();
+        let error = support::learner_refusal(config, "127.0.0.1:0").await;
+        assert!(error.contains(field) && error.contains(why), "{error}");
+    }
 
     // A key that is PEM but not a key: the error says more than tonic's
     // own "transport error".
-    let dir = std::env::temp_dir().join(format!("flgfn-badkey-{}", std::process::id()));
-    let pki = make_pki(&dir);
     let bad_key = dir.join("bad.key");
     std::fs::write(
         &bad_key,
