@@ -85,17 +85,53 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
         (Some(None), Some((key, _))) => matches!(key, "auth" | "tls"),
         _ => false,
     };
-    match (refused, key) {
-        (ConfigError::Parse { path, message }, Some((_, value)))
-            if secret_place && value.len() > 2 && value.starts_with(['"', '\'']) =>
-        {
-            ConfigError::Parse {
-                path,
-                message: message.replace(value, "(value not shown)"),
+    match refused {
+        ConfigError::Parse { path, mut message } if secret_place => {
+            // The line as typed (quotes, escapes, a comment), then the
+            // string as the parser quotes it.
+            if let Some((_, value)) = key
+                && value.len() > 2
+                && value.starts_with(['"', '\''])
+            {
+                message = message.replace(value, NOT_SHOWN);
             }
+            if let Some(table) = &table {
+                message = without_secret_place_strings(message, table);
+            }
+            ConfigError::Parse { path, message }
         }
-        (refused, _) => refused,
+        refused => refused,
     }
+}
+
+/// What stands for a value left out of an error.
+const NOT_SHOWN: &str = "(value not shown)";
+
+/// `message` without the strings `table` holds in `[auth]` and `[tls]`
+/// (or as either section), as the parser quotes them (`string "..."`)
+/// and as they are: a secret put in the wrong place there.
+fn without_secret_place_strings(message: String, table: &toml::Table) -> String {
+    let mut strings = Vec::new();
+    for section in ["auth", "tls"] {
+        match table.get(section) {
+            Some(toml::Value::String(text)) => strings.push(text),
+            Some(toml::Value::Table(keys)) => {
+                strings.extend(keys.values().filter_map(|value| match value {
+                    toml::Value::String(text) => Some(text),
+                    _ => None,
+                }));
+            }
+            _ => {}
+        }
+    }
+    strings
+        .into_iter()
+        .filter(|text| text.chars().count() > 2)
+        .fold(message, |message, text| {
+            message
+                .replace(&format!("{text:?}"), NOT_SHOWN)
+                .replace(text.as_str(), NOT_SHOWN)
+        })
 }
 
 /// The error for `FLGFN_` variables (`origin` names them and the layer
@@ -117,12 +153,21 @@ pub(super) fn variables_refusal(
     let hint = refused_name(error.message())
         .filter(|name| in_task(name))
         .and_then(|_| another_tasks_keys(merged, |name| format!("FLGFN_TASK__NAME={name}")));
-    match hint {
+    let refused = match hint {
         Some(hint) => ConfigError::Parse {
             path: origin,
             message: parse_message(error, None, &[hint]),
         },
         None => ConfigError::parse(origin, error, None),
+    };
+    // (A variable's value is no secret where it went, but may be one
+    // where it went wrong: `FLGFN_AUTH__ALLOW_UNAUTHENTICATED=<token>`.)
+    match refused {
+        ConfigError::Parse { path, message } => ConfigError::Parse {
+            path,
+            message: without_secret_place_strings(message, merged),
+        },
+        refused => refused,
     }
 }
 

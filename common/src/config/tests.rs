@@ -762,15 +762,33 @@ fn unknown_keys_are_rejected_with_their_name() {
         .to_string();
     assert!(err.contains("unknown field `token`"), "{err}");
     assert!(!err.contains("a-secret-token"), "{err}");
-    // Nor one given as a section, or to a key of another type there.
+    // Nor one given as a section, or to a key of another type there,
+    // however quoted, escaped or commented.
     for text in [
         "auth = \"a-secret-token-0123456789\"\n",
+        "auth = 'a-secret-token-0123456789'\n",
         "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\"\n",
+        "[auth]\nallow_unauthenticated = 'a-secret-token-0123456789'\n",
+        "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\" # new\n",
+        "[tls]\nca_file = \"x\"\nallow = \"a-secret\\u002Dtoken-0123456789\"\n",
     ] {
         let err = Config::from_toml(text, "test").unwrap_err().to_string();
-        assert!(err.contains("invalid type"), "{err}");
-        assert!(!err.contains("a-secret-token"), "{err}");
+        assert!(
+            err.contains("invalid type") || err.contains("unknown field"),
+            "{err}"
+        );
+        assert!(!err.contains("a-secret"), "{text}: {err}");
     }
+    // From a variable too.
+    let variable = env_overrides(vars(&[(
+        "FLGFN_AUTH__ALLOW_UNAUTHENTICATED",
+        "a-secret-token-0123456789",
+    )]));
+    let err = Config::load_layered(None, &variable)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("FLGFN_AUTH__ALLOW_UNAUTHENTICATED"), "{err}");
+    assert!(!err.contains("a-secret"), "{err}");
     let err = Config::from_toml(
         "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",
         "t",
