@@ -131,4 +131,28 @@ mod tests {
             "{refused}"
         );
     }
+
+    /// A file whose value alone would be refused starts all the same where
+    /// a flag replaces it: flags apply before validation.
+    #[test]
+    fn a_flag_can_correct_what_the_file_got_wrong() {
+        let path = std::env::temp_dir().join(format!("flgfn-flag-fix-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[actor]\nlearner = \"ftp://learner:50051\"\nenvs = 8\n",
+        )
+        .unwrap();
+        let flags = |learner: Option<&str>| ConfigFlags {
+            config: Some(path.clone()),
+            learner: learner.map(str::to_owned),
+            envs: Some(3),
+        };
+        let refused = flags(None).load().unwrap().validate().unwrap_err();
+        assert!(refused.to_string().contains("actor.learner"), "{refused}");
+        let config = flags(Some("learner:50051")).load().unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.actor.learner, "http://learner:50051");
+        assert_eq!(config.actor.envs, 3);
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -31,8 +31,9 @@ fn check_local_actors_fit(
         ("learner.max_connections", config.learner.max_connections),
     ] {
         if count > value {
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 "launch.actors",
+                limit,
                 format!(
                     "{count} local actors are more than {limit} ({value}), which the learner serves at once"
                 ),

@@ -235,11 +235,13 @@ fn meant_by_spelling(name: &str) -> Option<String> {
     if rest.contains(ENV_SEPARATOR) || VARIABLES_OF_THEIR_OWN.contains(&name) {
         return None;
     }
-    // (The prefix is the same on both sides: the distance is the rest's.)
+    // (The prefix is the same on both sides: the distance is the rest's.
+    // Case aside: `FLGFN_seed` is as unread as `FLGFN_SEDD`.)
     let allowed = typos_allowed(rest);
+    let upper = name.to_ascii_uppercase();
     if let Some(own) = VARIABLES_OF_THEIR_OWN
         .iter()
-        .find(|own| strsim::levenshtein(name, own) <= allowed)
+        .find(|own| strsim::levenshtein(&upper, own) <= allowed)
     {
         return Some((*own).to_owned());
     }
@@ -326,15 +328,16 @@ pub fn blame_layer(
             reason,
             partner,
         } => {
+            // The last of each kind to set the key: the one applied.
             let layer_of = |key: &str| {
                 flags
                     .iter()
-                    .find(|(_, flagged)| *flagged == key)
+                    .rfind(|(_, flagged)| *flagged == key)
                     .map(|(flag, _)| (*flag).to_owned())
                     .or_else(|| {
                         overrides
                             .iter()
-                            .find(|o| o.key.join(".") == key)
+                            .rfind(|o| o.key.join(".") == key)
                             .map(|o| o.variable.clone())
                     })
             };

@@ -1054,6 +1054,7 @@ fn settings_that_would_stall_training_are_refused_by_name() {
             "learner.eval_samples",
         ),
         ("[actor]\nthreads = 100000\n", "actor.threads"),
+        ("[actor]\nenvs = 5000000000\n", "actor.envs"),
     ] {
         let error = Config::from_toml(toml, "t").unwrap_err().to_string();
         assert!(
@@ -1155,6 +1156,8 @@ fn single_underscore_section_variables_are_named_as_misspelt() {
         // Misspelt variables of their own, and keys without underscores.
         ("FLGFN_TOKN", "FLGFN_TOKEN"),
         ("FLGFN_SEDD", "FLGFN_SEED"),
+        ("FLGFN_seed", "FLGFN_SEED"),
+        ("FLGFN_Token", "FLGFN_TOKEN"),
         ("FLGFN_SEEDS", "FLGFN_SEED"),
         ("FLGFN_LOG_FROMAT", "FLGFN_LOG_FORMAT"),
         ("FLGFN_RESUME_CHANGE", "FLGFN_RESUME_CHANGED"),
@@ -1217,7 +1220,7 @@ fn only_flgfn_variables_must_be_utf8() {
 }
 
 #[test]
-fn a_flag_can_correct_what_the_file_got_wrong() {
+fn a_file_refused_for_a_value_loads_unvalidated_for_flags_to_correct() {
     let path = std::env::temp_dir().join(format!("flgfn-flag-fix-{}.toml", std::process::id()));
     std::fs::write(&path, "[actor]\nlearner = \"learner:50051\"\n").unwrap();
     let error = Config::load(Some(&path)).unwrap_err().to_string();

@@ -111,8 +111,9 @@ impl Config {
             } else {
                 "learner.weights_refresh_steps"
             };
-            return Err(ConfigError::invalid(
+            return Err(ConfigError::invalid_pair(
                 field,
+                "learner.max_policy_lag",
                 format!(
                     "learner.publish_every ({}) + learner.weights_refresh_steps ({}) is more than learner.max_policy_lag ({}): every chunk would be too old to train on before new weights reached the actors",
                     l.publish_every, l.weights_refresh_steps, l.max_policy_lag
@@ -219,6 +220,8 @@ impl Config {
         let a = &self.actor;
         at_least("actor.threads", a.threads, 1)?;
         at_most("actor.threads", a.threads, MAX_THREADS)?;
+        // (The handshake declares it in 32 bits.)
+        at_most("actor.envs", a.envs, u32::MAX as usize)?;
         unit_interval("actor.epsilon", a.epsilon)?;
         unit_interval("actor.truncate_fraction", a.truncate_fraction)?;
         // Every trajectory cut short: none reaches a terminal state, where
@@ -316,8 +319,10 @@ impl Config {
         let model = crate::policy::ModelSpec::new(env, &self.model);
         let weight_bytes = model.weight_bytes(encoding, &model.weight_metadata(&env.spec()));
         if weight_bytes > limit as u128 {
-            return Err(ConfigError::invalid(
+            // (The limit's name is a key where a setting sets it.)
+            return Err(ConfigError::invalid_pair(
                 "model.hidden",
+                limit_name,
                 format!(
                     "a network of {} parameters takes about {weight_bytes} bytes as {} weights, more than one message may carry ({limit_name} = {limit}); {remedy}",
                     model.parameter_count(),
