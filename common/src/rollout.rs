@@ -130,11 +130,7 @@ pub fn rollout_unless(
         for (row, &i) in active.iter().enumerate() {
             env.forward_mask(&states[i], &mut mask);
             let mut row_logits = &logits[row * actions_n..(row + 1) * actions_n];
-            let finite = row_logits
-                .iter()
-                .zip(&mask)
-                .all(|(logit, &valid)| !valid || logit.is_finite());
-            if !finite {
+            if !finite_where_valid(row_logits, &mask) {
                 non_finite_draws += 1;
                 row_logits = &uniform;
             }
@@ -229,29 +225,42 @@ fn draw(
 /// The policy's forward distribution P_F(.|s) (no exploration) at each of
 /// `states`, one row of `forward_actions` probabilities per state; for exact
 /// checks of tiny tasks ([`crate::exact::policy_terminal_distribution`]).
+/// Where a state's logits are not finite the row is uniform over its valid
+/// actions, as [`rollout`] draws there; such states are counted in
+/// `non_finite_states`.
 pub fn forward_probabilities(
     env: &dyn Environment,
     policy: &Policy,
     states: &[State],
+    non_finite_states: &mut usize,
 ) -> Vec<Vec<f64>> {
     let actions_n = env.forward_actions();
     let logits = to_host_f32(&policy.infer_states(env, states.iter()).forward_logits());
+    let uniform = vec![0f32; actions_n];
     let mut mask = vec![false; actions_n];
     states
         .iter()
         .enumerate()
         .map(|(row, state)| {
             env.forward_mask(state, &mut mask);
+            let mut row_logits = &logits[row * actions_n..(row + 1) * actions_n];
+            if !finite_where_valid(row_logits, &mask) {
+                *non_finite_states += 1;
+                row_logits = &uniform;
+            }
             let mut probs = vec![0f64; actions_n];
-            behaviour_probabilities(
-                &logits[row * actions_n..(row + 1) * actions_n],
-                &mask,
-                0.0,
-                &mut probs,
-            );
+            behaviour_probabilities(row_logits, &mask, 0.0, &mut probs);
             probs
         })
         .collect()
+}
+
+/// Whether every valid action's logit is finite.
+fn finite_where_valid(logits: &[f32], mask: &[bool]) -> bool {
+    logits
+        .iter()
+        .zip(mask)
+        .all(|(logit, &valid)| !valid || logit.is_finite())
 }
 
 #[cfg(test)]

@@ -173,7 +173,9 @@ pub struct Evaluation {
     /// Whether all quality thresholds hold (None without a reference).
     pub at_quality: Option<bool>,
     /// Draws made uniformly because the policy's logits were not finite
-    /// at their state: the policy is no distribution there (diverged).
+    /// at their state, plus such states met by the exact pass (where the
+    /// task enumerates every state): the policy is no distribution there
+    /// (diverged).
     pub non_finite_draws: usize,
 }
 
@@ -329,22 +331,26 @@ impl Evaluator {
     }
 
     /// Exact TV and KL(target || sampler) of the policy's terminal
-    /// distribution, where the task enumerates its target.
-    fn exact_scores(&self, policy: &Policy) -> (Option<f64>, Option<f64>) {
+    /// distribution, where the task enumerates its target, and the number
+    /// of states whose logits were not finite (taken as uniform, as the
+    /// sampler draws there: a diverged model, which is not at quality).
+    fn exact_scores(&self, policy: &Policy) -> ExactScores {
+        let none = ExactScores::default();
         let Some(target) = self.reference.as_ref().and_then(|r| r.exact_target()) else {
-            return (None, None);
+            return none;
         };
         // (None: more states than an evaluation may enumerate.)
         let Some(dag) = &self.exact_dag else {
-            return (None, None);
+            return none;
         };
         let env = self.env.as_ref();
+        let mut non_finite_states = 0;
         // A layer of the DAG (32,768 states deep in a 4 x 4 lattice) a
         // group at a time, like the log-ratios.
         let learned = terminal_distribution(dag, env, &mut |states| {
             states
                 .chunks(EXACT_GROUP_STATES)
-                .flat_map(|group| forward_probabilities(env, policy, group))
+                .flat_map(|group| forward_probabilities(env, policy, group, &mut non_finite_states))
                 .collect()
         });
         let kl = target
@@ -355,7 +361,11 @@ impl Evaluator {
                 p * (p.ln() - q.max(f64::MIN_POSITIVE).ln())
             })
             .sum();
-        (Some(total_variation(&learned, target)), Some(kl))
+        ExactScores {
+            tv: Some(total_variation(&learned, target)),
+            kl: Some(kl),
+            non_finite_states,
+        }
     }
 
     /// Whether `policy` meets every quality threshold, judged on samples of
@@ -375,8 +385,9 @@ impl Evaluator {
         let (samples, _, scores) =
             self.sample_and_score(policy, &mut SmallRng::seed_from_u64(seed));
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
-        let (exact_tv, _) = self.exact_scores(policy);
-        self.at_quality(&samples, &scores, exact_tv, log_z_estimate)
+        let exact = self.exact_scores(policy);
+        let non_finite = samples.non_finite_draws + exact.non_finite_states;
+        self.at_quality(non_finite, &scores, exact.tv, log_z_estimate)
     }
 
     /// Draws the evaluation's samples from `policy`; their energies, and
@@ -414,7 +425,7 @@ impl Evaluator {
     /// (None without one).
     fn at_quality(
         &self,
-        samples: &Rollout,
+        non_finite_draws: usize,
         scores: &DistributionScores,
         exact_tv: Option<f64>,
         log_z_estimate: f64,
@@ -424,7 +435,7 @@ impl Evaluator {
         };
         Some(meets(
             &reference.quality(),
-            samples.non_finite_draws,
+            non_finite_draws,
             scores,
             exact_tv,
             (log_z_estimate - exact).abs(),
@@ -437,9 +448,13 @@ impl Evaluator {
         let stream = self.seed ^ self.samples_so_far.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let (samples, energies, scores) =
             self.sample_and_score(policy, &mut SmallRng::seed_from_u64(stream));
-        if samples.non_finite_draws > 0 {
+        let exact = self.exact_scores(policy);
+        // The exact pass visits every state, the samples only some.
+        let non_finite_draws = samples.non_finite_draws + exact.non_finite_states;
+        if non_finite_draws > 0 {
             tracing::warn!(
                 draws = samples.non_finite_draws,
+                exact_pass_states = exact.non_finite_states,
                 "the policy's logits are not finite at some states (weights too large for f32: the model diverged?): this evaluation drew uniformly there"
             );
         }
@@ -452,8 +467,7 @@ impl Evaluator {
         let log_z_estimate = learned_log_z.unwrap_or_else(|| self.log_z_estimate(policy));
         let (log_z_sampled, log_z_sampled_ess) =
             self.sampled_log_z(policy, &samples.trajectories, &energies);
-        let (exact_tv, exact_kl) = self.exact_scores(policy);
-        let at_quality = self.at_quality(&samples, &scores, exact_tv, log_z_estimate);
+        let at_quality = self.at_quality(non_finite_draws, &scores, exact.tv, log_z_estimate);
         Evaluation {
             log_z_estimate,
             log_z_sampled,
@@ -461,15 +475,24 @@ impl Evaluator {
             log_z_exact: self.log_z_exact,
             marginal_tv: scores.marginal_tv,
             energy_w1: scores.energy_w1,
-            exact_tv,
-            exact_kl,
+            exact_tv: exact.tv,
+            exact_kl: exact.kl,
             top_k_mean_reward: self.best.mean_reward(),
             top_k_samples: self.samples_so_far,
             top_k_mean_reward_this_evaluation: this_evaluation.mean_reward(),
             at_quality,
-            non_finite_draws: samples.non_finite_draws,
+            non_finite_draws,
         }
     }
+}
+
+/// What [`Evaluator::exact_scores`] gives: none of the figures where the
+/// task enumerates no target.
+#[derive(Debug, Default)]
+struct ExactScores {
+    tv: Option<f64>,
+    kl: Option<f64>,
+    non_finite_states: usize,
 }
 
 /// log of the mean of exp(`log_weights`), and their Kish effective sample
@@ -693,9 +716,51 @@ mod tests {
             format!("{continued:?}"),
             "the same draws, so the same figures"
         );
-        // And they are new draws, not the first evaluation's again.
+        // Figures, not NaN (which would print alike on both sides)...
+        assert!(continued.log_z_sampled.is_finite(), "{continued:?}");
+        // ...and new draws, not the first evaluation's again.
         let first = evaluator().evaluate(&policy, None);
         assert_ne!(first.log_z_sampled, continued.log_z_sampled);
+    }
+
+    /// A diverged model (output beyond f32 everywhere): the exact pass
+    /// takes its logits as uniform, as the sampler draws there, so exact
+    /// TV is a number (the uniform sampler's), and it counts every state
+    /// it met, beyond the few a single sample visits.
+    #[test]
+    fn the_exact_pass_counts_states_whose_logits_are_not_finite() {
+        use flgfn_common::config::{ModelConfig, TaskConfig};
+        use flgfn_common::tasks::lattice::LatticeConfig;
+        let env = flgfn_common::tasks::build(&TaskConfig::Lattice(LatticeConfig {
+            side: 2,
+            ..LatticeConfig::default()
+        }))
+        .unwrap();
+        let spec = ModelSpec::new(env.as_ref(), &ModelConfig { hidden: vec![8] });
+        let mut policy = Policy::new(&spec, tch::Device::Cpu);
+        let sound =
+            Evaluator::new(env.clone(), 1, BackwardPolicy::Uniform, 3).evaluate(&policy, None);
+        assert_eq!(sound.non_finite_draws, 0);
+        assert!(sound.exact_tv.is_some_and(f64::is_finite));
+        let mut huge = policy.weights();
+        for array in &mut huge {
+            for value in &mut array.values {
+                *value = if *value >= 0.0 { 1e30 } else { -1e30 };
+            }
+        }
+        policy.load_weights(&huge).unwrap();
+        let diverged =
+            Evaluator::new(env.clone(), 1, BackwardPolicy::Uniform, 3).evaluate(&policy, None);
+        // One sample of 4 spins draws at 4 states; the exact pass meets
+        // every state that is not terminal (1 + 2 + 4 + 8 in a fixed order).
+        assert!(
+            diverged.non_finite_draws > 4,
+            "{}",
+            diverged.non_finite_draws
+        );
+        let uniform_tv = diverged.exact_tv.unwrap();
+        assert!(uniform_tv.is_finite() && uniform_tv > 0.0, "{uniform_tv}");
+        assert_eq!(diverged.at_quality, Some(false));
     }
 
     #[test]

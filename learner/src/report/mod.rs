@@ -194,8 +194,9 @@ pub struct Report {
     /// finite (the weights and Adam's moments stay as they were).
     pub skipped_batches: u64,
     /// Draws this evaluation made uniformly because the policy's logits
-    /// were not finite at their state: a diverged model, no sampler there
-    /// (a final report with any fails the run).
+    /// were not finite at their state (and such states of the exact pass,
+    /// where the task has one): a diverged model, no sampler there (a
+    /// final report with any fails the run).
     #[serde(default)]
     pub non_finite_draws: usize,
     /// Number of evaluation samples behind the distribution metrics.

@@ -240,10 +240,12 @@ pub fn exact_distributions(
         tch::Device::Cpu,
     );
     policy.load_bytes(weights).unwrap();
+    let mut non_finite_states = 0;
     let learned = policy_terminal_distribution(env.as_ref(), 10_000, &mut |states| {
-        forward_probabilities(env.as_ref(), &policy, states)
+        forward_probabilities(env.as_ref(), &policy, states, &mut non_finite_states)
     })
     .unwrap();
+    assert_eq!(non_finite_states, 0, "a diverged model: no distribution");
     let target = target_distribution(env.as_ref(), 10_000).unwrap();
     (learned, target)
 }
