@@ -262,6 +262,11 @@ async fn no_token_beyond_loopback_unless_allowed() {
     .await
     .unwrap();
     assert_eq!(outcome.steps, 0);
+    // No step, no report (no `at_quality`): still a run whose task
+    // judges quality, which did not reach it (the summary's
+    // `quality_reached`, not null).
+    assert_eq!(outcome.final_report.at_quality, None);
+    assert_eq!(outcome.quality_reached(), Some(false));
 }
 
 #[test]

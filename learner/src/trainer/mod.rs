@@ -130,17 +130,21 @@ pub struct TrainingOutcome {
     pub ended_by: EndedBy,
     /// Where it trained: its seconds are this machine's.
     pub machine: Machine,
+    /// Whether the task sets quality thresholds: a run stopped before any
+    /// report of this process has no `at_quality` to tell.
+    pub judges_quality: bool,
 }
 
 impl TrainingOutcome {
     /// Whether the run reached quality at some evaluation: yes where it
     /// has a time to quality (a resumed run's, from its checkpoint, even
     /// before its first report); no where its task judges quality and it
-    /// has none; None where the task sets no quality target.
+    /// has none (a run stopped before its first report too); None where
+    /// the task sets no quality target.
     pub fn quality_reached(&self) -> Option<bool> {
         match self.time_to_quality_s {
             Some(_) => Some(true),
-            None => self.final_report.at_quality.map(|_| false),
+            None => self.judges_quality.then_some(false),
         }
     }
 }
@@ -473,6 +477,7 @@ impl Training {
                 .or(progress.time_to_quality_off_grid),
             ended_by: EndedBy::Stop,
             machine,
+            judges_quality: self.evaluator.judges_quality(),
         }
     }
 }
