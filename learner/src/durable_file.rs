@@ -132,11 +132,21 @@ pub fn create_dir_durably(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
 }
 
 /// Writes `bytes` to `dir/name` atomically: temporary file, fsync, rename,
-/// fsync of the directory (made first if missing, durably).
-pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, FileError> {
+/// fsync of the directory (made first if missing, durably). `name` need
+/// not be UTF-8 (a summary beside a metrics file of any name).
+pub fn write_atomically(
+    dir: &Path,
+    name: impl AsRef<std::ffi::OsStr>,
+    bytes: &[u8],
+) -> Result<PathBuf, FileError> {
     create_dir_durably(dir)?;
+    let name = name.as_ref();
     let path = dir.join(name);
-    let temporary = dir.join(temporary_name(name));
+    // As `temporary_name`, for a name of any bytes.
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(".tmp");
+    let temporary = dir.join(hidden);
     let written = File::create(&temporary).and_then(|mut file| {
         file.write_all(bytes)?;
         file.sync_all()

@@ -276,11 +276,16 @@ impl MetricsFile {
     }
 
     /// Where the run's summary is written: beside a plain file,
-    /// `run.jsonl` giving `run.summary.json`; nowhere for a stream, a pipe
-    /// or a device (`/dev/stdout`), whose folder is not the run's.
+    /// `run.jsonl` giving `run.summary.json` (beside a link's target, where
+    /// earlier reports are set aside: each summary stays with its
+    /// reports); nowhere for a stream, a pipe or a device (`/dev/stdout`),
+    /// whose folder is not the run's.
     pub fn summary_path(&self) -> Option<PathBuf> {
-        self.plain_file
-            .then(|| self.path.with_extension("summary.json"))
+        self.plain_file.then(|| {
+            std::fs::canonicalize(&self.path)
+                .unwrap_or_else(|_| self.path.clone())
+                .with_extension("summary.json")
+        })
     }
 
     /// Makes the reports written so far durable (each is flushed as it is

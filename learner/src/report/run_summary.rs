@@ -167,10 +167,10 @@ fn write_json_atomically(path: &Path, value: &impl Serialize) -> Result<(), Lear
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| error(e.into()))?;
     text.push(b'\n');
     let (dir, name) = match (crate::durable_file::parent_of(path), path.file_name()) {
-        (Some(dir), Some(name)) => (dir, name.to_string_lossy()),
+        (Some(dir), Some(name)) => (dir, name),
         _ => return Err(error(std::io::Error::other("not a file path"))),
     };
-    crate::durable_file::write_atomically(dir, &name, &text).map_err(|e| match e {
+    crate::durable_file::write_atomically(dir, name, &text).map_err(|e| match e {
         // (The path is the error's already.)
         FileError::Io { error: source, .. } => error(source),
         not_a_folder => error(not_a_folder.into()),

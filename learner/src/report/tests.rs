@@ -187,16 +187,33 @@ fn a_fresh_run_moves_the_reports_it_finds_beside_its_file() {
         std::fs::read_to_string(dir.join("run.jsonl.3")).unwrap(),
         "{\"step\":100}\n"
     );
-    // Through a link: beside its target.
-    let target = dir.join("target.jsonl");
+    // Through a link: beside its target, and so is the summary (set
+    // aside with the reports, written there).
+    let targets = dir.join("targets");
+    std::fs::create_dir_all(&targets).unwrap();
+    let target = targets.join("target.jsonl");
     std::fs::write(&target, "{\"step\":7}\n").unwrap();
+    std::fs::write(targets.join("target.summary.json"), "{}").unwrap();
     let link = dir.join("link.jsonl");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    drop(MetricsFile::open(&link, None).unwrap());
+    let metrics = MetricsFile::open(&link, None).unwrap();
     assert_eq!(
-        std::fs::read_to_string(dir.join("target.jsonl.1")).unwrap(),
+        std::fs::read_to_string(targets.join("target.jsonl.1")).unwrap(),
         "{\"step\":7}\n"
     );
+    assert_eq!(
+        std::fs::read_to_string(targets.join("target.summary.json.1")).unwrap(),
+        "{}"
+    );
+    assert_eq!(
+        metrics.summary_path(),
+        Some(
+            std::fs::canonicalize(&targets)
+                .unwrap()
+                .join("target.summary.json")
+        )
+    );
+    drop(metrics);
     assert!(!dir.join("link.jsonl.1").exists());
     // Only plain numbers count; past the largest, refused.
     std::fs::write(dir.join("run.jsonl.+9"), "").unwrap();
