@@ -290,6 +290,23 @@ pub fn total_variation(p: &HashMap<State, f64>, q: &HashMap<State, f64>) -> f64 
     0.5 * (from_p + only_q)
 }
 
+/// The energy W1 a report gives: [`wasserstein1`] of the sampled
+/// `energies` (in any order) against `target`'s sorted points; None for an
+/// empty sample; `f64::MAX` where an energy is not finite (as far as can
+/// be: JSON has no infinity, and would write null, which reads as a task
+/// without an energy distribution).
+pub fn energy_w1(energies: &[f64], target: &[(f64, f64)]) -> Option<f64> {
+    if energies.is_empty() {
+        return None;
+    }
+    if energies.iter().any(|e| !e.is_finite()) {
+        return Some(f64::MAX);
+    }
+    let mut sorted = energies.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some(wasserstein1(&sorted, target))
+}
+
 /// Integral of |F_sample - F_target| over the line, for a sorted sample and
 /// sorted target points `(value, probability)`, by one merge over both sets of breakpoints.
 /// NaN for an empty sample, whose distance is undefined (callers report

@@ -419,16 +419,9 @@ impl TaskReference for LatticeReference {
             })
             .sum::<f64>()
             / self.up_probability.len() as f64;
-        let mut sorted = energies.to_vec();
-        sorted.sort_by(f64::total_cmp);
-        let energy_w1 = if sorted.iter().all(|e| e.is_finite()) {
-            crate::exact::wasserstein1(&sorted, &self.energy_points)
-        } else {
-            f64::INFINITY
-        };
         DistributionScores {
             marginal_tv: Some(marginal_tv),
-            energy_w1: Some(energy_w1),
+            energy_w1: crate::exact::energy_w1(energies, &self.energy_points),
         }
     }
 

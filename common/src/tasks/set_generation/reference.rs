@@ -645,18 +645,9 @@ impl SetReference {
     /// 1-Wasserstein distance between the empirical distribution of
     /// `energies` and the target energy distribution. `None` for an empty
     /// sample or when the target energy distribution is unavailable;
-    /// infinite if any energy is not finite.
+    /// saturated if any energy is not finite ([`crate::exact::energy_w1`]).
     pub fn energy_w1(&self, energies: &[f64]) -> Option<f64> {
-        let target = self.energy_points.as_deref()?;
-        if energies.is_empty() {
-            return None;
-        }
-        if energies.iter().any(|e| !e.is_finite()) {
-            return Some(f64::INFINITY);
-        }
-        let mut sample = energies.to_vec();
-        sample.sort_by(f64::total_cmp);
-        Some(wasserstein1(&sample, target))
+        crate::exact::energy_w1(energies, self.energy_points.as_deref()?)
     }
 }
 
@@ -664,8 +655,6 @@ fn normalise(points: &mut [(f64, f64)]) {
     let total: f64 = points.iter().map(|p| p.1).sum();
     points.iter_mut().for_each(|p| p.1 /= total);
 }
-
-pub(super) use crate::exact::wasserstein1;
 
 impl TaskReference for SetReference {
     fn log_z(&self) -> f64 {
