@@ -1041,6 +1041,40 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         String::from_utf8_lossy(&output.stderr).contains(warning),
         "{output:?}"
     );
+
+    // A diverged model (output beyond f32): refused, and no file of
+    // fewer samples than asked for left under --out.
+    let mut huge = decoded.arrays.clone();
+    for array in &mut huge {
+        for value in &mut array.values {
+            *value = if *value >= 0.0 { 1e30 } else { -1e30 };
+        }
+    }
+    let diverged = dir.join("diverged.safetensors");
+    std::fs::write(
+        &diverged,
+        flgfn_common::weights::encode(
+            &huge,
+            flgfn_common::config::WeightEncoding::F32,
+            &Default::default(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let out = dir.join("diverged.csv");
+    let message = sample_refused(&[
+        "--config",
+        config,
+        "--weights",
+        diverged.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        message.contains("not finite") && message.contains("was removed"),
+        "{message}"
+    );
+    assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

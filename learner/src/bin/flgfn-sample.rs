@@ -166,59 +166,72 @@ fn run(args: Args) -> anyhow::Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    if format == Format::Csv {
-        writeln!(out, "index,energy,log_reward,state,actions")?;
-    }
-    // Finished objects only: nothing is cut short.
-    let behaviour = Behaviour {
-        epsilon: args.epsilon,
-        truncate_fraction: 0.0,
-        truncate_at: config.actor.truncate_at,
-        truncate_cap: config.actor.truncate_cap,
-    };
-    let mut rng = SmallRng::seed_from_u64(args.seed);
-    let mut index = 0;
-    // In batches: one network call per step for the whole batch, within
-    // the memory an evaluation's batch may take (a wide network gets
-    // fewer at once).
-    let batch = flgfn_learner::evaluator::rollout_envs(&model).min(1024);
-    while index < args.samples {
-        let count = (args.samples - index).min(batch);
-        let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
-        // Drawn uniformly there: not samples of this policy.
-        anyhow::ensure!(
-            drawn.non_finite_draws == 0,
-            "the policy's logits are not finite at {} of the states visited (weights too large for f32 arithmetic: the model diverged?): it gives no distribution to sample",
-            drawn.non_finite_draws
-        );
-        for (state, trajectory) in drawn.final_states.iter().zip(&drawn.trajectories) {
-            let energy = env.energy(state);
-            let join = |values: Vec<String>| values.join(" ");
-            match format {
-                Format::Jsonl => writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({
-                        "index": index,
-                        "energy": energy,
-                        "log_reward": -energy,
-                        "state": state,
-                        "actions": trajectory.actions,
-                    })
-                )?,
-                Format::Csv => writeln!(
-                    out,
-                    "{index},{energy},{},{},{}",
-                    -energy,
-                    join(state.iter().map(ToString::to_string).collect()),
-                    join(trajectory.actions.iter().map(ToString::to_string).collect()),
-                )?,
-            }
-            index += 1;
+    let written = (|| -> anyhow::Result<()> {
+        if format == Format::Csv {
+            writeln!(out, "index,energy,log_reward,state,actions")?;
         }
+        // Finished objects only: nothing is cut short.
+        let behaviour = Behaviour {
+            epsilon: args.epsilon,
+            truncate_fraction: 0.0,
+            truncate_at: config.actor.truncate_at,
+            truncate_cap: config.actor.truncate_cap,
+        };
+        let mut rng = SmallRng::seed_from_u64(args.seed);
+        let mut index = 0;
+        // In batches: one network call per step for the whole batch, within
+        // the memory an evaluation's batch may take (a wide network gets
+        // fewer at once).
+        let batch = flgfn_learner::evaluator::rollout_envs(&model).min(1024);
+        while index < args.samples {
+            let count = (args.samples - index).min(batch);
+            let drawn = rollout(env.as_ref(), &policy, count, behaviour, &mut rng);
+            // Drawn uniformly there: not samples of this policy.
+            anyhow::ensure!(
+                drawn.non_finite_draws == 0,
+                "the policy's logits are not finite at {} of the states visited (weights too large for f32 arithmetic: the model diverged?): it gives no distribution to sample",
+                drawn.non_finite_draws
+            );
+            for (state, trajectory) in drawn.final_states.iter().zip(&drawn.trajectories) {
+                let energy = env.energy(state);
+                let join = |values: Vec<String>| values.join(" ");
+                match format {
+                    Format::Jsonl => writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({
+                            "index": index,
+                            "energy": energy,
+                            "log_reward": -energy,
+                            "state": state,
+                            "actions": trajectory.actions,
+                        })
+                    )?,
+                    Format::Csv => writeln!(
+                        out,
+                        "{index},{energy},{},{},{}",
+                        -energy,
+                        join(state.iter().map(ToString::to_string).collect()),
+                        join(trajectory.actions.iter().map(ToString::to_string).collect()),
+                    )?,
+                }
+                index += 1;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    })();
+    // No file of fewer samples than asked for, which would read as whole.
+    if let (Err(error), Some(path)) = (&written, &args.out)
+        && path.is_file()
+        && std::fs::remove_file(path).is_ok()
+    {
+        bail!(
+            "{error:#} (the part of --out {} written was removed)",
+            path.display()
+        );
     }
-    out.flush()?;
-    Ok(())
+    written
 }
 
 /// Loads a safetensors weights file after checking the task and model in
