@@ -21,7 +21,7 @@ use flgfn_common::tasks;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
-/// (RSS, anonymous) memory of this process in MB.
+/// (RSS, anonymous) memory of this process in MiB (smaps gives kB, KiB).
 fn memory_mb() -> (f64, f64) {
     let Ok(rollup) = std::fs::read_to_string("/proc/self/smaps_rollup") else {
         return (0.0, 0.0);
@@ -72,8 +72,8 @@ fn main() {
     }
     let (rss, anonymous) = memory_mb();
     println!(
-        "\nactor process after rollouts: RSS {rss:.0} MB, of which anonymous {anonymous:.0} MB; \
-         64 actors on one node: about {:.0} MB (shared libtorch pages once, anonymous 64 times)",
+        "\nactor process after rollouts: RSS {rss:.0} MiB, of which anonymous {anonymous:.0} MiB; \
+         64 actors on one node: about {:.0} MiB (shared libtorch pages once, anonymous 64 times)",
         rss - anonymous + 64.0 * anonymous
     );
 }

@@ -14,14 +14,17 @@
 //! stop (so: trained + stale); trajectory and weight bytes per trained
 //! transition (counted by the learner per session); the fraction of
 //! ingested data dropped as stale by the learner, and of chunks generated
-//! actors rolled out but never sent; mean and max policy lag (steps); mean
+//! actors rolled out but never sent; the times a session's credits were
+//! paused for a while, its chunks arriving at `max_policy_lag` or older;
+//! mean and max policy lag (steps); mean
 //! batch; the trainer's data-wait fraction; busy milliseconds per step
 //! (waiting left out; with the tiny network, its compute and the other
 //! threads' contention included: an upper bound of the fixed cost, which
 //! the `step` bench gives as an intercept, without the batcher, publishing
 //! or other threads: a lower bound; the tiny network has as many layers as
 //! the configured one, 8 wide, so compare with `step -- --hidden 8,8` for
-//! the default two; `step`'s own default is one layer); the peak resident memory of the
+//! the default two, on the device the table's first line names; `step`'s
+//! own defaults are one layer, on the CPU); the peak resident memory of the
 //! benchmark process during the scenario (the learner plus any generated
 //! actors, which hold no libtorch, and the proxy; real actor processes are
 //! not in it), beside what was resident at its start (what the allocator
@@ -184,8 +187,13 @@ async fn fleet_gone(
 
 /// Runs one scenario. The generated actors and the proxy run on
 /// `network`'s threads, not on the learner's async workers, which a real
-/// learner does not share with them.
-async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Handle) -> Ran {
+/// learner does not share with them. An error says why it gave no
+/// figures (the learner refused its configuration, say).
+async fn run(
+    scenario: &Scenario,
+    actor_exe: &Path,
+    network: &tokio::runtime::Handle,
+) -> Result<Ran, String> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let proxy = if scenario.delay.is_zero() && !scenario.proxied {
@@ -196,8 +204,8 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
             network
                 .spawn(async move { DelayProxy::start(address, delay).await })
                 .await
-                .unwrap()
-                .unwrap(),
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("the delay proxy: {e}"))?,
         )
     };
     let target = proxy.as_ref().map_or(address, |p| p.address);
@@ -219,8 +227,20 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
             std::future::pending(),
         ))
     });
-    let real = (scenario.real > 0)
-        .then(|| LocalActors::spawn(scenario.real, target, &actor_config, actor_exe).unwrap());
+    let real = match (scenario.real > 0)
+        .then(|| LocalActors::spawn(scenario.real, target, &actor_config, actor_exe))
+        .transpose()
+    {
+        Ok(real) => real,
+        Err(error) => {
+            let _ = stop.send(());
+            let _ = learner.await;
+            if let Some(generated) = generated {
+                generated.abort();
+            }
+            return Err(format!("cannot start {}: {error}", actor_exe.display()));
+        }
+    };
     // Actors that were all refused or failed would leave the learner
     // waiting for data for ever: it is stopped, and the row says so.
     let mut cut_short = false;
@@ -241,8 +261,8 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
             }
         }
     }
-    .unwrap()
-    .unwrap();
+    .map_err(|e| format!("the learner's task: {e}"))?
+    .map_err(|e| format!("the learner: {e}"))?;
     let mut totals = None;
     if let Some(mut generated) = generated {
         // Its connections must not linger into the next scenario.
@@ -294,11 +314,11 @@ async fn run(scenario: &Scenario, actor_exe: &Path, network: &tokio::runtime::Ha
             );
         }
     }
-    Ran {
+    Ok(Ran {
         outcome,
         generated: totals,
         cut_short,
-    }
+    })
 }
 
 /// The figures of a scenario that its delayed twin is compared on.
@@ -401,7 +421,7 @@ fn row(scenario: &Scenario, ran: &Ran, figures: &Compared, peak_mb: Option<(f64,
         used as f64 / t.wall_s.max(1e-9),
         r.trajectory_bytes_per_trained_transition,
         r.weight_bytes_per_trained_transition,
-        100.0 * r.stale_transitions as f64 / r.ingested_transitions.max(1) as f64,
+        100.0 * r.stale_fraction,
         unsent,
         r.session_pauses,
         t.mean_policy_lag,
@@ -466,7 +486,7 @@ fn main() {
         tiny.model.hidden = vec![8; base.model.hidden.len().max(1)];
         tiny.learner.max_steps = args.steps.max(2000);
         scenarios.push(Scenario {
-            name: format!("8-wide net (busy ~ fixed cost), {}", args.device),
+            name: "8-wide net (busy ~ fixed cost)".to_owned(),
             config: tiny,
             generated: 8,
             real: 0,
@@ -500,10 +520,12 @@ fn main() {
     }
     if wants("delay") && !delay.is_zero() {
         let k = args.generated.iter().copied().max().unwrap_or(16).min(16);
+        // No more real actors than --real allows (a machine of few cores).
+        let r = args.real.iter().copied().max().unwrap_or(2).min(2);
         // Each delayed scenario right after its baseline: the same actors
         // through the same proxy, no delay.
         for (name, config, generated, real) in [
-            ("real x2".to_owned(), &base, 0, 2),
+            (format!("real x{r}"), &base, 0, r),
             (format!("generated x{k}"), &generated_config, k, 0),
         ] {
             for (suffix, delay) in [(", proxied", Duration::ZERO), (", delayed", delay)] {
@@ -520,33 +542,56 @@ fn main() {
     }
 
     let actor_exe = actor_executable();
+    if scenarios.iter().any(|s| s.real > 0) && !actor_exe.is_file() {
+        eprintln!(
+            "no actor binary at {} (deploy/bench.sh builds it; or set FLGFN_ACTOR_BIN): the scenarios with real actors are left out",
+            actor_exe.display()
+        );
+        scenarios.retain(|s| s.real == 0);
+    }
+    // One-time start-up costs (thread pools, allocator growth, page
+    // faults, a device's context, each network shape's first kernels) go
+    // to short untimed runs, one per network shape, not to a first row.
+    let mut device = args.device.clone();
+    let mut warmed: Vec<&[usize]> = Vec::new();
+    for scenario in &scenarios {
+        if warmed.contains(&scenario.config.model.hidden.as_slice()) {
+            continue;
+        }
+        warmed.push(&scenario.config.model.hidden);
+        let mut warm_up = scenario.clone();
+        // (Named so in what it says on stderr.)
+        warm_up.name = format!("warm-up run of {}", scenario.name);
+        warm_up.config.learner.max_steps = 100;
+        warm_up.delay = Duration::ZERO;
+        match runtime.block_on(run(&warm_up, &actor_exe, network.handle())) {
+            Ok(ran) => device = ran.outcome.machine.device,
+            Err(error) => eprintln!("{}: {error}", warm_up.name),
+        }
+    }
     println!(
-        "device {}, weights {:?}, model.hidden {:?}, {} steps per scenario (the fixed-cost one at least 2,000)",
-        args.device, base.learner.weight_encoding, base.model.hidden, args.steps
+        "device {device}, weights {:?}, model.hidden {:?}, {} steps per scenario (the fixed-cost one at least 2,000)",
+        base.learner.weight_encoding, base.model.hidden, args.steps
     );
     println!();
     println!(
         "| scenario | actors | one-way delay ms | trained/s | ingested/s (trained + stale) | traj B/trained | weight B/trained | stale % | unsent % | pauses | lag mean / max | batch | wait % | busy ms/step | peak RSS MB (bench process; from: at the scenario's start) | publish->use ms (lower bound) | first step after s | time to quality s (training / with start-up) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    // One-time start-up costs (thread pools, allocator growth, page
-    // faults, a device's context) go to a short untimed run, not to the
-    // first row.
-    if let Some(first) = scenarios.first() {
-        let mut warm_up = first.clone();
-        // (Named so in what it says on stderr.)
-        warm_up.name = format!("warm-up run of {}", first.name);
-        warm_up.config.learner.max_steps = 100;
-        warm_up.delay = Duration::ZERO;
-        runtime.block_on(run(&warm_up, &actor_exe, network.handle()));
-    }
     let mut baseline: Option<(String, Compared)> = None;
     for scenario in &scenarios {
         // The peak starts from what is resident now, which holds what the
         // allocator and libtorch kept from earlier scenarios: both said.
         let tracked = reset_peak_memory();
         let start = flgfn_learner::report::resident_mb();
-        let ran = runtime.block_on(run(scenario, &actor_exe, network.handle()));
+        let ran = match runtime.block_on(run(scenario, &actor_exe, network.handle())) {
+            Ok(ran) => ran,
+            Err(error) => {
+                println!("| {} | failed: {error} |", scenario.name);
+                baseline = None;
+                continue;
+            }
+        };
         let outcome = &ran.outcome;
         let peak = if tracked {
             peak_memory_mb().map(|peak| (peak, start))
