@@ -531,66 +531,38 @@ fn applied<'a>(
 /// `table` (a file's) with `overrides` applied, as a configuration: the
 /// outer error is a variable that cannot be applied (its section is not
 /// one), the inner one the schema's refusal. A value read as a number, a
-/// date or a boolean may be meant as text
-/// (FLGFN_LEARNER__CHECKPOINT_DIR=123456): such values are tried as
-/// strings, the fewest first (one alone, then two, ...; the first few
-/// variables only, so a long list cannot explode).
+/// date or a boolean for a key that takes text is meant as text
+/// (FLGFN_LEARNER__CHECKPOINT_DIR=123456): no such value fits a text key,
+/// so it is applied as its text.
 fn with_overrides(
     table: &toml::Table,
     overrides: &[&EnvOverride],
 ) -> Result<Result<Config, toml::de::Error>, ConfigError> {
-    let mut table = applied(table, overrides.iter().copied())?;
-    name_default_task(&mut table);
-    let first_error = match table.clone().try_into::<Config>() {
-        Ok(config) => return Ok(Ok(config)),
-        Err(error) => error,
-    };
-    // Only those whose key takes text (or is not in the schema): a number
-    // for a number key needs no retry, and would take a place among the
-    // few retried.
-    let typed: Vec<&EnvOverride> = overrides
-        .iter()
-        .copied()
-        .filter(|o| !o.value.is_str() && may_take_text(&o.key))
-        .take(MAX_RETYPED_OVERRIDES)
-        .collect();
-    let mut subsets: Vec<u32> = (1..1u32 << typed.len()).collect();
-    subsets.sort_by_key(|subset| subset.count_ones());
-    for subset in subsets {
-        let mut as_text = table.clone();
-        let applied = typed
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| subset & (1 << i) != 0)
-            .all(|(_, layer)| {
-                EnvOverride {
-                    value: toml::Value::String(layer.text.clone()),
-                    ..(*layer).clone()
-                }
-                .apply(&mut as_text)
-                .is_ok()
-            });
-        if applied && let Ok(config) = as_text.try_into::<Config>() {
-            return Ok(Ok(config));
+    let as_given = overrides.iter().map(|&layer| {
+        if !layer.value.is_str() && takes_text(&layer.key) {
+            EnvOverride {
+                value: toml::Value::String(layer.text.clone()),
+                ..layer.clone()
+            }
+        } else {
+            layer.clone()
         }
-    }
-    Ok(Err(first_error))
+    });
+    let mut table = applied(table, &as_given.collect::<Vec<_>>())?;
+    name_default_task(&mut table);
+    Ok(table.try_into::<Config>())
 }
 
-/// Whether the key's default is text, or the schema does not know it (an
-/// optional key: left to the retry, as before).
-fn may_take_text(key: &[String]) -> bool {
+/// Whether the key is one whose value is text (the schema lists every
+/// key, the optional ones too, with a value of its type).
+fn takes_text(key: &[String]) -> bool {
     let mut table = super::schema();
     for (i, part) in key.iter().enumerate() {
         match table.get(part) {
             Some(toml::Value::Table(inner)) if i + 1 < key.len() => table = inner,
             Some(value) if i + 1 == key.len() => return value.is_str(),
-            _ => return true,
+            _ => return false,
         }
     }
-    true
+    false
 }
-
-/// Most environment variables of text keys whose typed values (numbers,
-/// booleans, dates) are retried as text together: 2^8 parses at worst.
-const MAX_RETYPED_OVERRIDES: usize = 8;

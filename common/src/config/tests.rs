@@ -1083,9 +1083,8 @@ fn a_variable_that_reads_as_a_number_may_set_a_text_key() {
     assert_eq!(config.learner.checkpoint_dir, "123456");
     assert_eq!(config.auth.token_file, "2024");
     assert_eq!(config.learner.max_steps, 77);
-    // Numbers for number keys take no place among the few retried: with
-    // nine of them ahead of it (by name), a text key's number is still
-    // read as text.
+    // However many numbers for number keys come with it (nine here,
+    // ahead of it by name), a text key's number is read as text.
     let overrides = env_overrides(vars(&[
         ("FLGFN_ACTOR__ENVS", "32"),
         ("FLGFN_ACTOR__EPSILON", "0.1"),
