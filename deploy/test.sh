@@ -28,6 +28,15 @@ cd "$(dirname "$0")/.."
 # shellcheck source=deploy/tools.sh
 source deploy/tools.sh
 ignore_caller_settings
+# One suite at a time per cache: its venvs are installed, and its binaries
+# built and then run by the checks, at fixed paths (two checkouts' runs
+# would test each other's builds).
+mkdir -p "$FLGFN_CACHE_DIR"
+exec 9>"$FLGFN_CACHE_DIR/.test-suite.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+    echo "flgfn: another test run holds $FLGFN_CACHE_DIR; waiting for it to finish" >&2
+    flock 9
+fi
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
 # Build the binaries first: the launcher test starts the flgfn-actor
@@ -40,7 +49,11 @@ cargo test --release --workspace --no-fail-fast ${args[@]+"${args[@]}"} 2>&1 | t
 # cargo prints one "test result:" line per test binary (the last is often a
 # doc-test run with 0 tests): add them up so the total is what closes.
 summary="$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log")"
+     END { printf "tests: %d passed, %d failed", p, f }' "$log")"
+# A test binary that crashed, or did not build, prints no result line.
+if [ "$status" -ne 0 ] && [[ $summary == *", 0 failed" ]]; then
+    summary="$summary, but cargo test exited $status (a test binary that crashed or did not build reports no result: see above)"
+fi
 # A filtered run (arguments for cargo test) runs no deployment checks.
 passed=0 failed=0 skipped=0
 if [ "${#args[@]}" -eq 0 ]; then
