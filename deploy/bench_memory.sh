@@ -52,12 +52,20 @@ for k in "${counts[@]}"; do
         >"$log" 2>&1 &
     learner=$!
     pids=("$learner")
+    # (A learner that runs but never serves ends the script within 60 s.)
+    waited=0
     until "$bin/flgfn-health" --address "http://127.0.0.1:$port" >/dev/null 2>&1; do
         kill -0 "$learner" 2>/dev/null || { cat "$log" >&2; exit 1; }
+        waited=$((waited + 1))
+        if [ "$waited" -gt 300 ]; then
+            echo "bench_memory.sh: the learner did not serve within 60 s; its log:" >&2
+            cat "$log" >&2
+            exit 1
+        fi
         sleep 0.2
     done
     before="$(rss_kb "$learner")"
-    "$bin/flgfn-loadgen" --learner "http://127.0.0.1:$port" --actors "$k" "${envs_flag[@]}" >/dev/null 2>&1 &
+    "$bin/flgfn-loadgen" --learner "http://127.0.0.1:$port" --actors "$k" ${envs_flag[@]+"${envs_flag[@]}"} >/dev/null 2>&1 &
     pids+=("$!")
     peak=0 sum=0 n=0
     for ((i = 1; i <= samples; i++)); do

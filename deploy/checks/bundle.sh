@@ -16,7 +16,13 @@ moved_bundle_trains() {
     local flavour="$1" steps="$2" moved="$work/$1-moved" missing
     deploy/bundle.sh "--$flavour" "$work/$flavour-built" >/dev/null
     mv "$work/$flavour-built" "$moved"
-    missing="$(env -i ldd "$moved/bin/flgfn-learner" | grep 'not found' || true)"
+    local linked
+    # (ldd's own failure is one, not an empty list of missing libraries.)
+    linked="$(env -i ldd "$moved/bin/flgfn-learner")" || {
+        echo "bundle: FAILED: ldd cannot read the moved $flavour bundle's learner" >&2
+        return 1
+    }
+    missing="$(grep 'not found' <<<"$linked" || true)"
     if [ -n "$missing" ]; then
         echo "bundle: FAILED: the moved $flavour bundle's learner misses libraries:" >&2
         echo "$missing" >&2

@@ -46,8 +46,10 @@ fi
 # file).
 export FLGFN_CONFIG_FILE=../checks/compose-job.toml
 
-project="flgfntest$$"
-tag="test$$"
+# (The process id alone repeats between containers sharing one daemon.)
+suffix="$$$RANDOM"
+project="flgfntest$suffix"
+tag="test$suffix"
 export FLGFN_TAG="$tag"
 FLGFN_TOKEN="compose-test-token-$$-$RANDOM$RANDOM"
 export FLGFN_TOKEN
@@ -59,10 +61,11 @@ work="$(mktemp -d)"
 compose=("${compose_command[@]}" --project-name "$project" --file deploy/docker/compose.yaml
     --env-file "$work/no.env")
 
-# The base image stays if it was here before (a cache); made by this run,
-# it goes with the rest.
+# The base image stays if it was here before (a cache); made or pulled by
+# this run, it goes with the rest.
+base="${FLGFN_DOCKER_BASE:-debian:bookworm-slim}"
 base_existed=false
-if docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
+if docker image inspect "$base" >/dev/null 2>&1; then
     base_existed=true
 fi
 
@@ -70,7 +73,9 @@ fi
 # image removal leaves behind. Its entries cannot be told apart by who made
 # them: emptied after the test only if it was empty before (a build run on
 # the same daemon during the test loses its cache too).
-build_cache_count() { docker system df --format '{{.Type}}={{.TotalCount}}' 2>/dev/null | sed -n 's/^Build Cache=//p'; }
+# (Never failing: it runs before the cleanup is set, which would leave
+# $work behind.)
+build_cache_count() { docker system df --format '{{.Type}}={{.TotalCount}}' 2>/dev/null | sed -n 's/^Build Cache=//p' || true; }
 build_cache_before="$(build_cache_count)"
 
 cleanup() {
@@ -78,7 +83,7 @@ cleanup() {
     docker image rm "flgfn-learner:$tag" "flgfn-actor:$tag" >/dev/null 2>&1 || true
     docker image prune --force --filter label=flgfn.stage=bundle >/dev/null 2>&1 || true
     if [ "$base_existed" = false ]; then
-        docker image rm debian:bookworm-slim >/dev/null 2>&1 || true
+        docker image rm "$base" >/dev/null 2>&1 || true
     fi
     if [ "$build_cache_before" = 0 ]; then
         docker builder prune --all --force >/dev/null 2>&1 || true

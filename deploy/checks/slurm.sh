@@ -15,21 +15,28 @@ source deploy/tools.sh
 # (Run alone too: the learners here read the caller's FLGFN_* otherwise.)
 ignore_caller_settings
 root="$PWD"
-# The cleanup stops a timed-out job's tasks with procps' tools: without
-# them it would stop nothing, silently.
-for tool in pgrep pkill; do
-    if ! command -v "$tool" >/dev/null; then
-        echo "slurm: FAILED: $tool is not installed (procps): it stops the tasks of a job that timed out" >&2
-        exit 1
-    fi
-done
 work="$(mktemp -d)"
+# The processes running from this check's bundle, by their command lines
+# (read from /proc: procps' pgrep is missing from slim images).
+bundle_processes() {
+    local dir cmdline
+    for dir in /proc/[0-9]*; do
+        cmdline="$(tr '\0' ' ' <"$dir/cmdline" 2>/dev/null)" || continue
+        if [[ $cmdline == *"$work/flgfn-bundle/bin/"* ]]; then
+            echo "${dir#/proc/}"
+        fi
+    done
+}
 # Whatever still runs from this bundle (the tasks of a job that timed out
 # outlive its shell, and would write into $work) stops before it goes.
 cleanup() {
-    pkill -f "$work/flgfn-bundle/bin/" || true
+    local pids
+    mapfile -t pids < <(bundle_processes)
+    if [ "${#pids[@]}" -gt 0 ]; then
+        kill "${pids[@]}" 2>/dev/null || true
+    fi
     for _ in $(seq 50); do
-        pgrep -f "$work/flgfn-bundle/bin/" >/dev/null || break
+        [ -z "$(bundle_processes)" ] && break
         sleep 0.2
     done
     rm -rf "$work"
@@ -53,7 +60,9 @@ SHIM
 # (Python: the script starts srun in the background, where a shell without
 # job control ignores SIGINT, and bash cannot trap a signal ignored on entry.)
 {
-    echo "#!$(python3 -c 'import sys; print(sys.executable)')"
+    # (By a link without spaces: the kernel cuts a shebang at the first.)
+    ln -s "$(python3 -c 'import sys; print(sys.executable)')" "$work/bin/srun-python"
+    echo "#!$work/bin/srun-python"
     cat <<'SHIM'
 """srun --het-group=G [options] COMMAND...: runs the group's tasks here,
 with SLURM_PROCID set, and waits for them all. Signals as the real srun
