@@ -33,9 +33,14 @@ ignore_caller_settings
 # would test each other's builds).
 mkdir -p "$FLGFN_CACHE_DIR"
 exec 9>"$FLGFN_CACHE_DIR/.test-suite.lock"
+# (Processes a run starts inherit the lock: one left running by an
+# earlier run holds it too, which the wait's limit then says.)
 if command -v flock >/dev/null && ! flock -n 9; then
     echo "flgfn: another test run holds $FLGFN_CACHE_DIR; waiting for it to finish" >&2
-    flock 9
+    flock -w 3600 9 || {
+        echo "flgfn: $FLGFN_CACHE_DIR/.test-suite.lock still held after an hour: a process an earlier run left behind? (fuser -v it)" >&2
+        exit 1
+    }
 fi
 # shellcheck source=deploy/env.sh
 source deploy/env.sh
