@@ -4,7 +4,8 @@
 //! shape, byte range, plus a free `__metadata__` string map) and the raw
 //! little-endian tensor data. PyTorch, NumPy and JAX read it without
 //! libtorch or this crate, so an actor in another language only needs this
-//! format and `proto/`.
+//! format and `proto/` (NumPy has no bf16: `proto/flgfn.proto` says how to
+//! widen one).
 //!
 //! Weights are encoded as f32, or as bf16 ([`WeightEncoding::Bf16`]: half
 //! the bytes, 8 significant bits of which 7 stored, rounded to nearest
@@ -107,6 +108,18 @@ fn encode_within(
     metadata: &BTreeMap<String, String>,
     max_header_bytes: usize,
 ) -> Result<Vec<u8>, WeightsError> {
+    // (The safetensors crate indexes past its name list on a repeated
+    // name, a panic; `__metadata__` would write a header no reader opens.)
+    let mut names = std::collections::HashSet::new();
+    if let Some(array) = arrays
+        .iter()
+        .find(|a| a.name == "__metadata__" || !names.insert(a.name.as_str()))
+    {
+        return Err(WeightsError::Format(format!(
+            "tensor name `{}` given twice, or reserved",
+            array.name
+        )));
+    }
     let (dtype, data): (Dtype, Vec<Vec<u8>>) = match encoding {
         WeightEncoding::F32 => (
             Dtype::F32,
@@ -182,9 +195,12 @@ impl HeaderEntry {
             _ => return None,
         };
         let (begin, end, shape) = (begin?, end?, self.shape.as_ref()?);
+        // Elements first, as the crate counts them: a 0 anywhere makes an
+        // empty tensor, however large the other dimensions.
         let needed = shape
             .iter()
-            .try_fold(value_bytes, |bytes, &dim| bytes.checked_mul(dim));
+            .try_fold(1u64, |elements, &dim| elements.checked_mul(dim))
+            .and_then(|elements| elements.checked_mul(value_bytes));
         (needed != end.checked_sub(begin)).then(|| {
             format!(
                 "tensor `{name}` has shape {shape:?}, which does not fill its {} bytes",
@@ -301,8 +317,9 @@ impl DecodedWeights {
 }
 
 /// The header's `__metadata__` map alone, with the header checked as
-/// [`decode`] checks it, whatever the tensors' dtypes: a reader can tell
-/// what wrote a buffer before reading its tensors.
+/// [`decode`] checks it, whatever the tensors' dtypes (those the
+/// safetensors crate names: not the 8-bit float types of later versions):
+/// a reader can tell what wrote a buffer before reading its tensors.
 pub fn decode_metadata(bytes: &[u8]) -> Result<BTreeMap<String, String>, WeightsError> {
     check_offsets(bytes)?;
     let (_, header) =
@@ -406,6 +423,63 @@ mod tests {
         assert_eq!(decoded.arrays, expected);
         assert_eq!(decoded.metadata["version"], "12");
         assert_eq!(decoded.metadata["encoding"], "f32");
+    }
+
+    /// Bytes as any safetensors reader expects them, not only as this
+    /// module reads them back: a header padded to 8 bytes, little-endian
+    /// values, bf16 as an f32's high half.
+    #[test]
+    fn the_bytes_are_those_of_the_format() {
+        let one = [NamedArray {
+            name: "w".to_owned(),
+            shape: vec![2],
+            values: vec![1.0, -2.0],
+        }];
+        for (encoding, data) in [
+            (WeightEncoding::F32, vec![0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]),
+            (WeightEncoding::Bf16, vec![0x80, 0x3f, 0, 0xc0]),
+        ] {
+            let bytes = encode(&one, encoding, &BTreeMap::new()).unwrap();
+            let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            assert_eq!(header_len % 8, 0);
+            let header: serde_json::Value =
+                serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+            assert_eq!(
+                header["w"]["data_offsets"],
+                serde_json::json!([0, data.len()])
+            );
+            assert_eq!(&bytes[8 + header_len..], &data[..], "{encoding:?}");
+        }
+        // A header written by hand: metadata last, offsets in another
+        // order than the names, a scalar and an empty tensor.
+        let header = r#"{"b":{"dtype":"F32","shape":[],"data_offsets":[0,4]},"a":{"dtype":"BF16","shape":[1],"data_offsets":[4,6]},"e":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[6,6]},"__metadata__":{"task":"t"}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0, 0, 0x40, 0x40, 0x80, 0xbf]);
+        let decoded = decode(&bytes).unwrap();
+        let found: Vec<_> = decoded
+            .arrays
+            .iter()
+            .map(|a| (a.name.as_str(), a.values.clone()))
+            .collect();
+        assert_eq!(found, [("a", vec![-1.0]), ("b", vec![3.0]), ("e", vec![])]);
+        assert_eq!(decoded.metadata["task"], "t");
+    }
+
+    #[test]
+    fn a_name_given_twice_or_reserved_is_refused_not_panicked_on() {
+        for names in [["w", "w"], ["w", "__metadata__"]] {
+            let arrays: Vec<NamedArray> = names
+                .iter()
+                .map(|name| NamedArray {
+                    name: (*name).to_owned(),
+                    shape: vec![1],
+                    values: vec![0.0],
+                })
+                .collect();
+            let refused = encode(&arrays, WeightEncoding::F32, &BTreeMap::new()).unwrap_err();
+            assert!(refused.to_string().contains(names[1]), "{refused}");
+        }
     }
 
     #[test]
