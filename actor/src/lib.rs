@@ -96,11 +96,13 @@ pub struct ActorReport {
     /// the message limit).
     pub stale_chunks_dropped: u64,
     /// Rollouts still running when the actor left, dropped half-way (not
-    /// in `rollouts`): a stop's drain gave up waiting for them.
+    /// in `rollouts`): a stop's drain gave up waiting for them, or the
+    /// actor left for training's end, an error or giving up.
     pub abandoned_rollouts: u64,
     /// Credits not rolled out, or rollouts dropped half-way, because their
-    /// session ended first (the learner restarted, the connection broke,
-    /// or the learner cut a session whose rollouts were too slow).
+    /// session ended first (the learner restarted or ended training, the
+    /// connection broke, or the learner cut a session whose rollouts were
+    /// too slow) or a stop's drain skipped them.
     pub orders_skipped: u64,
     /// Whether a stop's drain ended with the connection broken before the
     /// learner ended the session: its last chunks may not have arrived.
@@ -245,7 +247,9 @@ async fn wait_to_reconnect<S: Future<Output = ()>>(
 
 /// Runs an actor until the learner finishes training, `shutdown` resolves,
 /// the learner refuses it, `actor.reconnect_attempts` run out, or its
-/// rollout worker fails.
+/// rollout worker fails. It sets libtorch's thread count for the whole
+/// process to `actor.threads` (an actor is a process of its own; tests
+/// that run several in one process set them all alike).
 pub async fn run(
     config: Config,
     options: ActorOptions,
@@ -340,22 +344,12 @@ async fn run_actor(
             ))),
             Ok(Ok(worked)) => worked.map_err(|e| ActorError::Worker(e.to_string())),
         };
-    let worker_report = match joined {
-        Ok(worker_report) => worker_report,
-        Err(error) => {
-            // What it had sent still says how far it got (the rollout
-            // thread's own counts went with it).
-            report.add_counts(counts);
-            warn!(
-                chunks_sent = report.chunks_sent,
-                transitions_sent = report.transitions_sent,
-                connection_attempts = report.connection_attempts,
-                sessions_opened = report.sessions_opened,
-                %error,
-                "actor stopped: its rollout thread failed"
-            );
-            return Err(error);
-        }
+    // A rollout thread that failed ends the actor in error, whatever the
+    // connection's end; what was sent still says how far it got (the
+    // thread's own counts went with it), in the same final line.
+    let (worker_report, result) = match joined {
+        Ok(worker_report) => (worker_report, result),
+        Err(error) => (WorkerReport::default(), Err(error)),
     };
     report.versions_applied = worker_report.versions_applied;
     report.versions_loaded = worker_report.versions_loaded;
@@ -659,7 +653,8 @@ const RESTART_EXPECTED_WITHIN: Duration = Duration::from_secs(60);
 /// Keeps a session with the learner open, reconnecting with exponential
 /// backoff, until training ends, `shutdown` resolves, the learner refuses
 /// us, `actor.reconnect_attempts` run out, or the rollout side stops.
-/// Counts sessions and training's end in `report`.
+/// Counts connection attempts and training's end in `report`, and what
+/// the sessions did in the [`Counts`] it gives back.
 pub async fn stay_connected(
     config: &Config,
     name: &str,
@@ -1085,7 +1080,7 @@ mod tests {
         drop(order_receiver);
         let current_session = AtomicU32::new(0);
         let mut report = ActorReport::default();
-        let (result, _) = tokio::time::timeout(
+        let (result, counts) = tokio::time::timeout(
             Duration::from_secs(20),
             stay_connected(
                 &config,
@@ -1103,6 +1098,6 @@ mod tests {
         .expect("the loop ends by itself");
         assert!(result.is_ok(), "{result:?}");
         assert_eq!(report.connection_attempts, 1);
-        assert_eq!(report.sessions_opened, 0, "nothing listens there");
+        assert_eq!(counts.sessions_opened, 0, "nothing listens there");
     }
 }
