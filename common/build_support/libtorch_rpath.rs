@@ -14,7 +14,12 @@ fn link_libtorch_with(cuda: bool) {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB is unset: binaries will need LD_LIBRARY_PATH to find libtorch");
         return;
     };
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+    // An old-style rpath (DT_RPATH), searched before LD_LIBRARY_PATH: a
+    // caller's LD_LIBRARY_PATH naming another libtorch (a conda env, a
+    // `module load`) would otherwise win over this one, with symbol errors
+    // or silently other behaviour. (deploy/bundle.sh rewrites it as a
+    // relative RUNPATH for a bundle, whose environment is its own.)
+    println!("cargo:rustc-link-arg=-Wl,--disable-new-dtags,-rpath,{lib_dir}");
     if cuda && std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
