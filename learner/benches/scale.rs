@@ -260,9 +260,21 @@ async fn run(
                 }
             }
         }
-    }
-    .map_err(|e| format!("the learner's task: {e}"))?
-    .map_err(|e| format!("the learner: {e}"))?;
+    };
+    let outcome = match outcome
+        .map_err(|e| format!("the learner's task: {e}"))
+        .and_then(|served| served.map_err(|e| format!("the learner: {e}")))
+    {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            // Generated actors retry a learner that refused them (for ever,
+            // by default): they must not run on into the next scenario.
+            if let Some(generated) = generated {
+                generated.abort();
+            }
+            return Err(error);
+        }
+    };
     let mut totals = None;
     if let Some(mut generated) = generated {
         // Its connections must not linger into the next scenario.
