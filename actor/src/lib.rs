@@ -378,10 +378,10 @@ async fn run_actor(
     }
     // Why, in the line itself: training's end also has its own line, a
     // stop its `stop requested`, an error the message that follows.
-    let ended_by = if report.training_done {
-        "training_done"
-    } else if result.is_err() {
+    let ended_by = if result.is_err() {
         "error"
+    } else if report.training_done {
+        "training_done"
     } else {
         "stop"
     };

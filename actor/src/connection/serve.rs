@@ -263,10 +263,6 @@ impl Session<'_> {
                     };
                     served |= chunk_sent;
                     if grant.training_done {
-                        // No more rollouts for this session while it
-                        // closes (up to DRAIN_TIMEOUT): nothing could send
-                        // them, nor train on them.
-                        self.current_session.store(0, Ordering::Release);
                         // The chunks already handed to the upload go out
                         // and the learner counts them (as arrived after
                         // the end) before it ends the session: the two
@@ -275,14 +271,9 @@ impl Session<'_> {
                         return Ok(SessionEnd::TrainingDone);
                     }
                     if grant.learner_restarting {
-                        // As above (a stopping actor's session keeps its
-                        // number: a rollout its drain gives up on is
-                        // counted abandoned). The learner counts what is
-                        // on its way; an actor stopping leaves once that
-                        // is done, and says so where it was not.
-                        if !*stopping {
-                            self.current_session.store(0, Ordering::Release);
-                        }
+                        // As above: the learner counts what is on its way.
+                        // (An actor stopping leaves once that is done, and
+                        // says so where it was not.)
                         let drained = finish(upload, &mut grants).await;
                         return Ok(match drained {
                             Ok(unconfirmed @ SessionEnd::StoppedUnconfirmed(_)) if *stopping => {
