@@ -33,12 +33,13 @@ ignore_caller_settings
 # would test each other's builds).
 mkdir -p "$FLGFN_CACHE_DIR"
 exec 9>"$FLGFN_CACHE_DIR/.test-suite.lock"
-# (Processes a run starts inherit the lock: one left running by an
-# earlier run holds it too, which the wait's limit then says.)
+# (Held by this shell alone: what it starts gets no copy of the lock's
+# descriptor, `9>&-`, so a daemon a build leaves running, sccache's say,
+# cannot hold it.)
 if command -v flock >/dev/null && ! flock -n 9; then
     echo "flgfn: another test run holds $FLGFN_CACHE_DIR; waiting for it to finish" >&2
     flock -w 3600 9 || {
-        echo "flgfn: $FLGFN_CACHE_DIR/.test-suite.lock still held after an hour: a process an earlier run left behind? (fuser -v it)" >&2
+        echo "flgfn: $FLGFN_CACHE_DIR/.test-suite.lock still held after an hour (fuser -v shows by whom)" >&2
         exit 1
     }
 fi
@@ -46,11 +47,11 @@ fi
 source deploy/env.sh
 # Build the binaries first: the launcher test starts the flgfn-actor
 # executable, which `cargo test` alone would not rebuild.
-cargo build --release --workspace --bins
+cargo build --release --workspace --bins 9>&-
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release --workspace --no-fail-fast ${args[@]+"${args[@]}"} 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast ${args[@]+"${args[@]}"} 2>&1 9>&- | tee "$log" || status=$?
 # cargo prints one "test result:" line per test binary (the last is often a
 # doc-test run with 0 tests): add them up so the total is what closes.
 summary="$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
@@ -65,7 +66,7 @@ if [ "${#args[@]}" -eq 0 ]; then
     for check in deploy/checks/*.sh; do
         echo "== $check"
         check_status=0
-        "$check" || check_status=$?
+        "$check" 9>&- || check_status=$?
         case "$check_status" in
             0) passed=$((passed + 1)) ;;
             77) skipped=$((skipped + 1)) ;;
