@@ -193,14 +193,16 @@ pub(super) type Band = Vec<(f64, f64, f64, f64)>;
 pub(super) type Curve<'a> = (usize, String, Vec<&'a RunResult>);
 
 /// Mean and range over seeds of `metric` against `x`, aligned by report
-/// index; points where any seed lacks the metric are left out.
+/// index; points where any seed lacks the metric are left out, and so are
+/// saturated figures (`f64::MAX`, a diverged run's energy W1 or top-k
+/// reward), which would stretch the axis past f64's range.
 fn band(runs: &[&RunResult], x: fn(&Report) -> f64, metric: fn(&Report) -> Option<f64>) -> Band {
     let len = runs.iter().map(|r| r.reports.len()).min().unwrap_or(0);
     (0..len)
         .filter_map(|i| {
             let values: Option<Vec<f64>> = runs
                 .iter()
-                .map(|r| metric(&r.reports[i]).filter(|v| v.is_finite()))
+                .map(|r| metric(&r.reports[i]).filter(|v| v.abs() < f64::MAX))
                 .collect();
             let values = values?;
             let xs: f64 = runs.iter().map(|r| x(&r.reports[i])).sum::<f64>() / runs.len() as f64;
@@ -764,6 +766,34 @@ mod tests {
         let (lo, hi, labels) = log_axis(lo, hi);
         let axis: LogCoord<f64> = (lo..hi).log_scale().into();
         axis.key_points(labels)
+    }
+
+    /// A diverged run's saturated figure is no point: it would stretch
+    /// the axis past f64's range.
+    #[test]
+    fn saturated_figures_are_left_out_of_a_band() {
+        use crate::experiment::results::RunResult;
+        use crate::report::Report;
+        let report = |step: u64, energy_w1: f64| Report {
+            step,
+            energy_w1: Some(energy_w1),
+            ..Report::default()
+        };
+        let run = RunResult {
+            spec: crate::experiment::suite("smoke")
+                .unwrap()
+                .runs(1, Some(300))[0]
+                .clone(),
+            reports: vec![report(100, 0.5), report(200, f64::MAX), report(300, 0.25)],
+            to_quality: None,
+            to_top_k: None,
+            top_k_ceiling: None,
+            quality: None,
+            record: Default::default(),
+        };
+        let points = super::band(&[&run], |r| r.step as f64, |r| r.energy_w1);
+        let steps: Vec<f64> = points.iter().map(|&(x, ..)| x).collect();
+        assert_eq!(steps, [100.0, 300.0]);
     }
 
     #[test]
