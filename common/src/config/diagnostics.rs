@@ -74,7 +74,7 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
         .map(|(_, hint)| hint);
     let hint = shape.or_else(|| names_taken(text, &error));
     let refused = ConfigError::parse(origin.to_owned(), &error, hint);
-    // A string refused in [auth] or [tls] (or given as either section) may
+    // A value refused in [auth] or [tls] (or given as either section) may
     // be a secret put in the wrong place: the parser's message and excerpt
     // repeat it, so it is left out of both.
     let key = line
@@ -86,19 +86,24 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
         _ => false,
     };
     match refused {
-        ConfigError::Parse { path, mut message } if secret_place => {
-            // The line as typed (quotes, escapes, a comment), then the
-            // string as the parser quotes it.
-            if let Some((_, value)) = key
-                && value.len() > 2
-                && value.starts_with(['"', '\''])
-            {
-                message = message.replace(value, NOT_SHOWN);
+        ConfigError::Parse { path, message } if secret_place => {
+            // The value as typed (quotes, escapes, a comment; a number),
+            // then the string it reads as.
+            let typed = key.map(|(_, value)| value);
+            let parsed = match (&section, key, &table) {
+                (Some(Some(section)), Some((key, _)), Some(table)) => {
+                    table.get(section.as_str()).and_then(|keys| keys.get(key))
+                }
+                (Some(None), Some((key, _)), Some(table)) => table.get(key),
+                _ => None,
+            };
+            let secrets = typed
+                .into_iter()
+                .chain(parsed.and_then(toml::Value::as_str));
+            ConfigError::Parse {
+                path,
+                message: without_secrets(message, secrets),
             }
-            if let Some(table) = &table {
-                message = without_secret_place_strings(message, table);
-            }
-            ConfigError::Parse { path, message }
         }
         refused => refused,
     }
@@ -107,30 +112,16 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
 /// What stands for a value left out of an error.
 const NOT_SHOWN: &str = "(value not shown)";
 
-/// `message` without the strings `table` holds in `[auth]` and `[tls]`
-/// (or as either section), as the parser quotes them (`string "..."`)
-/// and as they are: a secret put in the wrong place there.
-fn without_secret_place_strings(message: String, table: &toml::Table) -> String {
-    let mut strings = Vec::new();
-    for section in ["auth", "tls"] {
-        match table.get(section) {
-            Some(toml::Value::String(text)) => strings.push(text),
-            Some(toml::Value::Table(keys)) => {
-                strings.extend(keys.values().filter_map(|value| match value {
-                    toml::Value::String(text) => Some(text),
-                    _ => None,
-                }));
-            }
-            _ => {}
-        }
-    }
-    strings
+/// `message` without `secrets` (those of more than 2 characters), as the
+/// parser quotes a string (`string "..."`) and as they are.
+fn without_secrets<'a>(message: String, secrets: impl IntoIterator<Item = &'a str>) -> String {
+    secrets
         .into_iter()
-        .filter(|text| text.chars().count() > 2)
-        .fold(message, |message, text| {
+        .filter(|secret| secret.chars().count() > 2)
+        .fold(message, |message, secret| {
             message
-                .replace(&format!("{text:?}"), NOT_SHOWN)
-                .replace(text.as_str(), NOT_SHOWN)
+                .replace(&format!("{secret:?}"), NOT_SHOWN)
+                .replace(secret, NOT_SHOWN)
         })
 }
 
@@ -138,11 +129,15 @@ fn without_secret_place_strings(message: String, table: &toml::Table) -> String 
 /// below) that the schema refused once applied, as `merged`: with
 /// [`refusal`]'s hint where a `[task]` key belongs to another task,
 /// in place of the nearest spelling (`side` is a lattice key, not a
-/// misspelt `size`).
+/// misspelt `size`). `secrets` are the values of the variables that set
+/// `[auth]` and `[tls]` keys, left out of the message: no secret where
+/// they went, but maybe one where they went wrong
+/// (`FLGFN_AUTH__ALLOW_UNAUTHENTICATED=<token>`).
 pub(super) fn variables_refusal(
     origin: String,
     merged: &toml::Table,
     error: &toml::de::Error,
+    secrets: &[&str],
 ) -> ConfigError {
     let in_task = |name: &str| {
         merged
@@ -160,12 +155,10 @@ pub(super) fn variables_refusal(
         },
         None => ConfigError::parse(origin, error, None),
     };
-    // (A variable's value is no secret where it went, but may be one
-    // where it went wrong: `FLGFN_AUTH__ALLOW_UNAUTHENTICATED=<token>`.)
     match refused {
         ConfigError::Parse { path, message } => ConfigError::Parse {
             path,
-            message: without_secret_place_strings(message, merged),
+            message: without_secrets(message, secrets.iter().copied()),
         },
         refused => refused,
     }

@@ -457,6 +457,11 @@ impl Config {
         };
         // The table as the schema refused it, for the error's hint.
         let merged = applied(&table, overrides)?;
+        let secrets: Vec<&str> = overrides
+            .iter()
+            .filter(|o| matches!(o.key.first().map(String::as_str), Some("auth" | "tls")))
+            .map(|o| o.text.as_str())
+            .collect();
         // Blame the layer at fault: the file on its own, with its line
         // numbers (unless a variable mends it), else the one variable
         // that fails on top of it alone, else all of them together.
@@ -486,6 +491,7 @@ impl Config {
                             format!("{} (applied to {origin})", layer.variable),
                             &merged,
                             &error,
+                            &secrets,
                         ));
                     }
                 }
@@ -497,6 +503,7 @@ impl Config {
             format!("{} (applied to {origin})", variables.join(", ")),
             &merged,
             &error,
+            &secrets,
         ))
     }
 

@@ -770,15 +770,33 @@ fn unknown_keys_are_rejected_with_their_name() {
         "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\"\n",
         "[auth]\nallow_unauthenticated = 'a-secret-token-0123456789'\n",
         "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\" # new\n",
-        "[tls]\nca_file = \"x\"\nallow = \"a-secret\\u002Dtoken-0123456789\"\n",
+        "[auth]\nallow_unauthenticated = \"a-secret\\u002Dtoken-0123456789\"\n",
+        "[auth]\nallow_unauthenticated = 1234567890123456789\n",
     ] {
         let err = Config::from_toml(text, "test").unwrap_err().to_string();
         assert!(
             err.contains("invalid type") || err.contains("unknown field"),
             "{err}"
         );
-        assert!(!err.contains("a-secret"), "{text}: {err}");
+        assert!(
+            !err.contains("a-secret") && !err.contains("1234567890123456789"),
+            "{text}: {err}"
+        );
     }
+    // The file's other values in those sections are no secret, and stay
+    // out of no message: a wrong variable elsewhere names its key whole.
+    let path = std::env::temp_dir().join(format!("flgfn-secret-place-{}.toml", std::process::id()));
+    std::fs::write(&path, "[tls]\ndomain = \"learner\"\n").unwrap();
+    let variable = env_overrides(vars(&[("FLGFN_LEARNER__THREADS", "abc")]));
+    let err = Config::load_layered(Some(&path), &variable)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("learner.threads") || err.contains("`threads`"),
+        "{err}"
+    );
+    assert!(!err.contains("(value not shown)"), "{err}");
+    std::fs::remove_file(&path).unwrap();
     // From a variable too.
     let variable = env_overrides(vars(&[(
         "FLGFN_AUTH__ALLOW_UNAUTHENTICATED",
