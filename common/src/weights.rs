@@ -478,7 +478,8 @@ mod tests {
                 })
                 .collect();
             let refused = encode(&arrays, WeightEncoding::F32, &BTreeMap::new()).unwrap_err();
-            assert!(refused.to_string().contains(names[1]), "{refused}");
+            let named = format!("`{}` given twice, or reserved", names[1]);
+            assert!(refused.to_string().contains(&named), "{refused}");
         }
     }
 

@@ -41,6 +41,8 @@ mkdir -p "$out"
 # The binaries were linked against the wheel on the build machine; here
 # libtorch comes from the installed PyTorch: the python3 on the PATH's,
 # or wherever a torch/lib/libtorch_cuda.so lies in the usual places.
+# (Their rpath, searched before LD_LIBRARY_PATH, names the build
+# machine's venv: not here, as the cache is not carried.)
 torch_lib=$(timeout 20 python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null) || torch_lib=""
 if [ -z "$torch_lib" ]; then
     found=$(timeout 10 find /opt /usr/local /usr/lib -name libtorch_cuda.so -path '*/torch/lib/*' 2>/dev/null | head -n 1)
