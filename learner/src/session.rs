@@ -523,29 +523,19 @@ impl Session {
                         // left in order).
                         Ok(false) => return Ok(self.take_arrived_chunks(&credits, progress).await),
                         // It took no grant for the stall timeout (nothing
-                        // inbound was read meanwhile): what arrived whole
-                        // is still taken, not dropped unread.
-                        Err(stalled) => {
+                        // inbound was read meanwhile), or its weights could
+                        // not be encoded: what arrived whole is still
+                        // taken, not dropped unread.
+                        Err(ended) => {
                             self.take_arrived_chunks(&credits, progress).await;
-                            return Err(stalled);
+                            return Err(ended);
                         }
                     }
                 }
                 message = self.inbound.message() => {
                     let message = match message {
                         Ok(message) => message,
-                        Err(status) => {
-                            let status = framing_fault_as_sender_error(status, "chunk");
-                            if self.count_unreadable(&status) {
-                                // It used a credit, as a chunk refused in
-                                // `receive` does, and its number arrived:
-                                // it is not counted lost as well when the
-                                // actor reconnects (it is counted refused).
-                                progress.unused.pop_front();
-                                progress.sequence.unreadable();
-                            }
-                            return Err(status);
-                        }
+                        Err(status) => return Err(self.unreadable(status, progress)),
                     };
                     let Some(message) = message else {
                         // The actor closed its side, leaving; or its
@@ -624,9 +614,28 @@ impl Session {
                     }
                 }
                 Ok(Ok(None)) => return Ended::ConnectionClosed,
-                Ok(Err(_)) | Err(_) => return Ended::GrantsUndelivered,
+                Ok(Err(status)) => {
+                    // Counted as in the session, not lost.
+                    self.unreadable(status, progress);
+                    return Ended::GrantsUndelivered;
+                }
+                Err(_) => return Ended::GrantsUndelivered,
             }
         }
+    }
+
+    /// A chunk the stream could not read (undecodable, too large): counted
+    /// refused where it is the sender's fault; it used a credit, as a
+    /// chunk refused in `receive` does, and its number arrived, so it is
+    /// not counted lost as well when the actor reconnects. The status
+    /// the session ends with.
+    fn unreadable(&self, status: Status, progress: &mut Progress) -> Status {
+        let status = framing_fault_as_sender_error(status, "chunk");
+        if self.count_unreadable(&status) {
+            progress.unused.pop_front();
+            progress.sequence.unreadable();
+        }
+        status
     }
 
     /// Ends a stalled session: counted, logged, and the status the actor
