@@ -42,7 +42,7 @@
 //! chunks); a session whose actor sits on a credit for
 //! `learner.stall_timeout_s` is ended, which returns its credits. Before
 //! that, a session that holds credits and has sent no chunk for a while
-//! ([`QUIET_AFTER`], or four times its own pace) is quiet: it is granted
+//! ([`QUIET_AFTER`], or four times its own pace where that is longer) is quiet: it is granted
 //! nothing more, and its credits no longer count as covering the last
 //! batches, until a chunk of it arrives (an actor paused or hung would
 //! otherwise soak up its share of every credit let out, and near the end
