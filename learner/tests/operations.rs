@@ -1024,17 +1024,19 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
         "{learners_own:?}"
     );
     let decoded = flgfn_common::weights::decode(&std::fs::read(&final_weights).unwrap()).unwrap();
-    let unnamed = dir.join("unnamed.safetensors");
-    std::fs::write(
-        &unnamed,
-        flgfn_common::weights::encode(
-            &decoded.arrays,
+    // `arrays` as a weights file of no metadata.
+    let written = |name: &str, arrays: &[flgfn_common::weights::NamedArray]| {
+        let path = dir.join(name);
+        let bytes = flgfn_common::weights::encode(
+            arrays,
             flgfn_common::config::WeightEncoding::F32,
             &Default::default(),
         )
-        .unwrap(),
-    )
-    .unwrap();
+        .unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let unnamed = written("unnamed.safetensors", &decoded.arrays);
     let output = sample_weights(&unnamed, "3");
     assert!(output.status.success(), "{output:?}");
     assert!(
@@ -1050,17 +1052,7 @@ fn samples_from_final_weights_or_a_checkpoint_carry_their_true_energies() {
             *value = if *value >= 0.0 { 1e30 } else { -1e30 };
         }
     }
-    let diverged = dir.join("diverged.safetensors");
-    std::fs::write(
-        &diverged,
-        flgfn_common::weights::encode(
-            &huge,
-            flgfn_common::config::WeightEncoding::F32,
-            &Default::default(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let diverged = written("diverged.safetensors", &huge);
     let out = dir.join("diverged.csv");
     let message = sample_refused(&[
         "--config",
