@@ -80,49 +80,97 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
     let key = line
         .and_then(|l| l.split_once('='))
         .map(|(k, v)| (k.trim(), v.trim()));
-    let secret_place = match (&section, key) {
-        (Some(Some(section)), _) => matches!(section.as_str(), "auth" | "tls"),
-        (Some(None), Some((key, _))) => matches!(key, "auth" | "tls"),
-        _ => false,
+    // The refused key's path, quotes aside (`"allow" = ...`, a dotted
+    // `auth.allow = ...`), under its section.
+    let mut key_path: Vec<&str> = match &section {
+        Some(Some(section)) => vec![section.as_str()],
+        _ => Vec::new(),
     };
+    if section.is_some()
+        && let Some((key, _)) = key
+    {
+        key_path.extend(
+            key.split('.')
+                .map(|part| part.trim().trim_matches(['"', '\''])),
+        );
+    }
+    let secret_place = matches!(key_path.first(), Some(&("auth" | "tls")));
     match refused {
         ConfigError::Parse { path, message } if secret_place => {
             // The value as typed (quotes, escapes, a comment; a number),
-            // then the string it reads as.
+            // then the strings it reads as (an inline table's too).
             let typed = key.map(|(_, value)| value);
-            let parsed = match (&section, key, &table) {
-                (Some(Some(section)), Some((key, _)), Some(table)) => {
-                    table.get(section.as_str()).and_then(|keys| keys.get(key))
+            let parsed = table.as_ref().and_then(|table| value_at(table, &key_path));
+            let strings: Vec<&str> = match parsed {
+                Some(toml::Value::String(text)) => vec![text.as_str()],
+                Some(toml::Value::Table(keys)) => {
+                    keys.values().filter_map(toml::Value::as_str).collect()
                 }
-                (Some(None), Some((key, _)), Some(table)) => table.get(key),
-                _ => None,
+                _ => Vec::new(),
             };
-            let secrets = typed
-                .into_iter()
-                .chain(parsed.and_then(toml::Value::as_str));
             ConfigError::Parse {
                 path,
-                message: without_secrets(message, secrets),
+                message: without_secrets(message, typed.into_iter().chain(strings)),
             }
         }
         refused => refused,
     }
 }
 
+/// The value at `path` (section, key, ...) of `table`.
+fn value_at<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value> {
+    let (last, parents) = path.split_last()?;
+    let mut keys = table;
+    for part in parents {
+        keys = keys.get(*part)?.as_table()?;
+    }
+    keys.get(*last)
+}
+
 /// What stands for a value left out of an error.
 const NOT_SHOWN: &str = "(value not shown)";
 
 /// `message` without `secrets` (those of more than 2 characters), as the
-/// parser quotes a string (`string "..."`) and as they are.
+/// parser quotes a string (`string "..."`) and as they are; a place
+/// (`line 100, column 8: `, an excerpt's `100 | `) keeps its numbers.
 fn without_secrets<'a>(message: String, secrets: impl IntoIterator<Item = &'a str>) -> String {
-    secrets
+    let secrets: Vec<&str> = secrets
         .into_iter()
         .filter(|secret| secret.chars().count() > 2)
-        .fold(message, |message, secret| {
-            message
-                .replace(&format!("{secret:?}"), NOT_SHOWN)
-                .replace(secret, NOT_SHOWN)
+        .collect();
+    if secrets.is_empty() {
+        return message;
+    }
+    message
+        .split_inclusive('\n')
+        .map(|line| {
+            let (place, text) = split_place(line);
+            let text = secrets.iter().fold(text.to_owned(), |text, secret| {
+                text.replace(&format!("{secret:?}"), NOT_SHOWN)
+                    .replace(secret, NOT_SHOWN)
+            });
+            format!("{place}{text}")
         })
+        .collect()
+}
+
+/// A message line's place, if it starts with one (`job.toml: line 100,
+/// column 8: `, or an excerpt's `100 | `), and the rest.
+fn split_place(line: &str) -> (&str, &str) {
+    let digits_then = |text: &str, after: &str| {
+        let digits = text.chars().take_while(char::is_ascii_digit).count();
+        (digits > 0 && text[digits..].starts_with(after)).then_some(digits + after.len())
+    };
+    if let Some(at) = line.find(", column ")
+        && let Some(end) = digits_then(&line[at + ", column ".len()..], ": ")
+    {
+        return line.split_at(at + ", column ".len() + end);
+    }
+    let indent = line.len() - line.trim_start().len();
+    match digits_then(&line[indent..], " | ") {
+        Some(end) => line.split_at(indent + end),
+        None => ("", line),
+    }
 }
 
 /// The error for `FLGFN_` variables (`origin` names them and the layer
@@ -130,8 +178,8 @@ fn without_secrets<'a>(message: String, secrets: impl IntoIterator<Item = &'a st
 /// [`refusal`]'s hint where a `[task]` key belongs to another task,
 /// in place of the nearest spelling (`side` is a lattice key, not a
 /// misspelt `size`). `secrets` are the values of the variables that set
-/// `[auth]` and `[tls]` keys, left out of the message: no secret where
-/// they went, but maybe one where they went wrong
+/// `[auth]` and `[tls]` keys, left out of a message about such a key: no
+/// secret where they went, but maybe one where they went wrong
 /// (`FLGFN_AUTH__ALLOW_UNAUTHENTICATED=<token>`).
 pub(super) fn variables_refusal(
     origin: String,
@@ -155,8 +203,15 @@ pub(super) fn variables_refusal(
         },
         None => ConfigError::parse(origin, error, None),
     };
+    // The key the parser names (`in `learner.threads``); none named, any.
+    let shown = error.to_string();
+    let refused_key = shown
+        .lines()
+        .find_map(|line| line.strip_prefix("in `").and_then(|k| k.strip_suffix('`')));
+    let secret_place =
+        refused_key.is_none_or(|key| matches!(key.split('.').next(), Some("auth" | "tls")));
     match refused {
-        ConfigError::Parse { path, message } => ConfigError::Parse {
+        ConfigError::Parse { path, message } if secret_place => ConfigError::Parse {
             path,
             message: without_secrets(message, secrets.iter().copied()),
         },

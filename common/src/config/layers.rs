@@ -457,10 +457,12 @@ impl Config {
         };
         // The table as the schema refused it, for the error's hint.
         let merged = applied(&table, overrides)?;
+        // Each as given and as read (`'token'` reads as `token`).
         let secrets: Vec<&str> = overrides
             .iter()
             .filter(|o| matches!(o.key.first().map(String::as_str), Some("auth" | "tls")))
-            .map(|o| o.text.as_str())
+            .flat_map(|o| [Some(o.text.as_str()), o.value.as_str()])
+            .flatten()
             .collect();
         // Blame the layer at fault: the file on its own, with its line
         // numbers (unless a variable mends it), else the one variable

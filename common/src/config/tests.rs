@@ -772,6 +772,9 @@ fn unknown_keys_are_rejected_with_their_name() {
         "[auth]\nallow_unauthenticated = \"a-secret-token-0123456789\" # new\n",
         "[auth]\nallow_unauthenticated = \"a-secret\\u002Dtoken-0123456789\"\n",
         "[auth]\nallow_unauthenticated = 1234567890123456789\n",
+        "auth = { allow_unauthenticated = \"a-secret-token-0123456789\" }\n",
+        "auth.allow_unauthenticated = \"a-secret-token-0123456789\"\n",
+        "[auth]\n\"allow_unauthenticated\" = \"a-secret\\u002Dtoken-0123456789\"\n",
     ] {
         let err = Config::from_toml(text, "test").unwrap_err().to_string();
         assert!(
@@ -797,16 +800,32 @@ fn unknown_keys_are_rejected_with_their_name() {
     );
     assert!(!err.contains("(value not shown)"), "{err}");
     std::fs::remove_file(&path).unwrap();
-    // From a variable too.
-    let variable = env_overrides(vars(&[(
-        "FLGFN_AUTH__ALLOW_UNAUTHENTICATED",
-        "a-secret-token-0123456789",
-    )]));
-    let err = Config::load_layered(None, &variable)
+    // A place keeps its numbers: the value 100 on line 100.
+    let text = format!("[auth]\n{}allow_unauthenticated = 100\n", "#\n".repeat(98));
+    let err = Config::from_toml(&text, "test").unwrap_err().to_string();
+    assert!(err.contains("line 100, column"), "{err}");
+    // From a variable too, quoted or not.
+    for value in ["a-secret-token-0123456789", "'a-secret-token-0123456789'"] {
+        let variable = env_overrides(vars(&[("FLGFN_AUTH__ALLOW_UNAUTHENTICATED", value)]));
+        let err = Config::load_layered(None, &variable)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("FLGFN_AUTH__ALLOW_UNAUTHENTICATED"), "{err}");
+        assert!(!err.contains("a-secret"), "{value}: {err}");
+    }
+    // A wrong variable elsewhere names its key whole, whatever the
+    // [tls] variables say.
+    let variables = env_overrides(vars(&[
+        ("FLGFN_TLS__DOMAIN", "learner"),
+        ("FLGFN_LEARNER__THREADS", "abc"),
+    ]));
+    let err = Config::load_layered(None, &variables)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("FLGFN_AUTH__ALLOW_UNAUTHENTICATED"), "{err}");
-    assert!(!err.contains("a-secret"), "{err}");
+    assert!(
+        err.contains("learner.threads") && !err.contains("(value not shown)"),
+        "{err}"
+    );
     let err = Config::from_toml(
         "[task]\nname = \"set_generation\"\nsizes = \"small\"\n",
         "t",
