@@ -67,9 +67,13 @@ impl From<FileError> for std::io::Error {
 }
 
 /// The name the file `name` is written under before its rename: hidden,
-/// and recognisable as an unfinished write.
-pub fn temporary_name(name: &str) -> String {
-    format!(".{name}.tmp")
+/// and recognisable as an unfinished write. (Of any bytes: a summary
+/// beside a metrics file of any name.)
+pub fn temporary_name(name: impl AsRef<std::ffi::OsStr>) -> std::ffi::OsString {
+    let mut hidden = std::ffi::OsString::from(".");
+    hidden.push(name);
+    hidden.push(".tmp");
+    hidden
 }
 
 /// The folder holding `path`: `.` for a bare name ("checkpoints" has
@@ -140,13 +144,8 @@ pub fn write_atomically(
     bytes: &[u8],
 ) -> Result<PathBuf, FileError> {
     create_dir_durably(dir)?;
-    let name = name.as_ref();
-    let path = dir.join(name);
-    // As `temporary_name`, for a name of any bytes.
-    let mut hidden = std::ffi::OsString::from(".");
-    hidden.push(name);
-    hidden.push(".tmp");
-    let temporary = dir.join(hidden);
+    let path = dir.join(name.as_ref());
+    let temporary = dir.join(temporary_name(name));
     let written = File::create(&temporary).and_then(|mut file| {
         file.write_all(bytes)?;
         file.sync_all()
