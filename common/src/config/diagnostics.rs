@@ -94,7 +94,7 @@ pub(super) fn refusal(text: &str, origin: &str, error: toml::de::Error) -> Confi
                 .map(|part| part.trim().trim_matches(['"', '\''])),
         );
     }
-    let secret_place = matches!(key_path.first(), Some(&("auth" | "tls")));
+    let secret_place = holds_secrets(key_path.first().copied());
     match refused {
         ConfigError::Parse { path, message } if secret_place => {
             // The value as typed (quotes, escapes, a comment; a number),
@@ -125,6 +125,12 @@ fn value_at<'a>(table: &'a toml::Table, path: &[&str]) -> Option<&'a toml::Value
         keys = keys.get(*part)?.as_table()?;
     }
     keys.get(*last)
+}
+
+/// Whether `section` is one of those that name secrets' files ([auth],
+/// [tls]): a value refused there may be a secret put in the wrong place.
+pub(super) fn holds_secrets(section: Option<&str>) -> bool {
+    matches!(section, Some("auth" | "tls"))
 }
 
 /// What stands for a value left out of an error.
@@ -208,8 +214,7 @@ pub(super) fn variables_refusal(
     let refused_key = shown
         .lines()
         .find_map(|line| line.strip_prefix("in `").and_then(|k| k.strip_suffix('`')));
-    let secret_place =
-        refused_key.is_none_or(|key| matches!(key.split('.').next(), Some("auth" | "tls")));
+    let secret_place = refused_key.is_none_or(|key| holds_secrets(key.split('.').next()));
     match refused {
         ConfigError::Parse { path, message } if secret_place => ConfigError::Parse {
             path,

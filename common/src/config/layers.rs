@@ -6,7 +6,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
 
-use super::diagnostics::{typos_allowed, variables_refusal};
+use super::diagnostics::{holds_secrets, typos_allowed, variables_refusal};
 use super::{CONFIG_VARIABLE, Config, ConfigError, STDIN_PATH, name_default_task, schema};
 
 /// Prefix of the environment variables that set configuration keys.
@@ -460,7 +460,7 @@ impl Config {
         // Each as given and as read (`'token'` reads as `token`).
         let secrets: Vec<&str> = overrides
             .iter()
-            .filter(|o| matches!(o.key.first().map(String::as_str), Some("auth" | "tls")))
+            .filter(|o| holds_secrets(o.key.first().map(String::as_str)))
             .flat_map(|o| [Some(o.text.as_str()), o.value.as_str()])
             .flatten()
             .collect();
