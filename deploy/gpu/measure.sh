@@ -127,4 +127,8 @@ rc=${PIPESTATUS[0]}
     grep -Ev '^[0-9]{4}-[0-9]{2}-[0-9]{2}T' "$out/scale.err" | tail -n 40
 } | tee -a "$out/scale.md"
 rm -f "$out/scale.err"
+# libtorch writes its warnings to stderr itself, once per call (none is
+# expected: a flood of them slows every figure above).
+grep -h '] Warning: ' "$out"/*.md "$out/jobs.log" | sed -E 's/^\[W[0-9]+ [0-9:.]+ //' |
+    sort | uniq -c | sort -rn | head -n 5 | sed 's/^/libtorch warning: /' | tee -a "$out/machine.txt"
 echo "done: $out"

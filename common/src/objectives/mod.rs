@@ -356,13 +356,7 @@ impl TransitionBatch {
         packer.i64(&padded_transitions, &[b, longest as i64]);
         packer.i64(&lengths, &[b]);
         packer.i64(&order, &[b]);
-        let put = |x: Tensor| {
-            if pinned {
-                x.pin_memory(Device::Cuda(0))
-            } else {
-                x
-            }
-        };
+        let put = |x: Tensor| if pinned { pinned_for_cuda(x) } else { x };
         let packed = Packed {
             floats: put(Tensor::from_slice(&packer.floats)),
             ints: put(Tensor::from_slice(&packer.ints)),
@@ -533,6 +527,17 @@ fn push<T: Copy>(
         shape: shape.to_vec(),
     });
     buffer.extend_from_slice(values);
+}
+
+/// `x` in page-locked host memory, from which a copy to a CUDA device
+/// does not block the trainer.
+///
+/// `_pin_memory`, not `pin_memory`: given a device, as tch always gives
+/// one, libtorch 2.13's `pin_memory` prints two deprecation warnings to
+/// stderr on every call, four lines a batch (plain text amid JSON logs,
+/// and thousands a second at GPU step rates).
+pub(crate) fn pinned_for_cuda(x: Tensor) -> Tensor {
+    x.internal_pin_memory(Device::Cuda(0))
 }
 
 /// Added to the logit of an action that is not allowed: far below any

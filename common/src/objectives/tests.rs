@@ -635,3 +635,45 @@ fn a_trajectory_log_ratio_sums_its_own_transitions_only() {
         }
     }
 }
+
+/// Set in the child process of [`pinning_prints_no_libtorch_warning`].
+const PINNING_CHILD: &str = "FLGFN_TEST_PINNING_CHILD";
+
+/// Pinning a batch for CUDA prints nothing: libtorch's warnings go
+/// straight to the process's stderr, so the test reads a child's. Without
+/// a GPU the pinning itself fails, after the point where `pin_memory`
+/// warned.
+#[test]
+fn pinning_prints_no_libtorch_warning() {
+    if std::env::var_os(PINNING_CHILD).is_some() {
+        // Without a GPU the pinning panics; its message is not the point.
+        std::panic::set_hook(Box::new(|_| {}));
+        let pinned = std::panic::catch_unwind(|| {
+            let _ = super::pinned_for_cuda(Tensor::from_slice(&[1f32, 2.0]));
+        });
+        println!(
+            "pinning done: {}",
+            if pinned.is_ok() { "pinned" } else { "failed" }
+        );
+        return;
+    }
+    let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            "objectives::tests::pinning_prints_no_libtorch_warning",
+            "--nocapture",
+        ])
+        .env(PINNING_CHILD, "1")
+        .output()
+        .expect("the test binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&child.stdout),
+        String::from_utf8_lossy(&child.stderr),
+    );
+    assert!(child.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("pinning done"),
+        "the child did not pin: {stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("deprecated"), "libtorch warned: {stderr}");
+}
