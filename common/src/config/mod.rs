@@ -111,7 +111,8 @@ pub struct Config {
     /// Base seed. The learner's initial weights and evaluation samples use
     /// `seed`. An actor's action draws mix `seed` with its learner-assigned
     /// id and fresh OS entropy, so actors differ by default; with
-    /// `--seed-offset` they use `seed + 1 + offset` alone (reproduction).
+    /// `--seed-offset` they use `seed + 1 + offset` alone (reproduction,
+    /// on the same kind of device: CUDA draws other weights than CPU).
     pub seed: u64,
     /// Which environment to learn.
     pub task: TaskConfig,
