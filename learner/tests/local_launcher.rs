@@ -299,6 +299,8 @@ fn a_run_resumed_already_finished_starts_no_actors() {
             .arg(&config)
             .arg("--checkpoint-dir")
             .arg(dir.join("checkpoints"))
+            .arg("--metrics")
+            .arg(dir.join("metrics.jsonl"))
             // A checkpoint every 10 steps, and a report too, so that the
             // last step's report comes in the loop (see below).
             .env("FLGFN_LEARNER__CHECKPOINT_EVERY_STEPS", "10")
@@ -314,6 +316,7 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     };
     let first = run();
     assert!(first.contains("started local actors"), "{first}");
+    let first_summary = run_summary(&dir);
     // Steps 10, 20 and 30, the last once: the periodic checkpoint due at
     // the last step, whose report has run, is the final one.
     let saved: Vec<&str> = first
@@ -352,6 +355,33 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     };
     assert!(top100(&first) > 0.0, "{first}");
     assert!(top100(&second) > 0.0, "{second}");
+    // Its summary's last report is the first run's last, which the
+    // metrics file kept (not one of zeros), with this process's counts.
+    let second_summary = run_summary(&dir);
+    let (earlier, last) = (
+        &first_summary["last_report"],
+        &second_summary["last_report"],
+    );
+    for field in [
+        "step",
+        "wall_s",
+        "loss",
+        "logz_est",
+        "marginal_tv",
+        "at_quality",
+        "eval_samples",
+    ] {
+        assert_eq!(last[field], earlier[field], "{field}: {second_summary}");
+    }
+    assert!(last["eval_samples"].as_u64() > Some(0), "{second_summary}");
+    assert_eq!(second_summary["at_quality"], first_summary["at_quality"]);
+    assert_eq!(second_summary["logz_error"], first_summary["logz_error"]);
+    assert_eq!(last["ingested_transitions"], 0, "{second_summary}");
+    assert_eq!(last["trained_transitions"], earlier["trained_transitions"]);
+    assert_eq!(
+        last["resumed_trained_transitions"],
+        earlier["trained_transitions"]
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::Report;
 use crate::error::LearnerError;
 
 /// Appends reports to a JSON-lines file, one flushed line each, so a crash
@@ -20,6 +21,10 @@ pub struct MetricsFile {
     /// A file of its own, not a stream, a pipe or a device: the run's
     /// summary goes beside it.
     plain_file: bool,
+    /// The report a resumed run's earlier process wrote at the step it
+    /// resumes at, if the file kept one: the run's last report until this
+    /// process writes its own (see [`MetricsFile::take_resumed_report`]).
+    resumed_report: Option<Report>,
 }
 
 /// The leading whole lines of a metrics file whose reports are at or
@@ -40,6 +45,16 @@ fn reports_up_to(contents: &[u8], step: u64) -> &[u8] {
         end += line.len();
     }
     &contents[..end]
+}
+
+/// The last report of `reports` (whole lines), if it is of `step`.
+fn last_report_at(reports: &[u8], step: u64) -> Option<Report> {
+    let last = reports
+        .split(|&b| b == b'\n')
+        .rfind(|line| !line.is_empty())?;
+    serde_json::from_slice::<Report>(last)
+        .ok()
+        .filter(|report| report.step == step)
 }
 
 /// How every line of a metrics file starts (`step` is a report's first
@@ -182,6 +197,7 @@ impl MetricsFile {
                 path: path.to_owned(),
                 out: BufWriter::new(file),
                 plain_file,
+                resumed_report: None,
             });
         }
         // Not truncated on opening: the lock and the contents come first.
@@ -215,6 +231,7 @@ impl MetricsFile {
             )));
         }
         let kept = resumed_at.map_or(0, |step| reports_up_to(&contents, step).len());
+        let resumed_report = resumed_at.and_then(|step| last_report_at(&contents[..kept], step));
         let mut set_aside_as = None;
         // In place (one truncation, the kept reports untouched), so that
         // the lock and any link stay.
@@ -242,9 +259,18 @@ impl MetricsFile {
             path: path.to_owned(),
             out: BufWriter::new(file),
             plain_file,
+            resumed_report,
         };
         metrics.retire_summary(set_aside_as.as_deref())?;
         Ok(metrics)
+    }
+
+    /// The report the file kept at the step the run resumed at (written
+    /// by the process before), once: a resumed run that trains no step
+    /// (finished already, or stopped at once) ends with it, not with a
+    /// report of zeros.
+    pub fn take_resumed_report(&mut self) -> Option<Report> {
+        self.resumed_report.take()
     }
 
     /// Takes an earlier run's summary out of the way, so that a summary

@@ -69,6 +69,35 @@ fn bytes_per_trained_transition_count_what_this_process_trained() {
     assert_eq!(report.weight_bytes_per_trained_transition, 0.0);
 }
 
+/// A resumed run gets back the report written at the step it resumes
+/// at, once; none where the last report kept is of an earlier step.
+#[test]
+fn a_resumed_run_takes_back_the_report_of_its_step() {
+    let dir = std::env::temp_dir().join(format!("flgfn-resumed-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("metrics.jsonl");
+    let line = |step: u64, loss: f64| {
+        serde_json::to_string(&Report {
+            step,
+            loss,
+            ..Report::default()
+        })
+        .unwrap()
+            + "\n"
+    };
+    std::fs::write(&path, line(100, 1.0) + &line(200, 2.0) + &line(300, 3.0)).unwrap();
+    let mut metrics = MetricsFile::open(&path, Some(200)).unwrap();
+    let taken = metrics.take_resumed_report().unwrap();
+    assert_eq!((taken.step, taken.loss), (200, 2.0));
+    assert!(metrics.take_resumed_report().is_none());
+    drop(metrics);
+    // A checkpoint between two reports.
+    let mut metrics = MetricsFile::open(&path, Some(250)).unwrap();
+    assert!(metrics.take_resumed_report().is_none());
+    drop(metrics);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_resumed_run_keeps_the_reports_up_to_its_step_and_appends() {
     let dir = std::env::temp_dir().join(format!("flgfn-metrics-{}", std::process::id()));

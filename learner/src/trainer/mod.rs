@@ -420,10 +420,28 @@ struct Training {
 
 impl Training {
     /// What the run ends with: its last report (where no report of this
-    /// process covers the last step, its counts) and the whole run's
+    /// process covers the last step, `resumed_report`, the one written at
+    /// that step before a resume, else its counts) and the whole run's
     /// totals.
-    fn outcome(mut self, weights: Bytes, machine: Machine) -> TrainingOutcome {
+    fn outcome(
+        mut self,
+        weights: Bytes,
+        machine: Machine,
+        resumed_report: Option<Report>,
+    ) -> TrainingOutcome {
         let progress = &mut self.progress;
+        if progress.report.step != progress.step
+            && let Some(earlier) = resumed_report.filter(|r| r.step == progress.step)
+        {
+            // Its evaluation stands; the counts are this process's, as a
+            // report of its own would give them.
+            progress.report = Report {
+                version: progress.version,
+                trained_transitions: progress.trained_transitions,
+                resumed_trained_transitions: progress.resumed_trained_transitions,
+                ..earlier
+            };
+        }
         // The last report's time where it covers the last step: what
         // follows it (the final checkpoint's copy) is no training, and the
         // final line, the summary's totals and the report then agree.
@@ -433,10 +451,10 @@ impl Training {
             progress.wall()
         };
         if progress.report.step != progress.step {
-            // No report of this process covers the last step (a resumed
-            // run stopped before its first step): its counts, at least,
-            // and the best objects the checkpoint kept (not an evaluation's
-            // zeros).
+            // No report covers the last step (a resumed run stopped
+            // before its first step, none kept at its step): its counts,
+            // at least, and the best objects the checkpoint kept (not an
+            // evaluation's zeros).
             let (top100_mean_reward, top100_samples) = self.evaluator.top_k_so_far();
             progress.report = Report {
                 step: progress.step,
@@ -522,7 +540,11 @@ impl Trainer {
         self.save_final(&mut training, &weights)?;
         self.publisher.finish(self.finished(&training.progress));
         let machine = Machine::of(self.policy.device(), self.config.learner.threads);
-        Ok(training.outcome(weights, machine))
+        let resumed_report = self
+            .metrics
+            .as_mut()
+            .and_then(MetricsFile::take_resumed_report);
+        Ok(training.outcome(weights, machine, resumed_report))
     }
 
     /// Whether the last step (`max_steps`) is done.
