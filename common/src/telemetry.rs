@@ -6,8 +6,8 @@
 //! JSON lines (`--log-format json` or `FLGFN_LOG_FORMAT=json`), one object
 //! per event carrying the fields of its spans: `actor_id`, `actor` and
 //! `peer` on the learner's session events, `actor_id`, `actor_name`,
-//! `learner` and `policy_version` on an actor's. Levels come from
-//! `RUST_LOG`.
+//! `learner` and `policy_version` on an actor's; a panic's report too
+//! (see `log_panics_as_json`). Levels come from `RUST_LOG`.
 //!
 //! A binary that calls [`init_with_live_line`] (the learner) also keeps a
 //! live progress line at the bottom of a terminal ([`live_status`]): log
@@ -180,16 +180,49 @@ fn install(format: LogFormat, live_line: bool) -> bool {
     JSON_LOGS.store(format == LogFormat::Json, Ordering::Relaxed);
     let _ = match format {
         LogFormat::Text => builder.with_ansi(colour_allowed()).try_init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .try_init(),
+        LogFormat::Json => {
+            log_panics_as_json();
+            builder
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .try_init()
+        }
     };
     if let Some((levels, error)) = unreadable {
         tracing::warn!(%levels, %error, "RUST_LOG is not a valid filter: using the default levels");
     }
     live
+}
+
+/// Makes a panic's report a JSON log line, in place of the default
+/// hook's plain text, which a log collector cannot parse: a panic that is
+/// caught (a session's, a failing libtorch call's) is logged again as the
+/// error it becomes, so the run goes on with its log still JSON
+/// throughout. A backtrace, where `RUST_BACKTRACE` asks for one, is a
+/// field.
+fn log_panics_as_json() {
+    static HOOKED: std::sync::Once = std::sync::Once::new();
+    HOOKED.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let backtrace = std::backtrace::Backtrace::capture();
+            let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+                .then(|| backtrace.to_string());
+            // (`payload_as_str` is newer than the supported Rust.)
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+            tracing::error!(
+                panic = message.unwrap_or("(a panic without a message)"),
+                location = info.location().map(ToString::to_string),
+                thread = std::thread::current().name().unwrap_or("(unnamed)"),
+                backtrace,
+                "panicked"
+            );
+        }));
+    });
 }
 
 /// Colour codes only for a person at a terminal, or where asked for
@@ -361,6 +394,49 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 #[cfg(test)]
 mod tests {
     use super::with_causes;
+
+    /// Set in the child process of [`a_panic_is_a_json_line_in_json_logs`].
+    const PANIC_CHILD: &str = "FLGFN_TEST_JSON_PANIC_CHILD";
+
+    /// With JSON logs, a caught panic leaves stderr JSON throughout (the
+    /// hook writes there, so the test reads a child's).
+    #[test]
+    fn a_panic_is_a_json_line_in_json_logs() {
+        if std::env::var_os(PANIC_CHILD).is_some() {
+            super::init_with(super::LogFormat::Json);
+            let caught = std::panic::catch_unwind(|| panic!("a test panic {}", 7));
+            tracing::info!(caught = caught.is_err(), "after the panic");
+            return;
+        }
+        let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "--exact",
+                "telemetry::tests::a_panic_is_a_json_line_in_json_logs",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(PANIC_CHILD, "1")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the test binary runs");
+        let stderr = String::from_utf8_lossy(&child.stderr);
+        assert!(child.status.success(), "{stderr}");
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+            .collect();
+        let panicked = lines
+            .iter()
+            .find(|line| line["fields"]["message"] == "panicked")
+            .unwrap_or_else(|| panic!("{stderr}"));
+        assert_eq!(panicked["level"], "ERROR");
+        assert_eq!(panicked["fields"]["panic"], "a test panic 7");
+        let location = panicked["fields"]["location"].as_str().unwrap_or_default();
+        assert!(location.starts_with("common/src/telemetry.rs:"), "{stderr}");
+        assert!(
+            lines.iter().any(|line| line["fields"]["caught"] == true),
+            "{stderr}"
+        );
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("transport error")]
