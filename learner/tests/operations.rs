@@ -535,10 +535,12 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
 
     // By flag: the local actors log in the learner's format too (every
     // line below is JSON, theirs among them).
+    let metrics = dir.join("run.jsonl");
+    let metrics = metrics.to_str().unwrap();
     let json = training_log(
         &dir,
         &[("RUST_LOG", "info,flgfn_learner::session=debug")],
-        &["--log-format", "json"],
+        &["--log-format", "json", "--metrics", metrics],
     );
     let text = String::from_utf8(json).unwrap();
     let lines: Vec<serde_json::Value> = text
@@ -591,6 +593,18 @@ fn json_logs_carry_span_fields_and_a_log_file_has_no_colour_codes() {
     assert_eq!(listening["fields"]["auth"], "none", "{listening}");
     // (The job file says checkpoint_dir = "".)
     assert_eq!(listening["fields"]["checkpoints"], "off", "{listening}");
+    // Where the figures go, and how long the run is.
+    assert_eq!(listening["fields"]["metrics"], metrics, "{listening}");
+    let summary = std::fs::canonicalize(&dir)
+        .unwrap()
+        .join("run.summary.json");
+    assert_eq!(
+        listening["fields"]["summary"],
+        summary.to_str().unwrap(),
+        "{listening}"
+    );
+    assert!(summary.exists(), "{listening}");
+    assert_eq!(listening["fields"]["max_steps"], 40, "{listening}");
     // One key per field: a field named `message` beside the event's own
     // (the actor's reconnect warning had one) would make two.
     for line in text.lines() {

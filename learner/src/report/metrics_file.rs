@@ -301,6 +301,11 @@ impl MetricsFile {
         }
     }
 
+    /// Where the reports go, as given.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Where the run's summary is written: beside a plain file,
     /// `run.jsonl` giving `run.summary.json` (beside a link's target, where
     /// earlier reports are set aside: each summary stays with its

@@ -240,6 +240,18 @@ impl Running {
                 || "off".to_owned(),
                 |dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string()
             ),
+            // Where the figures go, in full, and how long the run is (0:
+            // until stopped).
+            metrics = %metrics.as_ref().map_or_else(
+                || "off".to_owned(),
+                |file| std::path::absolute(file.path()).unwrap_or_else(|_| file.path().to_owned()).display().to_string()
+            ),
+            summary = %metrics.as_ref().and_then(crate::report::MetricsFile::summary_path).map_or_else(
+                || "none".to_owned(),
+                |path| path.display().to_string()
+            ),
+            max_steps = learner.max_steps,
+            seed = config.seed,
             build = BUILD,
             // The first version it publishes: above every one published
             // before in this checkpoint folder, or the checkpoint's own.
