@@ -232,8 +232,11 @@ impl Worker {
         let mut rng: Option<SmallRng> = None;
         let mut report = WorkerReport::default();
         let mut loaded = LoadedWeights::default();
-        // The last version whose logits overflowed, said once.
+        // The last version whose logits overflowed, and how many versions
+        // did: said at the 1st, 2nd, 4th, ... (a new version comes each
+        // step, and a diverged model overflows in every one).
         let mut overflowed: Option<u64> = None;
+        let mut overflowed_versions: u64 = 0;
         let ours = [
             ("task", self.env.spec().to_string()),
             ("model", self.model.to_string()),
@@ -296,11 +299,15 @@ impl Worker {
             };
             if rollout.non_finite_draws > 0 && overflowed != Some(weights.version) {
                 overflowed = Some(weights.version);
-                tracing::warn!(
-                    version = weights.version,
-                    draws = rollout.non_finite_draws,
-                    "the policy's logits are not finite at some states (weights too large for f32: the model diverged?): drawn uniformly there"
-                );
+                overflowed_versions += 1;
+                if overflowed_versions.is_power_of_two() {
+                    tracing::warn!(
+                        version = weights.version,
+                        draws = rollout.non_finite_draws,
+                        versions_so_far = overflowed_versions,
+                        "the policy's logits are not finite at some states (weights too large for f32: the model diverged?): drawn uniformly there"
+                    );
+                }
             }
             let chunk = TrajectoryChunk {
                 actor_id: 0,
