@@ -69,14 +69,26 @@ pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
         .and_then(|through| newest_of(&all, through))
         .map(|(step, _)| *step);
     let excess = all.len().saturating_sub(keep.newest.max(1));
+    // One line for all that stay: each prune tries every one again.
+    let mut undeletable: Option<(PathBuf, std::io::Error)> = None;
+    let mut count = 0;
     for (step, old) in all.into_iter().take(excess) {
         if Some(step) == sound {
             debug!(path = %old.display(), "kept beyond keep_checkpoints: the newest checkpoint at or before the last step known sound");
             continue;
         }
         if let Err(e) = fs::remove_file(&old) {
-            warn!(path = %old.display(), error = %e, "cannot delete an old checkpoint");
+            count += 1;
+            undeletable.get_or_insert((old, e));
         }
+    }
+    if let Some((oldest, error)) = undeletable {
+        warn!(
+            count,
+            oldest = %oldest.display(),
+            %error,
+            "cannot delete old checkpoints: they stay, and the folder grows by one each checkpoint (check the folder's permissions)"
+        );
     }
     Ok(())
 }
