@@ -40,13 +40,32 @@ pub(crate) fn with_scheme(learner: &str) -> String {
     }
 }
 
+/// [`with_scheme`] for an address `flag` gave, refused where it is bare
+/// and has no port: as a URL it would be port 80, where no learner
+/// listens unless told to, and the actor would retry there for ever.
+pub(crate) fn flag_address_with_scheme(address: &str, flag: &str) -> Result<String, ConfigError> {
+    // (An IPv6 address keeps its colons inside brackets.)
+    let has_port = address
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.contains(']'));
+    if !address.contains("://") && !has_port {
+        return Err(ConfigError::invalid(
+            flag,
+            format!(
+                "`{address}` has no port: give HOST:PORT (a learner listens on port 50051 unless told otherwise), or a URL (http://{address} for port 80)"
+            ),
+        ));
+    }
+    Ok(with_scheme(address))
+}
+
 impl ConfigFlags {
     /// The file (or the defaults) with the flags applied, not yet
     /// validated: callers may override more before validating.
     pub fn load(&self) -> Result<Config, ConfigError> {
         let mut config = Config::load_unvalidated(self.config.as_deref())?;
         if let Some(learner) = &self.learner {
-            config.actor.learner = with_scheme(learner);
+            config.actor.learner = flag_address_with_scheme(learner, "--learner")?;
         }
         if let Some(envs) = self.envs {
             config.actor.envs = envs;
@@ -124,6 +143,24 @@ mod tests {
         );
         config.actor.learner = with_scheme("learner:50051");
         assert!(config.validate().is_ok());
+        // A bare host has no port to reach: refused, with the remedy.
+        for bare in ["learner", "[::1]", "10.0.0.5"] {
+            let refused = flag_address_with_scheme(bare, "--learner")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.contains("--learner") && refused.contains("HOST:PORT"),
+                "{refused}"
+            );
+        }
+        assert_eq!(
+            flag_address_with_scheme("http://learner", "--learner").unwrap(),
+            "http://learner"
+        );
+        assert_eq!(
+            flag_address_with_scheme("[::1]:50051", "--learner").unwrap(),
+            "http://[::1]:50051"
+        );
         config.tls.ca_file = "ca.pem".to_owned();
         let refused = crate::client_tls(&config).unwrap_err().to_string();
         assert!(

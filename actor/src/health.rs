@@ -57,7 +57,7 @@ pub async fn check(
         )
         .into());
     }
-    let address = crate::cli::with_scheme(address);
+    let address = crate::cli::flag_address_with_scheme(address, "--address")?;
     let mut endpoint = tonic::transport::Endpoint::from_shared(address.clone()).map_err(|e| {
         ConfigError::invalid(
             "--address",
