@@ -487,7 +487,7 @@ fn check_listen_address(listen: &str) -> Result<(), ConfigError> {
         return Err(invalid("has an IPv6 address without brackets"));
     }
     port.parse::<u16>()
-        .map_err(|_| invalid("has no port number (0 to 65535) after its last ':'"))?;
+        .map_err(|_| invalid("has no port number from 0 to 65535 after its last ':'"))?;
     Ok(())
 }
 
