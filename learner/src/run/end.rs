@@ -68,7 +68,7 @@ async fn every_local_actor_exited(
                 .filter(|(_, _, status)| !status.success())
                 .count();
             return format!(
-                "every local actor exited before training finished ({failed} with an error: see their lines in the learner's log)"
+                "every local actor exited before training finished ({failed} with an error: their exit statuses and any lines of theirs are in the learner's log above)"
             );
         }
     }
