@@ -569,6 +569,12 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_owned())
 }
 
+/// A wait as seconds to the millisecond, a number in JSON logs (a
+/// `Duration` field is text there, `107.071808ms`).
+fn to_the_millisecond(wait: Duration) -> f64 {
+    (wait.as_secs_f64() * 1e3).round() / 1e3
+}
+
 /// Whether the `failures`-th failed attempt in a row is logged as a
 /// warning (the others at debug): an outage's first two, then the 4th,
 /// 8th, 16th... Dozens of actors, or a load generator's hundreds,
@@ -765,7 +771,7 @@ pub async fn stay_connected(
                 let pause = backoff.next_pause(&mut rand::rng());
                 info!(
                     actor_id,
-                    retry_in = ?pause,
+                    retry_in_s = to_the_millisecond(pause),
                     session_chunks_sent = counts.chunks_sent - chunks_before,
                     "the learner stops for a restart; reconnecting"
                 );
@@ -823,13 +829,13 @@ pub async fn stay_connected(
                     let unavailable_s = failed.lasted.as_secs();
                     match (failed.worth_a_line, expected) {
                         (true, false) => {
-                            warn!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
+                            warn!(error = %message, retry_in_s = to_the_millisecond(pause), failures, unavailable_s, "{what}");
                         }
                         (true, true) => {
-                            info!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
+                            info!(error = %message, retry_in_s = to_the_millisecond(pause), failures, unavailable_s, "{what}");
                         }
                         (false, _) => {
-                            debug!(error = %message, retry_in = ?pause, failures, unavailable_s, "{what}");
+                            debug!(error = %message, retry_in_s = to_the_millisecond(pause), failures, unavailable_s, "{what}");
                         }
                     }
                 } else {
@@ -839,7 +845,7 @@ pub async fn stay_connected(
                     // ended` (none, where the learner crashed).
                     warn!(
                         error = %message,
-                        retry_in = ?pause,
+                        retry_in_s = to_the_millisecond(pause),
                         session_chunks_sent = counts.chunks_sent - chunks_before,
                         "connection to the learner lost; reconnecting"
                     );

@@ -215,7 +215,7 @@ impl Session<'_> {
                     // DRAIN_TIMEOUT, silent otherwise until `actor
                     // stopped`.
                     info!(
-                        within = ?DRAIN_TIMEOUT,
+                        within_s = DRAIN_TIMEOUT.as_secs(),
                         "stop requested: finishing the rollout in progress, then sending what is rolled out (each within the limit)"
                     );
                     drain.as_mut().reset(tokio::time::Instant::now() + DRAIN_TIMEOUT);
@@ -241,7 +241,7 @@ impl Session<'_> {
                     }
                 }
                 () = &mut drain, if *stopping => {
-                    warn!(after = ?DRAIN_TIMEOUT, "the rollout in progress did not finish; leaving without it");
+                    warn!(after_s = DRAIN_TIMEOUT.as_secs(), "the rollout in progress did not finish; leaving without it");
                     return finish(upload, &mut grants).await;
                 }
                 grant = grants.message() => {
