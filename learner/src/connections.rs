@@ -188,7 +188,7 @@ impl Transport {
 fn report_mismatch(stats: &IngestStats, reason: &str, message: &str, peer: Option<SocketAddr>) {
     let count = stats.refuse(reason);
     if count.is_power_of_two() {
-        warn!(peer = %peer_text(peer), so_far = count, counted_as = reason, "{message}");
+        warn!(peer = %peer_text(peer), refused_so_far = count, counted_as = reason, "{message}");
     }
 }
 
@@ -546,7 +546,7 @@ where
                         %peer,
                         %method,
                         within_s = CALL_ANSWERED_WITHIN.as_secs_f64(),
-                        ended_so_far = count,
+                        refused_so_far = count,
                         "ended a call not answered in time: its request never arrived whole, or the learner was still loading"
                     );
                 }
@@ -845,7 +845,7 @@ impl Places {
                     warn!(
                         new_peer = %peer_text(stream.peer_addr().ok()),
                         max = self.max,
-                        closed_so_far = count,
+                        refused_so_far = count,
                         "at learner.max_connections: closed the oldest connection that never called the learner, for a new one"
                     );
                 }
@@ -863,7 +863,7 @@ impl Places {
                 warn!(
                     peer = %peer_text(stream.peer_addr().ok()),
                     max = self.max,
-                    closed_so_far = count,
+                    refused_so_far = count,
                     "closed a connection beyond learner.max_connections"
                 );
             }
