@@ -199,23 +199,23 @@ fn install(format: LogFormat, live_line: bool) -> bool {
 /// hook's plain text, which a log collector cannot parse: a panic that is
 /// caught (a session's, a failing libtorch call's) is logged again as the
 /// error it becomes, so the run goes on with its log still JSON
-/// throughout. A backtrace, where `RUST_BACKTRACE` asks for one, is a
-/// field.
+/// throughout. A backtrace, where `RUST_BACKTRACE` (or
+/// `RUST_LIB_BACKTRACE`) asks for one, is a field. Where `RUST_LOG` leaves
+/// this line out, the hook before it reports the panic as it would have:
+/// a panic is never silent.
 fn log_panics_as_json() {
     static HOOKED: std::sync::Once = std::sync::Once::new();
     HOOKED.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !tracing::enabled!(tracing::Level::ERROR) {
+                return before(info);
+            }
             let backtrace = std::backtrace::Backtrace::capture();
             let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
                 .then(|| backtrace.to_string());
-            // (`payload_as_str` is newer than the supported Rust.)
-            let payload = info.payload();
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
             tracing::error!(
-                panic = message.unwrap_or("(a panic without a message)"),
+                panic = panic_message(info.payload()),
                 location = info.location().map(ToString::to_string),
                 thread = std::thread::current().name().unwrap_or("(unnamed)"),
                 backtrace,
@@ -408,16 +408,31 @@ mod tests {
             tracing::info!(caught = caught.is_err(), "after the panic");
             return;
         }
-        let child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
-            .args([
-                "--exact",
-                "telemetry::tests::a_panic_is_a_json_line_in_json_logs",
-            ])
-            .args(["--nocapture", "--test-threads=1"])
-            .env(PANIC_CHILD, "1")
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("the test binary runs");
+        let child = |rust_log: Option<&str>| {
+            let mut command =
+                std::process::Command::new(std::env::current_exe().expect("the test binary"));
+            command
+                .args([
+                    "--exact",
+                    "telemetry::tests::a_panic_is_a_json_line_in_json_logs",
+                ])
+                .args(["--nocapture", "--test-threads=1"])
+                .env(PANIC_CHILD, "1")
+                .env_remove("RUST_LOG");
+            if let Some(levels) = rust_log {
+                command.env("RUST_LOG", levels);
+            }
+            command.output().expect("the test binary runs")
+        };
+        // With the line filtered out, the panic is still said, as Rust
+        // says it by default.
+        let silenced = child(Some("off"));
+        let stderr = String::from_utf8_lossy(&silenced.stderr);
+        assert!(
+            stderr.contains("panicked at") && stderr.contains("a test panic 7"),
+            "{stderr}"
+        );
+        let child = child(None);
         let stderr = String::from_utf8_lossy(&child.stderr);
         assert!(child.status.success(), "{stderr}");
         let lines: Vec<serde_json::Value> = stderr
