@@ -183,11 +183,10 @@ impl Transport {
 }
 
 /// Counts a connection of the wrong kind under `reason` and logs it, with
-/// its peer, at 1, 2, 4, 8, ... of each kind: a fleet configured wrong
-/// retries in a loop.
+/// its peer, where [`IngestStats::refuse`] says a line is due: a fleet
+/// configured wrong retries in a loop.
 fn report_mismatch(stats: &IngestStats, reason: &str, message: &str, peer: Option<SocketAddr>) {
-    let count = stats.refuse(reason);
-    if count.is_power_of_two() {
+    if let Some(count) = stats.refuse(reason) {
         warn!(peer = %peer_text(peer), refused_so_far = count, counted_as = reason, "{message}");
     }
 }
@@ -454,8 +453,8 @@ impl HandshakeHandled {
 }
 
 /// Counts and logs a Handshake the codec refused, as the handler counts
-/// its own refusals (`handshake_<reason>`, logged at the 1st, 2nd, 4th,
-/// ... of each): without it, an actor of a much larger task left no
+/// its own refusals (`handshake_<reason>`, logged where
+/// [`IngestStats::refuse`] says): without it, an actor of a much larger task left no
 /// trace at the learner.
 fn count_unread_handshake(stats: &IngestStats, peer: &str, status: &tonic::Status) {
     // (UNAUTHENTICATED, which is none of these, is counted where the
@@ -464,8 +463,7 @@ fn count_unread_handshake(stats: &IngestStats, peer: &str, status: &tonic::Statu
         return;
     };
     let reason = format!("handshake_{reason}");
-    let refused_so_far = stats.refuse(&reason);
-    if refused_so_far.is_power_of_two() {
+    if let Some(refused_so_far) = stats.refuse(&reason) {
         warn!(
             %peer,
             %reason,
@@ -539,9 +537,8 @@ where
         Box::pin(async move {
             // Dropped at the deadline: the request's buffer goes with it.
             let Ok(response) = tokio::time::timeout(CALL_ANSWERED_WITHIN, response).await else {
-                // A flood logs a line at 1, 2, 4, 8, ... calls.
-                let count = stats.refuse("call_not_answered_in_time");
-                if count.is_power_of_two() {
+                // A flood logs a few lines (see `IngestStats::refuse`).
+                if let Some(count) = stats.refuse("call_not_answered_in_time") {
                     warn!(
                         %peer,
                         %method,
@@ -840,8 +837,7 @@ impl Places {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) if self.open.evict_oldest_never_called() => {
-                let count = stats.refuse("closed_for_room");
-                if count.is_power_of_two() {
+                if let Some(count) = stats.refuse("closed_for_room") {
                     warn!(
                         new_peer = %peer_text(stream.peer_addr().ok()),
                         max = self.max,
@@ -857,9 +853,8 @@ impl Places {
             Err(_) => None,
         };
         let Some(permit) = permit else {
-            // A flood logs a line at 1, 2, 4, 8, ... connections.
-            let count = stats.refuse("too_many_connections");
-            if count.is_power_of_two() {
+            // A flood logs a few lines (see `IngestStats::refuse`).
+            if let Some(count) = stats.refuse("too_many_connections") {
                 warn!(
                     peer = %peer_text(stream.peer_addr().ok()),
                     max = self.max,

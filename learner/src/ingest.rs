@@ -151,7 +151,15 @@ pub struct IngestStats {
     pub sessions: Mutex<Vec<SessionRecord>>,
     /// Ended sessions, every one (`sessions` stops at its bound).
     pub sessions_ended: AtomicU64,
+    /// When refusals of each reason were last said in the log (see
+    /// [`IngestStats::worth_a_line`]).
+    refusals_said: Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
 }
+
+/// How often, at least, refusals of one reason are said while they go on:
+/// counting alone (1, 2, 4, ...) would leave a new fault unsaid for hours
+/// after a flood of the same reason.
+const REFUSAL_LINE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl IngestStats {
     /// Reads a counter.
@@ -164,17 +172,50 @@ impl IngestStats {
         counter.fetch_add(amount, Ordering::Relaxed);
     }
 
-    /// Counts one refused chunk under `reason`, returning how many so far
-    /// (see [`IngestStats::refuse`]).
-    pub fn reject(&self, reason: &'static str) -> u64 {
-        self.count_refusal(reason, true)
+    /// Counts one refused chunk under `reason` (see
+    /// [`IngestStats::refuse`]).
+    pub fn reject(&self, reason: &'static str) -> Option<u64> {
+        let so_far = self.count_refusal(reason, true);
+        self.worth_a_line(reason, so_far).then_some(so_far)
     }
 
-    /// Counts one refused request under `reason` (a chunk, or a call
-    /// refused before any chunk, such as `unauthenticated`), returning how
-    /// many so far: a flood logs only at some of them.
-    pub fn refuse(&self, reason: &str) -> u64 {
-        self.count_refusal(reason, false)
+    /// Counts one refused request under `reason` (a call refused before
+    /// any chunk, such as `unauthenticated`, or a connection), returning
+    /// how many so far where that one is worth a log line: the 1st, 2nd,
+    /// 4th, 8th, ..., and one at least every [`REFUSAL_LINE_EVERY`] while
+    /// they go on. A flood writes few lines; a new fault after one is
+    /// said all the same.
+    pub fn refuse(&self, reason: &str) -> Option<u64> {
+        let so_far = self.count_refusal(reason, false);
+        self.worth_a_line(reason, so_far).then_some(so_far)
+    }
+
+    /// Whether the `so_far`-th refusal under `reason` is worth a log line
+    /// (see [`IngestStats::refuse`]).
+    fn worth_a_line(&self, reason: &str, so_far: u64) -> bool {
+        self.worth_a_line_at(reason, so_far, std::time::Instant::now())
+    }
+
+    /// [`IngestStats::worth_a_line`] at `now`.
+    fn worth_a_line_at(&self, reason: &str, so_far: u64, now: std::time::Instant) -> bool {
+        let mut said = self
+            .refusals_said
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let last = said.get_mut(reason);
+        let due = last
+            .as_ref()
+            .is_none_or(|at| now.saturating_duration_since(**at) >= REFUSAL_LINE_EVERY);
+        if !so_far.is_power_of_two() && !due {
+            return false;
+        }
+        match last {
+            Some(at) => *at = now,
+            None => {
+                said.insert(reason.to_owned(), now);
+            }
+        }
+        true
     }
 
     /// Counts one refusal under `reason`, and as a refused chunk where it
@@ -676,5 +717,33 @@ mod sequence_tests {
             IngestStats::get(&stats.sessions_ended),
             (MAX_SESSION_RECORDS + 5) as u64
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{IngestStats, REFUSAL_LINE_EVERY};
+
+    /// Refusals are said at the 1st, 2nd, 4th, ... of each reason, and,
+    /// however many came before, again once a line is overdue.
+    #[test]
+    fn refusals_are_said_at_powers_of_two_and_at_least_every_few_minutes() {
+        let stats = IngestStats::default();
+        let start = Instant::now();
+        let said: Vec<u64> = (1..=20)
+            .filter(|&n| stats.worth_a_line_at("unauthenticated", n, start))
+            .collect();
+        assert_eq!(said, [1, 2, 4, 8, 16]);
+        // Another reason counts on its own.
+        assert!(stats.worth_a_line_at("too_many_sessions", 1, start));
+        // After a flood, a refusal minutes later is said once, then the
+        // counting goes on.
+        let later = start + REFUSAL_LINE_EVERY;
+        assert!(!stats.worth_a_line_at("unauthenticated", 1001, later - Duration::from_secs(1)));
+        assert!(stats.worth_a_line_at("unauthenticated", 1001, later));
+        assert!(!stats.worth_a_line_at("unauthenticated", 1002, later));
+        assert!(stats.worth_a_line_at("unauthenticated", 1024, later));
     }
 }

@@ -179,9 +179,8 @@ impl Learner for LearnerService {
             None => state.check_session(request.metadata()).map_err(refused)?,
         };
         let Some(slot) = crate::session::SessionSlot::claim(&state) else {
-            // A flood logs a line at 1, 2, 4, 8, ... refusals.
-            let refused_so_far = state.stats.refuse("too_many_sessions");
-            if refused_so_far.is_power_of_two() {
+            // A flood logs a few lines (see `IngestStats::refuse`).
+            if let Some(refused_so_far) = state.stats.refuse("too_many_sessions") {
                 warn!(
                     %peer,
                     max_sessions = state.max_sessions,
@@ -286,16 +285,16 @@ struct Issued {
 impl LearnerState {
     /// Counts and logs a refusal of `call` and turns it into its status
     /// (counted as `handshake_<reason>` or `session_<reason>`). A client
-    /// looping refused calls logs a line at 1, 2, 4, 8, ... refusals of
-    /// each reason, not one per call. The actor's name, where its
+    /// looping refused calls logs a few lines per reason (see
+    /// [`IngestStats::refuse`]), not one per call. The actor's name, where its
     /// handshake gave one, says which of a node's actors it is.
     fn refused(&self, call: Call, error: RequestError, peer: &str, actor: Option<&str>) -> Status {
         let (prefix, what) = match call {
             Call::Handshake => ("handshake", "refused an actor"),
             Call::Session => ("session", "refused a session"),
         };
-        let refused_so_far = self.stats.refuse(&format!("{prefix}_{}", error.reason()));
-        if refused_so_far.is_power_of_two() {
+        let reason = format!("{prefix}_{}", error.reason());
+        if let Some(refused_so_far) = self.stats.refuse(&reason) {
             let actor = actor.map(|name| crate::error::clip(name.to_owned()));
             let actor = actor.as_deref().map(tracing::field::display);
             warn!(%peer, actor, %error, refused_so_far, "{what}");

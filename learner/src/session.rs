@@ -570,8 +570,9 @@ impl Session {
 
     /// Counts a chunk `receive` did not take, and gives the status that
     /// ends its session: late where training ended while it was on its
-    /// way, else refused (logged at the 1st, 2nd, 4th, ... of each reason:
-    /// an actor that reconnects to send it again would flood the log).
+    /// way, else refused (logged where [`IngestStats::refuse`] says a line
+    /// is due: an actor that reconnects to send it again would flood the
+    /// log).
     fn refused(&self, error: RequestError, record: &mut SessionRecord) -> Status {
         if matches!(error, RequestError::ShuttingDown) {
             self.count_late_chunk(record);
@@ -580,8 +581,7 @@ impl Session {
                 "a chunk arrived after training ended"
             );
         } else {
-            let refused_so_far = self.state.stats.reject(error.reason());
-            if refused_so_far.is_power_of_two() {
+            if let Some(refused_so_far) = self.state.stats.reject(error.reason()) {
                 warn!(
                     actor_id = self.actor_id,
                     %error,
@@ -940,8 +940,7 @@ impl Session {
         let Some(reason) = unreadable_reason(status.code()) else {
             return false;
         };
-        let refused_so_far = self.state.stats.reject(reason);
-        if refused_so_far.is_power_of_two() {
+        if let Some(refused_so_far) = self.state.stats.reject(reason) {
             warn!(
                 actor_id = self.actor_id,
                 status = %status.message(),

@@ -132,10 +132,9 @@ pub(crate) fn token_check(
             if shown.is_some_and(|value| token.matches(value.as_bytes())) {
                 Ok(request)
             } else {
-                // Never the token shown; a flood logs a line at 1, 2,
-                // 4, 8, ... refusals.
-                let refused_so_far = rejections.refuse("unauthenticated");
-                if refused_so_far.is_power_of_two() {
+                // Never the token shown; a flood logs a few lines (see
+                // `IngestStats::refuse`).
+                if let Some(refused_so_far) = rejections.refuse("unauthenticated") {
                     let peer = service::peer_name(connections::ConnectionInfo::of(&request));
                     // (Wrong or none: this call's, which may not be
                     // every refused caller's.)
