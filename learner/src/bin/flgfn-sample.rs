@@ -161,9 +161,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let mut out: Box<dyn Write> = match &args.out {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| path.display().to_string())?,
-        )),
+        Some(path) => {
+            // In folders made for it, as the learner's --metrics is.
+            if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(folder).with_context(|| folder.display().to_string())?;
+            }
+            Box::new(std::io::BufWriter::new(
+                std::fs::File::create(path).with_context(|| path.display().to_string())?,
+            ))
+        }
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let written = (|| -> anyhow::Result<()> {
@@ -221,6 +227,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         out.flush()?;
         Ok(())
     })();
+    if let (Ok(()), Some(path)) = (&written, &args.out) {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+        tracing::info!(path = %path.display(), samples = args.samples, format = format.name(), "samples written");
+    }
     // No file of fewer samples than asked for, which would read as whole.
     if let (Err(error), Some(path)) = (&written, &args.out)
         && path.is_file()
