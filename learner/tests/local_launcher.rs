@@ -375,6 +375,10 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     }
     assert!(last["eval_samples"].as_u64() > Some(0), "{second_summary}");
     assert_eq!(second_summary["at_quality"], first_summary["at_quality"]);
+    assert_eq!(
+        second_summary["quality_reached"],
+        first_summary["quality_reached"]
+    );
     assert_eq!(second_summary["logz_error"], first_summary["logz_error"]);
     assert_eq!(last["ingested_transitions"], 0, "{second_summary}");
     assert_eq!(last["trained_transitions"], earlier["trained_transitions"]);

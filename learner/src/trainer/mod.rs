@@ -433,8 +433,16 @@ impl Training {
         if progress.report.step != progress.step
             && let Some(earlier) = resumed_report.filter(|r| r.step == progress.step)
         {
-            // Its evaluation stands; the counts are this process's, as a
-            // report of its own would give them.
+            // An off-grid report (see `end_training`) that first found
+            // quality: its time is in no checkpoint, so the report's own
+            // (the probes' finer one is lost) keeps the outcome consistent
+            // with it.
+            if earlier.at_quality == Some(true) && progress.time_to_quality.is_none() {
+                progress.time_to_quality_off_grid = Some(earlier.wall_s);
+            }
+            // Its evaluation and its window's rates stand; the step's
+            // counts are this process's (and the ingest counts, brought
+            // up to date at the end: `Report::count_from`).
             progress.report = Report {
                 version: progress.version,
                 trained_transitions: progress.trained_transitions,
