@@ -70,6 +70,12 @@ struct Args {
         value_parser = yes_or_no
     )]
     resume_changed: bool,
+    /// Not a setting (hidden): the learner resumes by default. Taken so
+    /// that `--resume` (`deploy/local.sh`'s flag) is answered with that,
+    /// not with clap's suggestion, `--resume-changed`, which waives a
+    /// check.
+    #[arg(long, hide = true)]
+    resume: bool,
     /// Print the effective configuration (defaults, file, environment and
     /// flags) as TOML and exit; the token and TLS files are read as at
     /// start (never printed), so one that would stop the start stops this.
@@ -131,6 +137,10 @@ fn run(args: Args) -> anyhow::Result<u8> {
     anyhow::ensure!(
         !(args.fresh && args.resume_changed),
         "--fresh and --resume-changed (or FLGFN_RESUME_CHANGED) contradict each other: give one"
+    );
+    anyhow::ensure!(
+        !args.resume,
+        "--resume: the learner resumes by default, from the newest intact checkpoint in its checkpoint folder (--fresh starts over); --resume is deploy/local.sh's flag"
     );
     let flag_keys = args.flag_keys();
     // Validated once the flags are applied: a flag may correct the file.

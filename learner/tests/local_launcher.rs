@@ -389,6 +389,17 @@ fn a_run_resumed_already_finished_starts_no_actors() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `--resume` is answered: the learner resumes by default (clap alone
+/// would suggest `--resume-changed`, which waives a check).
+#[test]
+fn resume_is_said_to_be_the_default() {
+    let output = Command::new(learner()).arg("--resume").output().unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(said.contains("resumes by default"), "{said}");
+    assert!(!said.contains("--resume-changed"), "{said}");
+}
+
 #[test]
 fn a_bad_config_file_fails_with_the_key_named() {
     let dir = std::env::temp_dir().join(format!("flgfn-badconfig-{}", std::process::id()));
