@@ -44,15 +44,18 @@ pub(crate) fn with_scheme(learner: &str) -> String {
 /// and has no port: as a URL it would be port 80, where no learner
 /// listens unless told to, and the actor would retry there for ever.
 pub(crate) fn flag_address_with_scheme(address: &str, flag: &str) -> Result<String, ConfigError> {
-    // (An IPv6 address keeps its colons inside brackets.)
-    let has_port = address
+    // (Any user and password come before the host; an IPv6 address
+    // keeps its colons inside brackets.)
+    let authority = address.rsplit_once('@').map_or(address, |(_, host)| host);
+    let has_port = authority
         .rsplit_once(':')
-        .is_some_and(|(_, port)| !port.contains(']'));
+        .filter(|(_, port)| !port.contains(']'))
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|port| port > 0));
     if !address.contains("://") && !has_port {
         return Err(ConfigError::invalid(
             flag,
             format!(
-                "`{address}` has no port: give HOST:PORT (a learner listens on port 50051 unless told otherwise), or a URL (http://{address} for port 80)"
+                "`{address}` has no port from 1 to 65535: give HOST:PORT (a learner listens on port 50051 unless told otherwise), or a URL (http://{address} for port 80)"
             ),
         ));
     }
@@ -144,7 +147,14 @@ mod tests {
         config.actor.learner = with_scheme("learner:50051");
         assert!(config.validate().is_ok());
         // A bare host has no port to reach: refused, with the remedy.
-        for bare in ["learner", "[::1]", "10.0.0.5"] {
+        for bare in [
+            "learner",
+            "[::1]",
+            "10.0.0.5",
+            "learner:",
+            "user:pw@learner",
+            "learner:0",
+        ] {
             let refused = flag_address_with_scheme(bare, "--learner")
                 .unwrap_err()
                 .to_string();
