@@ -285,6 +285,13 @@ async fn run_actor(
     set_threads(config.actor.threads);
     let actor = &config.actor;
     let envs = config.envs_for(env.as_ref());
+    // Said before the first attempt, which may take up to its timeout:
+    // the span names the learner.
+    info!(
+        envs,
+        threads = actor.threads,
+        "actor starting; connecting to the learner"
+    );
 
     // Orders are bounded by the learner's credits; this only caps what a
     // misbehaving learner could make us queue.
