@@ -87,7 +87,7 @@ pub fn prune(dir: &Path, keep: Keep) -> Result<(), LearnerError> {
             count,
             oldest = %oldest.display(),
             %error,
-            "cannot delete old checkpoints: they stay, and the folder grows by one each checkpoint (check the folder's permissions)"
+            "cannot delete old checkpoints: they stay, and the folder keeps growing (check the folder's permissions)"
         );
     }
     Ok(())

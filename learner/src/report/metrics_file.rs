@@ -248,7 +248,7 @@ impl MetricsFile {
                 // resume): kept, beside, before the file is cut.
                 None => {
                     let beside = keep_earlier_reports(path, &contents).map_err(error)?;
-                    tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved (give each run its own --metrics path)");
+                    tracing::warn!(path = %path.display(), reports = dropped, moved_to = %beside.display(), "metrics: a fresh run starts this file over; the reports it held were moved, with any summary of theirs (give each run its own --metrics path)");
                     set_aside_as = beside.extension().map(ToOwned::to_owned);
                 }
             }
