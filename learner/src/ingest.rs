@@ -182,7 +182,7 @@ impl IngestStats {
     /// Counts one refused request under `reason` (a call refused before
     /// any chunk, such as `unauthenticated`, or a connection), returning
     /// how many so far where that one is worth a log line: the 1st, 2nd,
-    /// 4th, 8th, ..., and one at least every [`REFUSAL_LINE_EVERY`] while
+    /// 4th, 8th, ..., and one at least every 5 minutes while
     /// they go on. A flood writes few lines; a new fault after one is
     /// said all the same.
     pub fn refuse(&self, reason: &str) -> Option<u64> {
