@@ -190,6 +190,12 @@ impl IngestStats {
         self.worth_a_line(reason, so_far).then_some(so_far)
     }
 
+    /// Counts one refusal under `reason` that is never logged (a chunk
+    /// late at training's end).
+    pub fn count(&self, reason: &str) {
+        self.count_refusal(reason, false);
+    }
+
     /// Whether the `so_far`-th refusal under `reason` is worth a log line
     /// (see [`IngestStats::refuse`]).
     fn worth_a_line(&self, reason: &str, so_far: u64) -> bool {
@@ -202,19 +208,13 @@ impl IngestStats {
             .refusals_said
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let last = said.get_mut(reason);
-        let due = last
-            .as_ref()
-            .is_none_or(|at| now.saturating_duration_since(**at) >= REFUSAL_LINE_EVERY);
+        let due = said
+            .get(reason)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= REFUSAL_LINE_EVERY);
         if !so_far.is_power_of_two() && !due {
             return false;
         }
-        match last {
-            Some(at) => *at = now,
-            None => {
-                said.insert(reason.to_owned(), now);
-            }
-        }
+        said.insert(reason.to_owned(), now);
         true
     }
 

@@ -659,7 +659,7 @@ impl Session {
     /// `rejections.shutting_down` and the session's `record`: never
     /// trained, but nothing wrong with it, so not a refused chunk.
     fn count_late_chunk(&self, record: &mut SessionRecord) {
-        self.state.stats.refuse(RequestError::ShuttingDown.reason());
+        self.state.stats.count(RequestError::ShuttingDown.reason());
         record.late_chunks += 1;
     }
 
