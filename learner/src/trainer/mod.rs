@@ -113,7 +113,7 @@ pub struct TrainingOutcome {
     /// are at quality ([`crate::quality_probes`]). One found only by a
     /// last report off the `eval_every_steps` grid (a stop's) is this
     /// process's: its checkpoint leaves it out, so a resumed run finds its
-    /// own on the grid.
+    /// own on the grid (or, training no step, takes that report's).
     pub time_to_quality_s: Option<f64>,
     /// Figures over the whole run.
     pub totals: RunTotals,
@@ -374,7 +374,9 @@ struct Progress {
     report: Report,
     time_to_quality: Option<f64>,
     /// A time to quality only the last, off-grid report found (see
-    /// `end_training`): the run's outcome says it, its checkpoint does not.
+    /// `end_training`), or, where a resumed run trains no step, the one
+    /// the report it resumed at found: the run's outcome says it, its
+    /// checkpoint does not.
     time_to_quality_off_grid: Option<f64>,
     /// Weights kept since the last report while quality is not reached
     /// yet (None: not looked for, or found).
@@ -434,9 +436,8 @@ impl Training {
             && let Some(earlier) = resumed_report.filter(|r| r.step == progress.step)
         {
             // An off-grid report (see `end_training`) that first found
-            // quality: its time is in no checkpoint, so the report's own
-            // (the probes' finer one is lost) keeps the outcome consistent
-            // with it.
+            // quality: its time is in no checkpoint, and is the report's
+            // own `wall_s` (no probes run with an evaluation grid).
             if earlier.at_quality == Some(true) && progress.time_to_quality.is_none() {
                 progress.time_to_quality_off_grid = Some(earlier.wall_s);
             }
