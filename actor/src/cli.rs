@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use flgfn_common::config::{
     CONFIG_VARIABLE, Config, ConfigError, describe_layers, env_overrides, flgfn_variables,
+    host_and_port, is_port,
 };
 
 /// The configuration file and the flags that override it.
@@ -44,13 +45,7 @@ pub(crate) fn with_scheme(learner: &str) -> String {
 /// and has no port: as a URL it would be port 80, where no learner
 /// listens unless told to, and the actor would retry there for ever.
 pub(crate) fn flag_address_with_scheme(address: &str, flag: &str) -> Result<String, ConfigError> {
-    // (Any user and password come before the host; an IPv6 address
-    // keeps its colons inside brackets.)
-    let authority = address.rsplit_once('@').map_or(address, |(_, host)| host);
-    let has_port = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| !port.contains(']'))
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok_and(|port| port > 0));
+    let has_port = host_and_port(address).1.is_some_and(is_port);
     if !address.contains("://") && !has_port {
         return Err(ConfigError::invalid(
             flag,

@@ -408,16 +408,7 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
             "{url:?} is not an http:// or https:// URL (e.g. http://learner:50051)"
         ));
     };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    // (Any user and password come before the host.)
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    // (An IPv6 address keeps its colons inside brackets.)
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => (host, Some(port)),
-        _ => (authority, None),
-    };
+    let (host, port) = host_and_port(rest.split(['/', '?', '#']).next().unwrap_or(""));
     if host.is_empty() {
         return invalid(format!("{url:?} names no host"));
     }
@@ -425,7 +416,7 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
         return invalid(format!("{url:?} holds {bad:?}, which no URL may"));
     }
     if let Some(port) = port
-        && !port.parse::<u16>().is_ok_and(|port| port > 0)
+        && !is_port(port)
     {
         return invalid(format!("{url:?}: {port:?} is no port (1 to 65535)"));
     }
@@ -436,6 +427,24 @@ fn learner_url(url: &str) -> Result<(), ConfigError> {
                 "{url:?} is no URL an actor can connect to: {error}"
             ))
         })
+}
+
+/// An address's host and the port it names, if any: any user and
+/// password before the host are left out, and an IPv6 address keeps its
+/// colons inside brackets.
+pub fn host_and_port(authority: &str) -> (&str, Option<&str>) {
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    }
+}
+
+/// Whether `port` is a port a connection can go to (1 to 65535).
+pub fn is_port(port: &str) -> bool {
+    port.parse::<u16>().is_ok_and(|port| port > 0)
 }
 
 fn unit_interval(field: &str, value: f64) -> Result<(), ConfigError> {
