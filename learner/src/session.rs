@@ -580,15 +580,13 @@ impl Session {
                 actor_id = self.actor_id,
                 "a chunk arrived after training ended"
             );
-        } else {
-            if let Some(refused_so_far) = self.state.stats.reject(error.reason()) {
-                warn!(
-                    actor_id = self.actor_id,
-                    %error,
-                    refused_so_far,
-                    "refused a trajectory chunk"
-                );
-            }
+        } else if let Some(refused_so_far) = self.state.stats.reject(error.reason()) {
+            warn!(
+                actor_id = self.actor_id,
+                %error,
+                refused_so_far,
+                "refused a trajectory chunk"
+            );
         }
         Status::from(error)
     }

@@ -224,6 +224,18 @@ impl Running {
             None => version_floor,
         };
         ready_sender.send_replace(Some(state.clone()));
+        // A path in full, or `off` where there is none.
+        let in_full = |path: Option<&std::path::Path>| {
+            path.map_or_else(
+                || "off".to_owned(),
+                |path| {
+                    std::path::absolute(path)
+                        .unwrap_or_else(|_| path.to_owned())
+                        .display()
+                        .to_string()
+                },
+            )
+        };
         info!(
             address = %local_address.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             task = %env.spec(),
@@ -236,16 +248,10 @@ impl Running {
             // Said, since an empty `learner.checkpoint_dir` (a variable
             // set to nothing, say) turns checkpoints and resume off.
             // In full: the working folder is logged nowhere else.
-            checkpoints = %checkpoint_dir.as_ref().map_or_else(
-                || "off".to_owned(),
-                |dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display().to_string()
-            ),
+            checkpoints = %in_full(checkpoint_dir.as_deref()),
             // Where the figures go, in full, and how long the run is (0:
             // until stopped).
-            metrics = %metrics.as_ref().map_or_else(
-                || "off".to_owned(),
-                |file| std::path::absolute(file.path()).unwrap_or_else(|_| file.path().to_owned()).display().to_string()
-            ),
+            metrics = %in_full(metrics.as_ref().map(crate::report::MetricsFile::path)),
             summary = %metrics.as_ref().and_then(crate::report::MetricsFile::summary_path).map_or_else(
                 || "none".to_owned(),
                 |path| path.display().to_string()
